@@ -1,0 +1,9 @@
+"""steptune.space: what a schedule is and how it runs."""
+
+from . import noise, presets, spacing
+from .model import Model
+from .sampler import NonFiniteError, sample
+from .schedule import Corrector, Schedule, ScheduleError, Step, load_schedule
+
+__all__ = ["Corrector", "Model", "NonFiniteError", "Schedule", "ScheduleError", "Step", "load_schedule",
+           "noise", "presets", "sample", "spacing"]

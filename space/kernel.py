@@ -1,0 +1,148 @@
+"""The one step kernel: an exponential-integrator step of any order in lambda = log(alpha/sigma).
+
+    noise: x_t = (alpha_t/alpha_s) x_s - sigma_t sum_k h^(k+1) phi_(k+1)(h)  eps^(k)(lambda_s)
+    data:  x_t = (sigma_t/sigma_s) x_s + alpha_t sum_k h^(k+1) phi_(k+1)(-h) x0^(k)(lambda_s)
+
+Derivatives come from finite differences over chosen history points. All coefficients are
+float64 scalars; the only tensor work is one weighted sum per step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Point:
+    """A visited point: state x and the model's outputs there (both parameterisations)."""
+
+    t: float
+    lam: float
+    alpha: float
+    sigma: float
+    x: Tensor
+    eps: Tensor
+    x0: Tensor
+
+    def output(self, prediction: str) -> Tensor:
+        return self.eps if prediction == "noise" else self.x0
+
+
+def phi_terms(z: float, n: int) -> list[float]:
+    """[c_1(z), ..., c_n(z)] with c_k(z) = z^k phi_k(z) = e^z - sum_{j<k} z^j / j!."""
+    if abs(z) < 1.0:
+        out = []
+        for k in range(1, n + 1):
+            term, total = z**k / math.factorial(k), 0.0
+            j = k
+            while abs(term) > 1e-300 and j < k + 40:
+                total += term
+                j += 1
+                term *= z / j
+            out.append(total)
+        return out
+    out = [math.expm1(z)]
+    for k in range(1, n):
+        out.append(out[-1] - z**k / math.factorial(k))
+    return out
+
+
+def relaxation_factor(kind: str, hh: float, h: float, coef: float = 0.0) -> float:
+    """Scale on the first-derivative term; hh = h for noise prediction, -h for data prediction."""
+    if kind == "none":
+        return 1.0
+    c1, c2 = phi_terms(hh, 2)
+    if kind in ("dpmsolver-2", "unipc-bh2"):
+        return 0.5 * hh * c1 / c2
+    if kind == "unipc-bh1":
+        return 0.5 * hh * hh / c2
+    if kind == "0.5exp":
+        return 1.0 + 0.5 * c1
+    if kind == "-0.5exp":
+        return 1.0 - 0.5 * c1
+    if kind == "linear":
+        return 1.0 + coef * h
+    if kind == "heun":  # the trapezoidal (Heun) corrector in the sigma/alpha coordinate
+        return h * math.expm1(h) / (2.0 * c2)
+    raise ValueError(f"unknown relaxation {kind!r}")
+
+
+def _difference_weights(r: np.ndarray, m: int) -> np.ndarray:
+    """Rows q = 1..m: weights w with G_q = sum_j w[q-1, j] (F_j - F_s), G_q = h^q F^(q) / q!.
+
+    r[j] = (lambda_j - lambda_s) / h; solves sum_q r_j^q G_q = F_j - F_s over the m points.
+    """
+    V = np.stack([r**q for q in range(1, m + 1)], axis=1)
+    return np.linalg.inv(V)
+
+
+def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float, sigma_t: float,
+                 prediction: str, order: int, first_points: int | None = None,
+                 relaxation: str = "none", coef: float = 0.0,
+                 second_scale: float = 1.0) -> tuple[float, float, list[float]]:
+    """Coefficients (a, b, w) of x_t = a x_s + b F_s + sum_j w_j F_j over the derivative points."""
+    h = lam_t - start.lam
+    hh = h if prediction == "noise" else -h
+    c = phi_terms(hh, order)
+    if prediction == "noise":
+        if start.alpha == 0:
+            raise ValueError("noise prediction cannot start from alpha = 0 (pure noise); use data prediction there")
+        a = alpha_t / start.alpha
+        b = -(alpha_t * start.sigma / start.alpha) if sigma_t == 0 else -sigma_t * c[0]
+        wk = [-sigma_t * c[k] for k in range(order)]
+    else:
+        a = sigma_t / start.sigma
+        b = -alpha_t * c[0]
+        wk = [alpha_t * (-1) ** (k + 1) * c[k] for k in range(order)]
+    w = [0.0] * len(others)
+    if order > 1:
+        r = np.array([(p.lam - start.lam) / h for p in others], dtype=np.float64)
+        inv = _difference_weights(r, len(others))
+        rows = {q: inv[q - 1] for q in range(1, order)}
+        if first_points is not None and first_points < len(others):
+            sub = _difference_weights(r[:first_points], first_points)[0]
+            rows[1] = np.concatenate([sub, np.zeros(len(others) - first_points)])
+        for q in range(1, order):
+            scale = wk[q] * math.factorial(q) / h**q
+            if q == 1:
+                scale *= relaxation_factor(relaxation, hh, h, coef)
+            elif q == 2:
+                scale *= second_scale
+            for j in range(len(others)):
+                w[j] += scale * rows[q][j]
+        b -= sum(w)
+    return a, b, w
+
+
+def solve_step(hist: list[Point], start: int, lam_t: float, alpha_t: float, sigma_t: float,
+               prediction: str, order: int, points: tuple[int, ...], first_points: int | None = None,
+               relaxation: str = "none", coef: float = 0.0, second_scale: float = 1.0) -> Tensor:
+    """One generic step from hist[start] to the time with (lam_t, alpha_t, sigma_t)."""
+    s = hist[start]
+    others = [hist[p] for p in points] if order > 1 else []
+    a, b, w = step_weights(s, others, lam_t, alpha_t, sigma_t, prediction, order, first_points, relaxation, coef,
+                           second_scale)
+    out = s.x * a if a != 0.0 else torch.zeros_like(s.x)
+    out = out + b * s.output(prediction)
+    for wj, p in zip(w, others):
+        if wj != 0.0:
+            out = out + wj * p.output(prediction)
+    return out
+
+
+def lagrange_weights(times: list[float], tau: float) -> list[float]:
+    """Weights l_k(tau) of the Lagrange polynomial through ``times``."""
+    out = []
+    for k, tk in enumerate(times):
+        w = 1.0
+        for j, tj in enumerate(times):
+            if j != k:
+                w *= (tau - tj) / (tk - tj)
+        out.append(w)
+    return out

@@ -1,0 +1,88 @@
+"""Models as plug-ins: a callable plus its conventions (prediction type, time input, guidance)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .noise import NoiseSchedule, VPDiscrete
+
+Tensor = torch.Tensor
+
+PREDICTION_TYPES = ("eps", "x0", "v", "flow")
+TIME_INPUTS = ("discrete", "continuous", "sigma")
+
+
+@dataclass
+class Model:
+    """A denoising network and how to talk to it.
+
+    ``fn(x, time, **kwargs)`` returns the raw network output. ``prediction`` says what it
+    predicts: ``eps`` (noise), ``x0`` (data), ``v`` (alpha eps - sigma x0, as diffusers'
+    v-prediction) or ``flow`` (velocity eps - x0 of rectified flow). ``time_input`` says what it
+    takes as time: ``discrete`` (diffusers' training timestep N t - 1, fractional between
+    entries), ``continuous`` (t times ``time_scale``) or ``sigma`` (sigma/alpha, as k-diffusion
+    and EDM models). With ``guidance_scale`` set, the output is
+    uncond + scale (cond - uncond) with ``cond_kwargs`` and ``uncond_kwargs`` passed to ``fn``.
+    ``data_mean`` is used by the ``mean`` analytical first step.
+    """
+
+    fn: Callable[..., Tensor]
+    noise: NoiseSchedule
+    prediction: str = "eps"
+    time_input: str = "continuous"
+    time_scale: float = 1.0
+    guidance_scale: float | None = None
+    cond_kwargs: dict = field(default_factory=dict)
+    uncond_kwargs: dict = field(default_factory=dict)
+    data_mean: Tensor | None = None
+    calls: int = 0
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTION_TYPES:
+            raise ValueError(f"model prediction {self.prediction!r} is unknown; use one of {', '.join(PREDICTION_TYPES)}")
+        if self.time_input not in TIME_INPUTS:
+            raise ValueError(f"model time_input {self.time_input!r} is unknown; use one of {', '.join(TIME_INPUTS)}")
+        if self.time_input == "discrete" and not isinstance(self.noise, VPDiscrete):
+            raise ValueError("model time_input 'discrete' needs a discrete VP noise schedule")
+
+    def conventions(self) -> dict:
+        return {"prediction": self.prediction, "time_input": self.time_input, "time_scale": self.time_scale,
+                "guidance_scale": self.guidance_scale}
+
+    def time_value(self, t: float) -> float:
+        if self.time_input == "discrete":
+            return float(self.noise.timestep(t))
+        if self.time_input == "sigma":
+            return float(self.noise.edm_sigma(t))
+        return float(t) * self.time_scale
+
+    def raw(self, x: Tensor, t: float) -> Tensor:
+        tv = torch.full((x.shape[0],), self.time_value(t), dtype=x.dtype, device=x.device)
+        self.calls += 1
+        if self.guidance_scale is None:
+            return self.fn(x, tv, **self.cond_kwargs)
+        cond = self.fn(x, tv, **self.cond_kwargs)
+        uncond = self.fn(x, tv, **self.uncond_kwargs)
+        return uncond + self.guidance_scale * (cond - uncond)
+
+    def predict(self, x: Tensor, t: float, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
+        """(eps, x0) at state x and time t."""
+        out = self.raw(x, t).to(x.dtype)
+        return convert(out, x, alpha, sigma, self.prediction)
+
+
+def convert(out: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str) -> tuple[Tensor, Tensor]:
+    """Turn a raw model output into (eps, x0), using x = alpha x0 + sigma eps."""
+    if prediction == "eps":
+        return out, (x - sigma * out) / alpha
+    if prediction == "x0":
+        return (x - alpha * out) / sigma, out
+    if prediction == "v":
+        n2 = alpha * alpha + sigma * sigma
+        return (sigma * x + alpha * out) / n2, (alpha * x - sigma * out) / n2
+    # flow: u = eps - x0
+    s = alpha + sigma
+    return (x + alpha * out) / s, (x - sigma * out) / s

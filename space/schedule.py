@@ -1,0 +1,272 @@
+"""The Schedule: a sampler written down as per-step decisions, with validation and a JSON form."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+PREDICTIONS = ("noise", "data")
+RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh2", "unipc-bh1", "0.5exp", "-0.5exp", "linear", "heun")
+CORRECTORS = ("pseudo", "implicit")
+AFS = ("none", "zero", "mean")
+MAX_ORDER = 4
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run; the message names the step and the field."""
+
+
+@dataclass(frozen=True)
+class Corrector:
+    """UniC-style corrector: re-solve the step from the same start with the new point added.
+
+    ``kind="pseudo"`` keeps the model output at the predicted point (no extra NFE, as UniPC);
+    ``kind="implicit"`` evaluates the model again at the corrected point (one more NFE, as Heun).
+    ``order`` is the order of the corrected update (default: the step's order + 1); it uses the
+    new point and the step's first ``order - 2`` derivative points.
+    """
+
+    kind: str = "pseudo"
+    order: int | None = None
+    relaxation: str = "none"
+    relaxation_coef: float = 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a schedule, from the starting point in the history to time ``t``.
+
+    History indices are negative: -1 is the newest point (the current state).
+    ``points`` are the history points used to estimate derivatives (default: the ``order - 1``
+    points before ``start``); ``first_points`` uses only the first m of them for the first
+    derivative (low-order estimation). ``relaxation`` scales the first-derivative term and
+    ``second_scale`` the second-derivative term (DPM-Solver(++)-3M as implemented uses 1/2).
+    ``dc_ratio`` re-times the newest model output to t_{-2} + ratio (t_{-1} - t_{-2}) before the
+    step (DC-Solver compensation; 1 means none).
+    """
+
+    t: float
+    prediction: str = "data"
+    order: int = 1
+    start: int = -1
+    points: tuple[int, ...] | None = None
+    first_points: int | None = None
+    relaxation: str = "none"
+    relaxation_coef: float = 0.0
+    second_scale: float = 1.0
+    corrector: Corrector | None = None
+    dc_ratio: float = 1.0
+
+    def derivative_points(self) -> tuple[int, ...]:
+        if self.points is not None:
+            return tuple(self.points)
+        return tuple(self.start - k for k in range(1, self.order))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A whole sampler: start time, per-step decisions and global choices.
+
+    ``noise`` is the identity (``NoiseSchedule.to_dict()``) of the noise schedule whose time
+    axis the timesteps live on; ``afs`` is the analytical first step (``zero``: x0 = 0,
+    ``mean``: x0 = the data mean the model provides), which saves the first model call.
+    """
+
+    t_start: float
+    steps: tuple[Step, ...]
+    noise: dict = field(default_factory=dict)
+    afs: str = "none"
+    name: str = ""
+    conventions: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def times(self) -> list[float]:
+        return [self.t_start, *(s.t for s in self.steps)]
+
+    @property
+    def nfe(self) -> int:
+        """Model calls: one at the start (unless AFS), one after every step but the last,
+        and one more per implicit corrector."""
+        calls = (self.afs == "none") + max(len(self.steps) - 1, 0)
+        return calls + sum(1 for s in self.steps if s.corrector is not None and s.corrector.kind == "implicit")
+
+    def validate(self, nfe: int | None = None) -> Schedule:
+        _validate(self, nfe)
+        return self
+
+    def with_steps(self, steps: Sequence[Step]) -> Schedule:
+        return replace(self, steps=tuple(steps))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["steps"] = [_compact(s) for s in d["steps"]]
+        return {"schema": "steptune.schedule", "version": SCHEMA_VERSION, "nfe": self.nfe, **d}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "schedule") -> Schedule:
+        return _from_dict(d, where)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "schedule") -> Schedule:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+        return _from_dict(d, where)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+
+def load_schedule(path: str | Path) -> Schedule:
+    """Read a schedule JSON file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(f"{path}: no such schedule file")
+    return Schedule.from_json(path.read_text(), where=str(path)).validate()
+
+
+_STEP_DEFAULTS = asdict(Step(t=0.0))
+
+
+def _compact(step: dict) -> dict:
+    out = {k: v for k, v in step.items() if k == "t" or v != _STEP_DEFAULTS[k]}
+    if out.get("points") is not None:
+        out["points"] = list(out["points"])
+    if out.get("corrector") is not None:
+        c = out["corrector"]
+        out["corrector"] = {k: v for k, v in c.items() if k == "kind" or v != asdict(Corrector())[k]}
+    return out
+
+
+def _from_dict(d: dict, where: str) -> Schedule:
+    if not isinstance(d, dict) or d.get("schema") != "steptune.schedule":
+        raise ScheduleError(f"{where}: not a steptune schedule (missing \"schema\": \"steptune.schedule\")")
+    version = d.get("version")
+    if not isinstance(version, int):
+        raise ScheduleError(f"{where}: field 'version' must be an integer")
+    if version > SCHEMA_VERSION:
+        raise ScheduleError(
+            f"{where}: schedule schema version {version} is newer than this steptune understands "
+            f"({SCHEMA_VERSION}); upgrade steptune to read it")
+    known = {"t_start", "steps", "noise", "afs", "name", "conventions", "meta"}
+    kwargs = {k: v for k, v in d.items() if k in known}
+    if "t_start" not in kwargs or "steps" not in kwargs:
+        raise ScheduleError(f"{where}: a schedule needs 't_start' and 'steps'")
+    if not isinstance(kwargs["steps"], list):
+        raise ScheduleError(f"{where}: field 'steps' must be a list")
+    step_fields = set(_STEP_DEFAULTS)
+    steps = []
+    for i, s in enumerate(kwargs["steps"]):
+        if not isinstance(s, dict):
+            raise ScheduleError(f"{where}: step {i}: must be an object")
+        unknown = set(s) - step_fields
+        if unknown:
+            raise ScheduleError(f"{where}: step {i}: unknown field {sorted(unknown)[0]!r}")
+        s = dict(s)
+        if s.get("points") is not None:
+            s["points"] = tuple(s["points"])
+        if s.get("corrector") is not None:
+            c = s["corrector"]
+            bad = set(c) - set(asdict(Corrector()))
+            if bad:
+                raise ScheduleError(f"{where}: step {i}: unknown corrector field {sorted(bad)[0]!r}")
+            s["corrector"] = Corrector(**c)
+        try:
+            steps.append(Step(**s))
+        except TypeError as e:
+            raise ScheduleError(f"{where}: step {i}: {e}") from None
+    kwargs["steps"] = tuple(steps)
+    sched = Schedule(**kwargs)
+    declared = d.get("nfe")
+    if declared is not None and declared != sched.nfe:
+        raise ScheduleError(f"{where}: field 'nfe' says {declared} but the steps cost {sched.nfe} model calls")
+    return sched
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _validate(s: Schedule, nfe: int | None) -> None:
+    def fail(msg):
+        raise ScheduleError(msg)
+
+    if not s.steps:
+        fail("schedule: needs at least one step")
+    if s.afs not in AFS:
+        fail(f"schedule: field 'afs' is {s.afs!r}; use one of {', '.join(AFS)}")
+    if not _number(s.t_start):
+        fail("schedule: field 't_start' must be a finite number")
+    prev = s.t_start
+    # history size before each step: the start point exists, each non-final step adds one
+    for i, st in enumerate(s.steps):
+        where = f"step {i}"
+        last = i == len(s.steps) - 1
+        hist = i + 1
+        if not _number(st.t):
+            fail(f"{where}: field 't' must be a finite number")
+        if not st.t < prev:
+            fail(f"{where}: field 't' = {st.t:g} is not below the previous time {prev:g}; "
+                 "timesteps must decrease strictly")
+        if st.t < 0:
+            fail(f"{where}: field 't' = {st.t:g} is negative")
+        prev = st.t
+        if st.prediction not in PREDICTIONS:
+            fail(f"{where}: field 'prediction' is {st.prediction!r}; use 'noise' or 'data'")
+        if not isinstance(st.order, int) or not 1 <= st.order <= MAX_ORDER:
+            fail(f"{where}: field 'order' is {st.order!r}; use an integer from 1 to {MAX_ORDER}")
+        if not isinstance(st.start, int) or not -hist <= st.start <= -1:
+            fail(f"{where}: field 'start' is {st.start!r}; only {hist} history point(s) exist (use -1 .. -{hist})")
+        pts = st.derivative_points()
+        if len(pts) < st.order - 1:
+            fail(f"{where}: field 'points' has {len(pts)} point(s); order {st.order} needs at least {st.order - 1}")
+        if len(set(pts)) != len(pts) or st.start in pts:
+            fail(f"{where}: field 'points' must be distinct history points other than the start")
+        for p in pts:
+            if not isinstance(p, int) or not -hist <= p <= -1:
+                fail(f"{where}: field 'order' is {st.order} but the step needs history point {p} and only "
+                     f"{hist} exist; lower the order or use fewer points")
+        if st.first_points is not None and not (isinstance(st.first_points, int) and 1 <= st.first_points <= len(pts)):
+            fail(f"{where}: field 'first_points' must be between 1 and {len(pts)}")
+        if st.relaxation not in RELAXATIONS:
+            fail(f"{where}: field 'relaxation' is {st.relaxation!r}; use one of {', '.join(RELAXATIONS)}")
+        if not _number(st.relaxation_coef):
+            fail(f"{where}: field 'relaxation_coef' must be a finite number")
+        if st.relaxation != "none" and st.order < 2:
+            fail(f"{where}: field 'relaxation' scales the first derivative, which an order-1 step does not use")
+        if not _number(st.second_scale):
+            fail(f"{where}: field 'second_scale' must be a finite number")
+        if st.second_scale != 1.0 and st.order < 3:
+            fail(f"{where}: field 'second_scale' scales the second derivative, which an order-{st.order} step does not use")
+        if not _number(st.dc_ratio) or st.dc_ratio <= 0:
+            fail(f"{where}: field 'dc_ratio' must be a positive number (1 = no compensation)")
+        if st.dc_ratio != 1.0 and hist < 3:
+            fail(f"{where}: field 'dc_ratio' needs 3 model outputs in the history; only {hist} exist here")
+        if st.t == 0 and (st.order > 1 or st.corrector is not None):
+            fail(f"{where}: a step to t = 0 (sigma = 0) must be order 1 without corrector")
+        c = st.corrector
+        if c is not None:
+            if last:
+                fail(f"{where}: field 'corrector' is set on the last step, where no model call follows; remove it")
+            if c.kind not in CORRECTORS:
+                fail(f"{where}: corrector field 'kind' is {c.kind!r}; use 'pseudo' or 'implicit'")
+            corder = st.order + 1 if c.order is None else c.order
+            if not isinstance(corder, int) or not 2 <= corder <= min(MAX_ORDER, len(pts) + 2):
+                fail(f"{where}: corrector field 'order' is {corder!r}; use 2 .. {min(MAX_ORDER, len(pts) + 2)}")
+            if c.relaxation not in RELAXATIONS:
+                fail(f"{where}: corrector field 'relaxation' is {c.relaxation!r}; use one of {', '.join(RELAXATIONS)}")
+    if nfe is not None and s.nfe != nfe:
+        fail(f"schedule: costs {s.nfe} model calls but NFE {nfe} was asked for")
