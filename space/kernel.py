@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -36,15 +35,14 @@ class Point:
 
 def phi_terms(z: float, n: int) -> list[float]:
     """[c_1(z), ..., c_n(z)] with c_k(z) = z^k phi_k(z) = e^z - sum_{j<k} z^j / j!."""
-    if abs(z) < 1.0:
+    if abs(z) < 0.5:  # the recurrence below cancels for small z; sum the series instead
         out = []
         for k in range(1, n + 1):
-            term, total = z**k / math.factorial(k), 0.0
-            j = k
-            while abs(term) > 1e-300 and j < k + 40:
-                total += term
-                j += 1
+            term = z**k / math.factorial(k)
+            total = term
+            for j in range(k + 1, k + 26):
                 term *= z / j
+                total += term
             out.append(total)
         return out
     out = [math.expm1(z)]
@@ -73,13 +71,26 @@ def relaxation_factor(kind: str, hh: float, h: float, coef: float = 0.0) -> floa
     raise ValueError(f"unknown relaxation {kind!r}")
 
 
-def _difference_weights(r: np.ndarray, m: int) -> np.ndarray:
-    """Rows q = 1..m: weights w with G_q = sum_j w[q-1, j] (F_j - F_s), G_q = h^q F^(q) / q!.
+def _difference_weights(r: list[float], m: int) -> list[list[float]]:
+    """Rows q = 1..m: weights w with G_q = sum_j w[q-1][j] (F_j - F_s), G_q = h^q F^(q) / q!.
 
-    r[j] = (lambda_j - lambda_s) / h; solves sum_q r_j^q G_q = F_j - F_s over the m points.
+    r[j] = (lambda_j - lambda_s) / h; solves sum_q r_j^q G_q = F_j - F_s over the first m points,
+    i.e. returns the inverse of V[j][q] = r_j^(q+1) (Gauss-Jordan with partial pivoting; m <= 4).
     """
-    V = np.stack([r**q for q in range(1, m + 1)], axis=1)
-    return np.linalg.inv(V)
+    a = [[r[j] ** (q + 1) for q in range(m)] + [1.0 if k == j else 0.0 for k in range(m)] for j in range(m)]
+    for col in range(m):
+        piv = max(range(col, m), key=lambda i: abs(a[i][col]))
+        if a[piv][col] == 0.0:
+            raise ValueError("derivative points coincide in lambda; the finite differences are undefined")
+        a[col], a[piv] = a[piv], a[col]
+        p = a[col][col]
+        a[col] = [v / p for v in a[col]]
+        for i in range(m):
+            if i != col and a[i][col] != 0.0:
+                f = a[i][col]
+                a[i] = [vi - f * vc for vi, vc in zip(a[i], a[col])]
+    # a[:, m:] is V^-1 with V[j][q]; G = V^-1 (F - F_s), so row q of V^-1 gives G_q
+    return [row[m:] for row in a]
 
 
 def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float, sigma_t: float,
@@ -102,12 +113,12 @@ def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float
         wk = [alpha_t * (-1) ** (k + 1) * c[k] for k in range(order)]
     w = [0.0] * len(others)
     if order > 1:
-        r = np.array([(p.lam - start.lam) / h for p in others], dtype=np.float64)
+        r = [(p.lam - start.lam) / h for p in others]
         inv = _difference_weights(r, len(others))
         rows = {q: inv[q - 1] for q in range(1, order)}
         if first_points is not None and first_points < len(others):
             sub = _difference_weights(r[:first_points], first_points)[0]
-            rows[1] = np.concatenate([sub, np.zeros(len(others) - first_points)])
+            rows[1] = list(sub) + [0.0] * (len(others) - first_points)
         for q in range(1, order):
             scale = wk[q] * math.factorial(q) / h**q
             if q == 1:
@@ -122,17 +133,19 @@ def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float
 
 def solve_step(hist: list[Point], start: int, lam_t: float, alpha_t: float, sigma_t: float,
                prediction: str, order: int, points: tuple[int, ...], first_points: int | None = None,
-               relaxation: str = "none", coef: float = 0.0, second_scale: float = 1.0) -> Tensor:
-    """One generic step from hist[start] to the time with (lam_t, alpha_t, sigma_t)."""
+               relaxation: str = "none", coef: float = 0.0, second_scale: float = 1.0,
+               out: Tensor | None = None) -> Tensor:
+    """One generic step from hist[start] to the time with (lam_t, alpha_t, sigma_t); ``out`` may be
+    a buffer for the result that aliases none of the inputs."""
     s = hist[start]
     others = [hist[p] for p in points] if order > 1 else []
     a, b, w = step_weights(s, others, lam_t, alpha_t, sigma_t, prediction, order, first_points, relaxation, coef,
                            second_scale)
-    out = s.x * a if a != 0.0 else torch.zeros_like(s.x)
-    out = out + b * s.output(prediction)
+    out = torch.mul(s.x, a, out=out)
+    out.add_(s.output(prediction), alpha=b)
     for wj, p in zip(w, others):
         if wj != 0.0:
-            out = out + wj * p.output(prediction)
+            out.add_(p.output(prediction), alpha=wj)
     return out
 
 

@@ -68,21 +68,23 @@ class Model:
         uncond = self.fn(x, tv, **self.uncond_kwargs)
         return uncond + self.guidance_scale * (cond - uncond)
 
-    def predict(self, x: Tensor, t: float, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
-        """(eps, x0) at state x and time t."""
+    def predict(self, x: Tensor, t: float, alpha: float, sigma: float,
+                buf: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(eps, x0) at state x and time t; ``buf`` may receive the converted one of the two."""
         out = self.raw(x, t).to(x.dtype)
-        return convert(out, x, alpha, sigma, self.prediction)
+        return convert(out, x, alpha, sigma, self.prediction, buf)
 
 
-def convert(out: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str) -> tuple[Tensor, Tensor]:
+def convert(out: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str,
+            buf: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Turn a raw model output into (eps, x0), using x = alpha x0 + sigma eps."""
     if prediction == "eps":
-        return out, (x - sigma * out) / alpha
+        return out, torch.add(x, out, alpha=-sigma, out=buf).div_(alpha)
     if prediction == "x0":
-        return (x - alpha * out) / sigma, out
+        return torch.add(x, out, alpha=-alpha, out=buf).div_(sigma), out
     if prediction == "v":
         n2 = alpha * alpha + sigma * sigma
         return (sigma * x + alpha * out) / n2, (alpha * x - sigma * out) / n2
     # flow: u = eps - x0
     s = alpha + sigma
-    return (x + alpha * out) / s, (x - sigma * out) / s
+    return torch.add(x, out, alpha=alpha).div_(s), torch.add(x, out, alpha=-sigma).div_(s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -24,28 +25,19 @@ class NonFiniteError(RuntimeError):
 
 
 def _check(x: Tensor, step: int, where: str) -> None:
-    if not bool(torch.isfinite(x).all()):
+    # one reduction: any NaN or inf makes the sum non-finite
+    if not math.isfinite(float(x.sum())):
         raise NonFiniteError(step, where)
 
 
-def _point(model: Model, x: Tensor, t: float, step: int) -> Point:
-    ns = model.noise
-    alpha, sigma, lam = float(ns.alpha(t)), float(ns.sigma(t)), float(ns.lam(t))
-    eps, x0 = model.predict(x, t, alpha, sigma)
-    _check(eps, step, "model output")
-    return Point(t, lam, alpha, sigma, x, eps, x0)
-
-
-def _afs_point(model: Model, x: Tensor, t: float, afs: str) -> Point:
-    ns = model.noise
-    alpha, sigma, lam = float(ns.alpha(t)), float(ns.sigma(t)), float(ns.lam(t))
+def _afs_outputs(model: Model, x: Tensor, alpha: float, sigma: float, afs: str) -> tuple[Tensor, Tensor]:
     if afs == "zero":
         x0 = torch.zeros_like(x)
     else:
         if model.data_mean is None:
             raise ScheduleError("schedule: field 'afs' is 'mean' but the model has no data_mean; use 'zero' or set it")
         x0 = model.data_mean.to(x).expand_as(x)
-    return Point(t, lam, alpha, sigma, x, (x - alpha * x0) / sigma, x0)
+    return (x - alpha * x0) / sigma, x0
 
 
 def _compensate(hist: list[Point], ratio: float) -> None:
@@ -62,8 +54,37 @@ def _compensate(hist: list[Point], ratio: float) -> None:
 def check_compatible(model: Model, schedule: Schedule) -> None:
     if schedule.noise and noise_mod.from_dict(schedule.noise) != model.noise:
         raise ScheduleError(
-            f"schedule: it was made for noise schedule {schedule.noise.get('kind')!r} "
-            f"({noise_mod.from_dict(schedule.noise)!r}) but the model uses {model.noise!r}; rebuild it for this model")
+            f"schedule: it was made for noise schedule {noise_mod.from_dict(schedule.noise)!r} "
+            f"but the model uses {model.noise!r}; rebuild it for this model")
+
+
+def _lookback(schedule: Schedule) -> int:
+    """How many history points any step reaches back (a corrector sees one more, DC three)."""
+    need = 3
+    for st in schedule.steps:
+        reach = max([-st.start, *(-p for p in st.derivative_points())])
+        need = max(need, reach + (1 if st.corrector is not None else 0))
+    return need
+
+
+class _Buffers:
+    """Recycles the tensors the sampler itself allocates once no step can reach them (allocating
+    fresh memory every step costs more than the arithmetic on CPU)."""
+
+    def __init__(self):
+        self.free: list[Tensor] = []
+        self.owned: set[int] = set()
+
+    def new(self, like: Tensor) -> Tensor:
+        t = self.free.pop() if self.free else torch.empty_like(like)
+        self.owned.add(id(t))
+        return t
+
+    def release(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            if id(t) in self.owned:
+                self.owned.discard(id(t))
+                self.free.append(t)
 
 
 def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
@@ -71,37 +92,63 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
     """Run ``schedule`` on ``model`` from the initial noise ``x_T``; returns the final samples.
 
     The schedule is validated first and nothing runs if it is invalid. A NaN or inf stops the
-    run with ``NonFiniteError``. ``callback(i, x)`` sees the state after every step.
+    run with ``NonFiniteError``. ``callback(i, x)`` gets a copy of the state after every step.
     """
     schedule.validate()
     check_compatible(model, schedule)
     ns = model.noise
+    times_list = schedule.times
+    times = torch.tensor(times_list, dtype=torch.float64)
+    alphas, sigmas, lams = ns.alpha(times).tolist(), ns.sigma(times).tolist(), ns.lam(times).tolist()
+    bufs = _Buffers()
+
+    def point(j: int, x: Tensor) -> Point:
+        eps, x0 = model.predict(x, times_list[j], alphas[j], sigmas[j], bufs.new(x))
+        return Point(times_list[j], lams[j], alphas[j], sigmas[j], x, eps, x0)
+
+    def drop(p: Point) -> None:
+        bufs.release(p.x, p.eps, p.x0)
+
     x = x_T
-    t0 = schedule.t_start
-    hist = [_afs_point(model, x, t0, schedule.afs) if schedule.afs != "none" else _point(model, x, t0, -1)]
+    if schedule.afs != "none":
+        eps, x0 = _afs_outputs(model, x, alphas[0], sigmas[0], schedule.afs)
+        hist = [Point(times_list[0], lams[0], alphas[0], sigmas[0], x, eps, x0)]
+    else:
+        hist = [point(0, x)]
     n = len(schedule.steps)
+    keep = _lookback(schedule)
     for i, st in enumerate(schedule.steps):
+        j = i + 1
+        last = i == n - 1
         if st.dc_ratio != 1.0:
+            newest = hist[-1]
+            old = (newest.eps, newest.x0)
             _compensate(hist, st.dc_ratio)
-        lam_t, alpha_t, sigma_t = float(ns.lam(st.t)), float(ns.alpha(st.t)), float(ns.sigma(st.t))
+            bufs.release(*old)
         pts = st.derivative_points()
-        x = solve_step(hist, st.start, lam_t, alpha_t, sigma_t, st.prediction, st.order, pts,
-                       st.first_points, st.relaxation, st.relaxation_coef, st.second_scale)
-        _check(x, i, "state")
-        if i < n - 1:
-            pt = _point(model, x, st.t, i)
+        x = solve_step(hist, st.start, lams[j], alphas[j], sigmas[j], st.prediction, st.order, pts,
+                       st.first_points, st.relaxation, st.relaxation_coef, st.second_scale,
+                       out=None if last else bufs.new(x))
+        if not last:
+            pt = point(j, x)
             c = st.corrector
             if c is not None:
                 hist.append(pt)
                 corder = st.order + 1 if c.order is None else c.order
                 cpts = (-1, *(p - 1 for p in pts[: corder - 2]))
-                x = solve_step(hist, st.start - 1, lam_t, alpha_t, sigma_t, st.prediction, corder, cpts,
-                               None, c.relaxation, c.relaxation_coef)
-                _check(x, i, "corrected state")
+                x = solve_step(hist, st.start - 1, lams[j], alphas[j], sigmas[j], st.prediction, corder, cpts,
+                               None, c.relaxation, c.relaxation_coef, out=bufs.new(x))
                 hist.pop()
-                pt = _point(model, x, st.t, i) if c.kind == "implicit" else Point(
-                    pt.t, pt.lam, pt.alpha, pt.sigma, x, pt.eps, pt.x0)
+                if c.kind == "implicit":
+                    drop(pt)
+                    pt = point(j, x)
+                else:
+                    bufs.release(pt.x)
+                    pt = Point(pt.t, pt.lam, pt.alpha, pt.sigma, x, pt.eps, pt.x0)
             hist.append(pt)
+            if len(hist) > keep:  # no later step reaches this far back
+                drop(hist.pop(0))
+        _check(x, i, "state")  # a non-finite model output reaches the state by the next step
         if callback is not None:
-            callback(i, x)
+            callback(i, x.clone())
     return x

@@ -135,14 +135,18 @@ def load_schedule(path: str | Path) -> Schedule:
     path = Path(path)
     if not path.is_file():
         raise ScheduleError(f"{path}: no such schedule file")
-    return Schedule.from_json(path.read_text(), where=str(path)).validate()
+    sched = Schedule.from_json(path.read_text(), where=str(path))
+    try:
+        return sched.validate()
+    except ScheduleError as e:
+        raise ScheduleError(f"{path}: {e}") from None
 
 
 _STEP_DEFAULTS = asdict(Step(t=0.0))
 
 
 def _compact(step: dict) -> dict:
-    out = {k: v for k, v in step.items() if k == "t" or v != _STEP_DEFAULTS[k]}
+    out = {k: v for k, v in step.items() if k in ("t", "prediction", "order") or v != _STEP_DEFAULTS[k]}
     if out.get("points") is not None:
         out["points"] = list(out["points"])
     if out.get("corrector") is not None:

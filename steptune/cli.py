@@ -1,0 +1,208 @@
+"""The steptune command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from steptune.resolve import parse_nfe_list, resolve
+from steptune.space import ScheduleError, presets
+
+app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+out = Console()
+err = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
+NoiseOpt = Annotated[str | None, typer.Option(
+    "--noise", help="Noise schedule of the problem: vp-linear (default), vp-cosine, ddpm-linear, sd-scaled-linear, "
+                    "cosine-discrete, edm, flow.")]
+SpacingOpt = Annotated[str | None, typer.Option(
+    "--spacing", help="Timestep spacing for presets: logsnr, time-uniform, time-quadratic, karras "
+                      "(default: each preset's own).")]
+CacheOpt = Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+
+def _evaluator(problem: str, noise: str | None, cache: Path):
+    from steptune.evaluators import Evaluator, get_problem
+
+    try:
+        prob = get_problem(problem, **({"noise": noise} if noise else {}))
+    except (KeyError, ValueError) as e:
+        raise UserError(str(e).strip("'\"")) from None
+    return Evaluator(prob, cache_dir=cache)
+
+
+@app.command("presets")
+def presets_cmd(json_: JsonOpt = False):
+    """List the preset solvers (use them as --schedule preset:NAME)."""
+    if json_:
+        print(json.dumps([{"name": n, "description": presets.DESCRIPTIONS[n]} for n in presets.names()], indent=2))
+        return
+    table = Table(title="Preset solvers")
+    table.add_column("name", style="bold")
+    table.add_column("description")
+    for n in presets.names():
+        table.add_row(n, presets.DESCRIPTIONS[n])
+    out.print(table)
+    out.print("Options: preset:NAME:key=value,... e.g. preset:unipc-bh2:order=3 or preset:ddim:prediction=noise")
+
+
+@app.command("schedule")
+def schedule_cmd(
+    spec: Annotated[str, typer.Argument(help="preset:NAME[:key=value,...]")],
+    nfe: Annotated[int, typer.Option("--nfe", help="Number of model calls.")],
+    noise: Annotated[str, typer.Option("--noise", help="Noise schedule the timesteps live on.")] = "vp-linear",
+    spacing: SpacingOpt = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON here.")] = None,
+):
+    """Print a preset as schedule JSON (a starting point for your own schedule files)."""
+    from steptune.space import noise as noise_mod
+
+    ns = noise_mod.get(noise)
+    sched = resolve(spec if spec.startswith("preset:") else f"preset:{spec}", [nfe], ns, spacing)[0]
+    if output is None:
+        print(sched.to_json())
+    else:
+        sched.save(output)
+        err.print(f"wrote {output} ({sched.nfe} NFE, {len(sched.steps)} steps)")
+
+
+@app.command("eval")
+def eval_cmd(
+    schedule: Annotated[list[str], typer.Option("--schedule", "-s", help="preset:NAME[:opts] or a schedule JSON "
+                                                                         "file; repeat to compare several.")],
+    problem: ProblemOpt = "gmm-digits",
+    nfe: Annotated[str | None, typer.Option("--nfe", help="NFE list for presets, e.g. 5,6,8,10 or 3-10.")] = None,
+    noise: NoiseOpt = None,
+    spacing: SpacingOpt = None,
+    bank: Annotated[str, typer.Option("--bank", help="Noise bank: heldout (default) or train.")] = "heldout",
+    samples: Annotated[int | None, typer.Option("--samples", "-n", help="Use the first N samples of the bank.")] = None,
+    cache: CacheOpt = Path("runs/cache"),
+    json_: JsonOpt = False,
+):
+    """Run schedules on a problem and measure their error against the exact ODE solution."""
+    if bank not in ("heldout", "train"):
+        raise UserError(f"--bank {bank!r}: use heldout or train")
+    nfes = parse_nfe_list(nfe)
+    for spec in schedule:  # bad files are refused before any problem or reference is built
+        if not spec.startswith("preset:"):
+            resolve(spec, nfes, None)
+    ev = _evaluator(problem, noise, cache)
+    prob = ev.problem
+    scheds = [(spec, s) for spec in schedule
+              for s in resolve(spec, nfes, prob.noise, spacing, prob.t_start, prob.t_end)]
+    rows = []
+    with err.status("computing reference solution and evaluating...") if not json_ else _null():
+        for spec, s in scheds:
+            res = ev.evaluate(s, bank=bank, n=samples)
+            rows.append({"schedule": spec, "name": s.name, "nfe": res.nfe, "status": res.status, "error": res.error,
+                         "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
+    if json_:
+        print(json.dumps({"problem": prob.name, "noise": prob.noise.to_dict().get("kind"), "results": rows},
+                         indent=2, default=float))
+        return
+    table = Table(title=f"{prob.name} ({prob.noise.kind}), {bank} bank")
+    for col in ("schedule", "NFE", "RMSE", "SW", "NLL", "status"):
+        table.add_column(col, justify="right" if col not in ("schedule", "status") else "left")
+    for r in rows:
+        table.add_row(r["schedule"], str(r["nfe"]), _fmt(r.get("rmse")), _fmt(r.get("sw")), _fmt(r.get("nll")),
+                      r["status"] if not r["error"] else f"{r['status']}: {r['error']}")
+    out.print(table)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    problem: ProblemOpt = "gmm-digits",
+    nfe: Annotated[str, typer.Option("--nfe", help="NFE list or ranges.")] = "3-10,12,15,20",
+    preset_list: Annotated[str | None, typer.Option("--presets", help="Comma-separated preset specs "
+                                                                        "(default: all families).")] = None,
+    noise: NoiseOpt = None,
+    spacing: SpacingOpt = None,
+    bank: Annotated[str, typer.Option("--bank", help="heldout (default) or train.")] = "heldout",
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/sweep"),
+    cache: CacheOpt = Path("runs/cache"),
+    json_: JsonOpt = False,
+):
+    """NFE sweep of the preset solvers on a problem: prints the RMSE table and saves it under runs/sweep/."""
+    from steptune import sweep
+
+    nfes = parse_nfe_list(nfe)
+    specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
+    for s in specs:
+        presets.get(s.partition(":")[0])
+    ev = _evaluator(problem, noise, cache)
+    prob = ev.problem
+    total = len(specs) * len(nfes)
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True, disable=json_) as progress:
+        task = progress.add_task("reference solution", total=total)
+        ev.reference(bank)
+        progress.update(task, description="evaluating presets")
+        rows = sweep.run_sweep(ev, specs, nfes, spacing, bank, on_result=lambda r: progress.advance(task))
+    stem = f"{prob.name}-{prob.noise.kind}" + (f"-{spacing}" if spacing else "")
+    meta = {"problem": prob.name, "noise": prob.noise.to_dict(), "bank": bank, "metric": "rmse",
+            "samples": ev.bank_size(bank)}
+    jpath, mpath = sweep.save(rows, out_dir, stem, meta)
+    if json_:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+        return
+    specs_, nfes_, cells = sweep.pivot(rows)
+    best = sweep.best_by_nfe(rows)
+    table = Table(title=f"RMSE to the exact ODE solution: {prob.name} ({prob.noise.kind}), {bank} bank")
+    table.add_column("preset", style="bold")
+    for n in nfes_:
+        table.add_column(str(n), justify="right")
+    for s in specs_:
+        table.add_row(s, *[(f"[green]{_fmt(cells.get((s, n)))}[/]" if best.get(n, {}).get("preset") == s
+                            else _fmt(cells.get((s, n)))) for n in nfes_])
+    out.print(table)
+    out.print(f"saved {jpath} and {mpath}")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}"
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except (ScheduleError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

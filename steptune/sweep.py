@@ -1,0 +1,80 @@
+"""The preset NFE sweep: every preset at every NFE on one problem, scored on one noise bank."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from steptune.space import ScheduleError, presets
+
+DEFAULT_PRESETS = ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "dpm-solver++-2m", "dpm-solver++-3m",
+                   "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis", "heun")
+
+
+def run_sweep(evaluator, preset_specs: Sequence[str], nfes: Sequence[int], spacing: str | None = None,
+              bank: str = "heldout", on_result: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (preset, NFE): the metrics, or the reason it could not run at that NFE."""
+    problem = evaluator.problem
+    rows = []
+    for spec in preset_specs:
+        for nfe in nfes:
+            row = {"preset": spec, "nfe": nfe, "spacing": spacing or "default"}
+            kwargs = {"t_start": problem.t_start, "t_end": problem.t_end}
+            if spacing is not None:
+                kwargs["spacing"] = spacing
+            try:
+                sched = presets.build(spec, nfe, problem.noise, **kwargs)
+            except ScheduleError as e:
+                row.update(status="n/a", error=str(e))
+            else:
+                res = evaluator.evaluate(sched, bank=bank)
+                row.update(status=res.status, error=res.error, seconds=res.seconds, **res.metrics)
+            rows.append(row)
+            if on_result is not None:
+                on_result(row)
+    return rows
+
+
+def best_by_nfe(rows: list[dict], metric: str = "rmse") -> dict[int, dict]:
+    best: dict[int, dict] = {}
+    for r in rows:
+        v = r.get(metric)
+        if r.get("status") == "complete" and v is not None and math.isfinite(v):
+            if r["nfe"] not in best or v < best[r["nfe"]][metric]:
+                best[r["nfe"]] = r
+    return best
+
+
+def pivot(rows: list[dict], metric: str = "rmse") -> tuple[list[str], list[int], dict[tuple[str, int], float | None]]:
+    specs = list(dict.fromkeys(r["preset"] for r in rows))
+    nfes = sorted({r["nfe"] for r in rows})
+    cells = {(r["preset"], r["nfe"]): (r.get(metric) if r.get("status") == "complete" else None) for r in rows}
+    return specs, nfes, cells
+
+
+def markdown_table(rows: list[dict], metric: str = "rmse") -> str:
+    specs, nfes, cells = pivot(rows, metric)
+    best = best_by_nfe(rows, metric)
+    head = "| preset | " + " | ".join(str(n) for n in nfes) + " |"
+    lines = [head, "|---" * (len(nfes) + 1) + "|"]
+    for s in specs:
+        vals = []
+        for n in nfes:
+            v = cells.get((s, n))
+            text = "—" if v is None else f"{v:.4g}"
+            if v is not None and best.get(n, {}).get("preset") == s:
+                text = f"**{text}**"
+            vals.append(text)
+        lines.append(f"| {s} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def save(rows: list[dict], out_dir: Path, stem: str, meta: dict) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath = out_dir / f"{stem}.json"
+    jpath.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
+    mpath = out_dir / f"{stem}.md"
+    mpath.write_text(f"# {stem}: {meta.get('metric', 'rmse')} by preset and NFE\n\n{markdown_table(rows)}\n")
+    return jpath, mpath
