@@ -42,7 +42,8 @@ class Model:
 
     def __post_init__(self):
         if self.prediction not in PREDICTION_TYPES:
-            raise ValueError(f"model prediction {self.prediction!r} is unknown; use one of {', '.join(PREDICTION_TYPES)}")
+            raise ValueError(
+                f"model prediction {self.prediction!r} is unknown; use one of {', '.join(PREDICTION_TYPES)}")
         if self.time_input not in TIME_INPUTS:
             raise ValueError(f"model time_input {self.time_input!r} is unknown; use one of {', '.join(TIME_INPUTS)}")
         if self.time_input == "discrete" and not isinstance(self.noise, VPDiscrete):

@@ -254,7 +254,8 @@ def _validate(s: Schedule, nfe: int | None) -> None:
         if not _number(st.second_scale):
             fail(f"{where}: field 'second_scale' must be a finite number")
         if st.second_scale != 1.0 and st.order < 3:
-            fail(f"{where}: field 'second_scale' scales the second derivative, which an order-{st.order} step does not use")
+            fail(f"{where}: field 'second_scale' scales the second derivative, "
+                 f"which an order-{st.order} step does not use")
         if not _number(st.dc_ratio) or st.dc_ratio <= 0:
             fail(f"{where}: field 'dc_ratio' must be a positive number (1 = no compensation)")
         if st.dc_ratio != 1.0 and hist < 3:

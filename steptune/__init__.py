@@ -1,7 +1,18 @@
 """steptune: search and tune diffusion solver schedules."""
 
-from steptune.space import Corrector, Model, NonFiniteError, Schedule, ScheduleError, Step, load_schedule, noise
-from steptune.space import presets, sample, spacing
+from steptune.space import (
+           Corrector,
+           Model,
+           NonFiniteError,
+           Schedule,
+           ScheduleError,
+           Step,
+           load_schedule,
+           noise,
+           presets,
+           sample,
+           spacing,
+)
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,6 @@
 """Gaussian data N(mu, diag(var)): the exact denoiser and the exact probability-flow ODE solution."""
 
 import torch
-
 from steptune.space import Model
 
 
@@ -19,7 +18,8 @@ def gaussian_model(noise, mu, var):
 
 
 def exact_solution(noise, mu, var, x_T, t_start, t_end):
-    """The PF-ODE maps x_s to x_t with x_t - alpha_t mu = sqrt(alpha_t^2 var + sigma_t^2)/sqrt(...)_s (x_s - alpha_s mu)."""
+    """The PF-ODE maps x_s to x_t: x_t - alpha_t mu = sqrt(alpha_t^2 var + sigma_t^2) / sqrt(alpha_s^2 var + sigma_s^2)
+    * (x_s - alpha_s mu)."""
     a_s, s_s = float(noise.alpha(t_start)), float(noise.sigma(t_start))
     a_t, s_t = float(noise.alpha(t_end)), float(noise.sigma(t_end))
     ratio = torch.sqrt(a_t**2 * var + s_t**2) / torch.sqrt(a_s**2 * var + s_s**2)
