@@ -2,8 +2,8 @@
 
 from . import noise, presets, spacing
 from .model import Model
-from .sampler import NonFiniteError, sample
+from .sampler import NonFiniteError, Request, sample, trajectory
 from .schedule import Corrector, Schedule, ScheduleError, Step, load_schedule
 
 __all__ = ["Corrector", "Model", "NonFiniteError", "Schedule", "ScheduleError", "Step", "load_schedule",
-           "noise", "presets", "sample", "spacing"]
+           "noise", "presets", "Request", "sample", "spacing", "trajectory"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import NamedTuple
 
 import torch
 
 from . import noise as noise_mod
 from .kernel import Point, lagrange_weights, solve_step
 from .model import Model
+from .noise import NoiseSchedule
 from .schedule import Schedule, ScheduleError
 
 Tensor = torch.Tensor
@@ -30,13 +32,13 @@ def _check(x: Tensor, step: int, where: str) -> None:
         raise NonFiniteError(step, where)
 
 
-def _afs_outputs(model: Model, x: Tensor, alpha: float, sigma: float, afs: str) -> tuple[Tensor, Tensor]:
+def _afs_outputs(data_mean: Tensor | None, x: Tensor, alpha: float, sigma: float, afs: str) -> tuple[Tensor, Tensor]:
     if afs == "zero":
         x0 = torch.zeros_like(x)
     else:
-        if model.data_mean is None:
+        if data_mean is None:
             raise ScheduleError("schedule: field 'afs' is 'mean' but the model has no data_mean; use 'zero' or set it")
-        x0 = model.data_mean.to(x).expand_as(x)
+        x0 = data_mean.to(x).expand_as(x)
     return (x - alpha * x0) / sigma, x0
 
 
@@ -87,23 +89,30 @@ class _Buffers:
                 self.free.append(t)
 
 
-def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
-           callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
-    """Run ``schedule`` on ``model`` from the initial noise ``x_T``; returns the final samples.
+class Request(NamedTuple):
+    """The loop needs the model's outputs (eps, x0) at state ``x``, time index ``j`` of ``schedule.times``."""
 
-    The schedule is validated first and nothing runs if it is invalid. A NaN or inf stops the
-    run with ``NonFiniteError``. ``callback(i, x)`` gets a copy of the state after every step.
-    """
+    j: int
+    t: float
+    alpha: float
+    sigma: float
+    x: Tensor
+    buf: Tensor | None
+
+
+def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean: Tensor | None = None,
+               callback: Callable[[int, Tensor], None] | None = None) -> Generator[Request, tuple, Tensor]:
+    """The sampler loop as a generator: it yields a ``Request`` whenever it needs the model and is
+    sent back ``(eps, x0)``; it returns the final state. ``sample`` drives it with a Model; an
+    external loop (e.g. a diffusers pipeline) can drive it one model call at a time."""
     schedule.validate()
-    check_compatible(model, schedule)
-    ns = model.noise
     times_list = schedule.times
     times = torch.tensor(times_list, dtype=torch.float64)
-    alphas, sigmas, lams = ns.alpha(times).tolist(), ns.sigma(times).tolist(), ns.lam(times).tolist()
+    alphas, sigmas, lams = noise.alpha(times).tolist(), noise.sigma(times).tolist(), noise.lam(times).tolist()
     bufs = _Buffers()
 
-    def point(j: int, x: Tensor) -> Point:
-        eps, x0 = model.predict(x, times_list[j], alphas[j], sigmas[j], bufs.new(x))
+    def point(j: int, x: Tensor):
+        eps, x0 = yield Request(j, times_list[j], alphas[j], sigmas[j], x, bufs.new(x))
         return Point(times_list[j], lams[j], alphas[j], sigmas[j], x, eps, x0)
 
     def drop(p: Point) -> None:
@@ -111,10 +120,10 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
 
     x = x_T
     if schedule.afs != "none":
-        eps, x0 = _afs_outputs(model, x, alphas[0], sigmas[0], schedule.afs)
+        eps, x0 = _afs_outputs(data_mean, x, alphas[0], sigmas[0], schedule.afs)
         hist = [Point(times_list[0], lams[0], alphas[0], sigmas[0], x, eps, x0)]
     else:
-        hist = [point(0, x)]
+        hist = [(yield from point(0, x))]
     n = len(schedule.steps)
     keep = _lookback(schedule)
     for i, st in enumerate(schedule.steps):
@@ -130,7 +139,7 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
                        st.first_points, st.relaxation, st.relaxation_coef, st.second_scale,
                        out=None if last else bufs.new(x))
         if not last:
-            pt = point(j, x)
+            pt = yield from point(j, x)
             c = st.corrector
             if c is not None:
                 hist.append(pt)
@@ -141,7 +150,7 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
                 hist.pop()
                 if c.kind == "implicit":
                     drop(pt)
-                    pt = point(j, x)
+                    pt = yield from point(j, x)
                 else:
                     bufs.release(pt.x)
                     pt = Point(pt.t, pt.lam, pt.alpha, pt.sigma, x, pt.eps, pt.x0)
@@ -152,3 +161,21 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
         if callback is not None:
             callback(i, x.clone())
     return x
+
+
+def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
+           callback: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """Run ``schedule`` on ``model`` from the initial noise ``x_T``; returns the final samples.
+
+    The schedule is validated first and nothing runs if it is invalid. A NaN or inf stops the
+    run with ``NonFiniteError``. ``callback(i, x)`` gets a copy of the state after every step.
+    """
+    schedule.validate()
+    check_compatible(model, schedule)
+    loop = trajectory(schedule, model.noise, x_T, model.data_mean, callback)
+    try:
+        req = next(loop)
+        while True:
+            req = loop.send(model.predict(req.x, req.t, req.alpha, req.sigma, req.buf))
+    except StopIteration as done:
+        return done.value

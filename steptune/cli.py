@@ -155,7 +155,7 @@ def sweep_cmd(
         rows = sweep.run_sweep(ev, specs, nfes, spacing, bank, on_result=lambda r: progress.advance(task))
     stem = f"{prob.name}-{prob.noise.kind}" + (f"-{spacing}" if spacing else "")
     meta = {"problem": prob.name, "noise": prob.noise.to_dict(), "bank": bank, "metric": "rmse",
-            "samples": ev.bank_size(bank)}
+            "samples": ev.bank(bank).size}
     jpath, mpath = sweep.save(rows, out_dir, stem, meta)
     if json_:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
