@@ -10,8 +10,10 @@ float64 scalars; the only tensor work is one weighted sum per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Tensor = torch.Tensor
@@ -96,8 +98,14 @@ def _difference_weights(r: list[float], m: int) -> list[list[float]]:
 def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float, sigma_t: float,
                  prediction: str, order: int, first_points: int | None = None,
                  relaxation: str = "none", coef: float = 0.0,
-                 second_scale: float = 1.0) -> tuple[float, float, list[float]]:
-    """Coefficients (a, b, w) of x_t = a x_s + b F_s + sum_j w_j F_j over the derivative points."""
+                 second_scale: float = 1.0, basis: str = "lambda",
+                 t_of_lambda: Callable | None = None) -> tuple[float, float, list[float]]:
+    """Coefficients (a, b, w) of x_t = a x_s + b F_s + sum_j w_j F_j over the derivative points.
+
+    ``basis="t"`` interpolates F with a Lagrange polynomial in t (not lambda) through the start and
+    the points, as DEIS's tAB does, and integrates it against the exact kernel by Gauss-Legendre
+    quadrature in lambda (``t_of_lambda`` maps the nodes to t).
+    """
     h = lam_t - start.lam
     hh = h if prediction == "noise" else -h
     c = phi_terms(hh, order)
@@ -112,6 +120,8 @@ def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float
         b = -alpha_t * c[0]
         wk = [alpha_t * (-1) ** (k + 1) * c[k] for k in range(order)]
     w = [0.0] * len(others)
+    if order > 1 and basis == "t":
+        return a, *_t_basis_weights(start, others, h, alpha_t, sigma_t, prediction, t_of_lambda)
     if order > 1:
         r = [(p.lam - start.lam) / h for p in others]
         inv = _difference_weights(r, len(others))
@@ -131,16 +141,36 @@ def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float
     return a, b, w
 
 
+_GL_NODES, _GL_WEIGHTS = (v.tolist() for v in np.polynomial.legendre.leggauss(24))
+
+
+def _t_basis_weights(start: Point, others: list[Point], h: float, alpha_t: float, sigma_t: float, prediction: str,
+                     t_of_lambda: Callable) -> tuple[float, list[float]]:
+    us = [0.5 * h * (x + 1.0) for x in _GL_NODES]
+    gs = [0.5 * h * g for g in _GL_WEIGHTS]
+    ts = t_of_lambda(torch.tensor([start.lam + u for u in us], dtype=torch.float64)).tolist()
+    if prediction == "noise":
+        kern = [-sigma_t * math.exp(h - u) for u in us]
+    else:
+        kern = [alpha_t * math.exp(u - h) for u in us]
+    nodes = [start.t] + [p.t for p in others]
+    coefs = [0.0] * len(nodes)
+    for g, k, tk in zip(gs, kern, ts):
+        for j, lj in enumerate(lagrange_weights(nodes, tk)):
+            coefs[j] += g * k * lj
+    return coefs[0], coefs[1:]
+
+
 def solve_step(hist: list[Point], start: int, lam_t: float, alpha_t: float, sigma_t: float,
                prediction: str, order: int, points: tuple[int, ...], first_points: int | None = None,
                relaxation: str = "none", coef: float = 0.0, second_scale: float = 1.0,
-               out: Tensor | None = None) -> Tensor:
+               out: Tensor | None = None, basis: str = "lambda", t_of_lambda: Callable | None = None) -> Tensor:
     """One generic step from hist[start] to the time with (lam_t, alpha_t, sigma_t); ``out`` may be
     a buffer for the result that aliases none of the inputs."""
     s = hist[start]
     others = [hist[p] for p in points] if order > 1 else []
     a, b, w = step_weights(s, others, lam_t, alpha_t, sigma_t, prediction, order, first_points, relaxation, coef,
-                           second_scale)
+                           second_scale, basis, t_of_lambda)
     out = torch.mul(s.x, a, out=out)
     out.add_(s.output(prediction), alpha=b)
     for wj, p in zip(w, others):

@@ -64,7 +64,7 @@ def _orders(n: int, order: int, lower_order_final: bool, lower_order_final_below
 
 def _multistep(name, nfe, noise, spacing, t_start, t_end, final_zero, prediction, order, relaxation="none",
                corrector: str | None = None, lower_order_final=True, lower_order_final_below=None,
-               second_scale=1.0, **meta):
+               second_scale=1.0, basis="lambda", **meta):
     times = _times(noise, nfe, spacing, t_start, t_end, final_zero)
     n = len(times) - 1
     orders = _orders(n, order, lower_order_final, lower_order_final_below, times)
@@ -75,7 +75,7 @@ def _multistep(name, nfe, noise, spacing, t_start, t_end, final_zero, prediction
             c = Corrector("pseudo", relaxation=corrector if o == 1 else "none")
         steps.append(Step(t=times[i + 1], prediction=prediction, order=o,
                           relaxation=relaxation if o == 2 else "none",
-                          second_scale=second_scale if o == 3 else 1.0, corrector=c))
+                          second_scale=second_scale if o == 3 else 1.0, basis=basis, corrector=c))
     return _schedule(name, noise, times, steps, order=order, spacing=_spacing_name(spacing), **meta)
 
 
@@ -123,6 +123,14 @@ def deis(nfe: int, noise: NoiseSchedule, spacing="logsnr", t_start=None, t_end=N
          order: int = 3, lower_order_final=True, lower_order_final_below: int | None = 15) -> Schedule:
     return _multistep("deis", nfe, noise, spacing, t_start, t_end, final_zero, "noise", order,
                       lower_order_final=lower_order_final, lower_order_final_below=lower_order_final_below)
+
+
+@preset("deis-tab", "DEIS tAB: Lagrange interpolation of eps in t (as the DEIS paper), order 3 default")
+def deis_tab(nfe: int, noise: NoiseSchedule, spacing="logsnr", t_start=None, t_end=None, final_zero=False,
+             order: int = 3, lower_order_final=True, lower_order_final_below: int | None = 15) -> Schedule:
+    return _multistep("deis-tab", nfe, noise, spacing, t_start, t_end, final_zero, "noise", order,
+                      lower_order_final=lower_order_final, lower_order_final_below=lower_order_final_below,
+                      basis="t")
 
 
 def _singlestep_orders(nfe: int, order: int) -> list[int]:

@@ -137,7 +137,7 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
         pts = st.derivative_points()
         x = solve_step(hist, st.start, lams[j], alphas[j], sigmas[j], st.prediction, st.order, pts,
                        st.first_points, st.relaxation, st.relaxation_coef, st.second_scale,
-                       out=None if last else bufs.new(x))
+                       out=None if last else bufs.new(x), basis=st.basis, t_of_lambda=noise.t_of_lambda)
         if not last:
             pt = yield from point(j, x)
             c = st.corrector

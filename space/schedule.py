@@ -14,6 +14,7 @@ PREDICTIONS = ("noise", "data")
 RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh2", "unipc-bh1", "0.5exp", "-0.5exp", "linear", "heun")
 CORRECTORS = ("pseudo", "implicit")
 AFS = ("none", "zero", "mean")
+BASES = ("lambda", "t")
 MAX_ORDER = 4
 
 
@@ -46,6 +47,8 @@ class Step:
     points before ``start``); ``first_points`` uses only the first m of them for the first
     derivative (low-order estimation). ``relaxation`` scales the first-derivative term and
     ``second_scale`` the second-derivative term (DPM-Solver(++)-3M as implemented uses 1/2).
+    ``basis="t"`` replaces the lambda-Taylor expansion by Lagrange interpolation in t through the
+    start and the points (DEIS's tAB), integrated exactly against the exponential kernel.
     ``dc_ratio`` re-times the newest model output to t_{-2} + ratio (t_{-1} - t_{-2}) before the
     step (DC-Solver compensation; 1 means none).
     """
@@ -59,6 +62,7 @@ class Step:
     relaxation: str = "none"
     relaxation_coef: float = 0.0
     second_scale: float = 1.0
+    basis: str = "lambda"
     corrector: Corrector | None = None
     dc_ratio: float = 1.0
 
@@ -256,6 +260,11 @@ def _validate(s: Schedule, nfe: int | None) -> None:
         if st.second_scale != 1.0 and st.order < 3:
             fail(f"{where}: field 'second_scale' scales the second derivative, "
                  f"which an order-{st.order} step does not use")
+        if st.basis not in BASES:
+            fail(f"{where}: field 'basis' is {st.basis!r}; use 'lambda' or 't'")
+        if st.basis == "t" and (st.relaxation != "none" or st.second_scale != 1.0 or st.first_points is not None):
+            fail(f"{where}: field 'basis' is 't', which interpolates through all points; "
+                 "relaxation, second_scale and first_points apply to the lambda basis only")
         if not _number(st.dc_ratio) or st.dc_ratio <= 0:
             fail(f"{where}: field 'dc_ratio' must be a positive number (1 = no compensation)")
         if st.dc_ratio != 1.0 and hist < 3:
