@@ -68,10 +68,13 @@ def _multistep(name, nfe, noise, spacing, t_start, t_end, final_zero, prediction
     times = _times(noise, nfe, spacing, t_start, t_end, final_zero)
     n = len(times) - 1
     orders = _orders(n, order, lower_order_final, lower_order_final_below, times)
+    pure_noise_start = float(noise.alpha(times[0])) == 0.0  # lambda = -inf there: no differences through it
     steps = []
     for i, o in enumerate(orders):
+        if pure_noise_start:
+            o = min(o, max(i, 1))
         c = None
-        if corrector is not None and i < n - 1:
+        if corrector is not None and i < n - 1 and not (pure_noise_start and i == 0):
             c = Corrector("pseudo", relaxation=corrector if o == 1 else "none")
         steps.append(Step(t=times[i + 1], prediction=prediction, order=o,
                           relaxation=relaxation if o == 2 else "none",

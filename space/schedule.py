@@ -208,6 +208,27 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _validate_pure_noise_start(s: Schedule, fail) -> None:
+    """Where alpha(t_start) = 0 (rectified flow from t = 1), lambda = -inf at the start point: only
+    first-order data-prediction steps may use it."""
+    if not s.noise:
+        return
+    from . import noise as noise_mod
+
+    if float(noise_mod.from_dict(s.noise).alpha(s.t_start)) != 0.0:
+        return
+    for i, st in enumerate(s.steps):
+        h = i + 1
+        if h + st.start == 0 and st.prediction == "noise":
+            fail(f"step {i}: field 'prediction' is 'noise' but the step starts at t_start = {s.t_start:g}, where "
+                 "alpha = 0; use data prediction there")
+        used = {h + st.start} | ({h + p for p in st.derivative_points()} if st.order > 1 else set())
+        if (st.order > 1 or st.corrector is not None) and 0 in used:
+            fail(f"step {i}: field 'order' is {st.order}{' with a corrector' if st.corrector else ''} but it uses "
+                 f"t_start = {s.t_start:g}, where alpha = 0 and lambda = -inf (no derivative in lambda exists "
+                 "there); use order 1 without corrector for steps that touch it")
+
+
 def _validate(s: Schedule, nfe: int | None) -> None:
     def fail(msg):
         raise ScheduleError(msg)
@@ -282,5 +303,6 @@ def _validate(s: Schedule, nfe: int | None) -> None:
                 fail(f"{where}: corrector field 'order' is {corder!r}; use 2 .. {min(MAX_ORDER, len(pts) + 2)}")
             if c.relaxation not in RELAXATIONS:
                 fail(f"{where}: corrector field 'relaxation' is {c.relaxation!r}; use one of {', '.join(RELAXATIONS)}")
+    _validate_pure_noise_start(s, fail)
     if nfe is not None and s.nfe != nfe:
         fail(f"schedule: costs {s.nfe} model calls but NFE {nfe} was asked for")

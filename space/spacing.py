@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from .noise import NoiseSchedule, VPDiscrete
+from .schedule import ScheduleError
 
 Tensor = torch.Tensor
 
@@ -21,8 +23,18 @@ def time_uniform(ns: NoiseSchedule, n: int, t_start=None, t_end=None) -> Tensor:
     return torch.linspace(a, b, n + 1, dtype=torch.float64)
 
 
+def _finite_lambda(ns: NoiseSchedule, a: float, b: float, name: str) -> None:
+    la, lb = float(ns.lam(a)), float(ns.lam(b))
+    if not (math.isfinite(la) and math.isfinite(lb)):
+        bad = a if not math.isfinite(la) else b
+        raise ScheduleError(f"{name} spacing: log-SNR is infinite at t = {bad:g} (alpha or sigma is 0 there); "
+                            "start/end strictly inside (e.g. t_start=0.999 for rectified flow), use time-uniform, "
+                            "or final_zero=True for a last step to sigma = 0")
+
+
 def logsnr_uniform(ns: NoiseSchedule, n: int, t_start=None, t_end=None) -> Tensor:
     a, b = _ends(ns, t_start, t_end)
+    _finite_lambda(ns, a, b, "logsnr")
     lam = torch.linspace(float(ns.lam(a)), float(ns.lam(b)), n + 1, dtype=torch.float64)
     t = ns.t_of_lambda(lam)
     t[0], t[-1] = a, b
@@ -31,13 +43,18 @@ def logsnr_uniform(ns: NoiseSchedule, n: int, t_start=None, t_end=None) -> Tenso
 
 def time_quadratic(ns: NoiseSchedule, n: int, t_start=None, t_end=None) -> Tensor:
     a, b = _ends(ns, t_start, t_end)
-    return torch.linspace(a**0.5, b**0.5, n + 1, dtype=torch.float64) ** 2
+    t = torch.linspace(a**0.5, b**0.5, n + 1, dtype=torch.float64) ** 2
+    t[0], t[-1] = a, b
+    return t
 
 
 def karras(ns: NoiseSchedule, n: int, t_start=None, t_end=None, rho: float = 7.0) -> Tensor:
     """EDM/Karras spacing, uniform in (sigma/alpha)^(1/rho)."""
     a, b = _ends(ns, t_start, t_end)
     s_max, s_min = float(ns.edm_sigma(a)), float(ns.edm_sigma(b))
+    if not math.isfinite(s_max):
+        raise ScheduleError(f"karras spacing: sigma/alpha is infinite at t_start = {a:g} (alpha is 0 there); "
+                            "start strictly inside (e.g. t_start=0.999 for rectified flow) or use time-uniform")
     ramp = torch.linspace(0.0, 1.0, n + 1, dtype=torch.float64)
     s = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     t = ns.t_of_edm_sigma(s)
