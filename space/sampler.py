@@ -27,8 +27,9 @@ class NonFiniteError(RuntimeError):
 
 
 def _check(x: Tensor, step: int, where: str) -> None:
-    # one reduction: any NaN or inf makes the sum non-finite
-    if not math.isfinite(float(x.sum())):
+    # one cheap reduction first: any NaN or inf makes the sum non-finite (a huge finite sum may overflow too,
+    # so confirm element-wise before failing)
+    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(step, where)
 
 

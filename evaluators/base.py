@@ -1,0 +1,196 @@
+"""The Evaluator: what a schedule is worth on a problem, measured on fixed noise banks.
+
+Two banks of initial states (common random numbers: every schedule sees the same noise) are drawn
+once: ``train`` (seed) for searching and ``heldout`` (seed + 1000, independent) for confirming. For
+each bank the evaluator keeps
+
+* the reference: the probability-flow ODE solved to high accuracy from the bank (cached on disk),
+* a data set of the same size from the exact marginal at the end time (for the sliced Wasserstein
+  distance), drawn with its own seed.
+
+``evaluate`` runs a schedule on the first ``n`` states of a bank (cheap fidelity: small ``n``) and
+reports the error against the reference (``rmse``; ``median_err``, the median over samples of each
+sample's RMS error, is robust to the few samples that end in another mode than the reference), the
+sliced Wasserstein distance of the samples to the data set (``sw``) and, where the problem has a
+density, the mean negative log-likelihood per dimension under the marginal at the end time (``nll``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from steptune.space import NonFiniteError, Schedule, ScheduleError, sample
+from steptune.space.sampler import check_compatible
+
+from . import metrics
+from .problems import Problem
+from .reference import DEFAULT_ATOL, DEFAULT_RTOL, cached_reference
+
+Tensor = torch.Tensor
+
+BANK_VERSION = 1
+BANKS = ("train", "heldout")
+HELDOUT_OFFSET = 1000
+DATA_OFFSET = 7919  # seed offset of a bank's data set (sliced Wasserstein targets)
+
+
+@dataclass
+class EvalResult:
+    """The outcome of one evaluation. A diverged run has status ``failed``, the error text, and
+    every metric set to inf."""
+
+    nfe: int
+    metrics: dict[str, float]
+    status: str
+    error: str | None
+    seconds: float
+    bank: str
+    n: int
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "complete"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Bank:
+    """One fixed noise bank: the initial states and the data set, with references per end time."""
+
+    name: str
+    seed: int
+    x_T: Tensor
+    data_seed: int
+    references: dict[float, Tensor] = field(default_factory=dict)
+    data: dict[float, Tensor] = field(default_factory=dict)
+    loaded: dict[float, bool] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.x_T.shape[0]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "seed": self.seed, "size": self.size, "version": BANK_VERSION}
+
+
+class Evaluator:
+    """Evaluates schedules on ``problem`` with fixed noise banks (see the module docstring).
+
+    ``cache_dir`` holds the reference solutions (``cache_dir/reference/``); None keeps them in memory
+    only. ``rtol``/``atol`` are the reference ODE tolerances; ``sw_projections`` and ``sw_seed`` fix
+    the sliced Wasserstein directions.
+    """
+
+    def __init__(self, problem: Problem, n_train: int = 256, n_heldout: int = 1024, seed: int = 0,
+                 cache_dir: str | Path | None = "runs/cache", device: str | torch.device = "cpu",
+                 rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL, sw_projections: int = 256,
+                 sw_seed: int = 0):
+        if n_train < 1 or n_heldout < 1:
+            raise ValueError("Evaluator: bank sizes must be at least 1")
+        self.problem = problem
+        self.seed = int(seed)
+        self.sizes = {"train": int(n_train), "heldout": int(n_heldout)}
+        self.seeds = {"train": self.seed, "heldout": self.seed + HELDOUT_OFFSET}
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.device = torch.device(device)
+        self.rtol, self.atol = float(rtol), float(atol)
+        self.sw_projections, self.sw_seed = int(sw_projections), int(sw_seed)
+        self._banks: dict[str, Bank] = {}
+
+    # ---- banks, references, data ------------------------------------------------------------------
+
+    def bank(self, name: str = "train") -> Bank:
+        if name not in BANKS:
+            raise ValueError(f"unknown bank {name!r}; use 'train' or 'heldout'")
+        if name not in self._banks:
+            seed = self.seeds[name]
+            x_T = self.problem.sample_prior(self.sizes[name], torch.Generator().manual_seed(seed))
+            self._banks[name] = Bank(name, seed, x_T.to(self.device, torch.float64), seed + DATA_OFFSET)
+        return self._banks[name]
+
+    def x_T(self, bank: str = "train", n: int | None = None) -> Tensor:
+        b = self.bank(bank)
+        return b.x_T[: self._n(b, n)]
+
+    def reference(self, bank: str = "train", t_end: float | None = None) -> Tensor:
+        """The reference solution for the whole bank at ``t_end`` (the problem's by default)."""
+        b = self.bank(bank)
+        t_end = float(self.problem.t_end if t_end is None else t_end)
+        if t_end not in b.references:
+            x, loaded = cached_reference(self.problem, b.x_T, self.problem.t_start, t_end, bank=b.describe(),
+                                         cache_dir=self.cache_dir, rtol=self.rtol, atol=self.atol)
+            b.references[t_end], b.loaded[t_end] = x.to(self.device), loaded
+        return b.references[t_end]
+
+    def data(self, bank: str = "train", t_end: float | None = None) -> Tensor:
+        """Samples of the exact marginal at ``t_end``, as many as the bank holds, from the bank's data seed."""
+        b = self.bank(bank)
+        t_end = float(self.problem.t_end if t_end is None else t_end)
+        if t_end not in b.data:
+            g = torch.Generator().manual_seed(b.data_seed)
+            b.data[t_end] = self.problem.marginal_samples(b.size, t_end, g).to(self.device, torch.float64)
+        return b.data[t_end]
+
+    def _n(self, b: Bank, n: int | None) -> int:
+        if n is None:
+            return b.size
+        if not 1 <= n <= b.size:
+            raise ValueError(f"n = {n} is outside the {b.name} bank (1 .. {b.size})")
+        return int(n)
+
+    # ---- evaluation ----------------------------------------------------------------------------------
+
+    def check(self, schedule: Schedule) -> None:
+        """Raise ScheduleError when the schedule is invalid or does not fit this problem."""
+        schedule.validate()
+        check_compatible(self.problem.model, schedule)
+        t0 = self.problem.t_start
+        if not math.isclose(schedule.t_start, t0, rel_tol=1e-9, abs_tol=1e-12):
+            raise ScheduleError(f"schedule: starts at t = {schedule.t_start:g} but the problem's noise bank is at "
+                                f"t_start = {t0:g}; build it with t_start={t0!r}")
+        t_last, t1 = schedule.steps[-1].t, self.problem.t_end
+        if t_last != 0.0 and not math.isclose(t_last, t1, rel_tol=1e-9, abs_tol=1e-12):
+            raise ScheduleError(f"schedule: ends at t = {t_last:g} but the problem's samples are taken at t_end = "
+                                f"{t1:g}; build it with t_end={t1!r} (or end with a final step to t = 0)")
+
+    def evaluate(self, schedule: Schedule, bank: str = "train", n: int | None = None) -> EvalResult:
+        """Run ``schedule`` on the first ``n`` states of ``bank`` and measure it.
+
+        Raises ScheduleError for a schedule that cannot run on this problem (invalid, another noise
+        schedule, another start or end time); a run that diverges is a ``failed`` result, not an
+        exception. A schedule must end at the problem's ``t_end`` or at t = 0 (a final denoising step,
+        as diffusers' ``final_sigmas_type="zero"``); the reference and the data are taken at its end.
+        """
+        self.check(schedule)
+        b = self.bank(bank)
+        n = self._n(b, n)
+        t_end = float(schedule.steps[-1].t)
+        ref = self.reference(bank, t_end)[:n]
+        data = self.data(bank, t_end)[:n] if self.problem.has_data else None
+        x_T = b.x_T[:n]
+        start = time.perf_counter()
+        try:
+            x = sample(self.problem.model, x_T, schedule)
+        except NonFiniteError as e:
+            seconds = time.perf_counter() - start
+            inf = {k: math.inf for k in self.metric_names()}
+            return EvalResult(schedule.nfe, inf, "failed", str(e), seconds, bank, n)
+        seconds = time.perf_counter() - start
+        x = x.to(torch.float64)
+        out = {"rmse": metrics.rmse(x, ref), "median_err": metrics.median_error(x, ref)}
+        if data is not None:
+            out["sw"] = metrics.sliced_wasserstein(x, data, self.sw_projections, self.sw_seed)
+        if self.problem.has_log_prob:
+            out["nll"] = metrics.nll(x, lambda v: self.problem.log_prob(v, t_end))
+        return EvalResult(schedule.nfe, out, "complete", None, seconds, bank, n)
+
+    def metric_names(self) -> list[str]:
+        """The metrics ``evaluate`` reports for this problem."""
+        return ["rmse", "median_err", *(["sw"] if self.problem.has_data else []),
+                *(["nll"] if self.problem.has_log_prob else [])]
