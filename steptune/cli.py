@@ -115,10 +115,11 @@ def eval_cmd(
                          indent=2, default=float))
         return
     table = Table(title=f"{prob.name} ({prob.noise.kind}), {bank} bank")
-    for col in ("schedule", "NFE", "RMSE", "SW", "NLL", "status"):
+    for col in ("schedule", "NFE", "RMSE", "median err", "SW", "NLL", "status"):
         table.add_column(col, justify="right" if col not in ("schedule", "status") else "left")
     for r in rows:
-        table.add_row(r["schedule"], str(r["nfe"]), _fmt(r.get("rmse")), _fmt(r.get("sw")), _fmt(r.get("nll")),
+        table.add_row(r["schedule"], str(r["nfe"]), _fmt(r.get("rmse")), _fmt(r.get("median_err")),
+                      _fmt(r.get("sw")), _fmt(r.get("nll")),
                       r["status"] if not r["error"] else f"{r['status']}: {r['error']}")
     out.print(table)
 

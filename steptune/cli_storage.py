@@ -1,0 +1,315 @@
+"""Storage commands of the steptune command line: studies, best, export, import, db upgrade.
+
+``register(app)`` adds them to the main typer app. Bad input ends in one ``error: ...`` line and exit
+status 2, like the rest of the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from steptune.space import ScheduleError
+
+DEFAULT_DB = "sqlite:///runs/steptune.db"
+FORMATS = ("json", "diffusers", "diffusers-stock", "sigmas", "comfyui")
+
+out = Console()
+err = Console(stderr=True)
+
+DbOpt = Annotated[str, typer.Option(
+    "--db", envvar="STEPTUNE_DB",
+    help="Database URL: sqlite:///path/to.db (default runs/steptune.db) or postgresql+psycopg://user@host/db.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+StudyOpt = Annotated[str, typer.Option("--study", "-s", help="Study name.")]
+
+
+class CliError(click.ClickException):
+    """One line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        print(f"error: {self.message}", file=file or sys.stderr)
+
+
+def _user_errors(fn):
+    """Turn storage and export errors into one-line CLI errors (schedule errors pass through)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from steptune.storage import ExportError, StorageError
+
+        try:
+            return fn(*args, **kwargs)
+        except ScheduleError:
+            raise
+        except (StorageError, ExportError) as e:
+            raise CliError(str(e)) from None
+
+    return wrapper
+
+
+def _open(url: str, *, create: bool = False):
+    from steptune.storage import connect
+
+    return connect(url, create=create, must_exist=not create)
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.4g}"
+
+
+def _trial_json(t) -> dict:
+    return {"id": t.id, "study": t.study, "number": t.number, "nfe": t.nfe, "score": t.score, "status": t.status,
+            "name": t.schedule.get("name", ""), "fidelity": t.fidelity, "bank": t.bank, "n_samples": t.n_samples,
+            "metrics": t.metrics, "worker": t.worker, "attempts": t.attempts, "seconds": t.seconds}
+
+
+# ---- commands ------------------------------------------------------------------------------------
+
+
+@_user_errors
+def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
+    """List the studies: method, problem, trial counts and the best score at each NFE."""
+    with _open(db) as store:
+        counts = store.status_counts()
+        rows = []
+        for st in store.studies():
+            best = store.best_per_nfe(st.name)
+            rows.append({"study": st.name, "method": st.method, "seed": st.seed, "metric": st.metric,
+                         "problem": st.problem["name"] if st.problem else None, "created": st.created.isoformat(),
+                         "trials": counts.get(st.name, {}),
+                         "best": [{"nfe": t.nfe, "score": t.score, "trial": t.id, "number": t.number} for t in best]})
+    if json_:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Studies in {db}")
+    for col in ("study", "method", "problem", "trials", "complete", "failed", "running/queued", "best score per NFE"):
+        table.add_column(col, justify="right" if col in ("trials", "complete", "failed", "running/queued") else "left")
+    for r in rows:
+        c = r["trials"]
+        table.add_row(r["study"], r["method"], r["problem"] or "—", str(sum(c.values())), str(c.get("complete", 0)),
+                      str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
+                      "  ".join(f"{b['nfe']}: {_fmt(b['score'])}" for b in r["best"]) or "—")
+    out.print(table)
+
+
+@_user_errors
+def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
+        "--nfe", help="NFE to report (default: the best at every NFE, with the Pareto front marked).")] = None,
+             fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
+             db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
+    """The best complete trial of a study at an NFE (or at every NFE)."""
+    from steptune.storage import export_dict
+
+    with _open(db) as store:
+        st = store.get_study(study)
+        if nfe is not None:
+            t = _best_or_fail(store, study, nfe, fidelity)
+            if json_:
+                print(json.dumps(export_dict(t, st), indent=2))
+                return
+            out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {_fmt(t.score)}  (trial {t.number}, id {t.id}, "
+                      f"{t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, bank {t.bank or '—'})")
+            if t.metrics:
+                out.print("metrics: " + ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}"
+                                                  for k, v in t.metrics.items()))
+            out.print(_describe(t.to_schedule()))
+            return
+        best = store.best_per_nfe(study, fidelity=fidelity)
+        front = {t.id for t in store.pareto(study, fidelity=fidelity)}
+    if json_:
+        print(json.dumps([{**_trial_json(t), "pareto": t.id in front} for t in best], indent=2))
+        return
+    if not best:
+        raise CliError(f"study {study!r} has no complete trial with a score yet")
+    table = Table(title=f"Best per NFE: {study} ({st.metric}, lower is better; * = Pareto front)")
+    for col in ("NFE", st.metric, "trial", "schedule", "fidelity", ""):
+        table.add_column(col, justify="right" if col in ("NFE", st.metric, "trial") else "left")
+    for t in best:
+        table.add_row(str(t.nfe), _fmt(t.score), str(t.number), t.schedule.get("name") or "—", t.fidelity or "—",
+                      "*" if t.id in front else "")
+    out.print(table)
+
+
+def _best_or_fail(store, study: str, nfe: int, fidelity: str | None):
+    t = store.best(study, nfe, fidelity=fidelity)
+    if t is None:
+        have = [b.nfe for b in store.best_per_nfe(study, fidelity=fidelity)]
+        hint = f"NFEs with results: {', '.join(map(str, have))}" if have else "it has no complete trial yet"
+        raise CliError(f"study {study!r} has no complete trial at NFE {nfe} ({hint})")
+    return t
+
+
+def _describe(s) -> str:
+    parts = []
+    for st in s.steps:
+        p = f"{st.prediction[0]}{st.order}"
+        if st.corrector is not None:
+            p += "+" + ("C" if st.corrector.kind == "implicit" else "c")
+        parts.append(p)
+    times = ", ".join(f"{t:.4g}" for t in s.times)
+    return f"times: {times}\nsteps (prediction, order, +c corrector, +C implicit corrector): {' '.join(parts)}"
+
+
+@_user_errors
+def export_cmd(
+    study: StudyOpt,
+    nfe: Annotated[int | None, typer.Option("--nfe", help="Export the best trial at this NFE.")] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Export this trial id instead of the best.")] = None,
+    format_: Annotated[str, typer.Option("--format", "-f", help=f"One of {', '.join(FORMATS)}.")] = "json",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "
+                                                "(diffusers, diffusers-stock); default: print, or a folder "
+                                                "under runs/export/.")] = None,
+    stock: Annotated[str, typer.Option("--stock", help="diffusers-stock: dpmsolver, euler or auto.")] = "auto",
+    prediction: Annotated[str | None, typer.Option("--prediction", help="Model prediction type (eps, x0, v, "
+                                                   "flow) if the study has no problem stored.")] = None,
+    time_input: Annotated[str | None, typer.Option("--time-input", help="Model time input (discrete, "
+                                                   "continuous, sigma) if the study has no problem stored.")] = None,
+    fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
+    db: DbOpt = DEFAULT_DB,
+):
+    """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
+    from steptune.storage import (
+        comfyui_sigmas,
+        conventions_for,
+        export_dict,
+        k_diffusion_sigmas,
+        scheduler_for,
+        stock_diffusers_export,
+    )
+
+    if format_ not in FORMATS:
+        raise CliError(f"--format {format_!r} is unknown; use one of {', '.join(FORMATS)}")
+    if (nfe is None) == (trial is None):
+        raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
+    with _open(db) as store:
+        st = store.get_study(study)
+        if trial is not None:
+            t = store.trial(trial)
+            if t.study != study:
+                raise CliError(f"trial {trial} belongs to study {t.study!r}, not {study!r}")
+        else:
+            t = _best_or_fail(store, study, nfe, fidelity)
+    sched = t.to_schedule()
+    stem = f"{study}-nfe{t.nfe}"
+    if format_ == "json":
+        text = json.dumps(export_dict(t, st), indent=2) + "\n"
+        _emit(text, output)
+    elif format_ in ("sigmas", "comfyui"):
+        text = (json.dumps(k_diffusion_sigmas(sched)) if format_ == "sigmas" else comfyui_sigmas(sched)) + "\n"
+        _emit(text, output)
+        if sched.times[-1] != 0.0:
+            err.print(f"note: the schedule ends at t = {sched.times[-1]:.4g}; a final 0 was appended "
+                      "(k-diffusion convention)")
+        err.print(f"note: the list carries the times of a schedule tuned for {sched.name or 'its own solver'}; "
+                  "use the JSON or diffusers export for its per-step decisions")
+    else:
+        try:
+            conv = conventions_for(sched, st, prediction=prediction, time_input=time_input)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        folder = output or Path("runs/export") / (stem + ("-scheduler" if format_ == "diffusers" else "-stock"))
+        if folder.exists() and not folder.is_dir():
+            raise CliError(f"{folder} is a file; the {format_} export writes a folder")
+        try:
+            if format_ == "diffusers":
+                scheduler_for(sched, conv).save_pretrained(str(folder))
+                err.print(f"wrote {folder}/ (SteptuneScheduler, {sched.nfe} NFE); load it with "
+                          f"SteptuneScheduler.from_pretrained({str(folder)!r})")
+            else:
+                exp = stock_diffusers_export(sched, conv, stock)
+                exp.save(folder)
+                key = next(iter(exp.kwargs))
+                err.print(f"wrote {folder}/ ({exp.class_name}); call the pipeline with {key}= from "
+                          f"{folder}/steptune_set_timesteps.json")
+        except ModuleNotFoundError as e:
+            raise CliError(f"the {format_} export needs the Python package {e.name!r}; pip install diffusers") from None
+
+
+def _emit(text: str, output: Path | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    err.print(f"wrote {output}")
+
+
+@_user_errors
+def import_cmd(
+    file: Annotated[Path, typer.Argument(help="Schedule JSON file (a steptune export or a hand-written schedule).")],
+    study: StudyOpt,
+    queue: Annotated[bool, typer.Option("--queue", help="Import as a queued trial (to evaluate) even if the file "
+                                                        "carries metrics.")] = False,
+    db: DbOpt = DEFAULT_DB,
+    json_: JsonOpt = False,
+):
+    """Add a schedule file to a study (created if missing); the file is checked before anything is written."""
+    from steptune.storage import import_schedule, read_export
+
+    read_export(file)  # refuse a bad file before even opening the database
+    with _open(db, create=True) as store:
+        t = import_schedule(store, file, study, queue=queue)
+    if json_:
+        print(json.dumps(_trial_json(t), indent=2))
+        return
+    how = (f"complete, {_fmt(t.score)} from its provenance" if t.status == "complete"
+           else "queued for evaluation")
+    err.print(f"imported {file} into study {study!r} as trial {t.number} (id {t.id}, NFE {t.nfe}, {how})")
+
+
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True, add_completion=False)
+
+
+@db_app.command("upgrade")
+@_user_errors
+def db_upgrade_cmd(db: DbOpt = DEFAULT_DB,
+                   revision: Annotated[str, typer.Option("--revision", help="Target schema revision.")] = "head"):
+    """Create the schema or migrate it to the current revision (a no-op when up to date)."""
+    from steptune.storage import Storage, resolve_url
+
+    store = Storage(resolve_url(db))
+    try:
+        before = store.revision()
+        after = store.upgrade(revision)
+    finally:
+        store.close()
+    if before == after:
+        err.print(f"database {db} is at schema revision {after} (up to date)")
+    else:
+        err.print(f"database {db}: schema revision {before or 'none'} -> {after}")
+
+
+@db_app.command("current")
+@_user_errors
+def db_current_cmd(db: DbOpt = DEFAULT_DB):
+    """Print the database's schema revision and the one this steptune needs."""
+    from steptune.storage import Storage, resolve_url
+
+    store = Storage(resolve_url(db, must_exist=True))
+    try:
+        print(json.dumps({"database": db, "revision": store.revision(), "head": store.head}))
+    finally:
+        store.close()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the storage commands to ``app`` (once)."""
+    if getattr(app, "_steptune_storage_registered", False):
+        return
+    app.command("studies")(studies_cmd)
+    app.command("best")(best_cmd)
+    app.command("export")(export_cmd)
+    app.command("import")(import_cmd)
+    app.add_typer(db_app, name="db")
+    app._steptune_storage_registered = True
