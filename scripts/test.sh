@@ -5,5 +5,40 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q -e ".[test]"
+
+# PostgreSQL for the storage tests: a private server on loopback (the Debian package is installed if
+# missing), reused while it runs; stopped again at the end only if this script started it.
+# STEPTUNE_TEST_PG_URL, if already set, is used as is.
+if [ -z "${STEPTUNE_TEST_PG_URL:-}" ]; then
+    pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+    if [ -z "$(pg_bin)" ] && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    fi
+    PGBIN="$(pg_bin)"
+    if [ -n "$PGBIN" ]; then
+        PGDIR="${STEPTUNE_PG_DIR:-/tmp/steptune-pg-$(id -u)}"
+        as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+        if [ ! -s "$PGDIR/PG_VERSION" ]; then
+            mkdir -p "$PGDIR" && chmod 700 "$PGDIR"
+            if [ "$(id -u)" = 0 ]; then chown postgres: "$PGDIR"; fi
+            as_pg "$PGBIN/initdb" -D "$PGDIR" -U steptune --auth=trust -E UTF8 >/dev/null
+        fi
+        if ! as_pg "$PGBIN/pg_ctl" -D "$PGDIR" status >/dev/null 2>&1; then
+            PGPORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+            echo "$PGPORT" > "$PGDIR/steptune.port"
+            as_pg "$PGBIN/pg_ctl" -D "$PGDIR" -l "$PGDIR/server.log" -w -s \
+                -o "-p $PGPORT -c listen_addresses=127.0.0.1 -k $PGDIR -c fsync=off" start
+            trap 'as_pg "$PGBIN/pg_ctl" -D "$PGDIR" -m fast -w -s stop' EXIT
+        fi
+        PGPORT="$(cat "$PGDIR/steptune.port")"
+        if ! as_pg "$PGBIN/psql" -h 127.0.0.1 -p "$PGPORT" -U steptune -d postgres -tAq \
+                -c "SELECT 1 FROM pg_database WHERE datname = 'steptune_test'" | grep -q 1; then
+            as_pg "$PGBIN/createdb" -h 127.0.0.1 -p "$PGPORT" -U steptune steptune_test
+        fi
+        export STEPTUNE_TEST_PG_URL="postgresql+psycopg://steptune@127.0.0.1:$PGPORT/steptune_test"
+    fi
+fi
+
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

@@ -20,6 +20,10 @@ app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is
 out = Console()
 err = Console(stderr=True)
 
+from steptune.cli_storage import register as register_storage  # noqa: E402
+
+register_storage(app)
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
 NoiseOpt = Annotated[str | None, typer.Option(

@@ -55,3 +55,11 @@ def test_cli_help_and_eval(installed):
     assert 0 < out["results"][0]["rmse"] < 10
 
 
+
+
+def test_installed_database_migrations(installed):
+    venv, tmp = installed
+    res = subprocess.run([str(venv / "bin" / "steptune"), "db", "upgrade", "--db", f"sqlite:///{tmp / 'x.db'}"],
+                         capture_output=True, text=True, cwd=tmp)
+    assert res.returncode == 0, res.stderr
+    assert (tmp / "x.db").exists()

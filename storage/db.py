@@ -1,0 +1,733 @@
+"""The Storage API: one object over SQLite (default, ``runs/steptune.db``) or PostgreSQL (a URL).
+
+    db = connect()                                   # sqlite:///runs/steptune.db, schema created if new
+    db = connect("postgresql+psycopg://user@host/steptune")
+    study = db.create_study("digits-s3", method="s3", seed=0, problem=problem.identity())
+    t = db.add_trial("digits-s3", schedule)          # queued; validated first, nothing written if invalid
+    t = db.claim("digits-s3", worker="host:pid")     # running, attempts + 1, heartbeat now
+    db.heartbeat(t.id, "host:pid")                   # False once the lease was lost
+    with db.keep_alive(t.id, "host:pid") as lost:    # or heartbeat from a background thread
+    db.finish(t.id, metrics={"rmse": 0.12}, worker="host:pid")
+    db.reap_stale(lease_seconds=120)                 # dead workers' trials: re-queued, or failed after max_attempts
+    db.best("digits-s3", nfe=5); db.pareto("digits-s3"); db.trials("digits-s3")
+
+Every write is one transaction: it happens completely or not at all. On SQLite, writers take the
+database's write lock at the start of their transaction (``BEGIN IMMEDIATE``), in WAL mode with a
+busy timeout, so several local processes can write at once without "database is locked" errors;
+readers never block writers. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED``.
+
+Scores are "lower is better" (the study's ``metric``, ``rmse`` by default).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.orm import Session
+from steptune.space import Schedule, ScheduleError
+
+from .schema import FINAL_STATUSES, STATUSES, VERSION_TABLE, Base, Problem, RelaxationRecord, Study, Trial, utcnow
+
+DEFAULT_URL = "sqlite:///runs/steptune.db"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+class StorageError(ValueError):
+    """A storage request that cannot be done (unknown study, bad URL, old schema); one sentence."""
+
+
+class LeaseLost(StorageError):
+    """The trial is no longer running under this worker (its lease expired and it was reaped)."""
+
+
+# ---- records returned by the API (plain, detached from any session) ------------------------------
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    id: int
+    name: str
+    method: str
+    seed: int | None
+    config: dict
+    metric: str
+    n_trials: int
+    created: datetime
+    problem: dict | None = None  # {"name", "identity", "conventions"}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    id: int
+    study: str
+    number: int
+    schedule: dict
+    key: str
+    nfe: int
+    fidelity: str
+    bank: str
+    n_samples: int | None
+    metrics: dict
+    score: float | None
+    status: str
+    error: str | None
+    created: datetime
+    started: datetime | None
+    finished: datetime | None
+    seconds: float | None
+    worker: str | None
+    attempts: int
+    max_attempts: int
+    heartbeat: datetime | None
+
+    def to_schedule(self) -> Schedule:
+        return Schedule.from_dict(self.schedule, where=f"study {self.study!r} trial {self.number}")
+
+
+@dataclass(frozen=True)
+class ReapResult:
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RelaxationRound:
+    id: int
+    study: str
+    round: int
+    arm: int | None
+    omega: float
+    context: dict
+    cost: float | None
+    iterations: int | None
+    converged: bool | None
+    created: datetime
+
+
+_TRIAL_COLUMNS = [c for c in Trial.__table__.columns if c.name != "study_id"]
+_TRIAL_NAMES = [c.name for c in _TRIAL_COLUMNS]
+
+
+def _trial_record(row, study_name: str) -> TrialRecord:
+    """From a row whose first columns are _TRIAL_COLUMNS (in order)."""
+    return TrialRecord(study=study_name, **dict(zip(_TRIAL_NAMES, row)))
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _canonical(d: Any) -> str:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def schedule_key(schedule: dict) -> str:
+    """SHA-256 of what the schedule does (times, steps, noise, conventions), not of its name or notes."""
+    core = {k: schedule.get(k) for k in ("t_start", "steps", "noise", "afs", "conventions")}
+    return hashlib.sha256(_canonical(core).encode()).hexdigest()
+
+
+def _clean_metrics(metrics: Mapping | None, where: str = "metrics") -> dict:
+    """JSON-safe metrics: non-finite floats become None (JSON has no NaN; PostgreSQL refuses it),
+    numpy/torch scalars become numbers; anything else JSON cannot hold is an error."""
+    if metrics is not None and not isinstance(metrics, Mapping):
+        raise StorageError(f"{where}: metrics must be a mapping of names to values")
+    out = {}
+    for k, v in (metrics or {}).items():
+        if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:  # numpy / torch scalars
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        try:
+            json.dumps(v, allow_nan=False)
+        except (TypeError, ValueError):
+            raise StorageError(f"{where}: metric {k!r} is a {type(v).__name__}, which JSON cannot store") from None
+        out[str(k)] = v
+    return out
+
+
+def _score(score: float | None, metrics: dict, metric: str) -> float | None:
+    if score is None:
+        score = metrics.get(metric)
+    if score is None or isinstance(score, bool) or not isinstance(score, (int, float)):
+        return None
+    score = float(score)
+    return score if math.isfinite(score) else None
+
+
+def _validated(schedule: Schedule | Mapping | str, where: str) -> dict:
+    """The schedule's canonical dict, validated; raises ScheduleError (nothing is written)."""
+    if isinstance(schedule, str):
+        sched = Schedule.from_json(schedule, where=where)
+    elif isinstance(schedule, Schedule):
+        sched = schedule
+    elif isinstance(schedule, Mapping):
+        sched = Schedule.from_dict(dict(schedule), where=where)
+    else:
+        raise ScheduleError(f"{where}: expected a Schedule, a schedule dict or its JSON, got {type(schedule).__name__}")
+    try:
+        sched.validate()
+    except ScheduleError as e:
+        raise ScheduleError(f"{where}: {e}") from None
+    return sched.to_dict()
+
+
+def _sqlite_path(url) -> Path | None:
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    if url.database.startswith("file:"):
+        return None
+    return Path(url.database)
+
+
+# ---- connecting ----------------------------------------------------------------------------------
+
+
+def resolve_url(url: str | None, must_exist: bool = False) -> str:
+    """The URL to open (default ``$STEPTUNE_DB`` or ``sqlite:///runs/steptune.db``), checked; a SQLite
+    file's folder is created unless ``must_exist`` (then a missing file is an error)."""
+    url = url or os.environ.get("STEPTUNE_DB") or DEFAULT_URL
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"database URL {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///runs/steptune.db "
+                           "or postgresql+psycopg://user@host/db") from None
+    path = _sqlite_path(u)
+    if path is not None and not path.exists():
+        if must_exist:
+            raise StorageError(f"no database at {path}; run a search first or pass --db URL")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def connect(url: str | None = None, *, create: bool = True, must_exist: bool = False) -> Storage:
+    """Open the database at ``url`` (default ``sqlite:///runs/steptune.db``, or ``$STEPTUNE_DB``).
+
+    A new, empty database gets the current schema when ``create`` is true. A database at an older
+    schema revision is refused with the command that upgrades it (``steptune db upgrade``).
+    ``must_exist`` refuses a SQLite file that does not exist yet (for read-only commands).
+    """
+    db = Storage(resolve_url(url, must_exist))
+    try:
+        db.check_schema(create=create)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+class Storage:
+    """Studies and trials in one SQL database. See the module docstring for the life cycle."""
+
+    def __init__(self, url: str):
+        self.url = url
+        u = make_url(url)
+        self.dialect = u.get_backend_name()
+        try:
+            if self.dialect == "sqlite":
+                self.engine = create_engine(u, connect_args={"timeout": 60})
+                _sqlite_setup(self.engine)
+            else:
+                self.engine = create_engine(u, pool_pre_ping=True)
+        except ModuleNotFoundError as e:
+            raise StorageError(f"database URL {url!r} needs the Python package {e.name!r}; pip install it") from None
+        except NoSuchModuleError:
+            raise StorageError(f"database URL {url!r} names an unknown database kind {u.drivername!r}; use sqlite:/// "
+                               "or postgresql+psycopg://") from None
+        self._write_engine = self.engine.execution_options(steptune_write=True)
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Storage({make_url(self.url).render_as_string(hide_password=True)!r})"
+
+    @contextmanager
+    def _tx(self, write: bool = True) -> Iterator[Session]:
+        try:
+            with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except (OperationalError, IntegrityError) as e:
+            raise StorageError(f"database {self!r} refused the change: {str(e.orig).strip().splitlines()[0]}") from e
+
+    # -- schema --
+
+    def _alembic_config(self, connection=None):
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        if connection is not None:
+            cfg.attributes["connection"] = connection
+        return cfg
+
+    @property
+    def head(self) -> str:
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    def revision(self) -> str | None:
+        """The schema revision the database is at (None for an empty database)."""
+        from alembic.runtime.migration import MigrationContext
+
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+        except OperationalError as e:
+            raise StorageError(f"cannot open database {self!r}: {str(e.orig).strip().splitlines()[0]}") from None
+
+    def upgrade(self, revision: str = "head") -> str:
+        """Apply the Alembic migrations up to ``revision``; a no-op at head. Returns the new revision."""
+        from alembic import command
+
+        try:
+            with self._write_engine.begin() as conn:
+                command.upgrade(self._alembic_config(conn), revision)
+        except OperationalError as e:
+            raise StorageError(f"cannot upgrade database {self!r}: {str(e.orig).strip().splitlines()[0]}") from None
+        return self.revision()
+
+    def check_schema(self, create: bool = True) -> None:
+        from alembic.script import ScriptDirectory
+
+        current = self.revision()
+        script = ScriptDirectory.from_config(self._alembic_config())
+        head = script.get_current_head()
+        if current == head:
+            return
+        if current is None:
+            with self.engine.connect() as conn:
+                tables = set(inspect(conn).get_table_names())
+            clash = sorted(tables & set(Base.metadata.tables))
+            if clash:
+                raise StorageError(f"database {self!r} already has tables named {', '.join(clash)} that steptune's "
+                                   "migrations did not make (another tool's database?); use another database")
+            if not create:
+                raise StorageError(f"database {self!r} has no steptune schema; run 'steptune db upgrade --db URL'")
+            self.upgrade()
+            return
+        known = {r.revision for r in script.walk_revisions()}
+        if current not in known:
+            raise StorageError(f"database {self!r} is at schema revision {current!r}, newer than this steptune "
+                               f"knows (head {head!r}); upgrade steptune")
+        raise StorageError(f"database {self!r} is at schema revision {current!r} but this steptune needs {head!r}; "
+                           "run 'steptune db upgrade --db URL'")
+
+    # -- problems and studies --
+
+    def _problem_id(self, s: Session, identity: Mapping, conventions: Mapping | None) -> int:
+        identity = dict(identity)
+        fp = hashlib.sha256(_canonical(identity).encode()).hexdigest()
+        pid = s.scalar(select(Problem.id).where(Problem.fingerprint == fp))
+        if pid is None:
+            conv = dict(conventions if conventions is not None else identity.get("model") or {})
+            p = Problem(name=str(identity.get("name", "")), fingerprint=fp, identity=identity, conventions=conv)
+            s.add(p)
+            s.flush()
+            pid = p.id
+        return pid
+
+    def _study_row(self, s: Session, name: str) -> Study:
+        st = s.scalar(select(Study).where(Study.name == name))
+        if st is None:
+            known = s.scalars(select(Study.name).order_by(Study.name).limit(6)).all()
+            hint = f" (studies: {', '.join(known)})" if known else " (the database has no studies)"
+            raise StorageError(f"no study named {name!r}{hint}")
+        return st
+
+    @staticmethod
+    def _study_record(st: Study) -> StudyRecord:
+        prob = None
+        if st.problem is not None:
+            prob = {"name": st.problem.name, "identity": st.problem.identity, "conventions": st.problem.conventions}
+        return StudyRecord(st.id, st.name, st.method, st.seed, st.config, st.metric, st.n_trials, st.created, prob)
+
+    def create_study(self, name: str, *, method: str = "", seed: int | None = None, config: Mapping | None = None,
+                     problem: Mapping | None = None, conventions: Mapping | None = None, metric: str = "rmse",
+                     exist_ok: bool = False) -> StudyRecord:
+        """A new study. ``problem`` is the problem's identity dict (e.g. ``Problem.identity()``), stored
+        once per distinct identity; ``conventions`` default to its ``model`` entry. With ``exist_ok``, an
+        existing study of that name is returned instead (resuming)."""
+        if not name or not isinstance(name, str):
+            raise StorageError("a study needs a non-empty name")
+        with self._tx() as s:
+            existing = s.scalar(select(Study).where(Study.name == name))
+            if existing is not None:
+                if exist_ok:
+                    return self._study_record(existing)
+                raise StorageError(f"a study named {name!r} already exists; pick another name or resume it")
+            self._insert_study(s, name, method, seed, config, problem, conventions, metric)
+        return self.get_study(name)
+
+    def _insert_study(self, s: Session, name, method="", seed=None, config=None, problem=None, conventions=None,
+                      metric="rmse") -> Study:
+        pid = self._problem_id(s, problem, conventions) if problem is not None else None
+        st = Study(name=name, method=method, seed=seed, config=json.loads(_canonical(dict(config or {}))),
+                   metric=metric, problem_id=pid, n_trials=0)
+        s.add(st)
+        try:
+            s.flush()
+        except IntegrityError:
+            raise StorageError(f"a study named {name!r} already exists; pick another name or resume it") from None
+        return st
+
+    def get_study(self, name: str) -> StudyRecord:
+        with self._tx(write=False) as s:
+            return self._study_record(self._study_row(s, name))
+
+    def studies(self) -> list[StudyRecord]:
+        with self._tx(write=False) as s:
+            return [self._study_record(st) for st in s.scalars(select(Study).order_by(Study.id))]
+
+    def status_counts(self, study: str | None = None) -> dict[str, dict[str, int]]:
+        """{study name: {status: count}} (one study or all)."""
+        q = select(Study.name, Trial.status, func.count()).join(Trial, Trial.study_id == Study.id)
+        if study is not None:
+            q = q.where(Study.name == study)
+        out: dict[str, dict[str, int]] = {}
+        with self._tx(write=False) as s:
+            if study is not None:
+                self._study_row(s, study)
+            for name, status, n in s.execute(q.group_by(Study.name, Trial.status)):
+                out.setdefault(name, {})[status] = n
+        return out
+
+    # -- trials: adding --
+
+    def add_trial(self, study: str, schedule: Schedule | Mapping | str, **fields) -> TrialRecord:
+        """Add one trial (default ``queued``). Fields: ``status``, ``metrics``, ``score``, ``fidelity``,
+        ``bank``, ``n_samples``, ``worker``, ``error``, ``seconds``, ``max_attempts``. The schedule is
+        validated first; an invalid one raises ScheduleError and nothing is written."""
+        tid = self.add_trials(study, [{"schedule": schedule, **fields}])[0]
+        return self.trial(tid)
+
+    def add_trials(self, study: str, items: Iterable[Mapping], *, create: Mapping | None = None) -> list[int]:
+        """Add many trials in one transaction (all or nothing); returns their ids in order.
+
+        Each item is a mapping with ``schedule`` and the fields of ``add_trial``. With ``create`` (the
+        keyword arguments of ``create_study``), a missing study is created in the same transaction.
+        """
+        rows = []
+        memo: dict[str, tuple[dict, str]] = {}
+        for i, item in enumerate(items):
+            item = dict(item)
+            if "schedule" not in item:
+                raise StorageError(f"trial {i}: no 'schedule' given")
+            sched = item.pop("schedule")
+            where = f"trial {i}" if not isinstance(sched, Schedule) else f"trial {i} ({sched.name or 'schedule'})"
+            mkey = sched if isinstance(sched, str) else None
+            if mkey is None and isinstance(sched, Mapping):
+                try:
+                    mkey = _canonical(sched)
+                except (TypeError, ValueError):
+                    mkey = None
+            if mkey is not None and mkey in memo:
+                d, key = memo[mkey]
+            else:
+                d = _validated(sched, where)
+                key = schedule_key(d)
+                if mkey is not None:
+                    memo[mkey] = (d, key)
+            rows.append(self._trial_fields(i, d, key, item))
+        if not rows:
+            return []
+        with self._tx() as s:
+            st = s.scalar(select(Study).where(Study.name == study))
+            if st is None:
+                if create is None:
+                    self._study_row(s, study)  # raises the "no study" error
+                st = self._insert_study(s, study, **dict(create))
+            s.execute(update(Study).where(Study.id == st.id).values(n_trials=Study.n_trials + len(rows)))
+            end = s.scalar(select(Study.n_trials).where(Study.id == st.id))
+            first = end - len(rows)
+            for j, r in enumerate(rows):
+                r["study_id"] = st.id
+                r["number"] = first + j
+                r["score"] = _score(r.pop("_score"), r["metrics"], st.metric)
+            s.execute(insert(Trial), rows)
+            ids = s.scalars(select(Trial.id).where(Trial.study_id == st.id, Trial.number >= first)
+                            .order_by(Trial.number)).all()
+        if self.dialect == "postgresql" and len(rows) >= 5000:
+            # fresh statistics after a bulk load, so the planner keeps using the indexes
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql("ANALYZE trials")
+        return list(ids)
+
+    @staticmethod
+    def _trial_fields(i: int, d: dict, key: str, item: dict) -> dict:
+        known = {"status", "metrics", "score", "fidelity", "bank", "n_samples", "worker", "error", "seconds",
+                 "max_attempts"}
+        unknown = set(item) - known
+        if unknown:
+            raise StorageError(f"trial {i}: unknown field {sorted(unknown)[0]!r}; use {', '.join(sorted(known))}")
+        status = item.get("status", "queued")
+        if status not in STATUSES or status == "running":
+            raise StorageError(f"trial {i}: status {status!r} cannot be added; use queued, complete, failed or "
+                               "pruned (running trials come from claim())")
+        max_attempts = int(item.get("max_attempts", 3))
+        if max_attempts < 1:
+            raise StorageError(f"trial {i}: max_attempts must be at least 1")
+        now = utcnow()
+        return {"schedule": d, "key": key, "nfe": int(d["nfe"]), "fidelity": str(item.get("fidelity") or ""),
+                "bank": str(item.get("bank") or ""), "n_samples": item.get("n_samples"),
+                "metrics": _clean_metrics(item.get("metrics"), f"trial {i}"), "_score": item.get("score"),
+                "status": status,
+                "error": item.get("error"), "created": now, "started": None,
+                "finished": now if status in FINAL_STATUSES else None, "seconds": item.get("seconds"),
+                "worker": item.get("worker"), "attempts": 0 if status == "queued" else 1,
+                "max_attempts": max_attempts, "heartbeat": None}
+
+    # -- trials: leases --
+
+    def claim(self, study: str | None, worker: str, *, now: datetime | None = None) -> TrialRecord | None:
+        """Take the oldest queued trial (of ``study``, or of any study): it becomes ``running`` under
+        ``worker`` with a fresh heartbeat, and its attempt count goes up by one. None if none is queued."""
+        now = now or utcnow()
+        with self._tx() as s:
+            q = select(Trial.id, Trial.study_id).where(Trial.status == "queued")
+            if study is not None:
+                q = q.where(Trial.study_id == self._study_row(s, study).id)
+            q = q.order_by(Trial.study_id, Trial.number).limit(1).with_for_update(skip_locked=True)
+            row = s.execute(q).first()
+            if row is None:
+                return None
+            s.execute(update(Trial).where(Trial.id == row.id)
+                      .values(status="running", worker=worker, started=now, heartbeat=now,
+                              attempts=Trial.attempts + 1))
+        return self.trial(row.id)
+
+    def heartbeat(self, trial_id: int, worker: str, *, now: datetime | None = None) -> bool:
+        """Renew the lease; False if the trial is no longer running under ``worker`` (stop working on it)."""
+        with self._tx() as s:
+            res = s.execute(update(Trial).where(Trial.id == trial_id, Trial.status == "running",
+                                                Trial.worker == worker).values(heartbeat=now or utcnow()))
+            return res.rowcount == 1
+
+    @contextmanager
+    def keep_alive(self, trial_id: int, worker: str, interval: float = 30.0) -> Iterator[threading.Event]:
+        """Heartbeat the trial every ``interval`` seconds from a background thread while the block runs.
+        Yields an Event that is set if the lease is lost (the worker should then stop and not finish)."""
+        stop, lost = threading.Event(), threading.Event()
+
+        def beat():
+            while not stop.wait(interval):
+                try:
+                    alive = self.heartbeat(trial_id, worker)
+                except StorageError:  # a transient database error: try again next interval
+                    continue
+                if not alive:
+                    lost.set()
+                    return
+
+        thread = threading.Thread(target=beat, name=f"steptune-heartbeat-{trial_id}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            stop.set()
+            thread.join()
+
+    def finish(self, trial_id: int, *, status: str = "complete", metrics: Mapping | None = None,
+               score: float | None = None, error: str | None = None, seconds: float | None = None,
+               worker: str | None = None, now: datetime | None = None) -> TrialRecord:
+        """Record the outcome of a running trial: ``complete`` (with metrics), ``failed`` (with an
+        error text) or ``pruned``. Raises LeaseLost if the trial is not running (under ``worker``)."""
+        if status not in FINAL_STATUSES:
+            raise StorageError(f"finish: status {status!r} is not final; use complete, failed or pruned")
+        now = now or utcnow()
+        metrics = _clean_metrics(metrics)
+        with self._tx() as s:
+            row = s.execute(select(Trial.status, Trial.worker, Trial.started, Study.metric)
+                            .join(Study, Study.id == Trial.study_id).where(Trial.id == trial_id)).first()
+            if row is None:
+                raise StorageError(f"no trial with id {trial_id}")
+            cond = [Trial.id == trial_id, Trial.status == "running"]
+            if worker is not None:
+                cond.append(Trial.worker == worker)
+            if seconds is None and row.started is not None:
+                seconds = (now - row.started).total_seconds()
+            res = s.execute(update(Trial).where(*cond).values(
+                status=status, metrics=metrics, score=_score(score, metrics, row.metric), error=error,
+                finished=now, seconds=seconds, heartbeat=None))
+            if res.rowcount != 1:
+                who = f" under worker {worker!r}" if worker is not None else ""
+                raise LeaseLost(f"trial {trial_id} is not running{who} (it is {row.status}"
+                                f"{', worker ' + repr(row.worker) if row.worker else ''}); its lease was lost")
+        return self.trial(trial_id)
+
+    def reap_stale(self, lease_seconds: float, *, study: str | None = None,
+                   now: datetime | None = None) -> ReapResult:
+        """Trials left ``running`` whose last heartbeat is older than ``lease_seconds`` (their worker
+        died or hung): re-queued if they have attempts left, otherwise failed with an error text."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=float(lease_seconds))
+        requeued, failed = [], []
+        with self._tx() as s:
+            q = select(Trial).where(Trial.status == "running", func.coalesce(Trial.heartbeat, Trial.started) < cutoff)
+            if study is not None:
+                q = q.where(Trial.study_id == self._study_row(s, study).id)
+            for t in s.scalars(q.order_by(Trial.id).with_for_update(skip_locked=True)):
+                last = t.heartbeat or t.started
+                why = (f"worker {t.worker!r} sent no heartbeat for {(now - last).total_seconds():.0f} s "
+                       f"(lease {lease_seconds:g} s) on attempt {t.attempts} of {t.max_attempts}")
+                if t.attempts < t.max_attempts:
+                    t.status, t.error = "queued", f"re-queued: {why}"
+                    requeued.append(t.id)
+                else:
+                    t.status, t.finished = "failed", now
+                    t.error = f"failed: {why}; no attempts left"
+                    failed.append(t.id)
+                t.worker, t.heartbeat, t.started = None, None, None
+        return ReapResult(requeued, failed)
+
+    # -- trials: reading --
+
+    def _trial_query(self, s: Session, study: str | None):
+        q = select(*_TRIAL_COLUMNS, Study.name.label("study_name")).join(Study, Study.id == Trial.study_id)
+        if study is not None:
+            q = q.where(Trial.study_id == self._study_row(s, study).id)
+        return q
+
+    def trial(self, trial_id: int) -> TrialRecord:
+        with self._tx(write=False) as s:
+            row = s.execute(self._trial_query(s, None).where(Trial.id == trial_id)).first()
+            if row is None:
+                raise StorageError(f"no trial with id {trial_id}")
+            return _trial_record(row, row.study_name)
+
+    def trials(self, study: str, *, status: str | Iterable[str] | None = None, nfe: int | None = None,
+               key: str | None = None) -> list[TrialRecord]:
+        """A study's trials in number order (for rebuilding a searcher's state on resume)."""
+        with self._tx(write=False) as s:
+            q = self._trial_query(s, study)
+            if status is not None:
+                q = q.where(Trial.status.in_([status] if isinstance(status, str) else list(status)))
+            if nfe is not None:
+                q = q.where(Trial.nfe == nfe)
+            if key is not None:
+                q = q.where(Trial.key == key)
+            return [_trial_record(r, study) for r in s.connection().execute(q.order_by(Trial.number))]
+
+    def count_trials(self, study: str | None = None) -> int:
+        with self._tx(write=False) as s:
+            q = select(func.count()).select_from(Trial)
+            if study is not None:
+                q = q.where(Trial.study_id == self._study_row(s, study).id)
+            return s.scalar(q)
+
+    def _scored(self, s: Session, study: str, fidelity: str | None):
+        cond = [Trial.study_id == self._study_row(s, study).id, Trial.status == "complete", Trial.score.is_not(None)]
+        if fidelity is not None:
+            cond.append(Trial.fidelity == fidelity)
+        return cond
+
+    def best(self, study: str, nfe: int, *, fidelity: str | None = None) -> TrialRecord | None:
+        """The complete trial with the lowest score at this NFE (earliest on ties), or None."""
+        with self._tx(write=False) as s:
+            cond = self._scored(s, study, fidelity)
+            row = s.execute(self._trial_query(s, None).where(*cond, Trial.nfe == nfe)
+                            .order_by(Trial.score, Trial.id).limit(1)).first()
+            return None if row is None else _trial_record(row, study)
+
+    def _best_rows(self, s: Session, study: str, fidelity: str | None, keep) -> list[TrialRecord]:
+        """The best trial at each NFE (filtered by ``keep`` on (nfe, score) pairs in NFE order).
+
+        A skip scan over the (study, status, nfe, score) index: one probe for the next NFE and one for its
+        best trial, so the cost grows with the number of distinct NFEs, not of trials."""
+        cond = self._scored(s, study, fidelity)
+        best, prev = [], None
+        while True:
+            q = select(func.min(Trial.nfe)).where(*cond)
+            nfe = s.scalar(q if prev is None else q.where(Trial.nfe > prev))
+            if nfe is None:
+                break
+            row = s.execute(self._trial_query(s, None).where(*cond, Trial.nfe == nfe)
+                            .order_by(Trial.score, Trial.id).limit(1)).first()
+            best.append(row)
+            prev = nfe
+        rows = {(r.nfe, r.score): r for r in best}
+        return [_trial_record(rows[k], study) for k in keep([(r.nfe, r.score) for r in best])]
+
+    def best_per_nfe(self, study: str, *, fidelity: str | None = None) -> list[TrialRecord]:
+        """The best complete trial at every NFE the study has, in NFE order."""
+        with self._tx(write=False) as s:
+            return self._best_rows(s, study, fidelity, lambda mins: mins)
+
+    def pareto(self, study: str, *, fidelity: str | None = None) -> list[TrialRecord]:
+        """The non-dominated complete trials on (NFE, score), both minimised, in NFE order: each has a
+        strictly lower score than every trial with fewer NFE (one trial per point, earliest on ties)."""
+
+        def front(mins):
+            kept, best = [], math.inf
+            for nfe, score in mins:
+                if score < best:
+                    kept.append((nfe, score))
+                    best = score
+            return kept
+
+        with self._tx(write=False) as s:
+            return self._best_rows(s, study, fidelity, front)
+
+    # -- relaxation (SOR bandit) records --
+
+    def add_relaxation(self, study: str, round: int, omega: float, *, arm: int | None = None,
+                       context: Mapping | None = None, cost: float | None = None, iterations: int | None = None,
+                       converged: bool | None = None) -> int:
+        """Record one bandit round: the arm (index, omega) played, its context and what it cost."""
+        with self._tx() as s:
+            sid = self._study_row(s, study).id
+            r = RelaxationRecord(study_id=sid, round=int(round), arm=arm, omega=float(omega),
+                                 context=json.loads(_canonical(dict(context or {}))), cost=cost,
+                                 iterations=iterations, converged=converged)
+            s.add(r)
+            s.flush()
+            return r.id
+
+    def relaxation_rounds(self, study: str) -> list[RelaxationRound]:
+        with self._tx(write=False) as s:
+            sid = self._study_row(s, study).id
+            rows = s.scalars(select(RelaxationRecord).where(RelaxationRecord.study_id == sid)
+                             .order_by(RelaxationRecord.round, RelaxationRecord.id))
+            return [RelaxationRound(r.id, study, r.round, r.arm, r.omega, r.context, r.cost, r.iterations,
+                                    r.converged, r.created) for r in rows]
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL, a busy timeout, foreign keys; and BEGIN IMMEDIATE for writing transactions, so a writer
+    waits for the lock up front instead of failing when it upgrades a read lock."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA busy_timeout = 60000")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("steptune_write") else "BEGIN")

@@ -1,0 +1,295 @@
+"""``SteptuneScheduler``: a diffusers scheduler that runs a whole tuned steptune schedule.
+
+It stores the schedule's JSON form and the model's conventions in its config, so
+``save_pretrained`` / ``from_pretrained`` round-trip it exactly, and it drives steptune's own sampler
+loop (``steptune.space.trajectory``) one model call per ``step()``, so a pipeline produces what
+``steptune.sample`` produces:
+
+    from steptune.storage import SteptuneScheduler
+    pipe.scheduler = SteptuneScheduler.from_pretrained("runs/export/digits-nfe5-scheduler")
+    image = pipe(num_inference_steps=pipe.scheduler.num_inference_steps).images[0]
+
+``timesteps`` has one entry per model call (the schedule's NFE), the time input the network takes
+(``N t - 1`` for discrete diffusers UNets); steps with an implicit corrector repeat a timestep, as
+diffusers' Heun does. Importing this module needs diffusers; the rest of steptune does not.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+from steptune.space import Schedule, ScheduleError, trajectory
+from steptune.space import noise as noise_mod
+from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS, convert
+from steptune.space.noise import VPDiscrete, betas_for
+
+# steptune's prediction names and diffusers' ``prediction_type`` names
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction", "flow": "flow_prediction"}
+STEPTUNE_PREDICTION = {v: k for k, v in DIFFUSERS_PREDICTION.items()}
+_NAMED_BETAS = {("linear", 1e-4, 0.02): "ddpm-linear", ("scaled_linear", 0.00085, 0.012): "sd-scaled-linear"}
+
+
+def model_call_indices(schedule: Schedule) -> list[int]:
+    """For each model call of the sampler loop, in order, the index j of ``schedule.times[j]`` it is made
+    at: the start (unless AFS), the end of every step but the last, and again after an implicit
+    corrector. ``len(...) == schedule.nfe``."""
+    calls = [] if schedule.afs != "none" else [0]
+    for i, st in enumerate(schedule.steps[:-1]):
+        calls.append(i + 1)
+        if st.corrector is not None and st.corrector.kind == "implicit":
+            calls.append(i + 1)
+    return calls
+
+
+def _same_noise(a, b) -> bool:
+    """Equal noise schedules; discrete tables compare by value (a named table equals its values)."""
+    if isinstance(a, VPDiscrete) and isinstance(b, VPDiscrete):
+        return a.alphas_cumprod == b.alphas_cumprod
+    return a == b
+
+
+def noise_from_betas(num_train_timesteps: int | None = None, beta_start: float | None = None,
+                     beta_end: float | None = None, beta_schedule: str | None = None,
+                     trained_betas=None) -> VPDiscrete:
+    """The discrete VP schedule a stock diffusers scheduler config describes."""
+    n = int(num_train_timesteps or 1000)
+    if trained_betas is not None:
+        return VPDiscrete.from_betas(torch.tensor(trained_betas, dtype=torch.float32))
+    kind = beta_schedule or "linear"
+    b0 = 1e-4 if beta_start is None else float(beta_start)
+    b1 = 0.02 if beta_end is None else float(beta_end)
+    if n == 1000 and kind == "squaredcos_cap_v2":
+        return VPDiscrete.named("cosine")
+    if n == 1000 and (kind, b0, b1) in _NAMED_BETAS:
+        return VPDiscrete.named(_NAMED_BETAS[(kind, b0, b1)])
+    try:
+        return VPDiscrete.from_betas(betas_for(kind, n, b0, b1))
+    except ValueError as e:
+        raise ScheduleError(f"SteptuneScheduler: {e}") from None
+
+
+class SteptuneScheduler(SchedulerMixin, ConfigMixin):
+    """Runs a tuned steptune ``Schedule`` inside a diffusers pipeline.
+
+    Config: ``schedule`` (the schedule's JSON dict), ``noise`` (the noise schedule's identity; by default
+    the schedule's own), ``prediction_type`` (``epsilon``, ``sample``, ``v_prediction`` or
+    ``flow_prediction``; steptune's ``eps``/``x0``/``v``/``flow`` are accepted too), ``time_input``
+    (``discrete``: diffusers' training timestep ``N t - 1``; ``continuous``: ``t * time_scale``;
+    ``sigma``: ``sigma/alpha``). The beta-table keys of stock schedulers are accepted, so
+    ``SteptuneScheduler.from_config(pipe.scheduler.config, schedule=...)`` works; they must then
+    describe the noise schedule the schedule was tuned for.
+    """
+
+    order = 1
+    _compatibles: list[str] = []
+
+    @register_to_config
+    def __init__(self, schedule: dict | None = None, noise: dict | None = None, prediction_type: str = "epsilon",
+                 time_input: str = "discrete", time_scale: float = 1.0, num_train_timesteps: int | None = None,
+                 beta_start: float | None = None, beta_end: float | None = None, beta_schedule: str | None = None,
+                 trained_betas: list[float] | None = None, rescale_betas_zero_snr: bool = False):
+        if schedule is None:
+            raise ScheduleError("SteptuneScheduler needs a schedule: pass schedule=<Schedule or its JSON dict>")
+        sched = schedule if isinstance(schedule, Schedule) else Schedule.from_dict(schedule, where="SteptuneScheduler")
+        sched.validate()
+        if rescale_betas_zero_snr:
+            raise ScheduleError("SteptuneScheduler: zero-terminal-SNR beta tables (rescale_betas_zero_snr) are not "
+                                "supported; their last alpha is 0")
+        prediction = STEPTUNE_PREDICTION.get(prediction_type, prediction_type)
+        if prediction not in PREDICTION_TYPES:
+            raise ScheduleError(f"SteptuneScheduler: prediction_type {prediction_type!r} is unknown; use one of "
+                                f"{', '.join(DIFFUSERS_PREDICTION.values())}")
+        if time_input not in TIME_INPUTS:
+            raise ScheduleError(f"SteptuneScheduler: time_input {time_input!r} is unknown; use one of "
+                                f"{', '.join(TIME_INPUTS)}")
+        betas_given = any(v is not None for v in (num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                 trained_betas))
+        if noise is not None:
+            ns = noise_mod.from_dict(noise)
+        elif sched.noise:
+            ns = noise_mod.from_dict(sched.noise)
+        elif betas_given:
+            ns = noise_from_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        else:
+            raise ScheduleError("SteptuneScheduler: the schedule names no noise schedule; pass noise= or the "
+                                "pipeline scheduler's beta config")
+        if betas_given and (beta_schedule is not None or trained_betas is not None):
+            stock = noise_from_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+            if not _same_noise(stock, ns):
+                raise ScheduleError(f"SteptuneScheduler: the schedule was tuned for noise schedule {ns!r} but the "
+                                    f"scheduler config describes {stock!r}; use a schedule tuned for this model")
+        if time_input == "discrete" and not isinstance(ns, VPDiscrete):
+            raise ScheduleError("SteptuneScheduler: time_input 'discrete' needs a discrete VP noise schedule")
+        if sched.noise and not _same_noise(noise_mod.from_dict(sched.noise), ns):
+            raise ScheduleError(f"SteptuneScheduler: the schedule was made for noise schedule "
+                                f"{noise_mod.from_dict(sched.noise)!r} but noise= says {ns!r}")
+        if sched.nfe < 1:
+            raise ScheduleError("SteptuneScheduler: the schedule makes no model call (one step after an analytical "
+                                "first step); a pipeline needs at least one")
+        # the config keeps what the scheduler runs, so a saved folder is self-contained
+        self.register_to_config(schedule=sched.to_dict(), noise=ns.to_dict(),
+                                prediction_type=DIFFUSERS_PREDICTION[prediction],
+                                num_train_timesteps=ns.N if isinstance(ns, VPDiscrete) else num_train_timesteps)
+        resolved = ("schedule", "noise", "prediction_type", "num_train_timesteps")
+        defaults = [k for k in self.config.get("_use_default_values", []) if k not in resolved]
+        self.register_to_config(_use_default_values=defaults)
+        self.schedule = sched
+        self.noise_schedule = ns
+        self.prediction = prediction
+        self.call_times = [sched.times[j] for j in model_call_indices(sched)]
+        self.num_inference_steps = sched.nfe
+        t0 = torch.tensor(sched.t_start, dtype=torch.float64)
+        self.init_noise_sigma = math.sqrt(float(ns.alpha(t0)) ** 2 + float(ns.sigma(t0)) ** 2)
+        self.timesteps = self._timesteps(None)
+        self.sigmas = self._sigmas()
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._loop = None  # the running sampler loop (a generator) and the model call it waits for
+        self._request = None
+        self._afs_scaled = False
+
+    # -- what pipelines read --
+
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def __len__(self) -> int:
+        return int(self.config.num_train_timesteps or self.num_inference_steps)
+
+    def _start(self, x_T: torch.Tensor):
+        """A new run of the sampler loop from x_T, and its first model request (after the analytical
+        first step, if the schedule has one)."""
+        loop = trajectory(self.schedule, self.noise_schedule, x_T)
+        return loop, next(loop)
+
+    def time_value(self, t: float) -> float:
+        """The time input the network takes at schedule time t."""
+        ti = self.config.time_input
+        if ti == "discrete":
+            return float(self.noise_schedule.timestep(t))
+        if ti == "sigma":
+            return float(self.noise_schedule.edm_sigma(t))
+        return float(t) * float(self.config.time_scale)
+
+    def _timesteps(self, device) -> torch.Tensor:
+        values = [self.time_value(t) for t in self.call_times]
+        integral = self.config.time_input == "discrete" and all(abs(v - round(v)) < 1e-9 for v in values)
+        if integral:
+            ts = torch.tensor([round(v) for v in values], dtype=torch.int64)
+        else:
+            dtype = torch.float32 if device is not None and torch.device(device).type == "mps" else torch.float64
+            ts = torch.tensor(values, dtype=dtype)
+        return ts if device is None else ts.to(device)
+
+    def _sigmas(self) -> torch.Tensor:
+        """sigma/alpha at every model call plus the final time (k-diffusion's noise level)."""
+        ts = torch.tensor([*self.call_times, self.schedule.times[-1]], dtype=torch.float64)
+        return self.noise_schedule.edm_sigma(ts).to(torch.float32)
+
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
+                      timesteps: list | None = None, sigmas: list | None = None, **kwargs) -> None:
+        """Prepare a run of the tuned schedule. ``num_inference_steps`` and ``timesteps``, if given, must
+        match it (NFE entries); ``sigmas`` must have the right length and are otherwise ignored with a
+        warning when they differ (some pipelines always pass default sigmas)."""
+        nfe = self.schedule.nfe
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
+        if num_inference_steps is not None and int(num_inference_steps) != nfe:
+            raise ValueError(f"SteptuneScheduler runs its tuned schedule of {nfe} model calls, but "
+                             f"num_inference_steps={num_inference_steps} was asked for; pass "
+                             f"num_inference_steps={nfe}")
+        ours = self._timesteps(None).double()
+        if timesteps is not None:
+            given = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+            if len(given) != nfe:
+                raise ValueError(f"SteptuneScheduler: got {len(given)} timesteps but the tuned schedule makes {nfe} "
+                                 "model calls; pass its own timesteps (scheduler.timesteps) or none")
+            if not torch.allclose(given, ours, rtol=1e-6, atol=1e-4):
+                raise ValueError("SteptuneScheduler: the given timesteps differ from the tuned schedule's; "
+                                 "a tuned schedule cannot take other timesteps (pass none)")
+        if sigmas is not None:
+            given = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
+            if len(given) not in (nfe, nfe + 1):
+                raise ValueError(f"SteptuneScheduler: got {len(given)} sigmas but the tuned schedule makes {nfe} "
+                                 f"model calls; pass {nfe} (or {nfe + 1} with the final one) or none")
+            mine = self.sigmas.double()[: len(given)]
+            if not torch.allclose(given, mine, rtol=1e-5, atol=1e-6):
+                warnings.warn("SteptuneScheduler runs its tuned schedule and ignores the sigmas it was given",
+                              stacklevel=2)
+        self.timesteps = self._timesteps(device)
+        self.num_inference_steps = nfe
+        self._step_index = None
+        self._begin_index = None
+        self._loop = self._request = None
+        self._afs_scaled = False
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        if begin_index != 0:
+            raise ValueError("SteptuneScheduler runs the whole tuned schedule from its start; starting at call "
+                             f"{begin_index} (img2img strength < 1) is not supported")
+        self._begin_index = 0
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The network input: the sample itself, except before the first call of a schedule with an
+        analytical first step (AFS), where the first step is taken here, without a model call."""
+        if self.schedule.afs == "none" or self._loop is not None or self._step_index not in (None, 0):
+            return sample
+        self._afs_scaled = True
+        return self._start(sample)[1].x.clone()
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha(t) x_0 + sigma(t) noise at the schedule times whose network time inputs are ``timesteps``."""
+        values = self._timesteps(None).double()
+        ts = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
+        idx = [int(torch.argmin((values - v).abs())) for v in ts]
+        t = torch.tensor([self.call_times[i] for i in idx], dtype=torch.float64)
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        a = self.noise_schedule.alpha(t).to(original_samples).reshape(shape)
+        s = self.noise_schedule.sigma(t).to(original_samples).reshape(shape)
+        return a * original_samples + s * noise
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             return_dict: bool = True, **kwargs) -> SchedulerOutput | tuple:
+        """Feed the network output at ``sample`` to the schedule; ``prev_sample`` is where the network
+        is needed next (or the final samples after the last call)."""
+        nfe = self.schedule.nfe
+        if self._step_index is None:
+            self._step_index = 0
+        i = self._step_index
+        if i >= nfe:
+            raise ValueError(f"SteptuneScheduler: all {nfe} model calls of the schedule are done; call "
+                             "set_timesteps() before the next run")
+        expected = float(self.timesteps[i])
+        got = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        if abs(got - expected) > 1e-3 * max(1.0, abs(expected)):
+            raise ValueError(f"SteptuneScheduler: step() got timestep {got:g} but model call {i} of the schedule is "
+                             f"at {expected:g}; loop over scheduler.timesteps in order")
+        if i == 0:
+            self._loop, self._request = self._start(sample)
+            if self.schedule.afs != "none" and not self._afs_scaled:
+                raise ValueError("SteptuneScheduler: this schedule takes an analytical first step inside "
+                                 "scale_model_input(), which this pipeline did not call")
+        req = self._request
+        if sample is not req.x and (i > 0 or self.schedule.afs == "none"):
+            req.x.copy_(sample)  # the state the pipeline evaluated the model at (it may have edited it)
+        eps, x0 = convert(model_output.to(req.x.dtype), req.x, req.alpha, req.sigma, self.prediction, req.buf)
+        self._step_index = i + 1
+        try:
+            self._request = self._loop.send((eps, x0))
+            # a copy: the loop recycles its own tensors, and the pipeline may keep this one
+            prev = self._request.x.clone()
+        except StopIteration as done:
+            prev = done.value
+            self._loop = self._request = None
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)

@@ -1,0 +1,147 @@
+"""The storage commands: studies, best, export, import, db upgrade (on SQLite and PostgreSQL)."""
+
+import json
+
+import pytest
+from steptune.space import noise, presets
+from steptune.storage import connect
+from test_storage_db import _rows, db_url  # noqa: F401  (db_url is a fixture)
+
+from steptune.cli import main
+
+NS = noise.VPDiscrete.named("ddpm-linear")
+PROBLEM = {"name": "toy", "noise": NS.to_dict(), "model": {"prediction": "eps", "time_input": "discrete"}}
+
+
+@pytest.fixture
+def filled(db_url):  # noqa: F811 (the fixture imported above)
+    """A study with complete trials of four solvers at NFE 4, 5, 6, 8 (scores: heun best at 8)."""
+    db = connect(db_url)
+    db.create_study("demo", method="sweep", problem=PROBLEM)
+    items = []
+    for k, name in enumerate(("ddim", "dpm-solver++-2m", "unipc-bh2", "heun")):
+        for nfe in (4, 5, 6, 8):
+            sched = presets.build(name, nfe, NS, **({} if name == "heun" else {"spacing": "diffusers-linspace"}))
+            items.append({"schedule": sched, "status": "complete", "metrics": {"rmse": (k + 1) / nfe ** 2},
+                          "fidelity": "cheap", "bank": "heldout", "n_samples": 64})
+    db.add_trials("demo", items)
+    yield db_url, db
+    db.close()
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    c = capsys.readouterr()
+    return code, c.out, c.err
+
+
+def test_studies_and_best(filled, capsys):
+    url, db = filled
+    code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
+    assert code == 0
+    (row,) = json.loads(out)
+    assert (row["study"], row["method"], row["problem"], row["trials"]) == ("demo", "sweep", "toy", {"complete": 16})
+    assert [(b["nfe"], b["score"]) for b in row["best"]] == [(n, 1 / n ** 2) for n in (4, 5, 6, 8)]
+    code, out, _ = _run(["best", "--study", "demo", "--nfe", "5", "--db", url, "--json"], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert d["name"] == "ddim" and d["nfe"] == 5 and d["provenance"]["score"] == 1 / 25
+    code, out, _ = _run(["best", "--study", "demo", "--db", url], capsys)
+    assert code == 0 and "Pareto" in out and "ddim" in out
+    code, out, err = _run(["best", "--study", "demo", "--nfe", "7", "--db", url], capsys)
+    assert code == 2 and err.strip() == ("error: study 'demo' has no complete trial at NFE 7 "
+                                         "(NFEs with results: 4, 5, 6, 8)")
+
+
+def test_export_formats(filled, capsys, tmp_path):
+    url, db = filled
+    best = db.best("demo", 6)
+    code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--db", url], capsys)
+    assert code == 0
+    d = json.loads(out)
+    assert {k: v for k, v in d.items() if k != "provenance"} == best.schedule
+    assert d["provenance"]["trial"] == best.id
+    code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
+    sig = json.loads(out)
+    assert code == 0 and sig[-1] == 0.0 and len(sig) == len(best.schedule["steps"]) + 1
+    code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--format", "comfyui", "--db", url], capsys)
+    assert code == 0 and [float(x) for x in out.strip().split(",")] == sig
+    folder = tmp_path / "sched"
+    code, _, err = _run(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers", "-o", str(folder),
+                         "--db", url], capsys)
+    assert code == 0, err
+    cfg = json.loads((folder / "scheduler_config.json").read_text())
+    assert cfg["_class_name"] == "SteptuneScheduler" and cfg["schedule"] == best.schedule
+    assert (cfg["prediction_type"], cfg["time_input"]) == ("epsilon", "discrete")
+    stock = tmp_path / "stock"
+    code, _, err = _run(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers-stock", "-o", str(stock),
+                         "--db", url], capsys)  # the best at NFE 6 is ddim on diffusers' timesteps: exact
+    assert code == 0, err
+    assert json.loads((stock / "scheduler_config.json").read_text())["_class_name"] == "DPMSolverMultistepScheduler"
+    kwargs = json.loads((stock / "steptune_set_timesteps.json").read_text())
+    assert kwargs["timesteps"] == [round(float(NS.timestep(t))) for t in best.to_schedule().times[:-1]]
+    unipc = next(t for t in db.trials("demo") if t.schedule["name"] == "unipc-bh2")
+    code, _, err = _run(["export", "--study", "demo", "--trial", str(unipc.id), "--format", "diffusers-stock",
+                         "-o", str(tmp_path / "no"), "--db", url], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: no stock diffusers scheduler runs this schedule exactly") and "corrector" in err
+    assert not (tmp_path / "no").exists()
+
+
+def test_import_good_file(filled, capsys, tmp_path):
+    url, db = filled
+    path = tmp_path / "best.json"
+    assert _run(["export", "--study", "demo", "--nfe", "8", "-o", str(path), "--db", url], capsys)[0] == 0
+    code, out, err = _run(["import", str(path), "--study", "imported", "--db", url, "--json"], capsys)
+    assert code == 0, err
+    t = json.loads(out)
+    assert (t["study"], t["nfe"], t["status"], t["score"]) == ("imported", 8, "complete", 1 / 64)
+    assert db.best("imported", 8).schedule == db.best("demo", 8).schedule
+
+
+def _bad_files(good: dict) -> dict:
+    cases = {"malformed_json": (json.dumps(good)[:-2], "not valid JSON")}
+    cases["wrong_schema_version"] = (json.dumps({**good, "version": 7}), "schema version 7")
+    cases["unknown_field"] = (json.dumps({**good, "extra": 1}), "unknown field 'extra'")
+    bad = json.loads(json.dumps(good))
+    bad["steps"][0]["relax"] = "none"
+    cases["unknown_step_field"] = (json.dumps(bad), "unknown field 'relax'")
+    cases["nfe_mismatch"] = (json.dumps({**good, "nfe": 9}), "'nfe' says 9")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["malformed_json", "wrong_schema_version", "unknown_field", "unknown_step_field",
+                                  "nfe_mismatch"])
+def test_import_bad_file_is_one_line_and_writes_nothing(case, filled, capsys, tmp_path):
+    url, db = filled
+    path = tmp_path / "good.json"
+    assert _run(["export", "--study", "demo", "--nfe", "5", "-o", str(path), "--db", url], capsys)[0] == 0
+    text, words = _bad_files(json.loads(path.read_text()))[case]
+    bad = tmp_path / f"{case}.json"
+    bad.write_text(text)
+    before = _rows(db)
+    for study in ("demo", "new-study"):
+        code, out, err = _run(["import", str(bad), "--study", study, "--db", url], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith(f"error: {bad}: ") and words in lines[0], lines[0]
+        assert "Traceback" not in out + err
+    assert _rows(db) == before
+    assert [s.name for s in db.studies()] == ["demo"]
+
+
+def test_db_upgrade_and_missing_database(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'new' / 'x.db'}"
+    code, _, err = _run(["studies", "--db", url], capsys)
+    assert code == 2
+    assert err.strip() == f"error: no database at {tmp_path / 'new' / 'x.db'}; run a search first or pass --db URL"
+    code, _, err = _run(["db", "upgrade", "--db", url], capsys)
+    assert code == 0 and "none -> 0001" in err
+    code, _, err = _run(["db", "upgrade", "--db", url], capsys)
+    assert code == 0 and "up to date" in err
+    code, out, _ = _run(["db", "current", "--db", url], capsys)
+    assert json.loads(out) == {"database": url, "revision": "0001", "head": "0001"}
+    code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
+    assert code == 0 and json.loads(out) == []
+    code, _, err = _run(["studies", "--db", "nonsense://"], capsys)
+    assert code == 2 and err.startswith("error: database URL")

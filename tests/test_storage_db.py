@@ -1,0 +1,351 @@
+"""The storage API, run on SQLite and on a live PostgreSQL server (each test in a fresh database/schema).
+
+PostgreSQL comes from STEPTUNE_TEST_PG_URL (scripts/test.sh starts a server and sets it). Without it
+the PostgreSQL cases fail under CI=true and are skipped elsewhere.
+"""
+
+import dataclasses
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from steptune.space import ScheduleError, noise, presets
+from steptune.storage import LeaseLost, StorageError, best_frame, connect, studies_frame, trials_frame
+
+NS = noise.VPLinear()
+PROBLEM = {"name": "toy", "noise": NS.to_dict(), "model": {"prediction": "eps", "time_input": "continuous"}}
+
+
+def _pg_base_url() -> str:
+    url = os.environ.get("STEPTUNE_TEST_PG_URL")
+    if not url:
+        msg = "STEPTUNE_TEST_PG_URL is not set; scripts/test.sh starts a PostgreSQL server and sets it"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A URL to an empty database: a SQLite file, or a fresh schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'steptune.db'}"
+        return
+    base = _pg_base_url()
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+        hide_password=False)
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+@pytest.fixture
+def db(db_url):
+    store = connect(db_url)
+    yield store
+    store.close()
+
+
+def _rows(db) -> dict:
+    with db.engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar()
+                for t in ("problems", "studies", "trials", "relaxation_records")}
+
+
+# ---- schema ----------------------------------------------------------------------------------------
+
+
+def test_new_database_gets_the_schema_and_upgrade_is_idempotent(db, db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from steptune.storage.schema import VERSION_TABLE, Base
+
+    assert db.revision() == db.head
+    assert db.upgrade() == db.head  # no-op at head
+    with db.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}), Base.metadata)
+    assert diff == [], f"the migrations and the ORM schema disagree: {diff}"
+    assert connect(db_url).revision() == db.head
+
+
+def test_unknown_revision_and_missing_schema_are_refused(db, db_url):
+    with db.engine.begin() as conn:
+        conn.execute(text("UPDATE steptune_schema_version SET version_num = 'ffff'"))
+    with pytest.raises(StorageError, match="newer than this steptune"):
+        connect(db_url)
+    with db.engine.begin() as conn:
+        for t in ("relaxation_records", "trials", "studies", "problems", "steptune_schema_version"):
+            conn.execute(text(f"DROP TABLE {t}"))
+    with pytest.raises(StorageError, match="steptune db upgrade"):
+        connect(db_url, create=False)
+    with db.engine.begin() as conn:  # e.g. an Optuna database, which has tables of the same names
+        conn.execute(text("CREATE TABLE studies (study_id INTEGER PRIMARY KEY)"))
+    with pytest.raises(StorageError, match="already has tables named studies"):
+        connect(db_url)
+
+
+# ---- studies ---------------------------------------------------------------------------------------
+
+
+def test_studies_create_get_and_share_problems(db):
+    a = db.create_study("a", method="s3", seed=7, config={"pop": 10}, problem=PROBLEM)
+    b = db.create_study("b", method="random", problem=dict(PROBLEM))
+    assert (a.name, a.method, a.seed, a.config, a.metric) == ("a", "s3", 7, {"pop": 10}, "rmse")
+    assert a.problem == {"name": "toy", "identity": PROBLEM, "conventions": PROBLEM["model"]}
+    assert db.get_study("b") == b
+    assert _rows(db)["problems"] == 1  # one row per distinct problem identity
+    with pytest.raises(StorageError, match="already exists"):
+        db.create_study("a")
+    assert db.create_study("a", exist_ok=True) == a
+    with pytest.raises(StorageError, match=r"no study named 'c' \(studies: a, b\)"):
+        db.get_study("c")
+    assert [s.name for s in db.studies()] == ["a", "b"]
+
+
+# ---- adding trials ---------------------------------------------------------------------------------
+
+
+def test_trials_round_trip_their_schedule(db):
+    db.create_study("s", problem=PROBLEM)
+    s1 = presets.unipc_bh2(6, NS)
+    t = db.add_trial("s", s1, status="complete", metrics={"rmse": 0.25, "sw": 0.5}, fidelity="cheap",
+                     bank="heldout", n_samples=64, seconds=1.5)
+    assert t.schedule == s1.to_dict()
+    assert t.to_schedule() == s1
+    assert (t.study, t.number, t.nfe, t.score, t.status, t.attempts) == ("s", 0, 6, 0.25, "complete", 1)
+    assert (t.fidelity, t.bank, t.n_samples, t.seconds) == ("cheap", "heldout", 64, 1.5)
+    renamed = dataclasses.replace(s1, name="other")
+    t2 = db.add_trial("s", renamed.to_json())  # JSON text is accepted too
+    assert (t2.number, t2.status, t2.score, t2.key) == (1, "queued", None, t.key)  # same schedule, same key
+    t3 = db.add_trial("s", presets.ddim(6, NS), score=0.1, metrics={"rmse": 0.3})
+    assert t3.score == 0.1  # an explicit score wins over the metric
+    assert db.get_study("s").n_trials == 3
+
+
+def test_invalid_schedule_writes_nothing(db):
+    db.create_study("s")
+    db.add_trial("s", presets.ddim(4, NS))
+    before = _rows(db)
+    bad = presets.ddim(4, NS).to_dict()
+    bad["steps"][2]["t"] = bad["steps"][0]["t"] + 0.1
+    with pytest.raises(ScheduleError, match="step 2"):
+        db.add_trials("s", [{"schedule": presets.ddim(5, NS)}, {"schedule": bad}])
+    with pytest.raises(ScheduleError, match="not valid JSON"):
+        db.add_trial("s", "{not json")
+    with pytest.raises(StorageError, match="unknown field 'colour'"):
+        db.add_trial("s", presets.ddim(5, NS), colour="red")
+    with pytest.raises(StorageError, match="no study named"):
+        db.add_trial("nope", presets.ddim(5, NS))
+    with pytest.raises(StorageError, match="metric 'x' is a object"):
+        db.add_trials("s", [{"schedule": presets.ddim(5, NS)}, {"schedule": presets.ddim(6, NS),
+                                                                "metrics": {"x": object()}}])
+    assert _rows(db) == before
+    # a failure inside the transaction, after the trial numbers were taken and the first row written
+    # (a row that already holds number 2), rolls everything back
+    with db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO trials (study_id, number, schedule, key, nfe, fidelity, bank, metrics, status, "
+                          "created, attempts, max_attempts) SELECT study_id, 2, schedule, key, nfe, fidelity, bank, "
+                          "metrics, status, created, attempts, max_attempts FROM trials WHERE number = 0"))
+    before = _rows(db)
+    with pytest.raises(StorageError, match="refused the change"):
+        db.add_trials("s", [{"schedule": presets.ddim(5, NS)}, {"schedule": presets.ddim(6, NS)}])
+    assert _rows(db) == before
+    assert db.get_study("s").n_trials == 1
+
+
+def test_non_finite_metrics_are_stored_as_null(db):
+    db.create_study("s")
+    t = db.add_trial("s", presets.ddim(4, NS), status="complete", metrics={"rmse": math.nan, "sw": math.inf})
+    assert t.metrics == {"rmse": None, "sw": None} and t.score is None
+    assert db.best("s", 4) is None
+
+
+# ---- leases ----------------------------------------------------------------------------------------
+
+
+def test_claim_heartbeat_finish(db):
+    db.create_study("s")
+    ids = db.add_trials("s", [{"schedule": presets.ddim(n, NS)} for n in (3, 4, 5)])
+    t0 = datetime(2030, 1, 1)
+    a = db.claim("s", "w1", now=t0)
+    assert (a.id, a.status, a.worker, a.attempts, a.heartbeat, a.started) == (ids[0], "running", "w1", 1, t0, t0)
+    assert db.heartbeat(a.id, "w1", now=t0 + timedelta(seconds=5))
+    assert not db.heartbeat(a.id, "w2")
+    with pytest.raises(LeaseLost, match="not running under worker 'w2'"):
+        db.finish(a.id, metrics={"rmse": 1.0}, worker="w2")
+    done = db.finish(a.id, metrics={"rmse": 0.5}, worker="w1", now=t0 + timedelta(seconds=12))
+    assert (done.status, done.score, done.seconds, done.finished) == ("complete", 0.5, 12.0,
+                                                                       t0 + timedelta(seconds=12))
+    with pytest.raises(LeaseLost):
+        db.finish(a.id, metrics={"rmse": 0.4}, worker="w1")
+    b = db.claim("s", "w1")
+    c = db.claim(None, "w2")
+    assert [b.id, c.id] == ids[1:]
+    assert db.claim("s", "w1") is None
+    failed = db.finish(b.id, status="failed", error="NonFiniteError: step 3")
+    pruned = db.finish(c.id, status="pruned")
+    assert (failed.status, failed.error, pruned.status) == ("failed", "NonFiniteError: step 3", "pruned")
+
+
+def test_reap_stale_requeues_then_fails(db):
+    db.create_study("s")
+    tid = db.add_trial("s", presets.ddim(4, NS), max_attempts=2).id
+    live = db.add_trial("s", presets.ddim(5, NS)).id
+    t0 = datetime(2030, 1, 1)
+    assert db.claim("s", "dead-worker", now=t0).id == tid
+    assert db.claim("s", "live-worker", now=t0).id == live
+    assert db.reap_stale(60, now=t0 + timedelta(seconds=59)).requeued == []
+    assert db.heartbeat(live, "live-worker", now=t0 + timedelta(seconds=50))
+    r = db.reap_stale(60, now=t0 + timedelta(seconds=61))
+    assert (r.requeued, r.failed) == ([tid], [])
+    t = db.trial(tid)
+    assert (t.status, t.attempts, t.worker, t.heartbeat) == ("queued", 1, None, None)
+    assert "re-queued" in t.error and "dead-worker" in t.error and "attempt 1 of 2" in t.error
+    assert db.trial(live).status == "running"  # its heartbeat is recent
+    # the dead worker's late result is refused: the trial is no longer its
+    with pytest.raises(LeaseLost):
+        db.finish(tid, metrics={"rmse": 1.0}, worker="dead-worker")
+    t1 = t0 + timedelta(seconds=100)
+    again = db.claim("s", "second-worker", now=t1)
+    assert (again.id, again.attempts) == (tid, 2)
+    r = db.reap_stale(60, now=t1 + timedelta(seconds=61))
+    assert (r.requeued, r.failed) == ([live], [tid])
+    t = db.trial(tid)
+    assert (t.status, t.attempts) == ("failed", 2)
+    assert t.error.startswith("failed: worker 'second-worker' sent no heartbeat") and "no attempts left" in t.error
+    assert db.trial(live).status == "queued"  # its first attempt; it had attempts left
+    assert db.reap_stale(60, now=t1 + timedelta(days=1)) == r.__class__([], [])
+    assert db.status_counts("s") == {"s": {"failed": 1, "queued": 1}}
+
+
+def test_keep_alive_heartbeats_until_the_lease_is_lost(db):
+    db.create_study("s")
+    tid = db.add_trial("s", presets.ddim(4, NS)).id
+    db.claim("s", "w", now=datetime(2000, 1, 1))  # claimed long ago: stale unless heart-beaten
+    with db.keep_alive(tid, "w", interval=0.02) as lost:
+        deadline = time.time() + 10
+        while db.trial(tid).heartbeat.year == 2000 and time.time() < deadline:
+            time.sleep(0.01)
+        assert db.trial(tid).heartbeat.year > 2000 and not lost.is_set()
+        assert db.reap_stale(3600).requeued == []  # alive
+        db.reap_stale(0, now=datetime(2100, 1, 1))  # the reaper takes it anyway
+        assert lost.wait(10)
+    assert db.trial(tid).status == "queued"
+
+
+def test_concurrent_claims_hand_out_each_trial_once(db):
+    db.create_study("s")
+    ids = db.add_trials("s", [{"schedule": presets.ddim(4, NS)} for _ in range(30)])
+    got: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+
+    def work(name):
+        while (t := db.claim("s", name)) is not None:
+            got[name].append(t.id)
+            db.finish(t.id, metrics={"rmse": 1.0}, worker=name)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in got]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    claimed = sorted(sum(got.values(), []))
+    assert claimed == ids
+    assert all(t.attempts == 1 and t.status == "complete" for t in db.trials("s"))
+
+
+# ---- queries ---------------------------------------------------------------------------------------
+
+
+def _brute_best(rows, nfe):
+    ok = [r for r in rows if r["status"] == "complete" and r["score"] is not None and r["nfe"] == nfe]
+    return min(ok, key=lambda r: (r["score"], r["id"]), default=None)
+
+
+def test_best_per_nfe_and_pareto_match_brute_force(db):
+    db.create_study("s")
+    rng = random.Random(3)
+    scheds = {n: presets.ddim(n, NS) for n in range(2, 9)}
+    items = []
+    for _ in range(300):
+        nfe = rng.randint(2, 8)
+        status = rng.choice(["complete"] * 6 + ["failed", "pruned", "queued"])
+        score = round(rng.uniform(0, 1) / nfe, 2)  # rounding makes ties
+        items.append({"schedule": scheds[nfe], "status": status, "metrics": {"rmse": score} if rng.random() > 0.05
+                      else {}, "fidelity": rng.choice(["cheap", "full"])})
+    ids = db.add_trials("s", items)
+    rows = [{"id": i, "nfe": it["schedule"].nfe, "status": it["status"], "score": it["metrics"].get("rmse"),
+             "fidelity": it["fidelity"]} for i, it in zip(ids, items)]
+    for nfe in range(1, 10):
+        want = _brute_best(rows, nfe)
+        got = db.best("s", nfe)
+        assert (got.id if got else None) == (want["id"] if want else None), nfe
+        want_f = _brute_best([r for r in rows if r["fidelity"] == "full"], nfe)
+        got_f = db.best("s", nfe, fidelity="full")
+        assert (got_f.id if got_f else None) == (want_f["id"] if want_f else None), nfe
+    per = db.best_per_nfe("s")
+    assert [t.id for t in per] == [_brute_best(rows, n)["id"] for n in range(2, 9) if _brute_best(rows, n)]
+    scored = [r for r in rows if r["status"] == "complete" and r["score"] is not None]
+    dominated = {r["id"] for r in scored for o in scored if o["nfe"] <= r["nfe"] and o["score"] <= r["score"]
+                 and (o["nfe"], o["score"]) != (r["nfe"], r["score"])}
+    front_points = sorted({(r["nfe"], r["score"]) for r in scored if r["id"] not in dominated})
+    assert [(t.nfe, t.score) for t in db.pareto("s")] == front_points
+    assert all(t.id == _brute_best(rows, t.nfe)["id"] for t in db.pareto("s"))
+
+
+def test_trials_rebuild_a_search_state(db):
+    db.create_study("s")
+    db.add_trials("s", [{"schedule": presets.ddim(n, NS), "status": st, "metrics": {"rmse": 1 / n}}
+                        for n, st in [(3, "complete"), (4, "failed"), (5, "complete"), (3, "queued")]])
+    all_ = db.trials("s")
+    assert [(t.number, t.nfe, t.status) for t in all_] == [(0, 3, "complete"), (1, 4, "failed"), (2, 5, "complete"),
+                                                           (3, 3, "queued")]
+    assert [t.number for t in db.trials("s", status="complete")] == [0, 2]
+    assert [t.number for t in db.trials("s", status=["failed", "queued"], nfe=3)] == [3]
+    assert [t.number for t in db.trials("s", key=all_[0].key)] == [0, 3]
+    assert [t.to_schedule() for t in all_[:1]] == [presets.ddim(3, NS)]
+    assert db.count_trials("s") == 4 == db.count_trials()
+
+
+def test_relaxation_rounds(db):
+    db.create_study("sor", method="bandit")
+    for r in range(3):
+        db.add_relaxation("sor", r, 1.0 + 0.25 * r, arm=r, context={"n": 64, "rho": 0.9}, cost=10.0 - r,
+                          iterations=100 - 10 * r, converged=True)
+    rounds = db.relaxation_rounds("sor")
+    assert [(x.round, x.arm, x.omega, x.cost, x.iterations) for x in rounds] == [
+        (0, 0, 1.0, 10.0, 100), (1, 1, 1.25, 9.0, 90), (2, 2, 1.5, 8.0, 80)]
+    assert rounds[0].context == {"n": 64, "rho": 0.9} and rounds[0].converged is True
+
+
+def test_frames(db):
+    db.create_study("s", method="sweep", problem=PROBLEM)
+    db.create_study("empty")
+    db.add_trials("s", [{"schedule": presets.ddim(n, NS), "status": "complete", "metrics": {"rmse": r, "sw": 2 * r},
+                         "fidelity": "cheap"} for n, r in [(3, 0.5), (4, 0.6), (5, 0.2), (5, 0.1)]])
+    db.add_trial("s", presets.ddim(6, NS))
+    tf = trials_frame(db, study="s", schedules=True)
+    assert list(tf["number"]) == [0, 1, 2, 3, 4]
+    assert list(tf["status"]) == ["complete"] * 4 + ["queued"]
+    assert tf["rmse"].tolist()[:4] == [0.5, 0.6, 0.2, 0.1] and tf["sw"].tolist()[3] == 0.2
+    assert tf["name"].tolist()[0] == "ddim" and tf["schedule"][0]["nfe"] == 3
+    sf = studies_frame(db).set_index("study")
+    assert sf.loc["s", "trials"] == 5 and sf.loc["s", "complete"] == 4 and sf.loc["s", "queued"] == 1
+    assert sf.loc["s", "best_score"] == 0.1 and sf.loc["s", "nfes"] == [3, 4, 5]
+    assert sf.loc["s", "problem"] == "toy" and sf.loc["empty", "trials"] == 0
+    bf = best_frame(db, "s")
+    assert bf["nfe"].tolist() == [3, 4, 5]
+    assert bf["score"].tolist() == [0.5, 0.6, 0.1]
+    assert bf["pareto"].tolist() == [True, False, True]
+    assert bf["number"].tolist() == [0, 1, 3]
