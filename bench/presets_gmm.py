@@ -28,7 +28,13 @@ def main():
     ap.add_argument("--noise", default="vp-linear")
     ap.add_argument("--nfe", default="3-20")
     ap.add_argument("--bank", default="heldout")
+    ap.add_argument("--replot", action="store_true", help="Only redraw the PNG from the saved JSON.")
     args = ap.parse_args()
+    if args.replot:
+        import json
+
+        print(plot(json.loads((OUT / "presets_gmm.json").read_text())["results"], args))
+        return
     nfes = parse_nfe_list(args.nfe)
     ev = Evaluator(get_problem(args.problem, noise=args.noise))
     t0 = time.perf_counter()
@@ -57,9 +63,11 @@ def plot(results: dict, args) -> Path:
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), sharey=True)
     for ax, (sp, rows) in zip(axes, results.items()):
         specs, nfes, cells = sweep.pivot(rows)
-        for s in specs:
+        colors = plt.cm.tab20.colors
+        for k, s in enumerate(specs):
             xs = [n for n in nfes if cells.get((s, n)) is not None]
-            ax.plot(xs, [cells[(s, n)] for n in xs], marker="o", ms=3, label=s)
+            ax.plot(xs, [cells[(s, n)] for n in xs], marker="os^v"[k % 4], ms=3, color=colors[(2 * k) % 20 + k // 10],
+                    ls="-" if k % 2 == 0 else "--", label=s)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(nfes)
