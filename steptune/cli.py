@@ -20,10 +20,6 @@ app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is
 out = Console()
 err = Console(stderr=True)
 
-from steptune.cli_storage import register as register_storage  # noqa: E402
-
-register_storage(app)
-
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
 NoiseOpt = Annotated[str | None, typer.Option(
@@ -176,6 +172,11 @@ def sweep_cmd(
                             else _fmt(cells.get((s, n)))) for n in nfes_])
     out.print(table)
     out.print(f"saved {jpath} and {mpath}")
+
+
+from steptune.cli_storage import register as register_storage  # noqa: E402
+
+register_storage(app)
 
 
 def _fmt(v) -> str:
