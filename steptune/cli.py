@@ -178,6 +178,10 @@ from steptune.cli_storage import register as register_storage  # noqa: E402
 
 register_storage(app)
 
+from steptune.cli_search import register as register_search  # noqa: E402
+
+register_search(app)
+
 
 def _fmt(v) -> str:
     if v is None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -14,6 +16,15 @@ from rich.table import Table
 
 err = Console(stderr=True)
 out = Console()
+
+
+class SearchCliError(click.ClickException):
+    """Bad input: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        print(f"error: {self.message}", file=file or sys.stderr)
 
 
 def preset_baseline(evaluator, nfes, specs=None) -> tuple[dict[int, dict], list[dict]]:
@@ -80,19 +91,18 @@ def register(app: typer.Typer) -> None:
         from steptune.search import METHODS, TrialLog, make_searcher, run_search
 
         if method not in METHODS:
-            raise typer.BadParameter(f"unknown method {method!r}; use one of {', '.join(METHODS)}",
-                                     param_hint="--method")
+            raise SearchCliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
         if budget < 1:
-            raise typer.BadParameter("must be at least 1", param_hint="--budget")
+            raise SearchCliError(f"--budget {budget} is too small; give at least 1 evaluation per NFE")
         nfes = parse_nfe_list(nfe)
         if not nfes:
-            raise typer.BadParameter("give at least one NFE", param_hint="--nfe")
+            raise SearchCliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
         from steptune.evaluators import Evaluator, get_problem
 
         try:
             prob = get_problem(problem, **({"noise": noise} if noise else {}))
         except (KeyError, ValueError) as e:
-            raise typer.BadParameter(str(e).strip("'\""), param_hint="--problem") from None
+            raise SearchCliError(f"--problem: {str(e).strip(chr(39) + chr(34))}") from None
         ev = Evaluator(prob, n_heldout=heldout_n, cache_dir=cache, seed=0)
         name = study or f"{problem}-{method}-s{seed}"
         trials_path = out_dir / f"{name}.trials.jsonl"

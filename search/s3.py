@@ -1,0 +1,296 @@
+"""S^3: predictor-based multi-stage evolutionary search over schedules, shared across NFEs.
+
+* The population is seeded with every preset at every requested NFE.
+* Each stage, for every NFE, many children are generated from the best schedules at that NFE
+  (mutation, crossover), from the best schedules at lower NFEs (warm start: steps inserted) and at
+  random; a predictor trained on every evaluated trial ranks them and the top ``k`` per NFE are
+  truly evaluated; the predictor is retrained as the trial set grows.
+* The predictor is one model for all NFEs (the NFE is a feature). Its target is the rank of a
+  trial's score among the trials at the same NFE, so it learns orderings, not scales. Kinds:
+  ``extra-trees`` and ``gbr`` (regressors on the within-NFE rank) and ``pairwise`` (logistic
+  regression on feature differences of same-NFE pairs); ``auto`` picks the one with the best
+  Kendall tau on a held-out split of the trials and records the measurement in ``tau_report``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+from steptune.space import ScheduleError, presets
+from steptune.space.schedule import Schedule
+
+from .base import Candidate, Searcher
+from .space import STEP_RELAXATIONS
+
+DEFAULT_PRESETS = tuple(p for p in ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "dpm-solver++-2m",
+                                    "dpm-solver++-3m", "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis",
+                                    "deis-tab", "heun") if p.partition(":")[0] in presets.PRESETS)
+PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
+N_STEP_FEATURES = 13
+
+
+def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT_PRESETS) -> list[Candidate]:
+    """Every preset that can be built at every NFE, on the space's time interval (duplicates removed)."""
+    out, keys = [], set()
+    for nfe in nfes:
+        for spec in specs:
+            try:
+                s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
+                s.validate(nfe=nfe)
+            except ScheduleError:
+                continue
+            c = Candidate(s, nfe, f"preset:{spec}")
+            if c.key not in keys:
+                keys.add(c.key)
+                out.append(c)
+    return out
+
+
+# ---- features -------------------------------------------------------------------------------------
+
+def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
+    """Per-step encodings padded to ``max_steps`` plus global features (NFE, AFS, counts)."""
+    lam = space.lams(s)
+    pos = (lam - space.lam0) / space.span
+    rows = np.zeros((max_steps, N_STEP_FEATURES))
+    n = min(len(s.steps), max_steps)
+    for i, st in enumerate(s.steps[:n]):
+        c = st.corrector
+        rows[i] = [pos[i + 1], pos[i + 1] - pos[i], st.order / 4, st.prediction == "data",
+                   c is not None and c.kind == "pseudo", c is not None and c.kind == "implicit",
+                   STEP_RELAXATIONS.index(st.relaxation) / 6 if st.relaxation in STEP_RELAXATIONS else 1.0,
+                   st.relaxation_coef, st.first_points is not None, st.start == -1, st.dc_ratio - 1,
+                   st.second_scale != 1.0, len(st.derivative_points()) / 4]
+    steps = s.steps
+    gaps = np.diff(pos)
+    glob = [s.nfe, s.afs != "none", len(steps), np.mean([st.order for st in steps]),
+            np.mean([st.corrector is not None for st in steps]), np.mean([st.prediction == "data" for st in steps]),
+            gaps.min(), gaps.max(), gaps.std(), pos[1]]
+    return np.concatenate([rows.ravel(), np.asarray(glob, dtype=float)])
+
+
+def rank_targets(nfes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Rank of each score among those at the same NFE, scaled to [0, 1] (0 = best)."""
+    y = np.zeros(len(scores))
+    for n in np.unique(nfes):
+        idx = np.flatnonzero(nfes == n)
+        r = np.argsort(np.argsort(scores[idx], kind="stable"), kind="stable")
+        y[idx] = r / max(len(idx) - 1, 1)
+    return y
+
+
+def kendall_by_nfe(nfes: np.ndarray, scores: np.ndarray, pred: np.ndarray) -> float:
+    """Mean Kendall tau between predicted and true order within each NFE (weighted by group size)."""
+    from scipy.stats import kendalltau
+
+    taus, weights = [], []
+    for n in np.unique(nfes):
+        idx = np.flatnonzero(nfes == n)
+        if len(idx) < 4:
+            continue
+        t = kendalltau(pred[idx], scores[idx]).statistic
+        if np.isfinite(t):
+            taus.append(t)
+            weights.append(len(idx))
+    return float(np.average(taus, weights=weights)) if taus else float("nan")
+
+
+class Predictor:
+    """A ranking model over encoded schedules: lower prediction = better expected score."""
+
+    def __init__(self, kind: str = "extra-trees", seed: int = 0):
+        if kind not in PREDICTOR_KINDS:
+            raise ValueError(f"unknown predictor {kind!r}; use one of {', '.join(PREDICTOR_KINDS)}")
+        self.kind, self.seed = kind, seed
+        self.model = None
+
+    def fit(self, X: np.ndarray, nfes: np.ndarray, scores: np.ndarray) -> Predictor:
+        y = rank_targets(nfes, np.log(scores))
+        if self.kind == "extra-trees":
+            from sklearn.ensemble import ExtraTreesRegressor
+
+            self.model = ExtraTreesRegressor(n_estimators=80, min_samples_leaf=2, max_features=0.5,
+                                             random_state=self.seed, n_jobs=1).fit(X, y)
+        elif self.kind == "gbr":
+            from sklearn.ensemble import GradientBoostingRegressor
+
+            self.model = GradientBoostingRegressor(n_estimators=80, max_depth=3, subsample=0.8, learning_rate=0.1,
+                                                   random_state=self.seed).fit(X, y)
+        else:
+            self._fit_pairwise(X, nfes, np.log(scores))
+        return self
+
+    def _fit_pairwise(self, X, nfes, logs):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        rng = np.random.default_rng(self.seed)
+        self.scaler = StandardScaler().fit(X)
+        Z = self.scaler.transform(X)
+        diffs, labels = [], []
+        for n in np.unique(nfes):
+            idx = np.flatnonzero(nfes == n)
+            if len(idx) < 2:
+                continue
+            m = min(10 * len(idx), 1500)
+            a, b = rng.choice(idx, m), rng.choice(idx, m)
+            keep = np.abs(logs[a] - logs[b]) > 1e-3
+            a, b = a[keep], b[keep]
+            diffs.append(Z[a] - Z[b])
+            labels.append((logs[a] < logs[b]).astype(int))
+        D, L = np.concatenate(diffs), np.concatenate(labels)
+        D, L = np.concatenate([D, -D]), np.concatenate([L, 1 - L])  # symmetric: no intercept needed
+        self.model = LogisticRegression(C=0.1, fit_intercept=False, max_iter=500).fit(D, L)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        if self.kind == "pairwise":
+            return -(self.scaler.transform(X) @ self.model.coef_[0])
+        return self.model.predict(X)
+
+
+def select_predictor(X, nfes, scores, seed: int = 0, kinds: Sequence[str] = PREDICTOR_KINDS,
+                     test_frac: float = 0.3) -> tuple[str, dict[str, float]]:
+    """Fit each kind on a random (1 - test_frac) of the trials; Kendall tau on the rest; best kind wins."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(scores))
+    n_test = max(int(test_frac * len(scores)), 1)
+    te, tr = perm[:n_test], perm[n_test:]
+    taus = {}
+    for kind in kinds:
+        p = Predictor(kind, seed).fit(X[tr], nfes[tr], scores[tr])
+        taus[kind] = kendall_by_nfe(nfes[te], scores[te], p.predict(X[te]))
+    best = max(taus, key=lambda k: -math.inf if not np.isfinite(taus[k]) else taus[k])
+    return best, taus
+
+
+# ---- the searcher ---------------------------------------------------------------------------------
+
+class S3Searcher(Searcher):
+    """S^3-style search. Options: ``predictor`` (``auto`` or a kind), ``pool`` (children generated per
+    NFE per stage), ``population`` (parents kept per NFE), ``presets`` (seed specs), ``explore`` (share
+    of each stage's picks taken at random from the pool, not by the predictor), ``min_train`` (trials
+    before the predictor is used)."""
+
+    name = "s3"
+    batch_per_nfe = 4
+
+    def __init__(self, *args, predictor: str = "auto", pool: int = 120, population: int = 12,
+                 presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30, **kw):
+        super().__init__(*args, **kw)
+        self.predictor_kind = predictor
+        self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
+        self.preset_specs = tuple(presets)
+        self.max_steps = max(self.nfes) + 2
+        self._seeds = preset_candidates(self.space, self.nfes, self.preset_specs)
+        self._X: list[np.ndarray] = []
+        self._model: Predictor | None = None
+        self._fit_size = 0
+        self._chosen: str | None = None if predictor == "auto" else predictor
+        self._next_select = min_train
+        self.tau_report: list[dict] = []
+
+    def _observe(self, candidate: Candidate, score: float) -> None:
+        self._X.append(encode(candidate.schedule, self.space, self.max_steps))
+
+    def _data(self):
+        X = np.array(self._X)
+        nfes = np.array([c.nfe for c, _ in self.trials])
+        scores = np.array([max(s, 1e-12) for _, s in self.trials])
+        return X, nfes, scores
+
+    def _refit(self) -> None:
+        n = len(self.trials)
+        if n < self.min_train or (self._model is not None and n < max(self._fit_size * 1.15, self._fit_size + 20)):
+            return
+        X, nfes, scores = self._data()
+        if self.predictor_kind == "auto" and n >= self._next_select:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                best, taus = select_predictor(X, nfes, scores, seed=self.seed)
+            self._chosen = best
+            self.tau_report.append({"trials": n, "chosen": best, **taus})
+            self._next_select = 2 * n
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._model = Predictor(self._chosen or "extra-trees", self.seed).fit(X, nfes, scores)
+        self._fit_size = n
+
+    def _ask(self, n: int, rng: np.random.Generator) -> list[Candidate]:
+        out: list[Candidate] = []
+        for c in self._seeds:  # first every preset at every NFE
+            if c.key not in self.seen and len(out) < n:
+                out.append(c)
+        if len(out) >= n:
+            return out
+        self._refit()
+        remaining = n - len(out)
+        start = self.n_asked % len(self.nfes)
+        per = {nfe: remaining // len(self.nfes) for nfe in self.nfes}
+        for j in range(remaining % len(self.nfes)):
+            per[self.nfes[(start + j) % len(self.nfes)]] += 1
+        taken = {c.key for c in out}
+        for nfe in self.nfes:
+            k = per[nfe]
+            if k == 0:
+                continue
+            pool = self._children(nfe, rng, taken)
+            if not pool:
+                continue
+            n_explore = int(rng.binomial(k, self.explore)) if self._model is not None else k
+            if self._model is not None:
+                X = np.array([encode(c.schedule, self.space, self.max_steps) for c in pool])
+                pred = self._model.predict(X)
+                order = list(np.argsort(pred, kind="stable"))
+            else:
+                order = list(rng.permutation(len(pool)))
+            picks = order[:k - n_explore]
+            rest = [i for i in range(len(pool)) if i not in set(picks)]
+            if n_explore and rest:
+                picks += list(rng.choice(rest, min(n_explore, len(rest)), replace=False))
+            for i in picks:
+                out.append(pool[int(i)])
+                taken.add(pool[int(i)].key)
+        return out
+
+    def _children(self, nfe: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
+        parents = [c for c, _ in self.best(nfe, self.population)]
+        lower = [m for m in self.nfes if m < nfe]
+        donors = [c for m in lower[-1:] for c, _ in self.best(m, 4)]
+        pool: list[Candidate] = []
+        keys = set()
+        tries = 0
+        while len(pool) < self.pool and tries < 4 * self.pool:
+            tries += 1
+            u = rng.random()
+            s, origin = None, ""
+            if parents and u < 0.2:  # timestep refinement of the very best (a local search in lambda)
+                p = parents[int(rng.integers(min(3, len(parents))))]
+                s, origin = self.space.mutate_times(p.schedule, rng), "times"
+            elif parents and u < 0.6:
+                p = parents[min(int(rng.integers(len(parents))), int(rng.integers(len(parents))))]  # tournament
+                s, origin = self.space.mutate(p.schedule, rng), "mutation"
+            elif len(parents) >= 2 and u < 0.85:
+                i, j = rng.choice(len(parents), 2, replace=False)
+                s = self.space.crossover(parents[i].schedule, parents[j].schedule, rng)
+                if s is not None and rng.random() < 0.5:
+                    s = self.space.mutate(s, rng, n_ops=1) or s
+                origin = "crossover"
+            elif donors and u < 0.95:
+                d = donors[int(rng.integers(len(donors)))]
+                s, origin = self.space.grow(d.schedule, nfe, rng), "warm-start"
+            else:
+                s, origin = self.space.random(nfe, rng), "random"
+            if s is None:
+                continue
+            c = Candidate(s, nfe, origin)
+            if c.key in self.seen or c.key in taken or c.key in keys:
+                continue
+            keys.add(c.key)
+            pool.append(c)
+        return pool
+
+    def state(self) -> dict:
+        return {**super().state(), "predictor": self._chosen, "tau_report": self.tau_report}

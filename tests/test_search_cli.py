@@ -1,0 +1,50 @@
+"""`steptune search` on gmm-2d with a tiny budget: table, JSON file, resume from the trial log."""
+
+import json
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from steptune.cli_search import register
+
+
+def _app():
+    app = typer.Typer()
+    register(app)
+
+    @app.command("noop")
+    def noop():  # a second command keeps typer from collapsing the app into one command
+        pass
+
+    return app
+
+
+def test_search_command_writes_results_and_resumes(tmp_path):
+    app, runner = _app(), CliRunner()
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "8", "--study", "t",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
+            "--heldout-samples", "64"]
+    r = runner.invoke(app, args + ["--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["n_evals"] == 8 and data["results"][0]["nfe"] == 3
+    row = data["results"][0]
+    assert row["schedule"]["schema"] == "steptune.schedule" and row["schedule"]["nfe"] == 3
+    assert row["best_preset"] and row["searched_rmse"] > 0
+    assert len((tmp_path / "t.trials.jsonl").read_text().splitlines()) == 9  # 8 + 1 confirmation
+    r = runner.invoke(app, [*args[:8], "12", *args[9:]])  # larger budget: resumes, 4 more evaluations
+    assert r.exit_code == 0, r.output
+    assert "resuming" in r.output and "random search" in r.output
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["n_evals"] == 12
+
+
+def test_unknown_method_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(click.ClickException) as e:
+        _app()(["search", "--method", "bogus", "--out", str(tmp_path)], standalone_mode=False)
+    assert e.value.exit_code == 2
+    e.value.show()
+    msg = capsys.readouterr().err.strip()
+    assert msg == "error: --method 'bogus' is unknown; use one of s3, tpe, cmaes, random, mo-tpe"
