@@ -289,12 +289,17 @@ def _dpm_orders(n: int, solver_order: int, lower_order_final: bool, euler_at_fin
     return out
 
 
-def _dpm_export(schedule: Schedule, conventions: dict) -> StockExport:
+def _stock_inputs(schedule: Schedule, conventions: dict, scheduler: str):
+    """The noise tables and prediction type a stock scheduler needs; refuses what none of them can start."""
     ns, betas = _stock_noise(schedule)
     prediction_type = _stock_prediction(conventions)
     if schedule.afs != "none":
-        raise ExportError("the schedule starts with an analytical first step, which DPMSolverMultistepScheduler "
-                          "does not take")
+        raise ExportError(f"the schedule starts with an analytical first step, which {scheduler} does not take")
+    return ns, betas, prediction_type
+
+
+def _dpm_export(schedule: Schedule, conventions: dict) -> StockExport:
+    ns, betas, prediction_type = _stock_inputs(schedule, conventions, "DPMSolverMultistepScheduler")
     for i, st in enumerate(schedule.steps):
         why = None
         if st.corrector is not None:
@@ -353,11 +358,7 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def _euler_export(schedule: Schedule, conventions: dict) -> StockExport:
-    ns, betas = _stock_noise(schedule)
-    prediction_type = _stock_prediction(conventions)
-    if schedule.afs != "none":
-        raise ExportError("the schedule starts with an analytical first step, which EulerDiscreteScheduler does "
-                          "not take")
+    ns, betas, prediction_type = _stock_inputs(schedule, conventions, "EulerDiscreteScheduler")
     for i, st in enumerate(schedule.steps):
         if (st.order != 1 or st.corrector is not None or st.start != -1 or st.dc_ratio != 1.0):
             raise ExportError(f"step {i} is not a plain first-order step (order {st.order}"
