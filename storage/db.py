@@ -92,6 +92,7 @@ class TrialRecord:
     attempts: int
     max_attempts: int
     heartbeat: datetime | None
+    info: dict
 
     def to_schedule(self) -> Schedule:
         return Schedule.from_dict(self.schedule, where=f"study {self.study!r} trial {self.number}")
@@ -165,6 +166,17 @@ def _score(score: float | None, metrics: dict, metric: str) -> float | None:
         return None
     score = float(score)
     return score if math.isfinite(score) else None
+
+
+def _json_info(info: Mapping | None, i: int) -> dict:
+    if info is None:
+        return {}
+    if not isinstance(info, Mapping):
+        raise StorageError(f"trial {i}: info must be a mapping")
+    try:
+        return json.loads(json.dumps(dict(info), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise StorageError(f"trial {i}: info cannot be stored as JSON ({e})") from None
 
 
 def _validated(schedule: Schedule | Mapping | str, where: str) -> dict:
@@ -418,7 +430,7 @@ class Storage:
 
     def add_trial(self, study: str, schedule: Schedule | Mapping | str, **fields) -> TrialRecord:
         """Add one trial (default ``queued``). Fields: ``status``, ``metrics``, ``score``, ``fidelity``,
-        ``bank``, ``n_samples``, ``worker``, ``error``, ``seconds``, ``max_attempts``. The schedule is
+        ``bank``, ``n_samples``, ``worker``, ``error``, ``seconds``, ``max_attempts``, ``info``. The schedule is
         validated first; an invalid one raises ScheduleError and nothing is written."""
         tid = self.add_trials(study, [{"schedule": schedule, **fields}])[0]
         return self.trial(tid)
@@ -478,7 +490,7 @@ class Storage:
     @staticmethod
     def _trial_fields(i: int, d: dict, key: str, item: dict) -> dict:
         known = {"status", "metrics", "score", "fidelity", "bank", "n_samples", "worker", "error", "seconds",
-                 "max_attempts"}
+                 "max_attempts", "info"}
         unknown = set(item) - known
         if unknown:
             raise StorageError(f"trial {i}: unknown field {sorted(unknown)[0]!r}; use {', '.join(sorted(known))}")
@@ -497,7 +509,7 @@ class Storage:
                 "error": item.get("error"), "created": now, "started": None,
                 "finished": now if status in FINAL_STATUSES else None, "seconds": item.get("seconds"),
                 "worker": item.get("worker"), "attempts": 0 if status == "queued" else 1,
-                "max_attempts": max_attempts, "heartbeat": None}
+                "max_attempts": max_attempts, "heartbeat": None, "info": _json_info(item.get("info"), i)}
 
     # -- trials: leases --
 
@@ -517,6 +529,35 @@ class Storage:
                       .values(status="running", worker=worker, started=now, heartbeat=now,
                               attempts=Trial.attempts + 1))
         return self.trial(row.id)
+
+    def start(self, trial_id: int, worker: str, *, now: datetime | None = None) -> TrialRecord:
+        """Start a given queued trial under ``worker`` (a driver that dispatches trials itself, instead of
+        workers claiming them): it becomes ``running`` and its attempt count goes up by one."""
+        now = now or utcnow()
+        with self._tx() as s:
+            res = s.execute(update(Trial).where(Trial.id == trial_id, Trial.status == "queued")
+                            .values(status="running", worker=worker, started=now, heartbeat=now,
+                                    attempts=Trial.attempts + 1))
+            if res.rowcount != 1:
+                st = s.scalar(select(Trial.status).where(Trial.id == trial_id))
+                raise StorageError(f"trial {trial_id} cannot start: it is {st or 'missing'}, not queued")
+        return self.trial(trial_id)
+
+    def requeue(self, trial_id: int, reason: str, *, now: datetime | None = None) -> TrialRecord:
+        """A running trial whose worker was lost: back to ``queued`` with ``reason`` noted in its error text
+        if it has attempts left, otherwise ``failed`` with the reason."""
+        now = now or utcnow()
+        with self._tx() as s:
+            t = s.scalar(select(Trial).where(Trial.id == trial_id).with_for_update())
+            if t is None or t.status != "running":
+                raise LeaseLost(f"trial {trial_id} is not running; it cannot be re-queued")
+            note = f"attempt {t.attempts} of {t.max_attempts}: {reason}"
+            if t.attempts < t.max_attempts:
+                t.status, t.error = "queued", f"re-queued: {note}"
+            else:
+                t.status, t.finished, t.error = "failed", now, f"failed: {note}; no attempts left"
+            t.worker, t.heartbeat, t.started = None, None, None
+        return self.trial(trial_id)
 
     def heartbeat(self, trial_id: int, worker: str, *, now: datetime | None = None) -> bool:
         """Renew the lease; False if the trial is no longer running under ``worker`` (stop working on it)."""

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -126,6 +127,8 @@ class Trial(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     heartbeat: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    # the searcher's bookkeeping: batch number, origin, its own parameters (rebuilds its state on resume)
+    info: Mapped[dict] = mapped_column(JsonType, default=dict, server_default=text("'{}'"))
 
 
 class RelaxationRecord(Base):

@@ -136,11 +136,11 @@ def test_db_upgrade_and_missing_database(tmp_path, capsys):
     assert code == 2
     assert err.strip() == f"error: no database at {tmp_path / 'new' / 'x.db'}; run a search first or pass --db URL"
     code, _, err = _run(["db", "upgrade", "--db", url], capsys)
-    assert code == 0 and "none -> 0001" in err
+    assert code == 0 and "none -> 0002" in err
     code, _, err = _run(["db", "upgrade", "--db", url], capsys)
     assert code == 0 and "up to date" in err
     code, out, _ = _run(["db", "current", "--db", url], capsys)
-    assert json.loads(out) == {"database": url, "revision": "0001", "head": "0001"}
+    assert json.loads(out) == {"database": url, "revision": "0002", "head": "0002"}
     code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out) == []
     code, _, err = _run(["studies", "--db", "nonsense://"], capsys)

@@ -80,6 +80,33 @@ def test_new_database_gets_the_schema_and_upgrade_is_idempotent(db, db_url):
     assert connect(db_url).revision() == db.head
 
 
+def test_a_database_at_an_older_revision_upgrades_and_keeps_its_trials(db_url):
+    import json
+
+    from alembic import command
+    from steptune.storage.db import Storage
+
+    store = Storage(db_url)
+    with store.engine.begin() as conn:
+        command.upgrade(store._alembic_config(conn), "0001")
+        conn.execute(text("INSERT INTO studies (name, method, config, metric, n_trials, created) "
+                          "VALUES ('old', 's3', '{}', 'rmse', 1, CURRENT_TIMESTAMP)"))
+        conn.execute(text("INSERT INTO trials (study_id, number, schedule, key, nfe, fidelity, bank, metrics, status, "
+                          "created, attempts, max_attempts) SELECT id, 0, :s, 'k', 4, '', '', '{}', 'queued', "
+                          "CURRENT_TIMESTAMP, 0, 3 FROM studies"), {"s": json.dumps(presets.ddim(4, NS).to_dict())})
+    assert store.revision() == "0001"
+    with pytest.raises(StorageError, match="steptune db upgrade"):
+        connect(db_url, create=False)
+    assert store.upgrade() == store.head
+    db = connect(db_url, create=False)
+    [old] = db.trials("old")
+    assert old.info == {} and old.to_schedule().nfe == 4  # rows written before the column existed
+    tid = db.add_trial("old", presets.ddim(4, NS), info={"batch": 3, "origin": "preset"}).id
+    assert db.trial(tid).info == {"batch": 3, "origin": "preset"}
+    db.close()
+    store.close()
+
+
 def test_unknown_revision_and_missing_schema_are_refused(db, db_url):
     with db.engine.begin() as conn:
         conn.execute(text("UPDATE steptune_schema_version SET version_num = 'ffff'"))
@@ -228,6 +255,27 @@ def test_reap_stale_requeues_then_fails(db):
     assert db.trial(live).status == "queued"  # its first attempt; it had attempts left
     assert db.reap_stale(60, now=t1 + timedelta(days=1)) == r.__class__([], [])
     assert db.status_counts("s") == {"s": {"failed": 1, "queued": 1}}
+
+
+def test_a_dispatching_driver_starts_given_trials_and_requeues_lost_ones(db):
+    db.create_study("s")
+    first, second = db.add_trials("s", [{"schedule": presets.ddim(4, NS), "max_attempts": 2},
+                                        {"schedule": presets.ddim(5, NS)}])
+    t = db.start(second, "actor-1")  # any queued trial, not only the oldest
+    assert (t.status, t.worker, t.attempts) == ("running", "actor-1", 1)
+    with pytest.raises(StorageError, match=f"trial {second} cannot start: it is running"):
+        db.start(second, "actor-2")
+    db.start(first, "actor-1")
+    t = db.requeue(first, "actor-1 died")
+    assert (t.status, t.worker, t.attempts) == ("queued", None, 1)
+    assert t.error == "re-queued: attempt 1 of 2: actor-1 died"
+    db.start(first, "actor-2")
+    t = db.requeue(first, "actor-2 died")
+    assert (t.status, t.attempts) == ("failed", 2)
+    assert t.error == "failed: attempt 2 of 2: actor-2 died; no attempts left"
+    with pytest.raises(LeaseLost):
+        db.requeue(first, "again")
+    assert db.finish(second, metrics={"rmse": 0.5}, worker="actor-1").score == 0.5
 
 
 def test_keep_alive_heartbeats_until_the_lease_is_lost(db):
