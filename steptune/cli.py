@@ -135,6 +135,10 @@ def sweep_cmd(
     bank: Annotated[str, typer.Option("--bank", help="heldout (default) or train.")] = "heldout",
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/sweep"),
     cache: CacheOpt = Path("runs/cache"),
+    study: Annotated[str | None, typer.Option("--study", help="Also store the results as trials of this study "
+                                                              "(method preset) in the database.")] = None,
+    db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL for --study "
+                                                                              "(default runs/steptune.db).")] = None,
     json_: JsonOpt = False,
 ):
     """NFE sweep of the preset solvers on a problem: prints the RMSE table and saves it under runs/sweep/."""
@@ -158,6 +162,12 @@ def sweep_cmd(
     meta = {"problem": prob.name, "noise": prob.noise.to_dict(), "bank": bank, "metric": "rmse",
             "samples": ev.bank(bank).size}
     jpath, mpath = sweep.save(rows, out_dir, stem, meta)
+    if study is not None:
+        from steptune.storage import connect
+
+        with connect(db) as store:
+            stored = sweep.store_sweep(store, study, ev, rows, spacing, bank)
+        err.print(f"stored {len(stored)} trials in study {study!r}")
     if json_:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
         return
@@ -181,6 +191,10 @@ register_storage(app)
 from steptune.cli_search import register as register_search  # noqa: E402
 
 register_search(app)
+
+from steptune.cli_dashboard import register as register_dashboard  # noqa: E402
+
+register_dashboard(app)
 
 
 def _fmt(v) -> str:

@@ -1,0 +1,91 @@
+"""`steptune dashboard` (a local read-only web app over the database) and `steptune report` (one
+self-contained HTML file). ``register(app)`` adds them to the main typer app."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, StudyOpt, _user_errors
+
+err = Console(stderr=True)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@_user_errors
+def dashboard_cmd(
+    db: DbOpt = DEFAULT_DB,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback exposes the "
+                                                     "database to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8750,
+    poll: Annotated[float, typer.Option("--poll", help="Seconds between the page's checks for new trials.")] = 5.0,
+):
+    """Serve the dashboard (NFE-quality fronts, search efficiency, trials, schedules, exports) read-only at
+    http://HOST:PORT; it opens no browser by itself."""
+    import uvicorn
+
+    from steptune.dashboard import create_app, open_read_only
+
+    if not 0 < port < 65536:
+        raise CliError(f"--port {port} is not a TCP port; use 1..65535")
+    if poll <= 0:
+        raise CliError("--poll must be a positive number of seconds")
+    store = open_read_only(db)
+    allowed = [host, *LOOPBACK_NAMES] if _is_loopback(host) else None
+    app = create_app(store, allowed_hosts=allowed, poll_seconds=poll)
+    shown = f"[{host}]" if ":" in host else host
+    err.print(f"steptune dashboard on http://{shown}:{port}/ (read-only, database {db}); Ctrl-C stops it")
+    if not _is_loopback(host):
+        err.print("note: listening beyond loopback; anyone who can reach this address can read the database")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        store.close()
+
+
+@_user_errors
+def report_cmd(
+    study: StudyOpt,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
+                                                "(default runs/reports/STUDY.html).")] = None,
+    db: DbOpt = DEFAULT_DB,
+):
+    """Write one self-contained HTML report of a study's problem (fronts, efficiency, trials, schedules)."""
+    from steptune.dashboard import open_read_only
+    from steptune.dashboard.queries import NotFound
+    from steptune.report import write_report
+
+    output = output or Path("runs/reports") / f"{study}.html"
+    if output.exists() and output.is_dir():
+        raise CliError(f"{output} is a folder; give a file name ending in .html")
+    store = open_read_only(db)
+    try:
+        store.get_study(study)
+        path = write_report(store, study, output)
+    except NotFound as e:
+        raise CliError(str(e)) from None
+    finally:
+        store.close()
+    err.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the dashboard and report commands to ``app`` (once)."""
+    if getattr(app, "_steptune_dashboard_registered", False):
+        return
+    app.command("dashboard")(dashboard_cmd)
+    app.command("report")(report_cmd)
+    app._steptune_dashboard_registered = True

@@ -1,0 +1,117 @@
+"""Static HTML reports: the dashboard's page with plotly.js, the styles, the script and the data of one
+study's problem inlined into a single file that opens with no server and no network.
+
+The embedded data are the dashboard endpoints' own answers (front, search efficiency, trials, schedule
+views, relaxation), so a report shows the same figures and tables as the live page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import quote
+
+from steptune.dashboard import downloads, queries
+from steptune.dashboard.app import STATIC, plotly_js
+from steptune.dashboard.schedule_view import schedule_view
+from steptune.storage import ExportError, Storage
+from steptune.storage.schema import STATUSES
+
+MAX_TRIALS = 20_000  # rows of the trial table a report carries
+REPORT_FORMATS = ("json", "sigmas", "comfyui")
+
+
+def api_path(path: str, params: dict | None = None) -> str:
+    """The key the page asks for: parameters sorted, empty ones left out, encoded as encodeURIComponent."""
+    keys = sorted(k for k, v in (params or {}).items() if v not in (None, ""))
+    if not keys:
+        return path
+    return path + "?" + "&".join(f"{quote(k, safe='')}={quote(str(params[k]), safe=chr(126) + '()*!.' + chr(39))}"
+                                 for k in keys)
+
+
+def _problem_of(problems: list[dict], study: str) -> dict:
+    for p in problems:
+        if any(s["name"] == study for s in p["studies"]):
+            return p
+    raise queries.NotFound(f"no study named {study!r}")
+
+
+def _all_trials(store: Storage, problem: int) -> list[dict]:
+    rows, offset = [], 0
+    while len(rows) < MAX_TRIALS:
+        page = queries.trials_page(store, problem=problem, offset=offset, limit=queries.MAX_PAGE)
+        rows += page["items"]
+        offset += queries.MAX_PAGE
+        if offset >= page["total"]:
+            break
+    return rows[:MAX_TRIALS]
+
+
+def _exports(store: Storage, trial_id: int) -> dict:
+    out = {}
+    for fmt in REPORT_FORMATS:
+        try:
+            d = downloads.export(store, trial_id, fmt)
+        except ExportError:
+            continue
+        out[fmt] = {"filename": d.filename, "type": d.media_type, "content": d.content.decode()}
+    return out
+
+
+def report_data(store: Storage, study: str) -> dict:
+    """Everything the page asks for about ``study``'s problem, keyed by the request path."""
+    problems = queries.problems(store)
+    prob = _problem_of(problems, study)
+    responses: dict[str, object] = {"/api/problems": [prob]}
+    for fidelity in ("", "full", "cheap"):
+        responses[api_path("/api/front", {"problem": prob["id"], "fidelity": fidelity})] = \
+            queries.front(store, prob["id"], fidelity or None)
+    for st in prob["studies"]:
+        if st["method"] != queries.PRESET_METHOD and any(st["trials"].values()):
+            responses[api_path("/api/history", {"study": st["name"]})] = queries.history(store, st["name"])
+    front = responses[api_path("/api/front", {"problem": prob["id"]})]
+    shown = sorted({p["trial"] for s in front["series"] for p in s["points"]})
+    exports = {}
+    for tid in shown:
+        responses[f"/api/trials/{tid}/schedule"] = schedule_view(store, tid)
+        exports[tid] = _exports(store, tid)
+    names = {st["name"] for st in prob["studies"]}
+    relax = [s for s in queries.relaxation_studies(store) if s in names]
+    responses["/api/relaxation/studies"] = relax
+    for s in relax:
+        responses[api_path("/api/relaxation", {"study": s})] = queries.relaxation(store, s)
+    return {"study": study, "config": {"mode": "report", "statuses": list(STATUSES), "formats": list(REPORT_FORMATS),
+                                       "sortable": list(queries.SORTABLE)},
+            "responses": responses, "trials": _all_trials(store, prob["id"]), "exports": exports}
+
+
+def _inline_script(code: str) -> str:
+    return "<script>" + code.replace("</script", "<\\/script") + "</script>"
+
+
+def render_report(data: dict, title: str) -> str:
+    html = (STATIC / "index.html").read_text()
+    css = (STATIC / "dashboard.css").read_text()
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    html = html.replace("<title>steptune dashboard</title>", f"<title>{_escape(title)}</title>")
+    html = html.replace('<link rel="stylesheet" href="/static/dashboard.css">', f"<style>\n{css}</style>")
+    html = html.replace('<script src="/static/plotly.min.js"></script>', _inline_script(plotly_js().read_text()))
+    html = html.replace('<script src="/static/dashboard.js"></script>',
+                        _inline_script(f"window.STEPTUNE_REPORT = {payload};") + "\n"
+                        + _inline_script((STATIC / "dashboard.js").read_text()))
+    return html
+
+
+def _escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def write_report(store: Storage, study: str, output: str | Path) -> Path:
+    """Write the report of ``study`` (its problem's front, its search efficiency, trials, schedules) to
+    ``output``; returns the path."""
+    output = Path(output)
+    html = render_report(report_data(store, study), f"steptune report: {study}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(html)
+    return output

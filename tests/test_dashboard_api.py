@@ -1,0 +1,263 @@
+"""The dashboard's JSON endpoints (FastAPI test client) on a database filled by a real short search, a
+real preset sweep, an imported hand-made schedule and SOR relaxation rounds."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zipfile
+from collections import defaultdict
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from steptune.space import noise as noise_mod
+from steptune.space import presets
+from steptune.storage import (
+    comfyui_sigmas,
+    connect,
+    import_schedule,
+    k_diffusion_sigmas,
+    parse_export,
+)
+from test_dashboard_data import (
+    BANDIT_STUDY,
+    FIXED_STUDY,
+    HAND_STUDY,
+    PRESET_NFES,
+    PRESET_STUDY,
+    PRESETS,
+    SEARCH_STUDY,
+    dashboard_db,  # noqa: F401  (the session fixture)
+    fidelity_of,
+)
+
+from steptune.dashboard import create_app, open_read_only
+
+
+@pytest.fixture(scope="module")
+def client(dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
+    store = open_read_only(url)
+    with TestClient(create_app(store)) as c:
+        yield c
+    store.close()
+
+
+def _problem_id(client) -> int:
+    return next(p["id"] for p in client.get("/api/problems").json() if p["name"] == "gmm-2d")
+
+
+def test_problems_list_every_study_with_counts(client, dashboard_db):  # noqa: F811
+    url, info = dashboard_db
+    probs = client.get("/api/problems").json()
+    gmm = next(p for p in probs if p["name"] == "gmm-2d")
+    names = {s["name"]: s for s in gmm["studies"]}
+    assert set(names) == {SEARCH_STUDY, PRESET_STUDY, HAND_STUDY}
+    assert sum(names[SEARCH_STUDY]["trials"].values()) == len(info["search"].log)
+    orphans = next(p for p in probs if p["id"] == 0)
+    assert {s["name"] for s in orphans["studies"]} == {BANDIT_STUDY, FIXED_STUDY}
+    assert all(s["relaxation_rounds"] == 12 for s in orphans["studies"])
+
+
+def test_front_has_one_series_per_study_fidelity_and_preset(client, dashboard_db):  # noqa: F811
+    _, info = dashboard_db
+    data = client.get("/api/front", params={"problem": _problem_id(client)}).json()
+    names = [s["name"] for s in data["series"]]
+    assert sorted(names) == sorted([f"{SEARCH_STUDY} (cheap)", f"{SEARCH_STUDY} (full)", f"{HAND_STUDY} (full)",
+                                    *(f"{p} (full)" for p in PRESETS)])
+    # every preset at every NFE it can run, with the sweep's own score
+    series = {s["name"]: s for s in data["series"]}
+    for row in info["sweep_rows"]:
+        if row["status"] != "complete":
+            continue
+        pts = {p["nfe"]: p for p in series[f"{row['preset']} (full)"]["points"]}
+        assert math.isclose(pts[row["nfe"]]["score"], row["rmse"], rel_tol=1e-12)
+    # the search's curves: the minimum per NFE of the search log, computed here independently
+    best = defaultdict(lambda: math.inf)
+    count = defaultdict(int)
+    for r in info["search"].log:
+        count[(fidelity_of(r.bank), r.nfe)] += r.status == "complete"
+        if r.status == "complete":
+            best[(fidelity_of(r.bank), r.nfe)] = min(best[(fidelity_of(r.bank), r.nfe)], r.metrics["rmse"])
+    for fid in ("cheap", "full"):
+        pts = series[f"{SEARCH_STUDY} ({fid})"]["points"]
+        assert {p["nfe"]: p["score"] for p in pts} == {n: v for (f, n), v in best.items() if f == fid}
+        assert all(p["count"] == count[(fid, p["nfe"])] for p in pts)
+        # Pareto flags: a point is on its curve's front iff no fewer-NFE point scores at least as well
+        for p in pts:
+            dominated = any(q["nfe"] < p["nfe"] and q["score"] <= p["score"] for q in pts)
+            assert p["pareto"] == (not dominated)
+    # the overall front per fidelity is non-dominated and drawn from the series' points
+    for f in data["fronts"]:
+        scores = [p["score"] for p in f["points"]]
+        assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
+        all_pts = [(p["nfe"], p["score"]) for s in data["series"] if s["fidelity"] == f["fidelity"]
+                   for p in s["points"]]
+        for nfe, sc in all_pts:
+            assert any(n <= nfe and s <= sc for n, s in ((p["nfe"], p["score"]) for p in f["points"]))
+
+
+def test_front_fidelity_filter(client):
+    pid = _problem_id(client)
+    cheap = client.get("/api/front", params={"problem": pid, "fidelity": "cheap"}).json()
+    assert [s["name"] for s in cheap["series"]] == [f"{SEARCH_STUDY} (cheap)"]
+    assert [f["fidelity"] for f in cheap["fronts"]] == ["cheap"]
+
+
+def test_history_is_the_running_minimum(client, dashboard_db):  # noqa: F811
+    _, info = dashboard_db
+    data = client.get("/api/history", params={"study": SEARCH_STUDY}).json()
+    cheap_log = [r for r in info["search"].log if r.bank == "train"]
+    assert data["evaluations"]["cheap"] == len(cheap_log)
+    for c in (c for c in data["curves"] if c["fidelity"] == "cheap"):
+        running, expect = math.inf, []
+        for i, r in enumerate(cheap_log, start=1):
+            if r.nfe == c["nfe"] and r.status == "complete" and r.metrics["rmse"] < running:
+                running = r.metrics["rmse"]
+                expect.append((i, running))
+        got = list(zip(c["evaluations"], c["best"]))
+        assert got[:len(expect)] == expect
+        assert got[-1] == (len(cheap_log), running)
+
+
+def test_trial_table_filters_sorts_and_pages(client, dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
+    with connect(url, create=False) as store:
+        nfe4 = store.trials(SEARCH_STUDY, nfe=4, status="complete")
+    page = client.get("/api/trials", params={"study": SEARCH_STUDY, "nfe": 4, "status": "complete",
+                                             "sort": "score", "order": "desc", "limit": 3}).json()
+    assert page["total"] == len(nfe4)
+    want = sorted(nfe4, key=lambda t: (-t.score, t.id))
+    assert [r["id"] for r in page["items"]] == [t.id for t in want[:3]]
+    nxt = client.get("/api/trials", params={"study": SEARCH_STUDY, "nfe": 4, "status": "complete",
+                                            "sort": "score", "order": "desc", "limit": 3, "offset": 3}).json()
+    assert [r["id"] for r in nxt["items"]] == [t.id for t in want[3:6]]
+    everything = client.get("/api/trials", params={"problem": _problem_id(client), "limit": 500}).json()
+    with connect(url, create=False) as store:
+        assert everything["total"] == sum(store.count_trials(s) for s in (SEARCH_STUDY, PRESET_STUDY, HAND_STUDY))
+    assert everything["nfes"] == sorted(set(PRESET_NFES) | {3, 4, 5})
+
+
+def test_schedule_view_of_a_preset_is_most_like_itself(client, dashboard_db):  # noqa: F811
+    url, info = dashboard_db
+    with connect(url, create=False) as store:
+        t = next(t for t in store.trials(PRESET_STUDY) if t.schedule["name"] == "dpm-solver++-2m" and t.nfe == 5)
+    d = client.get(f"/api/trials/{t.id}/schedule").json()
+    assert d["nearest"][0]["preset"] == "dpm-solver++-2m" and d["nearest"][0]["distance"] == 0.0
+    sched = t.to_schedule()
+    ns = noise_mod.from_dict(sched.noise)
+    lam = ns.lam(torch.tensor(sched.times, dtype=torch.float64)).tolist()
+    assert d["lambdas"] == pytest.approx([v if math.isfinite(v) else None for v in lam])
+    assert [s["order"] for s in d["steps"]] == [s.order for s in sched.steps]
+    assert len(d["steps"]) == len(presets.build("dpm-solver++-2m", 5, ns, t_start=1.0, t_end=1e-3).steps)
+
+
+def test_exports_use_the_storage_code_and_import_back(client, dashboard_db, tmp_path):  # noqa: F811
+    url, info = dashboard_db
+    with connect(url, create=False) as store:
+        t = store.best(SEARCH_STUDY, 5, fidelity="full")
+    r = client.get(f"/api/trials/{t.id}/export/json")
+    assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
+    sched, prov = parse_export(r.text)
+    assert sched.to_dict() == t.to_schedule().to_dict() and prov["trial"] == t.id
+    with connect(f"sqlite:///{tmp_path / 'other.db'}") as other:
+        back = import_schedule(other, r.text, "imported")
+        assert back.status == "complete" and math.isclose(back.score, t.score)
+    assert client.get(f"/api/trials/{t.id}/export/sigmas").json() == k_diffusion_sigmas(t.to_schedule())
+    assert client.get(f"/api/trials/{t.id}/export/comfyui").text.strip() == comfyui_sigmas(t.to_schedule())
+    z = client.get(f"/api/trials/{t.id}/export/diffusers")
+    assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+        config = next(n for n in zf.namelist() if n.endswith("scheduler_config.json"))
+        cfg = json.loads(zf.read(config))
+        zf.extractall(tmp_path / "unzipped")
+    assert cfg["_class_name"] == "SteptuneScheduler" and cfg["schedule"]["steps"] == t.schedule["steps"]
+    from steptune.storage import SteptuneScheduler
+
+    loaded = SteptuneScheduler.from_pretrained(str((tmp_path / "unzipped" / config).parent))
+    assert loaded.config.schedule == cfg["schedule"]
+
+
+def test_relaxation_view(client, dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
+    assert client.get("/api/relaxation/studies").json() == [BANDIT_STUDY, FIXED_STUDY]
+    d = client.get("/api/relaxation", params={"study": BANDIT_STUDY}).json()
+    with connect(url, create=False) as store:
+        rounds = store.relaxation_rounds(BANDIT_STUDY)
+        fixed = store.relaxation_rounds(FIXED_STUDY)
+    assert d["omega"] == [r.omega for r in rounds]
+    curves = {c["name"]: c for c in d["curves"]}
+    assert curves[BANDIT_STUDY]["cumulative"][-1] == sum(r.iterations for r in rounds)
+    assert curves[FIXED_STUDY]["cumulative"][-1] == sum(r.iterations for r in fixed)
+
+
+HOSTILE = [
+    "/api/history?study=nope",
+    "/api/history?study=x'%20OR%20'1'='1",
+    "/api/history?study=gmm2d-random%27;%20DROP%20TABLE%20trials;--",
+    "/api/trials?study=../../etc/passwd",
+    "/api/trials?sort=score;DROP%20TABLE%20trials",
+    "/api/trials?status=complete'%20OR%201=1",
+    "/api/trials?limit=100000",
+    "/api/trials?offset=-1",
+    "/api/front?problem=1%20OR%201=1",
+    "/api/front?problem=999999",
+    "/api/front?problem=-1",
+    "/api/relaxation?study=/etc/passwd",
+    "/api/trials/999999/schedule",
+    "/api/trials/0/schedule",
+    "/api/trials/1/export/..%2F..%2Fetc%2Fpasswd",
+    "/api/trials/1/export/../../../etc/passwd",
+    "/api/trials/1;DROP%20TABLE%20trials/export/json",
+    "/static/../pyproject.toml",
+    "/static/%2e%2e/%2e%2e/pyproject.toml",
+    "/static/..%2F..%2Fpyproject.toml",
+    "/api/history?study=" + "a" * 5000,
+]
+
+
+def _fingerprint(url: str) -> tuple:
+    with connect(url, create=False) as store, store.engine.connect() as conn:
+        tables = conn.exec_driver_sql("SELECT name, sql FROM sqlite_master ORDER BY name").all()
+        return store.count_trials(), tuple(tables), len(store.studies())
+
+
+@pytest.mark.parametrize("path", HOSTILE)
+def test_hostile_input_is_refused(client, dashboard_db, path):  # noqa: F811
+    url, _ = dashboard_db
+    before = _fingerprint(url)
+    r = client.get(path)
+    assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:200])
+    assert "root:" not in r.text and "[project]" not in r.text
+    assert _fingerprint(url) == before
+
+
+def test_connections_are_read_only(dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
+    store = open_read_only(url)
+    try:
+        with pytest.raises(Exception, match="readonly|read-only|query_only"):
+            store.create_study("should-not-exist")
+    finally:
+        store.close()
+    with connect(url, create=False) as store:
+        assert "should-not-exist" not in {s.name for s in store.studies()}
+
+
+def test_status_token_changes_when_a_trial_is_added(tmp_path):
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    connect(url).close()
+    store = open_read_only(url)
+    sched = presets.build("ddim", 7, noise_mod.get("vp-linear"), t_start=1.0, t_end=1e-3)
+    try:
+        with TestClient(create_app(store)) as c:
+            before = c.get("/api/status").json()
+            with connect(url, create=False) as writer:
+                writer.create_study("late", method="manual")
+                writer.add_trial("late", sched)
+            after = c.get("/api/status").json()
+    finally:
+        store.close()
+    assert after["token"] != before["token"] and after["trials"] == before["trials"] + 1 == 1
