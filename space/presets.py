@@ -156,12 +156,12 @@ def _singlestep(name, nfe, noise, spacing, t_start, t_end, prediction, order):
         if o == 1:
             steps.append(Step(t=t, prediction=prediction))
         elif o == 2:
-            s1 = float(noise.t_of_lambda(torch.tensor(lam_s + 0.5 * h)))
+            s1 = float(noise.t_of_lambda(torch.tensor(lam_s + 0.5 * h, dtype=torch.float64)))
             steps += [Step(t=s1, prediction=prediction),
                       Step(t=t, prediction=prediction, order=2, start=-2, points=(-1,), relaxation="dpmsolver-2")]
         else:
-            s1 = float(noise.t_of_lambda(torch.tensor(lam_s + h / 3)))
-            s2 = float(noise.t_of_lambda(torch.tensor(lam_s + 2 * h / 3)))
+            s1 = float(noise.t_of_lambda(torch.tensor(lam_s + h / 3, dtype=torch.float64)))
+            s2 = float(noise.t_of_lambda(torch.tensor(lam_s + 2 * h / 3, dtype=torch.float64)))
             steps += [Step(t=s1, prediction=prediction),
                       Step(t=s2, prediction=prediction, order=2, start=-2, points=(-1,)),
                       Step(t=t, prediction=prediction, order=2, start=-3, points=(-1,))]

@@ -192,6 +192,10 @@ from steptune.cli_search import register as register_search  # noqa: E402
 
 register_search(app)
 
+from steptune.cli_run import register as register_run  # noqa: E402
+
+register_run(app)
+
 from steptune.cli_dashboard import register as register_dashboard  # noqa: E402
 
 register_dashboard(app)
@@ -213,7 +217,9 @@ class _null:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
+        if isinstance(code, int):
+            return code
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:

@@ -291,3 +291,18 @@ def test_model_rejects_unknown_conventions():
         Model(lambda x, t: x, ns, prediction="score")
     with pytest.raises(ValueError, match="time_input"):
         Model(lambda x, t: x, ns, time_input="frames")
+
+
+def test_presets_do_not_depend_on_torch_default_dtype():
+    """A schedule built in a process with float32 as torch's default dtype is the same schedule (the
+    timesteps are float64 throughout), so a job resumed in another process asks for the same trials."""
+    ns = noise_mod.VPLinear()
+    built = {}
+    old = torch.get_default_dtype()
+    try:
+        for dtype in (torch.float32, torch.float64):
+            torch.set_default_dtype(dtype)
+            built[dtype] = [presets.build(name, nfe, ns).to_json() for name in presets.names() for nfe in (5, 8)]
+    finally:
+        torch.set_default_dtype(old)
+    assert built[torch.float32] == built[torch.float64]

@@ -1,0 +1,276 @@
+"""Backends: where evaluations run. The Runner hands a backend a list of tasks and a sink for the
+outcomes; the in-process backend evaluates them one after another, the Ray backend keeps long-lived
+evaluator actors busy (several tasks queued on each) and re-dispatches the tasks of an actor that dies.
+
+Both evaluate through the same ``EvalWorker``, built from the job's problem and evaluation settings,
+so the same job gives the same numbers on either backend.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from steptune.jobs import BackendSpec, EvaluationSpec, ProblemSpec
+
+
+class BackendError(RuntimeError):
+    """The backend cannot go on (no evaluator left, Ray not reachable)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation: a stored trial's schedule on ``n`` states of ``bank``."""
+
+    trial_id: int
+    schedule: dict
+    bank: str
+    n: int
+
+
+class Sink(Protocol):
+    def start(self, task: Task, worker: str) -> None: ...
+
+    def done(self, task: Task, result: dict) -> None: ...
+
+    def lost(self, task: Task, worker: str, reason: str) -> bool:
+        """The worker died with the task in flight: True to dispatch it again, False if it is given up."""
+
+    def stopping(self) -> bool: ...
+
+
+def build_problem(spec: ProblemSpec):
+    """The Problem a job names: a built-in problem, or a user model given as module:factory."""
+    from steptune import evaluators
+
+    if spec.model is not None and hasattr(evaluators, "load_problem"):
+        conv = {k: v for k, v in spec.model_dump(exclude={"name", "model", "options"}).items() if v is not None}
+        return evaluators.load_problem(spec.model, **conv, **spec.options)
+    if spec.model is not None:
+        raise BackendError(f"problem.model {spec.model!r}: user models are not supported by this installation")
+    opts = dict(spec.options)
+    if spec.noise is not None:
+        opts["noise"] = spec.noise
+    return evaluators.get_problem(spec.name, **opts)
+
+
+class EvalWorker:
+    """Builds the problem and its evaluator once; evaluates tasks. Any error a schedule provokes is a
+    failed result, never an exception."""
+
+    def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, threads: int = 1, device: str | None = None):
+        import torch
+
+        from steptune.evaluators import Evaluator
+
+        self.threads = max(1, int(threads))
+        torch.set_num_threads(self.threads)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.problem = build_problem(problem)
+        self.evaluator = Evaluator(self.problem, n_train=evaluation.train_samples,
+                                   n_heldout=evaluation.heldout_samples, seed=evaluation.bank_seed,
+                                   cache_dir=evaluation.cache, device=device)
+
+    def warm(self) -> dict:
+        """Load (or compute and cache) the reference solutions of both banks."""
+        start = time.perf_counter()
+        for bank in ("train", "heldout"):
+            self.evaluator.reference(bank)
+        return {"seconds": time.perf_counter() - start, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def evaluate(self, task: Task) -> dict:
+        from steptune.space import Schedule, ScheduleError
+
+        try:
+            res = self.evaluator.evaluate(Schedule.from_dict(task.schedule), bank=task.bank, n=task.n)
+            return {"metrics": dict(res.metrics), "status": res.status, "error": res.error, "seconds": res.seconds,
+                    "n": res.n}
+        except ScheduleError as e:
+            return {"metrics": {}, "status": "failed", "error": str(e), "seconds": 0.0, "n": task.n}
+        except Exception as e:  # a model that raises on this schedule: a failed trial with the reason
+            last = traceback.extract_tb(e.__traceback__)[-1]
+            return {"metrics": {}, "status": "failed", "seconds": 0.0, "n": task.n,
+                    "error": f"{type(e).__name__}: {e} (at {os.path.basename(last.filename)}:{last.lineno})"}
+
+    def evaluate_many(self, tasks: Sequence[Task]) -> list[dict]:
+        return [self.evaluate(t) for t in tasks]
+
+
+class Backend:
+    name = "backend"
+    workers: list[str]
+
+    def start(self) -> None: ...
+
+    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None: ...
+
+
+class LocalBackend(Backend):
+    """Evaluates in this process, one task at a time."""
+
+    name = "local"
+
+    def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, spec: BackendSpec):
+        self.args = (problem, evaluation, int(max(1, spec.num_cpus)))
+        self.worker: EvalWorker | None = None
+        self.workers = [f"local@{socket.gethostname()}:{os.getpid()}"]
+
+    def start(self) -> None:
+        if self.worker is None:
+            import torch
+
+            self._threads = torch.get_num_threads()
+            self.worker = EvalWorker(*self.args)
+            self.worker.warm()
+
+    def close(self) -> None:
+        if self.worker is not None:
+            import torch
+
+            torch.set_num_threads(self._threads)
+            self.worker = None
+
+    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+        self.start()
+        for task in tasks:
+            if sink.stopping():
+                return
+            sink.start(task, self.workers[0])
+            sink.done(task, self.worker.evaluate(task))
+
+
+class RayBackend(Backend):
+    """Long-lived evaluator actors on a local Ray instance or an existing cluster (``address``)."""
+
+    name = "ray"
+
+    def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, spec: BackendSpec,
+                 on_event: Callable[[str], None] | None = None):
+        self.problem, self.evaluation, self.spec = problem, evaluation, spec
+        self.on_event = on_event or (lambda msg: None)
+        self.actors: list = []
+        self.workers: list[str] = []
+        self.failures: dict[int, int] = {}
+        self.started_ray = False
+
+    def _init_ray(self):
+        import ray
+
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.spec.address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = self.spec.address or "a local instance"
+                raise BackendError(f"backend.address: cannot start or reach Ray at {where} ({e})") from None
+            self.started_ray = True
+        return ray
+
+    def default_workers(self) -> int:
+        import ray
+
+        res = ray.cluster_resources()
+        if self.spec.num_gpus > 0:
+            n = int(res.get("GPU", 0) // self.spec.num_gpus)
+            if n < 1:
+                raise BackendError(f"backend.num_gpus = {self.spec.num_gpus:g} but the Ray cluster has "
+                                   f"{res.get('GPU', 0):g} GPUs; lower it or set num_gpus = 0")
+            return n
+        return max(1, int(res.get("CPU", 1) // self.spec.num_cpus))
+
+    def start(self) -> None:
+        if self.actors:
+            return
+        ray = self._init_ray()
+        actor_cls = ray.remote(_RayEvalWorker)
+        n = self.spec.workers or self.default_workers()
+        threads = int(max(1, self.spec.num_cpus))
+        for _ in range(n):
+            self.actors.append(actor_cls.options(
+                num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus, max_restarts=self.spec.max_restarts,
+                max_task_retries=0, name=None).remote(self.problem, self.evaluation, threads))
+        # the first actor computes and caches the references; the others then read the cache
+        try:
+            infos = [ray.get(self.actors[0].warm.remote())]
+            infos += ray.get([a.warm.remote() for a in self.actors[1:]])
+        except ray.exceptions.RayTaskError as e:
+            raise BackendError(f"the evaluator could not start: {e.cause if hasattr(e, 'cause') else e}") from None
+        self.workers = [f"ray-{i}@{info['host']}:{info['pid']}" for i, info in enumerate(infos)]
+        self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+
+    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+        ray = self._init_ray()
+        self.start()
+        todo: deque[Task] = deque(tasks)
+        busy: dict = {}  # ObjectRef -> (task, actor index)
+        load = [0] * len(self.actors)
+        alive = [True] * len(self.actors)
+        while todo or busy:
+            while todo and not sink.stopping():
+                free = [i for i in range(len(self.actors)) if alive[i] and load[i] < self.spec.in_flight]
+                if not free:
+                    break
+                i = min(free, key=lambda k: (load[k], k))
+                task = todo.popleft()
+                sink.start(task, self.workers[i])
+                busy[self.actors[i].evaluate.remote(task)] = (task, i)
+                load[i] += 1
+            if not busy:
+                if todo and not any(alive):
+                    raise BackendError("every evaluator actor died and none could be restarted")
+                break  # stopping: the rest stays queued
+            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            for ref in ready:
+                task, i = busy.pop(ref)
+                load[i] -= 1
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    reason = f"evaluator {self.workers[i]} died ({type(e).__name__})"
+                    self.failures[i] = self.failures.get(i, 0) + 1
+                    if self.failures[i] > self.spec.max_restarts:
+                        alive[i] = False
+                    self.on_event(reason)
+                    if sink.lost(task, self.workers[i], reason):
+                        todo.appendleft(task)
+                    continue
+                sink.done(task, result)
+
+    def kill_actor(self, i: int) -> None:
+        """Kill one evaluator actor (it restarts if restarts are left): what a lost node does to a job."""
+        import ray
+
+        ray.kill(self.actors[i], no_restart=False)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+            self.started_ray = False
+
+
+class _RayEvalWorker(EvalWorker):
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
+def make_backend(job, on_event: Callable[[str], None] | None = None) -> Backend:
+    if job.backend.kind == "ray":
+        return RayBackend(job.problem, job.evaluation, job.backend, on_event)
+    return LocalBackend(job.problem, job.evaluation, job.backend)

@@ -1,0 +1,203 @@
+"""`steptune run JOB.toml` (an overnight search from a job file) and `steptune status --study NAME`."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from steptune.cli_storage import CliError, DbOpt, JsonOpt, StudyOpt
+
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True)
+
+
+def _fmt(v, digits: int = 4) -> str:
+    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
+
+
+def _duration(secs: float | None) -> str:
+    return "—" if secs is None else str(timedelta(seconds=round(secs)))
+
+
+def _open_storage(url: str | None, must_exist: bool = False):
+    from steptune.storage import StorageError, connect
+
+    try:
+        return connect(url, must_exist=must_exist)
+    except StorageError as e:
+        raise CliError(f"storage.db: {e}") from None
+    except Exception as e:  # a driver error while reaching the server (refused, unknown host, bad login)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CliError(f"storage.db: cannot open the database {url!r} ({first})") from None
+
+
+def _best_text(best: dict) -> str:
+    return " ".join(f"{k}:{v:.3g}" for k, v in sorted(best.items()))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        job_file: Annotated[Path, typer.Argument(help="The job file (TOML); see examples/.")],
+        db: Annotated[str | None, typer.Option("--db", help="Database URL; overrides [storage] db.")] = None,
+        ray_address: Annotated[str | None, typer.Option(
+            "--ray-address", help="Join this Ray cluster ('auto' or host:port); implies the Ray backend.")] = None,
+        backend: Annotated[str | None, typer.Option("--backend", help="local or ray; overrides [backend] kind.")]
+        = None,
+        json_: JsonOpt = False,
+    ):
+        """Run (or resume) a search job: every evaluation is stored as it finishes; Ctrl-C stops cleanly."""
+        from steptune.backends import BackendError, make_backend
+        from steptune.jobs import JobError, load_job
+        from steptune.runner import Runner
+
+        try:
+            job = load_job(job_file)
+            job = job.with_overrides(**{"storage.db": db, "backend.address": ray_address,
+                                        "backend.kind": "ray" if ray_address else backend})
+        except JobError as e:
+            raise CliError(str(e)) from None
+        except ValueError as e:  # an override that does not validate
+            raise CliError(f"{job_file}: {str(e).splitlines()[0]}") from None
+        storage = _open_storage(job.storage.db)
+        backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
+        runner = Runner(job, storage, backend_, say=lambda m: err.print(m))
+        try:
+            runner.prepare()
+        except (JobError, BackendError) as e:
+            storage.close()
+            raise CliError(str(e)) from None
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("{task.fields[info]}"), console=err, disable=json_) as bar:
+            task = bar.add_task("starting", total=None, info="")
+
+            def progress(st: dict) -> None:
+                eta = f" eta {_duration(st['eta'])}" if st.get("eta") is not None else ""
+                retried = f" retried {st['retried']}" if st["retried"] else ""
+                if st["phase"] == "search":
+                    bar.update(task, description="search", total=st["total"], completed=st["done"],
+                               info=f"best {_best_text(st['best'])}{retried}{eta}")
+                else:
+                    bar.update(task, description=st["phase"], info=retried)
+
+            runner.progress = progress
+            previous = signal.getsignal(signal.SIGINT)
+
+            def on_sigint(signum, frame):
+                if runner.interrupted.is_set():
+                    signal.signal(signal.SIGINT, previous)
+                    raise KeyboardInterrupt
+                runner.interrupt()
+                err.print("[yellow]interrupted: finishing the evaluations in flight (Ctrl-C again to abort)")
+
+            signal.signal(signal.SIGINT, on_sigint)
+            try:
+                result = runner.run()
+            except (JobError, BackendError) as e:
+                raise CliError(str(e)) from None
+            finally:
+                signal.signal(signal.SIGINT, previous)
+                backend_.close()
+                storage.close()
+        payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
+                   "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
+                   "seconds": result.seconds,
+                   "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe]}
+        if json_:
+            print(json.dumps(payload, indent=2))
+        else:
+            table = Table(title=f"study {result.study}: {result.evaluations} search evaluations, "
+                                f"{result.confirmations} held-out confirmations, {result.status} "
+                                f"in {_duration(result.seconds)} (held-out RMSE)")
+            for col in ("NFE", "best preset", "preset", "searched", "improvement", "found at eval"):
+                table.add_column(col, justify="left" if col == "best preset" else "right")
+            for r in result.per_nfe:
+                table.add_row(str(r.nfe), r.preset or "—", _fmt(r.preset_score), _fmt(r.searched_score),
+                              "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"))
+            out.print(table)
+            if result.status in ("interrupted", "time-budget", "incomplete"):
+                err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
+        if result.status == "interrupted":
+            raise typer.Exit(130)
+
+    @app.command("status")
+    def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
+        """Progress of a study: evaluations done of its budget, rate and ETA, best per NFE, failures."""
+        from steptune.storage import StorageError
+
+        storage = _open_storage(db, must_exist=True)
+        try:
+            info = study_status(storage, study)
+        except StorageError as e:
+            raise CliError(str(e)) from None
+        finally:
+            storage.close()
+        if json_:
+            print(json.dumps(info, indent=2, default=str))
+            return
+        done, total = info["search_done"], info["search_budget"]
+        pct = f" ({100 * done / total:.0f}%)" if total else ""
+        out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
+                  f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
+                  f"rate {_fmt(info['per_minute'], 3)}/min, ETA {_duration(info['eta_seconds'])}")
+        table = Table(title="best per NFE (held-out where confirmed)")
+        for col in ("NFE", "searched (held-out)", "searched (train)", "best preset", "preset (held-out)"):
+            table.add_column(col, justify="left" if col == "best preset" else "right")
+        for r in info["per_nfe"]:
+            table.add_row(str(r["nfe"]), _fmt(r["heldout"]), _fmt(r["train"]), r["preset"] or "—",
+                          _fmt(r["preset_score"]))
+        out.print(table)
+        out.print(f"failures: {info['failed']} failed trials, {info['retried']} retried after a lost worker")
+        for e in info["recent_errors"]:
+            out.print(f"  trial {e['number']} ({e['status']}, attempt {e['attempts']}): {e['error']}")
+
+
+def study_status(storage, study: str) -> dict:
+    """What `steptune status` shows, from the database alone."""
+    from steptune.runner import CHEAP, CONFIRM, summarize
+    from steptune.storage.schema import utcnow
+
+    st = storage.get_study(study)
+    trials = storage.trials(study)
+    job = st.config.get("job") or {}
+    nfes = sorted({t.nfe for t in trials}) if not job else job["search"]["nfe"]
+    budget = job["budget"]["evaluations"] * len(nfes) if job else None
+    cheap = [t for t in trials if t.fidelity == CHEAP]
+    final = [t for t in cheap if t.status in ("complete", "failed", "pruned")]
+    recent = [t for t in trials if t.finished is not None and (utcnow() - t.finished).total_seconds() <= 600]
+    per_minute = None
+    if len(recent) >= 2:
+        span = (max(t.finished for t in recent) - min(t.finished for t in recent)).total_seconds()
+        per_minute = 60 * (len(recent) - 1) / span if span > 0 else None
+    eta = None
+    if budget is not None and per_minute:
+        left = budget - len(final) + (job["evaluation"]["confirm"] * len(nfes) if job else 0)
+        eta = 60 * max(0, left) / per_minute
+    rows = []
+    summary = {s.nfe: s for s in summarize(trials, nfes)}
+    for nfe in nfes:
+        train = [t.score for t in cheap if t.nfe == nfe and t.status == "complete" and t.score is not None]
+        s = summary[nfe]
+        rows.append({"nfe": nfe, "heldout": s.searched_score, "train": min(train) if train else None,
+                     "preset": s.preset, "preset_score": s.preset_score})
+    retried = [t for t in trials if t.attempts > 1 or (t.error or "").startswith("re-queued")]
+    troubled = sorted((t for t in trials if t.status == "failed" or t in retried), key=lambda t: t.number)
+    return {"study": study, "method": st.method, "seed": st.seed, "trials": len(trials),
+            "search_done": len(final), "search_budget": budget,
+            "running": sum(t.status == "running" for t in trials), "queued": sum(t.status == "queued" for t in trials),
+            "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),
+            "per_minute": per_minute, "eta_seconds": eta, "per_nfe": rows,
+            "confirmed": sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info),
+            "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
+            "recent_errors": [{"number": t.number, "status": t.status, "attempts": t.attempts, "error": t.error}
+                              for t in troubled[-5:]]}

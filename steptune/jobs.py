@@ -1,0 +1,218 @@
+"""Job files: one TOML file says what an overnight search does (validated before any work starts).
+
+```toml
+study = "digits-s3"
+seed = 0
+
+[problem]            # a built-in problem, or your model as module:factory with its conventions
+name = "gmm-digits"
+noise = "vp-linear"
+
+[search]
+method = "s3"
+nfe = [4, 5, 6, 8, 10]
+
+[budget]
+evaluations = 300    # cheap-fidelity evaluations per NFE
+time = "8h"          # wall clock for the whole job, confirmation included
+
+[storage]
+db = "sqlite:///runs/steptune.db"
+
+[backend]
+kind = "ray"         # or "local" (in-process)
+address = "auto"     # an existing Ray cluster; leave out for a local instance
+num_cpus = 1         # per evaluator
+```
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class JobError(ValueError):
+    """A job file that cannot run: one sentence naming the file and the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProblemSpec(_Section):
+    name: str | None = None  # a built-in problem (gmm-digits, gmm-2d, ...)
+    model: str | None = None  # module:factory of a user model
+    noise: str | None = None
+    prediction: str | None = None
+    time_input: str | None = None
+    guidance_scale: float | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.name is None) == (self.model is None):
+            raise ValueError("give exactly one of 'name' (a built-in problem) or 'model' (module:factory)")
+        if self.model is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.model):
+            raise ValueError(f"model {self.model!r} is not of the form module:factory")
+        return self
+
+    def describe(self) -> str:
+        return self.name or self.model or "?"
+
+
+class SearchSpec(_Section):
+    method: str = "s3"
+    nfe: list[int]
+    batch: int | None = Field(default=None, ge=1)  # candidates asked at a time (default: 2 per NFE)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        from steptune.search import METHODS
+
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; use one of {', '.join(METHODS)}")
+        return v
+
+    @field_validator("nfe")
+    @classmethod
+    def _nfes(cls, v: list[int]) -> list[int]:
+        if not v or any(n < 1 for n in v):
+            raise ValueError("give at least one NFE, each at least 1, e.g. nfe = [4, 5, 6]")
+        return sorted(set(v))
+
+
+class EvaluationSpec(_Section):
+    cheap_samples: int = Field(default=64, ge=1)  # train-bank states per search evaluation
+    train_samples: int = Field(default=256, ge=1)
+    heldout_samples: int = Field(default=1024, ge=1)  # results are reported on this bank
+    confirm: int = Field(default=3, ge=0)  # best candidates per NFE confirmed on the held-out bank
+    baseline: bool = True  # evaluate the preset solvers on the held-out bank for comparison
+    bank_seed: int = 0  # seed of the noise banks (the search's own seed is the job's seed)
+    cache: str = "runs/cache"
+
+    @model_validator(mode="after")
+    def _fits(self):
+        if self.cheap_samples > self.train_samples:
+            raise ValueError(f"cheap_samples ({self.cheap_samples}) is larger than train_samples "
+                             f"({self.train_samples})")
+        return self
+
+
+class BudgetSpec(_Section):
+    evaluations: int = Field(default=300, ge=1)  # per NFE
+    time: float | None = None  # seconds; TOML may say "8h", "30m", "1h30m", "90s"
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        return None if v is None else parse_duration(v)
+
+
+class StorageSpec(_Section):
+    db: str | None = None  # default: sqlite:///runs/steptune.db (or $STEPTUNE_DB)
+
+
+class BackendSpec(_Section):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None  # Ray: None starts a local instance; "auto" or host:port joins a cluster
+    workers: int | None = Field(default=None, ge=1)  # evaluators; default one per GPU, else one per CPU slot
+    num_cpus: float = Field(default=1, gt=0)
+    num_gpus: float = Field(default=0, ge=0)
+    in_flight: int = Field(default=2, ge=1)  # candidates queued on each evaluator at once
+    batched: bool = False  # evaluate a worker's queued candidates in one batched pass through the model
+    max_attempts: int = Field(default=3, ge=1)  # per trial, over lost workers
+    max_restarts: int = Field(default=3, ge=0)  # per evaluator actor
+
+
+class Job(_Section):
+    study: str = Field(min_length=1, max_length=200)
+    seed: int = 0
+    problem: ProblemSpec
+    search: SearchSpec
+    evaluation: EvaluationSpec = EvaluationSpec()
+    budget: BudgetSpec = BudgetSpec()
+    storage: StorageSpec = StorageSpec()
+    backend: BackendSpec = BackendSpec()
+
+    def identity(self) -> dict:
+        """What decides the search's results: a study resumed with a job that differs here is refused."""
+        return {"seed": self.seed, "problem": self.problem.model_dump(), "search": self.search.model_dump(),
+                "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline"})}
+
+    def with_overrides(self, **changes) -> Job:
+        """A copy with ``section.key`` overrides (None values are ignored), validated again."""
+        data = self.model_dump()
+        for dotted, value in changes.items():
+            if value is None:
+                continue
+            section, _, key = dotted.partition(".")
+            if key:
+                data[section][key] = value
+            else:
+                data[section] = value
+        return Job.model_validate(data)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(v) -> float:
+    """Seconds from a number or a text like "8h", "30m", "1h30m", "90s", "2d"."""
+    if isinstance(v, bool):
+        raise ValueError("a duration is a number of seconds or a text like '8h', '30m' or '1h30m'")
+    if isinstance(v, (int, float)):
+        secs = float(v)
+    else:
+        text = str(v).strip().lower().replace(" ", "")
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"{v!r} is not a duration; write e.g. '8h', '30m', '1h30m' or a number of seconds")
+        secs = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not math.isfinite(secs) or secs <= 0:
+        raise ValueError(f"{v!r} is not a positive duration")
+    return secs
+
+
+def _describe(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section, _, key = loc.rpartition(".")
+        model = {"": Job, "problem": ProblemSpec, "search": SearchSpec, "evaluation": EvaluationSpec,
+                 "budget": BudgetSpec, "storage": StorageSpec, "backend": BackendSpec}.get(section)
+        known = ", ".join(model.model_fields) if model else ""
+        where = f"in [{section}]" if section else "at the top level"
+        return f"unknown key '{loc}' {where}; known keys: {known}"
+    if kind == "missing":
+        return f"missing key '{loc}'"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "literal_error":
+        return f"key '{loc}': {msg} (got {err.get('input')!r})"
+    return f"key '{loc}': {msg}" if loc else msg
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a job file; raises JobError with one sentence naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"{path}: no such job file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise JobError(f"{path}: not valid TOML ({e})") from None
+    return job_from_dict(data, where=str(path))
+
+
+def job_from_dict(data: dict, where: str = "job") -> Job:
+    try:
+        return Job.model_validate(data)
+    except ValidationError as e:
+        raise JobError(f"{where}: {_describe(e.errors()[0])}") from None

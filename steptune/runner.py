@@ -1,0 +1,456 @@
+"""The Runner: drives a searcher's ask/tell across NFEs, hands evaluations to a backend, and writes every
+trial to the database as it happens.
+
+A job runs in three phases, each resumable from the database alone:
+
+1. **baseline**: every preset solver at every NFE on the held-out bank (for the comparison table);
+2. **search**: the searcher is asked for a batch of candidates, the batch is stored (``queued``),
+   evaluated on the cheap fidelity (the first ``cheap_samples`` states of the train bank), and told to
+   the searcher in the order it was asked, whatever order the results came back in. So the searcher's
+   state depends on the stored rows only, and the same seed gives the same trials on any backend;
+3. **confirm**: the best few per NFE are evaluated on the held-out bank; a result is always reported
+   on the bank it was not selected on.
+
+On resume the stored batches are replayed into a fresh searcher (re-asked and told their stored
+results), and the rows a stopped run left ``queued`` or ``running`` are evaluated now, so a
+killed run loses only what was in flight and the study ends with the same trials as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from steptune.backends import Backend, BackendError, Task, build_problem
+from steptune.jobs import Job, JobError
+from steptune.storage import Storage, StorageError
+
+CHEAP, CONFIRM = "train", "heldout"
+LEASE_SECONDS = 120.0  # a running trial whose heartbeat is older than this belongs to a run that is gone
+
+
+@dataclass
+class NfeSummary:
+    nfe: int
+    preset: str | None
+    preset_score: float | None
+    searched_score: float | None
+    trial: int | None  # number of the searched schedule's cheap-fidelity trial
+    found_at: int | None  # cheap evaluations done when it was found
+
+    @property
+    def improvement(self) -> float | None:
+        if self.preset_score is None or not self.searched_score:
+            return None
+        return self.preset_score / self.searched_score
+
+
+@dataclass
+class RunResult:
+    study: str
+    status: str  # complete | interrupted | time-budget
+    evaluations: int  # cheap-fidelity evaluations stored for the study
+    confirmations: int
+    failed: int
+    retried: int
+    seconds: float
+    per_nfe: list[NfeSummary] = field(default_factory=list)
+
+
+def _driver_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _driver_gone(worker: str | None) -> bool:
+    """True when ``worker`` names a driver on this host whose process no longer exists."""
+    if not worker:
+        return True
+    host, _, rest = worker.partition(":")
+    pid = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return int(pid) == os.getpid()  # this process: a run before this one in it stopped (nothing is in flight now)
+
+
+class _Sink:
+    """Receives the backend's events for one list of tasks; writes each to the database at once."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.results: dict[int, dict] = {}
+        self.in_flight: dict[int, str] = {}
+        self.notes: dict[int, str] = {}  # why a trial was re-dispatched: kept on its row
+
+    def start(self, task: Task, worker: str) -> None:
+        name = f"{self.runner.driver}/{worker}"
+        self.runner.storage.start(task.trial_id, name)
+        self.in_flight[task.trial_id] = name
+
+    def done(self, task: Task, result: dict) -> None:
+        worker = self.in_flight.pop(task.trial_id, None)
+        status = result["status"] if result["status"] in ("complete", "failed") else "failed"
+        error = result.get("error") or self.notes.get(task.trial_id)
+        self.runner.storage.finish(task.trial_id, status=status, metrics=result.get("metrics") or {},
+                                   error=error, seconds=result.get("seconds"), worker=worker)
+        self.results[task.trial_id] = result
+        self.runner._progress_event(task, result)
+
+    def lost(self, task: Task, worker: str, reason: str) -> bool:
+        self.in_flight.pop(task.trial_id, None)
+        row = self.runner.storage.requeue(task.trial_id, reason)
+        self.notes[task.trial_id] = row.error
+        self.runner.retried += 1
+        if row.status == "failed":
+            self.results[task.trial_id] = {"status": "failed", "metrics": {}, "error": row.error}
+            self.runner._progress_event(task, self.results[task.trial_id])
+            return False
+        return True
+
+    def stopping(self) -> bool:
+        return self.runner.should_stop()
+
+
+class Runner:
+    """Runs ``job`` on ``backend``, storing into ``storage``. ``progress`` gets a dict after every result
+    (phase, done, total, best per NFE, failures, eta); ``say`` gets one-line notices."""
+
+    def __init__(self, job: Job, storage: Storage, backend: Backend,
+                 progress: Callable[[dict], None] | None = None, say: Callable[[str], None] | None = None):
+        self.job, self.storage, self.backend = job, storage, backend
+        self.progress = progress
+        self.say = say or (lambda msg: None)
+        self.driver = _driver_id()
+        self.interrupted = threading.Event()
+        self.started = time.monotonic()
+        self.deadline = None if job.budget.time is None else self.started + job.budget.time
+        self.search_deadline = self.deadline
+        self.phase = "baseline"
+        self.retried = 0
+        self.done = 0
+        self.total = job.budget.evaluations * len(job.search.nfe)
+        self.best: dict[int, float] = {}
+        self.problem = None
+        self.eval_seconds: list[float] = []
+        self.time_up = False
+        self._sink: _Sink | None = None
+
+    # ---- control ---------------------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Finish what is in flight, start nothing new, and return (SIGINT)."""
+        self.interrupted.set()
+
+    def should_stop(self) -> bool:
+        if self.interrupted.is_set():
+            return True
+        deadline = self.search_deadline if self.phase == "search" else self.deadline
+        if deadline is not None and time.monotonic() >= deadline:
+            self.time_up = True
+            return True
+        return False
+
+    # ---- the job ---------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Everything that can fail on bad input, before any evaluation: the problem (the model factory is
+        imported and called), the study (created, or checked against the job it was run with), and the
+        trials a stopped run left running."""
+        if getattr(self, "problem", None) is not None:
+            return
+        job = self.job
+        try:
+            self.problem = build_problem(job.problem)
+        except (JobError, BackendError):
+            raise
+        except Exception as e:
+            key = "problem.model" if job.problem.model else "problem.name"
+            msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+            raise JobError(f"{key} {job.problem.describe()!r}: {msg}") from None
+        self._open_study()
+        self._recover()
+
+    def run(self) -> RunResult:
+        self.prepare()
+        job = self.job
+        from steptune.search import make_searcher
+
+        self.searcher = make_searcher(job.search.method, self.problem.noise, self.problem.t_start,
+                                      self.problem.t_end, job.search.nfe, seed=job.seed, **job.search.options)
+        beat = threading.Thread(target=self._heartbeat, name="steptune-heartbeat", daemon=True)
+        self._beating = threading.Event()
+        beat.start()
+        try:
+            self.backend.start()
+            if job.evaluation.baseline:
+                self.phase = "baseline"
+                self._baseline()
+            if not self.should_stop():
+                self.phase = "search"
+                self._search()
+            if not self.interrupted.is_set() and not (self.time_up and self.deadline_passed()):
+                self.phase = "confirm"
+                self._confirm()
+        finally:
+            self._beating.set()
+            beat.join()
+        return self._result()
+
+    def deadline_passed(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def _open_study(self) -> None:
+        job = self.job
+        config = {"job": job.model_dump(), "identity": job.identity(), "fidelity": CONFIRM}
+        identity = {"name": self.problem.name, **self.problem.identity()}
+        try:
+            st = self.storage.create_study(job.study, method=job.search.method, seed=job.seed, config=config,
+                                           problem=identity, exist_ok=True)
+        except StorageError as e:
+            raise JobError(f"study {job.study!r}: {e}") from None
+        old = st.config.get("identity")
+        if old is not None and old != job.identity():
+            key = _first_difference(old, job.identity())
+            raise JobError(f"study {job.study!r} was run with a different job ({key} differs); resume it with the "
+                           "same job or give a new study name")
+        if old is None and st.n_trials:
+            raise JobError(f"study {job.study!r} exists and was not made by a job file; give a new study name")
+
+    def _recover(self) -> None:
+        """Trials a stopped run left ``running``: re-queued (or failed when out of attempts)."""
+        for t in self.storage.trials(self.job.study, status="running"):
+            stale = t.heartbeat is None or (self._db_now() - t.heartbeat).total_seconds() > LEASE_SECONDS
+            if _driver_gone(t.worker) or stale:
+                self.storage.requeue(t.id, f"the run that started it ({t.worker}) stopped")
+                self.retried += 1
+            else:
+                raise JobError(f"study {self.job.study!r} is being run by another process (trial {t.number} is "
+                               f"running under {t.worker}); wait for it to finish or stop it first")
+
+    @staticmethod
+    def _db_now():
+        from steptune.storage.schema import utcnow
+
+        return utcnow()
+
+    def _heartbeat(self) -> None:
+        while not self._beating.wait(LEASE_SECONDS / 4):
+            sink = self._sink
+            for tid, worker in list(sink.in_flight.items()) if sink else []:
+                try:
+                    self.storage.heartbeat(tid, worker)
+                except StorageError:
+                    pass
+
+    # ---- evaluation of stored trials ---------------------------------------------------------------
+
+    def _evaluate(self, rows) -> dict[int, dict]:
+        """Evaluate the stored ``queued`` rows; returns their results by trial id."""
+        tasks = [Task(t.id, t.schedule, t.bank, t.n_samples) for t in rows if t.status == "queued"]
+        if not tasks:
+            return {}
+        self._sink = _Sink(self)
+        self.backend.run(tasks, self._sink)
+        return self._sink.results
+
+    def _progress_event(self, task: Task, result: dict) -> None:
+        if result.get("seconds") and task.bank == CHEAP:
+            self.eval_seconds.append(float(result["seconds"]))
+        if self.phase == "search":
+            self.done += 1
+        if self.progress is not None:
+            self.progress(self.status())
+
+    def status(self) -> dict:
+        elapsed = time.monotonic() - self.started
+        rate = self._rate()
+        eta = (self.total - self.done) / rate if rate and self.phase == "search" else None
+        return {"phase": self.phase, "done": self.done, "total": self.total, "best": dict(self.best),
+                "retried": self.retried, "elapsed": elapsed, "eta": eta}
+
+    def _rate(self) -> float | None:
+        if not hasattr(self, "_search_start"):
+            return None
+        t0, done0 = self._search_start
+        elapsed = time.monotonic() - t0
+        return (self.done - done0) / elapsed if elapsed > 0 and self.done > done0 else None
+
+    # ---- phases ------------------------------------------------------------------------------------
+
+    def _baseline(self) -> None:
+        from steptune.space import ScheduleError, presets
+        from steptune.sweep import DEFAULT_PRESETS
+
+        have = {t.info.get("origin") for t in self.storage.trials(self.job.study) if t.info.get("baseline")}
+        items = []
+        for spec in DEFAULT_PRESETS:
+            for nfe in self.job.search.nfe:
+                origin = f"preset:{spec}@{nfe}"
+                if origin in have:
+                    continue
+                try:
+                    sched = presets.build(spec, nfe, self.problem.noise, t_start=self.problem.t_start,
+                                          t_end=self.problem.t_end)
+                except ScheduleError:
+                    continue  # this preset has no schedule at this NFE
+                items.append(self._item(sched, CONFIRM, {"baseline": True, "origin": origin}))
+        if items:
+            self.say(f"evaluating {len(items)} preset schedules on the held-out bank")
+            self.storage.add_trials(self.job.study, items)
+        self._evaluate(self.storage.trials(self.job.study, status="queued"))
+
+    def _item(self, schedule, bank: str, info: dict) -> dict:
+        n = self.job.evaluation.cheap_samples if bank == CHEAP else self.job.evaluation.heldout_samples
+        return {"schedule": schedule, "fidelity": bank, "bank": bank, "n_samples": n, "info": info,
+                "max_attempts": self.job.backend.max_attempts}
+
+    def _search(self) -> None:
+        from steptune.search import Candidate
+        from steptune.space import Schedule
+
+        job, searcher = self.job, self.searcher
+        batch_size = job.search.batch or max(4, searcher.batch_per_nfe * len(searcher.nfes))
+        rows = [t for t in self.storage.trials(job.study) if t.fidelity == CHEAP and "batch" in t.info]
+        batches: dict[int, list] = {}
+        for t in rows:
+            batches.setdefault(int(t.info["batch"]), []).append(t)
+        self.done = sum(1 for t in rows if t.status in ("complete", "failed", "pruned"))
+        for t in rows:
+            if t.status == "complete" and t.score is not None:
+                self.best[t.nfe] = min(self.best.get(t.nfe, math.inf), t.score)
+        if rows:
+            self.say(f"resuming study {job.study!r}: {len(rows)} search evaluations stored")
+        self._search_start = (time.monotonic(), self.done)
+        self._reserve_confirm_time()
+        b = 0
+        while True:
+            asked = None
+            if b in batches:
+                stored = batches[b]
+            else:
+                left = self.total - sum(len(v) for v in batches.values())
+                if left <= 0 or self.should_stop():
+                    break
+                cands = searcher.ask(min(batch_size, left))
+                if not cands:
+                    break
+                ids = self.storage.add_trials(job.study, [
+                    self._item(c.schedule, CHEAP, {"batch": b, "origin": c.origin, "params": _plain(c.params)})
+                    for c in cands])
+                stored = batches[b] = [self.storage.trial(i) for i in ids]
+                asked = {c.key: c for c in cands}
+            if any(t.status in ("queued", "running") for t in stored):
+                self._evaluate(stored)
+                stored = batches[b] = [self.storage.trial(t.id) for t in stored]
+                if any(t.status in ("queued", "running") for t in stored):
+                    return  # stopped (SIGINT or time budget) inside this batch; a resume finishes it
+            if asked is None:  # a stored batch: the searcher asks what it asked then, and is told the results
+                asked = {c.key: c for c in searcher.ask(len(stored))}
+            for t in stored:
+                c = asked.get(_key(t)) or Candidate(Schedule.from_dict(t.schedule), t.nfe, t.info.get("origin", ""),
+                                                    dict(t.info.get("params") or {}))
+                searcher.tell(c, t)
+                if t.status == "complete" and t.score is not None:
+                    self.best[t.nfe] = min(self.best.get(t.nfe, math.inf), t.score)
+            b += 1
+            self._reserve_confirm_time()
+
+    def _reserve_confirm_time(self) -> None:
+        """Stop searching early enough that confirmation still ends within the time budget."""
+        if self.deadline is None:
+            return
+        secs = sorted(s for s in self.eval_seconds if s > 0)
+        per_cheap = secs[len(secs) // 2] if secs else 0.0
+        scale = self.job.evaluation.heldout_samples / self.job.evaluation.cheap_samples
+        workers = max(1, len(self.backend.workers))
+        n_confirm = self.job.evaluation.confirm * len(self.job.search.nfe)
+        self.search_deadline = self.deadline - 1.5 * per_cheap * scale * math.ceil(n_confirm / workers)
+
+    def _confirm(self) -> None:
+        job = self.job
+        k = job.evaluation.confirm
+        if k == 0:
+            return
+        trials = self.storage.trials(job.study)
+        confirmed = {t.key for t in trials if t.fidelity == CONFIRM and not t.info.get("baseline")}
+        items = []
+        for nfe in job.search.nfe:
+            rows = sorted((t for t in trials if t.fidelity == CHEAP and t.nfe == nfe and t.status == "complete"
+                           and t.score is not None), key=lambda t: (t.score, t.number))
+            picked = list(dict.fromkeys(t.key for t in rows))[:k]
+            for key in picked:
+                if key in confirmed:
+                    continue
+                t = next(r for r in rows if r.key == key)
+                items.append(self._item(t.schedule, CONFIRM, {"confirms": t.number, "origin": t.info.get("origin")}))
+        if items:
+            self.storage.add_trials(job.study, items)
+        self._evaluate([t for t in self.storage.trials(job.study, status="queued") if t.fidelity == CONFIRM])
+
+    # ---- the outcome -----------------------------------------------------------------------------
+
+    def _result(self) -> RunResult:
+        trials = self.storage.trials(self.job.study)
+        cheap = [t for t in trials if t.fidelity == CHEAP]
+        status = "interrupted" if self.interrupted.is_set() else "time-budget" if self.time_up else "complete"
+        if status == "complete" and any(t.status in ("queued", "running") for t in trials):
+            status = "incomplete"
+        return RunResult(self.job.study, status, len(cheap),
+                         sum(1 for t in trials if t.fidelity == CONFIRM and not t.info.get("baseline")),
+                         sum(1 for t in trials if t.status == "failed"), self.retried,
+                         time.monotonic() - self.started, summarize(trials, self.job.search.nfe))
+
+
+def summarize(trials, nfes) -> list[NfeSummary]:
+    """Per NFE: the best preset on the held-out bank, and the searched schedule with the best held-out score."""
+    by_number = {t.number: t for t in trials}
+    cheap_order = {t.number: i + 1 for i, t in enumerate(t for t in trials if t.fidelity == CHEAP)}
+    out = []
+    for nfe in nfes:
+        held = [t for t in trials if t.fidelity == CONFIRM and t.nfe == nfe and t.status == "complete"
+                and t.score is not None]
+        base = min((t for t in held if t.info.get("baseline")), key=lambda t: t.score, default=None)
+        found = min((t for t in held if "confirms" in t.info), key=lambda t: (t.score, t.number), default=None)
+        src = by_number.get(found.info["confirms"]) if found else None
+        out.append(NfeSummary(nfe, base.info["origin"].removeprefix("preset:").rsplit("@", 1)[0] if base else None,
+                              base.score if base else None, found.score if found else None,
+                              src.number if src else None, cheap_order.get(src.number) if src else None))
+    return out
+
+
+def _key(t) -> str:
+    from steptune.search import schedule_key
+    from steptune.space import Schedule
+
+    return schedule_key(Schedule.from_dict(t.schedule))
+
+
+def _plain(params: dict) -> dict:
+    out = {}
+    for k, v in params.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        out[str(k)] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v)
+    return out
+
+
+def _first_difference(a, b, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+    return f"'{path}' ({a!r} then, {b!r} now)"
+
+
+__all__ = ["BackendError", "NfeSummary", "RunResult", "Runner", "summarize"]

@@ -1,0 +1,213 @@
+"""The job runner with the in-process backend: job-file validation, resumption after SIGKILL and SIGINT,
+the wall-clock budget, and `steptune status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from runner_jobs import job_text, outcome, write_job
+from steptune.cli import main
+from steptune.storage import connect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    c = capsys.readouterr()
+    return code, c.out, c.err
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference_study(tmp_path_factory, cache):
+    """An uninterrupted run of the job the interruption tests repeat."""
+    d = tmp_path_factory.mktemp("ref")
+    url = f"sqlite:///{d / 'ref.db'}"
+    job = write_job(d / "job.toml", "ref", cache, evaluations=30)
+    assert main(["run", str(job), "--db", url, "--json"]) == 0
+    with connect(url) as db:
+        return outcome(db, "ref")
+
+
+# ---- bad job files: one line, exit 2, nothing written ------------------------------------------------
+
+
+BAD = [
+    ("unknown-key", lambda t: t.replace("[search]\n", "[search]\nmethd = 's3'\n"),
+     "unknown key 'search.methd' in [search]; known keys: method, nfe, batch, options"),
+    ("wrong-type", lambda t: t.replace("evaluations = 12", "evaluations = 'many'"),
+     "key 'budget.evaluations': Input should be a valid integer"),
+    ("bad-duration", lambda t: t.replace("evaluations = 12", "evaluations = 12\ntime = '8 hours'"),
+     "key 'budget.time': '8 hours' is not a duration"),
+    ("unknown-method", lambda t: t.replace('method = "s3"', 'method = "grid"'),
+     "key 'search.method': unknown method 'grid'; use one of s3, tpe, cmaes, random, mo-tpe"),
+    ("missing-nfe", lambda t: t.replace("nfe = [3, 4]\n", ""), "missing key 'search.nfe'"),
+    ("two-sources", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-2d"\nmodel = "pkg.mod:make"'),
+     "give exactly one of 'name' (a built-in problem) or 'model' (module:factory)"),
+    ("missing-factory", lambda t: t.replace('name = "gmm-2d"', 'model = "steptune_no_such_module:make_model"'),
+     "problem.model 'steptune_no_such_module:make_model'"),
+    ("unknown-problem", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-3d"'),
+     "problem.name 'gmm-3d'"),
+    ("not-toml", lambda t: t + "\n[search\n", "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("case,edit,words", BAD, ids=[b[0] for b in BAD])
+def test_bad_job_files_fail_before_any_work(tmp_path, cache, capsys, case, edit, words):
+    job = tmp_path / f"{case}.toml"
+    job.write_text(edit(job_text("bad", cache)))
+    db = tmp_path / "x.db"
+    code, out, err = _run(["run", str(job), "--db", f"sqlite:///{db}"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: {job}: " if case not in ("missing-factory", "unknown-problem") else "error: ")
+    assert words in lines[0], lines[0]
+    assert "Traceback" not in out + err
+    if db.exists():
+        with connect(f"sqlite:///{db}") as store:
+            assert store.studies() == []
+
+
+def test_an_unreachable_database_fails_before_any_work(tmp_path, cache, capsys):
+    job = write_job(tmp_path / "job.toml", "j", cache)
+    code, _, err = _run(["run", str(job), "--db", "postgresql+psycopg://steptune@127.0.0.1:9/none"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: storage.db: "), err
+    code, _, err = _run(["run", str(tmp_path / "missing.toml")], capsys)
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.toml'}: no such job file"
+
+
+def test_a_study_resumed_with_another_job_is_refused(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "s", cache, evaluations=2)
+    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    job.write_text(job.read_text().replace("seed = 3", "seed = 4"))
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and "error: study 's' was run with a different job ('seed' (3 then, 4 now) differs)" in err
+
+
+# ---- a complete run --------------------------------------------------------------------------------
+
+
+def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "s", cache, evaluations=10)
+    code, out, _ = _run(["run", str(job), "--db", url, "--json"], capsys)
+    res = json.loads(out)
+    assert code == 0 and res["status"] == "complete" and res["evaluations"] == 20
+    with connect(url) as db:
+        trials = db.trials("s")
+        first = outcome(db, "s")
+    cheap = [t for t in trials if t.fidelity == "train"]
+    assert len(cheap) == 20 and all(t.status == "complete" and t.n_samples == 32 for t in cheap)
+    # every preset at every NFE on the held-out bank, and the best two per NFE confirmed there
+    base = [t for t in trials if t.info.get("baseline")]
+    assert len(base) >= 2 * 10 and all(t.bank == "heldout" and t.n_samples == 128 for t in base)
+    confirms = [t for t in trials if "confirms" in t.info]
+    assert sorted(t.nfe for t in confirms) == [3, 3, 4, 4]
+    for row in res["per_nfe"]:  # the table's numbers are the stored held-out scores
+        nfe_confirms = [t.score for t in confirms if t.nfe == row["nfe"]]
+        assert row["searched_score"] == min(nfe_confirms)
+        assert row["preset_score"] == min(t.score for t in base if t.nfe == row["nfe"])
+    code, out, _ = _run(["run", str(job), "--db", url, "--json"], capsys)
+    assert code == 0 and json.loads(out)["per_nfe"] == res["per_nfe"]
+    with connect(url) as db:
+        assert outcome(db, "s") == first
+    code, out, _ = _run(["status", "--study", "s", "--db", url, "--json"], capsys)
+    st = json.loads(out)
+    assert (st["search_done"], st["search_budget"], st["failed"], st["retried"], st["running"]) == (20, 20, 0, 0, 0)
+    assert [r["heldout"] for r in st["per_nfe"]] == [r["searched_score"] for r in res["per_nfe"]]
+
+
+# ---- interruptions -----------------------------------------------------------------------------------
+
+
+def _spawn(job: Path, url: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "steptune", "run", str(job), "--db", url, "--json"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_trials(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if path.exists():
+            try:
+                with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as c:
+                    done = c.execute("SELECT count(*) FROM trials WHERE fidelity = 'train' AND "
+                                     "status = 'complete'").fetchone()[0]
+                if done >= n:
+                    return
+            except sqlite3.OperationalError:  # the schema is not there yet
+                pass
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} trials after {timeout} s")
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_trials(tmp_path, cache, capsys, reference_study):
+    path = tmp_path / "x.db"
+    url = f"sqlite:///{path}"
+    job = write_job(tmp_path / "job.toml", "ref", cache, evaluations=30)
+    proc = _spawn(job, url)
+    _wait_for_trials(path, 15, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with connect(url) as db:
+        left = db.trials("ref")
+    assert 15 <= sum(t.fidelity == "train" for t in left) < 60  # killed mid-search
+    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    assert code == 0 and json.loads(out)["status"] == "complete", err
+    with connect(url) as db:
+        got = outcome(db, "ref")
+        trials = db.trials("ref")
+    assert got == reference_study  # same trials, same results, nothing lost or duplicated
+    assert all(t.status == "complete" for t in trials)
+    lost = [t for t in trials if t.attempts > 1]  # what was in flight at the kill ran again
+    assert all("re-queued" in t.error and "stopped" in t.error for t in lost)
+
+
+def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, capsys, reference_study):
+    path = tmp_path / "x.db"
+    url = f"sqlite:///{path}"
+    job = write_job(tmp_path / "job.toml", "ref", cache, evaluations=30)
+    proc = _spawn(job, url)
+    _wait_for_trials(path, 10, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "finishing the evaluations in flight" in err and "Traceback" not in err
+    assert json.loads(out)["status"] == "interrupted"
+    with connect(url) as db:
+        assert not db.trials("ref", status="running")
+    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    with connect(url) as db:
+        assert outcome(db, "ref") == reference_study
+
+
+def test_the_time_budget_stops_the_job_on_time_with_a_consistent_database(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "t", cache, evaluations=100000, time="4s")
+    start = time.monotonic()
+    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    took = time.monotonic() - start
+    res = json.loads(out)
+    assert code == 0 and res["status"] == "time-budget", err
+    assert took < 4 + 3.0  # start-up (problem, references) plus at most one evaluation past the deadline
+    with connect(url) as db:
+        trials = db.trials("t")
+    assert not [t for t in trials if t.status == "running"]
+    assert 0 < res["evaluations"] < 200000
