@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from runner_jobs import job_text, outcome, write_job
-from steptune.cli import main
 from steptune.storage import connect
+
+from steptune.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
