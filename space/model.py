@@ -61,12 +61,16 @@ class Model:
         return float(t) * self.time_scale
 
     def raw(self, x: Tensor, t: float) -> Tensor:
-        tv = torch.full((x.shape[0],), self.time_value(t), dtype=x.dtype, device=x.device)
+        return self.call(x, torch.full((x.shape[0],), self.time_value(t), dtype=x.dtype, device=x.device))
+
+    def call(self, x: Tensor, time_values: Tensor) -> Tensor:
+        """The raw output for a batch whose samples may sit at different times (``time_values``: one time
+        input per sample, in this model's convention), with guidance applied."""
         self.calls += 1
         if self.guidance_scale is None:
-            return self.fn(x, tv, **self.cond_kwargs)
-        cond = self.fn(x, tv, **self.cond_kwargs)
-        uncond = self.fn(x, tv, **self.uncond_kwargs)
+            return self.fn(x, time_values, **self.cond_kwargs)
+        cond = self.fn(x, time_values, **self.cond_kwargs)
+        uncond = self.fn(x, time_values, **self.uncond_kwargs)
         return uncond + self.guidance_scale * (cond - uncond)
 
     def predict(self, x: Tensor, t: float, alpha: float, sigma: float,

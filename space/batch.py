@@ -1,0 +1,62 @@
+"""Several schedules through one model call per round: the sampler loops of K schedules run in lockstep
+from the same initial noise, and each round's states are stacked along the batch (every sample with
+its own time input), so a GPU sees K x n samples per forward pass instead of n.
+
+Each schedule's result equals ``sample(model, x_T, schedule)`` (up to the floating-point effect of the
+batch size on the network's kernels); a schedule that diverges fails alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from .model import Model, convert
+from .sampler import NonFiniteError, check_compatible, trajectory
+from .schedule import Schedule
+
+Tensor = torch.Tensor
+
+
+def _tiled(kwargs: dict, n: int, k: int) -> dict:
+    """Per-sample conditioning (tensors whose first dimension is the bank size) repeated for k schedules."""
+    return {key: v.repeat(k, *([1] * (v.ndim - 1))) if isinstance(v, Tensor) and v.ndim and v.shape[0] == n else v
+            for key, v in kwargs.items()}
+
+
+def sample_batch(model: Model, x_T: Tensor, schedules: Sequence[Schedule]) -> list[Tensor | NonFiniteError]:
+    """Run every schedule from ``x_T``; returns, per schedule, its final samples or the NonFiniteError
+    that stopped it. Nothing runs if a schedule is invalid or does not fit the model."""
+    for s in schedules:
+        s.validate()
+        check_compatible(model, s)
+    n = x_T.shape[0]
+    loops = [trajectory(s, model.noise, x_T, model.data_mean) for s in schedules]
+    results: list[Tensor | NonFiniteError | None] = [None] * len(loops)
+    pending = {}
+    for k, loop in enumerate(loops):
+        pending[k] = next(loop)
+    by_count: dict[int, Model] = {}
+    while pending:
+        ks = sorted(pending)
+        reqs = [pending[k] for k in ks]
+        x = torch.cat([r.x for r in reqs]) if len(reqs) > 1 else reqs[0].x
+        tv = torch.cat([torch.full((n,), model.time_value(r.t), dtype=x.dtype, device=x.device) for r in reqs])
+        m = by_count.get(len(ks))
+        if m is None:
+            m = by_count[len(ks)] = replace(model, cond_kwargs=_tiled(model.cond_kwargs, n, len(ks)),
+                                            uncond_kwargs=_tiled(model.uncond_kwargs, n, len(ks)))
+        out = m.call(x, tv).to(x.dtype)
+        model.calls += 1
+        pending = {}
+        for i, (k, r) in enumerate(zip(ks, reqs)):
+            eps_x0 = convert(out[i * n:(i + 1) * n], r.x, r.alpha, r.sigma, model.prediction, r.buf)
+            try:
+                pending[k] = loops[k].send(eps_x0)
+            except StopIteration as done:
+                results[k] = done.value
+            except NonFiniteError as e:
+                results[k] = e
+    return results
