@@ -1,0 +1,367 @@
+"""Online choice of the SOR relaxation parameter ω across a sequence of linear systems.
+
+Every learner has the ask/tell shape of the schedule searchers: ``ask(context)`` returns the arm
+(grid index and ω) to solve the next system with, ``tell(cost)`` reports what that solve cost
+(iterations). A learner's state is a function of its constructor arguments and the sequence of
+(context, arm, cost) rounds it was told, so :meth:`RelaxLearner.replay` rebuilds it from stored
+rounds. Random draws come from one generator seeded at construction, one draw per ``ask``.
+
+* :class:`TsallisINF`: 1/2-Tsallis-INF over the ω grid (Learning to Relax, Alg. 2): anytime
+  η_t = η₀/√t, costs shifted by 1 and scaled by the running mean, importance-weighted losses measured
+  against a running baseline (which leaves their expectation's differences unchanged and cuts the
+  variance of the estimate).
+* :class:`TsallisINFBins`: one Tsallis-INF per context bin (Alg. 5).
+* :class:`ChebCB`: per-arm Chebyshev regression of the cost on the context, with inverse-gap-weighted
+  exploration (SquareCB; Alg. 3). The regression is on log cost, which keeps the steep side of the
+  cost curve (Gauss–Seidel end, hard instances) from dominating the fit.
+* :class:`FixedOmega`: one ω always (Gauss–Seidel is ω = 1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_GRID = tuple(float(w) for w in np.linspace(1.0, 1.95, 20))
+LEARNERS = ("tsallis-inf", "tsallis-inf-cb", "chebcb", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class Arm:
+    index: int | None
+    omega: float
+    probability: float = 1.0
+
+
+class RelaxLearner:
+    """Base class: ``ask(context) -> Arm``, ``tell(cost)``; ``replay(rounds)`` to resume."""
+
+    name = "base"
+    contextual = False
+
+    def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0):
+        self.omegas = np.asarray(omegas, dtype=np.float64)
+        if self.omegas.ndim != 1 or len(self.omegas) == 0 or np.any(self.omegas <= 0) or np.any(self.omegas >= 2):
+            raise ValueError("the ω grid must be a non-empty list of values in (0, 2)")
+        self.seed = int(seed)
+        self.rng = np.random.default_rng(self.seed)
+        self.t = 0  # rounds told
+        self._pending: tuple[Arm, float | None] | None = None
+        self.replay_mismatches = 0
+
+    @property
+    def d(self) -> int:
+        return len(self.omegas)
+
+    def config(self) -> dict:
+        return {"learner": self.name, "seed": self.seed, "omegas": [float(w) for w in self.omegas]}
+
+    def ask(self, context: float | None = None) -> Arm:
+        u = self.rng.random()
+        p = self._probabilities(context)
+        p = p / p.sum()
+        i = min(int(np.searchsorted(np.cumsum(p), u, side="right")), self.d - 1)
+        arm = Arm(i, float(self.omegas[i]), float(p[i]))
+        self._pending = (arm, context, p)
+        return arm
+
+    def tell(self, cost: float, arm: int | None = None, context: float | None = None) -> None:
+        """Report the cost of the last asked arm (or of ``arm`` at ``context``, e.g. from a log)."""
+        cost = float(cost)
+        if not math.isfinite(cost):
+            raise ValueError(f"cost {cost} is not finite")
+        if self._pending is not None and (arm is None or arm == self._pending[0].index):
+            chosen, ctx, probs = self._pending[0].index, self._pending[1], self._pending[2]
+        elif arm is not None:
+            chosen, ctx = int(arm), context
+            probs = self._probabilities(ctx)
+            probs = probs / probs.sum()
+        else:
+            raise RuntimeError("tell() without a pending ask() needs the arm")
+        self.t += 1
+        self._update(chosen, max(cost, 1.0), ctx, np.maximum(probs, 1e-12))
+        self._pending = None
+
+    def replay(self, rounds: Iterable) -> int:
+        """Re-ask and re-tell stored rounds (objects with ``arm``, ``cost`` and a ``context`` dict, or
+        (arm, cost, context) tuples); returns how many rounds played another arm than this learner
+        would have (they are told as they were)."""
+        mismatches = 0
+        for r in rounds:
+            arm, cost, ctx = (r.arm, r.cost, r.context) if hasattr(r, "arm") else r
+            c = self.context_of(ctx)
+            asked = self.ask(c)
+            if arm != asked.index:
+                mismatches += 1
+            self.tell(cost, arm=arm, context=c)
+        self.replay_mismatches += mismatches
+        return mismatches
+
+    context_key: str | None = None
+
+    def context_of(self, ctx) -> float | None:
+        if isinstance(ctx, dict):
+            return None if self.context_key is None else ctx.get(self.context_key)
+        return ctx
+
+    # subclasses
+    def _probabilities(self, context: float | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _update(self, arm: int, cost: float, context: float | None, probabilities: np.ndarray) -> None:
+        """Learn from ``cost`` of ``arm`` played with ``probabilities`` (the distribution it was drawn from)."""
+        raise NotImplementedError
+
+
+class FixedOmega(RelaxLearner):
+    """Always the same ω (a one-arm grid)."""
+
+    name = "fixed"
+
+    def __init__(self, omega: float = 1.0, seed: int = 0):
+        super().__init__([omega], seed)
+
+    def _probabilities(self, context):
+        return np.ones(1)
+
+    def _update(self, arm, cost, context, probabilities):
+        pass
+
+
+def tsallis_probabilities(losses: np.ndarray, eta: float, newton_steps: int = 20) -> np.ndarray:
+    """argmin_p ⟨L, p⟩ − (4/η) Σ √p_i over the simplex: p_i = 4/(η (L_i − x))², x by Newton's method."""
+    L = losses - losses.min()
+    x = -2.0 / eta  # here the best arm alone has p = 1, so Σ p ≥ 1; Newton then walks left monotonically
+    for _ in range(newton_steps):
+        g = L - x
+        p = 4.0 / (eta * g) ** 2
+        f = p.sum() - 1.0
+        if abs(f) < 1e-12:
+            break
+        x -= f / (2.0 * (p / g).sum())
+    p = 4.0 / (eta * (L - x)) ** 2
+    return p / p.sum()
+
+
+class TsallisINF(RelaxLearner):
+    """1/2-Tsallis-INF over the ω grid (see the module docstring).
+
+    ``smoothing`` w > 0 lets a round on arm i also inform its grid neighbours i ± 1 with weight w: the
+    estimate of arm j gains K_ij (ℓ − baseline)/P_j with P_j = Σ_i K_ij p_i, the probability that j is
+    informed (neighbouring ω cost nearly the same; this trades a little bias for much less variance)."""
+
+    name = "tsallis-inf"
+
+    def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, eta0: float = 2.0,
+                 baseline: bool = True, smoothing: float = 0.25):
+        super().__init__(omegas, seed)
+        self.eta0 = float(eta0)
+        self.baseline = bool(baseline)
+        self.smoothing = float(smoothing)
+        self.kernel = np.eye(self.d) + self.smoothing * (np.eye(self.d, k=1) + np.eye(self.d, k=-1))
+        self.losses = np.zeros(self.d)  # cumulative importance-weighted loss estimates, in cost units − 1
+        self.cost_sum = 0.0
+        self.n = 0
+
+    def config(self) -> dict:
+        return {**super().config(), "eta0": self.eta0, "baseline": self.baseline, "smoothing": self.smoothing}
+
+    def scale(self) -> float:
+        return max(self.cost_sum / self.n - 1.0, 1e-9) if self.n else 1.0
+
+    def _probabilities(self, context=None):
+        if self.n == 0:
+            return np.full(self.d, 1.0 / self.d)
+        return tsallis_probabilities(self.losses / self.scale(), self.eta0 / math.sqrt(self.n + 1))
+
+    def _update(self, arm, cost, context, probabilities):
+        base = self.scale() if (self.baseline and self.n) else 0.0
+        informed = self.kernel.T @ probabilities
+        self.losses += self.kernel[arm] * (cost - 1.0 - base) / informed
+        self.cost_sum += cost
+        self.n += 1
+
+
+class TsallisINFBins(RelaxLearner):
+    """An independent Tsallis-INF in each of ``bins`` equal context bins over ``context_range``."""
+
+    name = "tsallis-inf-cb"
+    contextual = True
+
+    def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
+                 bins: int = 5, eta0: float = 2.0, baseline: bool = True, smoothing: float = 0.25,
+                 context_key: str | None = None):
+        super().__init__(omegas, seed)
+        self.lo, self.hi = (float(v) for v in context_range)
+        self.bins = int(bins)
+        self.context_key = context_key
+        self.eta0, self.baseline, self.smoothing = float(eta0), bool(baseline), float(smoothing)
+        self.inner = [TsallisINF(omegas, seed, eta0, baseline, smoothing) for _ in range(self.bins)]
+
+    def config(self) -> dict:
+        return {**super().config(), "context_range": [self.lo, self.hi], "bins": self.bins, "eta0": self.eta0,
+                "baseline": self.baseline, "smoothing": self.smoothing, "context_key": self.context_key}
+
+    def _bin(self, context) -> int:
+        if context is None:
+            raise ValueError(f"{self.name} needs a context value for every instance")
+        z = (float(context) - self.lo) / (self.hi - self.lo)
+        return min(max(int(z * self.bins), 0), self.bins - 1)
+
+    def _probabilities(self, context):
+        return self.inner[self._bin(context)]._probabilities()
+
+    def _update(self, arm, cost, context, probabilities):
+        self.inner[self._bin(context)]._update(arm, cost, None, probabilities)
+
+
+def chebyshev_features(z: np.ndarray | float, degree: int) -> np.ndarray:
+    """[T_0(z), …, T_degree(z)] for z in [−1, 1] (clipped)."""
+    z = np.clip(np.asarray(z, dtype=np.float64), -1.0, 1.0)
+    out = np.empty(z.shape + (degree + 1,))
+    out[..., 0] = 1.0
+    if degree >= 1:
+        out[..., 1] = z
+    for j in range(2, degree + 1):
+        out[..., j] = 2.0 * z * out[..., j - 1] - out[..., j - 2]
+    return out
+
+
+class ChebCB(RelaxLearner):
+    """SquareCB with a per-arm Chebyshev regression of log cost on the context.
+
+    Arm i predicts ŷ_i(c) = θ_iᵀ T(c) (T = Chebyshev features of the context scaled to [−1, 1]) by
+    least squares on its own rounds, regularised (strength ``smooth``) toward the mean of its grid
+    neighbours' coefficients, so an arm with few rounds borrows the shape of the arms beside it.
+    Exploration is inverse-gap weighted on relative predicted cost:
+    p_i = 1/(d + γ_t (e^{ŷ_i − ŷ_min} − 1)) for every arm but the greedy one, which takes the rest;
+    γ_t = γ₀ √(d t)."""
+
+    name = "chebcb"
+    contextual = True
+
+    def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
+                 degree: int = 5, gamma0: float = 10.0, smooth: float = 0.3, context_key: str | None = None):
+        super().__init__(omegas, seed)
+        self.lo, self.hi = (float(v) for v in context_range)
+        if not self.hi > self.lo:
+            raise ValueError("the context range must have lo < hi")
+        self.degree, self.gamma0, self.smooth = int(degree), float(gamma0), float(smooth)
+        self.context_key = context_key
+        k = self.degree + 1
+        self.gram = np.zeros((self.d, k, k))
+        self.moment = np.zeros((self.d, k))
+        self.log_sum = 0.0
+        self.theta = np.zeros((self.d, k))
+
+    def config(self) -> dict:
+        return {**super().config(), "context_range": [self.lo, self.hi], "degree": self.degree,
+                "gamma0": self.gamma0, "smooth": self.smooth, "context_key": self.context_key}
+
+    def _features(self, context) -> np.ndarray:
+        if context is None:
+            raise ValueError(f"{self.name} needs a context value for every instance")
+        return chebyshev_features(2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0, self.degree)
+
+    def predict(self, context) -> np.ndarray:
+        """Predicted log cost of every arm at ``context``."""
+        return self.theta @ self._features(context)
+
+    def _probabilities(self, context):
+        if self.t == 0:
+            return np.full(self.d, 1.0 / self.d)
+        y = self.predict(context)
+        g = int(np.argmin(y))
+        gap = np.expm1(np.minimum(y - y[g], 50.0))
+        gamma = self.gamma0 * math.sqrt(self.d * self.t)
+        p = 1.0 / (self.d + gamma * gap)
+        p[g] = 0.0
+        p[g] = 1.0 - p.sum()
+        return p
+
+    def _update(self, arm, cost, context, probabilities):
+        phi = self._features(context)
+        y = math.log(cost)
+        self.gram[arm] += np.outer(phi, phi)
+        self.moment[arm] += y * phi
+        self.log_sum += y
+        k = self.degree + 1
+        if self.t < 3 or self.d == 1:
+            prior = np.zeros((self.d, k))
+            prior[:, 0] = self.log_sum / self.t
+        else:
+            prior = np.empty_like(self.theta)
+            prior[1:-1] = 0.5 * (self.theta[:-2] + self.theta[2:])
+            prior[0], prior[-1] = self.theta[1], self.theta[-2]
+        lhs = self.gram + self.smooth * np.eye(k)
+        self.theta = np.linalg.solve(lhs, (self.moment + self.smooth * prior)[..., None])[..., 0]
+
+
+def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
+                 context_key: str | None = None, omega: float = 1.0, **opts) -> RelaxLearner:
+    """A learner by name: tsallis-inf, tsallis-inf-cb, chebcb or fixed (with ``omega``)."""
+    if name == "tsallis-inf":
+        return TsallisINF(omegas, seed, **opts)
+    if name == "tsallis-inf-cb":
+        return TsallisINFBins(omegas, seed, context_range, context_key=context_key, **opts)
+    if name == "chebcb":
+        return ChebCB(omegas, seed, context_range, context_key=context_key, **opts)
+    if name == "fixed":
+        return FixedOmega(omega, seed)
+    raise ValueError(f"unknown learner {name!r}; use one of {', '.join(LEARNERS)}")
+
+
+def replay_table(learner: RelaxLearner, iterations: np.ndarray, contexts: np.ndarray | None = None) -> np.ndarray:
+    """Run ``learner`` over a cost table (instances × its grid); returns the arm played per instance."""
+    T = iterations.shape[0]
+    arms = np.empty(T, dtype=np.int64)
+    for t in range(T):
+        c = None if contexts is None else float(contexts[t])
+        a = learner.ask(c)
+        arms[t] = a.index
+        learner.tell(float(iterations[t, a.index]))
+    return arms
+
+
+class AdaptiveSOR:
+    """Classical adaptive SOR as a policy over a sequence (not a grid learner): each solve starts at
+    ω₀ = 1 + ``restart``·(ω_prev − 1), halfway back from where the previous solve ended (the residual
+    estimate only ever raises ω, and Young's relation needs ω below the optimum), and adapts ω inside
+    the solve (:func:`steptune.evaluators.linear.solvers.adaptive_sor`)."""
+
+    name = "adaptive"
+    contextual = False
+    context_key = None
+
+    def __init__(self, omega0: float = 1.0, restart: float = 0.5, window: int = 5, agree: float = 0.1,
+                 omega_max: float = 1.99, seed: int = 0):
+        self.omega0, self.restart, self.window, self.agree = float(omega0), float(restart), int(window), float(agree)
+        self.omega_max, self.seed = float(omega_max), int(seed)
+        self.last = self.omega0
+        self.t = 0
+        self.replay_mismatches = 0
+
+    def config(self) -> dict:
+        return {"learner": self.name, "seed": self.seed, "omega0": self.omega0, "restart": self.restart,
+                "window": self.window, "agree": self.agree, "omega_max": self.omega_max}
+
+    def context_of(self, ctx):
+        return None
+
+    def ask(self, context=None) -> Arm:
+        start = self.omega0 if self.t == 0 else 1.0 + self.restart * (self.last - 1.0)
+        return Arm(None, float(start))
+
+    def tell(self, cost: float, final_omega: float | None = None, **_) -> None:
+        if final_omega is not None:
+            self.last = float(final_omega)
+        self.t += 1
+
+    def replay(self, rounds: Iterable) -> int:
+        for r in rounds:
+            self.ask()
+            self.tell(r.cost, final_omega=r.omega)
+        return 0
