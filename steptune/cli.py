@@ -200,6 +200,10 @@ from steptune.cli_dashboard import register as register_dashboard  # noqa: E402
 
 register_dashboard(app)
 
+from steptune.cli_relax import register as register_relax  # noqa: E402
+
+register_relax(app)
+
 
 def _fmt(v) -> str:
     if v is None:

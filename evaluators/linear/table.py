@@ -74,10 +74,12 @@ def cache_path(folder: str | Path, identity: dict) -> Path:
 
 def build_cost_table(seq, omegas=DEFAULT_GRID, *, solver: str = "sor", tol: float = DEFAULT_TOL,
                      maxiter: int = DEFAULT_MAXITER, threads: int | None = None, cache: str | Path | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> CostTable:
-    """The (instances × ω) iteration table of ``seq`` (loaded from ``cache`` when built before)."""
+                     progress: Callable[[int, int], None] | None = None, count: int | None = None) -> CostTable:
+    """The (instances × ω) iteration table of the first ``count`` (default: all) instances of ``seq``
+    (loaded from ``cache`` when built before)."""
     omegas = np.asarray(omegas, dtype=np.float64)
-    identity = table_identity(seq, omegas, solver, tol, maxiter)
+    count = len(seq) if count is None else min(int(count), len(seq))
+    identity = {**table_identity(seq, omegas, solver, tol, maxiter), "count": count}
     path = cache_path(cache, identity) if cache is not None else None
     if path is not None and path.is_file():
         return CostTable.load(path)
@@ -89,18 +91,18 @@ def build_cost_table(seq, omegas=DEFAULT_GRID, *, solver: str = "sor", tol: floa
     try:
         if hasattr(seq, "shifts") and method != kernels.SSOR_PCG:
             base = seq.base
-            its, ok = kernels.sor_table_shifted(base.indptr, base.indices, base.data, seq.shifts, seq.rhs, omegas,
-                                                tol, maxiter, method == kernels.SSOR)
+            its, ok = kernels.sor_table_shifted(base.indptr, base.indices, base.data, seq.shifts[:count],
+                                                seq.rhs[:count], omegas, tol, maxiter, method == kernels.SSOR)
             if progress is not None:
-                progress(len(seq), len(seq))
+                progress(count, count)
         else:
-            its, ok = _table_by_instance(seq, omegas, method, tol, maxiter, progress)
+            its, ok = _table_by_instance(seq, count, omegas, method, tol, maxiter, progress)
     finally:
         numba.set_num_threads(previous)
     key = getattr(seq, "context_key", None)
-    contexts = np.full(len(seq), np.nan)
+    contexts = np.full(count, np.nan)
     if key is not None:
-        contexts = _contexts(seq, key)
+        contexts = _contexts(seq, key)[:count]
     table = CostTable(omegas, its, ok, contexts, identity, time.perf_counter() - start)
     if path is not None:
         table.save(path)
@@ -117,8 +119,8 @@ def _contexts(seq, key) -> np.ndarray:
     return np.array([heat_kappa((t + 0.5) * seq.dt) for t in range(len(seq))])
 
 
-def _table_by_instance(seq, omegas, method, tol, maxiter, progress):
-    T, d = len(seq), len(omegas)
+def _table_by_instance(seq, T, omegas, method, tol, maxiter, progress):
+    d = len(omegas)
     its = np.zeros((T, d), dtype=np.int64)
     ok = np.zeros((T, d), dtype=bool)
     state = seq.start(0)

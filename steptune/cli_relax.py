@@ -1,0 +1,261 @@
+"""Relaxation-tuning commands: ``steptune relax`` (choose ω online over a sequence of linear systems,
+recording every round) and ``steptune relax-report`` (cumulative iterations against baselines).
+
+``register(app)`` adds them to the main typer app; bad input ends in one ``error: ...`` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from steptune.cli_storage import CliError, DbOpt, JsonOpt
+
+out = Console()
+err = Console(stderr=True)
+TABLES = Path("runs/relax/tables")
+
+
+def _sequence(problem, matrices, steps, nx, m, variance, seed):
+    from steptune.evaluators.linear import LinearInputError, make_sequence
+
+    try:
+        return make_sequence(problem, steps=steps, nx=nx, m=m, variance=variance, seed=seed, matrices=matrices)
+    except (ValueError, LinearInputError) as e:
+        raise CliError(str(e)) from None
+
+
+def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: float):
+    from steptune.search.relax import LEARNERS, AdaptiveSOR, make_learner
+
+    if learner not in LEARNERS:
+        raise CliError(f"--learner {learner!r} is unknown; use one of {', '.join(LEARNERS)}")
+    if learner == "adaptive":
+        return AdaptiveSOR(seed=seed)
+    if not (1 <= arms <= 200 and 1.0 < omega_max < 2.0):
+        raise CliError("--arms must be 1…200 and --omega-max in (1, 2)")
+    key = getattr(seq, "context_key", None)
+    try:
+        if learner in ("chebcb", "tsallis-inf-cb") and key is None:
+            raise ValueError(f"--learner {learner} needs a context per instance, and this sequence has none "
+                             "(a matrix folder gives one in context.csv)")
+        grid = np.linspace(1.0, omega_max, arms) if arms > 1 else [1.0]
+        return make_learner(learner, grid, seed, seq.context_range, key, omega=omega)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _setup(seq, policy, solver, tol, maxiter) -> dict:
+    return {"kind": "relaxation", "problem": seq.identity(), "policy": policy.config(), "solver": solver,
+            "tol": tol, "maxiter": maxiter}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("relax")
+    def relax_cmd(
+        problem: Annotated[str, typer.Option("--problem", "-p", help="shifted-laplacian, heat2d or poisson "
+                                                                     "(the model problem repeated).")]
+        = "shifted-laplacian",
+        matrices: Annotated[Path | None, typer.Option(
+            "--matrices", help="Folder with your own sequence: NAME.mtx or NAME.npz, NAME.rhs.npy (or .rhs.mtx, "
+                               ".rhs.txt), optional context.csv.")] = None,
+        learner: Annotated[str, typer.Option("--learner", "-l", help="tsallis-inf, tsallis-inf-cb, chebcb, "
+                                                                     "fixed or adaptive.")] = "tsallis-inf",
+        steps: Annotated[int, typer.Option("--steps", help="Instances in a generated sequence.")] = 5000,
+        nx: Annotated[int, typer.Option("--nx", help="heat2d: cells across the unit square.")] = 100,
+        m: Annotated[int, typer.Option("--m", help="shifted-laplacian / poisson: interior grid side.")] = 10,
+        variance: Annotated[str, typer.Option("--variance", help="shifted-laplacian: low or high.")] = "high",
+        solver: Annotated[str | None, typer.Option("--solver", help="sor, ssor or ssor-pcg (default: ssor-pcg "
+                                                                    "for heat2d, sor otherwise).")] = None,
+        omega: Annotated[float, typer.Option("--omega", help="ω for --learner fixed.")] = 1.0,
+        arms: Annotated[int, typer.Option("--arms", help="Grid size of the learners.")] = 20,
+        omega_max: Annotated[float, typer.Option("--omega-max", help="Largest grid ω.")] = 1.95,
+        tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-8,
+        maxiter: Annotated[int, typer.Option("--maxiter", help="Iteration cap per solve.")] = 10_000,
+        kernel: Annotated[str, typer.Option("--kernel", help="pyamg (C++ sweeps) or numba (compiled loop).")]
+        = "pyamg",
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the learner and of a generated sequence.")] = 0,
+        study: Annotated[str | None, typer.Option(
+            "--study", "-s", help="Study name; an existing study with the same setup is resumed.")] = None,
+        db: DbOpt = "sqlite:///runs/steptune.db",
+        json_: JsonOpt = False,
+    ):
+        """Choose SOR's ω online for every system of a sequence; record each round in the database."""
+        from steptune.evaluators.linear import SOLVERS, LinearInputError
+        from steptune.search.relax_driver import run_sequence
+        from steptune.storage import StorageError, connect
+
+        solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
+        if solver not in SOLVERS:
+            raise CliError(f"--solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
+        if kernel not in ("pyamg", "numba"):
+            raise CliError(f"--kernel {kernel!r} is unknown; use pyamg or numba")
+        if not (0 < tol < 1 and maxiter >= 1 and steps >= 1):
+            raise CliError("--tol must be in (0, 1), --maxiter and --steps at least 1")
+        if learner == "fixed" and not 0 < omega < 2:
+            raise CliError(f"--omega {omega} is outside (0, 2)")
+        seq = _sequence(problem, matrices, steps, nx, m, variance, seed)
+        policy = _policy(learner, seq, seed, omega, arms, omega_max)
+        setup = _setup(seq, policy, solver, tol, maxiter)
+        name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
+        try:
+            store = connect(db)
+            rec = store.create_study(name, method=learner, seed=seed, config=setup, metric="iterations",
+                                     exist_ok=True)
+            if json.dumps(rec.config, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
+                raise CliError(f"study {name!r} was run with another setup ({rec.config.get('problem')}, "
+                               f"{rec.config.get('policy', {}).get('learner')}); use another --study name")
+            done = store.relaxation_rounds(name)
+        except StorageError as e:
+            raise CliError(str(e)) from None
+        policy.replay(done)
+        start = len(done)
+
+        def record(r):
+            ctx = {**r.context, "seconds": r.seconds, "learner_seconds": r.learner_seconds}
+            if r.omega_start is not None:
+                ctx["omega_start"] = r.omega_start
+            store.add_relaxation(name, r.round, r.omega, arm=r.arm, context=ctx, cost=float(r.iterations),
+                                 iterations=r.iterations, converged=r.converged)
+
+        rounds = []
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True, disable=json_) as bar:
+            task = bar.add_task(f"{name}", total=len(seq), completed=start)
+            try:
+                rounds = run_sequence(seq, policy, solver=solver, kernel=kernel, tol=tol, maxiter=maxiter,
+                                      start=start, record=record, progress=lambda r: bar.advance(task))
+            except LinearInputError as e:
+                raise CliError(f"{e} (rounds before it are recorded in study {name!r})") from None
+        summary = _summary(name, store.relaxation_rounds(name), rounds, start)
+        if json_:
+            print(json.dumps(summary, indent=2))
+            return
+        t = Table(title=f"relax {name}")
+        t.add_column("")
+        t.add_column("value", justify="right")
+        for k in ("rounds", "new rounds", "mean iterations", "last 1000 mean", "not converged", "most played ω",
+                  "solve seconds", "learner overhead"):
+            t.add_row(k, str(summary[k.replace(" ", "_")]))
+        out.print(t)
+        out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
+
+    @app.command("relax-report")
+    def relax_report_cmd(
+        study: Annotated[str, typer.Option("--study", "-s", help="Study name.")],
+        output: Annotated[Path | None, typer.Option("-o", "--output", help="PNG path (default "
+                                                                          "runs/relax/STUDY.png).")] = None,
+        baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Compare with Gauss–Seidel, "
+                                                "best fixed ω and instance-optimal ω (builds a cost table once, "
+                                                "cached under runs/relax/tables).")] = True,
+        db: DbOpt = "sqlite:///runs/steptune.db",
+        json_: JsonOpt = False,
+    ):
+        """Cumulative iterations of a relaxation study against baselines, and ω over time (table + PNG)."""
+        from steptune.storage import StorageError, connect
+
+        try:
+            store = connect(db)
+            rec = store.get_study(study)
+            rows = store.relaxation_rounds(study)
+        except StorageError as e:
+            raise CliError(str(e)) from None
+        setup = rec.config or {}
+        if setup.get("kind") != "relaxation":
+            raise CliError(f"study {study!r} is not a relaxation study")
+        if not rows:
+            raise CliError(f"study {study!r} has no rounds yet")
+        its = np.array([r.iterations if r.iterations is not None else r.cost for r in rows], dtype=float)
+        curves = {setup["policy"]["learner"]: its}
+        if baselines:
+            curves.update(_baselines(setup, len(rows)))
+        report = {"study": study, "rounds": len(rows),
+                  "mean_iterations": {k: float(v.mean()) for k, v in curves.items()},
+                  "total_iterations": {k: float(v.sum()) for k, v in curves.items()}}
+        png = output or Path("runs/relax") / f"{study}.png"
+        _plot(png, study, curves, rows)
+        report["png"] = str(png)
+        if json_:
+            print(json.dumps(report, indent=2))
+            return
+        t = Table(title=f"{study}: {len(rows)} instances")
+        t.add_column("policy")
+        t.add_column("mean iterations", justify="right")
+        t.add_column("total", justify="right")
+        t.add_column("vs learner", justify="right")
+        own = its.sum()
+        for k, v in curves.items():
+            t.add_row(k, f"{v.mean():.1f}", f"{v.sum():.0f}", f"{v.sum() / own:.2f}×")
+        out.print(t)
+        out.print(f"saved {png}")
+
+
+def _summary(name, all_rows, new_rounds, start) -> dict:
+    its = np.array([r.iterations for r in all_rows], dtype=float)
+    omegas = np.round([r.omega for r in all_rows], 3)
+    vals, counts = np.unique(omegas, return_counts=True)
+    solve = sum(r.seconds for r in new_rounds)
+    learn = sum(r.learner_seconds for r in new_rounds)
+    return {"study": name, "rounds": len(all_rows), "new_rounds": len(new_rounds),
+            "mean_iterations": round(float(its.mean()), 2), "last_1000_mean": round(float(its[-1000:].mean()), 2),
+            "not_converged": int(sum(1 for r in all_rows if r.converged is False)),
+            "most_played_ω": float(vals[np.argmax(counts)]), "solve_seconds": round(solve, 3),
+            "learner_overhead": f"{100 * learn / solve:.2f}% of solve time" if solve > 0 else "—"}
+
+
+def _baselines(setup: dict, count: int) -> dict:
+    from steptune.evaluators.linear import DEFAULT_GRID, LinearInputError, build_cost_table, make_sequence
+    from steptune.search.relax_driver import table_baselines
+
+    prob = dict(setup["problem"])
+    name = prob.pop("problem")
+    try:
+        if name == "matrices":
+            seq = make_sequence(name, matrices=prob["folder"])
+        else:
+            seq = make_sequence(name, **{k: v for k, v in prob.items() if k in ("steps", "nx", "m", "variance",
+                                                                                  "seed")})
+    except (ValueError, LinearInputError) as e:
+        raise CliError(f"cannot rebuild the study's sequence for baselines: {e}") from None
+    omegas = setup["policy"].get("omegas")
+    omegas = omegas if omegas and len(omegas) > 1 else DEFAULT_GRID
+    with Progress(TextColumn("cost table"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("table", total=count)
+        try:
+            table = build_cost_table(seq, omegas, solver=setup["solver"], tol=setup["tol"], maxiter=setup["maxiter"],
+                                     cache=TABLES, count=count,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+        except LinearInputError as e:
+            raise CliError(f"{e} (while building the baselines' cost table)") from None
+    return table_baselines(table)
+
+
+def _plot(png: Path, study: str, curves: dict, rows) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for k, v in curves.items():
+        a.plot(np.arange(1, len(v) + 1), np.cumsum(v), label=k)
+    a.set_xlabel("instance")
+    a.set_ylabel("cumulative iterations")
+    a.set_title(study)
+    a.legend(fontsize=8)
+    b.scatter([r.round for r in rows], [r.omega for r in rows], s=2)
+    b.set_xlabel("instance")
+    b.set_ylabel("ω")
+    b.set_title("ω chosen")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
