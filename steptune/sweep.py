@@ -83,8 +83,9 @@ def save(rows: list[dict], out_dir: Path, stem: str, meta: dict) -> tuple[Path, 
 def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | None = None,
                 bank: str = "heldout") -> list[int]:
     """Add the sweep's rows to ``study`` (method ``preset``, created if missing) as trials named by their
-    preset spec, so every preset shows up beside searched schedules; rows that could not run at their
-    NFE are left out. Returns the new trial ids."""
+    preset spec, with the bank as their fidelity (as ``steptune run`` stores its baselines), so every
+    preset shows up beside searched schedules; rows that could not run at their NFE are left out.
+    Returns the new trial ids."""
     from dataclasses import replace
 
     problem = evaluator.problem
@@ -97,7 +98,7 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
         metrics = {k: r[k] for k in evaluator.metric_names() if k in r}
         items.append({"schedule": sched, "status": r["status"], "metrics": metrics, "error": r.get("error"),
                       "seconds": r.get("seconds"), "bank": bank, "n_samples": evaluator.bank(bank).size,
-                      "fidelity": "full" if bank == "heldout" else "cheap"})
+                      "fidelity": bank})
     config = {"bank": bank, "spacing": spacing or "default", "presets": list(dict.fromkeys(r["preset"] for r in rows))}
     return store.add_trials(study, items, create={"method": "preset", "problem": problem.identity(),
                                                   "config": config, "metric": "rmse"})

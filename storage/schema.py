@@ -104,6 +104,8 @@ class Trial(Base):
         Index("ix_trials_queue", "status", "study_id", "number"),
         Index("ix_trials_status_heartbeat", "status", "heartbeat"),
         Index("ix_trials_study_key", "study_id", "key"),
+        # the dashboard's front: best per (study, fidelity, NFE) from the index alone
+        Index("ix_trials_study_status_fidelity_nfe_score", "study_id", "status", "fidelity", "nfe", "score"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -30,10 +30,10 @@ from test_dashboard_data import (
     PRESETS,
     SEARCH_STUDY,
     dashboard_db,  # noqa: F401  (the session fixture)
-    fidelity_of,
 )
 
 from steptune.dashboard import create_app, open_read_only
+from steptune.sweep import DEFAULT_PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -50,76 +50,98 @@ def _problem_id(client) -> int:
 
 
 def test_problems_list_every_study_with_counts(client, dashboard_db):  # noqa: F811
-    url, info = dashboard_db
+    url, _ = dashboard_db
     probs = client.get("/api/problems").json()
     gmm = next(p for p in probs if p["name"] == "gmm-2d")
     names = {s["name"]: s for s in gmm["studies"]}
     assert set(names) == {SEARCH_STUDY, PRESET_STUDY, HAND_STUDY}
-    assert sum(names[SEARCH_STUDY]["trials"].values()) == len(info["search"].log)
+    with connect(url, create=False) as store:
+        assert sum(names[SEARCH_STUDY]["trials"].values()) == store.count_trials(SEARCH_STUDY)
+    assert names[SEARCH_STUDY]["fidelities"] == ["heldout", "train"] and gmm["fidelities"] == ["heldout", "train"]
     orphans = next(p for p in probs if p["id"] == 0)
     assert {s["name"] for s in orphans["studies"]} == {BANDIT_STUDY, FIXED_STUDY}
     assert all(s["relaxation_rounds"] == 12 for s in orphans["studies"])
 
 
+def expected_series(url: str) -> dict[str, dict[int, tuple[float, int]]]:
+    """{series name: {nfe: (best score, trial id)}} computed from the stored trials, independently of the app."""
+    out: dict[str, dict[int, tuple[float, int]]] = defaultdict(dict)
+    with connect(url, create=False) as store:
+        for study in (SEARCH_STUDY, PRESET_STUDY, HAND_STUDY):
+            method = store.get_study(study).method
+            for t in store.trials(study, status="complete"):
+                if method == "preset":
+                    name = f"{t.schedule['name']} ({t.fidelity})"
+                elif t.info.get("baseline"):
+                    name = f"{t.info['origin'].removeprefix('preset:').rpartition('@')[0]} ({t.fidelity})"
+                else:
+                    name = f"{study} ({t.fidelity})"
+                if t.nfe not in out[name] or (t.score, t.id) < out[name][t.nfe]:
+                    out[name][t.nfe] = (t.score, t.id)
+    return out
+
+
 def test_front_has_one_series_per_study_fidelity_and_preset(client, dashboard_db):  # noqa: F811
-    _, info = dashboard_db
+    url, info = dashboard_db
     data = client.get("/api/front", params={"problem": _problem_id(client)}).json()
-    names = [s["name"] for s in data["series"]]
-    assert sorted(names) == sorted([f"{SEARCH_STUDY} (cheap)", f"{SEARCH_STUDY} (full)", f"{HAND_STUDY} (full)",
-                                    *(f"{p} (full)" for p in PRESETS)])
-    # every preset at every NFE it can run, with the sweep's own score
-    series = {s["name"]: s for s in data["series"]}
-    for row in info["sweep_rows"]:
-        if row["status"] != "complete":
-            continue
-        pts = {p["nfe"]: p for p in series[f"{row['preset']} (full)"]["points"]}
-        assert math.isclose(pts[row["nfe"]]["score"], row["rmse"], rel_tol=1e-12)
-    # the search's curves: the minimum per NFE of the search log, computed here independently
-    best = defaultdict(lambda: math.inf)
-    count = defaultdict(int)
-    for r in info["search"].log:
-        count[(fidelity_of(r.bank), r.nfe)] += r.status == "complete"
-        if r.status == "complete":
-            best[(fidelity_of(r.bank), r.nfe)] = min(best[(fidelity_of(r.bank), r.nfe)], r.metrics["rmse"])
-    for fid in ("cheap", "full"):
-        pts = series[f"{SEARCH_STUDY} ({fid})"]["points"]
-        assert {p["nfe"]: p["score"] for p in pts} == {n: v for (f, n), v in best.items() if f == fid}
-        assert all(p["count"] == count[(fid, p["nfe"])] for p in pts)
+    want = expected_series(url)
+    got = {s["name"]: {p["nfe"]: (p["score"], p["trial"]) for p in s["points"]} for s in data["series"]}
+    assert got == want
+    # every preset of the sweep and of the search's baselines is a series of its own
+    presets = {s["preset"] for s in data["series"] if s["kind"] == "preset"}
+    assert presets == set(PRESETS) | set(DEFAULT_PRESETS)
+    assert {s["name"] for s in data["series"] if s["kind"] == "study"} == {
+        f"{SEARCH_STUDY} (train)", f"{SEARCH_STUDY} (heldout)", f"{HAND_STUDY} (heldout)"}
+    for s in data["series"]:
+        pts = s["points"]
         # Pareto flags: a point is on its curve's front iff no fewer-NFE point scores at least as well
         for p in pts:
             dominated = any(q["nfe"] < p["nfe"] and q["score"] <= p["score"] for q in pts)
             assert p["pareto"] == (not dominated)
-    # the overall front per fidelity is non-dominated and drawn from the series' points
+        assert all(p["metrics"]["rmse"] == p["score"] for p in pts)
+    # the overall front per fidelity is non-dominated and covers every series' points
     for f in data["fronts"]:
         scores = [p["score"] for p in f["points"]]
         assert scores == sorted(scores, reverse=True) and len(set(scores)) == len(scores)
-        all_pts = [(p["nfe"], p["score"]) for s in data["series"] if s["fidelity"] == f["fidelity"]
-                   for p in s["points"]]
-        for nfe, sc in all_pts:
-            assert any(n <= nfe and s <= sc for n, s in ((p["nfe"], p["score"]) for p in f["points"]))
+        for s in (s for s in data["series"] if s["fidelity"] == f["fidelity"]):
+            for p in s["points"]:
+                assert any(q["nfe"] <= p["nfe"] and q["score"] <= p["score"] for q in f["points"])
+
+
+def test_front_reads_large_groups_through_the_index_alike(client, dashboard_db, monkeypatch):  # noqa: F811
+    from steptune.dashboard import queries
+
+    pid = _problem_id(client)
+    detailed = client.get("/api/front", params={"problem": pid, "fidelity": "train"}).json()
+    monkeypatch.setattr(queries, "DETAIL_LIMIT", 0)
+    bulk = client.get("/api/front", params={"problem": pid, "fidelity": "train"}).json()
+    assert bulk == detailed and [s["name"] for s in bulk["series"]] == [f"{SEARCH_STUDY} (train)"]
 
 
 def test_front_fidelity_filter(client):
     pid = _problem_id(client)
-    cheap = client.get("/api/front", params={"problem": pid, "fidelity": "cheap"}).json()
-    assert [s["name"] for s in cheap["series"]] == [f"{SEARCH_STUDY} (cheap)"]
-    assert [f["fidelity"] for f in cheap["fronts"]] == ["cheap"]
+    cheap = client.get("/api/front", params={"problem": pid, "fidelity": "train"}).json()
+    assert [s["name"] for s in cheap["series"]] == [f"{SEARCH_STUDY} (train)"]
+    assert [f["fidelity"] for f in cheap["fronts"]] == ["train"]
+    assert client.get("/api/front", params={"problem": pid, "fidelity": "nope"}).json()["series"] == []
 
 
-def test_history_is_the_running_minimum(client, dashboard_db):  # noqa: F811
-    _, info = dashboard_db
+def test_history_is_the_running_minimum_without_baselines(client, dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
     data = client.get("/api/history", params={"study": SEARCH_STUDY}).json()
-    cheap_log = [r for r in info["search"].log if r.bank == "train"]
-    assert data["evaluations"]["cheap"] == len(cheap_log)
-    for c in (c for c in data["curves"] if c["fidelity"] == "cheap"):
-        running, expect = math.inf, []
-        for i, r in enumerate(cheap_log, start=1):
-            if r.nfe == c["nfe"] and r.status == "complete" and r.metrics["rmse"] < running:
-                running = r.metrics["rmse"]
-                expect.append((i, running))
-        got = list(zip(c["evaluations"], c["best"]))
-        assert got[:len(expect)] == expect
-        assert got[-1] == (len(cheap_log), running)
+    with connect(url, create=False) as store:
+        own = [t for t in store.trials(SEARCH_STUDY) if not t.info.get("baseline") and t.status != "queued"]
+    for fid in ("train", "heldout"):
+        log = [t for t in own if t.fidelity == fid]
+        assert data["evaluations"][fid] == len(log)
+        for c in (c for c in data["curves"] if c["fidelity"] == fid):
+            running, expect = math.inf, []
+            for i, t in enumerate(log, start=1):
+                if t.nfe == c["nfe"] and t.status == "complete" and t.score < running:
+                    running = t.score
+                    expect.append((i, running))
+            got = list(zip(c["evaluations"], c["best"]))
+            assert got[:len(expect)] == expect and got[-1] == (len(log), running)
 
 
 def test_trial_table_filters_sorts_and_pages(client, dashboard_db):  # noqa: F811
@@ -157,7 +179,8 @@ def test_schedule_view_of_a_preset_is_most_like_itself(client, dashboard_db):  #
 def test_exports_use_the_storage_code_and_import_back(client, dashboard_db, tmp_path):  # noqa: F811
     url, info = dashboard_db
     with connect(url, create=False) as store:
-        t = store.best(SEARCH_STUDY, 5, fidelity="full")
+        t = min((t for t in store.trials(SEARCH_STUDY, status="complete", nfe=5)
+                 if t.fidelity == "heldout" and not t.info.get("baseline")), key=lambda t: t.score)
     r = client.get(f"/api/trials/{t.id}/export/json")
     assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
     sched, prov = parse_export(r.text)

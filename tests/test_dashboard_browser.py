@@ -21,6 +21,7 @@ from test_dashboard_data import PRESETS, SEARCH_STUDY, dashboard_db  # noqa: F40
 from steptune.dashboard import create_app, open_read_only
 from steptune.dashboard.queries import front, problems
 from steptune.report import write_report
+from steptune.sweep import DEFAULT_PRESETS
 
 CHROMIUM = os.environ.get("STEPTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no chromium binary (install Debian's chromium package or set "
@@ -119,19 +120,21 @@ def test_front_renders_one_trace_per_series_and_front(page, server, db_url, shot
     _open(page, f"{server}/#front", "front")
     want = _expected_front(db_url)
     n = len(want["series"]) + len(want["fronts"])
-    assert n == len(PRESETS) + 3 + 2  # presets, search cheap/full, hand-made; two fidelity fronts
+    presets = set(PRESETS) | set(DEFAULT_PRESETS)
+    assert n == len(presets) + 3 + 2  # presets, the search at two fidelities, hand-made; a front per fidelity
     assert _trace_count(page, "front-plot") == (n, n)
     legend = page.eval_on_selector_all("#front-plot .legendtext", "els => els.map((e) => e.textContent)")
     assert sorted(legend) == sorted([s["name"] for s in want["series"]] + [f"Pareto front ({f['fidelity']})"
                                                                           for f in want["fronts"]])
     assert page.evaluate("document.getElementById('front-plot')._fullLayout.yaxis.type") == "log"
     page.screenshot(path=str(shots / "front.png"), full_page=True)
-    # the fidelity filter keeps only the cheap curve and its front
-    page.select_option("#fidelity", "cheap")
+    # the fidelity filter keeps only the search's ranking curve and its front
+    page.select_option("#fidelity", "train")
     page.wait_for_function("document.getElementById('front-plot').data.length === 2")
 
 
-def _most_isolated_preset_point(page) -> dict:
+def _most_isolated_preset_point(page, presets: list[str]) -> dict:
+    """The preset point farthest (in pixels) from any other point, so a click lands on it alone."""
     return page.evaluate("""(presets) => {
         const gd = document.getElementById('front-plot');
         const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
@@ -142,24 +145,28 @@ def _most_isolated_preset_point(page) -> dict:
                 px: box.left + xa.d2p(x), py: box.top + ya.d2p(t.y[k]) })); });
         let best = null;
         for (const p of pts) {
-            if (!presets.some((name) => p.name === `${name} (full)`)) continue;
+            if (!presets.includes(p.name)) continue;
             const gap = Math.min(...pts.filter((q) => q !== p).map((q) => Math.hypot(q.px - p.px, q.py - p.py)));
             if (!best || gap > best.gap) best = { ...p, gap };
         }
         return best;
-    }""", PRESETS)
+    }""", presets)
 
 
-def test_clicking_a_point_opens_its_schedule(page, server, shots):
+def _preset_series(db_url: str) -> list[str]:
+    return [s["name"] for s in _expected_front(db_url)["series"] if s["kind"] == "preset"]
+
+
+def test_clicking_a_point_opens_its_schedule(page, server, db_url, shots):
     _open(page, f"{server}/#front", "front")
-    pt = _most_isolated_preset_point(page)
+    pt = _most_isolated_preset_point(page, _preset_series(db_url))
     assert pt["gap"] > 8, "no front point is far enough from the others to click unambiguously"
     page.mouse.move(pt["px"], pt["py"])
     page.mouse.click(pt["px"], pt["py"])
     page.wait_for_function(f"location.hash === '#schedule/{pt['trial']}' && document.body.dataset.rendered === "
                            "'schedule'")
     page.wait_for_selector(f"#schedule-head h2:has-text('trial id {pt['trial']}')")
-    preset = pt["name"].removesuffix(" (full)")
+    preset = pt["name"].removesuffix(" (heldout)")
     # a preset's schedule resembles itself most
     assert page.inner_text("#nearest-preset").startswith(f"most like {preset} (distance 0")
     steps = page.locator("#steps-table tr").count() - 1
@@ -198,7 +205,8 @@ def store_all(db_url: str) -> list:
 
 def test_export_download_imports_back(page, server, db_url, tmp_path):
     with connect(db_url, create=False) as store:
-        t = store.best(SEARCH_STUDY, 5, fidelity="full")
+        t = min((t for t in store.trials(SEARCH_STUDY, status="complete", nfe=5)
+                 if t.fidelity == "heldout" and not t.info.get("baseline")), key=lambda t: t.score)
     _open(page, f"{server}/#schedule/{t.id}", "schedule")
     with page.expect_download() as dl:
         page.click("#downloads a[data-format=json]")
@@ -220,7 +228,8 @@ def test_history_view(page, server, db_url, shots):
     _open(page, f"{server}/#history", "history")
     page.select_option("#history-study", SEARCH_STUDY)
     with connect(db_url, create=False) as store:
-        keys = {(t.fidelity, t.nfe) for t in store.trials(SEARCH_STUDY, status="complete")}
+        keys = {(t.fidelity, t.nfe) for t in store.trials(SEARCH_STUDY, status="complete")
+                if not t.info.get("baseline")}
     page.wait_for_function(f"document.getElementById('history-plot').dataset.traces === '{len(keys)}'")
     assert _trace_count(page, "history-plot") == (len(keys), len(keys))
     page.screenshot(path=str(shots / "history.png"), full_page=True)
@@ -256,7 +265,7 @@ def test_static_report_works_offline(page, db_url, tmp_path, shots):
     n = len(want["series"]) + len(want["fronts"])
     assert _trace_count(page, "front-plot") == (n, n)
     page.screenshot(path=str(shots / "report-front.png"), full_page=True)
-    pt = _most_isolated_preset_point(page)
+    pt = _most_isolated_preset_point(page, _preset_series(db_url))
     page.mouse.move(pt["px"], pt["py"])
     page.mouse.click(pt["px"], pt["py"])
     page.wait_for_selector(f"#schedule-head h2:has-text('trial id {pt['trial']}')")

@@ -1,40 +1,57 @@
-"""The database the dashboard tests read: a real short search, a real preset sweep, a hand-made schedule
+"""The database the dashboard tests read: a real short search (``steptune run``, with its preset
+baselines), a real preset sweep stored as a study (``steptune sweep --study``), a hand-made schedule
 imported from an export, and SOR relaxation rounds from real SOR solves. Built once per test session."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from steptune.evaluators import Evaluator, get_problem
-from steptune.search import make_searcher, run_search
 from steptune.storage import connect, export_dict, import_schedule
 
-from steptune.sweep import run_sweep, store_sweep
+from steptune.cli import main
 
-SEARCH_STUDY = "gmm2d-random"
+SEARCH_STUDY = "gmm2d-s3"
 PRESET_STUDY = "gmm2d-presets"
 HAND_STUDY = "gmm2d-hand"
 BANDIT_STUDY = "sor-bandit"
 FIXED_STUDY = "sor-fixed-1.0"
 SEARCH_NFES = [3, 4, 5]
+EVALUATIONS = 8  # per NFE
 PRESETS = ["ddim", "dpm-solver++-2m", "unipc-bh2", "heun"]
 PRESET_NFES = [3, 4, 5, 6]
 OMEGAS = [1.0, 1.3, 1.6, 1.9]
 
 
-def fidelity_of(bank: str) -> str:
-    return "full" if bank == "heldout" else "cheap"
+def job_file(path: Path, cache: Path) -> Path:
+    path.write_text(f"""
+study = "{SEARCH_STUDY}"
+seed = 0
 
+[problem]
+name = "gmm-2d"
 
-def store_search(store, study: str, result, problem, method: str, seed: int) -> list[int]:
-    items = [{"schedule": r.schedule, "status": r.status, "metrics": r.metrics, "error": r.error,
-              "seconds": r.seconds, "bank": r.bank, "n_samples": r.n_samples, "fidelity": fidelity_of(r.bank)}
-             for r in result.log]
-    return store.add_trials(study, items, create={"method": method, "seed": seed, "problem": problem.identity(),
-                                                  "metric": "rmse"})
+[search]
+method = "s3"
+nfe = {SEARCH_NFES}
+
+[evaluation]
+cheap_samples = 32
+train_samples = 64
+heldout_samples = 1024
+confirm = 2
+cache = "{cache}"
+
+[budget]
+evaluations = {EVALUATIONS}
+
+[backend]
+kind = "local"
+""")
+    return path
 
 
 def sor_iterations(omega: float, n: int, rhs_seed: int, tol: float = 1e-6, max_iter: int = 5000) -> int:
@@ -53,21 +70,20 @@ def sor_iterations(omega: float, n: int, rhs_seed: int, tol: float = 1e-6, max_i
     return max_iter
 
 
-def fill(url: str, cache_dir) -> dict:
-    """Fill the database at ``url``; returns what was stored, for the tests to compare against."""
-    problem = get_problem("gmm-2d")
-    ev = Evaluator(problem, n_train=64, n_heldout=128, cache_dir=cache_dir)
-    searcher = make_searcher("random", problem.noise, problem.t_start, problem.t_end, SEARCH_NFES, seed=0)
-    result = run_search(searcher, ev, budget=24, cheap_n=32, confirm_k=2)
-    rows = run_sweep(ev, PRESETS, PRESET_NFES)
+def fill(url: str, folder: Path) -> dict:
+    """Fill the database at ``url``: a real short search (``steptune run``), a real preset sweep
+    (``steptune sweep --study``), a hand-made schedule imported from an export, and SOR rounds."""
+    cache = folder / "cache"
+    assert main(["run", str(job_file(folder / "job.toml", cache)), "--db", url, "--json"]) == 0
+    assert main(["sweep", "--problem", "gmm-2d", "--nfe", ",".join(map(str, PRESET_NFES)), "--presets",
+                 ",".join(PRESETS), "--out", str(folder / "sweep"), "--cache", str(cache), "--study", PRESET_STUDY,
+                 "--db", url, "--json"]) == 0
     with connect(url) as store:
-        search_ids = store_search(store, SEARCH_STUDY, result, problem, "random", 0)
-        preset_ids = store_sweep(store, PRESET_STUDY, ev, rows)
-        best = store.best(SEARCH_STUDY, 4, fidelity="full")
+        searched = [t for t in store.trials(SEARCH_STUDY, status="complete", nfe=4)
+                    if t.fidelity == "heldout" and not t.info.get("baseline")]
+        best = min(searched, key=lambda t: (t.score, t.id))
         exported = export_dict(best, store.get_study(SEARCH_STUDY))
         exported["name"] = "hand-tuned"
-
-
         hand = import_schedule(store, json.dumps(exported), HAND_STUDY)
         store.create_study(BANDIT_STUDY, method="epsilon-greedy", config={"omegas": OMEGAS})
         store.create_study(FIXED_STUDY, method="fixed", config={"omega": 1.0})
@@ -79,32 +95,36 @@ def fill(url: str, cache_dir) -> dict:
                                  iterations=sor_iterations(OMEGAS[arm], n, rnd), converged=True)
             store.add_relaxation(FIXED_STUDY, rnd, 1.0, arm=0, context={"n": n},
                                  iterations=sor_iterations(1.0, n, rnd), converged=True)
-    return {"search": result, "search_ids": search_ids, "preset_ids": preset_ids, "sweep_rows": rows,
-            "hand": hand, "problem": problem}
+    sweep = json.loads(next((folder / "sweep").glob("*.json")).read_text())
+    return {"sweep_rows": sweep["rows"], "hand": hand, "hand_source": best}
 
 
 @pytest.fixture(scope="session")
 def dashboard_db(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dashboard") / "steptune.db"
-    url = f"sqlite:///{path}"
-    info = fill(url, tmp_path_factory.mktemp("cache"))
-    return url, info
+    folder = tmp_path_factory.mktemp("dashboard")
+    url = f"sqlite:///{folder / 'steptune.db'}"
+    return url, fill(url, folder)
 
 
-def test_filled_database_holds_every_evaluation(dashboard_db):
+def test_filled_database_holds_a_real_search_presets_and_relaxation(dashboard_db):
     url, info = dashboard_db
     with connect(url, create=False) as store:
         trials = store.trials(SEARCH_STUDY)
-        assert len(trials) == len(info["search"].log) == len(info["search_ids"])
-        for t, r in zip(trials, info["search"].log):
-            assert t.nfe == r.nfe and t.fidelity == fidelity_of(r.bank) and t.status == r.status
-            if r.status == "complete":
-                assert math.isclose(t.score, r.metrics["rmse"])
+        cheap = [t for t in trials if t.fidelity == "train"]
+        baselines = [t for t in trials if t.info.get("baseline")]
+        assert len(cheap) == EVALUATIONS * len(SEARCH_NFES) and all(t.n_samples == 32 for t in cheap)
+        assert {t.fidelity for t in baselines} == {"heldout"} and len(baselines) > len(PRESETS)
+        assert all(t.status in ("complete", "failed") for t in trials)
         ran = [r for r in info["sweep_rows"] if r["status"] in ("complete", "failed")]
         presets = store.trials(PRESET_STUDY)
         assert sorted((t.schedule["name"], t.nfe) for t in presets) == sorted((r["preset"], r["nfe"]) for r in ran)
         assert store.get_study(PRESET_STUDY).method == "preset"
+        # the sweep and the search's baselines ran the same preset on the same held-out noise
+        ddim3 = next(t for t in baselines if t.info["origin"] == "preset:ddim@3")
+        assert math.isclose(ddim3.score, next(r["rmse"] for r in ran if r["preset"] == "ddim" and r["nfe"] == 3),
+                            rel_tol=1e-9)
         assert info["hand"].status == "complete" and info["hand"].schedule["name"] == "hand-tuned"
+        assert math.isclose(info["hand"].score, info["hand_source"].score)
         assert len(store.relaxation_rounds(BANDIT_STUDY)) == 12
     # the SOR solves are real: over-relaxation beats Gauss-Seidel on the Poisson system
     assert sor_iterations(1.6, 14, 0) < sor_iterations(1.0, 14, 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, func, or_, select
 
 from steptune.storage import Storage
 from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial
@@ -20,6 +20,7 @@ PRESET_METHOD = "preset"
 SORTABLE = {"id": Trial.id, "number": Trial.number, "nfe": Trial.nfe, "score": Trial.score,
             "status": Trial.status, "seconds": Trial.seconds, "created": Trial.created, "fidelity": Trial.fidelity}
 MAX_PAGE = 500
+DETAIL_LIMIT = 5_000  # trials of one (study, fidelity) read row by row on the front
 
 
 class NotFound(LookupError):
@@ -54,31 +55,40 @@ def problems(store: Storage) -> list[dict]:
         for sid, status, n in s.execute(select(Trial.study_id, Trial.status, func.count())
                                         .group_by(Trial.study_id, Trial.status)):
             counts[sid][status] = n
+        fidelities: dict[int, list[str]] = defaultdict(list)
+        for sid, fid in s.execute(select(Trial.study_id, Trial.fidelity).group_by(Trial.study_id, Trial.fidelity)
+                                  .order_by(Trial.study_id, Trial.fidelity)):
+            fidelities[sid].append(fid)
         rounds = dict(s.execute(select(RelaxationRecord.study_id, func.count()).group_by(RelaxationRecord.study_id))
                       .all())
     by_problem: dict[int, list[dict]] = defaultdict(list)
     for st in studies:
         by_problem[st.problem_id or NO_PROBLEM].append({
             "name": st.name, "method": st.method, "metric": st.metric, "created": _iso(st.created),
-            "trials": {k: counts[st.id].get(k, 0) for k in STATUSES}, "relaxation_rounds": rounds.get(st.id, 0)})
+            "trials": {k: counts[st.id].get(k, 0) for k in STATUSES}, "fidelities": fidelities.get(st.id, []),
+            "relaxation_rounds": rounds.get(st.id, 0)})
     out = []
     for p in probs:
         noise = (p.identity or {}).get("noise") or {}
-        out.append({"id": p.id, "name": p.name, "noise": noise.get("kind"), "studies": by_problem.get(p.id, [])})
+        out.append({"id": p.id, "name": p.name, "noise": noise.get("kind"), "studies": by_problem.get(p.id, []),
+                    "fidelities": sorted({f for st in by_problem.get(p.id, []) for f in st["fidelities"]})})
     if by_problem.get(NO_PROBLEM):
         out.append({"id": NO_PROBLEM, "name": "(no problem recorded)", "noise": None,
-                    "studies": by_problem[NO_PROBLEM]})
+                    "studies": by_problem[NO_PROBLEM],
+                    "fidelities": sorted({f for st in by_problem[NO_PROBLEM] for f in st["fidelities"]})})
     return out
 
 
 def change_token(store: Storage) -> dict:
-    """What changes whenever a trial or relaxation round is added or finishes (for live refresh)."""
+    """What changes whenever a trial or relaxation round is added or a trial changes status (for live
+    refresh); read from the (status, ...) index, so it stays cheap for large databases."""
     with store._tx(write=False) as s:
-        n, last_id, last_finished = s.execute(select(func.count(), func.max(Trial.id), func.max(Trial.finished))).one()
+        per_status = dict(s.execute(select(Trial.status, func.count()).group_by(Trial.status)).all())
+        last_id = s.scalar(select(func.max(Trial.id)))
         rounds, last_round = s.execute(select(func.count(), func.max(RelaxationRecord.id))).one()
-        running = s.scalar(select(func.count()).where(Trial.status == "running"))
-    return {"token": f"{n}-{last_id}-{_iso(last_finished)}-{rounds}-{last_round}-{running}", "trials": n,
-            "running": running}
+    counts = "-".join(str(per_status.get(k, 0)) for k in STATUSES)
+    return {"token": f"{counts}-{last_id}-{rounds}-{last_round}", "trials": sum(per_status.values()),
+            "running": per_status.get("running", 0)}
 
 
 # ---- the NFE-quality front ---------------------------------------------------------------------------
@@ -91,72 +101,131 @@ def _problem_studies(s, problem: int):
     return s.execute(select(Study.id, Study.name, Study.method, Study.metric).where(cond).order_by(Study.id)).all()
 
 
-def front(store: Storage, problem: int, fidelity: str | None = None) -> dict:
-    """The NFE-quality front of every study of a problem: one series per (study, fidelity), and one per
-    preset inside a study of method ``preset``, each holding the best complete trial at every NFE.
+def _baseline_flag():
+    return Trial.info["baseline"].as_boolean()
 
-    Two grouped queries over the (study, status, nfe, score) index give the minima; one join back on
-    the same index fetches the trial behind each minimum, so the cost follows the number of points
-    shown, not of trials stored."""
+
+def _origin():
+    return Trial.info["origin"].as_string()
+
+
+def preset_of(origin: str | None) -> str | None:
+    """The preset spec of a baseline trial's origin (``preset:SPEC@NFE``), else None."""
+    if not origin or not origin.startswith("preset:"):
+        return None
+    return origin.removeprefix("preset:").rpartition("@")[0] or origin.removeprefix("preset:")
+
+
+def front(store: Storage, problem: int, fidelity: str | None = None) -> dict:
+    """The NFE-quality front of a problem: the best complete trial at every NFE of each series.
+
+    A series is a searched or imported study at one fidelity, or a preset at one fidelity (from studies
+    of method ``preset`` and from the preset baselines a search stores beside its own trials, marked
+    ``info.baseline``). Studies are grouped in SQL over the (study, status, fidelity, nfe, score) index;
+    a (study, fidelity) group of more than ``DETAIL_LIMIT`` trials is read only through that index (as
+    one series: searches store their baselines on the held-out bank, where few trials are), smaller
+    groups are read row by row to tell baselines apart. The cost follows the points shown, not the
+    trials stored."""
     with store._tx(write=False) as s:
         studies = _problem_studies(s, problem)
         by_id = {st.id: st for st in studies}
-        preset_ids = [st.id for st in studies if st.method == PRESET_METHOD]
-        other_ids = [st.id for st in studies if st.method != PRESET_METHOD]
-        points = _best_points(s, other_ids, fidelity, by_name=False) + _best_points(s, preset_ids, fidelity,
-                                                                                     by_name=True)
+        cond = _scored(list(by_id), fidelity)
+        sizes = s.execute(select(Trial.study_id, Trial.fidelity, func.count()).where(*cond)
+                          .group_by(Trial.study_id, Trial.fidelity)).all() if by_id else []
+        bulk = [(sid, fid) for sid, fid, n in sizes if n > DETAIL_LIMIT and by_id[sid].method != PRESET_METHOD]
+        detail = [(sid, fid) for sid, fid, n in sizes if (sid, fid) not in bulk]
+        points = _bulk_points(s, bulk, cond, by_id) + _detail_points(s, detail, cond, by_id)
+        metrics = _metrics_of(s, [p["trial"] for p in points])
     series: dict[tuple, dict] = {}
-    for p in sorted(points, key=lambda p: (p["study_id"], p["series"], p["fidelity"], p["nfe"])):
-        st = by_id[p["study_id"]]
-        key = (st.id, p["series"], p["fidelity"])
-        if key not in series:
-            label = p["series"] if st.method == PRESET_METHOD else st.name
-            if p["fidelity"]:
-                label += f" ({p['fidelity']})"
-            series[key] = {"name": label, "study": st.name, "method": st.method, "metric": st.metric,
-                           "fidelity": p["fidelity"], "preset": p["series"] or None, "points": []}
-        series[key]["points"].append({k: p[k] for k in ("nfe", "score", "trial", "number", "schedule", "count",
-                                                       "metrics")})
-    traces = list(series.values())
+    for p in sorted(points, key=lambda p: (p["key"], p["nfe"], p["score"], p["trial"])):
+        if p["key"] not in series:
+            kind, who, fid = p["key"]
+            st = by_id[p["study_id"]]
+            series[p["key"]] = {"name": f"{who} ({fid})" if fid else who, "kind": kind, "fidelity": fid,
+                                "study": st.name if kind != "preset" else None, "method": st.method,
+                                "preset": who if kind == "preset" else None, "metric": st.metric, "points": []}
+        pts = series[p["key"]]["points"]
+        if pts and pts[-1]["nfe"] == p["nfe"]:  # the same preset from several studies: keep the best
+            pts[-1]["count"] += p["count"]
+            continue
+        pts.append({"nfe": p["nfe"], "score": p["score"], "trial": p["trial"], "number": p["number"],
+                    "study": by_id[p["study_id"]].name, "schedule": p["schedule"], "count": p["count"],
+                    "metrics": metrics.get(p["trial"], {})})
+    traces = sorted(series.values(), key=lambda t: (t["kind"] == "preset", t["name"]))
     for tr in traces:
         _mark_pareto(tr["points"])
-    metrics = sorted({st.metric for st in studies})
     fronts = []
     for fid in sorted({tr["fidelity"] for tr in traces}):
         pts = [(p["nfe"], p["score"], tr["name"], p["trial"]) for tr in traces if tr["fidelity"] == fid
                for p in tr["points"]]
         fronts.append({"fidelity": fid, "points": [{"nfe": n, "score": sc, "series": name, "trial": t}
                                                    for n, sc, name, t in _pareto(pts)]})
-    return {"problem": problem, "metric": metrics[0] if len(metrics) == 1 else "score", "fidelity": fidelity,
+    names = sorted({st.metric for st in studies})
+    return {"problem": problem, "metric": names[0] if len(names) == 1 else "score", "fidelity": fidelity,
             "series": traces, "fronts": fronts}
 
 
-def _best_points(s, study_ids: list[int], fidelity: str | None, by_name: bool) -> list[dict]:
-    if not study_ids:
-        return []
+def _scored(study_ids: list[int], fidelity: str | None) -> list:
     cond = [Trial.study_id.in_(study_ids), Trial.status == "complete", Trial.score.is_not(None)]
     if fidelity is not None:
         cond.append(Trial.fidelity == fidelity)
-    name = _name_of_schedule()
-    keys = [Trial.study_id, Trial.fidelity, Trial.nfe] + ([name.label("series")] if by_name else [])
+    return cond
+
+
+def _groups(pairs: list[tuple[int, str]]):
+    return or_(*(and_(Trial.study_id == sid, Trial.fidelity == fid) for sid, fid in pairs))
+
+
+def _bulk_points(s, pairs: list[tuple[int, str]], cond: list, by_id: dict) -> list[dict]:
+    if not pairs:
+        return []
+    keys = [Trial.study_id, Trial.fidelity, Trial.nfe]
     groups = (select(*keys, func.min(Trial.score).label("best"), func.count().label("n"))
-              .where(*cond).group_by(*keys).subquery())
-    join = [Trial.study_id == groups.c.study_id, Trial.fidelity == groups.c.fidelity, Trial.nfe == groups.c.nfe,
-            Trial.status == "complete", Trial.score == groups.c.best]
-    if by_name:
-        join.append(name == groups.c.series)
+              .where(*cond, _groups(pairs)).group_by(*keys).subquery())
     rows = s.execute(select(Trial.id, Trial.study_id, Trial.fidelity, Trial.nfe, Trial.score, Trial.number,
-                            Trial.metrics, name.label("schedule_name"), groups.c.n)
-                     .join(groups, and_(*join)).order_by(Trial.id)).all()
+                            _name_of_schedule().label("schedule_name"), groups.c.n)
+                     .join(groups, and_(Trial.study_id == groups.c.study_id, Trial.fidelity == groups.c.fidelity,
+                                        Trial.nfe == groups.c.nfe, Trial.score == groups.c.best))
+                     .where(*cond).order_by(Trial.id)).all()
     out: dict[tuple, dict] = {}
     for r in rows:  # ties on the minimum: the earliest trial
-        series = (r.schedule_name or "") if by_name else ""
-        key = (r.study_id, r.fidelity, r.nfe, series)
+        key = ("study", r.study_id, r.fidelity, r.nfe)
         if key not in out:
-            out[key] = {"study_id": r.study_id, "fidelity": r.fidelity, "nfe": r.nfe, "score": r.score,
-                        "trial": r.id, "number": r.number, "schedule": r.schedule_name or "", "count": r.n,
-                        "metrics": r.metrics or {}, "series": series}
+            out[key] = {"key": ("study", by_id[r.study_id].name, r.fidelity), "study_id": r.study_id, "nfe": r.nfe,
+                        "score": r.score, "trial": r.id, "number": r.number, "schedule": r.schedule_name or "",
+                        "count": r.n}
     return list(out.values())
+
+
+def _detail_points(s, pairs: list[tuple[int, str]], cond: list, by_id: dict) -> list[dict]:
+    if not pairs:
+        return []
+    rows = s.execute(select(Trial.id, Trial.study_id, Trial.fidelity, Trial.nfe, Trial.score, Trial.number,
+                            _name_of_schedule().label("schedule_name"), _baseline_flag().label("baseline"),
+                            _origin().label("origin"))
+                     .where(*cond, _groups(pairs)).order_by(Trial.score, Trial.id)).all()
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        st = by_id[r.study_id]
+        if st.method == PRESET_METHOD:
+            key = ("preset", r.schedule_name or "preset", r.fidelity)
+        elif r.baseline:
+            key = ("preset", preset_of(r.origin) or r.schedule_name or "preset", r.fidelity)
+        else:
+            key = ("study", st.name, r.fidelity)
+        k = (key, r.nfe, r.study_id if key[0] == "study" else None)
+        if k in best:
+            best[k]["count"] += 1
+            continue
+        best[k] = {"key": key, "study_id": r.study_id, "nfe": r.nfe, "score": r.score, "trial": r.id,
+                   "number": r.number, "schedule": r.schedule_name or "", "count": 1}
+    return list(best.values())
+
+
+def _metrics_of(s, trial_ids: list[int]) -> dict[int, dict]:
+    if not trial_ids:
+        return {}
+    return {tid: m or {} for tid, m in s.execute(select(Trial.id, Trial.metrics).where(Trial.id.in_(trial_ids)))}
 
 
 def _pareto(points: list[tuple]) -> list[tuple]:
@@ -189,16 +258,20 @@ def _pareto_dicts(points: list[dict]) -> list[dict]:
 
 def history(store: Storage, study: str) -> dict:
     """Best score so far against the number of evaluations done, per (fidelity, NFE): only the points
-    where the best improved, plus the last evaluation, so the answer stays small for long searches."""
+    where the best improved, plus the last evaluation, so the answer stays small for long searches.
+    Preset baselines stored in the study (``info.baseline``) are left out."""
     with store._tx(write=False) as s:
         sid = study_id(s, study)
         metric = s.scalar(select(Study.metric).where(Study.id == sid))
-        rows = s.execute(select(Trial.number, Trial.nfe, Trial.fidelity, Trial.score, Trial.status)
+        rows = s.execute(select(Trial.number, Trial.nfe, Trial.fidelity, Trial.score, Trial.status,
+                                _baseline_flag().label("baseline"))
                          .where(Trial.study_id == sid, Trial.status.in_(("complete", "failed")))
                          .order_by(Trial.number)).all()
     curves: dict[tuple, dict] = {}
     done: dict[str, int] = defaultdict(int)
     for r in rows:
+        if r.baseline:  # preset baselines are not the search's own evaluations
+            continue
         done[r.fidelity] += 1
         key = (r.fidelity, r.nfe)
         c = curves.setdefault(key, {"fidelity": r.fidelity, "nfe": r.nfe, "evaluations": [], "best": [],
@@ -247,7 +320,8 @@ def trials_page(store: Storage, *, study: str | None = None, problem: int | None
         order = [col.desc().nulls_last() if descending else col.asc().nulls_last(), Trial.id]
         rows = s.execute(select(Trial.id, Study.name.label("study"), Study.method, Trial.number, Trial.nfe,
                                 Trial.score, Trial.status, Trial.fidelity, Trial.bank, Trial.n_samples,
-                                _name_of_schedule().label("schedule"), Trial.metrics, Trial.seconds, Trial.worker,
+                                _name_of_schedule().label("schedule"), _origin().label("origin"),
+                                _baseline_flag().label("baseline"), Trial.metrics, Trial.seconds, Trial.worker,
                                 Trial.attempts, Trial.error, Trial.created, Trial.finished)
                          .join(Study, Study.id == Trial.study_id).where(*cond).order_by(*order)
                          .offset(max(0, int(offset))).limit(limit)).all()

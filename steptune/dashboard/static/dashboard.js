@@ -7,6 +7,8 @@ const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"
   "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"];
 const ORDER_COLORS = { 1: "#1f77b4", 2: "#2ca02c", 3: "#ff7f0e", 4: "#d62728" };
 const PLOT_CONFIG = { displaylogo: false, responsive: true };
+const CHEAP_FIDELITIES = ["train", "cheap", "proxy"];  // drawn dotted: ranking scores, not the reported ones
+const isCheap = (fidelity) => CHEAP_FIDELITIES.includes(fidelity);
 
 const state = {
   view: "front", problem: null, fidelity: "", problems: [], config: null, token: null, trial: null,
@@ -92,16 +94,16 @@ async function render() {
 
 function frontTraces(data) {
   const traces = data.series.map((s, i) => {
-    const full = s.fidelity !== "cheap";
+    const full = !isCheap(s.fidelity);
     const color = COLORS[i % COLORS.length];
     return {
       type: "scatter", mode: "lines+markers", name: s.name,
       x: s.points.map((p) => p.nfe), y: s.points.map((p) => p.score),
       customdata: s.points.map((p) => p.trial),
-      text: s.points.map((p) => `trial id ${p.trial} (#${p.number} of ${esc(s.study)})<br>${esc(p.schedule)}`
+      text: s.points.map((p) => `trial id ${p.trial} (#${p.number} of ${esc(p.study)})<br>${esc(p.schedule)}`
         + `<br>${p.count} trial(s) at this NFE<br>${metricsText(p.metrics)}`),
       hovertemplate: "NFE %{x}<br>%{text}<extra>%{fullData.name}</extra>",
-      line: { color, dash: full ? "solid" : "dot", width: s.method === "preset" ? 1.5 : 2.5 },
+      line: { color, dash: full ? "solid" : "dot", width: s.kind === "preset" ? 1.2 : 2.8 },
       marker: {
         color, size: s.points.map((p) => (p.pareto ? 10 : 7)), symbol: full ? "circle" : "circle-open",
         line: { color: "#111", width: s.points.map((p) => (p.pareto ? 2 : 0)) },
@@ -112,7 +114,7 @@ function frontTraces(data) {
     traces.push({
       type: "scatter", mode: "lines", name: `Pareto front (${f.fidelity || "unlabelled"})`,
       x: f.points.map((p) => p.nfe), y: f.points.map((p) => p.score), hoverinfo: "skip",
-      line: { color: "#000", dash: f.fidelity === "cheap" ? "dot" : "dash", width: 1.5, shape: "hv" },
+      line: { color: "#000", dash: isCheap(f.fidelity) ? "dot" : "dash", width: 1.5, shape: "hv" },
     });
   }
   return traces;
@@ -126,7 +128,7 @@ async function renderFront() {
   await Plotly.react(plot, frontTraces(data), {
     title: { text: `${prob.name}${prob.noise ? ` (${prob.noise})` : ""}: NFE vs ${data.metric}` },
     xaxis: { title: { text: "NFE (model calls)" }, dtick: 1 },
-    yaxis: { title: { text: `${data.metric} (log scale, lower is better)` }, type: "log" },
+    yaxis: { title: { text: `${data.metric} (log scale, lower is better)` }, type: "log", tickformat: ".2~g" },
     hovermode: "closest", legend: { font: { size: 11 } }, margin: { t: 50 },
   }, PLOT_CONFIG);
   if (!plot.dataset.clickBound) {
@@ -174,13 +176,13 @@ async function renderHistory() {
   const traces = data.curves.filter((c) => !state.fidelity || c.fidelity === state.fidelity).map((c, i) => ({
     type: "scatter", mode: "lines+markers", name: `NFE ${c.nfe} (${c.fidelity || "—"}, ${c.n} evals)`,
     x: c.evaluations, y: c.best, line: { shape: "hv", color: COLORS[i % COLORS.length],
-      dash: c.fidelity === "cheap" ? "dot" : "solid" },
+      dash: isCheap(c.fidelity) ? "dot" : "solid" },
     hovertemplate: `NFE ${c.nfe}: best %{y:.4g} after %{x} evaluations<extra></extra>`,
   }));
   await Plotly.react($("history-plot"), traces, {
     title: { text: `${data.study}: best ${data.metric} so far` },
     xaxis: { title: { text: "evaluations made (at that fidelity)" } },
-    yaxis: { title: { text: `best ${data.metric} (log scale)` }, type: "log" }, margin: { t: 50 },
+    yaxis: { title: { text: `best ${data.metric} (log scale)` }, type: "log", tickformat: ".2~g" }, margin: { t: 50 },
   }, PLOT_CONFIG);
   $("history-plot").dataset.traces = String(traces.length);
 }
@@ -190,6 +192,7 @@ async function renderHistory() {
 const TABLE_COLUMNS = [
   ["id", "id", true], ["study", "study", false], ["number", "#", true], ["nfe", "NFE", true],
   ["score", "score", true], ["status", "status", true], ["fidelity", "fidelity", true], ["schedule", "schedule", false],
+  ["origin", "origin", false],
   ["n_samples", "samples", false], ["seconds", "seconds", true], ["attempts", "attempts", false],
 ];
 
@@ -223,19 +226,20 @@ async function renderTrials() {
   t.study = fillSelect($("f-study"), [["", "all studies"], ...trialStudies(prob).map((s) => [s.name, s.name])], t.study);
   const statuses = (state.config && state.config.statuses) || ["queued", "running", "complete", "failed", "pruned"];
   t.status = fillSelect($("f-status"), [["", "any"], ...statuses.map((s) => [s, s])], t.status);
-  $("f-fidelity").value = t.fidelity;
+  t.fidelity = fillSelect($("f-fidelity"), fidelityChoices(), t.fidelity);
   const p = tableParams();
   const page = REPORT ? localTrialsPage(p) : await api("/api/trials", p);
   t.nfe = fillSelect($("f-nfe"), [["", "any"], ...page.nfes.map((n) => [String(n), String(n)])], t.nfe);
   const head = TABLE_COLUMNS.map(([key, label, sortable]) => {
     const cls = [sortable ? "sortable" : "", key === t.sort ? `sorted-${t.order}` : "",
-      ["study", "status", "fidelity", "schedule"].includes(key) ? "text" : ""].join(" ");
+      ["study", "status", "fidelity", "schedule", "origin"].includes(key) ? "text" : ""].join(" ");
     return `<th class="${cls}" data-key="${key}">${label}</th>`;
   }).join("");
   const body = page.items.map((r) => `<tr class="clickable" data-trial="${r.id}">`
     + TABLE_COLUMNS.map(([key]) => {
       const v = r[key];
       if (key === "status") return `<td class="text status-${esc(v)}" title="${esc(r.error || "")}">${esc(v)}</td>`;
+      if (key === "origin") return `<td class="text">${esc(v || "—")}${r.baseline ? " (baseline)" : ""}</td>`;
       if (["study", "fidelity", "schedule"].includes(key)) return `<td class="text">${esc(v || "—")}</td>`;
       return `<td>${fmt(v)}</td>`;
     }).join("") + "</tr>").join("");
@@ -377,12 +381,18 @@ async function renderRelaxation() {
 
 // ---- start-up and live refresh -------------------------------------------------------------------
 
+function fidelityChoices() {
+  const prob = currentProblem();
+  return [["", "all"], ...((prob && prob.fidelities) || []).map((f) => [f, f || "(none)"])];
+}
+
 async function loadProblems() {
   state.problems = await api("/api/problems");
   const withTrials = state.problems.filter((p) => trialStudies(p).length);
   const choices = (withTrials.length ? withTrials : state.problems).map((p) => [String(p.id),
     `${p.name}${p.noise ? ` (${p.noise})` : ""}`]);
   state.problem = fillSelect($("problem"), choices, state.problem);
+  state.fidelity = fillSelect($("fidelity"), fidelityChoices(), state.fidelity);
 }
 
 async function poll() {
@@ -407,7 +417,12 @@ async function start() {
     if (REPORT) { $("live").parentElement.hidden = true; state.table.study = REPORT.study || ""; }
     await loadProblems();
   } catch (err) { showError(err); return; }
-  $("problem").addEventListener("change", (ev) => { state.problem = ev.target.value; state.table.offset = 0; render(); });
+  $("problem").addEventListener("change", (ev) => {
+    state.problem = ev.target.value;
+    state.table.offset = 0;
+    state.fidelity = fillSelect($("fidelity"), fidelityChoices(), state.fidelity);
+    render();
+  });
   $("fidelity").addEventListener("change", (ev) => { state.fidelity = ev.target.value; render(); });
   $("history-study").addEventListener("change", (ev) => { state.historyStudy = ev.target.value; render(); });
   $("relax-study").addEventListener("change", (ev) => { state.relaxStudy = ev.target.value; render(); });
