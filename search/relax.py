@@ -151,23 +151,25 @@ class TsallisINF(RelaxLearner):
 
     ``smoothing`` w > 0 lets a round on arm i also inform its grid neighbours i ± 1 with weight w: the
     estimate of arm j gains K_ij (ℓ − baseline)/P_j with P_j = Σ_i K_ij p_i, the probability that j is
-    informed (neighbouring ω cost nearly the same; this trades a little bias for much less variance)."""
+    informed (neighbouring ω cost nearly the same; this trades a little bias for much less variance).
+    The weight decays as w/(1 + n/``smoothing_rounds``), so the bias fades once the estimates settle."""
 
     name = "tsallis-inf"
 
     def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, eta0: float = 2.0,
-                 baseline: bool = True, smoothing: float = 0.25):
+                 baseline: bool = True, smoothing: float = 0.25, smoothing_rounds: float = 1000.0):
         super().__init__(omegas, seed)
         self.eta0 = float(eta0)
         self.baseline = bool(baseline)
-        self.smoothing = float(smoothing)
-        self.kernel = np.eye(self.d) + self.smoothing * (np.eye(self.d, k=1) + np.eye(self.d, k=-1))
+        self.smoothing, self.smoothing_rounds = float(smoothing), float(smoothing_rounds)
+        self.neighbours = np.eye(self.d, k=1) + np.eye(self.d, k=-1)
         self.losses = np.zeros(self.d)  # cumulative importance-weighted loss estimates, in cost units − 1
         self.cost_sum = 0.0
         self.n = 0
 
     def config(self) -> dict:
-        return {**super().config(), "eta0": self.eta0, "baseline": self.baseline, "smoothing": self.smoothing}
+        return {**super().config(), "eta0": self.eta0, "baseline": self.baseline, "smoothing": self.smoothing,
+                "smoothing_rounds": self.smoothing_rounds}
 
     def scale(self) -> float:
         return max(self.cost_sum / self.n - 1.0, 1e-9) if self.n else 1.0
@@ -179,8 +181,8 @@ class TsallisINF(RelaxLearner):
 
     def _update(self, arm, cost, context, probabilities):
         base = self.scale() if (self.baseline and self.n) else 0.0
-        informed = self.kernel.T @ probabilities
-        self.losses += self.kernel[arm] * (cost - 1.0 - base) / informed
+        kernel = np.eye(self.d) + self.smoothing / (1.0 + self.n / self.smoothing_rounds) * self.neighbours
+        self.losses += kernel[arm] * (cost - 1.0 - base) / (kernel.T @ probabilities)
         self.cost_sum += cost
         self.n += 1
 
