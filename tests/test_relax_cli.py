@@ -1,0 +1,127 @@
+"""`steptune relax` / `relax-report`: rounds stored per instance, resume continues the learner's state,
+bad user systems end in one line naming the file (exit 2) with earlier rounds kept."""
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from steptune.evaluators.linear import poisson_2d
+from steptune.storage import connect
+
+from steptune.cli import main
+
+
+def write_sequence(folder, count=8, m=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    A = poisson_2d(m)
+    rng = np.random.default_rng(0)
+    rows = ["name,c"]
+    for i in range(count):
+        c = 0.05 * i
+        sp.save_npz(folder / f"{i:03d}.npz", (A + c * sp.identity(m * m)).tocsr())
+        np.save(folder / f"{i:03d}.rhs.npy", rng.standard_normal(m * m))
+        rows.append(f"{i:03d},{c}")
+    (folder / "context.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_relax_records_every_round_and_reports(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, out, err = run(capsys, "relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "40",
+                         "--learner", "chebcb", "--study", "s", "--db", db, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["rounds"] == 40 and summary["new_rounds"] == 40
+    rows = connect(db).relaxation_rounds("s")
+    assert [r.round for r in rows] == list(range(40))
+    assert all(r.converged and r.iterations > 0 and "c" in r.context and r.context["seconds"] > 0 for r in rows)
+    assert {r.omega for r in rows} <= {float(w) for w in np.linspace(1, 1.95, 20)}
+    png = tmp_path / "s.png"
+    code, out, err = run(capsys, "relax-report", "--study", "s", "--db", db, "-o", str(png), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert png.is_file() and report["rounds"] == 40
+    means = report["mean_iterations"]
+    assert means["gauss-seidel"] > means["chebcb"] >= means["instance-optimal (grid)"]
+
+
+def test_resumed_study_continues_the_learner_state(tmp_path, capsys):
+    folder = write_sequence(tmp_path / "seq")
+    db_full, db_cut = (f"sqlite:///{tmp_path / n}" for n in ("full.db", "cut.db"))
+    assert run(capsys, "relax", "--matrices", str(folder), "--learner", "tsallis-inf", "--study", "a", "--seed", "2",
+               "--db", db_full)[0] == 0
+    # the same run, interrupted by a missing right-hand side at instance 5, then resumed once it is back
+    rhs = folder / "005.rhs.npy"
+    rhs.rename(tmp_path / "kept.npy")
+    code, _, err = run(capsys, "relax", "--matrices", str(folder), "--learner", "tsallis-inf", "--study", "a",
+                       "--seed", "2", "--db", db_cut)
+    assert code == 2 and "005.npz" in err and "right-hand side" in err
+    assert len(connect(db_cut).relaxation_rounds("a")) == 5
+    (tmp_path / "kept.npy").rename(rhs)
+    assert run(capsys, "relax", "--matrices", str(folder), "--learner", "tsallis-inf", "--study", "a", "--seed", "2",
+               "--db", db_cut)[0] == 0
+    full = [(r.arm, r.iterations) for r in connect(db_full).relaxation_rounds("a")]
+    resumed = [(r.arm, r.iterations) for r in connect(db_cut).relaxation_rounds("a")]
+    assert resumed == full and len(full) == 8
+
+
+def test_resume_with_another_setup_is_refused(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    base = ["relax", "--problem", "shifted-laplacian", "--m", "4", "--steps", "5", "--study", "x", "--db", db]
+    assert run(capsys, *base)[0] == 0
+    code, _, err = run(capsys, *base[:-4], "--learner", "chebcb", *base[-4:])
+    assert code == 2 and err.startswith("error: study 'x' was run with another setup")
+
+
+def _break(folder, how):
+    A = poisson_2d(5).tolil()
+    path = folder / "004.npz"
+    if how == "non-square":
+        sp.save_npz(path, sp.csr_matrix(np.ones((25, 24))))
+        return "not square"
+    if how == "non-symmetric":
+        A[0, 1] = -2.0
+    elif how == "indefinite":
+        A = (A.tocsr() - 4.5 * sp.identity(25)).tolil()
+        A.setdiag(np.r_[np.full(24, 0.5), 0.5])  # positive diagonal, negative eigenvalues
+    elif how == "nan":
+        A[3, 3] = np.nan
+    elif how == "missing rhs":
+        (folder / "004.rhs.npy").unlink()
+        return "no right-hand side"
+    elif how == "nan rhs":
+        b = np.load(folder / "004.rhs.npy")
+        b[2] = np.nan
+        np.save(folder / "004.rhs.npy", b)
+        return "NaN"
+    sp.save_npz(path, A.tocsr())
+    return {"non-symmetric": "not symmetric", "indefinite": "not positive definite", "nan": "NaN"}[how]
+
+
+@pytest.mark.parametrize("how", ["non-square", "non-symmetric", "indefinite", "nan", "missing rhs", "nan rhs"])
+def test_bad_systems_end_in_one_line_naming_the_file(tmp_path, capsys, how):
+    folder = write_sequence(tmp_path / "seq", count=6)
+    phrase = _break(folder, how)
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, out, err = run(capsys, "relax", "--matrices", str(folder), "--learner", "tsallis-inf", "--study", "b",
+                         "--db", db)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert "004" in lines[0] and phrase in lines[0]
+    rows = connect(db).relaxation_rounds("b")
+    assert [r.round for r in rows] == [0, 1, 2, 3] and all(r.converged for r in rows)
+
+
+def test_unknown_learner_and_missing_context_are_user_errors(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, _, err = run(capsys, "relax", "--learner", "nope", "--db", db)
+    assert code == 2 and "--learner 'nope'" in err
+    code, _, err = run(capsys, "relax", "--problem", "poisson", "--learner", "chebcb", "--db", db)
+    assert code == 2 and "needs a context" in err
