@@ -3,8 +3,9 @@
 Layout: one matrix per instance, ``NAME.mtx`` (Matrix Market) or ``NAME.npz`` (``scipy.sparse.save_npz``),
 taken in name order; its right-hand side ``NAME.rhs.npy``, ``NAME.rhs.mtx`` or ``NAME.rhs.txt``; an
 optional ``context.csv`` whose first column names the instance (NAME) and whose other columns are its
-numeric context (e.g. ``name,kappa``). Every instance is checked when it is loaded: square, symmetric,
-finite, positive definite, a right-hand side of the right length. A bad file stops the sequence there
+numeric context (e.g. ``name,kappa``); the first of them is what contextual learners see. Every
+instance is checked when it is loaded: square, symmetric, finite, positive definite, a right-hand side
+of the right length. A bad file stops the sequence there
 with a :class:`LinearInputError` that names the file.
 """
 
@@ -73,8 +74,7 @@ class MatrixFolder:
             raise LinearInputError(f"{self.folder}: no .mtx or .npz matrices in the folder")
         self.check = check
         self.contexts = self._read_contexts()
-        keys = sorted({k for c in self.contexts.values() for k in c})
-        self.context_key = keys[0] if keys else None
+        self.context_key = next((k for c in self.contexts.values() for k in c), None)  # the first context column
         values = [c[self.context_key] for c in self.contexts.values() if self.context_key in c]
         self.context_range = (min(values), max(values)) if values else (0.0, 1.0)
         if self.context_range[0] == self.context_range[1]:
