@@ -125,3 +125,17 @@ def test_unknown_learner_and_missing_context_are_user_errors(tmp_path, capsys):
     assert code == 2 and "--learner 'nope'" in err
     code, _, err = run(capsys, "relax", "--problem", "poisson", "--learner", "chebcb", "--db", db)
     assert code == 2 and "needs a context" in err
+
+
+def test_heat_sequence_runs_warm_started_ssor_pcg(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, out, err = run(capsys, "relax", "--problem", "heat2d", "--nx", "10", "--steps", "30", "--learner",
+                         "tsallis-inf-cb", "--study", "h", "--db", db, "--json")
+    assert code == 0, err
+    rows = connect(db).relaxation_rounds("h")
+    setup = connect(db).get_study("h").config
+    assert setup["solver"] == "ssor-pcg" and setup["problem"]["nx"] == 10
+    assert len(rows) == 30 and all(r.converged for r in rows)
+    kappas = [r.context["kappa"] for r in rows]
+    assert kappas[0] < kappas[-1] <= 0.1  # κ(t) = 0.1 sin 2πt on the first half period
+    assert max(r.iterations for r in rows) < 20  # warm starts: a few PCG iterations per step
