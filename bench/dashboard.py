@@ -34,7 +34,8 @@ PROBLEM = {"name": "bench-problem", "noise": noise.VPLinear().to_dict(),
            "t_end": 1e-3}
 
 
-def _pool() -> list[dict]:
+def _pool() -> list[tuple[int, str]]:
+    """(nfe, schedule JSON) pairs; JSON text lets the storage validate each distinct schedule once."""
     ns = noise.VPLinear()
     pool = []
     for name in SOLVERS:
@@ -42,7 +43,7 @@ def _pool() -> list[dict]:
             for sp in ("logsnr", "time-uniform", "time-quadratic"):
                 s = presets.build(name, nfe, ns, spacing=sp, t_start=1.0, t_end=1e-3)
                 if s.nfe in NFES:
-                    pool.append(s.to_dict())
+                    pool.append((s.nfe, s.to_json(indent=None)))
     return pool
 
 
@@ -79,13 +80,13 @@ def build_database(url: str, n: int, seed: int = 0) -> dict:
             items = _preset_items(rng, baseline=True)
             for nfe in NFES:  # confirmations of the best candidates
                 for _ in range(3):
-                    d = rng.choice([d for d in pool if d["nfe"] == nfe])
+                    _, d = rng.choice([p for p in pool if p[0] == nfe])
                     items.append({"schedule": d, "status": "complete", "fidelity": "heldout", "bank": "heldout",
                                   "metrics": {"rmse": rng.lognormvariate(-0.5, 0.3) / nfe ** 2}, "n_samples": 1024})
             for i in range(m - len(items)):
-                d = pool[rng.randrange(len(pool))]
+                nfe, d = pool[rng.randrange(len(pool))]
                 status = "complete" if rng.random() < 0.9 else rng.choice(["failed", "pruned"])
-                rmse = rng.lognormvariate(0, 0.5) / d["nfe"] ** 2
+                rmse = rng.lognormvariate(0, 0.5) / nfe ** 2
                 items.append({"schedule": d, "status": status, "fidelity": "train", "bank": "train",
                               "metrics": {"rmse": rmse, "sw": 2 * rmse} if status == "complete" else {},
                               "error": "NonFiniteError: step 2" if status == "failed" else None,
@@ -95,7 +96,7 @@ def build_database(url: str, n: int, seed: int = 0) -> dict:
                 db.add_trials(f"search-{method}", items[i:i + 10_000],
                               create={"method": method, "seed": k, "problem": PROBLEM})
             counts[f"search-{method}"] = m
-        db.add_trials("hand-made", [{"schedule": pool[0], "status": "complete", "metrics": {"rmse": 0.05},
+        db.add_trials("hand-made", [{"schedule": pool[0][1], "status": "complete", "metrics": {"rmse": 0.05},
                                      "fidelity": "heldout"}], create={"method": "import", "problem": PROBLEM})
         counts["hand-made"] = 1
         assert db.count_trials() == n, (db.count_trials(), n)

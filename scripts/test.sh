@@ -40,5 +40,18 @@ if [ -z "${STEPTUNE_TEST_PG_URL:-}" ]; then
     fi
 fi
 
+# Chromium for the dashboard's browser tests (Playwright drives Debian's chromium; its own browser
+# download is not used). STEPTUNE_CHROMIUM, if already set, is used as is.
+if [ -z "${STEPTUNE_CHROMIUM:-}" ]; then
+    chromium_bin() { command -v chromium || command -v chromium-browser || true; }
+    if [ -z "$(chromium_bin)" ] && [ "$(id -u)" = 0 ]; then
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    fi
+    if [ -n "$(chromium_bin)" ]; then
+        export STEPTUNE_CHROMIUM="$(chromium_bin)"
+    fi
+fi
+
 .venv/bin/ruff check .
 .venv/bin/python -m pytest "$@"

@@ -99,11 +99,18 @@ def fill(url: str, folder: Path) -> dict:
     return {"sweep_rows": sweep["rows"], "hand": hand, "hand_source": best}
 
 
+_BUILT: dict[str, tuple[str, dict]] = {}
+
+
 @pytest.fixture(scope="session")
 def dashboard_db(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("dashboard")
-    url = f"sqlite:///{folder / 'steptune.db'}"
-    return url, fill(url, folder)
+    """(url, what was stored). Modules import this fixture, which gives each its own copy of it; the
+    database itself is built once per session (nobody writes to it)."""
+    if "db" not in _BUILT:
+        folder = tmp_path_factory.mktemp("dashboard")
+        url = f"sqlite:///{folder / 'steptune.db'}"
+        _BUILT["db"] = (url, fill(url, folder))
+    return _BUILT["db"]
 
 
 def test_filled_database_holds_a_real_search_presets_and_relaxation(dashboard_db):

@@ -1,0 +1,104 @@
+"""`steptune dashboard` and `steptune report` from the command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from test_dashboard_data import SEARCH_STUDY, dashboard_db  # noqa: F401
+
+from steptune.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) with a socket listening on ``port``."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hexport = local.rpartition(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                out.add(addr)
+    return out
+
+
+def test_dashboard_serves_on_loopback_read_only_and_opens_no_browser(dashboard_db, tmp_path):  # noqa: F811
+    url, _ = dashboard_db
+    port = _free_port()
+    marker = tmp_path / "browser-was-opened"
+    fake_browser = tmp_path / "fake-browser"
+    fake_browser.write_text(f"#!/bin/sh\ntouch {marker}\n")
+    fake_browser.chmod(0o755)
+    env = {**os.environ, "BROWSER": str(fake_browser), "DISPLAY": ":0"}
+    proc = subprocess.Popen([sys.executable, "-m", "steptune", "dashboard", "--db", url, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/status", timeout=2) as r:
+                    assert r.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "the dashboard did not start within 60 s"
+                time.sleep(0.2)
+        assert _listening_addresses(port) == {"0100007F"}  # 127.0.0.1 only
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert b"plotly.min.js" in r.read()
+        # a request naming another host (DNS rebinding) is refused
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/problems", headers={"Host": "evil.example"})
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("a foreign Host header was served")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+    assert f"http://127.0.0.1:{port}/" in stderr and "read-only" in stderr
+    assert not marker.exists()
+
+
+def test_dashboard_refuses_a_missing_database(tmp_path, capsys):
+    assert main(["dashboard", "--db", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no database at") and "\n" not in err
+    assert not (tmp_path / "none.db").exists()
+
+
+def test_report_writes_one_self_contained_file(dashboard_db, tmp_path, capsys):  # noqa: F811
+    url, _ = dashboard_db
+    out = tmp_path / "reports" / "search.html"
+    assert main(["report", "--study", SEARCH_STUDY, "-o", str(out), "--db", url]) == 0
+    html = out.read_text()
+    assert "<script src=" not in html and '<link rel="stylesheet"' not in html
+    assert "window.STEPTUNE_REPORT = " in html and "Plotly" in html
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_report_of_an_unknown_study_is_one_line(dashboard_db, tmp_path, capsys):  # noqa: F811
+    url, _ = dashboard_db
+    assert main(["report", "--study", "nope", "-o", str(tmp_path / "r.html"), "--db", url]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no study named 'nope'") and "\n" not in err
+    assert not (tmp_path / "r.html").exists()
