@@ -15,6 +15,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from steptune.jobs import BackendSpec, EvaluationSpec, ProblemSpec
@@ -156,6 +157,8 @@ class RayBackend(Backend):
 
     def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, spec: BackendSpec,
                  on_event: Callable[[str], None] | None = None):
+        # actors may start in another working directory: they get the cache folder as an absolute path
+        evaluation = evaluation.model_copy(update={"cache": str(Path(evaluation.cache).resolve())})
         self.problem, self.evaluation, self.spec = problem, evaluation, spec
         self.on_event = on_event or (lambda msg: None)
         self.actors: list = []
@@ -194,6 +197,11 @@ class RayBackend(Backend):
         ray = self._init_ray()
         actor_cls = ray.remote(_RayEvalWorker)
         n = self.spec.workers or self.default_workers()
+        res = ray.cluster_resources()
+        for kind, per in (("CPU", self.spec.num_cpus), ("GPU", self.spec.num_gpus)):
+            if n * per > res.get(kind, 0) + 1e-9:
+                raise BackendError(f"backend.workers: {n} evaluators x {per:g} {kind}s need {n * per:g} {kind}s but "
+                                   f"the Ray cluster has {res.get(kind, 0):g}; lower workers or num_{kind.lower()}s")
         threads = int(max(1, self.spec.num_cpus))
         for _ in range(n):
             self.actors.append(actor_cls.options(
