@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 DEFAULT_GRID = tuple(float(w) for w in np.linspace(1.0, 1.95, 20))
@@ -131,19 +132,32 @@ class FixedOmega(RelaxLearner):
         pass
 
 
-def tsallis_probabilities(losses: np.ndarray, eta: float, newton_steps: int = 20) -> np.ndarray:
+def tsallis_probabilities(losses: np.ndarray, eta: float, newton_steps: int = 30) -> np.ndarray:
     """argmin_p ⟨L, p⟩ − (4/η) Σ √p_i over the simplex: p_i = 4/(η (L_i − x))², x by Newton's method."""
+    return _tsallis_newton(np.asarray(losses, dtype=np.float64), float(eta), int(newton_steps))
+
+
+@numba.njit(cache=True)
+def _tsallis_newton(losses, eta, steps):
     L = losses - losses.min()
     x = -2.0 / eta  # here the best arm alone has p = 1, so Σ p ≥ 1; Newton then walks left monotonically
-    for _ in range(newton_steps):
-        g = L - x
-        p = 4.0 / (eta * g) ** 2
-        f = p.sum() - 1.0
-        if abs(f) < 1e-12:
+    p = np.empty_like(L)
+    for _ in range(steps):
+        f = -1.0
+        df = 0.0
+        for i in range(L.shape[0]):
+            g = L[i] - x
+            p[i] = 4.0 / (eta * g) ** 2
+            f += p[i]
+            df += 2.0 * p[i] / g
+        if abs(f) < 1e-13:
             break
-        x -= f / (2.0 * (p / g).sum())
-    p = 4.0 / (eta * (L - x)) ** 2
-    return p / p.sum()
+        x -= f / df
+    total = 0.0
+    for i in range(L.shape[0]):
+        p[i] = 4.0 / (eta * (L[i] - x)) ** 2
+        total += p[i]
+    return p / total
 
 
 class TsallisINF(RelaxLearner):
@@ -221,14 +235,31 @@ class TsallisINFBins(RelaxLearner):
 
 
 def chebyshev_features(z: np.ndarray | float, degree: int) -> np.ndarray:
-    """[T_0(z), …, T_degree(z)] for z in [−1, 1] (clipped)."""
+    """[T_0(z), …, T_degree(z)] for z in [−1, 1] (clipped): T_j(z) = cos(j arccos z)."""
     z = np.clip(np.asarray(z, dtype=np.float64), -1.0, 1.0)
-    out = np.empty(z.shape + (degree + 1,))
-    out[..., 0] = 1.0
-    if degree >= 1:
-        out[..., 1] = z
-    for j in range(2, degree + 1):
-        out[..., j] = 2.0 * z * out[..., j - 1] - out[..., j - 2]
+    return np.cos(np.multiply.outer(np.arccos(z), np.arange(degree + 1)))
+
+
+@numba.njit(cache=True)
+def _refit_toward_neighbours(gram, moment, theta, smooth, global_mean, use_global):
+    """θ_i = argmin ‖X_i θ − y_i‖² + smooth ‖θ − prior_i‖², prior_i the mean of the neighbours' θ
+    (or the global mean log cost as a constant, early on)."""
+    d, k = theta.shape
+    prior = np.zeros((d, k))
+    if use_global or d == 1:
+        prior[:, 0] = global_mean
+    else:
+        for i in range(d):
+            if i == 0:
+                prior[i] = theta[1]
+            elif i == d - 1:
+                prior[i] = theta[d - 2]
+            else:
+                prior[i] = 0.5 * (theta[i - 1] + theta[i + 1])
+    out = np.empty_like(theta)
+    for i in range(d):
+        lhs = gram[i] + smooth * np.eye(k)
+        out[i] = np.linalg.solve(lhs, moment[i] + smooth * prior[i])
     return out
 
 
@@ -290,16 +321,8 @@ class ChebCB(RelaxLearner):
         self.gram[arm] += np.outer(phi, phi)
         self.moment[arm] += y * phi
         self.log_sum += y
-        k = self.degree + 1
-        if self.t < 3 or self.d == 1:
-            prior = np.zeros((self.d, k))
-            prior[:, 0] = self.log_sum / self.t
-        else:
-            prior = np.empty_like(self.theta)
-            prior[1:-1] = 0.5 * (self.theta[:-2] + self.theta[2:])
-            prior[0], prior[-1] = self.theta[1], self.theta[-2]
-        lhs = self.gram + self.smooth * np.eye(k)
-        self.theta = np.linalg.solve(lhs, (self.moment + self.smooth * prior)[..., None])[..., 0]
+        self.theta = _refit_toward_neighbours(self.gram, self.moment, self.theta, self.smooth, self.log_sum / self.t,
+                                              self.t < 3)
 
 
 def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
