@@ -188,9 +188,12 @@ class Evaluator:
             out["sw"] = metrics.sliced_wasserstein(x, data, self.sw_projections, self.sw_seed)
         if self.problem.has_log_prob:
             out["nll"] = metrics.nll(x, lambda v: self.problem.log_prob(v, t_end))
+        quality = getattr(self.problem, "quality", None)
+        if quality is not None and bank == "heldout":  # the expensive fidelity (e.g. FD-digits)
+            out.update(quality(x))
         return EvalResult(schedule.nfe, out, "complete", None, seconds, bank, n)
 
     def metric_names(self) -> list[str]:
         """The metrics ``evaluate`` reports for this problem."""
         return ["rmse", "median_err", *(["sw"] if self.problem.has_data else []),
-                *(["nll"] if self.problem.has_log_prob else [])]
+                *(["nll"] if self.problem.has_log_prob else []), *getattr(self.problem, "quality_metrics", ())]

@@ -227,6 +227,12 @@ def cached_reference(problem, x_T: Tensor, t_start: float | None = None, t_end: 
                      rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> tuple[Tensor, bool]:
     """(reference, loaded): the reference from ``cache_dir/reference/<sha256 of key>.pt`` if there, else
     computed and written there (atomically). ``cache_dir=None`` computes without caching."""
+    if getattr(problem, "neural", False):  # a network: a converged many-step solve instead of the ODE integrator
+        from .neural_reference import cached_states
+
+        t0, t1 = _times(problem, t_start, t_end)
+        return cached_states(problem, x_T, [t0, t1], bank=bank, cache_dir=cache_dir,
+                             settings=problem.reference_settings)[0], False
     key = reference_key(problem, x_T, t_start, t_end, rtol, atol, bank)
     path = reference_path(key, cache_dir) if cache_dir is not None else None
     if path is not None and path.is_file():

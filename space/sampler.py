@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -29,7 +29,7 @@ class NonFiniteError(RuntimeError):
 def _check(x: Tensor, step: int, where: str) -> None:
     # one cheap reduction first: any NaN or inf makes the sum non-finite (a huge finite sum may overflow too,
     # so confirm element-wise before failing)
-    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
         raise NonFiniteError(step, where)
 
 
@@ -43,9 +43,10 @@ def _afs_outputs(data_mean: Tensor | None, x: Tensor, alpha: float, sigma: float
     return (x - alpha * x0) / sigma, x0
 
 
-def _compensate(hist: list[Point], ratio: float) -> None:
+def _compensate(hist: list[Point], ratio: float | Tensor) -> None:
     """DC-Solver: replace the newest outputs by their Lagrange interpolation (in t) over the last
-    three points at tau = t_-2 + ratio (t_-1 - t_-2)."""
+    three points at tau = t_-2 + ratio (t_-1 - t_-2). ``ratio`` may be a 0-d tensor (fitting it by
+    backpropagation); every buffered output that the following steps use is then a function of it."""
     pts = hist[-3:]
     tau = pts[-2].t + ratio * (pts[-1].t - pts[-2].t)
     lw = lagrange_weights([p.t for p in pts], tau)
@@ -90,6 +91,16 @@ class _Buffers:
                 self.free.append(t)
 
 
+class _FreshTensors(_Buffers):
+    """No reuse: every tensor stays valid (autograd can follow the loop; a caller may keep outputs)."""
+
+    def new(self, like: Tensor) -> None:
+        return None
+
+    def release(self, *tensors: Tensor) -> None:
+        pass
+
+
 class Request(NamedTuple):
     """The loop needs the model's outputs (eps, x0) at state ``x``, time index ``j`` of ``schedule.times``."""
 
@@ -102,15 +113,24 @@ class Request(NamedTuple):
 
 
 def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean: Tensor | None = None,
-               callback: Callable[[int, Tensor], None] | None = None) -> Generator[Request, tuple, Tensor]:
+               callback: Callable[[int, Tensor], None] | None = None, *,
+               dc_ratios: Sequence[float | Tensor] | None = None,
+               reuse_buffers: bool = True) -> Generator[Request, tuple, Tensor]:
     """The sampler loop as a generator: it yields a ``Request`` whenever it needs the model and is
     sent back ``(eps, x0)``; it returns the final state. ``sample`` drives it with a Model; an
-    external loop (e.g. a diffusers pipeline) can drive it one model call at a time."""
+    external loop (e.g. a diffusers pipeline) can drive it one model call at a time.
+
+    ``dc_ratios`` (one per step; floats or 0-d tensors) replace the steps' ``dc_ratio``; a step with
+    fewer than three outputs in its history is never compensated. ``reuse_buffers=False`` gives every
+    intermediate its own tensor (needed to backpropagate through the loop, or to keep the outputs).
+    """
     schedule.validate()
     times_list = schedule.times
     times = torch.tensor(times_list, dtype=torch.float64)
     alphas, sigmas, lams = noise.alpha(times).tolist(), noise.sigma(times).tolist(), noise.lam(times).tolist()
-    bufs = _Buffers()
+    bufs = _Buffers() if reuse_buffers else _FreshTensors()
+    if dc_ratios is not None and len(dc_ratios) != len(schedule.steps):
+        raise ValueError(f"dc_ratios: {len(dc_ratios)} values for {len(schedule.steps)} steps")
 
     def point(j: int, x: Tensor):
         eps, x0 = yield Request(j, times_list[j], alphas[j], sigmas[j], x, bufs.new(x))
@@ -130,10 +150,11 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     for i, st in enumerate(schedule.steps):
         j = i + 1
         last = i == n - 1
-        if st.dc_ratio != 1.0:
+        ratio = st.dc_ratio if dc_ratios is None else dc_ratios[i]
+        if (isinstance(ratio, Tensor) or ratio != 1.0) and len(hist) >= 3:
             newest = hist[-1]
             old = (newest.eps, newest.x0)
-            _compensate(hist, st.dc_ratio)
+            _compensate(hist, ratio)
             bufs.release(*old)
         pts = st.derivative_points()
         x = solve_step(hist, st.start, lams[j], alphas[j], sigmas[j], st.prediction, st.order, pts,

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 
@@ -21,7 +22,8 @@ out = Console(width=None if sys.stdout.isatty() else 200)  # tables stay whole w
 err = Console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
+ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits, gmm-2d or "
+                                                                  "digits-cond.")]
 NoiseOpt = Annotated[str | None, typer.Option(
     "--noise", help="Noise schedule of the problem: vp-linear (default), vp-cosine, ddpm-linear, sd-scaled-linear, "
                     "cosine-discrete, edm, flow.")]
@@ -35,14 +37,13 @@ class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
-def _evaluator(problem: str, noise: str | None, cache: Path):
-    from steptune.evaluators import Evaluator, get_problem
+def _evaluator(problem: str, noise: str | None, cache: Path, **model_options):
+    from steptune.cli_dc import build_problem
+    from steptune.evaluators import Evaluator
+    from steptune.evaluators.plugins import evaluator_options
 
-    try:
-        prob = get_problem(problem, **({"noise": noise} if noise else {}))
-    except (KeyError, ValueError) as e:
-        raise UserError(str(e).strip("'\"")) from None
-    return Evaluator(prob, cache_dir=cache)
+    prob = build_problem(problem, noise=noise, error=UserError, **model_options)
+    return Evaluator(prob, cache_dir=cache, **evaluator_options(prob))
 
 
 @app.command("presets")
@@ -92,15 +93,22 @@ def eval_cmd(
     samples: Annotated[int | None, typer.Option("--samples", "-n", help="Use the first N samples of the bank.")] = None,
     cache: CacheOpt = Path("runs/cache"),
     json_: JsonOpt = False,
+    model: ModelOpt = None,
+    prediction: PredictionOpt = None,
+    time_input: TimeInputOpt = None,
+    time_scale: TimeScaleOpt = None,
+    guidance: GuidanceOpt = None,
+    shape: ShapeOpt = None,
 ):
-    """Run schedules on a problem and measure their error against the exact ODE solution."""
+    """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
     if bank not in ("heldout", "train"):
         raise UserError(f"--bank {bank!r}: use heldout or train")
     nfes = parse_nfe_list(nfe)
     for spec in schedule:  # bad files are refused before any problem or reference is built
         if not spec.startswith("preset:"):
             resolve(spec, nfes, None)
-    ev = _evaluator(problem, noise, cache)
+    ev = _evaluator(problem, noise, cache, model=model, prediction=prediction, time_input=time_input,
+                    time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
     scheds = [(spec, s) for spec in schedule
               for s in resolve(spec, nfes, prob.noise, spacing, prob.t_start, prob.t_end)]
@@ -115,11 +123,12 @@ def eval_cmd(
                          indent=2, default=float))
         return
     table = Table(title=f"{prob.name} ({prob.noise.kind}), {bank} bank")
-    for col in ("schedule", "NFE", "RMSE", "median err", "SW", "NLL", "status"):
+    extra = list(getattr(prob, "quality_metrics", ()))
+    for col in ("schedule", "NFE", "RMSE", "median err", "SW", "NLL", *extra, "status"):
         table.add_column(col, justify="right" if col not in ("schedule", "status") else "left")
     for r in rows:
         table.add_row(r["schedule"], str(r["nfe"]), _fmt(r.get("rmse")), _fmt(r.get("median_err")),
-                      _fmt(r.get("sw")), _fmt(r.get("nll")),
+                      _fmt(r.get("sw")), _fmt(r.get("nll")), *[_fmt(r.get(k)) for k in extra],
                       r["status"] if not r["error"] else f"{r['status']}: {r['error']}")
     out.print(table)
 
@@ -191,6 +200,10 @@ register_storage(app)
 from steptune.cli_search import register as register_search  # noqa: E402
 
 register_search(app)
+
+from steptune.cli_dc import register as register_dc  # noqa: E402
+
+register_dc(app)
 
 from steptune.cli_run import register as register_run  # noqa: E402
 

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
+
 err = Console(stderr=True)
 out = Console()
 
@@ -76,8 +78,9 @@ def register(app: typer.Typer) -> None:
         cheap_n: Annotated[int, typer.Option("--cheap-samples", help="Train-bank samples per evaluation.")] = 64,
         confirm_k: Annotated[int, typer.Option("--confirm", help="Best candidates per NFE confirmed on the "
                                                                  "held-out bank.")] = 3,
-        heldout_n: Annotated[int, typer.Option("--heldout-samples", help="Size of the held-out bank the "
-                                                                        "results are reported on.")] = 1024,
+        heldout_n: Annotated[int | None, typer.Option("--heldout-samples", help="Size of the held-out bank the "
+                                                                               "results are reported on (default "
+                                                                               "1024; 256 for networks).")] = None,
         time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
                                                                                 "many seconds.")] = None,
         out_dir: Annotated[Path, typer.Option("--out", help="Folder for the study files.")] = Path("runs/search"),
@@ -85,8 +88,14 @@ def register(app: typer.Typer) -> None:
         = Path("runs/cache"),
         json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
         = False,
+        model: ModelOpt = None,
+        prediction: PredictionOpt = None,
+        time_input: TimeInputOpt = None,
+        time_scale: TimeScaleOpt = None,
+        guidance: GuidanceOpt = None,
+        shape: ShapeOpt = None,
     ):
-        """Search schedules per NFE on a problem; report held-out scores against the best preset."""
+        """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
         from steptune.resolve import parse_nfe_list
         from steptune.search import METHODS, TrialLog, make_searcher, run_search
 
@@ -97,14 +106,15 @@ def register(app: typer.Typer) -> None:
         nfes = parse_nfe_list(nfe)
         if not nfes:
             raise SearchCliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
-        from steptune.evaluators import Evaluator, get_problem
+        from steptune.cli_dc import build_problem
+        from steptune.evaluators import Evaluator
+        from steptune.evaluators.plugins import evaluator_options
 
-        try:
-            prob = get_problem(problem, **({"noise": noise} if noise else {}))
-        except (KeyError, ValueError) as e:
-            raise SearchCliError(f"--problem: {str(e).strip(chr(39) + chr(34))}") from None
-        ev = Evaluator(prob, n_heldout=heldout_n, cache_dir=cache, seed=0)
-        name = study or f"{problem}-{method}-s{seed}"
+        prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape,
+                             error=SearchCliError)
+        sizes = {**evaluator_options(prob), **({"n_heldout": heldout_n} if heldout_n is not None else {})}
+        ev = Evaluator(prob, cache_dir=cache, seed=0, **sizes)
+        name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
         trials_path = out_dir / f"{name}.trials.jsonl"
         log = TrialLog.load(trials_path)
         searcher = make_searcher(method, prob.noise, prob.t_start, prob.t_end, nfes, seed=seed)

@@ -1,0 +1,156 @@
+"""Reference solutions for networks: a many-step high-order solve, refined until it has converged.
+
+A network's probability-flow ODE has no closed form and float32 networks do not suit a 1e-10
+adaptive integrator, so the reference is the project's own order-3 UniPC (predictor order 3 plus
+the corrector) on a grid uniform in lambda inside every segment between the requested times. The
+number of steps is doubled until halving the step changes every requested state by less than
+``tol`` (RMS difference over the bank relative to the RMS of the state); the finer solution is
+returned. States at several times come from one solve (DC-Solver's per-step targets), exactly at
+those times, not at the nearest stored grid point.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from steptune.space import presets, sample
+
+from .reference import key_digest, tensor_sha256
+
+Tensor = torch.Tensor
+
+NEURAL_REFERENCE_VERSION = 1
+DEFAULT_TOL = 3e-4
+DEFAULT_STEPS = 192
+MAX_STEPS = 3072
+SOLVER = "unipc-bh2"
+
+
+class ReferenceNotConverged(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """``tol``: the largest relative change allowed when the step is halved; ``steps``: the first grid;
+    ``max_steps``: give up beyond this many steps."""
+
+    tol: float = DEFAULT_TOL
+    steps: int = DEFAULT_STEPS
+    max_steps: int = MAX_STEPS
+
+    def to_dict(self) -> dict:
+        return {"tol": self.tol, "steps": self.steps, "max_steps": self.max_steps, "solver": f"{SOLVER}:order=3",
+                "version": NEURAL_REFERENCE_VERSION}
+
+
+def fine_grid(noise, times: list[float], steps: int) -> tuple[list[float], list[int]]:
+    """About ``steps`` steps over ``times`` (decreasing), uniform in lambda within each segment and at least
+    one per segment; returns the grid and the grid index of every requested time."""
+    lam = [float(noise.lam(t)) for t in times]
+    span = lam[-1] - lam[0]
+    grid, marks = [times[0]], [0]
+    for a, b, tb in zip(lam, lam[1:], times[1:]):
+        k = max(1, round(steps * (b - a) / span))
+        inner = torch.linspace(a, b, k + 1, dtype=torch.float64)[1:-1]
+        grid += [float(t) for t in noise.t_of_lambda(inner)] if k > 1 else []
+        grid.append(tb)
+        marks.append(len(grid) - 1)
+    return grid, marks
+
+
+def solve_states(model, x_T: Tensor, times: list[float], steps: int) -> list[Tensor]:
+    """The states at ``times[1:]`` from one order-3 UniPC solve on ``fine_grid(times, steps)``."""
+    grid, marks = fine_grid(model.noise, times, steps)
+    sched = presets.build(f"{SOLVER}:order=3", len(grid) - 1, model.noise, spacing=grid, lower_order_final=False)
+    want = {m - 1: k for k, m in enumerate(marks[1:])}
+    out: list[Tensor | None] = [None] * (len(times) - 1)
+
+    def keep(i: int, x: Tensor) -> None:
+        if i in want:
+            out[want[i]] = x
+
+    with torch.no_grad():
+        sample(model, x_T, sched, callback=keep)
+    return out
+
+
+def relative_change(a: Tensor, b: Tensor) -> float:
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def converged_states(model, x_T: Tensor, times: list[float],
+                     settings: ReferenceSettings = ReferenceSettings()) -> tuple[list[Tensor], dict]:
+    """States at ``times[1:]`` from x_T at ``times[0]``, refined until converged; also the solve report
+    (steps of the accepted solve and the relative change that accepted it)."""
+    calls = model.calls
+    try:
+        steps, change = settings.steps, math.inf
+        coarse = solve_states(model, x_T, times, steps)
+        while True:
+            if 2 * steps > settings.max_steps:
+                raise ReferenceNotConverged(
+                    f"reference: no convergence to tol {settings.tol:g} within {settings.max_steps} steps "
+                    f"(last change {change:.3g}); the model may not be smooth in time, or raise the tolerance")
+            fine = solve_states(model, x_T, times, 2 * steps)
+            change = max(relative_change(c, f) for c, f in zip(coarse, fine))
+            if not math.isfinite(change):
+                raise ReferenceNotConverged("reference: the model produced NaN or inf on the reference solve")
+            steps *= 2
+            if change < settings.tol:
+                return fine, {"steps": steps, "change": change, "tol": settings.tol}
+            coarse = fine
+    finally:
+        model.calls = calls
+
+
+def cached_states(problem, x_T: Tensor, times: list[float], *, bank: dict | None = None,
+                  cache_dir: str | Path | None = "runs/cache",
+                  settings: ReferenceSettings = ReferenceSettings()) -> list[Tensor]:
+    """``converged_states`` for a problem, cached under ``cache_dir/reference/`` keyed by the problem's
+    identity (model, conventions, noise), the noise bank, the times and the settings."""
+    key = {"kind": "neural", "problem": problem.identity(), "bank": dict(bank or {}),
+           "x_T_sha256": tensor_sha256(x_T), "times": [float(t) for t in times], "settings": settings.to_dict()}
+    path = None if cache_dir is None else Path(cache_dir) / "reference" / f"{key_digest(key)}.pt"
+    if path is not None and path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if json.loads(stored["key"]) == key:
+                return [x.to(x_T.device) for x in stored["states"]]
+        except Exception:  # a damaged file: recompute
+            pass
+    states, report = converged_states(problem.model, x_T, times, settings)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"key": json.dumps(key, sort_keys=True), "report": json.dumps(report),
+                        "states": [x.detach().cpu() for x in states]}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return states
+
+
+def trajectory_reference(problem, x_T: Tensor, times: list[float], *, bank: dict | None = None,
+                         cache_dir: str | Path | None = "runs/cache") -> list[Tensor]:
+    """Reference states at ``times[1:]`` from x_T at ``times[0]`` for any problem: the converged network
+    solve for a network, the high-accuracy ODE solution segment by segment for an exact problem."""
+    if getattr(problem, "neural", False):
+        return cached_states(problem, x_T, times, bank=bank, cache_dir=cache_dir,
+                             settings=getattr(problem, "reference_settings", ReferenceSettings()))
+    from .reference import reference_solution
+
+    out, x = [], x_T.to(torch.float64)
+    for t0, t1 in zip(times, times[1:]):
+        x = reference_solution(problem, x, t0, t1)
+        out.append(x)
+    return out

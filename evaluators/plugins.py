@@ -1,0 +1,316 @@
+"""Your own network as a problem: ``module:factory`` plus its conventions.
+
+The factory is called without arguments and returns one of
+
+* a ``Problem`` (used as it is),
+* a ``Plug`` (or a dict with its fields): the network and whatever conventions it knows,
+* a torch module or any callable ``fn(x, time, **kwargs)`` (a diffusers ``UNet2DModel`` /
+  ``UNet2DConditionModel`` is recognised and wrapped; its sample shape comes from its config).
+
+Conventions given to ``load_problem`` (the command line's ``--prediction``, ``--time-input``,
+``--noise``, ...) override what the factory says. Before anything runs, the network is called on
+two prior samples at the first, middle and last time: an import failure, a wrong output shape or
+NaN/inf output is a one-line ``PluginError`` naming the factory.
+
+Reference solutions for a plugged network come from ``neural_reference`` (a converged many-step
+order-3 solve, cached on disk keyed by the network's weights, the conventions and the noise bank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+
+import torch
+from steptune.space import Model
+from steptune.space import noise as noise_mod
+from steptune.space.noise import NoiseSchedule
+
+from .neural_reference import ReferenceSettings
+from .problems import PROBLEMS, Problem, default_conventions, get_problem
+
+Tensor = torch.Tensor
+DEFAULT_NOISE = "ddpm-linear"
+
+
+class PluginError(ValueError):
+    """A plugged model that cannot be used; the message names the factory."""
+
+
+@dataclass
+class Plug:
+    """A network with the conventions its factory knows (None: not said; the defaults of the noise schedule
+    apply). ``identity`` is extra JSON-able data that tells this network apart (e.g. a checkpoint hash);
+    without it the weights of a torch module are hashed."""
+
+    network: Callable
+    shape: tuple[int, ...] | None = None
+    noise: str | NoiseSchedule | None = None
+    prediction: str | None = None
+    time_input: str | None = None
+    time_scale: float | None = None
+    guidance_scale: float | None = None
+    cond_kwargs: dict = field(default_factory=dict)
+    uncond_kwargs: dict = field(default_factory=dict)
+    data_mean: Tensor | None = None
+    name: str | None = None
+    identity: dict = field(default_factory=dict)
+
+
+@dataclass
+class NeuralProblem(Problem):
+    """A problem whose model is a network: no exact data distribution, a converged many-step reference.
+
+    ``bank_sizes`` (train, held-out) suit the network's cost; ``quality(x) -> dict`` (optional) adds
+    expensive distribution metrics (e.g. FD-digits) on held-out evaluations, named ``quality_metrics``."""
+
+    reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
+    bank_sizes: tuple[int, int] = (64, 256)
+    quality: Callable[[Tensor], dict] | None = None
+    quality_metrics: tuple[str, ...] = ()
+    neural: bool = True
+
+    def identity(self) -> dict:
+        return {**super().identity(), "reference": self.reference_settings.to_dict()}
+
+
+# ---- networks -------------------------------------------------------------------------------------
+
+def _is_diffusers_unet(obj) -> bool:
+    return type(obj).__module__.startswith("diffusers") and type(obj).__name__ in (
+        "UNet2DModel", "UNet2DConditionModel")
+
+
+class TorchNetwork:
+    """Calls a torch module (or callable) in its own dtype and device and returns the caller's dtype;
+    a diffusers-style output object gives its ``.sample``, a tuple its first entry. Keyword arguments
+    whose batch is 1 are repeated to the batch of x (a single prompt embedding or label for all)."""
+
+    def __init__(self, network: Callable, **fixed):
+        self.network, self.fixed = network, fixed
+        params = list(network.parameters()) if isinstance(network, torch.nn.Module) else []
+        self.dtype = params[0].dtype if params else None
+        self.device = params[0].device if params else None
+
+    def _to(self, v: Tensor, batch: int | None = None) -> Tensor:
+        if not isinstance(v, Tensor):
+            return v
+        if batch is not None and v.ndim > 0 and v.shape[0] == 1 and batch > 1:
+            v = v.expand(batch, *v.shape[1:])
+        if self.device is not None:
+            v = v.to(self.device)
+        if self.dtype is not None and v.is_floating_point():
+            v = v.to(self.dtype)
+        return v
+
+    def __call__(self, x: Tensor, time: Tensor, **kwargs) -> Tensor:
+        b = x.shape[0]
+        kw = {k: self._to(v, b) for k, v in {**self.fixed, **kwargs}.items()}
+        out = self.network(self._to(x), self._to(time), **kw)
+        if hasattr(out, "sample"):
+            out = out.sample
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.to(x.dtype).to(x.device)
+
+
+def DiffusersUNet(unet, **fixed) -> TorchNetwork:  # noqa: N802 (reads as the wrapper it builds)
+    """A diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` as ``fn(x, time, **kwargs)``:
+    ``unet(x, time, **fixed, **kwargs).sample`` (e.g. ``encoder_hidden_states=...``, ``class_labels=...``)."""
+    if not _is_diffusers_unet(unet):
+        raise TypeError(f"expected a diffusers UNet2DModel or UNet2DConditionModel, got {type(unet).__name__}")
+    return TorchNetwork(unet, **fixed)
+
+
+def network_fingerprint(network) -> str:
+    """sha256 over a torch module's parameters and buffers (names, shapes, values); the qualified name of
+    any other callable."""
+    module = getattr(network, "network", network)
+    if isinstance(module, torch.nn.Module):
+        h = hashlib.sha256()
+        for name, v in sorted(module.state_dict().items()):
+            t = v.detach().to("cpu").contiguous()
+            h.update(name.encode() + repr(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+    return f"{type(module).__module__}.{getattr(module, '__qualname__', type(module).__qualname__)}"
+
+
+# ---- factories ------------------------------------------------------------------------------------
+
+def import_factory(spec: str) -> Callable:
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise PluginError(f"model {spec!r}: write it as module:factory (e.g. mypkg.models:load_unet)")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:
+        raise PluginError(f"model {spec!r}: cannot import {module!r} ({type(e).__name__}: {e})") from None
+    obj = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise PluginError(f"model {spec!r}: {module!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise PluginError(f"model {spec!r}: {attr!r} is not callable; it must be a factory function")
+    return obj
+
+
+def _as_plug(obj, spec: str) -> Plug | Problem:
+    if isinstance(obj, (Problem, Plug)):
+        return obj
+    if isinstance(obj, dict):
+        known = {f.name for f in fields(Plug)}
+        bad = sorted(set(obj) - known)
+        if bad or "network" not in obj:
+            raise PluginError(f"model {spec!r}: the factory's dict needs 'network' and may only have "
+                              f"{', '.join(sorted(known))} (got {', '.join(bad) or 'no network'})")
+        return Plug(**obj)
+    if callable(obj):
+        return Plug(network=obj)
+    raise PluginError(f"model {spec!r}: the factory returned {type(obj).__name__}; return a torch module, a "
+                      "callable, a Plug or a Problem")
+
+
+def _pick(given, said, default):
+    return given if given is not None else (said if said is not None else default)
+
+
+def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, prediction: str | None = None,
+                   time_input: str | None = None, time_scale: float | None = None,
+                   guidance_scale: float | None = None, shape: tuple[int, ...] | None = None,
+                   t_start: float | None = None, t_end: float | None = None,
+                   reference_tol: float | None = None, check: bool = True) -> Problem:
+    """The problem of the network ``module:factory`` with its conventions (see the module docstring)."""
+    factory = import_factory(spec)
+    try:
+        made = factory()
+    except Exception as e:
+        raise PluginError(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from None
+    plug = _as_plug(made, spec)
+    if isinstance(plug, Problem):
+        if check:
+            check_problem(plug, spec)
+        return plug
+    net = plug.network
+    ns = _pick(noise, plug.noise, DEFAULT_NOISE)
+    try:
+        ns = noise_mod.get(ns) if isinstance(ns, str) else ns
+    except ValueError as e:
+        raise PluginError(f"model {spec!r}: {e}") from None
+    p_default, ti_default = default_conventions(ns)
+    if _is_diffusers_unet(net):
+        cfg = net.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)[0]
+        plug.shape = plug.shape or (cfg.in_channels, size, size)
+        net = DiffusersUNet(net)
+    elif isinstance(net, torch.nn.Module):
+        net = TorchNetwork(net)
+    shape = _pick(shape, plug.shape, None)
+    if shape is None:
+        raise PluginError(f"model {spec!r}: the sample shape is unknown; give --shape (e.g. 3,32,32) or return a "
+                          "Plug with shape=...")
+    try:
+        model = Model(net, ns, prediction=_pick(prediction, plug.prediction, p_default),
+                      time_input=_pick(time_input, plug.time_input, ti_default),
+                      time_scale=float(_pick(time_scale, plug.time_scale, 1.0)),
+                      guidance_scale=_pick(guidance_scale, plug.guidance_scale, None),
+                      cond_kwargs=dict(plug.cond_kwargs), uncond_kwargs=dict(plug.uncond_kwargs),
+                      data_mean=plug.data_mean)
+        settings = ReferenceSettings() if reference_tol is None else ReferenceSettings(tol=float(reference_tol))
+        source = {"kind": "network", "factory": spec, "network_sha256": network_fingerprint(plug.network),
+                  **plug.identity}
+        prob = NeuralProblem(name=plug.name or spec, noise=ns, model=model, shape=tuple(shape), t_start=t_start,
+                             t_end=t_end, source=source, reference_settings=settings)
+    except ValueError as e:
+        raise PluginError(f"model {spec!r}: {e}") from None
+    if check:
+        check_problem(prob, spec)
+    return prob
+
+
+def check_problem(problem: Problem, spec: str) -> None:
+    """Call the model on two prior samples at the first, middle and last time; PluginError if it fails,
+    returns another shape or gives NaN/inf."""
+    x = problem.sample_prior(2, torch.Generator().manual_seed(0))
+    model = problem.model
+    calls = model.calls
+    try:
+        for t in (problem.t_start, 0.5 * (problem.t_start + problem.t_end), problem.t_end):
+            try:
+                with torch.no_grad():
+                    out = model.raw(x, t)
+            except Exception as e:
+                raise PluginError(f"model {spec!r}: calling it at t = {t:g} failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            if not isinstance(out, Tensor) or tuple(out.shape) != tuple(x.shape):
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise PluginError(f"model {spec!r}: returned {got} for input shape {tuple(x.shape)}; it must return "
+                                  "the shape of its input (check --shape and the network)")
+            if not bool(torch.isfinite(out).all()):
+                raise PluginError(f"model {spec!r}: produced NaN or inf at t = {t:g}; check the weights and the "
+                                  "time input convention (--time-input)")
+    finally:
+        model.calls = calls
+
+
+# ---- one entry point for every problem ------------------------------------------------------------
+
+NETWORK_PROBLEMS: dict[str, Callable[..., Problem]] = {}
+
+
+def _digits_cond(**opts) -> Problem:
+    from .digits import digits_problem
+
+    return digits_problem(**opts)
+
+
+NETWORK_PROBLEMS["digits-cond"] = _digits_cond
+
+
+def load_problem(spec: str, *, noise: str | NoiseSchedule | None = None, prediction: str | None = None,
+                 time_input: str | None = None, time_scale: float | None = None,
+                 guidance_scale: float | None = None, shape: tuple[int, ...] | None = None,
+                 **options) -> Problem:
+    """A problem by name (``gmm-2d``, ``gmm-digits``, ``digits-cond``) or a network as ``module:factory``.
+
+    Conventions that do not apply to a problem are refused with a ValueError naming them. ``options``
+    go to the problem (e.g. ``cache_dir`` for ``gmm-digits``, ``t_start``/``t_end``, ``reference_tol``
+    for networks)."""
+    conv = {"prediction": prediction, "time_input": time_input, "time_scale": time_scale}
+    if spec in PROBLEMS:
+        if guidance_scale is not None or shape is not None:
+            raise ValueError(f"problem {spec!r} has no guidance or shape option")
+        return get_problem(spec, **({"noise": noise} if noise is not None else {}),
+                           **{k: v for k, v in conv.items() if v is not None}, **options)
+    if spec in NETWORK_PROBLEMS:
+        given = [k for k, v in {**conv, "noise": noise, "shape": shape}.items() if v is not None]
+        if given:
+            raise ValueError(f"problem {spec!r} fixes its own conventions; drop --{given[0].replace('_', '-')}")
+        return NETWORK_PROBLEMS[spec](**({"guidance_scale": guidance_scale} if guidance_scale is not None else {}),
+                                      **options)
+    if ":" in spec:
+        return plugin_problem(spec, noise=noise, guidance_scale=guidance_scale, shape=shape, **conv, **options)
+    names = ", ".join([*PROBLEMS, *NETWORK_PROBLEMS])
+    raise ValueError(f"unknown problem {spec!r}; choose from {names}, or give a network as module:factory")
+
+
+def evaluator_options(problem: Problem) -> dict:
+    """Bank sizes that suit the problem (smaller for networks)."""
+    sizes = getattr(problem, "bank_sizes", None)
+    return {} if sizes is None else {"n_train": sizes[0], "n_heldout": sizes[1]}
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(v < 1 for v in shape) or math.prod(shape) < 1:
+        raise ValueError(f"--shape {text!r}: give positive integers like 3,32,32")
+    return shape

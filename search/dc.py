@@ -1,0 +1,292 @@
+"""DC-Solver compensation ratios: the greedy per-step fit of DC-Solver's code, a joint fit of all
+ratios by backpropagation through the whole sampler, and cascade polynomial regression (CPR) to
+predict ratios for unseen (NFE, guidance) configurations.
+
+Both fits run the project's sampler loop (``steptune.space.trajectory``) with the ratios passed as
+tensors, so the compensation is exactly the one every schedule runs with (Lagrange re-timing of
+the newest buffered output; see ``space/sampler.py``). Targets are reference states at the
+schedule's own times (not the nearest point of a stored grid).
+
+* ``fit_greedy``: step by step, once three outputs are buffered, one ratio initialised at 1 is
+  optimised with AdamW (lr 0.1, no weight decay) on MSE(state after the step, reference there);
+  then it is fixed and the trajectory advances. Each iteration costs one network forward and
+  backward (the corrector's evaluation at the predicted point); the steps before are replayed from
+  cached outputs. The best iterate (by the step's loss, 1 included) is kept.
+* ``fit_joint``: all ratios at once with Adam on MSE(final state, reference), every iteration a
+  full differentiable run; the best iterate is kept. Starts from given ratios (e.g. greedy's).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from steptune.space import Schedule, trajectory
+
+Tensor = torch.Tensor
+BOUNDS = (0.3, 1.7)
+
+
+@dataclass
+class FitResult:
+    method: str
+    ratios: list[float]
+    loss_start: float
+    loss: float
+    seconds: float
+    model_calls: int
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "ratios": self.ratios, "loss_start": self.loss_start, "loss": self.loss,
+                "seconds": self.seconds, "model_calls": self.model_calls}
+
+
+def eligible_steps(schedule: Schedule) -> list[int]:
+    """Steps that can be compensated: three outputs buffered before them (every step from the third)."""
+    return list(range(2, len(schedule.steps)))
+
+
+def with_ratios(schedule: Schedule, ratios: Sequence[float]) -> Schedule:
+    """The schedule with these compensation ratios (steps that cannot be compensated keep 1)."""
+    ok = set(eligible_steps(schedule))
+    steps = [replace(st, dc_ratio=float(r) if i in ok else 1.0) for i, (st, r) in enumerate(zip(schedule.steps,
+                                                                                                 ratios))]
+    return schedule.with_steps(steps).validate()
+
+
+def ratios_of(schedule: Schedule) -> list[float]:
+    return [float(st.dc_ratio) for st in schedule.steps]
+
+
+def run(model, schedule: Schedule, x_T: Tensor, ratios: Sequence[float | Tensor], *,
+        replay: Sequence[tuple] = (), stop_after: int | None = None) -> tuple[Tensor, list[tuple]]:
+    """Run the sampler with ``ratios``; the first ``len(replay)`` model outputs are taken from ``replay``
+    instead of calling the model. Returns the state after step ``stop_after`` (the final state when
+    None) and every model output used, in order."""
+    states: dict[int, Tensor] = {}
+    loop = trajectory(schedule, model.noise, x_T, model.data_mean, callback=states.__setitem__,
+                      dc_ratios=list(ratios), reuse_buffers=False)
+    outputs: list[tuple] = []
+    try:
+        req = next(loop)
+        while True:
+            if stop_after is not None and stop_after in states:
+                loop.close()
+                return states[stop_after], outputs
+            k = len(outputs)
+            out = replay[k] if k < len(replay) else model.predict(req.x, req.t, req.alpha, req.sigma)
+            outputs.append(out)
+            req = loop.send(out)
+    except StopIteration as done:
+        return (done.value if stop_after is None else states[stop_after]), outputs
+
+
+def _mse(x: Tensor, ref: Tensor) -> Tensor:
+    return (x - ref.to(x)).pow(2).mean()
+
+
+def _clamp(v: float, bounds: tuple[float, float]) -> float:
+    return min(max(v, bounds[0]), bounds[1])
+
+
+def fit_greedy(model, schedule: Schedule, x_T: Tensor, targets: Sequence[Tensor], *, iters: int = 20,
+               lr: float = 0.1, weight_decay: float = 0.0, bounds: tuple[float, float] = BOUNDS,
+               progress: Callable[[int, int], None] | None = None) -> FitResult:
+    """DC-Solver's greedy fit. ``targets[i]`` is the reference state at ``schedule.times[i + 1]``."""
+    start = time.perf_counter()
+    calls = model.calls
+    n = len(schedule.steps)
+    ratios: list[float] = [1.0] * n
+    steps = eligible_steps(schedule)
+    history = []
+    with torch.no_grad():
+        x0, cache = run(model, schedule, x_T, ratios, stop_after=steps[0] - 1 if steps else None)
+        loss_start = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
+    for k, i in enumerate(steps):
+        rho = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([rho], lr=lr, weight_decay=weight_decay)
+        best = (math.inf, 1.0)
+        for _ in range(iters):
+            rs = [*ratios[:i], rho, *ratios[i + 1:]]
+            x, _ = run(model, schedule, x_T, rs, replay=cache, stop_after=i)
+            loss = _mse(x, targets[i])
+            if float(loss) < best[0]:
+                best = (float(loss), float(rho))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                rho.clamp_(*bounds)
+        ratios[i] = _clamp(best[1], bounds)
+        history.append({"step": i, "ratio": ratios[i], "loss": best[0]})
+        with torch.no_grad():
+            _, cache = run(model, schedule, x_T, ratios, replay=cache, stop_after=i)
+        if progress is not None:
+            progress(k + 1, len(steps))
+    with torch.no_grad():
+        loss = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
+    used = model.calls - calls
+    model.calls = calls
+    return FitResult("greedy", ratios, loss_start, loss, time.perf_counter() - start, used, history)
+
+
+def joint_loss(model, schedule: Schedule, x_T: Tensor, target: Tensor, ratios: Tensor) -> Tensor:
+    """MSE of the final state against ``target`` as a differentiable function of ``ratios`` (one per
+    eligible step, in order)."""
+    steps = eligible_steps(schedule)
+    rs: list[float | Tensor] = [1.0] * len(schedule.steps)
+    for j, i in enumerate(steps):
+        rs[i] = ratios[j]
+    return _mse(run(model, schedule, x_T, rs)[0], target)
+
+
+def fit_joint(model, schedule: Schedule, x_T: Tensor, target: Tensor, *, init: Sequence[float] | None = None,
+              iters: int = 30, lr: float = 0.02, bounds: tuple[float, float] = BOUNDS,
+              progress: Callable[[int, int], None] | None = None) -> FitResult:
+    """All ratios at once on the final-state error (``target``: the reference at the schedule's end)."""
+    start = time.perf_counter()
+    calls = model.calls
+    steps = eligible_steps(schedule)
+    init = list(init) if init is not None else ratios_of(schedule)
+    theta = torch.tensor([init[i] for i in steps], dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        loss_start = float(joint_loss(model, schedule, x_T, target, theta))
+    best = (loss_start, theta.detach().clone())
+    history = []
+    if steps:
+        opt = torch.optim.Adam([theta], lr=lr)
+        for it in range(iters):
+            loss = joint_loss(model, schedule, x_T, target, theta)
+            if float(loss) < best[0]:
+                best = (float(loss), theta.detach().clone())
+            history.append({"iter": it, "loss": float(loss)})
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                theta.clamp_(*bounds)
+            if progress is not None:
+                progress(it + 1, iters)
+        with torch.no_grad():
+            final = float(joint_loss(model, schedule, x_T, target, theta))
+        if final < best[0]:
+            best = (final, theta.detach().clone())
+    ratios = [1.0] * len(schedule.steps)
+    for j, i in enumerate(steps):
+        ratios[i] = float(best[1][j])
+    used = model.calls - calls
+    model.calls = calls
+    return FitResult("joint", ratios, loss_start, best[0], time.perf_counter() - start, used, history)
+
+
+# ---- cascade polynomial regression ----------------------------------------------------------------
+
+@dataclass
+class CPR:
+    """rho(i; NFE, CFG) = sum_k c_k x^k, c_k = sum_r a_kr g^r, a_kr = sum_s M[k, r, s] nu^s: cubic in the
+    relative step position x = (i + 1) / steps, quadratic in the guidance and in the NFE (DC-Solver's
+    cascade), with g and nu scaled to [-1, 1] over the fitted box. Fitted by ridge least squares (it is
+    linear in M); predictions are clamped to ``bounds`` and steps 1-2 are 1."""
+
+    coef: np.ndarray
+    nfe_range: tuple[float, float]
+    cfg_range: tuple[float, float]
+    ridge: float = 1e-3
+    bounds: tuple[float, float] = BOUNDS
+
+    @staticmethod
+    def _scale(v: float, lo: float, hi: float) -> float:
+        return 0.0 if hi == lo else 2.0 * (v - lo) / (hi - lo) - 1.0
+
+    def features(self, x: float, nfe: float, cfg: float) -> np.ndarray:
+        nu = self._scale(nfe, *self.nfe_range)
+        g = self._scale(cfg, *self.cfg_range)
+        return np.array([x**k * g**r * nu**s for k in range(4) for r in range(3) for s in range(3)])
+
+    def predict(self, nfe: int, cfg: float | None, n_steps: int | None = None) -> list[float]:
+        n_steps = nfe if n_steps is None else n_steps
+        cfg = 1.0 if cfg is None else cfg
+        out = [1.0] * n_steps
+        for i in range(2, n_steps):
+            v = float(self.features((i + 1) / n_steps, nfe, cfg) @ self.coef.ravel())
+            out[i] = _clamp(v, self.bounds)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"coef": self.coef.tolist(), "nfe_range": list(self.nfe_range), "cfg_range": list(self.cfg_range),
+                "ridge": self.ridge, "bounds": list(self.bounds)}
+
+    @classmethod
+    def fit(cls, rows: Sequence[tuple[int, float | None, Sequence[float]]], ridge: float = 1e-3) -> CPR:
+        """``rows``: (NFE, CFG, ratios per step) of directly fitted configurations."""
+        if not rows:
+            raise ValueError("CPR: no fitted configurations to regress on")
+        cfgs = [1.0 if c is None else float(c) for _, c, _ in rows]
+        nfes = [float(n) for n, _, _ in rows]
+        cpr = cls(np.zeros((4, 3, 3)), (min(nfes), max(nfes)), (min(cfgs), max(cfgs)), ridge)
+        X, y = [], []
+        for (nfe, _, ratios), cfg in zip(rows, cfgs):
+            n = len(ratios)
+            for i in range(2, n):
+                X.append(cpr.features((i + 1) / n, nfe, cfg))
+                y.append(ratios[i] - 1.0)
+        X, y = np.array(X), np.array(y)
+        A = np.vstack([X, math.sqrt(ridge) * np.eye(X.shape[1])])
+        b = np.concatenate([y, np.zeros(X.shape[1])])
+        sol, *_ = np.linalg.lstsq(A, b, rcond=None)
+        sol[0] += 1.0  # the constant term carries the identity ratio (ridge pulls toward rho = 1)
+        cpr.coef = sol.reshape(4, 3, 3)
+        return cpr
+
+
+# ---- one configuration, end to end ----------------------------------------------------------------
+
+@dataclass
+class ConfigFit:
+    """The fits of one (schedule, problem) configuration on ``fit_samples`` train-bank noises."""
+
+    schedule: Schedule
+    fits: dict[str, FitResult]
+    reference_seconds: float
+
+    def fitted(self, method: str) -> Schedule:
+        return with_ratios(self.schedule, self.fits[method].ratios)
+
+
+def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("greedy", "joint"), fit_samples: int = 10,
+               greedy_iters: int = 20, joint_iters: int = 30, bounds: tuple[float, float] = BOUNDS,
+               progress: Callable[[str, int, int], None] | None = None) -> ConfigFit:
+    """Fit the ratios of ``schedule`` on the first ``fit_samples`` noises of the evaluator's train bank
+    against converged reference states at the schedule's times. ``joint`` starts from ``greedy``'s
+    ratios when both are asked for (a refinement), else from the schedule's own ratios."""
+    from steptune.evaluators.neural_reference import trajectory_reference
+
+    bad = sorted(set(methods) - {"greedy", "joint"})
+    if bad:
+        raise ValueError(f"unknown DC fit method {bad[0]!r}; use greedy and/or joint")
+    evaluator.check(schedule)
+    problem = evaluator.problem
+    x_fit = evaluator.x_T("train", fit_samples)
+    t0 = time.perf_counter()
+    bank = {**evaluator.bank("train").describe(), "n": fit_samples}
+    targets = trajectory_reference(problem, x_fit, schedule.times, bank=bank, cache_dir=evaluator.cache_dir)
+    ref_seconds = time.perf_counter() - t0
+    base = with_ratios(schedule, [1.0] * len(schedule.steps)) if "greedy" in methods else schedule
+    fits: dict[str, FitResult] = {}
+
+    def report(name):
+        return None if progress is None else (lambda k, n: progress(name, k, n))
+
+    if "greedy" in methods:
+        fits["greedy"] = fit_greedy(problem.model, base, x_fit, targets, iters=greedy_iters, bounds=bounds,
+                                    progress=report("greedy"))
+    if "joint" in methods:
+        init = fits["greedy"].ratios if "greedy" in fits else ratios_of(schedule)
+        fits["joint"] = fit_joint(problem.model, schedule, x_fit, targets[-1], init=init, iters=joint_iters,
+                                  bounds=bounds, progress=report("joint"))
+    return ConfigFit(schedule, fits, ref_seconds)
