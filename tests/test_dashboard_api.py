@@ -25,6 +25,7 @@ from test_dashboard_data import (
     BANDIT_STUDY,
     FIXED_STUDY,
     HAND_STUDY,
+    OTHER_SEQUENCE_STUDY,
     PRESET_NFES,
     PRESET_STUDY,
     PRESETS,
@@ -59,8 +60,8 @@ def test_problems_list_every_study_with_counts(client, dashboard_db):  # noqa: F
         assert sum(names[SEARCH_STUDY]["trials"].values()) == store.count_trials(SEARCH_STUDY)
     assert names[SEARCH_STUDY]["fidelities"] == ["heldout", "train"] and gmm["fidelities"] == ["heldout", "train"]
     orphans = next(p for p in probs if p["id"] == 0)
-    assert {s["name"] for s in orphans["studies"]} == {BANDIT_STUDY, FIXED_STUDY}
-    assert all(s["relaxation_rounds"] == 12 for s in orphans["studies"])
+    assert {s["name"] for s in orphans["studies"]} == {BANDIT_STUDY, FIXED_STUDY, OTHER_SEQUENCE_STUDY}
+    assert [s["relaxation_rounds"] for s in orphans["studies"]] == [12, 12, 1]
 
 
 def expected_series(url: str) -> dict[str, dict[int, tuple[float, int]]]:
@@ -205,7 +206,7 @@ def test_exports_use_the_storage_code_and_import_back(client, dashboard_db, tmp_
 
 def test_relaxation_view(client, dashboard_db):  # noqa: F811
     url, _ = dashboard_db
-    assert client.get("/api/relaxation/studies").json() == [BANDIT_STUDY, FIXED_STUDY]
+    assert client.get("/api/relaxation/studies").json() == [BANDIT_STUDY, FIXED_STUDY, OTHER_SEQUENCE_STUDY]
     d = client.get("/api/relaxation", params={"study": BANDIT_STUDY}).json()
     with connect(url, create=False) as store:
         rounds = store.relaxation_rounds(BANDIT_STUDY)
@@ -214,6 +215,7 @@ def test_relaxation_view(client, dashboard_db):  # noqa: F811
     curves = {c["name"]: c for c in d["curves"]}
     assert curves[BANDIT_STUDY]["cumulative"][-1] == sum(r.iterations for r in rounds)
     assert curves[FIXED_STUDY]["cumulative"][-1] == sum(r.iterations for r in fixed)
+    assert OTHER_SEQUENCE_STUDY not in curves  # another tolerance: another sequence of solves, not a baseline
 
 
 HOSTILE = [

@@ -19,6 +19,7 @@ PRESET_STUDY = "gmm2d-presets"
 HAND_STUDY = "gmm2d-hand"
 BANDIT_STUDY = "sor-bandit"
 FIXED_STUDY = "sor-fixed-1.0"
+OTHER_SEQUENCE_STUDY = "sor-fixed-loose-tol"
 SEARCH_NFES = [3, 4, 5]
 EVALUATIONS = 8  # per NFE
 PRESETS = ["ddim", "dpm-solver++-2m", "unipc-bh2", "heun"]
@@ -85,8 +86,15 @@ def fill(url: str, folder: Path) -> dict:
         exported = export_dict(best, store.get_study(SEARCH_STUDY))
         exported["name"] = "hand-tuned"
         hand = import_schedule(store, json.dumps(exported), HAND_STUDY)
-        store.create_study(BANDIT_STUDY, method="epsilon-greedy", config={"omegas": OMEGAS})
-        store.create_study(FIXED_STUDY, method="fixed", config={"omega": 1.0})
+        sequence = {"kind": "relaxation", "problem": {"problem": "poisson-1d", "n": "12..15"}, "solver": "sor",
+                    "tol": 1e-6, "maxiter": 5000}
+        store.create_study(BANDIT_STUDY, method="epsilon-greedy", metric="iterations",
+                           config={**sequence, "policy": {"learner": "epsilon-greedy", "omegas": OMEGAS}})
+        store.create_study(FIXED_STUDY, method="fixed", metric="iterations",
+                           config={**sequence, "policy": {"learner": "fixed", "omega": 1.0}})
+        store.create_study(OTHER_SEQUENCE_STUDY, method="fixed", metric="iterations",
+                           config={**sequence, "tol": 1e-3, "policy": {"learner": "fixed", "omega": 1.0}})
+        store.add_relaxation(OTHER_SEQUENCE_STUDY, 0, 1.0, arm=0, iterations=sor_iterations(1.0, 12, 0, tol=1e-3))
         rng = np.random.default_rng(0)
         for rnd in range(12):
             n = 12 + rnd % 4

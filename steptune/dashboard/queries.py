@@ -200,12 +200,14 @@ def _bulk_points(s, pairs: list[tuple[int, str]], cond: list, by_id: dict) -> li
 def _detail_points(s, pairs: list[tuple[int, str]], cond: list, by_id: dict) -> list[dict]:
     if not pairs:
         return []
-    rows = s.execute(select(Trial.id, Trial.study_id, Trial.fidelity, Trial.nfe, Trial.score, Trial.number,
-                            _name_of_schedule().label("schedule_name"), _baseline_flag().label("baseline"),
-                            _origin().label("origin"))
-                     .where(*cond, _groups(pairs)).order_by(Trial.score, Trial.id)).all()
+    columns = (Trial.id, Trial.study_id, Trial.fidelity, Trial.nfe, Trial.score, Trial.number,
+               _name_of_schedule().label("schedule_name"), _baseline_flag().label("baseline"),
+               _origin().label("origin"))
+    rows = []
+    for sid, fid in pairs:  # one index range each (an OR of the pairs makes SQLite scan instead)
+        rows += s.execute(select(*columns).where(*cond, Trial.study_id == sid, Trial.fidelity == fid)).all()
     best: dict[tuple, dict] = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r.score, r.id)):
         st = by_id[r.study_id]
         if st.method == PRESET_METHOD:
             key = ("preset", r.schedule_name or "preset", r.fidelity)
@@ -341,22 +343,33 @@ def relaxation_studies(store: Storage) -> list[str]:
                               .order_by(Study.id)))
 
 
+def _same_sequence_as(other, me) -> bool:
+    """Whether two relaxation studies solved the same systems the same way: the same stored problem, or
+    (without one) setups that differ only in the policy."""
+    if me.problem_id is not None or other.problem_id is not None:
+        return other.problem_id == me.problem_id
+
+    def setup(config):
+        return {k: v for k, v in (config or {}).items() if k != "policy"}
+
+    return setup(other.config) == setup(me.config)
+
+
 def relaxation(store: Storage, study: str) -> dict:
     """The chosen omega per round and the cumulative iterations of this study, beside every other
-    relaxation study of the same problem (fixed-omega baselines, other learners) and any per-round
-    baselines the records carry in ``context["baselines"]`` ({name: iterations})."""
+    relaxation study of the same sequence (a fixed-omega run is a baseline; setups equal but for the
+    policy, or the same stored problem) and any per-round baselines the records carry in
+    ``context["baselines"]`` ({name: iterations})."""
     with store._tx(write=False) as s:
         own = study_id(s, study)
+        me = s.execute(select(Study.method, Study.config, Study.problem_id).where(Study.id == own)).one()
+        others = s.execute(select(Study.name, Study.method, Study.config, Study.problem_id).where(
+            Study.id.in_(select(RelaxationRecord.study_id).distinct()), Study.id != own).order_by(Study.id)).all()
+    peers = [o for o in others if _same_sequence_as(o, me)]
     rounds = store.relaxation_rounds(study)
-    st = store.get_study(study)
-    with store._tx(write=False) as s:
-        pid = s.scalar(select(Study.problem_id).where(Study.id == own))
-        peers = s.scalars(select(Study.name).where(
-            Study.id.in_(select(RelaxationRecord.study_id).distinct()), Study.id != own,
-            Study.problem_id.is_(None) if pid is None else Study.problem_id == pid).order_by(Study.id)).all()
-    curves = [_cumulative(study, st.method, rounds)]
-    for name in peers:
-        curves.append(_cumulative(name, store.get_study(name).method, store.relaxation_rounds(name)))
+    curves = [_cumulative(study, me.method, rounds)]
+    for o in peers:
+        curves.append(_cumulative(o.name, o.method, store.relaxation_rounds(o.name)))
     extra: dict[str, list] = defaultdict(list)
     for r in rounds:
         for name, its in ((r.context or {}).get("baselines") or {}).items():
@@ -369,7 +382,7 @@ def relaxation(store: Storage, study: str) -> dict:
             xs.append(rnd)
             ys.append(total)
         curves.append({"name": name, "method": "baseline", "rounds": xs, "cumulative": ys})
-    return {"study": study, "method": st.method,
+    return {"study": study, "method": me.method,
             "rounds": [r.round for r in rounds], "omega": [r.omega for r in rounds], "arm": [r.arm for r in rounds],
             "iterations": [r.iterations for r in rounds], "cost": [r.cost for r in rounds],
             "converged": [r.converged for r in rounds], "curves": curves}
