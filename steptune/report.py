@@ -8,6 +8,7 @@ views, relaxation), so a report shows the same figures and tables as the live pa
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -81,9 +82,11 @@ def report_data(store: Storage, study: str) -> dict:
     responses["/api/relaxation/studies"] = relax
     for s in relax:
         responses[api_path("/api/relaxation", {"study": s})] = queries.relaxation(store, s)
-    return {"study": study, "config": {"mode": "report", "statuses": list(STATUSES), "formats": list(REPORT_FORMATS),
-                                       "sortable": list(queries.SORTABLE)},
-            "responses": responses, "trials": _all_trials(store, prob["id"]), "exports": exports}
+    written = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    config = {"mode": "report", "statuses": list(STATUSES), "formats": list(REPORT_FORMATS),
+              "sortable": list(queries.SORTABLE)}
+    return {"study": study, "written": written, "config": config, "responses": responses,
+            "trials": _all_trials(store, prob["id"]), "exports": exports}
 
 
 def _inline_script(code: str) -> str:

@@ -286,3 +286,23 @@ def test_status_token_changes_when_a_trial_is_added(tmp_path):
     finally:
         store.close()
     assert after["token"] != before["token"] and after["trials"] == before["trials"] + 1 == 1
+
+
+def test_reads_go_on_while_a_writer_holds_the_database(client, dashboard_db):  # noqa: F811
+    """SQLite in WAL mode: the dashboard answers while a search is in the middle of a write transaction."""
+    import sqlite3
+    import time
+
+    url, _ = dashboard_db
+    writer = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE studies SET n_trials = n_trials WHERE id = 1")
+        start = time.perf_counter()
+        for path in ("/api/problems", f"/api/front?problem={_problem_id(client)}", "/api/status"):
+            assert client.get(path).status_code == 200
+        assert time.perf_counter() - start < 10  # not waiting out the 60 s busy timeout
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()

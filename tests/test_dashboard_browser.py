@@ -268,6 +268,7 @@ def test_static_report_works_offline(page, db_url, tmp_path, shots):
     want = _expected_front(db_url)
     n = len(want["series"]) + len(want["fronts"])
     assert _trace_count(page, "front-plot") == (n, n)
+    assert page.inner_text("#refreshed").startswith(f"report of {SEARCH_STUDY}, written ")
     page.screenshot(path=str(shots / "report-front.png"), full_page=True)
     pt = _most_isolated_preset_point(page, _preset_series(db_url))
     page.mouse.move(pt["px"], pt["py"])

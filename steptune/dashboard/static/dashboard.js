@@ -414,7 +414,11 @@ async function poll() {
 async function start() {
   try {
     state.config = REPORT ? REPORT.config : await api("/api/config");
-    if (REPORT) { $("live").parentElement.hidden = true; state.table.study = REPORT.study || ""; }
+    if (REPORT) {
+      $("live").parentElement.hidden = true;
+      state.table.study = REPORT.study || "";
+      $("refreshed").textContent = `report of ${REPORT.study}, written ${REPORT.written}`;
+    }
     await loadProblems();
   } catch (err) { showError(err); return; }
   $("problem").addEventListener("change", (ev) => {
