@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from steptune.space import NonFiniteError, Schedule, ScheduleError, sample
+from steptune.space.batch import sample_batch
 from steptune.space.sampler import check_compatible
 
 from . import metrics
@@ -170,18 +172,46 @@ class Evaluator:
         self.check(schedule)
         b = self.bank(bank)
         n = self._n(b, n)
+        start = time.perf_counter()
+        try:
+            x = sample(self.problem.model, b.x_T[:n], schedule)
+        except NonFiniteError as e:
+            return self._failed(schedule, str(e), time.perf_counter() - start, bank, n)
+        return self._measure(schedule, x, time.perf_counter() - start, bank, n)
+
+    def evaluate_many(self, schedules: Sequence[Schedule], bank: str = "train",
+                      n: int | None = None) -> list[EvalResult]:
+        """``evaluate`` for several schedules in one batched pass through the model (``sample_batch``: one
+        model call per round for all of them). A schedule that does not fit the problem is a failed
+        result here, with the reason; each result's ``seconds`` is its share of the pass."""
+        b = self.bank(bank)
+        n = self._n(b, n)
+        out: list[EvalResult | None] = [None] * len(schedules)
+        ok = []
+        for i, s in enumerate(schedules):
+            try:
+                self.check(s)
+                ok.append(i)
+            except ScheduleError as e:
+                out[i] = self._failed(s, str(e), 0.0, bank, n)
+        if ok:
+            start = time.perf_counter()
+            xs = sample_batch(self.problem.model, b.x_T[:n], [schedules[i] for i in ok])
+            share = (time.perf_counter() - start) / len(ok)
+            for i, x in zip(ok, xs):
+                out[i] = (self._failed(schedules[i], str(x), share, bank, n) if isinstance(x, NonFiniteError)
+                          else self._measure(schedules[i], x, share, bank, n))
+        return out
+
+    def _failed(self, schedule: Schedule, error: str, seconds: float, bank: str, n: int) -> EvalResult:
+        inf = {k: math.inf for k in self.metric_names()}
+        return EvalResult(schedule.nfe, inf, "failed", error, seconds, bank, n)
+
+    def _measure(self, schedule: Schedule, x: Tensor, seconds: float, bank: str, n: int) -> EvalResult:
+        """The metrics of samples ``x`` that ``schedule`` made from the first ``n`` states of ``bank``."""
         t_end = float(schedule.steps[-1].t)
         ref = self.reference(bank, t_end)[:n]
         data = self.data(bank, t_end)[:n] if self.problem.has_data else None
-        x_T = b.x_T[:n]
-        start = time.perf_counter()
-        try:
-            x = sample(self.problem.model, x_T, schedule)
-        except NonFiniteError as e:
-            seconds = time.perf_counter() - start
-            inf = {k: math.inf for k in self.metric_names()}
-            return EvalResult(schedule.nfe, inf, "failed", str(e), seconds, bank, n)
-        seconds = time.perf_counter() - start
         x = x.to(torch.float64)
         out = {"rmse": metrics.rmse(x, ref), "median_err": metrics.median_error(x, ref)}
         if data is not None:

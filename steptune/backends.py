@@ -101,7 +101,33 @@ class EvalWorker:
                     "error": f"{type(e).__name__}: {e} (at {os.path.basename(last.filename)}:{last.lineno})"}
 
     def evaluate_many(self, tasks: Sequence[Task]) -> list[dict]:
-        return [self.evaluate(t) for t in tasks]
+        """Tasks on the same bank and sample count go through the model together (one batched pass)."""
+        from steptune.space import Schedule, ScheduleError
+
+        out: list[dict | None] = [None] * len(tasks)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, t in enumerate(tasks):
+            groups.setdefault((t.bank, t.n), []).append(i)
+        for (bank, n), idx in groups.items():
+            scheds = []
+            for i in idx:
+                try:
+                    scheds.append(Schedule.from_dict(tasks[i].schedule))
+                except ScheduleError as e:
+                    out[i] = {"metrics": {}, "status": "failed", "error": str(e), "seconds": 0.0, "n": n}
+            live = [i for i in idx if out[i] is None]
+            try:
+                results = self.evaluator.evaluate_many(scheds, bank=bank, n=n)
+            except Exception:  # the batched pass itself failed: each task alone says which one and why
+                results = None
+            for j, i in enumerate(live):
+                if results is None:
+                    out[i] = self.evaluate(tasks[i])
+                else:
+                    r = results[j]
+                    out[i] = {"metrics": dict(r.metrics), "status": r.status, "error": r.error, "seconds": r.seconds,
+                              "n": r.n}
+        return out
 
 
 class Backend:
@@ -123,6 +149,7 @@ class LocalBackend(Backend):
 
     def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, spec: BackendSpec):
         self.args = (problem, evaluation, int(max(1, spec.num_cpus)))
+        self.batched, self.in_flight = spec.batched, spec.in_flight
         self.worker: EvalWorker | None = None
         self.workers = [f"local@{socket.gethostname()}:{os.getpid()}"]
 
@@ -143,11 +170,16 @@ class LocalBackend(Backend):
 
     def run(self, tasks: Sequence[Task], sink: Sink) -> None:
         self.start()
-        for task in tasks:
+        group = self.in_flight if self.batched else 1
+        for k in range(0, len(tasks), group):
             if sink.stopping():
                 return
-            sink.start(task, self.workers[0])
-            sink.done(task, self.worker.evaluate(task))
+            chunk = tasks[k:k + group]
+            for task in chunk:
+                sink.start(task, self.workers[0])
+            results = self.worker.evaluate_many(chunk) if self.batched else [self.worker.evaluate(chunk[0])]
+            for task, result in zip(chunk, results):
+                sink.done(task, result)
 
 
 class RayBackend(Backend):
@@ -220,18 +252,24 @@ class RayBackend(Backend):
         ray = self._init_ray()
         self.start()
         todo: deque[Task] = deque(tasks)
-        busy: dict = {}  # ObjectRef -> (task, actor index)
+        busy: dict = {}  # ObjectRef -> (tasks, actor index)
+        # batched: each call carries up to in_flight tasks (one pass through the model), two calls queued per
+        # actor so it never waits between passes; otherwise each call is one task, in_flight of them queued
+        group, slots = (self.spec.in_flight, 2) if self.spec.batched else (1, self.spec.in_flight)
         load = [0] * len(self.actors)
         alive = [True] * len(self.actors)
         while todo or busy:
             while todo and not sink.stopping():
-                free = [i for i in range(len(self.actors)) if alive[i] and load[i] < self.spec.in_flight]
+                free = [i for i in range(len(self.actors)) if alive[i] and load[i] < slots]
                 if not free:
                     break
                 i = min(free, key=lambda k: (load[k], k))
-                task = todo.popleft()
-                sink.start(task, self.workers[i])
-                busy[self.actors[i].evaluate.remote(task)] = (task, i)
+                chunk = [todo.popleft() for _ in range(min(group, len(todo)))]
+                for task in chunk:
+                    sink.start(task, self.workers[i])
+                actor = self.actors[i]
+                ref = actor.evaluate_many.remote(chunk) if self.spec.batched else actor.evaluate.remote(chunk[0])
+                busy[ref] = (chunk, i)
                 load[i] += 1
             if not busy:
                 if todo and not any(alive):
@@ -239,20 +277,22 @@ class RayBackend(Backend):
                 break  # stopping: the rest stays queued
             ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
             for ref in ready:
-                task, i = busy.pop(ref)
+                chunk, i = busy.pop(ref)
                 load[i] -= 1
                 try:
-                    result = ray.get(ref)
+                    results = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     reason = f"evaluator {self.workers[i]} died ({type(e).__name__})"
                     self.failures[i] = self.failures.get(i, 0) + 1
                     if self.failures[i] > self.spec.max_restarts:
                         alive[i] = False
                     self.on_event(reason)
-                    if sink.lost(task, self.workers[i], reason):
-                        todo.appendleft(task)
+                    for task in reversed(chunk):
+                        if sink.lost(task, self.workers[i], reason):
+                            todo.appendleft(task)
                     continue
-                sink.done(task, result)
+                for task, result in zip(chunk, results if self.spec.batched else [results]):
+                    sink.done(task, result)
 
     def kill_actor(self, i: int) -> None:
         """Kill one evaluator actor (it restarts if restarts are left): what a lost node does to a job."""

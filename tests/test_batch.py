@@ -70,3 +70,20 @@ def test_custom_steps_and_correctors_batch_too():
     x_T = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
     [x] = sample_batch(model, x_T, [sched])
     assert torch.allclose(x, sample(model, x_T, sched), rtol=0, atol=1e-14)
+
+
+def test_the_evaluator_scores_a_batch_as_it_scores_each_schedule(tmp_path):
+    from steptune.evaluators import Evaluator, get_problem
+
+    prob = get_problem("gmm-2d")
+    ev = Evaluator(prob, n_train=48, n_heldout=16, cache_dir=tmp_path)
+    scheds = [presets.build(name, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+              for name, nfe in (("ddim", 4), ("unipc-bh2", 6), ("dpm-solver++-3m", 5), ("heun", 7))]
+    wrong = presets.build("ddim", 4, prob.noise, t_start=0.5, t_end=prob.t_end)  # does not start at the bank
+    many = ev.evaluate_many([*scheds, wrong], bank="train", n=40)
+    assert many[-1].status == "failed" and "starts at t = 0.5" in many[-1].error
+    for s, r in zip(scheds, many):
+        one = ev.evaluate(s, bank="train", n=40)
+        assert r.status == one.status == "complete" and (r.n, r.bank, r.nfe) == (40, "train", s.nfe)
+        for k, v in one.metrics.items():
+            assert math.isclose(r.metrics[k], v, rel_tol=1e-12, abs_tol=1e-15), k

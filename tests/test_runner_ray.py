@@ -87,3 +87,18 @@ def test_a_killed_evaluator_actor_loses_no_trial(cluster, local_result, tmp_path
     assert retried and all(t.status == "complete" and "died" in t.error for t in retried)
     assert status["retried"] == len(retried) and status["failed"] == 0
     assert any("died" in e["error"] for e in status["recent_errors"])
+
+
+def test_batched_evaluation_on_ray_gives_the_same_study(cluster, local_result, tmp_path):
+    """Each actor gets its queued candidates as one batched pass through the model."""
+    import math
+
+    job = _job("same", tmp_path / "cache", "ray", in_flight=4, batched=True)
+    backend = RayBackend(job.problem, job.evaluation, job.backend)
+    res, got, _, _ = _run(job, f"sqlite:///{tmp_path / 'ray.db'}", backend)
+    want = local_result[1]
+    assert res.status == "complete" and len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g[:4] == w[:4] and g[5] == w[5]  # same trials, in the same order, with the same status
+        for (k, a), (k2, b) in zip(g[4], w[4]):
+            assert k == k2 and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (k, a, b)
