@@ -139,3 +139,14 @@ def test_postgresql_gives_the_same_answers_as_sqlite(pg_url, tmp_path):
     for url in (sqlite_url, pg_url):
         build_database(url, 3_000)
     assert _answers(pg_url) == _answers(sqlite_url)
+
+
+def test_postgresql_connections_are_read_only(pg_url):
+    connect(pg_url).close()
+    store = open_read_only(pg_url)
+    try:
+        with pytest.raises(Exception, match="read-only transaction"):
+            store.create_study("should-not-exist")
+        assert store.studies() == []
+    finally:
+        store.close()
