@@ -48,17 +48,10 @@ class Sink(Protocol):
 
 def build_problem(spec: ProblemSpec):
     """The Problem a job names: a built-in problem, or a user model given as module:factory."""
-    from steptune import evaluators
+    from steptune.evaluators.plugins import load_problem
 
-    if spec.model is not None and hasattr(evaluators, "load_problem"):
-        conv = {k: v for k, v in spec.model_dump(exclude={"name", "model", "options"}).items() if v is not None}
-        return evaluators.load_problem(spec.model, **conv, **spec.options)
-    if spec.model is not None:
-        raise BackendError(f"problem.model {spec.model!r}: user models are not supported by this installation")
-    opts = dict(spec.options)
-    if spec.noise is not None:
-        opts["noise"] = spec.noise
-    return evaluators.get_problem(spec.name, **opts)
+    conv = {k: v for k, v in spec.model_dump(exclude={"name", "model", "options"}).items() if v is not None}
+    return load_problem(spec.name or spec.model, **conv, **spec.options)
 
 
 class EvalWorker:

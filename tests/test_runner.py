@@ -212,3 +212,19 @@ def test_the_time_budget_stops_the_job_on_time_with_a_consistent_database(tmp_pa
         trials = db.trials("t")
     assert not [t for t in trials if t.status == "running"]
     assert 0 < res["evaluations"] < 200000
+
+
+def test_a_job_runs_a_plugged_model(tmp_path, cache, capsys):
+    """problem.model = module:factory (a network defined in a test module) through a whole job."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    text = job_text("plug", cache, evaluations=6).replace('name = "gmm-2d"', 'model = "test_plugins:gaussian_factory"')
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    res = json.loads(out)
+    assert code == 0 and res["status"] == "complete" and res["evaluations"] == 12, err
+    assert all(r["searched_score"] is not None and r["preset_score"] is not None for r in res["per_nfe"])
+    with connect(url) as db:
+        st = db.get_study("plug")
+        assert st.problem["identity"]["name"].startswith("test_plugins:gaussian_factory")
+        assert all(t.status == "complete" for t in db.trials("plug"))
