@@ -234,10 +234,32 @@ class TsallisINFBins(RelaxLearner):
         self.inner[self._bin(context)]._update(arm, cost, None, probabilities)
 
 
-def chebyshev_features(z: np.ndarray | float, degree: int) -> np.ndarray:
-    """[T_0(z), …, T_degree(z)] for z in [−1, 1] (clipped): T_j(z) = cos(j arccos z)."""
-    z = np.clip(np.asarray(z, dtype=np.float64), -1.0, 1.0)
-    return np.cos(np.multiply.outer(np.arccos(z), np.arange(degree + 1)))
+@numba.njit(cache=True)
+def chebyshev_features(z: float, degree: int) -> np.ndarray:
+    """[T_0(z), …, T_degree(z)] for z in [−1, 1] (clipped), by the three-term recurrence."""
+    z = min(max(z, -1.0), 1.0)
+    out = np.empty(degree + 1)
+    out[0] = 1.0
+    if degree >= 1:
+        out[1] = z
+    for j in range(2, degree + 1):
+        out[j] = 2.0 * z * out[j - 1] - out[j - 2]
+    return out
+
+
+@numba.njit(cache=True)
+def _inverse_gap_weights(theta, phi, gamma):
+    d = theta.shape[0]
+    y = theta @ phi
+    g = np.argmin(y)
+    p = np.empty(d)
+    rest = 0.0
+    for i in range(d):
+        if i != g:
+            p[i] = 1.0 / (d + gamma * math.expm1(min(y[i] - y[g], 50.0)))
+            rest += p[i]
+    p[g] = 1.0 - rest
+    return p
 
 
 @numba.njit(cache=True)
@@ -257,9 +279,26 @@ def _refit_toward_neighbours(gram, moment, theta, smooth, global_mean, use_globa
             else:
                 prior[i] = 0.5 * (theta[i - 1] + theta[i + 1])
     out = np.empty_like(theta)
+    chol = np.empty((k, k))
     for i in range(d):
-        lhs = gram[i] + smooth * np.eye(k)
-        out[i] = np.linalg.solve(lhs, moment[i] + smooth * prior[i])
+        # Cholesky of gram_i + smooth·I (SPD), then two triangular solves
+        for r in range(k):
+            for c in range(r + 1):
+                acc = gram[i, r, c] + (smooth if r == c else 0.0)
+                for q in range(c):
+                    acc -= chol[r, q] * chol[c, q]
+                chol[r, c] = math.sqrt(acc) if r == c else acc / chol[c, c]
+        v = moment[i] + smooth * prior[i]
+        for r in range(k):
+            acc = v[r]
+            for q in range(r):
+                acc -= chol[r, q] * out[i, q]
+            out[i, r] = acc / chol[r, r]
+        for r in range(k - 1, -1, -1):
+            acc = out[i, r]
+            for q in range(r + 1, k):
+                acc -= chol[q, r] * out[i, q]
+            out[i, r] = acc / chol[r, r]
     return out
 
 
@@ -306,23 +345,23 @@ class ChebCB(RelaxLearner):
     def _probabilities(self, context):
         if self.t == 0:
             return np.full(self.d, 1.0 / self.d)
-        y = self.predict(context)
-        g = int(np.argmin(y))
-        gap = np.expm1(np.minimum(y - y[g], 50.0))
-        gamma = self.gamma0 * math.sqrt(self.d * self.t)
-        p = 1.0 / (self.d + gamma * gap)
-        p[g] = 0.0
-        p[g] = 1.0 - p.sum()
-        return p
+        return _inverse_gap_weights(self.theta, self._features(context), self.gamma0 * math.sqrt(self.d * self.t))
 
     def _update(self, arm, cost, context, probabilities):
         phi = self._features(context)
         y = math.log(cost)
-        self.gram[arm] += np.outer(phi, phi)
+        self.gram[arm] += phi[:, None] * phi
         self.moment[arm] += y * phi
         self.log_sum += y
         self.theta = _refit_toward_neighbours(self.gram, self.moment, self.theta, self.smooth, self.log_sum / self.t,
                                               self.t < 3)
+
+
+def warm_up() -> None:
+    """Load the compiled learner kernels now, so a loop's first round does not pay for it."""
+    _tsallis_newton(np.zeros(2), 1.0, 1)
+    _refit_toward_neighbours(np.eye(2)[None].repeat(2, 0), np.zeros((2, 2)), np.zeros((2, 2)), 1.0, 0.0, False)
+    _inverse_gap_weights(np.zeros((2, 2)), chebyshev_features(0.0, 1), 1.0)
 
 
 def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),

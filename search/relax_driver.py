@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from steptune.evaluators.linear import solvers
 
-from .relax import AdaptiveSOR, RelaxLearner, replay_table
+from .relax import AdaptiveSOR, RelaxLearner, replay_table, warm_up
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def run_sequence(seq, policy: RelaxLearner | AdaptiveSOR, *, solver: str = "sor"
     if adaptive and solver != "sor":
         raise ValueError("adaptive SOR adapts plain SOR; use --solver sor with it")
     key = getattr(policy, "context_key", None)
+    warm_up()
     out = []
     state = seq.start(start)
     for t in range(start, stop):

@@ -141,9 +141,9 @@ def register(app: typer.Typer) -> None:
         t = Table(title=f"relax {name}")
         t.add_column("")
         t.add_column("value", justify="right")
-        for k in ("rounds", "new rounds", "mean iterations", "last 1000 mean", "not converged", "most played ω",
-                  "solve seconds", "learner overhead"):
-            t.add_row(k, str(summary[k.replace(" ", "_")]))
+        for key in ("rounds", "new_rounds", "mean_iterations", "last_1000_mean", "not_converged", "most_played_omega",
+                    "solve_seconds", "learner_overhead"):
+            t.add_row(key.replace("_", " ").replace("omega", "ω"), str(summary[key]))
         out.print(t)
         out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
 
@@ -206,7 +206,7 @@ def _summary(name, all_rows, new_rounds, start) -> dict:
     return {"study": name, "rounds": len(all_rows), "new_rounds": len(new_rounds),
             "mean_iterations": round(float(its.mean()), 2), "last_1000_mean": round(float(its[-1000:].mean()), 2),
             "not_converged": int(sum(1 for r in all_rows if r.converged is False)),
-            "most_played_ω": float(vals[np.argmax(counts)]), "solve_seconds": round(solve, 3),
+            "most_played_omega": float(vals[np.argmax(counts)]), "solve_seconds": round(solve, 3),
             "learner_overhead": f"{100 * learn / solve:.2f}% of solve time" if solve > 0 else "—"}
 
 
