@@ -9,11 +9,13 @@ rounds. Random draws come from one generator seeded at construction, one draw pe
 * :class:`TsallisINF`: 1/2-Tsallis-INF over the ω grid (Learning to Relax, Alg. 2): anytime
   η_t = η₀/√t, costs shifted by 1 and scaled by the running mean, importance-weighted losses measured
   against a running baseline (which leaves their expectation's differences unchanged and cuts the
-  variance of the estimate).
+  variance of the estimate), neighbouring grid ω sharing observations with a weight that fades.
 * :class:`TsallisINFBins`: one Tsallis-INF per context bin (Alg. 5).
 * :class:`ChebCB`: per-arm Chebyshev regression of the cost on the context, with inverse-gap-weighted
   exploration (SquareCB; Alg. 3). The regression is on log cost, which keeps the steep side of the
-  cost curve (Gauss–Seidel end, hard instances) from dominating the fit.
+  cost curve (Gauss–Seidel end, hard instances) from dominating the fit, and each arm's fit is pulled
+  toward its grid neighbours', so arms with few rounds borrow their shape.
+* :class:`AdaptiveSOR`: classical adaptive SOR (Hageman–Young) as a policy over the sequence.
 * :class:`FixedOmega`: one ω always (Gauss–Seidel is ω = 1).
 """
 
@@ -42,6 +44,7 @@ class RelaxLearner:
 
     name = "base"
     contextual = False
+    context_key: str | None = None  # which entry of a stored context dict the learner reads
 
     def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0):
         self.omegas = np.asarray(omegas, dtype=np.float64)
@@ -50,7 +53,7 @@ class RelaxLearner:
         self.seed = int(seed)
         self.rng = np.random.default_rng(self.seed)
         self.t = 0  # rounds told
-        self._pending: tuple[Arm, float | None] | None = None
+        self._pending: tuple[Arm, float | None, np.ndarray] | None = None
         self.replay_mismatches = 0
 
     @property
@@ -100,8 +103,6 @@ class RelaxLearner:
             self.tell(cost, arm=arm, context=c)
         self.replay_mismatches += mismatches
         return mismatches
-
-    context_key: str | None = None
 
     def context_of(self, ctx) -> float | None:
         if isinstance(ctx, dict):
