@@ -51,6 +51,8 @@ def build_problem(spec: ProblemSpec):
     from steptune.evaluators.plugins import load_problem
 
     conv = {k: v for k, v in spec.model_dump(exclude={"name", "model", "options"}).items() if v is not None}
+    if "shape" in conv:
+        conv["shape"] = tuple(conv["shape"])
     return load_problem(spec.name or spec.model, **conv, **spec.options)
 
 

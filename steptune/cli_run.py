@@ -45,6 +45,56 @@ def _best_text(best: dict) -> str:
     return " ".join(f"{k}:{v:.3g}" for k, v in sorted(best.items()))
 
 
+def execute_job(job, quiet: bool = False):
+    """Run ``job`` with a progress bar on stderr (none when ``quiet``), Ctrl-C finishing the evaluations in
+    flight; bad input raises CliError before any work. Returns the RunResult."""
+    from steptune.backends import BackendError, make_backend
+    from steptune.jobs import JobError
+    from steptune.runner import Runner
+
+    storage = _open_storage(job.storage.db)
+    backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
+    runner = Runner(job, storage, backend_, say=lambda m: err.print(m))
+    try:
+        runner.prepare()
+    except (JobError, BackendError) as e:
+        storage.close()
+        raise CliError(str(e)) from None
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[info]}"), console=err, disable=quiet) as bar:
+        task = bar.add_task("starting", total=None, info="")
+
+        def progress(st: dict) -> None:
+            eta = f" eta {_duration(st['eta'])}" if st.get("eta") is not None else ""
+            retried = f" retried {st['retried']}" if st["retried"] else ""
+            if st["phase"] == "search":
+                bar.update(task, description="search", total=st["total"], completed=st["done"],
+                           info=f"best {_best_text(st['best'])}{retried}{eta}")
+            else:
+                bar.update(task, description=st["phase"], info=retried)
+
+        runner.progress = progress
+        previous = signal.getsignal(signal.SIGINT)
+
+        def on_sigint(signum, frame):
+            if runner.interrupted.is_set():
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            runner.interrupt()
+            err.print("[yellow]interrupted: finishing the evaluations in flight (Ctrl-C again to abort)")
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            result = runner.run()
+        except (JobError, BackendError) as e:
+            raise CliError(str(e)) from None
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            backend_.close()
+            storage.close()
+    return result
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
@@ -57,9 +107,7 @@ def register(app: typer.Typer) -> None:
         json_: JsonOpt = False,
     ):
         """Run (or resume) a search job: every evaluation is stored as it finishes; Ctrl-C stops cleanly."""
-        from steptune.backends import BackendError, make_backend
         from steptune.jobs import JobError, load_job
-        from steptune.runner import Runner
 
         try:
             job = load_job(job_file)
@@ -69,46 +117,7 @@ def register(app: typer.Typer) -> None:
             raise CliError(str(e)) from None
         except ValueError as e:  # an override that does not validate
             raise CliError(f"{job_file}: {str(e).splitlines()[0]}") from None
-        storage = _open_storage(job.storage.db)
-        backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
-        runner = Runner(job, storage, backend_, say=lambda m: err.print(m))
-        try:
-            runner.prepare()
-        except (JobError, BackendError) as e:
-            storage.close()
-            raise CliError(str(e)) from None
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("{task.fields[info]}"), console=err, disable=json_) as bar:
-            task = bar.add_task("starting", total=None, info="")
-
-            def progress(st: dict) -> None:
-                eta = f" eta {_duration(st['eta'])}" if st.get("eta") is not None else ""
-                retried = f" retried {st['retried']}" if st["retried"] else ""
-                if st["phase"] == "search":
-                    bar.update(task, description="search", total=st["total"], completed=st["done"],
-                               info=f"best {_best_text(st['best'])}{retried}{eta}")
-                else:
-                    bar.update(task, description=st["phase"], info=retried)
-
-            runner.progress = progress
-            previous = signal.getsignal(signal.SIGINT)
-
-            def on_sigint(signum, frame):
-                if runner.interrupted.is_set():
-                    signal.signal(signal.SIGINT, previous)
-                    raise KeyboardInterrupt
-                runner.interrupt()
-                err.print("[yellow]interrupted: finishing the evaluations in flight (Ctrl-C again to abort)")
-
-            signal.signal(signal.SIGINT, on_sigint)
-            try:
-                result = runner.run()
-            except (JobError, BackendError) as e:
-                raise CliError(str(e)) from None
-            finally:
-                signal.signal(signal.SIGINT, previous)
-                backend_.close()
-                storage.close()
+        result = execute_job(job, json_)
         payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
                    "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
                    "seconds": result.seconds,

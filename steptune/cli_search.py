@@ -11,7 +11,6 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
@@ -29,40 +28,6 @@ class SearchCliError(click.ClickException):
         print(f"error: {self.message}", file=file or sys.stderr)
 
 
-def preset_baseline(evaluator, nfes, specs=None) -> tuple[dict[int, dict], list[dict]]:
-    """Held-out score of every preset at every NFE: ({nfe: {"preset", "rmse"}} for the best one, all rows)."""
-    from steptune.sweep import DEFAULT_PRESETS, run_sweep
-
-    rows = run_sweep(evaluator, list(specs or DEFAULT_PRESETS), list(nfes), bank="heldout")
-    return _best(rows), rows
-
-
-def _best(rows: list[dict]) -> dict[int, dict]:
-    from steptune.sweep import best_by_nfe
-
-    return {n: {"preset": r["preset"], "rmse": r["rmse"]} for n, r in best_by_nfe(rows).items()}
-
-
-def matching_nfe(rows: list[dict], target: float) -> int | None:
-    """The smallest NFE at which some preset's held-out RMSE is at most ``target``."""
-    ok = [r["nfe"] for r in rows if r.get("status") == "complete" and r.get("rmse", math.inf) <= target]
-    return min(ok) if ok else None
-
-
-def summary_rows(result, baseline: dict, sweep_rows: list[dict]) -> list[dict]:
-    rows = []
-    for nfe in sorted(result.best):
-        b = result.best[nfe]
-        got = b.heldout.get("rmse", math.inf)
-        base = baseline.get(nfe, {})
-        brmse = base.get("rmse")
-        rows.append({"nfe": nfe, "best_preset": base.get("preset"), "preset_rmse": brmse, "searched_rmse": got,
-                     "improvement": (brmse / got) if brmse and got > 0 else None,
-                     "preset_matches_at_nfe": matching_nfe(sweep_rows, got), "found_at_eval": b.found_at,
-                     "schedule": b.schedule})
-    return rows
-
-
 def register(app: typer.Typer) -> None:
     @app.command("search")
     def search_cmd(
@@ -73,7 +38,8 @@ def register(app: typer.Typer) -> None:
         budget: Annotated[int, typer.Option("--budget", help="True (cheap-fidelity) evaluations per NFE.")] = 300,
         seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
         study: Annotated[str | None, typer.Option(
-            "--study", help="Study name; an existing runs/search/NAME.trials.jsonl is resumed.")] = None,
+            "--study", help="Study name in the database; an unfinished study of the same search is resumed.")]
+        = None,
         noise: Annotated[str | None, typer.Option("--noise", help="Noise schedule of the problem.")] = None,
         cheap_n: Annotated[int, typer.Option("--cheap-samples", help="Train-bank samples per evaluation.")] = 64,
         confirm_k: Annotated[int, typer.Option("--confirm", help="Best candidates per NFE confirmed on the "
@@ -83,7 +49,10 @@ def register(app: typer.Typer) -> None:
                                                                                "1024; 256 for networks).")] = None,
         time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
                                                                                 "many seconds.")] = None,
-        out_dir: Annotated[Path, typer.Option("--out", help="Folder for the study files.")] = Path("runs/search"),
+        out_dir: Annotated[Path, typer.Option("--out", help="Folder for the summary JSON.")] = Path("runs/search"),
+        db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
+                                                                                  "sqlite:///runs/steptune.db).")]
+        = None,
         cache: Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
         = Path("runs/cache"),
         json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
@@ -96,8 +65,12 @@ def register(app: typer.Typer) -> None:
         shape: ShapeOpt = None,
     ):
         """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
+        from steptune.cli_dc import build_problem
+        from steptune.cli_run import execute_job
+        from steptune.evaluators.plugins import evaluator_options, parse_shape
+        from steptune.jobs import JobError, job_from_dict
         from steptune.resolve import parse_nfe_list
-        from steptune.search import METHODS, TrialLog, make_searcher, run_search
+        from steptune.search import METHODS
 
         if method not in METHODS:
             raise SearchCliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -106,63 +79,56 @@ def register(app: typer.Typer) -> None:
         nfes = parse_nfe_list(nfe)
         if not nfes:
             raise SearchCliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
-        from steptune.cli_dc import build_problem
-        from steptune.evaluators import Evaluator
-        from steptune.evaluators.plugins import evaluator_options
-
         prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape,
                              error=SearchCliError)
-        sizes = {**evaluator_options(prob), **({"n_heldout": heldout_n} if heldout_n is not None else {})}
-        ev = Evaluator(prob, cache_dir=cache, seed=0, **sizes)
+        sizes = evaluator_options(prob)
         name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
-        trials_path = out_dir / f"{name}.trials.jsonl"
-        log = TrialLog.load(trials_path)
-        searcher = make_searcher(method, prob.noise, prob.t_start, prob.t_end, nfes, seed=seed)
-        total = budget * len(nfes)
-        if log.records and not json_:
-            err.print(f"resuming study {name!r}: {len(log.bank('train'))} evaluations in {trials_path}")
-
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), TextColumn("{task.fields[best]}"), console=err,
-                      disable=json_) as bar:
-            bar_task = bar.add_task("preset baseline", total=None, best="")
-            # the presets over a wider NFE range too, to say at which NFE they catch up with the search
-            wide = sorted(set(nfes) | set(range(min(nfes), min(2 * max(nfes), 20) + 1)))
-            _, sweep_rows = preset_baseline(ev, wide)
-            baseline = {n: v for n, v in _best(sweep_rows).items() if n in nfes}
-            bar.update(bar_task, total=1, completed=1, best="")
-            search_task = bar.add_task(f"{method} search", total=total, best="")
-
-            def progress(info):
-                best = " ".join(f"{k}:{v:.4g}" + (f"({baseline[k]['rmse']:.3g})" if k in baseline else "")
-                                for k, v in sorted(info["best"].items()))
-                bar.update(search_task, completed=info["done"], best=f"best(preset) {best}",
-                           description="confirming" if info["phase"] == "confirm" else f"{method} search")
-
-            result = run_search(searcher, ev, budget=total, time_budget=time_budget, progress=progress, log=log,
-                                cheap_n=cheap_n, confirm_k=confirm_k)
-        rows = summary_rows(result, baseline, sweep_rows)
+        conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,
+                       "guidance_scale": guidance, "shape": list(parse_shape(shape)) if shape else None}
+        # the presets over a wider NFE range too, to say at which NFE they catch up with the search
+        wide = sorted(set(range(min(nfes), min(2 * max(nfes), 20) + 1)) - set(nfes))
+        spec = {"study": name, "seed": seed,
+                "problem": {"model" if model else "name": model or problem,
+                            **{k: v for k, v in conventions.items() if v is not None}},
+                "search": {"method": method, "nfe": nfes},
+                "evaluation": {"cheap_samples": cheap_n, "train_samples": max(cheap_n, sizes.get("n_train", 256)),
+                               "heldout_samples": heldout_n or sizes.get("n_heldout", 1024), "confirm": confirm_k,
+                               "cache": str(cache), "baseline_nfe": wide},
+                "budget": {"evaluations": budget, "time": time_budget},
+                "storage": {"db": db}, "backend": {"kind": "local"}}
+        try:
+            job = job_from_dict(spec, where="search")
+        except JobError as e:
+            raise SearchCliError(str(e).removeprefix("search: ")) from None
+        result = execute_job(job, quiet=json_)
+        rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
+                 "searched_rmse": r.searched_score, "improvement": r.improvement,
+                 "preset_matches_at_nfe": r.preset_matches_at, "found_at_eval": r.found_at, "trial": r.trial,
+                 "schedule": r.schedule} for r in result.per_nfe]
         payload = {"study": name, "problem": prob.name, "noise": prob.noise.to_dict(), "method": method,
-                   "seed": seed, "budget_per_nfe": budget, "n_evals": result.n_evals,
-                   "n_confirm": result.n_confirm, "seconds": result.seconds, "cheap_samples": cheap_n,
-                   "heldout_samples": ev.sizes["heldout"], "searcher": searcher.state(), "results": rows,
-                   "trials": str(trials_path)}
+                   "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
+                   "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
+                   "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
+                   "database": job.storage.db or "sqlite:///runs/steptune.db"}
         out_dir.mkdir(parents=True, exist_ok=True)
         jpath = out_dir / f"{name}.json"
         jpath.write_text(json.dumps(payload, indent=2, default=float) + "\n")
         if json_:
             print(json.dumps(payload, indent=2, default=float))
-            return
-        table = Table(title=f"{prob.name}: {method} search, {result.n_evals} evaluations "
-                            f"(+{result.n_confirm} held-out confirmations), held-out RMSE")
-        for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE"):
-            table.add_column(col, justify="left" if col == "best preset" else "right")
-        for r in rows:
-            table.add_row(str(r["nfe"]), str(r["best_preset"]), _fmt(r["preset_rmse"]), _fmt(r["searched_rmse"]),
-                          "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
-                          str(r["preset_matches_at_nfe"] or f"> {max(nfes)}"))
-        out.print(table)
-        err.print(f"saved {jpath} and {trials_path}")
+        else:
+            table = Table(title=f"{prob.name}: {method} search, {result.evaluations} evaluations "
+                                f"(+{result.confirmations} held-out confirmations), held-out RMSE")
+            for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE"):
+                table.add_column(col, justify="left" if col == "best preset" else "right")
+            for r in rows:
+                table.add_row(str(r["nfe"]), str(r["best_preset"]), _fmt(r["preset_rmse"]),
+                              _fmt(r["searched_rmse"]),
+                              "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
+                              str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"))
+            out.print(table)
+            err.print(f"study {name!r} is in the database; saved {jpath}")
+        if result.status == "interrupted":
+            raise typer.Exit(130)
 
 
 def _fmt(v) -> str:

@@ -51,7 +51,9 @@ class ProblemSpec(_Section):
     noise: str | None = None
     prediction: str | None = None
     time_input: str | None = None
+    time_scale: float | None = None
     guidance_scale: float | None = None
+    shape: list[int] | None = None  # sample shape, when the factory does not say
     options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -95,6 +97,7 @@ class EvaluationSpec(_Section):
     heldout_samples: int = Field(default=1024, ge=1)  # results are reported on this bank
     confirm: int = Field(default=3, ge=0)  # best candidates per NFE confirmed on the held-out bank
     baseline: bool = True  # evaluate the preset solvers on the held-out bank for comparison
+    baseline_nfe: list[int] | None = None  # NFEs for the presets besides the searched ones (to see where they catch up)
     bank_seed: int = 0  # seed of the noise banks (the search's own seed is the job's seed)
     cache: str = "runs/cache"
 
@@ -145,7 +148,7 @@ class Job(_Section):
     def identity(self) -> dict:
         """What decides the search's results: a study resumed with a job that differs here is refused."""
         return {"seed": self.seed, "problem": self.problem.model_dump(), "search": self.search.model_dump(),
-                "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline"})}
+                "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline", "baseline_nfe"})}
 
     def with_overrides(self, **changes) -> Job:
         """A copy with ``section.key`` overrides (None values are ignored), validated again."""

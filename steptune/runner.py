@@ -43,6 +43,8 @@ class NfeSummary:
     searched_score: float | None
     trial: int | None  # number of the searched schedule's cheap-fidelity trial
     found_at: int | None  # cheap evaluations done when it was found
+    preset_matches_at: int | None = None  # smallest NFE at which some preset does as well (None: none does)
+    schedule: dict | None = None  # the searched schedule
 
     @property
     def improvement(self) -> float | None:
@@ -294,8 +296,9 @@ class Runner:
 
         have = {t.info.get("origin") for t in self.storage.trials(self.job.study) if t.info.get("baseline")}
         items = []
+        nfes = sorted(set(self.job.search.nfe) | set(self.job.evaluation.baseline_nfe or ()))
         for spec in DEFAULT_PRESETS:
-            for nfe in self.job.search.nfe:
+            for nfe in nfes:
                 origin = f"preset:{spec}@{nfe}"
                 if origin in have:
                     continue
@@ -423,9 +426,14 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         base = min((t for t in held if t.info.get("baseline")), key=lambda t: t.score, default=None)
         found = min((t for t in held if "confirms" in t.info), key=lambda t: (t.score, t.number), default=None)
         src = by_number.get(found.info["confirms"]) if found else None
+        match = None
+        if found is not None:
+            match = min((t.nfe for t in trials if t.info.get("baseline") and t.status == "complete"
+                         and t.score is not None and t.score <= found.score), default=None)
         out.append(NfeSummary(nfe, base.info["origin"].removeprefix("preset:").rsplit("@", 1)[0] if base else None,
                               base.score if base else None, found.score if found else None,
-                              src.number if src else None, cheap_order.get(src.number) if src else None))
+                              src.number if src else None, cheap_order.get(src.number) if src else None, match,
+                              found.schedule if found else None))
     return out
 
 

@@ -1,10 +1,11 @@
-"""`steptune search` on gmm-2d with a tiny budget: table, JSON file, resume from the trial log."""
+"""`steptune search` on gmm-2d with a tiny budget: table, JSON file, trials in the database, resume."""
 
 import json
 
 import click
 import pytest
 import typer
+from steptune.storage import connect
 from typer.testing import CliRunner
 
 from steptune.cli_search import register
@@ -25,7 +26,7 @@ def test_search_command_writes_results_and_resumes(tmp_path):
     app, runner = _app(), CliRunner()
     args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "8", "--study", "t",
             "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
-            "--heldout-samples", "64"]
+            "--heldout-samples", "64", "--db", f"sqlite:///{tmp_path / 'x.db'}"]
     r = runner.invoke(app, args + ["--json"])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "t.json").read_text())
@@ -33,10 +34,17 @@ def test_search_command_writes_results_and_resumes(tmp_path):
     row = data["results"][0]
     assert row["schedule"]["schema"] == "steptune.schedule" and row["schedule"]["nfe"] == 3
     assert row["best_preset"] and row["searched_rmse"] > 0
-    assert len((tmp_path / "t.trials.jsonl").read_text().splitlines()) == 9  # 8 + 1 confirmation
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
+        trials = db.trials("t")
+        best = db.best("t", 3, fidelity="heldout")
+    assert sum(t.fidelity == "train" for t in trials) == 8
+    assert sum("confirms" in t.info for t in trials) == 1
+    assert {t.nfe for t in trials if t.info.get("baseline")} >= {3, 4, 5, 6}  # presets up to 2 x NFE
+    if row["searched_rmse"] <= row["preset_rmse"]:
+        assert best.score == row["searched_rmse"]
     r = runner.invoke(app, [*args[:8], "12", *args[9:]])  # larger budget: resumes, 4 more evaluations
     assert r.exit_code == 0, r.output
-    assert "resuming" in r.output and "random search" in r.output
+    assert "resuming" in r.output and "search" in r.output
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["n_evals"] == 12
 
