@@ -106,13 +106,16 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
 @_user_errors
 def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         "--nfe", help="NFE to report (default: the best at every NFE, with the Pareto front marked).")] = None,
-             fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
+             fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity (default: "
+                                                                       "the study's reporting fidelity, e.g. heldout "
+                                                                       "for searches).")] = None,
              db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     """The best complete trial of a study at an NFE (or at every NFE)."""
     from steptune.storage import export_dict
 
     with _open(db) as store:
         st = store.get_study(study)
+        fidelity = fidelity or st.config.get("fidelity")  # a searched study reports its held-out scores
         if nfe is not None:
             t = _best_or_fail(store, study, nfe, fidelity)
             if json_:
@@ -194,6 +197,7 @@ def export_cmd(
         raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
     with _open(db) as store:
         st = store.get_study(study)
+        fidelity = fidelity or st.config.get("fidelity")
         if trial is not None:
             t = store.trial(trial)
             if t.study != study:
