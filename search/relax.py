@@ -317,7 +317,7 @@ class ChebCB(RelaxLearner):
     contextual = True
 
     def __init__(self, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
-                 degree: int = 5, gamma0: float = 10.0, smooth: float = 0.3, context_key: str | None = None):
+                 degree: int = 7, gamma0: float = 10.0, smooth: float = 0.3, context_key: str | None = None):
         super().__init__(omegas, seed)
         self.lo, self.hi = (float(v) for v in context_range)
         if not self.hi > self.lo:
