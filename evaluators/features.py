@@ -26,7 +26,7 @@ def gaussian_stats(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    covmean = linalg.sqrtm(cov1 @ cov2)
     if not np.isfinite(covmean).all():  # singular product: regularise, as the FID reference code does
         eps = 1e-6 * np.eye(len(mu1))
         covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))

@@ -115,8 +115,8 @@ def fit_greedy(model, schedule: Schedule, x_T: Tensor, targets: Sequence[Tensor]
             rs = [*ratios[:i], rho, *ratios[i + 1:]]
             x, _ = run(model, schedule, x_T, rs, replay=cache, stop_after=i)
             loss = _mse(x, targets[i])
-            if float(loss) < best[0]:
-                best = (float(loss), float(rho))
+            if float(loss.detach()) < best[0]:
+                best = (float(loss.detach()), float(rho.detach()))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -162,9 +162,9 @@ def fit_joint(model, schedule: Schedule, x_T: Tensor, target: Tensor, *, init: S
         opt = torch.optim.Adam([theta], lr=lr)
         for it in range(iters):
             loss = joint_loss(model, schedule, x_T, target, theta)
-            if float(loss) < best[0]:
-                best = (float(loss), theta.detach().clone())
-            history.append({"iter": it, "loss": float(loss)})
+            if float(loss.detach()) < best[0]:
+                best = (float(loss.detach()), theta.detach().clone())
+            history.append({"iter": it, "loss": float(loss.detach())})
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -48,8 +48,10 @@ def _compensate(hist: list[Point], ratio: float | Tensor) -> None:
     three points at tau = t_-2 + ratio (t_-1 - t_-2). ``ratio`` may be a 0-d tensor (fitting it by
     backpropagation); every buffered output that the following steps use is then a function of it."""
     pts = hist[-3:]
-    tau = pts[-2].t + ratio * (pts[-1].t - pts[-2].t)
-    lw = lagrange_weights([p.t for p in pts], tau)
+    # in u = (t - t_-2) / (t_-1 - t_-2) (an affine map, so the same polynomial): t_-2 -> 0, t_-1 -> 1 and
+    # tau -> ratio exactly, so a ratio of exactly 1 gives the weights (0, 0, 1) exactly
+    t2, t1 = pts[-2].t, pts[-1].t
+    lw = lagrange_weights([(p.t - t2) / (t1 - t2) for p in pts], ratio)
     newest = pts[-1]
     newest.eps = sum(w * p.eps for w, p in zip(lw, pts))
     newest.x0 = sum(w * p.x0 for w, p in zip(lw, pts))
