@@ -65,9 +65,8 @@ class RelaxLearner:
 
     def ask(self, context: float | None = None) -> Arm:
         u = self.rng.random()
-        p = self._probabilities(context)
-        p = p / p.sum()
-        i = min(int(np.searchsorted(np.cumsum(p), u, side="right")), self.d - 1)
+        p = np.array(self._probabilities(context), dtype=np.float64)
+        i = _draw(p, u)  # normalises p in place
         arm = Arm(i, float(self.omegas[i]), float(p[i]))
         self._pending = (arm, context, p)
         return arm
@@ -86,7 +85,7 @@ class RelaxLearner:
         else:
             raise RuntimeError("tell() without a pending ask() needs the arm")
         self.t += 1
-        self._update(chosen, max(cost, 1.0), ctx, np.maximum(probs, 1e-12))
+        self._update(chosen, max(cost, 1.0), ctx, probs)
         self._pending = None
 
     def replay(self, rounds: Iterable) -> int:
@@ -133,6 +132,22 @@ class FixedOmega(RelaxLearner):
         pass
 
 
+@numba.njit(cache=True)
+def _draw(p, u):
+    """Normalise p in place and return the index that u ∈ [0, 1) selects from its cumulative sum."""
+    total = 0.0
+    for i in range(p.shape[0]):
+        total += p[i]
+    chosen = -1
+    acc = 0.0
+    for i in range(p.shape[0]):
+        p[i] /= total
+        acc += p[i]
+        if chosen < 0 and u < acc:
+            chosen = i
+    return chosen if chosen >= 0 else p.shape[0] - 1
+
+
 def tsallis_probabilities(losses: np.ndarray, eta: float, newton_steps: int = 30) -> np.ndarray:
     """argmin_p ⟨L, p⟩ − (4/η) Σ √p_i over the simplex: p_i = 4/(η (L_i − x))², x by Newton's method."""
     return _tsallis_newton(np.asarray(losses, dtype=np.float64), float(eta), int(newton_steps))
@@ -177,7 +192,6 @@ class TsallisINF(RelaxLearner):
         self.eta0 = float(eta0)
         self.baseline = bool(baseline)
         self.smoothing, self.smoothing_rounds = float(smoothing), float(smoothing_rounds)
-        self.neighbours = np.eye(self.d, k=1) + np.eye(self.d, k=-1)
         self.losses = np.zeros(self.d)  # cumulative importance-weighted loss estimates, in cost units − 1
         self.cost_sum = 0.0
         self.n = 0
@@ -196,10 +210,23 @@ class TsallisINF(RelaxLearner):
 
     def _update(self, arm, cost, context, probabilities):
         base = self.scale() if (self.baseline and self.n) else 0.0
-        kernel = np.eye(self.d) + self.smoothing / (1.0 + self.n / self.smoothing_rounds) * self.neighbours
-        self.losses += kernel[arm] * (cost - 1.0 - base) / (kernel.T @ probabilities)
+        weight = self.smoothing / (1.0 + self.n / self.smoothing_rounds)
+        _smoothed_importance_update(self.losses, arm, cost - 1.0 - base, probabilities, weight)
         self.cost_sum += cost
         self.n += 1
+
+
+@numba.njit(cache=True)
+def _smoothed_importance_update(losses, arm, loss, p, w):
+    """losses_j += K_arm,j · loss / Σ_i K_ij p_i for K = I + w·(grid neighbours)."""
+    d = losses.shape[0]
+    for j in range(max(arm - 1, 0), min(arm + 2, d)):
+        informed = p[j]
+        if j > 0:
+            informed += w * p[j - 1]
+        if j < d - 1:
+            informed += w * p[j + 1]
+        losses[j] += (1.0 if j == arm else w) * loss / max(informed, 1e-12)
 
 
 class TsallisINFBins(RelaxLearner):
@@ -261,6 +288,16 @@ def _inverse_gap_weights(theta, phi, gamma):
             rest += p[i]
     p[g] = 1.0 - rest
     return p
+
+
+@numba.njit(cache=True)
+def _observe_and_refit(gram, moment, theta, arm, phi, y, smooth, global_mean, use_global):
+    k = phi.shape[0]
+    for r in range(k):
+        moment[arm, r] += y * phi[r]
+        for c in range(k):
+            gram[arm, r, c] += phi[r] * phi[c]
+    return _refit_toward_neighbours(gram, moment, theta, smooth, global_mean, use_global)
 
 
 @numba.njit(cache=True)
@@ -329,6 +366,7 @@ class ChebCB(RelaxLearner):
         self.moment = np.zeros((self.d, k))
         self.log_sum = 0.0
         self.theta = np.zeros((self.d, k))
+        self._cached: tuple[float, np.ndarray] | None = None  # the last context's features
 
     def config(self) -> dict:
         return {**super().config(), "context_range": [self.lo, self.hi], "degree": self.degree,
@@ -337,7 +375,11 @@ class ChebCB(RelaxLearner):
     def _features(self, context) -> np.ndarray:
         if context is None:
             raise ValueError(f"{self.name} needs a context value for every instance")
-        return chebyshev_features(2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0, self.degree)
+        if self._cached is not None and self._cached[0] == context:
+            return self._cached[1]
+        phi = chebyshev_features(2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0, self.degree)
+        self._cached = (context, phi)
+        return phi
 
     def predict(self, context) -> np.ndarray:
         """Predicted log cost of every arm at ``context``."""
@@ -351,18 +393,19 @@ class ChebCB(RelaxLearner):
     def _update(self, arm, cost, context, probabilities):
         phi = self._features(context)
         y = math.log(cost)
-        self.gram[arm] += phi[:, None] * phi
-        self.moment[arm] += y * phi
         self.log_sum += y
-        self.theta = _refit_toward_neighbours(self.gram, self.moment, self.theta, self.smooth, self.log_sum / self.t,
-                                              self.t < 3)
+        self.theta = _observe_and_refit(self.gram, self.moment, self.theta, arm, phi, y, self.smooth,
+                                        self.log_sum / self.t, self.t < 3)
 
 
 def warm_up() -> None:
     """Load the compiled learner kernels now, so a loop's first round does not pay for it."""
     _tsallis_newton(np.zeros(2), 1.0, 1)
-    _refit_toward_neighbours(np.eye(2)[None].repeat(2, 0), np.zeros((2, 2)), np.zeros((2, 2)), 1.0, 0.0, False)
+    _observe_and_refit(np.eye(2)[None].repeat(2, 0), np.zeros((2, 2)), np.zeros((2, 2)), 0, np.ones(2), 0.0, 1.0,
+                       0.0, False)
     _inverse_gap_weights(np.zeros((2, 2)), chebyshev_features(0.0, 1), 1.0)
+    _draw(np.ones(2), 0.5)
+    _smoothed_importance_update(np.zeros(2), 0, 1.0, np.full(2, 0.5), 0.1)
 
 
 def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
