@@ -42,7 +42,13 @@ def digits_images() -> tuple[Tensor, Tensor]:
 
 # ---- networks -------------------------------------------------------------------------------------
 
+TIME_STRETCH = 16.0  # the embedding sees timestep / 16: its fastest wave is resolved by a few hundred solver steps
+
+
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features of the (fractional) training timestep, slowed by ``TIME_STRETCH`` so the network is
+    smooth in time (a converged reference then takes hundreds of steps, not thousands)."""
+    t = t / TIME_STRETCH
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
@@ -120,7 +126,7 @@ class DigitsClassifier(nn.Module):
 # ---- deterministic training -----------------------------------------------------------------------
 
 @contextlib.contextmanager
-def deterministic(threads: int = 2):
+def deterministic(threads: int = 1):
     """Fixed thread count and deterministic kernels for the duration (restored afterwards)."""
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
@@ -150,24 +156,26 @@ def ddpm_alphas_cumprod() -> Tensor:
 
 
 def train_unet(config: TrainConfig = TrainConfig(), progress: Callable[[int, float], None] | None = None,
-               threads: int = 2) -> DigitsUNet:
+               threads: int = 1) -> DigitsUNet:
     """Train the class-conditional eps-prediction UNet (label dropout for guidance); returns the EMA weights."""
     with deterministic(threads):
         g = torch.Generator().manual_seed(config.seed)
         torch.manual_seed(config.seed)
         x_all, y_all = digits_images()
         ac = ddpm_alphas_cumprod()
-        net = DigitsUNet(UNetConfig(tuple(config.channels)))
-        ema = DigitsUNet(UNetConfig(tuple(config.channels)))
+        net = DigitsUNet(UNetConfig(tuple(config.channels))).float()
+        ema = DigitsUNet(UNetConfig(tuple(config.channels))).float()
         ema.load_state_dict(net.state_dict())
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps, pct_start=0.05)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps,
+                                                    pct_start=max(0.05, 2.5 / config.steps))
         for step in range(config.steps):
             idx = torch.randint(0, len(x_all), (config.batch,), generator=g)
             x0, y = x_all[idx], y_all[idx]
-            y = torch.where(torch.rand(config.batch, generator=g) < config.label_dropout, NULL_CLASS, y)
+            y = torch.where(torch.rand(config.batch, generator=g, dtype=torch.float32) < config.label_dropout,
+                            NULL_CLASS, y)
             k = torch.randint(0, len(ac), (config.batch,), generator=g)
-            eps = torch.randn(x0.shape, generator=g)
+            eps = torch.randn(x0.shape, generator=g, dtype=torch.float32)
             a = ac[k].sqrt()[:, None, None, None]
             xt = a * x0 + (1 - a * a).sqrt() * eps
             loss = F.mse_loss(net(xt, k.float(), y), eps)
@@ -183,7 +191,7 @@ def train_unet(config: TrainConfig = TrainConfig(), progress: Callable[[int, flo
     return ema.eval().requires_grad_(False)
 
 
-def train_classifier(seed: int = 0, epochs: int = 60, threads: int = 2,
+def train_classifier(seed: int = 0, epochs: int = 60, threads: int = 1,
                      progress: Callable[[int, float], None] | None = None) -> tuple[DigitsClassifier, float]:
     """Train the classifier on 80% of the digits (light noise augmentation); returns it and its accuracy
     on the other 20%."""
@@ -194,14 +202,14 @@ def train_classifier(seed: int = 0, epochs: int = 60, threads: int = 2,
         perm = torch.randperm(len(x_all), generator=g)
         n_test = len(x_all) // 5
         te, tr = perm[:n_test], perm[n_test:]
-        net = DigitsClassifier()
+        net = DigitsClassifier().float()
         opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
         for epoch in range(epochs):
             order = tr[torch.randperm(len(tr), generator=g)]
             for i in range(0, len(order), 64):
                 idx = order[i:i + 64]
-                x = x_all[idx] + 0.1 * torch.randn(x_all[idx].shape, generator=g)
+                x = x_all[idx] + 0.1 * torch.randn(x_all[idx].shape, generator=g, dtype=torch.float32)
                 loss = F.cross_entropy(net(x), y_all[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -248,7 +256,7 @@ def load_unet(models_dir: str | Path | None = MODELS_DIR) -> tuple[DigitsUNet, d
         raise FileNotFoundError(f"no digits UNet checkpoint at {path}; run 'steptune train-digits'")
     ck = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ck["meta"].get("train", {})
-    net = DigitsUNet(UNetConfig(tuple(cfg.get("channels", (32, 48)))))
+    net = DigitsUNet(UNetConfig(tuple(cfg.get("channels", (32, 48))))).float()
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
     return net.eval().requires_grad_(False), {**ck["meta"], "path": str(path), "sha256": file_sha256(path)}
 
@@ -258,12 +266,12 @@ def load_classifier(models_dir: str | Path | None = MODELS_DIR) -> tuple[DigitsC
     if not path.is_file():
         raise FileNotFoundError(f"no digits classifier checkpoint at {path}; run 'steptune train-digits'")
     ck = torch.load(path, map_location="cpu", weights_only=True)
-    net = DigitsClassifier()
+    net = DigitsClassifier().float()
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["state"].items()})
     return net.eval().requires_grad_(False), {**ck["meta"], "path": str(path), "sha256": file_sha256(path)}
 
 
-def train_and_save(out_dir: str | Path = MODELS_DIR, config: TrainConfig = TrainConfig(), threads: int = 2,
+def train_and_save(out_dir: str | Path = MODELS_DIR, config: TrainConfig = TrainConfig(), threads: int = 1,
                    unet_progress=None, classifier_progress=None) -> dict:
     """Train both networks and write them to ``out_dir``; returns what was written and measured."""
     import time

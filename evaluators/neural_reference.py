@@ -26,8 +26,8 @@ from .reference import key_digest, tensor_sha256
 Tensor = torch.Tensor
 
 NEURAL_REFERENCE_VERSION = 1
-DEFAULT_TOL = 3e-4
-DEFAULT_STEPS = 192
+DEFAULT_TOL = 1e-4
+DEFAULT_STEPS = 96
 MAX_STEPS = 3072
 SOLVER = "unipc-bh2"
 

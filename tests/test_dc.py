@@ -127,3 +127,17 @@ def test_dc_commands_refuse_bad_input(tmp_path, capsys):
     assert main(["dc", "predict", "--study", "nope", "--nfe", "5", "--db",
                  f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+
+
+def test_dc_fit_refines_a_schedule_file_with_the_joint_fit(tmp_path, capsys):
+    from steptune.evaluators.plugins import load_problem
+
+    prob = load_problem("test_plugins:gaussian_factory")
+    found = presets.build("dpm-solver++-3m", 5, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    found = dc.with_ratios(found, [1.0, 1.0, 1.05, 0.95, 1.0])  # as a search may leave it
+    path = tmp_path / "found.json"
+    found.save(path)
+    assert main(["dc", "fit", "--problem", "test_plugins:gaussian_factory", "--solver", str(path), "--method",
+                 "joint", "--joint-iters", "10", "--cache", str(tmp_path), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert row["nfe"] == 5 and row["mse_joint"] < row["mse_base"]

@@ -1,0 +1,130 @@
+"""DC-Solver compensation on the trained digits model (digits-cond): held-out MSE to the converged
+reference and FD-digits for UniPC and DPM-Solver++(2M), without DC, with greedy-fitted and with
+jointly fitted ratios; CPR's held-out error; fit times.
+
+    python bench/dc.py [--cfg 1.5,3,5] [--nfe 5,6,8,10] [--heldout 7:2,9:4,6:4] [--threads 1]
+
+Ratios are fitted on the first 10 noises of the train bank (labels 0..9) and scored on the
+256-sample held-out bank. "joint" starts from the greedy ratios (a refinement). CPR is fitted on
+the UniPC joint ratios of the (NFE, CFG) grid and compared, on the held-out configurations, with
+ratios fitted directly there. Saves runs/bench/dc.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
+from steptune.evaluators import Evaluator  # noqa: E402
+from steptune.evaluators.plugins import evaluator_options, load_problem  # noqa: E402
+from steptune.search import dc  # noqa: E402
+from steptune.space import presets  # noqa: E402
+
+SOLVERS = {"unipc": "unipc-bh2", "dpm++2m": "dpm-solver++-2m"}
+
+
+def score(ev, schedule) -> dict:
+    r = ev.evaluate(schedule, "heldout")
+    return {"mse": r.metrics["rmse"] ** 2, "fd": r.metrics.get("fd_digits"), "acc": r.metrics.get("accuracy")}
+
+
+def run_config(ev, spec: str, nfe: int, args) -> dict:
+    prob = ev.problem
+    s = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    fit = dc.fit_config(ev, s, fit_samples=args.fit_samples, greedy_iters=args.greedy_iters,
+                        joint_iters=args.joint_iters)
+    row = {"solver": spec, "nfe": nfe, "reference_seconds": fit.reference_seconds, "base": score(ev, s)}
+    for m, r in fit.fits.items():
+        row[m] = {**score(ev, fit.fitted(m)), "ratios": r.ratios, "seconds": r.seconds, "model_calls": r.model_calls}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cfg", default="1.5,3,5")
+    ap.add_argument("--nfe", default="5,6,8,10")
+    ap.add_argument("--heldout", default="7:2,9:4,6:4", help="NFE:CFG configurations CPR is tested on")
+    ap.add_argument("--fit-samples", type=int, default=10)
+    ap.add_argument("--greedy-iters", type=int, default=20)
+    ap.add_argument("--joint-iters", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default="runs/cache")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfgs = [float(v) for v in args.cfg.split(",")]
+    nfes = [int(v) for v in args.nfe.split(",")]
+    held = [(int(a), float(b)) for a, b in (p.split(":") for p in args.heldout.split(","))]
+
+    evaluators = {}
+
+    def evaluator(cfg):
+        if cfg not in evaluators:
+            prob = load_problem("digits-cond", guidance_scale=cfg)
+            evaluators[cfg] = Evaluator(prob, cache_dir=args.cache, **evaluator_options(prob))
+            t = time.perf_counter()
+            evaluators[cfg].reference("heldout")
+            print(f"held-out reference at CFG {cfg:g}: {time.perf_counter() - t:.0f} s", flush=True)
+        return evaluators[cfg]
+
+    grid = []
+    for cfg in cfgs:
+        for nfe in nfes:
+            for name, spec in SOLVERS.items():
+                row = run_config(evaluator(cfg), spec, nfe, args)
+                row.update(cfg=cfg, name=name)
+                grid.append(row)
+                print(f"CFG {cfg:g} NFE {nfe} {name}: MSE {row['base']['mse']:.4g} -> greedy "
+                      f"{row['greedy']['mse']:.4g}, joint {row['joint']['mse']:.4g} (fit "
+                      f"{row['greedy']['seconds']:.1f} + {row['joint']['seconds']:.1f} s)", flush=True)
+
+    cpr = dc.CPR.fit([(r["nfe"], r["cfg"], r["joint"]["ratios"]) for r in grid if r["name"] == "unipc"])
+    cpr_rows = []
+    for nfe, cfg in held:
+        ev = evaluator(cfg)
+        row = run_config(ev, SOLVERS["unipc"], nfe, args)
+        base = presets.build(SOLVERS["unipc"], nfe, ev.problem.noise, t_start=ev.problem.t_start,
+                             t_end=ev.problem.t_end)
+        ratios = cpr.predict(nfe, cfg, len(base.steps))
+        row.update(cfg=cfg, cpr={**score(ev, dc.with_ratios(base, ratios)), "ratios": ratios})
+        row["cpr_vs_direct"] = row["cpr"]["mse"] / row["joint"]["mse"] - 1
+        cpr_rows.append(row)
+        print(f"held-out NFE {nfe} CFG {cfg:g}: MSE none {row['base']['mse']:.4g}, direct {row['joint']['mse']:.4g},"
+              f" CPR {row['cpr']['mse']:.4g} ({100 * row['cpr_vs_direct']:+.1f}%)", flush=True)
+
+    print_tables(grid, cpr_rows, cfgs, nfes)
+    path = save_json("dc", {"args": vars(args), "grid": grid, "cpr": cpr.to_dict(), "cpr_heldout": cpr_rows})
+    print(f"saved {path}")
+
+
+def print_tables(grid, cpr_rows, cfgs, nfes):
+    cells = {(r["name"], r["cfg"], r["nfe"]): r for r in grid}
+    head = "".join(f"{f'{c:g}/{n}':>10}" for c in cfgs for n in nfes)
+    print("\nheld-out MSE to the reference (columns CFG/NFE)")
+    print(f"{'method':<22}{head}")
+    for name, label in (("unipc", "UniPC"), ("dpm++2m", "DPM-Solver++(2M)")):
+        for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
+            vals = "".join(f"{cells[(name, c, n)][m]['mse']:>10.4g}" for c in cfgs for n in nfes)
+            print(f"{label + suffix:<22}{vals}")
+    print("\nFD-digits (held-out, 256 samples; the data's own 256-sample FD is the floor)")
+    for name, label in (("unipc", "UniPC"), ("dpm++2m", "DPM-Solver++(2M)")):
+        for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
+            vals = "".join(f"{cells[(name, c, n)][m]['fd']:>10.4g}" for c in cfgs for n in nfes)
+            print(f"{label + suffix:<22}{vals}")
+    print("\nfit seconds (greedy + joint) for UniPC")
+    secs = [cells[("unipc", c, n)]["greedy"]["seconds"] + cells[("unipc", c, n)]["joint"]["seconds"]
+            for c in cfgs for n in nfes]
+    print(f"{'':<22}" + "".join(f"{v:>10.1f}" for v in secs))
+    print("\nCPR on held-out configurations (UniPC): MSE with predicted vs directly fitted ratios")
+    for r in cpr_rows:
+        print(f"  NFE {r['nfe']:>2} CFG {r['cfg']:<4g} none {r['base']['mse']:.4g}  direct {r['joint']['mse']:.4g}  "
+              f"CPR {r['cpr']['mse']:.4g}  ({100 * r['cpr_vs_direct']:+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

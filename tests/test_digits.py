@@ -1,0 +1,79 @@
+"""The digits model: shipped checkpoints, guidance, deterministic training, FD-digits, the digits-cond problem."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from steptune.evaluators import Evaluator
+from steptune.evaluators.digits import (
+    NULL_CLASS,
+    GuidedDigits,
+    TrainConfig,
+    bank_labels,
+    digits_images,
+    digits_problem,
+    load_classifier,
+    load_unet,
+    train_classifier,
+    train_unet,
+)
+from steptune.evaluators.features import DigitsQuality, frechet_distance, gaussian_stats
+from steptune.space import presets
+
+
+def test_shipped_classifier_recognises_the_digits():
+    clf, meta = load_classifier(models_dir=None)
+    x, y = digits_images()
+    with torch.no_grad():
+        acc = float((clf(x).argmax(1) == y).float().mean())
+    assert acc > 0.97 and meta["test_accuracy"] > 0.97
+
+
+def test_guidance_is_uncond_plus_scale_times_the_difference():
+    unet, _ = load_unet(models_dir=None)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((6,), 400.0)
+    with torch.no_grad():
+        cond = unet(x.float(), t.float(), bank_labels(6))
+        uncond = unet(x.float(), t.float(), torch.full((6,), NULL_CLASS))
+        for s in (1.5, 3.0, 5.0):
+            got = GuidedDigits(unet, s)(x, t)
+            torch.testing.assert_close(got.float(), uncond + s * (cond - uncond), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(GuidedDigits(unet, None)(x, t).float(), cond)
+
+
+def test_training_is_deterministic():
+    cfg = TrainConfig(steps=3, batch=8, channels=(8, 16))
+    a, b = train_unet(cfg), train_unet(cfg)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    (c1, acc1), (c2, acc2) = train_classifier(epochs=1), train_classifier(epochs=1)
+    assert acc1 == acc2 and all(torch.equal(p, q) for p, q in zip(c1.parameters(), c2.parameters()))
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
+    rng = np.random.default_rng(0)
+    m1, m2 = rng.normal(size=5), rng.normal(size=5)
+    v1, v2 = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
+    want = float(((m1 - m2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
+    assert frechet_distance(m1, np.diag(v1), m2, np.diag(v2)) == pytest.approx(want, rel=1e-9)
+
+
+def test_fd_digits_ranks_real_digits_above_noise():
+    q = DigitsQuality(models_dir=None)
+    x, _ = digits_images()
+    assert frechet_distance(*gaussian_stats(q.features(x)), *q.data_stats) == pytest.approx(0.0, abs=1e-6)
+    real = q.fd(x[:256])
+    noise = q.fd(torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert real < noise / 5
+
+
+def test_digits_cond_problem_samples_recognisable_digits(tmp_path):
+    prob = digits_problem(guidance_scale=3.0, models_dir=None, bank_sizes=(4, 20))
+    ev = Evaluator(prob, cache_dir=tmp_path, **{"n_train": 4, "n_heldout": 20})
+    res = ev.evaluate(presets.build("unipc-bh2", 10, prob.noise, t_start=prob.t_start, t_end=prob.t_end), "heldout")
+    assert res.ok and set(res.metrics) >= {"rmse", "fd_digits", "accuracy"}
+    assert res.metrics["accuracy"] >= 0.9
+    assert res.metrics["rmse"] < 0.1 * float(ev.reference("heldout").pow(2).mean().sqrt())
+    assert math.isfinite(res.metrics["fd_digits"])
