@@ -7,8 +7,8 @@
    hindsight, Tsallis-INF, Tsallis-INF with 5 context bins, ChebCB, instance-optimal over the grid,
    the closed-form ω*(c_t) and classical adaptive SOR (run for real, it is not a grid policy).
 2. heat2d (``--nx``, ``--heat-steps`` Crank–Nicolson steps, SSOR-PCG warm-started): learners replayed on
-   the table for iterations; then the best fixed ω, Tsallis-INF and ChebCB run online with PyAMG sweeps
-   for wall-clock, with the learner's own ask/tell time measured apart (overhead).
+   the table for iterations; then SSOR ω = 1, the best fixed ω, Tsallis-INF and ChebCB run online, in
+   lockstep, with PyAMG sweeps for wall-clock, the learner's own ask/tell time measured apart (overhead).
 3. Kernel speed: one forward SOR sweep on the 200×200 Laplacian, our compiled kernel vs PyAMG's C++
    sweep, interleaved in one process; median time ratio.
 
@@ -37,8 +37,9 @@ from steptune.evaluators.linear import (  # noqa: E402
     kernels,
     poisson_2d,
 )
-from steptune.search.relax import AdaptiveSOR, ChebCB, FixedOmega, TsallisINF, TsallisINFBins  # noqa: E402
-from steptune.search.relax_driver import adaptive_costs, replay_costs, run_sequence  # noqa: E402
+from steptune.evaluators.linear.solvers import solve  # noqa: E402
+from steptune.search.relax import AdaptiveSOR, ChebCB, FixedOmega, TsallisINF, TsallisINFBins, warm_up  # noqa: E402
+from steptune.search.relax_driver import adaptive_costs, replay_costs  # noqa: E402
 
 TABLES = OUT / "relax_tables"
 
@@ -126,33 +127,50 @@ def heat(nx: int, steps: int, seeds: int, log) -> dict:
         curves["instance-optimal (grid)"] = its.min(axis=1)
         per_seed.append(curves)
     out = summarise(per_seed)
-    # wall-clock: online, PyAMG sweeps, each policy on its own warm-started trajectory
-    wall = {}
-    for name, policy in (("best fixed ω", FixedOmega(float(table.omegas[arm]))), ("tsallis-inf", TsallisINF(seed=0)),
-                         ("chebcb", ChebCB(seed=0, context_range=seq.context_range, context_key="kappa"))):
-        tick = time.perf_counter()
-        rounds = run_sequence(seq, policy, solver="ssor-pcg", kernel="pyamg")
-        total = time.perf_counter() - tick
-        solve_s = sum(r.seconds for r in rounds)
-        learn_s = sum(r.learner_seconds for r in rounds)
-        wall[name] = {"iterations_mean": float(np.mean([r.iterations for r in rounds])), "solve_seconds": solve_s,
-                      "learner_seconds": learn_s, "loop_seconds": total,
-                      "learner_overhead_pct_of_solve": 100 * learn_s / solve_s}
-        # the same learner's ask/tell alone, in a tight loop over the table, against this run's mean solve time
-        fresh = {"best fixed ω": lambda: FixedOmega(float(table.omegas[arm])),
-                 "tsallis-inf": lambda: TsallisINF(seed=0),
-                 "chebcb": lambda: ChebCB(seed=0, context_range=seq.context_range)}[name]()
-        tick = time.perf_counter()
-        replay_costs(fresh, table)  # a one-arm learner replays column 0; only the time matters here
-        per_round = (time.perf_counter() - tick) / len(its)
-        wall[name]["learner_us_per_round_tight_loop"] = 1e6 * per_round
-        wall[name]["tight_loop_overhead_pct_of_solve"] = 100 * per_round * len(rounds) / solve_s
-        log(f"  heat2d online {name}: {wall[name]['iterations_mean']:.2f} it/instance, solve {solve_s:.1f}s, "
-            f"learner {learn_s:.2f}s ({wall[name]['learner_overhead_pct_of_solve']:.2f}%); tight loop "
-            f"{1e6 * per_round:.0f} µs/round ({wall[name]['tight_loop_overhead_pct_of_solve']:.2f}%)")
-    out["online"] = wall
+    out["online"] = online_wall_clock(seq, {
+        "gauss-seidel-ssor (ω=1)": lambda: FixedOmega(1.0),
+        "best fixed ω": lambda: FixedOmega(float(table.omegas[arm])),
+        "tsallis-inf": lambda: TsallisINF(seed=0),
+        "chebcb": lambda: ChebCB(seed=0, context_range=seq.context_range, context_key="kappa")}, table, log)
     out["table_seconds"] = table.seconds
     return out
+
+
+def online_wall_clock(seq, makers: dict, table, log) -> dict:
+    """Each policy solves the sequence online on its own warm-started trajectory with PyAMG sweeps. The
+    policies advance in lockstep (step t for all, then t + 1), so load changes on a shared machine hit
+    them alike. Learner time (ask + tell) is measured apart from solve time; the learner is also timed
+    alone in a tight loop over the cost table."""
+    policies = {k: make() for k, make in makers.items()}
+    states = {k: seq.start(0) for k in policies}
+    stats = {k: {"iterations": 0, "solve_seconds": 0.0, "learner_seconds": 0.0} for k in policies}
+    warm_up()
+    for t in range(len(seq)):
+        for name, policy in policies.items():
+            system = seq.system(t, states[name])
+            tick = time.perf_counter()
+            a = policy.ask(system.context.get(policy.context_key) if policy.context_key else None)
+            asked = time.perf_counter() - tick
+            res = solve(system.A, system.b, a.omega, solver="ssor-pcg", x0=system.x0, kernel="pyamg")
+            tick = time.perf_counter()
+            policy.tell(res.iterations)
+            st = stats[name]
+            st["learner_seconds"] += asked + time.perf_counter() - tick
+            st["solve_seconds"] += res.seconds
+            st["iterations"] += res.iterations
+            states[name] = res.x
+        if (t + 1) % 1000 == 0:
+            log(f"  heat2d online step {t + 1}/{len(seq)}")
+    for name, st in stats.items():
+        st["iterations_mean"] = st["iterations"] / len(seq)
+        st["learner_overhead_pct_of_solve"] = 100 * st["learner_seconds"] / st["solve_seconds"]
+        fresh = makers[name]()
+        tick = time.perf_counter()
+        replay_costs(fresh, table)  # a one-arm learner replays column 0; only the time matters here
+        per_round = (time.perf_counter() - tick) / len(table)
+        st["learner_us_per_round_tight_loop"] = 1e6 * per_round
+        st["tight_loop_overhead_pct_of_solve"] = 100 * per_round * len(seq) / st["solve_seconds"]
+    return stats
 
 
 def kernel_speed(m: int = 200, repeats: int = 31) -> dict:
@@ -245,9 +263,9 @@ def main(argv=None):
     if "heat2d" in result:
         print_rows(f"heat2d n_x={args.nx}, T={args.heat_steps}, SSOR-PCG warm-started, {args.heat_seeds} learner "
                    "seeds (table replay)", result["heat2d"]["rows"])
-        print("\nheat2d online (PyAMG sweeps, seed 0):")
+        print("\nheat2d online (PyAMG sweeps, seed 0, policies in lockstep):")
         for k, v in result["heat2d"]["online"].items():
-            print(f"  {k:14s} {v['iterations_mean']:7.2f} it/instance  solve {v['solve_seconds']:7.2f}s  "
+            print(f"  {k:24s} {v['iterations_mean']:7.2f} it/instance  solve {v['solve_seconds']:7.2f}s  "
                   f"learner {v['learner_seconds']:6.3f}s = {v['learner_overhead_pct_of_solve']:.2f}% of solve "
                   f"(ask/tell alone: {v['learner_us_per_round_tight_loop']:.0f} µs/round = "
                   f"{v['tight_loop_overhead_pct_of_solve']:.2f}%)")
