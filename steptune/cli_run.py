@@ -66,7 +66,8 @@ def execute_job(job, quiet: bool = False):
 
         def progress(st: dict) -> None:
             eta = f" eta {_duration(st['eta'])}" if st.get("eta") is not None else ""
-            retried = f" retried {st['retried']}" if st["retried"] else ""
+            retried = (f" failed {st['failed']}" if st["failed"] else "") + (
+                f" retried {st['retried']}" if st["retried"] else "")
             if st["phase"] == "search":
                 bar.update(task, description="search", total=st["total"], completed=st["done"],
                            info=f"best {_best_text(st['best'])}{retried}{eta}")

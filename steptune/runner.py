@@ -140,6 +140,7 @@ class Runner:
         self.search_deadline = self.deadline
         self.phase = "baseline"
         self.retried = 0
+        self.failed = 0  # failed evaluations in this run (diverged, or out of attempts)
         self.done = 0
         self.total = job.budget.evaluations * len(job.search.nfe)
         self.best: dict[int, float] = {}
@@ -271,6 +272,7 @@ class Runner:
             self.eval_seconds.append(float(result["seconds"]))
         if self.phase == "search":
             self.done += 1
+        self.failed += result.get("status") != "complete"
         if self.progress is not None:
             self.progress(self.status())
 
@@ -279,7 +281,7 @@ class Runner:
         rate = self._rate()
         eta = (self.total - self.done) / rate if rate and self.phase == "search" else None
         return {"phase": self.phase, "done": self.done, "total": self.total, "best": dict(self.best),
-                "retried": self.retried, "elapsed": elapsed, "eta": eta}
+                "retried": self.retried, "failed": self.failed, "elapsed": elapsed, "eta": eta}
 
     def _rate(self) -> float | None:
         if not hasattr(self, "_search_start"):
