@@ -126,12 +126,15 @@ def register(app: typer.Typer) -> None:
                                  iterations=r.iterations, converged=r.converged)
 
         rounds = []
+        if start >= len(seq):
+            err.print(f"study {name!r} already has all {len(seq)} rounds")
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True, disable=json_) as bar:
             task = bar.add_task(f"{name}", total=len(seq), completed=start)
             try:
-                rounds = run_sequence(seq, policy, solver=solver, kernel=kernel, tol=tol, maxiter=maxiter,
-                                      start=start, record=record, progress=lambda r: bar.advance(task))
+                if start < len(seq):
+                    rounds = run_sequence(seq, policy, solver=solver, kernel=kernel, tol=tol, maxiter=maxiter,
+                                          start=start, record=record, progress=lambda r: bar.advance(task))
             except LinearInputError as e:
                 raise CliError(f"{e} (rounds before it are recorded in study {name!r})") from None
         summary = _summary(name, store.relaxation_rounds(name), rounds, start)

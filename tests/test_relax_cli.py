@@ -43,6 +43,9 @@ def test_relax_records_every_round_and_reports(tmp_path, capsys):
     assert [r.round for r in rows] == list(range(40))
     assert all(r.converged and r.iterations > 0 and "c" in r.context and r.context["seconds"] > 0 for r in rows)
     assert {r.omega for r in rows} <= {float(w) for w in np.linspace(1, 1.95, 20)}
+    code, out, err = run(capsys, "relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "40",
+                         "--learner", "chebcb", "--study", "s", "--db", db, "--json")
+    assert code == 0 and json.loads(out)["new_rounds"] == 0 and "already has all 40 rounds" in err
     png = tmp_path / "s.png"
     code, out, err = run(capsys, "relax-report", "--study", "s", "--db", db, "-o", str(png), "--json")
     assert code == 0, err
