@@ -97,7 +97,9 @@ class _Sink:
 
     def start(self, task: Task, worker: str) -> None:
         name = f"{self.runner.driver}/{worker}"
-        self.runner.storage.start(task.trial_id, name)
+        row = self.runner.storage.start(task.trial_id, name)
+        if row.error and row.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
+            self.notes.setdefault(task.trial_id, row.error)
         self.in_flight[task.trial_id] = name
 
     def done(self, task: Task, result: dict) -> None:
