@@ -7,7 +7,9 @@ jointly fitted ratios; CPR's held-out error; fit times.
 Ratios are fitted on the first 10 noises of the train bank (labels 0..9) and scored on the
 256-sample held-out bank. "joint" starts from the greedy ratios (a refinement). CPR is fitted on
 the UniPC joint ratios of the (NFE, CFG) grid and compared, on the held-out configurations, with
-ratios fitted directly there. Saves runs/bench/dc.json.
+ratios fitted directly there, once as DC-Solver does it (regression on the fitted ratios) and once
+refined end to end (``dc.refine_cpr``: the coefficients optimised on the grid's final-state errors).
+Saves runs/bench/dc.json.
 """
 
 from __future__ import annotations
@@ -45,6 +47,18 @@ def run_config(ev, spec: str, nfe: int, args) -> dict:
     return row
 
 
+def fit_case(ev, spec: str, nfe: int, cfg: float, args) -> dc.CPRCase:
+    """The fit noises and final reference of one configuration (the references fit_config cached)."""
+    from steptune.evaluators.neural_reference import trajectory_reference
+
+    prob = ev.problem
+    s = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    x = ev.x_T("train", args.fit_samples)
+    bank = {**ev.bank("train").describe(), "n": args.fit_samples}
+    target = trajectory_reference(prob, x, s.times, bank=bank, cache_dir=ev.cache_dir)[-1]
+    return dc.CPRCase(prob.model, s, x, target, nfe, cfg)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cfg", default="1.5,3,5")
@@ -53,6 +67,7 @@ def main():
     ap.add_argument("--fit-samples", type=int, default=10)
     ap.add_argument("--greedy-iters", type=int, default=20)
     ap.add_argument("--joint-iters", type=int, default=30)
+    ap.add_argument("--cpr-iters", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="runs/cache")
     args = ap.parse_args()
@@ -83,26 +98,39 @@ def main():
                       f"{row['greedy']['mse']:.4g}, joint {row['joint']['mse']:.4g} (fit "
                       f"{row['greedy']['seconds']:.1f} + {row['joint']['seconds']:.1f} s)", flush=True)
 
-    cpr = dc.CPR.fit([(r["nfe"], r["cfg"], r["joint"]["ratios"]) for r in grid if r["name"] == "unipc"])
+    unipc = [r for r in grid if r["name"] == "unipc"]
+    cpr = dc.CPR.fit([(r["nfe"], r["cfg"], r["joint"]["ratios"]) for r in unipc])
+    t = time.perf_counter()
+    cases = [fit_case(evaluator(r["cfg"]), SOLVERS["unipc"], r["nfe"], r["cfg"], args) for r in unipc]
+    cpr_e2e, history = dc.refine_cpr(cpr, cases, iters=args.cpr_iters)
+    cpr_seconds = time.perf_counter() - t
+    print(f"CPR refined end to end over {len(cases)} configurations: relative loss {history[0]:.4g} -> "
+          f"{min(history):.4g} ({cpr_seconds:.0f} s)", flush=True)
     cpr_rows = []
     for nfe, cfg in held:
         ev = evaluator(cfg)
         row = run_config(ev, SOLVERS["unipc"], nfe, args)
         base = presets.build(SOLVERS["unipc"], nfe, ev.problem.noise, t_start=ev.problem.t_start,
                              t_end=ev.problem.t_end)
-        ratios = cpr.predict(nfe, cfg, len(base.steps))
-        row.update(cfg=cfg, cpr={**score(ev, dc.with_ratios(base, ratios)), "ratios": ratios})
-        row["cpr_vs_direct"] = row["cpr"]["mse"] / row["joint"]["mse"] - 1
+        row["cfg"] = cfg
+        for key, model in (("cpr", cpr), ("cpr_e2e", cpr_e2e)):
+            ratios = model.predict(nfe, cfg, len(base.steps))
+            row[key] = {**score(ev, dc.with_ratios(base, ratios)), "ratios": ratios}
+            row[f"{key}_vs_direct"] = row[key]["mse"] / row["joint"]["mse"] - 1
         cpr_rows.append(row)
         print(f"held-out NFE {nfe} CFG {cfg:g}: MSE none {row['base']['mse']:.4g}, direct {row['joint']['mse']:.4g},"
-              f" CPR {row['cpr']['mse']:.4g} ({100 * row['cpr_vs_direct']:+.1f}%)", flush=True)
+              f" CPR {row['cpr']['mse']:.4g} ({100 * row['cpr_vs_direct']:+.1f}%), CPR end to end "
+              f"{row['cpr_e2e']['mse']:.4g} ({100 * row['cpr_e2e_vs_direct']:+.1f}%)", flush=True)
 
-    print_tables(grid, cpr_rows, cfgs, nfes)
-    path = save_json("dc", {"args": vars(args), "grid": grid, "cpr": cpr.to_dict(), "cpr_heldout": cpr_rows})
+    reference_quality = {cfg: evaluators[cfg].problem.quality(evaluators[cfg].reference("heldout")) for cfg in cfgs}
+    print_tables(grid, cpr_rows, cfgs, nfes, reference_quality)
+    path = save_json("dc", {"args": vars(args), "grid": grid, "cpr": cpr.to_dict(), "cpr_e2e": cpr_e2e.to_dict(),
+                            "cpr_e2e_history": history, "cpr_e2e_seconds": cpr_seconds, "cpr_heldout": cpr_rows,
+                            "reference_quality": {str(k): v for k, v in reference_quality.items()}})
     print(f"saved {path}")
 
 
-def print_tables(grid, cpr_rows, cfgs, nfes):
+def print_tables(grid, cpr_rows, cfgs, nfes, reference_quality):
     cells = {(r["name"], r["cfg"], r["nfe"]): r for r in grid}
     head = "".join(f"{f'{c:g}/{n}':>10}" for c in cfgs for n in nfes)
     print("\nheld-out MSE to the reference (columns CFG/NFE)")
@@ -116,6 +144,13 @@ def print_tables(grid, cpr_rows, cfgs, nfes):
         for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
             vals = "".join(f"{cells[(name, c, n)][m]['fd']:>10.4g}" for c in cfgs for n in nfes)
             print(f"{label + suffix:<22}{vals}")
+    print(f"{'reference solution':<22}" + "".join(f"{reference_quality[c]['fd_digits']:>10.4g}"
+                                                  for c in cfgs for n in nfes))
+    print("\nclassifier accuracy on the guided labels (UniPC, UniPC +DC joint, reference)")
+    for m in ("base", "joint"):
+        print(f"{m:<22}" + "".join(f"{cells[('unipc', c, n)][m]['acc']:>10.3f}" for c in cfgs for n in nfes))
+    print(f"{'reference solution':<22}" + "".join(f"{reference_quality[c]['accuracy']:>10.3f}"
+                                                  for c in cfgs for n in nfes))
     print("\nfit seconds (greedy + joint) for UniPC")
     secs = [cells[("unipc", c, n)]["greedy"]["seconds"] + cells[("unipc", c, n)]["joint"]["seconds"]
             for c in cfgs for n in nfes]
@@ -123,7 +158,8 @@ def print_tables(grid, cpr_rows, cfgs, nfes):
     print("\nCPR on held-out configurations (UniPC): MSE with predicted vs directly fitted ratios")
     for r in cpr_rows:
         print(f"  NFE {r['nfe']:>2} CFG {r['cfg']:<4g} none {r['base']['mse']:.4g}  direct {r['joint']['mse']:.4g}  "
-              f"CPR {r['cpr']['mse']:.4g}  ({100 * r['cpr_vs_direct']:+.1f}%)")
+              f"CPR {r['cpr']['mse']:.4g} ({100 * r['cpr_vs_direct']:+.1f}%)  CPR end to end "
+              f"{r['cpr_e2e']['mse']:.4g} ({100 * r['cpr_e2e_vs_direct']:+.1f}%)")
 
 
 if __name__ == "__main__":

@@ -290,3 +290,57 @@ def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("gree
         fits["joint"] = fit_joint(problem.model, schedule, x_fit, targets[-1], init=init, iters=joint_iters,
                                   bounds=bounds, progress=report("joint"))
     return ConfigFit(schedule, fits, ref_seconds)
+
+
+@dataclass
+class CPRCase:
+    """One fitted configuration for ``refine_cpr``: its model, schedule, fit noises and final reference."""
+
+    model: object
+    schedule: Schedule
+    x_T: Tensor
+    target: Tensor
+    nfe: int
+    cfg: float | None
+
+
+def refine_cpr(cpr: CPR, cases: Sequence[CPRCase], *, iters: int = 40, lr: float = 0.003,
+               progress: Callable[[int, int], None] | None = None) -> tuple[CPR, list[float]]:
+    """Fit CPR's coefficients end to end: minimise the mean over ``cases`` of (final-state MSE with the
+    predicted ratios) / (MSE without DC), by backpropagation through every case's sampler. Regressing
+    per-configuration optima fits noise where the loss is flat in the ratios; this fits what the ratios
+    are for. Starts from ``cpr`` (e.g. the regression); keeps the best iterate. Returns it and the loss
+    history."""
+    coef = torch.tensor(cpr.coef.ravel(), dtype=torch.float64, requires_grad=True)
+    feats, scales = [], []
+    for c in cases:
+        n = len(c.schedule.steps)
+        feats.append(torch.tensor(np.array([cpr.features((i + 1) / n, c.nfe, 1.0 if c.cfg is None else c.cfg)
+                                            for i in range(2, n)])))
+        with torch.no_grad():
+            scales.append(float(_mse(run(c.model, c.schedule, c.x_T, [1.0] * n)[0], c.target)))
+
+    def loss_fn() -> Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for c, f, s in zip(cases, feats, scales):
+            ratios = (f @ coef).clamp(*cpr.bounds)
+            total = total + joint_loss(c.model, c.schedule, c.x_T, c.target, ratios) / s
+        return total / len(cases)
+
+    opt = torch.optim.Adam([coef], lr=lr)
+    best = (math.inf, coef.detach().clone())
+    history = []
+    for it in range(iters + 1):
+        loss = loss_fn()
+        history.append(float(loss.detach()))
+        if history[-1] < best[0]:
+            best = (history[-1], coef.detach().clone())
+        if it == iters:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(it + 1, iters)
+    out = replace(cpr, coef=best[1].numpy().reshape(cpr.coef.shape).copy())
+    return out, history

@@ -141,3 +141,18 @@ def test_dc_fit_refines_a_schedule_file_with_the_joint_fit(tmp_path, capsys):
                  "joint", "--joint-iters", "10", "--cache", str(tmp_path), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["nfe"] == 5 and row["mse_joint"] < row["mse_base"]
+
+
+def test_cpr_refined_end_to_end_beats_no_compensation():
+    model = gaussian_model(NS, MU, VAR)
+    cases = []
+    for nfe in (5, 6):
+        sched = presets.build("unipc-bh2", nfe, NS, t_end=T_END)
+        x = _noise(10, nfe)
+        cases.append(dc.CPRCase(model, sched, x, _targets(sched, x)[-1], nfe, None))
+    identity = dc.CPR.fit([(5, None, [1.0] * 5), (6, None, [1.0] * 6)], ridge=1e-12)
+    refined, history = dc.refine_cpr(identity, cases, iters=15)
+    assert history[0] == pytest.approx(1.0) and min(history) < 0.9
+    x_test = _noise(256, 9)
+    sched = presets.build("unipc-bh2", 5, NS, t_end=T_END)
+    assert _mse(model, dc.with_ratios(sched, refined.predict(5, None)), x_test) < _mse(model, sched, x_test)
