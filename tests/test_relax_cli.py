@@ -122,6 +122,15 @@ def test_bad_systems_end_in_one_line_naming_the_file(tmp_path, capsys, how):
     assert [r.round for r in rows] == [0, 1, 2, 3] and all(r.converged for r in rows)
 
 
+def test_a_missing_context_row_is_named(tmp_path, capsys):
+    folder = write_sequence(tmp_path / "seq", count=4)
+    csv = folder / "context.csv"
+    csv.write_text("\n".join(ln for ln in csv.read_text().splitlines() if not ln.startswith("002")) + "\n")
+    code, _, err = run(capsys, "relax", "--matrices", str(folder), "--learner", "chebcb", "--study", "c",
+                       "--db", f"sqlite:///{tmp_path / 'r.db'}")
+    assert code == 2 and "context.csv" in err and "002" in err and len(err.strip().splitlines()) == 1
+
+
 def test_unknown_learner_and_missing_context_are_user_errors(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     code, _, err = run(capsys, "relax", "--learner", "nope", "--db", db)

@@ -121,7 +121,11 @@ class MatrixFolder:
         if self.check:
             check_spd(A, str(path))
         b = _read_rhs(self.folder, stem, A.shape[0], path)
-        return LinearSystem(A, b, dict(self.contexts.get(stem, {})), None, path.name)
+        context = dict(self.contexts.get(stem, {}))
+        if self.context_key is not None and self.context_key not in context:
+            raise LinearInputError(f"{self.folder / 'context.csv'}: no {self.context_key!r} value for instance {stem} "
+                                   f"({path.name})")
+        return LinearSystem(A, b, context, None, path.name)
 
 
 def _read_matrix(path: Path) -> sp.csr_matrix:
