@@ -14,6 +14,8 @@
 
     python bench/relax.py                      # full run; tables cached under runs/bench/relax_tables
     python bench/relax.py --seeds 2 --steps 1000 --heat-steps 200 --nx 50   # quick
+    python bench/relax.py --ray                # shifted-Laplacian tables built as Ray tasks
+    python bench/relax.py --replot             # redraw the PNG from the saved JSON
 
 Saves runs/bench/relax.json and relax.png and prints tables.
 """
@@ -43,6 +45,7 @@ from steptune.search.relax import AdaptiveSOR, ChebCB, FixedOmega, TsallisINF, T
 from steptune.search.relax_driver import adaptive_costs, replay_costs  # noqa: E402
 
 TABLES = OUT / "relax_tables"
+RAY = False  # build stateless cost tables as Ray tasks (--ray)
 
 
 def learners(seed: int, context_range) -> dict:
@@ -67,7 +70,7 @@ def shifted(variance: str, seeds: int, steps: int, log) -> dict:
     for s in range(seeds):
         seq = ShiftedLaplacian(steps, m=10, variance=variance, seed=s)
         tick = time.perf_counter()
-        table = build_cost_table(seq, cache=TABLES)
+        table = build_cost_table(seq, cache=TABLES, ray=RAY)
         log(f"  {variance} seed {s}: table {table.iterations.shape} in {time.perf_counter() - tick:.1f}s "
             f"(built {table.seconds:.1f}s)")
         its = table.iterations
@@ -243,7 +246,10 @@ def main(argv=None):
     ap.add_argument("--heat-seeds", type=int, default=5)
     ap.add_argument("--no-heat", action="store_true")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from runs/bench/relax.json")
+    ap.add_argument("--ray", action="store_true", help="build the shifted-Laplacian tables as Ray tasks")
     args = ap.parse_args(argv)
+    global RAY
+    RAY = args.ray
     if args.replot:
         plot(json.loads((OUT / "relax.json").read_text()), OUT / "relax.png")
         return

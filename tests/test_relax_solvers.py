@@ -1,6 +1,7 @@
 """SOR / SSOR / SSOR-PCG kernels against a plain dense reference, the direct solve and Young's theory."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import scipy.sparse.linalg as spla
 from pyamg.relaxation import relaxation
 from steptune.evaluators.linear import (
     Heat2D,
+    RepeatedPoisson,
     ShiftedLaplacian,
     adaptive_sor,
     as_csr,
@@ -155,3 +157,21 @@ def test_heat_table_rows_equal_warm_started_solves():
         state = seq.advance(t, state, min(res, key=lambda r: r.iterations).x)
     assert np.all(table.contexts >= 0)
     np.testing.assert_allclose(seq.start(8), state, rtol=1e-6, atol=1e-9)  # resuming marches to the same state
+
+
+@pytest.mark.skipif(not os.environ.get("STEPTUNE_TEST_RAY"), reason="starts Ray (about 40 s here); "
+                    "set STEPTUNE_TEST_RAY=1")
+def test_cost_table_on_ray_equals_the_local_one():
+    ray = pytest.importorskip("ray")
+    seq = ShiftedLaplacian(steps=9, m=5, variance="low", seed=1)
+    poisson = RepeatedPoisson(m=6, steps=3)
+    local = [build_cost_table(seq), build_cost_table(poisson, solver="ssor-pcg")]
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        remote = [build_cost_table(seq, ray=True, chunks=3), build_cost_table(poisson, solver="ssor-pcg", ray=True)]
+    finally:
+        ray.shutdown()
+    for a, b in zip(local, remote):
+        assert np.array_equal(a.iterations, b.iterations) and np.array_equal(a.converged, b.converged)

@@ -5,7 +5,8 @@ Replaying is exact when the initial guess does not depend on the policy (x0 = 0,
 Laplacian). For warm-started sequences (the heat equation) the table warm-starts every ω from one
 reference trajectory, the solution of the cheapest ω at each step; a policy's own trajectory differs
 from it by at most the solver tolerance, so its iteration counts can differ by about one.
-Solves run in parallel on numba threads (``threads``).
+Solves run in parallel on numba threads (``threads``), and for sequences without warm starts
+optionally as Ray tasks over instance ranges (``ray=True`` or a cluster address).
 """
 
 from __future__ import annotations
@@ -74,9 +75,14 @@ def cache_path(folder: str | Path, identity: dict) -> Path:
 
 def build_cost_table(seq, omegas=DEFAULT_GRID, *, solver: str = "sor", tol: float = DEFAULT_TOL,
                      maxiter: int = DEFAULT_MAXITER, threads: int | None = None, cache: str | Path | None = None,
-                     progress: Callable[[int, int], None] | None = None, count: int | None = None) -> CostTable:
+                     progress: Callable[[int, int], None] | None = None, count: int | None = None,
+                     ray: bool | str = False, chunks: int | None = None) -> CostTable:
     """The (instances × ω) iteration table of the first ``count`` (default: all) instances of ``seq``
-    (loaded from ``cache`` when built before)."""
+    (loaded from ``cache`` when built before).
+
+    ``ray``: build it as ``chunks`` Ray tasks over instance ranges (True: the running or a new local Ray
+    instance; a string: the address of a cluster). Only for sequences whose initial guesses do not
+    depend on earlier solves; a warm-started sequence follows one trajectory and is built here."""
     omegas = np.asarray(omegas, dtype=np.float64)
     count = len(seq) if count is None else min(int(count), len(seq))
     identity = {**table_identity(seq, omegas, solver, tol, maxiter), "count": count}
@@ -89,14 +95,12 @@ def build_cost_table(seq, omegas=DEFAULT_GRID, *, solver: str = "sor", tol: floa
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
     start = time.perf_counter()
     try:
-        if hasattr(seq, "shifts") and method != kernels.SSOR_PCG:
-            base = seq.base
-            its, ok = kernels.sor_table_shifted(base.indptr, base.indices, base.data, seq.shifts[:count],
-                                                seq.rhs[:count], omegas, tol, maxiter, method == kernels.SSOR)
-            if progress is not None:
-                progress(count, count)
-        else:
+        if ray and not getattr(seq, "warm_started", False):
+            its, ok = _rows_on_ray(seq, count, omegas, method, tol, maxiter, ray, chunks)
+        elif getattr(seq, "warm_started", False):
             its, ok = _table_by_instance(seq, count, omegas, method, tol, maxiter, progress)
+        else:
+            its, ok = table_rows(seq, 0, count, omegas, method, tol, maxiter, progress)
     finally:
         numba.set_num_threads(previous)
     key = getattr(seq, "context_key", None)
@@ -117,6 +121,48 @@ def _contexts(seq, key) -> np.ndarray:
     from .problems import heat_kappa
 
     return np.array([heat_kappa((t + 0.5) * seq.dt) for t in range(len(seq))])
+
+
+def table_rows(seq, lo, hi, omegas, method, tol, maxiter, progress=None):
+    """Rows lo…hi − 1 of the table of a sequence whose initial guesses do not depend on earlier solves."""
+    if hasattr(seq, "shifts") and method != kernels.SSOR_PCG:
+        base = seq.base
+        its, ok = kernels.sor_table_shifted(base.indptr, base.indices, base.data, seq.shifts[lo:hi], seq.rhs[lo:hi],
+                                            omegas, tol, maxiter, method == kernels.SSOR)
+        if progress is not None:
+            progress(hi, hi)
+        return its, ok
+    its = np.zeros((hi - lo, len(omegas)), dtype=np.int64)
+    ok = np.zeros((hi - lo, len(omegas)), dtype=bool)
+    for t in range(lo, hi):
+        s = seq.system(t, None)
+        x0 = np.zeros_like(s.b) if s.x0 is None else s.x0
+        its[t - lo], ok[t - lo], _ = kernels.solve_each_omega(s.A.indptr, s.A.indices, s.A.data, 0.0, s.b, x0,
+                                                              omegas, tol, maxiter, method)
+        if progress is not None:
+            progress(t + 1, hi)
+    return its, ok
+
+
+def _rows_on_ray(seq, count, omegas, method, tol, maxiter, address, chunks):
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        ray.init(address=address if isinstance(address, str) else None, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        started = True
+    try:
+        chunks = chunks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        bounds = np.linspace(0, count, chunks + 1).astype(int)
+        task = ray.remote(num_cpus=1)(table_rows)
+        refs = [task.remote(seq, lo, hi, omegas, method, tol, maxiter) for lo, hi in zip(bounds[:-1], bounds[1:])
+                if hi > lo]
+        parts = ray.get(refs)
+    finally:
+        if started:
+            ray.shutdown()
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _table_by_instance(seq, T, omegas, method, tol, maxiter, progress):
