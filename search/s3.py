@@ -4,7 +4,15 @@
 * Each stage, for every NFE, many children are generated from the best schedules at that NFE
   (mutation, crossover), from the best schedules at lower NFEs (warm start: steps inserted) and at
   random; a predictor trained on every evaluated trial ranks them and the top ``k`` per NFE are
-  truly evaluated; the predictor is retrained as the trial set grows.
+  truly evaluated; the predictor is retrained as the trial set grows. The parents are the best
+  schedule of each step structure (schedules that differ only in their times count once), so the
+  population does not collapse onto copies of one schedule.
+* Alternating with that evolutionary stage, a local stage (a share ``local`` of each stage's
+  evaluations) refines the timesteps of the best few structures per NFE with an evolution strategy
+  over the softmax logits of the lambda increments: weighted recombination of the best trials of
+  the structure and a rank-mu covariance, both recomputed from the told results, so the searcher
+  stays a function of its seed and history. On gmm-digits this continuous refinement is what
+  closes most of the gap to a timestep-only CMA-ES at the higher NFEs.
 * The predictor is one model for all NFEs (the NFE is a feature). Its target is the rank of a
   trial's score among the trials at the same NFE, so it learns orderings, not scales. Kinds:
   ``extra-trees`` and ``gbr`` (regressors on the within-NFE rank) and ``pairwise`` (logistic
@@ -23,7 +31,7 @@ from steptune.space import ScheduleError, presets
 from steptune.space.schedule import Schedule
 
 from .base import Candidate, Searcher
-from .space import STEP_RELAXATIONS
+from .space import STEP_RELAXATIONS, structure_key
 
 DEFAULT_PRESETS = tuple(p for p in ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "dpm-solver++-2m",
                                     "dpm-solver++-3m", "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis",
@@ -172,16 +180,22 @@ class S3Searcher(Searcher):
     """S^3-style search. Options: ``predictor`` (``auto`` or a kind), ``pool`` (children generated per
     NFE per stage), ``population`` (parents kept per NFE), ``presets`` (seed specs), ``explore`` (share
     of each stage's picks taken at random from the pool, not by the predictor), ``min_train`` (trials
-    before the predictor is used)."""
+    before the predictor is used), ``local`` (share of each stage's evaluations given to the local
+    timestep stage; 0 turns it off), ``local_structures`` (how many of the best structures per NFE it
+    refines), ``niche`` (parents: the best of each step structure rather than the best trials)."""
 
     name = "s3"
     batch_per_nfe = 4
 
     def __init__(self, *args, predictor: str = "auto", pool: int = 120, population: int = 12,
-                 presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30, **kw):
+                 presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30,
+                 local: float = 0.6, local_structures: int = 3, niche: bool = True, **kw):
         super().__init__(*args, **kw)
         self.predictor_kind = predictor
         self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
+        self.local, self.local_structures, self.niche = float(local), int(local_structures), bool(niche)
+        self._struct: list[str] = []
+        self._logits: list[np.ndarray] = []
         self.preset_specs = tuple(presets)
         self.max_steps = max(self.nfes) + 2
         self._seeds = preset_candidates(self.space, self.nfes, self.preset_specs)
@@ -194,6 +208,24 @@ class S3Searcher(Searcher):
 
     def _observe(self, candidate: Candidate, score: float) -> None:
         self._X.append(encode(candidate.schedule, self.space, self.max_steps))
+        self._struct.append(structure_key(candidate.schedule))
+        self._logits.append(self.space.lams_to_logits(candidate.schedule))
+
+    def parents(self, nfe: int, k: int) -> list[tuple[Candidate, float, int]]:
+        """The ``k`` best trials at ``nfe`` (candidate, score, trial index); with ``niche``, the best of
+        each step structure only (schedules that differ only in their times count once)."""
+        idx = sorted((i for i, (c, _) in enumerate(self.trials) if c.nfe == nfe),
+                     key=lambda i: (self.trials[i][1], i))
+        out, keys = [], set()
+        for i in idx:
+            if self.niche:
+                if self._struct[i] in keys:
+                    continue
+                keys.add(self._struct[i])
+            out.append((self.trials[i][0], self.trials[i][1], i))
+            if len(out) >= k:
+                break
+        return out
 
     def _data(self):
         X = np.array(self._X)
@@ -236,6 +268,13 @@ class S3Searcher(Searcher):
             k = per[nfe]
             if k == 0:
                 continue
+            n_local = int(rng.binomial(k, self.local)) if self.local > 0 else 0
+            for c in self._local_children(nfe, n_local, rng, taken):
+                out.append(c)
+                taken.add(c.key)
+                k -= 1
+            if k == 0:
+                continue
             pool = self._children(nfe, rng, taken)
             if not pool:
                 continue
@@ -255,8 +294,59 @@ class S3Searcher(Searcher):
                 taken.add(pool[int(i)].key)
         return out
 
+    def _local_distribution(self, nfe: int, best: int) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and covariance of the local search distribution for the structure of trial ``best``."""
+        sk = self._struct[best]
+        same = [i for i, (c, _) in enumerate(self.trials) if c.nfe == nfe and self._struct[i] == sk]
+        same.sort(key=lambda i: (self.trials[i][1], i))
+        Z = np.array([self._logits[i] for i in same])
+        Z = np.maximum(Z, Z.max(axis=1, keepdims=True) - 8.0)  # a vanishing increment stays reachable
+        Z -= Z.mean(axis=1, keepdims=True)
+        n = Z.shape[1]
+        mu = min(max(len(same) // 3, 1), 8)
+        w = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1))
+        w /= w.sum()
+        mean = w @ Z[:mu]
+        if mu < 3:  # too few trials of this structure for a covariance: an isotropic start
+            return mean, np.eye(n) * 0.25 ** 2
+        D = Z[:mu] - mean
+        C = (D.T * w) @ D * 2.0 + np.eye(n) * 0.03 ** 2
+        if len(same) < 12:  # keep the first generations from collapsing
+            C += np.eye(n) * max(0.0, 0.1 ** 2 - np.trace(C) / n)
+        return mean, C
+
+    def _local_children(self, nfe: int, k: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
+        """The local stage: ``k`` samples of an evolution strategy over the timestep logits of one of the
+        best step structures at ``nfe``. Its mean and covariance come from the best trials of that
+        structure (weighted recombination, rank-mu covariance widened by a floor), so the stage is a
+        function of the told results alone."""
+        if k <= 0:
+            return []
+        tops = self.parents(nfe, self.local_structures) if self.niche else self.parents(nfe, 1)
+        if not tops:
+            return []
+        out: list[Candidate] = []
+        dists: dict[int, tuple] = {}
+        tries = 0
+        while len(out) < k and tries < 20 * k:
+            tries += 1
+            j = 0 if len(tops) == 1 or rng.random() < 0.6 else int(rng.integers(1, len(tops)))
+            if j not in dists:
+                dists[j] = self._local_distribution(nfe, tops[j][2])
+            base, mean, C = tops[j][0], *dists[j]
+            z = rng.multivariate_normal(mean, C, method="cholesky")
+            s = self.space.with_logits(base.schedule, z)
+            if s is None:
+                continue
+            c = Candidate(s, nfe, "local")
+            if c.key in self.seen or c.key in taken:
+                continue
+            taken.add(c.key)
+            out.append(c)
+        return out
+
     def _children(self, nfe: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
-        parents = [c for c, _ in self.best(nfe, self.population)]
+        parents = [c for c, _, _ in self.parents(nfe, self.population)]
         lower = [m for m in self.nfes if m < nfe]
         donors = [c for m in lower[-1:] for c, _ in self.best(m, 4)]
         pool: list[Candidate] = []

@@ -40,6 +40,19 @@ def schedule_key(s: Schedule) -> str:
     return repr((s.afs, r(s.t_start), steps))
 
 
+def structure_key(s: Schedule) -> str:
+    """:func:`schedule_key` without the timesteps: schedules that differ only in their times share it."""
+    def r(x):
+        return round(float(x), 9)
+
+    steps = tuple((st.prediction, st.order, st.start, st.points, st.first_points, st.relaxation,
+                   r(st.relaxation_coef), r(st.second_scale), r(st.dc_ratio),
+                   None if st.corrector is None else (st.corrector.kind, st.corrector.order, st.corrector.relaxation,
+                                                      r(st.corrector.relaxation_coef)))
+                  for st in s.steps)
+    return repr((s.afs, r(s.t_start), steps))
+
+
 def steps_for(nfe: int, afs: str = "none", implicit: int = 0) -> int:
     """Number of steps a schedule with this NFE, AFS choice and implicit-corrector count has."""
     return nfe - (afs == "none") + 1 - implicit
@@ -118,6 +131,15 @@ class DecisionSpace:
         w = np.clip((inc - self.min_gap) / max(free, 1e-12), 1e-6, None)
         z = np.log(w)
         return z - z.mean()
+
+    def with_logits(self, s: Schedule, z: Sequence[float], name: str = "local") -> Schedule | None:
+        """``s`` with its timesteps replaced by those the logits ``z`` (one per step) describe; every other
+        decision is kept. None when the result is not feasible."""
+        z = np.asarray(z, dtype=float)
+        if len(z) != len(s.steps) or not np.all(np.isfinite(z)):
+            return None
+        times = self.times_from_lams(self.increments_to_lams(np.exp(z - z.max())))
+        return None if times is None else self.finish(self.make(times, s.steps, s.afs, name), s.nfe)
 
     # ---- building blocks ------------------------------------------------------------------------
 

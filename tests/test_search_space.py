@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from steptune.search import DecisionSpace, make_searcher
 from steptune.search.s3 import preset_candidates
+from steptune.search.space import structure_key
 from steptune.space import Schedule, noise
 
 NOISE = noise.get("vp-linear")
@@ -100,3 +101,35 @@ def test_every_searcher_emits_valid_candidates_at_the_requested_nfe(method):
             se.tell(c, _score(c.schedule))
             n += 1
     assert n == 80
+
+
+def _time_score(space, s):
+    """A synthetic score of the timesteps alone, with a known optimum: RMS distance (in lambda) of the
+    interior times to those of increments growing linearly from 1 to 3 (any step count)."""
+    lam = space.lams(s)[1:-1]
+    target = np.array(space.increments_to_lams(np.linspace(1, 3, len(lam) + 1)))
+    return 1e-3 + float(np.sqrt(np.mean((lam - target) ** 2)))
+
+
+def _run_time_search(local):
+    se = make_searcher("s3", NOISE, T0, T1, [6], seed=0, pool=40, predictor="extra-trees", local=local)
+    local_cands = []
+    while len(se.trials) < 120:
+        for c in se.ask(4):
+            if c.origin == "local":
+                local_cands.append(c)
+            se.tell(c, _time_score(se.space, c.schedule))
+    presets = min(s for c, s in se.trials if c.origin.startswith("preset:"))
+    return se, presets, min(s for _, s in se.trials), local_cands
+
+
+def test_local_stage_moves_only_timesteps_and_closes_in_on_the_optimum():
+    se, presets, best, local_cands = _run_time_search(0.6)
+    _, _, best_off, none = _run_time_search(0.0)
+    assert not none and len(local_cands) > 40
+    told = {structure_key(c.schedule) for c, _ in se.trials}
+    for c in local_cands:  # the local stage keeps every decision of an evaluated structure but the times
+        _check(c.schedule, 6, se.space)
+        assert structure_key(c.schedule) in told
+    assert best < 0.1 * presets, (best, presets)
+    assert best < 0.5 * best_off, (best, best_off)  # the evolutionary stage alone gets nowhere near
