@@ -87,7 +87,7 @@ def main():
     local = LocalBackend(problem, evaluation, BackendSpec(kind="local", num_cpus=1))
     local.start()  # computes and caches the references
     # three logical CPU slots for the 1 + 2 actors held at once; only one backend runs at a time
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     backends = {"in-process": local}
     for n in (1, 2):
         b = RayBackend(problem, evaluation, BackendSpec(kind="ray", workers=n, num_cpus=1, in_flight=2))

@@ -198,7 +198,8 @@ class RayBackend(Backend):
 
         if not ray.is_initialized():
             try:
-                ray.init(address=self.spec.address, include_dashboard=False, log_to_driver=False,
+                # "local": start a private instance, never attach to a cluster some other process left running
+                ray.init(address=self.spec.address or "local", include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = self.spec.address or "a local instance"

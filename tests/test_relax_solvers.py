@@ -168,7 +168,7 @@ def test_cost_table_on_ray_equals_the_local_one():
     local = [build_cost_table(seq), build_cost_table(poisson, solver="ssor-pcg")]
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         remote = [build_cost_table(seq, ray=True, chunks=3), build_cost_table(poisson, solver="ssor-pcg", ray=True)]
     finally:

@@ -149,7 +149,7 @@ def _rows_on_ray(seq, count, omegas, method, tol, maxiter, address, chunks):
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address if isinstance(address, str) else None, include_dashboard=False,
+        ray.init(address=address if isinstance(address, str) else "local", include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
         started = True
     try:
