@@ -95,6 +95,10 @@ class EvalWorker:
             return {"metrics": {}, "status": "failed", "seconds": 0.0, "n": task.n,
                     "error": f"{type(e).__name__}: {e} (at {os.path.basename(last.filename)}:{last.lineno})"}
 
+    def evaluate_each(self, tasks: Sequence[Task]) -> list[dict]:
+        """Several tasks in one call, one after another (fewer round trips than one call per task)."""
+        return [self.evaluate(t) for t in tasks]
+
     def evaluate_many(self, tasks: Sequence[Task]) -> list[dict]:
         """Tasks on the same bank and sample count go through the model together (one batched pass)."""
         from steptune.space import Schedule, ScheduleError
@@ -249,9 +253,9 @@ class RayBackend(Backend):
         self.start()
         todo: deque[Task] = deque(tasks)
         busy: dict = {}  # ObjectRef -> (tasks, actor index)
-        # batched: each call carries up to in_flight tasks (one pass through the model), two calls queued per
-        # actor so it never waits between passes; otherwise each call is one task, in_flight of them queued
-        group, slots = (self.spec.in_flight, 2) if self.spec.batched else (1, self.spec.in_flight)
+        # each call carries up to in_flight tasks (batched: one pass through the model; otherwise one after
+        # another), and two calls are queued per actor so it never waits for the next one
+        group, slots = self.spec.in_flight, 2
         load = [0] * len(self.actors)
         alive = [True] * len(self.actors)
         while todo or busy:
@@ -264,7 +268,7 @@ class RayBackend(Backend):
                 for task in chunk:
                     sink.start(task, self.workers[i])
                 actor = self.actors[i]
-                ref = actor.evaluate_many.remote(chunk) if self.spec.batched else actor.evaluate.remote(chunk[0])
+                ref = (actor.evaluate_many if self.spec.batched else actor.evaluate_each).remote(chunk)
                 busy[ref] = (chunk, i)
                 load[i] += 1
             if not busy:
@@ -287,7 +291,7 @@ class RayBackend(Backend):
                         if sink.lost(task, self.workers[i], reason):
                             todo.appendleft(task)
                     continue
-                for task, result in zip(chunk, results if self.spec.batched else [results]):
+                for task, result in zip(chunk, results):
                     sink.done(task, result)
 
     def kill_actor(self, i: int) -> None:
