@@ -15,13 +15,10 @@ import random
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, save_json  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from common import bench_databases, pg_url_default, save_json  # noqa: E402
 from steptune.space import noise, presets  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 
@@ -141,34 +138,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--pg-url", default=os.environ.get("STEPTUNE_BENCH_PG_URL")
-                    or os.environ.get("STEPTUNE_TEST_PG_URL"))
+    ap.add_argument("--pg-url", default=pg_url_default())
     args = ap.parse_args()
     results = {}
-    path = OUT / "dashboard-bench.db"
-    OUT.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    print(f"SQLite: {args.n:,} trials ...", flush=True)
-    build_database(f"sqlite:///{path}", args.n)
-    results["sqlite"] = time_endpoints(f"sqlite:///{path}", args.repeats)
-    if args.pg_url:
-        schema = f"bench_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(args.pg_url)
-        with admin.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-        try:
-            print(f"PostgreSQL: {args.n:,} trials ...", flush=True)
-            url = make_url(args.pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-            url = url.render_as_string(hide_password=False)
-            build_database(url, args.n)
-            results["postgresql"] = time_endpoints(url, args.repeats)
-        finally:
-            with admin.begin() as conn:
-                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-    else:
-        print("PostgreSQL: skipped (no --pg-url and no STEPTUNE_TEST_PG_URL)")
+    for backend, url in bench_databases("dashboard-bench", args.pg_url):
+        print(f"{backend}: {args.n:,} trials ...", flush=True)
+        build_database(url, args.n)
+        results[backend] = time_endpoints(url, args.repeats)
     backends = list(results)
     print(f"\n{'endpoint (median / max ms, ' + str(args.repeats) + ' calls)':44}" + "".join(f"{b:>20}"
                                                                                           for b in backends))
@@ -183,8 +159,6 @@ def main():
     out = save_json("dashboard", {"n": args.n, "repeats": args.repeats, "target_ms": TARGET_MS, "results": results,
                                   "target_met": ok, "load": os.getloadavg()})
     print(f"saved {out}")
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

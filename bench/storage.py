@@ -10,18 +10,14 @@ Target: best-per-NFE and Pareto under 200 ms at 100,000 trials.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUT, save_json  # noqa: E402
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from common import bench_databases, pg_url_default, save_json  # noqa: E402
 from steptune.space import noise, presets  # noqa: E402
 from steptune.storage import connect, trials_frame  # noqa: E402
 
@@ -108,31 +104,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--pg-url", default=os.environ.get("STEPTUNE_BENCH_PG_URL")
-                    or os.environ.get("STEPTUNE_TEST_PG_URL"))
+    ap.add_argument("--pg-url", default=pg_url_default())
     args = ap.parse_args()
     results = {}
-    path = OUT / "storage-bench.db"
-    OUT.mkdir(parents=True, exist_ok=True)
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    print(f"SQLite: {args.n:,} trials ...", flush=True)
-    results["sqlite"] = run(f"sqlite:///{path}", args.n, args.repeats)
-    if args.pg_url:
-        schema = f"bench_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(args.pg_url)
-        with admin.begin() as conn:
-            conn.execute(text(f"CREATE SCHEMA {schema}"))
-        try:
-            print(f"PostgreSQL: {args.n:,} trials ...", flush=True)
-            url = make_url(args.pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-            results["postgresql"] = run(url.render_as_string(hide_password=False), args.n, args.repeats)
-        finally:
-            with admin.begin() as conn:
-                conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-    else:
-        print("PostgreSQL: skipped (no --pg-url and no STEPTUNE_TEST_PG_URL)")
+    for backend, url in bench_databases("storage-bench", args.pg_url):
+        print(f"{backend}: {args.n:,} trials ...", flush=True)
+        results[backend] = run(url, args.n, args.repeats)
 
     rows = [("trials in the study", "trials", "{:,.0f}"),
             ("bulk insert (trials/s)", "insert_trials_per_s", "{:,.0f}"),
@@ -154,7 +131,6 @@ def main():
     out = save_json("storage", {"n": args.n, "repeats": args.repeats, "target_ms": TARGET_MS, "results": results,
                                 "target_met": ok})
     print(f"saved {out}")
-    path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

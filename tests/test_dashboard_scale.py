@@ -3,18 +3,16 @@ answers from SQLite and from a live PostgreSQL server (STEPTUNE_TEST_PG_URL, set
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 from steptune.storage import connect
+from test_storage_db import fresh_pg_schema
 
 from steptune.dashboard import create_app, open_read_only, queries
 
@@ -85,28 +83,10 @@ def test_index_path_and_row_path_agree_at_scale(big_db, monkeypatch):
     assert fast == rows
 
 
-def _pg_url():
-    base = os.environ.get("STEPTUNE_TEST_PG_URL")
-    if not base:
-        msg = "STEPTUNE_TEST_PG_URL is not set; scripts/test.sh starts a PostgreSQL server and sets it"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return base
-
-
 @pytest.fixture
 def pg_url():
-    base = _pg_url()
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    admin = create_engine(base)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    yield make_url(base).update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
-        hide_password=False)
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    with fresh_pg_schema() as url:
+        yield url
 
 
 def _answers(url: str) -> dict:
