@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_json  # noqa: E402
+from common import OUT, save_json  # noqa: E402
 
 from steptune.backends import LocalBackend, RayBackend, Task  # noqa: E402
 from steptune.jobs import BackendSpec, EvaluationSpec, ProblemSpec  # noqa: E402
@@ -66,12 +66,44 @@ def rate(backend, tasks) -> tuple[float, int]:
     return len(tasks) / secs, sink.failed
 
 
+def job_rates(problem: str, evaluations: int, db_path: Path) -> list[dict]:
+    """Whole S^3 searches (5 NFEs, no baseline or confirmation) in-process and on 1 and 2 Ray evaluators:
+    evaluations per second including the searcher's own time between batches."""
+    from steptune.storage import connect
+
+    from steptune.jobs import job_from_dict
+    from steptune.runner import Runner
+
+    rows = []
+    for name, kind, workers in (("in-process", "local", None), ("ray x1", "ray", 1), ("ray x2", "ray", 2)):
+        job = job_from_dict({"study": name, "seed": 0, "problem": {"name": problem},
+                             "search": {"method": "s3", "nfe": [4, 5, 6, 8, 10]},
+                             "evaluation": {"cheap_samples": 64, "confirm": 0, "baseline": False,
+                                            "cache": "runs/cache"},
+                             "budget": {"evaluations": evaluations},
+                             "backend": {"kind": kind, "workers": workers, "num_cpus": 1}})
+        backend = (LocalBackend(job.problem, job.evaluation, job.backend) if kind == "local"
+                   else RayBackend(job.problem, job.evaluation, job.backend))
+        backend.start()
+        with connect(f"sqlite:///{db_path}") as db:
+            t0 = time.perf_counter()
+            res = Runner(job, db, backend).run()
+            secs = time.perf_counter() - t0
+            sampling = sum(t.seconds or 0 for t in db.trials(name))
+        backend.close()
+        rows.append({"backend": name, "evaluations": res.evaluations, "seconds": secs,
+                     "evals_per_s": res.evaluations / secs, "sampling_seconds": sampling})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", type=int, default=240)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--problem", default="gmm-digits")
+    ap.add_argument("--job-evaluations", type=int, default=40,
+                    help="also run whole S^3 searches with this many evaluations per NFE (0: skip)")
     args = ap.parse_args()
 
     import ray
@@ -104,6 +136,12 @@ def main():
             failed += f
     for b in backends.values():
         b.close()
+    jobs = []
+    if args.job_evaluations:
+        db_path = OUT / "scaling-jobs.db"
+        db_path.unlink(missing_ok=True)
+        jobs = job_rates(args.problem, args.job_evaluations, db_path)
+        db_path.unlink(missing_ok=True)
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -116,8 +154,11 @@ def main():
         print(f"{r['backend']:<12} {r['evals_per_s']:>10.1f}")
     print(f"2 Ray evaluators vs 1: {speedup:.2f}x (target >= 1.7x)")
     print(f"Ray backend overhead vs in-process, 1 worker: {100 * overhead:.1f}% (target <= 15%)")
+    for r in jobs:
+        print(f"whole S^3 search, {r['backend']:<10}: {r['evals_per_s']:6.1f} evals/s ({r['evaluations']} in "
+              f"{r['seconds']:.1f} s, of which sampling {r['sampling_seconds']:.1f} s)")
     path = save_json("scaling", {"problem": args.problem, "candidates": len(tasks), "samples": args.samples,
-                                 "repeats": args.repeats, "rows": rows, "speedup_2_vs_1": speedup,
+                                 "repeats": args.repeats, "rows": rows, "speedup_2_vs_1": speedup, "jobs": jobs,
                                  "ray_overhead": overhead})
     print(f"saved {path}")
 
