@@ -85,15 +85,12 @@ class EvalWorker:
         from steptune.space import Schedule, ScheduleError
 
         try:
-            res = self.evaluator.evaluate(Schedule.from_dict(task.schedule), bank=task.bank, n=task.n)
-            return {"metrics": dict(res.metrics), "status": res.status, "error": res.error, "seconds": res.seconds,
-                    "n": res.n}
+            return _as_dict(self.evaluator.evaluate(Schedule.from_dict(task.schedule), bank=task.bank, n=task.n))
         except ScheduleError as e:
-            return {"metrics": {}, "status": "failed", "error": str(e), "seconds": 0.0, "n": task.n}
+            return _failed(str(e), task.n)
         except Exception as e:  # a model that raises on this schedule: a failed trial with the reason
             last = traceback.extract_tb(e.__traceback__)[-1]
-            return {"metrics": {}, "status": "failed", "seconds": 0.0, "n": task.n,
-                    "error": f"{type(e).__name__}: {e} (at {os.path.basename(last.filename)}:{last.lineno})"}
+            return _failed(f"{type(e).__name__}: {e} (at {os.path.basename(last.filename)}:{last.lineno})", task.n)
 
     def evaluate_each(self, tasks: Sequence[Task]) -> list[dict]:
         """Several tasks in one call, one after another (fewer round trips than one call per task)."""
@@ -113,7 +110,7 @@ class EvalWorker:
                 try:
                     scheds.append(Schedule.from_dict(tasks[i].schedule))
                 except ScheduleError as e:
-                    out[i] = {"metrics": {}, "status": "failed", "error": str(e), "seconds": 0.0, "n": n}
+                    out[i] = _failed(str(e), n)
             live = [i for i in idx if out[i] is None]
             try:
                 results = self.evaluator.evaluate_many(scheds, bank=bank, n=n)
@@ -123,10 +120,18 @@ class EvalWorker:
                 if results is None:
                     out[i] = self.evaluate(tasks[i])
                 else:
-                    r = results[j]
-                    out[i] = {"metrics": dict(r.metrics), "status": r.status, "error": r.error, "seconds": r.seconds,
-                              "n": r.n}
+                    out[i] = _as_dict(results[j])
         return out
+
+
+def _as_dict(res) -> dict:
+    """An EvalResult as the plain dict that travels back from a worker."""
+    return {"metrics": dict(res.metrics), "status": res.status, "error": res.error, "seconds": res.seconds,
+            "n": res.n}
+
+
+def _failed(error: str, n: int) -> dict:
+    return {"metrics": {}, "status": "failed", "error": error, "seconds": 0.0, "n": n}
 
 
 class Backend:

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from steptune.cli_storage import DEFAULT_DB
+
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True)
 
@@ -32,7 +34,6 @@ GuidanceOpt = Annotated[float | None, typer.Option("--guidance", help="Classifie
 ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Sample shape, e.g. 3,32,32 (when the factory does "
                                                               "not say).")]
 DbOpt = Annotated[str, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default runs/steptune.db).")]
-DEFAULT_DB = "sqlite:///runs/steptune.db"
 
 
 class DcCliError(click.ClickException):

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from steptune.cli_storage import CliError, DbOpt, JsonOpt
+from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, JsonOpt
 
 out = Console()
 err = Console(stderr=True)
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed", help="Seed of the learner and of a generated sequence.")] = 0,
         study: Annotated[str | None, typer.Option(
             "--study", "-s", help="Study name; an existing study with the same setup is resumed.")] = None,
-        db: DbOpt = "sqlite:///runs/steptune.db",
+        db: DbOpt = DEFAULT_DB,
         json_: JsonOpt = False,
     ):
         """Choose SOR's ω online for every system of a sequence; record each round in the database."""
@@ -158,7 +158,7 @@ def register(app: typer.Typer) -> None:
         baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Compare with Gauss–Seidel, "
                                                 "best fixed ω and instance-optimal ω (builds a cost table once, "
                                                 "cached under runs/relax/tables).")] = True,
-        db: DbOpt = "sqlite:///runs/steptune.db",
+        db: DbOpt = DEFAULT_DB,
         json_: JsonOpt = False,
     ):
         """Cumulative iterations of a relaxation study against baselines, and ω over time (table + PNG)."""

@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
         from steptune.jobs import JobError, job_from_dict
         from steptune.resolve import parse_nfe_list
         from steptune.search import METHODS
+        from steptune.storage.db import resolve_url
 
         if method not in METHODS:
             raise SearchCliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -109,7 +110,7 @@ def register(app: typer.Typer) -> None:
                    "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
                    "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
                    "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
-                   "database": job.storage.db or "sqlite:///runs/steptune.db"}
+                   "database": resolve_url(job.storage.db)}
         out_dir.mkdir(parents=True, exist_ok=True)
         jpath = out_dir / f"{name}.json"
         jpath.write_text(json.dumps(payload, indent=2, default=float) + "\n")

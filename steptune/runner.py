@@ -355,11 +355,11 @@ class Runner:
                 ids = self.storage.add_trials(job.study, [
                     self._item(c.schedule, CHEAP, {"batch": b, "origin": c.origin, "params": _plain(c.params)})
                     for c in cands])
-                stored = batches[b] = [self.storage.trial(i) for i in ids]
+                stored = batches[b] = self.storage.trials(job.study, ids=ids)
                 asked = {c.key: c for c in cands}
             if any(t.status in ("queued", "running") for t in stored):
                 self._evaluate(stored)
-                stored = batches[b] = [self.storage.trial(t.id) for t in stored]
+                stored = batches[b] = self.storage.trials(job.study, ids=[t.id for t in stored])
                 if any(t.status in ("queued", "running") for t in stored):
                     return  # stopped (SIGINT or time budget) inside this batch; a resume finishes it
             if asked is None:  # a stored batch: the searcher asks what it asked then, and is told the results

@@ -659,8 +659,8 @@ class Storage:
             return _trial_record(row, row.study_name)
 
     def trials(self, study: str, *, status: str | Iterable[str] | None = None, nfe: int | None = None,
-               key: str | None = None) -> list[TrialRecord]:
-        """A study's trials in number order (for rebuilding a searcher's state on resume)."""
+               key: str | None = None, ids: Iterable[int] | None = None) -> list[TrialRecord]:
+        """A study's trials in number order (for rebuilding a searcher's state on resume); ``ids`` keeps those."""
         with self._tx(write=False) as s:
             q = self._trial_query(s, study)
             if status is not None:
@@ -669,6 +669,8 @@ class Storage:
                 q = q.where(Trial.nfe == nfe)
             if key is not None:
                 q = q.where(Trial.key == key)
+            if ids is not None:
+                q = q.where(Trial.id.in_(list(ids)))
             return [_trial_record(r, study) for r in s.connection().execute(q.order_by(Trial.number))]
 
     def count_trials(self, study: str | None = None) -> int:

@@ -159,12 +159,17 @@ def _wait_for_trials(path: Path, n: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"fewer than {n} trials after {timeout} s")
 
 
-def test_sigkill_then_rerun_resumes_to_the_same_trials(tmp_path, cache, capsys, reference_study):
+def _run_until(tmp_path, cache, n: int):
+    """The reference job started in a subprocess, once ``n`` search evaluations are stored."""
     path = tmp_path / "x.db"
-    url = f"sqlite:///{path}"
     job = write_job(tmp_path / "job.toml", "ref", cache, evaluations=30)
-    proc = _spawn(job, url)
-    _wait_for_trials(path, 15, proc)
+    proc = _spawn(job, f"sqlite:///{path}")
+    _wait_for_trials(path, n, proc)
+    return proc, job, f"sqlite:///{path}"
+
+
+def test_sigkill_then_rerun_resumes_to_the_same_trials(tmp_path, cache, capsys, reference_study):
+    proc, job, url = _run_until(tmp_path, cache, 15)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     with connect(url) as db:
@@ -182,11 +187,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_trials(tmp_path, cache, capsys, 
 
 
 def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, capsys, reference_study):
-    path = tmp_path / "x.db"
-    url = f"sqlite:///{path}"
-    job = write_job(tmp_path / "job.toml", "ref", cache, evaluations=30)
-    proc = _spawn(job, url)
-    _wait_for_trials(path, 10, proc)
+    proc, job, url = _run_until(tmp_path, cache, 10)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -372,6 +372,7 @@ def test_trials_rebuild_a_search_state(db):
     assert [t.number for t in db.trials("s", status="complete")] == [0, 2]
     assert [t.number for t in db.trials("s", status=["failed", "queued"], nfe=3)] == [3]
     assert [t.number for t in db.trials("s", key=all_[0].key)] == [0, 3]
+    assert [t.number for t in db.trials("s", ids=[all_[3].id, all_[1].id])] == [1, 3]  # in number order
     assert [t.to_schedule() for t in all_[:1]] == [presets.ddim(3, NS)]
     assert db.count_trials("s") == 4 == db.count_trials()
 
