@@ -29,7 +29,7 @@ if [ -z "${STEPTUNE_TEST_PG_URL:-}" ]; then
             echo "$PGPORT" > "$PGDIR/steptune.port"
             as_pg "$PGBIN/pg_ctl" -D "$PGDIR" -l "$PGDIR/server.log" -w -s \
                 -o "-p $PGPORT -c listen_addresses=127.0.0.1 -k $PGDIR -c fsync=off" start
-            trap 'as_pg "$PGBIN/pg_ctl" -D "$PGDIR" -m fast -w -s stop' EXIT
+            trap 'cd / && as_pg "$PGBIN/pg_ctl" -D "$PGDIR" -m fast -w -s stop' EXIT  # postgres may not enter the cwd
         fi
         PGPORT="$(cat "$PGDIR/steptune.port")"
         if ! as_pg "$PGBIN/psql" -h 127.0.0.1 -p "$PGPORT" -U steptune -d postgres -tAq \
