@@ -297,3 +297,23 @@ def test_static_report_works_offline(page, db_url, tmp_path, shots):
     with connect(f"sqlite:///{tmp_path / 'fresh.db'}") as fresh:
         assert import_schedule(fresh, tmp_path / "from-report.json", "r").id == 1
     assert all(u.startswith(("file:", "blob:", "data:")) for u in requests), requests
+
+
+def test_a_late_answer_to_an_older_filter_does_not_overwrite_a_newer_one(page, server, db_url):
+    _open(page, f"{server}/#trials", "trials")
+    page.select_option("#f-study", SEARCH_STUDY)
+    page.wait_for_function(f"document.getElementById('trials-count').dataset.total === '{len(store_all(db_url))}'")
+    # from here on, an answer for any table filter but NFE 4 arrives a second late
+    page.evaluate("""() => {
+        const fetchNow = window.fetch;
+        window.fetch = (url, ...rest) => String(url).startsWith("/api/trials?") && !String(url).includes("nfe=4")
+            ? new Promise((done) => setTimeout(() => done(fetchNow(url, ...rest)), 1000)) : fetchNow(url, ...rest);
+    }""")
+    with connect(db_url, create=False) as store:
+        want = store.trials(SEARCH_STUDY, nfe=4, status="complete")
+    page.select_option("#f-status", "complete")
+    page.select_option("#f-nfe", "4")
+    page.wait_for_function(f"document.getElementById('trials-count').dataset.total === '{len(want)}'")
+    page.wait_for_timeout(2500)  # the older filter's answer has come back by now
+    assert page.get_attribute("#trials-count", "data-total") == str(len(want))
+    assert page.evaluate("document.querySelector('#f-nfe').value") == "4"

@@ -40,7 +40,20 @@ async function api(path, params) {
   return r.json();
 }
 
+// A view asks again whenever a filter changes or the data does; answers can come back out of order, and
+// only the answer to the latest question may be drawn.
+class Superseded extends Error {}
+const asked = {};
+
+async function latest(slot, answer) {
+  const n = (asked[slot] = (asked[slot] || 0) + 1);
+  const value = await answer;
+  if (asked[slot] !== n) throw new Superseded(`a newer ${slot} request replaced this one`);
+  return value;
+}
+
 function showError(err) {
+  if (err instanceof Superseded) return;
   const el = $("error");
   el.hidden = !err;
   el.textContent = err ? String(err.message || err) : "";
@@ -85,6 +98,7 @@ async function render() {
     else if (state.view === "relaxation") await renderRelaxation();
     document.body.dataset.rendered = state.view;
   } catch (err) {
+    if (err instanceof Superseded) return;
     showError(err);
     document.body.dataset.rendered = "error";
   }
@@ -123,7 +137,7 @@ function frontTraces(data) {
 async function renderFront() {
   const prob = currentProblem();
   if (!prob) { Plotly.purge($("front-plot")); $("front-plot").textContent = "The database has no studies yet."; return; }
-  const data = await api("/api/front", { problem: prob.id, fidelity: state.fidelity });
+  const data = await latest("front", api("/api/front", { problem: prob.id, fidelity: state.fidelity }));
   const plot = $("front-plot");
   await Plotly.react(plot, frontTraces(data), {
     title: { text: `${prob.name}${prob.noise ? ` (${prob.noise})` : ""}: NFE vs ${data.metric}` },
@@ -172,7 +186,7 @@ async function renderHistory() {
   state.historyStudy = fillSelect($("history-study"), studies.map((s) => [s.name, `${s.name} (${s.method})`]),
     state.historyStudy);
   if (!state.historyStudy) { Plotly.purge($("history-plot")); return; }
-  const data = await api("/api/history", { study: state.historyStudy });
+  const data = await latest("history", api("/api/history", { study: state.historyStudy }));
   const traces = data.curves.filter((c) => !state.fidelity || c.fidelity === state.fidelity).map((c, i) => ({
     type: "scatter", mode: "lines+markers", name: `NFE ${c.nfe} (${c.fidelity || "—"}, ${c.n} evals)`,
     x: c.evaluations, y: c.best, line: { shape: "hv", color: COLORS[i % COLORS.length],
@@ -228,7 +242,7 @@ async function renderTrials() {
   t.status = fillSelect($("f-status"), [["", "any"], ...statuses.map((s) => [s, s])], t.status);
   t.fidelity = fillSelect($("f-fidelity"), fidelityChoices(), t.fidelity);
   const p = tableParams();
-  const page = REPORT ? localTrialsPage(p) : await api("/api/trials", p);
+  const page = REPORT ? localTrialsPage(p) : await latest("trials", api("/api/trials", p));
   t.nfe = fillSelect($("f-nfe"), [["", "any"], ...page.nfes.map((n) => [String(n), String(n)])], t.nfe);
   const head = TABLE_COLUMNS.map(([key, label, sortable]) => {
     const cls = [sortable ? "sortable" : "", key === t.sort ? `sorted-${t.order}` : "",
@@ -301,7 +315,7 @@ async function renderSchedule() {
     $("schedule-head").innerHTML = "<p>Pick a point on the front or a row of the trial table.</p>";
     return;
   }
-  const d = await api(`/api/trials/${state.trial}/schedule`);
+  const d = await latest("schedule", api(`/api/trials/${state.trial}/schedule`));
   const near = d.nearest[0];
   $("schedule-head").innerHTML = `<h2>${esc(d.name || "unnamed schedule")} — trial id ${d.trial} `
     + `(#${d.number} of ${esc(d.study)})</h2><div class="facts">`
@@ -358,7 +372,7 @@ async function renderRelaxation() {
   const studies = await api("/api/relaxation/studies");
   state.relaxStudy = fillSelect($("relax-study"), studies.map((s) => [s, s]), state.relaxStudy);
   if (!state.relaxStudy) { $("omega-plot").textContent = "No relaxation (SOR) studies in the database."; return; }
-  const d = await api("/api/relaxation", { study: state.relaxStudy });
+  const d = await latest("relaxation", api("/api/relaxation", { study: state.relaxStudy }));
   await Plotly.react($("omega-plot"), [{
     type: "scatter", mode: "markers", name: "ω", x: d.rounds, y: d.omega,
     text: d.iterations.map((n, i) => `${fmt(n)} iterations${d.converged[i] === false ? " (not converged)" : ""}`),
