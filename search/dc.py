@@ -222,6 +222,12 @@ class CPR:
                 "ridge": self.ridge, "bounds": list(self.bounds)}
 
     @classmethod
+    def from_dict(cls, d: dict) -> CPR:
+        """The inverse of ``to_dict`` (extra keys are ignored)."""
+        return cls(np.asarray(d["coef"], dtype=np.float64).reshape(4, 3, 3), tuple(d["nfe_range"]),
+                   tuple(d["cfg_range"]), float(d.get("ridge", 1e-3)), tuple(d.get("bounds", BOUNDS)))
+
+    @classmethod
     def fit(cls, rows: Sequence[tuple[int, float | None, Sequence[float]]], ridge: float = 1e-3) -> CPR:
         """``rows``: (NFE, CFG, ratios per step) of directly fitted configurations."""
         if not rows:

@@ -1,5 +1,5 @@
-"""`steptune dc fit`, `steptune dc predict` and `steptune train-digits`; the model-plug-in options that
-`eval` and `search` share."""
+"""`steptune dc fit`, `steptune dc cpr`, `steptune dc predict` and `steptune train-digits`; the model-plug-in
+options that `eval` and `search` share."""
 
 from __future__ import annotations
 
@@ -69,6 +69,141 @@ def _floats(text: str | None, what: str) -> list[float | None]:
 
 def _fmt(v) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+
+# ---- a study written by `dc fit`: its fits, its problem, its schedules ------------------------------
+
+FITS = ("joint", "greedy")
+
+
+def load_dc_study(db: str, study: str) -> tuple[dict, list]:
+    """The config and complete trials of a study `dc fit` wrote."""
+    from steptune.storage import StorageError, connect
+
+    try:
+        with connect(db, must_exist=True) as store:
+            rec = store.get_study(study)
+            trials = store.trials(study, status="complete")
+    except StorageError as e:
+        raise DcCliError(str(e)) from None
+    config = rec.config or {}
+    if config.get("kind") != "dc-fit":
+        raise DcCliError(f"study {study!r} was not written by 'steptune dc fit'")
+    return config, trials
+
+
+def fitted_rows(study: str, trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
+    """(NFE, CFG, ratios) of every ``fit`` trial."""
+    if fit not in FITS:
+        raise DcCliError(f"--fit {fit!r}: use joint or greedy")
+    rows = [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
+            for t in trials if t.info.get("dc_fit") == fit]
+    if not rows:
+        other = [f for f in FITS if any(t.info.get("dc_fit") == f for t in trials)]
+        hint = f"use --fit {other[0]}" if other else f"run 'steptune dc fit --study {study}' first"
+        raise DcCliError(f"study {study!r} has no '{fit}' fits; {hint}")
+    return rows
+
+
+def study_schedule(study: str, config: dict, nfe: int):
+    """The study's solver preset at ``nfe``, uncompensated."""
+    from steptune.space import ScheduleError, presets
+    from steptune.space import noise as noise_mod
+
+    spec = config["solver"]
+    if not spec.startswith("preset:"):
+        raise DcCliError(f"study {study!r} fitted a schedule file ({spec}); CPR needs a preset solver")
+    try:
+        ns = noise_mod.from_dict(config["noise"])
+        return presets.build(spec.removeprefix("preset:"), nfe, ns, t_start=config["t_start"], t_end=config["t_end"])
+    except (ScheduleError, ValueError) as e:
+        raise DcCliError(str(e)) from None
+
+
+def study_evaluator(config: dict, cfg: float | None, cache: Path):
+    """The Evaluator (and problem) `dc fit` built for the study at guidance ``cfg`` (conventions it did not
+    record take their defaults)."""
+    from steptune.evaluators import Evaluator
+    from steptune.evaluators.plugins import evaluator_options
+
+    conv = config.get("conventions") or {}
+    prob = build_problem(config["problem"], None, conv.get("noise"), conv.get("prediction"), conv.get("time_input"),
+                         conv.get("time_scale"), cfg, conv.get("shape"))
+    return Evaluator(prob, cache_dir=cache, **evaluator_options(prob))
+
+
+def checked(ev, schedule):
+    from steptune.space import ScheduleError
+
+    try:
+        ev.check(schedule)
+    except ScheduleError as e:
+        raise DcCliError(str(e)) from None
+    return schedule
+
+
+def cpr_plan(study: str, config: dict, rows: list, cache: Path) -> list[tuple]:
+    """(evaluator, schedule, NFE, CFG) of each fitted configuration, rebuilt as `dc fit` built it."""
+    evaluators, plan = {}, []
+    for nfe, cfg in dict.fromkeys((nfe, cfg) for nfe, cfg, _ in rows):
+        if cfg not in evaluators:
+            evaluators[cfg] = study_evaluator(config, cfg, cache)
+        ev = evaluators[cfg]
+        plan.append((ev, checked(ev, study_schedule(study, config, nfe)), nfe, cfg))
+    return plan
+
+
+def cpr_cases(plan: list[tuple], fit_samples: int, bar: Progress) -> list:
+    """Each configuration's fit noises (the train bank's first ``fit_samples``) and cached final reference."""
+    from steptune.evaluators.neural_reference import trajectory_reference
+    from steptune.search.dc import CPRCase
+
+    task = bar.add_task("references", total=len(plan))
+    cases = []
+    for ev, schedule, nfe, cfg in plan:
+        x = ev.x_T("train", fit_samples)
+        bank = {**ev.bank("train").describe(), "n": fit_samples}
+        target = trajectory_reference(ev.problem, x, schedule.times, bank=bank, cache_dir=ev.cache_dir)[-1]
+        cases.append(CPRCase(ev.problem.model, schedule, x, target, nfe, cfg))
+        bar.advance(task)
+    bar.remove_task(task)
+    return cases
+
+
+def refine(start, cases: list, iters: int, lr: float, bar: Progress):
+    from steptune.search.dc import refine_cpr
+
+    task = bar.add_task("end-to-end CPR", total=iters)
+    cpr, history = refine_cpr(start, cases, iters=iters, lr=lr, progress=lambda k, n: bar.update(task, completed=k))
+    bar.remove_task(task)
+    finite = [h for h in history if math.isfinite(h)]
+    if not finite:
+        raise DcCliError("the end-to-end CPR fit gave no finite loss; nothing was stored")
+    return cpr, [h if math.isfinite(h) else None for h in history], min(finite)
+
+
+def store_cpr(db: str, study: str, record: dict) -> None:
+    from steptune.storage import StorageError, connect
+
+    try:
+        with connect(db, must_exist=True) as store:
+            store.update_study_config(study, {"cpr": record})
+    except StorageError as e:
+        raise DcCliError(str(e)) from None
+
+
+def stored_cpr(study: str, config: dict):
+    from steptune.search.dc import CPR
+
+    try:
+        return CPR.from_dict(config["cpr"])
+    except (KeyError, TypeError, ValueError):
+        raise DcCliError(f"study {study!r} holds an unreadable end-to-end CPR; rerun 'steptune dc cpr' or use "
+                         "--regression") from None
+
+
+def heldout_mse(ev, schedule) -> float:
+    return ev.evaluate(checked(ev, schedule), "heldout").metrics["rmse"] ** 2
 
 
 def register(app: typer.Typer) -> None:
@@ -161,7 +296,9 @@ def register(app: typer.Typer) -> None:
             try:
                 with connect(db) as store:
                     config = {"kind": "dc-fit", "solver": spec, "problem": problem, "noise": prob.noise.to_dict(),
-                              "t_start": prob.t_start, "t_end": prob.t_end}
+                              "t_start": prob.t_start, "t_end": prob.t_end, "fit_samples": fit_samples,
+                              "conventions": {"noise": noise, "prediction": prediction, "time_input": time_input,
+                                              "time_scale": time_scale, "shape": shape}}
                     store.add_trials(study, items, create={"method": "dc", "config": config,
                                                            "problem": prob.identity()})
             except StorageError as e:
@@ -184,6 +321,45 @@ def register(app: typer.Typer) -> None:
         if study is not None:
             err.print(f"stored {len(items)} fitted schedules in study {study!r} ({db})")
 
+    @dc_app.command("cpr")
+    def cpr_cmd(
+        study: Annotated[str, typer.Option("--study", help="A study written by 'steptune dc fit'.")],
+        fit: Annotated[str, typer.Option("--fit", help="Which fitted ratios the regression starts from: joint or "
+                                                       "greedy.")] = "joint",
+        iters: Annotated[int, typer.Option("--iters", help="Adam iterations of the end-to-end fit.")] = 40,
+        lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 0.003,
+        ridge: Annotated[float, typer.Option("--ridge", help="Ridge penalty of the starting regression.")] = 1e-3,
+        cache: Annotated[Path, typer.Option("--cache", help="Folder for cached references.")] = Path("runs/cache"),
+        db: DbOpt = DEFAULT_DB,
+        json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ):
+        """Fit the cascade polynomial regression end to end on every fitted configuration of a study (backprop
+        through each sampler) and store its coefficients with the study; 'dc predict' then uses them."""
+        from steptune.search.dc import CPR
+
+        if iters < 1:
+            raise DcCliError("--iters must be at least 1")
+        if not lr > 0:
+            raise DcCliError("--lr must be positive")
+        config, trials = load_dc_study(db, study)
+        rows = fitted_rows(study, trials, fit)
+        start = CPR.fit(rows, ridge=ridge)
+        plan = cpr_plan(study, config, rows, cache)
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=True) as bar:
+            cases = cpr_cases(plan, int(config.get("fit_samples", 10)), bar)
+            cpr, history, loss = refine(start, cases, iters, lr, bar)
+        record = {**cpr.to_dict(), "start": "regression", "fit": fit, "iters": iters, "lr": lr,
+                  "loss_start": history[0], "loss": loss, "history": history,
+                  "configurations": [[c.nfe, c.cfg] for c in cases]}
+        store_cpr(db, study, record)
+        if json_:
+            print(json.dumps({"study": study, **record}, indent=2))
+            return
+        out.print(f"end-to-end CPR over {len(cases)} configurations of {study!r} (from the {fit} regression): "
+                  f"mean final-state MSE relative to no DC {_fmt(history[0])} -> {_fmt(loss)}")
+        err.print(f"stored in study {study!r} ({db}); 'steptune dc predict' uses it")
+
     @dc_app.command("predict")
     def predict_cmd(
         study: Annotated[str, typer.Option("--study", help="A study written by 'steptune dc fit'.")],
@@ -192,52 +368,46 @@ def register(app: typer.Typer) -> None:
         fit: Annotated[str, typer.Option("--fit", help="Which fitted ratios to regress on: joint or greedy.")]
         = "joint",
         ridge: Annotated[float, typer.Option("--ridge", help="Ridge penalty of the regression.")] = 1e-3,
+        regression: Annotated[bool, typer.Option("--regression", help="Regress on the fitted ratios even when the "
+                                                                      "study holds an end-to-end CPR.")] = False,
+        evaluate: Annotated[bool, typer.Option("--evaluate", help="Also score the schedule without DC and with the "
+                                                                  "predicted ratios on the held-out bank.")] = False,
+        cache: Annotated[Path, typer.Option("--cache", help="Folder for cached references.")] = Path("runs/cache"),
         output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the schedule JSON here.")] = None,
         db: DbOpt = DEFAULT_DB,
         json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ):
-        """Cascade polynomial regression over a study's fitted (NFE, CFG) configurations: ratios for an unseen one."""
+        """Cascade polynomial regression over a study's fitted (NFE, CFG) configurations: ratios for an unseen
+        one (the study's end-to-end CPR when 'dc cpr' stored one)."""
         from steptune.search.dc import CPR, with_ratios
-        from steptune.space import ScheduleError, presets
-        from steptune.space import noise as noise_mod
-        from steptune.storage import StorageError, connect
 
-        try:
-            with connect(db, must_exist=True) as store:
-                rec = store.get_study(study)
-                trials = store.trials(study, status="complete")
-        except StorageError as e:
-            raise DcCliError(str(e)) from None
-        config = rec.config or {}
-        if config.get("kind") != "dc-fit":
-            raise DcCliError(f"study {study!r} was not written by 'steptune dc fit'")
-        rows = [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
-                for t in trials if t.info.get("dc_fit") == fit]
-        if not rows:
-            raise DcCliError(f"study {study!r} has no '{fit}' fits; use --fit greedy or joint")
-        cpr = CPR.fit(rows, ridge=ridge)
-        spec = config["solver"]
-        if spec.startswith("preset:"):
-            try:
-                ns = noise_mod.from_dict(config["noise"])
-                base = presets.build(spec.removeprefix("preset:"), nfe, ns, t_start=config["t_start"],
-                                     t_end=config["t_end"])
-            except (ScheduleError, ValueError) as e:
-                raise DcCliError(str(e)) from None
+        config, trials = load_dc_study(db, study)
+        if regression or "cpr" not in config:
+            rows = fitted_rows(study, trials, fit)
+            cpr, kind, configs = CPR.fit(rows, ridge=ridge), "regression", [[n, c] for n, c, _ in rows]
         else:
-            raise DcCliError(f"study {study!r} fitted a schedule file ({spec}); CPR needs a preset solver")
+            cpr, kind, configs = stored_cpr(study, config), "end-to-end", config["cpr"].get("configurations", [])
+            fit = config["cpr"].get("fit", fit)
+        base = study_schedule(study, config, nfe)
         ratios = cpr.predict(nfe, cfg, len(base.steps))
         sched = with_ratios(base, ratios)
+        payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "cpr": kind, "ratios": ratios,
+                   "fitted_configurations": configs, "coefficients": cpr.to_dict()}
+        if evaluate:
+            ev = study_evaluator(config, cfg, cache)
+            payload.update(mse_base=heldout_mse(ev, base), mse_predicted=heldout_mse(ev, sched))
         if output is not None:
             sched.save(output)
-        payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "ratios": ratios,
-                   "fitted_configurations": [[n, c] for n, c, _ in rows], "cpr": cpr.to_dict()}
         if json_:
             print(json.dumps(payload, indent=2))
             return
-        out.print(f"CPR over {len(rows)} fitted configurations of {study!r} ({fit}): NFE {nfe}, CFG "
+        out.print(f"CPR ({kind}, {fit} fits) over {len(configs)} fitted configurations of {study!r}: NFE {nfe}, CFG "
                   f"{'—' if cfg is None else f'{cfg:g}'}")
         out.print("ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
+        if evaluate:
+            base_mse, pred_mse = payload["mse_base"], payload["mse_predicted"]
+            change = f" ({100 * (pred_mse / base_mse - 1):+.1f}%)" if base_mse > 0 else ""
+            out.print(f"held-out MSE: without DC {_fmt(base_mse)}, with the predicted ratios {_fmt(pred_mse)}{change}")
         if output is not None:
             err.print(f"wrote {output}")
 

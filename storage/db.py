@@ -10,6 +10,7 @@
     db.finish(t.id, metrics={"rmse": 0.12}, worker="host:pid")
     db.reap_stale(lease_seconds=120)                 # dead workers' trials: re-queued, or failed after max_attempts
     db.best("digits-s3", nfe=5); db.pareto("digits-s3"); db.trials("digits-s3")
+    db.update_study_config("digits-s3", {"note": "x"})  # merged into the study's config
 
 Every write is one transaction: it happens completely or not at all. On SQLite, writers take the
 database's write lock at the start of their transaction (``BEGIN IMMEDIATE``), in WAL mode with a
@@ -361,8 +362,9 @@ class Storage:
             pid = p.id
         return pid
 
-    def _study_row(self, s: Session, name: str) -> Study:
-        st = s.scalar(select(Study).where(Study.name == name))
+    def _study_row(self, s: Session, name: str, *, lock: bool = False) -> Study:
+        q = select(Study).where(Study.name == name)
+        st = s.scalar(q.with_for_update() if lock else q)
         if st is None:
             known = s.scalars(select(Study.name).order_by(Study.name).limit(6)).all()
             hint = f" (studies: {', '.join(known)})" if known else " (the database has no studies)"
@@ -404,6 +406,19 @@ class Storage:
         except IntegrityError:
             raise StorageError(f"a study named {name!r} already exists; pick another name or resume it") from None
         return st
+
+    def update_study_config(self, name: str, changes: Mapping) -> StudyRecord:
+        """Merge ``changes`` into the study's config (top-level keys; a value of None removes its key)
+        in one transaction, the study's row locked meanwhile; returns the updated study."""
+        with self._tx() as s:
+            st = self._study_row(s, name, lock=True)
+            config = {k: v for k, v in {**(st.config or {}), **dict(changes)}.items() if v is not None}
+            try:
+                st.config = json.loads(_canonical(config))
+            except (TypeError, ValueError) as e:
+                raise StorageError(f"study {name!r}: the config must be finite JSON ({e})") from None
+            s.flush()
+            return self._study_record(st)
 
     def get_study(self, name: str) -> StudyRecord:
         with self._tx(write=False) as s:

@@ -151,6 +151,36 @@ def test_studies_create_get_and_share_problems(db):
     assert [s.name for s in db.studies()] == ["a", "b"]
 
 
+def test_update_study_config_merges_removes_and_refuses_bad_values(db):
+    db.create_study("a", method="dc", config={"kind": "dc-fit", "old": 1}, problem=PROBLEM)
+    rec = db.update_study_config("a", {"cpr": {"coef": [1.0, 0.5]}, "old": None})
+    assert rec.config == {"kind": "dc-fit", "cpr": {"coef": [1.0, 0.5]}}
+    assert db.get_study("a") == rec and rec.problem["identity"] == PROBLEM
+    with pytest.raises(StorageError, match="finite JSON"):
+        db.update_study_config("a", {"cpr": {"coef": [math.nan]}})
+    with pytest.raises(StorageError, match="no study named 'b'"):
+        db.update_study_config("b", {"x": 1})
+    assert db.get_study("a").config == rec.config
+
+
+def test_concurrent_config_updates_keep_every_key(db_url):
+    with connect(db_url) as store:
+        store.create_study("a")
+
+    def writer(w):
+        with connect(db_url) as store:
+            for i in range(5):
+                store.update_study_config("a", {f"w{w}-{i}": i})
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with connect(db_url) as store:
+        assert store.get_study("a").config == {f"w{w}-{i}": i for w in range(2) for i in range(5)}
+
+
 # ---- adding trials ---------------------------------------------------------------------------------
 
 

@@ -1,0 +1,186 @@
+"""`dc cpr` (the end-to-end cascade polynomial regression stored with a study) and what `dc predict` does
+with it: the stored coefficients, their training loss, predictions, held-out scores, refusals."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from steptune.evaluators import Evaluator
+from steptune.evaluators.neural_reference import trajectory_reference
+from steptune.evaluators.plugins import evaluator_options, load_problem
+from steptune.search import dc
+from steptune.space import load_schedule, presets
+from steptune.storage import connect
+
+from steptune.cli import main
+
+# a plug-in without conventions of its own: `dc cpr` can rebuild it only from what `dc fit` recorded
+PLUGIN = "test_plugins:bare_network_factory"
+CONVENTIONS = {"noise": "vp-linear", "prediction": "eps", "time_input": "continuous", "time_scale": None,
+               "shape": "4"}
+FIT_SAMPLES = 8
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A SQLite file holding study 'g' (joint fits at NFE 5, 6, 8) and the reference cache."""
+    root = tmp_path_factory.mktemp("dc-fitted")
+    db = root / "dc.db"
+    assert main(["dc", "fit", "--problem", PLUGIN, "--noise", "vp-linear", "--prediction", "eps", "--time-input",
+                 "continuous", "--shape", "4", "--nfe", "5,6,8", "--method", "joint", "--joint-iters", "5",
+                 "--fit-samples", str(FIT_SAMPLES), "--study", "g", "--db", f"sqlite:///{db}", "--cache",
+                 str(root / "cache"), "--json"]) == 0
+    return root
+
+
+@pytest.fixture
+def db(fitted, tmp_path):
+    """A private copy of the fitted database; the cache stays shared."""
+    shutil.copy(fitted / "dc.db", tmp_path / "dc.db")
+    return f"sqlite:///{tmp_path / 'dc.db'}"
+
+
+def _cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _config(db, study="g"):
+    with connect(db) as store:
+        return store.get_study(study).config
+
+
+def _rows(db):
+    with connect(db) as store:
+        trials = store.trials("g")
+    return [(t.nfe, t.info["cfg"], [s.get("dc_ratio", 1.0) for s in t.schedule["steps"]]) for t in trials]
+
+
+def _problem():
+    return load_problem(PLUGIN, noise="vp-linear", prediction="eps", time_input="continuous", shape=(4,))
+
+
+def _evaluator(fitted):
+    prob = _problem()
+    return Evaluator(prob, cache_dir=fitted / "cache", **evaluator_options(prob))
+
+
+def _schedule(prob, nfe):
+    return presets.build("unipc-bh2", nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+
+
+def _cases(fitted):
+    ev = _evaluator(fitted)
+    x = ev.x_T("train", FIT_SAMPLES)
+    bank = {**ev.bank("train").describe(), "n": FIT_SAMPLES}
+    cases = []
+    for nfe in (5, 6, 8):
+        s = _schedule(ev.problem, nfe)
+        target = trajectory_reference(ev.problem, x, s.times, bank=bank, cache_dir=ev.cache_dir)[-1]
+        cases.append(dc.CPRCase(ev.problem.model, s, x, target, nfe, None))
+    return cases
+
+
+def _loss(cpr, cases):
+    return dc.refine_cpr(cpr, cases, iters=0)[1][0]
+
+
+def _cpr(capsys, db, fitted, *extra):
+    code, out, _ = _cli(capsys, "dc", "cpr", "--study", "g", "--iters", "8", "--db", db, "--cache",
+                        str(fitted / "cache"), "--json", *extra)
+    assert code == 0
+    return json.loads(out)
+
+
+def test_dc_fit_records_its_problem_conventions(db):
+    config = _config(db)
+    assert config["conventions"] == CONVENTIONS and config["fit_samples"] == FIT_SAMPLES
+    assert config["problem"] == PLUGIN
+
+
+def test_dc_cpr_stores_coefficients_whose_training_loss_beats_the_regression(capsys, db, fitted):
+    shown = _cpr(capsys, db, fitted)
+    stored = _config(db)["cpr"]
+    assert shown == {"study": "g", **stored}
+    assert (stored["fit"], stored["start"], stored["iters"], stored["lr"]) == ("joint", "regression", 8, 0.003)
+    assert stored["configurations"] == [[5, None], [6, None], [8, None]]
+    assert len(stored["history"]) == 9 and stored["loss_start"] == stored["history"][0]
+    assert stored["loss"] == min(stored["history"]) < stored["loss_start"]
+    cases = _cases(fitted)
+    regression = dc.CPR.fit(_rows(db), ridge=1e-3)
+    end_to_end = dc.CPR.from_dict(stored)
+    assert _loss(regression, cases) == pytest.approx(stored["loss_start"], rel=1e-9)
+    assert _loss(end_to_end, cases) == pytest.approx(stored["loss"], rel=1e-9)
+    assert _loss(end_to_end, cases) < _loss(regression, cases)
+
+
+def test_dc_predict_uses_the_stored_cpr_unless_told_to_regress(capsys, db, fitted):
+    predict = ["dc", "predict", "--study", "g", "--nfe", "7", "--db", db, "--json"]
+    code, out, _ = _cli(capsys, *predict)
+    assert code == 0 and json.loads(out)["cpr"] == "regression"
+    stored = _cpr(capsys, db, fitted)
+    reloaded = dc.CPR(np.array(stored["coef"]).reshape(4, 3, 3), tuple(stored["nfe_range"]),
+                      tuple(stored["cfg_range"]), bounds=tuple(stored["bounds"]))
+    code, out, _ = _cli(capsys, *predict)
+    pred = json.loads(out)
+    assert code == 0 and (pred["cpr"], pred["fit"]) == ("end-to-end", "joint")
+    assert pred["ratios"] == reloaded.predict(7, None, 7)
+    code, out, _ = _cli(capsys, *predict, "--regression")
+    pred = json.loads(out)
+    assert code == 0 and pred["cpr"] == "regression"
+    assert pred["ratios"] == dc.CPR.fit(_rows(db), ridge=1e-3).predict(7, None, 7)
+    assert pred["ratios"] != reloaded.predict(7, None, 7)
+    code, out, _ = _cli(capsys, *predict[:-1])
+    assert code == 0 and "end-to-end" in out
+
+
+def test_dc_predict_evaluate_scores_like_the_evaluator(capsys, db, fitted, tmp_path):
+    path = tmp_path / "pred.json"
+    code, out, _ = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--evaluate", "--cache",
+                        str(fitted / "cache"), "--db", db, "-o", str(path), "--json")
+    pred = json.loads(out)
+    ev = _evaluator(fitted)
+    assert code == 0
+    assert pred["mse_predicted"] == pytest.approx(ev.evaluate(load_schedule(path), "heldout").metrics["rmse"] ** 2,
+                                                  rel=1e-12)
+    base = ev.evaluate(_schedule(ev.problem, 7), "heldout").metrics["rmse"] ** 2
+    assert pred["mse_base"] == pytest.approx(base, rel=1e-12)
+    assert pred["mse_predicted"] < pred["mse_base"]
+    code, out, _ = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--evaluate", "--cache",
+                        str(fitted / "cache"), "--db", db)
+    assert code == 0 and "held-out MSE: without DC" in out
+
+
+def _add_studies(db):
+    """'other' (a search study), 'empty' (dc fit's config, no trials) and 'lost' (fits, no conventions)."""
+    with connect(db) as store:
+        config = store.get_study("g").config
+        trials = store.trials("g")
+        store.create_study("other", method="s3", config={"kind": "search"})
+        store.create_study("empty", method="dc", config=config)
+        items = [{"schedule": t.schedule, "status": "complete", "metrics": t.metrics, "info": t.info}
+                 for t in trials]
+        lost = {k: v for k, v in config.items() if k != "conventions"}
+        store.add_trials("lost", items, create={"method": "dc", "config": lost})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--study", "nope"], "no study named 'nope'"),
+    (["--study", "other"], "was not written by 'steptune dc fit'"),
+    (["--study", "empty"], "has no 'joint' fits; run 'steptune dc fit --study empty' first"),
+    (["--study", "g", "--fit", "greedy"], "has no 'greedy' fits; use --fit joint"),
+    (["--study", "g", "--fit", "newton"], "--fit 'newton'"),
+    (["--study", "g", "--iters", "0"], "--iters must be at least 1"),
+    (["--study", "lost"], "bare_network_factory"),
+])
+def test_dc_cpr_refuses_bad_input_in_one_line_and_changes_nothing(capsys, db, fitted, args, message):
+    _add_studies(db)
+    with connect(db) as store:
+        before = [(s.name, s.config) for s in store.studies()]
+    code, out, err = _cli(capsys, "dc", "cpr", *args, "--db", db, "--cache", str(fitted / "cache"))
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    with connect(db) as store:
+        assert [(s.name, s.config) for s in store.studies()] == before
