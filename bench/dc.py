@@ -1,6 +1,10 @@
 """DC-Solver compensation on the trained digits model (digits-cond): held-out MSE to the converged
-reference and FD-digits for UniPC and DPM-Solver++(2M), without DC, with greedy-fitted and with
-jointly fitted ratios; CPR's held-out error; fit times.
+reference, FD-digits (to the data) and FD to the reference solutions for UniPC and DPM-Solver++(2M),
+without DC, with greedy-fitted and with jointly fitted ratios; CPR's held-out error; fit times.
+
+FD-digits measures distance to the data set; at strong guidance the exact (reference) solution is
+itself far from the data, so a sampler that follows it more closely can score a higher FD-digits.
+The FD to the reference isolates the sampler's own error at the distribution level.
 
     python bench/dc.py [--cfg 1.5,3,5] [--nfe 5,6,8,10] [--heldout 7:2,9:4,6:4] [--threads 1]
 
@@ -33,7 +37,8 @@ SOLVERS = {"unipc": "unipc-bh2", "dpm++2m": "dpm-solver++-2m"}
 
 def score(ev, schedule) -> dict:
     r = ev.evaluate(schedule, "heldout")
-    return {"mse": r.metrics["rmse"] ** 2, "fd": r.metrics.get("fd_digits"), "acc": r.metrics.get("accuracy")}
+    return {"mse": r.metrics["rmse"] ** 2, "fd": r.metrics.get("fd_digits"), "fd_ref": r.metrics.get("fd_reference"),
+            "acc": r.metrics.get("accuracy")}
 
 
 def run_config(ev, spec: str, nfe: int, args) -> dict:
@@ -117,10 +122,11 @@ def main():
             ratios = model.predict(nfe, cfg, len(base.steps))
             row[key] = {**score(ev, dc.with_ratios(base, ratios)), "ratios": ratios}
             row[f"{key}_vs_direct"] = row[key]["mse"] / row["joint"]["mse"] - 1
+            row[f"{key}_vs_greedy"] = row[key]["mse"] / row["greedy"]["mse"] - 1
         cpr_rows.append(row)
-        print(f"held-out NFE {nfe} CFG {cfg:g}: MSE none {row['base']['mse']:.4g}, direct {row['joint']['mse']:.4g},"
-              f" CPR {row['cpr']['mse']:.4g} ({100 * row['cpr_vs_direct']:+.1f}%), CPR end to end "
-              f"{row['cpr_e2e']['mse']:.4g} ({100 * row['cpr_e2e_vs_direct']:+.1f}%)", flush=True)
+        print(f"held-out NFE {nfe} CFG {cfg:g}: MSE none {row['base']['mse']:.4g}, greedy {row['greedy']['mse']:.4g}, "
+              f"joint {row['joint']['mse']:.4g}, CPR {row['cpr']['mse']:.4g}, CPR end to end "
+              f"{row['cpr_e2e']['mse']:.4g}", flush=True)
 
     reference_quality = {cfg: evaluators[cfg].problem.quality(evaluators[cfg].reference("heldout")) for cfg in cfgs}
     print_tables(grid, cpr_rows, cfgs, nfes, reference_quality)
@@ -146,6 +152,11 @@ def print_tables(grid, cpr_rows, cfgs, nfes, reference_quality):
             print(f"{label + suffix:<22}{vals}")
     print(f"{'reference solution':<22}" + "".join(f"{reference_quality[c]['fd_digits']:>10.4g}"
                                                   for c in cfgs for n in nfes))
+    print("\nFD to the reference solutions from the same noises (held-out, 256 samples; 0 is the exact sampler)")
+    for name, label in (("unipc", "UniPC"), ("dpm++2m", "DPM-Solver++(2M)")):
+        for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
+            vals = "".join(f"{cells[(name, c, n)][m]['fd_ref']:>10.4g}" for c in cfgs for n in nfes)
+            print(f"{label + suffix:<22}{vals}")
     print("\nclassifier accuracy on the guided labels (UniPC, UniPC +DC joint, reference)")
     for m in ("base", "joint"):
         print(f"{m:<22}" + "".join(f"{cells[('unipc', c, n)][m]['acc']:>10.3f}" for c in cfgs for n in nfes))
@@ -155,11 +166,15 @@ def print_tables(grid, cpr_rows, cfgs, nfes, reference_quality):
     secs = [cells[("unipc", c, n)]["greedy"]["seconds"] + cells[("unipc", c, n)]["joint"]["seconds"]
             for c in cfgs for n in nfes]
     print(f"{'':<22}" + "".join(f"{v:>10.1f}" for v in secs))
-    print("\nCPR on held-out configurations (UniPC): MSE with predicted vs directly fitted ratios")
+    print("\nCPR on held-out configurations (UniPC): held-out MSE with predicted ratios, and its change against"
+          " the ratios fitted directly there (greedy, as DC-Solver fits them; joint)")
     for r in cpr_rows:
-        print(f"  NFE {r['nfe']:>2} CFG {r['cfg']:<4g} none {r['base']['mse']:.4g}  direct {r['joint']['mse']:.4g}  "
-              f"CPR {r['cpr']['mse']:.4g} ({100 * r['cpr_vs_direct']:+.1f}%)  CPR end to end "
-              f"{r['cpr_e2e']['mse']:.4g} ({100 * r['cpr_e2e_vs_direct']:+.1f}%)")
+        print(f"  NFE {r['nfe']:>2} CFG {r['cfg']:<4g} none {r['base']['mse']:.4g}  greedy {r['greedy']['mse']:.4g}  "
+              f"joint {r['joint']['mse']:.4g}")
+        for key, label in (("cpr", "CPR (regression)"), ("cpr_e2e", "CPR (end to end)")):
+            print(f"      {label:<18} {r[key]['mse']:.4g}  vs greedy {100 * r[f'{key}_vs_greedy']:+.1f}%  "
+                  f"vs joint {100 * r[f'{key}_vs_direct']:+.1f}%  FD-digits {r[key]['fd']:.4g}  "
+                  f"FD to reference {r[key]['fd_ref']:.4g}")
 
 
 if __name__ == "__main__":

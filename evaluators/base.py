@@ -104,6 +104,7 @@ class Evaluator:
         self.rtol, self.atol = float(rtol), float(atol)
         self.sw_projections, self.sw_seed = int(sw_projections), int(sw_seed)
         self._banks: dict[str, Bank] = {}
+        self._reference_stats: dict[tuple, tuple] = {}
 
     # ---- banks, references, data ------------------------------------------------------------------
 
@@ -221,9 +222,23 @@ class Evaluator:
         quality = getattr(self.problem, "quality", None)
         if quality is not None and bank == "heldout":  # the expensive fidelity (e.g. FD-digits)
             out.update(quality(x))
+            if hasattr(quality, "features"):
+                out["fd_reference"] = self._fd_to_reference(quality.features, x, ref, bank, t_end)
         return EvalResult(schedule.nfe, out, "complete", None, seconds, bank, n)
+
+    def _fd_to_reference(self, features, x: Tensor, ref: Tensor, bank: str, t_end: float) -> float:
+        """Fréchet distance between the features of the samples and of the reference solutions from the
+        same noises: how far the sampler's distribution is from the exact one."""
+        from .features import frechet_distance, gaussian_stats
+
+        key = (bank, t_end, ref.shape[0])
+        if key not in self._reference_stats:
+            self._reference_stats[key] = gaussian_stats(features(ref))
+        return frechet_distance(*gaussian_stats(features(x)), *self._reference_stats[key])
 
     def metric_names(self) -> list[str]:
         """The metrics ``evaluate`` reports for this problem."""
+        quality = getattr(self.problem, "quality", None)
         return ["rmse", "median_err", *(["sw"] if self.problem.has_data else []),
-                *(["nll"] if self.problem.has_log_prob else []), *getattr(self.problem, "quality_metrics", ())]
+                *(["nll"] if self.problem.has_log_prob else []), *getattr(self.problem, "quality_metrics", ()),
+                *(["fd_reference"] if hasattr(quality, "features") else [])]

@@ -3,7 +3,8 @@
 FD-digits is the Fréchet distance between Gaussians fitted to the digit classifier's 64-d
 penultimate features of the samples and of all 1797 digits (the FID recipe with a small in-domain
 network instead of Inception). Like FID it is biased upward for few samples, so compare values
-computed on the same number of samples.
+computed on the same number of samples. The evaluator also reports ``fd_reference``, the same
+distance to the reference solutions from the same noises (see ``Evaluator._fd_to_reference``).
 """
 
 from __future__ import annotations

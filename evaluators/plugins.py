@@ -65,7 +65,10 @@ class NeuralProblem(Problem):
     """A problem whose model is a network: no exact data distribution, a converged many-step reference.
 
     ``bank_sizes`` (train, held-out) suit the network's cost; ``quality(x) -> dict`` (optional) adds
-    expensive distribution metrics (e.g. FD-digits) on held-out evaluations, named ``quality_metrics``."""
+    expensive distribution metrics (e.g. FD-digits) on held-out evaluations, named ``quality_metrics``.
+    A ``quality`` object with a ``features(x)`` method also yields ``fd_reference``, the Fréchet distance
+    of the samples' features to the reference solutions' features: unlike a distance to data, it does
+    not grow when a more accurate sampler follows a strongly guided ODE away from the data."""
 
     reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
     bank_sizes: tuple[int, int] = (64, 256)

@@ -77,3 +77,21 @@ def test_digits_cond_problem_samples_recognisable_digits(tmp_path):
     assert res.metrics["accuracy"] >= 0.9
     assert res.metrics["rmse"] < 0.1 * float(ev.reference("heldout").pow(2).mean().sqrt())
     assert math.isfinite(res.metrics["fd_digits"])
+def test_fd_to_the_reference_is_the_frechet_distance_of_samples_and_reference_features(tmp_path):
+    from steptune.space import sample
+
+    prob = digits_problem(guidance_scale=3.0, models_dir=None, bank_sizes=(4, 40))
+    ev = Evaluator(prob, cache_dir=tmp_path, n_train=4, n_heldout=40)
+    fds = {}
+    for spec, nfe in (("ddim", 3), ("unipc-bh2", 10)):
+        s = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+        res = ev.evaluate(s, "heldout")
+        x = sample(prob.model, ev.x_T("heldout"), s)
+        q = prob.quality
+        want = frechet_distance(*gaussian_stats(q.features(x)), *gaussian_stats(q.features(ev.reference("heldout"))))
+        assert res.metrics["fd_reference"] == pytest.approx(want, rel=1e-9)
+        fds[spec] = res.metrics["fd_reference"]
+    assert "fd_reference" in ev.metric_names()
+    assert fds["unipc-bh2"] < fds["ddim"] / 3  # a converging sampler approaches the reference's distribution
+
+
