@@ -388,6 +388,12 @@ def register(app: typer.Typer) -> None:
         else:
             cpr, kind, configs = stored_cpr(study, config), "end-to-end", config["cpr"].get("configurations", [])
             fit = config["cpr"].get("fit", fit)
+            seen = {(n, c) for n, c in configs}
+            newer = sorted({(t.nfe, t.info.get("cfg")) for t in trials if t.info.get("dc_fit") == fit} - seen,
+                           key=lambda nc: (nc[0], nc[1] or 0.0))
+            if newer:
+                err.print(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
+                          f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
         base = study_schedule(study, config, nfe)
         ratios = cpr.predict(nfe, cfg, len(base.steps))
         sched = with_ratios(base, ratios)

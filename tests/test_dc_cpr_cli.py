@@ -136,6 +136,20 @@ def test_dc_predict_uses_the_stored_cpr_unless_told_to_regress(capsys, db, fitte
     assert code == 0 and "end-to-end" in out
 
 
+def test_dc_predict_warns_when_fits_were_added_after_the_stored_cpr(capsys, db, fitted):
+    _cpr(capsys, db, fitted)
+    predict = ["dc", "predict", "--study", "g", "--nfe", "7", "--db", db]
+    code, _, err = _cli(capsys, *predict)
+    assert code == 0 and "predates" not in err
+    assert main(["dc", "fit", "--problem", PLUGIN, "--noise", "vp-linear", "--prediction", "eps", "--time-input",
+                 "continuous", "--shape", "4", "--nfe", "7", "--method", "joint", "--joint-iters", "2",
+                 "--fit-samples", str(FIT_SAMPLES), "--study", "g", "--db", db, "--cache", str(fitted / "cache"),
+                 "--json"]) == 0
+    capsys.readouterr()
+    code, _, err = _cli(capsys, *predict)
+    assert code == 0 and "predates 1 'joint' fit(s)" in err and "NFE 7" in err
+
+
 def test_dc_predict_evaluate_scores_like_the_evaluator(capsys, db, fitted, tmp_path):
     path = tmp_path / "pred.json"
     code, out, _ = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--evaluate", "--cache",
