@@ -13,7 +13,7 @@ Ratios are fitted on the first 10 noises of the train bank (labels 0..9) and sco
 the UniPC joint ratios of the (NFE, CFG) grid and compared, on the held-out configurations, with
 ratios fitted directly there, once as DC-Solver does it (regression on the fitted ratios) and once
 refined end to end (``dc.refine_cpr``: the coefficients optimised on the grid's final-state errors).
-Saves runs/bench/dc.json.
+Saves runs/bench/dc.json (``--name``).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def main():
     ap.add_argument("--cpr-iters", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="runs/cache")
+    ap.add_argument("--name", default="dc", help="saves runs/bench/NAME.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfgs = [float(v) for v in args.cfg.split(",")]
@@ -130,7 +131,7 @@ def main():
 
     reference_quality = {cfg: evaluators[cfg].problem.quality(evaluators[cfg].reference("heldout")) for cfg in cfgs}
     print_tables(grid, cpr_rows, cfgs, nfes, reference_quality)
-    path = save_json("dc", {"args": vars(args), "grid": grid, "cpr": cpr.to_dict(), "cpr_e2e": cpr_e2e.to_dict(),
+    path = save_json(args.name, {"args": vars(args), "grid": grid, "cpr": cpr.to_dict(), "cpr_e2e": cpr_e2e.to_dict(),
                             "cpr_e2e_history": history, "cpr_e2e_seconds": cpr_seconds, "cpr_heldout": cpr_rows,
                             "reference_quality": {str(k): v for k, v in reference_quality.items()}})
     print(f"saved {path}")

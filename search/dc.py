@@ -191,7 +191,9 @@ class CPR:
     """rho(i; NFE, CFG) = sum_k c_k x^k, c_k = sum_r a_kr g^r, a_kr = sum_s M[k, r, s] nu^s: cubic in the
     relative step position x = (i + 1) / steps, quadratic in the guidance and in the NFE (DC-Solver's
     cascade), with g and nu scaled to [-1, 1] over the fitted box. Fitted by ridge least squares (it is
-    linear in M); predictions are clamped to ``bounds`` and steps 1-2 are 1."""
+    linear in M); predictions are clamped to ``bounds`` and steps 1-2 are 1. Outside the fitted box the
+    polynomial is evaluated at the box's nearest NFE and CFG (``inside`` tells): extrapolated, its
+    ratios soon leave any useful range."""
 
     coef: np.ndarray
     nfe_range: tuple[float, float]
@@ -203,9 +205,13 @@ class CPR:
     def _scale(v: float, lo: float, hi: float) -> float:
         return 0.0 if hi == lo else 2.0 * (v - lo) / (hi - lo) - 1.0
 
+    def inside(self, nfe: float, cfg: float | None) -> bool:
+        cfg = 1.0 if cfg is None else cfg
+        return self.nfe_range[0] <= nfe <= self.nfe_range[1] and self.cfg_range[0] <= cfg <= self.cfg_range[1]
+
     def features(self, x: float, nfe: float, cfg: float) -> np.ndarray:
-        nu = self._scale(nfe, *self.nfe_range)
-        g = self._scale(cfg, *self.cfg_range)
+        nu = min(max(self._scale(nfe, *self.nfe_range), -1.0), 1.0)
+        g = min(max(self._scale(cfg, *self.cfg_range), -1.0), 1.0)
         return np.array([x**k * g**r * nu**s for k in range(4) for r in range(3) for s in range(3)])
 
     def predict(self, nfe: int, cfg: float | None, n_steps: int | None = None) -> list[float]:

@@ -372,6 +372,9 @@ def register(app: typer.Typer) -> None:
                                                                       "study holds an end-to-end CPR.")] = False,
         evaluate: Annotated[bool, typer.Option("--evaluate", help="Also score the schedule without DC and with the "
                                                                   "predicted ratios on the held-out bank.")] = False,
+        extrapolate: Annotated[bool, typer.Option("--extrapolate", help="Answer outside the fitted NFE and CFG "
+                                                                        "ranges (with the ratios at their nearest "
+                                                                        "point).")] = False,
         cache: Annotated[Path, typer.Option("--cache", help="Folder for cached references.")] = Path("runs/cache"),
         output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the schedule JSON here.")] = None,
         db: DbOpt = DEFAULT_DB,
@@ -394,6 +397,16 @@ def register(app: typer.Typer) -> None:
             if newer:
                 err.print(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
                           f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
+        if not cpr.inside(nfe, cfg):
+            box = (f"NFE {cpr.nfe_range[0]:g}-{cpr.nfe_range[1]:g}, CFG {cpr.cfg_range[0]:g}-{cpr.cfg_range[1]:g}")
+            where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
+            if not extrapolate:
+                raise DcCliError(f"{where} lies outside the configurations study {study!r} was fitted on ({box}); "
+                                 f"fit it with 'steptune dc fit --study {study} --nfe {nfe}"
+                                 f"{'' if cfg is None else f' --cfg {cfg:g}'}', or pass --extrapolate for the "
+                                 "ratios at the nearest point of the fitted ranges")
+            err.print(f"warning: {where} lies outside the fitted {box}; the ratios are those at the nearest "
+                      "point of the fitted ranges (check them with --evaluate)")
         base = study_schedule(study, config, nfe)
         ratios = cpr.predict(nfe, cfg, len(base.steps))
         sched = with_ratios(base, ratios)
@@ -414,6 +427,9 @@ def register(app: typer.Typer) -> None:
             base_mse, pred_mse = payload["mse_base"], payload["mse_predicted"]
             change = f" ({100 * (pred_mse / base_mse - 1):+.1f}%)" if base_mse > 0 else ""
             out.print(f"held-out MSE: without DC {_fmt(base_mse)}, with the predicted ratios {_fmt(pred_mse)}{change}")
+            if pred_mse > base_mse:
+                err.print(f"warning: the predicted ratios are worse than none at this configuration; fit it with "
+                          f"'steptune dc fit --study {study} --nfe {nfe}{'' if cfg is None else f' --cfg {cfg:g}'}'")
         if output is not None:
             err.print(f"wrote {output}")
 

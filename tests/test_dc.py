@@ -100,12 +100,12 @@ def test_cpr_recovers_a_cascade_polynomial():
 
 def test_dc_fit_stores_trials_and_dc_predict_uses_them(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'dc.db'}"
-    args = ["dc", "fit", "--problem", "test_plugins:gaussian_factory", "--solver", "unipc-bh2", "--nfe", "5,6",
+    args = ["dc", "fit", "--problem", "test_plugins:gaussian_factory", "--solver", "unipc-bh2", "--nfe", "5,7",
             "--study", "g-dc", "--db", db, "--cache", str(tmp_path), "--greedy-iters", "5", "--joint-iters", "5",
             "--json"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [r["nfe"] for r in rows] == [5, 6]
+    assert [r["nfe"] for r in rows] == [5, 7]
     assert rows[0]["mse_joint"] < rows[0]["mse_base"]
     from steptune.storage import connect
 
@@ -114,9 +114,9 @@ def test_dc_fit_stores_trials_and_dc_predict_uses_them(tmp_path, capsys):
     assert len(trials) == 4 and {t.info["dc_fit"] for t in trials} == {"greedy", "joint"}
     assert any(st.get("dc_ratio", 1.0) != 1.0 for t in trials for st in t.schedule["steps"])
     out = tmp_path / "pred.json"
-    assert main(["dc", "predict", "--study", "g-dc", "--nfe", "7", "--db", db, "-o", str(out), "--json"]) == 0
+    assert main(["dc", "predict", "--study", "g-dc", "--nfe", "6", "--db", db, "-o", str(out), "--json"]) == 0
     pred = json.loads(capsys.readouterr().out)
-    assert len(pred["ratios"]) == 7 and pred["ratios"][:2] == [1.0, 1.0]
+    assert len(pred["ratios"]) == 6 and pred["ratios"][:2] == [1.0, 1.0]
     saved = json.loads(out.read_text())
     assert [s.get("dc_ratio", 1.0) for s in saved["steps"]] == pytest.approx(pred["ratios"])
 
@@ -141,6 +141,17 @@ def test_dc_fit_refines_a_schedule_file_with_the_joint_fit(tmp_path, capsys):
                  "joint", "--joint-iters", "10", "--cache", str(tmp_path), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)["rows"][0]
     assert row["nfe"] == 5 and row["mse_joint"] < row["mse_base"]
+
+
+def test_cpr_outside_its_fitted_box_answers_for_the_nearest_fitted_configuration():
+    rng = np.random.default_rng(1)
+    cpr = dc.CPR(rng.normal(0, 0.3, (4, 3, 3)), (5, 10), (1.5, 5), bounds=(-100, 100))
+    assert cpr.inside(7, 2.0) and not cpr.inside(12, 3.0) and not cpr.inside(8, 7.5)
+    # the ratios of an NFE-12 schedule at its relative step positions, as the polynomial gives them at NFE 10
+    at_edge = [1.0, 1.0] + [float(cpr.features((i + 1) / 12, 10, 3.0) @ cpr.coef.ravel()) for i in range(2, 12)]
+    assert cpr.predict(12, 3.0, 12) == pytest.approx(at_edge, abs=1e-12)
+    assert cpr.predict(8, 7.5) == cpr.predict(8, 5.0)
+    assert cpr.predict(8, 0.5) == cpr.predict(8, 1.5)
 
 
 def test_cpr_refined_end_to_end_beats_no_compensation():

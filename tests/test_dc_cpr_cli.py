@@ -198,3 +198,20 @@ def test_dc_cpr_refuses_bad_input_in_one_line_and_changes_nothing(capsys, db, fi
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
     with connect(db) as store:
         assert [(s.name, s.config) for s in store.studies()] == before
+
+
+def test_dc_predict_outside_the_fitted_ranges_needs_extrapolate(capsys, db):
+    predict = ["dc", "predict", "--study", "g", "--nfe", "12", "--db", db, "--json"]
+    with connect(db) as store:
+        before = store.get_study("g").config
+    code, out, err = _cli(capsys, *predict)
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "NFE 12 lies outside the configurations study 'g' was fitted on (NFE 5-8" in err and "--extrapolate" in err
+    code, out, err = _cli(capsys, *predict, "--extrapolate")
+    assert code == 0 and "lies outside" in err
+    cpr = dc.CPR.fit(_rows(db), ridge=1e-3)
+    at_edge = [1.0, 1.0] + [min(max(float(cpr.features((i + 1) / 12, 8, 1.0) @ cpr.coef.ravel()), 0.3), 1.7)
+                            for i in range(2, 12)]
+    assert json.loads(out)["ratios"] == pytest.approx(at_edge, abs=1e-12)
+    with connect(db) as store:
+        assert store.get_study("g").config == before
