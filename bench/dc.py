@@ -12,7 +12,12 @@ Ratios are fitted on the first 10 noises of the train bank (labels 0..9) and sco
 256-sample held-out bank. "joint" starts from the greedy ratios (a refinement). CPR is fitted on
 the UniPC joint ratios of the (NFE, CFG) grid and compared, on the held-out configurations, with
 ratios fitted directly there, once as DC-Solver does it (regression on the fitted ratios) and once
-refined end to end (``dc.refine_cpr``: the coefficients optimised on the grid's final-state errors).
+refined end to end (``dc.refine_cpr``: the coefficients optimised on the grid's final-state errors);
+where the held-out NFE is in the grid, also with the joint ratios interpolated in the guidance between
+the two fitted scales at that NFE (``dc.interpolate_ratios``, what ``dc predict`` does there). The
+second protocol fits every NFE and holds out guidance scales:
+
+    python bench/dc.py --nfe 5,6,7,8,9,10 --heldout 7:2,9:4,6:4,7:4,8:2,10:4 --name dc_dense
 Saves runs/bench/dc.json (``--name``).
 """
 
@@ -119,8 +124,12 @@ def main():
         base = presets.build(SOLVERS["unipc"], nfe, ev.problem.noise, t_start=ev.problem.t_start,
                              t_end=ev.problem.t_end)
         row["cfg"] = cfg
-        for key, model in (("cpr", cpr), ("cpr_e2e", cpr_e2e)):
-            ratios = model.predict(nfe, cfg, len(base.steps))
+        predictions = {"cpr": cpr.predict(nfe, cfg, len(base.steps)),
+                       "cpr_e2e": cpr_e2e.predict(nfe, cfg, len(base.steps))}
+        interp = dc.interpolate_ratios([(r["nfe"], r["cfg"], r["joint"]["ratios"]) for r in unipc], nfe, cfg)
+        if interp is not None:
+            predictions["interp"] = interp[0]
+        for key, ratios in predictions.items():
             row[key] = {**score(ev, dc.with_ratios(base, ratios)), "ratios": ratios}
             row[f"{key}_vs_direct"] = row[key]["mse"] / row["joint"]["mse"] - 1
             row[f"{key}_vs_greedy"] = row[key]["mse"] / row["greedy"]["mse"] - 1
@@ -172,7 +181,9 @@ def print_tables(grid, cpr_rows, cfgs, nfes, reference_quality):
     for r in cpr_rows:
         print(f"  NFE {r['nfe']:>2} CFG {r['cfg']:<4g} none {r['base']['mse']:.4g}  greedy {r['greedy']['mse']:.4g}  "
               f"joint {r['joint']['mse']:.4g}")
-        for key, label in (("cpr", "CPR (regression)"), ("cpr_e2e", "CPR (end to end)")):
+        for key, label in (("cpr", "CPR (regression)"), ("cpr_e2e", "CPR (end to end)"), ("interp", "interpolated")):
+            if key not in r:
+                continue
             print(f"      {label:<18} {r[key]['mse']:.4g}  vs greedy {100 * r[f'{key}_vs_greedy']:+.1f}%  "
                   f"vs joint {100 * r[f'{key}_vs_direct']:+.1f}%  FD-digits {r[key]['fd']:.4g}  "
                   f"FD to reference {r[key]['fd_ref']:.4g}")

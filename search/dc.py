@@ -256,6 +256,26 @@ class CPR:
         return cpr
 
 
+def interpolate_ratios(rows: Sequence[tuple[int, float | None, Sequence[float]]], nfe: int,
+                       cfg: float | None) -> tuple[list[float], tuple[float, float]] | None:
+    """Ratios at (``nfe``, ``cfg``) interpolated linearly in the guidance, step by step, between the two
+    fitted configurations of the same NFE that bracket ``cfg``; with them, the bracketing guidance
+    scales. None when no fitted pair at that NFE brackets ``cfg``. At a fitted NFE the per-step pattern
+    of the optimal ratios often persists across guidance scales, which a polynomial in the relative
+    step position cannot follow."""
+    cfg = 1.0 if cfg is None else float(cfg)
+    fitted = sorted({(1.0 if c is None else float(c)): list(r) for n, c, r in rows if n == nfe}.items())
+    below = [(c, r) for c, r in fitted if c <= cfg]
+    above = [(c, r) for c, r in fitted if c >= cfg]
+    if not below or not above:
+        return None
+    (lo, r_lo), (hi, r_hi) = below[-1], above[0]
+    if len(r_lo) != len(r_hi):
+        return None
+    w = 0.0 if hi == lo else (cfg - lo) / (hi - lo)
+    return [(1 - w) * a + w * b for a, b in zip(r_lo, r_hi)], (lo, hi)
+
+
 # ---- one configuration, end to end ----------------------------------------------------------------
 
 @dataclass

@@ -206,6 +206,34 @@ def heldout_mse(ev, schedule) -> float:
     return ev.evaluate(checked(ev, schedule), "heldout").metrics["rmse"] ** 2
 
 
+def interpolated(trials: list, fit: str, nfe: int, cfg: float | None, n_steps: int):
+    """``dc.interpolate_ratios`` over the study's ``fit`` trials, or None."""
+    from steptune.search.dc import interpolate_ratios
+
+    rows = [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
+            for t in trials if t.info.get("dc_fit") == fit]
+    got = interpolate_ratios(rows, nfe, cfg)
+    return got if got is not None and len(got[0]) == n_steps else None
+
+
+def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, regression: bool):
+    """The study's stored end-to-end CPR (warning when it predates some fits) or, without one or with
+    ``regression``, CPR fitted by regression: (cpr, kind, configurations, fit)."""
+    from steptune.search.dc import CPR
+
+    if regression or "cpr" not in config:
+        rows = fitted_rows(study, trials, fit)
+        return CPR.fit(rows, ridge=ridge), "regression", [[n, c] for n, c, _ in rows], fit
+    configs = config["cpr"].get("configurations", [])
+    fit = config["cpr"].get("fit", fit)
+    newer = sorted({(t.nfe, t.info.get("cfg")) for t in trials if t.info.get("dc_fit") == fit}
+                   - {(n, c) for n, c in configs}, key=lambda nc: (nc[0], nc[1] or 0.0))
+    if newer:
+        err.print(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
+                  f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
+    return stored_cpr(study, config), "end-to-end", configs, fit
+
+
 def register(app: typer.Typer) -> None:
     dc_app = typer.Typer(help="DC-Solver compensation ratios: fit them, predict them for unseen configurations.",
                          no_args_is_help=True)
@@ -368,8 +396,11 @@ def register(app: typer.Typer) -> None:
         fit: Annotated[str, typer.Option("--fit", help="Which fitted ratios to regress on: joint or greedy.")]
         = "joint",
         ridge: Annotated[float, typer.Option("--ridge", help="Ridge penalty of the regression.")] = 1e-3,
-        regression: Annotated[bool, typer.Option("--regression", help="Regress on the fitted ratios even when the "
-                                                                      "study holds an end-to-end CPR.")] = False,
+        regression: Annotated[bool, typer.Option("--regression", help="Use CPR by regression on the fitted ratios, "
+                                                                      "even when the study holds an end-to-end "
+                                                                      "CPR.")] = False,
+        use_cpr: Annotated[bool, typer.Option("--cpr", help="Use CPR even where fits at this NFE bracket the "
+                                                            "guidance scale.")] = False,
         evaluate: Annotated[bool, typer.Option("--evaluate", help="Also score the schedule without DC and with the "
                                                                   "predicted ratios on the held-out bank.")] = False,
         extrapolate: Annotated[bool, typer.Option("--extrapolate", help="Answer outside the fitted NFE and CFG "
@@ -380,38 +411,37 @@ def register(app: typer.Typer) -> None:
         db: DbOpt = DEFAULT_DB,
         json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ):
-        """Cascade polynomial regression over a study's fitted (NFE, CFG) configurations: ratios for an unseen
-        one (the study's end-to-end CPR when 'dc cpr' stored one)."""
-        from steptune.search.dc import CPR, with_ratios
+        """Ratios for an unseen (NFE, CFG) from a study's fits: interpolated in the guidance between the fits
+        at that NFE that bracket it, else cascade polynomial regression (the study's end-to-end CPR when
+        'dc cpr' stored one)."""
+        from steptune.search.dc import with_ratios
 
         config, trials = load_dc_study(db, study)
-        if regression or "cpr" not in config:
-            rows = fitted_rows(study, trials, fit)
-            cpr, kind, configs = CPR.fit(rows, ridge=ridge), "regression", [[n, c] for n, c, _ in rows]
-        else:
-            cpr, kind, configs = stored_cpr(study, config), "end-to-end", config["cpr"].get("configurations", [])
-            fit = config["cpr"].get("fit", fit)
-            seen = {(n, c) for n, c in configs}
-            newer = sorted({(t.nfe, t.info.get("cfg")) for t in trials if t.info.get("dc_fit") == fit} - seen,
-                           key=lambda nc: (nc[0], nc[1] or 0.0))
-            if newer:
-                err.print(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
-                          f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
-        if not cpr.inside(nfe, cfg):
-            box = (f"NFE {cpr.nfe_range[0]:g}-{cpr.nfe_range[1]:g}, CFG {cpr.cfg_range[0]:g}-{cpr.cfg_range[1]:g}")
-            where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
-            if not extrapolate:
-                raise DcCliError(f"{where} lies outside the configurations study {study!r} was fitted on ({box}); "
-                                 f"fit it with 'steptune dc fit --study {study} --nfe {nfe}"
-                                 f"{'' if cfg is None else f' --cfg {cfg:g}'}', or pass --extrapolate for the "
-                                 "ratios at the nearest point of the fitted ranges")
-            err.print(f"warning: {where} lies outside the fitted {box}; the ratios are those at the nearest "
-                      "point of the fitted ranges (check them with --evaluate)")
         base = study_schedule(study, config, nfe)
-        ratios = cpr.predict(nfe, cfg, len(base.steps))
+        where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
+        refit = f"'steptune dc fit --study {study} --nfe {nfe}{'' if cfg is None else f' --cfg {cfg:g}'}'"
+        interp = None if (use_cpr or regression) else interpolated(trials, fit, nfe, cfg, len(base.steps))
+        if interp is not None:
+            ratios, (lo, hi) = interp
+            payload = {"method": "interpolation", "between_cfg": [lo, hi]}
+            line = (f"the '{fit}' fit of {study!r} at {where}" if lo == hi else
+                    f"interpolated between the '{fit}' fits of {study!r} at NFE {nfe}, CFG {lo:g} and {hi:g}: {where}")
+        else:
+            cpr, kind, configs, fit = choose_cpr(study, config, trials, fit, ridge, regression)
+            if not cpr.inside(nfe, cfg):
+                box = f"NFE {cpr.nfe_range[0]:g}-{cpr.nfe_range[1]:g}, CFG {cpr.cfg_range[0]:g}-{cpr.cfg_range[1]:g}"
+                if not extrapolate:
+                    raise DcCliError(f"{where} lies outside the configurations study {study!r} was fitted on ({box}); "
+                                     f"fit it with {refit}, or pass --extrapolate for the ratios at the nearest "
+                                     "point of the fitted ranges")
+                err.print(f"warning: {where} lies outside the fitted {box}; the ratios are those at the nearest "
+                          "point of the fitted ranges (check them with --evaluate)")
+            ratios = cpr.predict(nfe, cfg, len(base.steps))
+            payload = {"method": "cpr", "cpr": kind, "fitted_configurations": configs,
+                       "coefficients": cpr.to_dict()}
+            line = f"CPR ({kind}, {fit} fits) over {len(configs)} fitted configurations of {study!r}: {where}"
         sched = with_ratios(base, ratios)
-        payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "cpr": kind, "ratios": ratios,
-                   "fitted_configurations": configs, "coefficients": cpr.to_dict()}
+        payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "ratios": ratios, **payload}
         if evaluate:
             ev = study_evaluator(config, cfg, cache)
             payload.update(mse_base=heldout_mse(ev, base), mse_predicted=heldout_mse(ev, sched))
@@ -420,8 +450,7 @@ def register(app: typer.Typer) -> None:
         if json_:
             print(json.dumps(payload, indent=2))
             return
-        out.print(f"CPR ({kind}, {fit} fits) over {len(configs)} fitted configurations of {study!r}: NFE {nfe}, CFG "
-                  f"{'—' if cfg is None else f'{cfg:g}'}")
+        out.print(line)
         out.print("ratios: " + ", ".join(f"{r:.3f}" for r in ratios))
         if evaluate:
             base_mse, pred_mse = payload["mse_base"], payload["mse_predicted"]
@@ -429,7 +458,7 @@ def register(app: typer.Typer) -> None:
             out.print(f"held-out MSE: without DC {_fmt(base_mse)}, with the predicted ratios {_fmt(pred_mse)}{change}")
             if pred_mse > base_mse:
                 err.print(f"warning: the predicted ratios are worse than none at this configuration; fit it with "
-                          f"'steptune dc fit --study {study} --nfe {nfe}{'' if cfg is None else f' --cfg {cfg:g}'}'")
+                          f"{refit}")
         if output is not None:
             err.print(f"wrote {output}")
 

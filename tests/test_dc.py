@@ -154,6 +154,19 @@ def test_cpr_outside_its_fitted_box_answers_for_the_nearest_fitted_configuration
     assert cpr.predict(8, 0.5) == cpr.predict(8, 1.5)
 
 
+def test_interpolated_ratios_are_linear_in_the_guidance_between_the_bracketing_fits():
+    rows = [(5, 1.5, [1, 1, 0.8, 1.2, 0.5]), (5, 3.0, [1, 1, 1.1, 0.9, 1.4]), (5, 5.0, [1, 1, 1.3, 1.3, 1.3]),
+            (6, 2.0, [1.0] * 6)]
+    ratios, between = dc.interpolate_ratios(rows, 5, 2.0)
+    assert between == (1.5, 3.0)
+    assert ratios == pytest.approx([1, 1, 0.8 + 0.3 / 3, 1.2 - 0.3 / 3, 0.5 + 0.9 / 3], abs=1e-12)
+    assert dc.interpolate_ratios(rows, 5, 4.0)[0] == pytest.approx([1, 1, 1.2, 1.1, 1.35], abs=1e-12)
+    assert dc.interpolate_ratios(rows, 5, 3.0) == ([1, 1, 1.1, 0.9, 1.4], (3.0, 3.0))
+    assert dc.interpolate_ratios(rows, 5, 6.0) is None  # outside the fitted guidance scales
+    assert dc.interpolate_ratios(rows, 7, 2.0) is None  # no fit at this NFE
+    assert dc.interpolate_ratios(rows, 6, 3.0) is None  # one fit at NFE 6 cannot bracket another scale
+
+
 def test_cpr_refined_end_to_end_beats_no_compensation():
     model = gaussian_model(NS, MU, VAR)
     cases = []

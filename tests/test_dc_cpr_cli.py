@@ -138,7 +138,7 @@ def test_dc_predict_uses_the_stored_cpr_unless_told_to_regress(capsys, db, fitte
 
 def test_dc_predict_warns_when_fits_were_added_after_the_stored_cpr(capsys, db, fitted):
     _cpr(capsys, db, fitted)
-    predict = ["dc", "predict", "--study", "g", "--nfe", "7", "--db", db]
+    predict = ["dc", "predict", "--study", "g", "--nfe", "7", "--cpr", "--db", db]
     code, _, err = _cli(capsys, *predict)
     assert code == 0 and "predates" not in err
     assert main(["dc", "fit", "--problem", PLUGIN, "--noise", "vp-linear", "--prediction", "eps", "--time-input",
@@ -215,3 +215,21 @@ def test_dc_predict_outside_the_fitted_ranges_needs_extrapolate(capsys, db):
     assert json.loads(out)["ratios"] == pytest.approx(at_edge, abs=1e-12)
     with connect(db) as store:
         assert store.get_study("g").config == before
+
+
+def test_dc_predict_interpolates_between_fits_at_the_same_nfe(capsys, db):
+    with connect(db) as store:
+        t = next(t for t in store.trials("g") if t.nfe == 5)
+        items = []
+        for g, r in ((1.0, [1.0, 1.0, 0.8, 1.2, 0.6]), (3.0, [1.0, 1.0, 1.2, 1.0, 1.4])):
+            steps = [{**st, "dc_ratio": v} for st, v in zip(t.schedule["steps"], r)]
+            items.append({"schedule": {**t.schedule, "steps": steps}, "status": "complete", "metrics": t.metrics,
+                          "info": {**t.info, "cfg": g}})
+        store.add_trials("g", items)
+    code, out, _ = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "5", "--cfg", "1.5", "--db", db, "--json")
+    pred = json.loads(out)
+    assert code == 0 and (pred["method"], pred["between_cfg"]) == ("interpolation", [1.0, 3.0])
+    assert pred["ratios"] == pytest.approx([1.0, 1.0, 0.9, 1.15, 0.8], abs=1e-12)
+    code, out, _ = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "5", "--cfg", "1.5", "--cpr", "--db", db,
+                        "--json")
+    assert code == 0 and json.loads(out)["method"] == "cpr"
