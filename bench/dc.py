@@ -38,6 +38,7 @@ from steptune.search import dc  # noqa: E402
 from steptune.space import presets  # noqa: E402
 
 SOLVERS = {"unipc": "unipc-bh2", "dpm++2m": "dpm-solver++-2m"}
+ROWS = (("base", ""), ("greedy", " +DC greedy"), ("joint_single", " +DC joint"), ("joint", " +DC joint, cont."))
 
 
 def score(ev, schedule) -> dict:
@@ -46,14 +47,22 @@ def score(ev, schedule) -> dict:
             "acc": r.metrics.get("accuracy")}
 
 
-def run_config(ev, spec: str, nfe: int, args) -> dict:
+def fit_only(ev, spec: str, nfe: int, args):
+    """The schedule, its fits, and the joint fit from the greedy start alone (kept before any restart)."""
     prob = ev.problem
     s = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
     fit = dc.fit_config(ev, s, fit_samples=args.fit_samples, greedy_iters=args.greedy_iters,
                         joint_iters=args.joint_iters)
-    row = {"solver": spec, "nfe": nfe, "reference_seconds": fit.reference_seconds, "base": score(ev, s)}
+    return s, fit, fit.fits["joint"]
+
+
+def score_fit(ev, s, fit, single) -> dict:
+    row = {"nfe": s.nfe, "reference_seconds": fit.reference_seconds, "base": score(ev, s)}
     for m, r in fit.fits.items():
         row[m] = {**score(ev, fit.fitted(m)), "ratios": r.ratios, "seconds": r.seconds, "model_calls": r.model_calls}
+    same = single is fit.fits["joint"]
+    row["joint_single"] = row["joint"] if same else {**score(ev, dc.with_ratios(s, single.ratios)),
+                                                     "ratios": single.ratios, "seconds": single.seconds}
     return row
 
 
@@ -81,6 +90,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--name", default="dc", help="saves runs/bench/NAME.json")
+    ap.add_argument("--no-continuation", dest="continuation", action="store_false",
+                    help="joint fits from the greedy start only (no restarts from neighbouring guidance scales)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfgs = [float(v) for v in args.cfg.split(",")]
@@ -98,16 +109,28 @@ def main():
             print(f"held-out reference at CFG {cfg:g}: {time.perf_counter() - t:.0f} s", flush=True)
         return evaluators[cfg]
 
-    grid = []
+    fits = {}
     for cfg in cfgs:
         for nfe in nfes:
             for name, spec in SOLVERS.items():
-                row = run_config(evaluator(cfg), spec, nfe, args)
-                row.update(cfg=cfg, name=name)
-                grid.append(row)
-                print(f"CFG {cfg:g} NFE {nfe} {name}: MSE {row['base']['mse']:.4g} -> greedy "
-                      f"{row['greedy']['mse']:.4g}, joint {row['joint']['mse']:.4g} (fit "
-                      f"{row['greedy']['seconds']:.1f} + {row['joint']['seconds']:.1f} s)", flush=True)
+                fits[(name, cfg, nfe)] = (evaluator(cfg), *fit_only(evaluator(cfg), spec, nfe, args))
+                f = fits[(name, cfg, nfe)][2].fits
+                print(f"CFG {cfg:g} NFE {nfe} {name}: fit loss greedy {f['greedy'].loss:.4g}, joint "
+                      f"{f['joint'].loss:.4g} ({f['greedy'].seconds:.1f} + {f['joint'].seconds:.1f} s)", flush=True)
+    if args.continuation:
+        for name in SOLVERS:
+            for nfe in nfes:
+                group = [(cfg, fits[(name, cfg, nfe)][2]) for cfg in cfgs]
+                k = dc.continue_across_guidance(group, iters=args.joint_iters)
+                print(f"{name} NFE {nfe}: continuation across CFG improved {k} of {len(group)} joint fits", flush=True)
+    grid = []
+    for (name, cfg, nfe), (ev, sched, fit, single) in fits.items():
+        row = score_fit(ev, sched, fit, single)
+        row.update(cfg=cfg, name=name, solver=SOLVERS[name])
+        grid.append(row)
+        print(f"CFG {cfg:g} NFE {nfe} {name}: held-out MSE {row['base']['mse']:.4g} -> greedy "
+              f"{row['greedy']['mse']:.4g}, joint {row['joint_single']['mse']:.4g}, continued "
+              f"{row['joint']['mse']:.4g}", flush=True)
 
     unipc = [r for r in grid if r["name"] == "unipc"]
     cpr = dc.CPR.fit([(r["nfe"], r["cfg"], r["joint"]["ratios"]) for r in unipc])
@@ -120,7 +143,15 @@ def main():
     cpr_rows = []
     for nfe, cfg in held:
         ev = evaluator(cfg)
-        row = run_config(ev, SOLVERS["unipc"], nfe, args)
+        sched, fit, single = fit_only(ev, SOLVERS["unipc"], nfe, args)
+        if args.continuation and nfe in nfes:  # the direct fit also restarts from its fitted neighbours' ratios
+            below = [c for c in cfgs if c < cfg]
+            above = [c for c in cfgs if c > cfg]
+            for c in [*below[-1:], *above[:1]]:
+                fit.refit_joint(fits[("unipc", c, nfe)][2].fits["joint"].ratios, iters=args.joint_iters,
+                                note={"from_cfg": c})
+        row = score_fit(ev, sched, fit, single)
+        row["solver"] = SOLVERS["unipc"]
         base = presets.build(SOLVERS["unipc"], nfe, ev.problem.noise, t_start=ev.problem.t_start,
                              t_end=ev.problem.t_end)
         row["cfg"] = cfg
@@ -150,37 +181,37 @@ def print_tables(grid, cpr_rows, cfgs, nfes, reference_quality):
     cells = {(r["name"], r["cfg"], r["nfe"]): r for r in grid}
     head = "".join(f"{f'{c:g}/{n}':>10}" for c in cfgs for n in nfes)
     print("\nheld-out MSE to the reference (columns CFG/NFE)")
-    print(f"{'method':<22}{head}")
+    print(f"{'method':<34}{head}")
     for name, label in (("unipc", "UniPC"), ("dpm++2m", "DPM-Solver++(2M)")):
-        for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
+        for m, suffix in ROWS:
             vals = "".join(f"{cells[(name, c, n)][m]['mse']:>10.4g}" for c in cfgs for n in nfes)
-            print(f"{label + suffix:<22}{vals}")
+            print(f"{label + suffix:<34}{vals}")
     print("\nFD-digits (held-out, 256 samples; the data's own 256-sample FD is the floor)")
     for name, label in (("unipc", "UniPC"), ("dpm++2m", "DPM-Solver++(2M)")):
-        for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
+        for m, suffix in ROWS:
             vals = "".join(f"{cells[(name, c, n)][m]['fd']:>10.4g}" for c in cfgs for n in nfes)
-            print(f"{label + suffix:<22}{vals}")
-    print(f"{'reference solution':<22}" + "".join(f"{reference_quality[c]['fd_digits']:>10.4g}"
+            print(f"{label + suffix:<34}{vals}")
+    print(f"{'reference solution':<34}" + "".join(f"{reference_quality[c]['fd_digits']:>10.4g}"
                                                   for c in cfgs for n in nfes))
     print("\nFD to the reference solutions from the same noises (held-out, 256 samples; 0 is the exact sampler)")
     for name, label in (("unipc", "UniPC"), ("dpm++2m", "DPM-Solver++(2M)")):
-        for m, suffix in (("base", ""), ("greedy", " +DC greedy"), ("joint", " +DC joint")):
+        for m, suffix in ROWS:
             vals = "".join(f"{cells[(name, c, n)][m]['fd_ref']:>10.4g}" for c in cfgs for n in nfes)
-            print(f"{label + suffix:<22}{vals}")
+            print(f"{label + suffix:<34}{vals}")
     print("\nclassifier accuracy on the guided labels (UniPC, UniPC +DC joint, reference)")
     for m in ("base", "joint"):
-        print(f"{m:<22}" + "".join(f"{cells[('unipc', c, n)][m]['acc']:>10.3f}" for c in cfgs for n in nfes))
-    print(f"{'reference solution':<22}" + "".join(f"{reference_quality[c]['accuracy']:>10.3f}"
+        print(f"{m:<34}" + "".join(f"{cells[('unipc', c, n)][m]['acc']:>10.3f}" for c in cfgs for n in nfes))
+    print(f"{'reference solution':<34}" + "".join(f"{reference_quality[c]['accuracy']:>10.3f}"
                                                   for c in cfgs for n in nfes))
-    print("\nfit seconds (greedy + joint) for UniPC")
+    print("\nfit seconds (greedy + joint, with the joint restarts) for UniPC")
     secs = [cells[("unipc", c, n)]["greedy"]["seconds"] + cells[("unipc", c, n)]["joint"]["seconds"]
             for c in cfgs for n in nfes]
-    print(f"{'':<22}" + "".join(f"{v:>10.1f}" for v in secs))
+    print(f"{'':<34}" + "".join(f"{v:>10.1f}" for v in secs))
     print("\nCPR on held-out configurations (UniPC): held-out MSE with predicted ratios, and its change against"
           " the ratios fitted directly there (greedy, as DC-Solver fits them; joint)")
     for r in cpr_rows:
         print(f"  NFE {r['nfe']:>2} CFG {r['cfg']:<4g} none {r['base']['mse']:.4g}  greedy {r['greedy']['mse']:.4g}  "
-              f"joint {r['joint']['mse']:.4g}")
+              f"joint {r['joint_single']['mse']:.4g}  joint with restarts {r['joint']['mse']:.4g} (the direct fit)")
         for key, label in (("cpr", "CPR (regression)"), ("cpr_e2e", "CPR (end to end)"), ("interp", "interpolated")):
             if key not in r:
                 continue

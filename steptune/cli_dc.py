@@ -254,6 +254,10 @@ def register(app: typer.Typer) -> None:
         fit_samples: Annotated[int, typer.Option("--fit-samples", help="Train-bank noises to fit on.")] = 10,
         greedy_iters: Annotated[int, typer.Option("--greedy-iters", help="AdamW iterations per step.")] = 20,
         joint_iters: Annotated[int, typer.Option("--joint-iters", help="Adam iterations of the joint fit.")] = 30,
+        continuation: Annotated[bool, typer.Option("--continuation/--no-continuation",
+                                                   help="Restart each joint fit from its neighbouring guidance "
+                                                        "scales' ratios at the same NFE, keeping the better fit.")]
+        = True,
         noise: Annotated[str | None, typer.Option("--noise", help="Noise schedule (gmm problems and models).")]
         = None,
         prediction: PredictionOpt = None, time_input: TimeInputOpt = None, time_scale: TimeScaleOpt = None,
@@ -281,7 +285,7 @@ def register(app: typer.Typer) -> None:
         except ScheduleError as e:
             raise DcCliError(str(e)) from None
         cfgs = _floats(cfg, "--cfg")
-        rows, items = [], []
+        configs = []  # (cfg, evaluator, schedule, ConfigFit)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, disable=json_, transient=True) as bar:
             for g in cfgs:
@@ -302,22 +306,33 @@ def register(app: typer.Typer) -> None:
                     fit = dc.fit_config(ev, s, methods=methods, fit_samples=fit_samples, greedy_iters=greedy_iters,
                                         joint_iters=joint_iters, progress=tick)
                     bar.remove_task(task)
-                    base = ev.evaluate(dc.with_ratios(s, [1.0] * len(s.steps)), "heldout")
-                    row = {"nfe": s.nfe, "cfg": g, "solver": spec, "mse_base": base.metrics["rmse"] ** 2,
-                           "reference_seconds": fit.reference_seconds}
-                    for m, r in fit.fits.items():
-                        fitted = fit.fitted(m)
-                        res = ev.evaluate(fitted, "heldout")
-                        row[f"mse_{m}"] = res.metrics["rmse"] ** 2
-                        row[f"ratios_{m}"] = r.ratios
-                        row[f"seconds_{m}"] = r.seconds
-                        info = {"dc_fit": m, "cfg": g, "solver": spec, "fit_samples": fit_samples,
-                                "fit_loss": r.loss, "fit_loss_start": r.loss_start,
-                                "mse_uncompensated": row["mse_base"]}
-                        items.append({"schedule": fitted, "status": "complete", "metrics": res.metrics,
-                                      "fidelity": "heldout", "bank": "heldout", "n_samples": res.n,
-                                      "seconds": r.seconds, "info": info})
-                    rows.append(row)
+                    configs.append((g, ev, s, fit))
+            if continuation and "joint" in methods:
+                for n in sorted({s.nfe for _, _, s, _ in configs}):
+                    group = [(0.0 if g is None else g, fit) for g, _, s, fit in configs if s.nfe == n]
+                    if len(group) > 1:
+                        task = bar.add_task(f"NFE {n}: joint fits continued across CFG", total=2 * len(group) - 2)
+                        dc.continue_across_guidance(group, iters=joint_iters,
+                                                    progress=lambda k, _, task=task: bar.update(task, completed=k))
+                        bar.remove_task(task)
+        rows, items = [], []
+        for g, ev, s, fit in configs:
+            base = ev.evaluate(dc.with_ratios(s, [1.0] * len(s.steps)), "heldout")
+            row = {"nfe": s.nfe, "cfg": g, "solver": spec, "mse_base": base.metrics["rmse"] ** 2,
+                   "reference_seconds": fit.reference_seconds}
+            for m, r in fit.fits.items():
+                fitted = fit.fitted(m)
+                res = ev.evaluate(fitted, "heldout")
+                row[f"mse_{m}"] = res.metrics["rmse"] ** 2
+                row[f"ratios_{m}"] = r.ratios
+                row[f"seconds_{m}"] = r.seconds
+                info = {"dc_fit": m, "cfg": g, "solver": spec, "fit_samples": fit_samples,
+                        "fit_loss": r.loss, "fit_loss_start": r.loss_start,
+                        "mse_uncompensated": row["mse_base"]}
+                items.append({"schedule": fitted, "status": "complete", "metrics": res.metrics,
+                              "fidelity": "heldout", "bank": "heldout", "n_samples": res.n,
+                              "seconds": r.seconds, "info": info})
+            rows.append(row)
         if study is not None and items:
             from steptune.storage import StorageError, connect
 

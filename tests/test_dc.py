@@ -57,6 +57,28 @@ def test_dc_reduces_the_error_at_nfe_5_on_unseen_noise():
     assert joint.loss <= greedy.loss
 
 
+def test_continuing_a_joint_fit_from_a_neighbour_reaches_the_neighbours_optimum_on_the_same_objective():
+    model = gaussian_model(NS, MU, VAR)
+    sched = presets.build("unipc-bh2", 6, NS, t_end=T_END)
+    x_fit = _noise(10, 0)
+    target = _targets(sched, x_fit)[-1]
+
+    def config(init, iters):
+        fit = dc.fit_joint(model, sched, x_fit, target, init=init, iters=iters)
+        return dc.ConfigFit(sched, {"joint": fit}, 0.0, model, x_fit, target)
+
+    good = config(dc.fit_greedy(model, sched, x_fit, _targets(sched, x_fit)).ratios, 30)
+    stuck = config([1.0, 1.0, 1.6, 0.4, 1.6, 0.4], 1)  # a poor start, hardly optimised
+    assert stuck.fits["joint"].loss > 2 * good.fits["joint"].loss
+    before = {id(cf): cf.fits["joint"].loss for cf in (good, stuck)}
+    # two guidance scales of the same objective: the poor fit, restarted from the good one's ratios, is
+    # at least as good as it (the start counts); no fit ever gets worse
+    assert dc.continue_across_guidance([(3.0, stuck), (1.5, good)], iters=5) >= 1
+    assert stuck.fits["joint"].loss <= before[id(good)]
+    assert good.fits["joint"].loss <= before[id(good)]
+    assert stuck.fits["joint"].model_calls > 0 and stuck.fits["joint"].history[-1]["restart"] == {"from_cfg": 1.5}
+
+
 def test_joint_fit_gradient_matches_finite_differences():
     model = gaussian_model(NS, MU, VAR)
     sched = presets.build("unipc-bh2", 4, NS, t_end=T_END)  # two compensable steps
