@@ -122,7 +122,8 @@ def main():
             for nfe in nfes:
                 group = [(cfg, fits[(name, cfg, nfe)][2]) for cfg in cfgs]
                 k = dc.continue_across_guidance(group, iters=args.joint_iters)
-                print(f"{name} NFE {nfe}: continuation across CFG improved {k} of {len(group)} joint fits", flush=True)
+                print(f"{name} NFE {nfe}: {k} of {2 * len(group) - 2} restarts across CFG improved a joint fit",
+                      flush=True)
     grid = []
     for (name, cfg, nfe), (ev, sched, fit, single) in fits.items():
         row = score_fit(ev, sched, fit, single)
