@@ -149,6 +149,8 @@ def test_dc_commands_refuse_bad_input(tmp_path, capsys):
     assert main(["dc", "predict", "--study", "nope", "--nfe", "5", "--db",
                  f"sqlite:///{tmp_path / 'none.db'}"]) == 2
     assert capsys.readouterr().err.startswith("error:")
+    assert main(["dc", "fit", "--problem", "gmm-2d", "--threads", "0", "--cache", str(tmp_path)]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
 
 
 def test_dc_fit_refines_a_schedule_file_with_the_joint_fit(tmp_path, capsys):
