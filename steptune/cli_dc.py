@@ -38,6 +38,15 @@ ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads f
                                                                   "is fastest on a busy machine).")]
 
 
+class DcCliError(click.ClickException):
+    """One line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        print(f"error: {self.message}", file=file or sys.stderr)
+
+
 def set_threads(threads: int | None) -> None:
     if threads is None:
         return
@@ -46,15 +55,6 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-
-
-class DcCliError(click.ClickException):
-    """One line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        print(f"error: {self.message}", file=file or sys.stderr)
 
 
 def build_problem(problem: str, model: str | None = None, noise: str | None = None, prediction: str | None = None,
