@@ -66,18 +66,6 @@ def score_fit(ev, s, fit, single) -> dict:
     return row
 
 
-def fit_case(ev, spec: str, nfe: int, cfg: float, args) -> dc.CPRCase:
-    """The fit noises and final reference of one configuration (the references fit_config cached)."""
-    from steptune.evaluators.neural_reference import trajectory_reference
-
-    prob = ev.problem
-    s = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
-    x = ev.x_T("train", args.fit_samples)
-    bank = {**ev.bank("train").describe(), "n": args.fit_samples}
-    target = trajectory_reference(prob, x, s.times, bank=bank, cache_dir=ev.cache_dir)[-1]
-    return dc.CPRCase(prob.model, s, x, target, nfe, cfg)
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cfg", default="1.5,3,5")
@@ -136,7 +124,8 @@ def main():
     unipc = [r for r in grid if r["name"] == "unipc"]
     cpr = dc.CPR.fit([(r["nfe"], r["cfg"], r["joint"]["ratios"]) for r in unipc])
     t = time.perf_counter()
-    cases = [fit_case(evaluator(r["cfg"]), SOLVERS["unipc"], r["nfe"], r["cfg"], args) for r in unipc]
+    cases = [dc.CPRCase(f.model, f.schedule, f.x_T, f.target, nfe, cfg)
+             for (name, cfg, nfe), (_, _, f, _) in fits.items() if name == "unipc"]
     cpr_e2e, history = dc.refine_cpr(cpr, cases, iters=args.cpr_iters)
     cpr_seconds = time.perf_counter() - t
     print(f"CPR refined end to end over {len(cases)} configurations: relative loss {history[0]:.4g} -> "

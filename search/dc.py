@@ -315,17 +315,27 @@ def continue_across_guidance(fits: Sequence[tuple[float, ConfigFit]], *, iters: 
     a start from a neighbouring optimum often reaches a better one than the greedy start, and neighbours
     then share one pattern of ratios, so that interpolating between them works. Returns the number of
     fits improved."""
-    order = [cf for _, cf in sorted(fits, key=lambda gc: gc[0])]
-    cfgs = sorted(g for g, _ in fits)
-    steps = [(a, b) for a, b in zip(range(len(order)), range(1, len(order)))]
-    sweep = steps + [(b, a) for a, b in reversed(steps)]
+    ordered = sorted(fits, key=lambda gc: gc[0])
+    up = [(k, k + 1) for k in range(len(ordered) - 1)]
+    sweep = up + [(b, a) for a, b in reversed(up)]
     improved = 0
     for k, (src, dst) in enumerate(sweep):
-        improved += order[dst].refit_joint(order[src].fits["joint"].ratios, iters=iters, bounds=bounds,
-                                           note={"from_cfg": cfgs[src]})
+        (g_src, cf_src), (_, cf_dst) = ordered[src], ordered[dst]
+        improved += cf_dst.refit_joint(cf_src.fits["joint"].ratios, iters=iters, bounds=bounds,
+                                       note={"from_cfg": g_src})
         if progress is not None:
             progress(k + 1, len(sweep))
     return improved
+
+
+def fit_targets(evaluator, schedule: Schedule, fit_samples: int) -> tuple[Tensor, list[Tensor]]:
+    """The fit noises (the first ``fit_samples`` of the evaluator's train bank) and the converged
+    reference states from them at ``schedule.times[1:]`` (cached on disk)."""
+    from steptune.evaluators.neural_reference import trajectory_reference
+
+    x = evaluator.x_T("train", fit_samples)
+    bank = {**evaluator.bank("train").describe(), "n": fit_samples}
+    return x, trajectory_reference(evaluator.problem, x, schedule.times, bank=bank, cache_dir=evaluator.cache_dir)
 
 
 def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("greedy", "joint"), fit_samples: int = 10,
@@ -334,17 +344,13 @@ def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("gree
     """Fit the ratios of ``schedule`` on the first ``fit_samples`` noises of the evaluator's train bank
     against converged reference states at the schedule's times. ``joint`` starts from ``greedy``'s
     ratios when both are asked for (a refinement), else from the schedule's own ratios."""
-    from steptune.evaluators.neural_reference import trajectory_reference
-
     bad = sorted(set(methods) - {"greedy", "joint"})
     if bad:
         raise ValueError(f"unknown DC fit method {bad[0]!r}; use greedy and/or joint")
     evaluator.check(schedule)
     problem = evaluator.problem
-    x_fit = evaluator.x_T("train", fit_samples)
     t0 = time.perf_counter()
-    bank = {**evaluator.bank("train").describe(), "n": fit_samples}
-    targets = trajectory_reference(problem, x_fit, schedule.times, bank=bank, cache_dir=evaluator.cache_dir)
+    x_fit, targets = fit_targets(evaluator, schedule, fit_samples)
     ref_seconds = time.perf_counter() - t0
     base = with_ratios(schedule, [1.0] * len(schedule.steps)) if "greedy" in methods else schedule
     fits: dict[str, FitResult] = {}

@@ -104,12 +104,17 @@ def load_dc_study(db: str, study: str) -> tuple[dict, list]:
     return config, trials
 
 
-def fitted_rows(study: str, trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
+def fit_rows(trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
     """(NFE, CFG, ratios) of every ``fit`` trial."""
+    return [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
+            for t in trials if t.info.get("dc_fit") == fit]
+
+
+def fitted_rows(study: str, trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
+    """``fit_rows``, refusing an unknown fit or a study without such fits."""
     if fit not in FITS:
         raise DcCliError(f"--fit {fit!r}: use joint or greedy")
-    rows = [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
-            for t in trials if t.info.get("dc_fit") == fit]
+    rows = fit_rows(trials, fit)
     if not rows:
         other = [f for f in FITS if any(t.info.get("dc_fit") == f for t in trials)]
         hint = f"use --fit {other[0]}" if other else f"run 'steptune dc fit --study {study}' first"
@@ -167,16 +172,13 @@ def cpr_plan(study: str, config: dict, rows: list, cache: Path) -> list[tuple]:
 
 def cpr_cases(plan: list[tuple], fit_samples: int, bar: Progress) -> list:
     """Each configuration's fit noises (the train bank's first ``fit_samples``) and cached final reference."""
-    from steptune.evaluators.neural_reference import trajectory_reference
-    from steptune.search.dc import CPRCase
+    from steptune.search.dc import CPRCase, fit_targets
 
     task = bar.add_task("references", total=len(plan))
     cases = []
     for ev, schedule, nfe, cfg in plan:
-        x = ev.x_T("train", fit_samples)
-        bank = {**ev.bank("train").describe(), "n": fit_samples}
-        target = trajectory_reference(ev.problem, x, schedule.times, bank=bank, cache_dir=ev.cache_dir)[-1]
-        cases.append(CPRCase(ev.problem.model, schedule, x, target, nfe, cfg))
+        x, targets = fit_targets(ev, schedule, fit_samples)
+        cases.append(CPRCase(ev.problem.model, schedule, x, targets[-1], nfe, cfg))
         bar.advance(task)
     bar.remove_task(task)
     return cases
@@ -222,9 +224,7 @@ def interpolated(trials: list, fit: str, nfe: int, cfg: float | None, n_steps: i
     """``dc.interpolate_ratios`` over the study's ``fit`` trials, or None."""
     from steptune.search.dc import interpolate_ratios
 
-    rows = [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
-            for t in trials if t.info.get("dc_fit") == fit]
-    got = interpolate_ratios(rows, nfe, cfg)
+    got = interpolate_ratios(fit_rows(trials, fit), nfe, cfg)
     return got if got is not None and len(got[0]) == n_steps else None
 
 
