@@ -6,7 +6,7 @@ FD-digits measures distance to the data set; at strong guidance the exact (refer
 itself far from the data, so a sampler that follows it more closely can score a higher FD-digits.
 The FD to the reference isolates the sampler's own error at the distribution level.
 
-    python bench/dc.py [--cfg 1.5,3,5] [--nfe 5,6,8,10] [--heldout 7:2,9:4,6:4] [--threads 1]
+    python bench/dc.py [--cfg 1.5,3,5] [--nfe 5,6,8,10] [--heldout 7:2,9:4,6:4] [--threads 1] [--device cuda]
 
 Ratios are fitted on the first 10 noises of the train bank (labels 0..9) and scored on the
 256-sample held-out bank. "joint" starts from the greedy ratios (a refinement). CPR is fitted on
@@ -76,6 +76,7 @@ def main():
     ap.add_argument("--joint-iters", type=int, default=30)
     ap.add_argument("--cpr-iters", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda)")
     ap.add_argument("--cache", default="runs/cache")
     ap.add_argument("--name", default="dc", help="saves runs/bench/NAME.json")
     ap.add_argument("--no-continuation", dest="continuation", action="store_false",
@@ -91,7 +92,7 @@ def main():
     def evaluator(cfg):
         if cfg not in evaluators:
             prob = load_problem("digits-cond", guidance_scale=cfg)
-            evaluators[cfg] = Evaluator(prob, cache_dir=args.cache, **evaluator_options(prob))
+            evaluators[cfg] = Evaluator(prob, cache_dir=args.cache, device=args.device, **evaluator_options(prob))
             t = time.perf_counter()
             evaluators[cfg].reference("heldout")
             print(f"held-out reference at CFG {cfg:g}: {time.perf_counter() - t:.0f} s", flush=True)

@@ -95,12 +95,12 @@ class Evaluator:
                  sw_seed: int = 0):
         if n_train < 1 or n_heldout < 1:
             raise ValueError("Evaluator: bank sizes must be at least 1")
-        self.problem = problem
+        self.device = torch.device(device)
+        self.problem = problem.to(self.device)
         self.seed = int(seed)
         self.sizes = {"train": int(n_train), "heldout": int(n_heldout)}
         self.seeds = {"train": self.seed, "heldout": self.seed + HELDOUT_OFFSET}
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
-        self.device = torch.device(device)
         self.rtol, self.atol = float(rtol), float(atol)
         self.sw_projections, self.sw_seed = int(sw_projections), int(sw_seed)
         self._banks: dict[str, Bank] = {}

@@ -304,17 +304,23 @@ class GuidedDigits:
     def __init__(self, unet: DigitsUNet, guidance_scale: float | None):
         self.unet, self.guidance_scale = unet, guidance_scale
 
+    def to(self, device) -> GuidedDigits:
+        """The UNet on ``device``, in place; inputs from any device are moved to it and back."""
+        self.unet.to(device)
+        return self
+
     def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
         n = x.shape[0]
-        xin, t = x.float(), timestep.float().expand(n)
-        y = bank_labels(n, x.device)
+        device = next(self.unet.parameters()).device
+        xin, t = x.to(device, torch.float32), timestep.to(device, torch.float32).expand(n)
+        y = bank_labels(n, device)
         s = self.guidance_scale
         if s is None or s == 1.0:
-            return self.unet(xin, t, y).to(x.dtype)
+            return self.unet(xin, t, y).to(x.device, x.dtype)
         null = torch.full_like(y, NULL_CLASS)
         out = self.unet(torch.cat([xin, xin]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out[:n], out[n:]
-        return (uncond + s * (cond - uncond)).to(x.dtype)
+        return (uncond + s * (cond - uncond)).to(x.device, x.dtype)
 
 
 def digits_problem(guidance_scale: float = 3.0, models_dir: str | Path | None = MODELS_DIR,

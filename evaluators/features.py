@@ -46,9 +46,18 @@ class DigitsQuality:
         with torch.no_grad():
             self.data_stats = gaussian_stats(self.classifier.features(images))
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
+    def to(self, device) -> DigitsQuality:
+        """The classifier on ``device``, in place; samples from any device are moved to it."""
+        self.classifier.to(device)
+        return self
+
     def features(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.classifier.features(x.float().clamp(-1, 1))
+            return self.classifier.features(x.to(self.device).float().clamp(-1, 1))
 
     def fd(self, x: Tensor) -> float:
         return frechet_distance(*gaussian_stats(self.features(x)), *self.data_stats)
@@ -56,7 +65,7 @@ class DigitsQuality:
     def accuracy(self, x: Tensor, labels: Tensor | None = None) -> float:
         labels = bank_labels(x.shape[0]) if labels is None else labels
         with torch.no_grad():
-            pred = self.classifier(x.float().clamp(-1, 1)).argmax(1)
+            pred = self.classifier(x.to(self.device).float().clamp(-1, 1)).argmax(1)
         return float((pred.cpu() == labels.cpu()).float().mean())
 
     def __call__(self, x: Tensor) -> dict:

@@ -79,6 +79,13 @@ class NeuralProblem(Problem):
     def identity(self) -> dict:
         return {**super().identity(), "reference": self.reference_settings.to_dict()}
 
+    def to(self, device) -> NeuralProblem:
+        """The network (and the quality scorer's) on ``device``, in place, where they can move."""
+        for part in (self.model.fn, self.quality):
+            if callable(getattr(part, "to", None)):
+                part.to(device)
+        return self
+
 
 # ---- networks -------------------------------------------------------------------------------------
 
@@ -108,6 +115,13 @@ class TorchNetwork:
         if self.dtype is not None and v.is_floating_point():
             v = v.to(self.dtype)
         return v
+
+    def to(self, device) -> TorchNetwork:
+        """The network on ``device``, in place."""
+        if isinstance(self.network, torch.nn.Module):
+            self.network.to(device)
+            self.device = torch.device(device)
+        return self
 
     def __call__(self, x: Tensor, time: Tensor, **kwargs) -> Tensor:
         b = x.shape[0]

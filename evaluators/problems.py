@@ -87,6 +87,10 @@ class Problem:
     def dim(self) -> int:
         return math.prod(self.shape)
 
+    def to(self, device) -> Problem:
+        """Place what the model runs on ``device`` (in place). The exact mixture moves with its inputs."""
+        return self
+
     def identity(self) -> dict:
         """Everything this problem's results depend on, JSON-able (cache keys, database rows)."""
         data = dict(self.source)

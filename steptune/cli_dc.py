@@ -36,6 +36,8 @@ ShapeOpt = Annotated[str | None, typer.Option("--shape", help="Sample shape, e.g
 DbOpt = Annotated[str, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default runs/steptune.db).")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch (default: torch's own; 1 "
                                                                   "is fastest on a busy machine).")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="Where the network runs: cpu, cuda, cuda:1 "
+                                                                "(default: cuda when torch sees one, else cpu).")]
 
 
 class DcCliError(click.ClickException):
@@ -55,6 +57,26 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def pick_device(device: str | None) -> str:
+    """``device`` checked against what torch sees; None: cuda when available, else cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DcCliError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DcCliError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DcCliError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda"):
+        raise DcCliError(f"--device {device}: use cpu or cuda[:N]")
+    return str(dev)
 
 
 def build_problem(problem: str, model: str | None = None, noise: str | None = None, prediction: str | None = None,
@@ -137,7 +159,7 @@ def study_schedule(study: str, config: dict, nfe: int):
         raise DcCliError(str(e)) from None
 
 
-def study_evaluator(config: dict, cfg: float | None, cache: Path):
+def study_evaluator(config: dict, cfg: float | None, cache: Path, device: str = "cpu"):
     """The Evaluator (and problem) `dc fit` built for the study at guidance ``cfg`` (conventions it did not
     record take their defaults)."""
     from steptune.evaluators import Evaluator
@@ -146,7 +168,7 @@ def study_evaluator(config: dict, cfg: float | None, cache: Path):
     conv = config.get("conventions") or {}
     prob = build_problem(config["problem"], None, conv.get("noise"), conv.get("prediction"), conv.get("time_input"),
                          conv.get("time_scale"), cfg, conv.get("shape"))
-    return Evaluator(prob, cache_dir=cache, **evaluator_options(prob))
+    return Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
 
 
 def checked(ev, schedule):
@@ -159,12 +181,12 @@ def checked(ev, schedule):
     return schedule
 
 
-def cpr_plan(study: str, config: dict, rows: list, cache: Path) -> list[tuple]:
+def cpr_plan(study: str, config: dict, rows: list, cache: Path, device: str = "cpu") -> list[tuple]:
     """(evaluator, schedule, NFE, CFG) of each fitted configuration, rebuilt as `dc fit` built it."""
     evaluators, plan = {}, []
     for nfe, cfg in dict.fromkeys((nfe, cfg) for nfe, cfg, _ in rows):
         if cfg not in evaluators:
-            evaluators[cfg] = study_evaluator(config, cfg, cache)
+            evaluators[cfg] = study_evaluator(config, cfg, cache, device)
         ev = evaluators[cfg]
         plan.append((ev, checked(ev, study_schedule(study, config, nfe)), nfe, cfg))
     return plan
@@ -277,6 +299,7 @@ def register(app: typer.Typer) -> None:
         cache: Annotated[Path, typer.Option("--cache", help="Folder for cached references.")] = Path("runs/cache"),
         db: DbOpt = DEFAULT_DB,
         threads: ThreadsOpt = None,
+        device: DeviceOpt = None,
         json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ):
         """Fit DC-Solver ratios per (NFE, CFG) on fixed noises; report held-out MSE against the reference."""
@@ -287,6 +310,7 @@ def register(app: typer.Typer) -> None:
         from steptune.space import ScheduleError
 
         set_threads(threads)
+        device = pick_device(device)
         methods = {"both": ("greedy", "joint"), "greedy": ("greedy",), "joint": ("joint",)}.get(method)
         if methods is None:
             raise DcCliError(f"--method {method!r}: use greedy, joint or both")
@@ -304,7 +328,7 @@ def register(app: typer.Typer) -> None:
                       TimeElapsedColumn(), console=err, disable=json_, transient=True) as bar:
             for g in cfgs:
                 prob = build_problem(problem, None, noise, prediction, time_input, time_scale, g, shape)
-                ev = Evaluator(prob, cache_dir=cache, **evaluator_options(prob))
+                ev = Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
                 try:
                     scheds = resolve(spec, nfes, prob.noise, None, prob.t_start, prob.t_end)
                     for s in scheds:
@@ -389,6 +413,7 @@ def register(app: typer.Typer) -> None:
         cache: Annotated[Path, typer.Option("--cache", help="Folder for cached references.")] = Path("runs/cache"),
         db: DbOpt = DEFAULT_DB,
         threads: ThreadsOpt = None,
+        device: DeviceOpt = None,
         json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ):
         """Fit the cascade polynomial regression end to end on every fitted configuration of a study (backprop
@@ -396,6 +421,7 @@ def register(app: typer.Typer) -> None:
         from steptune.search.dc import CPR
 
         set_threads(threads)
+        device = pick_device(device)
         if iters < 1:
             raise DcCliError("--iters must be at least 1")
         if not lr > 0:
@@ -403,7 +429,7 @@ def register(app: typer.Typer) -> None:
         config, trials = load_dc_study(db, study)
         rows = fitted_rows(study, trials, fit)
         start = CPR.fit(rows, ridge=ridge)
-        plan = cpr_plan(study, config, rows, cache)
+        plan = cpr_plan(study, config, rows, cache, device)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, transient=True) as bar:
             cases = cpr_cases(plan, int(config.get("fit_samples", 10)), bar)
@@ -440,6 +466,7 @@ def register(app: typer.Typer) -> None:
         cache: Annotated[Path, typer.Option("--cache", help="Folder for cached references.")] = Path("runs/cache"),
         output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the schedule JSON here.")] = None,
         db: DbOpt = DEFAULT_DB,
+        device: DeviceOpt = None,
         json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ):
         """Ratios for an unseen (NFE, CFG) from a study's fits: interpolated in the guidance between the fits
@@ -447,6 +474,7 @@ def register(app: typer.Typer) -> None:
         'dc cpr' stored one)."""
         from steptune.search.dc import with_ratios
 
+        device = pick_device(device) if evaluate else None
         config, trials = load_dc_study(db, study)
         base = study_schedule(study, config, nfe)
         where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
@@ -474,7 +502,7 @@ def register(app: typer.Typer) -> None:
         sched = with_ratios(base, ratios)
         payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "ratios": ratios, **payload}
         if evaluate:
-            ev = study_evaluator(config, cfg, cache)
+            ev = study_evaluator(config, cfg, cache, device)
             payload.update(mse_base=heldout_mse(ev, base), mse_predicted=heldout_mse(ev, sched))
         if output is not None:
             sched.save(output)

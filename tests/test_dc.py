@@ -151,6 +151,11 @@ def test_dc_commands_refuse_bad_input(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error:")
     assert main(["dc", "fit", "--problem", "gmm-2d", "--threads", "0", "--cache", str(tmp_path)]) == 2
     assert "--threads must be at least 1" in capsys.readouterr().err
+    assert main(["dc", "fit", "--problem", "gmm-2d", "--device", "gpu0", "--cache", str(tmp_path)]) == 2
+    assert "--device 'gpu0' is not a device torch knows" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["dc", "fit", "--problem", "gmm-2d", "--device", "cuda", "--cache", str(tmp_path)]) == 2
+        assert "torch sees no CUDA device here; use --device cpu" in capsys.readouterr().err
 
 
 def test_dc_fit_refines_a_schedule_file_with_the_joint_fit(tmp_path, capsys):

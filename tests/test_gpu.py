@@ -1,0 +1,71 @@
+"""Networks on a CUDA device: an Evaluator on the GPU places the network and the quality scorer there, and
+its figures (evaluations, DC fits) equal the CPU's. Skipped where torch sees no CUDA device; the GPU
+benchmark script runs them."""
+
+import pytest
+import torch
+from steptune.evaluators import Evaluator
+from steptune.evaluators.digits import digits_problem
+from steptune.evaluators.plugins import TorchNetwork, load_problem
+from steptune.search import dc
+from steptune.space import presets
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _full_float32():
+    """TF32 convolutions and matmuls would differ from the CPU by ~1e-3; the comparisons are in float32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _pair(tmp_path, **opts):
+    return [Evaluator(digits_problem(models_dir=None, **opts), cache_dir=tmp_path / d, device=d, n_train=10,
+                      n_heldout=64) for d in ("cpu", "cuda")]
+
+
+def test_an_evaluator_on_the_gpu_places_the_network_and_matches_the_cpu(tmp_path):
+    cpu, gpu = _pair(tmp_path, guidance_scale=3.0)
+    assert next(gpu.problem.model.fn.unet.parameters()).is_cuda
+    assert next(gpu.problem.quality.classifier.parameters()).is_cuda
+    assert gpu.x_T("heldout").is_cuda
+    s = presets.build("unipc-bh2", 8, cpu.problem.noise, t_start=cpu.problem.t_start, t_end=cpu.problem.t_end)
+    a, b = cpu.evaluate(s, "heldout"), gpu.evaluate(s, "heldout")
+    assert a.ok and b.ok
+    for key in ("rmse", "fd_digits", "fd_reference"):
+        assert b.metrics[key] == pytest.approx(a.metrics[key], rel=1e-3), key
+    assert b.metrics["accuracy"] == pytest.approx(a.metrics["accuracy"], abs=2 / 64)
+
+
+def test_a_dc_fit_on_the_gpu_matches_the_cpu(tmp_path):
+    cpu, gpu = _pair(tmp_path, guidance_scale=3.0)
+    s = presets.build("unipc-bh2", 6, cpu.problem.noise, t_start=cpu.problem.t_start, t_end=cpu.problem.t_end)
+    fits = [dc.fit_config(ev, s, fit_samples=10, greedy_iters=5, joint_iters=5) for ev in (cpu, gpu)]
+    for m in ("greedy", "joint"):
+        a, b = fits[0].fits[m], fits[1].fits[m]
+        assert b.loss == pytest.approx(a.loss, rel=1e-3), m
+        assert b.ratios == pytest.approx(a.ratios, abs=1e-3), m
+        assert b.loss < b.loss_start
+
+
+class Scale(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float32))
+
+    def forward(self, x, t):
+        return self.w * x + t[:, None, None, None]
+
+
+def test_a_plugged_module_follows_the_evaluator_to_the_gpu():
+    net = TorchNetwork(Scale())
+    assert net.to("cuda") is net and next(net.network.parameters()).is_cuda
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    t = torch.arange(3, dtype=torch.float64)
+    assert torch.equal(net(x, t), (0.5 * x.float() + t.float()[:, None, None, None]).double())
+    prob = load_problem("digits-cond", guidance_scale=1.5)
+    Evaluator(prob, cache_dir=None, device="cuda:0")
+    assert next(prob.model.fn.unet.parameters()).device == torch.device("cuda:0")
