@@ -309,11 +309,16 @@ class GuidedDigits:
         self.unet.to(device)
         return self
 
-    def __call__(self, x: Tensor, timestep: Tensor) -> Tensor:
+    @staticmethod
+    def sample_kwargs(n: int) -> dict:
+        """The labels of n bank samples, for calls that stack several runs' samples (``sample_batch``)."""
+        return {"class_labels": bank_labels(n)}
+
+    def __call__(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None) -> Tensor:
         n = x.shape[0]
         device = next(self.unet.parameters()).device
         xin, t = x.to(device, torch.float32), timestep.to(device, torch.float32).expand(n)
-        y = bank_labels(n, device)
+        y = bank_labels(n, device) if class_labels is None else class_labels.to(device)
         s = self.guidance_scale
         if s is None or s == 1.0:
             return self.unet(xin, t, y).to(x.device, x.dtype)

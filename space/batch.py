@@ -3,7 +3,11 @@ from the same initial noise, and each round's states are stacked along the batch
 its own time input), so a GPU sees K x n samples per forward pass instead of n.
 
 Each schedule's result equals ``sample(model, x_T, schedule)`` (up to the floating-point effect of the
-batch size on the network's kernels); a schedule that diverges fails alone.
+batch size on the network's kernels); a schedule that diverges fails alone. Per-sample conditioning is
+repeated for every schedule: the model's ``cond_kwargs`` and ``uncond_kwargs`` tensors whose first
+dimension is the number of samples, and ``model.fn.sample_kwargs(n)`` where the network defines it (the
+per-sample arguments of its call for n samples, which it would otherwise derive from the batch it is
+given).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ def sample_batch(model: Model, x_T: Tensor, schedules: Sequence[Schedule]) -> li
         s.validate()
         check_compatible(model, s)
     n = x_T.shape[0]
+    per_sample = getattr(model.fn, "sample_kwargs", None)
+    cond = {**model.cond_kwargs, **(per_sample(n) if per_sample is not None else {})}
     loops = [trajectory(s, model.noise, x_T, model.data_mean) for s in schedules]
     results: list[Tensor | NonFiniteError | None] = [None] * len(loops)
     pending = {}
@@ -46,7 +52,7 @@ def sample_batch(model: Model, x_T: Tensor, schedules: Sequence[Schedule]) -> li
         tv = torch.cat([torch.full((n,), model.time_value(r.t), dtype=x.dtype, device=x.device) for r in reqs])
         m = by_count.get(len(ks))
         if m is None:
-            m = by_count[len(ks)] = replace(model, cond_kwargs=_tiled(model.cond_kwargs, n, len(ks)),
+            m = by_count[len(ks)] = replace(model, cond_kwargs=_tiled(cond, n, len(ks)),
                                             uncond_kwargs=_tiled(model.uncond_kwargs, n, len(ks)))
         out = m.call(x, tv).to(x.dtype)
         model.calls += 1

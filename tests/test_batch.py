@@ -87,3 +87,16 @@ def test_the_evaluator_scores_a_batch_as_it_scores_each_schedule(tmp_path):
         assert r.status == one.status == "complete" and (r.n, r.bank, r.nfe) == (40, "train", s.nfe)
         for k, v in one.metrics.items():
             assert math.isclose(r.metrics[k], v, rel_tol=1e-12, abs_tol=1e-15), k
+
+
+def test_the_digits_labels_follow_each_sample_when_schedules_are_stacked():
+    """Sample i of a bank has label i mod 10; stacking K runs of 16 samples must not relabel the K-th run's
+    samples as (16 k + i) mod 10."""
+    from steptune.evaluators.digits import digits_problem
+
+    prob = digits_problem(guidance_scale=3.0, models_dir=None, quality=False)
+    x_T = prob.sample_prior(16, torch.Generator().manual_seed(0))
+    scheds = [presets.build(p, 6, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+              for p in ("unipc-bh2", "dpm-solver++-2m", "ddim")]
+    for s, x in zip(scheds, sample_batch(prob.model, x_T, scheds)):
+        assert torch.allclose(x, sample(prob.model, x_T, s), rtol=0, atol=1e-5)
