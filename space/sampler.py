@@ -33,6 +33,29 @@ def _check(x: Tensor, step: int, where: str) -> None:
         raise NonFiniteError(step, where)
 
 
+class _StateChecks:
+    """Whether the state is finite after each step. On the CPU each check is immediate (a diverging run
+    stops there). On an accelerator the checks are queued on the device and read once, at the end: reading
+    a device value waits for the device, and a wait per step would keep the host from queueing the next
+    work while the device runs (for K batched runs, K waits per network call)."""
+
+    def __init__(self, device: torch.device):
+        self.deferred = device.type != "cpu"
+        self.flags: list[Tensor] = []
+
+    def after_step(self, x: Tensor, step: int) -> None:
+        if self.deferred:
+            self.flags.append(torch.isfinite(x.detach()).all())
+        else:
+            _check(x, step, "state")
+
+    def finish(self) -> None:
+        if self.flags:
+            ok = torch.stack(self.flags).cpu()
+            if not bool(ok.all()):
+                raise NonFiniteError(int((~ok).nonzero()[0]), "state")
+
+
 def _afs_outputs(data_mean: Tensor | None, x: Tensor, alpha: float, sigma: float, afs: str) -> tuple[Tensor, Tensor]:
     if afs == "zero":
         x0 = torch.zeros_like(x)
@@ -149,6 +172,7 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
         hist = [(yield from point(0, x))]
     n = len(schedule.steps)
     keep = _lookback(schedule)
+    checks = _StateChecks(x_T.device)
     for i, st in enumerate(schedule.steps):
         j = i + 1
         last = i == n - 1
@@ -181,9 +205,10 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
             hist.append(pt)
             if len(hist) > keep:  # no later step reaches this far back
                 drop(hist.pop(0))
-        _check(x, i, "state")  # a non-finite model output reaches the state by the next step
+        checks.after_step(x, i)  # a non-finite model output reaches the state by the next step
         if callback is not None:
             callback(i, x.clone())
+    checks.finish()
     return x
 
 

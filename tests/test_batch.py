@@ -100,3 +100,24 @@ def test_the_digits_labels_follow_each_sample_when_schedules_are_stacked():
               for p in ("unipc-bh2", "dpm-solver++-2m", "ddim")]
     for s, x in zip(scheds, sample_batch(prob.model, x_T, scheds)):
         assert torch.allclose(x, sample(prob.model, x_T, s), rtol=0, atol=1e-5)
+
+
+def test_deferred_state_checks_report_the_first_diverged_step_at_the_end():
+    """On an accelerator the per-step finiteness checks are read once, at the end; they must name the
+    same step an immediate check would."""
+    from steptune.space.sampler import _StateChecks
+
+    checks = _StateChecks(torch.device("cpu"))
+    checks.deferred = True
+    for i, v in enumerate([1.0, 2.0, math.nan, math.inf, 3.0]):
+        checks.after_step(torch.full((4,), v), i)
+    try:
+        checks.finish()
+    except NonFiniteError as e:
+        assert e.step == 2 and e.where == "state"
+    else:
+        raise AssertionError("a NaN state went unreported")
+    clean = _StateChecks(torch.device("cpu"))
+    clean.deferred = True
+    clean.after_step(torch.ones(3), 0)
+    clean.finish()

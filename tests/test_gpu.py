@@ -69,3 +69,25 @@ def test_a_plugged_module_follows_the_evaluator_to_the_gpu():
     prob = load_problem("digits-cond", guidance_scale=1.5)
     Evaluator(prob, cache_dir=None, device="cuda:0")
     assert next(prob.model.fn.unet.parameters()).device == torch.device("cuda:0")
+
+
+def test_a_diverging_run_on_the_gpu_fails_at_the_step_the_cpu_names():
+    from steptune.space import Model, NonFiniteError, sample
+    from steptune.space import noise as noise_mod
+
+    ns = noise_mod.VPLinear()
+    bad = presets.build("ddim", 6, ns)
+    poison = bad.steps[2].t
+
+    def eps(x, t):
+        out = 0.1 * x
+        out[(t - poison).abs() < 1e-12] = float("nan")
+        return out
+
+    steps = []
+    for device in ("cpu", "cuda"):
+        x_T = torch.randn(8, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device)
+        with pytest.raises(NonFiniteError) as err:
+            sample(Model(eps, ns), x_T, bad)
+        steps.append(err.value.step)
+    assert steps[0] == steps[1]
