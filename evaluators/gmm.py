@@ -186,12 +186,14 @@ class GaussianMixture:
             tol: float = 1e-3) -> GaussianMixture:
         """Fit with scikit-learn's EM (full covariances, k-means initialisation, fixed ``seed``)."""
         from sklearn.mixture import GaussianMixture as SkGaussianMixture
+        from threadpoolctl import threadpool_limits
 
         X = np.asarray(data.detach().cpu().numpy() if isinstance(data, Tensor) else data, dtype=np.float64)
         X = X.reshape(X.shape[0], -1)
         sk = SkGaussianMixture(n_components=n_components, covariance_type="full", reg_covar=reg_covar,
                                random_state=seed, max_iter=max_iter, tol=tol, n_init=1)
-        sk.fit(X)
+        with threadpool_limits(1):  # a small fit: more threads only spin, and on a busy machine that costs
+            sk.fit(X)
         return cls(sk.weights_, sk.means_, sk.covariances_)
 
     def __repr__(self) -> str:
