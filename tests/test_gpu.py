@@ -49,6 +49,10 @@ def test_a_dc_fit_on_the_gpu_matches_the_cpu(tmp_path):
         assert b.loss == pytest.approx(a.loss, rel=1e-3), m
         assert b.ratios == pytest.approx(a.ratios, abs=1e-3), m
         assert b.loss < b.loss_start
+    cpr = dc.CPR.fit([(6, 3.0, fits[0].fits["joint"].ratios), (6, 5.0, fits[0].fits["greedy"].ratios)])
+    histories = [dc.refine_cpr(cpr, [dc.CPRCase(f.model, f.schedule, f.x_T, f.target, 6, 3.0)], iters=3)[1]
+                 for f in fits]
+    assert histories[1] == pytest.approx(histories[0], rel=1e-3)
 
 
 class Scale(torch.nn.Module):
