@@ -126,6 +126,38 @@ def load_dc_study(db: str, study: str) -> tuple[dict, list]:
     return config, trials
 
 
+FIT_KEYS = ("problem", "solver", "conventions", "fit_samples")
+
+
+def fit_command(study: str, config: dict, nfe: int, cfg: float | None) -> str:
+    """The `dc fit` command that adds (``nfe``, ``cfg``) to ``study`` as its earlier fits were made."""
+    conv = config.get("conventions") or {}
+    opts = [f"--problem {config['problem']}", f"--solver {config['solver'].removeprefix('preset:')}"]
+    opts += [f"--{k.replace('_', '-')} {v}" for k, v in conv.items() if v is not None]
+    if config.get("fit_samples", 10) != 10:
+        opts.append(f"--fit-samples {config['fit_samples']}")
+    where = f"--nfe {nfe}" + ("" if cfg is None else f" --cfg {cfg:g}")
+    return f"'steptune dc fit {' '.join(opts)} {where} --study {study}'"
+
+
+def check_same_fit(db: str, study: str, config: dict) -> None:
+    """Refuse to add fits to an existing study that was fitted on another problem, solver, conventions or
+    number of fit noises (its CPR and interpolation would mix them)."""
+    from steptune.storage import StorageError, connect
+
+    try:
+        with connect(db) as store:
+            old = store.get_study(study).config or {}
+    except StorageError:
+        return  # a new study
+    if old.get("kind") != "dc-fit":
+        raise DcCliError(f"study {study!r} was not written by 'steptune dc fit'; choose another --study")
+    for key in FIT_KEYS:
+        if key in old and old[key] != config.get(key):
+            raise DcCliError(f"study {study!r} was fitted with {key} {old.get(key)!r}, not {config.get(key)!r}; use "
+                             f"the same options (e.g. {fit_command(study, old, 5, None)}) or another --study")
+
+
 def fit_rows(trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
     """(NFE, CFG, ratios) of every ``fit`` trial."""
     return [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
@@ -318,6 +350,11 @@ def register(app: typer.Typer) -> None:
             raise DcCliError("--fit-samples must be at least 1")
         is_file = not solver.startswith("preset:") and Path(solver).suffix == ".json"
         spec = solver if is_file or solver.startswith("preset:") else f"preset:{solver}"
+        conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,
+                       "shape": shape}
+        if study is not None:
+            check_same_fit(db, study, {"kind": "dc-fit", "problem": problem, "solver": spec,
+                                       "conventions": conventions, "fit_samples": fit_samples})
         try:
             nfes = [] if is_file else parse_nfe_list(nfe)
         except ScheduleError as e:
@@ -378,8 +415,7 @@ def register(app: typer.Typer) -> None:
                 with connect(db) as store:
                     config = {"kind": "dc-fit", "solver": spec, "problem": problem, "noise": prob.noise.to_dict(),
                               "t_start": prob.t_start, "t_end": prob.t_end, "fit_samples": fit_samples,
-                              "conventions": {"noise": noise, "prediction": prediction, "time_input": time_input,
-                                              "time_scale": time_scale, "shape": shape}}
+                              "conventions": conventions}
                     store.add_trials(study, items, create={"method": "dc", "config": config,
                                                            "problem": prob.identity()})
             except StorageError as e:
@@ -478,7 +514,7 @@ def register(app: typer.Typer) -> None:
         config, trials = load_dc_study(db, study)
         base = study_schedule(study, config, nfe)
         where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
-        refit = f"'steptune dc fit --study {study} --nfe {nfe}{'' if cfg is None else f' --cfg {cfg:g}'}'"
+        refit = fit_command(study, config, nfe, cfg)
         interp = None if (use_cpr or regression) else interpolated(trials, fit, nfe, cfg, len(base.steps))
         if interp is not None:
             ratios, (lo, hi) = interp
@@ -496,8 +532,13 @@ def register(app: typer.Typer) -> None:
                 err.print(f"warning: {where} lies outside the fitted {box}; the ratios are those at the nearest "
                           "point of the fitted ranges (check them with --evaluate)")
             ratios = cpr.predict(nfe, cfg, len(base.steps))
-            payload = {"method": "cpr", "cpr": kind, "fitted_configurations": configs,
+            nfe_fitted = any(n == nfe for n, _, _ in fit_rows(trials, fit))
+            payload = {"method": "cpr", "cpr": kind, "nfe_fitted": nfe_fitted, "fitted_configurations": configs,
                        "coefficients": cpr.to_dict()}
+            if not nfe_fitted:
+                err.print(f"note: study {study!r} has no '{fit}' fit at NFE {nfe}; there CPR's ratios fall well short "
+                          f"of a direct fit (2-2.6x its held-out error in bench/dc.py); {refit} fits them in seconds",
+                          soft_wrap=True)
             line = f"CPR ({kind}, {fit} fits) over {len(configs)} fitted configurations of {study!r}: {where}"
         sched = with_ratios(base, ratios)
         payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "ratios": ratios, **payload}

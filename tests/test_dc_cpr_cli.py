@@ -2,6 +2,7 @@
 with it: the stored coefficients, their training loss, predictions, held-out scores, refusals."""
 
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -132,8 +133,11 @@ def test_dc_predict_uses_the_stored_cpr_unless_told_to_regress(capsys, db, fitte
     assert code == 0 and pred["cpr"] == "regression"
     assert pred["ratios"] == dc.CPR.fit(_rows(db), ridge=1e-3).predict(7, None, 7)
     assert pred["ratios"] != reloaded.predict(7, None, 7)
-    code, out, _ = _cli(capsys, *predict[:-1])
+    code, out, err = _cli(capsys, *predict[:-1])
     assert code == 0 and "end-to-end" in out
+    assert "has no 'joint' fit at NFE 7" in err
+    code, out, err = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "6", "--cpr", "--db", db, "--json")
+    assert code == 0 and json.loads(out)["nfe_fitted"] and "has no" not in err
 
 
 def test_dc_predict_warns_when_fits_were_added_after_the_stored_cpr(capsys, db, fitted):
@@ -233,3 +237,29 @@ def test_dc_predict_interpolates_between_fits_at_the_same_nfe(capsys, db):
     code, out, _ = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "5", "--cfg", "1.5", "--cpr", "--db", db,
                         "--json")
     assert code == 0 and json.loads(out)["method"] == "cpr"
+
+
+def test_the_suggested_fit_command_adds_the_configuration_to_the_study(capsys, db, fitted):
+    code, _, err = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--db", db)
+    command = err.split("'steptune ", 1)[1].split("'", 1)[0]
+    assert command.startswith("dc fit --problem test_plugins:bare_network_factory --solver unipc-bh2 --noise "
+                              "vp-linear") and command.endswith("--nfe 7 --study g")
+    code, _, _ = _cli(capsys, *shlex.split(command), "--joint-iters", "2", "--db", db, "--cache",
+                      str(fitted / "cache"), "--json")
+    assert code == 0
+    assert sorted({n for n, _, _ in _rows(db)}) == [5, 6, 7, 8]
+    code, out, err = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--db", db, "--json")
+    assert code == 0 and "has no" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--problem", "gmm-2d"], "was fitted with problem 'test_plugins:bare_network_factory', not 'gmm-2d'"),
+    (["--problem", PLUGIN, "--noise", "vp-linear", "--prediction", "eps", "--time-input", "continuous", "--shape",
+      "4", "--fit-samples", "3"], "was fitted with fit_samples 8, not 3"),
+])
+def test_dc_fit_refuses_to_mix_other_fits_into_a_study(capsys, db, fitted, args, message):
+    before = _rows(db)
+    code, out, err = _cli(capsys, "dc", "fit", *args, "--nfe", "7", "--method", "joint", "--joint-iters", "1",
+                          "--study", "g", "--db", db, "--cache", str(fitted / "cache"))
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err
+    assert _rows(db) == before
