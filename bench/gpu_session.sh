@@ -12,12 +12,15 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/bench}"
 mkdir -p "$OUT" runs/bench
 export PYTHONUNBUFFERED=1
+# the package laid out as pyproject.toml's package-dir maps it (no build, no dependencies fetched)
 SITE="${TMPDIR:-/tmp}/steptune-site"
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$SITE" . >"$OUT/install.log" 2>&1 \
-    || { cat "$OUT/install.log"; exit 1; }
+rm -rf "$SITE" && mkdir -p "$SITE"
+cp -r steptune "$SITE/steptune"
+for sub in space evaluators search storage; do cp -r "$sub" "$SITE/steptune/$sub"; done
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-python3 -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
-'|', torch.cuda.get_device_name() if torch.cuda.is_available() else '-')" | tee "$OUT/gpu_session.log"
+python3 -P -c "import torch, steptune.space; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
+'|', torch.cuda.get_device_name() if torch.cuda.is_available() else '-', '| steptune from', steptune.space.__file__)" \
+    | tee "$OUT/gpu_session.log"
 
 status=0
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, keep going on failure
@@ -28,13 +31,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     echo "== $name: exit $rc" | tee -a "$OUT/gpu_session.log"
     [ "$rc" = 0 ] || status=1
 }
-step tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step tests 180 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py
 if [ -n "${QUICK:-}" ]; then
-    step batched 240 python3 bench/gpu_batched.py --quick
-    step dc_fit_time 180 python3 bench/dc_fit_time.py --threads 2 --configs 5:3 --repeats 1
+    step batched 240 python3 -P bench/gpu_batched.py --quick
+    step dc_fit_time 180 python3 -P bench/dc_fit_time.py --threads 2 --configs 5:3 --repeats 1
 else
-    step batched 240 python3 bench/gpu_batched.py
-    step dc_fit_time 180 python3 bench/dc_fit_time.py --threads 2 --repeats 3
+    step batched 240 python3 -P bench/gpu_batched.py
+    step dc_fit_time 180 python3 -P bench/dc_fit_time.py --threads 2 --repeats 3
 fi
 for f in gpu_batched gpu_batched_quick dc_fit_time; do
     [ -f "runs/bench/$f.json" ] && [ "$OUT" != runs/bench ] && cp "runs/bench/$f.json" "$OUT/"
