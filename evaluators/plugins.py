@@ -80,10 +80,14 @@ class NeuralProblem(Problem):
         return {**super().identity(), "reference": self.reference_settings.to_dict()}
 
     def to(self, device) -> NeuralProblem:
-        """The network (and the quality scorer's) on ``device``, in place, where they can move."""
+        """The network (and the quality scorer's) and the conditioning tensors on ``device``, in place, where
+        they can move."""
         for part in (self.model.fn, self.quality):
             if callable(getattr(part, "to", None)):
                 part.to(device)
+        m = self.model
+        m.cond_kwargs, m.uncond_kwargs = ({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
+                                          for kw in (m.cond_kwargs, m.uncond_kwargs))
         return self
 
 
@@ -151,7 +155,7 @@ def network_fingerprint(network) -> str:
         for name, v in sorted(module.state_dict().items()):
             t = v.detach().to("cpu").contiguous()
             h.update(name.encode() + repr(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
     return f"{type(module).__module__}.{getattr(module, '__qualname__', type(module).__qualname__)}"
 

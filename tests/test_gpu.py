@@ -6,7 +6,7 @@ import pytest
 import torch
 from steptune.evaluators import Evaluator
 from steptune.evaluators.digits import digits_problem
-from steptune.evaluators.plugins import TorchNetwork, load_problem
+from steptune.evaluators.plugins import Plug, TorchNetwork, load_problem
 from steptune.search import dc
 from steptune.space import presets
 
@@ -60,8 +60,14 @@ class Scale(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.tensor(0.5, dtype=torch.float32))
 
-    def forward(self, x, t):
-        return self.w * x + t[:, None, None, None]
+    def forward(self, x, t, shift=None):
+        out = self.w * x + t[:, None, None, None]
+        return out if shift is None else out + shift
+
+
+def conditioned_factory():
+    return Plug(network=Scale(), shape=(1, 8, 8), noise="vp-linear", guidance_scale=2.0,
+                cond_kwargs={"shift": torch.ones(1, 1, 8, 8)}, uncond_kwargs={"shift": torch.zeros(1, 1, 8, 8)})
 
 
 def test_a_plugged_module_follows_the_evaluator_to_the_gpu():
@@ -73,6 +79,12 @@ def test_a_plugged_module_follows_the_evaluator_to_the_gpu():
     prob = load_problem("digits-cond", guidance_scale=1.5)
     Evaluator(prob, cache_dir=None, device="cuda:0")
     assert next(prob.model.fn.unet.parameters()).device == torch.device("cuda:0")
+    plugged = load_problem("test_gpu:conditioned_factory")
+    on_cpu = plugged.model.raw(torch.ones(2, 1, 8, 8, dtype=torch.float64), 0.5)
+    ev = Evaluator(plugged, cache_dir=None, device="cuda")
+    assert plugged.model.cond_kwargs["shift"].is_cuda and plugged.model.uncond_kwargs["shift"].is_cuda
+    x = torch.ones(2, 1, 8, 8, dtype=torch.float64, device="cuda")
+    assert torch.equal(plugged.model.raw(x, 0.5).cpu(), on_cpu) and ev.x_T("train").is_cuda
 
 
 def test_a_diverging_run_on_the_gpu_fails_at_the_step_the_cpu_names():

@@ -174,3 +174,18 @@ def test_a_diffusers_unet_factory_gets_its_shape_from_the_config():
     assert prob.shape == (2, 8, 8) and prob.noise.to_dict()["name"] == "ddpm-linear"
     assert prob.identity()["data"]["network_sha256"] == load_problem("test_plugins:unet_factory").identity()[
         "data"]["network_sha256"]
+
+
+def test_a_network_with_a_scalar_parameter_is_fingerprinted_by_its_value():
+    from steptune.evaluators.plugins import network_fingerprint
+
+    class Temperature(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.tau = torch.nn.Parameter(torch.tensor(value))
+
+        def forward(self, x, t):
+            return self.tau * x
+
+    a, b = network_fingerprint(Temperature(0.5)), network_fingerprint(Temperature(0.25))
+    assert a == network_fingerprint(Temperature(0.5)) and a != b
