@@ -12,7 +12,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
+from steptune.cli_dc import (
+    DeviceOpt,
+    GuidanceOpt,
+    ModelOpt,
+    PredictionOpt,
+    ShapeOpt,
+    TimeInputOpt,
+    TimeScaleOpt,
+    pick_device,
+)
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 
@@ -37,13 +46,14 @@ class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
-def _evaluator(problem: str, noise: str | None, cache: Path, **model_options):
+def _evaluator(problem: str, noise: str | None, cache: Path, device: str | None = None, **model_options):
     from steptune.cli_dc import build_problem
     from steptune.evaluators import Evaluator
     from steptune.evaluators.plugins import evaluator_options
 
+    device = pick_device(device)
     prob = build_problem(problem, noise=noise, error=UserError, **model_options)
-    return Evaluator(prob, cache_dir=cache, **evaluator_options(prob))
+    return Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
 
 
 @app.command("presets")
@@ -99,6 +109,7 @@ def eval_cmd(
     time_scale: TimeScaleOpt = None,
     guidance: GuidanceOpt = None,
     shape: ShapeOpt = None,
+    device: DeviceOpt = None,
 ):
     """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
     if bank not in ("heldout", "train"):
@@ -107,7 +118,7 @@ def eval_cmd(
     for spec in schedule:  # bad files are refused before any problem or reference is built
         if not spec.startswith("preset:"):
             resolve(spec, nfes, None)
-    ev = _evaluator(problem, noise, cache, model=model, prediction=prediction, time_input=time_input,
+    ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
                     time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
     scheds = [(spec, s) for spec in schedule

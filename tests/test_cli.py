@@ -73,6 +73,7 @@ def test_nfe_flag_must_match_file(tmp_path, capsys):
     (["eval", "--schedule", "missing.json"], ["no such file"]),
     (["eval", "--schedule", "preset:ddim:order", "--nfe", "5"], ["key=value"]),
     (["eval", "--schedule", "preset:ddim:bogus=1", "--nfe", "5"], ["bogus"]),
+    (["eval", "--schedule", "preset:ddim", "--nfe", "5", "--device", "gpu0"], ["--device 'gpu0'", "cuda:N"]),
 ])
 def test_bad_arguments(argv, words, capsys, tmp_path):
     code = main([*argv, "--cache", str(tmp_path / "c")])
