@@ -175,7 +175,8 @@ class Evaluator:
         n = self._n(b, n)
         start = time.perf_counter()
         try:
-            x = sample(self.problem.model, b.x_T[:n], schedule)
+            with torch.no_grad():
+                x = sample(self.problem.model, b.x_T[:n], schedule)
         except NonFiniteError as e:
             return self._failed(schedule, str(e), time.perf_counter() - start, bank, n)
         return self._measure(schedule, x, time.perf_counter() - start, bank, n)
@@ -197,7 +198,8 @@ class Evaluator:
                 out[i] = self._failed(s, str(e), 0.0, bank, n)
         if ok:
             start = time.perf_counter()
-            xs = sample_batch(self.problem.model, b.x_T[:n], [schedules[i] for i in ok])
+            with torch.no_grad():
+                xs = sample_batch(self.problem.model, b.x_T[:n], [schedules[i] for i in ok])
             share = (time.perf_counter() - start) / len(ok)
             for i, x in zip(ok, xs):
                 out[i] = (self._failed(schedules[i], str(x), share, bank, n) if isinstance(x, NonFiniteError)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from steptune.space import presets, sample
+from steptune.space import NonFiniteError, presets, sample
 
 from .reference import key_digest, tensor_sha256
 
@@ -33,7 +33,7 @@ SOLVER = "unipc-bh2"
 
 
 class ReferenceNotConverged(RuntimeError):
-    pass
+    """The reference solve diverged or did not converge: a property of the network, not of a schedule."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,13 @@ def solve_states(model, x_T: Tensor, times: list[float], steps: int) -> list[Ten
         if i in want:
             out[want[i]] = x
 
-    with torch.no_grad():
-        sample(model, x_T, sched, callback=keep)
+    try:
+        with torch.no_grad():
+            sample(model, x_T, sched, callback=keep)
+    except NonFiniteError as e:
+        raise ReferenceNotConverged(f"reference: the model produced NaN or inf near t = {grid[e.step + 1]:g} on the "
+                                    "reference solve; check the network there (its weights, the time input "
+                                    "convention)") from None
     return out
 
 

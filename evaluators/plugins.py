@@ -98,26 +98,44 @@ def _is_diffusers_unet(obj) -> bool:
         "UNet2DModel", "UNet2DConditionModel")
 
 
+def _module_dtype_device(network) -> tuple[torch.dtype | None, torch.device | None]:
+    """The floating dtype holding most of a module's parameters and buffers, and their device."""
+    tensors = [*network.parameters(), *network.buffers()]
+    sizes: dict[torch.dtype, int] = {}
+    for t in tensors:
+        if t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    dtype = max(sizes, key=sizes.get) if sizes else None
+    return dtype, (tensors[0].device if tensors else None)
+
+
 class TorchNetwork:
     """Calls a torch module (or callable) in its own dtype and device and returns the caller's dtype;
-    a diffusers-style output object gives its ``.sample``, a tuple its first entry. Keyword arguments
-    whose batch is 1 are repeated to the batch of x (a single prompt embedding or label for all)."""
+    a diffusers-style output object gives its ``.sample`` (a dict its ``"sample"``), a tuple its first entry.
+    Keyword arguments whose batch is 1 are repeated to the batch of x (a single prompt embedding or label
+    for all). The module's parameters are frozen (sampling never trains them; their gradients would only
+    cost memory), and time goes in at least float32 (a half-precision timestep is off by up to 1 at 1000).
+    The module's ``sample_kwargs(n)``, if it has one, is passed on (see ``space.batch``)."""
 
     def __init__(self, network: Callable, **fixed):
         self.network, self.fixed = network, fixed
-        params = list(network.parameters()) if isinstance(network, torch.nn.Module) else []
-        self.dtype = params[0].dtype if params else None
-        self.device = params[0].device if params else None
+        self.dtype, self.device = None, None
+        if isinstance(network, torch.nn.Module):
+            network.requires_grad_(False)
+            self.dtype, self.device = _module_dtype_device(network)
+        if callable(getattr(network, "sample_kwargs", None)):
+            self.sample_kwargs = network.sample_kwargs
 
-    def _to(self, v: Tensor, batch: int | None = None) -> Tensor:
+    def _to(self, v: Tensor, batch: int | None = None, dtype: torch.dtype | None = None) -> Tensor:
         if not isinstance(v, Tensor):
             return v
         if batch is not None and v.ndim > 0 and v.shape[0] == 1 and batch > 1:
             v = v.expand(batch, *v.shape[1:])
         if self.device is not None:
             v = v.to(self.device)
-        if self.dtype is not None and v.is_floating_point():
-            v = v.to(self.dtype)
+        dtype = self.dtype if dtype is None else dtype
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
         return v
 
     def to(self, device) -> TorchNetwork:
@@ -130,9 +148,12 @@ class TorchNetwork:
     def __call__(self, x: Tensor, time: Tensor, **kwargs) -> Tensor:
         b = x.shape[0]
         kw = {k: self._to(v, b) for k, v in {**self.fixed, **kwargs}.items()}
-        out = self.network(self._to(x), self._to(time), **kw)
+        time_dtype = None if self.dtype is None or self.dtype.itemsize >= 4 else torch.float32
+        out = self.network(self._to(x), self._to(time, dtype=time_dtype), **kw)
         if hasattr(out, "sample"):
             out = out.sample
+        elif isinstance(out, dict) and "sample" in out:
+            out = out["sample"]
         elif isinstance(out, (tuple, list)):
             out = out[0]
         return out.to(x.dtype).to(x.device)
@@ -146,18 +167,60 @@ def DiffusersUNet(unet, **fixed) -> TorchNetwork:  # noqa: N802 (reads as the wr
     return TorchNetwork(unet, **fixed)
 
 
+def _hash_tensor(h, name: str, v: Tensor) -> None:
+    t = v.detach().to("cpu").contiguous()
+    h.update(name.encode() + repr(tuple(t.shape)).encode() + str(t.dtype).encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _captured(fn) -> list:
+    """The torch modules and tensors a plain callable holds: a function's closure and defaults, a
+    partial's arguments, a bound method's object, a callable object's attributes (one level)."""
+    import functools
+
+    if isinstance(fn, functools.partial):
+        values = [fn.func, *fn.args, *fn.keywords.values()]
+    elif hasattr(fn, "__code__"):
+        values = [c.cell_contents for c in (fn.__closure__ or ()) if c.cell_contents is not None]
+        values += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    elif hasattr(fn, "__self__"):
+        values = [fn.__self__]
+    else:
+        values = list(getattr(fn, "__dict__", {}).values())
+    return [v for v in values if isinstance(v, (torch.nn.Module, Tensor))]
+
+
 def network_fingerprint(network) -> str:
-    """sha256 over a torch module's parameters and buffers (names, shapes, values); the qualified name of
-    any other callable."""
+    """sha256 over a torch module's parameters and buffers (names, shapes, values); for any other
+    callable, its qualified name and the modules and tensors it holds (``_captured``)."""
     module = getattr(network, "network", network)
+    h = hashlib.sha256()
     if isinstance(module, torch.nn.Module):
-        h = hashlib.sha256()
-        for name, v in sorted(module.state_dict().items()):
-            t = v.detach().to("cpu").contiguous()
-            h.update(name.encode() + repr(tuple(t.shape)).encode() + str(t.dtype).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        state = module.state_dict()
+        unsaved = {f"unsaved:{n}": b for n, b in module.named_buffers() if n not in state}
+        for name, v in sorted({**state, **unsaved}.items()):
+            _hash_tensor(h, name, v)
         return h.hexdigest()
-    return f"{type(module).__module__}.{getattr(module, '__qualname__', type(module).__qualname__)}"
+    name = f"{type(module).__module__}.{getattr(module, '__qualname__', type(module).__qualname__)}"
+    held = _captured(module)
+    for i, v in enumerate(held):
+        if isinstance(v, Tensor):
+            _hash_tensor(h, str(i), v)
+        else:
+            h.update(network_fingerprint(v).encode())
+    return f"{name}:{h.hexdigest()}" if held else name
+
+
+def conditioning_fingerprint(*kwargs: dict) -> str:
+    """sha256 over conditioning arguments (tensors by value, anything else by its repr)."""
+    h = hashlib.sha256()
+    for k, kw in enumerate(kwargs):
+        for name, v in sorted(kw.items()):
+            if isinstance(v, Tensor):
+                _hash_tensor(h, f"{k}:{name}", v)
+            else:
+                h.update(f"{k}:{name}={v!r}".encode())
+    return h.hexdigest()
 
 
 # ---- factories ------------------------------------------------------------------------------------
@@ -225,8 +288,8 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
     p_default, ti_default = default_conventions(ns)
     if _is_diffusers_unet(net):
         cfg = net.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)[0]
-        plug.shape = plug.shape or (cfg.in_channels, size, size)
+        size = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+        plug.shape = plug.shape or (cfg.in_channels, *size)
         net = DiffusersUNet(net)
     elif isinstance(net, torch.nn.Module):
         net = TorchNetwork(net)
@@ -244,6 +307,8 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
         settings = ReferenceSettings() if reference_tol is None else ReferenceSettings(tol=float(reference_tol))
         source = {"kind": "network", "factory": spec, "network_sha256": network_fingerprint(plug.network),
                   **plug.identity}
+        if plug.cond_kwargs or plug.uncond_kwargs:
+            source["conditioning_sha256"] = conditioning_fingerprint(plug.cond_kwargs, plug.uncond_kwargs)
         prob = NeuralProblem(name=plug.name or spec, noise=ns, model=model, shape=tuple(shape), t_start=t_start,
                              t_end=t_end, source=source, reference_settings=settings)
     except ValueError as e:

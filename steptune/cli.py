@@ -244,6 +244,8 @@ class _null:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from steptune.evaluators.neural_reference import ReferenceNotConverged
+
     try:
         code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
         if isinstance(code, int):
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err.print("aborted")
         return 130
-    except (ScheduleError, UserError) as e:
+    except (ScheduleError, UserError, ReferenceNotConverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

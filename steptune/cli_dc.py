@@ -59,6 +59,12 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def guidance_of(problem) -> float | None:
+    """The guidance scale a problem samples with, set by its model or its source (None: unguided)."""
+    g = problem.model.guidance_scale
+    return g if g is not None else problem.source.get("guidance_scale")
+
+
 def pick_device(device: str | None) -> str:
     """``device`` checked against what torch sees; None: cuda when available, else cpu."""
     import torch
@@ -365,6 +371,7 @@ def register(app: typer.Typer) -> None:
                       TimeElapsedColumn(), console=err, disable=json_, transient=True) as bar:
             for g in cfgs:
                 prob = build_problem(problem, None, noise, prediction, time_input, time_scale, g, shape)
+                g = guidance_of(prob) if g is None else g
                 ev = Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
                 try:
                     scheds = resolve(spec, nfes, prob.noise, None, prob.t_start, prob.t_end)

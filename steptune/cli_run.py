@@ -49,6 +49,7 @@ def execute_job(job, quiet: bool = False):
     """Run ``job`` with a progress bar on stderr (none when ``quiet``), Ctrl-C finishing the evaluations in
     flight; bad input raises CliError before any work. Returns the RunResult."""
     from steptune.backends import BackendError, make_backend
+    from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.jobs import JobError
     from steptune.runner import Runner
 
@@ -87,7 +88,8 @@ def execute_job(job, quiet: bool = False):
         signal.signal(signal.SIGINT, on_sigint)
         try:
             result = runner.run()
-        except (JobError, BackendError) as e:
+        except (JobError, BackendError, ReferenceNotConverged) as e:
+            bar.remove_task(task)  # the error is the last line, not a stale progress frame
             raise CliError(str(e)) from None
         finally:
             signal.signal(signal.SIGINT, previous)

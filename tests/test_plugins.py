@@ -43,6 +43,44 @@ def raising_factory():
     raise RuntimeError("checkpoint missing")
 
 
+def nan_mid_factory():
+    """Finite at the times the load check probes, NaN in between: only the reference solve meets it."""
+    def eps(x, t):
+        out = 0.1 * x
+        out[(t > 0.6) & (t < 0.7)] = math.nan
+        return out
+    return Plug(network=eps, shape=(4,), noise="vp-linear", prediction="eps", time_input="continuous")
+
+
+def guided_factory():
+    return Plug(network=lambda x, t, e=None: eps_fn(NS, MU, VAR)(x, t) + 0.01 * e, shape=(4,), noise="vp-linear",
+                prediction="eps", time_input="continuous", guidance_scale=2.0,
+                cond_kwargs={"e": torch.ones(1, 4)}, uncond_kwargs={"e": torch.zeros(1, 4)})
+
+
+class LabelledNet(torch.nn.Module):
+    """A trainable-looking module (its parameters require grad) whose labels come from the sample index."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.emb = torch.nn.Embedding(10, 4)
+
+    @staticmethod
+    def sample_kwargs(n):
+        return {"labels": torch.arange(n) % 10}
+
+    def forward(self, x, t, labels=None):
+        labels = torch.arange(x.shape[0]) % 10 if labels is None else labels
+        return 0.1 * torch.tanh(self.lin(x) + self.emb(labels) + t[:, None])
+
+
+def labelled_factory():
+    torch.manual_seed(0)
+    return Plug(network=LabelledNet().float(), shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+
+
 SPEC = "test_plugins:gaussian_factory"
 
 
@@ -97,6 +135,7 @@ def test_search_runs_a_plugged_model(tmp_path, capsys):
     ("test_plugins:wrong_shape_factory", ["test_plugins:wrong_shape_factory", "shape"]),
     ("test_plugins:nan_factory", ["test_plugins:nan_factory", "NaN"]),
     ("test_plugins:raising_factory", ["test_plugins:raising_factory", "checkpoint missing"]),
+    ("test_plugins:nan_mid_factory", ["reference", "NaN", "near t = 0.6"]),
     ("test_plugins", ["module:factory"]),
 ])
 def test_bad_factories_give_one_line_naming_them(spec, words, tmp_path, capsys):
@@ -189,3 +228,92 @@ def test_a_network_with_a_scalar_parameter_is_fingerprinted_by_its_value():
 
     a, b = network_fingerprint(Temperature(0.5)), network_fingerprint(Temperature(0.25))
     assert a == network_fingerprint(Temperature(0.5)) and a != b
+
+
+def test_a_module_that_requires_grad_runs_and_its_per_sample_labels_survive_batching(tmp_path, capsys):
+    assert main(["eval", "--model", "test_plugins:labelled_factory", "--schedule", "preset:unipc-bh2", "--nfe", "5",
+                 "--samples", "16", "--cache", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["status"] == "complete"
+    prob = load_problem("test_plugins:labelled_factory")
+    ev = Evaluator(prob, cache_dir=tmp_path, n_train=16)
+    scheds = [presets.build(p, 6, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+              for p in ("unipc-bh2", "dpm-solver++-2m", "ddim")]
+    one_by_one = [ev.evaluate(s).metrics["rmse"] for s in scheds]
+    batched = [r.metrics["rmse"] for r in ev.evaluate_many(scheds)]
+    assert batched == pytest.approx(one_by_one, rel=1e-5)
+
+
+def test_the_identity_follows_conditioning_captured_modules_and_unsaved_buffers():
+    from steptune.evaluators.plugins import network_fingerprint, plugin_problem
+
+    def guided(value):
+        return lambda: Plug(network=lambda x, t, e=None: 0.1 * x + e, shape=(4,), noise="vp-linear",
+                            guidance_scale=2.0, cond_kwargs={"e": torch.full((1, 4), value)},
+                            uncond_kwargs={"e": torch.zeros(1, 4)})
+
+    import types
+    mod = types.ModuleType("guided_plugs")
+    mod.one, mod.two = guided(1.0), guided(-2.0)
+    import sys
+    sys.modules["guided_plugs"] = mod
+    try:
+        a, b = (plugin_problem(f"guided_plugs:{n}").identity() for n in ("one", "two"))
+    finally:
+        del sys.modules["guided_plugs"]
+    assert a["data"]["conditioning_sha256"] != b["data"]["conditioning_sha256"]
+
+    def closing_over(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Linear(4, 4)
+        return lambda x, t: net(x)
+
+    assert network_fingerprint(closing_over(0)) != network_fingerprint(closing_over(1))
+    assert network_fingerprint(closing_over(0)) == network_fingerprint(closing_over(0))
+
+    class Buffered(torch.nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.register_buffer("scale", torch.tensor([v]), persistent=False)
+
+    assert network_fingerprint(Buffered(1.0)) != network_fingerprint(Buffered(2.0))
+
+
+def test_torch_network_picks_the_modules_dtype_keeps_time_precise_and_unwraps_dicts():
+    from steptune.evaluators.plugins import TorchNetwork
+
+    class Probe(torch.nn.Module):
+        def __init__(self, dtype, gain_first=False):
+            super().__init__()
+            if gain_first:
+                self.gain = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float32))
+            self.lin = torch.nn.Linear(4, 4).to(dtype)
+            self.seen = None
+
+        def forward(self, x, t):
+            self.seen = (x.dtype, t.dtype, t.clone())
+            return {"sample": self.lin(x)}
+
+    for dtype in (torch.bfloat16, torch.float16):
+        probe = Probe(dtype, gain_first=True)  # a 0-d float32 parameter first; most of the weights in dtype
+        out = TorchNetwork(probe)(torch.ones(2, 4, dtype=torch.float64), torch.tensor([999.0, 332.3]))
+        x_dtype, t_dtype, t = probe.seen
+        assert x_dtype == dtype and t_dtype == torch.float32 and t.tolist() == pytest.approx([999.0, 332.3])
+        assert out.dtype == torch.float64 and out.shape == (2, 4)
+        assert not any(p.requires_grad for p in probe.parameters())
+
+    class Buffers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.full((4,), 2.0, dtype=torch.float32))
+
+        def forward(self, x, t):
+            return x * self.w
+
+    x = torch.ones(2, 4, dtype=torch.float64)
+    assert torch.equal(TorchNetwork(Buffers())(x, torch.zeros(2)), 2 * x)
+
+
+def test_dc_fit_records_the_guidance_a_plugged_model_brings(tmp_path, capsys):
+    assert main(["dc", "fit", "--problem", "test_plugins:guided_factory", "--nfe", "5", "--method", "greedy",
+                 "--greedy-iters", "1", "--fit-samples", "2", "--cache", str(tmp_path), "--json"]) == 0
+    assert [r["cfg"] for r in json.loads(capsys.readouterr().out)["rows"]] == [2.0]
