@@ -317,3 +317,15 @@ def test_dc_fit_records_the_guidance_a_plugged_model_brings(tmp_path, capsys):
     assert main(["dc", "fit", "--problem", "test_plugins:guided_factory", "--nfe", "5", "--method", "greedy",
                  "--greedy-iters", "1", "--fit-samples", "2", "--cache", str(tmp_path), "--json"]) == 0
     assert [r["cfg"] for r in json.loads(capsys.readouterr().out)["rows"]] == [2.0]
+
+
+def rect_unet_factory():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=(8, 12), in_channels=2, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).float().eval()
+
+
+def test_a_non_square_diffusers_unet_gets_its_height_and_width():
+    assert load_problem("test_plugins:rect_unet_factory", time_input="discrete").shape == (2, 8, 12)
