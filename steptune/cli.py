@@ -28,7 +28,7 @@ from steptune.space import ScheduleError, presets
 app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
 out = Console(width=None if sys.stdout.isatty() else 200)  # tables stay whole when piped or logged
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits, gmm-2d or "

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, StudyOpt, _user_errors
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from steptune.cli_storage import DEFAULT_DB
 
 out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Your network as module:factory (replaces --problem); see README 'Your own model'.")]
@@ -544,8 +544,7 @@ def register(app: typer.Typer) -> None:
                        "coefficients": cpr.to_dict()}
             if not nfe_fitted:
                 err.print(f"note: study {study!r} has no '{fit}' fit at NFE {nfe}; there CPR's ratios fall well short "
-                          f"of a direct fit (2-2.6x its held-out error in bench/dc.py); {refit} fits them in seconds",
-                          soft_wrap=True)
+                          f"of a direct fit (2-2.6x its held-out error in bench/dc.py); {refit} fits them in seconds")
             line = f"CPR ({kind}, {fit} fits) over {len(configs)} fitted configurations of {study!r}: {where}"
         sched = with_ratios(base, ratios)
         payload = {"study": study, "nfe": nfe, "cfg": cfg, "fit": fit, "ratios": ratios, **payload}

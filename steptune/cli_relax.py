@@ -19,7 +19,7 @@ from rich.table import Table
 from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, JsonOpt
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 TABLES = Path("runs/relax/tables")
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 from steptune.cli_storage import CliError, DbOpt, JsonOpt, StudyOpt
 
 out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 
 
 def _fmt(v, digits: int = 4) -> str:

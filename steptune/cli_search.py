@@ -15,7 +15,7 @@ from rich.table import Table
 
 from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 out = Console()
 
 

@@ -23,7 +23,7 @@ DEFAULT_DB = "sqlite:///runs/steptune.db"
 FORMATS = ("json", "diffusers", "diffusers-stock", "sigmas", "comfyui")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 
 DbOpt = Annotated[str, typer.Option(
     "--db", envvar="STEPTUNE_DB",
