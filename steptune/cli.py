@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -112,6 +113,8 @@ def eval_cmd(
     device: DeviceOpt = None,
 ):
     """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
+    from steptune.evaluators.neural_reference import ReferenceNotConverged
+
     if bank not in ("heldout", "train"):
         raise UserError(f"--bank {bank!r}: use heldout or train")
     nfes = parse_nfe_list(nfe)
@@ -126,7 +129,14 @@ def eval_cmd(
     rows = []
     with err.status("computing reference solution and evaluating...") if not json_ else _null():
         for spec, s in scheds:
-            res = ev.evaluate(s, bank=bank, n=samples)
+            try:
+                res = ev.evaluate(s, bank=bank, n=samples)
+            except (ScheduleError, ReferenceNotConverged):
+                raise
+            except Exception as e:  # the network raised on this schedule's inputs
+                at = traceback.extract_tb(e.__traceback__)[-1]
+                raise UserError(f"{spec} at NFE {s.nfe}: the model raised {type(e).__name__}: {e} (at "
+                                f"{Path(at.filename).name}:{at.lineno})") from None
             rows.append({"schedule": spec, "name": s.name, "nfe": res.nfe, "status": res.status, "error": res.error,
                          "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
     if json_:

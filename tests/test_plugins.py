@@ -52,6 +52,15 @@ def nan_mid_factory():
     return Plug(network=eps, shape=(4,), noise="vp-linear", prediction="eps", time_input="continuous")
 
 
+def raising_mid_factory():
+    """Passes the load check; raises at times between the ones it probes."""
+    def eps(x, t):
+        if bool(((t > 0.6) & (t < 0.7)).any()):
+            raise RuntimeError("no weights for this time")
+        return 0.1 * x
+    return Plug(network=eps, shape=(4,), noise="vp-linear", prediction="eps", time_input="continuous")
+
+
 def guided_factory():
     return Plug(network=lambda x, t, e=None: eps_fn(NS, MU, VAR)(x, t) + 0.01 * e, shape=(4,), noise="vp-linear",
                 prediction="eps", time_input="continuous", guidance_scale=2.0,
@@ -329,3 +338,11 @@ def rect_unet_factory():
 
 def test_a_non_square_diffusers_unet_gets_its_height_and_width():
     assert load_problem("test_plugins:rect_unet_factory", time_input="discrete").shape == (2, 8, 12)
+
+
+def test_eval_names_the_schedule_a_model_raised_on_in_one_line(tmp_path, capsys):
+    rc = main(["eval", "--model", "test_plugins:raising_mid_factory", "--schedule", "preset:ddim", "--nfe", "20",
+               "--cache", str(tmp_path)])
+    msg = capsys.readouterr().err.strip()
+    assert rc == 2 and len(msg.splitlines()) == 1
+    assert msg.startswith("error: preset:ddim at NFE 20: the model raised RuntimeError: no weights for this time (at ")
