@@ -31,13 +31,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     echo "== $name: exit $rc" | tee -a "$OUT/gpu_session.log"
     [ "$rc" = 0 ] || status=1
 }
-step tests 180 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py
+step tests 150 python3 -P -m pytest -q -p no:cacheprovider tests/test_gpu.py
 if [ -n "${QUICK:-}" ]; then
     step batched 240 python3 -P bench/gpu_batched.py --quick
-    step dc_fit_time 180 python3 -P bench/dc_fit_time.py --threads 2 --configs 5:3 --repeats 1
+    step dc_fit_time 150 python3 -P bench/dc_fit_time.py --threads 2 --configs 5:3 --repeats 1
 else
     step batched 240 python3 -P bench/gpu_batched.py
-    step dc_fit_time 180 python3 -P bench/dc_fit_time.py --threads 2 --repeats 3
+    step dc_fit_time 150 python3 -P bench/dc_fit_time.py --threads 2 --repeats 3
 fi
 for f in gpu_batched gpu_batched_quick dc_fit_time; do
     [ -f "runs/bench/$f.json" ] && [ "$OUT" != runs/bench ] && cp "runs/bench/$f.json" "$OUT/"
