@@ -48,13 +48,10 @@ class UserError(Exception):
 
 
 def _evaluator(problem: str, noise: str | None, cache: Path, device: str | None = None, **model_options):
-    from steptune.cli_dc import build_problem
-    from steptune.evaluators import Evaluator
-    from steptune.evaluators.plugins import evaluator_options
+    from steptune.cli_dc import build_problem, problem_evaluator
 
     device = pick_device(device)
-    prob = build_problem(problem, noise=noise, error=UserError, **model_options)
-    return Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
+    return problem_evaluator(build_problem(problem, noise=noise, error=UserError, **model_options), cache, device)
 
 
 @app.command("presets")

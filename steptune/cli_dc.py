@@ -197,16 +197,21 @@ def study_schedule(study: str, config: dict, nfe: int):
         raise DcCliError(str(e)) from None
 
 
-def study_evaluator(config: dict, cfg: float | None, cache: Path, device: str = "cpu"):
-    """The Evaluator (and problem) `dc fit` built for the study at guidance ``cfg`` (conventions it did not
-    record take their defaults)."""
+def problem_evaluator(problem, cache: Path, device: str):
+    """The Evaluator the commands use: the problem's own bank sizes, references cached under ``cache``."""
     from steptune.evaluators import Evaluator
     from steptune.evaluators.plugins import evaluator_options
 
+    return Evaluator(problem, cache_dir=cache, device=device, **evaluator_options(problem))
+
+
+def study_evaluator(config: dict, cfg: float | None, cache: Path, device: str = "cpu"):
+    """The Evaluator (and problem) `dc fit` built for the study at guidance ``cfg`` (conventions it did not
+    record take their defaults)."""
     conv = config.get("conventions") or {}
     prob = build_problem(config["problem"], None, conv.get("noise"), conv.get("prediction"), conv.get("time_input"),
                          conv.get("time_scale"), cfg, conv.get("shape"))
-    return Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
+    return problem_evaluator(prob, cache, device)
 
 
 def checked(ev, schedule):
@@ -341,8 +346,6 @@ def register(app: typer.Typer) -> None:
         json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     ):
         """Fit DC-Solver ratios per (NFE, CFG) on fixed noises; report held-out MSE against the reference."""
-        from steptune.evaluators import Evaluator
-        from steptune.evaluators.plugins import evaluator_options
         from steptune.resolve import parse_nfe_list, resolve
         from steptune.search import dc
         from steptune.space import ScheduleError
@@ -356,11 +359,11 @@ def register(app: typer.Typer) -> None:
             raise DcCliError("--fit-samples must be at least 1")
         is_file = not solver.startswith("preset:") and Path(solver).suffix == ".json"
         spec = solver if is_file or solver.startswith("preset:") else f"preset:{solver}"
-        conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,
-                       "shape": shape}
+        made_as = {"kind": "dc-fit", "problem": problem, "solver": spec, "fit_samples": fit_samples,
+                   "conventions": {"noise": noise, "prediction": prediction, "time_input": time_input,
+                                   "time_scale": time_scale, "shape": shape}}
         if study is not None:
-            check_same_fit(db, study, {"kind": "dc-fit", "problem": problem, "solver": spec,
-                                       "conventions": conventions, "fit_samples": fit_samples})
+            check_same_fit(db, study, made_as)
         try:
             nfes = [] if is_file else parse_nfe_list(nfe)
         except ScheduleError as e:
@@ -372,7 +375,7 @@ def register(app: typer.Typer) -> None:
             for g in cfgs:
                 prob = build_problem(problem, None, noise, prediction, time_input, time_scale, g, shape)
                 g = guidance_of(prob) if g is None else g
-                ev = Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
+                ev = problem_evaluator(prob, cache, device)
                 try:
                     scheds = resolve(spec, nfes, prob.noise, None, prob.t_start, prob.t_end)
                     for s in scheds:
@@ -420,9 +423,7 @@ def register(app: typer.Typer) -> None:
 
             try:
                 with connect(db) as store:
-                    config = {"kind": "dc-fit", "solver": spec, "problem": problem, "noise": prob.noise.to_dict(),
-                              "t_start": prob.t_start, "t_end": prob.t_end, "fit_samples": fit_samples,
-                              "conventions": conventions}
+                    config = {**made_as, "noise": prob.noise.to_dict(), "t_start": prob.t_start, "t_end": prob.t_end}
                     store.add_trials(study, items, create={"method": "dc", "config": config,
                                                            "problem": prob.identity()})
             except StorageError as e:
