@@ -84,8 +84,10 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         counts = store.status_counts()
         rows = []
         for st in store.studies():
-            best = store.best_per_nfe(st.name)
+            fidelity = st.config.get("fidelity")  # a searched study reports its held-out scores, as best does
+            best = store.best_per_nfe(st.name, fidelity=fidelity)
             rows.append({"study": st.name, "method": st.method, "seed": st.seed, "metric": st.metric,
+                         "fidelity": fidelity,
                          "problem": st.problem["name"] if st.problem else None, "created": st.created.isoformat(),
                          "trials": counts.get(st.name, {}),
                          "best": [{"nfe": t.nfe, "score": t.score, "trial": t.id, "number": t.number} for t in best]})
@@ -99,7 +101,8 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         c = r["trials"]
         table.add_row(r["study"], r["method"], r["problem"] or "—", str(sum(c.values())), str(c.get("complete", 0)),
                       str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
-                      "  ".join(f"{b['nfe']}: {_fmt(b['score'])}" for b in r["best"]) or "—")
+                      ("  ".join(f"{b['nfe']}: {_fmt(b['score'])}" for b in r["best"])
+                       + (f"  ({r['fidelity']})" if r["fidelity"] and r["best"] else "")) or "—")
     out.print(table)
 
 
@@ -121,8 +124,9 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
             if json_:
                 print(json.dumps(export_dict(t, st), indent=2))
                 return
-            out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {_fmt(t.score)}  (trial {t.number}, id {t.id}, "
-                      f"{t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, bank {t.bank or '—'})")
+            out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {_fmt(t.score)}  (trial id {t.id}, number "
+                      f"{t.number} in the study, {t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, "
+                      f"bank {t.bank or '—'})")
             if t.metrics:
                 out.print("metrics: " + ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}"
                                                   for k, v in t.metrics.items()))
@@ -136,10 +140,11 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
     if not best:
         raise CliError(f"study {study!r} has no complete trial with a score yet")
     table = Table(title=f"Best per NFE: {study} ({st.metric}, lower is better; * = Pareto front)")
-    for col in ("NFE", st.metric, "trial", "schedule", "fidelity", ""):
-        table.add_column(col, justify="right" if col in ("NFE", st.metric, "trial") else "left")
+    for col in ("NFE", st.metric, "trial id", "schedule", "fidelity", ""):
+        table.add_column(col, justify="right" if col in ("NFE", st.metric, "trial id") else "left",
+                         no_wrap=col == "trial id")
     for t in best:
-        table.add_row(str(t.nfe), _fmt(t.score), str(t.number), t.schedule.get("name") or "—", t.fidelity or "—",
+        table.add_row(str(t.nfe), _fmt(t.score), str(t.id), t.schedule.get("name") or "—", t.fidelity or "—",
                       "*" if t.id in front else "")
     out.print(table)
 
@@ -269,7 +274,8 @@ def import_cmd(
         return
     how = (f"complete, {_fmt(t.score)} from its provenance" if t.status == "complete"
            else "queued for evaluation")
-    err.print(f"imported {file} into study {study!r} as trial {t.number} (id {t.id}, NFE {t.nfe}, {how})")
+    err.print(f"imported {file} into study {study!r} as trial id {t.id} (number {t.number} in the study, NFE {t.nfe}, "
+              f"{how})")
 
 
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True, add_completion=False)

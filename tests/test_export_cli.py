@@ -1,6 +1,7 @@
 """The storage commands: studies, best, export, import, db upgrade (on SQLite and PostgreSQL)."""
 
 import json
+import re
 
 import pytest
 from steptune.space import noise, presets
@@ -147,3 +148,32 @@ def test_db_upgrade_and_missing_database(tmp_path, capsys):
     assert code == 0 and json.loads(out) == []
     code, _, err = _run(["studies", "--db", "nonsense://"], capsys)
     assert code == 2 and err.startswith("error: database URL")
+
+
+def test_the_trial_best_names_is_the_one_export_trial_exports(filled, capsys):
+    url, db = filled
+    code, out, _ = _run(["best", "--study", "demo", "--db", url], capsys)
+    assert code == 0
+    rows = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in out.splitlines()
+            if len(re.findall("[│┃]", line)) > 2]
+    header, *body = rows
+    row = next(r for r in body if r[0] == "5")
+    trial = row[header.index("trial id")]
+    assert int(trial) == db.best("demo", 5).id != db.best("demo", 5).number
+    code, out, _ = _run(["export", "--study", "demo", "--trial", trial, "--db", url], capsys)
+    assert code == 0 and json.loads(out)["nfe"] == 5
+
+
+def test_studies_reports_the_study_fidelity_as_best_does(filled, capsys):
+    url, db = filled
+    db.create_study("searched", method="s3", problem=PROBLEM, config={"fidelity": "heldout"})
+    sched = presets.build("ddim", 5, NS)
+    db.add_trials("searched", [{"schedule": sched, "status": "complete", "metrics": {"rmse": score},
+                                "fidelity": fidelity, "bank": bank, "n_samples": 64}
+                               for score, fidelity, bank in ((0.01, "cheap", "train"), (0.08, "heldout", "heldout"))])
+    code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
+    row = next(r for r in json.loads(out) if r["study"] == "searched")
+    assert code == 0 and row["fidelity"] == "heldout"
+    assert [(b["nfe"], b["score"]) for b in row["best"]] == [(5, 0.08)]
+    code, out, _ = _run(["best", "--study", "searched", "--nfe", "5", "--db", url, "--json"], capsys)
+    assert json.loads(out)["provenance"]["score"] == 0.08
