@@ -1,10 +1,15 @@
 import sys
 
-from steptune.cli import main
-
 
 def run() -> None:
-    sys.exit(main())
+    try:
+        from steptune.cli import main
+
+        code = main()
+    except KeyboardInterrupt:  # before a command installs its own handler (e.g. while torch is imported)
+        print("interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 if __name__ == "__main__":

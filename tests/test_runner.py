@@ -200,6 +200,15 @@ def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, c
         assert outcome(db, "ref") == reference_study
 
 
+def test_sigint_while_the_command_is_still_starting_is_one_line(tmp_path, cache):
+    job = write_job(tmp_path / "job.toml", "early", cache, evaluations=30)
+    proc = _spawn(job, f"sqlite:///{tmp_path / 'x.db'}")
+    time.sleep(0.3)  # importing torch and the command takes longer than this
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
 def test_the_time_budget_stops_the_job_on_time_with_a_consistent_database(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "t", cache, evaluations=100000, time="4s")
