@@ -231,6 +231,8 @@ class Runner:
                            "same job or give a new study name")
         if old is None and st.n_trials:
             raise JobError(f"study {job.study!r} exists and was not made by a job file; give a new study name")
+        if st.config.get("job") != config["job"]:  # a resume with a new budget (or cache): status shows this run's
+            self.storage.update_study_config(job.study, {"job": config["job"]})
 
     def _recover(self) -> None:
         """Trials a stopped run left ``running``: re-queued (or failed when out of attempts)."""

@@ -131,6 +131,11 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
     st = json.loads(out)
     assert (st["search_done"], st["search_budget"], st["failed"], st["retried"], st["running"]) == (20, 20, 0, 0, 0)
     assert [r["heldout"] for r in st["per_nfe"]] == [r["searched_score"] for r in res["per_nfe"]]
+    more = write_job(tmp_path / "more.toml", "s", cache, evaluations=12)  # a larger budget resumes the study
+    code, out, _ = _run(["run", str(more), "--db", url, "--json"], capsys)
+    assert code == 0 and json.loads(out)["evaluations"] == 24
+    code, out, _ = _run(["status", "--study", "s", "--db", url, "--json"], capsys)
+    assert (json.loads(out)["search_done"], json.loads(out)["search_budget"]) == (24, 24)
 
 
 # ---- interruptions -----------------------------------------------------------------------------------
