@@ -142,7 +142,8 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
                dc_ratios: Sequence[float | Tensor] | None = None,
                reuse_buffers: bool = True) -> Generator[Request, tuple, Tensor]:
     """The sampler loop as a generator: it yields a ``Request`` whenever it needs the model and is
-    sent back ``(eps, x0)``; it returns the final state. ``sample`` drives it with a Model; an
+    sent back ``(eps, x0)``, or ``(eps, x0, x)`` when the model was evaluated at a state ``x`` other
+    than the request's (which then replaces it); it returns the final state. ``sample`` drives it with a Model; an
     external loop (e.g. a diffusers pipeline) can drive it one model call at a time.
 
     ``dc_ratios`` (one per step; floats or 0-d tensors) replace the steps' ``dc_ratio``; a step with
@@ -158,7 +159,10 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
         raise ValueError(f"dc_ratios: {len(dc_ratios)} values for {len(schedule.steps)} steps")
 
     def point(j: int, x: Tensor):
-        eps, x0 = yield Request(j, times_list[j], alphas[j], sigmas[j], x, bufs.new(x))
+        eps, x0, *evaluated = yield Request(j, times_list[j], alphas[j], sigmas[j], x, bufs.new(x))
+        if evaluated:  # the driver evaluated the model at its own copy of the state (e.g. one autograd follows)
+            bufs.release(x)
+            x = evaluated[0]
         return Point(times_list[j], lams[j], alphas[j], sigmas[j], x, eps, x0)
 
     def drop(p: Point) -> None:
@@ -188,6 +192,7 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
                        out=None if last else bufs.new(x), basis=st.basis, t_of_lambda=noise.t_of_lambda)
         if not last:
             pt = yield from point(j, x)
+            x = pt.x
             c = st.corrector
             if c is not None:
                 hist.append(pt)
@@ -199,6 +204,7 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
                 if c.kind == "implicit":
                     drop(pt)
                     pt = yield from point(j, x)
+                    x = pt.x
                 else:
                     bufs.release(pt.x)
                     pt = Point(pt.t, pt.lam, pt.alpha, pt.sigma, x, pt.eps, pt.x0)

@@ -168,7 +168,8 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
     def _start(self, x_T: torch.Tensor):
         """A new run of the sampler loop from x_T, and its first model request (after the analytical
         first step, if the schedule has one)."""
-        loop = trajectory(self.schedule, self.noise_schedule, x_T)
+        # with autograd on (a loop that differentiates through the steps) every state is a fresh tensor
+        loop = trajectory(self.schedule, self.noise_schedule, x_T, reuse_buffers=not torch.is_grad_enabled())
         return loop, next(loop)
 
     def time_value(self, t: float) -> float:
@@ -279,12 +280,18 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("SteptuneScheduler: this schedule takes an analytical first step inside "
                                  "scale_model_input(), which this pipeline did not call")
         req = self._request
+        x = req.x
         if sample is not req.x and (i > 0 or self.schedule.afs == "none"):
-            req.x.copy_(sample)  # the state the pipeline evaluated the model at (it may have edited it)
-        eps, x0 = convert(model_output.to(req.x.dtype), req.x, req.alpha, req.sigma, self.prediction, req.buf)
+            x = sample.to(req.x)  # the state the pipeline evaluated the model at (it may have edited it)
+        out = model_output.to(x.dtype)
+        grad = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)
+        eps, x0 = convert(out, x, req.alpha, req.sigma, self.prediction, None if grad else req.buf)
         self._step_index = i + 1
         try:
-            self._request = self._loop.send((eps, x0))
+            if x is not req.x and not grad and req.buf is not None:
+                req.x.copy_(x)  # keep the loop's own recycled tensor
+                x = req.x
+            self._request = self._loop.send((eps, x0) if x is req.x else (eps, x0, x))
             # a copy: the loop recycles its own tensors, and the pipeline may keep this one
             prev = self._request.x.clone()
         except StopIteration as done:
