@@ -193,6 +193,7 @@ def export_cmd(
         export_dict,
         k_diffusion_sigmas,
         scheduler_for,
+        sigma_list_calls,
         stock_diffusers_export,
     )
 
@@ -217,11 +218,12 @@ def export_cmd(
     elif format_ in ("sigmas", "comfyui"):
         text = (json.dumps(k_diffusion_sigmas(sched)) if format_ == "sigmas" else comfyui_sigmas(sched)) + "\n"
         _emit(text, output)
-        if sched.times[-1] != 0.0:
-            err.print(f"note: the schedule ends at t = {sched.times[-1]:.4g}; a final 0 was appended "
-                      "(k-diffusion convention)")
-        err.print(f"note: the list carries the times of a schedule tuned for {sched.name or 'its own solver'}; "
-                  "use the JSON or diffusers export for its per-step decisions")
+        calls, why = sigma_list_calls(sched)
+        space = "t (a flow model's sigma)" if _noise_kind(sched) == "flow" else "sigma/alpha"
+        err.print(f"note: the list is in {space}; a sampler making one model call per interval (Euler, DPM++ 2M) "
+                  f"makes {calls} calls on it, the tuned schedule {sched.nfe}" + (f": {'; '.join(why)}" if why else ""))
+        err.print("note: the list carries only the times; the per-step decisions (orders, correctors) travel in the "
+                  "JSON and diffusers exports")
     else:
         try:
             conv = conventions_for(sched, st, prediction=prediction, time_input=time_input)
@@ -243,6 +245,10 @@ def export_cmd(
                           f"{folder}/steptune_set_timesteps.json")
         except ModuleNotFoundError as e:
             raise CliError(f"the {format_} export needs the Python package {e.name!r}; pip install diffusers") from None
+
+
+def _noise_kind(schedule) -> str:
+    return (schedule.noise or {}).get("kind", "")
 
 
 def _emit(text: str, output: Path | None) -> None:

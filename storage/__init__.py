@@ -28,13 +28,14 @@ from .export import (
     parse_export,
     read_export,
     scheduler_for,
+    sigma_list_calls,
     stock_diffusers_export,
 )
 from .frames import best_frame, studies_frame, trials_frame
 
 __all__ = ["DEFAULT_URL", "ExportError", "LeaseLost", "ReapResult", "RelaxationRound", "SteptuneScheduler",
            "StockExport", "Storage", "StorageError", "StudyRecord", "TrialRecord", "best_frame", "comfyui_sigmas",
-           "connect", "conventions_for", "export_dict", "import_schedule", "k_diffusion_sigmas",
+           "connect", "conventions_for", "export_dict", "import_schedule", "k_diffusion_sigmas", "sigma_list_calls",
            "parse_export", "read_export", "resolve_url", "schedule_key", "scheduler_for",
            "stock_diffusers_export", "studies_frame", "trials_frame"]
 

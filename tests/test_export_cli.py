@@ -62,9 +62,11 @@ def test_export_formats(filled, capsys, tmp_path):
     d = json.loads(out)
     assert {k: v for k, v in d.items() if k != "provenance"} == best.schedule
     assert d["provenance"]["trial"] == best.id
-    code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
+    code, out, err = _run(["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
     sig = json.loads(out)
     assert code == 0 and sig[-1] == 0.0 and len(sig) == len(best.schedule["steps"]) + 1
+    assert "the list is in sigma/alpha; a sampler making one model call per interval (Euler, DPM++ 2M) makes 6 " \
+           "calls on it, the tuned schedule 6\n" in err  # this one ends at t = 0: nothing is appended
     code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--format", "comfyui", "--db", url], capsys)
     assert code == 0 and [float(x) for x in out.strip().split(",")] == sig
     folder = tmp_path / "sched"

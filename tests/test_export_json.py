@@ -4,8 +4,17 @@ import json
 
 import pytest
 import torch
-from steptune.space import ScheduleError, load_schedule, noise, presets
-from steptune.storage import comfyui_sigmas, connect, export_dict, import_schedule, k_diffusion_sigmas, parse_export
+from gaussian import gaussian_model
+from steptune.space import ScheduleError, load_schedule, noise, presets, sample
+from steptune.storage import (
+    comfyui_sigmas,
+    connect,
+    export_dict,
+    import_schedule,
+    k_diffusion_sigmas,
+    parse_export,
+    sigma_list_calls,
+)
 
 NS = noise.VPDiscrete.named("ddpm-linear")
 PROBLEM = {"name": "toy", "noise": NS.to_dict(), "model": {"prediction": "eps", "time_input": "discrete"}}
@@ -113,3 +122,34 @@ def test_k_diffusion_and_comfyui_sigmas():
     text = comfyui_sigmas(s)
     assert [float(x) for x in text.split(",")] == sig
     assert "\n" not in text and text.count(",") == len(sig) - 1
+    assert "e" not in comfyui_sigmas(presets.dpmpp_2m(8, noise.VPLinear(t_min=1e-9)))  # plain decimals, tiny ones too
+
+
+@pytest.mark.parametrize("ns", [noise.VPLinear(), noise.RectifiedFlow()], ids=["vp", "flow"])
+def test_a_sigma_list_sampler_on_the_exported_sigmas_follows_the_schedule(ns):
+    """k-diffusion's Euler (as ComfyUI runs it) on the exported list is steptune's Euler on the same times:
+    for a VP model on x / alpha with sigma / alpha, for a flow model (ComfyUI's CONST sampling) on x itself
+    with sigma = t; then one more call, from the schedule's last time to 0."""
+    mu, var = torch.tensor([0.5, -1.0]), torch.tensor([0.3, 2.0])
+    model = gaussian_model(ns, mu, var)
+    flow = ns.kind == "flow"
+    if flow:  # a flow schedule may start at t = 1 (pure noise), where sigma/alpha would be infinite
+        assert k_diffusion_sigmas(presets.euler(6, ns, spacing="time-uniform", t_start=1.0))[0] == 1.0
+    s = presets.euler(6, ns, spacing="time-uniform", t_start=0.99)  # an eps model has no x0 at alpha = 0
+    sig = k_diffusion_sigmas(s)
+    assert sig[0] == (0.99 if flow else float(ns.edm_sigma(0.99)))
+    calls, why = sigma_list_calls(s)
+    assert calls == len(sig) - 1 == s.nfe + 1 and len(why) == 1
+
+    def denoised(x, sigma):  # k-diffusion's D(x, sigma) for the model, in the list's variable
+        t = sigma if flow else float(ns.t_of_edm_sigma(torch.tensor(sigma, dtype=torch.float64)))
+        a, sd = float(ns.alpha(t)), float(ns.sigma(t))
+        return model.predict(x if flow else a * x, t, a, sd)[1]
+
+    x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a0, a_end = (float(ns.alpha(s.times[k])) for k in (0, -1))
+    x = x_T if flow else x_T / a0
+    for i in range(s.nfe):  # k_diffusion.sampling.sample_euler
+        x = x + (x - denoised(x, sig[i])) / sig[i] * (sig[i + 1] - sig[i])
+    want = sample(model, x_T, s)
+    torch.testing.assert_close(x, want if flow else want / a_end, rtol=1e-10, atol=1e-10)
