@@ -1,8 +1,10 @@
 """The Evaluator: what a schedule is worth on a problem, measured on fixed noise banks.
 
 Two banks of initial states (common random numbers: every schedule sees the same noise) are drawn
-once: ``train`` (seed) for searching and ``heldout`` (seed + 1000, independent) for confirming. For
-each bank the evaluator keeps
+once: ``train`` (seed) for searching and ``heldout`` (seed + 1000, independent) for confirming. A
+bank is drawn in blocks of 64 samples, each block from its own generator, so a bank of n states is the
+first n states of every larger bank with the same seed: an evaluation of n samples means the same noise
+whatever size the bank was given. For each bank the evaluator keeps
 
 * the reference: the probability-flow ODE solved to high accuracy from the bank (cached on disk),
 * a data set of the same size from the exact marginal at the end time (for the sliced Wasserstein
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from steptune.space import NonFiniteError, Schedule, ScheduleError, sample
 from steptune.space.batch import sample_batch
@@ -34,10 +37,19 @@ from .reference import DEFAULT_ATOL, DEFAULT_RTOL, cached_reference
 
 Tensor = torch.Tensor
 
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: drawn in blocks, so that banks of different sizes share their first states
+BLOCK = 64
 BANKS = ("train", "heldout")
 HELDOUT_OFFSET = 1000
 DATA_OFFSET = 7919  # seed offset of a bank's data set (sliced Wasserstein targets)
+
+
+def draw_in_blocks(draw, n: int, seed: int) -> Tensor:
+    """n samples of ``draw(m, generator)``, drawn BLOCK at a time, block k from a generator seeded by
+    (seed, k): the first n samples are the same for every total drawn."""
+    blocks = [draw(BLOCK, torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0])))
+              for k in range(-(-n // BLOCK))]
+    return torch.cat(blocks)[:n]
 
 
 @dataclass
@@ -113,7 +125,7 @@ class Evaluator:
             raise ValueError(f"unknown bank {name!r}; use 'train' or 'heldout'")
         if name not in self._banks:
             seed = self.seeds[name]
-            x_T = self.problem.sample_prior(self.sizes[name], torch.Generator().manual_seed(seed))
+            x_T = draw_in_blocks(self.problem.sample_prior, self.sizes[name], seed)
             self._banks[name] = Bank(name, seed, x_T.to(self.device, torch.float64), seed + DATA_OFFSET)
         return self._banks[name]
 
@@ -136,8 +148,8 @@ class Evaluator:
         b = self.bank(bank)
         t_end = float(self.problem.t_end if t_end is None else t_end)
         if t_end not in b.data:
-            g = torch.Generator().manual_seed(b.data_seed)
-            b.data[t_end] = self.problem.marginal_samples(b.size, t_end, g).to(self.device, torch.float64)
+            data = draw_in_blocks(lambda m, g: self.problem.marginal_samples(m, t_end, g), b.size, b.data_seed)
+            b.data[t_end] = data.to(self.device, torch.float64)
         return b.data[t_end]
 
     def _n(self, b: Bank, n: int | None) -> int:

@@ -147,8 +147,11 @@ class Job(_Section):
 
     def identity(self) -> dict:
         """What decides the search's results: a study resumed with a job that differs here is refused."""
+        from steptune.evaluators.base import BANK_VERSION
+
         return {"seed": self.seed, "problem": self.problem.model_dump(), "search": self.search.model_dump(),
-                "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline", "baseline_nfe"})}
+                "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline", "baseline_nfe"}),
+                "bank_version": BANK_VERSION}
 
     def with_overrides(self, **changes) -> Job:
         """A copy with ``section.key`` overrides (None values are ignored), validated again."""

@@ -225,6 +225,10 @@ class Runner:
         except StorageError as e:
             raise JobError(f"study {job.study!r}: {e}") from None
         old = st.config.get("identity")
+        if old is not None and old.get("bank_version") != job.identity()["bank_version"]:
+            raise JobError(f"study {job.study!r} was scored on noise banks drawn by an earlier steptune (bank version "
+                           f"{old.get('bank_version', 1)}, now {job.identity()['bank_version']}); its scores cannot be "
+                           "mixed with new ones: give a new study name")
         if old is not None and old != job.identity():
             key = _first_difference(old, job.identity())
             raise JobError(f"study {job.study!r} was run with a different job ({key} differs); resume it with the "

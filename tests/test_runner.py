@@ -100,6 +100,21 @@ def test_a_study_resumed_with_another_job_is_refused(tmp_path, cache, capsys):
     assert code == 2 and "error: study 's' was run with a different job ('seed' (3 then, 4 now) differs)" in err
 
 
+def test_a_study_scored_on_an_earlier_bank_version_is_refused(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "s", cache, evaluations=2)
+    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    with connect(url) as db:
+        identity = {k: v for k, v in db.get_study("s").config["identity"].items() if k != "bank_version"}
+        db.update_study_config("s", {"identity": identity})  # as a study stored before banks were drawn in blocks
+        n = len(db.trials("s"))
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and err.strip().startswith("error: study 's' was scored on noise banks drawn by an earlier "
+                                                "steptune (bank version 1, now 2)"), err
+    with connect(url) as db:
+        assert len(db.trials("s")) == n
+
+
 # ---- a complete run --------------------------------------------------------------------------------
 
 
