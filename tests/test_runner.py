@@ -153,6 +153,22 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
     assert (json.loads(out)["search_done"], json.loads(out)["search_budget"]) == (24, 24)
 
 
+def test_eval_on_as_many_samples_reproduces_a_jobs_held_out_score(tmp_path, cache, capsys):
+    """A job scores on a held-out bank of 128; `eval --samples 128` draws the default bank of 1024, whose
+    first 128 states are the job's, and so gives the stored score of the exported schedule."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "s", cache, evaluations=4)
+    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    path = tmp_path / "best.json"
+    assert _run(["export", "--study", "s", "--nfe", "4", "--db", url, "-o", str(path)], capsys)[0] == 0
+    stored = json.loads(path.read_text())["provenance"]
+    assert stored["n_samples"] == 128
+    code, out, err = _run(["eval", "--problem", "gmm-2d", "--schedule", str(path), "--samples", "128",
+                           "--cache", str(cache), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["rmse"] == pytest.approx(stored["score"], rel=1e-9)
+
+
 # ---- interruptions -----------------------------------------------------------------------------------
 
 
