@@ -8,6 +8,8 @@ counts as one of the NFE steps).
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -217,6 +219,10 @@ def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
             raise ScheduleError(f"preset {spec!r}: option {item!r} must be key=value")
         opts[key.strip()] = _parse_value(value.strip())
     fn = get(name)
+    known = [p for p in inspect.signature(fn).parameters if p not in ("nfe", "noise")]
+    unknown = [k for k in opts if k not in known]
+    if unknown:
+        raise ScheduleError(f"preset {name!r} has no option {unknown[0]!r}; its options are {', '.join(known)}")
     try:
         return fn(nfe, noise, **opts)
     except TypeError as e:

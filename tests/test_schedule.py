@@ -87,6 +87,13 @@ def test_json_keeps_every_field(tmp_path):
     assert json.loads(s.to_json())["steps"][0] == {"t": 0.8, "prediction": "data", "order": 1}
 
 
+def test_an_unknown_preset_option_is_named_with_the_options_there_are():
+    with pytest.raises(ScheduleError) as e:
+        presets.build("unipc-bh2:afs=zero", 5, noise_mod.VPLinear())
+    assert str(e.value) == ("preset 'unipc-bh2' has no option 'afs'; its options are spacing, t_start, t_end, "
+                            "final_zero, order, prediction, lower_order_final")
+
+
 # ---------------------------------------------------------------- NFE accounting
 
 
