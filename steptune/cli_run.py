@@ -102,10 +102,10 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_cmd(
         job_file: Annotated[Path, typer.Argument(help="The job file (TOML); see examples/.")],
-        db: Annotated[str | None, typer.Option("--db", help="Database URL; overrides [storage] db.")] = None,
+        db: Annotated[str | None, typer.Option("--db", help="Database URL; overrides \\[storage] db.")] = None,
         ray_address: Annotated[str | None, typer.Option(
             "--ray-address", help="Join this Ray cluster ('auto' or host:port); implies the Ray backend.")] = None,
-        backend: Annotated[str | None, typer.Option("--backend", help="local or ray; overrides [backend] kind.")]
+        backend: Annotated[str | None, typer.Option("--backend", help="local or ray; overrides \\[backend] kind.")]
         = None,
         json_: JsonOpt = False,
     ):
