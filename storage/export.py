@@ -161,6 +161,10 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
         fields.update(status="complete", metrics=prov["metrics"], score=prov.get("score"),
                       fidelity=prov.get("fidelity") or "", bank=prov.get("bank") or "",
                       n_samples=prov.get("n_samples"))
+    else:  # to evaluate on the held-out bank, as a job's next run does with its own held-out sample count
+        job = ((existing.config or {}).get("job") or {}) if existing is not None else {}
+        fields.update(fidelity="heldout", bank="heldout",
+                      n_samples=(job.get("evaluation") or {}).get("heldout_samples"))
     create = {"method": "import", "problem": identity, "conventions": problem.get("conventions") if problem else None,
               "metric": prov.get("metric") or "rmse"}
     tid = db.add_trials(study, [fields], create=create)[0]

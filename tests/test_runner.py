@@ -169,6 +169,22 @@ def test_eval_on_as_many_samples_reproduces_a_jobs_held_out_score(tmp_path, cach
     assert json.loads(out)["results"][0]["rmse"] == pytest.approx(stored["score"], rel=1e-9)
 
 
+def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_next_run(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "s", cache, evaluations=4)
+    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    path = tmp_path / "ddim.json"
+    assert _run(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
+    assert _run(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 0
+    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    with connect(url) as db:
+        trials = db.trials("s")
+    imported = trials[-1]
+    baseline = next(t for t in trials if t.info.get("baseline") and t.nfe == 4 and t.schedule["name"] == "ddim")
+    assert (imported.status, imported.fidelity, imported.n_samples) == ("complete", "heldout", 128)
+    assert imported.score == baseline.score  # the same schedule on the same held-out states
+
+
 # ---- interruptions -----------------------------------------------------------------------------------
 
 
