@@ -343,7 +343,9 @@ class Runner:
             if t.status == "complete" and t.score is not None:
                 self.best[t.nfe] = min(self.best.get(t.nfe, math.inf), t.score)
         if rows:
-            self.say(f"resuming study {job.study!r}: {len(rows)} search evaluations stored")
+            left = len(rows) - self.done
+            self.say(f"resuming study {job.study!r}: {self.done} search evaluations done"
+                     + (f", {left} queued" if left else ""))
         self._search_start = (time.monotonic(), self.done)
         self._reserve_confirm_time()
         b = 0
@@ -419,8 +421,10 @@ class Runner:
         status = "interrupted" if self.interrupted.is_set() else "time-budget" if self.time_up else "complete"
         if status == "complete" and any(t.status in ("queued", "running") for t in trials):
             status = "incomplete"
-        return RunResult(self.job.study, status, len(cheap),
-                         sum(1 for t in trials if t.fidelity == CONFIRM and not t.info.get("baseline")),
+        finished = ("complete", "failed", "pruned")  # what a stopped run left queued is not counted as done
+        return RunResult(self.job.study, status, sum(1 for t in cheap if t.status in finished),
+                         sum(1 for t in trials if t.fidelity == CONFIRM and not t.info.get("baseline")
+                             and t.status in finished),
                          sum(1 for t in trials if t.status == "failed"), self.retried,
                          time.monotonic() - self.started, summarize(trials, self.job.search.nfe))
 

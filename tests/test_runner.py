@@ -247,6 +247,8 @@ def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, c
     assert json.loads(out)["status"] == "interrupted"
     with connect(url) as db:
         assert not db.trials("ref", status="running")
+        done = [t for t in db.trials("ref") if t.fidelity == "train" and t.status in ("complete", "failed")]
+    assert json.loads(out)["evaluations"] == len(done)  # queued candidates are not counted as evaluated
     assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         assert outcome(db, "ref") == reference_study
