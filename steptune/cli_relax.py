@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
         from steptune.storage import StorageError, connect
 
         try:
-            store = connect(db)
+            store = connect(db, must_exist=True)
             rec = store.get_study(study)
             rows = store.relaxation_rounds(study)
         except StorageError as e:

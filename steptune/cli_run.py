@@ -29,16 +29,18 @@ def _duration(secs: float | None) -> str:
     return "—" if secs is None else str(timedelta(seconds=round(secs)))
 
 
-def _open_storage(url: str | None, must_exist: bool = False):
+def _open_storage(url: str | None, must_exist: bool = False, where: str = "storage.db"):
+    """The database of a job (created if missing), or with ``must_exist`` one to read (nothing created);
+    errors name ``where`` the URL came from."""
     from steptune.storage import StorageError, connect
 
     try:
         return connect(url, must_exist=must_exist)
     except StorageError as e:
-        raise CliError(f"storage.db: {e}") from None
+        raise CliError(f"{where}: {e}") from None
     except Exception as e:  # a driver error while reaching the server (refused, unknown host, bad login)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CliError(f"storage.db: cannot open the database {url!r} ({first})") from None
+        raise CliError(f"{where}: cannot open the database {url!r} ({first})") from None
 
 
 def _best_text(best: dict) -> str:
@@ -147,7 +149,7 @@ def register(app: typer.Typer) -> None:
         """Progress of a study: evaluations done of its budget, rate and ETA, best per NFE, failures."""
         from steptune.storage import StorageError
 
-        storage = _open_storage(db, must_exist=True)
+        storage = _open_storage(db, must_exist=True, where="--db")
         try:
             info = study_status(storage, study)
         except StorageError as e:

@@ -36,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
 from steptune.space import Schedule, ScheduleError
 
@@ -225,16 +225,17 @@ def resolve_url(url: str | None, must_exist: bool = False) -> str:
     return url
 
 
-def connect(url: str | None = None, *, create: bool = True, must_exist: bool = False) -> Storage:
+def connect(url: str | None = None, *, create: bool | None = None, must_exist: bool = False) -> Storage:
     """Open the database at ``url`` (default ``sqlite:///runs/steptune.db``, or ``$STEPTUNE_DB``).
 
-    A new, empty database gets the current schema when ``create`` is true. A database at an older
-    schema revision is refused with the command that upgrades it (``steptune db upgrade``).
-    ``must_exist`` refuses a SQLite file that does not exist yet (for read-only commands).
+    A new, empty database gets the current schema when ``create`` is true (the default unless
+    ``must_exist``). A database at an older schema revision is refused with the command that upgrades
+    it (``steptune db upgrade``). ``must_exist`` refuses a SQLite file that does not exist yet and, unless
+    ``create`` is given, a database without steptune's schema (for read-only commands).
     """
     db = Storage(resolve_url(url, must_exist))
     try:
-        db.check_schema(create=create)
+        db.check_schema(create=not must_exist if create is None else create)
     except BaseException:
         db.close()
         raise
@@ -308,7 +309,7 @@ class Storage:
         try:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
-        except OperationalError as e:
+        except DatabaseError as e:  # unreachable server, refused login, or a file that is not a database
             raise StorageError(f"cannot open database {self!r}: {str(e.orig).strip().splitlines()[0]}") from None
 
     def upgrade(self, revision: str = "head") -> str:
@@ -318,7 +319,7 @@ class Storage:
         try:
             with self._write_engine.begin() as conn:
                 command.upgrade(self._alembic_config(conn), revision)
-        except OperationalError as e:
+        except DatabaseError as e:
             raise StorageError(f"cannot upgrade database {self!r}: {str(e.orig).strip().splitlines()[0]}") from None
         return self.revision()
 

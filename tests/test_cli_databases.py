@@ -1,0 +1,42 @@
+"""Commands given a database they cannot use: one line, exit status 2, and the file left as it was."""
+
+import sqlite3
+
+import pytest
+
+from steptune.cli import main
+
+READERS = [["studies"], ["best", "--study", "s"], ["export", "--study", "s", "--nfe", "4"], ["db", "current"],
+           ["db", "upgrade"], ["report", "--study", "s"], ["relax-report", "--study", "s"], ["status", "--study", "s"],
+           ["dc", "predict", "--study", "s", "--nfe", "5"]]
+
+
+@pytest.mark.parametrize("argv", READERS, ids=lambda a: " ".join(a[:2]))
+def test_a_file_that_is_not_a_database_is_one_line(argv, tmp_path, capsys):
+    path = tmp_path / "notes.db"
+    path.write_bytes(b"not a database\n")
+    assert main([*argv, "--db", f"sqlite:///{path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "file is not a database" in err and "\n" not in err
+    assert path.read_bytes() == b"not a database\n"
+
+
+@pytest.mark.parametrize("argv", [a for a in READERS if a[0] != "db"], ids=lambda a: " ".join(a[:2]))
+def test_reading_commands_leave_another_applications_database_alone(argv, tmp_path, capsys):
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as c:
+        c.execute("create table notes (x)")
+    assert main([*argv, "--db", f"sqlite:///{path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no steptune schema" in err and "\n" not in err
+    with sqlite3.connect(path) as c:
+        assert c.execute("select name from sqlite_master").fetchall() == [("notes",)]
+
+
+@pytest.mark.parametrize("argv", [a for a in READERS if a[0] != "db"], ids=lambda a: " ".join(a[:2]))
+def test_reading_commands_create_no_database(argv, tmp_path, capsys):
+    path = tmp_path / "none.db"
+    assert main([*argv, "--db", f"sqlite:///{path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no database at" in err and "\n" not in err
+    assert not path.exists()
