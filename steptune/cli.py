@@ -177,6 +177,16 @@ def sweep_cmd(
         presets.get(s.partition(":")[0])
     ev = _evaluator(problem, noise, cache)
     prob = ev.problem
+    if study is not None:  # the database and the study are checked before the sweep runs
+        from steptune.storage import StorageError, connect
+
+        try:
+            with connect(db) as store:
+                why = sweep.study_problem_mismatch(store, study, prob)
+        except StorageError as e:
+            raise UserError(f"--db: {e}") from None
+        if why:
+            raise UserError(why)
     total = len(specs) * len(nfes)
     from rich.progress import Progress
 
@@ -194,7 +204,7 @@ def sweep_cmd(
 
         with connect(db) as store:
             stored = sweep.store_sweep(store, study, ev, rows, spacing, bank)
-        err.print(f"stored {len(stored)} trials in study {study!r}")
+        err.print(f"stored {len(stored)} new trials in study {study!r}")
     if json_:
         print(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
         return

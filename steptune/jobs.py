@@ -137,7 +137,7 @@ class BackendSpec(_Section):
 
 class Job(_Section):
     study: str = Field(min_length=1, max_length=200)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     problem: ProblemSpec
     search: SearchSpec
     evaluation: EvaluationSpec = EvaluationSpec()

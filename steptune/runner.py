@@ -183,16 +183,20 @@ class Runner:
             key = "problem.model" if job.problem.model else "problem.name"
             msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
             raise JobError(f"{key} {job.problem.describe()!r}: {msg}") from None
+        from steptune.search import make_searcher
+
+        try:
+            self.searcher = make_searcher(job.search.method, self.problem.noise, self.problem.t_start,
+                                          self.problem.t_end, job.search.nfe, seed=job.seed, **job.search.options)
+        except (TypeError, ValueError) as e:  # an option the method does not take, or a value it refuses
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise JobError(f"search.options {job.search.options!r} for method {job.search.method!r}: {msg}") from None
         self._open_study()
         self._recover()
 
     def run(self) -> RunResult:
         self.prepare()
         job = self.job
-        from steptune.search import make_searcher
-
-        self.searcher = make_searcher(job.search.method, self.problem.noise, self.problem.t_start,
-                                      self.problem.t_end, job.search.nfe, seed=job.seed, **job.search.options)
         beat = threading.Thread(target=self._heartbeat, name="steptune-heartbeat", daemon=True)
         self._beating = threading.Event()
         beat.start()
@@ -219,6 +223,12 @@ class Runner:
         job = self.job
         config = {"job": job.model_dump(), "identity": job.identity(), "fidelity": CONFIRM}
         identity = {"name": self.problem.name, **self.problem.identity()}
+        try:
+            existing = self.storage.get_study(job.study)
+        except StorageError:
+            existing = None
+        if existing is not None and existing.kind not in ("search", ""):
+            raise JobError(f"study {job.study!r} is a {existing.kind} study, not a search; give a new study name")
         try:
             st = self.storage.create_study(job.study, method=job.search.method, seed=job.seed, config=config,
                                            problem=identity, exist_ok=True)

@@ -80,6 +80,23 @@ def save(rows: list[dict], out_dir: Path, stem: str, meta: dict) -> tuple[Path, 
     return jpath, mpath
 
 
+def study_problem_mismatch(store, study: str, problem) -> str | None:
+    """Why a sweep of ``problem`` cannot be added to ``study`` (another kind of study, or another problem), or
+    None when it can (also when the study does not exist yet)."""
+    from steptune.storage import StorageError
+
+    try:
+        st = store.get_study(study)
+    except StorageError:
+        return None
+    if st.kind != "sweep":
+        return f"study {study!r} is a {st.kind or 'other'} study, not a sweep; give a new study name"
+    if st.problem is not None and st.problem["identity"] != problem.identity():
+        return (f"study {study!r} holds a sweep of problem {st.problem['name']!r} with other settings; give a new "
+                "study name")
+    return None
+
+
 def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | None = None,
                 bank: str = "heldout") -> list[int]:
     """Add the sweep's rows to ``study`` (method ``preset``, created if missing) as trials named by their
@@ -88,13 +105,21 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
     Returns the new trial ids."""
     from dataclasses import replace
 
+    from steptune.storage import StorageError, schedule_key
+
     problem = evaluator.problem
     kwargs = {"t_start": problem.t_start, "t_end": problem.t_end, **({"spacing": spacing} if spacing else {})}
+    try:  # a sweep run again adds only what the study does not hold yet
+        stored = {(t.key, t.fidelity, t.n_samples) for t in store.trials(study)}
+    except StorageError:
+        stored = set()
     items = []
     for r in rows:
         if r.get("status") not in ("complete", "failed"):
             continue
         sched = replace(presets.build(r["preset"], r["nfe"], problem.noise, **kwargs), name=r["preset"])
+        if (schedule_key(sched.to_dict()), bank, evaluator.bank(bank).size) in stored:
+            continue
         metrics = {k: r[k] for k in evaluator.metric_names() if k in r}
         items.append({"schedule": sched, "status": r["status"], "metrics": metrics, "error": r.get("error"),
                       "seconds": r.get("seconds"), "bank": bank, "n_samples": evaluator.bank(bank).size,

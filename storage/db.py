@@ -69,6 +69,17 @@ class StudyRecord:
     created: datetime
     problem: dict | None = None  # {"name", "identity", "conventions"}
 
+    @property
+    def kind(self) -> str:
+        """What made the study: "search" (a job or `steptune search`), "sweep", "relaxation", "dc-fit",
+        "import", or "" for one made through the Python API."""
+        config = self.config or {}
+        if config.get("kind"):
+            return config["kind"]
+        if "identity" in config:
+            return "search"
+        return {"preset": "sweep", "import": "import"}.get(self.method, "")
+
 
 @dataclass(frozen=True)
 class TrialRecord:

@@ -148,6 +148,9 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
         existing = db.get_study(study)
     except StorageError:
         existing = None
+    if existing is not None and existing.kind in ("relaxation", "dc-fit"):
+        raise ScheduleError(f"{source}: study {study!r} is a {existing.kind} study; import the schedule into another "
+                            "study")
     if existing is not None and existing.problem and sched.noise:
         study_noise = existing.problem["identity"].get("noise")
         if study_noise and noise_mod.from_dict(study_noise) != noise_mod.from_dict(sched.noise):

@@ -1,0 +1,94 @@
+"""A study belongs to the command that made it: runs, sweeps and imports refuse a study of another kind or
+problem before any work, in one line, and leave it as it was; a sweep run again adds nothing."""
+
+import pytest
+from runner_jobs import write_job
+from steptune.storage import connect
+
+from steptune.cli import main
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):  # reference solutions shared by this module's runs
+    return tmp_path_factory.mktemp("cache")
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    c = capsys.readouterr()
+    return code, c.out, c.err
+
+
+@pytest.fixture
+def relax_db(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert _run(["relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "5", "--learner", "chebcb",
+                 "--study", "rx", "--db", url, "--json"], capsys)[0] == 0
+    with connect(url) as db:
+        config = db.get_study("rx").config
+    return url, config
+
+
+def _unchanged(url, config):
+    with connect(url) as db:
+        assert db.get_study("rx").config == config and not db.trials("rx")
+
+
+def test_a_job_refuses_a_relaxation_study(relax_db, tmp_path, cache, capsys):
+    url, config = relax_db
+    job = write_job(tmp_path / "job.toml", "rx", cache, evaluations=2)
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and err.strip() == "error: study 'rx' is a relaxation study, not a search; give a new study name"
+    _unchanged(url, config)
+
+
+def test_sweep_and_import_refuse_a_relaxation_study(relax_db, tmp_path, cache, capsys):
+    url, config = relax_db
+    code, _, err = _run(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
+                         "--out", str(tmp_path / "sw"), "--study", "rx", "--db", url], capsys)
+    assert code == 2 and err.strip() == "error: study 'rx' is a relaxation study, not a sweep; give a new study name"
+    assert not (tmp_path / "sw").exists()  # refused before the sweep ran
+    path = tmp_path / "ddim.json"
+    assert _run(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
+    code, _, err = _run(["import", str(path), "--study", "rx", "--db", url], capsys)
+    assert code == 2 and "study 'rx' is a relaxation study" in err and "\n" not in err.strip()
+    _unchanged(url, config)
+
+
+def test_a_sweep_keeps_to_its_problem_and_adds_nothing_when_run_again(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    argv = ["sweep", "--nfe", "4,5", "--presets", "ddim,dpm-solver++-2m", "--cache", str(cache), "--out",
+            str(tmp_path / "sw"), "--study", "pre", "--db", url, "--json"]
+    assert _run([*argv, "--problem", "gmm-2d"], capsys)[0] == 0
+    with connect(url) as db:
+        first = [(t.key, t.score) for t in db.trials("pre")]
+    assert len(first) == 4
+    code, _, err = _run([*argv, "--problem", "gmm-2d"], capsys)
+    assert code == 0 and "stored 0 new trials" in err
+    code, _, err = _run([*argv, "--problem", "gmm-2d", "--noise", "vp-cosine"], capsys)
+    assert code == 2 and err.strip() == ("error: study 'pre' holds a sweep of problem 'gmm-2d' with other settings; "
+                                         "give a new study name")
+    with connect(url) as db:
+        assert [(t.key, t.score) for t in db.trials("pre")] == first
+
+
+def test_a_sweep_checks_its_database_before_it_runs(tmp_path, cache, capsys):
+    path = tmp_path / "notes.db"
+    path.write_text("not a database")
+    code, _, err = _run(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
+                         "--out", str(tmp_path / "sw"), "--study", "s", "--db", f"sqlite:///{path}"], capsys)
+    assert code == 2 and err.startswith("error: --db: cannot open database") and err.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
+
+
+def test_search_options_and_seed_are_checked_before_the_study_is_made(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "o", cache, evaluations=2)
+    job.write_text(job.read_text().replace('method = "s3"', 'method = "s3"\noptions = {bogus = 1}'))
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and err.startswith("error: search.options {'bogus': 1} for method 's3': ") and "bogus" in err
+    job.write_text(job.read_text().replace("options = {bogus = 1}", "").replace("seed = 3", "seed = -1"))
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and "seed" in err and err.count("\n") == 1
+    with connect(url) as db:
+        assert not db.studies()
