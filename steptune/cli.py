@@ -23,6 +23,7 @@ from steptune.cli_dc import (
     TimeScaleOpt,
     pick_device,
 )
+from steptune.outputs import output_file, output_folder
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 
@@ -80,6 +81,8 @@ def schedule_cmd(
     """Print a preset as schedule JSON (a starting point for your own schedule files)."""
     from steptune.space import noise as noise_mod
 
+    if output is not None:
+        output_file(output, "-o")
     ns = noise_mod.get(noise)
     sched = resolve(spec if spec.startswith("preset:") else f"preset:{spec}", [nfe], ns, spacing)[0]
     if output is None:
@@ -172,6 +175,7 @@ def sweep_cmd(
     from steptune import sweep
 
     nfes = parse_nfe_list(nfe)
+    output_folder(out_dir, "--out")
     specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
     for s in specs:
         presets.get(s.partition(":")[0])

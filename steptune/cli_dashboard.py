@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, StudyOpt, _user_errors
+from steptune.outputs import output_file
 
 err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -68,9 +69,7 @@ def report_cmd(
     from steptune.dashboard.queries import NotFound
     from steptune.report import write_report
 
-    output = output or Path("runs/reports") / f"{study}.html"
-    if output.exists() and output.is_dir():
-        raise CliError(f"{output} is a folder; give a file name ending in .html")
+    output = output_file(output or Path("runs/reports") / f"{study}.html", "-o")
     store = open_read_only(db)
     try:
         store.get_study(study)

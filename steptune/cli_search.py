@@ -67,6 +67,9 @@ def register(app: typer.Typer) -> None:
         """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
         from steptune.cli_dc import build_problem
         from steptune.cli_run import execute_job
+        from steptune.outputs import output_folder
+
+        output_folder(out_dir, "--out")
         from steptune.evaluators.plugins import evaluator_options, parse_shape
         from steptune.jobs import JobError, job_from_dict
         from steptune.resolve import parse_nfe_list

@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from steptune.outputs import CliError, output_file, output_folder
 from steptune.space import ScheduleError
 
 DEFAULT_DB = "sqlite:///runs/steptune.db"
@@ -30,15 +30,6 @@ DbOpt = Annotated[str, typer.Option(
     help="Database URL: sqlite:///path/to.db (default runs/steptune.db) or postgresql+psycopg://user@host/db.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 StudyOpt = Annotated[str, typer.Option("--study", "-s", help="Study name.")]
-
-
-class CliError(click.ClickException):
-    """One line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        print(f"error: {self.message}", file=file or sys.stderr)
 
 
 def _user_errors(fn):
@@ -201,6 +192,8 @@ def export_cmd(
         raise CliError(f"--format {format_!r} is unknown; use one of {', '.join(FORMATS)}")
     if (nfe is None) == (trial is None):
         raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
+    if output is not None:
+        (output_folder if format_ in ("diffusers", "diffusers-stock") else output_file)(output, "-o")
     with _open(db) as store:
         st = store.get_study(study)
         fidelity = fidelity or st.config.get("fidelity")

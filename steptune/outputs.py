@@ -1,0 +1,50 @@
+"""Output paths checked before any work, so a long command never fails at its last step on a path."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+
+class CliError(click.ClickException):
+    """One line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        print(f"error: {self.message}", file=file or sys.stderr)
+
+
+def _writable_parent(path: Path, option: str) -> None:
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CliError(f"{option} {path}: {ancestor} is a file, not a folder; choose another path")
+    if not os.access(ancestor, os.W_OK):
+        raise CliError(f"{option} {path}: cannot write in {ancestor}; choose another path")
+
+
+def output_file(path: Path, option: str) -> Path:
+    """``path`` when a file can be written there (its folders are made when it is written)."""
+    if path.is_dir():
+        raise CliError(f"{option} {path} is a folder; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CliError(f"{option} {path} cannot be written; choose another path")
+    _writable_parent(path, option)
+    return path
+
+
+def output_folder(path: Path, option: str) -> Path:
+    """``path`` when it is, or can become, a folder to write in."""
+    if path.exists() and not path.is_dir():
+        raise CliError(f"{option} {path} is a file; give a folder")
+    if path.is_dir():
+        if not os.access(path, os.W_OK):
+            raise CliError(f"{option} {path}: cannot write in this folder; choose another")
+        return path
+    _writable_parent(path, option)
+    return path
