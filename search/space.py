@@ -87,6 +87,11 @@ class DecisionSpace:
     def span(self) -> float:
         return self.lam1 - self.lam0
 
+    @property
+    def max_nfe(self) -> int:
+        """The largest NFE whose schedules (one step per model call) fit the span at ``min_gap``."""
+        return max(0, math.ceil(self.span / self.min_gap) - 1)
+
     def lam(self, t: float) -> float:
         v = self._lam_cache.get(t)
         if v is None:

@@ -96,7 +96,8 @@ def register(app: typer.Typer) -> None:
                             **{k: v for k, v in conventions.items() if v is not None}},
                 "search": {"method": method, "nfe": nfes},
                 "evaluation": {"cheap_samples": cheap_n, "train_samples": max(cheap_n, sizes.get("n_train", 256)),
-                               "heldout_samples": heldout_n or sizes.get("n_heldout", 1024), "confirm": confirm_k,
+                               "heldout_samples": sizes.get("n_heldout", 1024) if heldout_n is None else heldout_n,
+                               "confirm": confirm_k,
                                "cache": str(cache), "baseline_nfe": wide},
                 "budget": {"evaluations": budget, "time": time_budget},
                 "storage": {"db": db}, "backend": {"kind": "local"}}

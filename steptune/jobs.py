@@ -42,7 +42,7 @@ class JobError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # true is not 1, "5" not 5
 
 
 class ProblemSpec(_Section):

@@ -191,6 +191,10 @@ class Runner:
         except (TypeError, ValueError) as e:  # an option the method does not take, or a value it refuses
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise JobError(f"search.options {job.search.options!r} for method {job.search.method!r}: {msg}") from None
+        space = self.searcher.space
+        if max(job.search.nfe) > space.max_nfe:
+            raise JobError(f"search.nfe {max(job.search.nfe)}: at most {space.max_nfe} steps fit between t_start and "
+                           f"t_end {space.min_gap:g} apart in log-SNR; search at most NFE {space.max_nfe}")
         self._open_study()
         self._recover()
 

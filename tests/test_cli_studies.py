@@ -92,3 +92,19 @@ def test_search_options_and_seed_are_checked_before_the_study_is_made(tmp_path, 
     assert code == 2 and "seed" in err and err.count("\n") == 1
     with connect(url) as db:
         assert not db.studies()
+
+
+def test_what_the_search_cannot_do_is_refused_before_the_study_is_made(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "n", cache, evaluations=2, nfe="[4, 5000]")
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and err.startswith("error: search.nfe 5000: at most ") and "search at most NFE" in err
+    job = write_job(tmp_path / "job.toml", "n", cache, evaluations=2)
+    job.write_text(job.read_text().replace("evaluations = 2", "evaluations = true"))
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 2 and "budget.evaluations" in err and err.count("\n") == 1
+    code, _, err = _run(["search", "--problem", "gmm-2d", "--nfe", "4", "--method", "random", "--budget", "2",
+                         "--heldout-samples", "0", "--cache", str(cache), "--db", url], capsys)
+    assert code == 2 and "heldout_samples" in err and err.count("\n") == 1
+    with connect(url) as db:
+        assert not db.studies()
