@@ -9,6 +9,7 @@ so the same job gives the same numbers on either backend.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import traceback
@@ -202,9 +203,23 @@ class RayBackend(Backend):
         self.failures: dict[int, int] = {}
         self.started_ray = False
 
+    def check(self) -> None:
+        """Refuse, in one line and at once, a cluster address where nothing listens (Ray itself retries for
+        minutes)."""
+        m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", self.spec.address or "")
+        if m is None:
+            return
+        try:
+            with socket.create_connection((m[1], int(m[2])), timeout=5):
+                pass
+        except OSError as e:
+            raise BackendError(f"backend.address {self.spec.address}: nothing answers there ({e.strerror or e}); "
+                               "start the cluster (ray start --head) or fix the address") from None
+
     def _init_ray(self):
         import ray
 
+        self.check()
         if not ray.is_initialized():
             try:
                 # "local": start a private instance, never attach to a cluster some other process left running

@@ -108,3 +108,12 @@ def test_what_the_search_cannot_do_is_refused_before_the_study_is_made(tmp_path,
     assert code == 2 and "heldout_samples" in err and err.count("\n") == 1
     with connect(url) as db:
         assert not db.studies()
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_at_once(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "r", cache, evaluations=2)
+    code, _, err = _run(["run", str(job), "--ray-address", "127.0.0.1:1", "--db", url], capsys)
+    assert code == 2 and err.startswith("error: backend.address 127.0.0.1:1: nothing answers there")
+    with connect(url) as db:
+        assert not db.studies()
