@@ -118,10 +118,8 @@ def register(app: typer.Typer) -> None:
             job = load_job(job_file)
             job = job.with_overrides(**{"storage.db": db, "backend.address": ray_address,
                                         "backend.kind": "ray" if ray_address else backend})
-        except JobError as e:
+        except JobError as e:  # the file, or an override that does not validate
             raise CliError(str(e)) from None
-        except ValueError as e:  # an override that does not validate
-            raise CliError(f"{job_file}: {str(e).splitlines()[0]}") from None
         result = execute_job(job, json_)
         payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
                    "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,

@@ -164,7 +164,7 @@ class Job(_Section):
                 data[section][key] = value
             else:
                 data[section] = value
-        return Job.model_validate(data)
+        return job_from_dict(data, where="the command-line options")
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -117,3 +117,10 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(tmp_path, cache,
     assert code == 2 and err.startswith("error: backend.address 127.0.0.1:1: nothing answers there")
     with connect(url) as db:
         assert not db.studies()
+
+
+def test_a_bad_command_line_override_names_its_key(tmp_path, cache, capsys):
+    job = write_job(tmp_path / "job.toml", "b", cache, evaluations=2)
+    code, _, err = _run(["run", str(job), "--backend", "bogus", "--db", f"sqlite:///{tmp_path / 'x.db'}"], capsys)
+    assert code == 2 and err == ("error: the command-line options: key 'backend.kind': Input should be 'local' or "
+                                 "'ray' (got 'bogus')\n")
