@@ -52,6 +52,7 @@ def _evaluator(problem: str, noise: str | None, cache: Path, device: str | None 
     from steptune.cli_dc import build_problem, problem_evaluator
 
     device = pick_device(device)
+    output_folder(cache, "--cache")
     return problem_evaluator(build_problem(problem, noise=noise, error=UserError, **model_options), cache, device)
 
 
@@ -117,6 +118,8 @@ def eval_cmd(
 
     if bank not in ("heldout", "train"):
         raise UserError(f"--bank {bank!r}: use heldout or train")
+    if samples is not None and samples < 1:
+        raise UserError(f"--samples {samples}: give at least 1")
     nfes = parse_nfe_list(nfe)
     for spec in schedule:  # bad files are refused before any problem or reference is built
         if not spec.startswith("preset:"):
@@ -124,6 +127,8 @@ def eval_cmd(
     ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
                     time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
+    if samples is not None and samples > ev.bank(bank).size:
+        raise UserError(f"--samples {samples}: the {bank} bank holds {ev.bank(bank).size} states; give at most that")
     scheds = [(spec, s) for spec in schedule
               for s in resolve(spec, nfes, prob.noise, spacing, prob.t_start, prob.t_end)]
     rows = []
@@ -176,6 +181,8 @@ def sweep_cmd(
 
     nfes = parse_nfe_list(nfe)
     output_folder(out_dir, "--out")
+    if study is not None and not study.strip():
+        raise UserError("--study is empty; give the study a name")
     specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
     for s in specs:
         presets.get(s.partition(":")[0])

@@ -123,6 +123,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
                                                   for k, v in t.metrics.items()))
             out.print(_describe(t.to_schedule()))
             return
+        _check_fidelity(store, study, fidelity)
         best = store.best_per_nfe(study, fidelity=fidelity)
         front = {t.id for t in store.pareto(study, fidelity=fidelity)}
     if json_:
@@ -140,7 +141,18 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
     out.print(table)
 
 
+def _check_fidelity(store, study: str, fidelity: str | None) -> None:
+    """Refuse a fidelity none of the study's trials has, naming the ones it has."""
+    if fidelity is None or store.best_per_nfe(study, fidelity=fidelity):
+        return
+    have = sorted({t.fidelity for t in store.trials(study) if t.fidelity})
+    if fidelity not in have:
+        raise CliError(f"--fidelity {fidelity!r}: study {study!r} has no trials of that fidelity"
+                       + (f" (it has {', '.join(have)})" if have else ""))
+
+
 def _best_or_fail(store, study: str, nfe: int, fidelity: str | None):
+    _check_fidelity(store, study, fidelity)
     t = store.best(study, nfe, fidelity=fidelity)
     if t is None:
         have = [b.nfe for b in store.best_per_nfe(study, fidelity=fidelity)]
@@ -204,6 +216,8 @@ def export_cmd(
         else:
             t = _best_or_fail(store, study, nfe, fidelity)
     sched = t.to_schedule()
+    if t.status != "complete":
+        err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
     stem = f"{study}-nfe{t.nfe}"
     if format_ == "json":
         text = json.dumps(export_dict(t, st), indent=2) + "\n"
@@ -265,6 +279,8 @@ def import_cmd(
     """Add a schedule file to a study (created if missing); the file is checked before anything is written."""
     from steptune.storage import import_schedule, read_export
 
+    if not study.strip():
+        raise CliError("--study is empty; give the study a name")
     read_export(file)  # refuse a bad file before even opening the database
     with _open(db, create=True) as store:
         t = import_schedule(store, file, study, queue=queue)

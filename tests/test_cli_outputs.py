@@ -41,3 +41,14 @@ def test_an_output_path_that_cannot_be_written_is_refused_first(argv, message, p
     assert capsys.readouterr().err == f"error: {message.format(d=d)}\n"
     if argv[0] == "search":  # refused before the study was made
         assert not (paths / "s.db").exists()
+
+
+@pytest.mark.parametrize("option,message", [(["--samples", "0"], "--samples 0: give at least 1"),
+                                            (["--samples", "5000"], "--samples 5000: the heldout bank holds 1024 "
+                                                                    "states; give at most that"),
+                                            (["--cache", "{d}/a-file"], "--cache {d}/a-file is a file; give a folder")])
+def test_eval_refuses_a_sample_count_or_cache_it_cannot_use(option, message, paths, capsys):
+    d = str(paths)
+    argv = ["eval", "--problem", "gmm-2d", "-s", "preset:ddim", "--nfe", "4", "--cache", f"{d}/cache"]
+    assert main([*argv, *(o.format(d=d) for o in option)]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(d=d)}\n"

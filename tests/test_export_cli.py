@@ -179,3 +179,19 @@ def test_studies_reports_the_study_fidelity_as_best_does(filled, capsys):
     assert [(b["nfe"], b["score"]) for b in row["best"]] == [(5, 0.08)]
     code, out, _ = _run(["best", "--study", "searched", "--nfe", "5", "--db", url, "--json"], capsys)
     assert json.loads(out)["provenance"]["score"] == 0.08
+
+
+def test_a_fidelity_the_study_lacks_is_named(filled, capsys):
+    url, _ = filled
+    for argv in (["best", "--study", "demo"], ["export", "--study", "demo", "--nfe", "4"]):
+        code, _, err = _run([*argv, "--fidelity", "heldout", "--db", url], capsys)
+        assert code == 2
+        assert err == "error: --fidelity 'heldout': study 'demo' has no trials of that fidelity (it has cheap)\n"
+
+
+def test_a_queued_trial_exports_with_a_note(filled, capsys):
+    url, db = filled
+    (tid,) = db.add_trials("demo", [{"schedule": presets.build("ddim", 7, NS)}])
+    code, out, err = _run(["export", "--study", "demo", "--trial", str(tid), "--db", url], capsys)
+    assert code == 0 and json.loads(out)["nfe"] == 7
+    assert f"note: trial id {tid} is queued, not evaluated: the export carries no scores" in err
