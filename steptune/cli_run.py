@@ -74,8 +74,9 @@ def execute_job(job, quiet: bool = False):
             if st["phase"] == "search":
                 bar.update(task, description="search", total=st["total"], completed=st["done"],
                            info=f"best {_best_text(st['best'])}{retried}{eta}")
-            else:
-                bar.update(task, description=st["phase"], info=retried)
+            else:  # baseline presets or held-out confirmations: their own count, not the search's
+                bar.update(task, description=st["phase"], total=st["phase_total"] or None,
+                           completed=st["phase_done"], info=retried)
 
         runner.progress = progress
         previous = signal.getsignal(signal.SIGINT)

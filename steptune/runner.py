@@ -145,6 +145,7 @@ class Runner:
         self.failed = 0  # failed evaluations in this run (diverged, or out of attempts)
         self.done = 0
         self.total = job.budget.evaluations * len(job.search.nfe)
+        self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
         self.best: dict[int, float] = {}
         self.problem = None
         self.eval_seconds: list[float] = []
@@ -288,6 +289,8 @@ class Runner:
         tasks = [Task(t.id, t.schedule, t.bank, t.n_samples) for t in rows if t.status == "queued"]
         if not tasks:
             return {}
+        if self.phase != "search":
+            self.phase_counts.setdefault(self.phase, [0, 0])[1] += len(tasks)
         self._sink = _Sink(self)
         self.backend.run(tasks, self._sink)
         return self._sink.results
@@ -297,6 +300,8 @@ class Runner:
             self.eval_seconds.append(float(result["seconds"]))
         if self.phase == "search":
             self.done += 1
+        elif self.phase in self.phase_counts:
+            self.phase_counts[self.phase][0] += 1
         self.failed += result.get("status") != "complete"
         if self.progress is not None:
             self.progress(self.status())
@@ -305,8 +310,10 @@ class Runner:
         elapsed = time.monotonic() - self.started
         rate = self._rate()
         eta = (self.total - self.done) / rate if rate and self.phase == "search" else None
+        phase_done, phase_total = self.phase_counts.get(self.phase, (0, 0))
         return {"phase": self.phase, "done": self.done, "total": self.total, "best": dict(self.best),
-                "retried": self.retried, "failed": self.failed, "elapsed": elapsed, "eta": eta}
+                "retried": self.retried, "failed": self.failed, "elapsed": elapsed, "eta": eta,
+                "phase_done": phase_done, "phase_total": phase_total}
 
     def _rate(self) -> float | None:
         if not hasattr(self, "_search_start"):
