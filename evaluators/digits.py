@@ -128,6 +128,8 @@ class DigitsClassifier(nn.Module):
 @contextlib.contextmanager
 def deterministic(threads: int = 1):
     """Fixed thread count and deterministic kernels for the duration (restored afterwards)."""
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, not {threads}")
     old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -167,8 +169,11 @@ def train_unet(config: TrainConfig = TrainConfig(), progress: Callable[[int, flo
         ema = DigitsUNet(UNetConfig(tuple(config.channels))).float()
         ema.load_state_dict(net.state_dict())
         opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps,
-                                                    pct_start=max(0.05, 2.5 / config.steps))
+        if config.steps >= 3:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.steps,
+                                                        pct_start=max(0.05, 2.5 / config.steps))
+        else:  # too short for a warm-up and a decay: the peak learning rate throughout
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         for step in range(config.steps):
             idx = torch.randint(0, len(x_all), (config.batch,), generator=g)
             x0, y = x_all[idx], y_all[idx]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -297,10 +298,13 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
     if shape is None:
         raise PluginError(f"model {spec!r}: the sample shape is unknown; give --shape (e.g. 3,32,32) or return a "
                           "Plug with shape=...")
+    scale = _pick(time_scale, plug.time_scale, 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
+        raise PluginError(f"model {spec!r}: time_scale {scale!r} must be a positive number")
     try:
         model = Model(net, ns, prediction=_pick(prediction, plug.prediction, p_default),
                       time_input=_pick(time_input, plug.time_input, ti_default),
-                      time_scale=float(_pick(time_scale, plug.time_scale, 1.0)),
+                      time_scale=float(scale),
                       guidance_scale=_pick(guidance_scale, plug.guidance_scale, None),
                       cond_kwargs=dict(plug.cond_kwargs), uncond_kwargs=dict(plug.uncond_kwargs),
                       data_mean=plug.data_mean)
@@ -366,6 +370,9 @@ def load_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predict
     Conventions that do not apply to a problem are refused with a ValueError naming them. ``options``
     go to the problem (e.g. ``cache_dir`` for ``gmm-digits``, ``t_start``/``t_end``, ``reference_tol``
     for networks)."""
+    if time_scale is not None and not (math.isfinite(time_scale) and time_scale > 0):
+        raise ValueError(f"--time-scale {time_scale:g}: must be a positive number (e.g. 1000 for a network that "
+                         "takes t in [0, 1000])")
     conv = {"prediction": prediction, "time_input": time_input, "time_scale": time_scale}
     if spec in PROBLEMS:
         if guidance_scale is not None or shape is not None:

@@ -238,6 +238,8 @@ class CPR:
         """``rows``: (NFE, CFG, ratios per step) of directly fitted configurations."""
         if not rows:
             raise ValueError("CPR: no fitted configurations to regress on")
+        if not (math.isfinite(ridge) and ridge >= 0):
+            raise ValueError(f"CPR: the ridge penalty must be a finite number, 0 or more, not {ridge!r}")
         cfgs = [1.0 if c is None else float(c) for _, c, _ in rows]
         nfes = [float(n) for n, _, _ in rows]
         cpr = cls(np.zeros((4, 3, 3)), (min(nfes), max(nfes)), (min(cfgs), max(cfgs)), ridge)
@@ -347,6 +349,9 @@ def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("gree
     bad = sorted(set(methods) - {"greedy", "joint"})
     if bad:
         raise ValueError(f"unknown DC fit method {bad[0]!r}; use greedy and/or joint")
+    for name, iters in (("greedy_iters", greedy_iters), ("joint_iters", joint_iters)):
+        if name.removesuffix("_iters") in methods and iters < 1:
+            raise ValueError(f"{name} must be at least 1, not {iters}")
     evaluator.check(schedule)
     problem = evaluator.problem
     t0 = time.perf_counter()

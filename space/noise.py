@@ -9,9 +9,11 @@ log alpha is interpolated piecewise-linearly in t.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
+
+from .schedule import ScheduleError
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -275,19 +277,45 @@ NAMED = {
 def get(name: str) -> NoiseSchedule:
     """A noise schedule by its short name (see ``NAMED``)."""
     if name not in NAMED:
-        raise ValueError(f"unknown noise schedule {name!r}; choose from {', '.join(NAMED)}")
+        raise ScheduleError(f"unknown noise schedule {name!r}; choose from {', '.join(NAMED)}")
     return NAMED[name]()
 
 
+_CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "edm": EDM, "flow": RectifiedFlow}
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def from_dict(d: dict) -> NoiseSchedule:
+    """The noise schedule of its ``to_dict()`` form; a malformed one raises ScheduleError naming the key."""
+    if not isinstance(d, dict):
+        raise ScheduleError(f"must be an object with a 'kind', not {type(d).__name__}")
     d = dict(d)
     kind = d.pop("kind", None)
     if kind == "vp-discrete":
         name = d.get("name", "custom")
         if name != "custom":
-            return VPDiscrete.named(name)
-        return VPDiscrete(tuple(d["alphas_cumprod"]), name="custom")
-    classes = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "edm": EDM, "flow": RectifiedFlow}
-    if kind not in classes:
-        raise ValueError(f"unknown noise schedule kind {kind!r}; expected one of vp-discrete, {', '.join(classes)}")
-    return classes[kind](**d)
+            try:
+                return VPDiscrete.named(name)
+            except ValueError as e:
+                raise ScheduleError(f"'name': {e}") from None
+        table = d.get("alphas_cumprod")
+        if not isinstance(table, list) or not all(_number(a) for a in table):
+            raise ScheduleError("a custom vp-discrete schedule needs 'alphas_cumprod', a list of numbers")
+        try:
+            return VPDiscrete(tuple(table), name="custom")
+        except ValueError as e:
+            raise ScheduleError(f"'alphas_cumprod': {e}") from None
+    if kind not in _CONTINUOUS:
+        raise ScheduleError(f"'kind' is {kind!r}, not a known noise schedule; use one of vp-discrete, "
+                            f"{', '.join(_CONTINUOUS)}")
+    cls = _CONTINUOUS[kind]
+    keys = [f.name for f in fields(cls) if f.init]
+    for k, v in d.items():
+        if k not in keys:
+            raise ScheduleError(f"{kind} has no key {k!r}; its keys are kind, {', '.join(keys)}")
+        if not _number(v):
+            raise ScheduleError(f"{k!r} of {kind} must be a finite number, not {v!r}")
+    return cls(**d)

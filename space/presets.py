@@ -9,7 +9,6 @@ counts as one of the NFE steps).
 from __future__ import annotations
 
 import inspect
-
 from collections.abc import Callable, Sequence
 
 import torch
@@ -219,14 +218,36 @@ def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
             raise ScheduleError(f"preset {spec!r}: option {item!r} must be key=value")
         opts[key.strip()] = _parse_value(value.strip())
     fn = get(name)
-    known = [p for p in inspect.signature(fn).parameters if p not in ("nfe", "noise")]
+    params = inspect.signature(fn).parameters
+    known = [p for p in params if p not in ("nfe", "noise")]
     unknown = [k for k in opts if k not in known]
     if unknown:
         raise ScheduleError(f"preset {name!r} has no option {unknown[0]!r}; its options are {', '.join(known)}")
+    for key, value in opts.items():
+        _check_type(name, key, value, params[key])
     try:
         return fn(nfe, noise, **opts)
     except TypeError as e:
         raise ScheduleError(f"preset {name!r}: {e}") from None
+
+
+def _check_type(name: str, key: str, value, param: inspect.Parameter) -> None:
+    """Refuse an option value whose type does not match the option's default (bool, integer or number)."""
+    default = param.default
+    if default is None or default is inspect.Parameter.empty:
+        return
+    if value is None and "None" in str(param.annotation):
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise ScheduleError(f"preset {name!r}: option {key!r} must be {kind}, not {value!r}")
 
 
 def _parse_value(v: str):

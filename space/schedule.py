@@ -197,6 +197,13 @@ def _from_dict(d: dict, where: str) -> Schedule:
         except TypeError as e:
             raise ScheduleError(f"{where}: step {i}: {e}") from None
     kwargs["steps"] = tuple(steps)
+    if kwargs.get("noise", {}) != {}:  # {} (or none): the schedule names no noise schedule
+        from . import noise as noise_mod
+
+        try:
+            noise_mod.from_dict(kwargs["noise"])
+        except ScheduleError as e:
+            raise ScheduleError(f"{where}: field 'noise': {e}") from None
     sched = Schedule(**kwargs)
     declared = d.get("nfe")
     if declared is not None and declared != sched.nfe:

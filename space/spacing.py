@@ -81,7 +81,7 @@ def diffusers_timesteps(n: int, spacing: str = "linspace", num_train_timesteps: 
         elif spacing == "trailing":
             ts = np.round(np.arange(N, 0, -N / n)) - 1
         else:
-            raise ValueError(f"unknown diffusers spacing {spacing!r}; use linspace, leading or trailing")
+            raise ScheduleError(f"unknown diffusers spacing {spacing!r}; use linspace, leading or trailing")
     elif scheduler == "multistep":
         if spacing == "linspace":
             ts = np.linspace(0, N - 1, n + 1).round()[::-1][:-1]
@@ -90,9 +90,9 @@ def diffusers_timesteps(n: int, spacing: str = "linspace", num_train_timesteps: 
         elif spacing == "trailing":
             ts = np.arange(N, 0, -N / n).round() - 1
         else:
-            raise ValueError(f"unknown diffusers spacing {spacing!r}; use linspace, leading or trailing")
+            raise ScheduleError(f"unknown diffusers spacing {spacing!r}; use linspace, leading or trailing")
     else:
-        raise ValueError(f"unknown diffusers scheduler family {scheduler!r}; use multistep or ddim")
+        raise ScheduleError(f"unknown diffusers scheduler family {scheduler!r}; use multistep or ddim")
     return [int(x) for x in ts]
 
 
@@ -110,6 +110,17 @@ SPACINGS = {
     "time-quadratic": time_quadratic,
     "karras": karras,
 }
+DIFFUSERS_SPACINGS = ("diffusers-linspace", "diffusers-leading", "diffusers-trailing")
+
+
+def check(spacing: str, ns: NoiseSchedule | None = None) -> None:
+    """Refuse (ScheduleError) a spacing name that does not exist, or that does not fit the noise schedule ``ns``."""
+    if spacing not in SPACINGS and spacing not in DIFFUSERS_SPACINGS:
+        names = ", ".join([*SPACINGS, *DIFFUSERS_SPACINGS])
+        raise ScheduleError(f"unknown spacing {spacing!r}; choose from {names}")
+    if spacing in DIFFUSERS_SPACINGS and ns is not None and not isinstance(ns, VPDiscrete):
+        raise ScheduleError(f"spacing {spacing!r} needs a discrete VP noise schedule (ddpm-linear, sd-scaled-linear "
+                            f"or cosine-discrete), not {ns.kind}; choose one of those or another spacing")
 
 
 def make(ns: NoiseSchedule, n: int, spacing: str | Sequence[float] = "logsnr", t_start=None, t_end=None,
@@ -118,13 +129,9 @@ def make(ns: NoiseSchedule, n: int, spacing: str | Sequence[float] = "logsnr", t
     if not isinstance(spacing, str):
         times = explicit(ns, spacing)
         if len(times) != n + 1:
-            raise ValueError(f"explicit timesteps: got {len(times)} times, need {n + 1} for {n} steps")
+            raise ScheduleError(f"explicit timesteps: got {len(times)} times, need {n + 1} for {n} steps")
         return times
-    if spacing.startswith("diffusers-"):
-        if not isinstance(ns, VPDiscrete):
-            raise ValueError(f"spacing {spacing!r} needs a discrete VP noise schedule, not {ns.kind}")
+    check(spacing, ns)
+    if spacing in DIFFUSERS_SPACINGS:
         return diffusers_times(ns, n, spacing.removeprefix("diffusers-"), **kwargs)
-    if spacing not in SPACINGS:
-        names = ", ".join([*SPACINGS, "diffusers-linspace", "diffusers-leading", "diffusers-trailing"])
-        raise ValueError(f"unknown spacing {spacing!r}; choose from {names}")
     return SPACINGS[spacing](ns, n, t_start, t_end, **kwargs)

@@ -26,6 +26,7 @@ from steptune.cli_dc import (
 from steptune.outputs import output_file, output_folder
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
+from steptune.space import spacing as spacing_mod
 
 app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
@@ -183,11 +184,18 @@ def sweep_cmd(
     output_folder(out_dir, "--out")
     if study is not None and not study.strip():
         raise UserError("--study is empty; give the study a name")
+    if bank not in ("heldout", "train"):
+        raise UserError(f"--bank {bank!r}: use heldout or train")
     specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
     for s in specs:
         presets.get(s.partition(":")[0])
     ev = _evaluator(problem, noise, cache)
     prob = ev.problem
+    if spacing is not None:
+        try:
+            spacing_mod.check(spacing, prob.noise)
+        except ScheduleError as e:
+            raise ScheduleError(f"--spacing: {e}") from None
     if study is not None:  # the database and the study are checked before the sweep runs
         from steptune.storage import StorageError, connect
 

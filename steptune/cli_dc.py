@@ -107,6 +107,17 @@ def _floats(text: str | None, what: str) -> list[float | None]:
         raise DcCliError(f"{what} {text!r}: give numbers like 1.5,3,5") from None
 
 
+def _check_cfg(cfg: float | None) -> None:
+    """A guidance scale is a finite number, 0 or more."""
+    if cfg is not None and not (math.isfinite(cfg) and cfg >= 0):
+        raise DcCliError(f"--cfg {cfg:g}: a guidance scale must be a finite number, 0 or more")
+
+
+def _check_ridge(ridge: float) -> None:
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise DcCliError(f"--ridge {ridge:g}: the ridge penalty must be a finite number, 0 or more")
+
+
 def _fmt(v) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.4g}"
 
@@ -322,7 +333,8 @@ def register(app: typer.Typer) -> None:
                                                                      "module:factory.")] = "digits-cond",
         solver: Annotated[str, typer.Option("--solver", help="Preset spec, or a schedule JSON file (e.g. a "
                                                              "searched one) to refine.")] = "unipc-bh2",
-        nfe: Annotated[str, typer.Option("--nfe", help="NFE list, e.g. 5,6,8,10 (ignored for a file).")] = "5,6,8,10",
+        nfe: Annotated[str | None, typer.Option("--nfe", help="NFE list, e.g. 5,6,8,10 (the default for a preset); "
+                                                              "a schedule file has its own NFE.")] = None,
         cfg: Annotated[str | None, typer.Option("--cfg", help="Guidance scales, e.g. 1.5,3,5.")] = None,
         method: Annotated[str, typer.Option("--method", help="greedy, joint, or both (joint refines greedy).")]
         = "both",
@@ -357,31 +369,46 @@ def register(app: typer.Typer) -> None:
             raise DcCliError(f"--method {method!r}: use greedy, joint or both")
         if fit_samples < 1:
             raise DcCliError("--fit-samples must be at least 1")
+        for option, iters in (("--greedy-iters", greedy_iters), ("--joint-iters", joint_iters)):
+            if iters < 1:
+                raise DcCliError(f"{option} {iters}: the fit needs at least 1 iteration")
         is_file = not solver.startswith("preset:") and Path(solver).suffix == ".json"
         spec = solver if is_file or solver.startswith("preset:") else f"preset:{solver}"
         made_as = {"kind": "dc-fit", "problem": problem, "solver": spec, "fit_samples": fit_samples,
                    "conventions": {"noise": noise, "prediction": prediction, "time_input": time_input,
                                    "time_scale": time_scale, "shape": shape}}
-        if study is not None:
-            check_same_fit(db, study, made_as)
+        if is_file and not Path(solver).is_file():
+            raise DcCliError(f"--solver {solver}: no such schedule file")
         try:
-            nfes = [] if is_file else parse_nfe_list(nfe)
+            nfes = parse_nfe_list(nfe if nfe is not None or is_file else "5,6,8,10")
+            if is_file:
+                resolve(spec, nfes, None)  # a bad file, or an --nfe it does not cost, is refused before any work
         except ScheduleError as e:
             raise DcCliError(str(e)) from None
         cfgs = _floats(cfg, "--cfg")
+        for g in cfgs:
+            _check_cfg(g)
+        plans = []  # (cfg, evaluator, schedules) of every configuration, all checked before any fit
+        for g in cfgs:
+            prob = build_problem(problem, None, noise, prediction, time_input, time_scale, g, shape)
+            g = guidance_of(prob) if g is None else g
+            ev = problem_evaluator(prob, cache, device)
+            if fit_samples > ev.sizes["train"]:
+                raise DcCliError(f"--fit-samples {fit_samples} is more than the {ev.sizes['train']} noises of "
+                                 f"the train bank of {problem}; use 1 .. {ev.sizes['train']}")
+            try:
+                scheds = resolve(spec, nfes, prob.noise, None, prob.t_start, prob.t_end)
+                for s in scheds:
+                    ev.check(s)
+            except ScheduleError as e:
+                raise DcCliError(str(e)) from None
+            plans.append((g, ev, scheds))
+        if study is not None:
+            check_same_fit(db, study, made_as)
         configs = []  # (cfg, evaluator, schedule, ConfigFit)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=err, disable=json_, transient=True) as bar:
-            for g in cfgs:
-                prob = build_problem(problem, None, noise, prediction, time_input, time_scale, g, shape)
-                g = guidance_of(prob) if g is None else g
-                ev = problem_evaluator(prob, cache, device)
-                try:
-                    scheds = resolve(spec, nfes, prob.noise, None, prob.t_start, prob.t_end)
-                    for s in scheds:
-                        ev.check(s)
-                except ScheduleError as e:
-                    raise DcCliError(str(e)) from None
+            for g, ev, scheds in plans:
                 for s in scheds:
                     task = bar.add_task(f"CFG {g} NFE {s.nfe}: reference", total=None)
 
@@ -470,6 +497,7 @@ def register(app: typer.Typer) -> None:
             raise DcCliError("--iters must be at least 1")
         if not lr > 0:
             raise DcCliError("--lr must be positive")
+        _check_ridge(ridge)
         config, trials = load_dc_study(db, study)
         rows = fitted_rows(study, trials, fit)
         start = CPR.fit(rows, ridge=ridge)
@@ -519,7 +547,12 @@ def register(app: typer.Typer) -> None:
         from steptune.search.dc import with_ratios
 
         device = pick_device(device) if evaluate else None
+        _check_cfg(cfg)
+        _check_ridge(ridge)
         config, trials = load_dc_study(db, study)
+        if cfg is not None and not any(t.info.get("cfg") is not None for t in trials):
+            raise DcCliError(f"--cfg {cfg:g}: study {study!r} was fitted without guidance (problem "
+                             f"{config.get('problem')}); drop --cfg")
         base = study_schedule(study, config, nfe)
         where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
         refit = fit_command(study, config, nfe, cfg)
@@ -583,6 +616,8 @@ def register(app: typer.Typer) -> None:
 
         if steps < 1:
             raise DcCliError("--steps must be at least 1")
+        if threads < 1:
+            raise DcCliError("--threads must be at least 1")
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), TextColumn("{task.fields[loss]}"), console=err) as bar:
             clf = bar.add_task("classifier", total=60, loss="")

@@ -39,8 +39,10 @@ def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: fl
         raise CliError(f"--learner {learner!r} is unknown; use one of {', '.join(LEARNERS)}")
     if learner == "adaptive":
         return AdaptiveSOR(seed=seed)
-    if not (1 <= arms <= 200 and 1.0 < omega_max < 2.0):
-        raise CliError("--arms must be 1…200 and --omega-max in (1, 2)")
+    if not 1 <= arms <= 200:
+        raise CliError(f"--arms {arms}: the grid needs 1 to 200 values of ω")
+    if not 1.0 < omega_max < 2.0:
+        raise CliError(f"--omega-max {omega_max:g}: the largest grid ω must be in (1, 2)")
     key = getattr(seq, "context_key", None)
     try:
         if learner in ("chebcb", "tsallis-inf-cb") and key is None:
@@ -97,8 +99,13 @@ def register(app: typer.Typer) -> None:
             raise CliError(f"--solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
         if kernel not in ("pyamg", "numba"):
             raise CliError(f"--kernel {kernel!r} is unknown; use pyamg or numba")
-        if not (0 < tol < 1 and maxiter >= 1 and steps >= 1):
-            raise CliError("--tol must be in (0, 1), --maxiter and --steps at least 1")
+        if not 0 < tol < 1:
+            raise CliError(f"--tol {tol:g}: the relative residual tolerance must be in (0, 1), e.g. 1e-8")
+        for option, value in (("--maxiter", maxiter), ("--steps", steps), ("--m", m)):
+            if value < 1:
+                raise CliError(f"{option} {value}: must be at least 1")
+        if seed < 0:
+            raise CliError(f"--seed {seed}: a seed must be 0 or more")
         if learner == "fixed" and not 0 < omega < 2:
             raise CliError(f"--omega {omega} is outside (0, 2)")
         seq = _sequence(problem, matrices, steps, nx, m, variance, seed)
@@ -164,6 +171,7 @@ def register(app: typer.Typer) -> None:
         """Cumulative iterations of a relaxation study against baselines, and ω over time (table + PNG)."""
         from steptune.storage import StorageError, connect
 
+        _check_image_path(output)
         try:
             store = connect(db, must_exist=True)
             rec = store.get_study(study)
@@ -198,6 +206,22 @@ def register(app: typer.Typer) -> None:
             t.add_row(k, f"{v.mean():.1f}", f"{v.sum():.0f}", f"{v.sum() / own:.2f}×")
         out.print(t)
         out.print(f"saved {png}")
+
+
+def _check_image_path(output: Path | None) -> None:
+    """Refuse an -o path the plot cannot be saved to, before any work (see ``output_file``; also a format
+    matplotlib does not write)."""
+    if output is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from steptune.outputs import output_file
+
+    output_file(output, "-o")
+    fmt = output.suffix.removeprefix(".").lower()
+    if fmt not in FigureCanvasBase.get_supported_filetypes():
+        what = f"matplotlib cannot write .{fmt} images" if fmt else "the name has no image extension"
+        raise CliError(f"-o {output}: {what}; end the name in .png, .pdf or .svg")
 
 
 def _summary(name, all_rows, new_rounds, start) -> dict:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steptune.space import Schedule, ScheduleError, load_schedule, presets
+from steptune.space import Schedule, ScheduleError, presets
+from steptune.space import spacing as spacing_mod
 from steptune.space.noise import NoiseSchedule
 
 
@@ -34,13 +35,19 @@ def resolve(spec: str, nfes: list[int], noise: NoiseSchedule, spacing: str | Non
             raise ScheduleError(f"--schedule {spec}: a preset needs --nfe (e.g. --nfe 5,6,8,10)")
         kwargs = {"t_start": t_start, "t_end": t_end}
         if spacing is not None:
+            try:
+                spacing_mod.check(spacing, noise)
+            except ScheduleError as e:
+                raise ScheduleError(f"--spacing: {e}") from None
             kwargs["spacing"] = spacing
         return [presets.build(spec.removeprefix("preset:"), n, noise, **kwargs) for n in nfes]
     path = Path(spec)
     if not path.exists():
         raise ScheduleError(f"--schedule {spec}: no such file, and not a preset (write preset:NAME, "
                             "see 'steptune presets')")
-    sched = load_schedule(path)
+    from steptune.storage.export import read_export
+
+    sched, _ = read_export(path)  # the same checks as 'steptune import' (a binary file, unknown fields, ...)
     if nfes and nfes != [sched.nfe]:
         raise ScheduleError(f"{path}: the schedule costs {sched.nfe} model calls but --nfe asked for "
                             f"{','.join(map(str, nfes))}; drop --nfe or fix the file")

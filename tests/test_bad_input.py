@@ -1,0 +1,316 @@
+"""Bad option values and bad schedule files: one 'error: ...' line naming what is wrong, exit code 2, no
+traceback, and nothing written."""
+
+import json
+
+import pytest
+from steptune.space import Schedule, ScheduleError, load_schedule, noise, presets, spacing
+from steptune.storage import connect
+
+from steptune.cli import main
+
+CHEAP = ["--cheap-samples", "16", "--heldout-samples", "64"]
+
+
+def _refused(capsys, args, *words) -> str:
+    """Run ``args``; assert exit 2 and one line 'error: ...' holding every one of ``words``."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def good(tmp_path):
+    """A 5-NFE schedule file."""
+    p = tmp_path / "good.json"
+    p.write_text(presets.ddim(5, noise.VPLinear()).to_json())
+    return p
+
+
+@pytest.fixture
+def badnoise(tmp_path):
+    """A schedule file whose noise schedule has an unknown kind."""
+    d = presets.ddim(5, noise.VPLinear()).to_dict()
+    d["noise"] = {"kind": "bogus"}
+    p = tmp_path / "badnoise.json"
+    p.write_text(json.dumps(d))
+    return p
+
+
+@pytest.fixture
+def binary(tmp_path):
+    p = tmp_path / "bin.json"
+    p.write_bytes(b"\xff\xfe\x00garbage")
+    return p
+
+
+# ---- unknown or unfitting spacing and noise names --------------------------------------------------
+
+
+def test_eval_refuses_an_unknown_spacing(capsys, cache):
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "5", "--spacing", "bogus",
+                      "--cache", cache], "--spacing", "'bogus'", "logsnr")
+    assert not cache.exists()
+
+
+def test_eval_refuses_a_diffusers_spacing_on_a_continuous_noise_schedule(capsys, cache):
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "5", "--spacing",
+                      "diffusers-leading", "--cache", cache], "--spacing", "diffusers-leading", "vp-linear",
+             "discrete")
+    assert not cache.exists()
+
+
+def test_schedule_refuses_an_unknown_noise_schedule(capsys, tmp_path):
+    out = tmp_path / "s.json"
+    _refused(capsys, ["schedule", "preset:ddim", "--nfe", "5", "--noise", "bogus", "-o", out], "noise schedule",
+             "'bogus'", "vp-linear")
+    assert not out.exists()
+
+
+def test_spacing_and_noise_names_raise_schedule_errors_that_are_still_value_errors():
+    with pytest.raises(ScheduleError, match="unknown spacing 'bogus'"):
+        spacing.make(noise.VPLinear(), 4, "bogus")
+    with pytest.raises(ScheduleError, match="discrete VP"):
+        spacing.make(noise.EDM(), 4, "diffusers-trailing")
+    with pytest.raises(ScheduleError, match="unknown noise schedule 'bogus'"):
+        noise.get("bogus")
+    assert issubclass(ScheduleError, ValueError)
+    assert len(spacing.make(noise.VPDiscrete.named("ddpm-linear"), 4, "diffusers-trailing")) == 5
+
+
+# ---- schedule files with an unknown noise kind or binary bytes --------------------------------------
+
+
+def test_eval_refuses_a_schedule_file_with_an_unknown_noise_kind(capsys, badnoise, cache):
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", badnoise, "--cache", cache], str(badnoise),
+             "field 'noise'", "'bogus'", "vp-discrete")
+    assert not cache.exists()
+
+
+def test_import_refuses_a_schedule_file_with_an_unknown_noise_kind(capsys, badnoise, tmp_path):
+    db = tmp_path / "s.db"
+    _refused(capsys, ["import", badnoise, "--study", "imp", "--db", f"sqlite:///{db}"], str(badnoise),
+             "field 'noise'", "'bogus'")
+    assert not db.exists()
+
+
+def test_dc_fit_refuses_a_solver_file_with_an_unknown_noise_kind(capsys, badnoise, tmp_path, cache):
+    db = tmp_path / "dc.db"
+    _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--solver", badnoise, "--threads", "1", "--study", "x",
+                      "--db", f"sqlite:///{db}", "--cache", cache], str(badnoise), "field 'noise'", "'bogus'")
+    assert not db.exists() and not cache.exists()
+
+
+def test_eval_refuses_a_schedule_file_that_is_not_text(capsys, binary, cache):
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", binary, "--cache", cache], str(binary),
+             "not a text file")
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"kind": "edm", "sigma_max": 80}, ["field 'noise'", "'sigma_max'"]),
+    ({"kind": "vp-linear", "beta_0": "x"}, ["field 'noise'", "'beta_0'"]),
+    ({"kind": "vp-discrete", "name": "nope"}, ["field 'noise'", "'nope'"]),
+    ({"kind": "vp-discrete", "name": "custom"}, ["field 'noise'", "alphas_cumprod"]),
+    ("vp-linear", ["field 'noise'", "object"]),
+])
+def test_load_schedule_names_the_file_and_the_noise_field(tmp_path, bad, words):
+    d = presets.ddim(5, noise.VPLinear()).to_dict()
+    d["noise"] = bad
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ScheduleError) as e:
+        load_schedule(p)
+    for w in [str(p), *words]:
+        assert w in str(e.value)
+
+
+def test_schedules_of_every_named_noise_schedule_still_load():
+    for name in noise.NAMED:
+        s = presets.ddim(5, noise.get(name), spacing="time-uniform")
+        assert Schedule.from_json(s.to_json()) == s
+
+
+# ---- dc fit / cpr / predict ------------------------------------------------------------------------
+
+
+def test_dc_fit_refuses_more_fit_samples_than_the_train_bank(capsys, tmp_path, cache):
+    db = tmp_path / "dc.db"
+    _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--solver", "unipc-bh2", "--nfe", "5", "--fit-samples",
+                      "100000", "--method", "greedy", "--threads", "1", "--study", "x", "--db", f"sqlite:///{db}",
+                      "--cache", cache], "--fit-samples 100000", "256")
+    assert not db.exists() and not cache.exists()
+
+
+@pytest.mark.parametrize("option", ["--greedy-iters", "--joint-iters"])
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_dc_fit_refuses_fits_without_iterations(capsys, tmp_path, cache, option, value):
+    db = tmp_path / "dc.db"
+    _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--solver", "unipc-bh2", "--nfe", "5", option, value,
+                      "--threads", "1", "--study", "x", "--db", f"sqlite:///{db}", "--cache", cache],
+             f"{option} {value}", "at least 1")
+    assert not db.exists() and not cache.exists()
+
+
+def test_dc_fit_refuses_an_nfe_the_solver_file_does_not_cost(capsys, good, tmp_path, cache):
+    db = tmp_path / "dc.db"
+    _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--solver", good, "--nfe", "6", "--threads", "1",
+                      "--study", "x", "--db", f"sqlite:///{db}", "--cache", cache], str(good), "5 model calls",
+             "--nfe asked for 6")
+    assert not db.exists() and not cache.exists()
+
+
+def test_dc_fit_refuses_a_missing_solver_file(capsys, tmp_path, cache):
+    _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--solver", tmp_path / "none.json", "--threads", "1",
+                      "--cache", cache], "--solver", "none.json", "no such")
+
+
+def test_dc_fit_refuses_a_negative_guidance_scale(capsys, tmp_path, cache):
+    _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--nfe", "5", "--cfg", "1,-2", "--threads", "1",
+                      "--cache", cache], "--cfg -2", "0 or more")
+
+
+@pytest.fixture(scope="module")
+def dc_study(tmp_path_factory):
+    """A SQLite file with study 'dc': greedy fits of unipc-bh2 at NFE 5 on gmm-2d (no guidance)."""
+    root = tmp_path_factory.mktemp("dc-study")
+    assert main(["dc", "fit", "--problem", "gmm-2d", "--solver", "unipc-bh2", "--nfe", "5", "--method", "greedy",
+                 "--greedy-iters", "2", "--fit-samples", "4", "--study", "dc", "--threads", "1", "--db",
+                 f"sqlite:///{root / 'dc.db'}", "--cache", str(root / "cache"), "--json"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("ridge", ["-1", "nan"])
+def test_dc_cpr_refuses_a_negative_ridge_and_stores_nothing(capsys, dc_study, ridge):
+    db = f"sqlite:///{dc_study / 'dc.db'}"
+    _refused(capsys, ["dc", "cpr", "--study", "dc", "--fit", "greedy", "--ridge", ridge, "--iters", "2", "--cache",
+                      dc_study / "cache", "--db", db], f"--ridge {ridge}", "0 or more")
+    with connect(db) as store:
+        assert "cpr" not in (store.get_study("dc").config or {})
+
+
+def test_dc_predict_refuses_guidance_for_a_study_fitted_without_it(capsys, dc_study, tmp_path):
+    out = tmp_path / "p.json"
+    line = _refused(capsys, ["dc", "predict", "--study", "dc", "--fit", "greedy", "--nfe", "5", "--cfg", "2", "-o",
+                             out, "--db", f"sqlite:///{dc_study / 'dc.db'}"], "--cfg 2", "without guidance",
+                    "drop --cfg")
+    assert "dc fit" not in line and not out.exists()
+
+
+def test_dc_predict_refuses_a_negative_guidance_scale(capsys, dc_study):
+    line = _refused(capsys, ["dc", "predict", "--study", "dc", "--fit", "greedy", "--nfe", "5", "--cfg", "-2",
+                             "--db", f"sqlite:///{dc_study / 'dc.db'}"], "--cfg -2", "0 or more")
+    assert "dc fit" not in line
+
+
+# ---- train-digits ----------------------------------------------------------------------------------
+
+
+def test_train_digits_refuses_zero_threads_before_training(capsys, tmp_path):
+    out = tmp_path / "models"
+    _refused(capsys, ["train-digits", "--threads", "0", "--steps", "3", "--out", out], "--threads", "at least 1")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_the_digits_unet_trains_for_one_or_two_steps(steps):
+    from steptune.evaluators.digits import TrainConfig, train_unet
+
+    calls = []
+    train_unet(TrainConfig(steps=steps, batch=4, channels=(8, 8)), lambda step, loss: calls.append(step))
+    assert calls == list(range(steps))
+
+
+# ---- eval: preset options and the time scale -------------------------------------------------------
+
+
+def test_a_preset_option_of_the_wrong_type_is_named(capsys, cache):
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", "preset:unipc-bh2:order=abc", "--nfe", "5",
+                      "--cache", cache], "'order'", "integer", "'abc'")
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("scale", ["-5", "0", "nan"])
+def test_eval_refuses_a_time_scale_that_is_not_positive(capsys, cache, scale):
+    _refused(capsys, ["eval", "--model", "test_plugins:bare_network_factory", "--noise", "vp-linear",
+                      "--prediction", "eps", "--time-input", "continuous", "--time-scale", scale, "--shape", "4",
+                      "--schedule", "preset:ddim", "--nfe", "4", "--cache", cache], "--time-scale", "positive")
+    assert not cache.exists()
+
+
+# ---- relax and relax-report ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--m", "0"], ["--m 0", "at least 1"]),
+    (["--seed", "-1"], ["--seed -1", "0 or more"]),
+    (["--steps", "0"], ["--steps 0", "at least 1"]),
+    (["--maxiter", "0"], ["--maxiter 0", "at least 1"]),
+    (["--tol", "2"], ["--tol 2", "(0, 1)"]),
+    (["--learner", "tsallis-inf", "--arms", "0"], ["--arms 0", "200"]),
+    (["--learner", "tsallis-inf", "--omega-max", "2.5"], ["--omega-max 2.5", "(1, 2)"]),
+])
+def test_relax_names_the_bad_value(capsys, tmp_path, args, words):
+    db = tmp_path / "rx.db"
+    line = _refused(capsys, ["relax", "--problem", "poisson", "--learner", "fixed", "--steps", "3", *args, "--db",
+                             f"sqlite:///{db}"], *words)
+    assert line.count("--") == 1  # only the bad option is named
+    assert not db.exists()
+
+
+@pytest.fixture(scope="module")
+def relax_study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("relax-study")
+    assert main(["relax", "--problem", "poisson", "--m", "4", "--learner", "fixed", "--omega", "1.5", "--steps",
+                 "3", "--study", "rx", "--db", f"sqlite:///{root / 'rx.db'}", "--json"]) == 0
+    return root
+
+
+@pytest.mark.parametrize("name, words", [
+    ("x.txt", ["x.txt", ".txt", ".png"]),
+    ("noext", ["noext", "extension", ".png"]),
+])
+def test_relax_report_refuses_an_image_format_it_cannot_write(capsys, relax_study, tmp_path, name, words):
+    out = tmp_path / name
+    _refused(capsys, ["relax-report", "--study", "rx", "--no-baselines", "-o", out, "--db",
+                      f"sqlite:///{relax_study / 'rx.db'}"], "-o", *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_relax_report_refuses_a_folder_instead_of_saying_it_saved_it(capsys, relax_study, tmp_path):
+    folder = tmp_path / "adir"
+    folder.mkdir()
+    _refused(capsys, ["relax-report", "--study", "rx", "--no-baselines", "-o", folder, "--db",
+                      f"sqlite:///{relax_study / 'rx.db'}"], "-o", str(folder), "folder")
+    assert list(tmp_path.iterdir()) == [folder] and list(folder.iterdir()) == []
+
+
+def test_relax_report_saves_the_image_it_names(capsys, relax_study, tmp_path):
+    out = tmp_path / "sub" / "r.png"
+    assert main(["relax-report", "--study", "rx", "--no-baselines", "-o", str(out), "--db",
+                 f"sqlite:///{relax_study / 'rx.db'}"]) == 0
+    assert f"saved {out}" in capsys.readouterr().out.replace("\n", "")
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("option,message", [
+    (["--spacing", "bogus"], "--spacing: unknown spacing 'bogus'; choose from time-uniform, logsnr, time-quadratic, "
+                             "karras, diffusers-linspace, diffusers-leading, diffusers-trailing"),
+    (["--bank", "bogus"], "--bank 'bogus': use heldout or train")])
+def test_sweep_refuses_an_unknown_spacing_or_bank_before_it_runs(option, message, tmp_path, capsys):
+    out = tmp_path / "sw"
+    assert main(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(tmp_path / "c"),
+                 "--out", str(out), *option]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
