@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
@@ -341,6 +341,7 @@ class Runner:
                                           t_end=self.problem.t_end)
                 except ScheduleError:
                     continue  # this preset has no schedule at this NFE
+                sched = replace(sched, name=spec)  # named with its options, so preset:NAME rebuilds it
                 items.append(self._item(sched, CONFIRM, {"baseline": True, "origin": origin}))
         if items:
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank")

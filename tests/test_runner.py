@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from runner_jobs import job_text, outcome, write_job
-from steptune.storage import connect
+from steptune.space import noise, presets
+from steptune.storage import connect, schedule_key
 
 from steptune.cli import main
 
@@ -132,6 +133,11 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
     # every preset at every NFE on the held-out bank, and the best two per NFE confirmed there
     base = [t for t in trials if t.info.get("baseline")]
     assert len(base) >= 2 * 10 and all(t.bank == "heldout" and t.n_samples == 128 for t in base)
+    assert "unipc-bh2:order=3" in {t.schedule["name"] for t in base}
+    for t in base:  # a preset is named by its spec, options and all, so preset:NAME rebuilds it
+        again = presets.build(t.schedule["name"], t.nfe, noise.from_dict(t.schedule["noise"]),
+                              t_start=t.schedule["t_start"], t_end=t.schedule["steps"][-1]["t"])
+        assert schedule_key(again.to_dict()) == t.key
     confirms = [t for t in trials if "confirms" in t.info]
     assert sorted(t.nfe for t in confirms) == [3, 3, 4, 4]
     for row in res["per_nfe"]:  # the table's numbers are the stored held-out scores
