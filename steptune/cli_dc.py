@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from steptune.cli_storage import DEFAULT_DB
+from steptune.outputs import CliError, Interrupted
 
 out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
@@ -40,13 +40,8 @@ DeviceOpt = Annotated[str | None, typer.Option("--device", help="Where the netwo
                                                                 "(default: cuda when torch sees one, else cpu).")]
 
 
-class DcCliError(click.ClickException):
+class DcCliError(CliError):
     """One line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        print(f"error: {self.message}", file=file or sys.stderr)
 
 
 def set_threads(threads: int | None) -> None:
@@ -322,6 +317,35 @@ def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, r
     return stored_cpr(study, config), "end-to-end", configs, fit
 
 
+def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int, joint_iters: int,
+             continuation: bool, quiet: bool) -> None:
+    """Fit every (CFG, schedule) of ``plans`` into ``configs`` (as they finish, so an interrupt leaves the
+    finished ones there), then continue each NFE's joint fits across the guidance scales."""
+    from steptune.search import dc
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, disable=quiet, transient=True) as bar:
+        for g, ev, scheds in plans:
+            for s in scheds:
+                task = bar.add_task(f"CFG {g} NFE {s.nfe}: reference", total=None)
+
+                def tick(name, k, n, task=task, s=s, g=g):
+                    bar.update(task, description=f"CFG {g} NFE {s.nfe}: {name} fit", completed=k, total=n)
+
+                fit = dc.fit_config(ev, s, methods=methods, fit_samples=fit_samples, greedy_iters=greedy_iters,
+                                    joint_iters=joint_iters, progress=tick)
+                bar.remove_task(task)
+                configs.append((g, ev, s, fit))
+        if continuation and "joint" in methods:
+            for n in sorted({s.nfe for _, _, s, _ in configs}):
+                group = [(0.0 if g is None else g, fit) for g, _, s, fit in configs if s.nfe == n]
+                if len(group) > 1:
+                    task = bar.add_task(f"NFE {n}: joint fits continued across CFG", total=2 * len(group) - 2)
+                    dc.continue_across_guidance(group, iters=joint_iters,
+                                                progress=lambda k, _, task=task: bar.update(task, completed=k))
+                    bar.remove_task(task)
+
+
 def register(app: typer.Typer) -> None:
     dc_app = typer.Typer(help="DC-Solver compensation ratios: fit them, predict them for unseen configurations.",
                          no_args_is_help=True)
@@ -406,27 +430,13 @@ def register(app: typer.Typer) -> None:
         if study is not None:
             check_same_fit(db, study, made_as)
         configs = []  # (cfg, evaluator, schedule, ConfigFit)
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err, disable=json_, transient=True) as bar:
-            for g, ev, scheds in plans:
-                for s in scheds:
-                    task = bar.add_task(f"CFG {g} NFE {s.nfe}: reference", total=None)
-
-                    def tick(name, k, n, task=task, s=s, g=g):
-                        bar.update(task, description=f"CFG {g} NFE {s.nfe}: {name} fit", completed=k, total=n)
-
-                    fit = dc.fit_config(ev, s, methods=methods, fit_samples=fit_samples, greedy_iters=greedy_iters,
-                                        joint_iters=joint_iters, progress=tick)
-                    bar.remove_task(task)
-                    configs.append((g, ev, s, fit))
-            if continuation and "joint" in methods:
-                for n in sorted({s.nfe for _, _, s, _ in configs}):
-                    group = [(0.0 if g is None else g, fit) for g, _, s, fit in configs if s.nfe == n]
-                    if len(group) > 1:
-                        task = bar.add_task(f"NFE {n}: joint fits continued across CFG", total=2 * len(group) - 2)
-                        dc.continue_across_guidance(group, iters=joint_iters,
-                                                    progress=lambda k, _, task=task: bar.update(task, completed=k))
-                        bar.remove_task(task)
+        try:
+            _fit_all(plans, configs, methods, fit_samples, greedy_iters, joint_iters, continuation, json_)
+        except KeyboardInterrupt:
+            total = sum(len(scheds) for _, _, scheds in plans)
+            kept = "nothing was stored (a study gets its fits all at once); " if study is not None else ""
+            raise Interrupted(f"{len(configs)} of {total} configurations were fitted; {kept}run the command again "
+                              "to fit them") from None
         rows, items = [], []
         for g, ev, s, fit in configs:
             base = ev.evaluate(dc.with_ratios(s, [1.0] * len(s.steps)), "heldout")

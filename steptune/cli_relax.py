@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, JsonOpt
+from steptune.outputs import Interrupted
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
@@ -144,6 +145,10 @@ def register(app: typer.Typer) -> None:
                                           start=start, record=record, progress=lambda r: bar.advance(task))
             except LinearInputError as e:
                 raise CliError(f"{e} (rounds before it are recorded in study {name!r})") from None
+            except KeyboardInterrupt:
+                kept = len(store.relaxation_rounds(name))
+                raise Interrupted(f"{kept} of {len(seq)} rounds are recorded in study {name!r}; run the same command "
+                                  "to resume") from None
         summary = _summary(name, store.relaxation_rounds(name), rounds, start)
         if json_:
             print(json.dumps(summary, indent=2))

@@ -4,28 +4,22 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
+from steptune.outputs import CliError
 
 err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 out = Console()
 
 
-class SearchCliError(click.ClickException):
+class SearchCliError(CliError):
     """Bad input: one line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        print(f"error: {self.message}", file=file or sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

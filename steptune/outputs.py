@@ -18,6 +18,15 @@ class CliError(click.ClickException):
         print(f"error: {self.message}", file=file or sys.stderr)
 
 
+class Interrupted(click.ClickException):
+    """Ctrl-C: one line saying what was kept, exit status 130."""
+
+    exit_code = 130
+
+    def show(self, file=None) -> None:
+        print(f"interrupted: {self.message}", file=file or sys.stderr)
+
+
 def _writable_parent(path: Path, option: str) -> None:
     ancestor = path.parent
     while not ancestor.exists():

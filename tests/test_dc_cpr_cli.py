@@ -263,3 +263,26 @@ def test_dc_fit_refuses_to_mix_other_fits_into_a_study(capsys, db, fitted, args,
                           "--study", "g", "--db", db, "--cache", str(fitted / "cache"))
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err
     assert _rows(db) == before
+
+
+def test_ctrl_c_during_dc_fit_says_what_was_kept_and_stores_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    proc = subprocess.Popen([sys.executable, "-m", "steptune", "dc", "fit", "--problem", "digits-cond", "--solver",
+                             "unipc-bh2", "--nfe", "5,6,8,10", "--cfg", "1.5,3,5", "--study", "s", "--db", url,
+                             "--cache", str(tmp_path / "cache"), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # past the start-up, well before the twelve fits are done
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert last.startswith("interrupted: ") and last.endswith("configurations were fitted; nothing was stored (a "
+                                                              "study gets its fits all at once); run the command "
+                                                              "again to fit them")
+    with connect(url) as db:
+        assert not db.studies()
