@@ -44,6 +44,7 @@ def dashboard_cmd(
         raise CliError(f"--port {port} is not a TCP port; use 1..65535")
     if poll <= 0:
         raise CliError("--poll must be a positive number of seconds")
+    _check_listen(host, port)
     store = open_read_only(db)
     allowed = [host, *LOOPBACK_NAMES] if _is_loopback(host) else None
     app = create_app(store, allowed_hosts=allowed, poll_seconds=poll)
@@ -55,6 +56,20 @@ def dashboard_cmd(
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         store.close()
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Refuse, before the server starts and says where it is, an address that cannot be listened on."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+    except OSError as e:
+        raise CliError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); choose another "
+                       "address or port") from None
 
 
 @_user_errors

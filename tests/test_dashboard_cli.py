@@ -102,3 +102,15 @@ def test_report_of_an_unknown_study_is_one_line(dashboard_db, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no study named 'nope'") and "\n" not in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_port_in_use_is_one_line_before_the_server_says_where_it_is(dashboard_db, capsys):  # noqa: F811
+    url, _ = dashboard_db
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["dashboard", "--port", str(port), "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use); choose " \
+                  "another address or port\n"
