@@ -79,7 +79,8 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
             best = store.best_per_nfe(st.name, fidelity=fidelity)
             rows.append({"study": st.name, "method": st.method, "seed": st.seed, "metric": st.metric,
                          "fidelity": fidelity,
-                         "problem": st.problem["name"] if st.problem else None, "created": st.created.isoformat(),
+                         "problem": st.problem["name"] if st.problem else None, "noise": _noise_name(st.problem),
+                         "created": st.created.isoformat(),
                          "trials": counts.get(st.name, {}),
                          "best": [{"nfe": t.nfe, "score": t.score, "trial": t.id, "number": t.number} for t in best]})
     if json_:
@@ -90,7 +91,8 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         table.add_column(col, justify="right" if col in ("trials", "complete", "failed", "running/queued") else "left")
     for r in rows:
         c = r["trials"]
-        table.add_row(r["study"], r["method"], r["problem"] or "—", str(sum(c.values())), str(c.get("complete", 0)),
+        problem = f"{r['problem']} ({r['noise']})" if r["problem"] and r["noise"] else r["problem"] or "—"
+        table.add_row(r["study"], r["method"], problem, str(sum(c.values())), str(c.get("complete", 0)),
                       str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
                       ("  ".join(f"{b['nfe']}: {_fmt(b['score'])}" for b in r["best"])
                        + (f"  ({r['fidelity']})" if r["fidelity"] and r["best"] else "")) or "—")
@@ -252,6 +254,12 @@ def export_cmd(
                           f"{folder}/steptune_set_timesteps.json")
         except ModuleNotFoundError as e:
             raise CliError(f"the {format_} export needs the Python package {e.name!r}; pip install diffusers") from None
+
+
+def _noise_name(problem: dict | None) -> str | None:
+    """The noise schedule a stored problem runs on: its name (ddpm-linear) or its kind (vp-linear)."""
+    noise = ((problem or {}).get("identity") or {}).get("noise") or {}
+    return noise.get("name") or noise.get("kind")
 
 
 def _noise_kind(schedule) -> str:

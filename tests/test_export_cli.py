@@ -42,6 +42,7 @@ def test_studies_and_best(filled, capsys):
     assert code == 0
     (row,) = json.loads(out)
     assert (row["study"], row["method"], row["problem"], row["trials"]) == ("demo", "sweep", "toy", {"complete": 16})
+    assert row["noise"] == "ddpm-linear"
     assert [(b["nfe"], b["score"]) for b in row["best"]] == [(n, 1 / n ** 2) for n in (4, 5, 6, 8)]
     code, out, _ = _run(["best", "--study", "demo", "--nfe", "5", "--db", url, "--json"], capsys)
     assert code == 0
