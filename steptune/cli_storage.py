@@ -317,7 +317,10 @@ def db_upgrade_cmd(db: DbOpt = DEFAULT_DB,
         after = store.upgrade(revision)
     finally:
         store.close()
-    if before == after:
+    if before == after and revision not in ("head", after):
+        err.print(f"database {db} is at schema revision {after}, which is past {revision}; 'db upgrade' does not "
+                  "go back")
+    elif before == after:
         err.print(f"database {db} is at schema revision {after} (up to date)")
     else:
         err.print(f"database {db}: schema revision {before or 'none'} -> {after}")

@@ -326,6 +326,12 @@ class Storage:
     def upgrade(self, revision: str = "head") -> str:
         """Apply the Alembic migrations up to ``revision``; a no-op at head. Returns the new revision."""
         from alembic import command
+        from alembic.script import ScriptDirectory
+
+        known = [r.revision for r in ScriptDirectory.from_config(self._alembic_config()).walk_revisions()]
+        if revision != "head" and revision not in known:
+            raise StorageError(f"unknown schema revision {revision!r}; the revisions are {', '.join(sorted(known))} "
+                               "(or head)")
 
         try:
             with self._write_engine.begin() as conn:

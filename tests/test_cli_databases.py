@@ -40,3 +40,14 @@ def test_reading_commands_create_no_database(argv, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no database at" in err and "\n" not in err
     assert not path.exists()
+
+
+def test_db_upgrade_names_the_revisions_and_never_goes_back(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert main(["db", "upgrade", "--db", url]) == 0
+    capsys.readouterr()
+    assert main(["db", "upgrade", "--revision", "bogus", "--db", url]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown schema revision 'bogus'; the revisions are 0001, ")
+    assert main(["db", "upgrade", "--revision", "0001", "--db", url]) == 0
+    err = capsys.readouterr().err
+    assert "which is past 0001; 'db upgrade' does not go back" in err
