@@ -306,3 +306,13 @@ def test_reads_go_on_while_a_writer_holds_the_database(client, dashboard_db):  #
     finally:
         writer.execute("ROLLBACK")
         writer.close()
+
+
+def test_a_problem_on_a_named_noise_schedule_shows_its_name(tmp_path):
+    from steptune.dashboard.queries import problems
+
+    ns = noise_mod.VPDiscrete.named("ddpm-linear")
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        store.create_study("s", method="preset", problem={"name": "toy", "noise": ns.to_dict()})
+        store.create_study("t", method="preset", problem={"name": "toy2", "noise": noise_mod.VPLinear().to_dict()})
+        assert {p["name"]: p["noise"] for p in problems(store)} == {"toy": "ddpm-linear", "toy2": "vp-linear"}

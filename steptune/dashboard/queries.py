@@ -70,7 +70,8 @@ def problems(store: Storage) -> list[dict]:
     out = []
     for p in probs:
         noise = (p.identity or {}).get("noise") or {}
-        out.append({"id": p.id, "name": p.name, "noise": noise.get("kind"), "studies": by_problem.get(p.id, []),
+        out.append({"id": p.id, "name": p.name, "noise": noise.get("name") or noise.get("kind"),  # ddpm-linear
+                    "studies": by_problem.get(p.id, []),
                     "fidelities": sorted({f for st in by_problem.get(p.id, []) for f in st["fidelities"]})})
     if by_problem.get(NO_PROBLEM):
         out.append({"id": NO_PROBLEM, "name": "(no problem recorded)", "noise": None,
