@@ -41,10 +41,11 @@ N_STEP_FEATURES = 13
 
 
 def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT_PRESETS) -> list[Candidate]:
-    """Every preset that can be built at every NFE, on the space's time interval (duplicates removed)."""
+    """Every preset that can be built at every NFE, on the space's time interval (duplicates removed), each
+    preset at all NFEs before the next, so that a budget too small for all of them still reaches every NFE."""
     out, keys = [], set()
-    for nfe in nfes:
-        for spec in specs:
+    for spec in specs:
+        for nfe in nfes:
             try:
                 s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
                 s.validate(nfe=nfe)

@@ -95,3 +95,11 @@ def test_same_seed_same_result_other_seed_differs(ev):
     keys = [[r.schedule for r in x.log if r.bank == "train"] for x in (r1, r2, r3)]
     assert keys[0] == keys[1] and keys[0] != keys[2]
     assert isinstance(S3Searcher, type)
+
+
+@pytest.mark.parametrize("method", ["s3", "tpe", "random"])
+def test_the_first_evaluations_reach_every_nfe(ev, method):
+    """A budget smaller than the preset seeds still searches every NFE: the seeds take turns over the NFEs."""
+    p = ev.problem
+    searcher = make_searcher(method, p.noise, p.t_start, p.t_end, [4, 5, 6], seed=0)
+    assert {c.nfe for c in searcher.ask(6)} == {4, 5, 6}
