@@ -150,7 +150,9 @@ def eval_cmd(
                          indent=2, default=float))
         return
     table = Table(title=f"{prob.name} ({prob.noise.kind}), {bank} bank")
-    extra = list(getattr(prob, "quality_metrics", ()))
+    shown = {"schedule", "name", "nfe", "status", "error", "bank", "samples", "seconds", "rmse", "median_err", "sw",
+             "nll"}
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in shown]  # e.g. fd_digits, fd_reference
     for col in ("schedule", "NFE", "RMSE", "median err", "SW", "NLL", *extra, "status"):
         table.add_column(col, justify="right" if col not in ("schedule", "status") else "left")
     for r in rows:
