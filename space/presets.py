@@ -208,8 +208,9 @@ def get(name: str) -> Callable[..., Schedule]:
     return PRESETS[name]
 
 
-def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
-    """A preset from a spec ``name`` or ``name:key=value,key=value`` (e.g. ``unipc-bh2:order=3``)."""
+def parse_spec(spec: str, **kwargs) -> tuple[Callable[..., Schedule], dict]:
+    """The preset function and its options from a spec ``name`` or ``name:key=value,...`` (plus ``kwargs``),
+    checked without building anything: a known name, known options, values of the options' types."""
     name, _, args = spec.partition(":")
     opts = dict(kwargs)
     for item in filter(None, args.split(",")):
@@ -225,10 +226,16 @@ def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
         raise ScheduleError(f"preset {name!r} has no option {unknown[0]!r}; its options are {', '.join(known)}")
     for key, value in opts.items():
         _check_type(name, key, value, params[key])
+    return fn, opts
+
+
+def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
+    """A preset from a spec ``name`` or ``name:key=value,key=value`` (e.g. ``unipc-bh2:order=3``)."""
+    fn, opts = parse_spec(spec, **kwargs)
     try:
         return fn(nfe, noise, **opts)
     except TypeError as e:
-        raise ScheduleError(f"preset {name!r}: {e}") from None
+        raise ScheduleError(f"preset {spec.partition(':')[0]!r}: {e}") from None
 
 
 def _check_type(name: str, key: str, value, param: inspect.Parameter) -> None:

@@ -190,7 +190,7 @@ def sweep_cmd(
         raise UserError(f"--bank {bank!r}: use heldout or train")
     specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
     for s in specs:
-        presets.get(s.partition(":")[0])
+        presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
     ev = _evaluator(problem, noise, cache)
     prob = ev.problem
     if spacing is not None:

@@ -307,8 +307,10 @@ def test_relax_report_saves_the_image_it_names(capsys, relax_study, tmp_path):
 @pytest.mark.parametrize("option,message", [
     (["--spacing", "bogus"], "--spacing: unknown spacing 'bogus'; choose from time-uniform, logsnr, time-quadratic, "
                              "karras, diffusers-linspace, diffusers-leading, diffusers-trailing"),
-    (["--bank", "bogus"], "--bank 'bogus': use heldout or train")])
-def test_sweep_refuses_an_unknown_spacing_or_bank_before_it_runs(option, message, tmp_path, capsys):
+    (["--bank", "bogus"], "--bank 'bogus': use heldout or train"),
+    (["--presets", "ddim:order=3"], "preset 'ddim' has no option 'order'; its options are spacing, t_start, t_end, "
+                                    "final_zero, prediction")])
+def test_sweep_refuses_an_unknown_spacing_bank_or_preset_option_before_it_runs(option, message, tmp_path, capsys):
     out = tmp_path / "sw"
     assert main(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(tmp_path / "c"),
                  "--out", str(out), *option]) == 2
