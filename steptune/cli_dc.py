@@ -141,6 +141,16 @@ def load_dc_study(db: str, study: str) -> tuple[dict, list]:
 FIT_KEYS = ("problem", "solver", "conventions", "fit_samples")
 
 
+def check_bank_version(study: str, config: dict) -> None:
+    """Refuse to add to, or refit from, a study whose fit noises came from an earlier drawing of the banks."""
+    from steptune.evaluators.base import BANK_VERSION
+
+    if config.get("bank_version", 1) != BANK_VERSION:
+        raise DcCliError(f"study {study!r} was fitted on noise banks drawn by an earlier steptune (bank version "
+                         f"{config.get('bank_version', 1)}, now {BANK_VERSION}); its fits cannot be mixed with new "
+                         "ones: choose another --study")
+
+
 def fit_command(study: str, config: dict, nfe: int, cfg: float | None) -> str:
     """The `dc fit` command that adds (``nfe``, ``cfg``) to ``study`` as its earlier fits were made."""
     conv = config.get("conventions") or {}
@@ -164,6 +174,7 @@ def check_same_fit(db: str, study: str, config: dict) -> None:
         return  # a new study
     if old.get("kind") != "dc-fit":
         raise DcCliError(f"study {study!r} was not written by 'steptune dc fit'; choose another --study")
+    check_bank_version(study, old)
     for key in FIT_KEYS:
         if key in old and old[key] != config.get(key):
             raise DcCliError(f"study {study!r} was fitted with {key} {old.get(key)!r}, not {config.get(key)!r}; use "
@@ -398,7 +409,10 @@ def register(app: typer.Typer) -> None:
                 raise DcCliError(f"{option} {iters}: the fit needs at least 1 iteration")
         is_file = not solver.startswith("preset:") and Path(solver).suffix == ".json"
         spec = solver if is_file or solver.startswith("preset:") else f"preset:{solver}"
+        from steptune.evaluators.base import BANK_VERSION
+
         made_as = {"kind": "dc-fit", "problem": problem, "solver": spec, "fit_samples": fit_samples,
+                   "bank_version": BANK_VERSION,
                    "conventions": {"noise": noise, "prediction": prediction, "time_input": time_input,
                                    "time_scale": time_scale, "shape": shape}}
         if is_file and not Path(solver).is_file():
@@ -509,6 +523,7 @@ def register(app: typer.Typer) -> None:
             raise DcCliError("--lr must be positive")
         _check_ridge(ridge)
         config, trials = load_dc_study(db, study)
+        check_bank_version(study, config)  # CPR end to end runs the stored fits' configurations on their fit noises
         rows = fitted_rows(study, trials, fit)
         start = CPR.fit(rows, ridge=ridge)
         plan = cpr_plan(study, config, rows, cache, device)

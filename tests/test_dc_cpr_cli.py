@@ -286,3 +286,19 @@ def test_ctrl_c_during_dc_fit_says_what_was_kept_and_stores_nothing(tmp_path):
                                                               "again to fit them")
     with connect(url) as db:
         assert not db.studies()
+
+
+def test_a_study_fitted_on_earlier_banks_takes_no_new_fits_nor_cpr(capsys, db, fitted):
+    with connect(db) as store:
+        assert store.get_study("g").config["bank_version"] == 2
+        store.update_study_config("g", {"bank_version": None})  # as stored before the banks were drawn in blocks
+    n = len(_rows(db))
+    code, _, err = _cli(capsys, "dc", "cpr", "--study", "g", "--db", db, "--cache", str(fitted / "cache"))
+    assert code == 2 and err.startswith("error: study 'g' was fitted on noise banks drawn by an earlier steptune "
+                                        "(bank version 1, now 2)")
+    code, _, err = _cli(capsys, "dc", "fit", "--problem", PLUGIN, "--noise", "vp-linear", "--prediction", "eps",
+                        "--time-input", "continuous", "--shape", "4", "--nfe", "10", "--method", "joint",
+                        "--joint-iters", "5", "--fit-samples", str(FIT_SAMPLES), "--study", "g", "--db", db,
+                        "--cache", str(fitted / "cache"))
+    assert code == 2 and "bank version 1, now 2" in err
+    assert len(_rows(db)) == n and "cpr" not in _config(db)
