@@ -296,8 +296,8 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
         net = TorchNetwork(net)
     shape = _pick(shape, plug.shape, None)
     if shape is None:
-        raise PluginError(f"model {spec!r}: the sample shape is unknown; give --shape (e.g. 3,32,32) or return a "
-                          "Plug with shape=...")
+        raise PluginError(f"model {spec!r}: the sample shape is unknown; give --shape 3,32,32 (shape = [3, 32, 32] "
+                          "under [problem] in a job file) or return a Plug with shape=...")
     scale = _pick(time_scale, plug.time_scale, 1.0)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
         raise PluginError(f"model {spec!r}: time_scale {scale!r} must be a positive number")
