@@ -146,6 +146,7 @@ def test_search_runs_a_plugged_model(tmp_path, capsys):
     ("test_plugins:raising_factory", ["test_plugins:raising_factory", "checkpoint missing"]),
     ("test_plugins:nan_mid_factory", ["reference", "NaN", "near t = 0.6"]),
     ("test_plugins", ["module:factory"]),
+    ("test_plugins:bare_network_factory", ["sample shape is unknown", "--shape 3,32,32", "shape = [3, 32, 32]"]),
 ])
 def test_bad_factories_give_one_line_naming_them(spec, words, tmp_path, capsys):
     for cmd in (["eval", "--schedule", "preset:ddim", "--nfe", "4"], ["search", "--nfe", "4", "--budget", "1"]):
