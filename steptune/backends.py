@@ -139,6 +139,9 @@ class Backend:
     name = "backend"
     workers: list[str]
 
+    def check(self) -> None:
+        """Refuse, before any work is stored, what would make ``start`` fail (e.g. an unreachable cluster)."""
+
     def start(self) -> None: ...
 
     def run(self, tasks: Sequence[Task], sink: Sink) -> None:

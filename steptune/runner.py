@@ -196,9 +196,7 @@ class Runner:
         if max(job.search.nfe) > space.max_nfe:
             raise JobError(f"search.nfe {max(job.search.nfe)}: at most {space.max_nfe} steps fit between t_start and "
                            f"t_end {space.min_gap:g} apart in log-SNR; search at most NFE {space.max_nfe}")
-        check = getattr(self.backend, "check", None)
-        if check is not None:  # an unreachable cluster is refused before the study is made
-            check()
+        self.backend.check()  # e.g. an unreachable cluster, refused before the study is made
         self._open_study()
         self._recover()
 

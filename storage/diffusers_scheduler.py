@@ -280,17 +280,17 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError("SteptuneScheduler: this schedule takes an analytical first step inside "
                                  "scale_model_input(), which this pipeline did not call")
         req = self._request
+        recycle = req.buf is not None and not torch.is_grad_enabled()  # the loop's own tensors, written in place
         x = req.x
-        if sample is not req.x and (i > 0 or self.schedule.afs == "none"):
-            x = sample.to(req.x)  # the state the pipeline evaluated the model at (it may have edited it)
-        out = model_output.to(x.dtype)
-        grad = torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)
-        eps, x0 = convert(out, x, req.alpha, req.sigma, self.prediction, None if grad else req.buf)
+        if sample is not req.x and (i > 0 or self.schedule.afs == "none"):  # the state the pipeline evaluated
+            if recycle:
+                req.x.copy_(sample)
+            else:  # autograd follows the pipeline's tensor: the loop takes it over
+                x = sample.to(req.x)
+        eps, x0 = convert(model_output.to(x.dtype), x, req.alpha, req.sigma, self.prediction,
+                          req.buf if recycle else None)
         self._step_index = i + 1
         try:
-            if x is not req.x and not grad and req.buf is not None:
-                req.x.copy_(x)  # keep the loop's own recycled tensor
-                x = req.x
             self._request = self._loop.send((eps, x0) if x is req.x else (eps, x0, x))
             # a copy: the loop recycles its own tensors, and the pipeline may keep this one
             prev = self._request.x.clone()
