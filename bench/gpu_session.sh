@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED=1
 # the package laid out as pyproject.toml's package-dir maps it (no build, no dependencies fetched)
 SITE="${TMPDIR:-/tmp}/steptune-site"
 rm -rf "$SITE" && mkdir -p "$SITE"
-cp -r steptune "$SITE/steptune"
+cp -r app "$SITE/steptune"
 for sub in space evaluators search storage; do cp -r "$sub" "$SITE/steptune/$sub"; done
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 python3 -P -c "import torch, steptune.space; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
