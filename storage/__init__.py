@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_URL", "ExportError", "LeaseLost", "ReapResult", "RelaxationR
 
 def __getattr__(name):
     if name == "SteptuneScheduler":  # needs diffusers; imported on first use
-        from .diffusers_scheduler import SteptuneScheduler
+        from steptune.exports.diffusers_scheduler import SteptuneScheduler
 
         return SteptuneScheduler
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -203,7 +203,7 @@ def _noise(schedule: Schedule):
 
 def scheduler_for(schedule: Schedule, conventions: dict):
     """A ``SteptuneScheduler`` running ``schedule`` for a model with these conventions (needs diffusers)."""
-    from .diffusers_scheduler import SteptuneScheduler
+    from steptune.exports.diffusers_scheduler import SteptuneScheduler
 
     if schedule.nfe < 1:
         raise ExportError("the schedule makes no model call (one step with an analytical first step); "

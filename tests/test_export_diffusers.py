@@ -143,7 +143,7 @@ def test_ddpm_pipeline_with_steptune_scheduler(unet, tmp_path):
     pipe.scheduler = SteptuneScheduler(schedule=sched.to_dict())
     pipe.save_pretrained(str(tmp_path))
     assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == [
-        "steptune.storage.diffusers_scheduler", "SteptuneScheduler"]
+        "steptune.exports.diffusers_scheduler", "SteptuneScheduler"]
     again = DiffusionPipeline.from_pretrained(str(tmp_path))
     again.unet.float()
     assert type(again.scheduler) is SteptuneScheduler and again.scheduler.schedule == sched

@@ -1,0 +1,1 @@
+"""steptune.exports: tuned schedules in the formats generation stacks load."""
