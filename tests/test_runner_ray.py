@@ -9,7 +9,7 @@ from runner_jobs import outcome
 from steptune.storage import connect
 
 from steptune.backends import LocalBackend, RayBackend
-from steptune.cli_run import study_status
+from steptune.cli.run import study_status
 from steptune.jobs import job_from_dict
 from steptune.runner import Runner
 

@@ -2,24 +2,15 @@
 
 import json
 
-import click
-import pytest
-import typer
 from steptune.storage import connect
 from typer.testing import CliRunner
 
-from steptune.cli_search import register
+from steptune.cli import app as _steptune_app
+from steptune.cli import main
 
 
 def _app():
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")
-    def noop():  # a second command keeps typer from collapsing the app into one command
-        pass
-
-    return app
+    return _steptune_app
 
 
 def test_search_command_writes_results_and_resumes(tmp_path):
@@ -50,9 +41,6 @@ def test_search_command_writes_results_and_resumes(tmp_path):
 
 
 def test_unknown_method_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(click.ClickException) as e:
-        _app()(["search", "--method", "bogus", "--out", str(tmp_path)], standalone_mode=False)
-    assert e.value.exit_code == 2
-    e.value.show()
+    assert main(["search", "--method", "bogus", "--out", str(tmp_path)]) == 2
     msg = capsys.readouterr().err.strip()
     assert msg == "error: --method 'bogus' is unknown; use one of s3, tpe, cmaes, random, mo-tpe"

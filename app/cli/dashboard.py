@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from steptune.cli.console import err
+from steptune.cli.errors import CliError
+from steptune.cli.options import DEFAULT_DB, DbOpt, StudyOpt
+from steptune.cli.paths import output_file
 
-from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, StudyOpt, _user_errors
-from steptune.outputs import output_file
-
-err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -26,7 +25,6 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@_user_errors
 def dashboard_cmd(
     db: DbOpt = DEFAULT_DB,
     host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback exposes the "
@@ -37,7 +35,6 @@ def dashboard_cmd(
     """Serve the dashboard (NFE-quality fronts, search efficiency, trials, schedules, exports) read-only at
     http://HOST:PORT; it opens no browser by itself."""
     import uvicorn
-
     from steptune.dashboard import create_app, open_read_only
 
     if not 0 < port < 65536:
@@ -72,7 +69,6 @@ def _check_listen(host: str, port: int) -> None:
                        "address or port") from None
 
 
-@_user_errors
 def report_cmd(
     study: StudyOpt,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
@@ -97,9 +93,5 @@ def report_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add the dashboard and report commands to ``app`` (once)."""
-    if getattr(app, "_steptune_dashboard_registered", False):
-        return
     app.command("dashboard")(dashboard_cmd)
     app.command("report")(report_cmd)
-    app._steptune_dashboard_registered = True

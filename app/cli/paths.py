@@ -3,28 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-import click
-
-
-class CliError(click.ClickException):
-    """One line on stderr, exit status 2."""
-
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        print(f"error: {self.message}", file=file or sys.stderr)
-
-
-class Interrupted(click.ClickException):
-    """Ctrl-C: one line saying what was kept, exit status 130."""
-
-    exit_code = 130
-
-    def show(self, file=None) -> None:
-        print(f"interrupted: {self.message}", file=file or sys.stderr)
+from steptune.cli.errors import CliError
 
 
 def _writable_parent(path: Path, option: str) -> None:

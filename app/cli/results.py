@@ -1,62 +1,26 @@
-"""Storage commands of the steptune command line: studies, best, export, import, db upgrade.
-
-``register(app)`` adds them to the main typer app. Bad input ends in one ``error: ...`` line and exit
-status 2, like the rest of the CLI.
-"""
+"""`steptune studies`, `best`, `export` and `import`: what a database holds, and the way out of it."""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from steptune.cli.console import err, fmt, out
+from steptune.cli.errors import CliError
+from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
+from steptune.cli.paths import output_file, output_folder
 
-from steptune.outputs import CliError, output_file, output_folder
-from steptune.space import ScheduleError
-
-DEFAULT_DB = "sqlite:///runs/steptune.db"
 FORMATS = ("json", "diffusers", "diffusers-stock", "sigmas", "comfyui")
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
-
-DbOpt = Annotated[str, typer.Option(
-    "--db", envvar="STEPTUNE_DB",
-    help="Database URL: sqlite:///path/to.db (default runs/steptune.db) or postgresql+psycopg://user@host/db.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-StudyOpt = Annotated[str, typer.Option("--study", "-s", help="Study name.")]
-
-
-def _user_errors(fn):
-    """Turn storage and export errors into one-line CLI errors (schedule errors pass through)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from steptune.storage import ExportError, StorageError
-
-        try:
-            return fn(*args, **kwargs)
-        except ScheduleError:
-            raise
-        except (StorageError, ExportError) as e:
-            raise CliError(str(e)) from None
-
-    return wrapper
 
 
 def _open(url: str, *, create: bool = False):
     from steptune.storage import connect
 
     return connect(url, create=create, must_exist=not create)
-
-
-def _fmt(v) -> str:
-    return "—" if v is None else f"{v:.4g}"
 
 
 def _trial_json(t) -> dict:
@@ -68,7 +32,6 @@ def _trial_json(t) -> dict:
 # ---- commands ------------------------------------------------------------------------------------
 
 
-@_user_errors
 def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     """List the studies: method, problem, trial counts and the best score at each NFE."""
     with _open(db) as store:
@@ -94,12 +57,11 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         problem = f"{r['problem']} ({r['noise']})" if r["problem"] and r["noise"] else r["problem"] or "—"
         table.add_row(r["study"], r["method"], problem, str(sum(c.values())), str(c.get("complete", 0)),
                       str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
-                      ("  ".join(f"{b['nfe']}: {_fmt(b['score'])}" for b in r["best"])
+                      ("  ".join(f"{b['nfe']}: {fmt(b['score'])}" for b in r["best"])
                        + (f"  ({r['fidelity']})" if r["fidelity"] and r["best"] else "")) or "—")
     out.print(table)
 
 
-@_user_errors
 def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         "--nfe", help="NFE to report (default: the best at every NFE, with the Pareto front marked).")] = None,
              fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity (default: "
@@ -117,11 +79,11 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
             if json_:
                 print(json.dumps(export_dict(t, st), indent=2))
                 return
-            out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {_fmt(t.score)}  (trial id {t.id}, number "
+            out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {fmt(t.score)}  (trial id {t.id}, number "
                       f"{t.number} in the study, {t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, "
                       f"bank {t.bank or '—'})")
             if t.metrics:
-                out.print("metrics: " + ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}"
+                out.print("metrics: " + ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}"
                                                   for k, v in t.metrics.items()))
             out.print(_describe(t.to_schedule()))
             return
@@ -138,7 +100,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         table.add_column(col, justify="right" if col in ("NFE", st.metric, "trial id") else "left",
                          no_wrap=col == "trial id")
     for t in best:
-        table.add_row(str(t.nfe), _fmt(t.score), str(t.id), t.schedule.get("name") or "—", t.fidelity or "—",
+        table.add_row(str(t.nfe), fmt(t.score), str(t.id), t.schedule.get("name") or "—", t.fidelity or "—",
                       "*" if t.id in front else "")
     out.print(table)
 
@@ -174,7 +136,6 @@ def _describe(s) -> str:
     return f"times: {times}\nsteps (prediction, order, +c corrector, +C implicit corrector): {' '.join(parts)}"
 
 
-@_user_errors
 def export_cmd(
     study: StudyOpt,
     nfe: Annotated[int | None, typer.Option("--nfe", help="Export the best trial at this NFE.")] = None,
@@ -275,7 +236,6 @@ def _emit(text: str, output: Path | None) -> None:
     err.print(f"wrote {output}")
 
 
-@_user_errors
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="Schedule JSON file (a steptune export or a hand-written schedule).")],
     study: StudyOpt,
@@ -295,57 +255,14 @@ def import_cmd(
     if json_:
         print(json.dumps(_trial_json(t), indent=2))
         return
-    how = (f"complete, {_fmt(t.score)} from its provenance" if t.status == "complete"
+    how = (f"complete, {fmt(t.score)} from its provenance" if t.status == "complete"
            else "queued for evaluation")
     err.print(f"imported {file} into study {study!r} as trial id {t.id} (number {t.number} in the study, NFE {t.nfe}, "
               f"{how})")
 
 
-db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True, add_completion=False)
-
-
-@db_app.command("upgrade")
-@_user_errors
-def db_upgrade_cmd(db: DbOpt = DEFAULT_DB,
-                   revision: Annotated[str, typer.Option("--revision", help="Target schema revision.")] = "head"):
-    """Create the schema or migrate it to the current revision (a no-op when up to date)."""
-    from steptune.storage import Storage, resolve_url
-
-    store = Storage(resolve_url(db))
-    try:
-        before = store.revision()
-        after = store.upgrade(revision)
-    finally:
-        store.close()
-    if before == after and revision not in ("head", after):
-        err.print(f"database {db} is at schema revision {after}, which is past {revision}; 'db upgrade' does not "
-                  "go back")
-    elif before == after:
-        err.print(f"database {db} is at schema revision {after} (up to date)")
-    else:
-        err.print(f"database {db}: schema revision {before or 'none'} -> {after}")
-
-
-@db_app.command("current")
-@_user_errors
-def db_current_cmd(db: DbOpt = DEFAULT_DB):
-    """Print the database's schema revision and the one this steptune needs."""
-    from steptune.storage import Storage, resolve_url
-
-    store = Storage(resolve_url(db, must_exist=True))
-    try:
-        print(json.dumps({"database": db, "revision": store.revision(), "head": store.head}))
-    finally:
-        store.close()
-
-
 def register(app: typer.Typer) -> None:
-    """Add the storage commands to ``app`` (once)."""
-    if getattr(app, "_steptune_storage_registered", False):
-        return
     app.command("studies")(studies_cmd)
     app.command("best")(best_cmd)
     app.command("export")(export_cmd)
     app.command("import")(import_cmd)
-    app.add_typer(db_app, name="db")
-    app._steptune_storage_registered = True

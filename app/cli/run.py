@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
-import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from steptune.cli_storage import CliError, DbOpt, JsonOpt, StudyOpt
-
-out = Console(width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
-
-
-def _fmt(v, digits: int = 4) -> str:
-    return "—" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}g}"
-
-
-def _duration(secs: float | None) -> str:
-    return "—" if secs is None else str(timedelta(seconds=round(secs)))
+from steptune.cli.console import duration, err, fmt, out
+from steptune.cli.errors import CliError
+from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
 
 
 def _open_storage(url: str | None, must_exist: bool = False, where: str = "storage.db"):
@@ -68,7 +54,7 @@ def execute_job(job, quiet: bool = False):
         task = bar.add_task("starting", total=None, info="")
 
         def progress(st: dict) -> None:
-            eta = f" eta {_duration(st['eta'])}" if st.get("eta") is not None else ""
+            eta = f" eta {duration(st['eta'])}" if st.get("eta") is not None else ""
             retried = (f" failed {st['failed']}" if st["failed"] else "") + (
                 f" retried {st['retried']}" if st["retried"] else "")
             if st["phase"] == "search":
@@ -99,80 +85,6 @@ def execute_job(job, quiet: bool = False):
             backend_.close()
             storage.close()
     return result
-
-
-def register(app: typer.Typer) -> None:
-    @app.command("run")
-    def run_cmd(
-        job_file: Annotated[Path, typer.Argument(help="The job file (TOML); see examples/.")],
-        db: Annotated[str | None, typer.Option("--db", help="Database URL; overrides \\[storage] db.")] = None,
-        ray_address: Annotated[str | None, typer.Option(
-            "--ray-address", help="Join this Ray cluster ('auto' or host:port); implies the Ray backend.")] = None,
-        backend: Annotated[str | None, typer.Option("--backend", help="local or ray; overrides \\[backend] kind.")]
-        = None,
-        json_: JsonOpt = False,
-    ):
-        """Run (or resume) a search job: every evaluation is stored as it finishes; Ctrl-C stops cleanly."""
-        from steptune.jobs import JobError, load_job
-
-        try:
-            job = load_job(job_file)
-            job = job.with_overrides(**{"storage.db": db, "backend.address": ray_address,
-                                        "backend.kind": "ray" if ray_address else backend})
-        except JobError as e:  # the file, or an override that does not validate
-            raise CliError(str(e)) from None
-        result = execute_job(job, json_)
-        payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
-                   "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
-                   "seconds": result.seconds,
-                   "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe]}
-        if json_:
-            print(json.dumps(payload, indent=2))
-        else:
-            table = Table(title=f"study {result.study}: {result.evaluations} search evaluations, "
-                                f"{result.confirmations} held-out confirmations, {result.status} "
-                                f"in {_duration(result.seconds)} (held-out RMSE)")
-            for col in ("NFE", "best preset", "preset", "searched", "improvement", "found at eval"):
-                table.add_column(col, justify="left" if col == "best preset" else "right")
-            for r in result.per_nfe:
-                table.add_row(str(r.nfe), r.preset or "—", _fmt(r.preset_score), _fmt(r.searched_score),
-                              "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"))
-            out.print(table)
-            if result.status in ("interrupted", "time-budget", "incomplete"):
-                err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
-        if result.status == "interrupted":
-            raise typer.Exit(130)
-
-    @app.command("status")
-    def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
-        """Progress of a study: evaluations done of its budget, rate and ETA, best per NFE, failures."""
-        from steptune.storage import StorageError
-
-        storage = _open_storage(db, must_exist=True, where="--db")
-        try:
-            info = study_status(storage, study)
-        except StorageError as e:
-            raise CliError(str(e)) from None
-        finally:
-            storage.close()
-        if json_:
-            print(json.dumps(info, indent=2, default=str))
-            return
-        done, total = info["search_done"], info["search_budget"]
-        pct = f" ({100 * done / total:.0f}%)" if total else ""
-        out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
-                  f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
-                  f"rate {_fmt(info['per_minute'], 3)}/min, ETA {_duration(info['eta_seconds'])}")
-        table = Table(title="best per NFE (held-out where confirmed)")
-        for col in ("NFE", "searched (held-out)", "searched (train)", "best preset", "preset (held-out)"):
-            table.add_column(col, justify="left" if col == "best preset" else "right")
-        for r in info["per_nfe"]:
-            table.add_row(str(r["nfe"]), _fmt(r["heldout"]), _fmt(r["train"]), r["preset"] or "—",
-                          _fmt(r["preset_score"]))
-        out.print(table)
-        out.print(f"failures: {info['failed']} failed trials, {info['retried']} retried after a lost worker")
-        for e in info["recent_errors"]:
-            out.print(f"  trial {e['number']} ({e['status']}, attempt {e['attempts']}): {e['error']}")
 
 
 def study_status(storage, study: str) -> dict:
@@ -214,3 +126,79 @@ def study_status(storage, study: str) -> dict:
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
             "recent_errors": [{"number": t.number, "status": t.status, "attempts": t.attempts, "error": t.error}
                               for t in troubled[-5:]]}
+
+
+def run_cmd(
+    job_file: Annotated[Path, typer.Argument(help="The job file (TOML); see examples/.")],
+    db: Annotated[str | None, typer.Option("--db", help="Database URL; overrides \\[storage] db.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Join this Ray cluster ('auto' or host:port); implies the Ray backend.")] = None,
+    backend: Annotated[str | None, typer.Option("--backend", help="local or ray; overrides \\[backend] kind.")]
+    = None,
+    json_: JsonOpt = False,
+):
+    """Run (or resume) a search job: every evaluation is stored as it finishes; Ctrl-C stops cleanly."""
+    from steptune.jobs import JobError, load_job
+
+    try:
+        job = load_job(job_file)
+        job = job.with_overrides(**{"storage.db": db, "backend.address": ray_address,
+                                    "backend.kind": "ray" if ray_address else backend})
+    except JobError as e:  # the file, or an override that does not validate
+        raise CliError(str(e)) from None
+    result = execute_job(job, json_)
+    payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
+               "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
+               "seconds": result.seconds,
+               "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe]}
+    if json_:
+        print(json.dumps(payload, indent=2))
+    else:
+        table = Table(title=f"study {result.study}: {result.evaluations} search evaluations, "
+                            f"{result.confirmations} held-out confirmations, {result.status} "
+                            f"in {duration(result.seconds)} (held-out RMSE)")
+        for col in ("NFE", "best preset", "preset", "searched", "improvement", "found at eval"):
+            table.add_column(col, justify="left" if col == "best preset" else "right")
+        for r in result.per_nfe:
+            table.add_row(str(r.nfe), r.preset or "—", fmt(r.preset_score), fmt(r.searched_score),
+                          "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"))
+        out.print(table)
+        if result.status in ("interrupted", "time-budget", "incomplete"):
+            err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
+    if result.status == "interrupted":
+        raise typer.Exit(130)
+
+def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
+    """Progress of a study: evaluations done of its budget, rate and ETA, best per NFE, failures."""
+    from steptune.storage import StorageError
+
+    storage = _open_storage(db, must_exist=True, where="--db")
+    try:
+        info = study_status(storage, study)
+    except StorageError as e:
+        raise CliError(str(e)) from None
+    finally:
+        storage.close()
+    if json_:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    done, total = info["search_done"], info["search_budget"]
+    pct = f" ({100 * done / total:.0f}%)" if total else ""
+    out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
+              f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
+              f"rate {fmt(info['per_minute'], 3)}/min, ETA {duration(info['eta_seconds'])}")
+    table = Table(title="best per NFE (held-out where confirmed)")
+    for col in ("NFE", "searched (held-out)", "searched (train)", "best preset", "preset (held-out)"):
+        table.add_column(col, justify="left" if col == "best preset" else "right")
+    for r in info["per_nfe"]:
+        table.add_row(str(r["nfe"]), fmt(r["heldout"]), fmt(r["train"]), r["preset"] or "—",
+                      fmt(r["preset_score"]))
+    out.print(table)
+    out.print(f"failures: {info['failed']} failed trials, {info['retried']} retried after a lost worker")
+    for e in info["recent_errors"]:
+        out.print(f"  trial {e['number']} ({e['status']}, attempt {e['attempts']}): {e['error']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run_cmd)
+    app.command("status")(status_cmd)

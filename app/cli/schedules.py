@@ -1,63 +1,43 @@
-"""The steptune command line."""
+"""`steptune presets`, `schedule`, `eval` and `sweep`: schedules, built and measured."""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 import traceback
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
-from rich.console import Console
 from rich.table import Table
-
-from steptune.cli_dc import (
+from steptune.cli.console import err, fmt, out
+from steptune.cli.errors import CliError
+from steptune.cli.options import (
+    DEFAULT_CACHE,
+    CacheOpt,
     DeviceOpt,
     GuidanceOpt,
+    JsonOpt,
     ModelOpt,
+    NoiseOpt,
     PredictionOpt,
+    ProblemOpt,
     ShapeOpt,
+    SpacingOpt,
     TimeInputOpt,
     TimeScaleOpt,
-    pick_device,
 )
-from steptune.outputs import output_file, output_folder
+from steptune.cli.paths import output_file, output_folder
+from steptune.cli.problems import build_problem, pick_device, problem_evaluator
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 from steptune.space import spacing as spacing_mod
 
-app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
-out = Console(width=None if sys.stdout.isatty() else 200)  # tables stay whole when piped or logged
-err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits, gmm-2d or "
-                                                                  "digits-cond.")]
-NoiseOpt = Annotated[str | None, typer.Option(
-    "--noise", help="Noise schedule of the problem: vp-linear (default), vp-cosine, ddpm-linear, sd-scaled-linear, "
-                    "cosine-discrete, edm, flow.")]
-SpacingOpt = Annotated[str | None, typer.Option(
-    "--spacing", help="Timestep spacing for presets: logsnr, time-uniform, time-quadratic, karras "
-                      "(default: each preset's own).")]
-CacheOpt = Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
-
-
-class UserError(Exception):
-    """Bad input: printed as one line, exit code 2."""
-
 
 def _evaluator(problem: str, noise: str | None, cache: Path, device: str | None = None, **model_options):
-    from steptune.cli_dc import build_problem, problem_evaluator
-
-    device = pick_device(device)
-    output_folder(cache, "--cache")
-    return problem_evaluator(build_problem(problem, noise=noise, error=UserError, **model_options), cache, device)
+    return problem_evaluator(build_problem(problem, noise=noise, **model_options), cache, pick_device(device))
 
 
-@app.command("presets")
 def presets_cmd(json_: JsonOpt = False):
     """List the preset solvers (use them as --schedule preset:NAME)."""
     if json_:
@@ -72,7 +52,6 @@ def presets_cmd(json_: JsonOpt = False):
     out.print("Options: preset:NAME:key=value,... e.g. preset:unipc-bh2:order=3 or preset:ddim:prediction=noise")
 
 
-@app.command("schedule")
 def schedule_cmd(
     spec: Annotated[str, typer.Argument(help="preset:NAME[:key=value,...]")],
     nfe: Annotated[int, typer.Option("--nfe", help="Number of model calls.")],
@@ -94,7 +73,6 @@ def schedule_cmd(
         err.print(f"wrote {output} ({sched.nfe} NFE, {len(sched.steps)} steps)")
 
 
-@app.command("eval")
 def eval_cmd(
     schedule: Annotated[list[str], typer.Option("--schedule", "-s", help="preset:NAME[:opts] or a schedule JSON "
                                                                          "file; repeat to compare several.")],
@@ -104,7 +82,7 @@ def eval_cmd(
     spacing: SpacingOpt = None,
     bank: Annotated[str, typer.Option("--bank", help="Noise bank: heldout (default) or train.")] = "heldout",
     samples: Annotated[int | None, typer.Option("--samples", "-n", help="Use the first N samples of the bank.")] = None,
-    cache: CacheOpt = Path("runs/cache"),
+    cache: CacheOpt = DEFAULT_CACHE,
     json_: JsonOpt = False,
     model: ModelOpt = None,
     prediction: PredictionOpt = None,
@@ -118,9 +96,9 @@ def eval_cmd(
     from steptune.evaluators.neural_reference import ReferenceNotConverged
 
     if bank not in ("heldout", "train"):
-        raise UserError(f"--bank {bank!r}: use heldout or train")
+        raise CliError(f"--bank {bank!r}: use heldout or train")
     if samples is not None and samples < 1:
-        raise UserError(f"--samples {samples}: give at least 1")
+        raise CliError(f"--samples {samples}: give at least 1")
     nfes = parse_nfe_list(nfe)
     for spec in schedule:  # bad files are refused before any problem or reference is built
         if not spec.startswith("preset:"):
@@ -129,11 +107,11 @@ def eval_cmd(
                     time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
     if samples is not None and samples > ev.bank(bank).size:
-        raise UserError(f"--samples {samples}: the {bank} bank holds {ev.bank(bank).size} states; give at most that")
+        raise CliError(f"--samples {samples}: the {bank} bank holds {ev.bank(bank).size} states; give at most that")
     scheds = [(spec, s) for spec in schedule
               for s in resolve(spec, nfes, prob.noise, spacing, prob.t_start, prob.t_end)]
     rows = []
-    with err.status("computing reference solution and evaluating...") if not json_ else _null():
+    with err.status("computing reference solution and evaluating...") if not json_ else contextlib.nullcontext():
         for spec, s in scheds:
             try:
                 res = ev.evaluate(s, bank=bank, n=samples)
@@ -141,7 +119,7 @@ def eval_cmd(
                 raise
             except Exception as e:  # the network raised on this schedule's inputs
                 at = traceback.extract_tb(e.__traceback__)[-1]
-                raise UserError(f"{spec} at NFE {s.nfe}: the model raised {type(e).__name__}: {e} (at "
+                raise CliError(f"{spec} at NFE {s.nfe}: the model raised {type(e).__name__}: {e} (at "
                                 f"{Path(at.filename).name}:{at.lineno})") from None
             rows.append({"schedule": spec, "name": s.name, "nfe": res.nfe, "status": res.status, "error": res.error,
                          "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
@@ -156,13 +134,12 @@ def eval_cmd(
     for col in ("schedule", "NFE", "RMSE", "median err", "SW", "NLL", *extra, "status"):
         table.add_column(col, justify="right" if col not in ("schedule", "status") else "left")
     for r in rows:
-        table.add_row(r["schedule"], str(r["nfe"]), _fmt(r.get("rmse")), _fmt(r.get("median_err")),
-                      _fmt(r.get("sw")), _fmt(r.get("nll")), *[_fmt(r.get(k)) for k in extra],
+        table.add_row(r["schedule"], str(r["nfe"]), fmt(r.get("rmse")), fmt(r.get("median_err")),
+                      fmt(r.get("sw")), fmt(r.get("nll")), *[fmt(r.get(k)) for k in extra],
                       r["status"] if not r["error"] else f"{r['status']}: {r['error']}")
     out.print(table)
 
 
-@app.command("sweep")
 def sweep_cmd(
     problem: ProblemOpt = "gmm-digits",
     nfe: Annotated[str, typer.Option("--nfe", help="NFE list or ranges.")] = "3-10,12,15,20",
@@ -172,7 +149,7 @@ def sweep_cmd(
     spacing: SpacingOpt = None,
     bank: Annotated[str, typer.Option("--bank", help="heldout (default) or train.")] = "heldout",
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/sweep"),
-    cache: CacheOpt = Path("runs/cache"),
+    cache: CacheOpt = DEFAULT_CACHE,
     study: Annotated[str | None, typer.Option("--study", help="Also store the results as trials of this study "
                                                               "(method preset) in the database.")] = None,
     db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL for --study "
@@ -185,9 +162,9 @@ def sweep_cmd(
     nfes = parse_nfe_list(nfe)
     output_folder(out_dir, "--out")
     if study is not None and not study.strip():
-        raise UserError("--study is empty; give the study a name")
+        raise CliError("--study is empty; give the study a name")
     if bank not in ("heldout", "train"):
-        raise UserError(f"--bank {bank!r}: use heldout or train")
+        raise CliError(f"--bank {bank!r}: use heldout or train")
     specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
     for s in specs:
         presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
@@ -205,9 +182,9 @@ def sweep_cmd(
             with connect(db) as store:
                 why = sweep.study_problem_mismatch(store, study, prob)
         except StorageError as e:
-            raise UserError(f"--db: {e}") from None
+            raise CliError(f"--db: {e}") from None
         if why:
-            raise UserError(why)
+            raise CliError(why)
     total = len(specs) * len(nfes)
     from rich.progress import Progress
 
@@ -236,71 +213,14 @@ def sweep_cmd(
     for n in nfes_:
         table.add_column(str(n), justify="right")
     for s in specs_:
-        table.add_row(s, *[(f"[green]{_fmt(cells.get((s, n)))}[/]" if best.get(n, {}).get("preset") == s
-                            else _fmt(cells.get((s, n)))) for n in nfes_])
+        table.add_row(s, *[(f"[green]{fmt(cells.get((s, n)))}[/]" if best.get(n, {}).get("preset") == s
+                            else fmt(cells.get((s, n)))) for n in nfes_])
     out.print(table)
     out.print(f"saved {jpath} and {mpath}")
 
 
-from steptune.cli_storage import register as register_storage  # noqa: E402
-
-register_storage(app)
-
-from steptune.cli_search import register as register_search  # noqa: E402
-
-register_search(app)
-
-from steptune.cli_dc import register as register_dc  # noqa: E402
-
-register_dc(app)
-
-from steptune.cli_run import register as register_run  # noqa: E402
-
-register_run(app)
-
-from steptune.cli_dashboard import register as register_dashboard  # noqa: E402
-
-register_dashboard(app)
-
-from steptune.cli_relax import register as register_relax  # noqa: E402
-
-register_relax(app)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "—"
-    return f"{v:.4g}"
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-def main(argv: list[str] | None = None) -> int:
-    from steptune.evaluators.neural_reference import ReferenceNotConverged
-
-    try:
-        code = app(args=argv, standalone_mode=False)  # a command's typer.Exit(code) comes back as its return value
-        if isinstance(code, int):
-            return code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        err.print("aborted")
-        return 130
-    except (ScheduleError, UserError, ReferenceNotConverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def register(app: typer.Typer) -> None:
+    app.command("presets")(presets_cmd)
+    app.command("schedule")(schedule_cmd)
+    app.command("eval")(eval_cmd)
+    app.command("sweep")(sweep_cmd)

@@ -3,132 +3,128 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from steptune.cli.console import err, fmt, out
+from steptune.cli.errors import CliError
+from steptune.cli.options import (
+    GuidanceOpt,
+    ModelOpt,
+    PredictionOpt,
+    ShapeOpt,
+    TimeInputOpt,
+    TimeScaleOpt,
+)
 
-from steptune.cli_dc import GuidanceOpt, ModelOpt, PredictionOpt, ShapeOpt, TimeInputOpt, TimeScaleOpt
-from steptune.outputs import CliError
 
-err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
-out = Console()
+def search_cmd(
+    problem: Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
+    = "gmm-digits",
+    nfe: Annotated[str, typer.Option("--nfe", help="NFE list, e.g. 4,5,6,8,10 or 3-10.")] = "4,5,6,8,10",
+    method: Annotated[str, typer.Option("--method", "-m", help="s3, tpe, cmaes, random or mo-tpe.")] = "s3",
+    budget: Annotated[int, typer.Option("--budget", help="True (cheap-fidelity) evaluations per NFE.")] = 300,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    study: Annotated[str | None, typer.Option(
+        "--study", help="Study name in the database; an unfinished study of the same search is resumed.")]
+    = None,
+    noise: Annotated[str | None, typer.Option("--noise", help="Noise schedule of the problem.")] = None,
+    cheap_n: Annotated[int, typer.Option("--cheap-samples", help="Train-bank samples per evaluation.")] = 64,
+    confirm_k: Annotated[int, typer.Option("--confirm", help="Best candidates per NFE confirmed on the "
+                                                             "held-out bank.")] = 3,
+    heldout_n: Annotated[int | None, typer.Option("--heldout-samples", help="Size of the held-out bank the "
+                                                                           "results are reported on (default "
+                                                                           "1024; 256 for networks).")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
+                                                                            "many seconds.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the summary JSON.")] = Path("runs/search"),
+    db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
+                                                                              "sqlite:///runs/steptune.db).")]
+    = None,
+    cache: Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
+    = Path("runs/cache"),
+    json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+    = False,
+    model: ModelOpt = None,
+    prediction: PredictionOpt = None,
+    time_input: TimeInputOpt = None,
+    time_scale: TimeScaleOpt = None,
+    guidance: GuidanceOpt = None,
+    shape: ShapeOpt = None,
+):
+    """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
+    from steptune.cli.paths import output_folder
+    from steptune.cli.problems import build_problem
+    from steptune.cli.run import execute_job
 
+    output_folder(out_dir, "--out")
+    from steptune.evaluators.plugins import evaluator_options, parse_shape
+    from steptune.jobs import JobError, job_from_dict
+    from steptune.resolve import parse_nfe_list
+    from steptune.search import METHODS
+    from steptune.storage.db import resolve_url
 
-class SearchCliError(CliError):
-    """Bad input: one line on stderr, exit status 2."""
+    if method not in METHODS:
+        raise CliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if budget < 1:
+        raise CliError(f"--budget {budget} is too small; give at least 1 evaluation per NFE")
+    nfes = parse_nfe_list(nfe)
+    if not nfes:
+        raise CliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
+    prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape,
+                         error=CliError)
+    sizes = evaluator_options(prob)
+    name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
+    conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,
+                   "guidance_scale": guidance, "shape": list(parse_shape(shape)) if shape else None}
+    # the presets over a wider NFE range too, to say at which NFE they catch up with the search
+    wide = sorted(set(range(min(nfes), min(2 * max(nfes), 20) + 1)) - set(nfes))
+    spec = {"study": name, "seed": seed,
+            "problem": {"model" if model else "name": model or problem,
+                        **{k: v for k, v in conventions.items() if v is not None}},
+            "search": {"method": method, "nfe": nfes},
+            "evaluation": {"cheap_samples": cheap_n, "train_samples": max(cheap_n, sizes.get("n_train", 256)),
+                           "heldout_samples": sizes.get("n_heldout", 1024) if heldout_n is None else heldout_n,
+                           "confirm": confirm_k,
+                           "cache": str(cache), "baseline_nfe": wide},
+            "budget": {"evaluations": budget, "time": time_budget},
+            "storage": {"db": db}, "backend": {"kind": "local"}}
+    try:
+        job = job_from_dict(spec, where="search")
+    except JobError as e:
+        raise CliError(str(e).removeprefix("search: ")) from None
+    result = execute_job(job, quiet=json_)
+    rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
+             "searched_rmse": r.searched_score, "improvement": r.improvement,
+             "preset_matches_at_nfe": r.preset_matches_at, "found_at_eval": r.found_at, "trial": r.trial,
+             "schedule": r.schedule} for r in result.per_nfe]
+    payload = {"study": name, "problem": prob.name, "noise": prob.noise.to_dict(), "method": method,
+               "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
+               "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
+               "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
+               "database": resolve_url(job.storage.db)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jpath = out_dir / f"{name}.json"
+    jpath.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    if json_:
+        print(json.dumps(payload, indent=2, default=float))
+    else:
+        table = Table(title=f"{prob.name}: {method} search, {result.evaluations} evaluations "
+                            f"(+{result.confirmations} held-out confirmations), held-out RMSE")
+        for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE"):
+            table.add_column(col, justify="left" if col == "best preset" else "right")
+        for r in rows:
+            table.add_row(str(r["nfe"]), str(r["best_preset"]), fmt(r["preset_rmse"]),
+                          fmt(r["searched_rmse"]),
+                          "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
+                          str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"))
+        out.print(table)
+        err.print(f"study {name!r} is in the database; saved {jpath}")
+    if result.status == "interrupted":
+        raise typer.Exit(130)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("search")
-    def search_cmd(
-        problem: Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
-        = "gmm-digits",
-        nfe: Annotated[str, typer.Option("--nfe", help="NFE list, e.g. 4,5,6,8,10 or 3-10.")] = "4,5,6,8,10",
-        method: Annotated[str, typer.Option("--method", "-m", help="s3, tpe, cmaes, random or mo-tpe.")] = "s3",
-        budget: Annotated[int, typer.Option("--budget", help="True (cheap-fidelity) evaluations per NFE.")] = 300,
-        seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-        study: Annotated[str | None, typer.Option(
-            "--study", help="Study name in the database; an unfinished study of the same search is resumed.")]
-        = None,
-        noise: Annotated[str | None, typer.Option("--noise", help="Noise schedule of the problem.")] = None,
-        cheap_n: Annotated[int, typer.Option("--cheap-samples", help="Train-bank samples per evaluation.")] = 64,
-        confirm_k: Annotated[int, typer.Option("--confirm", help="Best candidates per NFE confirmed on the "
-                                                                 "held-out bank.")] = 3,
-        heldout_n: Annotated[int | None, typer.Option("--heldout-samples", help="Size of the held-out bank the "
-                                                                               "results are reported on (default "
-                                                                               "1024; 256 for networks).")] = None,
-        time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
-                                                                                "many seconds.")] = None,
-        out_dir: Annotated[Path, typer.Option("--out", help="Folder for the summary JSON.")] = Path("runs/search"),
-        db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
-                                                                                  "sqlite:///runs/steptune.db).")]
-        = None,
-        cache: Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
-        = Path("runs/cache"),
-        json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-        = False,
-        model: ModelOpt = None,
-        prediction: PredictionOpt = None,
-        time_input: TimeInputOpt = None,
-        time_scale: TimeScaleOpt = None,
-        guidance: GuidanceOpt = None,
-        shape: ShapeOpt = None,
-    ):
-        """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
-        from steptune.cli_dc import build_problem
-        from steptune.cli_run import execute_job
-        from steptune.outputs import output_folder
-
-        output_folder(out_dir, "--out")
-        from steptune.evaluators.plugins import evaluator_options, parse_shape
-        from steptune.jobs import JobError, job_from_dict
-        from steptune.resolve import parse_nfe_list
-        from steptune.search import METHODS
-        from steptune.storage.db import resolve_url
-
-        if method not in METHODS:
-            raise SearchCliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
-        if budget < 1:
-            raise SearchCliError(f"--budget {budget} is too small; give at least 1 evaluation per NFE")
-        nfes = parse_nfe_list(nfe)
-        if not nfes:
-            raise SearchCliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
-        prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape,
-                             error=SearchCliError)
-        sizes = evaluator_options(prob)
-        name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
-        conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,
-                       "guidance_scale": guidance, "shape": list(parse_shape(shape)) if shape else None}
-        # the presets over a wider NFE range too, to say at which NFE they catch up with the search
-        wide = sorted(set(range(min(nfes), min(2 * max(nfes), 20) + 1)) - set(nfes))
-        spec = {"study": name, "seed": seed,
-                "problem": {"model" if model else "name": model or problem,
-                            **{k: v for k, v in conventions.items() if v is not None}},
-                "search": {"method": method, "nfe": nfes},
-                "evaluation": {"cheap_samples": cheap_n, "train_samples": max(cheap_n, sizes.get("n_train", 256)),
-                               "heldout_samples": sizes.get("n_heldout", 1024) if heldout_n is None else heldout_n,
-                               "confirm": confirm_k,
-                               "cache": str(cache), "baseline_nfe": wide},
-                "budget": {"evaluations": budget, "time": time_budget},
-                "storage": {"db": db}, "backend": {"kind": "local"}}
-        try:
-            job = job_from_dict(spec, where="search")
-        except JobError as e:
-            raise SearchCliError(str(e).removeprefix("search: ")) from None
-        result = execute_job(job, quiet=json_)
-        rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
-                 "searched_rmse": r.searched_score, "improvement": r.improvement,
-                 "preset_matches_at_nfe": r.preset_matches_at, "found_at_eval": r.found_at, "trial": r.trial,
-                 "schedule": r.schedule} for r in result.per_nfe]
-        payload = {"study": name, "problem": prob.name, "noise": prob.noise.to_dict(), "method": method,
-                   "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
-                   "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
-                   "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
-                   "database": resolve_url(job.storage.db)}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        jpath = out_dir / f"{name}.json"
-        jpath.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        if json_:
-            print(json.dumps(payload, indent=2, default=float))
-        else:
-            table = Table(title=f"{prob.name}: {method} search, {result.evaluations} evaluations "
-                                f"(+{result.confirmations} held-out confirmations), held-out RMSE")
-            for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE"):
-                table.add_column(col, justify="left" if col == "best preset" else "right")
-            for r in rows:
-                table.add_row(str(r["nfe"]), str(r["best_preset"]), _fmt(r["preset_rmse"]),
-                              _fmt(r["searched_rmse"]),
-                              "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
-                              str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"))
-            out.print(table)
-            err.print(f"study {name!r} is in the database; saved {jpath}")
-        if result.status == "interrupted":
-            raise typer.Exit(130)
-
-
-def _fmt(v) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.4g}"
+    app.command("search")(search_cmd)

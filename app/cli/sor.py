@@ -1,8 +1,5 @@
-"""Relaxation-tuning commands: ``steptune relax`` (choose ω online over a sequence of linear systems,
-recording every round) and ``steptune relax-report`` (cumulative iterations against baselines).
-
-``register(app)`` adds them to the main typer app; bad input ends in one ``error: ...`` line, exit 2.
-"""
+"""SOR commands: ``steptune relax`` (choose ω online over a sequence of linear systems, recording every
+round) and ``steptune relax-report`` (cumulative iterations against baselines)."""
 
 from __future__ import annotations
 
@@ -12,15 +9,12 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from steptune.cli.console import err, out
+from steptune.cli.errors import CliError, Interrupted
+from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt
 
-from steptune.cli_storage import DEFAULT_DB, CliError, DbOpt, JsonOpt
-from steptune.outputs import Interrupted
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 TABLES = Path("runs/relax/tables")
 
 
@@ -60,167 +54,13 @@ def _setup(seq, policy, solver, tol, maxiter) -> dict:
             "tol": tol, "maxiter": maxiter}
 
 
-def register(app: typer.Typer) -> None:
-    @app.command("relax")
-    def relax_cmd(
-        problem: Annotated[str, typer.Option("--problem", "-p", help="shifted-laplacian, heat2d or poisson "
-                                                                     "(the model problem repeated).")]
-        = "shifted-laplacian",
-        matrices: Annotated[Path | None, typer.Option(
-            "--matrices", help="Folder with your own sequence: NAME.mtx or NAME.npz, NAME.rhs.npy (or .rhs.mtx, "
-                               ".rhs.txt), optional context.csv.")] = None,
-        learner: Annotated[str, typer.Option("--learner", "-l", help="tsallis-inf, tsallis-inf-cb, chebcb, "
-                                                                     "fixed or adaptive.")] = "tsallis-inf",
-        steps: Annotated[int, typer.Option("--steps", help="Instances in a generated sequence.")] = 5000,
-        nx: Annotated[int, typer.Option("--nx", help="heat2d: cells across the unit square.")] = 100,
-        m: Annotated[int, typer.Option("--m", help="shifted-laplacian / poisson: interior grid side.")] = 10,
-        variance: Annotated[str, typer.Option("--variance", help="shifted-laplacian: low or high.")] = "high",
-        solver: Annotated[str | None, typer.Option("--solver", help="sor, ssor or ssor-pcg (default: ssor-pcg "
-                                                                    "for heat2d, sor otherwise).")] = None,
-        omega: Annotated[float, typer.Option("--omega", help="ω for --learner fixed.")] = 1.0,
-        arms: Annotated[int, typer.Option("--arms", help="Grid size of the learners.")] = 20,
-        omega_max: Annotated[float, typer.Option("--omega-max", help="Largest grid ω.")] = 1.95,
-        tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-8,
-        maxiter: Annotated[int, typer.Option("--maxiter", help="Iteration cap per solve.")] = 10_000,
-        kernel: Annotated[str, typer.Option("--kernel", help="pyamg (C++ sweeps) or numba (compiled loop).")]
-        = "pyamg",
-        seed: Annotated[int, typer.Option("--seed", help="Seed of the learner and of a generated sequence.")] = 0,
-        study: Annotated[str | None, typer.Option(
-            "--study", "-s", help="Study name; an existing study with the same setup is resumed.")] = None,
-        db: DbOpt = DEFAULT_DB,
-        json_: JsonOpt = False,
-    ):
-        """Choose SOR's ω online for every system of a sequence; record each round in the database."""
-        from steptune.evaluators.linear import SOLVERS, LinearInputError
-        from steptune.search.relax_driver import run_sequence
-        from steptune.storage import StorageError, connect
-
-        solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
-        if solver not in SOLVERS:
-            raise CliError(f"--solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
-        if kernel not in ("pyamg", "numba"):
-            raise CliError(f"--kernel {kernel!r} is unknown; use pyamg or numba")
-        if not 0 < tol < 1:
-            raise CliError(f"--tol {tol:g}: the relative residual tolerance must be in (0, 1), e.g. 1e-8")
-        for option, value in (("--maxiter", maxiter), ("--steps", steps), ("--m", m)):
-            if value < 1:
-                raise CliError(f"{option} {value}: must be at least 1")
-        if seed < 0:
-            raise CliError(f"--seed {seed}: a seed must be 0 or more")
-        if learner == "fixed" and not 0 < omega < 2:
-            raise CliError(f"--omega {omega} is outside (0, 2)")
-        seq = _sequence(problem, matrices, steps, nx, m, variance, seed)
-        policy = _policy(learner, seq, seed, omega, arms, omega_max)
-        setup = _setup(seq, policy, solver, tol, maxiter)
-        name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
-        try:
-            store = connect(db)
-            rec = store.create_study(name, method=learner, seed=seed, config=setup, metric="iterations",
-                                     exist_ok=True)
-            if json.dumps(rec.config, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
-                raise CliError(f"study {name!r} was run with another setup ({rec.config.get('problem')}, "
-                               f"{rec.config.get('policy', {}).get('learner')}); use another --study name")
-            done = store.relaxation_rounds(name)
-        except StorageError as e:
-            raise CliError(str(e)) from None
-        policy.replay(done)
-        start = len(done)
-
-        def record(r):
-            ctx = {**r.context, "seconds": r.seconds, "learner_seconds": r.learner_seconds}
-            if r.omega_start is not None:
-                ctx["omega_start"] = r.omega_start
-            store.add_relaxation(name, r.round, r.omega, arm=r.arm, context=ctx, cost=float(r.iterations),
-                                 iterations=r.iterations, converged=r.converged)
-
-        rounds = []
-        if start >= len(seq):
-            err.print(f"study {name!r} already has all {len(seq)} rounds")
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True, disable=json_) as bar:
-            task = bar.add_task(f"{name}", total=len(seq), completed=start)
-            try:
-                if start < len(seq):
-                    rounds = run_sequence(seq, policy, solver=solver, kernel=kernel, tol=tol, maxiter=maxiter,
-                                          start=start, record=record, progress=lambda r: bar.advance(task))
-            except LinearInputError as e:
-                raise CliError(f"{e} (rounds before it are recorded in study {name!r})") from None
-            except KeyboardInterrupt:
-                kept = len(store.relaxation_rounds(name))
-                raise Interrupted(f"{kept} of {len(seq)} rounds are recorded in study {name!r}; run the same command "
-                                  "to resume") from None
-        summary = _summary(name, store.relaxation_rounds(name), rounds, start)
-        if json_:
-            print(json.dumps(summary, indent=2))
-            return
-        t = Table(title=f"relax {name}")
-        t.add_column("")
-        t.add_column("value", justify="right")
-        for key in ("rounds", "new_rounds", "mean_iterations", "last_1000_mean", "not_converged", "most_played_omega",
-                    "solve_seconds", "learner_overhead"):
-            t.add_row(key.replace("_", " ").replace("omega", "ω"), str(summary[key]))
-        out.print(t)
-        out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
-
-    @app.command("relax-report")
-    def relax_report_cmd(
-        study: Annotated[str, typer.Option("--study", "-s", help="Study name.")],
-        output: Annotated[Path | None, typer.Option("-o", "--output", help="PNG path (default "
-                                                                          "runs/relax/STUDY.png).")] = None,
-        baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Compare with Gauss–Seidel, "
-                                                "best fixed ω and instance-optimal ω (builds a cost table once, "
-                                                "cached under runs/relax/tables).")] = True,
-        db: DbOpt = DEFAULT_DB,
-        json_: JsonOpt = False,
-    ):
-        """Cumulative iterations of a relaxation study against baselines, and ω over time (table + PNG)."""
-        from steptune.storage import StorageError, connect
-
-        _check_image_path(output)
-        try:
-            store = connect(db, must_exist=True)
-            rec = store.get_study(study)
-            rows = store.relaxation_rounds(study)
-        except StorageError as e:
-            raise CliError(str(e)) from None
-        setup = rec.config or {}
-        if setup.get("kind") != "relaxation":
-            raise CliError(f"study {study!r} is not a relaxation study")
-        if not rows:
-            raise CliError(f"study {study!r} has no rounds yet")
-        its = np.array([r.iterations if r.iterations is not None else r.cost for r in rows], dtype=float)
-        curves = {setup["policy"]["learner"]: its}
-        if baselines:
-            curves.update(_baselines(setup, len(rows)))
-        report = {"study": study, "rounds": len(rows),
-                  "mean_iterations": {k: float(v.mean()) for k, v in curves.items()},
-                  "total_iterations": {k: float(v.sum()) for k, v in curves.items()}}
-        png = output or Path("runs/relax") / f"{study}.png"
-        _plot(png, study, curves, rows)
-        report["png"] = str(png)
-        if json_:
-            print(json.dumps(report, indent=2))
-            return
-        t = Table(title=f"{study}: {len(rows)} instances")
-        t.add_column("policy")
-        t.add_column("mean iterations", justify="right")
-        t.add_column("total", justify="right")
-        t.add_column("vs learner", justify="right")
-        own = its.sum()
-        for k, v in curves.items():
-            t.add_row(k, f"{v.mean():.1f}", f"{v.sum():.0f}", f"{v.sum() / own:.2f}×")
-        out.print(t)
-        out.print(f"saved {png}")
-
-
 def _check_image_path(output: Path | None) -> None:
     """Refuse an -o path the plot cannot be saved to, before any work (see ``output_file``; also a format
     matplotlib does not write)."""
     if output is None:
         return
     from matplotlib.backend_bases import FigureCanvasBase
-
-    from steptune.outputs import output_file
+    from steptune.cli.paths import output_file
 
     output_file(output, "-o")
     fmt = output.suffix.removeprefix(".").lower()
@@ -291,3 +131,158 @@ def _plot(png: Path, study: str, curves: dict, rows) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def relax_cmd(
+    problem: Annotated[str, typer.Option("--problem", "-p", help="shifted-laplacian, heat2d or poisson "
+                                                                 "(the model problem repeated).")]
+    = "shifted-laplacian",
+    matrices: Annotated[Path | None, typer.Option(
+        "--matrices", help="Folder with your own sequence: NAME.mtx or NAME.npz, NAME.rhs.npy (or .rhs.mtx, "
+                           ".rhs.txt), optional context.csv.")] = None,
+    learner: Annotated[str, typer.Option("--learner", "-l", help="tsallis-inf, tsallis-inf-cb, chebcb, "
+                                                                 "fixed or adaptive.")] = "tsallis-inf",
+    steps: Annotated[int, typer.Option("--steps", help="Instances in a generated sequence.")] = 5000,
+    nx: Annotated[int, typer.Option("--nx", help="heat2d: cells across the unit square.")] = 100,
+    m: Annotated[int, typer.Option("--m", help="shifted-laplacian / poisson: interior grid side.")] = 10,
+    variance: Annotated[str, typer.Option("--variance", help="shifted-laplacian: low or high.")] = "high",
+    solver: Annotated[str | None, typer.Option("--solver", help="sor, ssor or ssor-pcg (default: ssor-pcg "
+                                                                "for heat2d, sor otherwise).")] = None,
+    omega: Annotated[float, typer.Option("--omega", help="ω for --learner fixed.")] = 1.0,
+    arms: Annotated[int, typer.Option("--arms", help="Grid size of the learners.")] = 20,
+    omega_max: Annotated[float, typer.Option("--omega-max", help="Largest grid ω.")] = 1.95,
+    tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-8,
+    maxiter: Annotated[int, typer.Option("--maxiter", help="Iteration cap per solve.")] = 10_000,
+    kernel: Annotated[str, typer.Option("--kernel", help="pyamg (C++ sweeps) or numba (compiled loop).")]
+    = "pyamg",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the learner and of a generated sequence.")] = 0,
+    study: Annotated[str | None, typer.Option(
+        "--study", "-s", help="Study name; an existing study with the same setup is resumed.")] = None,
+    db: DbOpt = DEFAULT_DB,
+    json_: JsonOpt = False,
+):
+    """Choose SOR's ω online for every system of a sequence; record each round in the database."""
+    from steptune.evaluators.linear import SOLVERS, LinearInputError
+    from steptune.search.relax_driver import run_sequence
+    from steptune.storage import StorageError, connect
+
+    solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
+    if solver not in SOLVERS:
+        raise CliError(f"--solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
+    if kernel not in ("pyamg", "numba"):
+        raise CliError(f"--kernel {kernel!r} is unknown; use pyamg or numba")
+    if not 0 < tol < 1:
+        raise CliError(f"--tol {tol:g}: the relative residual tolerance must be in (0, 1), e.g. 1e-8")
+    for option, value in (("--maxiter", maxiter), ("--steps", steps), ("--m", m)):
+        if value < 1:
+            raise CliError(f"{option} {value}: must be at least 1")
+    if seed < 0:
+        raise CliError(f"--seed {seed}: a seed must be 0 or more")
+    if learner == "fixed" and not 0 < omega < 2:
+        raise CliError(f"--omega {omega} is outside (0, 2)")
+    seq = _sequence(problem, matrices, steps, nx, m, variance, seed)
+    policy = _policy(learner, seq, seed, omega, arms, omega_max)
+    setup = _setup(seq, policy, solver, tol, maxiter)
+    name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
+    try:
+        store = connect(db)
+        rec = store.create_study(name, method=learner, seed=seed, config=setup, metric="iterations",
+                                 exist_ok=True)
+        if json.dumps(rec.config, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
+            raise CliError(f"study {name!r} was run with another setup ({rec.config.get('problem')}, "
+                           f"{rec.config.get('policy', {}).get('learner')}); use another --study name")
+        done = store.relaxation_rounds(name)
+    except StorageError as e:
+        raise CliError(str(e)) from None
+    policy.replay(done)
+    start = len(done)
+
+    def record(r):
+        ctx = {**r.context, "seconds": r.seconds, "learner_seconds": r.learner_seconds}
+        if r.omega_start is not None:
+            ctx["omega_start"] = r.omega_start
+        store.add_relaxation(name, r.round, r.omega, arm=r.arm, context=ctx, cost=float(r.iterations),
+                             iterations=r.iterations, converged=r.converged)
+
+    rounds = []
+    if start >= len(seq):
+        err.print(f"study {name!r} already has all {len(seq)} rounds")
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True, disable=json_) as bar:
+        task = bar.add_task(f"{name}", total=len(seq), completed=start)
+        try:
+            if start < len(seq):
+                rounds = run_sequence(seq, policy, solver=solver, kernel=kernel, tol=tol, maxiter=maxiter,
+                                      start=start, record=record, progress=lambda r: bar.advance(task))
+        except LinearInputError as e:
+            raise CliError(f"{e} (rounds before it are recorded in study {name!r})") from None
+        except KeyboardInterrupt:
+            kept = len(store.relaxation_rounds(name))
+            raise Interrupted(f"{kept} of {len(seq)} rounds are recorded in study {name!r}; run the same command "
+                              "to resume") from None
+    summary = _summary(name, store.relaxation_rounds(name), rounds, start)
+    if json_:
+        print(json.dumps(summary, indent=2))
+        return
+    t = Table(title=f"relax {name}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for key in ("rounds", "new_rounds", "mean_iterations", "last_1000_mean", "not_converged", "most_played_omega",
+                "solve_seconds", "learner_overhead"):
+        t.add_row(key.replace("_", " ").replace("omega", "ω"), str(summary[key]))
+    out.print(t)
+    out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
+
+def relax_report_cmd(
+    study: Annotated[str, typer.Option("--study", "-s", help="Study name.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="PNG path (default "
+                                                                      "runs/relax/STUDY.png).")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Compare with Gauss–Seidel, "
+                                            "best fixed ω and instance-optimal ω (builds a cost table once, "
+                                            "cached under runs/relax/tables).")] = True,
+    db: DbOpt = DEFAULT_DB,
+    json_: JsonOpt = False,
+):
+    """Cumulative iterations of a relaxation study against baselines, and ω over time (table + PNG)."""
+    from steptune.storage import StorageError, connect
+
+    _check_image_path(output)
+    try:
+        store = connect(db, must_exist=True)
+        rec = store.get_study(study)
+        rows = store.relaxation_rounds(study)
+    except StorageError as e:
+        raise CliError(str(e)) from None
+    setup = rec.config or {}
+    if setup.get("kind") != "relaxation":
+        raise CliError(f"study {study!r} is not a relaxation study")
+    if not rows:
+        raise CliError(f"study {study!r} has no rounds yet")
+    its = np.array([r.iterations if r.iterations is not None else r.cost for r in rows], dtype=float)
+    curves = {setup["policy"]["learner"]: its}
+    if baselines:
+        curves.update(_baselines(setup, len(rows)))
+    report = {"study": study, "rounds": len(rows),
+              "mean_iterations": {k: float(v.mean()) for k, v in curves.items()},
+              "total_iterations": {k: float(v.sum()) for k, v in curves.items()}}
+    png = output or Path("runs/relax") / f"{study}.png"
+    _plot(png, study, curves, rows)
+    report["png"] = str(png)
+    if json_:
+        print(json.dumps(report, indent=2))
+        return
+    t = Table(title=f"{study}: {len(rows)} instances")
+    t.add_column("policy")
+    t.add_column("mean iterations", justify="right")
+    t.add_column("total", justify="right")
+    t.add_column("vs learner", justify="right")
+    own = its.sum()
+    for k, v in curves.items():
+        t.add_row(k, f"{v.mean():.1f}", f"{v.sum():.0f}", f"{v.sum() / own:.2f}×")
+    out.print(t)
+    out.print(f"saved {png}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("relax")(relax_cmd)
+    app.command("relax-report")(relax_report_cmd)

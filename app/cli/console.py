@@ -1,0 +1,24 @@
+"""Where the command line writes: results on stdout (whole tables, also when piped), messages and progress on
+stderr (one line each, also in logs), numbers formatted one way."""
+
+from __future__ import annotations
+
+import math
+import sys
+from datetime import timedelta
+
+from rich.console import Console
+
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def fmt(v, digits: int = 4) -> str:
+    """A score for a table: ``digits`` significant digits, ``—`` for a missing or non-finite value."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}g}"
+
+
+def duration(secs: float | None) -> str:
+    return "—" if secs is None else str(timedelta(seconds=round(secs)))

@@ -1,0 +1,50 @@
+"""`steptune db upgrade` and `steptune db current`: the database schema."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from steptune.cli.console import err
+from steptune.cli.options import DEFAULT_DB, DbOpt
+
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True, add_completion=False)
+
+
+@db_app.command("upgrade")
+def db_upgrade_cmd(db: DbOpt = DEFAULT_DB,
+                   revision: Annotated[str, typer.Option("--revision", help="Target schema revision.")] = "head"):
+    """Create the schema or migrate it to the current revision (a no-op when up to date)."""
+    from steptune.storage import Storage, resolve_url
+
+    store = Storage(resolve_url(db))
+    try:
+        before = store.revision()
+        after = store.upgrade(revision)
+    finally:
+        store.close()
+    if before == after and revision not in ("head", after):
+        err.print(f"database {db} is at schema revision {after}, which is past {revision}; 'db upgrade' does not "
+                  "go back")
+    elif before == after:
+        err.print(f"database {db} is at schema revision {after} (up to date)")
+    else:
+        err.print(f"database {db}: schema revision {before or 'none'} -> {after}")
+
+
+@db_app.command("current")
+def db_current_cmd(db: DbOpt = DEFAULT_DB):
+    """Print the database's schema revision and the one this steptune needs."""
+    from steptune.storage import Storage, resolve_url
+
+    store = Storage(resolve_url(db, must_exist=True))
+    try:
+        print(json.dumps({"database": db, "revision": store.revision(), "head": store.head}))
+    finally:
+        store.close()
+
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(db_app, name="db")

@@ -1,0 +1,64 @@
+"""The steptune command line: one typer app, every command registered the same way, one error path."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from steptune import __version__
+from steptune.cli import dashboard, db, dc, digits, results, run, schedules, search, sor
+from steptune.cli.console import err
+from steptune.cli.errors import CliError, library_errors
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"steptune {__version__}")
+        raise typer.Exit()
+
+
+app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Search and tune diffusion solver schedules."""
+
+
+for module in (schedules, results, search, run, dc, digits, dashboard, sor, db):
+    module.register(app)
+
+
+def _click_class(name: str) -> type[Exception]:
+    """The click exception class of that name in the click typer runs on (its own copy in recent typers)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+ClickException = _click_class("ClickException")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line on ``argv`` (default: sys.argv); return the exit status."""
+    try:
+        code = app(args=argv, prog_name="steptune", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err.print("aborted")
+        return 130
+    except ClickException as e:  # usage errors: an unknown option or command, a missing or bad value
+        e.show()
+        return e.exit_code
+    except CliError as e:
+        print(f"{e.prefix}: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except library_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

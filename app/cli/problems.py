@@ -1,0 +1,67 @@
+"""The problem a command runs on (a built-in one or ``--model module:factory`` with its conventions), the
+device it runs on and the Evaluator that scores schedules on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from steptune.cli.errors import CliError
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise CliError("--threads must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def pick_device(device: str | None) -> str:
+    """``device`` checked against what torch sees; None: cuda when available, else cpu."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CliError(f"--device {device!r} is not a device torch knows; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CliError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s); use cuda:0 to "
+                       f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {device}: use cpu or cuda[:N]")
+    return str(dev)
+
+
+def build_problem(problem: str, model: str | None = None, noise: str | None = None, prediction: str | None = None,
+                  time_input: str | None = None, time_scale: float | None = None, guidance: float | None = None,
+                  shape: str | None = None):
+    """The problem a command was given (``--model`` wins over ``--problem``); bad input raises CliError."""
+    from steptune.evaluators.plugins import load_problem, parse_shape
+
+    try:
+        return load_problem(model or problem, noise=noise, prediction=prediction, time_input=time_input,
+                            time_scale=time_scale, guidance_scale=guidance, shape=parse_shape(shape))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise CliError(str(e).strip("'\"")) from None
+
+
+def problem_evaluator(problem, cache: Path, device: str):
+    """The Evaluator the commands use: the problem's own bank sizes, references cached under ``cache``."""
+    from steptune.cli.paths import output_folder
+    from steptune.evaluators import Evaluator
+    from steptune.evaluators.plugins import evaluator_options
+
+    output_folder(cache, "--cache")
+    return Evaluator(problem, cache_dir=cache, device=device, **evaluator_options(problem))
+
+
+def guidance_of(problem) -> float | None:
+    """The guidance scale a problem samples with, set by its model or its source (None: unguided)."""
+    g = problem.model.guidance_scale
+    return g if g is not None else problem.source.get("guidance_scale")

@@ -1,0 +1,201 @@
+"""The studies `steptune dc fit` writes: their fits, their problem and solver, their CPR; checks that keep
+later fits, CPR and predictions consistent with the earlier ones. Bad input raises DcStudyError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DcStudyError(ValueError):
+    """A DC study that cannot be used as asked: one sentence saying why and what to do."""
+
+
+def study_problem(config: dict, cfg: float | None):
+    """The problem `dc fit` fitted the study on, at guidance ``cfg`` (conventions it did not record take their
+    defaults)."""
+    from steptune.evaluators.plugins import load_problem, parse_shape
+
+    conv = config.get("conventions") or {}
+    try:
+        return load_problem(config["problem"], noise=conv.get("noise"), prediction=conv.get("prediction"),
+                            time_input=conv.get("time_input"), time_scale=conv.get("time_scale"),
+                            guidance_scale=cfg, shape=parse_shape(conv.get("shape")))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise DcStudyError(str(e).strip("'\"")) from None
+
+
+def study_evaluator(config: dict, cfg: float | None, cache: Path, device: str = "cpu"):
+    """The Evaluator `dc fit` built for the study at guidance ``cfg``."""
+    from steptune.evaluators import Evaluator
+    from steptune.evaluators.plugins import evaluator_options
+
+    prob = study_problem(config, cfg)
+    return Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
+
+
+FITS = ("joint", "greedy")
+
+
+def load_dc_study(db: str, study: str) -> tuple[dict, list]:
+    """The config and complete trials of a study `dc fit` wrote."""
+    from steptune.storage import StorageError, connect
+
+    try:
+        with connect(db, must_exist=True) as store:
+            rec = store.get_study(study)
+            trials = store.trials(study, status="complete")
+    except StorageError as e:
+        raise DcStudyError(str(e)) from None
+    config = rec.config or {}
+    if config.get("kind") != "dc-fit":
+        raise DcStudyError(f"study {study!r} was not written by 'steptune dc fit'")
+    return config, trials
+
+
+FIT_KEYS = ("problem", "solver", "conventions", "fit_samples")
+
+
+def check_bank_version(study: str, config: dict) -> None:
+    """Refuse to add to, or refit from, a study whose fit noises came from an earlier drawing of the banks."""
+    from steptune.evaluators.base import BANK_VERSION
+
+    if config.get("bank_version", 1) != BANK_VERSION:
+        raise DcStudyError(f"study {study!r} was fitted on noise banks drawn by an earlier steptune (bank version "
+                         f"{config.get('bank_version', 1)}, now {BANK_VERSION}); its fits cannot be mixed with new "
+                         "ones: choose another --study")
+
+
+def fit_command(study: str, config: dict, nfe: int, cfg: float | None) -> str:
+    """The `dc fit` command that adds (``nfe``, ``cfg``) to ``study`` as its earlier fits were made."""
+    conv = config.get("conventions") or {}
+    opts = [f"--problem {config['problem']}", f"--solver {config['solver'].removeprefix('preset:')}"]
+    opts += [f"--{k.replace('_', '-')} {v}" for k, v in conv.items() if v is not None]
+    if config.get("fit_samples", 10) != 10:
+        opts.append(f"--fit-samples {config['fit_samples']}")
+    where = f"--nfe {nfe}" + ("" if cfg is None else f" --guidance {cfg:g}")
+    return f"'steptune dc fit {' '.join(opts)} {where} --study {study}'"
+
+
+def check_same_fit(db: str, study: str, config: dict) -> None:
+    """Refuse to add fits to an existing study that was fitted on another problem, solver, conventions or
+    number of fit noises (its CPR and interpolation would mix them)."""
+    from steptune.storage import StorageError, connect
+
+    try:
+        with connect(db) as store:
+            old = store.get_study(study).config or {}
+    except StorageError:
+        return  # a new study
+    if old.get("kind") != "dc-fit":
+        raise DcStudyError(f"study {study!r} was not written by 'steptune dc fit'; choose another --study")
+    check_bank_version(study, old)
+    for key in FIT_KEYS:
+        if key in old and old[key] != config.get(key):
+            raise DcStudyError(f"study {study!r} was fitted with {key} {old.get(key)!r}, not {config.get(key)!r}; use "
+                             f"the same options (e.g. {fit_command(study, old, 5, None)}) or another --study")
+
+
+def fit_rows(trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
+    """(NFE, CFG, ratios) of every ``fit`` trial."""
+    return [(t.nfe, t.info.get("cfg"), [float(st.get("dc_ratio", 1.0)) for st in t.schedule["steps"]])
+            for t in trials if t.info.get("dc_fit") == fit]
+
+
+def fitted_rows(study: str, trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:
+    """``fit_rows``, refusing an unknown fit or a study without such fits."""
+    if fit not in FITS:
+        raise DcStudyError(f"--fit {fit!r}: use joint or greedy")
+    rows = fit_rows(trials, fit)
+    if not rows:
+        other = [f for f in FITS if any(t.info.get("dc_fit") == f for t in trials)]
+        hint = f"use --fit {other[0]}" if other else f"run 'steptune dc fit --study {study}' first"
+        raise DcStudyError(f"study {study!r} has no '{fit}' fits; {hint}")
+    return rows
+
+
+def study_schedule(study: str, config: dict, nfe: int):
+    """The study's solver preset at ``nfe``, uncompensated."""
+    from steptune.space import ScheduleError, presets
+    from steptune.space import noise as noise_mod
+
+    spec = config["solver"]
+    if not spec.startswith("preset:"):
+        raise DcStudyError(f"study {study!r} fitted a schedule file ({spec}); CPR needs a preset solver")
+    try:
+        ns = noise_mod.from_dict(config["noise"])
+        return presets.build(spec.removeprefix("preset:"), nfe, ns, t_start=config["t_start"], t_end=config["t_end"])
+    except (ScheduleError, ValueError) as e:
+        raise DcStudyError(str(e)) from None
+
+
+
+
+def checked(ev, schedule):
+    from steptune.space import ScheduleError
+
+    try:
+        ev.check(schedule)
+    except ScheduleError as e:
+        raise DcStudyError(str(e)) from None
+    return schedule
+
+
+def cpr_plan(study: str, config: dict, rows: list, cache: Path, device: str = "cpu") -> list[tuple]:
+    """(evaluator, schedule, NFE, CFG) of each fitted configuration, rebuilt as `dc fit` built it."""
+    evaluators, plan = {}, []
+    for nfe, cfg in dict.fromkeys((nfe, cfg) for nfe, cfg, _ in rows):
+        if cfg not in evaluators:
+            evaluators[cfg] = study_evaluator(config, cfg, cache, device)
+        ev = evaluators[cfg]
+        plan.append((ev, checked(ev, study_schedule(study, config, nfe)), nfe, cfg))
+    return plan
+
+
+def store_cpr(db: str, study: str, record: dict) -> None:
+    from steptune.storage import StorageError, connect
+
+    try:
+        with connect(db, must_exist=True) as store:
+            store.update_study_config(study, {"cpr": record})
+    except StorageError as e:
+        raise DcStudyError(str(e)) from None
+
+
+def stored_cpr(study: str, config: dict):
+    from steptune.search.dc import CPR
+
+    try:
+        return CPR.from_dict(config["cpr"])
+    except (KeyError, TypeError, ValueError):
+        raise DcStudyError(f"study {study!r} holds an unreadable end-to-end CPR; rerun 'steptune dc cpr' or use "
+                         "--regression") from None
+
+
+def heldout_mse(ev, schedule) -> float:
+    return ev.evaluate(checked(ev, schedule), "heldout").metrics["rmse"] ** 2
+
+
+def interpolated(trials: list, fit: str, nfe: int, cfg: float | None, n_steps: int):
+    """``dc.interpolate_ratios`` over the study's ``fit`` trials, or None."""
+    from steptune.search.dc import interpolate_ratios
+
+    got = interpolate_ratios(fit_rows(trials, fit), nfe, cfg)
+    return got if got is not None and len(got[0]) == n_steps else None
+
+
+def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, regression: bool, warn=print):
+    """The study's stored end-to-end CPR (warning when it predates some fits) or, without one or with
+    ``regression``, CPR fitted by regression: (cpr, kind, configurations, fit)."""
+    from steptune.search.dc import CPR
+
+    if regression or "cpr" not in config:
+        rows = fitted_rows(study, trials, fit)
+        return CPR.fit(rows, ridge=ridge), "regression", [[n, c] for n, c, _ in rows], fit
+    configs = config["cpr"].get("configurations", [])
+    fit = config["cpr"].get("fit", fit)
+    newer = sorted({(t.nfe, t.info.get("cfg")) for t in trials if t.info.get("dc_fit") == fit}
+                   - {(n, c) for n, c in configs}, key=lambda nc: (nc[0], nc[1] or 0.0))
+    if newer:
+        warn(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
+                  f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
+    return stored_cpr(study, config), "end-to-end", configs, fit
