@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs everything the tests need on a fresh machine, then runs ruff and the test suite.
+# Installs everything the tests need on a fresh machine (pinned by constraints.txt), then runs ruff, the
+# install check (a non-editable install used from the repository root) and the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
-.venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -c constraints.txt torch==2.13.0
+.venv/bin/pip install -q -c constraints.txt -e ".[test,diffusers]"
 
 # PostgreSQL for the storage tests: a private server on loopback (the Debian package is installed if
 # missing), reused while it runs; stopped again at the end only if this script started it.
@@ -54,4 +55,5 @@ if [ -z "${STEPTUNE_CHROMIUM:-}" ]; then
 fi
 
 .venv/bin/ruff check .
+bash scripts/check_install.sh
 .venv/bin/python -m pytest "$@"
