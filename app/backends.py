@@ -49,7 +49,7 @@ class Sink(Protocol):
 
 def build_problem(spec: ProblemSpec):
     """The Problem a job names: a built-in problem, or a user model given as module:factory."""
-    from steptune.evaluators.plugins import load_problem
+    from steptune.evaluators import load_problem
 
     conv = {k: v for k, v in spec.model_dump(exclude={"name", "model", "options"}).items() if v is not None}
     if "shape" in conv:
@@ -207,22 +207,29 @@ class RayBackend(Backend):
         self.started_ray = False
 
     def check(self) -> None:
-        """Refuse, in one line and at once, a cluster address where nothing listens (Ray itself retries for
-        minutes)."""
+        """Reach Ray (start the local instance, or join the cluster) and check the evaluators fit on it, so a
+        wrong address or an impossible size is refused before anything is written. A cluster address where
+        nothing listens is refused at once (Ray itself retries for minutes)."""
         m = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", self.spec.address or "")
-        if m is None:
-            return
-        try:
-            with socket.create_connection((m[1], int(m[2])), timeout=5):
-                pass
-        except OSError as e:
-            raise BackendError(f"backend.address {self.spec.address}: nothing answers there ({e.strerror or e}); "
-                               "start the cluster (ray start --head) or fix the address") from None
+        if m is not None:
+            try:
+                with socket.create_connection((m[1], int(m[2])), timeout=5):
+                    pass
+            except OSError as e:
+                raise BackendError(f"backend.address {self.spec.address}: nothing answers there "
+                                   f"({e.strerror or e}); start the cluster (ray start --head) or fix the "
+                                   "address") from None
+        ray = self._init_ray()
+        n = self.spec.workers or self.default_workers()
+        res = ray.cluster_resources()
+        for kind, per in (("CPU", self.spec.num_cpus), ("GPU", self.spec.num_gpus)):
+            if n * per > res.get(kind, 0) + 1e-9:
+                raise BackendError(f"backend.workers: {n} evaluators x {per:g} {kind}s need {n * per:g} {kind}s but "
+                                   f"the Ray cluster has {res.get(kind, 0):g}; lower workers or num_{kind.lower()}s")
 
     def _init_ray(self):
         import ray
 
-        self.check()
         if not ray.is_initialized():
             try:
                 # "local": start a private instance, never attach to a cluster some other process left running
@@ -249,14 +256,10 @@ class RayBackend(Backend):
     def start(self) -> None:
         if self.actors:
             return
+        self.check()
         ray = self._init_ray()
         actor_cls = ray.remote(_RayEvalWorker)
         n = self.spec.workers or self.default_workers()
-        res = ray.cluster_resources()
-        for kind, per in (("CPU", self.spec.num_cpus), ("GPU", self.spec.num_gpus)):
-            if n * per > res.get(kind, 0) + 1e-9:
-                raise BackendError(f"backend.workers: {n} evaluators x {per:g} {kind}s need {n * per:g} {kind}s but "
-                                   f"the Ray cluster has {res.get(kind, 0):g}; lower workers or num_{kind.lower()}s")
         threads = int(max(1, self.spec.num_cpus))
         for _ in range(n):
             self.actors.append(actor_cls.options(

@@ -101,6 +101,13 @@ class EvaluationSpec(_Section):
     bank_seed: int = 0  # seed of the noise banks (the search's own seed is the job's seed)
     cache: str = "runs/cache"
 
+    @field_validator("baseline_nfe")
+    @classmethod
+    def _positive_nfes(cls, v):
+        if v is not None and any(n < 1 for n in v):
+            raise ValueError(f"every NFE is a positive integer (got {[n for n in v if n < 1]})")
+        return v
+
     @model_validator(mode="after")
     def _fits(self):
         if self.cheap_samples > self.train_samples:
@@ -147,7 +154,7 @@ class Job(_Section):
 
     def identity(self) -> dict:
         """What decides the search's results: a study resumed with a job that differs here is refused."""
-        from steptune.evaluators.base import BANK_VERSION
+        from steptune.evaluators.evaluator import BANK_VERSION
 
         return {"seed": self.seed, "problem": self.problem.model_dump(), "search": self.search.model_dump(),
                 "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline", "baseline_nfe"}),
@@ -211,7 +218,10 @@ def load_job(path: str | Path) -> Job:
     if not path.is_file():
         raise JobError(f"{path}: no such job file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise JobError(f"{path}: not a text file in UTF-8 (byte {e.start} cannot be read); save the job file as "
+                       "UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise JobError(f"{path}: not valid TOML ({e})") from None
     return job_from_dict(data, where=str(path))

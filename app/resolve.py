@@ -15,12 +15,17 @@ def parse_nfe_list(text: str | None) -> list[int]:
     out = []
     for part in text.split(","):
         part = part.strip()
+        if part.lstrip("-").isdigit() and int(part) < 1:
+            raise ScheduleError(f"--nfe: {part} is not a number of model calls; each NFE is a positive integer, e.g. "
+                                "5,6,8,10 or a range 3-10")
         if "-" in part:
             lo, _, hi = part.partition("-")
             if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
                 raise ScheduleError(f"--nfe: {part!r} is not a range like 3-10")
+            if int(lo) < 1:
+                raise ScheduleError(f"--nfe: {part!r} starts at {lo}; each NFE is a positive integer, e.g. 3-10")
             out += list(range(int(lo), int(hi) + 1))
-        elif part.isdigit() and int(part) > 0:
+        elif part.isdigit():
             out.append(int(part))
         else:
             raise ScheduleError(f"--nfe: {part!r} is not a positive integer; give a list like 5,6,8,10 or a range 3-10")
@@ -45,7 +50,7 @@ def resolve(spec: str, nfes: list[int], noise: NoiseSchedule, spacing: str | Non
     if not path.exists():
         raise ScheduleError(f"--schedule {spec}: no such file, and not a preset (write preset:NAME, "
                             "see 'steptune presets')")
-    from steptune.storage.export import read_export
+    from steptune.exports import read_export
 
     sched, _ = read_export(path)  # the same checks as 'steptune import' (a binary file, unknown fields, ...)
     if nfes and nfes != [sched.nfe]:

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 
 from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
+from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 
-CHEAP, CONFIRM = "train", "heldout"
 LEASE_SECONDS = 120.0  # a running trial whose heartbeat is older than this belongs to a run that is gone
 
 
@@ -148,7 +148,8 @@ class Runner:
         self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
         self.best: dict[int, float] = {}
         self.problem = None
-        self.eval_seconds: list[float] = []
+        self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
+        self.heldout_seconds: list[float] = []  # held-out evaluations: baseline presets and confirmations
         self.time_up = False
         self._sink: _Sink | None = None
 
@@ -236,8 +237,8 @@ class Runner:
         if existing is not None and existing.kind not in ("search", ""):
             raise JobError(f"study {job.study!r} is a {existing.kind} study, not a search; give a new study name")
         try:
-            st = self.storage.create_study(job.study, method=job.search.method, seed=job.seed, config=config,
-                                           problem=identity, exist_ok=True)
+            st = self.storage.create_study(job.study, kind="search", method=job.search.method, seed=job.seed,
+                                           config=config, problem=identity, exist_ok=True)
         except StorageError as e:
             raise JobError(f"study {job.study!r}: {e}") from None
         old = st.config.get("identity")
@@ -245,6 +246,9 @@ class Runner:
             raise JobError(f"study {job.study!r} was scored on noise banks drawn by an earlier steptune (bank version "
                            f"{old.get('bank_version', 1)}, now {job.identity()['bank_version']}); its scores cannot be "
                            "mixed with new ones: give a new study name")
+        if old is not None and old != job.identity() and st.n_trials == 0:  # nothing ran: the job may change
+            self.storage.update_study_config(job.study, {"identity": job.identity()})
+            old = job.identity()
         if old is not None and old != job.identity():
             key = _first_difference(old, job.identity())
             raise JobError(f"study {job.study!r} was run with a different job ({key} differs); resume it with the "
@@ -294,8 +298,8 @@ class Runner:
         return self._sink.results
 
     def _progress_event(self, task: Task, result: dict) -> None:
-        if result.get("seconds") and task.bank == CHEAP:
-            self.eval_seconds.append(float(result["seconds"]))
+        if result.get("seconds"):
+            (self.eval_seconds if task.bank == CHEAP else self.heldout_seconds).append(float(result["seconds"]))
         if self.phase == "search":
             self.done += 1
         elif self.phase in self.phase_counts:
@@ -323,8 +327,8 @@ class Runner:
     # ---- phases ------------------------------------------------------------------------------------
 
     def _baseline(self) -> None:
+        from steptune.search import DEFAULT_PRESETS
         from steptune.space import ScheduleError, presets
-        from steptune.sweep import DEFAULT_PRESETS
 
         have = {t.info.get("origin") for t in self.storage.trials(self.job.study) if t.info.get("baseline")}
         items = []
@@ -396,7 +400,7 @@ class Runner:
             if asked is None:  # a stored batch: the searcher asks what it asked then, and is told the results
                 asked = {c.key: c for c in searcher.ask(len(stored))}
             for t in stored:
-                c = asked.get(_key(t)) or Candidate(Schedule.from_dict(t.schedule), t.nfe, t.info.get("origin", ""),
+                c = asked.get(t.key) or Candidate(Schedule.from_dict(t.schedule), t.nfe, t.info.get("origin", ""),
                                                     dict(t.info.get("params") or {}))
                 searcher.tell(c, t)
                 if t.status == "complete" and t.score is not None:
@@ -408,12 +412,22 @@ class Runner:
         """Stop searching early enough that confirmation still ends within the time budget."""
         if self.deadline is None:
             return
-        secs = sorted(s for s in self.eval_seconds if s > 0)
-        per_cheap = secs[len(secs) // 2] if secs else 0.0
-        scale = self.job.evaluation.heldout_samples / self.job.evaluation.cheap_samples
-        workers = max(1, len(self.backend.workers))
         n_confirm = self.job.evaluation.confirm * len(self.job.search.nfe)
-        self.search_deadline = self.deadline - 1.5 * per_cheap * scale * math.ceil(n_confirm / workers)
+        workers = max(1, len(self.backend.workers))
+        self.search_deadline = self.deadline - 1.5 * self._confirm_seconds() * math.ceil(n_confirm / workers)
+
+    def _confirm_seconds(self) -> float:
+        """What one held-out confirmation costs: measured on the held-out evaluations of this run (the baseline
+        presets), else the cheap evaluations' cost scaled by the ratio of the banks' sizes."""
+        def median(xs):
+            xs = sorted(x for x in xs if x > 0)
+            return xs[len(xs) // 2] if xs else None
+
+        measured = median(self.heldout_seconds)
+        if measured is not None:
+            return measured
+        scale = self.job.evaluation.heldout_samples / self.job.evaluation.cheap_samples
+        return (median(self.eval_seconds) or 0.0) * scale
 
     def _confirm(self) -> None:
         job = self.job
@@ -472,13 +486,6 @@ def summarize(trials, nfes) -> list[NfeSummary]:
                               src.number if src else None, cheap_order.get(src.number) if src else None, match,
                               found.schedule if found else None))
     return out
-
-
-def _key(t) -> str:
-    from steptune.search import schedule_key
-    from steptune.space import Schedule
-
-    return schedule_key(Schedule.from_dict(t.schedule))
 
 
 def _plain(params: dict) -> dict:

@@ -17,7 +17,8 @@ database's write lock at the start of their transaction (``BEGIN IMMEDIATE``), i
 busy timeout, so several local processes can write at once without "database is locked" errors;
 readers never block writers. On PostgreSQL, claims use ``FOR UPDATE SKIP LOCKED``.
 
-Scores are "lower is better" (the study's ``metric``, ``rmse`` by default).
+Scores are "lower is better" (the study's ``metric``, ``rmse`` by default). "Best" counts scores at the
+study's reporting fidelity (held-out for a search, where its winners are confirmed) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -40,7 +41,18 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchM
 from sqlalchemy.orm import Session
 from steptune.space import Schedule, ScheduleError
 
-from .schema import FINAL_STATUSES, STATUSES, VERSION_TABLE, Base, Problem, RelaxationRecord, Study, Trial, utcnow
+from .schema import (
+    FINAL_STATUSES,
+    STATUSES,
+    STUDY_KINDS,
+    VERSION_TABLE,
+    Base,
+    Problem,
+    RelaxationRecord,
+    Study,
+    Trial,
+    utcnow,
+)
 
 DEFAULT_URL = "sqlite:///runs/steptune.db"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -68,17 +80,15 @@ class StudyRecord:
     n_trials: int
     created: datetime
     problem: dict | None = None  # {"name", "identity", "conventions"}
+    # what made the study: "search" (a job or `steptune search`), "sweep", "relaxation", "dc-fit", "import", or
+    # "" (the Python API, unless told)
+    kind: str = ""
 
     @property
-    def kind(self) -> str:
-        """What made the study: "search" (a job or `steptune search`), "sweep", "relaxation", "dc-fit",
-        "import", or "" for one made through the Python API."""
-        config = self.config or {}
-        if config.get("kind"):
-            return config["kind"]
-        if "identity" in config:
-            return "search"
-        return {"preset": "sweep", "import": "import"}.get(self.method, "")
+    def reporting_fidelity(self) -> str | None:
+        """The fidelity whose scores the study reports ("heldout" for a search, whose winners are confirmed
+        on the held-out bank); None when every fidelity counts."""
+        return reporting_fidelity(self.config)
 
 
 @dataclass(frozen=True)
@@ -146,12 +156,6 @@ def _canonical(d: Any) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def schedule_key(schedule: dict) -> str:
-    """SHA-256 of what the schedule does (times, steps, noise, conventions), not of its name or notes."""
-    core = {k: schedule.get(k) for k in ("t_start", "steps", "noise", "afs", "conventions")}
-    return hashlib.sha256(_canonical(core).encode()).hexdigest()
-
-
 def _clean_metrics(metrics: Mapping | None, where: str = "metrics") -> dict:
     """JSON-safe metrics: non-finite floats become None (JSON has no NaN; PostgreSQL refuses it),
     numpy/torch scalars become numbers; anything else JSON cannot hold is an error."""
@@ -191,8 +195,19 @@ def _json_info(info: Mapping | None, i: int) -> dict:
         raise StorageError(f"trial {i}: info cannot be stored as JSON ({e})") from None
 
 
-def _validated(schedule: Schedule | Mapping | str, where: str) -> dict:
-    """The schedule's canonical dict, validated; raises ScheduleError (nothing is written)."""
+def reporting_fidelity(config: Mapping | None) -> str | None:
+    """The fidelity a study with this config reports its scores at (its ``fidelity`` entry), or None."""
+    return (config or {}).get("fidelity") or None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in STUDY_KINDS:
+        raise StorageError(f"study kind {kind!r} is unknown; use one of {', '.join(k for k in STUDY_KINDS if k)} "
+                           "(or leave it empty)")
+
+
+def _validated(schedule: Schedule | Mapping | str, where: str) -> tuple[dict, str]:
+    """The schedule's canonical dict and its key, validated; raises ScheduleError (nothing is written)."""
     if isinstance(schedule, str):
         sched = Schedule.from_json(schedule, where=where)
     elif isinstance(schedule, Schedule):
@@ -205,7 +220,7 @@ def _validated(schedule: Schedule | Mapping | str, where: str) -> dict:
         sched.validate()
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
-    return sched.to_dict()
+    return sched.to_dict(), sched.key()
 
 
 def _sqlite_path(url) -> Path | None:
@@ -384,9 +399,7 @@ class Storage:
         q = select(Study).where(Study.name == name)
         st = s.scalar(q.with_for_update() if lock else q)
         if st is None:
-            known = s.scalars(select(Study.name).order_by(Study.name).limit(6)).all()
-            hint = f" (studies: {', '.join(known)})" if known else " (the database has no studies)"
-            raise StorageError(f"no study named {name!r}{hint}")
+            raise StorageError(f"no study named {name!r}{_study_hint(s, name)}")
         return st
 
     @staticmethod
@@ -394,14 +407,16 @@ class Storage:
         prob = None
         if st.problem is not None:
             prob = {"name": st.problem.name, "identity": st.problem.identity, "conventions": st.problem.conventions}
-        return StudyRecord(st.id, st.name, st.method, st.seed, st.config, st.metric, st.n_trials, st.created, prob)
+        return StudyRecord(st.id, st.name, st.method, st.seed, st.config, st.metric, st.n_trials, st.created, prob,
+                           st.kind)
 
     def create_study(self, name: str, *, method: str = "", seed: int | None = None, config: Mapping | None = None,
                      problem: Mapping | None = None, conventions: Mapping | None = None, metric: str = "rmse",
-                     exist_ok: bool = False) -> StudyRecord:
+                     kind: str = "", exist_ok: bool = False) -> StudyRecord:
         """A new study. ``problem`` is the problem's identity dict (e.g. ``Problem.identity()``), stored
-        once per distinct identity; ``conventions`` default to its ``model`` entry. With ``exist_ok``, an
-        existing study of that name is returned instead (resuming)."""
+        once per distinct identity; ``conventions`` default to its ``model`` entry; ``kind`` says what made
+        it (one of ``STUDY_KINDS``). With ``exist_ok``, an existing study of that name is returned instead
+        (resuming)."""
         if not name or not isinstance(name, str):
             raise StorageError("a study needs a non-empty name")
         with self._tx() as s:
@@ -410,13 +425,14 @@ class Storage:
                 if exist_ok:
                     return self._study_record(existing)
                 raise StorageError(f"a study named {name!r} already exists; pick another name or resume it")
-            self._insert_study(s, name, method, seed, config, problem, conventions, metric)
+            self._insert_study(s, name, method, seed, config, problem, conventions, metric, kind)
         return self.get_study(name)
 
     def _insert_study(self, s: Session, name, method="", seed=None, config=None, problem=None, conventions=None,
-                      metric="rmse") -> Study:
+                      metric="rmse", kind="") -> Study:
+        _check_kind(kind)
         pid = self._problem_id(s, problem, conventions) if problem is not None else None
-        st = Study(name=name, method=method, seed=seed, config=json.loads(_canonical(dict(config or {}))),
+        st = Study(name=name, kind=kind, method=method, seed=seed, config=json.loads(_canonical(dict(config or {}))),
                    metric=metric, problem_id=pid, n_trials=0)
         s.add(st)
         try:
@@ -491,8 +507,7 @@ class Storage:
             if mkey is not None and mkey in memo:
                 d, key = memo[mkey]
             else:
-                d = _validated(sched, where)
-                key = schedule_key(d)
+                d, key = _validated(sched, where)
                 if mkey is not None:
                     memo[mkey] = (d, key)
             rows.append(self._trial_fields(i, d, key, item))
@@ -714,13 +729,20 @@ class Storage:
             return s.scalar(q)
 
     def _scored(self, s: Session, study: str, fidelity: str | None):
-        cond = [Trial.study_id == self._study_row(s, study).id, Trial.status == "complete", Trial.score.is_not(None)]
+        """Complete, scored trials of ``study`` at ``fidelity``, by default the study's reporting fidelity."""
+        st = self._study_row(s, study)
+        fidelity = fidelity or reporting_fidelity(st.config)
+        cond = [Trial.study_id == st.id, Trial.status == "complete", Trial.score.is_not(None)]
         if fidelity is not None:
             cond.append(Trial.fidelity == fidelity)
         return cond
 
     def best(self, study: str, nfe: int, *, fidelity: str | None = None) -> TrialRecord | None:
-        """The complete trial with the lowest score at this NFE (earliest on ties), or None."""
+        """The complete trial with the lowest score at this NFE (earliest on ties), or None.
+
+        "Best" is one rule everywhere (``best_per_nfe``, ``pareto``, ``best_frame``, ``steptune best``): scores
+        count at ``fidelity``, by default the study's reporting fidelity, so a search's best is its held-out
+        (confirmed) trial, never a cheaper train-bank score; a study without one compares every fidelity."""
         with self._tx(write=False) as s:
             cond = self._scored(s, study, fidelity)
             row = s.execute(self._trial_query(s, None).where(*cond, Trial.nfe == nfe)
@@ -747,13 +769,14 @@ class Storage:
         return [_trial_record(rows[k], study) for k in keep([(r.nfe, r.score) for r in best])]
 
     def best_per_nfe(self, study: str, *, fidelity: str | None = None) -> list[TrialRecord]:
-        """The best complete trial at every NFE the study has, in NFE order."""
+        """The best complete trial at every NFE the study has, in NFE order (best as in ``best``)."""
         with self._tx(write=False) as s:
             return self._best_rows(s, study, fidelity, lambda mins: mins)
 
     def pareto(self, study: str, *, fidelity: str | None = None) -> list[TrialRecord]:
         """The non-dominated complete trials on (NFE, score), both minimised, in NFE order: each has a
-        strictly lower score than every trial with fewer NFE (one trial per point, earliest on ties)."""
+        strictly lower score than every trial with fewer NFE (one trial per point, earliest on ties; scores at
+        the fidelity ``best`` uses)."""
 
         def front(mins):
             kept, best = [], math.inf
@@ -807,3 +830,17 @@ def _sqlite_setup(engine: Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("steptune_write") else "BEGIN")
+
+
+def _study_hint(s: Session, name: str, shown: int = 6) -> str:
+    """What a session asking for a study that does not exist is told: the closest names and how many there are."""
+    import difflib
+
+    known = s.scalars(select(Study.name).order_by(Study.name)).all()
+    if not known:
+        return " (the database has no studies)"
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    listed = close + [k for k in known if k not in close][:max(0, shown - len(close))]
+    more = f" and {len(known) - len(listed)} more" if len(known) > len(listed) else ""
+    mean = f"; did you mean {close[0]!r}?" if close else ""
+    return f" ({len(known)} studies: {', '.join(listed)}{more}{mean}; 'steptune studies' lists them all)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -139,8 +139,8 @@ def fit_cmd(
                                                           "a schedule file has its own NFE.")] = None,
     guidance: Annotated[str | None, typer.Option("--guidance", help="Guidance scales, e.g. 1.5,3,5.")] = None,
     cfg: Annotated[str | None, typer.Option("--cfg", hidden=True, help="Old name of --guidance.")] = None,
-    method: Annotated[str, typer.Option("--method", help="greedy, joint, or both (joint refines greedy).")]
-    = "both",
+    method: Annotated[Literal["greedy", "joint", "both"], typer.Option(
+        "--method", help="greedy, joint, or both (joint refines greedy).")] = "both",
     study: Annotated[str | None, typer.Option("--study", help="Store the fitted schedules as trials of this "
                                                               "study.")] = None,
     fit_samples: Annotated[int, typer.Option("--fit-samples", help="Train-bank noises to fit on.")] = 10,
@@ -167,9 +167,7 @@ def fit_cmd(
 
     set_threads(threads)
     device = pick_device(device)
-    methods = {"both": ("greedy", "joint"), "greedy": ("greedy",), "joint": ("joint",)}.get(method)
-    if methods is None:
-        raise CliError(f"--method {method!r}: use greedy, joint or both")
+    methods = {"both": ("greedy", "joint"), "greedy": ("greedy",), "joint": ("joint",)}[method]
     if fit_samples < 1:
         raise CliError("--fit-samples must be at least 1")
     for option, iters in (("--greedy-iters", greedy_iters), ("--joint-iters", joint_iters)):
@@ -177,7 +175,7 @@ def fit_cmd(
             raise CliError(f"{option} {iters}: the fit needs at least 1 iteration")
     is_file = not solver.startswith("preset:") and Path(solver).suffix == ".json"
     spec = solver if is_file or solver.startswith("preset:") else f"preset:{solver}"
-    from steptune.evaluators.base import BANK_VERSION
+    from steptune.evaluators.evaluator import BANK_VERSION
 
     made_as = {"kind": "dc-fit", "problem": problem, "solver": spec, "fit_samples": fit_samples,
                "bank_version": BANK_VERSION,
@@ -243,7 +241,7 @@ def fit_cmd(
         try:
             with connect(db) as store:
                 config = {**made_as, "noise": prob.noise.to_dict(), "t_start": prob.t_start, "t_end": prob.t_end}
-                store.add_trials(study, items, create={"method": "dc", "config": config,
+                store.add_trials(study, items, create={"method": "dc", "kind": "dc-fit", "config": config,
                                                        "problem": prob.identity()})
         except StorageError as e:
             raise CliError(str(e)) from None

@@ -20,7 +20,7 @@ def train_digits_cmd(
 ):
     """Train the digits UNet (class-conditional, label dropout for guidance) and the digit classifier
     deterministically; later runs use them instead of the shipped checkpoints."""
-    from steptune.evaluators.digits import TrainConfig, train_and_save
+    from steptune.evaluators.digits_networks import TrainConfig, train_and_save
 
     if steps < 1:
         raise CliError("--steps must be at least 1")

@@ -25,8 +25,9 @@ def library_errors() -> tuple[type[Exception], ...]:
     """The exceptions the packages below raise for bad input; each is shown as a :class:`CliError`."""
     from steptune.dc_studies import DcStudyError
     from steptune.evaluators.neural_reference import ReferenceNotConverged
+    from steptune.exports import ExportError
     from steptune.jobs import JobError
     from steptune.space import ScheduleError
     from steptune.storage import StorageError
 
-    return ScheduleError, ReferenceNotConverged, StorageError, JobError, DcStudyError
+    return ScheduleError, ReferenceNotConverged, StorageError, JobError, DcStudyError, ExportError

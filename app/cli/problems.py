@@ -42,7 +42,7 @@ def build_problem(problem: str, model: str | None = None, noise: str | None = No
                   time_input: str | None = None, time_scale: float | None = None, guidance: float | None = None,
                   shape: str | None = None):
     """The problem a command was given (``--model`` wins over ``--problem``); bad input raises CliError."""
-    from steptune.evaluators.plugins import load_problem, parse_shape
+    from steptune.evaluators.load import load_problem, parse_shape
 
     try:
         return load_problem(model or problem, noise=noise, prediction=prediction, time_input=time_input,
@@ -54,8 +54,7 @@ def build_problem(problem: str, model: str | None = None, noise: str | None = No
 def problem_evaluator(problem, cache: Path, device: str):
     """The Evaluator the commands use: the problem's own bank sizes, references cached under ``cache``."""
     from steptune.cli.paths import output_folder
-    from steptune.evaluators import Evaluator
-    from steptune.evaluators.plugins import evaluator_options
+    from steptune.evaluators import Evaluator, evaluator_options
 
     output_folder(cache, "--cache")
     return Evaluator(problem, cache_dir=cache, device=device, **evaluator_options(problem))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
@@ -13,8 +13,9 @@ from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
 from steptune.cli.paths import output_file, output_folder
+from steptune.cli.sor import print_sor_study, sor_study_summary
 
-FORMATS = ("json", "diffusers", "diffusers-stock", "sigmas", "comfyui")
+Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
 
 
 def _open(url: str, *, create: bool = False):
@@ -69,10 +70,12 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
                                                                        "for searches).")] = None,
              db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     """The best complete trial of a study at an NFE (or at every NFE)."""
-    from steptune.storage import export_dict
+    from steptune.exports import export_dict
 
     with _open(db) as store:
         st = store.get_study(study)
+        if st.kind == "relaxation":
+            return print_sor_study(sor_study_summary(store, st), json_)
         fidelity = fidelity or st.config.get("fidelity")  # a searched study reports its held-out scores
         if nfe is not None:
             t = _best_or_fail(store, study, nfe, fidelity)
@@ -140,7 +143,7 @@ def export_cmd(
     study: StudyOpt,
     nfe: Annotated[int | None, typer.Option("--nfe", help="Export the best trial at this NFE.")] = None,
     trial: Annotated[int | None, typer.Option("--trial", help="Export this trial id instead of the best.")] = None,
-    format_: Annotated[str, typer.Option("--format", "-f", help=f"One of {', '.join(FORMATS)}.")] = "json",
+    format_: Annotated[Format, typer.Option("--format", "-f", help="The export's form.")] = "json",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "
                                                 "(diffusers, diffusers-stock); default: print, or a folder "
                                                 "under runs/export/.")] = None,
@@ -153,7 +156,7 @@ def export_cmd(
     db: DbOpt = DEFAULT_DB,
 ):
     """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
-    from steptune.storage import (
+    from steptune.exports import (
         comfyui_sigmas,
         conventions_for,
         export_dict,
@@ -163,8 +166,6 @@ def export_cmd(
         stock_diffusers_export,
     )
 
-    if format_ not in FORMATS:
-        raise CliError(f"--format {format_!r} is unknown; use one of {', '.join(FORMATS)}")
     if (nfe is None) == (trial is None):
         raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
     if output is not None:
@@ -245,7 +246,7 @@ def import_cmd(
     json_: JsonOpt = False,
 ):
     """Add a schedule file to a study (created if missing); the file is checked before anything is written."""
-    from steptune.storage import import_schedule, read_export
+    from steptune.exports import import_schedule, read_export
 
     if not study.strip():
         raise CliError("--study is empty; give the study a name")

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from steptune.cli.console import duration, err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
+from steptune.cli.progress import job_progress
+from steptune.cli.sor import print_sor_study, sor_study_summary
 
 
 def _open_storage(url: str | None, must_exist: bool = False, where: str = "storage.db"):
@@ -27,10 +28,6 @@ def _open_storage(url: str | None, must_exist: bool = False, where: str = "stora
     except Exception as e:  # a driver error while reaching the server (refused, unknown host, bad login)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CliError(f"{where}: cannot open the database {url!r} ({first})") from None
-
-
-def _best_text(best: dict) -> str:
-    return " ".join(f"{k}:{v:.3g}" for k, v in sorted(best.items()))
 
 
 def execute_job(job, quiet: bool = False):
@@ -49,22 +46,8 @@ def execute_job(job, quiet: bool = False):
     except (JobError, BackendError) as e:
         storage.close()
         raise CliError(str(e)) from None
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[info]}"), console=err, disable=quiet) as bar:
-        task = bar.add_task("starting", total=None, info="")
-
-        def progress(st: dict) -> None:
-            eta = f" eta {duration(st['eta'])}" if st.get("eta") is not None else ""
-            retried = (f" failed {st['failed']}" if st["failed"] else "") + (
-                f" retried {st['retried']}" if st["retried"] else "")
-            if st["phase"] == "search":
-                bar.update(task, description="search", total=st["total"], completed=st["done"],
-                           info=f"best {_best_text(st['best'])}{retried}{eta}")
-            else:  # baseline presets or held-out confirmations: their own count, not the search's
-                bar.update(task, description=st["phase"], total=st["phase_total"] or None,
-                           completed=st["phase_done"], info=retried)
-
-        runner.progress = progress
+    with job_progress(quiet) as shown:
+        runner.progress = shown.update
         previous = signal.getsignal(signal.SIGINT)
 
         def on_sigint(signum, frame):
@@ -78,7 +61,7 @@ def execute_job(job, quiet: bool = False):
         try:
             result = runner.run()
         except (JobError, BackendError, ReferenceNotConverged) as e:
-            bar.remove_task(task)  # the error is the last line, not a stale progress frame
+            shown.clear()
             raise CliError(str(e)) from None
         finally:
             signal.signal(signal.SIGINT, previous)
@@ -105,9 +88,12 @@ def study_status(storage, study: str) -> dict:
         span = (max(t.finished for t in recent) - min(t.finished for t in recent)).total_seconds()
         per_minute = 60 * (len(recent) - 1) / span if span > 0 else None
     eta = None
-    if budget is not None and per_minute:
-        left = budget - len(final) + (job["evaluation"]["confirm"] * len(nfes) if job else 0)
-        eta = 60 * max(0, left) / per_minute
+    confirmed = sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info
+                    and t.status in ("complete", "failed", "pruned"))
+    left = None if budget is None else (max(0, budget - len(final))
+                                        + max(0, job["evaluation"]["confirm"] * len(nfes) - confirmed))
+    if left and per_minute:
+        eta = 60 * left / per_minute
     rows = []
     summary = {s.nfe: s for s in summarize(trials, nfes)}
     for nfe in nfes:
@@ -121,7 +107,7 @@ def study_status(storage, study: str) -> dict:
             "search_done": len(final), "search_budget": budget,
             "running": sum(t.status == "running" for t in trials), "queued": sum(t.status == "queued" for t in trials),
             "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),
-            "per_minute": per_minute, "eta_seconds": eta, "per_nfe": rows,
+            "per_minute": per_minute, "eta_seconds": eta, "finished": left == 0, "per_nfe": rows,
             "confirmed": sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info),
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
             "recent_errors": [{"number": t.number, "status": t.status, "attempts": t.attempts, "error": t.error}
@@ -174,6 +160,9 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
 
     storage = _open_storage(db, must_exist=True, where="--db")
     try:
+        st = storage.get_study(study)
+        if st.kind == "relaxation":
+            return print_sor_study(sor_study_summary(storage, st), json_)
         info = study_status(storage, study)
     except StorageError as e:
         raise CliError(str(e)) from None
@@ -186,7 +175,8 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     pct = f" ({100 * done / total:.0f}%)" if total else ""
     out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
               f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
-              f"rate {fmt(info['per_minute'], 3)}/min, ETA {duration(info['eta_seconds'])}")
+              f"rate {fmt(info['per_minute'], 3)}/min, "
+              + ("finished" if info["finished"] else f"ETA {duration(info['eta_seconds'])}"))
     table = Table(title="best per NFE (held-out where confirmed)")
     for col in ("NFE", "searched (held-out)", "searched (train)", "best preset", "preset (held-out)"):
         table.add_column(col, justify="left" if col == "best preset" else "right")

@@ -6,12 +6,12 @@ import contextlib
 import json
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
 from steptune.cli.console import err, fmt, out
-from steptune.cli.errors import CliError
+from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import (
     DEFAULT_CACHE,
     CacheOpt,
@@ -32,6 +32,8 @@ from steptune.cli.problems import build_problem, pick_device, problem_evaluator
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 from steptune.space import spacing as spacing_mod
+
+Bank = Literal["heldout", "train"]
 
 
 def _evaluator(problem: str, noise: str | None, cache: Path, device: str | None = None, **model_options):
@@ -80,7 +82,7 @@ def eval_cmd(
     nfe: Annotated[str | None, typer.Option("--nfe", help="NFE list for presets, e.g. 5,6,8,10 or 3-10.")] = None,
     noise: NoiseOpt = None,
     spacing: SpacingOpt = None,
-    bank: Annotated[str, typer.Option("--bank", help="Noise bank: heldout (default) or train.")] = "heldout",
+    bank: Annotated[Bank, typer.Option("--bank", help="Noise bank to score on.")] = "heldout",
     samples: Annotated[int | None, typer.Option("--samples", "-n", help="Use the first N samples of the bank.")] = None,
     cache: CacheOpt = DEFAULT_CACHE,
     json_: JsonOpt = False,
@@ -95,8 +97,6 @@ def eval_cmd(
     """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
     from steptune.evaluators.neural_reference import ReferenceNotConverged
 
-    if bank not in ("heldout", "train"):
-        raise CliError(f"--bank {bank!r}: use heldout or train")
     if samples is not None and samples < 1:
         raise CliError(f"--samples {samples}: give at least 1")
     nfes = parse_nfe_list(nfe)
@@ -147,7 +147,7 @@ def sweep_cmd(
                                                                         "(default: all families).")] = None,
     noise: NoiseOpt = None,
     spacing: SpacingOpt = None,
-    bank: Annotated[str, typer.Option("--bank", help="heldout (default) or train.")] = "heldout",
+    bank: Annotated[Bank, typer.Option("--bank", help="Noise bank to score on.")] = "heldout",
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/sweep"),
     cache: CacheOpt = DEFAULT_CACHE,
     study: Annotated[str | None, typer.Option("--study", help="Also store the results as trials of this study "
@@ -158,14 +158,13 @@ def sweep_cmd(
 ):
     """NFE sweep of the preset solvers on a problem: prints the RMSE table and saves it under runs/sweep/."""
     from steptune import sweep
+    from steptune.search import DEFAULT_PRESETS
 
     nfes = parse_nfe_list(nfe)
     output_folder(out_dir, "--out")
     if study is not None and not study.strip():
         raise CliError("--study is empty; give the study a name")
-    if bank not in ("heldout", "train"):
-        raise CliError(f"--bank {bank!r}: use heldout or train")
-    specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(sweep.DEFAULT_PRESETS)
+    specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(DEFAULT_PRESETS)
     for s in specs:
         presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
     ev = _evaluator(problem, noise, cache)
@@ -188,11 +187,17 @@ def sweep_cmd(
     total = len(specs) * len(nfes)
     from rich.progress import Progress
 
-    with Progress(console=err, transient=True, disable=json_) as progress:
-        task = progress.add_task("reference solution", total=total)
-        ev.reference(bank)
-        progress.update(task, description="evaluating presets")
-        rows = sweep.run_sweep(ev, specs, nfes, spacing, bank, on_result=lambda r: progress.advance(task))
+    done = []
+    try:
+        with Progress(console=err, transient=True, disable=json_) as progress:
+            task = progress.add_task("reference solution", total=total)
+            ev.reference(bank)
+            progress.update(task, description="evaluating presets")
+            rows = sweep.run_sweep(ev, specs, nfes, spacing, bank,
+                                   on_result=lambda r: (done.append(r), progress.advance(task)))
+    except KeyboardInterrupt:
+        raise Interrupted(f"the sweep stopped after {len(done)} of {total} evaluations; nothing was saved or stored; "
+                          "run the same command again to sweep") from None
     stem = f"{prob.name}-{prob.noise.kind}" + (f"-{spacing}" if spacing else "")
     meta = {"problem": prob.name, "noise": prob.noise.to_dict(), "bank": bank, "metric": "rmse",
             "samples": ev.bank(bank).size}

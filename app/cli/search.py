@@ -60,7 +60,8 @@ def search_cmd(
     from steptune.cli.run import execute_job
 
     output_folder(out_dir, "--out")
-    from steptune.evaluators.plugins import evaluator_options, parse_shape
+    from steptune.evaluators import evaluator_options
+    from steptune.evaluators.load import parse_shape
     from steptune.jobs import JobError, job_from_dict
     from steptune.resolve import parse_nfe_list
     from steptune.search import METHODS
@@ -122,6 +123,8 @@ def search_cmd(
                           str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"))
         out.print(table)
         err.print(f"study {name!r} is in the database; saved {jpath}")
+    if result.status in ("interrupted", "time-budget", "incomplete"):
+        err.print(f"stopped ({result.status}); run the same command again to resume study {name!r}")
     if result.status == "interrupted":
         raise typer.Exit(130)
 

@@ -28,7 +28,7 @@ def _sequence(problem, matrices, steps, nx, m, variance, seed):
 
 
 def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: float):
-    from steptune.search.relax import LEARNERS, AdaptiveSOR, make_learner
+    from steptune.search.sor_learners import LEARNERS, AdaptiveSOR, make_learner
 
     if learner not in LEARNERS:
         raise CliError(f"--learner {learner!r} is unknown; use one of {', '.join(LEARNERS)}")
@@ -84,7 +84,7 @@ def _summary(name, all_rows, new_rounds, start) -> dict:
 
 def _baselines(setup: dict, count: int) -> dict:
     from steptune.evaluators.linear import DEFAULT_GRID, LinearInputError, build_cost_table, make_sequence
-    from steptune.search.relax_driver import table_baselines
+    from steptune.search.sor_driver import table_baselines
 
     prob = dict(setup["problem"])
     name = prob.pop("problem")
@@ -163,7 +163,7 @@ def relax_cmd(
 ):
     """Choose SOR's ω online for every system of a sequence; record each round in the database."""
     from steptune.evaluators.linear import SOLVERS, LinearInputError
-    from steptune.search.relax_driver import run_sequence
+    from steptune.search.sor_driver import run_sequence
     from steptune.storage import StorageError, connect
 
     solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
@@ -186,8 +186,8 @@ def relax_cmd(
     name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
     try:
         store = connect(db)
-        rec = store.create_study(name, method=learner, seed=seed, config=setup, metric="iterations",
-                                 exist_ok=True)
+        rec = store.create_study(name, kind="relaxation", method=learner, seed=seed, config=setup,
+                                 metric="iterations", exist_ok=True)
         if json.dumps(rec.config, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
             raise CliError(f"study {name!r} was run with another setup ({rec.config.get('problem')}, "
                            f"{rec.config.get('policy', {}).get('learner')}); use another --study name")
@@ -254,7 +254,7 @@ def relax_report_cmd(
     except StorageError as e:
         raise CliError(str(e)) from None
     setup = rec.config or {}
-    if setup.get("kind") != "relaxation":
+    if rec.kind != "relaxation":
         raise CliError(f"study {study!r} is not a relaxation study")
     if not rows:
         raise CliError(f"study {study!r} has no rounds yet")
@@ -286,3 +286,24 @@ def relax_report_cmd(
 def register(app: typer.Typer) -> None:
     app.command("relax")(relax_cmd)
     app.command("relax-report")(relax_report_cmd)
+
+
+def sor_study_summary(store, st) -> dict:
+    """What `status` and `best` show of an SOR study: its learner, rounds and mean iterations so far."""
+    rows = store.relaxation_rounds(st.name)
+    its = [r.iterations if r.iterations is not None else r.cost for r in rows]
+    setup = st.config or {}
+    return {"study": st.name, "kind": st.kind, "learner": (setup.get("policy") or {}).get("learner", st.method),
+            "problem": (setup.get("problem") or {}).get("problem"), "rounds": len(rows),
+            "mean_iterations": float(np.mean(its)) if its else None,
+            "report": f"steptune relax-report --study {st.name}"}
+
+
+def print_sor_study(summary: dict, json_: bool) -> None:
+    if json_:
+        print(json.dumps(summary, indent=2))
+        return
+    mean = summary["mean_iterations"]
+    out.print(f"{summary['study']}: an SOR study ({summary['learner']} on {summary['problem'] or 'a sequence'}), "
+              f"{summary['rounds']} rounds" + (f", mean {mean:.1f} iterations per system" if mean is not None else "")
+              + f"; '{summary['report']}' compares it with the baselines", highlight=False)

@@ -1,0 +1,112 @@
+"""Progress of a job on stderr: a live bar in a terminal; in a log (output redirected, nohup, a batch
+scheduler) a plain line at most every ``STEPTUNE_LOG_INTERVAL`` seconds (default 30), at every change of
+phase and at the end."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from steptune.cli.console import duration, err
+
+
+def best_text(best: dict) -> str:
+    return " ".join(f"{k}:{v:.3g}" for k, v in sorted(best.items()))
+
+
+def _failures(st: dict) -> str:
+    return (f" failed {st['failed']}" if st["failed"] else "") + (f" retried {st['retried']}" if st["retried"] else "")
+
+
+class BarProgress:
+    """A rich progress bar (terminals)."""
+
+    def __init__(self):
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        self.task = self.bar.add_task("starting", total=None, info="")
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def update(self, st: dict) -> None:
+        eta = f" eta {duration(st['eta'])}" if st.get("eta") is not None else ""
+        if st["phase"] == "search":
+            self.bar.update(self.task, description="search", total=st["total"], completed=st["done"],
+                            info=f"best {best_text(st['best'])}{_failures(st)}{eta}")
+        else:  # baseline presets or held-out confirmations: their own count, not the search's
+            self.bar.update(self.task, description=st["phase"], total=st["phase_total"] or None,
+                            completed=st["phase_done"], info=_failures(st))
+
+    def clear(self) -> None:
+        """Take the bar away, so an error is the last line rather than a stale frame."""
+        self.bar.remove_task(self.task)
+
+
+class LineProgress:
+    """Plain progress lines (logs): evaluations done of the budget, best per NFE, rate, ETA, failures."""
+
+    def __init__(self, interval: float | None = None):
+        self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
+        self.last_line = -float("inf")
+        self.last: dict | None = None
+        self.started = time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.last is not None and exc[0] is None:
+            self._print(self.last)
+        return False
+
+    def update(self, st: dict) -> None:
+        changed = self.last is not None and st["phase"] != self.last["phase"]
+        if changed:
+            self._print(self.last)  # the phase's last count, then the new phase
+        self.last = st
+        if changed or time.monotonic() - self.last_line >= self.interval:
+            self._print(st)
+
+    def _print(self, st: dict) -> None:
+        self.last_line = time.monotonic()
+        elapsed = duration(time.monotonic() - self.started)
+        if st["phase"] == "search":
+            total = st["total"] or 0
+            pct = f" ({100 * st['done'] / total:.0f}%)" if total else ""
+            rate = st["done"] / st["elapsed"] if st.get("elapsed") else None
+            line = (f"search {st['done']}/{total or '?'}{pct} | best {best_text(st['best']) or '—'} | "
+                    f"{'—' if not rate else f'{rate:.3g}'} evals/s | eta {duration(st.get('eta'))}")
+        else:
+            line = f"{st['phase']} {st['phase_done']}/{st['phase_total'] or '?'}"
+        err.print(f"[{elapsed}] {line}{_failures(st)}", highlight=False, markup=False)
+
+    def clear(self) -> None:
+        pass
+
+
+class NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, st: dict) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+def job_progress(quiet: bool = False):
+    """The progress display for where stderr goes: none when ``quiet``, a bar in a terminal, lines elsewhere."""
+    if quiet:
+        return NoProgress()
+    return BarProgress() if err.is_terminal else LineProgress()

@@ -1,0 +1,46 @@
+"""Usage errors through the installed `steptune` command: typer's usage lines, exit status 2, no traceback,
+whatever click typer runs on (recent typers ship their own)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STEPTUNE = Path(sys.executable).parent / "steptune"
+
+CASES = {
+    "unknown command": (["nosuchcmd"], "No such command 'nosuchcmd'"),
+    "unknown option": (["eval", "--bogus"], "No such option: --bogus"),
+    "missing option": (["export", "--nfe", "5"], "Missing option '--study'"),
+    "bad choice": (["export", "--study", "s", "--nfe", "5", "--format", "png"], "Invalid value for '--format'"),
+    "misspelled option": (["search", "--budjet", "3"], "No such option: --budjet"),
+    "dc: unknown command": (["dc", "fitt"], "No such command 'fitt'"),
+    "dc: unknown option": (["dc", "fit", "--bogus"], "No such option: --bogus"),
+    "dc: missing option": (["dc", "predict", "--nfe", "5"], "Missing option '--study'"),
+    "dc: bad choice": (["dc", "fit", "--method", "both-ways"], "Invalid value for '--method'"),
+    "db: unknown command": (["db", "downgrade"], "No such command 'downgrade'"),
+    "db: unknown option": (["db", "upgrade", "--bogus"], "No such option: --bogus"),
+    "bad number": (["relax", "--steps", "many"], "Invalid value for '--steps'"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_usage_error_is_the_usage_line_and_status_2(case, tmp_path):
+    args, expected = CASES[case]
+    res = subprocess.run([str(STEPTUNE), *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.startswith("Usage: steptune"), res.stderr
+    assert f"Error: {expected}" in res.stderr
+    assert not any(tmp_path.iterdir()), "a usage error must write nothing"
+
+
+def test_version_and_help_exit_0(tmp_path):
+    from steptune import __version__
+
+    res = subprocess.run([str(STEPTUNE), "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"steptune {__version__}"
+    res = subprocess.run([str(STEPTUNE), "dc", "fit", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert res.returncode == 0 and "--guidance" in res.stdout and "--cfg" not in res.stdout  # the old name is hidden
