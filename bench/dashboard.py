@@ -68,7 +68,7 @@ def build_database(url: str, n: int, seed: int = 0) -> dict:
     counts = {}
     with connect(url) as db:
         preset_items = _preset_items(rng, baseline=False)
-        db.add_trials("presets", preset_items, create={"method": "preset", "problem": PROBLEM})
+        db.add_trials("presets", preset_items, create={"method": "preset", "kind": "sweep", "problem": PROBLEM})
         counts["presets"] = len(preset_items)
         left = n - len(preset_items) - 1
         for k, method in enumerate(SEARCHES):
@@ -91,10 +91,11 @@ def build_database(url: str, n: int, seed: int = 0) -> dict:
                               "info": {"batch": i // 36, "origin": "mutation"}})
             for i in range(0, m, 10_000):
                 db.add_trials(f"search-{method}", items[i:i + 10_000],
-                              create={"method": method, "seed": k, "problem": PROBLEM})
+                              create={"method": method, "kind": "search", "seed": k, "problem": PROBLEM})
             counts[f"search-{method}"] = m
         db.add_trials("hand-made", [{"schedule": pool[0][1], "status": "complete", "metrics": {"rmse": 0.05},
-                                     "fidelity": "heldout"}], create={"method": "import", "problem": PROBLEM})
+                                     "fidelity": "heldout"}],
+                      create={"method": "import", "kind": "import", "problem": PROBLEM})
         counts["hand-made"] = 1
         assert db.count_trials() == n, (db.count_trials(), n)
     return counts

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import func, select
 
-from .db import Storage, connect
+from .db import Storage, connect, reporting_fidelity
 from .schema import STATUSES, Problem, Study, Trial
 
 if TYPE_CHECKING:
@@ -67,39 +67,44 @@ def trials_frame(db: Storage | str | None, study: str | None = None, *, schedule
 
 
 def studies_frame(db: Storage | str | None) -> pd.DataFrame:
-    """One row per study: method, seed, metric, problem, trial counts per status, best score and the
-    NFEs that have complete trials."""
+    """One row per study: kind, method, seed, metric, problem, trial counts per status, the best score and the
+    NFEs that have complete trials (at the study's reporting fidelity, as ``Storage.best`` counts them)."""
     import pandas as pd
 
     with _open(db) as store, store._tx(write=False) as s:
-        studies = s.execute(select(Study.id, Study.name, Study.method, Study.seed, Study.metric, Study.created,
-                                   Problem.name.label("problem"))
+        studies = s.execute(select(Study.id, Study.name, Study.kind, Study.method, Study.seed, Study.metric,
+                                   Study.created, Study.config, Problem.name.label("problem"))
                             .outerjoin(Problem, Problem.id == Study.problem_id).order_by(Study.id)).all()
         counts = s.execute(select(Trial.study_id, Trial.status, func.count()).group_by(Trial.study_id, Trial.status))
         per: dict[int, dict[str, int]] = {}
         for sid, status, n in counts:
             per.setdefault(sid, {})[status] = n
+        fidelity = {st.id: reporting_fidelity(st.config) for st in studies}
         best: dict[int, dict[int, float]] = {}
-        for sid, nfe, score in s.execute(
-                select(Trial.study_id, Trial.nfe, func.min(Trial.score))
+        for sid, fid, nfe, score in s.execute(
+                select(Trial.study_id, Trial.fidelity, Trial.nfe, func.min(Trial.score))
                 .where(Trial.status == "complete", Trial.score.is_not(None))
-                .group_by(Trial.study_id, Trial.nfe)):
-            best.setdefault(sid, {})[nfe] = score
+                .group_by(Trial.study_id, Trial.fidelity, Trial.nfe)):
+            if fidelity.get(sid) in (None, fid):
+                b = best.setdefault(sid, {})
+                b[nfe] = min(score, b.get(nfe, score))
     rows = []
     for st in studies:
         c = per.get(st.id, {})
         b = best.get(st.id, {})
-        rows.append({"study": st.name, "method": st.method, "seed": st.seed, "metric": st.metric,
+        rows.append({"study": st.name, "kind": st.kind, "method": st.method, "seed": st.seed, "metric": st.metric,
                      "problem": st.problem, "created": st.created, "trials": sum(c.values()),
                      **{status: c.get(status, 0) for status in STATUSES},
                      "best_score": min(b.values()) if b else None, "nfes": sorted(b)})
-    columns = ["study", "method", "seed", "metric", "problem", "created", "trials", *STATUSES, "best_score", "nfes"]
+    columns = ["study", "kind", "method", "seed", "metric", "problem", "created", "trials", *STATUSES, "best_score",
+               "nfes"]
     return pd.DataFrame(rows, columns=columns)
 
 
 def best_frame(db: Storage | str | None, study: str, *, fidelity: str | None = None) -> pd.DataFrame:
     """The best complete trial at each NFE of a study (NFE order), with a ``pareto`` column marking the
-    non-dominated ones on (NFE, score)."""
+    non-dominated ones on (NFE, score); best as ``Storage.best`` counts it (at ``fidelity``, by default the
+    study's reporting fidelity: held-out for a search)."""
     import pandas as pd
 
     with _open(db) as store:

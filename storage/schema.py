@@ -36,6 +36,9 @@ VERSION_TABLE = "steptune_schema_version"
 
 STATUSES = ("queued", "running", "complete", "failed", "pruned")
 FINAL_STATUSES = ("complete", "failed", "pruned")
+# what made a study: a job or `steptune search`, `sweep`, `relax`, `dc fit`, `import`; "" for one made through
+# the Python API without saying
+STUDY_KINDS = ("search", "sweep", "relaxation", "dc-fit", "import", "")
 
 
 def utcnow() -> datetime:
@@ -69,13 +72,15 @@ class Problem(Base):
 
 
 class Study(Base):
-    """One search (or one import target): its method, seed and configuration. ``metric`` names the
-    metric copied into ``Trial.score``; ``n_trials`` hands out trial numbers."""
+    """One search (or one import target): what made it (``kind``, one of ``STUDY_KINDS``), its method, seed
+    and configuration. ``metric`` names the metric copied into ``Trial.score``; ``n_trials`` hands out trial
+    numbers."""
 
     __tablename__ = "studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(32), default="", server_default="")
     method: Mapped[str] = mapped_column(String(100), default="")
     seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     config: Mapped[dict] = mapped_column(JsonType, default=dict)

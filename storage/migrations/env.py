@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine
+
 from steptune.storage.schema import VERSION_TABLE, Base
 
 # concurrent upgrades of one PostgreSQL database wait for each other on this advisory lock
