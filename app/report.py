@@ -15,7 +15,8 @@ from urllib.parse import quote
 from steptune.dashboard import downloads, queries
 from steptune.dashboard.app import STATIC, plotly_js
 from steptune.dashboard.schedule_view import schedule_view
-from steptune.storage import ExportError, Storage
+from steptune.exports import ExportError
+from steptune.storage import Storage
 from steptune.storage.schema import STATUSES
 
 MAX_TRIALS = 20_000  # rows of the trial table a report carries

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from steptune.storage import connect, export_dict, import_schedule
 
 from steptune.cli import main
+from steptune.exports import export_dict, import_schedule
+from steptune.storage import connect
 
 SEARCH_STUDY = "gmm2d-s3"
 PRESET_STUDY = "gmm2d-presets"

@@ -4,11 +4,11 @@ import json
 import re
 
 import pytest
-from steptune.space import noise, presets
-from steptune.storage import connect
 from test_storage_db import _rows, db_url  # noqa: F401  (db_url is a fixture)
 
 from steptune.cli import main
+from steptune.space import noise, presets
+from steptune.storage import connect
 
 NS = noise.VPDiscrete.named("ddpm-linear")
 PROBLEM = {"name": "toy", "noise": NS.to_dict(), "model": {"prediction": "eps", "time_input": "discrete"}}

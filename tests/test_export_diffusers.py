@@ -20,9 +20,10 @@ from diffusers import (
     EulerDiscreteScheduler,
     UNet2DModel,
 )
+
+from steptune.exports import ExportError, SteptuneScheduler, stock_diffusers_export
 from steptune.space import Model, ScheduleError, Step, noise, presets, sample, spacing
 from steptune.space.noise import VPDiscrete
-from steptune.storage import ExportError, SteptuneScheduler, stock_diffusers_export
 
 # diffusers applies numpy functions to torch tensors; numpy 2 warns
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),

@@ -5,16 +5,19 @@ import json
 import pytest
 import torch
 from gaussian import gaussian_model
-from steptune.space import ScheduleError, load_schedule, noise, presets, sample
-from steptune.storage import (
+
+import steptune.exports
+import steptune.storage
+from steptune.exports import (
     comfyui_sigmas,
-    connect,
     export_dict,
     import_schedule,
     k_diffusion_sigmas,
     parse_export,
     sigma_list_calls,
 )
+from steptune.space import ScheduleError, load_schedule, noise, presets, sample
+from steptune.storage import connect
 
 NS = noise.VPDiscrete.named("ddpm-linear")
 PROBLEM = {"name": "toy", "noise": NS.to_dict(), "model": {"prediction": "eps", "time_input": "discrete"}}
@@ -59,6 +62,7 @@ def test_import_keeps_metrics_for_the_same_problem_and_queues_otherwise(db, tmp_
     t = import_schedule(db, path, "copy")  # new study: takes the problem and metrics from the provenance
     assert (t.status, t.score, t.metrics["sw"], t.fidelity, t.n_samples) == ("complete", 0.125, 0.5, "cheap", 256)
     assert db.get_study("copy").problem["identity"] == PROBLEM and db.get_study("copy").method == "import"
+    assert db.get_study("copy").kind == "import"
     assert import_schedule(db, path, "src").status == "complete"  # same problem
     db.create_study("other", problem={**PROBLEM, "name": "other-model"})
     assert import_schedule(db, path, "other").status == "queued"  # metrics of another problem are not kept
@@ -68,6 +72,25 @@ def test_import_keeps_metrics_for_the_same_problem_and_queues_otherwise(db, tmp_
     t = import_schedule(db, hand, "hand")
     assert (t.status, t.nfe, t.score) == ("queued", 4, None)
     assert db.best("copy", 6).id == db.trials("copy")[0].id
+
+
+@pytest.mark.parametrize("kind", ["relaxation", "dc-fit"])
+def test_import_refuses_a_study_of_a_kind_without_schedules(db, tmp_path, kind):
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps(_exported(db)))
+    db.create_study("made", kind=kind)
+    with pytest.raises(ScheduleError, match=f"study 'made' is a {kind} study; import the schedule into another"):
+        import_schedule(db, path, "made")
+    assert db.count_trials("made") == 0
+
+
+@pytest.mark.parametrize("name", sorted(steptune.storage.MOVED_TO_EXPORTS))
+def test_the_old_storage_import_of_an_export_name_still_works_and_names_the_new_one(name):
+    with pytest.warns(DeprecationWarning, match=f"use 'from steptune.exports import {name}'"):
+        old = getattr(steptune.storage, name)
+    assert old is getattr(steptune.exports, name)
+    with pytest.raises(AttributeError):
+        steptune.storage.no_such_name  # noqa: B018
 
 
 def test_import_refuses_a_schedule_for_another_noise_schedule(db, tmp_path):

@@ -15,7 +15,8 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import event
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from steptune.storage import ExportError, Storage, connect
+from steptune.exports import ExportError
+from steptune.storage import Storage, connect
 from steptune.storage.schema import STATUSES
 
 from . import downloads, queries

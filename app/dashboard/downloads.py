@@ -10,15 +10,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from steptune.storage import (
-    Storage,
-    StorageError,
-    comfyui_sigmas,
-    conventions_for,
-    export_dict,
-    k_diffusion_sigmas,
-    scheduler_for,
-)
+from steptune.exports import comfyui_sigmas, conventions_for, export_dict, k_diffusion_sigmas, scheduler_for
+from steptune.storage import Storage, StorageError
 
 from .queries import NotFound
 

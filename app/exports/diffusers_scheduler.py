@@ -5,7 +5,7 @@ It stores the schedule's JSON form and the model's conventions in its config, so
 loop (``steptune.space.trajectory``) one model call per ``step()``, so a pipeline produces what
 ``steptune.sample`` produces:
 
-    from steptune.storage import SteptuneScheduler
+    from steptune.exports import SteptuneScheduler
     pipe.scheduler = SteptuneScheduler.from_pretrained("runs/export/digits-nfe5-scheduler")
     image = pipe(num_inference_steps=pipe.scheduler.num_inference_steps).images[0]
 
@@ -22,6 +22,7 @@ import warnings
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
+
 from steptune.space import Schedule, ScheduleError, trajectory
 from steptune.space import noise as noise_mod
 from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS, convert

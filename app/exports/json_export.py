@@ -1,0 +1,96 @@
+"""The JSON export: the Schedule's own versioned dict plus a ``provenance`` block (study, trial, problem and
+model identity, metrics, steptune version); ``parse_export`` validates a file with one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from steptune.space import Schedule, ScheduleError
+from steptune.space.schedule import SCHEMA_VERSION
+from steptune.storage import StudyRecord, TrialRecord
+
+PROVENANCE_VERSION = 1
+SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
+PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
+                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples")
+
+
+def steptune_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("steptune")
+    except Exception:  # not installed as a distribution (e.g. run from a source tree)
+        return "unknown"
+
+
+def export_dict(trial: TrialRecord, study: StudyRecord | None = None) -> dict:
+    """The exported JSON form of a stored trial: its schedule dict plus ``provenance``."""
+    d = trial.to_schedule().to_dict()
+    prov = {"version": PROVENANCE_VERSION, "steptune": steptune_version(),
+            "exported": datetime.now(UTC).isoformat(timespec="seconds"), "study": trial.study,
+            "method": study.method if study else None, "trial": trial.id, "trial_number": trial.number,
+            "status": trial.status, "problem": study.problem if study else None,
+            "metric": study.metric if study else None, "score": trial.score, "metrics": trial.metrics,
+            "fidelity": trial.fidelity, "bank": trial.bank, "n_samples": trial.n_samples}
+    d["provenance"] = prov
+    return d
+
+
+def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | None]:
+    """A validated Schedule and its provenance (None for a plain schedule file) from JSON text.
+
+    Refuses malformed JSON, another schema or schema version, unknown fields (top level, steps,
+    provenance) and an ``nfe`` field that disagrees with the steps, each with one sentence.
+    """
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                            "fix the file") from None
+    if not isinstance(d, dict) or d.get("schema") != "steptune.schedule":
+        raise ScheduleError(f"{where}: not a steptune schedule (missing \"schema\": \"steptune.schedule\")")
+    version = d.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ScheduleError(f"{where}: field 'version' must be an integer (this steptune reads version "
+                            f"{SCHEMA_VERSION})")
+    if version != SCHEMA_VERSION:
+        hint = "upgrade steptune to read it" if version > SCHEMA_VERSION else "re-export it with this steptune"
+        raise ScheduleError(f"{where}: schedule schema version {version} is not supported (this steptune reads "
+                            f"version {SCHEMA_VERSION}); {hint}")
+    unknown = [k for k in d if k not in (*SCHEDULE_FIELDS, "provenance")]
+    if unknown:
+        raise ScheduleError(f"{where}: unknown field {unknown[0]!r} at the top level; remove it or check its "
+                            "spelling")
+    prov = d.get("provenance")
+    if prov is not None:
+        if not isinstance(prov, dict):
+            raise ScheduleError(f"{where}: field 'provenance' must be an object")
+        bad = [k for k in prov if k not in PROVENANCE_FIELDS]
+        if bad:
+            raise ScheduleError(f"{where}: unknown provenance field {bad[0]!r}; remove it or check its spelling")
+        pv = prov.get("version", PROVENANCE_VERSION)
+        if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
+            raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
+                                f"version {PROVENANCE_VERSION}); upgrade steptune")
+        if prov.get("metrics") is not None and not isinstance(prov["metrics"], dict):
+            raise ScheduleError(f"{where}: provenance field 'metrics' must be an object")
+    sched = Schedule.from_dict({k: v for k, v in d.items() if k != "provenance"}, where=where)
+    try:
+        sched.validate()
+    except ScheduleError as e:
+        raise ScheduleError(f"{where}: {e}") from None
+    return sched, prov
+
+
+def read_export(path: str | Path) -> tuple[Schedule, dict | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise ScheduleError(f"{path}: no such schedule file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ScheduleError(f"{path}: not a text file; a schedule file is JSON") from None
+    return parse_export(text, where=str(path))

@@ -1,0 +1,56 @@
+"""Importing a schedule file (a steptune export or a hand-written schedule) into a study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from steptune.space import ScheduleError
+from steptune.space import noise as noise_mod
+from steptune.storage import Storage, StorageError, TrialRecord
+
+from .json_export import parse_export, read_export
+
+
+def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool = False) -> TrialRecord:
+    """Add a schedule JSON file (or JSON text starting with ``{``) to ``study`` (created if missing).
+
+    The file is validated completely before anything is written. A steptune export whose metrics
+    belong to the same problem as the study keeps them as a ``complete`` trial; anything else (a
+    hand-written schedule, another problem, ``queue=True``) becomes a ``queued`` trial to evaluate.
+    """
+    if isinstance(source, str) and source.lstrip().startswith("{"):
+        sched, prov = parse_export(source, where="schedule JSON")
+    else:
+        sched, prov = read_export(source)
+    prov = prov or {}
+    problem = prov.get("problem") if isinstance(prov.get("problem"), dict) else None
+    identity = problem.get("identity") if problem else None
+    try:
+        existing = db.get_study(study)
+    except StorageError:
+        existing = None
+    if existing is not None and existing.kind in ("relaxation", "dc-fit"):
+        raise ScheduleError(f"{source}: study {study!r} is a {existing.kind} study; import the schedule into another "
+                            "study")
+    if existing is not None and existing.problem and sched.noise:
+        study_noise = existing.problem["identity"].get("noise")
+        if study_noise and noise_mod.from_dict(study_noise) != noise_mod.from_dict(sched.noise):
+            raise ScheduleError(f"{source}: the schedule is for noise schedule "
+                                f"{noise_mod.from_dict(sched.noise)!r} but study {study!r} uses "
+                                f"{noise_mod.from_dict(study_noise)!r}; import it into another study")
+    same_problem = existing is None or existing.problem is None or (
+        identity is not None and existing.problem["identity"] == identity)
+    fields: dict[str, Any] = {"schedule": sched}
+    if not queue and prov.get("metrics") and same_problem:
+        fields.update(status="complete", metrics=prov["metrics"], score=prov.get("score"),
+                      fidelity=prov.get("fidelity") or "", bank=prov.get("bank") or "",
+                      n_samples=prov.get("n_samples"))
+    else:  # to evaluate on the held-out bank, as a job's next run does with its own held-out sample count
+        job = ((existing.config or {}).get("job") or {}) if existing is not None else {}
+        fields.update(fidelity="heldout", bank="heldout",
+                      n_samples=(job.get("evaluation") or {}).get("heldout_samples"))
+    create = {"method": "import", "kind": "import", "problem": identity,
+              "conventions": problem.get("conventions") if problem else None, "metric": prov.get("metric") or "rmse"}
+    tid = db.add_trials(study, [fields], create=create)[0]
+    return db.trial(tid)
