@@ -225,7 +225,7 @@ def test_train_digits_refuses_zero_threads_before_training(capsys, tmp_path):
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_the_digits_unet_trains_for_one_or_two_steps(steps):
-    from steptune.evaluators.digits import TrainConfig, train_unet
+    from steptune.evaluators.digits_networks import TrainConfig, train_unet
 
     calls = []
     train_unet(TrainConfig(steps=steps, batch=4, channels=(8, 8)), lambda step, loss: calls.append(step))
@@ -316,3 +316,27 @@ def test_sweep_refuses_an_unknown_spacing_bank_or_preset_option_before_it_runs(o
                  "--out", str(out), *option]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert not out.exists()
+
+
+# ---- job files and NFE lists -------------------------------------------------------------------------
+
+
+def test_job_file_not_in_utf8_is_one_line(tmp_path, capsys):
+    job = tmp_path / "latin1.toml"
+    job.write_bytes('study = "caf\xe9"\n'.encode("latin-1"))
+    _refused(capsys, ["run", job], "latin1.toml", "UTF-8")
+
+
+def test_baseline_nfe_below_one_is_refused(tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text('study = "x"\n[problem]\nname = "gmm-2d"\n[search]\nnfe = [3]\n'
+                   "[evaluation]\nbaseline_nfe = [0, -3]\n")
+    _refused(capsys, ["run", job, "--db", f"sqlite:///{tmp_path / 'x.db'}"], "evaluation.baseline_nfe",
+             "positive integer", "[0, -3]")
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.parametrize("nfe", ["-1", "0", "0-3"])
+def test_nfe_below_one_names_the_rule(nfe, capsys):
+    line = _refused(capsys, ["eval", "--schedule", "preset:ddim", "--nfe", nfe], "--nfe", "positive integer")
+    assert "not a range" not in line

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from steptune.cli.console import err
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, StudyOpt
@@ -35,6 +36,7 @@ def dashboard_cmd(
     """Serve the dashboard (NFE-quality fronts, search efficiency, trials, schedules, exports) read-only at
     http://HOST:PORT; it opens no browser by itself."""
     import uvicorn
+
     from steptune.dashboard import create_app, open_read_only
 
     if not 0 < port < 65536:

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+
 from steptune.cli.console import err
 from steptune.cli.options import DEFAULT_DB, DbOpt
 

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
 from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import (

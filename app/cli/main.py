@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import typer
+
 from steptune import __version__
 from steptune.cli import dashboard, db, dc, digits, results, run, schedules, search, sor
 from steptune.cli.console import err

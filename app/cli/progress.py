@@ -8,6 +8,7 @@ import os
 import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from steptune.cli.console import duration, err
 
 
@@ -57,6 +58,7 @@ class LineProgress:
         self.last_line = -float("inf")
         self.last: dict | None = None
         self.started = time.monotonic()
+        self.search_start: tuple[float, int] | None = None  # (when, evaluations done) as the search phase began
 
     def __enter__(self):
         return self
@@ -67,6 +69,8 @@ class LineProgress:
         return False
 
     def update(self, st: dict) -> None:
+        if st["phase"] == "search" and self.search_start is None:
+            self.search_start = (time.monotonic(), st["done"] - 1)
         changed = self.last is not None and st["phase"] != self.last["phase"]
         if changed:
             self._print(self.last)  # the phase's last count, then the new phase
@@ -80,7 +84,9 @@ class LineProgress:
         if st["phase"] == "search":
             total = st["total"] or 0
             pct = f" ({100 * st['done'] / total:.0f}%)" if total else ""
-            rate = st["done"] / st["elapsed"] if st.get("elapsed") else None
+            t0, done0 = self.search_start or (self.started, 0)
+            spent = time.monotonic() - t0
+            rate = (st["done"] - done0) / spent if spent > 0 and st["done"] > done0 else None
             line = (f"search {st['done']}/{total or '?'}{pct} | best {best_text(st['best']) or '—'} | "
                     f"{'—' if not rate else f'{rate:.3g}'} evals/s | eta {duration(st.get('eta'))}")
         else:

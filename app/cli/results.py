@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
+
 from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
@@ -242,6 +243,8 @@ def import_cmd(
     study: StudyOpt,
     queue: Annotated[bool, typer.Option("--queue", help="Import as a queued trial (to evaluate) even if the file "
                                                         "carries metrics.")] = False,
+    allow_duplicates: Annotated[bool, typer.Option("--allow-duplicates", help="Import the schedule even if the "
+                                                                             "study already holds it.")] = False,
     db: DbOpt = DEFAULT_DB,
     json_: JsonOpt = False,
 ):
@@ -252,7 +255,7 @@ def import_cmd(
         raise CliError("--study is empty; give the study a name")
     read_export(file)  # refuse a bad file before even opening the database
     with _open(db, create=True) as store:
-        t = import_schedule(store, file, study, queue=queue)
+        t = import_schedule(store, file, study, queue=queue, allow_duplicates=allow_duplicates)
     if json_:
         print(json.dumps(_trial_json(t), indent=2))
         return

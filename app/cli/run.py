@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+
 from steptune.cli.console import duration, err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
@@ -37,14 +38,21 @@ def execute_job(job, quiet: bool = False):
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.jobs import JobError
     from steptune.runner import Runner
+    from steptune.storage.db import sqlite_file
 
+    new_file = sqlite_file(job.storage.db)
+    new_file = new_file if new_file is not None and not new_file.exists() else None
     storage = _open_storage(job.storage.db)
     backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
     runner = Runner(job, storage, backend_, say=lambda m: err.print(m))
     try:
         runner.prepare()
     except (JobError, BackendError) as e:
+        backend_.close()
         storage.close()
+        if new_file is not None:  # a job refused before its study was made leaves no database behind
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{new_file}{suffix}").unlink(missing_ok=True)
         raise CliError(str(e)) from None
     with job_progress(quiet) as shown:
         runner.progress = shown.update

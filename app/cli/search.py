@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+
 from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import (
@@ -74,8 +75,7 @@ def search_cmd(
     nfes = parse_nfe_list(nfe)
     if not nfes:
         raise CliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
-    prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape,
-                         error=CliError)
+    prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape)
     sizes = evaluator_options(prob)
     name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
     conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,

@@ -11,6 +11,7 @@ import numpy as np
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
 from steptune.cli.console import err, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt
@@ -60,6 +61,7 @@ def _check_image_path(output: Path | None) -> None:
     if output is None:
         return
     from matplotlib.backend_bases import FigureCanvasBase
+
     from steptune.cli.paths import output_file
 
     output_file(output, "-o")

@@ -12,12 +12,18 @@ from steptune.storage import Storage, StorageError, TrialRecord
 from .json_export import parse_export, read_export
 
 
-def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool = False) -> TrialRecord:
+class DuplicateImport(ScheduleError):
+    """The study already holds this schedule."""
+
+
+def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool = False,
+                    allow_duplicates: bool = False) -> TrialRecord:
     """Add a schedule JSON file (or JSON text starting with ``{``) to ``study`` (created if missing).
 
     The file is validated completely before anything is written. A steptune export whose metrics
     belong to the same problem as the study keeps them as a ``complete`` trial; anything else (a
-    hand-written schedule, another problem, ``queue=True``) becomes a ``queued`` trial to evaluate.
+    hand-written schedule, another problem, ``queue=True``) becomes a ``queued`` trial to evaluate. A
+    schedule the study already holds is refused (DuplicateImport) unless ``allow_duplicates``.
     """
     if isinstance(source, str) and source.lstrip().startswith("{"):
         sched, prov = parse_export(source, where="schedule JSON")
@@ -39,6 +45,13 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
             raise ScheduleError(f"{source}: the schedule is for noise schedule "
                                 f"{noise_mod.from_dict(sched.noise)!r} but study {study!r} uses "
                                 f"{noise_mod.from_dict(study_noise)!r}; import it into another study")
+    if existing is not None and not allow_duplicates:
+        key = sched.key()
+        twin = next((t for t in db.trials(study) if t.key == key), None)
+        if twin is not None:
+            raise DuplicateImport(f"{source}: study {study!r} already holds this schedule as trial id {twin.id} "
+                                  f"({twin.status}); nothing was imported (allow a second copy with "
+                                  "--allow-duplicates)")
     same_problem = existing is None or existing.problem is None or (
         identity is not None and existing.problem["identity"] == identity)
     fields: dict[str, Any] = {"schedule": sched}

@@ -1,0 +1,68 @@
+"""What the commands say about studies: a misspelled name, an SOR study asked for search results, a
+finished study's status, a schedule imported twice."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from steptune.storage import connect
+
+from steptune.cli import main
+
+PRE = Path(__file__).parent / "data" / "pre-redesign.db"
+
+
+@pytest.fixture
+def db(tmp_path):
+    """A copy of a database written before the study kind was a column, upgraded."""
+    path = tmp_path / "pre.db"
+    shutil.copy(PRE, path)
+    url = f"sqlite:///{path}"
+    assert main(["db", "upgrade", "--db", url]) == 0
+    return url
+
+
+def test_a_misspelled_study_suggests_the_closest_and_counts_them(db, capsys):
+    assert main(["best", "--study", "gmm-2d-quik", "--db", db]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "no study named 'gmm-2d-quik'" in line and "6 studies" in line and "did you mean 'gmm-2d-quick'?" in line
+    with connect(db) as store:
+        for i in range(8):
+            store.create_study(f"extra-{i}")
+    assert main(["status", "--study", "nosuch", "--db", db]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "14 studies" in line and "and 8 more" in line and "did you mean" not in line
+
+
+@pytest.mark.parametrize("command", ["best", "status"])
+def test_an_sor_study_is_summarised_and_pointed_to_its_report(db, command, capsys):
+    assert main([command, "--study", "relax-small", "--db", db, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    with connect(db) as store:
+        rounds = store.relaxation_rounds("relax-small")
+    its = [r.iterations for r in rounds]
+    assert got["rounds"] == len(rounds) == 50 and got["learner"] == "tsallis-inf"
+    assert got["mean_iterations"] == pytest.approx(sum(its) / len(its))
+    assert got["report"] == "steptune relax-report --study relax-small"
+
+
+def test_a_finished_study_says_finished_not_an_eta(db, capsys):
+    assert main(["status", "--study", "gmm-2d-quick", "--db", db]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "search 120/120 (100%)" in first and first.rstrip().endswith("finished"), first
+
+
+def test_a_schedule_imported_twice_is_refused_unless_allowed(db, tmp_path, capsys):
+    exported = tmp_path / "best5.json"
+    assert main(["export", "--study", "gmm-2d-quick", "--nfe", "5", "-o", str(exported), "--db", db]) == 0
+    assert main(["import", str(exported), "--study", "mine", "--db", db]) == 0
+    capsys.readouterr()
+    assert main(["import", str(exported), "--study", "mine", "--db", db]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "already holds this schedule" in line and "--allow-duplicates" in line
+    with connect(db) as store:
+        assert len(store.trials("mine")) == 1
+    assert main(["import", str(exported), "--study", "mine", "--db", db, "--allow-duplicates"]) == 0
+    with connect(db) as store:
+        assert len(store.trials("mine")) == 2

@@ -1,0 +1,62 @@
+"""`steptune run` as an overnight job meets it: a log file that shows progress, a refused start that
+writes nothing, and a study that nothing ran in, re-run with a corrected job."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from runner_jobs import write_job
+from steptune.storage import connect
+
+from steptune.cli import main
+from steptune.jobs import load_job
+
+STEPTUNE = Path(sys.executable).parent / "steptune"
+
+
+def test_log_of_a_redirected_job_has_progress_lines_and_whole_tables(tmp_path):
+    job = write_job(tmp_path / "job.toml", "logged", tmp_path / "cache", evaluations=8, nfe="[3]")
+    log = tmp_path / "run.log"
+    env = {**os.environ, "STEPTUNE_LOG_INTERVAL": "0", "COLUMNS": "80"}
+    with log.open("w") as f:  # as `steptune run job.toml > run.log 2>&1` does
+        res = subprocess.run([str(STEPTUNE), "run", str(job), "--db", f"sqlite:///{tmp_path / 'x.db'}"],
+                             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tmp_path, timeout=600)
+    text = log.read_text()
+    assert res.returncode == 0, text
+    lines = text.splitlines()
+    search = [ln for ln in lines if "] search " in ln]
+    assert search and "search 8/8 (100%)" in search[-1], text
+    assert any("search 1/8" in ln or "search 2/8" in ln or "search 4/8" in ln for ln in search), text
+    assert "evals/s" in search[-1] and "best 3:" in search[-1]
+    assert any("] baseline " in ln for ln in lines) and any("] confirm " in ln for ln in lines), text
+    assert "…" not in text, "tables in a log are printed whole, not cut at 80 columns"
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
+        best_name = db.best_per_nfe("logged", fidelity="heldout")[0].schedule["name"]
+    assert best_name in text
+
+
+def test_refused_ray_start_writes_nothing_and_the_corrected_job_runs(tmp_path, capsys):
+    job = write_job(tmp_path / "job.toml", "rayaddr", tmp_path / "cache", evaluations=4, nfe="[3, 4]",
+                    backend="ray")
+    db = tmp_path / "r.db"
+    code = main(["run", str(job), "--ray-address", "auto", "--db", f"sqlite:///{db}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: backend.address") and len(err.strip().splitlines()) == 1, err
+    assert not db.exists(), "a start refused before any work leaves no database behind"
+    job.write_text(job.read_text().replace("nfe = [3, 4]", "nfe = [3]"))  # the user edits the job
+    assert main(["run", str(job), "--backend", "local", "--db", f"sqlite:///{db}", "--json"]) == 0, \
+        capsys.readouterr().err
+
+
+def test_a_study_nothing_ran_in_takes_a_changed_job(tmp_path, capsys):
+    first = load_job(write_job(tmp_path / "a.toml", "empty", tmp_path / "cache", evaluations=4, nfe="[3, 4]"))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    with connect(url) as db:  # what a run stopped before its first evaluation leaves
+        db.create_study("empty", method="s3", seed=first.seed, kind="search",
+                        config={"job": first.model_dump(), "identity": first.identity(), "fidelity": "heldout"})
+    changed = write_job(tmp_path / "b.toml", "empty", tmp_path / "cache", evaluations=4, nfe="[3]")
+    assert main(["run", str(changed), "--db", url, "--json"]) == 0, capsys.readouterr().err
+    with connect(url) as db:
+        assert db.get_study("empty").config["identity"]["search"]["nfe"] == [3]
+        assert {t.nfe for t in db.trials("empty") if t.fidelity == "train"} == {3}
