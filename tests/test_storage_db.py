@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
 from steptune.space import ScheduleError, noise, presets
 from steptune.storage import LeaseLost, StorageError, best_frame, connect, studies_frame, trials_frame
 
@@ -80,6 +81,7 @@ def _rows(db) -> dict:
 def test_new_database_gets_the_schema_and_upgrade_is_idempotent(db, db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
+
     from steptune.storage.schema import VERSION_TABLE, Base
 
     assert db.revision() == db.head
@@ -94,6 +96,7 @@ def test_a_database_at_an_older_revision_upgrades_and_keeps_its_trials(db_url):
     import json
 
     from alembic import command
+
     from steptune.storage.db import Storage
 
     store = Storage(db_url)
@@ -149,6 +152,22 @@ def test_studies_create_get_and_share_problems(db):
     with pytest.raises(StorageError, match=r"no study named 'c' \(studies: a, b\)"):
         db.get_study("c")
     assert [s.name for s in db.studies()] == ["a", "b"]
+
+
+def test_a_study_keeps_the_kind_it_was_made_as(db):
+    assert db.create_study("api").kind == ""
+    assert db.create_study("swept", method="preset", kind="sweep").kind == "sweep"
+    db.add_trials("fit", [{"schedule": presets.ddim(3, NS)}], create={"method": "dc", "kind": "dc-fit"})
+    # the config's keys and the method no longer decide it
+    assert db.create_study("cfg", method="preset", config={"kind": "relaxation", "identity": {}}).kind == ""
+    for bad in (lambda: db.create_study("bad", kind="grid"),
+                lambda: db.add_trials("bad", [{"schedule": presets.ddim(3, NS)}], create={"kind": "grid"})):
+        with pytest.raises(StorageError, match="study kind 'grid' is unknown; use one of search, sweep, relaxation, "
+                                               "dc-fit, import"):
+            bad()
+    assert {st.name: st.kind for st in db.studies()} == {"api": "", "swept": "sweep", "fit": "dc-fit", "cfg": ""}
+    assert studies_frame(db).set_index("study")["kind"].to_dict() == {"api": "", "swept": "sweep", "fit": "dc-fit",
+                                                                      "cfg": ""}
 
 
 def test_update_study_config_merges_removes_and_refuses_bad_values(db):
@@ -390,6 +409,32 @@ def test_best_per_nfe_and_pareto_match_brute_force(db):
     front_points = sorted({(r["nfe"], r["score"]) for r in scored if r["id"] not in dominated})
     assert [(t.nfe, t.score) for t in db.pareto("s")] == front_points
     assert all(t.id == _brute_best(rows, t.nfe)["id"] for t in db.pareto("s"))
+
+
+def test_best_counts_the_studys_reporting_fidelity(db):
+    """A search reports its held-out scores: every "best" picks the held-out trial though a train-bank trial
+    scores lower at the same NFE; a named fidelity picks from that one; a study without one compares all."""
+    rows = [(4, 0.10, "train"), (4, 0.12, "heldout"), (4, 0.15, "heldout"), (5, 0.08, "train"), (5, 0.13, "heldout")]
+    for name, config in (("search", {"fidelity": "heldout"}), ("api", {})):
+        db.create_study(name, config=config)
+        db.add_trials(name, [{"schedule": presets.ddim(n, NS), "status": "complete", "metrics": {"rmse": r},
+                              "fidelity": f} for n, r, f in rows])
+    assert (db.get_study("search").reporting_fidelity, db.get_study("api").reporting_fidelity) == ("heldout", None)
+
+    def scores(trials):
+        return [(t.nfe, t.score) for t in trials]
+
+    assert (db.best("search", 4).score, db.best("search", 5).score) == (0.12, 0.13)
+    assert scores(db.best_per_nfe("search")) == [(4, 0.12), (5, 0.13)]
+    assert scores(db.pareto("search")) == [(4, 0.12)]
+    bf = best_frame(db, "search")
+    assert (bf["score"].tolist(), bf["pareto"].tolist()) == ([0.12, 0.13], [True, False])
+    assert scores(db.best_per_nfe("search", fidelity="train")) == [(4, 0.10), (5, 0.08)]
+    assert db.best("search", 4, fidelity="train").score == 0.10
+    assert best_frame(db, "search", fidelity="train")["score"].tolist() == [0.10, 0.08]
+    assert scores(db.best_per_nfe("api")) == [(4, 0.10), (5, 0.08)] == scores(db.pareto("api"))
+    sf = studies_frame(db).set_index("study")
+    assert (sf.loc["search", "best_score"], sf.loc["api", "best_score"]) == (0.12, 0.08)
 
 
 def test_trials_rebuild_a_search_state(db):
