@@ -39,6 +39,7 @@ from sqlalchemy import Engine, create_engine, event, func, insert, inspect, sele
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session
+
 from steptune.space import Schedule, ScheduleError
 
 from .schema import (
@@ -229,6 +230,14 @@ def _sqlite_path(url) -> Path | None:
     if url.database.startswith("file:"):
         return None
     return Path(url.database)
+
+
+def sqlite_file(url: str | None) -> Path | None:
+    """The file a SQLite URL names (None for other databases and in-memory ones)."""
+    try:
+        return _sqlite_path(make_url(url or os.environ.get("STEPTUNE_DB") or DEFAULT_URL))
+    except ArgumentError:
+        return None
 
 
 # ---- connecting ----------------------------------------------------------------------------------
