@@ -125,5 +125,5 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
                       "seconds": r.get("seconds"), "bank": bank, "n_samples": evaluator.bank(bank).size,
                       "fidelity": bank})
     config = {"bank": bank, "spacing": spacing or "default", "presets": list(dict.fromkeys(r["preset"] for r in rows))}
-    return store.add_trials(study, items, create={"method": "preset", "problem": problem.identity(),
+    return store.add_trials(study, items, create={"method": "preset", "kind": "sweep", "problem": problem.identity(),
                                                   "config": config, "metric": "rmse"})
