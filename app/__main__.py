@@ -3,17 +3,14 @@ import sys
 
 
 def run() -> None:
-    # Ctrl-C while the command's modules load is held until they have loaded: an interrupt inside an
-    # import can leave a library half-initialised, failing with an unrelated error instead.
-    held: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    # Ctrl-C while the command's modules load is held (blocked) until they have loaded: an interrupt inside
+    # an import can leave a library half-initialised, failing with an unrelated error instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        from steptune.cli import main
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    try:
-        if held:
-            raise KeyboardInterrupt
+        try:
+            from steptune.cli import main
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a held Ctrl-C is raised here
         code = main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,9 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from steptune.evaluators import Evaluator
-from steptune.evaluators.neural_reference import trajectory_reference
-from steptune.evaluators.plugins import evaluator_options, load_problem
+from steptune.evaluators import Evaluator, evaluator_options, load_problem
 from steptune.search import dc
 from steptune.space import load_schedule, presets
 from steptune.storage import connect
@@ -79,7 +77,7 @@ def _cases(fitted):
     cases = []
     for nfe in (5, 6, 8):
         s = _schedule(ev.problem, nfe)
-        target = trajectory_reference(ev.problem, x, s.times, bank=bank, cache_dir=ev.cache_dir)[-1]
+        target = ev.problem.reference_states(x, s.times, bank=bank, cache_dir=ev.cache_dir).states[-1]
         cases.append(dc.CPRCase(ev.problem.model, s, x, target, nfe, None))
     return cases
 
@@ -269,16 +267,22 @@ def test_ctrl_c_during_dc_fit_says_what_was_kept_and_stores_nothing(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     proc = subprocess.Popen([sys.executable, "-m", "steptune", "dc", "fit", "--problem", "digits-cond", "--solver",
                              "unipc-bh2", "--nfe", "5,6,8,10", "--cfg", "1.5,3,5", "--study", "s", "--db", url,
                              "--cache", str(tmp_path / "cache"), "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(6)  # past the start-up, well before the twelve fits are done
+    seen = []
+    for line in proc.stderr:  # the fits have begun: well before the twelve are done
+        seen.append(line)
+        if line.startswith("fitting 12 configurations"):
+            break
+    else:
+        raise AssertionError(f"dc fit ended before fitting: {''.join(seen)}")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
     last = err.strip().splitlines()[-1]
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert last.startswith("interrupted: ") and last.endswith("configurations were fitted; nothing was stored (a "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from runner_jobs import job_text, outcome, write_job
 from steptune.space import noise, presets
-from steptune.storage import connect, schedule_key
+from steptune.storage import connect
 
 from steptune.cli import main
 
@@ -137,7 +137,7 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
     for t in base:  # a preset is named by its spec, options and all, so preset:NAME rebuilds it
         again = presets.build(t.schedule["name"], t.nfe, noise.from_dict(t.schedule["noise"]),
                               t_start=t.schedule["t_start"], t_end=t.schedule["steps"][-1]["t"])
-        assert schedule_key(again.to_dict()) == t.key
+        assert again.key() == t.key
     confirms = [t for t in trials if "confirms" in t.info]
     assert sorted(t.nfe for t in confirms) == [3, 3, 4, 4]
     for row in res["per_nfe"]:  # the table's numbers are the stored held-out scores
@@ -217,6 +217,19 @@ def _wait_for_trials(path: Path, n: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"fewer than {n} trials after {timeout} s")
 
 
+def _wait_for_sigint_held(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Until steptune holds Ctrl-C while its modules load (Linux: SIGINT's bit in SigBlk of /proc/PID/status);
+    a signal before that meets the bare interpreter, which steptune cannot answer for."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines())
+        if int(fields["SigBlk"], 16) & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the process did not hold SIGINT within {timeout} s")
+
+
 def _run_until(tmp_path, cache, n: int):
     """The reference job started in a subprocess, once ``n`` search evaluations are stored."""
     path = tmp_path / "x.db"
@@ -263,7 +276,7 @@ def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, c
 def test_sigint_while_the_command_is_still_starting_is_one_line(tmp_path, cache):
     job = write_job(tmp_path / "job.toml", "early", cache, evaluations=30)
     proc = _spawn(job, f"sqlite:///{tmp_path / 'x.db'}")
-    time.sleep(0.3)  # importing torch and the command takes longer than this
+    _wait_for_sigint_held(proc)  # the command's modules are still loading
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
