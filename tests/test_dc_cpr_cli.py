@@ -175,11 +175,11 @@ def _add_studies(db):
         config = store.get_study("g").config
         trials = store.trials("g")
         store.create_study("other", method="s3", config={"kind": "search"})
-        store.create_study("empty", method="dc", config=config)
+        store.create_study("empty", kind="dc-fit", method="dc", config=config)
         items = [{"schedule": t.schedule, "status": "complete", "metrics": t.metrics, "info": t.info}
                  for t in trials]
         lost = {k: v for k, v in config.items() if k != "conventions"}
-        store.add_trials("lost", items, create={"method": "dc", "config": lost})
+        store.add_trials("lost", items, create={"method": "dc", "kind": "dc-fit", "config": lost})
 
 
 @pytest.mark.parametrize("args, message", [
