@@ -47,7 +47,7 @@ def load_dc_study(db: str, study: str) -> tuple[dict, list]:
     except StorageError as e:
         raise DcStudyError(str(e)) from None
     config = rec.config or {}
-    if config.get("kind") != "dc-fit":
+    if rec.kind != "dc-fit":
         raise DcStudyError(f"study {study!r} was not written by 'steptune dc fit'")
     return config, trials
 
@@ -83,10 +83,11 @@ def check_same_fit(db: str, study: str, config: dict) -> None:
 
     try:
         with connect(db) as store:
-            old = store.get_study(study).config or {}
+            rec = store.get_study(study)
     except StorageError:
         return  # a new study
-    if old.get("kind") != "dc-fit":
+    old = rec.config or {}
+    if rec.kind != "dc-fit":
         raise DcStudyError(f"study {study!r} was not written by 'steptune dc fit'; choose another --study")
     check_bank_version(study, old)
     for key in FIT_KEYS:
