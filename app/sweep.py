@@ -9,9 +9,6 @@ from pathlib import Path
 
 from steptune.space import ScheduleError, presets
 
-DEFAULT_PRESETS = ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "dpm-solver++-2m", "dpm-solver++-3m",
-                   "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis", "deis-tab", "heun")
-
 
 def run_sweep(evaluator, preset_specs: Sequence[str], nfes: Sequence[int], spacing: str | None = None,
               bank: str = "heldout", on_result: Callable[[dict], None] | None = None) -> list[dict]:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, save_json  # noqa: E402
-from steptune.evaluators import Evaluator, get_problem  # noqa: E402
-
 from steptune import sweep  # noqa: E402
+from steptune.evaluators import Evaluator, get_problem  # noqa: E402
 from steptune.resolve import parse_nfe_list  # noqa: E402
+from steptune.search import DEFAULT_PRESETS  # noqa: E402
 
 SPACINGS = ("time-uniform", "logsnr")
 
@@ -42,7 +42,7 @@ def main():
     ref_s = time.perf_counter() - t0
     results = {}
     for sp in SPACINGS:
-        rows = sweep.run_sweep(ev, sweep.DEFAULT_PRESETS, nfes, sp, args.bank)
+        rows = sweep.run_sweep(ev, DEFAULT_PRESETS, nfes, sp, args.bank)
         results[sp] = rows
         print(f"\n## {args.problem} ({args.noise}), {sp} spacing, RMSE to the exact ODE solution "
               f"({args.bank} bank, best per NFE in bold)\n")

@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, save_json  # noqa: E402
 from pyamg.relaxation import relaxation  # noqa: E402
+
 from steptune.evaluators.linear import (  # noqa: E402
     Heat2D,
     ShiftedLaplacian,
@@ -41,8 +42,15 @@ from steptune.evaluators.linear import (  # noqa: E402
     poisson_2d,
 )
 from steptune.evaluators.linear.solvers import solve  # noqa: E402
-from steptune.search.relax import AdaptiveSOR, ChebCB, FixedOmega, TsallisINF, TsallisINFBins, warm_up  # noqa: E402
-from steptune.search.relax_driver import adaptive_costs, replay_costs  # noqa: E402
+from steptune.search.sor_driver import adaptive_costs, replay_costs  # noqa: E402
+from steptune.search.sor_learners import (  # noqa: E402
+    AdaptiveSOR,
+    ChebCB,
+    FixedOmega,
+    TsallisINF,
+    TsallisINFBins,
+    warm_up,
+)
 
 TABLES = OUT / "relax_tables"
 RAY = False  # build stateless cost tables as Ray tasks (--ray)

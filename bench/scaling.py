@@ -69,10 +69,9 @@ def rate(backend, tasks) -> tuple[float, int]:
 def job_rates(problem: str, evaluations: int, db_path: Path) -> list[dict]:
     """Whole S^3 searches (5 NFEs, no baseline or confirmation) in-process and on 1 and 2 Ray evaluators:
     evaluations per second including the searcher's own time between batches."""
-    from steptune.storage import connect
-
     from steptune.jobs import job_from_dict
     from steptune.runner import Runner
+    from steptune.storage import connect
 
     rows = []
     for name, kind, workers in (("in-process", "local", None), ("ray x1", "ray", 1), ("ray x2", "ray", 2)):

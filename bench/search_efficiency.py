@@ -1,9 +1,10 @@
 """Sample efficiency of the searchers: best held-out RMSE vs number of true evaluations.
 
-For every method and seed, one search over all NFEs (``--budget`` cheap-fidelity evaluations per
-NFE, on the first ``--cheap-samples`` states of the train bank, 128 by default). The curve at ``c`` evaluations per
-NFE is the held-out RMSE of the best-by-train schedule among the first ``c`` trials at that NFE; the
-final figure is ``run_search``'s (top ``--confirm`` per NFE confirmed on the held-out bank).
+For every method and seed, one search job over all NFEs, run by the runner in-process into a temporary
+SQLite database (``--budget`` cheap-fidelity evaluations per NFE, on the first ``--cheap-samples`` states of
+the train bank, 128 by default; no preset baseline, the sweep below is the baseline). The curve at ``c``
+evaluations per NFE is the held-out RMSE of the best-by-train schedule among the first ``c`` trials at that
+NFE; the final figure is the job's (top ``--confirm`` per NFE confirmed on the held-out bank).
 
     python bench/search_efficiency.py --problem gmm-digits --nfe 4,5,6,8,10 --budget 300 --seeds 0,1,2
 
@@ -15,38 +16,56 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, save_json  # noqa: E402
-from steptune.evaluators import Evaluator, get_problem  # noqa: E402
-from steptune.search import make_searcher, run_search  # noqa: E402
-from steptune.search.base import CHEAP, CONFIRM, Candidate, evaluate_record  # noqa: E402
+
+from steptune.backends import LocalBackend  # noqa: E402
+from steptune.jobs import job_from_dict  # noqa: E402
+from steptune.runner import Runner  # noqa: E402
+from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, FAIL_SCORE  # noqa: E402
 from steptune.search.s3 import encode, select_predictor  # noqa: E402
 from steptune.space import Schedule  # noqa: E402
+from steptune.storage import connect  # noqa: E402
+from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
-from steptune.sweep import DEFAULT_PRESETS, best_by_nfe, run_sweep  # noqa: E402
+
+def heldout_score(ev, schedule: dict) -> float:
+    """The schedule's RMSE on the whole held-out bank (FAIL_SCORE when it fails), as a confirmation scores it."""
+    res = ev.evaluate(Schedule.from_dict(schedule), bank=CONFIRM)
+    v = res.metrics.get("rmse")
+    return min(float(v), FAIL_SCORE) if res.status == "complete" and v is not None and math.isfinite(v) else FAIL_SCORE
 
 
-def curve(result, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[float]:
-    rows = [r for r in result.log if r.bank == CHEAP and r.nfe == nfe]
+def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[float]:
+    """Held-out RMSE of the best cheap-fidelity trial among the first ``c`` at ``nfe``, for each checkpoint ``c``;
+    ``cache`` holds held-out scores by schedule key (the study's own confirmations seed it)."""
+    rows = [t for t in trials if t.fidelity == CHEAP and t.nfe == nfe]
     out = []
     for c in checkpoints:
-        head = [r for r in rows[:c] if r.status == "complete"]
+        head = [t for t in rows[:c] if t.status == "complete"]
         if not head:
             out.append(math.nan)
             continue
-        best = min(head, key=lambda r: (r.score(), r.number))
-        key = best.key
-        if key not in cache:
-            rec = evaluate_record(ev, Candidate(Schedule.from_dict(best.schedule), nfe), CONFIRM, None, -1, -1)
-            cache[key] = rec.score()
-        out.append(cache[key])
+        best = min(head, key=lambda t: (min(t.score, FAIL_SCORE) if t.score is not None else FAIL_SCORE, t.number))
+        if best.key not in cache:
+            cache[best.key] = heldout_score(ev, best.schedule)
+        out.append(cache[best.key])
     return out
+
+
+def search_job(args, method: str, seed: int, nfes: list[int]):
+    return job_from_dict({"study": f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
+                          "search": {"method": method, "nfe": nfes},
+                          "evaluation": {"cheap_samples": args.cheap_samples, "confirm": args.confirm,
+                                         "baseline": False, "cache": "runs/cache"},
+                          "budget": {"evaluations": args.budget},
+                          "backend": {"kind": "local", "num_cpus": args.threads}})
 
 
 def first_reach(xs: list[int], ys: list[float], target: float) -> int | None:
@@ -72,31 +91,39 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: small batches run faster single-threaded, above all on a shared machine)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     nfes = [int(x) for x in args.nfe.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = args.methods.split(",")
     t_all = time.perf_counter()
-    prob = get_problem(args.problem)
-    ev = Evaluator(prob, cache_dir="runs/cache")
-    ev.reference("train"), ev.reference("heldout")
+    first = search_job(args, methods[0], seeds[0], nfes)
+    backend = LocalBackend(first.problem, first.evaluation, first.backend)  # one evaluator for every job
+    backend.start()  # sets the torch threads; computes (or loads) the references of both banks
+    ev = backend.worker.evaluator
     wide = sorted(set(nfes) | set(range(min(nfes), min(2 * max(nfes), 20) + 1)))
     sweep = run_sweep(ev, list(DEFAULT_PRESETS), wide, bank="heldout")
     best_preset = {n: {"preset": r["preset"], "rmse": r["rmse"]} for n, r in best_by_nfe(sweep).items()}
     step = max(args.budget // args.points, 1)
     checkpoints = sorted({*range(step, args.budget + 1, step), args.budget})
     runs, cache = [], {}
+    tmp = tempfile.TemporaryDirectory(prefix="search_efficiency-")
+    db = connect(f"sqlite:///{Path(tmp.name) / 'searches.db'}")
     for method in methods:
         for seed in seeds:
             t0 = time.perf_counter()
-            se = make_searcher(method, prob.noise, prob.t_start, prob.t_end, nfes, seed=seed)
-            res = run_search(se, ev, budget=args.budget * len(nfes), cheap_n=args.cheap_samples,
-                             confirm_k=args.confirm)
+            job = search_job(args, method, seed, nfes)
+            runner = Runner(job, db, backend)
+            res = runner.run()
             search_s = time.perf_counter() - t0
-            curves = {n: curve(res, ev, n, checkpoints, cache) for n in nfes}
-            run = {"method": method, "seed": seed, "seconds": search_s, "n_evals": res.n_evals,
-                   "n_confirm": res.n_confirm, "final": {n: res.best[n].heldout["rmse"] for n in res.best},
-                   "curves": curves, "schedules": {n: res.best[n].schedule for n in res.best}}
+            trials = db.trials(job.study)
+            for t in trials:
+                if t.fidelity == CONFIRM and t.status == "complete" and t.score is not None:
+                    cache.setdefault(t.key, min(t.score, FAIL_SCORE))
+            curves = {n: curve(trials, ev, n, checkpoints, cache) for n in nfes}
+            found = [s for s in res.per_nfe if s.searched_score is not None]
+            run = {"method": method, "seed": seed, "seconds": search_s, "n_evals": res.evaluations,
+                   "n_confirm": res.confirmations, "final": {s.nfe: s.searched_score for s in found},
+                   "curves": curves, "schedules": {s.nfe: s.schedule for s in found}}
+            se = runner.searcher
             if method == "s3":
                 run["tau_report"] = se.tau_report
                 X = np.array([encode(c.schedule, se.space, se.max_steps) for c, _ in se.trials])
@@ -106,6 +133,9 @@ def main(argv=None):
             runs.append(run)
             print(f"{method} seed {seed}: {search_s:.0f}s; final " +
                   " ".join(f"{n}:{v:.4g}" for n, v in run["final"].items()), flush=True)
+    db.close()
+    tmp.cleanup()
+    backend.close()
     total_s = time.perf_counter() - t_all
 
     def mean_final(method, n):

@@ -1,17 +1,12 @@
-"""steptune.search: which schedule to try next (ask/tell searchers, multi-fidelity driver)."""
+"""steptune.search: which schedule to try next (ask/tell searchers, driven by the runner), DC-Solver fits,
+and the SOR ω learners."""
 
-from .base import (
-    Candidate,
-    NfeResult,
-    Searcher,
-    SearchResult,
-    TrialLog,
-    TrialRecord,
-    pareto_front,
-    run_search,
-)
+from .baselines import DEFAULT_PRESETS, preset_candidates
+from .fidelities import CHEAP, CONFIRM
+from .pareto import pareto_front
 from .random_search import RandomSearcher
 from .s3 import Predictor, S3Searcher, encode, kendall_by_nfe, select_predictor
+from .searcher import FAIL_SCORE, Candidate, Searcher
 from .space import DecisionSpace, schedule_key
 
 METHODS = ("s3", "tpe", "cmaes", "random", "mo-tpe")
@@ -31,6 +26,6 @@ def make_searcher(method: str, noise, t_start: float, t_end: float, nfes, seed: 
     raise ValueError(f"unknown search method {method!r}; use one of {', '.join(METHODS)}")
 
 
-__all__ = ["METHODS", "Candidate", "DecisionSpace", "NfeResult", "Predictor", "RandomSearcher", "S3Searcher",
-           "SearchResult", "Searcher", "TrialLog", "TrialRecord", "encode", "kendall_by_nfe", "make_searcher",
-           "pareto_front", "run_search", "schedule_key", "select_predictor"]
+__all__ = ["CHEAP", "CONFIRM", "DEFAULT_PRESETS", "FAIL_SCORE", "METHODS", "Candidate", "DecisionSpace", "Predictor",
+           "RandomSearcher", "S3Searcher", "Searcher", "encode", "kendall_by_nfe", "make_searcher", "pareto_front",
+           "preset_candidates", "schedule_key", "select_predictor"]

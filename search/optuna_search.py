@@ -4,8 +4,8 @@ structure, and multi-objective TPE over (NFE, quality).
 Timesteps are parameterized as logits ``z0..z{n-1}``: the softmax of the logits shares the lambda
 span (less ``n * min_gap``) between the ``n`` steps, so times stay strictly decreasing with the
 minimum gap for every parameter value. Each NFE has its own in-memory study (the NFE fixes the
-step count per AFS choice); a study is re-fed from a trial log with ``add_trial`` when a logged row
-did not come from this searcher's own asks.
+step count per AFS choice); a study is re-fed with ``add_trial`` when a stored trial did not come from
+this searcher's own asks.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from dataclasses import replace
 import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
+
 from steptune.space import Corrector, Schedule, Step
 
-from .base import FAIL_SCORE, Candidate, Searcher
-from .s3 import DEFAULT_PRESETS, preset_candidates
+from .baselines import DEFAULT_PRESETS, preset_candidates
+from .pareto import pareto_front
+from .searcher import FAIL_SCORE, Candidate, Searcher
 from .space import STEP_RELAXATIONS, steps_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -93,7 +95,7 @@ class _OptunaBase(Searcher):
         self._add_foreign(candidate, score)
 
     def _add_foreign(self, candidate: Candidate, score: float) -> None:
-        """A result this searcher did not ask for (a log from elsewhere): add it when it has our parameters."""
+        """A result this searcher did not ask for (another method or seed stored it): added if it has our parameters."""
         params = candidate.params
         if not params:
             return
@@ -282,7 +284,5 @@ class MultiObjectiveSearcher(_OptunaBase):
 
     def pareto(self) -> list[tuple[Candidate, float]]:
         """The told (candidate, score) pairs on the (NFE, score) Pareto front."""
-        from .base import pareto_front
-
         pts = [(c.nfe, s) for c, s in self.trials]
         return [self.trials[i] for i in pareto_front(pts)]

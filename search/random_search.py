@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Candidate, Searcher
+from .searcher import Candidate, Searcher
 
 
 class RandomSearcher(Searcher):

@@ -27,35 +27,15 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from steptune.space import ScheduleError, presets
+
 from steptune.space.schedule import Schedule
 
-from .base import Candidate, Searcher
+from .baselines import DEFAULT_PRESETS, preset_candidates
+from .searcher import Candidate, Searcher
 from .space import STEP_RELAXATIONS, structure_key
 
-DEFAULT_PRESETS = tuple(p for p in ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "dpm-solver++-2m",
-                                    "dpm-solver++-3m", "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis",
-                                    "deis-tab", "heun") if p.partition(":")[0] in presets.PRESETS)
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
 N_STEP_FEATURES = 13
-
-
-def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT_PRESETS) -> list[Candidate]:
-    """Every preset that can be built at every NFE, on the space's time interval (duplicates removed), each
-    preset at all NFEs before the next, so that a budget too small for all of them still reaches every NFE."""
-    out, keys = [], set()
-    for spec in specs:
-        for nfe in nfes:
-            try:
-                s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
-                s.validate(nfe=nfe)
-            except ScheduleError:
-                continue
-            c = Candidate(s, nfe, f"preset:{spec}")
-            if c.key not in keys:
-                keys.add(c.key)
-                out.append(c)
-    return out
 
 
 # ---- features -------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections import defaultdict
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from steptune.search import DEFAULT_PRESETS
 from steptune.space import noise as noise_mod
 from steptune.space import presets
 from steptune.storage import (
@@ -34,7 +35,6 @@ from test_dashboard_data import (
 )
 
 from steptune.dashboard import create_app, open_read_only
-from steptune.sweep import DEFAULT_PRESETS
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from steptune.search import DEFAULT_PRESETS
 from steptune.storage import connect, import_schedule, k_diffusion_sigmas
 from test_dashboard_data import PRESETS, SEARCH_STUDY, dashboard_db  # noqa: F401
 
 from steptune.dashboard import create_app, open_read_only
 from steptune.dashboard.queries import front, problems
 from steptune.report import write_report
-from steptune.sweep import DEFAULT_PRESETS
 
 CHROMIUM = os.environ.get("STEPTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = ("no chromium binary (install Debian's chromium package or set STEPTUNE_CHROMIUM); "

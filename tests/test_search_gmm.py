@@ -1,26 +1,57 @@
-"""Search on gmm-2d: searched schedules beat the best preset on held-out noise, the predictor ranks
-unseen trials, and a resumed search ends where an uninterrupted one does."""
+"""Search on gmm-2d, driven by the runner: searched schedules beat the best preset on held-out noise, the
+predictor ranks unseen trials, and a stopped search resumes to the trials an uninterrupted one makes."""
 
 import math
 
 import numpy as np
 import pytest
+from runner_jobs import outcome
+
+from steptune.backends import LocalBackend
 from steptune.evaluators import Evaluator, get_problem
-from steptune.search import S3Searcher, TrialLog, encode, kendall_by_nfe, make_searcher, run_search
+from steptune.jobs import job_from_dict
+from steptune.runner import Runner
+from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, encode, kendall_by_nfe, make_searcher
 from steptune.search.s3 import Predictor
 from steptune.space import presets
+from steptune.storage import connect
 
-from steptune.sweep import DEFAULT_PRESETS
+N_TRAIN, N_HELDOUT = 128, 512
 
 
 @pytest.fixture(scope="module")
-def ev():
-    return Evaluator(get_problem("gmm-2d"), n_train=128, n_heldout=512, cache_dir=None)
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
 
 
-def _searcher(method, ev, nfes, seed=0, **opts):
-    p = ev.problem
-    return make_searcher(method, p.noise, p.t_start, p.t_end, nfes, seed=seed, **opts)
+@pytest.fixture(scope="module")
+def ev(cache):
+    return Evaluator(get_problem("gmm-2d"), n_train=N_TRAIN, n_heldout=N_HELDOUT, cache_dir=cache)
+
+
+def search(url, study, cache, method, nfes, evaluations, *, seed=0, cheap=64, confirm=3, options=None,
+           stop_after=None):
+    """Run a search job on gmm-2d in-process into the database at ``url``; ``stop_after`` interrupts it once
+    that many cheap evaluations are done. Returns the run's result, its runner and the study's trials."""
+    job = job_from_dict({"study": study, "seed": seed, "problem": {"name": "gmm-2d"},
+                         "search": {"method": method, "nfe": nfes, "options": options or {}},
+                         "evaluation": {"cheap_samples": cheap, "train_samples": N_TRAIN,
+                                        "heldout_samples": N_HELDOUT, "confirm": confirm, "baseline": False,
+                                        "cache": str(cache)},
+                         "budget": {"evaluations": evaluations}})
+    backend = LocalBackend(job.problem, job.evaluation, job.backend)
+
+    def interrupt(status):
+        if stop_after is not None and status["phase"] == "search" and status["done"] >= stop_after:
+            runner.interrupt()
+
+    with connect(url) as db:
+        runner = Runner(job, db, backend, progress=interrupt)
+        try:
+            result = runner.run()
+        finally:
+            backend.close()
+        return result, runner, db.trials(study)
 
 
 def best_preset(ev, nfe):
@@ -38,24 +69,24 @@ def best_preset(ev, nfe):
 
 
 @pytest.mark.parametrize("method,budget", [("s3", 60), ("tpe", 60)])
-def test_search_beats_best_preset_on_heldout_noise(ev, method, budget):
+def test_search_beats_best_preset_on_heldout_noise(ev, cache, tmp_path, method, budget):
     ref = best_preset(ev, 4)
-    res = run_search(_searcher(method, ev, [4]), ev, budget=budget, cheap_n=64)
-    got = res.best[4]
-    assert res.n_evals == budget
-    assert got.heldout["rmse"] < 0.8 * ref, (got.heldout["rmse"], ref)
+    res, _, trials = search(f"sqlite:///{tmp_path / 's.db'}", "s", cache, method, [4], budget)
+    got = res.per_nfe[0].searched_score
+    assert res.evaluations == budget
+    assert got < 0.8 * ref, (got, ref)
     # the result is reported on the held-out bank, not the bank it was selected on
-    confirm = [r for r in res.log if r.bank == "heldout"]
-    assert confirm and all(r.n_samples == 512 for r in confirm)
-    assert got.heldout["rmse"] in [r.metrics["rmse"] for r in confirm]
+    confirm = [t for t in trials if t.fidelity == CONFIRM]
+    assert confirm and all(t.bank == "heldout" and t.n_samples == N_HELDOUT for t in confirm)
+    assert got in [t.metrics["rmse"] for t in confirm]
 
 
-def test_predictor_ranks_unseen_trials(ev):
-    """After ~200 trials, the predictor trained on 150 of them orders the rest (within NFE) far better than chance."""
-    se = _searcher("s3", ev, [4, 6], pool=30, explore=0.3, predictor="extra-trees")
-    res = run_search(se, ev, budget=200, cheap_n=64, confirm_k=1)
-    rows = [r for r in res.log if r.bank == "train"]
-    assert len(rows) == 200
+def test_predictor_ranks_unseen_trials(cache, tmp_path):
+    """After 200 trials, the predictor trained on 150 of them orders the rest (within NFE) far better than chance."""
+    res, runner, trials = search(f"sqlite:///{tmp_path / 's.db'}", "s", cache, "s3", [4, 6], 100, confirm=1,
+                                 options={"pool": 30, "explore": 0.3, "predictor": "extra-trees"})
+    se = runner.searcher
+    assert sum(t.fidelity == CHEAP for t in trials) == 200 == len(se.trials)
     X = np.array([encode(c.schedule, se.space, se.max_steps) for c, _ in se.trials])
     nfes = np.array([c.nfe for c, _ in se.trials])
     scores = np.array([s for _, s in se.trials])
@@ -69,32 +100,32 @@ def test_predictor_ranks_unseen_trials(ev):
 
 
 @pytest.mark.parametrize("method", ["s3", "tpe", "cmaes"])
-def test_resume_from_log_gives_the_same_result(ev, method, tmp_path):
-    kw = {"pool": 40, "min_train": 20} if method == "s3" else {}
-    full = run_search(_searcher(method, ev, [3, 4], **kw), ev, budget=48, cheap_n=32, confirm_k=2)
-    path = tmp_path / "trials.jsonl"
-    part = run_search(_searcher(method, ev, [3, 4], **kw), ev, budget=24, cheap_n=32, confirm_k=2,
-                      log=TrialLog(path=path))
-    assert part.n_evals == 24
-    se = _searcher(method, ev, [3, 4], **kw)
-    resumed = run_search(se, ev, budget=48, cheap_n=32, confirm_k=2, log=TrialLog.load(path))
-    assert se.replay_mismatches == 0
-    assert resumed.n_evals == 48
-    a = [r.schedule for r in full.log if r.bank == "train"]
-    b = [r.schedule for r in resumed.log if r.bank == "train"]
-    assert a == b  # the same trials in the same order: the search continued instead of restarting
-    for nfe in (3, 4):
-        assert resumed.best[nfe].schedule == full.best[nfe].schedule
-        assert resumed.best[nfe].heldout["rmse"] == full.best[nfe].heldout["rmse"]
+def test_a_stopped_search_resumes_to_the_trials_of_an_uninterrupted_one(cache, tmp_path, method):
+    """Stopped inside a batch, then run again: the searcher is rebuilt from the stored trials and the study ends
+    with the same trials, in the same order, with the same results, as a run that was never stopped."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    opts = {"pool": 40, "min_train": 20} if method == "s3" else {}
+    kw = {"cheap": 32, "confirm": 2, "options": opts}
+    full, _, _ = search(url, "full", cache, method, [3, 4], 24, **kw)
+    part, _, trials = search(url, "part", cache, method, [3, 4], 24, stop_after=22, **kw)
+    assert part.status == "interrupted" and part.evaluations == 22
+    assert any(t.status == "queued" for t in trials) and not any(t.fidelity == CONFIRM for t in trials)
+    resumed, _, _ = search(url, "part", cache, method, [3, 4], 24, **kw)
+    assert resumed.status == "complete" and resumed.evaluations == 48
+    with connect(url) as db:
+        assert outcome(db, "part") == outcome(db, "full")
+    assert resumed.per_nfe == full.per_nfe
 
 
-def test_same_seed_same_result_other_seed_differs(ev):
-    r1 = run_search(_searcher("s3", ev, [4], pool=40), ev, budget=30, cheap_n=32, confirm_k=1)
-    r2 = run_search(_searcher("s3", ev, [4], pool=40), ev, budget=30, cheap_n=32, confirm_k=1)
-    r3 = run_search(_searcher("s3", ev, [4], seed=1, pool=40), ev, budget=30, cheap_n=32, confirm_k=1)
-    keys = [[r.schedule for r in x.log if r.bank == "train"] for x in (r1, r2, r3)]
+def test_same_seed_same_result_other_seed_differs(cache, tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    keys = []
+    for study, seed in (("a", 0), ("b", 0), ("c", 1)):
+        _, _, trials = search(url, study, cache, "s3", [4], 30, seed=seed, cheap=32, confirm=1,
+                              options={"pool": 40})
+        keys.append([t.key for t in trials if t.fidelity == CHEAP])
+    assert len(keys[0]) == 30
     assert keys[0] == keys[1] and keys[0] != keys[2]
-    assert isinstance(S3Searcher, type)
 
 
 @pytest.mark.parametrize("method", ["s3", "tpe", "random"])

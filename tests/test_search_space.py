@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-from steptune.search import DecisionSpace, make_searcher
-from steptune.search.s3 import preset_candidates
+from steptune.search import DecisionSpace, make_searcher, preset_candidates
 from steptune.search.space import structure_key
 from steptune.space import Schedule, noise
 

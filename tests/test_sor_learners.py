@@ -1,4 +1,4 @@
-"""Relaxation learners: the Tsallis-INF distribution, the model Poisson problem, determinism, replay,
+"""SOR ω learners: the Tsallis-INF distribution, the model Poisson problem, determinism, replay,
 ChebCB tracking a context-dependent optimum given by Young's theory."""
 
 import math
@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 from scipy.optimize import minimize
+
 from steptune.evaluators.linear import RepeatedPoisson, build_cost_table
-from steptune.search.relax import (
+from steptune.search.sor_learners import (
     DEFAULT_GRID,
     AdaptiveSOR,
     ChebCB,

@@ -9,6 +9,7 @@ import scipy.linalg as la
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from pyamg.relaxation import relaxation
+
 from steptune.evaluators.linear import (
     Heat2D,
     RepeatedPoisson,

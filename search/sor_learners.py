@@ -3,7 +3,7 @@
 Every learner has the ask/tell shape of the schedule searchers: ``ask(context)`` returns the arm
 (grid index and ω) to solve the next system with, ``tell(cost)`` reports what that solve cost
 (iterations). A learner's state is a function of its constructor arguments and the sequence of
-(context, arm, cost) rounds it was told, so :meth:`RelaxLearner.replay` rebuilds it from stored
+(context, arm, cost) rounds it was told, so :meth:`OmegaLearner.replay` rebuilds it from stored
 rounds. Random draws come from one generator seeded at construction, one draw per ``ask``.
 
 * :class:`TsallisINF`: 1/2-Tsallis-INF over the ω grid (Learning to Relax, Alg. 2): anytime
@@ -39,7 +39,7 @@ class Arm:
     probability: float = 1.0
 
 
-class RelaxLearner:
+class OmegaLearner:
     """Base class: ``ask(context) -> Arm``, ``tell(cost)``; ``replay(rounds)`` to resume."""
 
     name = "base"
@@ -117,7 +117,7 @@ class RelaxLearner:
         raise NotImplementedError
 
 
-class FixedOmega(RelaxLearner):
+class FixedOmega(OmegaLearner):
     """Always the same ω (a one-arm grid)."""
 
     name = "fixed"
@@ -176,7 +176,7 @@ def _tsallis_newton(losses, eta, steps):
     return p / total
 
 
-class TsallisINF(RelaxLearner):
+class TsallisINF(OmegaLearner):
     """1/2-Tsallis-INF over the ω grid (see the module docstring).
 
     ``smoothing`` w > 0 lets a round on arm i also inform its grid neighbours i ± 1 with weight w: the
@@ -229,7 +229,7 @@ def _smoothed_importance_update(losses, arm, loss, p, w):
         losses[j] += (1.0 if j == arm else w) * loss / max(informed, 1e-12)
 
 
-class TsallisINFBins(RelaxLearner):
+class TsallisINFBins(OmegaLearner):
     """An independent Tsallis-INF in each of ``bins`` equal context bins over ``context_range``."""
 
     name = "tsallis-inf-cb"
@@ -340,7 +340,7 @@ def _refit_toward_neighbours(gram, moment, theta, smooth, global_mean, use_globa
     return out
 
 
-class ChebCB(RelaxLearner):
+class ChebCB(OmegaLearner):
     """SquareCB with a per-arm Chebyshev regression of log cost on the context.
 
     Arm i predicts ŷ_i(c) = θ_iᵀ T(c) (T = Chebyshev features of the context scaled to [−1, 1]) by
@@ -409,7 +409,7 @@ def warm_up() -> None:
 
 
 def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
-                 context_key: str | None = None, omega: float = 1.0, **opts) -> RelaxLearner:
+                 context_key: str | None = None, omega: float = 1.0, **opts) -> OmegaLearner:
     """A learner by name: tsallis-inf, tsallis-inf-cb, chebcb or fixed (with ``omega``)."""
     if name == "tsallis-inf":
         return TsallisINF(omegas, seed, **opts)
@@ -422,7 +422,7 @@ def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 
     raise ValueError(f"unknown learner {name!r}; use one of {', '.join(LEARNERS)}")
 
 
-def replay_table(learner: RelaxLearner, iterations: np.ndarray, contexts: np.ndarray | None = None) -> np.ndarray:
+def replay_table(learner: OmegaLearner, iterations: np.ndarray, contexts: np.ndarray | None = None) -> np.ndarray:
     """Run ``learner`` over a cost table (instances × its grid); returns the arm played per instance."""
     T = iterations.shape[0]
     arms = np.empty(T, dtype=np.int64)

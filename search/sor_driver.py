@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
 from steptune.evaluators.linear import solvers
 
-from .relax import AdaptiveSOR, RelaxLearner, replay_table, warm_up
+from .sor_learners import AdaptiveSOR, OmegaLearner, replay_table, warm_up
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class RoundResult:
     probability: float | None = None
 
 
-def run_sequence(seq, policy: RelaxLearner | AdaptiveSOR, *, solver: str = "sor", kernel: str = "pyamg",
+def run_sequence(seq, policy: OmegaLearner | AdaptiveSOR, *, solver: str = "sor", kernel: str = "pyamg",
                  tol: float = solvers.DEFAULT_TOL, maxiter: int = solvers.DEFAULT_MAXITER, start: int = 0,
                  stop: int | None = None, record: Callable[[RoundResult], None] | None = None,
                  progress: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
@@ -90,7 +91,7 @@ def table_baselines(table) -> dict[str, np.ndarray]:
     return out
 
 
-def replay_costs(learner: RelaxLearner, table) -> np.ndarray:
+def replay_costs(learner: OmegaLearner, table) -> np.ndarray:
     """Per-instance iterations of ``learner`` replayed on a cost table."""
     arms = replay_table(learner, table.iterations, None if np.all(np.isnan(table.contexts)) else table.contexts)
     return table.iterations[np.arange(len(arms)), arms]
