@@ -53,6 +53,9 @@ class NfeSummary:
         return self.preset_score / self.searched_score
 
 
+CONFIRM_SLACK_SECONDS = 1.0  # kept free before the deadline besides twice the confirmations' estimated cost
+
+
 @dataclass
 class RunResult:
     study: str
@@ -150,6 +153,7 @@ class Runner:
         self.problem = None
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
         self.heldout_seconds: list[float] = []  # held-out evaluations: baseline presets and confirmations
+        self.batch_seconds: float | None = None  # the last search batch, asked, evaluated and told
         self.time_up = False
         self._sink: _Sink | None = None
 
@@ -378,12 +382,14 @@ class Runner:
         b = 0
         while True:
             asked = None
-            if b in batches:
+            stored_batch = b in batches
+            if stored_batch:
                 stored = batches[b]
             else:
                 left = self.total - sum(len(v) for v in batches.values())
-                if left <= 0 or self.should_stop():
+                if left <= 0 or self.should_stop() or self._no_time_for_a_batch():
                     break
+                batch_started = time.monotonic()
                 cands = searcher.ask(min(batch_size, left))
                 if not cands:
                     break
@@ -405,8 +411,20 @@ class Runner:
                 searcher.tell(c, t)
                 if t.status == "complete" and t.score is not None:
                     self.best[t.nfe] = min(self.best.get(t.nfe, math.inf), t.score)
+            if asked is not None and not stored_batch:
+                self.batch_seconds = time.monotonic() - batch_started
             b += 1
             self._reserve_confirm_time()
+
+    def _no_time_for_a_batch(self) -> bool:
+        """True when the last batch (asking the searcher, evaluating, telling) took longer than the search has
+        left, so one more would eat into the time reserved for confirmation."""
+        if self.search_deadline is None or self.batch_seconds is None:
+            return False
+        if time.monotonic() + self.batch_seconds > self.search_deadline:
+            self.time_up = True
+            return True
+        return False
 
     def _reserve_confirm_time(self) -> None:
         """Stop searching early enough that confirmation still ends within the time budget."""
@@ -414,7 +432,8 @@ class Runner:
             return
         n_confirm = self.job.evaluation.confirm * len(self.job.search.nfe)
         workers = max(1, len(self.backend.workers))
-        self.search_deadline = self.deadline - 1.5 * self._confirm_seconds() * math.ceil(n_confirm / workers)
+        needed = self._confirm_seconds() * math.ceil(n_confirm / workers)
+        self.search_deadline = self.deadline - (2.0 * needed + CONFIRM_SLACK_SECONDS if n_confirm else 0.0)
 
     def _confirm_seconds(self) -> float:
         """What one held-out confirmation costs: measured on the held-out evaluations of this run (the baseline

@@ -311,3 +311,19 @@ def test_a_job_runs_a_plugged_model(tmp_path, cache, capsys):
         st = db.get_study("plug")
         assert st.problem["identity"]["name"].startswith("test_plugins:gaussian_factory")
         assert all(t.status == "complete" for t in db.trials("plug"))
+
+
+def test_a_time_budget_leaves_time_to_confirm_every_nfe(tmp_path, cache, capsys):
+    """The search stops early enough for the held-out confirmations of every NFE: their cost is measured on
+    the baseline presets' held-out evaluations, and the searcher's own time per batch is counted."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "tb", cache, evaluations=100000, time="8s")
+    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    res = json.loads(out)
+    assert code == 0 and res["status"] == "time-budget", err
+    assert res["evaluations"] > 0
+    with connect(url) as db:
+        trials = db.trials("tb")
+    confirmed = {(t.nfe, t.info["confirms"]) for t in trials if "confirms" in t.info and t.status == "complete"}
+    assert res["confirmations"] == 2 * 2 == len(confirmed)  # confirm = 2 at each of NFE 3 and 4
+    assert all(r["searched_score"] is not None for r in res["per_nfe"])

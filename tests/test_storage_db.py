@@ -149,7 +149,7 @@ def test_studies_create_get_and_share_problems(db):
     with pytest.raises(StorageError, match="already exists"):
         db.create_study("a")
     assert db.create_study("a", exist_ok=True) == a
-    with pytest.raises(StorageError, match=r"no study named 'c' \(studies: a, b\)"):
+    with pytest.raises(StorageError, match=r"no study named 'c' \(2 studies: a, b; 'steptune studies'"):
         db.get_study("c")
     assert [s.name for s in db.studies()] == ["a", "b"]
 
