@@ -216,7 +216,8 @@ def export_cmd(
                 err.print(f"wrote {folder}/ ({exp.class_name}); call the pipeline with {key}= from "
                           f"{folder}/steptune_set_timesteps.json")
         except ModuleNotFoundError as e:
-            raise CliError(f"the {format_} export needs the Python package {e.name!r}; pip install diffusers") from None
+            raise CliError(f"the {format_} export needs the Python package {e.name!r}; install it with: "
+                           'pip install "steptune[diffusers]"') from None
 
 
 def _noise_name(problem: dict | None) -> str | None:
