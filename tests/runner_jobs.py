@@ -1,9 +1,13 @@
-"""Small job files and study comparisons shared by the runner tests."""
+"""Small job files, a job run into a database, and study comparisons shared by the runner tests."""
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+
+from steptune.backends import LocalBackend
+from steptune.runner import Runner
+from steptune.storage import connect
 
 
 def job_text(study: str, cache: Path, *, backend: str = "local", evaluations: int = 12, time: str | None = None,
@@ -48,3 +52,23 @@ def outcome(storage, study: str) -> list[tuple]:
     result, in order."""
     return [(t.number, t.fidelity, t.key, t.status, tuple(sorted((t.metrics or {}).items())), t.info.get("batch"))
             for t in storage.trials(study)]
+
+
+def run_job(job, url: str, backend=None, progress=None, stop_after: int | None = None):
+    """Run ``job`` into the database at ``url`` on ``backend`` (in-process by default), then close the backend.
+    ``stop_after`` interrupts the run, as SIGINT does, once that many search evaluations are done. Returns the
+    run's result and the runner (its searcher holds what it was told)."""
+    backend = backend or LocalBackend(job.problem, job.evaluation, job.backend)
+
+    def report(status: dict) -> None:
+        if progress is not None:
+            progress(status)
+        if stop_after is not None and status["phase"] == "search" and status["done"] >= stop_after:
+            runner.interrupt()
+
+    with connect(url) as db:
+        runner = Runner(job, db, backend, progress=report)
+        try:
+            return runner.run(), runner
+        finally:
+            backend.close()

@@ -5,13 +5,12 @@ evaluator actor loses no trial."""
 from __future__ import annotations
 
 import pytest
-from runner_jobs import outcome
-from steptune.storage import connect
+from runner_jobs import outcome, run_job
 
 from steptune.backends import LocalBackend, RayBackend
 from steptune.cli.run import study_status
 from steptune.jobs import job_from_dict
-from steptune.runner import Runner
+from steptune.storage import connect
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -44,12 +43,8 @@ def _job(study: str, cache, kind: str, **backend):
 
 
 def _run(job, url, backend, progress=None):
+    res, _ = run_job(job, url, backend, progress)
     with connect(url) as db:
-        runner = Runner(job, db, backend, progress=progress)
-        try:
-            res = runner.run()
-        finally:
-            backend.close()
         return res, outcome(db, job.study), db.trials(job.study), study_status(db, job.study)
 
 

@@ -5,12 +5,10 @@ import math
 
 import numpy as np
 import pytest
-from runner_jobs import outcome
+from runner_jobs import outcome, run_job
 
-from steptune.backends import LocalBackend
 from steptune.evaluators import Evaluator, get_problem
 from steptune.jobs import job_from_dict
-from steptune.runner import Runner
 from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, encode, kendall_by_nfe, make_searcher
 from steptune.search.s3 import Predictor
 from steptune.space import presets
@@ -39,18 +37,8 @@ def search(url, study, cache, method, nfes, evaluations, *, seed=0, cheap=64, co
                                         "heldout_samples": N_HELDOUT, "confirm": confirm, "baseline": False,
                                         "cache": str(cache)},
                          "budget": {"evaluations": evaluations}})
-    backend = LocalBackend(job.problem, job.evaluation, job.backend)
-
-    def interrupt(status):
-        if stop_after is not None and status["phase"] == "search" and status["done"] >= stop_after:
-            runner.interrupt()
-
+    result, runner = run_job(job, url, stop_after=stop_after)
     with connect(url) as db:
-        runner = Runner(job, db, backend, progress=interrupt)
-        try:
-            result = runner.run()
-        finally:
-            backend.close()
         return result, runner, db.trials(study)
 
 
