@@ -13,7 +13,7 @@ class DcStudyError(ValueError):
 def study_problem(config: dict, cfg: float | None):
     """The problem `dc fit` fitted the study on, at guidance ``cfg`` (conventions it did not record take their
     defaults)."""
-    from steptune.evaluators.plugins import load_problem, parse_shape
+    from steptune.evaluators.load import load_problem, parse_shape
 
     conv = config.get("conventions") or {}
     try:
@@ -26,8 +26,7 @@ def study_problem(config: dict, cfg: float | None):
 
 def study_evaluator(config: dict, cfg: float | None, cache: Path, device: str = "cpu"):
     """The Evaluator `dc fit` built for the study at guidance ``cfg``."""
-    from steptune.evaluators import Evaluator
-    from steptune.evaluators.plugins import evaluator_options
+    from steptune.evaluators import Evaluator, evaluator_options
 
     prob = study_problem(config, cfg)
     return Evaluator(prob, cache_dir=cache, device=device, **evaluator_options(prob))
@@ -57,7 +56,7 @@ FIT_KEYS = ("problem", "solver", "conventions", "fit_samples")
 
 def check_bank_version(study: str, config: dict) -> None:
     """Refuse to add to, or refit from, a study whose fit noises came from an earlier drawing of the banks."""
-    from steptune.evaluators.base import BANK_VERSION
+    from steptune.evaluators.evaluator import BANK_VERSION
 
     if config.get("bank_version", 1) != BANK_VERSION:
         raise DcStudyError(f"study {study!r} was fitted on noise banks drawn by an earlier steptune (bank version "

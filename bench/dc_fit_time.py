@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
-from steptune.evaluators import Evaluator  # noqa: E402
-from steptune.evaluators.plugins import evaluator_options, load_problem  # noqa: E402
+
+from steptune.evaluators import Evaluator, evaluator_options, load_problem  # noqa: E402
 from steptune.search import dc  # noqa: E402
 from steptune.space import presets  # noqa: E402
 

@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, save_json  # noqa: E402
-from steptune.evaluators import Evaluator  # noqa: E402
-from steptune.evaluators.neural_reference import trajectory_reference  # noqa: E402
-from steptune.evaluators.plugins import evaluator_options, load_problem  # noqa: E402
+
+from steptune.evaluators import Evaluator, evaluator_options, load_problem  # noqa: E402
 from steptune.search import dc  # noqa: E402
 from steptune.space import presets  # noqa: E402
 
@@ -46,8 +45,8 @@ def fit_draw(ev, schedule, k: int, n: int, args) -> dc.ConfigFit:
         raise SystemExit(f"the train bank holds {bank.size} noises, too few for {k + 1} draws of {n}")
     t = time.perf_counter()
     x = ev.x_T("train", lo + n)[lo:]
-    targets = trajectory_reference(ev.problem, x, schedule.times, bank={**bank.describe(), "n": n, "offset": lo},
-                                   cache_dir=ev.cache_dir)
+    targets = ev.problem.reference_states(x, schedule.times, bank={**bank.describe(), "n": n, "offset": lo},
+                                          cache_dir=ev.cache_dir).states
     seconds = time.perf_counter() - t
     model = ev.problem.model
     greedy = dc.fit_greedy(model, dc.with_ratios(schedule, [1.0] * len(schedule.steps)), x, targets,

@@ -1,12 +1,14 @@
 """steptune.evaluators: what a schedule is worth on a problem."""
 
-from .base import BANKS, Bank, EvalResult, Evaluator
+from .evaluator import BANKS, Bank, EvalResult, Evaluator, evaluator_options
 from .gmm import GaussianMixture
+from .load import load_problem
 from .metrics import median_error, nll, rmse, sliced_wasserstein
-from .plugins import NeuralProblem, Plug, PluginError, evaluator_options, load_problem
+from .plugins import Plug, PluginError
 from .problems import (
     PROBLEMS,
     MixtureDenoiser,
+    NeuralProblem,
     Problem,
     default_conventions,
     default_t_start,

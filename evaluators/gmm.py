@@ -14,11 +14,12 @@ and a call costs O(batch K D^2) with no matrix inverse. Both posterior means are
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import torch
+
+from .cache import float64_sha256
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -105,10 +106,7 @@ class GaussianMixture:
     def fingerprint(self) -> str:
         """sha256 (hex) of the parameters' float64 bytes: the mixture's identity for cache keys."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for t in (self.weights, self.means, self.covs):
-                h.update(np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float64).tobytes())
-            self._fingerprint = h.hexdigest()
+            self._fingerprint = float64_sha256(self.weights, self.means, self.covs)
         return self._fingerprint
 
     def state_dict(self) -> dict:

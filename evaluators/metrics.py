@@ -1,10 +1,13 @@
-"""Quality metrics: error against a reference, sliced Wasserstein distance, negative log-likelihood."""
+"""Quality metrics: error against a reference, sliced Wasserstein distance, negative log-likelihood, Fréchet
+distance between Gaussians fitted to features."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from scipy import linalg
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -82,3 +85,20 @@ def nll(x: Tensor, density, alpha: float = 1.0, sigma: float = 0.0) -> float:
     else:
         lp = density(x)
     return float(-lp.mean() / dim)
+
+
+def gaussian_stats(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) of features (n, d), float64."""
+    f = features.detach().to("cpu", torch.float64).numpy()
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
+    covmean = linalg.sqrtm(cov1 @ cov2)
+    if not np.isfinite(covmean).all():  # singular product: regularise, as the FID reference code does
+        eps = 1e-6 * np.eye(len(mu1))
+        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
+    covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from steptune.space import NonFiniteError, presets, sample
 
-from .reference import key_digest, tensor_sha256
+from .cache import atomic_torch_save, content_digest, load_cached, tensor_sha256
+from .reference import ReferenceStates
 
 Tensor = torch.Tensor
 
@@ -117,45 +117,17 @@ def converged_states(model, x_T: Tensor, times: list[float],
 
 def cached_states(problem, x_T: Tensor, times: list[float], *, bank: dict | None = None,
                   cache_dir: str | Path | None = "runs/cache",
-                  settings: ReferenceSettings = ReferenceSettings()) -> list[Tensor]:
+                  settings: ReferenceSettings = ReferenceSettings()) -> ReferenceStates:
     """``converged_states`` for a problem, cached under ``cache_dir/reference/`` keyed by the problem's
     identity (model, conventions, noise), the noise bank, the times and the settings."""
     key = {"kind": "neural", "problem": problem.identity(), "bank": dict(bank or {}),
            "x_T_sha256": tensor_sha256(x_T), "times": [float(t) for t in times], "settings": settings.to_dict()}
-    path = None if cache_dir is None else Path(cache_dir) / "reference" / f"{key_digest(key)}.pt"
-    if path is not None and path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if json.loads(stored["key"]) == key:
-                return [x.to(x_T.device) for x in stored["states"]]
-        except Exception:  # a damaged file: recompute
-            pass
+    path = None if cache_dir is None else Path(cache_dir) / "reference" / f"{content_digest(key)}.pt"
+    stored = load_cached(path, lambda s: s["states"] if json.loads(s["key"]) == key else None)
+    if stored is not None:
+        return ReferenceStates([x.to(x_T.device) for x in stored], True)
     states, report = converged_states(problem.model, x_T, times, settings)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"key": json.dumps(key, sort_keys=True), "report": json.dumps(report),
-                        "states": [x.detach().cpu() for x in states]}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return states
-
-
-def trajectory_reference(problem, x_T: Tensor, times: list[float], *, bank: dict | None = None,
-                         cache_dir: str | Path | None = "runs/cache") -> list[Tensor]:
-    """Reference states at ``times[1:]`` from x_T at ``times[0]`` for any problem: the converged network
-    solve for a network, the high-accuracy ODE solution segment by segment for an exact problem."""
-    if getattr(problem, "neural", False):
-        return cached_states(problem, x_T, times, bank=bank, cache_dir=cache_dir,
-                             settings=getattr(problem, "reference_settings", ReferenceSettings()))
-    from .reference import reference_solution
-
-    out, x = [], x_T.to(torch.float64)
-    for t0, t1 in zip(times, times[1:]):
-        x = reference_solution(problem, x, t0, t1)
-        out.append(x)
-    return out
+        atomic_torch_save({"key": json.dumps(key, sort_keys=True), "report": json.dumps(report),
+                           "states": [x.detach().cpu() for x in states]}, path)
+    return ReferenceStates(states, False)

@@ -26,12 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
+
 from steptune.space import Model
 from steptune.space import noise as noise_mod
 from steptune.space.noise import NoiseSchedule
 
+from .cache import hash_tensor
 from .neural_reference import ReferenceSettings
-from .problems import PROBLEMS, Problem, default_conventions, get_problem
+from .problems import NeuralProblem, Problem, default_conventions
 
 Tensor = torch.Tensor
 DEFAULT_NOISE = "ddpm-linear"
@@ -59,37 +61,6 @@ class Plug:
     data_mean: Tensor | None = None
     name: str | None = None
     identity: dict = field(default_factory=dict)
-
-
-@dataclass
-class NeuralProblem(Problem):
-    """A problem whose model is a network: no exact data distribution, a converged many-step reference.
-
-    ``bank_sizes`` (train, held-out) suit the network's cost; ``quality(x) -> dict`` (optional) adds
-    expensive distribution metrics (e.g. FD-digits) on held-out evaluations, named ``quality_metrics``.
-    A ``quality`` object with a ``features(x)`` method also yields ``fd_reference``, the Fréchet distance
-    of the samples' features to the reference solutions' features: unlike a distance to data, it does
-    not grow when a more accurate sampler follows a strongly guided ODE away from the data."""
-
-    reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
-    bank_sizes: tuple[int, int] = (64, 256)
-    quality: Callable[[Tensor], dict] | None = None
-    quality_metrics: tuple[str, ...] = ()
-    neural: bool = True
-
-    def identity(self) -> dict:
-        return {**super().identity(), "reference": self.reference_settings.to_dict()}
-
-    def to(self, device) -> NeuralProblem:
-        """The network (and the quality scorer's) and the conditioning tensors on ``device``, in place, where
-        they can move."""
-        for part in (self.model.fn, self.quality):
-            if callable(getattr(part, "to", None)):
-                part.to(device)
-        m = self.model
-        m.cond_kwargs, m.uncond_kwargs = ({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
-                                          for kw in (m.cond_kwargs, m.uncond_kwargs))
-        return self
 
 
 # ---- networks -------------------------------------------------------------------------------------
@@ -168,12 +139,6 @@ def DiffusersUNet(unet, **fixed) -> TorchNetwork:  # noqa: N802 (reads as the wr
     return TorchNetwork(unet, **fixed)
 
 
-def _hash_tensor(h, name: str, v: Tensor) -> None:
-    t = v.detach().to("cpu").contiguous()
-    h.update(name.encode() + repr(tuple(t.shape)).encode() + str(t.dtype).encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-
-
 def _captured(fn) -> list:
     """The torch modules and tensors a plain callable holds: a function's closure and defaults, a
     partial's arguments, a bound method's object, a callable object's attributes (one level)."""
@@ -200,13 +165,13 @@ def network_fingerprint(network) -> str:
         state = module.state_dict()
         unsaved = {f"unsaved:{n}": b for n, b in module.named_buffers() if n not in state}
         for name, v in sorted({**state, **unsaved}.items()):
-            _hash_tensor(h, name, v)
+            hash_tensor(h, name, v)
         return h.hexdigest()
     name = f"{type(module).__module__}.{getattr(module, '__qualname__', type(module).__qualname__)}"
     held = _captured(module)
     for i, v in enumerate(held):
         if isinstance(v, Tensor):
-            _hash_tensor(h, str(i), v)
+            hash_tensor(h, str(i), v)
         else:
             h.update(network_fingerprint(v).encode())
     return f"{name}:{h.hexdigest()}" if held else name
@@ -218,7 +183,7 @@ def conditioning_fingerprint(*kwargs: dict) -> str:
     for k, kw in enumerate(kwargs):
         for name, v in sorted(kw.items()):
             if isinstance(v, Tensor):
-                _hash_tensor(h, f"{k}:{name}", v)
+                hash_tensor(h, f"{k}:{name}", v)
             else:
                 h.update(f"{k}:{name}={v!r}".encode())
     return h.hexdigest()
@@ -345,65 +310,3 @@ def check_problem(problem: Problem, spec: str) -> None:
                                   "time input convention (--time-input)")
     finally:
         model.calls = calls
-
-
-# ---- one entry point for every problem ------------------------------------------------------------
-
-NETWORK_PROBLEMS: dict[str, Callable[..., Problem]] = {}
-
-
-def _digits_cond(**opts) -> Problem:
-    from .digits import digits_problem
-
-    return digits_problem(**opts)
-
-
-NETWORK_PROBLEMS["digits-cond"] = _digits_cond
-
-
-def load_problem(spec: str, *, noise: str | NoiseSchedule | None = None, prediction: str | None = None,
-                 time_input: str | None = None, time_scale: float | None = None,
-                 guidance_scale: float | None = None, shape: tuple[int, ...] | None = None,
-                 **options) -> Problem:
-    """A problem by name (``gmm-2d``, ``gmm-digits``, ``digits-cond``) or a network as ``module:factory``.
-
-    Conventions that do not apply to a problem are refused with a ValueError naming them. ``options``
-    go to the problem (e.g. ``cache_dir`` for ``gmm-digits``, ``t_start``/``t_end``, ``reference_tol``
-    for networks)."""
-    if time_scale is not None and not (math.isfinite(time_scale) and time_scale > 0):
-        raise ValueError(f"--time-scale {time_scale:g}: must be a positive number (e.g. 1000 for a network that "
-                         "takes t in [0, 1000])")
-    conv = {"prediction": prediction, "time_input": time_input, "time_scale": time_scale}
-    if spec in PROBLEMS:
-        if guidance_scale is not None or shape is not None:
-            raise ValueError(f"problem {spec!r} has no guidance or shape option")
-        return get_problem(spec, **({"noise": noise} if noise is not None else {}),
-                           **{k: v for k, v in conv.items() if v is not None}, **options)
-    if spec in NETWORK_PROBLEMS:
-        given = [k for k, v in {**conv, "noise": noise, "shape": shape}.items() if v is not None]
-        if given:
-            raise ValueError(f"problem {spec!r} fixes its own conventions; drop --{given[0].replace('_', '-')}")
-        return NETWORK_PROBLEMS[spec](**({"guidance_scale": guidance_scale} if guidance_scale is not None else {}),
-                                      **options)
-    if ":" in spec:
-        return plugin_problem(spec, noise=noise, guidance_scale=guidance_scale, shape=shape, **conv, **options)
-    names = ", ".join([*PROBLEMS, *NETWORK_PROBLEMS])
-    raise ValueError(f"unknown problem {spec!r}; choose from {names}, or give a network as module:factory")
-
-
-def evaluator_options(problem: Problem) -> dict:
-    """Bank sizes that suit the problem (smaller for networks)."""
-    sizes = getattr(problem, "bank_sizes", None)
-    return {} if sizes is None else {"n_train": sizes[0], "n_heldout": sizes[1]}
-
-
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(v < 1 for v in shape) or math.prod(shape) < 1:
-        raise ValueError(f"--shape {text!r}: give positive integers like 3,32,32")
-    return shape

@@ -3,28 +3,29 @@ time interval a schedule must cover.
 
 A ``Problem`` is what an evaluator needs from a model-and-data pair: the ``model`` the sampler runs,
 ``predict(x, alpha, sigma)`` for the reference ODE, ``sample_prior`` for the noise bank,
-``data_samples`` for distribution metrics, optionally ``log_prob`` (NLL), and ``identity()`` for
-cache keys. The Gaussian-mixture problems here answer all of it exactly; a problem built on a
-trained network subclasses ``Problem`` and overrides what it cannot answer from a mixture.
+``data_samples`` for distribution metrics, optionally ``log_prob`` (NLL), ``identity()`` for
+cache keys and ``reference_states`` for the states a schedule is measured against. The
+Gaussian-mixture problems here answer all of it exactly; ``NeuralProblem``, a problem built on a
+trained network, overrides what it cannot answer from a mixture.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from steptune.space import Model
 from steptune.space import noise as noise_mod
 from steptune.space.noise import EDM, NoiseSchedule, RectifiedFlow, VPDiscrete
 
+from .cache import atomic_torch_save, content_digest, load_cached
 from .gmm import GaussianMixture
+from .neural_reference import ReferenceSettings, cached_states
+from .reference import DEFAULT_ATOL, DEFAULT_RTOL, ReferenceStates, ode_reference_states
 
 Tensor = torch.Tensor
 _F64 = torch.float64
@@ -58,7 +59,9 @@ class Problem:
 
     ``mixture`` (optional) is the data distribution when it is known exactly; with it, ``predict``,
     ``data_samples`` and ``log_prob`` are exact. ``source`` records how the data or model was made
-    (JSON-able; part of ``identity()``).
+    (JSON-able; part of ``identity()``). ``bank_sizes`` (train, held-out; None: the evaluator's) suit the
+    model's cost; ``quality(x) -> dict`` (optional) adds expensive distribution metrics, named
+    ``quality_metrics``, on held-out evaluations.
     """
 
     name: str
@@ -69,6 +72,9 @@ class Problem:
     t_end: float | None = None
     mixture: GaussianMixture | None = None
     source: dict = field(default_factory=dict)
+    bank_sizes: tuple[int, int] | None = None
+    quality: Callable[[Tensor], dict] | None = None
+    quality_metrics: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -101,6 +107,14 @@ class Problem:
 
     def alpha_sigma(self, t: float) -> tuple[float, float]:
         return float(self.noise.alpha(t)), float(self.noise.sigma(t))
+
+    def reference_states(self, x_T: Tensor, times: list[float], *, bank: dict | None = None,
+                         cache_dir: str | Path | None = None, rtol: float = DEFAULT_RTOL,
+                         atol: float = DEFAULT_ATOL) -> ReferenceStates:
+        """The states at ``times[1:]`` of the probability-flow ODE from ``x_T`` at ``times[0]`` (decreasing), what
+        schedules are measured against: solved to ``rtol``/``atol`` with ``predict``, each segment cached under
+        ``cache_dir/reference/`` (None: not cached) keyed by the problem, the noise bank ``bank`` and the times."""
+        return ode_reference_states(self, x_T, times, bank=bank, cache_dir=cache_dir, rtol=rtol, atol=atol)
 
     # ---- what the reference ODE needs ----------------------------------------------------------
 
@@ -168,6 +182,40 @@ class Problem:
             raise NotImplementedError(f"problem {self.name!r} has no density")
         a, s = (1.0, 0.0) if t == 0 else self.alpha_sigma(t)
         return self.mixture.to(x.device).log_prob(x, a, s)
+
+
+@dataclass
+class NeuralProblem(Problem):
+    """A problem whose model is a network: no exact data distribution, a converged many-step reference
+    (``reference_settings``) and bank sizes that suit a network's cost.
+
+    A ``quality`` object with a ``features(x)`` method also yields ``fd_reference``, the Fréchet distance
+    of the samples' features to the reference solutions' features: unlike a distance to data, it does
+    not grow when a more accurate sampler follows a strongly guided ODE away from the data."""
+
+    bank_sizes: tuple[int, int] | None = (64, 256)
+    reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
+
+    def identity(self) -> dict:
+        return {**super().identity(), "reference": self.reference_settings.to_dict()}
+
+    def to(self, device) -> NeuralProblem:
+        """The network (and the quality scorer's) and the conditioning tensors on ``device``, in place, where
+        they can move."""
+        for part in (self.model.fn, self.quality):
+            if callable(getattr(part, "to", None)):
+                part.to(device)
+        m = self.model
+        m.cond_kwargs, m.uncond_kwargs = ({k: v.to(device) if isinstance(v, Tensor) else v for k, v in kw.items()}
+                                          for kw in (m.cond_kwargs, m.uncond_kwargs))
+        return self
+
+    def reference_states(self, x_T: Tensor, times: list[float], *, bank: dict | None = None,
+                         cache_dir: str | Path | None = None, rtol: float = DEFAULT_RTOL,
+                         atol: float = DEFAULT_ATOL) -> ReferenceStates:
+        """The converged many-step solve of ``neural_reference`` (``reference_settings``; the ODE tolerances
+        ``rtol``/``atol`` do not apply), cached under ``cache_dir/reference/``."""
+        return cached_states(self, x_T, times, bank=bank, cache_dir=cache_dir, settings=self.reference_settings)
 
 
 class MixtureDenoiser:
@@ -263,24 +311,13 @@ def digits_mixture(n_components: int = 16, reg_covar: float = 1e-3, seed: int = 
                 "seed": seed, "sklearn": sklearn.__version__}
     path = None
     if cache_dir is not None:
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
-        path = Path(cache_dir) / "gmm" / f"digits-{digest}.pt"
-        if path.is_file():
-            try:
-                return GaussianMixture.from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            except Exception:  # damaged file: refit and overwrite
-                pass
+        path = Path(cache_dir) / "gmm" / f"digits-{content_digest(settings, compact=False)[:24]}.pt"
+    stored = load_cached(path, GaussianMixture.from_state_dict)
+    if stored is not None:
+        return stored
     mixture = GaussianMixture.fit(digits_data(), n_components, reg_covar=reg_covar, seed=seed)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(mixture.state_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save(mixture.state_dict(), path)
     return mixture
 
 

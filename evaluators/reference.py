@@ -24,17 +24,17 @@ step controlled by the worst sample, so every sample meets the tolerance.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from scipy.integrate._ivp import dop853_coefficients as _dop
+
+from .cache import atomic_torch_save, content_digest, load_cached, tensor_sha256
 
 Tensor = torch.Tensor
 Predict = Callable[[Tensor, float, float], tuple[Tensor, Tensor]]
@@ -52,6 +52,13 @@ _C = [float(c) for c in _dop.C[:_NS]]
 _E3 = [float(e) for e in _dop.E3]
 _E5 = [float(e) for e in _dop.E5]
 _SAFETY, _MIN_FACTOR, _MAX_FACTOR, _EXPONENT = 0.9, 0.2, 10.0, -1.0 / 8.0
+
+
+class ReferenceStates(NamedTuple):
+    """Reference states at the requested times after the first, and whether they were read from the cache."""
+
+    states: list[Tensor]
+    loaded: bool
 
 
 @dataclass
@@ -201,11 +208,6 @@ def reference_solution(problem, x_T: Tensor, t_start: float | None = None, t_end
     return x
 
 
-def tensor_sha256(x: Tensor) -> str:
-    t = x.detach().to("cpu", torch.float64).contiguous()
-    return hashlib.sha256(t.numpy().tobytes() + repr(tuple(t.shape)).encode()).hexdigest()
-
-
 def reference_key(problem, x_T: Tensor, t_start: float | None = None, t_end: float | None = None,
                   rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL, bank: dict | None = None) -> dict:
     """Everything a cached reference depends on, as a JSON-able dict."""
@@ -214,44 +216,44 @@ def reference_key(problem, x_T: Tensor, t_start: float | None = None, t_end: flo
             "x_T_sha256": tensor_sha256(x_T), "t_start": t0, "t_end": t1, "rtol": float(rtol), "atol": float(atol)}
 
 
-def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def reference_path(key: dict, cache_dir: str | Path) -> Path:
-    return Path(cache_dir) / "reference" / f"{key_digest(key)}.pt"
+    return Path(cache_dir) / "reference" / f"{content_digest(key)}.pt"
 
 
 def cached_reference(problem, x_T: Tensor, t_start: float | None = None, t_end: float | None = None, *,
                      bank: dict | None = None, cache_dir: str | Path | None = "runs/cache",
                      rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> tuple[Tensor, bool]:
-    """(reference, loaded): the reference from ``cache_dir/reference/<sha256 of key>.pt`` if there, else
-    computed and written there (atomically). ``cache_dir=None`` computes without caching."""
-    if getattr(problem, "neural", False):  # a network: a converged many-step solve instead of the ODE integrator
-        from .neural_reference import cached_states
+    """(reference, loaded): the problem's reference state at ``t_end`` from ``x_T`` at ``t_start`` (problem
+    defaults), through ``problem.reference_states`` (cached under ``cache_dir``; None: not cached)."""
+    states, loaded = problem.reference_states(x_T, list(_times(problem, t_start, t_end)), bank=bank,
+                                              cache_dir=cache_dir, rtol=rtol, atol=atol)
+    return states[0], loaded
 
-        t0, t1 = _times(problem, t_start, t_end)
-        return cached_states(problem, x_T, [t0, t1], bank=bank, cache_dir=cache_dir,
-                             settings=problem.reference_settings)[0], False
+
+def ode_reference_states(problem, x_T: Tensor, times: list[float], *, bank: dict | None = None,
+                         cache_dir: str | Path | None = "runs/cache", rtol: float = DEFAULT_RTOL,
+                         atol: float = DEFAULT_ATOL) -> ReferenceStates:
+    """The high-accuracy ODE solution from x_T at ``times[0]`` through ``times[1:]``, segment by segment, each
+    segment cached as ``cached_solution``; loaded when every segment was."""
+    out, x, loaded = [], x_T, True
+    for t0, t1 in zip(times, times[1:]):
+        x, hit = cached_solution(problem, x, t0, t1, bank=bank, cache_dir=cache_dir, rtol=rtol, atol=atol)
+        out.append(x)
+        loaded = loaded and hit
+    return ReferenceStates(out, loaded)
+
+
+def cached_solution(problem, x_T: Tensor, t_start: float, t_end: float, *, bank: dict | None = None,
+                    cache_dir: str | Path | None = "runs/cache", rtol: float = DEFAULT_RTOL,
+                    atol: float = DEFAULT_ATOL) -> tuple[Tensor, bool]:
+    """(solution, loaded): ``reference_solution`` from ``cache_dir/reference/<sha256 of key>.pt`` if there, else
+    computed and written there (atomically). ``cache_dir=None`` computes without caching."""
     key = reference_key(problem, x_T, t_start, t_end, rtol, atol, bank)
     path = reference_path(key, cache_dir) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if json.loads(stored["key"]) == key and tuple(stored["x"].shape) == tuple(x_T.shape):
-                return stored["x"].to(x_T.device), True
-        except Exception:  # a damaged or foreign file: recompute and overwrite
-            pass
-    t0, t1 = _times(problem, t_start, t_end)
-    x = reference_solution(problem, x_T, t0, t1, rtol, atol)
+    stored = load_cached(path, lambda s: s["x"] if json.loads(s["key"]) == key and s["x"].shape == x_T.shape else None)
+    if stored is not None:
+        return stored.to(x_T.device), True
+    x = reference_solution(problem, x_T, t_start, t_end, rtol, atol)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save({"key": json.dumps(key, sort_keys=True), "x": x.detach().cpu()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_torch_save({"key": json.dumps(key, sort_keys=True), "x": x.detach().cpu()}, path)
     return x, False

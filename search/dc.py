@@ -333,11 +333,9 @@ def continue_across_guidance(fits: Sequence[tuple[float, ConfigFit]], *, iters: 
 def fit_targets(evaluator, schedule: Schedule, fit_samples: int) -> tuple[Tensor, list[Tensor]]:
     """The fit noises (the first ``fit_samples`` of the evaluator's train bank) and the converged
     reference states from them at ``schedule.times[1:]`` (cached on disk)."""
-    from steptune.evaluators.neural_reference import trajectory_reference
-
     x = evaluator.x_T("train", fit_samples)
     bank = {**evaluator.bank("train").describe(), "n": fit_samples}
-    return x, trajectory_reference(evaluator.problem, x, schedule.times, bank=bank, cache_dir=evaluator.cache_dir)
+    return x, evaluator.problem.reference_states(x, schedule.times, bank=bank, cache_dir=evaluator.cache_dir).states
 
 
 def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("greedy", "joint"), fit_samples: int = 10,

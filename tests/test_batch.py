@@ -92,7 +92,7 @@ def test_the_evaluator_scores_a_batch_as_it_scores_each_schedule(tmp_path):
 def test_the_digits_labels_follow_each_sample_when_schedules_are_stacked():
     """Sample i of a bank has label i mod 10; stacking K runs of 16 samples must not relabel the K-th run's
     samples as (16 k + i) mod 10."""
-    from steptune.evaluators.digits import digits_problem
+    from steptune.evaluators.digits_cond import digits_problem
 
     prob = digits_problem(guidance_scale=3.0, models_dir=None, quality=False)
     x_T = prob.sample_prior(16, torch.Generator().manual_seed(0))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from gaussian import exact_solution, gaussian_model
+
+from steptune.cli import main
 from steptune.search import dc
 from steptune.space import noise as noise_mod
 from steptune.space import presets, sample
-
-from steptune.cli import main
 
 NS = noise_mod.VPLinear()
 MU = torch.tensor([0.5, -1.0, 0.25, 1.5, 0.0, -0.3])
@@ -159,7 +159,7 @@ def test_dc_commands_refuse_bad_input(tmp_path, capsys):
 
 
 def test_dc_fit_refines_a_schedule_file_with_the_joint_fit(tmp_path, capsys):
-    from steptune.evaluators.plugins import load_problem
+    from steptune.evaluators import load_problem
 
     prob = load_problem("test_plugins:gaussian_factory")
     found = presets.build("dpm-solver++-3m", 5, prob.noise, t_start=prob.t_start, t_end=prob.t_end)

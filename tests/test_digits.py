@@ -5,20 +5,19 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from steptune.evaluators import Evaluator
-from steptune.evaluators.digits import (
+from steptune.evaluators.digits_cond import DigitsQuality, GuidedDigits, bank_labels, digits_problem
+from steptune.evaluators.digits_networks import (
     NULL_CLASS,
-    GuidedDigits,
     TrainConfig,
-    bank_labels,
     digits_images,
-    digits_problem,
     load_classifier,
     load_unet,
     train_classifier,
     train_unet,
 )
-from steptune.evaluators.features import DigitsQuality, frechet_distance, gaussian_stats
+from steptune.evaluators.metrics import frechet_distance, gaussian_stats
 from steptune.space import presets
 
 

@@ -5,8 +5,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from steptune.evaluators import Evaluator, get_problem
-from steptune.evaluators.plugins import load_problem
+
+from steptune.evaluators import Evaluator, get_problem, load_problem
 from steptune.space import Schedule, ScheduleError, Step, noise, presets, sample
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
+
 from steptune.evaluators import GaussianMixture, ring_mixture
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
+
 from steptune.evaluators import GaussianMixture, median_error, nll, rmse, sliced_wasserstein
 from steptune.evaluators.metrics import projections
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+
 from steptune.evaluators import (
     Evaluator,
     Problem,

@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
-import steptune.evaluators.reference as reference
 import torch
 from scipy.integrate import solve_ivp
+
+import steptune.evaluators.reference as reference
 from steptune.evaluators import GaussianMixture, cached_reference, get_problem, mixture_problem, reference_solution
 
 

@@ -4,9 +4,10 @@ benchmark script runs them."""
 
 import pytest
 import torch
-from steptune.evaluators import Evaluator
-from steptune.evaluators.digits import digits_problem
-from steptune.evaluators.plugins import Plug, TorchNetwork, load_problem
+
+from steptune.evaluators import Evaluator, Plug, load_problem
+from steptune.evaluators.digits_cond import digits_problem
+from steptune.evaluators.plugins import TorchNetwork
 from steptune.search import dc
 from steptune.space import presets
 

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 from gaussian import eps_fn, exact_solution
-from steptune.evaluators import Evaluator
-from steptune.evaluators.neural_reference import ReferenceSettings, converged_states
-from steptune.evaluators.plugins import Plug, PluginError, load_problem
-from steptune.space import Model, presets, sample
-from steptune.space import noise as noise_mod
 
 from steptune.cli import main
+from steptune.evaluators import Evaluator, Plug, PluginError, load_problem
+from steptune.evaluators.neural_reference import ReferenceSettings, converged_states
+from steptune.space import Model, presets, sample
+from steptune.space import noise as noise_mod
 
 NS = noise_mod.VPLinear()
 MU = torch.tensor([0.5, -1.0, 0.25, 1.5])

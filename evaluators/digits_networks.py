@@ -10,10 +10,7 @@ package (``data/``) and ``steptune train-digits`` retrains them into ``runs/mode
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .problems import Problem
+from steptune.space.noise import VPDiscrete
+
+from .cache import atomic_torch_save, file_sha256
 
 Tensor = torch.Tensor
 NULL_CLASS = 10
@@ -152,8 +151,6 @@ class TrainConfig:
 
 
 def ddpm_alphas_cumprod() -> Tensor:
-    from steptune.space.noise import VPDiscrete
-
     return torch.tensor(VPDiscrete.named("ddpm-linear").alphas_cumprod, dtype=torch.float32)
 
 
@@ -231,17 +228,8 @@ def train_classifier(seed: int = 0, epochs: int = 60, threads: int = 1,
 
 def save_checkpoint(net: nn.Module, path: Path, meta: dict) -> Path:
     """Weights stored as float16 (half the size; the rounded weights are the model from then on)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"state": state, "meta": meta}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_torch_save({"state": state, "meta": meta}, path)
 
 
 def checkpoint_path(name: str, models_dir: str | Path | None = MODELS_DIR) -> Path:
@@ -249,10 +237,6 @@ def checkpoint_path(name: str, models_dir: str | Path | None = MODELS_DIR) -> Pa
     if models_dir is not None and (Path(models_dir) / name).is_file():
         return Path(models_dir) / name
     return SHIPPED / name
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def load_unet(models_dir: str | Path | None = MODELS_DIR) -> tuple[DigitsUNet, dict]:
@@ -292,70 +276,3 @@ def train_and_save(out_dir: str | Path = MODELS_DIR, config: TrainConfig = Train
                                                 "params": sum(p.numel() for p in unet.parameters())})
     return {"classifier": str(out_dir / CLASSIFIER_FILE), "classifier_accuracy": acc,
             "classifier_seconds": t1 - t0, "unet": str(out_dir / UNET_FILE), "unet_seconds": t2 - t1}
-
-
-# ---- the problem ----------------------------------------------------------------------------------
-
-def bank_labels(n: int, device=None) -> Tensor:
-    """The class of sample i of any noise bank: i mod 10 (fixed, so a bank's labels never change)."""
-    return torch.arange(n, device=device) % 10
-
-
-class GuidedDigits:
-    """``fn(x, timestep)`` of the digits UNet with classifier-free guidance: uncond + s (cond - uncond),
-    one batched forward for both; the labels are ``bank_labels``. ``guidance_scale=None`` is unguided
-    conditional sampling (the same as 1)."""
-
-    def __init__(self, unet: DigitsUNet, guidance_scale: float | None):
-        self.unet, self.guidance_scale = unet, guidance_scale
-
-    def to(self, device) -> GuidedDigits:
-        """The UNet on ``device``, in place; inputs from any device are moved to it and back."""
-        self.unet.to(device)
-        return self
-
-    @staticmethod
-    def sample_kwargs(n: int) -> dict:
-        """The labels of n bank samples, for calls that stack several runs' samples (``sample_batch``)."""
-        return {"class_labels": bank_labels(n)}
-
-    def __call__(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        n = x.shape[0]
-        device = next(self.unet.parameters()).device
-        xin, t = x.to(device, torch.float32), timestep.to(device, torch.float32).expand(n)
-        y = bank_labels(n, device) if class_labels is None else class_labels.to(device)
-        s = self.guidance_scale
-        if s is None or s == 1.0:
-            return self.unet(xin, t, y).to(x.device, x.dtype)
-        null = torch.full_like(y, NULL_CLASS)
-        out = self.unet(torch.cat([xin, xin]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out[:n], out[n:]
-        return (uncond + s * (cond - uncond)).to(x.device, x.dtype)
-
-
-def digits_problem(guidance_scale: float = 3.0, models_dir: str | Path | None = MODELS_DIR,
-                   reference_tol: float | None = None, bank_sizes: tuple[int, int] = (64, 256),
-                   quality: bool = True) -> Problem:
-    """``digits-cond``: the class-conditional digits UNet on ``ddpm-linear`` (eps prediction, training
-    timesteps) with guidance ``guidance_scale``; FD-digits and the classifier's accuracy on the guided
-    labels are its expensive metrics (held-out evaluations)."""
-    from steptune.space import Model
-    from steptune.space.noise import VPDiscrete
-
-    from .neural_reference import ReferenceSettings
-    from .plugins import NeuralProblem
-
-    unet, meta = load_unet(models_dir)
-    ns = VPDiscrete.named("ddpm-linear")
-    model = Model(GuidedDigits(unet, guidance_scale), ns, prediction="eps", time_input="discrete")
-    settings = ReferenceSettings() if reference_tol is None else ReferenceSettings(tol=float(reference_tol))
-    source = {"kind": "network", "model": "digits-unet", "unet_sha256": meta["sha256"],
-              "guidance_scale": guidance_scale, "labels": "i mod 10"}
-    scorer = None
-    if quality:
-        from .features import DigitsQuality
-
-        scorer = DigitsQuality(models_dir)
-    return NeuralProblem(name="digits-cond", noise=ns, model=model, shape=(1, 8, 8), source=source,
-                         reference_settings=settings, bank_sizes=tuple(bank_sizes), quality=scorer,
-                         quality_metrics=("fd_digits", "accuracy") if quality else ())

@@ -27,13 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from steptune.space import NonFiniteError, Schedule, ScheduleError, sample
 from steptune.space.batch import sample_batch
 from steptune.space.sampler import check_compatible
 
 from . import metrics
 from .problems import Problem
-from .reference import DEFAULT_ATOL, DEFAULT_RTOL, cached_reference
+from .reference import DEFAULT_ATOL, DEFAULT_RTOL
 
 Tensor = torch.Tensor
 
@@ -138,8 +139,8 @@ class Evaluator:
         b = self.bank(bank)
         t_end = float(self.problem.t_end if t_end is None else t_end)
         if t_end not in b.references:
-            x, loaded = cached_reference(self.problem, b.x_T, self.problem.t_start, t_end, bank=b.describe(),
-                                         cache_dir=self.cache_dir, rtol=self.rtol, atol=self.atol)
+            (x,), loaded = self.problem.reference_states(b.x_T, [self.problem.t_start, t_end], bank=b.describe(),
+                                                         cache_dir=self.cache_dir, rtol=self.rtol, atol=self.atol)
             b.references[t_end], b.loaded[t_end] = x.to(self.device), loaded
         return b.references[t_end]
 
@@ -233,7 +234,7 @@ class Evaluator:
             out["sw"] = metrics.sliced_wasserstein(x, data, self.sw_projections, self.sw_seed)
         if self.problem.has_log_prob:
             out["nll"] = metrics.nll(x, lambda v: self.problem.log_prob(v, t_end))
-        quality = getattr(self.problem, "quality", None)
+        quality = self.problem.quality
         if quality is not None and bank == "heldout":  # the expensive fidelity (e.g. FD-digits)
             out.update(quality(x))
             if hasattr(quality, "features"):
@@ -243,16 +244,19 @@ class Evaluator:
     def _fd_to_reference(self, features, x: Tensor, ref: Tensor, bank: str, t_end: float) -> float:
         """Fréchet distance between the features of the samples and of the reference solutions from the
         same noises: how far the sampler's distribution is from the exact one."""
-        from .features import frechet_distance, gaussian_stats
-
         key = (bank, t_end, ref.shape[0])
         if key not in self._reference_stats:
-            self._reference_stats[key] = gaussian_stats(features(ref))
-        return frechet_distance(*gaussian_stats(features(x)), *self._reference_stats[key])
+            self._reference_stats[key] = metrics.gaussian_stats(features(ref))
+        return metrics.frechet_distance(*metrics.gaussian_stats(features(x)), *self._reference_stats[key])
 
     def metric_names(self) -> list[str]:
         """The metrics ``evaluate`` reports for this problem."""
-        quality = getattr(self.problem, "quality", None)
         return ["rmse", "median_err", *(["sw"] if self.problem.has_data else []),
-                *(["nll"] if self.problem.has_log_prob else []), *getattr(self.problem, "quality_metrics", ()),
-                *(["fd_reference"] if hasattr(quality, "features") else [])]
+                *(["nll"] if self.problem.has_log_prob else []), *self.problem.quality_metrics,
+                *(["fd_reference"] if hasattr(self.problem.quality, "features") else [])]
+
+
+def evaluator_options(problem: Problem) -> dict:
+    """Bank sizes that suit the problem (smaller for networks): keyword arguments for ``Evaluator``."""
+    sizes = problem.bank_sizes
+    return {} if sizes is None else {"n_train": sizes[0], "n_heldout": sizes[1]}
