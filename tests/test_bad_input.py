@@ -178,7 +178,7 @@ def test_dc_fit_refuses_a_missing_solver_file(capsys, tmp_path, cache):
 
 def test_dc_fit_refuses_a_negative_guidance_scale(capsys, tmp_path, cache):
     _refused(capsys, ["dc", "fit", "--problem", "gmm-2d", "--nfe", "5", "--cfg", "1,-2", "--threads", "1",
-                      "--cache", cache], "--cfg -2", "0 or more")
+                      "--cache", cache], "--guidance -2", "0 or more")  # --cfg: the old name, still taken
 
 
 @pytest.fixture(scope="module")
@@ -202,15 +202,15 @@ def test_dc_cpr_refuses_a_negative_ridge_and_stores_nothing(capsys, dc_study, ri
 
 def test_dc_predict_refuses_guidance_for_a_study_fitted_without_it(capsys, dc_study, tmp_path):
     out = tmp_path / "p.json"
-    line = _refused(capsys, ["dc", "predict", "--study", "dc", "--fit", "greedy", "--nfe", "5", "--cfg", "2", "-o",
-                             out, "--db", f"sqlite:///{dc_study / 'dc.db'}"], "--cfg 2", "without guidance",
-                    "drop --cfg")
+    line = _refused(capsys, ["dc", "predict", "--study", "dc", "--fit", "greedy", "--nfe", "5", "--guidance", "2",
+                             "-o", out, "--db", f"sqlite:///{dc_study / 'dc.db'}"], "--guidance 2",
+                    "without guidance", "drop --guidance")
     assert "dc fit" not in line and not out.exists()
 
 
 def test_dc_predict_refuses_a_negative_guidance_scale(capsys, dc_study):
-    line = _refused(capsys, ["dc", "predict", "--study", "dc", "--fit", "greedy", "--nfe", "5", "--cfg", "-2",
-                             "--db", f"sqlite:///{dc_study / 'dc.db'}"], "--cfg -2", "0 or more")
+    line = _refused(capsys, ["dc", "predict", "--study", "dc", "--fit", "greedy", "--nfe", "5", "--guidance", "-2",
+                             "--db", f"sqlite:///{dc_study / 'dc.db'}"], "--guidance -2", "0 or more")
     assert "dc fit" not in line
 
 
@@ -307,10 +307,9 @@ def test_relax_report_saves_the_image_it_names(capsys, relax_study, tmp_path):
 @pytest.mark.parametrize("option,message", [
     (["--spacing", "bogus"], "--spacing: unknown spacing 'bogus'; choose from time-uniform, logsnr, time-quadratic, "
                              "karras, diffusers-linspace, diffusers-leading, diffusers-trailing"),
-    (["--bank", "bogus"], "--bank 'bogus': use heldout or train"),
     (["--presets", "ddim:order=3"], "preset 'ddim' has no option 'order'; its options are spacing, t_start, t_end, "
                                     "final_zero, prediction")])
-def test_sweep_refuses_an_unknown_spacing_bank_or_preset_option_before_it_runs(option, message, tmp_path, capsys):
+def test_sweep_refuses_an_unknown_spacing_or_preset_option_before_it_runs(option, message, tmp_path, capsys):
     out = tmp_path / "sw"
     assert main(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(tmp_path / "c"),
                  "--out", str(out), *option]) == 2

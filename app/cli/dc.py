@@ -211,9 +211,9 @@ def fit_cmd(
     if study is not None:
         check_same_fit(db, study, made_as)
     configs = []  # (cfg, evaluator, schedule, ConfigFit)
-    err.print(f"fitting {sum(len(scheds) for _, _, scheds in plans)} configurations ({', '.join(methods)})",
-              highlight=False)
     try:
+        err.print(f"fitting {sum(len(scheds) for _, _, scheds in plans)} configurations ({', '.join(methods)})",
+                  highlight=False)
         _fit_all(plans, configs, methods, fit_samples, greedy_iters, joint_iters, continuation, json_)
     except KeyboardInterrupt:
         total = sum(len(scheds) for _, _, scheds in plans)

@@ -8,7 +8,6 @@ import typer
 
 from steptune import __version__
 from steptune.cli import dashboard, db, dc, digits, results, run, schedules, search, sor
-from steptune.cli.console import err
 from steptune.cli.errors import CliError, library_errors
 
 
@@ -47,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0
     except typer.Exit as e:
         return e.exit_code
-    except typer.Abort:
-        err.print("aborted")
+    except typer.Abort:  # click's form of a Ctrl-C that reached it; printed plainly, whatever state rich is in
+        print("interrupted", file=sys.stderr)
         return 130
     except ClickException as e:  # usage errors: an unknown option or command, a missing or bad value
         e.show()
