@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from steptune.space import Schedule, trajectory
+
+from steptune.space import Schedule, TrajectoryRun, trajectory
 
 Tensor = torch.Tensor
 BOUNDS = (0.3, 1.7)
@@ -69,21 +70,17 @@ def run(model, schedule: Schedule, x_T: Tensor, ratios: Sequence[float | Tensor]
     instead of calling the model. Returns the state after step ``stop_after`` (the final state when
     None) and every model output used, in order."""
     states: dict[int, Tensor] = {}
-    loop = trajectory(schedule, model.noise, x_T, model.data_mean, callback=states.__setitem__,
-                      dc_ratios=list(ratios), reuse_buffers=False)
+    loop = TrajectoryRun(trajectory(schedule, model.noise, x_T, model.data_mean, callback=states.__setitem__,
+                                    dc_ratios=list(ratios), reuse_buffers=False))
     outputs: list[tuple] = []
-    try:
-        req = next(loop)
-        while True:
-            if stop_after is not None and stop_after in states:
-                loop.close()
-                return states[stop_after], outputs
-            k = len(outputs)
-            out = replay[k] if k < len(replay) else model.predict(req.x, req.t, req.alpha, req.sigma)
-            outputs.append(out)
-            req = loop.send(out)
-    except StopIteration as done:
-        return (done.value if stop_after is None else states[stop_after]), outputs
+    while not loop.done:
+        if stop_after is not None and stop_after in states:
+            loop.close()
+            return states[stop_after], outputs
+        req, k = loop.request, len(outputs)
+        outputs.append(replay[k] if k < len(replay) else model.predict(req.x, req.t, req.alpha, req.sigma))
+        loop.send(outputs[-1])
+    return (loop.result if stop_after is None else states[stop_after]), outputs
 
 
 def _mse(x: Tensor, ref: Tensor) -> Tensor:
@@ -99,40 +96,38 @@ def fit_greedy(model, schedule: Schedule, x_T: Tensor, targets: Sequence[Tensor]
                progress: Callable[[int, int], None] | None = None) -> FitResult:
     """DC-Solver's greedy fit. ``targets[i]`` is the reference state at ``schedule.times[i + 1]``."""
     start = time.perf_counter()
-    calls = model.calls
-    n = len(schedule.steps)
-    ratios: list[float] = [1.0] * n
-    steps = eligible_steps(schedule)
-    history = []
-    with torch.no_grad():
-        x0, cache = run(model, schedule, x_T, ratios, stop_after=steps[0] - 1 if steps else None)
-        loss_start = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
-    for k, i in enumerate(steps):
-        rho = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.AdamW([rho], lr=lr, weight_decay=weight_decay)
-        best = (math.inf, 1.0)
-        for _ in range(iters):
-            rs = [*ratios[:i], rho, *ratios[i + 1:]]
-            x, _ = run(model, schedule, x_T, rs, replay=cache, stop_after=i)
-            loss = _mse(x, targets[i])
-            if float(loss.detach()) < best[0]:
-                best = (float(loss.detach()), float(rho.detach()))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                rho.clamp_(*bounds)
-        ratios[i] = _clamp(best[1], bounds)
-        history.append({"step": i, "ratio": ratios[i], "loss": best[0]})
+    with model.uncounted() as used:
+        n = len(schedule.steps)
+        ratios: list[float] = [1.0] * n
+        steps = eligible_steps(schedule)
+        history = []
         with torch.no_grad():
-            _, cache = run(model, schedule, x_T, ratios, replay=cache, stop_after=i)
-        if progress is not None:
-            progress(k + 1, len(steps))
-    with torch.no_grad():
-        loss = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
-    used = model.calls - calls
-    model.calls = calls
-    return FitResult("greedy", ratios, loss_start, loss, time.perf_counter() - start, used, history)
+            x0, cache = run(model, schedule, x_T, ratios, stop_after=steps[0] - 1 if steps else None)
+            loss_start = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
+        for k, i in enumerate(steps):
+            rho = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.AdamW([rho], lr=lr, weight_decay=weight_decay)
+            best = (math.inf, 1.0)
+            for _ in range(iters):
+                rs = [*ratios[:i], rho, *ratios[i + 1:]]
+                x, _ = run(model, schedule, x_T, rs, replay=cache, stop_after=i)
+                loss = _mse(x, targets[i])
+                if float(loss.detach()) < best[0]:
+                    best = (float(loss.detach()), float(rho.detach()))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    rho.clamp_(*bounds)
+            ratios[i] = _clamp(best[1], bounds)
+            history.append({"step": i, "ratio": ratios[i], "loss": best[0]})
+            with torch.no_grad():
+                _, cache = run(model, schedule, x_T, ratios, replay=cache, stop_after=i)
+            if progress is not None:
+                progress(k + 1, len(steps))
+        with torch.no_grad():
+            loss = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
+    return FitResult("greedy", ratios, loss_start, loss, time.perf_counter() - start, used.n, history)
 
 
 def joint_loss(model, schedule: Schedule, x_T: Tensor, target: Tensor, ratios: Tensor) -> Tensor:
@@ -150,38 +145,36 @@ def fit_joint(model, schedule: Schedule, x_T: Tensor, target: Tensor, *, init: S
               progress: Callable[[int, int], None] | None = None) -> FitResult:
     """All ratios at once on the final-state error (``target``: the reference at the schedule's end)."""
     start = time.perf_counter()
-    calls = model.calls
-    steps = eligible_steps(schedule)
-    init = list(init) if init is not None else ratios_of(schedule)
-    theta = torch.tensor([init[i] for i in steps], dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        loss_start = float(joint_loss(model, schedule, x_T, target, theta))
-    best = (loss_start, theta.detach().clone())
-    history = []
-    if steps:
-        opt = torch.optim.Adam([theta], lr=lr)
-        for it in range(iters):
-            loss = joint_loss(model, schedule, x_T, target, theta)
-            if float(loss.detach()) < best[0]:
-                best = (float(loss.detach()), theta.detach().clone())
-            history.append({"iter": it, "loss": float(loss.detach())})
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                theta.clamp_(*bounds)
-            if progress is not None:
-                progress(it + 1, iters)
+    with model.uncounted() as used:
+        steps = eligible_steps(schedule)
+        init = list(init) if init is not None else ratios_of(schedule)
+        theta = torch.tensor([init[i] for i in steps], dtype=torch.float64, requires_grad=True)
         with torch.no_grad():
-            final = float(joint_loss(model, schedule, x_T, target, theta))
-        if final < best[0]:
-            best = (final, theta.detach().clone())
+            loss_start = float(joint_loss(model, schedule, x_T, target, theta))
+        best = (loss_start, theta.detach().clone())
+        history = []
+        if steps:
+            opt = torch.optim.Adam([theta], lr=lr)
+            for it in range(iters):
+                loss = joint_loss(model, schedule, x_T, target, theta)
+                if float(loss.detach()) < best[0]:
+                    best = (float(loss.detach()), theta.detach().clone())
+                history.append({"iter": it, "loss": float(loss.detach())})
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    theta.clamp_(*bounds)
+                if progress is not None:
+                    progress(it + 1, iters)
+            with torch.no_grad():
+                final = float(joint_loss(model, schedule, x_T, target, theta))
+            if final < best[0]:
+                best = (final, theta.detach().clone())
     ratios = [1.0] * len(schedule.steps)
     for j, i in enumerate(steps):
         ratios[i] = float(best[1][j])
-    used = model.calls - calls
-    model.calls = calls
-    return FitResult("joint", ratios, loss_start, best[0], time.perf_counter() - start, used, history)
+    return FitResult("joint", ratios, loss_start, best[0], time.perf_counter() - start, used.n, history)
 
 
 # ---- cascade polynomial regression ----------------------------------------------------------------

@@ -16,41 +16,17 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+
 from steptune.space import Corrector, Schedule, ScheduleError, Step
 from steptune.space.noise import NoiseSchedule
+from steptune.space.relaxation import STEP_RELAXATIONS
 from steptune.space.schedule import MAX_ORDER
 
 PREDICTIONS = ("noise", "data")
-# relaxation kinds a predictor step may use ("heun" is the trapezoidal corrector's own factor)
-STEP_RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh2", "unipc-bh1", "0.5exp", "-0.5exp", "linear")
 ORDER_P = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
-RELAX_P = (0.35, 0.15, 0.15, 0.1, 0.05, 0.05, 0.15)
-
-
-def schedule_key(s: Schedule) -> str:
-    """A canonical text for de-duplication: every decision, with real numbers rounded to 1e-9."""
-    def r(x):
-        return round(float(x), 9)
-
-    steps = tuple((r(st.t), st.prediction, st.order, st.start, st.points, st.first_points, st.relaxation,
-                   r(st.relaxation_coef), r(st.second_scale), r(st.dc_ratio),
-                   None if st.corrector is None else (st.corrector.kind, st.corrector.order, st.corrector.relaxation,
-                                                      r(st.corrector.relaxation_coef)))
-                  for st in s.steps)
-    return repr((s.afs, r(s.t_start), steps))
-
-
-def structure_key(s: Schedule) -> str:
-    """:func:`schedule_key` without the timesteps: schedules that differ only in their times share it."""
-    def r(x):
-        return round(float(x), 9)
-
-    steps = tuple((st.prediction, st.order, st.start, st.points, st.first_points, st.relaxation,
-                   r(st.relaxation_coef), r(st.second_scale), r(st.dc_ratio),
-                   None if st.corrector is None else (st.corrector.kind, st.corrector.order, st.corrector.relaxation,
-                                                      r(st.corrector.relaxation_coef)))
-                  for st in s.steps)
-    return repr((s.afs, r(s.t_start), steps))
+# how often random steps take each relaxation kind a predictor step may use
+RELAX_P = {"none": 0.35, "dpmsolver-2": 0.15, "unipc-bh2": 0.15, "unipc-bh1": 0.1, "0.5exp": 0.05, "-0.5exp": 0.05,
+           "linear": 0.15}
 
 
 def steps_for(nfe: int, afs: str = "none", implicit: int = 0) -> int:
@@ -153,9 +129,13 @@ class DecisionSpace:
         p = np.array([ORDER_P[o] for o in orders])
         return int(rng.choice(orders, p=p / p.sum()))
 
+    @staticmethod
+    def sample_relaxation(rng: np.random.Generator) -> str:
+        return str(rng.choice(STEP_RELAXATIONS, p=[RELAX_P[k] for k in STEP_RELAXATIONS]))
+
     def sample_step(self, rng: np.random.Generator, t: float, corrector_ok: bool = True) -> Step:
         order = self.sample_order(rng)
-        relax = str(rng.choice(STEP_RELAXATIONS, p=RELAX_P))
+        relax = self.sample_relaxation(rng)
         coef = float(rng.normal(0, self.relax_coef_sigma)) if relax == "linear" else 0.0
         corr = Corrector("pseudo") if corrector_ok and rng.random() < 0.5 else None
         first = 1 if order > 2 and rng.random() < 0.3 else None
@@ -299,7 +279,7 @@ class DecisionSpace:
         elif what == 2:
             st = replace(st, first_points=None if st.first_points else 1)
         elif what == 3:
-            relax = str(rng.choice(STEP_RELAXATIONS, p=RELAX_P))
+            relax = self.sample_relaxation(rng)
             st = replace(st, relaxation=relax, relaxation_coef=0.0 if relax != "linear" else st.relaxation_coef)
         elif what == 4:
             if st.relaxation != "linear":

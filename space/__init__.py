@@ -1,9 +1,10 @@
 """steptune.space: what a schedule is and how it runs."""
 
 from . import noise, presets, spacing
+from .errors import ScheduleError
 from .model import Model
-from .sampler import NonFiniteError, Request, sample, trajectory
-from .schedule import Corrector, Schedule, ScheduleError, Step, load_schedule
+from .sampler import NonFiniteError, Request, TrajectoryRun, sample, trajectory
+from .schedule import Corrector, Schedule, Step, load_schedule
 
 __all__ = ["Corrector", "Model", "NonFiniteError", "Schedule", "ScheduleError", "Step", "load_schedule",
-           "noise", "presets", "Request", "sample", "spacing", "trajectory"]
+           "noise", "presets", "Request", "sample", "spacing", "trajectory", "TrajectoryRun"]

@@ -18,7 +18,7 @@ from dataclasses import replace
 import torch
 
 from .model import Model, convert
-from .sampler import NonFiniteError, check_compatible, trajectory
+from .sampler import NonFiniteError, TrajectoryRun, check_compatible, trajectory
 from .schedule import Schedule
 
 Tensor = torch.Tensor
@@ -39,15 +39,11 @@ def sample_batch(model: Model, x_T: Tensor, schedules: Sequence[Schedule]) -> li
     n = x_T.shape[0]
     per_sample = getattr(model.fn, "sample_kwargs", None)
     cond = {**model.cond_kwargs, **(per_sample(n) if per_sample is not None else {})}
-    loops = [trajectory(s, model.noise, x_T, model.data_mean) for s in schedules]
-    results: list[Tensor | NonFiniteError | None] = [None] * len(loops)
-    pending = {}
-    for k, loop in enumerate(loops):
-        pending[k] = next(loop)
+    runs = [TrajectoryRun(trajectory(s, model.noise, x_T, model.data_mean)) for s in schedules]
+    results: list[Tensor | NonFiniteError | None] = [r.result for r in runs]
     by_count: dict[int, Model] = {}
-    while pending:
-        ks = sorted(pending)
-        reqs = [pending[k] for k in ks]
+    while ks := [k for k, r in enumerate(runs) if not r.done]:
+        reqs = [runs[k].request for k in ks]
         x = torch.cat([r.x for r in reqs]) if len(reqs) > 1 else reqs[0].x
         tv = torch.cat([torch.full((n,), model.time_value(r.t), dtype=x.dtype, device=x.device) for r in reqs])
         m = by_count.get(len(ks))
@@ -56,13 +52,11 @@ def sample_batch(model: Model, x_T: Tensor, schedules: Sequence[Schedule]) -> li
                                             uncond_kwargs=_tiled(model.uncond_kwargs, n, len(ks)))
         out = m.call(x, tv).to(x.dtype)
         model.calls += 1
-        pending = {}
         for i, (k, r) in enumerate(zip(ks, reqs)):
             eps_x0 = convert(out[i * n:(i + 1) * n], r.x, r.alpha, r.sigma, model.prediction, r.buf)
             try:
-                pending[k] = loops[k].send(eps_x0)
-            except StopIteration as done:
-                results[k] = done.value
+                runs[k].send(eps_x0)
+                results[k] = runs[k].result
             except NonFiniteError as e:
                 results[k] = e
     return results

@@ -12,11 +12,43 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from .phi import phi_terms
+from .relaxation import relaxation_factor
+
 Tensor = torch.Tensor
+
+
+class Node(NamedTuple):
+    """A time on the noise schedule's axis: t, lambda = log(alpha/sigma), alpha and sigma."""
+
+    t: float
+    lam: float
+    alpha: float
+    sigma: float
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """What one kernel step does. ``start`` and ``points`` index the history (-1: the newest point): the
+    step starts at ``start`` and estimates derivatives over ``points`` (used when ``order`` > 1);
+    ``first_points`` uses only the first m of them for the first derivative; ``relaxation`` (a kind
+    of the relaxation registry, with ``relaxation_coef``) scales the first-derivative term and
+    ``second_scale`` the second; ``basis="t"`` interpolates in t instead (DEIS's tAB)."""
+
+    prediction: str
+    order: int
+    start: int = -1
+    points: tuple[int, ...] = ()
+    first_points: int | None = None
+    relaxation: str = "none"
+    relaxation_coef: float = 0.0
+    second_scale: float = 1.0
+    basis: str = "lambda"
 
 
 @dataclass
@@ -33,44 +65,6 @@ class Point:
 
     def output(self, prediction: str) -> Tensor:
         return self.eps if prediction == "noise" else self.x0
-
-
-def phi_terms(z: float, n: int) -> list[float]:
-    """[c_1(z), ..., c_n(z)] with c_k(z) = z^k phi_k(z) = e^z - sum_{j<k} z^j / j!."""
-    if abs(z) < 0.5:  # the recurrence below cancels for small z; sum the series instead
-        out = []
-        for k in range(1, n + 1):
-            term = z**k / math.factorial(k)
-            total = term
-            for j in range(k + 1, k + 26):
-                term *= z / j
-                total += term
-            out.append(total)
-        return out
-    out = [math.expm1(z)]
-    for k in range(1, n):
-        out.append(out[-1] - z**k / math.factorial(k))
-    return out
-
-
-def relaxation_factor(kind: str, hh: float, h: float, coef: float = 0.0) -> float:
-    """Scale on the first-derivative term; hh = h for noise prediction, -h for data prediction."""
-    if kind == "none":
-        return 1.0
-    c1, c2 = phi_terms(hh, 2)
-    if kind in ("dpmsolver-2", "unipc-bh2"):
-        return 0.5 * hh * c1 / c2
-    if kind == "unipc-bh1":
-        return 0.5 * hh * hh / c2
-    if kind == "0.5exp":
-        return 1.0 + 0.5 * c1
-    if kind == "-0.5exp":
-        return 1.0 - 0.5 * c1
-    if kind == "linear":
-        return 1.0 + coef * h
-    if kind == "heun":  # the trapezoidal (Heun) corrector in the sigma/alpha coordinate
-        return h * math.expm1(h) / (2.0 * c2)
-    raise ValueError(f"unknown relaxation {kind!r}")
 
 
 def _difference_weights(r: list[float], m: int) -> list[list[float]]:
@@ -95,21 +89,20 @@ def _difference_weights(r: list[float], m: int) -> list[list[float]]:
     return [row[m:] for row in a]
 
 
-def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float, sigma_t: float,
-                 prediction: str, order: int, first_points: int | None = None,
-                 relaxation: str = "none", coef: float = 0.0,
-                 second_scale: float = 1.0, basis: str = "lambda",
+def step_weights(start: Point, others: list[Point], to: Node, rule: StepRule,
                  t_of_lambda: Callable | None = None) -> tuple[float, float, list[float]]:
-    """Coefficients (a, b, w) of x_t = a x_s + b F_s + sum_j w_j F_j over the derivative points.
+    """Coefficients (a, b, w) of x_t = a x_s + b F_s + sum_j w_j F_j over the derivative points, for the
+    step ``rule`` from ``start`` to ``to``.
 
     ``basis="t"`` interpolates F with a Lagrange polynomial in t (not lambda) through the start and
     the points, as DEIS's tAB does, and integrates it against the exact kernel by Gauss-Legendre
     quadrature in lambda (``t_of_lambda`` maps the nodes to t).
     """
-    h = lam_t - start.lam
-    hh = h if prediction == "noise" else -h
+    order, alpha_t, sigma_t = rule.order, to.alpha, to.sigma
+    h = to.lam - start.lam
+    hh = h if rule.prediction == "noise" else -h
     c = phi_terms(hh, order)
-    if prediction == "noise":
+    if rule.prediction == "noise":
         if start.alpha == 0:
             raise ValueError("noise prediction cannot start from alpha = 0 (pure noise); use data prediction there")
         a = alpha_t / start.alpha
@@ -120,21 +113,22 @@ def step_weights(start: Point, others: list[Point], lam_t: float, alpha_t: float
         b = -alpha_t * c[0]
         wk = [alpha_t * (-1) ** (k + 1) * c[k] for k in range(order)]
     w = [0.0] * len(others)
-    if order > 1 and basis == "t":
-        return a, *_t_basis_weights(start, others, h, alpha_t, sigma_t, prediction, t_of_lambda)
+    if order > 1 and rule.basis == "t":
+        return a, *_t_basis_weights(start, others, h, alpha_t, sigma_t, rule.prediction, t_of_lambda)
     if order > 1:
         r = [(p.lam - start.lam) / h for p in others]
         inv = _difference_weights(r, len(others))
         rows = {q: inv[q - 1] for q in range(1, order)}
+        first_points = rule.first_points
         if first_points is not None and first_points < len(others):
             sub = _difference_weights(r[:first_points], first_points)[0]
             rows[1] = list(sub) + [0.0] * (len(others) - first_points)
         for q in range(1, order):
             scale = wk[q] * math.factorial(q) / h**q
             if q == 1:
-                scale *= relaxation_factor(relaxation, hh, h, coef)
+                scale *= relaxation_factor(rule.relaxation, hh, h, rule.relaxation_coef)
             elif q == 2:
-                scale *= second_scale
+                scale *= rule.second_scale
             for j in range(len(others)):
                 w[j] += scale * rows[q][j]
         b -= sum(w)
@@ -161,21 +155,18 @@ def _t_basis_weights(start: Point, others: list[Point], h: float, alpha_t: float
     return coefs[0], coefs[1:]
 
 
-def solve_step(hist: list[Point], start: int, lam_t: float, alpha_t: float, sigma_t: float,
-               prediction: str, order: int, points: tuple[int, ...], first_points: int | None = None,
-               relaxation: str = "none", coef: float = 0.0, second_scale: float = 1.0,
-               out: Tensor | None = None, basis: str = "lambda", t_of_lambda: Callable | None = None) -> Tensor:
-    """One generic step from hist[start] to the time with (lam_t, alpha_t, sigma_t); ``out`` may be
-    a buffer for the result that aliases none of the inputs."""
-    s = hist[start]
-    others = [hist[p] for p in points] if order > 1 else []
-    a, b, w = step_weights(s, others, lam_t, alpha_t, sigma_t, prediction, order, first_points, relaxation, coef,
-                           second_scale, basis, t_of_lambda)
+def solve_step(hist: list[Point], rule: StepRule, to: Node, *, out: Tensor | None = None,
+               t_of_lambda: Callable | None = None) -> Tensor:
+    """One generic step ``rule`` over the history ``hist`` to the time ``to``; ``out`` may be a buffer for
+    the result that aliases none of the inputs."""
+    s = hist[rule.start]
+    others = [hist[p] for p in rule.points] if rule.order > 1 else []
+    a, b, w = step_weights(s, others, to, rule, t_of_lambda)
     out = torch.mul(s.x, a, out=out)
-    out.add_(s.output(prediction), alpha=b)
+    out.add_(s.output(rule.prediction), alpha=b)
     for wj, p in zip(w, others):
         if wj != 0.0:
-            out.add_(p.output(prediction), alpha=wj)
+            out.add_(p.output(rule.prediction), alpha=wj)
     return out
 
 

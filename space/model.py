@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,11 @@ Tensor = torch.Tensor
 
 PREDICTION_TYPES = ("eps", "x0", "v", "flow")
 TIME_INPUTS = ("discrete", "continuous", "sigma")
+
+
+@dataclass
+class CallCount:
+    n: int = 0
 
 
 @dataclass
@@ -48,6 +54,18 @@ class Model:
             raise ValueError(f"model time_input {self.time_input!r} is unknown; use one of {', '.join(TIME_INPUTS)}")
         if self.time_input == "discrete" and not isinstance(self.noise, VPDiscrete):
             raise ValueError("model time_input 'discrete' needs a discrete VP noise schedule")
+
+    @contextmanager
+    def uncounted(self) -> Iterator[CallCount]:
+        """Model calls made inside the block are left out of ``calls`` (reference solves, checks, fits); the
+        yielded count holds how many there were once the block ends."""
+        before = self.calls
+        used = CallCount()
+        try:
+            yield used
+        finally:
+            used.n = self.calls - before
+            self.calls = before
 
     def conventions(self) -> dict:
         return {"prediction": self.prediction, "time_input": self.time_input, "time_scale": self.time_scale,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from .schedule import ScheduleError
+from .errors import ScheduleError
 
 Tensor = torch.Tensor
 _F64 = torch.float64

@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import spacing as spacing_mod
+from .errors import ScheduleError
 from .noise import NoiseSchedule
-from .schedule import Corrector, Schedule, ScheduleError, Step
+from .schedule import Corrector, Schedule, Step
 
 PRESETS: dict[str, Callable[..., Schedule]] = {}
 DESCRIPTIONS: dict[str, str] = {}

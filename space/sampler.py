@@ -9,10 +9,11 @@ from typing import NamedTuple
 import torch
 
 from . import noise as noise_mod
-from .kernel import Point, lagrange_weights, solve_step
+from .errors import ScheduleError
+from .kernel import Node, Point, StepRule, lagrange_weights, solve_step
 from .model import Model
 from .noise import NoiseSchedule
-from .schedule import Schedule, ScheduleError
+from .schedule import Schedule, Step
 
 Tensor = torch.Tensor
 
@@ -126,6 +127,22 @@ class _FreshTensors(_Buffers):
         pass
 
 
+def _predictor_rule(st: Step) -> StepRule:
+    return StepRule(st.prediction, st.order, st.start, st.derivative_points(), st.first_points, st.relaxation,
+                    st.relaxation_coef, st.second_scale, st.basis)
+
+
+def _corrector_rule(st: Step) -> StepRule | None:
+    """The corrector's re-solve of the step, over the history with the new point appended: from the same
+    start (one further back) through the new point and the step's first ``order - 2`` points."""
+    c = st.corrector
+    if c is None:
+        return None
+    corder = st.order + 1 if c.order is None else c.order
+    points = (-1, *(p - 1 for p in st.derivative_points()[: corder - 2]))
+    return StepRule(st.prediction, corder, st.start - 1, points, None, c.relaxation, c.relaxation_coef)
+
+
 class Request(NamedTuple):
     """The loop needs the model's outputs (eps, x0) at state ``x``, time index ``j`` of ``schedule.times``."""
 
@@ -143,8 +160,8 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
                reuse_buffers: bool = True) -> Generator[Request, tuple, Tensor]:
     """The sampler loop as a generator: it yields a ``Request`` whenever it needs the model and is
     sent back ``(eps, x0)``, or ``(eps, x0, x)`` when the model was evaluated at a state ``x`` other
-    than the request's (which then replaces it); it returns the final state. ``sample`` drives it with a Model; an
-    external loop (e.g. a diffusers pipeline) can drive it one model call at a time.
+    than the request's (which then replaces it); it returns the final state. ``TrajectoryRun`` drives it: ``sample``
+    with a Model, an external loop (e.g. a diffusers pipeline) one model call at a time.
 
     ``dc_ratios`` (one per step; floats or 0-d tensors) replace the steps' ``dc_ratio``; a step with
     fewer than three outputs in its history is never compensated. ``reuse_buffers=False`` gives every
@@ -154,6 +171,7 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     times_list = schedule.times
     times = torch.tensor(times_list, dtype=torch.float64)
     alphas, sigmas, lams = noise.alpha(times).tolist(), noise.sigma(times).tolist(), noise.lam(times).tolist()
+    nodes = [Node(*v) for v in zip(times_list, lams, alphas, sigmas)]
     bufs = _Buffers() if reuse_buffers else _FreshTensors()
     if dc_ratios is not None and len(dc_ratios) != len(schedule.steps):
         raise ValueError(f"dc_ratios: {len(dc_ratios)} values for {len(schedule.steps)} steps")
@@ -163,7 +181,7 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
         if evaluated:  # the driver evaluated the model at its own copy of the state (e.g. one autograd follows)
             bufs.release(x)
             x = evaluated[0]
-        return Point(times_list[j], lams[j], alphas[j], sigmas[j], x, eps, x0)
+        return Point(*nodes[j], x, eps, x0)
 
     def drop(p: Point) -> None:
         bufs.release(p.x, p.eps, p.x0)
@@ -171,13 +189,14 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     x = x_T
     if schedule.afs != "none":
         eps, x0 = _afs_outputs(data_mean, x, alphas[0], sigmas[0], schedule.afs)
-        hist = [Point(times_list[0], lams[0], alphas[0], sigmas[0], x, eps, x0)]
+        hist = [Point(*nodes[0], x, eps, x0)]
     else:
         hist = [(yield from point(0, x))]
     n = len(schedule.steps)
     keep = _lookback(schedule)
     checks = _StateChecks(x_T.device)
-    for i, st in enumerate(schedule.steps):
+    rules = [(_predictor_rule(st), _corrector_rule(st)) for st in schedule.steps]
+    for i, (st, (rule, correct)) in enumerate(zip(schedule.steps, rules)):
         j = i + 1
         last = i == n - 1
         ratio = st.dc_ratio if dc_ratios is None else dc_ratios[i]
@@ -186,22 +205,15 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
             old = (newest.eps, newest.x0)
             _compensate(hist, ratio)
             bufs.release(*old)
-        pts = st.derivative_points()
-        x = solve_step(hist, st.start, lams[j], alphas[j], sigmas[j], st.prediction, st.order, pts,
-                       st.first_points, st.relaxation, st.relaxation_coef, st.second_scale,
-                       out=None if last else bufs.new(x), basis=st.basis, t_of_lambda=noise.t_of_lambda)
+        x = solve_step(hist, rule, nodes[j], out=None if last else bufs.new(x), t_of_lambda=noise.t_of_lambda)
         if not last:
             pt = yield from point(j, x)
             x = pt.x
-            c = st.corrector
-            if c is not None:
+            if correct is not None:
                 hist.append(pt)
-                corder = st.order + 1 if c.order is None else c.order
-                cpts = (-1, *(p - 1 for p in pts[: corder - 2]))
-                x = solve_step(hist, st.start - 1, lams[j], alphas[j], sigmas[j], st.prediction, corder, cpts,
-                               None, c.relaxation, c.relaxation_coef, out=bufs.new(x))
+                x = solve_step(hist, correct, nodes[j], out=bufs.new(x))
                 hist.pop()
-                if c.kind == "implicit":
+                if st.corrector.kind == "implicit":
                     drop(pt)
                     pt = yield from point(j, x)
                     x = pt.x
@@ -227,10 +239,47 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
     """
     schedule.validate()
     check_compatible(model, schedule)
-    loop = trajectory(schedule, model.noise, x_T, model.data_mean, callback)
-    try:
-        req = next(loop)
-        while True:
-            req = loop.send(model.predict(req.x, req.t, req.alpha, req.sigma, req.buf))
-    except StopIteration as done:
-        return done.value
+    run = TrajectoryRun(trajectory(schedule, model.noise, x_T, model.data_mean, callback))
+    return run.finish(lambda req: model.predict(req.x, req.t, req.alpha, req.sigma, req.buf))
+
+
+class TrajectoryRun:
+    """Drives a ``trajectory`` generator: ``request`` is the model call it waits for (None once it has
+    finished, when ``result`` holds the final state). ``send`` answers the request; ``finish`` answers
+    every request with ``respond`` and returns the final state. An error of the loop (a NonFiniteError)
+    propagates from the call that resumed it, and ends the run."""
+
+    def __init__(self, loop: Generator[Request, tuple, Tensor]):
+        self.loop = loop
+        self.request: Request | None = None
+        self.result: Tensor | None = None
+        self._resume(None)  # runs the loop to its first request (or to its end, with no model call)
+
+    @property
+    def done(self) -> bool:
+        return self.request is None
+
+    def send(self, outputs: tuple) -> Request | None:
+        """Answer the current request with ``(eps, x0)`` or ``(eps, x0, x)`` (see ``trajectory``); returns
+        the next request, or None when the loop has finished."""
+        if self.request is None:
+            raise RuntimeError("the sampler loop has finished; it takes no more model outputs")
+        return self._resume(outputs)
+
+    def _resume(self, outputs: tuple | None) -> Request | None:
+        self.request = None  # stays None when the loop ends, or raises
+        try:
+            self.request = self.loop.send(outputs)
+        except StopIteration as done:
+            self.result = done.value
+        return self.request
+
+    def finish(self, respond: Callable[[Request], tuple]) -> Tensor:
+        while self.request is not None:
+            self._resume(respond(self.request))
+        return self.result
+
+    def close(self) -> None:
+        """Stop the loop where it is (its final state is never computed)."""
+        self.loop.close()
+        self.request = None

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import ClassVar
+
+from . import noise as noise_mod
+from .errors import ScheduleError
+from .relaxation import RELAXATIONS
 
 SCHEMA_VERSION = 1
 
 PREDICTIONS = ("noise", "data")
-RELAXATIONS = ("none", "dpmsolver-2", "unipc-bh2", "unipc-bh1", "0.5exp", "-0.5exp", "linear", "heun")
 CORRECTORS = ("pseudo", "implicit")
 AFS = ("none", "zero", "mean")
 BASES = ("lambda", "t")
 MAX_ORDER = 4
-
-
-class ScheduleError(ValueError):
-    """A schedule that cannot run; the message names the step and the field."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,10 @@ class Schedule:
     ``noise`` is the identity (``NoiseSchedule.to_dict()``) of the noise schedule whose time
     axis the timesteps live on; ``afs`` is the analytical first step (``zero``: x0 = 0,
     ``mean``: x0 = the data mean the model provides), which saves the first model call.
+    ``name`` and ``meta`` are labels: they say nothing about what the schedule does.
     """
+
+    LABELS: ClassVar[tuple[str, ...]] = ("name", "meta")
 
     t_start: float
     steps: tuple[Step, ...]
@@ -108,9 +113,28 @@ class Schedule:
         return replace(self, steps=tuple(steps))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["steps"] = [_compact(s) for s in d["steps"]]
+        d = copy.deepcopy(self._json_fields())
         return {"schema": "steptune.schedule", "version": SCHEMA_VERSION, "nfe": self.nfe, **d}
+
+    def key(self) -> str:
+        """The schedule's identity: SHA-256 of its JSON form without the labels (every other field, each
+        step's in full). Two schedules share it exactly when those fields are equal, number for number (the
+        JSON form keeps 1 and 1.0 apart). Databases store it with every trial."""
+        return _digest(self._identity())
+
+    def structure_key(self) -> str:
+        """:meth:`key` without the timesteps: schedules that differ only in their times share it."""
+        core = self._identity()
+        core["steps"] = [{k: v for k, v in st.items() if k != "t"} for st in core["steps"]]
+        return _digest(core)
+
+    def _identity(self) -> dict:
+        return {k: v for k, v in self._json_fields().items() if k not in self.LABELS}
+
+    def _json_fields(self) -> dict:
+        """Every field in its JSON form (steps compacted), sharing the schedule's own dicts."""
+        return {f.name: [_compact(st) for st in self.steps] if f.name == "steps" else getattr(self, f.name)
+                for f in fields(self)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -149,13 +173,23 @@ def load_schedule(path: str | Path) -> Schedule:
 _STEP_DEFAULTS = asdict(Step(t=0.0))
 
 
-def _compact(step: dict) -> dict:
-    out = {k: v for k, v in step.items() if k in ("t", "prediction", "order") or v != _STEP_DEFAULTS[k]}
+def _digest(core: dict) -> str:
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+_CORRECTOR_DEFAULTS = asdict(Corrector())
+
+
+def _compact(step: Step) -> dict:
+    """The step's JSON object: t, prediction, order, and the other fields where they differ from the default."""
+    out = {k: getattr(step, k) for k, default in _STEP_DEFAULTS.items()
+           if k in ("t", "prediction", "order") or getattr(step, k) != default}
     if out.get("points") is not None:
         out["points"] = list(out["points"])
     if out.get("corrector") is not None:
         c = out["corrector"]
-        out["corrector"] = {k: v for k, v in c.items() if k == "kind" or v != asdict(Corrector())[k]}
+        out["corrector"] = {k: getattr(c, k) for k, default in _CORRECTOR_DEFAULTS.items()
+                            if k == "kind" or getattr(c, k) != default}
     return out
 
 
@@ -188,7 +222,7 @@ def _from_dict(d: dict, where: str) -> Schedule:
             s["points"] = tuple(s["points"])
         if s.get("corrector") is not None:
             c = s["corrector"]
-            bad = set(c) - set(asdict(Corrector()))
+            bad = set(c) - set(_CORRECTOR_DEFAULTS)
             if bad:
                 raise ScheduleError(f"{where}: step {i}: unknown corrector field {sorted(bad)[0]!r}")
             s["corrector"] = Corrector(**c)
@@ -198,8 +232,6 @@ def _from_dict(d: dict, where: str) -> Schedule:
             raise ScheduleError(f"{where}: step {i}: {e}") from None
     kwargs["steps"] = tuple(steps)
     if kwargs.get("noise", {}) != {}:  # {} (or none): the schedule names no noise schedule
-        from . import noise as noise_mod
-
         try:
             noise_mod.from_dict(kwargs["noise"])
         except ScheduleError as e:
@@ -220,8 +252,6 @@ def _validate_pure_noise_start(s: Schedule, fail) -> None:
     first-order data-prediction steps may use it."""
     if not s.noise:
         return
-    from . import noise as noise_mod
-
     if float(noise_mod.from_dict(s.noise).alpha(s.t_start)) != 0.0:
         return
     for i, st in enumerate(s.steps):

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .errors import ScheduleError
 from .noise import NoiseSchedule, VPDiscrete
-from .schedule import ScheduleError
 
 Tensor = torch.Tensor
 

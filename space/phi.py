@@ -1,0 +1,23 @@
+"""The phi functions of exponential integrators, in the form the step kernel uses."""
+
+from __future__ import annotations
+
+import math
+
+
+def phi_terms(z: float, n: int) -> list[float]:
+    """[c_1(z), ..., c_n(z)] with c_k(z) = z^k phi_k(z) = e^z - sum_{j<k} z^j / j!."""
+    if abs(z) < 0.5:  # the recurrence below cancels for small z; sum the series instead
+        out = []
+        for k in range(1, n + 1):
+            term = z**k / math.factorial(k)
+            total = term
+            for j in range(k + 1, k + 26):
+                term *= z / j
+                total += term
+            out.append(total)
+        return out
+    out = [math.expm1(z)]
+    for k in range(1, n):
+        out.append(out[-1] - z**k / math.factorial(k))
+    return out

@@ -1,0 +1,112 @@
+"""A schedule's one identity, Schedule.key(): every field counts but the labels, and the key databases hold is it."""
+
+import dataclasses
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from steptune.space import Corrector, Schedule, Step, noise
+
+FIXTURE_DB = Path(__file__).parent / "data" / "pre-redesign.db"
+
+
+def rich_schedule() -> Schedule:
+    """A schedule in which no field holds None, so that every field can be changed alone."""
+    corrector = Corrector(kind="implicit", order=3, relaxation="heun", relaxation_coef=0.25)
+    steps = tuple(Step(t=t, prediction="noise", order=2, start=-1, points=(-2,), first_points=1, relaxation="linear",
+                       relaxation_coef=0.5, second_scale=0.75, basis="t", corrector=corrector, dc_ratio=1.125)
+                  for t in (0.75, 0.5, 0.25))
+    return Schedule(t_start=1.0, steps=steps, noise=noise.get("vp-linear").to_dict(), afs="zero", name="rich",
+                    conventions={"prediction": "eps"}, meta={"note": "n"})
+
+
+def other_value(v):
+    """A value of the same kind that differs from ``v`` (and is not its JSON equal)."""
+    if dataclasses.is_dataclass(v):
+        return None
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, (int, float)):
+        return v - 1 if isinstance(v, int) else v + 0.375
+    if isinstance(v, str):
+        return v + "-other"
+    if isinstance(v, tuple):
+        return (*v, min(v) - 1)
+    if isinstance(v, dict):
+        return {**v, "other": 1}
+    raise AssertionError(f"no changed value for {v!r}")
+
+
+def single_changes(s: Schedule):
+    """(where, changed schedule) for every field of the schedule, of every step and of every corrector, found by
+    introspection; a dataclass-valued field is also changed field by field."""
+    def variants(obj, where):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name == "steps":
+                for i, st in enumerate(v):
+                    for w, new in variants(st, f"{where}.steps[{i}]"):
+                        yield w, dataclasses.replace(obj, steps=(*v[:i], new, *v[i + 1:]))
+                continue
+            assert v is not None, f"{where}.{f.name} is None; give rich_schedule() a value there"
+            yield f"{where}.{f.name}", dataclasses.replace(obj, **{f.name: other_value(v)})
+            if dataclasses.is_dataclass(v):
+                for w, new in variants(v, f"{where}.{f.name}"):
+                    yield w, dataclasses.replace(obj, **{f.name: new})
+
+    return list(variants(s, "schedule"))
+
+
+def test_the_rich_schedule_is_valid_json_and_every_field_is_changed():
+    s = rich_schedule()
+    assert Schedule.from_dict(json.loads(s.to_json())) == s
+    changed = [w for w, _ in single_changes(s)]
+
+    def fields_under(prefix):
+        return {w[len(prefix):] for w in changed if w.startswith(prefix) and "." not in w[len(prefix):]}
+
+    assert fields_under("schedule.") == {f.name for f in dataclasses.fields(Schedule)} - {"steps"}
+    assert fields_under("schedule.steps[2].") == {f.name for f in dataclasses.fields(Step)}
+    assert fields_under("schedule.steps[0].corrector.") == {f.name for f in dataclasses.fields(Corrector)}
+
+
+def test_changing_any_single_field_changes_the_key():
+    base = rich_schedule()
+    for where, s in single_changes(base):
+        if where.rsplit(".", 1)[1] in Schedule.LABELS and where.count(".") == 1:
+            assert s.key() == base.key(), f"{where} is a label; it must not change the key"
+        else:
+            assert s.key() != base.key(), f"changing {where} leaves the key unchanged"
+
+
+def test_the_structure_key_is_the_key_without_the_timesteps():
+    base = rich_schedule()
+    for where, s in single_changes(base):
+        field = where.rsplit(".", 1)[1]
+        if (field in Schedule.LABELS and where.count(".") == 1) or field == "t":
+            assert s.structure_key() == base.structure_key(), where
+        else:
+            assert s.structure_key() != base.structure_key(), f"changing {where} leaves the structure key unchanged"
+
+
+def test_the_key_survives_the_json_round_trip():
+    s = rich_schedule()
+    assert Schedule.from_json(s.to_json()).key() == s.key()
+    assert Schedule.from_dict(json.loads(json.dumps(s.to_dict()))).key() == s.key()
+
+
+def test_the_key_of_every_stored_schedule_is_the_key_its_database_holds():
+    """Databases written before Schedule.key() existed hold the same keys, so de-duplication against their rows
+    (sweeps, confirmations, resumed searches) still works."""
+    with sqlite3.connect(f"file:{FIXTURE_DB}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT key, schedule FROM trials").fetchall()
+    assert len(rows) > 100
+    for key, text in rows:
+        assert Schedule.from_dict(json.loads(text)).key() == key
+
+
+@pytest.mark.parametrize("label", Schedule.LABELS)
+def test_labels_are_fields(label):
+    assert label in {f.name for f in dataclasses.fields(Schedule)}
