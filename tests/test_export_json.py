@@ -10,6 +10,7 @@ import steptune.exports
 import steptune.storage
 from steptune.exports import (
     comfyui_sigmas,
+    DuplicateImport,
     export_dict,
     import_schedule,
     k_diffusion_sigmas,
@@ -63,10 +64,12 @@ def test_import_keeps_metrics_for_the_same_problem_and_queues_otherwise(db, tmp_
     assert (t.status, t.score, t.metrics["sw"], t.fidelity, t.n_samples) == ("complete", 0.125, 0.5, "cheap", 256)
     assert db.get_study("copy").problem["identity"] == PROBLEM and db.get_study("copy").method == "import"
     assert db.get_study("copy").kind == "import"
-    assert import_schedule(db, path, "src").status == "complete"  # same problem
+    with pytest.raises(DuplicateImport, match="study 'src' already holds this schedule as trial id"):
+        import_schedule(db, path, "src")  # where it came from
+    assert import_schedule(db, path, "src", allow_duplicates=True).status == "complete"  # same problem
     db.create_study("other", problem={**PROBLEM, "name": "other-model"})
     assert import_schedule(db, path, "other").status == "queued"  # metrics of another problem are not kept
-    assert import_schedule(db, path, "copy", queue=True).status == "queued"
+    assert import_schedule(db, path, "copy", queue=True, allow_duplicates=True).status == "queued"
     hand = tmp_path / "hand.json"
     presets.ddim(4, NS).save(hand)
     t = import_schedule(db, hand, "hand")

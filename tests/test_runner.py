@@ -181,7 +181,8 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_next_run(tmp_pat
     assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     path = tmp_path / "ddim.json"
     assert _run(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
-    assert _run(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 0
+    assert _run(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 2  # a baseline already
+    assert _run(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)[0] == 0
     assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         trials = db.trials("s")

@@ -11,12 +11,12 @@
 from .conventions import ExportError, conventions_for, schedule_noise, scheduler_for
 from .diffusers_stock import StockExport, stock_diffusers_export
 from .json_export import export_dict, parse_export, read_export
-from .json_import import import_schedule
+from .json_import import DuplicateImport, import_schedule
 from .sigmas import comfyui_sigmas, k_diffusion_sigmas, sigma_list_calls
 
-__all__ = ["ExportError", "StockExport", "SteptuneScheduler", "comfyui_sigmas", "conventions_for", "export_dict",
-           "import_schedule", "k_diffusion_sigmas", "parse_export", "read_export", "schedule_noise", "scheduler_for",
-           "sigma_list_calls", "stock_diffusers_export"]
+__all__ = ["DuplicateImport", "ExportError", "StockExport", "SteptuneScheduler", "comfyui_sigmas", "conventions_for",
+           "export_dict", "import_schedule", "k_diffusion_sigmas", "parse_export", "read_export", "schedule_noise",
+           "scheduler_for", "sigma_list_calls", "stock_diffusers_export"]
 
 
 def __getattr__(name):
