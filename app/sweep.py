@@ -102,7 +102,7 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
     Returns the new trial ids."""
     from dataclasses import replace
 
-    from steptune.storage import StorageError, schedule_key
+    from steptune.storage import StorageError
 
     problem = evaluator.problem
     kwargs = {"t_start": problem.t_start, "t_end": problem.t_end, **({"spacing": spacing} if spacing else {})}
@@ -115,7 +115,7 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
         if r.get("status") not in ("complete", "failed"):
             continue
         sched = replace(presets.build(r["preset"], r["nfe"], problem.noise, **kwargs), name=r["preset"])
-        if (schedule_key(sched.to_dict()), bank, evaluator.bank(bank).size) in stored:
+        if (sched.key(), bank, evaluator.bank(bank).size) in stored:
             continue
         metrics = {k: r[k] for k in evaluator.metric_names() if k in r}
         items.append({"schedule": sched, "status": r["status"], "metrics": metrics, "error": r.get("error"),

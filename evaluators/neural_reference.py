@@ -94,8 +94,7 @@ def converged_states(model, x_T: Tensor, times: list[float],
                      settings: ReferenceSettings = ReferenceSettings()) -> tuple[list[Tensor], dict]:
     """States at ``times[1:]`` from x_T at ``times[0]``, refined until converged; also the solve report
     (steps of the accepted solve and the relative change that accepted it)."""
-    calls = model.calls
-    try:
+    with model.uncounted():
         steps, change = settings.steps, math.inf
         coarse = solve_states(model, x_T, times, steps)
         while True:
@@ -111,8 +110,6 @@ def converged_states(model, x_T: Tensor, times: list[float],
             if change < settings.tol:
                 return fine, {"steps": steps, "change": change, "tol": settings.tol}
             coarse = fine
-    finally:
-        model.calls = calls
 
 
 def cached_states(problem, x_T: Tensor, times: list[float], *, bank: dict | None = None,

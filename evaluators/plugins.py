@@ -292,8 +292,7 @@ def check_problem(problem: Problem, spec: str) -> None:
     returns another shape or gives NaN/inf."""
     x = problem.sample_prior(2, torch.Generator().manual_seed(0))
     model = problem.model
-    calls = model.calls
-    try:
+    with model.uncounted():
         for t in (problem.t_start, 0.5 * (problem.t_start + problem.t_end), problem.t_end):
             try:
                 with torch.no_grad():
@@ -308,5 +307,3 @@ def check_problem(problem: Problem, spec: str) -> None:
             if not bool(torch.isfinite(out).all()):
                 raise PluginError(f"model {spec!r}: produced NaN or inf at t = {t:g}; check the weights and the "
                                   "time input convention (--time-input)")
-    finally:
-        model.calls = calls

@@ -131,11 +131,8 @@ class Problem:
         t = float(self.noise.t_of_lambda(torch.tensor(lam, dtype=_F64)))
         a_t, s_t = self.alpha_sigma(t)
         c = s_t / sigma if sigma > 0 else a_t / alpha
-        calls = self.model.calls
-        try:
+        with self.model.uncounted():
             return self.model.predict(c * x, t, a_t, s_t)
-        finally:
-            self.model.calls = calls
 
     # ---- samples and densities -----------------------------------------------------------------
 

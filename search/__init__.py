@@ -7,7 +7,7 @@ from .pareto import pareto_front
 from .random_search import RandomSearcher
 from .s3 import Predictor, S3Searcher, encode, kendall_by_nfe, select_predictor
 from .searcher import FAIL_SCORE, Candidate, Searcher
-from .space import DecisionSpace, schedule_key
+from .space import DecisionSpace
 
 METHODS = ("s3", "tpe", "cmaes", "random", "mo-tpe")
 
@@ -28,4 +28,4 @@ def make_searcher(method: str, noise, t_start: float, t_end: float, nfes, seed: 
 
 __all__ = ["CHEAP", "CONFIRM", "DEFAULT_PRESETS", "FAIL_SCORE", "METHODS", "Candidate", "DecisionSpace", "Predictor",
            "RandomSearcher", "S3Searcher", "Searcher", "encode", "kendall_by_nfe", "make_searcher", "pareto_front",
-           "preset_candidates", "schedule_key", "select_predictor"]
+           "preset_candidates", "select_predictor"]

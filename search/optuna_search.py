@@ -19,11 +19,12 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from steptune.space import Corrector, Schedule, Step
+from steptune.space.relaxation import STEP_RELAXATIONS
 
 from .baselines import DEFAULT_PRESETS, preset_candidates
 from .pareto import pareto_front
 from .searcher import FAIL_SCORE, Candidate, Searcher
-from .space import STEP_RELAXATIONS, steps_for
+from .space import steps_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)

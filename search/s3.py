@@ -28,11 +28,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from steptune.space.relaxation import STEP_RELAXATIONS
 from steptune.space.schedule import Schedule
 
 from .baselines import DEFAULT_PRESETS, preset_candidates
 from .searcher import Candidate, Searcher
-from .space import STEP_RELAXATIONS, structure_key
 
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
 N_STEP_FEATURES = 13
@@ -189,7 +189,7 @@ class S3Searcher(Searcher):
 
     def _observe(self, candidate: Candidate, score: float) -> None:
         self._X.append(encode(candidate.schedule, self.space, self.max_steps))
-        self._struct.append(structure_key(candidate.schedule))
+        self._struct.append(candidate.schedule.structure_key())
         self._logits.append(self.space.lams_to_logits(candidate.schedule))
 
     def parents(self, nfe: int, k: int) -> list[tuple[Candidate, float, int]]:

@@ -19,7 +19,7 @@ import numpy as np
 from steptune.space import Schedule
 from steptune.space.noise import NoiseSchedule
 
-from .space import DecisionSpace, schedule_key
+from .space import DecisionSpace
 
 FAIL_SCORE = 1e3  # what a diverged or invalid run scores (rmse); finite so every model can learn from it
 
@@ -36,7 +36,7 @@ class Candidate:
 
     @cached_property
     def key(self) -> str:
-        return schedule_key(self.schedule)
+        return self.schedule.key()
 
 
 class Searcher:

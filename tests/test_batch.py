@@ -4,6 +4,7 @@ import dataclasses
 import math
 
 import torch
+
 from steptune.space import Model, NonFiniteError, Schedule, Step, presets, sample
 from steptune.space import noise as noise_mod
 from steptune.space.batch import sample_batch
@@ -38,6 +39,21 @@ def test_batched_schedules_match_each_schedule_alone():
     for s, x in zip(scheds, got):
         assert torch.allclose(x, sample(model, x_T, s), rtol=0, atol=1e-13)
     assert calls == max(s.nfe for s in scheds)  # one model call per round, not per schedule
+
+
+def test_a_schedule_without_model_calls_runs_beside_the_others():
+    """An analytical first step straight to the end calls no model: its result is there before the first round."""
+    model = Model(per_sample_eps, NS, prediction="eps", time_input="continuous")
+    x_T = torch.randn(16, 3, generator=torch.Generator().manual_seed(3))
+    direct = Schedule(t_start=1.0, steps=(Step(t=1e-3),), noise=NS.to_dict(), afs="zero")
+    scheds = [direct, presets.build("ddim", 5, NS)]
+    assert direct.nfe == 0
+    got = sample_batch(model, x_T, scheds)
+    assert model.calls == 5
+    for s, x in zip(scheds, got):
+        assert torch.allclose(x, sample(model, x_T, s), rtol=0, atol=1e-13)
+    sigma = NS.sigma(torch.tensor([1.0, 1e-3], dtype=torch.float64)).tolist()
+    assert torch.allclose(got[0], x_T * (sigma[1] / sigma[0]), rtol=1e-6, atol=0)  # a data step from x0 = 0
 
 
 def test_conditioning_is_repeated_for_every_schedule_with_guidance():

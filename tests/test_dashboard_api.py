@@ -15,13 +15,8 @@ from fastapi.testclient import TestClient
 from steptune.search import DEFAULT_PRESETS
 from steptune.space import noise as noise_mod
 from steptune.space import presets
-from steptune.storage import (
-    comfyui_sigmas,
-    connect,
-    import_schedule,
-    k_diffusion_sigmas,
-    parse_export,
-)
+from steptune.exports import comfyui_sigmas, import_schedule, k_diffusion_sigmas, parse_export
+from steptune.storage import connect
 from test_dashboard_data import (
     BANDIT_STUDY,
     FIXED_STUDY,
@@ -198,7 +193,7 @@ def test_exports_use_the_storage_code_and_import_back(client, dashboard_db, tmp_
         cfg = json.loads(zf.read(config))
         zf.extractall(tmp_path / "unzipped")
     assert cfg["_class_name"] == "SteptuneScheduler" and cfg["schedule"]["steps"] == t.schedule["steps"]
-    from steptune.storage import SteptuneScheduler
+    from steptune.exports import SteptuneScheduler
 
     loaded = SteptuneScheduler.from_pretrained(str((tmp_path / "unzipped" / config).parent))
     assert loaded.config.schedule == cfg["schedule"]

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
+from steptune.exports import import_schedule, k_diffusion_sigmas
 from steptune.search import DEFAULT_PRESETS
-from steptune.storage import connect, import_schedule, k_diffusion_sigmas
+from steptune.storage import connect
 from test_dashboard_data import PRESETS, SEARCH_STUDY, dashboard_db  # noqa: F401
 
 from steptune.dashboard import create_app, open_read_only

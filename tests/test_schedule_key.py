@@ -100,7 +100,7 @@ def test_the_key_survives_the_json_round_trip():
 def test_the_key_of_every_stored_schedule_is_the_key_its_database_holds():
     """Databases written before Schedule.key() existed hold the same keys, so de-duplication against their rows
     (sweeps, confirmations, resumed searches) still works."""
-    with sqlite3.connect(f"file:{FIXTURE_DB}?mode=ro", uri=True) as conn:
+    with sqlite3.connect(f"file:{FIXTURE_DB}?mode=ro&immutable=1", uri=True) as conn:  # writes nothing beside it
         rows = conn.execute("SELECT key, schedule FROM trials").fetchall()
     assert len(rows) > 100
     for key, text in rows:

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
+
 from steptune.search import DecisionSpace, make_searcher, preset_candidates
-from steptune.search.space import structure_key
 from steptune.space import Schedule, noise
 
 NOISE = noise.get("vp-linear")
@@ -122,13 +122,25 @@ def _run_time_search(local):
     return se, presets, min(s for _, s in se.trials), local_cands
 
 
+def test_preset_seeds_keep_deis_tab_beside_deis():
+    """DEIS's tAB interpolates in t where DEIS interpolates in lambda: the same times and orders, another basis
+    in every step, so another schedule."""
+    cands = preset_candidates(_space(), [4, 6], ["deis", "deis-tab"])
+    by = {(c.origin, c.nfe): c.schedule for c in cands}
+    assert set(by) == {(f"preset:{p}", n) for p in ("deis", "deis-tab") for n in (4, 6)}
+    for n in (4, 6):
+        deis, tab = by["preset:deis", n], by["preset:deis-tab", n]
+        assert tab.times == deis.times and [st.order for st in tab.steps] == [st.order for st in deis.steps]
+        assert {st.basis for st in tab.steps} == {"t"} and {st.basis for st in deis.steps} == {"lambda"}
+
+
 def test_local_stage_moves_only_timesteps_and_closes_in_on_the_optimum():
     se, presets, best, local_cands = _run_time_search(0.6)
     _, _, best_off, none = _run_time_search(0.0)
     assert not none and len(local_cands) > 40
-    told = {structure_key(c.schedule) for c, _ in se.trials}
+    told = {c.schedule.structure_key() for c, _ in se.trials}
     for c in local_cands:  # the local stage keeps every decision of an evaluated structure but the times
         _check(c.schedule, 6, se.space)
-        assert structure_key(c.schedule) in told
+        assert c.schedule.structure_key() in told
     assert best < 0.1 * presets, (best, presets)
     assert best < 0.5 * best_off, (best, best_off)  # the evolutionary stage alone gets nowhere near

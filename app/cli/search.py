@@ -12,7 +12,10 @@ from rich.table import Table
 from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import (
+    DEFAULT_CACHE,
+    CacheOpt,
     GuidanceOpt,
+    JsonOpt,
     ModelOpt,
     PredictionOpt,
     ShapeOpt,
@@ -44,10 +47,8 @@ def search_cmd(
     db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
                                                                               "sqlite:///runs/steptune.db).")]
     = None,
-    cache: Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
-    = Path("runs/cache"),
-    json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
-    = False,
+    cache: CacheOpt = DEFAULT_CACHE,
+    json_: JsonOpt = False,
     model: ModelOpt = None,
     prediction: PredictionOpt = None,
     time_input: TimeInputOpt = None,

@@ -23,7 +23,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from steptune.space import Schedule, ScheduleError, trajectory
+from steptune.space import Schedule, ScheduleError, TrajectoryRun, trajectory
 from steptune.space import noise as noise_mod
 from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS, convert
 from steptune.space.noise import VPDiscrete, betas_for
@@ -149,7 +149,7 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         self.sigmas = self._sigmas()
         self._step_index: int | None = None
         self._begin_index: int | None = None
-        self._loop = None  # the running sampler loop (a generator) and the model call it waits for
+        self._loop = None  # the running sampler loop (a TrajectoryRun) and the model call it waits for
         self._request = None
         self._afs_scaled = False
 
@@ -170,8 +170,9 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         """A new run of the sampler loop from x_T, and its first model request (after the analytical
         first step, if the schedule has one)."""
         # with autograd on (a loop that differentiates through the steps) every state is a fresh tensor
-        loop = trajectory(self.schedule, self.noise_schedule, x_T, reuse_buffers=not torch.is_grad_enabled())
-        return loop, next(loop)
+        loop = TrajectoryRun(trajectory(self.schedule, self.noise_schedule, x_T,
+                                        reuse_buffers=not torch.is_grad_enabled()))
+        return loop, loop.request
 
     def time_value(self, t: float) -> float:
         """The time input the network takes at schedule time t."""
@@ -291,13 +292,12 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         eps, x0 = convert(model_output.to(x.dtype), x, req.alpha, req.sigma, self.prediction,
                           req.buf if recycle else None)
         self._step_index = i + 1
-        try:
-            self._request = self._loop.send((eps, x0) if x is req.x else (eps, x0, x))
-            # a copy: the loop recycles its own tensors, and the pipeline may keep this one
+        self._request = self._loop.send((eps, x0) if x is req.x else (eps, x0, x))
+        if self._request is None:
+            prev = self._loop.result
+            self._loop = None
+        else:  # a copy: the loop recycles its own tensors, and the pipeline may keep this one
             prev = self._request.x.clone()
-        except StopIteration as done:
-            prev = done.value
-            self._loop = self._request = None
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
