@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_databases, pg_url_default, save_json  # noqa: E402
+
 from steptune.space import noise, presets  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 

@@ -22,6 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
+
 from steptune.search import DecisionSpace  # noqa: E402
 from steptune.space import Model, sample  # noqa: E402
 from steptune.space import noise as noise_mod  # noqa: E402

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OUT, save_json  # noqa: E402
+
 from steptune import sweep  # noqa: E402
 from steptune.evaluators import Evaluator, get_problem  # noqa: E402
 from steptune.resolve import parse_nfe_list  # noqa: E402

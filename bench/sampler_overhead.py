@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
+
 from steptune.space import Model, noise, presets, sample  # noqa: E402
 
 

@@ -1,6 +1,7 @@
 """Gaussian data N(mu, diag(var)): the exact denoiser and the exact probability-flow ODE solution."""
 
 import torch
+
 from steptune.space import Model
 
 

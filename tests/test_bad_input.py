@@ -4,10 +4,10 @@ traceback, and nothing written."""
 import json
 
 import pytest
-from steptune.space import Schedule, ScheduleError, load_schedule, noise, presets, spacing
-from steptune.storage import connect
 
 from steptune.cli import main
+from steptune.space import Schedule, ScheduleError, load_schedule, noise, presets, spacing
+from steptune.storage import connect
 
 CHEAP = ["--cheap-samples", "16", "--heldout-samples", "64"]
 

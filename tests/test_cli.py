@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from steptune.space import noise, presets
 
 from steptune.cli import main
+from steptune.space import noise, presets
 
 
 def _write(tmp_path, name, d):

@@ -1,9 +1,9 @@
 """Output paths that cannot be written are refused before any work: one line, exit status 2."""
 
 import pytest
-from steptune.storage import connect
 
 from steptune.cli import main
+from steptune.storage import connect
 
 
 @pytest.fixture

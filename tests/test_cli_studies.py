@@ -3,9 +3,9 @@ problem before any work, in one line, and leave it as it was; a sweep run again 
 
 import pytest
 from runner_jobs import write_job
-from steptune.storage import connect
 
 from steptune.cli import main
+from steptune.storage import connect
 
 
 @pytest.fixture(scope="module")

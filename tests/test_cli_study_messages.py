@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from steptune.storage import connect
 
 from steptune.cli import main
+from steptune.storage import connect
 
 PRE = Path(__file__).parent / "data" / "pre-redesign.db"
 

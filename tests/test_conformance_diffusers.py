@@ -25,6 +25,7 @@ import contextlib
 import pytest
 import torch
 from diffusers import DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
 from steptune.space import Model, presets, sample, spacing
 from steptune.space.noise import VPDiscrete
 

@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 import torch
 from gaussian import exact_solution, gaussian_model
+
 from steptune.space import noise as noise_mod
 from steptune.space import presets, sample
 

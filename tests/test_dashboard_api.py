@@ -12,11 +12,6 @@ from collections import defaultdict
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from steptune.search import DEFAULT_PRESETS
-from steptune.space import noise as noise_mod
-from steptune.space import presets
-from steptune.exports import comfyui_sigmas, import_schedule, k_diffusion_sigmas, parse_export
-from steptune.storage import connect
 from test_dashboard_data import (
     BANDIT_STUDY,
     FIXED_STUDY,
@@ -30,6 +25,11 @@ from test_dashboard_data import (
 )
 
 from steptune.dashboard import create_app, open_read_only
+from steptune.exports import comfyui_sigmas, import_schedule, k_diffusion_sigmas, parse_export
+from steptune.search import DEFAULT_PRESETS
+from steptune.space import noise as noise_mod
+from steptune.space import presets
+from steptune.storage import connect
 
 
 @pytest.fixture(scope="module")

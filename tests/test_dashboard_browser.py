@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-from steptune.exports import import_schedule, k_diffusion_sigmas
-from steptune.search import DEFAULT_PRESETS
-from steptune.storage import connect
 from test_dashboard_data import PRESETS, SEARCH_STUDY, dashboard_db  # noqa: F401
 
 from steptune.dashboard import create_app, open_read_only
 from steptune.dashboard.queries import front, problems
+from steptune.exports import import_schedule, k_diffusion_sigmas
 from steptune.report import write_report
+from steptune.search import DEFAULT_PRESETS
+from steptune.storage import connect
 
 CHROMIUM = os.environ.get("STEPTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 NO_CHROMIUM = ("no chromium binary (install Debian's chromium package or set STEPTUNE_CHROMIUM); "

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
-from steptune.storage import connect
 from test_storage_db import fresh_pg_schema
 
 from steptune.dashboard import create_app, open_read_only, queries
+from steptune.storage import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from dashboard import PROBLEM, build_database  # noqa: E402

@@ -7,12 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
+
+from steptune.cli import main
 from steptune.evaluators import Evaluator, evaluator_options, load_problem
 from steptune.search import dc
 from steptune.space import load_schedule, presets
 from steptune.storage import connect
-
-from steptune.cli import main
 
 # a plug-in without conventions of its own: `dc cpr` can rebuild it only from what `dc fit` recorded
 PLUGIN = "test_plugins:bare_network_factory"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gaussian import eps_fn, gaussian_model
+
 from steptune.space import Corrector, Model, NonFiniteError, Schedule, ScheduleError, Step, presets, sample, spacing
 from steptune.space import noise as noise_mod
 

@@ -9,8 +9,8 @@ from gaussian import gaussian_model
 import steptune.exports
 import steptune.storage
 from steptune.exports import (
-    comfyui_sigmas,
     DuplicateImport,
+    comfyui_sigmas,
     export_dict,
     import_schedule,
     k_diffusion_sigmas,

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+
 from steptune.space import noise as noise_mod
 from steptune.space import spacing
 

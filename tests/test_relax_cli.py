@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from steptune.evaluators.linear import poisson_2d
-from steptune.storage import connect
 
 from steptune.cli import main
+from steptune.evaluators.linear import poisson_2d
+from steptune.storage import connect
 
 
 def write_sequence(folder, count=8, m=5):

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 from runner_jobs import write_job
-from steptune.storage import connect
 
 from steptune.cli import main
 from steptune.jobs import load_job
+from steptune.storage import connect
 
 STEPTUNE = Path(sys.executable).parent / "steptune"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 from runner_jobs import job_text, outcome, write_job
-from steptune.space import noise, presets
-from steptune.storage import connect
 
 from steptune.cli import main
+from steptune.space import noise, presets
+from steptune.storage import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 from gaussian import gaussian_model
+
 from steptune.space import Corrector, Model, Schedule, ScheduleError, Step, load_schedule, presets, sample, spacing
 from steptune.space import noise as noise_mod
 from steptune.space.schedule import SCHEMA_VERSION

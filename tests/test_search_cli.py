@@ -2,11 +2,11 @@
 
 import json
 
-from steptune.storage import connect
 from typer.testing import CliRunner
 
 from steptune.cli import app as _steptune_app
 from steptune.cli import main
+from steptune.storage import connect
 
 
 def _app():
