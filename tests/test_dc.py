@@ -33,6 +33,7 @@ def _mse(model, sched, x_T):
 
 
 @pytest.mark.parametrize("spec", ["unipc-bh2", "unipc-bh1", "dpm-solver++-2m", "dpm-solver++-3m"])
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_ratio_one_reproduces_the_uncompensated_solver_exactly(spec):
     model = gaussian_model(NS, MU, VAR)
     sched = presets.build(spec, 6, NS, t_end=T_END)
@@ -79,6 +80,7 @@ def test_continuing_a_joint_fit_from_a_neighbour_reaches_the_neighbours_optimum_
     assert stuck.fits["joint"].model_calls > 0 and stuck.fits["joint"].history[-1]["restart"] == {"from_cfg": 1.5}
 
 
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_joint_fit_gradient_matches_finite_differences():
     model = gaussian_model(NS, MU, VAR)
     sched = presets.build("unipc-bh2", 4, NS, t_end=T_END)  # two compensable steps

@@ -18,6 +18,8 @@ TOL = 1e-10
 MU = torch.tensor([0.6, -0.4, 1.1, 0.0, -1.3, 0.25], dtype=torch.float64)
 VAR = torch.tensor([0.05, 0.4, 1.7, 0.01, 0.9, 2.5], dtype=torch.float64)
 
+pytestmark = pytest.mark.usefixtures("float64")  # every test here compares with a reference to round-off
+
 
 def x_T_for(ns, batch=5, seed=3):
     g = torch.Generator().manual_seed(seed)

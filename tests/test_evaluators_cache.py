@@ -2,6 +2,7 @@
 files are written whole and read back, and a problem's own ``reference_states`` is what schedules are measured
 against."""
 
+import pytest
 import sklearn
 import torch
 
@@ -51,6 +52,7 @@ def test_exact_reference_is_cached_under_its_earlier_name(tmp_path):
     assert [p.name for p in (tmp_path / "reference").glob("*.pt")] == [EXACT_REFERENCE_FILE]
 
 
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_network_reference_is_cached_under_its_earlier_name(tmp_path):
     problem = load_problem("test_evaluators_cache:pinned_factory")
     x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -62,6 +64,7 @@ def test_network_reference_is_cached_under_its_earlier_name(tmp_path):
     assert again.loaded and all(torch.equal(a, b) for a, b in zip(again.states, states))
 
 
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_fingerprints_keep_their_values():
     assert network_fingerprint(PinnedNet()) == NETWORK_SHA256
     cond = conditioning_fingerprint({"shift": torch.tensor([[1.0, 2.0]])}, {"shift": torch.zeros(1, 2), "k": 3})

@@ -38,6 +38,7 @@ CASES = [("vp-linear", None, None), ("edm", None, None), ("ddpm-linear", None, N
 
 
 @pytest.mark.parametrize("noise,t_start,t_end", CASES)
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_reference_matches_gaussian_closed_form(noise, t_start, t_end):
     mu, cov = gaussian()
     problem = mixture_problem(GaussianMixture([1.0], mu[None], cov[None]), noise, t_start=t_start, t_end=t_end)
@@ -92,6 +93,7 @@ def test_reference_matches_independent_integrator_vp_linear():
     torch.testing.assert_close(ref, other, rtol=0, atol=1e-7)
 
 
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_dop853_controls_the_error_of_every_sample():
     """y' = k y, y(0) = 1, with very different k per sample: each sample must meet the tolerance."""
     k = torch.tensor([[-1.0], [0.5], [4.0], [-8.0]])

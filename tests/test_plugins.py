@@ -92,6 +92,7 @@ def labelled_factory():
 SPEC = "test_plugins:gaussian_factory"
 
 
+@pytest.mark.usefixtures("float64")  # compared with a reference to round-off
 def test_converged_reference_matches_the_closed_form():
     model = Model(eps_fn(NS, MU, VAR), NS, prediction="eps", time_input="continuous")
     x_T = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
