@@ -70,7 +70,7 @@ class LineProgress:
 
     def update(self, st: dict) -> None:
         if st["phase"] == "search" and self.search_start is None:
-            self.search_start = (time.monotonic(), st["done"] - 1)
+            self.search_start = (time.monotonic(), st["done"])
         changed = self.last is not None and st["phase"] != self.last["phase"]
         if changed:
             self._print(self.last)  # the phase's last count, then the new phase
