@@ -352,7 +352,9 @@ class Runner:
         if items:
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank")
             self.storage.add_trials(self.job.study, items)
-        self._evaluate(self.storage.trials(self.job.study, status="queued"))
+        # the presets and imported schedules; queued search candidates are the search phase's, in their batches
+        self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
+                        if not (t.fidelity == CHEAP and "batch" in t.info)])
 
     def _item(self, schedule, bank: str, info: dict) -> dict:
         n = self.job.evaluation.cheap_samples if bank == CHEAP else self.job.evaluation.heldout_samples

@@ -60,3 +60,21 @@ def test_a_study_nothing_ran_in_takes_a_changed_job(tmp_path, capsys):
     with connect(url) as db:
         assert db.get_study("empty").config["identity"]["search"]["nfe"] == [3]
         assert {t.nfe for t in db.trials("empty") if t.fidelity == "train"} == {3}
+
+
+def test_the_resume_line_counts_done_and_queued_apart_as_status_does(tmp_path, capsys):
+    from runner_jobs import run_job
+
+    from steptune.cli.run import study_status
+
+    job = load_job(write_job(tmp_path / "job.toml", "half", tmp_path / "cache", evaluations=40, nfe="[3, 4]"))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    result, _ = run_job(job, url, stop_after=10)  # stopped mid-batch, as Ctrl-C does
+    assert result.status == "interrupted"
+    with connect(url) as db:
+        info = study_status(db, "half")
+    assert info["queued"] > 0 and info["running"] == 0
+    assert main(["run", str(tmp_path / "job.toml"), "--db", url, "--json"]) == 0
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("resuming"))
+    assert line == (f"resuming study 'half': {info['search_done']} search evaluations done, "
+                    f"{info['queued']} queued"), line
