@@ -78,3 +78,32 @@ def test_the_resume_line_counts_done_and_queued_apart_as_status_does(tmp_path, c
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("resuming"))
     assert line == (f"resuming study 'half': {info['search_done']} search evaluations done, "
                     f"{info['queued']} queued"), line
+
+
+def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys):
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "100000",
+            "--time-budget", "1", "--cheap-samples", "16", "--heldout-samples", "64", "--study", "tb",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--db", f"sqlite:///{tmp_path / 'x.db'}"]
+    assert main(args) == 0
+    assert "stopped (time-budget); run the same command again to resume study 'tb'" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_a_sweep_says_what_was_kept(tmp_path):
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    proc = subprocess.Popen([str(STEPTUNE), "sweep", "--problem", "gmm-digits", "--nfe", "3-40", "--cache", str(cache),
+                             "--out", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not list(cache.rglob("*.pt")):  # the reference is cached: the presets are being evaluated
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert last.startswith("interrupted: the sweep stopped after ") and last.endswith(
+        "evaluations; nothing was saved or stored; run the same command again to sweep"), last
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
