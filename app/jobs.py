@@ -128,6 +128,12 @@ class BudgetSpec(_Section):
 
 class StorageSpec(_Section):
     db: str | None = None  # default: sqlite:///runs/steptune.db (or $STEPTUNE_DB)
+    retry: float = 300.0  # seconds (or "5m"); how long a run waits for a database that stopped answering
+
+    @field_validator("retry", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        return parse_duration(v)
 
 
 class BackendSpec(_Section):

@@ -31,8 +31,9 @@ from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
+from steptune.storage.db import Retrying
 
-LEASE_SECONDS = 120.0  # a running trial whose heartbeat is older than this belongs to a run that is gone
+LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
 
 
 @dataclass
@@ -135,9 +136,11 @@ class Runner:
 
     def __init__(self, job: Job, storage: Storage, backend: Backend,
                  progress: Callable[[dict], None] | None = None, say: Callable[[str], None] | None = None):
-        self.job, self.storage, self.backend = job, storage, backend
-        self.progress = progress
         self.say = say or (lambda msg: None)
+        # every call waits out a database outage (up to [storage] retry); the heartbeats use the plain storage
+        self.job, self.storage, self.backend = job, Retrying(storage, job.storage.retry, self.say), backend
+        self._plain_storage = storage
+        self.progress = progress
         self.driver = _driver_id()
         self.interrupted = threading.Event()
         self.started = time.monotonic()
@@ -203,6 +206,10 @@ class Runner:
                            f"t_end {space.min_gap:g} apart in log-SNR; search at most NFE {space.max_nfe}")
         self.backend.check()  # e.g. an unreachable cluster, refused before the study is made
         self._open_study()
+        try:
+            self.storage.claim_driver(job.study, self.driver, LEASE_SECONDS, gone=_driver_gone)
+        except StorageError as e:  # DriverBusy: another live driver runs this study
+            raise JobError(str(e)) from None
         self._recover()
 
     def run(self) -> RunResult:
@@ -225,6 +232,10 @@ class Runner:
         finally:
             self._beating.set()
             beat.join()
+            try:
+                self._plain_storage.release_driver(job.study, self.driver)
+            except StorageError:
+                pass  # the database is away: the lease runs out, or a driver on this host sees this process gone
         return self._result()
 
     def deadline_passed(self) -> bool:
@@ -240,9 +251,13 @@ class Runner:
             existing = None
         if existing is not None and existing.kind not in ("search", ""):
             raise JobError(f"study {job.study!r} is a {existing.kind} study, not a search; give a new study name")
+        create = dict(kind="search", method=job.search.method, seed=job.seed, config=config, problem=identity,
+                      exist_ok=True)
         try:
-            st = self.storage.create_study(job.study, kind="search", method=job.search.method, seed=job.seed,
-                                           config=config, problem=identity, exist_ok=True)
+            try:
+                st = self.storage.create_study(job.study, **create)
+            except StorageError:  # another driver made it at the same moment: this one resumes it
+                st = self.storage.create_study(job.study, **create)
         except StorageError as e:
             raise JobError(f"study {job.study!r}: {e}") from None
         old = st.config.get("identity")
@@ -280,11 +295,18 @@ class Runner:
         return utcnow()
 
     def _heartbeat(self) -> None:
+        storage = self._plain_storage
         while not self._beating.wait(LEASE_SECONDS / 4):
+            try:
+                if not storage.beat_driver(self.job.study, self.driver):
+                    self.say(f"study {self.job.study!r} was taken over by another driver; stopping")
+                    self.interrupt()
+            except StorageError:
+                pass  # the database is away: the writes wait for it, the next beat tries again
             sink = self._sink
             for tid, worker in list(sink.in_flight.items()) if sink else []:
                 try:
-                    self.storage.heartbeat(tid, worker)
+                    storage.heartbeat(tid, worker)
                 except StorageError:
                     pass
 

@@ -28,7 +28,8 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,7 +38,14 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+)
 from sqlalchemy.orm import Session
 
 from steptune.space import Schedule, ScheduleError
@@ -65,6 +73,20 @@ class StorageError(ValueError):
 
 class LeaseLost(StorageError):
     """The trial is no longer running under this worker (its lease expired and it was reaped)."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The database did not answer for the whole retry time."""
+
+
+class DriverBusy(StorageError):
+    """Another live driver runs the study: ``driver`` ("host:pid"), whose heartbeat is ``age`` seconds old."""
+
+    def __init__(self, study: str, driver: str, age: float):
+        host, _, pid = driver.partition(":")
+        super().__init__(f"study {study!r} is being run by another driver (host {host}, process {pid}, heartbeat "
+                         f"{age:.0f} s ago); wait for it to finish or stop it first")
+        self.driver, self.age = driver, age
 
 
 # ---- records returned by the API (plain, detached from any session) ------------------------------
@@ -463,6 +485,38 @@ class Storage:
             s.flush()
             return self._study_record(st)
 
+    # -- the study's one live driver: a lease in its config, {"id": "host:pid", "heartbeat": ISO time} --
+
+    def claim_driver(self, study: str, driver: str, lease_seconds: float, *,
+                     gone: Callable[[str], bool] = lambda driver: False, now: datetime | None = None) -> None:
+        """Make ``driver`` the study's driver. Raises DriverBusy while another driver holds it: one whose
+        heartbeat is at most ``lease_seconds`` old and that ``gone`` does not know to be dead."""
+        now = now or utcnow()
+        with self._tx() as s:
+            st = self._study_row(s, study, lock=True)
+            held = (st.config or {}).get("driver") or {}
+            if held.get("id") not in (None, driver):
+                age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
+                if age <= lease_seconds and not gone(held["id"]):
+                    raise DriverBusy(study, held["id"], age)
+            st.config = {**(st.config or {}), "driver": {"id": driver, "heartbeat": now.isoformat()}}
+
+    def beat_driver(self, study: str, driver: str, *, now: datetime | None = None) -> bool:
+        """Renew the driver's lease; False once another driver took the study over."""
+        with self._tx() as s:
+            st = self._study_row(s, study, lock=True)
+            if ((st.config or {}).get("driver") or {}).get("id") != driver:
+                return False
+            st.config = {**st.config, "driver": {"id": driver, "heartbeat": (now or utcnow()).isoformat()}}
+            return True
+
+    def release_driver(self, study: str, driver: str) -> None:
+        """The driver stops: the study is free to run at once."""
+        with self._tx() as s:
+            st = self._study_row(s, study, lock=True)
+            if ((st.config or {}).get("driver") or {}).get("id") == driver:
+                st.config = {k: v for k, v in st.config.items() if k != "driver"}
+
     def get_study(self, name: str) -> StudyRecord:
         with self._tx(write=False) as s:
             return self._study_record(self._study_row(s, name))
@@ -820,6 +874,49 @@ class Storage:
                              .order_by(RelaxationRecord.round, RelaxationRecord.id))
             return [RelaxationRound(r.id, study, r.round, r.arm, r.omega, r.context, r.cost, r.iterations,
                                     r.converged, r.created) for r in rows]
+
+
+def _unreachable(e: BaseException) -> bool:
+    """True for an error that a reachable database would not have given: a lost or refused connection
+    (a restart, a failover, a server that is down) or a locked SQLite file, not a refused change."""
+    cause = e.__cause__ if isinstance(e, StorageError) else e
+    if not isinstance(cause, DBAPIError):
+        return False
+    return cause.connection_invalidated or isinstance(cause, OperationalError)
+
+
+class Retrying:
+    """``storage`` whose calls are retried, with backoff, while the database is unreachable, for up to
+    ``seconds`` from the first failure; then DatabaseUnavailable. ``say`` hears of each outage once."""
+
+    def __init__(self, storage: Storage, seconds: float, say: Callable[[str], None] = lambda msg: None):
+        self.storage, self.seconds, self.say = storage, float(seconds), say
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.storage, name)
+        if name.startswith("_") or not callable(attr):
+            return attr
+        return lambda *args, **kwargs: self.call(attr, *args, **kwargs)
+
+    def call(self, fn: Callable, *args, **kwargs):
+        first, delay = None, 0.25
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except (StorageError, DBAPIError) as e:
+                if not _unreachable(e):
+                    raise
+                cause = e.__cause__ if isinstance(e, StorageError) else e
+                reason = str(getattr(cause, "orig", cause)).strip().splitlines()[0]
+                now, url = time.monotonic(), make_url(self.storage.url).render_as_string(hide_password=True)
+                if first is None:
+                    first = now
+                    self.say(f"database {url} unreachable ({reason}); retrying for up to {self.seconds:g} s")
+                waited = now - first
+                if waited >= self.seconds:
+                    raise DatabaseUnavailable(f"database {url} did not answer for {waited:.0f} s ({reason})") from None
+                time.sleep(min(delay, self.seconds - waited))
+                delay = min(2 * delay, 10.0)
 
 
 def _sqlite_setup(engine: Engine) -> None:

@@ -38,7 +38,7 @@ def execute_job(job, quiet: bool = False):
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.jobs import JobError
     from steptune.runner import Runner
-    from steptune.storage.db import sqlite_file
+    from steptune.storage.db import DatabaseUnavailable, sqlite_file
 
     new_file = sqlite_file(job.storage.db)
     new_file = new_file if new_file is not None and not new_file.exists() else None
@@ -71,6 +71,9 @@ def execute_job(job, quiet: bool = False):
         except (JobError, BackendError, ReferenceNotConverged) as e:
             shown.clear()
             raise CliError(str(e)) from None
+        except DatabaseUnavailable as e:
+            shown.clear()
+            raise CliError(f"{e}; the study is kept: run the same command again to resume {job.study!r}") from None
         finally:
             signal.signal(signal.SIGINT, previous)
             backend_.close()
