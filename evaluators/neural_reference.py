@@ -7,6 +7,10 @@ number of steps is doubled until halving the step changes every requested state 
 ``tol`` (RMS difference over the bank relative to the RMS of the state); the finer solution is
 returned. States at several times come from one solve (DC-Solver's per-step targets), exactly at
 those times, not at the nearest stored grid point.
+
+A requested time where sigma = 0 (lambda = inf) is the data-space endpoint of the flow: the grid stops at
+the last finite lambda (``finite_times``) and the state there is finished with the model's x0 prediction,
+z(0) = x0_hat + O((sigma / alpha)^2) in z = x / alpha.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from pathlib import Path
 import torch
 
 from steptune.space import NonFiniteError, presets, sample
+from steptune.space.noise import VPDiscrete
 
 from .cache import atomic_torch_save, content_digest, load_cached, tensor_sha256
-from .reference import ReferenceStates
+from .reference import ZERO_FLOOR, ReferenceStates
 
 Tensor = torch.Tensor
 
@@ -50,9 +55,22 @@ class ReferenceSettings:
                 "version": NEURAL_REFERENCE_VERSION}
 
 
+def finite_times(noise, times: list[float]) -> list[float]:
+    """``times`` without a last time at sigma = 0, ending instead at the last finite lambda the model is
+    followed to: sigma / alpha = ``ZERO_FLOOR`` as in the exact reference, or a discrete schedule's smallest
+    training time (its network is not defined below it); nothing is added when the time before is already
+    there."""
+    if float(noise.sigma(times[-1])) > 0:
+        return times
+    if any(float(noise.sigma(t)) == 0 for t in times[:-1]):
+        raise ValueError("reference: only the last requested time may be at sigma = 0")
+    floor = noise.t_min if isinstance(noise, VPDiscrete) else float(noise.t_of_lambda(-math.log(ZERO_FLOOR)))
+    return times[:-1] + ([floor] if times[-2] > floor else [])
+
+
 def fine_grid(noise, times: list[float], steps: int) -> tuple[list[float], list[int]]:
-    """About ``steps`` steps over ``times`` (decreasing), uniform in lambda within each segment and at least
-    one per segment; returns the grid and the grid index of every requested time."""
+    """About ``steps`` steps over ``times`` (decreasing, every lambda finite), uniform in lambda within each
+    segment and at least one per segment; returns the grid and the grid index of every requested time."""
     lam = [float(noise.lam(t)) for t in times]
     span = lam[-1] - lam[0]
     grid, marks = [times[0]], [0]
@@ -66,7 +84,21 @@ def fine_grid(noise, times: list[float], steps: int) -> tuple[list[float], list[
 
 
 def solve_states(model, x_T: Tensor, times: list[float], steps: int) -> list[Tensor]:
-    """The states at ``times[1:]`` from one order-3 UniPC solve on ``fine_grid(times, steps)``."""
+    """The states at ``times[1:]`` from one order-3 UniPC solve on ``fine_grid(times, steps)``; a last time at
+    sigma = 0 is the x0 prediction at the last finite lambda (``finite_times``)."""
+    finite = finite_times(model.noise, times)
+    out = [x_T]
+    if len(finite) > 1:
+        out += fine_solve(model, x_T, finite, steps)
+    if finite == times:
+        return out[1:]
+    t, ns = finite[-1], model.noise
+    with torch.no_grad():
+        x0 = model.predict(out[-1], t, float(ns.alpha(t)), float(ns.sigma(t)))[1]
+    return out[1:len(times) - 1] + [x0]
+
+
+def fine_solve(model, x_T: Tensor, times: list[float], steps: int) -> list[Tensor]:
     grid, marks = fine_grid(model.noise, times, steps)
     sched = presets.build(f"{SOLVER}:order=3", len(grid) - 1, model.noise, spacing=grid, lower_order_final=False)
     want = {m - 1: k for k, m in enumerate(marks[1:])}

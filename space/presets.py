@@ -152,6 +152,9 @@ def _singlestep(name, nfe, noise, spacing, t_start, t_end, prediction, order):
         raise ScheduleError(f"NFE too small: {name} needs at least 1 model call")
     orders = _singlestep_orders(nfe, order)
     outer = spacing_mod.make(noise, len(orders), spacing, t_start, t_end).tolist()
+    if float(noise.sigma(outer[-1])) == 0 and orders[-1] > 1:  # a last step to sigma = 0 is first order
+        orders = (_singlestep_orders(nfe - 1, order) if nfe > 1 else []) + [1]
+        outer = spacing_mod.make(noise, len(orders), spacing, t_start, t_end).tolist()
     steps = []
     for o, s, t in zip(orders, outer[:-1], outer[1:]):
         lam_s, h = float(noise.lam(s)), float(noise.lam(t) - noise.lam(s))
