@@ -7,12 +7,14 @@ import inspect
 import math
 
 import pytest
+import torch
 
 from steptune.evaluators import Evaluator, get_problem
 from steptune.evaluators.digits_cond import digits_problem
 from steptune.evaluators.neural_reference import ReferenceSettings, converged_states, finite_times
 from steptune.evaluators.reference import ode_reference_states
-from steptune.space import presets
+from steptune.exports import SteptuneScheduler, k_diffusion_sigmas
+from steptune.space import presets, sample
 from steptune.space import spacing as spacing_mod
 from steptune.space.noise import VPDiscrete
 
@@ -89,3 +91,22 @@ def test_the_network_reference_agrees_with_the_exact_solution_for_every_spacing(
             want = exact_states(problem, x, times)
             errors = [rel(g, w) for g, w in zip(got, want, strict=True)]
             assert max(errors) < settings.tol, (spacing, final_zero, errors)
+
+
+def test_every_schedule_on_a_discrete_schedule_exports():
+    """The diffusers scheduler export samples as steptune does and the sigma list ends in 0, for every schedule."""
+    problem = get_problem("gmm-2d", "ddpm-linear")
+    model = problem.model
+    assert (model.prediction, model.time_input) == ("eps", "discrete")
+    x_T = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for label, s in schedules(problem):
+        sigmas = k_diffusion_sigmas(s)
+        assert sigmas[-1] == 0 and all(math.isfinite(v) for v in sigmas), label
+        scheduler = SteptuneScheduler(schedule=s.to_dict())
+        scheduler.set_timesteps(num_inference_steps=s.nfe)
+        x = x_T.clone()
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(model.fn(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+            want = sample(model, x_T.clone(), s)
+        assert torch.isfinite(x).all() and (x - want).abs().max().item() <= 1e-9, label
