@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 
 from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
@@ -210,6 +211,7 @@ class Runner:
             self.storage.claim_driver(job.study, self.driver, LEASE_SECONDS, gone=_driver_gone)
         except StorageError as e:  # DriverBusy: another live driver runs this study
             raise JobError(str(e)) from None
+        self.storage.forget_requests(timedelta(days=1))
         self._recover()
 
     def run(self) -> RunResult:

@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, func, insert, inspect, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -58,6 +59,7 @@ from .schema import (
     Base,
     Problem,
     RelaxationRecord,
+    Request,
     Study,
     Trial,
     utcnow,
@@ -341,6 +343,26 @@ class Storage:
         except (OperationalError, IntegrityError) as e:
             raise StorageError(f"database {self!r} refused the change: {str(e.orig).strip().splitlines()[0]}") from e
 
+    # -- writes a retrying caller may send twice --
+
+    @staticmethod
+    def _replayed(s: Session, request: str | None):
+        """What the write with token ``request`` returned if it was already done; _FIRST otherwise."""
+        if request is None:
+            return _FIRST
+        row = s.get(Request, request)
+        return _FIRST if row is None else row.result
+
+    @staticmethod
+    def _remember(s: Session, request: str | None, result=None) -> None:
+        if request is not None:
+            s.add(Request(token=request, result=result))
+
+    def forget_requests(self, older_than: timedelta) -> int:
+        """Drop the tokens of writes older than ``older_than`` (no caller retries them any more); how many."""
+        with self._tx() as s:
+            return s.execute(delete(Request).where(Request.created < utcnow() - older_than)).rowcount
+
     # -- schema --
 
     def _alembic_config(self, connection=None):
@@ -547,11 +569,13 @@ class Storage:
         tid = self.add_trials(study, [{"schedule": schedule, **fields}])[0]
         return self.trial(tid)
 
-    def add_trials(self, study: str, items: Iterable[Mapping], *, create: Mapping | None = None) -> list[int]:
+    def add_trials(self, study: str, items: Iterable[Mapping], *, create: Mapping | None = None,
+                   request: str | None = None) -> list[int]:
         """Add many trials in one transaction (all or nothing); returns their ids in order.
 
         Each item is a mapping with ``schedule`` and the fields of ``add_trial``. With ``create`` (the
         keyword arguments of ``create_study``), a missing study is created in the same transaction.
+        A second call with the same ``request`` token adds nothing and returns the first call's ids.
         """
         rows = []
         memo: dict[str, tuple[dict, str]] = {}
@@ -577,6 +601,9 @@ class Storage:
         if not rows:
             return []
         with self._tx() as s:
+            done = self._replayed(s, request)
+            if done is not _FIRST:
+                return list(done)
             st = s.scalar(select(Study).where(Study.name == study))
             if st is None:
                 if create is None:
@@ -592,6 +619,7 @@ class Storage:
             s.execute(insert(Trial), rows)
             ids = s.scalars(select(Trial.id).where(Trial.study_id == st.id, Trial.number >= first)
                             .order_by(Trial.number)).all()
+            self._remember(s, request, list(ids))
         if self.dialect == "postgresql" and len(rows) >= 5000:
             # fresh statistics after a bulk load, so the planner keeps using the indexes
             with self.engine.begin() as conn:
@@ -641,11 +669,16 @@ class Storage:
                               attempts=Trial.attempts + 1))
         return self.trial(row.id)
 
-    def start(self, trial_id: int, worker: str, *, now: datetime | None = None) -> TrialRecord:
+    def start(self, trial_id: int, worker: str, *, now: datetime | None = None,
+              request: str | None = None) -> TrialRecord:
         """Start a given queued trial under ``worker`` (a driver that dispatches trials itself, instead of
-        workers claiming them): it becomes ``running`` and its attempt count goes up by one."""
+        workers claiming them): it becomes ``running`` and its attempt count goes up by one. A second call
+        with the same ``request`` token changes nothing."""
         now = now or utcnow()
         with self._tx() as s:
+            if self._replayed(s, request) is not _FIRST:
+                return self.trial(trial_id)
+            self._remember(s, request)
             res = s.execute(update(Trial).where(Trial.id == trial_id, Trial.status == "queued")
                             .values(status="running", worker=worker, started=now, heartbeat=now,
                                     attempts=Trial.attempts + 1))
@@ -654,11 +687,16 @@ class Storage:
                 raise StorageError(f"trial {trial_id} cannot start: it is {st or 'missing'}, not queued")
         return self.trial(trial_id)
 
-    def requeue(self, trial_id: int, reason: str, *, now: datetime | None = None) -> TrialRecord:
+    def requeue(self, trial_id: int, reason: str, *, now: datetime | None = None,
+                request: str | None = None) -> TrialRecord:
         """A running trial whose worker was lost: back to ``queued`` with ``reason`` noted in its error text
-        if it has attempts left, otherwise ``failed`` with the reason."""
+        if it has attempts left, otherwise ``failed`` with the reason. A second call with the same
+        ``request`` token changes nothing."""
         now = now or utcnow()
         with self._tx() as s:
+            if self._replayed(s, request) is not _FIRST:
+                return self.trial(trial_id)
+            self._remember(s, request)
             t = s.scalar(select(Trial).where(Trial.id == trial_id).with_for_update())
             if t is None or t.status != "running":
                 raise LeaseLost(f"trial {trial_id} is not running; it cannot be re-queued")
@@ -703,14 +741,18 @@ class Storage:
 
     def finish(self, trial_id: int, *, status: str = "complete", metrics: Mapping | None = None,
                score: float | None = None, error: str | None = None, seconds: float | None = None,
-               worker: str | None = None, now: datetime | None = None) -> TrialRecord:
+               worker: str | None = None, now: datetime | None = None, request: str | None = None) -> TrialRecord:
         """Record the outcome of a running trial: ``complete`` (with metrics), ``failed`` (with an
-        error text) or ``pruned``. Raises LeaseLost if the trial is not running (under ``worker``)."""
+        error text) or ``pruned``. Raises LeaseLost if the trial is not running (under ``worker``).
+        A second call with the same ``request`` token changes nothing."""
         if status not in FINAL_STATUSES:
             raise StorageError(f"finish: status {status!r} is not final; use complete, failed or pruned")
         now = now or utcnow()
         metrics = _clean_metrics(metrics)
         with self._tx() as s:
+            if self._replayed(s, request) is not _FIRST:
+                return self.trial(trial_id)
+            self._remember(s, request)
             row = s.execute(select(Trial.status, Trial.worker, Trial.started, Study.metric)
                             .join(Study, Study.id == Trial.study_id).where(Trial.id == trial_id)).first()
             if row is None:
@@ -885,9 +927,17 @@ def _unreachable(e: BaseException) -> bool:
     return cause.connection_invalidated or isinstance(cause, OperationalError)
 
 
+_FIRST = object()  # a write's token not seen before
+
+# the writes that take a ``request`` token, so that sending one twice does it once
+REPLAYABLE = frozenset({"add_trials", "start", "finish", "requeue"})
+
+
 class Retrying:
     """``storage`` whose calls are retried, with backoff, while the database is unreachable, for up to
-    ``seconds`` from the first failure; then DatabaseUnavailable. ``say`` hears of each outage once."""
+    ``seconds`` from the first failure; then DatabaseUnavailable. ``say`` hears of each outage once. A write
+    whose commit's answer was lost with the connection is sent again with the same request token, so it is
+    done once (``REPLAYABLE``; the others do the same thing when done twice)."""
 
     def __init__(self, storage: Storage, seconds: float, say: Callable[[str], None] = lambda msg: None):
         self.storage, self.seconds, self.say = storage, float(seconds), say
@@ -896,6 +946,8 @@ class Retrying:
         attr = getattr(self.storage, name)
         if name.startswith("_") or not callable(attr):
             return attr
+        if name in REPLAYABLE:
+            return lambda *args, **kwargs: self.call(attr, *args, request=uuid.uuid4().hex, **kwargs)
         return lambda *args, **kwargs: self.call(attr, *args, **kwargs)
 
     def call(self, fn: Callable, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""The database schema (SQLAlchemy 2 ORM): problems, studies, trials and relaxation records.
+"""The database schema (SQLAlchemy 2 ORM): problems, studies, trials, relaxation records and requests.
 
 Schedules are stored as their versioned JSON form (``Schedule.to_dict()``). Every trial carries its
 NFE and a ``score`` column, the study's primary metric (lower is better), so the best-per-NFE and
@@ -155,3 +155,15 @@ class RelaxationRecord(Base):
     iterations: Mapped[int | None] = mapped_column(Integer, nullable=True)
     converged: Mapped[bool | None] = mapped_column(nullable=True)
     created: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class Request(Base):
+    """A write that a retrying caller may send twice (its first commit's answer lost with the connection):
+    the caller's token for it and what it returned, stored in the same transaction, so a second send
+    returns that instead of doing it again."""
+
+    __tablename__ = "requests"
+
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    result: Mapped[dict | list | None] = mapped_column(JsonType, nullable=True)
+    created: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)

@@ -8,17 +8,20 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from runner_jobs import job_text, outcome, run_job
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
-from test_storage_db import _pg_base_url
+from test_storage_db import _pg_base_url, fresh_pg_schema
 
 from steptune.jobs import JobError, job_from_dict, load_job
 from steptune.storage import connect
+from steptune.storage.db import Retrying
 
 STEPTUNE = Path(sys.executable).parent / "steptune"
 EVALUATIONS, NFE = 40, "[3, 4]"  # a search of 80 evaluations: long enough to pull the server away under it
@@ -207,3 +210,58 @@ def test_a_driver_with_a_stale_heartbeat_or_a_dead_process_is_taken_over(tmp_pat
         assert not db.beat_driver("s", "here:22") and db.beat_driver("s", "elsewhere:33")
         db.release_driver("s", "elsewhere:33")
         db.claim_driver("s", "here:44", 120)
+
+
+class AnswerLost:
+    """A real storage whose next write commits and then loses its answer with the connection, as when the
+    server restarts between its commit and its reply."""
+
+    def __init__(self, storage):
+        self.storage, self.lose = storage, set()
+
+    def __getattr__(self, name):
+        attr = getattr(self.storage, name)
+
+        def call(*args, **kwargs):
+            out = attr(*args, **kwargs)
+            if name in self.lose:
+                self.lose.discard(name)
+                raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+            return out
+        return call if callable(attr) else attr
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'lost.db'}"
+    else:
+        _pg_base_url()
+        with fresh_pg_schema() as url:
+            yield url
+
+
+def test_a_write_whose_answer_was_lost_is_done_once_when_sent_again(any_url):
+    from steptune.space import presets
+    from steptune.space.noise import VPLinear
+
+    sched = presets.build("ddim", 4, VPLinear())
+    heard = []
+    with connect(any_url) as db:
+        db.create_study("s")
+        flaky = AnswerLost(db)
+        store = Retrying(flaky, 30, heard.append)
+        flaky.lose.add("add_trials")
+        ids = store.add_trials("s", [{"schedule": sched, "n_samples": 8}] * 3)
+        assert len(ids) == 3 and [t.id for t in db.trials("s")] == ids
+        flaky.lose.add("start")
+        assert store.start(ids[0], "w").status == "running"
+        flaky.lose.add("requeue")
+        assert store.requeue(ids[0], "its worker was lost").status == "queued"
+        store.start(ids[0], "w")
+        flaky.lose.add("finish")
+        row = store.finish(ids[0], metrics={"rmse": 0.5}, worker="w")
+        assert (row.status, row.attempts, row.score) == ("complete", 2, 0.5)
+        assert [t.status for t in db.trials("s")] == ["complete", "queued", "queued"]
+        assert len(heard) == 4 and all("unreachable" in h for h in heard)
+        assert db.forget_requests(timedelta(0)) == 5 and db.forget_requests(timedelta(0)) == 0

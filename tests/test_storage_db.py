@@ -126,7 +126,7 @@ def test_unknown_revision_and_missing_schema_are_refused(db, db_url):
     with pytest.raises(StorageError, match="newer than this steptune"):
         connect(db_url)
     with db.engine.begin() as conn:
-        for t in ("relaxation_records", "trials", "studies", "problems", "steptune_schema_version"):
+        for t in ("requests", "relaxation_records", "trials", "studies", "problems", "steptune_schema_version"):
             conn.execute(text(f"DROP TABLE {t}"))
     with pytest.raises(StorageError, match="steptune db upgrade"):
         connect(db_url, create=False)
