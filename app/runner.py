@@ -68,6 +68,7 @@ class RunResult:
     retried: int
     seconds: float
     per_nfe: list[NfeSummary] = field(default_factory=list)
+    utilisation: dict | None = None  # this run's search: evaluators, fraction busy, evaluations per second
 
 
 def _driver_id() -> str:
@@ -145,6 +146,7 @@ class Runner:
         self.driver = _driver_id()
         self.interrupted = threading.Event()
         self.started = time.monotonic()
+        self.started_at = self._db_now()
         self.deadline = None if job.budget.time is None else self.started + job.budget.time
         self.search_deadline = self.deadline
         self.phase = "baseline"
@@ -222,6 +224,8 @@ class Runner:
         beat.start()
         try:
             self.backend.start()
+            self.storage.update_study_config(job.study, {"evaluators": {
+                "count": len(self.backend.workers), "backend": job.backend.kind, "driver": self.driver}})
             if job.evaluation.baseline:
                 self.phase = "baseline"
                 self._baseline()
@@ -341,9 +345,12 @@ class Runner:
         rate = self._rate()
         eta = (self.total - self.done) / rate if rate and self.phase == "search" else None
         phase_done, phase_total = self.phase_counts.get(self.phase, (0, 0))
+        sink = self._sink
         return {"phase": self.phase, "done": self.done, "total": self.total, "best": dict(self.best),
                 "retried": self.retried, "failed": self.failed, "elapsed": elapsed, "eta": eta,
-                "phase_done": phase_done, "phase_total": phase_total}
+                "phase_done": phase_done, "phase_total": phase_total,
+                "evaluators": len(self.backend.workers),
+                "busy": len(set(sink.in_flight.values())) if sink is not None else 0}
 
     def _rate(self) -> float | None:
         if not hasattr(self, "_search_start"):
@@ -390,7 +397,7 @@ class Runner:
         from steptune.space import Schedule
 
         job, searcher = self.job, self.searcher
-        batch_size = job.search.batch or max(4, searcher.batch_per_nfe * len(searcher.nfes))
+        batch_size = self._batch_size()
         rows = [t for t in self.storage.trials(job.study) if t.fidelity == CHEAP and "batch" in t.info]
         batches: dict[int, list] = {}
         for t in rows:
@@ -441,6 +448,20 @@ class Runner:
                 self.batch_seconds = time.monotonic() - batch_started
             b += 1
             self._reserve_confirm_time()
+
+    def _batch_size(self) -> int:
+        """Candidates asked at a time: the job's ``search.batch``; else enough to give every evaluator a full
+        call (evaluators x in_flight, at least the searcher's own batch), fixed for the study when its search
+        starts so that a resume on a different cluster asks what the first run would have."""
+        if self.job.search.batch:
+            return self.job.search.batch
+        stored = self.storage.get_study(self.job.study).config.get("search_batch")
+        if stored:
+            return int(stored)
+        searcher, spec = self.searcher, self.job.backend
+        size = max(4, searcher.batch_per_nfe * len(searcher.nfes), len(self.backend.workers) * spec.in_flight)
+        self.storage.update_study_config(self.job.study, {"search_batch": size})
+        return size
 
     def _no_time_for_a_batch(self) -> bool:
         """True when the last batch (asking the searcher, evaluating, telling) took longer than the search has
@@ -508,7 +529,21 @@ class Runner:
                          sum(1 for t in trials if t.fidelity == CONFIRM and not t.info.get("baseline")
                              and t.status in finished),
                          sum(1 for t in trials if t.status == "failed"), self.retried,
-                         time.monotonic() - self.started, summarize(trials, self.job.search.nfe))
+                         time.monotonic() - self.started, summarize(trials, self.job.search.nfe),
+                         self._utilisation(cheap))
+
+    def _utilisation(self, cheap) -> dict | None:
+        """This run's search evaluations: how busy they kept the evaluators (stored with the study)."""
+        from steptune.utilisation import utilisation
+
+        mine = [t for t in cheap if t.worker and t.worker.startswith(self.driver + "/") and t.started is not None
+                and t.started >= self.started_at]
+        u = utilisation(mine, len(self.backend.workers))
+        if u is None:
+            return None
+        record = {**u.as_dict(), "backend": self.job.backend.kind, "batch": self._batch_size()}
+        self.storage.update_study_config(self.job.study, {"utilisation": record})
+        return record
 
 
 def summarize(trials, nfes) -> list[NfeSummary]:

@@ -97,3 +97,52 @@ def test_batched_evaluation_on_ray_gives_the_same_study(cluster, local_result, t
         assert g[:4] == w[:4] and g[5] == w[5]  # same trials, in the same order, with the same status
         for (k, a), (k2, b) in zip(g[4], w[4]):
             assert k == k2 and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (k, a, b)
+
+
+def test_by_default_the_batch_gives_every_evaluator_work_and_the_study_records_it(cluster, tmp_path):
+    """Four evaluators (half a CPU each on the two nodes), four candidates per call: a batch of 16, each of the
+    first batch's trials run on one of the four, and the run's utilisation stored with the study."""
+    job = _job("wide", tmp_path / "cache", "ray", num_cpus=0.5, in_flight=4)
+    backend = RayBackend(job.problem, job.evaluation, job.backend)
+    res, _, trials, status = _run(job, f"sqlite:///{tmp_path / 'ray.db'}", backend)
+    assert res.status == "complete" and len(backend.workers) == 4
+    with connect(f"sqlite:///{tmp_path / 'ray.db'}") as db:
+        config = db.get_study("wide").config
+    assert config["search_batch"] == 16 and config["evaluators"]["count"] == 4
+    first = [t for t in trials if t.info.get("batch") == 0]
+    assert len(first) == 16 and len({t.worker for t in first}) == 4
+    u = res.utilisation
+    assert u["evaluators"] == 4 and u["batch"] == 16 and u["evaluations"] == 24 and 0 < u["fraction"] <= 1
+    assert status["utilisation"] == u
+
+
+def test_a_fixed_batch_gives_the_same_trials_with_any_number_of_evaluators(cluster, local_result, tmp_path):
+    """search.batch set: four evaluators store what one in-process evaluator stored with the same batch."""
+    job = job_from_dict({**_job("same", tmp_path / "cache", "ray").model_dump(),
+                         "search": {"method": "s3", "nfe": [3, 4], "batch": 8},
+                         "backend": {"kind": "ray", "num_cpus": 0.5, "in_flight": 1}})
+    backend = RayBackend(job.problem, job.evaluation, job.backend)
+    res, got, trials, _ = _run(job, f"sqlite:///{tmp_path / 'ray.db'}", backend)
+    assert res.status == "complete" and len(backend.workers) == 4 and len({t.worker for t in trials}) == 4
+    assert got == local_result[1]
+
+
+def test_losing_a_node_requeues_its_trials_and_the_job_finishes(cluster, local_result, tmp_path):
+    """A third node joins, one evaluator lands on each node; the third node goes away mid-run."""
+    node = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    cluster.wait_for_nodes()
+    job = _job("same", tmp_path / "cache", "ray", workers=3, in_flight=2)
+    backend = RayBackend(job.problem, job.evaluation, job.backend)
+    removed = []
+
+    def progress(st):
+        if st["phase"] == "search" and st["done"] >= 6 and not removed:
+            cluster.remove_node(node)
+            removed.append(st["done"])
+
+    res, got, trials, _ = _run(job, f"sqlite:///{tmp_path / 'ray.db'}", backend, progress)
+    assert removed and res.status == "complete"
+    assert len(set(backend.node_ids)) == 3
+    assert got == local_result[1]
+    retried = [t for t in trials if t.attempts > 1]
+    assert retried and all(t.status == "complete" and "died" in t.error for t in retried)

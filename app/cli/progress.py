@@ -16,6 +16,11 @@ def best_text(best: dict) -> str:
     return " ".join(f"{k}:{v:.3g}" for k, v in sorted(best.items()))
 
 
+def busy_text(st: dict) -> str:
+    """Evaluators with work in flight, of the run's evaluators ("" before any is known)."""
+    return f"busy {st['busy']}/{st['evaluators']}" if st.get("evaluators") else ""
+
+
 def _failures(st: dict) -> str:
     return (f" failed {st['failed']}" if st["failed"] else "") + (f" retried {st['retried']}" if st["retried"] else "")
 
@@ -40,7 +45,7 @@ class BarProgress:
         eta = f" eta {duration(st['eta'])}" if st.get("eta") is not None else ""
         if st["phase"] == "search":
             self.bar.update(self.task, description="search", total=st["total"], completed=st["done"],
-                            info=f"best {best_text(st['best'])}{_failures(st)}{eta}")
+                            info=f"best {best_text(st['best'])} {busy_text(st)}{_failures(st)}{eta}")
         else:  # baseline presets or held-out confirmations: their own count, not the search's
             self.bar.update(self.task, description=st["phase"], total=st["phase_total"] or None,
                             completed=st["phase_done"], info=_failures(st))
@@ -88,7 +93,8 @@ class LineProgress:
             spent = time.monotonic() - t0
             rate = (st["done"] - done0) / spent if spent > 0 and st["done"] > done0 else None
             line = (f"search {st['done']}/{total or '?'}{pct} | best {best_text(st['best']) or '—'} | "
-                    f"{'—' if not rate else f'{rate:.3g}'} evals/s | eta {duration(st.get('eta'))}")
+                    f"{'—' if not rate else f'{rate:.3g}'} evals/s | {busy_text(st) or 'busy —'} | "
+                    f"eta {duration(st.get('eta'))}")
         else:
             line = f"{st['phase']} {st['phase_done']}/{st['phase_total'] or '?'}"
         err.print(f"[{elapsed}] {line}{_failures(st)}", highlight=False, markup=False)

@@ -121,6 +121,9 @@ def study_status(storage, study: str) -> dict:
             "per_minute": per_minute, "eta_seconds": eta, "finished": left == 0, "per_nfe": rows,
             "confirmed": sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info),
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
+            "busy_evaluators": len({t.worker for t in trials if t.status == "running" and t.worker}),
+            "evaluators": (st.config.get("evaluators") or {}).get("count"),
+            "utilisation": st.config.get("utilisation"),
             "recent_errors": [{"number": t.number, "status": t.status, "attempts": t.attempts, "error": t.error}
                               for t in troubled[-5:]]}
 
@@ -147,7 +150,8 @@ def run_cmd(
     payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
                "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
                "seconds": result.seconds,
-               "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe]}
+               "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe],
+               "utilisation": result.utilisation}
     if json_:
         print(json.dumps(payload, indent=2))
     else:
@@ -160,10 +164,19 @@ def run_cmd(
             table.add_row(str(r.nfe), r.preset or "—", fmt(r.preset_score), fmt(r.searched_score),
                           "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"))
         out.print(table)
+        if result.utilisation:
+            out.print(utilisation_text(result.utilisation))
         if result.status in ("interrupted", "time-budget", "incomplete"):
             err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
     if result.status == "interrupted":
         raise typer.Exit(130)
+
+def utilisation_text(u: dict) -> str:
+    """One line: how busy a run's search kept its evaluators."""
+    frac = "—" if u.get("fraction") is None else f"{100 * u['fraction']:.0f}%"
+    return (f"evaluators: {u['evaluators']} ({u.get('backend', '?')}), busy {frac} of the search's "
+            f"{duration(u['seconds'])}, {fmt(u.get('per_second'), 3)} evaluations/s, batch {u.get('batch', '?')}")
+
 
 def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     """Progress of a study: evaluations done of its budget, rate and ETA, best per NFE, failures."""
@@ -195,6 +208,10 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
         table.add_row(str(r["nfe"]), fmt(r["heldout"]), fmt(r["train"]), r["preset"] or "—",
                       fmt(r["preset_score"]))
     out.print(table)
+    busy = info["busy_evaluators"]
+    out.print(f"evaluators busy now: {busy}" + (f" of {info['evaluators']}" if info["evaluators"] else ""))
+    if info["utilisation"]:
+        out.print("last run: " + utilisation_text(info["utilisation"]))
     out.print(f"failures: {info['failed']} failed trials, {info['retried']} retried after a lost worker")
     for e in info["recent_errors"]:
         out.print(f"  trial {e['number']} ({e['status']}, attempt {e['attempts']}): {e['error']}")
