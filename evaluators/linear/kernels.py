@@ -53,8 +53,19 @@ def sor_solve(indptr, indices, data, x, b, omega, shift, tol, maxiter, symmetric
     """SOR (or SSOR: forward then backward sweep) from x in place until ‖r_k‖ ≤ tol·‖r_0‖.
 
     Returns (iterations, converged)."""
+    return sor_solve_traced(indptr, indices, data, x, b, omega, shift, tol, maxiter, symmetric, np.empty(0))
+
+
+@numba.njit(**_JIT)
+def sor_solve_traced(indptr, indices, data, x, b, omega, shift, tol, maxiter, symmetric, history):
+    """:func:`sor_solve` that also writes ‖r_k‖ into ``history[k]`` for k = 0…iterations (as far as
+    ``history`` reaches). Returns (iterations, converged)."""
     r = np.empty_like(x)
-    target = tol * residual(indptr, indices, data, x, b, shift, r)
+    r0 = residual(indptr, indices, data, x, b, shift, r)
+    keep = history.shape[0]
+    if keep > 0:
+        history[0] = r0
+    target = tol * r0
     if target == 0.0:
         return 0, True
     for k in range(1, maxiter + 1):
@@ -62,6 +73,8 @@ def sor_solve(indptr, indices, data, x, b, omega, shift, tol, maxiter, symmetric
         if symmetric:
             sor_sweep(indptr, indices, data, x, b, omega, shift, False)
         rn = residual(indptr, indices, data, x, b, shift, r)
+        if k < keep:
+            history[k] = rn
         if not math.isfinite(rn):
             return k, False
         if rn <= target:

@@ -33,6 +33,7 @@ class SolveResult:
     seconds: float
     x: np.ndarray
     omega: float  # the ω used (the final one for adaptive SOR)
+    residuals: np.ndarray | None = None  # ‖r_k‖ for k = 0…iterations (SOR and SSOR, when asked with trace)
 
 
 def as_csr(A) -> sp.csr_matrix:
@@ -42,8 +43,10 @@ def as_csr(A) -> sp.csr_matrix:
 
 
 def solve(A: sp.csr_matrix, b: np.ndarray, omega: float, *, solver: str = "sor", x0: np.ndarray | None = None,
-          tol: float = DEFAULT_TOL, maxiter: int = DEFAULT_MAXITER, kernel: str = "pyamg") -> SolveResult:
-    """Solve A x = b with ``solver`` (sor, ssor or ssor-pcg) at relaxation ``omega``."""
+          tol: float = DEFAULT_TOL, maxiter: int = DEFAULT_MAXITER, kernel: str = "pyamg",
+          trace: bool = False) -> SolveResult:
+    """Solve A x = b with ``solver`` (sor, ssor or ssor-pcg) at relaxation ``omega``; ``trace`` keeps the
+    residual norm of every SOR / SSOR iteration (``SolveResult.residuals``)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; use one of {', '.join(SOLVERS)}")
     if kernel not in KERNELS:
@@ -52,22 +55,32 @@ def solve(A: sp.csr_matrix, b: np.ndarray, omega: float, *, solver: str = "sor",
         raise ValueError(f"omega {omega} is outside (0, 2), where SOR on an SPD matrix diverges")
     b = np.ascontiguousarray(b, dtype=np.float64)
     x = np.zeros_like(b) if x0 is None else np.array(x0, dtype=np.float64)
+    trace = trace and solver != "ssor-pcg"
+    history = np.empty(maxiter + 1 if trace and kernel == "numba" else 0)
+    kept: list[float] | None = [] if trace and kernel == "pyamg" else None
     start = time.perf_counter()
     if kernel == "numba":
         if solver == "ssor-pcg":
             its, ok = kernels.ssor_pcg(A.indptr, A.indices, A.data, x, b, omega, 0.0, tol, maxiter)
         else:
-            its, ok = kernels.sor_solve(A.indptr, A.indices, A.data, x, b, omega, 0.0, tol, maxiter,
-                                        solver == "ssor")
+            its, ok = kernels.sor_solve_traced(A.indptr, A.indices, A.data, x, b, omega, 0.0, tol, maxiter,
+                                               solver == "ssor", history)
     elif solver == "ssor-pcg":
         its, ok = _pcg_pyamg(A, b, x, omega, tol, maxiter)
     else:
-        its, ok = _sor_pyamg(A, b, x, omega, tol, maxiter, solver == "ssor")
-    return SolveResult(int(its), bool(ok), time.perf_counter() - start, x, float(omega))
+        its, ok = _sor_pyamg(A, b, x, omega, tol, maxiter, solver == "ssor", kept)
+    seconds = time.perf_counter() - start
+    residuals = None
+    if trace:
+        residuals = history[: int(its) + 1].copy() if kernel == "numba" else np.asarray(kept)
+    return SolveResult(int(its), bool(ok), seconds, x, float(omega), residuals)
 
 
-def _sor_pyamg(A, b, x, omega, tol, maxiter, symmetric):
-    target = tol * np.linalg.norm(b - A @ x)
+def _sor_pyamg(A, b, x, omega, tol, maxiter, symmetric, kept=None):
+    r0 = np.linalg.norm(b - A @ x)
+    if kept is not None:
+        kept.append(float(r0))
+    target = tol * r0
     if target == 0.0:
         return 0, True
     for k in range(1, maxiter + 1):
@@ -75,6 +88,8 @@ def _sor_pyamg(A, b, x, omega, tol, maxiter, symmetric):
         if symmetric:
             relaxation.sor(A, x, b, omega, iterations=1, sweep="backward")
         rn = np.linalg.norm(b - A @ x)
+        if kept is not None:
+            kept.append(float(rn))
         if not np.isfinite(rn):
             return k, False
         if rn <= target:

@@ -114,6 +114,8 @@ def build_cost_table(seq, omegas=DEFAULT_GRID, *, solver: str = "sor", tol: floa
 
 
 def _contexts(seq, key) -> np.ndarray:
+    if hasattr(seq, "context_values"):
+        return seq.context_values()
     if hasattr(seq, "shifts"):
         return np.asarray(seq.shifts, dtype=np.float64)
     if hasattr(seq, "contexts"):
