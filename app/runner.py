@@ -362,30 +362,107 @@ class Runner:
     # ---- phases ------------------------------------------------------------------------------------
 
     def _baseline(self) -> None:
-        from steptune.search import DEFAULT_PRESETS
+        """Every preset at every NFE on the held-out bank, at its default spacing and at the best of its spacings
+        (chosen on the cheap fidelity of the train bank, the scores kept in the trial's ``info``), and what
+        diffusers' stock schedulers do with their default config on the same noises."""
+        from steptune.search import DEFAULT_PRESETS, baselines
         from steptune.space import ScheduleError, presets
 
-        have = {t.info.get("origin") for t in self.storage.trials(self.job.study) if t.info.get("baseline")}
+        stored = [t for t in self.storage.trials(self.job.study) if t.info.get("baseline")]
+        have = {t.info.get("origin") for t in stored}
+        chosen = {t.info["best_of"] for t in stored if "best_of" in t.info}
+        prob = self.problem
+        default = baselines.default_spacing(prob)
         items = []
         nfes = sorted(set(self.job.search.nfe) | set(self.job.evaluation.baseline_nfe or ()))
         for spec in DEFAULT_PRESETS:
             for nfe in nfes:
-                origin = f"preset:{spec}@{nfe}"
-                if origin in have:
-                    continue
+                origin = baselines.origin(spec, nfe, default)
                 try:
-                    sched = presets.build(spec, nfe, self.problem.noise, t_start=self.problem.t_start,
-                                          t_end=self.problem.t_end)
+                    sched = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end,
+                                          **({"spacing": default} if default else {}))
                 except ScheduleError:
                     continue  # this preset has no schedule at this NFE
-                sched = replace(sched, name=spec)  # named with its options, so preset:NAME rebuilds it
-                items.append(self._item(sched, CONFIRM, {"baseline": True, "origin": origin}))
+                if origin not in have:  # named with its options, so preset:NAME rebuilds it
+                    name = baselines.with_spacing(spec, default)
+                    items.append(self._item(replace(sched, name=name), CONFIRM, {"baseline": True, "origin": origin}))
+                if f"{spec}@{nfe}" not in chosen:
+                    best = self._best_spacing(spec, nfe, sched)
+                    if best is not None:
+                        items.append(self._item(*best))
         if items:
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank")
             self.storage.add_trials(self.job.study, items)
         # the presets and imported schedules; queued search candidates are the search phase's, in their batches
         self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
                         if not (t.fidelity == CHEAP and "batch" in t.info)])
+        self._diffusers_defaults(have, nfes)
+
+    def _driver_evaluator(self):
+        """An evaluator of the job's problem in this process (the spacing choice and diffusers' own loops run here);
+        the reference solutions come from the cache the workers share."""
+        if getattr(self, "_local_evaluator", None) is None:
+            import torch
+
+            from steptune.evaluators import Evaluator
+
+            ev = self.job.evaluation
+            self._local_evaluator = Evaluator(self.problem, n_train=ev.train_samples, n_heldout=ev.heldout_samples,
+                                              seed=ev.bank_seed, cache_dir=ev.cache,
+                                              device="cuda" if torch.cuda.is_available() else "cpu")
+        return self._local_evaluator
+
+    def _best_spacing(self, spec: str, nfe: int, default_schedule) -> tuple | None:
+        """(schedule, bank, info) of ``spec`` at ``nfe`` at its best spacing on the cheap fidelity, or None when
+        that is the default schedule (already a baseline) or no spacing scores."""
+        from steptune.search import baselines
+
+        prob = self.problem
+        variants = baselines.spacing_variants(spec, nfe, prob.noise, prob.t_start, prob.t_end)
+        if len(variants) < 2:
+            return None
+        ev, n = self._driver_evaluator(), self.job.evaluation.cheap_samples
+        scores = {}
+        for sp, sched in variants:
+            try:
+                scores[sp] = ev.evaluate(sched, CHEAP, n=n).metrics["rmse"]
+            except Exception:  # a spacing the model cannot run: not a candidate
+                scores[sp] = None
+        best = baselines.best_spacing(scores)
+        sched = dict(variants).get(best)
+        if sched is None or sched.key() == default_schedule.key():
+            return None
+        info = {"baseline": True, "origin": baselines.origin(spec, nfe, best), "best_of": f"{spec}@{nfe}",
+                "spacing": best, "spacing_scores": {k: v for k, v in scores.items()}, "spacing_bank": CHEAP,
+                "spacing_samples": n}
+        return sched, CONFIRM, info
+
+    def _diffusers_defaults(self, have: set, nfes: list[int]) -> None:
+        """diffusers' stock schedulers with their default config, each sampling the problem's model by its own
+        step loop on the held-out noises (models with discrete VP conventions only), stored as complete trials."""
+        from steptune import diffusers_default as dd
+
+        if dd.why_not(self.problem.model) is not None:
+            return
+        items = []
+        for name in dd.SCHEDULERS:
+            for nfe in nfes:
+                origin = dd.origin(name, nfe)
+                if origin in have or self.should_stop():
+                    continue
+                n = self.job.evaluation.heldout_samples
+                try:
+                    res, sched = dd.evaluate(self._driver_evaluator(), name, nfe, CONFIRM, n)
+                except Exception as e:  # a scheduler that cannot run this model: said, and left out
+                    self.say(f"{origin}: {type(e).__name__}: {e}")
+                    continue
+                item = self._item(sched, CONFIRM, {"baseline": True, "origin": origin, "diffusers": name,
+                                                   "config": "default", "metrics_from": "diffusers step loop"})
+                items.append({**item, "status": res.status, "metrics": res.metrics, "error": res.error,
+                              "seconds": res.seconds})
+        if items:
+            self.say(f"stored {len(items)} diffusers default-config baselines")
+            self.storage.add_trials(self.job.study, items)
 
     def _item(self, schedule, bank: str, info: dict) -> dict:
         n = self.job.evaluation.cheap_samples if bank == CHEAP else self.job.evaluation.heldout_samples

@@ -30,6 +30,7 @@ import torch
 
 from steptune.space import NonFiniteError, Schedule, ScheduleError, sample
 from steptune.space.batch import sample_batch
+from steptune.space.noise import VPDiscrete
 from steptune.space.sampler import check_compatible
 
 from . import metrics
@@ -167,7 +168,8 @@ class Evaluator:
         schedule.validate()
         check_compatible(self.problem.model, schedule)
         t0 = self.problem.t_start
-        if not math.isclose(schedule.t_start, t0, rel_tol=1e-9, abs_tol=1e-12):
+        later_on_discrete = isinstance(self.problem.noise, VPDiscrete) and schedule.t_start < t0
+        if not later_on_discrete and not math.isclose(schedule.t_start, t0, rel_tol=1e-9, abs_tol=1e-12):
             raise ScheduleError(f"schedule: starts at t = {schedule.t_start:g} but the problem's noise bank is at "
                                 f"t_start = {t0:g}; build it with t_start={t0!r}")
         t_last, t1 = schedule.steps[-1].t, self.problem.t_end
@@ -181,7 +183,10 @@ class Evaluator:
         Raises ScheduleError for a schedule that cannot run on this problem (invalid, another noise
         schedule, another start or end time); a run that diverges is a ``failed`` result, not an
         exception. A schedule must end at the problem's ``t_end`` or at t = 0 (a final denoising step,
-        as diffusers' ``final_sigmas_type="zero"``); the reference and the data are taken at its end.
+        as diffusers' ``final_sigmas_type="zero"``); the reference and the data are taken at its end. On a
+        discrete VP schedule it may start below ``t_start`` (diffusers' ``leading`` timesteps): the bank's
+        noise is then its first state unchanged, as diffusers feeds unit-variance noise to its first timestep
+        (``init_noise_sigma = 1``), and it is still measured against the reference from ``t_start``.
         """
         self.check(schedule)
         b = self.bank(bank)
@@ -218,6 +223,12 @@ class Evaluator:
                 out[i] = (self._failed(schedules[i], str(x), share, bank, n) if isinstance(x, NonFiniteError)
                           else self._measure(schedules[i], x, share, bank, n))
         return out
+
+    def score(self, schedule: Schedule, x: Tensor, bank: str = "train", seconds: float = 0.0) -> EvalResult:
+        """The metrics of samples ``x`` made from the first ``len(x)`` states of ``bank`` by another sampler that
+        runs ``schedule`` (e.g. a diffusers scheduler's own loop); measured as ``evaluate`` measures."""
+        self.check(schedule)
+        return self._measure(schedule, x, seconds, bank, self._n(self.bank(bank), x.shape[0]))
 
     def _failed(self, schedule: Schedule, error: str, seconds: float, bank: str, n: int) -> EvalResult:
         inf = {k: math.inf for k in self.metric_names()}

@@ -1,10 +1,17 @@
-"""The baseline presets: what a searched schedule is compared against, and what searches are seeded with."""
+"""The baseline presets: what a searched schedule is compared against, and what searches are seeded with.
+
+A baseline is each preset at the best of its spacings on the problem (``spacing_variants``, ``best_spacing``):
+the spacing is chosen on the train bank and the preset reported on the held-out bank, so that a gain over it is
+a gain over the best a user could pick."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
-from steptune.space import ScheduleError, presets
+from steptune.space import Schedule, ScheduleError, presets
+from steptune.space import spacing as spacing_mod
 
 from .searcher import Candidate
 
@@ -28,3 +35,48 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
                 keys.add(c.key)
                 out.append(c)
     return out
+
+
+def default_spacing(problem) -> str | None:
+    """``spacing.default_for`` the problem's noise schedule and guidance (its model's, or its source's)."""
+    g = problem.model.guidance_scale
+    g = g if g is not None else (getattr(problem, "source", None) or {}).get("guidance_scale")
+    return spacing_mod.default_for(problem.noise, g)
+
+
+def spacing_variants(spec: str, nfe: int, noise, t_start: float, t_end: float,
+                     spacings: Sequence[str] | None = None) -> list[tuple[str, Schedule]]:
+    """(spacing, schedule) of the preset ``spec`` at ``nfe`` on every candidate spacing of ``noise`` that builds
+    (``spacing.candidates`` unless ``spacings`` names them), named ``spec:spacing=...`` so that ``preset:NAME``
+    rebuilds it; a spacing whose schedule equals an earlier one's is left out."""
+    out, keys = [], set()
+    for sp in spacings or spacing_mod.candidates(noise):
+        try:
+            s = presets.build(spec, nfe, noise, spacing=sp, t_start=t_start, t_end=t_end)
+            s.validate(nfe=nfe)
+        except ScheduleError:
+            continue
+        s = replace(s, name=with_spacing(spec, sp))
+        if s.key() not in keys:
+            keys.add(s.key())
+            out.append((sp, s))
+    return out
+
+
+def best_spacing(scores: dict[str, float]) -> str | None:
+    """The spacing with the lowest finite score (the first of equal ones), or None when none scored."""
+    finite = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
+    return min(finite, key=finite.__getitem__) if finite else None
+
+
+def origin(spec: str, nfe: int, spacing: str | None = None) -> str:
+    """How a baseline trial names the preset it ran: ``preset:unipc-bh2@5 spacing=time-uniform``."""
+    return f"preset:{spec}@{nfe}" + (f" spacing={spacing}" if spacing else "")
+
+
+def with_spacing(spec: str, spacing: str | None) -> str:
+    """The preset spec with a ``spacing`` option (``unipc-bh2:order=3,spacing=time-uniform``), so that
+    ``preset:SPEC`` rebuilds the schedule; ``spec`` itself when ``spacing`` is None."""
+    if not spacing:
+        return spec
+    return f"{spec}{',' if ':' in spec else ':'}spacing={spacing}"
