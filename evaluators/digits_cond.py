@@ -98,6 +98,12 @@ class DigitsQuality:
         return {"fd_digits": self.fd(x), "accuracy": self.accuracy(x)}
 
 
+def digits_decode(x: Tensor) -> Tensor:
+    """Images in [0, 1] (1 channel, 8 x 8) of digit states in the data range [-1, 1] (clipped, as the classifier
+    sees them)."""
+    return (x.float().clamp(-1, 1) + 1) / 2
+
+
 def digits_problem(guidance_scale: float = 3.0, models_dir: str | Path | None = MODELS_DIR,
                    reference_tol: float | None = None, bank_sizes: tuple[int, int] = (64, 256),
                    quality: bool = True) -> NeuralProblem:
@@ -113,4 +119,4 @@ def digits_problem(guidance_scale: float = 3.0, models_dir: str | Path | None = 
     return NeuralProblem(name="digits-cond", noise=ns, model=model, shape=(1, 8, 8), source=source,
                          reference_settings=settings, bank_sizes=tuple(bank_sizes),
                          quality=DigitsQuality(models_dir) if quality else None,
-                         quality_metrics=("fd_digits", "accuracy") if quality else ())
+                         quality_metrics=("fd_digits", "accuracy") if quality else (), decode=digits_decode)

@@ -47,7 +47,9 @@ class PluginError(ValueError):
 class Plug:
     """A network with the conventions its factory knows (None: not said; the defaults of the noise schedule
     apply). ``identity`` is extra JSON-able data that tells this network apart (e.g. a checkpoint hash);
-    without it the weights of a torch module are hashed."""
+    without it the weights of a torch module are hashed. ``decode(x)`` (optional) turns final states (n, *shape)
+    into images (n, 1 or 3, H, W) in [0, 1] (e.g. a VAE decode for a latent model): with it the problem is an
+    image problem, whose samples the sample grids show (``steptune eval --grid``, the dashboard, reports)."""
 
     network: Callable
     shape: tuple[int, ...] | None = None
@@ -61,6 +63,7 @@ class Plug:
     data_mean: Tensor | None = None
     name: str | None = None
     identity: dict = field(default_factory=dict)
+    decode: Callable | None = None
 
 
 # ---- networks -------------------------------------------------------------------------------------
@@ -278,8 +281,12 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
                   **plug.identity}
         if plug.cond_kwargs or plug.uncond_kwargs:
             source["conditioning_sha256"] = conditioning_fingerprint(plug.cond_kwargs, plug.uncond_kwargs)
+        if plug.decode is not None:
+            if not callable(plug.decode):
+                raise ValueError(f"decode must be a function of the states, got {type(plug.decode).__name__}")
+            source["images"] = True  # a stored study says it can be shown as images without loading the factory
         prob = NeuralProblem(name=plug.name or spec, noise=ns, model=model, shape=tuple(shape), t_start=t_start,
-                             t_end=t_end, source=source, reference_settings=settings)
+                             t_end=t_end, source=source, reference_settings=settings, decode=plug.decode)
     except ValueError as e:
         raise PluginError(f"model {spec!r}: {e}") from None
     if check:

@@ -188,10 +188,14 @@ class NeuralProblem(Problem):
 
     A ``quality`` object with a ``features(x)`` method also yields ``fd_reference``, the Fréchet distance
     of the samples' features to the reference solutions' features: unlike a distance to data, it does
-    not grow when a more accurate sampler follows a strongly guided ODE away from the data."""
+    not grow when a more accurate sampler follows a strongly guided ODE away from the data.
+
+    ``decode(x)`` (optional) turns final states (n, *shape) into images (n, 1 or 3, H, W) with values in [0, 1]:
+    a problem that has it is an image problem, whose samples can be looked at (``steptune.grids``)."""
 
     bank_sizes: tuple[int, int] | None = (64, 256)
     reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
+    decode: Callable[[Tensor], Tensor] | None = None
 
     def identity(self) -> dict:
         return {**super().identity(), "reference": self.reference_settings.to_dict()}

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 import typer
 from rich.table import Table
 
+from steptune import grids
 from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import (
@@ -94,6 +95,8 @@ def eval_cmd(
     guidance: GuidanceOpt = None,
     shape: ShapeOpt = None,
     device: DeviceOpt = None,
+    grid: Annotated[Path | None, typer.Option("--grid", help="Also write a PNG of held-out samples (image problems): "
+                                                             "this schedule, the best preset, the reference.")] = None,
 ):
     """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
     from steptune.evaluators.neural_reference import ReferenceNotConverged
@@ -101,12 +104,18 @@ def eval_cmd(
     if samples is not None and samples < 1:
         raise CliError(f"--samples {samples}: give at least 1")
     nfes = parse_nfe_list(nfe)
+    if grid is not None:
+        output_file(grid, "--grid")
+        if len(schedule) != 1 or len(nfes) > 1:
+            raise CliError("--grid draws one schedule at one NFE; give one --schedule and at most one --nfe")
     for spec in schedule:  # bad files are refused before any problem or reference is built
         if not spec.startswith("preset:"):
             resolve(spec, nfes, None)
     ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
                     time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
+    if grid is not None and grids.not_images(prob):
+        raise CliError(f"--grid: {grids.not_images(prob)}")
     if samples is not None and samples > ev.bank(bank).size:
         raise CliError(f"--samples {samples}: the {bank} bank holds {ev.bank(bank).size} states; give at most that")
     scheds = [(spec, s) for spec in schedule
@@ -124,8 +133,15 @@ def eval_cmd(
                                 f"{Path(at.filename).name}:{at.lineno})") from None
             rows.append({"schedule": spec, "name": s.name, "nfe": res.nfe, "status": res.status, "error": res.error,
                          "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
+        drawn = None if grid is None else grids.schedule_grid(prob, scheds[0][1], scheds[0][0], cache, ev.device.type,
+                                                                spacing)
+    if drawn is not None:
+        grid.write_bytes(drawn.png())
+        err.print(f"wrote {grid} ({drawn.rows} held-out samples: {drawn.columns[0].name}, "
+                  f"{drawn.columns[1].name if len(drawn.columns) > 2 else 'no preset'}, the reference)")
     if json_:
-        print(json.dumps({"problem": prob.name, "noise": prob.noise.to_dict().get("kind"), "results": rows},
+        print(json.dumps({"problem": prob.name, "noise": prob.noise.to_dict().get("kind"), "results": rows,
+                          **({"grid": {"path": str(grid), **drawn.to_dict()}} if drawn else {})},
                          indent=2, default=float))
         return
     table = Table(title=f"{prob.name} ({prob.noise.kind}), {bank} bank")
