@@ -1,0 +1,155 @@
+"""Baselines users run: each preset at the best of its spacings (chosen on the train bank, reported on the held-out
+bank), diffusers' stock schedulers with their default config, and schedules on diffusers' leading timesteps that
+start below the bank's time. Checked against independent evaluations and a diffusers loop written out here."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from runner_jobs import run_job
+
+from steptune.evaluators import Evaluator, get_problem
+from steptune.evaluators.digits_cond import digits_problem
+from steptune.jobs import load_job
+from steptune.search import DEFAULT_PRESETS, baselines
+from steptune.space import Schedule, presets, sample
+from steptune.space import spacing as spacing_mod
+from steptune.space.noise import VPDiscrete
+from steptune.storage import connect
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
+CHEAP, HELDOUT, NFE = 16, 24, 4
+
+
+def _job(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(f"""
+study = "g"
+seed = 1
+[problem]
+name = "gmm-2d"
+noise = "ddpm-linear"
+[search]
+method = "random"
+nfe = [{NFE}]
+[evaluation]
+cheap_samples = {CHEAP}
+train_samples = {CHEAP}
+heldout_samples = {HELDOUT}
+confirm = 1
+cache = "{tmp_path / 'cache'}"
+[budget]
+evaluations = 2
+""")
+    return load_job(path)
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("guided")
+    job = _job(tmp_path)
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    _, runner = run_job(job, url)
+    with connect(url) as db:
+        trials = db.trials("g")
+    return runner.problem, trials, tmp_path
+
+
+def test_the_best_spacing_baseline_is_the_minimum_of_an_independent_eval_per_spacing(stored):
+    problem, trials, tmp_path = stored
+    assert isinstance(problem.noise, VPDiscrete)
+    ev = Evaluator(problem, n_train=CHEAP, n_heldout=HELDOUT, seed=0, cache_dir=None)
+    base = [t for t in trials if t.info.get("baseline") and t.status == "complete"]
+    spacings = ["logsnr", "time-uniform", "time-quadratic", *spacing_mod.DIFFUSERS_SPACINGS]
+    checked = 0
+    for spec in DEFAULT_PRESETS:
+        train, held = {}, {}
+        for sp in spacings:
+            try:
+                s = presets.build(spec, NFE, problem.noise, spacing=sp, t_start=problem.t_start, t_end=problem.t_end)
+            except Exception:
+                continue
+            train[sp] = ev.evaluate(s, "train").metrics["rmse"]
+            held[sp] = ev.evaluate(s, "heldout").metrics["rmse"]
+        if not train:
+            continue
+        best = min(train, key=train.__getitem__)
+        rows = [t for t in base if t.info["origin"].startswith(f"preset:{spec}@{NFE}")]
+        chosen = [t for t in rows if t.info.get("best_of") == f"{spec}@{NFE}"]
+        if chosen:  # stored when the best spacing is not the default one
+            (t,) = chosen
+            assert t.info["spacing"] == best and t.info["origin"] == f"preset:{spec}@{NFE} spacing={best}"
+            for sp, v in t.info["spacing_scores"].items():
+                assert math.isclose(v, train[sp], rel_tol=1e-9), (spec, sp)
+            assert math.isclose(t.score, held[best], rel_tol=1e-9), spec
+            assert presets.build(t.schedule["name"], NFE, problem.noise, t_start=problem.t_start,
+                                 t_end=problem.t_end).key() == t.key  # preset:NAME rebuilds it
+        else:  # the default spacing is the best: its row is the baseline
+            assert best == "logsnr" or train[best] == train["logsnr"], spec
+        # what the study calls the preset's best held-out score is the held-out score at the train-chosen spacing
+        assert math.isclose(min(t.score for t in rows), min(held["logsnr"], held[best]), rel_tol=1e-9), spec
+        checked += 1
+    assert checked >= 10 and any("best_of" in t.info for t in base)
+
+
+def _by_hand(cls, config: dict, model, x_T: torch.Tensor, nfe: int) -> torch.Tensor:
+    """A diffusers pipeline's loop: set_timesteps, scale the noise, scale_model_input, the model, step."""
+    s = cls(**config)
+    s.set_timesteps(nfe)
+    x = (x_T * s.init_noise_sigma).float()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in s.timesteps:
+            inp = s.scale_model_input(x, t)
+            eps = model.fn(inp, torch.full((x.shape[0],), float(t), dtype=inp.dtype))
+            x = s.step(eps, t, x).prev_sample
+    return x.double()
+
+
+STOCK = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+
+
+@pytest.mark.parametrize("cls", [UniPCMultistepScheduler, DPMSolverMultistepScheduler, DDIMScheduler])
+def test_the_diffusers_default_row_is_the_stock_scheduler_run_by_hand(stored, cls):
+    problem, trials, _ = stored
+    (row,) = [t for t in trials if t.info.get("origin") == f"diffusers-default:{cls.__name__}@{NFE}"]
+    assert row.info["baseline"] and row.bank == "heldout" and row.status == "complete"
+    ev = Evaluator(problem, n_train=CHEAP, n_heldout=HELDOUT, seed=0, cache_dir=None)
+    x = _by_hand(cls, STOCK, problem.model, ev.x_T("heldout"), NFE)
+    got = ev.score(Schedule.from_dict(row.schedule), x, "heldout")  # against the reference at sigma = 0
+    # the stock config (beta_schedule="linear") and the module's (the model's own beta table) agree to float32
+    assert math.isclose(got.metrics["rmse"], row.score, rel_tol=1e-4), (got.metrics["rmse"], row.score)
+    # and the row is not a steptune run in disguise where diffusers differs (DDIM clips x0 by default)
+    if cls is DDIMScheduler:
+        plain = ev.evaluate(Schedule.from_dict(row.schedule), "heldout").metrics["rmse"]
+        assert not math.isclose(plain, row.score, rel_tol=1e-3)
+
+
+def test_a_schedule_on_leading_timesteps_runs_from_the_bank_noise_as_diffusers_does():
+    """diffusers' leading timesteps start below T; diffusers feeds them unit-variance noise unchanged. The evaluator
+    runs such a schedule from the bank's noise at its own first time and scores it against the reference from
+    t_start: the same number as the stock scheduler's loop written out here."""
+    problem = get_problem("gmm-2d", "ddpm-linear")
+    ev = Evaluator(problem, n_train=16, n_heldout=16, cache_dir=None)
+    s = presets.build("dpm-solver++-2m", NFE, problem.noise, spacing="diffusers-leading")
+    assert s.t_start < problem.t_start
+    res = ev.evaluate(s, "train")
+    x = _by_hand(DPMSolverMultistepScheduler, {**STOCK, "timestep_spacing": "leading"}, problem.model,
+                 ev.x_T("train"), NFE)
+    assert torch.allclose(sample(problem.model, ev.x_T("train"), s), x, rtol=0, atol=1e-4)
+    assert math.isclose(ev.score(s, x, "train").metrics["rmse"], res.metrics["rmse"], rel_tol=1e-4)
+
+
+def test_the_default_spacing_rule():
+    ddpm = VPDiscrete.named("ddpm-linear")
+    assert spacing_mod.default_for(ddpm, 5.0) == "time-uniform"
+    assert spacing_mod.default_for(ddpm, 1.0) is None and spacing_mod.default_for(ddpm, None) is None
+    continuous = get_problem("gmm-2d", "vp-linear").noise
+    assert spacing_mod.default_for(continuous, 5.0) is None
+    assert spacing_mod.candidates(ddpm)[3:] == list(spacing_mod.DIFFUSERS_SPACINGS)
+    assert spacing_mod.candidates(continuous) == ["logsnr", "time-uniform", "time-quadratic"]
+    guided = digits_problem(guidance_scale=3.0, models_dir=None, bank_sizes=(2, 2), quality=False)
+    assert baselines.default_spacing(guided) == "time-uniform"
