@@ -7,6 +7,7 @@ views, relaxation), so a report shows the same figures and tables as the live pa
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,8 +15,10 @@ from urllib.parse import quote
 
 from steptune.dashboard import downloads, queries
 from steptune.dashboard.app import STATIC, plotly_js
+from steptune.dashboard.grid_view import Grids
 from steptune.dashboard.schedule_view import schedule_view
 from steptune.exports import ExportError
+from steptune.grids import GridError
 from steptune.storage import Storage
 from steptune.storage.schema import STATUSES
 
@@ -61,8 +64,9 @@ def _exports(store: Storage, trial_id: int) -> dict:
     return out
 
 
-def report_data(store: Storage, study: str) -> dict:
-    """Everything the page asks for about ``study``'s problem, keyed by the request path."""
+def report_data(store: Storage, study: str, cache_dir: str | Path | None = "runs/cache", device: str = "cpu") -> dict:
+    """Everything the page asks for about ``study``'s problem, keyed by the request path; the sample grids of the
+    trials shown (image problems) as PNG data URLs, drawn with the references cached under ``cache_dir``."""
     problems = queries.problems(store)
     prob = _problem_of(problems, study)
     responses: dict[str, object] = {"/api/problems": [prob]}
@@ -74,10 +78,15 @@ def report_data(store: Storage, study: str) -> dict:
             responses[api_path("/api/history", {"study": st["name"]})] = queries.history(store, st["name"])
     front = responses[api_path("/api/front", {"problem": prob["id"]})]
     shown = sorted({p["trial"] for s in front["series"] for p in s["points"]})
-    exports = {}
+    exports, grids, sample_grids = {}, {}, Grids(store, cache_dir, device)
     for tid in shown:
-        responses[f"/api/trials/{tid}/schedule"] = schedule_view(store, tid)
+        view = responses[f"/api/trials/{tid}/schedule"] = schedule_view(store, tid)
         exports[tid] = _exports(store, tid)
+        if view["grid"]:
+            try:
+                grids[tid] = "data:image/png;base64," + base64.b64encode(sample_grids.png(tid)).decode()
+            except GridError:
+                continue  # the page says the grid is not in the report
     names = {st["name"] for st in prob["studies"]}
     relax = [s for s in queries.relaxation_studies(store) if s in names]
     responses["/api/relaxation/studies"] = relax
@@ -87,7 +96,7 @@ def report_data(store: Storage, study: str) -> dict:
     config = {"mode": "report", "statuses": list(STATUSES), "formats": list(REPORT_FORMATS),
               "sortable": list(queries.SORTABLE)}
     return {"study": study, "written": written, "config": config, "responses": responses,
-            "trials": _all_trials(store, prob["id"]), "exports": exports}
+            "trials": _all_trials(store, prob["id"]), "exports": exports, "grids": grids}
 
 
 def _inline_script(code: str) -> str:
@@ -111,11 +120,12 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def write_report(store: Storage, study: str, output: str | Path) -> Path:
-    """Write the report of ``study`` (its problem's front, its search efficiency, trials, schedules) to
-    ``output``; returns the path."""
+def write_report(store: Storage, study: str, output: str | Path, cache_dir: str | Path | None = "runs/cache",
+                 device: str = "cpu") -> Path:
+    """Write the report of ``study`` (its problem's front, its search efficiency, trials, schedules, sample grids
+    of image problems) to ``output``; returns the path."""
     output = Path(output)
-    html = render_report(report_data(store, study), f"steptune report: {study}")
+    html = render_report(report_data(store, study, cache_dir, device), f"steptune report: {study}")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(html)
     return output

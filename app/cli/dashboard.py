@@ -11,8 +11,9 @@ import typer
 
 from steptune.cli.console import err
 from steptune.cli.errors import CliError
-from steptune.cli.options import DEFAULT_DB, DbOpt, StudyOpt
+from steptune.cli.options import DEFAULT_CACHE, DEFAULT_DB, CacheOpt, DbOpt, DeviceOpt, StudyOpt
 from steptune.cli.paths import output_file
+from steptune.cli.problems import pick_device
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -32,6 +33,8 @@ def dashboard_cmd(
                                                      "database to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8750,
     poll: Annotated[float, typer.Option("--poll", help="Seconds between the page's checks for new trials.")] = 5.0,
+    cache: CacheOpt = DEFAULT_CACHE,
+    device: DeviceOpt = None,
 ):
     """Serve the dashboard (NFE-quality fronts, search efficiency, trials, schedules, exports) read-only at
     http://HOST:PORT; it opens no browser by itself."""
@@ -46,7 +49,7 @@ def dashboard_cmd(
     _check_listen(host, port)
     store = open_read_only(db)
     allowed = [host, *LOOPBACK_NAMES] if _is_loopback(host) else None
-    app = create_app(store, allowed_hosts=allowed, poll_seconds=poll)
+    app = create_app(store, allowed_hosts=allowed, poll_seconds=poll, cache_dir=cache, device=pick_device(device))
     shown = f"[{host}]" if ":" in host else host
     err.print(f"steptune dashboard on http://{shown}:{port}/ (read-only, database {db}); Ctrl-C stops it")
     if not _is_loopback(host):
@@ -76,6 +79,8 @@ def report_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML file to write "
                                                 "(default runs/reports/STUDY.html).")] = None,
     db: DbOpt = DEFAULT_DB,
+    cache: CacheOpt = DEFAULT_CACHE,
+    device: DeviceOpt = None,
 ):
     """Write one self-contained HTML report of a study's problem (fronts, efficiency, trials, schedules)."""
     from steptune.dashboard import open_read_only
@@ -86,7 +91,7 @@ def report_cmd(
     store = open_read_only(db)
     try:
         store.get_study(study)
-        path = write_report(store, study, output)
+        path = write_report(store, study, output, cache, pick_device(device))
     except NotFound as e:
         raise CliError(str(e)) from None
     finally:

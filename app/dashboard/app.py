@@ -15,11 +15,13 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import event
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from steptune import grids
 from steptune.exports import ExportError
 from steptune.storage import Storage, connect
 from steptune.storage.schema import STATUSES
 
 from . import downloads, queries
+from .grid_view import Grids
 from .schedule_view import schedule_view
 
 STATIC = Path(str(files("steptune.dashboard") / "static"))
@@ -61,9 +63,11 @@ def open_read_only(url: str | None) -> Storage:
     return store
 
 
-def create_app(store: Storage, *, allowed_hosts: list[str] | None = None, poll_seconds: float = 5.0) -> FastAPI:
+def create_app(store: Storage, *, allowed_hosts: list[str] | None = None, poll_seconds: float = 5.0,
+               cache_dir: str | Path | None = "runs/cache", device: str = "cpu") -> FastAPI:
     """The dashboard over ``store`` (see ``open_read_only``). ``allowed_hosts`` refuses requests for other
-    Host headers (a guard against DNS rebinding when bound to loopback)."""
+    Host headers (a guard against DNS rebinding when bound to loopback). Sample grids of image problems are drawn
+    on ``device`` with the reference solutions cached under ``cache_dir``."""
     app = FastAPI(title="steptune dashboard", docs_url=None, redoc_url=None, openapi_url=None)
     if allowed_hosts:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
@@ -127,6 +131,16 @@ def create_app(store: Storage, *, allowed_hosts: list[str] | None = None, poll_s
     @app.get("/api/trials/{trial_id}/schedule")
     def schedule(trial_id: TrialId):
         return schedule_view(store, trial_id)
+
+    sample_grids = Grids(store, cache_dir, device)
+
+    @app.get("/api/trials/{trial_id}/grid.png")
+    def grid(trial_id: TrialId):
+        try:
+            png = sample_grids.png(trial_id)
+        except grids.GridError as e:
+            raise HTTPException(409, str(e)) from None
+        return Response(png, media_type="image/png")
 
     @app.get("/api/trials/{trial_id}/export/{fmt}")
     def export(trial_id: TrialId, fmt: Literal[downloads.FORMATS]):  # type: ignore[valid-type]

@@ -7,10 +7,12 @@ import math
 
 import torch
 
+from steptune.grids import is_image_identity
 from steptune.space import Schedule, ScheduleError, presets
 from steptune.space import noise as noise_mod
 from steptune.storage import Storage, StorageError
 
+from .grid_view import grid_url
 from .queries import NotFound
 
 # presets compared against (specs; options make variants of one preset family)
@@ -108,4 +110,5 @@ def schedule_view(store: Storage, trial_id: int) -> dict:
             "problem": (study.problem or {}).get("name"), "noise": (sched.noise or {}).get("kind"),
             "afs": sched.afs, "times": sched.times, "lambdas": lambdas,
             "log_sigmas": _log_sigmas(ns, sched.times) if ns else None, "steps": step_rows(sched, lambdas),
-            "nearest": nearest_presets(sched, ns, float(t_end)) if ns else [], "schedule": t.schedule}
+            "nearest": nearest_presets(sched, ns, float(t_end)) if ns else [], "schedule": t.schedule,
+            "grid": grid_url(t.id) if is_image_identity(identity) else None}

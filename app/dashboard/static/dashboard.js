@@ -364,6 +364,28 @@ async function renderSchedule() {
       + `<td class="text">${esc(s.prediction)}</td><td class="text">${esc(s.corrector)}</td><td>${fmt(s.dc_ratio)}</td>`
       + `<td class="text">${esc(s.relaxation)}</td><td class="text">${esc(s.basis)}</td>`
       + `<td class="text">${esc(s.points.join(", "))}</td></tr>`).join("");
+  renderGrid(d);
+}
+
+function renderGrid(d) {
+  const box = $("sample-grid");
+  if (!d.grid) {
+    box.innerHTML = "";
+    return;
+  }
+  const src = REPORT ? (REPORT.grids || {})[d.trial] : d.grid;
+  const head = `<h3>Samples</h3><p class="hint">The first held-out noises sampled by this schedule, by the best `
+    + `preset at NFE ${d.nfe} and by the reference solution; under each sample, its RMS error to the reference.</p>`;
+  if (!src) {
+    box.innerHTML = head + "<p class='hint'>the sample grid of this trial is not in the report</p>";
+    return;
+  }
+  box.innerHTML = head + `<img id="sample-grid-img" alt="samples of trial ${d.trial}" src="${esc(src)}">`;
+  if (!REPORT) {
+    $("sample-grid-img").onerror = () => fetch(src).then((r) => r.json()).then((j) => {
+      box.innerHTML = head + `<p class="hint">no grid: ${esc(j.detail || "the server could not draw it")}</p>`;
+    }).catch(showError);
+  }
 }
 
 // ---- relaxation ----------------------------------------------------------------------------------

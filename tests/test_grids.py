@@ -1,0 +1,145 @@
+"""Sample grids of image problems: the PNG's images are the decoded samples and reference pixel for pixel, the
+errors under them are the evaluator's metrics, the best preset is the lowest on the train bank; `steptune eval
+--grid` with a plugged network's decode, and one sentence where a problem has no images."""
+
+import io
+import json
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+from gaussian import eps_fn
+
+from steptune import grids
+from steptune.cli import main
+from steptune.evaluators import Evaluator, Plug, load_problem
+from steptune.evaluators.digits_cond import digits_problem
+from steptune.search import DEFAULT_PRESETS
+from steptune.space import noise as noise_mod
+from steptune.space import presets, sample
+
+NS = noise_mod.VPLinear()
+MU = torch.tensor([0.5, -1.0, 0.25, 1.5])
+VAR = torch.tensor([0.04, 0.25, 1.0, 0.09])
+
+
+def image_factory():
+    """A 4-value Gaussian network whose states are shown as 2 x 2 grey images."""
+    return Plug(network=eps_fn(NS, MU, VAR), shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous", decode=lambda x: ((x.reshape(-1, 1, 2, 2) + 2) / 4).clamp(0, 1))
+
+
+def _png(data: bytes) -> np.ndarray:
+    """The PNG as uint8 RGB, read back by matplotlib (not by the code that wrote it)."""
+    return np.round(mpimg.imread(io.BytesIO(data), format="png")[..., :3] * 255).astype(np.uint8)
+
+
+def _expected_pixels(images: torch.Tensor) -> np.ndarray:
+    """(n, H, W) uint8 of grey images in [0, 1]."""
+    return np.round(images[:, 0].double().clamp(0, 1).numpy() * 255).astype(np.uint8)
+
+
+def _cell(png: np.ndarray, layout, row: int, column: int) -> np.ndarray:
+    """The image in a cell, shrunk back to its own pixels; every pixel must be a uniform grey block."""
+    top, left, bottom, right = layout.box(row, column)
+    cell = png[top:bottom, left:right]
+    s = layout.scale
+    assert cell.shape[:2] == (layout.height * s, layout.width * s)
+    small = cell[::s, ::s]
+    assert np.array_equal(cell, np.kron(small, np.ones((s, s, 1), np.uint8)))  # nearest neighbour, no blur
+    assert np.array_equal(small[..., 0], small[..., 1]) and np.array_equal(small[..., 0], small[..., 2])
+    return small[..., 0]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    prob = digits_problem(guidance_scale=3.0, models_dir=None)
+    sched = presets.build("unipc-bh2", 5, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    best = presets.build("dpm-solver++-2m", 5, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    grid = grids.build_grid(grids.grid_evaluator(prob, None), sched, ("dpm-solver++-2m", best), "preset:unipc-bh2")
+    # the evaluator a user gets, built apart from the grid's (its own reference solve)
+    ev = Evaluator(digits_problem(guidance_scale=3.0, models_dir=None, quality=False), n_train=16,
+                   n_heldout=grids.ROWS, cache_dir=None)  # (no FD: it needs more than one sample)
+    return grid, ev, sched, best
+
+
+def test_the_reference_and_sample_columns_are_the_decoded_states_pixel_for_pixel(digits):
+    grid, ev, sched, best = digits
+    png, layout = _png(grid.png()), grid.layout()
+    assert png.shape[:2] == layout.size
+    assert [c.role for c in grid.columns] == ["schedule", "best preset", "reference"]
+    decode = ev.problem.decode
+    x_T = ev.x_T("heldout")
+    with torch.no_grad():
+        expected = [_expected_pixels(decode(sample(ev.problem.model, x_T, s))) for s in (sched, best)]
+    expected.append(_expected_pixels(decode(ev.reference("heldout"))))
+    for column, want in enumerate(expected):
+        for row in range(grids.ROWS):
+            assert np.array_equal(_cell(png, layout, row, column), want[row]), (row, column)
+    assert not np.array_equal(expected[0], expected[2])  # five steps do not reach the reference
+
+
+def test_the_errors_under_the_samples_are_the_evaluators_metrics(digits):
+    grid, ev, sched, best = digits
+    for column, s in zip(grid.columns[:2], (sched, best)):
+        e = np.array(column.errors)
+        res = ev.evaluate(s, "heldout")
+        assert float(np.sqrt((e ** 2).mean())) == pytest.approx(res.metrics["rmse"], rel=1e-9)
+        assert float(np.sort(e)[(len(e) - 1) // 2]) == pytest.approx(res.metrics["median_err"], rel=1e-9)
+        # sample 0 alone: its error is the RMSE of a one-sample evaluation (float32 network, another batch size)
+        assert e[0] == pytest.approx(ev.evaluate(s, "heldout", n=1).metrics["rmse"], rel=1e-5)
+    assert grid.columns[2].errors == [0.0] * grids.ROWS
+    assert grid.to_dict()["columns"][0]["errors"] == grid.columns[0].errors
+
+
+def test_the_best_default_preset_has_the_lowest_rmse_on_the_train_bank(digits):
+    _, ev, _, _ = digits
+    spec, sched = grids.best_default_preset(ev, 5)
+    prob = ev.problem
+    scores = {}
+    for p in DEFAULT_PRESETS:
+        s = presets.build(p, 5, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+        if s.nfe == 5:
+            scores[p] = ev.evaluate(s, "train").metrics["rmse"]
+    assert spec == min(scores, key=scores.get) and sched.nfe == 5
+    assert len(scores) >= 6
+
+
+def test_eval_grid_writes_the_plugged_networks_decoded_samples(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["eval", "--model", "test_grids:image_factory", "--schedule", "preset:ddim", "--nfe", "4", "--json",
+               "--grid", str(out), "--cache", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    meta = json.loads(captured.out)["grid"]
+    assert meta["path"] == str(out) and meta["rows"] == grids.ROWS
+    assert [c["role"] for c in meta["columns"]] == ["schedule", "best preset", "reference"]
+    prob = load_problem("test_grids:image_factory")
+    ev = Evaluator(prob, n_train=64, n_heldout=grids.ROWS, cache_dir=None)
+    ref = ev.reference("heldout")
+    want = _expected_pixels(prob.decode(ref))
+    png = _png(out.read_bytes())
+    layout = grids.Layout(rows=grids.ROWS, columns=3, height=2, width=2)
+    assert png.shape[:2] == layout.size
+    for row in range(grids.ROWS):
+        assert np.array_equal(_cell(png, layout, row, 2), want[row])
+    ddim = presets.build("ddim", 4, NS, t_start=prob.t_start, t_end=prob.t_end)
+    assert meta["columns"][0]["errors"] == pytest.approx(grids.per_sample_errors(
+        sample(prob.model, ev.x_T("heldout"), ddim), ref), rel=1e-6)
+    assert meta["columns"][1]["name"] in DEFAULT_PRESETS
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "4"], ["--grid", "'gmm-2d' has no images",
+                                                                          "decode(x)"]),
+    (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "4,5"], ["--grid draws one schedule at one NFE"]),
+    (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--schedule", "preset:heun", "--nfe", "4"],
+     ["--grid draws one schedule at one NFE"]),
+])
+def test_eval_grid_says_in_one_sentence_when_it_cannot_draw(tmp_path, capsys, args, words):
+    out = tmp_path / "grid.png"
+    rc = main(["eval", *args, "--grid", str(out), "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and all(w in err for w in words), err
+    assert not out.exists()
