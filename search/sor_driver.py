@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from steptune.evaluators.linear import solvers
+from steptune.evaluators.linear.spectra import jacobi_radius_lanczos
 
-from .sor_learners import AdaptiveSOR, OmegaLearner, replay_table, warm_up
+from .sor_learners import AdaptiveSOR, OmegaLearner, YoungSOR, replay_table, warm_up
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class RoundResult:
     learner_seconds: float  # ask + tell wall time
     omega_start: float | None = None  # adaptive SOR only
     probability: float | None = None
+    extra: dict = field(default_factory=dict)  # what the learner needs to replay the round (young: factor, prior)
+    probe_seconds: float = 0.0  # Lanczos prior, when one was taken before this solve
+    probe_matvecs: int = 0
 
 
 def run_sequence(seq, policy: OmegaLearner | AdaptiveSOR, *, solver: str = "sor", kernel: str = "pyamg",
@@ -36,14 +40,24 @@ def run_sequence(seq, policy: OmegaLearner | AdaptiveSOR, *, solver: str = "sor"
     ``record`` as soon as it is done (so an error later in the sequence leaves it recorded)."""
     stop = len(seq) if stop is None else min(int(stop), len(seq))
     adaptive = isinstance(policy, AdaptiveSOR)
+    young = isinstance(policy, YoungSOR)
     if adaptive and solver != "sor":
         raise ValueError("adaptive SOR adapts plain SOR; use --solver sor with it")
+    if young and solver != "sor":
+        raise ValueError("the young learner reads Young's relation off plain SOR solves; use --solver sor with it")
     key = getattr(policy, "context_key", None)
     warm_up()
     out = []
     state = seq.start(start)
     for t in range(start, stop):
         system = seq.system(t, state)
+        extra, probe_seconds, probe_matvecs = {}, 0.0, 0
+        if young and policy.wants_prior:
+            tick = time.perf_counter()
+            mu, probe_matvecs = jacobi_radius_lanczos(system.A, policy.prior_steps, policy.seed)
+            policy.tell_prior(mu)
+            probe_seconds = time.perf_counter() - tick
+            extra = {"prior_mu": mu, "probe_matvecs": probe_matvecs}
         tick = time.perf_counter()
         arm = policy.ask(system.context.get(key) if key else None)
         asked = time.perf_counter() - tick
@@ -52,15 +66,19 @@ def run_sequence(seq, policy: OmegaLearner | AdaptiveSOR, *, solver: str = "sor"
                                        omega_max=policy.omega_max, window=policy.window, agree=policy.agree)
         else:
             res = solvers.solve(system.A, system.b, arm.omega, solver=solver, x0=system.x0, tol=tol, maxiter=maxiter,
-                                kernel=kernel)
+                                kernel=kernel, trace=young)
         tick = time.perf_counter()
         if adaptive:
             policy.tell(res.iterations, final_omega=res.omega)
+        elif young:
+            policy.tell(res.iterations, residuals=res.residuals)
+            extra.update(policy.last)
         else:
             policy.tell(res.iterations)
         told = time.perf_counter() - tick
         r = RoundResult(t, arm.index, res.omega, dict(system.context), res.iterations, res.converged, res.seconds,
-                        asked + told, arm.omega if adaptive else None, None if adaptive else arm.probability)
+                        asked + told, arm.omega if adaptive else None, None if adaptive else arm.probability,
+                        extra, probe_seconds, probe_matvecs)
         if record is not None:
             record(r)
         out.append(r)

@@ -15,6 +15,10 @@ rounds. Random draws come from one generator seeded at construction, one draw pe
   exploration (SquareCB; Alg. 3). The regression is on log cost, which keeps the steep side of the
   cost curve (Gauss–Seidel end, hard instances) from dominating the fit, and each arm's fit is pulled
   toward its grid neighbours', so arms with few rounds borrow their shape.
+* :class:`YoungSOR`: reads each solve's residual history (the asymptotic convergence factor at the ω it
+  used), turns it into the Jacobi radius μ by Young's relation, regresses log(1 − μ) on the context
+  across solves and plays Young's optimum of the prediction, lowered by its uncertainty; where the
+  predicted iterations miss, a bandit over offsets from that optimum takes over the last step.
 * :class:`AdaptiveSOR`: classical adaptive SOR (Hageman–Young) as a policy over the sequence.
 * :class:`FixedOmega`: one ω always (Gauss–Seidel is ω = 1).
 """
@@ -28,8 +32,15 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from steptune.evaluators.linear.spectra import (
+    convergence_factor,
+    jacobi_radius_from_factor,
+    optimal_omega,
+    sor_factor,
+)
+
 DEFAULT_GRID = tuple(float(w) for w in np.linspace(1.0, 1.95, 20))
-LEARNERS = ("tsallis-inf", "tsallis-inf-cb", "chebcb", "fixed", "adaptive")
+LEARNERS = ("young", "tsallis-inf", "tsallis-inf-cb", "chebcb", "fixed", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -419,6 +430,8 @@ def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 
         return ChebCB(omegas, seed, context_range, context_key=context_key, **opts)
     if name == "fixed":
         return FixedOmega(omega, seed)
+    if name == "young":
+        return YoungSOR(seed=seed, context_range=context_range, context_key=context_key, **opts)
     raise ValueError(f"unknown learner {name!r}; use one of {', '.join(LEARNERS)}")
 
 
@@ -473,3 +486,199 @@ class AdaptiveSOR:
             self.ask()
             self.tell(r.cost, final_omega=r.omega)
         return 0
+
+
+OFFSETS = (-0.3, -0.15, 0.0, 0.15, 0.3)  # log(2 − ω) − log(2 − ω_model): negative is a larger ω
+
+
+class YoungSOR:
+    """ω from Young's theory, with μ learned across solves from their residual histories.
+
+    Each solve at ω gives an asymptotic factor λ (:func:`convergence_factor`) and through Young's relation
+    a μ̂. Below the optimum that μ̂ is μ itself (for a consistently ordered matrix); at and above it every
+    eigenvalue has modulus ω − 1 and μ̂ only bounds μ. A solve counts as an observation y = log(1 − μ̂) of
+    the context's μ when it ran clearly below the optimum it implies, ω ≤ ω*(μ̂) − ``margin``·(2 − ω) (short
+    solves read λ a little high, which makes a solve near the optimum look like one below it). y is
+    fitted on Chebyshev features of the scaled context (degree growing with the observations up to
+    ``degree``; a constant without a context) by least squares.
+
+    ω is Young's optimum of y_pred + ``explore``·se, se the fit's standard error at the context: an
+    uncertain μ is taken low, so ω errs low, where a solve is informative. The context range is cut into
+    ``bins``; in a bin without an observation yet, or where se exceeds ``se_max``, the solve explores:
+    μ is taken no higher than the lowest μ̂ the bin's solves have shown (each is an upper bound) and
+    lowered by 4·``margin`` in y, far enough below the optimum to observe μ. Before the first
+    observation ω = ``omega0`` (Gauss–Seidel), or, with a prior μ (:meth:`tell_prior`, Lanczos on the
+    first system), its optimum lowered the same way.
+
+    Where Young's relation does not hold the observed iterations miss the ones it predicts at the ω
+    played: once their mean absolute log ratio over the last ``window`` solves of at least 15 iterations
+    exceeds ``miss``, a Tsallis-INF over :data:`OFFSETS` from the model's ω plays the last step (costs
+    relative to the model's predicted iterations), and ``mode`` says so in every round."""
+
+    name = "young"
+    contextual = True
+
+    def __init__(self, seed: int = 0, context_range=(0.0, 1.0), context_key: str | None = None,
+                 omega0: float = 1.0, omega_max: float = 1.99, degree: int = 3, explore: float = 1.0,
+                 margin: float = 0.08, se_max: float = 0.2, miss: float = 0.5, window: int = 30,
+                 tol: float = 1e-8, prior: str = "none", prior_steps: int = 30, bins: int = 16):
+        if prior not in ("none", "lanczos"):
+            raise ValueError(f"prior {prior!r}: use none or lanczos")
+        self.seed = int(seed)
+        self.lo, self.hi = (float(v) for v in context_range)
+        if not self.hi > self.lo:
+            raise ValueError("the context range must have lo < hi")
+        self.context_key = context_key
+        self.omega0, self.omega_max = float(omega0), float(omega_max)
+        self.degree, self.explore, self.margin, self.se_max = int(degree), float(explore), float(margin), float(se_max)
+        self.miss, self.window, self.tol = float(miss), int(window), float(tol)
+        self.prior, self.prior_steps = prior, int(prior_steps)
+        self.bins = int(bins) if context_key is not None else 1
+        self.bin_exact = np.zeros(self.bins, dtype=np.int64)
+        self.bin_upper = np.ones(self.bins)
+        k = self.degree + 1
+        self.gram = np.zeros((k, k))
+        self.moment = np.zeros(k)
+        self.yy = 0.0
+        self.exact = 0
+        self.prior_mu: float | None = None
+        self.misses: list[float] = []
+        self.offsets = TsallisINF(np.ones(len(OFFSETS)), seed)  # arms are OFFSETS; their ω is set per round
+        self.t = 0
+        self.replay_mismatches = 0
+        self._fit: tuple | None = None
+        self._pending: tuple | None = None
+        self.last: dict = {}
+
+    def config(self) -> dict:
+        return {"learner": self.name, "seed": self.seed, "context_range": [self.lo, self.hi],
+                "context_key": self.context_key, "omega0": self.omega0, "omega_max": self.omega_max,
+                "degree": self.degree, "explore": self.explore, "margin": self.margin, "se_max": self.se_max,
+                "miss": self.miss, "window": self.window, "tol": self.tol, "prior": self.prior,
+                "prior_steps": self.prior_steps, "bins": self.bins}
+
+    @property
+    def wants_prior(self) -> bool:
+        """True when the next system should be probed for a prior μ (Lanczos, before any observation)."""
+        return self.prior == "lanczos" and self.prior_mu is None and self.exact == 0
+
+    @property
+    def fallback(self) -> bool:
+        """True while Young's predictions miss the observed iterations (the offset bandit plays)."""
+        return len(self.misses) >= self.window and sum(self.misses[-self.window:]) > self.miss * self.window
+
+    def context_of(self, ctx):
+        if isinstance(ctx, dict):
+            return None if self.context_key is None else ctx.get(self.context_key)
+        return ctx
+
+    def _features(self, context) -> np.ndarray:
+        if self.context_key is None or context is None:
+            return chebyshev_features(0.0, self.degree)
+        return chebyshev_features(2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0, self.degree)
+
+    def _refit(self) -> None:
+        k = min(self.degree, self.exact // 6) + 1 if self.context_key is not None else 1
+        Ginv = np.linalg.inv(self.gram[:k, :k] + 1e-9 * np.eye(k))
+        theta = Ginv @ self.moment[:k]
+        dof = self.exact - k
+        var = max(self.yy - theta @ self.moment[:k], 0.0) / dof if dof >= 1 else 1.0
+        self._fit = (theta, max(var, 4e-4), Ginv)
+
+    def predict(self, context) -> tuple[float, float] | None:
+        """(predicted log(1 − μ), its standard error) at ``context``, or None before any observation."""
+        if self._fit is None:
+            return None
+        theta, var, Ginv = self._fit
+        phi = self._features(context)[: theta.shape[0]]
+        return float(theta @ phi), math.sqrt(var * float(phi @ Ginv @ phi))
+
+    def _bin(self, context) -> int:
+        if self.bins == 1 or context is None:
+            return 0
+        return min(max(int((float(context) - self.lo) / (self.hi - self.lo) * self.bins), 0), self.bins - 1)
+
+    def model_omega(self, context) -> float:
+        """The model's ω at ``context`` (before any offset)."""
+        p = self.predict(context)
+        b = self._bin(context)
+        if p is None and self.prior_mu is None and self.bin_upper[b] >= 1.0:
+            return self.omega0
+        if p is None:
+            y = math.log(1.0 - min(self.prior_mu or 1.0, self.bin_upper[b], 1.0 - 1e-12)) + 4.0 * self.margin
+        elif self.bin_exact[b] == 0 or p[1] > self.se_max:
+            y = max(p[0] + self.explore * p[1], math.log(1.0 - min(self.bin_upper[b], 1.0 - 1e-12))) \
+                + 4.0 * self.margin
+        else:
+            y = p[0] + self.explore * p[1]
+        return min(optimal_omega(max(1.0 - math.exp(y), 0.0)), self.omega_max)
+
+    def ask(self, context: float | None = None) -> Arm:
+        if self.context_key is not None and context is None:
+            raise ValueError(f"{self.name} needs a context value for every instance")
+        base = self.model_omega(context)
+        arm, omega = None, base
+        if self.fallback:
+            arm = self.offsets.ask(None).index
+            omega = min(max(2.0 - (2.0 - base) * math.exp(OFFSETS[arm]), 0.5), self.omega_max)
+        self._pending = (context, base, omega, arm)
+        return Arm(arm, float(omega))
+
+    def tell_prior(self, mu: float) -> None:
+        """A prior μ for the rounds before the first observation (e.g. Lanczos on the first system)."""
+        self.prior_mu = float(mu)
+
+    def _predicted_iterations(self, omega: float, context) -> float | None:
+        p = self.predict(context)
+        mu = (1.0 - math.exp(p[0])) if p is not None else self.prior_mu
+        if mu is None:
+            return None
+        return math.log(self.tol) / math.log(min(max(sor_factor(omega, mu), 1e-12), 1.0 - 1e-12))
+
+    def tell(self, cost: float, residuals=None, factor: float | None = None, omega: float | None = None,
+             **_) -> None:
+        """Learn from a solve: its iterations and residual history (or the factor read off it before)."""
+        if self._pending is None:
+            raise RuntimeError("tell() without a pending ask()")
+        ctx, base, played, arm = self._pending
+        omega = played if omega is None else float(omega)
+        lam = factor if factor is not None else (None if residuals is None else convergence_factor(residuals))
+        self.last = {"factor": lam, "mode": "bandit" if arm is not None else "model"}
+        cost = max(float(cost), 1.0)
+        if cost >= 15:
+            predicted = self._predicted_iterations(omega, ctx)
+            if predicted is not None:
+                self.misses.append(abs(math.log(cost / max(predicted, 1.0))))
+        if arm is not None:
+            reference = self._predicted_iterations(base, ctx)
+            self.offsets.tell(cost / max(reference or cost, 1.0))
+        if lam is not None and 1.0 <= omega < 2.0:
+            mu = jacobi_radius_from_factor(lam, omega)
+            b = self._bin(ctx)
+            if omega > optimal_omega(mu) - self.margin * (2.0 - omega):
+                self.bin_upper[b] = min(self.bin_upper[b], mu)
+            else:
+                self.bin_exact[b] += 1
+                y = math.log(1.0 - mu)
+                phi = self._features(ctx)
+                self.gram += np.outer(phi, phi)
+                self.moment += y * phi
+                self.yy += y * y
+                self.exact += 1
+                self._refit()
+        self.t += 1
+        self._pending = None
+
+    def replay(self, rounds: Iterable) -> int:
+        """Rebuild the state from stored rounds (their context holds ``factor`` and any ``prior_mu``)."""
+        mismatches = 0
+        for r in rounds:
+            ctx = r.context or {}
+            if ctx.get("prior_mu") is not None:
+                self.tell_prior(ctx["prior_mu"])
+            asked = self.ask(self.context_of(ctx))
+            if not math.isclose(asked.omega, r.omega, rel_tol=1e-9, abs_tol=1e-12):
+                mismatches += 1
+            self.tell(r.cost, factor=ctx.get("factor"), omega=r.omega)
+        self.replay_mismatches += mismatches
+        return mismatches
