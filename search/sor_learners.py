@@ -409,6 +409,22 @@ class ChebCB(OmegaLearner):
                                         self.log_sum / self.t, self.t < 3)
 
 
+@numba.njit(cache=True)
+def _chebyshev_prediction(theta, Ginv, z):
+    """(θᵀT(z), T(z)ᵀ G⁻¹ T(z)) for the first len(θ) Chebyshev features of z."""
+    phi = chebyshev_features(z, theta.shape[0] - 1)
+    return phi @ theta, phi @ (Ginv @ phi)
+
+
+@numba.njit(cache=True)
+def _accumulate(gram, moment, phi, y):
+    k = phi.shape[0]
+    for r in range(k):
+        moment[r] += y * phi[r]
+        for c in range(k):
+            gram[r, c] += phi[r] * phi[c]
+
+
 def warm_up() -> None:
     """Load the compiled learner kernels now, so a loop's first round does not pay for it."""
     _tsallis_newton(np.zeros(2), 1.0, 1)
@@ -417,6 +433,9 @@ def warm_up() -> None:
     _inverse_gap_weights(np.zeros((2, 2)), chebyshev_features(0.0, 1), 1.0)
     _draw(np.ones(2), 0.5)
     _smoothed_importance_update(np.zeros(2), 0, 1.0, np.full(2, 0.5), 0.1)
+    _chebyshev_prediction(np.zeros(2), np.eye(2), 0.0)
+    _accumulate(np.zeros((2, 2)), np.zeros(2), np.ones(2), 1.0)
+    convergence_factor(np.geomspace(1.0, 1e-3, 12))
 
 
 def make_learner(name: str, omegas: Sequence[float] = DEFAULT_GRID, seed: int = 0, context_range=(0.0, 1.0),
@@ -543,10 +562,12 @@ class YoungSOR:
         self.exact = 0
         self.prior_mu: float | None = None
         self.misses: list[float] = []
+        self._miss_sum = 0.0  # over the last ``window`` misses
         self.offsets = TsallisINF(np.ones(len(OFFSETS)), seed)  # arms are OFFSETS; their ω is set per round
         self.t = 0
         self.replay_mismatches = 0
         self._fit: tuple | None = None
+        self._prediction: tuple = (None, None)  # (context, predict(context)) of the last ask
         self._pending: tuple | None = None
         self.last: dict = {}
 
@@ -565,7 +586,7 @@ class YoungSOR:
     @property
     def fallback(self) -> bool:
         """True while Young's predictions miss the observed iterations (the offset bandit plays)."""
-        return len(self.misses) >= self.window and sum(self.misses[-self.window:]) > self.miss * self.window
+        return len(self.misses) >= self.window and self._miss_sum > self.miss * self.window
 
     def context_of(self, ctx):
         if isinstance(ctx, dict):
@@ -590,17 +611,20 @@ class YoungSOR:
         if self._fit is None:
             return None
         theta, var, Ginv = self._fit
-        phi = self._features(context)[: theta.shape[0]]
-        return float(theta @ phi), math.sqrt(var * float(phi @ Ginv @ phi))
+        z = 0.0 if self.context_key is None or context is None else \
+            2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0
+        y, quad = _chebyshev_prediction(theta, Ginv, z)
+        return y, math.sqrt(var * quad)
 
     def _bin(self, context) -> int:
         if self.bins == 1 or context is None:
             return 0
-        return min(max(int((float(context) - self.lo) / (self.hi - self.lo) * self.bins), 0), self.bins - 1)
+        b = int((context - self.lo) * self.bins / (self.hi - self.lo))
+        return 0 if b < 0 else (b if b < self.bins else self.bins - 1)
 
     def model_omega(self, context) -> float:
         """The model's ω at ``context`` (before any offset)."""
-        p = self.predict(context)
+        p = self._prediction[1] if self._prediction[0] == context else self.predict(context)
         b = self._bin(context)
         if p is None and self.prior_mu is None and self.bin_upper[b] >= 1.0:
             return self.omega0
@@ -616,6 +640,7 @@ class YoungSOR:
     def ask(self, context: float | None = None) -> Arm:
         if self.context_key is not None and context is None:
             raise ValueError(f"{self.name} needs a context value for every instance")
+        self._prediction = (context, self.predict(context))
         base = self.model_omega(context)
         arm, omega = None, base
         if self.fallback:
@@ -629,7 +654,7 @@ class YoungSOR:
         self.prior_mu = float(mu)
 
     def _predicted_iterations(self, omega: float, context) -> float | None:
-        p = self.predict(context)
+        p = self._prediction[1] if self._prediction[0] == context else self.predict(context)
         mu = (1.0 - math.exp(p[0])) if p is not None else self.prior_mu
         if mu is None:
             return None
@@ -649,6 +674,8 @@ class YoungSOR:
             predicted = self._predicted_iterations(omega, ctx)
             if predicted is not None:
                 self.misses.append(abs(math.log(cost / max(predicted, 1.0))))
+                self._miss_sum += self.misses[-1] - (self.misses[-self.window - 1] if len(self.misses) > self.window
+                                                     else 0.0)
         if arm is not None:
             reference = self._predicted_iterations(base, ctx)
             self.offsets.tell(cost / max(reference or cost, 1.0))
@@ -661,8 +688,7 @@ class YoungSOR:
                 self.bin_exact[b] += 1
                 y = math.log(1.0 - mu)
                 phi = self._features(ctx)
-                self.gram += np.outer(phi, phi)
-                self.moment += y * phi
+                _accumulate(self.gram, self.moment, phi, y)
                 self.yy += y * y
                 self.exact += 1
                 self._refit()

@@ -21,13 +21,15 @@ MIN_TAIL = 4  # iterations a factor is measured over, at least
 def convergence_factor(residuals) -> float | None:
     """The mean reduction factor per iteration over the second half of a residual history (the first
     half holds the transient), or None for a history too short to tell."""
-    h = np.asarray(residuals, dtype=np.float64)
-    k = h.shape[0] - 1
+    k = len(residuals) - 1
     j = max(2, k // 2)
-    if k - j < MIN_TAIL or not (h[j] > 0 and h[k] > 0) or not np.isfinite(h[k]):
+    if k - j < MIN_TAIL:
         return None
-    lam = (h[k] / h[j]) ** (1.0 / (k - j))
-    return float(lam) if 0.0 < lam < 1.0 else None
+    first, last = float(residuals[j]), float(residuals[k])
+    if not (first > 0.0 and 0.0 < last < math.inf):
+        return None
+    lam = (last / first) ** (1.0 / (k - j))
+    return lam if 0.0 < lam < 1.0 else None
 
 
 def jacobi_radius_from_factor(lam: float, omega: float) -> float:
