@@ -531,8 +531,9 @@ class YoungSOR:
 
     Where Young's relation does not hold the observed iterations miss the ones it predicts at the ω
     played: once their mean absolute log ratio over the last ``window`` solves of at least 15 iterations
-    exceeds ``miss``, a Tsallis-INF over :data:`OFFSETS` from the model's ω plays the last step (costs
-    relative to the model's predicted iterations), and ``mode`` says so in every round."""
+    that played the fitted model (not exploring) exceeds ``miss``, a Tsallis-INF over :data:`OFFSETS`
+    from the model's ω plays the last step (costs relative to the model's predicted iterations), and
+    ``mode`` says so in every round."""
 
     name = "young"
     contextual = True
@@ -568,6 +569,7 @@ class YoungSOR:
         self.replay_mismatches = 0
         self._fit: tuple | None = None
         self._prediction: tuple = (None, None)  # (context, predict(context)) of the last ask
+        self._exploiting = False  # whether the last ask played the fitted model (its misses count)
         self._pending: tuple | None = None
         self.last: dict = {}
 
@@ -640,7 +642,9 @@ class YoungSOR:
     def ask(self, context: float | None = None) -> Arm:
         if self.context_key is not None and context is None:
             raise ValueError(f"{self.name} needs a context value for every instance")
-        self._prediction = (context, self.predict(context))
+        p = self.predict(context)
+        self._prediction = (context, p)
+        self._exploiting = p is not None and self.bin_exact[self._bin(context)] > 0 and p[1] <= self.se_max
         base = self.model_omega(context)
         arm, omega = None, base
         if self.fallback:
@@ -670,7 +674,7 @@ class YoungSOR:
         lam = factor if factor is not None else (None if residuals is None else convergence_factor(residuals))
         self.last = {"factor": lam, "mode": "bandit" if arm is not None else "model"}
         cost = max(float(cost), 1.0)
-        if cost >= 15:
+        if cost >= 15 and self._exploiting:
             predicted = self._predicted_iterations(omega, ctx)
             if predicted is not None:
                 self.misses.append(abs(math.log(cost / max(predicted, 1.0))))

@@ -28,13 +28,22 @@ def _sequence(problem, matrices, steps, nx, m, variance, seed):
         raise CliError(str(e)) from None
 
 
-def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: float):
-    from steptune.search.sor_learners import LEARNERS, AdaptiveSOR, make_learner
+def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: float, prior: str = "none"):
+    from steptune.search.sor_learners import LEARNERS, AdaptiveSOR, YoungSOR, make_learner
 
     if learner not in LEARNERS:
         raise CliError(f"--learner {learner!r} is unknown; use one of {', '.join(LEARNERS)}")
+    if prior not in ("none", "lanczos"):
+        raise CliError(f"--prior {prior!r} is unknown; use none or lanczos")
+    if prior != "none" and learner != "young":
+        raise CliError(f"--prior {prior} is for --learner young only")
     if learner == "adaptive":
         return AdaptiveSOR(seed=seed)
+    if learner == "young":
+        if not 1.0 < omega_max < 2.0:
+            raise CliError(f"--omega-max {omega_max:g}: the largest ω must be in (1, 2)")
+        return YoungSOR(seed=seed, context_range=seq.context_range, context_key=getattr(seq, "context_key", None),
+                        omega_max=omega_max, prior=prior)
     if not 1 <= arms <= 200:
         raise CliError(f"--arms {arms}: the grid needs 1 to 200 values of ω")
     if not 1.0 < omega_max < 2.0:
@@ -76,8 +85,10 @@ def _summary(name, all_rows, new_rounds, start) -> dict:
     omegas = np.round([r.omega for r in all_rows], 3)
     vals, counts = np.unique(omegas, return_counts=True)
     solve = sum(r.seconds for r in new_rounds)
-    learn = sum(r.learner_seconds for r in new_rounds)
-    return {"study": name, "rounds": len(all_rows), "new_rounds": len(new_rounds),
+    learn = sum(r.learner_seconds for r in new_rounds) + sum(r.probe_seconds for r in new_rounds)
+    modes = [r.context.get("mode") for r in all_rows if r.context.get("mode")]
+    extra = {"bandit_rounds": sum(1 for m in modes if m == "bandit")} if modes else {}
+    return {**extra, "study": name, "rounds": len(all_rows), "new_rounds": len(new_rounds),
             "mean_iterations": round(float(its.mean()), 2), "last_1000_mean": round(float(its[-1000:].mean()), 2),
             "not_converged": int(sum(1 for r in all_rows if r.converged is False)),
             "most_played_omega": float(vals[np.argmax(counts)]), "solve_seconds": round(solve, 3),
@@ -136,17 +147,21 @@ def _plot(png: Path, study: str, curves: dict, rows) -> None:
 
 
 def relax_cmd(
-    problem: Annotated[str, typer.Option("--problem", "-p", help="shifted-laplacian, heat2d or poisson "
-                                                                 "(the model problem repeated).")]
+    problem: Annotated[str, typer.Option("--problem", "-p", help="shifted-laplacian, heat2d, poisson (the model "
+                                                                 "problem repeated), laplace3d, anisotropic, "
+                                                                 "reaction or ninepoint.")]
     = "shifted-laplacian",
     matrices: Annotated[Path | None, typer.Option(
         "--matrices", help="Folder with your own sequence: NAME.mtx or NAME.npz, NAME.rhs.npy (or .rhs.mtx, "
                            ".rhs.txt), optional context.csv.")] = None,
-    learner: Annotated[str, typer.Option("--learner", "-l", help="tsallis-inf, tsallis-inf-cb, chebcb, "
+    learner: Annotated[str, typer.Option("--learner", "-l", help="young, tsallis-inf, tsallis-inf-cb, chebcb, "
                                                                  "fixed or adaptive.")] = "tsallis-inf",
+    prior: Annotated[str, typer.Option("--prior", help="young: none, or lanczos (a Jacobi-radius estimate from "
+                                                       "matrix-vector products on the first system).")] = "none",
     steps: Annotated[int, typer.Option("--steps", help="Instances in a generated sequence.")] = 5000,
     nx: Annotated[int, typer.Option("--nx", help="heat2d: cells across the unit square.")] = 100,
-    m: Annotated[int, typer.Option("--m", help="shifted-laplacian / poisson: interior grid side.")] = 10,
+    m: Annotated[int | None, typer.Option("--m", help="Interior grid side (shifted-laplacian / poisson: 10; a "
+                                                      "family: its own default).")] = None,
     variance: Annotated[str, typer.Option("--variance", help="shifted-laplacian: low or high.")] = "high",
     solver: Annotated[str | None, typer.Option("--solver", help="sor, ssor or ssor-pcg (default: ssor-pcg "
                                                                 "for heat2d, sor otherwise).")] = None,
@@ -176,14 +191,17 @@ def relax_cmd(
     if not 0 < tol < 1:
         raise CliError(f"--tol {tol:g}: the relative residual tolerance must be in (0, 1), e.g. 1e-8")
     for option, value in (("--maxiter", maxiter), ("--steps", steps), ("--m", m)):
-        if value < 1:
+        if value is not None and value < 1:
             raise CliError(f"{option} {value}: must be at least 1")
     if seed < 0:
         raise CliError(f"--seed {seed}: a seed must be 0 or more")
     if learner == "fixed" and not 0 < omega < 2:
         raise CliError(f"--omega {omega} is outside (0, 2)")
     seq = _sequence(problem, matrices, steps, nx, m, variance, seed)
-    policy = _policy(learner, seq, seed, omega, arms, omega_max)
+    if learner == "young" and solver != "sor":
+        raise CliError(f"--learner young reads Young's relation off plain SOR solves; use --solver sor "
+                       f"(not {solver})")
+    policy = _policy(learner, seq, seed, omega, arms, omega_max, prior)
     setup = _setup(seq, policy, solver, tol, maxiter)
     name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
     try:
@@ -200,7 +218,9 @@ def relax_cmd(
     start = len(done)
 
     def record(r):
-        ctx = {**r.context, "seconds": r.seconds, "learner_seconds": r.learner_seconds}
+        ctx = {**r.context, **r.extra, "seconds": r.seconds, "learner_seconds": r.learner_seconds}
+        if r.probe_seconds:
+            ctx["probe_seconds"] = r.probe_seconds
         if r.omega_start is not None:
             ctx["omega_start"] = r.omega_start
         store.add_relaxation(name, r.round, r.omega, arm=r.arm, context=ctx, cost=float(r.iterations),
@@ -230,7 +250,9 @@ def relax_cmd(
     t.add_column("")
     t.add_column("value", justify="right")
     for key in ("rounds", "new_rounds", "mean_iterations", "last_1000_mean", "not_converged", "most_played_omega",
-                "solve_seconds", "learner_overhead"):
+                "solve_seconds", "learner_overhead", "bandit_rounds"):
+        if key not in summary:
+            continue
         t.add_row(key.replace("_", " ").replace("omega", "ω"), str(summary[key]))
     out.print(t)
     out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
@@ -264,9 +286,14 @@ def relax_report_cmd(
     curves = {setup["policy"]["learner"]: its}
     if baselines:
         curves.update(_baselines(setup, len(rows)))
+    seconds = {part: float(sum(r.context.get(key, 0.0) or 0.0 for r in rows))
+               for part, key in (("solve", "seconds"), ("learner", "learner_seconds"), ("probe", "probe_seconds"))}
+    seconds["total"] = sum(seconds.values())
     report = {"study": study, "rounds": len(rows),
               "mean_iterations": {k: float(v.mean()) for k, v in curves.items()},
-              "total_iterations": {k: float(v.sum()) for k, v in curves.items()}}
+              "total_iterations": {k: float(v.sum()) for k, v in curves.items()},
+              "seconds": seconds, "probe_matvecs": int(sum(r.context.get("probe_matvecs", 0) for r in rows)),
+              "bandit_rounds": int(sum(1 for r in rows if r.context.get("mode") == "bandit"))}
     png = output or Path("runs/relax") / f"{study}.png"
     _plot(png, study, curves, rows)
     report["png"] = str(png)
@@ -282,6 +309,11 @@ def relax_report_cmd(
     for k, v in curves.items():
         t.add_row(k, f"{v.mean():.1f}", f"{v.sum():.0f}", f"{v.sum() / own:.2f}×")
     out.print(t)
+    out.print(f"{setup['policy']['learner']}: {seconds['total']:.3f}s in all = solves {seconds['solve']:.3f}s + "
+              f"learner {seconds['learner']:.3f}s + probing {seconds['probe']:.3f}s "
+              f"({report['probe_matvecs']} matrix-vector products)"
+              + (f"; {report['bandit_rounds']} rounds played by the offset bandit (Young's predictions missed)"
+                 if report["bandit_rounds"] else ""), highlight=False)
     out.print(f"saved {png}")
 
 
