@@ -72,7 +72,7 @@ def per_sample_errors(x: Tensor, ref: Tensor) -> list[float]:
 def to_pixels(images: Tensor) -> np.ndarray:
     """Decoded images (n, 1 or 3, H, W) in [0, 1] as uint8 RGB (n, H, W, 3)."""
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise GridError(f"decode returned shape {tuple(images.shape)}; it must return images (n, 1 or 3, H, W)")
+        raise GridError(f"decode returned shape {tuple(images.shape)}; return images (n, 1 or 3, H, W) in [0, 1]")
     px = torch.round(images.detach().to("cpu", torch.float64).clamp(0, 1) * 255).to(torch.uint8)
     px = px.permute(0, 2, 3, 1).numpy()
     return np.repeat(px, 3, axis=3) if px.shape[3] == 1 else px
@@ -182,8 +182,15 @@ def build_grid(ev, schedule: Schedule, best: tuple[str, Schedule] | None, name: 
         if c.states is None:
             pixels.append(None)
             continue
-        with torch.no_grad():
-            pixels.append(to_pixels(problem.decode(c.states)))
+        try:
+            with torch.no_grad():
+                images = problem.decode(c.states)
+        except Exception as e:  # the user's decode
+            raise GridError(f"problem {problem.name!r}: decode raised {type(e).__name__}: {e}") from None
+        if not isinstance(images, Tensor):
+            raise GridError(f"problem {problem.name!r}: decode returned {type(images).__name__}; return a tensor of "
+                            "images (n, 1 or 3, H, W) in [0, 1]")
+        pixels.append(to_pixels(images))
     return Grid(problem.name, schedule.nfe, columns, chosen, pixels)
 
 

@@ -30,6 +30,12 @@ def image_factory():
                 time_input="continuous", decode=lambda x: ((x.reshape(-1, 1, 2, 2) + 2) / 4).clamp(0, 1))
 
 
+def flat_decode_factory():
+    """A decode that returns the states as they are (not images)."""
+    return Plug(network=eps_fn(NS, MU, VAR), shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous", decode=lambda x: x)
+
+
 def _png(data: bytes) -> np.ndarray:
     """The PNG as uint8 RGB, read back by matplotlib (not by the code that wrote it)."""
     return np.round(mpimg.imread(io.BytesIO(data), format="png")[..., :3] * 255).astype(np.uint8)
@@ -134,6 +140,8 @@ def test_eval_grid_writes_the_plugged_networks_decoded_samples(tmp_path, capsys)
     (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "4"], ["--grid", "'gmm-2d' has no images",
                                                                           "decode(x)"]),
     (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "4,5"], ["--grid draws one schedule at one NFE"]),
+    (["--model", "test_grids:flat_decode_factory", "--schedule", "preset:ddim", "--nfe", "4"],
+     ["--grid", "decode returned shape (8, 4)", "(n, 1 or 3, H, W)"]),
     (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--schedule", "preset:heun", "--nfe", "4"],
      ["--grid draws one schedule at one NFE"]),
 ])

@@ -133,8 +133,11 @@ def eval_cmd(
                                 f"{Path(at.filename).name}:{at.lineno})") from None
             rows.append({"schedule": spec, "name": s.name, "nfe": res.nfe, "status": res.status, "error": res.error,
                          "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
-        drawn = None if grid is None else grids.schedule_grid(prob, scheds[0][1], scheds[0][0], cache, ev.device.type,
-                                                                spacing)
+        try:
+            drawn = None if grid is None else grids.schedule_grid(prob, scheds[0][1], scheds[0][0], cache,
+                                                                    ev.device.type, spacing)
+        except grids.GridError as e:
+            raise CliError(f"--grid: {e}") from None
     if drawn is not None:
         grid.write_bytes(drawn.png())
         err.print(f"wrote {grid} ({drawn.rows} held-out samples: {drawn.columns[0].name}, "
