@@ -199,3 +199,38 @@ def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, r
         warn(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
                   f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
     return stored_cpr(study, config), "end-to-end", configs, fit
+
+
+_DIFFUSERS_OF = {"unipc-bh2": "UniPCMultistepScheduler", "dpm-solver++-2m": "DPMSolverMultistepScheduler",
+                 "ddim": "DDIMScheduler"}
+
+
+def solver_baselines(ev, spec: str, nfe: int) -> list[tuple[str, object, object, dict]]:
+    """What a fit of preset ``spec`` at ``nfe`` is measured against on the held-out bank: the preset at the best of
+    its spacings (chosen on the train bank) and, for a preset diffusers ships, that scheduler with its default
+    config run by its own loop. (label, result, schedule, trial info) of each; none for a schedule file."""
+    from dataclasses import replace
+
+    from steptune import diffusers_default
+    from steptune.search import baselines
+
+    if not spec.startswith("preset:"):
+        return []
+    name = spec.removeprefix("preset:").partition(":")[0]
+    p = ev.problem
+    out = []
+    variants = baselines.spacing_variants(name, nfe, p.noise, p.t_start, p.t_end)
+    scores = {sp: ev.evaluate(s, "train").metrics["rmse"] for sp, s in variants}
+    best = baselines.best_spacing(scores)
+    if best is not None:
+        sched = dict(variants)[best]
+        info = {"baseline": True, "origin": baselines.origin(name, nfe, best), "spacing": best,
+                "spacing_scores": scores, "spacing_bank": "train"}
+        out.append(("best spacing", ev.evaluate(sched, "heldout"), sched, info))
+    dname = _DIFFUSERS_OF.get(name)
+    if dname is not None and diffusers_default.why_not(p.model) is None:
+        res, sched = diffusers_default.evaluate(ev, dname, nfe, "heldout")
+        info = {"baseline": True, "origin": diffusers_default.origin(dname, nfe), "diffusers": dname,
+                "config": "default", "metrics_from": "diffusers step loop"}
+        out.append(("diffusers default", res, replace(sched), info))
+    return out

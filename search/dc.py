@@ -29,7 +29,7 @@ import torch
 from steptune.space import Schedule, TrajectoryRun, trajectory
 
 Tensor = torch.Tensor
-BOUNDS = (0.3, 1.7)
+BOUNDS = (0.3, 1.7)  # DC-Solver's box; None fits log(ratio) unbounded (see ``_to_param``)
 
 
 @dataclass
@@ -87,12 +87,34 @@ def _mse(x: Tensor, ref: Tensor) -> Tensor:
     return (x - ref.to(x)).pow(2).mean()
 
 
-def _clamp(v: float, bounds: tuple[float, float]) -> float:
-    return min(max(v, bounds[0]), bounds[1])
+def _clamp(v: float, bounds: tuple[float, float] | None) -> float:
+    return v if bounds is None else min(max(v, bounds[0]), bounds[1])
+
+
+def _to_param(rho: float, bounds: tuple[float, float] | None) -> float:
+    """The fitted parameter of a ratio: the ratio itself in a box, its logarithm without one (``bounds=None``:
+    every real parameter is a positive ratio, so nothing clamps and the fit cannot pin on a bound)."""
+    return rho if bounds is not None else math.log(rho)
+
+
+def _from_param(theta: Tensor, bounds: tuple[float, float] | None) -> Tensor:
+    return theta if bounds is not None else theta.exp()
+
+
+def on_bound(ratios: Sequence[float], bounds: tuple[float, float] | None, rel: float = 1e-6) -> dict[int, str]:
+    """The steps whose fitted ratio ended on a bound of the box: step -> "lower" or "upper" (none without a box)."""
+    if bounds is None:
+        return {}
+    out = {}
+    for i, r in enumerate(ratios):
+        for side, b in zip(("lower", "upper"), bounds):
+            if math.isclose(r, b, rel_tol=rel):
+                out[i] = side
+    return out
 
 
 def fit_greedy(model, schedule: Schedule, x_T: Tensor, targets: Sequence[Tensor], *, iters: int = 20,
-               lr: float = 0.1, weight_decay: float = 0.0, bounds: tuple[float, float] = BOUNDS,
+               lr: float = 0.1, weight_decay: float = 0.0, bounds: tuple[float, float] | None = BOUNDS,
                progress: Callable[[int, int], None] | None = None) -> FitResult:
     """DC-Solver's greedy fit. ``targets[i]`` is the reference state at ``schedule.times[i + 1]``."""
     start = time.perf_counter()
@@ -105,10 +127,11 @@ def fit_greedy(model, schedule: Schedule, x_T: Tensor, targets: Sequence[Tensor]
             x0, cache = run(model, schedule, x_T, ratios, stop_after=steps[0] - 1 if steps else None)
             loss_start = float(_mse(run(model, schedule, x_T, ratios, replay=cache)[0], targets[-1]))
         for k, i in enumerate(steps):
-            rho = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.AdamW([rho], lr=lr, weight_decay=weight_decay)
+            theta = torch.tensor(_to_param(1.0, bounds), dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.AdamW([theta], lr=lr, weight_decay=weight_decay)
             best = (math.inf, 1.0)
             for _ in range(iters):
+                rho = _from_param(theta, bounds)
                 rs = [*ratios[:i], rho, *ratios[i + 1:]]
                 x, _ = run(model, schedule, x_T, rs, replay=cache, stop_after=i)
                 loss = _mse(x, targets[i])
@@ -117,8 +140,9 @@ def fit_greedy(model, schedule: Schedule, x_T: Tensor, targets: Sequence[Tensor]
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    rho.clamp_(*bounds)
+                if bounds is not None:
+                    with torch.no_grad():
+                        theta.clamp_(*bounds)
             ratios[i] = _clamp(best[1], bounds)
             history.append({"step": i, "ratio": ratios[i], "loss": best[0]})
             with torch.no_grad():
@@ -141,36 +165,40 @@ def joint_loss(model, schedule: Schedule, x_T: Tensor, target: Tensor, ratios: T
 
 
 def fit_joint(model, schedule: Schedule, x_T: Tensor, target: Tensor, *, init: Sequence[float] | None = None,
-              iters: int = 30, lr: float = 0.02, bounds: tuple[float, float] = BOUNDS,
+              iters: int = 30, lr: float = 0.02, bounds: tuple[float, float] | None = BOUNDS,
               progress: Callable[[int, int], None] | None = None) -> FitResult:
     """All ratios at once on the final-state error (``target``: the reference at the schedule's end)."""
     start = time.perf_counter()
     with model.uncounted() as used:
         steps = eligible_steps(schedule)
         init = list(init) if init is not None else ratios_of(schedule)
-        theta = torch.tensor([init[i] for i in steps], dtype=torch.float64, requires_grad=True)
+        theta = torch.tensor([_to_param(_clamp(init[i], bounds), bounds) for i in steps], dtype=torch.float64,
+                             requires_grad=True)
         with torch.no_grad():
-            loss_start = float(joint_loss(model, schedule, x_T, target, theta))
-        best = (loss_start, theta.detach().clone())
+            loss_start = float(joint_loss(model, schedule, x_T, target, _from_param(theta, bounds)))
+        best = (loss_start, _from_param(theta, bounds).detach().clone())
         history = []
         if steps:
             opt = torch.optim.Adam([theta], lr=lr)
             for it in range(iters):
-                loss = joint_loss(model, schedule, x_T, target, theta)
+                rho = _from_param(theta, bounds)
+                loss = joint_loss(model, schedule, x_T, target, rho)
                 if float(loss.detach()) < best[0]:
-                    best = (float(loss.detach()), theta.detach().clone())
+                    best = (float(loss.detach()), rho.detach().clone())
                 history.append({"iter": it, "loss": float(loss.detach())})
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                with torch.no_grad():
-                    theta.clamp_(*bounds)
+                if bounds is not None:
+                    with torch.no_grad():
+                        theta.clamp_(*bounds)
                 if progress is not None:
                     progress(it + 1, iters)
             with torch.no_grad():
-                final = float(joint_loss(model, schedule, x_T, target, theta))
+                rho = _from_param(theta, bounds)
+                final = float(joint_loss(model, schedule, x_T, target, rho))
             if final < best[0]:
-                best = (final, theta.detach().clone())
+                best = (final, rho.detach().clone())
     ratios = [1.0] * len(schedule.steps)
     for j, i in enumerate(steps):
         ratios[i] = float(best[1][j])
@@ -287,7 +315,7 @@ class ConfigFit:
     def fitted(self, method: str) -> Schedule:
         return with_ratios(self.schedule, self.fits[method].ratios)
 
-    def refit_joint(self, init: Sequence[float], *, iters: int = 30, bounds: tuple[float, float] = BOUNDS,
+    def refit_joint(self, init: Sequence[float], *, iters: int = 30, bounds: tuple[float, float] | None = BOUNDS,
                     note: dict | None = None) -> bool:
         """Fit the joint ratios again from ``init``; keep the result if its fit loss is lower. The kept
         result's seconds and model calls include every attempt."""
@@ -303,7 +331,7 @@ class ConfigFit:
 
 
 def continue_across_guidance(fits: Sequence[tuple[float, ConfigFit]], *, iters: int = 30,
-                             bounds: tuple[float, float] = BOUNDS,
+                             bounds: tuple[float, float] | None = BOUNDS,
                              progress: Callable[[int, int], None] | None = None) -> int:
     """Joint fits of one NFE at several guidance scales, continued along the scales: up, then down, each
     fit is restarted from its neighbour's ratios and the better fit kept. The joint fit is not convex;
@@ -332,7 +360,7 @@ def fit_targets(evaluator, schedule: Schedule, fit_samples: int) -> tuple[Tensor
 
 
 def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("greedy", "joint"), fit_samples: int = 10,
-               greedy_iters: int = 20, joint_iters: int = 30, bounds: tuple[float, float] = BOUNDS,
+               greedy_iters: int = 20, joint_iters: int = 30, bounds: tuple[float, float] | None = BOUNDS,
                progress: Callable[[str, int, int], None] | None = None) -> ConfigFit:
     """Fit the ratios of ``schedule`` on the first ``fit_samples`` noises of the evaluator's train bank
     against converged reference states at the schedule's times. ``joint`` starts from ``greedy``'s

@@ -134,8 +134,12 @@ def test_dc_fit_stores_trials_and_dc_predict_uses_them(tmp_path, capsys):
     from steptune.storage import connect
 
     with connect(db) as store:
-        trials = store.trials("g-dc")
+        stored = store.trials("g-dc")
+    trials = [t for t in stored if "dc_fit" in t.info]
     assert len(trials) == 4 and {t.info["dc_fit"] for t in trials} == {"greedy", "joint"}
+    # beside the fits, the solver at its best spacing per NFE (the baselines the table compares with)
+    base = [t for t in stored if t.info.get("baseline")]
+    assert sorted(t.nfe for t in base) == [5, 7] and all(t.info["origin"].startswith("preset:unipc-bh2@") for t in base)
     assert any(st.get("dc_ratio", 1.0) != 1.0 for t in trials for st in t.schedule["steps"])
     out = tmp_path / "pred.json"
     assert main(["dc", "predict", "--study", "g-dc", "--nfe", "6", "--db", db, "-o", str(out), "--json"]) == 0

@@ -54,7 +54,8 @@ def _config(db, study="g"):
 def _rows(db):
     with connect(db) as store:
         trials = store.trials("g")
-    return [(t.nfe, t.info["cfg"], [s.get("dc_ratio", 1.0) for s in t.schedule["steps"]]) for t in trials]
+    return [(t.nfe, t.info["cfg"], [s.get("dc_ratio", 1.0) for s in t.schedule["steps"]]) for t in trials
+            if "dc_fit" in t.info]  # the study also holds the solver's baselines
 
 
 def _problem():

@@ -38,6 +38,7 @@ from steptune.dc_studies import (
     heldout_mse,
     interpolated,
     load_dc_study,
+    solver_baselines,
     store_cpr,
     study_evaluator,
     study_schedule,
@@ -45,6 +46,19 @@ from steptune.dc_studies import (
 
 dc_app = typer.Typer(help="DC-Solver compensation ratios: fit them, predict them for unseen configurations.",
                      no_args_is_help=True, add_completion=False)
+
+
+def _bounds(text: str) -> tuple[float, float] | None:
+    if text.strip().lower() == "none":
+        return None
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise CliError(f"--bounds {text!r}: give LO,HI (e.g. 0.3,1.7) or none") from None
+    if not (0 < lo < 1 < hi and math.isfinite(hi)):
+        raise CliError(f"--bounds {text!r}: need 0 < LO < 1 < HI (a ratio of 1 is no compensation)")
+    return lo, hi
 
 
 def _floats(text: str | None, what: str) -> list[float | None]:
@@ -101,7 +115,7 @@ def refine(start, cases: list, iters: int, lr: float, bar: Progress):
 
 
 def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int, joint_iters: int,
-             continuation: bool, quiet: bool) -> None:
+             continuation: bool, quiet: bool, bounds) -> None:
     """Fit every (CFG, schedule) of ``plans`` into ``configs`` (as they finish, so an interrupt leaves the
     finished ones there), then continue each NFE's joint fits across the guidance scales."""
     from steptune.search import dc
@@ -116,7 +130,7 @@ def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int,
                     bar.update(task, description=f"CFG {g} NFE {s.nfe}: {name} fit", completed=k, total=n)
 
                 fit = dc.fit_config(ev, s, methods=methods, fit_samples=fit_samples, greedy_iters=greedy_iters,
-                                    joint_iters=joint_iters, progress=tick)
+                                    joint_iters=joint_iters, bounds=bounds, progress=tick)
                 bar.remove_task(task)
                 configs.append((g, ev, s, fit))
         if continuation and "joint" in methods:
@@ -124,7 +138,7 @@ def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int,
                 group = [(0.0 if g is None else g, fit) for g, _, s, fit in configs if s.nfe == n]
                 if len(group) > 1:
                     task = bar.add_task(f"NFE {n}: joint fits continued across CFG", total=2 * len(group) - 2)
-                    dc.continue_across_guidance(group, iters=joint_iters,
+                    dc.continue_across_guidance(group, iters=joint_iters, bounds=bounds,
                                                 progress=lambda k, _, task=task: bar.update(task, completed=k))
                     bar.remove_task(task)
 
@@ -155,20 +169,24 @@ def fit_cmd(
     = None,
     prediction: PredictionOpt = None, time_input: TimeInputOpt = None, time_scale: TimeScaleOpt = None,
     shape: ShapeOpt = None,
+    bounds: Annotated[str, typer.Option("--bounds", help="Box of the ratios, LO,HI (DC-Solver's 0.3,1.7), or "
+                                                         "none: fit log(ratio), no bound to end on.")] = "0.3,1.7",
     cache: CacheOpt = DEFAULT_CACHE,
     db: DbOpt = DEFAULT_DB,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     json_: JsonOpt = False,
 ):
-    """Fit DC-Solver ratios per (NFE, CFG) on fixed noises; report held-out MSE against the reference."""
+    """Fit DC-Solver ratios per (NFE, CFG) on fixed noises; report held-out MSE against the reference, against the
+    solver at its best spacing and against diffusers' default scheduler."""
     from steptune.resolve import parse_nfe_list, resolve
-    from steptune.search import dc
+    from steptune.search import baselines, dc
     from steptune.space import ScheduleError
 
     set_threads(threads)
     device = pick_device(device)
     methods = {"both": ("greedy", "joint"), "greedy": ("greedy",), "joint": ("joint",)}[method]
+    box = _bounds(bounds)
     if fit_samples < 1:
         raise CliError("--fit-samples must be at least 1")
     for option, iters in (("--greedy-iters", greedy_iters), ("--joint-iters", joint_iters)):
@@ -201,6 +219,9 @@ def fit_cmd(
         if fit_samples > ev.sizes["train"]:
             raise CliError(f"--fit-samples {fit_samples} is more than the {ev.sizes['train']} noises of "
                              f"the train bank of {problem}; use 1 .. {ev.sizes['train']}")
+        if not is_file and not plans and "spacing=" not in spec:  # a preset at the model's default spacing
+            spec = "preset:" + baselines.with_spacing(spec.removeprefix("preset:"), baselines.default_spacing(prob))
+            made_as["solver"] = spec
         try:
             scheds = resolve(spec, nfes, prob.noise, None, prob.t_start, prob.t_end)
             for s in scheds:
@@ -214,7 +235,7 @@ def fit_cmd(
     try:
         err.print(f"fitting {sum(len(scheds) for _, _, scheds in plans)} configurations ({', '.join(methods)})",
                   highlight=False)
-        _fit_all(plans, configs, methods, fit_samples, greedy_iters, joint_iters, continuation, json_)
+        _fit_all(plans, configs, methods, fit_samples, greedy_iters, joint_iters, continuation, json_, box)
     except KeyboardInterrupt:
         total = sum(len(scheds) for _, _, scheds in plans)
         kept = "nothing was stored (a study gets its fits all at once); " if study is not None else ""
@@ -231,12 +252,18 @@ def fit_cmd(
             row[f"mse_{m}"] = res.metrics["rmse"] ** 2
             row[f"ratios_{m}"] = r.ratios
             row[f"seconds_{m}"] = r.seconds
+            row[f"on_bound_{m}"] = {str(i): side for i, side in dc.on_bound(r.ratios, box).items()}
             info = {"dc_fit": m, "cfg": g, "solver": spec, "fit_samples": fit_samples,
                     "fit_loss": r.loss, "fit_loss_start": r.loss_start,
                     "mse_uncompensated": row["mse_base"]}
             items.append({"schedule": fitted, "status": "complete", "metrics": res.metrics,
                           "fidelity": "heldout", "bank": "heldout", "n_samples": res.n,
                           "seconds": r.seconds, "info": info})
+        for label, res, sched, info in solver_baselines(ev, spec, s.nfe):
+            row[f"mse_{label.replace(' ', '_')}"] = res.metrics["rmse"] ** 2
+            items.append({"schedule": sched, "status": res.status, "metrics": res.metrics, "error": res.error,
+                          "fidelity": "heldout", "bank": "heldout", "n_samples": res.n, "seconds": res.seconds,
+                          "info": {**info, "cfg": g}})
         rows.append(row)
     if study is not None and items:
         from steptune.storage import StorageError, connect
@@ -253,16 +280,22 @@ def fit_cmd(
                          default=float))
         return
     table = Table(title=f"DC-Solver ratios: {problem}, {spec}, held-out MSE to the reference")
-    cols = ["NFE", "CFG", "MSE (no DC)"] + [f"MSE {m}" for m in methods] + ["change", "fit s"]
+    cols = (["NFE", "CFG", "MSE (no DC)"] + [f"MSE {m}" for m in methods]
+            + ["change", "best spacing", "diffusers default", "on bound", "fit s"])
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
         best = min(r.get(f"mse_{m}", math.inf) for m in methods)
         secs = sum(r.get(f"seconds_{m}", 0.0) for m in methods)
+        pinned = "; ".join(f"{m} step {i} {side}" for m in methods for i, side in r[f"on_bound_{m}"].items())
         table.add_row(str(r["nfe"]), "—" if r["cfg"] is None else f"{r['cfg']:g}", fmt(r["mse_base"]),
                       *[fmt(r.get(f"mse_{m}")) for m in methods],
-                      f"{100 * (best / r['mse_base'] - 1):+.1f}%", f"{secs:.1f}")
+                      f"{100 * (best / r['mse_base'] - 1):+.1f}%", fmt(r.get("mse_best_spacing")),
+                      fmt(r.get("mse_diffusers_default")), pinned or "—", f"{secs:.1f}")
     out.print(table)
+    if any(r[f"on_bound_{m}"] for r in rows for m in methods):
+        err.print(f"note: a ratio ended on a bound of the box {box}; the fit wanted it outside: try --bounds none, "
+                  "or a better base spacing (--solver NAME:spacing=time-uniform)", highlight=False)
     if study is not None:
         err.print(f"stored {len(items)} fitted schedules in study {study!r} ({db})")
 
