@@ -8,9 +8,9 @@ the reference from the same noise: the per-sample figure whose median is ``media
 square over the rows is the ``rmse`` of those rows.
 
 "The best preset at the same NFE" is, for a stored trial, the best preset baseline stored for its problem at that
-NFE (``steptune.dashboard.grid_view``); where none is stored, and for ``steptune eval --grid``, the best of the
-default presets (``DEFAULT_PRESETS``, at the spacing asked for) on the train bank, the cheap bank searches rank
-on (``best_default_preset``).
+NFE (``steptune.dashboard.grid_view``); where none is stored, and for ``steptune eval --grid``, the default preset
+(``DEFAULT_PRESETS``) at the best of its spacings with the lowest RMSE on the train bank, the cheap bank searches
+rank on (``best_default_preset``).
 """
 
 from __future__ import annotations
@@ -18,20 +18,21 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from steptune.space import NonFiniteError, Schedule, ScheduleError, presets, sample
+from steptune.space import NonFiniteError, Schedule, sample
 
 Tensor = torch.Tensor
 
 ROWS = 8
 CELL = 96  # pixels an image is enlarged towards (by a whole factor, nearest neighbour)
 COLUMN_MIN = 170  # pixels: room for the column titles
-PAD, GAP, HEADER, LABEL, FOOTER = 10, 10, 46, 22, 44
+PAD, GAP, HEADER, LABEL, FOOTER = 10, 10, 56, 22, 44
 DPI = 100
 BACKGROUND = 255
 
@@ -194,28 +195,23 @@ def build_grid(ev, schedule: Schedule, best: tuple[str, Schedule] | None, name: 
     return Grid(problem.name, schedule.nfe, columns, chosen, pixels)
 
 
-def best_default_preset(ev, nfe: int, spacing: str | None = None) -> tuple[str, Schedule] | None:
-    """The default preset with the lowest RMSE at ``nfe`` on ``ev``'s train bank (None if none can run)."""
-    from steptune.search import DEFAULT_PRESETS
+def best_default_preset(ev, nfe: int, spacings: Sequence[str] | None = None) -> tuple[str, Schedule] | None:
+    """The default preset at the best of its spacings: of every default preset at every candidate spacing of the
+    problem's noise schedule (``spacing_variants``; ``spacings`` to try fewer), the one with the lowest RMSE at
+    ``nfe`` on ``ev``'s train bank, as (``spec:spacing=S``, schedule); None if none can run."""
+    from steptune.search.baselines import DEFAULT_PRESETS, spacing_variants
 
-    problem = ev.problem
-    kwargs = {"t_start": problem.t_start, "t_end": problem.t_end, **({"spacing": spacing} if spacing else {})}
-    built = []
-    for spec in DEFAULT_PRESETS:
-        try:
-            s = presets.build(spec, nfe, problem.noise, **kwargs)
-        except (ScheduleError, ValueError, TypeError):
-            continue
-        if s.nfe == nfe:
-            built.append((spec, s))
+    p = ev.problem
+    built = [s for spec in DEFAULT_PRESETS for _, s in spacing_variants(spec, nfe, p.noise, p.t_start, p.t_end,
+                                                                         spacings)]
     if not built:
         return None
-    results = ev.evaluate_many([s for _, s in built], bank="train")
-    scored = [(r.metrics["rmse"], spec, s) for (spec, s), r in zip(built, results) if r.ok]
+    results = ev.evaluate_many(built, bank="train")
+    scored = [(r.metrics["rmse"], i) for i, r in enumerate(results) if r.ok]
     if not scored:
         return None
-    _, spec, s = min(scored, key=lambda v: v[0])
-    return spec, s
+    best = built[min(scored)[1]]
+    return best.name, best
 
 
 def stored_problem(identity: dict):
@@ -280,8 +276,10 @@ def render_png(grid: Grid) -> bytes:
         mid = (left + right) / 2
         title = {"schedule": "this schedule", "best preset": "best preset", "reference": "reference"}[col.role]
         text(mid, 6, title, weight="bold")
-        name = col.name if len(col.name) <= 28 else col.name[:27] + "…"
-        text(mid, 22, name if col.role != "reference" else "(converged solve)")
+        name = col.name.removeprefix("preset:") if col.role != "reference" else "(converged solve)"
+        spec, _, options = name.partition(":")
+        for k, line in enumerate(v for v in (spec, options) if v):
+            text(mid, 20 + 13 * k, line if len(line) <= 30 else line[:29] + "…")
         for r, e in enumerate(col.errors):
             _, _, bottom, _ = lay.box(r, c)
             text(mid, bottom + 4, "error 0 (reference)" if col.role == "reference" else f"error {_fmt(e)}")
@@ -295,13 +293,13 @@ def render_png(grid: Grid) -> bytes:
     return buf.getvalue()
 
 
-CHOSEN_DEFAULT = "best preset: lowest RMSE of the default presets on the train bank"
+CHOSEN_DEFAULT = "best preset: lowest RMSE on the train bank of the default presets at every spacing"
 CHOSEN_STORED = "best preset: the best preset baseline stored for this problem at this NFE"
 
 
-def schedule_grid(problem, schedule: Schedule, name: str, cache_dir: str | Path | None, device: str = "cpu",
-                  spacing: str | None = None) -> Grid:
-    """The grid ``steptune eval --grid`` writes: ``schedule`` against the best default preset at its NFE (at
-    ``spacing``) on the cheap bank, and the reference."""
+def schedule_grid(problem, schedule: Schedule, name: str, cache_dir: str | Path | None,
+                  device: str = "cpu") -> Grid:
+    """The grid ``steptune eval --grid`` writes: ``schedule`` against the best default preset at its NFE (at the
+    best of its spacings, on the cheap bank), and the reference."""
     ev = grid_evaluator(problem, cache_dir, device)
-    return build_grid(ev, schedule, best_default_preset(ev, schedule.nfe, spacing), name, CHOSEN_DEFAULT)
+    return build_grid(ev, schedule, best_default_preset(ev, schedule.nfe), name, CHOSEN_DEFAULT)

@@ -16,8 +16,9 @@ from steptune.cli import main
 from steptune.evaluators import Evaluator, Plug, load_problem
 from steptune.evaluators.digits_cond import digits_problem
 from steptune.search import DEFAULT_PRESETS
+from steptune.space import ScheduleError, presets, sample
 from steptune.space import noise as noise_mod
-from steptune.space import presets, sample
+from steptune.space import spacing as spacing_mod
 
 NS = noise_mod.VPLinear()
 MU = torch.tensor([0.5, -1.0, 0.25, 1.5])
@@ -99,17 +100,24 @@ def test_the_errors_under_the_samples_are_the_evaluators_metrics(digits):
     assert grid.to_dict()["columns"][0]["errors"] == grid.columns[0].errors
 
 
-def test_the_best_default_preset_has_the_lowest_rmse_on_the_train_bank(digits):
+def test_the_best_default_preset_is_the_lowest_train_rmse_over_presets_and_spacings(digits):
     _, ev, _, _ = digits
-    spec, sched = grids.best_default_preset(ev, 5)
+    name, sched = grids.best_default_preset(ev, 5)
     prob = ev.problem
     scores = {}
     for p in DEFAULT_PRESETS:
-        s = presets.build(p, 5, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
-        if s.nfe == 5:
-            scores[p] = ev.evaluate(s, "train").metrics["rmse"]
-    assert spec == min(scores, key=scores.get) and sched.nfe == 5
-    assert len(scores) >= 6
+        for sp in spacing_mod.candidates(prob.noise):
+            try:
+                s = presets.build(p, 5, prob.noise, spacing=sp, t_start=prob.t_start, t_end=prob.t_end)
+            except ScheduleError:
+                continue
+            if s.nfe == 5:
+                scores[(p, sp)] = ev.evaluate(s, "train").metrics["rmse"]
+    assert len({p for p, _ in scores}) >= 10 and len({sp for _, sp in scores}) == 6
+    best = min(scores.values())
+    assert ev.evaluate(sched, "train").metrics["rmse"] == pytest.approx(best, rel=1e-9)
+    p, sp = min(scores, key=scores.get)
+    assert sched.nfe == 5 and name.startswith(p) and name.endswith(f"spacing={sp}")
 
 
 def test_eval_grid_writes_the_plugged_networks_decoded_samples(tmp_path, capsys):
@@ -133,7 +141,7 @@ def test_eval_grid_writes_the_plugged_networks_decoded_samples(tmp_path, capsys)
     ddim = presets.build("ddim", 4, NS, t_start=prob.t_start, t_end=prob.t_end)
     assert meta["columns"][0]["errors"] == pytest.approx(grids.per_sample_errors(
         sample(prob.model, ev.x_T("heldout"), ddim), ref), rel=1e-6)
-    assert meta["columns"][1]["name"] in DEFAULT_PRESETS
+    assert meta["columns"][1]["name"].partition(":")[0] in DEFAULT_PRESETS
 
 
 @pytest.mark.parametrize("args, words", [

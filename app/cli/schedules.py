@@ -135,7 +135,7 @@ def eval_cmd(
                          "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
         try:
             drawn = None if grid is None else grids.schedule_grid(prob, scheds[0][1], scheds[0][0], cache,
-                                                                    ev.device.type, spacing)
+                                                                    ev.device.type)
         except grids.GridError as e:
             raise CliError(f"--grid: {e}") from None
     if drawn is not None:
