@@ -416,15 +416,6 @@ def _chebyshev_prediction(theta, Ginv, z):
     return phi @ theta, phi @ (Ginv @ phi)
 
 
-@numba.njit(cache=True)
-def _accumulate(gram, moment, phi, y):
-    k = phi.shape[0]
-    for r in range(k):
-        moment[r] += y * phi[r]
-        for c in range(k):
-            gram[r, c] += phi[r] * phi[c]
-
-
 def warm_up() -> None:
     """Load the compiled learner kernels now, so a loop's first round does not pay for it."""
     _tsallis_newton(np.zeros(2), 1.0, 1)
@@ -434,7 +425,6 @@ def warm_up() -> None:
     _draw(np.ones(2), 0.5)
     _smoothed_importance_update(np.zeros(2), 0, 1.0, np.full(2, 0.5), 0.1)
     _chebyshev_prediction(np.zeros(2), np.eye(2), 0.0)
-    _accumulate(np.zeros((2, 2)), np.zeros(2), np.ones(2), 1.0)
     convergence_factor(np.geomspace(1.0, 1e-3, 12))
 
 
@@ -507,6 +497,31 @@ class AdaptiveSOR:
         return 0
 
 
+TRANSFORMS = ("log(1 - mu)", "1/mu - 1", "log(1/mu - 1)")  # what is regressed on the context (see _refit)
+
+
+def _transform(mu: np.ndarray, kind: int) -> np.ndarray:
+    if kind == 0:
+        return np.log1p(-mu)
+    v = 1.0 / np.maximum(mu, 1e-12) - 1.0
+    return v if kind == 1 else np.log(np.maximum(v, 1e-300))
+
+
+def _to_log1m(value: np.ndarray, kind: int) -> np.ndarray:
+    """log(1 − μ) from a transform's value (1/μ − 1 = v gives log(1 − μ) = log(v/(1 + v)))."""
+    if kind == 0:
+        return np.minimum(value, 0.0)
+    v = np.maximum(value, 1e-12) if kind == 1 else np.exp(value)
+    return np.log(v / (1.0 + v))
+
+
+def _to_log1m_scalar(value: float, kind: int) -> float:
+    if kind == 0:
+        return min(value, 0.0)
+    v = max(value, 1e-12) if kind == 1 else math.exp(min(value, 700.0))
+    return math.log(v / (1.0 + v))
+
+
 OFFSETS = (-0.3, -0.15, 0.0, 0.15, 0.3)  # log(2 − ω) − log(2 − ω_model): negative is a larger ω
 
 
@@ -517,9 +532,10 @@ class YoungSOR:
     a μ̂. Below the optimum that μ̂ is μ itself (for a consistently ordered matrix); at and above it every
     eigenvalue has modulus ω − 1 and μ̂ only bounds μ. A solve counts as an observation y = log(1 − μ̂) of
     the context's μ when it ran clearly below the optimum it implies, ω ≤ ω*(μ̂) − ``margin``·(2 − ω) (short
-    solves read λ a little high, which makes a solve near the optimum look like one below it). y is
-    fitted on Chebyshev features of the scaled context (degree growing with the observations up to
-    ``degree``; a constant without a context) by least squares.
+    solves read λ a little high, which makes a solve near the optimum look like one below it). One of
+    :data:`TRANSFORMS` of μ (log(1 − μ); 1/μ − 1, linear in a diagonal shift; its log) is fitted on
+    Chebyshev features of the scaled context (degree growing with the observations up to ``degree``; a
+    constant without a context) by least squares, the transform and degree that fit best.
 
     ω is Young's optimum of y_pred + ``explore``·se, se the fit's standard error at the context: an
     uncertain μ is taken low, so ω errs low, where a solve is informative. The context range is cut into
@@ -556,10 +572,8 @@ class YoungSOR:
         self.bins = int(bins) if context_key is not None else 1
         self.bin_exact = np.zeros(self.bins, dtype=np.int64)
         self.bin_upper = np.ones(self.bins)
-        k = self.degree + 1
-        self.gram = np.zeros((k, k))
-        self.moment = np.zeros(k)
-        self.yy = 0.0
+        self.obs_z: list[float] = []  # scaled contexts and μ of the solves that observed μ
+        self.obs_mu: list[float] = []
         self.exact = 0
         self.prior_mu: float | None = None
         self.misses: list[float] = []
@@ -595,28 +609,43 @@ class YoungSOR:
             return None if self.context_key is None else ctx.get(self.context_key)
         return ctx
 
-    def _features(self, context) -> np.ndarray:
-        if self.context_key is None or context is None:
-            return chebyshev_features(0.0, self.degree)
-        return chebyshev_features(2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0, self.degree)
-
     def _refit(self) -> None:
-        k = min(self.degree, self.exact // 6) + 1 if self.context_key is not None else 1
-        Ginv = np.linalg.inv(self.gram[:k, :k] + 1e-9 * np.eye(k))
-        theta = Ginv @ self.moment[:k]
-        dof = self.exact - k
-        var = max(self.yy - theta @ self.moment[:k], 0.0) / dof if dof >= 1 else 1.0
-        self._fit = (theta, max(var, 4e-4), Ginv)
+        """Least squares of each :data:`TRANSFORMS` of μ on Chebyshev features of degree 0…``degree`` (at most
+        one per six observations); keep the one whose residuals in log(1 − μ) have the least variance per
+        degree of freedom."""
+        z = np.asarray(self.obs_z)
+        mu = np.asarray(self.obs_mu)
+        y = np.log1p(-mu)
+        n = len(mu)
+        top = min(self.degree, n // 6) if self.context_key is not None else 0
+        X = np.stack([chebyshev_features(v, top) for v in z]) if n else np.zeros((0, top + 1))
+        best = None
+        for kind in range(len(TRANSFORMS)):
+            target = _transform(mu, kind)
+            for k in range(1, top + 2):
+                theta = np.linalg.lstsq(X[:, :k], target, rcond=None)[0]
+                fitted = _to_log1m(X[:, :k] @ theta, kind)
+                dof = n - k
+                var = float(np.sum((fitted - y) ** 2)) / dof if dof >= 1 else 1.0
+                if best is None or var < best[0] * 0.95:
+                    best = (var, kind, theta)
+        var, kind, theta = best
+        k = theta.shape[0]
+        Ginv = np.linalg.inv(X[:, :k].T @ X[:, :k] + 1e-9 * np.eye(k))
+        self._fit = (theta, max(var, 4e-4), Ginv, kind)
 
     def predict(self, context) -> tuple[float, float] | None:
         """(predicted log(1 − μ), its standard error) at ``context``, or None before any observation."""
         if self._fit is None:
             return None
-        theta, var, Ginv = self._fit
-        z = 0.0 if self.context_key is None or context is None else \
-            2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0
-        y, quad = _chebyshev_prediction(theta, Ginv, z)
-        return y, math.sqrt(var * quad)
+        theta, var, Ginv, kind = self._fit
+        y, quad = _chebyshev_prediction(theta, Ginv, self._z(context))
+        return _to_log1m_scalar(y, kind), math.sqrt(var * quad)
+
+    def _z(self, context) -> float:
+        if self.context_key is None or context is None:
+            return 0.0
+        return 2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0
 
     def _bin(self, context) -> int:
         if self.bins == 1 or context is None:
@@ -690,10 +719,8 @@ class YoungSOR:
                 self.bin_upper[b] = min(self.bin_upper[b], mu)
             else:
                 self.bin_exact[b] += 1
-                y = math.log(1.0 - mu)
-                phi = self._features(ctx)
-                _accumulate(self.gram, self.moment, phi, y)
-                self.yy += y * y
+                self.obs_z.append(self._z(ctx))
+                self.obs_mu.append(mu)
                 self.exact += 1
                 self._refit()
         self.t += 1
