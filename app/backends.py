@@ -37,9 +37,11 @@ class Task:
 
 
 class Sink(Protocol):
-    def start(self, task: Task, worker: str) -> None: ...
+    def start(self, dispatched: Sequence[tuple[Task, str]]) -> None:
+        """These tasks are about to go to these workers (called before they are sent, all at once)."""
 
-    def done(self, task: Task, result: dict) -> None: ...
+    def done(self, finished: Sequence[tuple[Task, dict]]) -> None:
+        """These tasks finished with these results (all that came back together)."""
 
     def lost(self, task: Task, worker: str, reason: str) -> bool:
         """The worker died with the task in flight: True to dispatch it again, False if it is given up."""
@@ -183,11 +185,9 @@ class LocalBackend(Backend):
             if sink.stopping():
                 return
             chunk = tasks[k:k + group]
-            for task in chunk:
-                sink.start(task, self.workers[0])
+            sink.start([(task, self.workers[0]) for task in chunk])
             results = self.worker.evaluate_many(chunk) if self.batched else [self.worker.evaluate(chunk[0])]
-            for task, result in zip(chunk, results):
-                sink.done(task, result)
+            sink.done(list(zip(chunk, results)))
 
 
 class RayBackend(Backend):
@@ -285,23 +285,28 @@ class RayBackend(Backend):
         load = [0] * len(self.actors)
         alive = [True] * len(self.actors)
         while todo or busy:
+            planned = []  # (chunk, actor): stored as started in one write, then sent
             while todo and not sink.stopping():
                 free = [i for i in range(len(self.actors)) if alive[i] and load[i] < slots]
                 if not free:
                     break
                 i = min(free, key=lambda k: (load[k], k))
-                chunk = [todo.popleft() for _ in range(min(group, len(todo)))]
-                for task in chunk:
-                    sink.start(task, self.workers[i])
-                actor = self.actors[i]
-                ref = (actor.evaluate_many if self.spec.batched else actor.evaluate_each).remote(chunk)
-                busy[ref] = (chunk, i)
+                planned.append(([todo.popleft() for _ in range(min(group, len(todo)))], i))
                 load[i] += 1
+            if planned:
+                sink.start([(task, self.workers[i]) for chunk, i in planned for task in chunk])
+            for chunk, i in planned:
+                actor = self.actors[i]
+                busy[(actor.evaluate_many if self.spec.batched else actor.evaluate_each).remote(chunk)] = (chunk, i)
             if not busy:
                 if todo and not any(alive):
                     raise BackendError("every evaluator actor died and none could be restarted")
                 break  # stopping: the rest stays queued
             ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            if ready and len(busy) > 1:  # and whatever else has come back meanwhile, stored together
+                rest = [r for r in busy if r not in ready]
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            finished = []
             for ref in ready:
                 chunk, i = busy.pop(ref)
                 load[i] -= 1
@@ -317,8 +322,9 @@ class RayBackend(Backend):
                         if sink.lost(task, self.workers[i], reason):
                             todo.appendleft(task)
                     continue
-                for task, result in zip(chunk, results):
-                    sink.done(task, result)
+                finished += zip(chunk, results)
+            if finished:
+                sink.done(finished)
 
     def kill_actor(self, i: int) -> None:
         """Kill one evaluator actor (it restarts if restarts are left): what a lost node does to a job."""

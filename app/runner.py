@@ -101,21 +101,26 @@ class _Sink:
         self.in_flight: dict[int, str] = {}
         self.notes: dict[int, str] = {}  # why a trial was re-dispatched: kept on its row
 
-    def start(self, task: Task, worker: str) -> None:
-        name = f"{self.runner.driver}/{worker}"
-        row = self.runner.storage.start(task.trial_id, name)
-        if row.error and row.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
-            self.notes.setdefault(task.trial_id, row.error)
-        self.in_flight[task.trial_id] = name
+    def start(self, dispatched) -> None:
+        names = [(task, f"{self.runner.driver}/{worker}") for task, worker in dispatched]
+        rows = self.runner.storage.start_many([(task.trial_id, name) for task, name in names])
+        for (task, name), row in zip(names, rows):
+            if row.error and row.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
+                self.notes.setdefault(task.trial_id, row.error)
+            self.in_flight[task.trial_id] = name
 
-    def done(self, task: Task, result: dict) -> None:
-        worker = self.in_flight.pop(task.trial_id, None)
-        status = result["status"] if result["status"] in ("complete", "failed") else "failed"
-        error = result.get("error") or self.notes.get(task.trial_id)
-        self.runner.storage.finish(task.trial_id, status=status, metrics=result.get("metrics") or {},
-                                   error=error, seconds=result.get("seconds"), worker=worker)
-        self.results[task.trial_id] = result
-        self.runner._progress_event(task, result)
+    def done(self, finished) -> None:
+        outcomes = []
+        for task, result in finished:
+            status = result["status"] if result["status"] in ("complete", "failed") else "failed"
+            outcomes.append({"trial_id": task.trial_id, "status": status, "metrics": result.get("metrics") or {},
+                             "error": result.get("error") or self.notes.get(task.trial_id),
+                             "seconds": result.get("seconds"), "worker": self.in_flight.get(task.trial_id)})
+        self.runner.storage.finish_many(outcomes)
+        for task, result in finished:
+            self.in_flight.pop(task.trial_id, None)
+            self.results[task.trial_id] = result
+            self.runner._progress_event(task, result)
 
     def lost(self, task: Task, worker: str, reason: str) -> bool:
         self.in_flight.pop(task.trial_id, None)

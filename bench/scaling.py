@@ -30,12 +30,12 @@ class Sink:
         self.count = 0
         self.failed = 0
 
-    def start(self, task, worker):
+    def start(self, dispatched):
         pass
 
-    def done(self, task, result):
-        self.count += 1
-        self.failed += result["status"] != "complete"
+    def done(self, finished):
+        self.count += len(finished)
+        self.failed += sum(result["status"] != "complete" for _, result in finished)
 
     def lost(self, task, worker, reason):
         return True

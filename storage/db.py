@@ -674,18 +674,33 @@ class Storage:
         """Start a given queued trial under ``worker`` (a driver that dispatches trials itself, instead of
         workers claiming them): it becomes ``running`` and its attempt count goes up by one. A second call
         with the same ``request`` token changes nothing."""
-        now = now or utcnow()
+        return self.start_many([(trial_id, worker)], now=now, request=request)[0]
+
+    def start_many(self, starts: Iterable[tuple[int, str]], *, now: datetime | None = None,
+                   request: str | None = None) -> list[TrialRecord]:
+        """``start`` for many (trial id, worker) pairs in one transaction (all or none); their records in order."""
+        starts, now = list(starts), now or utcnow()
+        ids = [tid for tid, _ in starts]
         with self._tx() as s:
-            if self._replayed(s, request) is not _FIRST:
-                return self.trial(trial_id)
-            self._remember(s, request)
-            res = s.execute(update(Trial).where(Trial.id == trial_id, Trial.status == "queued")
-                            .values(status="running", worker=worker, started=now, heartbeat=now,
-                                    attempts=Trial.attempts + 1))
-            if res.rowcount != 1:
-                st = s.scalar(select(Trial.status).where(Trial.id == trial_id))
-                raise StorageError(f"trial {trial_id} cannot start: it is {st or 'missing'}, not queued")
-        return self.trial(trial_id)
+            if self._replayed(s, request) is _FIRST:
+                self._remember(s, request)
+                for tid, worker in starts:
+                    res = s.execute(update(Trial).where(Trial.id == tid, Trial.status == "queued")
+                                    .values(status="running", worker=worker, started=now, heartbeat=now,
+                                            attempts=Trial.attempts + 1))
+                    if res.rowcount != 1:
+                        st = s.scalar(select(Trial.status).where(Trial.id == tid))
+                        raise StorageError(f"trial {tid} cannot start: it is {st or 'missing'}, not queued")
+        return self._records(ids)
+
+    def _records(self, ids: list[int]) -> list[TrialRecord]:
+        with self._tx(write=False) as s:
+            rows = {r.id: _trial_record(r, r.study_name)
+                    for r in s.execute(self._trial_query(s, None).where(Trial.id.in_(ids)))}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise StorageError(f"no trial with id {missing[0]}")
+        return [rows[i] for i in ids]
 
     def requeue(self, trial_id: int, reason: str, *, now: datetime | None = None,
                 request: str | None = None) -> TrialRecord:
@@ -745,31 +760,46 @@ class Storage:
         """Record the outcome of a running trial: ``complete`` (with metrics), ``failed`` (with an
         error text) or ``pruned``. Raises LeaseLost if the trial is not running (under ``worker``).
         A second call with the same ``request`` token changes nothing."""
-        if status not in FINAL_STATUSES:
-            raise StorageError(f"finish: status {status!r} is not final; use complete, failed or pruned")
-        now = now or utcnow()
-        metrics = _clean_metrics(metrics)
+        outcome = {"trial_id": trial_id, "status": status, "metrics": metrics, "score": score, "error": error,
+                   "seconds": seconds, "worker": worker}
+        return self.finish_many([outcome], now=now, request=request)[0]
+
+    def finish_many(self, outcomes: Iterable[Mapping], *, now: datetime | None = None,
+                    request: str | None = None) -> list[TrialRecord]:
+        """``finish`` for many trials in one transaction (all or none): each outcome a mapping with
+        ``trial_id`` and ``finish``'s keywords; their records in order."""
+        outcomes, now = [dict(o) for o in outcomes], now or utcnow()
+        for o in outcomes:
+            if o.get("status", "complete") not in FINAL_STATUSES:
+                raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
         with self._tx() as s:
-            if self._replayed(s, request) is not _FIRST:
-                return self.trial(trial_id)
-            self._remember(s, request)
-            row = s.execute(select(Trial.status, Trial.worker, Trial.started, Study.metric)
-                            .join(Study, Study.id == Trial.study_id).where(Trial.id == trial_id)).first()
-            if row is None:
-                raise StorageError(f"no trial with id {trial_id}")
-            cond = [Trial.id == trial_id, Trial.status == "running"]
-            if worker is not None:
-                cond.append(Trial.worker == worker)
-            if seconds is None and row.started is not None:
-                seconds = (now - row.started).total_seconds()
-            res = s.execute(update(Trial).where(*cond).values(
-                status=status, metrics=metrics, score=_score(score, metrics, row.metric), error=error,
-                finished=now, seconds=seconds, heartbeat=None))
-            if res.rowcount != 1:
-                who = f" under worker {worker!r}" if worker is not None else ""
-                raise LeaseLost(f"trial {trial_id} is not running{who} (it is {row.status}"
-                                f"{', worker ' + repr(row.worker) if row.worker else ''}); its lease was lost")
-        return self.trial(trial_id)
+            if self._replayed(s, request) is _FIRST:
+                self._remember(s, request)
+                for o in outcomes:
+                    self._finish_one(s, now, **o)
+        return self._records([o["trial_id"] for o in outcomes])
+
+    @staticmethod
+    def _finish_one(s: Session, now: datetime, trial_id: int, status: str = "complete", metrics=None,
+                    score: float | None = None, error: str | None = None, seconds: float | None = None,
+                    worker: str | None = None) -> None:
+        metrics = _clean_metrics(metrics)
+        row = s.execute(select(Trial.status, Trial.worker, Trial.started, Study.metric)
+                        .join(Study, Study.id == Trial.study_id).where(Trial.id == trial_id)).first()
+        if row is None:
+            raise StorageError(f"no trial with id {trial_id}")
+        cond = [Trial.id == trial_id, Trial.status == "running"]
+        if worker is not None:
+            cond.append(Trial.worker == worker)
+        if seconds is None and row.started is not None:
+            seconds = (now - row.started).total_seconds()
+        res = s.execute(update(Trial).where(*cond).values(
+            status=status, metrics=metrics, score=_score(score, metrics, row.metric), error=error,
+            finished=now, seconds=seconds, heartbeat=None))
+        if res.rowcount != 1:
+            who = f" under worker {worker!r}" if worker is not None else ""
+            raise LeaseLost(f"trial {trial_id} is not running{who} (it is {row.status}"
+                            f"{', worker ' + repr(row.worker) if row.worker else ''}); its lease was lost")
 
     def reap_stale(self, lease_seconds: float, *, study: str | None = None,
                    now: datetime | None = None) -> ReapResult:
@@ -930,7 +960,7 @@ def _unreachable(e: BaseException) -> bool:
 _FIRST = object()  # a write's token not seen before
 
 # the writes that take a ``request`` token, so that sending one twice does it once
-REPLAYABLE = frozenset({"add_trials", "start", "finish", "requeue"})
+REPLAYABLE = frozenset({"add_trials", "start", "start_many", "finish", "finish_many", "requeue"})
 
 
 class Retrying:
