@@ -151,3 +151,48 @@ def test_heat_sequence_runs_warm_started_ssor_pcg(tmp_path, capsys):
     kappas = [r.context["kappa"] for r in rows]
     assert kappas[0] < kappas[-1] <= 0.1  # κ(t) = 0.1 sin 2πt on the first half period
     assert max(r.iterations for r in rows) < 20  # warm starts: a few PCG iterations per step
+
+
+def test_young_learner_runs_end_to_end_and_reports_seconds(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, out, err = run(capsys, "relax", "--problem", "reaction", "--m", "8", "--steps", "40", "--learner", "young",
+                         "--prior", "lanczos", "--study", "y", "--db", db, "--json")
+    assert code == 0, err
+    rows = connect(db).relaxation_rounds("y")
+    assert len(rows) == 40 and all(r.converged and r.arm is None for r in rows)
+    assert rows[0].context["probe_matvecs"] == 30 and 0 < rows[0].context["prior_mu"] < 1
+    assert all(r.context["mode"] == "model" and "factor" in r.context for r in rows)
+    assert connect(db).get_study("y").config["policy"]["prior"] == "lanczos"
+    code, out, err = run(capsys, "relax-report", "--study", "y", "--db", db, "-o", str(tmp_path / "y.png"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    seconds = report["seconds"]
+    assert seconds["solve"] > 0 and seconds["probe"] > 0 and report["probe_matvecs"] == 30
+    assert seconds["total"] == pytest.approx(seconds["solve"] + seconds["learner"] + seconds["probe"])
+    means = report["mean_iterations"]
+    assert means["young"] < means[next(k for k in means if k.startswith("best fixed"))]
+
+
+def test_resumed_young_study_continues_from_the_stored_factors(tmp_path, capsys):
+    folder = write_sequence(tmp_path / "seq", count=10, m=8)
+    db_full, db_cut = (f"sqlite:///{tmp_path / n}" for n in ("full.db", "cut.db"))
+    args = ["relax", "--matrices", str(folder), "--learner", "young", "--study", "a"]
+    assert run(capsys, *args, "--db", db_full)[0] == 0
+    rhs = folder / "006.rhs.npy"
+    rhs.rename(tmp_path / "kept.npy")
+    assert run(capsys, *args, "--db", db_cut)[0] == 2
+    assert len(connect(db_cut).relaxation_rounds("a")) == 6
+    (tmp_path / "kept.npy").rename(rhs)
+    assert run(capsys, *args, "--db", db_cut)[0] == 0
+    full = [(r.omega, r.iterations) for r in connect(db_full).relaxation_rounds("a")]
+    resumed = [(r.omega, r.iterations) for r in connect(db_cut).relaxation_rounds("a")]
+    assert resumed == full and len(full) == 10
+
+
+def test_young_refuses_other_solvers_and_prior_is_for_young_only(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, _, err = run(capsys, "relax", "--problem", "heat2d", "--nx", "8", "--steps", "3", "--learner", "young",
+                       "--db", db)
+    assert code == 2 and "--solver sor" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "relax", "--learner", "chebcb", "--prior", "lanczos", "--db", db)
+    assert code == 2 and "--learner young only" in err
