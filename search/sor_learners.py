@@ -712,19 +712,38 @@ class YoungSOR:
         if arm is not None:
             reference = self._predicted_iterations(base, ctx)
             self.offsets.tell(cost / max(reference or cost, 1.0))
-        if lam is not None and 1.0 <= omega < 2.0:
-            mu = jacobi_radius_from_factor(lam, omega)
-            b = self._bin(ctx)
-            if omega > optimal_omega(mu) - self.margin * (2.0 - omega):
-                self.bin_upper[b] = min(self.bin_upper[b], mu)
-            else:
-                self.bin_exact[b] += 1
-                self.obs_z.append(self._z(ctx))
-                self.obs_mu.append(mu)
-                self.exact += 1
-                self._refit()
+        self._observe(ctx, omega, lam)
         self.t += 1
         self._pending = None
+
+    def _observe(self, context, omega: float, lam: float | None) -> None:
+        if lam is None or not 1.0 <= omega < 2.0:
+            return
+        mu = jacobi_radius_from_factor(lam, omega)
+        b = self._bin(context)
+        if omega > optimal_omega(mu) - self.margin * (2.0 - omega):
+            self.bin_upper[b] = min(self.bin_upper[b], mu)
+        else:
+            self.bin_exact[b] += 1
+            self.obs_z.append(self._z(context))
+            self.obs_mu.append(mu)
+            self.exact += 1
+            self._refit()
+
+    def warm_start(self, rounds: Iterable) -> int:
+        """Take the observations of another sequence's stored rounds (their ω, context and ``factor``), as if
+        solved here; returns how many rounds carried a factor. The offset bandit and the miss record start
+        afresh: they belong to the sequence being solved."""
+        used = 0
+        for r in rounds:
+            ctx = r.context or {}
+            c = self.context_of(ctx)
+            if self.context_key is not None and c is None:
+                raise ValueError(f"a warm-start round has no {self.context_key!r} in its context")
+            if ctx.get("factor") is not None:
+                self._observe(c, float(r.omega), float(ctx["factor"]))
+                used += 1
+        return used
 
     def replay(self, rounds: Iterable) -> int:
         """Rebuild the state from stored rounds (their context holds ``factor`` and any ``prior_mu``)."""

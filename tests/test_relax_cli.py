@@ -196,3 +196,23 @@ def test_young_refuses_other_solvers_and_prior_is_for_young_only(tmp_path, capsy
     assert code == 2 and "--solver sor" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(capsys, "relax", "--learner", "chebcb", "--prior", "lanczos", "--db", db)
     assert code == 2 and "--learner young only" in err
+
+
+def test_warm_start_takes_an_earlier_studys_observations_and_is_recorded(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    base = ["relax", "--problem", "reaction", "--m", "8", "--steps", "40", "--learner", "young", "--db", db]
+    assert run(capsys, *base, "--seed", "0", "--study", "first")[0] == 0
+    assert run(capsys, *base, "--seed", "1", "--study", "cold")[0] == 0
+    assert run(capsys, *base, "--seed", "1", "--study", "warm", "--warm-start", "first")[0] == 0
+    store = connect(db)
+    config = store.get_study("warm").config["warm_start"]
+    assert config["study"] == "first" and config["rounds"] == 40 and config["rounds_with_factor"] > 0
+    cold, warm = (store.relaxation_rounds(n) for n in ("cold", "warm"))
+    assert cold[0].omega == 1.0 and warm[0].omega > 1.0  # no Gauss–Seidel solve to start from
+    assert sum(r.iterations for r in warm) < sum(r.iterations for r in cold)
+    assert run(capsys, *base, "--seed", "1", "--study", "warm", "--warm-start", "first")[0] == 0  # resumes
+    code, _, err = run(capsys, *base, "--seed", "1", "--study", "w2", "--warm-start", "nope")
+    assert code == 2 and "--warm-start nope: no such study" in err
+    code, _, err = run(capsys, "relax", "--problem", "laplace3d", "--m", "4", "--steps", "5", "--learner", "young",
+                       "--db", db, "--study", "w3", "--warm-start", "first")
+    assert code == 2 and "'log10_kappa'" in err and len(err.strip().splitlines()) == 1

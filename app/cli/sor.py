@@ -59,6 +59,28 @@ def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: fl
         raise CliError(str(e)) from None
 
 
+def _warm_start(store, policy, study: str) -> dict:
+    """Feed ``study``'s observations to ``policy``; what the new study's config records of it."""
+    from steptune.storage import StorageError
+
+    try:
+        rec = store.get_study(study)
+    except StorageError:
+        raise CliError(f"--warm-start {study}: no such study in this database; name an earlier relaxation "
+                       "study run with --learner young") from None
+    rounds = store.relaxation_rounds(study)
+    learner = (rec.config or {}).get("policy", {}).get("learner")
+    if rec.kind != "relaxation" or learner != "young":
+        raise CliError(f"--warm-start {study}: it is a {rec.kind} study with learner {learner}; it needs one run "
+                       "with --learner young (their rounds carry the residual factors)")
+    try:
+        used = policy.warm_start(rounds)
+    except ValueError as e:
+        raise CliError(f"--warm-start {study}: {e}; warm-start from a sequence with the same context") from None
+    return {"study": study, "rounds": len(rounds), "rounds_with_factor": used,
+            "problem": (rec.config or {}).get("problem")}
+
+
 def _setup(seq, policy, solver, tol, maxiter) -> dict:
     return {"kind": "relaxation", "problem": seq.identity(), "policy": policy.config(), "solver": solver,
             "tol": tol, "maxiter": maxiter}
@@ -156,6 +178,8 @@ def relax_cmd(
                            ".rhs.txt), optional context.csv.")] = None,
     learner: Annotated[str, typer.Option("--learner", "-l", help="young, tsallis-inf, tsallis-inf-cb, chebcb, "
                                                                  "fixed or adaptive.")] = "tsallis-inf",
+    warm_start: Annotated[str | None, typer.Option(
+        "--warm-start", help="young: start from what an earlier young study (same context) observed.")] = None,
     prior: Annotated[str, typer.Option("--prior", help="young: none, or lanczos (a Jacobi-radius estimate from "
                                                        "matrix-vector products on the first system).")] = "none",
     steps: Annotated[int, typer.Option("--steps", help="Instances in a generated sequence.")] = 5000,
@@ -204,8 +228,14 @@ def relax_cmd(
     policy = _policy(learner, seq, seed, omega, arms, omega_max, prior)
     setup = _setup(seq, policy, solver, tol, maxiter)
     name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
+    if warm_start is not None and learner != "young":
+        raise CliError("--warm-start is for --learner young only")
+    if warm_start is not None and warm_start == name:
+        raise CliError(f"--warm-start {warm_start}: a study cannot start from itself; name an earlier study")
     try:
         store = connect(db)
+        if warm_start is not None:
+            setup["warm_start"] = _warm_start(store, policy, warm_start)
         rec = store.create_study(name, kind="relaxation", method=learner, seed=seed, config=setup,
                                  metric="iterations", exist_ok=True)
         if json.dumps(rec.config, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
