@@ -9,20 +9,21 @@ from pathlib import Path
 
 from steptune.space import ScheduleError, presets
 
+BEST = "best"  # the spacing option that sweeps each preset at the best of its spacings
+
 
 def run_sweep(evaluator, preset_specs: Sequence[str], nfes: Sequence[int], spacing: str | None = None,
               bank: str = "heldout", on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """One row per (preset, NFE): the metrics, or the reason it could not run at that NFE."""
+    """One row per (preset, NFE): the metrics, or the reason it could not run at that NFE. ``spacing="best"``:
+    each preset at the best of its spacings, chosen on the train bank (``spacing_scores`` in the row), and a row
+    per diffusers stock scheduler with its default config (``diffusers-default:NAME``) where the model allows."""
     problem = evaluator.problem
     rows = []
     for spec in preset_specs:
         for nfe in nfes:
             row = {"preset": spec, "nfe": nfe, "spacing": spacing or "default"}
-            kwargs = {"t_start": problem.t_start, "t_end": problem.t_end}
-            if spacing is not None:
-                kwargs["spacing"] = spacing
             try:
-                sched = presets.build(spec, nfe, problem.noise, **kwargs)
+                sched = _schedule(evaluator, spec, nfe, spacing, row)
             except ScheduleError as e:
                 row.update(status="n/a", error=str(e))
             else:
@@ -31,7 +32,44 @@ def run_sweep(evaluator, preset_specs: Sequence[str], nfes: Sequence[int], spaci
             rows.append(row)
             if on_result is not None:
                 on_result(row)
+    if spacing == BEST:
+        from steptune import diffusers_default
+
+        if diffusers_default.why_not(problem.model) is None:
+            for name in diffusers_default.SCHEDULERS:
+                for nfe in nfes:
+                    res, _ = diffusers_default.evaluate(evaluator, name, nfe, bank)
+                    row = {"preset": f"diffusers-default:{name}", "nfe": nfe, "spacing": "diffusers default",
+                           "status": res.status, "error": res.error, "seconds": res.seconds, **res.metrics}
+                    rows.append(row)
+                    if on_result is not None:
+                        on_result(row)
     return rows
+
+
+def _schedule(evaluator, spec: str, nfe: int, spacing: str | None, row: dict):
+    """The preset's schedule at ``nfe`` with ``spacing`` (``best``: chosen on the train bank, recorded in ``row``)."""
+    from steptune.search import baselines
+
+    p = evaluator.problem
+    if spacing != BEST:
+        return presets.build(spec, nfe, p.noise, t_start=p.t_start, t_end=p.t_end,
+                             **({"spacing": spacing} if spacing else {}))
+    variants = baselines.spacing_variants(spec, nfe, p.noise, p.t_start, p.t_end)
+    if not variants:
+        raise ScheduleError(f"preset {spec!r} has no schedule at NFE {nfe} on any spacing")
+    scores = {sp: evaluator.evaluate(s, bank="train").metrics["rmse"] for sp, s in variants}
+    best = baselines.best_spacing(scores) or variants[0][0]
+    row.update(spacing=best, spacing_scores=scores)
+    return dict(variants)[best]
+
+
+def size(preset_specs: Sequence[str], nfes: Sequence[int], spacing: str | None, evaluator) -> int:
+    """How many rows ``run_sweep`` gives."""
+    from steptune import diffusers_default
+
+    extra = spacing == BEST and diffusers_default.why_not(evaluator.problem.model) is None
+    return (len(preset_specs) + (len(diffusers_default.SCHEDULERS) if extra else 0)) * len(nfes)
 
 
 def best_by_nfe(rows: list[dict], metric: str = "rmse") -> dict[int, dict]:
@@ -102,10 +140,11 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
     Returns the new trial ids."""
     from dataclasses import replace
 
+    from steptune import diffusers_default
+    from steptune.search import baselines
     from steptune.storage import StorageError
 
     problem = evaluator.problem
-    kwargs = {"t_start": problem.t_start, "t_end": problem.t_end, **({"spacing": spacing} if spacing else {})}
     try:  # a sweep run again adds only what the study does not hold yet
         stored = {(t.key, t.fidelity, t.n_samples) for t in store.trials(study)}
     except StorageError:
@@ -114,13 +153,26 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
     for r in rows:
         if r.get("status") not in ("complete", "failed"):
             continue
-        sched = replace(presets.build(r["preset"], r["nfe"], problem.noise, **kwargs), name=r["preset"])
+        info = {}
+        if r["preset"].startswith("diffusers-default:"):
+            name = r["preset"].removeprefix("diffusers-default:")
+            sched = diffusers_default.equivalent(name, problem.model, r["nfe"])
+            info = {"origin": diffusers_default.origin(name, r["nfe"]), "diffusers": name, "config": "default",
+                    "metrics_from": "diffusers step loop"}
+        else:
+            sp = r["spacing"] if spacing == BEST else spacing
+            sched = presets.build(r["preset"], r["nfe"], problem.noise, t_start=problem.t_start, t_end=problem.t_end,
+                                  **({"spacing": sp} if sp else {}))
+            sched = replace(sched, name=baselines.with_spacing(r["preset"], sp) if spacing == BEST else r["preset"])
+            if spacing == BEST:
+                info = {"origin": baselines.origin(r["preset"], r["nfe"], sp), "spacing": sp,
+                        "spacing_scores": r["spacing_scores"], "spacing_bank": "train"}
         if (sched.key(), bank, evaluator.bank(bank).size) in stored:
             continue
         metrics = {k: r[k] for k in evaluator.metric_names() if k in r}
         items.append({"schedule": sched, "status": r["status"], "metrics": metrics, "error": r.get("error"),
                       "seconds": r.get("seconds"), "bank": bank, "n_samples": evaluator.bank(bank).size,
-                      "fidelity": bank})
+                      "fidelity": bank, **({"info": info} if info else {})})
     config = {"bank": bank, "spacing": spacing or "default", "presets": list(dict.fromkeys(r["preset"] for r in rows))}
     return store.add_trials(study, items, create={"method": "preset", "kind": "sweep", "problem": problem.identity(),
                                                   "config": config, "metric": "rmse"})

@@ -114,6 +114,10 @@ def eval_cmd(
     ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
                     time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
+    if spacing is None:  # presets at the model's default spacing (time-uniform for a guided discrete model)
+        from steptune.search import baselines
+
+        spacing = baselines.default_spacing(prob)
     if grid is not None and grids.not_images(prob):
         raise CliError(f"--grid: {grids.not_images(prob)}")
     if samples is not None and samples > ev.bank(bank).size:
@@ -166,7 +170,10 @@ def sweep_cmd(
     preset_list: Annotated[str | None, typer.Option("--presets", help="Comma-separated preset specs "
                                                                         "(default: all families).")] = None,
     noise: NoiseOpt = None,
-    spacing: SpacingOpt = None,
+    spacing: Annotated[str | None, typer.Option(
+        "--spacing", help="Timestep spacing for the presets, or best: each preset at the best of its spacings "
+                          "(chosen on the train bank) plus diffusers' default schedulers (default: the model's "
+                          "default spacing).")] = None,
     bank: Annotated[Bank, typer.Option("--bank", help="Noise bank to score on.")] = "heldout",
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("runs/sweep"),
     cache: CacheOpt = DEFAULT_CACHE,
@@ -189,7 +196,11 @@ def sweep_cmd(
         presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
     ev = _evaluator(problem, noise, cache)
     prob = ev.problem
-    if spacing is not None:
+    if spacing is None:
+        from steptune.search import baselines
+
+        spacing = baselines.default_spacing(prob)
+    elif spacing != sweep.BEST:
         try:
             spacing_mod.check(spacing, prob.noise)
         except ScheduleError as e:
@@ -204,7 +215,7 @@ def sweep_cmd(
             raise CliError(f"--db: {e}") from None
         if why:
             raise CliError(why)
-    total = len(specs) * len(nfes)
+    total = sweep.size(specs, nfes, spacing, ev)
     from rich.progress import Progress
 
     done = []
