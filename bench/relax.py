@@ -11,11 +11,18 @@
    lockstep, with PyAMG sweeps for wall-clock, the learner's own ask/tell time measured apart (overhead).
 3. Kernel speed: one forward SOR sweep on the 200×200 Laplacian, our compiled kernel vs PyAMG's C++
    sweep, interleaved in one process; median time ratio.
+4. Short horizon (``--short``): the four operator families (300 systems, ``--short-seeds`` seeds each).
+   The young learner runs online (compiled kernel, residual histories) with and without the Lanczos
+   prior; Gauss–Seidel, the best fixed grid ω in hindsight and the instance-optimal grid ω come from the
+   cost table (exact: x0 = 0), adaptive SOR runs for real, Tsallis-INF and ChebCB replay the table.
+   Totals of iterations, and of seconds for the policies run online (solves + learner + probing; the best
+   fixed ω is also run online for its seconds). The young learner also joins section 1 (online).
 
     python bench/relax.py                      # full run; tables cached under runs/bench/relax_tables
     python bench/relax.py --seeds 2 --steps 1000 --heat-steps 200 --nx 50   # quick
     python bench/relax.py --ray                # shifted-Laplacian tables built as Ray tasks
     python bench/relax.py --replot             # redraw the PNG from the saved JSON
+    python bench/relax.py --short --short-only # only the short-horizon families
 
 Saves runs/bench/relax.json and relax.png and prints tables.
 """
@@ -35,25 +42,34 @@ from common import OUT, save_json  # noqa: E402
 from pyamg.relaxation import relaxation  # noqa: E402
 
 from steptune.evaluators.linear import (  # noqa: E402
+    FAMILIES,
     Heat2D,
+    OperatorFamily,
     ShiftedLaplacian,
     build_cost_table,
     kernels,
     poisson_2d,
 )
 from steptune.evaluators.linear.solvers import solve  # noqa: E402
-from steptune.search.sor_driver import adaptive_costs, replay_costs  # noqa: E402
+from steptune.search.sor_driver import adaptive_costs, replay_costs, run_sequence  # noqa: E402
 from steptune.search.sor_learners import (  # noqa: E402
     AdaptiveSOR,
     ChebCB,
     FixedOmega,
     TsallisINF,
     TsallisINFBins,
+    YoungSOR,
     warm_up,
 )
 
 TABLES = OUT / "relax_tables"
 RAY = False  # build stateless cost tables as Ray tasks (--ray)
+
+
+def numba_threads_one() -> None:
+    import numba
+
+    numba.set_num_threads(1)
 
 
 def learners(seed: int, context_range) -> dict:
@@ -93,6 +109,10 @@ def shifted(variance: str, seeds: int, steps: int, log) -> dict:
             curves[name] = replay_costs(learner, table)
             curves[f"_{name} replay seconds"] = np.array([time.perf_counter() - tick])
         curves["instance-optimal (grid)"] = its.min(axis=1)
+        young = run_sequence(seq, YoungSOR(seed=s, context_range=seq.context_range, context_key="c"), kernel="numba")
+        curves["young (online)"] = np.array([r.iterations for r in young])
+        curves["_young learner seconds"] = np.array([sum(r.learner_seconds for r in young)])
+        curves["_young solve seconds"] = np.array([sum(r.seconds for r in young)])
         curves["ω*(c_t) closed form"] = closed_form_costs(seq)
         curves["adaptive SOR"] = adaptive_costs(seq, AdaptiveSOR())
         per_seed.append(curves)
@@ -120,6 +140,144 @@ def summarise(per_seed: list[dict]) -> dict:
     best_omegas = [float(c["_best fixed ω value"][0]) for c in per_seed]
     return {"rows": rows, "cumulative_seed0": curve, "learner_seconds_per_round_replay": overhead,
             "best_fixed_omega_per_seed": best_omegas}
+
+
+def tight_loop_seconds(make, rounds) -> float:
+    """ask + tell of a fresh learner over recorded rounds (told their factors), timed alone: the learner's
+    cost without the scheduling noise of a shared machine between the calls."""
+    learner = make()
+    warm_up()
+    tick = time.perf_counter()
+    for r in rounds:
+        if r.extra.get("prior_mu") is not None:
+            learner.tell_prior(r.extra["prior_mu"])
+        learner.ask(r.context.get(learner.context_key) if learner.context_key else None)
+        learner.tell(r.iterations, factor=r.extra.get("factor"), omega=r.omega)
+    return time.perf_counter() - tick
+
+
+def online(seq, policy, kernel: str = "numba", make=None) -> dict:
+    rounds = run_sequence(seq, policy, kernel=kernel)
+    out = {"iterations": int(sum(r.iterations for r in rounds)),
+           "solve_seconds": sum(r.seconds for r in rounds), "learner_seconds": sum(r.learner_seconds for r in rounds),
+           "probe_seconds": sum(r.probe_seconds for r in rounds), "probe_matvecs": sum(r.probe_matvecs for r in rounds),
+           "bandit_rounds": sum(1 for r in rounds if r.extra.get("mode") == "bandit")}
+    out["seconds"] = out["solve_seconds"] + out["learner_seconds"] + out["probe_seconds"]
+    if make is not None:
+        out["learner_seconds_tight_loop"] = tight_loop_seconds(make, rounds)
+    return out
+
+
+def short_horizon(families, seeds: int, steps: int, log) -> dict:
+    """Totals per family and seed (see the module docstring, section 4)."""
+    result = {}
+    for family in families:
+        per_seed = []
+        for s in range(seeds):
+            seq = OperatorFamily(family, steps=steps, seed=s)
+            table = build_cost_table(seq, cache=TABLES)
+            its = table.iterations
+            arm, _ = table.best_fixed()
+            fixed = float(table.omegas[arm])
+            row = {"gauss-seidel": {"iterations": int(its[:, 0].sum())},
+                   "best fixed ω (hindsight)": {"iterations": int(its[:, arm].sum()), "omega": fixed},
+                   "instance-optimal (grid)": {"iterations": int(its.min(axis=1).sum())}}
+            row["best fixed ω (hindsight)"].update(
+                {k: v for k, v in online(seq, FixedOmega(fixed)).items() if k.endswith("seconds")})
+            for name, prior in (("young", "none"), ("young + lanczos prior", "lanczos")):
+                def make(prior=prior, seq=seq, s=s):
+                    return YoungSOR(seed=s, context_range=seq.context_range, context_key=seq.context_key, prior=prior)
+                row[name] = online(seq, make(), make=make)
+            ad = run_sequence(seq, AdaptiveSOR(), kernel="numba")
+            row["adaptive SOR"] = {"iterations": int(sum(r.iterations for r in ad)),
+                                   "seconds": sum(r.seconds for r in ad)}
+            for name, learner in (("tsallis-inf", TsallisINF(seed=s)),
+                                  ("chebcb", ChebCB(seed=s, context_range=seq.context_range))):
+                row[name] = {"iterations": int(replay_costs(learner, table).sum())}
+            per_seed.append(row)
+            young = row["young"]
+            log(f"  {family} seed {s}: young {young['iterations']} vs best fixed "
+                f"{row['best fixed ω (hindsight)']['iterations']}, instance-optimal "
+                f"{row['instance-optimal (grid)']['iterations']}, adaptive {row['adaptive SOR']['iterations']}")
+        names = list(per_seed[0])
+        summary = {}
+        for k in names:
+            total = sum(r[k]["iterations"] for r in per_seed)
+            entry = {"iterations": total, "per_seed": [r[k]["iterations"] for r in per_seed]}
+            if "seconds" in per_seed[0][k]:
+                entry["seconds"] = sum(r[k]["seconds"] for r in per_seed)
+            if "learner_seconds" in per_seed[0][k]:
+                solve_s = sum(r[k]["solve_seconds"] for r in per_seed)
+                entry["learner_pct_of_solve"] = 100 * sum(r[k]["learner_seconds"] + r[k].get("probe_seconds", 0)
+                                                          for r in per_seed) / solve_s
+            if "learner_seconds_tight_loop" in per_seed[0][k]:
+                tight = sum(r[k]["learner_seconds_tight_loop"] for r in per_seed)
+                entry["learner_us_per_round_tight_loop"] = 1e6 * tight / (steps * len(per_seed))
+                entry["tight_loop_pct_of_solve"] = 100 * (tight + sum(r[k]["probe_seconds"] for r in per_seed)) \
+                    / solve_s
+            if "bandit_rounds" in per_seed[0][k]:
+                entry["bandit_rounds"] = sum(r[k]["bandit_rounds"] for r in per_seed)
+                entry["probe_matvecs"] = sum(r[k]["probe_matvecs"] for r in per_seed)
+            summary[k] = entry
+        best = summary["best fixed ω (hindsight)"]["iterations"]
+        opt = summary["instance-optimal (grid)"]["iterations"]
+        for v in summary.values():
+            v["vs_best_fixed"] = v["iterations"] / best
+            v["vs_instance_optimal"] = v["iterations"] / opt
+        result[family] = summary
+    return result
+
+
+def print_short(result: dict, steps: int, seeds: int) -> None:
+    print(f"\nshort horizon: {steps} systems per sequence, {seeds} seeds (totals over seeds)")
+    print(f"{'family':12s} {'policy':26s} {'iterations':>11s} {'/best fixed':>12s} {'/inst-opt':>10s} "
+          f"{'seconds':>9s} {'learner %':>10s} {'tight µs':>9s} {'tight %':>8s}")
+    for family, rows in result.items():
+        for k, v in rows.items():
+            sec = f"{v['seconds']:9.3f}" if "seconds" in v else f"{'—':>9s}"
+            pct = f"{v['learner_pct_of_solve']:9.2f}%" if "learner_pct_of_solve" in v else f"{'—':>10s}"
+            tight = (f"{v['learner_us_per_round_tight_loop']:9.1f} {v['tight_loop_pct_of_solve']:7.2f}%"
+                     if "tight_loop_pct_of_solve" in v else f"{'—':>9s} {'—':>8s}")
+            print(f"{family:12s} {k:26s} {v['iterations']:11d} {v['vs_best_fixed']:12.3f} "
+                  f"{v['vs_instance_optimal']:10.3f} {sec} {pct} {tight}")
+
+
+def heat_sor(nx: int, steps: int, log) -> dict:
+    """heat2d solved by plain SOR (the young learner's solver), warm-started: Gauss–Seidel, best fixed and
+    instance-optimal ω from the cost table (its reference trajectory), ChebCB and Tsallis-INF replayed on
+    it; then the young learner, ChebCB and the best fixed ω live with PyAMG sweeps, each on its own
+    trajectory, with learner seconds measured live and in a tight loop."""
+    seq = Heat2D(nx=nx, steps=steps)
+    table = build_cost_table(seq, solver="sor", cache=TABLES,
+                             progress=lambda d, t: log(f"  heat2d SOR table {d}/{t}") if d % 250 == 0 else None)
+    its = table.iterations
+    arm, _ = table.best_fixed()
+    rows = {"gauss-seidel": {"iterations": int(its[:, 0].sum())},
+            "best fixed ω (hindsight)": {"iterations": int(its[:, arm].sum()), "omega": float(table.omegas[arm])},
+            "instance-optimal (grid)": {"iterations": int(its.min(axis=1).sum())},
+            "tsallis-inf (replay)": {"iterations": int(replay_costs(TsallisINF(seed=0), table).sum())},
+            "chebcb (replay)": {"iterations": int(replay_costs(ChebCB(seed=0, context_range=seq.context_range),
+                                                               table).sum())}}
+    makers = {"young (live)": lambda: YoungSOR(seed=0, context_range=seq.context_range, context_key="kappa"),
+              "chebcb (live)": lambda: ChebCB(seed=0, context_range=seq.context_range, context_key="kappa"),
+              "best fixed ω (live)": lambda: FixedOmega(float(table.omegas[arm]))}
+    for name, make in makers.items():
+        log(f"  heat2d SOR live: {name}")
+        rounds = run_sequence(seq, make(), kernel="pyamg")
+        solve_s = sum(r.seconds for r in rounds)
+        learner_s = sum(r.learner_seconds for r in rounds)
+        rows[name] = {"iterations": int(sum(r.iterations for r in rounds)), "seconds": solve_s + learner_s,
+                      "learner_pct_of_solve": 100 * learner_s / solve_s}
+        if name.startswith("young"):
+            tight = tight_loop_seconds(make, rounds)
+            rows[name]["learner_us_per_round_tight_loop"] = 1e6 * tight / len(rounds)
+            rows[name]["tight_loop_pct_of_solve"] = 100 * tight / solve_s
+    best = rows["best fixed ω (hindsight)"]["iterations"]
+    opt = rows["instance-optimal (grid)"]["iterations"]
+    for v in rows.values():
+        v["vs_best_fixed"] = v["iterations"] / best
+        v["vs_instance_optimal"] = v["iterations"] / opt
+    return rows
 
 
 def heat(nx: int, steps: int, seeds: int, log) -> dict:
@@ -255,7 +413,30 @@ def main(argv=None):
     ap.add_argument("--no-heat", action="store_true")
     ap.add_argument("--replot", action="store_true", help="redraw the PNG from runs/bench/relax.json")
     ap.add_argument("--ray", action="store_true", help="build the shifted-Laplacian tables as Ray tasks")
+    ap.add_argument("--short", action="store_true", help="also the short-horizon families (section 4)")
+    ap.add_argument("--short-only", action="store_true", help="only section 4")
+    ap.add_argument("--short-seeds", type=int, default=3)
+    ap.add_argument("--short-steps", type=int, default=300)
+    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--heat-sor", action="store_true", help="also heat2d solved by plain SOR (young vs ChebCB)")
+    ap.add_argument("--heat-sor-nx", type=int, default=50)
+    ap.add_argument("--heat-sor-steps", type=int, default=1000)
     args = ap.parse_args(argv)
+    if args.short_only:
+        numba_threads_one()
+        start = time.perf_counter()
+        result = {"config": {"short_steps": args.short_steps, "short_seeds": args.short_seeds}}
+        log = lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", flush=True)  # noqa: E731
+        result["short"] = short_horizon(args.families.split(","), args.short_seeds, args.short_steps, log)
+        if args.heat_sor:
+            result["heat_sor"] = heat_sor(args.heat_sor_nx, args.heat_sor_steps, log)
+            result["config"].update(heat_sor_nx=args.heat_sor_nx, heat_sor_steps=args.heat_sor_steps)
+        print_short(result["short"], args.short_steps, args.short_seeds)
+        if "heat_sor" in result:
+            print_short({"heat2d-sor": result["heat_sor"]}, args.heat_sor_steps, 1)
+        path = save_json("relax_short", result)
+        print(f"\nsaved {path}")
+        return
     global RAY
     RAY = args.ray
     if args.replot:
@@ -273,6 +454,12 @@ def main(argv=None):
     for v in ("low", "high"):
         log(f"shifted Laplacian, {v} variance")
         result[f"shifted_{v}"] = shifted(v, args.seeds, args.steps, log)
+    if args.short:
+        log("short horizon")
+        result["short"] = short_horizon(args.families.split(","), args.short_seeds, args.short_steps, log)
+    if args.heat_sor:
+        log("heat2d, plain SOR")
+        result["heat_sor"] = heat_sor(args.heat_sor_nx, args.heat_sor_steps, log)
     if not args.no_heat:
         log("heat2d")
         result["heat2d"] = heat(args.nx, args.heat_steps, args.heat_seeds, log)
@@ -290,6 +477,10 @@ def main(argv=None):
                   f"learner {v['learner_seconds']:6.3f}s = {v['learner_overhead_pct_of_solve']:.2f}% of solve "
                   f"(ask/tell alone: {v['learner_us_per_round_tight_loop']:.0f} µs/round = "
                   f"{v['tight_loop_overhead_pct_of_solve']:.2f}%)")
+    if "short" in result:
+        print_short(result["short"], args.short_steps, args.short_seeds)
+    if "heat_sor" in result:
+        print_short({"heat2d-sor": result["heat_sor"]}, args.heat_sor_steps, 1)
     k = result["kernel"]
     print(f"\nSOR sweep, 200×200 Laplacian: ours {k['ours_ms_median']:.3f} ms, PyAMG {k['pyamg_ms_median']:.3f} ms, "
           f"ratio {k['ratio_median']:.2f} (same iterates: {k['same_iterates']})")
