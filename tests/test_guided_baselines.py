@@ -2,6 +2,7 @@
 bank), diffusers' stock schedulers with their default config, and schedules on diffusers' leading timesteps that
 start below the bank's time. Checked against independent evaluations and a diffusers loop written out here."""
 
+import json
 import math
 import warnings
 
@@ -153,3 +154,34 @@ def test_the_default_spacing_rule():
     assert spacing_mod.candidates(continuous) == ["logsnr", "time-uniform", "time-quadratic"]
     guided = digits_problem(guidance_scale=3.0, models_dir=None, bank_sizes=(2, 2), quality=False)
     assert baselines.default_spacing(guided) == "time-uniform"
+
+
+def test_sweep_best_spacing_picks_on_the_train_bank_and_adds_diffusers_defaults(tmp_path, capsys):
+    from steptune.cli import main
+    from steptune.evaluators import evaluator_options
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    argv = ["sweep", "--problem", "gmm-2d", "--noise", "ddpm-linear", "--nfe", "5", "--presets", "ddim,unipc-bh2",
+            "--spacing", "best", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--study", "sw",
+            "--db", url, "--json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    problem = get_problem("gmm-2d", "ddpm-linear")
+    ev = Evaluator(problem, cache_dir=None, **evaluator_options(problem))
+    for spec in ("ddim", "unipc-bh2"):
+        (row,) = [r for r in rows if r["preset"] == spec]
+        train = {sp: ev.evaluate(presets.build(spec, 5, problem.noise, spacing=sp, t_start=problem.t_start,
+                                               t_end=problem.t_end), "train").metrics["rmse"]
+                 for sp in spacing_mod.candidates(problem.noise)}
+        best = min(train, key=train.__getitem__)
+        assert row["spacing"] == best and row["spacing_scores"] == pytest.approx(train, rel=1e-9)
+        held = ev.evaluate(presets.build(spec, 5, problem.noise, spacing=best, t_start=problem.t_start,
+                                         t_end=problem.t_end), "heldout").metrics["rmse"]
+        assert row["rmse"] == pytest.approx(held, rel=1e-9)
+    names = {r["preset"] for r in rows}
+    assert {f"diffusers-default:{n}" for n in ("UniPCMultistepScheduler", "DDIMScheduler")} <= names
+    with connect(url) as db:
+        trials = db.trials("sw")
+    assert len(trials) == len(rows)
+    assert {t.info.get("origin") for t in trials} >= {f"preset:unipc-bh2@5 spacing={rows[1]['spacing']}",
+                                                      "diffusers-default:UniPCMultistepScheduler@5"}
