@@ -163,20 +163,22 @@ def build_grid(ev, schedule: Schedule, best: tuple[str, Schedule] | None, name: 
                chosen: str = "") -> Grid:
     """The grid of ``schedule`` (shown as ``name``) on the first rows of ``ev``'s held-out bank: the schedule, the
     best preset ``best`` = (spec, schedule) if given (found as ``chosen`` says), and the reference at the
-    schedule's end."""
+    schedule's end. Each sample's error is against the reference at its own schedule's end, as the evaluator
+    measures it (the problem's t_end, or t = 0 for a schedule with a final step to t = 0)."""
     problem = ev.problem
     why = not_images(problem)
     if why:
         raise GridError(why)
     ev.check(schedule)
     x_T = ev.x_T("heldout")
-    ref = ev.reference("heldout", float(schedule.steps[-1].t))
     columns = []
     for role, label, s in [("schedule", name or schedule.name or "schedule", schedule),
                            *([("best preset", best[0], best[1])] if best else [])]:
         x, error = _sample(problem, x_T, s)
+        ref = ev.reference("heldout", float(s.steps[-1].t))
         errors = per_sample_errors(x, ref) if x is not None else [math.inf] * x_T.shape[0]
         columns.append(Column(role, label, x, errors, error))
+    ref = ev.reference("heldout", float(schedule.steps[-1].t))
     columns.append(Column("reference", "reference solution", ref, [0.0] * x_T.shape[0]))
     pixels = []
     for c in columns:
