@@ -86,6 +86,7 @@ class Column:
     states: Tensor | None  # None: the run diverged
     errors: list[float]
     error: str | None = None
+    schedule: Schedule | None = None  # None for the reference
 
 
 @dataclass
@@ -177,7 +178,7 @@ def build_grid(ev, schedule: Schedule, best: tuple[str, Schedule] | None, name: 
         x, error = _sample(problem, x_T, s)
         ref = ev.reference("heldout", float(s.steps[-1].t))
         errors = per_sample_errors(x, ref) if x is not None else [math.inf] * x_T.shape[0]
-        columns.append(Column(role, label, x, errors, error))
+        columns.append(Column(role, label, x, errors, error, s))
     ref = ev.reference("heldout", float(schedule.steps[-1].t))
     columns.append(Column("reference", "reference solution", ref, [0.0] * x_T.shape[0]))
     pixels = []
