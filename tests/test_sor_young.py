@@ -16,7 +16,7 @@ from steptune.evaluators.linear.spectra import (
     sor_factor,
 )
 from steptune.search.sor_driver import run_sequence
-from steptune.search.sor_learners import YoungSOR, make_learner
+from steptune.search.sor_learners import OFFSETS, YoungSOR, make_learner
 
 M = 20
 MU = math.cos(math.pi / (M + 1))
@@ -84,3 +84,30 @@ def test_family_jacobi_radius_matches_dense_eigenvalues(family):
 def test_young_learner_refuses_other_solvers():
     with pytest.raises(ValueError, match="use --solver sor"):
         run_sequence(RepeatedPoisson(m=4, steps=2), YoungSOR(), solver="ssor")
+
+
+def _told_two_solves_below_the_optimum(mu):
+    learner = YoungSOR(seed=0)
+    for _ in range(2):  # Gauss–Seidel, then an exploring solve: their factors are Young's
+        omega = learner.ask().omega
+        assert omega < 2 / (1 + math.sqrt(1 - mu * mu)) - 0.1
+        learner.tell(200, factor=sor_factor(omega, mu))
+    return learner
+
+
+@pytest.mark.parametrize("ratio, falls_back", [(1.0, False), (3.0, True)])
+def test_offset_bandit_takes_over_only_where_youngs_predictions_miss(ratio, falls_back):
+    mu = 0.95
+    learner = _told_two_solves_below_the_optimum(mu)
+    for _ in range(40):
+        omega = learner.ask().omega
+        learner.tell(ratio * math.log(1e-8) / math.log(sor_factor(omega, mu)))
+    assert learner.fallback is falls_back
+    arm = learner.ask()
+    base = 2 / (1 + math.sqrt(1 - mu * mu))
+    if falls_back:
+        model = learner.model_omega(None)
+        assert base - 0.01 < model <= base
+        assert arm.omega == pytest.approx(2 - (2 - model) * math.exp(OFFSETS[arm.index]))
+    else:  # Young's optimum, lowered a little by the fit's standard error
+        assert arm.index is None and base - 0.01 < arm.omega <= base
