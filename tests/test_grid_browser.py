@@ -1,7 +1,7 @@
 """The sample grid in headless Chromium: the schedule view of a digits-cond trial shows the grid as an image
 whose natural size is the grid's and whose reference and best-preset cells are, read back from the rendered
 image, the decoded reference and the decoded samples of the best stored preset; a problem without images shows
-none; the static report carries the same image offline."""
+none, one that cannot be built here says why in its place; the static report carries the same image offline."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ SWEPT = ["ddim", "dpm-solver++-2m", "unipc-bh2", "heun"]
 TUNED_STUDY = "digits-tuned"
 SWEEP_STUDY = "digits-presets"
 PLAIN_STUDY = "gmm-presets"
+OTHER_STUDY = "digits-other-weights"
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +48,17 @@ def grid_db(tmp_path_factory):
         [tuned_id] = store.add_trials(TUNED_STUDY, [{"schedule": tuned, "status": "complete", "metrics": res.metrics,
                                                      "bank": "heldout", "n_samples": res.n, "fidelity": "heldout"}],
                                       create={"method": "random", "problem": prob.identity(), "metric": "rmse"})
+        other = prob.identity()
+        other["data"] = {**other["data"], "unet_sha256": "0" * 64}  # a study of weights this checkout lacks
+        [other_id] = store.add_trials(OTHER_STUDY, [{"schedule": tuned, "status": "complete", "metrics": res.metrics,
+                                                     "bank": "heldout", "n_samples": res.n, "fidelity": "heldout"}],
+                                      create={"method": "random", "problem": other, "metric": "rmse"})
         gmm = Evaluator(get_problem("gmm-2d"), n_train=16, n_heldout=32, cache_dir=None)
         [plain_id, *_] = sweep.store_sweep(store, PLAIN_STUDY, gmm, sweep.run_sweep(gmm, ["ddim"], [NFE], None,
                                                                                      "heldout"))
     best = min((r for r in rows if r["status"] == "complete"), key=lambda r: r["rmse"])["preset"]
     return {"url": url, "cache": folder / "cache", "tuned": tuned_id, "tuned_schedule": tuned, "plain": plain_id,
-            "best": best}
+            "other": other_id, "best": best}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +146,14 @@ def test_a_problem_without_images_shows_no_grid(page, grid_server, grid_db):  # 
     assert page.locator("#sample-grid img").count() == 0
     answer = page.request.get(f"{grid_server}/api/trials/{grid_db['plain']}/grid.png")
     assert answer.status == 404 and "not of an image problem" in answer.json()["detail"]
+
+
+def test_a_problem_that_cannot_be_built_here_says_why_in_place_of_the_grid(page, grid_server, grid_db):  # noqa: F811
+    _open(page, f"{grid_server}/#schedule/{grid_db['other']}")
+    page.wait_for_selector("#sample-grid p.hint:has-text('no grid:')")
+    assert "not the one the study ran" in page.inner_text("#sample-grid")
+    answer = page.request.get(f"{grid_server}/api/trials/{grid_db['other']}/grid.png")
+    assert answer.status == 409 and "not the one the study ran" in answer.json()["detail"]
 
 
 def test_the_static_report_carries_the_grid_offline(page, grid_db, expected, tmp_path, shots):  # noqa: F811

@@ -147,6 +147,22 @@ def test_eval_grid_writes_the_plugged_networks_decoded_samples(tmp_path, capsys)
     assert meta["columns"][1]["name"].partition(":")[0] in DEFAULT_PRESETS
 
 
+def test_a_stored_identity_builds_the_same_image_problem_again():
+    for prob in (load_problem("test_grids:image_factory"), digits_problem(guidance_scale=5.0, quality=False)):
+        identity = json.loads(json.dumps(prob.identity()))  # as the database gives it back
+        assert grids.is_image_identity(identity)
+        again = grids.stored_problem(identity)
+        assert again.identity() == prob.identity() and again.decode is not None
+    other = json.loads(json.dumps(digits_problem(guidance_scale=5.0, quality=False).identity()))
+    other["data"]["unet_sha256"] = "0" * 64
+    with pytest.raises(grids.GridError, match="not the one the study ran"):
+        grids.stored_problem(other)
+    plain = json.loads(json.dumps(load_problem("gmm-2d").identity()))
+    assert not grids.is_image_identity(plain)
+    with pytest.raises(grids.GridError, match="has no images to show"):
+        grids.stored_problem(plain)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "4"], ["--grid", "'gmm-2d' has no images",
                                                                           "decode(x)"]),
