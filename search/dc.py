@@ -353,10 +353,15 @@ def continue_across_guidance(fits: Sequence[tuple[float, ConfigFit]], *, iters: 
 
 def fit_targets(evaluator, schedule: Schedule, fit_samples: int) -> tuple[Tensor, list[Tensor]]:
     """The fit noises (the first ``fit_samples`` of the evaluator's train bank) and the converged
-    reference states from them at ``schedule.times[1:]`` (cached on disk)."""
+    reference states from them at ``schedule.times[1:]`` (cached on disk). The reference starts at the problem's
+    t_start, where the noises are, also for a schedule that starts later (diffusers' leading timesteps)."""
     x = evaluator.x_T("train", fit_samples)
     bank = {**evaluator.bank("train").describe(), "n": fit_samples}
-    return x, evaluator.problem.reference_states(x, schedule.times, bank=bank, cache_dir=evaluator.cache_dir).states
+    t0 = evaluator.problem.t_start
+    later = schedule.t_start < t0
+    times = [t0, *schedule.times] if later else schedule.times
+    states = evaluator.problem.reference_states(x, times, bank=bank, cache_dir=evaluator.cache_dir).states
+    return x, states[1:] if later else states
 
 
 def fit_config(evaluator, schedule: Schedule, *, methods: Sequence[str] = ("greedy", "joint"), fit_samples: int = 10,

@@ -185,3 +185,18 @@ def test_sweep_best_spacing_picks_on_the_train_bank_and_adds_diffusers_defaults(
     assert len(trials) == len(rows)
     assert {t.info.get("origin") for t in trials} >= {f"preset:unipc-bh2@5 spacing={rows[1]['spacing']}",
                                                       "diffusers-default:UniPCMultistepScheduler@5"}
+
+
+def test_dc_targets_of_a_later_starting_schedule_are_the_reference_from_t_start():
+    from steptune.search import dc
+
+    problem = get_problem("gmm-2d", "ddpm-linear")
+    ev = Evaluator(problem, n_train=8, n_heldout=8, cache_dir=None)
+    s = presets.build("unipc-bh2", 6, problem.noise, spacing="diffusers-leading")
+    assert s.t_start < problem.t_start and s.times[-1] == 0.0
+    x, targets = dc.fit_targets(ev, s, 8)
+    assert len(targets) == len(s.steps)
+    ref = ev.reference("train", t_end=0.0)
+    assert torch.allclose(targets[-1], ref, rtol=1e-6, atol=1e-6)
+    # not vacuous: the flow from the schedule's own start, on the same noise, ends measurably elsewhere
+    assert (problem.reference_states(x, s.times).states[-1] - ref).abs().max() > 1e-5
