@@ -425,6 +425,7 @@ def warm_up() -> None:
     _draw(np.ones(2), 0.5)
     _smoothed_importance_update(np.zeros(2), 0, 1.0, np.full(2, 0.5), 0.1)
     _chebyshev_prediction(np.zeros(2), np.eye(2), 0.0)
+    _fit_transforms(np.zeros(2), np.full(2, 0.5), 1)
     convergence_factor(np.geomspace(1.0, 1e-3, 12))
 
 
@@ -500,26 +501,48 @@ class AdaptiveSOR:
 TRANSFORMS = ("log(1 - mu)", "1/mu - 1", "log(1/mu - 1)")  # what is regressed on the context (see _refit)
 
 
-def _transform(mu: np.ndarray, kind: int) -> np.ndarray:
-    if kind == 0:
-        return np.log1p(-mu)
-    v = 1.0 / np.maximum(mu, 1e-12) - 1.0
-    return v if kind == 1 else np.log(np.maximum(v, 1e-300))
-
-
-def _to_log1m(value: np.ndarray, kind: int) -> np.ndarray:
-    """log(1 − μ) from a transform's value (1/μ − 1 = v gives log(1 − μ) = log(v/(1 + v)))."""
-    if kind == 0:
-        return np.minimum(value, 0.0)
-    v = np.maximum(value, 1e-12) if kind == 1 else np.exp(value)
-    return np.log(v / (1.0 + v))
-
-
 def _to_log1m_scalar(value: float, kind: int) -> float:
     if kind == 0:
         return min(value, 0.0)
     v = max(value, 1e-12) if kind == 1 else math.exp(min(value, 700.0))
     return math.log(v / (1.0 + v))
+
+
+@numba.njit(cache=True)
+def _fit_transforms(z, mu, top):
+    """(transform, θ, residual variance in log(1 − μ), (XᵀX)⁻¹) of the best of every transform × degree."""
+    n = z.shape[0]
+    X = np.empty((n, top + 1))
+    for i in range(n):
+        X[i] = chebyshev_features(z[i], top)
+    y = np.log1p(-mu)
+    best_var, best_kind = np.inf, 0
+    best_theta = np.zeros(1)
+    best_ginv = np.eye(1)
+    for kind in range(3):
+        if kind == 0:
+            target = y.copy()
+        else:
+            target = 1.0 / np.maximum(mu, 1e-12) - 1.0
+            if kind == 2:
+                target = np.log(np.maximum(target, 1e-300))
+        for k in range(1, top + 2):
+            Xk = np.ascontiguousarray(X[:, :k])
+            Ginv = np.linalg.inv(Xk.T @ Xk + 1e-9 * np.eye(k))
+            theta = Ginv @ (Xk.T @ target)
+            value = Xk @ theta
+            rss = 0.0
+            for i in range(n):
+                if kind == 0:
+                    fitted = min(value[i], 0.0)
+                else:
+                    v = max(value[i], 1e-12) if kind == 1 else math.exp(min(value[i], 700.0))
+                    fitted = math.log(v / (1.0 + v))
+                rss += (fitted - y[i]) ** 2
+            var = rss / (n - k) if n - k >= 1 else 1.0
+            if var < best_var * 0.95:
+                best_var, best_kind, best_theta, best_ginv = var, kind, theta, Ginv
+    return best_kind, best_theta, best_var, best_ginv
 
 
 OFFSETS = (-0.3, -0.15, 0.0, 0.15, 0.3)  # log(2 − ω) − log(2 − ω_model): negative is a larger ω
@@ -613,25 +636,8 @@ class YoungSOR:
         """Least squares of each :data:`TRANSFORMS` of μ on Chebyshev features of degree 0…``degree`` (at most
         one per six observations); keep the one whose residuals in log(1 − μ) have the least variance per
         degree of freedom."""
-        z = np.asarray(self.obs_z)
-        mu = np.asarray(self.obs_mu)
-        y = np.log1p(-mu)
-        n = len(mu)
-        top = min(self.degree, n // 6) if self.context_key is not None else 0
-        X = np.stack([chebyshev_features(v, top) for v in z]) if n else np.zeros((0, top + 1))
-        best = None
-        for kind in range(len(TRANSFORMS)):
-            target = _transform(mu, kind)
-            for k in range(1, top + 2):
-                theta = np.linalg.lstsq(X[:, :k], target, rcond=None)[0]
-                fitted = _to_log1m(X[:, :k] @ theta, kind)
-                dof = n - k
-                var = float(np.sum((fitted - y) ** 2)) / dof if dof >= 1 else 1.0
-                if best is None or var < best[0] * 0.95:
-                    best = (var, kind, theta)
-        var, kind, theta = best
-        k = theta.shape[0]
-        Ginv = np.linalg.inv(X[:, :k].T @ X[:, :k] + 1e-9 * np.eye(k))
+        top = min(self.degree, self.exact // 6) if self.context_key is not None else 0
+        kind, theta, var, Ginv = _fit_transforms(np.asarray(self.obs_z), np.asarray(self.obs_mu), top)
         self._fit = (theta, max(var, 4e-4), Ginv, kind)
 
     def predict(self, context) -> tuple[float, float] | None:
