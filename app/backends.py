@@ -138,6 +138,11 @@ def _failed(error: str, n: int) -> dict:
 
 
 class Backend:
+    """Tasks are queued with ``submit`` and evaluated by ``pump``, which returns as soon as ``until()`` holds
+    (work submitted later may still be in flight then: the runner asks for the next batch meanwhile), or when
+    nothing is queued or in flight, or when the sink is stopping and what was in flight has come back (what is
+    still queued is then dropped: it stays queued in the database)."""
+
     name = "backend"
     workers: list[str]
 
@@ -146,8 +151,16 @@ class Backend:
 
     def start(self) -> None: ...
 
-    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+    def submit(self, tasks: Sequence[Task]) -> None:
+        self.todo.extend(tasks)
+
+    def pump(self, sink: Sink, until: Callable[[], bool] = lambda: False) -> None:
         raise NotImplementedError
+
+    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+        """Evaluate ``tasks`` (and anything submitted before them) to the end."""
+        self.submit(tasks)
+        self.pump(sink)
 
     def close(self) -> None: ...
 
@@ -162,6 +175,7 @@ class LocalBackend(Backend):
         self.batched, self.in_flight = spec.batched, spec.in_flight
         self.worker: EvalWorker | None = None
         self.workers = [f"local@{socket.gethostname()}:{os.getpid()}"]
+        self.todo: deque[Task] = deque()
 
     def start(self) -> None:
         if self.worker is None:
@@ -177,14 +191,16 @@ class LocalBackend(Backend):
 
             torch.set_num_threads(self._threads)
             self.worker = None
+        self.todo.clear()
 
-    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+    def pump(self, sink: Sink, until: Callable[[], bool] = lambda: False) -> None:
         self.start()
         group = self.in_flight if self.batched else 1
-        for k in range(0, len(tasks), group):
+        while self.todo and not until():
             if sink.stopping():
+                self.todo.clear()
                 return
-            chunk = tasks[k:k + group]
+            chunk = [self.todo.popleft() for _ in range(min(group, len(self.todo)))]
             sink.start([(task, self.workers[0]) for task in chunk])
             results = self.worker.evaluate_many(chunk) if self.batched else [self.worker.evaluate(chunk[0])]
             sink.done(list(zip(chunk, results)))
@@ -205,6 +221,8 @@ class RayBackend(Backend):
         self.workers: list[str] = []
         self.failures: dict[int, int] = {}
         self.started_ray = False
+        self.todo: deque[Task] = deque()
+        self.busy: dict = {}  # ObjectRef -> (tasks, actor index)
 
     def check(self) -> None:
         """Reach Ray (start the local instance, or join the cluster) and check the evaluators fit on it, so a
@@ -273,20 +291,21 @@ class RayBackend(Backend):
             raise BackendError(f"the evaluator could not start: {e.cause if hasattr(e, 'cause') else e}") from None
         self.workers = [f"ray-{i}@{info['host']}:{info['pid']}" for i, info in enumerate(infos)]
         self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        self.load, self.alive = [0] * n, [True] * n
 
-    def run(self, tasks: Sequence[Task], sink: Sink) -> None:
+    def pump(self, sink: Sink, until: Callable[[], bool] = lambda: False) -> None:
         ray = self._init_ray()
         self.start()
-        todo: deque[Task] = deque(tasks)
-        busy: dict = {}  # ObjectRef -> (tasks, actor index)
+        todo, busy = self.todo, self.busy
         # each call carries up to in_flight tasks (batched: one pass through the model; otherwise one after
         # another), and two calls are queued per actor so it never waits for the next one
         group, slots = self.spec.in_flight, 2
-        load = [0] * len(self.actors)
-        alive = [True] * len(self.actors)
-        while todo or busy:
+        load, alive = self.load, self.alive
+        while (todo or busy) and not until():
+            if sink.stopping():
+                todo.clear()
             planned = []  # (chunk, actor): stored as started in one write, then sent
-            while todo and not sink.stopping():
+            while todo:
                 free = [i for i in range(len(self.actors)) if alive[i] and load[i] < slots]
                 if not free:
                     break
@@ -337,7 +356,8 @@ class RayBackend(Backend):
 
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        self.actors = []
+        self.actors, self.busy = [], {}
+        self.todo.clear()
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False

@@ -71,7 +71,8 @@ class ProblemSpec(_Section):
 class SearchSpec(_Section):
     method: str = "s3"
     nfe: list[int]
-    batch: int | None = Field(default=None, ge=1)  # candidates asked at a time (default: 2 per NFE)
+    batch: int | None = Field(default=None, ge=1)  # candidates asked at a time (default: fill the evaluators)
+    lookahead: int | None = Field(default=None, ge=0, le=4)  # batches asked ahead of results (default: 1 on Ray)
     options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("method")

@@ -167,6 +167,8 @@ class Runner:
         self.batch_seconds: float | None = None  # the last search batch, asked, evaluated and told
         self.time_up = False
         self._sink: _Sink | None = None
+        self._submitted: set[int] = set()  # trial ids handed to the backend in this run
+        self._batch_started: dict[int, float] = {}  # search batch -> when this run asked it
 
     # ---- control ---------------------------------------------------------------------------------
 
@@ -323,16 +325,26 @@ class Runner:
 
     # ---- evaluation of stored trials ---------------------------------------------------------------
 
-    def _evaluate(self, rows) -> dict[int, dict]:
-        """Evaluate the stored ``queued`` rows; returns their results by trial id."""
-        tasks = [Task(t.id, t.schedule, t.bank, t.n_samples) for t in rows if t.status == "queued"]
-        if not tasks:
-            return {}
-        if self.phase != "search":
+    def _submit(self, rows) -> list[int]:
+        """Queue the stored ``queued`` rows on the backend; their trial ids."""
+        tasks = [Task(t.id, t.schedule, t.bank, t.n_samples) for t in rows
+                 if t.status == "queued" and t.id not in self._submitted]
+        self._submitted.update(t.trial_id for t in tasks)
+        if self.phase != "search" and tasks:
             self.phase_counts.setdefault(self.phase, [0, 0])[1] += len(tasks)
-        self._sink = _Sink(self)
-        self.backend.run(tasks, self._sink)
-        return self._sink.results
+        if self._sink is None:
+            self._sink = _Sink(self)
+        self.backend.submit(tasks)
+        return [t.trial_id for t in tasks]
+
+    def _evaluate(self, rows, ahead=()) -> None:
+        """Evaluate the stored ``queued`` rows, and queue the ``ahead`` rows behind them; returns once the
+        first are done (the others may still be in flight) or the run stops."""
+        ids = [t.id for t in rows if t.status == "queued"]
+        self._submit(rows)
+        self._submit(ahead)
+        sink = self._sink
+        self.backend.pump(sink, until=lambda: all(i in sink.results for i in ids))
 
     def _progress_event(self, task: Task, result: dict) -> None:
         if result.get("seconds"):
@@ -494,42 +506,67 @@ class Runner:
                      + (f", {left} queued" if left else ""))
         self._search_start = (time.monotonic(), self.done)
         self._reserve_confirm_time()
-        b = 0
+        lookahead = self._lookahead()
+        asked: dict[int, dict] = {}  # batch -> {key: Candidate}, as the searcher asked it (or asks it again)
+
+        def ask(b: int) -> bool:
+            """The searcher asks batch ``b``: a stored batch is asked again (the searcher rebuilds its state),
+            a new one is stored. False when the search asks no more (budget, time, stop, nothing left)."""
+            if b in batches:
+                asked[b] = {c.key: c for c in searcher.ask(len(batches[b]))}
+                return True
+            left = self.total - sum(len(v) for v in batches.values())
+            if left <= 0 or self.should_stop() or self._no_time_for_a_batch():
+                return False
+            self._batch_started.setdefault(b, time.monotonic())
+            cands = searcher.ask(min(batch_size, left))
+            if not cands:
+                return False
+            ids = self.storage.add_trials(job.study, [
+                self._item(c.schedule, CHEAP, {"batch": b, "origin": c.origin, "params": _plain(c.params)})
+                for c in cands])
+            batches[b] = self.storage.trials(job.study, ids=ids)
+            asked[b] = {c.key: c for c in cands}
+            return True
+
+        b, next_ask = 0, 0
         while True:
-            asked = None
-            stored_batch = b in batches
-            if stored_batch:
-                stored = batches[b]
-            else:
-                left = self.total - sum(len(v) for v in batches.values())
-                if left <= 0 or self.should_stop() or self._no_time_for_a_batch():
-                    break
-                batch_started = time.monotonic()
-                cands = searcher.ask(min(batch_size, left))
-                if not cands:
-                    break
-                ids = self.storage.add_trials(job.study, [
-                    self._item(c.schedule, CHEAP, {"batch": b, "origin": c.origin, "params": _plain(c.params)})
-                    for c in cands])
-                stored = batches[b] = self.storage.trials(job.study, ids=ids)
-                asked = {c.key: c for c in cands}
+            # the searcher runs ``lookahead`` batches ahead of its results: batch b + lookahead is asked (and
+            # evaluated) while batch b is, in the same order on every run, so a resume asks what the first did
+            while next_ask <= b + lookahead and ask(next_ask):
+                next_ask += 1
+            if b >= next_ask:
+                break
+            stored = batches[b]
             if any(t.status in ("queued", "running") for t in stored):
-                self._evaluate(stored)
+                self._evaluate(stored, ahead=[t for k in range(b + 1, next_ask) for t in batches[k]])
                 stored = batches[b] = self.storage.trials(job.study, ids=[t.id for t in stored])
                 if any(t.status in ("queued", "running") for t in stored):
                     return  # stopped (SIGINT or time budget) inside this batch; a resume finishes it
-            if asked is None:  # a stored batch: the searcher asks what it asked then, and is told the results
-                asked = {c.key: c for c in searcher.ask(len(stored))}
             for t in stored:
-                c = asked.get(t.key) or Candidate(Schedule.from_dict(t.schedule), t.nfe, t.info.get("origin", ""),
-                                                    dict(t.info.get("params") or {}))
+                c = asked[b].get(t.key) or Candidate(Schedule.from_dict(t.schedule), t.nfe, t.info.get("origin", ""),
+                                                     dict(t.info.get("params") or {}))
                 searcher.tell(c, t)
                 if t.status == "complete" and t.score is not None:
                     self.best[t.nfe] = min(self.best.get(t.nfe, math.inf), t.score)
-            if asked is not None and not stored_batch:
-                self.batch_seconds = time.monotonic() - batch_started
+            if b in self._batch_started:
+                self.batch_seconds = time.monotonic() - self._batch_started[b]
+            del asked[b]
             b += 1
             self._reserve_confirm_time()
+
+    def _lookahead(self) -> int:
+        """Batches the searcher is asked ahead of its results: the job's ``search.lookahead``; else 1 on Ray
+        (the next batch is asked and queued while this one is evaluated, so the evaluators do not wait for
+        the searcher) and 0 in-process (where nothing runs meanwhile). Fixed for the study like the batch."""
+        if self.job.search.lookahead is not None:
+            return self.job.search.lookahead
+        stored = self.storage.get_study(self.job.study).config.get("search_lookahead")
+        if stored is not None:
+            return int(stored)
+        ahead = 1 if self.job.backend.kind == "ray" else 0
+        self.storage.update_study_config(self.job.study, {"search_lookahead": ahead})
+        return ahead
 
     def _batch_size(self) -> int:
         """Candidates asked at a time: the job's ``search.batch``; else enough to give every evaluator a full

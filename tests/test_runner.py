@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runner_jobs import job_text, outcome, write_job
+from runner_jobs import job_text, outcome, run_job, write_job
 
 from steptune.cli import main
 from steptune.space import noise, presets
@@ -49,7 +49,7 @@ def reference_study(tmp_path_factory, cache):
 
 BAD = [
     ("unknown-key", lambda t: t.replace("[search]\n", "[search]\nmethd = 's3'\n"),
-     "unknown key 'search.methd' in [search]; known keys: method, nfe, batch, options"),
+     "unknown key 'search.methd' in [search]; known keys: method, nfe, batch, lookahead, options"),
     ("wrong-type", lambda t: t.replace("evaluations = 12", "evaluations = 'many'"),
      "key 'budget.evaluations': Input should be a valid integer"),
     ("bad-duration", lambda t: t.replace("evaluations = 12", "evaluations = 12\ntime = '8 hours'"),
@@ -328,3 +328,25 @@ def test_a_time_budget_leaves_time_to_confirm_every_nfe(tmp_path, cache, capsys)
     confirmed = {(t.nfe, t.info["confirms"]) for t in trials if "confirms" in t.info and t.status == "complete"}
     assert res["confirmations"] == 2 * 2 == len(confirmed)  # confirm = 2 at each of NFE 3 and 4
     assert all(r["searched_score"] is not None for r in res["per_nfe"])
+
+
+def test_a_search_asking_a_batch_ahead_resumes_to_the_same_trials(tmp_path):
+    """lookahead = 1: batch b + 1 is asked before batch b's results are told, in the same order on every run,
+    so a run stopped mid-search and resumed stores what an uninterrupted one does."""
+    from steptune.jobs import load_job
+
+    def job(name: str, lookahead: int):
+        path = write_job(tmp_path / f"{name}.toml", name, tmp_path / "cache", evaluations=40)
+        path.write_text(path.read_text().replace('method = "s3"', f'method = "s3"\nlookahead = {lookahead}'))
+        return load_job(path)
+
+    whole, stopped = f"sqlite:///{tmp_path / 'whole.db'}", f"sqlite:///{tmp_path / 'stopped.db'}"
+    run_job(job("s", 1), whole)
+    result, _ = run_job(job("s", 1), stopped, stop_after=13)
+    assert result.status == "interrupted"
+    run_job(job("s", 1), stopped)
+    run_job(job("s", 0), f"sqlite:///{tmp_path / 'now.db'}")
+    with connect(whole) as a, connect(stopped) as b, connect(f"sqlite:///{tmp_path / 'now.db'}") as c:
+        assert outcome(a, "s") == outcome(b, "s")
+        assert outcome(a, "s") != outcome(c, "s")  # asking ahead does change what is asked
+        assert b.get_study("s").config.get("search_lookahead") is None  # the job said it; nothing to record

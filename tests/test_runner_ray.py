@@ -30,11 +30,11 @@ def cluster():
     c.shutdown()
 
 
-def _job(study: str, cache, kind: str, **backend):
+def _job(study: str, cache, kind: str, lookahead: int | None = None, **backend):
     return job_from_dict({
         "study": study, "seed": 5,
         "problem": {"name": "gmm-2d"},
-        "search": {"method": "s3", "nfe": [3, 4]},
+        "search": {"method": "s3", "nfe": [3, 4], "lookahead": lookahead},
         "evaluation": {"cheap_samples": 32, "train_samples": 64, "heldout_samples": 128, "confirm": 2,
                        "cache": str(cache)},
         "budget": {"evaluations": 12},
@@ -51,7 +51,7 @@ def _run(job, url, backend, progress=None):
 @pytest.fixture(scope="module")
 def local_result(tmp_path_factory):
     d = tmp_path_factory.mktemp("local")
-    job = _job("same", d / "cache", "local")
+    job = _job("same", d / "cache", "local", lookahead=1)  # what Ray does by default
     return _run(job, f"sqlite:///{d / 'local.db'}", LocalBackend(job.problem, job.evaluation, job.backend))
 
 
@@ -108,18 +108,21 @@ def test_by_default_the_batch_gives_every_evaluator_work_and_the_study_records_i
     assert res.status == "complete" and len(backend.workers) == 4
     with connect(f"sqlite:///{tmp_path / 'ray.db'}") as db:
         config = db.get_study("wide").config
-    assert config["search_batch"] == 16 and config["evaluators"]["count"] == 4
+    assert config["search_batch"] == 16 and config["search_lookahead"] == 1 and config["evaluators"]["count"] == 4
     first = [t for t in trials if t.info.get("batch") == 0]
     assert len(first) == 16 and len({t.worker for t in first}) == 4
     u = res.utilisation
     assert u["evaluators"] == 4 and u["batch"] == 16 and u["evaluations"] == 24 and 0 < u["fraction"] <= 1
     assert status["utilisation"] == u
+    # the next batch was queued behind this one: its first evaluation started before this one's last ended
+    second = [t for t in trials if t.info.get("batch") == 1]
+    assert min(t.started for t in second) < max(t.finished for t in first)
 
 
 def test_a_fixed_batch_gives_the_same_trials_with_any_number_of_evaluators(cluster, local_result, tmp_path):
     """search.batch set: four evaluators store what one in-process evaluator stored with the same batch."""
     job = job_from_dict({**_job("same", tmp_path / "cache", "ray").model_dump(),
-                         "search": {"method": "s3", "nfe": [3, 4], "batch": 8},
+                         "search": {"method": "s3", "nfe": [3, 4], "batch": 8, "lookahead": 1},
                          "backend": {"kind": "ray", "num_cpus": 0.5, "in_flight": 1}})
     backend = RayBackend(job.problem, job.evaluation, job.backend)
     res, got, trials, _ = _run(job, f"sqlite:///{tmp_path / 'ray.db'}", backend)
