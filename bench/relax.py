@@ -51,7 +51,7 @@ from steptune.evaluators.linear import (  # noqa: E402
     poisson_2d,
 )
 from steptune.evaluators.linear.solvers import solve  # noqa: E402
-from steptune.search.sor_driver import adaptive_costs, replay_costs, run_sequence  # noqa: E402
+from steptune.search.sor_driver import RoundResult, adaptive_costs, replay_costs, run_sequence  # noqa: E402
 from steptune.search.sor_learners import (  # noqa: E402
     AdaptiveSOR,
     ChebCB,
@@ -261,17 +261,14 @@ def heat_sor(nx: int, steps: int, log) -> dict:
     makers = {"young (live)": lambda: YoungSOR(seed=0, context_range=seq.context_range, context_key="kappa"),
               "chebcb (live)": lambda: ChebCB(seed=0, context_range=seq.context_range, context_key="kappa"),
               "best fixed ω (live)": lambda: FixedOmega(float(table.omegas[arm]))}
-    for name, make in makers.items():
-        log(f"  heat2d SOR live: {name}")
-        rounds = run_sequence(seq, make(), kernel="pyamg")
-        solve_s = sum(r.seconds for r in rounds)
-        learner_s = sum(r.learner_seconds for r in rounds)
-        rows[name] = {"iterations": int(sum(r.iterations for r in rounds)), "seconds": solve_s + learner_s,
-                      "learner_pct_of_solve": 100 * learner_s / solve_s}
+    log("  heat2d SOR live, policies in lockstep")
+    live = online_wall_clock(seq, makers, table, log, solver="sor")
+    for name, st in live.items():
+        rows[name] = {"iterations": st["iterations"], "seconds": st["solve_seconds"] + st["learner_seconds"],
+                      "learner_pct_of_solve": st["learner_overhead_pct_of_solve"]}
         if name.startswith("young"):
-            tight = tight_loop_seconds(make, rounds)
-            rows[name]["learner_us_per_round_tight_loop"] = 1e6 * tight / len(rounds)
-            rows[name]["tight_loop_pct_of_solve"] = 100 * tight / solve_s
+            rows[name]["learner_us_per_round_tight_loop"] = st["learner_us_per_round_tight_loop"]
+            rows[name]["tight_loop_pct_of_solve"] = st["tight_loop_overhead_pct_of_solve"]
     best = rows["best fixed ω (hindsight)"]["iterations"]
     opt = rows["instance-optimal (grid)"]["iterations"]
     for v in rows.values():
@@ -306,24 +303,31 @@ def heat(nx: int, steps: int, seeds: int, log) -> dict:
     return out
 
 
-def online_wall_clock(seq, makers: dict, table, log) -> dict:
+def online_wall_clock(seq, makers: dict, table, log, solver: str = "ssor-pcg") -> dict:
     """Each policy solves the sequence online on its own warm-started trajectory with PyAMG sweeps. The
     policies advance in lockstep (step t for all, then t + 1), so load changes on a shared machine hit
     them alike. Learner time (ask + tell) is measured apart from solve time; the learner is also timed
-    alone in a tight loop over the cost table."""
+    alone in a tight loop (over the cost table; the young learner over its own rounds)."""
     policies = {k: make() for k, make in makers.items()}
     states = {k: seq.start(0) for k in policies}
     stats = {k: {"iterations": 0, "solve_seconds": 0.0, "learner_seconds": 0.0} for k in policies}
+    recorded = {k: [] for k in policies}
     warm_up()
     for t in range(len(seq)):
         for name, policy in policies.items():
             system = seq.system(t, states[name])
+            young = isinstance(policy, YoungSOR)
             tick = time.perf_counter()
             a = policy.ask(system.context.get(policy.context_key) if policy.context_key else None)
             asked = time.perf_counter() - tick
-            res = solve(system.A, system.b, a.omega, solver="ssor-pcg", x0=system.x0, kernel="pyamg")
+            res = solve(system.A, system.b, a.omega, solver=solver, x0=system.x0, kernel="pyamg", trace=young)
             tick = time.perf_counter()
-            policy.tell(res.iterations)
+            if young:
+                policy.tell(res.iterations, residuals=res.residuals)
+                recorded[name].append(RoundResult(t, None, a.omega, dict(system.context), res.iterations, True, 0.0,
+                                                  0.0, extra=dict(policy.last)))
+            else:
+                policy.tell(res.iterations)
             st = stats[name]
             st["learner_seconds"] += asked + time.perf_counter() - tick
             st["solve_seconds"] += res.seconds
@@ -334,10 +338,13 @@ def online_wall_clock(seq, makers: dict, table, log) -> dict:
     for name, st in stats.items():
         st["iterations_mean"] = st["iterations"] / len(seq)
         st["learner_overhead_pct_of_solve"] = 100 * st["learner_seconds"] / st["solve_seconds"]
-        fresh = makers[name]()
-        tick = time.perf_counter()
-        replay_costs(fresh, table)  # a one-arm learner replays column 0; only the time matters here
-        per_round = (time.perf_counter() - tick) / len(table)
+        if recorded[name]:
+            per_round = tight_loop_seconds(makers[name], recorded[name]) / len(seq)
+        else:
+            fresh = makers[name]()
+            tick = time.perf_counter()
+            replay_costs(fresh, table)  # a one-arm learner replays column 0; only the time matters here
+            per_round = (time.perf_counter() - tick) / len(table)
         st["learner_us_per_round_tight_loop"] = 1e6 * per_round
         st["tight_loop_overhead_pct_of_solve"] = 100 * per_round * len(seq) / st["solve_seconds"]
     return stats

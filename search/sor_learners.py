@@ -409,13 +409,6 @@ class ChebCB(OmegaLearner):
                                         self.log_sum / self.t, self.t < 3)
 
 
-@numba.njit(cache=True)
-def _chebyshev_prediction(theta, Ginv, z):
-    """(θᵀT(z), T(z)ᵀ G⁻¹ T(z)) for the first len(θ) Chebyshev features of z."""
-    phi = chebyshev_features(z, theta.shape[0] - 1)
-    return phi @ theta, phi @ (Ginv @ phi)
-
-
 def warm_up() -> None:
     """Load the compiled learner kernels now, so a loop's first round does not pay for it."""
     _tsallis_newton(np.zeros(2), 1.0, 1)
@@ -424,7 +417,6 @@ def warm_up() -> None:
     _inverse_gap_weights(np.zeros((2, 2)), chebyshev_features(0.0, 1), 1.0)
     _draw(np.ones(2), 0.5)
     _smoothed_importance_update(np.zeros(2), 0, 1.0, np.full(2, 0.5), 0.1)
-    _chebyshev_prediction(np.zeros(2), np.eye(2), 0.0)
     _fit_transforms(np.zeros(2), np.full(2, 0.5), 1)
     convergence_factor(np.geomspace(1.0, 1e-3, 12))
 
@@ -583,6 +575,8 @@ class YoungSOR:
                  tol: float = 1e-8, prior: str = "none", prior_steps: int = 30, bins: int = 16):
         if prior not in ("none", "lanczos"):
             raise ValueError(f"prior {prior!r}: use none or lanczos")
+        if not 0 <= degree <= 3:
+            raise ValueError(f"degree {degree}: use 0 to 3")
         self.seed = int(seed)
         self.lo, self.hi = (float(v) for v in context_range)
         if not self.hi > self.lo:
@@ -638,20 +632,23 @@ class YoungSOR:
         degree of freedom."""
         top = min(self.degree, self.exact // 6) if self.context_key is not None else 0
         kind, theta, var, Ginv = _fit_transforms(np.asarray(self.obs_z), np.asarray(self.obs_mu), top)
-        self._fit = (theta, max(var, 4e-4), Ginv, kind)
+        self._fit = (theta.tolist(), max(var, 4e-4), Ginv.tolist(), kind)  # plain floats: cheaper to evaluate
 
     def predict(self, context) -> tuple[float, float] | None:
         """(predicted log(1 − μ), its standard error) at ``context``, or None before any observation."""
         if self._fit is None:
             return None
         theta, var, Ginv, kind = self._fit
-        y, quad = _chebyshev_prediction(theta, Ginv, self._z(context))
-        return _to_log1m_scalar(y, kind), math.sqrt(var * quad)
+        z = self._z(context)
+        phi = [1.0, z, 2.0 * z * z - 1.0, 4.0 * z * z * z - 3.0 * z][: len(theta)]  # T_0…T_3(z)
+        y = sum(t * p for t, p in zip(theta, phi))
+        quad = sum(p * sum(g * q for g, q in zip(row, phi)) for p, row in zip(phi, Ginv))
+        return _to_log1m_scalar(y, kind), math.sqrt(var * max(quad, 0.0))
 
     def _z(self, context) -> float:
         if self.context_key is None or context is None:
             return 0.0
-        return 2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0
+        return min(max(2.0 * (float(context) - self.lo) / (self.hi - self.lo) - 1.0, -1.0), 1.0)
 
     def _bin(self, context) -> int:
         if self.bins == 1 or context is None:
