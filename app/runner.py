@@ -400,13 +400,16 @@ class Runner:
                                           **({"spacing": default} if default else {}))
                 except ScheduleError:
                     continue  # this preset has no schedule at this NFE
+                info = {"baseline": True, "origin": origin}
                 if origin not in have:  # named with its options, so preset:NAME rebuilds it
                     name = baselines.with_spacing(spec, default)
-                    items.append(self._item(replace(sched, name=name), CONFIRM, {"baseline": True, "origin": origin}))
+                    items.append(self._item(replace(sched, name=name), CONFIRM, info))
                 if f"{spec}@{nfe}" not in chosen:
-                    best = self._best_spacing(spec, nfe, sched)
-                    if best is not None:
-                        items.append(self._item(*best))
+                    best = self._best_spacing(spec, nfe)
+                    if best is not None and best[0].key() == sched.key():  # the default spacing is the best one
+                        info.update({k: v for k, v in best[1].items() if k != "origin"})
+                    elif best is not None:
+                        items.append(self._item(best[0], CONFIRM, best[1]))
         if items:
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank")
             self.storage.add_trials(self.job.study, items)
@@ -429,9 +432,9 @@ class Runner:
                                               device="cuda" if torch.cuda.is_available() else "cpu")
         return self._local_evaluator
 
-    def _best_spacing(self, spec: str, nfe: int, default_schedule) -> tuple | None:
-        """(schedule, bank, info) of ``spec`` at ``nfe`` at its best spacing on the cheap fidelity, or None when
-        that is the default schedule (already a baseline) or no spacing scores."""
+    def _best_spacing(self, spec: str, nfe: int) -> tuple | None:
+        """(schedule, info) of ``spec`` at ``nfe`` at its best spacing on the cheap fidelity (the scores of every
+        spacing in ``info``), or None when it has fewer than two spacings or none scores."""
         from steptune.search import baselines
 
         prob = self.problem
@@ -447,12 +450,11 @@ class Runner:
                 scores[sp] = None
         best = baselines.best_spacing(scores)
         sched = dict(variants).get(best)
-        if sched is None or sched.key() == default_schedule.key():
+        if sched is None:
             return None
         info = {"baseline": True, "origin": baselines.origin(spec, nfe, best), "best_of": f"{spec}@{nfe}",
-                "spacing": best, "spacing_scores": {k: v for k, v in scores.items()}, "spacing_bank": CHEAP,
-                "spacing_samples": n}
-        return sched, CONFIRM, info
+                "spacing": best, "spacing_scores": scores, "spacing_bank": CHEAP, "spacing_samples": n}
+        return sched, info
 
     def _diffusers_defaults(self, have: set, nfes: list[int]) -> None:
         """diffusers' stock schedulers with their default config, each sampling the problem's model by its own
