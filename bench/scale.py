@@ -8,9 +8,12 @@ settings (batch, in_flight). Targets: 8 evaluators >= 6.4x one, 16 >= 11x; proje
 
 Evaluations/s is the search phase's, from the stored dispatch and finish times (the run's utilisation record).
 The driver's cost per evaluation is the driver process's CPU time over the search phase (asking and telling the
-searcher, storage writes, Ray bookkeeping) per evaluation. The projection to 64 and 256 evaluators is Amdahl's
-law with that serial cost: rate(W) = 1 / (c + e / W), e the time of one evaluation on one evaluator; it is a
-projection, not a measurement.
+searcher, storage writes, Ray bookkeeping) per evaluation. It falls with the batch (the searcher's fit is per
+batch): c(B) = a + k / B is fitted to the measured rows. The projection to 64 and 256 evaluators (batch
+W x in_flight) takes the driver as the serial part. With the searcher a batch ahead (the default on Ray) the
+driver works while the evaluators do, so rate(W) = min(W / e, 1 / c(B)); without it, Amdahl's law,
+rate(W) = 1 / (c(B) + e / W); e is one evaluation's time on one evaluator. Both are projections, not
+measurements.
 """
 
 from __future__ import annotations
@@ -96,20 +99,34 @@ def main() -> None:
     for r in rows:
         r["speedup"] = r["per_second"] / base
         r["efficiency"] = r["speedup"] / r["workers"]
-    c = max(rows, key=lambda r: r["workers"])["driver_seconds_per_eval"]  # the serial cost, at the largest batch
+    import numpy as np
+
     e = 1.0 / base
-    projection = [{"workers": w, "per_second": 1.0 / (c + e / w), "efficiency": (1.0 / (c + e / w)) / (w * base)}
-                  for w in (64, 256)]
+    fit_rows = [r for r in rows if r["batch"] > 4] or rows  # beyond the searcher's own minimum batch
+    A = np.array([[1.0, 1.0 / r["batch"]] for r in fit_rows])
+    a, k = np.linalg.lstsq(A, np.array([r["driver_seconds_per_eval"] for r in fit_rows]), rcond=None)[0]
+    from steptune.jobs import BackendSpec
+
+    in_flight = BackendSpec().in_flight  # the default the runs above used
+    projection = []
+    for w in (64, 256):
+        c = max(a + k / (w * in_flight), 0.0)
+        overlapped, serial = min(w / e, 1.0 / c if c > 0 else np.inf), 1.0 / (c + e / w)
+        projection.append({"workers": w, "batch": w * in_flight, "driver_seconds_per_eval": c,
+                           "per_second": overlapped, "efficiency": overlapped / (w * base),
+                           "per_second_without_lookahead": serial, "efficiency_without_lookahead": serial / (w * base)})
     print(f"\n{'W':>4} {'evals/s':>9} {'speedup':>8} {'efficiency':>10} {'batch':>6} {'busy':>6} "
           f"{'driver ms/eval':>15}")
     for r in rows:
         print(f"{r['workers']:>4} {r['per_second']:>9.2f} {r['speedup']:>7.2f}x {100 * r['efficiency']:>9.0f}% "
               f"{r['batch']:>6} {100 * r['busy']:>5.0f}% {1000 * r['driver_seconds_per_eval']:>15.2f}")
-    print(f"projection (Amdahl, serial driver cost {1000 * c:.2f} ms per evaluation, "
+    print(f"projection (driver cost per evaluation c(B) = {1000 * a:.2f} ms + {1000 * k:.0f} ms / B, "
           f"one evaluation {1000 * e:.0f} ms):")
     for p in projection:
-        print(f"{p['workers']:>4} {p['per_second']:>9.1f} evaluations/s, efficiency {100 * p['efficiency']:.0f}%")
-    path = save_json("scale", {"latency": args.latency, "rows": rows, "driver_seconds_per_eval": c,
+        print(f"{p['workers']:>4} evaluators, batch {p['batch']}: driver {1000 * p['driver_seconds_per_eval']:.2f} "
+              f"ms/eval; a batch ahead {p['per_second']:.1f} evaluations/s, efficiency {100 * p['efficiency']:.0f}%; "
+              f"without {p['per_second_without_lookahead']:.1f}/s, {100 * p['efficiency_without_lookahead']:.0f}%")
+    path = save_json("scale", {"latency": args.latency, "rows": rows, "driver_fit": {"a": a, "k": k},
                                "eval_seconds_one_evaluator": e, "projection": projection})
     plot(rows, projection, base)
     print(f"saved {path}")

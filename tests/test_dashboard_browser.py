@@ -207,8 +207,9 @@ def test_table_filters_sorts_and_pages(page, server, db_url, shots):
     page.wait_for_function(f"document.getElementById('trials-count').dataset.total === '{total}'")
     assert rows.count() == 50 and page.is_disabled("#prev")
     page.click("#next")
-    page.wait_for_function(f"document.getElementById('trials-count').textContent === '51–{total} of {total}'")
-    assert rows.count() == total - 50 and page.is_disabled("#next")
+    end = min(total, 100)
+    page.wait_for_function(f"document.getElementById('trials-count').textContent === '51–{end} of {total}'")
+    assert rows.count() == end - 50 and page.is_disabled("#next") == (total <= 100)
     rows.first.click()
     page.wait_for_function("location.hash.startsWith('#schedule/')")
 
