@@ -8,7 +8,8 @@ same noises):
 * diffusers' stock schedulers with their default config, run by their own step loop on the same noises;
 * DC-UniPC: unipc-bh2 at its best spacing with DC-Solver ratios fitted (greedy then joint) on 10 train-bank
   noises, in DC-Solver's box (0.3, 1.7) and in the unbounded log form, and the box fit on the logSNR base
-  (where guidance pins the last ratio on the box's lower bound).
+  (where guidance pins the last ratio on the box's lower bound);
+* DC (log form) on the cell's best preset at its best spacing.
 
 Prints a table, saves runs/bench/guided.json, guided.md and guided.png.
 
@@ -97,6 +98,10 @@ def main() -> None:
             logsnr = presets.build(DC_BASE, nfe, p.noise, t_start=p.t_start, t_end=p.t_end)
             dcr = dc_rows(ev, pre[DC_BASE]["schedule"], logsnr)
             best_preset = min(pre, key=lambda k: pre[k]["rmse"])
+            fit = dc.fit_config(ev, pre[best_preset]["schedule"], bounds=None)
+            dcr["best_preset"] = {"preset": best_preset, "spacing": pre[best_preset]["spacing"],
+                                  "rmse": ev.evaluate(fit.fitted("joint"), "heldout").metrics["rmse"],
+                                  "ratios": fit.fits["joint"].ratios}
             best_dif = min(dif, key=lambda k: dif[k]["rmse"])
             cell = {"guidance": g, "nfe": nfe, "seconds": time.perf_counter() - start,
                     "presets": {k: {kk: vv for kk, vv in v.items() if kk != "schedule"} for k, v in pre.items()},
@@ -109,7 +114,8 @@ def main() -> None:
             print(f"guidance {g:g} NFE {nfe}: best preset {best_preset} ({cell['best_preset_spacing']}) "
                   f"{cell['best_preset_rmse']:.4f}; best diffusers default {best_dif} {dif[best_dif]['rmse']:.4f}; "
                   f"UniPC {pre[DC_BASE]['spacing']} {dcr['base_rmse']:.4f} -> DC {dcr['log']['rmse']:.4f} "
-                  f"(box {dcr['box']['rmse']:.4f}); [{cell['seconds']:.0f}s]", flush=True)
+                  f"(box {dcr['box']['rmse']:.4f}); DC on {best_preset} {dcr['best_preset']['rmse']:.4f}; "
+                  f"[{cell['seconds']:.0f}s]", flush=True)
     targets = _targets(cells)
     payload = {"problem": "digits-cond", "bank": "heldout", "samples": 256, "cells": cells, "targets": targets}
     path = save_json("guided", payload)
@@ -140,8 +146,9 @@ def _targets(cells) -> dict:
 
 def _markdown(cells, targets) -> str:
     lines = ["| guidance | NFE | best preset (spacing) | same preset at logSNR | best diffusers default | "
-             "UniPC best spacing | DC-UniPC (log) | DC-UniPC (box) | last ratio (box, logSNR base) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "UniPC best spacing | DC-UniPC (log) | DC-UniPC (box) | last ratio (box, logSNR base) | "
+             "DC on the best preset (log) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         d = c["dc_unipc"]
         lines.append(
@@ -149,7 +156,7 @@ def _markdown(cells, targets) -> str:
             f"{c['best_preset_rmse']:.4f} | {c['presets'][c['best_preset']]['rmse_default_spacing']:.4f} | "
             f"{c['best_diffusers'].removesuffix('Scheduler')} {c['best_diffusers_rmse']:.4f} | "
             f"{c['presets'][DC_BASE]['spacing']} {d['base_rmse']:.4f} | {d['log']['rmse']:.4f} | "
-            f"{d['box']['rmse']:.4f} | {d['box_logsnr']['ratios'][-1]:.3f} |")
+            f"{d['box']['rmse']:.4f} | {d['box_logsnr']['ratios'][-1]:.3f} | {d['best_preset']['rmse']:.4f} |")
     lines.append("")
     lines.append("Targets: " + ", ".join(f"{k} = {v:.4f}" if isinstance(v, float) else f"{k} = {v}"
                                          for k, v in targets.items()))
@@ -171,6 +178,7 @@ def _plot(cells, guidances, nfes) -> None:
             "best diffusers default": [c["best_diffusers_rmse"] for c in cs],
             "UniPC, best spacing": [c["dc_unipc"]["base_rmse"] for c in cs],
             "DC-UniPC (log form)": [c["dc_unipc"]["log"]["rmse"] for c in cs],
+            "DC on the best preset (log form)": [c["dc_unipc"]["best_preset"]["rmse"] for c in cs],
         }
         for label, ys in series.items():
             ax.plot(nfes, ys, marker="o", label=label)
