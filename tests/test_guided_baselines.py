@@ -8,7 +8,13 @@ import warnings
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from runner_jobs import run_job
 
 from steptune.evaluators import Evaluator, get_problem
@@ -109,14 +115,16 @@ def _by_hand(cls, config: dict, model, x_T: torch.Tensor, nfe: int) -> torch.Ten
 STOCK = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
 
 
-@pytest.mark.parametrize("cls", [UniPCMultistepScheduler, DPMSolverMultistepScheduler, DDIMScheduler])
+@pytest.mark.parametrize("cls", [UniPCMultistepScheduler, DPMSolverMultistepScheduler, DDIMScheduler,
+                                 DEISMultistepScheduler, EulerDiscreteScheduler])
 def test_the_diffusers_default_row_is_the_stock_scheduler_run_by_hand(stored, cls):
     problem, trials, _ = stored
     (row,) = [t for t in trials if t.info.get("origin") == f"diffusers-default:{cls.__name__}@{NFE}"]
     assert row.info["baseline"] and row.bank == "heldout" and row.status == "complete"
     ev = Evaluator(problem, n_train=CHEAP, n_heldout=HELDOUT, seed=0, cache_dir=None)
     x = _by_hand(cls, STOCK, problem.model, ev.x_T("heldout"), NFE)
-    got = ev.score(Schedule.from_dict(row.schedule), x, "heldout")  # against the reference at sigma = 0
+    # scored against the reference at its end (sigma = 0; for DEIS the smallest training sigma)
+    got = ev.score(Schedule.from_dict(row.schedule), x, "heldout")
     # the stock config (beta_schedule="linear") and the module's (the model's own beta table) agree to float32
     assert math.isclose(got.metrics["rmse"], row.score, rel_tol=1e-4), (got.metrics["rmse"], row.score)
     # and the row is not a steptune run in disguise where diffusers differs (DDIM clips x0 by default)
