@@ -682,11 +682,19 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         if found is not None:
             match = min((t.nfe for t in trials if t.info.get("baseline") and t.status == "complete"
                          and t.score is not None and t.score <= found.score), default=None)
-        out.append(NfeSummary(nfe, base.info["origin"].removeprefix("preset:").rsplit("@", 1)[0] if base else None,
+        out.append(NfeSummary(nfe, _baseline_name(base.info["origin"]) if base else None,
                               base.score if base else None, found.score if found else None,
                               src.number if src else None, cheap_order.get(src.number) if src else None, match,
                               found.schedule if found else None))
     return out
+
+
+def _baseline_name(origin: str) -> str:
+    """What a baseline is called in summaries: its preset spec with the spacing chosen for it
+    (``ddim spacing=diffusers-leading``), or ``diffusers-default:SCHEDULER``."""
+    name, _, rest = origin.removeprefix("preset:").rpartition("@")
+    spacing = rest.partition(" ")[2]
+    return f"{name} {spacing}" if spacing else name
 
 
 def _plain(params: dict) -> dict:
