@@ -17,6 +17,7 @@ from diffusers import (
 )
 from runner_jobs import run_job
 
+from steptune import diffusers_default
 from steptune.evaluators import Evaluator, get_problem
 from steptune.evaluators.digits_cond import digits_problem
 from steptune.jobs import load_job
@@ -204,3 +205,20 @@ def test_dc_targets_of_a_later_starting_schedule_are_the_reference_from_t_start(
     assert torch.allclose(targets[-1], ref, rtol=1e-6, atol=1e-6)
     # not vacuous: the flow from the schedule's own start, on the same noise, ends measurably elsewhere
     assert (problem.reference_states(x, s.times).states[-1] - ref).abs().max() > 1e-5
+
+
+def test_the_summary_names_the_best_baseline_so_that_it_can_be_run_again(stored):
+    from steptune.runner import summarize
+
+    problem, trials, _ = stored
+    (row,) = summarize(trials, [NFE])
+    spec, _, spacing = row.preset.partition(" spacing=")
+    ev = Evaluator(problem, n_train=CHEAP, n_heldout=HELDOUT, seed=0, cache_dir=None)
+    if spec.startswith("diffusers-default:"):
+        got = diffusers_default.evaluate(ev, spec.removeprefix("diffusers-default:"), NFE, "heldout")[0]
+    else:
+        got = ev.evaluate(presets.build(spec, NFE, problem.noise, t_start=problem.t_start, t_end=problem.t_end,
+                                        **({"spacing": spacing} if spacing else {})), "heldout")
+    assert math.isclose(got.metrics["rmse"], row.preset_score, rel_tol=1e-9)
+    assert row.preset_score == min(t.score for t in trials if t.info.get("baseline") and t.nfe == NFE
+                                   and t.score is not None)
