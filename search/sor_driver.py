@@ -32,7 +32,7 @@ class RoundResult:
     probe_matvecs: int = 0
 
 
-def run_sequence(seq, policy: OmegaLearner | AdaptiveSOR, *, solver: str = "sor", kernel: str = "pyamg",
+def run_sequence(seq, policy: OmegaLearner | AdaptiveSOR | YoungSOR, *, solver: str = "sor", kernel: str = "pyamg",
                  tol: float = solvers.DEFAULT_TOL, maxiter: int = solvers.DEFAULT_MAXITER, start: int = 0,
                  stop: int | None = None, record: Callable[[RoundResult], None] | None = None,
                  progress: Callable[[RoundResult], None] | None = None) -> list[RoundResult]:
