@@ -89,16 +89,22 @@ def pivot(rows: list[dict], metric: str = "rmse") -> tuple[list[str], list[int],
     return specs, nfes, cells
 
 
+def chosen_spacings(rows: list[dict]) -> dict[tuple[str, int], str]:
+    """(preset, NFE) -> the spacing a ``best`` sweep chose for it."""
+    return {(r["preset"], r["nfe"]): r["spacing"] for r in rows if "spacing_scores" in r}
+
+
 def markdown_table(rows: list[dict], metric: str = "rmse") -> str:
     specs, nfes, cells = pivot(rows, metric)
     best = best_by_nfe(rows, metric)
+    chosen = chosen_spacings(rows)
     head = "| preset | " + " | ".join(str(n) for n in nfes) + " |"
     lines = [head, "|---" * (len(nfes) + 1) + "|"]
     for s in specs:
         vals = []
         for n in nfes:
             v = cells.get((s, n))
-            text = "—" if v is None else f"{v:.4g}"
+            text = "—" if v is None else f"{v:.4g}" + (f" ({chosen[s, n]})" if (s, n) in chosen else "")
             if v is not None and best.get(n, {}).get("preset") == s:
                 text = f"**{text}**"
             vals.append(text)

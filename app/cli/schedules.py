@@ -248,9 +248,11 @@ def sweep_cmd(
     table.add_column("preset", style="bold")
     for n in nfes_:
         table.add_column(str(n), justify="right")
+    chosen = sweep.chosen_spacings(rows) if spacing == sweep.BEST else {}
     for s in specs_:
-        table.add_row(s, *[(f"[green]{fmt(cells.get((s, n)))}[/]" if best.get(n, {}).get("preset") == s
-                            else fmt(cells.get((s, n)))) for n in nfes_])
+        texts = [fmt(cells.get((s, n))) + (f" {chosen[s, n]}" if (s, n) in chosen else "") for n in nfes_]
+        table.add_row(s, *[(f"[green]{t}[/]" if best.get(n, {}).get("preset") == s else t)
+                           for t, n in zip(texts, nfes_)])
     out.print(table)
     out.print(f"saved {jpath} and {mpath}")
 
