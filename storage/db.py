@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -684,13 +684,17 @@ class Storage:
         with self._tx() as s:
             if self._replayed(s, request) is _FIRST:
                 self._remember(s, request)
-                for tid, worker in starts:
-                    res = s.execute(update(Trial).where(Trial.id == tid, Trial.status == "queued")
-                                    .values(status="running", worker=worker, started=now, heartbeat=now,
-                                            attempts=Trial.attempts + 1))
-                    if res.rowcount != 1:
-                        st = s.scalar(select(Trial.status).where(Trial.id == tid))
-                        raise StorageError(f"trial {tid} cannot start: it is {st or 'missing'}, not queued")
+                q = select(Trial.id, Trial.status).where(Trial.id.in_(ids)).with_for_update()
+                status = dict(s.execute(q).all())
+                for tid in ids:
+                    if status.get(tid) != "queued":
+                        st = status.get(tid) or "missing"
+                        raise StorageError(f"trial {tid} cannot start: it is {st}, not queued")
+                t = Trial.__table__
+                s.connection().execute(
+                    update(t).where(t.c.id == bindparam("tid")).values(
+                        status="running", worker=bindparam("w"), started=now, heartbeat=now, attempts=t.c.attempts + 1),
+                    [{"tid": tid, "w": worker} for tid, worker in starts])
         return self._records(ids)
 
     def _records(self, ids: list[int]) -> list[TrialRecord]:
@@ -772,34 +776,20 @@ class Storage:
         for o in outcomes:
             if o.get("status", "complete") not in FINAL_STATUSES:
                 raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
+        ids = [o["trial_id"] for o in outcomes]
         with self._tx() as s:
             if self._replayed(s, request) is _FIRST:
                 self._remember(s, request)
-                for o in outcomes:
-                    self._finish_one(s, now, **o)
-        return self._records([o["trial_id"] for o in outcomes])
-
-    @staticmethod
-    def _finish_one(s: Session, now: datetime, trial_id: int, status: str = "complete", metrics=None,
-                    score: float | None = None, error: str | None = None, seconds: float | None = None,
-                    worker: str | None = None) -> None:
-        metrics = _clean_metrics(metrics)
-        row = s.execute(select(Trial.status, Trial.worker, Trial.started, Study.metric)
-                        .join(Study, Study.id == Trial.study_id).where(Trial.id == trial_id)).first()
-        if row is None:
-            raise StorageError(f"no trial with id {trial_id}")
-        cond = [Trial.id == trial_id, Trial.status == "running"]
-        if worker is not None:
-            cond.append(Trial.worker == worker)
-        if seconds is None and row.started is not None:
-            seconds = (now - row.started).total_seconds()
-        res = s.execute(update(Trial).where(*cond).values(
-            status=status, metrics=metrics, score=_score(score, metrics, row.metric), error=error,
-            finished=now, seconds=seconds, heartbeat=None))
-        if res.rowcount != 1:
-            who = f" under worker {worker!r}" if worker is not None else ""
-            raise LeaseLost(f"trial {trial_id} is not running{who} (it is {row.status}"
-                            f"{', worker ' + repr(row.worker) if row.worker else ''}); its lease was lost")
+                rows = {r.id: r for r in s.execute(
+                    select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
+                    .join(Study, Study.id == Trial.study_id).where(Trial.id.in_(ids)).with_for_update(of=Trial))}
+                t = Trial.__table__
+                s.connection().execute(
+                    update(t).where(t.c.id == bindparam("tid")).values(
+                        status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"), error=bindparam("e"),
+                        finished=now, seconds=bindparam("sec"), heartbeat=None),
+                    [_finished_row(rows.get(o["trial_id"]), now, **o) for o in outcomes])
+        return self._records(ids)
 
     def reap_stale(self, lease_seconds: float, *, study: str | None = None,
                    now: datetime | None = None) -> ReapResult:
@@ -955,6 +945,24 @@ def _unreachable(e: BaseException) -> bool:
     if not isinstance(cause, DBAPIError):
         return False
     return cause.connection_invalidated or isinstance(cause, OperationalError)
+
+
+def _finished_row(row, now: datetime, trial_id: int, status: str = "complete", metrics=None,
+                  score: float | None = None, error: str | None = None, seconds: float | None = None,
+                  worker: str | None = None) -> dict:
+    """The new values of a running trial that finished (``row``: its status, worker, start and study metric);
+    LeaseLost if it is not running under ``worker``."""
+    if row is None:
+        raise StorageError(f"no trial with id {trial_id}")
+    if row.status != "running" or (worker is not None and row.worker != worker):
+        who = f" under worker {worker!r}" if worker is not None else ""
+        raise LeaseLost(f"trial {trial_id} is not running{who} (it is {row.status}"
+                        f"{', worker ' + repr(row.worker) if row.worker else ''}); its lease was lost")
+    metrics = _clean_metrics(metrics)
+    if seconds is None and row.started is not None:
+        seconds = (now - row.started).total_seconds()
+    return {"tid": trial_id, "st": status, "m": metrics, "sc": _score(score, metrics, row.metric), "e": error,
+            "sec": seconds}
 
 
 _FIRST = object()  # a write's token not seen before
