@@ -248,6 +248,17 @@ def test_history_view(page, server, db_url, shots):
                 if not t.info.get("baseline")}
     page.wait_for_function(f"document.getElementById('history-plot').dataset.traces === '{len(keys)}'")
     assert _trace_count(page, "history-plot") == (len(keys), len(keys))
+    # the run's utilisation, as the stored trials' dispatch and finish times give it
+    from steptune.utilisation import utilisation
+
+    with connect(db_url, create=False) as store:
+        config = store.get_study(SEARCH_STUDY).config
+        searched = [t for t in store.trials(SEARCH_STUDY) if t.fidelity == "train" and "batch" in t.info]
+    u = utilisation(searched, config["evaluators"]["count"])
+    text = page.locator("#history-run").inner_text()
+    assert text.startswith(f"evaluators: {config['evaluators']['count']} (local), busy now 0"), text
+    assert f"busy {round(100 * u.fraction)}% of {u.seconds:.1f} s" in text, text
+    assert f"batch {config['search_batch']}" in text, text
     page.screenshot(path=str(shots / "history.png"), full_page=True)
 
 

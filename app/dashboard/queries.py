@@ -265,7 +265,9 @@ def history(store: Storage, study: str) -> dict:
     Preset baselines stored in the study (``info.baseline``) are left out."""
     with store._tx(write=False) as s:
         sid = study_id(s, study)
-        metric = s.scalar(select(Study.metric).where(Study.id == sid))
+        metric, config = s.execute(select(Study.metric, Study.config).where(Study.id == sid)).one()
+        busy = s.scalar(select(func.count(func.distinct(Trial.worker)))
+                        .where(Trial.study_id == sid, Trial.status == "running"))
         rows = s.execute(select(Trial.number, Trial.nfe, Trial.fidelity, Trial.score, Trial.status,
                                 _baseline_flag().label("baseline"))
                          .where(Trial.study_id == sid, Trial.status.in_(("complete", "failed")))
@@ -292,7 +294,10 @@ def history(store: Storage, study: str) -> dict:
             c["trials"].append(None)
         del c["_best"]
     ordered = sorted(curves.values(), key=lambda c: (c["fidelity"], c["nfe"]))
-    return {"study": study, "metric": metric, "evaluations": dict(done), "curves": [c for c in ordered if c["best"]]}
+    evaluators = (config or {}).get("evaluators") or {}
+    return {"study": study, "metric": metric, "evaluations": dict(done), "curves": [c for c in ordered if c["best"]],
+            "evaluators": {"count": evaluators.get("count"), "backend": evaluators.get("backend"), "busy": busy},
+            "utilisation": (config or {}).get("utilisation")}
 
 
 # ---- the trial table ---------------------------------------------------------------------------------

@@ -199,6 +199,19 @@ async function renderHistory() {
     yaxis: { title: { text: `best ${data.metric} (log scale)` }, type: "log", tickformat: ".2~g" }, margin: { t: 50 },
   }, PLOT_CONFIG);
   $("history-plot").dataset.traces = String(traces.length);
+  $("history-run").textContent = runText(data);
+}
+
+function runText(data) {
+  const e = data.evaluators, u = data.utilisation;
+  if (!e.count && !u) return "";
+  const parts = [`evaluators: ${e.count ?? "?"}${e.backend ? ` (${e.backend})` : ""}, busy now ${e.busy}`];
+  if (u) {
+    parts.push(`last run: busy ${u.fraction == null ? "—" : `${Math.round(100 * u.fraction)}%`} of `
+      + `${u.seconds.toFixed(1)} s, ${u.per_second == null ? "—" : u.per_second.toPrecision(3)} evaluations/s, `
+      + `batch ${u.batch}`);
+  }
+  return parts.join(" · ");
 }
 
 // ---- the trial table -----------------------------------------------------------------------------
