@@ -111,3 +111,14 @@ def test_offset_bandit_takes_over_only_where_youngs_predictions_miss(ratio, fall
         assert arm.omega == pytest.approx(2 - (2 - model) * math.exp(OFFSETS[arm.index]))
     else:  # Young's optimum, lowered a little by the fit's standard error
         assert arm.index is None and base - 0.01 < arm.omega <= base
+
+
+def test_family_cost_table_replays_the_online_iterations_and_carries_the_context():
+    from steptune.evaluators.linear import build_cost_table
+    from steptune.search.sor_learners import FixedOmega
+
+    seq = OperatorFamily("ninepoint", steps=6, m=6, seed=2)
+    table = build_cost_table(seq, omegas=[1.0, 1.5])
+    np.testing.assert_array_equal(table.contexts, seq.values)
+    online = run_sequence(seq, FixedOmega(1.5), kernel="numba")
+    assert [r.iterations for r in online] == table.iterations[:, 1].tolist()  # x0 = 0: the table is exact
