@@ -110,11 +110,11 @@ def _summary(name, all_rows, new_rounds, start) -> dict:
     learn = sum(r.learner_seconds for r in new_rounds) + sum(r.probe_seconds for r in new_rounds)
     modes = [r.context.get("mode") for r in all_rows if r.context.get("mode")]
     extra = {"bandit_rounds": sum(1 for m in modes if m == "bandit")} if modes else {}
-    return {**extra, "study": name, "rounds": len(all_rows), "new_rounds": len(new_rounds),
+    return {"study": name, "rounds": len(all_rows), "new_rounds": len(new_rounds),
             "mean_iterations": round(float(its.mean()), 2), "last_1000_mean": round(float(its[-1000:].mean()), 2),
             "not_converged": int(sum(1 for r in all_rows if r.converged is False)),
             "most_played_omega": float(vals[np.argmax(counts)]), "solve_seconds": round(solve, 3),
-            "learner_overhead": f"{100 * learn / solve:.2f}% of solve time" if solve > 0 else "—"}
+            "learner_overhead": f"{100 * learn / solve:.2f}% of solve time" if solve > 0 else "—", **extra}
 
 
 def _baselines(setup: dict, count: int) -> dict:
