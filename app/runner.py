@@ -690,11 +690,13 @@ def summarize(trials, nfes) -> list[NfeSummary]:
 
 
 def _baseline_name(origin: str) -> str:
-    """What a baseline is called in summaries: its preset spec with the spacing chosen for it
-    (``ddim spacing=diffusers-leading``), or ``diffusers-default:SCHEDULER``."""
+    """What a baseline is called in summaries: its preset spec with the spacing chosen for it, as
+    ``preset:SPEC`` rebuilds it (``ddim:spacing=diffusers-leading``), or ``diffusers-default:SCHEDULER``."""
+    from steptune.search.baselines import with_spacing
+
     name, _, rest = origin.removeprefix("preset:").rpartition("@")
-    spacing = rest.partition(" ")[2]
-    return f"{name} {spacing}" if spacing else name
+    spacing = rest.partition(" ")[2].removeprefix("spacing=")
+    return with_spacing(name, spacing or None)
 
 
 def _plain(params: dict) -> dict:
