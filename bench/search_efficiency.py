@@ -8,6 +8,9 @@ NFE; the final figure is the job's (top ``--confirm`` per NFE confirmed on the h
 
     python bench/search_efficiency.py --problem gmm-digits --nfe 4,5,6,8,10 --budget 300 --seeds 0,1,2
 
+``--batch`` and ``--lookahead`` run the searches as a wide cluster would (e.g. ``--batch 64``, or
+``--batch 32 --lookahead 1`` as 16 Ray evaluators do by default), to compare their quality with batch 4.
+
 Saves runs/bench/search_efficiency.json and .png and prints a table.
 """
 
@@ -61,7 +64,7 @@ def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[flo
 
 def search_job(args, method: str, seed: int, nfes: list[int]):
     return job_from_dict({"study": f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
-                          "search": {"method": method, "nfe": nfes},
+                          "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead},
                           "evaluation": {"cheap_samples": args.cheap_samples, "confirm": args.confirm,
                                          "baseline": False, "cache": "runs/cache"},
                           "budget": {"evaluations": args.budget},
@@ -87,6 +90,10 @@ def main(argv=None):
                          "RMSE is dominated by a few hard states, so 64 picks the wrong basin too often")
     ap.add_argument("--confirm", type=int, default=3)
     ap.add_argument("--points", type=int, default=10, help="checkpoints on the curve")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="candidates asked at a time (default: the method's own, as in-process with one evaluator)")
+    ap.add_argument("--lookahead", type=int, default=None,
+                    help="batches asked ahead of their results (default 0 in-process; Ray's default is 1)")
     ap.add_argument("--name", default="search_efficiency")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: small batches run faster single-threaded, above all on a shared machine)")
