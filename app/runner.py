@@ -463,6 +463,12 @@ class Runner:
 
         if dd.why_not(self.problem.model) is not None:
             return
+        import importlib.util
+
+        if importlib.util.find_spec("diffusers") is None:
+            self.say("diffusers is not installed: the baselines of its default schedulers are left out "
+                     "(pip install 'steptune[diffusers]' adds them)")
+            return
         items = []
         for name in dd.SCHEDULERS:
             for nfe in nfes:
