@@ -163,7 +163,10 @@ class Job(_Section):
         """What decides the search's results: a study resumed with a job that differs here is refused."""
         from steptune.evaluators.evaluator import BANK_VERSION
 
-        return {"seed": self.seed, "problem": self.problem.model_dump(), "search": self.search.model_dump(),
+        search = self.search.model_dump()
+        if search["lookahead"] is None:  # as studies made before the key existed recorded it
+            del search["lookahead"]
+        return {"seed": self.seed, "problem": self.problem.model_dump(), "search": search,
                 "evaluation": self.evaluation.model_dump(exclude={"cache", "baseline", "baseline_nfe"}),
                 "bank_version": BANK_VERSION}
 

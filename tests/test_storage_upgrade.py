@@ -93,8 +93,14 @@ def test_run_resumes_the_finished_search_without_evaluating(upgraded, tmp_path):
     out = json.loads(res.stdout)
     assert (out["study"], out["status"], out["evaluations"], out["failed"]) == ("gmm-2d-quick", "complete", train, 0)
     after = snapshot(db)
-    for table in ("problems", "trials", "relaxation_records"):
+    for table in ("problems", "relaxation_records"):
         assert after[table] == before[table], table
+    # every stored trial as it was; what was added are the baselines the job asks for now (each preset at its
+    # best spacing), not search or confirmation evaluations
+    assert after["trials"][:len(before["trials"])] == before["trials"]
+    last = max(r[0] for r in before["trials"])
+    added = sql(db, f"SELECT json_extract(info, '$.baseline'), fidelity FROM trials WHERE id > {last}")
+    assert all(row == (1, "heldout") for row in added), added
 
 
 def test_the_dashboard_reads_the_upgraded_database(upgraded):
