@@ -1,5 +1,14 @@
+import signal
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """A suite started in the background by a shell without job control inherits SIGINT ignored, and so would
+    every command the tests interrupt with it: catching it here makes the commands start with it delivered."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
