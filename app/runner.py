@@ -117,10 +117,11 @@ class _Sink:
                              "error": result.get("error") or self.notes.get(task.trial_id),
                              "seconds": result.get("seconds"), "worker": self.in_flight.get(task.trial_id)})
         self.runner.storage.finish_many(outcomes)
-        for task, result in finished:
-            self.in_flight.pop(task.trial_id, None)
+        for task, result in finished:  # reported as the evaluators stood while these ran, then let go
             self.results[task.trial_id] = result
             self.runner._progress_event(task, result)
+        for task, _ in finished:
+            self.in_flight.pop(task.trial_id, None)
 
     def lost(self, task: Task, worker: str, reason: str) -> bool:
         self.in_flight.pop(task.trial_id, None)
