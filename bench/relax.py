@@ -228,6 +228,13 @@ def short_horizon(families, seeds: int, steps: int, log) -> dict:
     return result
 
 
+def print_heat_sor(rows: dict, steps: int) -> None:
+    """The live heat2d run by plain SOR: its table and each learner's median overhead."""
+    print_short({"heat2d-sor": rows}, steps, 1)
+    print("heat2d-sor live learner overhead, median round × T: " + ", ".join(
+        f"{k} {v['learner_median_pct_of_solve']:.2f}%" for k, v in rows.items() if "learner_median_pct_of_solve" in v))
+
+
 def print_short(result: dict, steps: int, seeds: int) -> None:
     print(f"\nshort horizon: {steps} systems per sequence, {seeds} seeds (totals over seeds)")
     print(f"{'family':12s} {'policy':26s} {'iterations':>11s} {'/best fixed':>12s} {'/inst-opt':>10s} "
@@ -447,10 +454,7 @@ def main(argv=None):
             result["config"].update(heat_sor_nx=args.heat_sor_nx, heat_sor_steps=args.heat_sor_steps)
         print_short(result["short"], args.short_steps, args.short_seeds)
         if "heat_sor" in result:
-            print_short({"heat2d-sor": result["heat_sor"]}, args.heat_sor_steps, 1)
-            print("heat2d-sor live learner overhead, median round × T: " + ", ".join(
-                f"{k} {v['learner_median_pct_of_solve']:.2f}%" for k, v in result["heat_sor"].items()
-                if "learner_median_pct_of_solve" in v))
+            print_heat_sor(result["heat_sor"], args.heat_sor_steps)
         path = save_json("relax_short", result)
         print(f"\nsaved {path}")
         return
@@ -498,10 +502,7 @@ def main(argv=None):
     if "short" in result:
         print_short(result["short"], args.short_steps, args.short_seeds)
     if "heat_sor" in result:
-        print_short({"heat2d-sor": result["heat_sor"]}, args.heat_sor_steps, 1)
-        print("heat2d-sor live learner overhead, median round × T: " + ", ".join(
-            f"{k} {v['learner_median_pct_of_solve']:.2f}%" for k, v in result["heat_sor"].items()
-            if "learner_median_pct_of_solve" in v))
+        print_heat_sor(result["heat_sor"], args.heat_sor_steps)
     k = result["kernel"]
     print(f"\nSOR sweep, 200×200 Laplacian: ours {k['ours_ms_median']:.3f} ms, PyAMG {k['pyamg_ms_median']:.3f} ms, "
           f"ratio {k['ratio_median']:.2f} (same iterates: {k['same_iterates']})")

@@ -825,11 +825,7 @@ class Storage:
         return q
 
     def trial(self, trial_id: int) -> TrialRecord:
-        with self._tx(write=False) as s:
-            row = s.execute(self._trial_query(s, None).where(Trial.id == trial_id)).first()
-            if row is None:
-                raise StorageError(f"no trial with id {trial_id}")
-            return _trial_record(row, row.study_name)
+        return self._records([trial_id])[0]
 
     def trials(self, study: str, *, status: str | Iterable[str] | None = None, nfe: int | None = None,
                key: str | None = None, ids: Iterable[int] | None = None) -> list[TrialRecord]:

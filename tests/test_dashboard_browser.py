@@ -8,16 +8,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from dashboard_server import serving
 from test_dashboard_data import PRESETS, SEARCH_STUDY, dashboard_db  # noqa: F401
 
-from steptune.dashboard import create_app, open_read_only
+from steptune.dashboard import open_read_only
 from steptune.dashboard.queries import front, problems
 from steptune.exports import import_schedule, k_diffusion_sigmas
 from steptune.report import write_report
@@ -28,12 +26,6 @@ CHROMIUM = os.environ.get("STEPTUNE_CHROMIUM") or shutil.which("chromium") or sh
 NO_CHROMIUM = ("no chromium binary (install Debian's chromium package or set STEPTUNE_CHROMIUM); "
                "scripts/test.sh installs it")
 TIMEOUT_MS = 20_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +43,8 @@ def db_url(dashboard_db, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def server(db_url):
-    import uvicorn
-
-    store = open_read_only(db_url)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store, poll_seconds=0.5), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "the dashboard server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    store.close()
+    with serving(db_url) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,15 @@ none, one that cannot be built here says why in its place; the static report car
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
-from test_dashboard_browser import _free_port, browser, page, shots  # noqa: F401
+from dashboard_server import serving
+from test_dashboard_browser import browser, page, shots  # noqa: F401
 
 from steptune import grids, sweep
-from steptune.dashboard import create_app, open_read_only
 from steptune.evaluators import Evaluator
 from steptune.evaluators.digits_cond import digits_problem
 from steptune.evaluators.problems import get_problem
@@ -77,22 +75,8 @@ def expected(grid_db):
 
 @pytest.fixture(scope="module")
 def grid_server(grid_db):
-    import uvicorn
-
-    store = open_read_only(grid_db["url"])
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(store, poll_seconds=0.5, cache_dir=grid_db["cache"]),
-                                        host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline, "the dashboard server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-    store.close()
+    with serving(grid_db["url"], cache_dir=grid_db["cache"]) as address:
+        yield address
 
 
 LAYOUT = grids.Layout(rows=grids.ROWS, columns=3, height=8, width=8)

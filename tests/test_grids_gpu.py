@@ -9,16 +9,8 @@ from steptune import grids
 from steptune.evaluators.digits_cond import digits_problem
 from steptune.space import presets
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture(autouse=True)
-def _full_float32():
-    """TF32 convolutions and matmuls would differ from the CPU by ~1e-3; the comparisons are in float32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("no_tf32")]
 
 
 def test_a_grid_drawn_on_the_gpu_matches_the_cpu(tmp_path):
