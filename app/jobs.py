@@ -23,6 +23,9 @@ db = "sqlite:///runs/steptune.db"
 kind = "ray"         # or "local" (in-process)
 address = "auto"     # an existing Ray cluster; leave out for a local instance
 num_cpus = 1         # per evaluator
+
+[refine]             # optional: refine the best searched schedule per NFE by gradient afterwards
+nfe = "all"          # or a list of searched NFEs
 ```
 """
 
@@ -147,6 +150,22 @@ class BackendSpec(_Section):
     batched: bool = False  # evaluate a worker's queued candidates in one batched pass through the model
     max_attempts: int = Field(default=3, ge=1)  # per trial, over lost workers
     max_restarts: int = Field(default=3, ge=0)  # per evaluator actor
+    # seconds (or "10m") one evaluation on cheap_samples states may take (scaled up with the samples) before its
+    # evaluator is replaced and the trial re-queued; None: no limit (a model's speed varies too much for a default)
+    trial_timeout: float | None = None
+
+    @field_validator("trial_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v):
+        return None if v is None else parse_duration(v)
+
+
+class RefineSpec(_Section):
+    """The ``[refine]`` stage: after the search, refine the best searched schedule at each NFE by gradient."""
+
+    nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
+    iters: int = Field(default=60, ge=1)  # gradient iterations per NFE (at most)
+    samples: int = Field(default=64, ge=1)  # train-bank states the refinement fits on
 
 
 class Job(_Section):
@@ -158,6 +177,18 @@ class Job(_Section):
     budget: BudgetSpec = BudgetSpec()
     storage: StorageSpec = StorageSpec()
     backend: BackendSpec = BackendSpec()
+    refine: RefineSpec | None = None
+
+    @model_validator(mode="after")
+    def _refine_fits(self):
+        r = self.refine
+        if r is not None and r.nfe != "all" and not set(r.nfe) <= set(self.search.nfe):
+            raise ValueError(f"refine.nfe {sorted(set(r.nfe) - set(self.search.nfe))[0]} is not searched; refine "
+                             f"some of search.nfe {self.search.nfe} or \"all\"")
+        if r is not None and r.samples > self.evaluation.train_samples:
+            raise ValueError(f"refine.samples ({r.samples}) is larger than evaluation.train_samples "
+                             f"({self.evaluation.train_samples})")
+        return self
 
     def identity(self) -> dict:
         """What decides the search's results: a study resumed with a job that differs here is refused."""
@@ -210,7 +241,8 @@ def _describe(err: dict) -> str:
     if kind == "extra_forbidden":
         section, _, key = loc.rpartition(".")
         model = {"": Job, "problem": ProblemSpec, "search": SearchSpec, "evaluation": EvaluationSpec,
-                 "budget": BudgetSpec, "storage": StorageSpec, "backend": BackendSpec}.get(section)
+                 "budget": BudgetSpec, "storage": StorageSpec, "backend": BackendSpec,
+                 "refine": RefineSpec}.get(section)
         known = ", ".join(model.model_fields) if model else ""
         where = f"in [{section}]" if section else "at the top level"
         return f"unknown key '{loc}' {where}; known keys: {known}"
