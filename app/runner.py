@@ -243,6 +243,11 @@ class Runner:
             if not self.interrupted.is_set() and not (self.time_up and self.deadline_passed()):
                 self.phase = "confirm"
                 self._confirm()
+            if job.refine is not None and not self.should_stop():
+                from steptune.refine import refine_stage
+
+                self.phase = "refine"
+                refine_stage(self)
         finally:
             self._beating.set()
             beat.join()

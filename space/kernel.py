@@ -163,11 +163,19 @@ def solve_step(hist: list[Point], rule: StepRule, to: Node, *, out: Tensor | Non
     others = [hist[p] for p in rule.points] if rule.order > 1 else []
     a, b, w = step_weights(s, others, to, rule, t_of_lambda)
     out = torch.mul(s.x, a, out=out)
-    out.add_(s.output(rule.prediction), alpha=b)
+    _add(out, s.output(rule.prediction), b)
     for wj, p in zip(w, others):
-        if wj != 0.0:
-            out.add_(p.output(rule.prediction), alpha=wj)
+        if isinstance(wj, Tensor) or wj != 0.0:
+            _add(out, p.output(rule.prediction), wj)
     return out
+
+
+def _add(out: Tensor, y: Tensor, w: float | Tensor) -> None:
+    """out += w y; ``w`` is a tensor where the step's times or coefficients are being fitted by autograd."""
+    if isinstance(w, Tensor):
+        out.add_(w.to(y.dtype) * y)
+    else:
+        out.add_(y, alpha=w)
 
 
 def lagrange_weights(times: list[float], tau: float) -> list[float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def phi_terms(z: float, n: int) -> list[float]:
     """[c_1(z), ..., c_n(z)] with c_k(z) = z^k phi_k(z) = e^z - sum_{j<k} z^j / j!."""
@@ -17,7 +19,12 @@ def phi_terms(z: float, n: int) -> list[float]:
                 total += term
             out.append(total)
         return out
-    out = [math.expm1(z)]
+    out = [expm1(z)]
     for k in range(1, n):
         out.append(out[-1] - z**k / math.factorial(k))
     return out
+
+
+def expm1(z):
+    """e^z - 1 of a float, or of a tensor (which keeps its autograd graph: times being fitted)."""
+    return torch.expm1(z) if isinstance(z, torch.Tensor) else math.expm1(z)

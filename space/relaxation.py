@@ -6,11 +6,10 @@ searchers draw from the kinds a predictor step may use (``STEP_RELAXATIONS``, in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .phi import phi_terms
+from .phi import expm1, phi_terms
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ def _linear(hh: float, h: float, coef: float) -> float:
 
 def _heun(hh: float, h: float, coef: float) -> float:
     """The trapezoidal (Heun) corrector in the sigma/alpha coordinate."""
-    return h * math.expm1(h) / (2.0 * phi_terms(hh, 2)[1])
+    return h * expm1(h) / (2.0 * phi_terms(hh, 2)[1])
 
 
 RELAXATIONS: dict[str, Relaxation] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Generator, Sequence
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -157,6 +158,7 @@ class Request(NamedTuple):
 def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean: Tensor | None = None,
                callback: Callable[[int, Tensor], None] | None = None, *,
                dc_ratios: Sequence[float | Tensor] | None = None,
+               times: Tensor | None = None, step_params: Sequence[dict] | None = None,
                reuse_buffers: bool = True) -> Generator[Request, tuple, Tensor]:
     """The sampler loop as a generator: it yields a ``Request`` whenever it needs the model and is
     sent back ``(eps, x0)``, or ``(eps, x0, x)`` when the model was evaluated at a state ``x`` other
@@ -166,11 +168,20 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     ``dc_ratios`` (one per step; floats or 0-d tensors) replace the steps' ``dc_ratio``; a step with
     fewer than three outputs in its history is never compensated. ``reuse_buffers=False`` gives every
     intermediate its own tensor (needed to backpropagate through the loop, or to keep the outputs).
+    ``times`` (a float64 tensor of ``len(schedule.times)`` decreasing values) replaces the schedule's times
+    and ``step_params`` (one dict per step) its steps' ``relaxation_coef`` / ``second_scale``; given as
+    tensors they stay in the autograd graph (requests then carry 0-d tensors for t, alpha and sigma).
     """
     schedule.validate()
-    times_list = schedule.times
-    times = torch.tensor(times_list, dtype=torch.float64)
-    alphas, sigmas, lams = noise.alpha(times).tolist(), noise.sigma(times).tolist(), noise.lam(times).tolist()
+    if times is None:
+        times_list = schedule.times
+        times = torch.tensor(times_list, dtype=torch.float64)
+        alphas, sigmas, lams = noise.alpha(times).tolist(), noise.sigma(times).tolist(), noise.lam(times).tolist()
+    else:
+        if times.shape != (len(schedule.times),):
+            raise ValueError(f"times: {tuple(times.shape)} values for {len(schedule.times)} schedule times")
+        times_list = list(times.unbind())
+        alphas, sigmas, lams = (list(f(times).unbind()) for f in (noise.alpha, noise.sigma, noise.lam))
     nodes = [Node(*v) for v in zip(times_list, lams, alphas, sigmas)]
     bufs = _Buffers() if reuse_buffers else _FreshTensors()
     if dc_ratios is not None and len(dc_ratios) != len(schedule.steps):
@@ -196,6 +207,10 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     keep = _lookback(schedule)
     checks = _StateChecks(x_T.device)
     rules = [(_predictor_rule(st), _corrector_rule(st)) for st in schedule.steps]
+    if step_params is not None:
+        if len(step_params) != n:
+            raise ValueError(f"step_params: {len(step_params)} entries for {n} steps")
+        rules = [(replace(rule, **params), corr) for (rule, corr), params in zip(rules, step_params)]
     for i, (st, (rule, correct)) in enumerate(zip(schedule.steps, rules)):
         j = i + 1
         last = i == n - 1

@@ -7,7 +7,7 @@ import sys
 import typer
 
 from steptune import __version__
-from steptune.cli import dashboard, db, dc, digits, results, run, schedules, search, sor
+from steptune.cli import dashboard, db, dc, digits, refine, results, run, schedules, search, sor
 from steptune.cli.errors import CliError, library_errors
 
 
@@ -27,7 +27,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Search and tune diffusion solver schedules."""
 
 
-for module in (schedules, results, search, run, dc, digits, dashboard, sor, db):
+for module in (schedules, results, search, run, refine, dc, digits, dashboard, sor, db):
     module.register(app)
 
 

@@ -1,0 +1,90 @@
+"""`steptune refine`: tune a searched study's best schedules by gradient and store them as new trials."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from steptune.cli.console import err, fmt, out
+from steptune.cli.errors import CliError, Interrupted
+from steptune.cli.options import DEFAULT_DB, DbOpt, DeviceOpt, JsonOpt, StudyOpt, ThreadsOpt
+from steptune.cli.problems import pick_device, set_threads
+
+
+def refine_cmd(
+    study: StudyOpt,
+    nfe: Annotated[list[int] | None, typer.Option("--nfe", help="Refine the best searched schedule at this NFE "
+                                                  "(repeat for several; default: every searched NFE).")] = None,
+    trial: Annotated[int | None, typer.Option("--trial", help="Refine this trial id instead.")] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Gradient iterations per schedule (at most; the held-out "
+                                       "bank stops it earlier).")] = 60,
+    samples: Annotated[int, typer.Option("--samples", help="Train-bank states the refinement fits on.")] = 64,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    json_: JsonOpt = False,
+    db: DbOpt = DEFAULT_DB,
+):
+    """Refine a searched study's best schedules: their times, DC ratios and derivative coefficients tuned by
+    gradient through the sampler against the reference on the train bank, judged on the held-out bank."""
+    from steptune.refine import parents, refine_trials, study_evaluator, study_job
+    from steptune.search.refine import RefineError
+    from steptune.storage import connect
+
+    if nfe and trial is not None:
+        raise CliError("give either --nfe N or --trial ID, not both")
+    if iters < 1 or samples < 1:
+        raise CliError(f"--{'iters' if iters < 1 else 'samples'} must be at least 1")
+    set_threads(threads)
+    device = pick_device(device)
+    done = []
+    with connect(db, must_exist=True) as store:
+        try:
+            job = study_job(store, study)
+            todo = parents(store.trials(study), study, nfe or None, trial)
+            if samples > job.evaluation.train_samples:
+                raise RefineError(f"--samples {samples} is larger than the study's train bank "
+                                  f"({job.evaluation.train_samples}); use at most that many")
+            ev = study_evaluator(job, device)
+            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[best]}"),
+                          TimeElapsedColumn(), console=err, disable=quiet or json_, transient=True) as bar:
+                task = bar.add_task("refine", total=iters, best="")
+
+                def tick(nfe_, i, n, best):
+                    bar.update(task, description=f"NFE {nfe_}", completed=i, total=n,
+                               best=f"held-out RMSE {fmt(best)}")
+
+                def say(msg):
+                    bar.reset(task)
+                    if not (quiet or json_):
+                        err.print(msg)
+
+                done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick)
+        except RefineError as e:
+            raise CliError(str(e)) from None
+        except KeyboardInterrupt:
+            stored = store.trials(study)
+            n = sum(1 for t in stored if "refines" in t.info and t.info["refines"] in {p.id for p in todo})
+            raise Interrupted(f"{n} of {len(todo)} refinements were stored; run the command again to do the "
+                              "rest") from None
+    rows = [r.as_dict() for r in done]
+    if json_:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Refinement of {study} (held-out RMSE)")
+    for col in ("NFE", "parent", "parent RMSE", "refined RMSE", "change", "seconds", "stored"):
+        table.add_column(col, justify="left" if col == "stored" else "right")
+    for r in done:
+        change = "—" if r.change is None else f"{100 * r.change:+.1f}%"
+        kept = "better: preferred" if r.improved else "not better: the parent stays the best"
+        stored = f"trial {r.trial} ({kept}{', earlier' if r.skipped else ''})"
+        table.add_row(str(r.nfe), str(r.parent), fmt(r.parent_rmse), fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("refine")(refine_cmd)

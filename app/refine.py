@@ -1,0 +1,169 @@
+"""Refinement of a searched study's schedules (`steptune refine` and a job's ``[refine]`` stage).
+
+The parents are the best searched schedules per NFE on the held-out bank (the confirmations; neither the
+baselines nor earlier refinements), or one trial the user names. Each refinement is stored as a new trial
+of the same study on the held-out bank, its ``info`` naming the parent (``refines``: the parent's trial
+id) and what was fitted (``refine``). One that beats its parent there is ``complete`` and so competes in
+``best()`` and exports; one that does not is stored ``pruned`` (kept for the record, never preferred). A
+parent with a refinement is not refined again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from steptune.search import CONFIRM
+from steptune.search.refine import RefineError, RefineResult, refine
+
+ORIGIN = "refine"
+
+
+@dataclass
+class Refined:
+    """One parent and what its refinement gave (``trial``: the stored refinement's id; None when skipped)."""
+
+    nfe: int
+    parent: int  # trial id
+    parent_rmse: float
+    rmse: float | None
+    seconds: float
+    improved: bool | None
+    trial: int | None
+    skipped: str | None = None  # why the parent was not refined this time
+
+    @property
+    def change(self) -> float | None:
+        return None if self.rmse is None else self.rmse / self.parent_rmse - 1.0
+
+    def as_dict(self) -> dict:
+        return {"nfe": self.nfe, "parent": self.parent, "parent_rmse": self.parent_rmse, "rmse": self.rmse,
+                "change": self.change, "seconds": self.seconds, "improved": self.improved, "trial": self.trial,
+                "skipped": self.skipped}
+
+
+def is_refinement(t) -> bool:
+    return "refines" in t.info
+
+
+def searched(t) -> bool:
+    """A searched schedule's held-out score: a confirmation, not a baseline and not a refinement."""
+    return (t.fidelity == CONFIRM and t.status == "complete" and t.score is not None and not t.info.get("baseline")
+            and not is_refinement(t))
+
+
+def study_job(store, study: str):
+    """The job a searched study was run with (RefineError for a study not made by a search)."""
+    from steptune.jobs import JobError, job_from_dict
+
+    rec = store.get_study(study)
+    if rec.kind not in ("search", "") or "job" not in (rec.config or {}):
+        raise RefineError(f"study {study!r} is not a search (it was made by {rec.kind or 'the Python API'}); refine "
+                          "a study made by 'steptune run' or 'steptune search'")
+    try:
+        return job_from_dict(rec.config["job"], where=f"study {study!r}")
+    except JobError as e:
+        raise RefineError(f"{e}; the study's job cannot be rebuilt by this steptune") from None
+
+
+def study_evaluator(job, device: str | None = None):
+    """The evaluator of the job's problem, with the job's banks (the search's references come from its cache)."""
+    import torch
+
+    from steptune.backends import build_problem
+    from steptune.evaluators import Evaluator
+
+    try:
+        problem = build_problem(job.problem)
+    except Exception as e:  # an import error of a plugged model, a missing checkpoint, a refused option
+        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
+        raise RefineError(f"study {job.study!r}: its problem {job.problem.describe()!r} cannot be rebuilt here "
+                          f"({msg}); refine where the model is available") from None
+    ev = job.evaluation
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return Evaluator(problem, n_train=ev.train_samples, n_heldout=ev.heldout_samples, seed=ev.bank_seed,
+                     cache_dir=ev.cache, device=device)
+
+
+def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int | None = None) -> list:
+    """The trials to refine: ``trial`` (an id) alone, else the best searched trial at each NFE (of ``nfes``)."""
+    if trial is not None:
+        t = next((t for t in trials if t.id == trial), None)
+        if t is None:
+            raise RefineError(f"study {study!r} has no trial id {trial}; 'steptune best --study {study}' lists its "
+                              "best trials")
+        if t.status != "complete" or t.score is None:
+            raise RefineError(f"trial id {trial} of study {study!r} is {t.status}, without a score; refine a "
+                              "complete trial")
+        return [t]
+    if not trials:
+        raise RefineError(f"study {study!r} has no trials yet; run its search first")
+    best: dict[int, object] = {}
+    for t in trials:
+        if searched(t) and (t.nfe not in best or (t.score, t.number) < (best[t.nfe].score, best[t.nfe].number)):
+            best[t.nfe] = t
+    if not best:
+        raise RefineError(f"study {study!r} has no searched schedule scored on the held-out bank yet; let its "
+                          "search finish (the confirmation phase scores them)")
+    if nfes is not None:
+        missing = sorted(set(nfes) - set(best))
+        if missing:
+            raise RefineError(f"study {study!r} has no searched schedule at NFE {missing[0]}; it has NFE "
+                              f"{', '.join(map(str, sorted(best)))}")
+        return [best[n] for n in sorted(set(nfes))]
+    return [best[n] for n in sorted(best)]
+
+
+def trial_item(parent, result: RefineResult, n_samples: int, metrics: dict) -> dict:
+    """The stored trial of one refinement: the best iterate on the held-out bank, ``pruned`` when it does not
+    beat its parent there."""
+    origin = parent.info.get("origin") or f"trial {parent.number}"
+    return {"schedule": result.candidate.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM, "n_samples": n_samples,
+            "metrics": metrics, "status": "complete" if result.improved else "pruned", "seconds": result.seconds,
+            "info": {"refines": parent.id, "refines_number": parent.number, "origin": f"{ORIGIN}:{origin}",
+                     "refine": result.info()}}
+
+
+def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, samples: int,
+                  say: Callable[[str], None] = lambda msg: None,
+                  progress: Callable[[int, int, int, float], None] | None = None,
+                  stop: Callable[[], bool] = lambda: False) -> list[Refined]:
+    """Refine each trial of ``todo`` (skipping those refined before) and store the results as they come."""
+    done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
+    out = []
+    for parent in todo:
+        if parent.id in done:
+            prev = done[parent.id]
+            out.append(Refined(parent.nfe, parent.id, parent.score, prev.score, 0.0, prev.status == "complete",
+                               prev.id, "refined before"))
+            continue
+        if stop():
+            break
+        say(f"refining NFE {parent.nfe} (trial id {parent.id}, held-out RMSE {parent.score:.4g})")
+        start = time.perf_counter()
+        report = None if progress is None else (lambda i, n, best, nfe=parent.nfe: progress(nfe, i, n, best))
+        result = refine(evaluator, parent.to_schedule(), iters=iters, samples=samples, progress=report)
+        metrics = evaluator.evaluate(result.candidate, CONFIRM).metrics
+        (tid,) = store.add_trials(study, [trial_item(parent, result, evaluator.bank(CONFIRM).size, metrics)])
+        out.append(Refined(parent.nfe, parent.id, result.parent_rmse, result.candidate_rmse,
+                           time.perf_counter() - start, result.improved, tid))
+        r = out[-1]
+        say(f"refined NFE {r.nfe}: held-out RMSE {r.parent_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%, "
+            f"{r.seconds:.0f} s){'' if r.improved else '; not better, the parent stays the best'}")
+    return out
+
+
+def refine_stage(runner) -> list[Refined]:
+    """A job's ``[refine]`` stage, run after the search and its confirmations (resumable: a parent refined
+    before is skipped)."""
+    job, spec = runner.job, runner.job.refine
+    trials = runner.storage.trials(job.study)
+    nfes = None if spec.nfe == "all" else [n for n in spec.nfe if n in job.search.nfe]
+    try:
+        todo = parents(trials, job.study, nfes)
+    except RefineError as e:
+        runner.say(f"refine: {e}")
+        return []
+    return refine_trials(runner.storage, job.study, runner._driver_evaluator(), todo, iters=spec.iters,
+                         samples=spec.samples, say=runner.say, stop=runner.should_stop)

@@ -1,0 +1,293 @@
+"""Refinement of a schedule's continuous parameters by gradient, through the sampler itself.
+
+A searched schedule fixes discrete decisions (orders, predictions, history points, correctors) and
+continuous ones. ``refine`` keeps the discrete decisions and tunes
+
+* the times: the interior times between the first and the last time of finite log-SNR, parametrised as
+  softmax increments in lambda between those fixed ends (so they stay ordered and inside the range);
+* the DC compensation ratios of every step that can be compensated (in log space, so they stay positive);
+* the relaxation coefficient on the first derivative of every step of order 2 or more in the lambda basis
+  whose relaxation is ``none`` or ``linear`` (factor 1 + coef h; ``none`` is ``linear`` with coef 0);
+* the second-derivative scales of the steps of order 3 or more in the lambda basis,
+
+with Adam on the MSE of the final state against the converged reference, on the first ``samples`` states
+of the evaluator's train bank, in float32 on the evaluator's device. Every ``check_every`` iterations the
+iterate is scored on the held-out bank (the evaluator's own ``evaluate``); the run stops after
+``patience`` checks without a better held-out RMSE and returns the best iterate seen. It is kept only if it
+beats the parent there: a refinement is never worse on the held-out bank than its parent.
+
+The network's explicit dependence on time is differentiated by a forward difference (one extra forward
+pass, no backward, per fitted time and iteration); the dependence through the state by autograd. So a
+model need not be differentiable in its time input (the exact mixture denoisers take floats, plugged
+networks may round it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from steptune.space import NonFiniteError, Schedule, ScheduleError, TrajectoryRun, trajectory
+
+from .dc import eligible_steps
+
+Tensor = torch.Tensor
+FD_REL = 1e-3  # relative step in t of the forward difference in time
+LR = {"times": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
+
+
+class RefineError(ValueError):
+    """A schedule or setting that cannot be refined: one sentence saying why."""
+
+
+@dataclass
+class Params:
+    """Which continuous parameters of ``schedule`` are fitted, and their tensors."""
+
+    schedule: Schedule  # the parent, with every fitted relaxation made ``linear``
+    ends: tuple[int, int] | None  # indices of the fixed times bracketing the fitted ones (None: times fixed)
+    lam_ends: tuple[float, float] | None
+    dc_steps: list[int]
+    relax_steps: list[int]
+    second_steps: list[int]
+    theta: dict[str, Tensor] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        n_times = 0 if self.ends is None else self.ends[1] - self.ends[0] - 1
+        return {"times": n_times, "dc_ratio": len(self.dc_steps), "relaxation_coef": len(self.relax_steps),
+                "second_scale": len(self.second_steps)}
+
+    # ---- from parameters to what the sampler takes ----
+
+    def times(self, noise) -> Tensor | None:
+        if self.ends is None:
+            return None
+        a, b = self.ends
+        lam_a, lam_b = self.lam_ends
+        frac = torch.cumsum(torch.softmax(self.theta["times"], 0), 0)[:-1]
+        inner = noise.t_of_lambda(lam_a + (lam_b - lam_a) * frac)
+        ts = torch.tensor(self.schedule.times, dtype=torch.float64)
+        return torch.cat([ts[: a + 1], inner, ts[b:]])
+
+    def dc_ratios(self) -> list[float | Tensor] | None:
+        if not self.dc_steps:
+            return None
+        out: list[float | Tensor] = [1.0] * len(self.schedule.steps)
+        for j, i in enumerate(self.dc_steps):
+            out[i] = self.theta["dc"][j].exp()
+        return out
+
+    def step_params(self) -> list[dict] | None:
+        if not (self.relax_steps or self.second_steps):
+            return None
+        out: list[dict] = [{} for _ in self.schedule.steps]
+        for j, i in enumerate(self.relax_steps):
+            out[i]["relaxation_coef"] = self.theta["relax"][j]
+        for j, i in enumerate(self.second_steps):
+            out[i]["second_scale"] = self.theta["second"][j]
+        return out
+
+    def to_schedule(self, noise) -> Schedule:
+        """The schedule these parameters describe (a ScheduleError if they make it invalid)."""
+        with torch.no_grad():
+            ts = self.times(noise)
+            times = self.schedule.times if ts is None else ts.tolist()
+            ratios = {i: float(self.theta["dc"][j].exp()) for j, i in enumerate(self.dc_steps)}
+            relax = {i: float(self.theta["relax"][j]) for j, i in enumerate(self.relax_steps)}
+            second = {i: float(self.theta["second"][j]) for j, i in enumerate(self.second_steps)}
+        steps = []
+        for i, st in enumerate(self.schedule.steps):
+            changes = {"t": float(times[i + 1])}
+            if i in ratios:
+                changes["dc_ratio"] = ratios[i]
+            if i in relax:
+                changes.update(relaxation="linear" if relax[i] != 0.0 else "none", relaxation_coef=relax[i])
+            if i in second:
+                changes["second_scale"] = second[i]
+            steps.append(replace(st, **changes))
+        return self.schedule.with_steps(steps).validate()
+
+
+def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True, relax: bool = True,
+               second: bool = True) -> Params:
+    """The continuous parameters of ``schedule`` that ``refine`` fits (each kind may be left out)."""
+    steps = list(schedule.steps)
+    relax_steps = [i for i, st in enumerate(steps) if relax and st.order >= 2 and st.basis == "lambda"
+                   and st.relaxation in ("none", "linear")]
+    for i in relax_steps:
+        steps[i] = replace(steps[i], relaxation="linear")
+    sched = schedule.with_steps(steps)
+    ends = lam_ends = None
+    t_basis = any(st.basis == "t" and st.order > 1 for st in steps)
+    if times and not t_basis:
+        lam = noise.lam(torch.tensor(sched.times, dtype=torch.float64))
+        finite = [k for k, v in enumerate(lam.tolist()) if math.isfinite(v)]
+        if finite and finite[-1] - finite[0] >= 2:
+            ends = (finite[0], finite[-1])
+            lam_ends = (float(lam[ends[0]]), float(lam[ends[1]]))
+    p = Params(sched, ends, lam_ends, eligible_steps(sched) if dc else [], relax_steps,
+               [i for i, st in enumerate(steps) if second and st.order >= 3 and st.basis == "lambda"])
+    if ends is not None:
+        lam = noise.lam(torch.tensor(sched.times[ends[0]: ends[1] + 1], dtype=torch.float64))
+        p.theta["times"] = torch.log(lam.diff() / (lam[-1] - lam[0]))
+    if p.dc_steps:
+        p.theta["dc"] = torch.tensor([math.log(steps[i].dc_ratio) for i in p.dc_steps], dtype=torch.float64)
+    if p.relax_steps:
+        p.theta["relax"] = torch.tensor([steps[i].relaxation_coef for i in p.relax_steps], dtype=torch.float64)
+    if p.second_steps:
+        p.theta["second"] = torch.tensor([steps[i].second_scale for i in p.second_steps], dtype=torch.float64)
+    for v in p.theta.values():
+        v.requires_grad_(True)
+    return p
+
+
+def _predict(model, req):
+    """The model's (eps, x0) at the request; where its time is being fitted, with the derivative in time by a
+    forward difference attached to the graph (value unchanged)."""
+    t = req.t
+    if not isinstance(t, Tensor):
+        return model.predict(req.x, t, req.alpha, req.sigma)
+    tf = float(t.detach())
+    eps, x0 = model.predict(req.x, tf, float(req.alpha.detach()), float(req.sigma.detach()))
+    if not t.requires_grad:
+        return eps, x0
+    noise = model.noise
+    t2 = tf * (1.0 - FD_REL)
+    with torch.no_grad():
+        e2, x2 = model.predict(req.x.detach(), t2, float(noise.alpha(t2)), float(noise.sigma(t2)))
+    shift = (t - tf).to(eps.dtype)  # 0 in value, 1 in gradient
+    return eps + shift * ((e2 - eps.detach()) / (t2 - tf)), x0 + shift * ((x2 - x0.detach()) / (t2 - tf))
+
+
+def final_state(model, p: Params, x_T: Tensor) -> Tensor:
+    """The sampler's final state from ``x_T`` as a differentiable function of ``p``'s parameters."""
+    loop = TrajectoryRun(trajectory(p.schedule, model.noise, x_T, model.data_mean, dc_ratios=p.dc_ratios(),
+                                    times=p.times(model.noise), step_params=p.step_params(), reuse_buffers=False))
+    while not loop.done:
+        loop.send(_predict(model, loop.request))
+    return loop.result
+
+
+@dataclass
+class RefineResult:
+    """The outcome of ``refine``. ``schedule`` is what to keep: the best iterate when ``improved``, else the
+    parent; ``candidate`` is the best iterate on the held-out bank either way."""
+
+    parent: Schedule
+    schedule: Schedule
+    candidate: Schedule
+    parent_rmse: float  # held-out
+    candidate_rmse: float
+    improved: bool
+    loss_start: float  # train-bank MSE of the final state, parent
+    loss: float  # the same, candidate
+    iters: int  # iterations run
+    best_iter: int
+    seconds: float
+    model_calls: int
+    fitted: dict[str, int]
+    samples: int
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def rmse(self) -> float:
+        return self.candidate_rmse if self.improved else self.parent_rmse
+
+    def info(self) -> dict:
+        """What a stored trial records of this refinement."""
+        return {"improved": self.improved, "parent_rmse": self.parent_rmse, "candidate_rmse": self.candidate_rmse,
+                "loss_start": self.loss_start, "loss": self.loss, "iters": self.iters, "best_iter": self.best_iter,
+                "seconds": self.seconds, "model_calls": self.model_calls, "fitted": self.fitted,
+                "samples": self.samples}
+
+
+def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int = 64, check_every: int = 5,
+           patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
+           relax: bool = True, second: bool = True,
+           progress: Callable[[int, int, float], None] | None = None) -> RefineResult:
+    """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
+    (a number) or replaces (a dict by kind: times, dc, relax, second) the default learning rates;
+    ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check."""
+    if iters < 1:
+        raise RefineError(f"iters must be at least 1, not {iters}")
+    if check_every < 1 or patience < 1:
+        raise RefineError("check_every and patience must be at least 1")
+    bank = evaluator.bank("train")
+    if not 1 <= samples <= bank.size:
+        raise RefineError(f"samples = {samples} is outside the train bank (1 .. {bank.size}); use fewer samples")
+    try:
+        evaluator.check(schedule)
+    except ScheduleError as e:
+        raise RefineError(str(e)) from None
+    start = time.perf_counter()
+    problem = evaluator.problem
+    model, noise = problem.model, problem.noise
+    rates = dict(LR)
+    if isinstance(lr, dict):
+        rates.update(lr)
+    elif lr is not None:
+        rates = {k: v * float(lr) for k, v in rates.items()}
+    p = parameters(schedule, noise, times=times, dc=dc, relax=relax, second=second)
+    x_T = evaluator.x_T("train", samples).to(torch.float32)
+    ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
+
+    def heldout(s: Schedule) -> float:
+        r = evaluator.evaluate(s, "heldout")
+        return r.metrics["rmse"] if r.ok else math.inf
+
+    with model.uncounted() as used:
+        parent_rmse = heldout(schedule)
+        best = (parent_rmse, schedule, 0)
+        history: list[dict] = []
+        loss_start = loss_best = math.nan
+        if p.theta:
+            opt = torch.optim.Adam([{"params": [v], "lr": rates[k]} for k, v in p.theta.items()])
+            stale = 0
+            it = 0
+            for it in range(1, iters + 1):
+                try:
+                    loss = (final_state(model, p, x_T) - ref).pow(2).mean()
+                except NonFiniteError:
+                    break
+                value = float(loss.detach())
+                if it == 1:
+                    loss_start = value
+                opt.zero_grad()
+                loss.backward()
+                if not all(torch.isfinite(v.grad).all() for v in p.theta.values() if v.grad is not None):
+                    break
+                opt.step()
+                history.append({"iter": it, "loss": value})
+                if it % check_every and it != iters:
+                    continue
+                try:
+                    cand = p.to_schedule(noise)
+                    r = heldout(cand)
+                except ScheduleError:
+                    r = math.inf
+                history[-1]["heldout_rmse"] = r
+                if r < best[0]:
+                    best, stale = (r, cand, it), 0
+                else:
+                    stale += 1
+                if progress is not None:
+                    progress(it, iters, best[0])
+                if stale >= patience:
+                    break
+            iters_run = it
+        else:
+            iters_run = 0
+        cand_rmse, cand, best_iter = best
+        if math.isnan(loss_start) or cand is schedule:
+            loss_best = loss_start
+        else:
+            with torch.no_grad():
+                loss_best = float((final_state(model, parameters(cand, noise), x_T) - ref).pow(2).mean())
+    improved = cand_rmse < parent_rmse
+    return RefineResult(schedule, cand if improved else schedule, cand, parent_rmse, cand_rmse, improved,
+                        loss_start, loss_best, iters_run, best_iter, time.perf_counter() - start, used.n,
+                        p.counts(), samples, history)
