@@ -129,7 +129,7 @@ class EvalWorker:
 
 def _as_dict(res) -> dict:
     """An EvalResult as the plain dict that travels back from a worker."""
-    return {"metrics": dict(res.metrics), "status": res.status, "error": res.error, "seconds": res.seconds,
+    return {"metrics": {**res.metrics, **res.cost()}, "status": res.status, "error": res.error, "seconds": res.seconds,
             "n": res.n}
 
 

@@ -28,7 +28,7 @@ def run_sweep(evaluator, preset_specs: Sequence[str], nfes: Sequence[int], spaci
                 row.update(status="n/a", error=str(e))
             else:
                 res = evaluator.evaluate(sched, bank=bank)
-                row.update(status=res.status, error=res.error, seconds=res.seconds, **res.metrics)
+                row.update(status=res.status, error=res.error, seconds=res.seconds, **res.metrics, **res.cost())
             rows.append(row)
             if on_result is not None:
                 on_result(row)
@@ -175,7 +175,7 @@ def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | N
                         "spacing_scores": r["spacing_scores"], "spacing_bank": "train"}
         if (sched.key(), bank, evaluator.bank(bank).size) in stored:
             continue
-        metrics = {k: r[k] for k in evaluator.metric_names() if k in r}
+        metrics = {k: r[k] for k in (*evaluator.metric_names(), "model_calls", "device") if k in r}
         items.append({"schedule": sched, "status": r["status"], "metrics": metrics, "error": r.get("error"),
                       "seconds": r.get("seconds"), "bank": bank, "n_samples": evaluator.bank(bank).size,
                       "fidelity": bank, **({"info": info} if info else {})})

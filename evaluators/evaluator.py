@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +66,17 @@ class EvalResult:
     seconds: float
     bank: str
     n: int
+    model_calls: int | None = None  # per sample: the sampler's model calls times the samples (None: not measured)
+    device: str = ""  # where it ran: "cpu", "cuda:0 (NVIDIA H200)"
 
     @property
     def ok(self) -> bool:
         return self.status == "complete"
+
+    def cost(self) -> dict:
+        """What the evaluation cost, as it is stored beside the metrics (``model_calls``, ``device``)."""
+        return {**({"model_calls": self.model_calls} if self.model_calls is not None else {}),
+                **({"device": self.device} if self.device else {})}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,6 +117,7 @@ class Evaluator:
         if n_train < 1 or n_heldout < 1:
             raise ValueError("Evaluator: bank sizes must be at least 1")
         self.device = torch.device(device)
+        self.device_name = device_name(self.device)
         self.problem = problem.to(self.device)
         self.seed = int(seed)
         self.sizes = {"train": int(n_train), "heldout": int(n_heldout)}
@@ -191,13 +199,18 @@ class Evaluator:
         self.check(schedule)
         b = self.bank(bank)
         n = self._n(b, n)
-        start = time.perf_counter()
+        model = self.problem.model
+        start, calls = time.perf_counter(), model.calls
         try:
             with torch.no_grad():
-                x = sample(self.problem.model, b.x_T[:n], schedule)
+                x = sample(model, b.x_T[:n], schedule)
         except NonFiniteError as e:
-            return self._failed(schedule, str(e), time.perf_counter() - start, bank, n)
-        return self._measure(schedule, x, time.perf_counter() - start, bank, n)
+            res = self._failed(schedule, str(e), time.perf_counter() - start, bank, n)
+            calls = model.calls - calls
+        else:
+            calls = model.calls - calls  # the sampler's own calls (the reference may be solved when measured)
+            res = self._measure(schedule, x, time.perf_counter() - start, bank, n)
+        return replace(res, model_calls=calls * n, device=self.device_name)
 
     def evaluate_many(self, schedules: Sequence[Schedule], bank: str = "train",
                       n: int | None = None) -> list[EvalResult]:
@@ -215,13 +228,20 @@ class Evaluator:
             except ScheduleError as e:
                 out[i] = self._failed(s, str(e), 0.0, bank, n)
         if ok:
-            start = time.perf_counter()
+            model = self.problem.model
+            start, calls = time.perf_counter(), model.calls
             with torch.no_grad():
-                xs = sample_batch(self.problem.model, b.x_T[:n], [schedules[i] for i in ok])
+                xs = sample_batch(model, b.x_T[:n], [schedules[i] for i in ok])
             share = (time.perf_counter() - start) / len(ok)
+            rounds = model.calls - calls  # one batched call per round; a schedule takes part in nfe of them
             for i, x in zip(ok, xs):
-                out[i] = (self._failed(schedules[i], str(x), share, bank, n) if isinstance(x, NonFiniteError)
-                          else self._measure(schedules[i], x, share, bank, n))
+                res = (self._failed(schedules[i], str(x), share, bank, n) if isinstance(x, NonFiniteError)
+                       else self._measure(schedules[i], x, share, bank, n))
+                # a schedule that diverged is counted for the rounds it could have taken part in (an upper bound)
+                out[i] = replace(res, model_calls=min(schedules[i].nfe, rounds) * n, device=self.device_name)
+        for i, res in enumerate(out):
+            if res is not None and res.model_calls is None:  # refused before sampling: no model call made
+                out[i] = replace(res, model_calls=0, device=self.device_name)
         return out
 
     def score(self, schedule: Schedule, x: Tensor, bank: str = "train", seconds: float = 0.0) -> EvalResult:
@@ -265,6 +285,14 @@ class Evaluator:
         return ["rmse", "median_err", *(["sw"] if self.problem.has_data else []),
                 *(["nll"] if self.problem.has_log_prob else []), *self.problem.quality_metrics,
                 *(["fd_reference"] if hasattr(self.problem.quality, "features") else [])]
+
+
+def device_name(device: torch.device) -> str:
+    """The device as the cost of an evaluation names it: ``cpu``, or ``cuda:0 (NVIDIA H200)``."""
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 def evaluator_options(problem: Problem) -> dict:

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from steptune.cli import cost as cost_table
 from steptune.cli.console import duration, err, fmt, out
 from steptune.cli.errors import CliError
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
@@ -84,6 +85,7 @@ def execute_job(job, quiet: bool = False):
 def study_status(storage, study: str) -> dict:
     """What `steptune status` shows, from the database alone."""
     from steptune.runner import CHEAP, CONFIRM, summarize
+    from steptune.search_cost import study_cost
     from steptune.storage.schema import utcnow
 
     st = storage.get_study(study)
@@ -123,7 +125,7 @@ def study_status(storage, study: str) -> dict:
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
             "busy_evaluators": len({t.worker for t in trials if t.status == "running" and t.worker}),
             "evaluators": (st.config.get("evaluators") or {}).get("count"),
-            "utilisation": st.config.get("utilisation"),
+            "utilisation": st.config.get("utilisation"), "cost": study_cost(trials).as_dict(),
             "recent_errors": [{"number": t.number, "status": t.status, "attempts": t.attempts, "error": t.error}
                               for t in troubled[-5:]]}
 
@@ -138,6 +140,7 @@ def run_cmd(
     json_: JsonOpt = False,
 ):
     """Run (or resume) a search job: every evaluation is stored as it finishes; Ctrl-C stops cleanly."""
+    from steptune.cli.cost import load_cost
     from steptune.jobs import JobError, load_job
 
     try:
@@ -147,11 +150,12 @@ def run_cmd(
     except JobError as e:  # the file, or an override that does not validate
         raise CliError(str(e)) from None
     result = execute_job(job, json_)
+    cost = load_cost(job.storage.db, result.study)
     payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
                "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
                "seconds": result.seconds,
                "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe],
-               "utilisation": result.utilisation}
+               "utilisation": result.utilisation, "cost": cost}
     if json_:
         print(json.dumps(payload, indent=2))
     else:
@@ -160,10 +164,13 @@ def run_cmd(
                             f"in {duration(result.seconds)} (held-out RMSE)")
         for col in ("NFE", "best preset", "preset", "searched", "improvement", "found at eval"):
             table.add_column(col, justify="left" if col == "best preset" else "right")
+        cost_table.add_columns(table)
         for r in result.per_nfe:
             table.add_row(str(r.nfe), r.preset or "—", fmt(r.preset_score), fmt(r.searched_score),
-                          "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"))
+                          "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"),
+                          *cost_table.cells(cost, r.nfe))
         out.print(table)
+        out.print(cost_table.line(cost), highlight=False)
         if result.utilisation:
             out.print(utilisation_text(result.utilisation))
         if result.status in ("interrupted", "time-budget", "incomplete"):
@@ -204,10 +211,13 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     table = Table(title="best per NFE (held-out where confirmed)")
     for col in ("NFE", "searched (held-out)", "searched (train)", "best preset", "preset (held-out)"):
         table.add_column(col, justify="left" if col == "best preset" else "right")
+    cost_table.add_columns(table)
+    cost = info["cost"]
     for r in info["per_nfe"]:
         table.add_row(str(r["nfe"]), fmt(r["heldout"]), fmt(r["train"]), r["preset"] or "—",
-                      fmt(r["preset_score"]))
+                      fmt(r["preset_score"]), *cost_table.cells(cost, r["nfe"]))
     out.print(table)
+    out.print(cost_table.line(cost), highlight=False)
     busy = info["busy_evaluators"]
     out.print(f"evaluators busy now: {busy}" + (f" of {info['evaluators']}" if info["evaluators"] else ""))
     if info["utilisation"]:

@@ -57,6 +57,7 @@ def search_cmd(
     shape: ShapeOpt = None,
 ):
     """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
+    from steptune.cli import cost as cost_table
     from steptune.cli.paths import output_folder
     from steptune.cli.problems import build_problem
     from steptune.cli.run import execute_job
@@ -98,6 +99,7 @@ def search_cmd(
     except JobError as e:
         raise CliError(str(e).removeprefix("search: ")) from None
     result = execute_job(job, quiet=json_)
+    cost = cost_table.load_cost(job.storage.db, name)
     rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
              "searched_rmse": r.searched_score, "improvement": r.improvement,
              "preset_matches_at_nfe": r.preset_matches_at, "found_at_eval": r.found_at, "trial": r.trial,
@@ -106,7 +108,7 @@ def search_cmd(
                "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
                "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
                "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
-               "database": resolve_url(job.storage.db)}
+               "database": resolve_url(job.storage.db), "cost": cost}
     out_dir.mkdir(parents=True, exist_ok=True)
     jpath = out_dir / f"{name}.json"
     jpath.write_text(json.dumps(payload, indent=2, default=float) + "\n")
@@ -117,12 +119,14 @@ def search_cmd(
                             f"(+{result.confirmations} held-out confirmations), held-out RMSE")
         for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE"):
             table.add_column(col, justify="left" if col == "best preset" else "right")
+        cost_table.add_columns(table)
         for r in rows:
             table.add_row(str(r["nfe"]), str(r["best_preset"]), fmt(r["preset_rmse"]),
                           fmt(r["searched_rmse"]),
                           "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
-                          str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"))
+                          str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"), *cost_table.cells(cost, r["nfe"]))
         out.print(table)
+        out.print(cost_table.line(cost), highlight=False)
         err.print(f"study {name!r} is in the database; saved {jpath}")
     if result.status in ("interrupted", "time-budget", "incomplete"):
         err.print(f"stopped ({result.status}); run the same command again to resume study {name!r}")
