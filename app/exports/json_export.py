@@ -14,7 +14,7 @@ from steptune.storage import StudyRecord, TrialRecord
 PROVENANCE_VERSION = 1
 SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
 PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
-                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples")
+                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost")
 
 
 def steptune_version() -> str:
@@ -26,8 +26,9 @@ def steptune_version() -> str:
         return "unknown"
 
 
-def export_dict(trial: TrialRecord, study: StudyRecord | None = None) -> dict:
-    """The exported JSON form of a stored trial: its schedule dict plus ``provenance``."""
+def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict | None = None) -> dict:
+    """The exported JSON form of a stored trial: its schedule dict plus ``provenance`` (with ``cost``, what the
+    study spent at the trial's NFE: ``steptune.search_cost``)."""
     d = trial.to_schedule().to_dict()
     prov = {"version": PROVENANCE_VERSION, "steptune": steptune_version(),
             "exported": datetime.now(UTC).isoformat(timespec="seconds"), "study": trial.study,
@@ -35,6 +36,8 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None) -> dict:
             "status": trial.status, "problem": study.problem if study else None,
             "metric": study.metric if study else None, "score": trial.score, "metrics": trial.metrics,
             "fidelity": trial.fidelity, "bank": trial.bank, "n_samples": trial.n_samples}
+    if cost is not None:
+        prov["cost"] = cost
     d["provenance"] = prov
     return d
 
@@ -75,8 +78,9 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
         if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
             raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
                                 f"version {PROVENANCE_VERSION}); upgrade steptune")
-        if prov.get("metrics") is not None and not isinstance(prov["metrics"], dict):
-            raise ScheduleError(f"{where}: provenance field 'metrics' must be an object")
+        for name in ("metrics", "cost"):
+            if prov.get(name) is not None and not isinstance(prov[name], dict):
+                raise ScheduleError(f"{where}: provenance field {name!r} must be an object")
     sched = Schedule.from_dict({k: v for k, v in d.items() if k != "provenance"}, where=where)
     try:
         sched.validate()
