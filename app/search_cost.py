@@ -114,3 +114,12 @@ def seconds_text(seconds: float | None) -> str:
     if seconds < 3 * 3600:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def cost_at(store, trial) -> dict:
+    """What ``trial``'s study in ``store`` spent at its NFE (``Cost.as_dict()`` and ``of``: the study's own trials,
+    or its preset baselines when the trial is one), as an export's provenance carries it."""
+    baseline = bool((trial.info or {}).get("baseline"))
+    rows = [t for t in store.trials(trial.study, nfe=trial.nfe) if bool((t.info or {}).get("baseline")) == baseline]
+    c = _cost(trial.nfe, [t for t in rows if t.status in FINISHED])
+    return {**c.as_dict(), "of": "baselines" if baseline else "study"}

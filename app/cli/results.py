@@ -72,6 +72,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
              db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     """The best complete trial of a study at an NFE (or at every NFE)."""
     from steptune.exports import export_dict
+    from steptune.search_cost import cost_at
 
     with _open(db) as store:
         st = store.get_study(study)
@@ -81,7 +82,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         if nfe is not None:
             t = _best_or_fail(store, study, nfe, fidelity)
             if json_:
-                print(json.dumps(export_dict(t, st), indent=2))
+                print(json.dumps(export_dict(t, st, cost_at(store, t)), indent=2))
                 return
             out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {fmt(t.score)}  (trial id {t.id}, number "
                       f"{t.number} in the study, {t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, "
@@ -166,6 +167,7 @@ def export_cmd(
         sigma_list_calls,
         stock_diffusers_export,
     )
+    from steptune.search_cost import cost_at
 
     if (nfe is None) == (trial is None):
         raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
@@ -180,12 +182,13 @@ def export_cmd(
                 raise CliError(f"trial {trial} belongs to study {t.study!r}, not {study!r}")
         else:
             t = _best_or_fail(store, study, nfe, fidelity)
+        cost = cost_at(store, t) if format_ == "json" else None
     sched = t.to_schedule()
     if t.status != "complete":
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
     stem = f"{study}-nfe{t.nfe}"
     if format_ == "json":
-        text = json.dumps(export_dict(t, st), indent=2) + "\n"
+        text = json.dumps(export_dict(t, st, cost), indent=2) + "\n"
         _emit(text, output)
     elif format_ in ("sigmas", "comfyui"):
         text = (json.dumps(k_diffusion_sigmas(sched)) if format_ == "sigmas" else comfyui_sigmas(sched)) + "\n"
