@@ -1,5 +1,6 @@
 """What an export needs besides the schedule: the model's conventions (prediction type, time input), the
-noise schedule its times live on, and the diffusers ``SteptuneScheduler`` built from both."""
+noise schedule its times live on, and the diffusers ``SteptuneScheduler`` built from both (the σ convention
+and what a schedule was tuned for are in ``tuning``)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import TYPE_CHECKING
 from steptune.space import Schedule
 from steptune.space import noise as noise_mod
 
+from .tuning import tuning_record
+
 if TYPE_CHECKING:
     from steptune.storage import StudyRecord
-
 
 class ExportError(ValueError):
     """An export that cannot be made exactly; the message says why in one sentence."""
@@ -38,8 +40,9 @@ def schedule_noise(schedule: Schedule):
     return noise_mod.from_dict(schedule.noise)
 
 
-def scheduler_for(schedule: Schedule, conventions: dict):
-    """A ``SteptuneScheduler`` running ``schedule`` for a model with these conventions (needs diffusers)."""
+def scheduler_for(schedule: Schedule, conventions: dict, tuned: dict | None = None):
+    """A ``SteptuneScheduler`` running ``schedule`` for a model with these conventions (needs diffusers);
+    ``tuned`` (default: ``tuning_record(schedule, conventions)``) is recorded in its config as ``tuned_for``."""
     from .diffusers_scheduler import SteptuneScheduler
 
     if schedule.nfe < 1:
@@ -47,4 +50,6 @@ def scheduler_for(schedule: Schedule, conventions: dict):
                           "a diffusers pipeline needs at least one")
     return SteptuneScheduler(schedule=schedule.to_dict(), prediction_type=conventions["prediction"],
                              time_input=conventions["time_input"],
-                             time_scale=float(conventions.get("time_scale") or 1.0))
+                             time_scale=float(conventions.get("time_scale") or 1.0),
+                             tuned_for=tuned if tuned is not None else tuning_record(schedule, conventions,
+                                                                                        schedule_noise(schedule)))

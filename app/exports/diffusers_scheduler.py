@@ -10,8 +10,12 @@ loop (``steptune.space.trajectory``) one model call per ``step()``, so a pipelin
     image = pipe(num_inference_steps=pipe.scheduler.num_inference_steps).images[0]
 
 ``timesteps`` has one entry per model call (the schedule's NFE), the time input the network takes
-(``N t - 1`` for discrete diffusers UNets); steps with an implicit corrector repeat a timestep, as
-diffusers' Heun does. Importing this module needs diffusers; the rest of steptune does not.
+(``N t - 1`` for discrete diffusers UNets, ``1000 t`` for flow transformers); steps with an implicit corrector
+repeat a timestep, as diffusers' Heun does. ``sigmas`` are the model's own σ (σ/α, or t for a flow model, as
+diffusers' FlowMatch schedulers have them) at every call plus the final one. The tuned times are used as
+they are: a flow pipeline's ``shift`` / dynamic-shifting ``mu`` is never applied on top of them (the search
+chose the times on the model's own t axis). Importing this module needs diffusers; the rest of steptune does
+not.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
+from steptune.evaluators.problems import default_conventions
 from steptune.space import Schedule, ScheduleError, TrajectoryRun, trajectory
 from steptune.space import noise as noise_mod
 from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS, convert
 from steptune.space.noise import VPDiscrete, betas_for
+
+from .tuning import model_sigmas, tuning_record, warn_other_conventions
 
 # steptune's prediction names and diffusers' ``prediction_type`` names
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction", "flow": "flow_prediction"}
@@ -80,19 +87,24 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
     the schedule's own), ``prediction_type`` (``epsilon``, ``sample``, ``v_prediction`` or
     ``flow_prediction``; steptune's ``eps``/``x0``/``v``/``flow`` are accepted too), ``time_input``
     (``discrete``: diffusers' training timestep ``N t - 1``; ``continuous``: ``t * time_scale``;
-    ``sigma``: ``sigma/alpha``). The beta-table keys of stock schedulers are accepted, so
-    ``SteptuneScheduler.from_config(pipe.scheduler.config, schedule=...)`` works; they must then
-    describe the noise schedule the schedule was tuned for.
+    ``sigma``: ``sigma/alpha``), ``tuned_for`` (what the schedule was tuned for, as exports record it).
+    Conventions not given are those the schedule was tuned for, else the usual ones of its noise schedule
+    (a flow model: ``flow_prediction``, continuous time times ``num_train_timesteps`` or 1000, as diffusers'
+    flow transformers take it); running under other conventions than it was tuned for warns once. The
+    beta-table keys of stock schedulers are accepted, so ``SteptuneScheduler.from_config(pipe.scheduler.config,
+    schedule=...)`` works; they must then describe the noise schedule the schedule was tuned for. A FlowMatch
+    config's ``shift`` and dynamic-shifting keys are left out: the tuned times are not shifted again.
     """
 
     order = 1
     _compatibles: list[str] = []
 
     @register_to_config
-    def __init__(self, schedule: dict | None = None, noise: dict | None = None, prediction_type: str = "epsilon",
-                 time_input: str = "discrete", time_scale: float = 1.0, num_train_timesteps: int | None = None,
+    def __init__(self, schedule: dict | None = None, noise: dict | None = None, prediction_type: str | None = None,
+                 time_input: str | None = None, time_scale: float | None = None, num_train_timesteps: int | None = None,
                  beta_start: float | None = None, beta_end: float | None = None, beta_schedule: str | None = None,
-                 trained_betas: list[float] | None = None, rescale_betas_zero_snr: bool = False):
+                 trained_betas: list[float] | None = None, rescale_betas_zero_snr: bool = False,
+                 tuned_for: dict | None = None):
         if schedule is None:
             raise ScheduleError("SteptuneScheduler needs a schedule: pass schedule=<Schedule or its JSON dict>")
         sched = schedule if isinstance(schedule, Schedule) else Schedule.from_dict(schedule, where="SteptuneScheduler")
@@ -100,13 +112,6 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         if rescale_betas_zero_snr:
             raise ScheduleError("SteptuneScheduler: zero-terminal-SNR beta tables (rescale_betas_zero_snr) are not "
                                 "supported; their last alpha is 0")
-        prediction = STEPTUNE_PREDICTION.get(prediction_type, prediction_type)
-        if prediction not in PREDICTION_TYPES:
-            raise ScheduleError(f"SteptuneScheduler: prediction_type {prediction_type!r} is unknown; use one of "
-                                f"{', '.join(DIFFUSERS_PREDICTION.values())}")
-        if time_input not in TIME_INPUTS:
-            raise ScheduleError(f"SteptuneScheduler: time_input {time_input!r} is unknown; use one of "
-                                f"{', '.join(TIME_INPUTS)}")
         betas_given = any(v is not None for v in (num_train_timesteps, beta_start, beta_end, beta_schedule,
                                                  trained_betas))
         if noise is not None:
@@ -123,6 +128,20 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
             if not _same_noise(stock, ns):
                 raise ScheduleError(f"SteptuneScheduler: the schedule was tuned for noise schedule {ns!r} but the "
                                     f"scheduler config describes {stock!r}; use a schedule tuned for this model")
+        tuned = dict((tuned_for or {}).get("model") or {}) or {
+            k: v for k, v in (sched.conventions or {}).items() if v is not None}
+        p_default, ti_default = default_conventions(ns)
+        prediction_type = prediction_type or tuned.get("prediction") or p_default
+        time_input = time_input or tuned.get("time_input") or ti_default
+        if time_scale is None:
+            time_scale = tuned.get("time_scale") or (float(num_train_timesteps or 1000) if ns.kind == "flow" else 1.0)
+        prediction = STEPTUNE_PREDICTION.get(prediction_type, prediction_type)
+        if prediction not in PREDICTION_TYPES:
+            raise ScheduleError(f"SteptuneScheduler: prediction_type {prediction_type!r} is unknown; use one of "
+                                f"{', '.join(DIFFUSERS_PREDICTION.values())}")
+        if time_input not in TIME_INPUTS:
+            raise ScheduleError(f"SteptuneScheduler: time_input {time_input!r} is unknown; use one of "
+                                f"{', '.join(TIME_INPUTS)}")
         if time_input == "discrete" and not isinstance(ns, VPDiscrete):
             raise ScheduleError("SteptuneScheduler: time_input 'discrete' needs a discrete VP noise schedule")
         if sched.noise and not _same_noise(noise_mod.from_dict(sched.noise), ns):
@@ -131,11 +150,16 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         if sched.nfe < 1:
             raise ScheduleError("SteptuneScheduler: the schedule makes no model call (one step after an analytical "
                                 "first step); a pipeline needs at least one")
+        record = tuned_for or tuning_record(sched, tuned or None, ns)
+        running = {"prediction": prediction, "time_input": time_input, "time_scale": float(time_scale)}
+        warn_other_conventions(tuned or None, running, "SteptuneScheduler")
         # the config keeps what the scheduler runs, so a saved folder is self-contained
         self.register_to_config(schedule=sched.to_dict(), noise=ns.to_dict(),
-                                prediction_type=DIFFUSERS_PREDICTION[prediction],
+                                prediction_type=DIFFUSERS_PREDICTION[prediction], time_input=time_input,
+                                time_scale=float(time_scale), tuned_for=record,
                                 num_train_timesteps=ns.N if isinstance(ns, VPDiscrete) else num_train_timesteps)
-        resolved = ("schedule", "noise", "prediction_type", "num_train_timesteps")
+        resolved = ("schedule", "noise", "prediction_type", "time_input", "time_scale", "tuned_for",
+                    "num_train_timesteps")
         defaults = [k for k in self.config.get("_use_default_values", []) if k not in resolved]
         self.register_to_config(_use_default_values=defaults)
         self.schedule = sched
@@ -152,6 +176,7 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         self._loop = None  # the running sampler loop (a TrajectoryRun) and the model call it waits for
         self._request = None
         self._afs_scaled = False
+        self._told: set[str] = set()  # what this scheduler has warned about (each once)
 
     # -- what pipelines read --
 
@@ -194,15 +219,20 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         return ts if device is None else ts.to(device)
 
     def _sigmas(self) -> torch.Tensor:
-        """sigma/alpha at every model call plus the final time (k-diffusion's noise level)."""
-        ts = torch.tensor([*self.call_times, self.schedule.times[-1]], dtype=torch.float64)
-        return self.noise_schedule.edm_sigma(ts).to(torch.float32)
+        """The model's own σ (σ/α, or t for a flow model) at every model call plus the final time."""
+        return model_sigmas(self.noise_schedule, [*self.call_times, self.schedule.times[-1]]).to(torch.float32)
+
+    def _tell(self, what: str, message: str) -> None:
+        if what not in self._told:
+            self._told.add(what)
+            warnings.warn(message, UserWarning, stacklevel=3)
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list | None = None, sigmas: list | None = None, **kwargs) -> None:
         """Prepare a run of the tuned schedule. ``num_inference_steps`` and ``timesteps``, if given, must
         match it (NFE entries); ``sigmas`` must have the right length and are otherwise ignored with a
-        warning when they differ (some pipelines always pass default sigmas)."""
+        warning when they differ (some pipelines always pass default sigmas). A flow pipeline's dynamic
+        shift ``mu`` is not applied (the tuned times already are the model's own); it warns once."""
         nfe = self.schedule.nfe
         if timesteps is not None and sigmas is not None:
             raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
@@ -226,8 +256,10 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
                                  f"model calls; pass {nfe} (or {nfe + 1} with the final one) or none")
             mine = self.sigmas.double()[: len(given)]
             if not torch.allclose(given, mine, rtol=1e-5, atol=1e-6):
-                warnings.warn("SteptuneScheduler runs its tuned schedule and ignores the sigmas it was given",
-                              stacklevel=2)
+                self._tell("sigmas", "SteptuneScheduler runs its tuned schedule and ignores the sigmas it was given")
+        if kwargs.get("mu") is not None:
+            self._tell("mu", f"SteptuneScheduler runs its tuned times as they are (already the model's own t); "
+                             f"the dynamic shift mu={float(kwargs['mu']):.4g} is not applied on top of them")
         self.timesteps = self._timesteps(device)
         self.num_inference_steps = nfe
         self._step_index = None
@@ -265,6 +297,9 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         """Feed the network output at ``sample`` to the schedule; ``prev_sample`` is where the network
         is needed next (or the final samples after the last call)."""
         nfe = self.schedule.nfe
+        if kwargs.get("eta"):
+            raise ValueError(f"SteptuneScheduler runs a deterministic tuned schedule, but eta={kwargs['eta']} "
+                             "(stochastic DDIM) was asked for; pass eta=0")
         if self._step_index is None:
             self._step_index = 0
         i = self._step_index
@@ -280,7 +315,8 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
             self._loop, self._request = self._start(sample)
             if self.schedule.afs != "none" and not self._afs_scaled:
                 raise ValueError("SteptuneScheduler: this schedule takes an analytical first step inside "
-                                 "scale_model_input(), which this pipeline did not call")
+                                 "scale_model_input(), which this pipeline did not call; use a schedule without "
+                                 "one (afs none) in this pipeline")
         req = self._request
         recycle = req.buf is not None and not torch.is_grad_enabled()  # the loop's own tensors, written in place
         x = req.x

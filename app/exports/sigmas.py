@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 from steptune.space import Schedule
 
 from .conventions import ExportError, schedule_noise
+from .tuning import model_sigmas
 
 
 def k_diffusion_sigmas(schedule: Schedule) -> list[float]:
@@ -23,9 +23,7 @@ def k_diffusion_sigmas(schedule: Schedule) -> list[float]:
     A schedule that stops at a positive sigma gets a trailing 0 appended, as k-diffusion's schedule
     helpers do. The list carries the times only; the per-step solver decisions are in the JSON export.
     """
-    ns = schedule_noise(schedule)
-    times = torch.tensor(schedule.times, dtype=torch.float64)
-    sig = (times if ns.kind == "flow" else ns.edm_sigma(times)).tolist()
+    sig = model_sigmas(schedule_noise(schedule), schedule.times).tolist()
     if schedule.times[-1] == 0.0:
         sig[-1] = 0.0
     else:
