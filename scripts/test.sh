@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q -c constraints.txt torch==2.13.0
 .venv/bin/pip install -q -c constraints.txt -e ".[test,diffusers]"
+# k-diffusion's own samplers for the integration tests: its release pins dctorch, which needs numpy < 2, and its
+# package __init__ imports its training stack; the tests load k_diffusion.sampling/external alone (tests/kdiffusion_lib.py),
+# which need only torchsde and torchdiffeq from the test extra
+.venv/bin/pip install -q --no-deps k-diffusion==0.1.1.post1
 
 # PostgreSQL for the storage tests: a private server on loopback (the Debian package is installed if
 # missing), reused while it runs; stopped again at the end only if this script started it.
