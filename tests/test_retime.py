@@ -1,0 +1,114 @@
+"""Re-timing and interpolation: valid schedules for every preset on any grid, the identity on a schedule's own grid,
+decisions by relative lambda position, the analytical first step only from pure noise, and interpolated schedules
+between searched NFEs at the asked NFE."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from steptune.space import ScheduleError, presets
+from steptune.space import noise as noise_mod
+from steptune.space.retime import interpolate, positions, retime
+
+NOISES = ("vp-linear", "ddpm-linear", "edm", "flow")
+
+
+def grid(ns, n, t0, t1, warp=1.0):
+    lam = ns.lam(torch.tensor([t0, t1], dtype=torch.float64))
+    u = torch.linspace(0, 1, n + 1, dtype=torch.float64) ** warp
+    ts = ns.t_of_lambda(lam[0] + u * (lam[1] - lam[0])).tolist()
+    ts[0], ts[-1] = t0, t1
+    return ts
+
+
+def ends(ns):
+    from steptune.evaluators.problems import default_t_start
+
+    return default_t_start(ns), float(ns.t_min)
+
+
+@pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.parametrize("name", presets.names())
+def test_every_preset_retimes_validly_and_is_unchanged_on_its_own_grid(noise, name):
+    ns = noise_mod.get(noise)
+    t0, t1 = ends(ns)
+    for nfe in (3, 6):
+        s = presets.build(name, nfe, ns, t_start=t0, t_end=t1)
+        same = retime(s, s.times)
+        assert same.key() == s.key() and same.nfe == s.nfe
+        for n, start, end, warp in ((2, t0, t1, 1.0), (9, t0, t1, 1.3), (5, 0.5 * t0, t1, 0.8), (4, t0, 0.0, 1.0)):
+            times = grid(ns, n, start, end if end > 0 else t1, warp)
+            if end == 0.0:
+                times = [*times[:-1], 0.0]
+            r = retime(s, times, from_noise=start == t0)
+            r.validate()
+            assert len(r.steps) == n and r.times == pytest.approx(times, rel=0, abs=0)
+            assert r.afs == (s.afs if start == t0 else "none")
+
+
+def test_decisions_come_from_the_step_at_the_nearest_relative_lambda_position():
+    ns = noise_mod.get("vp-linear")
+    s = presets.build("dpm-solver++-3m", 8, ns, t_start=1.0, t_end=1e-3)
+    orders = [st.order for st in s.steps]
+    assert orders == [1, 2, 3, 3, 3, 3, 2, 1]
+    r = retime(s, grid(ns, 4, 1.0, 1e-3))  # ends at positions 1/4 .. 1 -> old steps 1, 3, 5, 7 (ends at 2/8 ..)
+    assert [st.order for st in r.steps] == [1, 2, 3, 1]  # step 0 is clipped to the one point it has
+    assert r.steps[2].second_scale == s.steps[5].second_scale
+    half = retime(s, grid(ns, 8, 0.3, 1e-3), from_noise=False)  # img2img: the same positions on a shorter interval
+    assert [st.order for st in half.steps] == orders
+
+
+def test_positions_run_from_0_to_1_in_lambda_also_through_infinite_ends():
+    ns = noise_mod.get("flow")
+    r = positions(ns, [1.0, 0.5, 0.1, 0.0])
+    assert r[0] == 0.0 and r[-1] == 1.0 and r[1] == pytest.approx(0.5, abs=1e-12) and np.all(np.diff(r) > 0)
+
+
+def test_a_bad_grid_is_refused_with_the_entry():
+    ns = noise_mod.get("vp-linear")
+    s = presets.build("ddim", 4, ns)
+    with pytest.raises(ScheduleError, match="entry 2"):
+        retime(s, [1.0, 0.5, 0.6, 0.1])
+    with pytest.raises(ScheduleError, match="at least 2"):
+        retime(s, [1.0])
+
+
+def searched(ns, nfe, seed):
+    from steptune.search.space import DecisionSpace
+
+    space = DecisionSpace(ns, 1.0, 1e-3, afs_kinds=("none", "zero"))
+    rng = np.random.default_rng(seed)
+    out = None
+    while out is None:
+        out = space.random(nfe, rng)
+    return out
+
+
+def test_interpolated_schedules_cost_the_asked_nfe_and_lie_between_their_neighbours():
+    ns = noise_mod.get("vp-linear")
+    study = {n: searched(ns, n, n) for n in (5, 6, 8, 10)}
+    for nfe in (4, 7, 9, 12):
+        s = interpolate(study, nfe)
+        assert s.validate(nfe).nfe == nfe
+        info = s.meta["interpolated"]
+        near = min(study, key=lambda k: (abs(k - nfe), -k))
+        assert info["decisions_from"] == near
+        if 5 < nfe < 10:
+            lo, hi = info["between"]
+            u = np.linspace(0, 1, len(s.times))
+            mine = np.asarray(positions(ns, s.times))
+            prof = [np.interp(u, np.linspace(0, 1, len(study[k].times)), positions(ns, study[k].times))
+                    for k in (lo, hi)]
+            assert np.all(mine >= np.minimum(*prof) - 1e-9) and np.all(mine <= np.maximum(*prof) + 1e-9)
+    assert interpolate(study, 6) is study[6]
+
+
+def test_interpolating_presets_gives_the_preset_at_that_nfe_when_the_neighbours_share_a_spacing():
+    ns = noise_mod.get("vp-linear")
+    study = {n: presets.build("dpm-solver++-2m", n, ns, lower_order_final=False) for n in (5, 9)}
+    s = interpolate(study, 7)
+    want = presets.build("dpm-solver++-2m", 7, ns, lower_order_final=False)
+    assert s.times == pytest.approx(want.times, rel=1e-9)
+    assert [dataclasses.replace(st, t=0) for st in s.steps] == [dataclasses.replace(st, t=0) for st in want.steps]
