@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from types import SimpleNamespace
 
 from sqlalchemy import and_, func, or_, select
 
+from steptune.search_cost import FINISHED, study_cost
 from steptune.storage import Storage
 from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial
 
@@ -272,6 +274,7 @@ def history(store: Storage, study: str) -> dict:
                                 _baseline_flag().label("baseline"))
                          .where(Trial.study_id == sid, Trial.status.in_(("complete", "failed")))
                          .order_by(Trial.number)).all()
+        cost = _study_cost(s, sid)
     curves: dict[tuple, dict] = {}
     done: dict[str, int] = defaultdict(int)
     for r in rows:
@@ -297,7 +300,20 @@ def history(store: Storage, study: str) -> dict:
     evaluators = (config or {}).get("evaluators") or {}
     return {"study": study, "metric": metric, "evaluations": dict(done), "curves": [c for c in ordered if c["best"]],
             "evaluators": {"count": evaluators.get("count"), "backend": evaluators.get("backend"), "busy": busy},
-            "utilisation": (config or {}).get("utilisation")}
+            "utilisation": (config or {}).get("utilisation"), "cost": cost}
+
+
+def _study_cost(s, sid: int) -> dict:
+    """``steptune.search_cost.study_cost`` of a study, reading only the columns it needs."""
+    rows = s.execute(select(Trial.nfe, Trial.status, Trial.key, Trial.bank, Trial.n_samples, Trial.seconds,
+                            Trial.started, Trial.finished, _baseline_flag().label("baseline"),
+                            Trial.metrics["model_calls"].as_float().label("model_calls"),
+                            Trial.metrics["device"].as_string().label("device"))
+                     .where(Trial.study_id == sid, Trial.status.in_(FINISHED)).order_by(Trial.number)).all()
+    trials = [SimpleNamespace(**r._asdict(), info={"baseline": bool(r.baseline)},
+                              metrics={k: v for k, v in (("model_calls", r.model_calls), ("device", r.device))
+                                       if v is not None}) for r in rows]
+    return study_cost(trials).as_dict()
 
 
 # ---- the trial table ---------------------------------------------------------------------------------

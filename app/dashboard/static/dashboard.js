@@ -185,7 +185,7 @@ async function renderHistory() {
   const studies = trialStudies(currentProblem()).filter((s) => s.method !== "preset");
   state.historyStudy = fillSelect($("history-study"), studies.map((s) => [s.name, `${s.name} (${s.method})`]),
     state.historyStudy);
-  if (!state.historyStudy) { Plotly.purge($("history-plot")); return; }
+  if (!state.historyStudy) { Plotly.purge($("history-plot")); $("history-cost").innerHTML = ""; return; }
   const data = await latest("history", api("/api/history", { study: state.historyStudy }));
   const traces = data.curves.filter((c) => !state.fidelity || c.fidelity === state.fidelity).map((c, i) => ({
     type: "scatter", mode: "lines+markers", name: `NFE ${c.nfe} (${c.fidelity || "—"}, ${c.n} evals)`,
@@ -200,6 +200,29 @@ async function renderHistory() {
   }, PLOT_CONFIG);
   $("history-plot").dataset.traces = String(traces.length);
   $("history-run").textContent = runText(data);
+  renderCost($("history-cost"), data.cost);
+}
+
+function secondsText(s) {
+  if (s === null || s === undefined) return "—";
+  if (s < 10) return `${Number(s.toPrecision(2))} s`;
+  if (s < 600) return `${Math.round(s)} s`;
+  if (s < 3 * 3600) return `${(s / 60).toFixed(1)} min`;
+  return `${(s / 3600).toFixed(1)} h`;
+}
+
+function renderCost(table, cost) {
+  const rows = [...cost.per_nfe.map((c) => [String(c.nfe), c]), ["all NFEs", cost.total]];
+  if (cost.baselines.evaluations) rows.push(["baselines", cost.baselines]);
+  const extra = (c) => [c.repeats ? `${c.repeats} repeated` : "", c.reused ? `${c.reused} reused` : ""]
+    .filter(Boolean).join(", ");
+  table.innerHTML = "<thead><tr><th>NFE</th><th>evaluations</th><th>model calls</th><th>wall</th>"
+    + "<th>device s</th><th class=\"text\">device</th></tr></thead><tbody>"
+    + rows.map(([label, c]) => `<tr data-nfe="${esc(label)}"><td>${esc(label)}</td>`
+      + `<td>${c.evaluations}${extra(c) ? ` (${esc(extra(c))})` : ""}</td>`
+      + `<td>${c.model_calls.toLocaleString("en-US")}</td><td>${secondsText(c.wall_seconds)}</td>`
+      + `<td>${secondsText(c.device_seconds)}</td><td class="text">${esc(c.device)}</td></tr>`).join("")
+    + "</tbody>";
 }
 
 function runText(data) {

@@ -1,0 +1,101 @@
+"""The dashboard's cost figures: the search-efficiency answer carries what a study spent per NFE (a real search
+and a real preset sweep of known size), and the page shows it in the browser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from test_dashboard_browser import _open, browser, page, shots  # noqa: F401  (fixtures)
+from test_dashboard_data import (  # noqa: F401  (the session fixture)
+    EVALUATIONS,
+    HAND_STUDY,
+    PRESET_STUDY,
+    SEARCH_NFES,
+    SEARCH_STUDY,
+    dashboard_db,
+)
+
+from steptune.dashboard import create_app, open_read_only
+from steptune.search_cost import seconds_text, study_cost
+from steptune.storage import connect
+
+CHEAP, HELDOUT, CONFIRM = 32, 1024, 2  # the dashboard job's samples and confirmations
+
+
+@pytest.fixture(scope="module")
+def client(dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
+    store = open_read_only(url)
+    with TestClient(create_app(store)) as c:
+        yield c
+    store.close()
+
+
+def _cost(client, study: str) -> dict:
+    r = client.get("/api/history", params={"study": study})
+    assert r.status_code == 200
+    return r.json()["cost"]
+
+
+def test_a_searchs_cost_per_nfe(client, dashboard_db):  # noqa: F811
+    url, _ = dashboard_db
+    cost = _cost(client, SEARCH_STUDY)
+    with connect(url, create=False) as store:
+        trials = store.trials(SEARCH_STUDY)
+        assert cost == json.loads(json.dumps(study_cost(trials).as_dict()))
+    own = [t for t in trials if not t.info.get("baseline")]
+    assert [c["nfe"] for c in cost["per_nfe"]] == SEARCH_NFES
+    for c in cost["per_nfe"]:
+        cheap = sum(t.fidelity == "train" and t.nfe == c["nfe"] for t in own)
+        assert c["evaluations"] == cheap + CONFIRM
+        assert c["model_calls"] == c["nfe"] * (CHEAP * cheap + HELDOUT * CONFIRM)
+        assert c["device"] == "cpu"
+    assert cost["total"]["evaluations"] == (EVALUATIONS + CONFIRM) * len(SEARCH_NFES)
+
+
+def test_a_sweeps_cost_is_its_presets_times_nfe_times_samples(client, dashboard_db):  # noqa: F811
+    url, info = dashboard_db
+    ran = [r for r in info["sweep_rows"] if r["status"] in ("complete", "failed")]
+    with connect(url, create=False) as store:
+        samples = {t.n_samples for t in store.trials(PRESET_STUDY)}
+    assert len(samples) == 1
+    n = samples.pop()
+    cost = _cost(client, PRESET_STUDY)
+    for c in cost["per_nfe"]:
+        rows = [r for r in ran if r["nfe"] == c["nfe"]]
+        assert c["evaluations"] == len(rows) and c["model_calls"] == c["nfe"] * n * len(rows)
+        # evaluated one after another in one process: the wall time is their own seconds
+        assert c["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in rows))
+        assert c["device_seconds"] == pytest.approx(c["wall_seconds"])
+    assert cost["baselines"]["evaluations"] == 0
+
+
+def test_an_imported_result_is_reused_not_evaluated(client):
+    cost = _cost(client, HAND_STUDY)
+    assert cost["total"]["evaluations"] == 0 and cost["total"]["reused"] == 1
+    assert cost["total"]["model_calls"] == 0 and cost["total"]["device"] == "—"
+
+
+def test_the_history_view_shows_the_cost_table(page, dashboard_db, client, shots):  # noqa: F811
+    from dashboard_server import serving
+
+    url, _ = dashboard_db
+    cost = _cost(client, SEARCH_STUDY)
+    with serving(url) as server:
+        _open(page, f"{server}/#history", "history")
+        page.select_option("#history-study", SEARCH_STUDY)
+        page.wait_for_function("document.querySelectorAll('#history-cost tbody tr').length > 0")
+        rows = page.eval_on_selector_all("#history-cost tbody tr",
+                                         "trs => trs.map((tr) => [...tr.cells].map((td) => td.textContent))")
+        page.screenshot(path=str(shots / "history-cost.png"), full_page=True)
+    want = [(str(c["nfe"]), c) for c in cost["per_nfe"]] + [("all NFEs", cost["total"]),
+                                                            ("baselines", cost["baselines"])]
+    assert [r[0] for r in rows] == [label for label, _ in want]
+    for row, (_, c) in zip(rows, want):
+        assert row[1].split(" ")[0] == str(c["evaluations"])
+        assert row[2] == f"{c['model_calls']:,}"
+        assert row[3] == seconds_text(c["wall_seconds"]) and row[4] == seconds_text(c["device_seconds"])
+        assert row[5] == c["device"]
+    assert "repeated" in rows[-1][1] or cost["baselines"]["repeats"] == 0
