@@ -1,5 +1,7 @@
 """The JSON export: the Schedule's own versioned dict plus a ``provenance`` block (study, trial, problem and
-model identity, metrics, steptune version); ``parse_export`` validates a file with one-sentence errors."""
+model identity, metrics, steptune version, and ``tuned_for``: the sampler and model conventions the schedule
+was tuned for, the σ convention and the final σ); ``parse_export`` validates a file with one-sentence
+errors and reads the provenance of every version up to this one."""
 
 from __future__ import annotations
 
@@ -11,10 +13,13 @@ from steptune.space import Schedule, ScheduleError
 from steptune.space.schedule import SCHEMA_VERSION
 from steptune.storage import StudyRecord, TrialRecord
 
-PROVENANCE_VERSION = 1
+from .conventions import ExportError, conventions_for, schedule_noise
+from .tuning import tuning_record
+
+PROVENANCE_VERSION = 2  # 2: tuned_for
 SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
 PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
-                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost")
+                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost", "tuned_for")
 
 
 def steptune_version() -> str:
@@ -29,7 +34,8 @@ def steptune_version() -> str:
 def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict | None = None) -> dict:
     """The exported JSON form of a stored trial: its schedule dict plus ``provenance`` (with ``cost``, what the
     study spent at the trial's NFE: ``steptune.search_cost``)."""
-    d = trial.to_schedule().to_dict()
+    sched = trial.to_schedule()
+    d = sched.to_dict()
     prov = {"version": PROVENANCE_VERSION, "steptune": steptune_version(),
             "exported": datetime.now(UTC).isoformat(timespec="seconds"), "study": trial.study,
             "method": study.method if study else None, "trial": trial.id, "trial_number": trial.number,
@@ -38,6 +44,12 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
             "fidelity": trial.fidelity, "bank": trial.bank, "n_samples": trial.n_samples}
     if cost is not None:
         prov["cost"] = cost
+    if sched.noise:
+        try:
+            conv = conventions_for(sched, study)
+        except ExportError:  # no problem stored: the model's conventions stay unknown (model: null)
+            conv = None
+        prov["tuned_for"] = tuning_record(sched, conv, schedule_noise(sched))
     d["provenance"] = prov
     return d
 
@@ -78,7 +90,7 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
         if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
             raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
                                 f"version {PROVENANCE_VERSION}); upgrade steptune")
-        for name in ("metrics", "cost"):
+        for name in ("metrics", "cost", "tuned_for"):
             if prov.get(name) is not None and not isinstance(prov[name], dict):
                 raise ScheduleError(f"{where}: provenance field {name!r} must be an object")
     sched = Schedule.from_dict({k: v for k, v in d.items() if k != "provenance"}, where=where)

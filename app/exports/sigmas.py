@@ -12,7 +12,7 @@ import numpy as np
 from steptune.space import Schedule
 
 from .conventions import ExportError, schedule_noise
-from .tuning import model_sigmas
+from .tuning import final_sigma, model_sigmas
 
 
 def k_diffusion_sigmas(schedule: Schedule) -> list[float]:
@@ -39,8 +39,9 @@ def sigma_list_calls(schedule: Schedule) -> tuple[int, list[str]]:
     sig = k_diffusion_sigmas(schedule)
     why = []
     if schedule.times[-1] != 0.0:
-        why.append(f"the list ends with a step from the schedule's last time (sigma {sig[-2]:.4g}) to 0, "
-                   "one more call")
+        value, kind = final_sigma(schedule, schedule_noise(schedule))
+        end = "the smallest training sigma" if kind == "smallest training sigma" else "sigma"
+        why.append(f"the schedule ends at {end} {value:.4g} and the list adds a step from there to 0, one more call")
     if schedule.afs != "none":
         why.append("the schedule's first step is analytical (no model call), a sigma-list sampler calls the model "
                    "there")

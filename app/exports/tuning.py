@@ -34,6 +34,15 @@ def model_sigmas(ns, times) -> torch.Tensor:
     return t.clone() if ns.kind == "flow" else ns.edm_sigma(t)
 
 
+def times_from_model_sigmas(ns, sigmas) -> torch.Tensor:
+    """The schedule times (float64) of a list of the model's own σ, the inverse of ``model_sigmas``
+    (σ = 0 is t = 0)."""
+    sig = torch.as_tensor(sigmas, dtype=torch.float64)
+    if ns.kind == "flow":
+        return sig.clone()
+    return torch.where(sig > 0, ns.t_of_edm_sigma(sig.clamp(min=1e-300)), torch.zeros_like(sig))
+
+
 def final_sigma(schedule: Schedule, ns) -> tuple[float, str]:
     """Where the schedule ends, in the model's own σ, and what that end is: ``zero`` (σ = 0, a last step
     to the data), ``smallest training sigma`` (the noise schedule's t_min, diffusers' ``sigma_min``) or
