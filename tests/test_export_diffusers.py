@@ -310,15 +310,50 @@ REFUSALS = {
     "custom-table": (lambda: presets.ddim(5, VPDiscrete(tuple(x * 0.999 for x in NS.alphas_cumprod)),
                                           spacing="diffusers-linspace"), "dpmsolver", "custom alphas_cumprod"),
     "continuous-noise": (lambda: presets.ddim(5, noise.VPLinear()), "euler", "vp-linear"),
+    "flow-second-order": (lambda: presets.dpmpp_2m(5, noise.RectifiedFlow(), t_start=0.999, final_zero=True),
+                          "flowmatch", "only takes first-order schedules"),
+    "flow-not-to-zero": (lambda: presets.ddim(5, noise.RectifiedFlow(), t_start=0.999), "flowmatch",
+                         "end the schedule at t = 0"),
+    "flow-on-vp": (lambda: presets.ddim(5, NS), "flowmatch", "needs a rectified-flow model"),
 }
+
+
+FLOW_CONV = {"prediction": "flow", "time_input": "continuous", "time_scale": 1000.0}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_stock_export_refuses_with_a_reason(case):
     make, kind, words = REFUSALS[case]
     with pytest.raises(ExportError) as e:
-        stock_diffusers_export(make(), CONV, kind)
+        stock_diffusers_export(make(), FLOW_CONV if case.startswith("flow") else CONV, kind)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_flowmatch_export_is_exact_and_unshifted():
+    """A first-order flow schedule ending at t = 0 as FlowMatchEulerDiscreteScheduler (auto picks it) with the
+    model's own t as sigmas and shift 1: its steps equal steptune's on the exact velocity of Gaussian data."""
+    fl = noise.RectifiedFlow()
+    sched = presets.ddim(7, fl, spacing="time-uniform", t_start=0.999, final_zero=True)
+    exp = stock_diffusers_export(sched, FLOW_CONV)
+    assert exp.class_name == "FlowMatchEulerDiscreteScheduler"
+    assert (exp.config["shift"], exp.config["use_dynamic_shifting"]) == (1.0, False)
+    s = exp.build()
+    assert torch.allclose(s.timesteps.double(), 1000 * torch.tensor(sched.times[:-1], dtype=torch.float64), rtol=1e-6)
+
+    def velocity(x, timestep):  # eps - x0 for N(MU, VAR) data, x = (1 - t) x0 + t eps
+        t = float(timestep.reshape(-1)[0]) / 1000 if torch.is_tensor(timestep) else float(timestep) / 1000
+        a, sd = 1 - t, t
+        x0 = MU + a * VAR * (x - a * MU) / (a * a * VAR + sd * sd)
+        return (x - a * x0) / sd - x0
+
+    x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = x_T.clone()
+    for t in s.timesteps:
+        x = s.step(velocity(x, t), t, x).prev_sample
+    ours = sample(Model(lambda x, t: velocity(x, t), fl, prediction="flow", time_input="continuous",
+                        time_scale=1000.0), x_T.clone(), sched)
+    assert (x - ours).abs().max().item() < 1e-5  # diffusers steps in float32
+    assert (ours - x_T).abs().max().item() > 0.1
 
 
 def test_stock_export_needs_stock_conventions():

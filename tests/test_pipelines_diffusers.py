@@ -35,7 +35,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from steptune.exports import SteptuneScheduler
+from steptune.exports import SteptuneScheduler, stock_diffusers_export
 from steptune.space import Corrector, Model, Schedule, Step, presets, sample, spacing
 from steptune.space.noise import RectifiedFlow, VPDiscrete
 
@@ -298,13 +298,16 @@ def test_flow_shift_is_not_applied_twice(sd3_parts):
 
 def test_flow_conventions_match_the_stock_flow_scheduler(sd3_parts):
     """An independent check of the flow conventions: a first-order schedule (DDIM, which is Euler in t on a
-    rectified flow) through SteptuneScheduler equals diffusers' FlowMatchEulerDiscreteScheduler on the same
-    sigmas at shift 1, in the same SD3 pipeline (the stock scheduler steps in float32)."""
+    rectified flow) through SteptuneScheduler equals diffusers' FlowMatchEulerDiscreteScheduler as the stock
+    export configures it (the model's own t as sigmas, shift 1), in the same SD3 pipeline (the stock
+    scheduler steps in float32)."""
     sched = presets.ddim(6, FLOW, t_start=0.999, final_zero=True)
     x_T = latents(torch.float64, seed=4)
     ours = run_sd3(sd3_pipe(sd3_parts, SteptuneScheduler(schedule=sched.to_dict()), torch.float64), x_T, sched.nfe)
-    stock = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    theirs = run_sd3(sd3_pipe(sd3_parts, stock, torch.float64), x_T, None, sigmas=sched.times[:-1])
+    exp = stock_diffusers_export(sched, {"prediction": "flow", "time_input": "continuous", "time_scale": 1000.0})
+    assert exp.class_name == "FlowMatchEulerDiscreteScheduler" and exp.config["shift"] == 1.0
+    stock = exp.build()
+    theirs = run_sd3(sd3_pipe(sd3_parts, stock, torch.float64), x_T, None, **exp.kwargs)
     assert stock.sigmas[-1] == 0.0 and sched.times[-1] == 0.0
     assert close(theirs, ours) <= F32_REL
     assert (ours - x_T).abs().max().item() > 0.1

@@ -1,6 +1,7 @@
 """diffusers' stock schedulers, only where they run a schedule exactly: ``DPMSolverMultistepScheduler``
-with integer ``timesteps=`` and pinned final-step options, ``EulerDiscreteScheduler`` with ``sigmas=``
-(``stock_diffusers_export``); anything else is refused with the reason."""
+with integer ``timesteps=`` and pinned final-step options, ``EulerDiscreteScheduler`` with ``sigmas=``, and for
+rectified-flow models ``FlowMatchEulerDiscreteScheduler`` with ``sigmas=`` at ``shift=1`` (the tuned times are
+the model's own t: no shift on top) (``stock_diffusers_export``); anything else is refused with the reason."""
 
 from __future__ import annotations
 
@@ -42,7 +43,12 @@ class StockExport:
             warnings.simplefilter("ignore", DeprecationWarning)
             s = cls(**self.config)
             s.set_timesteps(device=device, **self.kwargs)
-        if self.class_name == "DPMSolverMultistepScheduler":
+        if self.class_name == "FlowMatchEulerDiscreteScheduler":
+            want = torch.tensor([*self.kwargs["sigmas"], 0.0], dtype=torch.float32)
+            if not torch.allclose(s.sigmas.cpu(), want, rtol=1e-6, atol=0):
+                raise ExportError(f"{self.class_name}.set_timesteps changed the sigmas; this diffusers version does "
+                                  "not take them verbatim")
+        elif self.class_name == "DPMSolverMultistepScheduler":
             if s.timesteps.tolist() != list(self.kwargs["timesteps"]):
                 raise ExportError(f"{self.class_name}.set_timesteps changed the timesteps; this diffusers version "
                                   "does not take them verbatim")
@@ -206,16 +212,50 @@ def _euler_export(schedule: Schedule, conventions: dict) -> StockExport:
     return StockExport("EulerDiscreteScheduler", config, {"sigmas": sigmas}, notes)
 
 
+def _flowmatch_export(schedule: Schedule, conventions: dict) -> StockExport:
+    ns = schedule_noise(schedule)
+    if ns.kind != "flow":
+        raise ExportError(f"the schedule is for a {ns.kind} noise schedule; FlowMatchEulerDiscreteScheduler "
+                          "needs a rectified-flow model")
+    pred, ti = conventions.get("prediction"), conventions.get("time_input")
+    scale = float(conventions.get("time_scale") or 1.0)
+    if pred != "flow" or ti != "continuous":
+        raise ExportError(f"the model predicts {pred!r} from time input {ti!r}; FlowMatchEulerDiscreteScheduler "
+                          "feeds a velocity (flow) model the continuous time")
+    if scale != round(scale) or scale < 1:
+        raise ExportError(f"the model takes t times {scale:g}; FlowMatchEulerDiscreteScheduler feeds t times an "
+                          "integer num_train_timesteps")
+    if schedule.afs != "none":
+        raise ExportError("the schedule starts with an analytical first step, which FlowMatchEulerDiscreteScheduler "
+                          "does not take")
+    for i, st in enumerate(schedule.steps):
+        if st.order != 1 or st.corrector is not None or st.start != -1 or st.dc_ratio != 1.0:
+            raise ExportError(f"step {i} is not a plain first-order step (order {st.order}"
+                              f"{', corrector' if st.corrector else ''}), and FlowMatchEulerDiscreteScheduler "
+                              "only takes first-order schedules")
+    if schedule.times[-1] != 0.0:
+        raise ExportError(f"the schedule ends at t = {schedule.times[-1]:.6g} > 0, but FlowMatchEulerDiscreteScheduler "
+                          "always takes a last step to sigma 0; end the schedule at t = 0")
+    config = {"num_train_timesteps": round(scale), "shift": 1.0, "use_dynamic_shifting": False,
+              "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
+              "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}
+    notes = ["a first-order step on a rectified flow is Euler in t; FlowMatchEulerDiscreteScheduler steps in float32",
+             "shift is 1: the tuned sigmas are the model's own t and must not be shifted again; a pipeline whose "
+             "scheduler config has use_dynamic_shifting would pass mu, which this config turns off"]
+    return StockExport("FlowMatchEulerDiscreteScheduler", config, {"sigmas": schedule.times[:-1]}, notes)
+
+
 def stock_diffusers_export(schedule: Schedule, conventions: dict, kind: str = "auto") -> StockExport:
     """The stock diffusers scheduler that runs ``schedule`` exactly, or ExportError saying why none does.
 
     ``kind``: ``dpmsolver`` (DPMSolverMultistepScheduler, integer ``timesteps=``), ``euler``
-    (EulerDiscreteScheduler, ``sigmas=``) or ``auto`` (the first of the two that is exact).
+    (EulerDiscreteScheduler, ``sigmas=``), ``flowmatch`` (FlowMatchEulerDiscreteScheduler, ``sigmas=`` = the
+    model's own t, shift 1) or ``auto`` (the first of them that is exact).
     """
-    makers = {"dpmsolver": _dpm_export, "euler": _euler_export}
+    makers = {"dpmsolver": _dpm_export, "euler": _euler_export, "flowmatch": _flowmatch_export}
     if kind != "auto":
         if kind not in makers:
-            raise ExportError(f"unknown stock scheduler {kind!r}; use dpmsolver, euler or auto")
+            raise ExportError(f"unknown stock scheduler {kind!r}; use dpmsolver, euler, flowmatch or auto")
         return makers[kind](schedule, conventions)
     reasons = []
     for name, make in makers.items():
