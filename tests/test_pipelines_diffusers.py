@@ -35,7 +35,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from steptune.exports import SteptuneScheduler, stock_diffusers_export
+from steptune.evaluators.load import load_problem
+from steptune.exports import SteptuneScheduler, scheduler_for, stock_diffusers_export
 from steptune.space import Corrector, Model, Schedule, Step, presets, sample, spacing
 from steptune.space.noise import RectifiedFlow, VPDiscrete
 
@@ -318,3 +319,30 @@ def test_flow_pipeline_without_scale_model_input_refuses_an_analytical_first_ste
     pipe = sd3_pipe(sd3_parts, SteptuneScheduler(schedule=sched.to_dict()), torch.float32)
     with pytest.raises(ValueError, match=r"which this pipeline did not call; use a schedule without one"):
         run_sd3(pipe, latents(torch.float32), sched.nfe)
+
+
+# ---- the gmm problems under --noise flow through the diffusers path -----------------------------------------
+
+@pytest.mark.parametrize("name", ["gmm-2d", "gmm-digits"])
+@pytest.mark.parametrize("afs", ["none", "zero"])
+def test_gmm_flow_problems_through_the_scheduler_equal_steptune(name, afs, tmp_path_factory):
+    """steptune's own problems with ``--noise flow --prediction flow``: a tuned schedule exported with the
+    problem's conventions (``scheduler_for``, as ``steptune export --format diffusers``) and driven by the
+    diffusers denoising loop gives what ``steptune.sample`` gives, model calls included."""
+    cache = {"cache_dir": tmp_path_factory.mktemp("gmm")} if name == "gmm-digits" else {}
+    problem = load_problem(name, noise="flow", prediction="flow", **cache)
+    sched = dataclasses.replace(tuned(FLOW, t_start=problem.t_start), afs=afs)
+    s = scheduler_for(sched, problem.model.conventions())
+    assert s.config.time_scale == problem.model.time_scale and s.config.tuned_for["sigma"] == "t"
+    x_T = problem.sample_prior(8, torch.Generator().manual_seed(5))
+    model = problem.model
+    with torch.no_grad():
+        x = x_T.clone()
+        before = model.calls
+        for t in s.timesteps:
+            xin = s.scale_model_input(x, t)
+            x = s.step(model.call(xin, t.expand(xin.shape[0]).to(xin)), t, x).prev_sample
+        assert model.calls - before == sched.nfe == (6 if afs == "none" else 5)
+        ref = sample(model, x_T.clone(), sched)
+    assert close(x, ref) <= F64_TOL
+    assert (ref - x_T).abs().max().item() > 0.1
