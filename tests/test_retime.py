@@ -112,3 +112,26 @@ def test_interpolating_presets_gives_the_preset_at_that_nfe_when_the_neighbours_
     want = presets.build("dpm-solver++-2m", 7, ns, lower_order_final=False)
     assert s.times == pytest.approx(want.times, rel=1e-9)
     assert [dataclasses.replace(st, t=0) for st in s.steps] == [dataclasses.replace(st, t=0) for st in want.steps]
+
+
+def test_export_at_an_nfe_the_study_did_not_search_is_interpolated_and_says_so(tmp_path, capsys):
+    from steptune.cli import main
+    from steptune.exports import parse_export
+    from steptune.storage import connect
+
+    ns = noise_mod.get("vp-linear")
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    db = connect(url, create=True)
+    db.create_study("s", method="s3", problem={"name": "toy", "noise": ns.to_dict(),
+                                              "model": {"prediction": "eps", "time_input": "continuous"}})
+    db.add_trials("s", [{"schedule": searched(ns, n, n), "status": "complete", "metrics": {"rmse": 1.0 / n},
+                         "fidelity": "heldout", "bank": "heldout", "n_samples": 8} for n in (5, 6, 8, 10)])
+    ids = {t.nfe: t.id for t in db.best_per_nfe("s")}
+    db.close()
+    assert main(["export", "--study", "s", "--nfe", "7", "--db", url]) == 0
+    c = capsys.readouterr()
+    sched, prov = parse_export(c.out)
+    assert sched.nfe == 7 and prov["status"] == "interpolated" and prov["score"] is None and prov["trial"] is None
+    assert prov["interpolated"]["between_trials"] == {"6": ids[6], "8": ids[8]}
+    assert prov["interpolated"]["decisions_from_trial"] == ids[8]
+    assert "interpolated from NFEs 6, 8" in " ".join(c.err.split())

@@ -143,7 +143,8 @@ def _describe(s) -> str:
 
 def export_cmd(
     study: StudyOpt,
-    nfe: Annotated[int | None, typer.Option("--nfe", help="Export the best trial at this NFE.")] = None,
+    nfe: Annotated[int | None, typer.Option("--nfe", help="Export the best trial at this NFE (interpolated from the "
+                                            "searched NFEs if the study has none there).")] = None,
     trial: Annotated[int | None, typer.Option("--trial", help="Export this trial id instead of the best.")] = None,
     format_: Annotated[Format, typer.Option("--format", "-f", help="The export's form.")] = "json",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "
@@ -173,6 +174,7 @@ def export_cmd(
         raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
     if output is not None:
         (output_folder if format_ in ("diffusers", "diffusers-stock") else output_file)(output, "-o")
+    interpolated = None
     with _open(db) as store:
         st = store.get_study(study)
         fidelity = fidelity or st.config.get("fidelity")
@@ -181,14 +183,22 @@ def export_cmd(
             if t.study != study:
                 raise CliError(f"trial {trial} belongs to study {t.study!r}, not {study!r}")
         else:
-            t = _best_or_fail(store, study, nfe, fidelity)
-        cost = cost_at(store, t) if format_ == "json" else None
-    sched = t.to_schedule()
-    if t.status != "complete":
+            t = store.best(study, nfe, fidelity=fidelity)
+            interpolated = None if t is not None else _interpolated(store, st, nfe, fidelity)
+            if t is None and interpolated is None:
+                t = _best_or_fail(store, study, nfe, fidelity)
+        cost = cost_at(store, t) if format_ == "json" and interpolated is None else None
+    sched = t.to_schedule() if interpolated is None else interpolated["schedule"]
+    if interpolated is not None:
+        err.print(f"note: study {study!r} has no trial at NFE {nfe}: the schedule is interpolated from NFEs "
+                  f"{', '.join(map(str, interpolated['between']))} (decisions from NFE {interpolated['near']}), not "
+                  "searched or scored")
+    elif t.status != "complete":
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
-    stem = f"{study}-nfe{t.nfe}"
+    stem = f"{study}-nfe{sched.nfe}"
     if format_ == "json":
-        text = json.dumps(export_dict(t, st, cost), indent=2) + "\n"
+        doc = export_dict(t, st, cost) if interpolated is None else interpolated["doc"]
+        text = json.dumps(doc, indent=2) + "\n"
         _emit(text, output)
     elif format_ in ("sigmas", "comfyui"):
         text = (json.dumps(k_diffusion_sigmas(sched)) if format_ == "sigmas" else comfyui_sigmas(sched)) + "\n"
@@ -221,6 +231,21 @@ def export_cmd(
         except ModuleNotFoundError as e:
             raise CliError(f"the {format_} export needs the Python package {e.name!r}; install it with: "
                            'pip install "steptune[diffusers]"') from None
+
+
+def _interpolated(store, st, nfe: int, fidelity: str | None) -> dict | None:
+    """The schedule ``retime.interpolate`` builds at ``nfe`` from the study's best trials, with its export JSON; None
+    when the study has no complete trial to build from."""
+    from steptune.exports.json_export import interpolated_export_dict
+    from steptune.space.retime import interpolate
+
+    best = {t.nfe: t for t in store.best_per_nfe(st.name, fidelity=fidelity)}
+    if not best:
+        return None
+    sched = interpolate({n: t.to_schedule() for n, t in best.items()}, nfe)
+    info = sched.meta["interpolated"]
+    doc = interpolated_export_dict(sched, best[info["decisions_from"]], [best[n] for n in info["between"]], st)
+    return {"schedule": sched, "doc": doc, "between": info["between"], "near": info["decisions_from"]}
 
 
 def _noise_name(problem: dict | None) -> str | None:

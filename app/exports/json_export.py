@@ -19,7 +19,8 @@ from .tuning import tuning_record
 PROVENANCE_VERSION = 2  # 2: tuned_for
 SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
 PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
-                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost", "tuned_for")
+                     "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost", "tuned_for",
+                     "interpolated")
 
 
 def steptune_version() -> str:
@@ -52,6 +53,19 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
         prov["tuned_for"] = tuning_record(sched, conv, schedule_noise(sched))
     d["provenance"] = prov
     return d
+
+
+def interpolated_export_dict(schedule: Schedule, source: TrialRecord, neighbours: list[TrialRecord],
+                             study: StudyRecord | None = None) -> dict:
+    """The exported JSON form of a schedule ``steptune.space.retime.interpolate`` built for an NFE the study did not
+    search: no trial or score of its own (status ``interpolated``); ``provenance.interpolated`` names the trials its
+    times were interpolated between and the one its decisions come from."""
+    prov = export_dict(source, study)["provenance"]
+    prov.update(trial=None, trial_number=None, status="interpolated", score=None, metrics={}, n_samples=None,
+                interpolated={"nfe": schedule.nfe, "rule": "steptune.space.retime.interpolate",
+                              "between_trials": {str(t.nfe): t.id for t in neighbours},
+                              "decisions_from_trial": source.id})
+    return {**schedule.to_dict(), "provenance": prov}
 
 
 def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | None]:
