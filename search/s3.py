@@ -44,21 +44,27 @@ def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
     """Per-step encodings padded to ``max_steps`` plus global features (NFE, AFS, counts)."""
     lam = space.lams(s)
     pos = (lam - space.lam0) / space.span
-    rows = np.zeros((max_steps, N_STEP_FEATURES))
-    n = min(len(s.steps), max_steps)
-    for i, st in enumerate(s.steps[:n]):
-        c = st.corrector
-        rows[i] = [pos[i + 1], pos[i + 1] - pos[i], st.order / 4, st.prediction == "data",
-                   c is not None and c.kind == "pseudo", c is not None and c.kind == "implicit",
-                   STEP_RELAXATIONS.index(st.relaxation) / 6 if st.relaxation in STEP_RELAXATIONS else 1.0,
-                   st.relaxation_coef, st.first_points is not None, st.start == -1, st.dc_ratio - 1,
-                   st.second_scale != 1.0, len(st.derivative_points()) / 4]
     steps = s.steps
+    n = min(len(steps), max_steps)
+    rows = np.zeros((max_steps, N_STEP_FEATURES))
+    rows[:n, 0] = pos[1:n + 1]
+    rows[:n, 1] = pos[1:n + 1] - pos[:n]
+    rows[:n, 2:] = [_step_code(st) for st in steps[:n]]
+    orders = [st.order for st in steps]
     gaps = np.diff(pos)
-    glob = [s.nfe, s.afs != "none", len(steps), np.mean([st.order for st in steps]),
+    glob = [s.nfe, s.afs != "none", len(steps), np.mean(orders),
             np.mean([st.corrector is not None for st in steps]), np.mean([st.prediction == "data" for st in steps]),
             gaps.min(), gaps.max(), gaps.std(), pos[1]]
     return np.concatenate([rows.ravel(), np.asarray(glob, dtype=float)])
+
+
+def _step_code(st) -> tuple:
+    """A step's decisions as numbers (every encoded feature but its position and gap)."""
+    c = st.corrector
+    relax = STEP_RELAXATIONS.index(st.relaxation) / 6 if st.relaxation in STEP_RELAXATIONS else 1.0
+    return (st.order / 4, st.prediction == "data", c is not None and c.kind == "pseudo",
+            c is not None and c.kind == "implicit", relax, st.relaxation_coef, st.first_points is not None,
+            st.start == -1, st.dc_ratio - 1, st.second_scale != 1.0, len(st.derivative_points()) / 4)
 
 
 def rank_targets(nfes: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -97,6 +103,10 @@ class Predictor:
         self.model = None
 
     def fit(self, X: np.ndarray, nfes: np.ndarray, scores: np.ndarray) -> Predictor:
+        self.columns = np.flatnonzero(X.min(axis=0) < X.max(axis=0))  # constant features (padding) say nothing
+        if not len(self.columns):
+            self.columns = np.arange(X.shape[1])
+        X = X[:, self.columns]
         y = rank_targets(nfes, np.log(scores))
         if self.kind == "extra-trees":
             from sklearn.ensemble import ExtraTreesRegressor
@@ -135,22 +145,36 @@ class Predictor:
         self.model = LogisticRegression(C=0.1, fit_intercept=False, max_iter=500).fit(D, L)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X)[:, self.columns]
         if self.kind == "pairwise":
             return -(self.scaler.transform(X) @ self.model.coef_[0])
+        if self.kind == "extra-trees":  # the forest's mean, summed as sklearn does, without its per-call overhead
+            X32 = np.asarray(X, dtype=np.float32)
+            out = np.zeros(len(X32))
+            for tree in self.model.estimators_:
+                out += tree.tree_.predict(X32)[:, 0]
+            return out / len(self.model.estimators_)
         return self.model.predict(X)
 
 
 def select_predictor(X, nfes, scores, seed: int = 0, kinds: Sequence[str] = PREDICTOR_KINDS,
-                     test_frac: float = 0.3) -> tuple[str, dict[str, float]]:
-    """Fit each kind on a random (1 - test_frac) of the trials; Kendall tau on the rest; best kind wins."""
+                     test_frac: float = 0.3, per_nfe: bool = False) -> tuple[str, dict[str, float]]:
+    """Fit each kind on a random (1 - test_frac) of the trials; Kendall tau on the rest; best kind wins.
+    ``per_nfe``: one model per NFE (fitted on that NFE's trials), as the searcher uses them."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(scores))
     n_test = max(int(test_frac * len(scores)), 1)
     te, tr = perm[:n_test], perm[n_test:]
+    groups = [(tr, te)]
+    if per_nfe:
+        groups = [(tr[nfes[tr] == n], te[nfes[te] == n]) for n in np.unique(nfes)]
+        groups = [(a, b) for a, b in groups if len(a) >= 2 and len(b)]
     taus = {}
     for kind in kinds:
-        p = Predictor(kind, seed).fit(X[tr], nfes[tr], scores[tr])
-        taus[kind] = kendall_by_nfe(nfes[te], scores[te], p.predict(X[te]))
+        idx = np.concatenate([b for _, b in groups]) if groups else te[:0]
+        pred = np.concatenate([Predictor(kind, seed).fit(X[a], nfes[a], scores[a]).predict(X[b]) for a, b in groups]
+                              ) if groups else np.zeros(0)
+        taus[kind] = kendall_by_nfe(nfes[idx], scores[idx], pred)
     best = max(taus, key=lambda k: -math.inf if not np.isfinite(taus[k]) else taus[k])
     return best, taus
 
@@ -158,39 +182,57 @@ def select_predictor(X, nfes, scores, seed: int = 0, kinds: Sequence[str] = PRED
 # ---- the searcher ---------------------------------------------------------------------------------
 
 class S3Searcher(Searcher):
-    """S^3-style search. Options: ``predictor`` (``auto`` or a kind), ``pool`` (children generated per
-    NFE per stage), ``population`` (parents kept per NFE), ``presets`` (seed specs), ``explore`` (share
-    of each stage's picks taken at random from the pool, not by the predictor), ``min_train`` (trials
-    before the predictor is used), ``local`` (share of each stage's evaluations given to the local
-    timestep stage; 0 turns it off), ``local_structures`` (how many of the best structures per NFE it
-    refines), ``niche`` (parents: the best of each step structure rather than the best trials)."""
+    """S^3-style search. Options: ``predictor`` (``auto`` or a kind), ``pool`` (children kept per NFE, ranked
+    by the predictor at every ask), ``refresh`` (share of the pool generated anew at every ask; the rest are
+    the children not picked before; 1 regenerates it whole), ``population`` (parents kept per NFE),
+    ``presets`` (seed specs), ``explore`` (share of each stage's picks taken at random from the pool, not by
+    the predictor), ``min_train`` (trials before the predictor is used), ``local`` (share of each stage's
+    evaluations given to the local timestep stage; 0 turns it off), ``local_structures`` (how many of the
+    best structures per NFE it refines), ``niche`` (parents: the best of each step structure rather than the
+    best trials), ``shared`` (one predictor for all NFEs, the NFE a feature, instead of one per NFE),
+    ``auto_kinds`` (the predictor kinds ``auto`` chooses between)."""
 
     name = "s3"
     batch_per_nfe = 4
 
     def __init__(self, *args, predictor: str = "auto", pool: int = 120, population: int = 12,
                  presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30,
-                 local: float = 0.6, local_structures: int = 3, niche: bool = True, **kw):
+                 local: float = 0.6, local_structures: int = 3, niche: bool = True, refresh: float = 0.25,
+                 shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), **kw):
         super().__init__(*args, **kw)
         self.predictor_kind = predictor
         self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
         self.local, self.local_structures, self.niche = float(local), int(local_structures), bool(niche)
+        self.refresh, self.shared = float(refresh), bool(shared)
+        self.auto_kinds = tuple(auto_kinds)
+        for kind in self.auto_kinds:
+            Predictor(kind)  # an unknown kind is refused here, not at the first fit
         self._struct: list[str] = []
         self._logits: list[np.ndarray] = []
         self.preset_specs = tuple(presets)
         self.max_steps = max(self.nfes) + 2
         self._seeds = preset_candidates(self.space, self.nfes, self.preset_specs)
         self._X: list[np.ndarray] = []
-        self._model: Predictor | None = None
-        self._fit_size = 0
+        self._models: dict[int | None, Predictor] = {}  # by NFE; key None: the one shared model
+        self._fit_size: dict[int | None, int] = {}
+        self._pred: dict[int | None, dict[str, float]] = {}  # each model's predictions, by schedule key
+        self._feat: dict[str, np.ndarray] = {}  # encodings of the pooled and asked candidates, by key
+        self._pools: dict[int, list[Candidate]] = {}
         self._chosen: str | None = None if predictor == "auto" else predictor
         self._next_select = min_train
         self.tau_report: list[dict] = []
 
     def _observe(self, candidate: Candidate, score: float) -> None:
-        self._X.append(encode(candidate.schedule, self.space, self.max_steps))
+        x = self._feat.pop(candidate.key, None)
+        self._X.append(x if x is not None else self._encode(candidate))
         self._struct.append(candidate.schedule.structure_key())
         self._logits.append(self.space.lams_to_logits(candidate.schedule))
+
+    def _encode(self, c: Candidate) -> np.ndarray:
+        x = self._feat.get(c.key)
+        if x is None:
+            x = self._feat[c.key] = encode(c.schedule, self.space, self.max_steps)
+        return x
 
     def parents(self, nfe: int, k: int) -> list[tuple[Candidate, float, int]]:
         """The ``k`` best trials at ``nfe`` (candidate, score, trial index); with ``niche``, the best of
@@ -214,22 +256,50 @@ class S3Searcher(Searcher):
         scores = np.array([max(s, 1e-12) for _, s in self.trials])
         return X, nfes, scores
 
+    def _group(self, nfe: int) -> int | None:
+        return None if self.shared else nfe
+
     def _refit(self) -> None:
+        """(Re)fit each NFE's model (or the shared one) once its trials have grown by 15% (at least 20) since
+        its last fit; ``auto`` chooses the kind again each time the trials have tripled."""
         n = len(self.trials)
-        if n < self.min_train or (self._model is not None and n < max(self._fit_size * 1.15, self._fit_size + 20)):
+        if n < self.min_train:
             return
         X, nfes, scores = self._data()
         if self.predictor_kind == "auto" and n >= self._next_select:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                best, taus = select_predictor(X, nfes, scores, seed=self.seed)
+                best, taus = select_predictor(X, nfes, scores, seed=self.seed, kinds=self.auto_kinds,
+                                              per_nfe=not self.shared)
+            if best != self._chosen:
+                self._models.clear()
             self._chosen = best
             self.tau_report.append({"trials": n, "chosen": best, **taus})
-            self._next_select = 2 * n
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self._model = Predictor(self._chosen or "extra-trees", self.seed).fit(X, nfes, scores)
-        self._fit_size = n
+            self._next_select = 3 * n
+        for g in ([None] if self.shared else self.nfes):
+            rows = np.arange(n) if g is None else np.flatnonzero(nfes == g)
+            m, last = len(rows), self._fit_size.get(g, 0)
+            if m < self.min_train or (g in self._models and m < max(last * 1.15, last + 20)):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._models[g] = Predictor(self._chosen or "extra-trees", self.seed).fit(
+                    X[rows], nfes[rows], scores[rows])
+            self._fit_size[g] = m
+            self._pred[g] = {}
+
+    def _predict(self, nfe: int, cands: Sequence[Candidate]) -> np.ndarray | None:
+        """The NFE's model's predictions for ``cands`` (None before it exists); each candidate is predicted
+        once per fit."""
+        g = self._group(nfe)
+        model = self._models.get(g)
+        if model is None:
+            return None
+        known = self._pred[g]
+        new = [c for c in cands if c.key not in known]
+        if new:
+            known.update(zip((c.key for c in new), model.predict(np.array([self._encode(c) for c in new]))))
+        return np.array([known[c.key] for c in cands])
 
     def _ask(self, n: int, rng: np.random.Generator) -> list[Candidate]:
         out: list[Candidate] = []
@@ -256,17 +326,13 @@ class S3Searcher(Searcher):
                 k -= 1
             if k == 0:
                 continue
-            pool = self._children(nfe, rng, taken)
+            pool = self._refill(nfe, k, rng, taken)
             if not pool:
                 continue
-            n_explore = int(rng.binomial(k, self.explore)) if self._model is not None else k
-            if self._model is not None:
-                X = np.array([encode(c.schedule, self.space, self.max_steps) for c in pool])
-                pred = self._model.predict(X)
-                order = list(np.argsort(pred, kind="stable"))
-            else:
-                order = list(rng.permutation(len(pool)))
-            picks = order[:k - n_explore]
+            pred = self._predict(nfe, pool)
+            n_explore = int(rng.binomial(k, self.explore)) if pred is not None else k
+            order = list(np.argsort(pred, kind="stable")) if pred is not None else list(rng.permutation(len(pool)))
+            picks = _spread(order, lambda i, pool=pool: pool[i].schedule.structure_key(), k - n_explore)
             rest = [i for i in range(len(pool)) if i not in set(picks)]
             if n_explore and rest:
                 picks += list(rng.choice(rest, min(n_explore, len(rest)), replace=False))
@@ -274,6 +340,18 @@ class S3Searcher(Searcher):
                 out.append(pool[int(i)])
                 taken.add(pool[int(i)].key)
         return out
+
+    def _refill(self, nfe: int, k: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
+        """The NFE's pool for an ask of ``k`` picks: the children not asked yet, topped up with new ones (as many
+        as it lacks, else ``refresh`` x ``pool`` but at most 10 per pick), the oldest dropped beyond ``pool``."""
+        keep = [] if self.refresh >= 1 else [c for c in self._pools.get(nfe, [])
+                                             if c.key not in self.seen and c.key not in taken]
+        fresh = max(self.pool - len(keep), min(math.ceil(self.refresh * self.pool), 10 * k))
+        pool = keep + self._children(nfe, rng, taken | {c.key for c in keep}, fresh)
+        for c in pool[:-self.pool]:
+            self._feat.pop(c.key, None)
+        self._pools[nfe] = pool = pool[-self.pool:]
+        return pool
 
     def _local_distribution(self, nfe: int, best: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean and covariance of the local search distribution for the structure of trial ``best``."""
@@ -326,14 +404,15 @@ class S3Searcher(Searcher):
             out.append(c)
         return out
 
-    def _children(self, nfe: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
+    def _children(self, nfe: int, rng: np.random.Generator, taken: set[str], n: int) -> list[Candidate]:
+        """``n`` new children at ``nfe`` (fewer when the operators keep failing or repeating)."""
         parents = [c for c, _, _ in self.parents(nfe, self.population)]
         lower = [m for m in self.nfes if m < nfe]
         donors = [c for m in lower[-1:] for c, _ in self.best(m, 4)]
         pool: list[Candidate] = []
         keys = set()
         tries = 0
-        while len(pool) < self.pool and tries < 4 * self.pool:
+        while len(pool) < n and tries < 4 * n:
             tries += 1
             u = rng.random()
             s, origin = None, ""
@@ -365,3 +444,24 @@ class S3Searcher(Searcher):
 
     def state(self) -> dict:
         return {**super().state(), "predictor": self._chosen, "tau_report": self.tau_report}
+
+
+def _spread(order: Sequence[int], structure, k: int) -> list[int]:
+    """The first ``k`` of ``order`` with at most max(2, k/3) of one step structure (``structure(i)``), so a wide
+    batch does not spend itself on timestep variants of one schedule (filled from the rest of ``order`` if it
+    must)."""
+    cap = max(2, -(-k // 3))
+    if k <= cap:
+        return list(order[:k])
+    picks, count = [], {}
+    for i in order:
+        if len(picks) >= k:
+            break
+        sk = structure(i)
+        if count.get(sk, 0) < cap:
+            picks.append(i)
+            count[sk] = count.get(sk, 0) + 1
+    if len(picks) < k:
+        chosen = set(picks)
+        picks += [i for i in order if i not in chosen][:k - len(picks)]
+    return picks

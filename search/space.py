@@ -29,6 +29,11 @@ RELAX_P = {"none": 0.35, "dpmsolver-2": 0.15, "unipc-bh2": 0.15, "unipc-bh1": 0.
            "linear": 0.15}
 
 
+# lambdas converted per torch call: short enough that torch takes the same (element by element) path as for
+# one value, so a batch of times equals the times converted one by one
+_CHUNK = 8
+
+
 def steps_for(nfe: int, afs: str = "none", implicit: int = 0) -> int:
     """Number of steps a schedule with this NFE, AFS choice and implicit-corrector count has."""
     return nfe - (afs == "none") + 1 - implicit
@@ -77,17 +82,34 @@ class DecisionSpace:
         return v
 
     def lams(self, s: Schedule) -> np.ndarray:
-        return np.array([self.lam(t) for t in s.times])
+        times = s.times
+        missing = [t for t in dict.fromkeys(times) if t not in self._lam_cache]
+        if missing:
+            if len(self._lam_cache) > 200_000:
+                self._lam_cache.clear()
+            for i in range(0, len(missing), _CHUNK):
+                part = missing[i:i + _CHUNK]
+                vals = self.noise.lam(torch.tensor(part, dtype=torch.float64)).tolist()
+                self._lam_cache.update(zip(part, vals))
+        return np.array([self._lam_cache[t] for t in times])
 
     def t_of(self, lam: float) -> float:
         return float(self.noise.t_of_lambda(torch.tensor(float(lam), dtype=torch.float64)))
+
+    def ts_of(self, lams: Sequence[float]) -> list[float]:
+        """:meth:`t_of` of several lambdas, a few at a time in one call each."""
+        out: list[float] = []
+        lams = [float(x) for x in lams]
+        for i in range(0, len(lams), _CHUNK):
+            out += self.noise.t_of_lambda(torch.tensor(lams[i:i + _CHUNK], dtype=torch.float64)).tolist()
+        return out
 
     def times_from_lams(self, lams: Sequence[float]) -> list[float] | None:
         """Interior lambdas -> times (first and last fixed); None when the gap rule is broken."""
         full = [self.lam0, *lams, self.lam1]
         if any(b - a < self.min_gap * 0.999 for a, b in zip(full[:-1], full[1:])):
             return None
-        ts = [self.t_start, *(self.t_of(x) for x in lams), self.t_end]
+        ts = [self.t_start, *self.ts_of(lams), self.t_end]
         if any(not b < a for a, b in zip(ts[:-1], ts[1:])):
             return None
         return ts
@@ -179,10 +201,14 @@ class DecisionSpace:
                     corr = replace(corr, order=cap if corr.order is not None or order + 1 > cap else None)
                 if corr.order is not None and corr.order == order + 1:
                     corr = replace(corr, order=None)
-            steps.append(replace(st, start=start, order=order, points=points, first_points=first,
-                                 relaxation=relax, relaxation_coef=coef, second_scale=second, dc_ratio=dc,
-                                 corrector=corr))
-        return replace(s, steps=tuple(steps))
+            if (start, order, points, first, relax, coef, second, dc, corr) != (
+                    st.start, st.order, st.points, st.first_points, st.relaxation, st.relaxation_coef,
+                    st.second_scale, st.dc_ratio, st.corrector):
+                st = replace(st, start=start, order=order, points=points, first_points=first, relaxation=relax,
+                             relaxation_coef=coef, second_scale=second, dc_ratio=dc, corrector=corr)
+            steps.append(st)
+        steps = tuple(steps)
+        return s if steps == s.steps else replace(s, steps=steps)
 
     def finish(self, s: Schedule | None, nfe: int) -> Schedule | None:
         """Repair, validate and check the NFE; None when the candidate is not feasible."""
@@ -228,8 +254,7 @@ class DecisionSpace:
                 nxt = self.finish(nxt, nfe)
             if nxt is not None:
                 out = nxt
-        out = self.finish(out, nfe)
-        return None if out is None or out is s else replace(out, name="mutant")
+        return None if out is s else replace(out, name="mutant")  # ``out`` is finished: repair is idempotent
 
     def mutate_times(self, s: Schedule, rng: np.random.Generator, scale: float | None = None) -> Schedule | None:
         """Only the timesteps move (every interior lambda, a log-normal step on the softmax logits)."""
