@@ -10,6 +10,7 @@ NFE; the final figure is the job's (top ``--confirm`` per NFE confirmed on the h
 
 ``--batch`` and ``--lookahead`` run the searches as a wide cluster would (e.g. ``--batch 64``, or
 ``--batch 32 --lookahead 1`` as 16 Ray evaluators do by default), to compare their quality with batch 4.
+``--alone`` also searches each NFE by itself with the same budget and reports the job over all NFEs against it.
 
 Saves runs/bench/search_efficiency.json and .png and prints a table.
 """
@@ -62,13 +63,19 @@ def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[flo
     return out
 
 
-def search_job(args, method: str, seed: int, nfes: list[int]):
-    return job_from_dict({"study": f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
+def search_job(args, method: str, seed: int, nfes: list[int], study: str | None = None):
+    return job_from_dict({"study": study or f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
                           "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead},
                           "evaluation": {"cheap_samples": args.cheap_samples, "confirm": args.confirm,
                                          "baseline": False, "cache": "runs/cache"},
                           "budget": {"evaluations": args.budget},
                           "backend": {"kind": "local", "num_cpus": args.threads}})
+
+
+def alone_final(args, db, backend, method: str, seed: int, nfe: int) -> float | None:
+    """The held-out result of a search of ``nfe`` alone with the same budget, seed and settings."""
+    res = Runner(search_job(args, method, seed, [nfe], study=f"{method}-{seed}-alone-{nfe}"), db, backend).run()
+    return next((s.searched_score for s in res.per_nfe if s.nfe == nfe), None)
 
 
 def first_reach(xs: list[int], ys: list[float], target: float) -> int | None:
@@ -94,6 +101,8 @@ def main(argv=None):
                     help="candidates asked at a time (default: the method's own, as in-process with one evaluator)")
     ap.add_argument("--lookahead", type=int, default=None,
                     help="batches asked ahead of their results (default 0 in-process; Ray's default is 1)")
+    ap.add_argument("--alone", action="store_true",
+                    help="also search each NFE alone (same budget) and compare the job over all NFEs with it")
     ap.add_argument("--name", default="search_efficiency")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: small batches run faster single-threaded, above all on a shared machine)")
@@ -137,9 +146,13 @@ def main(argv=None):
                 nf = np.array([c.nfe for c, _ in se.trials])
                 sc = np.array([s for _, s in se.trials])
                 run["heldout_tau"] = select_predictor(X, nf, sc, seed=seed + 99)[1]
+            if args.alone and len(nfes) > 1:
+                run["alone"] = {n: alone_final(args, db, backend, method, seed, n) for n in nfes}
             runs.append(run)
             print(f"{method} seed {seed}: {search_s:.0f}s; final " +
-                  " ".join(f"{n}:{v:.4g}" for n, v in run["final"].items()), flush=True)
+                  " ".join(f"{n}:{v:.4g}" for n, v in run["final"].items()) +
+                  ("; alone " + " ".join(f"{n}:{v:.4g}" for n, v in run["alone"].items()) if "alone" in run else ""),
+                  flush=True)
     db.close()
     tmp.cleanup()
     backend.close()
@@ -158,6 +171,11 @@ def main(argv=None):
         row = {"nfe": n, "best_preset": best_preset[n]["preset"], "preset_rmse": best_preset[n]["rmse"]}
         for m in methods:
             row[m] = mean_final(m, n)
+        for m in methods:
+            alone = [r["alone"][n] for r in runs if r["method"] == m and "alone" in r]
+            if alone:
+                row[f"{m}_alone"] = float(np.mean(alone))
+                row[f"{m}_vs_alone"] = row[m] / row[f"{m}_alone"]
         if "s3" in methods and "tpe" in methods:
             row["s3_evals_to_tpe_final"] = first_reach(checkpoints, mean_curve("s3", n), mean_final("tpe", n))
         table.append(row)
@@ -168,11 +186,13 @@ def main(argv=None):
         for ref in (8, 10):
             if ref in best_preset:
                 targets[f"nfe5_vs_preset{ref}"] = s5 / best_preset[ref]["rmse"]
-    head = ["NFE", "best preset", "preset"] + methods + (["s3 evals to TPE final"] if "s3" in methods and
-                                                         "tpe" in methods else [])
+    alone_cols = [m for m in methods if f"{m}_alone" in table[0]]
+    head = (["NFE", "best preset", "preset"] + methods + [f"{m} alone / ratio" for m in alone_cols]
+            + (["s3 evals to TPE final"] if "s3" in methods and "tpe" in methods else []))
     print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for r in table:
         cells = [str(r["nfe"]), r["best_preset"], f"{r['preset_rmse']:.4g}"] + [f"{r[m]:.4g}" for m in methods]
+        cells += [f"{r[m + '_alone']:.4g} / {r[m + '_vs_alone']:.2f}" for m in alone_cols]
         if "s3_evals_to_tpe_final" in r:
             v = r["s3_evals_to_tpe_final"]
             cells.append(f"{v}" if v is not None else f"> {args.budget}")
