@@ -120,7 +120,7 @@ def test_the_digits_unet_runs_every_preset_and_a_searched_schedule_as_steptune_s
     """float64 states; the UNet runs in float32 as shipped (float32 states agree to 3e-6 only: the float32 round-off
     of the rescaled state x / alpha * alpha is amplified by the start's sigma/alpha = 157)."""
     problem = digits
-    x = bank(digits, n=4)
+    x = bank(digits, n=2)
     for name in presets.names():
         s = presets.build(name, 5, digits.noise, t_start=digits.t_start, t_end=digits.t_end)
         ref, out, calls = run_both(problem, s, x)
@@ -169,14 +169,15 @@ def kd_presets(ns):
 
 
 def test_presets_equal_k_diffusions_own_samplers_on_the_same_sigmas(gmm):
-    """On gmm-digits over ddpm-linear (float64) and the digits UNet (float32), through k-diffusion's own denoiser
-    wrapper: an independent check of the sigma, scaling and step conventions."""
+    """On gmm-digits over ddpm-linear and the digits UNet (its network in float32, the states in float64), through
+    k-diffusion's own denoiser wrapper: an independent check of the sigma, scaling and step conventions. (With float32
+    states the two differ by 3e-6 to 2e-5: the same steps in another order of float32 operations.)"""
     gmm_ddpm = get_problem("gmm-digits", noise="ddpm-linear")
-    for problem, dtype, tol in ((gmm_ddpm, torch.float64, 1e-10),
-                                (digits_problem(guidance_scale=3.0, quality=False), torch.float32, 2e-5)):
+    for problem in (gmm_ddpm, digits_problem(guidance_scale=3.0, quality=False)):
+        dtype, tol = torch.float64, 1e-10
         assert isinstance(problem.noise, VPDiscrete)
         for s, kd_fn, kd_sigmas, our_sigmas in kd_presets(problem.noise):
-            x = torch.randn(6, *problem.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+            x = torch.randn(3, *problem.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
             x = x * float(np.sqrt(1 + kd_sigmas[0] ** 2))
             den = Counted(kd_denoiser(problem))
             theirs = kd_fn(den, x, torch.tensor(kd_sigmas, dtype=dtype), disable=True)
