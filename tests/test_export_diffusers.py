@@ -138,6 +138,7 @@ def test_ddpm_pipeline_with_steptune_scheduler(unet, tmp_path):
     assert pipe.scheduler.last.dtype == torch.float32
     assert (pipe.scheduler.last - ref).abs().max().item() <= 1e-5
     assert torch.allclose(images, (ref / 2 + 0.5).clamp(0, 1), atol=1e-6, rtol=0)
+    pipe.scheduler = SteptuneScheduler(schedule=sched.to_dict(), retime=False)
     with pytest.raises(ValueError, match=f"pass num_inference_steps={sched.nfe}"):
         pipe(batch_size=1, num_inference_steps=50)
     # the whole pipeline saves and loads with the scheduler (model_index.json names its module)
@@ -177,15 +178,16 @@ def test_set_timesteps_and_step_are_validated():
     s = SteptuneScheduler(schedule=sched.to_dict())
     params = inspect.signature(s.set_timesteps).parameters
     assert "timesteps" in params and "sigmas" in params  # what pipelines probe for
+    strict = SteptuneScheduler(schedule=sched.to_dict(), retime=False)
     with pytest.raises(ValueError, match="tuned schedule of 5 model calls, but num_inference_steps=50"):
-        s.set_timesteps(50)
+        strict.set_timesteps(50)
+    with pytest.raises(ValueError, match="got 3 sigmas"):
+        strict.set_timesteps(sigmas=[3.0, 2.0, 1.0])
     s.set_timesteps(timesteps=s.timesteps.tolist())
     with pytest.raises(ValueError, match="got 4 timesteps but the tuned schedule makes 5 model calls"):
         s.set_timesteps(timesteps=s.timesteps.tolist()[:4])
     with pytest.raises(ValueError, match="differ from the tuned schedule"):
         s.set_timesteps(timesteps=[999, 800, 600, 400, 200])
-    with pytest.raises(ValueError, match="got 3 sigmas"):
-        s.set_timesteps(sigmas=[3.0, 2.0, 1.0])
     with pytest.warns(UserWarning, match="ignores the sigmas"):
         s.set_timesteps(sigmas=[1.0, 0.8, 0.6, 0.4, 0.2])  # e.g. a flow pipeline's default sigmas
     s.set_timesteps(sigmas=s.sigmas.tolist())

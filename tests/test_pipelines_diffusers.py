@@ -39,6 +39,7 @@ from steptune.evaluators.load import load_problem
 from steptune.exports import SteptuneScheduler, scheduler_for, stock_diffusers_export
 from steptune.space import Corrector, Model, Schedule, Step, presets, sample, spacing
 from steptune.space.noise import RectifiedFlow, VPDiscrete
+from steptune.space.retime import interpolate
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
@@ -217,14 +218,47 @@ def test_stable_diffusion_pipeline_with_guidance(sd_parts, dtype):
     assert close(plain, ref) > 100 * tolerance(dtype)
 
 
-def test_another_num_inference_steps_is_refused_in_one_sentence(sd_parts):
+@pytest.mark.parametrize("steps", [4, 8])
+def test_another_num_inference_steps_runs_the_retimed_schedule(sd_parts, steps):
+    """``num_inference_steps`` other than the NFE runs steptune's own re-timing of the schedule
+    (``steptune.space.retime.interpolate``), exactly ``steps`` model calls, with one warning saying so."""
+    sched = tuned(SD)
+    pipe = sd_pipe(sd_parts, SteptuneScheduler(schedule=sched.to_dict()), torch.float64)
+    x_T = latents(torch.float64)
+    with pytest.warns(UserWarning, match=f"re-times its tuned schedule of 6 model calls to num_inference_steps={steps}"
+                      ), torch.no_grad():
+        out = pipe(PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, height=8, width=8,
+                   latents=x_T.clone(), output_type="latent").images
+    retimed = interpolate({sched.nfe: sched}, steps)
+    assert retimed.nfe == steps == len(pipe.scheduler.timesteps)
+    assert {st.order for st in retimed.steps} != {1} and any(st.corrector for st in retimed.steps)  # decisions kept
+    with torch.no_grad():
+        ref, model = sd_reference(pipe, retimed, x_T)
+    assert model.calls == steps and close(out, ref) <= F64_TOL
+    with torch.no_grad():  # back at the tuned NFE: the tuned schedule again
+        out6 = pipe(PROMPT, num_inference_steps=sched.nfe, guidance_scale=GUIDANCE, height=8, width=8,
+                    latents=x_T.clone(), output_type="latent").images
+        ref6, _ = sd_reference(pipe, sched, x_T)
+    assert close(out6, ref6) <= F64_TOL
+
+
+def test_a_step_count_the_retiming_cannot_reach_is_refused_in_one_sentence(sd_parts):
+    """Implicit correctors cost a call each, so not every count is reachable with the tuned decisions (here 9:
+    the nearest grids cost 8 or 10 calls); the error says so, as does one for a scheduler built not to re-time."""
     sched = tuned(SD)
     pipe = sd_pipe(sd_parts, SteptuneScheduler(schedule=sched.to_dict()), torch.float32)
     with pytest.raises(ValueError) as e:
-        pipe(PROMPT, height=8, width=8, output_type="latent")  # the pipeline's default, 50 steps
+        pipe(PROMPT, num_inference_steps=9, height=8, width=8, output_type="latent")
     msg = str(e.value)
-    assert msg == ("SteptuneScheduler runs its tuned schedule of 6 model calls, but num_inference_steps=50 was asked "
-                   "for; pass num_inference_steps=6")
+    assert msg.startswith("SteptuneScheduler cannot re-time its tuned schedule of 6 model calls to "
+                          "num_inference_steps=9 (no grid gives NFE 9") and msg.endswith("pass num_inference_steps=6")
+    assert "\n" not in msg
+    pipe = sd_pipe(sd_parts, SteptuneScheduler(schedule=sched.to_dict(), retime=False), torch.float32)
+    with pytest.raises(ValueError) as e:
+        pipe(PROMPT, height=8, width=8, output_type="latent")  # the pipeline's default, 50 steps
+    assert str(e.value) == ("SteptuneScheduler runs its tuned schedule of 6 model calls, but num_inference_steps=50 "
+                            "was asked for; pass num_inference_steps=6 (or build the scheduler with retime=True to "
+                            "re-time the schedule)")
 
 
 # ---- rectified flow: StableDiffusion3Pipeline ------------------------------------------------------------

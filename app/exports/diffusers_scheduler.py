@@ -14,8 +14,10 @@ loop (``steptune.space.trajectory``) one model call per ``step()``, so a pipelin
 repeat a timestep, as diffusers' Heun does. ``sigmas`` are the model's own σ (σ/α, or t for a flow model, as
 diffusers' FlowMatch schedulers have them) at every call plus the final one. The tuned times are used as
 they are: a flow pipeline's ``shift`` / dynamic-shifting ``mu`` is never applied on top of them (the search
-chose the times on the model's own t axis). Importing this module needs diffusers; the rest of steptune does
-not.
+chose the times on the model's own t axis). Asked for another ``num_inference_steps`` than the schedule's NFE,
+it re-times the schedule (``steptune.space.retime.interpolate``: the same time profile in relative log-SNR
+position, each step with the decisions of the nearest tuned step) and says so once; ``retime=False`` refuses
+instead. Importing this module needs diffusers; the rest of steptune does not.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from steptune.space import Schedule, ScheduleError, TrajectoryRun, trajectory
 from steptune.space import noise as noise_mod
 from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS, convert
 from steptune.space.noise import VPDiscrete, betas_for
+from steptune.space.retime import interpolate
 
 from .tuning import model_sigmas, tuning_record, warn_other_conventions
 
@@ -80,6 +83,11 @@ def noise_from_betas(num_train_timesteps: int | None = None, beta_start: float |
         raise ScheduleError(f"SteptuneScheduler: {e}") from None
 
 
+def _sigma_count_error(count: int, nfe: int) -> ValueError:
+    return ValueError(f"SteptuneScheduler: got {count} sigmas but the tuned schedule makes {nfe} model calls; pass "
+                      f"{nfe} (or {nfe + 1} with the final one) or none")
+
+
 class SteptuneScheduler(SchedulerMixin, ConfigMixin):
     """Runs a tuned steptune ``Schedule`` inside a diffusers pipeline.
 
@@ -87,7 +95,8 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
     the schedule's own), ``prediction_type`` (``epsilon``, ``sample``, ``v_prediction`` or
     ``flow_prediction``; steptune's ``eps``/``x0``/``v``/``flow`` are accepted too), ``time_input``
     (``discrete``: diffusers' training timestep ``N t - 1``; ``continuous``: ``t * time_scale``;
-    ``sigma``: ``sigma/alpha``), ``tuned_for`` (what the schedule was tuned for, as exports record it).
+    ``sigma``: ``sigma/alpha``), ``tuned_for`` (what the schedule was tuned for, as exports record it),
+    ``retime`` (another ``num_inference_steps`` re-times the schedule; False: it is refused).
     Conventions not given are those the schedule was tuned for, else the usual ones of its noise schedule
     (a flow model: ``flow_prediction``, continuous time times ``num_train_timesteps`` or 1000, as diffusers'
     flow transformers take it); running under other conventions than it was tuned for warns once. The
@@ -104,7 +113,7 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
                  time_input: str | None = None, time_scale: float | None = None, num_train_timesteps: int | None = None,
                  beta_start: float | None = None, beta_end: float | None = None, beta_schedule: str | None = None,
                  trained_betas: list[float] | None = None, rescale_betas_zero_snr: bool = False,
-                 tuned_for: dict | None = None):
+                 tuned_for: dict | None = None, retime: bool = True):
         if schedule is None:
             raise ScheduleError("SteptuneScheduler needs a schedule: pass schedule=<Schedule or its JSON dict>")
         sched = schedule if isinstance(schedule, Schedule) else Schedule.from_dict(schedule, where="SteptuneScheduler")
@@ -153,7 +162,7 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         record = tuned_for or tuning_record(sched, tuned or None, ns)
         running = {"prediction": prediction, "time_input": time_input, "time_scale": float(time_scale)}
         warn_other_conventions(tuned or None, running, "SteptuneScheduler")
-        # the config keeps what the scheduler runs, so a saved folder is self-contained
+        # the config keeps what the scheduler runs, so a saved folder is self-contained (retime is kept as given)
         self.register_to_config(schedule=sched.to_dict(), noise=ns.to_dict(),
                                 prediction_type=DIFFUSERS_PREDICTION[prediction], time_input=time_input,
                                 time_scale=float(time_scale), tuned_for=record,
@@ -162,15 +171,12 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
                     "num_train_timesteps")
         defaults = [k for k in self.config.get("_use_default_values", []) if k not in resolved]
         self.register_to_config(_use_default_values=defaults)
-        self.schedule = sched
+        self.tuned_schedule = sched
         self.noise_schedule = ns
         self.prediction = prediction
-        self.call_times = [sched.times[j] for j in model_call_indices(sched)]
-        self.num_inference_steps = sched.nfe
-        t0 = torch.tensor(sched.t_start, dtype=torch.float64)
-        self.init_noise_sigma = math.sqrt(float(ns.alpha(t0)) ** 2 + float(ns.sigma(t0)) ** 2)
+        self._retimed: dict[int, Schedule] = {}
+        self._use(sched)
         self.timesteps = self._timesteps(None)
-        self.sigmas = self._sigmas()
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._loop = None  # the running sampler loop (a TrajectoryRun) and the model call it waits for
@@ -227,19 +233,57 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
             self._told.add(what)
             warnings.warn(message, UserWarning, stacklevel=3)
 
+    def _use(self, sched: Schedule) -> None:
+        """Make ``sched`` (the tuned schedule or a re-timing of it) the one the next run follows."""
+        self.schedule = sched
+        self.call_times = [sched.times[j] for j in model_call_indices(sched)]
+        self.num_inference_steps = sched.nfe
+        ns = self.noise_schedule
+        t0 = torch.tensor(sched.t_start, dtype=torch.float64)
+        self.init_noise_sigma = math.sqrt(float(ns.alpha(t0)) ** 2 + float(ns.sigma(t0)) ** 2)
+        self.sigmas = self._sigmas()
+
+    def _schedule_for(self, n: int | None) -> Schedule:
+        """The schedule a run of ``n`` model calls follows: the tuned one, or its re-timing to n calls."""
+        tuned = self.tuned_schedule
+        if n is None or n == tuned.nfe:
+            return tuned
+        if not self.config.retime:
+            raise ValueError(f"SteptuneScheduler runs its tuned schedule of {tuned.nfe} model calls, but "
+                             f"num_inference_steps={n} was asked for; pass num_inference_steps={tuned.nfe} "
+                             "(or build the scheduler with retime=True to re-time the schedule)")
+        if n < 1:
+            raise ValueError(f"SteptuneScheduler: num_inference_steps={n} makes no model call; pass "
+                             f"num_inference_steps={tuned.nfe}, the tuned schedule's")
+        if n not in self._retimed:
+            try:
+                self._retimed[n] = interpolate({tuned.nfe: tuned}, n)
+            except ScheduleError as e:
+                raise ValueError(f"SteptuneScheduler cannot re-time its tuned schedule of {tuned.nfe} model calls "
+                                 f"to num_inference_steps={n} ({str(e).removeprefix('interpolate: ')}); pass "
+                                 f"num_inference_steps={tuned.nfe}") from None
+        self._tell(f"retime-{n}", f"SteptuneScheduler re-times its tuned schedule of {tuned.nfe} model calls to "
+                                  f"num_inference_steps={n} (the same time profile, the decisions of the nearest tuned "
+                                  f"step); a schedule searched at NFE {n} will do better")
+        return self._retimed[n]
+
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       timesteps: list | None = None, sigmas: list | None = None, **kwargs) -> None:
-        """Prepare a run of the tuned schedule. ``num_inference_steps`` and ``timesteps``, if given, must
-        match it (NFE entries); ``sigmas`` must have the right length and are otherwise ignored with a
-        warning when they differ (some pipelines always pass default sigmas). A flow pipeline's dynamic
-        shift ``mu`` is not applied (the tuned times already are the model's own); it warns once."""
-        nfe = self.schedule.nfe
+        """Prepare a run. ``num_inference_steps`` other than the tuned schedule's NFE re-times it (warned once;
+        refused with ``retime=False``). ``timesteps``, if given, must be the run's own; ``sigmas`` of the run's
+        length are ignored with a warning when they differ (some pipelines always pass default sigmas), and of
+        another length they ask for that many model calls. A flow pipeline's dynamic shift ``mu`` is not applied
+        (the tuned times already are the model's own); it warns once."""
         if timesteps is not None and sigmas is not None:
             raise ValueError("Only one of `timesteps` or `sigmas` should be set.")
-        if num_inference_steps is not None and int(num_inference_steps) != nfe:
-            raise ValueError(f"SteptuneScheduler runs its tuned schedule of {nfe} model calls, but "
-                             f"num_inference_steps={num_inference_steps} was asked for; pass "
-                             f"num_inference_steps={nfe}")
+        tuned_nfe = self.tuned_schedule.nfe
+        n = None if num_inference_steps is None else int(num_inference_steps)
+        if n is None and sigmas is not None and len(sigmas) not in (tuned_nfe, tuned_nfe + 1):
+            if not self.config.retime:
+                raise _sigma_count_error(len(sigmas), tuned_nfe)
+            n = len(sigmas)
+        self._use(self._schedule_for(n))
+        nfe = self.schedule.nfe
         ours = self._timesteps(None).double()
         if timesteps is not None:
             given = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
@@ -252,8 +296,7 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None:
             given = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1).cpu()
             if len(given) not in (nfe, nfe + 1):
-                raise ValueError(f"SteptuneScheduler: got {len(given)} sigmas but the tuned schedule makes {nfe} "
-                                 f"model calls; pass {nfe} (or {nfe + 1} with the final one) or none")
+                raise _sigma_count_error(len(given), nfe)
             mine = self.sigmas.double()[: len(given)]
             if not torch.allclose(given, mine, rtol=1e-5, atol=1e-6):
                 self._tell("sigmas", "SteptuneScheduler runs its tuned schedule and ignores the sigmas it was given")
@@ -261,7 +304,6 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
             self._tell("mu", f"SteptuneScheduler runs its tuned times as they are (already the model's own t); "
                              f"the dynamic shift mu={float(kwargs['mu']):.4g} is not applied on top of them")
         self.timesteps = self._timesteps(device)
-        self.num_inference_steps = nfe
         self._step_index = None
         self._begin_index = None
         self._loop = self._request = None
