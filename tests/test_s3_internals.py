@@ -1,0 +1,81 @@
+"""S^3's fast paths give what the slow ones give: the extra-trees predictions equal sklearn's, the lambdas and
+times converted a few at a time equal those converted one by one, repairing a repaired schedule changes nothing,
+and a wide batch's picks are spread over step structures."""
+
+import numpy as np
+import pytest
+import torch
+
+from steptune.search import DecisionSpace
+from steptune.search.s3 import Predictor, _spread, select_predictor
+from steptune.space import noise
+
+
+@pytest.fixture(scope="module")
+def space():
+    return DecisionSpace(noise.VPLinear(), 1.0, 1e-3)
+
+
+def schedules(space, n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        s = space.random(int(rng.integers(3, 11)), rng)
+        if s is not None:
+            out.append(s)
+    return out
+
+
+def test_extra_trees_predictions_equal_sklearns():
+    rng = np.random.default_rng(0)
+    X = rng.random((120, 30))
+    X[:, 5] = 0.0  # a constant feature, left out of the fit
+    p = Predictor("extra-trees").fit(X, rng.choice([4, 5], 120), np.exp(rng.normal(size=120)))
+    assert 5 not in p.columns
+    Xt = rng.random((40, 30))
+    np.testing.assert_array_equal(p.predict(Xt), p.model.predict(Xt[:, p.columns]))
+
+
+def test_lambdas_and_times_converted_together_equal_one_by_one(space):
+    ns = space.noise
+    for s in schedules(space, 30):
+        fresh = DecisionSpace(ns, space.t_start, space.t_end)
+        one_by_one = [float(ns.lam(torch.tensor(t, dtype=torch.float64))) for t in s.times]
+        np.testing.assert_array_equal(fresh.lams(s), one_by_one)
+        lams = fresh.lams(s)[1:-1]
+        assert fresh.ts_of(lams) == [fresh.t_of(x) for x in lams]
+
+
+def test_repair_of_a_repaired_schedule_is_the_same_schedule(space):
+    rng = np.random.default_rng(1)
+    for s in schedules(space, 40, seed=2):
+        m = space.mutate(s, rng)
+        if m is None:
+            continue
+        assert space.repair(m) is m or space.repair(m) == m
+        assert space.finish(m, m.nfe) == m
+
+
+def test_spread_caps_each_structure_and_fills_when_it_must():
+    order = list(range(12))
+    structure = ["a"] * 8 + ["b", "c", "d", "e"]
+    picks = _spread(order, structure.__getitem__, 9)  # cap: max(2, 9 / 3) = 3 per structure
+    assert picks == [0, 1, 2, 8, 9, 10, 11, 3, 4]  # four others exist: three a's, then the best a's again
+    assert _spread(order, structure.__getitem__, 2) == [0, 1]  # narrow batches take the ranking as it is
+
+
+def test_per_nfe_selection_fits_one_model_per_nfe():
+    """With one NFE, per-NFE selection is the shared one; with two whose scores depend on different features, the
+    per-NFE models rank each NFE better than a shared model can."""
+    rng = np.random.default_rng(3)
+    n = 200
+    X = rng.random((n, 6))
+    nfes = np.repeat([4, 8], n // 2)
+    X[:, 5] = nfes
+    score = np.exp(np.where(nfes == 4, X[:, 0], -X[:, 0]) + 0.05 * rng.normal(size=n))
+    one = nfes == 4
+    assert (select_predictor(X[one], nfes[one], score[one], kinds=("gbr",))
+            == select_predictor(X[one], nfes[one], score[one], kinds=("gbr",), per_nfe=True))
+    shared = select_predictor(X, nfes, score, kinds=("extra-trees",))[1]["extra-trees"]
+    per = select_predictor(X, nfes, score, kinds=("extra-trees",), per_nfe=True)[1]["extra-trees"]
+    assert per > 0.8 and per > shared
