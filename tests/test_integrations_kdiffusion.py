@@ -273,7 +273,7 @@ def test_a_schedule_file_and_a_study_give_the_same_sampler(gmm, tmp_path):
 
 def test_refusals_say_what_to_do(gmm):
     s = presets.build("ddim", 5, gmm.noise)
-    with pytest.raises(ScheduleError, match="rectified flow"):
+    with pytest.raises(ScheduleError, match="use 've'"):
         sampler(s, convention="const")
     with pytest.raises(ScheduleError, match="data_mean"):
         sampler(dataclasses.replace(s, afs="mean"))

@@ -9,7 +9,8 @@ ComfyUI call.
 * ``const`` (ComfyUI's ``model_sampling`` CONST, the SD3 / Flux / Wan flow convention): x = (1 - s) x0 + s eps with
   s = t of a rectified-flow schedule.
 
-The default is ``const`` for a schedule tuned on rectified flow and ``ve`` otherwise. Every step runs through
+A schedule tuned on rectified flow runs in ``const``, any other in ``ve`` (the σ convention of every export,
+``steptune.exports.tuning``); naming the other convention is refused. Every step runs through
 steptune's own sampler loop and step kernel (``steptune.space.trajectory``): the denoiser is adapted to the loop's
 model interface, so orders, prediction types, correctors, DC ratios and the analytical first step all act as in
 ``steptune.sample``.
@@ -36,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 
+from steptune.exports.tuning import model_sigmas, times_from_model_sigmas
 from steptune.space import Model, Schedule, ScheduleError, TrajectoryRun, trajectory
 from steptune.space.noise import NoiseSchedule
 from steptune.space.retime import positions, retime, schedule_noise
@@ -71,9 +73,11 @@ class TunedSampler:
         self.convention = convention or ("const" if flow else "ve")
         if self.convention not in CONVENTIONS:
             raise ScheduleError(f"convention {self.convention!r} is unknown; use one of {', '.join(CONVENTIONS)}")
-        if self.convention == "const" and not flow:
-            raise ScheduleError(f"convention 'const' (x = (1 - s) x0 + s eps) needs a schedule tuned on rectified "
-                                f"flow; this one lives on {self.noise.kind}; use convention 've'")
+        if (self.convention == "const") != flow:
+            want = "const" if flow else "ve"
+            raise ScheduleError(f"convention {self.convention!r} does not fit this schedule, tuned on "
+                                f"{self.noise.kind}: a rectified-flow schedule runs in 'const' (x = (1 - s) x0 + "
+                                f"s eps), any other in 've' (x = x0 + s eps); use {want!r}")
         if self.schedule.afs == "mean" and data_mean is None:
             raise ScheduleError("the schedule's analytical first step is 'mean'; pass data_mean= (the data mean, in "
                                 "the model's x0 units)")
@@ -82,15 +86,12 @@ class TunedSampler:
     # ---- sigmas ----------------------------------------------------------------------------------------------
 
     def sigma_of(self, times) -> list[float]:
-        """The model's sigma at each time: sigma/alpha (``ve``) or t (``const``); 0 at t = 0."""
-        t = torch.as_tensor([float(v) for v in times], dtype=torch.float64)
-        s = t if self.convention == "const" else self.noise.edm_sigma(t)
-        return torch.where(t == 0, torch.zeros_like(s), s).tolist()
+        """The model's own sigma at each time: sigma/alpha (``ve``) or t (``const``), 0 at t = 0 (the σ convention
+        of every export, ``steptune.exports.tuning``)."""
+        return model_sigmas(self.noise, [float(t) for t in times]).tolist()
 
     def time_of(self, sigmas) -> list[float]:
-        s = torch.as_tensor([float(v) for v in sigmas], dtype=torch.float64)
-        t = s if self.convention == "const" else self.noise.t_of_edm_sigma(s.clamp(min=1e-300))
-        return torch.where(s == 0, torch.zeros_like(t), t).tolist()
+        return times_from_model_sigmas(self.noise, [float(s) for s in sigmas]).tolist()
 
     def own_sigmas(self) -> list[float]:
         """The schedule's own sigma list, descending, ending in 0 (a 0 appended when it ends above sigma 0)."""
@@ -193,7 +194,8 @@ def sampler(schedule: Schedule | str | Path | None = None, *, db: str | None = N
             data_mean: Tensor | None = None) -> TunedSampler:
     """A k-diffusion sampler function running a tuned schedule: a ``Schedule``, a schedule JSON path, or a study in
     the database at ``db`` (its best schedule at ``nfe``, interpolated if the study did not search that NFE, or
-    trial id ``trial``). ``convention``: ``ve`` or ``const`` (default: ``const`` for rectified flow, else ``ve``)."""
+    trial id ``trial``). ``convention``: ``ve`` or ``const``, checked against the schedule (default: the one it
+    fits)."""
     return TunedSampler(source.load(schedule, db=db, study=study, nfe=nfe, trial=trial), convention, data_mean)
 
 
