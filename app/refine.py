@@ -135,8 +135,11 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
     for parent in todo:
         if parent.id in done:
             prev = done[parent.id]
-            out.append(Refined(parent.nfe, parent.id, parent.score, prev.score, 0.0, prev.status == "complete",
-                               prev.id, "refined before"))
+            rec = prev.info.get("refine", {})
+            out.append(Refined(parent.nfe, parent.id, rec.get("parent_rmse", parent.score),
+                               rec.get("candidate_rmse", prev.score), rec.get("seconds", 0.0),
+                               prev.status == "complete", prev.id, "refined before"))
+            say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id})")
             continue
         if stop():
             break

@@ -198,9 +198,13 @@ class RefineResult:
         return self.candidate_rmse if self.improved else self.parent_rmse
 
     def info(self) -> dict:
-        """What a stored trial records of this refinement."""
-        return {"improved": self.improved, "parent_rmse": self.parent_rmse, "candidate_rmse": self.candidate_rmse,
-                "loss_start": self.loss_start, "loss": self.loss, "iters": self.iters, "best_iter": self.best_iter,
+        """What a stored trial records of this refinement (JSON: a loss never computed is None)."""
+        def finite(v):
+            return v if v is not None and math.isfinite(v) else None
+
+        return {"improved": self.improved, "parent_rmse": finite(self.parent_rmse),
+                "candidate_rmse": finite(self.candidate_rmse), "loss_start": finite(self.loss_start),
+                "loss": finite(self.loss), "iters": self.iters, "best_iter": self.best_iter,
                 "seconds": self.seconds, "model_calls": self.model_calls, "fitted": self.fitted,
                 "samples": self.samples}
 

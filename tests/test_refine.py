@@ -1,0 +1,242 @@
+"""Refinement by gradient (steptune.search.refine, `steptune refine`, the job's [refine] stage): the
+differentiable run is the sampler's own run, its gradient is the loss's, it lowers the train loss, never
+raises the held-out RMSE, keeps the times ordered, finds the best interior time of a Gaussian problem's
+two-step DDIM (known by a grid search against the closed-form solution), and its trials name their parents."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from gaussian import exact_solution
+from runner_jobs import job_text
+
+from steptune.cli import main
+from steptune.evaluators import Evaluator, GaussianMixture, load_problem, mixture_problem
+from steptune.jobs import job_from_dict, load_job
+from steptune.search.refine import FD_REL, final_state, parameters, refine
+from steptune.space import presets, sample
+from steptune.storage import connect
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: torch's worker threads only wait on each other (seconds on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def gmm2d():
+    p = load_problem("gmm-2d")
+    return p, Evaluator(p, n_train=32, n_heldout=64, cache_dir=None)
+
+
+def _preset(p, spec, nfe, **kw):
+    return presets.build(spec, nfe, p.noise, t_start=p.t_start, t_end=p.t_end, **kw)
+
+
+def test_the_differentiable_run_is_the_samplers_run(gmm2d):
+    p, ev = gmm2d
+    s = _preset(p, "dpm-solver++-3m", 6)
+    par = parameters(s, p.noise)
+    assert par.counts() == {"times": 5, "dc_ratio": 4, "relaxation_coef": 2, "second_scale": 2}
+    back = par.to_schedule(p.noise)
+    assert max(abs(a - b) for a, b in zip(back.times, s.times)) < 1e-12
+    x = ev.x_T("train", 16)
+    with torch.no_grad():
+        torch.testing.assert_close(final_state(p.model, par, x), sample(p.model, x, s), rtol=1e-12, atol=1e-12)
+
+
+def test_the_gradient_is_the_losss_derivative(gmm2d):
+    """Autograd (the time dependence of the model by a forward difference) against central differences of the
+    loss in every parameter."""
+    p, ev = gmm2d
+    s = _preset(p, "dpm-solver++-3m", 6)
+    par = parameters(s, p.noise)
+    x, ref = ev.x_T("train", 16), ev.reference("train")[:16]
+
+    def loss():
+        return (final_state(p.model, par, x) - ref).pow(2).mean()
+
+    loss().backward()
+    for kind, v in par.theta.items():
+        fd = torch.zeros_like(v)
+        for j in range(len(v)):
+            with torch.no_grad():
+                v[j] += 1e-5
+                up = float(loss())
+                v[j] -= 2e-5
+                down = float(loss())
+                v[j] += 1e-5
+            fd[j] = (up - down) / 2e-5
+        # the times' gradient carries the forward difference's O(FD_REL) error; the others are exact
+        tol = 10 * FD_REL if kind == "times" else 1e-6
+        assert float((v.grad - fd).abs().max()) <= tol * float(fd.abs().max()), (kind, v.grad, fd)
+
+
+def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2d):
+    p, ev = gmm2d
+    s = _preset(p, "unipc-bh2", 4)
+    r = refine(ev, s, iters=30, samples=32)
+    assert r.improved and r.loss < r.loss_start
+    assert r.rmse < r.parent_rmse == pytest.approx(ev.evaluate(s, "heldout").metrics["rmse"], rel=1e-12)
+    assert ev.evaluate(r.schedule, "heldout").metrics["rmse"] == pytest.approx(r.rmse, rel=1e-12)
+    times = r.schedule.times
+    assert times[0] == s.times[0] and times[-1] == s.times[-1]
+    assert all(a > b for a, b in zip(times, times[1:]))
+    assert r.fitted["times"] == 3 and r.model_calls > 0
+
+
+def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
+    p, ev = gmm2d
+    s = _preset(p, "dpm-solver++-2m", 5)
+    r = refine(ev, s, iters=3, samples=32, check_every=1, lr=200.0)  # steps far too long: every iterate is worse
+    assert not r.improved and r.schedule is s
+    assert r.candidate_rmse >= r.parent_rmse and r.rmse == r.parent_rmse
+
+
+def test_on_a_gaussian_the_refined_time_is_the_best_one():
+    """Two DDIM steps on Gaussian data: the interior time that minimises the error against the closed-form
+    solution (a grid search) is where refinement goes from a time-uniform start."""
+    mu = torch.tensor([0.5, -1.0, 0.0, 0.3], dtype=torch.float64)
+    var = torch.tensor([0.02, 0.1, 0.5, 1.5], dtype=torch.float64)
+    p = mixture_problem(GaussianMixture([1.0], mu[None], torch.diag(var)[None]), "vp-linear", name="gaussian")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=None)
+    s = _preset(p, "ddim", 2, spacing="time-uniform")
+    x = ev.x_T("heldout")
+    exact = exact_solution(p.noise, mu, var, x, p.t_start, p.t_end)
+
+    def err(t1):
+        return float((sample(p.model, x, s.with_steps([replace(s.steps[0], t=t1), s.steps[1]])) - exact)
+                     .pow(2).mean().sqrt())
+
+    grid = [0.02 + 0.002 * k for k in range(481)]
+    best = min(grid, key=err)
+    r = refine(ev, s, iters=60, samples=64)
+    start, got = s.times[1], r.schedule.times[1]
+    assert abs(got - best) < 0.05 * abs(start - best), (start, got, best)
+    assert r.rmse == pytest.approx(err(got), rel=1e-6) and err(got) < err(start)
+
+
+def test_the_digits_unet_refines_on_a_tiny_bank():
+    from steptune.evaluators.digits_cond import digits_problem
+
+    p = digits_problem(guidance_scale=3.0, models_dir=None, bank_sizes=(8, 8), quality=False)
+    ev = Evaluator(p, cache_dir=None)
+    s = _preset(p, "dpm-solver++-2m", 4)
+    r = refine(ev, s, iters=4, samples=8, check_every=2)
+    assert r.loss_start > 0 and r.history[1]["loss"] < r.loss_start
+    assert r.rmse <= r.parent_rmse and all(a > b for a, b in zip(r.schedule.times, r.schedule.times[1:]))
+
+
+# ---- the command and the job stage ----------------------------------------------------------------------
+
+
+def _job(tmp_path, cache, study="tiny", refine="iters = 10\nsamples = 32\n"):
+    text = job_text(study, cache).replace("confirm = 2\n", "confirm = 2\nbaseline = false\n")
+    path = tmp_path / f"{study}.toml"
+    path.write_text(text + (f"\n[refine]\n{refine}" if refine is not None else ""))
+    return path
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    c = capsys.readouterr()
+    return code, c.out, c.err
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    job = _job(tmp_path, cache)
+    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        trials = db.trials("tiny")
+        refined = [t for t in trials if "refines" in t.info]
+        by_id = {t.id: t for t in trials}
+        assert sorted(t.nfe for t in refined) == [3, 4]
+        for t in refined:
+            parent = by_id[t.info["refines"]]
+            assert "confirms" in parent.info and parent.nfe == t.nfe and t.fidelity == parent.fidelity == "heldout"
+            assert t.info["origin"].startswith("refine:") and t.info["refine"]["parent_rmse"] == pytest.approx(
+                parent.score, rel=1e-12)
+            assert (t.status == "complete") == t.info["refine"]["improved"] == (t.score < parent.score)
+            best = db.best("tiny", t.nfe)
+            assert best.id == (t.id if t.status == "complete" else parent.id)
+        assert any(t.status == "complete" for t in refined)
+    code, _, err = _run(["run", str(job), "--db", url], capsys)  # resumed: nothing is refined twice
+    assert code == 0, err
+    with connect(url) as db:
+        assert [t.id for t in db.trials("tiny") if "refines" in t.info] == [t.id for t in refined]
+    code, out, err = _run(["refine", "--study", "tiny", "--db", url], capsys)
+    assert code == 0 and out.count("earlier") == 2, err
+    with connect(url) as db:
+        assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 2
+
+
+def test_refine_command_and_the_not_improved_record(tmp_path, cache, capsys):
+    """A study whose best searched schedule has nothing continuous to tune (one DDIM step): the refinement is
+    stored pruned, and best() keeps the parent."""
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    job = load_job(_job(tmp_path, cache, "one", refine=None))
+    p = load_problem("gmm-2d")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+    s = _preset(p, "ddim", 1)
+    res = ev.evaluate(s, "heldout")
+    with connect(url, create=True) as db:
+        db.create_study("one", kind="search", config={"job": job.model_dump(), "fidelity": "heldout"})
+        (pid,) = db.add_trials("one", [{"schedule": s, "status": "complete", "fidelity": "heldout", "bank": "heldout",
+                                        "metrics": res.metrics, "info": {"confirms": 0, "origin": "test"}}])
+    code, out, err = _run(["refine", "--study", "one", "--db", url, "--iters", "5"], capsys)
+    assert code == 0, err
+    assert "not better" in out
+    with connect(url) as db:
+        (t,) = [t for t in db.trials("one") if "refines" in t.info]
+        assert t.info["refines"] == pid and t.status == "pruned" and not t.info["refine"]["improved"]
+        assert db.best("one", 1).id == pid
+    code, out, _ = _run(["refine", "--study", "one", "--db", url, "--trial", str(pid), "--json"], capsys)
+    assert code == 0 and '"skipped": "refined before"' in out
+
+
+def _one_line_error(argv, capsys, words):
+    code, out, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in out + err
+
+
+def test_refine_refuses_bad_input_in_one_sentence_and_writes_nothing(tmp_path, cache, capsys):
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    job = load_job(_job(tmp_path, cache, "e", refine=None))
+    broken = job_from_dict({**job.model_dump(), "problem": {"model": "steptune_no_such_module:make"}})
+    p = load_problem("gmm-2d")
+    s = _preset(p, "ddim", 3)
+    with connect(url, create=True) as db:
+        db.create_study("empty", kind="search", config={"job": job.model_dump()})
+        db.create_study("dc", kind="dc-fit", config={})
+        db.create_study("broken", kind="search", config={"job": broken.model_dump()})
+        db.add_trials("broken", [{"schedule": s, "status": "complete", "fidelity": "heldout", "metrics": {"rmse": 0.1},
+                                  "info": {"confirms": 0}}])
+    _one_line_error(["refine", "--study", "nope", "--db", url], capsys, "nope")
+    _one_line_error(["refine", "--study", "empty", "--db", url], capsys, "has no trials yet")
+    _one_line_error(["refine", "--study", "dc", "--db", url], capsys, "is not a search")
+    _one_line_error(["refine", "--study", "broken", "--db", url, "--trial", "999"], capsys, "has no trial id 999")
+    _one_line_error(["refine", "--study", "broken", "--db", url, "--nfe", "5"], capsys, "no searched schedule at NFE 5")
+    _one_line_error(["refine", "--study", "broken", "--db", url], capsys, "cannot be rebuilt")
+    _one_line_error(["refine", "--study", "broken", "--db", url, "--samples", "1000"], capsys, "larger than")
+    with connect(url) as db:
+        assert db.count_trials() == 1
+
+
+def test_a_refine_stage_must_refine_searched_nfes(tmp_path, cache, capsys):
+    job = _job(tmp_path, cache, "bad", refine="nfe = [7]\n")
+    _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys, "refine.nfe 7 is not searched")
