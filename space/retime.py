@@ -112,18 +112,31 @@ def _fit(step: Step, k: int, n: int, t_new: float, pure_noise_start: bool) -> St
                    corrector=corrector, dc_ratio=step.dc_ratio if hist >= 3 else 1.0)
 
 
-def retime(schedule: Schedule, times: Sequence[float], *, from_noise: bool = True) -> Schedule:
+ANCHORS = ("relative", "absolute")
+
+
+def retime(schedule: Schedule, times: Sequence[float], *, from_noise: bool = True,
+           anchor: str = "relative") -> Schedule:
     """``schedule``'s decisions on the grid ``times`` (descending; ``len(times) - 1`` steps) by the module's rule.
 
     ``from_noise``: the run starts from pure noise (not from a partly noised image); the analytical first step is
-    kept only then, and only when ``times[0]`` is the schedule's own t_start."""
+    kept only then, and only when ``times[0]`` is the schedule's own t_start. ``anchor="absolute"`` measures the new
+    grid's positions on the schedule's own lambda interval instead of its own (a grid over the schedule's last half
+    then takes the decisions of its last half); the rule is ``relative``, which measured better for img2img
+    (bench/integrations.py)."""
+    if anchor not in ANCHORS:
+        raise ScheduleError(f"anchor {anchor!r} is unknown; use one of {', '.join(ANCHORS)}")
     schedule.validate()
     ns = schedule_noise(schedule)
     new = _check_grid(times)
     old_lam, new_lam = _lambdas(ns, schedule.times), _lambdas(ns, new)
     bound = _bound(old_lam, new_lam)
     old_r = positions(ns, schedule.times, bound)[1:]
-    new_r = positions(ns, new, bound)[1:]
+    if anchor == "relative":
+        new_r = positions(ns, new, bound)[1:]
+    else:
+        lo, hi = np.clip(old_lam[[0, -1]], -bound, bound)
+        new_r = ((np.clip(new_lam, -bound, bound) - lo) / (hi - lo)).tolist()[1:]
     pure_noise_start = float(ns.alpha(new[0])) == 0.0
     n = len(new) - 1
     steps = []
