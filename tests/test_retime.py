@@ -135,3 +135,15 @@ def test_export_at_an_nfe_the_study_did_not_search_is_interpolated_and_says_so(t
     assert prov["interpolated"]["between_trials"] == {"6": ids[6], "8": ids[8]}
     assert prov["interpolated"]["decisions_from_trial"] == ids[8]
     assert "interpolated from NFEs 6, 8" in " ".join(c.err.split())
+
+
+def test_the_absolute_anchor_places_a_shorter_grid_on_the_schedules_own_interval():
+    ns = noise_mod.get("vp-linear")
+    s = presets.build("dpm-solver++-3m", 8, ns, t_start=1.0, t_end=1e-3)  # orders 1 2 3 3 3 3 2 1
+    lam = ns.lam(torch.tensor([1.0, 1e-3], dtype=torch.float64))
+    half = float(ns.t_of_lambda(0.5 * (lam[0] + lam[1])))
+    times = grid(ns, 4, half, 1e-3)  # the last half in lambda: its steps end where old steps 4, 5, 6, 7 end
+    assert [st.order for st in retime(s, times, from_noise=False).steps] == [1, 2, 3, 1]
+    assert [st.order for st in retime(s, times, from_noise=False, anchor="absolute").steps] == [1, 2, 2, 1]
+    with pytest.raises(ScheduleError, match="anchor 'middle' is unknown"):
+        retime(s, times, anchor="middle")
