@@ -29,7 +29,6 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from steptune.evaluators.problems import default_conventions
 from steptune.space import Schedule, ScheduleError, TrajectoryRun, trajectory
 from steptune.space import noise as noise_mod
 from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS, convert
@@ -139,9 +138,13 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
                                     f"scheduler config describes {stock!r}; use a schedule tuned for this model")
         tuned = dict((tuned_for or {}).get("model") or {}) or {
             k: v for k, v in (sched.conventions or {}).items() if v is not None}
-        p_default, ti_default = default_conventions(ns)
-        prediction_type = prediction_type or tuned.get("prediction") or p_default
-        time_input = time_input or tuned.get("time_input") or ti_default
+        prediction_type = prediction_type or tuned.get("prediction")
+        time_input = time_input or tuned.get("time_input")
+        if prediction_type is None or time_input is None:  # the usual ones of the noise schedule
+            from steptune.evaluators.problems import default_conventions
+
+            p_default, ti_default = default_conventions(ns)
+            prediction_type, time_input = prediction_type or p_default, time_input or ti_default
         if time_scale is None:
             time_scale = tuned.get("time_scale") or (float(num_train_timesteps or 1000) if ns.kind == "flow" else 1.0)
         prediction = STEPTUNE_PREDICTION.get(prediction_type, prediction_type)
