@@ -50,12 +50,11 @@ _MATCH = 1e-5  # relative: a float32 copy of a list still matches it
 
 
 class Plan(NamedTuple):
-    """What runs on a sigma list: ``schedule`` (the tuned one, or it re-timed onto the list), whether it was
-    re-timed, and ``nodes``: how many of the list's values are times of the run (a trailing terminator 0 is not)."""
+    """What runs on a sigma list: ``schedule`` (the tuned one, or it re-timed onto the list) and whether it was
+    re-timed."""
 
     schedule: Schedule
     retimed: bool
-    nodes: int
 
     @property
     def calls(self) -> int:
@@ -127,12 +126,12 @@ class TunedSampler:
         n = len(sig) - 1 if times[-1] > 0 and len(sig) == len(times) + 1 and sig[-1] == 0.0 else len(sig)
         grid = sig[:n]
         if len(grid) == len(times) and _close(grid, own[: len(times)]):
-            return Plan(self.schedule, False, n)
+            return Plan(self.schedule, False)
         from_noise = _close(grid[:1], own[:1])
         new = self.time_of(grid)
         if from_noise:
             new[0] = self.schedule.t_start
-        return Plan(retime(self.schedule, new, from_noise=from_noise), True, n)
+        return Plan(retime(self.schedule, new, from_noise=from_noise), True)
 
     def calls(self, sigmas) -> int:
         """Model calls a run on ``sigmas`` makes."""
