@@ -17,6 +17,7 @@ from test_dashboard_data import (  # noqa: F401  (the session fixture)
     dashboard_db,
 )
 
+from steptune.cli import main
 from steptune.dashboard import create_app, open_read_only
 from steptune.search_cost import seconds_text, study_cost
 from steptune.storage import connect
@@ -99,3 +100,105 @@ def test_the_history_view_shows_the_cost_table(page, dashboard_db, client, shots
         assert row[3] == seconds_text(c["wall_seconds"]) and row[4] == seconds_text(c["device_seconds"])
         assert row[5] == c["device"]
     assert "repeated" in rows[-1][1] or cost["baselines"]["repeats"] == 0
+
+
+# ---- relaxation studies: iterations and seconds against the baselines ------------------------------------------
+
+RELAX = ["relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "30", "--learner", "chebcb", "--study",
+         "sor"]
+
+
+@pytest.fixture(scope="module")
+def relax_db(tmp_path_factory):
+    """A real relaxation study (`steptune relax`) and its `relax-report --json`."""
+    folder = tmp_path_factory.mktemp("relax")
+    url = f"sqlite:///{folder / 'r.db'}"
+    assert main([*RELAX, "--db", url, "--json"]) == 0
+    assert main(["relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "30", "--learner", "fixed",
+                 "--omega", "1.5", "--study", "unreported", "--db", url, "--json"]) == 0
+    return url, folder
+
+
+def _report(capsys, url: str, folder) -> dict:
+    capsys.readouterr()
+    assert main(["relax-report", "--study", "sor", "--db", url, "-o", str(folder / "sor.png"), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_relax_report_totals_seconds_against_baselines_run_online(relax_db, capsys):
+    url, folder = relax_db
+    report = _report(capsys, url, folder)
+    policies = report["verdict"]["policies"]
+    names = [p["policy"] for p in policies]
+    best = next(k for k in report["total_iterations"] if k.startswith("best fixed"))
+    assert names == ["chebcb", "gauss-seidel", best, "instance-optimal (grid)", "adaptive SOR"]
+    with connect(url) as store:
+        rows = store.relaxation_rounds("sor")
+        assert store.get_study("sor").config["verdict"] == json.loads(json.dumps(report["verdict"]))
+    own = policies[0]
+    assert own["iterations"] == sum(r.iterations for r in rows) == report["total_iterations"]["chebcb"]
+    assert own["seconds"]["solve"] == pytest.approx(sum(r.context["seconds"] for r in rows))
+    assert own["seconds"] == pytest.approx(report["seconds"])
+    # the shifted Laplacian starts every solve from zero: the online runs take exactly the cost table's iterations
+    for p in policies[1:4]:
+        assert p["iterations"] == report["total_iterations"][p["policy"]]
+    from steptune.evaluators.linear import make_sequence
+    from steptune.search.sor_driver import adaptive_costs
+    from steptune.search.sor_learners import AdaptiveSOR
+
+    setup = report_setup(url)
+    seq = make_sequence("shifted-laplacian", steps=30, m=6, variance="high", seed=0)
+    assert policies[4]["iterations"] == adaptive_costs(seq, AdaptiveSOR(), setup["tol"], setup["maxiter"]).sum()
+    for p in policies:
+        s = p["seconds"]
+        assert s["solve"] > 0 and s["total"] == pytest.approx(s["solve"] + s["learner"] + s["probe"])
+        assert p["vs_study"]["seconds"] == pytest.approx(s["total"] / own["seconds"]["total"])
+        assert p["vs_study"]["iterations"] == pytest.approx(p["iterations"] / own["iterations"])
+    # the verdict kept with the study is not part of its setup: the same command resumes it
+    capsys.readouterr()
+    assert main([*RELAX, "--db", url, "--json"]) == 0
+    assert "already has all 30 rounds" in capsys.readouterr().err
+
+
+def report_setup(url: str) -> dict:
+    with connect(url) as store:
+        return store.get_study("sor").config
+
+
+def test_the_dashboard_shows_the_stored_verdict_or_the_studys_own_totals(relax_db, capsys):
+    url, folder = relax_db
+    report = _report(capsys, url, folder)
+    store = open_read_only(url)
+    try:
+        with TestClient(create_app(store)) as c:
+            got = c.get("/api/relaxation", params={"study": "sor"}).json()["verdict"]
+            alone = c.get("/api/relaxation", params={"study": "unreported"}).json()["verdict"]
+    finally:
+        store.close()
+    assert got == {**json.loads(json.dumps(report["verdict"])), "from": "relax-report"}
+    with connect(url) as db:
+        rows = db.relaxation_rounds("unreported")
+    assert alone["from"] == "rounds" and [p["policy"] for p in alone["policies"]] == ["fixed"]
+    assert alone["policies"][0]["iterations"] == sum(r.iterations for r in rows)
+    assert alone["policies"][0]["seconds"]["solve"] == pytest.approx(sum(r.context["seconds"] for r in rows))
+
+
+def test_the_relaxation_view_shows_iterations_and_seconds(relax_db, page, shots, capsys):  # noqa: F811
+    from dashboard_server import serving
+
+    url, folder = relax_db
+    policies = _report(capsys, url, folder)["verdict"]["policies"]
+    with serving(url) as server:
+        _open(page, f"{server}/#relaxation", "relaxation")
+        page.select_option("#relax-study", "sor")
+        page.wait_for_function("document.querySelectorAll('#relax-verdict tbody tr').length === 5")
+        rows = page.eval_on_selector_all("#relax-verdict tbody tr",
+                                         "trs => trs.map((tr) => [...tr.cells].map((td) => td.textContent))")
+        note = page.inner_text("#relax-verdict-note")
+        page.screenshot(path=str(shots / "relaxation-verdict.png"), full_page=True)
+    for row, p in zip(rows, policies, strict=True):
+        s = p["seconds"]
+        assert row[:5] == [p["policy"], str(round(p["iterations"])), f"{s['total']:.3f}", f"{s['solve']:.3f}",
+                           f"{s['learner'] + s['probe']:.3f}"]
+        assert row[6] == f"{p['vs_study']['seconds']:.2f}×"
+    assert "relax-report" in note and "run online" in note

@@ -117,9 +117,9 @@ def _summary(name, all_rows, new_rounds, start) -> dict:
             "learner_overhead": f"{100 * learn / solve:.2f}% of solve time" if solve > 0 else "—", **extra}
 
 
-def _baselines(setup: dict, count: int) -> dict:
+def _baselines(setup: dict, count: int):
+    """(the study's sequence rebuilt, its cost table over the first ``count`` instances)."""
     from steptune.evaluators.linear import DEFAULT_GRID, LinearInputError, build_cost_table, make_sequence
-    from steptune.search.sor_driver import table_baselines
 
     prob = dict(setup["problem"])
     name = prob.pop("problem")
@@ -142,7 +142,21 @@ def _baselines(setup: dict, count: int) -> dict:
                                      progress=lambda done, total: bar.update(task, completed=done))
         except LinearInputError as e:
             raise CliError(f"{e} (while building the baselines' cost table)") from None
-    return table_baselines(table)
+    return seq, table
+
+
+def _online_baselines(seq, setup: dict, table, kernel: str) -> list[dict]:
+    """The baselines run online over the sequence, for their seconds (see ``steptune.relax_verdict``)."""
+    from steptune.evaluators.linear import LinearInputError
+    from steptune.relax_verdict import run_baselines
+
+    with Progress(TextColumn("baselines online"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True) as bar:
+        task = bar.add_task("online", total=4 * len(table))
+        try:
+            return run_baselines(seq, setup, table, kernel=kernel, progress=lambda r: bar.advance(task))
+        except LinearInputError as e:
+            raise CliError(f"{e} (while running the baselines online)") from None
 
 
 def _plot(png: Path, study: str, curves: dict, rows) -> None:
@@ -204,6 +218,7 @@ def relax_cmd(
 ):
     """Choose SOR's ω online for every system of a sequence; record each round in the database."""
     from steptune.evaluators.linear import SOLVERS, LinearInputError
+    from steptune.relax_verdict import VERDICT
     from steptune.search.sor_driver import run_sequence
     from steptune.storage import StorageError, connect
 
@@ -238,7 +253,8 @@ def relax_cmd(
             setup["warm_start"] = _warm_start(store, policy, warm_start)
         rec = store.create_study(name, kind="relaxation", method=learner, seed=seed, config=setup,
                                  metric="iterations", exist_ok=True)
-        if json.dumps(rec.config, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
+        kept = {k: v for k, v in rec.config.items() if k != VERDICT}  # relax-report's verdict is not setup
+        if json.dumps(kept, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
             raise CliError(f"study {name!r} was run with another setup ({rec.config.get('problem')}, "
                            f"{rec.config.get('policy', {}).get('learner')}); use another --study name")
         done = store.relaxation_rounds(name)
@@ -248,7 +264,7 @@ def relax_cmd(
     start = len(done)
 
     def record(r):
-        ctx = {**r.context, **r.extra, "seconds": r.seconds, "learner_seconds": r.learner_seconds}
+        ctx = {**r.context, **r.extra, "seconds": r.seconds, "learner_seconds": r.learner_seconds, "kernel": kernel}
         if r.probe_seconds:
             ctx["probe_seconds"] = r.probe_seconds
         if r.omega_start is not None:
@@ -312,18 +328,31 @@ def relax_report_cmd(
         raise CliError(f"study {study!r} is not a relaxation study")
     if not rows:
         raise CliError(f"study {study!r} has no rounds yet")
+    from steptune.relax_verdict import VERDICT, study_totals, verdict
+    from steptune.search.sor_driver import table_baselines
+
     its = np.array([r.iterations if r.iterations is not None else r.cost for r in rows], dtype=float)
-    curves = {setup["policy"]["learner"]: its}
+    learner = setup["policy"]["learner"]
+    curves = {learner: its}
+    own = study_totals(learner, rows)
+    online = []
     if baselines:
-        curves.update(_baselines(setup, len(rows)))
-    seconds = {part: float(sum(r.context.get(key, 0.0) or 0.0 for r in rows))
-               for part, key in (("solve", "seconds"), ("learner", "learner_seconds"), ("probe", "probe_seconds"))}
-    seconds["total"] = sum(seconds.values())
+        seq, table = _baselines(setup, len(rows))
+        curves.update(table_baselines(table))
+        kernel = rows[-1].context.get("kernel", "pyamg")  # the study's own (relax --kernel; recorded per round)
+        online = _online_baselines(seq, setup, table, kernel)
+    seconds = own["seconds"]
     report = {"study": study, "rounds": len(rows),
               "mean_iterations": {k: float(v.mean()) for k, v in curves.items()},
               "total_iterations": {k: float(v.sum()) for k, v in curves.items()},
               "seconds": seconds, "probe_matvecs": int(sum(r.context.get("probe_matvecs", 0) for r in rows)),
-              "bandit_rounds": int(sum(1 for r in rows if r.context.get("mode") == "bandit"))}
+              "bandit_rounds": int(sum(1 for r in rows if r.context.get("mode") == "bandit")),
+              "verdict": {**verdict(own, online), **({"kernel": kernel} if online else {})}}
+    if online:  # kept with the study for the dashboard
+        try:
+            store.update_study_config(study, {VERDICT: report["verdict"]})
+        except StorageError as e:
+            raise CliError(str(e)) from None
     png = output or Path("runs/relax") / f"{study}.png"
     _plot(png, study, curves, rows)
     report["png"] = str(png)
@@ -339,12 +368,29 @@ def relax_report_cmd(
     for k, v in curves.items():
         t.add_row(k, f"{v.mean():.1f}", f"{v.sum():.0f}", f"{v.sum() / own:.2f}×")
     out.print(t)
+    if online:
+        print_verdict(report["verdict"])
     out.print(f"{setup['policy']['learner']}: {seconds['total']:.3f}s in all = solves {seconds['solve']:.3f}s + "
               f"learner {seconds['learner']:.3f}s + probing {seconds['probe']:.3f}s "
               f"({report['probe_matvecs']} matrix-vector products)"
               + (f"; {report['bandit_rounds']} rounds played by the offset bandit (Young's predictions missed)"
                  if report["bandit_rounds"] else ""), highlight=False)
     out.print(f"saved {png}")
+
+
+def print_verdict(v: dict) -> None:
+    """The totals of iterations and seconds of the study and of the baselines run online."""
+    t = Table(title=f"wall-clock: totals over the same instances (baselines run online with the same solver, "
+                    f"{v.get('kernel', 'pyamg')} kernel; adaptive SOR compiled)")
+    for col in ("policy", "iterations", "seconds", "solves", "learner + probing", "vs study (its.)",
+                "vs study (s)"):
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for p in v["policies"]:
+        s, vs = p["seconds"], p["vs_study"]
+        t.add_row(p["policy"], f"{p['iterations']:.0f}", f"{s['total']:.3f}", f"{s['solve']:.3f}",
+                  f"{s['learner'] + s['probe']:.3f}", "—" if vs["iterations"] is None else f"{vs['iterations']:.2f}×",
+                  "—" if vs["seconds"] is None else f"{vs['seconds']:.2f}×")
+    out.print(t)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 from sqlalchemy import and_, func, or_, select
 
+from steptune.relax_verdict import VERDICT, stored_or_own
 from steptune.search_cost import FINISHED, study_cost
 from steptune.storage import Storage
 from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial
@@ -372,7 +373,7 @@ def _same_sequence_as(other, me) -> bool:
         return other.problem_id == me.problem_id
 
     def setup(config):
-        return {k: v for k, v in (config or {}).items() if k != "policy"}
+        return {k: v for k, v in (config or {}).items() if k not in ("policy", VERDICT)}
 
     return setup(other.config) == setup(me.config)
 
@@ -404,10 +405,12 @@ def relaxation(store: Storage, study: str) -> dict:
             xs.append(rnd)
             ys.append(total)
         curves.append({"name": name, "method": "baseline", "rounds": xs, "cumulative": ys})
+    learner = ((me.config or {}).get("policy") or {}).get("learner") or me.method
     return {"study": study, "method": me.method,
             "rounds": [r.round for r in rounds], "omega": [r.omega for r in rounds], "arm": [r.arm for r in rounds],
             "iterations": [r.iterations for r in rounds], "cost": [r.cost for r in rounds],
-            "converged": [r.converged for r in rounds], "curves": curves}
+            "converged": [r.converged for r in rounds], "curves": curves,
+            "verdict": stored_or_own(me.config, learner, rounds)}
 
 
 def _cumulative(name: str, method: str, rounds) -> dict:

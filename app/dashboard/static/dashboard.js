@@ -449,6 +449,24 @@ async function renderRelaxation() {
     xaxis: { title: { text: "instance (round)" } }, yaxis: { title: { text: "cumulative iterations" } }, margin: { t: 50 },
   }, PLOT_CONFIG);
   $("cumulative-plot").dataset.traces = String(traces.length);
+  renderVerdict(d.verdict);
+}
+
+function renderVerdict(v) {
+  const ratio = (x) => (x === null || x === undefined ? "—" : `${x.toFixed(2)}×`);
+  const s3 = (x) => x.toFixed(3);
+  $("relax-verdict").innerHTML = "<thead><tr><th class=\"text\">policy</th><th>iterations</th><th>seconds</th>"
+    + "<th>solves</th><th>learner + probing</th><th>vs study (its.)</th><th>vs study (s)</th></tr></thead><tbody>"
+    + v.policies.map((p) => `<tr data-kind="${esc(p.kind)}"><td class="text">${esc(p.policy)}</td>`
+      + `<td>${Math.round(p.iterations)}</td><td>${s3(p.seconds.total)}</td><td>${s3(p.seconds.solve)}</td>`
+      + `<td>${s3(p.seconds.learner + p.seconds.probe)}</td><td>${ratio(p.vs_study.iterations)}</td>`
+      + `<td>${ratio(p.vs_study.seconds)}</td></tr>`).join("") + "</tbody>";
+  $("relax-verdict-note").textContent = v.from === "relax-report"
+    ? "Totals over the study's instances: its own rounds (solves + learner + probing) and the baselines run online "
+      + `over the same instances with the same solver (${v.kernel || "pyamg"} kernel; adaptive SOR runs compiled) `
+      + "by steptune relax-report."
+    : `The study's own totals (solves + learner + probing); run steptune relax-report --study ${state.relaxStudy} `
+      + "to add Gauss–Seidel, the best fixed ω, the instance-optimal ω and adaptive SOR.";
 }
 
 // ---- start-up and live refresh -------------------------------------------------------------------
