@@ -13,7 +13,14 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
-from steptune.exports import SteptuneScheduler, export_dict, k_diffusion_sigmas, parse_export, sigma_list_calls
+from steptune.exports import (
+    SteptuneScheduler,
+    export_dict,
+    k_diffusion_sigmas,
+    parse_export,
+    scheduler_from_export,
+    sigma_list_calls,
+)
 from steptune.exports.conventions import scheduler_for
 from steptune.exports.tuning import (
     convention_mismatch,
@@ -50,7 +57,8 @@ def test_model_sigmas_are_the_models_own_and_read_back(name):
 def test_the_scheduler_and_the_sigma_lists_share_the_convention_and_the_stock_schedulers_agree():
     vp = presets.dpmpp_2m(6, NS, spacing="diffusers-linspace")  # ends at 0, integer timesteps
     s = SteptuneScheduler(schedule=vp.to_dict())
-    assert torch.allclose(s.sigmas.double(), torch.tensor(k_diffusion_sigmas(vp), dtype=torch.float64), rtol=1e-6, atol=0)
+    listed = torch.tensor(k_diffusion_sigmas(vp), dtype=torch.float64)
+    assert torch.allclose(s.sigmas.double(), listed, rtol=1e-6, atol=0)
     stock = DPMSolverMultistepScheduler(final_sigmas_type="zero")
     stock.set_timesteps(timesteps=s.timesteps.tolist())
     assert torch.allclose(stock.sigmas.double(), s.sigmas.double(), rtol=1e-5, atol=0)
@@ -139,6 +147,29 @@ def test_a_scheduler_under_other_conventions_warns_once(tmp_path):
         SteptuneScheduler(schedule=sched.to_dict(), tuned_for=tuned, prediction_type="v_prediction")
         # not given: the conventions it was tuned for
         assert SteptuneScheduler(schedule=sched.to_dict(), tuned_for=tuned).config.prediction_type == "epsilon"
+
+
+def test_a_json_export_runs_in_diffusers_with_the_conventions_it_was_tuned_for(db, tmp_path):
+    problem = {"name": "toy", "noise": FLOW.to_dict(),
+               "model": {"prediction": "x0", "time_input": "continuous", "time_scale": 1.0}}
+    db.create_study("src", method="s3", problem=problem)
+    sched = presets.dpmpp_2m(5, FLOW, t_start=0.999)
+    d = export_dict(db.add_trial("src", sched, status="complete"), db.get_study("src"))
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps(d))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = scheduler_from_export(path)
+    # not the flow defaults (velocity, 1000 t): the x0 model with t in [0, 1] it was tuned on
+    assert (s.config.prediction_type, s.config.time_input, s.config.time_scale) == ("sample", "continuous", 1.0)
+    assert s.config.tuned_for == d["provenance"]["tuned_for"] and s.schedule == sched
+    old = json.loads(json.dumps(d))  # a version-1 export: the problem's conventions
+    old["provenance"]["version"] = 1
+    del old["provenance"]["tuned_for"]
+    path.write_text(json.dumps(old))
+    assert scheduler_from_export(path).config.tuned_for == d["provenance"]["tuned_for"]
+    with pytest.warns(UserWarning, match=r"prediction 'x0' -> 'flow', time_scale 1.0 -> 1000.0"):
+        scheduler_from_export(path, prediction_type="flow_prediction", time_scale=1000.0)
 
 
 def test_convention_differences_are_named():

@@ -14,7 +14,7 @@ from steptune.space.schedule import SCHEMA_VERSION
 from steptune.storage import StudyRecord, TrialRecord
 
 from .conventions import ExportError, conventions_for, schedule_noise
-from .tuning import tuning_record
+from .tuning import tuned_model_conventions, tuning_record
 
 PROVENANCE_VERSION = 2  # 2: tuned_for
 SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
@@ -113,6 +113,20 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
     return sched, prov
+
+
+def scheduler_from_export(path: str | Path, **config):
+    """A diffusers ``SteptuneScheduler`` for a schedule file (a steptune export or a plain schedule): it runs
+    with the model conventions the export's provenance says the schedule was tuned for, unless ``config``
+    (``prediction_type``, ``time_input``, ``time_scale``, ...) says otherwise, which then warns once. Needs
+    diffusers."""
+    from .diffusers_scheduler import SteptuneScheduler
+
+    sched, prov = read_export(path)
+    record = (prov or {}).get("tuned_for")
+    if record is None and sched.noise:  # a version-1 export: its problem's conventions
+        record = tuning_record(sched, tuned_model_conventions(sched, prov), schedule_noise(sched))
+    return SteptuneScheduler(schedule=sched.to_dict(), tuned_for=record, **config)
 
 
 def read_export(path: str | Path) -> tuple[Schedule, dict | None]:
