@@ -101,7 +101,7 @@ class SteptuneScheduler(SchedulerMixin, ConfigMixin):
     flow transformers take it); running under other conventions than it was tuned for warns once. The
     beta-table keys of stock schedulers are accepted, so ``SteptuneScheduler.from_config(pipe.scheduler.config,
     schedule=...)`` works; they must then describe the noise schedule the schedule was tuned for. A FlowMatch
-    config's ``shift`` and dynamic-shifting keys are left out: the tuned times are not shifted again.
+    config's ``shift`` and dynamic-shifting keys stay in the config unused: the tuned times are not shifted again.
     """
 
     order = 1
