@@ -150,7 +150,8 @@ def export_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "
                                                 "(diffusers, diffusers-stock); default: print, or a folder "
                                                 "under runs/export/.")] = None,
-    stock: Annotated[str, typer.Option("--stock", help="diffusers-stock: dpmsolver, euler or auto.")] = "auto",
+    stock: Annotated[str, typer.Option("--stock", help="diffusers-stock: dpmsolver, euler, flowmatch or "
+                                       "auto.")] = "auto",
     prediction: Annotated[str | None, typer.Option("--prediction", help="Model prediction type (eps, x0, v, "
                                                    "flow) if the study has no problem stored.")] = None,
     time_input: Annotated[str | None, typer.Option("--time-input", help="Model time input (discrete, "
