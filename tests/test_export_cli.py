@@ -196,3 +196,37 @@ def test_a_queued_trial_exports_with_a_note(filled, capsys):
     code, out, err = _run(["export", "--study", "demo", "--trial", str(tid), "--db", url], capsys)
     assert code == 0 and json.loads(out)["nfe"] == 7
     assert f"note: trial id {tid} is queued, not evaluated: the export carries no scores" in err
+
+
+def test_export_of_a_flow_study_keeps_the_models_own_sigma(tmp_path, capsys):
+    """A flow model's study: the diffusers folder runs it with its conventions and records what it was tuned
+    for (sigma = t), the stock export is FlowMatch at shift 1, and the sigma list is t and says where it ends."""
+    url = f"sqlite:///{tmp_path / 'flow.db'}"
+    fl = noise.RectifiedFlow()
+    conv = {"prediction": "flow", "time_input": "continuous", "time_scale": 1000.0}
+    db = connect(url)
+    db.create_study("flow", method="sweep", problem={"name": "toy-flow", "noise": fl.to_dict(), "model": conv})
+    euler = presets.ddim(5, fl, t_start=0.999, final_zero=True)
+    to_min = presets.dpmpp_2m(6, fl, t_start=0.999)
+    db.add_trials("flow", [{"schedule": s, "status": "complete", "metrics": {"rmse": 0.1}, "fidelity": "cheap"}
+                           for s in (euler, to_min)])
+    db.close()
+    folder = tmp_path / "sched"
+    code, _, err = _run(["export", "--study", "flow", "--nfe", "5", "--format", "diffusers", "-o", str(folder),
+                         "--db", url], capsys)
+    assert code == 0, err
+    cfg = json.loads((folder / "scheduler_config.json").read_text())
+    assert (cfg["prediction_type"], cfg["time_input"], cfg["time_scale"]) == ("flow_prediction", "continuous", 1000.0)
+    assert cfg["tuned_for"]["sigma"] == "t" and cfg["tuned_for"]["final"] == "zero"
+    assert cfg["tuned_for"]["model"] == conv
+    stock = tmp_path / "stock"
+    code, _, err = _run(["export", "--study", "flow", "--nfe", "5", "--format", "diffusers-stock", "-o", str(stock),
+                         "--db", url], capsys)
+    assert code == 0, err
+    stock_cfg = json.loads((stock / "scheduler_config.json").read_text())
+    assert stock_cfg["_class_name"] == "FlowMatchEulerDiscreteScheduler" and stock_cfg["shift"] == 1.0
+    assert json.loads((stock / "steptune_set_timesteps.json").read_text())["sigmas"] == euler.times[:-1]
+    code, out, err = _run(["export", "--study", "flow", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
+    assert code == 0 and json.loads(out) == [*to_min.times, 0.0]
+    assert "the list is in t (a flow model's sigma)" in err
+    assert "the schedule ends at the smallest training sigma 0.001 and the list adds a step from there to 0" in err
