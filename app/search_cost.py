@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import NamedTuple
 
 from steptune.utilisation import _union_seconds as union_seconds
 
@@ -61,17 +63,35 @@ class StudyCost:
                 "baselines": self.baselines.as_dict()}
 
 
-def _model_calls(t) -> int:
-    calls = (t.metrics or {}).get("model_calls")
-    if isinstance(calls, (int, float)) and not isinstance(calls, bool):
-        return int(calls)
-    return t.nfe * (t.n_samples or 0) if t.status == "complete" else 0
+class CostRow(NamedTuple):
+    """What the cost reads of one trial (the dashboard selects exactly these columns)."""
+
+    nfe: int
+    status: str
+    key: str
+    bank: str
+    n_samples: int | None
+    seconds: float | None
+    started: datetime | None
+    finished: datetime | None
+    baseline: bool
+    model_calls: float | None  # as stored in the metrics (None: not stored)
+    device: str | None
 
 
-def _cost(nfe: int | None, trials: list) -> Cost:
-    """The cost of ``trials`` (finished ones, in the order they were stored)."""
+def cost_row(t) -> CostRow:
+    """The CostRow of a trial record (``TrialRecord``: ``metrics`` and ``info`` dicts)."""
+    m = t.metrics or {}
+    calls = m.get("model_calls")
+    return CostRow(t.nfe, t.status, t.key, t.bank, t.n_samples, t.seconds, t.started, t.finished,
+                   bool((t.info or {}).get("baseline")),
+                   calls if isinstance(calls, (int, float)) and not isinstance(calls, bool) else None, m.get("device"))
+
+
+def _cost(nfe: int | None, rows: list) -> Cost:
+    """The cost of ``rows`` (CostRows of finished trials, in the order they were stored)."""
     c, seen, devices, spans = Cost(nfe), set(), set(), []
-    for t in trials:
+    for t in rows:
         if t.seconds is None:  # a result carried in (complete), or an evaluation lost with its worker
             c.reused += t.status == "complete"
             continue
@@ -81,9 +101,12 @@ def _cost(nfe: int | None, trials: list) -> Cost:
         else:
             seen.add(what)
             c.evaluations += 1
-        c.model_calls += _model_calls(t)
+        if t.model_calls is not None:
+            c.model_calls += int(t.model_calls)
+        elif t.status == "complete":  # stored without the count (an older steptune): the sampler's exact NFE
+            c.model_calls += t.nfe * (t.n_samples or 0)
         c.device_seconds += t.seconds
-        devices.add((t.metrics or {}).get("device") or "?")
+        devices.add(t.device or "?")
         if t.started is not None and t.finished is not None:
             spans.append((t.started, t.finished))
         else:  # evaluated where no dispatch time is kept: its own time
@@ -93,14 +116,23 @@ def _cost(nfe: int | None, trials: list) -> Cost:
     return c
 
 
+def cost_of_rows(rows: Iterable) -> StudyCost:
+    """The cost per NFE of a study's CostRows (or rows with the same fields), in the order they were stored."""
+    own, baselines, by_nfe = [], [], {}
+    for t in rows:
+        if t.status not in FINISHED:
+            continue
+        if t.baseline:
+            baselines.append(t)
+        else:
+            own.append(t)
+            by_nfe.setdefault(t.nfe, []).append(t)
+    return StudyCost([_cost(n, by_nfe[n]) for n in sorted(by_nfe)], _cost(None, own), _cost(None, baselines))
+
+
 def study_cost(trials: Iterable) -> StudyCost:
-    """The cost per NFE of a study's ``trials`` (records with ``nfe``, ``status``, ``key``, ``bank``, ``n_samples``,
-    ``metrics``, ``seconds``, ``started``, ``finished`` and ``info``), in the order they were stored."""
-    done = [t for t in trials if t.status in FINISHED]
-    own = [t for t in done if not (t.info or {}).get("baseline")]
-    nfes = sorted({t.nfe for t in own})
-    return StudyCost([_cost(n, [t for t in own if t.nfe == n]) for n in nfes], _cost(None, own),
-                     _cost(None, [t for t in done if (t.info or {}).get("baseline")]))
+    """The cost per NFE of a study's trial records, in the order they were stored."""
+    return cost_of_rows(cost_row(t) for t in trials)
 
 
 def seconds_text(seconds: float | None) -> str:
@@ -120,6 +152,6 @@ def cost_at(store, trial) -> dict:
     """What ``trial``'s study in ``store`` spent at its NFE (``Cost.as_dict()`` and ``of``: the study's own trials,
     or its preset baselines when the trial is one), as an export's provenance carries it."""
     baseline = bool((trial.info or {}).get("baseline"))
-    rows = [t for t in store.trials(trial.study, nfe=trial.nfe) if bool((t.info or {}).get("baseline")) == baseline]
-    c = _cost(trial.nfe, [t for t in rows if t.status in FINISHED])
+    rows = [cost_row(t) for t in store.trials(trial.study, nfe=trial.nfe)]
+    c = _cost(trial.nfe, [t for t in rows if t.baseline == baseline and t.status in FINISHED])
     return {**c.as_dict(), "of": "baselines" if baseline else "study"}

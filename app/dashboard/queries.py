@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from types import SimpleNamespace
 
 from sqlalchemy import and_, func, or_, select
 
 from steptune.relax_verdict import VERDICT, stored_or_own
-from steptune.search_cost import FINISHED, study_cost
+from steptune.search_cost import FINISHED, CostRow, cost_of_rows
 from steptune.storage import Storage
 from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial
 
@@ -305,16 +304,13 @@ def history(store: Storage, study: str) -> dict:
 
 
 def _study_cost(s, sid: int) -> dict:
-    """``steptune.search_cost.study_cost`` of a study, reading only the columns it needs."""
+    """``steptune.search_cost``'s cost of a study, reading only the columns it needs (its ``CostRow``)."""
     rows = s.execute(select(Trial.nfe, Trial.status, Trial.key, Trial.bank, Trial.n_samples, Trial.seconds,
                             Trial.started, Trial.finished, _baseline_flag().label("baseline"),
                             Trial.metrics["model_calls"].as_float().label("model_calls"),
                             Trial.metrics["device"].as_string().label("device"))
                      .where(Trial.study_id == sid, Trial.status.in_(FINISHED)).order_by(Trial.number)).all()
-    trials = [SimpleNamespace(**r._asdict(), info={"baseline": bool(r.baseline)},
-                              metrics={k: v for k, v in (("model_calls", r.model_calls), ("device", r.device))
-                                       if v is not None}) for r in rows]
-    return study_cost(trials).as_dict()
+    return cost_of_rows(CostRow(*r) for r in rows).as_dict()
 
 
 # ---- the trial table ---------------------------------------------------------------------------------
