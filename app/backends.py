@@ -43,8 +43,9 @@ class Sink(Protocol):
     def done(self, finished: Sequence[tuple[Task, dict]]) -> None:
         """These tasks finished with these results (all that came back together)."""
 
-    def lost(self, task: Task, worker: str, reason: str) -> bool:
-        """The worker died with the task in flight: True to dispatch it again, False if it is given up."""
+    def lost(self, task: Task, worker: str, reason: str, began: bool = True) -> bool:
+        """The worker died with the task in flight (``began``: it may have started; False: it was still queued
+        behind another): True to dispatch it again, False if it is given up."""
 
     def stopping(self) -> bool: ...
 
@@ -223,6 +224,9 @@ class RayBackend(Backend):
         self.started_ray = False
         self.todo: deque[Task] = deque()
         self.busy: dict = {}  # ObjectRef -> (tasks, actor index)
+        self.calls: list[deque] = []  # per actor, its calls in flight in the order it runs them
+        self.began: dict = {}  # ObjectRef -> when the call began to run (the call before it came back)
+        self.warming: dict = {}  # ObjectRef of a replacement actor's warm-up -> actor index
 
     def check(self) -> None:
         """Reach Ray (start the local instance, or join the cluster) and check the evaluators fit on it, so a
@@ -276,22 +280,77 @@ class RayBackend(Backend):
             return
         self.check()
         ray = self._init_ray()
-        actor_cls = ray.remote(_RayEvalWorker)
         n = self.spec.workers or self.default_workers()
-        threads = int(max(1, self.spec.num_cpus))
-        for _ in range(n):
-            self.actors.append(actor_cls.options(
-                num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus, max_restarts=self.spec.max_restarts,
-                max_task_retries=0, name=None).remote(self.problem, self.evaluation, threads))
+        self.actors = [self._new_actor() for _ in range(n)]
         # the first actor computes and caches the references; the others then read the cache
         try:
             infos = [ray.get(self.actors[0].warm.remote())]
             infos += ray.get([a.warm.remote() for a in self.actors[1:]])
         except ray.exceptions.RayTaskError as e:
             raise BackendError(f"the evaluator could not start: {e.cause if hasattr(e, 'cause') else e}") from None
-        self.workers = [f"ray-{i}@{info['host']}:{info['pid']}" for i, info in enumerate(infos)]
-        self.node_ids = ray.get([a.node_id.remote() for a in self.actors])
+        self.workers = [_worker_name(i, info) for i, info in enumerate(infos)]
+        self.node_ids = [info["node"] for info in infos]
         self.load, self.alive = [0] * n, [True] * n
+        self.calls = [deque() for _ in range(n)]
+
+    def _new_actor(self):
+        import ray
+
+        return ray.remote(_RayEvalWorker).options(
+            num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus, max_restarts=self.spec.max_restarts,
+            max_task_retries=0, name=None).remote(self.problem, self.evaluation, int(max(1, self.spec.num_cpus)))
+
+    def _time_limit(self, chunk: Sequence[Task]) -> float:
+        """How long a call may run: ``trial_timeout`` per task on ``cheap_samples`` states, scaled up for more."""
+        per, cheap = self.spec.trial_timeout, self.evaluation.cheap_samples
+        return sum(per * max(1.0, task.n / cheap) for task in chunk)
+
+    def _overdue(self, now: float) -> list[int]:
+        """Actors whose running call has gone past its time limit."""
+        if self.spec.trial_timeout is None:
+            return []
+        return [i for i, calls in enumerate(self.calls)
+                if calls and now - self.began[calls[0]] > self._time_limit(self.busy[calls[0]][0])]
+
+    def _next_deadline(self) -> float | None:
+        if self.spec.trial_timeout is None:
+            return None
+        return min((self.began[c[0]] + self._time_limit(self.busy[c[0]][0]) for c in self.calls if c), default=None)
+
+    def _replace(self, i: int, sink: Sink) -> None:
+        """Actor ``i`` overran its time limit: its calls' tasks go back to the queue (the running one's with the
+        timeout as the reason), it is killed, and a new actor takes its place once warm."""
+        import ray
+
+        calls, worker = list(self.calls[i]), self.workers[i]
+        limit = self._time_limit(self.busy[calls[0]][0])
+        self.calls[i].clear()
+        self.load[i], self.alive[i] = 0, False
+        chunks = [self.busy.pop(ref)[0] for ref in calls]
+        for ref in calls:
+            self.began.pop(ref, None)
+        ray.kill(self.actors[i], no_restart=True)
+        self.on_event(f"evaluator {worker} ran past backend.trial_timeout ({limit:g} s); replacing it")
+        for k in reversed(range(len(chunks))):
+            reason = (f"timed out after {limit:g} s on evaluator {worker} (backend.trial_timeout)" if k == 0 else
+                      f"queued on evaluator {worker}, which was replaced after a timeout")
+            for task in reversed(chunks[k]):
+                if sink.lost(task, worker, reason, began=k == 0):
+                    self.todo.appendleft(task)
+        self.actors[i] = self._new_actor()
+        self.failures[i] = 0
+        self.warming[self.actors[i].warm.remote()] = i
+
+    def _warmed(self, ref) -> None:
+        import ray
+
+        i = self.warming.pop(ref)
+        try:
+            info = ray.get(ref)
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
+            self.on_event(f"the evaluator replacing {self.workers[i]} could not start ({type(e).__name__})")
+            return
+        self.workers[i], self.node_ids[i], self.alive[i] = _worker_name(i, info), info["node"], True
 
     def pump(self, sink: Sink, until: Callable[[], bool] = lambda: False) -> None:
         ray = self._init_ray()
@@ -301,6 +360,7 @@ class RayBackend(Backend):
         # another), and two calls are queued per actor so it never waits for the next one
         group, slots = self.spec.in_flight, 2
         load, alive = self.load, self.alive
+        calls, began = self.calls, self.began
         while (todo or busy) and not until():
             if sink.stopping():
                 todo.clear()
@@ -314,21 +374,35 @@ class RayBackend(Backend):
                 load[i] += 1
             if planned:
                 sink.start([(task, self.workers[i]) for chunk, i in planned for task in chunk])
+            now = time.monotonic()
             for chunk, i in planned:
                 actor = self.actors[i]
-                busy[(actor.evaluate_many if self.spec.batched else actor.evaluate_each).remote(chunk)] = (chunk, i)
-            if not busy:
+                ref = (actor.evaluate_many if self.spec.batched else actor.evaluate_each).remote(chunk)
+                busy[ref] = (chunk, i)
+                calls[i].append(ref)
+                if len(calls[i]) == 1:
+                    began[ref] = now
+            if not busy and not (todo and self.warming):
                 if todo and not any(alive):
                     raise BackendError("every evaluator actor died and none could be restarted")
                 break  # stopping: the rest stays queued
-            ready, _ = ray.wait(list(busy), num_returns=1, timeout=1.0)
+            deadline = self._next_deadline()
+            wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            ready, _ = ray.wait(list(busy) + list(self.warming), num_returns=1, timeout=wait)
             if ready and len(busy) > 1:  # and whatever else has come back meanwhile, stored together
                 rest = [r for r in busy if r not in ready]
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            finished = []
+            finished, now = [], time.monotonic()
             for ref in ready:
+                if ref in self.warming:
+                    self._warmed(ref)
+                    continue
                 chunk, i = busy.pop(ref)
                 load[i] -= 1
+                calls[i].remove(ref)
+                began.pop(ref, None)
+                if calls[i]:
+                    began.setdefault(calls[i][0], now)
                 try:
                     results = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
@@ -344,6 +418,9 @@ class RayBackend(Backend):
                 finished += zip(chunk, results)
             if finished:
                 sink.done(finished)
+            for i in self._overdue(time.monotonic()):
+                if not ray.wait([calls[i][0]], timeout=0)[0]:  # not just come back: it is overdue
+                    self._replace(i, sink)
 
     def kill_actor(self, i: int) -> None:
         """Kill one evaluator actor (it restarts if restarts are left): what a lost node does to a job."""
@@ -356,7 +433,7 @@ class RayBackend(Backend):
 
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        self.actors, self.busy = [], {}
+        self.actors, self.busy, self.calls, self.began, self.warming = [], {}, [], {}, {}
         self.todo.clear()
         if self.started_ray:
             ray.shutdown()
@@ -368,6 +445,13 @@ class _RayEvalWorker(EvalWorker):
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def warm(self) -> dict:
+        return {**super().warm(), "node": self.node_id()}
+
+
+def _worker_name(i: int, info: dict) -> str:
+    return f"ray-{i}@{info['host']}:{info['pid']}"
 
 
 def make_backend(job, on_event: Callable[[str], None] | None = None) -> Backend:

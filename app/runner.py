@@ -123,11 +123,11 @@ class _Sink:
         for task, _ in finished:
             self.in_flight.pop(task.trial_id, None)
 
-    def lost(self, task: Task, worker: str, reason: str) -> bool:
+    def lost(self, task: Task, worker: str, reason: str, began: bool = True) -> bool:
         self.in_flight.pop(task.trial_id, None)
-        row = self.runner.storage.requeue(task.trial_id, reason)
+        row = self.runner.storage.requeue(task.trial_id, reason, began=began)
         self.notes[task.trial_id] = row.error
-        self.runner.retried += 1
+        self.runner.retried += began
         if row.status == "failed":
             self.results[task.trial_id] = {"status": "failed", "metrics": {}, "error": row.error}
             self.runner._progress_event(task, self.results[task.trial_id])
@@ -233,7 +233,11 @@ class Runner:
         try:
             self.backend.start()
             self.storage.update_study_config(job.study, {"evaluators": {
-                "count": len(self.backend.workers), "backend": job.backend.kind, "driver": self.driver}})
+                "count": len(self.backend.workers), "backend": job.backend.kind, "driver": self.driver,
+                "trial_timeout": job.backend.trial_timeout}})
+            if job.backend.trial_timeout is not None and job.backend.kind == "local":
+                self.say("backend.trial_timeout is not applied in-process (an evaluation cannot be cut off in the "
+                         "driver itself); use kind = \"ray\" to have a hung evaluation's evaluator replaced")
             if job.evaluation.baseline:
                 self.phase = "baseline"
                 self._baseline()

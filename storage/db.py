@@ -707,10 +707,11 @@ class Storage:
         return [rows[i] for i in ids]
 
     def requeue(self, trial_id: int, reason: str, *, now: datetime | None = None,
-                request: str | None = None) -> TrialRecord:
+                request: str | None = None, began: bool = True) -> TrialRecord:
         """A running trial whose worker was lost: back to ``queued`` with ``reason`` noted in its error text
-        if it has attempts left, otherwise ``failed`` with the reason. A second call with the same
-        ``request`` token changes nothing."""
+        if it has attempts left, otherwise ``failed`` with the reason. With ``began=False`` (it was still
+        waiting behind another on its worker) the attempt is given back and it is always re-queued. A second
+        call with the same ``request`` token changes nothing."""
         now = now or utcnow()
         with self._tx() as s:
             if self._replayed(s, request) is not _FIRST:
@@ -720,7 +721,9 @@ class Storage:
             if t is None or t.status != "running":
                 raise LeaseLost(f"trial {trial_id} is not running; it cannot be re-queued")
             note = f"attempt {t.attempts} of {t.max_attempts}: {reason}"
-            if t.attempts < t.max_attempts:
+            if not began:
+                t.attempts, note = t.attempts - 1, f"not started: {reason}"
+            if t.attempts < t.max_attempts or not began:
                 t.status, t.error = "queued", f"re-queued: {note}"
             else:
                 t.status, t.finished, t.error = "failed", now, f"failed: {note}; no attempts left"

@@ -1,0 +1,90 @@
+"""backend.trial_timeout on Ray: an evaluation that never returns is cut off, its evaluator replaced, its trial
+re-queued and finished by another evaluator, and the rest of the job runs to the end; with no attempts left
+the trial fails with an error naming the timeout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from runner_jobs import run_job
+
+from steptune.backends import RayBackend
+from steptune.jobs import job_from_dict
+from steptune.storage import connect
+
+ray = pytest.importorskip("ray")
+
+TESTS = str(Path(__file__).resolve().parent)
+
+
+@pytest.fixture
+def hang(tmp_path, monkeypatch):
+    """The marker file whose creation makes one model call hang; the actors get it (and this folder, for the
+    model's module) from the environment of the local Ray instance the backend starts."""
+    if ray.is_initialized():
+        ray.shutdown()
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("STEPTUNE_TEST_HANG", str(tmp_path / "hung"))
+    return tmp_path / "hung"
+
+
+def _job(study: str, cache, evaluations: int = 8, max_attempts: int = 3):
+    return job_from_dict({
+        "study": study, "seed": 1,
+        "problem": {"model": "hanging_model:hanging_gmm"},
+        "search": {"method": "s3", "nfe": [3]},
+        "evaluation": {"cheap_samples": 16, "train_samples": 16, "heldout_samples": 16, "confirm": 0,
+                       "baseline": False, "cache": str(cache)},
+        "budget": {"evaluations": evaluations},
+        "backend": {"kind": "ray", "workers": 2, "num_cpus": 0.5, "in_flight": 1, "trial_timeout": "3s",
+                    "max_attempts": max_attempts},
+    })
+
+
+def test_a_hung_evaluation_is_cut_off_and_its_trial_finished_by_another_evaluator(hang, tmp_path):
+    job = _job("hung", tmp_path / "cache")
+    events = []
+    backend = RayBackend(job.problem, job.evaluation, job.backend, on_event=events.append)
+    first = []
+    backend_start = backend.start
+
+    def start():
+        backend_start()
+        first.extend(backend.workers)
+
+    backend.start = start
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    res, _ = run_job(job, url, backend)
+    assert hang.exists()  # one evaluation did hang
+    with connect(url) as db:
+        trials, config = db.trials("hung"), db.get_study("hung").config
+    assert res.status == "complete" and len(trials) == 8  # the whole budget, each candidate stored once
+    assert all(t.status == "complete" and t.metrics.get("rmse") is not None for t in trials)
+    timed_out = [t for t in trials if t.error and "timed out after 3 s" in t.error]
+    assert len(timed_out) == 1
+    t = timed_out[0]
+    assert t.attempts == 2 and "backend.trial_timeout" in t.error
+    hung_on = next(w for w in first if w in t.error)  # the evaluator it hung on, named in the note
+    assert not t.worker.endswith("/" + hung_on)  # finished by another evaluator process
+    # nothing else was evaluated twice; one that sat queued behind the hung one was moved without losing an attempt
+    assert all(other.attempts == 1 for other in trials if other is not t)
+    moved = [o for o in trials if o.error and f"not started: queued on evaluator {hung_on}" in o.error]
+    assert len(moved) == 1 and moved[0].status == "complete"  # the call queued behind it (two per evaluator)
+    assert events == [f"evaluator {hung_on} ran past backend.trial_timeout (3 s); replacing it"]
+    assert config["evaluators"]["trial_timeout"] == 3.0
+
+
+def test_a_trial_that_times_out_on_its_last_attempt_fails_naming_the_timeout(hang, tmp_path):
+    job = _job("hung-once", tmp_path / "cache", evaluations=4, max_attempts=1)
+    backend = RayBackend(job.problem, job.evaluation, job.backend)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    res, _ = run_job(job, url, backend)
+    with connect(url) as db:
+        trials = db.trials("hung-once")
+    failed = [t for t in trials if t.status == "failed"]
+    assert res.status == "complete" and len(trials) == 4
+    assert len(failed) == 1 and failed[0].error.startswith("failed: attempt 1 of 1: timed out after 3 s")
+    assert "no attempts left" in failed[0].error
+    assert all(t.status == "complete" and t.attempts == 1 for t in trials if t not in failed)
