@@ -165,7 +165,7 @@ class RefineSpec(_Section):
 
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
     iters: int = Field(default=60, ge=1)  # gradient iterations per NFE (at most)
-    samples: int = Field(default=64, ge=1)  # train-bank states the refinement fits on
+    samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
 
 
 class Job(_Section):
@@ -185,7 +185,7 @@ class Job(_Section):
         if r is not None and r.nfe != "all" and not set(r.nfe) <= set(self.search.nfe):
             raise ValueError(f"refine.nfe {sorted(set(r.nfe) - set(self.search.nfe))[0]} is not searched; refine "
                              f"some of search.nfe {self.search.nfe} or \"all\"")
-        if r is not None and r.samples > self.evaluation.train_samples:
+        if r is not None and r.samples is not None and r.samples > self.evaluation.train_samples:
             raise ValueError(f"refine.samples ({r.samples}) is larger than evaluation.train_samples "
                              f"({self.evaluation.train_samples})")
         return self

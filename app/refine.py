@@ -125,7 +125,7 @@ def trial_item(parent, result: RefineResult, n_samples: int, metrics: dict) -> d
                      "refine": result.info()}}
 
 
-def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, samples: int,
+def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, samples: int | None,
                   say: Callable[[str], None] = lambda msg: None,
                   progress: Callable[[int, int, int, float], None] | None = None,
                   stop: Callable[[], bool] = lambda: False) -> list[Refined]:

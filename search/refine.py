@@ -12,8 +12,9 @@ continuous ones. ``refine`` keeps the discrete decisions and tunes
 
 with Adam on the MSE of the final state against the converged reference, on the first ``samples`` states
 of the evaluator's train bank, in float32 on the evaluator's device. Every ``check_every`` iterations the
-iterate is scored on the held-out bank (the evaluator's own ``evaluate``); the run stops after
-``patience`` checks without a better held-out RMSE and returns the best iterate seen. It is kept only if it
+iterate is scored on the held-out bank (the evaluator's own ``evaluate``); a check without a better held-out
+RMSE sends the parameters back to the best iterate and halves the learning rates, and the run stops after
+``patience`` such checks, returning the best iterate seen. It is kept only if it
 beats the parent there: a refinement is never worse on the held-out bank than its parent.
 
 The network's explicit dependence on time is differentiated by a forward difference (one extra forward
@@ -37,6 +38,8 @@ from .dc import eligible_steps
 
 Tensor = torch.Tensor
 FD_REL = 1e-3  # relative step in t of the forward difference in time
+SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the RMSE is dominated by a few hard
+#                states, and 64 of them overfit the times of a searched schedule
 LR = {"times": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
 
 
@@ -209,18 +212,20 @@ class RefineResult:
                 "samples": self.samples}
 
 
-def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int = 64, check_every: int = 5,
+def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | None = None, check_every: int = 5,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
            relax: bool = True, second: bool = True,
            progress: Callable[[int, int, float], None] | None = None) -> RefineResult:
     """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
     (a number) or replaces (a dict by kind: times, dc, relax, second) the default learning rates;
-    ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check."""
+    ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
+    ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller."""
     if iters < 1:
         raise RefineError(f"iters must be at least 1, not {iters}")
     if check_every < 1 or patience < 1:
         raise RefineError("check_every and patience must be at least 1")
     bank = evaluator.bank("train")
+    samples = min(SAMPLES, bank.size) if samples is None else samples
     if not 1 <= samples <= bank.size:
         raise RefineError(f"samples = {samples} is outside the train bank (1 .. {bank.size}); use fewer samples")
     try:
@@ -249,8 +254,11 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int = 64,
         history: list[dict] = []
         loss_start = loss_best = math.nan
         if p.theta:
-            opt = torch.optim.Adam([{"params": [v], "lr": rates[k]} for k, v in p.theta.items()])
-            stale = 0
+            def adam(scale: float):
+                return torch.optim.Adam([{"params": [v], "lr": rates[k] * scale} for k, v in p.theta.items()])
+
+            opt, scale, stale = adam(1.0), 1.0, 0
+            kept = {k: v.detach().clone() for k, v in p.theta.items()}
             it = 0
             for it in range(1, iters + 1):
                 try:
@@ -275,9 +283,15 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int = 64,
                     r = math.inf
                 history[-1]["heldout_rmse"] = r
                 if r < best[0]:
-                    best, stale = (r, cand, it), 0
-                else:
+                    best = (r, cand, it)
+                    kept = {k: v.detach().clone() for k, v in p.theta.items()}
+                else:  # back to the best iterate, with half the steps
                     stale += 1
+                    scale /= 2
+                    with torch.no_grad():
+                        for k, v in p.theta.items():
+                            v.copy_(kept[k])
+                    opt = adam(scale)
                 if progress is not None:
                     progress(it, iters, best[0])
                 if stale >= patience:

@@ -22,7 +22,8 @@ def refine_cmd(
     trial: Annotated[int | None, typer.Option("--trial", help="Refine this trial id instead.")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Gradient iterations per schedule (at most; the held-out "
                                        "bank stops it earlier).")] = 60,
-    samples: Annotated[int, typer.Option("--samples", help="Train-bank states the refinement fits on.")] = 64,
+    samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
+                                                "(default 128, or the whole train bank when it is smaller).")] = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -37,7 +38,7 @@ def refine_cmd(
 
     if nfe and trial is not None:
         raise CliError("give either --nfe N or --trial ID, not both")
-    if iters < 1 or samples < 1:
+    if iters < 1 or (samples is not None and samples < 1):
         raise CliError(f"--{'iters' if iters < 1 else 'samples'} must be at least 1")
     set_threads(threads)
     device = pick_device(device)
@@ -46,7 +47,7 @@ def refine_cmd(
         try:
             job = study_job(store, study)
             todo = parents(store.trials(study), study, nfe or None, trial)
-            if samples > job.evaluation.train_samples:
+            if samples is not None and samples > job.evaluation.train_samples:
                 raise RefineError(f"--samples {samples} is larger than the study's train bank "
                                   f"({job.evaluation.train_samples}); use at most that many")
             ev = study_evaluator(job, device)
