@@ -96,7 +96,8 @@ def test_batched_evaluation_on_ray_gives_the_same_study(cluster, local_result, t
     for g, w in zip(got, want):
         assert g[:4] == w[:4] and g[5] == w[5]  # same trials, in the same order, with the same status
         for (k, a), (k2, b) in zip(g[4], w[4]):
-            assert k == k2 and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (k, a, b)
+            same = a == b if isinstance(a, str) else math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+            assert k == k2 and same, (k, a, b)  # the metrics, the model calls and the device
 
 
 def test_by_default_the_batch_gives_every_evaluator_work_and_the_study_records_it(cluster, tmp_path):
@@ -149,3 +150,34 @@ def test_losing_a_node_requeues_its_trials_and_the_job_finishes(cluster, local_r
     assert got == local_result[1]
     retried = [t for t in trials if t.attempts > 1]
     assert retried and all(t.status == "complete" and "died" in t.error for t in retried)
+
+
+def test_a_job_joins_a_cluster_by_address_and_survives_losing_a_worker_node(cluster, local_result, tmp_path):
+    """backend.address names the cluster's head (host:port): the job connects itself, places an evaluator on each
+    of three nodes, loses one node mid-run, re-queues what was in flight there, and ends with the same study as
+    in-process; then it leaves the cluster, which runs on."""
+    node = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    cluster.wait_for_nodes()
+    ray.shutdown()  # this process is not connected: the job joins by address
+    try:
+        job = _job("same", tmp_path / "cache", "ray", address=cluster.address, workers=3, in_flight=2)
+        backend = RayBackend(job.problem, job.evaluation, job.backend)
+        joined, removed = [], []
+
+        def progress(st):
+            if not joined:
+                joined.append(ray.get_runtime_context().gcs_address)
+            if st["phase"] == "search" and st["done"] >= 6 and not removed:
+                cluster.remove_node(node)
+                removed.append(st["done"])
+
+        res, got, trials, _ = _run(job, f"sqlite:///{tmp_path / 'ray.db'}", backend, progress)
+        assert joined == [cluster.address] and not ray.is_initialized()  # joined, and left when done
+        assert removed and res.status == "complete"
+        assert len(set(backend.node_ids)) == 3
+        assert got == local_result[1]  # nothing lost, nothing evaluated twice
+        retried = [t for t in trials if t.attempts > 1]
+        assert retried and all(t.status == "complete" and "died" in t.error for t in retried)
+    finally:
+        if not ray.is_initialized():
+            ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
