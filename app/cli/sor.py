@@ -309,11 +309,13 @@ def relax_report_cmd(
                                                                       "runs/relax/STUDY.png).")] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Compare with Gauss–Seidel, "
                                             "best fixed ω and instance-optimal ω (builds a cost table once, "
-                                            "cached under runs/relax/tables).")] = True,
+                                            "cached under runs/relax/tables) and run them and adaptive SOR "
+                                            "online for their seconds.")] = True,
     db: DbOpt = DEFAULT_DB,
     json_: JsonOpt = False,
 ):
-    """Cumulative iterations of a relaxation study against baselines, and ω over time (table + PNG)."""
+    """Cumulative iterations of a relaxation study against baselines, ω over time (table + PNG), and the totals of
+    iterations and seconds against the baselines run online (kept with the study for the dashboard)."""
     from steptune.storage import StorageError, connect
 
     _check_image_path(output)
