@@ -11,7 +11,8 @@ One S^3 job searches gmm-digits at NFE 5, 6, 8 and 10 (``--budget`` cheap evalua
   noise), the re-timed tuned schedule on ``sampler.sigmas(denoise)`` (and re-timed with the other anchor, absolute
   lambda position) against k-diffusion's DPM++ 2M and Euler on the same list, each against the exact solution from
   t_d;
-* NFE 7 and 9 interpolated from the 5, 6, 8, 10 study against the best preset at that NFE and the direct search.
+* NFE 7 and 9 interpolated from the 5, 6, 8, 10 study (``retime.interpolate``, methods blend and split) against the
+  best preset at that NFE and the direct search.
 
     python bench/integrations.py --budget 150
 
@@ -137,13 +138,13 @@ def main(argv=None):
     best_preset = best_by_nfe(sweep)
     interp = []
     for nfe in (7, 9):
-        s = interpolate(best["study"], nfe)
-        got = ev.evaluate(s, bank="heldout").metrics["rmse"]
         direct = ev.evaluate(best["direct"][nfe], bank="heldout").metrics["rmse"]
         bp = best_preset[nfe]
-        interp.append({"nfe": nfe, "interpolated": got, "direct_search": direct, "best_preset": bp["rmse"],
-                       "best_preset_name": bp["preset"], "preset_over_interpolated": bp["rmse"] / got,
-                       "interpolated_over_direct": got / direct})
+        for method in ("blend", "split"):
+            got = ev.evaluate(interpolate(best["study"], nfe, method=method), bank="heldout").metrics["rmse"]
+            interp.append({"nfe": nfe, "method": method, "interpolated": got, "direct_search": direct,
+                           "best_preset": bp["rmse"], "best_preset_name": bp["preset"],
+                           "preset_over_interpolated": bp["rmse"] / got, "interpolated_over_direct": got / direct})
 
     print(f"gmm-digits, held-out bank ({n} states); S^3 budget {args.budget} per NFE, seed {args.seed}; "
           f"searches {search_s:.0f} s (loaded machine)")
@@ -158,9 +159,10 @@ def main(argv=None):
               f"({r['tuned']['calls']:>2})     " + (f"{alt['rmse']:.4f} ({alt['calls']:>2})" if alt else " " * 12)
               + f"      {r['dpmpp_2m']['rmse']:.4f} ({r['dpmpp_2m']['calls']:>2})"
               f"      {r['euler']['rmse']:.4f} ({r['euler']['calls']:>2})")
-    print("\ninterpolated  NFE  RMSE     direct search  best preset          preset/interp  interp/direct")
+    print("\ninterpolated  NFE  method  RMSE     direct search  best preset          preset/interp  interp/direct")
     for r in interp:
-        print(f"              {r['nfe']:<4} {r['interpolated']:.4f}   {r['direct_search']:.4f}         "
+        print(f"              {r['nfe']:<4} {r['method']:<7} {r['interpolated']:.4f}   {r['direct_search']:.4f}"
+              "         "
               f"{r['best_preset']:.4f} {r['best_preset_name']:<12} {r['preset_over_interpolated']:.2f}x"
               f"          {r['interpolated_over_direct']:.2f}")
     path = save_json("integrations", {"budget": args.budget, "seed": args.seed, "samples": n,

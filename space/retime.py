@@ -156,11 +156,23 @@ def _profile(ns: NoiseSchedule, schedule: Schedule, u: np.ndarray, bound: float)
     return np.interp(u, np.linspace(0.0, 1.0, len(r)), r)
 
 
-def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int) -> Schedule:
-    """A schedule at ``nfe`` from searched schedules at other NFEs (see the module's rule); a searched NFE is
-    returned as it is. The result costs exactly ``nfe`` model calls, or ScheduleError says why it cannot."""
+METHODS = ("blend", "split")
+
+
+def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: str = "blend",
+                decisions_from: int | None = None) -> Schedule:
+    """A schedule at ``nfe`` from searched schedules at other NFEs; a searched NFE is returned as it is. The result
+    costs exactly ``nfe`` model calls, or ScheduleError says why it cannot.
+
+    ``method="blend"`` is the module's rule (times blended between the neighbours, decisions from the nearest,
+    or from ``decisions_from``). ``method="split"`` keeps the nearest searched NFE below (above, when there is none)
+    whole and splits its widest lambda interval in two (merges its narrowest pair of intervals) until the NFE is
+    reached, the new step taking its neighbour's decisions by ``retime``: on gmm-digits it stays closer to a
+    direct search (bench/integrations.py)."""
     if not schedules_by_nfe:
         raise ScheduleError("interpolate: no searched schedules to build from")
+    if method not in METHODS:
+        raise ScheduleError(f"interpolate: method {method!r} is unknown; use one of {', '.join(METHODS)}")
     if nfe in schedules_by_nfe:
         return schedules_by_nfe[nfe]
     searched = sorted(schedules_by_nfe)
@@ -168,9 +180,12 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int) -> Schedule:
     if len(noises) > 1:
         raise ScheduleError("interpolate: the searched schedules live on different noise schedules; interpolate "
                             "within one model's study")
+    if method == "split":
+        return _split(schedules_by_nfe, nfe, searched)
     lo = max((k for k in searched if k < nfe), default=None)
     hi = min((k for k in searched if k > nfe), default=None)
-    near = min((k for k in (lo, hi) if k is not None), key=lambda k: (abs(k - nfe), -k))
+    near = min((k for k in (lo, hi) if k is not None), key=lambda k: (abs(k - nfe), -k)) \
+        if decisions_from is None else decisions_from
     src = schedules_by_nfe[near]
     ns = schedule_noise(src)
     ends = [schedules_by_nfe[k] for k in (lo, hi) if k is not None]
@@ -192,12 +207,64 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int) -> Schedule:
         sched = retime(src, grid(n), from_noise=True)
         tried.append(sched.nfe)
         if sched.nfe == nfe:
-            meta = {**src.meta, "interpolated": {"nfe": nfe, "between": [k for k in (lo, hi) if k is not None],
-                                                 "decisions_from": near, "weight": w}}
-            meta.pop("retimed", None)
-            return replace(sched, name=f"{src.name or 'schedule'}@{nfe}", meta=meta).validate(nfe)
+            return _labelled(sched, src, nfe, "blend", [k for k in (lo, hi) if k is not None], near, weight=w)
     raise ScheduleError(f"interpolate: no grid gives NFE {nfe} with the decisions of NFE {near} "
                         f"(step counts near {first} cost {sorted(set(tried))}); search that NFE")
+
+
+def _labelled(sched: Schedule, src: Schedule, nfe: int, method: str, between: list[int], near: int,
+              **extra) -> Schedule:
+    meta = {**src.meta, "interpolated": {"nfe": nfe, "method": method, "between": between, "decisions_from": near,
+                                         **extra}}
+    meta.pop("retimed", None)
+    return replace(sched, name=f"{src.name or 'schedule'}@{nfe}", meta=meta).validate(nfe)
+
+
+def _split(schedules_by_nfe: Mapping[int, Schedule], nfe: int, searched: list[int]) -> Schedule:
+    below = [k for k in searched if k < nfe]
+    base = max(below) if below else min(searched)
+    src = s = schedules_by_nfe[base]
+    ns = schedule_noise(src)
+    while s.nfe != nfe:
+        s = _grow(s, ns) if s.nfe < nfe else _shrink(s, ns, nfe)
+        if s is None:
+            raise ScheduleError(f"interpolate: the NFE-{base} schedule cannot be split or merged to NFE {nfe}; "
+                                "search that NFE")
+    return _labelled(s, src, nfe, "split", [base], base)
+
+
+def _clipped_lambdas(ns: NoiseSchedule, times: Sequence[float]) -> np.ndarray:
+    lam = _lambdas(ns, times)
+    b = _bound(lam)
+    return np.clip(lam, -b, b)
+
+
+def _grow(s: Schedule, ns: NoiseSchedule) -> Schedule | None:
+    """``s`` with its widest lambda interval (the last one only when it is the only one) split at its midpoint."""
+    times, lam = s.times, _clipped_lambdas(ns, s.times)
+    gaps = np.diff(lam)[: max(len(times) - 2, 1)]
+    i = int(np.argmax(gaps))
+    t = float(ns.t_of_lambda(torch.tensor(0.5 * (lam[i] + lam[i + 1]), dtype=torch.float64)))
+    if not times[i + 1] < t < times[i]:
+        return None
+    out = retime(s, [*times[: i + 1], t, *times[i + 1:]])
+    st = out.steps[i]
+    if out.nfe > s.nfe + 1 and st.corrector is not None:  # the new step took an implicit corrector: one call only
+        out = out.with_steps([*out.steps[:i], replace(st, corrector=replace(st.corrector, kind="pseudo")),
+                              *out.steps[i + 1:]]).validate()
+    return out
+
+
+def _shrink(s: Schedule, ns: NoiseSchedule, nfe: int) -> Schedule | None:
+    """``s`` without the interior time whose two intervals together are narrowest in lambda (one that costs more
+    calls than are left to shed is skipped)."""
+    times, lam = s.times, _clipped_lambdas(ns, s.times)
+    order = sorted(range(1, len(times) - 1), key=lambda k: lam[k + 1] - lam[k - 1])
+    for k in order:
+        out = retime(s, [*times[:k], *times[k + 1:]])
+        if out.nfe >= nfe:
+            return out
+    return None
 
 
 __all__ = ["interpolate", "positions", "retime"]

@@ -135,6 +135,11 @@ def test_export_at_an_nfe_the_study_did_not_search_is_interpolated_and_says_so(t
     assert prov["interpolated"]["between_trials"] == {"6": ids[6], "8": ids[8]}
     assert prov["interpolated"]["decisions_from_trial"] == ids[8]
     assert "interpolated from NFEs 6, 8" in " ".join(c.err.split())
+    assert main(["export", "--study", "s", "--nfe", "7", "--interpolation", "split", "--db", url]) == 0
+    sched, prov = parse_export(capsys.readouterr().out)
+    assert sched.nfe == 7 and prov["interpolated"]["method"] == "split"
+    info = prov["interpolated"]
+    assert info["between_trials"] == {"6": ids[6]} and info["decisions_from_trial"] == ids[6]
 
 
 def test_the_absolute_anchor_places_a_shorter_grid_on_the_schedules_own_interval():
@@ -147,3 +152,24 @@ def test_the_absolute_anchor_places_a_shorter_grid_on_the_schedules_own_interval
     assert [st.order for st in retime(s, times, from_noise=False, anchor="absolute").steps] == [1, 2, 2, 1]
     with pytest.raises(ScheduleError, match="anchor 'middle' is unknown"):
         retime(s, times, anchor="middle")
+
+
+def test_split_keeps_the_searched_schedule_below_whole_and_adds_steps_in_its_widest_intervals():
+    ns = noise_mod.get("vp-linear")
+    study = {n: searched(ns, n, n) for n in (5, 6, 8, 10)}
+    for nfe in (3, 7, 9, 12):
+        s = interpolate(study, nfe, method="split")
+        assert s.validate(nfe).nfe == nfe
+        base = s.meta["interpolated"]["decisions_from"]
+        assert base == (max(k for k in study if k < nfe) if nfe > 5 else 5)
+        if nfe > base:
+            assert set(study[base].times) <= set(s.times)  # every tuned time kept
+            lam = ns.lam(torch.tensor(study[base].times, dtype=torch.float64)).numpy()
+            widest = int(np.argmax(np.diff(lam)[:-1]))
+            mid = 0.5 * (lam[widest] + lam[widest + 1])
+            new = sorted(set(s.times) - set(study[base].times), reverse=True)
+            assert any(abs(float(ns.lam(t)) - mid) < 1e-9 for t in new)
+        else:
+            assert set(s.times) <= set(study[base].times)
+    with pytest.raises(ScheduleError, match="method 'cubic' is unknown"):
+        interpolate(study, 7, method="cubic")

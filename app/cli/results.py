@@ -17,6 +17,7 @@ from steptune.cli.paths import output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
+Interpolation = Literal["blend", "split"]
 
 
 def _open(url: str, *, create: bool = False):
@@ -157,6 +158,9 @@ def export_cmd(
     time_input: Annotated[str | None, typer.Option("--time-input", help="Model time input (discrete, "
                                                    "continuous, sigma) if the study has no problem stored.")] = None,
     fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
+    interpolation: Annotated[Interpolation, typer.Option(
+        "--interpolation", help="At an NFE the study did not search: blend (times blended between the neighbours) "
+                                "or split (the searched NFE below, its widest intervals split).")] = "blend",
     db: DbOpt = DEFAULT_DB,
 ):
     """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
@@ -185,7 +189,7 @@ def export_cmd(
                 raise CliError(f"trial {trial} belongs to study {t.study!r}, not {study!r}")
         else:
             t = store.best(study, nfe, fidelity=fidelity)
-            interpolated = None if t is not None else _interpolated(store, st, nfe, fidelity)
+            interpolated = None if t is not None else _interpolated(store, st, nfe, fidelity, interpolation)
             if t is None and interpolated is None:
                 t = _best_or_fail(store, study, nfe, fidelity)
         cost = cost_at(store, t) if format_ == "json" and interpolated is None else None
@@ -234,7 +238,7 @@ def export_cmd(
                            'pip install "steptune[diffusers]"') from None
 
 
-def _interpolated(store, st, nfe: int, fidelity: str | None) -> dict | None:
+def _interpolated(store, st, nfe: int, fidelity: str | None, method: str) -> dict | None:
     """The schedule ``retime.interpolate`` builds at ``nfe`` from the study's best trials, with its export JSON; None
     when the study has no complete trial to build from."""
     from steptune.exports.json_export import interpolated_export_dict
@@ -243,7 +247,7 @@ def _interpolated(store, st, nfe: int, fidelity: str | None) -> dict | None:
     best = {t.nfe: t for t in store.best_per_nfe(st.name, fidelity=fidelity)}
     if not best:
         return None
-    sched = interpolate({n: t.to_schedule() for n, t in best.items()}, nfe)
+    sched = interpolate({n: t.to_schedule() for n, t in best.items()}, nfe, method=method)
     info = sched.meta["interpolated"]
     doc = interpolated_export_dict(sched, best[info["decisions_from"]], [best[n] for n in info["between"]], st)
     return {"schedule": sched, "doc": doc, "between": info["between"], "near": info["decisions_from"]}

@@ -63,6 +63,7 @@ def interpolated_export_dict(schedule: Schedule, source: TrialRecord, neighbours
     prov = export_dict(source, study)["provenance"]
     prov.update(trial=None, trial_number=None, status="interpolated", score=None, metrics={}, n_samples=None,
                 interpolated={"nfe": schedule.nfe, "rule": "steptune.space.retime.interpolate",
+                              "method": schedule.meta.get("interpolated", {}).get("method"),
                               "between_trials": {str(t.nfe): t.id for t in neighbours},
                               "decisions_from_trial": source.id})
     return {**schedule.to_dict(), "provenance": prov}
