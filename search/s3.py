@@ -1,23 +1,29 @@
-"""S^3: predictor-based multi-stage evolutionary search over schedules, shared across NFEs.
+"""S^3: predictor-based multi-stage evolutionary search over schedules, for several NFEs at once.
 
 * The population is seeded with every preset at every requested NFE.
-* Each stage, for every NFE, many children are generated from the best schedules at that NFE
-  (mutation, crossover), from the best schedules at lower NFEs (warm start: steps inserted) and at
-  random; a predictor trained on every evaluated trial ranks them and the top ``k`` per NFE are
-  truly evaluated; the predictor is retrained as the trial set grows. The parents are the best
+* Each stage, for every NFE, children are generated from the best schedules at that NFE (mutation,
+  crossover), from the best schedules at lower NFEs (warm start: steps inserted) and at random, into a
+  pool of ``pool`` children per NFE that lives across stages (each stage adds ``refresh`` x ``pool`` new
+  ones, at most 10 per pick, and drops the oldest); the NFE's predictor ranks the pool and the top ``k``
+  are truly evaluated; the predictor is retrained as the trial set grows. The parents are the best
   schedule of each step structure (schedules that differ only in their times count once), so the
-  population does not collapse onto copies of one schedule.
+  population does not collapse onto copies of one schedule; a wide stage takes at most max(2, k/3) of one
+  step structure.
 * Alternating with that evolutionary stage, a local stage (a share ``local`` of each stage's
   evaluations) refines the timesteps of the best few structures per NFE with an evolution strategy
   over the softmax logits of the lambda increments: weighted recombination of the best trials of
   the structure and a rank-mu covariance, both recomputed from the told results, so the searcher
   stays a function of its seed and history. On gmm-digits this continuous refinement is what
-  closes most of the gap to a timestep-only CMA-ES at the higher NFEs.
-* The predictor is one model for all NFEs (the NFE is a feature). Its target is the rank of a
-  trial's score among the trials at the same NFE, so it learns orderings, not scales. Kinds:
-  ``extra-trees`` and ``gbr`` (regressors on the within-NFE rank) and ``pairwise`` (logistic
-  regression on feature differences of same-NFE pairs); ``auto`` picks the one with the best
-  Kendall tau on a held-out split of the trials and records the measurement in ``tau_report``.
+  closes most of the gap to a timestep-only CMA-ES at the higher NFEs. In a wide stage (8 or more local
+  samples at one NFE) ``screen`` times as many are drawn and the predictor keeps the best.
+* The predictor is one model per NFE, fitted on that NFE's trials (``shared``: one model for all NFEs,
+  the NFE a feature), so a job over several NFEs ranks each as a search of that NFE alone does. Its
+  target is the rank of a trial's score among the trials at the same NFE, so it learns orderings, not
+  scales; features that are constant over the trials (padding) are left out. Kinds: ``extra-trees``
+  and ``gbr`` (regressors on the within-NFE rank) and ``pairwise`` (logistic regression on feature
+  differences of same-NFE pairs); ``auto`` picks the one of ``auto_kinds`` with the best Kendall tau
+  on a held-out split of the trials and records the measurement in ``tau_report``.
+* Each candidate is encoded once and predicted once per fit.
 """
 
 from __future__ import annotations
@@ -190,7 +196,8 @@ class S3Searcher(Searcher):
     evaluations given to the local timestep stage; 0 turns it off), ``local_structures`` (how many of the
     best structures per NFE it refines), ``niche`` (parents: the best of each step structure rather than the
     best trials), ``shared`` (one predictor for all NFEs, the NFE a feature, instead of one per NFE),
-    ``auto_kinds`` (the predictor kinds ``auto`` chooses between)."""
+    ``auto_kinds`` (the predictor kinds ``auto`` chooses between), ``screen`` (in a wide batch, 8 or more
+    local samples at one NFE, ``screen`` times as many are drawn and the predictor keeps the best)."""
 
     name = "s3"
     batch_per_nfe = 4
@@ -198,12 +205,12 @@ class S3Searcher(Searcher):
     def __init__(self, *args, predictor: str = "auto", pool: int = 120, population: int = 12,
                  presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30,
                  local: float = 0.6, local_structures: int = 3, niche: bool = True, refresh: float = 0.25,
-                 shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), **kw):
+                 shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), screen: int = 3, **kw):
         super().__init__(*args, **kw)
         self.predictor_kind = predictor
         self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
         self.local, self.local_structures, self.niche = float(local), int(local_structures), bool(niche)
-        self.refresh, self.shared = float(refresh), bool(shared)
+        self.refresh, self.shared, self.screen = float(refresh), bool(shared), int(screen)
         self.auto_kinds = tuple(auto_kinds)
         for kind in self.auto_kinds:
             Predictor(kind)  # an unknown kind is refused here, not at the first fit
@@ -387,7 +394,9 @@ class S3Searcher(Searcher):
         out: list[Candidate] = []
         dists: dict[int, tuple] = {}
         tries = 0
-        while len(out) < k and tries < 20 * k:
+        wide = k >= 8 and self.screen > 1 and self._models.get(self._group(nfe)) is not None
+        m = k * self.screen if wide else k
+        while len(out) < m and tries < 20 * m:
             tries += 1
             j = 0 if len(tops) == 1 or rng.random() < 0.6 else int(rng.integers(1, len(tops)))
             if j not in dists:
@@ -402,6 +411,10 @@ class S3Searcher(Searcher):
                 continue
             taken.add(c.key)
             out.append(c)
+        if len(out) > k:  # a wide batch: the predictor keeps the k most promising samples
+            keep = set(np.argsort(self._predict(nfe, out), kind="stable")[:k].tolist())
+            taken.difference_update(c.key for i, c in enumerate(out) if i not in keep)
+            out = [c for i, c in enumerate(out) if i in keep]
         return out
 
     def _children(self, nfe: int, rng: np.random.Generator, taken: set[str], n: int) -> list[Candidate]:
