@@ -93,30 +93,55 @@ def _driver_gone(worker: str | None) -> bool:
 
 
 class _Sink:
-    """Receives the backend's events for one list of tasks; writes each to the database at once."""
+    """Receives the backend's events for one list of tasks. The starts and finishes are written together, with
+    the times they happened, at most ``FLUSH_SECONDS`` after the first of them, before a re-queue, and when
+    the backend returns (so one write carries many evaluations when they come back fast)."""
+
+    FLUSH_SECONDS = 0.25
 
     def __init__(self, runner: Runner):
         self.runner = runner
         self.results: dict[int, dict] = {}
         self.in_flight: dict[int, str] = {}
         self.notes: dict[int, str] = {}  # why a trial was re-dispatched: kept on its row
+        self.starts: list[tuple] = []  # (trial id, worker, when) not yet written
+        self.finishes: list[dict] = []  # outcomes not yet written
+        self.since: float | None = None  # when the oldest of them happened
+
+    def flush(self) -> None:
+        storage = self.runner.storage
+        if self.starts:
+            storage.start_many(self.starts, records=False)
+            self.starts = []
+        if self.finishes:
+            storage.finish_many(self.finishes, records=False)
+            self.finishes = []
+        self.since = None
+
+    def _pending(self) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        elif now - self.since >= self.FLUSH_SECONDS:
+            self.flush()
 
     def start(self, dispatched) -> None:
-        names = [(task, f"{self.runner.driver}/{worker}") for task, worker in dispatched]
-        rows = self.runner.storage.start_many([(task.trial_id, name) for task, name in names])
-        for (task, name), row in zip(names, rows):
-            if row.error and row.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
-                self.notes.setdefault(task.trial_id, row.error)
+        when = self.runner._db_now()
+        for task, worker in dispatched:
+            name = f"{self.runner.driver}/{worker}"
+            self.starts.append((task.trial_id, name, when))
             self.in_flight[task.trial_id] = name
+        self._pending()
 
     def done(self, finished) -> None:
-        outcomes = []
+        when = self.runner._db_now()
         for task, result in finished:
             status = result["status"] if result["status"] in ("complete", "failed") else "failed"
-            outcomes.append({"trial_id": task.trial_id, "status": status, "metrics": result.get("metrics") or {},
-                             "error": result.get("error") or self.notes.get(task.trial_id),
-                             "seconds": result.get("seconds"), "worker": self.in_flight.get(task.trial_id)})
-        self.runner.storage.finish_many(outcomes)
+            self.finishes.append({"trial_id": task.trial_id, "status": status, "metrics": result.get("metrics") or {},
+                                  "error": result.get("error") or self.notes.get(task.trial_id),
+                                  "seconds": result.get("seconds"), "worker": self.in_flight.get(task.trial_id),
+                                  "finished": when})
+        self._pending()
         for task, result in finished:  # reported as the evaluators stood while these ran, then let go
             self.results[task.trial_id] = result
             self.runner._progress_event(task, result)
@@ -124,6 +149,7 @@ class _Sink:
             self.in_flight.pop(task.trial_id, None)
 
     def lost(self, task: Task, worker: str, reason: str, began: bool = True) -> bool:
+        self.flush()  # its start is written before it is re-queued
         self.in_flight.pop(task.trial_id, None)
         row = self.runner.storage.requeue(task.trial_id, reason, began=began)
         self.notes[task.trial_id] = row.error
@@ -337,13 +363,17 @@ class Runner:
 
     def _submit(self, rows) -> list[int]:
         """Queue the stored ``queued`` rows on the backend; their trial ids."""
-        tasks = [Task(t.id, t.schedule, t.bank, t.n_samples) for t in rows
-                 if t.status == "queued" and t.id not in self._submitted]
+        if self._sink is None:
+            self._sink = _Sink(self)
+        tasks = []
+        for t in rows:
+            if t.status == "queued" and t.id not in self._submitted:
+                tasks.append(Task(t.id, t.schedule, t.bank, t.n_samples))
+                if t.error and t.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
+                    self._sink.notes.setdefault(t.id, t.error)
         self._submitted.update(t.trial_id for t in tasks)
         if self.phase != "search" and tasks:
             self.phase_counts.setdefault(self.phase, [0, 0])[1] += len(tasks)
-        if self._sink is None:
-            self._sink = _Sink(self)
         self.backend.submit(tasks)
         return [t.trial_id for t in tasks]
 
@@ -354,7 +384,13 @@ class Runner:
         self._submit(rows)
         self._submit(ahead)
         sink = self._sink
-        self.backend.pump(sink, until=lambda: all(i in sink.results for i in ids))
+        try:
+            self.backend.pump(sink, until=lambda: all(i in sink.results for i in ids))
+        except BaseException as e:  # what came back is still stored, unless the database is what failed
+            if not isinstance(e, StorageError):
+                sink.flush()
+            raise
+        sink.flush()
 
     def _progress_event(self, task: Task, result: dict) -> None:
         if result.get("seconds"):

@@ -676,11 +676,12 @@ class Storage:
         with the same ``request`` token changes nothing."""
         return self.start_many([(trial_id, worker)], now=now, request=request)[0]
 
-    def start_many(self, starts: Iterable[tuple[int, str]], *, now: datetime | None = None,
-                   request: str | None = None) -> list[TrialRecord]:
-        """``start`` for many (trial id, worker) pairs in one transaction (all or none); their records in order."""
-        starts, now = list(starts), now or utcnow()
-        ids = [tid for tid, _ in starts]
+    def start_many(self, starts: Iterable[tuple], *, now: datetime | None = None, request: str | None = None,
+                   records: bool = True) -> list[TrialRecord] | None:
+        """``start`` for many (trial id, worker) pairs, or (trial id, worker, when started), in one transaction
+        (all or none); their records in order (None with ``records=False``: one read less)."""
+        starts, now = [tuple(s) for s in starts], now or utcnow()
+        ids = [s[0] for s in starts]
         with self._tx() as s:
             if self._replayed(s, request) is _FIRST:
                 self._remember(s, request)
@@ -693,9 +694,10 @@ class Storage:
                 t = Trial.__table__
                 s.connection().execute(
                     update(t).where(t.c.id == bindparam("tid")).values(
-                        status="running", worker=bindparam("w"), started=now, heartbeat=now, attempts=t.c.attempts + 1),
-                    [{"tid": tid, "w": worker} for tid, worker in starts])
-        return self._records(ids)
+                        status="running", worker=bindparam("w"), started=bindparam("at"), heartbeat=bindparam("at"),
+                        attempts=t.c.attempts + 1),
+                    [{"tid": st[0], "w": st[1], "at": st[2] if len(st) > 2 else now} for st in starts])
+        return self._records(ids) if records else None
 
     def _records(self, ids: list[int]) -> list[TrialRecord]:
         with self._tx(write=False) as s:
@@ -772,9 +774,10 @@ class Storage:
         return self.finish_many([outcome], now=now, request=request)[0]
 
     def finish_many(self, outcomes: Iterable[Mapping], *, now: datetime | None = None,
-                    request: str | None = None) -> list[TrialRecord]:
+                    request: str | None = None, records: bool = True) -> list[TrialRecord] | None:
         """``finish`` for many trials in one transaction (all or none): each outcome a mapping with
-        ``trial_id`` and ``finish``'s keywords; their records in order."""
+        ``trial_id``, ``finish``'s keywords and optionally ``finished`` (when it finished, default now); their
+        records in order (None with ``records=False``: one read less)."""
         outcomes, now = [dict(o) for o in outcomes], now or utcnow()
         for o in outcomes:
             if o.get("status", "complete") not in FINAL_STATUSES:
@@ -787,12 +790,15 @@ class Storage:
                     select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
                     .join(Study, Study.id == Trial.study_id).where(Trial.id.in_(ids)).with_for_update(of=Trial))}
                 t = Trial.__table__
+                values = []
+                for o in outcomes:
+                    at = o.pop("finished", None) or now
+                    values.append({**_finished_row(rows.get(o["trial_id"]), at, **o), "fin": at})
                 s.connection().execute(
                     update(t).where(t.c.id == bindparam("tid")).values(
                         status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"), error=bindparam("e"),
-                        finished=now, seconds=bindparam("sec"), heartbeat=None),
-                    [_finished_row(rows.get(o["trial_id"]), now, **o) for o in outcomes])
-        return self._records(ids)
+                        finished=bindparam("fin"), seconds=bindparam("sec"), heartbeat=None), values)
+        return self._records(ids) if records else None
 
     def reap_stale(self, lease_seconds: float, *, study: str | None = None,
                    now: datetime | None = None) -> ReapResult:
