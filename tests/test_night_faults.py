@@ -122,6 +122,25 @@ def run_and_pull_the_server(server, action: str, job: Path, url: str, study: str
     return proc.returncode, err
 
 
+def run_through_a_restart(server, job: Path, url: str, study: str, cwd: Path) -> tuple[int, str]:
+    """Run the job; once it has stored some search evaluations, stop the server, and start it again as soon as
+    the job says it met the outage (so it does, however fast it runs); the job's exit status and stderr."""
+    proc = start(job, url, cwd)
+    seen = []
+    try:
+        wait_for_search_rows(url, study, 10, proc)
+        server.ctl("-m", "fast", "stop")
+        for line in proc.stderr:
+            seen.append(line)
+            if "unreachable" in line:
+                break
+        server.start()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(seen) + err
+
+
 def reference(tmp_path: Path, study: str) -> list[tuple]:
     """The same job run uninterrupted, into SQLite."""
     url = f"sqlite:///{tmp_path / 'reference.db'}"
@@ -137,7 +156,7 @@ def search_trials(url: str, study: str):
 
 def test_a_server_restart_mid_job_is_ridden_out_and_every_trial_is_stored_once(server, pg_url, tmp_path):
     job = write_job(tmp_path / "job.toml", "restart", tmp_path / "cache")
-    code, err = run_and_pull_the_server(server, "restart", job, pg_url, "restart", tmp_path)
+    code, err = run_through_a_restart(server, job, pg_url, "restart", tmp_path)
     assert code == 0, err
     assert "unreachable" in err and "retrying" in err, err  # it did meet the restart
     rows = search_trials(pg_url, "restart")
