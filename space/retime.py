@@ -13,7 +13,9 @@ only when the run starts from pure noise at the schedule's own t_start. The resu
 
 ``interpolate`` builds a schedule for an NFE between searched ones: the times are interpolated in relative lambda
 position between the neighbouring searched NFEs (each neighbour's positions as a function of the step fraction k/n,
-weighted by the NFE's distance), and the decisions come from the nearest searched NFE by ``retime``.
+weighted by the NFE's distance), and the decisions come from the nearest searched NFE by ``retime``. Its
+``method="split"`` instead grows the searched schedule below by splitting its widest lambda intervals, which keeps
+the tuned times and measured closer to a direct search (bench/integrations.py).
 
 lambda = log(alpha/sigma) is infinite where sigma = 0 (t = 0) or alpha = 0 (rectified flow at t = 1); positions
 are taken with lambda clipped one unit beyond the largest finite |lambda| of the grids, so such ends sit at 0 or 1.
