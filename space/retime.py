@@ -158,19 +158,19 @@ def _profile(ns: NoiseSchedule, schedule: Schedule, u: np.ndarray, bound: float)
     return np.interp(u, np.linspace(0.0, 1.0, len(r)), r)
 
 
-METHODS = ("blend", "split")
+METHODS = ("split", "blend")
 
 
-def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: str = "blend",
+def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: str = "split",
                 decisions_from: int | None = None) -> Schedule:
     """A schedule at ``nfe`` from searched schedules at other NFEs; a searched NFE is returned as it is. The result
     costs exactly ``nfe`` model calls, or ScheduleError says why it cannot.
 
-    ``method="blend"`` is the module's rule (times blended between the neighbours, decisions from the nearest,
-    or from ``decisions_from``). ``method="split"`` keeps the nearest searched NFE below (above, when there is none)
-    whole and splits its widest lambda interval in two (merges its narrowest pair of intervals) until the NFE is
-    reached, the new step taking its neighbour's decisions by ``retime``: on gmm-digits it stays closer to a
-    direct search (bench/integrations.py)."""
+    ``method="split"`` (the default) keeps the nearest searched NFE below (above, when there is none) whole and
+    splits its widest lambda interval in two (merges its narrowest pair of intervals) until the NFE is reached, the
+    new step taking its neighbour's decisions by ``retime``: on gmm-digits it stays closer to a direct search than
+    the blend (bench/integrations.py), and it reaches every step count. ``method="blend"`` blends the times between
+    the neighbours in relative lambda position and takes the decisions from the nearest (or ``decisions_from``)."""
     if not schedules_by_nfe:
         raise ScheduleError("interpolate: no searched schedules to build from")
     if method not in METHODS:

@@ -90,7 +90,7 @@ def test_interpolated_schedules_cost_the_asked_nfe_and_lie_between_their_neighbo
     ns = noise_mod.get("vp-linear")
     study = {n: searched(ns, n, n) for n in (5, 6, 8, 10)}
     for nfe in (4, 7, 9, 12):
-        s = interpolate(study, nfe)
+        s = interpolate(study, nfe, method="blend")
         assert s.validate(nfe).nfe == nfe
         info = s.meta["interpolated"]
         near = min(study, key=lambda k: (abs(k - nfe), -k))
@@ -108,7 +108,7 @@ def test_interpolated_schedules_cost_the_asked_nfe_and_lie_between_their_neighbo
 def test_interpolating_presets_gives_the_preset_at_that_nfe_when_the_neighbours_share_a_spacing():
     ns = noise_mod.get("vp-linear")
     study = {n: presets.build("dpm-solver++-2m", n, ns, lower_order_final=False) for n in (5, 9)}
-    s = interpolate(study, 7)
+    s = interpolate(study, 7, method="blend")
     want = presets.build("dpm-solver++-2m", 7, ns, lower_order_final=False)
     assert s.times == pytest.approx(want.times, rel=1e-9)
     assert [dataclasses.replace(st, t=0) for st in s.steps] == [dataclasses.replace(st, t=0) for st in want.steps]
@@ -128,14 +128,14 @@ def test_export_at_an_nfe_the_study_did_not_search_is_interpolated_and_says_so(t
                          "fidelity": "heldout", "bank": "heldout", "n_samples": 8} for n in (5, 6, 8, 10)])
     ids = {t.nfe: t.id for t in db.best_per_nfe("s")}
     db.close()
-    assert main(["export", "--study", "s", "--nfe", "7", "--db", url]) == 0
+    assert main(["export", "--study", "s", "--nfe", "7", "--interpolation", "blend", "--db", url]) == 0
     c = capsys.readouterr()
     sched, prov = parse_export(c.out)
     assert sched.nfe == 7 and prov["status"] == "interpolated" and prov["score"] is None and prov["trial"] is None
     assert prov["interpolated"]["between_trials"] == {"6": ids[6], "8": ids[8]}
     assert prov["interpolated"]["decisions_from_trial"] == ids[8]
     assert "interpolated from NFEs 6, 8" in " ".join(c.err.split())
-    assert main(["export", "--study", "s", "--nfe", "7", "--interpolation", "split", "--db", url]) == 0
+    assert main(["export", "--study", "s", "--nfe", "7", "--db", url]) == 0
     sched, prov = parse_export(capsys.readouterr().out)
     assert sched.nfe == 7 and prov["interpolated"]["method"] == "split"
     info = prov["interpolated"]
@@ -158,7 +158,7 @@ def test_split_keeps_the_searched_schedule_below_whole_and_adds_steps_in_its_wid
     ns = noise_mod.get("vp-linear")
     study = {n: searched(ns, n, n) for n in (5, 6, 8, 10)}
     for nfe in (3, 7, 9, 12):
-        s = interpolate(study, nfe, method="split")
+        s = interpolate(study, nfe)
         assert s.validate(nfe).nfe == nfe
         base = s.meta["interpolated"]["decisions_from"]
         assert base == (max(k for k in study if k < nfe) if nfe > 5 else 5)

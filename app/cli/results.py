@@ -17,7 +17,7 @@ from steptune.cli.paths import output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
-Interpolation = Literal["blend", "split"]
+Interpolation = Literal["split", "blend"]
 
 
 def _open(url: str, *, create: bool = False):
@@ -159,8 +159,8 @@ def export_cmd(
                                                    "continuous, sigma) if the study has no problem stored.")] = None,
     fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
     interpolation: Annotated[Interpolation, typer.Option(
-        "--interpolation", help="At an NFE the study did not search: blend (times blended between the neighbours) "
-                                "or split (the searched NFE below, its widest intervals split).")] = "blend",
+        "--interpolation", help="At an NFE the study did not search: split (the searched NFE below, its widest "
+                                "intervals split) or blend (times blended between the neighbours).")] = "split",
     db: DbOpt = DEFAULT_DB,
 ):
     """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
