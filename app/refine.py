@@ -115,11 +115,14 @@ def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int 
     return [best[n] for n in sorted(best)]
 
 
-def trial_item(parent, result: RefineResult, n_samples: int, metrics: dict) -> dict:
+def trial_item(parent, result: RefineResult) -> dict:
     """The stored trial of one refinement: the best iterate on the held-out bank, ``pruned`` when it does not
-    beat its parent there."""
+    beat its parent there. Its metrics are the held-out evaluation's, with what the whole refinement cost
+    (``model_calls``: the fit's and the checks') where an evaluation's cost goes."""
+    res = result.candidate_result
+    metrics = {**res.metrics, **res.cost(), "model_calls": result.model_calls}
     origin = parent.info.get("origin") or f"trial {parent.number}"
-    return {"schedule": result.candidate.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM, "n_samples": n_samples,
+    return {"schedule": result.candidate.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM, "n_samples": res.n,
             "metrics": metrics, "status": "complete" if result.improved else "pruned", "seconds": result.seconds,
             "info": {"refines": parent.id, "refines_number": parent.number, "origin": f"{ORIGIN}:{origin}",
                      "refine": result.info()}}
@@ -146,9 +149,11 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         say(f"refining NFE {parent.nfe} (trial id {parent.id}, held-out RMSE {parent.score:.4g})")
         start = time.perf_counter()
         report = None if progress is None else (lambda i, n, best, nfe=parent.nfe: progress(nfe, i, n, best))
-        result = refine(evaluator, parent.to_schedule(), iters=iters, samples=samples, progress=report)
-        metrics = evaluator.evaluate(result.candidate, CONFIRM).metrics
-        (tid,) = store.add_trials(study, [trial_item(parent, result, evaluator.bank(CONFIRM).size, metrics)])
+        result = refine(evaluator, parent.to_schedule(), iters=iters, samples=samples, progress=report, stop=stop)
+        if result.stopped:  # nothing stored: a later run refines it again
+            say(f"refinement of NFE {parent.nfe} stopped before its end; nothing was stored for it")
+            break
+        (tid,) = store.add_trials(study, [trial_item(parent, result)])
         out.append(Refined(parent.nfe, parent.id, result.parent_rmse, result.candidate_rmse,
                            time.perf_counter() - start, result.improved, tid))
         r = out[-1]

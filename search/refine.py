@@ -148,30 +148,36 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
     return p
 
 
-def _predict(model, req):
-    """The model's (eps, x0) at the request; where its time is being fitted, with the derivative in time by a
-    forward difference attached to the graph (value unchanged)."""
+def _predict(model, req, count: list[int], fitted: range):
+    """The model's (eps, x0) at the request; where its time is being fitted (its index in ``fitted``), with the
+    derivative in time by a forward difference attached to the graph (value unchanged). ``count[0]`` adds the
+    calls times the samples."""
     t = req.t
+    count[0] += req.x.shape[0]
     if not isinstance(t, Tensor):
         return model.predict(req.x, t, req.alpha, req.sigma)
     tf = float(t.detach())
     eps, x0 = model.predict(req.x, tf, float(req.alpha.detach()), float(req.sigma.detach()))
-    if not t.requires_grad:
+    if req.j not in fitted or not torch.is_grad_enabled():
         return eps, x0
     noise = model.noise
     t2 = tf * (1.0 - FD_REL)
+    count[0] += req.x.shape[0]
     with torch.no_grad():
         e2, x2 = model.predict(req.x.detach(), t2, float(noise.alpha(t2)), float(noise.sigma(t2)))
     shift = (t - tf).to(eps.dtype)  # 0 in value, 1 in gradient
     return eps + shift * ((e2 - eps.detach()) / (t2 - tf)), x0 + shift * ((x2 - x0.detach()) / (t2 - tf))
 
 
-def final_state(model, p: Params, x_T: Tensor) -> Tensor:
-    """The sampler's final state from ``x_T`` as a differentiable function of ``p``'s parameters."""
+def final_state(model, p: Params, x_T: Tensor, count: list[int] | None = None) -> Tensor:
+    """The sampler's final state from ``x_T`` as a differentiable function of ``p``'s parameters (``count``: see
+    ``_predict``)."""
+    count = [0] if count is None else count
+    fitted = range(0) if p.ends is None else range(p.ends[0] + 1, p.ends[1])
     loop = TrajectoryRun(trajectory(p.schedule, model.noise, x_T, model.data_mean, dc_ratios=p.dc_ratios(),
                                     times=p.times(model.noise), step_params=p.step_params(), reuse_buffers=False))
     while not loop.done:
-        loop.send(_predict(model, loop.request))
+        loop.send(_predict(model, loop.request, count, fitted))
     return loop.result
 
 
@@ -185,16 +191,18 @@ class RefineResult:
     candidate: Schedule
     parent_rmse: float  # held-out
     candidate_rmse: float
+    candidate_result: object  # the candidate's held-out EvalResult
     improved: bool
     loss_start: float  # train-bank MSE of the final state, parent
     loss: float  # the same, candidate
     iters: int  # iterations run
     best_iter: int
     seconds: float
-    model_calls: int
+    model_calls: int  # the model calls times the samples: the fit's (with its forward differences) and the checks'
     fitted: dict[str, int]
     samples: int
     history: list[dict] = field(default_factory=list)
+    stopped: bool = False  # ``stop`` ended it before its own end
 
     @property
     def rmse(self) -> float:
@@ -214,12 +222,13 @@ class RefineResult:
 
 def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | None = None, check_every: int = 5,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
-           relax: bool = True, second: bool = True,
-           progress: Callable[[int, int, float], None] | None = None) -> RefineResult:
+           relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
+           stop: Callable[[], bool] | None = None) -> RefineResult:
     """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
     (a number) or replaces (a dict by kind: times, dc, relax, second) the default learning rates;
     ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
-    ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller."""
+    ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``stop()`` true ends it
+    before the next iteration (``stopped``)."""
     if iters < 1:
         raise RefineError(f"iters must be at least 1, not {iters}")
     if check_every < 1 or patience < 1:
@@ -244,13 +253,17 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | Non
     x_T = evaluator.x_T("train", samples).to(torch.float32)
     ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
 
-    def heldout(s: Schedule) -> float:
-        r = evaluator.evaluate(s, "heldout")
-        return r.metrics["rmse"] if r.ok else math.inf
+    count = [0]
+    stopped = False
 
-    with model.uncounted() as used:
-        parent_rmse = heldout(schedule)
-        best = (parent_rmse, schedule, 0)
+    def heldout(s: Schedule):
+        r = evaluator.evaluate(s, "heldout")
+        count[0] += r.model_calls or 0
+        return (r.metrics["rmse"] if r.ok else math.inf), r
+
+    with model.uncounted():
+        parent_rmse, parent_result = heldout(schedule)
+        best = (parent_rmse, schedule, 0, parent_result)
         history: list[dict] = []
         loss_start = loss_best = math.nan
         if p.theta:
@@ -259,10 +272,13 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | Non
 
             opt, scale, stale = adam(1.0), 1.0, 0
             kept = {k: v.detach().clone() for k, v in p.theta.items()}
-            it = 0
+            iters_run = 0
             for it in range(1, iters + 1):
+                if stop is not None and stop():
+                    stopped = True
+                    break
                 try:
-                    loss = (final_state(model, p, x_T) - ref).pow(2).mean()
+                    loss = (final_state(model, p, x_T, count) - ref).pow(2).mean()
                 except NonFiniteError:
                     break
                 value = float(loss.detach())
@@ -273,17 +289,18 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | Non
                 if not all(torch.isfinite(v.grad).all() for v in p.theta.values() if v.grad is not None):
                     break
                 opt.step()
+                iters_run = it
                 history.append({"iter": it, "loss": value})
                 if it % check_every and it != iters:
                     continue
                 try:
                     cand = p.to_schedule(noise)
-                    r = heldout(cand)
+                    r, res = heldout(cand)
                 except ScheduleError:
                     r = math.inf
                 history[-1]["heldout_rmse"] = r
                 if r < best[0]:
-                    best = (r, cand, it)
+                    best = (r, cand, it, res)
                     kept = {k: v.detach().clone() for k, v in p.theta.items()}
                 else:  # back to the best iterate, with half the steps
                     stale += 1
@@ -296,16 +313,15 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | Non
                     progress(it, iters, best[0])
                 if stale >= patience:
                     break
-            iters_run = it
         else:
             iters_run = 0
-        cand_rmse, cand, best_iter = best
+        cand_rmse, cand, best_iter, cand_result = best
         if math.isnan(loss_start) or cand is schedule:
             loss_best = loss_start
         else:
             with torch.no_grad():
-                loss_best = float((final_state(model, parameters(cand, noise), x_T) - ref).pow(2).mean())
+                loss_best = float((final_state(model, parameters(cand, noise), x_T, count) - ref).pow(2).mean())
     improved = cand_rmse < parent_rmse
-    return RefineResult(schedule, cand if improved else schedule, cand, parent_rmse, cand_rmse, improved,
-                        loss_start, loss_best, iters_run, best_iter, time.perf_counter() - start, used.n,
-                        p.counts(), samples, history)
+    return RefineResult(schedule, cand if improved else schedule, cand, parent_rmse, cand_rmse, cand_result, improved,
+                        loss_start, loss_best, iters_run, best_iter, time.perf_counter() - start, count[0],
+                        p.counts(), samples, history, stopped)

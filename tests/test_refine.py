@@ -88,7 +88,11 @@ def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2
     times = r.schedule.times
     assert times[0] == s.times[0] and times[-1] == s.times[-1]
     assert all(a > b for a, b in zip(times, times[1:]))
-    assert r.fitted["times"] == 3 and r.model_calls > 0
+    assert r.fitted["times"] == 3 and r.candidate_result.metrics["rmse"] == r.rmse
+    # every iteration runs the 4 calls on the fit states, and one more for each of the 3 fitted times; every check
+    # (and the parent's) runs the schedule on the held-out bank
+    checks = sum("heldout_rmse" in h for h in r.history) + 1
+    assert r.model_calls == r.iters * (4 + 3) * 32 + checks * 4 * 64 + 4 * 32
 
 
 def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
@@ -97,6 +101,8 @@ def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
     r = refine(ev, s, iters=3, samples=32, check_every=1, lr=200.0)  # steps far too long: every iterate is worse
     assert not r.improved and r.schedule is s
     assert r.candidate_rmse >= r.parent_rmse and r.rmse == r.parent_rmse
+    stopped = refine(ev, s, iters=3, samples=32, stop=lambda: True)  # an interrupt before the first iteration
+    assert stopped.stopped and stopped.iters == 0 and stopped.schedule is s and not stopped.improved
 
 
 def test_on_a_gaussian_the_refined_time_is_the_best_one():
