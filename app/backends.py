@@ -364,7 +364,7 @@ class RayBackend(Backend):
         while (todo or busy) and not until():
             if sink.stopping():
                 todo.clear()
-            planned = []  # (chunk, actor): stored as started in one write, then sent
+            planned = []  # (chunk, actor): told to the sink as started, all together, then sent
             while todo:
                 free = [i for i in range(len(self.actors)) if alive[i] and load[i] < slots]
                 if not free:
