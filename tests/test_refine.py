@@ -9,11 +9,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from gaussian import exact_solution
+from gaussian import eps_fn, exact_solution
 from runner_jobs import job_text
 
 from steptune.cli import main
-from steptune.evaluators import Evaluator, GaussianMixture, load_problem, mixture_problem
+from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
 from steptune.jobs import job_from_dict, load_job
 from steptune.search.refine import FD_REL, final_state, parameters, refine
 from steptune.space import presets, sample
@@ -141,6 +141,46 @@ def test_the_digits_unet_refines_on_a_tiny_bank():
     r = refine(ev, s, iters=2, samples=4, check_every=2)
     assert r.loss_start > 0 and r.history[1]["loss"] < r.loss_start
     assert r.rmse <= r.parent_rmse and all(a > b for a, b in zip(r.schedule.times, r.schedule.times[1:]))
+
+
+MU = torch.tensor([0.5, -1.0, 0.25, 1.5])
+VAR = torch.tensor([0.04, 0.25, 1.0, 0.09])
+
+
+def gaussian_plug():
+    """A plugged network that takes its time as a float (``eps_fn`` reads ``float(t[0])``): the exact noise
+    predictor of N(MU, diag(VAR))."""
+    from steptune.space.noise import VPLinear
+
+    return Plug(network=eps_fn(VPLinear(), MU, VAR), shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+
+
+def test_a_plugged_network_refines_towards_the_closed_form_solution(tmp_path, capsys):
+    """Through a study whose job names the plug-in: the refined schedule is closer to the exact ODE solution."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    job = job_from_dict({"study": "plug", "problem": {"model": "test_refine:gaussian_plug"}, "search": {"nfe": [3]},
+                         "evaluation": {"cheap_samples": 32, "train_samples": 64, "heldout_samples": 128,
+                                        "cache": str(tmp_path / "cache")}})
+    p = load_problem("test_refine:gaussian_plug")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=tmp_path / "cache")
+    s = _preset(p, "dpm-solver++-2m", 3, spacing="time-uniform")
+    with connect(url, create=True) as db:
+        db.create_study("plug", kind="search", config={"job": job.model_dump(), "fidelity": "heldout"})
+        db.add_trials("plug", [{"schedule": s, "status": "complete", "fidelity": "heldout", "bank": "heldout",
+                                "metrics": ev.evaluate(s, "heldout").metrics, "info": {"confirms": 0}}])
+    code, out, err = _run(["refine", "--study", "plug", "--db", url, "--iters", "30"], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        best = db.best("plug", 3)
+    assert "refines" in best.info
+    x = ev.x_T("heldout").float()
+    exact = exact_solution(p.noise, MU, VAR, x, p.t_start, p.t_end)
+
+    def err_of(sched):
+        return float((sample(p.model, x, sched) - exact).pow(2).mean().sqrt())
+
+    assert err_of(best.to_schedule()) < 0.3 * err_of(s)
 
 
 # ---- the command and the job stage ----------------------------------------------------------------------
