@@ -88,6 +88,7 @@ def job_rates(problem: str, evaluations: int, db_path: Path) -> list[dict]:
         backend.start()
         with connect(f"sqlite:///{db_path}") as db:
             runner = Runner(job, db, backend)
+            runner.prepare()  # builds the searcher
             searcher_s = time_searcher(runner.searcher)
             t0 = time.perf_counter()
             res = runner.run()
