@@ -35,6 +35,9 @@ class Sink:
     def start(self, dispatched):
         pass
 
+    def flush(self):
+        pass
+
     def done(self, finished):
         self.count += len(finished)
         self.failed += sum(result["status"] != "complete" for _, result in finished)
