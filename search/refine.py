@@ -220,7 +220,7 @@ class RefineResult:
                 "samples": self.samples}
 
 
-def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | None = None, check_every: int = 5,
+def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | None = None, check_every: int = 10,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
            relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
            stop: Callable[[], bool] | None = None) -> RefineResult:

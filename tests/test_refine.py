@@ -133,7 +133,7 @@ def test_the_digits_unet_refines_on_a_tiny_bank():
 
     p = digits_problem(guidance_scale=3.0, models_dir=None, bank_sizes=(4, 4), quality=False)
     ev = Evaluator(p, cache_dir=None)
-    fine = _preset(p, "unipc-bh2", 48)  # the converged reference takes minutes on a CPU; the UNet path is tested here
+    fine = _preset(p, "unipc-bh2", 12)  # the converged reference takes minutes on a CPU; the UNet path is tested here
     for bank in ("train", "heldout"):
         with torch.no_grad():
             ev.bank(bank).references[float(p.t_end)] = sample(p.model, ev.x_T(bank).float(), fine).double()
