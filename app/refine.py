@@ -94,8 +94,8 @@ def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int 
             raise RefineError(f"study {study!r} has no trial id {trial}; 'steptune best --study {study}' lists its "
                               "best trials")
         if t.status != "complete" or t.score is None:
-            raise RefineError(f"trial id {trial} of study {study!r} is {t.status}, without a score; refine a "
-                              "complete trial")
+            raise RefineError(f"trial id {trial} of study {study!r} is {t.status}, not a complete scored trial; "
+                              "refine a complete one")
         return [t]
     if not trials:
         raise RefineError(f"study {study!r} has no trials yet; run its search first")
