@@ -49,6 +49,9 @@ class Sink(Protocol):
 
     def stopping(self) -> bool: ...
 
+    def flush(self) -> None:
+        """Write what it holds now (called before an evaluation that blocks, and when nothing came back for a while)."""
+
 
 def build_problem(spec: ProblemSpec):
     """The Problem a job names: a built-in problem, or a user model given as module:factory."""
@@ -203,6 +206,7 @@ class LocalBackend(Backend):
                 return
             chunk = [self.todo.popleft() for _ in range(min(group, len(self.todo)))]
             sink.start([(task, self.workers[0]) for task in chunk])
+            sink.flush()  # stored as running while it runs here
             results = self.worker.evaluate_many(chunk) if self.batched else [self.worker.evaluate(chunk[0])]
             sink.done(list(zip(chunk, results)))
 
@@ -389,6 +393,8 @@ class RayBackend(Backend):
             deadline = self._next_deadline()
             wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
             ready, _ = ray.wait(list(busy) + list(self.warming), num_returns=1, timeout=wait)
+            if not ready:  # a quiet moment: what the sink holds is written now
+                sink.flush()
             if ready and len(busy) > 1:  # and whatever else has come back meanwhile, stored together
                 rest = [r for r in busy if r not in ready]
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]

@@ -94,8 +94,9 @@ def _driver_gone(worker: str | None) -> bool:
 
 class _Sink:
     """Receives the backend's events for one list of tasks. The starts and finishes are written together, with
-    the times they happened, at most ``FLUSH_SECONDS`` after the first of them, before a re-queue, and when
-    the backend returns (so one write carries many evaluations when they come back fast)."""
+    the times they happened: with the first event ``FLUSH_SECONDS`` or more after the oldest one held, when the
+    backend asks (a quiet moment, an evaluation in this process), before a re-queue, and when the backend
+    returns. So one write carries many evaluations when they come back fast."""
 
     FLUSH_SECONDS = 0.25
 
