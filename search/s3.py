@@ -268,12 +268,14 @@ class S3Searcher(Searcher):
 
     def _refit(self) -> None:
         """(Re)fit each NFE's model (or the shared one) once its trials have grown by 15% (at least 20) since
-        its last fit; ``auto`` chooses the kind again each time the trials have tripled."""
+        its last fit; ``auto`` chooses the kind again each time the trials per model have tripled (so a job over
+        several NFEs chooses when each NFE has as many trials as a search of one NFE alone does)."""
         n = len(self.trials)
         if n < self.min_train:
             return
         X, nfes, scores = self._data()
-        if self.predictor_kind == "auto" and n >= self._next_select:
+        per_model = n if self.shared else n / len(self.nfes)
+        if self.predictor_kind == "auto" and per_model >= self._next_select:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 best, taus = select_predictor(X, nfes, scores, seed=self.seed, kinds=self.auto_kinds,
@@ -282,7 +284,7 @@ class S3Searcher(Searcher):
                 self._models.clear()
             self._chosen = best
             self.tau_report.append({"trials": n, "chosen": best, **taus})
-            self._next_select = 3 * n
+            self._next_select = 3 * per_model
         for g in ([None] if self.shared else self.nfes):
             rows = np.arange(n) if g is None else np.flatnonzero(nfes == g)
             m, last = len(rows), self._fit_size.get(g, 0)

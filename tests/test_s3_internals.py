@@ -79,3 +79,22 @@ def test_per_nfe_selection_fits_one_model_per_nfe():
     shared = select_predictor(X, nfes, score, kinds=("extra-trees",))[1]["extra-trees"]
     per = select_predictor(X, nfes, score, kinds=("extra-trees",), per_nfe=True)[1]["extra-trees"]
     assert per > 0.8 and per > shared
+
+
+def test_a_job_over_several_nfes_chooses_its_predictor_when_each_nfe_has_its_trials(space):
+    """``auto`` first chooses the predictor kind once the trials per NFE reach ``min_train``, as a search of one NFE
+    alone does, not once the trials of all NFEs together do."""
+    from steptune.search import make_searcher
+
+    def first_choice(nfes):
+        se = make_searcher("s3", space.noise, space.t_start, space.t_end, nfes, seed=0,
+                           min_train=12, pool=20, presets=("ddim", "dpmsolver++:order=2"))
+        while not se.tau_report:
+            for c in se.ask(4 * len(nfes)):
+                lam = space.lams(c.schedule)
+                se.tell(c, float(np.std(np.diff(lam))) + 0.01 * c.schedule.steps[0].order)  # a smooth score
+        return se.tau_report[0]["trials"], len(nfes)
+
+    for nfes in ([4], [4, 6, 8]):
+        trials, k = first_choice(nfes)
+        assert 12 * k <= trials < 12 * k + 4 * k + 2 * k, (nfes, trials)
