@@ -30,7 +30,9 @@ from steptune.backends import LocalBackend  # noqa: E402
 from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import parents, refine_trials  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
+from steptune.search import DEFAULT_PRESETS  # noqa: E402
 from steptune.storage import connect  # noqa: E402
+from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
 
 def search_job(args, seed: int, nfes: list[int]):
@@ -57,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--heldout-samples", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--presets-at", default="",
+                    help="also the best preset (at its best spacing) on the held-out bank at these NFEs, e.g. 5,10")
     args = ap.parse_args(argv)
     nfes = [int(x) for x in args.nfe.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -64,6 +68,9 @@ def main(argv=None):
     backend = LocalBackend(first.problem, first.evaluation, first.backend)
     backend.start()  # sets the torch threads; loads (or computes) the references of both banks
     ev = backend.worker.evaluator
+    preset_nfes = [int(x) for x in args.presets_at.split(",") if x]
+    presets = {n: {"preset": r["preset"], "rmse": r["rmse"]} for n, r in best_by_nfe(
+        run_sweep(ev, list(DEFAULT_PRESETS), preset_nfes, spacing="best")).items()} if preset_nfes else {}
     tmp = tempfile.TemporaryDirectory(prefix="refine-bench-")
     db = connect(f"sqlite:///{Path(tmp.name) / 'refine.db'}")
     rows = []
@@ -104,7 +111,10 @@ def main(argv=None):
         per = ", ".join(f"{100 * v:.0f}%" for v in t["per_seed_reduction"])
         print(f"| {t['nfe']} | {t['parent_rmse']:.4g} | {t['refined_rmse']:.4g} | {100 * t['reduction']:.1f}% | {per} "
               f"| {t['cpu_s']:.1f} | {t['wall_s']:.1f} |")
-    path = save_json(f"refine-{name}", {"args": vars(args), "table": table, "runs": rows})
+    for n, b in presets.items():
+        print(f"best preset at NFE {n}: {b['preset']} {b['rmse']:.4g}" + "".join(
+            f"; refined NFE {t['nfe']} / it = {t['refined_rmse'] / b['rmse']:.2f}" for t in table))
+    path = save_json(f"refine-{name}", {"args": vars(args), "table": table, "runs": rows, "best_preset": presets})
     print(f"saved {path}")
 
 
