@@ -38,7 +38,7 @@ def _job(study: str, cache, evaluations: int = 8, max_attempts: int = 3):
         "evaluation": {"cheap_samples": 16, "train_samples": 16, "heldout_samples": 16, "confirm": 0,
                        "baseline": False, "cache": str(cache)},
         "budget": {"evaluations": evaluations},
-        "backend": {"kind": "ray", "workers": 2, "num_cpus": 0.5, "in_flight": 1, "trial_timeout": "3s",
+        "backend": {"kind": "ray", "workers": 2, "num_cpus": 0.5, "in_flight": 1, "trial_timeout": "5s",
                     "max_attempts": max_attempts},
     })
 
@@ -62,7 +62,7 @@ def test_a_hung_evaluation_is_cut_off_and_its_trial_finished_by_another_evaluato
         trials, config = db.trials("hung"), db.get_study("hung").config
     assert res.status == "complete" and len(trials) == 8  # the whole budget, each candidate stored once
     assert all(t.status == "complete" and t.metrics.get("rmse") is not None for t in trials)
-    timed_out = [t for t in trials if t.error and "timed out after 3 s" in t.error]
+    timed_out = [t for t in trials if t.error and "timed out after 5 s" in t.error]
     assert len(timed_out) == 1
     t = timed_out[0]
     assert t.attempts == 2 and "backend.trial_timeout" in t.error
@@ -72,8 +72,8 @@ def test_a_hung_evaluation_is_cut_off_and_its_trial_finished_by_another_evaluato
     assert all(other.attempts == 1 for other in trials if other is not t)
     moved = [o for o in trials if o.error and f"not started: queued on evaluator {hung_on}" in o.error]
     assert len(moved) == 1 and moved[0].status == "complete"  # the call queued behind it (two per evaluator)
-    assert events == [f"evaluator {hung_on} ran past backend.trial_timeout (3 s); replacing it"]
-    assert config["evaluators"]["trial_timeout"] == 3.0
+    assert events == [f"evaluator {hung_on} ran past backend.trial_timeout (5 s); replacing it"]
+    assert config["evaluators"]["trial_timeout"] == 5.0
 
 
 def test_a_trial_that_times_out_on_its_last_attempt_fails_naming_the_timeout(hang, tmp_path):
@@ -85,6 +85,6 @@ def test_a_trial_that_times_out_on_its_last_attempt_fails_naming_the_timeout(han
         trials = db.trials("hung-once")
     failed = [t for t in trials if t.status == "failed"]
     assert res.status == "complete" and len(trials) == 4
-    assert len(failed) == 1 and failed[0].error.startswith("failed: attempt 1 of 1: timed out after 3 s")
+    assert len(failed) == 1 and failed[0].error.startswith("failed: attempt 1 of 1: timed out after 5 s")
     assert "no attempts left" in failed[0].error
     assert all(t.status == "complete" and t.attempts == 1 for t in trials if t not in failed)
