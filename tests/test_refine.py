@@ -5,6 +5,7 @@ two-step DDIM (known by a grid search against the closed-form solution), and its
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -223,6 +224,13 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
             best = db.best("tiny", t.nfe)
             assert best.id == (t.id if t.status == "complete" else parent.id)
         assert any(t.status == "complete" for t in refined)
+    for t in refined:  # the export of a refined schedule names the searched trial it was refined from
+        if t.status == "complete":
+            code, out, err = _run(["export", "--study", "tiny", "--nfe", str(t.nfe), "--db", url], capsys)
+            prov = json.loads(out)["provenance"]
+            assert code == 0 and prov["trial"] == t.id and prov["origin"].startswith("refine:"), err
+            assert prov["refined_from"] == {"trial": t.info["refines"], "trial_number": by_id[t.info["refines"]].number,
+                                            "score": pytest.approx(by_id[t.info["refines"]].score, rel=1e-12)}
     code, _, err = _run(["run", str(job), "--db", url], capsys)  # resumed: nothing is refined twice
     assert code == 0, err
     with connect(url) as db:

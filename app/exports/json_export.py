@@ -43,6 +43,12 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
             "status": trial.status, "problem": study.problem if study else None,
             "metric": study.metric if study else None, "score": trial.score, "metrics": trial.metrics,
             "fidelity": trial.fidelity, "bank": trial.bank, "n_samples": trial.n_samples}
+    if trial.info.get("origin"):
+        prov["origin"] = trial.info["origin"]
+    if "refines" in trial.info:  # a refinement by gradient (steptune refine): the searched trial it started from
+        rec = trial.info.get("refine", {})
+        prov["refined_from"] = {"trial": trial.info["refines"], "trial_number": trial.info.get("refines_number"),
+                                "score": rec.get("parent_rmse")}
     if cost is not None:
         prov["cost"] = cost
     if sched.noise:
