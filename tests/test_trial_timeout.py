@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from runner_jobs import run_job
 
-from steptune.backends import RayBackend
-from steptune.jobs import job_from_dict
+from steptune.backends import LocalBackend, RayBackend
+from steptune.jobs import JobError, job_from_dict
+from steptune.runner import Runner
 from steptune.storage import connect
-
-ray = pytest.importorskip("ray")
 
 TESTS = str(Path(__file__).resolve().parent)
 
@@ -23,6 +22,7 @@ TESTS = str(Path(__file__).resolve().parent)
 def hang(tmp_path, monkeypatch):
     """The marker file whose creation makes one model call hang; the actors get it (and this folder, for the
     model's module) from the environment of the local Ray instance the backend starts."""
+    ray = pytest.importorskip("ray")
     if ray.is_initialized():
         ray.shutdown()
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
@@ -88,3 +88,28 @@ def test_a_trial_that_times_out_on_its_last_attempt_fails_naming_the_timeout(han
     assert len(failed) == 1 and failed[0].error.startswith("failed: attempt 1 of 1: timed out after 5 s")
     assert "no attempts left" in failed[0].error
     assert all(t.status == "complete" and t.attempts == 1 for t in trials if t not in failed)
+
+
+def test_trial_timeout_is_a_duration_checked_like_the_other_keys():
+    base = {"study": "s", "problem": {"name": "gmm-2d"}, "search": {"method": "s3", "nfe": [3]}}
+    assert job_from_dict({**base, "backend": {"trial_timeout": "10m"}}).backend.trial_timeout == 600.0
+    assert job_from_dict({**base, "backend": {"trial_timeout": 90}}).backend.trial_timeout == 90.0
+    assert job_from_dict(base).backend.trial_timeout is None
+    for bad in (True, "soon", 0, -5):
+        with pytest.raises(JobError, match="backend.trial_timeout"):
+            job_from_dict({**base, "backend": {"trial_timeout": bad}})
+
+
+def test_in_process_the_run_says_once_that_the_timeout_is_not_applied(tmp_path):
+    job = job_from_dict({**_job("local", tmp_path / "cache", evaluations=4).model_dump(),
+                         "problem": {"name": "gmm-2d"}, "backend": {"kind": "local", "trial_timeout": 5}})
+    said, backend = [], LocalBackend(job.problem, job.evaluation, job.backend)
+    with connect(f"sqlite:///{tmp_path / 'db.sqlite'}") as db:
+        try:
+            res = Runner(job, db, backend, say=said.append).run()
+        finally:
+            backend.close()
+    assert res.status == "complete" and res.evaluations == 4
+    assert [m for m in said if "trial_timeout" in m] == [
+        'backend.trial_timeout is not applied in-process (an evaluation cannot be cut off in the driver itself); '
+        'use kind = "ray" to have a hung evaluation\'s evaluator replaced']
