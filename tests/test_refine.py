@@ -5,7 +5,6 @@ two-step DDIM (known by a grid search against the closed-form solution), and its
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import pytest
@@ -15,6 +14,7 @@ from runner_jobs import job_text
 
 from steptune.cli import main
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
+from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
 from steptune.search.refine import FD_REL, final_state, parameters, refine
 from steptune.space import presets, sample
@@ -227,7 +227,7 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
     for t in refined:  # the export of a refined schedule names the searched trial it was refined from
         if t.status == "complete":
             code, out, err = _run(["export", "--study", "tiny", "--nfe", str(t.nfe), "--db", url], capsys)
-            prov = json.loads(out)["provenance"]
+            prov = parse_export(out)[1]  # and it reads back in
             assert code == 0 and prov["trial"] == t.id and prov["origin"].startswith("refine:"), err
             assert prov["refined_from"] == {"trial": t.info["refines"], "trial_number": by_id[t.info["refines"]].number,
                                             "score": pytest.approx(by_id[t.info["refines"]].score, rel=1e-12)}

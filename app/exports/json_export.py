@@ -20,7 +20,7 @@ PROVENANCE_VERSION = 2  # 2: tuned_for
 SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
 PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
                      "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost", "tuned_for",
-                     "interpolated")
+                     "interpolated", "origin", "refined_from")
 
 
 def steptune_version() -> str:
@@ -111,7 +111,7 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
         if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
             raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
                                 f"version {PROVENANCE_VERSION}); upgrade steptune")
-        for name in ("metrics", "cost", "tuned_for"):
+        for name in ("metrics", "cost", "tuned_for", "refined_from"):
             if prov.get(name) is not None and not isinstance(prov[name], dict):
                 raise ScheduleError(f"{where}: provenance field {name!r} must be an object")
     sched = Schedule.from_dict({k: v for k, v in d.items() if k != "provenance"}, where=where)
