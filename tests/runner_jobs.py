@@ -72,3 +72,12 @@ def run_job(job, url: str, backend=None, progress=None, stop_after: int | None =
             return runner.run(), runner
         finally:
             backend.close()
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """The CLI run in-process: its exit code and what it wrote to stdout and stderr."""
+    from steptune.cli import main
+
+    code = main(argv)
+    c = capsys.readouterr()
+    return code, c.out, c.err

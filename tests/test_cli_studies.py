@@ -2,9 +2,8 @@
 problem before any work, in one line, and leave it as it was; a sweep run again adds nothing."""
 
 import pytest
-from runner_jobs import write_job
+from runner_jobs import run_cli, write_job
 
-from steptune.cli import main
 from steptune.storage import connect
 
 
@@ -13,16 +12,10 @@ def cache(tmp_path_factory):  # reference solutions shared by this module's runs
     return tmp_path_factory.mktemp("cache")
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    c = capsys.readouterr()
-    return code, c.out, c.err
-
-
 @pytest.fixture
 def relax_db(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
-    assert _run(["relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "5", "--learner", "chebcb",
+    assert run_cli(["relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "5", "--learner", "chebcb",
                  "--study", "rx", "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         config = db.get_study("rx").config
@@ -37,20 +30,20 @@ def _unchanged(url, config):
 def test_a_job_refuses_a_relaxation_study(relax_db, tmp_path, cache, capsys):
     url, config = relax_db
     job = write_job(tmp_path / "job.toml", "rx", cache, evaluations=2)
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and err.strip() == "error: study 'rx' is a relaxation study, not a search; give a new study name"
     _unchanged(url, config)
 
 
 def test_sweep_and_import_refuse_a_relaxation_study(relax_db, tmp_path, cache, capsys):
     url, config = relax_db
-    code, _, err = _run(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
+    code, _, err = run_cli(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
                          "--out", str(tmp_path / "sw"), "--study", "rx", "--db", url], capsys)
     assert code == 2 and err.strip() == "error: study 'rx' is a relaxation study, not a sweep; give a new study name"
     assert not (tmp_path / "sw").exists()  # refused before the sweep ran
     path = tmp_path / "ddim.json"
-    assert _run(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
-    code, _, err = _run(["import", str(path), "--study", "rx", "--db", url], capsys)
+    assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
+    code, _, err = run_cli(["import", str(path), "--study", "rx", "--db", url], capsys)
     assert code == 2 and "study 'rx' is a relaxation study" in err and "\n" not in err.strip()
     _unchanged(url, config)
 
@@ -59,13 +52,13 @@ def test_a_sweep_keeps_to_its_problem_and_adds_nothing_when_run_again(tmp_path, 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     argv = ["sweep", "--nfe", "4,5", "--presets", "ddim,dpm-solver++-2m", "--cache", str(cache), "--out",
             str(tmp_path / "sw"), "--study", "pre", "--db", url, "--json"]
-    assert _run([*argv, "--problem", "gmm-2d"], capsys)[0] == 0
+    assert run_cli([*argv, "--problem", "gmm-2d"], capsys)[0] == 0
     with connect(url) as db:
         first = [(t.key, t.score) for t in db.trials("pre")]
     assert len(first) == 4
-    code, _, err = _run([*argv, "--problem", "gmm-2d"], capsys)
+    code, _, err = run_cli([*argv, "--problem", "gmm-2d"], capsys)
     assert code == 0 and "stored 0 new trials" in err
-    code, _, err = _run([*argv, "--problem", "gmm-2d", "--noise", "vp-cosine"], capsys)
+    code, _, err = run_cli([*argv, "--problem", "gmm-2d", "--noise", "vp-cosine"], capsys)
     assert code == 2 and err.strip() == ("error: study 'pre' holds a sweep of problem 'gmm-2d' with other settings; "
                                          "give a new study name")
     with connect(url) as db:
@@ -75,7 +68,7 @@ def test_a_sweep_keeps_to_its_problem_and_adds_nothing_when_run_again(tmp_path, 
 def test_a_sweep_checks_its_database_before_it_runs(tmp_path, cache, capsys):
     path = tmp_path / "notes.db"
     path.write_text("not a database")
-    code, _, err = _run(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
+    code, _, err = run_cli(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
                          "--out", str(tmp_path / "sw"), "--study", "s", "--db", f"sqlite:///{path}"], capsys)
     assert code == 2 and err.startswith("error: --db: cannot open database") and err.count("\n") == 1
     assert not (tmp_path / "sw").exists()
@@ -85,10 +78,10 @@ def test_search_options_and_seed_are_checked_before_the_study_is_made(tmp_path, 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "o", cache, evaluations=2)
     job.write_text(job.read_text().replace('method = "s3"', 'method = "s3"\noptions = {bogus = 1}'))
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and err.startswith("error: search.options {'bogus': 1} for method 's3': ") and "bogus" in err
     job.write_text(job.read_text().replace("options = {bogus = 1}", "").replace("seed = 3", "seed = -1"))
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and "seed" in err and err.count("\n") == 1
     with connect(url) as db:
         assert not db.studies()
@@ -97,13 +90,13 @@ def test_search_options_and_seed_are_checked_before_the_study_is_made(tmp_path, 
 def test_what_the_search_cannot_do_is_refused_before_the_study_is_made(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "n", cache, evaluations=2, nfe="[4, 5000]")
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and err.startswith("error: search.nfe 5000: at most ") and "search at most NFE" in err
     job = write_job(tmp_path / "job.toml", "n", cache, evaluations=2)
     job.write_text(job.read_text().replace("evaluations = 2", "evaluations = true"))
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and "budget.evaluations" in err and err.count("\n") == 1
-    code, _, err = _run(["search", "--problem", "gmm-2d", "--nfe", "4", "--method", "random", "--budget", "2",
+    code, _, err = run_cli(["search", "--problem", "gmm-2d", "--nfe", "4", "--method", "random", "--budget", "2",
                          "--heldout-samples", "0", "--cache", str(cache), "--db", url], capsys)
     assert code == 2 and "heldout_samples" in err and err.count("\n") == 1
     with connect(url) as db:
@@ -113,7 +106,7 @@ def test_what_the_search_cannot_do_is_refused_before_the_study_is_made(tmp_path,
 def test_a_ray_address_where_nothing_listens_is_refused_at_once(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "r", cache, evaluations=2)
-    code, _, err = _run(["run", str(job), "--ray-address", "127.0.0.1:1", "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--ray-address", "127.0.0.1:1", "--db", url], capsys)
     assert code == 2 and err.startswith("error: backend.address 127.0.0.1:1: nothing answers there")
     with connect(url) as db:
         assert not db.studies()
@@ -121,6 +114,6 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(tmp_path, cache,
 
 def test_a_bad_command_line_override_names_its_key(tmp_path, cache, capsys):
     job = write_job(tmp_path / "job.toml", "b", cache, evaluations=2)
-    code, _, err = _run(["run", str(job), "--backend", "bogus", "--db", f"sqlite:///{tmp_path / 'x.db'}"], capsys)
+    code, _, err = run_cli(["run", str(job), "--backend", "bogus", "--db", f"sqlite:///{tmp_path / 'x.db'}"], capsys)
     assert code == 2 and err == ("error: the command-line options: key 'backend.kind': Input should be 'local' or "
                                  "'ray' (got 'bogus')\n")

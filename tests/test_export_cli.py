@@ -4,9 +4,9 @@ import json
 import re
 
 import pytest
+from runner_jobs import run_cli
 from test_storage_db import _rows, db_url  # noqa: F401  (db_url is a fixture)
 
-from steptune.cli import main
 from steptune.space import noise, presets
 from steptune.storage import connect
 
@@ -30,27 +30,21 @@ def filled(db_url):  # noqa: F811 (the fixture imported above)
     db.close()
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    c = capsys.readouterr()
-    return code, c.out, c.err
-
-
 def test_studies_and_best(filled, capsys):
     url, db = filled
-    code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["studies", "--db", url, "--json"], capsys)
     assert code == 0
     (row,) = json.loads(out)
     assert (row["study"], row["method"], row["problem"], row["trials"]) == ("demo", "sweep", "toy", {"complete": 16})
     assert row["noise"] == "ddpm-linear"
     assert [(b["nfe"], b["score"]) for b in row["best"]] == [(n, 1 / n ** 2) for n in (4, 5, 6, 8)]
-    code, out, _ = _run(["best", "--study", "demo", "--nfe", "5", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["best", "--study", "demo", "--nfe", "5", "--db", url, "--json"], capsys)
     assert code == 0
     d = json.loads(out)
     assert d["name"] == "ddim" and d["nfe"] == 5 and d["provenance"]["score"] == 1 / 25
-    code, out, _ = _run(["best", "--study", "demo", "--db", url], capsys)
+    code, out, _ = run_cli(["best", "--study", "demo", "--db", url], capsys)
     assert code == 0 and "Pareto" in out and "ddim" in out
-    code, out, err = _run(["best", "--study", "demo", "--nfe", "7", "--db", url], capsys)
+    code, out, err = run_cli(["best", "--study", "demo", "--nfe", "7", "--db", url], capsys)
     assert code == 2 and err.strip() == ("error: study 'demo' has no complete trial at NFE 7 "
                                          "(NFEs with results: 4, 5, 6, 8)")
 
@@ -58,34 +52,34 @@ def test_studies_and_best(filled, capsys):
 def test_export_formats(filled, capsys, tmp_path):
     url, db = filled
     best = db.best("demo", 6)
-    code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--db", url], capsys)
+    code, out, _ = run_cli(["export", "--study", "demo", "--nfe", "6", "--db", url], capsys)
     assert code == 0
     d = json.loads(out)
     assert {k: v for k, v in d.items() if k != "provenance"} == best.schedule
     assert d["provenance"]["trial"] == best.id
-    code, out, err = _run(["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
+    code, out, err = run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
     sig = json.loads(out)
     assert code == 0 and sig[-1] == 0.0 and len(sig) == len(best.schedule["steps"]) + 1
     assert "the list is in sigma/alpha; a sampler making one model call per interval (Euler, DPM++ 2M) makes 6 " \
            "calls on it, the tuned schedule 6\n" in err  # this one ends at t = 0: nothing is appended
-    code, out, _ = _run(["export", "--study", "demo", "--nfe", "6", "--format", "comfyui", "--db", url], capsys)
+    code, out, _ = run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "comfyui", "--db", url], capsys)
     assert code == 0 and [float(x) for x in out.strip().split(",")] == sig
     folder = tmp_path / "sched"
-    code, _, err = _run(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers", "-o", str(folder),
+    code, _, err = run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers", "-o", str(folder),
                          "--db", url], capsys)
     assert code == 0, err
     cfg = json.loads((folder / "scheduler_config.json").read_text())
     assert cfg["_class_name"] == "SteptuneScheduler" and cfg["schedule"] == best.schedule
     assert (cfg["prediction_type"], cfg["time_input"]) == ("epsilon", "discrete")
     stock = tmp_path / "stock"
-    code, _, err = _run(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers-stock", "-o", str(stock),
+    code, _, err = run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers-stock", "-o", str(stock),
                          "--db", url], capsys)  # the best at NFE 6 is ddim on diffusers' timesteps: exact
     assert code == 0, err
     assert json.loads((stock / "scheduler_config.json").read_text())["_class_name"] == "DPMSolverMultistepScheduler"
     kwargs = json.loads((stock / "steptune_set_timesteps.json").read_text())
     assert kwargs["timesteps"] == [round(float(NS.timestep(t))) for t in best.to_schedule().times[:-1]]
     unipc = next(t for t in db.trials("demo") if t.schedule["name"] == "unipc-bh2")
-    code, _, err = _run(["export", "--study", "demo", "--trial", str(unipc.id), "--format", "diffusers-stock",
+    code, _, err = run_cli(["export", "--study", "demo", "--trial", str(unipc.id), "--format", "diffusers-stock",
                          "-o", str(tmp_path / "no"), "--db", url], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("error: no stock diffusers scheduler runs this schedule exactly") and "corrector" in err
@@ -95,8 +89,8 @@ def test_export_formats(filled, capsys, tmp_path):
 def test_import_good_file(filled, capsys, tmp_path):
     url, db = filled
     path = tmp_path / "best.json"
-    assert _run(["export", "--study", "demo", "--nfe", "8", "-o", str(path), "--db", url], capsys)[0] == 0
-    code, out, err = _run(["import", str(path), "--study", "imported", "--db", url, "--json"], capsys)
+    assert run_cli(["export", "--study", "demo", "--nfe", "8", "-o", str(path), "--db", url], capsys)[0] == 0
+    code, out, err = run_cli(["import", str(path), "--study", "imported", "--db", url, "--json"], capsys)
     assert code == 0, err
     t = json.loads(out)
     assert (t["study"], t["nfe"], t["status"], t["score"]) == ("imported", 8, "complete", 1 / 64)
@@ -119,13 +113,13 @@ def _bad_files(good: dict) -> dict:
 def test_import_bad_file_is_one_line_and_writes_nothing(case, filled, capsys, tmp_path):
     url, db = filled
     path = tmp_path / "good.json"
-    assert _run(["export", "--study", "demo", "--nfe", "5", "-o", str(path), "--db", url], capsys)[0] == 0
+    assert run_cli(["export", "--study", "demo", "--nfe", "5", "-o", str(path), "--db", url], capsys)[0] == 0
     text, words = _bad_files(json.loads(path.read_text()))[case]
     bad = tmp_path / f"{case}.json"
     bad.write_text(text)
     before = _rows(db)
     for study in ("demo", "new-study"):
-        code, out, err = _run(["import", str(bad), "--study", study, "--db", url], capsys)
+        code, out, err = run_cli(["import", str(bad), "--study", study, "--db", url], capsys)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1, err
         assert lines[0].startswith(f"error: {bad}: ") and words in lines[0], lines[0]
@@ -136,26 +130,26 @@ def test_import_bad_file_is_one_line_and_writes_nothing(case, filled, capsys, tm
 
 def test_db_upgrade_and_missing_database(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'new' / 'x.db'}"
-    code, _, err = _run(["studies", "--db", url], capsys)
+    code, _, err = run_cli(["studies", "--db", url], capsys)
     assert code == 2
     assert err.strip() == f"error: no database at {tmp_path / 'new' / 'x.db'}; run a search first or pass --db URL"
     with connect(f"sqlite:///{tmp_path / 'head.db'}") as other:
         head = other.head
-    code, _, err = _run(["db", "upgrade", "--db", url], capsys)
+    code, _, err = run_cli(["db", "upgrade", "--db", url], capsys)
     assert code == 0 and f"none -> {head}" in err.replace("\n", "")
-    code, _, err = _run(["db", "upgrade", "--db", url], capsys)
+    code, _, err = run_cli(["db", "upgrade", "--db", url], capsys)
     assert code == 0 and "up to date" in err
-    code, out, _ = _run(["db", "current", "--db", url], capsys)
+    code, out, _ = run_cli(["db", "current", "--db", url], capsys)
     assert json.loads(out) == {"database": url, "revision": head, "head": head}
-    code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["studies", "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out) == []
-    code, _, err = _run(["studies", "--db", "nonsense://"], capsys)
+    code, _, err = run_cli(["studies", "--db", "nonsense://"], capsys)
     assert code == 2 and err.startswith("error: database URL")
 
 
 def test_the_trial_best_names_is_the_one_export_trial_exports(filled, capsys):
     url, db = filled
-    code, out, _ = _run(["best", "--study", "demo", "--db", url], capsys)
+    code, out, _ = run_cli(["best", "--study", "demo", "--db", url], capsys)
     assert code == 0
     rows = [[c.strip() for c in re.split("[│┃]", line)[1:-1]] for line in out.splitlines()
             if len(re.findall("[│┃]", line)) > 2]
@@ -163,7 +157,7 @@ def test_the_trial_best_names_is_the_one_export_trial_exports(filled, capsys):
     row = next(r for r in body if r[0] == "5")
     trial = row[header.index("trial id")]
     assert int(trial) == db.best("demo", 5).id != db.best("demo", 5).number
-    code, out, _ = _run(["export", "--study", "demo", "--trial", trial, "--db", url], capsys)
+    code, out, _ = run_cli(["export", "--study", "demo", "--trial", trial, "--db", url], capsys)
     assert code == 0 and json.loads(out)["nfe"] == 5
 
 
@@ -174,18 +168,18 @@ def test_studies_reports_the_study_fidelity_as_best_does(filled, capsys):
     db.add_trials("searched", [{"schedule": sched, "status": "complete", "metrics": {"rmse": score},
                                 "fidelity": fidelity, "bank": bank, "n_samples": 64}
                                for score, fidelity, bank in ((0.01, "cheap", "train"), (0.08, "heldout", "heldout"))])
-    code, out, _ = _run(["studies", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["studies", "--db", url, "--json"], capsys)
     row = next(r for r in json.loads(out) if r["study"] == "searched")
     assert code == 0 and row["fidelity"] == "heldout"
     assert [(b["nfe"], b["score"]) for b in row["best"]] == [(5, 0.08)]
-    code, out, _ = _run(["best", "--study", "searched", "--nfe", "5", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["best", "--study", "searched", "--nfe", "5", "--db", url, "--json"], capsys)
     assert json.loads(out)["provenance"]["score"] == 0.08
 
 
 def test_a_fidelity_the_study_lacks_is_named(filled, capsys):
     url, _ = filled
     for argv in (["best", "--study", "demo"], ["export", "--study", "demo", "--nfe", "4"]):
-        code, _, err = _run([*argv, "--fidelity", "heldout", "--db", url], capsys)
+        code, _, err = run_cli([*argv, "--fidelity", "heldout", "--db", url], capsys)
         assert code == 2
         assert err == "error: --fidelity 'heldout': study 'demo' has no trials of that fidelity (it has cheap)\n"
 
@@ -193,7 +187,7 @@ def test_a_fidelity_the_study_lacks_is_named(filled, capsys):
 def test_a_queued_trial_exports_with_a_note(filled, capsys):
     url, db = filled
     (tid,) = db.add_trials("demo", [{"schedule": presets.build("ddim", 7, NS)}])
-    code, out, err = _run(["export", "--study", "demo", "--trial", str(tid), "--db", url], capsys)
+    code, out, err = run_cli(["export", "--study", "demo", "--trial", str(tid), "--db", url], capsys)
     assert code == 0 and json.loads(out)["nfe"] == 7
     assert f"note: trial id {tid} is queued, not evaluated: the export carries no scores" in err
 
@@ -212,7 +206,7 @@ def test_export_of_a_flow_study_keeps_the_models_own_sigma(tmp_path, capsys):
                            for s in (euler, to_min)])
     db.close()
     folder = tmp_path / "sched"
-    code, _, err = _run(["export", "--study", "flow", "--nfe", "5", "--format", "diffusers", "-o", str(folder),
+    code, _, err = run_cli(["export", "--study", "flow", "--nfe", "5", "--format", "diffusers", "-o", str(folder),
                          "--db", url], capsys)
     assert code == 0, err
     cfg = json.loads((folder / "scheduler_config.json").read_text())
@@ -220,13 +214,13 @@ def test_export_of_a_flow_study_keeps_the_models_own_sigma(tmp_path, capsys):
     assert cfg["tuned_for"]["sigma"] == "t" and cfg["tuned_for"]["final"] == "zero"
     assert cfg["tuned_for"]["model"] == conv
     stock = tmp_path / "stock"
-    code, _, err = _run(["export", "--study", "flow", "--nfe", "5", "--format", "diffusers-stock", "-o", str(stock),
+    code, _, err = run_cli(["export", "--study", "flow", "--nfe", "5", "--format", "diffusers-stock", "-o", str(stock),
                          "--db", url], capsys)
     assert code == 0, err
     stock_cfg = json.loads((stock / "scheduler_config.json").read_text())
     assert stock_cfg["_class_name"] == "FlowMatchEulerDiscreteScheduler" and stock_cfg["shift"] == 1.0
     assert json.loads((stock / "steptune_set_timesteps.json").read_text())["sigmas"] == euler.times[:-1]
-    code, out, err = _run(["export", "--study", "flow", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
+    code, out, err = run_cli(["export", "--study", "flow", "--nfe", "6", "--format", "sigmas", "--db", url], capsys)
     assert code == 0 and json.loads(out) == [*to_min.times, 0.0]
     assert "the list is in t (a flow model's sigma)" in err
     assert "the schedule ends at the smallest training sigma 0.001 and the list adds a step from there to 0" in err

@@ -10,9 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 from gaussian import eps_fn, exact_solution
-from runner_jobs import job_text
+from runner_jobs import job_text, run_cli
 
-from steptune.cli import main
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
 from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
@@ -40,7 +39,7 @@ def _preset(p, spec, nfe, **kw):
     return presets.build(spec, nfe, p.noise, t_start=p.t_start, t_end=p.t_end, **kw)
 
 
-def test_the_differentiable_run_is_the_samplers_run(gmm2d):
+def test_the_differentiable_run_is_the_samplersrun_cli(gmm2d):
     p, ev = gmm2d
     s = _preset(p, "dpm-solver++-3m", 6)
     par = parameters(s, p.noise)
@@ -170,7 +169,7 @@ def test_a_plugged_network_refines_towards_the_closed_form_solution(tmp_path, ca
         db.create_study("plug", kind="search", config={"job": job.model_dump(), "fidelity": "heldout"})
         db.add_trials("plug", [{"schedule": s, "status": "complete", "fidelity": "heldout", "bank": "heldout",
                                 "metrics": ev.evaluate(s, "heldout").metrics, "info": {"confirms": 0}}])
-    code, out, err = _run(["refine", "--study", "plug", "--db", url, "--iters", "30"], capsys)
+    code, out, err = run_cli(["refine", "--study", "plug", "--db", url, "--iters", "30"], capsys)
     assert code == 0, err
     with connect(url) as db:
         best = db.best("plug", 3)
@@ -194,12 +193,6 @@ def _job(tmp_path, cache, study="tiny", refine="iters = 10\nsamples = 32\n"):
     return path
 
 
-def _run(argv, capsys):
-    code = main(argv)
-    c = capsys.readouterr()
-    return code, c.out, c.err
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -208,7 +201,7 @@ def cache(tmp_path_factory):
 def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'r.db'}"
     job = _job(tmp_path, cache)
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
     with connect(url) as db:
         trials = db.trials("tiny")
@@ -226,16 +219,16 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
         assert any(t.status == "complete" for t in refined)
     for t in refined:  # the export of a refined schedule names the searched trial it was refined from
         if t.status == "complete":
-            code, out, err = _run(["export", "--study", "tiny", "--nfe", str(t.nfe), "--db", url], capsys)
+            code, out, err = run_cli(["export", "--study", "tiny", "--nfe", str(t.nfe), "--db", url], capsys)
             prov = parse_export(out)[1]  # and it reads back in
             assert code == 0 and prov["trial"] == t.id and prov["origin"].startswith("refine:"), err
             assert prov["refined_from"] == {"trial": t.info["refines"], "trial_number": by_id[t.info["refines"]].number,
                                             "score": pytest.approx(by_id[t.info["refines"]].score, rel=1e-12)}
-    code, _, err = _run(["run", str(job), "--db", url], capsys)  # resumed: nothing is refined twice
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)  # resumed: nothing is refined twice
     assert code == 0, err
     with connect(url) as db:
         assert [t.id for t in db.trials("tiny") if "refines" in t.info] == [t.id for t in refined]
-    code, out, err = _run(["refine", "--study", "tiny", "--db", url], capsys)
+    code, out, err = run_cli(["refine", "--study", "tiny", "--db", url], capsys)
     assert code == 0 and out.count("earlier") == 2, err
     with connect(url) as db:
         assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 2
@@ -254,19 +247,19 @@ def test_refine_command_and_the_not_improved_record(tmp_path, cache, capsys):
         db.create_study("one", kind="search", config={"job": job.model_dump(), "fidelity": "heldout"})
         (pid,) = db.add_trials("one", [{"schedule": s, "status": "complete", "fidelity": "heldout", "bank": "heldout",
                                         "metrics": res.metrics, "info": {"confirms": 0, "origin": "test"}}])
-    code, out, err = _run(["refine", "--study", "one", "--db", url, "--iters", "5"], capsys)
+    code, out, err = run_cli(["refine", "--study", "one", "--db", url, "--iters", "5"], capsys)
     assert code == 0, err
     assert "not better" in out
     with connect(url) as db:
         (t,) = [t for t in db.trials("one") if "refines" in t.info]
         assert t.info["refines"] == pid and t.status == "pruned" and not t.info["refine"]["improved"]
         assert db.best("one", 1).id == pid
-    code, out, _ = _run(["refine", "--study", "one", "--db", url, "--trial", str(pid), "--json"], capsys)
+    code, out, _ = run_cli(["refine", "--study", "one", "--db", url, "--trial", str(pid), "--json"], capsys)
     assert code == 0 and '"skipped": "refined before"' in out
 
 
 def _one_line_error(argv, capsys, words):
-    code, out, err = _run(argv, capsys)
+    code, out, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and words in lines[0], err
     assert "Traceback" not in out + err

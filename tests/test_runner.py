@@ -13,19 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from runner_jobs import job_text, outcome, run_job, write_job
+from runner_jobs import job_text, outcome, run_cli, run_job, write_job
 
 from steptune.cli import main
 from steptune.space import noise, presets
 from steptune.storage import connect
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(argv, capsys):
-    code = main(argv)
-    c = capsys.readouterr()
-    return code, c.out, c.err
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +66,7 @@ def test_bad_job_files_fail_before_any_work(tmp_path, cache, capsys, case, edit,
     job = tmp_path / f"{case}.toml"
     job.write_text(edit(job_text("bad", cache)))
     db = tmp_path / "x.db"
-    code, out, err = _run(["run", str(job), "--db", f"sqlite:///{db}"], capsys)
+    code, out, err = run_cli(["run", str(job), "--db", f"sqlite:///{db}"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: {job}: " if case not in ("missing-factory", "unknown-problem") else "error: ")
@@ -85,31 +79,31 @@ def test_bad_job_files_fail_before_any_work(tmp_path, cache, capsys, case, edit,
 
 def test_an_unreachable_database_fails_before_any_work(tmp_path, cache, capsys):
     job = write_job(tmp_path / "job.toml", "j", cache)
-    code, _, err = _run(["run", str(job), "--db", "postgresql+psycopg://steptune@127.0.0.1:9/none"], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", "postgresql+psycopg://steptune@127.0.0.1:9/none"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: storage.db: "), err
-    code, _, err = _run(["run", str(tmp_path / "missing.toml")], capsys)
+    code, _, err = run_cli(["run", str(tmp_path / "missing.toml")], capsys)
     assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.toml'}: no such job file"
 
 
 def test_a_study_resumed_with_another_job_is_refused(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "s", cache, evaluations=2)
-    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     job.write_text(job.read_text().replace("seed = 3", "seed = 4"))
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and "error: study 's' was run with a different job ('seed' (3 then, 4 now) differs)" in err
 
 
 def test_a_study_scored_on_an_earlier_bank_version_is_refused(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "s", cache, evaluations=2)
-    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         identity = {k: v for k, v in db.get_study("s").config["identity"].items() if k != "bank_version"}
         db.update_study_config("s", {"identity": identity})  # as a study stored before banks were drawn in blocks
         n = len(db.trials("s"))
-    code, _, err = _run(["run", str(job), "--db", url], capsys)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 2 and err.strip().startswith("error: study 's' was scored on noise banks drawn by an earlier "
                                                 "steptune (bank version 1, now 2)"), err
     with connect(url) as db:
@@ -122,7 +116,7 @@ def test_a_study_scored_on_an_earlier_bank_version_is_refused(tmp_path, cache, c
 def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "s", cache, evaluations=10)
-    code, out, _ = _run(["run", str(job), "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     res = json.loads(out)
     assert code == 0 and res["status"] == "complete" and res["evaluations"] == 20
     with connect(url) as db:
@@ -144,18 +138,18 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
         nfe_confirms = [t.score for t in confirms if t.nfe == row["nfe"]]
         assert row["searched_score"] == min(nfe_confirms)
         assert row["preset_score"] == min(t.score for t in base if t.nfe == row["nfe"])
-    code, out, _ = _run(["run", str(job), "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out)["per_nfe"] == res["per_nfe"]
     with connect(url) as db:
         assert outcome(db, "s") == first
-    code, out, _ = _run(["status", "--study", "s", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["status", "--study", "s", "--db", url, "--json"], capsys)
     st = json.loads(out)
     assert (st["search_done"], st["search_budget"], st["failed"], st["retried"], st["running"]) == (20, 20, 0, 0, 0)
     assert [r["heldout"] for r in st["per_nfe"]] == [r["searched_score"] for r in res["per_nfe"]]
     more = write_job(tmp_path / "more.toml", "s", cache, evaluations=12)  # a larger budget resumes the study
-    code, out, _ = _run(["run", str(more), "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["run", str(more), "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out)["evaluations"] == 24
-    code, out, _ = _run(["status", "--study", "s", "--db", url, "--json"], capsys)
+    code, out, _ = run_cli(["status", "--study", "s", "--db", url, "--json"], capsys)
     assert (json.loads(out)["search_done"], json.loads(out)["search_budget"]) == (24, 24)
 
 
@@ -164,26 +158,26 @@ def test_eval_on_as_many_samples_reproduces_a_jobs_held_out_score(tmp_path, cach
     first 128 states are the job's, and so gives the stored score of the exported schedule."""
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "s", cache, evaluations=4)
-    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     path = tmp_path / "best.json"
-    assert _run(["export", "--study", "s", "--nfe", "4", "--db", url, "-o", str(path)], capsys)[0] == 0
+    assert run_cli(["export", "--study", "s", "--nfe", "4", "--db", url, "-o", str(path)], capsys)[0] == 0
     stored = json.loads(path.read_text())["provenance"]
     assert stored["n_samples"] == 128
-    code, out, err = _run(["eval", "--problem", "gmm-2d", "--schedule", str(path), "--samples", "128",
+    code, out, err = run_cli(["eval", "--problem", "gmm-2d", "--schedule", str(path), "--samples", "128",
                            "--cache", str(cache), "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["results"][0]["rmse"] == pytest.approx(stored["score"], rel=1e-9)
 
 
-def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_next_run(tmp_path, cache, capsys):
+def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "s", cache, evaluations=4)
-    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     path = tmp_path / "ddim.json"
-    assert _run(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
-    assert _run(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 2  # a baseline already
-    assert _run(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)[0] == 0
-    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
+    assert run_cli(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 2  # a baseline already
+    assert run_cli(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)[0] == 0
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         trials = db.trials("s")
     imported = trials[-1]
@@ -247,7 +241,7 @@ def test_sigkill_then_rerun_resumes_to_the_same_trials(tmp_path, cache, capsys, 
     with connect(url) as db:
         left = db.trials("ref")
     assert 15 <= sum(t.fidelity == "train" for t in left) < 60  # killed mid-search
-    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    code, out, err = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out)["status"] == "complete", err
     with connect(url) as db:
         got = outcome(db, "ref")
@@ -269,7 +263,7 @@ def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, c
         assert not db.trials("ref", status="running")
         done = [t for t in db.trials("ref") if t.fidelity == "train" and t.status in ("complete", "failed")]
     assert json.loads(out)["evaluations"] == len(done)  # queued candidates are not counted as evaluated
-    assert _run(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         assert outcome(db, "ref") == reference_study
 
@@ -287,7 +281,7 @@ def test_the_time_budget_stops_the_job_on_time_with_a_consistent_database(tmp_pa
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "t", cache, evaluations=100000, time="4s")
     start = time.monotonic()
-    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    code, out, err = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     took = time.monotonic() - start
     res = json.loads(out)
     assert code == 0 and res["status"] == "time-budget", err
@@ -304,7 +298,7 @@ def test_a_job_runs_a_plugged_model(tmp_path, cache, capsys):
     text = job_text("plug", cache, evaluations=6).replace('name = "gmm-2d"', 'model = "test_plugins:gaussian_factory"')
     job = tmp_path / "job.toml"
     job.write_text(text)
-    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    code, out, err = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     res = json.loads(out)
     assert code == 0 and res["status"] == "complete" and res["evaluations"] == 12, err
     assert all(r["searched_score"] is not None and r["preset_score"] is not None for r in res["per_nfe"])
@@ -319,7 +313,7 @@ def test_a_time_budget_leaves_time_to_confirm_every_nfe(tmp_path, cache, capsys)
     the baseline presets' held-out evaluations, and the searcher's own time per batch is counted."""
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "tb", cache, evaluations=100000, time="8s")
-    code, out, err = _run(["run", str(job), "--db", url, "--json"], capsys)
+    code, out, err = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     res = json.loads(out)
     assert code == 0 and res["status"] == "time-budget", err
     assert res["evaluations"] > 0

@@ -180,16 +180,22 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
-def _euler_export(schedule: Schedule, conventions: dict) -> StockExport:
-    ns, betas, prediction_type = _stock_inputs(schedule, conventions, "EulerDiscreteScheduler")
+def _first_order_to_zero(schedule: Schedule, scheduler: str, why_zero: str) -> None:
+    """ExportError unless every step is a plain first-order step and the last one ends at t = 0 (Euler's form)."""
     for i, st in enumerate(schedule.steps):
-        if (st.order != 1 or st.corrector is not None or st.start != -1 or st.dc_ratio != 1.0):
+        if st.order != 1 or st.corrector is not None or st.start != -1 or st.dc_ratio != 1.0:
             raise ExportError(f"step {i} is not a plain first-order step (order {st.order}"
-                              f"{', corrector' if st.corrector else ''}), and EulerDiscreteScheduler only takes "
+                              f"{', corrector' if st.corrector else ''}), and {scheduler} only takes "
                               "first-order schedules")
     if schedule.times[-1] != 0.0:
-        raise ExportError(f"the schedule ends at t = {schedule.times[-1]:.6g} > 0, where EulerDiscreteScheduler "
-                          "would return x/alpha instead of the sample; end the schedule at t = 0")
+        raise ExportError(f"the schedule ends at t = {schedule.times[-1]:.6g} > 0, {why_zero}; end the schedule "
+                          "at t = 0")
+
+
+def _euler_export(schedule: Schedule, conventions: dict) -> StockExport:
+    ns, betas, prediction_type = _stock_inputs(schedule, conventions, "EulerDiscreteScheduler")
+    _first_order_to_zero(schedule, "EulerDiscreteScheduler", "where EulerDiscreteScheduler would return x/alpha "
+                         "instead of the sample")
     sigmas = ns.edm_sigma(torch.tensor(schedule.times, dtype=torch.float64)).tolist()
     sigmas[-1] = 0.0
     ac = np.array(VPDiscrete.named(ns.name).alphas_cumprod if ns.name in _STOCK_BETAS else ns.alphas_cumprod,
@@ -228,14 +234,8 @@ def _flowmatch_export(schedule: Schedule, conventions: dict) -> StockExport:
     if schedule.afs != "none":
         raise ExportError("the schedule starts with an analytical first step, which FlowMatchEulerDiscreteScheduler "
                           "does not take")
-    for i, st in enumerate(schedule.steps):
-        if st.order != 1 or st.corrector is not None or st.start != -1 or st.dc_ratio != 1.0:
-            raise ExportError(f"step {i} is not a plain first-order step (order {st.order}"
-                              f"{', corrector' if st.corrector else ''}), and FlowMatchEulerDiscreteScheduler "
-                              "only takes first-order schedules")
-    if schedule.times[-1] != 0.0:
-        raise ExportError(f"the schedule ends at t = {schedule.times[-1]:.6g} > 0, but FlowMatchEulerDiscreteScheduler "
-                          "always takes a last step to sigma 0; end the schedule at t = 0")
+    _first_order_to_zero(schedule, "FlowMatchEulerDiscreteScheduler", "but FlowMatchEulerDiscreteScheduler "
+                         "always takes a last step to sigma 0")
     config = {"num_train_timesteps": round(scale), "shift": 1.0, "use_dynamic_shifting": False,
               "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False,
               "use_exponential_sigmas": False, "use_beta_sigmas": False, "stochastic_sampling": False}
