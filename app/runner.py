@@ -561,6 +561,8 @@ class Runner:
                      + (f", {left} queued" if left else ""))
         self._search_start = (time.monotonic(), self.done)
         self._reserve_confirm_time()
+        for c, score in self._spacing_results(started=bool(rows)):
+            searcher.tell(c, score)
         lookahead = self._lookahead()
         asked: dict[int, dict] = {}  # batch -> {key: Candidate}, as the searcher asked it (or asks it again)
 
@@ -609,6 +611,32 @@ class Runner:
             del asked[b]
             b += 1
             self._reserve_confirm_time()
+
+    def _spacing_results(self, started: bool) -> list[tuple]:
+        """What choosing the presets' spacings measured, told to the searcher before its first batch: each preset
+        at its best spacing (when not the default one), with the cheap score it got there on the train bank at
+        the search's sample count. The searcher then starts from the best a user could pick, not only from the
+        presets at their default spacing, and pays nothing for it. Fixed for the study when its search starts
+        (``search_told_spacings``): a study whose search began without it resumes without it."""
+        from steptune.search import Candidate
+
+        told = self.storage.get_study(self.job.study).config.get("search_told_spacings")
+        if told is None:
+            told = not started
+            self.storage.update_study_config(self.job.study, {"search_told_spacings": told})
+        if not told or self.searcher.metric != "rmse":
+            return []
+        out = []
+        n, nfes = self.job.evaluation.cheap_samples, set(self.searcher.nfes)
+        for t in self.storage.trials(self.job.study):
+            info = t.info
+            if not (info.get("baseline") and "best_of" in info and t.nfe in nfes and t.status != "failed"):
+                continue
+            score = (info.get("spacing_scores") or {}).get(info.get("spacing"))
+            if info.get("spacing_bank") != CHEAP or info.get("spacing_samples") != n or score is None:
+                continue
+            out.append((Candidate(t.to_schedule(), t.nfe, info["origin"]), float(score)))
+        return out
 
     def _lookahead(self) -> int:
         """Batches the searcher is asked ahead of its results: the job's ``search.lookahead``; else 1 on Ray

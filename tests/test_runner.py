@@ -344,3 +344,40 @@ def test_a_search_asking_a_batch_ahead_resumes_to_the_same_trials(tmp_path):
         assert outcome(a, "s") == outcome(b, "s")
         assert outcome(a, "s") != outcome(c, "s")  # asking ahead does change what is asked
         assert b.get_study("s").config.get("search_lookahead") is None  # the job said it; nothing to record
+
+
+def test_the_search_is_told_each_presets_best_spacing_and_a_study_begun_without_it_resumes_without_it(tmp_path):
+    """Choosing the presets' spacings measured each one on the train bank at the search's sample count; the
+    searcher is told those results before its first batch (so it starts from each preset at its best spacing)
+    and does not evaluate them again. A study whose search began before this resumes as it began."""
+    from steptune.evaluators import Evaluator, load_problem
+    from steptune.jobs import load_job
+    from steptune.search import CHEAP
+
+    job = load_job(write_job(tmp_path / "j.toml", "s", tmp_path / "cache", evaluations=30))
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    _, runner = run_job(job, url)
+    told = {c.key: (c, score) for c, score in runner.searcher.trials}
+    ev = Evaluator(load_problem("gmm-2d"), n_train=64, n_heldout=128, cache_dir=tmp_path / "cache")
+    with connect(url) as db:
+        study = db.get_study("s")
+        assert study.config["search_told_spacings"] is True
+        chosen = [t for t in db.trials("s") if "best_of" in t.info and t.nfe in (3, 4)]
+        searched = {t.key for t in db.trials("s") if t.fidelity == CHEAP and "batch" in t.info}
+    assert any("spacing=" in t.info["origin"] for t in chosen)  # some preset is best at another spacing
+    for t in chosen:
+        c, score = told[t.key]
+        assert score == t.info["spacing_scores"][t.info["spacing"]] and t.key not in searched
+    t = min(chosen, key=lambda t: told[t.key][1])  # the told score is what the search would have measured
+    assert ev.evaluate(t.to_schedule(), CHEAP, n=32).metrics["rmse"] == pytest.approx(told[t.key][1], rel=1e-9)
+
+    begun = f"sqlite:///{tmp_path / 'b.db'}"
+    result, _ = run_job(job, begun, stop_after=8)
+    assert result.status == "interrupted"
+    with connect(begun) as db:  # as a study whose search began before the searcher was told the spacings
+        db.update_study_config("s", {"search_told_spacings": None})
+    _, runner = run_job(job, begun)
+    with connect(begun) as db:
+        assert db.get_study("s").config["search_told_spacings"] is False
+        searched = {t.key for t in db.trials("s") if t.fidelity == CHEAP and "batch" in t.info}
+    assert {c.key for c, _ in runner.searcher.trials} == searched  # told its own evaluations only
