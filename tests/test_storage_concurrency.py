@@ -35,8 +35,9 @@ def test_two_processes_writing_one_sqlite_file_lose_nothing(tmp_path):
     db.create_study("shared")
     gate = tmp_path / "gate"
     gate.mkdir()
-    # fork: the children start with steptune already imported, so they really write at the same time
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # spawn, not fork: earlier tests in this process may have left threads (Ray, torch, tokenizers) that a
+    # forked child inherits in an unusable state; the gate still makes the two write at the same time
+    ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_writer, args=(url, name, N_PER_WRITER, str(gate))) for name in ("a", "b")]
     for p in procs:
         p.start()
