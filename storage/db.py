@@ -420,12 +420,18 @@ class Storage:
             with self.engine.connect() as conn:
                 tables = set(inspect(conn).get_table_names())
             clash = sorted(tables & set(Base.metadata.tables))
-            if clash:
+            if clash and self.revision() != head:  # (at head now: another process made it since this one looked)
                 raise StorageError(f"database {self!r} already has tables named {', '.join(clash)} that steptune's "
                                    "migrations did not make (another tool's database?); use another database")
+            if clash:
+                return
             if not create:
                 raise StorageError(f"database {self!r} has no steptune schema; run 'steptune db upgrade --db URL'")
-            self.upgrade()
+            try:
+                self.upgrade()
+            except StorageError:
+                if self.revision() != head:  # not another process that made the schema first
+                    raise
             return
         known = {r.revision for r in script.walk_revisions()}
         if current not in known:

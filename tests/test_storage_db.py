@@ -483,3 +483,31 @@ def test_frames(db):
     assert bf["score"].tolist() == [0.5, 0.6, 0.1]
     assert bf["pareto"].tolist() == [True, False, True]
     assert bf["number"].tolist() == [0, 1, 3]
+
+
+def test_a_database_with_tables_of_another_tool_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    with create_engine(url).begin() as conn:
+        conn.execute(text("CREATE TABLE trials (id INTEGER PRIMARY KEY, name TEXT)"))
+    with pytest.raises(StorageError, match="already has tables named trials that steptune's migrations did not make"):
+        connect(url, create=True)
+
+
+def test_a_schema_another_process_made_while_this_one_looked_is_used(tmp_path, monkeypatch):
+    """Two runs starting on a new database at once: the second read no revision, then found the tables the
+    first had just committed. It takes the schema instead of refusing it as another tool's."""
+    from steptune.storage.db import Storage
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    connect(url, create=True).close()  # the first process, done between the second's two looks
+    real, looks = Storage.revision, []
+
+    def before_the_first_committed(self):
+        looks.append(1)
+        return None if len(looks) == 1 else real(self)
+
+    monkeypatch.setattr(Storage, "revision", before_the_first_committed)
+    db = connect(url, create=True)
+    db.create_study("s")
+    assert db.get_study("s").n_trials == 0 and len(looks) >= 2
+    db.close()
