@@ -136,8 +136,10 @@ def test_export_at_an_nfe_the_study_did_not_search_is_interpolated_and_says_so(t
     assert prov["interpolated"]["decisions_from_trial"] == ids[8]
     assert "interpolated from NFEs 6, 8" in " ".join(c.err.split())
     assert main(["export", "--study", "s", "--nfe", "7", "--db", url]) == 0
-    sched, prov = parse_export(capsys.readouterr().out)
+    c = capsys.readouterr()
+    sched, prov = parse_export(c.out)
     assert sched.nfe == 7 and prov["interpolated"]["method"] == "split"
+    assert "interpolated from NFE 6 (decisions from NFE 6)" in " ".join(c.err.split())
     info = prov["interpolated"]
     assert info["between_trials"] == {"6": ids[6]} and info["decisions_from_trial"] == ids[6]
 

@@ -195,9 +195,10 @@ def export_cmd(
         cost = cost_at(store, t) if format_ == "json" and interpolated is None else None
     sched = t.to_schedule() if interpolated is None else interpolated["schedule"]
     if interpolated is not None:
-        err.print(f"note: study {study!r} has no trial at NFE {nfe}: the schedule is interpolated from NFEs "
-                  f"{', '.join(map(str, interpolated['between']))} (decisions from NFE {interpolated['near']}), not "
-                  "searched or scored")
+        between = interpolated["between"]
+        err.print(f"note: study {study!r} has no trial at NFE {nfe}: the schedule is interpolated from "
+                  f"{'NFEs' if len(between) > 1 else 'NFE'} {', '.join(map(str, between))} (decisions from NFE "
+                  f"{interpolated['near']}), not searched or scored")
     elif t.status != "complete":
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
     stem = f"{study}-nfe{sched.nfe}"
