@@ -614,10 +614,10 @@ class Runner:
 
     def _spacing_results(self, started: bool) -> list[tuple]:
         """What choosing the presets' spacings measured, told to the searcher before its first batch: each preset
-        at its best spacing (when not the default one), with the cheap score it got there on the train bank at
-        the search's sample count. The searcher then starts from the best a user could pick, not only from the
-        presets at their default spacing, and pays nothing for it. Fixed for the study when its search starts
-        (``search_told_spacings``): a study whose search began without it resumes without it."""
+        at its best spacing (the default one included, where it won), with the cheap score it got there on the
+        train bank at the search's sample count. The searcher then starts from the best a user could pick, not
+        only from the presets at their default spacing, and pays nothing for it. Fixed for the study when its
+        search starts (``search_told_spacings``): a study whose search began without it resumes without it."""
         from steptune.search import Candidate
 
         told = self.storage.get_study(self.job.study).config.get("search_told_spacings")
