@@ -26,6 +26,7 @@ num_cpus = 1         # per evaluator
 
 [refine]             # optional: refine the best searched schedule per NFE by gradient afterwards
 nfe = "all"          # or a list of searched NFEs
+interpolate = [7]    # optional: NFEs not searched, interpolated from the searched ones and refined too
 ```
 """
 
@@ -166,6 +167,8 @@ class RefineSpec(_Section):
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
     iters: int = Field(default=60, ge=1)  # gradient iterations per NFE (at most)
     samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
+    # NFEs not searched: interpolated from the searched ones (steptune.space.retime.interpolate), then refined
+    interpolate: list[int] = Field(default_factory=list)
 
 
 class Job(_Section):
@@ -185,6 +188,10 @@ class Job(_Section):
         if r is not None and r.nfe != "all" and not set(r.nfe) <= set(self.search.nfe):
             raise ValueError(f"refine.nfe {sorted(set(r.nfe) - set(self.search.nfe))[0]} is not searched; refine "
                              f"some of search.nfe {self.search.nfe} or \"all\"")
+        if r is not None and (set(r.interpolate) & set(self.search.nfe) or any(n < 1 for n in r.interpolate)):
+            bad = sorted((set(r.interpolate) & set(self.search.nfe)) | {n for n in r.interpolate if n < 1})[0]
+            raise ValueError(f"refine.interpolate {bad} is not an NFE the search leaves out; give NFEs of at least "
+                             f"1 that are not in search.nfe {self.search.nfe}")
         if r is not None and r.samples is not None and r.samples > self.evaluation.train_samples:
             raise ValueError(f"refine.samples ({r.samples}) is larger than evaluation.train_samples "
                              f"({self.evaluation.train_samples})")

@@ -6,6 +6,10 @@ of the same study on the held-out bank, its ``info`` naming the parent (``refine
 id) and what was fitted (``refine``). One that beats its parent there is ``complete`` and so competes in
 ``best()`` and exports; one that does not is stored ``pruned`` (kept for the record, never preferred). A
 parent with a refinement is not refined again.
+
+A job may also ask for NFEs it did not search (``[refine] interpolate``): each is built from the best schedules
+of the searched NFEs (refined ones where they won) by ``steptune.space.retime.interpolate``, scored on the
+held-out bank and stored as a trial of its own (``info.interpolated``), then refined like a searched parent.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ def is_refinement(t) -> bool:
 
 
 def searched(t) -> bool:
-    """A searched schedule's held-out score: a confirmation, not a baseline and not a refinement."""
+    """A searched schedule's held-out score: a confirmation, not a baseline, a refinement or an interpolation."""
     return (t.fidelity == CONFIRM and t.status == "complete" and t.score is not None and not t.info.get("baseline")
-            and not is_refinement(t))
+            and not is_refinement(t) and "interpolated" not in t.info)
 
 
 def study_job(store, study: str):
@@ -162,6 +166,55 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
     return out
 
 
+def best_found(trials) -> dict[int, object]:
+    """Per searched NFE, the best held-out trial the search gave: a confirmation or a refinement of one."""
+    refined_from = {t.id for t in trials if searched(t)}
+    best: dict[int, object] = {}
+    for t in trials:
+        ok = searched(t) or (is_refinement(t) and t.status == "complete" and t.info["refines"] in refined_from)
+        if ok and t.score is not None and (t.nfe not in best or (t.score, t.number) < (best[t.nfe].score,
+                                                                                         best[t.nfe].number)):
+            best[t.nfe] = t
+    return best
+
+
+def interpolated_parents(store, study: str, evaluator, nfes: list[int],
+                         say: Callable[[str], None] = lambda msg: None) -> list:
+    """The stored trial of each of ``nfes`` (NFEs the study did not search) interpolated from the best schedules
+    of the searched NFEs and scored on the held-out bank; one stored before is reused."""
+    from steptune.space import ScheduleError
+    from steptune.space.retime import interpolate
+
+    trials = store.trials(study)
+    stored = {t.nfe: t for t in trials if "interpolated" in t.info and t.fidelity == CONFIRM}
+    best = best_found(trials)
+    out = []
+    for nfe in nfes:
+        if nfe in stored:
+            out.append(stored[nfe])
+            continue
+        try:
+            sched = interpolate({n: t.to_schedule() for n, t in best.items()}, nfe)
+        except ScheduleError as e:
+            say(f"refine: NFE {nfe} cannot be interpolated ({e}); search it instead")
+            continue
+        how = sched.meta["interpolated"]
+        src = best[how["decisions_from"]]
+        res = evaluator.evaluate(sched, CONFIRM)
+        info = {"interpolated": {**how, "from_trials": {str(n): best[n].id for n in how["between"]}},
+                "origin": f"interpolated:{src.info.get('origin') or f'trial {src.number}'}"}
+        (tid,) = store.add_trials(study, [{"schedule": sched.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM,
+                                           "n_samples": res.n, "metrics": {**res.metrics, **res.cost()},
+                                           "status": res.status, "error": res.error, "seconds": res.seconds,
+                                           "info": info}])
+        t = store.trial(tid)
+        say(f"NFE {nfe} interpolated from NFE {how['decisions_from']} (trial id {src.id}): held-out RMSE "
+            + (f"{t.score:.4g}" if t.status == "complete" and t.score is not None else f"{t.status}"))
+        if t.status == "complete" and t.score is not None:
+            out.append(t)
+    return out
+
+
 def refine_stage(runner) -> list[Refined]:
     """A job's ``[refine]`` stage, run after the search and its confirmations (resumable: a parent refined
     before is skipped)."""
@@ -173,5 +226,11 @@ def refine_stage(runner) -> list[Refined]:
     except RefineError as e:
         runner.say(f"refine: {e}")
         return []
-    return refine_trials(runner.storage, job.study, runner._driver_evaluator(), todo, iters=spec.iters,
-                         samples=spec.samples, say=runner.say, stop=runner.should_stop)
+    evaluator = runner._driver_evaluator()
+    out = refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
+                        say=runner.say, stop=runner.should_stop)
+    if spec.interpolate and not runner.should_stop():
+        todo = interpolated_parents(runner.storage, job.study, evaluator, spec.interpolate, say=runner.say)
+        out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
+                             say=runner.say, stop=runner.should_stop)
+    return out

@@ -291,3 +291,42 @@ def test_refine_refuses_bad_input_in_one_sentence_and_writes_nothing(tmp_path, c
 def test_a_refine_stage_must_refine_searched_nfes(tmp_path, cache, capsys):
     job = _job(tmp_path, cache, "bad", refine="nfe = [7]\n")
     _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys, "refine.nfe 7 is not searched")
+
+
+def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp_path, cache, capsys):
+    """``[refine] interpolate``: the NFE is built by the interpolation rule from the best schedules of the searched
+    NFEs (after their refinements), scored on the held-out bank as an evaluator scores it, stored, and refined as a
+    parent; the export at that NFE is the stored trial, and a resumed job builds nothing again."""
+    from steptune.space.retime import interpolate
+
+    url = f"sqlite:///{tmp_path / 'i.db'}"
+    job = _job(tmp_path, cache, "interp", refine="iters = 10\nsamples = 32\ninterpolate = [5]\n")
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        trials = db.trials("interp")
+        (built,) = [t for t in trials if "interpolated" in t.info]
+        neighbours = {n: db.best("interp", n) for n in (3, 4)}
+        assert built.nfe == 5 and built.fidelity == "heldout" and built.status == "complete"
+        assert built.schedule == interpolate({n: t.to_schedule() for n, t in neighbours.items()}, 5).to_dict()
+        assert built.info["interpolated"]["from_trials"] == {"4": neighbours[4].id}
+        p = load_problem("gmm-2d")
+        ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+        assert built.score == pytest.approx(ev.evaluate(built.to_schedule(), "heldout").metrics["rmse"], rel=1e-9)
+        (kid,) = [t for t in trials if t.info.get("refines") == built.id]
+        assert (kid.status == "complete") == (kid.score < built.score)
+        best = db.best("interp", 5)
+        assert best.id == (kid.id if kid.status == "complete" else built.id)
+    code, out, err = run_cli(["export", "--study", "interp", "--nfe", "5", "--db", url], capsys)
+    prov = parse_export(out)[1]
+    assert code == 0 and prov["trial"] == best.id and prov["status"] == "complete", err
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        assert len(db.trials("interp")) == len(trials)
+
+
+def test_a_refine_stage_interpolates_only_nfes_it_did_not_search(tmp_path, cache, capsys):
+    job = _job(tmp_path, cache, "bad", refine="interpolate = [4]\n")
+    _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys,
+                    "refine.interpolate 4 is not an NFE the search leaves out")
