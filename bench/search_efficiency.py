@@ -11,6 +11,10 @@ NFE; the final figure is the job's (top ``--confirm`` per NFE confirmed on the h
 ``--batch`` and ``--lookahead`` run the searches as a wide cluster would (e.g. ``--batch 64``, or
 ``--batch 32 --lookahead 1`` as 16 Ray evaluators do by default), to compare their quality with batch 4.
 ``--alone`` also searches each NFE by itself with the same budget and reports the job over all NFEs against it.
+``--refine`` adds the job's ``[refine]`` stage (to the NFE-alone searches too): each NFE's best searched schedule
+refined by gradient, reported beside the searched one; ``--interpolate 7,9`` has the stage also build those NFEs
+from the searched ones (``steptune.space.retime.interpolate``) and refine them, reported against the best preset
+there and, with ``--alone``, against a direct search of that NFE with the same budget (refined too).
 
 Saves runs/bench/search_efficiency.json and .png and prints a table.
 """
@@ -31,6 +35,7 @@ from common import OUT, save_json  # noqa: E402
 
 from steptune.backends import LocalBackend  # noqa: E402
 from steptune.jobs import job_from_dict  # noqa: E402
+from steptune.refine import best_found, is_refinement  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, FAIL_SCORE  # noqa: E402
 from steptune.search.s3 import encode, select_predictor  # noqa: E402
@@ -63,19 +68,37 @@ def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[flo
     return out
 
 
-def search_job(args, method: str, seed: int, nfes: list[int], study: str | None = None):
+def search_job(args, method: str, seed: int, nfes: list[int], study: str | None = None, interpolate=()):
+    refine = {"refine": {"iters": args.refine_iters, "interpolate": list(interpolate)}} if args.refine else {}
     return job_from_dict({"study": study or f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
                           "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead},
                           "evaluation": {"cheap_samples": args.cheap_samples, "confirm": args.confirm,
                                          "baseline": False, "cache": "runs/cache"},
                           "budget": {"evaluations": args.budget},
-                          "backend": {"kind": "local", "num_cpus": args.threads}})
+                          "backend": {"kind": "local", "num_cpus": args.threads}, **refine})
 
 
-def alone_final(args, db, backend, method: str, seed: int, nfe: int) -> float | None:
-    """The held-out result of a search of ``nfe`` alone with the same budget, seed and settings."""
-    res = Runner(search_job(args, method, seed, [nfe], study=f"{method}-{seed}-alone-{nfe}"), db, backend).run()
-    return next((s.searched_score for s in res.per_nfe if s.nfe == nfe), None)
+def held_out(trials) -> dict:
+    """Per NFE, the held-out RMSE of the best searched schedule (``searched``), of the best after refinement
+    (``refined``: the searched one where its refinement did not win) and, at the NFEs the refine stage
+    interpolated, of the interpolated schedule (``interpolated``) and of the best after its refinement."""
+    out: dict[int, dict] = {}
+    for nfe, t in best_found(trials).items():
+        out[nfe] = {"refined": t.score, "searched": t.score if not is_refinement(t) else
+                    next(p.score for p in trials if p.id == t.info["refines"])}
+    for t in trials:
+        if "interpolated" in t.info and t.status == "complete" and t.score is not None:
+            kids = [k.score for k in trials if is_refinement(k) and k.info["refines"] == t.id
+                    and k.status == "complete"]
+            out[t.nfe] = {"interpolated": t.score, "refined": min([t.score, *kids])}
+    return out
+
+
+def alone_final(args, db, backend, method: str, seed: int, nfe: int) -> dict:
+    """The held-out results of a search of ``nfe`` alone with the same budget, seed and settings."""
+    study = f"{method}-{seed}-alone-{nfe}"
+    Runner(search_job(args, method, seed, [nfe], study=study), db, backend).run()
+    return held_out(db.trials(study)).get(nfe, {})
 
 
 def first_reach(xs: list[int], ys: list[float], target: float) -> int | None:
@@ -103,6 +126,11 @@ def main(argv=None):
                     help="batches asked ahead of their results (default 0 in-process; Ray's default is 1)")
     ap.add_argument("--alone", action="store_true",
                     help="also search each NFE alone (same budget) and compare the job over all NFEs with it")
+    ap.add_argument("--refine", action="store_true",
+                    help="refine each NFE's best searched schedule by gradient afterwards (the job's [refine] stage)")
+    ap.add_argument("--refine-iters", type=int, default=60, help="gradient iterations per NFE, at most")
+    ap.add_argument("--interpolate", default="",
+                    help="with --refine: NFEs not searched, interpolated from the searched ones and refined, e.g. 7,9")
     ap.add_argument("--name", default="search_efficiency")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: small batches run faster single-threaded, above all on a shared machine)")
@@ -110,12 +138,13 @@ def main(argv=None):
     nfes = [int(x) for x in args.nfe.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = args.methods.split(",")
+    interp = [int(x) for x in args.interpolate.split(",") if x] if args.refine else []
     t_all = time.perf_counter()
     first = search_job(args, methods[0], seeds[0], nfes)
     backend = LocalBackend(first.problem, first.evaluation, first.backend)  # one evaluator for every job
     backend.start()  # sets the torch threads; computes (or loads) the references of both banks
     ev = backend.worker.evaluator
-    wide = sorted(set(nfes) | set(range(min(nfes), min(2 * max(nfes), 20) + 1)))
+    wide = sorted(set(nfes) | set(interp) | set(range(min(nfes), min(2 * max(nfes), 20) + 1)))
     sweep = run_sweep(ev, list(DEFAULT_PRESETS), wide, bank="heldout")
     best_preset = {n: {"preset": r["preset"], "rmse": r["rmse"]} for n, r in best_by_nfe(sweep).items()}
     step = max(args.budget // args.points, 1)
@@ -126,7 +155,7 @@ def main(argv=None):
     for method in methods:
         for seed in seeds:
             t0 = time.perf_counter()
-            job = search_job(args, method, seed, nfes)
+            job = search_job(args, method, seed, nfes, interpolate=interp)
             runner = Runner(job, db, backend)
             res = runner.run()
             search_s = time.perf_counter() - t0
@@ -138,7 +167,8 @@ def main(argv=None):
             found = [s for s in res.per_nfe if s.searched_score is not None]
             run = {"method": method, "seed": seed, "seconds": search_s, "n_evals": res.evaluations,
                    "n_confirm": res.confirmations, "final": {s.nfe: s.searched_score for s in found},
-                   "curves": curves, "schedules": {s.nfe: s.schedule for s in found}}
+                   "curves": curves, "schedules": {s.nfe: s.schedule for s in found},
+                   "held_out": held_out(trials)}
             se = runner.searcher
             if method == "s3":
                 run["tau_report"] = se.tau_report
@@ -147,12 +177,13 @@ def main(argv=None):
                 sc = np.array([s for _, s in se.trials])
                 run["heldout_tau"] = select_predictor(X, nf, sc, seed=seed + 99)[1]
             if args.alone and len(nfes) > 1:
-                run["alone"] = {n: alone_final(args, db, backend, method, seed, n) for n in nfes}
+                run["alone"] = {n: alone_final(args, db, backend, method, seed, n) for n in nfes + interp}
             runs.append(run)
-            print(f"{method} seed {seed}: {search_s:.0f}s; final " +
-                  " ".join(f"{n}:{v:.4g}" for n, v in run["final"].items()) +
-                  ("; alone " + " ".join(f"{n}:{v:.4g}" for n, v in run["alone"].items()) if "alone" in run else ""),
-                  flush=True)
+            print(f"{method} seed {seed}: {search_s:.0f}s; held-out " + " ".join(
+                f"{n}:{v}" for n, v in sorted(run["held_out"].items())) +
+                ("; alone " + " ".join(f"{n}:{v}" for n, v in run["alone"].items()) if "alone" in run else ""),
+                flush=True)
+            save_json(args.name + "-partial", {"args": vars(args), "runs": runs})
     db.close()
     tmp.cleanup()
     backend.close()
@@ -166,43 +197,90 @@ def main(argv=None):
         v = [r["curves"][n] for r in runs if r["method"] == method]
         return list(np.mean(v, axis=0)) if v else []
 
+    def mean_of(method, n, get):
+        v = [get(r, n) for r in runs if r["method"] == method]
+        v = [x for x in v if x is not None]
+        return float(np.mean(v)) if v else math.nan
+
+    def refined(r, n):
+        return r["held_out"].get(n, {}).get("refined")
+
+    def alone(kind):
+        return lambda r, n: r["alone"].get(n, {}).get(kind) if "alone" in r else None
+
+    def per_seed_ratio(method, n, mine, theirs):
+        return [mine(r, n) / theirs(r, n) for r in runs if r["method"] == method and mine(r, n) and theirs(r, n)]
+
     table = []
     for n in nfes:
         row = {"nfe": n, "best_preset": best_preset[n]["preset"], "preset_rmse": best_preset[n]["rmse"]}
         for m in methods:
             row[m] = mean_final(m, n)
+            if args.refine:
+                row[f"{m}_refined"] = mean_of(m, n, refined)
         for m in methods:
-            alone = [r["alone"][n] for r in runs if r["method"] == m and "alone" in r]
-            if alone:
-                row[f"{m}_alone"] = float(np.mean(alone))
+            if any("alone" in r for r in runs if r["method"] == m):
+                row[f"{m}_alone"] = mean_of(m, n, alone("searched"))
                 row[f"{m}_vs_alone"] = row[m] / row[f"{m}_alone"]
+                row[f"{m}_vs_alone_per_seed"] = per_seed_ratio(m, n, lambda r, k: r["final"].get(k),
+                                                               alone("searched"))
+                if args.refine:
+                    row[f"{m}_alone_refined"] = mean_of(m, n, alone("refined"))
+                    row[f"{m}_refined_vs_alone"] = row[f"{m}_refined"] / row[f"{m}_alone_refined"]
+                    row[f"{m}_refined_vs_alone_per_seed"] = per_seed_ratio(m, n, refined, alone("refined"))
         if "s3" in methods and "tpe" in methods:
             row["s3_evals_to_tpe_final"] = first_reach(checkpoints, mean_curve("s3", n), mean_final("tpe", n))
         table.append(row)
     targets = {}
-    if "s3" in methods and 5 in nfes:
-        s5 = mean_final("s3", 5)
-        targets["nfe5_vs_preset5"] = s5 / best_preset[5]["rmse"]
-        for ref in (8, 10):
-            if ref in best_preset:
-                targets[f"nfe5_vs_preset{ref}"] = s5 / best_preset[ref]["rmse"]
+    if "s3" in methods:
+        for n, ref in ((5, 5), (5, 8), (5, 10), (8, 15), (10, 20)):
+            if n in nfes and ref in best_preset:
+                targets[f"nfe{n}_vs_preset{ref}"] = mean_final("s3", n) / best_preset[ref]["rmse"]
+                if args.refine:
+                    targets[f"refined_nfe{n}_vs_preset{ref}"] = mean_of("s3", n, refined) / best_preset[ref]["rmse"]
     alone_cols = [m for m in methods if f"{m}_alone" in table[0]]
     head = (["NFE", "best preset", "preset"] + methods + [f"{m} alone / ratio" for m in alone_cols]
+            + ([f"{m} refined" for m in methods] + [f"{m} alone refined / ratio" for m in alone_cols]
+               if args.refine else [])
             + (["s3 evals to TPE final"] if "s3" in methods and "tpe" in methods else []))
     print("\n| " + " | ".join(head) + " |\n" + "|---" * len(head) + "|")
     for r in table:
         cells = [str(r["nfe"]), r["best_preset"], f"{r['preset_rmse']:.4g}"] + [f"{r[m]:.4g}" for m in methods]
         cells += [f"{r[m + '_alone']:.4g} / {r[m + '_vs_alone']:.2f}" for m in alone_cols]
+        if args.refine:
+            cells += [f"{r[m + '_refined']:.4g}" for m in methods]
+            cells += [f"{r[m + '_alone_refined']:.4g} / {r[m + '_refined_vs_alone']:.2f}" for m in alone_cols]
         if "s3_evals_to_tpe_final" in r:
             v = r["s3_evals_to_tpe_final"]
             cells.append(f"{v}" if v is not None else f"> {args.budget}")
         print("| " + " | ".join(cells) + " |")
+    interpolated = []
+    for n in interp:
+        for m in methods:
+            bp = best_preset[n]["rmse"]
+            row = {"nfe": n, "method": m, "best_preset": best_preset[n]["preset"], "preset_rmse": bp,
+                   "interpolated": mean_of(m, n, lambda r, k: r["held_out"].get(k, {}).get("interpolated")),
+                   "refined": mean_of(m, n, refined), "direct": mean_of(m, n, alone("searched")),
+                   "direct_refined": mean_of(m, n, alone("refined"))}
+            row.update(preset_over_refined=bp / row["refined"], refined_over_direct_refined=row["refined"] /
+                       row["direct_refined"], interpolated_over_direct=row["interpolated"] / row["direct"],
+                       refined_over_direct_per_seed=per_seed_ratio(m, n, refined, alone("refined")))
+            interpolated.append(row)
+    if interpolated:
+        print("\ninterpolated NFEs (targets: preset / refined interpolated >= 1.3; refined interpolated / direct "
+              "refined <= 1.15)\n| NFE | method | best preset | interpolated | refined | direct search | direct "
+              "refined | preset / refined | refined / direct refined | interpolated / direct |\n" + "|---" * 10 + "|")
+        for r in interpolated:
+            print(f"| {r['nfe']} | {r['method']} | {r['best_preset']} {r['preset_rmse']:.4g} | {r['interpolated']:.4g} "
+                  f"| {r['refined']:.4g} | {r['direct']:.4g} | {r['direct_refined']:.4g} | "
+                  f"{r['preset_over_refined']:.2f}x | {r['refined_over_direct_refined']:.2f} | "
+                  f"{r['interpolated_over_direct']:.2f} |")
     print(f"\ntargets: {targets}")
     taus = [r.get("heldout_tau") for r in runs if r["method"] == "s3"]
     print(f"predictor held-out Kendall tau (S^3 trials, 70/30 split): {taus}")
     print(f"total {total_s:.0f}s")
     payload = {"args": vars(args), "checkpoints": checkpoints, "best_preset": best_preset, "sweep": sweep,
-               "table": table, "targets": targets, "runs": runs, "total_seconds": total_s}
+               "table": table, "targets": targets, "interpolated": interpolated, "runs": runs, "total_seconds": total_s}
     path = save_json(args.name, payload)
     try:
         import matplotlib
