@@ -1,9 +1,18 @@
 """The decision space searchers move in: random schedules, mutations and crossovers at exact NFE.
 
 Timesteps are handled in lambda = log(alpha/sigma): the first time is the problem's ``t_start``,
-the last is its ``t_end`` (fixed, so every candidate is scored against the same reference), and
-the interior lambdas are kept increasing with at least ``min_gap`` between neighbours. Every
-operator ends in :meth:`DecisionSpace.repair` (clips per-step decisions to what the history
+the last is its ``t_end`` (so every candidate is scored against the reference the problem defines), and
+the interior lambdas are kept increasing with at least ``min_gap`` between neighbours. On a discrete VP
+schedule (a network that takes training timesteps, as diffusers runs them) a schedule may also
+
+* start later than ``t_start`` (down to ``min_start``; diffusers' ``leading`` timesteps do): the bank's noise
+  is fed unchanged to the first time and the result is still scored against the reference from ``t_start``;
+* end at t = 0 (a final order-1 step to sigma = 0 that predicts x0 directly, diffusers'
+  ``final_sigmas_type="zero"``): the time before it is anywhere at or above ``t_end``. On the lambda axis the
+  space places t = 0 at ``lam1 + min_gap`` (``lams``), so the last interval is at least ``min_gap`` like every
+  other and every gap, logit and feature stays finite.
+
+Every operator ends in :meth:`DecisionSpace.repair` (clips per-step decisions to what the history
 allows) and :meth:`DecisionSpace.finish` (validates and checks the NFE); an operator that cannot
 produce a valid candidate returns ``None`` and the caller tries another one.
 """
@@ -18,7 +27,7 @@ import numpy as np
 import torch
 
 from steptune.space import Corrector, Schedule, ScheduleError, Step
-from steptune.space.noise import NoiseSchedule
+from steptune.space.noise import NoiseSchedule, VPDiscrete
 from steptune.space.relaxation import STEP_RELAXATIONS
 from steptune.space.schedule import MAX_ORDER
 
@@ -28,6 +37,9 @@ ORDER_P = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 RELAX_P = {"none": 0.35, "dpmsolver-2": 0.15, "unipc-bh2": 0.15, "unipc-bh1": 0.1, "0.5exp": 0.05, "-0.5exp": 0.05,
            "linear": 0.15}
 
+
+LATE_P = 0.5  # how often a random schedule starts late, where the space allows it
+ZERO_P = 0.25  # how often a random schedule ends at t = 0, where the space allows it
 
 # lambdas converted per torch call: short enough that torch takes the same (element by element) path as for
 # one value, so a batch of times equals the times converted one by one
@@ -44,18 +56,28 @@ class DecisionSpace:
 
     ``afs_kinds`` are the analytical-first-step choices allowed (``("none", "zero")`` by default);
     ``max_order`` caps the Taylor order; ``min_gap`` is the smallest lambda distance between
-    consecutive times.
+    consecutive times. ``min_start``: the latest start allowed (a time at most ``t_start``; ``t_start``
+    itself allows none); by default ``t_start / 2`` on a discrete VP schedule (every diffusers ``leading``
+    start from NFE 2 on), ``t_start`` elsewhere. ``zero_end``: whether a schedule may end at t = 0 as well
+    as at ``t_end``; by default on a discrete VP schedule only.
     """
 
     def __init__(self, noise: NoiseSchedule, t_start: float, t_end: float, min_gap: float = 0.05,
                  afs_kinds: Sequence[str] = ("none", "zero"), max_order: int = MAX_ORDER,
-                 relax_coef_sigma: float = 0.05, dc_sigma: float = 0.03):
+                 relax_coef_sigma: float = 0.05, dc_sigma: float = 0.03, min_start: float | None = None,
+                 zero_end: bool | None = None):
         self.noise = noise
         self.noise_dict = noise.to_dict()
         self.t_start, self.t_end = float(t_start), float(t_end)
         self.lam0 = float(noise.lam(self.t_start))
         self.lam1 = float(noise.lam(self.t_end))
         self.min_gap = float(min_gap)
+        discrete = isinstance(noise, VPDiscrete)
+        self.min_start = float(min_start if min_start is not None else self.t_start / 2 if discrete else t_start)
+        if not self.t_end < self.min_start <= self.t_start:
+            raise ScheduleError(f"min_start = {self.min_start:g} must lie in ({self.t_end:g}, {self.t_start:g}]")
+        self.lam_late = float(noise.lam(self.min_start))  # the largest lambda a start may have
+        self.zero_end = bool(discrete if zero_end is None else zero_end)
         self.afs_kinds = tuple(afs_kinds)
         self.max_order = int(max_order)
         self.relax_coef_sigma = relax_coef_sigma
@@ -67,6 +89,20 @@ class DecisionSpace:
     @property
     def span(self) -> float:
         return self.lam1 - self.lam0
+
+    @property
+    def late_start(self) -> bool:
+        """Whether a schedule may start later than ``t_start``."""
+        return self.min_start < self.t_start
+
+    @property
+    def lam_zero(self) -> float:
+        """Where the space places t = 0 (sigma = 0, lambda = inf) on its lambda axis."""
+        return self.lam1 + self.min_gap
+
+    def frame(self, s: Schedule) -> tuple[float, bool]:
+        """A schedule's start time and whether it ends at t = 0."""
+        return s.t_start, s.steps[-1].t == 0.0
 
     @property
     def max_nfe(self) -> int:
@@ -82,6 +118,7 @@ class DecisionSpace:
         return v
 
     def lams(self, s: Schedule) -> np.ndarray:
+        """The lambda of each of the schedule's times, a final t = 0 at :attr:`lam_zero` (finite)."""
         times = s.times
         missing = [t for t in dict.fromkeys(times) if t not in self._lam_cache]
         if missing:
@@ -91,7 +128,10 @@ class DecisionSpace:
                 part = missing[i:i + _CHUNK]
                 vals = self.noise.lam(torch.tensor(part, dtype=torch.float64)).tolist()
                 self._lam_cache.update(zip(part, vals))
-        return np.array([self._lam_cache[t] for t in times])
+        out = np.array([self._lam_cache[t] for t in times])
+        if times[-1] == 0.0:
+            out[-1] = self.lam_zero
+        return out
 
     def t_of(self, lam: float) -> float:
         return float(self.noise.t_of_lambda(torch.tensor(float(lam), dtype=torch.float64)))
@@ -104,44 +144,69 @@ class DecisionSpace:
             out += self.noise.t_of_lambda(torch.tensor(lams[i:i + _CHUNK], dtype=torch.float64)).tolist()
         return out
 
-    def times_from_lams(self, lams: Sequence[float]) -> list[float] | None:
-        """Interior lambdas -> times (first and last fixed); None when the gap rule is broken."""
-        full = [self.lam0, *lams, self.lam1]
-        if any(b - a < self.min_gap * 0.999 for a, b in zip(full[:-1], full[1:])):
+    def _ends(self, t_start: float | None, zero: bool) -> tuple[float, float, float]:
+        """(start time, its lambda, the lambda of the end) of a frame; ``t_start`` None is the problem's."""
+        t0 = self.t_start if t_start is None else float(t_start)
+        return t0, self.lam0 if t0 == self.t_start else self.lam(t0), self.lam_zero if zero else self.lam1
+
+    def times_from_lams(self, lams: Sequence[float], t_start: float | None = None,
+                        zero: bool = False) -> list[float] | None:
+        """Interior lambdas -> times, between the start (the problem's unless given) and ``t_end`` (or t = 0 with
+        ``zero``); None when the gap rule is broken."""
+        t0, a, b = self._ends(t_start, zero)
+        full = [a, *lams, b]
+        if any(q - p < self.min_gap * 0.999 for p, q in zip(full[:-1], full[1:])):
             return None
-        ts = [self.t_start, *self.ts_of(lams), self.t_end]
-        if any(not b < a for a, b in zip(ts[:-1], ts[1:])):
+        inner = self.ts_of(lams)
+        if zero and inner:  # the time before the final step to t = 0 is t_end at the latest (rounding aside)
+            inner[-1] = max(inner[-1], self.t_end)
+        ts = [t0, *inner, 0.0 if zero else self.t_end]
+        if any(not q < p for p, q in zip(ts[:-1], ts[1:])):
             return None
         return ts
 
-    def increments_to_lams(self, weights: Sequence[float]) -> list[float]:
+    def increments_to_lams(self, weights: Sequence[float], t_start: float | None = None,
+                           zero: bool = False) -> list[float]:
         """Positive weights (one per step) -> interior lambdas: each increment is min_gap plus its
-        share of the remaining span (the softmax parameterization searchers use)."""
+        share of the remaining span (the softmax parameterization searchers use), from the start (the
+        problem's unless given) to ``t_end`` (or to t = 0 with ``zero``)."""
+        _, a, b = self._ends(t_start, zero)
         w = np.asarray(weights, dtype=float)
         w = w / w.sum()
         n = len(w)
-        free = self.span - n * self.min_gap
+        free = b - a - n * self.min_gap
         if free <= 0:
-            raise ScheduleError(f"{n} steps do not fit in the lambda span {self.span:.3g} with gap {self.min_gap}")
+            raise ScheduleError(f"{n} steps do not fit in the lambda span {b - a:.3g} with gap {self.min_gap}")
         inc = self.min_gap + free * w
-        return list(self.lam0 + np.cumsum(inc)[:-1])
+        return list(a + np.cumsum(inc)[:-1])
 
     def lams_to_logits(self, s: Schedule) -> np.ndarray:
-        """Inverse of :meth:`increments_to_lams`: logits (mean zero) whose softmax gives the schedule's times."""
+        """Inverse of :meth:`increments_to_lams` (in the schedule's own frame): logits (mean zero) whose softmax
+        gives the schedule's times."""
         lam = self.lams(s)
         inc = np.diff(lam)
-        free = self.span - len(inc) * self.min_gap
+        free = lam[-1] - lam[0] - len(inc) * self.min_gap
         w = np.clip((inc - self.min_gap) / max(free, 1e-12), 1e-6, None)
         z = np.log(w)
         return z - z.mean()
 
+    def _times_of_logits(self, s: Schedule, z: np.ndarray, t_start: float | None = None) -> list[float] | None:
+        """The times the logits ``z`` describe in ``s``'s frame (its start unless ``t_start`` is given)."""
+        t0, zero = self.frame(s)
+        t0 = t0 if t_start is None else t_start
+        try:
+            lams = self.increments_to_lams(np.exp(z - z.max()), t0, zero)
+        except ScheduleError:
+            return None
+        return self.times_from_lams(lams, t0, zero)
+
     def with_logits(self, s: Schedule, z: Sequence[float], name: str = "local") -> Schedule | None:
-        """``s`` with its timesteps replaced by those the logits ``z`` (one per step) describe; every other
-        decision is kept. None when the result is not feasible."""
+        """``s`` with its timesteps replaced by those the logits ``z`` (one per step) describe, between its own
+        start and end; every other decision is kept. None when the result is not feasible."""
         z = np.asarray(z, dtype=float)
         if len(z) != len(s.steps) or not np.all(np.isfinite(z)):
             return None
-        times = self.times_from_lams(self.increments_to_lams(np.exp(z - z.max())))
+        times = self._times_of_logits(s, z)
         return None if times is None else self.finish(self.make(times, s.steps, s.afs, name), s.nfe)
 
     # ---- building blocks ------------------------------------------------------------------------
@@ -167,17 +232,18 @@ class DecisionSpace:
 
     def make(self, times: Sequence[float], steps: Sequence[Step], afs: str, name: str = "searched") -> Schedule:
         steps = [replace(st, t=t) for st, t in zip(steps, times[1:])]
-        return Schedule(t_start=self.t_start, steps=tuple(steps), noise=self.noise_dict, afs=afs, name=name)
+        return Schedule(t_start=float(times[0]), steps=tuple(steps), noise=self.noise_dict, afs=afs, name=name)
 
     def repair(self, s: Schedule) -> Schedule:
         """Clip every per-step decision to what the step's history allows (order, points, start,
-        relaxation, second-derivative scale, compensation, corrector; no corrector on the last step)."""
+        relaxation, second-derivative scale, compensation, corrector; no corrector on the last step, and
+        order 1 on a step to t = 0)."""
         steps = []
         n = len(s.steps)
         for i, st in enumerate(s.steps):
             hist = i + 1
             start = st.start if -hist <= st.start <= -1 else -1
-            order = max(1, min(st.order, self.max_order))
+            order = 1 if st.t == 0 else max(1, min(st.order, self.max_order))
             points = st.points
             if points is not None:
                 points = tuple(p for p in dict.fromkeys(points) if -hist <= p <= -1 and p != start)
@@ -215,8 +281,7 @@ class DecisionSpace:
         if s is None:
             return None
         s = self.repair(s)
-        if (s.nfe != nfe or not math.isclose(s.steps[-1].t, self.t_end, rel_tol=1e-9, abs_tol=1e-12)
-                or s.t_start != self.t_start):
+        if s.nfe != nfe or not self.fits(s):
             return None
         try:
             s.validate(nfe=nfe)
@@ -224,15 +289,32 @@ class DecisionSpace:
             return None
         return s
 
+    def fits(self, s: Schedule) -> bool:
+        """Whether the schedule's start and end are ones this space takes (the problem's, or a later start and a
+        t = 0 end where allowed)."""
+        t0, zero = self.frame(s)
+        if t0 != self.t_start and not (self.late_start and self.min_start * (1 - 1e-12) <= t0 < self.t_start):
+            return False
+        if zero:
+            return self.zero_end and (len(s.steps) < 2 or s.steps[-2].t >= self.t_end * (1 - 1e-12))
+        return math.isclose(s.steps[-1].t, self.t_end, rel_tol=1e-9, abs_tol=1e-12)
+
+    def _late_time(self, rng: np.random.Generator) -> float:
+        """A start drawn uniformly in lambda between ``t_start`` and ``min_start``."""
+        return float(np.clip(self.t_of(rng.uniform(self.lam0, self.lam_late)), self.min_start, self.t_start))
+
     # ---- random sampling ------------------------------------------------------------------------
 
     def random(self, nfe: int, rng: np.random.Generator) -> Schedule | None:
         afs = str(rng.choice(self.afs_kinds)) if nfe >= 2 else "none"
         n = steps_for(nfe, afs)
-        if n < 1 or n * self.min_gap >= self.span:
+        t0 = self._late_time(rng) if self.late_start and rng.random() < LATE_P else None
+        zero = self.zero_end and rng.random() < ZERO_P
+        _, a, b = self._ends(t0, zero)
+        if n < 1 or n * self.min_gap >= b - a:
             return None
         w = rng.dirichlet(np.full(n, 2.0))
-        times = self.times_from_lams(self.increments_to_lams(w))
+        times = self.times_from_lams(self.increments_to_lams(w, t0, zero), t0, zero)
         if times is None:
             return None
         steps = [self.sample_step(rng, times[i + 1], corrector_ok=i < n - 1) for i in range(n)]
@@ -245,6 +327,7 @@ class DecisionSpace:
         nfe = s.nfe
         ops = (self._move_t, self._move_t, self._jitter_all, self._decision, self._decision, self._decision,
                self._relocate_step, self._toggle_afs, self._implicit_swap)
+        ops += (self._move_start,) * (2 * self.late_start) + (self._toggle_end,) * self.zero_end
         k = n_ops if n_ops is not None else int(rng.integers(1, 4))
         out = s
         for _ in range(k):
@@ -263,7 +346,7 @@ class DecisionSpace:
             return None
         scale = float(rng.choice([0.05, 0.1, 0.2, 0.4])) if scale is None else scale
         z = self.lams_to_logits(s) + rng.normal(0, scale, n)
-        times = self.times_from_lams(self.increments_to_lams(np.exp(z - z.max())))
+        times = self._times_of_logits(s, z)
         out = None if times is None else self.finish(self.make(times, s.steps, s.afs, "times"), s.nfe)
         return out
 
@@ -279,7 +362,7 @@ class DecisionSpace:
         width = lam[i + 1] - lam[i - 1]
         new = float(np.clip(lam[i] + rng.normal(0, 0.15 * width), lo, hi))
         lam[i] = new
-        times = self.times_from_lams(lam[1:-1])
+        times = self.times_from_lams(lam[1:-1], *self.frame(s))
         return None if times is None else self.make(times, s.steps, s.afs, s.name)
 
     def _jitter_all(self, s: Schedule, rng) -> Schedule | None:
@@ -287,9 +370,44 @@ class DecisionSpace:
         if n < 2:
             return None
         z = self.lams_to_logits(s) + rng.normal(0, 0.2, n)
-        w = np.exp(z - z.max())
-        times = self.times_from_lams(self.increments_to_lams(w))
+        times = self._times_of_logits(s, z)
         return None if times is None else self.make(times, s.steps, s.afs, s.name)
+
+    def _move_start(self, s: Schedule, rng) -> Schedule | None:
+        """Another start (a later one, or back to ``t_start``); the steps keep their shares of the lambda span."""
+        t0, _ = self.frame(s)
+        if t0 != self.t_start and rng.random() < 0.2:
+            new = self.t_start
+        else:
+            lam = self.lam0 if t0 == self.t_start else self.lam(t0)
+            moved = float(np.clip(lam + rng.normal(0, 0.15 * (self.lam_late - self.lam0)), self.lam0, self.lam_late))
+            new = float(np.clip(self.t_of(moved), self.min_start, self.t_start))
+        if new == t0:
+            return None
+        times = self._times_of_logits(s, self.lams_to_logits(s), new)
+        return None if times is None else self.make(times, s.steps, s.afs, s.name)
+
+    def _toggle_end(self, s: Schedule, rng) -> Schedule | None:
+        """End at t = 0 instead of ``t_end`` or the other way round, at the same NFE: the last time changes where
+        the gap rule allows it, else a final step to t = 0 is appended (or removed) and an interior one removed (or
+        added)."""
+        t0, zero = self.frame(s)
+        lam = self.lams(s)
+        steps = list(s.steps)
+        if zero:
+            if lam[-2] <= self.lam1 - self.min_gap * 0.999:  # the last step ends at t_end instead
+                return self.make([*s.times[:-1], self.t_end], steps, s.afs, s.name)
+            if len(steps) < 2:
+                return None
+            shorter = self.make([*s.times[:-2], self.t_end], steps[:-1], s.afs, s.name)  # t_end ends it
+            return self._insert(shorter, rng)
+        if rng.random() < 0.5:  # the last step goes to t = 0
+            return self.make([*s.times[:-1], 0.0], steps, s.afs, s.name)
+        d = self._delete(s, rng)
+        if d is None:
+            return None
+        final = replace(self.sample_step(rng, 0.0, corrector_ok=False), order=1, first_points=None)
+        return self.make([*d.times, 0.0], [*d.steps, final], s.afs, s.name)
 
     def _decision(self, s: Schedule, rng) -> Schedule:
         steps = list(s.steps)
@@ -332,7 +450,7 @@ class DecisionSpace:
         frac = rng.uniform(0.25, 0.75)
         new = float(np.clip(lam[j] + frac * gaps[j], lam[j] + self.min_gap, lam[j + 1] - self.min_gap))
         lam = np.insert(lam, j + 1, new)
-        times = self.times_from_lams(lam[1:-1])
+        times = self.times_from_lams(lam[1:-1], *self.frame(s))
         if times is None:
             return None
         steps = list(s.steps)
@@ -410,9 +528,9 @@ class DecisionSpace:
             mode = int(rng.integers(3))
             if mode == 1:
                 times = list(b.times)
-            elif mode == 2:
+            elif mode == 2 and self.frame(a) == self.frame(b):
                 lam = 0.5 * (self.lams(a) + self.lams(b))
-                times = self.times_from_lams(lam[1:-1]) or times
+                times = self.times_from_lams(lam[1:-1], *self.frame(a)) or times
         steps = []
         for i, st in enumerate(a.steps):
             if rng.random() < 0.5:
