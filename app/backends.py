@@ -231,6 +231,8 @@ class RayBackend(Backend):
         self.calls: list[deque] = []  # per actor, its calls in flight in the order it runs them
         self.began: dict = {}  # ObjectRef -> when the call began to run (the call before it came back)
         self.warming: dict = {}  # ObjectRef of a replacement actor's warm-up -> actor index
+        self.orphans: set = set()  # calls that were queued behind a call whose actor died: they never began
+        self.parked: set = set()  # calls whose actor died while the call ahead of them has not come back yet
 
     def check(self) -> None:
         """Reach Ray (start the local instance, or join the cluster) and check the evaluators fit on it, so a
@@ -332,7 +334,7 @@ class RayBackend(Backend):
         self.load[i], self.alive[i] = 0, False
         chunks = [self.busy.pop(ref)[0] for ref in calls]
         for ref in calls:
-            self.began.pop(ref, None)
+            self._forget(ref)
         ray.kill(self.actors[i], no_restart=True)
         self.on_event(f"evaluator {worker} ran past backend.trial_timeout ({limit:g} s); replacing it")
         for k in reversed(range(len(chunks))):
@@ -392,41 +394,85 @@ class RayBackend(Backend):
                 break  # stopping: the rest stays queued
             deadline = self._next_deadline()
             wait = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-            ready, _ = ray.wait(list(busy) + list(self.warming), num_returns=1, timeout=wait)
+            waiting = [r for r in busy if r not in self.parked]
+            ready, _ = ray.wait(waiting + list(self.warming), num_returns=1, timeout=wait)
             if not ready:  # a quiet moment: what the sink holds is written now
                 sink.flush()
-            if ready and len(busy) > 1:  # and whatever else has come back meanwhile, stored together
-                rest = [r for r in busy if r not in ready]
+            if ready and len(waiting) > 1:  # and whatever else has come back meanwhile, stored together
+                rest = [r for r in waiting if r not in ready]
                 ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-            finished, now = [], time.monotonic()
             for ref in ready:
                 if ref in self.warming:
                     self._warmed(ref)
-                    continue
-                chunk, i = busy.pop(ref)
-                load[i] -= 1
-                calls[i].remove(ref)
-                began.pop(ref, None)
-                if calls[i]:
-                    began.setdefault(calls[i][0], now)
-                try:
-                    results = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    reason = f"evaluator {self.workers[i]} died ({type(e).__name__})"
-                    self.failures[i] = self.failures.get(i, 0) + 1
-                    if self.failures[i] > self.spec.max_restarts:
-                        alive[i] = False
-                    self.on_event(reason)
-                    for task in reversed(chunk):
-                        if sink.lost(task, self.workers[i], reason):
-                            todo.appendleft(task)
-                    continue
-                finished += zip(chunk, results)
+            order = {ref: k for k, ref in enumerate(busy)}  # the order the calls were sent in
+            finished = self._collect(sorted((r for r in ready if r in busy), key=order.get), sink)
             if finished:
                 sink.done(finished)
             for i in self._overdue(time.monotonic()):
                 if not ray.wait([calls[i][0]], timeout=0)[0]:  # not just come back: it is overdue
                     self._replace(i, sink)
+
+    def _collect(self, ready: list, sink: Sink) -> list[tuple[Task, dict]]:
+        """The results of the calls in ``ready`` (in the order they were sent), and the tasks of calls whose actor
+        died re-queued: the call the actor was running spends an attempt, those queued behind it do not."""
+        import ray
+
+        finished, now = [], time.monotonic()
+        while ready:
+            for ref in ready:
+                chunk, i = self.busy[ref]
+                try:
+                    results = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    if not self._running(ref) and ref not in self.orphans:
+                        self.parked.add(ref)  # whether it was running depends on the call ahead: wait for it
+                        continue
+                    self._died(ref, e, sink)
+                    continue
+                self._done(ref, now)
+                finished += zip(chunk, results)
+            # a parked call whose call ahead has now come back (or died) can be settled
+            ready = [r for r in self.busy if r in self.parked and (r in self.orphans or self._running(r))]
+        return finished
+
+    def _running(self, ref) -> bool:
+        """Call ``ref`` is the first on its actor: the one it runs (or ran last, if it died)."""
+        return self.calls[self.busy[ref][1]][0] == ref
+
+    def _done(self, ref, now: float) -> None:
+        """Call ``ref`` came back: the next call on its actor begins."""
+        _, i = self.busy.pop(ref)
+        self.load[i] -= 1
+        self.calls[i].remove(ref)
+        self._forget(ref)
+        if self.calls[i]:
+            self.began.setdefault(self.calls[i][0], now)
+
+    def _forget(self, ref) -> None:
+        self.began.pop(ref, None)
+        self.orphans.discard(ref)
+        self.parked.discard(ref)
+
+    def _died(self, ref, error: Exception, sink: Sink) -> None:
+        """The actor of call ``ref`` died. The call it was running (the first on it) spends an attempt for each of its
+        tasks; the calls queued behind it never began, so theirs go back to the queue without spending one, as after
+        a timeout. The actor is used again once it has restarted and warmed up (if it has restarts left)."""
+        chunk, i = self.busy[ref]
+        ran = ref not in self.orphans
+        worker = self.workers[i]
+        if ran:
+            self.orphans.update(r for r in self.calls[i] if r != ref)
+            self.failures[i] = self.failures.get(i, 0) + 1
+            self.alive[i] = False
+            self.on_event(f"evaluator {worker} died ({type(error).__name__})")
+            if self.failures[i] <= self.spec.max_restarts:
+                self.warming[self.actors[i].warm.remote()] = i
+        self._done(ref, time.monotonic())
+        reason = (f"evaluator {worker} died ({type(error).__name__})" if ran else
+                  f"queued on evaluator {worker}, which died ({type(error).__name__})")
+        for task in reversed(chunk):
+            if sink.lost(task, worker, reason, began=ran):
+                self.todo.appendleft(task)
 
     def kill_actor(self, i: int) -> None:
         """Kill one evaluator actor (it restarts if restarts are left): what a lost node does to a job."""
@@ -440,6 +486,7 @@ class RayBackend(Backend):
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors, self.busy, self.calls, self.began, self.warming = [], {}, [], {}, {}
+        self.orphans, self.parked = set(), set()
         self.todo.clear()
         if self.started_ray:
             ray.shutdown()

@@ -114,7 +114,9 @@ def study_status(storage, study: str) -> dict:
         s = summary[nfe]
         rows.append({"nfe": nfe, "heldout": s.searched_score, "train": min(train) if train else None,
                      "preset": s.preset, "preset_score": s.preset_score})
-    retried = [t for t in trials if t.attempts > 1 or (t.error or "").startswith("re-queued")]
+    # a trial moved off a lost evaluator before it began spent no attempt: it was not retried
+    retried = [t for t in trials if t.attempts > 1 or ((t.error or "").startswith("re-queued")
+                                                    and not t.error.startswith("re-queued: not started"))]
     troubled = sorted((t for t in trials if t.status == "failed" or t in retried), key=lambda t: t.number)
     return {"study": study, "method": st.method, "seed": st.seed, "trials": len(trials),
             "search_done": len(final), "search_budget": budget,
