@@ -3,17 +3,20 @@ the bank's (diffusers' ``leading`` timesteps) and a final step to t = 0 (sigma =
 spacing is a schedule the searchers can mutate; elsewhere it keeps the problem's start and end. Refinement works
 on such schedules: its gradient is the loss's and it is never worse on the held-out bank."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from runner_jobs import run_cli
 
 from steptune.evaluators import Evaluator, get_problem
-from steptune.search import DEFAULT_PRESETS, DecisionSpace, S3Searcher, preset_candidates
+from steptune.search import DEFAULT_PRESETS, Candidate, DecisionSpace, S3Searcher, preset_candidates
 from steptune.search.baselines import spacing_variants
 from steptune.search.refine import FD_REL, final_state, parameters, refine
 from steptune.space import noise, presets
+from steptune.storage import connect
 
 DISCRETE = noise.VPDiscrete.named("ddpm-linear")
 T0, T1 = 1.0, 1e-3
@@ -147,8 +150,6 @@ def test_s3_takes_a_told_leading_schedule_as_a_parent_and_mutates_it(space):
     (same start or same decisions)."""
     se = S3Searcher(DISCRETE, T0, T1, [5], seed=0, pool=40)
     best = leading("ddim", 5)
-    from steptune.search import Candidate
-
     se.tell(Candidate(best, 5, "preset:ddim@5 spacing=diffusers-leading"), 0.01)
     for c in preset_candidates(se.space, [5]):
         se.tell(c, 1.0)
@@ -157,7 +158,8 @@ def test_s3_takes_a_told_leading_schedule_as_a_parent_and_mutates_it(space):
     for c in kids:
         _check(se.space, c.schedule, 5)
         se.tell(c, 1.0)
-    related = [c for c in kids if c.schedule.t_start == best.t_start or c.schedule.structure_key() == best.structure_key()]
+    related = [c for c in kids
+               if c.schedule.t_start == best.t_start or c.schedule.structure_key() == best.structure_key()]
     assert len(related) >= 4
 
 
@@ -215,3 +217,34 @@ def test_the_gradient_on_a_leading_schedule_is_the_losss_derivative(problem, eva
             fd[j] = (up - down) / 2e-5
         tol = 10 * FD_REL if kind == "times" else 1e-6
         assert float((v.grad - fd).abs().max()) <= tol * float(fd.abs().max()), (kind, v.grad, fd)
+
+
+# ---- steptune search --refine -------------------------------------------------------------------------------------
+
+
+def test_search_refine_refines_the_best_searched_schedule_and_reports_it(tmp_path, capsys):
+    """The refinement is stored naming the searched trial it refines, and the command's JSON and table give its
+    held-out RMSE, never above the searched one."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--budget", "8", "--study", "r",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
+            "--heldout-samples", "64", "--db", url, "--refine", "10"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "refined RMSE" in out
+    row = json.loads((tmp_path / "r.json").read_text())["results"][0]
+    ref = row["refined"]
+    with connect(url) as db:
+        trials = db.trials("r")
+    (t,) = [t for t in trials if "refines" in t.info]
+    parent = next(p for p in trials if p.id == t.info["refines"])
+    assert "confirms" in parent.info and parent.score == pytest.approx(row["searched_rmse"], rel=1e-12)
+    assert ref["trial"] == t.id and ref["improved"] == (t.status == "complete")
+    assert ref["rmse"] <= row["searched_rmse"]
+    assert ref["rmse"] == pytest.approx(t.score if ref["improved"] else parent.score, rel=1e-12)
+
+
+def test_search_refine_refuses_a_negative_count_in_one_line(tmp_path, capsys):
+    code, out, err = run_cli(["search", "--refine", "-1", "--out", str(tmp_path)], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--refine -1" in lines[0] and "Traceback" not in out + err

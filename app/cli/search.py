@@ -43,6 +43,9 @@ def search_cmd(
                                                                            "1024; 256 for networks).")] = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
                                                                             "many seconds.")] = None,
+    refine: Annotated[int, typer.Option("--refine", help="After the search, refine the best searched schedule "
+                                                         "per NFE by gradient for at most this many iterations "
+                                                         "(a job's [refine] stage; 0: no refinement).")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the summary JSON.")] = Path("runs/search"),
     db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
                                                                               "sqlite:///runs/steptune.db).")]
@@ -74,6 +77,8 @@ def search_cmd(
         raise CliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
     if budget < 1:
         raise CliError(f"--budget {budget} is too small; give at least 1 evaluation per NFE")
+    if refine < 0:
+        raise CliError(f"--refine {refine} is negative; give the most gradient iterations per NFE, or 0 for none")
     nfes = parse_nfe_list(nfe)
     if not nfes:
         raise CliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
@@ -93,17 +98,18 @@ def search_cmd(
                            "confirm": confirm_k,
                            "cache": str(cache), "baseline_nfe": wide},
             "budget": {"evaluations": budget, "time": time_budget},
-            "storage": {"db": db}, "backend": {"kind": "local"}}
+            "storage": {"db": db}, "backend": {"kind": "local"}, **({"refine": {"iters": refine}} if refine else {})}
     try:
         job = job_from_dict(spec, where="search")
     except JobError as e:
         raise CliError(str(e).removeprefix("search: ")) from None
     result = execute_job(job, quiet=json_)
     cost = cost_table.load_cost(job.storage.db, name)
+    refined = refinements(job.storage.db, name) if refine else {}
     rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
              "searched_rmse": r.searched_score, "improvement": r.improvement,
              "preset_matches_at_nfe": r.preset_matches_at, "found_at_eval": r.found_at, "trial": r.trial,
-             "schedule": r.schedule} for r in result.per_nfe]
+             "schedule": r.schedule, **({"refined": refined.get(r.nfe)} if refine else {})} for r in result.per_nfe]
     payload = {"study": name, "problem": prob.name, "noise": prob.noise.to_dict(), "method": method,
                "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
                "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
@@ -117,14 +123,19 @@ def search_cmd(
     else:
         table = Table(title=f"{prob.name}: {method} search, {result.evaluations} evaluations "
                             f"(+{result.confirmations} held-out confirmations), held-out RMSE")
-        for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE"):
+        for col in ("NFE", "best preset", "preset RMSE", "searched RMSE", "improvement", "preset matches at NFE",
+                    *(("refined RMSE",) if refine else ())):
             table.add_column(col, justify="left" if col == "best preset" else "right")
         cost_table.add_columns(table)
         for r in rows:
+            ref = r.get("refined")
             table.add_row(str(r["nfe"]), str(r["best_preset"]), fmt(r["preset_rmse"]),
                           fmt(r["searched_rmse"]),
                           "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
-                          str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"), *cost_table.cells(cost, r["nfe"]))
+                          str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"),
+                          *(() if not refine else ("—",) if ref is None else
+                            (fmt(ref["rmse"]) + ("" if ref["improved"] else " (kept the parent)"),)),
+                          *cost_table.cells(cost, r["nfe"]))
         out.print(table)
         out.print(cost_table.line(cost), highlight=False)
         err.print(f"study {name!r} is in the database; saved {jpath}")
@@ -132,6 +143,23 @@ def search_cmd(
         err.print(f"stopped ({result.status}); run the same command again to resume study {name!r}")
     if result.status == "interrupted":
         raise typer.Exit(130)
+
+
+def refinements(url: str | None, study: str) -> dict[int, dict]:
+    """Per NFE, the latest refinement stored in ``study``: its held-out RMSE (the parent's when it did not beat it),
+    whether it beat its parent, its trial id and seconds."""
+    from steptune.refine import is_refinement
+    from steptune.storage import connect
+
+    with connect(url, must_exist=True) as store:
+        trials = [t for t in store.trials(study) if is_refinement(t)]
+    out = {}
+    for t in trials:
+        rec = t.info.get("refine", {})
+        improved = t.status == "complete"
+        out[t.nfe] = {"rmse": t.score if improved else rec.get("parent_rmse"), "improved": improved,
+                      "candidate_rmse": t.score, "trial": t.id, "seconds": t.seconds}
+    return out
 
 
 def register(app: typer.Typer) -> None:
