@@ -45,7 +45,7 @@ def search_cmd(
                                                                             "many seconds.")] = None,
     refine: Annotated[int, typer.Option("--refine", help="After the search, refine the best searched schedule "
                                                          "per NFE by gradient for at most this many iterations "
-                                                         "(a job's [refine] stage; 0: no refinement).")] = 0,
+                                                         "(as a job's refine stage; 0: none).")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the summary JSON.")] = Path("runs/search"),
     db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
                                                                               "sqlite:///runs/steptune.db).")]
