@@ -99,6 +99,17 @@ def kendall_by_nfe(nfes: np.ndarray, scores: np.ndarray, pred: np.ndarray) -> fl
     return float(np.average(taus, weights=weights)) if taus else float("nan")
 
 
+REFIT_GROWTH, REFIT_MIN = 0.3, 20
+
+
+def refit_due(m: int, last: int | None, min_train: int) -> bool:
+    """Whether a model last fitted on ``last`` trials (None: never fitted) is fitted again now that it has ``m``:
+    first at ``min_train`` trials, then each time they have grown by ``REFIT_GROWTH`` (at least ``REFIT_MIN``)."""
+    if m < min_train:
+        return False
+    return last is None or m >= max(last * (1 + REFIT_GROWTH), last + REFIT_MIN)
+
+
 class Predictor:
     """A ranking model over encoded schedules: lower prediction = better expected score."""
 
@@ -117,7 +128,7 @@ class Predictor:
         if self.kind == "extra-trees":
             from sklearn.ensemble import ExtraTreesRegressor
 
-            self.model = ExtraTreesRegressor(n_estimators=80, min_samples_leaf=2, max_features=0.5,
+            self.model = ExtraTreesRegressor(n_estimators=40, min_samples_leaf=2, max_features=0.5,
                                              random_state=self.seed, n_jobs=1).fit(X, y)
         elif self.kind == "gbr":
             from sklearn.ensemble import GradientBoostingRegressor
@@ -267,9 +278,9 @@ class S3Searcher(Searcher):
         return None if self.shared else nfe
 
     def _refit(self) -> None:
-        """(Re)fit each NFE's model (or the shared one) once its trials have grown by 15% (at least 20) since
-        its last fit; ``auto`` chooses the kind again each time the trials per model have tripled (so a job over
-        several NFEs chooses when each NFE has as many trials as a search of one NFE alone does)."""
+        """(Re)fit each NFE's model (or the shared one) when :func:`refit_due` says; ``auto`` chooses the kind
+        again each time the trials per model have tripled (so a job over several NFEs chooses when each NFE has as
+        many trials as a search of one NFE alone does)."""
         n = len(self.trials)
         if n < self.min_train:
             return
@@ -288,7 +299,7 @@ class S3Searcher(Searcher):
         for g in ([None] if self.shared else self.nfes):
             rows = np.arange(n) if g is None else np.flatnonzero(nfes == g)
             m, last = len(rows), self._fit_size.get(g, 0)
-            if m < self.min_train or (g in self._models and m < max(last * 1.15, last + 20)):
+            if not refit_due(m, last if g in self._models else None, self.min_train):
                 continue
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -352,10 +363,14 @@ class S3Searcher(Searcher):
 
     def _refill(self, nfe: int, k: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
         """The NFE's pool for an ask of ``k`` picks: the children not asked yet, topped up with new ones (as many
-        as it lacks, else ``refresh`` x ``pool`` but at most 10 per pick), the oldest dropped beyond ``pool``."""
+        as it lacks, else ``refresh`` x ``pool`` but at most 10 per pick), the oldest dropped beyond ``pool``.
+        Before the NFE has a model the picks are random, so only as many children as picks are made."""
         keep = [] if self.refresh >= 1 else [c for c in self._pools.get(nfe, [])
                                              if c.key not in self.seen and c.key not in taken]
-        fresh = max(self.pool - len(keep), min(math.ceil(self.refresh * self.pool), 10 * k))
+        if self._models.get(self._group(nfe)) is None:  # nothing ranks a pool yet: the picks are random
+            fresh = max(k - len(keep), 0)
+        else:
+            fresh = max(self.pool - len(keep), min(math.ceil(self.refresh * self.pool), 10 * k))
         pool = keep + self._children(nfe, rng, taken | {c.key for c in keep}, fresh)
         for c in pool[:-self.pool]:
             self._feat.pop(c.key, None)
