@@ -153,8 +153,9 @@ def build_from_trial(space, trial, nfe: int, structure: Schedule | None = None) 
 
 
 class TPESearcher(_OptunaBase):
-    """TPE (multivariate, grouped for the conditional parameters, constant liar for batches) over the
-    full decision space, one study per NFE; ``n_startup`` random trials first."""
+    """TPE (multivariate, grouped for the conditional parameters, constant liar for batches: the candidates of a
+    batch still in flight count as bad results, so one batch spreads out) over the full decision space, one study
+    per NFE; ``n_startup`` random trials first."""
 
     name = "tpe"
 
@@ -189,31 +190,45 @@ class TPESearcher(_OptunaBase):
 
 class CmaEsSearcher(_OptunaBase):
     """CMA-ES over the timestep logits of a fixed structure per NFE: the best preset at that NFE
-    (every preset is evaluated first), started from that preset's own timesteps."""
+    (every preset is evaluated first), started from that preset's own timesteps.
+
+    A generation (``popsize``) is by default the larger of CMA-ES's own population (4 + 3 ln d for d timesteps) and
+    the NFE's share of the batch asked when its search starts, so a wide batch is one generation whose every member
+    updates the distribution (Optuna updates a generation from its first ``popsize`` results and drops the rest)."""
 
     name = "cmaes"
 
-    def __init__(self, *args, sigma0: float = 0.5, presets=DEFAULT_PRESETS, **kw):
+    def __init__(self, *args, sigma0: float = 0.5, presets=DEFAULT_PRESETS, popsize: int | None = None, **kw):
         super().__init__(*args, **kw)
-        self.sigma0 = sigma0
+        if popsize is not None and int(popsize) < 2:
+            raise ValueError(f"popsize {popsize}: a CMA-ES generation needs at least 2 members")
+        self.sigma0, self.fixed_popsize = sigma0, popsize
         self._seeds = preset_candidates(self.space, self.nfes, presets)
         self.structure: dict[int, Schedule] = {}
+        self.popsize: dict[int, int] = {}
+        self._share = 1  # the NFE's share of the batch being asked
 
     def _new_study(self, key) -> optuna.Study:
         s = self.structure[key]
         x0 = {f"z{i}": float(np.clip(v, -Z_RANGE, Z_RANGE)) for i, v in enumerate(self.space.lams_to_logits(s))}
+        self.popsize[key] = int(self.fixed_popsize or max(4 + int(3 * math.log(len(x0))), self._share))
         with warnings.catch_warnings():  # x0/sigma0 are deprecated in recent Optuna but still honoured
             warnings.simplefilter("ignore", FutureWarning)
             sampler = optuna.samplers.CmaEsSampler(x0=x0, sigma0=self.sigma0, seed=self.seed + 7 * key,
-                                                   n_startup_trials=0, warn_independent_sampling=False)
+                                                   n_startup_trials=0, warn_independent_sampling=False,
+                                                   popsize=self.popsize[key])
         study = optuna.create_study(direction="minimize", sampler=sampler)
-        study.enqueue_trial(x0)  # the first trial is the preset's own timesteps: it fixes the search space
+        # the preset's own timesteps, with the score it got: the search space is known from the first ask, so the
+        # whole first batch is sampled around them (not drawn at random while the first trial is in flight)
+        study.add_trial(optuna.trial.create_trial(params=x0, distributions={k: distribution(k) for k in x0},
+                                                  value=_objective(self.best(key)[0][1])))
         return study
 
     def _ask(self, n: int, rng: np.random.Generator) -> list[Candidate]:
         out = [c for c in self._seeds if c.key not in self.seen][:n]
         if len(out) >= n:
             return out
+        self._share = -(-n // len(self.nfes))
         for nfe in self.nfes:
             if nfe not in self.structure:
                 best = self.best(nfe)
