@@ -14,9 +14,9 @@ def phi_terms(z: float, n: int) -> list[float]:
         for k in range(1, n + 1):
             term = z**k / math.factorial(k)
             total = term
-            for j in range(k + 1, k + 26):
-                term *= z / j
-                total += term
+            for j in range(k + 1, k + 26):  # not in place: a tensor z (times being fitted) would alias term and total
+                term = term * (z / j)
+                total = total + term
             out.append(total)
         return out
     out = [expm1(z)]

@@ -5,6 +5,7 @@ two-step DDIM (known by a grid search against the closed-form solution), and its
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -49,6 +50,27 @@ def test_the_differentiable_run_is_the_samplersrun_cli(gmm2d):
     x = ev.x_T("train", 16)
     with torch.no_grad():
         torch.testing.assert_close(final_state(p.model, par, x), sample(p.model, x, s), rtol=1e-12, atol=1e-12)
+
+
+def test_the_phi_terms_of_a_fitted_step_are_those_of_its_float(gmm2d):
+    """Steps shorter than 0.5 in lambda take the series branch; with tensor times (being fitted) it must give the
+    float values and their derivative (c_1' = e^z), and a run with such steps must be the sampler's."""
+    from steptune.space.phi import phi_terms
+
+    for z in (-0.45, -0.1, 0.02, 0.3, 0.49):
+        zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+        got = phi_terms(zt, 3)
+        assert [float(v.detach()) for v in got] == pytest.approx(phi_terms(z, 3), rel=1e-14)
+        got[0].backward()
+        assert float(zt.grad) == pytest.approx(math.exp(z), rel=1e-12)
+    p, ev = gmm2d
+    s = _preset(p, "dpm-solver++-3m", 30)  # 30 steps: every lambda step below 0.5
+    lam = p.noise.lam(torch.tensor(s.times, dtype=torch.float64))
+    assert float(lam.diff().max()) < 0.5
+    x = ev.x_T("train", 16)
+    with torch.no_grad():
+        torch.testing.assert_close(final_state(p.model, parameters(s, p.noise), x), sample(p.model, x, s),
+                                   rtol=1e-10, atol=1e-10)
 
 
 def test_the_gradient_is_the_losss_derivative(gmm2d):
