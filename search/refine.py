@@ -4,7 +4,11 @@ A searched schedule fixes discrete decisions (orders, predictions, history point
 continuous ones. ``refine`` keeps the discrete decisions and tunes
 
 * the times: the interior times between the first and the last time of finite log-SNR, parametrised as
-  softmax increments in lambda between those fixed ends (so they stay ordered and inside the range);
+  softmax increments in lambda between those fixed ends (so they stay ordered and inside the range; a final step
+  to t = 0, lambda = inf, keeps the time before it);
+* the start of a schedule that starts later than the problem's ``t_start`` on a discrete VP schedule (diffusers'
+  ``leading`` timesteps; the bank's noise is fed to it unchanged): its lambda as a sigmoid between the problem's
+  start and the last fitted end, the interior times keeping their shares of the span behind it;
 * the DC compensation ratios of every step that can be compensated (in log space, so they stay positive);
 * the relaxation coefficient on the first derivative of every step of order 2 or more in the lambda basis
   whose relaxation is ``none`` or ``linear`` (factor 1 + coef h; ``none`` is ``linear`` with coef 0);
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from steptune.space import NonFiniteError, Schedule, ScheduleError, TrajectoryRun, trajectory
+from steptune.space.noise import VPDiscrete
 
 from .dc import eligible_steps
 
@@ -40,7 +45,7 @@ Tensor = torch.Tensor
 FD_REL = 1e-3  # relative step in t of the forward difference in time
 SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the RMSE is dominated by a few hard
 #                states, and 64 of them overfit the times of a searched schedule
-LR = {"times": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
+LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
 
 
 class RefineError(ValueError):
@@ -58,11 +63,19 @@ class Params:
     relax_steps: list[int]
     second_steps: list[int]
     theta: dict[str, Tensor] = field(default_factory=dict)
+    lam_earliest: float | None = None  # the problem's start lambda, where the start is fitted
 
     def counts(self) -> dict[str, int]:
         n_times = 0 if self.ends is None else self.ends[1] - self.ends[0] - 1
-        return {"times": n_times, "dc_ratio": len(self.dc_steps), "relaxation_coef": len(self.relax_steps),
-                "second_scale": len(self.second_steps)}
+        return {"times": n_times, **({"start": 1} if "start" in self.theta else {}), "dc_ratio": len(self.dc_steps),
+                "relaxation_coef": len(self.relax_steps), "second_scale": len(self.second_steps)}
+
+    @property
+    def fitted_times(self) -> range:
+        """Indices of the times whose value is fitted."""
+        if self.ends is None:
+            return range(0)
+        return range(self.ends[0] + ("start" not in self.theta), self.ends[1])
 
     # ---- from parameters to what the sampler takes ----
 
@@ -71,10 +84,14 @@ class Params:
             return None
         a, b = self.ends
         lam_a, lam_b = self.lam_ends
+        ts = torch.tensor(self.schedule.times, dtype=torch.float64)
+        head = ts[: a + 1]
+        if "start" in self.theta:
+            lam_a = self.lam_earliest + (lam_b - self.lam_earliest) * torch.sigmoid(self.theta["start"][0])
+            head = noise.t_of_lambda(lam_a).reshape(1)
         frac = torch.cumsum(torch.softmax(self.theta["times"], 0), 0)[:-1]
         inner = noise.t_of_lambda(lam_a + (lam_b - lam_a) * frac)
-        ts = torch.tensor(self.schedule.times, dtype=torch.float64)
-        return torch.cat([ts[: a + 1], inner, ts[b:]])
+        return torch.cat([head, inner, ts[b:]])
 
     def dc_ratios(self) -> list[float | Tensor] | None:
         if not self.dc_steps:
@@ -112,12 +129,14 @@ class Params:
             if i in second:
                 changes["second_scale"] = second[i]
             steps.append(replace(st, **changes))
-        return self.schedule.with_steps(steps).validate()
+        return replace(self.schedule, t_start=float(times[0]), steps=tuple(steps)).validate()
 
 
 def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True, relax: bool = True,
-               second: bool = True) -> Params:
-    """The continuous parameters of ``schedule`` that ``refine`` fits (each kind may be left out)."""
+               second: bool = True, earliest: float | None = None) -> Params:
+    """The continuous parameters of ``schedule`` that ``refine`` fits (each kind may be left out). ``earliest``: the
+    problem's start, given where a schedule may start later (a discrete VP schedule); a schedule that does is then
+    refined in its start too, between ``earliest`` and its last fitted end."""
     steps = list(schedule.steps)
     relax_steps = [i for i, st in enumerate(steps) if relax and st.order >= 2 and st.basis == "lambda"
                    and st.relaxation in ("none", "linear")]
@@ -137,6 +156,10 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
     if ends is not None:
         lam = noise.lam(torch.tensor(sched.times[ends[0]: ends[1] + 1], dtype=torch.float64))
         p.theta["times"] = torch.log(lam.diff() / (lam[-1] - lam[0]))
+        if earliest is not None and ends[0] == 0 and sched.t_start < earliest:
+            p.lam_earliest = float(noise.lam(torch.tensor(float(earliest), dtype=torch.float64)))
+            share = (float(lam[0]) - p.lam_earliest) / (float(lam[-1]) - p.lam_earliest)
+            p.theta["start"] = torch.tensor([math.log(share / (1 - share))], dtype=torch.float64)
     if p.dc_steps:
         p.theta["dc"] = torch.tensor([math.log(steps[i].dc_ratio) for i in p.dc_steps], dtype=torch.float64)
     if p.relax_steps:
@@ -173,7 +196,7 @@ def final_state(model, p: Params, x_T: Tensor, count: list[int] | None = None) -
     """The sampler's final state from ``x_T`` as a differentiable function of ``p``'s parameters (``count``: see
     ``_predict``)."""
     count = [0] if count is None else count
-    fitted = range(0) if p.ends is None else range(p.ends[0] + 1, p.ends[1])
+    fitted = p.fitted_times
     loop = TrajectoryRun(trajectory(p.schedule, model.noise, x_T, model.data_mean, dc_ratios=p.dc_ratios(),
                                     times=p.times(model.noise), step_params=p.step_params(), reuse_buffers=False))
     while not loop.done:
@@ -249,7 +272,9 @@ def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | Non
         rates.update(lr)
     elif lr is not None:
         rates = {k: v * float(lr) for k, v in rates.items()}
-    p = parameters(schedule, noise, times=times, dc=dc, relax=relax, second=second)
+    late = isinstance(noise, VPDiscrete) and schedule.t_start < problem.t_start
+    p = parameters(schedule, noise, times=times, dc=dc, relax=relax, second=second,
+                   earliest=problem.t_start if late else None)
     x_T = evaluator.x_T("train", samples).to(torch.float32)
     ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
 

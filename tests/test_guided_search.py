@@ -182,23 +182,34 @@ def test_without_a_discrete_schedule_the_space_keeps_the_problems_start_and_end(
 
 
 @pytest.mark.parametrize("spec", ["ddim", "dpm-solver++-3m"])
-def test_refining_a_leading_schedule_is_never_worse_and_keeps_its_ends(evaluator, spec):
+def test_refining_a_leading_schedule_is_never_worse_and_moves_its_start_not_its_end(evaluator, spec):
+    """The start is refined (it stays below the bank's), the time before the final step to t = 0 is kept."""
     s = leading(spec, 5)
     r = refine(evaluator, s, iters=20, samples=32)
-    assert r.fitted["times"] == 3
+    assert r.fitted["times"] == 3 and r.fitted["start"] == 1
     assert r.rmse <= r.parent_rmse == pytest.approx(evaluator.evaluate(s, "heldout").metrics["rmse"], rel=1e-12)
     assert evaluator.evaluate(r.schedule, "heldout").metrics["rmse"] == pytest.approx(r.rmse, rel=1e-12)
     t = r.schedule.times
-    assert t[0] == s.t_start and t[-1] == 0.0 and t[-2] == s.times[-2] and all(a > b for a, b in zip(t, t[1:]))
-    assert r.improved  # the leading times are far from the best ones on this problem
+    assert t[0] < T0 and t[-1] == 0.0 and t[-2] == s.times[-2] and all(a > b for a, b in zip(t, t[1:]))
+    assert r.improved and t[0] != s.t_start  # the leading times are far from the best ones on this problem
+
+
+def test_a_schedule_at_the_banks_start_keeps_it(problem, evaluator):
+    s = presets.build("dpm-solver++-2m", 5, DISCRETE, spacing="time-uniform", t_start=T0, t_end=T1)
+    par = parameters(s, problem.noise, earliest=problem.t_start)
+    assert "start" not in par.theta and "start" not in par.counts()
+    r = refine(evaluator, s, iters=10, samples=32)
+    assert r.schedule.t_start == T0 and r.rmse <= r.parent_rmse
 
 
 def test_the_gradient_on_a_leading_schedule_is_the_losss_derivative(problem, evaluator):
-    """Autograd against central differences of the loss in every fitted parameter, on a schedule that starts late
-    and ends at t = 0 (the reference is the one at t = 0)."""
+    """Autograd against central differences of the loss in every fitted parameter, the start included, on a schedule
+    that starts late and ends at t = 0 (the reference is the one at t = 0)."""
     s = leading("dpm-solver++-3m", 6)
-    par = parameters(s, problem.noise)
-    assert par.ends == (0, len(s.steps) - 1) and set(par.theta) == {"times", "dc", "relax", "second"}
+    par = parameters(s, problem.noise, earliest=problem.t_start)
+    assert par.ends == (0, len(s.steps) - 1) and set(par.theta) == {"times", "start", "dc", "relax", "second"}
+    back = par.to_schedule(problem.noise)
+    assert max(abs(a - b) for a, b in zip(back.times, s.times)) < 1e-12
     x, ref = evaluator.x_T("train", 16), evaluator.reference("train", 0.0)[:16]
 
     def loss():
@@ -215,7 +226,7 @@ def test_the_gradient_on_a_leading_schedule_is_the_losss_derivative(problem, eva
                 down = float(loss())
                 v[j] += 1e-5
             fd[j] = (up - down) / 2e-5
-        tol = 10 * FD_REL if kind == "times" else 1e-6
+        tol = 10 * FD_REL if kind in ("times", "start") else 1e-6  # the network's time derivative is a difference
         assert float((v.grad - fd).abs().max()) <= tol * float(fd.abs().max()), (kind, v.grad, fd)
 
 
