@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
 
 from steptune.space import Corrector, Schedule, Step
 from steptune.space.relaxation import STEP_RELAXATIONS
@@ -155,7 +156,9 @@ def build_from_trial(space, trial, nfe: int, structure: Schedule | None = None) 
 class TPESearcher(_OptunaBase):
     """TPE (multivariate, grouped for the conditional parameters, constant liar for batches: the candidates of a
     batch still in flight count as bad results, so one batch spreads out) over the full decision space, one study
-    per NFE; ``n_startup`` random trials first."""
+    per NFE; ``n_startup`` random trials first. No more random ones are asked while those are in flight: a batch
+    wider than the random start leaves the rest of its places at that NFE empty until their results are told,
+    so a batch of 64 does not spend 64 evaluations on noise."""
 
     name = "tpe"
 
@@ -166,6 +169,11 @@ class TPESearcher(_OptunaBase):
     def _sampler(self, rng: np.random.Generator):
         return tpe_sampler(int(rng.integers(2**31)), self.n_startup)
 
+    def _starting(self, study: optuna.Study) -> bool:
+        """The random start is all asked but not all told (the model takes over once it is)."""
+        told = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        return told < self.n_startup <= told + len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
     def _new_study(self, key) -> optuna.Study:
         return optuna.create_study(direction="minimize")
 
@@ -174,13 +182,15 @@ class TPESearcher(_OptunaBase):
         for j in range(n):
             nfe = self.nfes[(len(self.trials) + j) % len(self.nfes)]
             study = self._study(nfe)
+            if self._starting(study):
+                continue
             for _ in range(20):
                 study.sampler = self._sampler(rng)  # re-seeded per ask: the state is the trial list
                 trial = study.ask()
                 s = build_from_trial(self.space, trial, nfe)
                 c = None if s is None else Candidate(s, nfe, "tpe", dict(trial.params))
                 if c is None or c.key in self.seen or c.key in self._pending:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    study.tell(trial, state=TrialState.PRUNED)
                     continue
                 self._pending[c.key] = (nfe, trial)
                 out.append(c)
@@ -291,7 +301,7 @@ class MultiObjectiveSearcher(_OptunaBase):
                 s = build_from_trial(self.space, trial, nfe)
                 c = None if s is None else Candidate(s, nfe, "mo-tpe", dict(trial.params))
                 if c is None or c.key in self.seen or c.key in self._pending:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    study.tell(trial, state=TrialState.PRUNED)
                     continue
                 self._pending[c.key] = ("all", trial)
                 out.append(c)

@@ -1,7 +1,8 @@
-"""The Optuna-backed searchers asked wide batches (as many Ray evaluators ask them), told scores of a closed form of
-their own parameters (no model runs): CMA-ES makes a wide batch one generation of its population, sampled around
+"""The Optuna-backed searchers asked wide batches (as many Ray evaluators ask them). Told scores of a closed form of
+their own parameters (no model runs), CMA-ES makes a wide batch one generation of its population, sampled around
 the best preset's timesteps from the first batch on, and gets nearer the known optimum than when Optuna drops every
-result past its default population."""
+result past its default population. TPE asks no more random candidates than its random start, however wide the
+batch, and a wide-batch job driven by the runner still spends its whole budget."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ import math
 
 import numpy as np
 import pytest
+from runner_jobs import run_job
 
 from steptune.evaluators import get_problem
-from steptune.search import make_searcher
+from steptune.jobs import job_from_dict
+from steptune.search import CHEAP, make_searcher
 from steptune.search.optuna_search import CmaEsSearcher
+from steptune.storage import connect
 
 NFES = [4, 5]
 TARGET = 0.7  # the optimum of every timestep logit (their sum is free: the softmax does not see it)
@@ -71,3 +75,35 @@ def test_every_result_of_a_wide_batch_brings_cma_es_nearer_the_optimum(seed):
 def test_a_population_below_two_is_refused():
     with pytest.raises(ValueError, match="popsize 1: a CMA-ES generation needs at least 2 members"):
         search(4, 4, popsize=1)
+
+
+def test_tpe_asks_only_its_random_start_until_it_is_told():
+    p = get_problem("gmm-2d")
+    se = make_searcher("tpe", p.noise, p.t_start, p.t_end, NFES, seed=0, n_startup=6)
+    first = se.ask(64)
+    assert sorted(c.nfe for c in first) == [4] * 6 + [5] * 6  # the random start at each NFE, not 64 random
+    assert se.ask(64) == []  # nothing more until the random start is told
+    for c in first:
+        se.tell(c, 1.0 + c.nfe)
+    second = se.ask(64)
+    assert len(second) == 64 and len({c.key for c in second}) == 64
+
+
+def test_a_wide_tpe_batch_one_ahead_spends_the_whole_budget(tmp_path):
+    """Driven by the runner with the next batch asked before this one is told (as on Ray): the first two batches
+    hold the random start (10 at each NFE), the model's first batch waits for their results, and the job still
+    evaluates its whole budget at every NFE."""
+    job = job_from_dict({"study": "wide", "seed": 0, "problem": {"name": "gmm-2d"},
+                         "search": {"method": "tpe", "nfe": NFES, "batch": 16, "lookahead": 1},
+                         "evaluation": {"cheap_samples": 16, "train_samples": 16, "heldout_samples": 32, "confirm": 1,
+                                        "baseline": False, "cache": str(tmp_path / "cache")},
+                         "budget": {"evaluations": 30}})
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    res, _ = run_job(job, url)
+    with connect(url) as db:
+        trials = [t for t in db.trials("wide") if t.fidelity == CHEAP]
+    assert res.status == "complete" and res.evaluations == 60
+    assert all(sum(t.nfe == nfe for t in trials) == 30 for nfe in NFES)
+    sizes = [sum(t.info["batch"] == b for t in trials) for b in range(5)]
+    # 8 random at each NFE, the other 2 of the random start asked ahead, then full batches from the model
+    assert sizes == [16, 4, 16, 16, 8] and sum(sizes) == 60
