@@ -16,6 +16,9 @@
   stays a function of its seed and history. On gmm-digits this continuous refinement is what
   closes most of the gap to a timestep-only CMA-ES at the higher NFEs. In a wide stage (8 or more local
   samples at one NFE) ``screen`` times as many are drawn and the predictor keeps the best.
+* A wide ask (more than ``WIDE`` picks at one NFE) chooses its picks as a batch (``s3_batch.pick``): the
+  predictor's ranking with a penalty (``batch_penalty``) for each candidate already chosen, in this ask or
+  in flight (asked, not told), close to it in encoded-feature space, so the batch is not spent on near copies.
 * The predictor is one model per NFE, fitted on that NFE's trials (``shared``: one model for all NFEs,
   the NFE a feature), so a job over several NFEs ranks each as a search of that NFE alone does. Its
   target is the rank of a trial's score among the trials at the same NFE, so it learns orderings, not
@@ -38,9 +41,11 @@ from steptune.space.relaxation import STEP_RELAXATIONS
 from steptune.space.schedule import Schedule
 
 from .baselines import DEFAULT_PRESETS, preset_candidates
+from .s3_batch import pick, tree_spread
 from .searcher import Candidate, Searcher
 
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
+WIDE = 4  # picks per NFE in one ask above which they are chosen as a batch (s3_batch.pick), not as a ranking
 N_STEP_FEATURES = 13
 
 
@@ -208,7 +213,10 @@ class S3Searcher(Searcher):
     best structures per NFE it refines), ``niche`` (parents: the best of each step structure rather than the
     best trials), ``shared`` (one predictor for all NFEs, the NFE a feature, instead of one per NFE),
     ``auto_kinds`` (the predictor kinds ``auto`` chooses between), ``screen`` (in a wide batch, 8 or more
-    local samples at one NFE, ``screen`` times as many are drawn and the predictor keeps the best)."""
+    local samples at one NFE, ``screen`` times as many are drawn and the predictor keeps the best),
+    ``batch_penalty`` (in an ask of more than ``WIDE`` picks at one NFE, what a candidate loses, in predicted rank,
+    for each already chosen or in-flight candidate close to it; 0 picks the ranking as it is), ``batch_explore``
+    (in such an ask, how much of the extra-trees spread of a candidate's prediction is taken off it)."""
 
     name = "s3"
     batch_per_nfe = 4
@@ -216,7 +224,8 @@ class S3Searcher(Searcher):
     def __init__(self, *args, predictor: str = "auto", pool: int = 120, population: int = 12,
                  presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30,
                  local: float = 0.6, local_structures: int = 3, niche: bool = True, refresh: float = 0.25,
-                 shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), screen: int = 3, **kw):
+                 shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), screen: int = 3,
+                 batch_penalty: float = 0.3, batch_explore: float = 0.0, **kw):
         super().__init__(*args, **kw)
         self.predictor_kind = predictor
         self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
@@ -239,8 +248,19 @@ class S3Searcher(Searcher):
         self._chosen: str | None = None if predictor == "auto" else predictor
         self._next_select = min_train
         self.tau_report: list[dict] = []
+        self.batch_penalty, self.batch_explore = float(batch_penalty), float(batch_explore)
+        if not (self.batch_penalty >= 0 and self.batch_explore >= 0):
+            raise ValueError(f"batch_penalty {batch_penalty} and batch_explore {batch_explore}: give each as a number "
+                             "0 or above (0 turns it off)")
+        self._pending: dict[str, Candidate] = {}  # asked, not told yet: they count as picked in a wide ask
+
+    def ask(self, n: int = 1) -> list[Candidate]:
+        out = super().ask(n)
+        self._pending.update((c.key, c) for c in out)
+        return out
 
     def _observe(self, candidate: Candidate, score: float) -> None:
+        self._pending.pop(candidate.key, None)
         x = self._feat.pop(candidate.key, None)
         self._X.append(x if x is not None else self._encode(candidate))
         self._struct.append(candidate.schedule.structure_key())
@@ -352,6 +372,8 @@ class S3Searcher(Searcher):
             pred = self._predict(nfe, pool)
             n_explore = int(rng.binomial(k, self.explore)) if pred is not None else k
             order = list(np.argsort(pred, kind="stable")) if pred is not None else list(rng.permutation(len(pool)))
+            if pred is not None and k > WIDE:
+                order = self._wide_pick(nfe, pool, pred, len(pool), out)
             picks = _spread(order, lambda i, pool=pool: pool[i].schedule.structure_key(), k - n_explore)
             rest = [i for i in range(len(pool)) if i not in set(picks)]
             if n_explore and rest:
@@ -360,6 +382,18 @@ class S3Searcher(Searcher):
                 out.append(pool[int(i)])
                 taken.add(pool[int(i)].key)
         return out
+
+    def _wide_pick(self, nfe: int, cands: Sequence[Candidate], pred: np.ndarray, k: int,
+                   chosen: Sequence[Candidate]) -> list[int]:
+        """``k`` of ``cands`` chosen as one batch (:func:`s3_batch.pick`): near copies of one another, of ``chosen``
+        or of candidates pending at ``nfe`` are penalised by ``batch_penalty``; ``batch_explore`` x the extra-trees
+        spread is taken off the predictions."""
+        before = [c for c in [*chosen, *self._pending.values()] if c.nfe == nfe]
+        X = np.array([self._encode(c) for c in cands])
+        P = np.array([self._encode(c) for c in before]) if before else None
+        model = self._models[self._group(nfe)]
+        spread = tree_spread(model, X) if self.batch_explore else None
+        return pick(pred, k, X, P, spread, penalty=self.batch_penalty, explore=self.batch_explore)
 
     def _refill(self, nfe: int, k: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
         """The NFE's pool for an ask of ``k`` picks: the children not asked yet, topped up with new ones (as many
@@ -429,7 +463,7 @@ class S3Searcher(Searcher):
             taken.add(c.key)
             out.append(c)
         if len(out) > k:  # a wide batch: the predictor keeps the k most promising samples
-            keep = set(np.argsort(self._predict(nfe, out), kind="stable")[:k].tolist())
+            keep = set(self._wide_pick(nfe, out, self._predict(nfe, out), k, []))
             taken.difference_update(c.key for i, c in enumerate(out) if i not in keep)
             out = [c for i, c in enumerate(out) if i in keep]
         return out
