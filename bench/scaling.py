@@ -4,7 +4,8 @@ overhead against in-process with one worker <= 15%. Then whole S^3 searches the 
 searcher's own time (ask and tell) per evaluation against one evaluation's sampling time (target <= 10%) and
 two Ray evaluators against in-process (target >= 1.7x).
 
-    python bench/scaling.py [--candidates 240] [--samples 64] [--repeats 3]
+    python bench/scaling.py [--candidates 240] [--samples 64] [--repeats 3] [--job-evaluations 40]
+    python bench/scaling.py --searcher-only    # the S^3 searcher alone, no evaluations: CPU per evaluation
 
 Candidates are random schedules at NFE 4-10 from the search space (the mix a search evaluates), each
 scored on ``--samples`` states of the train bank; the references are computed and cached first.
@@ -135,6 +136,46 @@ def time_searcher(searcher) -> list[float]:
     return spent
 
 
+def searcher_alone(problem: str, nfes: list[int], per_nfe: int, batch: int) -> dict:
+    """The S^3 searcher driven alone, with a smooth score computed from each schedule instead of an evaluation
+    (the spread of its lambda steps plus its first step's order): CPU seconds per evaluation in ask and tell, and
+    the part of them spent fitting predictors and making children. Timed by CPU, so a loaded machine moves it
+    less than the wall-clock figures above."""
+    from steptune.backends import build_problem
+    from steptune.search import make_searcher, s3
+
+    p = build_problem(ProblemSpec(name=problem))
+    se = make_searcher("s3", p.noise, p.t_start, p.t_end, nfes, seed=0)
+    parts = {"fits": 0.0, "children": 0.0}
+
+    def timed(owner, name, part):
+        method = getattr(owner, name)
+
+        def run(*a, **kw):
+            c0 = time.process_time()
+            try:
+                return method(*a, **kw)
+            finally:
+                parts[part] += time.process_time() - c0
+        return run
+
+    fit, children = s3.Predictor.fit, s3.S3Searcher._children
+    s3.Predictor.fit = timed(s3.Predictor, "fit", "fits")
+    s3.S3Searcher._children = timed(s3.S3Searcher, "_children", "children")
+    try:
+        total, cpu = per_nfe * len(nfes), 0.0
+        while len(se.trials) < total:
+            c0 = time.process_time()
+            for c in se.ask(min(batch, total - len(se.trials))):
+                se.tell(c, float(np.std(np.diff(se.space.lams(c.schedule)))) + 0.01 * c.schedule.steps[0].order)
+            cpu += time.process_time() - c0
+    finally:
+        s3.Predictor.fit, s3.S3Searcher._children = fit, children
+    n = len(se.trials)
+    return {"nfes": nfes, "per_nfe": per_nfe, "batch": batch, "cpu_ms_per_eval": 1000 * cpu / n,
+            "fits_ms_per_eval": 1000 * parts["fits"] / n, "children_ms_per_eval": 1000 * parts["children"] / n}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", type=int, default=240)
@@ -143,7 +184,18 @@ def main():
     ap.add_argument("--problem", default="gmm-digits")
     ap.add_argument("--job-evaluations", type=int, default=40,
                     help="also run whole S^3 searches with this many evaluations per NFE (0: skip)")
+    ap.add_argument("--searcher-only", action="store_true",
+                    help="only time the S^3 searcher alone, without evaluations (CPU per evaluation)")
     args = ap.parse_args()
+    if args.searcher_only:
+        warm_imports()
+        alone = [searcher_alone(args.problem, nfes, 300, batch) for nfes, batch in (([5], 4), ([4, 5, 6, 8, 10], 20))]
+        for r in alone:
+            print(f"S^3 searcher alone, NFE {','.join(map(str, r['nfes']))} x {r['per_nfe']}, batch {r['batch']}: "
+                  f"{r['cpu_ms_per_eval']:.2f} ms CPU per evaluation (predictor fits {r['fits_ms_per_eval']:.2f}, "
+                  f"making children {r['children_ms_per_eval']:.2f})")
+        print(f"saved {save_json('scaling-searcher', {'problem': args.problem, 'searcher_alone': alone})}")
+        return
 
     import ray
 
