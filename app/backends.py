@@ -50,7 +50,8 @@ class Sink(Protocol):
     def stopping(self) -> bool: ...
 
     def flush(self) -> None:
-        """Write what it holds now (called before an evaluation that blocks, and when nothing came back for a while)."""
+        """Write what it holds now (called before a slow evaluation that blocks, and when nothing came back for a
+        while)."""
 
 
 def build_problem(spec: ProblemSpec):
@@ -170,9 +171,13 @@ class Backend:
 
 
 class LocalBackend(Backend):
-    """Evaluates in this process, one task at a time."""
+    """Evaluates in this process, one task at a time. What the sink holds is written before an evaluation only when
+    the one before took ``SLOW_SECONDS`` or more (or none has run yet): a slow evaluation is stored as running while
+    it runs and leaves nothing unwritten behind it, and fast ones do not pay two database writes each (the sink
+    writes them together, as the results of a Ray backend)."""
 
     name = "local"
+    SLOW_SECONDS = 0.25
 
     def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, spec: BackendSpec):
         self.args = (problem, evaluation, int(max(1, spec.num_cpus)))
@@ -180,6 +185,7 @@ class LocalBackend(Backend):
         self.worker: EvalWorker | None = None
         self.workers = [f"local@{socket.gethostname()}:{os.getpid()}"]
         self.todo: deque[Task] = deque()
+        self.last_seconds: float | None = None  # how long the last evaluation took
 
     def start(self) -> None:
         if self.worker is None:
@@ -206,8 +212,11 @@ class LocalBackend(Backend):
                 return
             chunk = [self.todo.popleft() for _ in range(min(group, len(self.todo)))]
             sink.start([(task, self.workers[0]) for task in chunk])
-            sink.flush()  # stored as running while it runs here
+            if self.last_seconds is None or self.last_seconds >= self.SLOW_SECONDS:
+                sink.flush()
+            began = time.perf_counter()
             results = self.worker.evaluate_many(chunk) if self.batched else [self.worker.evaluate(chunk[0])]
+            self.last_seconds = time.perf_counter() - began
             sink.done(list(zip(chunk, results)))
 
 
