@@ -127,6 +127,7 @@ class Evaluator:
         self.sw_projections, self.sw_seed = int(sw_projections), int(sw_seed)
         self._banks: dict[str, Bank] = {}
         self._reference_stats: dict[tuple, tuple] = {}
+        self._data_projections: dict[tuple, torch.Tensor] = {}
 
     # ---- banks, references, data ------------------------------------------------------------------
 
@@ -262,7 +263,11 @@ class Evaluator:
         x = x.to(torch.float64)
         out = {"rmse": metrics.rmse(x, ref), "median_err": metrics.median_error(x, ref)}
         if data is not None:
-            out["sw"] = metrics.sliced_wasserstein(x, data, self.sw_projections, self.sw_seed)
+            key = (bank, t_end, n)
+            if key not in self._data_projections:  # the data side is the same for every schedule: sorted once
+                self._data_projections[key] = metrics.sorted_projections(data, self.sw_projections, self.sw_seed)
+            out["sw"] = metrics.sliced_wasserstein(x, data, self.sw_projections, self.sw_seed,
+                                                   y_sorted=self._data_projections[key])
         if self.problem.has_log_prob:
             out["nll"] = metrics.nll(x, lambda v: self.problem.log_prob(v, t_end))
         quality = self.problem.quality

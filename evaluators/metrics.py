@@ -3,6 +3,7 @@ distance between Gaussians fitted to features."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -37,19 +38,24 @@ def median_error(x: Tensor, ref: Tensor) -> float:
 
 def projections(dim: int, n_projections: int = 256, seed: int = 0) -> Tensor:
     """Fixed random unit directions (n_projections, dim), uniform on the sphere."""
+    return _projections(dim, n_projections, seed).clone()
+
+
+@functools.lru_cache(maxsize=8)
+def _projections(dim: int, n_projections: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(n_projections, dim, generator=g, dtype=_F64)
     return theta / theta.norm(dim=1, keepdim=True)
 
 
-def _w2_sq_1d(a: Tensor, b: Tensor) -> Tensor:
+def _w2_sq_1d(a: Tensor, b: Tensor, b_sorted: bool = False) -> Tensor:
     """Squared W2 between the empirical distributions of the columns of a (n, P) and b (m, P), per column.
 
     Exact: the quantile functions are piecewise constant, so the integral over u in (0, 1) is a sum
     over the merged breakpoints i/n and j/m (with n = m this is the mean squared difference of the
     sorted values).
     """
-    a, b = a.sort(dim=0).values, b.sort(dim=0).values
+    a, b = a.sort(dim=0).values, b if b_sorted else b.sort(dim=0).values
     n, m = a.shape[0], b.shape[0]
     if n == m:
         return ((a - b) ** 2).mean(dim=0)
@@ -61,15 +67,25 @@ def _w2_sq_1d(a: Tensor, b: Tensor) -> Tensor:
     return (width[:, None] * (a[ia] - b[ib]) ** 2).sum(dim=0)
 
 
-def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int = 0) -> float:
+def sliced_wasserstein(x: Tensor, y: Tensor, n_projections: int = 256, seed: int = 0,
+                       y_sorted: Tensor | None = None) -> float:
     """Sliced 2-Wasserstein distance: sqrt of the mean over fixed random directions theta of
-    W2^2(theta . x, theta . y). Sample counts may differ."""
+    W2^2(theta . x, theta . y). Sample counts may differ. ``y_sorted``: ``sorted_projections(y, ...)`` kept from
+    an earlier call on the same ``y`` (the same result, one projection and sort less)."""
     x, y = _flat(x), _flat(y)
     y = y.to(x.device)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"sliced_wasserstein: dimensions differ ({x.shape[1]} vs {y.shape[1]})")
-    theta = projections(x.shape[1], n_projections, seed).to(x.device)
-    return float(torch.sqrt(_w2_sq_1d(x @ theta.T, y @ theta.T).mean()))
+    theta = _projections(x.shape[1], n_projections, seed).to(x.device)
+    if y_sorted is None:
+        y_sorted = (y @ theta.T).sort(dim=0).values
+    return float(torch.sqrt(_w2_sq_1d(x @ theta.T, y_sorted.to(x.device), b_sorted=True).mean()))
+
+
+def sorted_projections(y: Tensor, n_projections: int = 256, seed: int = 0) -> Tensor:
+    """The projections of ``y`` on ``sliced_wasserstein``'s directions, sorted per direction (its ``y_sorted``)."""
+    y = _flat(y)
+    return (y @ _projections(y.shape[1], n_projections, seed).to(y.device).T).sort(dim=0).values
 
 
 def nll(x: Tensor, density, alpha: float = 1.0, sigma: float = 0.0) -> float:

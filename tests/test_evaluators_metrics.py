@@ -8,7 +8,7 @@ import torch
 from scipy.stats import multivariate_normal
 
 from steptune.evaluators import GaussianMixture, median_error, nll, rmse, sliced_wasserstein
-from steptune.evaluators.metrics import projections
+from steptune.evaluators.metrics import projections, sorted_projections
 
 
 def test_rmse_known_values():
@@ -60,6 +60,25 @@ def test_sliced_wasserstein_unequal_counts_is_exact():
     assert sliced_wasserstein(x, y) == pytest.approx(math.sqrt(1 / 6), rel=1e-12)
     z = torch.randn(7, 3, generator=torch.Generator().manual_seed(33))
     assert sliced_wasserstein(z, torch.cat([z, z])) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.usefixtures("float64")
+def test_sliced_wasserstein_with_the_data_side_sorted_once_is_the_same_number():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 6, generator=g), torch.randn(100, 6, generator=g) + 0.3
+    theta = projections(6, 64, seed=2)
+    xs, ys = (x @ theta.T).sort(dim=0).values, (y @ theta.T).sort(dim=0).values
+    # merged quantile breakpoints, written out: the integral of (F_x^-1 - F_y^-1)^2 over u
+    u = torch.cat([torch.arange(1, 65) / 64, torch.arange(1, 101) / 100]).double().unique()
+    lo = torch.cat([torch.zeros(1, dtype=u.dtype), u[:-1]])
+    mid = 0.5 * (u + lo)
+    w2 = ((u - lo)[:, None] * (xs[(mid * 64).long()] - ys[(mid * 100).long()]) ** 2).sum(dim=0)
+    direct = math.sqrt(float(w2.mean()))
+    kept = sorted_projections(y, 64, seed=2)
+    assert sliced_wasserstein(x, y, 64, seed=2) == pytest.approx(direct, rel=1e-12)
+    assert sliced_wasserstein(x, y, 64, seed=2, y_sorted=kept) == sliced_wasserstein(x, y, 64, seed=2)
+    theta.zero_()  # a caller's copy of the directions: the metric keeps its own
+    assert sliced_wasserstein(x, y, 64, seed=2, y_sorted=kept) == pytest.approx(direct, rel=1e-12)
 
 
 def test_nll_matches_scipy_for_one_gaussian():
