@@ -73,9 +73,12 @@ class DecisionSpace:
         self.lam1 = float(noise.lam(self.t_end))
         self.min_gap = float(min_gap)
         discrete = isinstance(noise, VPDiscrete)
-        self.min_start = float(min_start if min_start is not None else self.t_start / 2 if discrete else t_start)
+        if min_start is None:  # half the bank's start, where that is still above the end
+            min_start = self.t_start / 2 if discrete and self.t_start / 2 > self.t_end else self.t_start
+        self.min_start = float(min_start)
         if not self.t_end < self.min_start <= self.t_start:
-            raise ScheduleError(f"min_start = {self.min_start:g} must lie in ({self.t_end:g}, {self.t_start:g}]")
+            raise ScheduleError(f"min_start = {self.min_start:g} is outside ({self.t_end:g}, {self.t_start:g}]; give "
+                                "a time after the problem's t_end, at most its t_start")
         self.lam_late = float(noise.lam(self.min_start))  # the largest lambda a start may have
         self.zero_end = bool(discrete if zero_end is None else zero_end)
         self.afs_kinds = tuple(afs_kinds)
