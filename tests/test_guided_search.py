@@ -83,11 +83,11 @@ def test_every_preset_at_every_spacing_is_a_schedule_of_the_space(space):
 def test_operators_keep_validity_and_reach_late_starts_and_zero_ends(space):
     """Property-style: thousands of mutations, crossovers, random draws, warm starts and timestep moves from the
     presets at every spacing, over several seeds, all valid at their NFE; starts move both ways and ends switch."""
-    for seed in range(3):
+    for seed in range(2):
         rng = np.random.default_rng(seed)
         pop = {n: every_spacing(n) for n in NFES}
         seen = {"late": 0, "start": 0, "zero": 0, "t_end": 0}
-        for i in range(500):
+        for i in range(400):
             nfe = NFES[i % len(NFES)]
             par = pop[nfe]
             u = rng.random()
@@ -110,7 +110,7 @@ def test_operators_keep_validity_and_reach_late_starts_and_zero_ends(space):
             par.append(s)
             if len(par) > 80:
                 del par[int(rng.integers(len(par)))]
-        assert min(seen.values()) > 60, seen
+        assert min(seen.values()) > 50, seen
 
 
 def test_mutations_of_ddim_on_leading_timesteps_move_its_start_and_end(space):
@@ -169,7 +169,7 @@ def test_without_a_discrete_schedule_the_space_keeps_the_problems_start_and_end(
     assert not space.late_start and not space.zero_end
     rng = np.random.default_rng(0)
     pop = [c.schedule for c in preset_candidates(space, [5])]
-    for _ in range(1500):
+    for _ in range(800):
         s = space.mutate(pop[int(rng.integers(len(pop)))], rng) if rng.random() < 0.8 else space.random(5, rng)
         if s is not None:
             assert s.t_start == T0 and math.isclose(s.steps[-1].t, T1, rel_tol=1e-9)
