@@ -82,19 +82,32 @@ def test_per_nfe_selection_fits_one_model_per_nfe():
 
 
 def test_a_job_over_several_nfes_chooses_its_predictor_when_each_nfe_has_its_trials(space):
-    """``auto`` first chooses the predictor kind once the trials per NFE reach ``min_train``, as a search of one NFE
-    alone does, not once the trials of all NFEs together do."""
+    """``auto`` chooses the predictor kind once the trials per NFE reach ``SELECT_AFTER`` x ``min_train``, as a search
+    of one NFE alone does, not once the trials of all NFEs together do; the kind it chose is the one
+    ``select_predictor`` picks on those trials; it keeps it until they have grown ``SELECT_GROWTH``-fold."""
     from steptune.search import make_searcher
+    from steptune.search.s3 import SELECT_AFTER, SELECT_GROWTH
 
-    def first_choice(nfes):
+    def smooth(c):
+        return float(np.std(np.diff(space.lams(c.schedule)))) + 0.01 * c.schedule.steps[0].order
+
+    def search(nfes, until):
         se = make_searcher("s3", space.noise, space.t_start, space.t_end, nfes, seed=0,
                            min_train=12, pool=20, presets=("ddim", "dpmsolver++:order=2"))
-        while not se.tau_report:
+        while not until(se):
             for c in se.ask(4 * len(nfes)):
-                lam = space.lams(c.schedule)
-                se.tell(c, float(np.std(np.diff(lam))) + 0.01 * c.schedule.steps[0].order)  # a smooth score
-        return se.tau_report[0]["trials"], len(nfes)
+                se.tell(c, smooth(c))
+        return se
 
-    for nfes in ([4], [4, 6, 8]):
-        trials, k = first_choice(nfes)
-        assert 12 * k <= trials < 12 * k + 4 * k + 2 * k, (nfes, trials)
+    for nfes in ([4, 6, 8], [4]):
+        k, first = len(nfes), SELECT_AFTER * 12
+        se = search(nfes, lambda se: se.tau_report)
+        trials = se.tau_report[0]["trials"]
+        assert first * k <= trials < first * k + 4 * k + 2 * k, (nfes, trials)
+        X, nfe_of, scores = se._data()
+        assert select_predictor(X[:trials], nfe_of[:trials], scores[:trials], seed=0, kinds=se.auto_kinds,
+                                per_nfe=True)[0] == se.tau_report[0]["chosen"]
+    se = search([4], lambda se: len(se.trials) >= SELECT_GROWTH * trials - 4)  # NFE 4 alone, just short of it
+    assert len(se.tau_report) == 1
+    se = search([4], lambda se: len(se.trials) >= SELECT_GROWTH * trials + 4)
+    assert [r["trials"] for r in se.tau_report][1:] == [pytest.approx(SELECT_GROWTH * trials, abs=4)]
