@@ -247,12 +247,28 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+_ALPHA_ZERO: dict[tuple[int, float], tuple[dict, dict, bool]] = {}
+
+
+def _alpha_is_zero(noise: dict, t: float) -> bool:
+    """Whether alpha(t) = 0 on the noise schedule ``noise`` names. Schedules made from one another share their noise
+    dict, so the answer is kept by that dict's identity (and checked against a copy of it, so a dict changed in place
+    is asked again)."""
+    key = (id(noise), t)
+    hit = _ALPHA_ZERO.get(key)
+    if hit is not None and hit[0] is noise and hit[1] == noise:
+        return hit[2]
+    if len(_ALPHA_ZERO) > 1000:
+        _ALPHA_ZERO.clear()
+    zero = float(noise_mod.from_dict(noise).alpha(t)) == 0.0
+    _ALPHA_ZERO[key] = (noise, copy.deepcopy(noise), zero)
+    return zero
+
+
 def _validate_pure_noise_start(s: Schedule, fail) -> None:
     """Where alpha(t_start) = 0 (rectified flow from t = 1), lambda = -inf at the start point: only
     first-order data-prediction steps may use it."""
-    if not s.noise:
-        return
-    if float(noise_mod.from_dict(s.noise).alpha(s.t_start)) != 0.0:
+    if not s.noise or not _alpha_is_zero(s.noise, s.t_start):
         return
     for i, st in enumerate(s.steps):
         h = i + 1

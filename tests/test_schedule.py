@@ -314,3 +314,15 @@ def test_presets_do_not_depend_on_torch_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert built[torch.float32] == built[torch.float64]
+
+
+def test_a_pure_noise_start_is_checked_against_the_noise_dict_as_it_is_now():
+    """The alpha(t_start) = 0 check is kept per noise dict; a dict changed in place is asked again."""
+    shared = noise_mod.VPLinear().to_dict()
+    s = Schedule(t_start=1.0, steps=(Step(t=0.5, prediction="noise"), Step(t=0.001)), noise=shared)
+    s.validate()
+    s.validate()  # asked twice: the same verdict
+    shared.clear()
+    shared.update(noise_mod.RectifiedFlow().to_dict())  # alpha(1) = 0 now: noise prediction from there is refused
+    with pytest.raises(ScheduleError, match="alpha = 0"):
+        s.validate()
