@@ -2,7 +2,8 @@
 
 For every method and seed, one search job over all NFEs, run by the runner in-process into a temporary
 SQLite database (``--budget`` cheap-fidelity evaluations per NFE, on the first ``--cheap-samples`` states of
-the train bank, 128 by default; no preset baseline, the sweep below is the baseline). The curve at ``c``
+the train bank, 128 by default; no preset baseline: the baseline is every preset at its best spacing on the
+held-out bank, at the searched NFEs and at 8, 10, 15 and 20, where the targets compare). The curve at ``c``
 evaluations per NFE is the held-out RMSE of the best-by-train schedule among the first ``c`` trials at that
 NFE; the final figure is the job's (top ``--confirm`` per NFE confirmed on the held-out bank).
 
@@ -144,8 +145,8 @@ def main(argv=None):
     backend = LocalBackend(first.problem, first.evaluation, first.backend)  # one evaluator for every job
     backend.start()  # sets the torch threads; computes (or loads) the references of both banks
     ev = backend.worker.evaluator
-    wide = sorted(set(nfes) | set(interp) | set(range(min(nfes), min(2 * max(nfes), 20) + 1)))
-    sweep = run_sweep(ev, list(DEFAULT_PRESETS), wide, bank="heldout")
+    wide = sorted(set(nfes) | set(interp) | {n for n in (8, 10, 15, 20) if n >= min(nfes)})  # the targets' NFEs
+    sweep = run_sweep(ev, list(DEFAULT_PRESETS), wide, spacing="best", bank="heldout")  # the strongest a user picks
     best_preset = {n: {"preset": r["preset"], "rmse": r["rmse"]} for n, r in best_by_nfe(sweep).items()}
     step = max(args.budget // args.points, 1)
     checkpoints = sorted({*range(step, args.budget + 1, step), args.budget})
