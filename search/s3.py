@@ -25,8 +25,8 @@
   scales; features that are constant over the trials (padding) are left out. Kinds: ``extra-trees``
   and ``gbr`` (regressors on the within-NFE rank) and ``pairwise`` (logistic regression on feature
   differences of same-NFE pairs); ``auto`` picks the one of ``auto_kinds`` with the best Kendall tau
-  on a held-out split of the trials (once each model has ``SELECT_AFTER`` x ``min_train`` trials, then only after
-  ``SELECT_GROWTH``-fold growth) and records the measurement in ``tau_report``.
+  on a held-out split of the trials (at ``min_train`` trials per model, at three times that, then only after
+  tenfold growth) and records the measurement in ``tau_report``.
 * Each candidate is encoded once and predicted once per fit.
 """
 
@@ -106,10 +106,10 @@ def kendall_by_nfe(nfes: np.ndarray, scores: np.ndarray, pred: np.ndarray) -> fl
 
 
 REFIT_GROWTH, REFIT_MIN = 0.3, 20
-# ``auto`` chooses the predictor kind once, when each model has SELECT_AFTER x min_train trials (extra-trees until
-# then), and again only when they have grown SELECT_GROWTH-fold: on gmm-digits a kind chosen that way ranks the next
-# trials as well as one chosen again each time they tripled, at a third of the fits
-SELECT_AFTER, SELECT_GROWTH = 3, 10
+# ``auto`` chooses the predictor kind when each model has min_train trials, again when they have grown
+# SELECT_GROWTH[0]-fold, then only after each SELECT_GROWTH[1]-fold growth: the later choices, on the most trials,
+# cost the most fits and decide the fewest picks
+SELECT_GROWTH = (3, 10)
 
 
 def refit_due(m: int, last: int | None, min_train: int) -> bool:
@@ -251,7 +251,7 @@ class S3Searcher(Searcher):
         self._feat: dict[str, np.ndarray] = {}  # encodings of the pooled and asked candidates, by key
         self._pools: dict[int, list[Candidate]] = {}
         self._chosen: str | None = None if predictor == "auto" else predictor
-        self._next_select = SELECT_AFTER * min_train
+        self._next_select = min_train
         self.tau_report: list[dict] = []
         self.batch_penalty, self.batch_explore = float(batch_penalty), float(batch_explore)
         if not (self.batch_penalty >= 0 and self.batch_explore >= 0):
@@ -304,9 +304,9 @@ class S3Searcher(Searcher):
 
     def _refit(self) -> None:
         """(Re)fit each NFE's model (or the shared one) when :func:`refit_due` says; ``auto`` chooses the kind when
-        the trials per model reach ``SELECT_AFTER`` x ``min_train`` and again each time they have grown
-        ``SELECT_GROWTH``-fold (so a job over several NFEs chooses when each NFE has as many trials as a search of
-        one NFE alone does); extra-trees before."""
+        the trials per model reach ``min_train``, again when they have tripled, then after each tenfold growth
+        (``SELECT_GROWTH``; so a job over several NFEs chooses when each NFE has as many trials as a search of one
+        NFE alone does)."""
         n = len(self.trials)
         if n < self.min_train:
             return
@@ -321,7 +321,7 @@ class S3Searcher(Searcher):
                 self._models.clear()
             self._chosen = best
             self.tau_report.append({"trials": n, "chosen": best, **taus})
-            self._next_select = SELECT_GROWTH * per_model
+            self._next_select = SELECT_GROWTH[min(len(self.tau_report), 2) - 1] * per_model
         for g in ([None] if self.shared else self.nfes):
             rows = np.arange(n) if g is None else np.flatnonzero(nfes == g)
             m, last = len(rows), self._fit_size.get(g, 0)

@@ -82,11 +82,11 @@ def test_per_nfe_selection_fits_one_model_per_nfe():
 
 
 def test_a_job_over_several_nfes_chooses_its_predictor_when_each_nfe_has_its_trials(space):
-    """``auto`` chooses the predictor kind once the trials per NFE reach ``SELECT_AFTER`` x ``min_train``, as a search
-    of one NFE alone does, not once the trials of all NFEs together do; the kind it chose is the one
-    ``select_predictor`` picks on those trials; it keeps it until they have grown ``SELECT_GROWTH``-fold."""
+    """``auto`` first chooses the predictor kind once the trials per NFE reach ``min_train``, as a search of one NFE
+    alone does, not once the trials of all NFEs together do; the kind it chose is the one ``select_predictor``
+    picks on those trials; it chooses again when they have tripled, then only after tenfold growth."""
     from steptune.search import make_searcher
-    from steptune.search.s3 import SELECT_AFTER, SELECT_GROWTH
+    from steptune.search.s3 import SELECT_GROWTH
 
     def smooth(c):
         return float(np.std(np.diff(space.lams(c.schedule)))) + 0.01 * c.schedule.steps[0].order
@@ -100,14 +100,16 @@ def test_a_job_over_several_nfes_chooses_its_predictor_when_each_nfe_has_its_tri
         return se
 
     for nfes in ([4, 6, 8], [4]):
-        k, first = len(nfes), SELECT_AFTER * 12
+        k, first = len(nfes), 12
         se = search(nfes, lambda se: se.tau_report)
         trials = se.tau_report[0]["trials"]
         assert first * k <= trials < first * k + 4 * k + 2 * k, (nfes, trials)
         X, nfe_of, scores = se._data()
         assert select_predictor(X[:trials], nfe_of[:trials], scores[:trials], seed=0, kinds=se.auto_kinds,
                                 per_nfe=True)[0] == se.tau_report[0]["chosen"]
-    se = search([4], lambda se: len(se.trials) >= SELECT_GROWTH * trials - 4)  # NFE 4 alone, just short of it
-    assert len(se.tau_report) == 1
-    se = search([4], lambda se: len(se.trials) >= SELECT_GROWTH * trials + 4)
-    assert [r["trials"] for r in se.tau_report][1:] == [pytest.approx(SELECT_GROWTH * trials, abs=4)]
+    assert SELECT_GROWTH == (3, 10)
+    se = search([4], lambda se: len(se.trials) >= 30 * trials - 4)  # NFE 4 alone, just short of the third choice
+    second = se.tau_report[1]["trials"]
+    assert [r["trials"] for r in se.tau_report] == [trials, pytest.approx(3 * trials, abs=4)]
+    se = search([4], lambda se: len(se.trials) >= 10 * second + 4)
+    assert [r["trials"] for r in se.tau_report][2:] == [pytest.approx(10 * second, abs=4)]
