@@ -95,7 +95,7 @@ def _driver_gone(worker: str | None) -> bool:
 class _Sink:
     """Receives the backend's events for one list of tasks. The starts and finishes are written together, with
     the times they happened: with the first event ``FLUSH_SECONDS`` or more after the oldest one held, when the
-    backend asks (a quiet moment, an evaluation in this process), before a re-queue, and when the backend
+    backend asks (a quiet moment, a slow evaluation in this process), before a re-queue, and when the backend
     returns. So one write carries many evaluations when they come back fast."""
 
     FLUSH_SECONDS = 0.25
