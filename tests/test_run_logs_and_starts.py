@@ -30,6 +30,8 @@ def test_log_of_a_redirected_job_has_progress_lines_and_whole_tables(tmp_path):
     assert any("search 1/8" in ln or "search 2/8" in ln or "search 4/8" in ln for ln in search), text
     assert "evals/s" in search[-1] and "best 3:" in search[-1]
     assert any("] baseline " in ln for ln in lines) and any("] confirm " in ln for ln in lines), text
+    said = [ln.split("] ", 1)[1] for ln in lines if ln.startswith("[")]
+    assert all(a != b for a, b in zip(said, said[1:])), f"a progress line is written twice running:\n{text}"
     assert "…" not in text, "tables in a log are printed whole, not cut at 80 columns"
     with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
         best_name = db.best_per_nfe("logged", fidelity="heldout")[0].schedule["name"]

@@ -62,6 +62,7 @@ class LineProgress:
         self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
         self.last_line = -float("inf")
         self.last: dict | None = None
+        self.last_text: str | None = None  # the last line written, without its time: never written twice running
         self.started = time.monotonic()
         self.search_start: tuple[float, int] | None = None  # (when, evaluations done) as the search phase began
 
@@ -84,7 +85,6 @@ class LineProgress:
             self._print(st)
 
     def _print(self, st: dict) -> None:
-        self.last_line = time.monotonic()
         elapsed = duration(time.monotonic() - self.started)
         if st["phase"] == "search":
             total = st["total"] or 0
@@ -97,7 +97,11 @@ class LineProgress:
                     f"eta {duration(st.get('eta'))}")
         else:
             line = f"{st['phase']} {st['phase_done']}/{st['phase_total'] or '?'}"
-        err.print(f"[{elapsed}] {line}{_failures(st)}", highlight=False, markup=False)
+        text = f"{line}{_failures(st)}"
+        if text == self.last_text:
+            return
+        self.last_line, self.last_text = time.monotonic(), text
+        err.print(f"[{elapsed}] {text}", highlight=False, markup=False)
 
     def clear(self) -> None:
         pass
