@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from central_differences import check_gradient
 from runner_jobs import run_cli
 
 from steptune.evaluators import Evaluator, get_problem
@@ -215,19 +216,8 @@ def test_the_gradient_on_a_leading_schedule_is_the_losss_derivative(problem, eva
     def loss():
         return (final_state(problem.model, par, x) - ref).pow(2).mean()
 
-    loss().backward()
-    for kind, v in par.theta.items():
-        fd = torch.zeros_like(v)
-        for j in range(len(v)):
-            with torch.no_grad():
-                v[j] += 1e-5
-                up = float(loss())
-                v[j] -= 2e-5
-                down = float(loss())
-                v[j] += 1e-5
-            fd[j] = (up - down) / 2e-5
-        tol = 10 * FD_REL if kind in ("times", "start") else 1e-6  # the network's time derivative is a difference
-        assert float((v.grad - fd).abs().max()) <= tol * float(fd.abs().max()), (kind, v.grad, fd)
+    # the network's time derivative is a difference
+    check_gradient(loss, par.theta, lambda kind: 10 * FD_REL if kind in ("times", "start") else 1e-6)
 
 
 # ---- steptune search --refine -------------------------------------------------------------------------------------
