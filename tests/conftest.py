@@ -17,6 +17,16 @@ def _private_default_database(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPTUNE_DB", f"sqlite:///{tmp_path / 'default.db'}")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of small tensors and tiny networks: intra-op threads only wait on each other
+    there (seconds on a busy machine). Used by ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def float64():
     """float64 as torch's default dtype for one test: for comparisons with a reference to round-off. Every

@@ -26,20 +26,12 @@ from steptune.space import Model, ScheduleError, Step, noise, presets, sample, s
 from steptune.space.noise import VPDiscrete
 
 # diffusers applies numpy functions to torch tensors; numpy 2 warns
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
 
 NS = VPDiscrete.named("ddpm-linear")
 CONV = {"prediction": "eps", "time_input": "discrete"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # a 8x8 UNet is far too small for intra-op threads; they only cost time on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

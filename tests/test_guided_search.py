@@ -8,7 +8,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from central_differences import check_gradient
 from runner_jobs import run_cli
 
@@ -19,17 +18,11 @@ from steptune.search.refine import FD_REL, final_state, parameters, refine
 from steptune.space import noise, presets
 from steptune.storage import connect
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DISCRETE = noise.VPDiscrete.named("ddpm-linear")
 T0, T1 = 1.0, 1e-3
 NFES = [3, 5, 8]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,8 @@ from steptune.space import Corrector, Model, Schedule, Step, presets, sample, sp
 from steptune.space.noise import RectifiedFlow, VPDiscrete
 from steptune.space.retime import interpolate
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
 
 SD = VPDiscrete.named("sd-scaled-linear")
@@ -52,14 +53,6 @@ PROMPT = "a cat"
 GUIDANCE = 3.0
 F64_TOL = 1e-10
 F32_REL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks: intra-op threads only cost time on a busy machine
-    yield
-    torch.set_num_threads(n)
 
 
 def tuned(ns, t_start=None) -> Schedule:

@@ -21,14 +21,7 @@ from steptune.search.refine import FD_REL, final_state, parameters, refine
 from steptune.space import presets, sample
 from steptune.storage import connect
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: torch's worker threads only wait on each other (seconds on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
