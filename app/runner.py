@@ -47,6 +47,8 @@ class NfeSummary:
     found_at: int | None  # cheap evaluations done when it was found
     preset_matches_at: int | None = None  # smallest NFE at which some preset does as well (None: none does)
     schedule: dict | None = None  # the searched schedule
+    interpolated_from: list[int] | None = None  # an NFE not searched ([refine] interpolate): the NFEs it was built from
+    refined: float | None = None  # best held-out score after refining its schedule (the parent's where none beat it)
 
     @property
     def improvement(self) -> float | None:
@@ -749,16 +751,25 @@ class Runner:
 
 
 def summarize(trials, nfes) -> list[NfeSummary]:
-    """Per NFE: the best preset on the held-out bank, and the searched schedule with the best held-out score."""
+    """Per NFE: the best preset on the held-out bank, the searched schedule with the best held-out score and its
+    best refinement; an NFE interpolated from the searched ones (``info.interpolated``) is a row of its own, its
+    interpolated schedule in the searched one's place."""
     by_number = {t.number: t for t in trials}
     cheap_order = {t.number: i + 1 for i, t in enumerate(t for t in trials if t.fidelity == CHEAP)}
+    between = {t.nfe: sorted(t.info["interpolated"]["between"]) for t in trials
+               if t.fidelity == CONFIRM and "interpolated" in t.info and t.nfe not in nfes}
     out = []
-    for nfe in nfes:
+    for nfe in sorted([*nfes, *between]):
         held = [t for t in trials if t.fidelity == CONFIRM and t.nfe == nfe and t.status == "complete"
                 and t.score is not None]
         base = min((t for t in held if t.info.get("baseline")), key=lambda t: t.score, default=None)
-        found = min((t for t in held if "confirms" in t.info), key=lambda t: (t.score, t.number), default=None)
-        src = by_number.get(found.info["confirms"]) if found else None
+        mine = "interpolated" if nfe in between else "confirms"
+        found = min((t for t in held if mine in t.info), key=lambda t: (t.score, t.number), default=None)
+        src = by_number.get(found.info["confirms"]) if found and mine == "confirms" else None
+        parents = {t.id: t.score for t in held if mine in t.info}
+        fits = [t for t in trials if t.info.get("refines") in parents and t.status in ("complete", "pruned")
+                and t.score is not None]  # pruned: it did not beat its parent, which stays
+        refined = min(s for t in fits for s in (t.score, parents[t.info["refines"]])) if fits else None
         match = None
         if found is not None:
             match = min((t.nfe for t in trials if t.info.get("baseline") and t.status == "complete"
@@ -766,7 +777,7 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         out.append(NfeSummary(nfe, _baseline_name(base.info["origin"]) if base else None,
                               base.score if base else None, found.score if found else None,
                               src.number if src else None, cheap_order.get(src.number) if src else None, match,
-                              found.schedule if found else None))
+                              found.schedule if found else None, between.get(nfe), refined))
     return out
 
 

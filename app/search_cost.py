@@ -6,7 +6,8 @@ samples) and the ``device`` it ran on. From these:
 
 * **evaluations**: computed trials, each schedule counted once per bank and sample count (a second evaluation
   of the same is a *repeat*; a result carried in without being computed here, e.g. an imported export with its
-  metrics, is *reused*: neither is an evaluation);
+  metrics, is *reused*: neither is an evaluation); a refinement by gradient (``info.refines``) is one evaluation,
+  its seconds and model calls the whole fit's, even where it ends on its parent's schedule;
 * **model calls**: the model calls of every computed trial (repeats included: they were paid for); a trial
   stored without the count (made by an older steptune) counts NFE × samples when complete, 0 when failed;
 * **wall seconds**: the time during which at least one of the trials ran (the union of their dispatch-to-finish
@@ -15,6 +16,10 @@ samples) and the ``device`` it ran on. From these:
 
 A search's cost leaves out the preset baselines it stores for comparison (``info.baseline``); they are
 totalled apart.
+
+An NFE the study did not search but built from the searched ones (a job's ``[refine] interpolate``: a trial whose
+``info.interpolated`` names the NFEs it was built between) is a row of its own, marked with those NFEs
+(``interpolated_from``); its cost is its trials': scoring the interpolated schedule and refining it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Cost:
     devices: list[str] = field(default_factory=list)  # "cpu", "cuda:0 (NVIDIA H200)"; "?" for trials without one
     repeats: int = 0
     reused: int = 0
+    interpolated_from: list[int] | None = None  # an NFE not searched: the searched NFEs its schedule was built from
 
     @property
     def device(self) -> str:
@@ -77,15 +83,24 @@ class CostRow(NamedTuple):
     baseline: bool
     model_calls: float | None  # as stored in the metrics (None: not stored)
     device: str | None
+    interpolated: list | None = None  # an interpolated trial's ``info.interpolated.between`` (else None)
+    refines: int | None = None  # a refinement's parent trial id (``info.refines``; else None)
 
 
 def cost_row(t) -> CostRow:
     """The CostRow of a trial record (``TrialRecord``: ``metrics`` and ``info`` dicts)."""
-    m = t.metrics or {}
+    m, info = t.metrics or {}, t.info or {}
     calls = m.get("model_calls")
     return CostRow(t.nfe, t.status, t.key, t.bank, t.n_samples, t.seconds, t.started, t.finished,
-                   bool((t.info or {}).get("baseline")),
-                   calls if isinstance(calls, (int, float)) and not isinstance(calls, bool) else None, m.get("device"))
+                   bool(info.get("baseline")),
+                   calls if isinstance(calls, (int, float)) and not isinstance(calls, bool) else None, m.get("device"),
+                   (info.get("interpolated") or {}).get("between"), info.get("refines"))
+
+
+def _interpolated_from(rows: list) -> list[int] | None:
+    """The searched NFEs an interpolated NFE was built from (None for an NFE with no interpolated trial)."""
+    between = next((t.interpolated for t in rows if t.interpolated), None)
+    return None if between is None else sorted(int(n) for n in between)
 
 
 def _cost(nfe: int | None, rows: list) -> Cost:
@@ -95,7 +110,7 @@ def _cost(nfe: int | None, rows: list) -> Cost:
         if t.seconds is None:  # a result carried in (complete), or an evaluation lost with its worker
             c.reused += t.status == "complete"
             continue
-        what = (t.key, t.bank, t.n_samples)
+        what = (t.key, t.bank, t.n_samples, t.refines)  # a refinement is a fit of its own, even back to its parent
         if what in seen:
             c.repeats += 1
         else:
@@ -113,6 +128,8 @@ def _cost(nfe: int | None, rows: list) -> Cost:
             c.wall_seconds += t.seconds
     c.wall_seconds += union_seconds(spans)
     c.devices = sorted(devices - {"?"}) + (["?"] if "?" in devices else [])
+    if nfe is not None:
+        c.interpolated_from = _interpolated_from(rows)
     return c
 
 

@@ -32,6 +32,21 @@ def cells(cost: dict, nfe: int) -> list[str]:
             seconds_text(c["device_seconds"])]
 
 
+def nfe_cell(nfe: int, interpolated_from: list[int] | None) -> str:
+    """A table's NFE cell: ``7 (from 6, 8)`` for an NFE interpolated from searched ones (see ``interpolated_note``)."""
+    return f"{nfe} (from {', '.join(map(str, interpolated_from))})" if interpolated_from else str(nfe)
+
+
+def interpolated_note(rows: list[tuple[int, list[int] | None]], with_cost: bool = True) -> str | None:
+    """The line under a table with interpolated NFEs ((nfe, interpolated_from) pairs), None without any."""
+    mine = [(n, f) for n, f in rows if f]
+    if not mine:
+        return None
+    what = "; ".join(f"NFE {n} from NFE {', '.join(map(str, f))}" for n, f in mine)
+    return (f"not searched, interpolated ([refine] interpolate): {what}; each scored on the held-out bank and "
+            "refined" + (", its cost columns what that took" if with_cost else ""))
+
+
 def _part(c: dict) -> str:
     extra = ", ".join(f"{n} {what}" for n, what in ((c["repeats"], "repeated"), (c["reused"], "reused")) if n)
     return (f"{c['evaluations']} evaluations{f' ({extra})' if extra else ''}, {c['model_calls']:,} model calls, "

@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from steptune.cli.console import err, fmt, out
+from steptune.cli.cost import interpolated_note, nfe_cell
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
 from steptune.cli.paths import output_file, output_folder
@@ -91,13 +92,19 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
             if t.metrics:
                 out.print("metrics: " + ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}"
                                                   for k, v in t.metrics.items()))
+            made = None if t.info.get("baseline") else _interpolated_nfes(store, study).get(t.nfe)
+            if made:
+                out.print(interpolated_note([(t.nfe, made)], with_cost=False), highlight=False, markup=False)
             out.print(_describe(t.to_schedule()))
             return
         _check_fidelity(store, study, fidelity)
         best = store.best_per_nfe(study, fidelity=fidelity)
         front = {t.id for t in store.pareto(study, fidelity=fidelity)}
+        made = _interpolated_nfes(store, study)
+    source = {t.id: made.get(t.nfe) if not t.info.get("baseline") else None for t in best}
     if json_:
-        print(json.dumps([{**_trial_json(t), "pareto": t.id in front} for t in best], indent=2))
+        print(json.dumps([{**_trial_json(t), "pareto": t.id in front, "interpolated_from": source[t.id]}
+                          for t in best], indent=2))
         return
     if not best:
         raise CliError(f"study {study!r} has no complete trial with a score yet")
@@ -106,9 +113,19 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         table.add_column(col, justify="right" if col in ("NFE", st.metric, "trial id") else "left",
                          no_wrap=col == "trial id")
     for t in best:
-        table.add_row(str(t.nfe), fmt(t.score), str(t.id), t.schedule.get("name") or "—", t.fidelity or "—",
-                      "*" if t.id in front else "")
+        table.add_row(nfe_cell(t.nfe, source[t.id]), fmt(t.score), str(t.id), t.schedule.get("name") or "—",
+                      t.fidelity or "—", "*" if t.id in front else "")
     out.print(table)
+    note = interpolated_note([(t.nfe, source[t.id]) for t in best], with_cost=False)
+    if note:
+        out.print(note, highlight=False, markup=False)
+
+
+def _interpolated_nfes(store, study: str) -> dict[int, list[int]]:
+    """The study's NFEs interpolated from searched ones, with the NFEs each was built from (its cost's mark)."""
+    from steptune.search_cost import study_cost
+
+    return {c.nfe: c.interpolated_from for c in study_cost(store.trials(study)).per_nfe if c.interpolated_from}
 
 
 def _check_fidelity(store, study: str, fidelity: str | None) -> None:

@@ -108,12 +108,11 @@ def study_status(storage, study: str) -> dict:
     if left and per_minute:
         eta = 60 * left / per_minute
     rows = []
-    summary = {s.nfe: s for s in summarize(trials, nfes)}
-    for nfe in nfes:
-        train = [t.score for t in cheap if t.nfe == nfe and t.status == "complete" and t.score is not None]
-        s = summary[nfe]
-        rows.append({"nfe": nfe, "heldout": s.searched_score, "train": min(train) if train else None,
-                     "preset": s.preset, "preset_score": s.preset_score})
+    for s in summarize(trials, nfes):  # the searched NFEs and the ones interpolated from them
+        train = [t.score for t in cheap if t.nfe == s.nfe and t.status == "complete" and t.score is not None]
+        rows.append({"nfe": s.nfe, "heldout": s.searched_score, "train": min(train) if train else None,
+                     "refined": s.refined, "preset": s.preset, "preset_score": s.preset_score,
+                     "interpolated_from": s.interpolated_from})
     # a trial moved off a lost evaluator before it began spent no attempt: it was not retried
     retried = [t for t in trials if t.attempts > 1 or ((t.error or "").startswith("re-queued")
                                                     and not t.error.startswith("re-queued: not started"))]
@@ -164,14 +163,18 @@ def run_cmd(
         table = Table(title=f"study {result.study}: {result.evaluations} search evaluations, "
                             f"{result.confirmations} held-out confirmations, {result.status} "
                             f"in {duration(result.seconds)} (held-out RMSE)")
-        for col in ("NFE", "best preset", "preset", "searched", "improvement", "found at eval"):
+        refined = job.refine is not None
+        for col in ("NFE", "best preset", "preset", "searched", "improvement", "found at eval",
+                    *(("refined",) if refined else ())):
             table.add_column(col, justify="left" if col == "best preset" else "right")
         cost_table.add_columns(table)
         for r in result.per_nfe:
-            table.add_row(str(r.nfe), r.preset or "—", fmt(r.preset_score), fmt(r.searched_score),
-                          "—" if r.improvement is None else f"{r.improvement:.2f}x", str(r.found_at or "—"),
+            table.add_row(cost_table.nfe_cell(r.nfe, r.interpolated_from), r.preset or "—", fmt(r.preset_score),
+                          fmt(r.searched_score), "—" if r.improvement is None else f"{r.improvement:.2f}x",
+                          str(r.found_at or "—"), *((fmt(r.refined),) if refined else ()),
                           *cost_table.cells(cost, r.nfe))
         out.print(table)
+        _print_note([(r.nfe, r.interpolated_from) for r in result.per_nfe])
         out.print(cost_table.line(cost), highlight=False)
         if result.utilisation:
             out.print(utilisation_text(result.utilisation))
@@ -179,6 +182,12 @@ def run_cmd(
             err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
     if result.status == "interrupted":
         raise typer.Exit(130)
+
+def _print_note(rows) -> None:
+    note = cost_table.interpolated_note(rows)
+    if note:
+        out.print(note, highlight=False, markup=False)
+
 
 def utilisation_text(u: dict) -> str:
     """One line: how busy a run's search kept its evaluators."""
@@ -211,14 +220,18 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
               f"rate {fmt(info['per_minute'], 3)}/min, "
               + ("finished" if info["finished"] else f"ETA {duration(info['eta_seconds'])}"))
     table = Table(title="best per NFE (held-out where confirmed)")
-    for col in ("NFE", "searched (held-out)", "searched (train)", "best preset", "preset (held-out)"):
+    refined = any(r["refined"] is not None for r in info["per_nfe"])
+    for col in ("NFE", "searched (held-out)", "searched (train)", *(("refined (held-out)",) if refined else ()),
+                "best preset", "preset (held-out)"):
         table.add_column(col, justify="left" if col == "best preset" else "right")
     cost_table.add_columns(table)
     cost = info["cost"]
     for r in info["per_nfe"]:
-        table.add_row(str(r["nfe"]), fmt(r["heldout"]), fmt(r["train"]), r["preset"] or "—",
-                      fmt(r["preset_score"]), *cost_table.cells(cost, r["nfe"]))
+        table.add_row(cost_table.nfe_cell(r["nfe"], r["interpolated_from"]), fmt(r["heldout"]), fmt(r["train"]),
+                      *((fmt(r["refined"]),) if refined else ()), r["preset"] or "—", fmt(r["preset_score"]),
+                      *cost_table.cells(cost, r["nfe"]))
     out.print(table)
+    _print_note([(r["nfe"], r["interpolated_from"]) for r in info["per_nfe"]])
     out.print(cost_table.line(cost), highlight=False)
     busy = info["busy_evaluators"]
     out.print(f"evaluators busy now: {busy}" + (f" of {info['evaluators']}" if info["evaluators"] else ""))

@@ -308,7 +308,9 @@ def _study_cost(s, sid: int) -> dict:
     rows = s.execute(select(Trial.nfe, Trial.status, Trial.key, Trial.bank, Trial.n_samples, Trial.seconds,
                             Trial.started, Trial.finished, _baseline_flag().label("baseline"),
                             Trial.metrics["model_calls"].as_float().label("model_calls"),
-                            Trial.metrics["device"].as_string().label("device"))
+                            Trial.metrics["device"].as_string().label("device"),
+                            Trial.info[("interpolated", "between")].label("interpolated"),
+                            Trial.info["refines"].as_integer().label("refines"))
                      .where(Trial.study_id == sid, Trial.status.in_(FINISHED)).order_by(Trial.number)).all()
     return cost_of_rows(CostRow(*r) for r in rows).as_dict()
 

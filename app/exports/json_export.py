@@ -49,6 +49,12 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
         rec = trial.info.get("refine", {})
         prov["refined_from"] = {"trial": trial.info["refines"], "trial_number": trial.info.get("refines_number"),
                                 "score": rec.get("parent_rmse")}
+    if "interpolated" in trial.info:  # built for an NFE the study did not search (a job's [refine] interpolate)
+        how = trial.info["interpolated"]
+        trials = how.get("from_trials", {})
+        prov["interpolated"] = {"nfe": trial.nfe, "rule": "steptune.space.retime.interpolate",
+                                "method": how.get("method"), "between_trials": trials,
+                                "decisions_from_trial": trials.get(str(how.get("decisions_from")))}
     if cost is not None:
         prov["cost"] = cost
     if sched.noise:
