@@ -1,7 +1,10 @@
 """Refinement of a searched study's schedules (`steptune refine` and a job's ``[refine]`` stage).
 
 The parents are the best searched schedules per NFE on the held-out bank (the confirmations; neither the
-baselines nor earlier refinements), or one trial the user names. Each refinement is stored as a new trial
+baselines nor earlier refinements), or one trial the user names. A job's stage also refines, per NFE, the best
+preset at its best spacing (``preset_parents``): a searched schedule mostly of order 2 cannot be refined into what
+a refined order-3 preset reaches at NFE 8 and more, so both are refined and the better one on the held-out bank
+is the NFE's best. Each refinement is stored as a new trial
 of the same study on the held-out bank, its ``info`` naming the parent (``refines``: the parent's trial
 id) and what was fitted (``refine``). One that beats its parent there is ``complete`` and so competes in
 ``best()`` and exports; one that does not is stored ``pruned`` (kept for the record, never preferred). A
@@ -166,9 +169,59 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
     return out
 
 
+def best_preset(t) -> bool:
+    """A preset at its best spacing scored on the held-out bank (a baseline trial or a refine stage's preset
+    parent), not one of diffusers' stock schedulers."""
+    return (t.info.get("baseline") and "best_of" in t.info and "diffusers" not in t.info and t.fidelity == CONFIRM
+            and t.status == "complete" and t.score is not None)
+
+
+def preset_parents(store, study: str, evaluator, nfes: list[int], samples: int,
+                   say: Callable[[str], None] = lambda msg: None) -> list:
+    """Per NFE of ``nfes``, the trial of the best preset at its best spacing: the study's best such baseline there
+    on the held-out bank, else the preset and spacing (of every default preset and every spacing) with the lowest
+    RMSE on the first ``samples`` states of the train bank, scored on the held-out bank and stored as a baseline
+    trial (``best_of``, ``spacing_scores`` as the runner's baselines)."""
+    from steptune.search import DEFAULT_PRESETS, baselines
+    from steptune.search.fidelities import CHEAP
+
+    p = evaluator.problem
+    trials = store.trials(study)
+    out = []
+    for nfe in nfes:
+        stored = [t for t in trials if t.nfe == nfe and best_preset(t)]
+        if stored:
+            out.append(min(stored, key=lambda t: (t.score, t.number)))
+            continue
+        best = None  # (train RMSE, spec, spacing, schedule, that spec's scores)
+        for spec in DEFAULT_PRESETS:
+            variants = baselines.spacing_variants(spec, nfe, p.noise, p.t_start, p.t_end)
+            scores = {sp: evaluator.evaluate(s, CHEAP, n=samples).metrics["rmse"] for sp, s in variants}
+            sp = baselines.best_spacing(scores)
+            if sp is not None and (best is None or scores[sp] < best[0]):
+                best = (scores[sp], spec, sp, dict(variants)[sp], scores)
+        if best is None:
+            continue
+        _, spec, sp, sched, scores = best
+        res = evaluator.evaluate(sched, CONFIRM)
+        info = {"baseline": True, "origin": baselines.origin(spec, nfe, sp), "best_of": f"{spec}@{nfe}",
+                "spacing": sp, "spacing_scores": scores, "spacing_bank": CHEAP, "spacing_samples": samples}
+        (tid,) = store.add_trials(study, [{"schedule": sched.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM,
+                                           "n_samples": res.n, "metrics": {**res.metrics, **res.cost()},
+                                           "status": res.status, "error": res.error, "seconds": res.seconds,
+                                           "info": info}])
+        t = store.trial(tid)
+        say(f"NFE {nfe}: best preset {spec} at {sp} spacing, held-out RMSE "
+            + (f"{t.score:.4g}" if t.score is not None else t.status))
+        if best_preset(t):
+            out.append(t)
+    return out
+
+
 def best_found(trials) -> dict[int, object]:
-    """Per searched NFE, the best held-out trial the search gave: a confirmation or a refinement of one."""
-    refined_from = {t.id for t in trials if searched(t)}
+    """Per searched NFE, the best held-out trial the search and its refine stage gave: a confirmation, a
+    refinement of one, or a refinement of the best preset (an unrefined preset is not a find)."""
+    refined_from = {t.id for t in trials if searched(t) or best_preset(t)}
     best: dict[int, object] = {}
     for t in trials:
         ok = searched(t) or (is_refinement(t) and t.status == "complete" and t.info["refines"] in refined_from)
@@ -227,6 +280,8 @@ def refine_stage(runner) -> list[Refined]:
         runner.say(f"refine: {e}")
         return []
     evaluator = runner._driver_evaluator()
+    todo += preset_parents(runner.storage, job.study, evaluator, sorted({t.nfe for t in todo}),
+                           job.evaluation.cheap_samples, say=runner.say)
     out = refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
                         say=runner.say, stop=runner.should_stop)
     if spec.interpolate and not runner.should_stop():

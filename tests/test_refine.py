@@ -203,6 +203,8 @@ def cache(tmp_path_factory):
 
 
 def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tmp_path, cache, capsys):
+    """Per NFE the stage refines the best searched schedule and the best preset at its best spacing; each
+    refinement names its parent, and the NFE's best is the best of the four on the held-out bank."""
     url = f"sqlite:///{tmp_path / 'r.db'}"
     job = _job(tmp_path, cache)
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
@@ -211,31 +213,67 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
         trials = db.trials("tiny")
         refined = [t for t in trials if "refines" in t.info]
         by_id = {t.id: t for t in trials}
-        assert sorted(t.nfe for t in refined) == [3, 4]
+        kinds = sorted((t.nfe, "confirms" in by_id[t.info["refines"]].info) for t in refined)
+        assert kinds == [(3, False), (3, True), (4, False), (4, True)]
         for t in refined:
             parent = by_id[t.info["refines"]]
-            assert "confirms" in parent.info and parent.nfe == t.nfe and t.fidelity == parent.fidelity == "heldout"
-            assert t.info["origin"].startswith("refine:") and t.info["refine"]["parent_rmse"] == pytest.approx(
-                parent.score, rel=1e-12)
+            assert parent.nfe == t.nfe and t.fidelity == parent.fidelity == "heldout"
+            assert "confirms" in parent.info or parent.info["origin"].startswith("preset:")
+            assert t.info["origin"] == f"refine:{parent.info.get('origin') or f'trial {parent.number}'}"
+            assert t.info["refine"]["parent_rmse"] == pytest.approx(parent.score, rel=1e-12)
             assert (t.status == "complete") == t.info["refine"]["improved"] == (t.score < parent.score)
-            best = db.best("tiny", t.nfe)
-            assert best.id == (t.id if t.status == "complete" else parent.id)
+        for nfe in (3, 4):
+            mine = [t for t in refined if t.nfe == nfe]
+            kept = [t if t.status == "complete" else by_id[t.info["refines"]] for t in mine]
+            assert db.best("tiny", nfe).score == pytest.approx(min(t.score for t in kept), rel=1e-12)
         assert any(t.status == "complete" for t in refined)
-    for t in refined:  # the export of a refined schedule names the searched trial it was refined from
-        if t.status == "complete":
+    for t in refined:  # the export of a refined schedule names the trial it was refined from
+        if t.status == "complete" and db_best_id(url, t.nfe) == t.id:
             code, out, err = run_cli(["export", "--study", "tiny", "--nfe", str(t.nfe), "--db", url], capsys)
             prov = parse_export(out)[1]  # and it reads back in
             assert code == 0 and prov["trial"] == t.id and prov["origin"].startswith("refine:"), err
             assert prov["refined_from"] == {"trial": t.info["refines"], "trial_number": by_id[t.info["refines"]].number,
                                             "score": pytest.approx(by_id[t.info["refines"]].score, rel=1e-12)}
-    code, _, err = run_cli(["run", str(job), "--db", url], capsys)  # resumed: nothing is refined twice
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)  # resumed: nothing is refined or built twice
     assert code == 0, err
     with connect(url) as db:
-        assert [t.id for t in db.trials("tiny") if "refines" in t.info] == [t.id for t in refined]
+        assert [t.id for t in db.trials("tiny")] == [t.id for t in trials]
     code, out, err = run_cli(["refine", "--study", "tiny", "--db", url], capsys)
     assert code == 0 and out.count("earlier") == 2, err
     with connect(url) as db:
-        assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 2
+        assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 4
+
+
+def db_best_id(url, nfe):
+    with connect(url) as db:
+        return db.best("tiny", nfe).id
+
+
+def test_the_stage_refines_the_best_preset_at_its_best_spacing(tmp_path, cache, capsys):
+    """The preset parent is the preset and spacing with the lowest RMSE on the cheap fidelity, as a brute force over
+    every default preset and spacing finds it; its held-out score is the evaluator's; and so the stage ends no worse
+    than the best preset at each NFE, whatever the search found."""
+    from steptune.search import DEFAULT_PRESETS
+    from steptune.search.baselines import spacing_variants
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    job = _job(tmp_path, cache, "presets", refine="iters = 10\nsamples = 32\n")
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    p = load_problem("gmm-2d")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+    with connect(url) as db:
+        trials = db.trials("presets")
+        for nfe in (3, 4):
+            scored = [(ev.evaluate(s, "train", n=32).metrics["rmse"], s.key(), s)
+                      for spec in DEFAULT_PRESETS for _, s in spacing_variants(spec, nfe, p.noise, p.t_start, p.t_end)]
+            _, key, sched = min(scored, key=lambda r: r[0])
+            (preset,) = [t for t in trials if t.nfe == nfe and t.info.get("baseline")]
+            assert preset.to_schedule().key() == key
+            heldout = ev.evaluate(sched, "heldout").metrics["rmse"]
+            assert preset.score == pytest.approx(heldout, rel=1e-9)
+            assert [t.info["refines"] for t in trials if "refines" in t.info and t.nfe == nfe].count(preset.id) == 1
+            assert db.best("presets", nfe).score <= heldout
 
 
 def test_refine_command_and_the_not_improved_record(tmp_path, cache, capsys):
