@@ -48,7 +48,7 @@ class NfeSummary:
     preset_matches_at: int | None = None  # smallest NFE at which some preset does as well (None: none does)
     schedule: dict | None = None  # the searched schedule
     interpolated_from: list[int] | None = None  # an NFE not searched ([refine] interpolate): the NFEs it was built from
-    refined: float | None = None  # best held-out score after refining its schedule (the parent's where none beat it)
+    refined: float | None = None  # best held-out score after its refinements (a parent's where none beat it)
 
     @property
     def improvement(self) -> float | None:
@@ -751,10 +751,10 @@ class Runner:
 
 
 def summarize(trials, nfes) -> list[NfeSummary]:
-    """Per NFE: the best preset on the held-out bank, the searched schedule with the best held-out score and its
-    best refinement; an NFE interpolated from the searched ones (``info.interpolated``) is a row of its own, its
-    interpolated schedule in the searched one's place."""
-    by_number = {t.number: t for t in trials}
+    """Per NFE: the best preset on the held-out bank, the searched schedule with the best held-out score and the
+    best held-out score after refinement (of it, or of a preset); an NFE interpolated from the searched ones
+    (``info.interpolated``) is a row of its own, its interpolated schedule in the searched one's place."""
+    by_number, by_id = {t.number: t for t in trials}, {t.id: t for t in trials}
     cheap_order = {t.number: i + 1 for i, t in enumerate(t for t in trials if t.fidelity == CHEAP)}
     between = {t.nfe: sorted(t.info["interpolated"]["between"]) for t in trials
                if t.fidelity == CONFIRM and "interpolated" in t.info and t.nfe not in nfes}
@@ -766,10 +766,10 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         mine = "interpolated" if nfe in between else "confirms"
         found = min((t for t in held if mine in t.info), key=lambda t: (t.score, t.number), default=None)
         src = by_number.get(found.info["confirms"]) if found and mine == "confirms" else None
-        parents = {t.id: t.score for t in held if mine in t.info}
-        fits = [t for t in trials if t.info.get("refines") in parents and t.status in ("complete", "pruned")
-                and t.score is not None]  # pruned: it did not beat its parent, which stays
-        refined = min(s for t in fits for s in (t.score, parents[t.info["refines"]])) if fits else None
+        fits = [t for t in trials if t.nfe == nfe and t.info.get("refines") in by_id
+                and t.status in ("complete", "pruned") and t.score is not None]  # pruned: its parent stays
+        refined = min((s for t in fits for s in (t.score, by_id[t.info["refines"]].score) if s is not None),
+                      default=None)
         match = None
         if found is not None:
             match = min((t.nfe for t in trials if t.info.get("baseline") and t.status == "complete"

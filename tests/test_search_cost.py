@@ -201,3 +201,23 @@ def test_search_prints_and_saves_its_cost(tmp_path, capsys):
     assert payload["cost"]["per_nfe"][0]["model_calls"] == 3 * (16 * 3 + 64 * 1)
     saved = json.loads((tmp_path / "out" / "srch.json").read_text())
     assert saved["cost"] == payload["cost"]
+
+
+def test_a_refinement_back_to_its_parent_is_an_evaluation_of_its_own(job_run):
+    """A refinement by gradient that does not beat its parent is stored with the parent's schedule, bank and
+    samples; it is a fit of its own (its model calls and seconds are the fit's), not a repeat."""
+    url, job, _ = job_run
+    assert main(["run", str(job), "--db", url, "--json"]) == 0
+    with connect(url) as store:
+        parent = next(t for t in store.trials("cost", nfe=4) if "confirms" in t.info and t.status == "complete")
+        before = study_cost(store.trials("cost")).at(4)
+        fit_calls = 4 * HELDOUT * 7  # e.g. the fit's calls and its held-out checks
+        store.add_trials("cost", [{"schedule": parent.schedule, "status": "pruned", "seconds": 0.5,
+                                   "metrics": {**parent.metrics, "model_calls": fit_calls}, "fidelity": parent.fidelity,
+                                   "bank": parent.bank, "n_samples": parent.n_samples,
+                                   "info": {"refines": parent.id, "origin": "refine:test"}}])
+        after = study_cost(store.trials("cost")).at(4)
+    assert (after.evaluations, after.repeats) == (before.evaluations + 1, before.repeats)
+    assert after.model_calls == before.model_calls + fit_calls
+    assert after.device_seconds == pytest.approx(before.device_seconds + 0.5)
+    assert after.interpolated_from is None

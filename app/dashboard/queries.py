@@ -13,6 +13,7 @@ from collections import defaultdict
 from sqlalchemy import and_, func, or_, select
 
 from steptune.relax_verdict import VERDICT, stored_or_own
+from steptune.search import CONFIRM
 from steptune.search_cost import FINISHED, CostRow, cost_of_rows
 from steptune.storage import Storage
 from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial
@@ -139,6 +140,7 @@ def front(store: Storage, problem: int, fidelity: str | None = None) -> dict:
         detail = [(sid, fid) for sid, fid, n in sizes if (sid, fid) not in bulk]
         points = _bulk_points(s, bulk, cond, by_id) + _detail_points(s, detail, cond, by_id)
         metrics = _metrics_of(s, [p["trial"] for p in points])
+        made = _interpolated_nfes(s, list(by_id))
     series: dict[tuple, dict] = {}
     for p in sorted(points, key=lambda p: (p["key"], p["nfe"], p["score"], p["trial"])):
         if p["key"] not in series:
@@ -153,7 +155,8 @@ def front(store: Storage, problem: int, fidelity: str | None = None) -> dict:
             continue
         pts.append({"nfe": p["nfe"], "score": p["score"], "trial": p["trial"], "number": p["number"],
                     "study": by_id[p["study_id"]].name, "schedule": p["schedule"], "count": p["count"],
-                    "metrics": metrics.get(p["trial"], {})})
+                    "metrics": metrics.get(p["trial"], {}),
+                    "interpolated_from": made.get((p["study_id"], p["nfe"])) if p["key"][0] == "study" else None})
     traces = sorted(series.values(), key=lambda t: (t["kind"] == "preset", t["name"]))
     for tr in traces:
         _mark_pareto(tr["points"])
@@ -227,6 +230,18 @@ def _detail_points(s, pairs: list[tuple[int, str]], cond: list, by_id: dict) -> 
     return list(best.values())
 
 
+def _interpolated_nfes(s, study_ids: list[int]) -> dict[tuple[int, int], list[int]]:
+    """(study id, NFE) of the NFEs built from searched ones: the NFEs each was built from (``info.interpolated`` of
+    a complete held-out trial; read through the index of those, which are few)."""
+    out = {}
+    for sid in study_ids:  # one index range each
+        rows = s.execute(select(Trial.nfe, Trial.info[("interpolated", "between")])
+                         .where(Trial.study_id == sid, Trial.status == "complete", Trial.fidelity == CONFIRM,
+                                Trial.info["interpolated"].as_string().is_not(None))).all()
+        out.update({(sid, nfe): sorted(int(n) for n in between) for nfe, between in rows if between})
+    return out
+
+
 def _metrics_of(s, trial_ids: list[int]) -> dict[int, dict]:
     if not trial_ids:
         return {}
@@ -264,7 +279,8 @@ def _pareto_dicts(points: list[dict]) -> list[dict]:
 def history(store: Storage, study: str) -> dict:
     """Best score so far against the number of evaluations done, per (fidelity, NFE): only the points
     where the best improved, plus the last evaluation, so the answer stays small for long searches.
-    Preset baselines stored in the study (``info.baseline``) are left out."""
+    Preset baselines stored in the study (``info.baseline``) are left out. ``reported``: the best per NFE on the
+    study's reporting fidelity (a search's held-out bank), beside the cost per NFE."""
     with store._tx(write=False) as s:
         sid = study_id(s, study)
         metric, config = s.execute(select(Study.metric, Study.config).where(Study.id == sid)).one()
@@ -298,9 +314,14 @@ def history(store: Storage, study: str) -> dict:
         del c["_best"]
     ordered = sorted(curves.values(), key=lambda c: (c["fidelity"], c["nfe"]))
     evaluators = (config or {}).get("evaluators") or {}
+    reported = (config or {}).get("fidelity")  # a search's held-out scores, as best and export choose
+    if reported is None and len({c["fidelity"] for c in ordered}) == 1:
+        reported = ordered[0]["fidelity"]
     return {"study": study, "metric": metric, "evaluations": dict(done), "curves": [c for c in ordered if c["best"]],
             "evaluators": {"count": evaluators.get("count"), "backend": evaluators.get("backend"), "busy": busy},
-            "utilisation": (config or {}).get("utilisation"), "cost": cost}
+            "utilisation": (config or {}).get("utilisation"), "cost": cost,
+            "reported": {"fidelity": reported, "best": {str(c["nfe"]): c["best"][-1] for c in ordered
+                                                         if c["fidelity"] == reported and c["best"]}}}
 
 
 def _study_cost(s, sid: int) -> dict:

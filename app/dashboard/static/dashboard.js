@@ -115,11 +115,13 @@ function frontTraces(data) {
       x: s.points.map((p) => p.nfe), y: s.points.map((p) => p.score),
       customdata: s.points.map((p) => p.trial),
       text: s.points.map((p) => `trial id ${p.trial} (#${p.number} of ${esc(p.study)})<br>${esc(p.schedule)}`
+        + (p.interpolated_from ? `<br>${interpolatedText(p.interpolated_from)}` : "")
         + `<br>${p.count} trial(s) at this NFE<br>${metricsText(p.metrics)}`),
       hovertemplate: "NFE %{x}<br>%{text}<extra>%{fullData.name}</extra>",
       line: { color, dash: full ? "solid" : "dot", width: s.kind === "preset" ? 1.2 : 2.8 },
       marker: {
-        color, size: s.points.map((p) => (p.pareto ? 10 : 7)), symbol: full ? "circle" : "circle-open",
+        color, size: s.points.map((p) => (p.pareto ? 10 : 7)),
+        symbol: s.points.map((p) => (p.interpolated_from ? "diamond" : "circle") + (full ? "" : "-open")),
         line: { color: "#111", width: s.points.map((p) => (p.pareto ? 2 : 0)) },
       },
     };
@@ -187,8 +189,11 @@ async function renderHistory() {
     state.historyStudy);
   if (!state.historyStudy) { Plotly.purge($("history-plot")); $("history-cost").innerHTML = ""; return; }
   const data = await latest("history", api("/api/history", { study: state.historyStudy }));
+  const made = Object.fromEntries(data.cost.per_nfe.filter((c) => c.interpolated_from)
+    .map((c) => [c.nfe, c.interpolated_from]));
   const traces = data.curves.filter((c) => !state.fidelity || c.fidelity === state.fidelity).map((c, i) => ({
-    type: "scatter", mode: "lines+markers", name: `NFE ${c.nfe} (${c.fidelity || "—"}, ${c.n} evals)`,
+    type: "scatter", mode: "lines+markers",
+    name: `NFE ${c.nfe} (${c.fidelity || "—"}, ${c.n} evals${made[c.nfe] ? `, ${interpolatedText(made[c.nfe])}` : ""})`,
     x: c.evaluations, y: c.best, line: { shape: "hv", color: COLORS[i % COLORS.length],
       dash: isCheap(c.fidelity) ? "dot" : "solid" },
     hovertemplate: `NFE ${c.nfe}: best %{y:.4g} after %{x} evaluations<extra></extra>`,
@@ -200,8 +205,10 @@ async function renderHistory() {
   }, PLOT_CONFIG);
   $("history-plot").dataset.traces = String(traces.length);
   $("history-run").textContent = runText(data);
-  renderCost($("history-cost"), data.cost);
+  renderCost($("history-cost"), data.cost, data.reported);
 }
+
+const interpolatedText = (from) => `interpolated from NFE ${from.join(", ")}`;
 
 function secondsText(s) {
   if (s === null || s === undefined) return "—";
@@ -211,15 +218,18 @@ function secondsText(s) {
   return `${(s / 3600).toFixed(1)} h`;
 }
 
-function renderCost(table, cost) {
+function renderCost(table, cost, reported) {
   const rows = [...cost.per_nfe.map((c) => [String(c.nfe), c]), ["all NFEs", cost.total]];
   if (cost.baselines.evaluations) rows.push(["baselines", cost.baselines]);
   const extra = (c) => [c.repeats ? `${c.repeats} repeated` : "", c.reused ? `${c.reused} reused` : ""]
     .filter(Boolean).join(", ");
-  table.innerHTML = "<thead><tr><th>NFE</th><th>evaluations</th><th>model calls</th><th>wall</th>"
-    + "<th>device s</th><th class=\"text\">device</th></tr></thead><tbody>"
-    + rows.map(([label, c]) => `<tr data-nfe="${esc(label)}"><td>${esc(label)}</td>`
-      + `<td>${c.evaluations}${extra(c) ? ` (${esc(extra(c))})` : ""}</td>`
+  const best = (label, c) => (c.nfe === null ? "" : fmt(reported.best[label]));
+  table.innerHTML = `<thead><tr><th>NFE</th><th>best (${esc(reported.fidelity || "any")})</th><th>evaluations</th>`
+    + "<th>model calls</th><th>wall</th><th>device s</th><th class=\"text\">device</th></tr></thead><tbody>"
+    + rows.map(([label, c]) => `<tr data-nfe="${esc(label)}"`
+      + (c.interpolated_from ? ` class="interpolated" data-interpolated-from="${c.interpolated_from.join(",")}"` : "")
+      + `><td>${esc(label)}${c.interpolated_from ? ` (${interpolatedText(c.interpolated_from)})` : ""}</td>`
+      + `<td>${best(label, c)}</td><td>${c.evaluations}${extra(c) ? ` (${esc(extra(c))})` : ""}</td>`
       + `<td>${c.model_calls.toLocaleString("en-US")}</td><td>${secondsText(c.wall_seconds)}</td>`
       + `<td>${secondsText(c.device_seconds)}</td><td class="text">${esc(c.device)}</td></tr>`).join("")
     + "</tbody>";

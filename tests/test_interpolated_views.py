@@ -1,0 +1,188 @@
+"""An NFE a job did not search but interpolated from its searched NFEs (``[refine] interpolate``) is a row of its own
+wherever per-NFE results are shown: the run's final table, `status`, `best`, the export's provenance, the dashboard's
+answers and its page. Every figure is checked against the stored trials at that NFE (the interpolated one and its
+refinement), summed here."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+from runner_jobs import run_cli, write_job
+from test_dashboard_browser import _open, browser, page, shots  # noqa: F401  (fixtures)
+
+from steptune.dashboard import create_app, open_read_only
+from steptune.search_cost import seconds_text
+from steptune.storage import connect
+
+STUDY = "interp"
+SEARCHED, MADE = [3, 5], 4
+
+
+@pytest.fixture(scope="module")
+def job_run(tmp_path_factory):
+    """A tiny searched study with NFE 4 interpolated and refined: its job file, database and `run --json`."""
+    from steptune.cli import main
+
+    folder = tmp_path_factory.mktemp("interp")
+    job = write_job(folder / "job.toml", STUDY, folder / "cache", evaluations=6, nfe=str(SEARCHED))
+    job.write_text(job.read_text() + f"\n[refine]\niters = 3\ninterpolate = [{MADE}]\n")
+    url = f"sqlite:///{folder / 'db.sqlite'}"
+    printed = io.StringIO()  # a module fixture cannot take capsys
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", str(job), "--db", url, "--json"]) == 0
+    return job, url, json.loads(printed.getvalue())
+
+
+def _own(url: str) -> list:
+    """The study's trials at the interpolated NFE, its preset baselines left out."""
+    with connect(url) as store:
+        return [t for t in store.trials(STUDY, nfe=MADE) if not t.info.get("baseline")]
+
+
+def _sums(trials) -> dict:
+    """What the trials at the NFE cost, summed over them (none has a dispatch time: the wall is their seconds)."""
+    assert all(t.started is None for t in trials)
+    return {"evaluations": len(trials), "model_calls": sum(t.metrics["model_calls"] for t in trials),
+            "wall_seconds": pytest.approx(sum(t.seconds for t in trials)),
+            "device_seconds": pytest.approx(sum(t.seconds for t in trials))}
+
+
+def _stored(url: str) -> tuple:
+    """The interpolated trial, its refinement, the NFEs it was built from and the best held-out score after it."""
+    trials = _own(url)
+    made = next(t for t in trials if "interpolated" in t.info)
+    fit = next(t for t in trials if t.info.get("refines") == made.id)
+    return made, fit, sorted(made.info["interpolated"]["between"]), min(made.score, fit.score)
+
+
+def _cost_row(cost: dict) -> dict:
+    return next(c for c in cost["per_nfe"] if c["nfe"] == MADE)
+
+
+def _check_cost(c: dict, url: str) -> None:
+    trials = _own(url)
+    made, _, between, _ = _stored(url)
+    assert len(trials) == 2  # the interpolated schedule scored on the held-out bank, and its refinement
+    assert {k: c[k] for k in ("evaluations", "model_calls", "wall_seconds", "device_seconds")} == _sums(trials)
+    assert c["interpolated_from"] == between and c["repeats"] == c["reused"] == 0
+
+
+def test_the_stored_trials_are_an_interpolation_and_its_refinement(job_run):
+    _, url, _ = job_run
+    made, fit, between, _ = _stored(url)
+    assert between and set(between) <= set(SEARCHED)
+    assert made.status == "complete" and fit.status in ("complete", "pruned")
+    assert made.metrics["model_calls"] == MADE * made.n_samples  # scored once on the held-out bank
+    assert fit.metrics["model_calls"] > made.metrics["model_calls"]  # the fit's calls and its checks
+
+
+def test_the_runs_table_has_a_row_for_the_interpolated_nfe(job_run, capsys):
+    job, url, payload = job_run
+    made, _, between, refined = _stored(url)
+    assert [r["nfe"] for r in payload["per_nfe"]] == sorted([*SEARCHED, MADE])
+    row = next(r for r in payload["per_nfe"] if r["nfe"] == MADE)
+    assert row["interpolated_from"] == between and row["searched_score"] == made.score
+    assert row["refined"] == refined and row["found_at"] is None
+    assert all(r["interpolated_from"] is None for r in payload["per_nfe"] if r["nfe"] != MADE)
+    _check_cost(_cost_row(payload["cost"]), url)
+    code, out, _ = run_cli(["run", str(job), "--db", url], capsys)  # the finished study: its table again
+    assert code == 0
+    _check_text_row(out, url)
+
+
+def _check_text_row(out: str, url: str) -> None:
+    """The NFE's row of a printed table: marked with the NFEs it came from, its cost cells the summed trials'."""
+    made, _, between, _ = _stored(url)
+    label = f"{MADE} (from {', '.join(map(str, between))})"
+    line = next(ln for ln in out.splitlines() if ln.lstrip("│ ").startswith(label))
+    cells = [c.strip() for c in line.strip("│").split("│")]
+    sums = sum(t.seconds for t in _own(url))
+    assert cells[-4:] == ["2", f"{sum(t.metrics['model_calls'] for t in _own(url)):,}", seconds_text(sums),
+                          seconds_text(sums)]
+    note = f"NFE {MADE} from NFE {', '.join(map(str, between))}"
+    assert re.search(re.escape(note), " ".join(out.split())), out
+
+
+def test_status_shows_the_interpolated_nfe_with_its_score_and_cost(job_run, capsys):
+    _, url, payload = job_run
+    made, _, between, refined = _stored(url)
+    code, out, _ = run_cli(["status", "--study", STUDY, "--db", url, "--json"], capsys)
+    info = json.loads(out)
+    row = next(r for r in info["per_nfe"] if r["nfe"] == MADE)
+    assert row == {"nfe": MADE, "heldout": made.score, "train": None, "refined": refined, "preset": row["preset"],
+                   "preset_score": row["preset_score"], "interpolated_from": between}
+    assert info["cost"] == payload["cost"]
+    _check_cost(_cost_row(info["cost"]), url)
+    code, out, _ = run_cli(["status", "--study", STUDY, "--db", url], capsys)
+    assert code == 0
+    _check_text_row(out, url)
+
+
+def test_best_and_export_say_it_is_interpolated_and_what_it_cost(job_run, capsys):
+    _, url, _ = job_run
+    made, fit, between, _ = _stored(url)
+    best = made if fit.status != "complete" or fit.score >= made.score else fit
+    code, out, _ = run_cli(["best", "--study", STUDY, "--db", url, "--json"], capsys)
+    row = next(r for r in json.loads(out) if r["nfe"] == MADE)
+    assert row["id"] == best.id and row["interpolated_from"] == between
+    code, out, _ = run_cli(["export", "--study", STUDY, "--nfe", str(MADE), "--db", url], capsys)
+    prov = json.loads(out)["provenance"]
+    assert prov["trial"] == best.id and prov["status"] == "complete"
+    _check_cost(prov["cost"], url)
+    if best is made:
+        assert prov["interpolated"]["between_trials"] == made.info["interpolated"]["from_trials"]
+    else:
+        assert prov["refined_from"]["trial"] == made.id
+
+
+def test_the_dashboards_answers_carry_the_interpolated_nfe(job_run):
+    from fastapi.testclient import TestClient
+
+    _, url, payload = job_run
+    made, _, between, refined = _stored(url)
+    store = open_read_only(url)
+    try:
+        with TestClient(create_app(store)) as c:
+            history = c.get("/api/history", params={"study": STUDY}).json()
+            problem = next(p for p in c.get("/api/problems").json() if any(s["name"] == STUDY for s in p["studies"]))
+            front = c.get("/api/front", params={"problem": problem["id"], "fidelity": "heldout"}).json()
+    finally:
+        store.close()
+    assert history["cost"] == payload["cost"]
+    _check_cost(_cost_row(history["cost"]), url)
+    assert history["reported"] == {"fidelity": "heldout", "best": {**history["reported"]["best"], str(MADE): refined}}
+    series = next(s for s in front["series"] if s["study"] == STUDY)
+    point = next(p for p in series["points"] if p["nfe"] == MADE)
+    assert point["score"] == refined and point["interpolated_from"] == between
+    assert all(p["interpolated_from"] is None for p in series["points"] if p["nfe"] != MADE)
+
+
+def test_the_dashboard_page_shows_the_interpolated_row(job_run, page, shots):  # noqa: F811
+    from dashboard_server import serving
+
+    _, url, payload = job_run
+    _, _, between, refined = _stored(url)
+    c = _cost_row(payload["cost"])
+    with serving(url) as server:
+        _open(page, f"{server}/#history", "history")
+        page.select_option("#history-study", STUDY)
+        page.wait_for_function(f"document.querySelector('#history-cost tr[data-nfe=\"{MADE}\"]') !== null")
+        cells = page.eval_on_selector(f"#history-cost tr[data-nfe='{MADE}']",
+                                      "tr => [...tr.cells].map((td) => td.textContent)")
+        names = page.evaluate("document.getElementById('history-plot').data.map((t) => t.name)")
+        page.screenshot(path=str(shots / "history-interpolated.png"), full_page=True)
+        _open(page, f"{server}/#front", "front")
+        symbols = page.evaluate(f"""() => document.getElementById('front-plot').data
+            .filter((t) => t.name === '{STUDY} (heldout)')
+            .map((t) => t.x.map((x, i) => [x, t.marker.symbol[i]]))[0]""")
+    text = f"interpolated from NFE {', '.join(map(str, between))}"
+    assert cells[0] == f"{MADE} ({text})"
+    assert float(cells[1]) == pytest.approx(refined, rel=1e-3)  # the page's 4 significant digits
+    assert cells[2:6] == [str(c["evaluations"]), f"{c['model_calls']:,}", seconds_text(c["wall_seconds"]),
+                          seconds_text(c["device_seconds"])]
+    assert any(n.startswith(f"NFE {MADE} (heldout") and text in n for n in names), names
+    assert dict(symbols) == {n: "diamond" if n == MADE else "circle" for n in sorted([*SEARCHED, MADE])}
