@@ -186,3 +186,14 @@ def test_the_dashboard_page_shows_the_interpolated_row(job_run, page, shots):  #
                           seconds_text(c["device_seconds"])]
     assert any(n.startswith(f"NFE {MADE} (heldout") and text in n for n in names), names
     assert dict(symbols) == {n: "diamond" if n == MADE else "circle" for n in sorted([*SEARCHED, MADE])}
+
+
+def test_the_static_report_carries_the_same_rows(job_run, tmp_path):
+    from steptune.report import api_path, report_data
+
+    _, url, payload = job_run
+    with connect(url) as store:
+        data = report_data(store, STUDY, cache_dir=tmp_path)
+    history = data["responses"][api_path("/api/history", {"study": STUDY})]
+    assert history["cost"] == payload["cost"]
+    _check_cost(_cost_row(history["cost"]), url)
