@@ -1,0 +1,113 @@
+"""Where searched schedules lose to the presets at twice their NFE: the best preset at its best spacing at each of
+``--presets-at``, the error of every state along each schedule against the reference solution at the same time
+(held-out bank, first ``--states``), and what refinement makes of the best presets and of the searched schedules.
+
+The searched schedules are those a ``bench/search_efficiency.py`` run saved (``--from``, its JSON; the job's best
+searched schedule per seed and NFE, before refinement).
+
+    python bench/gap.py --from runs/bench/search_efficiency_refine.json --nfe 8,10 --presets-at 8,10,15,20
+
+Saves runs/bench/gap.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
+
+from steptune.backends import LocalBackend  # noqa: E402
+from steptune.jobs import job_from_dict  # noqa: E402
+from steptune.search import DEFAULT_PRESETS  # noqa: E402
+from steptune.search.baselines import spacing_variants  # noqa: E402
+from steptune.search.refine import refine  # noqa: E402
+from steptune.space import Schedule, sample  # noqa: E402
+from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
+
+
+def errors_along(ev, schedule: Schedule, n: int) -> list[float]:
+    """RMSE of the state after each step against the reference at that step's time (first ``n`` held-out states)."""
+    p = ev.problem
+    x_T = ev.x_T("heldout", n)
+    states: list[torch.Tensor] = []
+    with torch.no_grad():
+        sample(p.model, x_T, schedule, callback=lambda i, x: states.append(x))
+    ref, _ = p.reference_states(x_T, list(schedule.times), cache_dir=None, rtol=ev.rtol, atol=ev.atol)
+    return [float((x - r).pow(2).mean().sqrt()) for x, r in zip(states, ref)]
+
+
+def describe(ev, schedule: Schedule, errs: list[float]) -> list[dict]:
+    lam = ev.problem.noise.lam(torch.tensor([st.t for st in schedule.steps], dtype=torch.float64)).tolist()
+    return [{"t": st.t, "lambda": lam[i], "prediction": st.prediction, "order": st.order,
+             "corrector": st.corrector.kind if st.corrector else None, "relaxation": st.relaxation, "error": errs[i]}
+            for i, st in enumerate(schedule.steps)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--from", dest="source", default="runs/bench/search_efficiency_refine.json",
+                    help="a bench/search_efficiency.py JSON whose searched schedules are diagnosed")
+    ap.add_argument("--nfe", default="8,10", help="the searched NFEs to diagnose and refine")
+    ap.add_argument("--presets-at", default="8,10,15,20")
+    ap.add_argument("--states", type=int, default=256, help="held-out states the errors along the run are taken on")
+    ap.add_argument("--iters", type=int, default=60, help="refinement iterations")
+    args = ap.parse_args(argv)
+    nfes = [int(x) for x in args.nfe.split(",")]
+    preset_nfes = [int(x) for x in args.presets_at.split(",")]
+    runs = json.loads(Path(args.source).read_text())["runs"]
+    job = job_from_dict({"study": "gap", "problem": {"name": "gmm-digits"}, "search": {"method": "s3", "nfe": nfes},
+                         "evaluation": {"train_samples": 256, "heldout_samples": 1024, "cache": "runs/cache"},
+                         "backend": {"kind": "local", "num_cpus": 1}})
+    backend = LocalBackend(job.problem, job.evaluation, job.backend)
+    backend.start()
+    ev = backend.worker.evaluator
+    p = ev.problem
+
+    rows = run_sweep(ev, list(DEFAULT_PRESETS), sorted(set(preset_nfes) | set(nfes)), spacing="best")
+    best = best_by_nfe(rows)
+    presets = {n: dict(spacing_variants(best[n]["preset"], n, p.noise, p.t_start, p.t_end))[best[n]["spacing"]]
+               for n in best}
+    schedules = {f"preset {n} ({best[n]['preset']}, {best[n]['spacing']})": s for n, s in presets.items()}
+    for r in runs:
+        for n in nfes:
+            if str(n) in r["schedules"]:
+                schedules[f"searched NFE {n} seed {r['seed']}"] = Schedule.from_dict(r["schedules"][str(n)])
+    along = {}
+    print(f"errors along the run (RMSE against the reference at each step's time, {args.states} held-out states)")
+    for name, s in schedules.items():
+        steps = describe(ev, s, errors_along(ev, s, args.states))
+        along[name] = steps
+        print(f"\n{name}, NFE {s.nfe}\n| t | lambda | prediction | order | corrector | error |\n" + "|---" * 6 + "|")
+        for st in steps:
+            print(f"| {st['t']:.4f} | {st['lambda']:.2f} | {st['prediction']} | {st['order']} "
+                  f"| {st['corrector'] or '-'} | {st['error']:.4f} |")
+
+    refined = []
+    for name, s in schedules.items():
+        if s.nfe not in nfes:
+            continue
+        t0 = time.process_time()
+        r = refine(ev, s, iters=args.iters)
+        refined.append({"schedule": name, "nfe": s.nfe, "before": r.parent_rmse, "after": r.rmse,
+                        "iters": r.iters, "best_iter": r.best_iter, "cpu_s": time.process_time() - t0})
+    print("\nrefinement (held-out RMSE, 1024 states)\n| schedule | before | refined | CPU s |\n|---|---|---|---|")
+    for r in refined:
+        print(f"| {r['schedule']} | {r['before']:.4f} | {r['after']:.4f} | {r['cpu_s']:.0f} |")
+    print("\nbest preset at its best spacing: " + ", ".join(
+        f"NFE {n} {best[n]['preset']} ({best[n]['spacing']}) {best[n]['rmse']:.4f}" for n in sorted(best)))
+    backend.close()
+    path = save_json("gap", {"args": vars(args), "best_preset": {n: {k: best[n][k] for k in ("preset", "spacing",
+                                                                                              "rmse")} for n in best},
+                             "along": along, "refined": refined})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
