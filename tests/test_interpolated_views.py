@@ -197,3 +197,28 @@ def test_the_static_report_carries_the_same_rows(job_run, tmp_path):
     history = data["responses"][api_path("/api/history", {"study": STUDY})]
     assert history["cost"] == payload["cost"]
     _check_cost(_cost_row(history["cost"]), url)
+
+
+def test_postgresql_gives_the_dashboard_the_same_rows(job_run):
+    """The dashboard reads the marks and the cost with JSON paths in SQL: on PostgreSQL too."""
+    from test_storage_db import fresh_pg_schema
+
+    from steptune.cli import main
+    from steptune.dashboard import queries
+    from steptune.search_cost import study_cost
+
+    job, _, _ = job_run
+    with fresh_pg_schema() as pg:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["run", str(job), "--db", pg, "--json"]) == 0
+        with connect(pg) as store:
+            want = json.loads(json.dumps(study_cost(store.trials(STUDY)).as_dict()))
+            made = next(t for t in store.trials(STUDY, nfe=MADE) if "interpolated" in t.info)
+            history = queries.history(store, STUDY)
+            problem = next(p for p in queries.problems(store) if any(s["name"] == STUDY for s in p["studies"]))
+            front = queries.front(store, problem["id"], "heldout")
+    between = sorted(made.info["interpolated"]["between"])
+    assert history["cost"] == want and _cost_row(want)["interpolated_from"] == between
+    points = next(s for s in front["series"] if s["study"] == STUDY)["points"]
+    assert {p["nfe"]: p["interpolated_from"] for p in points} == {n: between if n == MADE else None
+                                                                  for n in sorted([*SEARCHED, MADE])}
