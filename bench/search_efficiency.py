@@ -13,9 +13,10 @@ NFE; the final figure is the job's (top ``--confirm`` per NFE confirmed on the h
 ``--batch 32 --lookahead 1`` as 16 Ray evaluators do by default), to compare their quality with batch 4.
 ``--alone`` also searches each NFE by itself with the same budget and reports the job over all NFEs against it.
 ``--refine`` adds the job's ``[refine]`` stage (to the NFE-alone searches too): each NFE's best searched schedule
-refined by gradient, reported beside the searched one; ``--interpolate 7,9`` has the stage also build those NFEs
-from the searched ones (``steptune.space.retime.interpolate``) and refine them, reported against the best preset
-there and, with ``--alone``, against a direct search of that NFE with the same budget (refined too).
+and the best preset at its best spacing refined by gradient, the better one reported beside the searched one;
+``--interpolate 7,9`` has the stage also build those NFEs from the searched ones
+(``steptune.space.retime.interpolate``) and refine them, reported against the best preset there and, with
+``--alone``, against a direct search of that NFE with the same budget (refined too).
 
 Saves runs/bench/search_efficiency.json and .png and prints a table.
 """
