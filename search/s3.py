@@ -33,8 +33,11 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
 
 import numpy as np
 
@@ -48,30 +51,33 @@ from .searcher import Candidate, Searcher
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
 WIDE = 4  # picks per NFE in one ask above which they are chosen as a batch (s3_batch.pick), not as a ranking
 N_STEP_FEATURES = 13
+N_GLOBAL_FEATURES = 10
 
 
 # ---- features -------------------------------------------------------------------------------------
 
 def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
     """Per-step encodings padded to ``max_steps`` plus global features (NFE, AFS, counts)."""
-    lam = space.lams(s)
-    pos = (lam - space.lam0) / space.span
+    pos = (space.lams(s) - space.lam0) / space.span
     steps = s.steps
-    n = min(len(steps), max_steps)
-    rows = np.zeros((max_steps, N_STEP_FEATURES))
+    n, m = min(len(steps), max_steps), len(steps)
+    gaps = pos[1:] - pos[:-1]
+    out = np.zeros(max_steps * N_STEP_FEATURES + N_GLOBAL_FEATURES)
+    rows = out[:max_steps * N_STEP_FEATURES].reshape(max_steps, N_STEP_FEATURES)
     rows[:n, 0] = pos[1:n + 1]
-    rows[:n, 1] = pos[1:n + 1] - pos[:n]
+    rows[:n, 1] = gaps[:n]
     rows[:n, 2:] = [_step_code(st) for st in steps[:n]]
-    orders = [st.order for st in steps]
-    gaps = np.diff(pos)
-    glob = [s.nfe, s.afs != "none", len(steps), np.mean(orders),
-            np.mean([st.corrector is not None for st in steps]), np.mean([st.prediction == "data" for st in steps]),
-            gaps.min(), gaps.max(), gaps.std(), pos[1]]
-    return np.concatenate([rows.ravel(), np.asarray(glob, dtype=float)])
+    out[max_steps * N_STEP_FEATURES:] = (
+        s.nfe, s.afs != "none", m, sum(st.order for st in steps) / m,
+        sum(st.corrector is not None for st in steps) / m, sum(st.prediction == "data" for st in steps) / m,
+        gaps.min(), gaps.max(), gaps.std(), pos[1])
+    return out
 
 
+@lru_cache(maxsize=65536)
 def _step_code(st) -> tuple:
-    """A step's decisions as numbers (every encoded feature but its position and gap)."""
+    """A step's decisions as numbers (every encoded feature but its position and gap); steps are immutable, and
+    children share most of theirs with their parents."""
     c = st.corrector
     relax = STEP_RELAXATIONS.index(st.relaxation) / 6 if st.relaxation in STEP_RELAXATIONS else 1.0
     return (st.order / 4, st.prediction == "data", c is not None and c.kind == "pseudo",
@@ -138,7 +144,7 @@ class Predictor:
         if self.kind == "extra-trees":
             from sklearn.ensemble import ExtraTreesRegressor
 
-            self.model = ExtraTreesRegressor(n_estimators=40, min_samples_leaf=2, max_features=0.5,
+            self.model = ExtraTreesRegressor(n_estimators=20, min_samples_leaf=2, max_features=1.0,
                                              random_state=self.seed, n_jobs=1).fit(X, y)
         elif self.kind == "gbr":
             from sklearn.ensemble import GradientBoostingRegressor
@@ -206,6 +212,40 @@ def select_predictor(X, nfes, scores, seed: int = 0, kinds: Sequence[str] = PRED
     return best, taus
 
 
+def fit_models(plan: dict) -> dict:
+    """The fits an S^3 searcher found due (its ``_fit_plan``): the kind chosen first where ``auto`` chooses now,
+    then each model whose trials :func:`refit_due` says, all of them when the kind changed. A pure function of the
+    plan, so it may run in another thread while the searcher's batch is evaluated."""
+    c0 = time.thread_time()
+    X, nfes, scores = plan["X"], plan["nfes"], plan["scores"]
+    kind, select = plan["kind"], None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if plan["select"]:
+            select = select_predictor(X, nfes, scores, seed=plan["seed"], kinds=plan["kinds"],
+                                      per_nfe=not plan["shared"])
+        changed = select is not None and select[0] != kind
+        kind = select[0] if select is not None else kind
+        models = {}
+        for g, (rows, last) in plan["groups"].items():
+            if refit_due(len(rows), None if changed else last, plan["min_train"]):
+                models[g] = (Predictor(kind or "extra-trees", plan["seed"]).fit(X[rows], nfes[rows], scores[rows]),
+                             len(rows))
+    return {"select": select, "models": models, "trials": len(scores), "per_model": plan["per_model"],
+            "cpu_seconds": time.thread_time() - c0}
+
+
+_FIT_THREAD: ThreadPoolExecutor | None = None
+
+
+def _fit_thread() -> ThreadPoolExecutor:
+    """The one background thread S^3's fits run in (sklearn's tree building releases the GIL)."""
+    global _FIT_THREAD
+    if _FIT_THREAD is None:
+        _FIT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-fit")
+    return _FIT_THREAD
+
+
 # ---- the searcher ---------------------------------------------------------------------------------
 
 class S3Searcher(Searcher):
@@ -221,7 +261,9 @@ class S3Searcher(Searcher):
     local samples at one NFE, ``screen`` times as many are drawn and the predictor keeps the best),
     ``batch_penalty`` (in an ask of more than ``WIDE`` picks at one NFE, what a candidate loses, in predicted rank,
     for each already chosen or in-flight candidate close to it; 0 picks the ranking as it is), ``batch_explore``
-    (in such an ask, how much of the extra-trees spread of a candidate's prediction is taken off it)."""
+    (in such an ask, how much of the extra-trees spread of a candidate's prediction is taken off it),
+    ``fit_ahead`` (fit the predictors in a background thread while the asked batch is evaluated, used from the next
+    ask on; False fits them in the ask that finds them due and uses them at once)."""
 
     name = "s3"
     batch_per_nfe = 4
@@ -230,7 +272,7 @@ class S3Searcher(Searcher):
                  presets: Sequence[str] = DEFAULT_PRESETS, explore: float = 0.15, min_train: int = 30,
                  local: float = 0.6, local_structures: int = 3, niche: bool = True, refresh: float = 0.25,
                  shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), screen: int = 3,
-                 batch_penalty: float = 0.3, batch_explore: float = 0.0, **kw):
+                 batch_penalty: float = 0.3, batch_explore: float = 0.0, fit_ahead: bool = True, **kw):
         super().__init__(*args, **kw)
         self.predictor_kind = predictor
         self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
@@ -258,6 +300,16 @@ class S3Searcher(Searcher):
             raise ValueError(f"batch_penalty {batch_penalty} and batch_explore {batch_explore}: give each as a number "
                              "0 or above (0 turns it off)")
         self._pending: dict[str, Candidate] = {}  # asked, not told yet: they count as picked in a wide ask
+        self.fit_ahead = bool(fit_ahead)
+        self._fitting: Future | dict | None = None  # fits started at the last ask (a dict once copied)
+        self.fit_cpu_seconds = 0.0  # CPU time of the predictor fits, in whichever thread they ran
+        self._parents: dict[tuple, tuple] = {}  # (nfe, trials told) -> the best, and whether they are all
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if isinstance(self._fitting, Future):  # a copy carries the fits' result, not the thread computing it
+            state["_fitting"] = self._fitting.result()
+        return state
 
     def ask(self, n: int = 1) -> list[Candidate]:
         out = super().ask(n)
@@ -280,6 +332,16 @@ class S3Searcher(Searcher):
     def parents(self, nfe: int, k: int) -> list[tuple[Candidate, float, int]]:
         """The ``k`` best trials at ``nfe`` (candidate, score, trial index); with ``niche``, the best of
         each step structure only (schedules that differ only in their times count once)."""
+        memo = (nfe, len(self.trials))
+        ranked = self._parents.get(memo)
+        if ranked is None or (len(ranked[0]) < k and not ranked[1]):
+            if len(self._parents) > 32:
+                self._parents.clear()
+            ranked = self._parents[memo] = self._rank_parents(nfe, max(k, self.population))
+        return ranked[0][:k]
+
+    def _rank_parents(self, nfe: int, k: int) -> tuple[list[tuple[Candidate, float, int]], bool]:
+        """The ``k`` best, and whether they are all there are."""
         idx = sorted((i for i, (c, _) in enumerate(self.trials) if c.nfe == nfe),
                      key=lambda i: (self.trials[i][1], i))
         out, keys = [], set()
@@ -290,8 +352,8 @@ class S3Searcher(Searcher):
                 keys.add(self._struct[i])
             out.append((self.trials[i][0], self.trials[i][1], i))
             if len(out) >= k:
-                break
-        return out
+                return out, False
+        return out, True
 
     def _data(self):
         X = np.array(self._X)
@@ -303,36 +365,52 @@ class S3Searcher(Searcher):
         return None if self.shared else nfe
 
     def _refit(self) -> None:
-        """(Re)fit each NFE's model (or the shared one) when :func:`refit_due` says; ``auto`` chooses the kind when
-        the trials per model reach ``min_train``, again when they have tripled, then after each tenfold growth
-        (``SELECT_GROWTH``; so a job over several NFEs chooses when each NFE has as many trials as a search of one
-        NFE alone does)."""
+        """Bring each NFE's model (or the shared one) up to date: first the fits started at the previous ask are
+        put in place, then what :func:`refit_due` says is due on the trials told so far is fitted, and ``auto``
+        chooses the kind when the trials per model reach ``min_train``, again when they have tripled, then after
+        each tenfold growth (``SELECT_GROWTH``; so a job over several NFEs chooses when each NFE has as many trials
+        as a search of one NFE alone does). With ``fit_ahead`` those fits run in a background thread while the
+        asked batch is evaluated and are used from the next ask on; the models each ask uses are then those fitted
+        on the trials told before the ask before it, a function of the history whatever the timing."""
+        if self._fitting is not None:
+            self._install(self._fitting.result() if isinstance(self._fitting, Future) else self._fitting)
+            self._fitting = None
+        plan = self._fit_plan()
+        if plan is None:
+            return
+        if self.fit_ahead:
+            self._fitting = _fit_thread().submit(fit_models, plan)
+        else:
+            self._install(fit_models(plan))
+
+    def _fit_plan(self) -> dict | None:
+        """What is due now: the data, whether ``auto`` chooses the kind, and each model's trials (None: nothing)."""
         n = len(self.trials)
         if n < self.min_train:
-            return
+            return None
         X, nfes, scores = self._data()
         per_model = n if self.shared else n / len(self.nfes)
-        if self.predictor_kind == "auto" and per_model >= self._next_select:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                best, taus = select_predictor(X, nfes, scores, seed=self.seed, kinds=self.auto_kinds,
-                                              per_nfe=not self.shared)
+        select = self.predictor_kind == "auto" and per_model >= self._next_select
+        groups = {g: (np.arange(n) if g is None else np.flatnonzero(nfes == g),
+                      self._fit_size.get(g, 0) if g in self._models else None)
+                  for g in ([None] if self.shared else self.nfes)}
+        if not select and not any(refit_due(len(rows), last, self.min_train) for rows, last in groups.values()):
+            return None
+        return {"X": X, "nfes": nfes, "scores": scores, "select": select, "kind": self._chosen,
+                "kinds": self.auto_kinds, "shared": self.shared, "seed": self.seed, "min_train": self.min_train,
+                "groups": groups, "per_model": per_model}
+
+    def _install(self, fitted: dict) -> None:
+        self.fit_cpu_seconds += fitted["cpu_seconds"]
+        if fitted["select"] is not None:
+            best, taus = fitted["select"]
             if best != self._chosen:
                 self._models.clear()
             self._chosen = best
-            self.tau_report.append({"trials": n, "chosen": best, **taus})
-            self._next_select = SELECT_GROWTH[min(len(self.tau_report), 2) - 1] * per_model
-        for g in ([None] if self.shared else self.nfes):
-            rows = np.arange(n) if g is None else np.flatnonzero(nfes == g)
-            m, last = len(rows), self._fit_size.get(g, 0)
-            if not refit_due(m, last if g in self._models else None, self.min_train):
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._models[g] = Predictor(self._chosen or "extra-trees", self.seed).fit(
-                    X[rows], nfes[rows], scores[rows])
-            self._fit_size[g] = m
-            self._pred[g] = {}
+            self.tau_report.append({"trials": fitted["trials"], "chosen": best, **taus})
+            self._next_select = SELECT_GROWTH[min(len(self.tau_report), 2) - 1] * fitted["per_model"]
+        for g, (model, m) in fitted["models"].items():
+            self._models[g], self._fit_size[g], self._pred[g] = model, m, {}
 
     def _predict(self, nfe: int, cands: Sequence[Candidate]) -> np.ndarray | None:
         """The NFE's model's predictions for ``cands`` (None before it exists); each candidate is predicted

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import torch
 
 from steptune.space import Corrector, Schedule, ScheduleError, Step
 from steptune.space.noise import NoiseSchedule, VPDiscrete
@@ -40,10 +39,6 @@ RELAX_P = {"none": 0.35, "dpmsolver-2": 0.15, "unipc-bh2": 0.15, "unipc-bh1": 0.
 
 LATE_P = 0.5  # how often a random schedule starts late, where the space allows it
 ZERO_P = 0.25  # how often a random schedule ends at t = 0, where the space allows it
-
-# lambdas converted per torch call: short enough that torch takes the same (element by element) path as for
-# one value, so a batch of times equals the times converted one by one
-_CHUNK = 8
 
 
 def steps_for(nfe: int, afs: str = "none", implicit: int = 0) -> int:
@@ -69,8 +64,8 @@ class DecisionSpace:
         self.noise = noise
         self.noise_dict = noise.to_dict()
         self.t_start, self.t_end = float(t_start), float(t_end)
-        self.lam0 = float(noise.lam(self.t_start))
-        self.lam1 = float(noise.lam(self.t_end))
+        self._lam_cache: dict[float, float] = {}
+        self.lam0, self.lam1 = self.lam(self.t_start), self.lam(self.t_end)
         self.min_gap = float(min_gap)
         discrete = isinstance(noise, VPDiscrete)
         if min_start is None:  # half the bank's start, where that is still above the end
@@ -79,13 +74,12 @@ class DecisionSpace:
         if not self.t_end < self.min_start <= self.t_start:
             raise ScheduleError(f"min_start = {self.min_start:g} is outside ({self.t_end:g}, {self.t_start:g}]; give "
                                 "a time after the problem's t_end, at most its t_start")
-        self.lam_late = float(noise.lam(self.min_start))  # the largest lambda a start may have
+        self.lam_late = self.lam(self.min_start)  # the largest lambda a start may have
         self.zero_end = bool(discrete if zero_end is None else zero_end)
         self.afs_kinds = tuple(afs_kinds)
         self.max_order = int(max_order)
         self.relax_coef_sigma = relax_coef_sigma
         self.dc_sigma = dc_sigma
-        self._lam_cache: dict[float, float] = {}
 
     # ---- time axis ------------------------------------------------------------------------------
 
@@ -117,7 +111,7 @@ class DecisionSpace:
         if v is None:
             if len(self._lam_cache) > 200_000:
                 self._lam_cache.clear()
-            v = self._lam_cache[t] = float(self.noise.lam(t))
+            v = self._lam_cache[t] = float(self.noise.lam_array(np.array([t]))[0])
         return v
 
     def lams(self, s: Schedule) -> np.ndarray:
@@ -127,25 +121,18 @@ class DecisionSpace:
         if missing:
             if len(self._lam_cache) > 200_000:
                 self._lam_cache.clear()
-            for i in range(0, len(missing), _CHUNK):
-                part = missing[i:i + _CHUNK]
-                vals = self.noise.lam(torch.tensor(part, dtype=torch.float64)).tolist()
-                self._lam_cache.update(zip(part, vals))
+            self._lam_cache.update(zip(missing, self.noise.lam_array(np.array(missing)).tolist()))
         out = np.array([self._lam_cache[t] for t in times])
         if times[-1] == 0.0:
             out[-1] = self.lam_zero
         return out
 
     def t_of(self, lam: float) -> float:
-        return float(self.noise.t_of_lambda(torch.tensor(float(lam), dtype=torch.float64)))
+        return self.ts_of([lam])[0]
 
     def ts_of(self, lams: Sequence[float]) -> list[float]:
-        """:meth:`t_of` of several lambdas, a few at a time in one call each."""
-        out: list[float] = []
-        lams = [float(x) for x in lams]
-        for i in range(0, len(lams), _CHUNK):
-            out += self.noise.t_of_lambda(torch.tensor(lams[i:i + _CHUNK], dtype=torch.float64)).tolist()
-        return out
+        """The times of several lambdas (each as it would be alone: the conversion is element by element)."""
+        return self.noise.t_of_lambda_array(np.asarray(lams, dtype=np.float64)).tolist()
 
     def _ends(self, t_start: float | None, zero: bool) -> tuple[float, float, float]:
         """(start time, its lambda, the lambda of the end) of a frame; ``t_start`` None is the problem's."""
@@ -234,7 +221,7 @@ class DecisionSpace:
                     relaxation_coef=coef, corrector=corr, first_points=first, dc_ratio=dc)
 
     def make(self, times: Sequence[float], steps: Sequence[Step], afs: str, name: str = "searched") -> Schedule:
-        steps = [replace(st, t=t) for st, t in zip(steps, times[1:])]
+        steps = [st.at(t) for st, t in zip(steps, times[1:])]
         return Schedule(t_start=float(times[0]), steps=tuple(steps), noise=self.noise_dict, afs=afs, name=name)
 
     def repair(self, s: Schedule) -> Schedule:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from .errors import ScheduleError
@@ -28,6 +29,26 @@ def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     idx = torch.searchsorted(xp, x.clamp(min=xp[0], max=xp[-1])).clamp(1, len(xp) - 1)
     x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+
+def _interp_array(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """:func:`_interp` on float64 arrays."""
+    idx = np.clip(np.searchsorted(xp, np.clip(x, xp[0], xp[-1])), 1, len(xp) - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+
+def _vp_lam_array(la: np.ndarray) -> np.ndarray:
+    """lambda from log alpha on a VP schedule (log sigma = log(1 - alpha^2) / 2), float64 arrays."""
+    with np.errstate(divide="ignore"):
+        return la - 0.5 * np.log(-np.expm1(2.0 * la))
+
+
+def _through_torch(fn, x: np.ndarray, chunk: int = 8) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    flat = x.reshape(-1)
+    out = [fn(torch.from_numpy(flat[i:i + chunk].copy())).numpy() for i in range(0, len(flat), chunk)]
+    return (np.concatenate(out) if out else flat.copy()).reshape(x.shape)
 
 
 def log_alpha_from_lambda(lam: Tensor) -> Tensor:
@@ -60,6 +81,17 @@ class NoiseSchedule:
 
     def t_of_lambda(self, lam) -> Tensor:
         raise NotImplementedError
+
+    # ``lam`` and ``t_of_lambda`` on float64 numpy arrays, without autograd or torch's cost per call, for code that
+    # converts thousands of small sets of times (a searcher making candidates); equal to them to round-off, and
+    # element by element, so an array gives what its values give one at a time. A schedule without its own numpy
+    # form goes through its torch functions, a few values per call (short enough that torch takes its element by
+    # element path)
+    def lam_array(self, t: np.ndarray) -> np.ndarray:
+        return _through_torch(self.lam, t)
+
+    def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
+        return _through_torch(self.t_of_lambda, lam)
 
     def edm_sigma(self, t) -> Tensor:
         """sigma / alpha, the noise level k-diffusion and EDM use."""
@@ -118,6 +150,8 @@ class VPDiscrete(NoiseSchedule):
         n = len(ac)
         object.__setattr__(self, "_t", torch.linspace(0.0, 1.0, n + 1, dtype=_F64)[1:])
         object.__setattr__(self, "_la", 0.5 * torch.log(ac))
+        object.__setattr__(self, "_t_np", self._t.numpy())
+        object.__setattr__(self, "_la_np", self._la.numpy())
 
     @property
     def N(self) -> int:
@@ -160,6 +194,15 @@ class VPDiscrete(NoiseSchedule):
         t = _interp(la.reshape(-1), self._la.flip(0), self._t.flip(0)).reshape(la.shape)
         return torch.where(torch.isinf(lam) & (lam > 0), torch.zeros_like(t), t)
 
+    def lam_array(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        return _vp_lam_array(np.where(t <= 0, 0.0, _interp_array(t, self._t_np, self._la_np)))
+
+    def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
+        lam = np.asarray(lam, dtype=np.float64)
+        t = _interp_array(-0.5 * np.logaddexp(0.0, -2.0 * lam), self._la_np[::-1], self._t_np[::-1])
+        return np.where(np.isposinf(lam), 0.0, t)
+
     def timestep(self, t) -> Tensor:
         """The (fractional) training timestep a diffusers UNet takes: N t - 1."""
         return self.N * _as_tensor(t) - 1.0
@@ -193,6 +236,14 @@ class VPLinear(NoiseSchedule):
         delta = self.beta_0**2 + tmp
         return tmp / (torch.sqrt(delta) + self.beta_0) / (self.beta_1 - self.beta_0)
 
+    def lam_array(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        return _vp_lam_array(-0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0)
+
+    def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
+        tmp = 2.0 * (self.beta_1 - self.beta_0) * np.logaddexp(-2.0 * np.asarray(lam, dtype=np.float64), 0.0)
+        return tmp / (np.sqrt(self.beta_0**2 + tmp) + self.beta_0) / (self.beta_1 - self.beta_0)
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "beta_0": self.beta_0, "beta_1": self.beta_1, "T": self.T, "t_min": self.t_min}
 
@@ -217,6 +268,14 @@ class VPCosine(NoiseSchedule):
         la = log_alpha_from_lambda(_as_tensor(lam))
         return torch.arccos(torch.exp(la + self._la0())) * 2.0 * (1.0 + self.s) / math.pi - self.s
 
+    def lam_array(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        return _vp_lam_array(np.log(np.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._la0())
+
+    def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
+        la = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, dtype=np.float64))
+        return np.arccos(np.exp(la + self._la0())) * 2.0 * (1.0 + self.s) / math.pi - self.s
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "s": self.s, "T": self.T, "t_min": self.t_min}
 
@@ -238,6 +297,13 @@ class EDM(NoiseSchedule):
     def t_of_lambda(self, lam) -> Tensor:
         return torch.exp(-_as_tensor(lam))
 
+    def lam_array(self, t: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return -np.log(np.asarray(t, dtype=np.float64))
+
+    def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
+        return np.exp(-np.asarray(lam, dtype=np.float64))
+
     def to_dict(self) -> dict:
         return {"kind": self.kind, "T": self.T, "t_min": self.t_min}
 
@@ -258,6 +324,14 @@ class RectifiedFlow(NoiseSchedule):
 
     def t_of_lambda(self, lam) -> Tensor:
         return torch.sigmoid(-_as_tensor(lam))
+
+    def lam_array(self, t: np.ndarray) -> np.ndarray:
+        t = np.asarray(t, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            return np.log1p(-t) - np.log(t)
+
+    def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(np.asarray(lam, dtype=np.float64)))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "T": self.T, "t_min": self.t_min}

@@ -82,7 +82,7 @@ def digits_searcher(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     problem = get_problem("gmm-digits", cache_dir=cache)
     ev = Evaluator(problem, n_train=16, n_heldout=16, cache_dir=cache)
-    se = make_searcher("s3", problem.noise, problem.t_start, problem.t_end, [5, 8], seed=0)
+    se = make_searcher("s3", problem.noise, problem.t_start, problem.t_end, [5, 8], seed=0, fit_ahead=False)
     for _ in range(2):
         for c in se.ask(64):
             se.tell(c, ev.evaluate(c.schedule, bank="train"))

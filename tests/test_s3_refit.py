@@ -1,5 +1,9 @@
 """S^3 spends its own time where it pays: each NFE's predictor is refitted exactly at the trial counts its rule
-names, and before an NFE has a predictor no children are made beyond the ones picked (random picks need no pool)."""
+names, the fits run ahead in a background thread without changing what is asked, and before an NFE has a predictor
+no children are made beyond the ones picked (random picks need no pool)."""
+
+import copy
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -59,3 +63,80 @@ def test_no_pool_is_made_before_an_nfe_has_a_predictor(space):
         for c in batch:
             se.tell(c, smooth_score(space, c))
     assert len(se.trials) == 24 and 5 not in se._models
+
+
+class _Inline:
+    """Fits at once, in the asking thread: the earliest a fit made ahead can be ready."""
+
+    def submit(self, fn, *args):
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+
+class _AtTheLastMoment(Future):
+    """Fits only when the next ask needs the result: the latest a fit made ahead can be ready."""
+
+    def __init__(self, fn, args):
+        super().__init__()
+        self.fn, self.args = fn, args
+
+    def result(self, timeout=None):
+        if not self.done():
+            self.set_result(self.fn(*self.args))
+        return super().result()
+
+
+class _Late:
+    def submit(self, fn, *args):
+        return _AtTheLastMoment(fn, args)
+
+
+def asked_keys(space, n_trials: int, **opts) -> list[str]:
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [4, 6], seed=3, min_train=10, pool=30,
+                       presets=("ddim",), **opts)
+    keys = []
+    while len(se.trials) < n_trials:
+        batch = se.ask(4)
+        keys += [c.key for c in batch]
+        for c in batch:
+            se.tell(c, smooth_score(space, c))
+    return keys
+
+
+def test_fits_made_ahead_give_the_same_trials_whenever_they_finish(space, monkeypatch):
+    """A fit started at one ask and used from the next gives the same search whether it finished at once, in the
+    background thread, or only when the next ask waited for it: the searcher is a function of its history."""
+    from steptune.search import s3
+
+    threaded = asked_keys(space, 120)
+    monkeypatch.setattr(s3, "_fit_thread", _Inline)
+    inline = asked_keys(space, 120)
+    monkeypatch.setattr(s3, "_fit_thread", _Late)
+    late = asked_keys(space, 120)
+    assert threaded == inline == late
+    assert threaded != asked_keys(space, 120, fit_ahead=False)  # fitted in the ask, the models are one ask newer
+
+
+def test_a_fit_made_ahead_is_used_from_the_next_ask_and_its_time_is_counted(space):
+    for ahead in (True, False):
+        se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
+                           presets=("ddim",), fit_ahead=ahead)
+        while len(se.trials) < 12:
+            for c in se.ask(4):
+                se.tell(c, smooth_score(space, c))
+        se.ask(4)  # the first fit is due at this ask
+        assert (5 in se._models) is not ahead
+        se.ask(4)
+        assert 5 in se._models and se._fit_size[5] == 12
+        assert se.fit_cpu_seconds > 0
+
+
+def test_a_copy_with_a_fit_in_flight_asks_what_the_original_asks(space):
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=1, min_train=12, pool=20,
+                       presets=("ddim",))
+    while se._fitting is None:
+        for c in se.ask(4):
+            se.tell(c, smooth_score(space, c))
+    twin = copy.deepcopy(se)
+    assert [c.key for c in twin.ask(4)] == [c.key for c in se.ask(4)]
