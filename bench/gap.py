@@ -1,6 +1,8 @@
 """Where searched schedules lose to the presets at twice their NFE: the best preset at its best spacing at each of
 ``--presets-at``, the error of every state along each schedule against the reference solution at the same time
-(held-out bank, first ``--states``), and what refinement makes of the best presets and of the searched schedules.
+(held-out bank, first ``--states``), how much of each one's RMSE a few states make (the cheap fidelity's 128 train
+states, the train bank, the held-out bank without its worst 1% of states, and how many states end more than
+``--far`` from the reference in RMSE), and what refinement makes of the best presets and of the searched schedules.
 
 The searched schedules are those a ``bench/search_efficiency.py`` run saved (``--from``, its JSON; the job's best
 searched schedule per seed and NFE, before refinement).
@@ -43,6 +45,24 @@ def errors_along(ev, schedule: Schedule, n: int) -> list[float]:
     return [float((x - r).pow(2).mean().sqrt()) for x, r in zip(states, ref)]
 
 
+def per_state(ev, schedule: Schedule, bank: str, n: int | None = None) -> torch.Tensor:
+    """Each state's mean squared error at the end of ``schedule`` (first ``n`` states of ``bank``)."""
+    x_T = ev.x_T(bank, n)
+    with torch.no_grad():
+        x = sample(ev.problem.model, x_T, schedule)
+    return (x - ev.reference(bank, schedule.steps[-1].t)[: len(x)]).pow(2).mean(1)
+
+
+def tail(ev, schedule: Schedule, far: float) -> dict:
+    cheap, train, held = (per_state(ev, schedule, b, n) for b, n in (("train", 128), ("train", None),
+                                                                      ("heldout", None)))
+    k = max(1, len(held) // 100)
+    return {"cheap": float(cheap.mean().sqrt()), "train": float(train.mean().sqrt()),
+            "heldout": float(held.mean().sqrt()),
+            "heldout_without_worst_1pct": float(held.sort().values[:-k].mean().sqrt()),
+            "far_train": int((train.sqrt() > far).sum()), "far_heldout": int((held.sqrt() > far).sum())}
+
+
 def describe(ev, schedule: Schedule, errs: list[float]) -> list[dict]:
     lam = ev.problem.noise.lam(torch.tensor([st.t for st in schedule.steps], dtype=torch.float64)).tolist()
     return [{"t": st.t, "lambda": lam[i], "prediction": st.prediction, "order": st.order,
@@ -58,6 +78,7 @@ def main(argv=None):
     ap.add_argument("--presets-at", default="8,10,15,20")
     ap.add_argument("--states", type=int, default=256, help="held-out states the errors along the run are taken on")
     ap.add_argument("--iters", type=int, default=60, help="refinement iterations")
+    ap.add_argument("--far", type=float, default=0.1, help="a state's RMSE above which it counts as far")
     args = ap.parse_args(argv)
     nfes = [int(x) for x in args.nfe.split(",")]
     preset_nfes = [int(x) for x in args.presets_at.split(",")]
@@ -89,6 +110,14 @@ def main(argv=None):
             print(f"| {st['t']:.4f} | {st['lambda']:.2f} | {st['prediction']} | {st['order']} "
                   f"| {st['corrector'] or '-'} | {st['error']:.4f} |")
 
+    tails = {name: tail(ev, s, args.far) for name, s in schedules.items()}
+    print(f"\nhow much a few states make (RMSE; far: states whose own RMSE is above {args.far})\n| schedule | cheap "
+          "(128 train) | train (256) | held-out | held-out without its worst 1% | far, train | far, held-out |\n"
+          + "|---" * 7 + "|")
+    for name, t in tails.items():
+        print(f"| {name} | {t['cheap']:.4f} | {t['train']:.4f} | {t['heldout']:.4f} "
+              f"| {t['heldout_without_worst_1pct']:.4f} | {t['far_train']} | {t['far_heldout']} |")
+
     refined = []
     for name, s in schedules.items():
         if s.nfe not in nfes:
@@ -105,7 +134,7 @@ def main(argv=None):
     backend.close()
     path = save_json("gap", {"args": vars(args), "best_preset": {n: {k: best[n][k] for k in ("preset", "spacing",
                                                                                               "rmse")} for n in best},
-                             "along": along, "refined": refined})
+                             "along": along, "tails": tails, "refined": refined})
     print(f"saved {path}")
 
 
