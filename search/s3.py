@@ -262,8 +262,9 @@ class S3Searcher(Searcher):
     ``batch_penalty`` (in an ask of more than ``WIDE`` picks at one NFE, what a candidate loses, in predicted rank,
     for each already chosen or in-flight candidate close to it; 0 picks the ranking as it is), ``batch_explore``
     (in such an ask, how much of the extra-trees spread of a candidate's prediction is taken off it),
-    ``fit_ahead`` (fit the predictors in a background thread while the asked batch is evaluated, used from the next
-    ask on; False fits them in the ask that finds them due and uses them at once)."""
+    ``fit_ahead`` (refit the predictors in a background thread while the asked batch is evaluated, used from the next
+    ask on; an NFE's first model is fitted in the ask that finds it due either way; False fits every model in the
+    ask and uses it at once)."""
 
     name = "s3"
     batch_per_nfe = 4
@@ -370,15 +371,17 @@ class S3Searcher(Searcher):
         chooses the kind when the trials per model reach ``min_train``, again when they have tripled, then after
         each tenfold growth (``SELECT_GROWTH``; so a job over several NFEs chooses when each NFE has as many trials
         as a search of one NFE alone does). With ``fit_ahead`` those fits run in a background thread while the
-        asked batch is evaluated and are used from the next ask on; the models each ask uses are then those fitted
-        on the trials told before the ask before it, a function of the history whatever the timing."""
+        asked batch is evaluated and are used from the next ask on (the models an ask uses are then those fitted on
+        the trials told before the ask before it, a function of the history whatever the timing), except the fits
+        that give an NFE its first model, which rank at once."""
         if self._fitting is not None:
             self._install(self._fitting.result() if isinstance(self._fitting, Future) else self._fitting)
             self._fitting = None
         plan = self._fit_plan()
         if plan is None:
             return
-        if self.fit_ahead:
+        first = any(g not in self._models for g in plan["groups"])  # nothing ranks that NFE before its first fit
+        if self.fit_ahead and not first:
             self._fitting = _fit_thread().submit(fit_models, plan)
         else:
             self._install(fit_models(plan))

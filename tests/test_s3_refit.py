@@ -115,20 +115,24 @@ def test_fits_made_ahead_give_the_same_trials_whenever_they_finish(space, monkey
     monkeypatch.setattr(s3, "_fit_thread", _Late)
     late = asked_keys(space, 120)
     assert threaded == inline == late
-    assert threaded != asked_keys(space, 120, fit_ahead=False)  # fitted in the ask, the models are one ask newer
 
 
-def test_a_fit_made_ahead_is_used_from_the_next_ask_and_its_time_is_counted(space):
+def test_a_refit_made_ahead_is_used_from_the_next_ask_and_the_first_fit_at_once(space):
     for ahead in (True, False):
         se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
-                           presets=("ddim",), fit_ahead=ahead)
+                           presets=("ddim",), predictor="extra-trees", fit_ahead=ahead)
         while len(se.trials) < 12:
             for c in se.ask(4):
                 se.tell(c, smooth_score(space, c))
-        se.ask(4)  # the first fit is due at this ask
-        assert (5 in se._models) is not ahead
+        se.ask(4)  # the first fit is due at this ask: it ranks at once
+        assert se._fit_size.get(5) == 12
+        while len(se.trials) < 32:
+            for c in se.ask(4):
+                se.tell(c, smooth_score(space, c))
+        se.ask(4)  # the refit at 32 trials (12 + 20) is due here
+        assert se._fit_size[5] == (12 if ahead else 32)
         se.ask(4)
-        assert 5 in se._models and se._fit_size[5] == 12
+        assert se._fit_size[5] == 32
         assert se.fit_cpu_seconds > 0
 
 
