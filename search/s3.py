@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -244,6 +245,19 @@ def _fit_thread() -> ThreadPoolExecutor:
     if _FIT_THREAD is None:
         _FIT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-fit")
     return _FIT_THREAD
+
+
+def _settle_fits() -> None:  # before a fork: the fits under way end, so the child has their results
+    if _FIT_THREAD is not None:
+        _FIT_THREAD.submit(int).result()
+
+
+def _forget_fit_thread() -> None:  # a forked process has no copy of the thread: it starts its own
+    global _FIT_THREAD
+    _FIT_THREAD = None
+
+
+os.register_at_fork(before=_settle_fits, after_in_child=_forget_fit_thread)
 
 
 # ---- the searcher ---------------------------------------------------------------------------------

@@ -144,3 +144,33 @@ def test_a_copy_with_a_fit_in_flight_asks_what_the_original_asks(space):
             se.tell(c, smooth_score(space, c))
     twin = copy.deepcopy(se)
     assert [c.key for c in twin.ask(4)] == [c.key for c in se.ask(4)]
+
+
+def test_a_forked_process_fits_ahead_in_a_thread_of_its_own(space):
+    """A process forked after the parent's fit thread started (no copy of that thread exists in it), with a fit
+    under way at the fork, still gets that fit and its later ones made."""
+    import os
+    import select
+    import signal
+
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=1, min_train=12, pool=20,
+                       presets=("ddim",), predictor="extra-trees")
+    while se._fitting is None or se._fit_size.get(5, 0) < 12:  # the first fit in the ask, the next in the thread
+        for c in se.ask(4):
+            se.tell(c, smooth_score(space, c))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one more refit made ahead and put in place
+        try:
+            while se._fit_size[5] < 52:
+                for c in se.ask(4):
+                    se.tell(c, smooth_score(space, c))
+            os.write(write, str(se._fit_size[5]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 120)  # a bound for a child that hangs, not a pause
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert ready and os.read(read, 16).decode() == "52"
