@@ -394,7 +394,8 @@ class S3Searcher(Searcher):
         plan = self._fit_plan()
         if plan is None:
             return
-        first = any(g not in self._models for g in plan["groups"])  # nothing ranks that NFE before its first fit
+        first = any(last is None and refit_due(len(rows), None, self.min_train)  # nothing ranks that NFE before it
+                    for rows, last in plan["groups"].values())
         if self.fit_ahead and not first:
             self._fitting = _fit_thread().submit(fit_models, plan)
         else:
@@ -405,7 +406,7 @@ class S3Searcher(Searcher):
         n = len(self.trials)
         if n < self.min_train:
             return None
-        X, nfes, scores = self._data()
+        nfes = np.array([c.nfe for c, _ in self.trials])
         per_model = n if self.shared else n / len(self.nfes)
         select = self.predictor_kind == "auto" and per_model >= self._next_select
         groups = {g: (np.arange(n) if g is None else np.flatnonzero(nfes == g),
@@ -413,6 +414,7 @@ class S3Searcher(Searcher):
                   for g in ([None] if self.shared else self.nfes)}
         if not select and not any(refit_due(len(rows), last, self.min_train) for rows, last in groups.values()):
             return None
+        X, nfes, scores = self._data()
         return {"X": X, "nfes": nfes, "scores": scores, "select": select, "kind": self._chosen,
                 "kinds": self.auto_kinds, "shared": self.shared, "seed": self.seed, "min_train": self.min_train,
                 "groups": groups, "per_model": per_model}
