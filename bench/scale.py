@@ -63,7 +63,7 @@ def measure(workers: int, evaluations: int, cache: str, db: str) -> dict:
 
     def progress(st):  # the driver's CPU time from the first search result to the last
         if st["phase"] == "search":
-            fits = getattr(runner.searcher, "fit_cpu_seconds", 0.0)
+            fits = getattr(runner.searcher, "background_fit_cpu_seconds", 0.0)
             now = (time.process_time(), st["done"], {**parts, "fits": fits})
             cpu.setdefault("first", now)
             cpu["last"] = now

@@ -98,7 +98,7 @@ def job_rates(problem: str, evaluations: int, db_path: Path) -> list[dict]:
             res = runner.run()
             secs = time.perf_counter() - t0
             sampling = sum(t.seconds or 0 for t in db.trials(name))
-            fits = getattr(runner.searcher, "fit_cpu_seconds", 0.0)
+            fits = getattr(runner.searcher, "background_fit_cpu_seconds", 0.0)
         backend.close()
         n = res.evaluations
         rows.append({"backend": name, "evaluations": n, "seconds": secs, "evals_per_s": n / secs,
@@ -170,8 +170,8 @@ def searcher_alone(problem: str, nfes: list[int], per_nfe: int, batch: int) -> d
         s3.S3Searcher._children = make
     n = len(se.trials)
     return {"nfes": nfes, "per_nfe": per_nfe, "batch": batch, "cpu_ms_per_eval": 1000 * cpu / n,
-            "fits_ms_per_eval": 1000 * se.fit_cpu_seconds / n, "children_ms_per_eval": 1000 * children[0] / n,
-            "predictor": se.state()["predictor"]}
+            "fits_ms_per_eval": 1000 * se.background_fit_cpu_seconds / n,
+            "children_ms_per_eval": 1000 * children[0] / n, "predictor": se.state()["predictor"]}
 
 
 def main():

@@ -318,6 +318,7 @@ class S3Searcher(Searcher):
         self.fit_ahead = bool(fit_ahead)
         self._fitting: Future | dict | None = None  # fits started at the last ask (a dict once copied)
         self.fit_cpu_seconds = 0.0  # CPU time of the predictor fits, in whichever thread they ran
+        self.background_fit_cpu_seconds = 0.0  # of which in the background thread (put in place so far)
         self._parents: dict[tuple, tuple] = {}  # (nfe, trials told) -> the best, and whether they are all
 
     def __getstate__(self) -> dict:
@@ -389,7 +390,9 @@ class S3Searcher(Searcher):
         the trials told before the ask before it, a function of the history whatever the timing), except the fits
         that give an NFE its first model, which rank at once."""
         if self._fitting is not None:
-            self._install(self._fitting.result() if isinstance(self._fitting, Future) else self._fitting)
+            fitted = self._fitting.result() if isinstance(self._fitting, Future) else self._fitting
+            self.background_fit_cpu_seconds += fitted["cpu_seconds"]
+            self._install(fitted)
             self._fitting = None
         plan = self._fit_plan()
         if plan is None:

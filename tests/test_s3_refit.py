@@ -133,7 +133,8 @@ def test_a_refit_made_ahead_is_used_from_the_next_ask_and_the_first_fit_at_once(
         assert se._fit_size[5] == (12 if ahead else 32)
         se.ask(4)
         assert se._fit_size[5] == 32
-        assert se.fit_cpu_seconds > 0
+        assert se.fit_cpu_seconds > 0 and (se.background_fit_cpu_seconds > 0) is ahead
+        assert se.background_fit_cpu_seconds < se.fit_cpu_seconds  # the first fit was the ask's own
 
 
 def test_a_copy_with_a_fit_in_flight_asks_what_the_original_asks(space):
