@@ -146,15 +146,19 @@ def search_cmd(
 
 
 def refinements(url: str | None, study: str) -> dict[int, dict]:
-    """Per NFE, the latest refinement stored in ``study``: its held-out RMSE (the parent's when it did not beat it),
-    whether it beat its parent, its trial id and seconds."""
+    """Per NFE, the latest refinement of a searched schedule stored in ``study`` (not those of the presets the
+    refine stage also refines): its held-out RMSE (the parent's when it did not beat it), whether it beat its
+    parent, its trial id and seconds."""
     from steptune.refine import is_refinement
     from steptune.storage import connect
 
     with connect(url, must_exist=True) as store:
-        trials = [t for t in store.trials(study) if is_refinement(t)]
+        trials = store.trials(study)
+    baselines = {t.id for t in trials if t.info.get("baseline")}
     out = {}
     for t in trials:
+        if not is_refinement(t) or t.info["refines"] in baselines:
+            continue
         rec = t.info.get("refine", {})
         improved = t.status == "complete"
         out[t.nfe] = {"rmse": t.score if improved else rec.get("parent_rmse"), "improved": improved,
