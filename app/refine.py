@@ -135,6 +135,15 @@ def trial_item(parent, result: RefineResult) -> dict:
                      "refine": result.info()}}
 
 
+def store_heldout(store, study: str, sched, res, info: dict):
+    """A schedule's held-out evaluation ``res`` stored as a trial of ``study`` with ``info``; the stored trial."""
+    (tid,) = store.add_trials(study, [{"schedule": sched.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM,
+                                       "n_samples": res.n, "metrics": {**res.metrics, **res.cost()},
+                                       "status": res.status, "error": res.error, "seconds": res.seconds,
+                                       "info": info}])
+    return store.trial(tid)
+
+
 def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, samples: int | None,
                   say: Callable[[str], None] = lambda msg: None,
                   progress: Callable[[int, int, int, float], None] | None = None,
@@ -206,11 +215,7 @@ def preset_parents(store, study: str, evaluator, nfes: list[int], samples: int,
         res = evaluator.evaluate(sched, CONFIRM)
         info = {"baseline": True, "origin": baselines.origin(spec, nfe, sp), "best_of": f"{spec}@{nfe}",
                 "spacing": sp, "spacing_scores": scores, "spacing_bank": CHEAP, "spacing_samples": samples}
-        (tid,) = store.add_trials(study, [{"schedule": sched.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM,
-                                           "n_samples": res.n, "metrics": {**res.metrics, **res.cost()},
-                                           "status": res.status, "error": res.error, "seconds": res.seconds,
-                                           "info": info}])
-        t = store.trial(tid)
+        t = store_heldout(store, study, sched, res, info)
         say(f"NFE {nfe}: best preset {spec} at {sp} spacing, held-out RMSE "
             + (f"{t.score:.4g}" if t.score is not None else t.status))
         if best_preset(t):
@@ -256,11 +261,7 @@ def interpolated_parents(store, study: str, evaluator, nfes: list[int],
         res = evaluator.evaluate(sched, CONFIRM)
         info = {"interpolated": {**how, "from_trials": {str(n): best[n].id for n in how["between"]}},
                 "origin": f"interpolated:{src.info.get('origin') or f'trial {src.number}'}"}
-        (tid,) = store.add_trials(study, [{"schedule": sched.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM,
-                                           "n_samples": res.n, "metrics": {**res.metrics, **res.cost()},
-                                           "status": res.status, "error": res.error, "seconds": res.seconds,
-                                           "info": info}])
-        t = store.trial(tid)
+        t = store_heldout(store, study, sched, res, info)
         say(f"NFE {nfe} interpolated from NFE {how['decisions_from']} (trial id {src.id}): held-out RMSE "
             + (f"{t.score:.4g}" if t.status == "complete" and t.score is not None else f"{t.status}"))
         if t.status == "complete" and t.score is not None:
