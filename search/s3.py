@@ -4,8 +4,8 @@
 * Each stage, for every NFE, children are generated from the best schedules at that NFE (mutation,
   crossover), from the best schedules at lower NFEs (warm start: steps inserted) and at random, into a
   pool of ``pool`` children per NFE that lives across stages (each stage adds ``refresh`` x ``pool`` new
-  ones, at most 5 per pick, and drops the oldest); the NFE's predictor ranks the pool and the top ``k``
-  are truly evaluated; the predictor is retrained as the trial set grows. The parents are the best
+  ones, at most ``CHILDREN_PER_PICK`` per pick, and drops the oldest); the NFE's predictor ranks the pool and the
+  top ``k`` are truly evaluated; the predictor is retrained as the trial set grows. The parents are the best
   schedule of each step structure (schedules that differ only in their times count once), so the
   population does not collapse onto copies of one schedule; a wide stage takes at most max(2, k/3) of one
   step structure.
@@ -52,6 +52,7 @@ from .searcher import Candidate, Searcher
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
 WIDE = 4  # picks per NFE in one ask above which they are chosen as a batch (s3_batch.pick), not as a ranking
 N_STEP_FEATURES = 13
+CHILDREN_PER_PICK = 5  # new pool children per pick an ask makes, once the pool is full (3 searched worse)
 N_GLOBAL_FEATURES = 10
 
 
@@ -503,14 +504,14 @@ class S3Searcher(Searcher):
 
     def _refill(self, nfe: int, k: int, rng: np.random.Generator, taken: set[str]) -> list[Candidate]:
         """The NFE's pool for an ask of ``k`` picks: the children not asked yet, topped up with new ones (as many
-        as it lacks, else ``refresh`` x ``pool`` but at most 5 per pick), the oldest dropped beyond ``pool``.
-        Before the NFE has a model the picks are random, so only as many children as picks are made."""
+        as it lacks, else ``refresh`` x ``pool`` but at most ``CHILDREN_PER_PICK`` per pick), the oldest dropped
+        beyond ``pool``. Before the NFE has a model the picks are random, so only as many children as picks are made."""
         keep = [] if self.refresh >= 1 else [c for c in self._pools.get(nfe, [])
                                              if c.key not in self.seen and c.key not in taken]
         if self._models.get(self._group(nfe)) is None:  # nothing ranks a pool yet: the picks are random
             fresh = max(k - len(keep), 0)
         else:
-            fresh = max(self.pool - len(keep), min(math.ceil(self.refresh * self.pool), 5 * k))
+            fresh = max(self.pool - len(keep), min(math.ceil(self.refresh * self.pool), CHILDREN_PER_PICK * k))
         pool = keep + self._children(nfe, rng, taken | {c.key for c in keep}, fresh)
         for c in pool[:-self.pool]:
             self._feat.pop(c.key, None)
