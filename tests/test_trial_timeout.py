@@ -94,14 +94,18 @@ def test_a_hung_evaluation_is_cut_off_and_its_trial_finished_by_another_evaluato
     assert config["evaluators"]["trial_timeout"] == 5.0
 
 
-def test_a_trial_that_times_out_on_its_last_attempt_fails_naming_the_timeout(hang, tmp_path):
-    job = _job("hung-once", tmp_path / "cache", evaluations=4, max_attempts=1)
-    backend = RayBackend(job.problem, job.evaluation, job.backend)
+def _run_with_one_attempt(study: str, tmp_path, **kw):
+    """A 4-evaluation job with ``max_attempts = 1`` on the Ray backend: its result, trials and failed trials."""
+    job = _job(study, tmp_path / "cache", evaluations=4, max_attempts=1, **kw)
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    res, _ = run_job(job, url, backend)
+    res, _ = run_job(job, url, RayBackend(job.problem, job.evaluation, job.backend))
     with connect(url) as db:
-        trials = db.trials("hung-once")
-    failed = [t for t in trials if t.status == "failed"]
+        trials = db.trials(study)
+    return res, trials, [t for t in trials if t.status == "failed"]
+
+
+def test_a_trial_that_times_out_on_its_last_attempt_fails_naming_the_timeout(hang, tmp_path):
+    res, trials, failed = _run_with_one_attempt("hung-once", tmp_path)
     assert res.status == "complete" and len(trials) == 4
     assert len(failed) == 1 and failed[0].error.startswith("failed: attempt 1 of 1: timed out after 5 s")
     assert "no attempts left" in failed[0].error
@@ -140,14 +144,7 @@ def test_a_crashed_evaluator_costs_an_attempt_only_to_the_trial_it_was_running(c
 
 def test_with_one_attempt_only_the_trial_that_crashed_its_evaluator_fails(crash, tmp_path):
     """max_attempts = 1: the crashed trial fails naming the death; the one queued behind it still completes."""
-    job = _job("crashed-once", tmp_path / "cache", evaluations=4, max_attempts=1, model="crashing_gmm",
-               trial_timeout=None)
-    backend = RayBackend(job.problem, job.evaluation, job.backend)
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    res, _ = run_job(job, url, backend)
-    with connect(url) as db:
-        trials = db.trials("crashed-once")
-    failed = [t for t in trials if t.status == "failed"]
+    res, trials, failed = _run_with_one_attempt("crashed-once", tmp_path, model="crashing_gmm", trial_timeout=None)
     assert crash.exists() and res.status == "complete" and len(trials) == 4
     assert len(failed) == 1 and failed[0].error.startswith("failed: attempt 1 of 1: evaluator ray-")
     assert re.search(r"died \(Actor(Died|Unavailable)Error\); no attempts left$", failed[0].error)
