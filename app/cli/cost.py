@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from steptune.cli.console import out
 from steptune.search_cost import seconds_text, study_cost
 
 COLUMNS = ("evals", "model calls", "wall", "device s")
@@ -33,18 +34,19 @@ def cells(cost: dict, nfe: int) -> list[str]:
 
 
 def nfe_cell(nfe: int, interpolated_from: list[int] | None) -> str:
-    """A table's NFE cell: ``7 (from 6, 8)`` for an NFE interpolated from searched ones (see ``interpolated_note``)."""
+    """A table's NFE cell: ``7 (from 6, 8)`` for an NFE interpolated from searched ones (see
+    ``print_interpolated_note``)."""
     return f"{nfe} (from {', '.join(map(str, interpolated_from))})" if interpolated_from else str(nfe)
 
 
-def interpolated_note(rows: list[tuple[int, list[int] | None]], with_cost: bool = True) -> str | None:
-    """The line under a table with interpolated NFEs ((nfe, interpolated_from) pairs), None without any."""
+def print_interpolated_note(rows: list[tuple[int, list[int] | None]], with_cost: bool = True) -> None:
+    """The line under a table with interpolated NFEs ((nfe, interpolated_from) pairs); nothing without any."""
     mine = [(n, f) for n, f in rows if f]
     if not mine:
-        return None
+        return
     what = "; ".join(f"NFE {n} from NFE {', '.join(map(str, f))}" for n, f in mine)
-    return (f"not searched, interpolated ([refine] interpolate): {what}; each scored on the held-out bank and "
-            "refined" + (", its cost columns what that took" if with_cost else ""))
+    out.print(f"not searched, interpolated ([refine] interpolate): {what}; each scored on the held-out bank and "
+              "refined" + (", its cost columns what that took" if with_cost else ""), highlight=False, markup=False)
 
 
 def _part(c: dict) -> str:

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from steptune.cli.console import err, fmt, out
-from steptune.cli.cost import interpolated_note, nfe_cell
+from steptune.cli.cost import nfe_cell, print_interpolated_note
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
 from steptune.cli.paths import output_file, output_folder
@@ -93,8 +93,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
                 out.print("metrics: " + ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}"
                                                   for k, v in t.metrics.items()))
             made = None if t.info.get("baseline") else _interpolated_nfes(store, study).get(t.nfe)
-            if made:
-                out.print(interpolated_note([(t.nfe, made)], with_cost=False), highlight=False, markup=False)
+            print_interpolated_note([(t.nfe, made)], with_cost=False)
             out.print(_describe(t.to_schedule()))
             return
         _check_fidelity(store, study, fidelity)
@@ -116,9 +115,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         table.add_row(nfe_cell(t.nfe, source[t.id]), fmt(t.score), str(t.id), t.schedule.get("name") or "—",
                       t.fidelity or "—", "*" if t.id in front else "")
     out.print(table)
-    note = interpolated_note([(t.nfe, source[t.id]) for t in best], with_cost=False)
-    if note:
-        out.print(note, highlight=False, markup=False)
+    print_interpolated_note([(t.nfe, source[t.id]) for t in best], with_cost=False)
 
 
 def _interpolated_nfes(store, study: str) -> dict[int, list[int]]:

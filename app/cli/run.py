@@ -174,7 +174,7 @@ def run_cmd(
                           str(r.found_at or "—"), *((fmt(r.refined),) if refined else ()),
                           *cost_table.cells(cost, r.nfe))
         out.print(table)
-        _print_note([(r.nfe, r.interpolated_from) for r in result.per_nfe])
+        cost_table.print_interpolated_note([(r.nfe, r.interpolated_from) for r in result.per_nfe])
         out.print(cost_table.line(cost), highlight=False)
         if result.utilisation:
             out.print(utilisation_text(result.utilisation))
@@ -182,11 +182,6 @@ def run_cmd(
             err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
     if result.status == "interrupted":
         raise typer.Exit(130)
-
-def _print_note(rows) -> None:
-    note = cost_table.interpolated_note(rows)
-    if note:
-        out.print(note, highlight=False, markup=False)
 
 
 def utilisation_text(u: dict) -> str:
@@ -231,7 +226,7 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
                       *((fmt(r["refined"]),) if refined else ()), r["preset"] or "—", fmt(r["preset_score"]),
                       *cost_table.cells(cost, r["nfe"]))
     out.print(table)
-    _print_note([(r["nfe"], r["interpolated_from"]) for r in info["per_nfe"]])
+    cost_table.print_interpolated_note([(r["nfe"], r["interpolated_from"]) for r in info["per_nfe"]])
     out.print(cost_table.line(cost), highlight=False)
     busy = info["busy_evaluators"]
     out.print(f"evaluators busy now: {busy}" + (f" of {info['evaluators']}" if info["evaluators"] else ""))
