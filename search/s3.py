@@ -38,7 +38,6 @@ import time
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import lru_cache
 
 import numpy as np
 
@@ -76,10 +75,21 @@ def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
     return out
 
 
-@lru_cache(maxsize=65536)
+_STEP_CODES: dict[str, tuple] = {}
+
+
 def _step_code(st) -> tuple:
-    """A step's decisions as numbers (every encoded feature but its position and gap); steps are immutable, and
-    children share most of theirs with their parents."""
+    """A step's decisions as numbers (every encoded feature but its position and gap), kept by the text of its
+    decisions: children share most of theirs with their parents, whatever their times."""
+    code = _STEP_CODES.get(st.decisions_text)
+    if code is None:
+        if len(_STEP_CODES) > 65536:
+            _STEP_CODES.clear()
+        code = _STEP_CODES[st.decisions_text] = _code(st)
+    return code
+
+
+def _code(st) -> tuple:
     c = st.corrector
     relax = STEP_RELAXATIONS.index(st.relaxation) / 6 if st.relaxation in STEP_RELAXATIONS else 1.0
     return (st.order / 4, st.prediction == "data", c is not None and c.kind == "pseudo",
@@ -278,8 +288,8 @@ class S3Searcher(Searcher):
     for each already chosen or in-flight candidate close to it; 0 picks the ranking as it is), ``batch_explore``
     (in such an ask, how much of the extra-trees spread of a candidate's prediction is taken off it),
     ``fit_ahead`` (refit the predictors in a background thread while the asked batch is evaluated, used from the next
-    ask on; an NFE's first model is fitted in the ask that finds it due either way; False fits every model in the
-    ask and uses it at once)."""
+    ask on; an NFE's first model is fitted in the ask that finds it due either way, of the first of ``auto_kinds``
+    when ``auto`` chooses then; False fits every model in the ask, choosing the kind first, and uses it at once)."""
 
     name = "s3"
     batch_per_nfe = 4
@@ -321,6 +331,8 @@ class S3Searcher(Searcher):
         self.fit_cpu_seconds = 0.0  # CPU time of the predictor fits, in whichever thread they ran
         self.background_fit_cpu_seconds = 0.0  # of which in the background thread (put in place so far)
         self._parents: dict[tuple, tuple] = {}  # (nfe, trials told) -> the best, and whether they are all
+        self._by_nfe: dict[int, list[int]] = {}  # trial indices at each NFE
+        self._by_structure: dict[tuple[int, str], list[int]] = {}  # ... of each step structure at each NFE
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -338,6 +350,9 @@ class S3Searcher(Searcher):
         x = self._feat.pop(candidate.key, None)
         self._X.append(x if x is not None else self._encode(candidate))
         self._struct.append(candidate.schedule.structure_key())
+        i = len(self.trials) - 1
+        self._by_nfe.setdefault(candidate.nfe, []).append(i)
+        self._by_structure.setdefault((candidate.nfe, self._struct[i]), []).append(i)
         self._logits.append(self.space.lams_to_logits(candidate.schedule))
 
     def _encode(self, c: Candidate) -> np.ndarray:
@@ -359,8 +374,7 @@ class S3Searcher(Searcher):
 
     def _rank_parents(self, nfe: int, k: int) -> tuple[list[tuple[Candidate, float, int]], bool]:
         """The ``k`` best, and whether they are all there are."""
-        idx = sorted((i for i, (c, _) in enumerate(self.trials) if c.nfe == nfe),
-                     key=lambda i: (self.trials[i][1], i))
+        idx = sorted(self._by_nfe.get(nfe, ()), key=lambda i: (self.trials[i][1], i))
         out, keys = [], set()
         for i in idx:
             if self.niche:
@@ -389,7 +403,8 @@ class S3Searcher(Searcher):
         as a search of one NFE alone does). With ``fit_ahead`` those fits run in a background thread while the
         asked batch is evaluated and are used from the next ask on (the models an ask uses are then those fitted on
         the trials told before the ask before it, a function of the history whatever the timing), except the fits
-        that give an NFE its first model, which rank at once."""
+        that give an NFE its first model, which rank at once: of the first of ``auto_kinds`` where ``auto`` is to
+        choose the kind then, the choice (a fit of each kind) following in the background."""
         if self._fitting is not None:
             fitted = self._fitting.result() if isinstance(self._fitting, Future) else self._fitting
             self.background_fit_cpu_seconds += fitted["cpu_seconds"]
@@ -400,7 +415,9 @@ class S3Searcher(Searcher):
             return
         first = any(last is None and refit_due(len(rows), None, self.min_train)  # nothing ranks that NFE before it
                     for rows, last in plan["groups"].values())
-        if self.fit_ahead and not first:
+        if self.fit_ahead and first and plan["select"]:  # the first models rank at once; choosing waits an ask
+            self._install(fit_models({**plan, "select": False, "kind": self._chosen or self.auto_kinds[0]}))
+        if self.fit_ahead and (not first or plan["select"]):
             self._fitting = _fit_thread().submit(fit_models, plan)
         else:
             self._install(fit_models(plan))
@@ -521,8 +538,7 @@ class S3Searcher(Searcher):
     def _local_distribution(self, nfe: int, best: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean and covariance of the local search distribution for the structure of trial ``best``."""
         sk = self._struct[best]
-        same = [i for i, (c, _) in enumerate(self.trials) if c.nfe == nfe and self._struct[i] == sk]
-        same.sort(key=lambda i: (self.trials[i][1], i))
+        same = sorted(self._by_structure[nfe, sk], key=lambda i: (self.trials[i][1], i))
         Z = np.array([self._logits[i] for i in same])
         Z = np.maximum(Z, Z.max(axis=1, keepdims=True) - 8.0)  # a vanishing increment stays reachable
         Z -= Z.mean(axis=1, keepdims=True)
@@ -558,9 +574,10 @@ class S3Searcher(Searcher):
             tries += 1
             j = 0 if len(tops) == 1 or rng.random() < 0.6 else int(rng.integers(1, len(tops)))
             if j not in dists:
-                dists[j] = self._local_distribution(nfe, tops[j][2])
-            base, mean, C = tops[j][0], *dists[j]
-            z = rng.multivariate_normal(mean, C, method="cholesky")
+                mean, C = self._local_distribution(nfe, tops[j][2])
+                dists[j] = mean, np.linalg.cholesky(C).T
+            base, mean, root = tops[j][0], *dists[j]
+            z = mean + rng.standard_normal(len(mean)) @ root  # rng.multivariate_normal(mean, C, method="cholesky")
             s = self.space.with_logits(base.schedule, z)
             if s is None:
                 continue

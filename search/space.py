@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 
 from steptune.space import Corrector, Schedule, ScheduleError, Step
 from steptune.space.noise import NoiseSchedule, VPDiscrete
 from steptune.space.relaxation import STEP_RELAXATIONS
-from steptune.space.schedule import MAX_ORDER
+from steptune.space.schedule import MAX_ORDER, evolve
+
+from . import draws
 
 PREDICTIONS = ("noise", "data")
 ORDER_P = {1: 0.2, 2: 0.4, 3: 0.3, 4: 0.1}
 # how often random steps take each relaxation kind a predictor step may use
 RELAX_P = {"none": 0.35, "dpmsolver-2": 0.15, "unipc-bh2": 0.15, "unipc-bh1": 0.1, "0.5exp": 0.05, "-0.5exp": 0.05,
            "linear": 0.15}
+_RELAX_CDF = draws.cdf([RELAX_P[k] for k in STEP_RELAXATIONS])
 
 
 LATE_P = 0.5  # how often a random schedule starts late, where the space allows it
@@ -78,6 +80,7 @@ class DecisionSpace:
         self.zero_end = bool(discrete if zero_end is None else zero_end)
         self.afs_kinds = tuple(afs_kinds)
         self.max_order = int(max_order)
+        self._order_cdf: tuple[list[int], list[float]] | None = None  # the orders sample_order draws, and their cdf
         self.relax_coef_sigma = relax_coef_sigma
         self.dc_sigma = dc_sigma
 
@@ -203,12 +206,14 @@ class DecisionSpace:
 
     def sample_order(self, rng: np.random.Generator) -> int:
         orders = [o for o in ORDER_P if o <= self.max_order]
-        p = np.array([ORDER_P[o] for o in orders])
-        return int(rng.choice(orders, p=p / p.sum()))
+        if self._order_cdf is None or self._order_cdf[0] != orders:
+            p = np.array([ORDER_P[o] for o in orders])
+            self._order_cdf = (orders, draws.cdf(p / p.sum()))
+        return draws.choice(rng, orders, self._order_cdf[1])
 
     @staticmethod
     def sample_relaxation(rng: np.random.Generator) -> str:
-        return str(rng.choice(STEP_RELAXATIONS, p=[RELAX_P[k] for k in STEP_RELAXATIONS]))
+        return draws.choice(rng, STEP_RELAXATIONS, _RELAX_CDF)
 
     def sample_step(self, rng: np.random.Generator, t: float, corrector_ok: bool = True) -> Step:
         order = self.sample_order(rng)
@@ -217,7 +222,7 @@ class DecisionSpace:
         corr = Corrector("pseudo") if corrector_ok and rng.random() < 0.5 else None
         first = 1 if order > 2 and rng.random() < 0.3 else None
         dc = float(1 + rng.normal(0, self.dc_sigma)) if rng.random() < 0.15 else 1.0
-        return Step(t=t, prediction=str(rng.choice(PREDICTIONS)), order=order, relaxation=relax,
+        return Step(t=t, prediction=draws.choice(rng, PREDICTIONS), order=order, relaxation=relax,
                     relaxation_coef=coef, corrector=corr, first_points=first, dc_ratio=dc)
 
     def make(self, times: Sequence[float], steps: Sequence[Step], afs: str, name: str = "searched") -> Schedule:
@@ -254,17 +259,17 @@ class DecisionSpace:
                 cap = min(MAX_ORDER, npts + 2)
                 corder = corr.order if corr.order is not None else order + 1
                 if corder > cap or corder < 2:
-                    corr = replace(corr, order=cap if corr.order is not None or order + 1 > cap else None)
+                    corr = evolve(corr, order=cap if corr.order is not None or order + 1 > cap else None)
                 if corr.order is not None and corr.order == order + 1:
-                    corr = replace(corr, order=None)
+                    corr = evolve(corr, order=None)
             if (start, order, points, first, relax, coef, second, dc, corr) != (
                     st.start, st.order, st.points, st.first_points, st.relaxation, st.relaxation_coef,
                     st.second_scale, st.dc_ratio, st.corrector):
-                st = replace(st, start=start, order=order, points=points, first_points=first, relaxation=relax,
+                st = evolve(st, start=start, order=order, points=points, first_points=first, relaxation=relax,
                              relaxation_coef=coef, second_scale=second, dc_ratio=dc, corrector=corr)
             steps.append(st)
         steps = tuple(steps)
-        return s if steps == s.steps else replace(s, steps=steps)
+        return s if steps == s.steps else evolve(s, steps=steps)
 
     def finish(self, s: Schedule | None, nfe: int) -> Schedule | None:
         """Repair, validate and check the NFE; None when the candidate is not feasible."""
@@ -296,7 +301,7 @@ class DecisionSpace:
     # ---- random sampling ------------------------------------------------------------------------
 
     def random(self, nfe: int, rng: np.random.Generator) -> Schedule | None:
-        afs = str(rng.choice(self.afs_kinds)) if nfe >= 2 else "none"
+        afs = str(draws.choice(rng, self.afs_kinds)) if nfe >= 2 else "none"
         n = steps_for(nfe, afs)
         t0 = self._late_time(rng) if self.late_start and rng.random() < LATE_P else None
         zero = self.zero_end and rng.random() < ZERO_P
@@ -327,14 +332,14 @@ class DecisionSpace:
                 nxt = self.finish(nxt, nfe)
             if nxt is not None:
                 out = nxt
-        return None if out is s else replace(out, name="mutant")  # ``out`` is finished: repair is idempotent
+        return None if out is s else evolve(out, name="mutant")  # ``out`` is finished: repair is idempotent
 
     def mutate_times(self, s: Schedule, rng: np.random.Generator, scale: float | None = None) -> Schedule | None:
         """Only the timesteps move (every interior lambda, a log-normal step on the softmax logits)."""
         n = len(s.steps)
         if n < 2:
             return None
-        scale = float(rng.choice([0.05, 0.1, 0.2, 0.4])) if scale is None else scale
+        scale = draws.choice(rng, (0.05, 0.1, 0.2, 0.4)) if scale is None else scale
         z = self.lams_to_logits(s) + rng.normal(0, scale, n)
         times = self._times_of_logits(s, z)
         out = None if times is None else self.finish(self.make(times, s.steps, s.afs, "times"), s.nfe)
@@ -396,7 +401,7 @@ class DecisionSpace:
         d = self._delete(s, rng)
         if d is None:
             return None
-        final = replace(self.sample_step(rng, 0.0, corrector_ok=False), order=1, first_points=None)
+        final = evolve(self.sample_step(rng, 0.0, corrector_ok=False), order=1, first_points=None)
         return self.make([*d.times, 0.0], [*d.steps, final], s.afs, s.name)
 
     def _decision(self, s: Schedule, rng) -> Schedule:
@@ -406,26 +411,26 @@ class DecisionSpace:
         last = i == len(steps) - 1
         what = int(rng.integers(7))
         if what == 0:
-            st = replace(st, order=self.sample_order(rng), start=-1, points=None)
+            st = evolve(st, order=self.sample_order(rng), start=-1, points=None)
         elif what == 1:
-            st = replace(st, prediction="noise" if st.prediction == "data" else "data")
+            st = evolve(st, prediction="noise" if st.prediction == "data" else "data")
         elif what == 2:
-            st = replace(st, first_points=None if st.first_points else 1)
+            st = evolve(st, first_points=None if st.first_points else 1)
         elif what == 3:
             relax = self.sample_relaxation(rng)
-            st = replace(st, relaxation=relax, relaxation_coef=0.0 if relax != "linear" else st.relaxation_coef)
+            st = evolve(st, relaxation=relax, relaxation_coef=0.0 if relax != "linear" else st.relaxation_coef)
         elif what == 4:
             if st.relaxation != "linear":
-                st = replace(st, relaxation="linear", relaxation_coef=0.0)
-            st = replace(st, relaxation_coef=float(st.relaxation_coef + rng.normal(0, self.relax_coef_sigma)))
+                st = evolve(st, relaxation="linear", relaxation_coef=0.0)
+            st = evolve(st, relaxation_coef=float(st.relaxation_coef + rng.normal(0, self.relax_coef_sigma)))
         elif what == 5:
             if st.corrector is not None and st.corrector.kind == "implicit":
                 return s
             if not last:
-                st = replace(st, corrector=None if st.corrector is not None else Corrector("pseudo"))
+                st = evolve(st, corrector=None if st.corrector is not None else Corrector("pseudo"))
         else:
             dc = 1.0 if st.dc_ratio != 1.0 and rng.random() < 0.3 else st.dc_ratio + rng.normal(0, self.dc_sigma)
-            st = replace(st, dc_ratio=float(max(dc, 0.5)))
+            st = evolve(st, dc_ratio=float(max(dc, 0.5)))
         steps[i] = st
         return s.with_steps(steps)
 
@@ -436,7 +441,7 @@ class DecisionSpace:
         ok = np.flatnonzero(gaps >= 2 * self.min_gap)
         if len(ok) == 0:
             return None
-        j = int(rng.choice(ok, p=gaps[ok] / gaps[ok].sum()))
+        j = int(draws.choice(rng, ok, draws.cdf(gaps[ok] / gaps[ok].sum())))
         frac = rng.uniform(0.25, 0.75)
         new = float(np.clip(lam[j] + frac * gaps[j], lam[j] + self.min_gap, lam[j + 1] - self.min_gap))
         lam = np.insert(lam, j + 1, new)
@@ -468,17 +473,17 @@ class DecisionSpace:
             return None
         if s.afs == "none":
             out = self._insert(s, rng)
-            return None if out is None else replace(out, afs="zero")
+            return None if out is None else evolve(out, afs="zero")
         out = self._delete(s, rng)
-        return None if out is None else replace(out, afs="none")
+        return None if out is None else evolve(out, afs="none")
 
     def _implicit_swap(self, s: Schedule, rng) -> Schedule | None:
         """Trade an implicit corrector for an extra step, or an interior step for an implicit corrector."""
         steps = list(s.steps)
         imp = [i for i, st in enumerate(steps) if st.corrector is not None and st.corrector.kind == "implicit"]
         if imp and rng.random() < 0.7:
-            i = int(rng.choice(imp))
-            steps[i] = replace(steps[i], corrector=None)
+            i = draws.choice(rng, imp)
+            steps[i] = evolve(steps[i], corrector=None)
             return self._insert(s.with_steps(steps), rng)
         d = self._delete(s, rng)
         if d is None or len(d.steps) < 2:
@@ -487,8 +492,8 @@ class DecisionSpace:
         free = [i for i, st in enumerate(steps[:-1]) if st.corrector is None or st.corrector.kind == "pseudo"]
         if not free:
             return None
-        i = int(rng.choice(free))
-        steps[i] = replace(steps[i], corrector=Corrector("implicit", order=2, relaxation="heun"))
+        i = draws.choice(rng, free)
+        steps[i] = evolve(steps[i], corrector=Corrector("implicit", order=2, relaxation="heun"))
         return d.with_steps(steps)
 
     # ---- NFE change (warm start) ----------------------------------------------------------------
@@ -502,7 +507,7 @@ class DecisionSpace:
                 out = None if out is None else self.repair(out)
             out = self.finish(out, nfe)
             if out is not None:
-                return replace(out, name="grown")
+                return evolve(out, name="grown")
         return None
 
     # ---- crossover ------------------------------------------------------------------------------
@@ -529,7 +534,7 @@ class DecisionSpace:
                 implicit_a = st.corrector is not None and st.corrector.kind == "implicit"
                 implicit_b = o.corrector is not None and o.corrector.kind == "implicit"
                 corr = st.corrector if implicit_a or implicit_b else o.corrector
-                st = replace(o, t=st.t, corrector=corr)
+                st = evolve(o, t=st.t, corrector=corr)
             steps.append(st)
         child = self.finish(self.make(times, steps, a.afs, "child"), nfe)
         return child

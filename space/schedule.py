@@ -7,7 +7,8 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import ClassVar
 
@@ -69,12 +70,26 @@ class Step:
     dc_ratio: float = 1.0
 
     def at(self, t: float) -> Step:
-        """The same decisions ending at ``t`` (what ``dataclasses.replace(step, t=t)`` gives, without its cost:
-        searchers re-time every step of thousands of candidates)."""
+        """The same decisions ending at ``t`` (``evolve(step, t=t)``: searchers re-time every step of thousands of
+        candidates)."""
         out = object.__new__(Step)
         out.__dict__.update(self.__dict__)
         out.__dict__["t"] = t
         return out
+
+    @cached_property
+    def decisions_text(self) -> str:
+        """The step's compact JSON text without its time, keys sorted, as :meth:`Schedule.structure_key` writes it
+        (kept on the step: :meth:`at` keeps it, :func:`evolve` drops it)."""
+        d = _compact(self)
+        del d["t"]
+        return _ENCODER.encode(d)
+
+    @cached_property
+    def decisions_problem(self) -> str | None:
+        """What is wrong with the step's decisions wherever it stands (time and history aside), or None (kept on
+        the step like :attr:`decisions_text`)."""
+        return _decisions_problem(self)
 
     def derivative_points(self) -> tuple[int, ...]:
         if self.points is not None:
@@ -118,7 +133,7 @@ class Schedule:
         return self
 
     def with_steps(self, steps: Sequence[Step]) -> Schedule:
-        return replace(self, steps=tuple(steps))
+        return evolve(self, steps=tuple(steps))
 
     def to_dict(self) -> dict:
         d = copy.deepcopy(self._json_fields())
@@ -128,16 +143,22 @@ class Schedule:
         """The schedule's identity: SHA-256 of its JSON form without the labels (every other field, each
         step's in full). Two schedules share it exactly when those fields are equal, number for number (the
         JSON form keeps 1 and 1.0 apart). Databases store it with every trial."""
-        return _digest(self._identity())
+        return self._digest(timed=True)
 
     def structure_key(self) -> str:
         """:meth:`key` without the timesteps: schedules that differ only in their times share it."""
-        core = self._identity()
-        core["steps"] = [{k: v for k, v in st.items() if k != "t"} for st in core["steps"]]
-        return _digest(core)
+        return self._digest(timed=False)
 
-    def _identity(self) -> dict:
-        return {k: v for k, v in self._json_fields().items() if k not in self.LABELS}
+    def _digest(self, timed: bool) -> str:
+        """SHA-256 of ``json.dumps(identity, sort_keys=True, separators=(",", ":"))``, written from each step's
+        text (made once per step object: children share most steps with their parents)."""
+        parts = []
+        for name in _identity_fields():
+            if name == "steps":
+                parts.append('"steps":[' + ",".join([_step_text(st, timed) for st in self.steps]) + "]")
+            else:
+                parts.append(f'"{name}":' + _value_text(getattr(self, name)))
+        return hashlib.sha256(("{" + ",".join(parts) + "}").encode()).hexdigest()
 
     def _json_fields(self) -> dict:
         """Every field in its JSON form (steps compacted), sharing the schedule's own dicts."""
@@ -179,10 +200,46 @@ def load_schedule(path: str | Path) -> Schedule:
 
 
 _STEP_DEFAULTS = asdict(Step(t=0.0))
+_SEPARATORS = (",", ":")
 
 
-def _digest(core: dict) -> str:
-    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=_SEPARATORS)
+
+
+@lru_cache(maxsize=1)
+def _identity_fields() -> tuple[str, ...]:
+    """The fields a schedule's key covers, in the order ``json.dumps(..., sort_keys=True)`` writes them."""
+    return tuple(sorted(f.name for f in fields(Schedule) if f.name not in Schedule.LABELS))
+
+
+def _value_text(v) -> str:
+    return repr(v) if type(v) is float and math.isfinite(v) else _ENCODER.encode(v)
+
+
+def _step_text(step: Step, timed: bool) -> str:
+    """The step's compact JSON text as a key writes it, with its time or without: "t" sorts after every other
+    field, so the time closes the object."""
+    text = step.decisions_text
+    if not timed:
+        return text
+    return text[:-1] + ',"t":' + _value_text(step.t) + "}"
+
+
+def evolve(obj, **changes):
+    """``dataclasses.replace(obj, **changes)`` for the schedule's frozen dataclasses (Step, Corrector, Schedule),
+    without its cost: they have no ``__post_init__``, so a copy of the fields with the changes is the same object
+    (less what a step keeps about its decisions, unless only its time changes)."""
+    names = obj.__dataclass_fields__
+    for k in changes:
+        if k not in names:
+            raise TypeError(f"{type(obj).__name__} has no field {k!r}")
+    out = object.__new__(type(obj))
+    out.__dict__.update(obj.__dict__)
+    out.__dict__.update(changes)
+    if changes.keys() - {"t"}:
+        for cached in ("decisions_text", "decisions_problem"):
+            out.__dict__.pop(cached, None)
+    return out
 
 
 _CORRECTOR_DEFAULTS = asdict(Corrector())
@@ -252,6 +309,8 @@ def _from_dict(d: dict, where: str) -> Schedule:
 
 
 def _number(x) -> bool:
+    if type(x) is float:
+        return math.isfinite(x)
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -301,69 +360,80 @@ def _validate(s: Schedule, nfe: int | None) -> None:
     if not _number(s.t_start):
         fail("schedule: field 't_start' must be a finite number")
     prev = s.t_start
-    # history size before each step: the start point exists, each non-final step adds one
+    last = len(s.steps) - 1
     for i, st in enumerate(s.steps):
-        where = f"step {i}"
-        last = i == len(s.steps) - 1
-        hist = i + 1
-        if not _number(st.t):
-            fail(f"{where}: field 't' must be a finite number")
-        if not st.t < prev:
-            fail(f"{where}: field 't' = {st.t:g} is not below the previous time {prev:g}; "
-                 "timesteps must decrease strictly")
-        if st.t < 0:
-            fail(f"{where}: field 't' = {st.t:g} is negative")
-        prev = st.t
-        if st.prediction not in PREDICTIONS:
-            fail(f"{where}: field 'prediction' is {st.prediction!r}; use 'noise' or 'data'")
-        if not isinstance(st.order, int) or not 1 <= st.order <= MAX_ORDER:
-            fail(f"{where}: field 'order' is {st.order!r}; use an integer from 1 to {MAX_ORDER}")
-        if not isinstance(st.start, int) or not -hist <= st.start <= -1:
-            fail(f"{where}: field 'start' is {st.start!r}; only {hist} history point(s) exist (use -1 .. -{hist})")
-        pts = st.derivative_points()
-        if len(pts) < st.order - 1:
-            fail(f"{where}: field 'points' has {len(pts)} point(s); order {st.order} needs at least {st.order - 1}")
-        if len(set(pts)) != len(pts) or st.start in pts:
-            fail(f"{where}: field 'points' must be distinct history points other than the start")
-        for p in pts:
-            if not isinstance(p, int) or not -hist <= p <= -1:
-                fail(f"{where}: field 'order' is {st.order} but the step needs history point {p} and only "
+        hist = i + 1  # history points before step i: the start point, and one after each step before it
+        t = st.t
+        if not _number(t):
+            fail(f"step {i}: field 't' must be a finite number")
+        if not t < prev:
+            fail(f"step {i}: field 't' = {t:g} is not below the previous time {prev:g}; timesteps must decrease "
+                 "strictly")
+        if t < 0:
+            fail(f"step {i}: field 't' = {t:g} is negative")
+        prev = t
+        problem = st.decisions_problem
+        if problem is not None:
+            fail(f"step {i}: {problem}")
+        if not -hist <= st.start:
+            fail(f"step {i}: field 'start' is {st.start!r}; only {hist} history point(s) exist (use -1 .. -{hist})")
+        for p in st.derivative_points():
+            if not -hist <= p:
+                fail(f"step {i}: field 'order' is {st.order} but the step needs history point {p} and only "
                      f"{hist} exist; lower the order or use fewer points")
-        if st.first_points is not None and not (isinstance(st.first_points, int) and 1 <= st.first_points <= len(pts)):
-            fail(f"{where}: field 'first_points' must be between 1 and {len(pts)}")
-        if st.relaxation not in RELAXATIONS:
-            fail(f"{where}: field 'relaxation' is {st.relaxation!r}; use one of {', '.join(RELAXATIONS)}")
-        if not _number(st.relaxation_coef):
-            fail(f"{where}: field 'relaxation_coef' must be a finite number")
-        if st.relaxation != "none" and st.order < 2:
-            fail(f"{where}: field 'relaxation' scales the first derivative, which an order-1 step does not use")
-        if not _number(st.second_scale):
-            fail(f"{where}: field 'second_scale' must be a finite number")
-        if st.second_scale != 1.0 and st.order < 3:
-            fail(f"{where}: field 'second_scale' scales the second derivative, "
-                 f"which an order-{st.order} step does not use")
-        if st.basis not in BASES:
-            fail(f"{where}: field 'basis' is {st.basis!r}; use 'lambda' or 't'")
-        if st.basis == "t" and (st.relaxation != "none" or st.second_scale != 1.0 or st.first_points is not None):
-            fail(f"{where}: field 'basis' is 't', which interpolates through all points; "
-                 "relaxation, second_scale and first_points apply to the lambda basis only")
-        if not _number(st.dc_ratio) or st.dc_ratio <= 0:
-            fail(f"{where}: field 'dc_ratio' must be a positive number (1 = no compensation)")
         if st.dc_ratio != 1.0 and hist < 3:
-            fail(f"{where}: field 'dc_ratio' needs 3 model outputs in the history; only {hist} exist here")
-        if st.t == 0 and (st.order > 1 or st.corrector is not None):
-            fail(f"{where}: a step to t = 0 (sigma = 0) must be order 1 without corrector")
-        c = st.corrector
-        if c is not None:
-            if last:
-                fail(f"{where}: field 'corrector' is set on the last step, where no model call follows; remove it")
-            if c.kind not in CORRECTORS:
-                fail(f"{where}: corrector field 'kind' is {c.kind!r}; use 'pseudo' or 'implicit'")
-            corder = st.order + 1 if c.order is None else c.order
-            if not isinstance(corder, int) or not 2 <= corder <= min(MAX_ORDER, len(pts) + 2):
-                fail(f"{where}: corrector field 'order' is {corder!r}; use 2 .. {min(MAX_ORDER, len(pts) + 2)}")
-            if c.relaxation not in RELAXATIONS:
-                fail(f"{where}: corrector field 'relaxation' is {c.relaxation!r}; use one of {', '.join(RELAXATIONS)}")
+            fail(f"step {i}: field 'dc_ratio' needs 3 model outputs in the history; only {hist} exist here")
+        if t == 0 and (st.order > 1 or st.corrector is not None):
+            fail(f"step {i}: a step to t = 0 (sigma = 0) must be order 1 without corrector")
+        if st.corrector is not None and i == last:
+            fail(f"step {i}: field 'corrector' is set on the last step, where no model call follows; remove it")
     _validate_pure_noise_start(s, fail)
     if nfe is not None and s.nfe != nfe:
         fail(f"schedule: costs {s.nfe} model calls but NFE {nfe} was asked for")
+
+
+def _decisions_problem(st: Step) -> str | None:
+    """What is wrong with a step's decisions wherever it stands (its time and history aside), or None."""
+    if st.prediction not in PREDICTIONS:
+        return f"field 'prediction' is {st.prediction!r}; use 'noise' or 'data'"
+    if not isinstance(st.order, int) or not 1 <= st.order <= MAX_ORDER:
+        return f"field 'order' is {st.order!r}; use an integer from 1 to {MAX_ORDER}"
+    if not isinstance(st.start, int) or not st.start <= -1:
+        return f"field 'start' is {st.start!r}; use a history index -1 or below (-1 is the newest point)"
+    pts = st.derivative_points()
+    if len(pts) < st.order - 1:
+        return f"field 'points' has {len(pts)} point(s); order {st.order} needs at least {st.order - 1}"
+    if len(set(pts)) != len(pts) or st.start in pts:
+        return "field 'points' must be distinct history points other than the start"
+    for p in pts:
+        if not isinstance(p, int) or not p <= -1:
+            return f"field 'points' has {p!r}; use history indices -1 or below"
+    if st.first_points is not None and not (isinstance(st.first_points, int) and 1 <= st.first_points <= len(pts)):
+        return f"field 'first_points' must be between 1 and {len(pts)}"
+    if st.relaxation not in RELAXATIONS:
+        return f"field 'relaxation' is {st.relaxation!r}; use one of {', '.join(RELAXATIONS)}"
+    if not _number(st.relaxation_coef):
+        return "field 'relaxation_coef' must be a finite number"
+    if st.relaxation != "none" and st.order < 2:
+        return "field 'relaxation' scales the first derivative, which an order-1 step does not use"
+    if not _number(st.second_scale):
+        return "field 'second_scale' must be a finite number"
+    if st.second_scale != 1.0 and st.order < 3:
+        return f"field 'second_scale' scales the second derivative, which an order-{st.order} step does not use"
+    if st.basis not in BASES:
+        return f"field 'basis' is {st.basis!r}; use 'lambda' or 't'"
+    if st.basis == "t" and (st.relaxation != "none" or st.second_scale != 1.0 or st.first_points is not None):
+        return ("field 'basis' is 't', which interpolates through all points; relaxation, second_scale and "
+                "first_points apply to the lambda basis only")
+    if not _number(st.dc_ratio) or st.dc_ratio <= 0:
+        return "field 'dc_ratio' must be a positive number (1 = no compensation)"
+    c = st.corrector
+    if c is not None:
+        if c.kind not in CORRECTORS:
+            return f"corrector field 'kind' is {c.kind!r}; use 'pseudo' or 'implicit'"
+        corder = st.order + 1 if c.order is None else c.order
+        if not isinstance(corder, int) or not 2 <= corder <= min(MAX_ORDER, len(pts) + 2):
+            return f"corrector field 'order' is {corder!r}; use 2 .. {min(MAX_ORDER, len(pts) + 2)}"
+        if c.relaxation not in RELAXATIONS:
+            return f"corrector field 'relaxation' is {c.relaxation!r}; use one of {', '.join(RELAXATIONS)}"
+    return None

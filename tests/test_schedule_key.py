@@ -1,13 +1,17 @@
 """A schedule's one identity, Schedule.key(): every field counts but the labels, and the key databases hold is it."""
 
 import dataclasses
+import hashlib
 import json
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from steptune.space import Corrector, Schedule, Step, noise
+from steptune.search.space import DecisionSpace
+from steptune.space import Corrector, Schedule, ScheduleError, Step, noise
+from steptune.space.schedule import evolve
 
 FIXTURE_DB = Path(__file__).parent / "data" / "pre-redesign.db"
 
@@ -123,3 +127,65 @@ def test_a_step_moved_to_another_time_is_what_replace_gives_it_field_for_field(t
         a = Schedule(t_start=1.0, steps=(moved,), noise=base.noise)
         b = Schedule(t_start=1.0, steps=(replaced,), noise=base.noise)
         assert a.key() == b.key() and a.to_json() == b.to_json()
+
+
+def reference_key(s: Schedule, timed: bool = True) -> str:
+    """The key as its docstring defines it: SHA-256 of the sorted, compact JSON of every field but the labels (the
+    structure key: without the steps' times)."""
+    core = {k: v for k, v in s.to_dict().items() if k not in ("schema", "version", "nfe", *Schedule.LABELS)}
+    if not timed:
+        core["steps"] = [{k: v for k, v in st.items() if k != "t"} for st in core["steps"]]
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def searched_schedules(n: int = 300):
+    """Schedules as a searcher makes them: random ones, mutants, re-timed and crossed children."""
+    space = DecisionSpace(noise.get("ddpm-linear"), 0.999, 0.001)  # late starts and t = 0 ends too
+    rng = np.random.default_rng(0)
+    out = [s for s in (space.random(int(rng.integers(3, 11)), rng) for _ in range(n)) if s is not None]
+    for a, b in zip(out[:n // 2], out[1:]):
+        out += [c for c in (space.mutate(a, rng), space.mutate_times(a, rng), space.crossover(a, b, rng))
+                if c is not None]
+    return out
+
+
+def test_the_key_is_the_digest_of_the_identity_json_for_every_kind_of_schedule():
+    """Keys are written from per-step texts kept on the steps; they must be the digest of the JSON form byte for
+    byte, for changed fields, integer and negative-zero times, and every decision searchers make."""
+    base = rich_schedule()
+    odd = [dataclasses.replace(base, steps=tuple(st.at(t) for st, t in zip(base.steps, (1, -0.0, 0)))),
+           dataclasses.replace(base, t_start=2, conventions={"b": [1, 2.5], "a": {"z": None, "é": "ü"}})]
+    schedules = [base, *(s for _, s in single_changes(base)), *odd, *searched_schedules()]
+    assert len(schedules) > 400
+    for s in schedules:
+        assert s.key() == reference_key(s), s
+        assert s.structure_key() == reference_key(s, timed=False), s
+
+
+def test_evolve_is_dataclasses_replace():
+    base = rich_schedule()
+    st = base.steps[1]
+    for obj in (base, st, st.corrector):
+        for f in dataclasses.fields(obj):
+            v = other_value(getattr(obj, f.name)) if f.name != "steps" else base.steps[:1]
+            if v is None:
+                continue
+            a, b = evolve(obj, **{f.name: v}), dataclasses.replace(obj, **{f.name: v})
+            assert a == b and repr(a) == repr(b) and type(a) is type(b)
+    with pytest.raises(TypeError, match="no field 'tt'"):
+        evolve(st, tt=0.5)
+
+
+def test_what_a_step_keeps_about_its_decisions_follows_them():
+    """A re-timed step keeps its decisions' text and check; a step with other decisions gets its own."""
+    st = Step(t=0.5, order=2, relaxation="linear", relaxation_coef=0.25)
+    assert st.decisions_problem is None and '"order":2' in st.decisions_text
+    moved = st.at(0.25)
+    assert moved.decisions_text == st.decisions_text and moved.decisions_problem is None
+    bad = evolve(st, order=1)  # a relaxation on an order-1 step
+    assert '"order":1' in bad.decisions_text and "order-1 step" in bad.decisions_problem
+    s = Schedule(t_start=1.0, steps=(Step(t=0.75), bad.at(0.25)))
+    with pytest.raises(ScheduleError, match="step 1: field 'relaxation' scales the first derivative"):
+        s.validate()
+    assert Schedule(t_start=1.0, steps=(Step(t=0.75), moved)).key() == reference_key(
+        Schedule(t_start=1.0, steps=(Step(t=0.75), moved)))
