@@ -175,3 +175,22 @@ def test_a_forked_process_fits_ahead_in_a_thread_of_its_own(space):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert ready and os.read(read, 16).decode() == "52"
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_the_first_models_rank_at_once_and_auto_chooses_the_kind_by_the_next_ask(space, ahead):
+    """Choosing the kind fits each kind on a split, too slow to wait for: made ahead, the first models are of the
+    first kind ``auto`` chooses between and the choice lands at the next ask; without, the ask chooses first."""
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
+                       presets=("ddim",), auto_kinds=("gbr", "extra-trees"), fit_ahead=ahead)
+    while len(se.trials) < 12:
+        for c in se.ask(4):
+            se.tell(c, smooth_score(space, c))
+    se.ask(4)
+    assert se._fit_size[5] == 12
+    if ahead:
+        assert se._models[5].kind == "gbr" and se.tau_report == [] and se._chosen is None
+    se.ask(4)
+    assert [r["trials"] for r in se.tau_report] == [12]
+    assert se._models[5].kind == se._chosen == se.tau_report[0]["chosen"]
+    assert se._fit_size[5] == 12
