@@ -24,6 +24,7 @@ Saves runs/bench/search_efficiency.json and .png and prints a table.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -73,7 +74,8 @@ def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[flo
 def search_job(args, method: str, seed: int, nfes: list[int], study: str | None = None, interpolate=()):
     refine = {"refine": {"iters": args.refine_iters, "interpolate": list(interpolate)}} if args.refine else {}
     return job_from_dict({"study": study or f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
-                          "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead},
+                          "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead,
+                                     "options": json.loads(args.options).get(method, {})},
                           "evaluation": {"cheap_samples": args.cheap_samples, "confirm": args.confirm,
                                          "baseline": False, "cache": "runs/cache"},
                           "budget": {"evaluations": args.budget},
@@ -132,6 +134,8 @@ def main(argv=None):
     ap.add_argument("--refine-iters", type=int, default=60, help="gradient iterations per NFE, at most")
     ap.add_argument("--interpolate", default="",
                     help="with --refine: NFEs not searched, interpolated from the searched ones and refined, e.g. 7,9")
+    ap.add_argument("--options", default="{}",
+                    help='searcher options by method, as JSON, e.g. \'{"s3": {"auto_kinds": ["extra-trees"]}}\'')
     ap.add_argument("--name", default="search_efficiency")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: small batches run faster single-threaded, above all on a shared machine)")

@@ -300,6 +300,8 @@ class S3Searcher(Searcher):
                  shared: bool = False, auto_kinds: Sequence[str] = ("extra-trees", "gbr"), screen: int = 3,
                  batch_penalty: float = 0.3, batch_explore: float = 0.0, fit_ahead: bool = True, **kw):
         super().__init__(*args, **kw)
+        if predictor == "auto" and len(set(auto_kinds)) == 1:  # nothing to choose between
+            predictor = auto_kinds[0]
         self.predictor_kind = predictor
         self.pool, self.population, self.explore, self.min_train = pool, population, explore, min_train
         self.local, self.local_structures, self.niche = float(local), int(local_structures), bool(niche)

@@ -194,3 +194,12 @@ def test_the_first_models_rank_at_once_and_auto_chooses_the_kind_by_the_next_ask
     assert [r["trials"] for r in se.tau_report] == [12]
     assert se._models[5].kind == se._chosen == se.tau_report[0]["chosen"]
     assert se._fit_size[5] == 12
+
+
+def test_auto_with_one_kind_fits_only_that_kind(space):
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
+                       presets=("ddim",), auto_kinds=["gbr"])
+    while len(se.trials) < 40:
+        for c in se.ask(4):
+            se.tell(c, smooth_score(space, c))
+    assert se._models[5].kind == "gbr" and se.tau_report == [] and se.state()["predictor"] == "gbr"
