@@ -79,6 +79,10 @@ def main(argv=None):
     ap.add_argument("--states", type=int, default=256, help="held-out states the errors along the run are taken on")
     ap.add_argument("--iters", type=int, default=60, help="refinement iterations")
     ap.add_argument("--far", type=float, default=0.1, help="a state's RMSE above which it counts as far")
+    ap.add_argument("--name", default="gap", help="the JSON's name under runs/bench/")
+    ap.add_argument("--metrics-only", action="store_true",
+                    help="leave out the errors along the run and the per-state tables: the refinement and the table "
+                         "of every held-out metric only")
     args = ap.parse_args(argv)
     nfes = [int(x) for x in args.nfe.split(",")]
     preset_nfes = [int(x) for x in args.presets_at.split(",")]
@@ -101,8 +105,9 @@ def main(argv=None):
             if str(n) in r["schedules"]:
                 schedules[f"searched NFE {n} seed {r['seed']}"] = Schedule.from_dict(r["schedules"][str(n)])
     along = {}
-    print(f"errors along the run (RMSE against the reference at each step's time, {args.states} held-out states)")
-    for name, s in schedules.items():
+    if not args.metrics_only:
+        print(f"errors along the run (RMSE against the reference at each step's time, {args.states} held-out states)")
+    for name, s in schedules.items() if not args.metrics_only else ():
         steps = describe(ev, s, errors_along(ev, s, args.states))
         along[name] = steps
         print(f"\n{name}, NFE {s.nfe}\n| t | lambda | prediction | order | corrector | error |\n" + "|---" * 6 + "|")
@@ -110,15 +115,16 @@ def main(argv=None):
             print(f"| {st['t']:.4f} | {st['lambda']:.2f} | {st['prediction']} | {st['order']} "
                   f"| {st['corrector'] or '-'} | {st['error']:.4f} |")
 
-    tails = {name: tail(ev, s, args.far) for name, s in schedules.items()}
-    print(f"\nhow much a few states make (RMSE; far: states whose own RMSE is above {args.far})\n| schedule | cheap "
-          "(128 train) | train (256) | held-out | held-out without its worst 1% | far, train | far, held-out |\n"
-          + "|---" * 7 + "|")
+    tails = {name: tail(ev, s, args.far) for name, s in schedules.items()} if not args.metrics_only else {}
+    if tails:
+        print(f"\nhow much a few states make (RMSE; far: states whose own RMSE is above {args.far})\n"
+              "| schedule | cheap (128 train) | train (256) | held-out | held-out without its worst 1% | far, train "
+              "| far, held-out |\n" + "|---" * 7 + "|")
     for name, t in tails.items():
         print(f"| {name} | {t['cheap']:.4f} | {t['train']:.4f} | {t['heldout']:.4f} "
               f"| {t['heldout_without_worst_1pct']:.4f} | {t['far_train']} | {t['far_heldout']} |")
 
-    refined = []
+    refined, refined_schedules = [], {}
     for name, s in schedules.items():
         if s.nfe not in nfes:
             continue
@@ -126,15 +132,26 @@ def main(argv=None):
         r = refine(ev, s, iters=args.iters)
         refined.append({"schedule": name, "nfe": s.nfe, "before": r.parent_rmse, "after": r.rmse,
                         "iters": r.iters, "best_iter": r.best_iter, "cpu_s": time.process_time() - t0})
+        if r.rmse < r.parent_rmse:
+            refined_schedules[f"{name}, refined"] = r.schedule
     print("\nrefinement (held-out RMSE, 1024 states)\n| schedule | before | refined | CPU s |\n|---|---|---|---|")
     for r in refined:
         print(f"| {r['schedule']} | {r['before']:.4f} | {r['after']:.4f} | {r['cpu_s']:.0f} |")
+    every = {**schedules, **refined_schedules}
+    metrics = {name: ev.evaluate(s, "heldout").metrics for name, s in every.items()}
+    names = list(next(iter(metrics.values())))
+    print("\nevery held-out metric (1024 states; rmse and median_err against the reference solution from the same "
+          "noise, sw and nll of the samples against the data)\n| schedule | NFE | " + " | ".join(names) + " |\n"
+          + "|---" * (len(names) + 2) + "|")
+    for name, m in sorted(metrics.items(), key=lambda kv: (every[kv[0]].nfe, kv[0])):
+        print(f"| {name} | {every[name].nfe} | "
+              + " | ".join(f"{m[k]:.4g}" for k in names) + " |")
     print("\nbest preset at its best spacing: " + ", ".join(
         f"NFE {n} {best[n]['preset']} ({best[n]['spacing']}) {best[n]['rmse']:.4f}" for n in sorted(best)))
     backend.close()
-    path = save_json("gap", {"args": vars(args), "best_preset": {n: {k: best[n][k] for k in ("preset", "spacing",
+    path = save_json(args.name, {"args": vars(args), "best_preset": {n: {k: best[n][k] for k in ("preset", "spacing",
                                                                                               "rmse")} for n in best},
-                             "along": along, "tails": tails, "refined": refined})
+                             "along": along, "tails": tails, "refined": refined, "metrics": metrics})
     print(f"saved {path}")
 
 

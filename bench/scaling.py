@@ -14,6 +14,7 @@ scored on ``--samples`` states of the train bank; the references are computed an
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -72,7 +73,7 @@ def rate(backend, tasks) -> tuple[float, int]:
     return len(tasks) / secs, sink.failed
 
 
-def job_rates(problem: str, evaluations: int, db_path: Path) -> list[dict]:
+def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | None = None) -> list[dict]:
     """Whole S^3 searches (5 NFEs, no baseline or confirmation) in-process and on 1 and 2 Ray evaluators:
     evaluations per second including the searcher's own time between batches."""
     from steptune.jobs import job_from_dict
@@ -82,7 +83,7 @@ def job_rates(problem: str, evaluations: int, db_path: Path) -> list[dict]:
     rows = []
     for name, kind, workers in (("in-process", "local", None), ("ray x1", "ray", 1), ("ray x2", "ray", 2)):
         job = job_from_dict({"study": name, "seed": 0, "problem": {"name": problem},
-                             "search": {"method": "s3", "nfe": [4, 5, 6, 8, 10]},
+                             "search": {"method": "s3", "nfe": [4, 5, 6, 8, 10], "options": options or {}},
                              "evaluation": {"cheap_samples": 64, "confirm": 0, "baseline": False,
                                             "cache": "runs/cache"},
                              "budget": {"evaluations": evaluations},
@@ -182,6 +183,7 @@ def main():
     ap.add_argument("--problem", default="gmm-digits")
     ap.add_argument("--job-evaluations", type=int, default=300,
                     help="also run whole S^3 searches with this many evaluations per NFE (0: skip)")
+    ap.add_argument("--options", default="{}", help="S^3 options for the whole searches, as JSON")
     ap.add_argument("--searcher-only", action="store_true",
                     help="only time the S^3 searcher alone, without evaluations (CPU per evaluation)")
     args = ap.parse_args()
@@ -231,7 +233,7 @@ def main():
         db_path = OUT / "scaling-jobs.db"
         db_path.unlink(missing_ok=True)
         import_s = warm_imports()
-        jobs = job_rates(args.problem, args.job_evaluations, db_path)
+        jobs = job_rates(args.problem, args.job_evaluations, db_path, json.loads(args.options))
         db_path.unlink(missing_ok=True)
     ray.shutdown()
 

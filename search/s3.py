@@ -68,10 +68,12 @@ def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
     rows[:n, 0] = pos[1:n + 1]
     rows[:n, 1] = gaps[:n]
     rows[:n, 2:] = [_step_code(st) for st in steps[:n]]
+    deviation = gaps - np.add.reduce(gaps) / len(gaps)  # gaps.std() as numpy computes it, without its overhead
     out[max_steps * N_STEP_FEATURES:] = (
         s.nfe, s.afs != "none", m, sum(st.order for st in steps) / m,
         sum(st.corrector is not None for st in steps) / m, sum(st.prediction == "data" for st in steps) / m,
-        gaps.min(), gaps.max(), gaps.std(), pos[1])
+        np.minimum.reduce(gaps), np.maximum.reduce(gaps), math.sqrt(np.add.reduce(deviation * deviation) / len(gaps)),
+        pos[1])
     return out
 
 

@@ -113,3 +113,30 @@ def test_a_job_over_several_nfes_chooses_its_predictor_when_each_nfe_has_its_tri
     assert [r["trials"] for r in se.tau_report] == [trials, pytest.approx(3 * trials, abs=4)]
     se = search([4], lambda se: len(se.trials) >= 10 * second + 8)  # a choice is in place from the next ask on
     assert [r["trials"] for r in se.tau_report][2:] == [pytest.approx(10 * second, abs=4)]
+
+
+def test_the_encoding_holds_each_schedules_positions_gaps_and_their_statistics():
+    """The features the predictors rank on: each step's relative lambda position and gap, and the gaps' min, max and
+    standard deviation, as numpy computes them, for schedules of every length the searchers make."""
+    from steptune.search.s3 import N_GLOBAL_FEATURES, N_STEP_FEATURES, encode
+
+    space = DecisionSpace(noise.get("ddpm-linear"), 0.999, 0.001)
+    rng = np.random.default_rng(1)
+    made = 0
+    for nfe in range(2, 12):
+        for _ in range(20):
+            s = space.random(nfe, rng)
+            if s is None:
+                continue
+            made += 1
+            x = encode(s, space, 14)
+            pos = (space.lams(s) - space.lam0) / space.span
+            gaps = np.diff(pos)
+            rows = x[:14 * N_STEP_FEATURES].reshape(14, N_STEP_FEATURES)
+            n = len(s.steps)
+            assert np.array_equal(rows[:n, 0], pos[1:]) and np.array_equal(rows[:n, 1], gaps)
+            assert not rows[n:].any()
+            glob = x[14 * N_STEP_FEATURES:]
+            assert len(glob) == N_GLOBAL_FEATURES and glob[0] == s.nfe
+            assert list(glob[6:9]) == [gaps.min(), gaps.max(), gaps.std()]
+    assert made > 150
