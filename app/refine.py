@@ -205,7 +205,7 @@ def preset_parents(store, study: str, evaluator, nfes: list[int], samples: int,
         best = None  # (train RMSE, spec, spacing, schedule, that spec's scores)
         for spec in DEFAULT_PRESETS:
             variants = baselines.spacing_variants(spec, nfe, p.noise, p.t_start, p.t_end)
-            scores = {sp: evaluator.evaluate(s, CHEAP, n=samples).metrics["rmse"] for sp, s in variants}
+            scores = baselines.spacing_scores(evaluator, variants, CHEAP, samples)
             sp = baselines.best_spacing(scores)
             if sp is not None and (best is None or scores[sp] < best[0]):
                 best = (scores[sp], spec, sp, dict(variants)[sp], scores)

@@ -490,13 +490,8 @@ class Runner:
         variants = baselines.spacing_variants(spec, nfe, prob.noise, prob.t_start, prob.t_end)
         if len(variants) < 2:
             return None
-        ev, n = self._driver_evaluator(), self.job.evaluation.cheap_samples
-        scores = {}
-        for sp, sched in variants:
-            try:
-                scores[sp] = ev.evaluate(sched, CHEAP, n=n).metrics["rmse"]
-            except Exception:  # a spacing the model cannot run: not a candidate
-                scores[sp] = None
+        n = self.job.evaluation.cheap_samples
+        scores = baselines.spacing_scores(self._driver_evaluator(), variants, CHEAP, n)
         best = baselines.best_spacing(scores)
         sched = dict(variants).get(best)
         if sched is None:

@@ -63,6 +63,19 @@ def spacing_variants(spec: str, nfe: int, noise, t_start: float, t_end: float,
     return out
 
 
+def spacing_scores(evaluator, variants: Sequence[tuple[str, Schedule]], bank: str,
+                   n: int | None = None) -> dict[str, float | None]:
+    """The RMSE of each of ``variants`` (``spacing_variants``) on the first ``n`` states of ``bank``: None for one the
+    model cannot run, which is then no candidate."""
+    scores: dict[str, float | None] = {}
+    for sp, sched in variants:
+        try:
+            scores[sp] = evaluator.evaluate(sched, bank, n=n).metrics["rmse"]
+        except Exception:
+            scores[sp] = None
+    return scores
+
+
 def best_spacing(scores: dict[str, float]) -> str | None:
     """The spacing with the lowest finite score (the first of equal ones), or None when none scored."""
     finite = {k: v for k, v in scores.items() if v is not None and math.isfinite(v)}
