@@ -260,7 +260,8 @@ def main():
               "(target >= 1.7x)")
     path = save_json("scaling", {"problem": args.problem, "candidates": len(tasks), "samples": args.samples,
                                  "repeats": args.repeats, "rows": rows, "speedup_2_vs_1": speedup, "jobs": jobs,
-                                 "job_evaluations_per_nfe": args.job_evaluations, "ray_overhead": overhead})
+                                 "job_evaluations_per_nfe": args.job_evaluations, "ray_overhead": overhead,
+                                 "options": json.loads(args.options)})
     print(f"saved {path}")
 
 

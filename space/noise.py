@@ -44,6 +44,11 @@ def _vp_lam_array(la: np.ndarray) -> np.ndarray:
         return la - 0.5 * np.log(-np.expm1(2.0 * la))
 
 
+def _vp_log_alpha_array(lam: np.ndarray) -> np.ndarray:
+    """:func:`log_alpha_from_lambda` on float64 arrays."""
+    return -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, dtype=np.float64))
+
+
 def _through_torch(fn, x: np.ndarray, chunk: int = 8) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     flat = x.reshape(-1)
@@ -200,7 +205,7 @@ class VPDiscrete(NoiseSchedule):
 
     def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
         lam = np.asarray(lam, dtype=np.float64)
-        t = _interp_array(-0.5 * np.logaddexp(0.0, -2.0 * lam), self._la_np[::-1], self._t_np[::-1])
+        t = _interp_array(_vp_log_alpha_array(lam), self._la_np[::-1], self._t_np[::-1])
         return np.where(np.isposinf(lam), 0.0, t)
 
     def timestep(self, t) -> Tensor:
@@ -273,8 +278,7 @@ class VPCosine(NoiseSchedule):
         return _vp_lam_array(np.log(np.cos((t + self.s) / (1.0 + self.s) * math.pi / 2.0)) - self._la0())
 
     def t_of_lambda_array(self, lam: np.ndarray) -> np.ndarray:
-        la = -0.5 * np.logaddexp(0.0, -2.0 * np.asarray(lam, dtype=np.float64))
-        return np.arccos(np.exp(la + self._la0())) * 2.0 * (1.0 + self.s) / math.pi - self.s
+        return np.arccos(np.exp(_vp_log_alpha_array(lam) + self._la0())) * 2.0 * (1.0 + self.s) / math.pi - self.s
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "s": self.s, "T": self.T, "t_min": self.t_min}
