@@ -419,12 +419,12 @@ class S3Searcher(Searcher):
             return
         first = any(last is None and refit_due(len(rows), None, self.min_train)  # nothing ranks that NFE before it
                     for rows, last in plan["groups"].values())
-        if self.fit_ahead and first and plan["select"]:  # the first models rank at once; choosing waits an ask
-            self._install(fit_models({**plan, "select": False, "kind": self._chosen or self.auto_kinds[0]}))
-        if self.fit_ahead and (not first or plan["select"]):
-            self._fitting = _fit_thread().submit(fit_models, plan)
-        else:
+        if not self.fit_ahead or (first and not plan["select"]):
             self._install(fit_models(plan))
+            return
+        if first:  # the first models rank at once; choosing the kind, a fit of each on a split, waits an ask
+            self._install(fit_models({**plan, "select": False, "kind": self._chosen or self.auto_kinds[0]}))
+        self._fitting = _fit_thread().submit(fit_models, plan)
 
     def _fit_plan(self) -> dict | None:
         """What is due now: the data, whether ``auto`` chooses the kind, and each model's trials (None: nothing)."""
