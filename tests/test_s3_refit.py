@@ -22,6 +22,13 @@ def smooth_score(space, c) -> float:
     return float(np.std(np.diff(space.lams(c.schedule)))) + 0.01 * c.schedule.steps[0].order
 
 
+def tell_until(se, space, n: int) -> None:
+    """Ask 4 at a time and tell each its smooth score until ``se`` has ``n`` results."""
+    while len(se.trials) < n:
+        for c in se.ask(4):
+            se.tell(c, smooth_score(space, c))
+
+
 def test_refit_rule_fits_at_min_train_then_every_30_percent_growth_of_at_least_20():
     fits, last = [], None
     for m in range(400):
@@ -121,14 +128,10 @@ def test_a_refit_made_ahead_is_used_from_the_next_ask_and_the_first_fit_at_once(
     for ahead in (True, False):
         se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
                            presets=("ddim",), predictor="extra-trees", fit_ahead=ahead)
-        while len(se.trials) < 12:
-            for c in se.ask(4):
-                se.tell(c, smooth_score(space, c))
+        tell_until(se, space, 12)
         se.ask(4)  # the first fit is due at this ask: it ranks at once
         assert se._fit_size.get(5) == 12
-        while len(se.trials) < 32:
-            for c in se.ask(4):
-                se.tell(c, smooth_score(space, c))
+        tell_until(se, space, 32)
         se.ask(4)  # the refit at 32 trials (12 + 20) is due here
         assert se._fit_size[5] == (12 if ahead else 32)
         se.ask(4)
@@ -183,9 +186,7 @@ def test_the_first_models_rank_at_once_and_auto_chooses_the_kind_by_the_next_ask
     first kind ``auto`` chooses between and the choice lands at the next ask; without, the ask chooses first."""
     se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
                        presets=("ddim",), auto_kinds=("gbr", "extra-trees"), fit_ahead=ahead)
-    while len(se.trials) < 12:
-        for c in se.ask(4):
-            se.tell(c, smooth_score(space, c))
+    tell_until(se, space, 12)
     se.ask(4)
     assert se._fit_size[5] == 12
     if ahead:
@@ -199,7 +200,5 @@ def test_the_first_models_rank_at_once_and_auto_chooses_the_kind_by_the_next_ask
 def test_auto_with_one_kind_fits_only_that_kind(space):
     se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
                        presets=("ddim",), auto_kinds=["gbr"])
-    while len(se.trials) < 40:
-        for c in se.ask(4):
-            se.tell(c, smooth_score(space, c))
+    tell_until(se, space, 40)
     assert se._models[5].kind == "gbr" and se.tau_report == [] and se.state()["predictor"] == "gbr"
