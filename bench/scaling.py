@@ -1,10 +1,11 @@
 """Evaluation throughput on gmm-digits: true evaluations per second in-process, and through the Ray
 backend with 1 and 2 evaluator processes. Targets: 2 Ray evaluators >= 1.7x one; the Ray backend's
 overhead against in-process with one worker <= 15%. Then whole S^3 searches the same three ways, with the
-searcher's own time (ask and tell) per evaluation against one evaluation's sampling time (target <= 10%) and
-two Ray evaluators against in-process (target >= 1.7x).
+searcher's own time (ask and tell, and with the predictor fits of its background thread) per evaluation against
+one evaluation's sampling time (target <= 10%) and two Ray evaluators against in-process (target >= 1.7x), each
+the median of ``--job-repeats`` runs.
 
-    python bench/scaling.py [--candidates 240] [--samples 64] [--repeats 3] [--job-evaluations 300]
+    python bench/scaling.py [--candidates 240] [--samples 64] [--repeats 3] [--job-evaluations 300] [--job-repeats 3]
     python bench/scaling.py --searcher-only    # the S^3 searcher alone, no evaluations: CPU per evaluation
 
 Candidates are random schedules at NFE 4-10 from the search space (the mix a search evaluates), each
@@ -106,8 +107,14 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
                      "sampling_seconds": sampling, "searcher_seconds": searcher_s[0],
                      "searcher_cpu_seconds": searcher_s[1], "searcher_ms_per_eval": 1000 * searcher_s[0] / n,
                      "searcher_cpu_ms_per_eval": 1000 * searcher_s[1] / n, "eval_ms": 1000 * sampling / n,
-                     "searcher_vs_eval": searcher_s[0] / sampling, "fit_thread_cpu_ms_per_eval": 1000 * fits / n})
+                     "searcher_vs_eval": searcher_s[0] / sampling, "fit_thread_cpu_ms_per_eval": 1000 * fits / n,
+                     "searcher_and_fits_vs_eval": (searcher_s[0] + fits) / sampling})
     return rows
+
+
+def median_row(runs: list[dict]) -> dict:
+    """One backend's runs as one row: the median of each figure."""
+    return {k: (statistics.median(r[k] for r in runs) if isinstance(v, float) else v) for k, v in runs[0].items()}
 
 
 def warm_imports() -> float:
@@ -183,6 +190,8 @@ def main():
     ap.add_argument("--problem", default="gmm-digits")
     ap.add_argument("--job-evaluations", type=int, default=300,
                     help="also run whole S^3 searches with this many evaluations per NFE (0: skip)")
+    ap.add_argument("--job-repeats", type=int, default=3,
+                    help="runs of each whole search (their medians are reported); the machine's load moves them")
     ap.add_argument("--options", default="{}", help="S^3 options for the whole searches, as JSON")
     ap.add_argument("--searcher-only", action="store_true",
                     help="only time the S^3 searcher alone, without evaluations (CPU per evaluation)")
@@ -228,13 +237,15 @@ def main():
             failed += f
     for b in backends.values():
         b.close()
-    jobs, import_s = [], 0.0
+    jobs, job_runs, import_s = [], [], 0.0
     if args.job_evaluations:
-        db_path = OUT / "scaling-jobs.db"
-        db_path.unlink(missing_ok=True)
         import_s = warm_imports()
-        jobs = job_rates(args.problem, args.job_evaluations, db_path, json.loads(args.options))
-        db_path.unlink(missing_ok=True)
+        for k in range(args.job_repeats):  # each repeat runs the three backends one after another, in a fresh db
+            db_path = OUT / f"scaling-jobs-{k}.db"
+            db_path.unlink(missing_ok=True)
+            job_runs.append(job_rates(args.problem, args.job_evaluations, db_path, json.loads(args.options)))
+            db_path.unlink(missing_ok=True)
+        jobs = [median_row([run[i] for run in job_runs]) for i in range(len(job_runs[0]))]
     ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -247,20 +258,26 @@ def main():
         print(f"{r['backend']:<12} {r['evals_per_s']:>10.1f}")
     print(f"2 Ray evaluators vs 1: {speedup:.2f}x (target >= 1.7x)")
     print(f"Ray backend overhead vs in-process, 1 worker: {100 * overhead:.1f}% (target <= 15%)")
+    if jobs:
+        print(f"whole S^3 searches (medians of {len(job_runs)} runs of each backend):")
     for r in jobs:
         print(f"whole S^3 search, {r['backend']:<10}: {r['evals_per_s']:6.1f} evals/s ({r['evaluations']} in "
               f"{r['seconds']:.1f} s, of which sampling {r['sampling_seconds']:.1f} s); searcher "
               f"{r['searcher_ms_per_eval']:.1f} ms per evaluation ({r['searcher_cpu_ms_per_eval']:.1f} ms CPU) = "
               f"{100 * r['searcher_vs_eval']:.0f}% of one evaluation ({r['eval_ms']:.1f} ms; target <= 10%); predictor "
-              f"fits in the background thread {r['fit_thread_cpu_ms_per_eval']:.1f} ms CPU per evaluation")
+              f"fits in the background thread {r['fit_thread_cpu_ms_per_eval']:.1f} ms CPU per evaluation; both "
+              f"together {100 * r['searcher_and_fits_vs_eval']:.0f}%")
+    ratios = []
     if jobs:
         print(f"(imports the searcher's first fits need, done once before the searches: {import_s:.1f} s)")
-        by = {r["backend"]: r["evals_per_s"] for r in jobs}
-        print(f"whole S^3 search, 2 Ray evaluators vs in-process: {by['ray x2'] / by['in-process']:.2f}x "
-              "(target >= 1.7x)")
+        ratios = [by["ray x2"] / by["in-process"]
+                  for by in ({r["backend"]: r["evals_per_s"] for r in run} for run in job_runs)]
+        print(f"whole S^3 search, 2 Ray evaluators vs in-process: {statistics.median(ratios):.2f}x, median of "
+              f"{', '.join(f'{x:.2f}' for x in ratios)} (target >= 1.7x)")
     path = save_json("scaling", {"problem": args.problem, "candidates": len(tasks), "samples": args.samples,
                                  "repeats": args.repeats, "rows": rows, "speedup_2_vs_1": speedup, "jobs": jobs,
                                  "job_evaluations_per_nfe": args.job_evaluations, "ray_overhead": overhead,
+                                 "job_runs": job_runs, "ray_x2_vs_in_process": ratios,
                                  "options": json.loads(args.options)})
     print(f"saved {path}")
 

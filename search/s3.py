@@ -32,6 +32,7 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import time
@@ -155,6 +156,14 @@ class Predictor:
             self.columns = np.arange(X.shape[1])
         X = X[:, self.columns]
         y = rank_targets(nfes, np.log(scores))
+        import sklearn
+
+        # the inputs are finite by construction and the parameters fixed here: sklearn's per-tree checks are skipped
+        with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+            self._fit_model(X, nfes, scores, y)
+        return self
+
+    def _fit_model(self, X, nfes, scores, y) -> None:
         if self.kind == "extra-trees":
             from sklearn.ensemble import ExtraTreesRegressor
 
@@ -167,7 +176,6 @@ class Predictor:
                                                    random_state=self.seed).fit(X, y)
         else:
             self._fit_pairwise(X, nfes, np.log(scores))
-        return self
 
     def _fit_pairwise(self, X, nfes, logs):
         from sklearn.linear_model import LogisticRegression
@@ -375,6 +383,11 @@ class S3Searcher(Searcher):
                 self._parents.clear()
             ranked = self._parents[memo] = self._rank_parents(nfe, max(k, self.population))
         return ranked[0][:k]
+
+    def best(self, nfe: int, k: int = 1) -> list[tuple[Candidate, float]]:
+        """As :meth:`Searcher.best`, from the NFE's trial index instead of every trial."""
+        trials = self.trials
+        return [trials[i] for i in heapq.nsmallest(k, self._by_nfe.get(nfe, ()), key=lambda i: (trials[i][1], i))]
 
     def _rank_parents(self, nfe: int, k: int) -> tuple[list[tuple[Candidate, float, int]], bool]:
         """The ``k`` best, and whether they are all there are."""

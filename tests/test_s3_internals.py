@@ -140,3 +140,20 @@ def test_the_encoding_holds_each_schedules_positions_gaps_and_their_statistics()
             assert len(glob) == N_GLOBAL_FEATURES and glob[0] == s.nfe
             assert list(glob[6:9]) == [gaps.min(), gaps.max(), gaps.std()]
     assert made > 150
+
+
+def test_the_best_trials_of_an_nfe_are_those_the_plain_searcher_ranks_first(space):
+    """S^3 ranks an NFE's trials from its index of them: the same candidates, in the same order (ties by the order
+    they were told), as the base searcher's scan of every trial."""
+    from steptune.search import Searcher, make_searcher
+
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [4, 6], seed=0, min_train=12, pool=20,
+                       presets=("ddim",))
+    rng = np.random.default_rng(1)
+    while len(se.trials) < 80:
+        for c in se.ask(8):
+            se.tell(c, float(rng.choice([0.1, 0.2, 0.3])))  # few distinct scores: many ties
+    for nfe in (4, 6, 5):
+        for k in (1, 4, 50):
+            assert [(c.key, s) for c, s in se.best(nfe, k)] == [(c.key, s) for c, s in Searcher.best(se, nfe, k)]
+    assert len(se.best(4, 50)) == sum(c.nfe == 4 for c, _ in se.trials)
