@@ -165,7 +165,7 @@ class RefineSpec(_Section):
     """The ``[refine]`` stage: after the search, refine the best searched schedule at each NFE by gradient."""
 
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
-    iters: int = Field(default=60, ge=1)  # gradient iterations per NFE (at most)
+    iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)
     samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
     # NFEs not searched: interpolated from the searched ones (steptune.space.retime.interpolate), then refined
     interpolate: list[int] = Field(default_factory=list)

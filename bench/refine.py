@@ -31,6 +31,7 @@ from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import parents, refine_trials  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import DEFAULT_PRESETS  # noqa: E402
+from steptune.search.refine import ITERS  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
@@ -53,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--nfe", default="5")
     ap.add_argument("--budget", type=int, default=300, help="cheap evaluations per NFE of the search")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--iters", type=int, default=ITERS)
     ap.add_argument("--samples", type=int, default=None, help="train-bank states the refinement fits on (default 128)")
     ap.add_argument("--cheap-samples", type=int, default=128)
     ap.add_argument("--train-samples", type=int, default=256)

@@ -41,6 +41,7 @@ from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import best_found, is_refinement, searched  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, FAIL_SCORE  # noqa: E402
+from steptune.search.refine import ITERS  # noqa: E402
 from steptune.search.s3 import encode, select_predictor  # noqa: E402
 from steptune.space import Schedule  # noqa: E402
 from steptune.storage import connect  # noqa: E402
@@ -131,7 +132,7 @@ def main(argv=None):
                     help="also search each NFE alone (same budget) and compare the job over all NFEs with it")
     ap.add_argument("--refine", action="store_true",
                     help="refine each NFE's best searched schedule by gradient afterwards (the job's [refine] stage)")
-    ap.add_argument("--refine-iters", type=int, default=60, help="gradient iterations per NFE, at most")
+    ap.add_argument("--refine-iters", type=int, default=ITERS, help="gradient iterations per NFE, at most")
     ap.add_argument("--interpolate", default="",
                     help="with --refine: NFEs not searched, interpolated from the searched ones and refined, e.g. 7,9")
     ap.add_argument("--options", default="{}",

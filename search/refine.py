@@ -45,6 +45,7 @@ Tensor = torch.Tensor
 FD_REL = 1e-3  # relative step in t of the forward difference in time
 SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the RMSE is dominated by a few hard
 #                states, and 64 of them overfit the times of a searched schedule
+ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
 
 
@@ -243,7 +244,7 @@ class RefineResult:
                 "samples": self.samples}
 
 
-def refine(evaluator, schedule: Schedule, *, iters: int = 60, samples: int | None = None, check_every: int = 10,
+def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None, check_every: int = 10,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
            relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
            stop: Callable[[], bool] | None = None) -> RefineResult:

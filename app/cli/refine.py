@@ -21,7 +21,7 @@ def refine_cmd(
                                                   "(repeat for several; default: every searched NFE).")] = None,
     trial: Annotated[int | None, typer.Option("--trial", help="Refine this trial id instead.")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Gradient iterations per schedule (at most; the held-out "
-                                       "bank stops it earlier).")] = 60,
+                                       "bank stops it earlier).")] = 300,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
     device: DeviceOpt = None,
