@@ -17,7 +17,7 @@ from runner_jobs import job_text, run_cli
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
 from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
-from steptune.search.refine import FD_REL, final_state, parameters, refine
+from steptune.search.refine import FD_REL, ITERS, final_state, parameters, refine
 from steptune.space import presets, sample
 from steptune.storage import connect
 
@@ -372,3 +372,13 @@ def test_a_refine_stage_interpolates_only_nfes_it_did_not_search(tmp_path, cache
     job = _job(tmp_path, cache, "bad", refine="interpolate = [4]\n")
     _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys,
                     "refine.interpolate 4 is not an NFE the search leaves out")
+
+
+def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_itself():
+    import inspect
+
+    from steptune.cli.refine import refine_cmd
+    from steptune.jobs import RefineSpec
+
+    assert RefineSpec().iters == ITERS == inspect.signature(refine).parameters["iters"].default
+    assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
