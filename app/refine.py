@@ -174,7 +174,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                            time.perf_counter() - start, result.improved, tid))
         r = out[-1]
         say(f"refined NFE {r.nfe}: held-out RMSE {r.parent_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%, "
-            f"{r.seconds:.0f} s){'' if r.improved else '; not better, the parent stays the best'}")
+            f"{r.seconds:.0f} s, {result.iters} of at most {iters} iterations)"
+            f"{'' if r.improved else '; not better, the parent stays the best'}")
     return out
 
 

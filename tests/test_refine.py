@@ -222,6 +222,9 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
             assert t.info["origin"] == f"refine:{parent.info.get('origin') or f'trial {parent.number}'}"
             assert t.info["refine"]["parent_rmse"] == pytest.approx(parent.score, rel=1e-12)
             assert (t.status == "complete") == t.info["refine"]["improved"] == (t.score < parent.score)
+            # the log says how far each went of the job's limit (iters = 10)
+            assert f"refined NFE {t.nfe}: held-out RMSE {parent.score:.4g} -> {t.score:.4g} (" in err
+            assert f"{t.info['refine']['iters']} of at most 10 iterations)" in err
         for nfe in (3, 4):
             mine = [t for t in refined if t.nfe == nfe]
             kept = [t if t.status == "complete" else by_id[t.info["refines"]] for t in mine]
