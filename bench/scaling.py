@@ -6,6 +6,7 @@ one evaluation's sampling time (target <= 10%) and two Ray evaluators against in
 the median of ``--job-repeats`` runs.
 
     python bench/scaling.py [--candidates 240] [--samples 64] [--repeats 3] [--job-evaluations 300] [--job-repeats 3]
+        [--in-flight 2]
     python bench/scaling.py --searcher-only    # the S^3 searcher alone, no evaluations: CPU per evaluation
 
 Candidates are random schedules at NFE 4-10 from the search space (the mix a search evaluates), each
@@ -74,7 +75,8 @@ def rate(backend, tasks) -> tuple[float, int]:
     return len(tasks) / secs, sink.failed
 
 
-def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | None = None) -> list[dict]:
+def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | None = None,
+              in_flight: int = 2) -> list[dict]:
     """Whole S^3 searches (5 NFEs, no baseline or confirmation) in-process and on 1 and 2 Ray evaluators:
     evaluations per second including the searcher's own time between batches."""
     from steptune.jobs import job_from_dict
@@ -88,7 +90,7 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
                              "evaluation": {"cheap_samples": 64, "confirm": 0, "baseline": False,
                                             "cache": "runs/cache"},
                              "budget": {"evaluations": evaluations},
-                             "backend": {"kind": kind, "workers": workers, "num_cpus": 1}})
+                             "backend": {"kind": kind, "workers": workers, "num_cpus": 1, "in_flight": in_flight}})
         backend = (LocalBackend(job.problem, job.evaluation, job.backend) if kind == "local"
                    else RayBackend(job.problem, job.evaluation, job.backend))
         backend.start()
@@ -206,6 +208,8 @@ def main():
     ap.add_argument("--job-repeats", type=int, default=3,
                     help="runs of each whole search (their medians are reported); the machine's load moves them")
     ap.add_argument("--options", default="{}", help="S^3 options for the whole searches, as JSON")
+    ap.add_argument("--in-flight", type=int, default=2,
+                    help="candidates per call to a Ray evaluator, two calls queued on each (backend.in_flight)")
     ap.add_argument("--searcher-only", action="store_true",
                     help="only time the S^3 searcher alone, without evaluations (CPU per evaluation)")
     args = ap.parse_args()
@@ -236,7 +240,7 @@ def main():
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     backends = {"in-process": local}
     for n in (1, 2):
-        b = RayBackend(problem, evaluation, BackendSpec(kind="ray", workers=n, num_cpus=1, in_flight=2))
+        b = RayBackend(problem, evaluation, BackendSpec(kind="ray", workers=n, num_cpus=1, in_flight=args.in_flight))
         b.start()
         backends[f"ray x{n}"] = b
     rates = {name: [] for name in backends}
@@ -256,7 +260,8 @@ def main():
         for k in range(max(1, args.job_repeats)):  # each repeat runs the three backends in turn, in a fresh db
             db_path = OUT / f"scaling-jobs-{k}.db"
             db_path.unlink(missing_ok=True)
-            job_runs.append(job_rates(args.problem, args.job_evaluations, db_path, json.loads(args.options)))
+            job_runs.append(job_rates(args.problem, args.job_evaluations, db_path, json.loads(args.options),
+                                      args.in_flight))
             db_path.unlink(missing_ok=True)
         jobs = [median_row([run[i] for run in job_runs]) for i in range(len(job_runs[0]))]
     ray.shutdown()
@@ -296,7 +301,7 @@ def main():
                                  "repeats": args.repeats, "rows": rows, "speedup_2_vs_1": speedup, "jobs": jobs,
                                  "job_evaluations_per_nfe": args.job_evaluations, "ray_overhead": overhead,
                                  "job_runs": job_runs, "ray_x2_vs_in_process": ratios,
-                                 "options": json.loads(args.options)})
+                                 "options": json.loads(args.options), "in_flight": args.in_flight})
     print(f"saved {path}")
 
 
