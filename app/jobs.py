@@ -167,6 +167,9 @@ class RefineSpec(_Section):
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
     iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)
     samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
+    # schedules of distinct structures screened per NFE, the most promising refined on (steptune.search.refine
+    # .STRUCTURES; 1: the best searched schedule alone)
+    structures: int = Field(default=8, ge=1)
     # NFEs not searched: interpolated from the searched ones (steptune.space.retime.interpolate), then refined
     interpolate: list[int] = Field(default_factory=list)
 

@@ -22,32 +22,40 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from steptune.search import CONFIRM
-from steptune.search.refine import RefineError, RefineResult, refine
+from steptune.search.refine import SCREEN, RefineError, RefineResult, refine_best, refined_structure
 
 ORIGIN = "refine"
 
 
 @dataclass
 class Refined:
-    """One parent and what its refinement gave (``trial``: the stored refinement's id; None when skipped)."""
+    """One refinement (``trial``: the stored refinement's id; None when skipped): of ``parent``, or of the most
+    promising of ``structures`` parents after screening, ``parent`` being the one refined on. ``start_rmse`` is the
+    best held-out RMSE among them (the parent's where it was alone): ``change`` is against it."""
 
     nfe: int
     parent: int  # trial id
     parent_rmse: float
     rmse: float | None
     seconds: float
-    improved: bool | None
+    improved: bool | None  # better than its parent on the held-out bank (stored complete)
     trial: int | None
     skipped: str | None = None  # why the parent was not refined this time
+    structures: int = 1
+    start_rmse: float | None = None
+
+    def __post_init__(self):
+        if self.start_rmse is None:
+            self.start_rmse = self.parent_rmse
 
     @property
     def change(self) -> float | None:
-        return None if self.rmse is None else self.rmse / self.parent_rmse - 1.0
+        return None if self.rmse is None else self.rmse / self.start_rmse - 1.0
 
     def as_dict(self) -> dict:
         return {"nfe": self.nfe, "parent": self.parent, "parent_rmse": self.parent_rmse, "rmse": self.rmse,
                 "change": self.change, "seconds": self.seconds, "improved": self.improved, "trial": self.trial,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "structures": self.structures, "start_rmse": self.start_rmse}
 
 
 def is_refinement(t) -> bool:
@@ -122,17 +130,55 @@ def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int 
     return [best[n] for n in sorted(best)]
 
 
-def trial_item(parent, result: RefineResult) -> dict:
+def trial_item(parent, result: RefineResult, screened: list[dict] | None = None) -> dict:
     """The stored trial of one refinement: the best iterate on the held-out bank, ``pruned`` when it does not
     beat its parent there. Its metrics are the held-out evaluation's, with what the whole refinement cost
-    (``model_calls``: the fit's and the checks') where an evaluation's cost goes."""
+    (``model_calls``: the fit's and the checks', the screening's included) where an evaluation's cost goes.
+    ``screened``: the parents screened with it (``refine_best``), each with its held-out RMSE before and after."""
     res = result.candidate_result
     metrics = {**res.metrics, **res.cost(), "model_calls": result.model_calls}
     origin = parent.info.get("origin") or f"trial {parent.number}"
+    info = result.info() | ({"screened": screened} if screened else {})
     return {"schedule": result.candidate.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM, "n_samples": res.n,
             "metrics": metrics, "status": "complete" if result.improved else "pruned", "seconds": result.seconds,
             "info": {"refines": parent.id, "refines_number": parent.number, "origin": f"{ORIGIN}:{origin}",
-                     "refine": result.info()}}
+                     "refine": info}}
+
+
+def structure_parents(store, study: str, evaluator, best, k: int,
+                      say: Callable[[str], None] = lambda msg: None) -> list:
+    """``best`` (an NFE's best searched trial) and the searched schedules of up to ``k - 1`` other structures at its
+    NFE, as refinement sees structures (``refined_structure``): of each, the one the search scored best on the train
+    bank, the structures in that order. Each is scored on the held-out bank: by its confirmation, stored here
+    (``confirms``, as the search's own) where the search did not confirm it."""
+    from steptune.search import CHEAP
+
+    noise = evaluator.problem.noise
+    trials = store.trials(study)
+    confirmed = {t.key: t for t in trials if searched(t) and t.nfe == best.nfe}
+    rows = sorted((t for t in trials if t.fidelity == CHEAP and t.nfe == best.nfe and t.status == "complete"
+                   and t.score is not None and not t.info.get("baseline")), key=lambda t: (t.score, t.number))
+    seen, out, keys = {refined_structure(best.to_schedule(), noise)}, [best], {best.key}
+    for t in rows:
+        if len(out) >= k:
+            break
+        if t.key in keys:
+            continue
+        keys.add(t.key)
+        sched = t.to_schedule()
+        structure = refined_structure(sched, noise)
+        if structure in seen:
+            continue
+        seen.add(structure)
+        held = confirmed.get(t.key)
+        if held is None:
+            res = evaluator.evaluate(sched, CONFIRM)
+            held = store_heldout(store, study, sched, res, {"confirms": t.number, "origin": t.info.get("origin")})
+        if searched(held):
+            out.append(held)
+    if len(out) > 1:
+        say(f"NFE {best.nfe}: {len(out)} searched structures to screen (trial ids {', '.join(str(t.id) for t in out)})")
+    return out
 
 
 def store_heldout(store, study: str, sched, res, info: dict):
@@ -148,34 +194,54 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                   say: Callable[[str], None] = lambda msg: None,
                   progress: Callable[[int, int, int, float], None] | None = None,
                   stop: Callable[[], bool] = lambda: False) -> list[Refined]:
-    """Refine each trial of ``todo`` (skipping those refined before) and store the results as they come."""
+    """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
+    trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
+    after a screening refinement of each is refined on (``refine_best``)."""
     done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
     out = []
-    for parent in todo:
-        if parent.id in done:
-            prev = done[parent.id]
+    for item in todo:
+        group = item if isinstance(item, list) else [item]
+        if iters <= 1:
+            group = group[:1]
+        prev = next((done[t.id] for t in group if t.id in done), None)
+        if prev is not None:
+            parent = next(t for t in group if t.id == prev.info["refines"])
             rec = prev.info.get("refine", {})
+            screened = rec.get("screened", [])
             out.append(Refined(parent.nfe, parent.id, rec.get("parent_rmse", parent.score),
                                rec.get("candidate_rmse", prev.score), rec.get("seconds", 0.0),
-                               prev.status == "complete", prev.id, "refined before"))
+                               prev.status == "complete", prev.id, "refined before", max(len(screened), 1),
+                               min((x["parent_rmse"] for x in screened), default=None)))
             say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id})")
             continue
         if stop():
             break
-        say(f"refining NFE {parent.nfe} (trial id {parent.id}, held-out RMSE {parent.score:.4g})")
+        nfe, screen = group[0].nfe, min(SCREEN, iters - 1)
+        if len(group) == 1:
+            say(f"refining NFE {nfe} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})")
+        else:
+            say(f"refining NFE {nfe}: {len(group)} structures (held-out RMSE {min(t.score for t in group):.4g} at "
+                f"best), {screen} iterations each, then the best on up to {iters}")
         start = time.perf_counter()
-        report = None if progress is None else (lambda i, n, best, nfe=parent.nfe: progress(nfe, i, n, best))
-        result = refine(evaluator, parent.to_schedule(), iters=iters, samples=samples, progress=report, stop=stop)
+        report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
+        sc = refine_best(evaluator, [t.to_schedule() for t in group], screen=screen, iters=iters, samples=samples,
+                         progress=report, stop=stop)
+        result, parent = sc.result, group[sc.winner]
         if result.stopped:  # nothing stored: a later run refines it again
-            say(f"refinement of NFE {parent.nfe} stopped before its end; nothing was stored for it")
+            say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")
             break
-        (tid,) = store.add_trials(study, [trial_item(parent, result)])
-        out.append(Refined(parent.nfe, parent.id, result.parent_rmse, result.candidate_rmse,
-                           time.perf_counter() - start, result.improved, tid))
+        screened = [{"trial": t.id, "parent_rmse": a, "rmse": b} for t, (a, b) in zip(group, sc.screened)]
+        (tid,) = store.add_trials(study, [trial_item(parent, result, screened)])
+        out.append(Refined(nfe, parent.id, result.parent_rmse, result.candidate_rmse, time.perf_counter() - start,
+                           result.improved, tid, structures=len(group),
+                           start_rmse=min(a for a, _ in sc.screened) if sc.screened else None))
         r = out[-1]
-        say(f"refined NFE {r.nfe}: held-out RMSE {r.parent_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%, "
+        which = "" if len(group) == 1 else (f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of {len(group)} "
+                                            f"structures after {screen} iterations")
+        say(f"refined NFE {r.nfe}: held-out RMSE {r.start_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%{which}, "
             f"{r.seconds:.0f} s, {result.iters} of at most {iters} iterations)"
-            f"{'' if r.improved else '; not better, the parent stays the best'}")
+            + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best" if len(group) == 1
+               else "; not better than the best searched schedule, which stays the best"))
     return out
 
 
@@ -282,8 +348,12 @@ def refine_stage(runner) -> list[Refined]:
         runner.say(f"refine: {e}")
         return []
     evaluator = runner._driver_evaluator()
-    todo += preset_parents(runner.storage, job.study, evaluator, sorted({t.nfe for t in todo}),
-                           job.evaluation.cheap_samples, say=runner.say)
+    presets = preset_parents(runner.storage, job.study, evaluator, sorted({t.nfe for t in todo}),
+                             job.evaluation.cheap_samples, say=runner.say)
+    if spec.structures > 1:
+        todo = [structure_parents(runner.storage, job.study, evaluator, t, spec.structures, say=runner.say)
+                for t in todo]
+    todo += presets
     out = refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
                         say=runner.say, stop=runner.should_stop)
     if spec.interpolate and not runner.should_stop():

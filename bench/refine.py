@@ -2,14 +2,15 @@
 `steptune refine`, and what the refinement cost (wall and CPU seconds of this process).
 
 For every seed, one S^3 search job (``--budget`` cheap evaluations per NFE, no preset baselines) runs
-in-process into a temporary database; then the best searched schedule at each NFE is refined as `steptune
-refine` does (``--iters``, ``--samples``) and the result compared with its parent on the held-out bank.
+in-process into a temporary database; then each NFE is refined as `steptune refine` does (``--iters``,
+``--samples``, ``--structures``: the best searched schedule alone with 1, else the most promising of that many
+structures after screening) and the result compared on the held-out bank with the best searched schedule.
 
     python bench/refine.py --problem gmm-digits --nfe 5 --budget 300 --seeds 0,1,2
     python bench/refine.py --problem digits-cond --guidance 3 --nfe 5 --budget 100 --seeds 0,1,2 \\
         --train-samples 64 --heldout-samples 256 --cheap-samples 32
 
-Saves runs/bench/refine-PROBLEM.json and prints a table.
+Saves runs/bench/refine-PROBLEM-sSTRUCTURES.json and prints a table.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from common import save_json  # noqa: E402
 
 from steptune.backends import LocalBackend  # noqa: E402
 from steptune.jobs import job_from_dict  # noqa: E402
-from steptune.refine import parents, refine_trials  # noqa: E402
+from steptune.refine import parents, refine_trials, structure_parents  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import DEFAULT_PRESETS  # noqa: E402
-from steptune.search.refine import ITERS  # noqa: E402
+from steptune.search.refine import ITERS, STRUCTURES  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
@@ -55,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=300, help="cheap evaluations per NFE of the search")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--iters", type=int, default=ITERS)
+    ap.add_argument("--structures", type=int, default=STRUCTURES,
+                    help="searched step structures screened per NFE (1: the best searched schedule alone)")
     ap.add_argument("--samples", type=int, default=None, help="train-bank states the refinement fits on (default 128)")
     ap.add_argument("--cheap-samples", type=int, default=128)
     ap.add_argument("--train-samples", type=int, default=256)
@@ -82,16 +85,19 @@ def main(argv=None):
         search_s = time.perf_counter() - t0
         for parent in parents(db.trials(job.study), job.study, nfes):
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            (r,) = refine_trials(db, job.study, ev, [parent], iters=args.iters, samples=args.samples)
+            item = structure_parents(db, job.study, ev, parent, args.structures) if args.structures > 1 else parent
+            (r,) = refine_trials(db, job.study, ev, [item], iters=args.iters, samples=args.samples)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             info = db.trial(r.trial).info["refine"]
-            rows.append({"seed": seed, "nfe": r.nfe, "parent_rmse": r.parent_rmse, "refined_rmse": r.rmse,
-                         "kept_rmse": r.rmse if r.improved else r.parent_rmse, "change": r.change,
-                         "improved": r.improved, "wall_s": wall, "cpu_s": cpu, "search_s": search_s,
+            kept = min(parent.score, r.rmse if r.improved else r.parent_rmse)  # the search's best is the parent
+            rows.append({"seed": seed, "nfe": r.nfe, "parent_rmse": parent.score, "refined_rmse": r.rmse,
+                         "kept_rmse": kept, "change": kept / parent.score - 1, "improved": kept < parent.score,
+                         "refined_parent": r.parent, "refined_parent_rmse": r.parent_rmse,
+                         "screened": info.get("screened", []), "wall_s": wall, "cpu_s": cpu, "search_s": search_s,
                          "iters": info["iters"], "best_iter": info["best_iter"], "fitted": info["fitted"],
                          "model_calls": info["model_calls"]})
-            print(f"seed {seed} NFE {r.nfe}: {r.parent_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%), "
-                  f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+            print(f"seed {seed} NFE {r.nfe}: {parent.score:.4g} -> {kept:.4g} ({100 * rows[-1]['change']:+.1f}%; "
+                  f"{r.structures} structure(s)), {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
     threads = torch.get_num_threads()
     db.close()
     tmp.cleanup()
@@ -106,7 +112,7 @@ def main(argv=None):
                       "wall_s": float(np.mean([r["wall_s"] for r in mine]))})
     name = args.problem + ("" if args.guidance is None else f"-g{args.guidance:g}")
     print(f"\n{name}, mean of seeds {args.seeds} (held-out RMSE; refinement: {args.iters} iterations at most, "
-          f"{args.samples or 'default'} samples, {threads} thread(s))")
+          f"{args.structures} structure(s) screened, {args.samples or 'default'} samples, {threads} thread(s))")
     print("| NFE | searched | refined | reduction | per seed | CPU s | wall s |\n|---|---|---|---|---|---|---|")
     for t in table:
         per = ", ".join(f"{100 * v:.0f}%" for v in t["per_seed_reduction"])
@@ -115,7 +121,8 @@ def main(argv=None):
     for n, b in presets.items():
         print(f"best preset at NFE {n}: {b['preset']} {b['rmse']:.4g}" + "".join(
             f"; refined NFE {t['nfe']} / it = {t['refined_rmse'] / b['rmse']:.2f}" for t in table))
-    path = save_json(f"refine-{name}", {"args": vars(args), "table": table, "runs": rows, "best_preset": presets})
+    path = save_json(f"refine-{name}-s{args.structures}",
+                     {"args": vars(args), "table": table, "runs": rows, "best_preset": presets})
     print(f"saved {path}")
 
 

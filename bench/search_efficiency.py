@@ -41,7 +41,7 @@ from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import best_found, is_refinement, searched  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, FAIL_SCORE  # noqa: E402
-from steptune.search.refine import ITERS  # noqa: E402
+from steptune.search.refine import ITERS, STRUCTURES  # noqa: E402
 from steptune.search.s3 import encode, select_predictor  # noqa: E402
 from steptune.space import Schedule  # noqa: E402
 from steptune.storage import connect  # noqa: E402
@@ -73,7 +73,8 @@ def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[flo
 
 
 def search_job(args, method: str, seed: int, nfes: list[int], study: str | None = None, interpolate=()):
-    refine = {"refine": {"iters": args.refine_iters, "interpolate": list(interpolate)}} if args.refine else {}
+    refine = {"refine": {"iters": args.refine_iters, "structures": args.refine_structures,
+                          "interpolate": list(interpolate)}} if args.refine else {}
     return job_from_dict({"study": study or f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
                           "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead,
                                      "options": json.loads(args.options).get(method, {})},
@@ -133,6 +134,8 @@ def main(argv=None):
     ap.add_argument("--refine", action="store_true",
                     help="refine each NFE's best searched schedule by gradient afterwards (the job's [refine] stage)")
     ap.add_argument("--refine-iters", type=int, default=ITERS, help="gradient iterations per NFE, at most")
+    ap.add_argument("--refine-structures", type=int, default=STRUCTURES,
+                    help="searched step structures screened per NFE by the refine stage (1: the best schedule alone)")
     ap.add_argument("--interpolate", default="",
                     help="with --refine: NFEs not searched, interpolated from the searched ones and refined, e.g. 7,9")
     ap.add_argument("--options", default="{}",

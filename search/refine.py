@@ -46,6 +46,8 @@ FD_REL = 1e-3  # relative step in t of the forward difference in time
 SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the RMSE is dominated by a few hard
 #                states, and 64 of them overfit the times of a searched schedule
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
+STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
+SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
 LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
 
 
@@ -351,3 +353,67 @@ def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | 
     return RefineResult(schedule, cand if improved else schedule, cand, parent_rmse, cand_rmse, cand_result, improved,
                         loss_start, loss_best, iters_run, best_iter, time.perf_counter() - start, count[0],
                         p.counts(), samples, history, stopped)
+
+
+def refined_structure(schedule: Schedule, noise) -> str:
+    """What refinement cannot change in ``schedule``: its structure key with every parameter ``refine`` fits set to
+    a fixed value (so schedules that differ only in DC ratios, relaxation coefficients or second-derivative scales
+    share it, as they share their times' key)."""
+    p = parameters(schedule, noise)
+    steps = list(p.schedule.steps)
+    for i in p.dc_steps:
+        steps[i] = replace(steps[i], dc_ratio=1.0)
+    for i in p.relax_steps:
+        steps[i] = replace(steps[i], relaxation_coef=0.0)
+    for i in p.second_steps:
+        steps[i] = replace(steps[i], second_scale=1.0)
+    return p.schedule.with_steps(steps).structure_key()
+
+
+@dataclass
+class Screened:
+    """``refine_best``'s outcome: ``result`` refines ``schedules[winner]`` (its ``parent``); ``screened`` holds each
+    schedule's held-out RMSE before and after its screening refinement (in the order given)."""
+
+    winner: int
+    result: RefineResult
+    screened: list[tuple[float, float]]
+
+
+def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
+                progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
+                **options) -> Screened:
+    """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures): each is
+    refined for ``screen`` iterations, and the one best on the held-out bank after that is refined as ``refine``
+    does with ``iters`` (its first ``screen`` iterations are its screening's again: a refinement resumed with fresh
+    step sizes from a screened iterate near its optimum oversteps it). How far a structure gets by refinement is not
+    what it scores before: the search's best is often not the best refined. One schedule is refined as ``refine``
+    does (no screening). ``options`` are ``refine``'s; ``progress`` counts the iterations of all the
+    refinements."""
+    if not schedules:
+        raise RefineError("no schedule to refine")
+    if len(schedules) == 1:
+        return Screened(0, refine(evaluator, schedules[0], iters=iters, progress=progress, stop=stop, **options),
+                        [])
+    if not 1 <= screen < iters:
+        raise RefineError(f"the screening's iterations ({screen}) must be at least 1 and fewer than iters ({iters})")
+    start = time.perf_counter()
+    total, done = len(schedules) * screen + iters, [0]
+
+    def report(it, _n, best):
+        if progress is not None:
+            progress(done[0] + it, total, best)
+
+    runs = []
+    for s in schedules:
+        runs.append(refine(evaluator, s, iters=screen, progress=report, stop=stop, **options))
+        done[0] += screen
+        if runs[-1].stopped:
+            return Screened(len(runs) - 1, replace(runs[-1], seconds=time.perf_counter() - start), [])
+    winner = min(range(len(runs)), key=lambda i: (runs[i].rmse, i))
+    result, calls = runs[winner], sum(r.model_calls for r in runs)
+    if result.improved and result.iters == screen:  # it ran out of iterations, not of progress: refined whole
+        result = refine(evaluator, schedules[winner], iters=iters, progress=report, stop=stop, **options)
+        calls += result.model_calls
+    result = replace(result, seconds=time.perf_counter() - start, model_calls=calls)
+    return Screened(winner, result, [(r.parent_rmse, r.rmse) for r in runs])

@@ -17,7 +17,16 @@ from runner_jobs import job_text, run_cli
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
 from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
-from steptune.search.refine import FD_REL, ITERS, final_state, parameters, refine
+from steptune.search.refine import (
+    FD_REL,
+    ITERS,
+    STRUCTURES,
+    final_state,
+    parameters,
+    refine,
+    refine_best,
+    refined_structure,
+)
 from steptune.space import presets, sample
 from steptune.storage import connect
 
@@ -107,6 +116,42 @@ def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
     assert r.candidate_rmse >= r.parent_rmse and r.rmse == r.parent_rmse
     stopped = refine(ev, s, iters=3, samples=32, stop=lambda: True)  # an interrupt before the first iteration
     assert stopped.stopped and stopped.iters == 0 and stopped.schedule is s and not stopped.improved
+
+
+def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
+    """Each schedule's screening is its own refinement of ``screen`` iterations; the one best on the held-out bank
+    after it is then refined as ``refine`` does, so it ends no worse than its screening."""
+    p, ev = gmm2d
+    scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh2", "deis")]
+    alone = [refine(ev, s, iters=6, samples=32, check_every=2) for s in scheds]
+    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2)
+    assert sc.screened == [(r.parent_rmse, r.rmse) for r in alone]
+    assert sc.winner == min(range(len(alone)), key=lambda i: alone[i].rmse)
+    r = sc.result
+    assert r.parent is scheds[sc.winner] and r.parent_rmse == alone[sc.winner].parent_rmse
+    assert r.improved and r.rmse <= alone[sc.winner].rmse < r.parent_rmse
+    assert ev.evaluate(r.schedule, "heldout").metrics["rmse"] == pytest.approx(r.rmse, rel=1e-12)
+    whole = refine(ev, scheds[sc.winner], iters=30, samples=32, check_every=2)
+    assert (r.rmse, r.iters, r.best_iter) == (whole.rmse, whole.iters, whole.best_iter) and r.iters > 6
+    assert r.model_calls == sum(a.model_calls for a in alone) + whole.model_calls
+    one = refine_best(ev, scheds[2:3], screen=6, iters=30, samples=32, check_every=2).result
+    plain = refine(ev, scheds[2], iters=30, samples=32, check_every=2)
+    assert (one.rmse, one.iters, one.model_calls) == (plain.rmse, plain.iters, plain.model_calls)
+
+
+def test_the_structure_refinement_sees_leaves_out_what_it_fits(gmm2d):
+    p, ev = gmm2d
+    s = _preset(p, "unipc-bh2", 5)
+    key = refined_structure(s, p.noise)
+    steps = list(s.steps)
+    i = parameters(s, p.noise).dc_steps[0]
+    steps[i] = replace(steps[i], dc_ratio=1.1)
+    moved = [replace(st, t=0.5 * st.t + 0.5 * s.steps[i - 1].t) if 0 < i < len(steps) - 1 else st
+             for i, st in enumerate(s.steps)]
+    assert refined_structure(s.with_steps(steps), p.noise) == key
+    assert refined_structure(s.with_steps(moved), p.noise) == key
+    other = _preset(p, "dpm-solver++-2m", 5)
+    assert other.structure_key() != s.structure_key() and refined_structure(other, p.noise) != key
 
 
 def test_on_a_gaussian_the_refined_time_is_the_best_one():
@@ -222,8 +267,9 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
             assert t.info["origin"] == f"refine:{parent.info.get('origin') or f'trial {parent.number}'}"
             assert t.info["refine"]["parent_rmse"] == pytest.approx(parent.score, rel=1e-12)
             assert (t.status == "complete") == t.info["refine"]["improved"] == (t.score < parent.score)
-            # the log says how far each went of the job's limit (iters = 10)
-            assert f"refined NFE {t.nfe}: held-out RMSE {parent.score:.4g} -> {t.score:.4g} (" in err
+            # the log says how far each went of the job's limit (iters = 10), from the best of the parents screened
+            start = min([x["parent_rmse"] for x in t.info["refine"].get("screened", [])] or [parent.score])
+            assert f"refined NFE {t.nfe}: held-out RMSE {start:.4g} -> {t.score:.4g} (" in err
             assert f"{t.info['refine']['iters']} of at most 10 iterations)" in err
         for nfe in (3, 4):
             mine = [t for t in refined if t.nfe == nfe]
@@ -245,6 +291,40 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
     assert code == 0 and out.count("earlier") == 2, err
     with connect(url) as db:
         assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 4
+
+
+def test_the_stage_screens_several_structures_and_refines_the_best_after_screening(tmp_path, cache, capsys):
+    """With ``structures = 3`` each NFE's refinement screens the best searched schedule and the best cheap trials of
+    the next two structures (as refinement sees them) in the search's order, each scored on the held-out bank, and
+    refines on the one best after its screening."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    job = _job(tmp_path, cache, "many", refine="iters = 10\nsamples = 32\nstructures = 3\n")
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    noise = load_problem("gmm-2d").noise
+    with connect(url) as db:
+        trials = db.trials("many")
+    by_id = {t.id: t for t in trials}
+    for nfe in (3, 4):
+        (t,) = [t for t in trials if t.nfe == nfe and "screened" in t.info.get("refine", {})]
+        screened = t.info["refine"]["screened"]
+        parents = [by_id[s["trial"]] for s in screened]
+        assert len(parents) == 3 and all(p.nfe == nfe and "confirms" in p.info and p.fidelity == "heldout"
+                                         for p in parents)
+        assert [s["parent_rmse"] for s in screened] == pytest.approx([p.score for p in parents], rel=1e-12)
+        structure = [refined_structure(p.to_schedule(), noise) for p in parents]
+        cheap = sorted((c for c in trials if c.nfe == nfe and c.fidelity == "train" and c.status == "complete"),
+                       key=lambda c: (c.score, c.number))
+        firsts = {}
+        for c in cheap:
+            firsts.setdefault(refined_structure(c.to_schedule(), noise), c)
+        assert list(firsts).index(structure[0]) < 3  # the best searched schedule is of one of the best structures
+        rest = [k for k in firsts if k != structure[0]][:2]
+        assert structure[1:] == rest and [p.key for p in parents[1:]] == [firsts[k].key for k in rest]
+        winner = min(range(3), key=lambda i: (screened[i]["rmse"], i))
+        assert t.info["refines"] == parents[winner].id
+        assert t.score <= screened[winner]["rmse"] <= parents[winner].score
+        assert f"({parents[winner].score:.4g}), the best of 3 structures after 9 iterations, " in err
 
 
 def db_best_id(url, nfe):
@@ -329,6 +409,10 @@ def test_refine_refuses_bad_input_in_one_sentence_and_writes_nothing(tmp_path, c
     _one_line_error(["refine", "--study", "broken", "--db", url, "--nfe", "5"], capsys, "no searched schedule at NFE 5")
     _one_line_error(["refine", "--study", "broken", "--db", url], capsys, "cannot be rebuilt")
     _one_line_error(["refine", "--study", "broken", "--db", url, "--samples", "1000"], capsys, "larger than")
+    _one_line_error(["refine", "--study", "broken", "--db", url, "--structures", "0"], capsys,
+                    "--structures must be at least 1")
+    _one_line_error(["refine", "--study", "broken", "--db", url, "--trial", "1", "--structures", "2"], capsys,
+                    "--trial ID (that trial alone) or --structures K, not both")
     with connect(url) as db:
         assert db.count_trials() == 1
 
@@ -380,8 +464,10 @@ def test_a_refine_stage_interpolates_only_nfes_it_did_not_search(tmp_path, cache
 def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_itself():
     import inspect
 
+    import steptune.cli.refine
     from steptune.cli.refine import refine_cmd
     from steptune.jobs import RefineSpec
 
     assert RefineSpec().iters == ITERS == inspect.signature(refine).parameters["iters"].default
     assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
+    assert RefineSpec().structures == STRUCTURES == steptune.cli.refine.STRUCTURES

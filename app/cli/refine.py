@@ -14,6 +14,8 @@ from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, DeviceOpt, JsonOpt, StudyOpt, ThreadsOpt
 from steptune.cli.problems import pick_device, set_threads
 
+STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
+
 
 def refine_cmd(
     study: StudyOpt,
@@ -22,6 +24,9 @@ def refine_cmd(
     trial: Annotated[int | None, typer.Option("--trial", help="Refine this trial id instead.")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Gradient iterations per schedule (at most; the held-out "
                                        "bank stops it earlier).")] = 300,
+    structures: Annotated[int | None, typer.Option("--structures", help="Screen the best searched schedules of this "
+                                                   "many step structures at each NFE and refine the most promising "
+                                                   "(default 8; 1: the best searched schedule alone).")] = None,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
     device: DeviceOpt = None,
@@ -32,14 +37,18 @@ def refine_cmd(
 ):
     """Refine a searched study's best schedules: their times, DC ratios and derivative coefficients tuned by
     gradient through the sampler against the reference on the train bank, judged on the held-out bank."""
-    from steptune.refine import parents, refine_trials, study_evaluator, study_job
+    from steptune.refine import parents, refine_trials, structure_parents, study_evaluator, study_job
     from steptune.search.refine import RefineError
     from steptune.storage import connect
 
     if nfe and trial is not None:
         raise CliError("give either --nfe N or --trial ID, not both")
-    if iters < 1 or (samples is not None and samples < 1):
-        raise CliError(f"--{'iters' if iters < 1 else 'samples'} must be at least 1")
+    if trial is not None and structures is not None:
+        raise CliError("give either --trial ID (that trial alone) or --structures K, not both")
+    for name, value in (("iters", iters), ("samples", samples), ("structures", structures)):
+        if value is not None and value < 1:
+            raise CliError(f"--{name} must be at least 1")
+    structures = 1 if trial is not None else STRUCTURES if structures is None else structures
     set_threads(threads)
     device = pick_device(device)
     done = []
@@ -64,12 +73,15 @@ def refine_cmd(
                     if not (quiet or json_):
                         err.print(msg)
 
+                if structures > 1:
+                    todo = [structure_parents(store, study, ev, t, structures, say=say) for t in todo]
                 done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick)
         except RefineError as e:
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
             stored = store.trials(study)
-            n = sum(1 for t in stored if "refines" in t.info and t.info["refines"] in {p.id for p in todo})
+            ids = {p.id for item in todo for p in (item if isinstance(item, list) else [item])}
+            n = sum(1 for t in stored if "refines" in t.info and t.info["refines"] in ids)
             raise Interrupted(f"{n} of {len(todo)} refinements were stored; run the command again to do the "
                               "rest") from None
     rows = [r.as_dict() for r in done]
@@ -77,13 +89,16 @@ def refine_cmd(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"Refinement of {study} (held-out RMSE)")
-    for col in ("NFE", "parent", "parent RMSE", "refined RMSE", "change", "seconds", "stored"):
+    for col in ("NFE", "structures", "before", "parent", "parent RMSE", "refined RMSE", "change", "seconds", "stored"):
         table.add_column(col, justify="left" if col == "stored" else "right")
     for r in done:
         change = "—" if r.change is None else f"{100 * r.change:+.1f}%"
-        kept = "better: preferred" if r.improved else "not better: the parent stays the best"
+        kept = ("better: preferred" if r.improved and r.change is not None and r.change < 0
+                else "not better: the parent stays the best" if not r.improved
+                else "better than its parent, not than the best searched")
         stored = f"trial {r.trial} ({kept}{', earlier' if r.skipped else ''})"
-        table.add_row(str(r.nfe), str(r.parent), fmt(r.parent_rmse), fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
+        table.add_row(str(r.nfe), str(r.structures), fmt(r.start_rmse), str(r.parent), fmt(r.parent_rmse),
+                      fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
     out.print(table)
 
 
