@@ -24,7 +24,7 @@ kind = "ray"         # or "local" (in-process)
 address = "auto"     # an existing Ray cluster; leave out for a local instance
 num_cpus = 1         # per evaluator
 
-[refine]             # optional: refine the best searched schedule per NFE by gradient afterwards
+[refine]             # optional: refine the most promising searched schedule per NFE by gradient afterwards
 nfe = "all"          # or a list of searched NFEs
 interpolate = [7]    # optional: NFEs not searched, interpolated from the searched ones and refined too
 ```
@@ -162,7 +162,8 @@ class BackendSpec(_Section):
 
 
 class RefineSpec(_Section):
-    """The ``[refine]`` stage: after the search, refine the best searched schedule at each NFE by gradient."""
+    """The ``[refine]`` stage: after the search, refine at each NFE by gradient the most promising of the best
+    searched schedules of ``structures`` structures (steptune.refine.structure_parents) and the best preset."""
 
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
     iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)

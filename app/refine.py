@@ -1,10 +1,12 @@
 """Refinement of a searched study's schedules (`steptune refine` and a job's ``[refine]`` stage).
 
 The parents are the best searched schedules per NFE on the held-out bank (the confirmations; neither the
-baselines nor earlier refinements), or one trial the user names. A job's stage also refines, per NFE, the best
-preset at its best spacing (``preset_parents``): a searched schedule mostly of order 2 cannot be refined into what
-a refined order-3 preset reaches at NFE 8 and more, so both are refined and the better one on the held-out bank
-is the NFE's best. Each refinement is stored as a new trial
+baselines nor earlier refinements), or one trial the user names. With ``structures`` above 1 an NFE's best searched
+schedule is screened with the best searched schedules of other structures (``structure_parents``,
+``steptune.search.refine.refine_best``) and the most promising is refined on. A job's stage also refines, per
+NFE, the best preset at its best spacing (``preset_parents``): a searched schedule mostly of order 2 cannot be
+refined into what a refined order-3 preset reaches at NFE 8 and more, so both are refined and the better one on the
+held-out bank is the NFE's best. Each refinement is stored as a new trial
 of the same study on the held-out bank, its ``info`` naming the parent (``refines``: the parent's trial
 id) and what was fitted (``refine``). One that beats its parent there is ``complete`` and so competes in
 ``best()`` and exports; one that does not is stored ``pruned`` (kept for the record, never preferred). A

@@ -19,7 +19,7 @@ STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
 
 def refine_cmd(
     study: StudyOpt,
-    nfe: Annotated[list[int] | None, typer.Option("--nfe", help="Refine the best searched schedule at this NFE "
+    nfe: Annotated[list[int] | None, typer.Option("--nfe", help="Refine the best searched schedules at this NFE "
                                                   "(repeat for several; default: every searched NFE).")] = None,
     trial: Annotated[int | None, typer.Option("--trial", help="Refine this trial id instead.")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Gradient iterations per schedule (at most; the held-out "

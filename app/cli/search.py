@@ -43,9 +43,9 @@ def search_cmd(
                                                                            "1024; 256 for networks).")] = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
                                                                             "many seconds.")] = None,
-    refine: Annotated[int, typer.Option("--refine", help="After the search, refine the best searched schedule "
-                                                         "per NFE by gradient for at most this many iterations "
-                                                         "(as a job's refine stage; 0: none).")] = 0,
+    refine: Annotated[int, typer.Option("--refine", help="After the search, refine the most promising searched "
+                                                         "schedule per NFE by gradient for at most this many "
+                                                         "iterations (as a job's refine stage; 0: none).")] = 0,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the summary JSON.")] = Path("runs/search"),
     db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL (default "
                                                                               "sqlite:///runs/steptune.db).")]
