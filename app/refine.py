@@ -157,7 +157,8 @@ def structure_parents(store, study: str, evaluator, best, k: int,
 
     noise = evaluator.problem.noise
     trials = store.trials(study)
-    confirmed = {t.key: t for t in trials if searched(t) and t.nfe == best.nfe}
+    confirmed = {t.key: t for t in trials if t.nfe == best.nfe and t.fidelity == CONFIRM and "confirms" in t.info
+                 and (searched(t) or t.status == "failed")}  # a failed one is not evaluated again
     rows = sorted((t for t in trials if t.fidelity == CHEAP and t.nfe == best.nfe and t.status == "complete"
                    and t.score is not None and not t.info.get("baseline")), key=lambda t: (t.score, t.number))
     seen, out, keys = {refined_structure(best.to_schedule(), noise)}, [best], {best.key}

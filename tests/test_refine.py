@@ -327,6 +327,28 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         assert f"({parents[winner].score:.4g}), the best of 3 structures after 9 iterations, " in err
 
 
+def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_it_whole(tmp_path, cache, capsys):
+    from steptune.refine import parents, refine_trials, structure_parents, study_evaluator, study_job
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    code, _, err = run_cli(["run", str(_job(tmp_path, cache, "stop", refine=None)), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        ev = study_evaluator(study_job(db, "stop"), "cpu")
+        (best,) = parents(db.trials("stop"), "stop", [3])
+        group = structure_parents(db, "stop", ev, best, 3)
+        checks, said = [], []
+        n = db.count_trials()
+        out = refine_trials(db, "stop", ev, [group], iters=10, samples=32, say=said.append,
+                            progress=lambda *a: checks.append(a), stop=lambda: len(checks) >= 2)
+        assert out == [] and db.count_trials() == n and "stopped before its end" in said[-1]
+        assert len(checks) == 2  # one held-out check per screening of 9 iterations: the third never ran one
+        (r,) = refine_trials(db, "stop", ev, [structure_parents(db, "stop", ev, best, 3)], iters=10, samples=32)
+        t = db.trial(r.trial)
+        assert [x["trial"] for x in t.info["refine"]["screened"]] == [g.id for g in group]
+        assert db.count_trials() == n + 1
+
+
 def db_best_id(url, nfe):
     with connect(url) as db:
         return db.best("tiny", nfe).id
