@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -134,7 +135,7 @@ def search_cmd(
                           "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
                           str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"),
                           *(() if not refine else ("—",) if ref is None else
-                            (fmt(ref["rmse"]) + ("" if ref["improved"] else " (kept the parent)"),)),
+                            (fmt(ref["rmse"]) + ("" if ref["improved"] else " (the searched one kept)"),)),
                           *cost_table.cells(cost, r["nfe"]))
         out.print(table)
         out.print(cost_table.line(cost), highlight=False)
@@ -147,8 +148,8 @@ def search_cmd(
 
 def refinements(url: str | None, study: str) -> dict[int, dict]:
     """Per NFE, the latest refinement of a searched schedule stored in ``study`` (not those of the presets the
-    refine stage also refines): its held-out RMSE (the parent's when it did not beat it), whether it beat its
-    parent, its trial id and seconds."""
+    refine stage also refines): the held-out RMSE after it (the best of it and the searched schedules it was
+    screened with, or its parent alone), whether it beat them, its trial id and seconds."""
     from steptune.refine import is_refinement
     from steptune.storage import connect
 
@@ -160,8 +161,9 @@ def refinements(url: str | None, study: str) -> dict[int, dict]:
         if not is_refinement(t) or t.info["refines"] in baselines:
             continue
         rec = t.info.get("refine", {})
-        improved = t.status == "complete"
-        out[t.nfe] = {"rmse": t.score if improved else rec.get("parent_rmse"), "improved": improved,
+        start = min([x["parent_rmse"] for x in rec.get("screened", [])] or [rec.get("parent_rmse", math.inf)])
+        improved = t.status == "complete" and t.score < start
+        out[t.nfe] = {"rmse": t.score if improved else start, "improved": improved,
                       "candidate_rmse": t.score, "trial": t.id, "seconds": t.seconds}
     return out
 
