@@ -765,6 +765,8 @@ def summarize(trials, nfes) -> list[NfeSummary]:
                 and t.status in ("complete", "pruned") and t.score is not None]  # pruned: its parent stays
         refined = min((s for t in fits for s in (t.score, by_id[t.info["refines"]].score) if s is not None),
                       default=None)
+        if refined is not None and found is not None:  # a refinement screened with it refines another schedule
+            refined = min(refined, found.score)
         match = None
         if found is not None:
             match = min((t.nfe for t in trials if t.info.get("baseline") and t.status == "complete"

@@ -405,6 +405,24 @@ def test_refine_command_and_the_not_improved_record(tmp_path, cache, capsys):
     assert code == 0 and '"skipped": "refined before"' in out
 
 
+def test_the_refined_column_is_never_worse_than_the_best_searched_schedule(tmp_path):
+    """A refinement screened with the best searched schedule may refine another one, which it beats while the
+    best stays better: the NFE's refined score is the best searched one then, not the refinement's."""
+    from steptune.runner import summarize
+
+    p = load_problem("gmm-2d")
+    a, b = _preset(p, "unipc-bh2", 4), _preset(p, "dpm-solver++-2m", 4)
+    with connect(f"sqlite:///{tmp_path / 'v.db'}", create=True) as db:
+        db.create_study("v", kind="search", config={})
+        ia, ib = db.add_trials("v", [{"schedule": s, "status": "complete", "fidelity": "heldout", "bank": "heldout",
+                                      "metrics": {"rmse": r}, "info": {"confirms": i, "origin": "test"}}
+                                     for i, (s, r) in enumerate(((a, 0.05), (b, 0.06)))])
+        db.add_trials("v", [{"schedule": b, "status": "complete", "fidelity": "heldout", "bank": "heldout",
+                             "metrics": {"rmse": 0.055}, "info": {"refines": ib, "origin": "refine:test"}}])
+        (row,) = summarize(db.trials("v"), [4])
+    assert row.refined == 0.05
+
+
 def _one_line_error(argv, capsys, words):
     code, out, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
