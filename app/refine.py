@@ -60,6 +60,13 @@ class Refined:
                 "skipped": self.skipped, "structures": self.structures, "start_rmse": self.start_rmse}
 
 
+def screened_start(rec: dict) -> float | None:
+    """The best held-out RMSE before a stored refinement (its ``info.refine``): of the parents it was screened with,
+    or of its parent alone (None when not recorded)."""
+    screened = rec.get("screened")
+    return min(x["parent_rmse"] for x in screened) if screened else rec.get("parent_rmse")
+
+
 def is_refinement(t) -> bool:
     return "refines" in t.info
 
@@ -214,7 +221,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             out.append(Refined(parent.nfe, parent.id, rec.get("parent_rmse", parent.score),
                                rec.get("candidate_rmse", prev.score), rec.get("seconds", 0.0),
                                prev.status == "complete", prev.id, "refined before", max(len(screened), 1),
-                               min((x["parent_rmse"] for x in screened), default=None)))
+                               screened_start(rec)))
             say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id})")
             continue
         if stop():

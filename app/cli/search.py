@@ -150,7 +150,7 @@ def refinements(url: str | None, study: str) -> dict[int, dict]:
     """Per NFE, the latest refinement of a searched schedule stored in ``study`` (not those of the presets the
     refine stage also refines): the held-out RMSE after it (the best of it and the searched schedules it was
     screened with, or its parent alone), whether it beat them, its trial id and seconds."""
-    from steptune.refine import is_refinement
+    from steptune.refine import is_refinement, screened_start
     from steptune.storage import connect
 
     with connect(url, must_exist=True) as store:
@@ -161,7 +161,8 @@ def refinements(url: str | None, study: str) -> dict[int, dict]:
         if not is_refinement(t) or t.info["refines"] in baselines:
             continue
         rec = t.info.get("refine", {})
-        start = min([x["parent_rmse"] for x in rec.get("screened", [])] or [rec.get("parent_rmse", math.inf)])
+        start = screened_start(rec)
+        start = math.inf if start is None else start
         improved = t.status == "complete" and t.score < start
         out[t.nfe] = {"rmse": t.score if improved else start, "improved": improved,
                       "candidate_rmse": t.score, "trial": t.id, "seconds": t.seconds}
