@@ -29,7 +29,7 @@ from common import save_json  # noqa: E402
 
 from steptune.backends import LocalBackend  # noqa: E402
 from steptune.jobs import job_from_dict  # noqa: E402
-from steptune.refine import parents, refine_trials, structure_parents  # noqa: E402
+from steptune.refine import parents, refine_trials, structure_groups  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import DEFAULT_PRESETS  # noqa: E402
 from steptune.search.refine import ITERS, STRUCTURES  # noqa: E402
@@ -85,8 +85,8 @@ def main(argv=None):
         search_s = time.perf_counter() - t0
         for parent in parents(db.trials(job.study), job.study, nfes):
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            item = structure_parents(db, job.study, ev, parent, args.structures) if args.structures > 1 else parent
-            (r,) = refine_trials(db, job.study, ev, [item], iters=args.iters, samples=args.samples)
+            todo = structure_groups(db, job.study, ev, [parent], args.structures, args.iters)
+            (r,) = refine_trials(db, job.study, ev, todo, iters=args.iters, samples=args.samples)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             info = db.trial(r.trial).info["refine"]
             kept = min(parent.score, r.rmse if r.improved else r.parent_rmse)  # the search's best is the parent

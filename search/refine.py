@@ -246,6 +246,144 @@ class RefineResult:
                 "samples": self.samples}
 
 
+class Refinement:
+    """One refinement in progress (``refine`` runs one to its end): ``advance(until)`` runs its iterations up to
+    ``until``, and it may be advanced again later from exactly where it stopped (its Adam state, step sizes and
+    best iterate kept), so a refinement run in parts is the same as one run whole. ``result()`` is the outcome so
+    far. See ``refine`` for the arguments."""
+
+    def __init__(self, evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None,
+                 check_every: int = 10, patience: int = 4, lr: float | dict | None = None, times: bool = True,
+                 dc: bool = True, relax: bool = True, second: bool = True,
+                 progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None):
+        if iters < 1:
+            raise RefineError(f"iters must be at least 1, not {iters}")
+        if check_every < 1 or patience < 1:
+            raise RefineError("check_every and patience must be at least 1")
+        bank = evaluator.bank("train")
+        samples = min(SAMPLES, bank.size) if samples is None else samples
+        if not 1 <= samples <= bank.size:
+            raise RefineError(f"samples = {samples} is outside the train bank (1 .. {bank.size}); use fewer samples")
+        try:
+            evaluator.check(schedule)
+        except ScheduleError as e:
+            raise RefineError(str(e)) from None
+        start = time.perf_counter()
+        self.evaluator, self.schedule, self.iters, self.samples = evaluator, schedule, iters, samples
+        self.check_every, self.patience, self.progress, self.stop = check_every, patience, progress, stop
+        problem = evaluator.problem
+        self.model, self.noise = problem.model, problem.noise
+        self.rates = dict(LR)
+        if isinstance(lr, dict):
+            self.rates.update(lr)
+        elif lr is not None:
+            self.rates = {k: v * float(lr) for k, v in self.rates.items()}
+        late = isinstance(self.noise, VPDiscrete) and schedule.t_start < problem.t_start
+        self.p = parameters(schedule, self.noise, times=times, dc=dc, relax=relax, second=second,
+                            earliest=problem.t_start if late else None)
+        self.x_T = evaluator.x_T("train", samples).to(torch.float32)
+        self.ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
+        self.count = [0]
+        self.stopped = False
+        self.history: list[dict] = []
+        self.loss_start = math.nan
+        self.iters_run = 0
+        self.scale, self.stale = 1.0, 0
+        self.kept = {k: v.detach().clone() for k, v in self.p.theta.items()}
+        self.opt = self._adam() if self.p.theta else None
+        self.done = not self.p.theta  # nothing more to run: no parameters, the iterations or the patience spent
+        with self.model.uncounted():
+            parent_rmse, parent_result = self._heldout(schedule)
+        self.parent_rmse = parent_rmse
+        self.best = (parent_rmse, schedule, 0, parent_result)  # held-out RMSE, schedule, iteration, EvalResult
+        self.seconds = time.perf_counter() - start
+
+    @property
+    def rmse(self) -> float:
+        """The best held-out RMSE so far (the parent's until an iterate beats it)."""
+        return self.best[0]
+
+    def _adam(self):
+        return torch.optim.Adam([{"params": [v], "lr": self.rates[k] * self.scale} for k, v in self.p.theta.items()])
+
+    def _heldout(self, s: Schedule):
+        r = self.evaluator.evaluate(s, "heldout")
+        self.count[0] += r.model_calls or 0
+        return (r.metrics["rmse"] if r.ok else math.inf), r
+
+    def advance(self, until: int | None = None) -> Refinement:
+        """Run the iterations up to ``until`` (default: all of them), or fewer where it ends before."""
+        until = self.iters if until is None else min(until, self.iters)
+        start = time.perf_counter()
+        p = self.p
+        with self.model.uncounted():
+            for it in range(self.iters_run + 1, until + 1):
+                if self.done:
+                    break
+                if self.stop is not None and self.stop():
+                    self.stopped = self.done = True
+                    break
+                try:
+                    loss = (final_state(self.model, p, self.x_T, self.count) - self.ref).pow(2).mean()
+                except NonFiniteError:
+                    self.done = True
+                    break
+                value = float(loss.detach())
+                if it == 1:
+                    self.loss_start = value
+                self.opt.zero_grad()
+                loss.backward()
+                if not all(torch.isfinite(v.grad).all() for v in p.theta.values() if v.grad is not None):
+                    self.done = True
+                    break
+                self.opt.step()
+                self.iters_run = it
+                self.history.append({"iter": it, "loss": value})
+                if it == self.iters:
+                    self.done = True
+                elif it % self.check_every:
+                    continue
+                try:
+                    cand = p.to_schedule(self.noise)
+                    r, res = self._heldout(cand)
+                except ScheduleError:
+                    r = math.inf
+                self.history[-1]["heldout_rmse"] = r
+                if r < self.best[0]:
+                    self.best = (r, cand, it, res)
+                    self.kept = {k: v.detach().clone() for k, v in p.theta.items()}
+                else:  # back to the best iterate, with half the steps
+                    self.stale += 1
+                    self.scale /= 2
+                    with torch.no_grad():
+                        for k, v in p.theta.items():
+                            v.copy_(self.kept[k])
+                    self.opt = self._adam()
+                if self.progress is not None:
+                    self.progress(it, self.iters, self.best[0])
+                if self.stale >= self.patience:
+                    self.done = True
+        self.seconds += time.perf_counter() - start
+        return self
+
+    def result(self) -> RefineResult:
+        """The outcome so far (its train-bank loss of the best iterate is computed here)."""
+        start = time.perf_counter()
+        cand_rmse, cand, best_iter, cand_result = self.best
+        schedule = self.schedule
+        if math.isnan(self.loss_start) or cand is schedule:
+            loss_best = self.loss_start
+        else:
+            with self.model.uncounted(), torch.no_grad():
+                state = final_state(self.model, parameters(cand, self.noise), self.x_T, self.count)
+                loss_best = float((state - self.ref).pow(2).mean())
+        self.seconds += time.perf_counter() - start
+        improved = cand_rmse < self.parent_rmse
+        return RefineResult(schedule, cand if improved else schedule, cand, self.parent_rmse, cand_rmse, cand_result,
+                            improved, self.loss_start, loss_best, self.iters_run, best_iter, self.seconds,
+                            self.count[0], self.p.counts(), self.samples, list(self.history), self.stopped)
+
+
 def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None, check_every: int = 10,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
            relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
@@ -255,104 +393,9 @@ def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | 
     ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
     ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``stop()`` true ends it
     before the next iteration (``stopped``)."""
-    if iters < 1:
-        raise RefineError(f"iters must be at least 1, not {iters}")
-    if check_every < 1 or patience < 1:
-        raise RefineError("check_every and patience must be at least 1")
-    bank = evaluator.bank("train")
-    samples = min(SAMPLES, bank.size) if samples is None else samples
-    if not 1 <= samples <= bank.size:
-        raise RefineError(f"samples = {samples} is outside the train bank (1 .. {bank.size}); use fewer samples")
-    try:
-        evaluator.check(schedule)
-    except ScheduleError as e:
-        raise RefineError(str(e)) from None
-    start = time.perf_counter()
-    problem = evaluator.problem
-    model, noise = problem.model, problem.noise
-    rates = dict(LR)
-    if isinstance(lr, dict):
-        rates.update(lr)
-    elif lr is not None:
-        rates = {k: v * float(lr) for k, v in rates.items()}
-    late = isinstance(noise, VPDiscrete) and schedule.t_start < problem.t_start
-    p = parameters(schedule, noise, times=times, dc=dc, relax=relax, second=second,
-                   earliest=problem.t_start if late else None)
-    x_T = evaluator.x_T("train", samples).to(torch.float32)
-    ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
-
-    count = [0]
-    stopped = False
-
-    def heldout(s: Schedule):
-        r = evaluator.evaluate(s, "heldout")
-        count[0] += r.model_calls or 0
-        return (r.metrics["rmse"] if r.ok else math.inf), r
-
-    with model.uncounted():
-        parent_rmse, parent_result = heldout(schedule)
-        best = (parent_rmse, schedule, 0, parent_result)
-        history: list[dict] = []
-        loss_start = loss_best = math.nan
-        if p.theta:
-            def adam(scale: float):
-                return torch.optim.Adam([{"params": [v], "lr": rates[k] * scale} for k, v in p.theta.items()])
-
-            opt, scale, stale = adam(1.0), 1.0, 0
-            kept = {k: v.detach().clone() for k, v in p.theta.items()}
-            iters_run = 0
-            for it in range(1, iters + 1):
-                if stop is not None and stop():
-                    stopped = True
-                    break
-                try:
-                    loss = (final_state(model, p, x_T, count) - ref).pow(2).mean()
-                except NonFiniteError:
-                    break
-                value = float(loss.detach())
-                if it == 1:
-                    loss_start = value
-                opt.zero_grad()
-                loss.backward()
-                if not all(torch.isfinite(v.grad).all() for v in p.theta.values() if v.grad is not None):
-                    break
-                opt.step()
-                iters_run = it
-                history.append({"iter": it, "loss": value})
-                if it % check_every and it != iters:
-                    continue
-                try:
-                    cand = p.to_schedule(noise)
-                    r, res = heldout(cand)
-                except ScheduleError:
-                    r = math.inf
-                history[-1]["heldout_rmse"] = r
-                if r < best[0]:
-                    best = (r, cand, it, res)
-                    kept = {k: v.detach().clone() for k, v in p.theta.items()}
-                else:  # back to the best iterate, with half the steps
-                    stale += 1
-                    scale /= 2
-                    with torch.no_grad():
-                        for k, v in p.theta.items():
-                            v.copy_(kept[k])
-                    opt = adam(scale)
-                if progress is not None:
-                    progress(it, iters, best[0])
-                if stale >= patience:
-                    break
-        else:
-            iters_run = 0
-        cand_rmse, cand, best_iter, cand_result = best
-        if math.isnan(loss_start) or cand is schedule:
-            loss_best = loss_start
-        else:
-            with torch.no_grad():
-                loss_best = float((final_state(model, parameters(cand, noise), x_T, count) - ref).pow(2).mean())
-    improved = cand_rmse < parent_rmse
-    return RefineResult(schedule, cand if improved else schedule, cand, parent_rmse, cand_rmse, cand_result, improved,
-                        loss_start, loss_best, iters_run, best_iter, time.perf_counter() - start, count[0],
-                        p.counts(), samples, history, stopped)
+    return Refinement(evaluator, schedule, iters=iters, samples=samples, check_every=check_every, patience=patience,
+                      lr=lr, times=times, dc=dc, relax=relax, second=second, progress=progress,
+                      stop=stop).advance().result()
 
 
 def refined_structure(schedule: Schedule, noise) -> str:
@@ -370,50 +413,79 @@ def refined_structure(schedule: Schedule, noise) -> str:
     return p.schedule.with_steps(steps).structure_key()
 
 
+def screen_length(iters: int, check_every: int = 10) -> int:
+    """The iterations of each screening ahead of refinements of at most ``iters``: ``SCREEN``, or fewer whole
+    check intervals where ``iters`` is smaller (0: too few iterations to screen)."""
+    return min(SCREEN, (iters - 1) // check_every * check_every)
+
+
 @dataclass
 class Screened:
     """``refine_best``'s outcome: ``result`` refines ``schedules[winner]`` (its ``parent``); ``screened`` holds each
-    schedule's held-out RMSE before and after its screening refinement (in the order given)."""
+    schedule's held-out RMSE before and after its screening refinement, and that refinement's iterations (in the
+    order given)."""
 
     winner: int
     result: RefineResult
-    screened: list[tuple[float, float]]
+    screened: list[tuple[float, float, int]]
+
+
+def screen_rounds(screen: int, check_every: int = 10) -> list[int]:
+    """The iterations at which a screening of ``screen`` iterations halves its field: half-way (in whole check
+    intervals), and at its end, where one is left."""
+    half = screen // 2 // check_every * check_every
+    return [half, screen] if 0 < half < screen else [screen]
 
 
 def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
-                progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
-                **options) -> Screened:
-    """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures): each is
-    refined for ``screen`` iterations, and the one best on the held-out bank after that is refined as ``refine``
-    does with ``iters`` (its first ``screen`` iterations are its screening's again: a refinement resumed with fresh
-    step sizes from a screened iterate near its optimum oversteps it). How far a structure gets by refinement is not
-    what it scores before: the search's best is often not the best refined. One schedule is refined as ``refine``
-    does (no screening). ``options`` are ``refine``'s; ``progress`` counts the iterations of all the
-    refinements."""
+                halving: bool = True, progress: Callable[[int, int, float], None] | None = None,
+                stop: Callable[[], bool] | None = None, **options) -> Screened:
+    """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures) by a
+    screening: every one is refined for half of ``screen`` iterations, the better half of them on the held-out bank
+    (at their last check) to ``screen`` (``halving``; else all run ``screen``), and the one best then goes on to the
+    end from where it was (its Adam state and step sizes kept: its result is ``refine``'s of that schedule). How far a
+    structure gets by refinement is not what it scores before: the search's best is often not the best refined. One
+    schedule is refined as ``refine`` does (no screening). ``options`` are ``refine``'s; ``progress`` counts the
+    iterations of all the refinements."""
     if not schedules:
         raise RefineError("no schedule to refine")
     if len(schedules) == 1:
         return Screened(0, refine(evaluator, schedules[0], iters=iters, progress=progress, stop=stop, **options),
                         [])
-    if not 1 <= screen < iters:
-        raise RefineError(f"the screening's iterations ({screen}) must be at least 1 and fewer than iters ({iters})")
+    check = options.get("check_every", 10)
+    if not 1 <= screen < iters or screen % check:
+        raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
+                          f"each screening ends on a held-out check, and fewer than iters ({iters})")
     start = time.perf_counter()
-    total, done = len(schedules) * screen + iters, [0]
+    rounds = screen_rounds(screen, check) if halving else [screen]
+    field, left, total = len(schedules), len(schedules), iters - screen
+    for a, b in zip([0, *rounds], rounds):
+        total, left = total + left * (b - a), -(-left // 2)
+    ran = [0]
 
-    def report(it, _n, best):
-        if progress is not None:
-            progress(done[0] + it, total, best)
+    def reporter(run_start: int):
+        base = ran[0] - run_start
+        return lambda it, _n, best: None if progress is None else progress(base + it, total, best)
 
-    runs = []
-    for s in schedules:
-        runs.append(refine(evaluator, s, iters=screen, progress=report, stop=stop, **options))
-        done[0] += screen
-        if runs[-1].stopped:
-            return Screened(len(runs) - 1, replace(runs[-1], seconds=time.perf_counter() - start), [])
-    winner = min(range(len(runs)), key=lambda i: (runs[i].rmse, i))
-    result, calls = runs[winner], sum(r.model_calls for r in runs)
-    if result.improved and result.iters == screen:  # it ran out of iterations, not of progress: refined whole
-        result = refine(evaluator, schedules[winner], iters=iters, progress=report, stop=stop, **options)
-        calls += result.model_calls
-    result = replace(result, seconds=time.perf_counter() - start, model_calls=calls)
-    return Screened(winner, result, [(r.parent_rmse, r.rmse) for r in runs])
+    runs: list[Refinement] = []
+    alive = list(range(field))
+    for k, until in enumerate(rounds):
+        for i in alive:
+            if i == len(runs):
+                runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, **options))
+            r = runs[i]
+            r.progress, before = reporter(r.iters_run), r.iters_run
+            r.advance(until)
+            ran[0] += r.iters_run - before
+            if r.stopped:
+                return Screened(i, replace(r.result(), seconds=time.perf_counter() - start), [])
+        alive = sorted(alive, key=lambda i: (runs[i].rmse, i))[: 1 if k == len(rounds) - 1 else -(-len(alive) // 2)]
+    (winner,) = alive
+    screened = [(r.parent_rmse, r.rmse, r.iters_run) for r in runs]
+    results = [r.result() for i, r in enumerate(runs) if i != winner]
+    w = runs[winner]
+    w.progress = reporter(w.iters_run)
+    result = w.advance().result()
+    result = replace(result, seconds=time.perf_counter() - start,
+                     model_calls=result.model_calls + sum(r.model_calls for r in results))
+    return Screened(winner, result, screened)

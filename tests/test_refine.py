@@ -26,6 +26,7 @@ from steptune.search.refine import (
     refine,
     refine_best,
     refined_structure,
+    screen_rounds,
 )
 from steptune.space import presets, sample
 from steptune.storage import connect
@@ -119,13 +120,13 @@ def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
 
 
 def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
-    """Each schedule's screening is its own refinement of ``screen`` iterations; the one best on the held-out bank
-    after it is then refined as ``refine`` does, so it ends no worse than its screening."""
+    """Without halving, each schedule's screening is its own refinement of ``screen`` iterations; the one best on the
+    held-out bank after it goes on to the end, and so ends exactly where ``refine`` of it alone does."""
     p, ev = gmm2d
     scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh2", "deis")]
     alone = [refine(ev, s, iters=6, samples=32, check_every=2) for s in scheds]
-    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2)
-    assert sc.screened == [(r.parent_rmse, r.rmse) for r in alone]
+    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, halving=False)
+    assert sc.screened == [(r.parent_rmse, r.rmse, 6) for r in alone]
     assert sc.winner == min(range(len(alone)), key=lambda i: alone[i].rmse)
     r = sc.result
     assert r.parent is scheds[sc.winner] and r.parent_rmse == alone[sc.winner].parent_rmse
@@ -133,10 +134,31 @@ def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
     assert ev.evaluate(r.schedule, "heldout").metrics["rmse"] == pytest.approx(r.rmse, rel=1e-12)
     whole = refine(ev, scheds[sc.winner], iters=30, samples=32, check_every=2)
     assert (r.rmse, r.iters, r.best_iter) == (whole.rmse, whole.iters, whole.best_iter) and r.iters > 6
-    assert r.model_calls == sum(a.model_calls for a in alone) + whole.model_calls
+    assert r.history == whole.history and r.loss == whole.loss
+    assert r.model_calls == sum(a.model_calls for i, a in enumerate(alone) if i != sc.winner) + whole.model_calls
     one = refine_best(ev, scheds[2:3], screen=6, iters=30, samples=32, check_every=2).result
     plain = refine(ev, scheds[2], iters=30, samples=32, check_every=2)
     assert (one.rmse, one.iters, one.model_calls) == (plain.rmse, plain.iters, plain.model_calls)
+
+
+def test_a_halving_screening_drops_the_worse_half_half_way(gmm2d):
+    """With halving (the default) every schedule runs half the screening; the better half on the held-out bank then
+    runs it to its end, and the best of those goes on, again exactly as ``refine`` of it alone."""
+    p, ev = gmm2d
+    scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh2", "deis")]
+    assert screen_rounds(6, 2) == [2, 6] and screen_rounds(40) == [20, 40] and screen_rounds(10) == [10]
+    half = [refine(ev, s, iters=2, samples=32, check_every=2) for s in scheds]
+    full = [refine(ev, s, iters=6, samples=32, check_every=2) for s in scheds]
+    kept = sorted(range(4), key=lambda i: (half[i].rmse, i))[:2]
+    winner = min(kept, key=lambda i: (full[i].rmse, i))
+    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2)
+    assert sc.winner == winner
+    assert sc.screened == [(full[i].parent_rmse, full[i].rmse, 6) if i in kept else
+                           (half[i].parent_rmse, half[i].rmse, 2) for i in range(4)]
+    whole = refine(ev, scheds[winner], iters=30, samples=32, check_every=2)
+    assert (sc.result.rmse, sc.result.history) == (whole.rmse, whole.history)
+    assert sc.result.model_calls == (sum(half[i].model_calls for i in range(4) if i not in kept)
+                                     + sum(full[i].model_calls for i in kept if i != winner) + whole.model_calls)
 
 
 def test_the_structure_refinement_sees_leaves_out_what_it_fits(gmm2d):
@@ -235,8 +257,8 @@ def test_a_plugged_network_refines_towards_the_closed_form_solution(tmp_path, ca
 # ---- the command and the job stage ----------------------------------------------------------------------
 
 
-def _job(tmp_path, cache, study="tiny", refine="iters = 10\nsamples = 32\n"):
-    text = job_text(study, cache).replace("confirm = 2\n", "confirm = 2\nbaseline = false\n")
+def _job(tmp_path, cache, study="tiny", refine="iters = 10\nsamples = 32\nneighbours = false\n", **kw):
+    text = job_text(study, cache, **kw).replace("confirm = 2\n", "confirm = 2\nbaseline = false\n")
     path = tmp_path / f"{study}.toml"
     path.write_text(text + (f"\n[refine]\n{refine}" if refine is not None else ""))
     return path
@@ -287,7 +309,7 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
     assert code == 0, err
     with connect(url) as db:
         assert [t.id for t in db.trials("tiny")] == [t.id for t in trials]
-    code, out, err = run_cli(["refine", "--study", "tiny", "--db", url], capsys)
+    code, out, err = run_cli(["refine", "--study", "tiny", "--db", url, "--no-neighbours"], capsys)
     assert code == 0 and out.count("earlier") == 2, err
     with connect(url) as db:
         assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 4
@@ -298,7 +320,7 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
     the next two structures (as refinement sees them) in the search's order, each scored on the held-out bank, and
     refines on the one best after its screening."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    job = _job(tmp_path, cache, "many", refine="iters = 10\nsamples = 32\nstructures = 3\n")
+    job = _job(tmp_path, cache, "many", refine="iters = 20\nsamples = 32\nstructures = 3\nneighbours = false\n")
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
     noise = load_problem("gmm-2d").noise
@@ -324,7 +346,7 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         winner = min(range(3), key=lambda i: (screened[i]["rmse"], i))
         assert t.info["refines"] == parents[winner].id
         assert t.score <= screened[winner]["rmse"] <= parents[winner].score
-        assert f"({parents[winner].score:.4g}), the best of 3 structures after 9 iterations, " in err
+        assert f"({parents[winner].score:.4g}), the best of 3 structures after 10 iterations, " in err
 
 
 def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_it_whole(tmp_path, cache, capsys):
@@ -339,11 +361,11 @@ def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_i
         group = structure_parents(db, "stop", ev, best, 3)
         checks, said = [], []
         n = db.count_trials()
-        out = refine_trials(db, "stop", ev, [group], iters=10, samples=32, say=said.append,
+        out = refine_trials(db, "stop", ev, [group], iters=20, samples=32, say=said.append,
                             progress=lambda *a: checks.append(a), stop=lambda: len(checks) >= 2)
         assert out == [] and db.count_trials() == n and "stopped before its end" in said[-1]
-        assert len(checks) == 2  # one held-out check per screening of 9 iterations: the third never ran one
-        (r,) = refine_trials(db, "stop", ev, [structure_parents(db, "stop", ev, best, 3)], iters=10, samples=32)
+        assert len(checks) == 2  # one held-out check per screening of 10 iterations: the third never ran one
+        (r,) = refine_trials(db, "stop", ev, [structure_parents(db, "stop", ev, best, 3)], iters=20, samples=32)
         t = db.trial(r.trial)
         assert [x["trial"] for x in t.info["refine"]["screened"]] == [g.id for g in group]
         assert db.count_trials() == n + 1
@@ -362,7 +384,7 @@ def test_the_stage_refines_the_best_preset_at_its_best_spacing(tmp_path, cache, 
     from steptune.search.baselines import spacing_variants
 
     url = f"sqlite:///{tmp_path / 'p.db'}"
-    job = _job(tmp_path, cache, "presets", refine="iters = 10\nsamples = 32\n")
+    job = _job(tmp_path, cache, "presets", refine="iters = 10\nsamples = 32\nneighbours = false\n")
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
     p = load_problem("gmm-2d")
@@ -469,7 +491,7 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
     from steptune.space.retime import interpolate
 
     url = f"sqlite:///{tmp_path / 'i.db'}"
-    job = _job(tmp_path, cache, "interp", refine="iters = 10\nsamples = 32\ninterpolate = [5]\n")
+    job = _job(tmp_path, cache, "interp", refine="iters = 10\nsamples = 32\ninterpolate = [5]\nneighbours = false\n")
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
     with connect(url) as db:
@@ -495,6 +517,50 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
         assert len(db.trials("interp")) == len(trials)
 
 
+def test_the_neighbour_pass_builds_each_nfe_from_the_next_ones_final_best_and_never_loses(tmp_path, cache, capsys):
+    """From the highest NFE down, each NFE's schedules built from the next NFE's best (after that NFE's own pass) by
+    each interpolation method are scored on the held-out bank, stored and screened; the NFE's best never gets worse,
+    and a resumed job builds and refines nothing again."""
+    from steptune.refine import best_found
+    from steptune.space.retime import METHODS, interpolate
+
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    job = _job(tmp_path, cache, "nb", refine="iters = 20\nsamples = 32\nstructures = 2\n", nfe="[3, 4, 6]")
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        trials = db.trials("nb")
+    by_id = {t.id: t for t in trials}
+    final = best_found(trials)
+    before = best_found([t for t in trials if "neighbour" not in t.info
+                         and "neighbour" not in by_id.get(t.info.get("refines"), t).info])
+    p = load_problem("gmm-2d")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+    for nfe, source in ((4, 6), (3, 4)):
+        built = [t for t in trials if t.nfe == nfe and "neighbour" in t.info]
+        assert built and {t.info["neighbour"]["from_trial"] for t in built} == {final[source].id}
+        for t in built:
+            expect = interpolate({source: final[source].to_schedule()}, nfe, method=t.info["neighbour"]["method"])
+            assert t.schedule == expect.to_dict() and t.info["neighbour"]["method"] in METHODS
+            assert t.score == pytest.approx(ev.evaluate(expect, "heldout").metrics["rmse"], rel=1e-9)
+        (kid,) = [t for t in trials if t.info.get("refines") in {b.id for b in built}]
+        assert [x["trial"] for x in kid.info["refine"]["screened"]] == [b.id for b in built] or len(built) == 1
+        assert final[nfe].score == min(before[nfe].score, kid.score, *(b.score for b in built))
+        assert f"refined NFE {nfe}: held-out RMSE {before[nfe].score:.4g} -> {kid.score:.4g}" in err
+    assert not [t for t in trials if t.nfe == 6 and "neighbour" in t.info]
+    ids = {n: [t.id for t in trials if t.nfe == n and ("neighbour" in t.info or "neighbour" in by_id.get(
+        t.info.get("refines"), t).info)] for n in (3, 4)}
+    assert max(ids[4]) < min(ids[3])  # NFE 4 is built and refined first: NFE 3 builds on its final best
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        assert len(db.trials("nb")) == len(trials)
+    code, out, err = run_cli(["refine", "--study", "nb", "--db", url, "--iters", "20", "--structures", "2"], capsys)
+    assert code == 0 and out.count("earlier") == 5 and out.count("from NFE") == 2, out + err  # 3 NFEs, 2 passes
+    with connect(url) as db:
+        assert len(db.trials("nb")) == len(trials)
+
+
 def test_a_refine_stage_interpolates_only_nfes_it_did_not_search(tmp_path, cache, capsys):
     job = _job(tmp_path, cache, "bad", refine="interpolate = [4]\n")
     _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys,
@@ -511,3 +577,4 @@ def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_
     assert RefineSpec().iters == ITERS == inspect.signature(refine).parameters["iters"].default
     assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
     assert RefineSpec().structures == STRUCTURES == steptune.cli.refine.STRUCTURES
+    assert RefineSpec().neighbours is inspect.signature(refine_cmd).parameters["neighbours"].default is True

@@ -27,6 +27,9 @@ def refine_cmd(
     structures: Annotated[int | None, typer.Option("--structures", help="Screen the best searched schedules of this "
                                                    "many step structures at each NFE and refine the most promising "
                                                    "(default 8; 1: the best searched schedule alone).")] = None,
+    neighbours: Annotated[bool, typer.Option("--neighbours/--no-neighbours", help="Then, from the highest NFE down, "
+                                             "also screen and refine at each NFE schedules built from the next "
+                                             "NFE's best.")] = True,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
     device: DeviceOpt = None,
@@ -37,7 +40,7 @@ def refine_cmd(
 ):
     """Refine a searched study's best schedules: their times, DC ratios and derivative coefficients tuned by
     gradient through the sampler against the reference on the train bank, judged on the held-out bank."""
-    from steptune.refine import parents, refine_trials, structure_parents, study_evaluator, study_job
+    from steptune.refine import neighbour_pass, parents, refine_trials, structure_groups, study_evaluator, study_job
     from steptune.search.refine import RefineError
     from steptune.storage import connect
 
@@ -56,6 +59,7 @@ def refine_cmd(
         try:
             job = study_job(store, study)
             todo = parents(store.trials(study), study, nfe or None, trial)
+            nfes = [t.nfe for t in todo]
             if samples is not None and samples > job.evaluation.train_samples:
                 raise RefineError(f"--samples {samples} is larger than the study's train bank "
                                   f"({job.evaluation.train_samples}); use at most that many")
@@ -73,9 +77,11 @@ def refine_cmd(
                     if not (quiet or json_):
                         err.print(msg)
 
-                if structures > 1:
-                    todo = [structure_parents(store, study, ev, t, structures, say=say) for t in todo]
+                todo = structure_groups(store, study, ev, todo, structures, iters, say=say)
                 done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick)
+                if neighbours and trial is None:
+                    done += neighbour_pass(store, study, ev, nfes, iters=iters, samples=samples, say=say,
+                                           progress=tick)
         except RefineError as e:
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
@@ -94,10 +100,12 @@ def refine_cmd(
     for r in done:
         change = "—" if r.change is None else f"{100 * r.change:+.1f}%"
         kept = ("better: preferred" if r.improved and r.change is not None and r.change < 0
+                else "not better than the NFE's best, which stays" if r.built_from is not None
                 else "not better: the parent stays the best" if not r.improved
                 else "better than its parent, not than the best searched")
         stored = f"trial {r.trial} ({kept}{', earlier' if r.skipped else ''})"
-        table.add_row(str(r.nfe), str(r.structures), fmt(r.start_rmse), str(r.parent), fmt(r.parent_rmse),
+        table.add_row(str(r.nfe), f"{r.structures}" + (f" from NFE {r.built_from}" if r.built_from else ""),
+                      fmt(r.start_rmse), str(r.parent), fmt(r.parent_rmse),
                       fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
     out.print(table)
 
