@@ -31,6 +31,7 @@ from steptune.search import CONFIRM
 from steptune.search.refine import RefineError, RefineResult, refine_best, refined_structure, screen_length
 
 ORIGIN = "refine"
+SWEEPS = 6  # most sweeps of the neighbour pass (down, up, ...); most jobs settle in fewer
 
 
 @dataclass
@@ -219,7 +220,8 @@ def store_heldout(store, study: str, sched, res, info: dict):
 def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, samples: int | None,
                   say: Callable[[str], None] = lambda msg: None,
                   progress: Callable[[int, int, int, float], None] | None = None,
-                  stop: Callable[[], bool] = lambda: False, before: float | None = None) -> list[Refined]:
+                  stop: Callable[[], bool] = lambda: False, before: float | None = None,
+                  say_skipped: bool = True) -> list[Refined]:
     """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
     trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
     after a screening refinement of each is refined on (``refine_best``). ``before``: the NFE's best held-out RMSE
@@ -237,7 +239,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                                rec.get("candidate_rmse", prev.score), rec.get("seconds", 0.0),
                                prev.status == "complete", prev.id, "refined before", max(len(screened), 1),
                                min(x for x in (screened_start(rec), before) if x is not None)))
-            say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id})")
+            if say_skipped:
+                say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id})")
             continue
         if stop():
             break
@@ -387,10 +390,11 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
         return []
     stored = {t.info["neighbour"]["method"]: t for t in trials if t.nfe == nfe and t.fidelity == CONFIRM
               and t.info.get("neighbour", {}).get("from_trial") == src.id}
-    out, keys = [], set()
+    out, keys, built = [], set(), False
     for method in METHODS:
         t = stored.get(method)
         if t is None:
+            built = True
             try:
                 sched = interpolate({source: src.to_schedule()}, nfe, method=method)
             except ScheduleError:
@@ -404,7 +408,7 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
         keys.add(t.key)
         if neighbour(t):
             out.append(t)
-    if out:
+    if out and built:
         say(f"NFE {nfe}: {len(out)} schedules built from NFE {source}'s best (trial id {src.id}, held-out RMSE "
             f"{src.score:.4g}), at {', '.join(f'{t.score:.4g}' for t in out)}")
     return out
@@ -412,22 +416,37 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
 
 def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int, samples: int | None,
                    say: Callable[[str], None] = lambda msg: None, stop: Callable[[], bool] = lambda: False,
-                   progress: Callable[[int, int, int, float], None] | None = None) -> list[Refined]:
-    """From the highest of ``nfes`` down, the schedules of each NFE built from the next one's best
-    (``neighbour_parents``) screened and the most promising refined (``refine_trials``): each NFE builds on the
-    next one's best after its own pass."""
-    out = []
+                   progress: Callable[[int, int, int, float], None] | None = None,
+                   sweeps: int = SWEEPS) -> list[Refined]:
+    """Sweeps over ``nfes``, from the highest down, then from the lowest up, and so on: at each NFE the schedules
+    built from the next one's best (``neighbour_parents``; the next one down on a sweep up) are screened and the
+    most promising refined (``refine_trials``), so each NFE builds on its neighbour's best after that one's turn.
+    A schedule pair tried before is not tried again; the sweeps end when two in a row try nothing new (each NFE's
+    best then came from the other's), or after ``sweeps``. The refinements, each once."""
     nfes = sorted(set(nfes))
-    for nfe, source in reversed(list(zip(nfes, nfes[1:]))):
-        if stop():
+    down = list(reversed(list(zip(nfes, nfes[1:]))))
+    up = [(b, a) for a, b in zip(nfes, nfes[1:])]
+    out: dict[int | None, Refined] = {}
+    quiet = 0
+    for k in range(sweeps):
+        new = False
+        for nfe, source in down if k % 2 == 0 else up:
+            if stop():
+                return list(out.values())
+            group = neighbour_parents(store, study, evaluator, nfe, source, say=say)
+            if group:  # the NFE's best when the group was built
+                first = min(t.id for t in group)
+                before = best_found([t for t in store.trials(study) if t.id < first]).get(nfe)
+                done = refine_trials(store, study, evaluator, [group], iters=iters, samples=samples, say=say,
+                                     progress=progress, stop=stop, before=before.score if before else None,
+                                     say_skipped=False)
+                new |= any(r.skipped is None for r in done)
+                for r in done:
+                    out.setdefault(r.trial, replace(r, built_from=source))
+        quiet = 0 if new else quiet + 1
+        if quiet == 2:
             break
-        before = best_found(store.trials(study)).get(nfe)
-        group = neighbour_parents(store, study, evaluator, nfe, source, say=say)
-        if group:
-            done = refine_trials(store, study, evaluator, [group], iters=iters, samples=samples, say=say,
-                                 progress=progress, stop=stop, before=before.score if before else None)
-            out += [replace(r, built_from=source) for r in done]
-    return out
+    return list(out.values())
 
 
 def refine_stage(runner) -> list[Refined]:
