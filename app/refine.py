@@ -28,7 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from steptune.search import CONFIRM
-from steptune.search.refine import RefineError, RefineResult, refine_best, refined_structure, screen_length
+from steptune.search.refine import (
+    RefineError,
+    RefineResult,
+    refine_best,
+    refined_structure,
+    screen_length,
+    screen_rounds,
+)
 
 ORIGIN = "refine"
 SWEEPS = 6  # most sweeps of the neighbour pass (down, up, ...); most jobs settle in fewer
@@ -249,8 +256,10 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         if len(group) == 1:
             say(f"refining NFE {nfe} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})")
         else:
+            rounds = screen_rounds(screen)
+            halves = "".join(f", the better half to {n}" for n in rounds[1:])
             say(f"refining NFE {nfe}: {len(group)} structures (held-out RMSE {min(t.score for t in group):.4g} at "
-                f"best), {screen} iterations each, then the best on up to {iters}")
+                f"best), {rounds[0]} iterations each{halves}, then the best on up to {iters}")
         start = time.perf_counter()
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
         sc = refine_best(evaluator, [t.to_schedule() for t in group], screen=screen, iters=iters, samples=samples,
