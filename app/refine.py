@@ -13,8 +13,8 @@ id) and what was fitted (``refine``). One that beats its parent there is ``compl
 parent with a refinement is not refined again.
 
 Then (``[refine] neighbours``, ``neighbour_pass``), in sweeps down and up the refined NFEs, each NFE's schedules
-built from its neighbour's best by ``steptune.space.retime.interpolate`` are stored (``info.neighbour``), screened
-and refined in the same way: the NFE's best is the best of all of it.
+built from its neighbour's best by ``steptune.space.retime.interpolate`` are stored (``info.neighbour``) and
+refined in the same way: the NFE's best is the best of all of it.
 
 A job may also ask for NFEs it did not search (``[refine] interpolate``): each is built from the best schedules
 of the searched NFEs (refined ones where they won) by ``steptune.space.retime.interpolate``, scored on the
@@ -428,8 +428,9 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
                    progress: Callable[[int, int, int, float], None] | None = None,
                    sweeps: int = SWEEPS) -> list[Refined]:
     """Sweeps over ``nfes``, from the highest down, then from the lowest up, and so on: at each NFE the schedules
-    built from the next one's best (``neighbour_parents``; the next one down on a sweep up) are screened and the
-    most promising refined (``refine_trials``), so each NFE builds on its neighbour's best after that one's turn.
+    built from the next one's best (``neighbour_parents``; the next one down on a sweep up) are each refined
+    (``refine_trials``; not screened: of two, the one better after 40 iterations is not always the one that refines
+    best), so each NFE builds on its neighbour's best after that one's turn.
     A schedule pair tried before is not tried again; the sweeps end when two in a row try nothing new (each NFE's
     best then came from the other's), or after ``sweeps``. The refinements, each once."""
     nfes = sorted(set(nfes))
@@ -446,9 +447,9 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
             if group:  # the NFE's best when the group was built
                 first = min(t.id for t in group)
                 before = best_found([t for t in store.trials(study) if t.id < first]).get(nfe)
-                done = refine_trials(store, study, evaluator, [group], iters=iters, samples=samples, say=say,
-                                     progress=progress, stop=stop, before=before.score if before else None,
-                                     say_skipped=False)
+                done = refine_trials(store, study, evaluator, [[t] for t in group], iters=iters, samples=samples,
+                                     say=say, progress=progress, stop=stop,
+                                     before=before.score if before else None, say_skipped=False)
                 new |= any(r.skipped is None for r in done)
                 for r in done:
                     out.setdefault(r.trial, replace(r, built_from=source))
