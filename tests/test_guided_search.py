@@ -242,6 +242,28 @@ def test_search_refine_refines_the_best_searched_schedule_and_reports_it(tmp_pat
     assert ref["rmse"] == pytest.approx(t.score if ref["improved"] else start, rel=1e-12)
 
 
+def test_search_refine_over_several_nfes_counts_the_schedules_built_from_neighbours(tmp_path, capsys):
+    """Over several NFEs the refined column is the best of the searched schedules, those built from a neighbouring
+    NFE's best and the refinements of either; the refined presets are not the search's."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3,4", "--budget", "8", "--study", "n",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
+            "--heldout-samples", "64", "--db", url, "--refine", "10"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "n.json").read_text())["results"]
+    with connect(url) as db:
+        trials = db.trials("n")
+    by_id = {t.id: t for t in trials}
+    assert any("neighbour" in t.info for t in trials)
+    for row in rows:
+        ok = [t.score for t in trials if t.nfe == row["nfe"] and t.fidelity == "heldout" and t.status == "complete"
+              and not t.info.get("baseline") and not by_id.get(t.info.get("refines"), t).info.get("baseline")
+              and "interpolated" not in t.info]
+        assert row["refined"]["rmse"] == pytest.approx(min(ok), rel=1e-12)
+        assert row["refined"]["rmse"] <= row["searched_rmse"]
+
+
 def test_search_refine_refuses_a_negative_count_in_one_line(tmp_path, capsys):
     code, out, err = run_cli(["search", "--refine", "-1", "--out", str(tmp_path)], capsys)
     lines = err.strip().splitlines()

@@ -147,25 +147,28 @@ def search_cmd(
 
 
 def refinements(url: str | None, study: str) -> dict[int, dict]:
-    """Per NFE, the latest refinement of a searched schedule stored in ``study`` (not those of the presets the
-    refine stage also refines): the held-out RMSE after it (the best of it and the searched schedules it was
-    screened with, or its parent alone), whether it beat them, its trial id and seconds."""
-    from steptune.refine import is_refinement, screened_start
+    """Per refined NFE, what the refine stage made of the search (the presets it also refines left out): the best
+    held-out RMSE of the searched schedules, the schedules built from a neighbouring NFE's best and the refinements
+    of either (``rmse``), whether a refinement or a built schedule beat the best searched one (``improved``), that
+    trial's id and seconds (else the best refinement's), and the best refinement's own RMSE (``candidate_rmse``)."""
+    from steptune.refine import is_refinement, neighbour, searched
     from steptune.storage import connect
 
     with connect(url, must_exist=True) as store:
         trials = store.trials(study)
-    baselines = {t.id for t in trials if t.info.get("baseline")}
+    by_id = {t.id: t for t in trials}
+    kids = [t for t in trials if is_refinement(t) and t.score is not None
+            and not by_id[t.info["refines"]].info.get("baseline")]
     out = {}
-    for t in trials:
-        if not is_refinement(t) or t.info["refines"] in baselines:
-            continue
-        rec = t.info.get("refine", {})
-        start = screened_start(rec)
-        start = math.inf if start is None else start
-        improved = t.status == "complete" and t.score < start
-        out[t.nfe] = {"rmse": t.score if improved else start, "improved": improved,
-                      "candidate_rmse": t.score, "trial": t.id, "seconds": t.seconds}
+    for nfe in sorted({t.nfe for t in kids}):
+        mine = [t for t in kids if t.nfe == nfe]
+        start = min((t.score for t in trials if t.nfe == nfe and searched(t)), default=math.inf)
+        made = [t for t in trials if t.nfe == nfe and neighbour(t)] + [t for t in mine if t.status == "complete"]
+        best = min(made, key=lambda t: (t.score, t.number), default=None)
+        improved = best is not None and best.score < start
+        shown = best if improved else min(mine, key=lambda t: (t.score, t.number))
+        out[nfe] = {"rmse": best.score if improved else start, "improved": improved,
+                    "candidate_rmse": min(t.score for t in mine), "trial": shown.id, "seconds": shown.seconds}
     return out
 
 
