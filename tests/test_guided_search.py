@@ -216,14 +216,19 @@ def test_the_gradient_on_a_leading_schedule_is_the_losss_derivative(problem, eva
 # ---- steptune search --refine -------------------------------------------------------------------------------------
 
 
+def _search_refine(tmp_path, capsys, nfe: str, study: str):
+    """A tiny `steptune search --refine 10` on gmm-2d: its database URL and the command's exit code, out and err."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    args = ["search", "--problem", "gmm-2d", "--nfe", nfe, "--budget", "8", "--study", study,
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
+            "--heldout-samples", "64", "--db", url, "--refine", "10"]
+    return (url, *run_cli(args, capsys))
+
+
 def test_search_refine_refines_the_best_searched_schedule_and_reports_it(tmp_path, capsys):
     """The refinement is stored naming the searched trial it refines, and the command's JSON and table give its
     held-out RMSE, never above the searched one."""
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--budget", "8", "--study", "r",
-            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
-            "--heldout-samples", "64", "--db", url, "--refine", "10"]
-    code, out, err = run_cli(args, capsys)
+    url, code, out, err = _search_refine(tmp_path, capsys, "3", "r")
     assert code == 0, err
     assert "refined RMSE" in out
     row = json.loads((tmp_path / "r.json").read_text())["results"][0]
@@ -245,11 +250,7 @@ def test_search_refine_refines_the_best_searched_schedule_and_reports_it(tmp_pat
 def test_search_refine_over_several_nfes_counts_the_schedules_built_from_neighbours(tmp_path, capsys):
     """Over several NFEs the refined column is the best of the searched schedules, those built from a neighbouring
     NFE's best and the refinements of either; the refined presets are not the search's."""
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    args = ["search", "--problem", "gmm-2d", "--nfe", "3,4", "--budget", "8", "--study", "n",
-            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
-            "--heldout-samples", "64", "--db", url, "--refine", "10"]
-    code, out, err = run_cli(args, capsys)
+    url, code, out, err = _search_refine(tmp_path, capsys, "3,4", "n")
     assert code == 0, err
     rows = json.loads((tmp_path / "n.json").read_text())["results"]
     with connect(url) as db:
