@@ -232,7 +232,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
     """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
     trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
     after a screening refinement of each is refined on (``refine_best``). ``before``: the NFE's best held-out RMSE
-    before, where it is not one of the parents' (each result's ``change`` is against it)."""
+    before, where it is not one of the parents' (``neighbour_pass``): each result's ``start_rmse`` is then that, and
+    its ``rmse`` what the item leaves (its refinement where that beat its parent, else the parent)."""
     done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
     out = []
     for item in todo:
@@ -242,10 +243,11 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             parent = next(t for t in group if t.id == prev.info["refines"])
             rec = prev.info.get("refine", {})
             screened = rec.get("screened", [])
-            out.append(Refined(parent.nfe, parent.id, rec.get("parent_rmse", parent.score),
-                               rec.get("candidate_rmse", prev.score), rec.get("seconds", 0.0),
-                               prev.status == "complete", prev.id, "refined before", max(len(screened), 1),
-                               min(x for x in (screened_start(rec), before) if x is not None)))
+            parent_rmse, improved = rec.get("parent_rmse", parent.score), prev.status == "complete"
+            rmse = rec.get("candidate_rmse", prev.score) if improved or before is None else parent_rmse
+            out.append(Refined(parent.nfe, parent.id, parent_rmse, rmse, rec.get("seconds", 0.0), improved, prev.id,
+                               "refined before", max(len(screened), 1),
+                               screened_start(rec) if before is None else before))
             if say_skipped:
                 say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id})")
             continue
@@ -271,17 +273,22 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         screened = [{"trial": t.id, "parent_rmse": a, "rmse": b, "iters": n}
                     for t, (a, b, n) in zip(group, sc.screened)]
         (tid,) = store.add_trials(study, [trial_item(parent, result, screened)])
-        out.append(Refined(nfe, parent.id, result.parent_rmse, result.candidate_rmse, time.perf_counter() - start,
-                           result.improved, tid, structures=len(group),
-                           start_rmse=min([result.parent_rmse, *(a for a, _, _ in sc.screened),
-                                           *([before] if before is not None else [])])))
-        r, against = out[-1], "the best searched schedule" if before is None else "the NFE's best"
+        start_rmse = min([result.parent_rmse, *(a for a, _, _ in sc.screened)]) if before is None else before
+        out.append(Refined(nfe, parent.id, result.parent_rmse,
+                           result.candidate_rmse if before is None else result.rmse, time.perf_counter() - start,
+                           result.improved, tid, structures=len(group), start_rmse=start_rmse))
+        r, took = out[-1], f"{out[-1].seconds:.0f} s, {result.iters} of at most {iters} iterations"
+        if before is not None:
+            verdict = (f"the NFE's best {before:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%)" if r.change < 0
+                       else f"not better than the NFE's best ({before:.4g}), which stays the best")
+            say(f"refined NFE {nfe}: trial id {parent.id} ({r.parent_rmse:.4g}) -> {result.candidate_rmse:.4g} "
+                f"({took}); {verdict}")
+            continue
         which = "" if len(group) == 1 else (f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of {len(group)} "
                                             f"structures after {screen} iterations")
         say(f"refined NFE {r.nfe}: held-out RMSE {r.start_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%{which}, "
-            f"{r.seconds:.0f} s, {result.iters} of at most {iters} iterations)"
-            + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best"
-               if len(group) == 1 and before is None else f"; not better than {against}, which stays the best"))
+            f"{took})" + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best"
+                          if len(group) == 1 else "; not better than the best searched schedule, which stays the best"))
     return out
 
 

@@ -542,8 +542,10 @@ def test_the_neighbour_pass_builds_each_nfe_from_its_neighbours_best_until_nothi
         expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
         assert t.schedule == expect.to_dict()
         assert t.score == pytest.approx(ev.evaluate(expect, "heldout").metrics["rmse"], rel=1e-9)
-    for t in built:  # each refined on its own, not screened
-        assert len([u for u in trials if u.info.get("refines") == t.id]) == 1
+    for t in built:  # each refined on its own, not screened, and the log says how it went
+        (kid,) = [u for u in trials if u.info.get("refines") == t.id]
+        fit = kid.info["refine"]["candidate_rmse"]
+        assert f"refined NFE {t.nfe}: trial id {t.id} ({t.score:.4g}) -> {fit:.4g} (" in err
     groups = {(t.nfe, t.info["neighbour"]["from_trial"]) for t in built}
     final = best_found(trials)
     settled = {(n, final[m].id) for n, m in ((3, 4), (4, 3), (4, 6), (6, 4))}

@@ -99,7 +99,7 @@ def refine_cmd(
         table.add_column(col, justify="left" if col == "stored" else "right")
     for r in done:
         change = "—" if r.change is None else f"{100 * r.change:+.1f}%"
-        kept = ("better: preferred" if r.improved and r.change is not None and r.change < 0
+        kept = ("better: preferred" if r.change is not None and r.change < 0 and (r.improved or r.built_from)
                 else "not better than the NFE's best, which stays" if r.built_from is not None
                 else "not better: the parent stays the best" if not r.improved
                 else "better than its parent, not than the best searched")
