@@ -27,9 +27,9 @@ def refine_cmd(
     structures: Annotated[int | None, typer.Option("--structures", help="Screen the best searched schedules of this "
                                                    "many step structures at each NFE and refine the most promising "
                                                    "(default 8; 1: the best searched schedule alone).")] = None,
-    neighbours: Annotated[bool, typer.Option("--neighbours/--no-neighbours", help="Then, from the highest NFE down, "
-                                             "also screen and refine at each NFE schedules built from the next "
-                                             "NFE's best.")] = True,
+    neighbours: Annotated[bool, typer.Option("--neighbours/--no-neighbours", help="Then, in sweeps down and up the "
+                                             "NFEs, also refine at each NFE schedules built from its neighbours' "
+                                             "best.")] = True,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
     device: DeviceOpt = None,
