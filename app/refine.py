@@ -23,6 +23,7 @@ held-out bank and stored as a trial of its own (``info.interpolated``), then ref
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -360,30 +361,46 @@ def best_found(trials) -> dict[int, object]:
 def interpolated_parents(store, study: str, evaluator, nfes: list[int],
                          say: Callable[[str], None] = lambda msg: None) -> list:
     """The stored trial of each of ``nfes`` (NFEs the study did not search) interpolated from the best schedules
-    of the searched NFEs and scored on the held-out bank; one stored before is reused."""
+    of the searched NFEs by each method of ``steptune.space.retime.interpolate``, the one best on the held-out bank
+    stored (``info.interpolated.tried``: each method's RMSE; its cost includes the others' evaluations); one stored
+    before is reused. No method is best everywhere: in the quick example NFE 7 split from NFE 6 scores 0.038 and
+    refines no further, blended 0.030 and refines to 0.022."""
     from steptune.space import ScheduleError
-    from steptune.space.retime import interpolate
+    from steptune.space.retime import METHODS, interpolate
 
     trials = store.trials(study)
     stored = {t.nfe: t for t in trials if "interpolated" in t.info and t.fidelity == CONFIRM}
     best = best_found(trials)
+    sources = {n: t.to_schedule() for n, t in best.items()}
     out = []
     for nfe in nfes:
         if nfe in stored:
             out.append(stored[nfe])
             continue
-        try:
-            sched = interpolate({n: t.to_schedule() for n, t in best.items()}, nfe)
-        except ScheduleError as e:
-            say(f"refine: NFE {nfe} cannot be interpolated ({e}); search it instead")
+        tried, error = [], None
+        for method in METHODS:
+            try:
+                sched = interpolate(sources, nfe, method=method)
+            except ScheduleError as e:
+                error = error or e
+                continue
+            if all(sched.key() != other.key() for other, _ in tried):
+                tried.append((sched, evaluator.evaluate(sched, CONFIRM)))
+        if not tried:
+            say(f"refine: NFE {nfe} cannot be interpolated ({error}); search it instead")
             continue
+        sched, res = min(tried, key=lambda x: x[1].metrics["rmse"] if x[1].ok else math.inf)
+        res = replace(res, model_calls=sum(r.model_calls or 0 for _, r in tried),
+                      seconds=sum(r.seconds for _, r in tried))
         how = sched.meta["interpolated"]
         src = best[how["decisions_from"]]
-        res = evaluator.evaluate(sched, CONFIRM)
-        info = {"interpolated": {**how, "from_trials": {str(n): best[n].id for n in how["between"]}},
+        scores = {s.meta["interpolated"]["method"]: (r.metrics["rmse"] if r.ok else None) for s, r in tried}
+        info = {"interpolated": {**how, "from_trials": {str(n): best[n].id for n in how["between"]}, "tried": scores},
                 "origin": f"interpolated:{src.info.get('origin') or f'trial {src.number}'}"}
         t = store_heldout(store, study, sched, res, info)
-        say(f"NFE {nfe} interpolated from NFE {how['decisions_from']} (trial id {src.id}): held-out RMSE "
+        others = ", ".join(f"{m} {v:.4g}" for m, v in scores.items() if v is not None and m != how["method"])
+        say(f"NFE {nfe} interpolated from NFE {how['decisions_from']} (trial id {src.id}) by {how['method']}"
+            + (f" (better than {others})" if others else "") + ": held-out RMSE "
             + (f"{t.score:.4g}" if t.status == "complete" and t.score is not None else f"{t.status}"))
         if t.status == "complete" and t.score is not None:
             out.append(t)

@@ -486,9 +486,10 @@ def test_a_refine_stage_must_refine_searched_nfes(tmp_path, cache, capsys):
 
 def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp_path, cache, capsys):
     """``[refine] interpolate``: the NFE is built by the interpolation rule from the best schedules of the searched
-    NFEs (after their refinements), scored on the held-out bank as an evaluator scores it, stored, and refined as a
-    parent; the export at that NFE is the stored trial, and a resumed job builds nothing again."""
-    from steptune.space.retime import interpolate
+    NFEs (after their refinements) by each interpolation method, scored on the held-out bank as an evaluator scores
+    it, the better one stored and refined as a parent; the export at that NFE is the stored trial, and a resumed job
+    builds nothing again."""
+    from steptune.space.retime import METHODS, interpolate
 
     url = f"sqlite:///{tmp_path / 'i.db'}"
     job = _job(tmp_path, cache, "interp", refine="iters = 10\nsamples = 32\ninterpolate = [5]\nneighbours = false\n")
@@ -499,11 +500,16 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
         (built,) = [t for t in trials if "interpolated" in t.info]
         neighbours = {n: db.best("interp", n) for n in (3, 4)}
         assert built.nfe == 5 and built.fidelity == "heldout" and built.status == "complete"
-        assert built.schedule == interpolate({n: t.to_schedule() for n, t in neighbours.items()}, 5).to_dict()
-        assert built.info["interpolated"]["from_trials"] == {"4": neighbours[4].id}
         p = load_problem("gmm-2d")
         ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
-        assert built.score == pytest.approx(ev.evaluate(built.to_schedule(), "heldout").metrics["rmse"], rel=1e-9)
+        # each method's schedule scored on the held-out bank; the better one is stored
+        made = {m: interpolate({n: t.to_schedule() for n, t in neighbours.items()}, 5, method=m) for m in METHODS}
+        scores = {m: ev.evaluate(sched, "heldout").metrics["rmse"] for m, sched in made.items()}
+        assert built.info["interpolated"]["tried"] == pytest.approx(scores, rel=1e-9)
+        assert built.schedule == made[min(scores, key=scores.get)].to_dict()
+        assert built.info["interpolated"]["from_trials"] == {str(n): neighbours[n].id
+                                                             for n in built.info["interpolated"]["between"]}
+        assert built.score == pytest.approx(min(scores.values()), rel=1e-9)
         (kid,) = [t for t in trials if t.info.get("refines") == built.id]
         assert (kid.status == "complete") == (kid.score < built.score)
         best = db.best("interp", 5)
