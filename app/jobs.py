@@ -164,7 +164,7 @@ class BackendSpec(_Section):
 class RefineSpec(_Section):
     """The ``[refine]`` stage: after the search, refine at each NFE by gradient the most promising of the best
     searched schedules of ``structures`` structures (steptune.refine.structure_parents) and the best preset; then,
-    with ``neighbours``, schedules built from the next NFE's best (steptune.refine.neighbour_pass)."""
+    with ``neighbours``, schedules built from the neighbouring NFEs' best (steptune.refine.neighbour_pass)."""
 
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
     iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)
@@ -174,8 +174,8 @@ class RefineSpec(_Section):
     structures: int = Field(default=8, ge=1)
     # NFEs not searched: interpolated from the searched ones (steptune.space.retime.interpolate), then refined
     interpolate: list[int] = Field(default_factory=list)
-    # then, from the highest NFE down, screen and refine at each NFE schedules built from the next NFE's best
-    # (steptune.refine.neighbour_parents)
+    # then, in sweeps down and up the NFEs, refine at each NFE schedules built from its neighbours' best
+    # (steptune.refine.neighbour_pass)
     neighbours: bool = True
 
 
