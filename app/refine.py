@@ -358,6 +358,24 @@ def best_found(trials) -> dict[int, object]:
     return best
 
 
+def interpolations(sources: dict, nfe: int) -> tuple[list, Exception | None]:
+    """The distinct schedules at ``nfe`` that each method of ``steptune.space.retime.interpolate`` builds from
+    ``sources`` (searched schedules by NFE), and the first error of a method that cannot."""
+    from steptune.space import ScheduleError
+    from steptune.space.retime import METHODS, interpolate
+
+    out, error = [], None
+    for method in METHODS:
+        try:
+            sched = interpolate(sources, nfe, method=method)
+        except ScheduleError as e:
+            error = error or e
+            continue
+        if all(sched.key() != other.key() for other in out):
+            out.append(sched)
+    return out, error
+
+
 def interpolated_parents(store, study: str, evaluator, nfes: list[int],
                          say: Callable[[str], None] = lambda msg: None) -> list:
     """The stored trial of each of ``nfes`` (NFEs the study did not search) interpolated from the best schedules
@@ -365,9 +383,6 @@ def interpolated_parents(store, study: str, evaluator, nfes: list[int],
     stored (``info.interpolated.tried``: each method's RMSE; its cost includes the others' evaluations); one stored
     before is reused. No method is best everywhere: in the quick example NFE 7 split from NFE 6 scores 0.038 and
     refines no further, blended 0.030 and refines to 0.022."""
-    from steptune.space import ScheduleError
-    from steptune.space.retime import METHODS, interpolate
-
     trials = store.trials(study)
     stored = {t.nfe: t for t in trials if "interpolated" in t.info and t.fidelity == CONFIRM}
     best = best_found(trials)
@@ -377,15 +392,8 @@ def interpolated_parents(store, study: str, evaluator, nfes: list[int],
         if nfe in stored:
             out.append(stored[nfe])
             continue
-        tried, error = [], None
-        for method in METHODS:
-            try:
-                sched = interpolate(sources, nfe, method=method)
-            except ScheduleError as e:
-                error = error or e
-                continue
-            if all(sched.key() != other.key() for other, _ in tried):
-                tried.append((sched, evaluator.evaluate(sched, CONFIRM)))
+        made, error = interpolations(sources, nfe)
+        tried = [(sched, evaluator.evaluate(sched, CONFIRM)) for sched in made]
         if not tried:
             say(f"refine: NFE {nfe} cannot be interpolated ({error}); search it instead")
             continue
@@ -415,30 +423,21 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
     carries over to another better than that NFE's own search found: on gmm-digits (one seed), NFE 8 built from
     the refined NFE 10 and refined reached 0.0124 where the NFE-8 search and its refinement gave 0.0231, and NFE 10
     built back from that reached 0.0079 where it had 0.0147."""
-    from steptune.space import ScheduleError
-    from steptune.space.retime import METHODS, interpolate
-
     trials = store.trials(study)
     src = best_found(trials).get(source)
     if src is None:
         return []
     stored = {t.info["neighbour"]["method"]: t for t in trials if t.nfe == nfe and t.fidelity == CONFIRM
               and t.info.get("neighbour", {}).get("from_trial") == src.id}
-    out, keys, built = [], set(), False
-    for method in METHODS:
+    out, built = [], False
+    for sched in interpolations({source: src.to_schedule()}, nfe)[0]:
+        method = sched.meta["interpolated"]["method"]
         t = stored.get(method)
         if t is None:
-            try:
-                sched = interpolate({source: src.to_schedule()}, nfe, method=method)
-            except ScheduleError:
-                continue
-            if sched.key() in keys:
-                continue
             res = evaluator.evaluate(sched, CONFIRM)
             info = {"neighbour": {"method": method, "from_nfe": source, "from_trial": src.id},
                     "origin": f"{method}:{src.info.get('origin') or f'trial {src.number}'}"}
             t, built = store_heldout(store, study, sched, res, info), True
-        keys.add(t.key)
         if neighbour(t):
             out.append(t)
     if out and built:

@@ -151,24 +151,24 @@ def refinements(url: str | None, study: str) -> dict[int, dict]:
     held-out RMSE of the searched schedules, the schedules built from a neighbouring NFE's best and the refinements
     of either (``rmse``), whether a refinement or a built schedule beat the best searched one (``improved``), that
     trial's id and seconds (else the best refinement's), and the best refinement's own RMSE (``candidate_rmse``)."""
-    from steptune.refine import is_refinement, neighbour, searched
+    from steptune.refine import best_found, is_refinement, searched
     from steptune.storage import connect
 
     with connect(url, must_exist=True) as store:
         trials = store.trials(study)
     by_id = {t.id: t for t in trials}
-    kids = [t for t in trials if is_refinement(t) and t.score is not None
-            and not by_id[t.info["refines"]].info.get("baseline")]
+    kids = [t for t in trials if is_refinement(t) and not by_id[t.info["refines"]].info.get("baseline")]
+    found = best_found([t for t in trials if not is_refinement(t) or t in kids])
     out = {}
-    for nfe in sorted({t.nfe for t in kids}):
-        mine = [t for t in kids if t.nfe == nfe]
+    for nfe in sorted({t.nfe for t in kids if t.score is not None}):
+        mine, best = [t for t in kids if t.nfe == nfe and t.score is not None], found.get(nfe)
+        if best is None:  # refinements of a schedule the search did not make (an interpolated NFE's)
+            continue
         start = min((t.score for t in trials if t.nfe == nfe and searched(t)), default=math.inf)
-        made = [t for t in trials if t.nfe == nfe and neighbour(t)] + [t for t in mine if t.status == "complete"]
-        best = min(made, key=lambda t: (t.score, t.number), default=None)
-        improved = best is not None and best.score < start
+        improved = not searched(best) and best.score < start
         shown = best if improved else min(mine, key=lambda t: (t.score, t.number))
-        out[nfe] = {"rmse": best.score if improved else start, "improved": improved,
-                    "candidate_rmse": min(t.score for t in mine), "trial": shown.id, "seconds": shown.seconds}
+        out[nfe] = {"rmse": best.score, "improved": improved, "candidate_rmse": min(t.score for t in mine),
+                    "trial": shown.id, "seconds": shown.seconds}
     return out
 
 
