@@ -467,15 +467,18 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
             if stop():
                 return list(out.values())
             group = neighbour_parents(store, study, evaluator, nfe, source, say=say)
-            if group:  # the NFE's best when the group was built
-                first = min(t.id for t in group)
-                before = best_found([t for t in store.trials(study) if t.id < first]).get(nfe)
-                done = refine_trials(store, study, evaluator, [[t] for t in group], iters=iters, samples=samples,
-                                     say=say, progress=progress, stop=stop,
-                                     before=before.score if before else None, say_skipped=False)
+            if not group:
+                continue
+            first = min(t.id for t in group)  # the NFE's best when the group was built, then after each member
+            best = best_found([t for t in store.trials(study) if t.id < first]).get(nfe)
+            before = best.score if best else None
+            for t in group:
+                done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, say=say,
+                                     progress=progress, stop=stop, before=before, say_skipped=False)
                 new |= any(r.skipped is None for r in done)
                 for r in done:
                     out.setdefault(r.trial, replace(r, built_from=source))
+                    before = r.rmse if before is None else min(before, r.rmse)
         quiet = 0 if new else quiet + 1
         if quiet == 2:
             break

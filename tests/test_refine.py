@@ -6,6 +6,7 @@ two-step DDIM (known by a grid search against the closed-form solution), and its
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -553,6 +554,13 @@ def test_the_neighbour_pass_builds_each_nfe_from_its_neighbours_best_until_nothi
         fit = kid.info["refine"]["candidate_rmse"]
         assert f"refined NFE {t.nfe}: trial id {t.id} ({t.score:.4g}) -> {fit:.4g} (" in err
     groups = {(t.nfe, t.info["neighbour"]["from_trial"]) for t in built}
+    seen = {}  # the NFE's best the log compares with never goes back up: each result counts for the next
+    for m in re.finditer(r"refined NFE (\d+): trial id \d+ .*?; (?:the NFE's best ([\d.e-]+) -> ([\d.e-]+)|"
+                         r"not better than the NFE's best \(([\d.e-]+)\))", err):
+        nfe, was = int(m[1]), float(m[2] or m[4])
+        assert was <= seen.get(nfe, math.inf)
+        seen[nfe] = float(m[3]) if m[3] else was
+    assert set(seen) == {3, 4, 6}
     final = best_found(trials)
     settled = {(n, final[m].id) for n, m in ((3, 4), (4, 3), (4, 6), (6, 4))}
     assert settled <= groups  # every final best was tried at both its neighbours: nothing is left new
