@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from steptune.search import CONFIRM
 from steptune.search.refine import (
+    SCREEN_WITHIN,
     RefineError,
     RefineResult,
     refine_best,
@@ -175,7 +176,8 @@ def structure_parents(store, study: str, evaluator, best, k: int,
     """``best`` (an NFE's best searched trial) and the searched schedules of up to ``k - 1`` other structures at its
     NFE, as refinement sees structures (``refined_structure``): of each, the one the search scored best on the train
     bank, the structures in that order. Each is scored on the held-out bank: by its confirmation, stored here
-    (``confirms``, as the search's own) where the search did not confirm it."""
+    (``confirms``, as the search's own) where the search did not confirm it. Those scoring more than ``SCREEN_WITHIN``
+    times the best of them there are left out: a structure that far behind has not refined best."""
     from steptune.search import CHEAP
 
     noise = evaluator.problem.noise
@@ -202,8 +204,13 @@ def structure_parents(store, study: str, evaluator, best, k: int,
             held = store_heldout(store, study, sched, res, {"confirms": t.number, "origin": t.info.get("origin")})
         if searched(held):
             out.append(held)
+    top, found = min(t.score for t in out), len(out)
+    out = [t for t in out if t is best or t.score <= SCREEN_WITHIN * top]
     if len(out) > 1:
-        say(f"NFE {best.nfe}: {len(out)} searched structures to screen (trial ids {', '.join(str(t.id) for t in out)})")
+        behind = found - len(out)
+        say(f"NFE {best.nfe}: {len(out)} searched structures to screen (trial ids {', '.join(str(t.id) for t in out)})"
+            + (f"; {behind} more left out, over {SCREEN_WITHIN:g} times the best's held-out RMSE ({top:.4g})"
+               if behind else ""))
     return out
 
 

@@ -112,7 +112,8 @@ def digits_problem(guidance_scale: float = 3.0, models_dir: str | Path | None = 
     labels are its expensive metrics (held-out evaluations)."""
     unet, meta = load_unet(models_dir)
     ns = VPDiscrete.named("ddpm-linear")
-    model = Model(GuidedDigits(unet, guidance_scale), ns, prediction="eps", time_input="discrete")
+    model = Model(GuidedDigits(unet, guidance_scale), ns, prediction="eps", time_input="discrete",
+                  time_differentiable=True)
     settings = ReferenceSettings() if reference_tol is None else ReferenceSettings(tol=float(reference_tol))
     source = {"kind": "network", "model": "digits-unet", "unet_sha256": meta["sha256"],
               "guidance_scale": guidance_scale, "labels": "i mod 10"}

@@ -49,7 +49,9 @@ class Plug:
     apply). ``identity`` is extra JSON-able data that tells this network apart (e.g. a checkpoint hash);
     without it the weights of a torch module are hashed. ``decode(x)`` (optional) turns final states (n, *shape)
     into images (n, 1 or 3, H, W) in [0, 1] (e.g. a VAE decode for a latent model): with it the problem is an
-    image problem, whose samples the sample grids show (``steptune eval --grid``, the dashboard, reports)."""
+    image problem, whose samples the sample grids show (``steptune eval --grid``, the dashboard, reports).
+    ``time_differentiable``: the network is differentiable in its time input (a tensor; a diffusers UNet's sinusoidal
+    embedding is), so refinement differentiates through it instead of by a forward difference in time."""
 
     network: Callable
     shape: tuple[int, ...] | None = None
@@ -64,6 +66,7 @@ class Plug:
     name: str | None = None
     identity: dict = field(default_factory=dict)
     decode: Callable | None = None
+    time_differentiable: bool = False
 
 
 # ---- networks -------------------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
                       time_scale=float(scale),
                       guidance_scale=_pick(guidance_scale, plug.guidance_scale, None),
                       cond_kwargs=dict(plug.cond_kwargs), uncond_kwargs=dict(plug.uncond_kwargs),
-                      data_mean=plug.data_mean)
+                      data_mean=plug.data_mean, time_differentiable=bool(plug.time_differentiable))
         settings = ReferenceSettings() if reference_tol is None else ReferenceSettings(tol=float(reference_tol))
         source = {"kind": "network", "factory": spec, "network_sha256": network_fingerprint(plug.network),
                   **plug.identity}

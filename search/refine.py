@@ -21,10 +21,11 @@ RMSE sends the parameters back to the best iterate and halves the learning rates
 ``patience`` such checks, returning the best iterate seen. It is kept only if it
 beats the parent there: a refinement is never worse on the held-out bank than its parent.
 
-The network's explicit dependence on time is differentiated by a forward difference (one extra forward
-pass, no backward, per fitted time and iteration); the dependence through the state by autograd. So a
-model need not be differentiable in its time input (the exact mixture denoisers take floats, plugged
-networks may round it).
+The network's explicit dependence on time is differentiated by autograd where the model says it is
+differentiable in its time input (``Model.time_differentiable``: the digits UNet), else by a forward difference
+(one extra forward pass, no backward, per fitted time and iteration); the dependence through the state by
+autograd. So a model need not be differentiable in its time input (the exact mixture denoisers take floats,
+plugged networks may round it).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the 
 #                states, and 64 of them overfit the times of a searched schedule
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
+SCREEN_WITHIN = 2.0  # structures held out more than this many times the best one's are not screened (``refine_best``
+#                     picked none of them on gmm-digits and digits-cond at NFE 4-10, nor any beyond 1.5 times)
 SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
 LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
 
@@ -175,13 +178,15 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
 
 
 def _predict(model, req, count: list[int], fitted: range):
-    """The model's (eps, x0) at the request; where its time is being fitted (its index in ``fitted``), with the
-    derivative in time by a forward difference attached to the graph (value unchanged). ``count[0]`` adds the
-    calls times the samples."""
+    """The model's (eps, x0) at the request; where its time is being fitted (its index in ``fitted``), with their
+    derivative in time in the graph: by autograd through a ``time_differentiable`` model, else by a forward
+    difference (value unchanged). ``count[0]`` adds the calls times the samples."""
     t = req.t
     count[0] += req.x.shape[0]
     if not isinstance(t, Tensor):
         return model.predict(req.x, t, req.alpha, req.sigma)
+    if req.j in fitted and torch.is_grad_enabled() and model.time_differentiable:
+        return model.predict_at(req.x, t, req.alpha, req.sigma)
     tf = float(t.detach())
     eps, x0 = model.predict(req.x, tf, float(req.alpha.detach()), float(req.sigma.detach()))
     if req.j not in fitted or not torch.is_grad_enabled():
@@ -195,15 +200,24 @@ def _predict(model, req, count: list[int], fitted: range):
     return eps + shift * ((e2 - eps.detach()) / (t2 - tf)), x0 + shift * ((x2 - x0.detach()) / (t2 - tf))
 
 
-def final_state(model, p: Params, x_T: Tensor, count: list[int] | None = None) -> Tensor:
+def final_state(model, p: Params, x_T: Tensor, count: list[int] | None = None,
+                constant: dict | None = None) -> Tensor:
     """The sampler's final state from ``x_T`` as a differentiable function of ``p``'s parameters (``count``: see
-    ``_predict``)."""
+    ``_predict``). ``constant``, where given, keeps the model's outputs at ``x_T`` and a time not fitted (the first
+    call, where the start is fixed), which no parameter moves, for later calls from the same ``x_T``."""
     count = [0] if count is None else count
     fitted = p.fitted_times
     loop = TrajectoryRun(trajectory(p.schedule, model.noise, x_T, model.data_mean, dc_ratios=p.dc_ratios(),
                                     times=p.times(model.noise), step_params=p.step_params(), reuse_buffers=False))
     while not loop.done:
-        loop.send(_predict(model, loop.request, count, fitted))
+        req = loop.request
+        if constant is None or req.x is not x_T or req.j in fitted:
+            loop.send(_predict(model, req, count, fitted))
+            continue
+        key = (req.j, float(req.t.detach() if isinstance(req.t, Tensor) else req.t))
+        if key not in constant:
+            constant[key] = _predict(model, req, count, fitted)
+        loop.send(constant[key])
     return loop.result
 
 
@@ -284,6 +298,7 @@ class Refinement:
         self.x_T = evaluator.x_T("train", samples).to(torch.float32)
         self.ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
         self.count = [0]
+        self.constant: dict = {}  # the model's outputs at x_T where no parameter moves them
         self.stopped = False
         self.history: list[dict] = []
         self.loss_start = math.nan
@@ -324,7 +339,8 @@ class Refinement:
                     self.stopped = self.done = True
                     break
                 try:
-                    loss = (final_state(self.model, p, self.x_T, self.count) - self.ref).pow(2).mean()
+                    loss = (final_state(self.model, p, self.x_T, self.count, self.constant) - self.ref
+                            ).pow(2).mean()
                 except NonFiniteError:
                     self.done = True
                     break
@@ -375,7 +391,7 @@ class Refinement:
             loss_best = self.loss_start
         else:
             with self.model.uncounted(), torch.no_grad():
-                state = final_state(self.model, parameters(cand, self.noise), self.x_T, self.count)
+                state = final_state(self.model, parameters(cand, self.noise), self.x_T, self.count, self.constant)
                 loss_best = float((state - self.ref).pow(2).mean())
         self.seconds += time.perf_counter() - start
         improved = cand_rmse < self.parent_rmse

@@ -32,7 +32,9 @@ class Model:
     entries), ``continuous`` (t times ``time_scale``) or ``sigma`` (sigma/alpha, as k-diffusion
     and EDM models). With ``guidance_scale`` set, the output is
     uncond + scale (cond - uncond) with ``cond_kwargs`` and ``uncond_kwargs`` passed to ``fn``.
-    ``data_mean`` is used by the ``mean`` analytical first step.
+    ``data_mean`` is used by the ``mean`` analytical first step. ``time_differentiable`` says that ``fn`` is
+    differentiable in its time input (a tensor), so refinement differentiates through it (``predict_at``) instead of
+    taking a forward difference in time.
     """
 
     fn: Callable[..., Tensor]
@@ -44,6 +46,7 @@ class Model:
     cond_kwargs: dict = field(default_factory=dict)
     uncond_kwargs: dict = field(default_factory=dict)
     data_mean: Tensor | None = None
+    time_differentiable: bool = False
     calls: int = 0
 
     def __post_init__(self):
@@ -78,6 +81,14 @@ class Model:
             return float(self.noise.edm_sigma(t))
         return float(t) * self.time_scale
 
+    def time_tensor(self, t: Tensor) -> Tensor:
+        """``time_value`` of a tensor of times, differentiable in them."""
+        if self.time_input == "discrete":
+            return self.noise.timestep(t)
+        if self.time_input == "sigma":
+            return self.noise.edm_sigma(t)
+        return t * self.time_scale
+
     def raw(self, x: Tensor, t: float) -> Tensor:
         return self.call(x, torch.full((x.shape[0],), self.time_value(t), dtype=x.dtype, device=x.device))
 
@@ -97,17 +108,28 @@ class Model:
         out = self.raw(x, t).to(x.dtype)
         return convert(out, x, alpha, sigma, self.prediction, buf)
 
+    def predict_at(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """``predict`` at a time given as a 0-d tensor with its alpha and sigma, differentiable in all three where
+        the model is ``time_differentiable``."""
+        time_values = self.time_tensor(t).to(x.dtype).expand(x.shape[0])
+        return convert(self.call(x, time_values).to(x.dtype), x, alpha.to(x.dtype), sigma.to(x.dtype),
+                       self.prediction)
 
-def convert(out: Tensor, x: Tensor, alpha: float, sigma: float, prediction: str,
+
+def convert(out: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, prediction: str,
             buf: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Turn a raw model output into (eps, x0), using x = alpha x0 + sigma eps."""
+    """Turn a raw model output into (eps, x0), using x = alpha x0 + sigma eps (alpha and sigma as numbers or 0-d
+    tensors)."""
+    tensors = isinstance(alpha, Tensor)
     if prediction == "eps":
-        return out, torch.add(x, out, alpha=-sigma, out=buf).div_(alpha)
+        return out, (x - sigma * out) / alpha if tensors else torch.add(x, out, alpha=-sigma, out=buf).div_(alpha)
     if prediction == "x0":
-        return torch.add(x, out, alpha=-alpha, out=buf).div_(sigma), out
+        return (x - alpha * out) / sigma if tensors else torch.add(x, out, alpha=-alpha, out=buf).div_(sigma), out
     if prediction == "v":
         n2 = alpha * alpha + sigma * sigma
         return (sigma * x + alpha * out) / n2, (alpha * x - sigma * out) / n2
     # flow: u = eps - x0
     s = alpha + sigma
+    if tensors:
+        return (x + alpha * out) / s, (x - sigma * out) / s
     return torch.add(x, out, alpha=alpha).div_(s), torch.add(x, out, alpha=-sigma).div_(s)

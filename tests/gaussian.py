@@ -14,6 +14,14 @@ def eps_fn(noise, mu, var):
     return fn
 
 
+def eps_tensor_fn(noise, mu, var):
+    """The same predictor, differentiable in its time input (a tensor)."""
+    def fn(x, t):
+        a, s = noise.alpha(t[0]), noise.sigma(t[0])
+        return s * (x - a * mu) / (a * a * var + s * s)
+    return fn
+
+
 def gaussian_model(noise, mu, var):
     return Model(eps_fn(noise, mu, var), noise, prediction="eps", time_input="continuous")
 

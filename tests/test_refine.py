@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 from central_differences import check_gradient
-from gaussian import eps_fn, exact_solution
+from gaussian import eps_fn, eps_tensor_fn, exact_solution
 from runner_jobs import job_text, run_cli
 
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
@@ -29,7 +29,8 @@ from steptune.search.refine import (
     refined_structure,
     screen_rounds,
 )
-from steptune.space import presets, sample
+from steptune.space import Model, presets, sample
+from steptune.space.noise import VPLinear
 from steptune.storage import connect
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,6 +94,49 @@ def test_the_gradient_is_the_losss_derivative(gmm2d):
     check_gradient(loss, par.theta, lambda kind: 10 * FD_REL if kind == "times" else 1e-6)
 
 
+@pytest.mark.parametrize("differentiable", [True, False])
+def test_a_model_differentiable_in_time_gives_the_exact_time_gradient_in_one_call_per_step(differentiable):
+    """A model that says it is differentiable in its time input is differentiated through it: the times' gradient
+    matches central differences of the loss to 1e-6 (the forward difference misses by O(FD_REL)) and each step
+    calls the model once (the forward difference calls it twice at a fitted time)."""
+    noise, mu, var = VPLinear(), torch.tensor([0.5, -1.0, 0.25]), torch.tensor([0.04, 0.25, 1.0])
+    fn = (eps_tensor_fn if differentiable else eps_fn)(noise, mu.double(), var.double())
+    model = Model(fn, noise, prediction="eps", time_input="continuous", time_differentiable=differentiable)
+    s = presets.build("dpm-solver++-3m", 6, noise, t_start=1.0, t_end=1e-3)
+    par = parameters(s, noise)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = exact_solution(noise, mu.double(), var.double(), x, 1.0, 1e-3)
+
+    def loss():
+        return (final_state(model, par, x) - ref).pow(2).mean()
+
+    calls = [0]
+    final_state(model, par, x, calls)
+    assert calls[0] == 16 * (6 + (0 if differentiable else len(par.fitted_times)))
+    if differentiable:
+        check_gradient(loss, par.theta, lambda kind: 1e-6)
+    else:
+        with pytest.raises(AssertionError, match="times"):
+            check_gradient(loss, par.theta, lambda kind: 1e-6)
+
+
+def test_the_outputs_no_parameter_moves_are_computed_once(gmm2d):
+    """Kept across calls (``constant``), the model's outputs at x_T and a fixed start give the same final state and
+    gradients as computed afresh, and later calls skip that model call."""
+    p, ev = gmm2d
+    s = _preset(p, "dpm-solver++-3m", 6)
+    x, ref = ev.x_T("train", 16), ev.reference("train")[:16]
+    kept, runs = {}, []
+    for constant in (None, kept, kept):
+        par, count = parameters(s, p.noise), [0]
+        (final_state(p.model, par, x, count, constant) - ref).pow(2).mean().backward()
+        runs.append((final_state(p.model, par, x, [0], constant).detach(), {k: v.grad for k, v in par.theta.items()},
+                     count[0]))
+    for state, grads, _ in runs[1:]:
+        assert torch.equal(state, runs[0][0]) and all(torch.equal(grads[k], runs[0][1][k]) for k in grads)
+    assert list(kept) == [(0, s.t_start)] and runs[2][2] == runs[1][2] - 16 == runs[0][2] - 16
+
+
 def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2d):
     p, ev = gmm2d
     s = _preset(p, "unipc-bh2", 4)
@@ -104,10 +148,11 @@ def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2
     assert times[0] == s.times[0] and times[-1] == s.times[-1]
     assert all(a > b for a, b in zip(times, times[1:]))
     assert r.fitted["times"] == 3 and r.candidate_result.metrics["rmse"] == r.rmse
-    # every iteration runs the 4 calls on the fit states, and one more for each of the 3 fitted times; every check
-    # (and the parent's) runs the schedule on the held-out bank
+    # every iteration runs the 3 calls after the first on the fit states, and one more for each of the 3 fitted
+    # times; the first call, at x_T and the fixed start, runs once; every check (and the parent's) runs the schedule
+    # on the held-out bank
     checks = sum("heldout_rmse" in h for h in r.history) + 1
-    assert r.model_calls == r.iters * (4 + 3) * 32 + checks * 4 * 64 + 4 * 32
+    assert r.model_calls == (r.iters * (3 + 3) + 1) * 32 + checks * 4 * 64 + 3 * 32
 
 
 def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
@@ -210,6 +255,13 @@ def test_the_digits_unet_refines_on_a_tiny_bank():
         with torch.no_grad():
             ev.bank(bank).references[float(p.t_end)] = sample(p.model, ev.x_T(bank).float(), fine).double()
     s = _preset(p, "dpm-solver++-2m", 4)
+    assert p.model.time_differentiable  # its time gradient is autograd's through the embedding: the difference's
+    grads = []
+    for model in (p.model, replace(p.model, time_differentiable=False)):
+        par = parameters(s, p.noise)
+        (final_state(model, par, ev.x_T("train").float()) - ev.reference("train").float()).pow(2).mean().backward()
+        grads.append(par.theta["times"].grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.02, atol=0.02 * float(grads[1].abs().max()))
     r = refine(ev, s, iters=2, samples=4, check_every=2)
     assert r.loss_start > 0 and r.history[1]["loss"] < r.loss_start
     assert r.rmse <= r.parent_rmse and all(a > b for a, b in zip(r.schedule.times, r.schedule.times[1:]))
@@ -226,6 +278,24 @@ def gaussian_plug():
 
     return Plug(network=eps_fn(VPLinear(), MU, VAR), shape=(4,), noise="vp-linear", prediction="eps",
                 time_input="continuous")
+
+
+def gaussian_plug_in_time():
+    """The same network, differentiable in its time input and saying so."""
+    from steptune.space.noise import VPLinear
+
+    return Plug(network=eps_tensor_fn(VPLinear(), MU.double(), VAR.double()), shape=(4,), noise="vp-linear",
+                prediction="eps", time_input="continuous", time_differentiable=True)
+
+
+def test_a_plug_that_says_it_is_differentiable_in_time_is_differentiated_through_it():
+    p = load_problem("test_refine:gaussian_plug_in_time")
+    assert p.model.time_differentiable and not load_problem("test_refine:gaussian_plug").model.time_differentiable
+    s = _preset(p, "dpm-solver++-3m", 5, spacing="time-uniform")
+    par = parameters(s, p.noise)
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = exact_solution(p.noise, MU.double(), VAR.double(), x, p.t_start, p.t_end)
+    check_gradient(lambda: (final_state(p.model, par, x) - ref).pow(2).mean(), par.theta, lambda kind: 1e-6)
 
 
 def test_a_plugged_network_refines_towards_the_closed_form_solution(tmp_path, capsys):
@@ -370,6 +440,30 @@ def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_i
         t = db.trial(r.trial)
         assert [x["trial"] for x in t.info["refine"]["screened"]] == [g.id for g in group]
         assert db.count_trials() == n + 1
+
+
+def test_structures_far_behind_the_best_on_the_heldout_bank_are_not_screened(tmp_path, cache, capsys, monkeypatch):
+    """The screening takes the structures whose held-out RMSE (evaluated here afresh) is within ``SCREEN_WITHIN`` of
+    the best one's, in the order they were found, the NFE's best searched schedule always."""
+    import steptune.refine as stage
+    from steptune.refine import parents, structure_parents, study_evaluator, study_job
+
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    code, _, err = run_cli(["run", str(_job(tmp_path, cache, "within", refine=None)), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        ev = study_evaluator(study_job(db, "within"), "cpu")
+        (best,) = parents(db.trials("within"), "within", [4])
+        monkeypatch.setattr(stage, "SCREEN_WITHIN", math.inf)
+        found = structure_parents(db, "within", ev, best, 6)
+        rmse = [ev.evaluate(t.to_schedule(), "heldout").metrics["rmse"] for t in found]
+        assert rmse == pytest.approx([t.score for t in found], rel=1e-12) and max(rmse) > 1.05 * min(rmse)
+        ratio = sorted(r / min(rmse) for r in rmse)[len(rmse) // 2]  # leaves out about half
+        monkeypatch.setattr(stage, "SCREEN_WITHIN", ratio)
+        said = []
+        kept = structure_parents(db, "within", ev, best, 6, say=said.append)
+    assert [t.id for t in kept] == [t.id for t, r in zip(found, rmse) if t.id == best.id or r <= ratio * min(rmse)]
+    assert 1 < len(kept) < len(found) and f"; {len(found) - len(kept)} more left out, over" in said[-1]
 
 
 def db_best_id(url, nfe):
