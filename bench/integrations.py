@@ -11,12 +11,13 @@ One S^3 job searches gmm-digits at NFE 5, 6, 8 and 10 (``--budget`` cheap evalua
   noise), the re-timed tuned schedule on ``sampler.sigmas(denoise)`` (and re-timed with the other anchor, absolute
   lambda position) against k-diffusion's DPM++ 2M and Euler on the same list, each against the exact solution from
   t_d;
-* NFE 7 and 9 interpolated from the 5, 6, 8, 10 study (``retime.interpolate``, methods blend and split) against the
-  best preset at that NFE and the direct search.
+* NFE 7 and 9 interpolated from the 5, 6, 8, 10 study (``retime.interpolate``, each method: split, blend, pad)
+  against the best preset at that NFE and the direct search, and NFE 12, above the study, against the best preset
+  and the study's NFE 10.
 
     python bench/integrations.py --budget 150
 
-Saves runs/bench/integrations.json and prints the tables.
+Saves runs/bench/integrations-seedSEED.json and prints the tables.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from steptune.integrations.kdiffusion import denoiser, sampler  # noqa: E402
 from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import CONFIRM, DEFAULT_PRESETS  # noqa: E402
-from steptune.space.retime import interpolate, retime  # noqa: E402
+from steptune.space.retime import METHODS, interpolate, retime  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
@@ -134,17 +135,20 @@ def main(argv=None):
                 row[name] = {"rmse": rmse(theirs, r_zero), "calls": their_calls}
             img2img.append(row)
 
-    sweep = run_sweep(ev, list(DEFAULT_PRESETS), [7, 9], bank="heldout")
+    sweep = run_sweep(ev, list(DEFAULT_PRESETS), [7, 9, 12], bank="heldout")
     best_preset = best_by_nfe(sweep)
     interp = []
-    for nfe in (7, 9):
-        direct = ev.evaluate(best["direct"][nfe], bank="heldout").metrics["rmse"]
+    study_10 = ev.evaluate(best["study"][10], bank="heldout").metrics["rmse"]
+    for nfe in (7, 9, 12):  # 12: above the study, compared with its NFE 10 as no direct search was run
+        direct = ev.evaluate(best["direct"][nfe], bank="heldout").metrics["rmse"] if nfe in best["direct"] else None
         bp = best_preset[nfe]
-        for method in ("blend", "split"):
+        for method in METHODS:
             got = ev.evaluate(interpolate(best["study"], nfe, method=method), bank="heldout").metrics["rmse"]
             interp.append({"nfe": nfe, "method": method, "interpolated": got, "direct_search": direct,
                            "best_preset": bp["rmse"], "best_preset_name": bp["preset"],
-                           "preset_over_interpolated": bp["rmse"] / got, "interpolated_over_direct": got / direct})
+                           "preset_over_interpolated": bp["rmse"] / got,
+                           "interpolated_over_direct": None if direct is None else got / direct,
+                           "study_nfe_10": study_10})
 
     print(f"gmm-digits, held-out bank ({n} states); S^3 budget {args.budget} per NFE, seed {args.seed}; "
           f"searches {search_s:.0f} s (loaded machine)")
@@ -159,13 +163,15 @@ def main(argv=None):
               f"({r['tuned']['calls']:>2})     " + (f"{alt['rmse']:.4f} ({alt['calls']:>2})" if alt else " " * 12)
               + f"      {r['dpmpp_2m']['rmse']:.4f} ({r['dpmpp_2m']['calls']:>2})"
               f"      {r['euler']['rmse']:.4f} ({r['euler']['calls']:>2})")
-    print("\ninterpolated  NFE  method  RMSE     direct search  best preset          preset/interp  interp/direct")
+    print(f"\ninterpolated  NFE  method  RMSE     direct search  best preset          preset/interp  interp/direct"
+          f"  (the study's NFE 10: {study_10:.4f})")
     for r in interp:
-        print(f"              {r['nfe']:<4} {r['method']:<7} {r['interpolated']:.4f}   {r['direct_search']:.4f}"
-              "         "
+        direct = r["direct_search"]
+        print(f"              {r['nfe']:<4} {r['method']:<7} {r['interpolated']:.4f}   "
+              + (f"{direct:.4f}" if direct is not None else "  —   ") + "         "
               f"{r['best_preset']:.4f} {r['best_preset_name']:<12} {r['preset_over_interpolated']:.2f}x"
-              f"          {r['interpolated_over_direct']:.2f}")
-    path = save_json("integrations", {"budget": args.budget, "seed": args.seed, "samples": n,
+              "          " + (f"{r['interpolated_over_direct']:.2f}" if direct is not None else "—"))
+    path = save_json(f"integrations-seed{args.seed}", {"budget": args.budget, "seed": args.seed, "samples": n,
                                       "search_seconds": search_s, "rows": rows, "img2img": img2img,
                                       "interpolated": interp,
                                       "schedules": {k: {n_: s.to_dict() for n_, s in v.items()}

@@ -48,8 +48,6 @@ SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the 
 #                states, and 64 of them overfit the times of a searched schedule
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
-SCREEN_WITHIN = 2.0  # structures held out more than this many times the best one's are not screened (``refine_best``
-#                     picked none of them on gmm-digits and digits-cond at NFE 4-10, nor any beyond 1.5 times)
 SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
 LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
 

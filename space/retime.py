@@ -15,7 +15,10 @@ only when the run starts from pure noise at the schedule's own t_start. The resu
 position between the neighbouring searched NFEs (each neighbour's positions as a function of the step fraction k/n,
 weighted by the NFE's distance), and the decisions come from the nearest searched NFE by ``retime``. Its
 ``method="split"`` instead grows the searched schedule below by splitting its widest lambda intervals, which keeps
-the tuned times and measured closer to a direct search (bench/integrations.py).
+the tuned times and measured closer to a direct search (bench/integrations.py). ``method="pad"`` adds short steps
+at the end of the searched schedule below (each ``PAD`` of the last lambda interval): it runs as that schedule
+does, one model call more for each, so it scores about what the NFE below scores, where splitting or blending a
+well-tuned multistep schedule can lose most of its tuning.
 
 lambda = log(alpha/sigma) is infinite where sigma = 0 (t = 0) or alpha = 0 (rectified flow at t = 1); positions
 are taken with lambda clipped one unit beyond the largest finite |lambda| of the grids, so such ends sit at 0 or 1.
@@ -158,7 +161,8 @@ def _profile(ns: NoiseSchedule, schedule: Schedule, u: np.ndarray, bound: float)
     return np.interp(u, np.linspace(0.0, 1.0, len(r)), r)
 
 
-METHODS = ("split", "blend")
+METHODS = ("split", "blend", "pad")
+PAD = 0.05  # share of the last lambda interval a padded step takes (the smaller, the closer to the schedule below)
 
 
 def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: str = "split",
@@ -170,7 +174,8 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: s
     splits its widest lambda interval in two (merges its narrowest pair of intervals) until the NFE is reached, the
     new step taking its neighbour's decisions by ``retime``: on gmm-digits it stays closer to a direct search than
     the blend (bench/integrations.py), and it reaches every step count. ``method="blend"`` blends the times between
-    the neighbours in relative lambda position and takes the decisions from the nearest (or ``decisions_from``)."""
+    the neighbours in relative lambda position and takes the decisions from the nearest (or ``decisions_from``).
+    ``method="pad"`` adds short steps at the end of the nearest searched NFE below (see the module's docstring)."""
     if not schedules_by_nfe:
         raise ScheduleError("interpolate: no searched schedules to build from")
     if method not in METHODS:
@@ -184,6 +189,8 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: s
                             "within one model's study")
     if method == "split":
         return _split(schedules_by_nfe, nfe, searched)
+    if method == "pad":
+        return _pad(schedules_by_nfe, nfe, searched)
     lo = max((k for k in searched if k < nfe), default=None)
     hi = min((k for k in searched if k > nfe), default=None)
     near = min((k for k in (lo, hi) if k is not None), key=lambda k: (abs(k - nfe), -k)) \
@@ -233,6 +240,30 @@ def _split(schedules_by_nfe: Mapping[int, Schedule], nfe: int, searched: list[in
             raise ScheduleError(f"interpolate: the NFE-{base} schedule cannot be split or merged to NFE {nfe}; "
                                 "search that NFE")
     return _labelled(s, src, nfe, "split", [base], base)
+
+
+def _pad(schedules_by_nfe: Mapping[int, Schedule], nfe: int, searched: list[int]) -> Schedule:
+    below = [k for k in searched if k < nfe]
+    if not below:
+        raise ScheduleError(f"interpolate: padding builds on a searched NFE below {nfe}, and there is none")
+    base = max(below)
+    src = s = schedules_by_nfe[base]
+    ns = schedule_noise(src)
+    while s is not None and s.nfe < nfe:
+        s = _pad_end(s, ns)
+    if s is None or s.nfe != nfe:
+        raise ScheduleError(f"interpolate: the NFE-{base} schedule cannot be padded to NFE {nfe}; search that NFE")
+    return _labelled(s, src, nfe, "pad", [base], base)
+
+
+def _pad_end(s: Schedule, ns: NoiseSchedule) -> Schedule | None:
+    """``s`` with its last lambda interval split ``PAD`` of its length before its end, both parts taking the last
+    step's decisions by ``retime``."""
+    times, lam = s.times, _clipped_lambdas(ns, s.times)
+    t = float(ns.t_of_lambda(torch.tensor(lam[-1] - PAD * (lam[-1] - lam[-2]), dtype=torch.float64)))
+    if not times[-1] < t < times[-2]:
+        return None
+    return retime(s, [*times[:-1], t, times[-1]])
 
 
 def _clipped_lambdas(ns: NoiseSchedule, times: Sequence[float]) -> np.ndarray:

@@ -442,30 +442,6 @@ def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_i
         assert db.count_trials() == n + 1
 
 
-def test_structures_far_behind_the_best_on_the_heldout_bank_are_not_screened(tmp_path, cache, capsys, monkeypatch):
-    """The screening takes the structures whose held-out RMSE (evaluated here afresh) is within ``SCREEN_WITHIN`` of
-    the best one's, in the order they were found, the NFE's best searched schedule always."""
-    import steptune.refine as stage
-    from steptune.refine import parents, structure_parents, study_evaluator, study_job
-
-    url = f"sqlite:///{tmp_path / 'w.db'}"
-    code, _, err = run_cli(["run", str(_job(tmp_path, cache, "within", refine=None)), "--db", url], capsys)
-    assert code == 0, err
-    with connect(url) as db:
-        ev = study_evaluator(study_job(db, "within"), "cpu")
-        (best,) = parents(db.trials("within"), "within", [4])
-        monkeypatch.setattr(stage, "SCREEN_WITHIN", math.inf)
-        found = structure_parents(db, "within", ev, best, 6)
-        rmse = [ev.evaluate(t.to_schedule(), "heldout").metrics["rmse"] for t in found]
-        assert rmse == pytest.approx([t.score for t in found], rel=1e-12) and max(rmse) > 1.05 * min(rmse)
-        ratio = sorted(r / min(rmse) for r in rmse)[len(rmse) // 2]  # leaves out about half
-        monkeypatch.setattr(stage, "SCREEN_WITHIN", ratio)
-        said = []
-        kept = structure_parents(db, "within", ev, best, 6, say=said.append)
-    assert [t.id for t in kept] == [t.id for t, r in zip(found, rmse) if t.id == best.id or r <= ratio * min(rmse)]
-    assert 1 < len(kept) < len(found) and f"; {len(found) - len(kept)} more left out, over" in said[-1]
-
-
 def db_best_id(url, nfe):
     with connect(url) as db:
         return db.best("tiny", nfe).id

@@ -18,7 +18,7 @@ from steptune.cli.paths import output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
-Interpolation = Literal["split", "blend"]
+Interpolation = Literal["split", "blend", "pad"]
 
 
 def _open(url: str, *, create: bool = False):
@@ -174,7 +174,8 @@ def export_cmd(
     fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
     interpolation: Annotated[Interpolation, typer.Option(
         "--interpolation", help="At an NFE the study did not search: split (the searched NFE below, its widest "
-                                "intervals split) or blend (times blended between the neighbours).")] = "split",
+                                "intervals split), blend (times blended between the neighbours) or pad (the "
+                                "searched NFE below with short steps added at its end).")] = "split",
     db: DbOpt = DEFAULT_DB,
 ):
     """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
