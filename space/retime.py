@@ -15,10 +15,10 @@ only when the run starts from pure noise at the schedule's own t_start. The resu
 position between the neighbouring searched NFEs (each neighbour's positions as a function of the step fraction k/n,
 weighted by the NFE's distance), and the decisions come from the nearest searched NFE by ``retime``. Its
 ``method="split"`` instead grows the searched schedule below by splitting its widest lambda intervals, which keeps
-the tuned times and measured closer to a direct search (bench/integrations.py). ``method="pad"`` adds short steps
-at the end of the searched schedule below (each ``PAD`` of the last lambda interval): it runs as that schedule
-does, one model call more for each, so it scores about what the NFE below scores, where splitting or blending a
-well-tuned multistep schedule can lose most of its tuning.
+the tuned times and reaches every step count (bench/integrations.py compares the methods). ``method="pad"`` adds
+short steps at the end of the searched schedule below (each ``PAD`` of the last lambda interval): it runs as that
+schedule does, one model call more for each, so it scores about what the NFE below scores, where splitting or
+blending a well-tuned multistep schedule can lose most of its tuning.
 
 lambda = log(alpha/sigma) is infinite where sigma = 0 (t = 0) or alpha = 0 (rectified flow at t = 1); positions
 are taken with lambda clipped one unit beyond the largest finite |lambda| of the grids, so such ends sit at 0 or 1.
@@ -172,10 +172,10 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: s
 
     ``method="split"`` (the default) keeps the nearest searched NFE below (above, when there is none) whole and
     splits its widest lambda interval in two (merges its narrowest pair of intervals) until the NFE is reached, the
-    new step taking its neighbour's decisions by ``retime``: on gmm-digits it stays closer to a direct search than
-    the blend (bench/integrations.py), and it reaches every step count. ``method="blend"`` blends the times between
-    the neighbours in relative lambda position and takes the decisions from the nearest (or ``decisions_from``).
-    ``method="pad"`` adds short steps at the end of the nearest searched NFE below (see the module's docstring)."""
+    new step taking its neighbour's decisions by ``retime``; it reaches every step count. ``method="blend"`` blends
+    the times between the neighbours in relative lambda position and takes the decisions from the nearest (or
+    ``decisions_from``). ``method="pad"`` adds short steps at the end of the nearest searched NFE below (see the
+    module's docstring)."""
     if not schedules_by_nfe:
         raise ScheduleError("interpolate: no searched schedules to build from")
     if method not in METHODS:
