@@ -126,11 +126,14 @@ class GaussianMixture:
             raise ValueError(f"GaussianMixture: input has {xf.shape[1]} values per sample, the mixture is {self.dim}-D")
         return xf.to(device=self.device, dtype=_F64), shape
 
-    def _components(self, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    def _components(self, x: Tensor, alpha: float | Tensor,
+                    sigma: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(y, v, log p(x, k)): y = U_k^T (x - alpha mu_k) (B, K, D), v = alpha^2 d_k + sigma^2 (K, D)."""
-        alpha, sigma = float(alpha), float(sigma)
-        if not (math.isfinite(alpha) and math.isfinite(sigma)) or alpha < 0 or sigma < 0 or alpha == sigma == 0:
-            raise ValueError(f"GaussianMixture: need alpha >= 0, sigma >= 0, not both 0 (got {alpha}, {sigma})")
+        a, s = (float(v.detach()) if isinstance(v, Tensor) else float(v) for v in (alpha, sigma))
+        if not (math.isfinite(a) and math.isfinite(s)) or a < 0 or s < 0 or a == s == 0:
+            raise ValueError(f"GaussianMixture: need alpha >= 0, sigma >= 0, not both 0 (got {a}, {s})")
+        if not isinstance(alpha, Tensor):
+            alpha, sigma = a, s
         diff = x[:, None, :] - alpha * self.means[None]
         y = torch.einsum("bkd,kde->bke", diff, self.eigvecs)
         v = alpha * alpha * self.eigvals + sigma * sigma
@@ -138,8 +141,9 @@ class GaussianMixture:
                 - 0.5 * (y * y / v).sum(-1))
         return y, v, logp
 
-    def posterior(self, x: Tensor, alpha: float, sigma: float) -> tuple[Tensor, Tensor]:
-        """(E[eps | x_t = x], E[x0 | x_t = x]) for x_t = alpha x0 + sigma eps; alpha, sigma >= 0 floats.
+    def posterior(self, x: Tensor, alpha: float | Tensor, sigma: float | Tensor) -> tuple[Tensor, Tensor]:
+        """(E[eps | x_t = x], E[x0 | x_t = x]) for x_t = alpha x0 + sigma eps; alpha, sigma >= 0 (floats, or 0-d
+        tensors to differentiate in them).
 
         alpha = 0 gives the prior mean for x0 (and eps = x / sigma); sigma = 0 gives x0 = x / alpha
         and eps = 0.
@@ -151,8 +155,10 @@ class GaussianMixture:
         r = torch.exp(logp - logp.amax(dim=1, keepdim=True))
         r = r / r.sum(dim=1, keepdim=True)
         g = r[..., None] * (y / v)  # (B, K, D), in each component's eigenbasis
-        x0 = r @ self.means + float(alpha) * torch.einsum("kde,bke->bd", self.eigvecs, g * self.eigvals)
-        eps = float(sigma) * torch.einsum("kde,bke->bd", self.eigvecs, g)
+        if not isinstance(alpha, Tensor):
+            alpha, sigma = float(alpha), float(sigma)
+        x0 = r @ self.means + alpha * torch.einsum("kde,bke->bd", self.eigvecs, g * self.eigvals)
+        eps = sigma * torch.einsum("kde,bke->bd", self.eigvecs, g)
         return eps.reshape(shape), x0.reshape(shape)
 
     def denoise(self, x: Tensor, alpha: float, sigma: float) -> Tensor:

@@ -237,7 +237,17 @@ class MixtureDenoiser:
 
     def _at(self, x: Tensor, tv: float) -> Tensor:
         t = self.t_of(tv)
-        a, s = float(self.noise.alpha(t)), float(self.noise.sigma(t))
+        return self._output(x, float(self.noise.alpha(t)), float(self.noise.sigma(t)))
+
+    def _t(self, tv: Tensor) -> Tensor:
+        """``t_of`` of a tensor, differentiable in it."""
+        if self.time_input == "discrete":
+            return self.noise.t_of_timestep(tv)
+        if self.time_input == "sigma":
+            return self.noise.t_of_edm_sigma(tv)
+        return tv / self.time_scale
+
+    def _output(self, x: Tensor, a: float | Tensor, s: float | Tensor) -> Tensor:
         eps, x0 = self.mixture.to(x.device).posterior(x, a, s)
         if self.prediction == "eps":
             return eps
@@ -249,7 +259,10 @@ class MixtureDenoiser:
 
     def __call__(self, x: Tensor, time: Tensor) -> Tensor:
         tv = torch.as_tensor(time).reshape(-1)
-        if tv.numel() == 1 or bool((tv == tv[0]).all()):
+        if tv.requires_grad and bool((tv == tv[0]).all()):  # a refinement differentiates through the time
+            t = self._t(tv[0].to(_F64))
+            out = self._output(x, self.noise.alpha(t), self.noise.sigma(t))
+        elif tv.numel() == 1 or bool((tv == tv[0]).all()):
             out = self._at(x, float(tv[0]))
         else:
             out = torch.empty(x.shape, dtype=_F64, device=x.device)
@@ -271,7 +284,7 @@ def mixture_problem(mixture: GaussianMixture, noise: NoiseSchedule | str = "vp-l
     shape = (mixture.dim,) if shape is None else tuple(shape)
     fn = MixtureDenoiser(mixture, ns, prediction, time_input, time_scale)
     model = Model(fn, ns, prediction=prediction, time_input=time_input, time_scale=time_scale,
-                  data_mean=mixture.mean.reshape(shape))
+                  data_mean=mixture.mean.reshape(shape), time_differentiable=True)
     return Problem(name=name, noise=ns, model=model, shape=shape, t_start=t_start, t_end=t_end, mixture=mixture,
                    source=dict(source or {}))
 

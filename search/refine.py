@@ -22,10 +22,10 @@ RMSE sends the parameters back to the best iterate and halves the learning rates
 beats the parent there: a refinement is never worse on the held-out bank than its parent.
 
 The network's explicit dependence on time is differentiated by autograd where the model says it is
-differentiable in its time input (``Model.time_differentiable``: the digits UNet), else by a forward difference
-(one extra forward pass, no backward, per fitted time and iteration); the dependence through the state by
-autograd. So a model need not be differentiable in its time input (the exact mixture denoisers take floats,
-plugged networks may round it).
+differentiable in its time input (``Model.time_differentiable``: the exact mixture denoisers, the digits UNet),
+else by a forward difference (one extra forward pass, no backward, per fitted time and iteration); the dependence
+through the state by autograd. So a model need not be differentiable in its time input (plugged networks may
+round it).
 """
 
 from __future__ import annotations

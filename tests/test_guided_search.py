@@ -14,7 +14,7 @@ from runner_jobs import run_cli
 from steptune.evaluators import Evaluator, get_problem
 from steptune.search import DEFAULT_PRESETS, Candidate, DecisionSpace, S3Searcher, preset_candidates
 from steptune.search.baselines import spacing_variants
-from steptune.search.refine import FD_REL, final_state, parameters, refine
+from steptune.search.refine import final_state, parameters, refine
 from steptune.space import noise, presets
 from steptune.storage import connect
 
@@ -209,8 +209,11 @@ def test_the_gradient_on_a_leading_schedule_is_the_losss_derivative(problem, eva
     def loss():
         return (final_state(problem.model, par, x) - ref).pow(2).mean()
 
-    # the network's time derivative is a difference
-    check_gradient(loss, par.theta, lambda kind: 10 * FD_REL if kind in ("times", "start") else 1e-6)
+    # the mixture's time input goes through autograd, exact but at the start: a leading schedule starts on a
+    # timestep, a knot of the discrete schedule's piecewise-linear tables, where autograd takes one segment's slope
+    # for alpha(t) and another's for t(lambda) while their composite is smooth (7e-5 off)
+    assert problem.model.time_differentiable
+    check_gradient(loss, par.theta, lambda kind: 1e-3 if kind == "start" else 1e-6)
 
 
 # ---- steptune search --refine -------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, 
 from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
 from steptune.search.refine import (
-    FD_REL,
     ITERS,
     STRUCTURES,
     final_state,
@@ -80,8 +79,8 @@ def test_the_phi_terms_of_a_fitted_step_are_those_of_its_float(gmm2d):
 
 
 def test_the_gradient_is_the_losss_derivative(gmm2d):
-    """Autograd (the time dependence of the model by a forward difference) against central differences of the
-    loss in every parameter."""
+    """Autograd (through the exact mixture denoiser's time input too) against central differences of the loss in
+    every parameter."""
     p, ev = gmm2d
     s = _preset(p, "dpm-solver++-3m", 6)
     par = parameters(s, p.noise)
@@ -90,8 +89,8 @@ def test_the_gradient_is_the_losss_derivative(gmm2d):
     def loss():
         return (final_state(p.model, par, x) - ref).pow(2).mean()
 
-    # the times' gradient carries the forward difference's O(FD_REL) error; the others are exact
-    check_gradient(loss, par.theta, lambda kind: 10 * FD_REL if kind == "times" else 1e-6)
+    assert p.model.time_differentiable
+    check_gradient(loss, par.theta, lambda kind: 1e-6)
 
 
 @pytest.mark.parametrize("differentiable", [True, False])
@@ -148,11 +147,11 @@ def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2
     assert times[0] == s.times[0] and times[-1] == s.times[-1]
     assert all(a > b for a, b in zip(times, times[1:]))
     assert r.fitted["times"] == 3 and r.candidate_result.metrics["rmse"] == r.rmse
-    # every iteration runs the 3 calls after the first on the fit states, and one more for each of the 3 fitted
-    # times; the first call, at x_T and the fixed start, runs once; every check (and the parent's) runs the schedule
-    # on the held-out bank
+    # every iteration runs the 3 calls after the first on the fit states (the mixture's time input goes through
+    # autograd: no call more for a fitted time); the first call, at x_T and the fixed start, runs once; every check
+    # (and the parent's) runs the schedule on the held-out bank
     checks = sum("heldout_rmse" in h for h in r.history) + 1
-    assert r.model_calls == (r.iters * (3 + 3) + 1) * 32 + checks * 4 * 64 + 3 * 32
+    assert r.model_calls == (r.iters * 3 + 1) * 32 + checks * 4 * 64 + 3 * 32
 
 
 def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
