@@ -18,7 +18,9 @@ refined in the same way: the NFE's best is the best of all of it.
 
 A job may also ask for NFEs it did not search (``[refine] interpolate``): each is built from the best schedules
 of the searched NFEs (refined ones where they won) by ``steptune.space.retime.interpolate``, scored on the
-held-out bank and stored as a trial of its own (``info.interpolated``), then refined like a searched parent.
+held-out bank and stored as a trial of its own (``info.interpolated``), then refined like a searched parent; with
+``neighbours``, schedules built from each neighbouring searched NFE's best are refined there too
+(``interpolated_neighbours``).
 """
 
 from __future__ import annotations
@@ -343,29 +345,42 @@ def neighbour(t) -> bool:
     return "neighbour" in t.info and t.fidelity == CONFIRM and t.status == "complete" and t.score is not None
 
 
-def best_found(trials) -> dict[int, object]:
+def best_found(trials, interpolated: bool = False) -> dict[int, object]:
     """Per searched NFE, the best held-out trial the search and its refine stage gave: a confirmation, a
     schedule built from another NFE's best, or a refinement of one of them or of the best preset (an unrefined
-    preset is not a find)."""
-    refined_from = {t.id for t in trials if searched(t) or best_preset(t) or neighbour(t)}
+    preset is not a find). ``interpolated``: per interpolated NFE too, its interpolated schedule one of them."""
+    def found(t) -> bool:
+        return searched(t) or neighbour(t) or (interpolated and "interpolated" in t.info and t.fidelity == CONFIRM
+                                               and t.status == "complete" and t.score is not None)
+
+    refined_from = {t.id for t in trials if found(t) or best_preset(t)}
+    nfes = {t.nfe for t in trials if searched(t) or (interpolated and found(t))}  # not the builds at other NFEs
     best: dict[int, object] = {}
     for t in trials:
-        ok = searched(t) or neighbour(t) or (is_refinement(t) and t.status == "complete"
-                                             and t.info["refines"] in refined_from)
+        if t.nfe not in nfes:
+            continue
+        ok = found(t) or (is_refinement(t) and t.status == "complete" and t.info["refines"] in refined_from)
         if ok and t.score is not None and (t.nfe not in best or (t.score, t.number) < (best[t.nfe].score,
                                                                                          best[t.nfe].number)):
             best[t.nfe] = t
     return best
 
 
-def interpolations(sources: dict, nfe: int) -> tuple[list, Exception | None]:
-    """The distinct schedules at ``nfe`` that each method of ``steptune.space.retime.interpolate`` builds from
-    ``sources`` (searched schedules by NFE), and the first error of a method that cannot."""
+# the methods an interpolated NFE's trial is chosen from by its held-out score: a padded schedule scores about what
+# the NFE below scores, so it wins that choice most often, but its short steps sit where refinement does not move
+# them (on gmm-digits NFE 7 padded stayed at 0.0283 where split and refined it reached 0.0201); it is built with
+# the others from each neighbouring NFE afterwards (``interpolated_neighbours``), each refined on its own
+INTERPOLATED_METHODS = ("split", "blend")
+
+
+def interpolations(sources: dict, nfe: int, methods: tuple[str, ...] | None = None) -> tuple[list, Exception | None]:
+    """The distinct schedules at ``nfe`` that each method of ``steptune.space.retime.interpolate`` (or of
+    ``methods``) builds from ``sources`` (searched schedules by NFE), and the first error of a method that cannot."""
     from steptune.space import ScheduleError
     from steptune.space.retime import METHODS, interpolate
 
     out, error = [], None
-    for method in METHODS:
+    for method in METHODS if methods is None else methods:
         try:
             sched = interpolate(sources, nfe, method=method)
         except ScheduleError as e:
@@ -379,10 +394,10 @@ def interpolations(sources: dict, nfe: int) -> tuple[list, Exception | None]:
 def interpolated_parents(store, study: str, evaluator, nfes: list[int],
                          say: Callable[[str], None] = lambda msg: None) -> list:
     """The stored trial of each of ``nfes`` (NFEs the study did not search) interpolated from the best schedules
-    of the searched NFEs by each method of ``steptune.space.retime.interpolate``, the one best on the held-out bank
-    stored (``info.interpolated.tried``: each method's RMSE; its cost includes the others' evaluations); one stored
-    before is reused. No method is best everywhere: in the quick example NFE 7 from the refined NFE 6 (0.0113) scores
-    0.038 split, 0.030 blended and 0.0114 padded; on unrefined neighbours the blend is sometimes best."""
+    of the searched NFEs by each of ``INTERPOLATED_METHODS``, the one best on the held-out bank stored
+    (``info.interpolated.tried``: each method's RMSE; its cost includes the others' evaluations); one stored before
+    is reused. No method is best everywhere: in the quick example NFE 7 split from NFE 6 scores 0.038 and refines no
+    further, blended 0.030 and refines to 0.022."""
     trials = store.trials(study)
     stored = {t.nfe: t for t in trials if "interpolated" in t.info and t.fidelity == CONFIRM}
     best = best_found(trials)
@@ -392,7 +407,7 @@ def interpolated_parents(store, study: str, evaluator, nfes: list[int],
         if nfe in stored:
             out.append(stored[nfe])
             continue
-        made, error = interpolations(sources, nfe)
+        made, error = interpolations(sources, nfe, INTERPOLATED_METHODS)
         tried = [(sched, evaluator.evaluate(sched, CONFIRM)) for sched in made]
         if not tried:
             say(f"refine: NFE {nfe} cannot be interpolated ({error}); search it instead")
@@ -429,10 +444,13 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
         return []
     stored = {t.info["neighbour"]["method"]: t for t in trials if t.nfe == nfe and t.fidelity == CONFIRM
               and t.info.get("neighbour", {}).get("from_trial") == src.id}
+    there = {t.key for t in trials if t.nfe == nfe and t.fidelity == CONFIRM}  # e.g. the interpolated NFE's own
     out, built = [], False
     for sched in interpolations({source: src.to_schedule()}, nfe)[0]:
         method = sched.meta["interpolated"]["method"]
         t = stored.get(method)
+        if t is None and sched.key() in there:
+            continue
         if t is None:
             res = evaluator.evaluate(sched, CONFIRM)
             info = {"neighbour": {"method": method, "from_nfe": source, "from_trial": src.id},
@@ -466,23 +484,35 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
         for nfe, source in down if k % 2 == 0 else up:
             if stop():
                 return list(out.values())
-            group = neighbour_parents(store, study, evaluator, nfe, source, say=say)
-            if not group:
-                continue
-            first = min(t.id for t in group)  # the NFE's best when the group was built, then after each member
-            best = best_found([t for t in store.trials(study) if t.id < first]).get(nfe)
-            before = best.score if best else None
-            for t in group:
-                done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, say=say,
-                                     progress=progress, stop=stop, before=before, say_skipped=False)
-                new |= any(r.skipped is None for r in done)
-                for r in done:
-                    out.setdefault(r.trial, replace(r, built_from=source))
-                    before = r.rmse if before is None else min(before, r.rmse)
+            new |= refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say,
+                                stop=stop, progress=progress)
         quiet = 0 if new else quiet + 1
         if quiet == 2:
             break
     return list(out.values())
+
+
+def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict, *, iters: int,
+                 samples: int | None, say: Callable[[str], None] = lambda msg: None,
+                 stop: Callable[[], bool] = lambda: False,
+                 progress: Callable[[int, int, int, float], None] | None = None) -> bool:
+    """The schedules at ``nfe`` built from ``source``'s best (``neighbour_parents``), each refined on its own and
+    compared with the NFE's best before it (the best of what the NFE had when the group was built, then after each
+    member); the results go into ``out`` by trial. Whether any refinement ran now."""
+    group = neighbour_parents(store, study, evaluator, nfe, source, say=say)
+    if not group:
+        return False
+    first = min(t.id for t in group)
+    best = best_found([t for t in store.trials(study) if t.id < first], interpolated=True).get(nfe)
+    before, new = (best.score if best else None), False
+    for t in group:
+        done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, say=say,
+                             progress=progress, stop=stop, before=before, say_skipped=False)
+        new |= any(r.skipped is None for r in done)
+        for r in done:
+            out.setdefault(r.trial, replace(r, built_from=source))
+            before = r.rmse if before is None else min(before, r.rmse)
+    return new
 
 
 def refine_stage(runner) -> list[Refined]:
@@ -511,4 +541,26 @@ def refine_stage(runner) -> list[Refined]:
         todo = interpolated_parents(runner.storage, job.study, evaluator, spec.interpolate, say=runner.say)
         out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
                              say=runner.say, stop=runner.should_stop)
+        if spec.neighbours:
+            out += interpolated_neighbours(runner.storage, job.study, evaluator, [t.nfe for t in todo], nfes,
+                                           iters=spec.iters, samples=spec.samples, say=runner.say,
+                                           stop=runner.should_stop)
     return out
+
+
+def interpolated_neighbours(store, study: str, evaluator, nfes: list[int], searched_nfes: list[int], *, iters: int,
+                            samples: int | None, say: Callable[[str], None] = lambda msg: None,
+                            stop: Callable[[], bool] = lambda: False) -> list[Refined]:
+    """At each interpolated NFE, the schedules built from the best of each neighbouring searched NFE by every
+    interpolation method (``refine_built``; ``pad`` from the one below), each refined on its own, so the NFE keeps
+    the best of them and of its interpolated schedule's refinement: in the quick example NFE 7 padded from the
+    refined NFE 6 scores 0.0114 where the best interpolated schedule refines to 0.0216."""
+    out: dict[int | None, Refined] = {}
+    for nfe in sorted(set(nfes)):
+        below = [n for n in searched_nfes if n < nfe]
+        above = [n for n in searched_nfes if n > nfe]
+        for source in ([max(below)] if below else []) + ([min(above)] if above else []):
+            if stop():
+                return list(out.values())
+            refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say, stop=stop)
+    return list(out.values())

@@ -38,7 +38,7 @@ from common import OUT, save_json  # noqa: E402
 
 from steptune.backends import LocalBackend  # noqa: E402
 from steptune.jobs import job_from_dict  # noqa: E402
-from steptune.refine import best_found, is_refinement, searched  # noqa: E402
+from steptune.refine import best_found, searched  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, FAIL_SCORE  # noqa: E402
 from steptune.search.refine import ITERS, STRUCTURES  # noqa: E402
@@ -87,15 +87,15 @@ def search_job(args, method: str, seed: int, nfes: list[int], study: str | None 
 def held_out(trials) -> dict:
     """Per NFE, the held-out RMSE of the best searched schedule (``searched``), of the best after refinement
     (``refined``: the best of it, its refinement and the refined best preset) and, at the NFEs the refine stage
-    interpolated, of the interpolated schedule (``interpolated``) and of the best after its refinement."""
+    interpolated, of the interpolated schedule (``interpolated``) and of the best after its refinement and the
+    schedules built there from the neighbouring NFEs (with their refinements)."""
     out: dict[int, dict] = {}
     for nfe, t in best_found(trials).items():
         out[nfe] = {"refined": t.score, "searched": min(p.score for p in trials if searched(p) and p.nfe == nfe)}
+    found = best_found(trials, interpolated=True)
     for t in trials:
         if "interpolated" in t.info and t.status == "complete" and t.score is not None:
-            kids = [k.score for k in trials if is_refinement(k) and k.info["refines"] == t.id
-                    and k.status == "complete"]
-            out[t.nfe] = {"interpolated": t.score, "refined": min([t.score, *kids])}
+            out[t.nfe] = {"interpolated": t.score, "refined": found[t.nfe].score}
     return out
 
 

@@ -24,12 +24,13 @@ SEARCHED, MADE = [3, 5], 4
 
 @pytest.fixture(scope="module")
 def job_run(tmp_path_factory):
-    """A tiny searched study with NFE 4 interpolated and refined: its job file, database and `run --json`."""
+    """A tiny searched study with NFE 4 interpolated and refined (no neighbour pass, so the NFE's trials are the
+    interpolated schedule and its refinement): its job file, database and `run --json`."""
     from steptune.cli import main
 
     folder = tmp_path_factory.mktemp("interp")
     job = write_job(folder / "job.toml", STUDY, folder / "cache", evaluations=6, nfe=str(SEARCHED))
-    job.write_text(job.read_text() + f"\n[refine]\niters = 3\ninterpolate = [{MADE}]\n")
+    job.write_text(job.read_text() + f"\n[refine]\niters = 3\ninterpolate = [{MADE}]\nneighbours = false\n")
     url = f"sqlite:///{folder / 'db.sqlite'}"
     printed = io.StringIO()  # a module fixture cannot take capsys
     with contextlib.redirect_stdout(printed):

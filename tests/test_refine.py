@@ -559,7 +559,8 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
     NFEs (after their refinements) by each interpolation method, scored on the held-out bank as an evaluator scores
     it, the better one stored and refined as a parent; the export at that NFE is the stored trial, and a resumed job
     builds nothing again."""
-    from steptune.space.retime import METHODS, interpolate
+    from steptune.refine import INTERPOLATED_METHODS
+    from steptune.space.retime import interpolate
 
     url = f"sqlite:///{tmp_path / 'i.db'}"
     job = _job(tmp_path, cache, "interp", refine="iters = 10\nsamples = 32\ninterpolate = [5]\nneighbours = false\n")
@@ -573,7 +574,8 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
         p = load_problem("gmm-2d")
         ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
         # each method's schedule scored on the held-out bank; the better one is stored
-        made = {m: interpolate({n: t.to_schedule() for n, t in neighbours.items()}, 5, method=m) for m in METHODS}
+        made = {m: interpolate({n: t.to_schedule() for n, t in neighbours.items()}, 5, method=m)
+                for m in INTERPOLATED_METHODS}
         scores = {m: ev.evaluate(sched, "heldout").metrics["rmse"] for m, sched in made.items()}
         assert built.info["interpolated"]["tried"] == pytest.approx(scores, rel=1e-9)
         assert built.schedule == made[min(scores, key=scores.get)].to_dict()
@@ -646,6 +648,45 @@ def test_the_neighbour_pass_builds_each_nfe_from_its_neighbours_best_until_nothi
     assert out.count("earlier") == 3 + len(again)  # and each NFE's refinement of its searched schedules
     with connect(url) as db:
         assert len(db.trials("nb")) == len(trials)
+
+
+def test_an_interpolated_nfe_also_keeps_schedules_built_from_its_neighbours_best_each_refined(tmp_path, cache, capsys):
+    """With the neighbour pass, an interpolated NFE above the searched ones also gets the schedules built from the best
+    of the NFE below (after its own pass) by every method, pad included, each scored and refined once; its best is
+    the best of all of it, so no worse than the padded one, which scores about what the NFE below does."""
+    from steptune.refine import best_found
+    from steptune.space.retime import METHODS, interpolate
+
+    url = f"sqlite:///{tmp_path / 'n.db'}"
+    job = _job(tmp_path, cache, "interp-nb", refine="iters = 10\nsamples = 32\ninterpolate = [5]\n")
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        trials = db.trials("interp-nb")
+        best5 = db.best("interp-nb", 5)
+    (built,) = [t for t in trials if "interpolated" in t.info]
+    assert set(built.info["interpolated"]["tried"]) == {"split", "blend"}
+    below = best_found(trials)[4]
+    made = [t for t in trials if t.nfe == 5 and "neighbour" in t.info]
+    assert made and {t.info["neighbour"]["from_trial"] for t in made} == {below.id}
+    p = load_problem("gmm-2d")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+    expected = {m: interpolate({4: below.to_schedule()}, 5, method=m) for m in METHODS}
+    expected = {m: x for m, x in expected.items() if x.key() != built.key}  # the interpolated trial is not built twice
+    assert {t.info["neighbour"]["method"]: t.key for t in made} == {m: x.key() for m, x in expected.items()}
+    for t in made:
+        assert t.score == pytest.approx(ev.evaluate(expected[t.info["neighbour"]["method"]], "heldout").metrics["rmse"],
+                                        rel=1e-9)
+        assert len([k for k in trials if k.info.get("refines") == t.id]) == 1
+    pad = next(t for t in made if t.info["neighbour"]["method"] == "pad")
+    assert pad.score == pytest.approx(below.score, rel=0.05)
+    at5 = [t for t in trials if t.nfe == 5 and t.status == "complete" and t.score is not None]
+    assert best5.score == min(t.score for t in at5) <= pad.score
+    assert 5 not in best_found(trials) and best_found(trials, interpolated=True)[5].id == best5.id
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        assert len(db.trials("interp-nb")) == len(trials)
 
 
 def test_a_refine_stage_interpolates_only_nfes_it_did_not_search(tmp_path, cache, capsys):
