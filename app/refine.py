@@ -553,8 +553,9 @@ def interpolated_neighbours(store, study: str, evaluator, nfes: list[int], searc
                             stop: Callable[[], bool] = lambda: False) -> list[Refined]:
     """At each interpolated NFE, the schedules built from the best of each neighbouring searched NFE by every
     interpolation method (``refine_built``; ``pad`` from the one below), each refined on its own, so the NFE keeps
-    the best of them and of its interpolated schedule's refinement: in the quick example NFE 7 padded from the
-    refined NFE 6 scores 0.0114 where the best interpolated schedule refines to 0.0216."""
+    the best of them and of its interpolated schedule's refinement: from one refined NFE-6 schedule of the quick
+    example (0.0113) NFE 7 padded scores 0.0114, where split (0.038) and blended (0.030) and refined it reaches
+    0.022 at best."""
     out: dict[int | None, Refined] = {}
     for nfe in sorted(set(nfes)):
         below = [n for n in searched_nfes if n < nfe]
