@@ -113,6 +113,21 @@ def first_reach(xs: list[int], ys: list[float], target: float) -> int | None:
     return None
 
 
+def time_by_difference() -> None:
+    """Every problem built from here on has a model that does not say it is differentiable in its time input."""
+    import steptune.backends as backends
+    import steptune.runner as runner
+
+    build = backends.build_problem
+
+    def built(spec):
+        problem = build(spec)
+        problem.model.time_differentiable = False
+        return problem
+
+    backends.build_problem = runner.build_problem = built
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--problem", default="gmm-digits")
@@ -140,10 +155,15 @@ def main(argv=None):
                     help="with --refine: NFEs not searched, interpolated from the searched ones and refined, e.g. 7,9")
     ap.add_argument("--options", default="{}",
                     help='searcher options by method, as JSON, e.g. \'{"s3": {"auto_kinds": ["extra-trees"]}}\'')
+    ap.add_argument("--time-difference", action="store_true",
+                    help="refinements take the network's time input by a forward difference, as before the models "
+                         "said they were differentiable in it (for comparison)")
     ap.add_argument("--name", default="search_efficiency")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: small batches run faster single-threaded, above all on a shared machine)")
     args = ap.parse_args(argv)
+    if args.time_difference:
+        time_by_difference()
     nfes = [int(x) for x in args.nfe.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     methods = args.methods.split(",")
