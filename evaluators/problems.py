@@ -229,18 +229,14 @@ class MixtureDenoiser:
         self.prediction, self.time_input, self.time_scale = prediction, time_input, time_scale
 
     def t_of(self, tv: float) -> float:
-        if self.time_input == "discrete":
-            return float(self.noise.t_of_timestep(tv))
-        if self.time_input == "sigma":
-            return float(self.noise.t_of_edm_sigma(tv))
-        return tv / self.time_scale
+        return float(self._t(tv))
 
     def _at(self, x: Tensor, tv: float) -> Tensor:
         t = self.t_of(tv)
         return self._output(x, float(self.noise.alpha(t)), float(self.noise.sigma(t)))
 
-    def _t(self, tv: Tensor) -> Tensor:
-        """``t_of`` of a tensor, differentiable in it."""
+    def _t(self, tv: float | Tensor) -> float | Tensor:
+        """The time of time input ``tv``, differentiable in a tensor ``tv``."""
         if self.time_input == "discrete":
             return self.noise.t_of_timestep(tv)
         if self.time_input == "sigma":

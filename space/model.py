@@ -75,14 +75,10 @@ class Model:
                 "guidance_scale": self.guidance_scale}
 
     def time_value(self, t: float) -> float:
-        if self.time_input == "discrete":
-            return float(self.noise.timestep(t))
-        if self.time_input == "sigma":
-            return float(self.noise.edm_sigma(t))
-        return float(t) * self.time_scale
+        return float(self.time_tensor(t))
 
-    def time_tensor(self, t: Tensor) -> Tensor:
-        """``time_value`` of a tensor of times, differentiable in them."""
+    def time_tensor(self, t: float | Tensor) -> float | Tensor:
+        """The time input at ``t`` in this model's convention, differentiable in a tensor ``t``."""
         if self.time_input == "discrete":
             return self.noise.timestep(t)
         if self.time_input == "sigma":

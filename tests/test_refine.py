@@ -334,6 +334,17 @@ def _job(tmp_path, cache, study="tiny", refine="iters = 10\nsamples = 32\nneighb
     return path
 
 
+def _ran(tmp_path, cache, study: str, refine: str, capsys) -> tuple:
+    """``steptune run`` of a tiny job with this ``[refine]`` section into a new database: the job file, the database
+    URL and the study's trials."""
+    url = f"sqlite:///{tmp_path / f'{study}.db'}"
+    job = _job(tmp_path, cache, study, refine=refine)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        return job, url, db.trials(study)
+
+
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
@@ -562,12 +573,9 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
     from steptune.refine import INTERPOLATED_METHODS
     from steptune.space.retime import interpolate
 
-    url = f"sqlite:///{tmp_path / 'i.db'}"
-    job = _job(tmp_path, cache, "interp", refine="iters = 10\nsamples = 32\ninterpolate = [5]\nneighbours = false\n")
-    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert code == 0, err
+    refine = "iters = 10\nsamples = 32\ninterpolate = [5]\nneighbours = false\n"
+    job, url, trials = _ran(tmp_path, cache, "interp", refine, capsys)
     with connect(url) as db:
-        trials = db.trials("interp")
         (built,) = [t for t in trials if "interpolated" in t.info]
         neighbours = {n: db.best("interp", n) for n in (3, 4)}
         assert built.nfe == 5 and built.fidelity == "heldout" and built.status == "complete"
@@ -657,12 +665,8 @@ def test_an_interpolated_nfe_also_keeps_schedules_built_from_its_neighbours_best
     from steptune.refine import best_found
     from steptune.space.retime import METHODS, interpolate
 
-    url = f"sqlite:///{tmp_path / 'n.db'}"
-    job = _job(tmp_path, cache, "interp-nb", refine="iters = 10\nsamples = 32\ninterpolate = [5]\n")
-    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert code == 0, err
+    job, url, trials = _ran(tmp_path, cache, "interp-nb", "iters = 10\nsamples = 32\ninterpolate = [5]\n", capsys)
     with connect(url) as db:
-        trials = db.trials("interp-nb")
         best5 = db.best("interp-nb", 5)
     (built,) = [t for t in trials if "interpolated" in t.info]
     assert set(built.info["interpolated"]["tried"]) == {"split", "blend"}
