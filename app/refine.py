@@ -261,7 +261,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         if len(group) == 1:
             say(f"refining NFE {nfe} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})")
         else:
-            rounds = screen_rounds(screen)
+            rounds = screen_rounds(screen, field=len(group))
             halves = "".join(f", the better half to {n}" for n in rounds[1:])
             say(f"refining NFE {nfe}: {len(group)} structures (held-out RMSE {min(t.score for t in group):.4g} at "
                 f"best), {rounds[0]} iterations each{halves}, then the best on up to {iters}")

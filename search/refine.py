@@ -444,19 +444,27 @@ class Screened:
     screened: list[tuple[float, float, int]]
 
 
-def screen_rounds(screen: int, check_every: int = 10) -> list[int]:
-    """The iterations at which a screening of ``screen`` iterations halves its field: half-way (in whole check
-    intervals), and at its end, where one is left."""
-    half = screen // 2 // check_every * check_every
-    return [half, screen] if 0 < half < screen else [screen]
+def screen_rounds(screen: int, check_every: int = 10, field: int = 2) -> list[int]:
+    """The iterations at which a screening of ``screen`` iterations over ``field`` schedules halves its field, until
+    one is left (successive halving): each round ends at twice the iterations of the one before, the last at
+    ``screen``, every one on a held-out check (whole check intervals, at least one). A field of 8 and a screening of
+    40 give [10, 20, 40]: 8 run 10 iterations, 4 to 20, 2 to 40."""
+    rounds = [screen]
+    while len(rounds) < math.ceil(math.log2(max(field, 2))):
+        nxt = rounds[0] // 2 // check_every * check_every
+        if nxt < check_every or nxt == rounds[0]:
+            break
+        rounds.insert(0, nxt)
+    return rounds
 
 
 def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
                 halving: bool = True, progress: Callable[[int, int, float], None] | None = None,
                 stop: Callable[[], bool] | None = None, **options) -> Screened:
     """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures) by a
-    screening: every one is refined for half of ``screen`` iterations, the better half of them on the held-out bank
-    (at their last check) to ``screen`` (``halving``; else all run ``screen``), and the one best then goes on to the
+    screening: every one is refined for the first of ``screen_rounds``' iterations, the better half of them on the
+    held-out bank (at their last check) to the next, and so on until one is left at ``screen`` (``halving``; else all
+    run ``screen``); that one then goes on to the
     end from where it was (its Adam state and step sizes kept: its result is ``refine``'s of that schedule). How far a
     structure gets by refinement is not what it scores before: the search's best is often not the best refined. One
     schedule is refined as ``refine`` does (no screening). ``options`` are ``refine``'s; ``progress`` counts the
@@ -471,7 +479,7 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
         raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
                           f"each screening ends on a held-out check, and fewer than iters ({iters})")
     start = time.perf_counter()
-    rounds = screen_rounds(screen, check) if halving else [screen]
+    rounds = screen_rounds(screen, check, len(schedules)) if halving else [screen]
     field, left, total = len(schedules), len(schedules), iters - screen
     for a, b in zip([0, *rounds], rounds):
         total, left = total + left * (b - a), -(-left // 2)

@@ -186,24 +186,30 @@ def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
     assert (one.rmse, one.iters, one.model_calls) == (plain.rmse, plain.iters, plain.model_calls)
 
 
-def test_a_halving_screening_drops_the_worse_half_half_way(gmm2d):
-    """With halving (the default) every schedule runs half the screening; the better half on the held-out bank then
-    runs it to its end, and the best of those goes on, again exactly as ``refine`` of it alone."""
+def test_a_halving_screening_drops_the_worse_half_at_each_round(gmm2d):
+    """With halving (the default) every schedule runs the first round; the better half on the held-out bank then
+    runs to the next round, and so on until one is left at the end of the screening; that one goes on, again
+    exactly as ``refine`` of it alone. Eight schedules and a screening of 8 iterations: 8 run 2, 4 to 4, 2 to 8."""
     p, ev = gmm2d
-    scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh2", "deis")]
-    assert screen_rounds(6, 2) == [2, 6] and screen_rounds(40) == [20, 40] and screen_rounds(10) == [10]
-    half = [refine(ev, s, iters=2, samples=32, check_every=2) for s in scheds]
-    full = [refine(ev, s, iters=6, samples=32, check_every=2) for s in scheds]
-    kept = sorted(range(4), key=lambda i: (half[i].rmse, i))[:2]
-    winner = min(kept, key=lambda i: (full[i].rmse, i))
-    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2)
+    scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh1", "unipc-bh2", "deis", "deis-tab",
+                                               "dpm-solver-2", "dpm-solver++-2s")]
+    assert len({s.structure_key() for s in scheds}) == 8
+    assert screen_rounds(8, 2, 8) == [2, 4, 8] and screen_rounds(6, 2, 4) == [2, 6]
+    assert screen_rounds(40, 10, 8) == [10, 20, 40] and screen_rounds(40, 10, 16) == [10, 20, 40]
+    assert screen_rounds(40, 10, 4) == [20, 40] and screen_rounds(40, 10, 2) == [40]
+    assert screen_rounds(10, 10, 8) == [10]
+    ran = {n: [refine(ev, s, iters=n, samples=32, check_every=2) for s in scheds] for n in (2, 4, 8)}
+    four = sorted(range(8), key=lambda i: (ran[2][i].rmse, i))[:4]
+    two = sorted(four, key=lambda i: (ran[4][i].rmse, i))[:2]
+    winner = min(two, key=lambda i: (ran[8][i].rmse, i))
+    sc = refine_best(ev, scheds, screen=8, iters=30, samples=32, check_every=2)
     assert sc.winner == winner
-    assert sc.screened == [(full[i].parent_rmse, full[i].rmse, 6) if i in kept else
-                           (half[i].parent_rmse, half[i].rmse, 2) for i in range(4)]
+    last = {i: 8 if i in two else 4 if i in four else 2 for i in range(8)}
+    assert sc.screened == [(ran[last[i]][i].parent_rmse, ran[last[i]][i].rmse, last[i]) for i in range(8)]
     whole = refine(ev, scheds[winner], iters=30, samples=32, check_every=2)
     assert (sc.result.rmse, sc.result.history) == (whole.rmse, whole.history)
-    assert sc.result.model_calls == (sum(half[i].model_calls for i in range(4) if i not in kept)
-                                     + sum(full[i].model_calls for i in kept if i != winner) + whole.model_calls)
+    losers = sum(ran[last[i]][i].model_calls for i in range(8) if i != winner)
+    assert sc.result.model_calls == losers + whole.model_calls
 
 
 def test_the_structure_refinement_sees_leaves_out_what_it_fits(gmm2d):
