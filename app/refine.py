@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from steptune.evaluators import EvalResult
 from steptune.search import CONFIRM
 from steptune.search.refine import (
     RefineError,
@@ -218,6 +219,17 @@ def structure_groups(store, study: str, evaluator, todo: list, k: int, iters: in
     return [structure_parents(store, study, evaluator, t, k, say=say) for t in todo]
 
 
+def heldout_result(trial, evaluator) -> EvalResult | None:
+    """``trial``'s stored evaluation on the whole held-out bank of ``evaluator`` (a confirmation, a built or
+    interpolated schedule's scoring), so a refinement does not evaluate its parent again; None for any other."""
+    if (trial.bank != CONFIRM or trial.n_samples != evaluator.bank(CONFIRM).size
+            or trial.status not in ("complete", "failed") or "rmse" not in trial.metrics):
+        return None
+    metrics = {k: v for k, v in trial.metrics.items() if k not in ("model_calls", "device")}
+    return EvalResult(trial.nfe, metrics, trial.status, trial.error, trial.seconds or 0.0, CONFIRM, trial.n_samples,
+                      trial.metrics.get("model_calls"), trial.metrics.get("device", ""))
+
+
 def store_heldout(store, study: str, sched, res, info: dict):
     """A schedule's held-out evaluation ``res`` stored as a trial of ``study`` with ``info``; the stored trial."""
     (tid,) = store.add_trials(study, [{"schedule": sched.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM,
@@ -267,8 +279,9 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                 f"best), {rounds[0]} iterations each{halves}, then the best on up to {iters}")
         start = time.perf_counter()
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
-        sc = refine_best(evaluator, [t.to_schedule() for t in group], screen=screen, iters=iters, samples=samples,
-                         progress=report, stop=stop)
+        held = [heldout_result(t, evaluator) for t in group]
+        sc = refine_best(evaluator, [t.to_schedule() for t in group], parents=held, screen=screen, iters=iters,
+                         samples=samples, progress=report, stop=stop)
         result, parent = sc.result, group[sc.winner]
         if result.stopped:  # nothing stored: a later run refines it again
             say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")

@@ -267,7 +267,8 @@ class Refinement:
     def __init__(self, evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None,
                  check_every: int = 10, patience: int = 4, lr: float | dict | None = None, times: bool = True,
                  dc: bool = True, relax: bool = True, second: bool = True,
-                 progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None):
+                 progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
+                 parent=None):
         if iters < 1:
             raise RefineError(f"iters must be at least 1, not {iters}")
         if check_every < 1 or patience < 1:
@@ -305,8 +306,16 @@ class Refinement:
         self.kept = {k: v.detach().clone() for k, v in self.p.theta.items()}
         self.opt = self._adam() if self.p.theta else None
         self.done = not self.p.theta  # nothing more to run: no parameters, the iterations or the patience spent
-        with self.model.uncounted():
-            parent_rmse, parent_result = self._heldout(schedule)
+        if parent is None:
+            with self.model.uncounted():
+                parent_rmse, parent_result = self._heldout(schedule)
+        else:
+            heldout = evaluator.bank("heldout").size
+            if (parent.bank, parent.n, parent.nfe) != ("heldout", heldout, schedule.nfe):
+                raise RefineError(f"the parent's evaluation given is of {parent.n} states of the {parent.bank!r} bank "
+                                  f"at NFE {parent.nfe}, not of the whole held-out bank ({heldout}) at NFE "
+                                  f"{schedule.nfe}; leave it out to evaluate the parent here")
+            parent_rmse, parent_result = (parent.metrics["rmse"] if parent.ok else math.inf), parent
         self.parent_rmse = parent_rmse
         self.best = (parent_rmse, schedule, 0, parent_result)  # held-out RMSE, schedule, iteration, EvalResult
         self.seconds = time.perf_counter() - start
@@ -401,15 +410,16 @@ class Refinement:
 def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None, check_every: int = 10,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
            relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
-           stop: Callable[[], bool] | None = None) -> RefineResult:
+           stop: Callable[[], bool] | None = None, parent=None) -> RefineResult:
     """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
     (a number) or replaces (a dict by kind: times, dc, relax, second) the default learning rates;
     ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
     ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``stop()`` true ends it
-    before the next iteration (``stopped``)."""
+    before the next iteration (``stopped``); ``parent``: the schedule's ``EvalResult`` on the whole held-out bank,
+    where it was evaluated there before (it is then not evaluated again)."""
     return Refinement(evaluator, schedule, iters=iters, samples=samples, check_every=check_every, patience=patience,
                       lr=lr, times=times, dc=dc, relax=relax, second=second, progress=progress,
-                      stop=stop).advance().result()
+                      stop=stop, parent=parent).advance().result()
 
 
 def refined_structure(schedule: Schedule, noise) -> str:
@@ -460,7 +470,7 @@ def screen_rounds(screen: int, check_every: int = 10, field: int = 2) -> list[in
 
 def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
                 halving: bool = True, progress: Callable[[int, int, float], None] | None = None,
-                stop: Callable[[], bool] | None = None, **options) -> Screened:
+                stop: Callable[[], bool] | None = None, parents: list | None = None, **options) -> Screened:
     """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures) by a
     screening: every one is refined for the first of ``screen_rounds``' iterations, the better half of them on the
     held-out bank (at their last check) to the next, and so on until one is left at ``screen`` (``halving``; else all
@@ -468,12 +478,16 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     end from where it was (its Adam state and step sizes kept: its result is ``refine``'s of that schedule). How far a
     structure gets by refinement is not what it scores before: the search's best is often not the best refined. One
     schedule is refined as ``refine`` does (no screening). ``options`` are ``refine``'s; ``progress`` counts the
-    iterations of all the refinements."""
+    iterations of all the refinements; ``parents``: each schedule's held-out ``EvalResult`` where made before (or
+    None), as ``refine``'s ``parent``."""
     if not schedules:
         raise RefineError("no schedule to refine")
+    parents = [None] * len(schedules) if parents is None else list(parents)
+    if len(parents) != len(schedules):
+        raise RefineError(f"{len(parents)} parent evaluations for {len(schedules)} schedules")
     if len(schedules) == 1:
-        return Screened(0, refine(evaluator, schedules[0], iters=iters, progress=progress, stop=stop, **options),
-                        [])
+        return Screened(0, refine(evaluator, schedules[0], iters=iters, progress=progress, stop=stop,
+                                  parent=parents[0], **options), [])
     check = options.get("check_every", 10)
     if not 1 <= screen < iters or screen % check:
         raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
@@ -494,7 +508,7 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     for k, until in enumerate(rounds):
         for i in alive:
             if i == len(runs):
-                runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, **options))
+                runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, parent=parents[i], **options))
             r = runs[i]
             r.progress, before = reporter(r.iters_run), r.iters_run
             r.advance(until)

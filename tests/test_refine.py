@@ -21,6 +21,7 @@ from steptune.jobs import job_from_dict, load_job
 from steptune.search.refine import (
     ITERS,
     STRUCTURES,
+    RefineError,
     final_state,
     parameters,
     refine,
@@ -152,6 +153,27 @@ def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2
     # (and the parent's) runs the schedule on the held-out bank
     checks = sum("heldout_rmse" in h for h in r.history) + 1
     assert r.model_calls == (r.iters * 3 + 1) * 32 + checks * 4 * 64 + 3 * 32
+
+
+def test_a_parents_heldout_evaluation_given_is_not_made_again(gmm2d):
+    """Given the parent's evaluation on the whole held-out bank (a stored confirmation), a refinement runs exactly as
+    one that evaluates it, without that evaluation's model calls; an evaluation of another bank, size or NFE is
+    refused in one sentence."""
+    p, ev = gmm2d
+    s = _preset(p, "unipc-bh2", 4)
+    held = ev.evaluate(s, "heldout")
+    plain, given = refine(ev, s, iters=30, samples=32), refine(ev, s, iters=30, samples=32, parent=held)
+    assert (given.rmse, given.parent_rmse, given.history) == (plain.rmse, plain.parent_rmse, plain.history)
+    assert given.model_calls == plain.model_calls - held.model_calls == plain.model_calls - 4 * 64
+    for wrong in (ev.evaluate(s, "train"), ev.evaluate(s, "heldout", 16), ev.evaluate(_preset(p, "unipc-bh2", 5),
+                                                                                       "heldout")):
+        with pytest.raises(RefineError, match="not of the whole held-out bank"):
+            refine(ev, s, iters=2, samples=32, parent=wrong)
+    sc = refine_best(ev, [s, _preset(p, "ddim", 4)], screen=4, iters=8, samples=32, check_every=2,
+                     parents=[held, None])
+    alone = refine_best(ev, [s, _preset(p, "ddim", 4)], screen=4, iters=8, samples=32, check_every=2)
+    assert (sc.winner, sc.screened, sc.result.rmse) == (alone.winner, alone.screened, alone.result.rmse)
+    assert sc.result.model_calls == alone.result.model_calls - held.model_calls
 
 
 def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
@@ -410,9 +432,12 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
     job = _job(tmp_path, cache, "many", refine="iters = 20\nsamples = 32\nstructures = 3\nneighbours = false\n")
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
+    from steptune.refine import heldout_result, study_evaluator, study_job
+
     noise = load_problem("gmm-2d").noise
     with connect(url) as db:
         trials = db.trials("many")
+        ev = study_evaluator(study_job(db, "many"), "cpu")
     by_id = {t.id: t for t in trials}
     for nfe in (3, 4):
         (t,) = [t for t in trials if t.nfe == nfe and "screened" in t.info.get("refine", {})]
@@ -434,6 +459,10 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         assert t.info["refines"] == parents[winner].id
         assert t.score <= screened[winner]["rmse"] <= parents[winner].score
         assert f"({parents[winner].score:.4g}), the best of 3 structures after 10 iterations, " in err
+        for q in parents:  # their stored confirmations stand for an evaluation the refinement does not make again
+            fresh, kept = ev.evaluate(q.to_schedule(), "heldout"), heldout_result(q, ev)
+            assert (kept.metrics, kept.n, kept.nfe, kept.status) == (fresh.metrics, fresh.n, fresh.nfe, fresh.status)
+            assert kept.model_calls == fresh.model_calls
 
 
 def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_it_whole(tmp_path, cache, capsys):
