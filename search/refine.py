@@ -476,9 +476,9 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     held-out bank (at their last check) to the next, and so on until one is left at ``screen`` (``halving``; else all
     run ``screen``); that one then goes on to the end from where it was (its Adam state and step sizes kept: its
     result is ``refine``'s of that schedule). How far a structure gets by refinement is not what it scores before:
-    the search's best is often not the best refined. One schedule is refined as ``refine`` does (no screening). ``options`` are ``refine``'s; ``progress`` counts the
-    iterations of all the refinements; ``parents``: each schedule's held-out ``EvalResult`` where made before (or
-    None), as ``refine``'s ``parent``."""
+    the search's best is often not the best refined. One schedule is refined as ``refine`` does (no screening).
+    ``options`` are ``refine``'s; ``progress`` counts the iterations of all the refinements; ``parents``: each
+    schedule's held-out ``EvalResult`` where made before (or None), as ``refine``'s ``parent``."""
     if not schedules:
         raise RefineError("no schedule to refine")
     parents = [None] * len(schedules) if parents is None else list(parents)
