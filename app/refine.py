@@ -220,10 +220,12 @@ def structure_groups(store, study: str, evaluator, todo: list, k: int, iters: in
 
 
 def heldout_result(trial, evaluator) -> EvalResult | None:
-    """``trial``'s stored evaluation on the whole held-out bank of ``evaluator`` (a confirmation, a built or
-    interpolated schedule's scoring), so a refinement does not evaluate its parent again; None for any other."""
+    """``trial``'s stored evaluation on the whole held-out bank of ``evaluator``, on its device (a confirmation, a
+    built or interpolated schedule's scoring), so a refinement does not evaluate its parent again and compares its
+    iterates with a score of the same device; None for any other."""
     if (trial.bank != CONFIRM or trial.n_samples != evaluator.bank(CONFIRM).size
-            or trial.status not in ("complete", "failed") or "rmse" not in trial.metrics):
+            or trial.status not in ("complete", "failed") or "rmse" not in trial.metrics
+            or trial.metrics.get("device", evaluator.device_name) != evaluator.device_name):
         return None
     metrics = {k: v for k, v in trial.metrics.items() if k not in ("model_calls", "device")}
     return EvalResult(trial.nfe, metrics, trial.status, trial.error, trial.seconds or 0.0, CONFIRM, trial.n_samples,

@@ -463,6 +463,16 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
             fresh, kept = ev.evaluate(q.to_schedule(), "heldout"), heldout_result(q, ev)
             assert (kept.metrics, kept.n, kept.nfe, kept.status) == (fresh.metrics, fresh.n, fresh.nfe, fresh.status)
             assert kept.model_calls == fresh.model_calls
+    from steptune.refine import store_heldout
+
+    with connect(url) as db:  # an evaluation of a part of the bank, or on another device, is made again
+        q = parents[0]
+        res = ev.evaluate(q.to_schedule(), "heldout")
+        other = store_heldout(db, "many", q.to_schedule(), replace(res, device="cuda:0 (another)"), {})
+        part = store_heldout(db, "many", q.to_schedule(), ev.evaluate(q.to_schedule(), "heldout", 16), {})
+        mine = store_heldout(db, "many", q.to_schedule(), res, {})
+        assert heldout_result(other, ev) is None and heldout_result(part, ev) is None
+        assert heldout_result(mine, ev).metrics == res.metrics
 
 
 def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_it_whole(tmp_path, cache, capsys):
