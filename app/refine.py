@@ -227,9 +227,8 @@ def heldout_result(trial, evaluator) -> EvalResult | None:
             or trial.status not in ("complete", "failed") or "rmse" not in trial.metrics
             or trial.metrics.get("device", evaluator.device_name) != evaluator.device_name):
         return None
-    metrics = {k: v for k, v in trial.metrics.items() if k not in ("model_calls", "device")}
-    return EvalResult(trial.nfe, metrics, trial.status, trial.error, trial.seconds or 0.0, CONFIRM, trial.n_samples,
-                      trial.metrics.get("model_calls"), trial.metrics.get("device", ""))
+    return EvalResult.stored(trial.nfe, trial.metrics, trial.status, trial.error, trial.seconds or 0.0, CONFIRM,
+                             trial.n_samples)
 
 
 def store_heldout(store, study: str, sched, res, info: dict):
@@ -357,7 +356,13 @@ def preset_parents(store, study: str, evaluator, nfes: list[int], samples: int,
 
 def neighbour(t) -> bool:
     """A schedule built from another searched NFE's best (``neighbour_parents``), scored on the held-out bank."""
-    return "neighbour" in t.info and t.fidelity == CONFIRM and t.status == "complete" and t.score is not None
+    return built(t, "neighbour")
+
+
+def built(t, kind: str) -> bool:
+    """A schedule built by the refine stage (``kind``: ``neighbour`` or ``interpolated``), scored on the held-out
+    bank."""
+    return kind in t.info and t.fidelity == CONFIRM and t.status == "complete" and t.score is not None
 
 
 def best_found(trials, interpolated: bool = False) -> dict[int, object]:
@@ -365,8 +370,7 @@ def best_found(trials, interpolated: bool = False) -> dict[int, object]:
     schedule built from another NFE's best, or a refinement of one of them or of the best preset (an unrefined
     preset is not a find). ``interpolated``: per interpolated NFE too, its interpolated schedule one of them."""
     def found(t) -> bool:
-        return searched(t) or neighbour(t) or (interpolated and "interpolated" in t.info and t.fidelity == CONFIRM
-                                               and t.status == "complete" and t.score is not None)
+        return searched(t) or neighbour(t) or (interpolated and built(t, "interpolated"))
 
     refined_from = {t.id for t in trials if found(t) or best_preset(t)}
     nfes = {t.nfe for t in trials if searched(t) or (interpolated and found(t))}  # not the builds at other NFEs
@@ -571,11 +575,11 @@ def interpolated_neighbours(store, study: str, evaluator, nfes: list[int], searc
     the best of them and of its interpolated schedule's refinement: from one refined NFE-6 schedule of the quick
     example (0.0113) NFE 7 padded scores 0.0114, where split (0.038) and blended (0.030) and refined it reaches
     0.022 at best."""
+    from steptune.space.retime import nearest
+
     out: dict[int | None, Refined] = {}
     for nfe in sorted(set(nfes)):
-        below = [n for n in searched_nfes if n < nfe]
-        above = [n for n in searched_nfes if n > nfe]
-        for source in ([max(below)] if below else []) + ([min(above)] if above else []):
+        for source in (n for n in nearest(searched_nfes, nfe) if n is not None):
             if stop():
                 return list(out.values())
             refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say, stop=stop)

@@ -81,6 +81,13 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def stored(cls, nfe: int, metrics: dict, status: str, error: str | None, seconds: float, bank: str,
+               n: int) -> EvalResult:
+        """The evaluation a trial stores as ``{**metrics, **cost()}``, back from those stored metrics."""
+        own = {k: v for k, v in metrics.items() if k not in ("model_calls", "device")}
+        return cls(nfe, own, status, error, seconds, bank, n, metrics.get("model_calls"), metrics.get("device", ""))
+
 
 @dataclass
 class Bank:

@@ -191,8 +191,7 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: s
         return _split(schedules_by_nfe, nfe, searched)
     if method == "pad":
         return _pad(schedules_by_nfe, nfe, searched)
-    lo = max((k for k in searched if k < nfe), default=None)
-    hi = min((k for k in searched if k > nfe), default=None)
+    lo, hi = nearest(searched, nfe)
     near = min((k for k in (lo, hi) if k is not None), key=lambda k: (abs(k - nfe), -k)) \
         if decisions_from is None else decisions_from
     src = schedules_by_nfe[near]
@@ -229,9 +228,14 @@ def _labelled(sched: Schedule, src: Schedule, nfe: int, method: str, between: li
     return replace(sched, name=f"{src.name or 'schedule'}@{nfe}", meta=meta).validate(nfe)
 
 
+def nearest(searched: Sequence[int], nfe: int) -> tuple[int | None, int | None]:
+    """The searched NFEs nearest ``nfe`` below and above it (None where there is none)."""
+    return (max((k for k in searched if k < nfe), default=None), min((k for k in searched if k > nfe), default=None))
+
+
 def _split(schedules_by_nfe: Mapping[int, Schedule], nfe: int, searched: list[int]) -> Schedule:
-    below = [k for k in searched if k < nfe]
-    base = max(below) if below else min(searched)
+    lo, hi = nearest(searched, nfe)
+    base = lo if lo is not None else hi
     src = s = schedules_by_nfe[base]
     ns = schedule_noise(src)
     while s.nfe != nfe:
@@ -243,10 +247,9 @@ def _split(schedules_by_nfe: Mapping[int, Schedule], nfe: int, searched: list[in
 
 
 def _pad(schedules_by_nfe: Mapping[int, Schedule], nfe: int, searched: list[int]) -> Schedule:
-    below = [k for k in searched if k < nfe]
-    if not below:
+    base, _ = nearest(searched, nfe)
+    if base is None:
         raise ScheduleError(f"interpolate: padding builds on a searched NFE below {nfe}, and there is none")
-    base = max(below)
     src = s = schedules_by_nfe[base]
     ns = schedule_noise(src)
     while s is not None and s.nfe < nfe:
