@@ -10,8 +10,9 @@ continuous ones. ``refine`` keeps the discrete decisions and tunes
   ``leading`` timesteps; the bank's noise is fed to it unchanged): its lambda as a sigmoid between the problem's
   start and the last fitted end, the interior times keeping their shares of the span behind it;
 * the DC compensation ratios of every step that can be compensated (in log space, so they stay positive);
-* the relaxation coefficient on the first derivative of every step of order 2 or more in the lambda basis
-  whose relaxation is ``none`` or ``linear`` (factor 1 + coef h; ``none`` is ``linear`` with coef 0);
+* the relaxation coefficient on the first derivative of every step of order 2 or more in the lambda basis and of
+  every corrector that runs (all but the last step's): the relaxation kind's factor times 1 + coef h (``linear``
+  is ``none`` with a coefficient);
 * the second-derivative scales of the steps of order 3 or more in the lambda basis,
 
 with Adam on the MSE of the final state against the converged reference, on the first ``samples`` states
@@ -49,7 +50,7 @@ SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the 
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
 SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
-LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "second": 0.05}
+LR = {"times": 0.05, "start": 0.05, "dc": 0.03, "relax": 0.05, "corrector": 0.05, "second": 0.05}
 
 
 class RefineError(ValueError):
@@ -60,19 +61,21 @@ class RefineError(ValueError):
 class Params:
     """Which continuous parameters of ``schedule`` are fitted, and their tensors."""
 
-    schedule: Schedule  # the parent, with every fitted relaxation made ``linear``
+    schedule: Schedule  # the parent
     ends: tuple[int, int] | None  # indices of the fixed times bracketing the fitted ones (None: times fixed)
     lam_ends: tuple[float, float] | None
     dc_steps: list[int]
     relax_steps: list[int]
     second_steps: list[int]
+    corrector_steps: list[int] = field(default_factory=list)
     theta: dict[str, Tensor] = field(default_factory=dict)
     lam_earliest: float | None = None  # the problem's start lambda, where the start is fitted
 
     def counts(self) -> dict[str, int]:
         n_times = 0 if self.ends is None else self.ends[1] - self.ends[0] - 1
         return {"times": n_times, **({"start": 1} if "start" in self.theta else {}), "dc_ratio": len(self.dc_steps),
-                "relaxation_coef": len(self.relax_steps), "second_scale": len(self.second_steps)}
+                "relaxation_coef": len(self.relax_steps), "corrector_relaxation_coef": len(self.corrector_steps),
+                "second_scale": len(self.second_steps)}
 
     @property
     def fitted_times(self) -> range:
@@ -106,11 +109,13 @@ class Params:
         return out
 
     def step_params(self) -> list[dict] | None:
-        if not (self.relax_steps or self.second_steps):
+        if not (self.relax_steps or self.second_steps or self.corrector_steps):
             return None
         out: list[dict] = [{} for _ in self.schedule.steps]
         for j, i in enumerate(self.relax_steps):
             out[i]["relaxation_coef"] = self.theta["relax"][j]
+        for j, i in enumerate(self.corrector_steps):
+            out[i]["corrector"] = {"relaxation_coef": self.theta["corrector"][j]}
         for j, i in enumerate(self.second_steps):
             out[i]["second_scale"] = self.theta["second"][j]
         return out
@@ -123,15 +128,18 @@ class Params:
             ratios = {i: float(self.theta["dc"][j].exp()) for j, i in enumerate(self.dc_steps)}
             relax = {i: float(self.theta["relax"][j]) for j, i in enumerate(self.relax_steps)}
             second = {i: float(self.theta["second"][j]) for j, i in enumerate(self.second_steps)}
+            corr = {i: float(self.theta["corrector"][j]) for j, i in enumerate(self.corrector_steps)}
         steps = []
         for i, st in enumerate(self.schedule.steps):
             changes = {"t": float(times[i + 1])}
             if i in ratios:
                 changes["dc_ratio"] = ratios[i]
             if i in relax:
-                changes.update(relaxation="linear" if relax[i] != 0.0 else "none", relaxation_coef=relax[i])
+                changes.update(_relaxed(st, relax[i]))
             if i in second:
                 changes["second_scale"] = second[i]
+            if i in corr:
+                changes["corrector"] = replace(st.corrector, **_relaxed(st.corrector, corr[i]))
             steps.append(replace(st, **changes))
         return replace(self.schedule, t_start=float(times[0]), steps=tuple(steps)).validate()
 
@@ -142,25 +150,23 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
     problem's start, given where a schedule may start later (a discrete VP schedule); a schedule that does is then
     refined in its start too, between ``earliest`` and its last fitted end."""
     steps = list(schedule.steps)
-    relax_steps = [i for i, st in enumerate(steps) if relax and st.order >= 2 and st.basis == "lambda"
-                   and st.relaxation in ("none", "linear")]
-    for i in relax_steps:
-        steps[i] = replace(steps[i], relaxation="linear")
-    sched = schedule.with_steps(steps)
+    relax_steps = [i for i, st in enumerate(steps) if relax and st.order >= 2 and st.basis == "lambda"]
+    corrector_steps = [i for i, st in enumerate(steps[:-1]) if relax and st.corrector is not None]
     ends = lam_ends = None
     t_basis = any(st.basis == "t" and st.order > 1 for st in steps)
     if times and not t_basis:
-        lam = noise.lam(torch.tensor(sched.times, dtype=torch.float64))
+        lam = noise.lam(torch.tensor(schedule.times, dtype=torch.float64))
         finite = [k for k, v in enumerate(lam.tolist()) if math.isfinite(v)]
         if finite and finite[-1] - finite[0] >= 2:
             ends = (finite[0], finite[-1])
             lam_ends = (float(lam[ends[0]]), float(lam[ends[1]]))
-    p = Params(sched, ends, lam_ends, eligible_steps(sched) if dc else [], relax_steps,
-               [i for i, st in enumerate(steps) if second and st.order >= 3 and st.basis == "lambda"])
+    p = Params(schedule, ends, lam_ends, eligible_steps(schedule) if dc else [], relax_steps,
+               [i for i, st in enumerate(steps) if second and st.order >= 3 and st.basis == "lambda"],
+               corrector_steps)
     if ends is not None:
-        lam = noise.lam(torch.tensor(sched.times[ends[0]: ends[1] + 1], dtype=torch.float64))
+        lam = noise.lam(torch.tensor(schedule.times[ends[0]: ends[1] + 1], dtype=torch.float64))
         p.theta["times"] = torch.log(lam.diff() / (lam[-1] - lam[0]))
-        if earliest is not None and ends[0] == 0 and sched.t_start < earliest:
+        if earliest is not None and ends[0] == 0 and schedule.t_start < earliest:
             p.lam_earliest = float(noise.lam(torch.tensor(float(earliest), dtype=torch.float64)))
             share = (float(lam[0]) - p.lam_earliest) / (float(lam[-1]) - p.lam_earliest)
             p.theta["start"] = torch.tensor([math.log(share / (1 - share))], dtype=torch.float64)
@@ -168,11 +174,23 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
         p.theta["dc"] = torch.tensor([math.log(steps[i].dc_ratio) for i in p.dc_steps], dtype=torch.float64)
     if p.relax_steps:
         p.theta["relax"] = torch.tensor([steps[i].relaxation_coef for i in p.relax_steps], dtype=torch.float64)
+    if p.corrector_steps:
+        p.theta["corrector"] = torch.tensor([steps[i].corrector.relaxation_coef for i in p.corrector_steps],
+                                            dtype=torch.float64)
     if p.second_steps:
         p.theta["second"] = torch.tensor([steps[i].second_scale for i in p.second_steps], dtype=torch.float64)
     for v in p.theta.values():
         v.requires_grad_(True)
     return p
+
+
+def _relaxed(part, coef: float) -> dict:
+    """The fields that give ``part`` (a step or a corrector) the relaxation coefficient ``coef``: its kind kept, but
+    ``none`` written ``linear`` where the coefficient is not 0, and ``linear`` written ``none`` where it is."""
+    kind = part.relaxation
+    if kind in ("none", "linear"):
+        kind = "linear" if coef != 0.0 else "none"
+    return {"relaxation": kind, "relaxation_coef": coef}
 
 
 def _predict(model, req, count: list[int], fitted: range):
@@ -431,7 +449,9 @@ def refined_structure(schedule: Schedule, noise) -> str:
     for i in p.dc_steps:
         steps[i] = replace(steps[i], dc_ratio=1.0)
     for i in p.relax_steps:
-        steps[i] = replace(steps[i], relaxation_coef=0.0)
+        steps[i] = replace(steps[i], **_relaxed(steps[i], 0.0))
+    for i in p.corrector_steps:
+        steps[i] = replace(steps[i], corrector=replace(steps[i].corrector, **_relaxed(steps[i].corrector, 0.0)))
     for i in p.second_steps:
         steps[i] = replace(steps[i], second_scale=1.0)
     return p.schedule.with_steps(steps).structure_key()

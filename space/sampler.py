@@ -169,7 +169,8 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     fewer than three outputs in its history is never compensated. ``reuse_buffers=False`` gives every
     intermediate its own tensor (needed to backpropagate through the loop, or to keep the outputs).
     ``times`` (a float64 tensor of ``len(schedule.times)`` decreasing values) replaces the schedule's times
-    and ``step_params`` (one dict per step) its steps' ``relaxation_coef`` / ``second_scale``; given as
+    and ``step_params`` (one dict per step) its steps' ``relaxation_coef`` / ``second_scale``, and under
+    ``"corrector"`` a dict of the same for the step's corrector (its ``relaxation_coef``); given as
     tensors they stay in the autograd graph (requests then carry 0-d tensors for t, alpha and sigma).
     """
     schedule.validate()
@@ -210,7 +211,9 @@ def trajectory(schedule: Schedule, noise: NoiseSchedule, x_T: Tensor, data_mean:
     if step_params is not None:
         if len(step_params) != n:
             raise ValueError(f"step_params: {len(step_params)} entries for {n} steps")
-        rules = [(replace(rule, **params), corr) for (rule, corr), params in zip(rules, step_params)]
+        rules = [(replace(rule, **{k: v for k, v in params.items() if k != "corrector"}),
+                  corr if "corrector" not in params else replace(corr, **params["corrector"]))
+                 for (rule, corr), params in zip(rules, step_params)]
     for i, (st, (rule, correct)) in enumerate(zip(schedule.steps, rules)):
         j = i + 1
         last = i == n - 1

@@ -32,7 +32,8 @@ class Corrector:
     ``kind="pseudo"`` keeps the model output at the predicted point (no extra NFE, as UniPC);
     ``kind="implicit"`` evaluates the model again at the corrected point (one more NFE, as Heun).
     ``order`` is the order of the corrected update (default: the step's order + 1); it uses the
-    new point and the step's first ``order - 2`` derivative points.
+    new point and the step's first ``order - 2`` derivative points. ``relaxation`` and
+    ``relaxation_coef`` scale its first-derivative term as a step's do.
     """
 
     kind: str = "pseudo"
@@ -48,7 +49,8 @@ class Step:
     History indices are negative: -1 is the newest point (the current state).
     ``points`` are the history points used to estimate derivatives (default: the ``order - 1``
     points before ``start``); ``first_points`` uses only the first m of them for the first
-    derivative (low-order estimation). ``relaxation`` scales the first-derivative term and
+    derivative (low-order estimation). ``relaxation`` scales the first-derivative term (the kind's
+    factor times 1 + ``relaxation_coef`` h, h the step's log-SNR length) and
     ``second_scale`` the second-derivative term (DPM-Solver(++)-3M as implemented uses 1/2).
     ``basis="t"`` replaces the lambda-Taylor expansion by Lagrange interpolation in t through the
     start and the points (DEIS's tAB), integrated exactly against the exponential kernel.
@@ -436,4 +438,6 @@ def _decisions_problem(st: Step) -> str | None:
             return f"corrector field 'order' is {corder!r}; use 2 .. {min(MAX_ORDER, len(pts) + 2)}"
         if c.relaxation not in RELAXATIONS:
             return f"corrector field 'relaxation' is {c.relaxation!r}; use one of {', '.join(RELAXATIONS)}"
+        if not _number(c.relaxation_coef):
+            return "corrector field 'relaxation_coef' must be a finite number"
     return None

@@ -29,7 +29,7 @@ from steptune.search.refine import (
     refined_structure,
     screen_rounds,
 )
-from steptune.space import Model, presets, sample
+from steptune.space import Corrector, Model, presets, sample
 from steptune.space.noise import VPLinear
 from steptune.storage import connect
 
@@ -50,12 +50,40 @@ def test_the_differentiable_run_is_the_samplersrun_cli(gmm2d):
     p, ev = gmm2d
     s = _preset(p, "dpm-solver++-3m", 6)
     par = parameters(s, p.noise)
-    assert par.counts() == {"times": 5, "dc_ratio": 4, "relaxation_coef": 2, "second_scale": 2}
+    assert par.counts() == {"times": 5, "dc_ratio": 4, "relaxation_coef": 4, "corrector_relaxation_coef": 0,
+                            "second_scale": 2}
     back = par.to_schedule(p.noise)
     assert max(abs(a - b) for a, b in zip(back.times, s.times)) < 1e-12
     x = ev.x_T("train", 16)
     with torch.no_grad():
         torch.testing.assert_close(final_state(p.model, par, x), sample(p.model, x, s), rtol=1e-12, atol=1e-12)
+
+
+def test_relaxation_coefficients_of_every_kind_and_of_correctors_are_fitted_as_the_sampler_runs_them(gmm2d):
+    """UniPC's steps and correctors relax by B(h) kinds: each takes a coefficient as the factor 1 + coef h on its
+    kind's; the schedule written back from moved coefficients samples as the differentiable run does."""
+    p, ev = gmm2d
+    s = _preset(p, "unipc-bh2", 6)
+    par = parameters(s, p.noise)
+    assert par.counts() == {"times": 5, "dc_ratio": 4, "relaxation_coef": 4, "corrector_relaxation_coef": 5,
+                            "second_scale": 0}
+    assert par.corrector_steps == [0, 1, 2, 3, 4]
+    with torch.no_grad():
+        par.theta["relax"].copy_(torch.tensor([0.3, -0.2, 0.1, 0.4], dtype=torch.float64))
+        par.theta["corrector"].copy_(torch.tensor([-0.5, 0.25, 0.0, 0.6, -0.1], dtype=torch.float64))
+    back = par.to_schedule(p.noise)
+    assert [st.relaxation for st in back.steps[1:5]] == [st.relaxation for st in s.steps[1:5]] == ["unipc-bh2"] * 4
+    assert [st.relaxation_coef for st in back.steps[1:5]] == pytest.approx([0.3, -0.2, 0.1, 0.4], abs=1e-15)
+    kinds = [st.corrector.relaxation for st in s.steps[:5]]
+    assert kinds == ["unipc-bh2", "none", "none", "none", "none"]  # UniC's B(h) enters at its first order-2 use
+    assert [(c.relaxation, c.relaxation_coef) for c in (st.corrector for st in back.steps[:5])] == [
+        ("unipc-bh2", -0.5), ("linear", 0.25), ("none", 0.0), ("linear", 0.6), ("linear", -0.1)]
+    x = ev.x_T("train", 16)
+    with torch.no_grad():
+        moved = final_state(p.model, par, x)
+        torch.testing.assert_close(moved, sample(p.model, x, back), rtol=1e-12, atol=1e-12)
+        assert (moved - sample(p.model, x, s)).abs().max() > 1e-3
+    assert refined_structure(back, p.noise) == refined_structure(s, p.noise)
 
 
 def test_the_phi_terms_of_a_fitted_step_are_those_of_its_float(gmm2d):
@@ -84,7 +112,11 @@ def test_the_gradient_is_the_losss_derivative(gmm2d):
     every parameter."""
     p, ev = gmm2d
     s = _preset(p, "dpm-solver++-3m", 6)
+    s = s.with_steps([replace(st, corrector=Corrector("pseudo", relaxation=kind)) if i in (1, 3) else st
+                      for i, (st, kind) in enumerate(zip(s.steps, ["none", "none", "none", "unipc-bh1", "none",
+                                                                   "none"]))])
     par = parameters(s, p.noise)
+    assert par.corrector_steps == [1, 3]
     x, ref = ev.x_T("train", 16), ev.reference("train")[:16]
 
     def loss():

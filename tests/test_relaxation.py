@@ -12,9 +12,9 @@ from steptune.space.relaxation import RELAXATIONS, STEP_RELAXATIONS, relaxation_
 
 def closed_form(kind: str, hh: float, h: float, coef: float) -> float:
     c1, c2 = math.exp(hh) - 1, math.exp(hh) - 1 - hh
-    return {"none": 1.0, "dpmsolver-2": 0.5 * hh * c1 / c2, "unipc-bh2": 0.5 * hh * c1 / c2,
-            "unipc-bh1": 0.5 * hh * hh / c2, "0.5exp": 1 + 0.5 * c1, "-0.5exp": 1 - 0.5 * c1,
-            "linear": 1 + coef * h, "heun": h * (math.exp(h) - 1) / (2 * c2)}[kind]
+    return (1 + coef * h) * {"none": 1.0, "dpmsolver-2": 0.5 * hh * c1 / c2, "unipc-bh2": 0.5 * hh * c1 / c2,
+                             "unipc-bh1": 0.5 * hh * hh / c2, "0.5exp": 1 + 0.5 * c1, "-0.5exp": 1 - 0.5 * c1,
+                             "linear": 1.0, "heun": h * (math.exp(h) - 1) / (2 * c2)}[kind]
 
 
 @pytest.mark.parametrize("h", [0.9, -0.9, 0.3, -0.3])  # both sides of the series/recurrence switch at |h| = 0.5
@@ -23,7 +23,8 @@ def test_every_kind_scales_by_its_closed_form(h):
                                 "heun"}
     for kind in RELAXATIONS:
         for hh in (h, -h):
-            assert relaxation_factor(kind, hh, h, 0.2) == pytest.approx(closed_form(kind, hh, h, 0.2), rel=1e-12)
+            for coef in (0.0, 0.2):  # every kind takes the coefficient as a factor 1 + coef h on its own
+                assert relaxation_factor(kind, hh, h, coef) == pytest.approx(closed_form(kind, hh, h, coef), rel=1e-12)
 
 
 def _two_steps(kind: str) -> Schedule:

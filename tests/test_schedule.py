@@ -174,6 +174,8 @@ INVALID = [
     ("corrector-on-last-step", _with_step(5, corrector=Corrector()), 5, "corrector"),
     ("unknown-corrector-kind", _with_step(2, corrector=Corrector("magic")), 2, "kind"),
     ("corrector-order-too-high", _with_step(2, corrector=Corrector(order=4)), 2, "order"),
+    ("corrector-coef-not-finite", _with_step(2, corrector=Corrector(relaxation_coef=float("inf"))), 2,
+     "relaxation_coef"),
     ("unknown-relaxation", _with_step(3, relaxation="bh3"), 3, "relaxation"),
     ("relaxation-on-order-1", _with_step(0, relaxation="unipc-bh2"), 0, "relaxation"),
     ("second-scale-on-order-2", _with_step(3, second_scale=0.5), 3, "second_scale"),
