@@ -172,6 +172,23 @@ def test_schedule_view_of_a_preset_is_most_like_itself(client, dashboard_db):  #
     assert len(d["steps"]) == len(presets.build("dpm-solver++-2m", 5, ns, t_start=1.0, t_end=1e-3).steps)
 
 
+def test_a_steps_relaxation_coefficients_are_shown_with_their_kinds():
+    """A refined schedule's coefficients scale its steps' and correctors' relaxations: the view names them."""
+    from dataclasses import replace
+
+    from steptune.dashboard.schedule_view import step_rows
+    from steptune.space import Corrector
+
+    s = presets.build("unipc-bh2", 5, noise_mod.VPLinear(), t_start=1.0, t_end=1e-3)
+    steps = list(s.steps)
+    steps[1] = replace(steps[1], relaxation_coef=0.25, corrector=replace(steps[1].corrector, relaxation_coef=-1.5))
+    steps[2] = replace(steps[2], corrector=Corrector("pseudo", relaxation="linear", relaxation_coef=0.5))
+    rows = step_rows(s.with_steps(steps).validate(), None)
+    assert [r["relaxation"] for r in rows[:3]] == ["none", "unipc-bh2, coef 0.25", "unipc-bh2"]
+    assert [r["corrector"] for r in rows[:4]] == ["pseudo, unipc-bh2", "pseudo, none, coef -1.5",
+                                                  "pseudo, linear, coef 0.5", "pseudo"]
+
+
 def test_exports_use_the_storage_code_and_import_back(client, dashboard_db, tmp_path):  # noqa: F811
     url, info = dashboard_db
     with connect(url, create=False) as store:

@@ -35,11 +35,17 @@ def _log_sigmas(ns, times: list[float]) -> list[float | None]:
     return [_finite(math.log(v)) if v > 0 else None for v in sig]
 
 
+def _relaxation(kind: str, coef: float) -> str:
+    """A relaxation as its factor reads: the kind, and the coefficient of its 1 + coef h where there is one."""
+    return kind if coef == 0 else f"{kind}, coef {coef:.4g}"
+
+
 def _corrector(step) -> str:
     if step.corrector is None:
         return "none"
     c = step.corrector
-    return f"{c.kind}" + (f" (order {c.order})" if c.order else "")
+    relax = _relaxation(c.relaxation, c.relaxation_coef)
+    return f"{c.kind}" + (f" (order {c.order})" if c.order else "") + ("" if relax == "none" else f", {relax}")
 
 
 def step_rows(schedule: Schedule, lambdas: list[float | None] | None) -> list[dict]:
@@ -49,7 +55,8 @@ def step_rows(schedule: Schedule, lambdas: list[float | None] | None) -> list[di
         rows.append({"step": i, "t_from": times[i], "t_to": st.t,
                      "lambda_from": lambdas[i] if lambdas else None, "lambda_to": lambdas[i + 1] if lambdas else None,
                      "order": st.order, "prediction": st.prediction, "corrector": _corrector(st),
-                     "dc_ratio": st.dc_ratio, "relaxation": st.relaxation, "basis": st.basis,
+                     "dc_ratio": st.dc_ratio, "relaxation": _relaxation(st.relaxation, st.relaxation_coef),
+                     "basis": st.basis,
                      "points": list(st.derivative_points())})
     return rows
 
