@@ -430,7 +430,7 @@ def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | 
            relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
            stop: Callable[[], bool] | None = None, parent=None) -> RefineResult:
     """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
-    (a number) or replaces (a dict by kind: times, dc, relax, second) the default learning rates;
+    (a number) or replaces (a dict by kind: times, start, dc, relax, corrector, second) the default learning rates;
     ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
     ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``stop()`` true ends it
     before the next iteration (``stopped``); ``parent``: the schedule's ``EvalResult`` on the whole held-out bank,
