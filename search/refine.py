@@ -11,8 +11,7 @@ continuous ones. ``refine`` keeps the discrete decisions and tunes
   start and the last fitted end, the interior times keeping their shares of the span behind it;
 * the DC compensation ratios of every step that can be compensated (in log space, so they stay positive);
 * the relaxation coefficient on the first derivative of every step of order 2 or more in the lambda basis and of
-  every corrector that runs (all but the last step's): the relaxation kind's factor times 1 + coef h (``linear``
-  is ``none`` with a coefficient);
+  every corrector: the relaxation kind's factor times 1 + coef h (``linear`` is ``none`` with a coefficient);
 * the second-derivative scales of the steps of order 3 or more in the lambda basis,
 
 with Adam on the MSE of the final state against the converged reference, on the first ``samples`` states
@@ -151,7 +150,7 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
     refined in its start too, between ``earliest`` and its last fitted end."""
     steps = list(schedule.steps)
     relax_steps = [i for i, st in enumerate(steps) if relax and st.order >= 2 and st.basis == "lambda"]
-    corrector_steps = [i for i, st in enumerate(steps[:-1]) if relax and st.corrector is not None]
+    corrector_steps = [i for i, st in enumerate(steps) if relax and st.corrector is not None]
     ends = lam_ends = None
     t_basis = any(st.basis == "t" and st.order > 1 for st in steps)
     if times and not t_basis:

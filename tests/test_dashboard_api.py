@@ -8,6 +8,7 @@ import json
 import math
 import zipfile
 from collections import defaultdict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,10 +26,11 @@ from test_dashboard_data import (
 )
 
 from steptune.dashboard import create_app, open_read_only
+from steptune.dashboard.schedule_view import step_rows
 from steptune.exports import comfyui_sigmas, import_schedule, k_diffusion_sigmas, parse_export
 from steptune.search import DEFAULT_PRESETS
+from steptune.space import Corrector, presets
 from steptune.space import noise as noise_mod
-from steptune.space import presets
 from steptune.storage import connect
 
 
@@ -174,11 +176,6 @@ def test_schedule_view_of_a_preset_is_most_like_itself(client, dashboard_db):  #
 
 def test_a_steps_relaxation_coefficients_are_shown_with_their_kinds():
     """A refined schedule's coefficients scale its steps' and correctors' relaxations: the view names them."""
-    from dataclasses import replace
-
-    from steptune.dashboard.schedule_view import step_rows
-    from steptune.space import Corrector
-
     s = presets.build("unipc-bh2", 5, noise_mod.VPLinear(), t_start=1.0, t_end=1e-3)
     steps = list(s.steps)
     steps[1] = replace(steps[1], relaxation_coef=0.25, corrector=replace(steps[1].corrector, relaxation_coef=-1.5))
