@@ -99,6 +99,7 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
             runner.prepare()  # builds the searcher
             searcher_s = time_searcher(runner.searcher)
             storage_s = time_calls(runner.storage, STORAGE_CALLS)
+            worker_s = time_calls(backend.worker, ("evaluate",)) if kind == "local" else None
             t0 = time.perf_counter()
             res = runner.run()
             secs = time.perf_counter() - t0
@@ -113,7 +114,10 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
                      "searcher_vs_eval": searcher_s[0] / sampling, "fit_thread_cpu_ms_per_eval": 1000 * fits / n,
                      "searcher_and_fits_vs_eval": (searcher_s[0] + fits) / sampling,
                      "storage_ms_per_eval": 1000 * storage_s[0] / n, "storage_cpu_ms_per_eval": 1000 * storage_s[1] / n,
-                     "all_vs_eval": (searcher_s[0] + fits + storage_s[0]) / sampling})
+                     "all_vs_eval": (searcher_s[0] + fits + storage_s[0]) / sampling,
+                     # in-process, the whole of each evaluation as its worker runs it: sampling and measuring
+                     "evaluation_ms": 1000 * worker_s[0] / n if worker_s else None,
+                     "all_vs_evaluation": (searcher_s[0] + fits + storage_s[0]) / worker_s[0] if worker_s else None})
     return rows
 
 
@@ -286,7 +290,9 @@ def main():
               f"fits in the background thread {r['fit_thread_cpu_ms_per_eval']:.1f} ms CPU per evaluation; both "
               f"together {100 * r['searcher_and_fits_vs_eval']:.0f}%; the driver's storage reads and writes "
               f"{r['storage_ms_per_eval']:.1f} ms per evaluation ({r['storage_cpu_ms_per_eval']:.1f} ms CPU); "
-              f"all three {100 * r['all_vs_eval']:.0f}%")
+              f"all three {100 * r['all_vs_eval']:.0f}%"
+              + (f", {100 * r['all_vs_evaluation']:.0f}% of a whole evaluation as the worker runs it (sampling and "
+                 f"measuring, {r['evaluation_ms']:.1f} ms)" if r["evaluation_ms"] else ""))
     ratios = []
     if jobs:
         print(f"(imports the searcher's first fits need, done once before the searches: {import_s:.1f} s)")

@@ -137,9 +137,12 @@ class Schedule:
     def with_steps(self, steps: Sequence[Step]) -> Schedule:
         return evolve(self, steps=tuple(steps))
 
-    def to_dict(self) -> dict:
-        d = copy.deepcopy(self._json_fields())
-        return {"schema": "steptune.schedule", "version": SCHEMA_VERSION, "nfe": self.nfe, **d}
+    def to_dict(self, *, shared: bool = False) -> dict:
+        """The versioned JSON form. ``shared``: its nested dicts are the schedule's own (no copy), for a caller that
+        only serialises it and changes nothing."""
+        d = self._json_fields()
+        return {"schema": "steptune.schedule", "version": SCHEMA_VERSION, "nfe": self.nfe,
+                **(d if shared else copy.deepcopy(d))}
 
     def key(self) -> str:
         """The schedule's identity: SHA-256 of its JSON form without the labels (every other field, each

@@ -245,7 +245,7 @@ def _validated(schedule: Schedule | Mapping | str, where: str) -> tuple[dict, st
         sched.validate()
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
-    return sched.to_dict(), sched.key()
+    return sched.to_dict(shared=True), sched.key()  # stored as JSON text at once: nothing changes it
 
 
 def _sqlite_path(url) -> Path | None:
