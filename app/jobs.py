@@ -177,6 +177,13 @@ class RefineSpec(_Section):
     # then, in sweeps down and up the NFEs, refine at each NFE schedules built from its neighbours' best
     # (steptune.refine.neighbour_pass)
     neighbours: bool = True
+    # seconds (or "1m", "90s") each refinement may take, its screening included; it then keeps its best so far
+    time: float | None = None
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _duration(cls, v):
+        return None if v is None else parse_duration(v)
 
 
 class Job(_Section):
@@ -239,6 +246,8 @@ def parse_duration(v) -> float:
         raise ValueError("a duration is a number of seconds or a text like '8h', '30m' or '1h30m'")
     if isinstance(v, (int, float)):
         secs = float(v)
+    elif re.fullmatch(r"\d+(\.\d+)?", str(v).strip()):  # a number of seconds, as a command line gives it
+        secs = float(str(v).strip())
     else:
         text = str(v).strip().lower().replace(" ", "")
         parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)

@@ -244,12 +244,13 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                   say: Callable[[str], None] = lambda msg: None,
                   progress: Callable[[int, int, int, float], None] | None = None,
                   stop: Callable[[], bool] = lambda: False, before: float | None = None,
-                  say_skipped: bool = True) -> list[Refined]:
+                  say_skipped: bool = True, seconds: float | None = None) -> list[Refined]:
     """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
     trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
     after a screening refinement of each is refined on (``refine_best``). ``before``: the NFE's best held-out RMSE
     before, where it is not one of the parents' (``neighbour_pass``): each result's ``start_rmse`` is then that, and
-    its ``rmse`` what the item leaves (its refinement where that beat its parent, else the parent)."""
+    its ``rmse`` what the item leaves (its refinement where that beat its parent, else the parent). ``seconds``: each
+    item's refinement, screening included, ends after about this long with its best so far (None: no limit)."""
     done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
     out = []
     for item in todo:
@@ -282,7 +283,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
         held = [heldout_result(t, evaluator) for t in group]
         sc = refine_best(evaluator, [t.to_schedule() for t in group], parents=held, screen=screen, iters=iters,
-                         samples=samples, progress=report, stop=stop)
+                         samples=samples, progress=report, stop=stop, seconds=seconds)
         result, parent = sc.result, group[sc.winner]
         if result.stopped:  # nothing stored: a later run refines it again
             say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")
@@ -295,6 +296,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                            result.candidate_rmse if before is None else result.rmse, time.perf_counter() - start,
                            result.improved, tid, structures=len(group), start_rmse=start_rmse))
         r, took = out[-1], f"{out[-1].seconds:.0f} s, {result.iters} of at most {iters} iterations"
+        if result.out_of_time:
+            took += f", the {seconds:g} s given ran out"
         if before is not None:
             verdict = (f"the NFE's best {before:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%)" if r.change < 0
                        else f"not better than the NFE's best ({before:.4g}), which stays the best")
@@ -486,7 +489,7 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
 def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int, samples: int | None,
                    say: Callable[[str], None] = lambda msg: None, stop: Callable[[], bool] = lambda: False,
                    progress: Callable[[int, int, int, float], None] | None = None,
-                   sweeps: int = SWEEPS) -> list[Refined]:
+                   sweeps: int = SWEEPS, seconds: float | None = None) -> list[Refined]:
     """Sweeps over ``nfes``, from the highest down, then from the lowest up, and so on: at each NFE the schedules
     built from the next one's best (``neighbour_parents``; the next one down on a sweep up) are each refined
     (``refine_trials``; not screened: of two, the one better after 40 iterations is not always the one that refines
@@ -504,7 +507,7 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
             if stop():
                 return list(out.values())
             new |= refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say,
-                                stop=stop, progress=progress)
+                                stop=stop, progress=progress, seconds=seconds)
         quiet = 0 if new else quiet + 1
         if quiet == 2:
             break
@@ -514,7 +517,7 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
 def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict, *, iters: int,
                  samples: int | None, say: Callable[[str], None] = lambda msg: None,
                  stop: Callable[[], bool] = lambda: False,
-                 progress: Callable[[int, int, int, float], None] | None = None) -> bool:
+                 progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None) -> bool:
     """The schedules at ``nfe`` built from ``source``'s best (``neighbour_parents``), each refined on its own and
     compared with the NFE's best before it (the best of what the NFE had when the group was built, then after each
     member); the results go into ``out`` by trial. Whether any refinement ran now."""
@@ -526,7 +529,7 @@ def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict,
     before, new = (best.score if best else None), False
     for t in group:
         done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, say=say,
-                             progress=progress, stop=stop, before=before, say_skipped=False)
+                             progress=progress, stop=stop, before=before, say_skipped=False, seconds=seconds)
         new |= any(r.skipped is None for r in done)
         for r in done:
             out.setdefault(r.trial, replace(r, built_from=source))
@@ -552,24 +555,24 @@ def refine_stage(runner) -> list[Refined]:
     todo = structure_groups(runner.storage, job.study, evaluator, todo, spec.structures, spec.iters, say=runner.say)
     todo += presets
     out = refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
-                        say=runner.say, stop=runner.should_stop)
+                        say=runner.say, stop=runner.should_stop, seconds=spec.time)
     if spec.neighbours and not runner.should_stop():
         out += neighbour_pass(runner.storage, job.study, evaluator, nfes, iters=spec.iters,
-                              samples=spec.samples, say=runner.say, stop=runner.should_stop)
+                              samples=spec.samples, say=runner.say, stop=runner.should_stop, seconds=spec.time)
     if spec.interpolate and not runner.should_stop():
         todo = interpolated_parents(runner.storage, job.study, evaluator, spec.interpolate, say=runner.say)
         out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
-                             say=runner.say, stop=runner.should_stop)
+                             say=runner.say, stop=runner.should_stop, seconds=spec.time)
         if spec.neighbours:
             out += interpolated_neighbours(runner.storage, job.study, evaluator, [t.nfe for t in todo], nfes,
                                            iters=spec.iters, samples=spec.samples, say=runner.say,
-                                           stop=runner.should_stop)
+                                           stop=runner.should_stop, seconds=spec.time)
     return out
 
 
 def interpolated_neighbours(store, study: str, evaluator, nfes: list[int], searched_nfes: list[int], *, iters: int,
                             samples: int | None, say: Callable[[str], None] = lambda msg: None,
-                            stop: Callable[[], bool] = lambda: False) -> list[Refined]:
+                            stop: Callable[[], bool] = lambda: False, seconds: float | None = None) -> list[Refined]:
     """At each interpolated NFE, the schedules built from the best of each neighbouring searched NFE by every
     interpolation method (``refine_built``; ``pad`` from the one below), each refined on its own, so the NFE keeps
     the best of them and of its interpolated schedule's refinement: from one refined NFE-6 schedule of the quick
@@ -582,5 +585,6 @@ def interpolated_neighbours(store, study: str, evaluator, nfes: list[int], searc
         for source in (n for n in nearest(searched_nfes, nfe) if n is not None):
             if stop():
                 return list(out.values())
-            refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say, stop=stop)
+            refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say, stop=stop,
+                         seconds=seconds)
     return list(out.values())

@@ -10,7 +10,9 @@ structures after screening) and the result compared on the held-out bank with th
     python bench/refine.py --problem digits-cond --guidance 3 --nfe 5 --budget 100 --seeds 0,1,2 \\
         --train-samples 64 --heldout-samples 256 --cheap-samples 32
 
-Saves runs/bench/refine-PROBLEM-sSTRUCTURES.json and prints a table.
+``--time S`` bounds each refinement as `steptune refine --time S` does.
+
+Saves runs/bench/refine-PROBLEM-sSTRUCTURES[-tTIME].json and prints a table.
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ def main(argv=None):
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--heldout-samples", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--time", type=float, default=None,
+                    help="seconds each refinement may take, its screening included (`steptune refine --time`)")
     ap.add_argument("--presets-at", default="",
                     help="also the best preset (at its best spacing) on the held-out bank at these NFEs, e.g. 5,10")
     args = ap.parse_args(argv)
@@ -86,7 +90,7 @@ def main(argv=None):
         for parent in parents(db.trials(job.study), job.study, nfes):
             cpu0, wall0 = time.process_time(), time.perf_counter()
             todo = structure_groups(db, job.study, ev, [parent], args.structures, args.iters)
-            (r,) = refine_trials(db, job.study, ev, todo, iters=args.iters, samples=args.samples)
+            (r,) = refine_trials(db, job.study, ev, todo, iters=args.iters, samples=args.samples, seconds=args.time)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             info = db.trial(r.trial).info["refine"]
             kept = min(parent.score, r.rmse if r.improved else r.parent_rmse)  # the search's best is the parent
@@ -95,9 +99,10 @@ def main(argv=None):
                          "refined_parent": r.parent, "refined_parent_rmse": r.parent_rmse,
                          "screened": info.get("screened", []), "wall_s": wall, "cpu_s": cpu, "search_s": search_s,
                          "iters": info["iters"], "best_iter": info["best_iter"], "fitted": info["fitted"],
-                         "model_calls": info["model_calls"]})
+                         "model_calls": info["model_calls"], "out_of_time": info.get("out_of_time", False)})
             print(f"seed {seed} NFE {r.nfe}: {parent.score:.4g} -> {kept:.4g} ({100 * rows[-1]['change']:+.1f}%; "
-                  f"{r.structures} structure(s)), {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+                  f"{r.structures} structure(s)), {wall:.1f} s wall, {cpu:.1f} s CPU"
+                  + (", out of time" if rows[-1]["out_of_time"] else ""), flush=True)
     threads = torch.get_num_threads()
     db.close()
     tmp.cleanup()
@@ -112,7 +117,8 @@ def main(argv=None):
                       "wall_s": float(np.mean([r["wall_s"] for r in mine]))})
     name = args.problem + ("" if args.guidance is None else f"-g{args.guidance:g}")
     print(f"\n{name}, mean of seeds {args.seeds} (held-out RMSE; refinement: {args.iters} iterations at most, "
-          f"{args.structures} structure(s) screened, {args.samples or 'default'} samples, {threads} thread(s))")
+          f"{args.structures} structure(s) screened, {args.samples or 'default'} samples, {threads} thread(s)"
+          + (f", at most {args.time:g} s each" if args.time else "") + ")")
     print("| NFE | searched | refined | reduction | per seed | CPU s | wall s |\n|---|---|---|---|---|---|---|")
     for t in table:
         per = ", ".join(f"{100 * v:.0f}%" for v in t["per_seed_reduction"])
@@ -121,7 +127,7 @@ def main(argv=None):
     for n, b in presets.items():
         print(f"best preset at NFE {n}: {b['preset']} {b['rmse']:.4g}" + "".join(
             f"; refined NFE {t['nfe']} / it = {t['refined_rmse'] / b['rmse']:.2f}" for t in table))
-    path = save_json(f"refine-{name}-s{args.structures}",
+    path = save_json(f"refine-{name}-s{args.structures}" + (f"-t{args.time:g}" if args.time else ""),
                      {"args": vars(args), "table": table, "runs": rows, "best_preset": presets})
     print(f"saved {path}")
 

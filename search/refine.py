@@ -258,6 +258,7 @@ class RefineResult:
     samples: int
     history: list[dict] = field(default_factory=list)
     stopped: bool = False  # ``stop`` ended it before its own end
+    out_of_time: bool = False  # its ``seconds`` ran out before its own end (the best iterate so far is the result)
 
     @property
     def rmse(self) -> float:
@@ -272,7 +273,7 @@ class RefineResult:
                 "candidate_rmse": finite(self.candidate_rmse), "loss_start": finite(self.loss_start),
                 "loss": finite(self.loss), "iters": self.iters, "best_iter": self.best_iter,
                 "seconds": self.seconds, "model_calls": self.model_calls, "fitted": self.fitted,
-                "samples": self.samples}
+                "samples": self.samples, **({"out_of_time": True} if self.out_of_time else {})}
 
 
 class Refinement:
@@ -285,7 +286,7 @@ class Refinement:
                  check_every: int = 10, patience: int = 4, lr: float | dict | None = None, times: bool = True,
                  dc: bool = True, relax: bool = True, second: bool = True,
                  progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
-                 parent=None):
+                 parent=None, deadline: float | None = None):
         if iters < 1:
             raise RefineError(f"iters must be at least 1, not {iters}")
         if check_every < 1 or patience < 1:
@@ -315,7 +316,8 @@ class Refinement:
         self.ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
         self.count = [0]
         self.constant: dict = {}  # the model's outputs at x_T where no parameter moves them
-        self.stopped = False
+        self.stopped = self.out_of_time = False
+        self.deadline = deadline  # time.perf_counter() at which it ends wherever it is (None: never)
         self.history: list[dict] = []
         self.loss_start = math.nan
         self.iters_run = 0
@@ -361,6 +363,9 @@ class Refinement:
                     break
                 if self.stop is not None and self.stop():
                     self.stopped = self.done = True
+                    break
+                if self.deadline is not None and time.perf_counter() >= self.deadline:
+                    self.out_of_time = self.done = True
                     break
                 try:
                     loss = (final_state(self.model, p, self.x_T, self.count, self.constant) - self.ref
@@ -421,22 +426,32 @@ class Refinement:
         improved = cand_rmse < self.parent_rmse
         return RefineResult(schedule, cand if improved else schedule, cand, self.parent_rmse, cand_rmse, cand_result,
                             improved, self.loss_start, loss_best, self.iters_run, best_iter, self.seconds,
-                            self.count[0], self.p.counts(), self.samples, list(self.history), self.stopped)
+                            self.count[0], self.p.counts(), self.samples, list(self.history), self.stopped,
+                            self.out_of_time)
 
 
 def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None, check_every: int = 10,
            patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
            relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
-           stop: Callable[[], bool] | None = None, parent=None) -> RefineResult:
+           stop: Callable[[], bool] | None = None, parent=None, seconds: float | None = None) -> RefineResult:
     """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
     (a number) or replaces (a dict by kind: times, start, dc, relax, corrector, second) the default learning rates;
     ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
     ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``stop()`` true ends it
     before the next iteration (``stopped``); ``parent``: the schedule's ``EvalResult`` on the whole held-out bank,
-    where it was evaluated there before (it is then not evaluated again)."""
+    where it was evaluated there before (it is then not evaluated again); ``seconds``: it ends after about this
+    long (``out_of_time``; an iteration and its check run to their end), the best iterate on the held-out bank so
+    far its result."""
+    deadline = None if seconds is None else time.perf_counter() + _positive_seconds(seconds)
     return Refinement(evaluator, schedule, iters=iters, samples=samples, check_every=check_every, patience=patience,
                       lr=lr, times=times, dc=dc, relax=relax, second=second, progress=progress,
-                      stop=stop, parent=parent).advance().result()
+                      stop=stop, parent=parent, deadline=deadline).advance().result()
+
+
+def _positive_seconds(seconds: float) -> float:
+    if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
+        raise RefineError(f"seconds = {seconds!r}: give the time a refinement may take as a number above 0")
+    return float(seconds)
 
 
 def refined_structure(schedule: Schedule, noise) -> str:
@@ -489,7 +504,8 @@ def screen_rounds(screen: int, check_every: int = 10, field: int = 2) -> list[in
 
 def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
                 halving: bool = True, progress: Callable[[int, int, float], None] | None = None,
-                stop: Callable[[], bool] | None = None, parents: list | None = None, **options) -> Screened:
+                stop: Callable[[], bool] | None = None, parents: list | None = None, seconds: float | None = None,
+                **options) -> Screened:
     """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures) by a
     screening: every one is refined for the first of ``screen_rounds``' iterations, the better half of them on the
     held-out bank (at their last check) to the next, and so on until one is left at ``screen`` (``halving``; else all
@@ -497,7 +513,9 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     result is ``refine``'s of that schedule). How far a structure gets by refinement is not what it scores before:
     the search's best is often not the best refined. One schedule is refined as ``refine`` does (no screening).
     ``options`` are ``refine``'s; ``progress`` counts the iterations of all the refinements; ``parents``: each
-    schedule's held-out ``EvalResult`` where made before (or None), as ``refine``'s ``parent``."""
+    schedule's held-out ``EvalResult`` where made before (or None), as ``refine``'s ``parent``; ``seconds``: all of it
+    ends after about this long, the screening included (no schedule starts its screening after it, those screened
+    so far compete, and the winner's best iterate so far is the result)."""
     if not schedules:
         raise RefineError("no schedule to refine")
     parents = [None] * len(schedules) if parents is None else list(parents)
@@ -505,12 +523,13 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
         raise RefineError(f"{len(parents)} parent evaluations for {len(schedules)} schedules")
     if len(schedules) == 1:
         return Screened(0, refine(evaluator, schedules[0], iters=iters, progress=progress, stop=stop,
-                                  parent=parents[0], **options), [])
+                                  parent=parents[0], seconds=seconds, **options), [])
     check = options.get("check_every", 10)
     if not 1 <= screen < iters or screen % check:
         raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
                           f"each screening ends on a held-out check, and fewer than iters ({iters})")
     start = time.perf_counter()
+    deadline = None if seconds is None else start + _positive_seconds(seconds)
     rounds = screen_rounds(screen, check, len(schedules)) if halving else [screen]
     field, left, total = len(schedules), len(schedules), iters - screen
     for a, b in zip([0, *rounds], rounds):
@@ -526,14 +545,18 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     for k, until in enumerate(rounds):
         for i in alive:
             if i == len(runs):
-                runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, parent=parents[i], **options))
+                if runs and deadline is not None and time.perf_counter() >= deadline:
+                    break  # out of time: the rest are not screened
+                runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, parent=parents[i],
+                                       deadline=deadline, **options))
             r = runs[i]
             r.progress, before = reporter(r.iters_run), r.iters_run
             r.advance(until)
             ran[0] += r.iters_run - before
             if r.stopped:
                 return Screened(i, replace(r.result(), seconds=time.perf_counter() - start), [])
-        alive = sorted(alive, key=lambda i: (runs[i].rmse, i))[: 1 if k == len(rounds) - 1 else -(-len(alive) // 2)]
+        alive = sorted((i for i in alive if i < len(runs)), key=lambda i: (runs[i].rmse, i))
+        alive = alive[: 1 if k == len(rounds) - 1 else -(-len(alive) // 2)]
     (winner,) = alive
     screened = [(r.parent_rmse, r.rmse, r.iters_run) for r in runs]
     results = [r.result() for i, r in enumerate(runs) if i != winner]

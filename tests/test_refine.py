@@ -218,6 +218,35 @@ def test_a_refinement_that_does_not_beat_its_parent_keeps_the_parent(gmm2d):
     assert stopped.stopped and stopped.iters == 0 and stopped.schedule is s and not stopped.improved
 
 
+def test_a_refinement_given_little_time_keeps_the_best_iterate_it_reached(gmm2d):
+    """``seconds`` cuts a refinement short, nothing else: the iterations it ran are the first of the whole run's, its
+    result the best held-out iterate among them (the parent where none beat it), and it says it ran out of time.
+    Given less than a tenth of what the whole run took, it cannot have run every iteration on any machine that
+    keeps its speed within 10x."""
+    p, ev = gmm2d
+    s = _preset(p, "unipc-bh2", 4)
+    whole = refine(ev, s, iters=60, samples=32, check_every=2, patience=60)
+    assert whole.iters == 60 and not whole.out_of_time
+    cut = refine(ev, s, iters=60, samples=32, check_every=2, patience=60, seconds=whole.seconds / 10)
+    assert cut.out_of_time and cut.iters < whole.iters
+    assert cut.history == whole.history[: cut.iters]
+    checks = [h["heldout_rmse"] for h in cut.history if "heldout_rmse" in h]
+    assert cut.rmse == min([cut.parent_rmse, *checks]) <= cut.parent_rmse
+    assert cut.info()["out_of_time"] and "out_of_time" not in whole.info()
+    with pytest.raises(RefineError, match="above 0"):
+        refine(ev, s, iters=2, samples=32, seconds=0)
+
+
+def test_a_screening_out_of_time_screens_no_more_schedules(gmm2d):
+    """Out of time before the first screening ends, ``refine_best`` starts no other: the first schedule is the
+    winner, unrefined, and the only one screened."""
+    p, ev = gmm2d
+    scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh2", "deis")]
+    sc = refine_best(ev, scheds, screen=4, iters=30, samples=32, check_every=2, seconds=1e-9)
+    assert sc.winner == 0 and len(sc.screened) == 1 and sc.screened[0][2] == 0
+    assert sc.result.out_of_time and sc.result.iters == 0 and sc.result.schedule is scheds[0]
+
+
 def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
     """Without halving, each schedule's screening is its own refinement of ``screen`` iterations; the one best on the
     held-out bank after it goes on to the end, and so ends exactly where ``refine`` of it alone does."""
@@ -787,3 +816,23 @@ def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_
     assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
     assert RefineSpec().structures == STRUCTURES == steptune.cli.refine.STRUCTURES
     assert RefineSpec().neighbours is inspect.signature(refine_cmd).parameters["neighbours"].default is True
+
+
+def test_a_stage_out_of_time_stores_each_refinement_as_far_as_it_got(tmp_path, cache, capsys):
+    """``[refine] time``: a refinement that runs out stores what it reached, saying so in its record and in the log;
+    here no time at all, so each keeps its parent (stored pruned); ``steptune refine --time`` does the same, and a
+    time that is not one is refused in one sentence before anything is written."""
+    job, url, trials = _ran(tmp_path, cache, "timed", "iters = 10\nsamples = 32\nneighbours = false\ntime = 1e-9\n",
+                            capsys)
+    refined = [t for t in trials if "refines" in t.info]
+    assert refined and all(t.status == "pruned" and t.info["refine"]["out_of_time"] for t in refined)
+    assert all(t.info["refine"]["iters"] == 0 for t in refined)
+    code, out, err = run_cli(["refine", "--study", "timed", "--db", url, "--time", "0.000001", "--trial",
+                              str(trials[0].id)], capsys)
+    assert code == 0 and "the 1e-06 s given ran out" in err, err
+    for bad in ("0", "soon", "-5"):
+        _one_line_error(["refine", "--study", "timed", "--db", url, "--time", bad], capsys, "--time")
+    with connect(url) as db:
+        assert len(db.trials("timed")) == len(trials) + 1
+    assert load_job(job).refine.time == 1e-9 and job_from_dict(
+        {**load_job(job).model_dump(), "refine": {"time": "1m30s"}}).refine.time == 90

@@ -32,6 +32,9 @@ def refine_cmd(
                                              "best.")] = True,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
+    time_: Annotated[str | None, typer.Option("--time", help="How long each refinement may take, its screening "
+                                              "included: seconds or a text like 90s, 2m (default: no limit); it "
+                                              "then keeps its best so far.")] = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -40,6 +43,7 @@ def refine_cmd(
 ):
     """Refine a searched study's best schedules: their times, DC ratios and derivative coefficients tuned by
     gradient through the sampler against the reference on the train bank, judged on the held-out bank."""
+    from steptune.jobs import parse_duration
     from steptune.refine import neighbour_pass, parents, refine_trials, structure_groups, study_evaluator, study_job
     from steptune.search.refine import RefineError
     from steptune.storage import connect
@@ -52,6 +56,10 @@ def refine_cmd(
         if value is not None and value < 1:
             raise CliError(f"--{name} must be at least 1")
     structures = 1 if trial is not None else STRUCTURES if structures is None else structures
+    try:
+        seconds = None if time_ is None else parse_duration(time_)
+    except ValueError as e:
+        raise CliError(f"--time: {e}") from None
     set_threads(threads)
     device = pick_device(device)
     done = []
@@ -78,10 +86,11 @@ def refine_cmd(
                         err.print(msg)
 
                 todo = structure_groups(store, study, ev, todo, structures, iters, say=say)
-                done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick)
+                done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick,
+                                     seconds=seconds)
                 if neighbours and trial is None:
                     done += neighbour_pass(store, study, ev, nfes, iters=iters, samples=samples, say=say,
-                                           progress=tick)
+                                           progress=tick, seconds=seconds)
         except RefineError as e:
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
