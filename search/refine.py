@@ -5,7 +5,7 @@ continuous ones. ``refine`` keeps the discrete decisions and tunes
 
 * the times: the interior times between the first and the last time of finite log-SNR, parametrised as
   softmax increments in lambda between those fixed ends (so they stay ordered and inside the range; a final step
-  to t = 0, lambda = inf, keeps the time before it);
+  to t = 0, lambda = inf, keeps the time before it), t-basis steps' quadrature weights differentiated with them;
 * the start of a schedule that starts later than the problem's ``t_start`` on a discrete VP schedule (diffusers'
   ``leading`` timesteps; the bank's noise is fed to it unchanged): its lambda as a sigmoid between the problem's
   start and the last fitted end, the interior times keeping their shares of the span behind it;
@@ -152,8 +152,7 @@ def parameters(schedule: Schedule, noise, *, times: bool = True, dc: bool = True
     relax_steps = [i for i, st in enumerate(steps) if relax and st.order >= 2 and st.basis == "lambda"]
     corrector_steps = [i for i, st in enumerate(steps) if relax and st.corrector is not None]
     ends = lam_ends = None
-    t_basis = any(st.basis == "t" and st.order > 1 for st in steps)
-    if times and not t_basis:
+    if times:
         lam = noise.lam(torch.tensor(schedule.times, dtype=torch.float64))
         finite = [k for k, v in enumerate(lam.tolist()) if math.isfinite(v)]
         if finite and finite[-1] - finite[0] >= 2:

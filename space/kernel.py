@@ -140,6 +140,8 @@ _GL_NODES, _GL_WEIGHTS = (v.tolist() for v in np.polynomial.legendre.leggauss(24
 
 def _t_basis_weights(start: Point, others: list[Point], h: float, alpha_t: float, sigma_t: float, prediction: str,
                      t_of_lambda: Callable) -> tuple[float, list[float]]:
+    if any(isinstance(v, Tensor) for v in (h, start.t, alpha_t, sigma_t, *(p.t for p in others))):
+        return _t_basis_weights_tensor(start, others, h, alpha_t, sigma_t, prediction, t_of_lambda)
     us = [0.5 * h * (x + 1.0) for x in _GL_NODES]
     gs = [0.5 * h * g for g in _GL_WEIGHTS]
     ts = t_of_lambda(torch.tensor([start.lam + u for u in us], dtype=torch.float64)).tolist()
@@ -152,6 +154,21 @@ def _t_basis_weights(start: Point, others: list[Point], h: float, alpha_t: float
     for g, k, tk in zip(gs, kern, ts):
         for j, lj in enumerate(lagrange_weights(nodes, tk)):
             coefs[j] += g * k * lj
+    return coefs[0], coefs[1:]
+
+
+def _t_basis_weights_tensor(start: Point, others: list[Point], h, alpha_t, sigma_t, prediction: str,
+                            t_of_lambda: Callable) -> tuple[Tensor, list[Tensor]]:
+    """:func:`_t_basis_weights` where times are fitted by autograd: the same quadrature on float64 tensors, so the
+    weights stay in the graph (through the nodes' lambdas and times and the Lagrange polynomial's times)."""
+    f64 = dict(dtype=torch.float64)
+    h = torch.as_tensor(h, **f64)
+    us = 0.5 * h * (torch.tensor(_GL_NODES, **f64) + 1.0)
+    gs = 0.5 * h * torch.tensor(_GL_WEIGHTS, **f64)
+    ts = t_of_lambda(torch.as_tensor(start.lam, **f64) + us)
+    kern = -sigma_t * torch.exp(h - us) if prediction == "noise" else alpha_t * torch.exp(us - h)
+    nodes = [torch.as_tensor(t, **f64) for t in (start.t, *(p.t for p in others))]
+    coefs = [(gs * kern * lj).sum() for lj in lagrange_weights(nodes, ts)]
     return coefs[0], coefs[1:]
 
 
@@ -179,7 +196,7 @@ def _add(out: Tensor, y: Tensor, w: float | Tensor) -> None:
 
 
 def lagrange_weights(times: list[float], tau: float) -> list[float]:
-    """Weights l_k(tau) of the Lagrange polynomial through ``times``."""
+    """Weights l_k(tau) of the Lagrange polynomial through ``times`` (``tau`` may be a tensor of many)."""
     out = []
     for k, tk in enumerate(times):
         w = 1.0

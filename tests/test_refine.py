@@ -126,6 +126,26 @@ def test_the_gradient_is_the_losss_derivative(gmm2d):
     check_gradient(loss, par.theta, lambda kind: 1e-6)
 
 
+def test_the_times_of_t_basis_steps_are_fitted_through_their_quadrature(gmm2d):
+    """DEIS's tAB steps interpolate in t and integrate by quadrature: their times are fitted too, the differentiable
+    run is the sampler's (moved times included), and its gradient in the times is the loss's (central
+    differences)."""
+    p, ev = gmm2d
+    s = _preset(p, "deis-tab", 5)
+    assert any(st.basis == "t" and st.order > 1 for st in s.steps)
+    par = parameters(s, p.noise)
+    assert par.counts()["times"] == 4
+    x, ref = ev.x_T("train", 16), ev.reference("train")[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(final_state(p.model, par, x), sample(p.model, x, s), rtol=1e-12, atol=1e-12)
+        par.theta["times"].add_(torch.tensor([0.2, -0.1, 0.05, -0.15, 0.1], dtype=torch.float64))
+        moved = par.to_schedule(p.noise)
+        assert max(abs(a - b) for a, b in zip(moved.times, s.times)) > 1e-3
+        torch.testing.assert_close(final_state(p.model, par, x), sample(p.model, x, moved), rtol=1e-12, atol=1e-12)
+    check_gradient(lambda: (final_state(p.model, par, x) - ref).pow(2).mean(), {"times": par.theta["times"]},
+                   lambda kind: 1e-6)
+
+
 @pytest.mark.parametrize("differentiable", [True, False])
 def test_a_model_differentiable_in_time_gives_the_exact_time_gradient_in_one_call_per_step(differentiable):
     """A model that says it is differentiable in its time input is differentiated through it: the times' gradient
