@@ -294,7 +294,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         start_rmse = min([result.parent_rmse, *(a for a, _, _ in sc.screened)]) if before is None else before
         out.append(Refined(nfe, parent.id, result.parent_rmse,
                            result.candidate_rmse if before is None else result.rmse, time.perf_counter() - start,
-                           result.improved, tid, structures=len(group), start_rmse=start_rmse))
+                           result.improved, tid, structures=max(len(sc.screened), 1), start_rmse=start_rmse))
         r, took = out[-1], f"{out[-1].seconds:.0f} s, {result.iters} of at most {iters} iterations"
         if result.out_of_time:
             took += f", the {seconds:g} s given ran out"
@@ -304,8 +304,11 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             say(f"refined NFE {nfe}: trial id {parent.id} ({r.parent_rmse:.4g}) -> {result.candidate_rmse:.4g} "
                 f"({took}); {verdict}")
             continue
-        which = "" if len(group) == 1 else (f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of {len(group)} "
-                                            f"structures after {screen} iterations")
+        which = ("" if len(group) == 1 else
+                 f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of {len(group)} structures after {screen} "
+                 "iterations" if len(sc.screened) == len(group) and not result.out_of_time else
+                 f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of the {len(sc.screened)} of {len(group)} "
+                 "structures screened in the time given")
         say(f"refined NFE {r.nfe}: held-out RMSE {r.start_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%{which}, "
             f"{took})" + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best"
                           if len(group) == 1 else "; not better than the best searched schedule, which stays the best"))

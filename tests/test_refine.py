@@ -842,11 +842,19 @@ def test_a_stage_out_of_time_stores_each_refinement_as_far_as_it_got(tmp_path, c
     """``[refine] time``: a refinement that runs out stores what it reached, saying so in its record and in the log;
     here no time at all, so each keeps its parent (stored pruned); ``steptune refine --time`` does the same, and a
     time that is not one is refused in one sentence before anything is written."""
-    job, url, trials = _ran(tmp_path, cache, "timed", "iters = 10\nsamples = 32\nneighbours = false\ntime = 1e-9\n",
-                            capsys)
+    url = f"sqlite:///{tmp_path / 'timed.db'}"
+    job = _job(tmp_path, cache, "timed", refine="iters = 50\nsamples = 32\nneighbours = false\ntime = 1e-9\n")
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        trials = db.trials("timed")
     refined = [t for t in trials if "refines" in t.info]
     assert refined and all(t.status == "pruned" and t.info["refine"]["out_of_time"] for t in refined)
     assert all(t.info["refine"]["iters"] == 0 for t in refined)
+    screened = [t for t in refined if "screened" in t.info["refine"]]  # a searched NFE's: one screened of several
+    assert screened and all(len(t.info["refine"]["screened"]) == 1 for t in screened)
+    assert re.search(r"the best of the 1 of \d+ structures screened in the time given, 0 s, 0 of at most 50 "
+                     r"iterations, the 1e-09 s given ran out", err), err
     code, out, err = run_cli(["refine", "--study", "timed", "--db", url, "--time", "0.000001", "--trial",
                               str(trials[0].id)], capsys)
     assert code == 0 and "the 1e-06 s given ran out" in err, err
