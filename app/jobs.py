@@ -241,7 +241,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(v) -> float:
-    """Seconds from a number or a text like "8h", "30m", "1h30m", "90s", "2d"."""
+    """Seconds from a number or a text like "8h", "30m", "1h30m", "90s", "2d" or "90" (seconds)."""
     if isinstance(v, bool):
         raise ValueError("a duration is a number of seconds or a text like '8h', '30m' or '1h30m'")
     if isinstance(v, (int, float)):
