@@ -304,11 +304,11 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             say(f"refined NFE {nfe}: trial id {parent.id} ({r.parent_rmse:.4g}) -> {result.candidate_rmse:.4g} "
                 f"({took}); {verdict}")
             continue
-        which = ("" if len(group) == 1 else
-                 f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of {len(group)} structures after {screen} "
-                 "iterations" if len(sc.screened) == len(group) and not result.out_of_time else
-                 f"; trial id {parent.id} ({r.parent_rmse:.4g}), the best of the {len(sc.screened)} of {len(group)} "
-                 "structures screened in the time given")
+        which = ""
+        if len(group) > 1:
+            which = f"; trial id {parent.id} ({r.parent_rmse:.4g}), " + (
+                f"the best of the {len(sc.screened)} of {len(group)} structures screened in the time given"
+                if result.out_of_time else f"the best of {len(group)} structures after {screen} iterations")
         say(f"refined NFE {r.nfe}: held-out RMSE {r.start_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%{which}, "
             f"{took})" + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best"
                           if len(group) == 1 else "; not better than the best searched schedule, which stays the best"))

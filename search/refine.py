@@ -363,7 +363,7 @@ class Refinement:
                 if self.stop is not None and self.stop():
                     self.stopped = self.done = True
                     break
-                if self.deadline is not None and time.perf_counter() >= self.deadline:
+                if _past(self.deadline):
                     self.out_of_time = self.done = True
                     break
                 try:
@@ -441,16 +441,23 @@ def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | 
     where it was evaluated there before (it is then not evaluated again); ``seconds``: it ends after about this
     long (``out_of_time``; an iteration and its check run to their end), the best iterate on the held-out bank so
     far its result."""
-    deadline = None if seconds is None else time.perf_counter() + _positive_seconds(seconds)
+    deadline = _deadline(seconds, time.perf_counter())
     return Refinement(evaluator, schedule, iters=iters, samples=samples, check_every=check_every, patience=patience,
                       lr=lr, times=times, dc=dc, relax=relax, second=second, progress=progress,
                       stop=stop, parent=parent, deadline=deadline).advance().result()
 
 
-def _positive_seconds(seconds: float) -> float:
+def _deadline(seconds: float | None, start: float) -> float | None:
+    """The ``time.perf_counter()`` at which a refinement of ``seconds`` begun at ``start`` ends (None: no limit)."""
+    if seconds is None:
+        return None
     if not (isinstance(seconds, int | float) and math.isfinite(seconds) and seconds > 0):
         raise RefineError(f"seconds = {seconds!r}: give the time a refinement may take as a number above 0")
-    return float(seconds)
+    return start + float(seconds)
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() >= deadline
 
 
 def refined_structure(schedule: Schedule, noise) -> str:
@@ -528,7 +535,7 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
         raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
                           f"each screening ends on a held-out check, and fewer than iters ({iters})")
     start = time.perf_counter()
-    deadline = None if seconds is None else start + _positive_seconds(seconds)
+    deadline = _deadline(seconds, start)
     rounds = screen_rounds(screen, check, len(schedules)) if halving else [screen]
     field, left, total = len(schedules), len(schedules), iters - screen
     for a, b in zip([0, *rounds], rounds):
@@ -544,7 +551,7 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     for k, until in enumerate(rounds):
         for i in alive:
             if i == len(runs):
-                if runs and deadline is not None and time.perf_counter() >= deadline:
+                if runs and _past(deadline):
                     break  # out of time: the rest are not screened
                 runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, parent=parents[i],
                                        deadline=deadline, **options))
