@@ -23,10 +23,10 @@
   the NFE a feature), so a job over several NFEs ranks each as a search of that NFE alone does. Its
   target is the rank of a trial's score among the trials at the same NFE, so it learns orderings, not
   scales; features that are constant over the trials (padding) are left out. Kinds: ``extra-trees``
-  and ``gbr`` (regressors on the within-NFE rank) and ``pairwise`` (logistic regression on feature
-  differences of same-NFE pairs); ``auto`` picks the one of ``auto_kinds`` with the best Kendall tau
-  on a held-out split of the trials (at ``min_train`` trials per model, at three times that, then only after
-  tenfold growth) and records the measurement in ``tau_report``.
+  and ``gbr`` (tree ensembles regressing the within-NFE rank, compiled in :mod:`.trees`) and ``pairwise``
+  (logistic regression on feature differences of same-NFE pairs); ``auto`` picks the one of ``auto_kinds``
+  with the best Kendall tau on a held-out split of the trials (at ``min_train`` trials per model, at three
+  times that, then only after tenfold growth) and records the measurement in ``tau_report``.
 * Each candidate is encoded once and predicted once per fit.
 """
 
@@ -48,6 +48,7 @@ from steptune.space.schedule import Schedule
 from .baselines import DEFAULT_PRESETS, preset_candidates
 from .s3_batch import pick, tree_spread
 from .searcher import Candidate, Searcher
+from .trees import BoostedTrees, RandomizedTrees
 
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
 WIDE = 4  # picks per NFE in one ask above which they are chosen as a batch (s3_batch.pick), not as a ranking
@@ -156,26 +157,18 @@ class Predictor:
             self.columns = np.arange(X.shape[1])
         X = X[:, self.columns]
         y = rank_targets(nfes, np.log(scores))
-        import sklearn
-
-        # the inputs are finite by construction and the parameters fixed here: sklearn's per-tree checks are skipped
-        with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-            self._fit_model(X, nfes, scores, y)
-        return self
-
-    def _fit_model(self, X, nfes, scores, y) -> None:
         if self.kind == "extra-trees":
-            from sklearn.ensemble import ExtraTreesRegressor
-
-            self.model = ExtraTreesRegressor(n_estimators=20, min_samples_leaf=2, max_features=1.0,
-                                             random_state=self.seed, n_jobs=1).fit(X, y)
+            self.model = RandomizedTrees(n_estimators=20, min_samples_leaf=2, random_state=self.seed).fit(X, y)
         elif self.kind == "gbr":
-            from sklearn.ensemble import GradientBoostingRegressor
-
-            self.model = GradientBoostingRegressor(n_estimators=80, max_depth=3, subsample=0.8, learning_rate=0.1,
-                                                   random_state=self.seed).fit(X, y)
+            self.model = BoostedTrees(n_estimators=80, max_depth=3, subsample=0.8, learning_rate=0.1,
+                                      random_state=self.seed).fit(X, y)
         else:
-            self._fit_pairwise(X, nfes, np.log(scores))
+            import sklearn
+
+            # the inputs are finite by construction and the parameters fixed here: sklearn's checks are skipped
+            with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+                self._fit_pairwise(X, nfes, np.log(scores))
+        return self
 
     def _fit_pairwise(self, X, nfes, logs):
         from sklearn.linear_model import LogisticRegression
@@ -203,12 +196,6 @@ class Predictor:
         X = np.asarray(X)[:, self.columns]
         if self.kind == "pairwise":
             return -(self.scaler.transform(X) @ self.model.coef_[0])
-        if self.kind == "extra-trees":  # the forest's mean, summed as sklearn does, without its per-call overhead
-            X32 = np.asarray(X, dtype=np.float32)
-            out = np.zeros(len(X32))
-            for tree in self.model.estimators_:
-                out += tree.tree_.predict(X32)[:, 0]
-            return out / len(self.model.estimators_)
         return self.model.predict(X)
 
 
@@ -261,7 +248,7 @@ _FIT_THREAD: ThreadPoolExecutor | None = None
 
 
 def _fit_thread() -> ThreadPoolExecutor:
-    """The one background thread S^3's fits run in (sklearn's tree building releases the GIL)."""
+    """The one background thread S^3's fits run in (the compiled tree builders release the GIL)."""
     global _FIT_THREAD
     if _FIT_THREAD is None:
         _FIT_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3-fit")

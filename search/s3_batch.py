@@ -53,14 +53,10 @@ def pick(pred: np.ndarray, k: int, feats: np.ndarray | None = None, picked: np.n
 def tree_spread(predictor, X: np.ndarray) -> np.ndarray:
     """The standard deviation of an extra-trees predictor's per-tree predictions for ``X`` (zeros for a kind
     without an ensemble of trees)."""
-    model = getattr(predictor, "model", None)
-    trees = getattr(model, "estimators_", None)
     X = np.asarray(X)
-    if predictor.kind != "extra-trees" or trees is None:
+    if predictor.kind != "extra-trees" or getattr(predictor, "model", None) is None:
         return np.zeros(len(X))
-    X32 = np.asarray(X[:, predictor.columns], dtype=np.float32)
-    per_tree = np.stack([t.tree_.predict(X32)[:, 0] for t in trees])
-    return per_tree.std(axis=0)
+    return predictor.model.predict_each(X[:, predictor.columns]).std(axis=0)
 
 
 def _scaled(feats: np.ndarray, picked: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -57,13 +57,19 @@ def test_spread_lowers_a_value_only_when_exploring():
 
 
 def test_tree_spread_is_the_per_tree_standard_deviation():
-    from steptune.search.s3 import Predictor
+    """Against scikit-learn's forest with the predictor's settings: the spread of its trees' predictions."""
+    from sklearn.ensemble import ExtraTreesRegressor
+
+    from steptune.search.s3 import Predictor, rank_targets
 
     rng = np.random.default_rng(1)
     X = rng.random((80, 5))
-    p = Predictor("extra-trees").fit(X, np.full(80, 5), np.exp(X[:, 0] + 0.1 * rng.normal(size=80)))
+    scores = np.exp(X[:, 0] + 0.1 * rng.normal(size=80))
+    p = Predictor("extra-trees").fit(X, np.full(80, 5), scores)
+    forest = ExtraTreesRegressor(n_estimators=20, min_samples_leaf=2, max_features=1.0, random_state=0).fit(
+        X, rank_targets(np.full(80, 5), np.log(scores)))
     Xt = rng.random((10, 5))
-    per_tree = np.stack([t.predict(Xt[:, p.columns]) for t in p.model.estimators_])
+    per_tree = np.stack([t.predict(Xt) for t in forest.estimators_])
     np.testing.assert_allclose(tree_spread(p, Xt), per_tree.std(axis=0), rtol=1e-5, atol=1e-6)
     assert not tree_spread(Predictor("gbr").fit(X, np.full(80, 5), np.exp(X[:, 0])), Xt).any()
 
