@@ -112,13 +112,9 @@ class _Sink:
         self.since: float | None = None  # when the oldest of them happened
 
     def flush(self) -> None:
-        storage = self.runner.storage
-        if self.starts:
-            storage.start_many(self.starts, records=False)
-            self.starts = []
-        if self.finishes:
-            storage.finish_many(self.finishes, records=False)
-            self.finishes = []
+        if self.starts or self.finishes:
+            self.runner.storage.record(self.starts, self.finishes)
+            self.starts, self.finishes = [], []
         self.since = None
 
     def _pending(self) -> None:

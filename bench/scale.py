@@ -103,7 +103,7 @@ def measure(workers: int, evaluations: int, cache: str, db: str) -> dict:
 
 
 # the storage calls a search makes (the runner's writes and reads of trials)
-STORAGE_CALLS = ("add_trials", "start_many", "finish_many", "requeue", "trials", "get_study", "update_study_config")
+STORAGE_CALLS = ("add_trials", "record", "requeue", "trials", "get_study", "update_study_config")
 
 
 def main() -> None:

@@ -686,24 +686,46 @@ class Storage:
                    records: bool = True) -> list[TrialRecord] | None:
         """``start`` for many (trial id, worker) pairs, or (trial id, worker, when started), in one transaction
         (all or none); their records in order (None with ``records=False``: one read less)."""
-        starts, now = [tuple(s) for s in starts], now or utcnow()
-        ids = [s[0] for s in starts]
+        starts = [tuple(s) for s in starts]
+        self.record(starts, (), now=now, request=request)
+        return self._records([st[0] for st in starts]) if records else None
+
+    def record(self, starts: Iterable[tuple] = (), outcomes: Iterable[Mapping] = (), *,
+               now: datetime | None = None, request: str | None = None) -> None:
+        """``start_many``'s starts, then ``finish_many``'s outcomes (a trial may be in both), in one transaction
+        (all or none): what a driver dispatched and got back since its last write."""
+        starts, outcomes, now = [tuple(s) for s in starts], _final_outcomes(outcomes), now or utcnow()
         with self._tx() as s:
-            if self._replayed(s, request) is _FIRST:
-                self._remember(s, request)
-                q = select(Trial.id, Trial.status).where(Trial.id.in_(ids)).with_for_update()
-                status = dict(s.execute(q).all())
+            if self._replayed(s, request) is not _FIRST:
+                return
+            self._remember(s, request)
+            t = Trial.__table__
+            if starts:
+                ids = [st[0] for st in starts]
+                status = dict(s.execute(select(Trial.id, Trial.status).where(Trial.id.in_(ids)).with_for_update())
+                              .all())
                 for tid in ids:
                     if status.get(tid) != "queued":
-                        st = status.get(tid) or "missing"
-                        raise StorageError(f"trial {tid} cannot start: it is {st}, not queued")
-                t = Trial.__table__
+                        raise StorageError(f"trial {tid} cannot start: it is {status.get(tid) or 'missing'}, "
+                                           "not queued")
                 s.connection().execute(
                     update(t).where(t.c.id == bindparam("tid")).values(
                         status="running", worker=bindparam("w"), started=bindparam("at"), heartbeat=bindparam("at"),
                         attempts=t.c.attempts + 1),
                     [{"tid": st[0], "w": st[1], "at": st[2] if len(st) > 2 else now} for st in starts])
-        return self._records(ids) if records else None
+            if outcomes:
+                rows = {r.id: r for r in s.execute(
+                    select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
+                    .join(Study, Study.id == Trial.study_id).where(Trial.id.in_([o["trial_id"] for o in outcomes]))
+                    .with_for_update(of=Trial))}
+                values = []
+                for o in outcomes:
+                    at = o.pop("finished", None) or now
+                    values.append({**_finished_row(rows.get(o["trial_id"]), at, **o), "fin": at})
+                s.connection().execute(
+                    update(t).where(t.c.id == bindparam("tid")).values(
+                        status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"), error=bindparam("e"),
+                        finished=bindparam("fin"), seconds=bindparam("sec"), heartbeat=None), values)
 
     def _records(self, ids: list[int]) -> list[TrialRecord]:
         with self._tx(write=False) as s:
@@ -784,26 +806,9 @@ class Storage:
         """``finish`` for many trials in one transaction (all or none): each outcome a mapping with
         ``trial_id``, ``finish``'s keywords and optionally ``finished`` (when it finished, default now); their
         records in order (None with ``records=False``: one read less)."""
-        outcomes, now = [dict(o) for o in outcomes], now or utcnow()
-        for o in outcomes:
-            if o.get("status", "complete") not in FINAL_STATUSES:
-                raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
+        outcomes = _final_outcomes(outcomes)
         ids = [o["trial_id"] for o in outcomes]
-        with self._tx() as s:
-            if self._replayed(s, request) is _FIRST:
-                self._remember(s, request)
-                rows = {r.id: r for r in s.execute(
-                    select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
-                    .join(Study, Study.id == Trial.study_id).where(Trial.id.in_(ids)).with_for_update(of=Trial))}
-                t = Trial.__table__
-                values = []
-                for o in outcomes:
-                    at = o.pop("finished", None) or now
-                    values.append({**_finished_row(rows.get(o["trial_id"]), at, **o), "fin": at})
-                s.connection().execute(
-                    update(t).where(t.c.id == bindparam("tid")).values(
-                        status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"), error=bindparam("e"),
-                        finished=bindparam("fin"), seconds=bindparam("sec"), heartbeat=None), values)
+        self.record((), outcomes, now=now, request=request)
         return self._records(ids) if records else None
 
     def reap_stale(self, lease_seconds: float, *, study: str | None = None,
@@ -958,6 +963,14 @@ def _unreachable(e: BaseException) -> bool:
     return cause.connection_invalidated or isinstance(cause, OperationalError)
 
 
+def _final_outcomes(outcomes: Iterable[Mapping]) -> list[dict]:
+    outcomes = [dict(o) for o in outcomes]
+    for o in outcomes:
+        if o.get("status", "complete") not in FINAL_STATUSES:
+            raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
+    return outcomes
+
+
 def _finished_row(row, now: datetime, trial_id: int, status: str = "complete", metrics=None,
                   score: float | None = None, error: str | None = None, seconds: float | None = None,
                   worker: str | None = None) -> dict:
@@ -979,7 +992,7 @@ def _finished_row(row, now: datetime, trial_id: int, status: str = "complete", m
 _FIRST = object()  # a write's token not seen before
 
 # the writes that take a ``request`` token, so that sending one twice does it once
-REPLAYABLE = frozenset({"add_trials", "start", "start_many", "finish", "finish_many", "requeue"})
+REPLAYABLE = frozenset({"add_trials", "start", "start_many", "finish", "finish_many", "record", "requeue"})
 
 
 class Retrying:

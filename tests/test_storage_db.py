@@ -337,6 +337,30 @@ def test_a_dispatching_driver_starts_given_trials_and_requeues_lost_ones(db):
     assert db.finish(second, metrics={"rmse": 0.5}, worker="actor-1").score == 0.5
 
 
+def test_a_drivers_starts_and_outcomes_are_recorded_together_or_not_at_all(db):
+    db.create_study("s")
+    a, b, c = db.add_trials("s", [{"schedule": presets.ddim(n, NS)} for n in (4, 5, 6)])
+    db.start(a, "w")
+    at = datetime(2026, 1, 2, 3, 4, 5)
+    # b starts and finishes in the same write; a finishes
+    db.record([(b, "w", at)], [{"trial_id": a, "metrics": {"rmse": 0.4}, "worker": "w"},
+                               {"trial_id": b, "metrics": {"rmse": 0.3}, "finished": at + timedelta(seconds=2)}],
+              request="r1")
+    ta, tb = db.trial(a), db.trial(b)
+    assert (ta.status, ta.score, tb.status, tb.score, tb.attempts) == ("complete", 0.4, "complete", 0.3, 1)
+    assert tb.seconds == 2.0
+    # the same request again does nothing
+    db.record([(c, "w", at)], [], request="r1")
+    assert db.trial(c).status == "queued"
+    # an outcome for a trial that is not running: the start beside it is not written either
+    with pytest.raises(LeaseLost):
+        db.record([(c, "w", at)], [{"trial_id": a, "metrics": {"rmse": 0.1}}])
+    assert (db.trial(c).status, db.trial(a).score) == ("queued", 0.4)
+    with pytest.raises(StorageError, match="not final"):
+        db.record([(c, "w", at)], [{"trial_id": c, "status": "running"}])
+    assert db.trial(c).status == "queued"
+
+
 def test_keep_alive_heartbeats_until_the_lease_is_lost(db):
     db.create_study("s")
     tid = db.add_trial("s", presets.ddim(4, NS)).id
