@@ -150,7 +150,6 @@ def _randomized_tree(columns, y, seed, min_samples_leaf, children, feature, thre
     values_here = np.empty(n, dtype=np.float32)
     stack = np.empty((2 * n + 2, 5), dtype=np.int64)  # start, end, parent, is_left, known constants
     stack_impurity = np.empty(2 * n + 2)
-    top = 0
     stack[0] = (0, n, -1, 0, 0)
     stack_impurity[0] = np.inf
     top = 1
