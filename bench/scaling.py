@@ -127,11 +127,16 @@ def median_row(runs: list[dict]) -> dict:
 
 
 def warm_imports() -> float:
-    """Import what the searcher's first fits import, once, before the timed searches (the first one would
-    otherwise pay it alone); returns the seconds it took."""
+    """Import what the searcher's first fits import, and load (or compile) its compiled trees, once, before the
+    timed searches (the first one would otherwise pay it alone); returns the seconds it took."""
     t0 = time.perf_counter()
     import scipy.stats  # noqa: F401
-    import sklearn.ensemble  # noqa: F401
+
+    from steptune.search.trees import BoostedTrees, RandomizedTrees
+
+    X, y = np.random.default_rng(0).random((8, 2)), np.arange(8.0)
+    BoostedTrees(n_estimators=2, subsample=0.8).fit(X, y).predict(X)
+    RandomizedTrees(n_estimators=2).fit(X, y).predict_each(X)
     return time.perf_counter() - t0
 
 
@@ -198,7 +203,38 @@ def searcher_alone(problem: str, nfes: list[int], per_nfe: int, batch: int) -> d
     n = len(se.trials)
     return {"nfes": nfes, "per_nfe": per_nfe, "batch": batch, "cpu_ms_per_eval": 1000 * cpu / n,
             "fits_ms_per_eval": 1000 * se.background_fit_cpu_seconds / n,
-            "children_ms_per_eval": 1000 * children[0] / n, "predictor": se.state()["predictor"]}
+            "children_ms_per_eval": 1000 * children[0] / n, "predictor": se.state()["predictor"],
+            "fit_ms": fit_times(se, nfes[0])}
+
+
+def fit_times(se, nfe: int, repeats: int = 10) -> dict:
+    """CPU ms per fit of each tree kind on the searcher's trials at ``nfe``, as S^3 fits it (its compiled trees)
+    and with scikit-learn's estimators of the same settings; and how far apart their predictions are there."""
+    from sklearn.ensemble import ExtraTreesRegressor, GradientBoostingRegressor
+
+    from steptune.search import s3
+
+    X, nfes, scores = se._data()
+    rows = nfes == nfe
+    X, y = X[rows], s3.rank_targets(nfes[rows], np.log(scores[rows]))
+    X = X[:, X.min(axis=0) < X.max(axis=0)]
+    makers = {"extra-trees": (lambda: s3.RandomizedTrees(n_estimators=20, min_samples_leaf=2),
+                              lambda: ExtraTreesRegressor(n_estimators=20, min_samples_leaf=2, max_features=1.0,
+                                                          random_state=0, n_jobs=1)),
+              "gbr": (lambda: s3.BoostedTrees(n_estimators=80, max_depth=3, subsample=0.8, learning_rate=0.1),
+                      lambda: GradientBoostingRegressor(n_estimators=80, max_depth=3, subsample=0.8,
+                                                        learning_rate=0.1, random_state=0))}
+    out = {"rows": int(rows.sum()), "features": int(X.shape[1])}
+    for kind, (ours, theirs) in makers.items():
+        models = []
+        for name, make in (("compiled", ours), ("sklearn", theirs)):
+            models.append(make().fit(X, y))  # a first fit outside the timing: imports, compilation
+            c0 = time.thread_time()
+            for _ in range(repeats):
+                make().fit(X, y)
+            out[f"{kind}_{name}_ms"] = 1000 * (time.thread_time() - c0) / repeats
+        out[f"{kind}_max_difference"] = float(np.abs(models[0].predict(X) - models[1].predict(X)).max())
+    return out
 
 
 def main():
@@ -225,6 +261,12 @@ def main():
                   f"{r['cpu_ms_per_eval']:.2f} ms CPU per evaluation in ask and tell (making children "
                   f"{r['children_ms_per_eval']:.2f}); predictor fits ({r['predictor']}) in the background thread "
                   f"{r['fits_ms_per_eval']:.2f}")
+            f = r["fit_ms"]
+            print(f"  one fit on its {f['rows']} trials at NFE {r['nfes'][0]} ({f['features']} features), CPU ms: "
+                  f"extra-trees {f['extra-trees_compiled_ms']:.1f} (scikit-learn {f['extra-trees_sklearn_ms']:.1f}, "
+                  f"predictions apart by at most {f['extra-trees_max_difference']:.1g}), gradient boosting "
+                  f"{f['gbr_compiled_ms']:.1f} (scikit-learn {f['gbr_sklearn_ms']:.1f}, at most "
+                  f"{f['gbr_max_difference']:.2g})")
         print(f"saved {save_json('scaling-searcher', {'problem': args.problem, 'searcher_alone': alone})}")
         return
 
@@ -295,7 +337,8 @@ def main():
                  f"measuring, {r['evaluation_ms']:.1f} ms)" if r["evaluation_ms"] else ""))
     ratios = []
     if jobs:
-        print(f"(imports the searcher's first fits need, done once before the searches: {import_s:.1f} s)")
+        print(f"(imports and compiled trees the searcher's first fits need, loaded once before the searches: "
+              f"{import_s:.1f} s)")
         ratios = [by["ray x2"] / by["in-process"]
                   for by in ({r["backend"]: r["evals_per_s"] for r in run} for run in job_runs)]
         fastest = {name: min(r["seconds"] for run in job_runs for r in run if r["backend"] == name)
