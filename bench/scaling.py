@@ -218,12 +218,10 @@ def fit_times(se, nfe: int, repeats: int = 10) -> dict:
     rows = nfes == nfe
     X, y = X[rows], s3.rank_targets(nfes[rows], np.log(scores[rows]))
     X = X[:, X.min(axis=0) < X.max(axis=0)]
-    makers = {"extra-trees": (lambda: s3.RandomizedTrees(n_estimators=20, min_samples_leaf=2),
-                              lambda: ExtraTreesRegressor(n_estimators=20, min_samples_leaf=2, max_features=1.0,
-                                                          random_state=0, n_jobs=1)),
-              "gbr": (lambda: s3.BoostedTrees(n_estimators=80, max_depth=3, subsample=0.8, learning_rate=0.1),
-                      lambda: GradientBoostingRegressor(n_estimators=80, max_depth=3, subsample=0.8,
-                                                        learning_rate=0.1, random_state=0))}
+    et, gbr = s3.TREE_SETTINGS["extra-trees"], s3.TREE_SETTINGS["gbr"]
+    makers = {"extra-trees": (lambda: s3.RandomizedTrees(**et),
+                              lambda: ExtraTreesRegressor(**et, max_features=1.0, random_state=0, n_jobs=1)),
+              "gbr": (lambda: s3.BoostedTrees(**gbr), lambda: GradientBoostingRegressor(**gbr, random_state=0))}
     out = {"rows": int(rows.sum()), "features": int(X.shape[1])}
     for kind, (ours, theirs) in makers.items():
         models = []

@@ -51,6 +51,9 @@ from .searcher import Candidate, Searcher
 from .trees import BoostedTrees, RandomizedTrees
 
 PREDICTOR_KINDS = ("extra-trees", "gbr", "pairwise")
+# the tree kinds' settings (scikit-learn's parameter names; extra-trees try every feature at each node)
+TREE_SETTINGS = {"extra-trees": {"n_estimators": 20, "min_samples_leaf": 2},
+                 "gbr": {"n_estimators": 80, "max_depth": 3, "subsample": 0.8, "learning_rate": 0.1}}
 WIDE = 4  # picks per NFE in one ask above which they are chosen as a batch (s3_batch.pick), not as a ranking
 N_STEP_FEATURES = 13
 CHILDREN_PER_PICK = 5  # new pool children per pick an ask makes, once the pool is full (3 searched worse)
@@ -158,10 +161,9 @@ class Predictor:
         X = X[:, self.columns]
         y = rank_targets(nfes, np.log(scores))
         if self.kind == "extra-trees":
-            self.model = RandomizedTrees(n_estimators=20, min_samples_leaf=2, random_state=self.seed).fit(X, y)
+            self.model = RandomizedTrees(**TREE_SETTINGS["extra-trees"], random_state=self.seed).fit(X, y)
         elif self.kind == "gbr":
-            self.model = BoostedTrees(n_estimators=80, max_depth=3, subsample=0.8, learning_rate=0.1,
-                                      random_state=self.seed).fit(X, y)
+            self.model = BoostedTrees(**TREE_SETTINGS["gbr"], random_state=self.seed).fit(X, y)
         else:
             import sklearn
 

@@ -60,13 +60,13 @@ def test_tree_spread_is_the_per_tree_standard_deviation():
     """Against scikit-learn's forest with the predictor's settings: the spread of its trees' predictions."""
     from sklearn.ensemble import ExtraTreesRegressor
 
-    from steptune.search.s3 import Predictor, rank_targets
+    from steptune.search.s3 import TREE_SETTINGS, Predictor, rank_targets
 
     rng = np.random.default_rng(1)
     X = rng.random((80, 5))
     scores = np.exp(X[:, 0] + 0.1 * rng.normal(size=80))
     p = Predictor("extra-trees").fit(X, np.full(80, 5), scores)
-    forest = ExtraTreesRegressor(n_estimators=20, min_samples_leaf=2, max_features=1.0, random_state=0).fit(
+    forest = ExtraTreesRegressor(**TREE_SETTINGS["extra-trees"], max_features=1.0, random_state=0).fit(
         X, rank_targets(np.full(80, 5), np.log(scores)))
     Xt = rng.random((10, 5))
     per_tree = np.stack([t.predict(Xt) for t in forest.estimators_])
