@@ -29,9 +29,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
+from steptune.evaluators.compiled import njit
 from steptune.evaluators.linear.spectra import (
     convergence_factor,
     jacobi_radius_from_factor,
@@ -143,7 +143,7 @@ class FixedOmega(OmegaLearner):
         pass
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _draw(p, u):
     """Normalise p in place and return the index that u ∈ [0, 1) selects from its cumulative sum."""
     total = 0.0
@@ -164,7 +164,7 @@ def tsallis_probabilities(losses: np.ndarray, eta: float, newton_steps: int = 30
     return _tsallis_newton(np.asarray(losses, dtype=np.float64), float(eta), int(newton_steps))
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _tsallis_newton(losses, eta, steps):
     L = losses - losses.min()
     x = -2.0 / eta  # here the best arm alone has p = 1, so Σ p ≥ 1; Newton then walks left monotonically
@@ -227,7 +227,7 @@ class TsallisINF(OmegaLearner):
         self.n += 1
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _smoothed_importance_update(losses, arm, loss, p, w):
     """losses_j += K_arm,j · loss / Σ_i K_ij p_i for K = I + w·(grid neighbours)."""
     d = losses.shape[0]
@@ -273,7 +273,7 @@ class TsallisINFBins(OmegaLearner):
         self.inner[self._bin(context)]._update(arm, cost, None, probabilities)
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def chebyshev_features(z: float, degree: int) -> np.ndarray:
     """[T_0(z), …, T_degree(z)] for z in [−1, 1] (clipped), by the three-term recurrence."""
     z = min(max(z, -1.0), 1.0)
@@ -286,7 +286,7 @@ def chebyshev_features(z: float, degree: int) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _inverse_gap_weights(theta, phi, gamma):
     d = theta.shape[0]
     y = theta @ phi
@@ -301,7 +301,7 @@ def _inverse_gap_weights(theta, phi, gamma):
     return p
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _observe_and_refit(gram, moment, theta, arm, phi, y, smooth, global_mean, use_global):
     k = phi.shape[0]
     for r in range(k):
@@ -311,7 +311,7 @@ def _observe_and_refit(gram, moment, theta, arm, phi, y, smooth, global_mean, us
     return _refit_toward_neighbours(gram, moment, theta, smooth, global_mean, use_global)
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _refit_toward_neighbours(gram, moment, theta, smooth, global_mean, use_global):
     """θ_i = argmin ‖X_i θ − y_i‖² + smooth ‖θ − prior_i‖², prior_i the mean of the neighbours' θ
     (or the global mean log cost as a constant, early on)."""
@@ -500,7 +500,7 @@ def _to_log1m_scalar(value: float, kind: int) -> float:
     return math.log(v / (1.0 + v))
 
 
-@numba.njit(cache=True)
+@njit(cache=True)
 def _fit_transforms(z, mu, top):
     """(transform, θ, residual variance in log(1 − μ), (XᵀX)⁻¹) of the best of every transform × degree."""
     n = z.shape[0]

@@ -15,8 +15,9 @@ The tests check both against scikit-learn itself.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from steptune.evaluators.compiled import njit
 
 _RAND_R_MAX = 0x7FFFFFFF  # the bound of the draw each of scikit-learn's trees takes to seed its splitter
 _FEATURE_THRESHOLD = 1e-7  # values closer than this are not split between (as in scikit-learn)
@@ -100,7 +101,7 @@ class RandomizedTrees:
         return out / self.n_estimators
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _rand_r(state):
     """scikit-learn's ``our_rand_r``: a 32-bit xorshift step (state is a one-element uint32 array)."""
     if state[0] == 0:
@@ -113,14 +114,14 @@ def _rand_r(state):
     return np.int64(s % np.uint64(_RAND_R_MAX + 1))
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _randomized_forest(X, y, seeds, min_samples_leaf, children, features, thresholds, values):
     columns = np.ascontiguousarray(X.T)
     for t in range(seeds.shape[0]):
         _randomized_tree(columns, y, seeds[t], min_samples_leaf, children[t], features[t], thresholds[t], values[t])
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _left_sum(y, samples, start, pos, end, total):
     """scikit-learn's criterion moved to ``pos``: the left rows' sum, counted from whichever end is nearer (from
     the far end, taken off the node's ``total``)."""
@@ -135,7 +136,7 @@ def _left_sum(y, samples, start, pos, end, total):
     return left
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _randomized_tree(columns, y, seed, min_samples_leaf, children, feature, threshold, value):
     """One tree, as scikit-learn's depth-first builder grows it with its random splitter: nodes numbered in the
     order they are made (left subtrees first), each node's features drawn in random order with the features
@@ -260,7 +261,7 @@ def _randomized_tree(columns, y, seed, min_samples_leaf, children, feature, thre
     return count
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _forest_predictions(X, children, features, thresholds, values, out):
     for t in range(features.shape[0]):
         for i in range(X.shape[0]):
@@ -270,7 +271,7 @@ def _forest_predictions(X, children, features, thresholds, values, out):
             out[t, i] = values[t, k]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _sample_mask(u, in_bag):
     """scikit-learn's ``_random_sample_mask``: row i is taken with the chance that the rows still to be taken
     have among the rows left, so exactly ``in_bag`` are."""
@@ -297,7 +298,7 @@ def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return bins, np.array(starts), np.concatenate(values)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _boost(X, bins, starts, bin_values, y, masks, seeds, max_depth, rate, init, features, thresholds, values):
     raw = np.full(y.shape[0], init)
     for t in range(masks.shape[0]):
@@ -306,7 +307,7 @@ def _boost(X, bins, starts, bin_values, y, masks, seeds, max_depth, rate, init, 
         _add_tree(X, features[t], thresholds[t], values[t], rate, raw)
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _grow(X, bins, starts, bin_values, residual, mask, seed, max_depth, feature, threshold, value):
     """One tree on the rows in ``mask``, in heap order (node k's children are 2k+1 and 2k+2; feature -1 is a
     leaf). At each level the rows' residuals are summed per node and distinct value of each feature, and each
@@ -385,7 +386,7 @@ def _grow(X, bins, starts, bin_values, residual, mask, seed, max_depth, feature,
                 node[i] = -1  # settled in a leaf
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _add_tree(X, feature, threshold, value, rate, out):
     for i in range(X.shape[0]):
         k = 0
@@ -394,7 +395,7 @@ def _add_tree(X, feature, threshold, value, rate, out):
         out[i] += rate * value[k]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def _add_trees(X, features, thresholds, values, rate, out):
     for t in range(features.shape[0]):
         _add_tree(X, features[t], thresholds[t], values[t], rate, out)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
+
+from steptune.evaluators.compiled import numba
 
 _JIT = {"cache": True, "nogil": True}
 
