@@ -8,6 +8,7 @@ so the same job gives the same numbers on either backend.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -224,6 +225,7 @@ class RayBackend(Backend):
     """Long-lived evaluator actors on a local Ray instance or an existing cluster (``address``)."""
 
     name = "ray"
+    CALL_SECONDS = 0.1  # work per call where the tasks are quick: Ray's own cost, 1-3 ms a call here, stays small
 
     def __init__(self, problem: ProblemSpec, evaluation: EvaluationSpec, spec: BackendSpec,
                  on_event: Callable[[str], None] | None = None):
@@ -242,6 +244,8 @@ class RayBackend(Backend):
         self.warming: dict = {}  # ObjectRef of a replacement actor's warm-up -> actor index
         self.orphans: set = set()  # calls that were queued behind a call whose actor died: they never began
         self.parked: set = set()  # calls whose actor died while the call ahead of them has not come back yet
+        self.task_seconds: float | None = None  # what the tasks of the last calls took each, by their results
+        self.sent = [0, 0]  # calls sent to the actors and the tasks they carried
 
     def check(self) -> None:
         """Reach Ray (start the local instance, or join the cluster) and check the evaluators fit on it, so a
@@ -371,14 +375,15 @@ class RayBackend(Backend):
         ray = self._init_ray()
         self.start()
         todo, busy = self.todo, self.busy
-        # each call carries up to in_flight tasks (batched: one pass through the model; otherwise one after
-        # another), and two calls are queued per actor so it never waits for the next one
-        group, slots = self.spec.in_flight, 2
+        # each call carries in_flight tasks or more (call_size; batched: one pass through the model, otherwise one
+        # after another), and two calls are queued per actor so it never waits for the next one
+        slots = 2
         load, alive = self.load, self.alive
         calls, began = self.calls, self.began
         while (todo or busy) and not until():
             if sink.stopping():
                 todo.clear()
+            group = self.call_size(len(todo), sum(slots - load[i] for i in range(len(self.actors)) if alive[i]))
             planned = []  # (chunk, actor): told to the sink as started, all together, then sent
             while todo:
                 free = [i for i in range(len(self.actors)) if alive[i] and load[i] < slots]
@@ -395,6 +400,8 @@ class RayBackend(Backend):
                 ref = (actor.evaluate_many if self.spec.batched else actor.evaluate_each).remote(chunk)
                 busy[ref] = (chunk, i)
                 calls[i].append(ref)
+                self.sent[0] += 1
+                self.sent[1] += len(chunk)
                 if len(calls[i]) == 1:
                     began[ref] = now
             if not busy and not (todo and self.warming):
@@ -416,10 +423,22 @@ class RayBackend(Backend):
             order = {ref: k for k, ref in enumerate(busy)}  # the order the calls were sent in
             finished = self._collect(sorted((r for r in ready if r in busy), key=order.get), sink)
             if finished:
+                took = [result["seconds"] for _, result in finished if result.get("seconds")]
+                if took:
+                    self.task_seconds = sum(took) / len(took)
                 sink.done(finished)
             for i in self._overdue(time.monotonic()):
                 if not ray.wait([calls[i][0]], timeout=0)[0]:  # not just come back: it is overdue
                     self._replace(i, sink)
+
+    def call_size(self, queued: int, free: int) -> int:
+        """Tasks per call: ``in_flight``, or more where the tasks are quick (by the last calls' results), so that a
+        call carries about ``CALL_SECONDS`` of work and what Ray spends on each call stays small beside it; never
+        more than the ``queued`` tasks shared evenly over the ``free`` call slots, so every evaluator gets its part."""
+        group = self.spec.in_flight
+        if self.task_seconds and free:
+            group = max(group, min(math.ceil(self.CALL_SECONDS / self.task_seconds), -(-queued // free)))
+        return group
 
     def _collect(self, ready: list, sink: Sink) -> list[tuple[Task, dict]]:
         """The results of the calls in ``ready`` (in the order they were sent), and the tasks of calls whose actor

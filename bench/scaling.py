@@ -105,10 +105,11 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
             secs = time.perf_counter() - t0
             sampling = sum(t.seconds or 0 for t in db.trials(name))
             fits = getattr(runner.searcher, "background_fit_cpu_seconds", 0.0)
+        per_call = backend.sent[1] / backend.sent[0] if kind == "ray" and backend.sent[0] else None
         backend.close()
         n = res.evaluations
         rows.append({"backend": name, "evaluations": n, "seconds": secs, "evals_per_s": n / secs,
-                     "sampling_seconds": sampling, "searcher_seconds": searcher_s[0],
+                     "tasks_per_call": per_call, "sampling_seconds": sampling, "searcher_seconds": searcher_s[0],
                      "searcher_cpu_seconds": searcher_s[1], "searcher_ms_per_eval": 1000 * searcher_s[0] / n,
                      "searcher_cpu_ms_per_eval": 1000 * searcher_s[1] / n, "eval_ms": 1000 * sampling / n,
                      "searcher_vs_eval": searcher_s[0] / sampling, "fit_thread_cpu_ms_per_eval": 1000 * fits / n,
@@ -247,7 +248,8 @@ def main():
                     help="runs of each whole search (their medians are reported); the machine's load moves them")
     ap.add_argument("--options", default="{}", help="S^3 options for the whole searches, as JSON")
     ap.add_argument("--in-flight", type=int, default=2,
-                    help="candidates per call to a Ray evaluator, two calls queued on each (backend.in_flight)")
+                    help="candidates per call to a Ray evaluator, two calls queued on each (backend.in_flight; "
+                         "more where they are quick)")
     ap.add_argument("--searcher-only", action="store_true",
                     help="only time the S^3 searcher alone, without evaluations (CPU per evaluation)")
     args = ap.parse_args()
@@ -332,7 +334,8 @@ def main():
               f"{r['storage_ms_per_eval']:.1f} ms per evaluation ({r['storage_cpu_ms_per_eval']:.1f} ms CPU); "
               f"all three {100 * r['all_vs_eval']:.0f}%"
               + (f", {100 * r['all_vs_evaluation']:.0f}% of a whole evaluation as the worker runs it (sampling and "
-                 f"measuring, {r['evaluation_ms']:.1f} ms)" if r["evaluation_ms"] else ""))
+                 f"measuring, {r['evaluation_ms']:.1f} ms)" if r["evaluation_ms"] else "")
+              + (f"; {r['tasks_per_call']:.1f} candidates per call" if r["tasks_per_call"] else ""))
     ratios = []
     if jobs:
         print(f"(imports and compiled trees the searcher's first fits need, loaded once before the searches: "
