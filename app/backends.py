@@ -244,7 +244,7 @@ class RayBackend(Backend):
         self.warming: dict = {}  # ObjectRef of a replacement actor's warm-up -> actor index
         self.orphans: set = set()  # calls that were queued behind a call whose actor died: they never began
         self.parked: set = set()  # calls whose actor died while the call ahead of them has not come back yet
-        self.task_seconds: float | None = None  # what the tasks of the last calls took each, by their results
+        self.state_seconds: float | None = None  # what the last calls' tasks took per state evaluated
         self.sent = [0, 0]  # calls sent to the actors and the tasks they carried
 
     def check(self) -> None:
@@ -383,7 +383,8 @@ class RayBackend(Backend):
         while (todo or busy) and not until():
             if sink.stopping():
                 todo.clear()
-            group = self.call_size(len(todo), sum(slots - load[i] for i in range(len(self.actors)) if alive[i]))
+            group = self.call_size(todo[0].n if todo else 0, len(todo),
+                                   sum(slots - load[i] for i in range(len(self.actors)) if alive[i]))
             planned = []  # (chunk, actor): told to the sink as started, all together, then sent
             while todo:
                 free = [i for i in range(len(self.actors)) if alive[i] and load[i] < slots]
@@ -423,21 +424,23 @@ class RayBackend(Backend):
             order = {ref: k for k, ref in enumerate(busy)}  # the order the calls were sent in
             finished = self._collect(sorted((r for r in ready if r in busy), key=order.get), sink)
             if finished:
-                took = [result["seconds"] for _, result in finished if result.get("seconds")]
+                took = [(result["seconds"], task.n) for task, result in finished if result.get("seconds")]
                 if took:
-                    self.task_seconds = sum(took) / len(took)
+                    self.state_seconds = sum(secs for secs, _ in took) / sum(n for _, n in took)
                 sink.done(finished)
             for i in self._overdue(time.monotonic()):
                 if not ray.wait([calls[i][0]], timeout=0)[0]:  # not just come back: it is overdue
                     self._replace(i, sink)
 
-    def call_size(self, queued: int, free: int) -> int:
-        """Tasks per call: ``in_flight``, or more where the tasks are quick (by the last calls' results), so that a
-        call carries about ``CALL_SECONDS`` of work and what Ray spends on each call stays small beside it; never
-        more than the ``queued`` tasks shared evenly over the ``free`` call slots, so every evaluator gets its part."""
+    def call_size(self, n: int, queued: int, free: int) -> int:
+        """Tasks of ``n`` states each per call: ``in_flight``, or more where they are quick (by the last calls'
+        seconds per state), so that a call carries about ``CALL_SECONDS`` of work and what Ray spends on each call
+        stays small beside it; never more than the ``queued`` tasks shared evenly over the ``free`` call slots, so
+        every evaluator gets its part."""
         group = self.spec.in_flight
-        if self.task_seconds and free:
-            group = max(group, min(math.ceil(self.CALL_SECONDS / self.task_seconds), -(-queued // free)))
+        if self.state_seconds and n and free:
+            quick = math.ceil(self.CALL_SECONDS / (self.state_seconds * n))
+            group = max(group, min(quick, -(-queued // free)))
         return group
 
     def _collect(self, ready: list, sink: Sink) -> list[tuple[Task, dict]]:

@@ -185,16 +185,17 @@ def test_a_job_joins_a_cluster_by_address_and_survives_losing_a_worker_node(clus
 
 def test_quick_tasks_go_to_an_evaluator_several_at_a_time_and_shared_evenly(tmp_path):
     """A call carries in_flight tasks until their times are known; then, where they are quick, enough of them for
-    about CALL_SECONDS of work, never more than the queued tasks shared evenly over the free call slots."""
+    about CALL_SECONDS of work (by the seconds per state the last results took, so larger tasks go fewer to a
+    call), never more than the queued tasks shared evenly over the free call slots."""
     job = _job("sizes", tmp_path / "cache", "ray", in_flight=2)
     backend = RayBackend(job.problem, job.evaluation, job.backend)
     per_call = RayBackend.CALL_SECONDS
-    assert backend.call_size(queued=40, free=4) == 2  # nothing measured yet
-    backend.task_seconds = per_call / 8
-    assert backend.call_size(queued=40, free=4) == 8  # 8 tasks of 1/8 of a call's work
-    assert backend.call_size(queued=20, free=4) == 5  # 20 queued over 4 slots
-    assert backend.call_size(queued=3, free=4) == 2  # never below in_flight
-    backend.task_seconds = per_call / 7.5
-    assert backend.call_size(queued=100, free=2) == 8  # at least a call's work, rounded up
-    backend.task_seconds = per_call  # a task as long as a call's work: in_flight, as before
-    assert backend.call_size(queued=40, free=4) == 2
+    assert backend.call_size(32, queued=40, free=4) == 2  # nothing measured yet
+    backend.state_seconds = per_call / 8 / 32  # a task of 32 states takes 1/8 of a call's work
+    assert backend.call_size(32, queued=40, free=4) == 8
+    assert backend.call_size(32, queued=20, free=4) == 5  # 20 queued over 4 slots
+    assert backend.call_size(32, queued=3, free=4) == 2  # never below in_flight
+    assert backend.call_size(64, queued=40, free=4) == 4  # tasks of twice the states: half as many
+    assert backend.call_size(32 * 8, queued=40, free=4) == 2  # a task as long as a call's work: in_flight
+    backend.state_seconds = per_call / 7.5 / 32
+    assert backend.call_size(32, queued=100, free=2) == 8  # at least a call's work, rounded up
