@@ -147,7 +147,7 @@ class BackendSpec(_Section):
     workers: int | None = Field(default=None, ge=1)  # evaluators; default one per GPU, else one per CPU slot
     num_cpus: float = Field(default=1, gt=0)
     num_gpus: float = Field(default=0, ge=0)
-    in_flight: int = Field(default=2, ge=1)  # candidates queued on each evaluator at once
+    in_flight: int = Field(default=2, ge=1)  # candidates per call to an evaluator (Ray: more where they are quick)
     batched: bool = False  # evaluate a worker's queued candidates in one batched pass through the model
     max_attempts: int = Field(default=3, ge=1)  # per trial, over lost workers
     max_restarts: int = Field(default=3, ge=0)  # per evaluator actor
