@@ -686,7 +686,7 @@ class Storage:
                    records: bool = True) -> list[TrialRecord] | None:
         """``start`` for many (trial id, worker) pairs, or (trial id, worker, when started), in one transaction
         (all or none); their records in order (None with ``records=False``: one read less)."""
-        starts = [tuple(s) for s in starts]
+        starts = list(starts)
         self.record(starts, (), now=now, request=request)
         return self._records([st[0] for st in starts]) if records else None
 
@@ -806,9 +806,9 @@ class Storage:
         """``finish`` for many trials in one transaction (all or none): each outcome a mapping with
         ``trial_id``, ``finish``'s keywords and optionally ``finished`` (when it finished, default now); their
         records in order (None with ``records=False``: one read less)."""
-        outcomes = _final_outcomes(outcomes)
-        ids = [o["trial_id"] for o in outcomes]
+        outcomes = list(outcomes)
         self.record((), outcomes, now=now, request=request)
+        ids = [o["trial_id"] for o in outcomes]
         return self._records(ids) if records else None
 
     def reap_stale(self, lease_seconds: float, *, study: str | None = None,
