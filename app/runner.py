@@ -572,10 +572,9 @@ class Runner:
             cands = searcher.ask(min(batch_size, left))
             if not cands:
                 return False
-            ids = self.storage.add_trials(job.study, [
+            batches[b] = self.storage.add_trials(job.study, [
                 self._item(c.schedule, CHEAP, {"batch": b, "origin": c.origin, "params": _plain(c.params)})
-                for c in cands])
-            batches[b] = self.storage.trials(job.study, ids=ids)
+                for c in cands], records=True)
             asked[b] = {c.key: c for c in cands}
             return True
 

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy import JSON, Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -167,6 +167,7 @@ class RelaxationRound:
 
 _TRIAL_COLUMNS = [c for c in Trial.__table__.columns if c.name != "study_id"]
 _TRIAL_NAMES = [c.name for c in _TRIAL_COLUMNS]
+_JSON_NAMES = frozenset(c.name for c in _TRIAL_COLUMNS if isinstance(c.type, JSON))
 
 
 def _trial_record(row, study_name: str) -> TrialRecord:
@@ -350,13 +351,13 @@ class Storage:
         """What the write with token ``request`` returned if it was already done; _FIRST otherwise."""
         if request is None:
             return _FIRST
-        row = s.get(Request, request)
+        row = s.connection().execute(select(Request.result).where(Request.token == request)).first()
         return _FIRST if row is None else row.result
 
     @staticmethod
     def _remember(s: Session, request: str | None, result=None) -> None:
         if request is not None:
-            s.add(Request(token=request, result=result))
+            s.connection().execute(insert(Request.__table__), {"token": request, "result": result, "created": utcnow()})
 
     def forget_requests(self, older_than: timedelta) -> int:
         """Drop the tokens of writes older than ``older_than`` (no caller retries them any more); how many."""
@@ -572,12 +573,12 @@ class Storage:
         """Add one trial (default ``queued``). Fields: ``status``, ``metrics``, ``score``, ``fidelity``,
         ``bank``, ``n_samples``, ``worker``, ``error``, ``seconds``, ``max_attempts``, ``info``. The schedule is
         validated first; an invalid one raises ScheduleError and nothing is written."""
-        tid = self.add_trials(study, [{"schedule": schedule, **fields}])[0]
-        return self.trial(tid)
+        return self.add_trials(study, [{"schedule": schedule, **fields}], records=True)[0]
 
     def add_trials(self, study: str, items: Iterable[Mapping], *, create: Mapping | None = None,
-                   request: str | None = None) -> list[int]:
-        """Add many trials in one transaction (all or nothing); returns their ids in order.
+                   request: str | None = None, records: bool = False) -> list[int] | list[TrialRecord]:
+        """Add many trials in one transaction (all or nothing); returns their ids in order (their records with
+        ``records=True``: what reading them back would give, without the read).
 
         Each item is a mapping with ``schedule`` and the fields of ``add_trial``. With ``create`` (the
         keyword arguments of ``create_study``), a missing study is created in the same transaction.
@@ -606,31 +607,38 @@ class Storage:
             rows.append(self._trial_fields(i, d, key, item))
         if not rows:
             return []
+        t = Trial.__table__
         with self._tx() as s:
             done = self._replayed(s, request)
             if done is not _FIRST:
-                return list(done)
-            st = s.scalar(select(Study).where(Study.name == study))
-            if st is None:
-                if create is None:
-                    self._study_row(s, study)  # raises the "no study" error
-                st = self._insert_study(s, study, **dict(create))
-            s.execute(update(Study).where(Study.id == st.id).values(n_trials=Study.n_trials + len(rows)))
-            end = s.scalar(select(Study.n_trials).where(Study.id == st.id))
-            first = end - len(rows)
-            for j, r in enumerate(rows):
-                r["study_id"] = st.id
-                r["number"] = first + j
-                r["score"] = _score(r.pop("_score"), r["metrics"], st.metric)
-            s.execute(insert(Trial), rows)
-            ids = s.scalars(select(Trial.id).where(Trial.study_id == st.id, Trial.number >= first)
-                            .order_by(Trial.number)).all()
-            self._remember(s, request, list(ids))
-        if self.dialect == "postgresql" and len(rows) >= 5000:
+                ids = list(done)
+            else:
+                st = s.execute(select(Study.id, Study.metric).where(Study.name == study)).first()
+                if st is None:
+                    if create is None:
+                        self._study_row(s, study)  # raises the "no study" error
+                    st = self._insert_study(s, study, **dict(create))
+                c = s.connection()
+                end = c.execute(update(Study.__table__).where(Study.id == st.id)
+                                .values(n_trials=Study.n_trials + len(rows)).returning(Study.n_trials)).scalar_one()
+                first = end - len(rows)
+                for j, r in enumerate(rows):
+                    r["study_id"] = st.id
+                    r["number"] = first + j
+                    r["score"] = _score(r.pop("_score"), r["metrics"], st.metric)
+                ids = c.execute(insert(t).returning(t.c.id, sort_by_parameter_order=True), rows).scalars().all()
+                self._remember(s, request, list(ids))
+        if self.dialect == "postgresql" and len(rows) >= 5000 and done is _FIRST:
             # fresh statistics after a bulk load, so the planner keeps using the indexes
             with self.engine.begin() as conn:
                 conn.exec_driver_sql("ANALYZE trials")
-        return list(ids)
+        if not records:
+            return list(ids)
+        if done is not _FIRST:
+            return self._records(list(ids))
+        # JSON columns read back as their JSON text decoded: the records hold the same, sharing nothing
+        return [_trial_record([tid if name == "id" else json.loads(json.dumps(r[name])) if name in _JSON_NAMES
+                               else r[name] for name in _TRIAL_NAMES], study) for tid, r in zip(ids, rows)]
 
     @staticmethod
     def _trial_fields(i: int, d: dict, key: str, item: dict) -> dict:

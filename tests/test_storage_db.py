@@ -220,6 +220,25 @@ def test_trials_round_trip_their_schedule(db):
     assert db.get_study("s").n_trials == 3
 
 
+def test_added_trials_records_are_what_reading_them_back_gives(db):
+    items = [{"schedule": presets.unipc_bh2(6, NS), "fidelity": "cheap", "bank": "cheap", "n_samples": 64,
+              "info": {"batch": 0, "params": {"w": [0.1, 1 / 3]}, "origin": "mutation"}},
+             {"schedule": presets.ddim(5, NS).to_dict(), "status": "complete", "metrics": {"rmse": 0.2, "nll": None},
+              "seconds": 0.5},
+             {"schedule": presets.dpmpp_2m(5, NS).to_json(), "max_attempts": 1}]
+    made = db.add_trials("s", items, create={"method": "s3", "problem": PROBLEM}, request="r1", records=True)
+    read = db.trials("s", ids=[t.id for t in made])
+    assert made == read
+    assert [t.number for t in made] == [0, 1, 2] and made[1].score == 0.2
+    noise_before = dict(items[0]["schedule"].noise)
+    made[0].schedule["noise"].clear()  # a record shares nothing with the schedule it was made from
+    assert items[0]["schedule"].noise == noise_before
+    # a request sent again adds nothing and gives the first send's trials as they are now
+    assert db.add_trials("s", items, request="r1", records=True) == read
+    assert db.add_trials("s", items, request="r1") == [t.id for t in read]
+    assert db.get_study("s").n_trials == 3
+
+
 def test_invalid_schedule_writes_nothing(db):
     db.create_study("s")
     db.add_trial("s", presets.ddim(4, NS))
