@@ -626,7 +626,9 @@ class Storage:
                     r["study_id"] = st.id
                     r["number"] = first + j
                     r["score"] = _score(r.pop("_score"), r["metrics"], st.metric)
-                ids = c.execute(insert(t).returning(t.c.id, sort_by_parameter_order=True), rows).scalars().all()
+                c.execute(insert(t), rows)
+                ids = c.execute(select(t.c.id).where(t.c.study_id == st.id, t.c.number >= first)
+                                .order_by(t.c.number)).scalars().all()
                 self._remember(s, request, list(ids))
         if self.dialect == "postgresql" and len(rows) >= 5000 and done is _FIRST:
             # fresh statistics after a bulk load, so the planner keeps using the indexes
