@@ -582,7 +582,8 @@ class Storage:
 
         Each item is a mapping with ``schedule`` and the fields of ``add_trial``. With ``create`` (the
         keyword arguments of ``create_study``), a missing study is created in the same transaction.
-        A second call with the same ``request`` token adds nothing and returns the first call's ids.
+        A second call with the same ``request`` token adds nothing and returns the first call's ids (or, with
+        ``records``, those trials as they are now).
         """
         rows = []
         memo: dict[str, tuple[dict, str]] = {}
