@@ -564,10 +564,14 @@ def refine_stage(runner) -> list[Refined]:
                               samples=spec.samples, say=runner.say, stop=runner.should_stop, seconds=spec.time)
     if spec.interpolate and not runner.should_stop():
         todo = interpolated_parents(runner.storage, job.study, evaluator, spec.interpolate, say=runner.say)
+        built = [t.nfe for t in todo]
+        # as at a searched NFE, the best preset is refined too: where refining it does better, that is the NFE's best
+        todo += preset_parents(runner.storage, job.study, evaluator, built, job.evaluation.cheap_samples,
+                               say=runner.say)
         out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
                              say=runner.say, stop=runner.should_stop, seconds=spec.time)
         if spec.neighbours:
-            out += interpolated_neighbours(runner.storage, job.study, evaluator, [t.nfe for t in todo], nfes,
+            out += interpolated_neighbours(runner.storage, job.study, evaluator, built, nfes,
                                            iters=spec.iters, samples=spec.samples, say=runner.say,
                                            stop=runner.should_stop, seconds=spec.time)
     return out

@@ -25,7 +25,8 @@ SEARCHED, MADE = [3, 5], 4
 @pytest.fixture(scope="module")
 def job_run(tmp_path_factory):
     """A tiny searched study with NFE 4 interpolated and refined (no neighbour pass, so the NFE's trials are the
-    interpolated schedule and its refinement): its job file, database and `run --json`."""
+    interpolated schedule and its refinement, and the best preset there and its refinement): its job file, database
+    and `run --json`."""
     from steptune.cli import main
 
     folder = tmp_path_factory.mktemp("interp")
@@ -53,11 +54,23 @@ def _sums(trials) -> dict:
 
 
 def _stored(url: str) -> tuple:
-    """The interpolated trial, its refinement, the NFEs it was built from and the best held-out score after it."""
+    """The interpolated trial, its refinement, the NFEs it was built from and the best held-out score after the
+    stage: of the interpolated trial, its refinement and the refinement of the best preset there where that beat
+    the preset."""
     trials = _own(url)
     made = next(t for t in trials if "interpolated" in t.info)
     fit = next(t for t in trials if t.info.get("refines") == made.id)
-    return made, fit, sorted(made.info["interpolated"]["between"]), min(made.score, fit.score)
+    preset_fit = _preset_fit(url)
+    found = [made.score, fit.score] + ([preset_fit.score] if preset_fit.status == "complete" else [])
+    return made, fit, sorted(made.info["interpolated"]["between"]), min(found)
+
+
+def _preset_fit(url: str):
+    """The refinement of the best preset at the interpolated NFE (the stage refines it there as at a searched one)."""
+    with connect(url) as store:
+        trials = store.trials(STUDY, nfe=MADE)
+    (preset,) = [t for t in trials if t.info.get("baseline") and "best_of" in t.info]
+    return next(t for t in trials if t.info.get("refines") == preset.id)
 
 
 def _cost_row(cost: dict) -> dict:
@@ -67,7 +80,7 @@ def _cost_row(cost: dict) -> dict:
 def _check_cost(c: dict, url: str) -> None:
     trials = _own(url)
     made, _, between, _ = _stored(url)
-    assert len(trials) == 2  # the interpolated schedule scored on the held-out bank, and its refinement
+    assert len(trials) == 3  # the interpolated schedule scored on the held-out bank, its refinement, the preset's
     assert {k: c[k] for k in ("evaluations", "model_calls", "wall_seconds", "device_seconds")} == _sums(trials)
     assert c["interpolated_from"] == between and c["repeats"] == c["reused"] == 0
 
@@ -103,7 +116,7 @@ def _check_text_row(out: str, url: str) -> None:
     line = next(ln for ln in out.splitlines() if ln.lstrip("│ ").startswith(label))
     cells = [c.strip() for c in line.strip("│").split("│")]
     sums = sum(t.seconds for t in _own(url))
-    assert cells[-4:] == ["2", f"{sum(t.metrics['model_calls'] for t in _own(url)):,}", seconds_text(sums),
+    assert cells[-4:] == ["3", f"{sum(t.metrics['model_calls'] for t in _own(url)):,}", seconds_text(sums),
                           seconds_text(sums)]
     note = f"NFE {MADE} from NFE {', '.join(map(str, between))}"
     assert re.search(re.escape(note), " ".join(out.split())), out
@@ -127,7 +140,9 @@ def test_status_shows_the_interpolated_nfe_with_its_score_and_cost(job_run, caps
 def test_best_and_export_say_it_is_interpolated_and_what_it_cost(job_run, capsys):
     _, url, _ = job_run
     made, fit, between, _ = _stored(url)
-    best = made if fit.status != "complete" or fit.score >= made.score else fit
+    with connect(url) as store:
+        best = store.best(STUDY, nfe=MADE)  # the interpolated trial, a refinement, or the preset at its best spacing
+        assert best.id in {t.id for t in store.trials(STUDY, nfe=MADE) if t.status == "complete"}
     code, out, _ = run_cli(["best", "--study", STUDY, "--db", url, "--json"], capsys)
     row = next(r for r in json.loads(out) if r["nfe"] == MADE)
     assert row["id"] == best.id and row["interpolated_from"] == between
@@ -135,9 +150,9 @@ def test_best_and_export_say_it_is_interpolated_and_what_it_cost(job_run, capsys
     prov = json.loads(out)["provenance"]
     assert prov["trial"] == best.id and prov["status"] == "complete"
     _check_cost(prov["cost"], url)
-    if best is made:
+    if best.id == made.id:
         assert prov["interpolated"]["between_trials"] == made.info["interpolated"]["from_trials"]
-    else:
+    elif best.id == fit.id:
         assert prov["refined_from"]["trial"] == made.id
 
 

@@ -718,8 +718,13 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
         assert built.score == pytest.approx(min(scores.values()), rel=1e-9)
         (kid,) = [t for t in trials if t.info.get("refines") == built.id]
         assert (kid.status == "complete") == (kid.score < built.score)
+        # as at a searched NFE, the best preset there is refined too, and the NFE's best is the best of all four
+        (preset,) = [t for t in trials if t.nfe == 5 and t.info.get("baseline") and "best_of" in t.info]
+        (preset_kid,) = [t for t in trials if t.info.get("refines") == preset.id]
+        assert (preset_kid.status == "complete") == (preset_kid.score < preset.score)
         best = db.best("interp", 5)
-        assert best.id == (kid.id if kid.status == "complete" else built.id)
+        done = [t for t in (built, kid, preset, preset_kid) if t.status == "complete"]
+        assert best.id == min(done, key=lambda t: (t.score, t.number)).id
     code, out, err = run_cli(["export", "--study", "interp", "--nfe", "5", "--db", url], capsys)
     prov = parse_export(out)[1]
     assert code == 0 and prov["trial"] == best.id and prov["status"] == "complete", err
