@@ -172,7 +172,8 @@ class RefineSpec(_Section):
     # schedules of distinct structures screened per NFE, the most promising refined on (steptune.search.refine
     # .STRUCTURES; 1: the best searched schedule alone)
     structures: int = Field(default=8, ge=1)
-    # NFEs not searched: interpolated from the searched ones (steptune.space.retime.interpolate), then refined
+    # NFEs not searched: interpolated from the searched ones (steptune.space.retime.interpolate), then refined, the
+    # best preset there too
     interpolate: list[int] = Field(default_factory=list)
     # then, in sweeps down and up the NFEs, refine at each NFE schedules built from its neighbours' best
     # (steptune.refine.neighbour_pass)

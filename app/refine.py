@@ -18,9 +18,9 @@ refined in the same way: the NFE's best is the best of all of it.
 
 A job may also ask for NFEs it did not search (``[refine] interpolate``): each is built from the best schedules
 of the searched NFEs (refined ones where they won) by ``steptune.space.retime.interpolate``, scored on the
-held-out bank and stored as a trial of its own (``info.interpolated``), then refined like a searched parent; with
-``neighbours``, schedules built from each neighbouring searched NFE's best are refined there too
-(``interpolated_neighbours``).
+held-out bank and stored as a trial of its own (``info.interpolated``), then refined like a searched parent, and the
+best preset there with it; with ``neighbours``, schedules built from each neighbouring searched NFE's best are
+refined there too (``interpolated_neighbours``).
 """
 
 from __future__ import annotations
