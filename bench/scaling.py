@@ -108,6 +108,10 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
         per_call = backend.sent[1] / backend.sent[0] if kind == "ray" and backend.sent[0] else None
         backend.close()
         n = res.evaluations
+        u = res.utilisation or {}
+        # the evaluators' time with nothing dispatched to them: what the driver (searcher, storage, batch ends)
+        # costs the evaluations, after what it did while they ran
+        wait = u["evaluators"] * u["seconds"] - u["busy_seconds"] if u else None
         rows.append({"backend": name, "evaluations": n, "seconds": secs, "evals_per_s": n / secs,
                      "tasks_per_call": per_call, "sampling_seconds": sampling, "searcher_seconds": searcher_s[0],
                      "searcher_cpu_seconds": searcher_s[1], "searcher_ms_per_eval": 1000 * searcher_s[0] / n,
@@ -118,7 +122,10 @@ def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | Non
                      "all_vs_eval": (searcher_s[0] + fits + storage_s[0]) / sampling,
                      # in-process, the whole of each evaluation as its worker runs it: sampling and measuring
                      "evaluation_ms": 1000 * worker_s[0] / n if worker_s else None,
-                     "all_vs_evaluation": (searcher_s[0] + fits + storage_s[0]) / worker_s[0] if worker_s else None})
+                     "all_vs_evaluation": (searcher_s[0] + fits + storage_s[0]) / worker_s[0] if worker_s else None,
+                     "evaluators": u.get("evaluators"), "evaluators_busy": u.get("fraction"),
+                     "wait_ms_per_eval": 1000 * wait / n if wait is not None else None,
+                     "wait_vs_eval": wait / sampling if wait is not None else None})
     return rows
 
 
@@ -335,7 +342,10 @@ def main():
               f"all three {100 * r['all_vs_eval']:.0f}%"
               + (f", {100 * r['all_vs_evaluation']:.0f}% of a whole evaluation as the worker runs it (sampling and "
                  f"measuring, {r['evaluation_ms']:.1f} ms)" if r["evaluation_ms"] else "")
-              + (f"; {r['tasks_per_call']:.1f} candidates per call" if r["tasks_per_call"] else ""))
+              + (f"; {r['tasks_per_call']:.1f} candidates per call" if r["tasks_per_call"] else "")
+              + (f"; the evaluators busy {100 * r['evaluators_busy']:.1f}% of the run, waiting for the driver "
+                 f"{r['wait_ms_per_eval']:.2f} ms per evaluation = {100 * r['wait_vs_eval']:.1f}% of one evaluation"
+                 if r["evaluators_busy"] is not None else ""))
     ratios = []
     if jobs:
         print(f"(imports and compiled trees the searcher's first fits need, loaded once before the searches: "

@@ -19,22 +19,40 @@ DEFAULT_PRESETS = ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "d
                    "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis", "deis-tab", "heun")
 
 
-def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT_PRESETS) -> list[Candidate]:
+def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT_PRESETS,
+                      afs: bool = False) -> list[Candidate]:
     """Every preset that can be built at every NFE, on the space's time interval (duplicates removed), each
-    preset at all NFEs before the next, so that a budget too small for all of them still reaches every NFE."""
+    preset at all NFEs before the next, so that a budget too small for all of them still reaches every NFE.
+    With ``afs`` (where the space allows an analytical first step) they are followed by the same presets with one
+    (``afs_variant``; origin ``preset-afs:SPEC``)."""
     out, keys = [], set()
-    for spec in specs:
-        for nfe in nfes:
-            try:
-                s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
-                s.validate(nfe=nfe)
-            except ScheduleError:
-                continue
-            c = Candidate(s, nfe, f"preset:{spec}")
-            if c.key not in keys:
-                keys.add(c.key)
-                out.append(c)
+    variants = (False, True) if afs and "zero" in space.afs_kinds else (False,)
+    for with_afs in variants:
+        for spec in specs:
+            for nfe in nfes:
+                try:
+                    if with_afs:  # repaired to what the space allows (e.g. a corrector the new first step can't have)
+                        s = space.finish(afs_variant(spec, nfe, space.noise, space.t_start, space.t_end), nfe)
+                    else:
+                        s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
+                        s.validate(nfe=nfe)
+                except ScheduleError:
+                    continue
+                if s is None:
+                    continue
+                c = Candidate(s, nfe, f"preset-afs:{spec}" if with_afs else f"preset:{spec}")
+                if c.key not in keys:
+                    keys.add(c.key)
+                    out.append(c)
     return out
+
+
+def afs_variant(spec: str, nfe: int, noise, t_start: float, t_end: float) -> Schedule:
+    """The preset ``spec`` with an analytical first step at ``nfe``: built at ``nfe + 1``, its first step takes
+    the data prediction as zero instead of calling the model (``afs = "zero"``), so it has one step more than the
+    preset at ``nfe`` for the same model calls. ScheduleError where that is not a schedule of ``nfe`` calls."""
+    s = presets.build(spec, nfe + 1, noise, t_start=t_start, t_end=t_end)
+    return replace(s, afs="zero", name=f"{s.name}+afs")
 
 
 def default_spacing(problem) -> str | None:

@@ -83,13 +83,13 @@ def test_a_negative_penalty_is_refused_in_one_sentence():
 
 @pytest.fixture(scope="module")
 def digits_searcher(tmp_path_factory):
-    """S^3 over NFE 5 and 8 on gmm-digits told two batches of 64 real results (16 train states each), so both
-    NFEs' predictors rank its next ask."""
+    """S^3 over NFE 5 and 8 on gmm-digits told three batches of 64 real results (16 train states each; the first
+    mostly its preset seeds), so both NFEs' predictors rank its next ask."""
     cache = tmp_path_factory.mktemp("cache")
     problem = get_problem("gmm-digits", cache_dir=cache)
     ev = Evaluator(problem, n_train=16, n_heldout=16, cache_dir=cache)
     se = make_searcher("s3", problem.noise, problem.t_start, problem.t_end, [5, 8], seed=0, fit_ahead=False)
-    for _ in range(2):
+    for _ in range(3):
         for c in se.ask(64):
             se.tell(c, ev.evaluate(c.schedule, bank="train"))
     return se
