@@ -49,8 +49,8 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
 
 def afs_variant(spec: str, nfe: int, noise, t_start: float, t_end: float) -> Schedule:
     """The preset ``spec`` with an analytical first step at ``nfe``: built at ``nfe + 1``, its first step takes
-    the data prediction as zero instead of calling the model (``afs = "zero"``), so it has one step more than the
-    preset at ``nfe`` for the same model calls. ScheduleError where that is not a schedule of ``nfe`` calls."""
+    the data prediction as zero instead of calling the model (``afs = "zero"``), so it makes ``nfe`` calls (a
+    multistep preset: one step more than at ``nfe``). ScheduleError where that is not a schedule of ``nfe`` calls."""
     s = presets.build(spec, nfe + 1, noise, t_start=t_start, t_end=t_end)
     return replace(s, afs="zero", name=f"{s.name}+afs")
 

@@ -1,7 +1,7 @@
 """S^3: predictor-based multi-stage evolutionary search over schedules, for several NFEs at once.
 
 * The population is seeded with every preset at every requested NFE, then (``afs_presets``) with every preset
-  again with an analytical first step (one step more for the same model calls): on gmm-digits those are better
+  again with an analytical first step (built at NFE + 1, its first model call saved): on gmm-digits those are better
   than the presets themselves at most NFEs, and a search that does not start from them may never find that
   kind of schedule (an NFE-4 search did, the same NFE in a job over five did not, and ended 1.4x worse).
 * Each stage, for every NFE, children are generated from the best schedules at that NFE (mutation,
