@@ -55,22 +55,24 @@ def _sums(trials) -> dict:
 
 def _stored(url: str) -> tuple:
     """The interpolated trial, its refinement, the NFEs it was built from and the best held-out score after the
-    stage: of the interpolated trial, its refinement and the refinement of the best preset there where that beat
-    the preset."""
+    stage (``_best``'s)."""
     trials = _own(url)
     made = next(t for t in trials if "interpolated" in t.info)
     fit = next(t for t in trials if t.info.get("refines") == made.id)
-    preset_fit = _preset_fit(url)
-    found = [made.score, fit.score] + ([preset_fit.score] if preset_fit.status == "complete" else [])
-    return made, fit, sorted(made.info["interpolated"]["between"]), min(found)
+    return made, fit, sorted(made.info["interpolated"]["between"]), _best(url).score
 
 
-def _preset_fit(url: str):
-    """The refinement of the best preset at the interpolated NFE (the stage refines it there as at a searched one)."""
+def _best(url: str):
+    """The NFE's best after the stage: of the interpolated trial, the best preset at its best spacing there (the
+    stage refines it as at a searched NFE) and each one's refinement where that beat its parent; ties to the
+    earlier trial."""
     with connect(url) as store:
         trials = store.trials(STUDY, nfe=MADE)
     (preset,) = [t for t in trials if t.info.get("baseline") and "best_of" in t.info]
-    return next(t for t in trials if t.info.get("refines") == preset.id)
+    parents = [next(t for t in trials if "interpolated" in t.info), preset]
+    fits = [next(t for t in trials if t.info.get("refines") == p.id) for p in parents]
+    found = [t for t in parents + fits if t.status == "complete"]
+    return min(found, key=lambda t: (t.score, t.number))
 
 
 def _cost_row(cost: dict) -> dict:
@@ -140,9 +142,7 @@ def test_status_shows_the_interpolated_nfe_with_its_score_and_cost(job_run, caps
 def test_best_and_export_say_it_is_interpolated_and_what_it_cost(job_run, capsys):
     _, url, _ = job_run
     made, fit, between, _ = _stored(url)
-    with connect(url) as store:
-        best = store.best(STUDY, nfe=MADE)  # the interpolated trial, a refinement, or the preset at its best spacing
-        assert best.id in {t.id for t in store.trials(STUDY, nfe=MADE) if t.status == "complete"}
+    best = _best(url)  # the interpolated trial, a refinement, or the preset at its best spacing
     code, out, _ = run_cli(["best", "--study", STUDY, "--db", url, "--json"], capsys)
     row = next(r for r in json.loads(out) if r["nfe"] == MADE)
     assert row["id"] == best.id and row["interpolated_from"] == between
