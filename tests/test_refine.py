@@ -789,34 +789,38 @@ def test_the_neighbour_pass_builds_each_nfe_from_its_neighbours_best_until_nothi
         assert len(db.trials("nb")) == len(trials)
 
 
-def test_an_interpolated_nfe_also_keeps_schedules_built_from_its_neighbours_best_each_refined(tmp_path, cache, capsys):
-    """With the neighbour pass, an interpolated NFE above the searched ones also gets the schedules built from the best
-    of the NFE below (after its own pass) by every method, pad included, each scored and refined once; its best is
-    the best of all of it, so no worse than the padded one, which scores about what the NFE below does."""
+def test_with_an_interpolated_nfe_the_neighbour_pass_sweeps_it_and_the_searched_ones(tmp_path, cache, capsys):
+    """With the neighbour pass, the sweeps run again over the searched NFEs and the interpolated one: the interpolated
+    NFE gets schedules built from the best of the NFE below by every method, pad included, and the NFE below gets
+    schedules built from the interpolated NFE's best; each from its source NFE's best when it was built, scored on the
+    held-out bank and refined once. The interpolated NFE's best is the best of all of it, so no worse than the padded
+    one, which scores about what the NFE it was padded from does."""
     from steptune.refine import best_found
-    from steptune.space.retime import METHODS, interpolate
+    from steptune.space.retime import interpolate
 
     job, url, trials = _ran(tmp_path, cache, "interp-nb", "iters = 10\nsamples = 32\ninterpolate = [5]\n", capsys)
     with connect(url) as db:
         best5 = db.best("interp-nb", 5)
-    (built,) = [t for t in trials if "interpolated" in t.info]
-    assert set(built.info["interpolated"]["tried"]) == {"split", "blend"}
-    below = best_found(trials)[4]
-    made = [t for t in trials if t.nfe == 5 and "neighbour" in t.info]
-    assert made and {t.info["neighbour"]["from_trial"] for t in made} == {below.id}
-    p = load_problem("gmm-2d")
-    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
-    expected = {m: interpolate({4: below.to_schedule()}, 5, method=m) for m in METHODS}
-    expected = {m: x for m, x in expected.items() if x.key() != built.key}  # the interpolated trial is not built twice
-    assert {t.info["neighbour"]["method"]: t.key for t in made} == {m: x.key() for m, x in expected.items()}
-    for t in made:
-        assert t.score == pytest.approx(ev.evaluate(expected[t.info["neighbour"]["method"]], "heldout").metrics["rmse"],
-                                        rel=1e-9)
+    by_id = {t.id: t for t in trials}
+    (interp,) = [t for t in trials if "interpolated" in t.info]
+    assert set(interp.info["interpolated"]["tried"]) == {"split", "blend"}
+    built = [t for t in trials if "neighbour" in t.info]
+    assert {(5, 4), (4, 5)} <= {(t.nfe, t.info["neighbour"]["from_nfe"]) for t in built}
+    ev = Evaluator(load_problem("gmm-2d"), n_train=64, n_heldout=128, cache_dir=cache)
+    for t in built:
+        how = t.info["neighbour"]
+        before = best_found([u for u in trials if u.id < t.id], interpolated=True)
+        assert how["from_trial"] == before[how["from_nfe"]].id
+        expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
+        assert t.schedule == expect.to_dict() and t.key != interp.key  # the interpolated trial is not built twice
+        assert t.score == pytest.approx(ev.evaluate(expect, "heldout").metrics["rmse"], rel=1e-9)
         assert len([k for k in trials if k.info.get("refines") == t.id]) == 1
-    pad = next(t for t in made if t.info["neighbour"]["method"] == "pad")
-    assert pad.score == pytest.approx(below.score, rel=0.05)
+    pads = [t for t in built if t.nfe == 5 and t.info["neighbour"]["method"] == "pad"]
+    assert pads
+    for pad in pads:
+        assert pad.score == pytest.approx(by_id[pad.info["neighbour"]["from_trial"]].score, rel=0.05)
     at5 = [t for t in trials if t.nfe == 5 and t.status == "complete" and t.score is not None]
-    assert best5.score == min(t.score for t in at5) <= pad.score
+    assert best5.score == min(t.score for t in at5) <= min(pad.score for pad in pads)
     assert 5 not in best_found(trials) and best_found(trials, interpolated=True)[5].id == best5.id
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
