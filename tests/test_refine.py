@@ -828,6 +828,39 @@ def test_with_an_interpolated_nfe_the_neighbour_pass_sweeps_it_and_the_searched_
         assert len(db.trials("interp-nb")) == len(trials)
 
 
+def test_the_refine_command_sweeps_the_nfes_a_job_interpolated_with_the_searched_ones(tmp_path, cache, capsys):
+    """`steptune refine` on a study whose job interpolated an NFE (its stage's neighbour pass off): without --nfe its
+    neighbour pass builds at the interpolated NFE from the searched NFE's best and at the searched NFE from the
+    interpolated one's best, each from that NFE's best when it was built; with --nfe it keeps to the NFEs named."""
+    from steptune.refine import best_found
+    from steptune.space.retime import interpolate
+
+    job, url, trials = _ran(tmp_path, cache, "cli-interp", "iters = 10\nsamples = 32\ninterpolate = [5]\n"
+                            "neighbours = false\n", capsys)
+    assert not [t for t in trials if "neighbour" in t.info]
+    args = ["refine", "--study", "cli-interp", "--db", url, "--iters", "10", "--samples", "32", "--structures", "2"]
+    code, out, err = run_cli([*args, "--nfe", "3", "--nfe", "4"], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        named = [t for t in db.trials("cli-interp") if "neighbour" in t.info]
+    assert named and {(t.nfe, t.info["neighbour"]["from_nfe"]) for t in named} <= {(3, 4), (4, 3)}
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        trials = db.trials("cli-interp")
+    by_id = {t.id: t for t in trials}
+    made = [t for t in trials if "neighbour" in t.info and t.id not in {u.id for u in named}]
+    assert {(5, 4), (4, 5)} <= {(t.nfe, t.info["neighbour"]["from_nfe"]) for t in made}
+    for t in made:
+        how = t.info["neighbour"]
+        before = best_found([u for u in trials if u.id < t.id], interpolated=True)
+        assert how["from_trial"] == before[how["from_nfe"]].id
+        expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
+        assert t.schedule == expect.to_dict()
+        assert len([k for k in trials if k.info.get("refines") == t.id]) == 1
+    assert "from NFE 5" in out
+
+
 def test_a_refine_stage_interpolates_only_nfes_it_did_not_search(tmp_path, cache, capsys):
     job = _job(tmp_path, cache, "bad", refine="interpolate = [4]\n")
     _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys,

@@ -28,7 +28,8 @@ def refine_cmd(
                                                    "many step structures at each NFE and refine the most promising "
                                                    "(default 8; 1: the best searched schedule alone).")] = None,
     neighbours: Annotated[bool, typer.Option("--neighbours/--no-neighbours", help="Then, in sweeps down and up the "
-                                             "NFEs, also refine at each NFE schedules built from its neighbours' "
+                                             "NFEs (with those the study's job interpolated, unless --nfe is "
+                                             "given), also refine at each NFE schedules built from its neighbours' "
                                              "best.")] = True,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
@@ -44,7 +45,15 @@ def refine_cmd(
     """Refine a searched study's best schedules: their times, DC ratios and derivative coefficients tuned by
     gradient through the sampler against the reference on the train bank, judged on the held-out bank."""
     from steptune.jobs import parse_duration
-    from steptune.refine import neighbour_pass, parents, refine_trials, structure_groups, study_evaluator, study_job
+    from steptune.refine import (
+        built,
+        neighbour_pass,
+        parents,
+        refine_trials,
+        structure_groups,
+        study_evaluator,
+        study_job,
+    )
     from steptune.search.refine import RefineError
     from steptune.storage import connect
 
@@ -89,8 +98,11 @@ def refine_cmd(
                 done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick,
                                      seconds=seconds)
                 if neighbours and trial is None:
-                    done += neighbour_pass(store, study, ev, nfes, iters=iters, samples=samples, say=say,
-                                           progress=tick, seconds=seconds)
+                    # without --nfe, the NFEs a job's [refine] stage interpolated are swept with the searched ones
+                    between = [] if nfe else [t.nfe for t in store.trials(study) if built(t, "interpolated")]
+                    done += neighbour_pass(store, study, ev, sorted(set(nfes) | set(between)), iters=iters,
+                                           samples=samples, say=say, progress=tick, seconds=seconds,
+                                           interpolated=bool(between))
         except RefineError as e:
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
