@@ -20,7 +20,7 @@ A job may also ask for NFEs it did not search (``[refine] interpolate``): each i
 of the searched NFEs (refined ones where they won) by ``steptune.space.retime.interpolate``, scored on the
 held-out bank and stored as a trial of its own (``info.interpolated``), then refined like a searched parent, and the
 best preset there with it; with ``neighbours``, the sweeps run again over the searched and the interpolated NFEs
-together (``neighbour_pass`` with ``interpolated``): each interpolated NFE gets schedules built from its neighbours'
+together (``neighbour_pass``): each interpolated NFE gets schedules built from its neighbours'
 best, and each searched NFE schedules built from the interpolated NFEs' best (on gmm-digits, one seed of three: NFE 8
 built from the refined NFE 9 scored 0.0140 where the NFE had 0.0161), each refined on its own.
 """
@@ -458,15 +458,15 @@ def interpolated_parents(store, study: str, evaluator, nfes: list[int],
 
 
 def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
-                      say: Callable[[str], None] = lambda msg: None, interpolated: bool = False) -> list:
-    """Schedules at ``nfe`` built from the best schedule found at the searched NFE ``source`` (``best_found``; at an
-    interpolated NFE too with ``interpolated``) by each method of ``steptune.space.retime.interpolate``, each scored
-    on the held-out bank and stored as a trial (``info.neighbour``); those stored before from the same trial are
-    reused. A refined schedule of one NFE often carries over to another better than that NFE's own search found: on
-    gmm-digits (one seed), NFE 8 built from the refined NFE 10 and refined reached 0.0124 where the NFE-8 search and
-    its refinement gave 0.0231, and NFE 10 built back from that reached 0.0079 where it had 0.0147."""
+                      say: Callable[[str], None] = lambda msg: None) -> list:
+    """Schedules at ``nfe`` built from the best schedule found at the searched or interpolated NFE ``source``
+    (``best_found``) by each method of ``steptune.space.retime.interpolate``, each scored on the held-out bank and
+    stored as a trial (``info.neighbour``); those stored before from the same trial are reused. A refined schedule
+    of one NFE often carries over to another better than that NFE's own search found: on gmm-digits (one seed), NFE
+    8 built from the refined NFE 10 and refined reached 0.0124 where the NFE-8 search and its refinement gave
+    0.0231, and NFE 10 built back from that reached 0.0079 where it had 0.0147."""
     trials = store.trials(study)
-    src = best_found(trials, interpolated=interpolated).get(source)
+    src = best_found(trials, interpolated=True).get(source)
     if src is None:
         return []
     stored = {t.info["neighbour"]["method"]: t for t in trials if t.nfe == nfe and t.fidelity == CONFIRM
@@ -494,15 +494,14 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
 def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int, samples: int | None,
                    say: Callable[[str], None] = lambda msg: None, stop: Callable[[], bool] = lambda: False,
                    progress: Callable[[int, int, int, float], None] | None = None,
-                   sweeps: int = SWEEPS, seconds: float | None = None, interpolated: bool = False) -> list[Refined]:
+                   sweeps: int = SWEEPS, seconds: float | None = None) -> list[Refined]:
     """Sweeps over ``nfes``, from the highest down, then from the lowest up, and so on: at each NFE the schedules
     built from the next one's best (``neighbour_parents``; the next one down on a sweep up) are each refined
     (``refine_trials``; not screened: of two, the one better after 40 iterations is not always the one that refines
     best), so each NFE builds on its neighbour's best after that one's turn.
     A schedule pair tried before is not tried again; the sweeps end when two in a row try nothing new (each NFE's
-    best then came from the other's), or after ``sweeps``. ``interpolated``: ``nfes`` include NFEs the study
-    interpolated (``[refine] interpolate``), whose best are sources like a searched NFE's. The refinements, each
-    once."""
+    best then came from the other's), or after ``sweeps``. ``nfes`` may include NFEs the study interpolated
+    (``[refine] interpolate``): their best are sources like a searched NFE's. The refinements, each once."""
     nfes = sorted(set(nfes))
     down = list(reversed(list(zip(nfes, nfes[1:]))))
     up = [(b, a) for a, b in zip(nfes, nfes[1:])]
@@ -514,7 +513,7 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
             if stop():
                 return list(out.values())
             new |= refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say,
-                                stop=stop, progress=progress, seconds=seconds, interpolated=interpolated)
+                                stop=stop, progress=progress, seconds=seconds)
         quiet = 0 if new else quiet + 1
         if quiet == 2:
             break
@@ -524,12 +523,11 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
 def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict, *, iters: int,
                  samples: int | None, say: Callable[[str], None] = lambda msg: None,
                  stop: Callable[[], bool] = lambda: False,
-                 progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None,
-                 interpolated: bool = False) -> bool:
+                 progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None) -> bool:
     """The schedules at ``nfe`` built from ``source``'s best (``neighbour_parents``), each refined on its own and
     compared with the NFE's best before it (the best of what the NFE had when the group was built, then after each
     member); the results go into ``out`` by trial. Whether any refinement ran now."""
-    group = neighbour_parents(store, study, evaluator, nfe, source, say=say, interpolated=interpolated)
+    group = neighbour_parents(store, study, evaluator, nfe, source, say=say)
     if not group:
         return False
     first = min(t.id for t in group)
@@ -578,6 +576,6 @@ def refine_stage(runner) -> list[Refined]:
         if spec.neighbours and built and not runner.should_stop():
             out += neighbour_pass(runner.storage, job.study, evaluator, sorted(set(nfes) | set(built)),
                                   iters=spec.iters, samples=spec.samples, say=runner.say, stop=runner.should_stop,
-                                  seconds=spec.time, interpolated=True)
+                                  seconds=spec.time)
     return out
 

@@ -734,13 +734,30 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
         assert len(db.trials("interp")) == len(trials)
 
 
+def _check_builds(trials, built, ev=None) -> None:
+    """Each of ``built`` (schedules the neighbour pass stored) was built from its source NFE's best when it was built
+    (``best_found`` over the trials before it, interpolated NFEs included), is what ``retime.interpolate`` makes of
+    that by its method, and scores what ``ev`` gives it on the held-out bank."""
+    from steptune.refine import best_found
+    from steptune.space.retime import interpolate
+
+    by_id = {t.id: t for t in trials}
+    for t in built:
+        how = t.info["neighbour"]
+        before = best_found([u for u in trials if u.id < t.id], interpolated=True)
+        assert how["from_trial"] == before[how["from_nfe"]].id
+        expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
+        assert t.schedule == expect.to_dict()
+        if ev is not None:
+            assert t.score == pytest.approx(ev.evaluate(expect, "heldout").metrics["rmse"], rel=1e-9)
+
+
 def test_the_neighbour_pass_builds_each_nfe_from_its_neighbours_best_until_nothing_is_new(tmp_path, cache, capsys):
     """Sweeps down and up: each NFE's schedules are built from an adjacent NFE's best at that moment by each
     interpolation method, scored on the held-out bank, stored and each refined; the pass ends
     with every NFE's final best tried at both its neighbours, no NFE's best is worse for it, and a resumed job or
     `steptune refine` builds and refines nothing again."""
     from steptune.refine import best_found
-    from steptune.space.retime import interpolate
 
     url = f"sqlite:///{tmp_path / 'n.db'}"
     job = _job(tmp_path, cache, "nb", refine="iters = 20\nsamples = 32\nstructures = 2\n", nfe="[3, 4, 6]")
@@ -751,14 +768,8 @@ def test_the_neighbour_pass_builds_each_nfe_from_its_neighbours_best_until_nothi
     by_id = {t.id: t for t in trials}
     built = [t for t in trials if "neighbour" in t.info]
     assert (built[0].nfe, built[0].info["neighbour"]["from_nfe"]) == (4, 6)  # the first sweep goes down
-    ev = Evaluator(load_problem("gmm-2d"), n_train=64, n_heldout=128, cache_dir=cache)
-    for t in built:
-        how = t.info["neighbour"]
-        assert {t.nfe, how["from_nfe"]} in ({3, 4}, {4, 6})
-        assert how["from_trial"] == best_found([u for u in trials if u.id < t.id])[how["from_nfe"]].id
-        expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
-        assert t.schedule == expect.to_dict()
-        assert t.score == pytest.approx(ev.evaluate(expect, "heldout").metrics["rmse"], rel=1e-9)
+    assert all({t.nfe, t.info["neighbour"]["from_nfe"]} in ({3, 4}, {4, 6}) for t in built)
+    _check_builds(trials, built, Evaluator(load_problem("gmm-2d"), n_train=64, n_heldout=128, cache_dir=cache))
     for t in built:  # each refined on its own, not screened, and the log says how it went
         (kid,) = [u for u in trials if u.info.get("refines") == t.id]
         fit = kid.info["refine"]["candidate_rmse"]
@@ -796,7 +807,6 @@ def test_with_an_interpolated_nfe_the_neighbour_pass_sweeps_it_and_the_searched_
     held-out bank and refined once. The interpolated NFE's best is the best of all of it, so no worse than the padded
     one, which scores about what the NFE it was padded from does."""
     from steptune.refine import best_found
-    from steptune.space.retime import interpolate
 
     job, url, trials = _ran(tmp_path, cache, "interp-nb", "iters = 10\nsamples = 32\ninterpolate = [5]\n", capsys)
     with connect(url) as db:
@@ -806,14 +816,9 @@ def test_with_an_interpolated_nfe_the_neighbour_pass_sweeps_it_and_the_searched_
     assert set(interp.info["interpolated"]["tried"]) == {"split", "blend"}
     built = [t for t in trials if "neighbour" in t.info]
     assert {(5, 4), (4, 5)} <= {(t.nfe, t.info["neighbour"]["from_nfe"]) for t in built}
-    ev = Evaluator(load_problem("gmm-2d"), n_train=64, n_heldout=128, cache_dir=cache)
+    _check_builds(trials, built, Evaluator(load_problem("gmm-2d"), n_train=64, n_heldout=128, cache_dir=cache))
     for t in built:
-        how = t.info["neighbour"]
-        before = best_found([u for u in trials if u.id < t.id], interpolated=True)
-        assert how["from_trial"] == before[how["from_nfe"]].id
-        expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
-        assert t.schedule == expect.to_dict() and t.key != interp.key  # the interpolated trial is not built twice
-        assert t.score == pytest.approx(ev.evaluate(expect, "heldout").metrics["rmse"], rel=1e-9)
+        assert t.key != interp.key  # the interpolated trial is not built twice
         assert len([k for k in trials if k.info.get("refines") == t.id]) == 1
     pads = [t for t in built if t.nfe == 5 and t.info["neighbour"]["method"] == "pad"]
     assert pads
@@ -832,9 +837,6 @@ def test_the_refine_command_sweeps_the_nfes_a_job_interpolated_with_the_searched
     """`steptune refine` on a study whose job interpolated an NFE (its stage's neighbour pass off): without --nfe its
     neighbour pass builds at the interpolated NFE from the searched NFE's best and at the searched NFE from the
     interpolated one's best, each from that NFE's best when it was built; with --nfe it keeps to the NFEs named."""
-    from steptune.refine import best_found
-    from steptune.space.retime import interpolate
-
     job, url, trials = _ran(tmp_path, cache, "cli-interp", "iters = 10\nsamples = 32\ninterpolate = [5]\n"
                             "neighbours = false\n", capsys)
     assert not [t for t in trials if "neighbour" in t.info]
@@ -848,15 +850,10 @@ def test_the_refine_command_sweeps_the_nfes_a_job_interpolated_with_the_searched
     assert code == 0, err
     with connect(url) as db:
         trials = db.trials("cli-interp")
-    by_id = {t.id: t for t in trials}
     made = [t for t in trials if "neighbour" in t.info and t.id not in {u.id for u in named}]
     assert {(5, 4), (4, 5)} <= {(t.nfe, t.info["neighbour"]["from_nfe"]) for t in made}
+    _check_builds(trials, made)
     for t in made:
-        how = t.info["neighbour"]
-        before = best_found([u for u in trials if u.id < t.id], interpolated=True)
-        assert how["from_trial"] == before[how["from_nfe"]].id
-        expect = interpolate({how["from_nfe"]: by_id[how["from_trial"]].to_schedule()}, t.nfe, method=how["method"])
-        assert t.schedule == expect.to_dict()
         assert len([k for k in trials if k.info.get("refines") == t.id]) == 1
     assert "from NFE 5" in out
 
