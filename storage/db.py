@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,9 @@ class RelaxationRound:
 _TRIAL_COLUMNS = [c for c in Trial.__table__.columns if c.name != "study_id"]
 _TRIAL_NAMES = [c.name for c in _TRIAL_COLUMNS]
 _JSON_NAMES = frozenset(c.name for c in _TRIAL_COLUMNS if isinstance(c.type, JSON))
+# what a trial's later writes (start, finish, re-queue, heartbeat) change; the rest is fixed when it is added
+_CHANGING_NAMES = ("id", "status", "metrics", "score", "error", "started", "finished", "seconds", "worker", "attempts",
+                   "heartbeat")
 
 
 def _trial_record(row, study_name: str) -> TrialRecord:
@@ -872,6 +875,20 @@ class Storage:
             if ids is not None:
                 q = q.where(Trial.id.in_(list(ids)))
             return [_trial_record(r, study) for r in s.connection().execute(q.order_by(Trial.number))]
+
+    def refresh(self, records: Iterable[TrialRecord]) -> list[TrialRecord]:
+        """The trials ``records`` hold as they are now, reading only what changes once a trial is added (its
+        status, outcome, lease and attempts): what ``trials(study, ids=...)`` gives for them, without decoding
+        their schedules and info again."""
+        records = list(records)
+        t = Trial.__table__
+        with self._tx(write=False) as s:
+            rows = {r.id: r._asdict() for r in s.connection().execute(
+                select(*(t.c[name] for name in _CHANGING_NAMES)).where(t.c.id.in_([r.id for r in records])))}
+        missing = [r.id for r in records if r.id not in rows]
+        if missing:
+            raise StorageError(f"no trial with id {missing[0]}")
+        return [replace(r, **rows[r.id]) for r in records]
 
     def count_trials(self, study: str | None = None) -> int:
         with self._tx(write=False) as s:

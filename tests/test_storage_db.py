@@ -380,6 +380,25 @@ def test_a_drivers_starts_and_outcomes_are_recorded_together_or_not_at_all(db):
     assert db.trial(c).status == "queued"
 
 
+def test_refreshed_records_are_what_reading_the_trials_again_gives(db):
+    made = db.add_trials("s", [{"schedule": presets.ddim(n, NS), "info": {"batch": 0}, "max_attempts": 2}
+                               for n in (4, 5, 6, 7, 8)], create={"method": "s3"}, records=True)
+    a, b, c, d, e = (t.id for t in made)
+    at = datetime(2026, 1, 2, 3, 4, 5)
+    db.record([(a, "w", at), (b, "w", at), (c, "w", at), (d, "w", at)],
+              [{"trial_id": a, "metrics": {"rmse": 0.4, "nll": float("nan")}, "worker": "w"},
+               {"trial_id": b, "status": "failed", "error": "NonFiniteError: step 2",
+                "finished": at + timedelta(seconds=3)}])
+    db.requeue(c, "w died")
+    db.heartbeat(d, "w", now=at + timedelta(seconds=1))
+    fresh = db.refresh(made)
+    assert fresh == db.trials("s", ids=[t.id for t in made])
+    assert [t.status for t in fresh] == ["complete", "failed", "queued", "running", "queued"]
+    assert fresh[4] == made[4]
+    with pytest.raises(StorageError, match=f"no trial with id {e + 100}"):
+        db.refresh([dataclasses.replace(made[0], id=e + 100)])
+
+
 def test_keep_alive_heartbeats_until_the_lease_is_lost(db):
     db.create_study("s")
     tid = db.add_trial("s", presets.ddim(4, NS)).id
