@@ -93,6 +93,12 @@ class Step:
         the step like :attr:`decisions_text`)."""
         return _decisions_problem(self)
 
+    @cached_property
+    def oldest_point(self) -> int:
+        """The oldest history point the step uses: its start or a derivative point (kept like
+        :attr:`decisions_text`)."""
+        return min((self.start, *self.derivative_points()))
+
     def derivative_points(self) -> tuple[int, ...]:
         if self.points is not None:
             return tuple(self.points)
@@ -131,7 +137,12 @@ class Schedule:
         return calls + sum(1 for s in self.steps if s.corrector is not None and s.corrector.kind == "implicit")
 
     def validate(self, nfe: int | None = None) -> Schedule:
-        _validate(self, nfe)
+        if not self.__dict__.get("_valid_steps"):  # searchers, runners and storage each check the same candidate
+            _validate_steps(self)
+            self.__dict__["_valid_steps"] = True  # what depends on the noise dict is asked every time:
+        _validate_pure_noise_start(self)  # a dict changed in place is checked as it is now
+        if nfe is not None and self.nfe != nfe:
+            raise ScheduleError(f"schedule: costs {self.nfe} model calls but NFE {nfe} was asked for")
         return self
 
     def with_steps(self, steps: Sequence[Step]) -> Schedule:
@@ -233,7 +244,8 @@ def _step_text(step: Step, timed: bool) -> str:
 def evolve(obj, **changes):
     """``dataclasses.replace(obj, **changes)`` for the schedule's frozen dataclasses (Step, Corrector, Schedule),
     without its cost: they have no ``__post_init__``, so a copy of the fields with the changes is the same object
-    (less what a step keeps about its decisions, unless only its time changes)."""
+    (less what it keeps about itself, unless only a step's time or a schedule's labels change: a step's decision
+    texts, a schedule's key and validity)."""
     names = obj.__dataclass_fields__
     for k in changes:
         if k not in names:
@@ -241,10 +253,15 @@ def evolve(obj, **changes):
     out = object.__new__(type(obj))
     out.__dict__.update(obj.__dict__)
     out.__dict__.update(changes)
-    if changes.keys() - {"t"}:
-        for cached in ("decisions_text", "decisions_problem"):
+    if changes.keys() - _KEEPS_CACHES.get(type(obj), frozenset()):
+        for cached in _CACHES.get(type(obj), ()):
             out.__dict__.pop(cached, None)
     return out
+
+
+# what a step or schedule keeps about itself once worked out, and the changes that leave it as it was
+_CACHES = {Step: ("decisions_text", "decisions_problem", "oldest_point"), Schedule: ("_valid_steps",)}
+_KEEPS_CACHES = {Step: frozenset({"t"}), Schedule: frozenset(Schedule.LABELS)}
 
 
 _CORRECTOR_DEFAULTS = asdict(Corrector())
@@ -337,7 +354,11 @@ def _alpha_is_zero(noise: dict, t: float) -> bool:
     return zero
 
 
-def _validate_pure_noise_start(s: Schedule, fail) -> None:
+def _fail(msg: str):
+    raise ScheduleError(msg)
+
+
+def _validate_pure_noise_start(s: Schedule) -> None:
     """Where alpha(t_start) = 0 (rectified flow from t = 1), lambda = -inf at the start point: only
     first-order data-prediction steps may use it."""
     if not s.noise or not _alpha_is_zero(s.noise, s.t_start):
@@ -345,56 +366,52 @@ def _validate_pure_noise_start(s: Schedule, fail) -> None:
     for i, st in enumerate(s.steps):
         h = i + 1
         if h + st.start == 0 and st.prediction == "noise":
-            fail(f"step {i}: field 'prediction' is 'noise' but the step starts at t_start = {s.t_start:g}, where "
-                 "alpha = 0; use data prediction there")
+            _fail(f"step {i}: field 'prediction' is 'noise' but the step starts at t_start = {s.t_start:g}, where "
+                  "alpha = 0; use data prediction there")
         used = {h + st.start} | ({h + p for p in st.derivative_points()} if st.order > 1 else set())
         if (st.order > 1 or st.corrector is not None) and 0 in used:
-            fail(f"step {i}: field 'order' is {st.order}{' with a corrector' if st.corrector else ''} but it uses "
-                 f"t_start = {s.t_start:g}, where alpha = 0 and lambda = -inf (no derivative in lambda exists "
-                 "there); use order 1 without corrector for steps that touch it")
+            _fail(f"step {i}: field 'order' is {st.order}{' with a corrector' if st.corrector else ''} but it uses "
+                  f"t_start = {s.t_start:g}, where alpha = 0 and lambda = -inf (no derivative in lambda exists "
+                  "there); use order 1 without corrector for steps that touch it")
 
 
-def _validate(s: Schedule, nfe: int | None) -> None:
-    def fail(msg):
-        raise ScheduleError(msg)
-
+def _validate_steps(s: Schedule) -> None:
+    """What the start, the end and the steps' times and decisions allow (the noise dict aside)."""
     if not s.steps:
-        fail("schedule: needs at least one step")
+        _fail("schedule: needs at least one step")
     if s.afs not in AFS:
-        fail(f"schedule: field 'afs' is {s.afs!r}; use one of {', '.join(AFS)}")
+        _fail(f"schedule: field 'afs' is {s.afs!r}; use one of {', '.join(AFS)}")
     if not _number(s.t_start):
-        fail("schedule: field 't_start' must be a finite number")
+        _fail("schedule: field 't_start' must be a finite number")
     prev = s.t_start
     last = len(s.steps) - 1
     for i, st in enumerate(s.steps):
         hist = i + 1  # history points before step i: the start point, and one after each step before it
         t = st.t
         if not _number(t):
-            fail(f"step {i}: field 't' must be a finite number")
+            _fail(f"step {i}: field 't' must be a finite number")
         if not t < prev:
-            fail(f"step {i}: field 't' = {t:g} is not below the previous time {prev:g}; timesteps must decrease "
-                 "strictly")
+            _fail(f"step {i}: field 't' = {t:g} is not below the previous time {prev:g}; timesteps must decrease "
+                  "strictly")
         if t < 0:
-            fail(f"step {i}: field 't' = {t:g} is negative")
+            _fail(f"step {i}: field 't' = {t:g} is negative")
         prev = t
         problem = st.decisions_problem
         if problem is not None:
-            fail(f"step {i}: {problem}")
-        if not -hist <= st.start:
-            fail(f"step {i}: field 'start' is {st.start!r}; only {hist} history point(s) exist (use -1 .. -{hist})")
-        for p in st.derivative_points():
-            if not -hist <= p:
-                fail(f"step {i}: field 'order' is {st.order} but the step needs history point {p} and only "
-                     f"{hist} exist; lower the order or use fewer points")
+            _fail(f"step {i}: {problem}")
+        if st.oldest_point < -hist:
+            if not -hist <= st.start:
+                _fail(f"step {i}: field 'start' is {st.start!r}; only {hist} history point(s) exist (use -1 .. "
+                      f"-{hist})")
+            p = next(p for p in st.derivative_points() if p < -hist)
+            _fail(f"step {i}: field 'order' is {st.order} but the step needs history point {p} and only {hist} "
+                  "exist; lower the order or use fewer points")
         if st.dc_ratio != 1.0 and hist < 3:
-            fail(f"step {i}: field 'dc_ratio' needs 3 model outputs in the history; only {hist} exist here")
+            _fail(f"step {i}: field 'dc_ratio' needs 3 model outputs in the history; only {hist} exist here")
         if t == 0 and (st.order > 1 or st.corrector is not None):
-            fail(f"step {i}: a step to t = 0 (sigma = 0) must be order 1 without corrector")
+            _fail(f"step {i}: a step to t = 0 (sigma = 0) must be order 1 without corrector")
         if st.corrector is not None and i == last:
-            fail(f"step {i}: field 'corrector' is set on the last step, where no model call follows; remove it")
-    _validate_pure_noise_start(s, fail)
-    if nfe is not None and s.nfe != nfe:
-        fail(f"schedule: costs {s.nfe} model calls but NFE {nfe} was asked for")
+            _fail(f"step {i}: field 'corrector' is set on the last step, where no model call follows; remove it")
 
 
 def _decisions_problem(st: Step) -> str | None:
