@@ -19,12 +19,14 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -94,13 +96,26 @@ def _driver_gone(worker: str | None) -> bool:
     return int(pid) == os.getpid()  # this process: a run before this one in it stopped (nothing is in flight now)
 
 
+@contextmanager
+def _heap_set_aside() -> Iterator[None]:
+    """What the process holds when a search starts (modules, the problem, its reference states, the backend) is
+    set aside from the garbage collector while the search runs: its full passes would scan all of it again and
+    again, for the few objects a search leaves behind (on gmm-digits 0.24 ms of the driver's time per evaluation,
+    0.02 with it set aside; whatever of it is garbage goes at the first full pass after the search)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 class _Sink:
     """Receives the backend's events for one list of tasks. The starts and finishes are written together, with
     the times they happened: with the first event ``FLUSH_SECONDS`` or more after the oldest one held, when the
     backend asks (a quiet moment, a slow evaluation in this process), before a re-queue, and when the backend
     returns. So one write carries many evaluations when they come back fast."""
 
-    FLUSH_SECONDS = 0.25
+    FLUSH_SECONDS = 1.0
 
     def __init__(self, runner: Runner):
         self.runner = runner
@@ -268,7 +283,8 @@ class Runner:
                 self._baseline()
             if not self.should_stop():
                 self.phase = "search"
-                self._search()
+                with _heap_set_aside():
+                    self._search()
             if not self.interrupted.is_set() and not (self.time_up and self.deadline_passed()):
                 self.phase = "confirm"
                 self._confirm()
@@ -589,7 +605,7 @@ class Runner:
             stored = batches[b]
             if any(t.status in ("queued", "running") for t in stored):
                 self._evaluate(stored, ahead=[t for k in range(b + 1, next_ask) for t in batches[k]])
-                stored = batches[b] = self.storage.trials(job.study, ids=[t.id for t in stored])
+                stored = batches[b] = self.storage.refresh(stored)
                 if any(t.status in ("queued", "running") for t in stored):
                     return  # stopped (SIGINT or time budget) inside this batch; a resume finishes it
             for t in stored:

@@ -154,7 +154,7 @@ def time_searcher(searcher) -> list[float]:
     return time_calls(searcher, ("ask", "tell"))
 
 
-STORAGE_CALLS = ("add_trials", "trials", "record")  # what a search's driver writes and reads
+STORAGE_CALLS = ("add_trials", "trials", "refresh", "record")  # what a search's driver writes and reads
 
 
 def time_calls(obj, names) -> list[float]:

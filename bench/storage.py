@@ -4,7 +4,8 @@ all trials to resume, the pandas frame). SQLite (a file under runs/bench/) and P
 schema on the server at --pg-url, default $STEPTUNE_TEST_PG_URL; skipped without one).
 Target: best-per-NFE and Pareto under 200 ms at 100,000 trials. Also the CPU a search's driver spends in storage
 per trial, as the runner writes and reads a batch of 20: added (their records returned), started and finished
-in one ``record``, read back once after evaluation, each write with a request token as the retrying store sends it.
+in one ``record``, refreshed once after evaluation (``refresh``: what changed), each write with a request token
+as the retrying store sends it.
 
     python bench/storage.py [--n 100000] [--pg-url postgresql+psycopg://user@host/db] [--repeats 5]
 """
@@ -108,7 +109,7 @@ def run(url: str, n: int, repeats: int) -> dict:
 
 def driver_cpu_ms(db, items: list[dict], repeats: int, batch: int = 20, batches: int = 50) -> float:
     """CPU ms per trial of a dispatching driver's storage calls (median of ``repeats`` studies of ``batches``
-    batches): ``add_trials(..., records=True)``, one ``record`` of the batch's starts and outcomes, one read."""
+    batches): ``add_trials(..., records=True)``, one ``record`` of the batch's starts and outcomes, one ``refresh``."""
     scheds = [Schedule.from_dict(it["schedule"]) for it in items[:batch * batches]]
     for sc in scheds:
         sc.key()  # a searcher's candidates come keyed
@@ -128,7 +129,7 @@ def driver_cpu_ms(db, items: list[dict], repeats: int, batch: int = 20, batches:
                       [{"trial_id": i, "status": "complete", "metrics": {"rmse": 0.1, "swd": 0.2, "nll": 1.5},
                         "seconds": 0.01, "worker": "driver/w0", "finished": now} for i in ids],
                       request=uuid.uuid4().hex)
-            db.trials(study, ids=ids)
+            db.refresh(added)
         runs.append(1000 * (time.thread_time() - c0) / (batch * batches))
     return statistics.median(runs)
 
