@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
-from runner_jobs import job_text
+from runner_jobs import job_text, run_job
 
 from steptune.backends import LocalBackend, Task
 from steptune.jobs import load_job
@@ -54,3 +55,18 @@ def test_writes_before_an_evaluation_follow_how_long_the_one_before_took(tmp_pat
     else:  # only before the first (nothing is known of its length); the rest is left to the sink's own timer
         expected = [("start", 0), ("flush",), ("done", 0), ("start", 1), ("done", 1), ("start", 2), ("done", 2)]
     assert sink.events == expected
+
+
+def test_the_heap_a_search_starts_with_is_set_aside_from_the_collector_only_while_it_runs(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(job_text("heap", tmp_path / "cache", evaluations=4))
+    before = gc.get_freeze_count()
+    held = []
+
+    def progress(status):
+        if status["phase"] == "search":
+            held.append(gc.get_freeze_count())
+
+    result, _ = run_job(load_job(path), f"sqlite:///{tmp_path / 'db.sqlite'}", progress=progress)
+    assert result.evaluations > 0 and held and min(held) > before  # set aside: the collector's full passes skip it
+    assert gc.get_freeze_count() == before  # and handed back after
