@@ -16,6 +16,7 @@ scored on ``--samples`` states of the train bank; the references are computed an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -199,6 +200,7 @@ def searcher_alone(problem: str, nfes: list[int], per_nfe: int, batch: int) -> d
             children[0] += time.thread_time() - c0
 
     s3.S3Searcher._children = timed
+    gc.freeze()  # as a job's search sets the heap it starts with aside from the collector
     try:
         total, cpu = per_nfe * len(nfes), 0.0
         while len(se.trials) < total:
@@ -208,6 +210,7 @@ def searcher_alone(problem: str, nfes: list[int], per_nfe: int, batch: int) -> d
             cpu += time.thread_time() - c0
     finally:
         s3.S3Searcher._children = make
+        gc.unfreeze()
     n = len(se.trials)
     return {"nfes": nfes, "per_nfe": per_nfe, "batch": batch, "cpu_ms_per_eval": 1000 * cpu / n,
             "fits_ms_per_eval": 1000 * se.background_fit_cpu_seconds / n,
