@@ -137,10 +137,10 @@ class Schedule:
         return calls + sum(1 for s in self.steps if s.corrector is not None and s.corrector.kind == "implicit")
 
     def validate(self, nfe: int | None = None) -> Schedule:
-        if not self.__dict__.get("_valid_steps"):  # searchers, runners and storage each check the same candidate
+        if not self.__dict__.get("_valid_steps"):  # kept: a searcher, the runner and the storage check one candidate
             _validate_steps(self)
-            self.__dict__["_valid_steps"] = True  # what depends on the noise dict is asked every time:
-        _validate_pure_noise_start(self)  # a dict changed in place is checked as it is now
+            self.__dict__["_valid_steps"] = True
+        _validate_pure_noise_start(self)  # asked every time: a noise dict changed in place is checked as it is now
         if nfe is not None and self.nfe != nfe:
             raise ScheduleError(f"schedule: costs {self.nfe} model calls but NFE {nfe} was asked for")
         return self
@@ -245,7 +245,7 @@ def evolve(obj, **changes):
     """``dataclasses.replace(obj, **changes)`` for the schedule's frozen dataclasses (Step, Corrector, Schedule),
     without its cost: they have no ``__post_init__``, so a copy of the fields with the changes is the same object
     (less what it keeps about itself, unless only a step's time or a schedule's labels change: a step's decision
-    texts, a schedule's key and validity)."""
+    texts and oldest history point, a schedule's verdict on its steps)."""
     names = obj.__dataclass_fields__
     for k in changes:
         if k not in names:

@@ -10,7 +10,7 @@ from gaussian import gaussian_model
 
 from steptune.space import Corrector, Model, Schedule, ScheduleError, Step, load_schedule, presets, sample, spacing
 from steptune.space import noise as noise_mod
-from steptune.space.schedule import SCHEMA_VERSION
+from steptune.space.schedule import SCHEMA_VERSION, evolve
 
 MU = torch.tensor([0.3, -0.7, 1.0], dtype=torch.float64)
 VAR = torch.tensor([0.05, 0.6, 1.4], dtype=torch.float64)
@@ -316,6 +316,22 @@ def test_presets_do_not_depend_on_torch_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert built[torch.float32] == built[torch.float64]
+
+
+def test_a_schedule_changed_from_a_checked_one_is_checked_again():
+    """A schedule keeps its verdict on its steps; a copy with other steps or times is checked anew, one with
+    other labels keeps it."""
+    s = presets.dpmpp_2m(6, noise_mod.VPLinear()).validate()
+    third = evolve(s.steps[3], order=3, start=-4)  # history point -5 at step 3, where only 4 exist
+    with pytest.raises(ScheduleError, match="step 3: field 'order' is 3 but the step needs history point -5"):
+        evolve(s, steps=(*s.steps[:3], third, *s.steps[4:])).validate()
+    with pytest.raises(ScheduleError, match="step 2: field 't'"):
+        evolve(s, steps=(*s.steps[:2], s.steps[2].at(s.steps[1].t), *s.steps[3:])).validate()
+    with pytest.raises(ScheduleError, match="step 3: field 'start' is -5"):
+        evolve(s, steps=(*s.steps[:3], evolve(s.steps[3], start=-5), *s.steps[4:])).validate()
+    assert evolve(s, name="renamed", meta={"note": 1}).validate(nfe=6).name == "renamed"
+    with pytest.raises(ScheduleError, match="costs 6 model calls but NFE 5"):
+        s.validate(nfe=5)
 
 
 def test_a_pure_noise_start_is_checked_against_the_noise_dict_as_it_is_now():
