@@ -101,7 +101,7 @@ def _heap_set_aside() -> Iterator[None]:
     """What the process holds when a search starts (modules, the problem, its reference states, the backend) is
     set aside from the garbage collector while the search runs: its full passes would scan all of it again and
     again, for the few objects a search leaves behind (on gmm-digits 0.24 ms of the driver's time per evaluation,
-    0.02 with it set aside; whatever of it is garbage goes at the first full pass after the search)."""
+    0.04 with it set aside; whatever of it is garbage goes at the first full pass after the search)."""
     gc.freeze()
     try:
         yield
