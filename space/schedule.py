@@ -137,7 +137,7 @@ class Schedule:
         return calls + sum(1 for s in self.steps if s.corrector is not None and s.corrector.kind == "implicit")
 
     def validate(self, nfe: int | None = None) -> Schedule:
-        if not self.__dict__.get("_valid_steps"):  # kept: a searcher, the runner and the storage check one candidate
+        if not self.__dict__.get("_valid_steps"):  # kept: the search space, the searcher and storage all check it
             _validate_steps(self)
             self.__dict__["_valid_steps"] = True
         _validate_pure_noise_start(self)  # asked every time: a noise dict changed in place is checked as it is now
