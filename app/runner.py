@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
@@ -99,9 +99,9 @@ def _driver_gone(worker: str | None) -> bool:
 @contextmanager
 def _heap_set_aside() -> Iterator[None]:
     """What the process holds when a search starts (modules, the problem, its reference states, the backend) is
-    set aside from the garbage collector while the search runs: its full passes would scan all of it again and
+    set aside from the garbage collector while the run goes on: its full passes would scan all of it again and
     again, for the few objects a search leaves behind (on gmm-digits 0.24 ms of the driver's time per evaluation,
-    0.04 with it set aside; whatever of it is garbage goes at the first full pass after the search)."""
+    0.04 with it set aside; whatever of it is garbage goes at the first full pass after the run)."""
     gc.freeze()
     try:
         yield
@@ -270,6 +270,7 @@ class Runner:
         beat = threading.Thread(target=self._heartbeat, name="steptune-heartbeat", daemon=True)
         self._beating = threading.Event()
         beat.start()
+        heap = ExitStack()
         try:
             self.backend.start()
             self.storage.update_study_config(job.study, {"evaluators": {
@@ -283,8 +284,10 @@ class Runner:
                 self._baseline()
             if not self.should_stop():
                 self.phase = "search"
-                with _heap_set_aside():
-                    self._search()
+                # until the run ends: a full pass right after the search would scan everything at once, inside
+                # the time kept for the confirmations
+                heap.enter_context(_heap_set_aside())
+                self._search()
             if not self.interrupted.is_set() and not (self.time_up and self.deadline_passed()):
                 self.phase = "confirm"
                 self._confirm()
@@ -294,6 +297,7 @@ class Runner:
                 self.phase = "refine"
                 refine_stage(self)
         finally:
+            heap.close()
             self._beating.set()
             beat.join()
             try:

@@ -57,16 +57,18 @@ def test_writes_before_an_evaluation_follow_how_long_the_one_before_took(tmp_pat
     assert sink.events == expected
 
 
-def test_the_heap_a_search_starts_with_is_set_aside_from_the_collector_only_while_it_runs(tmp_path):
+def test_the_heap_a_search_starts_with_is_set_aside_from_the_collector_until_the_run_ends(tmp_path):
+    """Through the confirmations too: a full pass of the collector over everything, right after the search, would
+    fall in the time a time budget keeps for them."""
     path = tmp_path / "job.toml"
     path.write_text(job_text("heap", tmp_path / "cache", evaluations=4))
     before = gc.get_freeze_count()
-    held = []
+    held = {}
 
     def progress(status):
-        if status["phase"] == "search":
-            held.append(gc.get_freeze_count())
+        held.setdefault(status["phase"], []).append(gc.get_freeze_count())
 
     result, _ = run_job(load_job(path), f"sqlite:///{tmp_path / 'db.sqlite'}", progress=progress)
-    assert result.evaluations > 0 and held and min(held) > before  # set aside: the collector's full passes skip it
+    assert result.evaluations > 0 and result.confirmations > 0
+    assert min(held["search"] + held["confirm"]) > before  # set aside: the collector's full passes skip it
     assert gc.get_freeze_count() == before  # and handed back after
