@@ -574,7 +574,7 @@ def refine_stage(runner) -> list[Refined]:
         out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
                              say=runner.say, stop=runner.should_stop, seconds=spec.time)
         if spec.neighbours and built and not runner.should_stop():
-            out += neighbour_pass(runner.storage, job.study, evaluator, sorted(set(nfes) | set(built)),
+            out += neighbour_pass(runner.storage, job.study, evaluator, [*nfes, *built],
                                   iters=spec.iters, samples=spec.samples, say=runner.say, stop=runner.should_stop,
                                   seconds=spec.time)
     return out

@@ -100,7 +100,7 @@ def refine_cmd(
                 if neighbours and trial is None:
                     # without --nfe, the NFEs a job's [refine] stage interpolated are swept with the searched ones
                     between = [] if nfe else [t.nfe for t in store.trials(study) if built(t, "interpolated")]
-                    done += neighbour_pass(store, study, ev, sorted(set(nfes) | set(between)), iters=iters,
+                    done += neighbour_pass(store, study, ev, [*nfes, *between], iters=iters,
                                            samples=samples, say=say, progress=tick, seconds=seconds)
         except RefineError as e:
             raise CliError(str(e)) from None
