@@ -438,10 +438,9 @@ class S3Searcher(Searcher):
         n = len(self.trials)
         if n < self.min_train:
             return None
-        nfes = np.array([c.nfe for c, _ in self.trials])
         per_model = n if self.shared else n / len(self.nfes)
         select = self.predictor_kind == "auto" and per_model >= self._next_select
-        groups = {g: (np.arange(n) if g is None else np.flatnonzero(nfes == g),
+        groups = {g: (np.arange(n) if g is None else np.array(self._by_nfe.get(g, ()), dtype=np.int64),
                       self._fit_size.get(g, 0) if g in self._models else None)
                   for g in ([None] if self.shared else self.nfes)}
         if not select and not any(refit_due(len(rows), last, self.min_train) for rows, last in groups.values()):

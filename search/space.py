@@ -67,6 +67,7 @@ class DecisionSpace:
         self.noise_dict = noise.to_dict()
         self.t_start, self.t_end = float(t_start), float(t_end)
         self._lam_cache: dict[float, float] = {}
+        self._repairs: dict[tuple, Step | None] = {}  # what repair makes of a step's decisions at a place
         self.lam0, self.lam1 = self.lam(self.t_start), self.lam(self.t_end)
         self.min_gap = float(min_gap)
         discrete = isinstance(noise, VPDiscrete)
@@ -233,43 +234,20 @@ class DecisionSpace:
         """Clip every per-step decision to what the step's history allows (order, points, start,
         relaxation, second-derivative scale, compensation, corrector; no corrector on the last step, and
         order 1 on a step to t = 0)."""
-        steps = []
         n = len(s.steps)
-        for i, st in enumerate(s.steps):
-            hist = i + 1
-            start = st.start if -hist <= st.start <= -1 else -1
-            order = 1 if st.t == 0 else max(1, min(st.order, self.max_order))
-            points = st.points
-            if points is not None:
-                points = tuple(p for p in dict.fromkeys(points) if -hist <= p <= -1 and p != start)
-                order = min(order, len(points) + 1)
-                if order == 1:
-                    points = None
-            else:
-                order = min(order, hist + start + 1)
-            npts = len(points) if points is not None else order - 1
-            first = st.first_points if st.first_points is not None and 1 <= st.first_points <= npts else None
-            relax, coef = (st.relaxation, st.relaxation_coef) if order >= 2 else ("none", 0.0)
-            second = st.second_scale if order >= 3 else 1.0
-            dc = st.dc_ratio if hist >= 3 else 1.0
-            corr = st.corrector
-            if corr is not None and (i == n - 1 or st.t == 0):
-                corr = None
-            if corr is not None:
-                cap = min(MAX_ORDER, npts + 2)
-                corder = corr.order if corr.order is not None else order + 1
-                if corder > cap or corder < 2:
-                    corr = evolve(corr, order=cap if corr.order is not None or order + 1 > cap else None)
-                if corr.order is not None and corr.order == order + 1:
-                    corr = evolve(corr, order=None)
-            if (start, order, points, first, relax, coef, second, dc, corr) != (
-                    st.start, st.order, st.points, st.first_points, st.relaxation, st.relaxation_coef,
-                    st.second_scale, st.dc_ratio, st.corrector):
-                st = evolve(st, start=start, order=order, points=points, first_points=first, relaxation=relax,
-                             relaxation_coef=coef, second_scale=second, dc_ratio=dc, corrector=corr)
-            steps.append(st)
-        steps = tuple(steps)
+        steps = tuple([self._repaired(st, i, n) for i, st in enumerate(s.steps)])
         return s if steps == s.steps else evolve(s, steps=steps)
+
+    def _repaired(self, st: Step, i: int, n: int) -> Step:
+        """Step ``i`` of ``n`` repaired: worked out once for each text of its decisions at each place (whether it
+        is the last, whether it ends at t = 0), as children repeat their parents' steps at other times."""
+        where = (st.decisions_text, i, i == n - 1, st.t == 0, self.max_order)
+        fixed = self._repairs.get(where, _UNSEEN)
+        if fixed is _UNSEEN:
+            if len(self._repairs) > 200_000:
+                self._repairs.clear()
+            fixed = self._repairs[where] = _repair_step(st, i, n, self.max_order)
+        return st if fixed is None else fixed.at(st.t)
 
     def finish(self, s: Schedule | None, nfe: int) -> Schedule | None:
         """Repair, validate and check the NFE; None when the candidate is not feasible."""
@@ -534,7 +512,46 @@ class DecisionSpace:
                 implicit_a = st.corrector is not None and st.corrector.kind == "implicit"
                 implicit_b = o.corrector is not None and o.corrector.kind == "implicit"
                 corr = st.corrector if implicit_a or implicit_b else o.corrector
-                st = evolve(o, t=st.t, corrector=corr)
+                st = o.at(st.t) if corr is o.corrector else evolve(o, t=st.t, corrector=corr)
             steps.append(st)
         child = self.finish(self.make(times, steps, a.afs, "child"), nfe)
         return child
+
+
+_UNSEEN = object()
+
+
+def _repair_step(st: Step, i: int, n: int, max_order: int) -> Step | None:
+    """Step ``i`` of ``n`` with its decisions clipped to what its history allows; None when they already fit."""
+    hist = i + 1
+    start = st.start if -hist <= st.start <= -1 else -1
+    order = 1 if st.t == 0 else max(1, min(st.order, max_order))
+    points = st.points
+    if points is not None:
+        points = tuple(p for p in dict.fromkeys(points) if -hist <= p <= -1 and p != start)
+        order = min(order, len(points) + 1)
+        if order == 1:
+            points = None
+    else:
+        order = min(order, hist + start + 1)
+    npts = len(points) if points is not None else order - 1
+    first = st.first_points if st.first_points is not None and 1 <= st.first_points <= npts else None
+    relax, coef = (st.relaxation, st.relaxation_coef) if order >= 2 else ("none", 0.0)
+    second = st.second_scale if order >= 3 else 1.0
+    dc = st.dc_ratio if hist >= 3 else 1.0
+    corr = st.corrector
+    if corr is not None and (i == n - 1 or st.t == 0):
+        corr = None
+    if corr is not None:
+        cap = min(MAX_ORDER, npts + 2)
+        corder = corr.order if corr.order is not None else order + 1
+        if corder > cap or corder < 2:
+            corr = evolve(corr, order=cap if corr.order is not None or order + 1 > cap else None)
+        if corr.order is not None and corr.order == order + 1:
+            corr = evolve(corr, order=None)
+    if (start, order, points, first, relax, coef, second, dc, corr) == (
+            st.start, st.order, st.points, st.first_points, st.relaxation, st.relaxation_coef, st.second_scale,
+            st.dc_ratio, st.corrector):
+        return None
+    return evolve(st, start=start, order=order, points=points, first_points=first, relaxation=relax,
+                  relaxation_coef=coef, second_scale=second, dc_ratio=dc, corrector=corr)

@@ -15,6 +15,8 @@ The tests check both against scikit-learn itself.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from steptune.evaluators.compiled import njit
@@ -74,9 +76,8 @@ class RandomizedTrees:
     def fit(self, X, y) -> RandomizedTrees:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float64)
-        rng = np.random.RandomState(self.random_state)
-        tree_seeds = [rng.randint(_INT32_MAX) for _ in range(self.n_estimators)]
-        seeds = np.array([np.random.RandomState(s).randint(0, _RAND_R_MAX) for s in tree_seeds], dtype=np.int64)
+        seeds = np.array(_tree_seeds(self.random_state, self.n_estimators) if isinstance(self.random_state, int)
+                         else _tree_seeds.__wrapped__(self.random_state, self.n_estimators), dtype=np.int64)
         size = max(2 * len(y) - 1, 1)
         self.children_ = np.full((self.n_estimators, size, 2), -1, dtype=np.int64)
         self.features_ = np.full((self.n_estimators, size), -1, dtype=np.int64)
@@ -99,6 +100,16 @@ class RandomizedTrees:
         for row in each:  # summed tree by tree, then divided, as scikit-learn averages a forest
             out += row
         return out / self.n_estimators
+
+
+@lru_cache(maxsize=64)
+def _tree_seeds(random_state, n_estimators: int) -> tuple[int, ...]:
+    """The seed each tree's splitter starts from, drawn as scikit-learn's forest draws them (a generator made per
+    tree, which costs more than a small fit's trees: kept per forest seed, as the same ones come back fit after
+    fit)."""
+    rng = np.random.RandomState(random_state)
+    return tuple(int(np.random.RandomState(rng.randint(_INT32_MAX)).randint(0, _RAND_R_MAX))
+                 for _ in range(n_estimators))
 
 
 @njit(cache=True, nogil=True)
@@ -301,20 +312,24 @@ def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 @njit(cache=True, nogil=True)
 def _boost(X, bins, starts, bin_values, y, masks, seeds, max_depth, rate, init, features, thresholds, values):
     raw = np.full(y.shape[0], init)
+    ranked = np.empty((X.shape[1], X.shape[0]), dtype=np.int64)  # each feature's rows in the order of its values
+    for f in range(X.shape[1]):
+        ranked[f] = np.argsort(bins[:, f], kind="mergesort")  # stable: rows of one value in row order
     for t in range(masks.shape[0]):
-        _grow(X, bins, starts, bin_values, y - raw, masks[t], seeds[t], max_depth, features[t], thresholds[t],
+        _grow(X, bins, ranked, bin_values, y - raw, masks[t], seeds[t], max_depth, features[t], thresholds[t],
               values[t])
         _add_tree(X, features[t], thresholds[t], values[t], rate, raw)
 
 
 @njit(cache=True, nogil=True)
-def _grow(X, bins, starts, bin_values, residual, mask, seed, max_depth, feature, threshold, value):
+def _grow(X, bins, ranked, bin_values, residual, mask, seed, max_depth, feature, threshold, value):
     """One tree on the rows in ``mask``, in heap order (node k's children are 2k+1 and 2k+2; feature -1 is a
-    leaf). At each level the rows' residuals are summed per node and distinct value of each feature, and each
-    node's splits are read off those sums in the order of the values. The features are tried in an order drawn
-    anew at each node, so of splits that gain exactly alike a random one is taken, as scikit-learn does."""
+    leaf). At each level each feature's rows are walked in the order of its values (``ranked``), the residuals of
+    each node's rows of one value summed (in row order), and each node's splits read off those sums value by value:
+    the sums, and so the gains, of summing per node and distinct value over every row. The features are tried in an
+    order drawn anew at each node, so of splits that gain exactly alike a random one is taken, as scikit-learn
+    does; each feature's best split is kept, then the node takes the first of the best in that order."""
     n, n_features = X.shape
-    n_bins = bin_values.shape[0]
     state = np.array([np.uint32(seed)], dtype=np.uint32)
     visit = np.arange(n_features)
     node = np.full(n, -1)
@@ -343,15 +358,35 @@ def _grow(X, bins, starts, bin_values, residual, mask, seed, max_depth, feature,
                     any_split = True
         if not any_split:
             break
-        bin_count = np.zeros((width, n_bins))
-        bin_total = np.zeros((width, n_bins))
-        for i in range(n):
-            k = node[i] - first
-            if k >= 0 and splits[k]:
-                for f in range(n_features):
-                    b = bins[i, f]
-                    bin_count[k, b] += 1.0
-                    bin_total[k, b] += residual[i]
+        gains = np.full((width, n_features), -np.inf)  # each node's best split on each feature
+        cuts = np.zeros((width, n_features))
+        left_count, left_total, last = np.zeros(width), np.zeros(width), np.zeros(width)
+        held, held_count, held_total = np.full(width, -1), np.zeros(width), np.zeros(width)  # the value being summed
+        for f in range(n_features):
+            left_count[:] = 0.0
+            left_total[:] = 0.0
+            held[:] = -1
+            for p in range(n):
+                i = ranked[f, p]
+                k = node[i] - first
+                if k < 0 or not splits[k]:
+                    continue
+                b = bins[i, f]
+                if b != held[k]:  # a new value: the one summed so far joins the left, and the cut before this one
+                    if held[k] >= 0:
+                        left_count[k] += held_count[k]
+                        left_total[k] += held_total[k]
+                        last[k] = bin_values[held[k]]
+                    x = bin_values[b]
+                    if left_count[k] > 0 and x > last[k] + _FEATURE_THRESHOLD:
+                        right_total = total[k] - left_total[k]
+                        right_count = count[k] - left_count[k]
+                        gain = left_total[k] * left_total[k] / left_count[k] + right_total * right_total / right_count
+                        if gain > gains[k, f]:
+                            gains[k, f], cuts[k, f] = gain, last[k] / 2.0 + x / 2.0
+                    held[k], held_count[k], held_total[k] = b, 0.0, 0.0
+                held_count[k] += 1.0
+                held_total[k] += residual[i]
         for k in range(width):
             if not splits[k]:
                 continue
@@ -360,21 +395,8 @@ def _grow(X, bins, starts, bin_values, residual, mask, seed, max_depth, feature,
                 r = _rand_r(state) % (j + 1)
                 visit[j], visit[r] = visit[r], visit[j]
             for f in visit:
-                left_count, left_total, last = 0.0, 0.0, 0.0
-                for b in range(starts[f], starts[f + 1]):
-                    c = bin_count[k, b]
-                    if c == 0.0:
-                        continue
-                    x = bin_values[b]
-                    if left_count > 0 and x > last + _FEATURE_THRESHOLD:
-                        right_total = total[k] - left_total
-                        right_count = count[k] - left_count
-                        gain = left_total * left_total / left_count + right_total * right_total / right_count
-                        if gain > best:
-                            best, best_feature, best_threshold = gain, f, last / 2.0 + x / 2.0
-                    left_count += c
-                    left_total += bin_total[k, b]
-                    last = x
+                if gains[k, f] > best:
+                    best, best_feature, best_threshold = gains[k, f], f, cuts[k, f]
             if best_feature >= 0:
                 feature[first + k] = best_feature
                 threshold[first + k] = best_threshold

@@ -707,7 +707,8 @@ class Storage:
     def record(self, starts: Iterable[tuple] = (), outcomes: Iterable[Mapping] = (), *,
                now: datetime | None = None, request: str | None = None) -> None:
         """``start_many``'s starts, then ``finish_many``'s outcomes (a trial may be in both), in one transaction
-        (all or none): what a driver dispatched and got back since its last write."""
+        (all or none): what a driver dispatched and got back since its last write. A trial in both is written once,
+        as the start and the finish would leave it."""
         starts, outcomes, now = [tuple(s) for s in starts], _final_outcomes(outcomes), now or utcnow()
         with self._tx() as s:
             if self._replayed(s, request) is not _FIRST:
@@ -716,17 +717,38 @@ class Storage:
             t = Trial.__table__
             if starts:
                 ids = [st[0] for st in starts]
-                status = dict(s.execute(select(Trial.id, Trial.status).where(Trial.id.in_(ids)).with_for_update())
-                              .all())
+                found = {r.id: r for r in s.execute(
+                    select(Trial.id, Trial.status, Study.metric).join(Study, Study.id == Trial.study_id)
+                    .where(Trial.id.in_(ids)).with_for_update(of=Trial))}
                 for tid in ids:
-                    if status.get(tid) != "queued":
-                        raise StorageError(f"trial {tid} cannot start: it is {status.get(tid) or 'missing'}, "
-                                           "not queued")
-                s.connection().execute(
-                    update(t).where(t.c.id == bindparam("tid")).values(
-                        status="running", worker=bindparam("w"), started=bindparam("at"), heartbeat=bindparam("at"),
-                        attempts=t.c.attempts + 1),
-                    [{"tid": st[0], "w": st[1], "at": st[2] if len(st) > 2 else now} for st in starts])
+                    if tid not in found or found[tid].status != "queued":
+                        raise StorageError(f"trial {tid} cannot start: it is "
+                                           f"{found[tid].status if tid in found else 'missing'}, not queued")
+                finishing = {o["trial_id"]: o for o in outcomes}
+                together = [] if len(finishing) < len(outcomes) or len(set(ids)) < len(ids) else [
+                    st for st in starts if st[0] in finishing]
+                if len(together) < len(starts):
+                    both = {st[0] for st in together}
+                    s.connection().execute(
+                        update(t).where(t.c.id == bindparam("tid")).values(
+                            status="running", worker=bindparam("w"), started=bindparam("at"),
+                            heartbeat=bindparam("at"), attempts=t.c.attempts + 1),
+                        [{"tid": st[0], "w": st[1], "at": st[2] if len(st) > 2 else now} for st in starts
+                         if st[0] not in both])
+                if together:
+                    values = []
+                    for st in together:
+                        o, started = finishing[st[0]], st[2] if len(st) > 2 else now
+                        at = o.pop("finished", None) or now
+                        row = _Started(st[0], "running", st[1], started, found[st[0]].metric)
+                        values.append({**_finished_row(row, at, **o), "fin": at, "w": st[1], "at": started})
+                    s.connection().execute(
+                        update(t).where(t.c.id == bindparam("tid")).values(
+                            status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"),
+                            error=bindparam("e"), finished=bindparam("fin"), seconds=bindparam("sec"),
+                            worker=bindparam("w"), started=bindparam("at"), heartbeat=None,
+                            attempts=t.c.attempts + 1), values)
+                    outcomes = [o for o in outcomes if o["trial_id"] not in {st[0] for st in together}]
             if outcomes:
                 rows = {r.id: r for r in s.execute(
                     select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
@@ -997,6 +1019,17 @@ def _final_outcomes(outcomes: Iterable[Mapping]) -> list[dict]:
         if o.get("status", "complete") not in FINAL_STATUSES:
             raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
     return outcomes
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A trial as its start in the same write leaves it: what finishing it reads."""
+
+    id: int
+    status: str
+    worker: str
+    started: datetime
+    metric: str
 
 
 def _finished_row(row, now: datetime, trial_id: int, status: str = "complete", metrics=None,

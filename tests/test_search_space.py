@@ -150,3 +150,23 @@ def test_preset_seeds_keep_deis_tab_beside_deis():
         deis, tab = by["preset:deis", n], by["preset:deis-tab", n]
         assert tab.times == deis.times and [st.order for st in tab.steps] == [st.order for st in deis.steps]
         assert {st.basis for st in tab.steps} == {"t"} and {st.basis for st in deis.steps} == {"lambda"}
+
+
+def test_repair_gives_a_step_what_its_place_allows_whatever_the_space_repaired_before():
+    """The space keeps what repair made of each step's decisions at each place: the same decisions at another place
+    (another index, last or not, ending at t = 0 or not) are repaired for that place, as a fresh space repairs them."""
+    shared = _space()
+    rng = np.random.default_rng(7)
+    kinds = [shared.sample_step(rng, 0.5) for _ in range(12)]  # few decisions, met again at many places
+    changed = 0
+    for _ in range(400):
+        n = int(rng.integers(1, 7))
+        times = np.sort(rng.uniform(T1, T0, n))[::-1].tolist()
+        if rng.random() < 0.3:
+            times[-1] = 0.0
+        steps = tuple(kinds[int(rng.integers(len(kinds)))].at(t) for t in times)
+        raw = Schedule(t_start=T0, steps=steps, noise=shared.noise_dict)
+        got, fresh = shared.repair(raw), _space().repair(raw)
+        assert got == fresh and got.key() == fresh.key()
+        changed += got != raw
+    assert changed > 100  # most needed repair: the check compares repairs, not schedules left as they were

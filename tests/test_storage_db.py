@@ -380,6 +380,38 @@ def test_a_drivers_starts_and_outcomes_are_recorded_together_or_not_at_all(db):
     assert db.trial(c).status == "queued"
 
 
+def test_a_trial_started_and_finished_in_one_write_is_left_as_two_writes_leave_it(db):
+    """record() writes a trial it starts and finishes at once in one update: the row is what the start and then the
+    finish, written one after the other, leave."""
+    at, now = datetime(2026, 1, 2, 3, 4, 5), datetime(2026, 1, 2, 3, 5, 0)
+    outcomes = [{"metrics": {"rmse": 0.4, "nll": float("nan")}, "worker": "w"},
+                {"status": "failed", "error": "NonFiniteError: step 2", "finished": at + timedelta(seconds=3)},
+                {"metrics": {"rmse": 0.2}, "seconds": 1.5},
+                {"metrics": {"rmse": 0.1}}]
+    rows = {}
+    for study, together in (("one", True), ("two", False)):
+        ids = db.add_trials(study, [{"schedule": presets.ddim(n, NS)} for n in (4, 5, 6, 7, 8)],
+                            create={"method": "s3"})
+        db.record([(ids[3], "w", at - timedelta(seconds=10))])  # finished here, started before
+        starts = [(tid, "w", at) for tid in ids[:3]] + [(ids[4], "w", at)]  # the last only starts
+        finishes = [{**o, "trial_id": tid} for o, tid in zip(outcomes, ids)]
+        if together:
+            db.record(starts, finishes, now=now)
+        else:
+            db.record(starts, [], now=now)
+            db.record([], finishes, now=now)
+        rows[study] = [dataclasses.replace(t, id=0, study="", created=None, heartbeat=t.heartbeat if t.number == 4
+                                           else None) for t in db.trials(study)]
+    assert rows["one"] == rows["two"]
+    assert [t.status for t in rows["one"]] == ["complete", "failed", "complete", "complete", "running"]
+    assert [t.seconds for t in rows["one"][:4]] == [55.0, 3.0, 1.5, 65.0]
+    # an outcome under another worker than the start beside it: the lease is lost, and nothing is written
+    c = db.add_trials("one", [{"schedule": presets.ddim(9, NS)}])[0]
+    with pytest.raises(LeaseLost, match="not running under worker 'v'"):
+        db.record([(c, "w", at)], [{"trial_id": c, "metrics": {"rmse": 0.3}, "worker": "v"}])
+    assert (db.trial(c).status, db.trial(c).attempts) == ("queued", 0)
+
+
 def test_refreshed_records_are_what_reading_the_trials_again_gives(db):
     made = db.add_trials("s", [{"schedule": presets.ddim(n, NS), "info": {"batch": 0}, "max_attempts": 2}
                                for n in (4, 5, 6, 7, 8)], create={"method": "s3"}, records=True)
