@@ -3,9 +3,9 @@ where scikit-learn's per-tree and per-node overhead costs more than the arithmet
 
 * :class:`BoostedTrees`: scikit-learn's ``GradientBoostingRegressor`` (squared error, the best split of every
   feature at each node, rows subsampled without replacement), grown level by level from sums over each feature's
-  distinct values rather than by sorting the rows at every node. Given the same ``random_state`` it draws the same
-  row subsamples, and where no two splits of a node gain exactly alike it grows the same trees; of splits that tie,
-  both it and scikit-learn take one at random.
+  distinct values (its rows put in the order of its values once per fit) rather than by sorting the rows at every
+  node. Given the same ``random_state`` it draws the same row subsamples, and where no two splits of a node gain
+  exactly alike it grows the same trees; of splits that tie, both it and scikit-learn take one at random.
 * :class:`RandomizedTrees`: scikit-learn's ``ExtraTreesRegressor`` without bootstrap, every feature tried at each
   node: a port of its random splitter and depth-first builder, drawing from the same generators in the same order,
   so that given the same ``random_state`` it grows the same trees.
@@ -40,7 +40,7 @@ class BoostedTrees:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float64)
         n = len(y)
-        bins, starts, bin_values = _bins(X)
+        bins, bin_values = _bins(X)
         nodes = 2 ** (self.max_depth + 1) - 1
         self.features_ = np.full((self.n_estimators, nodes), -1, dtype=np.int64)
         self.thresholds_ = np.zeros((self.n_estimators, nodes))
@@ -54,7 +54,7 @@ class BoostedTrees:
             if self.subsample < 1.0:
                 masks[t] = _sample_mask(rng.uniform(size=n), in_bag)
             seeds[t] = rng.randint(0, _RAND_R_MAX)  # the draw each of scikit-learn's trees seeds its splitter with
-        _boost(X, bins, starts, bin_values, y, masks, seeds, self.max_depth, self.learning_rate, self.init_,
+        _boost(X, bins, bin_values, y, masks, seeds, self.max_depth, self.learning_rate, self.init_,
                self.features_, self.thresholds_, self.values_)
         return self
 
@@ -296,9 +296,9 @@ def _sample_mask(u, in_bag):
     return mask
 
 
-def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each feature's distinct values, all features' one after the other (``bin_values``, feature f's from
-    ``starts[f]`` to ``starts[f + 1]``), and for each row and feature the index of its value among them."""
+def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row and feature the index of its value among all features' distinct values, one feature's after
+    the other's (so a feature's indices follow the order of its values), and those values (``bin_values``)."""
     bins = np.empty(X.shape, dtype=np.int64)
     values, starts = [], [0]
     for f in range(X.shape[1]):
@@ -306,11 +306,11 @@ def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         bins[:, f] += starts[-1]
         values.append(distinct.astype(np.float64))
         starts.append(starts[-1] + len(distinct))
-    return bins, np.array(starts), np.concatenate(values)
+    return bins, np.concatenate(values)
 
 
 @njit(cache=True, nogil=True)
-def _boost(X, bins, starts, bin_values, y, masks, seeds, max_depth, rate, init, features, thresholds, values):
+def _boost(X, bins, bin_values, y, masks, seeds, max_depth, rate, init, features, thresholds, values):
     raw = np.full(y.shape[0], init)
     ranked = np.empty((X.shape[1], X.shape[0]), dtype=np.int64)  # each feature's rows in the order of its values
     for f in range(X.shape[1]):
