@@ -726,9 +726,9 @@ class Storage:
                                            f"{found[tid].status if tid in found else 'missing'}, not queued")
                 finishing = {o["trial_id"]: o for o in outcomes}
                 together = [] if len(finishing) < len(outcomes) or len(set(ids)) < len(ids) else [
-                    st for st in starts if st[0] in finishing]
+                    st for st in starts if st[0] in finishing]  # started and finished here: one update each
+                both = {st[0] for st in together}
                 if len(together) < len(starts):
-                    both = {st[0] for st in together}
                     s.connection().execute(
                         update(t).where(t.c.id == bindparam("tid")).values(
                             status="running", worker=bindparam("w"), started=bindparam("at"),
@@ -748,7 +748,7 @@ class Storage:
                             error=bindparam("e"), finished=bindparam("fin"), seconds=bindparam("sec"),
                             worker=bindparam("w"), started=bindparam("at"), heartbeat=None,
                             attempts=t.c.attempts + 1), values)
-                    outcomes = [o for o in outcomes if o["trial_id"] not in {st[0] for st in together}]
+                    outcomes = [o for o in outcomes if o["trial_id"] not in both]
             if outcomes:
                 rows = {r.id: r for r in s.execute(
                     select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
