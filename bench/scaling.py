@@ -6,7 +6,7 @@ one evaluation's sampling time (target <= 10%) and two Ray evaluators against in
 the median of ``--job-repeats`` runs.
 
     python bench/scaling.py [--candidates 240] [--samples 64] [--repeats 3] [--job-evaluations 300] [--job-repeats 3]
-        [--in-flight 2]
+        [--in-flight 2] [--jobs-only] [--job-backends in-process,ray-x1,ray-x2]
     python bench/scaling.py --searcher-only    # the S^3 searcher alone, no evaluations: CPU per evaluation
 
 Candidates are random schedules at NFE 4-10 from the search space (the mix a search evaluates), each
@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -76,16 +77,22 @@ def rate(backend, tasks) -> tuple[float, int]:
     return len(tasks) / secs, sink.failed
 
 
+# option name -> the name its rows carry, backend kind, evaluators
+JOB_BACKENDS = {"in-process": ("in-process", "local", None), "ray-x1": ("ray x1", "ray", 1),
+                "ray-x2": ("ray x2", "ray", 2)}
+
+
 def job_rates(problem: str, evaluations: int, db_path: Path, options: dict | None = None,
-              in_flight: int = 2) -> list[dict]:
-    """Whole S^3 searches (5 NFEs, no baseline or confirmation) in-process and on 1 and 2 Ray evaluators:
-    evaluations per second including the searcher's own time between batches."""
+              in_flight: int = 2, backends: Sequence[str] = tuple(JOB_BACKENDS)) -> list[dict]:
+    """Whole S^3 searches (5 NFEs, no baseline or confirmation) on each of ``backends`` (in-process, 1 and 2 Ray
+    evaluators): evaluations per second including the searcher's own time between batches."""
     from steptune.jobs import job_from_dict
     from steptune.runner import Runner
     from steptune.storage import connect
 
     rows = []
-    for name, kind, workers in (("in-process", "local", None), ("ray x1", "ray", 1), ("ray x2", "ray", 2)):
+    for key in backends:
+        name, kind, workers = JOB_BACKENDS[key]
         job = job_from_dict({"study": name, "seed": 0, "problem": {"name": problem},
                              "search": {"method": "s3", "nfe": [4, 5, 6, 8, 10], "options": options or {}},
                              "evaluation": {"cheap_samples": 64, "confirm": 0, "baseline": False,
@@ -262,7 +269,16 @@ def main():
                          "more where they are quick)")
     ap.add_argument("--searcher-only", action="store_true",
                     help="only time the S^3 searcher alone, without evaluations (CPU per evaluation)")
+    ap.add_argument("--jobs-only", action="store_true",
+                    help="only run the whole searches, not the evaluations alone before them")
+    ap.add_argument("--job-backends", default=",".join(JOB_BACKENDS),
+                    help=f"the backends the whole searches run on, comma-separated ({', '.join(JOB_BACKENDS)})")
     args = ap.parse_args()
+    job_backends = [b for b in args.job_backends.split(",") if b]
+    unknown = [b for b in job_backends if b not in JOB_BACKENDS]
+    if unknown or not job_backends:
+        ap.error(f"--job-backends {args.job_backends!r}: {unknown[0] if unknown else 'nothing'} is not a backend; "
+                 f"give some of {', '.join(JOB_BACKENDS)}, comma-separated")
     if args.searcher_only:
         warm_imports()
         alone = [searcher_alone(args.problem, nfes, 300, batch) for nfes, batch in (([5], 4), ([4, 5, 6, 8, 10], 20))]
@@ -284,54 +300,58 @@ def main():
 
     from steptune.backends import build_problem
 
-    problem = ProblemSpec(name=args.problem)
-    evaluation = EvaluationSpec(cheap_samples=args.samples, train_samples=256, heldout_samples=1024,
-                                cache="runs/cache")
-    scheds = candidates(build_problem(problem), args.candidates)
-    tasks = [Task(i, s, "train", args.samples) for i, s in enumerate(scheds)]
-
-    local = LocalBackend(problem, evaluation, BackendSpec(kind="local", num_cpus=1))
-    local.start()  # computes and caches the references
     # three logical CPU slots for the 1 + 2 actors held at once; only one backend runs at a time
-    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
-    backends = {"in-process": local}
-    for n in (1, 2):
-        b = RayBackend(problem, evaluation, BackendSpec(kind="ray", workers=n, num_cpus=1, in_flight=args.in_flight))
-        b.start()
-        backends[f"ray x{n}"] = b
-    rates = {name: [] for name in backends}
-    failed = 0
-    for b in backends.values():  # warm-up pass: first-call costs (imports, allocator) out of the timing
-        rate(b, tasks[:8])
-    for _ in range(args.repeats):  # interleaved, so a load change on the machine hits every backend alike
-        for name, b in backends.items():
-            r, f = rate(b, tasks)
-            rates[name].append(r)
-            failed += f
-    for b in backends.values():
-        b.close()
+    if not args.jobs_only or any(JOB_BACKENDS[b][1] == "ray" for b in job_backends):
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    rows, speedup, overhead, tasks = [], None, None, []
+    if not args.jobs_only:
+        problem = ProblemSpec(name=args.problem)
+        evaluation = EvaluationSpec(cheap_samples=args.samples, train_samples=256, heldout_samples=1024,
+                                    cache="runs/cache")
+        scheds = candidates(build_problem(problem), args.candidates)
+        tasks = [Task(i, s, "train", args.samples) for i, s in enumerate(scheds)]
+        local = LocalBackend(problem, evaluation, BackendSpec(kind="local", num_cpus=1))
+        local.start()  # computes and caches the references
+        backends = {"in-process": local}
+        for n in (1, 2):
+            b = RayBackend(problem, evaluation, BackendSpec(kind="ray", workers=n, num_cpus=1,
+                                                            in_flight=args.in_flight))
+            b.start()
+            backends[f"ray x{n}"] = b
+        rates = {name: [] for name in backends}
+        failed = 0
+        for b in backends.values():  # warm-up pass: first-call costs (imports, allocator) out of the timing
+            rate(b, tasks[:8])
+        for _ in range(args.repeats):  # interleaved, so a load change on the machine hits every backend alike
+            for name, b in backends.items():
+                r, f = rate(b, tasks)
+                rates[name].append(r)
+                failed += f
+        for b in backends.values():
+            b.close()
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        rows = [{"backend": k, "evals_per_s": med[k], "runs": rates[k]} for k in rates]
+        speedup = med["ray x2"] / med["ray x1"]
+        overhead = med["in-process"] / med["ray x1"] - 1
+        print(f"{'backend':<12} {'evals/s':>10}   (median of {args.repeats}; {len(tasks)} candidates, "
+              f"{args.samples} samples each, {failed} failed runs)")
+        for r in rows:
+            print(f"{r['backend']:<12} {r['evals_per_s']:>10.1f}")
+        print(f"2 Ray evaluators vs 1: {speedup:.2f}x (target >= 1.7x)")
+        print(f"Ray backend overhead vs in-process, 1 worker: {100 * overhead:.1f}% (target <= 15%)")
     jobs, job_runs, import_s = [], [], 0.0
     if args.job_evaluations:
         import_s = warm_imports()
-        for k in range(max(1, args.job_repeats)):  # each repeat runs the three backends in turn, in a fresh db
+        for k in range(max(1, args.job_repeats)):  # each repeat runs the backends in turn, in a fresh db
             db_path = OUT / f"scaling-jobs-{k}.db"
             db_path.unlink(missing_ok=True)
             job_runs.append(job_rates(args.problem, args.job_evaluations, db_path, json.loads(args.options),
-                                      args.in_flight))
+                                      args.in_flight, job_backends))
             db_path.unlink(missing_ok=True)
         jobs = [median_row([run[i] for run in job_runs]) for i in range(len(job_runs[0]))]
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    rows = [{"backend": k, "evals_per_s": med[k], "runs": rates[k]} for k in rates]
-    speedup = med["ray x2"] / med["ray x1"]
-    overhead = med["in-process"] / med["ray x1"] - 1
-    print(f"{'backend':<12} {'evals/s':>10}   (median of {args.repeats}; {len(tasks)} candidates, "
-          f"{args.samples} samples each, {failed} failed runs)")
-    for r in rows:
-        print(f"{r['backend']:<12} {r['evals_per_s']:>10.1f}")
-    print(f"2 Ray evaluators vs 1: {speedup:.2f}x (target >= 1.7x)")
-    print(f"Ray backend overhead vs in-process, 1 worker: {100 * overhead:.1f}% (target <= 15%)")
     if jobs:
         print(f"whole S^3 searches (medians of {len(job_runs)} runs of each backend):")
     for r in jobs:
@@ -353,6 +373,7 @@ def main():
     if jobs:
         print(f"(imports and compiled trees the searcher's first fits need, loaded once before the searches: "
               f"{import_s:.1f} s)")
+    if jobs and {"in-process", "ray-x2"} <= set(job_backends):
         ratios = [by["ray x2"] / by["in-process"]
                   for by in ({r["backend"]: r["evals_per_s"] for r in run} for run in job_runs)]
         fastest = {name: min(r["seconds"] for run in job_runs for r in run if r["backend"] == name)
@@ -364,7 +385,8 @@ def main():
                                  "repeats": args.repeats, "rows": rows, "speedup_2_vs_1": speedup, "jobs": jobs,
                                  "job_evaluations_per_nfe": args.job_evaluations, "ray_overhead": overhead,
                                  "job_runs": job_runs, "ray_x2_vs_in_process": ratios,
-                                 "options": json.loads(args.options), "in_flight": args.in_flight})
+                                 "options": json.loads(args.options), "in_flight": args.in_flight,
+                                 "job_backends": job_backends})
     print(f"saved {path}")
 
 

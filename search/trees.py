@@ -3,9 +3,9 @@ where scikit-learn's per-tree and per-node overhead costs more than the arithmet
 
 * :class:`BoostedTrees`: scikit-learn's ``GradientBoostingRegressor`` (squared error, the best split of every
   feature at each node, rows subsampled without replacement), grown level by level from sums over each feature's
-  distinct values (its rows put in the order of its values once per fit) rather than by sorting the rows at every
-  node. Given the same ``random_state`` it draws the same row subsamples, and where no two splits of a node gain
-  exactly alike it grows the same trees; of splits that tie, both it and scikit-learn take one at random.
+  distinct values rather than by sorting the rows at every node. Given the same ``random_state`` it draws the same
+  row subsamples, and where no two splits of a node gain exactly alike it grows the same trees; of splits that tie,
+  both it and scikit-learn take one at random.
 * :class:`RandomizedTrees`: scikit-learn's ``ExtraTreesRegressor`` without bootstrap, every feature tried at each
   node: a port of its random splitter and depth-first builder, drawing from the same generators in the same order,
   so that given the same ``random_state`` it grows the same trees.
@@ -40,7 +40,7 @@ class BoostedTrees:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float64)
         n = len(y)
-        bins, bin_values = _bins(X)
+        bins, starts, bin_values = _bins(X)
         nodes = 2 ** (self.max_depth + 1) - 1
         self.features_ = np.full((self.n_estimators, nodes), -1, dtype=np.int64)
         self.thresholds_ = np.zeros((self.n_estimators, nodes))
@@ -54,7 +54,7 @@ class BoostedTrees:
             if self.subsample < 1.0:
                 masks[t] = _sample_mask(rng.uniform(size=n), in_bag)
             seeds[t] = rng.randint(0, _RAND_R_MAX)  # the draw each of scikit-learn's trees seeds its splitter with
-        _boost(X, bins, bin_values, y, masks, seeds, self.max_depth, self.learning_rate, self.init_,
+        _boost(X, bins, starts, bin_values, y, masks, seeds, self.max_depth, self.learning_rate, self.init_,
                self.features_, self.thresholds_, self.values_)
         return self
 
@@ -296,9 +296,9 @@ def _sample_mask(u, in_bag):
     return mask
 
 
-def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each row and feature the index of its value among all features' distinct values, one feature's after
-    the other's (so a feature's indices follow the order of its values), and those values (``bin_values``)."""
+def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each feature's distinct values, all features' one after the other (``bin_values``, feature f's from
+    ``starts[f]`` to ``starts[f + 1]``), and for each row and feature the index of its value among them."""
     bins = np.empty(X.shape, dtype=np.int64)
     values, starts = [], [0]
     for f in range(X.shape[1]):
@@ -306,30 +306,26 @@ def _bins(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         bins[:, f] += starts[-1]
         values.append(distinct.astype(np.float64))
         starts.append(starts[-1] + len(distinct))
-    return bins, np.concatenate(values)
+    return bins, np.array(starts), np.concatenate(values)
 
 
 @njit(cache=True, nogil=True)
-def _boost(X, bins, bin_values, y, masks, seeds, max_depth, rate, init, features, thresholds, values):
+def _boost(X, bins, starts, bin_values, y, masks, seeds, max_depth, rate, init, features, thresholds, values):
     raw = np.full(y.shape[0], init)
-    ranked = np.empty((X.shape[1], X.shape[0]), dtype=np.int64)  # each feature's rows in the order of its values
-    for f in range(X.shape[1]):
-        ranked[f] = np.argsort(bins[:, f], kind="mergesort")  # stable: rows of one value in row order
     for t in range(masks.shape[0]):
-        _grow(X, bins, ranked, bin_values, y - raw, masks[t], seeds[t], max_depth, features[t], thresholds[t],
+        _grow(X, bins, starts, bin_values, y - raw, masks[t], seeds[t], max_depth, features[t], thresholds[t],
               values[t])
         _add_tree(X, features[t], thresholds[t], values[t], rate, raw)
 
 
 @njit(cache=True, nogil=True)
-def _grow(X, bins, ranked, bin_values, residual, mask, seed, max_depth, feature, threshold, value):
+def _grow(X, bins, starts, bin_values, residual, mask, seed, max_depth, feature, threshold, value):
     """One tree on the rows in ``mask``, in heap order (node k's children are 2k+1 and 2k+2; feature -1 is a
-    leaf). At each level each feature's rows are walked in the order of its values (``ranked``), the residuals of
-    each node's rows of one value summed (in row order), and each node's splits read off those sums value by value:
-    the sums, and so the gains, of summing per node and distinct value over every row. The features are tried in an
-    order drawn anew at each node, so of splits that gain exactly alike a random one is taken, as scikit-learn
-    does; each feature's best split is kept, then the node takes the first of the best in that order."""
+    leaf). At each level the rows' residuals are summed per node and distinct value of each feature, and each
+    node's splits are read off those sums in the order of the values. The features are tried in an order drawn
+    anew at each node, so of splits that gain exactly alike a random one is taken, as scikit-learn does."""
     n, n_features = X.shape
+    n_bins = bin_values.shape[0]
     state = np.array([np.uint32(seed)], dtype=np.uint32)
     visit = np.arange(n_features)
     node = np.full(n, -1)
@@ -358,35 +354,15 @@ def _grow(X, bins, ranked, bin_values, residual, mask, seed, max_depth, feature,
                     any_split = True
         if not any_split:
             break
-        gains = np.full((width, n_features), -np.inf)  # each node's best split on each feature
-        cuts = np.zeros((width, n_features))
-        left_count, left_total, last = np.zeros(width), np.zeros(width), np.zeros(width)
-        held, held_count, held_total = np.full(width, -1), np.zeros(width), np.zeros(width)  # the value being summed
-        for f in range(n_features):
-            left_count[:] = 0.0
-            left_total[:] = 0.0
-            held[:] = -1
-            for p in range(n):
-                i = ranked[f, p]
-                k = node[i] - first
-                if k < 0 or not splits[k]:
-                    continue
-                b = bins[i, f]
-                if b != held[k]:  # a new value: the one summed so far joins the left, and the cut before this one
-                    if held[k] >= 0:
-                        left_count[k] += held_count[k]
-                        left_total[k] += held_total[k]
-                        last[k] = bin_values[held[k]]
-                    x = bin_values[b]
-                    if left_count[k] > 0 and x > last[k] + _FEATURE_THRESHOLD:
-                        right_total = total[k] - left_total[k]
-                        right_count = count[k] - left_count[k]
-                        gain = left_total[k] * left_total[k] / left_count[k] + right_total * right_total / right_count
-                        if gain > gains[k, f]:
-                            gains[k, f], cuts[k, f] = gain, last[k] / 2.0 + x / 2.0
-                    held[k], held_count[k], held_total[k] = b, 0.0, 0.0
-                held_count[k] += 1.0
-                held_total[k] += residual[i]
+        bin_count = np.zeros((width, n_bins))
+        bin_total = np.zeros((width, n_bins))
+        for i in range(n):
+            k = node[i] - first
+            if k >= 0 and splits[k]:
+                for f in range(n_features):
+                    b = bins[i, f]
+                    bin_count[k, b] += 1.0
+                    bin_total[k, b] += residual[i]
         for k in range(width):
             if not splits[k]:
                 continue
@@ -395,8 +371,21 @@ def _grow(X, bins, ranked, bin_values, residual, mask, seed, max_depth, feature,
                 r = _rand_r(state) % (j + 1)
                 visit[j], visit[r] = visit[r], visit[j]
             for f in visit:
-                if gains[k, f] > best:
-                    best, best_feature, best_threshold = gains[k, f], f, cuts[k, f]
+                left_count, left_total, last = 0.0, 0.0, 0.0
+                for b in range(starts[f], starts[f + 1]):
+                    c = bin_count[k, b]
+                    if c == 0.0:
+                        continue
+                    x = bin_values[b]
+                    if left_count > 0 and x > last + _FEATURE_THRESHOLD:
+                        right_total = total[k] - left_total
+                        right_count = count[k] - left_count
+                        gain = left_total * left_total / left_count + right_total * right_total / right_count
+                        if gain > best:
+                            best, best_feature, best_threshold = gain, f, last / 2.0 + x / 2.0
+                    left_count += c
+                    left_total += bin_total[k, b]
+                    last = x
             if best_feature >= 0:
                 feature[first + k] = best_feature
                 threshold[first + k] = best_threshold
