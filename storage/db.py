@@ -742,12 +742,9 @@ class Storage:
                         at = o.pop("finished", None) or now
                         row = _Started(st[0], "running", st[1], started, found[st[0]].metric)
                         values.append({**_finished_row(row, at, **o), "fin": at, "w": st[1], "at": started})
-                    s.connection().execute(
-                        update(t).where(t.c.id == bindparam("tid")).values(
-                            status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"),
-                            error=bindparam("e"), finished=bindparam("fin"), seconds=bindparam("sec"),
-                            worker=bindparam("w"), started=bindparam("at"), heartbeat=None,
-                            attempts=t.c.attempts + 1), values)
+                    s.connection().execute(update(t).where(t.c.id == bindparam("tid")).values(
+                        **_FINISH_VALUES, worker=bindparam("w"), started=bindparam("at"), attempts=t.c.attempts + 1),
+                        values)
                     outcomes = [o for o in outcomes if o["trial_id"] not in both]
             if outcomes:
                 rows = {r.id: r for r in s.execute(
@@ -758,10 +755,7 @@ class Storage:
                 for o in outcomes:
                     at = o.pop("finished", None) or now
                     values.append({**_finished_row(rows.get(o["trial_id"]), at, **o), "fin": at})
-                s.connection().execute(
-                    update(t).where(t.c.id == bindparam("tid")).values(
-                        status=bindparam("st"), metrics=bindparam("m"), score=bindparam("sc"), error=bindparam("e"),
-                        finished=bindparam("fin"), seconds=bindparam("sec"), heartbeat=None), values)
+                s.connection().execute(update(t).where(t.c.id == bindparam("tid")).values(**_FINISH_VALUES), values)
 
     def _records(self, ids: list[int]) -> list[TrialRecord]:
         with self._tx(write=False) as s:
@@ -1019,6 +1013,11 @@ def _final_outcomes(outcomes: Iterable[Mapping]) -> list[dict]:
         if o.get("status", "complete") not in FINAL_STATUSES:
             raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
     return outcomes
+
+
+# what finishing a trial writes, from the values _finished_row makes (and "fin", when it finished)
+_FINISH_VALUES = {"status": bindparam("st"), "metrics": bindparam("m"), "score": bindparam("sc"),
+                  "error": bindparam("e"), "finished": bindparam("fin"), "seconds": bindparam("sec"), "heartbeat": None}
 
 
 @dataclass(frozen=True)
