@@ -168,13 +168,20 @@ class Schedule:
     def _digest(self, timed: bool) -> str:
         """SHA-256 of ``json.dumps(identity, sort_keys=True, separators=(",", ":"))``, written from each step's
         text (made once per step object: children share most steps with their parents)."""
-        parts = []
-        for name in _identity_fields():
-            if name == "steps":
-                parts.append('"steps":[' + ",".join([_step_text(st, timed) for st in self.steps]) + "]")
-            else:
-                parts.append(f'"{name}":' + _value_text(getattr(self, name)))
-        return hashlib.sha256(("{" + ",".join(parts) + "}").encode()).hexdigest()
+        text = "{" + ",".join([self._field_text(name, timed) for name in _identity_fields()]) + "}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _field_text(self, name: str, timed: bool = True) -> str:
+        if name == "steps":
+            return '"steps":[' + ",".join([_step_text(st, timed) for st in self.steps]) + "]"
+        return f'"{name}":' + _value_text(getattr(self, name))
+
+    def json_text(self) -> str:
+        """``json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))``, written as :meth:`key` writes
+        its text (what storage keeps of a schedule)."""
+        head = {"nfe": str(self.nfe), "schema": '"steptune.schedule"', "version": str(SCHEMA_VERSION)}
+        parts = [f'"{name}":{head[name]}' if name in head else self._field_text(name) for name in _json_names()]
+        return "{" + ",".join(parts) + "}"
 
     def _json_fields(self) -> dict:
         """Every field in its JSON form (steps compacted), sharing the schedule's own dicts."""
@@ -226,6 +233,12 @@ _ENCODER = json.JSONEncoder(sort_keys=True, separators=_SEPARATORS)
 def _identity_fields() -> tuple[str, ...]:
     """The fields a schedule's key covers, in the order ``json.dumps(..., sort_keys=True)`` writes them."""
     return tuple(sorted(f.name for f in fields(Schedule) if f.name not in Schedule.LABELS))
+
+
+@lru_cache(maxsize=1)
+def _json_names() -> tuple[str, ...]:
+    """The keys of :meth:`Schedule.to_dict`, sorted."""
+    return tuple(sorted({"schema", "version", "nfe", *(f.name for f in fields(Schedule))}))
 
 
 def _value_text(v) -> str:

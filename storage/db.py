@@ -185,6 +185,9 @@ def _canonical(d: Any) -> str:
     return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})  # what JSON holds as it is (finite floats)
+
+
 def _clean_metrics(metrics: Mapping | None, where: str = "metrics") -> dict:
     """JSON-safe metrics: non-finite floats become None (JSON has no NaN; PostgreSQL refuses it),
     numpy/torch scalars become numbers; anything else JSON cannot hold is an error."""
@@ -192,6 +195,9 @@ def _clean_metrics(metrics: Mapping | None, where: str = "metrics") -> dict:
         raise StorageError(f"{where}: metrics must be a mapping of names to values")
     out = {}
     for k, v in (metrics or {}).items():
+        if type(v) in _JSON_SCALARS and (type(v) is not float or math.isfinite(v)):
+            out[str(k)] = v
+            continue
         if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:  # numpy / torch scalars
             v = v.item()
         if isinstance(v, float) and not math.isfinite(v):
@@ -235,8 +241,17 @@ def _check_kind(kind: str) -> None:
                            "(or leave it empty)")
 
 
-def _validated(schedule: Schedule | Mapping | str, where: str) -> tuple[dict, str]:
-    """The schedule's canonical dict and its key, validated; raises ScheduleError (nothing is written)."""
+class _Encoded(str):
+    """A value's JSON text, written already (a schedule's, by :meth:`Schedule.json_text`): stored as it is."""
+
+
+def _json_text(value) -> str:
+    """The JSON columns' serializer: ``json.dumps``, except for text :class:`_Encoded` holds."""
+    return value if type(value) is _Encoded else json.dumps(value)
+
+
+def _validated(schedule: Schedule | Mapping | str, where: str) -> tuple[_Encoded, int, str]:
+    """The schedule's JSON text, NFE and key, validated; raises ScheduleError (nothing is written)."""
     if isinstance(schedule, str):
         sched = Schedule.from_json(schedule, where=where)
     elif isinstance(schedule, Schedule):
@@ -249,7 +264,7 @@ def _validated(schedule: Schedule | Mapping | str, where: str) -> tuple[dict, st
         sched.validate()
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
-    return sched.to_dict(shared=True), sched.key()  # stored as JSON text at once: nothing changes it
+    return _Encoded(sched.json_text()), sched.nfe, sched.key()
 
 
 def _sqlite_path(url) -> Path | None:
@@ -314,10 +329,10 @@ class Storage:
         self.dialect = u.get_backend_name()
         try:
             if self.dialect == "sqlite":
-                self.engine = create_engine(u, connect_args={"timeout": 60})
+                self.engine = create_engine(u, connect_args={"timeout": 60}, json_serializer=_json_text)
                 _sqlite_setup(self.engine)
             else:
-                self.engine = create_engine(u, pool_pre_ping=True)
+                self.engine = create_engine(u, pool_pre_ping=True, json_serializer=_json_text)
         except ModuleNotFoundError as e:
             raise StorageError(f"database URL {url!r} needs the Python package {e.name!r}; pip install it") from None
         except NoSuchModuleError:
@@ -603,12 +618,12 @@ class Storage:
                 except (TypeError, ValueError):
                     mkey = None
             if mkey is not None and mkey in memo:
-                d, key = memo[mkey]
+                text, nfe, key = memo[mkey]
             else:
-                d, key = _validated(sched, where)
+                text, nfe, key = _validated(sched, where)
                 if mkey is not None:
-                    memo[mkey] = (d, key)
-            rows.append(self._trial_fields(i, d, key, item))
+                    memo[mkey] = (text, nfe, key)
+            rows.append(self._trial_fields(i, text, nfe, key, item))
         if not rows:
             return []
         t = Trial.__table__
@@ -643,11 +658,11 @@ class Storage:
         if done is not _FIRST:
             return self._records(list(ids))
         # JSON columns read back as their JSON text decoded: the records hold the same, sharing nothing
-        return [_trial_record([tid if name == "id" else json.loads(json.dumps(r[name])) if name in _JSON_NAMES
+        return [_trial_record([tid if name == "id" else json.loads(_json_text(r[name])) if name in _JSON_NAMES
                                else r[name] for name in _TRIAL_NAMES], study) for tid, r in zip(ids, rows)]
 
     @staticmethod
-    def _trial_fields(i: int, d: dict, key: str, item: dict) -> dict:
+    def _trial_fields(i: int, schedule: _Encoded, nfe: int, key: str, item: dict) -> dict:
         known = {"status", "metrics", "score", "fidelity", "bank", "n_samples", "worker", "error", "seconds",
                  "max_attempts", "info"}
         unknown = set(item) - known
@@ -661,7 +676,7 @@ class Storage:
         if max_attempts < 1:
             raise StorageError(f"trial {i}: max_attempts must be at least 1")
         now = utcnow()
-        return {"schedule": d, "key": key, "nfe": int(d["nfe"]), "fidelity": str(item.get("fidelity") or ""),
+        return {"schedule": schedule, "key": key, "nfe": nfe, "fidelity": str(item.get("fidelity") or ""),
                 "bank": str(item.get("bank") or ""), "n_samples": item.get("n_samples"),
                 "metrics": _clean_metrics(item.get("metrics"), f"trial {i}"), "_score": item.get("score"),
                 "status": status,
