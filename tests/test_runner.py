@@ -381,3 +381,27 @@ def test_the_search_is_told_each_presets_best_spacing_and_a_study_begun_without_
         assert db.get_study("s").config["search_told_spacings"] is False
         searched = {t.key for t in db.trials("s") if t.fidelity == CHEAP and "batch" in t.info}
     assert {c.key for c, _ in runner.searcher.trials} == searched  # told its own evaluations only
+
+
+def test_the_search_and_the_final_read_of_its_trials_run_with_the_heap_set_aside(tmp_path, monkeypatch):
+    """What the process held when the search began stays out of the collector's passes until the run has read its
+    trials back for the result (a full pass over it there costs more than the read), and is handed back after."""
+    import gc
+
+    from steptune.jobs import load_job
+    from steptune.storage.db import Storage
+
+    reads = []
+    plain = Storage.trials
+
+    def trials(self, study, **kw):
+        reads.append(gc.get_freeze_count())
+        return plain(self, study, **kw)
+
+    monkeypatch.setattr(Storage, "trials", trials)
+    job = load_job(write_job(tmp_path / "job.toml", "h", tmp_path / "cache", evaluations=12))
+    before = gc.get_freeze_count()
+    result, _ = run_job(job, f"sqlite:///{tmp_path / 'h.db'}")
+    assert result.status == "complete"
+    assert len(reads) >= 2 and all(n > before for n in reads[-2:]), (before, reads)  # the search's and the result's
+    assert gc.get_freeze_count() == before
