@@ -403,5 +403,5 @@ def test_the_search_and_the_final_read_of_its_trials_run_with_the_heap_set_aside
     before = gc.get_freeze_count()
     result, _ = run_job(job, f"sqlite:///{tmp_path / 'h.db'}")
     assert result.status == "complete"
-    assert len(reads) >= 2 and all(n > before for n in reads[-2:]), (before, reads)  # the search's and the result's
+    assert len(reads) >= 2 and all(n > before for n in reads[-2:]), (before, reads)  # a stage's last read, the result's
     assert gc.get_freeze_count() == before
