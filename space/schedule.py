@@ -179,9 +179,16 @@ class Schedule:
     def json_text(self) -> str:
         """``json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))``, written as :meth:`key` writes
         its text (what storage keeps of a schedule)."""
+        return self.json_text_and_key()[0]
+
+    def json_text_and_key(self) -> tuple[str, str]:
+        """:meth:`json_text` and :meth:`key` from one pass over the fields: the key's are among the text's."""
+        texts = {name: self._field_text(name) for name in _identity_fields()}
+        key = hashlib.sha256(("{" + ",".join(texts.values()) + "}").encode()).hexdigest()
         head = {"nfe": str(self.nfe), "schema": '"steptune.schedule"', "version": str(SCHEMA_VERSION)}
-        parts = [f'"{name}":{head[name]}' if name in head else self._field_text(name) for name in _json_names()]
-        return "{" + ",".join(parts) + "}"
+        parts = [texts[name] if name in texts else f'"{name}":{head[name]}' if name in head else
+                 self._field_text(name) for name in _json_names()]
+        return "{" + ",".join(parts) + "}", key
 
     def _json_fields(self) -> dict:
         """Every field in its JSON form (steps compacted), sharing the schedule's own dicts."""

@@ -264,7 +264,8 @@ def _validated(schedule: Schedule | Mapping | str, where: str) -> tuple[_Encoded
         sched.validate()
     except ScheduleError as e:
         raise ScheduleError(f"{where}: {e}") from None
-    return _Encoded(sched.json_text()), sched.nfe, sched.key()
+    text, key = sched.json_text_and_key()
+    return _Encoded(text), sched.nfe, key
 
 
 def _sqlite_path(url) -> Path | None:

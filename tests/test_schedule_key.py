@@ -171,6 +171,7 @@ def test_the_json_text_storage_keeps_is_the_sorted_compact_json_form_for_every_k
     schedules = [base, *(s for _, s in single_changes(base)), *odd, *searched_schedules()]
     for s in schedules:
         assert s.json_text() == json.dumps(s.to_dict(), sort_keys=True, separators=(",", ":")), s
+        assert s.json_text_and_key() == (s.json_text(), reference_key(s)), s
 
 
 def test_evolve_is_dataclasses_replace():
