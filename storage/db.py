@@ -172,6 +172,26 @@ _JSON_NAMES = frozenset(c.name for c in _TRIAL_COLUMNS if isinstance(c.type, JSO
 _CHANGING_NAMES = ("id", "status", "metrics", "score", "error", "started", "finished", "seconds", "worker", "attempts",
                    "heartbeat")
 
+# The statements a search's driver sends with every batch, built once: building a statement and working out its
+# cache key costs SQLAlchemy more than running it on a few rows.
+_T, _S, _R = Trial.__table__, Study.__table__, Request.__table__
+_REPLAYED = select(_R.c.result).where(_R.c.token == bindparam("token"))
+_REMEMBER = insert(_R)
+_STUDY_METRIC = select(_S.c.id, _S.c.metric).where(_S.c.name == bindparam("name"))
+_COUNT_ADDED = (update(_S).where(_S.c.id == bindparam("study")).values(n_trials=_S.c.n_trials + bindparam("added"))
+                .returning(_S.c.n_trials))
+_INSERT_TRIALS = insert(_T)
+_IDS_FROM = (select(_T.c.id).where(_T.c.study_id == bindparam("study"), _T.c.number >= bindparam("first"))
+             .order_by(_T.c.number))
+_TO_START = (select(_T.c.id, _T.c.status, _S.c.metric).join(_S, _S.c.id == _T.c.study_id)
+             .where(_T.c.id.in_(bindparam("ids", expanding=True))).with_for_update(of=_T))
+_START = update(_T).where(_T.c.id == bindparam("tid")).values(
+    status="running", worker=bindparam("w"), started=bindparam("at"), heartbeat=bindparam("at"),
+    attempts=_T.c.attempts + 1)
+_TO_FINISH = (select(_T.c.id, _T.c.status, _T.c.worker, _T.c.started, _S.c.metric).join(_S, _S.c.id == _T.c.study_id)
+              .where(_T.c.id.in_(bindparam("ids", expanding=True))).with_for_update(of=_T))
+_REFRESH = select(*(_T.c[name] for name in _CHANGING_NAMES)).where(_T.c.id.in_(bindparam("ids", expanding=True)))
+
 
 def _trial_record(row, study_name: str) -> TrialRecord:
     """From a row whose first columns are _TRIAL_COLUMNS (in order)."""
@@ -370,13 +390,13 @@ class Storage:
         """What the write with token ``request`` returned if it was already done; _FIRST otherwise."""
         if request is None:
             return _FIRST
-        row = s.connection().execute(select(Request.result).where(Request.token == request)).first()
+        row = s.connection().execute(_REPLAYED, {"token": request}).first()
         return _FIRST if row is None else row.result
 
     @staticmethod
     def _remember(s: Session, request: str | None, result=None) -> None:
         if request is not None:
-            s.connection().execute(insert(Request.__table__), {"token": request, "result": result, "created": utcnow()})
+            s.connection().execute(_REMEMBER, {"token": request, "result": result, "created": utcnow()})
 
     def forget_requests(self, older_than: timedelta) -> int:
         """Drop the tokens of writes older than ``older_than`` (no caller retries them any more); how many."""
@@ -627,28 +647,25 @@ class Storage:
             rows.append(self._trial_fields(i, text, nfe, key, item))
         if not rows:
             return []
-        t = Trial.__table__
         with self._tx() as s:
             done = self._replayed(s, request)
             if done is not _FIRST:
                 ids = list(done)
             else:
-                st = s.execute(select(Study.id, Study.metric).where(Study.name == study)).first()
+                c = s.connection()
+                st = c.execute(_STUDY_METRIC, {"name": study}).first()
                 if st is None:
                     if create is None:
                         self._study_row(s, study)  # raises the "no study" error
                     st = self._insert_study(s, study, **dict(create))
-                c = s.connection()
-                end = c.execute(update(Study.__table__).where(Study.id == st.id)
-                                .values(n_trials=Study.n_trials + len(rows)).returning(Study.n_trials)).scalar_one()
+                end = c.execute(_COUNT_ADDED, {"study": st.id, "added": len(rows)}).scalar_one()
                 first = end - len(rows)
                 for j, r in enumerate(rows):
                     r["study_id"] = st.id
                     r["number"] = first + j
                     r["score"] = _score(r.pop("_score"), r["metrics"], st.metric)
-                c.execute(insert(t), rows)
-                ids = c.execute(select(t.c.id).where(t.c.study_id == st.id, t.c.number >= first)
-                                .order_by(t.c.number)).scalars().all()
+                c.execute(_INSERT_TRIALS, rows)
+                ids = c.execute(_IDS_FROM, {"study": st.id, "first": first}).scalars().all()
                 self._remember(s, request, list(ids))
         if self.dialect == "postgresql" and len(rows) >= 5000 and done is _FIRST:
             # fresh statistics after a bulk load, so the planner keeps using the indexes
@@ -730,12 +747,10 @@ class Storage:
             if self._replayed(s, request) is not _FIRST:
                 return
             self._remember(s, request)
-            t = Trial.__table__
+            c = s.connection()
             if starts:
                 ids = [st[0] for st in starts]
-                found = {r.id: r for r in s.execute(
-                    select(Trial.id, Trial.status, Study.metric).join(Study, Study.id == Trial.study_id)
-                    .where(Trial.id.in_(ids)).with_for_update(of=Trial))}
+                found = {r.id: r for r in c.execute(_TO_START, {"ids": ids})}
                 for tid in ids:
                     if tid not in found or found[tid].status != "queued":
                         raise StorageError(f"trial {tid} cannot start: it is "
@@ -745,12 +760,8 @@ class Storage:
                     st for st in starts if st[0] in finishing]  # started and finished here: one update each
                 both = {st[0] for st in together}
                 if len(together) < len(starts):
-                    s.connection().execute(
-                        update(t).where(t.c.id == bindparam("tid")).values(
-                            status="running", worker=bindparam("w"), started=bindparam("at"),
-                            heartbeat=bindparam("at"), attempts=t.c.attempts + 1),
-                        [{"tid": st[0], "w": st[1], "at": st[2] if len(st) > 2 else now} for st in starts
-                         if st[0] not in both])
+                    c.execute(_START, [{"tid": st[0], "w": st[1], "at": st[2] if len(st) > 2 else now}
+                                       for st in starts if st[0] not in both])
                 if together:
                     values = []
                     for st in together:
@@ -758,20 +769,15 @@ class Storage:
                         at = o.pop("finished", None) or now
                         row = _Started(st[0], "running", st[1], started, found[st[0]].metric)
                         values.append({**_finished_row(row, at, **o), "fin": at, "w": st[1], "at": started})
-                    s.connection().execute(update(t).where(t.c.id == bindparam("tid")).values(
-                        **_FINISH_VALUES, worker=bindparam("w"), started=bindparam("at"), attempts=t.c.attempts + 1),
-                        values)
+                    c.execute(_START_AND_FINISH, values)
                     outcomes = [o for o in outcomes if o["trial_id"] not in both]
             if outcomes:
-                rows = {r.id: r for r in s.execute(
-                    select(Trial.id, Trial.status, Trial.worker, Trial.started, Study.metric)
-                    .join(Study, Study.id == Trial.study_id).where(Trial.id.in_([o["trial_id"] for o in outcomes]))
-                    .with_for_update(of=Trial))}
+                rows = {r.id: r for r in c.execute(_TO_FINISH, {"ids": [o["trial_id"] for o in outcomes]})}
                 values = []
                 for o in outcomes:
                     at = o.pop("finished", None) or now
                     values.append({**_finished_row(rows.get(o["trial_id"]), at, **o), "fin": at})
-                s.connection().execute(update(t).where(t.c.id == bindparam("tid")).values(**_FINISH_VALUES), values)
+                c.execute(_FINISH, values)
 
     def _records(self, ids: list[int]) -> list[TrialRecord]:
         with self._tx(write=False) as s:
@@ -913,10 +919,8 @@ class Storage:
         status, outcome, lease and attempts): what ``trials(study, ids=...)`` gives for them, without decoding
         their schedules and info again."""
         records = list(records)
-        t = Trial.__table__
         with self._tx(write=False) as s:
-            rows = {r.id: r._asdict() for r in s.connection().execute(
-                select(*(t.c[name] for name in _CHANGING_NAMES)).where(t.c.id.in_([r.id for r in records])))}
+            rows = {r.id: r._asdict() for r in s.connection().execute(_REFRESH, {"ids": [r.id for r in records]})}
         missing = [r.id for r in records if r.id not in rows]
         if missing:
             raise StorageError(f"no trial with id {missing[0]}")
@@ -1034,6 +1038,9 @@ def _final_outcomes(outcomes: Iterable[Mapping]) -> list[dict]:
 # what finishing a trial writes, from the values _finished_row makes (and "fin", when it finished)
 _FINISH_VALUES = {"status": bindparam("st"), "metrics": bindparam("m"), "score": bindparam("sc"),
                   "error": bindparam("e"), "finished": bindparam("fin"), "seconds": bindparam("sec"), "heartbeat": None}
+_FINISH = update(_T).where(_T.c.id == bindparam("tid")).values(**_FINISH_VALUES)
+_START_AND_FINISH = update(_T).where(_T.c.id == bindparam("tid")).values(
+    **_FINISH_VALUES, worker=bindparam("w"), started=bindparam("at"), attempts=_T.c.attempts + 1)
 
 
 @dataclass(frozen=True)
