@@ -22,6 +22,8 @@ import hashlib
 import importlib
 import math
 import numbers
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
@@ -197,12 +199,28 @@ def conditioning_fingerprint(*kwargs: dict) -> str:
 
 # ---- factories ------------------------------------------------------------------------------------
 
+def _importable_from_here() -> None:
+    """Modules in the current folder can be named, as with ``python -m``: the folder goes at the end of the path, so
+    that it shadows no installed package."""
+    here = os.getcwd()
+    if "" not in sys.path and here not in sys.path:
+        sys.path.append(here)
+
+
 def import_factory(spec: str) -> Callable:
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise PluginError(f"model {spec!r}: write it as module:factory (e.g. mypkg.models:load_unet)")
+    _importable_from_here()
     try:
         mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise PluginError(f"model {spec!r}: cannot import {module!r} ({type(e).__name__}: {e})") from None
+        top = module.partition(".")[0]
+        raise PluginError(f"model {spec!r}: cannot import {module!r}: there is no {e.name!r} in the current folder "
+                          f"({os.getcwd()}) or on the Python path; run steptune from the folder that holds {top}/ "
+                          f"or {top}.py, or add that folder to PYTHONPATH") from None
     except Exception as e:
         raise PluginError(f"model {spec!r}: cannot import {module!r} ({type(e).__name__}: {e})") from None
     obj = mod

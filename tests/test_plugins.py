@@ -3,6 +3,10 @@ bad factories."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +165,39 @@ def test_bad_factories_give_one_line_naming_them(spec, words, tmp_path, capsys):
 def test_bad_factory_error_type():
     with pytest.raises(PluginError, match="wrong_shape_factory"):
         load_problem("test_plugins:wrong_shape_factory")
+
+
+MY_MODELS = """
+from steptune.evaluators import Plug
+
+
+def load():
+    return Plug(network=lambda x, t: 0.1 * x, shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+"""
+
+
+def test_the_installed_command_imports_a_model_from_the_folder_it_runs_in(tmp_path):
+    """A user's module beside them, as ``python -m`` would find it: the console script has no current folder on its
+    path of its own. A module that is nowhere gets one line saying where it was looked for and what to do."""
+    steptune = Path(sys.executable).with_name("steptune")
+    assert steptune.is_file(), f"no console script at {steptune}: the package is not installed in this environment"
+    (tmp_path / "my_models.py").write_text(MY_MODELS)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(spec):
+        return subprocess.run([str(steptune), "eval", "--model", spec, "--schedule", "preset:ddim", "--nfe", "4",
+                               "--json", "--cache", "cache"], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+    done = run("my_models:load")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["results"][0]["status"] == "complete"
+    missing = run("their_models:load")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "error: model 'their_models:load': cannot import 'their_models': there is no 'their_models' in the current "
+        f"folder ({tmp_path.resolve()}) or on the Python path; run steptune from the folder that holds "
+        "their_models/ or their_models.py, or add that folder to PYTHONPATH"]
 
 
 # ---- diffusers UNet wrappers ----------------------------------------------------------------------
