@@ -103,10 +103,12 @@ def evaluate(evaluator, name: str, nfe: int, bank: str = "heldout", n: int | Non
     model = evaluator.problem.model
     sched = equivalent(name, model, nfe)
     x_T = evaluator.x_T(bank, n)
-    start = time.perf_counter()
+    start, calls = time.perf_counter(), model.calls
     x = sample(name, model, x_T, nfe)
     seconds = time.perf_counter() - start
+    cost = {"model_calls": (model.calls - calls) * x.shape[0], "device": evaluator.device_name}
     if not torch.isfinite(x).all():
         inf = {k: math.inf for k in evaluator.metric_names()}
-        return EvalResult(nfe, inf, "failed", f"{name} gave non-finite samples", seconds, bank, x.shape[0]), sched
-    return evaluator.score(sched, x, bank, seconds), sched
+        return EvalResult(nfe, inf, "failed", f"{name} gave non-finite samples", seconds, bank, x.shape[0],
+                          **cost), sched
+    return replace(evaluator.score(sched, x, bank, seconds), **cost), sched

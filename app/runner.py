@@ -544,8 +544,8 @@ class Runner:
                     continue
                 item = self._item(sched, CONFIRM, {"baseline": True, "origin": origin, "diffusers": name,
                                                    "config": "default", "metrics_from": "diffusers step loop"})
-                items.append({**item, "status": res.status, "metrics": res.metrics, "error": res.error,
-                              "seconds": res.seconds})
+                items.append({**item, "status": res.status, "metrics": {**res.metrics, **res.cost()},
+                              "error": res.error, "seconds": res.seconds})
         if items:
             self.say(f"stored {len(items)} diffusers default-config baselines")
             self.storage.add_trials(self.job.study, items)

@@ -20,6 +20,7 @@ from runner_jobs import run_job
 from steptune import diffusers_default
 from steptune.evaluators import Evaluator, get_problem
 from steptune.evaluators.digits_cond import digits_problem
+from steptune.evaluators.evaluator import device_name
 from steptune.jobs import load_job
 from steptune.search import DEFAULT_PRESETS, baselines
 from steptune.space import Schedule, presets, sample
@@ -123,6 +124,8 @@ def test_the_diffusers_default_row_is_the_stock_scheduler_run_by_hand(stored, cl
     (row,) = [t for t in trials if t.info.get("origin") == f"diffusers-default:{cls.__name__}@{NFE}"]
     assert row.info["baseline"] and row.bank == "heldout" and row.status == "complete"
     ev = Evaluator(problem, n_train=CHEAP, n_heldout=HELDOUT, seed=0, cache_dir=None)
+    # its cost as every evaluation's: one model call a step for each of these schedulers, on the driver's device
+    assert row.metrics["model_calls"] == NFE * HELDOUT and row.metrics["device"] == device_name(ev.device)
     x = _by_hand(cls, STOCK, problem.model, ev.x_T("heldout"), NFE)
     # scored against the reference at its end (sigma = 0; for DEIS the smallest training sigma)
     got = ev.score(Schedule.from_dict(row.schedule), x, "heldout")
