@@ -66,3 +66,10 @@ def test_a_schedule_imported_twice_is_refused_unless_allowed(db, tmp_path, capsy
     assert main(["import", str(exported), "--study", "mine", "--db", db, "--allow-duplicates"]) == 0
     with connect(db) as store:
         assert len(store.trials("mine")) == 2
+
+
+def test_a_rate_reads_as_a_count_a_minute_not_in_exponent_form():
+    from steptune.cli.console import per_minute
+
+    assert [per_minute(v) for v in (1840.4, 12345.0, 100.0, 99.94, 0.25, None, float("nan"))] == [
+        "1,840/min", "12,345/min", "100/min", "99.9/min", "0.25/min", "—", "—"]

@@ -20,5 +20,12 @@ def fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}g}"
 
 
+def per_minute(v: float | None) -> str:
+    """A rate: ``1,840/min`` from a hundred a minute up, three significant digits below (``0.25/min``)."""
+    if v is None or not math.isfinite(v):
+        return "—"
+    return f"{v:,.0f}/min" if v >= 100 else f"{v:.3g}/min"
+
+
 def duration(secs: float | None) -> str:
     return "—" if secs is None else str(timedelta(seconds=round(secs)))

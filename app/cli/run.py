@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from steptune.cli import cost as cost_table
-from steptune.cli.console import duration, err, fmt, out
+from steptune.cli.console import duration, err, fmt, out, per_minute
 from steptune.cli.errors import CliError
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
 from steptune.cli.progress import job_progress
@@ -212,7 +212,7 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     pct = f" ({100 * done / total:.0f}%)" if total else ""
     out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
               f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
-              f"rate {fmt(info['per_minute'], 3)}/min, "
+              f"rate {per_minute(info['per_minute'])}, "
               + ("finished" if info["finished"] else f"ETA {duration(info['eta_seconds'])}"))
     table = Table(title="best per NFE (held-out where confirmed)")
     refined = any(r["refined"] is not None for r in info["per_nfe"])
