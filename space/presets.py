@@ -8,6 +8,7 @@ counts as one of the NFE steps).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable, Sequence
 
@@ -208,7 +209,10 @@ def heun(nfe: int, noise: NoiseSchedule, spacing="karras", t_start=None, t_end=N
 
 def get(name: str) -> Callable[..., Schedule]:
     if name not in PRESETS:
-        raise ScheduleError(f"unknown preset {name!r}; run 'steptune presets' to list them")
+        close = ([k for k in PRESETS if k.startswith(name)] or difflib.get_close_matches(name, list(PRESETS)))[:3]
+        said = ", ".join(close[:-1]) + " or " + close[-1] if len(close) > 1 else "".join(close)
+        hint = f"did you mean {said}? " if close else ""
+        raise ScheduleError(f"unknown preset {name!r}; {hint}run 'steptune presets' to list them")
     return PRESETS[name]
 
 

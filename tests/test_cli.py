@@ -68,6 +68,9 @@ def test_nfe_flag_must_match_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,words", [
     (["eval", "--schedule", "preset:nope", "--nfe", "5"], ["unknown preset", "steptune presets"]),
+    (["eval", "--schedule", "preset:unipc", "--nfe", "5"], ["unknown preset 'unipc'; did you mean unipc-bh1 or "
+                                                           "unipc-bh2? run 'steptune presets'"]),
+    (["eval", "--schedule", "preset:ddim2", "--nfe", "5"], ["did you mean ddim? run"]),
     (["eval", "--schedule", "preset:ddim"], ["needs --nfe"]),
     (["eval", "--schedule", "preset:ddim", "--nfe", "5,x"], ["--nfe", "'x'"]),
     (["eval", "--schedule", "missing.json"], ["no such file"]),
