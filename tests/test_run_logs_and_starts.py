@@ -109,3 +109,28 @@ def test_ctrl_c_in_a_sweep_says_what_was_kept(tmp_path):
     assert last.startswith("interrupted: the sweep stopped after ") and last.endswith(
         "evaluations; nothing was saved or stored; run the same command again to sweep"), last
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_sweep_in_a_log_writes_its_progress_as_plain_lines(tmp_path, capsys, monkeypatch):
+    """The commands with a bar of their own (sweep, refine, dc, relax, train-digits) write plain lines in a log."""
+    import re
+
+    monkeypatch.setenv("STEPTUNE_LOG_INTERVAL", "0")
+    assert main(["sweep", "--problem", "gmm-2d", "--nfe", "3,4", "--presets", "ddim,unipc-bh2", "--out",
+                 str(tmp_path / "out"), "--cache", str(tmp_path / "cache")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(re.fullmatch(r"\[\d+:\d\d:\d\d\] .+", ln) for ln in lines), lines
+    counts = [int(m.group(1)) for ln in lines if (m := re.search(r"\] evaluating presets (\d+)/4$", ln))]
+    assert counts == sorted(set(counts)) and len(counts) >= 2 and counts[-1] == 4, lines
+
+
+def test_a_command_that_fails_at_once_writes_only_its_error_in_a_log(capsys):
+    import pytest
+
+    from steptune.cli.progress import LogBar
+
+    with pytest.raises(RuntimeError), LogBar() as bar:
+        task = bar.add_task("evaluating presets", total=3)
+        bar.advance(task)
+        raise RuntimeError("the reference could not be solved")
+    assert capsys.readouterr().err == ""

@@ -27,6 +27,7 @@ from steptune.cli.options import (
     TimeScaleOpt,
 )
 from steptune.cli.problems import build_problem, guidance_of, pick_device, problem_evaluator, set_threads
+from steptune.cli.progress import LogBar, task_bar
 from steptune.dc_studies import (
     check_bank_version,
     check_same_fit,
@@ -88,7 +89,7 @@ def _check_ridge(ridge: float) -> None:
         raise CliError(f"--ridge {ridge:g}: the ridge penalty must be a finite number, 0 or more")
 
 
-def cpr_cases(plan: list[tuple], fit_samples: int, bar: Progress) -> list:
+def cpr_cases(plan: list[tuple], fit_samples: int, bar: Progress | LogBar) -> list:
     """Each configuration's fit noises (the train bank's first ``fit_samples``) and cached final reference."""
     from steptune.search.dc import CPRCase, fit_targets
 
@@ -102,7 +103,7 @@ def cpr_cases(plan: list[tuple], fit_samples: int, bar: Progress) -> list:
     return cases
 
 
-def refine(start, cases: list, iters: int, lr: float, bar: Progress):
+def refine(start, cases: list, iters: int, lr: float, bar: Progress | LogBar):
     from steptune.search.dc import refine_cpr
 
     task = bar.add_task("end-to-end CPR", total=iters)
@@ -120,8 +121,8 @@ def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int,
     finished ones there), then continue each NFE's joint fits across the guidance scales."""
     from steptune.search import dc
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, disable=quiet, transient=True) as bar:
+    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=quiet) as bar:
         for g, ev, scheds in plans:
             for s in scheds:
                 task = bar.add_task(f"CFG {g} NFE {s.nfe}: reference", total=None)
@@ -329,8 +330,8 @@ def cpr_cmd(
     rows = fitted_rows(study, trials, fit)
     start = CPR.fit(rows, ridge=ridge)
     plan = cpr_plan(study, config, rows, cache, device)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn()) as bar:
         cases = cpr_cases(plan, int(config.get("fit_samples", 10)), bar)
         cpr, history, loss = refine(start, cases, iters, lr, bar)
     record = {**cpr.to_dict(), "start": "regression", "fit": fit, "iters": iters, "lr": lr,

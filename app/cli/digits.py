@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from steptune.cli.console import err, out
+from steptune.cli.console import out
 from steptune.cli.errors import CliError
+from steptune.cli.progress import task_bar
 
 
 def train_digits_cmd(
@@ -27,8 +28,8 @@ def train_digits_cmd(
         raise CliError("--steps must be at least 1")
     if threads < 1:
         raise CliError("--threads must be at least 1")
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[loss]}"), console=err) as bar:
+    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[loss]}"), transient=False) as bar:
         clf = bar.add_task("classifier", total=60, loss="")
         unet = bar.add_task("UNet", total=steps, loss="")
 

@@ -4,6 +4,7 @@ phase and at the end."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 
@@ -119,6 +120,73 @@ class NoProgress:
 
     def clear(self) -> None:
         pass
+
+
+class LogBar:
+    """rich's ``Progress`` as the commands use it (``add_task``, ``update``, ``advance``, ``reset``,
+    ``remove_task``), for a log: each task's description, count and text fields as a plain line at most every
+    ``STEPTUNE_LOG_INTERVAL`` seconds, and once more as it ends (removed, or the block left without an error). A
+    command that fails at once writes nothing but its error."""
+
+    def __init__(self, interval: float | None = None, disable: bool = False):
+        self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
+        self.disable = disable
+        self.started = time.monotonic()
+        self.tasks: dict[int, dict] = {}
+        self.ids = itertools.count()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            for task in list(self.tasks):
+                self.remove_task(task)
+        return False
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
+        task = next(self.ids)
+        self.tasks[task] = {"description": description, "total": total, "completed": completed, "fields": fields,
+                            "printed": time.monotonic(), "text": None}
+        return task
+
+    def update(self, task: int, *, description: str | None = None, total: float | None = None,
+               completed: float | None = None, advance: float | None = None, **fields) -> None:
+        t = self.tasks[task]
+        for name, value in (("description", description), ("total", total), ("completed", completed)):
+            if value is not None:
+                t[name] = value
+        if advance is not None:
+            t["completed"] += advance
+        t["fields"].update(fields)
+        if time.monotonic() - t["printed"] >= self.interval:
+            self._print(t)
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        self.update(task, advance=advance)
+
+    def reset(self, task: int) -> None:
+        self.tasks[task]["completed"] = 0
+
+    def remove_task(self, task: int) -> None:
+        self._print(self.tasks.pop(task))
+
+    def _print(self, t: dict) -> None:
+        count = f" {t['completed']:g}/{t['total']:g}" if t["total"] else ""
+        extra = " ".join(str(v) for v in t["fields"].values() if v not in (None, ""))
+        text = f"{t['description']}{count}" + (f" | {extra}" if extra else "")
+        t["printed"] = time.monotonic()
+        if text != t["text"] and not self.disable:
+            t["text"] = text
+            err.print(f"[{duration(t['printed'] - self.started)}] {text}", highlight=False, markup=False)
+
+
+def task_bar(*columns, disable: bool = False, transient: bool = True):
+    """The progress of a command's counted work on stderr: rich's bar with ``columns`` (its default ones when none)
+    in a terminal, plain lines in a log (:class:`LogBar`)."""
+    if err.is_terminal:
+        return Progress(*columns, console=err, disable=disable, transient=transient)
+    return LogBar(disable=disable)
 
 
 def job_progress(quiet: bool = False):

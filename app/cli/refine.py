@@ -6,13 +6,14 @@ import json
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, DeviceOpt, JsonOpt, StudyOpt, ThreadsOpt
 from steptune.cli.problems import pick_device, set_threads
+from steptune.cli.progress import task_bar
 
 STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
 
@@ -81,8 +82,8 @@ def refine_cmd(
                 raise RefineError(f"--samples {samples} is larger than the study's train bank "
                                   f"({job.evaluation.train_samples}); use at most that many")
             ev = study_evaluator(job, device)
-            with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[best]}"),
-                          TimeElapsedColumn(), console=err, disable=quiet or json_, transient=True) as bar:
+            with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[best]}"),
+                          TimeElapsedColumn(), disable=quiet or json_) as bar:
                 task = bar.add_task("refine", total=iters, best="")
 
                 def tick(nfe_, i, n, best):

@@ -31,6 +31,7 @@ from steptune.cli.options import (
 )
 from steptune.cli.paths import output_file, output_folder
 from steptune.cli.problems import build_problem, pick_device, problem_evaluator
+from steptune.cli.progress import task_bar
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 from steptune.space import spacing as spacing_mod
@@ -216,11 +217,9 @@ def sweep_cmd(
         if why:
             raise CliError(why)
     total = sweep.size(specs, nfes, spacing, ev)
-    from rich.progress import Progress
-
     done = []
     try:
-        with Progress(console=err, transient=True, disable=json_) as progress:
+        with task_bar(disable=json_) as progress:
             task = progress.add_task("reference solution", total=total)
             ev.reference(bank)
             progress.update(task, description="evaluating presets")

@@ -9,12 +9,13 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from steptune.cli.console import err, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt
+from steptune.cli.progress import task_bar
 
 TABLES = Path("runs/relax/tables")
 
@@ -133,9 +134,8 @@ def _baselines(setup: dict, count: int):
         raise CliError(f"cannot rebuild the study's sequence for baselines: {e}") from None
     omegas = setup["policy"].get("omegas")
     omegas = omegas if omegas and len(omegas) > 1 else DEFAULT_GRID
-    with Progress(TextColumn("cost table"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-                  transient=True) as bar:
-        task = bar.add_task("table", total=count)
+    with task_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("cost table", total=count)
         try:
             table = build_cost_table(seq, omegas, solver=setup["solver"], tol=setup["tol"], maxiter=setup["maxiter"],
                                      cache=TABLES, count=count,
@@ -150,9 +150,8 @@ def _online_baselines(seq, setup: dict, table, kernel: str) -> list[dict]:
     from steptune.evaluators.linear import LinearInputError
     from steptune.relax_verdict import run_baselines
 
-    with Progress(TextColumn("baselines online"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-                  transient=True) as bar:
-        task = bar.add_task("online", total=4 * len(table))
+    with task_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("baselines online", total=4 * len(table))
         try:
             return run_baselines(seq, setup, table, kernel=kernel, progress=lambda r: bar.advance(task))
         except LinearInputError as e:
@@ -275,8 +274,8 @@ def relax_cmd(
     rounds = []
     if start >= len(seq):
         err.print(f"study {name!r} already has all {len(seq)} rounds")
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=json_) as bar:
+    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=json_) as bar:
         task = bar.add_task(f"{name}", total=len(seq), completed=start)
         try:
             if start < len(seq):
