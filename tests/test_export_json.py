@@ -99,8 +99,12 @@ def test_the_old_storage_import_of_an_export_name_still_works_and_names_the_new_
 def test_import_refuses_a_schedule_for_another_noise_schedule(db, tmp_path):
     path = tmp_path / "vp.json"
     presets.ddim(4, noise.VPLinear()).save(path)
-    with pytest.raises(ScheduleError, match="import it into another study"):
+    with pytest.raises(ScheduleError, match="import it into another study") as refused:
         import_schedule(db, path, "src")
+    # and says how to write it for the study's own noise schedule, by the name the commands take
+    assert "write it for ddpm-linear (a preset: steptune schedule preset:NAME --nfe N --noise ddpm-linear)" in str(
+        refused.value)
+    assert noise.get("ddpm-linear") == NS
 
 
 def _bad_exports(d: dict) -> dict:

@@ -41,10 +41,14 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
                             "study")
     if existing is not None and existing.problem and sched.noise:
         study_noise = existing.problem["identity"].get("noise")
-        if study_noise and noise_mod.from_dict(study_noise) != noise_mod.from_dict(sched.noise):
+        theirs = noise_mod.from_dict(study_noise) if study_noise else None
+        if theirs is not None and theirs != noise_mod.from_dict(sched.noise):
+            named = next((name for name in noise_mod.NAMED if noise_mod.get(name) == theirs), None)
+            remake = (f"write it for {named} (a preset: steptune schedule preset:NAME --nfe N --noise {named}) or "
+                      if named else "")
             raise ScheduleError(f"{source}: the schedule is for noise schedule "
-                                f"{noise_mod.from_dict(sched.noise)!r} but study {study!r} uses "
-                                f"{noise_mod.from_dict(study_noise)!r}; import it into another study")
+                                f"{noise_mod.from_dict(sched.noise)!r} but study {study!r} uses {theirs!r}; "
+                                f"{remake}import it into another study")
     if existing is not None and not allow_duplicates:
         key = sched.key()
         twin = next((t for t in db.trials(study) if t.key == key), None)
