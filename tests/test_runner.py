@@ -176,7 +176,8 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
     path = tmp_path / "ddim.json"
     assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
     assert run_cli(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 2  # a baseline already
-    assert run_cli(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)[0] == 0
+    code, _, said = run_cli(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)
+    assert code == 0 and "queued: the study's next run scores it, 'steptune run' of its job file" in said, said
     assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     with connect(url) as db:
         trials = db.trials("s")

@@ -310,7 +310,8 @@ def import_cmd(
         print(json.dumps(_trial_json(t), indent=2))
         return
     how = (f"complete, {fmt(t.score)} from its provenance" if t.status == "complete"
-           else "queued for evaluation")
+           else f"queued: the study's next run scores it, 'steptune run' of its job file or the 'steptune search' "
+                f"that made it again with --study {study}")
     err.print(f"imported {file} into study {study!r} as trial id {t.id} (number {t.number} in the study, NFE {t.nfe}, "
               f"{how})")
 
