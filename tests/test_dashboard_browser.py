@@ -141,6 +141,9 @@ def _preset_series(db_url: str) -> list[str]:
 
 
 def test_clicking_a_point_opens_its_schedule(page, server, db_url, shots):
+    _open(page, f"{server}/#schedule", "schedule")  # nothing picked yet: the hint, no empty plot frames
+    assert page.inner_text("#schedule-head").startswith("Pick a point on the front")
+    assert not page.is_visible("#lambda-plot") and not page.is_visible("#steps-table")
     _open(page, f"{server}/#front", "front")
     pt = _most_isolated_preset_point(page, _preset_series(db_url))
     assert pt["gap"] > 8, "no front point is far enough from the others to click unambiguously"
@@ -149,6 +152,7 @@ def test_clicking_a_point_opens_its_schedule(page, server, db_url, shots):
     page.wait_for_function(f"location.hash === '#schedule/{pt['trial']}' && document.body.dataset.rendered === "
                            "'schedule'")
     page.wait_for_selector(f"#schedule-head h2:has-text('trial id {pt['trial']}')")
+    assert page.is_visible("#lambda-plot") and page.is_visible("#steps-table")
     preset = pt["name"].removesuffix(" (heldout)")
     # a preset's schedule resembles itself most
     assert page.inner_text("#nearest-preset").startswith(f"most like {preset} (distance 0")

@@ -359,9 +359,11 @@ function downloadLinks(d) {
 async function renderSchedule() {
   if (!state.trial) {
     $("schedule-head").innerHTML = "<p>Pick a point on the front or a row of the trial table.</p>";
+    $("schedule-body").hidden = true;  // no empty plots before there is a schedule to draw
     return;
   }
   const d = await latest("schedule", api(`/api/trials/${state.trial}/schedule`));
+  $("schedule-body").hidden = false;
   const near = d.nearest[0];
   $("schedule-head").innerHTML = `<h2>${esc(d.name || "unnamed schedule")} — trial id ${d.trial} `
     + `(#${d.number} of ${esc(d.study)})</h2><div class="facts">`
