@@ -199,11 +199,18 @@ def conditioning_fingerprint(*kwargs: dict) -> str:
 
 # ---- factories ------------------------------------------------------------------------------------
 
+def _here() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # the folder was removed under the process: nothing to find there
+        return None
+
+
 def _importable_from_here() -> None:
     """Modules in the current folder can be named, as with ``python -m``: the folder goes at the end of the path, so
     that it shadows no installed package."""
-    here = os.getcwd()
-    if "" not in sys.path and here not in sys.path:
+    here = _here()
+    if here is not None and "" not in sys.path and here not in sys.path:
         sys.path.append(here)
 
 
@@ -219,7 +226,7 @@ def import_factory(spec: str) -> Callable:
             raise PluginError(f"model {spec!r}: cannot import {module!r} ({type(e).__name__}: {e})") from None
         top = module.partition(".")[0]
         raise PluginError(f"model {spec!r}: cannot import {module!r}: there is no {e.name!r} in the current folder "
-                          f"({os.getcwd()}) or on the Python path; run steptune from the folder that holds {top}/ "
+                          f"({_here()}) or on the Python path; run steptune from the folder that holds {top}/ "
                           f"or {top}.py, or add that folder to PYTHONPATH") from None
     except Exception as e:
         raise PluginError(f"model {spec!r}: cannot import {module!r} ({type(e).__name__}: {e})") from None
