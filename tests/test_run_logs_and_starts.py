@@ -124,6 +124,22 @@ def test_a_sweep_in_a_log_writes_its_progress_as_plain_lines(tmp_path, capsys, m
     assert counts == sorted(set(counts)) and len(counts) >= 2 and counts[-1] == 4, lines
 
 
+def test_a_count_started_over_is_not_written_as_its_part_ends(capsys):
+    """``refine`` starts its count over before each message: the log ends on the last count made, not on 0."""
+    from steptune.cli.progress import LogBar
+
+    with LogBar(interval=0) as bar:
+        task = bar.add_task("NFE 5", total=420)
+        bar.update(task, completed=60)
+        bar.reset(task)
+    with LogBar(interval=0) as bar:
+        task = bar.add_task("NFE 6", total=420)
+        bar.reset(task)
+        bar.update(task, completed=40)
+    lines = [ln.split("] ", 1)[1] for ln in capsys.readouterr().err.splitlines()]
+    assert lines == ["NFE 5 60/420", "NFE 6 40/420"]
+
+
 def test_a_command_that_fails_at_once_writes_only_its_error_in_a_log(capsys):
     import pytest
 

@@ -147,7 +147,7 @@ class LogBar:
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields) -> int:
         task = next(self.ids)
         self.tasks[task] = {"description": description, "total": total, "completed": completed, "fields": fields,
-                            "printed": time.monotonic(), "text": None}
+                            "printed": time.monotonic(), "text": None, "idle": False}
         return task
 
     def update(self, task: int, *, description: str | None = None, total: float | None = None,
@@ -159,6 +159,7 @@ class LogBar:
         if advance is not None:
             t["completed"] += advance
         t["fields"].update(fields)
+        t["idle"] = False
         if time.monotonic() - t["printed"] >= self.interval:
             self._print(t)
 
@@ -166,10 +167,13 @@ class LogBar:
         self.update(task, advance=advance)
 
     def reset(self, task: int) -> None:
-        self.tasks[task]["completed"] = 0
+        """The count starts over; until it moves again there is nothing to say of it (not even as it ends)."""
+        self.tasks[task].update(completed=0, idle=True)
 
     def remove_task(self, task: int) -> None:
-        self._print(self.tasks.pop(task))
+        t = self.tasks.pop(task)
+        if not t["idle"]:
+            self._print(t)
 
     def _print(self, t: dict) -> None:
         count = f" {t['completed']:g}/{t['total']:g}" if t["total"] else ""
