@@ -176,13 +176,9 @@ class Schedule:
             return '"steps":[' + ",".join([_step_text(st, timed) for st in self.steps]) + "]"
         return f'"{name}":' + _value_text(getattr(self, name))
 
-    def json_text(self) -> str:
-        """``json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))``, written as :meth:`key` writes
-        its text (what storage keeps of a schedule)."""
-        return self.json_text_and_key()[0]
-
     def json_text_and_key(self) -> tuple[str, str]:
-        """:meth:`json_text` and :meth:`key` from one pass over the fields: the key's are among the text's."""
+        """``json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))`` (what storage keeps of a schedule)
+        and :meth:`key`, from one pass over the per-step texts the key is written from."""
         texts = {name: self._field_text(name) for name in _identity_fields()}
         key = hashlib.sha256(("{" + ",".join(texts.values()) + "}").encode()).hexdigest()
         head = {"nfe": str(self.nfe), "schema": '"steptune.schedule"', "version": str(SCHEMA_VERSION)}

@@ -190,6 +190,12 @@ _START = update(_T).where(_T.c.id == bindparam("tid")).values(
     attempts=_T.c.attempts + 1)
 _TO_FINISH = (select(_T.c.id, _T.c.status, _T.c.worker, _T.c.started, _S.c.metric).join(_S, _S.c.id == _T.c.study_id)
               .where(_T.c.id.in_(bindparam("ids", expanding=True))).with_for_update(of=_T))
+# what finishing a trial writes, from the values _finished_row makes (and "fin", when it finished)
+_FINISH_VALUES = {"status": bindparam("st"), "metrics": bindparam("m"), "score": bindparam("sc"),
+                  "error": bindparam("e"), "finished": bindparam("fin"), "seconds": bindparam("sec"), "heartbeat": None}
+_FINISH = update(_T).where(_T.c.id == bindparam("tid")).values(**_FINISH_VALUES)
+_START_AND_FINISH = update(_T).where(_T.c.id == bindparam("tid")).values(
+    **_FINISH_VALUES, worker=bindparam("w"), started=bindparam("at"), attempts=_T.c.attempts + 1)
 _REFRESH = select(*(_T.c[name] for name in _CHANGING_NAMES)).where(_T.c.id.in_(bindparam("ids", expanding=True)))
 
 
@@ -262,7 +268,7 @@ def _check_kind(kind: str) -> None:
 
 
 class _Encoded(str):
-    """A value's JSON text, written already (a schedule's, by :meth:`Schedule.json_text`): stored as it is."""
+    """A value's JSON text, written already (a schedule's, by :meth:`Schedule.json_text_and_key`): stored as it is."""
 
 
 def _json_text(value) -> str:
@@ -1034,13 +1040,6 @@ def _final_outcomes(outcomes: Iterable[Mapping]) -> list[dict]:
             raise StorageError(f"finish: status {o['status']!r} is not final; use complete, failed or pruned")
     return outcomes
 
-
-# what finishing a trial writes, from the values _finished_row makes (and "fin", when it finished)
-_FINISH_VALUES = {"status": bindparam("st"), "metrics": bindparam("m"), "score": bindparam("sc"),
-                  "error": bindparam("e"), "finished": bindparam("fin"), "seconds": bindparam("sec"), "heartbeat": None}
-_FINISH = update(_T).where(_T.c.id == bindparam("tid")).values(**_FINISH_VALUES)
-_START_AND_FINISH = update(_T).where(_T.c.id == bindparam("tid")).values(
-    **_FINISH_VALUES, worker=bindparam("w"), started=bindparam("at"), attempts=_T.c.attempts + 1)
 
 
 @dataclass(frozen=True)

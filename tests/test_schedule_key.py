@@ -163,15 +163,17 @@ def test_the_key_is_the_digest_of_the_identity_json_for_every_kind_of_schedule()
 
 
 def test_the_json_text_storage_keeps_is_the_sorted_compact_json_form_for_every_kind_of_schedule():
-    """Storage writes a schedule as Schedule.json_text() (from the per-step texts keys are written from): it must be
-    the JSON of its to_dict(), keys sorted, byte for byte, whatever the fields, labels and times hold."""
+    """Storage writes a schedule as the text of Schedule.json_text_and_key() (from the per-step texts keys are written
+    from): it must be the JSON of its to_dict(), keys sorted, byte for byte, whatever the fields, labels and times
+    hold, and the key beside it the reference key."""
     base = rich_schedule()
     odd = [dataclasses.replace(base, steps=tuple(st.at(t) for st, t in zip(base.steps, (1, -0.0, 0)))),
            dataclasses.replace(base, t_start=2, name="é", meta={"b": [1, 2.5], "a": {"z": None, "é": "ü"}})]
     schedules = [base, *(s for _, s in single_changes(base)), *odd, *searched_schedules()]
     for s in schedules:
-        assert s.json_text() == json.dumps(s.to_dict(), sort_keys=True, separators=(",", ":")), s
-        assert s.json_text_and_key() == (s.json_text(), reference_key(s)), s
+        text, key = s.json_text_and_key()
+        assert text == json.dumps(s.to_dict(), sort_keys=True, separators=(",", ":")), s
+        assert key == reference_key(s), s
 
 
 def test_evolve_is_dataclasses_replace():
