@@ -247,6 +247,8 @@ class DecisionSpace:
             if len(self._repairs) > 200_000:
                 self._repairs.clear()
             fixed = self._repairs[where] = _repair_step(st, i, n, self.max_order)
+            if fixed is not None:  # made once here, so every copy ``at`` makes of it carries its texts
+                fixed.decisions_text  # noqa: B018
         return st if fixed is None else fixed.at(st.t)
 
     def finish(self, s: Schedule | None, nfe: int) -> Schedule | None:
