@@ -32,6 +32,7 @@ interpolate = [7]    # optional: NFEs not searched, interpolated from the search
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import tomllib
@@ -67,6 +68,43 @@ class ProblemSpec(_Section):
         if self.model is not None and not re.fullmatch(r"[\w.]+:[\w.]+", self.model):
             raise ValueError(f"model {self.model!r} is not of the form module:factory")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _known_problem(cls, v: str | None) -> str | None:
+        from steptune.evaluators.load import NETWORK_PROBLEMS, PROBLEMS
+
+        if v is not None and v not in PROBLEMS and v not in NETWORK_PROBLEMS:
+            raise ValueError(f"unknown problem {v!r}; choose from {', '.join([*PROBLEMS, *NETWORK_PROBLEMS])}, or "
+                             "give a network as model = \"module:factory\"")
+        return v
+
+    @field_validator("noise")
+    @classmethod
+    def _known_noise(cls, v: str | None) -> str | None:
+        from steptune.space.noise import NAMED
+
+        if v is not None and v not in NAMED:
+            raise ValueError(f"unknown noise schedule {v!r}; choose from {', '.join(NAMED)}")
+        return v
+
+    @field_validator("prediction")
+    @classmethod
+    def _known_prediction(cls, v: str | None) -> str | None:
+        from steptune.space.model import PREDICTION_TYPES
+
+        if v is not None and v not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction {v!r}; choose from {', '.join(PREDICTION_TYPES)}")
+        return v
+
+    @field_validator("time_input")
+    @classmethod
+    def _known_time_input(cls, v: str | None) -> str | None:
+        from steptune.space.model import TIME_INPUTS
+
+        if v is not None and v not in TIME_INPUTS:
+            raise ValueError(f"unknown time input {v!r}; choose from {', '.join(TIME_INPUTS)}")
+        return v
 
     def describe(self) -> str:
         return self.name or self.model or "?"
@@ -260,9 +298,11 @@ def parse_duration(v) -> float:
     return secs
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, names: dict[str, str] | None = None) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
+    if names and loc in names and kind not in ("extra_forbidden", "missing"):  # as the caller's user wrote it
+        return f"{names[loc]} {_shown(err.get('input'))}: {err['msg'].removeprefix('Value error, ')}"
     if kind == "extra_forbidden":
         section, _, key = loc.rpartition(".")
         model = {"": Job, "problem": ProblemSpec, "search": SearchSpec, "evaluation": EvaluationSpec,
@@ -294,8 +334,14 @@ def load_job(path: str | Path) -> Job:
     return job_from_dict(data, where=str(path))
 
 
-def job_from_dict(data: dict, where: str = "job") -> Job:
+def _shown(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, bool)) or v is None else str(v)
+
+
+def job_from_dict(data: dict, where: str = "job", names: dict[str, str] | None = None) -> Job:
+    """Validate a job given as a dict; raises JobError with one sentence starting with ``where``. ``names``: how
+    the caller's user wrote some keys (``{"evaluation.confirm": "--confirm"}``), for the sentence to name them so."""
     try:
         return Job.model_validate(data)
     except ValidationError as e:
-        raise JobError(f"{where}: {_describe(e.errors()[0])}") from None
+        raise JobError(f"{where}: {_describe(e.errors()[0], names)}") from None

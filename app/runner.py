@@ -73,6 +73,9 @@ class RunResult:
     seconds: float
     per_nfe: list[NfeSummary] = field(default_factory=list)
     utilisation: dict | None = None  # this run's search: evaluators, fraction busy, evaluations per second
+    baselines_queued: int = 0  # preset baselines a stopped run left unscored
+    imports: list[dict] = field(default_factory=list)  # the imported schedules this run was to score: each one's
+    # trial id, NFE, status and score, and the best held-out trial at its NFE (id, score)
 
 
 def _driver_id() -> str:
@@ -207,6 +210,7 @@ class Runner:
         self.heldout_seconds: list[float] = []  # held-out evaluations: baseline presets and confirmations
         self.batch_seconds: float | None = None  # the last search batch, asked, evaluated and told
         self.time_up = False
+        self._imports: list[int] = []
         self._sink: _Sink | None = None
         self._submitted: set[int] = set()  # trial ids handed to the backend in this run
         self._batch_started: dict[int, float] = {}  # search batch -> when this run asked it
@@ -271,6 +275,9 @@ class Runner:
         self._beating = threading.Event()
         beat.start()
         heap = ExitStack()
+        # schedules ``steptune import`` queued for this run to score (a job's own trials say what made them)
+        self._imports = [t.id for t in self.storage.trials(job.study, status="queued")
+                         if t.fidelity != CHEAP and not t.info]
         try:
             self.backend.start()
             self.storage.update_study_config(job.study, {"evaluators": {
@@ -745,7 +752,9 @@ class Runner:
                              and t.status in finished),
                          sum(1 for t in trials if t.status == "failed"), self.retried,
                          time.monotonic() - self.started, summarize(trials, self.job.search.nfe),
-                         self._utilisation(cheap))
+                         self._utilisation(cheap),
+                         sum(1 for t in trials if t.info.get("baseline") and t.status in ("queued", "running")),
+                         _imports_scored(trials, self._imports))
 
     def _utilisation(self, cheap) -> dict | None:
         """This run's search evaluations: how busy they kept the evaluators (stored with the study)."""
@@ -759,6 +768,17 @@ class Runner:
         record = {**u.as_dict(), "backend": self.job.backend.kind, "batch": self._batch_size()}
         self.storage.update_study_config(self.job.study, {"utilisation": record})
         return record
+
+
+def _imports_scored(trials, ids: list[int]) -> list[dict]:
+    """What became of the imported schedules ``ids``, each against the best held-out trial at its NFE."""
+    out = []
+    for t in (t for t in trials if t.id in set(ids)):
+        best = min((b for b in trials if b.nfe == t.nfe and b.fidelity == CONFIRM and b.status == "complete"
+                    and b.score is not None), key=lambda b: (b.score, b.number), default=None)
+        out.append({"id": t.id, "nfe": t.nfe, "status": t.status, "score": t.score,
+                    "best_id": best.id if best else None, "best_score": best.score if best else None})
+    return out
 
 
 def summarize(trials, nfes) -> list[NfeSummary]:

@@ -1141,7 +1141,7 @@ def _study_hint(s: Session, name: str, shown: int = 6) -> str:
     known = s.scalars(select(Study.name).order_by(Study.name)).all()
     if not known:
         return " (the database has no studies)"
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     listed = close + [k for k in known if k not in close][:max(0, shown - len(close))]
     more = f" and {len(known) - len(listed)} more" if len(known) > len(listed) else ""
     mean = f"; did you mean {close[0]!r}?" if close else ""

@@ -339,3 +339,20 @@ def test_baseline_nfe_below_one_is_refused(tmp_path, capsys):
 def test_nfe_below_one_names_the_rule(nfe, capsys):
     line = _refused(capsys, ["eval", "--schedule", "preset:ddim", "--nfe", nfe], "--nfe", "positive integer")
     assert "not a range" not in line
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--confirm", "-1", ["--confirm -1: ", "greater than or equal to 0"]),
+    ("--cheap-samples", "0", ["--cheap-samples 0: ", "greater than or equal to 1"]),
+    ("--seed", "-3", ["--seed -3: ", "greater than or equal to 0"]),
+    ("--time-budget", "soon", ["--time-budget soon: ", "'8h'"]),
+    ("--nfe", "500", ["--nfe 500: ", "search at most NFE"]),
+])
+def test_search_names_the_option_a_refused_value_came_from(capsys, tmp_path, cache, option, value, words):
+    """The search builds a job from its options; a value the job refuses is named as the option it came from."""
+    db = tmp_path / "x.db"
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3", *CHEAP, "--budget", "5", "--study", "s", "--out",
+            tmp_path, "--cache", cache, "--db", f"sqlite:///{db}", option, value]
+    line = _refused(capsys, args, *words)
+    assert "key '" not in line and "evaluation." not in line and "search." not in line, line
+    assert not db.exists()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from runner_jobs import write_job
 
 from steptune.cli import main
@@ -82,12 +83,23 @@ def test_the_resume_line_counts_done_and_queued_apart_as_status_does(tmp_path, c
                     f"{info['queued']} queued"), line
 
 
-def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys):
+@pytest.mark.parametrize("budget", ["1", "1s", "0.001"])
+def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys, budget):
+    """A time budget given as seconds or as a duration; a stop before the presets were all scored says how many
+    were not, as the database holds them."""
+    db = f"sqlite:///{tmp_path / 'x.db'}"
     args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "100000",
-            "--time-budget", "1", "--cheap-samples", "16", "--heldout-samples", "64", "--study", "tb",
-            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--db", f"sqlite:///{tmp_path / 'x.db'}"]
+            "--time-budget", budget, "--cheap-samples", "16", "--heldout-samples", "64", "--study", "tb",
+            "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--db", db]
     assert main(args) == 0
-    assert "stopped (time-budget); run the same command again to resume study 'tb'" in capsys.readouterr().err
+    with connect(db) as store:
+        unscored = sum(1 for t in store.trials("tb") if t.info.get("baseline") and t.status == "queued")
+    said = ("" if not unscored else f" with {unscored} preset baseline{'s' * (unscored != 1)} not scored yet (the "
+            "best preset above is the best of those scored)")
+    err = capsys.readouterr().err
+    assert f"stopped (time-budget){said}; run the same command again to resume study 'tb'" in err, err
+    if budget == "0.001":  # over before the first baseline finished
+        assert unscored > 0
 
 
 def test_ctrl_c_in_a_sweep_says_what_was_kept(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from runner_jobs import job_text, outcome, run_cli, run_job, write_job
 
 from steptune.cli import main
+from steptune.cli.console import fmt
 from steptune.space import noise, presets
 from steptune.storage import connect
 
@@ -56,7 +57,13 @@ BAD = [
     ("missing-factory", lambda t: t.replace('name = "gmm-2d"', 'model = "steptune_no_such_module:make_model"'),
      "problem.model 'steptune_no_such_module:make_model'"),
     ("unknown-problem", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-3d"'),
-     "problem.name 'gmm-3d'"),
+     "key 'problem.name': unknown problem 'gmm-3d'; choose from gmm-2d, gmm-digits, digits-cond"),
+    ("unknown-noise", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-2d"\nnoise = "vp-lin"'),
+     "key 'problem.noise': unknown noise schedule 'vp-lin'; choose from ddpm-linear"),
+    ("unknown-prediction", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-2d"\nprediction = "epsilon"'),
+     "key 'problem.prediction': unknown prediction 'epsilon'; choose from eps, x0, v, flow"),
+    ("unknown-time-input", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-2d"\ntime_input = "index"'),
+     "key 'problem.time_input': unknown time input 'index'; choose from discrete, continuous, sigma"),
     ("not-toml", lambda t: t + "\n[search\n", "not valid TOML"),
 ]
 
@@ -69,7 +76,7 @@ def test_bad_job_files_fail_before_any_work(tmp_path, cache, capsys, case, edit,
     code, out, err = run_cli(["run", str(job), "--db", f"sqlite:///{db}"], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"error: {job}: " if case not in ("missing-factory", "unknown-problem") else "error: ")
+    assert lines[0].startswith(f"error: {job}: " if case != "missing-factory" else "error: ")
     assert words in lines[0], lines[0]
     assert "Traceback" not in out + err
     if db.exists():
@@ -178,13 +185,18 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
     assert run_cli(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 2  # a baseline already
     code, _, said = run_cli(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)
     assert code == 0 and "queued: the study's next run scores it, 'steptune run' of its job file" in said, said
-    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    code, _, said = run_cli(["run", str(job), "--db", url], capsys)
+    assert code == 0, said
     with connect(url) as db:
         trials = db.trials("s")
     imported = trials[-1]
     baseline = next(t for t in trials if t.info.get("baseline") and t.nfe == 4 and t.schedule["name"] == "ddim")
     assert (imported.status, imported.fidelity, imported.n_samples) == ("complete", "heldout", 128)
     assert imported.score == baseline.score  # the same schedule on the same held-out states
+    best = min((t for t in trials if t.nfe == 4 and t.fidelity == "heldout" and t.status == "complete"),
+               key=lambda t: (t.score, t.number))
+    assert (f"scored the imported schedule, trial id {imported.id} (NFE 4): {fmt(imported.score)} held-out; the best "
+            f"there is trial id {best.id} at {fmt(best.score)}") in said.replace("\n", " "), said
 
 
 # ---- interruptions -----------------------------------------------------------------------------------

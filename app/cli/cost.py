@@ -50,6 +50,8 @@ def print_interpolated_note(rows: list[tuple[int, list[int] | None]], with_cost:
 
 
 def _part(c: dict) -> str:
+    if not c["evaluations"]:
+        return "no evaluations"
     extra = ", ".join(f"{n} {what}" for n, what in ((c["repeats"], "repeated"), (c["reused"], "reused")) if n)
     return (f"{c['evaluations']} evaluations{f' ({extra})' if extra else ''}, {c['model_calls']:,} model calls, "
             f"wall {seconds_text(c['wall_seconds'])}, {seconds_text(c['device_seconds'])} on {c['device']}")

@@ -32,6 +32,31 @@ def _open_storage(url: str | None, must_exist: bool = False, where: str = "stora
         raise CliError(f"{where}: cannot open the database {url!r} ({first})") from None
 
 
+def print_imports(result) -> None:
+    """A line for each imported schedule the run was to score: its held-out score against the best at its NFE."""
+    for i in result.imports:
+        what = f"the imported schedule, trial id {i['id']} (NFE {i['nfe']})"
+        if i["status"] == "failed":
+            err.print(f"{what} failed; 'steptune status --study {result.study}' says why", highlight=False)
+            continue
+        if i["status"] != "complete":
+            err.print(f"{what} is not scored yet; the study's next run scores it", highlight=False)
+            continue
+        best = ("the best there" if i["best_id"] == i["id"] else
+                f"the best there is trial id {i['best_id']} at {fmt(i['best_score'])}")
+        err.print(f"scored {what}: {fmt(i['score'])} held-out; {best}", highlight=False)
+
+
+def print_stopped(result) -> None:
+    """The line a run that stopped before its end leaves (nothing after a complete one)."""
+    if result.status not in ("interrupted", "time-budget", "incomplete"):
+        return
+    unscored = (f" with {result.baselines_queued} preset baseline{'s' * (result.baselines_queued != 1)} not scored "
+                "yet (the best preset above is the best of those scored)" if result.baselines_queued else "")
+    err.print(f"stopped ({result.status}){unscored}; run the same command again to resume study {result.study!r}",
+              highlight=False)
+
+
 def execute_job(job, quiet: bool = False):
     """Run ``job`` with a progress bar on stderr (none when ``quiet``), Ctrl-C finishing the evaluations in
     flight; bad input raises CliError before any work. Returns the RunResult."""
@@ -156,7 +181,8 @@ def run_cmd(
                "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,
                "seconds": result.seconds,
                "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe],
-               "utilisation": result.utilisation, "cost": cost}
+               "utilisation": result.utilisation, "cost": cost, "baselines_unscored": result.baselines_queued,
+               "imports": result.imports}
     if json_:
         print(json.dumps(payload, indent=2))
     else:
@@ -178,8 +204,8 @@ def run_cmd(
         out.print(cost_table.line(cost), highlight=False)
         if result.utilisation:
             out.print(utilisation_text(result.utilisation))
-        if result.status in ("interrupted", "time-budget", "incomplete"):
-            err.print(f"stopped ({result.status}); run the same command again to resume study {result.study!r}")
+        print_imports(result)
+        print_stopped(result)
     if result.status == "interrupted":
         raise typer.Exit(130)
 

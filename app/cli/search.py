@@ -24,6 +24,25 @@ from steptune.cli.options import (
     TimeScaleOpt,
 )
 
+# the job keys a search's options fill in, for errors to name the options
+OPTION_OF_KEY = {"seed": "--seed", "search.nfe": "--nfe", "search.method": "--method", "budget.evaluations": "--budget",
+                 "budget.time": "--time-budget", "evaluation.cheap_samples": "--cheap-samples",
+                 "evaluation.heldout_samples": "--heldout-samples", "evaluation.confirm": "--confirm",
+                 "evaluation.cache": "--cache", "refine.iters": "--refine", "storage.db": "--db",
+                 "problem.name": "--problem", "problem.model": "--model", "problem.noise": "--noise",
+                 "problem.prediction": "--prediction", "problem.time_input": "--time-input",
+                 "problem.time_scale": "--time-scale", "problem.guidance_scale": "--guidance",
+                 "problem.shape": "--shape"}
+
+
+def in_options(message: str) -> str:
+    """A job's error as the search's options name its keys (``search.nfe 500: ...`` -> ``--nfe 500: ...``)."""
+    for key, option in OPTION_OF_KEY.items():
+        message = message.replace(f"key '{key}'", option)
+        if "." in key:
+            message = message.replace(key, option)
+    return message
+
 
 def search_cmd(
     problem: Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
@@ -42,8 +61,9 @@ def search_cmd(
     heldout_n: Annotated[int | None, typer.Option("--heldout-samples", help="Size of the held-out bank the "
                                                                            "results are reported on (default "
                                                                            "1024; 256 for networks).")] = None,
-    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop searching after this "
-                                                                            "many seconds.")] = None,
+    time_budget: Annotated[str | None, typer.Option("--time-budget", help="Stop searching after this long: "
+                                                                          "seconds or a text like 90s, 30m, 8h, "
+                                                                          "1h30m.")] = None,
     refine: Annotated[int, typer.Option("--refine", help="After the search, refine the most promising searched "
                                                          "schedule per NFE by gradient for at most this many "
                                                          "iterations (as a job's refine stage; 0: none).")] = 0,
@@ -64,7 +84,7 @@ def search_cmd(
     from steptune.cli import cost as cost_table
     from steptune.cli.paths import output_folder
     from steptune.cli.problems import build_problem
-    from steptune.cli.run import execute_job
+    from steptune.cli.run import execute_job, print_imports, print_stopped
 
     output_folder(out_dir, "--out")
     from steptune.evaluators import evaluator_options
@@ -101,10 +121,13 @@ def search_cmd(
             "budget": {"evaluations": budget, "time": time_budget},
             "storage": {"db": db}, "backend": {"kind": "local"}, **({"refine": {"iters": refine}} if refine else {})}
     try:
-        job = job_from_dict(spec, where="search")
+        job = job_from_dict(spec, where="search", names=OPTION_OF_KEY)
     except JobError as e:
         raise CliError(str(e).removeprefix("search: ")) from None
-    result = execute_job(job, quiet=json_)
+    try:
+        result = execute_job(job, quiet=json_)
+    except CliError as e:  # the runner's checks name the job's keys
+        raise CliError(in_options(str(e))) from None
     cost = cost_table.load_cost(job.storage.db, name)
     refined = refinements(job.storage.db, name) if refine else {}
     rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
@@ -113,7 +136,8 @@ def search_cmd(
              "schedule": r.schedule, **({"refined": refined.get(r.nfe)} if refine else {})} for r in result.per_nfe]
     payload = {"study": name, "problem": prob.name, "noise": prob.noise.to_dict(), "method": method,
                "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
-               "n_confirm": result.confirmations, "failed": result.failed, "seconds": result.seconds,
+               "n_confirm": result.confirmations, "baselines_unscored": result.baselines_queued,
+               "imports": result.imports, "failed": result.failed, "seconds": result.seconds,
                "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
                "database": resolve_url(job.storage.db), "cost": cost}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,8 +164,8 @@ def search_cmd(
         out.print(table)
         out.print(cost_table.line(cost), highlight=False)
         err.print(f"study {name!r} is in the database; saved {jpath}")
-    if result.status in ("interrupted", "time-budget", "incomplete"):
-        err.print(f"stopped ({result.status}); run the same command again to resume study {name!r}")
+    print_imports(result)
+    print_stopped(result)
     if result.status == "interrupted":
         raise typer.Exit(130)
 

@@ -257,10 +257,12 @@ def stock_diffusers_export(schedule: Schedule, conventions: dict, kind: str = "a
         if kind not in makers:
             raise ExportError(f"unknown stock scheduler {kind!r}; use dpmsolver, euler, flowmatch or auto")
         return makers[kind](schedule, conventions)
-    reasons = []
+    reasons: dict[str, list[str]] = {}  # why, and the schedulers it rules out
     for name, make in makers.items():
         try:
             return make(schedule, conventions)
         except ExportError as e:
-            reasons.append(f"{name}: {e}")
-    raise ExportError("no stock diffusers scheduler runs this schedule exactly (" + "; ".join(reasons) + ")")
+            reasons.setdefault(str(e), []).append(name)
+    why = "; ".join(f"{' and '.join(names)}: {reason}" for reason, names in reasons.items())
+    raise ExportError(f"no stock diffusers scheduler runs this schedule exactly ({why}); --format diffusers exports "
+                      "steptune's scheduler, which runs any schedule")
