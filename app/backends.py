@@ -271,11 +271,12 @@ class RayBackend(Backend):
     def _init_ray(self):
         import ray
 
+        from steptune.evaluators.ray_start import init_ray
+
         if not ray.is_initialized():
             try:
                 # "local": start a private instance, never attach to a cluster some other process left running
-                ray.init(address=self.spec.address or "local", include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
+                init_ray(self.spec.address)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = self.spec.address or "a local instance"
                 raise BackendError(f"backend.address: cannot start or reach Ray at {where} ({e})") from None

@@ -39,6 +39,22 @@ def test_log_of_a_redirected_job_has_progress_lines_and_whole_tables(tmp_path):
     assert best_name in text
 
 
+def test_the_log_of_a_job_on_ray_evaluators_holds_only_what_steptune_says(tmp_path):
+    """The private Ray instance a run starts is steptune's business: the log opens with the run's own first line,
+    not with Ray's notices about the instance."""
+    job = write_job(tmp_path / "job.toml", "ray-log", tmp_path / "cache", evaluations=4, nfe="[3]", backend="ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # as a new user's shell has it
+    log = tmp_path / "run.log"
+    with log.open("w") as f:
+        res = subprocess.run([str(STEPTUNE), "run", str(job), "--db", f"sqlite:///{tmp_path / 'x.db'}"],
+                             stdout=f, stderr=subprocess.STDOUT, env={**env, "STEPTUNE_LOG_INTERVAL": "0"},
+                             cwd=tmp_path, timeout=600)
+    text = log.read_text()
+    assert res.returncode == 0, text
+    assert text.startswith("evaluating "), text
+    assert "Token authentication" not in text and "ray" not in text.split("\n", 1)[0].lower(), text
+
+
 def test_refused_ray_start_writes_nothing_and_the_corrected_job_runs(tmp_path, capsys):
     job = write_job(tmp_path / "job.toml", "rayaddr", tmp_path / "cache", evaluations=4, nfe="[3, 4]",
                     backend="ray")

@@ -149,10 +149,11 @@ def table_rows(seq, lo, hi, omegas, method, tol, maxiter, progress=None):
 def _rows_on_ray(seq, count, omegas, method, tol, maxiter, address, chunks):
     import ray
 
+    from steptune.evaluators.ray_start import init_ray
+
     started = False
     if not ray.is_initialized():
-        ray.init(address=address if isinstance(address, str) else "local", include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+        init_ray(address if isinstance(address, str) else None)
         started = True
     try:
         chunks = chunks or max(1, int(ray.cluster_resources().get("CPU", 1)))
