@@ -435,7 +435,11 @@ class Storage:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
         except DatabaseError as e:  # unreachable server, refused login, or a file that is not a database
-            raise StorageError(f"cannot open database {self!r}: {str(e.orig).strip().splitlines()[0]}") from None
+            shown = make_url(self.url).render_as_string(hide_password=True)
+            fix = ("check that the file is a steptune database" if self.dialect == "sqlite" else
+                   "start the server, or fix the URL (--db or $STEPTUNE_DB)")
+            raise StorageError(f"cannot open the database {shown} ({str(e.orig).strip().splitlines()[0]}); "
+                               f"{fix}") from None
 
     def upgrade(self, revision: str = "head") -> str:
         """Apply the Alembic migrations up to ``revision``; a no-op at head. Returns the new revision."""

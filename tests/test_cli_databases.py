@@ -51,3 +51,18 @@ def test_db_upgrade_names_the_revisions_and_never_goes_back(tmp_path, capsys):
     assert main(["db", "upgrade", "--revision", "0001", "--db", url]) == 0
     err = capsys.readouterr().err
     assert "which is past 0001; 'db upgrade' does not go back" in err
+
+
+@pytest.mark.parametrize("argv", [["studies"], ["status", "--study", "s"]], ids=lambda a: a[0])
+def test_a_server_that_does_not_answer_is_one_line_that_hides_the_password(argv, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: bound here, never listened on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        assert main([*argv, "--db", f"postgresql+psycopg://user:secret@127.0.0.1:{port}/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and \
+        f"cannot open the database postgresql+psycopg://user:***@127.0.0.1:{port}/x (" in err, err
+    assert err.endswith("start the server, or fix the URL (--db or $STEPTUNE_DB)") and "\n" not in err, err
+    assert "secret" not in err and "Storage(" not in err
