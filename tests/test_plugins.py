@@ -132,6 +132,26 @@ def test_eval_takes_conventions_from_the_command_line(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["results"][0]["status"] == "complete"
 
 
+def test_sweep_runs_a_plugged_model_against_the_closed_form(tmp_path, capsys):
+    """``sweep --model``: each preset's held-out RMSE is the one measured against the exact ODE solution, and the
+    files are named without the factory's colon."""
+    rc = main(["sweep", "--model", SPEC, "--nfe", "4,6", "--presets", "ddim,unipc-bh2", "--json",
+               "--cache", str(tmp_path), "--out", str(tmp_path / "sw")])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    prob = load_problem(SPEC)
+    ev = Evaluator(prob, cache_dir=None, n_train=64, n_heldout=256)
+    x_T = ev.x_T("heldout")
+    exact = exact_solution(NS, MU, VAR, x_T, prob.t_start, prob.t_end)
+    assert {(r["preset"], r["nfe"]) for r in rows} == {(p, n) for p in ("ddim", "unipc-bh2") for n in (4, 6)}
+    for r in rows:
+        sched = presets.build(r["preset"], r["nfe"], NS, t_start=prob.t_start, t_end=prob.t_end)
+        x = sample(prob.model, x_T, sched)
+        assert r["rmse"] == pytest.approx(float((x - exact).pow(2).mean().sqrt()), rel=1e-3), r
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["test_plugins-gaussian_factory-vp-linear.json",
+                                                                  "test_plugins-gaussian_factory-vp-linear.md"]
+
+
 def test_search_runs_a_plugged_model(tmp_path, capsys):
     rc = main(["search", "--model", SPEC, "--nfe", "4", "--method", "random", "--budget", "4", "--cheap-samples",
                "16", "--heldout-samples", "32", "--confirm", "1", "--out", str(tmp_path), "--cache", str(tmp_path),

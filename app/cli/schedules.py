@@ -183,8 +183,16 @@ def sweep_cmd(
     db: Annotated[str | None, typer.Option("--db", envvar="STEPTUNE_DB", help="Database URL for --study "
                                                                               "(default runs/steptune.db).")] = None,
     json_: JsonOpt = False,
+    model: ModelOpt = None,
+    prediction: PredictionOpt = None,
+    time_input: TimeInputOpt = None,
+    time_scale: TimeScaleOpt = None,
+    guidance: GuidanceOpt = None,
+    shape: ShapeOpt = None,
+    device: DeviceOpt = None,
 ):
-    """NFE sweep of the preset solvers on a problem: prints the RMSE table and saves it under runs/sweep/."""
+    """NFE sweep of the preset solvers on a problem (or your --model): prints the RMSE table and saves it under
+    runs/sweep/."""
     from steptune import sweep
     from steptune.search import DEFAULT_PRESETS
 
@@ -195,7 +203,8 @@ def sweep_cmd(
     specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(DEFAULT_PRESETS)
     for s in specs:
         presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
-    ev = _evaluator(problem, noise, cache)
+    ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
+                    time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
     if spacing is None:
         from steptune.search import baselines
@@ -228,7 +237,7 @@ def sweep_cmd(
     except KeyboardInterrupt:
         raise Interrupted(f"the sweep stopped after {len(done)} of {total} evaluations; nothing was saved or stored; "
                           "run the same command again to sweep") from None
-    stem = f"{prob.name}-{prob.noise.kind}" + (f"-{spacing}" if spacing else "")
+    stem = f"{prob.name}-{prob.noise.kind}".replace(":", "-") + (f"-{spacing}" if spacing else "")
     meta = {"problem": prob.name, "noise": prob.noise.to_dict(), "bank": bank, "metric": "rmse",
             "samples": ev.bank(bank).size}
     jpath, mpath = sweep.save(rows, out_dir, stem, meta)
