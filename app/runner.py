@@ -772,8 +772,8 @@ class Runner:
 
 def _imports_scored(trials, ids: list[int]) -> list[dict]:
     """What became of the imported schedules ``ids``, each against the best held-out trial at its NFE."""
-    out = []
-    for t in (t for t in trials if t.id in set(ids)):
+    out, wanted = [], set(ids)
+    for t in (t for t in trials if t.id in wanted):
         best = min((b for b in trials if b.nfe == t.nfe and b.fidelity == CONFIRM and b.status == "complete"
                     and b.score is not None), key=lambda b: (b.score, b.number), default=None)
         out.append({"id": t.id, "nfe": t.nfe, "status": t.status, "score": t.score,
