@@ -265,12 +265,15 @@ def test_sigkill_then_rerun_resumes_to_the_same_trials(tmp_path, cache, capsys, 
     assert all("re-queued" in t.error and "stopped" in t.error for t in lost)
 
 
-def test_sigint_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, capsys, reference_study):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_finishes_in_flight_work_and_a_rerun_completes(tmp_path, cache, capsys, reference_study, sig):
+    """Ctrl-C, and SIGTERM as `kill` and batch schedulers send it before they kill a job."""
     proc, job, url = _run_until(tmp_path, cache, 10)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "finishing the evaluations in flight" in err and "Traceback" not in err
+    said = "interrupted: " if sig == signal.SIGINT else "terminated (SIGTERM): "
+    assert said + "finishing the evaluations in flight" in err and "Traceback" not in err, err
     assert json.loads(out)["status"] == "interrupted"
     with connect(url) as db:
         assert not db.trials("ref", status="running")

@@ -82,16 +82,22 @@ def execute_job(job, quiet: bool = False):
         raise CliError(str(e)) from None
     with job_progress(quiet) as shown:
         runner.progress = shown.update
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-        def on_sigint(signum, frame):
+        def on_signal(signum, frame):
+            # Ctrl-C, or SIGTERM as `kill` and batch schedulers send it before they kill: the evaluations in flight
+            # are finished and stored, so the next run resumes from them; the same signal again stops at once
             if runner.interrupted.is_set():
-                signal.signal(signal.SIGINT, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
                 raise KeyboardInterrupt
             runner.interrupt()
-            err.print("[yellow]interrupted: finishing the evaluations in flight (Ctrl-C again to abort)")
+            again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            err.print(f"[yellow]{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing "
+                      f"the evaluations in flight ({again} again to abort)")
 
-        signal.signal(signal.SIGINT, on_sigint)
+        for sig in previous:
+            signal.signal(sig, on_signal)
         try:
             result = runner.run()
         except (JobError, BackendError, ReferenceNotConverged) as e:
@@ -101,7 +107,8 @@ def execute_job(job, quiet: bool = False):
             shown.clear()
             raise CliError(f"{e}; the study is kept: run the same command again to resume {job.study!r}") from None
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             backend_.close()
             storage.close()
     return result
