@@ -92,6 +92,14 @@ def _expected_front(db_url: str) -> dict:
         return front(store, problem["id"])
 
 
+def _overlapping_tick_labels(page, plot: str) -> list[tuple[str, str]]:
+    """The neighbouring y-axis tick labels of ``plot`` that Chromium draws over each other."""
+    boxes = page.eval_on_selector_all(f"#{plot} .ytick text", """els => els.map((e) => {
+        const r = e.getBoundingClientRect(); return [e.textContent, r.top, r.bottom]; })""")
+    boxes.sort(key=lambda b: b[1])
+    return [(a[0], b[0]) for a, b in zip(boxes, boxes[1:]) if b[1] < a[2]]
+
+
 def _trace_count(page, plot: str) -> tuple[int, int]:
     return tuple(page.evaluate(f"""() => {{
         const gd = document.getElementById({plot!r});
@@ -110,6 +118,8 @@ def test_front_renders_one_trace_per_series_and_front(page, server, db_url, shot
     assert sorted(legend) == sorted([s["name"] for s in want["series"]] + [f"Pareto front ({f['fidelity']})"
                                                                           for f in want["fronts"]])
     assert page.evaluate("document.getElementById('front-plot')._fullLayout.yaxis.type") == "log"
+    assert page.evaluate("document.querySelectorAll('#front-plot .ytick text').length") >= 3
+    assert not _overlapping_tick_labels(page, "front-plot")
     page.screenshot(path=str(shots / "front.png"), full_page=True)
     # the fidelity filter keeps only the search's ranking curve and its front
     page.select_option("#fidelity", "train")
@@ -230,6 +240,7 @@ def test_history_view(page, server, db_url, shots):
                 if not t.info.get("baseline")}
     page.wait_for_function(f"document.getElementById('history-plot').dataset.traces === '{len(keys)}'")
     assert _trace_count(page, "history-plot") == (len(keys), len(keys))
+    assert not _overlapping_tick_labels(page, "history-plot")
     # the run's utilisation, as the stored trials' dispatch and finish times give it
     from steptune.utilisation import utilisation
 

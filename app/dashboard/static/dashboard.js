@@ -7,6 +7,16 @@ const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"
   "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd"];
 const ORDER_COLORS = { 1: "#1f77b4", 2: "#2ca02c", 3: "#ff7f0e", 4: "#d62728" };
 const PLOT_CONFIG = { displaylogo: false, responsive: true };
+
+// A log axis over ``values``, labelled so its labels stay apart on a plot a few hundred pixels high: plotly's own
+// choice labels every 0.05 over a decade, or every digit over two, and those labels run into each other. Up to
+// about a decade every digit is labelled, beyond it 1, 2 and 5 of each decade; a narrow range keeps plotly's ticks.
+function logAxis(title, values) {
+  const ys = values.filter((v) => Number.isFinite(v) && v > 0);
+  const ratio = ys.length ? Math.max(...ys) / Math.min(...ys) : 1;
+  const dtick = ratio < 3 ? {} : ratio <= 14 ? { dtick: "D1" } : { dtick: "D2" };
+  return { title: { text: title }, type: "log", tickformat: ".2~g", ...dtick };
+}
 const CHEAP_FIDELITIES = ["train", "cheap", "proxy"];  // drawn dotted: ranking scores, not the reported ones
 const isCheap = (fidelity) => CHEAP_FIDELITIES.includes(fidelity);
 
@@ -144,7 +154,8 @@ async function renderFront() {
   await Plotly.react(plot, frontTraces(data), {
     title: { text: `${prob.name}${prob.noise ? ` (${prob.noise})` : ""}: NFE vs ${data.metric}` },
     xaxis: { title: { text: "NFE (model calls)" }, dtick: 1 },
-    yaxis: { title: { text: `${data.metric} (log scale, lower is better)` }, type: "log", tickformat: ".2~g" },
+    yaxis: logAxis(`${data.metric} (log scale, lower is better)`,
+      data.series.flatMap((s) => s.points.map((p) => p.score))),
     hovermode: "closest", legend: { font: { size: 11 } }, margin: { t: 50 },
   }, PLOT_CONFIG);
   if (!plot.dataset.clickBound) {
@@ -201,7 +212,7 @@ async function renderHistory() {
   await Plotly.react($("history-plot"), traces, {
     title: { text: `${data.study}: best ${data.metric} so far` },
     xaxis: { title: { text: "evaluations made (at that fidelity)" } },
-    yaxis: { title: { text: `best ${data.metric} (log scale)` }, type: "log", tickformat: ".2~g" }, margin: { t: 50 },
+    yaxis: logAxis(`best ${data.metric} (log scale)`, traces.flatMap((t) => t.y)), margin: { t: 50 },
   }, PLOT_CONFIG);
   $("history-plot").dataset.traces = String(traces.length);
   $("history-run").textContent = runText(data);
