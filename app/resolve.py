@@ -6,7 +6,7 @@ from pathlib import Path
 
 from steptune.space import Schedule, ScheduleError, presets
 from steptune.space import spacing as spacing_mod
-from steptune.space.noise import NoiseSchedule
+from steptune.space.noise import NoiseSchedule, from_dict, name_of
 
 
 def parse_nfe_list(text: str | None) -> list[int]:
@@ -32,7 +32,7 @@ def parse_nfe_list(text: str | None) -> list[int]:
     return out
 
 
-def resolve(spec: str, nfes: list[int], noise: NoiseSchedule, spacing: str | None = None,
+def resolve(spec: str, nfes: list[int], noise: NoiseSchedule | None, spacing: str | None = None,
             t_start: float | None = None, t_end: float | None = None) -> list[Schedule]:
     """``preset:NAME[:key=value,...]`` built at each NFE, or a schedule JSON file (its own NFE)."""
     if spec.startswith("preset:"):
@@ -53,6 +53,12 @@ def resolve(spec: str, nfes: list[int], noise: NoiseSchedule, spacing: str | Non
     from steptune.exports import read_export
 
     sched, _ = read_export(path)  # the same checks as 'steptune import' (a binary file, unknown fields, ...)
+    if noise is not None and sched.noise and from_dict(sched.noise) != noise:
+        named = name_of(noise)
+        remake = (f"write it for {named} (a preset: steptune schedule preset:NAME --nfe {sched.nfe} --noise {named})"
+                  if named else "write it for the model's noise schedule")
+        raise ScheduleError(f"{path}: the schedule is for noise schedule {from_dict(sched.noise)!r} but the model "
+                            f"uses {noise!r}; {remake}, or give the --noise it was written for")
     if nfes and nfes != [sched.nfe]:
         raise ScheduleError(f"{path}: the schedule costs {sched.nfe} model calls but --nfe asked for "
                             f"{','.join(map(str, nfes))}; drop --nfe or fix the file")

@@ -362,6 +362,11 @@ def get(name: str) -> NoiseSchedule:
 _CONTINUOUS = {"vp-linear": VPLinear, "vp-cosine": VPCosine, "edm": EDM, "flow": RectifiedFlow}
 
 
+def name_of(ns: NoiseSchedule) -> str | None:
+    """The short name (see ``NAMED``) of a noise schedule equal to ``ns``, or None."""
+    return next((name for name, make in NAMED.items() if make() == ns), None)
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 

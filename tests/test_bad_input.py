@@ -356,3 +356,13 @@ def test_search_names_the_option_a_refused_value_came_from(capsys, tmp_path, cac
     line = _refused(capsys, args, *words)
     assert "key '" not in line and "evaluation." not in line and "search." not in line, line
     assert not db.exists()
+
+
+def test_eval_of_a_schedule_for_another_noise_schedule_names_the_file_and_the_fix(capsys, good, cache):
+    """``good`` is written for vp-linear; the model runs on ddpm-linear. The line names the file, both noise
+    schedules and the command that writes the schedule for the model."""
+    line = _refused(capsys, ["eval", "--problem", "gmm-2d", "--noise", "ddpm-linear", "--schedule", good,
+                             "--cache", cache], f"{good}: the schedule is for noise schedule VPLinear(",
+                    "the model uses VPDiscrete(name='ddpm-linear')",
+                    "steptune schedule preset:NAME --nfe 5 --noise ddpm-linear")
+    assert "Traceback" not in line

@@ -43,7 +43,7 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
         study_noise = existing.problem["identity"].get("noise")
         theirs = noise_mod.from_dict(study_noise) if study_noise else None
         if theirs is not None and theirs != noise_mod.from_dict(sched.noise):
-            named = next((name for name in noise_mod.NAMED if noise_mod.get(name) == theirs), None)
+            named = noise_mod.name_of(theirs)
             remake = (f"write it for {named} (a preset: steptune schedule preset:NAME --nfe N --noise {named}) or "
                       if named else "")
             raise ScheduleError(f"{source}: the schedule is for noise schedule "
