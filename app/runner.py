@@ -51,6 +51,7 @@ class NfeSummary:
     schedule: dict | None = None  # the searched schedule
     interpolated_from: list[int] | None = None  # an NFE not searched ([refine] interpolate): the NFEs it was built from
     refined: float | None = None  # best held-out score after its refinements (a parent's where none beat it)
+    searched_train: float | None = None  # the searched schedule's score on the search's own (cheap) states
 
     @property
     def improvement(self) -> float | None:
@@ -810,7 +811,8 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         out.append(NfeSummary(nfe, _baseline_name(base.info["origin"]) if base else None,
                               base.score if base else None, found.score if found else None,
                               src.number if src else None, cheap_order.get(src.number) if src else None, match,
-                              found.schedule if found else None, between.get(nfe), refined))
+                              found.schedule if found else None, between.get(nfe), refined,
+                              src.score if src else None))
     return out
 
 

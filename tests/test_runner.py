@@ -145,6 +145,8 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
         nfe_confirms = [t.score for t in confirms if t.nfe == row["nfe"]]
         assert row["searched_score"] == min(nfe_confirms)
         assert row["preset_score"] == min(t.score for t in base if t.nfe == row["nfe"])
+        # and the searched schedule's own cheap score: that of the trial the best confirmation confirms
+        assert row["searched_train"] == next(t.score for t in cheap if t.number == row["trial"])
     code, out, _ = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out)["per_nfe"] == res["per_nfe"]
     with connect(url) as db:
@@ -197,6 +199,25 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
                key=lambda t: (t.score, t.number))
     assert (f"scored the imported schedule, trial id {imported.id} (NFE 4): {fmt(imported.score)} held-out; the best "
             f"there is trial id {best.id} at {fmt(best.score)}") in said.replace("\n", " "), said
+
+
+@pytest.mark.parametrize("held, train, preset, refined, said", [
+    (0.068, 0.018, 0.050, None, True),  # lost to the preset, 3.8x its cheap score: named
+    (0.060, 0.032, 0.050, None, False),  # lost, but within 2x of its cheap score (a bank of other states)
+    (0.040, 0.010, 0.050, None, False),  # far above its cheap score, but better than the preset
+    (0.068, 0.018, 0.050, 0.045, False),  # its refinement beat the preset
+])
+def test_a_search_that_fitted_its_few_states_says_so(capsys, held, train, preset, refined, said):
+    from steptune.cli.run import print_overfit
+    from steptune.runner import NfeSummary, RunResult
+
+    row = NfeSummary(6, "ddim", preset, held, 7, 7, refined=refined, searched_train=train)
+    print_overfit(RunResult("s", "complete", 10, 1, 0, 0, 1.0, [row]), 64, "--cheap-samples 256")
+    err = capsys.readouterr().err.replace("\n", " ")
+    line = (f"NFE 6: the searched schedule scores {fmt(train)} on the search's 64 train states but {fmt(held)} "
+            f"held-out ({held / train:.1f}x), worse than the best preset ({fmt(preset)}): the search fits those "
+            "states rather than the problem; give it more of them (--cheap-samples 256)")
+    assert err.strip() == (line if said else ""), err
 
 
 # ---- interruptions -----------------------------------------------------------------------------------

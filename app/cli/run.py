@@ -47,6 +47,23 @@ def print_imports(result) -> None:
         err.print(f"scored {what}: {fmt(i['score'])} held-out; {best}", highlight=False)
 
 
+OVERFIT = 2.0  # held-out over cheap score of a searched schedule that lost to the presets, above which it is named
+
+
+def print_overfit(result, cheap_samples: int, advice: str) -> None:
+    """A line for each NFE whose searched schedule lost to the best preset on the held-out bank while scoring far
+    better on the search's own states: the search fitted those few states, not the problem, and more of them (what
+    ``advice`` says to set) is what helps."""
+    worse = [r for r in result.per_nfe if r.searched_score and r.searched_train and r.preset_score
+             and r.searched_score > r.preset_score and r.searched_score > OVERFIT * r.searched_train
+             and (r.refined is None or r.refined > r.preset_score)]
+    for r in worse:
+        err.print(f"NFE {r.nfe}: the searched schedule scores {fmt(r.searched_train)} on the search's {cheap_samples} "
+                  f"train states but {fmt(r.searched_score)} held-out ({r.searched_score / r.searched_train:.1f}x), "
+                  f"worse than the best preset ({fmt(r.preset_score)}): the search fits those states rather than "
+                  f"the problem; give it more of them ({advice})", highlight=False)
+
+
 def print_stopped(result) -> None:
     """The line a run that stopped before its end leaves (nothing after a complete one)."""
     if result.status not in ("interrupted", "time-budget", "incomplete"):
@@ -211,6 +228,9 @@ def run_cmd(
         out.print(cost_table.line(cost), highlight=False)
         if result.utilisation:
             out.print(utilisation_text(result.utilisation))
+        ev = job.evaluation
+        print_overfit(result, ev.cheap_samples, f"evaluation.cheap_samples = {4 * ev.cheap_samples} in the job file"
+                      + (" and train_samples at least as many" if 4 * ev.cheap_samples > ev.train_samples else ""))
         print_imports(result)
         print_stopped(result)
     if result.status == "interrupted":

@@ -84,7 +84,7 @@ def search_cmd(
     from steptune.cli import cost as cost_table
     from steptune.cli.paths import output_folder
     from steptune.cli.problems import build_problem
-    from steptune.cli.run import execute_job, print_imports, print_stopped
+    from steptune.cli.run import execute_job, print_imports, print_overfit, print_stopped
 
     output_folder(out_dir, "--out")
     from steptune.evaluators import evaluator_options
@@ -164,6 +164,8 @@ def search_cmd(
         out.print(table)
         out.print(cost_table.line(cost), highlight=False)
         err.print(f"study {name!r} is in the database; saved {jpath}")
+    if not json_:
+        print_overfit(result, cheap_n, f"--cheap-samples {4 * cheap_n}")
     print_imports(result)
     print_stopped(result)
     if result.status == "interrupted":
