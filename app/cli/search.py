@@ -19,6 +19,7 @@ from steptune.cli.options import (
     JsonOpt,
     ModelOpt,
     PredictionOpt,
+    ProblemOpt,
     ShapeOpt,
     TimeInputOpt,
     TimeScaleOpt,
@@ -45,8 +46,7 @@ def in_options(message: str) -> str:
 
 
 def search_cmd(
-    problem: Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits or gmm-2d.")]
-    = "gmm-digits",
+    problem: ProblemOpt = "gmm-digits",
     nfe: Annotated[str, typer.Option("--nfe", help="NFE list, e.g. 4,5,6,8,10 or 3-10.")] = "4,5,6,8,10",
     method: Annotated[str, typer.Option("--method", "-m", help="s3, tpe, cmaes, random or mo-tpe.")] = "s3",
     budget: Annotated[int, typer.Option("--budget", help="True (cheap-fidelity) evaluations per NFE.")] = 300,
@@ -61,7 +61,8 @@ def search_cmd(
     heldout_n: Annotated[int | None, typer.Option("--heldout-samples", help="Size of the held-out bank the "
                                                                            "results are reported on (default "
                                                                            "1024; 256 for networks).")] = None,
-    time_budget: Annotated[str | None, typer.Option("--time-budget", help="Stop searching after this long: "
+    time_budget: Annotated[str | None, typer.Option("--time-budget", help="Stop after this long (the whole run: "
+                                                                          "baselines, search and confirmations): "
                                                                           "seconds or a text like 90s, 30m, 8h, "
                                                                           "1h30m.")] = None,
     refine: Annotated[int, typer.Option("--refine", help="After the search, refine the most promising searched "
