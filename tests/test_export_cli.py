@@ -97,6 +97,30 @@ def test_import_good_file(filled, capsys, tmp_path):
     assert db.best("imported", 8).schedule == db.best("demo", 8).schedule
 
 
+def test_a_diffusers_export_imports_back_as_its_schedule_and_a_sigma_list_is_refused(filled, capsys, tmp_path):
+    """The folder 'export --format diffusers' writes holds the whole schedule: imported into another study it is
+    the same schedule (same key), queued to be scored; a sigma list holds only the times and is refused."""
+    url, db = filled
+    folder, sigmas = tmp_path / "sched", tmp_path / "sigmas.json"
+    assert run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers", "-o", str(folder),
+                    "--db", url], capsys)[0] == 0
+    code, out, err = run_cli(["import", str(folder), "--study", "from-diffusers", "--db", url, "--json"], capsys)
+    assert code == 0, err
+    t = json.loads(out)
+    assert (t["nfe"], t["status"]) == (6, "queued")
+    assert db.trials("from-diffusers")[0].key == db.best("demo", 6).key
+    assert run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "-o", str(sigmas),
+                    "--db", url], capsys)[0] == 0
+    before = _rows(db)
+    code, _, err = run_cli(["import", str(sigmas), "--study", "from-sigmas", "--db", url], capsys)
+    assert code == 2 and err.strip() == (f"error: {sigmas}: a sigma list carries only the times, not the per-step "
+                                         "decisions; use the JSON export (steptune export --format json) or the "
+                                         "diffusers one"), err
+    code, _, err = run_cli(["import", str(tmp_path), "--study", "from-folder", "--db", url], capsys)
+    assert code == 2 and "a folder without a scheduler_config.json" in err, err
+    assert _rows(db) == before
+
+
 def _bad_files(good: dict) -> dict:
     cases = {"malformed_json": (json.dumps(good)[:-2], "not valid JSON")}
     cases["wrong_schema_version"] = (json.dumps({**good, "version": 7}), "schema version 7")

@@ -92,6 +92,11 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
     except json.JSONDecodeError as e:
         raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                             "fix the file") from None
+    if isinstance(d, dict) and d.get("_class_name") == "SteptuneScheduler" and isinstance(d.get("schedule"), dict):
+        d = d["schedule"]  # a diffusers export's scheduler config carries the whole schedule (not its provenance)
+    if isinstance(d, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d):
+        raise ScheduleError(f"{where}: a sigma list carries only the times, not the per-step decisions; use the "
+                            "JSON export (steptune export --format json) or the diffusers one")
     if not isinstance(d, dict) or d.get("schema") != "steptune.schedule":
         raise ScheduleError(f"{where}: not a steptune schedule (missing \"schema\": \"steptune.schedule\")")
     version = d.get("version")
@@ -144,6 +149,11 @@ def scheduler_from_export(path: str | Path, **config):
 
 def read_export(path: str | Path) -> tuple[Schedule, dict | None]:
     path = Path(path)
+    if path.is_dir():  # a diffusers export: its scheduler config holds the schedule
+        if not (path / "scheduler_config.json").is_file():
+            raise ScheduleError(f"{path}: a folder without a scheduler_config.json; give a schedule JSON file or a "
+                                "folder 'steptune export --format diffusers' wrote")
+        path = path / "scheduler_config.json"
     if not path.is_file():
         raise ScheduleError(f"{path}: no such schedule file")
     try:
