@@ -29,8 +29,11 @@ def load_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predict
                          "takes t in [0, 1000])")
     conv = {"prediction": prediction, "time_input": time_input, "time_scale": time_scale}
     if spec in PROBLEMS:
-        if guidance_scale is not None or shape is not None:
-            raise ValueError(f"problem {spec!r} has no guidance or shape option")
+        if guidance_scale is not None:
+            raise ValueError(f"problem {spec!r} is not guided; drop --guidance (digits-cond and networks whose "
+                             "factory gives cond and uncond arguments take it)")
+        if shape is not None:
+            raise ValueError(f"problem {spec!r} fixes its own sample shape; drop --shape")
         return get_problem(spec, **({"noise": noise} if noise is not None else {}),
                            **{k: v for k, v in conv.items() if v is not None}, **options)
     if spec in NETWORK_PROBLEMS:

@@ -366,3 +366,13 @@ def test_eval_of_a_schedule_for_another_noise_schedule_names_the_file_and_the_fi
                     "the model uses VPDiscrete(name='ddpm-linear')",
                     "steptune schedule preset:NAME --nfe 5 --noise ddpm-linear")
     assert "Traceback" not in line
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--guidance", "3", ["problem 'gmm-2d' is not guided; drop --guidance"]),
+    ("--shape", "3", ["problem 'gmm-2d' fixes its own sample shape; drop --shape"]),
+])
+def test_an_option_the_built_in_problem_does_not_take_is_named(capsys, cache, option, value, words):
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "5", option, value,
+                      "--cache", cache], *words)
+    assert not cache.exists()
