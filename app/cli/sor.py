@@ -296,7 +296,7 @@ def relax_cmd(
     t.add_column("value", justify="right")
     for key in ("rounds", "new_rounds", "mean_iterations", "last_1000_mean", "not_converged", "most_played_omega",
                 "solve_seconds", "learner_overhead", "bandit_rounds"):
-        if key not in summary:
+        if key not in summary or (key == "last_1000_mean" and summary["rounds"] <= 1000):  # the mean itself
             continue
         t.add_row(key.replace("_", " ").replace("omega", "ω"), str(summary[key]))
     out.print(t)
