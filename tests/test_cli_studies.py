@@ -45,6 +45,9 @@ def test_sweep_and_import_refuse_a_relaxation_study(relax_db, tmp_path, cache, c
     assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
     code, _, err = run_cli(["import", str(path), "--study", "rx", "--db", url], capsys)
     assert code == 2 and "study 'rx' is a relaxation study" in err and "\n" not in err.strip()
+    code, _, err = run_cli(["export", "--study", "rx", "--nfe", "4", "--db", url], capsys)
+    assert code == 2 and err.strip() == ("error: study 'rx' is a relaxation study: it holds SOR rounds, not schedules; "
+                                         "'steptune relax-report --study rx' reports it"), err
     _unchanged(url, config)
 
 

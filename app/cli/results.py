@@ -197,6 +197,9 @@ def export_cmd(
     interpolated = None
     with _open(db) as store:
         st = store.get_study(study)
+        if st.kind == "relaxation":
+            raise CliError(f"study {study!r} is a relaxation study: it holds SOR rounds, not schedules; "
+                           f"'steptune relax-report --study {study}' reports it")
         fidelity = fidelity or st.config.get("fidelity")
         if trial is not None:
             t = store.trial(trial)
