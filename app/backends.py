@@ -275,8 +275,7 @@ class RayBackend(Backend):
 
         if not ray.is_initialized():
             try:
-                # "local": start a private instance, never attach to a cluster some other process left running
-                init_ray(self.spec.address)
+                init_ray(self.spec.address)  # no address: a private local instance
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = self.spec.address or "a local instance"
                 raise BackendError(f"backend.address: cannot start or reach Ray at {where} ({e})") from None

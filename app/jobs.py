@@ -39,7 +39,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class JobError(ValueError):
@@ -69,41 +69,21 @@ class ProblemSpec(_Section):
             raise ValueError(f"model {self.model!r} is not of the form module:factory")
         return self
 
-    @field_validator("name")
+    @field_validator("name", "noise", "prediction", "time_input")
     @classmethod
-    def _known_problem(cls, v: str | None) -> str | None:
+    def _known(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
         from steptune.evaluators.load import NETWORK_PROBLEMS, PROBLEMS
-
-        if v is not None and v not in PROBLEMS and v not in NETWORK_PROBLEMS:
-            raise ValueError(f"unknown problem {v!r}; choose from {', '.join([*PROBLEMS, *NETWORK_PROBLEMS])}, or "
-                             "give a network as model = \"module:factory\"")
-        return v
-
-    @field_validator("noise")
-    @classmethod
-    def _known_noise(cls, v: str | None) -> str | None:
+        from steptune.space.model import PREDICTION_TYPES, TIME_INPUTS
         from steptune.space.noise import NAMED
 
-        if v is not None and v not in NAMED:
-            raise ValueError(f"unknown noise schedule {v!r}; choose from {', '.join(NAMED)}")
-        return v
-
-    @field_validator("prediction")
-    @classmethod
-    def _known_prediction(cls, v: str | None) -> str | None:
-        from steptune.space.model import PREDICTION_TYPES
-
-        if v is not None and v not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction {v!r}; choose from {', '.join(PREDICTION_TYPES)}")
-        return v
-
-    @field_validator("time_input")
-    @classmethod
-    def _known_time_input(cls, v: str | None) -> str | None:
-        from steptune.space.model import TIME_INPUTS
-
-        if v is not None and v not in TIME_INPUTS:
-            raise ValueError(f"unknown time input {v!r}; choose from {', '.join(TIME_INPUTS)}")
+        what, choices = {"name": ("problem", [*PROBLEMS, *NETWORK_PROBLEMS]), "noise": ("noise schedule", list(NAMED)),
+                         "prediction": ("prediction", PREDICTION_TYPES),
+                         "time_input": ("time input", TIME_INPUTS)}[info.field_name]
+        if v not in choices:
+            also = ', or give a network as model = "module:factory"' if info.field_name == "name" else ""
+            raise ValueError(f"unknown {what} {v!r}; choose from {', '.join(choices)}{also}")
         return v
 
     def describe(self) -> str:
