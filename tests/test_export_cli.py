@@ -121,6 +121,16 @@ def test_a_diffusers_export_imports_back_as_its_schedule_and_a_sigma_list_is_ref
     assert _rows(db) == before
 
 
+def test_an_output_path_the_system_refuses_is_one_line(filled, capsys, tmp_path):
+    """A path that passes the checks made before any work but that the file system then refuses (a name longer
+    than it allows, whoever runs it): one line naming the path and the system's reason, and exit status 1."""
+    url, _ = filled
+    path = tmp_path / ("x" * 300 + ".json")
+    code, out, err = run_cli(["export", "--study", "demo", "--nfe", "6", "-o", str(path), "--db", url], capsys)
+    assert code == 1 and err.strip() == f"error: {path}: File name too long; choose another path", err
+    assert "Traceback" not in out + err
+
+
 def _bad_files(good: dict) -> dict:
     cases = {"malformed_json": (json.dumps(good)[:-2], "not valid JSON")}
     cases["wrong_schema_version"] = (json.dumps({**good, "version": 7}), "schema version 7")

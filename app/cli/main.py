@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import typer
@@ -58,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     except library_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that passed the checks but could not be written or read after all
+        if e.filename is None:
+            raise
+        fix = "free space on its disk" if e.errno == errno.ENOSPC else "choose another path"
+        print(f"error: {e.filename}: {e.strerror or e}; {fix}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
