@@ -187,6 +187,8 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
     assert run_cli(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 2  # a baseline already
     code, _, said = run_cli(["import", str(path), "--study", "s", "--queue", "--allow-duplicates", "--db", url], capsys)
     assert code == 0 and "queued: the study's next run scores it, 'steptune run' of its job file" in said, said
+    code, shown, _ = run_cli(["status", "--study", "s", "--db", url], capsys)
+    assert code == 0 and "queued 1; " in shown and "finished; 1 queued for its next run" in shown, shown
     code, _, said = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, said
     with connect(url) as db:

@@ -266,7 +266,8 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
               f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
               f"rate {per_minute(info['per_minute'])}, "
-              + ("finished" if info["finished"] else f"ETA {duration(info['eta_seconds'])}"))
+              + (f"ETA {duration(info['eta_seconds'])}" if not info["finished"] else
+                 f"finished; {info['queued']} queued for its next run" if info["queued"] else "finished"))
     table = Table(title="best per NFE (held-out where confirmed)")
     refined = any(r["refined"] is not None for r in info["per_nfe"])
     for col in ("NFE", "searched (held-out)", "searched (train)", *(("refined (held-out)",) if refined else ()),
