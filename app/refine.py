@@ -112,8 +112,10 @@ def study_job(store, study: str):
         raise RefineError(f"{e}; the study's job cannot be rebuilt by this steptune") from None
 
 
-def study_evaluator(job, device: str | None = None):
-    """The evaluator of the job's problem, with the job's banks (the search's references come from its cache)."""
+def study_evaluator(job, device: str | None = None, stored: dict | None = None):
+    """The evaluator of the job's problem, with the job's banks (the search's references come from its cache).
+    ``stored``: the study's problem (``StudyRecord.problem``); a problem built here with other weights or settings is
+    refused, so refinements are never scored on another model than their parents."""
     import torch
 
     from steptune.backends import build_problem
@@ -125,6 +127,11 @@ def study_evaluator(job, device: str | None = None):
         msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
         raise RefineError(f"study {job.study!r}: its problem {job.problem.describe()!r} cannot be rebuilt here "
                           f"({msg}); refine where the model is available") from None
+    from steptune.study_problem import mixing_refusal
+
+    refusal = mixing_refusal(job.study, (stored or {}).get("identity"), problem)
+    if refusal is not None:
+        raise RefineError(refusal)
     ev = job.evaluation
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return Evaluator(problem, n_train=ev.train_samples, n_heldout=ev.heldout_samples, seed=ev.bank_seed,

@@ -35,6 +35,7 @@ from steptune.jobs import Job, JobError
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import Retrying
+from steptune.study_problem import mixing_refusal, weights_note
 
 LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
 
@@ -248,6 +249,9 @@ class Runner:
             key = "problem.model" if job.problem.model else "problem.name"
             msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
             raise JobError(f"{key} {job.problem.describe()!r}: {msg}") from None
+        note = weights_note(self.problem)
+        if note:
+            self.say(note)
         from steptune.search import make_searcher
 
         try:
@@ -343,7 +347,7 @@ class Runner:
                            f"{old.get('bank_version', 1)}, now {job.identity()['bank_version']}); its scores cannot be "
                            "mixed with new ones: give a new study name")
         if old is not None and old != job.identity() and st.n_trials == 0:  # nothing ran: the job may change
-            self.storage.update_study_config(job.study, {"identity": job.identity()})
+            self.storage.update_study_config(job.study, {"identity": job.identity()}, problem=identity)
             old = job.identity()
         if old is not None and old != job.identity():
             key = _first_difference(old, job.identity())
@@ -351,6 +355,10 @@ class Runner:
                            "same job or give a new study name")
         if old is None and st.n_trials:
             raise JobError(f"study {job.study!r} exists and was not made by a job file; give a new study name")
+        stored = st.problem["identity"] if st.problem and st.n_trials else None  # what its trials were scored on
+        refusal = mixing_refusal(job.study, stored, self.problem)
+        if refusal is not None:
+            raise JobError(refusal)
         if st.config.get("job") != config["job"]:  # a resume with a new budget (or cache): status shows this run's
             self.storage.update_study_config(job.study, {"job": config["job"]})
 
@@ -777,8 +785,11 @@ def _imports_scored(trials, ids: list[int]) -> list[dict]:
     for t in (t for t in trials if t.id in wanted):
         best = min((b for b in trials if b.nfe == t.nfe and b.fidelity == CONFIRM and b.status == "complete"
                     and b.score is not None), key=lambda b: (b.score, b.number), default=None)
+        others = sum(1 for b in trials if b.nfe == t.nfe and b.fidelity == CONFIRM and b.status == "complete"
+                     and b.score is not None and b.id != t.id)
         out.append({"id": t.id, "nfe": t.nfe, "status": t.status, "score": t.score,
-                    "best_id": best.id if best else None, "best_score": best.score if best else None})
+                    "best_id": best.id if best else None, "best_score": best.score if best else None,
+                    "others": others})
     return out
 
 

@@ -125,6 +125,7 @@ def study_problem_mismatch(store, study: str, problem) -> str | None:
     """Why a sweep of ``problem`` cannot be added to ``study`` (another kind of study, or another problem), or
     None when it can (also when the study does not exist yet)."""
     from steptune.storage import StorageError
+    from steptune.study_problem import mixing_refusal
 
     try:
         st = store.get_study(study)
@@ -132,10 +133,9 @@ def study_problem_mismatch(store, study: str, problem) -> str | None:
         return None
     if st.kind != "sweep":
         return f"study {study!r} is a {st.kind or 'other'} study, not a sweep; give a new study name"
-    if st.problem is not None and st.problem["identity"] != problem.identity():
-        return (f"study {study!r} holds a sweep of problem {st.problem['name']!r} with other settings; give a new "
-                "study name")
-    return None
+    if st.problem is not None and st.problem["name"] != problem.name:
+        return f"study {study!r} holds a sweep of problem {st.problem['name']!r}; give a new study name"
+    return mixing_refusal(study, st.problem and st.problem["identity"], problem)
 
 
 def store_sweep(store, study: str, evaluator, rows: list[dict], spacing: str | None = None,

@@ -239,6 +239,19 @@ def checkpoint_path(name: str, models_dir: str | Path | None = MODELS_DIR) -> Pa
     return SHIPPED / name
 
 
+def retrained_unet(models_dir: str | Path | None = MODELS_DIR) -> dict | None:
+    """The UNet checkpoint ``steptune train-digits`` wrote into ``models_dir`` (its path and training steps), which
+    the digits problems load instead of the shipped one; None when there is none."""
+    if models_dir is None or not (Path(models_dir) / UNET_FILE).is_file():
+        return None
+    path = Path(models_dir) / UNET_FILE
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("meta", {})
+    except Exception:  # an unreadable file fails where it is loaded, with its own message
+        meta = {}
+    return {"path": str(path), "steps": (meta.get("train") or {}).get("steps")}
+
+
 def load_unet(models_dir: str | Path | None = MODELS_DIR) -> tuple[DigitsUNet, dict]:
     path = checkpoint_path(UNET_FILE, models_dir)
     if not path.is_file():

@@ -550,11 +550,16 @@ class Storage:
             raise StorageError(f"a study named {name!r} already exists; pick another name or resume it") from None
         return st
 
-    def update_study_config(self, name: str, changes: Mapping) -> StudyRecord:
+    def update_study_config(self, name: str, changes: Mapping, *, problem: Mapping | None = None) -> StudyRecord:
         """Merge ``changes`` into the study's config (top-level keys; a value of None removes its key)
-        in one transaction, the study's row locked meanwhile; returns the updated study."""
+        in one transaction, the study's row locked meanwhile; returns the updated study. ``problem``: a new problem
+        identity for a study that has no trials yet."""
         with self._tx() as s:
             st = self._study_row(s, name, lock=True)
+            if problem is not None:
+                if st.n_trials:
+                    raise StorageError(f"study {name!r} has trials scored on its problem; it cannot change problem")
+                st.problem_id = self._problem_id(s, problem, None)
             config = {k: v for k, v in {**(st.config or {}), **dict(changes)}.items() if v is not None}
             try:
                 st.config = json.loads(_canonical(config))

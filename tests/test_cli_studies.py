@@ -62,8 +62,9 @@ def test_a_sweep_keeps_to_its_problem_and_adds_nothing_when_run_again(tmp_path, 
     code, _, err = run_cli([*argv, "--problem", "gmm-2d"], capsys)
     assert code == 0 and "stored 0 new trials" in err
     code, _, err = run_cli([*argv, "--problem", "gmm-2d", "--noise", "vp-cosine"], capsys)
-    assert code == 2 and err.strip() == ("error: study 'pre' holds a sweep of problem 'gmm-2d' with other settings; "
-                                         "give a new study name")
+    assert code == 2 and err.strip() == (
+        "error: study 'pre' was scored on gmm-2d with other settings (noise.kind: 'vp-linear' then, 'vp-cosine' now); "
+        "its scores cannot be mixed with new ones: run it with the settings it was made with, or give a new study name")
     with connect(url) as db:
         assert [(t.key, t.score) for t in db.trials("pre")] == first
 

@@ -94,3 +94,22 @@ def test_fd_to_the_reference_is_the_frechet_distance_of_samples_and_reference_fe
     assert fds["unipc-bh2"] < fds["ddim"] / 3  # a converging sampler approaches the reference's distribution
 
 
+
+
+def test_a_retrained_unet_is_what_digits_cond_runs_and_it_says_so(tmp_path, monkeypatch):
+    """A UNet in runs/models of the folder a command runs in replaces the shipped one: the problem's identity carries
+    that file's fingerprint, and the note names the file and its training steps; without it, the shipped one runs."""
+    from steptune.evaluators.cache import file_sha256
+    from steptune.evaluators.digits_networks import SHIPPED, UNET_FILE, save_checkpoint
+    from steptune.study_problem import weights_note
+
+    monkeypatch.chdir(tmp_path)
+    shipped = digits_problem(quality=False)
+    assert shipped.source["unet_sha256"] == file_sha256(SHIPPED / UNET_FILE) and weights_note(shipped) is None
+    unet = train_unet(TrainConfig(steps=2, batch=8))
+    path = save_checkpoint(unet, tmp_path / "runs" / "models" / UNET_FILE, {"train": {"steps": 2}})
+    retrained = digits_problem(quality=False)
+    assert retrained.source["unet_sha256"] == file_sha256(path) != shipped.source["unet_sha256"]
+    assert weights_note(retrained) == (
+        "note: digits-cond runs the UNet retrained by 'steptune train-digits' (runs/models/digits-unet.pt, 2 training "
+        "steps), not the shipped one; delete that file to use the shipped weights")

@@ -152,6 +152,55 @@ def test_sweep_runs_a_plugged_model_against_the_closed_form(tmp_path, capsys):
                                                                   "test_plugins-gaussian_factory-vp-linear.md"]
 
 
+def retrained_factory():
+    """The Gaussian's network with its mean moved by $STEPTUNE_TEST_SHIFT: the same model with other weights."""
+    shift = float(os.environ.get("STEPTUNE_TEST_SHIFT", "0"))
+    return Plug(network=eps_fn(NS, MU + shift, VAR), shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+
+
+def test_a_study_scored_on_other_weights_takes_no_new_trials(tmp_path, capsys, monkeypatch):
+    """A resume, a refinement or a sweep of a network whose weights changed since the study was scored would mix the
+    scores of two models in one study: each is refused, naming the fingerprint that differs, and writes nothing."""
+    from steptune.storage import connect
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    argv = ["search", "--model", "test_plugins:retrained_factory", "--nfe", "4", "--method", "random",
+            "--cheap-samples", "16", "--heldout-samples", "32", "--confirm", "1", "--out", str(tmp_path), "--cache",
+            str(tmp_path), "--study", "s", "--db", url, "--json"]
+    sweep = ["sweep", "--model", "test_plugins:retrained_factory", "--nfe", "4", "--presets", "ddim", "--study", "p",
+             "--db", url, "--out", str(tmp_path / "sw"), "--cache", str(tmp_path)]
+    assert main([*argv, "--budget", "4"]) == 0 and main([*sweep, "--nfe", "3"]) == 0
+    capsys.readouterr()
+    with connect(url) as db:
+        before = {study: [(t.id, t.status, t.score) for t in db.trials(study)] for study in ("s", "p")}
+    monkeypatch.setenv("STEPTUNE_TEST_SHIFT", "0.1")
+    for study, command in (("s", [*argv, "--budget", "8"]), ("s", ["refine", "--study", "s", "--db", url, "--iters",
+                                                                  "2"]), ("p", sweep)):
+        assert main(command) == 2, command[0]
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: study '{study}' was scored with other network weights than the "
+                              "test_plugins:retrained_factory built here (data.network_sha256 "), err
+        assert "then, " in err and err.rstrip().endswith("give a new study name"), err
+        with connect(url) as db:
+            assert {s: [(t.id, t.status, t.score) for t in db.trials(s)] for s in ("s", "p")} == before
+    monkeypatch.setenv("STEPTUNE_TEST_SHIFT", "0")  # the weights it was scored with: it resumes
+    assert main([*argv, "--budget", "8"]) == 0
+    with connect(url) as db:
+        assert len(db.trials("s")) > len(before)
+
+
+def test_settings_an_older_identity_does_not_hold_are_not_a_change():
+    """Studies scored before an identity gained a key resume; a value that differs is named by its dotted key."""
+    from steptune.study_problem import first_change
+
+    stored = {"name": "p", "data": {"a": 1.5, "sha": "x"}}
+    newer = {"name": "p", "data": {"a": 1.5, "sha": "x", "new": 2}, "reference": {"tol": 1}}
+    assert first_change(stored, newer) is None
+    assert first_change(stored, {"name": "p", "data": {"a": 1.5, "sha": "y"}}) == "data.sha"
+    assert first_change(stored, {"name": "q", "data": {"a": 2.0}}) == "name"
+
+
 def test_search_runs_a_plugged_model(tmp_path, capsys):
     rc = main(["search", "--model", SPEC, "--nfe", "4", "--method", "random", "--budget", "4", "--cheap-samples",
                "16", "--heldout-samples", "32", "--confirm", "1", "--out", str(tmp_path), "--cache", str(tmp_path),

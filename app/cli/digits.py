@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-from steptune.cli.console import out
+from steptune.cli.console import err, out
 from steptune.cli.errors import CliError
 from steptune.cli.progress import task_bar
 
@@ -22,7 +22,7 @@ def train_digits_cmd(
 ):
     """Train the digits UNet (class-conditional, label dropout for guidance) and the digit classifier
     deterministically; later runs use them instead of the shipped checkpoints."""
-    from steptune.evaluators.digits_networks import TrainConfig, train_and_save
+    from steptune.evaluators.digits_networks import MODELS_DIR, TrainConfig, train_and_save
 
     if steps < 1:
         raise CliError("--steps must be at least 1")
@@ -45,6 +45,12 @@ def train_digits_cmd(
     out.print(f"classifier: held-out accuracy {report['classifier_accuracy']:.3f} "
               f"({report['classifier_seconds']:.0f} s) -> {report['classifier']}")
     out.print(f"UNet: {steps} steps ({report['unet_seconds']:.0f} s) -> {report['unet']}")
+    if out_dir.resolve() == MODELS_DIR.resolve():
+        err.print(f"digits-cond runs started in this folder now use these weights, not the shipped ones (their studies "
+                  f"are kept apart from those scored on other weights); delete {MODELS_DIR} to go back", markup=False)
+    else:
+        err.print(f"digits-cond loads the weights in {MODELS_DIR} of the folder it runs in, else the shipped ones; "
+                  "copy both files there to use these", markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -81,7 +81,7 @@ def refine_cmd(
             if samples is not None and samples > job.evaluation.train_samples:
                 raise RefineError(f"--samples {samples} is larger than the study's train bank "
                                   f"({job.evaluation.train_samples}); use at most that many")
-            ev = study_evaluator(job, device)
+            ev = study_evaluator(job, device, store.get_study(study).problem)
             with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[best]}"),
                           TimeElapsedColumn(), disable=quiet or json_) as bar:
                 task = bar.add_task("refine", total=iters, best="")

@@ -104,7 +104,7 @@ def search_cmd(
     nfes = parse_nfe_list(nfe)
     if not nfes:
         raise CliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
-    prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape)
+    prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape, note=False)
     sizes = evaluator_options(prob)
     name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
     conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,

@@ -1,0 +1,80 @@
+"""Whether the problem built here is the one a study's trials were scored on, and which weights a built-in network
+loads. Scores of two models cannot share a study: a resume, a refinement or a sweep that would add to a study
+scored on other weights (a retrained or edited network, another fitted mixture) is refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+# identity keys that fingerprint what a problem's model computes, and how a sentence names them
+FINGERPRINTS = {"unet_sha256": "digits UNet weights", "network_sha256": "network weights",
+                "mixture_sha256": "fitted mixture"}
+
+
+def first_change(stored, now, path: str = "") -> str | None:
+    """The dotted key of the first setting whose value differs between ``stored`` (a study's problem identity) and
+    ``now``; keys ``stored`` lacks (identities written by an earlier steptune) are not compared. None: they agree."""
+    if isinstance(stored, Mapping) and isinstance(now, Mapping):
+        for k in sorted(stored, key=lambda k: (k not in ("name", "kind"), str(k))):  # what says the most first
+            found = first_change(stored[k], now.get(k), f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+        return None
+    return None if stored == now else path
+
+
+def _get(identity: Mapping, key: str):
+    for part in key.split("."):
+        identity = identity.get(part) if isinstance(identity, Mapping) else None
+    return identity
+
+
+def mixing_refusal(study: str, stored: Mapping | None, problem) -> str | None:
+    """The sentence refusing to add trials of ``problem`` to ``study``, whose trials were scored on the problem
+    identity ``stored``; None when they are the same problem (or the study has no identity stored)."""
+    if not stored:
+        return None
+    now = json.loads(json.dumps(problem.identity()))
+    key = first_change(stored, now)
+    if key is None:
+        return None
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf in FINGERPRINTS:
+        old, new = str(_get(stored, key))[:12], str(_get(now, key))[:12]
+        hint = where_weights_come_from(problem)
+        return (f"study {study!r} was scored with other {FINGERPRINTS[leaf]} than the {problem.name} built here "
+                f"({key} {old}... then, {new}... now); its scores cannot be mixed with new ones: {hint}, or give a "
+                "new study name")
+    old, new = _get(stored, key), _get(now, key)
+    return (f"study {study!r} was scored on {problem.name} with other settings ({key}: {old!r} then, {new!r} now); "
+            "its scores cannot be mixed with new ones: run it with the settings it was made with, or give a new "
+            "study name")
+
+
+def where_weights_come_from(problem) -> str:
+    """How to get back the weights a study was scored with, for the kind of network ``problem`` runs."""
+    data = problem.source or {}
+    if data.get("model") == "digits-unet":
+        from steptune.evaluators.digits_networks import MODELS_DIR, UNET_FILE
+
+        return (f"digits-cond loads {MODELS_DIR / UNET_FILE} (relative to the folder a command runs in) where that "
+                "file exists, else the shipped checkpoint; run where the study's weights are")
+    if "factory" in data:
+        return f"{data['factory']} returned other weights; run with the checkpoint the study was scored with"
+    return "run with the steptune and scikit-learn the study was scored with"
+
+
+def weights_note(problem) -> str | None:
+    """A line saying that a built-in network loads weights retrained by ``steptune train-digits``, not the shipped
+    ones (None for any other problem)."""
+    if (problem.source or {}).get("model") != "digits-unet":
+        return None
+    from steptune.evaluators.digits_networks import retrained_unet
+
+    local = retrained_unet()
+    if local is None:
+        return None
+    steps = f", {local['steps']} training steps" if local.get("steps") else ""
+    return (f"note: digits-cond runs the UNet retrained by 'steptune train-digits' ({local['path']}{steps}), not the "
+            f"shipped one; delete that file to use the shipped weights")
