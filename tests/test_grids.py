@@ -178,3 +178,25 @@ def test_eval_grid_says_in_one_sentence_when_it_cannot_draw(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and all(w in err for w in words), err
     assert not out.exists()
+
+
+def test_the_dashboards_best_preset_is_named_with_the_spacing_it_was_scored_at(tmp_path):
+    """The front has one curve per preset, the best of its spacings; the grid's column names the stored schedule
+    that is best, spacing included, as the search's table does."""
+    from dataclasses import replace
+
+    from steptune.dashboard.grid_view import best_stored_preset
+    from steptune.evaluators.problems import get_problem
+    from steptune.storage import connect
+
+    prob = get_problem("gmm-2d")
+    items = []
+    for sp, score in (("logsnr", 0.2), ("time-uniform", 0.1)):
+        s = presets.build("ddim", 5, prob.noise, spacing=sp, t_start=prob.t_start, t_end=prob.t_end)
+        items.append({"schedule": replace(s, name=f"ddim:spacing={sp}"), "status": "complete", "score": score,
+                      "metrics": {"rmse": score}, "fidelity": "heldout", "bank": "heldout",
+                      "info": {"baseline": True, "origin": f"preset:ddim@5 spacing={sp}"}})
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        ids = store.add_trials("s", items, create={"method": "s3", "problem": prob.identity(), "metric": "rmse"})
+        name, schedule, trial = best_stored_preset(store, "s", 5, "heldout")
+    assert (name, trial, schedule.name) == ("ddim:spacing=time-uniform", ids[1], "ddim:spacing=time-uniform")

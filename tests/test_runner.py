@@ -201,6 +201,19 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
                key=lambda t: (t.score, t.number))
     assert (f"scored the imported schedule, trial id {imported.id} (NFE 4): {fmt(imported.score)} held-out; the best "
             f"there is trial id {best.id} at {fmt(best.score)}") in said.replace("\n", " "), said
+    # at an NFE the job neither searches nor has presets at, there is nothing to compare with, and the line says so
+    assert run_cli(["schedule", "preset:ddim", "--nfe", "9", "-o", str(path)], capsys)[0] == 0
+    assert run_cli(["import", str(path), "--study", "s", "--db", url], capsys)[0] == 0
+    code, _, said = run_cli(["run", str(job), "--db", url], capsys)
+    with connect(url) as db:
+        trials = db.trials("s")
+    alone = trials[-1]
+    assert code == 0 and alone.nfe == 9 and [t.nfe for t in trials].count(9) == 1, said
+    assert (f"scored the imported schedule, trial id {alone.id} (NFE 9): {fmt(alone.score)} held-out; the only "
+            "held-out score at NFE 9 (nothing searched or preset there to compare with)") in said.replace("\n", " ")
+    code, shown, _ = run_cli(["status", "--study", "s", "--db", url], capsys)
+    assert code == 0 and (f"also scored, at NFEs the search does not cover: NFE 9 {fmt(alone.score)} held-out (trial "
+                          f"id {alone.id})") in shown, shown
 
 
 @pytest.mark.parametrize("held, train, preset, refined, said", [

@@ -42,8 +42,9 @@ def print_imports(result) -> None:
         if i["status"] != "complete":
             err.print(f"{what} is not scored yet; the study's next run scores it", highlight=False)
             continue
-        best = ("the best there" if i["best_id"] == i["id"] else
-                f"the best there is trial id {i['best_id']} at {fmt(i['best_score'])}")
+        best = (f"the best there is trial id {i['best_id']} at {fmt(i['best_score'])}" if i["best_id"] != i["id"]
+                else f"the best of the {i['others'] + 1} held-out scores at NFE {i['nfe']}" if i.get("others")
+                else f"the only held-out score at NFE {i['nfe']} (nothing searched or preset there to compare with)")
         err.print(f"scored {what}: {fmt(i['score'])} held-out; {best}", highlight=False)
 
 
@@ -162,6 +163,13 @@ def study_status(storage, study: str) -> dict:
         rows.append({"nfe": s.nfe, "heldout": s.searched_score, "train": min(train) if train else None,
                      "refined": s.refined, "preset": s.preset, "preset_score": s.preset_score,
                      "interpolated_from": s.interpolated_from})
+    # held-out scores at NFEs the job does not search (schedules imported there): the best at each
+    shown = {r["nfe"] for r in rows}
+    elsewhere: dict[int, object] = {}
+    for t in trials:
+        if (t.nfe not in shown and t.fidelity == CONFIRM and t.status == "complete" and t.score is not None
+                and not t.info.get("baseline") and (t.nfe not in elsewhere or t.score < elsewhere[t.nfe].score)):
+            elsewhere[t.nfe] = t
     # a trial moved off a lost evaluator before it began spent no attempt: it was not retried
     retried = [t for t in trials if t.attempts > 1 or ((t.error or "").startswith("re-queued")
                                                     and not t.error.startswith("re-queued: not started"))]
@@ -171,6 +179,7 @@ def study_status(storage, study: str) -> dict:
             "running": sum(t.status == "running" for t in trials), "queued": sum(t.status == "queued" for t in trials),
             "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),
             "per_minute": per_minute, "eta_seconds": eta, "finished": left == 0, "per_nfe": rows,
+            "other_nfes": [{"nfe": n, "heldout": t.score, "trial_id": t.id} for n, t in sorted(elsewhere.items())],
             "confirmed": sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info),
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
             "busy_evaluators": len({t.worker for t in trials if t.status == "running" and t.worker}),
@@ -281,6 +290,10 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
                       *cost_table.cells(cost, r["nfe"]))
     out.print(table)
     cost_table.print_interpolated_note([(r["nfe"], r["interpolated_from"]) for r in info["per_nfe"]])
+    if info["other_nfes"]:
+        out.print("also scored, at NFEs the search does not cover: " + ", ".join(
+            f"NFE {o['nfe']} {fmt(o['heldout'])} held-out (trial id {o['trial_id']})" for o in info["other_nfes"]),
+            highlight=False)
     out.print(cost_table.line(cost), highlight=False)
     busy = info["busy_evaluators"]
     out.print(f"evaluators busy now: {busy}" + (f" of {info['evaluators']}" if info["evaluators"] else ""))

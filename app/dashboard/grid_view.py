@@ -26,8 +26,10 @@ def grid_url(trial_id: int) -> str:
 
 
 def best_stored_preset(store: Storage, study: str, nfe: int, fidelity: str | None):
-    """(spec, schedule, trial id) of the best preset baseline stored for ``study``'s problem at ``nfe``, as the
-    front shows them (at ``fidelity`` when the problem has baselines there); None when none is stored."""
+    """(name, schedule, trial id) of the best preset baseline stored for ``study``'s problem at ``nfe``, as the
+    front shows them (at ``fidelity`` when the problem has baselines there); None when none is stored. The name is
+    the stored schedule's (the preset with the spacing it was scored at, e.g. ``ddim:spacing=diffusers-leading``),
+    not only the preset's curve on the front."""
     prob = next((p for p in queries.problems(store) if any(s["name"] == study for s in p["studies"])), None)
     if prob is None:
         return None
@@ -38,7 +40,8 @@ def best_stored_preset(store: Storage, study: str, nfe: int, fidelity: str | Non
     if not (same or points):
         return None
     _, trial, spec, _ = min(same or points)
-    return spec, store.trial(trial).to_schedule(), trial
+    schedule = store.trial(trial).to_schedule()
+    return schedule.name or spec, schedule, trial
 
 
 class Grids:
