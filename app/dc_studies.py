@@ -75,10 +75,11 @@ def fit_command(study: str, config: dict, nfe: int, cfg: float | None) -> str:
     return f"'steptune dc fit {' '.join(opts)} {where} --study {study}'"
 
 
-def check_same_fit(db: str, study: str, config: dict) -> None:
+def check_same_fit(db: str, study: str, config: dict, problem=None) -> None:
     """Refuse to add fits to an existing study that was fitted on another problem, solver, conventions or
-    number of fit noises (its CPR and interpolation would mix them)."""
+    number of fit noises (its CPR and interpolation would mix them), or on other weights than ``problem``'s."""
     from steptune.storage import StorageError, connect
+    from steptune.study_problem import mixing_refusal
 
     try:
         with connect(db) as store:
@@ -93,6 +94,10 @@ def check_same_fit(db: str, study: str, config: dict) -> None:
         if key in old and old[key] != config.get(key):
             raise DcStudyError(f"study {study!r} was fitted with {key} {old.get(key)!r}, not {config.get(key)!r}; use "
                              f"the same options (e.g. {fit_command(study, old, 5, None)}) or another --study")
+    refusal = problem and rec.n_trials and mixing_refusal(study, (rec.problem or {}).get("identity"), problem,
+                                                          weights_only=True)
+    if refusal:
+        raise DcStudyError(refusal)
 
 
 def fit_rows(trials: list, fit: str) -> list[tuple[int, float | None, list[float]]]:

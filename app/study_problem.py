@@ -30,9 +30,12 @@ def _get(identity: Mapping, key: str):
     return identity
 
 
-def mixing_refusal(study: str, stored: Mapping | None, problem) -> str | None:
+def mixing_refusal(study: str, stored: Mapping | None, problem, weights_only: bool = False) -> str | None:
     """The sentence refusing to add trials of ``problem`` to ``study``, whose trials were scored on the problem
-    identity ``stored``; None when they are the same problem (or the study has no identity stored)."""
+    identity ``stored``; None when they are the same problem (or the study has no identity stored).
+    ``weights_only``: compare the model's fingerprints alone (a study that spans settings, e.g. guidance scales)."""
+    if stored and weights_only:
+        stored = {"data": {k: v for k, v in (stored.get("data") or {}).items() if k in FINGERPRINTS}}
     if not stored:
         return None
     now = json.loads(json.dumps(problem.identity()))

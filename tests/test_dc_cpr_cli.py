@@ -264,6 +264,21 @@ def test_dc_fit_refuses_to_mix_other_fits_into_a_study(capsys, db, fitted, args,
     assert _rows(db) == before
 
 
+def test_dc_fit_refuses_fits_of_other_weights_into_a_study(capsys, db, fitted, monkeypatch):
+    import test_plugins
+
+    monkeypatch.setattr(test_plugins, "MU", test_plugins.MU + 0.1)  # the factory's network, with other weights
+    before = _rows(db)
+    code, out, err = _cli(capsys, "dc", "fit", "--problem", PLUGIN, "--noise", "vp-linear", "--prediction", "eps",
+                          "--time-input", "continuous", "--shape", "4", "--fit-samples", str(FIT_SAMPLES), "--nfe", "7",
+                          "--method", "joint", "--joint-iters", "1", "--study", "g", "--db", db, "--cache",
+                          str(fitted / "cache"))
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith(f"error: study 'g' was scored with other network weights than the {PLUGIN} built here "
+                          "(data.network_sha256 "), err
+    assert _rows(db) == before
+
+
 def test_ctrl_c_during_dc_fit_says_what_was_kept_and_stores_nothing(tmp_path):
     import signal
     import subprocess

@@ -231,7 +231,7 @@ def fit_cmd(
             raise CliError(str(e)) from None
         plans.append((g, ev, scheds))
     if study is not None:
-        check_same_fit(db, study, made_as)
+        check_same_fit(db, study, made_as, prob)
     configs = []  # (cfg, evaluator, schedule, ConfigFit)
     try:
         err.print(f"fitting {sum(len(scheds) for _, _, scheds in plans)} configurations ({', '.join(methods)})",
