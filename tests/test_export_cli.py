@@ -173,8 +173,10 @@ def test_db_upgrade_and_missing_database(tmp_path, capsys):
     assert code == 0 and f"none -> {head}" in err.replace("\n", "")
     code, _, err = run_cli(["db", "upgrade", "--db", url], capsys)
     assert code == 0 and "up to date" in err
-    code, out, _ = run_cli(["db", "current", "--db", url], capsys)
+    code, out, _ = run_cli(["db", "current", "--db", url, "--json"], capsys)
     assert json.loads(out) == {"database": url, "revision": head, "head": head}
+    code, out, _ = run_cli(["db", "current", "--db", url], capsys)
+    assert out.strip() == f"database {url} is at schema revision {head}, the one this steptune needs"
     code, out, _ = run_cli(["studies", "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out) == []
     code, _, err = run_cli(["studies", "--db", "nonsense://"], capsys)

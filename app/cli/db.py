@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from steptune.cli.console import err
-from steptune.cli.options import DEFAULT_DB, DbOpt
+from steptune.cli.console import err, out
+from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt
 
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True, add_completion=False)
 
@@ -35,15 +35,26 @@ def db_upgrade_cmd(db: DbOpt = DEFAULT_DB,
 
 
 @db_app.command("current")
-def db_current_cmd(db: DbOpt = DEFAULT_DB):
+def db_current_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     """Print the database's schema revision and the one this steptune needs."""
+    from sqlalchemy.engine import make_url
+
     from steptune.storage import Storage, resolve_url
 
-    store = Storage(resolve_url(db, must_exist=True))
+    url = resolve_url(db, must_exist=True)
+    store = Storage(url)
     try:
-        print(json.dumps({"database": db, "revision": store.revision(), "head": store.head}))
+        revision, head = store.revision(), store.head
     finally:
         store.close()
+    shown = make_url(url).render_as_string(hide_password=True)
+    if json_:
+        print(json.dumps({"database": shown, "revision": revision, "head": head}))
+    elif revision == head:
+        out.print(f"database {shown} is at schema revision {revision}, the one this steptune needs", highlight=False)
+    else:
+        out.print(f"database {shown} is at schema revision {revision or 'none'}; this steptune needs {head}: run "
+                  f"'steptune db upgrade --db URL'", highlight=False)
 
 
 
