@@ -284,7 +284,7 @@ class Runner:
         self._imports = [t.id for t in self.storage.trials(job.study, status="queued")
                          if t.fidelity != CHEAP and not t.info]
         try:
-            self.backend.start()
+            self._start_backend()
             self.storage.update_study_config(job.study, {"evaluators": {
                 "count": len(self.backend.workers), "backend": job.backend.kind, "driver": self.driver,
                 "trial_timeout": job.backend.trial_timeout}})
@@ -318,6 +318,27 @@ class Runner:
                 pass  # the database is away: the lease runs out, or a driver on this host sees this process gone
         with _heap_set_aside():  # reading every trial back would otherwise start that full pass (0.2 s on gmm-digits)
             return self._result()
+
+    def _start_backend(self, slow: float = 3.0) -> None:
+        """Start the evaluators; a start that takes longer than ``slow`` seconds (the problem built and its reference
+        solutions computed, on a first run) says what it is doing while it does it, and how long it took."""
+        started = time.monotonic()
+        said = threading.Event()
+
+        def tell():
+            said.set()
+            self.say("preparing the evaluators: the problem is built and its reference solutions on the train and "
+                     f"held-out banks computed (once; later runs read them from {self.job.evaluation.cache})")
+
+        timer = threading.Timer(slow, tell)
+        timer.daemon = True
+        timer.start()
+        try:
+            self.backend.start()
+        finally:
+            timer.cancel()
+        if said.is_set():
+            self.say(f"evaluators ready after {time.monotonic() - started:.0f} s")
 
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

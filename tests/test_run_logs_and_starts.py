@@ -51,7 +51,7 @@ def test_the_log_of_a_job_on_ray_evaluators_holds_only_what_steptune_says(tmp_pa
                              cwd=tmp_path, timeout=600)
     text = log.read_text()
     assert res.returncode == 0, text
-    assert text.startswith("evaluating "), text
+    assert text.startswith(("preparing the evaluators: ", "evaluating ")), text  # as slow as Ray's start is, or not
     assert "Token authentication" not in text and "ray" not in text.split("\n", 1)[0].lower(), text
 
 

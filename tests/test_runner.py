@@ -457,3 +457,41 @@ def test_the_search_and_the_final_read_of_its_trials_run_with_the_heap_set_aside
     assert result.status == "complete"
     assert len(reads) >= 2 and all(n > before for n in reads[-2:]), (before, reads)  # a stage's last read, the result's
     assert gc.get_freeze_count() == before
+
+
+def test_a_slow_start_says_what_it_waits_for_while_it_waits(tmp_path, cache):
+    """A first run computes the references before anything else happens: the log says so as it starts, not after
+    it, and how long it took; a quick start (references cached) says nothing."""
+    import threading
+
+    from steptune.backends import LocalBackend
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+
+    job = load_job(write_job(tmp_path / "job.toml", "s", cache))
+    said, heard = [], threading.Event()
+
+    class WaitsToBeExplained(LocalBackend):
+        def start(self):
+            assert heard.wait(60), said  # the start goes on only once the runner has said what it waits for
+            super().start()
+
+    def say(message):
+        said.append(message)
+        heard.set()
+
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
+        backend = WaitsToBeExplained(job.problem, job.evaluation, job.backend)
+        try:
+            Runner(job, db, backend, say=say)._start_backend(slow=0.01)
+            assert said[0] == ("preparing the evaluators: the problem is built and its reference solutions on the "
+                               "train and held-out banks computed (once; later runs read them from "
+                               f"{job.evaluation.cache})")
+            assert said[1].startswith("evaluators ready after ") and said[1].endswith(" s") and len(said) == 2
+            said.clear()
+            backend.close()
+            backend = LocalBackend(job.problem, job.evaluation, job.backend)
+            Runner(job, db, backend, say=say)._start_backend(slow=60)
+            assert said == []
+        finally:
+            backend.close()
