@@ -284,6 +284,7 @@ class Runner:
         self._imports = [t.id for t in self.storage.trials(job.study, status="queued")
                          if t.fidelity != CHEAP and not t.info]
         try:
+            self.phase = "start"
             self._start_backend()
             self.storage.update_study_config(job.study, {"evaluators": {
                 "count": len(self.backend.workers), "backend": job.backend.kind, "driver": self.driver,
@@ -291,7 +292,7 @@ class Runner:
             if job.backend.trial_timeout is not None and job.backend.kind == "local":
                 self.say("backend.trial_timeout is not applied in-process (an evaluation cannot be cut off in the "
                          "driver itself); use kind = \"ray\" to have a hung evaluation's evaluator replaced")
-            if job.evaluation.baseline:
+            if job.evaluation.baseline and not self.should_stop():
                 self.phase = "baseline"
                 self._baseline()
             if not self.should_stop():

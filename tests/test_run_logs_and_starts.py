@@ -178,3 +178,45 @@ def test_a_command_that_fails_at_once_writes_only_its_error_in_a_log(capsys):
         bar.advance(task)
         raise RuntimeError("the reference could not be solved")
     assert capsys.readouterr().err == ""
+
+
+SLOW_START = """
+import time
+
+from steptune.evaluators import Plug
+
+built = 0
+
+
+def load():
+    global built
+    built += 1
+    while built > 1:  # the evaluators' own build: it lasts until a signal ends it
+        time.sleep(0.05)
+    return Plug(network=lambda x, t: 0.1 * x, shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_evaluators_start_stops_at_once(tmp_path, signame):
+    """Nothing is in flight while the evaluators start (a first run computes its references for minutes on a large
+    model): Ctrl-C or SIGTERM then ends the run at once with one line, instead of waiting for the start to end."""
+    import signal
+
+    (tmp_path / "slow_start.py").write_text(SLOW_START)
+    job = write_job(tmp_path / "job.toml", "s", tmp_path / "cache", evaluations=4, nfe="[3]")
+    job.write_text(job.read_text().replace('name = "gmm-2d"', 'model = "slow_start:load"'))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen([str(STEPTUNE), "run", str(job), "--db", f"sqlite:///{tmp_path / 'x.db'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    first = proc.stderr.readline()  # said once the start has taken 3 s
+    assert first.startswith("preparing the evaluators: "), first + proc.stderr.read()
+    proc.send_signal(getattr(signal, signame))
+    _, rest = proc.communicate(timeout=60)
+    shown = "Ctrl-C" if signame == "SIGINT" else "SIGTERM"
+    assert proc.returncode == 130 and rest.strip() == (
+        f"interrupted: {shown} while the evaluators were starting, before any evaluation of this run; nothing was "
+        "lost: run the same command again to go on with study 's'"), rest
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
+        assert db.trials("s") == []

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from steptune.cli import cost as cost_table
 from steptune.cli.console import duration, err, fmt, out, per_minute
-from steptune.cli.errors import CliError
+from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
 from steptune.cli.progress import job_progress
 from steptune.cli.sor import print_sor_study, sor_study_summary
@@ -75,6 +75,11 @@ def print_stopped(result) -> None:
               highlight=False)
 
 
+class _StartInterrupted(KeyboardInterrupt):
+    """A signal while the evaluators start: a KeyboardInterrupt, so that no ``except Exception`` on the way (a model
+    factory's loader, say) takes it for an error of its own."""
+
+
 def execute_job(job, quiet: bool = False):
     """Run ``job`` with a progress bar on stderr (none when ``quiet``), Ctrl-C finishing the evaluations in
     flight; bad input raises CliError before any work. Returns the RunResult."""
@@ -109,6 +114,10 @@ def execute_job(job, quiet: bool = False):
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 raise KeyboardInterrupt
+            if runner.phase == "start":  # nothing is in flight while the evaluators start: stop at once
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                raise _StartInterrupted("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
             runner.interrupt()
             again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             err.print(f"[yellow]{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing "
@@ -118,6 +127,10 @@ def execute_job(job, quiet: bool = False):
             signal.signal(sig, on_signal)
         try:
             result = runner.run()
+        except _StartInterrupted as e:
+            shown.clear()
+            raise Interrupted(f"{e} while the evaluators were starting, before any evaluation of this run; nothing "
+                              f"was lost: run the same command again to go on with study {job.study!r}") from None
         except (JobError, BackendError, ReferenceNotConverged) as e:
             shown.clear()
             raise CliError(str(e)) from None

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from steptune.cli.console import err, fmt, out
-from steptune.cli.errors import CliError
+from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import (
     DEFAULT_CACHE,
     CacheOpt,
@@ -127,6 +127,8 @@ def search_cmd(
         raise CliError(str(e).removeprefix("search: ")) from None
     try:
         result = execute_job(job, quiet=json_)
+    except Interrupted:
+        raise
     except CliError as e:  # the runner's checks name the job's keys
         raise CliError(in_options(str(e))) from None
     cost = cost_table.load_cost(job.storage.db, name)
@@ -155,9 +157,10 @@ def search_cmd(
         cost_table.add_columns(table)
         for r in rows:
             ref = r.get("refined")
-            table.add_row(str(r["nfe"]), str(r["best_preset"]), fmt(r["preset_rmse"]),
+            table.add_row(str(r["nfe"]), r["best_preset"] or "—", fmt(r["preset_rmse"]),
                           fmt(r["searched_rmse"]),
                           "—" if r["improvement"] is None else f"{r['improvement']:.2f}x",
+                          "—" if r["searched_rmse"] is None else
                           str(r["preset_matches_at_nfe"] or f"> {max(wide + nfes)}"),
                           *(() if not refine else ("—",) if ref is None else
                             (fmt(ref["rmse"]) + ("" if ref["improved"] else " (the searched one kept)"),)),
