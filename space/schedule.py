@@ -296,9 +296,21 @@ def _compact(step: Step) -> dict:
     return out
 
 
+def not_a_schedule(d, where: str) -> ScheduleError:
+    """The refusal of JSON that is not a steptune schedule, saying what it is where that can be told (a diffusers
+    scheduler's config holds no timesteps or per-step decisions)."""
+    name = d.get("_class_name") if isinstance(d, dict) else None
+    if isinstance(name, str) and "_diffusers_version" in d:
+        return ScheduleError(f"{where}: a diffusers {name} config, not a steptune schedule: it holds the scheduler's "
+                             "settings, not its timesteps or per-step decisions; 'steptune sweep' measures diffusers' "
+                             "default schedulers beside the presets, and 'steptune schedule preset:NAME' writes a "
+                             "preset as a schedule file")
+    return ScheduleError(f"{where}: not a steptune schedule (missing \"schema\": \"steptune.schedule\")")
+
+
 def _from_dict(d: dict, where: str) -> Schedule:
     if not isinstance(d, dict) or d.get("schema") != "steptune.schedule":
-        raise ScheduleError(f"{where}: not a steptune schedule (missing \"schema\": \"steptune.schedule\")")
+        raise not_a_schedule(d, where)
     version = d.get("version")
     if not isinstance(version, int):
         raise ScheduleError(f"{where}: field 'version' must be an integer")

@@ -121,6 +121,25 @@ def test_a_diffusers_export_imports_back_as_its_schedule_and_a_sigma_list_is_ref
     assert _rows(db) == before
 
 
+def test_a_stock_diffusers_scheduler_config_is_named_for_what_it_is(filled, capsys, tmp_path):
+    """A diffusers scheduler's own config holds its settings, not a schedule: import and eval say what it is and
+    what measures diffusers' schedulers instead, and nothing is written."""
+    diffusers = pytest.importorskip("diffusers")
+    url, db = filled
+    folder = tmp_path / "stock"
+    diffusers.DPMSolverMultistepScheduler().save_config(folder)
+    said = (f"error: {folder / 'scheduler_config.json'}: a diffusers DPMSolverMultistepScheduler config, not a "
+            "steptune schedule: it holds the scheduler's settings, not its timesteps or per-step decisions; "
+            "'steptune sweep' measures diffusers' default schedulers beside the presets, and 'steptune schedule "
+            "preset:NAME' writes a preset as a schedule file")
+    before = _rows(db)
+    for argv in (["import", str(folder), "--study", "stock", "--db", url],
+                 ["eval", "--problem", "gmm-2d", "--schedule", str(folder / "scheduler_config.json"), "--nfe", "5"]):
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and err.strip() == said, err
+    assert _rows(db) == before
+
+
 def test_an_output_path_the_system_refuses_is_one_line(filled, capsys, tmp_path):
     """A path that passes the checks made before any work but that the file system then refuses (a name longer
     than it allows, whoever runs it): one line naming the path and the system's reason, and exit status 1."""

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from steptune.space import Schedule, ScheduleError
-from steptune.space.schedule import SCHEMA_VERSION
+from steptune.space.schedule import SCHEMA_VERSION, not_a_schedule
 from steptune.storage import StudyRecord, TrialRecord
 
 from .conventions import ExportError, conventions_for, schedule_noise
@@ -98,7 +98,7 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
         raise ScheduleError(f"{where}: a sigma list carries only the times, not the per-step decisions; use the "
                             "JSON export (steptune export --format json) or the diffusers one")
     if not isinstance(d, dict) or d.get("schema") != "steptune.schedule":
-        raise ScheduleError(f"{where}: not a steptune schedule (missing \"schema\": \"steptune.schedule\")")
+        raise not_a_schedule(d, where)
     version = d.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ScheduleError(f"{where}: field 'version' must be an integer (this steptune reads version "
