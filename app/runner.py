@@ -487,7 +487,6 @@ class Runner:
         (chosen on the cheap fidelity of the train bank, the scores kept in the trial's ``info``), and what
         diffusers' stock schedulers do with their default config on the same noises."""
         from steptune.search import DEFAULT_PRESETS, baselines
-        from steptune.space import ScheduleError, presets
 
         stored = [t for t in self.storage.trials(self.job.study) if t.info.get("baseline")]
         have = {t.info.get("origin") for t in stored}
@@ -496,24 +495,22 @@ class Runner:
         default = baselines.default_spacing(prob)
         items = []
         nfes = sorted(set(self.job.search.nfe) | set(self.job.evaluation.baseline_nfe or ()))
-        for spec in DEFAULT_PRESETS:
-            for nfe in nfes:
-                origin = baselines.origin(spec, nfe, default)
-                try:
-                    sched = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end,
-                                          **({"spacing": default} if default else {}))
-                except ScheduleError:
-                    continue  # this preset has no schedule at this NFE
-                info = {"baseline": True, "origin": origin}
-                if origin not in have:  # named with its options, so preset:NAME rebuilds it
-                    name = baselines.with_spacing(spec, default)
-                    items.append(self._item(replace(sched, name=name), CONFIRM, info))
-                if f"{spec}@{nfe}" not in chosen:
-                    best = self._best_spacing(spec, nfe)
-                    if best is not None and best[0].key() == sched.key():  # the default spacing is the best one
-                        info.update({k: v for k, v in best[1].items() if k != "origin"})
-                    elif best is not None:
-                        items.append(self._item(best[0], CONFIRM, best[1]))
+        pairs = [(spec, nfe) for spec in DEFAULT_PRESETS for nfe in nfes]
+        choose = {p for p in pairs if f"{p[0]}@{p[1]}" not in chosen and len(self._spacing_variants(*p)) > 1}
+        if choose:  # evaluated in this process, before the baselines are dispatched: counted on its own
+            self.say(f"choosing the presets' spacings: {len(choose)} presets and NFEs, each at every spacing of the "
+                     f"noise schedule on {self.job.evaluation.cheap_samples} train-bank states")
+            self.phase = "spacing"
+            self.phase_counts["spacing"] = [0, len(choose)]
+        for spec, nfe in pairs:
+            if self.should_stop():  # what was chosen is stored below; a resume chooses the rest, in the same order
+                break
+            items += self._preset_items(spec, nfe, default, have, chosen)
+            if (spec, nfe) in choose:
+                self.phase_counts["spacing"][0] += 1
+                if self.progress is not None:
+                    self.progress(self.status())
+        self.phase = "baseline"
         if items:
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank")
             self.storage.add_trials(self.job.study, items)
@@ -521,6 +518,30 @@ class Runner:
         self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
                         if not (t.fidelity == CHEAP and "batch" in t.info)])
         self._diffusers_defaults(have, nfes)
+
+    def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, chosen: set) -> list[dict]:
+        """The baselines of preset ``spec`` at ``nfe`` not stored yet: at the default spacing (unless ``have`` holds
+        its origin) and at its best spacing (unless ``chosen`` holds the pair), none where it has no schedule."""
+        from steptune.search import baselines
+        from steptune.space import ScheduleError, presets
+
+        prob, items = self.problem, []
+        try:
+            sched = presets.build(spec, nfe, prob.noise, t_start=prob.t_start, t_end=prob.t_end,
+                                  **({"spacing": default} if default else {}))
+        except ScheduleError:
+            return items  # this preset has no schedule at this NFE
+        origin = baselines.origin(spec, nfe, default)
+        info = {"baseline": True, "origin": origin}
+        if origin not in have:  # named with its options, so preset:NAME rebuilds it
+            items.append(self._item(replace(sched, name=baselines.with_spacing(spec, default)), CONFIRM, info))
+        if f"{spec}@{nfe}" not in chosen:
+            best = self._best_spacing(spec, nfe)
+            if best is not None and best[0].key() == sched.key():  # the default spacing is the best one
+                info.update({k: v for k, v in best[1].items() if k != "origin"})
+            elif best is not None:
+                items.append(self._item(best[0], CONFIRM, best[1]))
+        return items
 
     def _driver_evaluator(self):
         """An evaluator of the job's problem in this process (the spacing choice and diffusers' own loops run here);
@@ -536,13 +557,18 @@ class Runner:
                                               device="cuda" if torch.cuda.is_available() else "cpu")
         return self._local_evaluator
 
+    def _spacing_variants(self, spec: str, nfe: int) -> list[tuple]:
+        from steptune.search import baselines
+
+        prob = self.problem
+        return baselines.spacing_variants(spec, nfe, prob.noise, prob.t_start, prob.t_end)
+
     def _best_spacing(self, spec: str, nfe: int) -> tuple | None:
         """(schedule, info) of ``spec`` at ``nfe`` at its best spacing on the cheap fidelity (the scores of every
         spacing in ``info``), or None when it has fewer than two spacings or none scores."""
         from steptune.search import baselines
 
-        prob = self.problem
-        variants = baselines.spacing_variants(spec, nfe, prob.noise, prob.t_start, prob.t_end)
+        variants = self._spacing_variants(spec, nfe)
         if len(variants) < 2:
             return None
         n = self.job.evaluation.cheap_samples
@@ -569,21 +595,27 @@ class Runner:
                      "(pip install 'steptune[diffusers]' adds them)")
             return
         items = []
-        for name in dd.SCHEDULERS:
-            for nfe in nfes:
-                origin = dd.origin(name, nfe)
-                if origin in have or self.should_stop():
-                    continue
-                n = self.job.evaluation.heldout_samples
-                try:
-                    res, sched = dd.evaluate(self._driver_evaluator(), name, nfe, CONFIRM, n)
-                except Exception as e:  # a scheduler that cannot run this model: said, and left out
-                    self.say(f"{origin}: {type(e).__name__}: {e}")
-                    continue
-                item = self._item(sched, CONFIRM, {"baseline": True, "origin": origin, "diffusers": name,
-                                                   "config": "default", "metrics_from": "diffusers step loop"})
-                items.append({**item, "status": res.status, "metrics": {**res.metrics, **res.cost()},
-                              "error": res.error, "seconds": res.seconds})
+        todo = [(name, nfe) for name in dd.SCHEDULERS for nfe in nfes if dd.origin(name, nfe) not in have]
+        counts = self.phase_counts.setdefault("baseline", [0, 0])
+        counts[1] += len(todo)  # run here, one after another: counted with the baselines
+        for name, nfe in todo:
+            if self.should_stop():
+                break
+            origin = dd.origin(name, nfe)
+            n = self.job.evaluation.heldout_samples
+            try:
+                res, sched = dd.evaluate(self._driver_evaluator(), name, nfe, CONFIRM, n)
+            except Exception as e:  # a scheduler that cannot run this model: said, and left out
+                self.say(f"{origin}: {type(e).__name__}: {e}")
+                continue
+            finally:
+                counts[0] += 1
+                if self.progress is not None:
+                    self.progress(self.status())
+            item = self._item(sched, CONFIRM, {"baseline": True, "origin": origin, "diffusers": name,
+                                               "config": "default", "metrics_from": "diffusers step loop"})
+            items.append({**item, "status": res.status, "metrics": {**res.metrics, **res.cost()},
+                          "error": res.error, "seconds": res.seconds})
         if items:
             self.say(f"stored {len(items)} diffusers default-config baselines")
             self.storage.add_trials(self.job.study, items)

@@ -82,7 +82,8 @@ class LineProgress:
         if changed:
             self._print(self.last)  # the phase's last count, then the new phase
         self.last = st
-        if changed or time.monotonic() - self.last_line >= self.interval:
+        ended = st["phase"] != "search" and 0 < (st["phase_total"] or 0) <= st["phase_done"]  # a part's last count
+        if changed or ended or time.monotonic() - self.last_line >= self.interval:
             self._print(st)
 
     def _print(self, st: dict) -> None:
