@@ -495,3 +495,35 @@ def test_a_slow_start_says_what_it_waits_for_while_it_waits(tmp_path, cache):
             assert said == []
         finally:
             backend.close()
+
+
+def test_a_run_stopped_while_choosing_spacings_resumes_to_the_same_trials(tmp_path, cache, reference_study):
+    """The spacing choice runs in the driver before anything is dispatched: a stop there keeps the presets chosen so
+    far (their baselines queued) and the resume chooses the rest, in the same order, ending with the trials of an
+    uninterrupted run."""
+    from steptune.backends import LocalBackend
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = load_job(write_job(tmp_path / "job.toml", "ref", cache, evaluations=30))
+    seen = []
+
+    def stop_while_choosing(status):
+        seen.append((status["phase"], status["phase_done"], status["phase_total"]))
+        if status["phase"] == "spacing" and status["phase_done"] == 3:
+            runner.interrupt()
+
+    with connect(url) as db:
+        backend = LocalBackend(job.problem, job.evaluation, job.backend)
+        runner = Runner(job, db, backend, progress=stop_while_choosing)
+        try:
+            res = runner.run()
+        finally:
+            backend.close()
+        stopped = db.trials("ref")
+    assert res.status == "interrupted" and seen[-1][0] == "spacing" and seen[-1][1] == 3 < seen[-1][2]
+    assert stopped and all(t.info.get("baseline") and t.status == "queued" for t in stopped)
+    run_job(job, url)
+    with connect(url) as db:
+        assert outcome(db, "ref") == reference_study
