@@ -311,7 +311,8 @@ async function renderTrials() {
       const v = r[key];
       if (key === "status") return `<td class="text status-${esc(v)}" title="${esc(r.error || "")}">${esc(v)}</td>`;
       if (key === "origin") return `<td class="text">${esc(v || "—")}${r.baseline ? " (baseline)" : ""}</td>`;
-      if (["study", "fidelity", "schedule"].includes(key)) return `<td class="text">${esc(v || "—")}</td>`;
+      if (key === "study") return `<td class="text nowrap">${esc(v || "—")}</td>`;  // a name is read whole
+      if (["fidelity", "schedule"].includes(key)) return `<td class="text">${esc(v || "—")}</td>`;
       return `<td>${fmt(v)}</td>`;
     }).join("") + "</tr>").join("");
   $("trials-table").innerHTML = `<thead><tr>${head}</tr></thead><tbody>${body}</tbody>`;
