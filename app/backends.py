@@ -8,6 +8,7 @@ so the same job gives the same numbers on either backend.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -84,11 +85,13 @@ class EvalWorker:
                                    cache_dir=evaluation.cache, device=device)
 
     def warm(self) -> dict:
-        """Load (or compute and cache) the reference solutions of both banks."""
+        """Load (or compute and cache) the reference solutions of both banks; with them, the identity of the problem
+        this evaluator built (the driver checks it is the one its study is scored on)."""
         start = time.perf_counter()
         for bank in ("train", "heldout"):
             self.evaluator.reference(bank)
-        return {"seconds": time.perf_counter() - start, "host": socket.gethostname(), "pid": os.getpid()}
+        return {"seconds": time.perf_counter() - start, "host": socket.gethostname(), "pid": os.getpid(),
+                "identity": json.loads(json.dumps(self.problem.identity()))}
 
     def evaluate(self, task: Task) -> dict:
         from steptune.space import Schedule, ScheduleError
@@ -151,6 +154,7 @@ class Backend:
 
     name = "backend"
     workers: list[str]
+    identities: list[dict]  # the problem each evaluator built (``Problem.identity()``), once started
 
     def check(self) -> None:
         """Refuse, before any work is stored, what would make ``start`` fail (e.g. an unreachable cluster)."""
@@ -194,7 +198,7 @@ class LocalBackend(Backend):
 
             self._threads = torch.get_num_threads()
             self.worker = EvalWorker(*self.args)
-            self.worker.warm()
+            self.identities = [self.worker.warm()["identity"]]
 
     def close(self) -> None:
         if self.worker is not None:
@@ -308,6 +312,7 @@ class RayBackend(Backend):
         except ray.exceptions.RayTaskError as e:
             raise BackendError(f"the evaluator could not start: {e.cause if hasattr(e, 'cause') else e}") from None
         self.workers = [_worker_name(i, info) for i, info in enumerate(infos)]
+        self.identities = [info["identity"] for info in infos]
         self.node_ids = [info["node"] for info in infos]
         self.load, self.alive = [0] * n, [True] * n
         self.calls = [deque() for _ in range(n)]

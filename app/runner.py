@@ -35,7 +35,7 @@ from steptune.jobs import Job, JobError
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import Retrying
-from steptune.study_problem import mixing_refusal, weights_note
+from steptune.study_problem import evaluator_refusal, mixing_refusal, weights_note
 
 LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
 
@@ -340,6 +340,10 @@ class Runner:
             timer.cancel()
         if said.is_set():
             self.say(f"evaluators ready after {time.monotonic() - started:.0f} s")
+        for worker, built in zip(self.backend.workers, getattr(self.backend, "identities", ())):
+            refusal = evaluator_refusal(worker, built, self.problem)
+            if refusal is not None:
+                raise JobError(refusal)
 
     def deadline_passed(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline

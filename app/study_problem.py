@@ -55,6 +55,26 @@ def mixing_refusal(study: str, stored: Mapping | None, problem, weights_only: bo
             "study name")
 
 
+def evaluator_refusal(worker: str, built: Mapping, problem) -> str | None:
+    """The sentence refusing to run on an evaluator that built another problem (``built``, its identity) than the
+    ``problem`` the driver built and scores the study on; None when they are the same."""
+    now = json.loads(json.dumps(problem.identity()))
+    key = first_change(now, built) or first_change(built, now)
+    if key is None:
+        return None
+    what = (f"other {FINGERPRINTS[key.rsplit('.', 1)[-1]]}" if key.rsplit(".", 1)[-1] in FINGERPRINTS
+            else "other settings")
+    data = problem.source or {}
+    fix = ("digits-cond loads runs/models/digits-unet.pt of the folder each process runs in, else the shipped "
+           "checkpoint: give every evaluator the same weights" if data.get("model") == "digits-unet" else
+           f"{data['factory']} returned other weights there: give every evaluator the same checkpoint (and seed a "
+           "network it builds at random)" if "factory" in data else
+           "give every evaluator the same steptune and scikit-learn")
+    return (f"the evaluator {worker} built {problem.name} with {what} than this driver ({key}: "
+            f"{str(_get(now, key))[:40]} here, {str(_get(built, key))[:40]} there); its scores would not be the "
+            f"study's: {fix}")
+
+
 def where_weights_come_from(problem) -> str:
     """How to get back the weights a study was scored with, for the kind of network ``problem`` runs."""
     data = problem.source or {}

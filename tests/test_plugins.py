@@ -190,6 +190,31 @@ def test_a_study_scored_on_other_weights_takes_no_new_trials(tmp_path, capsys, m
         assert len(db.trials("s")) > len(before)
 
 
+def unseeded_factory():
+    """A network whose weights are drawn anew at every build: each process that builds it has another model."""
+    return Plug(network=eps_fn(NS, MU + 0.01 * torch.randn(4), VAR), shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+
+
+def test_a_run_whose_evaluator_built_other_weights_stops_before_scoring_anything(tmp_path, capsys):
+    """The evaluators build the problem themselves (on Ray, on other machines): one that built another model than
+    the driver, whose identity the study stores, is refused before anything is scored."""
+    from steptune.storage import connect
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    code = main(["search", "--model", "test_plugins:unseeded_factory", "--nfe", "4", "--method", "random", "--budget",
+                 "4", "--cheap-samples", "16", "--heldout-samples", "32", "--confirm", "1", "--out", str(tmp_path),
+                 "--cache", str(tmp_path), "--study", "u", "--db", url])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(
+        "error: the evaluator local@") and " built test_plugins:unseeded_factory with other network weights than this "\
+        "driver (data.network_sha256: " in err and err.rstrip().endswith(
+        "test_plugins:unseeded_factory returned other weights there: give every evaluator the same checkpoint (and "
+        "seed a network it builds at random)"), err
+    with connect(url) as db:
+        assert db.trials("u") == []
+
+
 def test_settings_an_older_identity_does_not_hold_are_not_a_change():
     """Studies scored before an identity gained a key resume; a value that differs is named by its dotted key."""
     from steptune.study_problem import first_change
