@@ -311,6 +311,10 @@ class RayBackend(Backend):
             infos += ray.get([a.warm.remote() for a in self.actors[1:]])
         except ray.exceptions.RayTaskError as e:
             raise BackendError(f"the evaluator could not start: {e.cause if hasattr(e, 'cause') else e}") from None
+        except ray.exceptions.RayActorError as e:  # its process or node died (a cluster going down) before it was ready
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackendError(f"the evaluator could not start: {first} ({type(e).__name__}); check the Ray cluster "
+                               "(ray status) and run the same command again") from None
         self.workers = [_worker_name(i, info) for i, info in enumerate(infos)]
         self.identities = [info["identity"] for info in infos]
         self.node_ids = [info["node"] for info in infos]
