@@ -468,7 +468,7 @@ def test_a_slow_start_says_what_it_waits_for_while_it_waits(tmp_path, cache):
     from steptune.jobs import load_job
     from steptune.runner import Runner
 
-    job = load_job(write_job(tmp_path / "job.toml", "s", cache))
+    job, quick = (load_job(write_job(tmp_path / f"{s}.toml", s, cache)) for s in ("s", "quick"))
     said, heard = [], threading.Event()
 
     class WaitsToBeExplained(LocalBackend):
@@ -483,15 +483,19 @@ def test_a_slow_start_says_what_it_waits_for_while_it_waits(tmp_path, cache):
     with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
         backend = WaitsToBeExplained(job.problem, job.evaluation, job.backend)
         try:
-            Runner(job, db, backend, say=say)._start_backend(slow=0.01)
+            runner = Runner(job, db, backend, say=say)
+            runner.prepare()  # the problem built, the study opened: what a run does before it starts its evaluators
+            runner._start_backend(slow=0.01)
             assert said[0] == ("preparing the evaluators: the problem is built and its reference solutions on the "
                                "train and held-out banks computed (once; later runs read them from "
                                f"{job.evaluation.cache})")
             assert said[1].startswith("evaluators ready after ") and said[1].endswith(" s") and len(said) == 2
             said.clear()
             backend.close()
-            backend = LocalBackend(job.problem, job.evaluation, job.backend)
-            Runner(job, db, backend, say=say)._start_backend(slow=60)
+            backend = LocalBackend(quick.problem, quick.evaluation, quick.backend)
+            runner = Runner(quick, db, backend, say=say)
+            runner.prepare()
+            runner._start_backend(slow=60)
             assert said == []
         finally:
             backend.close()
