@@ -35,7 +35,7 @@ from steptune.jobs import Job, JobError
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import Retrying
-from steptune.study_problem import evaluator_refusal, mixing_refusal, weights_note
+from steptune.study_problem import evaluator_refusal, first_change, mixing_refusal, value_at, weights_note
 
 LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
 
@@ -500,7 +500,8 @@ class Runner:
         items = []
         nfes = sorted(set(self.job.search.nfe) | set(self.job.evaluation.baseline_nfe or ()))
         pairs = [(spec, nfe) for spec in DEFAULT_PRESETS for nfe in nfes]
-        choose = {p for p in pairs if f"{p[0]}@{p[1]}" not in chosen and len(self._spacing_variants(*p)) > 1}
+        variants = {p: self._spacing_variants(*p) for p in pairs if f"{p[0]}@{p[1]}" not in chosen}  # to choose
+        choose = {p for p, v in variants.items() if len(v) > 1}
         if choose:  # evaluated in this process, before the baselines are dispatched: counted on its own
             self.say(f"choosing the presets' spacings: {len(choose)} presets and NFEs, each at every spacing of the "
                      f"noise schedule on {self.job.evaluation.cheap_samples} train-bank states")
@@ -509,7 +510,7 @@ class Runner:
         for spec, nfe in pairs:
             if self.should_stop():  # what was chosen is stored below; a resume chooses the rest, in the same order
                 break
-            items += self._preset_items(spec, nfe, default, have, chosen)
+            items += self._preset_items(spec, nfe, default, have, variants.get((spec, nfe)))
             if (spec, nfe) in choose:
                 self.phase_counts["spacing"][0] += 1
                 if self.progress is not None:
@@ -523,9 +524,10 @@ class Runner:
                         if not (t.fidelity == CHEAP and "batch" in t.info)])
         self._diffusers_defaults(have, nfes)
 
-    def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, chosen: set) -> list[dict]:
+    def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, variants: list | None) -> list[dict]:
         """The baselines of preset ``spec`` at ``nfe`` not stored yet: at the default spacing (unless ``have`` holds
-        its origin) and at its best spacing (unless ``chosen`` holds the pair), none where it has no schedule."""
+        its origin) and at the best of its spacing ``variants`` (None: chosen before), none where it has no
+        schedule."""
         from steptune.search import baselines
         from steptune.space import ScheduleError, presets
 
@@ -539,8 +541,8 @@ class Runner:
         info = {"baseline": True, "origin": origin}
         if origin not in have:  # named with its options, so preset:NAME rebuilds it
             items.append(self._item(replace(sched, name=baselines.with_spacing(spec, default)), CONFIRM, info))
-        if f"{spec}@{nfe}" not in chosen:
-            best = self._best_spacing(spec, nfe)
+        if variants is not None:
+            best = self._best_spacing(spec, nfe, variants)
             if best is not None and best[0].key() == sched.key():  # the default spacing is the best one
                 info.update({k: v for k, v in best[1].items() if k != "origin"})
             elif best is not None:
@@ -567,12 +569,11 @@ class Runner:
         prob = self.problem
         return baselines.spacing_variants(spec, nfe, prob.noise, prob.t_start, prob.t_end)
 
-    def _best_spacing(self, spec: str, nfe: int) -> tuple | None:
-        """(schedule, info) of ``spec`` at ``nfe`` at its best spacing on the cheap fidelity (the scores of every
-        spacing in ``info``), or None when it has fewer than two spacings or none scores."""
+    def _best_spacing(self, spec: str, nfe: int, variants: list[tuple]) -> tuple | None:
+        """(schedule, info) of ``spec`` at ``nfe`` at its best spacing on the cheap fidelity (the scores of each of its
+        spacing ``variants`` in ``info``), or None when it has fewer than two spacings or none scores."""
         from steptune.search import baselines
 
-        variants = self._spacing_variants(spec, nfe)
         if len(variants) < 2:
             return None
         n = self.job.evaluation.cheap_samples
@@ -904,12 +905,9 @@ def _plain(params: dict) -> dict:
     return out
 
 
-def _first_difference(a, b, path: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b), key=str):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-    return f"'{path}' ({a!r} then, {b!r} now)"
+def _first_difference(a, b) -> str:
+    key = first_change(a, b, every_key=True)
+    return f"'{key}' ({value_at(a, key)!r} then, {value_at(b, key)!r} now)"
 
 
 __all__ = ["BackendError", "NfeSummary", "RunResult", "Runner", "summarize"]

@@ -12,19 +12,22 @@ FINGERPRINTS = {"unet_sha256": "digits UNet weights", "network_sha256": "network
                 "mixture_sha256": "fitted mixture"}
 
 
-def first_change(stored, now, path: str = "") -> str | None:
+def first_change(stored, now, path: str = "", every_key: bool = False) -> str | None:
     """The dotted key of the first setting whose value differs between ``stored`` (a study's problem identity) and
-    ``now``; keys ``stored`` lacks (identities written by an earlier steptune) are not compared. None: they agree."""
+    ``now``; keys ``stored`` lacks (identities written by an earlier steptune) are not compared, unless
+    ``every_key``. None: they agree."""
     if isinstance(stored, Mapping) and isinstance(now, Mapping):
-        for k in sorted(stored, key=lambda k: (k not in ("name", "kind"), str(k))):  # what says the most first
-            found = first_change(stored[k], now.get(k), f"{path}.{k}" if path else str(k))
+        keys = {*stored, *now} if every_key else stored
+        for k in sorted(keys, key=lambda k: (k not in ("name", "kind"), str(k))):  # what says the most first
+            found = first_change(stored.get(k), now.get(k), f"{path}.{k}" if path else str(k), every_key)
             if found is not None:
                 return found
         return None
     return None if stored == now else path
 
 
-def _get(identity: Mapping, key: str):
+def value_at(identity: Mapping, key: str):
+    """The value at a dotted key (None where there is none)."""
     for part in key.split("."):
         identity = identity.get(part) if isinstance(identity, Mapping) else None
     return identity
@@ -44,12 +47,11 @@ def mixing_refusal(study: str, stored: Mapping | None, problem, weights_only: bo
         return None
     leaf = key.rsplit(".", 1)[-1]
     if leaf in FINGERPRINTS:
-        old, new = str(_get(stored, key))[:12], str(_get(now, key))[:12]
-        hint = where_weights_come_from(problem)
+        old, new = str(value_at(stored, key))[:12], str(value_at(now, key))[:12]
         return (f"study {study!r} was scored with other {FINGERPRINTS[leaf]} than the {problem.name} built here "
-                f"({key} {old}... then, {new}... now); its scores cannot be mixed with new ones: {hint}, or give a "
-                "new study name")
-    old, new = _get(stored, key), _get(now, key)
+                f"({key} {old}... then, {new}... now); its scores cannot be mixed with new ones: "
+                f"{weights_hint(problem, evaluators=False)}, or give a new study name")
+    old, new = value_at(stored, key), value_at(now, key)
     return (f"study {study!r} was scored on {problem.name} with other settings ({key}: {old!r} then, {new!r} now); "
             "its scores cannot be mixed with new ones: run it with the settings it was made with, or give a new "
             "study name")
@@ -59,32 +61,35 @@ def evaluator_refusal(worker: str, built: Mapping, problem) -> str | None:
     """The sentence refusing to run on an evaluator that built another problem (``built``, its identity) than the
     ``problem`` the driver built and scores the study on; None when they are the same."""
     now = json.loads(json.dumps(problem.identity()))
-    key = first_change(now, built) or first_change(built, now)
+    key = first_change(now, built, every_key=True)
     if key is None:
         return None
-    what = (f"other {FINGERPRINTS[key.rsplit('.', 1)[-1]]}" if key.rsplit(".", 1)[-1] in FINGERPRINTS
-            else "other settings")
-    data = problem.source or {}
-    fix = ("digits-cond loads runs/models/digits-unet.pt of the folder each process runs in, else the shipped "
-           "checkpoint: give every evaluator the same weights" if data.get("model") == "digits-unet" else
-           f"{data['factory']} returned other weights there: give every evaluator the same checkpoint (and seed a "
-           "network it builds at random)" if "factory" in data else
-           "give every evaluator the same steptune and scikit-learn")
+    leaf = key.rsplit(".", 1)[-1]
+    what = f"other {FINGERPRINTS[leaf]}" if leaf in FINGERPRINTS else "other settings"
     return (f"the evaluator {worker} built {problem.name} with {what} than this driver ({key}: "
-            f"{str(_get(now, key))[:40]} here, {str(_get(built, key))[:40]} there); its scores would not be the "
-            f"study's: {fix}")
+            f"{str(value_at(now, key))[:40]} here, {str(value_at(built, key))[:40]} there); its scores would not be "
+            f"the study's: {weights_hint(problem, evaluators=True)}")
 
 
-def where_weights_come_from(problem) -> str:
-    """How to get back the weights a study was scored with, for the kind of network ``problem`` runs."""
+def weights_hint(problem, evaluators: bool) -> str:
+    """Where the weights of the network ``problem`` runs come from, and how to get the right ones back: for a study
+    (run where they are), or for a run's ``evaluators`` (give each the same)."""
     data = problem.source or {}
     if data.get("model") == "digits-unet":
         from steptune.evaluators.digits_networks import MODELS_DIR, UNET_FILE
 
+        if evaluators:
+            return (f"digits-cond loads {MODELS_DIR / UNET_FILE} of the folder each process runs in, else the shipped "
+                    "checkpoint: give every evaluator the same weights")
         return (f"digits-cond loads {MODELS_DIR / UNET_FILE} (relative to the folder a command runs in) where that "
                 "file exists, else the shipped checkpoint; run where the study's weights are")
     if "factory" in data:
+        if evaluators:
+            return (f"{data['factory']} returned other weights there: give every evaluator the same checkpoint (and "
+                    "seed a network it builds at random)")
         return f"{data['factory']} returned other weights; run with the checkpoint the study was scored with"
+    if evaluators:
+        return "give every evaluator the same steptune and scikit-learn"
     return "run with the steptune and scikit-learn the study was scored with"
 
 
