@@ -32,6 +32,7 @@ interpolate = [7]    # optional: NFEs not searched, interpolated from the search
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -288,9 +289,11 @@ def _describe(err: dict, names: dict[str, str] | None = None) -> str:
         model = {"": Job, "problem": ProblemSpec, "search": SearchSpec, "evaluation": EvaluationSpec,
                  "budget": BudgetSpec, "storage": StorageSpec, "backend": BackendSpec,
                  "refine": RefineSpec}.get(section)
-        known = ", ".join(model.model_fields) if model else ""
+        fields = list(model.model_fields) if model else []
         where = f"in [{section}]" if section else "at the top level"
-        return f"unknown key '{loc}' {where}; known keys: {known}"
+        close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{loc}' {where}{hint}; known keys: {', '.join(fields)}"
     if kind == "missing":
         return f"missing key '{loc}'"
     msg = err["msg"].removeprefix("Value error, ")

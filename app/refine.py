@@ -282,7 +282,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         screen = screen_length(iters)
         group, nfe = group if screen else group[:1], group[0].nfe
         if len(group) == 1:
-            say(f"refining NFE {nfe} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})")
+            preset = f": preset {group[0].schedule.get('name')}" if group[0].info.get("baseline") else ""
+            say(f"refining NFE {nfe}{preset} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})")
         else:
             rounds = screen_rounds(screen, field=len(group))
             halves = "".join(f", the better half to {n}" for n in rounds[1:])

@@ -516,13 +516,16 @@ class Runner:
                 if self.progress is not None:
                     self.progress(self.status())
         self.phase = "baseline"
+        todo = [] if self.should_stop() else self._diffusers_todo(have, nfes)
+        self.phase_counts.setdefault("baseline", [0, 0])[1] += len(todo)  # run after the presets, counted with them
         if items:
-            self.say(f"evaluating {len(items)} preset schedules on the held-out bank")
+            then = f", then {len(todo)} of diffusers' schedulers at their default config" if todo else ""
+            self.say(f"evaluating {len(items)} preset schedules on the held-out bank{then}")
             self.storage.add_trials(self.job.study, items)
         # the presets and imported schedules; queued search candidates are the search phase's, in their batches
         self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
                         if not (t.fidelity == CHEAP and "batch" in t.info)])
-        self._diffusers_defaults(have, nfes)
+        self._diffusers_defaults(todo)
 
     def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, variants: list | None) -> list[dict]:
         """The baselines of preset ``spec`` at ``nfe`` not stored yet: at the default spacing (unless ``have`` holds
@@ -586,23 +589,28 @@ class Runner:
                 "spacing": best, "spacing_scores": scores, "spacing_bank": CHEAP, "spacing_samples": n}
         return sched, info
 
-    def _diffusers_defaults(self, have: set, nfes: list[int]) -> None:
-        """diffusers' stock schedulers with their default config, each sampling the problem's model by its own
-        step loop on the held-out noises (models with discrete VP conventions only), stored as complete trials."""
+    def _diffusers_todo(self, have: set, nfes: list[int]) -> list[tuple[str, int]]:
+        """(scheduler, NFE) of diffusers' stock schedulers not stored yet at ``nfes``: none where the model's
+        conventions are not diffusers' (discrete VP) or diffusers is not installed (said)."""
         from steptune import diffusers_default as dd
 
         if dd.why_not(self.problem.model) is not None:
-            return
+            return []
         import importlib.util
 
         if importlib.util.find_spec("diffusers") is None:
             self.say("diffusers is not installed: the baselines of its default schedulers are left out "
                      "(pip install 'steptune[diffusers]' adds them)")
-            return
+            return []
+        return [(name, nfe) for name in dd.SCHEDULERS for nfe in nfes if dd.origin(name, nfe) not in have]
+
+    def _diffusers_defaults(self, todo: list[tuple[str, int]]) -> None:
+        """diffusers' stock schedulers with their default config, each sampling the problem's model by its own
+        step loop on the held-out noises, stored as complete trials."""
+        from steptune import diffusers_default as dd
+
         items = []
-        todo = [(name, nfe) for name in dd.SCHEDULERS for nfe in nfes if dd.origin(name, nfe) not in have]
         counts = self.phase_counts.setdefault("baseline", [0, 0])
-        counts[1] += len(todo)  # run here, one after another: counted with the baselines
         for name, nfe in todo:
             if self.should_stop():
                 break

@@ -61,10 +61,23 @@ def stored(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("guided")
     job = _job(tmp_path)
     url = f"sqlite:///{tmp_path / 'g.db'}"
-    _, runner = run_job(job, url)
+    _, runner = run_job(job, url, progress=lambda s: s["phase"] == "baseline" and BASELINE_COUNTS.append(
+        (s["phase_done"], s["phase_total"])))
     with connect(url) as db:
         trials = db.trials("g")
     return runner.problem, trials, tmp_path
+
+
+BASELINE_COUNTS: list[tuple[int, int]] = []  # (done, total) of each progress report in the baseline phase
+
+
+def test_the_baseline_count_holds_the_diffusers_defaults_from_its_first_report(stored):
+    """diffusers' schedulers run after the presets; a count that grew when they started read 39/39, then 49/49."""
+    trials = stored[1]
+    baselines_run = [t for t in trials if t.info.get("baseline")]
+    assert any(t.info.get("diffusers") for t in baselines_run)
+    assert BASELINE_COUNTS and {total for _, total in BASELINE_COUNTS} == {len(baselines_run)}, BASELINE_COUNTS
+    assert BASELINE_COUNTS[-1][0] == len(baselines_run)
 
 
 def test_the_best_spacing_baseline_is_the_minimum_of_an_independent_eval_per_spacing(stored):

@@ -598,6 +598,11 @@ def test_the_stage_refines_the_best_preset_at_its_best_spacing(tmp_path, cache, 
     ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
     with connect(url) as db:
         trials = db.trials("presets")
+        refined_presets = [t for t in trials if t.info.get("baseline") and "refines" not in t.info and
+                           any(r.info.get("refines") == t.id for r in trials)]
+        assert len(refined_presets) == 2
+        for preset in refined_presets:  # the log names what it refines
+            assert f"refining NFE {preset.nfe}: preset {preset.schedule['name']} (trial id {preset.id}," in err, err
         for nfe in (3, 4):
             scored = [(ev.evaluate(s, "train", n=32).metrics["rmse"], s.key(), s)
                       for spec in DEFAULT_PRESETS for _, s in spacing_variants(spec, nfe, p.noise, p.t_start, p.t_end)]

@@ -44,7 +44,12 @@ def reference_study(tmp_path_factory, cache):
 
 BAD = [
     ("unknown-key", lambda t: t.replace("[search]\n", "[search]\nmethd = 's3'\n"),
-     "unknown key 'search.methd' in [search]; known keys: method, nfe, batch, lookahead, options"),
+     "unknown key 'search.methd' in [search]; did you mean 'method'?; known keys: method, nfe, batch, lookahead, "
+     "options"),
+    ("unknown-key-prefix", lambda t: t.replace("[problem]\n", "[problem]\nguidance = 3\n"),
+     "unknown key 'problem.guidance' in [problem]; did you mean 'guidance_scale'?"),
+    ("unknown-key-far", lambda t: t.replace("[budget]\n", "[budget]\nwallclock = 3\n"),
+     "unknown key 'budget.wallclock' in [budget]; known keys: evaluations, time"),
     ("wrong-type", lambda t: t.replace("evaluations = 12", "evaluations = 'many'"),
      "key 'budget.evaluations': Input should be a valid integer"),
     ("bad-duration", lambda t: t.replace("evaluations = 12", "evaluations = 12\ntime = '8 hours'"),
