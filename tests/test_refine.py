@@ -544,6 +544,12 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
             fresh, kept = ev.evaluate(q.to_schedule(), "heldout"), heldout_result(q, ev)
             assert (kept.metrics, kept.n, kept.nfe, kept.status) == (fresh.metrics, fresh.n, fresh.nfe, fresh.status)
             assert kept.model_calls == fresh.model_calls
+    code, _, err = run_cli(["refine", "--study", "many", "--db", url, "--nfe", "4", "--structures", "3",
+                            "--no-neighbours"], capsys)  # again: nothing refined twice, the others named
+    assert code == 0
+    said = re.search(rf"NFE 4: trial id {parents[winner].id} was refined before \(trial id {t.id}\); --trial (\d+) "
+                     r"or (\d+) refines another of its structures", err)
+    assert said and {int(i) for i in said.groups()} == {p.id for i, p in enumerate(parents) if i != winner}, err
     from steptune.refine import store_heldout
 
     with connect(url) as db:  # an evaluation of a part of the bank, or on another device, is made again
@@ -637,6 +643,30 @@ def test_refine_command_and_the_not_improved_record(tmp_path, cache, capsys):
         assert db.best("one", 1).id == pid
     code, out, _ = run_cli(["refine", "--study", "one", "--db", url, "--trial", str(pid), "--json"], capsys)
     assert code == 0 and '"skipped": "refined before"' in out
+
+
+def test_a_refinement_better_than_its_parent_but_not_the_nfes_best_is_not_called_preferred(tmp_path, cache,
+                                                                                          capsys):
+    """``--trial`` on a trial other than the NFE's best: its refinement beats its parent and is stored complete, but
+    the table names the NFE's best (what ``best`` and ``export`` give) rather than calling the refinement preferred."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    job = load_job(_job(tmp_path, cache, "other", refine=None))
+    p = load_problem("gmm-2d")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+    good, worse = _preset(p, "unipc-bh2", 5, order=3), _preset(p, "ddim", 5)
+    with connect(url, create=True) as db:
+        db.create_study("other", kind="search", config={"job": job.model_dump(), "fidelity": "heldout"})
+        ig, iw = db.add_trials("other", [{"schedule": s, "status": "complete", "fidelity": "heldout",
+                                          "bank": "heldout", "metrics": ev.evaluate(s, "heldout").metrics,
+                                          "info": {"confirms": 0, "origin": "test"}} for s in (good, worse)])
+    code, out, err = run_cli(["refine", "--study", "other", "--db", url, "--trial", str(iw), "--iters", "10"], capsys)
+    assert code == 0, err
+    with connect(url) as db:
+        (r,) = [t for t in db.trials("other") if t.info.get("refines") == iw]
+        best = db.best("other", 5)
+    assert r.status == "complete" and r.info["refine"]["improved"]  # better than its parent
+    assert best.id == ig != r.id  # yet the unrefined UniPC stays the NFE's best
+    assert f"the NFE's best is trial {ig}" in out and "preferred" not in out, out
 
 
 def test_the_refined_column_is_never_worse_than_the_best_searched_schedule(tmp_path):

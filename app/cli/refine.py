@@ -103,6 +103,7 @@ def refine_cmd(
                     between = [] if nfe else [t.nfe for t in store.trials(study) if built(t, "interpolated")]
                     done += neighbour_pass(store, study, ev, [*nfes, *between], iters=iters,
                                            samples=samples, say=say, progress=tick, seconds=seconds)
+            best = {r.nfe: store.best(study, r.nfe) for r in done}
         except RefineError as e:
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
@@ -120,15 +121,23 @@ def refine_cmd(
         table.add_column(col, justify="left" if col == "stored" else "right")
     for r in done:
         change = "—" if r.change is None else f"{100 * r.change:+.1f}%"
-        kept = ("better: preferred" if r.change is not None and r.change < 0 and (r.improved or r.built_from)
-                else "not better than the NFE's best, which stays" if r.built_from is not None
-                else "not better: the parent stays the best" if not r.improved
-                else "better than its parent, not than the best searched")
+        kept = _kept(r, best[r.nfe])
         stored = f"trial {r.trial} ({kept}{', earlier' if r.skipped else ''})"
         table.add_row(str(r.nfe), f"{r.structures}" + (f" from NFE {r.built_from}" if r.built_from else ""),
                       fmt(r.start_rmse), str(r.parent), fmt(r.parent_rmse),
                       fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
     out.print(table)
+
+
+def _kept(r, best) -> str:
+    """What became of refinement ``r``, against ``best``, the study's best trial at its NFE now."""
+    if r.improved or (r.built_from is not None and r.change is not None and r.change < 0):
+        if best is None or best.id == r.trial:
+            return "better: preferred"
+        return f"better than its parent; the NFE's best is trial {best.id}, {fmt(best.score)}"
+    if r.built_from is not None:
+        return "not better than the NFE's best, which stays"
+    return "not better: the parent stays the best"
 
 
 def register(app: typer.Typer) -> None:
