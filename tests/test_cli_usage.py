@@ -45,3 +45,27 @@ def test_version_and_help_exit_0(tmp_path):
     res = subprocess.run([str(STEPTUNE), "dc", "fit", "--help"], capture_output=True, text=True, cwd=tmp_path,
                          timeout=120)
     assert res.returncode == 0 and "--guidance" in res.stdout and "--cfg" not in res.stdout  # the old name is hidden
+
+
+@pytest.mark.parametrize("group", [[], ["dc"], ["db"]])
+def test_each_command_in_a_help_list_is_summed_up_on_one_line(group, tmp_path):
+    """The first paragraph of each command's docstring, reflowed: wide enough not to wrap, each summary is one
+    line of the list, not broken where the docstring's source lines break."""
+    import inspect
+
+    import typer
+
+    from steptune.cli.main import app
+
+    res = subprocess.run([str(STEPTUNE), *group, "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120, env={"COLUMNS": "400", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    command = typer.main.get_command(app)
+    for name in group:
+        command = command.commands[name]
+    assert command.commands  # typer's own click: the group's commands, by name
+    for name, cmd in command.commands.items():
+        doc = inspect.getdoc(cmd.callback) if cmd.callback else cmd.help
+        summary = " ".join(doc.split("\n\n")[0].split())
+        assert any(line.strip("│ ").split(maxsplit=1) == [name, summary] for line in res.stdout.splitlines()), \
+            f"{name}: {summary!r}\n{res.stdout}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import sys
 
 import typer
@@ -30,6 +31,20 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 for module in (schedules, results, search, run, refine, dc, digits, dashboard, sor, db):
     module.register(app)
+
+
+def _one_line_summaries(t: typer.Typer) -> None:
+    """A command's line in its group's list is the first paragraph of its docstring reflowed: typer's rich help
+    keeps the docstring's line breaks there, which wrapped the list mid-sentence."""
+    for cmd in t.registered_commands:
+        doc = cmd.help or (cmd.callback.__doc__ if cmd.callback else None)
+        if cmd.short_help is None and doc:
+            cmd.short_help = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+    for group in t.registered_groups:
+        _one_line_summaries(group.typer_instance)
+
+
+_one_line_summaries(app)
 
 
 def _click_class(name: str) -> type[Exception]:
