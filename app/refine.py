@@ -276,7 +276,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                                screened_start(rec) if before is None else before))
             if say_skipped:
                 others = [str(t.id) for t in group if t.id not in done]
-                another = f"; --trial {' or '.join(others)} refines another of its structures" if others else ""
+                another = (f"; steptune refine --study {study} --trial {' or '.join(others)} refines another of its "
+                           "structures" if others else "")
                 say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id}){another}")
             continue
         if stop():

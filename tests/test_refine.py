@@ -547,8 +547,8 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
     code, _, err = run_cli(["refine", "--study", "many", "--db", url, "--nfe", "4", "--structures", "3",
                             "--no-neighbours"], capsys)  # again: nothing refined twice, the others named
     assert code == 0
-    said = re.search(rf"NFE 4: trial id {parents[winner].id} was refined before \(trial id {t.id}\); --trial (\d+) "
-                     r"or (\d+) refines another of its structures", err)
+    said = re.search(rf"NFE 4: trial id {parents[winner].id} was refined before \(trial id {t.id}\); steptune "
+                     r"refine --study many --trial (\d+) or (\d+) refines another of its structures", err)
     assert said and {int(i) for i in said.groups()} == {p.id for i, p in enumerate(parents) if i != winner}, err
     from steptune.refine import store_heldout
 
