@@ -106,3 +106,22 @@ def weights_note(problem) -> str | None:
     steps = f", {local['steps']} training steps" if local.get("steps") else ""
     return (f"note: digits-cond runs the UNet retrained by 'steptune train-digits' ({local['path']}{steps}), not the "
             f"shipped one; delete that file to use the shipped weights")
+
+
+def tuned_elsewhere(where: str, provenance: Mapping | None, problem) -> str | None:
+    """A line saying that the schedule file ``where`` (with its export ``provenance``) was tuned on another problem
+    than ``problem`` (other settings such as the guidance scale, or other weights), so a score here is not the one it
+    was tuned for; None where its provenance names no problem identity or the same one."""
+    problem_info = (provenance or {}).get("problem")
+    stored = problem_info.get("identity") if isinstance(problem_info, Mapping) else None
+    if not isinstance(stored, Mapping) or not stored:
+        return None
+    now = json.loads(json.dumps(problem.identity()))
+    key = first_change(stored, now)
+    if key is None:
+        return None
+    old, new = value_at(stored, key), value_at(now, key)
+    leaf = key.rsplit(".", 1)[-1]
+    what = (f"other {FINGERPRINTS[leaf]} than here ({key} {str(old)[:12]}... there, {str(new)[:12]}... here)"
+            if leaf in FINGERPRINTS else f"{key} {old!r}, not {new!r} as here")
+    return f"note: {where} was tuned on {stored.get('name', 'another problem')} with {what}"

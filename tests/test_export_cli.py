@@ -279,3 +279,37 @@ def test_export_of_a_flow_study_keeps_the_models_own_sigma(tmp_path, capsys):
     assert code == 0 and json.loads(out) == [*to_min.times, 0.0]
     assert "the list is in t (a flow model's sigma)" in err
     assert "the schedule ends at the smallest training sigma 0.001 and the list adds a step from there to 0" in err
+
+
+def test_eval_of_a_schedule_tuned_on_another_problem_says_what_differs(tmp_path, capsys):
+    """An exported schedule evaluated on the problem it was tuned on says nothing more; on the same problem with
+    another setting or other fitted data, one note names the first key that differs, both values shown."""
+    from steptune.evaluators import load_problem
+
+    p = load_problem("gmm-2d")
+    same = json.loads(json.dumps(p.identity()))
+    other_data = json.loads(json.dumps(same))
+    other_data["data"]["data"] = "ring-8"
+    other_fit = json.loads(json.dumps(same))
+    other_fit["data"]["mixture_sha256"] = "0" * 64
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    s = presets.build("unipc-bh2", 3, p.noise, t_start=p.t_start, t_end=p.t_end)
+    with connect(url, create=True) as db:
+        for name, ident in (("same", same), ("data", other_data), ("fit", other_fit)):
+            db.create_study(name, method="sweep", problem=ident)
+            db.add_trials(name, [{"schedule": s, "status": "complete", "metrics": {"rmse": 0.1}, "fidelity": "cheap"}])
+    notes = {}
+    for name in ("same", "data", "fit"):
+        path = tmp_path / f"{name}.json"
+        code, _, err = run_cli(["export", "--study", name, "--nfe", "3", "-o", str(path), "--db", url], capsys)
+        assert code == 0, err
+        code, out, err = run_cli(["eval", "--problem", "gmm-2d", "--schedule", str(path), "--bank", "train",
+                                  "--samples", "8", "--cache", str(tmp_path / "cache")], capsys)
+        assert code == 0 and "complete" in out, err
+        notes[name] = [ln for ln in err.splitlines() if ln.startswith("note:")]
+    assert notes["same"] == []
+    assert notes["data"] == [f"note: {tmp_path / 'data.json'} was tuned on gmm-2d with data.data 'ring-8', not "
+                             "'ring-8+centre' as here"]
+    assert notes["fit"] == [f"note: {tmp_path / 'fit.json'} was tuned on gmm-2d with other fitted mixture than here "
+                            f"(data.mixture_sha256 000000000000... there, {same['data']['mixture_sha256'][:12]}... "
+                            "here)"]

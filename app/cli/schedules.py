@@ -101,6 +101,8 @@ def eval_cmd(
 ):
     """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
     from steptune.evaluators.neural_reference import ReferenceNotConverged
+    from steptune.exports import read_export
+    from steptune.study_problem import tuned_elsewhere
 
     if samples is not None and samples < 1:
         raise CliError(f"--samples {samples}: give at least 1")
@@ -125,6 +127,10 @@ def eval_cmd(
         raise CliError(f"--samples {samples}: the {bank} bank holds {ev.bank(bank).size} states; give at most that")
     scheds = [(spec, s) for spec in schedule
               for s in resolve(spec, nfes, prob.noise, spacing, prob.t_start, prob.t_end)]
+    for spec in schedule:
+        note = None if spec.startswith("preset:") else tuned_elsewhere(spec, read_export(spec)[1], prob)
+        if note is not None and not json_:
+            err.print(note, markup=False, highlight=False)
     rows = []
     with err.status("computing reference solution and evaluating...") if not json_ else contextlib.nullcontext():
         for spec, s in scheds:
