@@ -497,8 +497,8 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
         if neighbour(t):
             out.append(t)
     if out and built:
-        say(f"NFE {nfe}: {len(out)} schedule{'s' if len(out) > 1 else ''} built from NFE {source}'s best (trial id {src.id}, held-out RMSE "
-            f"{src.score:.4g}), at {', '.join(f'{t.score:.4g}' for t in out)}")
+        say(f"NFE {nfe}: {len(out)} schedule{'s' if len(out) > 1 else ''} built from NFE {source}'s best (trial id "
+            f"{src.id}, held-out RMSE {src.score:.4g}), at {', '.join(f'{t.score:.4g}' for t in out)}")
     return out
 
 

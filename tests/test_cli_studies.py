@@ -35,6 +35,24 @@ def test_a_job_refuses_a_relaxation_study(relax_db, tmp_path, cache, capsys):
     _unchanged(url, config)
 
 
+def test_studies_lists_a_relaxation_study_by_its_rounds(relax_db, capsys):
+    """An SOR study holds rounds, not trials: the list gives its problem, its rounds and their mean iterations (as
+    the stored rounds give them), not zero trials and no problem."""
+    import json
+
+    url, _ = relax_db
+    with connect(url) as db:
+        its = [r.iterations for r in db.relaxation_rounds("rx")]
+    code, out, _ = run_cli(["studies", "--db", url, "--json"], capsys)
+    assert code == 0
+    (row,) = json.loads(out)
+    assert (row["problem"], row["rounds"]) == ("shifted-laplacian", 5)
+    assert row["mean_iterations"] == pytest.approx(sum(its) / len(its))
+    code, out, _ = run_cli(["studies", "--db", url], capsys)
+    assert code == 0 and "shifted-laplacian (SOR)" in out and "5 rounds" in out
+    assert f"mean {sum(its) / len(its):.1f} iterations per system" in out
+
+
 def test_sweep_and_import_refuse_a_relaxation_study(relax_db, tmp_path, cache, capsys):
     url, config = relax_db
     code, _, err = run_cli(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),

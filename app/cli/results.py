@@ -42,6 +42,12 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         counts = store.status_counts()
         rows = []
         for st in store.studies():
+            if st.kind == "relaxation":  # rounds of SOR solves, not trials
+                sor = sor_study_summary(store, st)
+                rows.append({"study": st.name, "method": st.method, "kind": st.kind, "problem": sor["problem"],
+                             "created": st.created.isoformat(), "rounds": sor["rounds"],
+                             "mean_iterations": sor["mean_iterations"]})
+                continue
             fidelity = st.config.get("fidelity")  # a searched study reports its held-out scores, as best does
             best = store.best_per_nfe(st.name, fidelity=fidelity)
             rows.append({"study": st.name, "method": st.method, "seed": st.seed, "metric": st.metric,
@@ -57,6 +63,11 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     for col in ("study", "method", "problem", "trials", "complete", "failed", "running/queued", "best score per NFE"):
         table.add_column(col, justify="right" if col in ("trials", "complete", "failed", "running/queued") else "left")
     for r in rows:
+        if "rounds" in r:
+            mean = r["mean_iterations"]
+            table.add_row(r["study"], r["method"], f"{r['problem'] or 'a sequence'} (SOR)", f"{r['rounds']} rounds",
+                          "—", "—", "—", f"mean {mean:.1f} iterations per system" if mean is not None else "—")
+            continue
         c = r["trials"]
         problem = f"{r['problem']} ({r['noise']})" if r["problem"] and r["noise"] else r["problem"] or "—"
         table.add_row(r["study"], r["method"], problem, str(sum(c.values())), str(c.get("complete", 0)),
