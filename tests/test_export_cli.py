@@ -283,7 +283,8 @@ def test_export_of_a_flow_study_keeps_the_models_own_sigma(tmp_path, capsys):
 
 def test_eval_of_a_schedule_tuned_on_another_problem_says_what_differs(tmp_path, capsys):
     """An exported schedule evaluated on the problem it was tuned on says nothing more; on the same problem with
-    another setting or other fitted data, one note names the first key that differs, both values shown."""
+    another setting or other fitted data, one note names the first key that differs, both values shown. Imported
+    into a study of another problem, it is queued, and the line says which key kept its scores out."""
     from steptune.evaluators import load_problem
 
     p = load_problem("gmm-2d")
@@ -313,3 +314,10 @@ def test_eval_of_a_schedule_tuned_on_another_problem_says_what_differs(tmp_path,
     assert notes["fit"] == [f"note: {tmp_path / 'fit.json'} was tuned on gmm-2d with other fitted mixture than here "
                             f"(data.mixture_sha256 000000000000... there, {same['data']['mixture_sha256'][:12]}... "
                             "here)"]
+    code, _, err = run_cli(["import", str(tmp_path / "data.json"), "--study", "same", "--db", url,
+                            "--allow-duplicates"], capsys)
+    assert code == 0 and "queued (the file's scores are of another problem: data.data ring-8 there, ring-8+centre in " \
+        "the study): the study's next run scores it" in " ".join(err.split()), err
+    code, _, err = run_cli(["import", str(tmp_path / "same.json"), "--study", "fit", "--db", url,
+                            "--allow-duplicates"], capsys)
+    assert code == 0 and "the file's scores are of another problem: data.mixture_sha256 494405bef511" in err, err

@@ -314,18 +314,28 @@ def import_cmd(
 ):
     """Add a schedule file to a study (created if missing); the file is checked before anything is written."""
     from steptune.exports import import_schedule, read_export
+    from steptune.study_problem import first_change, value_at
 
     if not study.strip():
         raise CliError("--study is empty; give the study a name")
-    read_export(file)  # refuse a bad file before even opening the database
+    _, prov = read_export(file)  # refuse a bad file before even opening the database
     with _open(db, create=True) as store:
         t = import_schedule(store, file, study, queue=queue, allow_duplicates=allow_duplicates)
+        stored = store.get_study(study).problem
     if json_:
         print(json.dumps(_trial_json(t), indent=2))
         return
+    scored_elsewhere = ""
+    if t.status != "complete" and not queue and (prov or {}).get("metrics"):  # why its scores were not taken
+        theirs = ((prov.get("problem") or {}).get("identity")) or {}
+        key = first_change(theirs, (stored or {}).get("identity") or {}, every_key=True)
+        if key is not None:
+            there, here = value_at(theirs, key), value_at((stored or {}).get("identity") or {}, key)
+            scored_elsewhere = (f" (the file's scores are of another problem: {key} {str(there)[:40]} there, "
+                                f"{str(here)[:40]} in the study)")
     how = (f"complete, {fmt(t.score)} from its provenance" if t.status == "complete"
-           else f"queued: the study's next run scores it, 'steptune run' of its job file or the 'steptune search' "
-                f"that made it again with --study {study}")
+           else f"queued{scored_elsewhere}: the study's next run scores it, 'steptune run' of its job file or the "
+                f"'steptune search' that made it again with --study {study}")
     err.print(f"imported {file} into study {study!r} as trial id {t.id} (number {t.number} in the study, NFE {t.nfe}, "
               f"{how})")
 
