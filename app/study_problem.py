@@ -26,6 +26,12 @@ def first_change(stored, now, path: str = "", every_key: bool = False) -> str | 
     return None if stored == now else path
 
 
+def difference(stored, now, every_key: bool = False) -> tuple[str, object, object] | None:
+    """The first key whose value differs (:func:`first_change`) with its value in ``stored`` and in ``now``."""
+    key = first_change(stored, now, every_key=every_key)
+    return None if key is None else (key, value_at(stored, key), value_at(now, key))
+
+
 def value_at(identity: Mapping, key: str):
     """The value at a dotted key (None where there is none)."""
     for part in key.split("."):
@@ -41,17 +47,15 @@ def mixing_refusal(study: str, stored: Mapping | None, problem, weights_only: bo
         stored = {"data": {k: v for k, v in (stored.get("data") or {}).items() if k in FINGERPRINTS}}
     if not stored:
         return None
-    now = json.loads(json.dumps(problem.identity()))
-    key = first_change(stored, now)
-    if key is None:
+    found = difference(stored, json.loads(json.dumps(problem.identity())))
+    if found is None:
         return None
+    key, old, new = found
     leaf = key.rsplit(".", 1)[-1]
     if leaf in FINGERPRINTS:
-        old, new = str(value_at(stored, key))[:12], str(value_at(now, key))[:12]
         return (f"study {study!r} was scored with other {FINGERPRINTS[leaf]} than the {problem.name} built here "
-                f"({key} {old}... then, {new}... now); its scores cannot be mixed with new ones: "
+                f"({key} {str(old)[:12]}... then, {str(new)[:12]}... now); its scores cannot be mixed with new ones: "
                 f"{weights_hint(problem, evaluators=False)}, or give a new study name")
-    old, new = value_at(stored, key), value_at(now, key)
     return (f"study {study!r} was scored on {problem.name} with other settings ({key}: {old!r} then, {new!r} now); "
             "its scores cannot be mixed with new ones: run it with the settings it was made with, or give a new "
             "study name")
@@ -60,15 +64,14 @@ def mixing_refusal(study: str, stored: Mapping | None, problem, weights_only: bo
 def evaluator_refusal(worker: str, built: Mapping, problem) -> str | None:
     """The sentence refusing to run on an evaluator that built another problem (``built``, its identity) than the
     ``problem`` the driver built and scores the study on; None when they are the same."""
-    now = json.loads(json.dumps(problem.identity()))
-    key = first_change(now, built, every_key=True)
-    if key is None:
+    found = difference(json.loads(json.dumps(problem.identity())), built, every_key=True)
+    if found is None:
         return None
+    key, here, there = found
     leaf = key.rsplit(".", 1)[-1]
     what = f"other {FINGERPRINTS[leaf]}" if leaf in FINGERPRINTS else "other settings"
-    return (f"the evaluator {worker} built {problem.name} with {what} than this driver ({key}: "
-            f"{str(value_at(now, key))[:40]} here, {str(value_at(built, key))[:40]} there); its scores would not be "
-            f"the study's: {weights_hint(problem, evaluators=True)}")
+    return (f"the evaluator {worker} built {problem.name} with {what} than this driver ({key}: {str(here)[:40]} here, "
+            f"{str(there)[:40]} there); its scores would not be the study's: {weights_hint(problem, evaluators=True)}")
 
 
 def weights_hint(problem, evaluators: bool) -> str:
@@ -116,11 +119,10 @@ def tuned_elsewhere(where: str, provenance: Mapping | None, problem) -> str | No
     stored = problem_info.get("identity") if isinstance(problem_info, Mapping) else None
     if not isinstance(stored, Mapping) or not stored:
         return None
-    now = json.loads(json.dumps(problem.identity()))
-    key = first_change(stored, now)
-    if key is None:
+    found = difference(stored, json.loads(json.dumps(problem.identity())))
+    if found is None:
         return None
-    old, new = value_at(stored, key), value_at(now, key)
+    key, old, new = found
     leaf = key.rsplit(".", 1)[-1]
     what = (f"other {FINGERPRINTS[leaf]} than here ({key} {str(old)[:12]}... there, {str(new)[:12]}... here)"
             if leaf in FINGERPRINTS else f"{key} {old!r}, not {new!r} as here")

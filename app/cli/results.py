@@ -314,7 +314,7 @@ def import_cmd(
 ):
     """Add a schedule file to a study (created if missing); the file is checked before anything is written."""
     from steptune.exports import import_schedule, read_export
-    from steptune.study_problem import first_change, value_at
+    from steptune.study_problem import difference
 
     if not study.strip():
         raise CliError("--study is empty; give the study a name")
@@ -327,10 +327,10 @@ def import_cmd(
         return
     scored_elsewhere = ""
     if t.status != "complete" and not queue and (prov or {}).get("metrics"):  # why its scores were not taken
-        theirs = ((prov.get("problem") or {}).get("identity")) or {}
-        key = first_change(theirs, (stored or {}).get("identity") or {}, every_key=True)
-        if key is not None:
-            there, here = value_at(theirs, key), value_at((stored or {}).get("identity") or {}, key)
+        found = difference((prov.get("problem") or {}).get("identity") or {}, (stored or {}).get("identity") or {},
+                           every_key=True)  # as the import compares them: every key
+        if found is not None:
+            key, there, here = found
             scored_elsewhere = (f" (the file's scores are of another problem: {key} {str(there)[:40]} there, "
                                 f"{str(here)[:40]} in the study)")
     how = (f"complete, {fmt(t.score)} from its provenance" if t.status == "complete"
