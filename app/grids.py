@@ -268,11 +268,15 @@ def render_png(grid: Grid) -> bytes:
             top, left, bottom, right = lay.box(r, c)
             canvas[top:bottom, left:right] = 128 if px is None else np.kron(px[r], np.ones((s, s, 1), np.uint8))
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    FigureCanvasAgg(fig)
+    renderer = FigureCanvasAgg(fig).get_renderer()
     fig.figimage(canvas, 0, 0, origin="upper")
 
-    def text(x: float, y: float, s: str, fontsize: float = 8, **kw):
-        fig.text(x / width, 1 - y / height, s, ha="center", va="top", fontsize=fontsize, **kw)
+    def text(x: float, y: float, s: str, fontsize: float = 8, room: float | None = None, **kw):
+        """``s`` centred at (x, y) px; with ``room`` (px), cut with an ellipsis until it is no wider."""
+        t = fig.text(x / width, 1 - y / height, s, ha="center", va="top", fontsize=fontsize, **kw)
+        while room is not None and len(s) > 2 and t.get_window_extent(renderer).width > room:
+            s = s[:-2] + "…"
+            t.set_text(s)
 
     for c, col in enumerate(grid.columns):
         _, left, _, right = lay.box(0, c)
@@ -281,8 +285,8 @@ def render_png(grid: Grid) -> bytes:
         text(mid, 6, title, weight="bold")
         name = col.name.removeprefix("preset:") if col.role != "reference" else "(converged solve)"
         spec, _, options = name.partition(":")
-        for k, line in enumerate(v for v in (spec, options) if v):
-            text(mid, 20 + 13 * k, line if len(line) <= 30 else line[:29] + "…")
+        for k, line in enumerate(v for v in (spec, options) if v):  # within the column and the gaps beside it
+            text(mid, 20 + 13 * k, line, room=lay.column_width + GAP - 4)
         for r, e in enumerate(col.errors):
             _, _, bottom, _ = lay.box(r, c)
             text(mid, bottom + 4, "error 0 (reference)" if col.role == "reference" else f"error {_fmt(e)}")

@@ -200,3 +200,19 @@ def test_the_dashboards_best_preset_is_named_with_the_spacing_it_was_scored_at(t
         ids = store.add_trials("s", items, create={"method": "s3", "problem": prob.identity(), "metric": "rmse"})
         name, schedule, trial = best_stored_preset(store, "s", 5, "heldout")
     assert (name, trial, schedule.name) == ("ddim:spacing=time-uniform", ids[1], "ddim:spacing=time-uniform")
+
+
+def test_a_long_schedule_name_stays_within_its_column():
+    """A refined schedule's name grows with every neighbour it was built from (dpm-solver++-2s+afs@7@6@7@6@7): each
+    title line is cut to its column, so no name runs off the image or into the next column's."""
+    names = ["dpm-solver++-2s+afs@7@6@7@6@7@6@7@6@7", "preset:unipc-bh2:spacing=diffusers-leading,order=3,corrector=x"]
+    cols = [grids.Column("schedule", names[0], None, [0.1] * grids.ROWS),
+            grids.Column("best preset", names[1], None, [0.1] * grids.ROWS),
+            grids.Column("reference", "reference", None, [0.0] * grids.ROWS)]
+    grid = grids.Grid("digits-cond", 7, cols, pixels=[np.zeros((grids.ROWS, 8, 8, 3), np.uint8)] * 3)
+    png, lay = _png(grid.png()), grid.layout()
+    titles = png[16:grids.HEADER - 4]  # the name lines under the bold column titles
+    assert (titles < 200).any(axis=(1, 2)).sum() > 10  # the names are drawn
+    between = [grids.PAD + k * (lay.column_width + grids.GAP) - grids.GAP // 2 for k in (1, 2)]
+    for x in [0, 1, 2, png.shape[1] - 3, png.shape[1] - 2, png.shape[1] - 1, *between]:
+        assert (titles[:, x] == 255).all(), x  # white: no text reaches the edges or the middle of a gap
