@@ -84,8 +84,8 @@ def _driver_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _driver_gone(worker: str | None) -> bool:
-    """True when ``worker`` names a driver on this host whose process no longer exists."""
+def process_gone(worker: str | None) -> bool:
+    """True when ``worker`` ("host:pid[/...]") names a process on this host that no longer exists."""
     if not worker:
         return True
     host, _, rest = worker.partition(":")
@@ -98,7 +98,16 @@ def _driver_gone(worker: str | None) -> bool:
         return True
     except PermissionError:
         return False
-    return int(pid) == os.getpid()  # this process: a run before this one in it stopped (nothing is in flight now)
+    return False
+
+
+def _driver_gone(worker: str | None) -> bool:
+    """True when ``worker`` names a driver on this host whose process no longer exists, or this process (a run
+    before this one in it stopped: nothing is in flight now)."""
+    if process_gone(worker):
+        return True
+    host, _, rest = worker.partition(":")
+    return host == socket.gethostname() and rest.partition("/")[0] == str(os.getpid())
 
 
 @contextmanager
@@ -200,7 +209,7 @@ class Runner:
         self.started_at = self._db_now()
         self.deadline = None if job.budget.time is None else self.started + job.budget.time
         self.search_deadline = self.deadline
-        self.phase = "baseline"
+        self._phase = "baseline"
         self.retried = 0
         self.failed = 0  # failed evaluations in this run (diverged, or out of attempts)
         self.done = 0
@@ -405,11 +414,26 @@ class Runner:
 
         return utcnow()
 
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        """The run's phase; a new one is written with the driver's lease at once, so ``status`` says what a run
+        whose search has ended is still doing (confirming, refining)."""
+        changed, self._phase = value != self._phase, value
+        if changed and getattr(self, "_beating", None) is not None and not self._beating.is_set():
+            try:
+                self._plain_storage.beat_driver(self.job.study, self.driver, phase=value)
+            except StorageError:
+                pass  # the database is away: the next beat says it
+
     def _heartbeat(self) -> None:
         storage = self._plain_storage
         while not self._beating.wait(LEASE_SECONDS / 4):
             try:
-                if not storage.beat_driver(self.job.study, self.driver):
+                if not storage.beat_driver(self.job.study, self.driver, phase=self.phase):
                     self.say(f"study {self.job.study!r} was taken over by another driver; stopping")
                     self.interrupt()
             except StorageError:

@@ -584,13 +584,17 @@ class Storage:
                     raise DriverBusy(study, held["id"], age)
             st.config = {**(st.config or {}), "driver": {"id": driver, "heartbeat": now.isoformat()}}
 
-    def beat_driver(self, study: str, driver: str, *, now: datetime | None = None) -> bool:
-        """Renew the driver's lease; False once another driver took the study over."""
+    def beat_driver(self, study: str, driver: str, *, now: datetime | None = None, phase: str | None = None) -> bool:
+        """Renew the driver's lease, with the ``phase`` its run is in where given (else the one it gave last);
+        False once another driver took the study over."""
         with self._tx() as s:
             st = self._study_row(s, study, lock=True)
-            if ((st.config or {}).get("driver") or {}).get("id") != driver:
+            held = (st.config or {}).get("driver") or {}
+            if held.get("id") != driver:
                 return False
-            st.config = {**st.config, "driver": {"id": driver, "heartbeat": (now or utcnow()).isoformat()}}
+            phase = phase or held.get("phase")
+            st.config = {**st.config, "driver": {"id": driver, "heartbeat": (now or utcnow()).isoformat(),
+                                                 **({"phase": phase} if phase else {})}}
             return True
 
     def release_driver(self, study: str, driver: str) -> None:

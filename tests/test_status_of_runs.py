@@ -1,0 +1,80 @@
+"""`steptune status` says whether a run is on a study and what it is doing, from the database alone: searching
+with an ETA, still confirming or refining after its search, stopped, or killed without letting go."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from runner_jobs import job_text, run_job, write_job
+
+from steptune.backends import LocalBackend
+from steptune.cli.run import _run_state, study_status
+from steptune.jobs import load_job
+from steptune.runner import Runner
+from steptune.storage import connect
+
+STEPTUNE = Path(sys.executable).parent / "steptune"
+
+
+def _state(url: str, study: str) -> str:
+    with connect(url) as db:  # a connection of its own, as a status command in another shell has
+        return _run_state(study_status(db, study))
+
+
+def test_status_names_the_phase_of_the_run_on_the_study_and_that_it_goes_on_after_its_search(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text(job_text("phases", tmp_path / "cache", evaluations=6, nfe="[3]")
+                    + "\n[refine]\niters = 10\nsamples = 32\nneighbours = false\n")
+    job = load_job(path)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    driver = f"driver {socket.gethostname()}:{os.getpid()}"
+    seen: dict[str, str] = {}
+    backend = LocalBackend(job.problem, job.evaluation, job.backend)
+    with connect(url) as db:
+        runner = Runner(job, db, backend, progress=lambda s: s["phase"] == "search" and s["done"] >= 2
+                        and seen.setdefault("search", _state(url, "phases")))
+        said = runner.say
+
+        def say(msg: str) -> None:  # as the refine stage starts its first refinement
+            if msg.startswith("refining NFE"):
+                seen.setdefault("refine", _state(url, "phases"))
+            said(msg)
+
+        runner.say = say
+        try:
+            runner.run()
+        finally:
+            backend.close()
+    assert seen["search"].startswith("ETA ") and seen["search"].endswith(f"; searching ({driver}, heartbeat 0 s ago)")
+    assert seen["refine"] == f"search finished; the run goes on, refining ({driver}, heartbeat 0 s ago)"
+    assert _state(url, "phases") == "finished"  # the run let go of the study as it ended
+
+
+def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    stopped = write_job(tmp_path / "stopped.toml", "stopped", tmp_path / "cache", evaluations=40, nfe="[3]")
+    run_job(load_job(stopped), url, stop_after=4)  # Ctrl-C: the run lets go of the study
+    assert _state(url, "stopped") == "stopped: no run is on it; run the job again to resume"
+
+    killed = write_job(tmp_path / "killed.toml", "killed", tmp_path / "cache", evaluations=100000, nfe="[3]")
+    env = {**os.environ, "STEPTUNE_LOG_INTERVAL": "0"}
+    proc = subprocess.Popen([str(STEPTUNE), "run", str(killed), "--db", url], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        for line in proc.stdout:  # its search has begun
+            if "] search " in line:
+                break
+        live = _state(url, "killed")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert live.endswith(f"; searching (driver {socket.gethostname()}:{proc.pid}, heartbeat 0 s ago)"), live
+    state = _state(url, "killed")
+    assert state.startswith(f"no run is on it: the last one (driver {socket.gethostname()}:{proc.pid}, last "
+                            "heartbeat "), state
+    assert state.endswith("ago) ended without letting go; run the job again to resume"), state
