@@ -32,12 +32,11 @@ from datetime import timedelta
 
 from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
+from steptune.run_lease import LEASE_SECONDS, process_gone
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import Retrying
 from steptune.study_problem import evaluator_refusal, first_change, mixing_refusal, value_at, weights_note
-
-LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
 
 
 @dataclass
@@ -82,23 +81,6 @@ class RunResult:
 
 def _driver_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def process_gone(worker: str | None) -> bool:
-    """True when ``worker`` ("host:pid[/...]") names a process on this host that no longer exists."""
-    if not worker:
-        return True
-    host, _, rest = worker.partition(":")
-    pid = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _driver_gone(worker: str | None) -> bool:

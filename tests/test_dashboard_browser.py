@@ -272,6 +272,41 @@ def test_live_refresh_shows_new_trials(page, server, db_url):
     page.wait_for_function(f"document.getElementById('trials-count').dataset.total === '{before + 1}'")
 
 
+def _run_cell(page) -> str:
+    return page.evaluate(f"""() => [...document.querySelectorAll('#studies-table tr')]
+        .find((r) => r.cells[0] && r.cells[0].textContent === {SEARCH_STUDY!r}).querySelector('td.run').textContent""")
+
+
+def test_the_studies_table_says_which_run_is_on_a_study_and_what_it_does(page, server, db_url):
+    """A run's lease (its driver and phase), as a running job keeps it in the study's config: the live page shows
+    the phase while it holds the study, nothing once it lets go, and that it died when its process is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    _open(page, f"{server}/#front", "front")
+    assert _run_cell(page) == "—"
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    with connect(db_url, create=False) as writer:
+        writer.claim_driver(SEARCH_STUDY, me, 120.0)
+        writer.beat_driver(SEARCH_STUDY, me, phase="refine")
+    page.wait_for_function(f"document.querySelector('#studies-table').textContent.includes('refining ({me})')")
+    with connect(db_url, create=False) as writer:
+        writer.release_driver(SEARCH_STUDY, me)
+    page.wait_for_function("!document.querySelector('#studies-table').textContent.includes('refining')")
+    assert _run_cell(page) == "—"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # a process that has ended
+    dead = f"{socket.gethostname()}:{gone}"
+    with connect(db_url, create=False) as writer:
+        writer.claim_driver(SEARCH_STUDY, dead, 120.0)
+        writer.beat_driver(SEARCH_STUDY, dead, phase="search")
+    page.wait_for_function("document.querySelector('#studies-table').textContent.includes('ended without')")
+    assert _run_cell(page) == f"none: the last run ({dead}) ended without letting go"
+    with connect(db_url, create=False) as writer:
+        writer.release_driver(SEARCH_STUDY, dead)
+
+
 def test_static_report_works_offline(page, db_url, tmp_path, shots):
     store = open_read_only(db_url)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -146,33 +145,12 @@ def execute_job(job, quiet: bool = False):
     return result
 
 
-PHASES = {"start": "starting its evaluators", "spacing": "choosing the presets' spacings",
-          "baseline": "scoring the baselines", "search": "searching", "confirm": "confirming on the held-out bank",
-          "refine": "refining"}
-
-
-def _driver(st) -> dict | None:
-    """The run that holds the study, from its lease: its driver (host:pid), phase and heartbeat's age, and whether
-    it is alive (a heartbeat within the lease, and on this host a process that still exists); None: no run holds
-    it."""
-    from steptune.runner import LEASE_SECONDS, process_gone
-    from steptune.storage.schema import utcnow
-
-    held = (st.config or {}).get("driver")
-    if not held or not held.get("heartbeat"):
-        return None
-    age = (utcnow() - datetime.fromisoformat(held["heartbeat"])).total_seconds()
-    return {"id": held["id"], "phase": held.get("phase"), "heartbeat_age": age,
-            "alive": age <= LEASE_SECONDS and not process_gone(held["id"])}
-
-
 def _run_state(info: dict) -> str:
     """The end of status's first line: the ETA of the run on it, what a run still does after its search, that no
     run is on it, or that it is done."""
     d = info["driver"]
     if d and d["alive"]:
-        doing = f"{PHASES.get(d['phase'], d['phase'] or 'running')} (driver {d['id']}, heartbeat " \
-                f"{d['heartbeat_age']:.0f} s ago)"
+        doing = f"{d['doing']} (driver {d['id']}, heartbeat {d['heartbeat_age']:.0f} s ago)"
         return f"ETA {duration(info['eta_seconds'])}; {doing}" if not info["finished"] else \
             f"search finished; the run goes on, {doing}"
     if info["finished"]:
@@ -187,6 +165,7 @@ def _run_state(info: dict) -> str:
 
 def study_status(storage, study: str) -> dict:
     """What `steptune status` shows, from the database alone."""
+    from steptune.run_lease import lease
     from steptune.runner import CHEAP, CONFIRM, summarize
     from steptune.search_cost import study_cost
     from steptune.storage.schema import utcnow
@@ -227,7 +206,8 @@ def study_status(storage, study: str) -> dict:
     retried = [t for t in trials if t.attempts > 1 or ((t.error or "").startswith("re-queued")
                                                     and not t.error.startswith("re-queued: not started"))]
     troubled = sorted((t for t in trials if t.status == "failed" or t in retried), key=lambda t: t.number)
-    return {"study": study, "method": st.method, "seed": st.seed, "trials": len(trials), "driver": _driver(st),
+    return {"study": study, "method": st.method, "seed": st.seed, "trials": len(trials),
+            "driver": lease(st.config, utcnow()),
             "search_done": len(final), "search_budget": budget,
             "running": sum(t.status == "running" for t in trials), "queued": sum(t.status == "queued" for t in trials),
             "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),

@@ -13,10 +13,11 @@ from collections import defaultdict
 from sqlalchemy import and_, func, or_, select
 
 from steptune.relax_verdict import VERDICT, stored_or_own
+from steptune.run_lease import lease
 from steptune.search import CONFIRM
 from steptune.search_cost import FINISHED, CostRow, cost_of_rows
 from steptune.storage import Storage
-from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial
+from steptune.storage.schema import STATUSES, Problem, RelaxationRecord, Study, Trial, utcnow
 
 NO_PROBLEM = 0  # the problem id under which studies without a stored problem are listed
 PRESET_METHOD = "preset"
@@ -52,8 +53,8 @@ def problems(store: Storage) -> list[dict]:
     """Every problem with its studies (method, metric, trial counts per status, relaxation rounds)."""
     with store._tx(write=False) as s:
         probs = s.execute(select(Problem.id, Problem.name, Problem.identity).order_by(Problem.id)).all()
-        studies = s.execute(select(Study.id, Study.name, Study.method, Study.metric, Study.problem_id, Study.created)
-                            .order_by(Study.id)).all()
+        studies = s.execute(select(Study.id, Study.name, Study.method, Study.metric, Study.problem_id, Study.created,
+                                   Study.config).order_by(Study.id)).all()
         counts: dict[int, dict[str, int]] = defaultdict(dict)
         for sid, status, n in s.execute(select(Trial.study_id, Trial.status, func.count())
                                         .group_by(Trial.study_id, Trial.status)):
@@ -65,11 +66,12 @@ def problems(store: Storage) -> list[dict]:
         rounds = dict(s.execute(select(RelaxationRecord.study_id, func.count()).group_by(RelaxationRecord.study_id))
                       .all())
     by_problem: dict[int, list[dict]] = defaultdict(list)
+    now = utcnow()
     for st in studies:
         by_problem[st.problem_id or NO_PROBLEM].append({
             "name": st.name, "method": st.method, "metric": st.metric, "created": _iso(st.created),
             "trials": {k: counts[st.id].get(k, 0) for k in STATUSES}, "fidelities": fidelities.get(st.id, []),
-            "relaxation_rounds": rounds.get(st.id, 0)})
+            "relaxation_rounds": rounds.get(st.id, 0), "run": lease(st.config, now)})
     out = []
     for p in probs:
         noise = (p.identity or {}).get("noise") or {}
@@ -84,14 +86,19 @@ def problems(store: Storage) -> list[dict]:
 
 
 def change_token(store: Storage) -> dict:
-    """What changes whenever a trial or relaxation round is added or a trial changes status (for live
-    refresh); read from the (status, ...) index, so it stays cheap for large databases."""
+    """What changes whenever a trial or relaxation round is added or a trial changes status, or a run starts,
+    moves to another phase, ends or dies (for live refresh); the trials' part read from the (status, ...) index, so
+    it stays cheap for large databases."""
     with store._tx(write=False) as s:
         per_status = dict(s.execute(select(Trial.status, func.count()).group_by(Trial.status)).all())
         last_id = s.scalar(select(func.max(Trial.id)))
         rounds, last_round = s.execute(select(func.count(), func.max(RelaxationRecord.id))).one()
+        configs = s.execute(select(Study.name, Study.config).order_by(Study.id)).all()
     counts = "-".join(str(per_status.get(k, 0)) for k in STATUSES)
-    return {"token": f"{counts}-{last_id}-{rounds}-{last_round}", "trials": sum(per_status.values()),
+    now = utcnow()
+    runs = ";".join(f"{name}={r['id']}/{r['phase']}/{int(r['alive'])}" for name, config in configs
+                    if (r := lease(config, now)) is not None)
+    return {"token": f"{counts}-{last_id}-{rounds}-{last_round}-{runs}", "trials": sum(per_status.values()),
             "running": per_status.get("running", 0)}
 
 

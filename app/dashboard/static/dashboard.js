@@ -175,11 +175,19 @@ function renderStudiesTable(prob) {
     const total = Object.values(t).reduce((a, b) => a + b, 0);
     return `<tr><td class="text">${esc(s.name)}</td><td class="text">${esc(s.method || "—")}</td>`
       + `<td class="text">${esc(s.metric)}</td><td>${total}</td><td>${t.complete}</td><td>${t.failed}</td>`
-      + `<td>${t.running}</td><td>${t.queued}</td><td>${s.relaxation_rounds}</td></tr>`;
+      + `<td>${t.running}</td><td>${t.queued}</td><td>${s.relaxation_rounds}</td>`
+      + `<td class="text run">${esc(runState(s.run))}</td></tr>`;
   });
   $("studies-table").innerHTML = "<tr><th class='text'>study</th><th class='text'>method</th><th class='text'>metric</th>"
-    + "<th>trials</th><th>complete</th><th>failed</th><th>running</th><th>queued</th><th>relaxation rounds</th></tr>"
-    + rows.join("");
+    + "<th>trials</th><th>complete</th><th>failed</th><th>running</th><th>queued</th><th>relaxation rounds</th>"
+    + "<th class='text'>run</th></tr>" + rows.join("");
+}
+
+// whether a run is on the study (the driver's lease), as `steptune status` says it
+function runState(run) {
+  if (!run) return "—";
+  if (!run.alive) return `none: the last run (${run.id}) ended without letting go`;
+  return `${run.doing} (${run.id})`;
 }
 
 // ---- search efficiency ---------------------------------------------------------------------------
