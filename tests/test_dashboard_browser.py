@@ -320,6 +320,9 @@ def test_static_report_works_offline(page, db_url, tmp_path, shots):
     n = len(want["series"]) + len(want["fronts"])
     assert _trace_count(page, "front-plot") == (n, n)
     assert page.inner_text("#refreshed").startswith(f"report of {SEARCH_STUDY}, written ")
+    # a snapshot: no column saying which run was on a study as the report was written
+    assert page.eval_on_selector_all("#studies-table th", "els => els.map((e) => e.textContent)")[-1] == \
+        "relaxation rounds"
     page.screenshot(path=str(shots / "report-front.png"), full_page=True)
     pt = _most_isolated_preset_point(page, _preset_series(db_url))
     page.mouse.move(pt["px"], pt["py"])

@@ -176,11 +176,11 @@ function renderStudiesTable(prob) {
     return `<tr><td class="text">${esc(s.name)}</td><td class="text">${esc(s.method || "—")}</td>`
       + `<td class="text">${esc(s.metric)}</td><td>${total}</td><td>${t.complete}</td><td>${t.failed}</td>`
       + `<td>${t.running}</td><td>${t.queued}</td><td>${s.relaxation_rounds}</td>`
-      + `<td class="text run">${esc(runState(s.run))}</td></tr>`;
-  });
+      + (REPORT ? "" : `<td class="text run">${esc(runState(s.run))}</td>`) + "</tr>";
+  });  // a report is a snapshot: which run was on a study when it was written is left out
   $("studies-table").innerHTML = "<tr><th class='text'>study</th><th class='text'>method</th><th class='text'>metric</th>"
     + "<th>trials</th><th>complete</th><th>failed</th><th>running</th><th>queued</th><th>relaxation rounds</th>"
-    + "<th class='text'>run</th></tr>" + rows.join("");
+    + (REPORT ? "" : "<th class='text'>run</th>") + "</tr>" + rows.join("");
 }
 
 // whether a run is on the study (the driver's lease), as `steptune status` says it
