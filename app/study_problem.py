@@ -32,6 +32,16 @@ def difference(stored, now, every_key: bool = False) -> tuple[str, object, objec
     return None if key is None else (key, value_at(stored, key), value_at(now, key))
 
 
+def _against(stored: Mapping, problem) -> tuple[str, object, object, str | None] | None:
+    """:func:`difference` of the identity ``stored`` from ``problem``'s, with what the key fingerprints (None: a
+    setting)."""
+    found = difference(stored, json.loads(json.dumps(problem.identity())))
+    if found is None:
+        return None
+    key, old, new = found
+    return key, old, new, FINGERPRINTS.get(key.rsplit(".", 1)[-1])
+
+
 def value_at(identity: Mapping, key: str):
     """The value at a dotted key (None where there is none)."""
     for part in key.split("."):
@@ -47,13 +57,12 @@ def mixing_refusal(study: str, stored: Mapping | None, problem, weights_only: bo
         stored = {"data": {k: v for k, v in (stored.get("data") or {}).items() if k in FINGERPRINTS}}
     if not stored:
         return None
-    found = difference(stored, json.loads(json.dumps(problem.identity())))
+    found = _against(stored, problem)
     if found is None:
         return None
-    key, old, new = found
-    leaf = key.rsplit(".", 1)[-1]
-    if leaf in FINGERPRINTS:
-        return (f"study {study!r} was scored with other {FINGERPRINTS[leaf]} than the {problem.name} built here "
+    key, old, new, fingerprint = found
+    if fingerprint:
+        return (f"study {study!r} was scored with other {fingerprint} than the {problem.name} built here "
                 f"({key} {str(old)[:12]}... then, {str(new)[:12]}... now); its scores cannot be mixed with new ones: "
                 f"{weights_hint(problem, evaluators=False)}, or give a new study name")
     return (f"study {study!r} was scored on {problem.name} with other settings ({key}: {old!r} then, {new!r} now); "
@@ -119,11 +128,10 @@ def tuned_elsewhere(where: str, provenance: Mapping | None, problem) -> str | No
     stored = problem_info.get("identity") if isinstance(problem_info, Mapping) else None
     if not isinstance(stored, Mapping) or not stored:
         return None
-    found = difference(stored, json.loads(json.dumps(problem.identity())))
+    found = _against(stored, problem)
     if found is None:
         return None
-    key, old, new = found
-    leaf = key.rsplit(".", 1)[-1]
-    what = (f"other {FINGERPRINTS[leaf]} than here ({key} {str(old)[:12]}... there, {str(new)[:12]}... here)"
-            if leaf in FINGERPRINTS else f"{key} {old!r}, not {new!r} as here")
+    key, old, new, fingerprint = found
+    what = (f"other {fingerprint} than here ({key} {str(old)[:12]}... there, {str(new)[:12]}... here)"
+            if fingerprint else f"{key} {old!r}, not {new!r} as here")
     return f"note: {where} was tuned on {stored.get('name', 'another problem')} with {what}"
