@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 
 LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
@@ -30,6 +32,53 @@ def process_gone(worker: str | None) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def driver_id() -> str:
+    """This process as a study's driver: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def driver_gone(worker: str | None) -> bool:
+    """True when ``worker`` names a driver on this host whose process no longer exists, or this process (a run
+    before this one in it stopped: nothing is in flight now)."""
+    if process_gone(worker):
+        return True
+    host, _, rest = worker.partition(":")
+    return host == socket.gethostname() and rest.partition("/")[0] == str(os.getpid())
+
+
+@contextmanager
+def holding(storage, study: str, phase: str) -> Iterator[str]:
+    """Hold ``study`` as its one driver while the block runs, in ``phase``: the lease claimed (DriverBusy while a
+    live run holds it), renewed from a background thread, and let go at the end; yields this driver's id. What
+    a command other than a run (``steptune refine``) holds a study with, so that a run and it never work on one
+    study at once, and ``status`` says what it does."""
+    from steptune.storage import StorageError
+
+    me = driver_id()
+    storage.claim_driver(study, me, LEASE_SECONDS, gone=driver_gone)
+    storage.beat_driver(study, me, phase=phase)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            try:
+                storage.beat_driver(study, me, phase=phase)
+            except StorageError:
+                pass  # the database is away: the next beat tries again
+
+    thread = threading.Thread(target=beat, name="steptune-lease", daemon=True)
+    thread.start()
+    try:
+        yield me
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            storage.release_driver(study, me)
+        except StorageError:
+            pass  # the lease runs out, or a driver on this host sees this process gone
 
 
 def lease(config: Mapping | None, now: datetime) -> dict | None:

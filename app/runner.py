@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +30,7 @@ from datetime import timedelta
 
 from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
-from steptune.run_lease import LEASE_SECONDS, process_gone
+from steptune.run_lease import LEASE_SECONDS, driver_gone, driver_id
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import Retrying
@@ -77,19 +75,6 @@ class RunResult:
     baselines_queued: int = 0  # preset baselines a stopped run left unscored
     imports: list[dict] = field(default_factory=list)  # the imported schedules this run was to score: each one's
     # trial id, NFE, status and score, and the best held-out trial at its NFE (id, score)
-
-
-def _driver_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _driver_gone(worker: str | None) -> bool:
-    """True when ``worker`` names a driver on this host whose process no longer exists, or this process (a run
-    before this one in it stopped: nothing is in flight now)."""
-    if process_gone(worker):
-        return True
-    host, _, rest = worker.partition(":")
-    return host == socket.gethostname() and rest.partition("/")[0] == str(os.getpid())
 
 
 @contextmanager
@@ -185,7 +170,7 @@ class Runner:
         self.job, self.storage, self.backend = job, Retrying(storage, job.storage.retry, self.say), backend
         self._plain_storage = storage
         self.progress = progress
-        self.driver = _driver_id()
+        self.driver = driver_id()
         self.interrupted = threading.Event()
         self.started = time.monotonic()
         self.started_at = self._db_now()
@@ -258,7 +243,7 @@ class Runner:
         self.backend.check()  # e.g. an unreachable cluster, refused before the study is made
         self._open_study()
         try:
-            self.storage.claim_driver(job.study, self.driver, LEASE_SECONDS, gone=_driver_gone)
+            self.storage.claim_driver(job.study, self.driver, LEASE_SECONDS, gone=driver_gone)
         except StorageError as e:  # DriverBusy: another live driver runs this study
             raise JobError(str(e)) from None
         self.storage.forget_requests(timedelta(days=1))
@@ -383,7 +368,7 @@ class Runner:
         """Trials a stopped run left ``running``: re-queued (or failed when out of attempts)."""
         for t in self.storage.trials(self.job.study, status="running"):
             stale = t.heartbeat is None or (self._db_now() - t.heartbeat).total_seconds() > LEASE_SECONDS
-            if _driver_gone(t.worker) or stale:
+            if driver_gone(t.worker) or stale:
                 self.storage.requeue(t.id, f"the run that started it ({t.worker}) stopped")
                 self.retried += 1
             else:

@@ -6,6 +6,7 @@ two-step DDIM (known by a grid search against the closed-form solution), and its
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import replace
 
@@ -938,3 +939,47 @@ def test_a_stage_out_of_time_stores_each_refinement_as_far_as_it_got(tmp_path, c
         assert len(db.trials("timed")) == len(trials) + 1
     assert load_job(job).refine.time == 1e-9 and job_from_dict(
         {**load_job(job).model_dump(), "refine": {"time": "1m30s"}}).refine.time == 90
+
+
+def test_refine_waits_for_no_run_on_the_study_and_holds_it_while_it_works(tmp_path, cache, capsys, monkeypatch):
+    """`steptune refine` on a study a live run holds is refused in one line, writing nothing (the job's own
+    refinement and a second one would race over the same parents); once that run is gone it refines, holding the
+    study as its driver in phase `refine`, and lets go at the end."""
+    import socket
+    import subprocess
+    import sys
+
+    _, url, before = _ran(tmp_path, cache, "held", None, capsys)
+    run = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    other = f"{socket.gethostname()}:{run.pid}"
+    try:
+        with connect(url) as db:
+            db.claim_driver("held", other, 120.0)
+            db.beat_driver("held", other, phase="search")
+        code, _, err = run_cli(["refine", "--study", "held", "--db", url, "--iters", "10", "--no-neighbours"],
+                               capsys)
+        assert code == 2 and err.strip() == (f"error: study 'held' is being run by another driver (host "
+                                             f"{socket.gethostname()}, process {run.pid}, heartbeat 0 s ago); wait "
+                                             "for it to finish or stop it first"), err
+        with connect(url) as db:
+            assert len(db.trials("held")) == len(before)
+    finally:
+        run.stdin.close()
+        run.wait(timeout=60)
+    seen = []
+    from steptune import refine as refine_mod
+
+    refine_one = refine_mod.refine_best
+
+    def watched(*a, **kw):  # while it refines, the study's lease is this process's, in phase refine
+        with connect(url) as db:
+            seen.append(db.get_study("held").config.get("driver"))
+        return refine_one(*a, **kw)
+
+    monkeypatch.setattr(refine_mod, "refine_best", watched)
+    code, _, err = run_cli(["refine", "--study", "held", "--db", url, "--iters", "10", "--no-neighbours"], capsys)
+    assert code == 0, err
+    assert seen and all(d["id"] == f"{socket.gethostname()}:{os.getpid()}" and d["phase"] == "refine" for d in seen)
+    with connect(url) as db:
+        assert any("refines" in t.info for t in db.trials("held"))
+        assert "driver" not in db.get_study("held").config  # let go

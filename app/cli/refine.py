@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from typing import Annotated
 
 import typer
@@ -55,6 +56,7 @@ def refine_cmd(
         study_evaluator,
         study_job,
     )
+    from steptune.run_lease import holding
     from steptune.search.refine import RefineError
     from steptune.storage import connect
 
@@ -73,9 +75,11 @@ def refine_cmd(
     set_threads(threads)
     device = pick_device(device)
     done = []
-    with connect(db, must_exist=True) as store:
+    todo = []
+    with connect(db, must_exist=True) as store, ExitStack() as lease:
         try:
             job = study_job(store, study)
+            lease.enter_context(holding(store, study, "refine"))  # no run works on the study meanwhile
             todo = parents(store.trials(study), study, nfe or None, trial)
             nfes = [t.nfe for t in todo]
             if samples is not None and samples > job.evaluation.train_samples:
