@@ -285,11 +285,18 @@ class Runner:
 
                 self.phase = "refine"
                 refine_stage(self)
+        except BaseException as e:
+            ended = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            raise
+        else:
+            ended = "interrupted" if self.interrupted.is_set() else "time budget" if self.time_up else "complete"
         finally:
             heap.close()
             self._beating.set()
             beat.join()
-            try:
+            try:  # how it ended, and where, for status; then the study is free
+                self._plain_storage.update_study_config(job.study, {"last_run": {
+                    "driver": self.driver, "ended": ended, "phase": self.phase}})
                 self._plain_storage.release_driver(job.study, self.driver)
             except StorageError:
                 pass  # the database is away: the lease runs out, or a driver on this host sees this process gone

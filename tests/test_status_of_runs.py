@@ -57,7 +57,8 @@ def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     stopped = write_job(tmp_path / "stopped.toml", "stopped", tmp_path / "cache", evaluations=40, nfe="[3]")
     run_job(load_job(stopped), url, stop_after=4)  # Ctrl-C: the run lets go of the study
-    assert _state(url, "stopped") == "stopped: no run is on it; run the job again to resume"
+    assert _state(url, "stopped") == ("stopped: the last run was interrupted while searching; run the job again to "
+                                      "resume")
 
     killed = write_job(tmp_path / "killed.toml", "killed", tmp_path / "cache", evaluations=100000, nfe="[3]")
     env = {**os.environ, "STEPTUNE_LOG_INTERVAL": "0"}
@@ -78,3 +79,31 @@ def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
     assert state.startswith(f"no run is on it: the last one (driver {socket.gethostname()}:{proc.pid}, last "
                             "heartbeat "), state
     assert state.endswith("ago) ended without letting go; run the job again to resume"), state
+
+
+def test_a_run_stopped_while_it_refines_is_not_called_finished(tmp_path):
+    """Its search is done, but not its refinement: status says where the last run stopped until a run ends it."""
+    path = tmp_path / "job.toml"
+    path.write_text(job_text("halfway", tmp_path / "cache", evaluations=6, nfe="[3]")
+                    + "\n[refine]\niters = 10\nsamples = 32\nneighbours = false\n")
+    job = load_job(path)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    backend = LocalBackend(job.problem, job.evaluation, job.backend)
+    with connect(url) as db:
+        runner = Runner(job, db, backend)
+        said = runner.say
+
+        def say(msg: str) -> None:  # Ctrl-C as the first refinement starts
+            if msg.startswith("refining NFE"):
+                runner.interrupt()
+            said(msg)
+
+        runner.say = say
+        try:
+            runner.run()
+        finally:
+            backend.close()
+    assert _state(url, "halfway") == ("search finished; the last run was interrupted while refining: run the job "
+                                      "again to go on")
+    run_job(job, url)
+    assert _state(url, "halfway") == "finished"

@@ -16,6 +16,7 @@ from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
 from steptune.cli.progress import job_progress
 from steptune.cli.sor import print_sor_study, sor_study_summary
+from steptune.run_lease import PHASES
 
 
 def _open_storage(url: str | None, must_exist: bool = False, where: str = "storage.db"):
@@ -145,6 +146,9 @@ def execute_job(job, quiet: bool = False):
     return result
 
 
+ENDED = {"interrupted": "was interrupted", "time budget": "reached its time budget", "error": "stopped on an error"}
+
+
 def _run_state(info: dict) -> str:
     """The end of status's first line: the ETA of the run on it, what a run still does after its search, that no
     run is on it, or that it is done."""
@@ -153,14 +157,19 @@ def _run_state(info: dict) -> str:
         doing = f"{d['doing']} (driver {d['id']}, heartbeat {d['heartbeat_age']:.0f} s ago)"
         return f"ETA {duration(info['eta_seconds'])}; {doing}" if not info["finished"] else \
             f"search finished; the run goes on, {doing}"
-    if info["finished"]:
-        return f"finished; {info['queued']} queued for its next run" if info["queued"] else "finished"
     if d:  # a run ending as it should lets go of the study
         return (f"no run is on it: the last one (driver {d['id']}, last heartbeat {duration(d['heartbeat_age'])} "
                 "ago) ended without letting go; run the job again to resume")
+    last = info["last_run"]
+    how = ENDED.get(last["ended"]) if last else None
+    where = f"the last run {how} while {PHASES.get(last['phase'], last['phase'])}" if how else ""
+    if info["finished"]:
+        if how:  # its confirmations or refinement are not done
+            return f"search finished; {where}: run the job again to go on"
+        return f"finished; {info['queued']} queued for its next run" if info["queued"] else "finished"
     if info["search_budget"] is None:
         return f"ETA {duration(info['eta_seconds'])}"
-    return "stopped: no run is on it; run the job again to resume"
+    return f"stopped: {where or 'no run is on it'}; run the job again to resume"
 
 
 def study_status(storage, study: str) -> dict:
@@ -207,7 +216,7 @@ def study_status(storage, study: str) -> dict:
                                                     and not t.error.startswith("re-queued: not started"))]
     troubled = sorted((t for t in trials if t.status == "failed" or t in retried), key=lambda t: t.number)
     return {"study": study, "method": st.method, "seed": st.seed, "trials": len(trials),
-            "driver": lease(st.config, utcnow()),
+            "driver": lease(st.config, utcnow()), "last_run": st.config.get("last_run"),
             "search_done": len(final), "search_budget": budget,
             "running": sum(t.status == "running" for t in trials), "queued": sum(t.status == "queued" for t in trials),
             "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),
