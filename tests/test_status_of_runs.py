@@ -24,23 +24,22 @@ def _state(url: str, study: str) -> str:
         return _run_state(study_status(db, study))
 
 
-def test_status_names_the_phase_of_the_run_on_the_study_and_that_it_goes_on_after_its_search(tmp_path):
-    path = tmp_path / "job.toml"
-    path.write_text(job_text("phases", tmp_path / "cache", evaluations=6, nfe="[3]")
+def _run_refining(tmp_path, study: str, url: str, as_it_refines, progress=None):
+    """A tiny job with a ``[refine]`` stage run in this process into ``url``; ``as_it_refines(runner)`` is called as
+    its first refinement starts. Returns the job."""
+    path = tmp_path / f"{study}.toml"
+    path.write_text(job_text(study, tmp_path / "cache", evaluations=6, nfe="[3]")
                     + "\n[refine]\niters = 10\nsamples = 32\nneighbours = false\n")
     job = load_job(path)
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    driver = f"driver {socket.gethostname()}:{os.getpid()}"
-    seen: dict[str, str] = {}
     backend = LocalBackend(job.problem, job.evaluation, job.backend)
     with connect(url) as db:
-        runner = Runner(job, db, backend, progress=lambda s: s["phase"] == "search" and s["done"] >= 2
-                        and seen.setdefault("search", _state(url, "phases")))
-        said = runner.say
+        runner = Runner(job, db, backend, progress=progress)
+        said, first = runner.say, [True]
 
-        def say(msg: str) -> None:  # as the refine stage starts its first refinement
-            if msg.startswith("refining NFE"):
-                seen.setdefault("refine", _state(url, "phases"))
+        def say(msg: str) -> None:
+            if msg.startswith("refining NFE") and first:
+                first.clear()
+                as_it_refines(runner)
             said(msg)
 
         runner.say = say
@@ -48,6 +47,16 @@ def test_status_names_the_phase_of_the_run_on_the_study_and_that_it_goes_on_afte
             runner.run()
         finally:
             backend.close()
+    return job
+
+
+def test_status_names_the_phase_of_the_run_on_the_study_and_that_it_goes_on_after_its_search(tmp_path):
+    driver = f"driver {socket.gethostname()}:{os.getpid()}"
+    seen: dict[str, str] = {}
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    _run_refining(tmp_path, "phases", url, lambda runner: seen.setdefault("refine", _state(url, "phases")),
+                  progress=lambda s: s["phase"] == "search" and s["done"] >= 2
+                  and seen.setdefault("search", _state(url, "phases")))
     assert seen["search"].startswith("ETA ") and seen["search"].endswith(f"; searching ({driver}, heartbeat 0 s ago)")
     assert seen["refine"] == f"search finished; the run goes on, refining ({driver}, heartbeat 0 s ago)"
     assert _state(url, "phases") == "finished"  # the run let go of the study as it ended
@@ -83,26 +92,8 @@ def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
 
 def test_a_run_stopped_while_it_refines_is_not_called_finished(tmp_path):
     """Its search is done, but not its refinement: status says where the last run stopped until a run ends it."""
-    path = tmp_path / "job.toml"
-    path.write_text(job_text("halfway", tmp_path / "cache", evaluations=6, nfe="[3]")
-                    + "\n[refine]\niters = 10\nsamples = 32\nneighbours = false\n")
-    job = load_job(path)
     url = f"sqlite:///{tmp_path / 'h.db'}"
-    backend = LocalBackend(job.problem, job.evaluation, job.backend)
-    with connect(url) as db:
-        runner = Runner(job, db, backend)
-        said = runner.say
-
-        def say(msg: str) -> None:  # Ctrl-C as the first refinement starts
-            if msg.startswith("refining NFE"):
-                runner.interrupt()
-            said(msg)
-
-        runner.say = say
-        try:
-            runner.run()
-        finally:
-            backend.close()
+    job = _run_refining(tmp_path, "halfway", url, lambda runner: runner.interrupt())  # Ctrl-C as it refines
     assert _state(url, "halfway") == ("search finished; the last run was interrupted while refining: run the job "
                                       "again to go on")
     run_job(job, url)
