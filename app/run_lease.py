@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -48,6 +48,25 @@ def driver_gone(worker: str | None) -> bool:
     return host == socket.gethostname() and rest.partition("/")[0] == str(os.getpid())
 
 
+def beating(beat: Callable[[], None]) -> Callable[[], None]:
+    """Call ``beat`` from a background thread every quarter of the lease until the returned function is called
+    (which waits for the thread to end). ``beat`` takes care of its own storage errors."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            beat()
+
+    thread = threading.Thread(target=loop, name="steptune-lease", daemon=True)
+    thread.start()
+
+    def end() -> None:
+        stop.set()
+        thread.join()
+
+    return end
+
+
 @contextmanager
 def holding(storage, study: str, phase: str) -> Iterator[str]:
     """Hold ``study`` as its one driver while the block runs, in ``phase``: the lease claimed (DriverBusy while a
@@ -59,22 +78,18 @@ def holding(storage, study: str, phase: str) -> Iterator[str]:
     me = driver_id()
     storage.claim_driver(study, me, LEASE_SECONDS, gone=driver_gone)
     storage.beat_driver(study, me, phase=phase)
-    stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(LEASE_SECONDS / 4):
-            try:
-                storage.beat_driver(study, me, phase=phase)
-            except StorageError:
-                pass  # the database is away: the next beat tries again
+        try:
+            storage.beat_driver(study, me, phase=phase)
+        except StorageError:
+            pass  # the database is away: the next beat tries again
 
-    thread = threading.Thread(target=beat, name="steptune-lease", daemon=True)
-    thread.start()
+    end = beating(beat)
     try:
         yield me
     finally:
-        stop.set()
-        thread.join()
+        end()
         try:
             storage.release_driver(study, me)
         except StorageError:

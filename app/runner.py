@@ -30,7 +30,7 @@ from datetime import timedelta
 
 from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
-from steptune.run_lease import LEASE_SECONDS, driver_gone, driver_id
+from steptune.run_lease import LEASE_SECONDS, beating, driver_gone, driver_id
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import Retrying
@@ -252,9 +252,8 @@ class Runner:
     def run(self) -> RunResult:
         self.prepare()
         job = self.job
-        beat = threading.Thread(target=self._heartbeat, name="steptune-heartbeat", daemon=True)
-        self._beating = threading.Event()
-        beat.start()
+        self._beating = threading.Event()  # set once the run's lease is no longer renewed
+        end_beats = beating(self._heartbeat)
         heap = ExitStack()
         # schedules ``steptune import`` queued for this run to score (a job's own trials say what made them)
         self._imports = [t.id for t in self.storage.trials(job.study, status="queued")
@@ -293,7 +292,7 @@ class Runner:
         finally:
             heap.close()
             self._beating.set()
-            beat.join()
+            end_beats()
             try:  # how it ended, and where, for status; then the study is free
                 self._plain_storage.update_study_config(job.study, {"last_run": {
                     "driver": self.driver, "ended": ended, "phase": self.phase}})
@@ -404,20 +403,20 @@ class Runner:
                 pass  # the database is away: the next beat says it
 
     def _heartbeat(self) -> None:
+        """One beat: the run's lease, with its phase, and the lease of each trial in flight."""
         storage = self._plain_storage
-        while not self._beating.wait(LEASE_SECONDS / 4):
+        try:
+            if not storage.beat_driver(self.job.study, self.driver, phase=self.phase):
+                self.say(f"study {self.job.study!r} was taken over by another driver; stopping")
+                self.interrupt()
+        except StorageError:
+            pass  # the database is away: the writes wait for it, the next beat tries again
+        sink = self._sink
+        for tid, worker in list(sink.in_flight.items()) if sink else []:
             try:
-                if not storage.beat_driver(self.job.study, self.driver, phase=self.phase):
-                    self.say(f"study {self.job.study!r} was taken over by another driver; stopping")
-                    self.interrupt()
+                storage.heartbeat(tid, worker)
             except StorageError:
-                pass  # the database is away: the writes wait for it, the next beat tries again
-            sink = self._sink
-            for tid, worker in list(sink.in_flight.items()) if sink else []:
-                try:
-                    storage.heartbeat(tid, worker)
-                except StorageError:
-                    pass
+                pass
 
     # ---- evaluation of stored trials ---------------------------------------------------------------
 
