@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from . import noise as noise_mod
-from .errors import ScheduleError
+from .errors import ScheduleError, unknown_field
 from .relaxation import RELAXATIONS
 
 SCHEMA_VERSION = 1
@@ -331,7 +331,7 @@ def _from_dict(d: dict, where: str) -> Schedule:
             raise ScheduleError(f"{where}: step {i}: must be an object")
         unknown = set(s) - step_fields
         if unknown:
-            raise ScheduleError(f"{where}: step {i}: unknown field {sorted(unknown)[0]!r}")
+            raise ScheduleError(f"{where}: step {i}: {unknown_field(sorted(unknown)[0], step_fields)}")
         s = dict(s)
         if s.get("points") is not None:
             s["points"] = tuple(s["points"])
@@ -339,7 +339,8 @@ def _from_dict(d: dict, where: str) -> Schedule:
             c = s["corrector"]
             bad = set(c) - set(_CORRECTOR_DEFAULTS)
             if bad:
-                raise ScheduleError(f"{where}: step {i}: unknown corrector field {sorted(bad)[0]!r}")
+                said = unknown_field(sorted(bad)[0], _CORRECTOR_DEFAULTS, "corrector field")
+                raise ScheduleError(f"{where}: step {i}: {said}")
             s["corrector"] = Corrector(**c)
         try:
             steps.append(Step(**s))

@@ -31,7 +31,8 @@ def test_a_job_refuses_a_relaxation_study(relax_db, tmp_path, cache, capsys):
     url, config = relax_db
     job = write_job(tmp_path / "job.toml", "rx", cache, evaluations=2)
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert code == 2 and err.strip() == "error: study 'rx' is a relaxation study, not a search; give a new study name"
+    assert (code, err.strip()) == (2, "error: study 'rx' was made by steptune relax, not by a search; give a new "
+                                      "study name")
     _unchanged(url, config)
 
 

@@ -115,13 +115,13 @@ def _bad_exports(d: dict) -> dict:
     e = dict(d, version=0)
     cases["older_version"] = (json.dumps(e), ["schema version 0", "not supported"])
     e = dict(d, colour="red")
-    cases["unknown_top_field"] = (json.dumps(e), ["unknown field 'colour'"])
+    cases["unknown_top_field"] = (json.dumps(e), ["unknown field 'colour' at the top level"])  # nothing near it
     e = json.loads(json.dumps(d))
     e["steps"][1]["ordr"] = 2
-    cases["unknown_step_field"] = (json.dumps(e), ["step 1", "unknown field 'ordr'"])
+    cases["unknown_step_field"] = (json.dumps(e), ["step 1", "unknown field 'ordr'; did you mean 'order'?"])
     e = json.loads(json.dumps(d))
     e["provenance"]["sceore"] = 1
-    cases["unknown_provenance_field"] = (json.dumps(e), ["unknown provenance field 'sceore'"])
+    cases["unknown_provenance_field"] = (json.dumps(e), ["unknown provenance field 'sceore'; did you mean 'score'?"])
     e = dict(d, nfe=d["nfe"] + 2)
     cases["nfe_mismatch"] = (json.dumps(e), ["'nfe' says 8", "6 model calls"])
     e = dict(d, schema="other")

@@ -183,6 +183,25 @@ def test_eval_on_as_many_samples_reproduces_a_jobs_held_out_score(tmp_path, cach
     assert json.loads(out)["results"][0]["rmse"] == pytest.approx(stored["score"], rel=1e-9)
 
 
+def test_a_schedule_imported_into_a_new_study_is_told_that_no_run_will_score_it(tmp_path, cache, capsys):
+    """A study made by import has no job or search to run again: the line says how to score the file instead of
+    promising a next run, and a job given that study's name is refused for what made it, with nothing written."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    path = tmp_path / "ddim.json"
+    assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
+    code, _, said = run_cli(["import", str(path), "--study", "mine", "--db", url], capsys)
+    said = " ".join(said.split())
+    assert code == 0 and "the study's next run" not in said, said
+    assert (f"queued; no run scores trials of a study made by import: score the file with 'steptune eval -s {path}', "
+            "or import it into the study of a search or job, whose next run scores it") in said, said
+    job = write_job(tmp_path / "job.toml", "mine", cache, evaluations=4)
+    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    assert (code, err.strip()) == (2, "error: study 'mine' was made by steptune import, not by a search; give a new "
+                                      "study name")
+    with connect(url) as db:
+        assert [t.status for t in db.trials("mine")] == ["queued"] and db.get_study("mine").kind == "import"
+
+
 def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_path, cache, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "s", cache, evaluations=4)

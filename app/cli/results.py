@@ -321,7 +321,8 @@ def import_cmd(
     _, prov = read_export(file)  # refuse a bad file before even opening the database
     with _open(db, create=True) as store:
         t = import_schedule(store, file, study, queue=queue, allow_duplicates=allow_duplicates)
-        stored = store.get_study(study).problem
+        record = store.get_study(study)
+        stored = record.problem
     if json_:
         print(json.dumps(_trial_json(t), indent=2))
         return
@@ -333,9 +334,14 @@ def import_cmd(
             key, there, here = found
             scored_elsewhere = (f" (the file's scores are of another problem: {key} {str(there)[:40]} there, "
                                 f"{str(here)[:40]} in the study)")
-    how = (f"complete, {fmt(t.score)} from its provenance" if t.status == "complete"
-           else f"queued{scored_elsewhere}: the study's next run scores it, 'steptune run' of its job file or the "
-                f"'steptune search' that made it again with --study {study}")
+    if t.status == "complete":
+        how = f"complete, {fmt(t.score)} from its provenance"
+    elif record.kind == "import":  # no job or search made the study: no run of it will come to score the trial
+        how = (f"queued{scored_elsewhere}; no run scores trials of a study made by import: score the file with "
+               f"'steptune eval -s {file}', or import it into the study of a search or job, whose next run scores it")
+    else:
+        how = (f"queued{scored_elsewhere}: the study's next run scores it, 'steptune run' of its job file or the "
+               f"'steptune search' that made it again with --study {study}")
     err.print(f"imported {file} into study {study!r} as trial id {t.id} (number {t.number} in the study, NFE {t.nfe}, "
               f"{how})")
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from steptune.space import Schedule, ScheduleError
+from steptune.space.errors import unknown_field
 from steptune.space.schedule import SCHEMA_VERSION, not_a_schedule
 from steptune.storage import StudyRecord, TrialRecord
 
@@ -109,15 +110,16 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
                             f"version {SCHEMA_VERSION}); {hint}")
     unknown = [k for k in d if k not in (*SCHEDULE_FIELDS, "provenance")]
     if unknown:
-        raise ScheduleError(f"{where}: unknown field {unknown[0]!r} at the top level; remove it or check its "
-                            "spelling")
+        raise ScheduleError(f"{where}: {unknown_field(unknown[0], (*SCHEDULE_FIELDS, 'provenance'))} at the top "
+                            "level; remove it or check its spelling")
     prov = d.get("provenance")
     if prov is not None:
         if not isinstance(prov, dict):
             raise ScheduleError(f"{where}: field 'provenance' must be an object")
         bad = [k for k in prov if k not in PROVENANCE_FIELDS]
         if bad:
-            raise ScheduleError(f"{where}: unknown provenance field {bad[0]!r}; remove it or check its spelling")
+            raise ScheduleError(f"{where}: {unknown_field(bad[0], PROVENANCE_FIELDS, 'provenance field')}; remove "
+                                "it or check its spelling")
         pv = prov.get("version", PROVENANCE_VERSION)
         if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
             raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
