@@ -354,6 +354,10 @@ class Storage:
         self.url = url
         u = make_url(url)
         self.dialect = u.get_backend_name()
+        shown = u.render_as_string(hide_password=True)
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise StorageError(f"database URL {shown!r} names a {self.dialect} database; steptune stores in SQLite or "
+                               "PostgreSQL: use sqlite:///path/to.db or postgresql+psycopg://user@host/db")
         try:
             if self.dialect == "sqlite":
                 self.engine = create_engine(u, connect_args={"timeout": 60}, json_serializer=_json_text)
@@ -361,10 +365,10 @@ class Storage:
             else:
                 self.engine = create_engine(u, pool_pre_ping=True, json_serializer=_json_text)
         except ModuleNotFoundError as e:
-            raise StorageError(f"database URL {url!r} needs the Python package {e.name!r}; pip install it") from None
+            raise StorageError(f"database URL {shown!r} needs the Python package {e.name!r}; pip install it") from None
         except NoSuchModuleError:
-            raise StorageError(f"database URL {url!r} names an unknown database kind {u.drivername!r}; use sqlite:/// "
-                               "or postgresql+psycopg://") from None
+            raise StorageError(f"database URL {shown!r} names an unknown database driver {u.drivername!r}; use "
+                               "sqlite:/// or postgresql+psycopg://") from None
         self._write_engine = self.engine.execution_options(steptune_write=True)
 
     # -- lifecycle --

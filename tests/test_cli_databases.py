@@ -66,3 +66,14 @@ def test_a_server_that_does_not_answer_is_one_line_that_hides_the_password(argv,
         f"cannot open the database postgresql+psycopg://user:***@127.0.0.1:{port}/x (" in err, err
     assert err.endswith("start the server, or fix the URL (--db or $STEPTUNE_DB)") and "\n" not in err, err
     assert "secret" not in err and "Storage(" not in err
+
+
+@pytest.mark.parametrize("url, kind", [("mysql://user:secret@db.example/x", "mysql"),
+                                       ("postgres://user:secret@db.example/x", "postgres")])
+def test_a_database_steptune_does_not_store_in_is_named_without_its_password(url, kind, capsys):
+    """Before any connection is tried: the kind the URL names, the two steptune stores in, and no password."""
+    assert main(["studies", "--db", url]) == 2
+    err = capsys.readouterr().err.strip()
+    shown = url.replace("secret", "***")
+    assert err == (f"error: database URL {shown!r} names a {kind} database; steptune stores in SQLite or PostgreSQL: "
+                   "use sqlite:///path/to.db or postgresql+psycopg://user@host/db"), err
