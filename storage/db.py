@@ -1162,4 +1162,6 @@ def _study_hint(s: Session, name: str, shown: int = 6) -> str:
     listed = close + [k for k in known if k not in close][:max(0, shown - len(close))]
     more = f" and {len(known) - len(listed)} more" if len(known) > len(listed) else ""
     mean = f"; did you mean {close[0]!r}?" if close else ""
+    if len(known) == 1:
+        return f" (the only study is {known[0]!r})"
     return f" ({len(known)} studies: {', '.join(listed)}{more}{mean}; 'steptune studies' lists them all)"

@@ -154,6 +154,12 @@ def test_studies_create_get_and_share_problems(db):
     assert [s.name for s in db.studies()] == ["a", "b"]
 
 
+def test_a_missing_study_in_a_database_of_one_names_that_one(db):
+    db.create_study("gmm-2d-quick")
+    with pytest.raises(StorageError, match=r"^no study named 'gmm-2d-quik' \(the only study is 'gmm-2d-quick'\)$"):
+        db.get_study("gmm-2d-quik")
+
+
 def test_a_study_keeps_the_kind_it_was_made_as(db):
     assert db.create_study("api").kind == ""
     assert db.create_study("swept", method="preset", kind="sweep").kind == "sweep"
