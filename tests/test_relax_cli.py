@@ -80,7 +80,12 @@ def test_resume_with_another_setup_is_refused(tmp_path, capsys):
     base = ["relax", "--problem", "shifted-laplacian", "--m", "4", "--steps", "5", "--study", "x", "--db", db]
     assert run(capsys, *base)[0] == 0
     code, _, err = run(capsys, *base[:-4], "--learner", "chebcb", *base[-4:])
-    assert code == 2 and err.startswith("error: study 'x' was run with another setup")
+    assert code == 2 and err.startswith("error: study 'x' was run with another setup (policy.learner 'tsallis-inf' "
+                                        "there, 'chebcb' here); give the options it was run with to resume it"), err
+    code, _, err = run(capsys, *base[:5], "--steps", "7", *base[7:])  # a longer sequence: the key that differs
+    assert code == 2 and "another setup (problem.steps 5 there, 7 here)" in err, err
+    with connect(db) as store:
+        assert len(store.relaxation_rounds("x")) == 5
 
 
 def _break(folder, how):

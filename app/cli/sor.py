@@ -220,6 +220,7 @@ def relax_cmd(
     from steptune.relax_verdict import VERDICT
     from steptune.search.sor_driver import run_sequence
     from steptune.storage import StorageError, connect
+    from steptune.study_problem import difference
 
     solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
     if solver not in SOLVERS:
@@ -253,9 +254,13 @@ def relax_cmd(
         rec = store.create_study(name, kind="relaxation", method=learner, seed=seed, config=setup,
                                  metric="iterations", exist_ok=True)
         kept = {k: v for k, v in rec.config.items() if k != VERDICT}  # relax-report's verdict is not setup
-        if json.dumps(kept, sort_keys=True) != json.dumps(json.loads(json.dumps(setup)), sort_keys=True):
-            raise CliError(f"study {name!r} was run with another setup ({rec.config.get('problem')}, "
-                           f"{rec.config.get('policy', {}).get('learner')}); use another --study name")
+        now = json.loads(json.dumps(setup))
+        if json.dumps(kept, sort_keys=True) != json.dumps(now, sort_keys=True):
+            learners = (kept.get("policy") or {}).get("learner"), now["policy"].get("learner")
+            key, there, here = (("policy.learner", *learners) if learners[0] != learners[1]  # the rest follows it
+                                else difference(kept, now, every_key=True))
+            raise CliError(f"study {name!r} was run with another setup ({key} {there!r} there, {here!r} here); give "
+                           "the options it was run with to resume it, or another --study name")
         done = store.relaxation_rounds(name)
     except StorageError as e:
         raise CliError(str(e)) from None
