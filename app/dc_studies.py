@@ -13,7 +13,7 @@ class DcStudyError(ValueError):
 def study_problem(config: dict, cfg: float | None):
     """The problem `dc fit` fitted the study on, at guidance ``cfg`` (conventions it did not record take their
     defaults)."""
-    from steptune.evaluators.load import load_problem, parse_shape
+    from steptune.evaluators.load import load_error_text, load_problem, parse_shape
 
     conv = config.get("conventions") or {}
     try:
@@ -21,7 +21,7 @@ def study_problem(config: dict, cfg: float | None):
                             time_input=conv.get("time_input"), time_scale=conv.get("time_scale"),
                             guidance_scale=cfg, shape=parse_shape(conv.get("shape")))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise DcStudyError(str(e).strip("'\"")) from None
+        raise DcStudyError(load_error_text(e)) from None
 
 
 def study_evaluator(config: dict, cfg: float | None, cache: Path, device: str = "cpu"):

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from steptune.evaluators import EvalResult
+from steptune.evaluators.load import load_error_text
 from steptune.search import CONFIRM
 from steptune.search.refine import (
     RefineError,
@@ -124,9 +125,8 @@ def study_evaluator(job, device: str | None = None, stored: dict | None = None):
     try:
         problem = build_problem(job.problem)
     except Exception as e:  # an import error of a plugged model, a missing checkpoint, a refused option
-        msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
         raise RefineError(f"study {job.study!r}: its problem {job.problem.describe()!r} cannot be rebuilt here "
-                          f"({msg}); refine where the model is available") from None
+                          f"({load_error_text(e)}); refine where the model is available") from None
     from steptune.study_problem import mixing_refusal
 
     refusal = mixing_refusal(job.study, (stored or {}).get("identity"), problem)

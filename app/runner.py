@@ -223,8 +223,9 @@ class Runner:
             raise
         except Exception as e:
             key = "problem.model" if job.problem.model else "problem.name"
-            msg = str(e).strip("'\"").splitlines()[0] if str(e) else type(e).__name__
-            raise JobError(f"{key} {job.problem.describe()!r}: {msg}") from None
+            from steptune.evaluators.load import load_error_text
+
+            raise JobError(f"{key} {job.problem.describe()!r}: {load_error_text(e)}") from None
         note = weights_note(self.problem)
         if note:
             self.say(note)

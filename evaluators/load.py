@@ -58,3 +58,10 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     if not shape or any(v < 1 for v in shape) or math.prod(shape) < 1:
         raise ValueError(f"--shape {text!r}: give positive integers like 3,32,32")
     return shape
+
+
+def load_error_text(e: BaseException) -> str:
+    """The first line of what building a problem raised (its type where it says nothing), without the quotes a
+    KeyError puts around its message."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return text.splitlines()[0] if text.strip() else type(e).__name__

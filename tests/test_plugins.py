@@ -238,7 +238,7 @@ def test_search_runs_a_plugged_model(tmp_path, capsys):
 
 @pytest.mark.parametrize("spec, words", [
     ("no_such_module_xyz:factory", ["no_such_module_xyz:factory", "cannot import"]),
-    ("test_plugins:missing", ["test_plugins:missing", "no attribute"]),
+    ("test_plugins:missing", ["test_plugins:missing", "'test_plugins' has no attribute 'missing'"]),
     ("test_plugins:wrong_shape_factory", ["test_plugins:wrong_shape_factory", "shape"]),
     ("test_plugins:nan_factory", ["test_plugins:nan_factory", "NaN"]),
     ("test_plugins:raising_factory", ["test_plugins:raising_factory", "checkpoint missing"]),

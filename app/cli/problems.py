@@ -44,14 +44,14 @@ def build_problem(problem: str, model: str | None = None, noise: str | None = No
     """The problem a command was given (``--model`` wins over ``--problem``); bad input raises CliError. With
     ``note``, a line on stderr says when a built-in network runs retrained weights rather than the shipped ones."""
     from steptune.cli.console import err
-    from steptune.evaluators.load import load_problem, parse_shape
+    from steptune.evaluators.load import load_error_text, load_problem, parse_shape
     from steptune.study_problem import weights_note
 
     try:
         built = load_problem(model or problem, noise=noise, prediction=prediction, time_input=time_input,
                              time_scale=time_scale, guidance_scale=guidance, shape=parse_shape(shape))
     except (KeyError, ValueError, FileNotFoundError) as e:
-        raise CliError(str(e).strip("'\"")) from None
+        raise CliError(load_error_text(e)) from None
     line = weights_note(built) if note else None
     if line:
         err.print(line, markup=False, highlight=False)
