@@ -165,12 +165,15 @@ METHODS = ("split", "blend", "pad")
 PAD = 0.05  # share of the last lambda interval a padded step takes (the smaller, the closer to the schedule below)
 
 
-def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: str = "split",
+def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: str = "auto",
                 decisions_from: int | None = None) -> Schedule:
     """A schedule at ``nfe`` from searched schedules at other NFEs; a searched NFE is returned as it is. The result
     costs exactly ``nfe`` model calls, or ScheduleError says why it cannot.
 
-    ``method="split"`` (the default) keeps the nearest searched NFE below (above, when there is none) whole and
+    ``method="auto"`` (the default) is ``split`` up to the largest searched NFE and ``blend`` above it: splitting
+    never shortens the schedule's last step, which then bounds its error however many steps are added, where the
+    blend spreads every step over the schedule's own relative lambda profile (``bench/extrapolate.py``).
+    ``method="split"`` keeps the nearest searched NFE below (above, when there is none) whole and
     splits its widest lambda interval in two (merges its narrowest pair of intervals) until the NFE is reached, the
     new step taking its neighbour's decisions by ``retime``; it reaches every step count. ``method="blend"`` blends
     the times between the neighbours in relative lambda position and takes the decisions from the nearest (or
@@ -178,11 +181,18 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: s
     module's docstring)."""
     if not schedules_by_nfe:
         raise ScheduleError("interpolate: no searched schedules to build from")
-    if method not in METHODS:
-        raise ScheduleError(f"interpolate: method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if method not in ("auto", *METHODS):
+        raise ScheduleError(f"interpolate: method {method!r} is unknown; use one of auto, {', '.join(METHODS)}")
     if nfe in schedules_by_nfe:
         return schedules_by_nfe[nfe]
     searched = sorted(schedules_by_nfe)
+    if method == "auto":
+        if nfe < searched[-1]:
+            return interpolate(schedules_by_nfe, nfe, method="split")
+        try:
+            return interpolate(schedules_by_nfe, nfe, method="blend", decisions_from=decisions_from)
+        except ScheduleError:  # no grid of the blend costs exactly nfe: the split reaches every step count
+            return interpolate(schedules_by_nfe, nfe, method="split")
     noises = {repr(sorted(schedules_by_nfe[k].noise.items())) for k in searched}
     if len(noises) > 1:
         raise ScheduleError("interpolate: the searched schedules live on different noise schedules; interpolate "

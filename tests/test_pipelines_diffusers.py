@@ -238,8 +238,9 @@ def test_another_num_inference_steps_runs_the_retimed_schedule(sd_parts, steps):
 
 
 def test_the_pipelines_default_step_count_is_reached_and_retime_false_refuses_it(sd_parts):
-    """The re-timing splits the tuned schedule's widest intervals, so a pipeline's default 50 steps is reached
-    (exactly 50 model calls); a scheduler built not to re-time refuses it in one sentence."""
+    """The re-timing builds the schedule at any step count (above the tuned one, its relative lambda profile over
+    the new steps), so a pipeline's default 50 steps is reached (exactly 50 model calls); a scheduler built not to
+    re-time refuses it in one sentence."""
     sched = tuned(SD)
     pipe = sd_pipe(sd_parts, SteptuneScheduler(schedule=sched.to_dict()), torch.float32)
     with pytest.warns(UserWarning, match="to num_inference_steps=50"), torch.no_grad():

@@ -140,8 +140,15 @@ def test_export_at_an_nfe_the_study_did_not_search_is_interpolated_and_says_so(t
     sched, prov = parse_export(c.out)
     assert sched.nfe == 7 and prov["interpolated"]["method"] == "split"
     assert "interpolated from NFE 6 (decisions from NFE 6)" in " ".join(c.err.split())
+    assert "above the largest searched NFE" not in c.err
     info = prov["interpolated"]
     assert info["between_trials"] == {"6": ids[6]} and info["decisions_from_trial"] == ids[6]
+    assert main(["export", "--study", "s", "--nfe", "14", "--db", url]) == 0  # above NFE 10: the blend, and a warning
+    c = capsys.readouterr()
+    sched, prov = parse_export(c.out)
+    assert sched.nfe == 14 and prov["interpolated"]["method"] == "blend"
+    assert ("above the largest searched NFE a preset may do better" in " ".join(c.err.split())
+            and "or search NFE 14" in " ".join(c.err.split())), c.err
 
 
 def test_the_absolute_anchor_places_a_shorter_grid_on_the_schedules_own_interval():
@@ -160,7 +167,7 @@ def test_split_keeps_the_searched_schedule_below_whole_and_adds_steps_in_its_wid
     ns = noise_mod.get("vp-linear")
     study = {n: searched(ns, n, n) for n in (5, 6, 8, 10)}
     for nfe in (3, 7, 9, 12):
-        s = interpolate(study, nfe)
+        s = interpolate(study, nfe, method="split")
         assert s.validate(nfe).nfe == nfe
         base = s.meta["interpolated"]["decisions_from"]
         assert base == (max(k for k in study if k < nfe) if nfe > 5 else 5)
@@ -175,6 +182,27 @@ def test_split_keeps_the_searched_schedule_below_whole_and_adds_steps_in_its_wid
             assert set(s.times) <= set(study[base].times)
     with pytest.raises(ScheduleError, match="method 'cubic' is unknown"):
         interpolate(study, 7, method="cubic")
+
+
+def test_above_the_largest_searched_nfe_the_default_blends_so_the_last_step_shortens_too():
+    """Splitting keeps the tuned last step whole at every NFE, which bounds the error however many steps are added;
+    above the largest searched NFE the default builds the blend, whose last lambda interval shrinks with the step
+    count, and below it the split, as before. Both cost exactly the NFE asked for."""
+    ns = noise_mod.get("vp-linear")
+    study = {n: searched(ns, n, n) for n in (5, 6)}
+
+    def last_gap(s):
+        return float(np.diff(ns.lam(torch.tensor(s.times[-2:], dtype=torch.float64)).numpy())[0])
+
+    tuned = last_gap(study[6])
+    for nfe in (7, 12, 30):
+        split, auto = interpolate(study, nfe, method="split"), interpolate(study, nfe)
+        assert split.validate(nfe).nfe == auto.validate(nfe).nfe == nfe
+        assert auto.meta["interpolated"]["method"] == "blend"
+        assert last_gap(split) == pytest.approx(tuned, rel=1e-12)
+        assert last_gap(auto) < tuned * 8 / nfe  # about the tuned share of the profile, over nfe steps
+    assert interpolate(study, 4).meta["interpolated"]["method"] == "split"  # below the searched NFEs: merged
+    assert interpolate({5: study[5], 8: searched(ns, 8, 8)}, 7).meta["interpolated"]["method"] == "split"
 
 
 def test_padding_runs_the_schedule_below_with_short_steps_at_its_end_and_scores_what_it_scores():

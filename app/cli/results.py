@@ -18,7 +18,7 @@ from steptune.cli.paths import output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
-Interpolation = Literal["split", "blend", "pad"]
+Interpolation = Literal["auto", "split", "blend", "pad"]
 
 
 def _open(url: str, *, create: bool = False):
@@ -184,9 +184,10 @@ def export_cmd(
                                                    "continuous, sigma) if the study has no problem stored.")] = None,
     fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
     interpolation: Annotated[Interpolation, typer.Option(
-        "--interpolation", help="At an NFE the study did not search: split (the searched NFE below, its widest "
-                                "intervals split), blend (times blended between the neighbours) or pad (the "
-                                "searched NFE below with short steps added at its end).")] = "split",
+        "--interpolation", help="At an NFE the study did not search: auto (split up to the largest searched "
+                                "NFE, blend above it), split (the searched NFE below, its widest intervals split), "
+                                "blend (times blended between the neighbours) or pad (the searched NFE below with "
+                                "short steps added at its end).")] = "auto",
     db: DbOpt = DEFAULT_DB,
 ):
     """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
@@ -227,7 +228,10 @@ def export_cmd(
         between = interpolated["between"]
         err.print(f"note: study {study!r} has no trial at NFE {nfe}: the schedule is interpolated from "
                   f"{'NFEs' if len(between) > 1 else 'NFE'} {', '.join(map(str, between))} (decisions from NFE "
-                  f"{interpolated['near']}), not searched or scored")
+                  f"{interpolated['near']}), not searched or scored"
+                  + (f"; above the largest searched NFE a preset may do better (bench/extrapolate.py: on gmm-digits "
+                     "the best preset at its best spacing beat such schedules at NFE 12 to 30): compare them with "
+                     f"'steptune eval', or search NFE {nfe}" if nfe > interpolated["top"] else ""))
     elif t.status != "complete":
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
     stem = f"{study}-nfe{sched.nfe}"
@@ -280,7 +284,8 @@ def _interpolated(store, st, nfe: int, fidelity: str | None, method: str) -> dic
     sched = interpolate({n: t.to_schedule() for n, t in best.items()}, nfe, method=method)
     info = sched.meta["interpolated"]
     doc = interpolated_export_dict(sched, best[info["decisions_from"]], [best[n] for n in info["between"]], st)
-    return {"schedule": sched, "doc": doc, "between": info["between"], "near": info["decisions_from"]}
+    return {"schedule": sched, "doc": doc, "between": info["between"], "near": info["decisions_from"],
+            "top": max(best)}
 
 
 def _noise_name(problem: dict | None) -> str | None:

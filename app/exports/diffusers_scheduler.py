@@ -15,9 +15,10 @@ repeat a timestep, as diffusers' Heun does. ``sigmas`` are the model's own Ïƒ (Ï
 diffusers' FlowMatch schedulers have them) at every call plus the final one. The tuned times are used as
 they are: a flow pipeline's ``shift`` / dynamic-shifting ``mu`` is never applied on top of them (the search
 chose the times on the model's own t axis). Asked for another ``num_inference_steps`` than the schedule's NFE,
-it re-times the schedule (``steptune.space.retime.interpolate``: the tuned schedule kept whole, its widest
-log-SNR intervals split or narrowest pairs merged, each new step with its neighbour's decisions) and says so
-once; ``retime=False`` refuses instead. Importing this module needs diffusers; the rest of steptune does not.
+it re-times the schedule (``steptune.space.retime.interpolate``: for more steps, the tuned schedule's relative
+log-SNR profile over the new step count; for fewer, its narrowest pairs of intervals merged; each new step with the
+decisions of the tuned step nearest it) and says so once; ``retime=False`` refuses instead. Importing this module
+needs diffusers; the rest of steptune does not.
 """
 
 from __future__ import annotations
