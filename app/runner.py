@@ -340,9 +340,8 @@ class Runner:
         except StorageError:
             existing = None
         if existing is not None and existing.kind not in ("search", ""):
-            made_by = {"import": "steptune import", "relaxation": "steptune relax", "dc-fit": "steptune dc fit"}.get(
-                existing.kind, f"a {existing.kind} run")
-            raise JobError(f"study {job.study!r} was made by {made_by}, not by a search; give a new study name")
+            raise JobError(f"study {job.study!r} was made by {existing.made_by}, not by a search; give a new study "
+                           "name")
         create = dict(kind="search", method=job.search.method, seed=job.seed, config=config, problem=identity,
                       exist_ok=True)
         try:

@@ -110,10 +110,19 @@ class StudyRecord:
     kind: str = ""
 
     @property
+    def made_by(self) -> str:
+        """What made the study, as a user ran it: ``steptune relax`` for a relaxation study (for messages)."""
+        return _MADE_BY.get(self.kind, f"a {self.kind} run") if self.kind else "the Python API"
+
+    @property
     def reporting_fidelity(self) -> str | None:
         """The fidelity whose scores the study reports ("heldout" for a search, whose winners are confirmed
         on the held-out bank); None when every fidelity counts."""
         return reporting_fidelity(self.config)
+
+
+_MADE_BY = {"search": "a search", "sweep": "steptune sweep", "relaxation": "steptune relax",
+            "dc-fit": "steptune dc fit", "import": "steptune import"}
 
 
 @dataclass(frozen=True)
