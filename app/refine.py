@@ -105,8 +105,9 @@ def study_job(store, study: str):
 
     rec = store.get_study(study)
     if rec.kind not in ("search", "") or "job" not in (rec.config or {}):
-        raise RefineError(f"study {study!r} is not a search (it was made by {rec.kind or 'the Python API'}); refine "
-                          "a study made by 'steptune run' or 'steptune search'")
+        why = "it holds no job it was run with" if rec.kind == "search" else f"it was made by {rec.made_by}"
+        raise RefineError(f"study {study!r} is not a search ({why}); refine a study made by 'steptune run' or "
+                          "'steptune search'")
     try:
         return job_from_dict(rec.config["job"], where=f"study {study!r}")
     except JobError as e:

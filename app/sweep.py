@@ -132,7 +132,7 @@ def study_problem_mismatch(store, study: str, problem) -> str | None:
     except StorageError:
         return None
     if st.kind != "sweep":
-        return f"study {study!r} is a {st.kind or 'other'} study, not a sweep; give a new study name"
+        return f"study {study!r} was made by {st.made_by}, not by a sweep; give a new study name"
     if st.problem is not None and st.problem["name"] != problem.name:
         return f"study {study!r} holds a sweep of problem {st.problem['name']!r}; give a new study name"
     return mixing_refusal(study, st.problem and st.problem["identity"], problem)

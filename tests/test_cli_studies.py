@@ -58,7 +58,8 @@ def test_sweep_and_import_refuse_a_relaxation_study(relax_db, tmp_path, cache, c
     url, config = relax_db
     code, _, err = run_cli(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache),
                          "--out", str(tmp_path / "sw"), "--study", "rx", "--db", url], capsys)
-    assert code == 2 and err.strip() == "error: study 'rx' is a relaxation study, not a sweep; give a new study name"
+    assert (code, err.strip()) == (2, "error: study 'rx' was made by steptune relax, not by a sweep; give a new "
+                                      "study name")
     assert not (tmp_path / "sw").exists()  # refused before the sweep ran
     path = tmp_path / "ddim.json"
     assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0

@@ -709,7 +709,8 @@ def test_refine_refuses_bad_input_in_one_sentence_and_writes_nothing(tmp_path, c
                                   "info": {"confirms": 0}}])
     _one_line_error(["refine", "--study", "nope", "--db", url], capsys, "nope")
     _one_line_error(["refine", "--study", "empty", "--db", url], capsys, "has no trials yet")
-    _one_line_error(["refine", "--study", "dc", "--db", url], capsys, "is not a search")
+    _one_line_error(["refine", "--study", "dc", "--db", url], capsys,
+                    "is not a search (it was made by steptune dc fit)")
     _one_line_error(["refine", "--study", "broken", "--db", url, "--trial", "999"], capsys, "has no trial id 999")
     _one_line_error(["refine", "--study", "broken", "--db", url, "--nfe", "5"], capsys, "no searched schedule at NFE 5")
     _one_line_error(["refine", "--study", "broken", "--db", url], capsys, "cannot be rebuilt")
