@@ -31,6 +31,7 @@ import torch
 
 from steptune.space import Model
 from steptune.space import noise as noise_mod
+from steptune.space.model import network_output
 from steptune.space.noise import NoiseSchedule
 
 from .cache import hash_tensor
@@ -129,13 +130,7 @@ class TorchNetwork:
         b = x.shape[0]
         kw = {k: self._to(v, b) for k, v in {**self.fixed, **kwargs}.items()}
         time_dtype = None if self.dtype is None or self.dtype.itemsize >= 4 else torch.float32
-        out = self.network(self._to(x), self._to(time, dtype=time_dtype), **kw)
-        if hasattr(out, "sample"):
-            out = out.sample
-        elif isinstance(out, dict) and "sample" in out:
-            out = out["sample"]
-        elif isinstance(out, (tuple, list)):
-            out = out[0]
+        out = network_output(self.network(self._to(x), self._to(time, dtype=time_dtype), **kw))
         return out.to(x.dtype).to(x.device)
 
 

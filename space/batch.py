@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from .model import Model, convert
+from .model import Model, convert, time_dtype
 from .sampler import NonFiniteError, TrajectoryRun, check_compatible, trajectory
 from .schedule import Schedule
 
@@ -45,7 +45,7 @@ def sample_batch(model: Model, x_T: Tensor, schedules: Sequence[Schedule]) -> li
     while ks := [k for k, r in enumerate(runs) if not r.done]:
         reqs = [runs[k].request for k in ks]
         x = torch.cat([r.x for r in reqs]) if len(reqs) > 1 else reqs[0].x
-        tv = torch.cat([torch.full((n,), model.time_value(r.t), dtype=x.dtype, device=x.device) for r in reqs])
+        tv = torch.cat([torch.full((n,), model.time_value(r.t), dtype=time_dtype(x), device=x.device) for r in reqs])
         m = by_count.get(len(ks))
         if m is None:
             m = by_count[len(ks)] = replace(model, cond_kwargs=_tiled(cond, n, len(ks)),

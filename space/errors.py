@@ -5,9 +5,11 @@ class ScheduleError(ValueError):
     """A schedule that cannot run; the message names the step and the field."""
 
 
-def unknown_field(name: str, known, what: str = "field") -> str:
-    """``unknown field 'oder'; did you mean 'order'?``: the name and the nearest known one, if any is near."""
+def unknown_field(name: str, known, what: str = "field", at: str = "") -> str:
+    """``unknown field 'oder'; did you mean 'order'?``: the name (and where it is, ``at``) and the nearest known one,
+    or what to do where none is near."""
     import difflib
 
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-    return f"unknown {what} {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    return f"unknown {what} {name!r}{at}; " + (f"did you mean {close[0]!r}?" if close else
+                                                "remove it or check its spelling")

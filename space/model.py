@@ -86,16 +86,16 @@ class Model:
         return t * self.time_scale
 
     def raw(self, x: Tensor, t: float) -> Tensor:
-        return self.call(x, torch.full((x.shape[0],), self.time_value(t), dtype=x.dtype, device=x.device))
+        return self.call(x, torch.full((x.shape[0],), self.time_value(t), dtype=time_dtype(x), device=x.device))
 
     def call(self, x: Tensor, time_values: Tensor) -> Tensor:
         """The raw output for a batch whose samples may sit at different times (``time_values``: one time
         input per sample, in this model's convention), with guidance applied."""
         self.calls += 1
         if self.guidance_scale is None:
-            return self.fn(x, time_values, **self.cond_kwargs)
-        cond = self.fn(x, time_values, **self.cond_kwargs)
-        uncond = self.fn(x, time_values, **self.uncond_kwargs)
+            return network_output(self.fn(x, time_values, **self.cond_kwargs))
+        cond = network_output(self.fn(x, time_values, **self.cond_kwargs))
+        uncond = network_output(self.fn(x, time_values, **self.uncond_kwargs))
         return uncond + self.guidance_scale * (cond - uncond)
 
     def predict(self, x: Tensor, t: float, alpha: float, sigma: float,
@@ -107,9 +107,29 @@ class Model:
     def predict_at(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
         """``predict`` at a time given as a 0-d tensor with its alpha and sigma, differentiable in all three where
         the model is ``time_differentiable``."""
-        time_values = self.time_tensor(t).to(x.dtype).expand(x.shape[0])
+        time_values = self.time_tensor(t).to(time_dtype(x)).expand(x.shape[0])
         return convert(self.call(x, time_values).to(x.dtype), x, alpha.to(x.dtype), sigma.to(x.dtype),
                        self.prediction)
+
+
+def time_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a model's time input takes beside a state ``x``: x's, but at least float32 (in half precision a
+    timestep near 1000 is off by up to 1)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def network_output(out) -> Tensor:
+    """A network's prediction from what it returned: a diffusers-style output object gives its ``.sample`` (a dict
+    its ``"sample"``), a tuple or list its first entry."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, dict) and "sample" in out:
+        return out["sample"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
 
 
 def convert(out: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, prediction: str,

@@ -183,6 +183,8 @@ def interpolate(schedules_by_nfe: Mapping[int, Schedule], nfe: int, *, method: s
         raise ScheduleError("interpolate: no searched schedules to build from")
     if method not in ("auto", *METHODS):
         raise ScheduleError(f"interpolate: method {method!r} is unknown; use one of auto, {', '.join(METHODS)}")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ScheduleError(f"interpolate: NFE {nfe!r} is not a number of model calls; give a whole number, 1 or more")
     if nfe in schedules_by_nfe:
         return schedules_by_nfe[nfe]
     searched = sorted(schedules_by_nfe)
@@ -303,14 +305,21 @@ def _grow(s: Schedule, ns: NoiseSchedule) -> Schedule | None:
 
 def _shrink(s: Schedule, ns: NoiseSchedule, nfe: int) -> Schedule | None:
     """``s`` without the interior time whose two intervals together are narrowest in lambda (one that costs more
-    calls than are left to shed is skipped)."""
+    calls than are left to shed is skipped); where each would, the implicit corrector of the step of the narrowest
+    interval made a pseudo one (one call less)."""
     times, lam = s.times, _clipped_lambdas(ns, s.times)
     order = sorted(range(1, len(times) - 1), key=lambda k: lam[k + 1] - lam[k - 1])
     for k in order:
         out = retime(s, [*times[:k], *times[k + 1:]])
         if out.nfe >= nfe:
             return out
-    return None
+    implicit = [i for i, st in enumerate(s.steps) if st.corrector is not None and st.corrector.kind == "implicit"]
+    if not implicit:
+        return None
+    i = min(implicit, key=lambda i: lam[i + 1] - lam[i])
+    st = s.steps[i]
+    return s.with_steps([*s.steps[:i], replace(st, corrector=replace(st.corrector, kind="pseudo")),
+                         *s.steps[i + 1:]]).validate()
 
 
 __all__ = ["interpolate", "positions", "retime"]

@@ -253,11 +253,14 @@ def sample(model: Model, x_T: Tensor, schedule: Schedule, *,
     """Run ``schedule`` on ``model`` from the initial noise ``x_T``; returns the final samples.
 
     The schedule is validated first and nothing runs if it is invalid. A NaN or inf stops the
-    run with ``NonFiniteError``. ``callback(i, x)`` gets a copy of the state after every step.
+    run with ``NonFiniteError``. ``callback(i, x)`` gets a copy of the state after every step. Under
+    ``torch.no_grad()`` the loop reuses its buffers; with autograd on, every intermediate is kept, so the
+    samples are differentiable (in the network's parameters too).
     """
     schedule.validate()
     check_compatible(model, schedule)
-    run = TrajectoryRun(trajectory(schedule, model.noise, x_T, model.data_mean, callback))
+    run = TrajectoryRun(trajectory(schedule, model.noise, x_T, model.data_mean, callback,
+                                   reuse_buffers=not torch.is_grad_enabled()))
     return run.finish(lambda req: model.predict(req.x, req.t, req.alpha, req.sigma, req.buf))
 
 

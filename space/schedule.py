@@ -140,7 +140,7 @@ class Schedule:
         if not self.__dict__.get("_valid_steps"):  # kept: the search space, the searcher and storage all check it
             _validate_steps(self)
             self.__dict__["_valid_steps"] = True
-        _validate_pure_noise_start(self)  # asked every time: a noise dict changed in place is checked as it is now
+        _validate_noise_start(self)  # asked every time: a noise dict changed in place is checked as it is now
         if nfe is not None and self.nfe != nfe:
             raise ScheduleError(f"schedule: costs {self.nfe} model calls but NFE {nfe} was asked for")
         return self
@@ -214,18 +214,50 @@ class Schedule:
 
 
 def load_schedule(path: str | Path) -> Schedule:
-    """Read a schedule JSON file and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScheduleError(f"{path}: no such schedule file")
-    sched = Schedule.from_json(path.read_text(), where=str(path))
+    """Read a schedule JSON file (an export's too; its provenance is read by ``steptune.exports.read_export``), or
+    the folder or scheduler config ``steptune export --format diffusers`` wrote, and validate it."""
+    path = schedule_file(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ScheduleError(f"{path}: not a text file; a schedule file is JSON") from None
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScheduleError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                            "fix the file") from None
+    sched = _from_dict(schedule_part(d), str(path))
     try:
         return sched.validate()
     except ScheduleError as e:
         raise ScheduleError(f"{path}: {e}") from None
 
 
+def schedule_file(path: str | Path) -> Path:
+    """The file a schedule is read from: ``path``, or the scheduler config in a folder that ``steptune export
+    --format diffusers`` wrote (a ScheduleError where there is none)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / "scheduler_config.json").is_file():
+            raise ScheduleError(f"{path}: a folder without a scheduler_config.json; give a schedule JSON file or a "
+                                "folder 'steptune export --format diffusers' wrote")
+        path = path / "scheduler_config.json"
+    if not path.is_file():
+        raise ScheduleError(f"{path}: no such schedule file")
+    return path
+
+
+def schedule_part(d):
+    """The schedule in parsed JSON: a diffusers export's scheduler config carries the whole schedule (not its
+    provenance) under ``schedule``; anything else is given back as it is."""
+    if isinstance(d, dict) and d.get("_class_name") == "SteptuneScheduler" and isinstance(d.get("schedule"), dict):
+        return d["schedule"]
+    return d
+
+
 _STEP_DEFAULTS = asdict(Step(t=0.0))
+_FIELDS = ("t_start", "steps", "noise", "afs", "name", "conventions", "meta")
+TOP_FIELDS = ("schema", "version", "nfe", *_FIELDS)  # a schedule file's; an export adds its "provenance"
 _SEPARATORS = (",", ":")
 
 
@@ -318,8 +350,11 @@ def _from_dict(d: dict, where: str) -> Schedule:
         raise ScheduleError(
             f"{where}: schedule schema version {version} is newer than this steptune understands "
             f"({SCHEMA_VERSION}); upgrade steptune to read it")
-    known = {"t_start", "steps", "noise", "afs", "name", "conventions", "meta"}
-    kwargs = {k: v for k, v in d.items() if k in known}
+    unknown = [k for k in d if k not in TOP_FIELDS and k != "provenance"]
+    if unknown:
+        said = unknown_field(unknown[0], (*TOP_FIELDS, "provenance"), at=" at the top level")
+        raise ScheduleError(f"{where}: {said}")
+    kwargs = {k: v for k, v in d.items() if k in _FIELDS}
     if "t_start" not in kwargs or "steps" not in kwargs:
         raise ScheduleError(f"{where}: a schedule needs 't_start' and 'steps'")
     if not isinstance(kwargs["steps"], list):
@@ -365,32 +400,41 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-_ALPHA_ZERO: dict[tuple[int, float], tuple[dict, dict, bool]] = {}
+_NOISE_FACTS: dict[tuple[int, float], tuple[dict, dict, bool, float, str]] = {}
 
 
-def _alpha_is_zero(noise: dict, t: float) -> bool:
-    """Whether alpha(t) = 0 on the noise schedule ``noise`` names. Schedules made from one another share their noise
-    dict, so the answer is kept by that dict's identity (and checked against a copy of it, so a dict changed in place
-    is asked again)."""
+def _noise_facts(noise: dict, t: float) -> tuple[bool, float, str]:
+    """Whether alpha(t) = 0 on the noise schedule ``noise`` names, its last time T and its kind. Schedules made from
+    one another share their noise dict, so the answer is kept by that dict's identity (and checked against a copy of
+    it, so a dict changed in place is asked again)."""
     key = (id(noise), t)
-    hit = _ALPHA_ZERO.get(key)
+    hit = _NOISE_FACTS.get(key)
     if hit is not None and hit[0] is noise and hit[1] == noise:
-        return hit[2]
-    if len(_ALPHA_ZERO) > 1000:
-        _ALPHA_ZERO.clear()
-    zero = float(noise_mod.from_dict(noise).alpha(t)) == 0.0
-    _ALPHA_ZERO[key] = (noise, copy.deepcopy(noise), zero)
-    return zero
+        return hit[2:]
+    if len(_NOISE_FACTS) > 1000:
+        _NOISE_FACTS.clear()
+    ns = noise_mod.from_dict(noise)
+    facts = (float(ns.alpha(t)) == 0.0, float(ns.T), ns.kind)
+    _NOISE_FACTS[key] = (noise, copy.deepcopy(noise), *facts)
+    return facts
 
 
 def _fail(msg: str):
     raise ScheduleError(msg)
 
 
-def _validate_pure_noise_start(s: Schedule) -> None:
-    """Where alpha(t_start) = 0 (rectified flow from t = 1), lambda = -inf at the start point: only
-    first-order data-prediction steps may use it."""
-    if not s.noise or not _alpha_is_zero(s.noise, s.t_start):
+def _validate_noise_start(s: Schedule) -> None:
+    """On a discrete noise schedule, the start at its last entry (t = 1) at the latest: the network knows no later
+    timestep (a continuous schedule extends past its T, as a rescaled sigma list may need); where alpha(t_start) = 0
+    (rectified flow from t = 1), lambda = -inf at the start point: only first-order data-prediction steps may use
+    it."""
+    if not s.noise:
+        return
+    alpha_zero, last, kind = _noise_facts(s.noise, s.t_start)
+    if kind == "vp-discrete" and s.t_start > last * (1 + 1e-12):
+        _fail(f"schedule: field 't_start' = {s.t_start:g} is beyond the last time of its discrete noise schedule "
+              f"(T = {last:g}, its table's last timestep); start at T or before it")
+    if not alpha_zero:
         return
     for i, st in enumerate(s.steps):
         h = i + 1

@@ -334,7 +334,8 @@ def resolve_url(url: str | None, must_exist: bool = False) -> str:
     path = _sqlite_path(u)
     if path is not None and not path.exists():
         if must_exist:
-            raise StorageError(f"no database at {path}; run a search first or pass --db URL")
+            raise StorageError(f"no database at {path}; run a search first, or name the database that holds your "
+                                   "studies (--db URL on the command line, db= in Python, or $STEPTUNE_DB)")
         path.parent.mkdir(parents=True, exist_ok=True)
     return url
 

@@ -185,7 +185,9 @@ def test_db_upgrade_and_missing_database(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'new' / 'x.db'}"
     code, _, err = run_cli(["studies", "--db", url], capsys)
     assert code == 2
-    assert err.strip() == f"error: no database at {tmp_path / 'new' / 'x.db'}; run a search first or pass --db URL"
+    assert err.strip() == (f"error: no database at {tmp_path / 'new' / 'x.db'}; run a search first, or name the "
+                           "database that holds your studies (--db URL on the command line, db= in Python, or "
+                           "$STEPTUNE_DB)")
     with connect(f"sqlite:///{tmp_path / 'head.db'}") as other:
         head = other.head
     code, _, err = run_cli(["db", "upgrade", "--db", url], capsys)

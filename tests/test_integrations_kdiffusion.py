@@ -279,3 +279,15 @@ def test_refusals_say_what_to_do(gmm):
         sampler(dataclasses.replace(s, afs="mean"))
     with pytest.raises(ScheduleError, match="nfe= .* or trial="):
         sampler(study="x")
+
+
+def test_the_own_list_in_half_precision_still_runs_the_schedule_as_tuned(gmm):
+    s = presets.build("unipc-bh2", 5, gmm.noise, t_start=gmm.t_start, t_end=gmm.t_end)
+    s = dataclasses.replace(s, afs="zero").validate()  # an analytical first step: lost where the list is retimed
+    ks = sampler(s)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        sig = torch.tensor(ks.own_sigmas(), dtype=dtype)
+        plan = ks.plan(sig)
+        assert not plan.retimed and plan.schedule is s and ks.calls(sig) == s.nfe, dtype
+    other = torch.tensor(ks.own_sigmas(), dtype=torch.float64) * 1.02  # a rescaled list is still another list
+    assert ks.plan(other).retimed

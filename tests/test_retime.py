@@ -235,3 +235,17 @@ def test_padding_runs_the_schedule_below_with_short_steps_at_its_end_and_scores_
         assert err(s) == pytest.approx(err(base), rel=0.02)
     with pytest.raises(ScheduleError, match="no.*below|none"):
         interpolate({6: base}, 5, method="pad")
+
+
+def test_a_schedule_with_implicit_correctors_reaches_every_step_count():
+    ns = noise_mod.VPDiscrete.named("sd-scaled-linear")
+    s = presets.unipc_bh2(nfe=7, noise=ns)
+    s = s.with_steps([dataclasses.replace(st, corrector=dataclasses.replace(st.corrector, kind="implicit"))
+                      if st.corrector is not None else st for st in s.steps]).validate()
+    assert s.nfe == 13  # a call more for each of the six correctors
+    for method in ("split", "auto"):
+        for nfe in range(1, 61):
+            assert interpolate({13: s}, nfe, method=method).validate(nfe).nfe == nfe
+    for nfe in (0, -1, 2.5, True):
+        with pytest.raises(ScheduleError, match=f"NFE {nfe!r} is not a number of model calls"):
+            interpolate({13: s}, nfe)

@@ -11,14 +11,13 @@ from pathlib import Path
 
 from steptune.space import Schedule, ScheduleError
 from steptune.space.errors import unknown_field
-from steptune.space.schedule import SCHEMA_VERSION, not_a_schedule
+from steptune.space.schedule import SCHEMA_VERSION, not_a_schedule, schedule_file, schedule_part
 from steptune.storage import StudyRecord, TrialRecord
 
 from .conventions import ExportError, conventions_for, schedule_noise
 from .tuning import tuned_model_conventions, tuning_record
 
 PROVENANCE_VERSION = 2  # 2: tuned_for
-SCHEDULE_FIELDS = ("schema", "version", "nfe", "t_start", "steps", "noise", "afs", "name", "conventions", "meta")
 PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
                      "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost", "tuned_for",
                      "interpolated", "origin", "refined_from")
@@ -93,8 +92,7 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
     except json.JSONDecodeError as e:
         raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                             "fix the file") from None
-    if isinstance(d, dict) and d.get("_class_name") == "SteptuneScheduler" and isinstance(d.get("schedule"), dict):
-        d = d["schedule"]  # a diffusers export's scheduler config carries the whole schedule (not its provenance)
+    d = schedule_part(d)
     if isinstance(d, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d):
         raise ScheduleError(f"{where}: a sigma list carries only the times, not the per-step decisions; use the "
                             "JSON export (steptune export --format json) or the diffusers one")
@@ -108,18 +106,13 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
         hint = "upgrade steptune to read it" if version > SCHEMA_VERSION else "re-export it with this steptune"
         raise ScheduleError(f"{where}: schedule schema version {version} is not supported (this steptune reads "
                             f"version {SCHEMA_VERSION}); {hint}")
-    unknown = [k for k in d if k not in (*SCHEDULE_FIELDS, "provenance")]
-    if unknown:
-        raise ScheduleError(f"{where}: {unknown_field(unknown[0], (*SCHEDULE_FIELDS, 'provenance'))} at the top "
-                            "level; remove it or check its spelling")
     prov = d.get("provenance")
     if prov is not None:
         if not isinstance(prov, dict):
             raise ScheduleError(f"{where}: field 'provenance' must be an object")
         bad = [k for k in prov if k not in PROVENANCE_FIELDS]
         if bad:
-            raise ScheduleError(f"{where}: {unknown_field(bad[0], PROVENANCE_FIELDS, 'provenance field')}; remove "
-                                "it or check its spelling")
+            raise ScheduleError(f"{where}: {unknown_field(bad[0], PROVENANCE_FIELDS, 'provenance field')}")
         pv = prov.get("version", PROVENANCE_VERSION)
         if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
             raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
@@ -150,14 +143,7 @@ def scheduler_from_export(path: str | Path, **config):
 
 
 def read_export(path: str | Path) -> tuple[Schedule, dict | None]:
-    path = Path(path)
-    if path.is_dir():  # a diffusers export: its scheduler config holds the schedule
-        if not (path / "scheduler_config.json").is_file():
-            raise ScheduleError(f"{path}: a folder without a scheduler_config.json; give a schedule JSON file or a "
-                                "folder 'steptune export --format diffusers' wrote")
-        path = path / "scheduler_config.json"
-    if not path.is_file():
-        raise ScheduleError(f"{path}: no such schedule file")
+    path = schedule_file(path)
     try:
         text = path.read_text()
     except UnicodeDecodeError:
