@@ -43,7 +43,7 @@ class NfeSummary:
     preset: str | None
     preset_score: float | None
     searched_score: float | None
-    trial: int | None  # number of the searched schedule's cheap-fidelity trial
+    trial: int | None  # id of the searched schedule's held-out trial, whose score is searched_score (export --trial)
     found_at: int | None  # cheap evaluations done when it was found
     preset_matches_at: int | None = None  # smallest NFE at which some preset does as well (None: none does)
     schedule: dict | None = None  # the searched schedule
@@ -887,7 +887,7 @@ def summarize(trials, nfes) -> list[NfeSummary]:
                          and t.score is not None and t.score <= found.score), default=None)
         out.append(NfeSummary(nfe, _baseline_name(base.info["origin"]) if base else None,
                               base.score if base else None, found.score if found else None,
-                              src.number if src else None, cheap_order.get(src.number) if src else None, match,
+                              found.id if found else None, cheap_order.get(src.number) if src else None, match,
                               found.schedule if found else None, between.get(nfe), refined,
                               src.score if src else None))
     return out

@@ -150,8 +150,11 @@ def test_a_run_stores_every_trial_and_resuming_a_finished_study_adds_nothing(tmp
         nfe_confirms = [t.score for t in confirms if t.nfe == row["nfe"]]
         assert row["searched_score"] == min(nfe_confirms)
         assert row["preset_score"] == min(t.score for t in base if t.nfe == row["nfe"])
-        # and the searched schedule's own cheap score: that of the trial the best confirmation confirms
-        assert row["searched_train"] == next(t.score for t in cheap if t.number == row["trial"])
+        # the trial named is that confirmation (by id, as export --trial takes it), and the searched schedule's
+        # own cheap score that of the trial it confirms
+        shown = next(t for t in trials if t.id == row["trial"])
+        assert (shown.fidelity, shown.score) == ("heldout", row["searched_score"])
+        assert row["searched_train"] == next(t.score for t in cheap if t.number == shown.info["confirms"])
     code, out, _ = run_cli(["run", str(job), "--db", url, "--json"], capsys)
     assert code == 0 and json.loads(out)["per_nfe"] == res["per_nfe"]
     with connect(url) as db:

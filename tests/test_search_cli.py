@@ -18,6 +18,8 @@ def test_search_command_writes_results_and_resumes(tmp_path):
     args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "8", "--study", "t",
             "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
             "--heldout-samples", "64", "--db", f"sqlite:///{tmp_path / 'x.db'}"]
+    first = [*args[:10], "first", *args[11:]]  # another study first: its trials take the first ids
+    assert runner.invoke(app, first).exit_code == 0
     r = runner.invoke(app, args + ["--json"])
     assert r.exit_code == 0, r.output
     data = json.loads((tmp_path / "t.json").read_text())
@@ -33,6 +35,9 @@ def test_search_command_writes_results_and_resumes(tmp_path):
     assert {t.nfe for t in trials if t.info.get("baseline")} >= {3, 4, 5, 6}  # presets up to 2 x NFE
     if row["searched_rmse"] <= row["preset_rmse"]:
         assert best.score == row["searched_rmse"]
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:  # the id 'export --trial' takes, as everywhere
+        shown = db.trial(row["trial"])
+    assert (shown.study, shown.score, shown.schedule["steps"]) == ("t", row["searched_rmse"], row["schedule"]["steps"])
     r = runner.invoke(app, [*args[:8], "12", *args[9:]])  # larger budget: resumes, 4 more evaluations
     assert r.exit_code == 0, r.output
     assert "resuming" in r.output and "search" in r.output
