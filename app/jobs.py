@@ -107,6 +107,16 @@ class SearchSpec(_Section):
             raise ValueError(f"unknown method {v!r}; use one of {', '.join(METHODS)}")
         return v
 
+    @field_validator("options")
+    @classmethod
+    def _method_options(cls, v: dict, info) -> dict:
+        from steptune.search import check_options, searcher_class
+
+        method = info.data.get("method")
+        if method is not None:  # else its own error is the one reported
+            check_options(searcher_class(method), v, method, key=None)
+        return v
+
     @field_validator("nfe")
     @classmethod
     def _nfes(cls, v: list[int]) -> list[int]:

@@ -162,6 +162,8 @@ class TPESearcher(_OptunaBase):
 
     name = "tpe"
 
+    OPTION_RULES = {"n_startup": (1, None)}
+
     def __init__(self, *args, n_startup: int = 10, **kw):
         super().__init__(*args, **kw)
         self.n_startup = n_startup
@@ -207,6 +209,8 @@ class CmaEsSearcher(_OptunaBase):
     updates the distribution (Optuna updates a generation from its first ``popsize`` results and drops the rest)."""
 
     name = "cmaes"
+
+    OPTION_RULES = {"sigma0": (1e-6, None)}  # popsize: the class says why 2 at least
 
     def __init__(self, *args, sigma0: float = 0.5, presets=DEFAULT_PRESETS, popsize: int | None = None, **kw):
         super().__init__(*args, **kw)

@@ -296,6 +296,10 @@ class S3Searcher(Searcher):
 
     name = "s3"
     batch_per_nfe = 4
+    OPTION_RULES = {"predictor": ("auto", *PREDICTOR_KINDS), "auto_kinds": PREDICTOR_KINDS, "pool": (1, None),
+                    "population": (1, None), "explore": (0, 1), "min_train": (2, None), "local": (0, 1),
+                    "local_structures": (1, None), "refresh": (0, 1), "screen": (1, None), "batch_penalty": (0, None),
+                    "batch_explore": (0, None)}
 
     def __init__(self, *args, predictor: str = "auto", pool: int = 120, population: int = 12,
                  presets: Sequence[str] = DEFAULT_PRESETS, afs_presets: bool = True, explore: float = 0.15,

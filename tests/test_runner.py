@@ -70,6 +70,23 @@ BAD = [
     ("unknown-time-input", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-2d"\ntime_input = "index"'),
      "key 'problem.time_input': unknown time input 'index'; choose from discrete, continuous, sigma"),
     ("not-toml", lambda t: t + "\n[search\n", "not valid TOML"),
+    ("option-unknown", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {pol = 3}'),
+     "key 'search.options': unknown option 'pol' of method 's3'; did you mean 'pool'?; its options: predictor, pool, "),
+    ("option-value", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {predictor = "bogus"}'),
+     "key 'search.options': predictor = 'bogus': use one of auto, extra-trees, gbr, pairwise (an option of method "
+     "'s3')"),
+    ("option-range", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {explore = 2.5}'),
+     "key 'search.options': explore = 2.5: give a value from 0 to 1"),
+    ("option-below", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {pool = -5}'),
+     "key 'search.options': pool = -5: give 1 or more"),
+    ("option-type", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {pool = "big"}'),
+     "key 'search.options': pool = 'big': give a whole number"),
+    ("option-bool", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {niche = "maybe"}'),
+     "key 'search.options': niche = 'maybe': give true or false"),
+    ("option-kinds", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {auto_kinds = ["gbr", "knn"]}'),
+     "key 'search.options': auto_kinds = ['gbr', 'knn']: use some of extra-trees, gbr, pairwise"),
+    ("option-tpe", lambda t: t.replace('method = "s3"', 'method = "tpe"\noptions = {n_startup = 0}'),
+     "key 'search.options': n_startup = 0: give 1 or more (an option of method 'tpe')"),
 ]
 
 

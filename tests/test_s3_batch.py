@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from steptune.evaluators import Evaluator, get_problem
-from steptune.search import encode, make_searcher
+from steptune.search import S3Searcher, encode, make_searcher
 from steptune.search.s3_batch import pick, tree_spread
 
 
@@ -77,8 +77,10 @@ def test_tree_spread_is_the_per_tree_standard_deviation():
 def test_a_negative_penalty_is_refused_in_one_sentence():
     from steptune.space import noise
 
-    with pytest.raises(ValueError, match="batch_penalty -1.0 and batch_explore 0.0: give each as a number 0 or above"):
+    with pytest.raises(ValueError, match=r"options.batch_penalty = -1.0: give 0 or more \(an option of method 's3'\)"):
         make_searcher("s3", noise.VPLinear(), 1.0, 1e-3, [5], batch_penalty=-1.0)
+    with pytest.raises(ValueError, match="batch_penalty -1.0 and batch_explore 0.0: give each as a number 0 or above"):
+        S3Searcher(noise.VPLinear(), 1.0, 1e-3, [5], batch_penalty=-1.0)
 
 
 @pytest.fixture(scope="module")
