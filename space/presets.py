@@ -17,7 +17,7 @@ import torch
 from . import spacing as spacing_mod
 from .errors import ScheduleError
 from .noise import NoiseSchedule
-from .schedule import Corrector, Schedule, Step
+from .schedule import MAX_ORDER, Corrector, Schedule, Step
 
 PRESETS: dict[str, Callable[..., Schedule]] = {}
 DESCRIPTIONS: dict[str, str] = {}
@@ -68,6 +68,10 @@ def _orders(n: int, order: int, lower_order_final: bool, lower_order_final_below
 def _multistep(name, nfe, noise, spacing, t_start, t_end, final_zero, prediction, order, relaxation="none",
                corrector: str | None = None, lower_order_final=True, lower_order_final_below=None,
                second_scale=1.0, basis="lambda", **meta):
+    top = MAX_ORDER - (corrector is not None)  # a corrector is one order above its predictor
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= top:
+        why = f" (its corrector is one order higher, at most {MAX_ORDER})" if corrector is not None else ""
+        raise ScheduleError(f"preset {name!r}: option 'order' is {order!r}; use 1 to {top}{why}")
     times = _times(noise, nfe, spacing, t_start, t_end, final_zero)
     n = len(times) - 1
     orders = _orders(n, order, lower_order_final, lower_order_final_below, times)

@@ -76,6 +76,9 @@ def test_nfe_flag_must_match_file(tmp_path, capsys):
     (["eval", "--schedule", "missing.json"], ["no such file"]),
     (["eval", "--schedule", "preset:ddim:order", "--nfe", "5"], ["key=value"]),
     (["eval", "--schedule", "preset:ddim:bogus=1", "--nfe", "5"], ["bogus"]),
+    (["eval", "--schedule", "preset:unipc-bh2:order=4", "--nfe", "5"],  # refused at every NFE, not only where used
+     ["preset 'unipc-bh2': option 'order' is 4; use 1 to 3 (its corrector is one order higher, at most 4)"]),
+    (["eval", "--schedule", "preset:deis:order=0", "--nfe", "8"], ["preset 'deis': option 'order' is 0; use 1 to 4"]),
     (["eval", "--schedule", "preset:ddim", "--nfe", "5", "--device", "gpu0"], ["--device 'gpu0'", "cuda:N"]),
 ])
 def test_bad_arguments(argv, words, capsys, tmp_path):
