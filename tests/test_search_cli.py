@@ -1,7 +1,10 @@
 """`steptune search` on gmm-2d with a tiny budget: table, JSON file, trials in the database, resume."""
 
 import json
+import os
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from steptune.cli import app as _steptune_app
@@ -49,3 +52,26 @@ def test_unknown_method_is_a_one_line_error(tmp_path, capsys):
     assert main(["search", "--method", "bogus", "--out", str(tmp_path)]) == 2
     msg = capsys.readouterr().err.strip()
     assert msg == "error: --method 'bogus' is unknown; use one of s3, tpe, cmaes, random, mo-tpe"
+
+
+@pytest.mark.skipif(not (Path("/proc").is_dir() and os.access("/proc", os.W_OK)),
+                    reason="needs a folder that passes the write check and refuses a new folder (/proc as root)")
+def test_a_summary_the_file_system_refuses_after_the_search_loses_neither_the_table_nor_the_study(tmp_path, capsys):
+    out = Path("/proc/steptune-summary")  # passes the check before the search (root may write in /proc), then refused
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "4", "--study", "t",
+            "--out", str(out), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16", "--confirm", "1",
+            "--heldout-samples", "64", "--db", url]
+    code = main(args)
+    printed, err = capsys.readouterr()
+    assert code == 1, err
+    assert "searched RMSE" in printed  # the table came first
+    assert err.strip().splitlines()[-1] == (
+        f"error: --out {out}: could not save the summary (No such file or directory); study 't' is in the database: "
+        "'steptune status --study t' shows it, and the same search with another --out writes the summary without "
+        "evaluating again")
+    again = [*args[:12], str(tmp_path / "out"), *args[13:]]
+    assert main(again) == 0
+    assert json.loads((tmp_path / "out" / "t.json").read_text())["n_evals"] == 4
+    with connect(url) as db:
+        assert sum(t.fidelity == "train" for t in db.trials("t")) == 4

@@ -143,9 +143,7 @@ def search_cmd(
                "imports": result.imports, "failed": result.failed, "seconds": result.seconds,
                "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
                "database": resolve_url(job.storage.db), "cost": cost}
-    out_dir.mkdir(parents=True, exist_ok=True)
     jpath = out_dir / f"{name}.json"
-    jpath.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     if json_:
         print(json.dumps(payload, indent=2, default=float))
     else:
@@ -167,13 +165,28 @@ def search_cmd(
                           *cost_table.cells(cost, r["nfe"]))
         out.print(table)
         out.print(cost_table.line(cost), highlight=False)
-        err.print(f"study {name!r} is in the database; saved {jpath}")
+    _save_summary(jpath, payload, name)
     if not json_:
+        err.print(f"study {name!r} is in the database; saved {jpath}")
         print_overfit(result, cheap_n, f"--cheap-samples {4 * cheap_n}")
     print_imports(result)
     print_stopped(result)
     if result.status == "interrupted":
         raise typer.Exit(130)
+
+
+def _save_summary(path: Path, payload: dict, study: str) -> None:
+    """The summary JSON, written after the table is shown: a folder the checks passed and the file system refuses
+    all the same loses the summary alone (exit status 1), never the study or its table."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    except OSError as e:
+        failure = CliError(f"--out {path.parent}: could not save the summary ({e.strerror or e}); study {study!r} is "
+                           f"in the database: 'steptune status --study {study}' shows it, and the same search with "
+                           "another --out writes the summary without evaluating again")
+        failure.exit_code = 1
+        raise failure from None
 
 
 def refinements(url: str | None, study: str) -> dict[int, dict]:
