@@ -28,6 +28,11 @@ CASES = [
       "sqlite:///{d}/s.db"], "-o {d}/a-file is a file; give a folder"),
     (["report", "--study", "s", "-o", "{d}/a-folder", "--db", "sqlite:///{d}/s.db"],
      "-o {d}/a-folder is a folder; give a file name"),
+    (["search", "--problem", "gmm-2d", "--nfe", "4", "--method", "random", "--budget", "2", "--out",
+      "{d}/" + "x" * 300, "--db", "sqlite:///{d}/s.db"],
+     "--out {d}/" + "x" * 300 + ": File name too long; choose another path"),
+    (["schedule", "preset:ddim", "--nfe", "4", "-o", "{d}/" + "x" * 300 + ".json"],
+     "-o {d}/" + "x" * 300 + ".json: File name too long; choose another path"),
 ]
 
 

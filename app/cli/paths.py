@@ -18,8 +18,17 @@ def _writable_parent(path: Path, option: str) -> None:
         raise CliError(f"{option} {path}: cannot write in {ancestor}; choose another path")
 
 
+def _named_validly(path: Path, option: str) -> None:
+    """A path the file system cannot even look up (a name too long) is refused with its reason."""
+    try:
+        path.exists()
+    except OSError as e:
+        raise CliError(f"{option} {path}: {e.strerror or e}; choose another path") from None
+
+
 def output_file(path: Path, option: str) -> Path:
     """``path`` when a file can be written there (its folders are made when it is written)."""
+    _named_validly(path, option)
     if path.is_dir():
         raise CliError(f"{option} {path} is a folder; give a file name")
     if path.exists() and not os.access(path, os.W_OK):
@@ -30,6 +39,7 @@ def output_file(path: Path, option: str) -> Path:
 
 def output_folder(path: Path, option: str) -> Path:
     """``path`` when it is, or can become, a folder to write in."""
+    _named_validly(path, option)
     if path.exists() and not path.is_dir():
         raise CliError(f"{option} {path} is a file; give a folder")
     if path.is_dir():
