@@ -392,8 +392,13 @@ class Storage:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def shown(self) -> str:
+        """The URL as messages name it: its password hidden."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
     def __repr__(self) -> str:
-        return f"Storage({make_url(self.url).render_as_string(hide_password=True)!r})"
+        return f"Storage({self.shown!r})"
 
     @contextmanager
     def _tx(self, write: bool = True) -> Iterator[Session]:
@@ -401,7 +406,8 @@ class Storage:
             with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
         except (OperationalError, IntegrityError) as e:
-            raise StorageError(f"database {self!r} refused the change: {str(e.orig).strip().splitlines()[0]}") from e
+            raise StorageError(f"database {self.shown!r} refused the change: "
+                               f"{str(e.orig).strip().splitlines()[0]}") from e
 
     # -- writes a retrying caller may send twice --
 
@@ -469,7 +475,8 @@ class Storage:
             with self._write_engine.begin() as conn:
                 command.upgrade(self._alembic_config(conn), revision)
         except DatabaseError as e:
-            raise StorageError(f"cannot upgrade database {self!r}: {str(e.orig).strip().splitlines()[0]}") from None
+            raise StorageError(f"cannot upgrade database {self.shown!r}: "
+                               f"{str(e.orig).strip().splitlines()[0]}") from None
         return self.revision()
 
     def check_schema(self, create: bool = True) -> None:
@@ -485,12 +492,14 @@ class Storage:
                 tables = set(inspect(conn).get_table_names())
             clash = sorted(tables & set(Base.metadata.tables))
             if clash and self.revision() != head:  # (at head now: another process made it since this one looked)
-                raise StorageError(f"database {self!r} already has tables named {', '.join(clash)} that steptune's "
-                                   "migrations did not make (another tool's database?); use another database")
+                raise StorageError(f"database {self.shown!r} already has tables named {', '.join(clash)} that "
+                                   "steptune's migrations did not make (another tool's database?); use another "
+                                   "database")
             if clash:
                 return
             if not create:
-                raise StorageError(f"database {self!r} has no steptune schema; run 'steptune db upgrade --db URL'")
+                raise StorageError(f"database {self.shown!r} has no steptune schema; run 'steptune db upgrade "
+                                   "--db URL'")
             try:
                 self.upgrade()
             except StorageError:
@@ -499,10 +508,10 @@ class Storage:
             return
         known = {r.revision for r in script.walk_revisions()}
         if current not in known:
-            raise StorageError(f"database {self!r} is at schema revision {current!r}, newer than this steptune "
-                               f"knows (head {head!r}); upgrade steptune")
-        raise StorageError(f"database {self!r} is at schema revision {current!r} but this steptune needs {head!r}; "
-                           "run 'steptune db upgrade --db URL'")
+            raise StorageError(f"database {self.shown!r} is at schema revision {current!r}, newer than this "
+                               f"steptune knows (head {head!r}); upgrade steptune")
+        raise StorageError(f"database {self.shown!r} is at schema revision {current!r} but this steptune needs "
+                           f"{head!r}; run 'steptune db upgrade --db URL'")
 
     # -- problems and studies --
 

@@ -128,8 +128,10 @@ def test_unknown_revision_and_missing_schema_are_refused(db, db_url):
     with db.engine.begin() as conn:
         for t in ("requests", "relaxation_records", "trials", "studies", "problems", "steptune_schema_version"):
             conn.execute(text(f"DROP TABLE {t}"))
-    with pytest.raises(StorageError, match="steptune db upgrade"):
+    with pytest.raises(StorageError) as refused:
         connect(db_url, create=False)
+    shown = make_url(db_url).render_as_string(hide_password=True)  # the URL, not the object's repr
+    assert str(refused.value) == f"database {shown!r} has no steptune schema; run 'steptune db upgrade --db URL'"
     with db.engine.begin() as conn:  # e.g. an Optuna database, which has tables of the same names
         conn.execute(text("CREATE TABLE studies (study_id INTEGER PRIMARY KEY)"))
     with pytest.raises(StorageError, match="already has tables named studies"):
