@@ -290,7 +290,7 @@ def parse_duration(v) -> float:
 
 
 def _describe(err: dict, names: dict[str, str] | None = None) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and "[" in p))  # not a union's form
     kind = err["type"]
     if names and loc in names and kind not in ("extra_forbidden", "missing"):  # as the caller's user wrote it
         return f"{names[loc]} {_shown(err.get('input'))}: {err['msg'].removeprefix('Value error, ')}"
@@ -315,6 +315,8 @@ def _describe(err: dict, names: dict[str, str] | None = None) -> str:
 def load_job(path: str | Path) -> Job:
     """Read and validate a job file; raises JobError with one sentence naming the file and key."""
     path = Path(path)
+    if path.is_dir():
+        raise JobError(f"{path}: a folder, not a job file; give a TOML file such as examples/gmm-2d-quick.toml")
     if not path.is_file():
         raise JobError(f"{path}: no such job file")
     try:
@@ -337,4 +339,26 @@ def job_from_dict(data: dict, where: str = "job", names: dict[str, str] | None =
     try:
         return Job.model_validate(data)
     except ValidationError as e:
-        raise JobError(f"{where}: {_describe(e.errors()[0], names)}") from None
+        errors = e.errors()  # a misspelled key says more than the key it misses ('studdy' for 'study')
+        first = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+        if first["type"] != "extra_forbidden" and any(x["loc"][:-1] == first["loc"][:-1] for x in errors[1:]):
+            first = _union(errors, first)
+        raise JobError(f"{where}: {_describe(first, names)}") from None
+
+
+def _union(errors: list[dict], first: dict) -> dict:
+    """A key that takes one of several forms (``nfe = [4, 5]`` or ``"all"``) fails in each: one error naming them."""
+    loc = first["loc"][:-1]
+    forms = [x for x in errors if x["loc"][:-1] == loc and len(x["loc"]) == len(first["loc"])]
+    if len(forms) < 2:
+        return first
+    said = " or ".join(_form(x) for x in forms)
+    return {**first, "loc": loc, "type": "union", "msg": f"give {said} (got {first.get('input')!r})"}
+
+
+def _form(err: dict) -> str:
+    """How one form of a key is written: the literal values it allows, else its type."""
+    expected = (err.get("ctx") or {}).get("expected")
+    if err["type"] == "literal_error" and expected:
+        return expected
+    return {"list[int]": "a list of whole numbers"}.get(str(err["loc"][-1]), str(err["loc"][-1]))

@@ -70,6 +70,12 @@ BAD = [
     ("unknown-time-input", lambda t: t.replace('name = "gmm-2d"', 'name = "gmm-2d"\ntime_input = "index"'),
      "key 'problem.time_input': unknown time input 'index'; choose from discrete, continuous, sigma"),
     ("not-toml", lambda t: t + "\n[search\n", "not valid TOML"),
+    ("misspelled-study", lambda t: t.replace('study = "bad"', 'studdy = "bad"'),
+     "unknown key 'studdy' at the top level; did you mean 'study'?"),
+    ("refine-nfe-form", lambda t: t + '\n[refine]\nnfe = "some"\n',
+     "key 'refine.nfe': give a list of whole numbers or 'all' (got 'some')"),
+    ("refine-nfe-entry", lambda t: t + '\n[refine]\nnfe = [4, "x"]\n',
+     "key 'refine.nfe.1': Input should be a valid integer"),
     ("option-unknown", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {pol = 3}'),
      "key 'search.options': unknown option 'pol' of method 's3'; did you mean 'pool'?; its options: predictor, pool, "),
     ("option-value", lambda t: t.replace('method = "s3"', 'method = "s3"\noptions = {predictor = "bogus"}'),
@@ -113,6 +119,9 @@ def test_an_unreachable_database_fails_before_any_work(tmp_path, cache, capsys):
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: storage.db: "), err
     code, _, err = run_cli(["run", str(tmp_path / "missing.toml")], capsys)
     assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.toml'}: no such job file"
+    code, _, err = run_cli(["run", str(tmp_path)], capsys)
+    assert code == 2 and err.strip() == (f"error: {tmp_path}: a folder, not a job file; give a TOML file such as "
+                                         "examples/gmm-2d-quick.toml")
 
 
 def test_a_study_resumed_with_another_job_is_refused(tmp_path, cache, capsys):
