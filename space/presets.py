@@ -220,6 +220,20 @@ def get(name: str) -> Callable[..., Schedule]:
     return PRESETS[name]
 
 
+def split_specs(text: str) -> list[str]:
+    """Comma-separated preset specs, each of which may carry several options itself: an entry ``key=value`` with no
+    preset name before it continues the spec before it (``unipc-bh2:order=3,lower_order_final=false,ddim``)."""
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if out and "=" in part and ":" not in part.partition("=")[0]:
+            out[-1] += "," + part
+        else:
+            out.append(part)
+    return out
+
+
 def parse_spec(spec: str, **kwargs) -> tuple[Callable[..., Schedule], dict]:
     """The preset function and its options from a spec ``name`` or ``name:key=value,...`` (plus ``kwargs``),
     checked without building anything: a known name, known options, values of the options' types."""

@@ -110,3 +110,17 @@ def test_schedule_command_round_trips(tmp_path, capsys):
 
     s = load_schedule(out)
     assert s.nfe == 6 and s == presets.build("unipc-bh2:order=3", 6, noise.VPLinear())
+
+
+def test_a_preset_list_keeps_each_specs_own_options_together(tmp_path, capsys):
+    from steptune.space.presets import split_specs
+
+    assert split_specs("unipc-bh2:order=3,lower_order_final=false,ddim") == [
+        "unipc-bh2:order=3,lower_order_final=false", "ddim"]
+    assert split_specs("ddim, dpm-solver++-3m:second_scale=1 ,heun,") == ["ddim", "dpm-solver++-3m:second_scale=1",
+                                                                       "heun"]
+    code = main(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "unipc-bh2:order=3,lower_order_final=false,"
+                 "ddim", "--out", str(tmp_path / "sw"), "--cache", str(tmp_path / "c"), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["preset"] for r in rows] == ["unipc-bh2:order=3,lower_order_final=false", "ddim"]

@@ -174,8 +174,9 @@ def eval_cmd(
 def sweep_cmd(
     problem: ProblemOpt = "gmm-digits",
     nfe: Annotated[str, typer.Option("--nfe", help="NFE list or ranges.")] = "3-10,12,15,20",
-    preset_list: Annotated[str | None, typer.Option("--presets", help="Comma-separated preset specs "
-                                                                        "(default: all families).")] = None,
+    preset_list: Annotated[str | None, typer.Option("--presets", help="Comma-separated preset specs, each "
+                                                    "followed by its own options (unipc-bh2:order=3,"
+                                                    "lower_order_final=false,ddim; default: all families).")] = None,
     noise: NoiseOpt = None,
     spacing: Annotated[str | None, typer.Option(
         "--spacing", help="Timestep spacing for the presets, or best: each preset at the best of its spacings "
@@ -206,7 +207,7 @@ def sweep_cmd(
     output_folder(out_dir, "--out")
     if study is not None and not study.strip():
         raise CliError("--study is empty; give the study a name")
-    specs = [s.strip() for s in preset_list.split(",")] if preset_list else list(DEFAULT_PRESETS)
+    specs = presets.split_specs(preset_list) if preset_list else list(DEFAULT_PRESETS)
     for s in specs:
         presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
     ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
