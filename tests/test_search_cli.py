@@ -52,6 +52,11 @@ def test_unknown_method_is_a_one_line_error(tmp_path, capsys):
     assert main(["search", "--method", "bogus", "--out", str(tmp_path)]) == 2
     msg = capsys.readouterr().err.strip()
     assert msg == "error: --method 'bogus' is unknown; use one of s3, tpe, cmaes, random, mo-tpe"
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert main(["search", "--study", " ", "--out", str(tmp_path), "--db", url]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --study is empty; give the study a name (or leave --study out "
+                                               "for one made of the problem, method and seed)")
+    assert not (tmp_path / "x.db").exists()
 
 
 @pytest.mark.skipif(not (Path("/proc").is_dir() and os.access("/proc", os.W_OK)),

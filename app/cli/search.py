@@ -97,6 +97,9 @@ def search_cmd(
 
     if method not in METHODS:
         raise CliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if study is not None and not study.strip():
+        raise CliError("--study is empty; give the study a name (or leave --study out for one made of the problem, "
+                       "method and seed)")
     if budget < 1:
         raise CliError(f"--budget {budget} is too small; give at least 1 evaluation per NFE")
     if refine < 0:
