@@ -29,8 +29,8 @@ def option_defaults(cls) -> dict:
 
 def check_options(cls, options: dict, method: str, key: str | None = "options") -> None:
     """A ValueError, one sentence naming the option (as ``key.NAME``), for an option ``cls`` does not take, a value
-    not of its default's type or outside the class's ``OPTION_RULES``: ``(low, high)`` bounds (None: open), or a
-    tuple of the allowed values (for a list option: each entry's)."""
+    not of its default's type or outside the class's ``OPTION_RULES``: a tuple ``(low, high)`` of bounds (None:
+    open), or a list of the allowed values (for a list option: of each entry's)."""
     defaults = option_defaults(cls)
     rules = getattr(cls, "OPTION_RULES", {})
     for name, value in options.items():
@@ -70,7 +70,7 @@ def _type_problem(value, default) -> str | None:
 def _rule_problem(value, rule) -> str | None:
     if rule is None:
         return None
-    if isinstance(rule, tuple) and len(rule) == 2 and all(r is None or isinstance(r, (int, float)) for r in rule):
+    if isinstance(rule, tuple):
         low, high = rule
         if (low is not None and value < low) or (high is not None and value > high):
             if high is None:

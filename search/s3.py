@@ -296,7 +296,7 @@ class S3Searcher(Searcher):
 
     name = "s3"
     batch_per_nfe = 4
-    OPTION_RULES = {"predictor": ("auto", *PREDICTOR_KINDS), "auto_kinds": PREDICTOR_KINDS, "pool": (1, None),
+    OPTION_RULES = {"predictor": ["auto", *PREDICTOR_KINDS], "auto_kinds": list(PREDICTOR_KINDS), "pool": (1, None),
                     "population": (1, None), "explore": (0, 1), "min_train": (2, None), "local": (0, 1),
                     "local_structures": (1, None), "refresh": (0, 1), "screen": (1, None), "batch_penalty": (0, None),
                     "batch_explore": (0, None)}
