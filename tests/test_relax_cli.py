@@ -221,3 +221,15 @@ def test_warm_start_takes_an_earlier_studys_observations_and_is_recorded(tmp_pat
     code, _, err = run(capsys, "relax", "--problem", "laplace3d", "--m", "4", "--steps", "5", "--learner", "young",
                        "--db", db, "--study", "w3", "--warm-start", "first")
     assert code == 2 and "'log10_kappa'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_without_steps_a_short_sweep_has_its_300_systems_and_the_others_5000(tmp_path, capsys):
+    from steptune.evaluators.linear import make_sequence
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    code, _, err = run(capsys, "relax", "--problem", "ninepoint", "--m", "3", "--learner", "fixed", "--omega", "1.5",
+                       "--db", db, "--study", "short", "--json")
+    assert code == 0, err
+    with connect(db) as store:
+        assert len(store.relaxation_rounds("short")) == 300
+    assert len(make_sequence("shifted-laplacian", m=3)) == len(make_sequence("heat2d", nx=4)) == 5000

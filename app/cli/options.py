@@ -21,8 +21,9 @@ NoiseOpt = Annotated[str | None, typer.Option(
     "--noise", help="Noise schedule of the problem: vp-linear (default), vp-cosine, ddpm-linear, sd-scaled-linear, "
                     "cosine-discrete, edm, flow.")]
 SpacingOpt = Annotated[str | None, typer.Option(
-    "--spacing", help="Timestep spacing for presets: logsnr, time-uniform, time-quadratic, karras "
-                      "(default: each preset's own).")]
+    "--spacing", help="Timestep spacing for presets: logsnr, time-uniform, time-quadratic, karras, or on a "
+                      "discrete noise schedule diffusers-linspace, diffusers-leading, diffusers-trailing (default: "
+                      "the model's default spacing for eval, each preset's own for schedule).")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="Folder for cached reference solutions.")]
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", help="Your network as module:factory (replaces --problem); see README 'Your own model'.")]

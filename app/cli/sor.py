@@ -195,7 +195,9 @@ def relax_cmd(
         "--warm-start", help="young: start from what an earlier young study (same context) observed.")] = None,
     prior: Annotated[str, typer.Option("--prior", help="young: none, or lanczos (a Jacobi-radius estimate from "
                                                        "matrix-vector products on the first system).")] = "none",
-    steps: Annotated[int, typer.Option("--steps", help="Instances in a generated sequence.")] = 5000,
+    steps: Annotated[int | None, typer.Option("--steps", help="Instances in a generated sequence (default: 5000; "
+                                                              "300 for the short sweeps laplace3d, anisotropic, "
+                                                              "reaction, ninepoint).")] = None,
     nx: Annotated[int, typer.Option("--nx", help="heat2d: cells across the unit square.")] = 100,
     m: Annotated[int | None, typer.Option("--m", help="Interior grid side (shifted-laplacian / poisson: 10; a "
                                                       "family: its own default).")] = None,

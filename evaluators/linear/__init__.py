@@ -19,12 +19,14 @@ from .table import DEFAULT_GRID, CostTable, build_cost_table
 PROBLEMS = ("shifted-laplacian", "heat2d", "poisson", *FAMILIES)
 
 
-def make_sequence(problem: str, *, steps: int = 5000, nx: int = 100, m: int | None = 10, variance: str = "high",
-                  seed: int = 0, matrices=None):
-    """A sequence by name (or from a folder of matrices when ``matrices`` is given); ``m`` None takes a
-    family's own grid side."""
+def make_sequence(problem: str, *, steps: int | None = None, nx: int = 100, m: int | None = 10,
+                  variance: str = "high", seed: int = 0, matrices=None):
+    """A sequence by name (or from a folder of matrices when ``matrices`` is given); ``steps`` None: 5000 systems,
+    a family's own 300 for the short sweeps; ``m`` None takes a family's own grid side."""
     if matrices is not None:
         return MatrixFolder(matrices)
+    if steps is None:
+        steps = 300 if problem in FAMILIES else 5000
     if problem == "shifted-laplacian":
         return ShiftedLaplacian(steps, m=m or 10, variance=variance, seed=seed)
     if problem == "heat2d":
