@@ -141,12 +141,12 @@ def test_a_stock_diffusers_scheduler_config_is_named_for_what_it_is(filled, caps
 
 
 def test_an_output_path_the_system_refuses_is_one_line(filled, capsys, tmp_path):
-    """A path that passes the checks made before any work but that the file system then refuses (a name longer
-    than it allows, whoever runs it): one line naming the path and the system's reason, and exit status 1."""
+    """A path the file system cannot even look up (a name longer than it allows, whoever runs it) is refused by the
+    checks made before any work: one line naming the option, the path and the system's reason, exit status 2."""
     url, _ = filled
     path = tmp_path / ("x" * 300 + ".json")
     code, out, err = run_cli(["export", "--study", "demo", "--nfe", "6", "-o", str(path), "--db", url], capsys)
-    assert code == 1 and err.strip() == f"error: {path}: File name too long; choose another path", err
+    assert code == 2 and err.strip() == f"error: -o {path}: File name too long; choose another path", err
     assert "Traceback" not in out + err
 
 
