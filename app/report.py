@@ -23,6 +23,7 @@ from steptune.storage import Storage
 from steptune.storage.schema import STATUSES
 
 MAX_TRIALS = 20_000  # rows of the trial table a report carries
+MAX_SCHEDULES = 500  # the reported study's own schedule views it carries besides the front's, the best first
 REPORT_FORMATS = ("json", "sigmas", "comfyui")
 
 
@@ -70,7 +71,7 @@ def report_data(store: Storage, study: str, cache_dir: str | Path | None = "runs
     problems = queries.problems(store)
     prob = _problem_of(problems, study)
     responses: dict[str, object] = {"/api/problems": [prob]}
-    for fidelity in ("", "full", "cheap"):
+    for fidelity in ("", *prob["fidelities"]):  # the page's fidelity menu offers the problem's fidelities
         responses[api_path("/api/front", {"problem": prob["id"], "fidelity": fidelity})] = \
             queries.front(store, prob["id"], fidelity or None)
     for st in prob["studies"]:
@@ -78,6 +79,10 @@ def report_data(store: Storage, study: str, cache_dir: str | Path | None = "runs
             responses[api_path("/api/history", {"study": st["name"]})] = queries.history(store, st["name"])
     front = responses[api_path("/api/front", {"problem": prob["id"]})]
     shown = sorted({p["trial"] for s in front["series"] for p in s["points"]})
+    own = sorted((t for t in store.trials(study, status="complete") if t.score is not None),
+                 key=lambda t: (t.score, t.id))[:MAX_SCHEDULES]
+    for t in own:  # the reported study's own schedules open from its rows, whether on the front or not
+        responses[f"/api/trials/{t.id}/schedule"] = schedule_view(store, t.id)
     exports, grids, sample_grids = {}, {}, Grids(store, cache_dir, device)
     for tid in shown:
         view = responses[f"/api/trials/{tid}/schedule"] = schedule_view(store, tid)

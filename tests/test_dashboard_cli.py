@@ -114,3 +114,21 @@ def test_a_port_in_use_is_one_line_before_the_server_says_where_it_is(dashboard_
     err = capsys.readouterr().err
     assert err == f"error: --host 127.0.0.1 --port {port}: cannot listen there (Address already in use); choose " \
                   "another address or port\n"
+
+
+def test_a_report_answers_every_fidelity_its_menu_offers_and_opens_the_studys_own_schedules(dashboard_db):  # noqa: F811
+    from steptune.dashboard import queries
+    from steptune.report import MAX_SCHEDULES, api_path, report_data
+    from steptune.storage import connect
+
+    url, _ = dashboard_db
+    with connect(url, create=False) as store:
+        data = report_data(store, SEARCH_STUDY, cache_dir=None)
+        prob = data["responses"]["/api/problems"][0]
+        assert {"train", "heldout"} <= set(prob["fidelities"])
+        for fidelity in prob["fidelities"]:  # what the page asks for when the menu picks it
+            key = api_path("/api/front", {"problem": prob["id"], "fidelity": fidelity})
+            assert data["responses"][key] == queries.front(store, prob["id"], fidelity)
+        complete = [t.id for t in store.trials(SEARCH_STUDY, status="complete") if t.score is not None]
+    views = {int(k.split("/")[3]) for k in data["responses"] if k.startswith("/api/trials/")}
+    assert len(complete) <= MAX_SCHEDULES and set(complete) <= views
