@@ -142,3 +142,25 @@ def test_a_bad_command_line_override_names_its_key(tmp_path, cache, capsys):
     code, _, err = run_cli(["run", str(job), "--backend", "bogus", "--db", f"sqlite:///{tmp_path / 'x.db'}"], capsys)
     assert code == 2 and err == ("error: the command-line options: key 'backend.kind': Input should be 'local' or "
                                  "'ray' (got 'bogus')\n")
+
+
+def test_status_of_a_sweep_or_an_import_shows_its_best_per_nfe_as_best_does(tmp_path, cache, capsys):
+    import json
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert run_cli(["sweep", "--problem", "gmm-2d", "--nfe", "4,5", "--presets", "ddim,unipc-bh2", "--study", "sw",
+                    "--db", url, "--out", str(tmp_path / "sw"), "--cache", str(cache)], capsys)[0] == 0
+    assert run_cli(["export", "--study", "sw", "--nfe", "5", "-o", str(tmp_path / "s5.json"), "--db", url],
+                   capsys)[0] == 0
+    assert run_cli(["import", str(tmp_path / "s5.json"), "--study", "imp", "--db", url], capsys)[0] == 0
+    for study, made_by in (("sw", "steptune sweep"), ("imp", "steptune import")):
+        code, out, _ = run_cli(["best", "--study", study, "--db", url, "--json"], capsys)
+        best = {r["nfe"]: r for r in json.loads(out)}
+        code, out, _ = run_cli(["status", "--study", study, "--db", url, "--json"], capsys)
+        info = json.loads(out)
+        assert code == 0 and info["made_by"] == made_by and info["finished"] and info["eta_seconds"] is None
+        assert {r["nfe"]: (r["best"], r["trial_id"]) for r in info["per_nfe"]} == {
+            n: (r["score"], r["id"]) for n, r in best.items()}
+        code, text, _ = run_cli(["status", "--study", study, "--db", url], capsys)
+        assert code == 0 and text.startswith(f"{study}: made by {made_by}, ") and "ETA" not in text and "/?" not in text
+        assert all(f"{r['id']}" in text for r in best.values())

@@ -265,8 +265,9 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
     assert (f"scored the imported schedule, trial id {alone.id} (NFE 9): {fmt(alone.score)} held-out; the only "
             "held-out score at NFE 9 (nothing searched or preset there to compare with)") in said.replace("\n", " ")
     code, shown, _ = run_cli(["status", "--study", "s", "--db", url], capsys)
-    assert code == 0 and (f"also scored, at NFEs the search does not cover: NFE 9 {fmt(alone.score)} held-out (trial "
-                          f"id {alone.id})") in shown, shown
+    assert code == 0 and (f"imported schedules, scored on the held-out bank: NFE 4 {fmt(imported.score)} (trial id "
+                          f"{imported.id}{', the best at that NFE' if best.id == imported.id else ''}), NFE 9 "
+                          f"{fmt(alone.score)} (trial id {alone.id}, the best at that NFE)") in shown, shown
 
 
 @pytest.mark.parametrize("held, train, preset, refined, said", [

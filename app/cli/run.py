@@ -182,11 +182,13 @@ def study_status(storage, study: str) -> dict:
     st = storage.get_study(study)
     trials = storage.trials(study)
     job = st.config.get("job") or {}
+    driver = lease(st.config, utcnow())
     nfes = sorted({t.nfe for t in trials}) if not job else job["search"]["nfe"]
     budget = job["budget"]["evaluations"] * len(nfes) if job else None
     cheap = [t for t in trials if t.fidelity == CHEAP]
     final = [t for t in cheap if t.status in ("complete", "failed", "pruned")]
-    recent = [t for t in trials if t.finished is not None and (utcnow() - t.finished).total_seconds() <= 600]
+    # the search's own evaluations of the last ten minutes (not baselines, confirmations or imports)
+    recent = [t for t in final if t.finished is not None and (utcnow() - t.finished).total_seconds() <= 600]
     per_minute = None
     if len(recent) >= 2:
         span = (max(t.finished for t in recent) - min(t.finished for t in recent)).total_seconds()
@@ -196,32 +198,41 @@ def study_status(storage, study: str) -> dict:
                     and t.status in ("complete", "failed", "pruned"))
     left = None if budget is None else (max(0, budget - len(final))
                                         + max(0, job["evaluation"]["confirm"] * len(nfes) - confirmed))
-    if left and per_minute:
+    if left and per_minute and driver and driver["alive"]:  # an ETA is a running search's
         eta = 60 * left / per_minute
     rows = []
-    for s in summarize(trials, nfes):  # the searched NFEs and the ones interpolated from them
-        train = [t.score for t in cheap if t.nfe == s.nfe and t.status == "complete" and t.score is not None]
-        rows.append({"nfe": s.nfe, "heldout": s.searched_score, "train": min(train) if train else None,
-                     "refined": s.refined, "preset": s.preset, "preset_score": s.preset_score,
-                     "interpolated_from": s.interpolated_from})
-    # held-out scores at NFEs the job does not search (schedules imported there): the best at each
-    shown = {r["nfe"] for r in rows}
-    elsewhere: dict[int, object] = {}
-    for t in trials:
-        if (t.nfe not in shown and t.fidelity == CONFIRM and t.status == "complete" and t.score is not None
-                and not t.info.get("baseline") and (t.nfe not in elsewhere or t.score < elsewhere[t.nfe].score)):
-            elsewhere[t.nfe] = t
+    if job:
+        for s in summarize(trials, nfes):  # the searched NFEs and the ones interpolated from them
+            train = [t.score for t in cheap if t.nfe == s.nfe and t.status == "complete" and t.score is not None]
+            rows.append({"nfe": s.nfe, "heldout": s.searched_score, "train": min(train) if train else None,
+                         "refined": s.refined, "preset": s.preset, "preset_score": s.preset_score,
+                         "interpolated_from": s.interpolated_from})
+    else:  # a sweep's, an import's or the Python API's study: its best at each NFE, as 'steptune best' says
+        for t in storage.best_per_nfe(study, fidelity=st.reporting_fidelity):
+            rows.append({"nfe": t.nfe, "best": t.score, "trial_id": t.id, "schedule": t.schedule.get("name") or "",
+                         "fidelity": t.fidelity, "interpolated_from": None})
+    # schedules imported into a search's study (no origin of the run's own), scored on the held-out bank: the
+    # best at each NFE, and whether it is the study's best there
+    imported: dict[int, object] = {}
+    for t in trials if job else ():
+        if (t.fidelity == CONFIRM and t.status == "complete" and t.score is not None and "origin" not in t.info
+                and (t.nfe not in imported or t.score < imported[t.nfe].score)):
+            imported[t.nfe] = t
+    best_at = {t.nfe: t.id for t in storage.best_per_nfe(study, fidelity=st.reporting_fidelity)} if imported else {}
     # a trial moved off a lost evaluator before it began spent no attempt: it was not retried
     retried = [t for t in trials if t.attempts > 1 or ((t.error or "").startswith("re-queued")
                                                     and not t.error.startswith("re-queued: not started"))]
     troubled = sorted((t for t in trials if t.status == "failed" or t in retried), key=lambda t: t.number)
-    return {"study": study, "method": st.method, "seed": st.seed, "trials": len(trials),
-            "driver": lease(st.config, utcnow()), "last_run": st.config.get("last_run"),
+    queued = sum(t.status == "queued" for t in trials)
+    return {"study": study, "method": st.method, "seed": st.seed, "made_by": st.made_by, "searched": bool(job),
+            "trials": len(trials), "driver": driver, "last_run": st.config.get("last_run"),
             "search_done": len(final), "search_budget": budget,
-            "running": sum(t.status == "running" for t in trials), "queued": sum(t.status == "queued" for t in trials),
+            "running": sum(t.status == "running" for t in trials), "queued": queued,
             "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),
-            "per_minute": per_minute, "eta_seconds": eta, "finished": left == 0, "per_nfe": rows,
-            "other_nfes": [{"nfe": n, "heldout": t.score, "trial_id": t.id} for n, t in sorted(elsewhere.items())],
+            "per_minute": per_minute, "eta_seconds": eta, "finished": left == 0 if job else queued == 0,
+            "per_nfe": rows,
+            "imported": [{"nfe": n, "heldout": t.score, "trial_id": t.id, "best_at_nfe": best_at.get(n) == t.id}
+                         for n, t in sorted(imported.items())],
             "confirmed": sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info),
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
             "busy_evaluators": len({t.worker for t in trials if t.status == "running" and t.worker}),
@@ -312,6 +323,8 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     if json_:
         print(json.dumps(info, indent=2, default=str))
         return
+    if not info["searched"]:
+        return _print_unsearched(info)
     done, total = info["search_done"], info["search_budget"]
     pct = f" ({100 * done / total:.0f}%)" if total else ""
     out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
@@ -330,10 +343,10 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
                       *cost_table.cells(cost, r["nfe"]))
     out.print(table)
     cost_table.print_interpolated_note([(r["nfe"], r["interpolated_from"]) for r in info["per_nfe"]])
-    if info["other_nfes"]:
-        out.print("also scored, at NFEs the search does not cover: " + ", ".join(
-            f"NFE {o['nfe']} {fmt(o['heldout'])} held-out (trial id {o['trial_id']})" for o in info["other_nfes"]),
-            highlight=False)
+    if info["imported"]:
+        out.print("imported schedules, scored on the held-out bank: " + ", ".join(
+            f"NFE {o['nfe']} {fmt(o['heldout'])} (trial id {o['trial_id']}"
+            f"{', the best at that NFE' if o['best_at_nfe'] else ''})" for o in info["imported"]), highlight=False)
     out.print(cost_table.line(cost), highlight=False)
     busy = info["busy_evaluators"]
     out.print(f"evaluators busy now: {busy}" + (f" of {info['evaluators']}" if info["evaluators"] else ""))
@@ -342,6 +355,21 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     out.print(f"failures: {info['failed']} failed trials, {info['retried']} retried after a lost worker")
     for e in info["recent_errors"]:
         out.print(f"  trial {e['number']} ({e['status']}, attempt {e['attempts']}): {e['error']}")
+
+
+def _print_unsearched(info: dict) -> None:
+    """Status of a study no search made (a sweep, an import, the Python API): its trials and its best per NFE."""
+    queued = f"; {info['queued']} queued for a run to score" if info["queued"] else ""
+    out.print(f"[bold]{info['study']}[/]: made by {info['made_by']}, {info['trials']} trials{queued}; no search "
+              "runs on it")
+    table = Table(title="best per NFE (as 'steptune best' chooses)")
+    for col in ("NFE", "score", "trial id", "schedule", "fidelity"):
+        table.add_column(col, justify="left" if col in ("schedule", "fidelity") else "right")
+    for r in info["per_nfe"]:
+        table.add_row(str(r["nfe"]), fmt(r["best"]), str(r["trial_id"]), r["schedule"] or "—", r["fidelity"] or "—")
+    out.print(table)
+    out.print(cost_table.line(info["cost"]), highlight=False)
+    out.print(f"failures: {info['failed']} failed trials")
 
 
 def register(app: typer.Typer) -> None:
