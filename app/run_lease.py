@@ -106,4 +106,4 @@ def lease(config: Mapping | None, now: datetime) -> dict | None:
     age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
     phase = held.get("phase")
     return {"id": held["id"], "phase": phase, "doing": PHASES.get(phase, phase or "running"), "heartbeat_age": age,
-            "alive": age <= LEASE_SECONDS and not process_gone(held["id"])}
+            "alive": age <= LEASE_SECONDS and not process_gone(held["id"]), "busy": held.get("busy")}

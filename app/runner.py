@@ -407,13 +407,14 @@ class Runner:
     def _heartbeat(self) -> None:
         """One beat: the run's lease, with its phase, and the lease of each trial in flight."""
         storage = self._plain_storage
+        sink = self._sink
+        busy = len(set(list(sink.in_flight.values()))) if sink else 0  # in-process, starts are written with finishes
         try:
-            if not storage.beat_driver(self.job.study, self.driver, phase=self.phase):
+            if not storage.beat_driver(self.job.study, self.driver, phase=self.phase, busy=busy):
                 self.say(f"study {self.job.study!r} was taken over by another driver; stopping")
                 self.interrupt()
         except StorageError:
             pass  # the database is away: the writes wait for it, the next beat tries again
-        sink = self._sink
         for tid, worker in list(sink.in_flight.items()) if sink else []:
             try:
                 storage.heartbeat(tid, worker)

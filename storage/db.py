@@ -607,9 +607,10 @@ class Storage:
                     raise DriverBusy(study, held["id"], age)
             st.config = {**(st.config or {}), "driver": {"id": driver, "heartbeat": now.isoformat()}}
 
-    def beat_driver(self, study: str, driver: str, *, now: datetime | None = None, phase: str | None = None) -> bool:
-        """Renew the driver's lease, with the ``phase`` its run is in where given (else the one it gave last);
-        False once another driver took the study over."""
+    def beat_driver(self, study: str, driver: str, *, now: datetime | None = None, phase: str | None = None,
+                    busy: int | None = None) -> bool:
+        """Renew the driver's lease, with the ``phase`` its run is in where given (else the one it gave last) and how
+        many of its evaluators are ``busy`` where given; False once another driver took the study over."""
         with self._tx() as s:
             st = self._study_row(s, study, lock=True)
             held = (st.config or {}).get("driver") or {}
@@ -617,7 +618,8 @@ class Storage:
                 return False
             phase = phase or held.get("phase")
             st.config = {**st.config, "driver": {"id": driver, "heartbeat": (now or utcnow()).isoformat(),
-                                                 **({"phase": phase} if phase else {})}}
+                                                 **({"phase": phase} if phase else {}),
+                                                 **({"busy": busy} if busy is not None else {})}}
             return True
 
     def release_driver(self, study: str, driver: str) -> None:

@@ -98,3 +98,30 @@ def test_a_run_stopped_while_it_refines_is_not_called_finished(tmp_path):
                                       "again to go on")
     run_job(job, url)
     assert _state(url, "halfway") == "finished"
+
+
+def test_status_counts_the_evaluators_busy_in_a_live_in_process_run(tmp_path):
+    """In-process a trial is stored running and finished in one write, so the run's heartbeat says how many of its
+    evaluators are busy, and status reads that while the run is alive."""
+    url = f"sqlite:///{tmp_path / 'b.db'}"
+    job = load_job(write_job(tmp_path / "busy.toml", "busy", tmp_path / "cache", evaluations=6, nfe="[3]"))
+    backend = LocalBackend(job.problem, job.evaluation, job.backend)
+    seen = {}
+    with connect(url) as db:
+        runner = Runner(job, db, backend)
+
+        def progress(s):
+            if s["phase"] == "search" and s["done"] >= 2 and not seen:
+                runner._heartbeat()  # as the lease thread beats: the evaluation just reported is still in flight
+                with connect(url) as other:
+                    info = study_status(other, "busy")
+                seen.update(busy=info["busy_evaluators"], running=info["running"])
+
+        runner.progress = progress
+        try:
+            runner.run()
+        finally:
+            backend.close()
+        after = study_status(db, "busy")
+    assert seen == {"busy": 1, "running": 0}
+    assert after["busy_evaluators"] == 0 and after["driver"] is None  # the run let go as it ended

@@ -235,7 +235,10 @@ def study_status(storage, study: str) -> dict:
                          for n, t in sorted(imported.items())],
             "confirmed": sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info),
             "workers": sorted({t.worker for t in trials if t.status == "running" and t.worker}),
-            "busy_evaluators": len({t.worker for t in trials if t.status == "running" and t.worker}),
+            # the live run's own count at its last heartbeat (in-process, a trial is stored running and finished
+            # in one write), else the evaluators of the trials stored running
+            "busy_evaluators": driver["busy"] if driver and driver["alive"] and driver.get("busy") is not None
+            else len({t.worker for t in trials if t.status == "running" and t.worker}),
             "evaluators": (st.config.get("evaluators") or {}).get("count"),
             "utilisation": st.config.get("utilisation"), "cost": study_cost(trials).as_dict(),
             "recent_errors": [{"number": t.number, "status": t.status, "attempts": t.attempts, "error": t.error}
