@@ -164,3 +164,8 @@ def test_status_of_a_sweep_or_an_import_shows_its_best_per_nfe_as_best_does(tmp_
         code, text, _ = run_cli(["status", "--study", study, "--db", url], capsys)
         assert code == 0 and text.startswith(f"{study}: made by {made_by}, ") and "ETA" not in text and "/?" not in text
         assert all(f"{r['id']}" in text for r in best.values())
+    assert run_cli(["import", str(tmp_path / "s5.json"), "--study", "mine", "--queue", "--db", url], capsys)[0] == 0
+    code, text, _ = run_cli(["status", "--study", "mine", "--db", url], capsys)
+    assert " ".join(text.split()).startswith(
+        "mine: made by steptune import, 1 trial, 1 of them queued, which no run of this study scores ('steptune eval "
+        "-s FILE' scores a schedule file; a search's study scores what is imported into it); no search runs on it")

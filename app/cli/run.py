@@ -362,9 +362,11 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
 
 def _print_unsearched(info: dict) -> None:
     """Status of a study no search made (a sweep, an import, the Python API): its trials and its best per NFE."""
-    queued = f"; {info['queued']} queued for a run to score" if info["queued"] else ""
-    out.print(f"[bold]{info['study']}[/]: made by {info['made_by']}, {info['trials']} trials{queued}; no search "
-              "runs on it")
+    n, q = info["trials"], info["queued"]
+    queued = (f", {q} of them queued, which no run of this study scores ('steptune eval -s FILE' scores a schedule "
+              "file; a search's study scores what is imported into it)") if q else ""
+    out.print(f"[bold]{info['study']}[/]: made by {info['made_by']}, {n} trial{'s' if n != 1 else ''}{queued}; no "
+              "search runs on it")
     table = Table(title="best per NFE (as 'steptune best' chooses)")
     for col in ("NFE", "score", "trial id", "schedule", "fidelity"):
         table.add_column(col, justify="left" if col in ("schedule", "fidelity") else "right")
