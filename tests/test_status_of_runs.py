@@ -102,7 +102,9 @@ def test_a_run_stopped_while_it_refines_is_not_called_finished(tmp_path):
 
 def test_status_counts_the_evaluators_busy_in_a_live_in_process_run(tmp_path):
     """In-process a trial is stored running and finished in one write, so the run's heartbeat says how many of its
-    evaluators are busy, and status reads that while the run is alive."""
+    evaluators are busy, and status and the dashboard read that while the run is alive."""
+    from steptune.dashboard.queries import history
+
     url = f"sqlite:///{tmp_path / 'b.db'}"
     job = load_job(write_job(tmp_path / "busy.toml", "busy", tmp_path / "cache", evaluations=6, nfe="[3]"))
     backend = LocalBackend(job.problem, job.evaluation, job.backend)
@@ -115,7 +117,8 @@ def test_status_counts_the_evaluators_busy_in_a_live_in_process_run(tmp_path):
                 runner._heartbeat()  # as the lease thread beats: the evaluation just reported is still in flight
                 with connect(url) as other:
                     info = study_status(other, "busy")
-                seen.update(busy=info["busy_evaluators"], running=info["running"])
+                    page = history(other, "busy")  # the dashboard's history view says the same
+                seen.update(busy=info["busy_evaluators"], running=info["running"], page=page["evaluators"]["busy"])
 
         runner.progress = progress
         try:
@@ -123,5 +126,5 @@ def test_status_counts_the_evaluators_busy_in_a_live_in_process_run(tmp_path):
         finally:
             backend.close()
         after = study_status(db, "busy")
-    assert seen == {"busy": 1, "running": 0}
+    assert seen == {"busy": 1, "running": 0, "page": 1}
     assert after["busy_evaluators"] == 0 and after["driver"] is None  # the run let go as it ended

@@ -321,6 +321,9 @@ def history(store: Storage, study: str) -> dict:
         del c["_best"]
     ordered = sorted(curves.values(), key=lambda c: (c["fidelity"], c["nfe"]))
     evaluators = (config or {}).get("evaluators") or {}
+    run = lease(config, utcnow())
+    if run and run["alive"] and run.get("busy") is not None:  # in-process no row is stored running: the run says
+        busy = run["busy"]
     reported = (config or {}).get("fidelity")  # a search's held-out scores, as best and export choose
     if reported is None and len({c["fidelity"] for c in ordered}) == 1:
         reported = ordered[0]["fidelity"]
