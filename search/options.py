@@ -39,9 +39,6 @@ def check_options(cls, options: dict, method: str, key: str | None = "options") 
             raise ValueError(f"{key + ': ' if key else ''}{said}; its options: {', '.join(defaults)}")
         if value is None and defaults[name] is None:  # an option whose default is None may be given as None
             continue
-        if defaults[name] is None and isinstance(rules.get(name), tuple) and not _number(value):
-            raise ValueError(f"{key + '.' if key else ''}{name} = {value!r}: give a number (an option of method "
-                             f"{method!r})")
         problem = _type_problem(value, defaults[name]) or _rule_problem(value, rules.get(name))
         if problem:
             raise ValueError(f"{key + '.' if key else ''}{name} = {value!r}: {problem} (an option of method "

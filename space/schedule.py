@@ -217,16 +217,7 @@ def load_schedule(path: str | Path) -> Schedule:
     """Read a schedule JSON file (an export's too; its provenance is read by ``steptune.exports.read_export``), or
     the folder or scheduler config ``steptune export --format diffusers`` wrote, and validate it."""
     path = schedule_file(path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ScheduleError(f"{path}: not a text file; a schedule file is JSON") from None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ScheduleError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                            "fix the file") from None
-    sched = _from_dict(schedule_part(d), str(path))
+    sched = _from_dict(schedule_json(schedule_text(path), str(path)), str(path))
     try:
         return sched.validate()
     except ScheduleError as e:
@@ -245,6 +236,24 @@ def schedule_file(path: str | Path) -> Path:
     if not path.is_file():
         raise ScheduleError(f"{path}: no such schedule file")
     return path
+
+
+def schedule_text(path: Path) -> str:
+    """The text of the schedule file ``path`` (a ScheduleError where it is not text)."""
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ScheduleError(f"{path}: not a text file; a schedule file is JSON") from None
+
+
+def schedule_json(text: str, where: str):
+    """The schedule in JSON ``text`` (see :func:`schedule_part`), parsed; a ScheduleError where it is not JSON."""
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
+                            "fix the file") from None
+    return schedule_part(d)
 
 
 def schedule_part(d):

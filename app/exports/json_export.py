@@ -5,13 +5,12 @@ errors and reads the provenance of every version up to this one."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 from steptune.space import Schedule, ScheduleError
 from steptune.space.errors import unknown_field
-from steptune.space.schedule import SCHEMA_VERSION, not_a_schedule, schedule_file, schedule_part
+from steptune.space.schedule import SCHEMA_VERSION, not_a_schedule, schedule_file, schedule_json, schedule_text
 from steptune.storage import StudyRecord, TrialRecord
 
 from .conventions import ExportError, conventions_for, schedule_noise
@@ -87,12 +86,7 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
     Refuses malformed JSON, another schema or schema version, unknown fields (top level, steps,
     provenance) and an ``nfe`` field that disagrees with the steps, each with one sentence.
     """
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ScheduleError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                            "fix the file") from None
-    d = schedule_part(d)
+    d = schedule_json(text, where)
     if isinstance(d, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d):
         raise ScheduleError(f"{where}: a sigma list carries only the times, not the per-step decisions; use the "
                             "JSON export (steptune export --format json) or the diffusers one")
@@ -144,8 +138,4 @@ def scheduler_from_export(path: str | Path, **config):
 
 def read_export(path: str | Path) -> tuple[Schedule, dict | None]:
     path = schedule_file(path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise ScheduleError(f"{path}: not a text file; a schedule file is JSON") from None
-    return parse_export(text, where=str(path))
+    return parse_export(schedule_text(path), where=str(path))
