@@ -148,9 +148,12 @@ def cached_states(problem, x_T: Tensor, times: list[float], *, bank: dict | None
                   cache_dir: str | Path | None = "runs/cache",
                   settings: ReferenceSettings = ReferenceSettings()) -> ReferenceStates:
     """``converged_states`` for a problem, cached under ``cache_dir/reference/`` keyed by the problem's
-    identity (model, conventions, noise), the noise bank, the times and the settings."""
+    identity (model, conventions, noise), the noise bank, the times, the settings and, where the problem knows them,
+    the network's own source files (``code_sha256``: code edited since gives a new solve, not a stale one)."""
     key = {"kind": "neural", "problem": problem.identity(), "bank": dict(bank or {}),
            "x_T_sha256": tensor_sha256(x_T), "times": [float(t) for t in times], "settings": settings.to_dict()}
+    if getattr(problem, "code_sha256", None):
+        key["code_sha256"] = problem.code_sha256
     path = None if cache_dir is None else Path(cache_dir) / "reference" / f"{content_digest(key)}.pt"
     stored = load_cached(path, lambda s: s["states"] if json.loads(s["key"]) == key else None)
     if stored is not None:

@@ -18,14 +18,19 @@ order-3 solve, cached on disk keyed by the network's weights, the conventions an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
+import importlib.util
+import inspect
 import math
 import numbers
 import os
 import sys
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -145,8 +150,6 @@ def DiffusersUNet(unet, **fixed) -> TorchNetwork:  # noqa: N802 (reads as the wr
 def _captured(fn) -> list:
     """The torch modules and tensors a plain callable holds: a function's closure and defaults, a
     partial's arguments, a bound method's object, a callable object's attributes (one level)."""
-    import functools
-
     if isinstance(fn, functools.partial):
         values = [fn.func, *fn.args, *fn.keywords.values()]
     elif hasattr(fn, "__code__"):
@@ -178,6 +181,45 @@ def network_fingerprint(network) -> str:
         else:
             h.update(network_fingerprint(v).encode())
     return f"{name}:{h.hexdigest()}" if held else name
+
+
+def _own_source_file(obj) -> Path | None:
+    """The file that defines ``obj`` (a function, a class, or an instance's class) where it is the user's own: not
+    part of Python, an installed package or steptune."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj) else type(obj)
+    try:
+        found = inspect.getsourcefile(target)
+    except TypeError:  # built in
+        return None
+    if found is None:
+        return None
+    path = Path(found).resolve()
+    return None if any(path.is_relative_to(p) for p in _installed_code()) or not path.is_file() else path
+
+
+@functools.cache
+def _installed_code() -> tuple[Path, ...]:
+    """The folders of Python's own library, of installed packages and of steptune's packages."""
+    paths = sysconfig.get_paths()
+    ours = [importlib.util.find_spec(f"steptune{sub}").submodule_search_locations[0]
+            for sub in ("", ".space", ".evaluators", ".search", ".storage")]
+    return tuple(Path(p).resolve() for p in (paths["stdlib"], paths["purelib"], paths["platlib"], *ours))
+
+
+def source_fingerprint(*objs) -> str | None:
+    """sha256 over the user's own source files that define ``objs`` (a factory, its network: every submodule of a
+    torch module, what a plain callable holds), or None where all of them come from installed code."""
+    found = []
+    for o in objs:
+        for v in (o, *([] if isinstance(o, torch.nn.Module) else _captured(o))):
+            found += list(v.modules()) if isinstance(v, torch.nn.Module) else [v]
+    files = sorted({f for o in found if (f := _own_source_file(o)) is not None})
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def conditioning_fingerprint(*kwargs: dict) -> str:
@@ -309,7 +351,8 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
                 raise ValueError(f"decode must be a function of the states, got {type(plug.decode).__name__}")
             source["images"] = True  # a stored study says it can be shown as images without loading the factory
         prob = NeuralProblem(name=plug.name or spec, noise=ns, model=model, shape=tuple(shape), t_start=t_start,
-                             t_end=t_end, source=source, reference_settings=settings, decode=plug.decode)
+                             t_end=t_end, source=source, reference_settings=settings, decode=plug.decode,
+                             code_sha256=source_fingerprint(factory, plug.network))
     except ValueError as e:
         raise PluginError(f"model {spec!r}: {e}") from None
     if check:

@@ -196,6 +196,7 @@ class NeuralProblem(Problem):
     bank_sizes: tuple[int, int] | None = (64, 256)
     reference_settings: ReferenceSettings = field(default_factory=ReferenceSettings)
     decode: Callable[[Tensor], Tensor] | None = None
+    code_sha256: str | None = None  # of the network's own source files: their references are solved again on a change
 
     def identity(self) -> dict:
         return {**super().identity(), "reference": self.reference_settings.to_dict()}

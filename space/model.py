@@ -92,11 +92,23 @@ class Model:
         """The raw output for a batch whose samples may sit at different times (``time_values``: one time
         input per sample, in this model's convention), with guidance applied."""
         self.calls += 1
+        cond_kwargs = self._with_sample_kwargs(x)
         if self.guidance_scale is None:
-            return network_output(self.fn(x, time_values, **self.cond_kwargs))
-        cond = network_output(self.fn(x, time_values, **self.cond_kwargs))
+            return network_output(self.fn(x, time_values, **cond_kwargs))
+        cond = network_output(self.fn(x, time_values, **cond_kwargs))
         uncond = network_output(self.fn(x, time_values, **self.uncond_kwargs))
         return uncond + self.guidance_scale * (cond - uncond)
+
+    def _with_sample_kwargs(self, x: Tensor) -> dict:
+        """``cond_kwargs`` and, where ``fn`` defines ``sample_kwargs(n)``, the per-sample arguments for the batch's n
+        samples (the first n of a bank) that ``cond_kwargs`` does not set already (``sample_batch`` sets them, tiled
+        for its stacked runs), on x's device."""
+        per_sample = getattr(self.fn, "sample_kwargs", None)
+        if per_sample is None:
+            return self.cond_kwargs
+        extra = {k: v.to(x.device) if isinstance(v, Tensor) else v
+                 for k, v in per_sample(x.shape[0]).items() if k not in self.cond_kwargs}
+        return {**self.cond_kwargs, **extra} if extra else self.cond_kwargs
 
     def predict(self, x: Tensor, t: float, alpha: float, sigma: float,
                 buf: Tensor | None = None) -> tuple[Tensor, Tensor]:

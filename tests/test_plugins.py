@@ -71,7 +71,8 @@ def guided_factory():
 
 
 class LabelledNet(torch.nn.Module):
-    """A trainable-looking module (its parameters require grad) whose labels come from the sample index."""
+    """A trainable-looking module (its parameters require grad) whose labels come from the sample index through
+    ``sample_kwargs``; called without them it is unconditional."""
 
     def __init__(self):
         super().__init__()
@@ -83,8 +84,8 @@ class LabelledNet(torch.nn.Module):
         return {"labels": torch.arange(n) % 10}
 
     def forward(self, x, t, labels=None):
-        labels = torch.arange(x.shape[0]) % 10 if labels is None else labels
-        return 0.1 * torch.tanh(self.lin(x) + self.emb(labels) + t[:, None])
+        label = 0.0 if labels is None else self.emb(labels)
+        return 0.1 * torch.tanh(self.lin(x) + label + t[:, None])
 
 
 def labelled_factory():
@@ -384,6 +385,21 @@ def test_a_module_that_requires_grad_runs_and_its_per_sample_labels_survive_batc
     assert batched == pytest.approx(one_by_one, rel=1e-5)
 
 
+def test_per_sample_labels_reach_every_call_of_the_network():
+    prob = load_problem("test_plugins:labelled_factory")
+    x_T = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    sched = presets.build("unipc-bh2", 6, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    net = prob.model.fn.network
+    labels = torch.arange(12) % 10
+    explicit = Model(lambda x, t, **kw: net(x, t, **kw), prob.noise, prediction="eps", time_input="continuous",
+                     cond_kwargs={"labels": labels})
+    unlabelled = Model(lambda x, t: net(x, t), prob.noise, prediction="eps", time_input="continuous")
+    with torch.no_grad():
+        got = sample(prob.model, x_T, sched)
+        assert torch.equal(got, sample(explicit, x_T, sched))
+        assert not torch.allclose(got, sample(unlabelled, x_T, sched))
+
+
 def test_the_identity_follows_conditioning_captured_modules_and_unsaved_buffers():
     from steptune.evaluators.plugins import network_fingerprint, plugin_problem
 
@@ -478,3 +494,28 @@ def test_eval_names_the_schedule_a_model_raised_on_in_one_line(tmp_path, capsys)
     msg = capsys.readouterr().err.strip()
     assert rc == 2 and len(msg.splitlines()) == 1
     assert msg.startswith("error: preset:ddim at NFE 20: the model raised RuntimeError: no weights for this time (at ")
+
+
+def test_a_cached_reference_is_solved_again_after_the_network_code_changes(tmp_path, monkeypatch, capsys):
+    code = """import torch
+from steptune.evaluators import Plug
+SCALE = {scale}
+class Net(torch.nn.Module):
+    def forward(self, x, t):
+        return SCALE * 0.5 * x
+def load():
+    return Plug(network=Net(), shape=(3,), noise="vp-linear", prediction="eps", time_input="continuous")
+"""
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def rmse(scale, cache):
+        (tmp_path / "scaled_net.py").write_text(code.format(scale=scale))
+        monkeypatch.delitem(sys.modules, "scaled_net", raising=False)
+        assert main(["eval", "--model", "scaled_net:load", "--schedule", "preset:ddim", "--nfe", "4", "--samples",
+                     "8", "--cache", str(tmp_path / cache), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["results"][0]["rmse"]
+
+    rmse(1.0, "shared")
+    edited = rmse(1.3, "shared")
+    assert edited == rmse(1.3, "fresh")  # solved again, as an empty cache solves it
+    assert edited != rmse(1.0, "fresh")
