@@ -27,6 +27,7 @@ from steptune.space.noise import VPDiscrete
 
 from .cache import atomic_torch_save, content_digest, load_cached, tensor_sha256
 from .reference import ZERO_FLOOR, ReferenceStates
+from .user_code import raised_text
 
 Tensor = torch.Tensor
 
@@ -38,7 +39,8 @@ SOLVER = "unipc-bh2"
 
 
 class ReferenceNotConverged(RuntimeError):
-    """The reference solve diverged or did not converge: a property of the network, not of a schedule."""
+    """The reference solve diverged, did not converge or the network raised in it: a property of the network, not of
+    a schedule."""
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,10 @@ def fine_solve(model, x_T: Tensor, times: list[float], steps: int) -> list[Tenso
     want = {m - 1: k for k, m in enumerate(marks[1:])}
     out: list[Tensor | None] = [None] * (len(times) - 1)
 
+    done = [-1]
+
     def keep(i: int, x: Tensor) -> None:
+        done[0] = i
         if i in want:
             out[want[i]] = x
 
@@ -115,6 +120,11 @@ def fine_solve(model, x_T: Tensor, times: list[float], steps: int) -> list[Tenso
         raise ReferenceNotConverged(f"reference: the model produced NaN or inf near t = {grid[e.step + 1]:g} on the "
                                     "reference solve; check the network there (its weights, the time input "
                                     "convention)") from None
+    except Exception as e:  # the network itself raised: its message and the line of the user's code that raised it
+        raise ReferenceNotConverged(
+            f"reference: {raised_text(e)} near t = "
+            f"{grid[done[0] + 1]:g} of the reference solve, which calls it at times from {grid[0]:g} to {grid[-1]:g} "
+            f"on batches of {x_T.shape[0]}; fix the network there") from None
     return out
 
 

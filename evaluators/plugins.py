@@ -21,16 +21,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import importlib.util
-import inspect
 import math
 import numbers
 import os
 import sys
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
 import torch
 
@@ -42,6 +38,7 @@ from steptune.space.noise import NoiseSchedule
 from .cache import hash_tensor
 from .neural_reference import ReferenceSettings
 from .problems import NeuralProblem, Problem, default_conventions
+from .user_code import own_source_file
 
 Tensor = torch.Tensor
 DEFAULT_NOISE = "ddpm-linear"
@@ -183,29 +180,6 @@ def network_fingerprint(network) -> str:
     return f"{name}:{h.hexdigest()}" if held else name
 
 
-def _own_source_file(obj) -> Path | None:
-    """The file that defines ``obj`` (a function, a class, or an instance's class) where it is the user's own: not
-    part of Python, an installed package or steptune."""
-    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj) else type(obj)
-    try:
-        found = inspect.getsourcefile(target)
-    except TypeError:  # built in
-        return None
-    if found is None:
-        return None
-    path = Path(found).resolve()
-    return None if any(path.is_relative_to(p) for p in _installed_code()) or not path.is_file() else path
-
-
-@functools.cache
-def _installed_code() -> tuple[Path, ...]:
-    """The folders of Python's own library, of installed packages and of steptune's packages."""
-    paths = sysconfig.get_paths()
-    ours = [importlib.util.find_spec(f"steptune{sub}").submodule_search_locations[0]
-            for sub in ("", ".space", ".evaluators", ".search", ".storage")]
-    return tuple(Path(p).resolve() for p in (paths["stdlib"], paths["purelib"], paths["platlib"], *ours))
-
-
 def source_fingerprint(*objs) -> str | None:
     """sha256 over the user's own source files that define ``objs`` (a factory, its network: every submodule of a
     torch module, what a plain callable holds), or None where all of them come from installed code."""
@@ -213,7 +187,7 @@ def source_fingerprint(*objs) -> str | None:
     for o in objs:
         for v in (o, *([] if isinstance(o, torch.nn.Module) else _captured(o))):
             found += list(v.modules()) if isinstance(v, torch.nn.Module) else [v]
-    files = sorted({f for o in found if (f := _own_source_file(o)) is not None})
+    files = sorted({f for o in found if (f := own_source_file(o)) is not None})
     if not files:
         return None
     h = hashlib.sha256()

@@ -1,8 +1,13 @@
-"""The error steptune.space raises for a schedule, noise schedule or spacing that cannot run."""
+"""The errors steptune.space raises: a schedule, noise schedule or spacing that cannot run, a network's output that
+cannot be a prediction."""
 
 
 class ScheduleError(ValueError):
     """A schedule that cannot run; the message names the step and the field."""
+
+
+class NetworkOutputError(ValueError):
+    """The network returned what cannot be a prediction for the states it was given; the message says what."""
 
 
 def unknown_field(name: str, known, what: str = "field", at: str = "") -> str:

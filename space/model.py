@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import NetworkOutputError
 from .noise import NoiseSchedule, VPDiscrete
 
 Tensor = torch.Tensor
@@ -94,9 +95,9 @@ class Model:
         self.calls += 1
         cond_kwargs = self._with_sample_kwargs(x)
         if self.guidance_scale is None:
-            return network_output(self.fn(x, time_values, **cond_kwargs))
-        cond = network_output(self.fn(x, time_values, **cond_kwargs))
-        uncond = network_output(self.fn(x, time_values, **self.uncond_kwargs))
+            return _same_shape(network_output(self.fn(x, time_values, **cond_kwargs)), x)
+        cond = _same_shape(network_output(self.fn(x, time_values, **cond_kwargs)), x)
+        uncond = _same_shape(network_output(self.fn(x, time_values, **self.uncond_kwargs)), x)
         return uncond + self.guidance_scale * (cond - uncond)
 
     def _with_sample_kwargs(self, x: Tensor) -> dict:
@@ -122,6 +123,13 @@ class Model:
         time_values = self.time_tensor(t).to(time_dtype(x)).expand(x.shape[0])
         return convert(self.call(x, time_values).to(x.dtype), x, alpha.to(x.dtype), sigma.to(x.dtype),
                        self.prediction)
+
+
+def _same_shape(out: Tensor, x: Tensor) -> Tensor:
+    if out.shape != x.shape:
+        raise NetworkOutputError(f"the network returned shape {tuple(out.shape)} for states of shape "
+                                 f"{tuple(x.shape)}; it must return one prediction of the state's shape per state")
+    return out
 
 
 def time_dtype(x: Tensor) -> torch.dtype:

@@ -31,8 +31,8 @@ def test_a_job_refuses_a_relaxation_study(relax_db, tmp_path, cache, capsys):
     url, config = relax_db
     job = write_job(tmp_path / "job.toml", "rx", cache, evaluations=2)
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert (code, err.strip()) == (2, "error: study 'rx' was made by steptune relax, not by a search; give a new "
-                                      "study name")
+    assert (code, err.strip()) == (2, f"error: {job}: study 'rx' was made by steptune relax, not by a search; give "
+                                      "a new study name")
     _unchanged(url, config)
 
 
@@ -116,7 +116,7 @@ def test_what_the_search_cannot_do_is_refused_before_the_study_is_made(tmp_path,
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = write_job(tmp_path / "job.toml", "n", cache, evaluations=2, nfe="[4, 5000]")
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert code == 2 and err.startswith("error: search.nfe 5000: at most ") and "search at most NFE" in err
+    assert code == 2 and err.startswith(f"error: {job}: search.nfe 5000: at most ") and "search at most NFE" in err
     job = write_job(tmp_path / "job.toml", "n", cache, evaluations=2)
     job.write_text(job.read_text().replace("evaluations = 2", "evaluations = true"))
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)

@@ -496,6 +496,33 @@ def test_eval_names_the_schedule_a_model_raised_on_in_one_line(tmp_path, capsys)
     assert msg.startswith("error: preset:ddim at NFE 20: the model raised RuntimeError: no weights for this time (at ")
 
 
+def two_states_factory():
+    """Passes the load check (two states); returns two predictions whatever the batch."""
+    return Plug(network=lambda x, t: 0.1 * x[:2], shape=(4,), noise="vp-linear", prediction="eps",
+                time_input="continuous")
+
+
+@pytest.mark.parametrize("command", [["sweep", "--presets", "ddim", "--nfe", "4"],
+                                     ["search", "--nfe", "4", "--budget", "2", "--method", "random", "--study", "r"]])
+def test_a_network_that_raises_in_the_reference_solve_is_named_in_one_line(tmp_path, capsys, command):
+    extra = ["--db", f"sqlite:///{tmp_path / 'x.db'}", "--out", str(tmp_path)] if command[0] == "search" else \
+        ["--out", str(tmp_path)]
+    rc = main([command[0], "--model", "test_plugins:raising_mid_factory", *command[1:], "--cache", str(tmp_path),
+               *extra])
+    msg = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2
+    assert msg.startswith("error: reference: the model raised RuntimeError: no weights for this time (at "
+                          "test_plugins.py:62) near t = 0.")
+
+
+def test_a_network_that_returns_another_batch_is_named_in_one_line(tmp_path, capsys):
+    rc = main(["eval", "--model", "test_plugins:two_states_factory", "--schedule", "preset:ddim", "--nfe", "4",
+               "--cache", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        "error: preset:ddim at NFE 4: the network returned shape (2, 4) for states of shape (256, 4); it must return "
+        "one prediction of the state's shape per state")
+
+
 def test_a_cached_reference_is_solved_again_after_the_network_code_changes(tmp_path, monkeypatch, capsys):
     code = """import torch
 from steptune.evaluators import Plug

@@ -130,7 +130,7 @@ def test_a_study_resumed_with_another_job_is_refused(tmp_path, cache, capsys):
     assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
     job.write_text(job.read_text().replace("seed = 3", "seed = 4"))
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert code == 2 and "error: study 's' was run with a different job ('seed' (3 then, 4 now) differs)" in err
+    assert code == 2 and f"error: {job}: study 's' was run with a different job ('seed' (3 then, 4 now) differs)" in err
 
 
 def test_a_study_scored_on_an_earlier_bank_version_is_refused(tmp_path, cache, capsys):

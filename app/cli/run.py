@@ -81,9 +81,10 @@ class _StartInterrupted(KeyboardInterrupt):
     factory's loader, say) takes it for an error of its own."""
 
 
-def execute_job(job, quiet: bool = False):
+def execute_job(job, quiet: bool = False, source: str | None = None):
     """Run ``job`` with a progress bar on stderr (none when ``quiet``), Ctrl-C finishing the evaluations in
-    flight; bad input raises CliError before any work. Returns the RunResult."""
+    flight; bad input raises CliError before any work, its message after ``source: `` where given (the job file).
+    Returns the RunResult."""
     from steptune.backends import BackendError, make_backend
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.jobs import JobError
@@ -103,7 +104,7 @@ def execute_job(job, quiet: bool = False):
         if new_file is not None:  # a job refused before its study was made leaves no database behind
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{new_file}{suffix}").unlink(missing_ok=True)
-        raise CliError(str(e)) from None
+        raise CliError(f"{source}: {e}" if source else str(e)) from None
     with job_progress(quiet) as shown:
         runner.progress = shown.update
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -264,7 +265,7 @@ def run_cmd(
                                     "backend.kind": "ray" if ray_address else backend})
     except JobError as e:  # the file, or an override that does not validate
         raise CliError(str(e)) from None
-    result = execute_job(job, json_)
+    result = execute_job(job, json_, source=None if ray_address else str(job_file))  # the address is not the file's
     cost = load_cost(job.storage.db, result.study)
     payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
                "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import traceback
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -101,6 +100,7 @@ def eval_cmd(
 ):
     """Run schedules on a problem (or your --model) and measure their error against the reference solution."""
     from steptune.evaluators.neural_reference import ReferenceNotConverged
+    from steptune.evaluators.user_code import raised_text
     from steptune.exports import read_export
     from steptune.study_problem import tuned_elsewhere
 
@@ -139,9 +139,7 @@ def eval_cmd(
             except (ScheduleError, ReferenceNotConverged):
                 raise
             except Exception as e:  # the network raised on this schedule's inputs
-                at = traceback.extract_tb(e.__traceback__)[-1]
-                raise CliError(f"{spec} at NFE {s.nfe}: the model raised {type(e).__name__}: {e} (at "
-                                f"{Path(at.filename).name}:{at.lineno})") from None
+                raise CliError(f"{spec} at NFE {s.nfe}: {raised_text(e)}") from None
             rows.append({"schedule": spec, "name": s.name, "nfe": res.nfe, "status": res.status, "error": res.error,
                          "bank": res.bank, "samples": res.n, "seconds": res.seconds, **res.metrics})
         try:
