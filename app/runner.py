@@ -19,6 +19,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import threading
@@ -33,7 +34,7 @@ from steptune.jobs import Job, JobError
 from steptune.run_lease import LEASE_SECONDS, beating, driver_gone, driver_id
 from steptune.search import CHEAP, CONFIRM
 from steptune.storage import Storage, StorageError
-from steptune.storage.db import Retrying
+from steptune.storage.db import DriverLost, Retrying
 from steptune.study_problem import evaluator_refusal, first_change, mixing_refusal, value_at, weights_note
 
 
@@ -159,6 +160,20 @@ class _Sink:
         return self.runner.should_stop()
 
 
+class _Fenced:
+    """The run's storage: once ``fence`` (the study, this run's driver) is set, its writes of trials and of the
+    study's config are refused (DriverLost) where another run has taken the study over meanwhile."""
+
+    WRITES = frozenset({"add_trials", "record", "update_study_config"})
+
+    def __init__(self, storage):
+        self.storage, self.fence = storage, None
+
+    def __getattr__(self, name: str):
+        attr = getattr(self.storage, name)
+        return functools.partial(attr, fence=self.fence) if self.fence is not None and name in self.WRITES else attr
+
+
 class Runner:
     """Runs ``job`` on ``backend``, storing into ``storage``. ``progress`` gets a dict after every result
     (phase, done, total, best per NFE, failures, eta); ``say`` gets one-line notices."""
@@ -167,10 +182,11 @@ class Runner:
                  progress: Callable[[dict], None] | None = None, say: Callable[[str], None] | None = None):
         self.say = say or (lambda msg: None)
         # every call waits out a database outage (up to [storage] retry); the heartbeats use the plain storage
-        self.job, self.storage, self.backend = job, Retrying(storage, job.storage.retry, self.say), backend
+        self.job, self.storage, self.backend = job, _Fenced(Retrying(storage, job.storage.retry, self.say)), backend
         self._plain_storage = storage
         self.progress = progress
         self.driver = driver_id()
+        self._taken_over: list[str | None] = []  # [the driver that holds the study now], once another took it over
         self.interrupted = threading.Event()
         self.started = time.monotonic()
         self.started_at = self._db_now()
@@ -247,6 +263,7 @@ class Runner:
             self.storage.claim_driver(job.study, self.driver, LEASE_SECONDS, gone=driver_gone)
         except StorageError as e:  # DriverBusy: another live driver runs this study
             raise JobError(str(e)) from None
+        self.storage.fence = (job.study, self.driver)
         self.storage.forget_requests(timedelta(days=1))
         self._recover()
 
@@ -294,12 +311,15 @@ class Runner:
             heap.close()
             self._beating.set()
             end_beats()
-            try:  # how it ended, and where, for status; then the study is free
+            try:  # how it ended, and where, for status; then the study is free (a run taken over writes neither)
                 self._plain_storage.update_study_config(job.study, {"last_run": {
-                    "driver": self.driver, "ended": ended, "phase": self.phase}})
+                    "driver": self.driver, "ended": ended, "phase": self.phase}}, fence=self.storage.fence)
                 self._plain_storage.release_driver(job.study, self.driver)
+                self.storage.fence = None  # let go: what the run writes of itself after its end is its own
             except StorageError:
                 pass  # the database is away: the lease runs out, or a driver on this host sees this process gone
+        if self._taken_over:
+            raise DriverLost(job.study, self.driver, self._taken_over[0])
         with _heap_set_aside():  # reading every trial back would otherwise start that full pass (0.2 s on gmm-digits)
             return self._result()
 
@@ -411,7 +431,8 @@ class Runner:
         busy = len(set(list(sink.in_flight.values()))) if sink else 0  # in-process, starts are written with finishes
         try:
             if not storage.beat_driver(self.job.study, self.driver, phase=self.phase, busy=busy):
-                self.say(f"study {self.job.study!r} was taken over by another driver; stopping")
+                holder = ((storage.get_study(self.job.study).config or {}).get("driver") or {}).get("id")
+                self._taken_over = [holder]  # the run stops with DriverLost; its writes are refused meanwhile
                 self.interrupt()
         except StorageError:
             pass  # the database is away: the writes wait for it, the next beat tries again

@@ -91,6 +91,18 @@ class DriverBusy(StorageError):
         self.driver, self.age = driver, age
 
 
+class DriverLost(StorageError):
+    """The study's driver is no longer ``driver``: another run took the study over (this one was paused past its
+    lease); the write was refused, and this run should write nothing more."""
+
+    def __init__(self, study: str, driver: str, holder: str | None):
+        now = f"run {holder} holds it now" if holder else "no run holds it now"
+        super().__init__(f"study {study!r} was taken over by another run while this one ({driver}) was paused past its "
+                         f"lease ({now}); this run stops without writing more: its evaluations in flight are done "
+                         "again by the run that took over, or by the next run of the job")
+        self.study, self.driver, self.holder = study, driver, holder
+
+
 # ---- records returned by the API (plain, detached from any session) ------------------------------
 
 
@@ -187,6 +199,9 @@ _T, _S, _R = Trial.__table__, Study.__table__, Request.__table__
 _REPLAYED = select(_R.c.result).where(_R.c.token == bindparam("token"))
 _REMEMBER = insert(_R)
 _STUDY_METRIC = select(_S.c.id, _S.c.metric).where(_S.c.name == bindparam("name"))
+# the study's driver, its row shared-locked until the write that asked commits (a claim waits for it)
+_DRIVER_OF = (select(_S.c.config[("driver", "id")].as_string()).where(_S.c.name == bindparam("name"))
+              .with_for_update(read=True))
 _COUNT_ADDED = (update(_S).where(_S.c.id == bindparam("study")).values(n_trials=_S.c.n_trials + bindparam("added"))
                 .returning(_S.c.n_trials))
 _INSERT_TRIALS = insert(_T)
@@ -573,12 +588,15 @@ class Storage:
             raise StorageError(f"a study named {name!r} already exists; pick another name or resume it") from None
         return st
 
-    def update_study_config(self, name: str, changes: Mapping, *, problem: Mapping | None = None) -> StudyRecord:
+    def update_study_config(self, name: str, changes: Mapping, *, problem: Mapping | None = None,
+                            fence: tuple[str, str] | None = None) -> StudyRecord:
         """Merge ``changes`` into the study's config (top-level keys; a value of None removes its key)
         in one transaction, the study's row locked meanwhile; returns the updated study. ``problem``: a new problem
-        identity for a study that has no trials yet."""
+        identity for a study that has no trials yet. ``fence``: as in :meth:`add_trials`."""
         with self._tx() as s:
             st = self._study_row(s, name, lock=True)
+            if fence is not None and ((st.config or {}).get("driver") or {}).get("id") != fence[1]:
+                raise DriverLost(*fence, ((st.config or {}).get("driver") or {}).get("id"))
             if problem is not None:
                 if st.n_trials:
                     raise StorageError(f"study {name!r} has trials scored on its problem; it cannot change problem")
@@ -659,14 +677,16 @@ class Storage:
         return self.add_trials(study, [{"schedule": schedule, **fields}], records=True)[0]
 
     def add_trials(self, study: str, items: Iterable[Mapping], *, create: Mapping | None = None,
-                   request: str | None = None, records: bool = False) -> list[int] | list[TrialRecord]:
+                   request: str | None = None, records: bool = False,
+                   fence: tuple[str, str] | None = None) -> list[int] | list[TrialRecord]:
         """Add many trials in one transaction (all or nothing); returns their ids in order (their records with
         ``records=True``: what reading them back would give, without the read).
 
         Each item is a mapping with ``schedule`` and the fields of ``add_trial``. With ``create`` (the
         keyword arguments of ``create_study``), a missing study is created in the same transaction.
         A second call with the same ``request`` token adds nothing and returns the first call's ids (or, with
-        ``records``, those trials as they are now).
+        ``records``, those trials as they are now). With ``fence`` (study, driver), nothing is added unless that driver
+        holds that study (DriverLost).
         """
         rows = []
         memo: dict[str, tuple[dict, str]] = {}
@@ -697,6 +717,7 @@ class Storage:
                 ids = list(done)
             else:
                 c = s.connection()
+                self._fenced(c, fence)
                 st = c.execute(_STUDY_METRIC, {"name": study}).first()
                 if st is None:
                     if create is None:
@@ -782,16 +803,17 @@ class Storage:
         return self._records([st[0] for st in starts]) if records else None
 
     def record(self, starts: Iterable[tuple] = (), outcomes: Iterable[Mapping] = (), *,
-               now: datetime | None = None, request: str | None = None) -> None:
+               now: datetime | None = None, request: str | None = None, fence: tuple[str, str] | None = None) -> None:
         """``start_many``'s starts, then ``finish_many``'s outcomes (a trial may be in both), in one transaction
         (all or none): what a driver dispatched and got back since its last write. A trial in both is written once,
-        as the start and the finish would leave it."""
+        as the start and the finish would leave it. ``fence``: as in :meth:`add_trials`."""
         starts, outcomes, now = [tuple(s) for s in starts], _final_outcomes(outcomes), now or utcnow()
         with self._tx() as s:
             if self._replayed(s, request) is not _FIRST:
                 return
-            self._remember(s, request)
             c = s.connection()
+            self._fenced(c, fence)
+            self._remember(s, request)
             if starts:
                 ids = [st[0] for st in starts]
                 found = {r.id: r for r in c.execute(_TO_START, {"ids": ids})}
@@ -822,6 +844,14 @@ class Storage:
                     at = o.pop("finished", None) or now
                     values.append({**_finished_row(rows.get(o["trial_id"]), at, **o), "fin": at})
                 c.execute(_FINISH, values)
+
+    @staticmethod
+    def _fenced(c, fence: tuple[str, str] | None) -> None:
+        """DriverLost unless ``fence``'s driver holds its study (nothing to check without one)."""
+        if fence is not None:
+            holder = c.execute(_DRIVER_OF, {"name": fence[0]}).scalar()
+            if holder != fence[1]:
+                raise DriverLost(*fence, holder)
 
     def _records(self, ids: list[int]) -> list[TrialRecord]:
         with self._tx(write=False) as s:

@@ -197,7 +197,7 @@ def test_the_same_job_started_twice_runs_once(pg_url, tmp_path):
     assert codes == [0, 2], [r[2] for r in results]
     refused, ran = sorted(procs, key=lambda p: -p.returncode)
     err = next(e for p, _, e in results if p is refused).strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: study 'twice' is being run by another driver"), err
+    assert len(err) == 1 and err[0].startswith(f"error: {job}: study 'twice' is being run by another driver"), err
     assert f"process {ran.pid}," in err[0] and "heartbeat" in err[0], err
     rows = search_trials(pg_url, "twice")
     assert len(rows) == EVALUATIONS * 2 and all(t.status == "complete" and t.attempts == 1 for t in rows)

@@ -142,8 +142,8 @@ def test_a_study_scored_on_an_earlier_bank_version_is_refused(tmp_path, cache, c
         db.update_study_config("s", {"identity": identity})  # as a study stored before banks were drawn in blocks
         n = len(db.trials("s"))
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert code == 2 and err.strip().startswith("error: study 's' was scored on noise banks drawn by an earlier "
-                                                "steptune (bank version 1, now 2)"), err
+    assert code == 2 and err.strip().startswith(f"error: {job}: study 's' was scored on noise banks drawn by an "
+                                                "earlier steptune (bank version 1, now 2)"), err
     with connect(url) as db:
         assert len(db.trials("s")) == n
 
@@ -225,8 +225,8 @@ def test_a_schedule_imported_into_a_new_study_is_told_that_no_run_will_score_it(
             "or import it into the study of a search or job, whose next run scores it") in said, said
     job = write_job(tmp_path / "job.toml", "mine", cache, evaluations=4)
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
-    assert (code, err.strip()) == (2, "error: study 'mine' was made by steptune import, not by a search; give a new "
-                                      "study name")
+    assert (code, err.strip()) == (2, f"error: {job}: study 'mine' was made by steptune import, not by a search; give "
+                                      "a new study name")
     with connect(url) as db:
         assert [t.status for t in db.trials("mine")] == ["queued"] and db.get_study("mine").kind == "import"
 
@@ -582,6 +582,44 @@ def test_a_run_stopped_while_choosing_spacings_resumes_to_the_same_trials(tmp_pa
         stopped = db.trials("ref")
     assert res.status == "interrupted" and seen[-1][0] == "spacing" and seen[-1][1] == 3 < seen[-1][2]
     assert stopped and all(t.info.get("baseline") and t.status == "queued" for t in stopped)
+    run_job(job, url)
+    with connect(url) as db:
+        assert outcome(db, "ref") == reference_study
+
+
+def test_a_run_taken_over_while_paused_writes_nothing_more(tmp_path, cache, reference_study):
+    """Another run claims the study as if this one had been paused past its lease (the claim made from this run's
+    progress callback, a second later by the claimant's clock): this run's next write is refused, it stops with
+    DriverLost and leaves the study as it was at the claim; once the other run lets go, the job resumes to the trials
+    of an uninterrupted run."""
+    from datetime import timedelta
+
+    from steptune.backends import LocalBackend
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+    from steptune.storage.db import DriverLost
+    from steptune.storage.schema import utcnow
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = load_job(write_job(tmp_path / "job.toml", "ref", cache, evaluations=30))
+    at_claim = []
+
+    def claim_midway(status):
+        if status["phase"] == "search" and status["done"] >= 6 and not at_claim:
+            with connect(url) as other:
+                other.claim_driver("ref", "elsewhere:1", 0, now=utcnow() + timedelta(seconds=1))
+                at_claim.append((outcome(other, "ref"), other.get_study("ref").config))
+
+    with connect(url) as db:
+        backend = LocalBackend(job.problem, job.evaluation, job.backend)
+        runner = Runner(job, db, backend, progress=claim_midway)
+        try:
+            with pytest.raises(DriverLost, match=r"was taken over by another run .*\(run elsewhere:1 holds it now\)"):
+                runner.run()
+        finally:
+            backend.close()
+        assert (outcome(db, "ref"), db.get_study("ref").config) == at_claim[0]
+        db.release_driver("ref", "elsewhere:1")
     run_job(job, url)
     with connect(url) as db:
         assert outcome(db, "ref") == reference_study

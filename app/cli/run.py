@@ -89,7 +89,7 @@ def execute_job(job, quiet: bool = False, source: str | None = None):
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.jobs import JobError
     from steptune.runner import Runner
-    from steptune.storage.db import DatabaseUnavailable, sqlite_file
+    from steptune.storage.db import DatabaseUnavailable, DriverLost, sqlite_file
 
     new_file = sqlite_file(job.storage.db)
     new_file = new_file if new_file is not None and not new_file.exists() else None
@@ -133,7 +133,7 @@ def execute_job(job, quiet: bool = False, source: str | None = None):
             shown.clear()
             raise Interrupted(f"{e} while the evaluators were starting, before any evaluation of this run; nothing "
                               f"was lost: run the same command again to go on with study {job.study!r}") from None
-        except (JobError, BackendError, ReferenceNotConverged) as e:
+        except (JobError, BackendError, ReferenceNotConverged, DriverLost) as e:
             shown.clear()
             raise CliError(str(e)) from None
         except DatabaseUnavailable as e:
