@@ -489,7 +489,7 @@ class Runner:
     def status(self) -> dict:
         elapsed = time.monotonic() - self.started
         rate = self._rate()
-        eta = (self.total - self.done) / rate if rate and self.phase == "search" else None
+        eta = max(self.total - self.done, 0) / rate if rate and self.phase == "search" else None
         phase_done, phase_total = self.phase_counts.get(self.phase, (0, 0))
         sink = self._sink
         return {"phase": self.phase, "done": self.done, "total": self.total, "best": dict(self.best),
@@ -676,7 +676,9 @@ class Runner:
         if rows:
             left = len(rows) - self.done
             self.say(f"resuming study {job.study!r}: {self.done} search evaluations done"
-                     + (f", {left} queued" if left else ""))
+                     + (f", {left} queued" if left else "")
+                     + (f"; that is the whole budget ({self.total}) already: the queued ones are scored, and nothing "
+                        "new is searched" if self.done >= self.total else ""))
         self._search_start = (time.monotonic(), self.done)
         self._reserve_confirm_time()
         for c, score in self._spacing_results(started=bool(rows)):

@@ -421,8 +421,10 @@ class Storage:
             with Session(self._write_engine if write else self.engine, expire_on_commit=False) as s, s.begin():
                 yield s
         except (OperationalError, IntegrityError) as e:
+            hint = ("; the file, or the folder that holds it (SQLite writes its journal beside it), cannot be "
+                    "written: make both writable, or copy the database where they are" if _read_only(e) else "")
             raise StorageError(f"database {self.shown!r} refused the change: "
-                               f"{str(e.orig).strip().splitlines()[0]}") from e
+                               f"{str(e.orig).strip().splitlines()[0]}{hint}") from e
 
     # -- writes a retrying caller may send twice --
 
@@ -471,10 +473,12 @@ class Storage:
                 return MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
         except DatabaseError as e:  # unreachable server, refused login, or a file that is not a database
             shown = make_url(self.url).render_as_string(hide_password=True)
-            fix = ("check that the file is a steptune database" if self.dialect == "sqlite" else
-                   "start the server, or fix the URL (--db or $STEPTUNE_DB)")
-            raise StorageError(f"cannot open the database {shown} ({str(e.orig).strip().splitlines()[0]}); "
-                               f"{fix}") from None
+            said = str(e.orig).strip().splitlines()[0]
+            fix = ("start the server, or fix the URL (--db or $STEPTUNE_DB)" if self.dialect != "sqlite" else
+                   "check that the file can be read and its folder exists and can be written (SQLite keeps its "
+                   "journal beside the file)" if "unable to open" in said else
+                   "check that the file is a steptune database")
+            raise StorageError(f"cannot open the database {shown} ({said}); {fix}") from None
 
     def upgrade(self, revision: str = "head") -> str:
         """Apply the Alembic migrations up to ``revision``; a no-op at head. Returns the new revision."""
@@ -1096,9 +1100,15 @@ def _unreachable(e: BaseException) -> bool:
     """True for an error that a reachable database would not have given: a lost or refused connection
     (a restart, a failover, a server that is down) or a locked SQLite file, not a refused change."""
     cause = e.__cause__ if isinstance(e, StorageError) else e
-    if not isinstance(cause, DBAPIError):
+    if not isinstance(cause, DBAPIError) or _read_only(cause):
         return False
     return cause.connection_invalidated or isinstance(cause, OperationalError)
+
+
+def _read_only(e: DBAPIError) -> bool:
+    """SQLite refusing to write a file that cannot be written (its file or folder read-only): an answer, not an
+    outage, so nothing is gained by waiting for it."""
+    return "readonly database" in str(e.orig)
 
 
 def _final_outcomes(outcomes: Iterable[Mapping]) -> list[dict]:

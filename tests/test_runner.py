@@ -623,3 +623,28 @@ def test_a_run_taken_over_while_paused_writes_nothing_more(tmp_path, cache, refe
     run_job(job, url)
     with connect(url) as db:
         assert outcome(db, "ref") == reference_study
+
+
+def test_a_budget_lowered_below_what_was_done_scores_the_queued_and_searches_nothing_new(tmp_path, cache):
+    from steptune.backends import LocalBackend
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job_file = write_job(tmp_path / "job.toml", "low", cache, evaluations=12)
+    run_job(load_job(job_file), url, stop_after=9)
+    with connect(url) as db:
+        before = db.count_trials("low")
+    job = load_job(write_job(job_file, "low", cache, evaluations=2))
+    said, etas = [], []
+    with connect(url) as db:
+        backend = LocalBackend(job.problem, job.evaluation, job.backend)
+        runner = Runner(job, db, backend, progress=lambda st: etas.append(st["eta"]), say=said.append)
+        try:
+            runner.run()
+        finally:
+            backend.close()
+        cheap_added = [t for t in db.trials("low")[before:] if t.fidelity == "cheap"]
+    resumed = next(m for m in said if m.startswith("resuming study 'low'"))
+    assert "that is the whole budget (4) already: the queued ones are scored, and nothing new is searched" in resumed
+    assert not cheap_added and all(e is None or e >= 0 for e in etas)

@@ -613,3 +613,17 @@ def test_a_schema_another_process_made_while_this_one_looked_is_used(tmp_path, m
     db.create_study("s")
     assert db.get_study("s").n_trials == 0 and len(looks) >= 2
     db.close()
+
+
+def test_a_sqlite_file_that_cannot_be_written_is_refused_at_once_not_waited_for(tmp_path):
+    from steptune.storage.db import Retrying
+
+    path = tmp_path / "x.db"
+    with connect(f"sqlite:///{path}") as db:
+        db.create_study("s", method="s3")
+    waited = []
+    with connect(f"sqlite:///file:{path}?mode=ro&uri=true") as ro:
+        with pytest.raises(StorageError, match="attempt to write a readonly database; the file, or the folder"):
+            Retrying(ro, 300, say=waited.append).create_study("t", method="s3")
+        assert [s.name for s in ro.studies()] == ["s"]
+    assert not waited

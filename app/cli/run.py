@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -81,10 +82,11 @@ class _StartInterrupted(KeyboardInterrupt):
     factory's loader, say) takes it for an error of its own."""
 
 
-def execute_job(job, quiet: bool = False, source: str | None = None):
+def execute_job(job, quiet: bool = False, source: str | None = None, db_from: str | None = None):
     """Run ``job`` with a progress bar on stderr (none when ``quiet``), Ctrl-C finishing the evaluations in
-    flight; bad input raises CliError before any work, its message after ``source: `` where given (the job file).
-    Returns the RunResult."""
+    flight; bad input raises CliError before any work, its message after ``source: `` where given (the job file),
+    a database that cannot be opened named by where its URL came from (``db_from``; by default the job's key, or
+    $STEPTUNE_DB where the job names none). Returns the RunResult."""
     from steptune.backends import BackendError, make_backend
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.jobs import JobError
@@ -93,7 +95,9 @@ def execute_job(job, quiet: bool = False, source: str | None = None):
 
     new_file = sqlite_file(job.storage.db)
     new_file = new_file if new_file is not None and not new_file.exists() else None
-    storage = _open_storage(job.storage.db)
+    if db_from is None:
+        db_from = "storage.db" if job.storage.db else "$STEPTUNE_DB" if os.environ.get("STEPTUNE_DB") else "storage.db"
+    storage = _open_storage(job.storage.db, where=db_from)
     backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
     runner = Runner(job, storage, backend_, say=lambda m: err.print(m))
     try:
@@ -265,7 +269,8 @@ def run_cmd(
                                     "backend.kind": "ray" if ray_address else backend})
     except JobError as e:  # the file, or an override that does not validate
         raise CliError(str(e)) from None
-    result = execute_job(job, json_, source=None if ray_address else str(job_file))  # the address is not the file's
+    result = execute_job(job, json_, source=None if ray_address else str(job_file),  # the address is not the file's
+                         db_from="--db" if db else None)
     cost = load_cost(job.storage.db, result.study)
     payload = {"study": result.study, "status": result.status, "evaluations": result.evaluations,
                "confirmations": result.confirmations, "failed": result.failed, "retried": result.retried,

@@ -129,7 +129,7 @@ def search_cmd(
     except JobError as e:
         raise CliError(str(e).removeprefix("search: ")) from None
     try:
-        result = execute_job(job, quiet=json_)
+        result = execute_job(job, quiet=json_, db_from="--db" if db else None)
     except Interrupted:
         raise
     except CliError as e:  # the runner's checks name the job's keys
