@@ -765,6 +765,12 @@ def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp
     code, out, err = run_cli(["export", "--study", "interp", "--nfe", "5", "--db", url], capsys)
     prov = parse_export(out)[1]
     assert code == 0 and prov["trial"] == best.id and prov["status"] == "complete", err
+    # the built trial's refinement still says what it was built from, and which trial that was
+    code, out, err = run_cli(["export", "--study", "interp", "--trial", str(kid.id), "--db", url], capsys)
+    prov = parse_export(out)[1]
+    assert code == 0 and prov["refined_from"]["trial"] == built.id, err
+    assert prov["interpolated"]["trial"] == built.id and prov["interpolated"]["nfe"] == 5
+    assert prov["interpolated"]["between_trials"] == built.info["interpolated"]["from_trials"]
     code, _, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
     with connect(url) as db:

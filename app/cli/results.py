@@ -85,6 +85,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
              db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
     """The best complete trial of a study at an NFE (or at every NFE)."""
     from steptune.exports import export_dict
+    from steptune.exports.json_export import built_from
     from steptune.search_cost import cost_at
 
     with _open(db) as store:
@@ -95,7 +96,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         if nfe is not None:
             t = _best_or_fail(store, study, nfe, fidelity)
             if json_:
-                print(json.dumps(export_dict(t, st, cost_at(store, t)), indent=2))
+                print(json.dumps(export_dict(t, st, cost_at(store, t), built_from(store, t)), indent=2))
                 return
             out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {fmt(t.score)}  (trial id {t.id}, number "
                       f"{t.number} in the study, {t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, "
@@ -200,6 +201,7 @@ def export_cmd(
         sigma_list_calls,
         stock_diffusers_export,
     )
+    from steptune.exports.json_export import built_from
     from steptune.search_cost import cost_at
 
     if (nfe is None) == (trial is None):
@@ -223,6 +225,7 @@ def export_cmd(
             if t is None and interpolated is None:
                 t = _best_or_fail(store, study, nfe, fidelity)
         cost = cost_at(store, t) if format_ == "json" and interpolated is None else None
+        source = built_from(store, t) if format_ == "json" and interpolated is None else None
     sched = t.to_schedule() if interpolated is None else interpolated["schedule"]
     if interpolated is not None:
         between = interpolated["between"]
@@ -236,7 +239,7 @@ def export_cmd(
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
     stem = f"{study}-nfe{sched.nfe}"
     if format_ == "json":
-        doc = export_dict(t, st, cost) if interpolated is None else interpolated["doc"]
+        doc = export_dict(t, st, cost, source) if interpolated is None else interpolated["doc"]
         text = json.dumps(doc, indent=2) + "\n"
         _emit(text, output)
     elif format_ in ("sigmas", "comfyui"):

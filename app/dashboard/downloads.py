@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steptune.exports import comfyui_sigmas, conventions_for, export_dict, k_diffusion_sigmas, scheduler_for
+from steptune.exports.json_export import built_from
 from steptune.search_cost import cost_at
 from steptune.storage import Storage, StorageError
 
@@ -52,7 +53,7 @@ def export(store: Storage, trial_id: int, fmt: str) -> Download:
     stem = _stem(t.study, t.nfe, t.id)
     sched = t.to_schedule()
     if fmt == "json":
-        text = json.dumps(export_dict(t, study, cost_at(store, t)), indent=2) + "\n"
+        text = json.dumps(export_dict(t, study, cost_at(store, t), built_from(store, t)), indent=2) + "\n"
         return Download(f"{stem}.json", "application/json", text.encode())
     if fmt == "sigmas":
         return Download(f"{stem}-sigmas.json", "application/json", (json.dumps(k_diffusion_sigmas(sched)) + "\n")

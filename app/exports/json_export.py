@@ -31,9 +31,21 @@ def steptune_version() -> str:
         return "unknown"
 
 
-def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict | None = None) -> dict:
+def built_from(store, trial: TrialRecord) -> TrialRecord | None:
+    """The trial that ``trial``'s refinements started from (following ``refines``), where that one was interpolated
+    for an NFE its study did not search; else None."""
+    seen = set()
+    while "refines" in trial.info and "interpolated" not in trial.info and trial.id not in seen:
+        seen.add(trial.id)
+        trial = store.trial(trial.info["refines"])
+    return trial if "interpolated" in trial.info else None
+
+
+def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict | None = None,
+                interpolated: TrialRecord | None = None) -> dict:
     """The exported JSON form of a stored trial: its schedule dict plus ``provenance`` (with ``cost``, what the
-    study spent at the trial's NFE: ``steptune.search_cost``)."""
+    study spent at the trial's NFE: ``steptune.search_cost``). ``interpolated``: the interpolated trial a refined
+    one started from (``built_from``), named in ``provenance.interpolated`` as the trial itself would be."""
     sched = trial.to_schedule()
     d = sched.to_dict()
     prov = {"version": PROVENANCE_VERSION, "steptune": steptune_version(),
@@ -48,12 +60,14 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
         rec = trial.info.get("refine", {})
         prov["refined_from"] = {"trial": trial.info["refines"], "trial_number": trial.info.get("refines_number"),
                                 "score": rec.get("parent_rmse")}
-    if "interpolated" in trial.info:  # built for an NFE the study did not search (a job's [refine] interpolate)
-        how = trial.info["interpolated"]
+    source = trial if "interpolated" in trial.info else interpolated
+    if source is not None:  # built for an NFE the study did not search (a job's [refine] interpolate)
+        how = source.info["interpolated"]
         trials = how.get("from_trials", {})
         prov["interpolated"] = {"nfe": trial.nfe, "rule": "steptune.space.retime.interpolate",
                                 "method": how.get("method"), "between_trials": trials,
-                                "decisions_from_trial": trials.get(str(how.get("decisions_from")))}
+                                "decisions_from_trial": trials.get(str(how.get("decisions_from"))),
+                                **({"trial": source.id} if source is not trial else {})}
     if cost is not None:
         prov["cost"] = cost
     if sched.noise:
