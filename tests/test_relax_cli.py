@@ -194,11 +194,18 @@ def test_resumed_young_study_continues_from_the_stored_factors(tmp_path, capsys)
     assert resumed == full and len(full) == 10
 
 
-def test_young_refuses_other_solvers_and_prior_is_for_young_only(tmp_path, capsys):
+@pytest.mark.parametrize("learner", ["young", "adaptive"])
+def test_young_and_adaptive_refuse_other_solvers_before_anything_is_written(tmp_path, capsys, learner):
     db = f"sqlite:///{tmp_path / 'r.db'}"
-    code, _, err = run(capsys, "relax", "--problem", "heat2d", "--nx", "8", "--steps", "3", "--learner", "young",
+    code, _, err = run(capsys, "relax", "--problem", "heat2d", "--nx", "8", "--steps", "3", "--learner", learner,
                        "--db", db)
-    assert code == 2 and "--solver sor" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and err.strip().endswith("plain SOR solves; use --solver sor (not ssor-pcg, the default for "
+                                              "heat2d)") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_prior_is_for_young_only(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
     code, _, err = run(capsys, "relax", "--learner", "chebcb", "--prior", "lanczos", "--db", db)
     assert code == 2 and "--learner young only" in err
 

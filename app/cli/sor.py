@@ -239,9 +239,10 @@ def relax_cmd(
     if learner == "fixed" and not 0 < omega < 2:
         raise CliError(f"--omega {omega} is outside (0, 2)")
     seq = _sequence(problem, matrices, steps, nx, m, variance, seed)
-    if learner == "young" and solver != "sor":
-        raise CliError(f"--learner young reads Young's relation off plain SOR solves; use --solver sor "
-                       f"(not {solver})")
+    if learner in ("young", "adaptive") and solver != "sor":
+        how = "reads Young's relation off" if learner == "young" else "adapts ω from the convergence of"
+        raise CliError(f"--learner {learner} {how} plain SOR solves; use --solver sor (not {solver}"
+                       f"{', the default for heat2d' if solver == 'ssor-pcg' and problem == 'heat2d' else ''})")
     policy = _policy(learner, seq, seed, omega, arms, omega_max, prior)
     setup = _setup(seq, policy, solver, tol, maxiter)
     name = study or f"relax-{setup['problem']['problem']}-{learner}-s{seed}"
