@@ -284,10 +284,21 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
         raise PluginError(f"model {spec!r}: the factory raised {type(e).__name__}: {e}") from None
     plug = _as_plug(made, spec)
     if isinstance(plug, Problem):
+        given = [k for k, v in {"noise": noise, "prediction": prediction, "time_input": time_input,
+                                "time_scale": time_scale, "guidance_scale": guidance_scale, "shape": shape}.items()
+                 if v is not None]
+        if given:
+            raise PluginError(f"model {spec!r}: the factory returns a Problem, which fixes its own conventions; drop "
+                              f"--{given[0].replace('_', '-')}")
         if check:
             check_problem(plug, spec)
         return plug
     net = plug.network
+    guided = _pick(guidance_scale, plug.guidance_scale, None)
+    if guided is not None and not (plug.cond_kwargs or plug.uncond_kwargs or hasattr(net, "sample_kwargs")):
+        raise PluginError(f"model {spec!r}: guidance {guided:g} has nothing to guide between: the factory gives no "
+                          "cond_kwargs and uncond_kwargs (and the network no sample_kwargs), so both calls would be "
+                          "the same; return a Plug with them, or drop --guidance")
     ns = _pick(noise, plug.noise, DEFAULT_NOISE)
     try:
         ns = noise_mod.get(ns) if isinstance(ns, str) else ns

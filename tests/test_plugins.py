@@ -546,3 +546,31 @@ def load():
     edited = rmse(1.3, "shared")
     assert edited == rmse(1.3, "fresh")  # solved again, as an empty cache solves it
     assert edited != rmse(1.0, "fresh")
+
+
+def problem_factory():
+    from steptune.evaluators import get_problem
+
+    return get_problem("gmm-2d")
+
+
+@pytest.mark.parametrize("spec, option, said", [
+    ("test_plugins:gaussian_factory", ["--guidance", "3"],
+     "error: model 'test_plugins:gaussian_factory': guidance 3 has nothing to guide between: the factory gives no "
+     "cond_kwargs and uncond_kwargs (and the network no sample_kwargs), so both calls would be the same; return a "
+     "Plug with them, or drop --guidance"),
+    ("test_plugins:problem_factory", ["--noise", "vp-cosine"],
+     "error: model 'test_plugins:problem_factory': the factory returns a Problem, which fixes its own conventions; "
+     "drop --noise")])
+def test_a_convention_that_would_change_nothing_is_refused(tmp_path, capsys, spec, option, said):
+    rc = main(["eval", "--model", spec, *option, "--schedule", "preset:ddim", "--nfe", "4", "--cache", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.strip() == said
+
+
+def test_guidance_between_a_labelled_and_an_unlabelled_call_is_taken():
+    prob = load_problem("test_plugins:labelled_factory", guidance_scale=2.0)
+    x_T = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    sched = presets.build("ddim", 4, prob.noise, t_start=prob.t_start, t_end=prob.t_end)
+    with torch.no_grad():
+        assert not torch.allclose(sample(prob.model, x_T, sched), sample(load_problem(
+            "test_plugins:labelled_factory").model, x_T, sched))
