@@ -27,6 +27,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -229,6 +230,12 @@ def import_factory(spec: str) -> Callable:
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise PluginError(f"model {spec!r}: write it as module:factory (e.g. mypkg.models:load_unet)")
+    if module.endswith(".py") or "/" in module or "\\" in module:
+        path = Path(module)
+        named = ".".join((*path.parent.parts, path.stem)).lstrip(".") if not path.is_absolute() else path.stem
+        top = path.parts[0] + "/" if len(path.parts) > 1 and not path.is_absolute() else path.name
+        raise PluginError(f"model {spec!r}: name the module, not its file: {named}:{attr}, run from the folder that "
+                          f"holds {top} (or with that folder on PYTHONPATH)")
     _importable_from_here()
     try:
         mod = importlib.import_module(module)
@@ -244,7 +251,13 @@ def import_factory(spec: str) -> Callable:
     obj = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise PluginError(f"model {spec!r}: {module!r} has no attribute {attr!r}")
+            here = _here()
+            mine = here is not None and (Path(here) / f"{module.replace('.', '/')}.py").is_file()
+            found = getattr(mod, "__file__", None)
+            shadowed = (f"; {module!r} was imported from {found}, not from your {module.replace('.', '/')}.py here: "
+                        "a module of that name in Python's library or an installed package comes first, so rename "
+                        "your file" if mine and found and Path(found).resolve().parent != Path(here).resolve() else "")
+            raise PluginError(f"model {spec!r}: {module!r} has no attribute {attr!r}{shadowed}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise PluginError(f"model {spec!r}: {attr!r} is not callable; it must be a factory function")
@@ -317,6 +330,10 @@ def plugin_problem(spec: str, *, noise: str | NoiseSchedule | None = None, predi
         raise PluginError(f"model {spec!r}: the sample shape is unknown; give --shape 3,32,32 (shape = [3, 32, 32] "
                           "under [problem] in a job file) or return a Plug with shape=...")
     scale = _pick(time_scale, plug.time_scale, 1.0)
+    takes = _pick(time_input, plug.time_input, ti_default)
+    if time_scale is not None and takes != "continuous":
+        raise PluginError(f"model {spec!r}: --time-scale scales a continuous time input, and this network takes "
+                          f"{takes!r} time; drop it, or give --time-input continuous")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (math.isfinite(scale) and scale > 0):
         raise PluginError(f"model {spec!r}: time_scale {scale!r} must be a positive number")
     try:

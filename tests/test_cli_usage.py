@@ -14,7 +14,8 @@ CASES = {
     "unknown option": (["eval", "--bogus"], "No such option: --bogus"),
     "missing option": (["export", "--nfe", "5"], "Missing option '--study'"),
     "bad choice": (["export", "--study", "s", "--nfe", "5", "--format", "png"], "Invalid value for '--format'"),
-    "bad choice of bank": (["sweep", "--bank", "bogus"], "Invalid value for '--bank'"),
+    "bad choice of bank": (["sweep", "--bank", "bogus"], "Invalid value for '--bank': 'bogus' is not one of 'heldout', "
+                           "'train'."),
     "misspelled option": (["search", "--budjet", "3"], "No such option: --budjet"),
     "dc: unknown command": (["dc", "fitt"], "No such command 'fitt'"),
     "dc: unknown option": (["dc", "fit", "--bogus"], "No such option: --bogus"),

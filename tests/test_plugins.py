@@ -574,3 +574,29 @@ def test_guidance_between_a_labelled_and_an_unlabelled_call_is_taken():
     with torch.no_grad():
         assert not torch.allclose(sample(prob.model, x_T, sched), sample(load_problem(
             "test_plugins:labelled_factory").model, x_T, sched))
+
+
+@pytest.mark.parametrize("spec, said", [
+    ("test_plugins.py:gaussian_factory", "name the module, not its file: test_plugins:gaussian_factory, run from the "
+     "folder that holds test_plugins.py (or with that folder on PYTHONPATH)"),
+    ("./models/unet.py:load", "name the module, not its file: models.unet:load, run from the folder that holds "
+     "models/ (or with that folder on PYTHONPATH)")])
+def test_a_model_named_by_its_file_is_told_the_module_name(spec, said):
+    with pytest.raises(PluginError) as e:
+        load_problem(spec)
+    assert str(e.value) == f"model {spec!r}: {said}"
+
+
+def test_a_model_file_shadowed_by_a_library_module_is_said_so(tmp_path, monkeypatch):
+    (tmp_path / "json.py").write_text("def my_net():\n    return None\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PluginError, match=r"'json' has no attribute 'my_net'; 'json' was imported from .*json.*, not "
+                                          r"from your json.py here: .* so rename your file"):
+        load_problem("json:my_net")
+
+
+def test_a_time_scale_for_a_network_without_continuous_time_is_refused():
+    with pytest.raises(PluginError, match="--time-scale scales a continuous time input, and this network takes "
+                                          "'discrete' time"):
+        load_problem("test_plugins:bare_network_factory", noise="ddpm-linear", time_input="discrete", time_scale=1e3,
+                     shape=(4,))

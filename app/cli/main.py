@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ClickException as e:  # usage errors: an unknown option or command, a missing or bad value
+        e.message = e.message.replace("Value error, ", "", 1)  # typer's wording of a choice's refusal
         e.show()
         return e.exit_code
     except CliError as e:
