@@ -24,6 +24,8 @@ CASES = {
     "db: unknown command": (["db", "downgrade"], "No such command 'downgrade'"),
     "db: unknown option": (["db", "upgrade", "--bogus"], "No such option: --bogus"),
     "bad number": (["relax", "--steps", "many"], "Invalid value for '--steps'"),
+    "no model calls": (["export", "--study", "s", "--nfe", "0"], "Invalid value for '--nfe'"),
+    "dc: no model calls": (["dc", "predict", "--study", "s", "--nfe", "0"], "Invalid value for '--nfe'"),
 }
 
 

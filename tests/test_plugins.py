@@ -600,3 +600,11 @@ def test_a_time_scale_for_a_network_without_continuous_time_is_refused():
                                           "'discrete' time"):
         load_problem("test_plugins:bare_network_factory", noise="ddpm-linear", time_input="discrete", time_scale=1e3,
                      shape=(4,))
+
+
+def test_states_too_large_for_memory_end_in_one_line(tmp_path, capsys):
+    rc = main(["eval", "--model", "test_plugins:gaussian_factory", "--shape", "10000000,10000000", "--schedule",
+               "preset:ddim", "--nfe", "4", "--cache", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error: out of memory (")
+    assert err.endswith("); use fewer samples, a smaller --shape or batch, or a device with more memory")

@@ -348,7 +348,7 @@ def cpr_cmd(
 @dc_app.command("predict")
 def predict_cmd(
     study: Annotated[str, typer.Option("--study", help="A study written by 'steptune dc fit'.")],
-    nfe: Annotated[int, typer.Option("--nfe", help="NFE of the configuration to predict.")],
+    nfe: Annotated[int, typer.Option("--nfe", min=1, help="NFE of the configuration to predict.")],
     guidance: Annotated[float | None, typer.Option("--guidance", help="Guidance scale of the configuration.")]
     = None,
     cfg: Annotated[float | None, typer.Option("--cfg", hidden=True, help="Old name of --guidance.")] = None,

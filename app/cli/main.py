@@ -55,6 +55,9 @@ def _click_class(name: str) -> type[Exception]:
 ClickException = _click_class("ClickException")
 
 
+OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "Cannot allocate memory")  # torch's CPU and CUDA words
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on ``argv`` (default: sys.argv); return the exit status."""
     try:
@@ -75,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     except library_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        said = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if not isinstance(e, MemoryError) and not any(m in said for m in OUT_OF_MEMORY):
+            raise
+        print(f"error: out of memory ({said}); use fewer samples, a smaller --shape or batch, or a device with more "
+              "memory", file=sys.stderr)
+        return 1
     except OSError as e:  # a path that passed the checks but could not be written or read after all
         if e.filename is None:
             raise

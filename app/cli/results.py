@@ -78,7 +78,7 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
 
 
 def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
-        "--nfe", help="NFE to report (default: the best at every NFE, with the Pareto front marked).")] = None,
+        "--nfe", min=1, help="NFE to report (default: the best at every NFE, with the Pareto front marked).")] = None,
              fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity (default: "
                                                                        "the study's reporting fidelity, e.g. heldout "
                                                                        "for searches).")] = None,
@@ -170,8 +170,8 @@ def _describe(s) -> str:
 
 def export_cmd(
     study: StudyOpt,
-    nfe: Annotated[int | None, typer.Option("--nfe", help="Export the best trial at this NFE (interpolated from the "
-                                            "searched NFEs if the study has none there).")] = None,
+    nfe: Annotated[int | None, typer.Option("--nfe", min=1, help="Export the best trial at this NFE (interpolated "
+                                            "from the searched NFEs if the study has none there).")] = None,
     trial: Annotated[int | None, typer.Option("--trial", help="Export this trial id instead of the best.")] = None,
     format_: Annotated[Format, typer.Option("--format", "-f", help="The export's form.")] = "json",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "

@@ -58,7 +58,7 @@ def presets_cmd(json_: JsonOpt = False):
 
 def schedule_cmd(
     spec: Annotated[str, typer.Argument(help="preset:NAME[:key=value,...]")],
-    nfe: Annotated[int, typer.Option("--nfe", help="Number of model calls.")],
+    nfe: Annotated[int, typer.Option("--nfe", min=1, help="Number of model calls.")],
     noise: Annotated[str, typer.Option("--noise", help="Noise schedule the timesteps live on.")] = "vp-linear",
     spacing: SpacingOpt = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON here.")] = None,
