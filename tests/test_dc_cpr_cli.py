@@ -322,3 +322,12 @@ def test_a_study_fitted_on_earlier_banks_takes_no_new_fits_nor_cpr(capsys, db, f
                         "--cache", str(fitted / "cache"))
     assert code == 2 and "bank version 1, now 2" in err
     assert len(_rows(db)) == n and "cpr" not in _config(db)
+
+
+def test_a_guidance_scale_given_twice_is_refused_before_any_fit(tmp_path, capsys):
+    db = tmp_path / "dc.db"
+    rc = main(["dc", "fit", "--problem", "digits-cond", "--guidance", "1.5,3,1.5", "--nfe", "5", "--study", "twice",
+               "--db", f"sqlite:///{db}", "--cache", str(tmp_path)])
+    assert rc == 2 and capsys.readouterr().err.strip() == (
+        "error: --guidance '1.5,3,1.5': 1.5 is given twice; give each value once")
+    assert not db.exists()

@@ -66,9 +66,13 @@ def _floats(text: str | None, what: str) -> list[float | None]:
     if text is None or not text.strip():
         return [None]
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise CliError(f"{what} {text!r}: give numbers like 1.5,3,5") from None
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise CliError(f"{what} {text!r}: {twice[0]:g} is given twice; give each value once")
+    return values
 
 
 def _guidance(guidance, cfg):
@@ -125,10 +129,11 @@ def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int,
                   disable=quiet) as bar:
         for g, ev, scheds in plans:
             for s in scheds:
-                task = bar.add_task(f"CFG {g} NFE {s.nfe}: reference", total=None)
+                cfg = "unguided" if g is None else f"CFG {g:g}"
+                task = bar.add_task(f"{cfg} NFE {s.nfe}: reference", total=None)
 
-                def tick(name, k, n, task=task, s=s, g=g):
-                    bar.update(task, description=f"CFG {g} NFE {s.nfe}: {name} fit", completed=k, total=n)
+                def tick(name, k, n, task=task, s=s, cfg=cfg):
+                    bar.update(task, description=f"{cfg} NFE {s.nfe}: {name} fit", completed=k, total=n)
 
                 fit = dc.fit_config(ev, s, methods=methods, fit_samples=fit_samples, greedy_iters=greedy_iters,
                                     joint_iters=joint_iters, bounds=bounds, progress=tick)
