@@ -33,6 +33,7 @@ from steptune.backends import Backend, BackendError, Task, build_problem
 from steptune.jobs import Job, JobError
 from steptune.run_lease import LEASE_SECONDS, beating, driver_gone, driver_id
 from steptune.search import CHEAP, CONFIRM
+from steptune.slow_steps import said_if_slow
 from steptune.storage import Storage, StorageError
 from steptune.storage.db import DriverLost, Retrying
 from steptune.study_problem import evaluator_refusal, first_change, mixing_refusal, value_at, weights_note
@@ -326,23 +327,10 @@ class Runner:
     def _start_backend(self, slow: float = 3.0) -> None:
         """Start the evaluators; a start that takes longer than ``slow`` seconds (the problem built and its reference
         solutions computed, on a first run) says what it is doing while it does it, and how long it took."""
-        started = time.monotonic()
-        said = threading.Event()
-
-        def tell():
-            said.set()
-            self.say("preparing the evaluators: the problem is built and its reference solutions on the train and "
-                     f"held-out banks computed (once; later runs read them from {self.job.evaluation.cache})")
-
-        timer = threading.Timer(slow, tell)
-        timer.daemon = True
-        timer.start()
-        try:
+        with said_if_slow(self.say, "preparing the evaluators: the problem is built and its reference solutions on "
+                          "the train and held-out banks computed (once; later runs read them from "
+                          f"{self.job.evaluation.cache})", "evaluators ready", after=slow):
             self.backend.start()
-        finally:
-            timer.cancel()
-        if said.is_set():
-            self.say(f"evaluators ready after {time.monotonic() - started:.0f} s")
         for worker, built in zip(self.backend.workers, getattr(self.backend, "identities", ())):
             refusal = evaluator_refusal(worker, built, self.problem)
             if refusal is not None:

@@ -221,3 +221,24 @@ def test_a_signal_while_the_evaluators_start_stops_at_once(tmp_path, signame):
         "lost: run the same command again to go on with study 's'"), rest
     with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
         assert db.trials("s") == []
+
+
+def test_a_slow_step_is_said_while_it_runs_and_with_its_time_at_its_end():
+    import re
+    import threading
+
+    from steptune.slow_steps import said_if_slow
+
+    said, heard = [], threading.Event()
+
+    def say(line):
+        said.append(line)
+        heard.set()
+
+    with said_if_slow(say, "doing it", "done", after=0.01):
+        assert heard.wait(30)  # the block goes on until the line is out
+    assert said[0] == "doing it" and re.fullmatch(r"done after \d+ s", said[1]) and len(said) == 2
+    quick = []
+    with said_if_slow(quick.append, "doing it", "done", after=600):
+        pass
+    assert quick == []

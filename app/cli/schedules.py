@@ -102,6 +102,7 @@ def eval_cmd(
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.evaluators.user_code import raised_text
     from steptune.exports import read_export
+    from steptune.slow_steps import said_if_slow
     from steptune.study_problem import tuned_elsewhere
 
     if samples is not None and samples < 1:
@@ -132,7 +133,12 @@ def eval_cmd(
         if note is not None and not json_:
             err.print(note, markup=False, highlight=False)
     rows = []
-    with err.status("computing reference solution and evaluating...") if not json_ else contextlib.nullcontext():
+    spinner = err.status("computing reference solution and evaluating...") if not json_ and err.is_terminal else \
+        contextlib.nullcontext()
+    logged = said_if_slow(lambda m: err.print(m, markup=False, highlight=False), "computing the reference solution "
+                          f"of the {bank} bank (once; later runs read it from {cache}) and evaluating",
+                          "evaluated") if not json_ and not err.is_terminal else contextlib.nullcontext()
+    with spinner, logged:
         for spec, s in scheds:
             try:
                 res = ev.evaluate(s, bank=bank, n=samples)
@@ -200,6 +206,7 @@ def sweep_cmd(
     runs/sweep/."""
     from steptune import sweep
     from steptune.search import DEFAULT_PRESETS
+    from steptune.slow_steps import said_if_slow
 
     nfes = parse_nfe_list(nfe)
     output_folder(out_dir, "--out")
@@ -235,7 +242,12 @@ def sweep_cmd(
     try:
         with task_bar(disable=json_) as progress:
             task = progress.add_task("reference solution", total=total)
-            ev.reference(bank)
+            logged = said_if_slow(lambda m: err.print(m, markup=False, highlight=False), "computing the reference "
+                                  f"solution of the {bank} bank (once; later runs read it from {cache})",
+                                  "reference solution ready") if not (json_ or err.is_terminal) else \
+                contextlib.nullcontext()
+            with logged:
+                ev.reference(bank)
             progress.update(task, description="evaluating presets")
             rows = sweep.run_sweep(ev, specs, nfes, spacing, bank,
                                    on_result=lambda r: (done.append(r), progress.advance(task)))
