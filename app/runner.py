@@ -286,6 +286,7 @@ class Runner:
             if job.backend.trial_timeout is not None and job.backend.kind == "local":
                 self.say("backend.trial_timeout is not applied in-process (an evaluation cannot be cut off in the "
                          "driver itself); use kind = \"ray\" to have a hung evaluation's evaluator replaced")
+            self._say_resumed_before_search()
             if job.evaluation.baseline and not self.should_stop():
                 self.phase = "baseline"
                 self._baseline()
@@ -379,6 +380,15 @@ class Runner:
             raise JobError(refusal)
         if st.config.get("job") != config["job"]:  # a resume with a new budget (or cache): status shows this run's
             self.storage.update_study_config(job.study, {"job": config["job"]})
+
+    def _say_resumed_before_search(self) -> None:
+        """A resumed study whose search has not begun (a run stopped among its baselines) is said to be resumed here;
+        one whose search has is said so as the search resumes, with its counts."""
+        trials = self.storage.trials(self.job.study)
+        if trials and not any(t.fidelity == CHEAP and "batch" in t.info for t in trials):
+            queued = sum(t.status == "queued" for t in trials)
+            self.say(f"resuming study {self.job.study!r}: {len(trials)} trials stored, {queued} of them queued; "
+                     "nothing searched yet")
 
     def _recover(self) -> None:
         """Trials a stopped run left ``running``: re-queued (or failed when out of attempts)."""
@@ -531,9 +541,10 @@ class Runner:
             then = f", then {len(todo)} of diffusers' schedulers at their default config" if todo else ""
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank{then}")
             self.storage.add_trials(self.job.study, items)
-        # the presets and imported schedules; queued search candidates are the search phase's, in their batches
+        # the presets and imported schedules; queued search candidates are the search phase's, in their batches, and
+        # queued confirmations the confirmation phase's
         self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
-                        if not (t.fidelity == CHEAP and "batch" in t.info)])
+                        if not (t.fidelity == CHEAP and "batch" in t.info) and "confirms" not in t.info])
         self._diffusers_defaults(todo)
 
     def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, variants: list | None) -> list[dict]:

@@ -116,7 +116,7 @@ def test_an_unreachable_database_fails_before_any_work(tmp_path, cache, capsys):
     job = write_job(tmp_path / "job.toml", "j", cache)
     code, _, err = run_cli(["run", str(job), "--db", "postgresql+psycopg://steptune@127.0.0.1:9/none"], capsys)
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: storage.db: "), err
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --db: "), err
     code, _, err = run_cli(["run", str(tmp_path / "missing.toml")], capsys)
     assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.toml'}: no such job file"
     code, _, err = run_cli(["run", str(tmp_path)], capsys)
@@ -648,3 +648,47 @@ def test_a_budget_lowered_below_what_was_done_scores_the_queued_and_searches_not
     resumed = next(m for m in said if m.startswith("resuming study 'low'"))
     assert "that is the whole budget (4) already: the queued ones are scored, and nothing new is searched" in resumed
     assert not cheap_added and all(e is None or e >= 0 for e in etas)
+
+
+def test_a_resumed_run_says_so_and_scores_pending_confirmations_as_confirmations(tmp_path, cache, reference_study):
+    """Stopped among its baselines, the resumed run says it resumes before anything else; stopped among its
+    confirmations, the resumed run scores them in its confirmation phase, not as baselines; both end with the trials
+    of an uninterrupted run."""
+    from steptune.backends import LocalBackend
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = load_job(write_job(tmp_path / "job.toml", "ref", cache, evaluations=30))
+
+    def run(stop=None):
+        said, seen = [], []
+        with connect(url) as db:
+            backend = LocalBackend(job.problem, job.evaluation, job.backend)
+
+            def progress(status):
+                seen.append((status["phase"], status["phase_done"], status["phase_total"]))
+                if stop is not None and stop(status):
+                    runner.interrupt()
+
+            runner = Runner(job, db, backend, progress=progress, say=said.append)
+            try:
+                return runner.run(), said, seen
+            finally:
+                backend.close()
+
+    res, _, _ = run(lambda st: st["phase"] == "baseline" and st["phase_done"] >= 2)
+    assert res.status == "interrupted"
+    with connect(url) as db:
+        stored = db.trials("ref")
+    _, said, _ = run(lambda st: st["phase"] == "confirm" and st["phase_done"] >= 1)
+    queued = sum(t.status == "queued" for t in stored)
+    assert said[0] == (f"resuming study 'ref': {len(stored)} trials stored, {queued} of them queued; nothing "
+                       "searched yet")
+    with connect(url) as db:
+        pending = [t for t in db.trials("ref", status="queued") if "confirms" in t.info]
+    assert pending
+    _, _, seen = run()
+    assert not [s for s in seen if s[0] == "baseline"] and ("confirm", len(pending), len(pending)) in seen
+    with connect(url) as db:
+        assert outcome(db, "ref") == reference_study

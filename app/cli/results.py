@@ -311,7 +311,8 @@ def _emit(text: str, output: Path | None) -> None:
 
 
 def import_cmd(
-    file: Annotated[Path, typer.Argument(help="Schedule JSON file (a steptune export or a hand-written schedule).")],
+    file: Annotated[Path, typer.Argument(help="Schedule JSON file (a steptune export or a hand-written schedule), "
+                                              "or the folder 'export --format diffusers' wrote.")],
     study: StudyOpt,
     queue: Annotated[bool, typer.Option("--queue", help="Import as a queued trial (to evaluate) even if the file "
                                                         "carries metrics.")] = False,
