@@ -352,6 +352,9 @@ def resolve_url(url: str | None, must_exist: bool = False) -> str:
             raise StorageError(f"no database at {path}; run a search first, or name the database that holds your "
                                    "studies (--db URL on the command line, db= in Python, or $STEPTUNE_DB)")
         path.parent.mkdir(parents=True, exist_ok=True)
+    elif path is not None and must_exist and path.is_file() and path.stat().st_size == 0:  # left as it is: not opened
+        raise StorageError(f"{path} is empty, not a steptune database; run a search first, or name the database that "
+                           "holds your studies (--db URL on the command line, db= in Python, or $STEPTUNE_DB)")
     return url
 
 

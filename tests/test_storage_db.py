@@ -627,3 +627,11 @@ def test_a_sqlite_file_that_cannot_be_written_is_refused_at_once_not_waited_for(
             Retrying(ro, 300, say=waited.append).create_study("t", method="s3")
         assert [s.name for s in ro.studies()] == ["s"]
     assert not waited
+
+
+def test_reading_an_empty_file_refuses_it_and_leaves_it_empty(tmp_path):
+    path = tmp_path / "empty.db"
+    path.write_bytes(b"")
+    with pytest.raises(StorageError, match="empty.db is empty, not a steptune database"):
+        connect(f"sqlite:///{path}", must_exist=True)
+    assert path.stat().st_size == 0
