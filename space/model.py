@@ -147,9 +147,12 @@ def network_output(out) -> Tensor:
         return out.sample
     if isinstance(out, dict) and "sample" in out:
         return out["sample"]
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
-    return out
+    what = (f"a dict with keys {', '.join(map(repr, out))} and no 'sample'" if isinstance(out, dict) else
+            f"a {type(out).__name__}" + (" whose first entry is no tensor" if isinstance(out, (tuple, list)) else ""))
+    raise NetworkOutputError(f"the network returned {what}; return the prediction as a tensor (or a tuple, a dict "
+                             "or an output object holding it as its first entry or 'sample')")
 
 
 def convert(out: Tensor, x: Tensor, alpha: float | Tensor, sigma: float | Tensor, prediction: str,

@@ -110,3 +110,18 @@ def test_a_start_beyond_the_noise_schedules_last_time_is_refused():
         ns = noise_mod.get(name)
         s = steptune.presets.ddim(nfe=4, noise=ns, spacing="time-uniform", t_start=1.01 * ns.T, t_end=ns.t_min)
         assert s.validate().t_start == 1.01 * ns.T
+
+
+@pytest.mark.parametrize("returned, said", [
+    ({"pred": 1}, "the network returned a dict with keys 'pred' and no 'sample'"),
+    ((None, 2), "the network returned a tuple whose first entry is no tensor"),
+    (3.0, "the network returned a float")])
+def test_a_network_output_that_holds_no_prediction_is_named(returned, said):
+    from steptune.space.errors import NetworkOutputError
+    from steptune.space.model import network_output
+
+    with pytest.raises(NetworkOutputError) as e:
+        network_output(returned)
+    assert str(e.value).startswith(said + "; return the prediction as a tensor")
+    x = torch.ones(2)
+    assert network_output({"sample": x}) is x and network_output((x, None)) is x and network_output(x) is x
