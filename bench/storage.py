@@ -5,7 +5,8 @@ schema on the server at --pg-url, default $STEPTUNE_TEST_PG_URL; skipped without
 Target: best-per-NFE and Pareto under 200 ms at 100,000 trials. Also the CPU a search's driver spends in storage
 per trial, as the runner writes and reads a batch of 20: added (their records returned), started and finished
 in one ``record``, refreshed once after evaluation (``refresh``: what changed), each write with a request token
-as the retrying store sends it.
+as the retrying store sends it and checked against the study's driver as a run's writes are (and once without that
+check, to show what it costs).
 
     python bench/storage.py [--n 100000] [--pg-url postgresql+psycopg://user@host/db] [--repeats 5]
 """
@@ -100,6 +101,7 @@ def run(url: str, n: int, repeats: int) -> dict:
         "trials_frame_s": _ms(lambda: trials_frame(db, "bench"), 1) / 1000,
     }
     res["driver_cpu_ms_per_trial"] = driver_cpu_ms(db, items, repeats)
+    res["driver_cpu_ms_per_trial_unfenced"] = driver_cpu_ms(db, items, repeats, fenced=False)
     front = db.pareto("bench")
     res["pareto_points"] = len(front)
     res["best_per_nfe_points"] = len(db.best_per_nfe("bench"))
@@ -107,28 +109,32 @@ def run(url: str, n: int, repeats: int) -> dict:
     return res
 
 
-def driver_cpu_ms(db, items: list[dict], repeats: int, batch: int = 20, batches: int = 50) -> float:
+def driver_cpu_ms(db, items: list[dict], repeats: int, batch: int = 20, batches: int = 50,
+                  fenced: bool = True) -> float:
     """CPU ms per trial of a dispatching driver's storage calls (median of ``repeats`` studies of ``batches``
-    batches): ``add_trials(..., records=True)``, one ``record`` of the batch's starts and outcomes, one ``refresh``."""
+    batches): ``add_trials(..., records=True)``, one ``record`` of the batch's starts and outcomes, one ``refresh``;
+    with ``fenced``, the writes checked against the study's driver as a run's are."""
     scheds = [Schedule.from_dict(it["schedule"]) for it in items[:batch * batches]]
     for sc in scheds:
         sc.key()  # a searcher's candidates come keyed
     runs = []
     for r in range(repeats):
-        study = f"driver-{r}"
+        study = f"driver-{r}" + ("" if fenced else "-unfenced")
         db.create_study(study, method="s3")
+        db.claim_driver(study, "bench:1", 60)
+        fence = {"fence": (study, "bench:1")} if fenced else {}
         c0 = time.thread_time()
         for b in range(batches):
             added = db.add_trials(study, [{"schedule": sc, "fidelity": "cheap", "bank": "train", "n_samples": 64,
                                            "info": {"batch": b, "origin": "mutation", "params": {}}}
                                           for sc in scheds[b * batch:(b + 1) * batch]],
-                                  records=True, request=uuid.uuid4().hex)
+                                  records=True, request=uuid.uuid4().hex, **fence)
             ids = [t.id for t in added]
             now = utcnow()
             db.record([(i, "driver/w0", now) for i in ids],
                       [{"trial_id": i, "status": "complete", "metrics": {"rmse": 0.1, "swd": 0.2, "nll": 1.5},
                         "seconds": 0.01, "worker": "driver/w0", "finished": now} for i in ids],
-                      request=uuid.uuid4().hex)
+                      request=uuid.uuid4().hex, **fence)
             db.refresh(added)
         runs.append(1000 * (time.thread_time() - c0) / (batch * batches))
     return statistics.median(runs)
@@ -155,7 +161,8 @@ def main():
             ("reap_stale, none stale (ms)", "reap_stale_ms", "{:.2f}"),
             ("load all trials to resume (s)", "load_all_trials_s", "{:.2f}"),
             ("trials_frame (s)", "trials_frame_s", "{:.2f}"),
-            ("a driver's storage CPU per trial (ms)", "driver_cpu_ms_per_trial", "{:.3f}")]
+            ("a driver's storage CPU per trial (ms)", "driver_cpu_ms_per_trial", "{:.3f}"),
+            ("  without the driver check of its writes", "driver_cpu_ms_per_trial_unfenced", "{:.3f}")]
     backends = list(results)
     print(f"\n{'':36}" + "".join(f"{b:>14}" for b in backends))
     for label, key, fmt in rows:
