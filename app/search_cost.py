@@ -52,7 +52,7 @@ class Cost:
         return " + ".join(self.devices) or "—"
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "device": self.device}
+        return {**asdict(self), "device": " + ".join(self.devices) or None}
 
 
 @dataclass

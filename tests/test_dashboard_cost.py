@@ -77,7 +77,7 @@ def test_a_sweeps_cost_is_its_presets_times_nfe_times_samples(client, dashboard_
 def test_an_imported_result_is_reused_not_evaluated(client):
     cost = _cost(client, HAND_STUDY)
     assert cost["total"]["evaluations"] == 0 and cost["total"]["reused"] == 1
-    assert cost["total"]["model_calls"] == 0 and cost["total"]["device"] == "—"
+    assert cost["total"]["model_calls"] == 0 and cost["total"]["device"] is None  # JSON: null, not a dash
 
 
 def test_the_history_view_shows_the_cost_table(page, dashboard_db, client, shots):  # noqa: F811

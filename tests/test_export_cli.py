@@ -323,3 +323,23 @@ def test_eval_of_a_schedule_tuned_on_another_problem_says_what_differs(tmp_path,
     code, _, err = run_cli(["import", str(tmp_path / "same.json"), "--study", "fit", "--db", url,
                             "--allow-duplicates"], capsys)
     assert code == 0 and "the file's scores are of another problem: data.mixture_sha256 494405bef511" in err, err
+
+
+def test_best_with_json_refuses_a_study_without_a_score_as_the_table_does(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'q.db'}"
+    with connect(url) as db:
+        db.add_trials("q", [{"schedule": presets.build("ddim", 4, noise.VPLinear())}], create={"method": "import"})
+    for json_ in ([], ["--json"]):
+        code, out, err = run_cli(["best", "--study", "q", "--db", url, *json_], capsys)
+        assert (code, out, err.strip()) == (2, "", "error: study 'q' has no complete trial with a score yet")
+
+
+def test_the_export_of_a_pruned_refinement_says_what_it_is(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    with connect(url) as db:
+        (tid,) = db.add_trials("p", [{"schedule": presets.build("ddim", 4, noise.VPLinear()), "status": "pruned",
+                                      "metrics": {"rmse": 0.2}, "fidelity": "heldout"}], create={"method": "s3"})
+    code, out, err = run_cli(["export", "--study", "p", "--trial", str(tid), "--db", url], capsys)
+    assert code == 0 and json.loads(out)["provenance"]["score"] == 0.2
+    assert err.strip() == (f"note: trial id {tid} is pruned: a refinement that did not beat its parent on the held-out "
+                           "bank (its scores are in the export; the parent is the better schedule)")

@@ -990,3 +990,20 @@ def test_refine_waits_for_no_run_on_the_study_and_holds_it_while_it_works(tmp_pa
     with connect(url) as db:
         assert any("refines" in t.info for t in db.trials("held"))
         assert "driver" not in db.get_study("held").config  # let go
+
+
+def test_the_refine_table_says_better_than_its_parent_only_of_a_refinement_stored_complete():
+    from types import SimpleNamespace
+
+    from steptune.cli.refine import _kept
+    from steptune.refine import Refined
+
+    best = SimpleNamespace(id=224, score=0.0351)
+    built = dict(nfe=6, parent=220, parent_rmse=0.0358, seconds=1.0, trial=223, start_rmse=0.0400, built_from=5)
+    pruned = Refined(rmse=0.0358, improved=False, **built)  # its refinement lost to the built parent, stored pruned
+    assert _kept(pruned, best) == ("not better than its parent, which beats the NFE's previous best; the NFE's best is "
+                                   "trial 224, 0.0351")
+    kept = Refined(rmse=0.0351, improved=True, **{**built, "trial": 224})
+    assert _kept(kept, best) == "better: preferred"
+    lost = Refined(rmse=0.0420, improved=False, **built)
+    assert _kept(lost, best) == "not better than the NFE's best, which stays"

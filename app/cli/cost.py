@@ -54,7 +54,7 @@ def _part(c: dict) -> str:
         return "no evaluations"
     extra = ", ".join(f"{n} {what}" for n, what in ((c["repeats"], "repeated"), (c["reused"], "reused")) if n)
     return (f"{c['evaluations']} evaluations{f' ({extra})' if extra else ''}, {c['model_calls']:,} model calls, "
-            f"wall {seconds_text(c['wall_seconds'])}, {seconds_text(c['device_seconds'])} on {c['device']}")
+            f"wall {seconds_text(c['wall_seconds'])}, {seconds_text(c['device_seconds'])} on {c['device'] or '—'}")
 
 
 def line(cost: dict) -> str:

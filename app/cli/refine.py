@@ -135,10 +135,13 @@ def refine_cmd(
 
 def _kept(r, best) -> str:
     """What became of refinement ``r``, against ``best``, the study's best trial at its NFE now."""
-    if r.improved or (r.built_from is not None and r.change is not None and r.change < 0):
+    if r.improved:
         if best is None or best.id == r.trial:
             return "better: preferred"
         return f"better than its parent; the NFE's best is trial {best.id}, {fmt(best.score)}"
+    if r.built_from is not None and r.change is not None and r.change < 0:  # the built schedule beat the NFE's best
+        now = "" if best is None else f"; the NFE's best is trial {best.id}, {fmt(best.score)}"
+        return f"not better than its parent, which beats the NFE's previous best{now}"
     if r.built_from is not None:
         return "not better than the NFE's best, which stays"
     return "not better: the parent stays the best"

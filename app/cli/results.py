@@ -113,12 +113,12 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         front = {t.id for t in store.pareto(study, fidelity=fidelity)}
         made = _interpolated_nfes(store, study)
     source = {t.id: made.get(t.nfe) if not t.info.get("baseline") else None for t in best}
+    if not best:
+        raise CliError(f"study {study!r} has no complete trial with a score yet")
     if json_:
         print(json.dumps([{**_trial_json(t), "pareto": t.id in front, "interpolated_from": source[t.id]}
                           for t in best], indent=2))
         return
-    if not best:
-        raise CliError(f"study {study!r} has no complete trial with a score yet")
     table = Table(title=f"Best per NFE: {study} ({st.metric}, lower is better; * = Pareto front)")
     for col in ("NFE", st.metric, "trial id", "schedule", "fidelity", ""):
         table.add_column(col, justify="right" if col in ("NFE", st.metric, "trial id") else "left",
@@ -235,6 +235,9 @@ def export_cmd(
                   + (f"; above the largest searched NFE a preset may do better (bench/extrapolate.py: on gmm-digits "
                      "the best preset at its best spacing beat such schedules at NFE 12 to 30): compare them with "
                      f"'steptune eval', or search NFE {nfe}" if nfe > interpolated["top"] else ""))
+    elif t.status == "pruned":
+        err.print(f"note: trial id {t.id} is pruned: a refinement that did not beat its parent on the held-out bank "
+                  "(its scores are in the export; the parent is the better schedule)")
     elif t.status != "complete":
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
     stem = f"{study}-nfe{sched.nfe}"

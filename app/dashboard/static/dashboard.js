@@ -250,7 +250,7 @@ function renderCost(table, cost, reported) {
       + `><td>${esc(label)}${c.interpolated_from ? ` (${interpolatedText(c.interpolated_from)})` : ""}</td>`
       + `<td>${best(label, c)}</td><td>${c.evaluations}${extra(c) ? ` (${esc(extra(c))})` : ""}</td>`
       + `<td>${c.model_calls.toLocaleString("en-US")}</td><td>${secondsText(c.wall_seconds)}</td>`
-      + `<td>${secondsText(c.device_seconds)}</td><td class="text">${esc(c.device)}</td></tr>`).join("")
+      + `<td>${secondsText(c.device_seconds)}</td><td class="text">${esc(c.device || "—")}</td></tr>`).join("")
     + "</tbody>";
 }
 
