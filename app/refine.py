@@ -224,7 +224,11 @@ def structure_groups(store, study: str, evaluator, todo: list, k: int, iters: in
                      say: Callable[[str], None] = lambda msg: None) -> list:
     """``todo`` (the best searched trial of each NFE) as groups of ``k`` structures to screen (``structure_parents``),
     or as it is when ``k`` is 1 or refinements of ``iters`` are too short to screen."""
-    if k <= 1 or not screen_length(iters):
+    if k <= 1:
+        return todo
+    if not screen_length(iters):
+        say(f"{k} structures are not screened: refinements of {iters} iterations are too short to screen (it takes "
+            "at least 11); each NFE refines its best schedule alone")
         return todo
     return [structure_parents(store, study, evaluator, t, k, say=say) for t in todo]
 

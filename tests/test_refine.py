@@ -1007,3 +1007,13 @@ def test_the_refine_table_says_better_than_its_parent_only_of_a_refinement_store
     assert _kept(kept, best) == "better: preferred"
     lost = Refined(rmse=0.0420, improved=False, **built)
     assert _kept(lost, best) == "not better than the NFE's best, which stays"
+
+
+def test_structures_too_short_to_screen_are_said_to_be_left_unscreened():
+    from steptune.refine import structure_groups
+
+    said = []
+    todo = [object()]
+    assert structure_groups(None, "s", None, todo, 3, 10, say=said.append) is todo
+    assert said == ["3 structures are not screened: refinements of 10 iterations are too short to screen (it takes at "
+                    "least 11); each NFE refines its best schedule alone"]
