@@ -343,3 +343,17 @@ def test_the_export_of_a_pruned_refinement_says_what_it_is(tmp_path, capsys):
     assert code == 0 and json.loads(out)["provenance"]["score"] == 0.2
     assert err.strip() == (f"note: trial id {tid} is pruned: a refinement that did not beat its parent on the held-out "
                            "bank (its scores are in the export; the parent is the better schedule)")
+
+
+def test_the_studies_table_counts_pruned_trials_so_its_counts_add_up(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    sched = presets.build("ddim", 4, noise.VPLinear())
+    with connect(url) as db:
+        statuses = ("complete", "pruned", "pruned", "failed", "queued")
+        db.add_trials("p", [{"schedule": sched, "status": st, "metrics": {} if st == "queued" else {"rmse": 0.2}}
+                            for st in statuses], create={"method": "s3"})
+    code, out, _ = run_cli(["studies", "--db", url], capsys)
+    row = next(line for line in out.splitlines() if line.startswith("│ p "))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert code == 0 and cells[3:7] == ["5", "1", "2", "1"] and cells[7] == "0/1"
+    assert "pruned" in out

@@ -60,18 +60,19 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"Studies in {db}")
-    for col in ("study", "method", "problem", "trials", "complete", "failed", "running/queued", "best score per NFE"):
-        table.add_column(col, justify="right" if col in ("trials", "complete", "failed", "running/queued") else "left")
+    counted = ("trials", "complete", "pruned", "failed", "running/queued")
+    for col in ("study", "method", "problem", *counted, "best score per NFE"):
+        table.add_column(col, justify="right" if col in counted else "left")
     for r in rows:
         if "rounds" in r:
             mean = r["mean_iterations"]
             table.add_row(r["study"], r["method"], f"{r['problem'] or 'a sequence'} (SOR)", f"{r['rounds']} rounds",
-                          "—", "—", "—", f"mean {mean:.1f} iterations per system" if mean is not None else "—")
+                          "—", "—", "—", "—", f"mean {mean:.1f} iterations per system" if mean is not None else "—")
             continue
         c = r["trials"]
         problem = f"{r['problem']} ({r['noise']})" if r["problem"] and r["noise"] else r["problem"] or "—"
         table.add_row(r["study"], r["method"], problem, str(sum(c.values())), str(c.get("complete", 0)),
-                      str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
+                      str(c.get("pruned", 0)), str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
                       ("  ".join(f"{b['nfe']}: {fmt(b['score'])}" for b in r["best"])
                        + (f"  ({r['fidelity']})" if r["fidelity"] and r["best"] else "")) or "—")
     out.print(table)
