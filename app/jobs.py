@@ -230,6 +230,9 @@ class Job(_Section):
     @model_validator(mode="after")
     def _refine_fits(self):
         r = self.refine
+        if r is not None and r.nfe == []:
+            raise ValueError(f"refine.nfe is empty, so nothing would be refined; refine some of search.nfe "
+                             f"{self.search.nfe} or \"all\", or leave [refine] out")
         if r is not None and r.nfe != "all" and not set(r.nfe) <= set(self.search.nfe):
             raise ValueError(f"refine.nfe {sorted(set(r.nfe) - set(self.search.nfe))[0]} is not searched; refine "
                              f"some of search.nfe {self.search.nfe} or \"all\"")

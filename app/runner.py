@@ -204,7 +204,7 @@ class Runner:
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
         self.heldout_seconds: list[float] = []  # held-out evaluations: baseline presets and confirmations
         self.batch_seconds: float | None = None  # the last search batch, asked, evaluated and told
-        self.time_up = False
+        self.time_up, self.time_up_phase = False, None
         self._imports: list[int] = []
         self._sink: _Sink | None = None
         self._submitted: set[int] = set()  # trial ids handed to the backend in this run
@@ -221,9 +221,15 @@ class Runner:
             return True
         deadline = self.search_deadline if self.phase == "search" else self.deadline
         if deadline is not None and time.monotonic() >= deadline:
-            self.time_up = True
+            self._out_of_time()
             return True
         return False
+
+    def _out_of_time(self) -> None:
+        """The time budget is spent; the phase it ran out in is kept for status (the confirmations after a search
+        it cut short still run)."""
+        if not self.time_up:
+            self.time_up, self.time_up_phase = True, self.phase
 
     # ---- the job ---------------------------------------------------------------------------------
 
@@ -314,8 +320,9 @@ class Runner:
             self._beating.set()
             end_beats()
             try:  # how it ended, and where, for status; then the study is free (a run taken over writes neither)
+                where = self.time_up_phase if ended == "time budget" and self.time_up_phase else self.phase
                 self._plain_storage.update_study_config(job.study, {"last_run": {
-                    "driver": self.driver, "ended": ended, "phase": self.phase}}, fence=self.storage.fence)
+                    "driver": self.driver, "ended": ended, "phase": where}}, fence=self.storage.fence)
                 self._plain_storage.release_driver(job.study, self.driver)
                 self.storage.fence = None  # let go: what the run writes of itself after its end is its own
             except StorageError:
@@ -789,7 +796,7 @@ class Runner:
         if self.search_deadline is None or self.batch_seconds is None:
             return False
         if time.monotonic() + self.batch_seconds > self.search_deadline:
-            self.time_up = True
+            self._out_of_time()
             return True
         return False
 

@@ -726,6 +726,9 @@ def test_refine_refuses_bad_input_in_one_sentence_and_writes_nothing(tmp_path, c
 def test_a_refine_stage_must_refine_searched_nfes(tmp_path, cache, capsys):
     job = _job(tmp_path, cache, "bad", refine="nfe = [7]\n")
     _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys, "refine.nfe 7 is not searched")
+    job = _job(tmp_path, cache, "bad", refine="nfe = []\n")
+    _one_line_error(["run", str(job), "--db", f"sqlite:///{tmp_path / 'b.db'}"], capsys,
+                    "refine.nfe is empty, so nothing would be refined; refine some of search.nfe")
 
 
 def test_a_refine_stage_interpolates_nfes_it_did_not_search_and_refines_them(tmp_path, cache, capsys):

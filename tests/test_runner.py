@@ -428,6 +428,10 @@ def test_a_time_budget_leaves_time_to_confirm_every_nfe(tmp_path, cache, capsys)
     confirmed = {(t.nfe, t.info["confirms"]) for t in trials if "confirms" in t.info and t.status == "complete"}
     assert res["confirmations"] == 2 * 2 == len(confirmed)  # confirm = 2 at each of NFE 3 and 4
     assert all(r["searched_score"] is not None for r in res["per_nfe"])
+    with connect(url) as db:  # the budget cut the search, not the confirmations, which were all made
+        assert db.get_study("tb").config["last_run"]["phase"] == "search"
+    code, out, _ = run_cli(["status", "--study", "tb", "--db", url], capsys)
+    assert "the last run reached its time budget while searching" in out
 
 
 def test_a_search_asking_a_batch_ahead_resumes_to_the_same_trials(tmp_path):
