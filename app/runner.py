@@ -292,6 +292,7 @@ class Runner:
             if job.backend.trial_timeout is not None and job.backend.kind == "local":
                 self.say("backend.trial_timeout is not applied in-process (an evaluation cannot be cut off in the "
                          "driver itself); use kind = \"ray\" to have a hung evaluation's evaluator replaced")
+            self._say_unused_keys()
             self._say_resumed_before_search()
             if job.evaluation.baseline and not self.should_stop():
                 self.phase = "baseline"
@@ -387,6 +388,19 @@ class Runner:
             raise JobError(refusal)
         if st.config.get("job") != config["job"]:  # a resume with a new budget (or cache): status shows this run's
             self.storage.update_study_config(job.study, {"job": config["job"]})
+
+    def _say_unused_keys(self) -> None:
+        """Keys the job sets that its other settings leave unused, each said once."""
+        job = self.job
+        if job.backend.kind == "local":
+            fields = type(job.backend).model_fields
+            ray_only = sorted(k for k in ("workers", "max_restarts", "num_cpus", "num_gpus", "address")
+                              if getattr(job.backend, k) != fields[k].default)
+            if ray_only:
+                self.say(f"backend.{', backend.'.join(ray_only)} {'is' if len(ray_only) == 1 else 'are'} for "
+                         "kind = \"ray\" only: in-process this run is the one evaluator")
+        if not job.evaluation.baseline and job.evaluation.baseline_nfe:
+            self.say("evaluation.baseline_nfe is not used: with baseline = false no presets are scored")
 
     def _say_resumed_before_search(self) -> None:
         """A resumed study whose search has not begun (a run stopped among its baselines) is said to be resumed here;

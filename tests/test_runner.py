@@ -696,3 +696,13 @@ def test_a_resumed_run_says_so_and_scores_pending_confirmations_as_confirmations
     assert not [s for s in seen if s[0] == "baseline"] and ("confirm", len(pending), len(pending)) in seen
     with connect(url) as db:
         assert outcome(db, "ref") == reference_study
+
+
+def test_keys_the_other_settings_leave_unused_are_said(tmp_path, cache, capsys):
+    job = write_job(tmp_path / "job.toml", "u", cache, evaluations=2, extra_backend="workers = 2\nmax_restarts = 1")
+    job.write_text(job.read_text().replace("confirm = 2", "confirm = 2\nbaseline = false\nbaseline_nfe = [8]"))
+    code, _, err = run_cli(["run", str(job), "--db", f"sqlite:///{tmp_path / 'u.db'}", "--json"], capsys)
+    assert code == 0, err
+    assert 'backend.max_restarts, backend.workers are for kind = "ray" only: in-process this run is the one ' \
+           "evaluator" in err
+    assert "evaluation.baseline_nfe is not used: with baseline = false no presets are scored" in err
