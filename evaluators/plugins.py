@@ -187,7 +187,7 @@ def source_fingerprint(*objs) -> str | None:
     found = []
     for o in objs:
         for v in (o, *([] if isinstance(o, torch.nn.Module) else _captured(o))):
-            found += list(v.modules()) if isinstance(v, torch.nn.Module) else [v]
+            found += list({type(m) for m in v.modules()}) if isinstance(v, torch.nn.Module) else [v]
     files = sorted({f for o in found if (f := own_source_file(o)) is not None})
     if not files:
         return None
