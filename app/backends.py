@@ -250,6 +250,7 @@ class RayBackend(Backend):
         self.parked: set = set()  # calls whose actor died while the call ahead of them has not come back yet
         self.state_seconds: float | None = None  # what the last calls' tasks took per state evaluated
         self.sent = [0, 0]  # calls sent to the actors and the tasks they carried
+        self.alone: set[int] = set()  # trials of a call that timed out: each is sent in a call of its own
 
     def check(self) -> None:
         """Reach Ray (start the local instance, or join the cluster) and check the evaluators fit on it, so a
@@ -359,11 +360,16 @@ class RayBackend(Backend):
             self._forget(ref)
         ray.kill(self.actors[i], no_restart=True)
         self.on_event(f"evaluator {worker} ran past backend.trial_timeout ({limit:g} s); replacing it")
+        shared = len(chunks[0]) > 1  # which of the call's candidates hung is unknown: none of them is charged
+        if shared:
+            self.alone.update(task.trial_id for task in chunks[0])
         for k in reversed(range(len(chunks))):
-            reason = (f"timed out after {limit:g} s on evaluator {worker} (backend.trial_timeout)" if k == 0 else
+            reason = (f"in a call of {len(chunks[0])} that timed out after {limit:g} s on evaluator {worker} "
+                      "(backend.trial_timeout); sent again alone" if k == 0 and shared else
+                      f"timed out after {limit:g} s on evaluator {worker} (backend.trial_timeout)" if k == 0 else
                       f"queued on evaluator {worker}, which was replaced after a timeout")
             for task in reversed(chunks[k]):
-                if sink.lost(task, worker, reason, began=k == 0):
+                if sink.lost(task, worker, reason, began=k == 0 and not shared):
                     self.todo.appendleft(task)
         self.actors[i] = self._new_actor()
         self.failures[i] = 0
@@ -400,7 +406,7 @@ class RayBackend(Backend):
                 if not free:
                     break
                 i = min(free, key=lambda k: (load[k], k))
-                planned.append(([todo.popleft() for _ in range(min(group, len(todo)))], i))
+                planned.append((self._next_call(group), i))
                 load[i] += 1
             if planned:
                 sink.start([(task, self.workers[i]) for chunk, i in planned for task in chunk])
@@ -440,6 +446,15 @@ class RayBackend(Backend):
             for i in self._overdue(time.monotonic()):
                 if not ray.wait([calls[i][0]], timeout=0)[0]:  # not just come back: it is overdue
                     self._replace(i, sink)
+
+    def _next_call(self, group: int) -> list[Task]:
+        """The next ``group`` queued tasks, or fewer: one of ``alone`` goes in a call of its own."""
+        todo, chunk = self.todo, []
+        while todo and len(chunk) < group and not (chunk and todo[0].trial_id in self.alone):
+            chunk.append(todo.popleft())
+            if chunk[-1].trial_id in self.alone:
+                break
+        return chunk
 
     def call_size(self, n: int, queued: int, free: int) -> int:
         """Tasks of ``n`` states each per call: ``in_flight``, or more where they are quick (by the last calls'

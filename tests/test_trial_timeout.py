@@ -43,7 +43,7 @@ def crash(tmp_path, monkeypatch):
 
 
 def _job(study: str, cache, evaluations: int = 8, max_attempts: int = 3, model: str = "hanging_gmm",
-         trial_timeout: str | None = "5s"):
+         trial_timeout: str | None = "5s", in_flight: int = 1):
     return job_from_dict({
         "study": study, "seed": 1,
         "problem": {"model": f"faulty_model:{model}"},
@@ -51,8 +51,8 @@ def _job(study: str, cache, evaluations: int = 8, max_attempts: int = 3, model: 
         "evaluation": {"cheap_samples": 16, "train_samples": 16, "heldout_samples": 16, "confirm": 0,
                        "baseline": False, "cache": str(cache)},
         "budget": {"evaluations": evaluations},
-        "backend": {"kind": "ray", "workers": 2, "num_cpus": 0.5, "in_flight": 1, "trial_timeout": trial_timeout,
-                    "max_attempts": max_attempts},
+        "backend": {"kind": "ray", "workers": 2, "num_cpus": 0.5, "in_flight": in_flight,
+                    "trial_timeout": trial_timeout, "max_attempts": max_attempts},
     })
 
 
@@ -92,6 +92,26 @@ def test_a_hung_evaluation_is_cut_off_and_its_trial_finished_by_another_evaluato
     assert len(moved) == 1 and moved[0].status == "complete"  # the call queued behind it (two per evaluator)
     assert events == [f"evaluator {hung_on} ran past backend.trial_timeout (5 s); replacing it"]
     assert config["evaluators"]["trial_timeout"] == 5.0
+
+
+def test_a_call_of_several_that_times_out_charges_none_of_them_and_sends_each_alone(hang, tmp_path):
+    """Which candidate of a call hung is unknown (a call's results come back together): every one of them gets its
+    attempt back and goes again in a call of its own, so one that hangs again is cut off by itself."""
+    job = _job("hung-call", tmp_path / "cache", in_flight=2)
+    events = []
+    backend = RayBackend(job.problem, job.evaluation, job.backend, on_event=events.append)
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    res, _ = run_job(job, url, backend)
+    assert hang.exists()  # one evaluation did hang
+    with connect(url) as db:
+        trials = db.trials("hung-call")
+    assert res.status == "complete" and len(trials) == 8
+    assert all(t.status == "complete" and t.attempts == 1 for t in trials)  # no attempt spent on the timeout
+    calls = [re.search(r"in a call of (\d+) that timed out after (\d+) s", t.error or "") for t in trials]
+    sizes = {int(m[1]) for m in calls if m}
+    assert len(sizes) == 1 and sum(m is not None for m in calls) == sizes.pop() >= 2
+    (size, limit) = next((int(m[1]), int(m[2])) for m in calls if m)
+    assert limit == 5 * size and events[0].endswith(f"ran past backend.trial_timeout ({limit} s); replacing it")
 
 
 def _run_with_one_attempt(study: str, tmp_path, **kw):
