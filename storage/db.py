@@ -602,8 +602,7 @@ class Storage:
         identity for a study that has no trials yet. ``fence``: as in :meth:`add_trials`."""
         with self._tx() as s:
             st = self._study_row(s, name, lock=True)
-            if fence is not None and ((st.config or {}).get("driver") or {}).get("id") != fence[1]:
-                raise DriverLost(*fence, ((st.config or {}).get("driver") or {}).get("id"))
+            self._fenced(s.connection(), fence)
             if problem is not None:
                 if st.n_trials:
                     raise StorageError(f"study {name!r} has trials scored on its problem; it cannot change problem")

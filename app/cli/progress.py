@@ -4,6 +4,7 @@ phase and at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -184,6 +185,16 @@ class LogBar:
         if text != t["text"] and not self.disable:
             t["text"] = text
             err.print(f"[{duration(t['printed'] - self.started)}] {text}", highlight=False, markup=False)
+
+
+def said_in_log(doing: str, done: str, quiet: bool = False):
+    """A slow step said in a log while it runs and with its time at its end (``slow_steps.said_if_slow``); nothing in
+    a terminal, whose spinner or bar shows it, or when ``quiet``."""
+    from steptune.slow_steps import said_if_slow
+
+    if quiet or err.is_terminal:
+        return contextlib.nullcontext()
+    return said_if_slow(lambda m: err.print(m, markup=False, highlight=False), doing, done)
 
 
 def task_bar(*columns, disable: bool = False, transient: bool = True):

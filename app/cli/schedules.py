@@ -30,7 +30,7 @@ from steptune.cli.options import (
 )
 from steptune.cli.paths import output_file, output_folder
 from steptune.cli.problems import build_problem, pick_device, problem_evaluator
-from steptune.cli.progress import task_bar
+from steptune.cli.progress import said_in_log, task_bar
 from steptune.resolve import parse_nfe_list, resolve
 from steptune.space import ScheduleError, presets
 from steptune.space import spacing as spacing_mod
@@ -102,7 +102,6 @@ def eval_cmd(
     from steptune.evaluators.neural_reference import ReferenceNotConverged
     from steptune.evaluators.user_code import raised_text
     from steptune.exports import read_export
-    from steptune.slow_steps import said_if_slow
     from steptune.study_problem import tuned_elsewhere
 
     if samples is not None and samples < 1:
@@ -135,9 +134,8 @@ def eval_cmd(
     rows = []
     spinner = err.status("computing reference solution and evaluating...") if not json_ and err.is_terminal else \
         contextlib.nullcontext()
-    logged = said_if_slow(lambda m: err.print(m, markup=False, highlight=False), "computing the reference solution "
-                          f"of the {bank} bank (once; later runs read it from {cache}) and evaluating",
-                          "evaluated") if not json_ and not err.is_terminal else contextlib.nullcontext()
+    logged = said_in_log(f"computing the reference solution of the {bank} bank (once; later runs read it from "
+                         f"{cache}) and evaluating", "evaluated", quiet=json_)
     with spinner, logged:
         for spec, s in scheds:
             try:
@@ -206,7 +204,6 @@ def sweep_cmd(
     runs/sweep/."""
     from steptune import sweep
     from steptune.search import DEFAULT_PRESETS
-    from steptune.slow_steps import said_if_slow
 
     nfes = parse_nfe_list(nfe)
     output_folder(out_dir, "--out")
@@ -242,11 +239,8 @@ def sweep_cmd(
     try:
         with task_bar(disable=json_) as progress:
             task = progress.add_task("reference solution", total=total)
-            logged = said_if_slow(lambda m: err.print(m, markup=False, highlight=False), "computing the reference "
-                                  f"solution of the {bank} bank (once; later runs read it from {cache})",
-                                  "reference solution ready") if not (json_ or err.is_terminal) else \
-                contextlib.nullcontext()
-            with logged:
+            with said_in_log(f"computing the reference solution of the {bank} bank (once; later runs read it from "
+                             f"{cache})", "reference solution ready", quiet=json_):
                 ev.reference(bank)
             progress.update(task, description="evaluating presets")
             rows = sweep.run_sweep(ev, specs, nfes, spacing, bank,
