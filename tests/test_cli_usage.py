@@ -50,6 +50,21 @@ def test_version_and_help_exit_0(tmp_path):
     assert res.returncode == 0 and "--guidance" in res.stdout and "--cfg" not in res.stdout  # the old name is hidden
 
 
+@pytest.mark.parametrize("command", [[], ["export"], ["run"]])
+def test_a_flag_shows_no_value_type_in_the_help(command, tmp_path):
+    """A flag takes no value: its row in the help names no type (typer 0.29 wrote <bool> beside each); an option
+    that takes one keeps its type."""
+    res = subprocess.run([str(STEPTUNE), *command, "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    cells = [line.strip("│ *") for line in res.stdout.splitlines()]
+    rows = {cell.split()[0]: cell for cell in cells if cell.startswith("--")}
+    assert "--help" in rows and "<bool>" not in res.stdout, res.stdout
+    assert rows["--help"].split()[1] == "Show", rows["--help"]
+    if command == ["export"]:
+        assert "<int range>" in rows["--nfe"] and "<str>" in rows["--study"]
+
+
 @pytest.mark.parametrize("group", [[], ["dc"], ["db"]])
 def test_each_command_in_a_help_list_is_summed_up_on_one_line(group, tmp_path):
     """The first paragraph of each command's docstring, reflowed: wide enough not to wrap, each summary is one

@@ -150,6 +150,26 @@ def test_an_output_path_the_system_refuses_is_one_line(filled, capsys, tmp_path)
     assert "Traceback" not in out + err
 
 
+def test_output_dash_prints_a_file_export_and_refuses_a_folder_one(filled, capsys, tmp_path, monkeypatch):
+    """-o - is the standard output, as without -o, for the exports that are one file; a folder export refuses it
+    before anything is written; no file named '-' is left anywhere."""
+    url, _ = filled
+    monkeypatch.chdir(tmp_path)
+    for fmt in ("json", "sigmas", "comfyui"):
+        args = ["export", "--study", "demo", "--nfe", "6", "--format", fmt, "--db", url]
+        code, printed, _ = run_cli(args, capsys)
+        code_dash, out, err = run_cli([*args, "-o", "-"], capsys)
+        assert code == code_dash == 0 and out == printed and "wrote" not in err
+    code, out, err = run_cli(["export", "--study", "demo", "--nfe", "6", "--format", "diffusers", "-o", "-",
+                              "--db", url], capsys)
+    assert code == 2 and err.strip() == ("error: -o -: this export is a folder of files and cannot go to the standard "
+                                         "output; give a folder")
+    code, printed, _ = run_cli(["schedule", "ddim", "--nfe", "5"], capsys)
+    code_dash, out, _ = run_cli(["schedule", "ddim", "--nfe", "5", "-o", "-"], capsys)
+    assert code == code_dash == 0 and out == printed and json.loads(out)["nfe"] == 5
+    assert not (tmp_path / "-").exists() and not list(tmp_path.rglob("runs"))
+
+
 def _bad_files(good: dict) -> dict:
     cases = {"malformed_json": (json.dumps(good)[:-2], "not valid JSON")}
     cases["wrong_schema_version"] = (json.dumps({**good, "version": 7}), "schema version 7")

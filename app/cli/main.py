@@ -47,6 +47,20 @@ def _one_line_summaries(t: typer.Typer) -> None:
 _one_line_summaries(app)
 
 
+def _flags_untyped() -> None:
+    """A flag's row in the help shows no type: typer 0.29 writes ``<bool>`` beside every flag, ``--help`` included,
+    where a flag takes no value."""
+    typed = typer.core.TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and self.metavar is None else typed(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = display_type_rich
+
+
+_flags_untyped()
+
+
 def _click_class(name: str) -> type[Exception]:
     """The click exception class of that name in the click typer runs on (its own copy in recent typers)."""
     return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)

@@ -26,8 +26,14 @@ def _named_validly(path: Path, option: str) -> None:
         raise CliError(f"{option} {path}: {e.strerror or e}; choose another path") from None
 
 
-def output_file(path: Path, option: str) -> Path:
-    """``path`` when a file can be written there (its folders are made when it is written)."""
+STDOUT = Path("-")  # -o - : the standard output, as the command prints without -o
+
+
+def output_file(path: Path, option: str, *, stdout: bool = False) -> Path:
+    """``path`` when a file can be written there (its folders are made when it is written); with ``stdout``, ``-`` as
+    it is (the caller prints)."""
+    if path == STDOUT and stdout:
+        return path
     _named_validly(path, option)
     if path.is_dir():
         raise CliError(f"{option} {path} is a folder; give a file name")
@@ -39,6 +45,9 @@ def output_file(path: Path, option: str) -> Path:
 
 def output_folder(path: Path, option: str) -> Path:
     """``path`` when it is, or can become, a folder to write in."""
+    if path == STDOUT:
+        raise CliError(f"{option} -: this export is a folder of files and cannot go to the standard output; give a "
+                       "folder")
     _named_validly(path, option)
     if path.exists() and not path.is_dir():
         raise CliError(f"{option} {path} is a file; give a folder")

@@ -14,7 +14,7 @@ from steptune.cli.console import err, fmt, out
 from steptune.cli.cost import nfe_cell, print_interpolated_note
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
-from steptune.cli.paths import output_file, output_folder
+from steptune.cli.paths import STDOUT, output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
@@ -176,8 +176,8 @@ def export_cmd(
     trial: Annotated[int | None, typer.Option("--trial", help="Export this trial id instead of the best.")] = None,
     format_: Annotated[Format, typer.Option("--format", "-f", help="The export's form.")] = "json",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "
-                                                "(diffusers, diffusers-stock); default: print, or a folder "
-                                                "under runs/export/.")] = None,
+                                                "(diffusers, diffusers-stock); default (or -): print, or a "
+                                                "folder under runs/export/.")] = None,
     stock: Annotated[str, typer.Option("--stock", help="diffusers-stock: dpmsolver, euler, flowmatch or "
                                        "auto.")] = "auto",
     prediction: Annotated[str | None, typer.Option("--prediction", help="Model prediction type (eps, x0, v, "
@@ -208,7 +208,10 @@ def export_cmd(
     if (nfe is None) == (trial is None):
         raise CliError("give either --nfe N (the best trial at that NFE) or --trial ID")
     if output is not None:
-        (output_folder if format_ in ("diffusers", "diffusers-stock") else output_file)(output, "-o")
+        if format_ in ("diffusers", "diffusers-stock"):
+            output_folder(output, "-o")
+        else:
+            output_file(output, "-o", stdout=True)
     interpolated = None
     with _open(db) as store:
         st = store.get_study(study)
@@ -306,7 +309,7 @@ def _noise_kind(schedule) -> str:
 
 
 def _emit(text: str, output: Path | None) -> None:
-    if output is None:
+    if output is None or output == STDOUT:
         sys.stdout.write(text)
         return
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from steptune.cli.options import (
     TimeInputOpt,
     TimeScaleOpt,
 )
-from steptune.cli.paths import output_file, output_folder
+from steptune.cli.paths import STDOUT, output_file, output_folder
 from steptune.cli.problems import build_problem, pick_device, problem_evaluator
 from steptune.cli.progress import said_in_log, task_bar
 from steptune.resolve import parse_nfe_list, resolve
@@ -61,16 +61,16 @@ def schedule_cmd(
     nfe: Annotated[int, typer.Option("--nfe", min=1, help="Number of model calls.")],
     noise: Annotated[str, typer.Option("--noise", help="Noise schedule the timesteps live on.")] = "vp-linear",
     spacing: SpacingOpt = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON here.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the JSON here (-: print it).")] = None,
 ):
     """Print a preset as schedule JSON (a starting point for your own schedule files)."""
     from steptune.space import noise as noise_mod
 
     if output is not None:
-        output_file(output, "-o")
+        output_file(output, "-o", stdout=True)
     ns = noise_mod.get(noise)
     sched = resolve(spec if spec.startswith("preset:") else f"preset:{spec}", [nfe], ns, spacing)[0]
-    if output is None:
+    if output is None or output == STDOUT:
         print(sched.to_json())
     else:
         sched.save(output)
