@@ -204,6 +204,44 @@ def test_young_and_adaptive_refuse_other_solvers_before_anything_is_written(tmp_
     assert not (tmp_path / "r.db").exists()
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--learner", "tsallis-inf", "--omega", "1.3"], "--omega is for --learner fixed; --learner tsallis-inf does not "
+                                                     "use it"),
+    (["--learner", "adaptive", "--omega-max", "1.5"], "--omega-max is for --learner tsallis-inf, tsallis-inf-cb, "
+                                                      "chebcb or young; --learner adaptive does not use it"),
+    (["--learner", "young", "--arms", "5"], "--arms is for --learner tsallis-inf, tsallis-inf-cb or chebcb; --learner "
+                                            "young does not use it"),
+    (["--problem", "poisson", "--nx", "50"], "--nx is for --problem heat2d; --problem poisson does not use it"),
+    (["--nx", "50"], "--nx is for --problem heat2d; --problem shifted-laplacian does not use it"),
+    (["--problem", "heat2d", "--m", "5"], "--m is for the problems other than heat2d; --problem heat2d does not use "
+                                          "it"),
+    (["--problem", "reaction", "--variance", "low"], "--variance is for --problem shifted-laplacian; --problem "
+                                                     "reaction does not use it"),
+    (["--matrices", "seq", "--steps", "3"], "--steps is for generated sequences (not --matrices); --matrices does not "
+                                            "use it"),
+    (["--matrices", "seq", "--problem", "heat2d"], "--problem heat2d and --matrices: give one"),
+])
+def test_an_option_the_sequence_or_learner_would_not_use_is_refused(tmp_path, capsys, monkeypatch, args, line):
+    """Such an option was accepted and ignored (the study recorded a setup that never ran): one line, nothing
+    written."""
+    monkeypatch.chdir(tmp_path)
+    write_sequence(tmp_path / "seq", count=3)
+    code, _, err = run(capsys, "relax", *args, "--db", f"sqlite:///{tmp_path / 'r.db'}")
+    assert code == 2 and err.startswith(f"error: {line}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_relax_on_a_study_of_another_kind_says_what_it_is(tmp_path, capsys):
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    with connect(db) as store:
+        store.create_study("s1", method="s3", kind="search")
+    code, _, err = run(capsys, "relax", "--steps", "3", "--study", "s1", "--db", db)
+    assert code == 2 and err.strip() == ("error: study 's1' is a search study, not a relaxation study; give relax "
+                                         "another --study name"), err
+    with connect(db) as store:
+        assert store.relaxation_rounds("s1") == [] and store.get_study("s1").kind == "search"
+
+
 def test_prior_is_for_young_only(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'r.db'}"
     code, _, err = run(capsys, "relax", "--learner", "chebcb", "--prior", "lanczos", "--db", db)

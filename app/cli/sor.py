@@ -60,6 +60,41 @@ def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: fl
         raise CliError(str(e)) from None
 
 
+GRID_LEARNERS = ("tsallis-inf", "tsallis-inf-cb", "chebcb")
+_USED_BY = {  # option -> the problems (None: a matrix folder) or learners it is for; the rest leave it unused
+    "--steps": ("problem", "generated sequences (not --matrices)"), "--nx": ("problem", "--problem heat2d"),
+    "--m": ("problem", "the problems other than heat2d"), "--variance": ("problem", "--problem shifted-laplacian"),
+    "--omega": ("learner", "--learner fixed"), "--arms": ("learner", "--learner tsallis-inf, tsallis-inf-cb or chebcb"),
+    "--omega-max": ("learner", "--learner tsallis-inf, tsallis-inf-cb, chebcb or young")}
+
+
+def _uses(option: str, problem: str | None, matrices, learner: str) -> bool:
+    from steptune.evaluators.linear import FAMILIES
+
+    problem = None if matrices is not None else problem or "shifted-laplacian"
+    return {"--steps": problem is not None, "--nx": problem == "heat2d",
+            "--m": problem in ("shifted-laplacian", "poisson", *FAMILIES),
+            "--variance": problem == "shifted-laplacian", "--omega": learner == "fixed",
+            "--arms": learner in GRID_LEARNERS, "--omega-max": learner in (*GRID_LEARNERS, "young")}[option]
+
+
+def _refuse_unused(problem: str | None, matrices, learner: str, given: dict) -> None:
+    """An option the sequence or the learner would not use is refused, rather than accepted and ignored (the
+    study would record a setup that never ran)."""
+    from steptune.search.sor_learners import LEARNERS
+
+    if learner not in LEARNERS:
+        raise CliError(f"--learner {learner!r} is unknown; use one of {', '.join(LEARNERS)}")
+    if matrices is not None and problem is not None:
+        raise CliError(f"--problem {problem} and --matrices: give one (--matrices runs your own sequence)")
+    for option, value in given.items():
+        if value is not None and not _uses(option, problem, matrices, learner):
+            what, users = _USED_BY[option]
+            here = (("--matrices" if matrices is not None else f"--problem {problem or 'shifted-laplacian'}")
+                    if what == "problem" else f"--learner {learner}")
+            raise CliError(f"{option} is for {users}; {here} does not use it, so leave it out")
+
+
 def _warm_start(store, policy, study: str) -> dict:
     """Feed ``study``'s observations to ``policy``; what the new study's config records of it."""
     from steptune.storage import StorageError
@@ -184,8 +219,9 @@ def _plot(png: Path, study: str, curves: dict, rows) -> None:
 def relax_cmd(
     problem: Annotated[str, typer.Option("--problem", "-p", help="shifted-laplacian, heat2d, poisson (the model "
                                                                  "problem repeated), laplace3d, anisotropic, "
-                                                                 "reaction or ninepoint.")]
-    = "shifted-laplacian",
+                                                                 "reaction or ninepoint (default: "
+                                                                 "shifted-laplacian).")]
+    = None,
     matrices: Annotated[Path | None, typer.Option(
         "--matrices", help="Folder with your own sequence: NAME.mtx or NAME.npz, NAME.rhs.npy (or .rhs.mtx, "
                            ".rhs.txt), optional context.csv.")] = None,
@@ -198,15 +234,18 @@ def relax_cmd(
     steps: Annotated[int | None, typer.Option("--steps", help="Instances in a generated sequence (default: 5000; "
                                                               "300 for the short sweeps laplace3d, anisotropic, "
                                                               "reaction, ninepoint).")] = None,
-    nx: Annotated[int, typer.Option("--nx", help="heat2d: cells across the unit square.")] = 100,
+    nx: Annotated[int | None, typer.Option("--nx", help="heat2d: cells across the unit square (default: 100).")] = None,
     m: Annotated[int | None, typer.Option("--m", help="Interior grid side (shifted-laplacian / poisson: 10; a "
                                                       "family: its own default).")] = None,
-    variance: Annotated[str, typer.Option("--variance", help="shifted-laplacian: low or high.")] = "high",
+    variance: Annotated[str | None, typer.Option("--variance", help="shifted-laplacian: low or high (default: "
+                                                                    "high).")] = None,
     solver: Annotated[str | None, typer.Option("--solver", help="sor, ssor or ssor-pcg (default: ssor-pcg "
                                                                 "for heat2d, sor otherwise).")] = None,
-    omega: Annotated[float, typer.Option("--omega", help="ω for --learner fixed.")] = 1.0,
-    arms: Annotated[int, typer.Option("--arms", help="Grid size of the learners.")] = 20,
-    omega_max: Annotated[float, typer.Option("--omega-max", help="Largest grid ω.")] = 1.95,
+    omega: Annotated[float | None, typer.Option("--omega", help="ω for --learner fixed (default: 1).")] = None,
+    arms: Annotated[int | None, typer.Option("--arms", help="Grid size of the learners tsallis-inf, tsallis-inf-cb "
+                                                            "and chebcb (default: 20).")] = None,
+    omega_max: Annotated[float | None, typer.Option("--omega-max", help="Largest grid ω (default: 1.95); young: "
+                                                                        "the largest ω it plays.")] = None,
     tol: Annotated[float, typer.Option("--tol", help="Relative residual tolerance.")] = 1e-8,
     maxiter: Annotated[int, typer.Option("--maxiter", help="Iteration cap per solve.")] = 10_000,
     kernel: Annotated[str, typer.Option("--kernel", help="pyamg (C++ sweeps) or numba (compiled loop).")]
@@ -224,6 +263,12 @@ def relax_cmd(
     from steptune.storage import StorageError, connect
     from steptune.study_problem import difference
 
+    _refuse_unused(problem, matrices, learner, {"--steps": steps, "--nx": nx, "--m": m, "--variance": variance,
+                                                "--omega": omega, "--arms": arms, "--omega-max": omega_max})
+    problem = problem or "shifted-laplacian"
+    nx, variance = nx or 100, variance or "high"
+    omega = 1.0 if omega is None else omega
+    arms, omega_max = 20 if arms is None else arms, 1.95 if omega_max is None else omega_max
     solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
     if solver not in SOLVERS:
         raise CliError(f"--solver {solver!r} is unknown; use one of {', '.join(SOLVERS)}")
@@ -256,6 +301,9 @@ def relax_cmd(
             setup["warm_start"] = _warm_start(store, policy, warm_start)
         rec = store.create_study(name, kind="relaxation", method=learner, seed=seed, config=setup,
                                  metric="iterations", exist_ok=True)
+        if rec.kind != "relaxation":
+            made = f"a {rec.kind} study" if rec.kind else "another kind of study"
+            raise CliError(f"study {name!r} is {made}, not a relaxation study; give relax another --study name")
         kept = {k: v for k, v in rec.config.items() if k != VERDICT}  # relax-report's verdict is not setup
         now = json.loads(json.dumps(setup))
         if json.dumps(kept, sort_keys=True) != json.dumps(now, sort_keys=True):
