@@ -201,8 +201,9 @@ def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, r
     newer = sorted({(t.nfe, t.info.get("cfg")) for t in trials if t.info.get("dc_fit") == fit}
                    - {(n, c) for n, c in configs}, key=lambda nc: (nc[0], nc[1] or 0.0))
     if newer:
-        warn(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE "
-                  f"{newer[0][0]}, CFG {newer[0][1]}); rerun 'steptune dc cpr --study {study}' to include them")
+        nfe, cfg = newer[0]
+        warn(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE {nfe}"
+             f"{'' if cfg is None else f', CFG {cfg:g}'}); rerun 'steptune dc cpr --study {study}' to include them")
     return stored_cpr(study, config), "end-to-end", configs, fit
 
 

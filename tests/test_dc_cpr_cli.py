@@ -150,7 +150,7 @@ def test_dc_predict_warns_when_fits_were_added_after_the_stored_cpr(capsys, db, 
                  "--json"]) == 0
     capsys.readouterr()
     code, _, err = _cli(capsys, *predict)
-    assert code == 0 and "predates 1 'joint' fit(s)" in err and "NFE 7" in err
+    assert code == 0 and "predates 1 'joint' fit(s) of 'g' (e.g. NFE 7); rerun" in err
 
 
 def test_dc_predict_evaluate_scores_like_the_evaluator(capsys, db, fitted, tmp_path):
@@ -209,7 +209,9 @@ def test_dc_predict_outside_the_fitted_ranges_needs_extrapolate(capsys, db):
         before = store.get_study("g").config
     code, out, err = _cli(capsys, *predict)
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert "NFE 12 lies outside the configurations study 'g' was fitted on (NFE 5-8" in err and "--extrapolate" in err
+    # the study is unguided: its box has no CFG range
+    assert "NFE 12 lies outside the configurations study 'g' was fitted on (NFE 5-8); fit it" in err
+    assert "--extrapolate" in err
     code, out, err = _cli(capsys, *predict, "--extrapolate")
     assert code == 0 and "lies outside" in err
     cpr = dc.CPR.fit(_rows(db), ridge=1e-3)

@@ -401,7 +401,9 @@ def predict_cmd(
     else:
         cpr, kind, configs, fit = choose_cpr(study, config, trials, fit, ridge, regression, warn=err.print)
         if not cpr.inside(nfe, cfg):
-            box = f"NFE {cpr.nfe_range[0]:g}-{cpr.nfe_range[1]:g}, CFG {cpr.cfg_range[0]:g}-{cpr.cfg_range[1]:g}"
+            guided = any(t.info.get("cfg") is not None for t in trials)
+            box = f"NFE {cpr.nfe_range[0]:g}-{cpr.nfe_range[1]:g}" + (
+                f", CFG {cpr.cfg_range[0]:g}-{cpr.cfg_range[1]:g}" if guided else "")
             if not extrapolate:
                 raise CliError(f"{where} lies outside the configurations study {study!r} was fitted on ({box}); "
                                  f"fit it with {refit}, or pass --extrapolate for the ratios at the nearest "
