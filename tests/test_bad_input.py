@@ -376,3 +376,13 @@ def test_an_option_the_built_in_problem_does_not_take_is_named(capsys, cache, op
     _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "5", option, value,
                       "--cache", cache], *words)
     assert not cache.exists()
+
+
+@pytest.mark.parametrize("command", [["eval", "--schedule", "preset:ddim"], ["sweep"], ["search", "--budget", "2"]])
+def test_problem_and_model_together_are_refused_before_anything_runs(capsys, tmp_path, cache, command):
+    """--model replaces --problem: with both given one was ignored without a word (the model ran)."""
+    db = tmp_path / "s.db"
+    _refused(capsys, [*command, "--problem", "gmm-2d", "--model", "mymodels:net", "--nfe", "4", "--cache",
+                      cache, *(["--db", f"sqlite:///{db}"] if command[0] == "search" else [])],
+             "--problem gmm-2d and --model mymodels:net: give one")
+    assert not cache.exists() and not db.exists()

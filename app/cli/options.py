@@ -15,8 +15,9 @@ DbOpt = Annotated[str, typer.Option(
     help="Database URL: sqlite:///path/to.db (default runs/steptune.db) or postgresql+psycopg://user@host/db.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
 StudyOpt = Annotated[str, typer.Option("--study", "-s", help="Study name.")]
-ProblemOpt = Annotated[str, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits, gmm-2d or "
-                                                                  "digits-cond.")]
+ProblemOpt = Annotated[str | None, typer.Option("--problem", "-p", help="Built-in problem: gmm-digits (default), "
+                                                                         "gmm-2d or digits-cond.")]
+DEFAULT_PROBLEM = "gmm-digits"
 NoiseOpt = Annotated[str | None, typer.Option(
     "--noise", help="Noise schedule of the problem: vp-linear (default), vp-cosine, ddpm-linear, sd-scaled-linear, "
                     "cosine-discrete, edm, flow.")]

@@ -38,15 +38,27 @@ def pick_device(device: str | None) -> str:
     return str(dev)
 
 
-def build_problem(problem: str, model: str | None = None, noise: str | None = None, prediction: str | None = None,
-                  time_input: str | None = None, time_scale: float | None = None, guidance: float | None = None,
-                  shape: str | None = None, note: bool = True):
-    """The problem a command was given (``--model`` wins over ``--problem``); bad input raises CliError. With
+def chosen_problem(problem: str | None, model: str | None) -> str | None:
+    """The built-in problem a command runs on: ``--problem``, the default one, or None with ``--model``, which
+    replaces it (both given are refused: one of them would be ignored)."""
+    from steptune.cli.options import DEFAULT_PROBLEM
+
+    if model is not None and problem is not None:
+        raise CliError(f"--problem {problem} and --model {model}: give one (--model runs your network in place of a "
+                       "built-in problem)")
+    return None if model is not None else problem or DEFAULT_PROBLEM
+
+
+def build_problem(problem: str | None, model: str | None = None, noise: str | None = None,
+                  prediction: str | None = None, time_input: str | None = None, time_scale: float | None = None,
+                  guidance: float | None = None, shape: str | None = None, note: bool = True):
+    """The problem a command was given (see :func:`chosen_problem`); bad input raises CliError. With
     ``note``, a line on stderr says when a built-in network runs retrained weights rather than the shipped ones."""
     from steptune.cli.console import err
     from steptune.evaluators.load import load_error_text, load_problem, parse_shape
     from steptune.study_problem import weights_note
 
+    problem = chosen_problem(problem, model)
     try:
         built = load_problem(model or problem, noise=noise, prediction=prediction, time_input=time_input,
                              time_scale=time_scale, guidance_scale=guidance, shape=parse_shape(shape))

@@ -80,7 +80,7 @@ def schedule_cmd(
 def eval_cmd(
     schedule: Annotated[list[str], typer.Option("--schedule", "-s", help="preset:NAME[:opts] or a schedule JSON "
                                                                          "file; repeat to compare several.")],
-    problem: ProblemOpt = "gmm-digits",
+    problem: ProblemOpt = None,
     nfe: Annotated[str | None, typer.Option("--nfe", help="NFE list for presets, e.g. 5,6,8,10 or 3-10.")] = None,
     noise: NoiseOpt = None,
     spacing: SpacingOpt = None,
@@ -174,7 +174,7 @@ def eval_cmd(
 
 
 def sweep_cmd(
-    problem: ProblemOpt = "gmm-digits",
+    problem: ProblemOpt = None,
     nfe: Annotated[str, typer.Option("--nfe", help="NFE list or ranges.")] = "3-10,12,15,20",
     preset_list: Annotated[str | None, typer.Option("--presets", help="Comma-separated preset specs, each "
                                                     "followed by its own options (unipc-bh2:order=3,"

@@ -46,7 +46,7 @@ def in_options(message: str) -> str:
 
 
 def search_cmd(
-    problem: ProblemOpt = "gmm-digits",
+    problem: ProblemOpt = None,
     nfe: Annotated[str, typer.Option("--nfe", help="NFE list, e.g. 4,5,6,8,10 or 3-10.")] = "4,5,6,8,10",
     method: Annotated[str, typer.Option("--method", "-m", help="s3, tpe, cmaes, random or mo-tpe.")] = "s3",
     budget: Annotated[int, typer.Option("--budget", help="True (cheap-fidelity) evaluations per NFE.")] = 300,
@@ -84,7 +84,7 @@ def search_cmd(
     """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
     from steptune.cli import cost as cost_table
     from steptune.cli.paths import output_folder
-    from steptune.cli.problems import build_problem
+    from steptune.cli.problems import build_problem, chosen_problem
     from steptune.cli.run import execute_job, print_imports, print_overfit, print_stopped
 
     output_folder(out_dir, "--out")
@@ -97,6 +97,7 @@ def search_cmd(
 
     if method not in METHODS:
         raise CliError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    problem = chosen_problem(problem, model)
     if study is not None and not study.strip():
         raise CliError("--study is empty; give the study a name (or leave --study out for one made of the problem, "
                        "method and seed)")
