@@ -321,10 +321,14 @@ class Runner:
             self._beating.set()
             end_beats()
             try:  # how it ended, and where, for status; then the study is free (a run taken over writes neither)
-                where = self.time_up_phase if ended == "time budget" and self.time_up_phase else self.phase
-                self._plain_storage.update_study_config(job.study, {"last_run": {
-                    "driver": self.driver, "ended": ended, "phase": where}}, fence=self.storage.fence)
-                self._plain_storage.release_driver(job.study, self.driver)
+                if ended == "error" and self.phase == "start" and self._made_study and \
+                        self._plain_storage.drop_unused_study(job.study, self.driver):
+                    pass  # the run made nothing else: as if it had not run
+                else:
+                    where = self.time_up_phase if ended == "time budget" and self.time_up_phase else self.phase
+                    self._plain_storage.update_study_config(job.study, {"last_run": {
+                        "driver": self.driver, "ended": ended, "phase": where}}, fence=self.storage.fence)
+                    self._plain_storage.release_driver(job.study, self.driver)
                 self.storage.fence = None  # let go: what the run writes of itself after its end is its own
             except StorageError:
                 pass  # the database is away: the lease runs out, or a driver on this host sees this process gone
@@ -356,6 +360,7 @@ class Runner:
             existing = self.storage.get_study(job.study)
         except StorageError:
             existing = None
+        self._made_study = False  # made by this run: dropped again if the run fails before writing to it
         if existing is not None and existing.kind not in ("search", ""):
             raise JobError(f"study {job.study!r} was made by {existing.made_by}, not by a search; give a new study "
                            "name")
@@ -364,6 +369,7 @@ class Runner:
         try:
             try:
                 st = self.storage.create_study(job.study, **create)
+                self._made_study = existing is None
             except StorageError:  # another driver made it at the same moment: this one resumes it
                 st = self.storage.create_study(job.study, **create)
         except StorageError as e:

@@ -653,6 +653,19 @@ class Storage:
             if ((st.config or {}).get("driver") or {}).get("id") == driver:
                 st.config = {k: v for k, v in st.config.items() if k != "driver"}
 
+    def drop_unused_study(self, study: str, driver: str) -> bool:
+        """Delete ``study`` if ``driver`` holds it and it holds nothing (no trial, no relaxation round): a run that
+        made it and failed before writing anything leaves no empty study behind. True when it was deleted."""
+        with self._tx() as s:
+            st = self._study_row(s, study, lock=True)
+            if ((st.config or {}).get("driver") or {}).get("id") != driver or st.n_trials:
+                return False
+            for table in (Trial, RelaxationRecord):
+                if s.scalar(select(func.count()).select_from(table).where(table.study_id == st.id)):
+                    return False
+            s.delete(st)
+            return True
+
     def get_study(self, name: str) -> StudyRecord:
         with self._tx(write=False) as s:
             return self._study_record(self._study_row(s, name))

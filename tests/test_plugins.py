@@ -17,6 +17,7 @@ from steptune.evaluators import Evaluator, Plug, PluginError, load_problem
 from steptune.evaluators.neural_reference import ReferenceSettings, converged_states
 from steptune.space import Model, presets, sample
 from steptune.space import noise as noise_mod
+from steptune.storage import connect
 
 NS = noise_mod.VPLinear()
 MU = torch.tensor([0.5, -1.0, 0.25, 1.5])
@@ -513,6 +514,21 @@ def test_a_network_that_raises_in_the_reference_solve_is_named_in_one_line(tmp_p
     assert rc == 2
     assert msg.startswith("error: reference: the model raised RuntimeError: no weights for this time (at "
                           "test_plugins.py:62) near t = 0.")
+
+
+def test_a_search_whose_reference_fails_leaves_no_study_it_made_and_keeps_one_it_resumed(tmp_path, capsys):
+    """A run that made its study and failed before writing to it drops it (a later run starts afresh, as if the
+    failed one had not run); a study that was there before is kept as it was."""
+    db = f"sqlite:///{tmp_path / 'x.db'}"
+    with connect(db) as store:
+        store.create_study("before", kind="search", method="random")
+    for name in ("new", "before"):
+        rc = main(["search", "--model", "test_plugins:raising_mid_factory", "--nfe", "4", "--budget", "2", "--method",
+                   "random", "--study", name, "--cache", str(tmp_path), "--db", db, "--out", str(tmp_path)])
+        assert rc == 2 and "error: reference: the model raised" in capsys.readouterr().err
+    with connect(db) as store:
+        assert [s.name for s in store.studies()] == ["before"]
+        assert store.trials("before") == [] and "driver" not in store.get_study("before").config
 
 
 def test_a_network_that_returns_another_batch_is_named_in_one_line(tmp_path, capsys):

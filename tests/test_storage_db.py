@@ -635,3 +635,20 @@ def test_reading_an_empty_file_refuses_it_and_leaves_it_empty(tmp_path):
     with pytest.raises(StorageError, match="empty.db is empty, not a steptune database"):
         connect(f"sqlite:///{path}", must_exist=True)
     assert path.stat().st_size == 0
+
+
+def test_only_an_empty_study_its_driver_holds_is_dropped(db):
+    """What a failed run made is dropped only while it holds nothing and that run holds it; otherwise it stays as
+    it was."""
+    sched = presets.ddim(4, noise.VPLinear())
+    for name in ("empty", "other", "filled", "free"):
+        db.create_study(name, kind="search", method="s3")
+    for name in ("empty", "other", "filled"):
+        db.claim_driver(name, "a" if name != "other" else "b", 120)
+    db.add_trials("filled", [{"schedule": sched}])
+    assert not db.drop_unused_study("other", "a")  # another run holds it
+    assert not db.drop_unused_study("filled", "a")  # it has a trial
+    assert not db.drop_unused_study("free", "a")  # nobody holds it
+    assert db.drop_unused_study("empty", "a")
+    assert [s.name for s in db.studies()] == ["other", "filled", "free"]
+    assert len(db.trials("filled")) == 1 and db.get_study("other").config["driver"]["id"] == "b"
