@@ -242,3 +242,29 @@ def test_a_slow_step_is_said_while_it_runs_and_with_its_time_at_its_end():
     with said_if_slow(quick.append, "doing it", "done", after=600):
         pass
     assert quick == []
+
+
+def test_a_slow_step_in_a_log_is_stamped_as_the_bar_lines_beside_it(capsys):
+    """In a log, the lines of a slow step carry the elapsed time as the log bar's lines do (a sweep's log had one
+    unstamped line among stamped ones)."""
+    import re
+    import time
+
+    from steptune.cli.progress import LogBar, said_in_log
+
+    bar = LogBar(interval=0)
+    bar.started -= 65  # as if the command had begun a minute ago
+    lines: list[str] = []
+    with said_in_log("computing it", "computed", since=bar.started, after=0.01):
+        deadline = time.monotonic() + 30
+        while not lines:  # the step goes on until its line is out
+            lines += capsys.readouterr().err.splitlines()
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    task = bar.add_task("evaluating", total=2)
+    bar.advance(task)
+    lines += capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert re.fullmatch(r"\[0:01:0\d\] computing it", lines[0]), lines
+    assert re.fullmatch(r"\[0:01:0\d\] computed after \d+ s", lines[1]), lines
+    assert re.fullmatch(r"\[0:01:0\d\] evaluating 1/2", lines[2]), lines

@@ -187,14 +187,20 @@ class LogBar:
             err.print(f"[{duration(t['printed'] - self.started)}] {text}", highlight=False, markup=False)
 
 
-def said_in_log(doing: str, done: str, quiet: bool = False):
-    """A slow step said in a log while it runs and with its time at its end (``slow_steps.said_if_slow``); nothing in
-    a terminal, whose spinner or bar shows it, or when ``quiet``."""
+def said_in_log(doing: str, done: str, quiet: bool = False, since: float | None = None, after: float = 3.0):
+    """A slow step said in a log while it runs and with its time at its end (``slow_steps.said_if_slow``), each line
+    stamped as a log bar stamps its lines, with the time since ``since`` (``time.monotonic()``; default: now), once
+    it has taken ``after`` seconds; nothing in a terminal, whose spinner or bar shows it, or when ``quiet``."""
     from steptune.slow_steps import said_if_slow
 
     if quiet or err.is_terminal:
         return contextlib.nullcontext()
-    return said_if_slow(lambda m: err.print(m, markup=False, highlight=False), doing, done)
+    started = time.monotonic() if since is None else since
+
+    def say(text: str) -> None:
+        err.print(f"[{duration(time.monotonic() - started)}] {text}", markup=False, highlight=False)
+
+    return said_if_slow(say, doing, done, after=after)
 
 
 def task_bar(*columns, disable: bool = False, transient: bool = True):

@@ -240,7 +240,8 @@ def sweep_cmd(
         with task_bar(disable=json_) as progress:
             task = progress.add_task("reference solution", total=total)
             with said_in_log(f"computing the reference solution of the {bank} bank (once; later runs read it from "
-                             f"{cache})", "reference solution ready", quiet=json_):
+                             f"{cache})", "reference solution ready", quiet=json_,
+                             since=getattr(progress, "started", None)):
                 ev.reference(bank)
             progress.update(task, description="evaluating presets")
             rows = sweep.run_sweep(ev, specs, nfes, spacing, bank,
