@@ -137,9 +137,9 @@ def test_history_is_the_running_minimum_without_baselines(client, dashboard_db):
             for i, t in enumerate(log, start=1):
                 if t.nfe == c["nfe"] and t.status == "complete" and t.score < running:
                     running = t.score
-                    expect.append((i, running))
-            got = list(zip(c["evaluations"], c["best"]))
-            assert got[:len(expect)] == expect and got[-1] == (len(log), running)
+                    expect.append((i, running, t.id))  # each point names its trial by id, as /api/trials/ID takes
+            got = list(zip(c["evaluations"], c["best"], c["trials"]))
+            assert got[:len(expect)] == expect and got[-1][:2] == (len(log), running)
 
 
 def test_trial_table_filters_sorts_and_pages(client, dashboard_db):  # noqa: F811
@@ -325,3 +325,11 @@ def test_a_problem_on_a_named_noise_schedule_shows_its_name(tmp_path):
         store.create_study("s", method="preset", problem={"name": "toy", "noise": ns.to_dict()})
         store.create_study("t", method="preset", problem={"name": "toy2", "noise": noise_mod.VPLinear().to_dict()})
         assert {p["name"]: p["noise"] for p in problems(store)} == {"toy": "ddpm-linear", "toy2": "vp-linear"}
+
+
+def test_the_page_answers_a_head_request_as_a_health_check_sends_it(client):
+    """HEAD / (curl -I, a load balancer's check) is answered as GET / is, without the body (it was 405)."""
+    get, head = client.get("/"), client.head("/")
+    assert get.status_code == head.status_code == 200
+    assert head.headers["content-type"] == get.headers["content-type"] and head.content == b""
+    assert int(head.headers["content-length"]) == len(get.content) > 0

@@ -80,7 +80,7 @@ def create_app(store: Storage, *, allowed_hosts: list[str] | None = None, poll_s
     def _cannot_export(_request, exc: ExportError):
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: a health check's request
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 

@@ -285,7 +285,8 @@ def _pareto_dicts(points: list[dict]) -> list[dict]:
 
 def history(store: Storage, study: str) -> dict:
     """Best score so far against the number of evaluations done, per (fidelity, NFE): only the points
-    where the best improved, plus the last evaluation, so the answer stays small for long searches.
+    where the best improved, plus the last evaluation, so the answer stays small for long searches; ``trials`` holds the
+    id of the trial that set each point (as ``/api/trials/ID`` takes it; None at the last evaluation's point).
     Preset baselines stored in the study (``info.baseline``) are left out. ``reported``: the best per NFE on the
     study's reporting fidelity (a search's held-out bank), beside the cost per NFE."""
     with store._tx(write=False) as s:
@@ -293,7 +294,7 @@ def history(store: Storage, study: str) -> dict:
         metric, config = s.execute(select(Study.metric, Study.config).where(Study.id == sid)).one()
         busy = s.scalar(select(func.count(func.distinct(Trial.worker)))
                         .where(Trial.study_id == sid, Trial.status == "running"))
-        rows = s.execute(select(Trial.number, Trial.nfe, Trial.fidelity, Trial.score, Trial.status,
+        rows = s.execute(select(Trial.id, Trial.nfe, Trial.fidelity, Trial.score, Trial.status,
                                 _baseline_flag().label("baseline"))
                          .where(Trial.study_id == sid, Trial.status.in_(("complete", "failed")))
                          .order_by(Trial.number)).all()
@@ -312,7 +313,7 @@ def history(store: Storage, study: str) -> dict:
             c["_best"] = r.score
             c["evaluations"].append(done[r.fidelity])
             c["best"].append(r.score)
-            c["trials"].append(r.number)
+            c["trials"].append(r.id)
     for c in curves.values():
         if c["best"] and c["evaluations"][-1] != done[c["fidelity"]]:
             c["evaluations"].append(done[c["fidelity"]])
