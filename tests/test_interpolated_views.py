@@ -145,7 +145,11 @@ def test_best_and_export_say_it_is_interpolated_and_what_it_cost(job_run, capsys
     best = _best(url)  # the interpolated trial, a refinement, or the preset at its best spacing
     code, out, _ = run_cli(["best", "--study", STUDY, "--db", url, "--json"], capsys)
     row = next(r for r in json.loads(out) if r["nfe"] == MADE)
-    assert row["id"] == best.id and row["interpolated_from"] == between
+    # marked as the interpolated NFE's own schedule only when it is one (or its refinement): the preset at its best
+    # spacing there, refined or not, is no interpolation
+    assert row["id"] == best.id and row["interpolated_from"] == (between if best.id in (made.id, fit.id) else None)
+    code, out, _ = run_cli(["best", "--study", STUDY, "--nfe", str(MADE), "--db", url], capsys)
+    assert code == 0 and ("interpolated" in out) == (best.id in (made.id, fit.id)), out
     code, out, _ = run_cli(["export", "--study", STUDY, "--nfe", str(MADE), "--db", url], capsys)
     prov = json.loads(out)["provenance"]
     assert prov["trial"] == best.id and prov["status"] == "complete"

@@ -105,7 +105,7 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
             if t.metrics:
                 out.print("metrics: " + ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}"
                                                   for k, v in t.metrics.items()))
-            made = None if t.info.get("baseline") else _interpolated_nfes(store, study).get(t.nfe)
+            made = _interpolated_nfes(store, study).get(t.nfe) if built_from(store, t) else None
             print_interpolated_note([(t.nfe, made)], with_cost=False)
             out.print(_describe(t.to_schedule()))
             return
@@ -113,7 +113,8 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
         best = store.best_per_nfe(study, fidelity=fidelity)
         front = {t.id for t in store.pareto(study, fidelity=fidelity)}
         made = _interpolated_nfes(store, study)
-    source = {t.id: made.get(t.nfe) if not t.info.get("baseline") else None for t in best}
+        # marked: a trial interpolated for its NFE or refined from one; not a preset (or its refinement) there
+        source = {t.id: made.get(t.nfe) if t.nfe in made and built_from(store, t) else None for t in best}
     if not best:
         raise CliError(f"study {study!r} has no complete trial with a score yet")
     if json_:
