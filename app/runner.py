@@ -197,6 +197,7 @@ class Runner:
         self.retried = 0
         self.failed = 0  # failed evaluations in this run (diverged, or out of attempts)
         self.done = 0
+        self._rate_from: tuple[float, int] | None = None  # (when, done) at this run's first search result
         self.total = job.budget.evaluations * len(job.search.nfe)
         self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
         self.best: dict[int, float] = {}
@@ -505,6 +506,8 @@ class Runner:
             (self.eval_seconds if task.bank == CHEAP else self.heldout_seconds).append(float(result["seconds"]))
         if self.phase == "search":
             self.done += 1
+            if self._rate_from is None:  # the rate is timed from this run's first search result: not its replay
+                self._rate_from = (time.monotonic(), self.done)
         elif self.phase in self.phase_counts:
             self.phase_counts[self.phase][0] += 1
         self.failed += result.get("status") != "complete"
@@ -524,9 +527,11 @@ class Runner:
                 "busy": len(set(sink.in_flight.values())) if sink is not None else 0}
 
     def _rate(self) -> float | None:
-        if not hasattr(self, "_search_start"):
+        """Search evaluations per second since this run's first search result (None before a second one): the
+        searcher's replay of a resumed study and the first batch's start-up are not taken for the pace."""
+        if self._rate_from is None:
             return None
-        t0, done0 = self._search_start
+        t0, done0 = self._rate_from
         elapsed = time.monotonic() - t0
         return (self.done - done0) / elapsed if elapsed > 0 and self.done > done0 else None
 
@@ -705,7 +710,6 @@ class Runner:
                      + (f", {left} queued" if left else "")
                      + (f"; that is the whole budget ({self.total}) already: the queued ones are scored, and nothing "
                         "new is searched" if self.done >= self.total else ""))
-        self._search_start = (time.monotonic(), self.done)
         self._reserve_confirm_time()
         for c, score in self._spacing_results(started=bool(rows)):
             searcher.tell(c, score)

@@ -706,3 +706,33 @@ def test_keys_the_other_settings_leave_unused_are_said(tmp_path, cache, capsys):
     assert 'backend.max_restarts, backend.workers are for kind = "ray" only: in-process this run is the one ' \
            "evaluator" in err
     assert "evaluation.baseline_nfe is not used: with baseline = false no presets are scored" in err
+
+
+def test_the_eta_is_timed_from_the_runs_first_search_result_not_from_what_came_before_it(tmp_path, cache, monkeypatch):
+    """A resumed run replays its stored trials into the searcher before it evaluates anything: that time is not the
+    pace of the search. The rate (and the ETA from it) is timed from the run's first search result, none before a
+    second one."""
+    import types
+
+    import steptune.runner as runner_module
+    from steptune.backends import LocalBackend, Task
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+
+    clock = [1000.0]
+    monkeypatch.setattr(runner_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    job = load_job(write_job(tmp_path / "job.toml", "eta", cache, evaluations=50))
+    etas = []
+    with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
+        runner = Runner(job, db, LocalBackend(job.problem, job.evaluation, job.backend),
+                        progress=lambda st: etas.append(st["eta"]))
+        runner.phase, runner.done = "search", 40  # resumed: 40 evaluations done before
+        task = Task(trial_id=1, schedule={}, bank="cheap", n=16)
+        clock[0] += 600  # a long replay of the stored trials
+        runner._progress_event(task, {"status": "complete", "seconds": 0.5})
+        for _ in range(3):  # then two results a second
+            clock[0] += 0.5
+            runner._progress_event(task, {"status": "complete", "seconds": 0.5})
+    total = runner.total
+    assert total > 44 and runner.done == 44
+    assert etas[0] is None and etas[1:] == [pytest.approx((total - d) / 2) for d in (42, 43, 44)]
