@@ -261,6 +261,12 @@ class Runner:
         except (TypeError, ValueError) as e:  # an option the method does not take, or a value it refuses
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise JobError(f"search.options {job.search.options!r} for method {job.search.method!r}: {msg}") from None
+        from steptune.evaluators.evaluator import metric_names
+
+        told = metric_names(self.problem, bank="train")  # what a cheap evaluation reports, the searcher is told
+        if self.searcher.metric not in told:
+            raise JobError(f"search.options metric {self.searcher.metric!r}: the search is told what an evaluation of "
+                           f"{self.problem.name} on the train bank reports ({', '.join(told)}); use one of them")
         space = self.searcher.space
         if max(job.search.nfe) > space.max_nfe:
             raise JobError(f"search.nfe {max(job.search.nfe)}: at most {space.max_nfe} steps fit between t_start and "

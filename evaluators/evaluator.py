@@ -293,10 +293,16 @@ class Evaluator:
         return metrics.frechet_distance(*metrics.gaussian_stats(features(x)), *self._reference_stats[key])
 
     def metric_names(self) -> list[str]:
-        """The metrics ``evaluate`` reports for this problem."""
-        return ["rmse", "median_err", *(["sw"] if self.problem.has_data else []),
-                *(["nll"] if self.problem.has_log_prob else []), *self.problem.quality_metrics,
-                *(["fd_reference"] if hasattr(self.problem.quality, "features") else [])]
+        """The metrics ``evaluate`` reports for this problem (on the held-out bank: all of them)."""
+        return metric_names(self.problem)
+
+
+def metric_names(problem: Problem, bank: str = "heldout") -> list[str]:
+    """The metrics an evaluation of ``problem`` on ``bank`` reports: the quality metrics (e.g. FD-digits) on the
+    held-out bank only."""
+    return ["rmse", "median_err", *(["sw"] if problem.has_data else []), *(["nll"] if problem.has_log_prob else []),
+            *(problem.quality_metrics if bank == "heldout" else []),
+            *(["fd_reference"] if bank == "heldout" and hasattr(problem.quality, "features") else [])]
 
 
 def device_name(device: torch.device) -> str:

@@ -24,8 +24,12 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
     """Every preset that can be built at every NFE, on the space's time interval (duplicates removed), each
     preset at all NFEs before the next, so that a budget too small for all of them still reaches every NFE.
     With ``afs`` (where the space allows an analytical first step) they are followed by the same presets with one
-    (``afs_variant``; origin ``preset-afs:SPEC``)."""
+    (``afs_variant``; origin ``preset-afs:SPEC``). A spec that names no preset, or that builds at none of ``nfes`` (an
+    option out of range), raises ScheduleError: a misspelled seed is not dropped without a word."""
+    for spec in specs:
+        presets.parse_spec(spec)
     out, keys = [], set()
+    refused: dict[str, str] = {}  # spec -> why it could not be built at the first NFE it was tried at
     variants = (False, True) if afs and "zero" in space.afs_kinds else (False,)
     for with_afs in variants:
         for spec in specs:
@@ -36,7 +40,10 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
                     else:
                         s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
                         s.validate(nfe=nfe)
-                except ScheduleError:
+                        refused[spec] = ""
+                except ScheduleError as e:
+                    if not with_afs:
+                        refused.setdefault(spec, f"at NFE {nfe}: {e}")
                     continue
                 if s is None:
                     continue
@@ -44,6 +51,9 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
                 if c.key not in keys:
                     keys.add(c.key)
                     out.append(c)
+        never = next((spec for spec in specs if refused.get(spec)), None)
+        if never is not None and nfes:
+            raise ScheduleError(f"preset {never!r} cannot be built at any NFE searched ({refused[never]})")
     return out
 
 

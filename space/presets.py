@@ -243,6 +243,8 @@ def parse_spec(spec: str, **kwargs) -> tuple[Callable[..., Schedule], dict]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ScheduleError(f"preset {spec!r}: option {item!r} must be key=value")
+        if key.strip() in opts:
+            raise ScheduleError(f"preset {spec!r}: option {key.strip()!r} is given twice; give it once")
         opts[key.strip()] = _parse_value(value.strip())
     fn = get(name)
     params = inspect.signature(fn).parameters

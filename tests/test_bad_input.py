@@ -308,7 +308,12 @@ def test_relax_report_saves_the_image_it_names(capsys, relax_study, tmp_path):
     (["--spacing", "bogus"], "--spacing: unknown spacing 'bogus'; choose from time-uniform, logsnr, time-quadratic, "
                              "karras, diffusers-linspace, diffusers-leading, diffusers-trailing"),
     (["--presets", "ddim:order=3"], "preset 'ddim' has no option 'order'; its options are spacing, t_start, t_end, "
-                                    "final_zero, prediction")])
+                                    "final_zero, prediction"),
+    (["--presets", "unipc-bh2:order=9"], "--presets: preset 'unipc-bh2:order=9' cannot be built at any NFE of the "
+                                         "sweep (at NFE 4: preset 'unipc-bh2': option 'order' is 9; use 1 to 3 (its "
+                                         "corrector is one order higher, at most 4))"),
+    (["--presets", "unipc-bh2:order=3,order=1"], "preset 'unipc-bh2:order=3,order=1': option 'order' is given twice; "
+                                                 "give it once")])
 def test_sweep_refuses_an_unknown_spacing_or_preset_option_before_it_runs(option, message, tmp_path, capsys):
     out = tmp_path / "sw"
     assert main(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(tmp_path / "c"),
@@ -386,3 +391,30 @@ def test_problem_and_model_together_are_refused_before_anything_runs(capsys, tmp
                       cache, *(["--db", f"sqlite:///{db}"] if command[0] == "search" else [])],
              "--problem gmm-2d and --model mymodels:net: give one")
     assert not cache.exists() and not db.exists()
+
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("tpe", '{metric = "bogus"}', "search.options metric 'bogus': the search is told what an evaluation of gmm-2d on "
+                                  "the train bank reports (rmse, median_err, sw, nll); use one of them"),
+    ("random", '{metric = "fd_digits"}', "search.options metric 'fd_digits': the search is told what an evaluation of "
+                                         "gmm-2d on the train bank reports"),
+    ("s3", '{presets = ["nonexistent"]}', "for method 's3': unknown preset 'nonexistent'"),
+    ("cmaes", '{presets = ["ddim", "unipc-bh2:order=9"]}', "for method 'cmaes': preset 'unipc-bh2:order=9' cannot be "
+                                                            "built at any NFE searched (at NFE 3: preset 'unipc-bh2': "
+                                                            "option 'order' is 9; use 1 to 3"),
+])
+def test_a_search_option_that_would_quietly_spoil_the_search_is_refused(tmp_path, capsys, method, options, message):
+    """A metric no evaluation reports was told as a failure for every trial (the search learnt nothing); a misspelled
+    or impossible seed preset was dropped: both refused in one line naming the file, before anything is stored."""
+    from runner_jobs import job_text
+
+    text = job_text("spoil", tmp_path / "cache").replace('method = "s3"', f'method = "{method}"')
+    job = tmp_path / "job.toml"
+    job.write_text(text.replace("nfe = [3, 4]", f"nfe = [3, 4]\noptions = {options}"))
+    db = tmp_path / "x.db"
+    line = _refused(capsys, ["run", job, "--db", f"sqlite:///{db}"], f"error: {job}: ", message)
+    assert "Traceback" not in line
+    if db.exists():
+        with connect(f"sqlite:///{db}") as store:
+            assert store.studies() == []

@@ -93,7 +93,7 @@ def test_a_job_over_several_nfes_chooses_its_predictor_when_each_nfe_has_its_tri
 
     def search(nfes, until):
         se = make_searcher("s3", space.noise, space.t_start, space.t_end, nfes, seed=0,
-                           min_train=12, pool=20, presets=("ddim", "dpmsolver++:order=2"))
+                           min_train=12, pool=20, presets=("ddim", "dpm-solver++-2m"))
         while not until(se):
             for c in se.ask(4 * len(nfes)):
                 se.tell(c, smooth(c))

@@ -224,6 +224,9 @@ def sweep_cmd(
             spacing_mod.check(spacing, prob.noise)
         except ScheduleError as e:
             raise ScheduleError(f"--spacing: {e}") from None
+    why = sweep.unbuildable(specs, nfes, prob, spacing)
+    if why:
+        raise CliError(f"--presets: {why}")
     if study is not None:  # the database and the study are checked before the sweep runs
         from steptune.storage import StorageError, connect
 
