@@ -258,13 +258,18 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                   say: Callable[[str], None] = lambda msg: None,
                   progress: Callable[[int, int, int, float], None] | None = None,
                   stop: Callable[[], bool] = lambda: False, before: float | None = None,
-                  say_skipped: bool = True, seconds: float | None = None) -> list[Refined]:
+                  say_skipped: bool = True, seconds: float | None = None, deadline: float | None = None,
+                  reserve: float = 0.0, no_room: Callable[[], None] = lambda: None) -> list[Refined]:
     """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
     trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
     after a screening refinement of each is refined on (``refine_best``). ``before``: the NFE's best held-out RMSE
     before, where it is not one of the parents' (``neighbour_pass``): each result's ``start_rmse`` is then that, and
     its ``rmse`` what the item leaves (its refinement where that beat its parent, else the parent). ``seconds``: each
-    item's refinement, screening included, ends after about this long with its best so far (None: no limit)."""
+    item's refinement, screening included, ends after about this long with its best so far (None: no limit).
+    ``deadline`` (``time.monotonic()``, a run's time budget): an item's refinement ends ``reserve`` seconds before it
+    with its best so far, stored, so that a run the budget stops still stores what it refined and the next run goes on
+    from there (cut off by ``stop`` instead, it would store nothing and each run would start that item again); with
+    less than ``reserve`` seconds left it refines nothing more and calls ``no_room``."""
     done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
     out = []
     for item in todo:
@@ -287,6 +292,13 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             continue
         if stop():
             break
+        limit, by_budget = seconds, False
+        if deadline is not None:
+            left = deadline - time.monotonic() - reserve
+            if left <= 0:
+                no_room()
+                break
+            limit, by_budget = (left, True) if limit is None or left < limit else (limit, False)
         screen = screen_length(iters)
         group, nfe = group if screen else group[:1], group[0].nfe
         if len(group) == 1:
@@ -301,7 +313,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
         held = [heldout_result(t, evaluator) for t in group]
         sc = refine_best(evaluator, [t.to_schedule() for t in group], parents=held, screen=screen, iters=iters,
-                         samples=samples, progress=report, stop=stop, seconds=seconds)
+                         samples=samples, progress=report, stop=stop, seconds=limit)
         result, parent = sc.result, group[sc.winner]
         if result.stopped:  # nothing stored: a later run refines it again
             say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")
@@ -315,7 +327,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                            result.improved, tid, structures=max(len(sc.screened), 1), start_rmse=start_rmse))
         r, took = out[-1], f"{out[-1].seconds:.0f} s, {result.iters} of at most {iters} iterations"
         if result.out_of_time:
-            took += f", the {seconds:g} s given ran out"
+            took += ", the time budget ran out" if by_budget else f", the {seconds:g} s given ran out"
         if before is not None:
             verdict = (f"the NFE's best {before:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%)" if r.change < 0
                        else f"not better than the NFE's best ({before:.4g}), which stays the best")
@@ -510,7 +522,8 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
 def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int, samples: int | None,
                    say: Callable[[str], None] = lambda msg: None, stop: Callable[[], bool] = lambda: False,
                    progress: Callable[[int, int, int, float], None] | None = None,
-                   sweeps: int = SWEEPS, seconds: float | None = None) -> list[Refined]:
+                   sweeps: int = SWEEPS, seconds: float | None = None, deadline: float | None = None,
+                   reserve: float = 0.0, no_room: Callable[[], None] = lambda: None) -> list[Refined]:
     """Sweeps over ``nfes``, from the highest down, then from the lowest up, and so on: at each NFE the schedules
     built from the next one's best (``neighbour_parents``; the next one down on a sweep up) are each refined
     (``refine_trials``; not screened: of two, the one better after 40 iterations is not always the one that refines
@@ -529,7 +542,8 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
             if stop():
                 return list(out.values())
             new |= refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say,
-                                stop=stop, progress=progress, seconds=seconds)
+                                stop=stop, progress=progress, seconds=seconds, deadline=deadline, reserve=reserve,
+                                no_room=no_room)
         quiet = 0 if new else quiet + 1
         if quiet == 2:
             break
@@ -539,7 +553,9 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
 def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict, *, iters: int,
                  samples: int | None, say: Callable[[str], None] = lambda msg: None,
                  stop: Callable[[], bool] = lambda: False,
-                 progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None) -> bool:
+                 progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None,
+                 deadline: float | None = None, reserve: float = 0.0,
+                 no_room: Callable[[], None] = lambda: None) -> bool:
     """The schedules at ``nfe`` built from ``source``'s best (``neighbour_parents``), each refined on its own and
     compared with the NFE's best before it (the best of what the NFE had when the group was built, then after each
     member); the results go into ``out`` by trial. Whether any refinement ran now."""
@@ -551,7 +567,8 @@ def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict,
     before, new = (best.score if best else None), False
     for t in group:
         done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, say=say,
-                             progress=progress, stop=stop, before=before, say_skipped=False, seconds=seconds)
+                             progress=progress, stop=stop, before=before, say_skipped=False, seconds=seconds,
+                             deadline=deadline, reserve=reserve, no_room=no_room)
         new |= any(r.skipped is None for r in done)
         for r in done:
             out.setdefault(r.trial, replace(r, built_from=source))
@@ -571,27 +588,39 @@ def refine_stage(runner) -> list[Refined]:
         runner.say(f"refine: {e}")
         return []
     evaluator = runner._driver_evaluator()
+    full = []  # set once the time budget has no room for another refinement
+
+    def no_room() -> None:
+        full.append(True)
+        runner._out_of_time()
+
+    def ended() -> bool:
+        return bool(full) or runner.should_stop()
+
+    # under a time budget, each refinement ends in time to be judged and stored (see refine_trials)
+    limits = {"seconds": spec.time, "deadline": runner.deadline, "reserve": 2.0 * runner._confirm_seconds() + 1.0,
+              "no_room": no_room}
     nfes = sorted({t.nfe for t in todo})
     presets = preset_parents(runner.storage, job.study, evaluator, nfes, job.evaluation.cheap_samples,
                              say=runner.say)
     todo = structure_groups(runner.storage, job.study, evaluator, todo, spec.structures, spec.iters, say=runner.say)
     todo += presets
     out = refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
-                        say=runner.say, stop=runner.should_stop, seconds=spec.time)
-    if spec.neighbours and not runner.should_stop():
+                        say=runner.say, stop=runner.should_stop, **limits)
+    if spec.neighbours and not ended():
         out += neighbour_pass(runner.storage, job.study, evaluator, nfes, iters=spec.iters,
-                              samples=spec.samples, say=runner.say, stop=runner.should_stop, seconds=spec.time)
-    if spec.interpolate and not runner.should_stop():
+                              samples=spec.samples, say=runner.say, stop=runner.should_stop, **limits)
+    if spec.interpolate and not ended():
         todo = interpolated_parents(runner.storage, job.study, evaluator, spec.interpolate, say=runner.say)
         built = [t.nfe for t in todo]
         # as at a searched NFE, the best preset is refined too: where refining it does better, that is the NFE's best
         todo += preset_parents(runner.storage, job.study, evaluator, built, job.evaluation.cheap_samples,
                                say=runner.say)
         out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
-                             say=runner.say, stop=runner.should_stop, seconds=spec.time)
-        if spec.neighbours and built and not runner.should_stop():
+                             say=runner.say, stop=runner.should_stop, **limits)
+        if spec.neighbours and built and not ended():
             out += neighbour_pass(runner.storage, job.study, evaluator, [*nfes, *built],
                                   iters=spec.iters, samples=spec.samples, say=runner.say, stop=runner.should_stop,
-                                  seconds=spec.time)
+                                  **limits)
     return out
 

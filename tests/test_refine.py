@@ -585,6 +585,41 @@ def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_i
         assert db.count_trials() == n + 1
 
 
+def test_under_a_time_budget_a_refinement_ends_in_time_to_be_stored_and_none_starts_without_room(tmp_path, cache,
+                                                                                                    capsys,
+                                                                                                    monkeypatch):
+    """A run's time budget: each refinement is given the time left less ``reserve`` and ends there with its best so
+    far, stored (cut off by the run's stop instead it stored nothing, so each run began that refinement again and a
+    study whose budget was short never got past it); with less than ``reserve`` left none starts, and ``no_room``
+    says so to the run."""
+    import time
+    import types
+
+    import steptune.refine as stage
+    from steptune.refine import parents, refine_trials, study_evaluator, study_job
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    code, _, err = run_cli(["run", str(_job(tmp_path, cache, "budget", refine=None)), "--db", url], capsys)
+    assert code == 0, err
+    clock = [1000.0]  # the time the stage reads the budget's deadline against
+    monkeypatch.setattr(stage, "time", types.SimpleNamespace(monotonic=lambda: clock[0],
+                                                             perf_counter=time.perf_counter))
+    with connect(url) as db:
+        ev = study_evaluator(study_job(db, "budget"), "cpu")
+        best = parents(db.trials("budget"), "budget", None)
+        n, full, said = db.count_trials(), [], []
+        assert refine_trials(db, "budget", ev, best, iters=20, samples=32, deadline=1059.0, reserve=60.0,
+                             no_room=lambda: full.append(1)) == []  # 59 s left, 60 kept: no room
+        assert full == [1] and db.count_trials() == n
+        out = refine_trials(db, "budget", ev, best[:1], iters=20, samples=32, say=said.append,
+                            deadline=1060.0 + 1e-9, reserve=60.0)  # a nanosecond to refine in
+    with connect(url) as db:
+        (t,) = [db.trial(r.trial) for r in out]
+        assert t.info["refines"] == best[0].id and t.info["refine"]["out_of_time"] and t.info["refine"]["iters"] == 0
+        assert db.count_trials() == n + 1
+    assert "the time budget ran out" in said[-1] and "stopped" not in " ".join(said)
+
+
 def db_best_id(url, nfe):
     with connect(url) as db:
         return db.best("tiny", nfe).id
