@@ -921,8 +921,9 @@ def _imports_scored(trials, ids: list[int]) -> list[dict]:
 
 def summarize(trials, nfes) -> list[NfeSummary]:
     """Per NFE: the best preset on the held-out bank, the searched schedule with the best held-out score and the
-    best held-out score after refinement (of it, or of a preset); an NFE interpolated from the searched ones
-    (``info.interpolated``) is a row of its own, its interpolated schedule in the searched one's place."""
+    best held-out score after refinement (of it, or a preset's refinement that beat the preset); an NFE interpolated
+    from the searched ones (``info.interpolated``) is a row of its own, its interpolated schedule in the searched
+    one's place."""
     by_number, by_id = {t.number: t for t in trials}, {t.id: t for t in trials}
     cheap_order = {t.number: i + 1 for i, t in enumerate(t for t in trials if t.fidelity == CHEAP)}
     between = {t.nfe: sorted(t.info["interpolated"]["between"]) for t in trials
@@ -937,7 +938,10 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         src = by_number.get(found.info["confirms"]) if found and mine == "confirms" else None
         fits = [t for t in trials if t.nfe == nfe and t.info.get("refines") in by_id
                 and t.status in ("complete", "pruned") and t.score is not None]  # pruned: its parent stays
-        refined = min((s for t in fits for s in (t.score, by_id[t.info["refines"]].score) if s is not None),
+        # a preset whose refinement did not beat it is no refined score: it is the preset column's
+        refined = min((s for t in fits for s in (t.score if t.status == "complete" else None,
+                                                 None if by_id[t.info["refines"]].info.get("baseline")
+                                                 else by_id[t.info["refines"]].score) if s is not None),
                       default=None)
         if refined is not None and found is not None:  # a refinement screened with it refines another schedule
             refined = min(refined, found.score)

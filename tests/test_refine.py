@@ -723,6 +723,33 @@ def test_the_refined_column_is_never_worse_than_the_best_searched_schedule(tmp_p
     assert row.refined == 0.05
 
 
+@pytest.mark.parametrize("preset_fit, refined", [("pruned", 0.06), ("complete", 0.045)])
+def test_a_preset_whose_refinement_did_not_beat_it_is_no_refined_score(tmp_path, preset_fit, refined):
+    """The refined column is what refinement gave: the searched schedule's (kept where its refinement lost) or a
+    preset's refinement that beat the preset; a preset whose refinement lost is the preset column's score, not a
+    refined one (status showed the unrefined preset's 0.048 as refined while the search table said the searched one
+    was kept)."""
+    from steptune.runner import summarize
+
+    p = load_problem("gmm-2d")
+    a, b = _preset(p, "unipc-bh2", 4), _preset(p, "dpm-solver++-2m", 4)
+    with connect(f"sqlite:///{tmp_path / 'v.db'}", create=True) as db:
+        db.create_study("v", kind="search", config={})
+        ia, ib = db.add_trials("v", [
+            {"schedule": a, "status": "complete", "fidelity": "heldout", "bank": "heldout", "metrics": {"rmse": 0.06},
+             "info": {"confirms": 0, "origin": "test"}},
+            {"schedule": b, "status": "complete", "fidelity": "heldout", "bank": "heldout", "metrics": {"rmse": 0.048},
+             "info": {"baseline": True, "origin": "preset:dpm-solver++-2m"}}])
+        db.add_trials("v", [
+            {"schedule": a, "status": "pruned", "fidelity": "heldout", "bank": "heldout", "metrics": {"rmse": 0.061},
+             "info": {"refines": ia, "origin": "refine:test"}},
+            {"schedule": b, "status": preset_fit, "fidelity": "heldout", "bank": "heldout",
+             "metrics": {"rmse": 0.049 if preset_fit == "pruned" else 0.045},
+             "info": {"refines": ib, "origin": "refine:test"}}])
+        (row,) = summarize(db.trials("v"), [4])
+    assert (row.preset_score, row.searched_score, row.refined) == (0.048, 0.06, refined)
+
+
 def _one_line_error(argv, capsys, words):
     code, out, err = run_cli(argv, capsys)
     lines = err.strip().splitlines()
