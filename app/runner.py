@@ -721,6 +721,7 @@ class Runner:
             searcher.tell(c, score)
         lookahead = self._lookahead()
         asked: dict[int, dict] = {}  # batch -> {key: Candidate}, as the searcher asked it (or asks it again)
+        exhausted: list[int] = []
 
         def ask(b: int) -> bool:
             """The searcher asks batch ``b``: a stored batch is asked again (the searcher rebuilds its state),
@@ -733,7 +734,8 @@ class Runner:
                 return False
             self._batch_started.setdefault(b, time.monotonic())
             cands = searcher.ask(min(batch_size, left))
-            if not cands:
+            if not cands:  # every schedule the method can make at these NFEs has been tried
+                exhausted.append(b)
                 return False
             batches[b] = self.storage.add_trials(job.study, [
                 self._item(c.schedule, CHEAP, {"batch": b, "origin": c.origin, "params": _plain(c.params)})
@@ -766,6 +768,11 @@ class Runner:
             del asked[b]
             b += 1
             self._reserve_confirm_time()
+        if exhausted:
+            self.say(f"the {job.search.method} search has no new schedule to try at NFE "
+                     f"{', '.join(map(str, job.search.nfe))} after {self.done} evaluations: it has tried every one it "
+                     f"can make there, so the budget's other {self.total - self.done} are not spent")
+            self.storage.update_study_config(job.study, {"search_exhausted": self.done})
 
     def _spacing_results(self, started: bool) -> list[tuple]:
         """What choosing the presets' spacings measured, told to the searcher before its first batch: each preset

@@ -128,3 +128,27 @@ def test_status_counts_the_evaluators_busy_in_a_live_in_process_run(tmp_path):
         after = study_status(db, "busy")
     assert seen == {"busy": 1, "running": 0, "page": 1}
     assert after["busy_evaluators"] == 0 and after["driver"] is None  # the run let go as it ended
+
+
+def test_a_search_with_nothing_new_to_try_ends_finished_not_stopped(tmp_path, capsys):
+    """At NFE 1 a method soon runs out of schedules it has not tried: the run says so and ends; status calls the
+    study finished (it said 'stopped ... run the job again to resume', which searched nothing new), and its
+    confirmations are of the schedules there are, fewer than asked."""
+    from runner_jobs import run_cli
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    args = ["search", "--problem", "gmm-2d", "--nfe", "1", "--budget", "5", "--method", "tpe", "--cheap-samples", "32",
+            "--heldout-samples", "64", "--confirm", "3", "--study", "one", "--db", url, "--cache",
+            str(tmp_path / "cache"), "--out", str(tmp_path)]
+    code, _, err = run_cli(args, capsys)
+    with connect(url) as db:
+        info = study_status(db, "one")
+        done = info["search_done"]
+        assert db.get_study("one").config["search_exhausted"] == done
+    assert code == 0 and 0 < done < 5, err
+    assert (f"the tpe search has no new schedule to try at NFE 1 after {done} evaluations: it has tried every one it "
+            f"can make there, so the budget's other {5 - done} are not spent") in err, err
+    assert info["search_exhausted"] and info["finished"] and info["confirmed"] == min(done, 3)
+    assert _state(url, "one") == "finished"
+    code, out, _ = run_cli(["status", "--study", "one", "--db", url], capsys)
+    assert code == 0 and "the search tried every schedule its method can make at these NFEs" in out, out

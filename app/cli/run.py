@@ -201,8 +201,16 @@ def study_status(storage, study: str) -> dict:
     eta = None
     confirmed = sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info
                     and t.status in ("complete", "failed", "pruned"))
-    left = None if budget is None else (max(0, budget - len(final))
-                                        + max(0, job["evaluation"]["confirm"] * len(nfes) - confirmed))
+    exhausted = st.config.get("search_exhausted")  # the method had nothing new to try after that many
+    left = None
+    if budget is not None:
+        searching = 0 if exhausted is not None else max(0, budget - len(final))
+        k = job["evaluation"]["confirm"]
+        # once the search is done, each NFE confirms its k best distinct schedules, or all it has where fewer
+        scored = [t for t in cheap if t.status == "complete" and t.score is not None]
+        to_confirm = k * len(nfes) if searching else sum(min(k, len({t.key for t in scored if t.nfe == n}))
+                                                         for n in nfes)
+        left = searching + max(0, to_confirm - confirmed)
     if left and per_minute and driver and driver["alive"]:  # an ETA is a running search's
         eta = 60 * left / per_minute
     rows = []
@@ -231,7 +239,7 @@ def study_status(storage, study: str) -> dict:
     queued = sum(t.status == "queued" for t in trials)
     return {"study": study, "method": st.method, "seed": st.seed, "made_by": st.made_by, "searched": bool(job),
             "trials": len(trials), "driver": driver, "last_run": st.config.get("last_run"),
-            "search_done": len(final), "search_budget": budget,
+            "search_done": len(final), "search_budget": budget, "search_exhausted": exhausted is not None,
             "running": sum(t.status == "running" for t in trials), "queued": queued,
             "failed": sum(t.status == "failed" for t in trials), "retried": len(retried),
             "per_minute": per_minute, "eta_seconds": eta, "finished": left == 0 if job else queued == 0,
@@ -339,6 +347,9 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
               f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
               f"rate {per_minute(info['per_minute'])}, {_run_state(info)}")
+    if info["search_exhausted"]:
+        out.print(f"the search tried every schedule its method can make at these NFEs after {done} evaluations: the "
+                  "rest of the budget is not spent, and a rerun searches nothing new")
     table = Table(title="best per NFE (held-out where confirmed)")
     refined = any(r["refined"] is not None for r in info["per_nfe"])
     for col in ("NFE", "searched (held-out)", "searched (train)", *(("refined (held-out)",) if refined else ()),
