@@ -21,6 +21,8 @@ CASES = {
     "dc: unknown option": (["dc", "fit", "--bogus"], "No such option: --bogus"),
     "dc: missing option": (["dc", "predict", "--nfe", "5"], "Missing option '--study'"),
     "dc: bad choice": (["dc", "fit", "--method", "both-ways"], "Invalid value for '--method'"),
+    "dc: bad fit": (["dc", "predict", "--study", "s", "--nfe", "5", "--fit", "Joint"], "Invalid value for '--fit': "
+                    "'Joint' is not one of 'joint', 'greedy'."),
     "db: unknown command": (["db", "downgrade"], "No such command 'downgrade'"),
     "db: unknown option": (["db", "upgrade", "--bogus"], "No such option: --bogus"),
     "bad number": (["relax", "--steps", "many"], "Invalid value for '--steps'"),

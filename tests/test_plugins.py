@@ -477,6 +477,22 @@ def test_dc_fit_records_the_guidance_a_plugged_model_brings(tmp_path, capsys):
     assert [r["cfg"] for r in json.loads(capsys.readouterr().out)["rows"]] == [2.0]
 
 
+def test_dc_predict_on_a_guided_study_asks_for_the_guidance(tmp_path, capsys):
+    """Without --guidance it said the NFE lay outside the fitted configurations (it did not) and gave a fit command
+    without the guidance."""
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    assert main(["dc", "fit", "--problem", "test_plugins:guided_factory", "--nfe", "5", "--guidance", "1.5,3",
+                 "--method", "greedy", "--greedy-iters", "1", "--fit-samples", "2", "--cache", str(tmp_path),
+                 "--study", "g", "--db", db, "--json"]) == 0
+    capsys.readouterr()
+    assert main(["dc", "predict", "--study", "g", "--nfe", "5", "--db", db]) == 2
+    assert capsys.readouterr().err.strip() == ("error: study 'g' was fitted with guidance (CFG 1.5, 3); give the "
+                                               "configuration's --guidance")
+    assert main(["dc", "predict", "--study", "g", "--nfe", "5", "--guidance", "2", "--fit", "greedy", "--db", db,
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["between_cfg"] == [1.5, 3]
+
+
 def rect_unet_factory():
     torch.manual_seed(0)
     return diffusers.UNet2DModel(sample_size=(8, 12), in_channels=2, out_channels=2, layers_per_block=1,

@@ -308,8 +308,8 @@ def fit_cmd(
 @dc_app.command("cpr")
 def cpr_cmd(
     study: Annotated[str, typer.Option("--study", help="A study written by 'steptune dc fit'.")],
-    fit: Annotated[str, typer.Option("--fit", help="Which fitted ratios the regression starts from: joint or "
-                                                   "greedy.")] = "joint",
+    fit: Annotated[Literal["joint", "greedy"], typer.Option("--fit", help="Which fitted ratios the regression starts "
+                                                                          "from.")] = "joint",
     iters: Annotated[int, typer.Option("--iters", help="Adam iterations of the end-to-end fit.")] = 40,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 0.003,
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge penalty of the starting regression.")] = 1e-3,
@@ -357,8 +357,7 @@ def predict_cmd(
     guidance: Annotated[float | None, typer.Option("--guidance", help="Guidance scale of the configuration.")]
     = None,
     cfg: Annotated[float | None, typer.Option("--cfg", hidden=True, help="Old name of --guidance.")] = None,
-    fit: Annotated[str, typer.Option("--fit", help="Which fitted ratios to regress on: joint or greedy.")]
-    = "joint",
+    fit: Annotated[Literal["joint", "greedy"], typer.Option("--fit", help="Which fitted ratios to use.")] = "joint",
     ridge: Annotated[float, typer.Option("--ridge", help="Ridge penalty of the regression.")] = 1e-3,
     regression: Annotated[bool, typer.Option("--regression", help="Use CPR by regression on the fitted ratios, "
                                                                   "even when the study holds an end-to-end "
@@ -389,6 +388,10 @@ def predict_cmd(
     if cfg is not None and not any(t.info.get("cfg") is not None for t in trials):
         raise CliError(f"--guidance {cfg:g}: study {study!r} was fitted without guidance (problem "
                        f"{config.get('problem')}); drop --guidance")
+    scales = sorted({t.info["cfg"] for t in trials if t.info.get("cfg") is not None})
+    if cfg is None and scales:
+        raise CliError(f"study {study!r} was fitted with guidance (CFG {', '.join(f'{g:g}' for g in scales)}); give "
+                       "the configuration's --guidance")
     base = study_schedule(study, config, nfe)
     where = f"NFE {nfe}" + ("" if cfg is None else f", CFG {cfg:g}")
     refit = fit_command(study, config, nfe, cfg)
