@@ -188,7 +188,6 @@ def _add_studies(db):
     (["--study", "other"], "was not written by 'steptune dc fit'"),
     (["--study", "empty"], "has no 'joint' fits; run 'steptune dc fit --study empty' first"),
     (["--study", "g", "--fit", "greedy"], "has no 'greedy' fits; use --fit joint"),
-    (["--study", "g", "--fit", "newton"], "--fit 'newton'"),
     (["--study", "g", "--iters", "0"], "--iters must be at least 1"),
     (["--study", "lost"], "bare_network_factory"),
 ])
