@@ -313,7 +313,10 @@ def test_relax_report_saves_the_image_it_names(capsys, relax_study, tmp_path):
                                          "sweep (at NFE 4: preset 'unipc-bh2': option 'order' is 9; use 1 to 3 (its "
                                          "corrector is one order higher, at most 4))"),
     (["--presets", "unipc-bh2:order=3,order=1"], "preset 'unipc-bh2:order=3,order=1': option 'order' is given twice; "
-                                                 "give it once")])
+                                                 "give it once"),
+    (["--presets", "ddim:spacing=karras", "--spacing", "best"], "--presets ddim:spacing=karras: it sets its own "
+                                                                "spacing, and --spacing best chooses one; give one of "
+                                                                "them")])
 def test_sweep_refuses_an_unknown_spacing_or_preset_option_before_it_runs(option, message, tmp_path, capsys):
     out = tmp_path / "sw"
     assert main(["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(tmp_path / "c"),

@@ -211,7 +211,10 @@ def sweep_cmd(
         raise CliError("--study is empty; give the study a name")
     specs = presets.split_specs(preset_list) if preset_list else list(DEFAULT_PRESETS)
     for s in specs:
-        presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
+        _, opts = presets.parse_spec(s)  # a bad name or option is refused here, not as a row of "n/a"
+        if spacing is not None and "spacing" in opts:
+            also = "chooses one" if spacing == sweep.BEST else "sets one too"
+            raise CliError(f"--presets {s}: it sets its own spacing, and --spacing {spacing} {also}; give one of them")
     ev = _evaluator(problem, noise, cache, device, model=model, prediction=prediction, time_input=time_input,
                     time_scale=time_scale, guidance=guidance, shape=shape)
     prob = ev.problem
