@@ -18,7 +18,9 @@ def first_change(stored, now, path: str = "", every_key: bool = False) -> str | 
     ``every_key``. None: they agree."""
     if isinstance(stored, Mapping) and isinstance(now, Mapping):
         keys = {*stored, *now} if every_key else stored
-        for k in sorted(keys, key=lambda k: (k not in ("name", "kind"), str(k))):  # what says the most first
+        # what says the most first: a problem's name, then its noise schedule (which sets the model's default
+        # conventions: another noise is reported as such, not as the prediction it brought)
+        for k in sorted(keys, key=lambda k: (k not in ("name", "kind"), k != "noise", str(k))):
             found = first_change(stored.get(k), now.get(k), f"{path}.{k}" if path else str(k), every_key)
             if found is not None:
                 return found

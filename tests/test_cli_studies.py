@@ -85,6 +85,9 @@ def test_a_sweep_keeps_to_its_problem_and_adds_nothing_when_run_again(tmp_path, 
     assert code == 2 and err.strip() == (
         "error: study 'pre' was scored on gmm-2d with other settings (noise.kind: 'vp-linear' then, 'vp-cosine' now); "
         "its scores cannot be mixed with new ones: run it with the settings it was made with, or give a new study name")
+    # another noise schedule brings its own default prediction: it is the noise that is named, not the prediction
+    code, _, err = run_cli([*argv, "--problem", "gmm-2d", "--noise", "flow"], capsys)
+    assert code == 2 and "(noise.kind: 'vp-linear' then, 'flow' now)" in err, err
     with connect(url) as db:
         assert [(t.key, t.score) for t in db.trials("pre")] == first
 
