@@ -140,6 +140,16 @@ def test_a_ray_address_where_nothing_listens_is_refused_at_once(tmp_path, cache,
         assert not db.studies()
 
 
+def test_a_local_backend_and_a_ray_address_together_are_refused(tmp_path, cache, capsys):
+    """--ray-address implies Ray: beside --backend local one of them would be ignored (it was the local one)."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = write_job(tmp_path / "job.toml", "r", cache, evaluations=2)
+    code, _, err = run_cli(["run", str(job), "--backend", "local", "--ray-address", "auto", "--db", url], capsys)
+    assert code == 2 and err == ("error: --backend local and --ray-address auto: an address is for the Ray backend; "
+                                 "give one of them\n")
+    assert not (tmp_path / "x.db").exists()
+
+
 def test_a_bad_command_line_override_names_its_key(tmp_path, cache, capsys):
     job = write_job(tmp_path / "job.toml", "b", cache, evaluations=2)
     code, _, err = run_cli(["run", str(job), "--backend", "bogus", "--db", f"sqlite:///{tmp_path / 'x.db'}"], capsys)

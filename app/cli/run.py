@@ -271,6 +271,9 @@ def run_cmd(
     from steptune.cli.cost import load_cost
     from steptune.jobs import JobError, load_job
 
+    if ray_address is not None and backend is not None and backend != "ray":
+        raise CliError(f"--backend {backend} and --ray-address {ray_address}: an address is for the Ray backend; give "
+                       "one of them")
     try:
         job = load_job(job_file)
         job = job.with_overrides(**{"storage.db": db, "backend.address": ray_address,
