@@ -597,9 +597,15 @@ def refine_stage(runner) -> list[Refined]:
     def ended() -> bool:
         return bool(full) or runner.should_stop()
 
+    def progress(nfe: int, done: int, total: int, best: float) -> None:  # each refinement's count, as the run's
+        runner.phase_counts["refine"] = [done, total]
+        runner.phase_detail["refine"] = f"NFE {nfe} | held-out RMSE {best:.4g}"
+        if runner.progress is not None:
+            runner.progress(runner.status())
+
     # under a time budget, each refinement ends in time to be judged and stored (see refine_trials)
     limits = {"seconds": spec.time, "deadline": runner.deadline, "reserve": 2.0 * runner._confirm_seconds() + 1.0,
-              "no_room": no_room}
+              "no_room": no_room, "progress": progress}
     nfes = sorted({t.nfe for t in todo})
     presets = preset_parents(runner.storage, job.study, evaluator, nfes, job.evaluation.cheap_samples,
                              say=runner.say)

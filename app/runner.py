@@ -200,6 +200,7 @@ class Runner:
         self._rate_from: tuple[float, int] | None = None  # (when, done) at this run's first search result
         self.total = job.budget.evaluations * len(job.search.nfe)
         self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
+        self.phase_detail: dict[str, str] = {}  # what a phase's count is of, where it says more (refine: its NFE)
         self.best: dict[int, float] = {}
         self.problem = None
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
@@ -528,7 +529,7 @@ class Runner:
         sink = self._sink
         return {"phase": self.phase, "done": self.done, "total": self.total, "best": dict(self.best),
                 "retried": self.retried, "failed": self.failed, "elapsed": elapsed, "eta": eta,
-                "phase_done": phase_done, "phase_total": phase_total,
+                "phase_done": phase_done, "phase_total": phase_total, "detail": self.phase_detail.get(self.phase, ""),
                 "evaluators": len(self.backend.workers),
                 "busy": len(set(sink.in_flight.values())) if sink is not None else 0}
 

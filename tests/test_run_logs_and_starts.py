@@ -268,3 +268,21 @@ def test_a_slow_step_in_a_log_is_stamped_as_the_bar_lines_beside_it(capsys):
     assert re.fullmatch(r"\[0:01:0\d\] computing it", lines[0]), lines
     assert re.fullmatch(r"\[0:01:0\d\] computed after \d+ s", lines[1]), lines
     assert re.fullmatch(r"\[0:01:0\d\] evaluating 1/2", lines[2]), lines
+
+
+def test_a_refine_stage_in_a_log_writes_its_counts_as_the_other_phases_do(tmp_path, capsys, monkeypatch):
+    """The refinement stage of search --refine (a job's [refine]) was silent in a log between its first and last
+    lines; its counts are written like the search's and the refine command's, with the NFE and its best."""
+    import re
+
+    monkeypatch.setenv("STEPTUNE_LOG_INTERVAL", "0")
+    assert main(["search", "--problem", "gmm-2d", "--nfe", "4", "--method", "random", "--budget", "4",
+                 "--cheap-samples", "16", "--heldout-samples", "64", "--refine", "20", "--study", "lg",
+                 "--db", f"sqlite:///{tmp_path / 'x.db'}", "--cache", str(tmp_path / "cache"),
+                 "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    counts = [ln for ln in lines if re.fullmatch(r"\[\d+:\d\d:\d\d\] refine \d+/\d+ \| NFE 4 \| held-out RMSE [\d.e-]+",
+                                                 ln)]
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("refining NFE 4"))
+    last = max(i for i, ln in enumerate(lines) if ln.startswith("refined NFE 4"))
+    assert len(counts) >= 2 and all(first < lines.index(ln) < last for ln in counts), lines

@@ -50,7 +50,7 @@ class BarProgress:
                             info=f"best {best_text(st['best'])} {busy_text(st)}{_failures(st)}{eta}")
         else:  # baseline presets or held-out confirmations: their own count, not the search's
             self.bar.update(self.task, description=st["phase"], total=st["phase_total"] or None,
-                            completed=st["phase_done"], info=_failures(st))
+                            completed=st["phase_done"], info=" ".join(filter(None, [st.get("detail"), _failures(st)])))
 
     def clear(self) -> None:
         """Take the bar away, so an error is the last line rather than a stale frame."""
@@ -99,7 +99,8 @@ class LineProgress:
                     f"{'—' if not rate else f'{rate:.3g}'} evals/s | {busy_text(st) or 'busy —'} | "
                     f"eta {duration(st.get('eta'))}")
         else:
-            line = f"{st['phase']} {st['phase_done']}/{st['phase_total'] or '?'}"
+            line = f"{st['phase']} {st['phase_done']}/{st['phase_total'] or '?'}" + (
+                f" | {st['detail']}" if st.get("detail") else "")
         text = f"{line}{_failures(st)}"
         if text == self.last_text:
             return
