@@ -75,6 +75,7 @@ class RunResult:
     per_nfe: list[NfeSummary] = field(default_factory=list)
     utilisation: dict | None = None  # this run's search: evaluators, fraction busy, evaluations per second
     baselines_queued: int = 0  # preset baselines a stopped run left unscored
+    baselines_finished: bool = True  # False: the run stopped before every preset baseline was chosen and scored
     imports: list[dict] = field(default_factory=list)  # the imported schedules this run was to score: each one's
     # trial id, NFE, status and score, and the best held-out trial at its NFE (id, score)
 
@@ -201,6 +202,7 @@ class Runner:
         self.total = job.budget.evaluations * len(job.search.nfe)
         self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
         self.phase_detail: dict[str, str] = {}  # what a phase's count is of, where it says more (refine: its NFE)
+        self.baselines_finished = not job.evaluation.baseline  # set as the baseline phase ends without a stop
         self.best: dict[int, float] = {}
         self.problem = None
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
@@ -565,8 +567,10 @@ class Runner:
                      f"noise schedule on {self.job.evaluation.cheap_samples} train-bank states")
             self.phase = "spacing"
             self.phase_counts["spacing"] = [0, len(choose)]
+        cut = False  # stopped before every preset and NFE was chosen and stored
         for spec, nfe in pairs:
             if self.should_stop():  # what was chosen is stored below; a resume chooses the rest, in the same order
+                cut = True
                 break
             items += self._preset_items(spec, nfe, default, have, variants.get((spec, nfe)))
             if (spec, nfe) in choose:
@@ -574,7 +578,9 @@ class Runner:
                 if self.progress is not None:
                     self.progress(self.status())
         self.phase = "baseline"
-        todo = [] if self.should_stop() else self._diffusers_todo(have, nfes)
+        todo = self._diffusers_todo(have, nfes)
+        if self.should_stop():
+            cut, todo = cut or bool(todo), []
         self.phase_counts.setdefault("baseline", [0, 0])[1] += len(todo)  # run after the presets, counted with them
         if items:
             then = f", then {len(todo)} of diffusers' schedulers at their default config" if todo else ""
@@ -584,7 +590,9 @@ class Runner:
         # queued confirmations the confirmation phase's
         self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
                         if not (t.fidelity == CHEAP and "batch" in t.info) and "confirms" not in t.info])
-        self._diffusers_defaults(todo)
+        cut = not self._diffusers_defaults(todo) or cut
+        self.baselines_finished = not cut and not any(
+            t.info.get("baseline") for t in self.storage.trials(self.job.study, status="queued"))
 
     def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, variants: list | None) -> list[dict]:
         """The baselines of preset ``spec`` at ``nfe`` not stored yet: at the default spacing (unless ``have`` holds
@@ -663,15 +671,17 @@ class Runner:
             return []
         return [(name, nfe) for name in dd.SCHEDULERS for nfe in nfes if dd.origin(name, nfe) not in have]
 
-    def _diffusers_defaults(self, todo: list[tuple[str, int]]) -> None:
+    def _diffusers_defaults(self, todo: list[tuple[str, int]]) -> bool:
         """diffusers' stock schedulers with their default config, each sampling the problem's model by its own
-        step loop on the held-out noises, stored as complete trials."""
+        step loop on the held-out noises, stored as complete trials; False when a stop left some out."""
         from steptune import diffusers_default as dd
 
         items = []
         counts = self.phase_counts.setdefault("baseline", [0, 0])
+        whole = True
         for name, nfe in todo:
             if self.should_stop():
+                whole = False
                 break
             origin = dd.origin(name, nfe)
             n = self.job.evaluation.heldout_samples
@@ -691,6 +701,7 @@ class Runner:
         if items:
             self.say(f"stored {len(items)} diffusers default-config baselines")
             self.storage.add_trials(self.job.study, items)
+        return whole
 
     def _item(self, schedule, bank: str, info: dict) -> dict:
         n = self.job.evaluation.cheap_samples if bank == CHEAP else self.job.evaluation.heldout_samples
@@ -897,7 +908,7 @@ class Runner:
                          time.monotonic() - self.started, summarize(trials, self.job.search.nfe),
                          self._utilisation(cheap),
                          sum(1 for t in trials if t.info.get("baseline") and t.status in ("queued", "running")),
-                         _imports_scored(trials, self._imports))
+                         self.baselines_finished, _imports_scored(trials, self._imports))
 
     def _utilisation(self, cheap) -> dict | None:
         """This run's search evaluations: how busy they kept the evaluators (stored with the study)."""

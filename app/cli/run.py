@@ -71,7 +71,9 @@ def print_stopped(result) -> None:
     """The line a run that stopped before its end leaves (nothing after a complete one)."""
     if result.status not in ("interrupted", "time-budget", "incomplete"):
         return
-    unscored = (f" with {result.baselines_queued} preset baseline{'s' * (result.baselines_queued != 1)} not scored "
+    unscored = (" before its preset baselines were all chosen and scored (the best preset above is the best of those "
+                "scored)" if not result.baselines_finished else
+                f" with {result.baselines_queued} preset baseline{'s' * (result.baselines_queued != 1)} not scored "
                 "yet (the best preset above is the best of those scored)" if result.baselines_queued else "")
     err.print(f"stopped ({result.status}){unscored}; run the same command again to resume study {result.study!r}",
               highlight=False)
@@ -288,6 +290,7 @@ def run_cmd(
                "seconds": result.seconds,
                "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe],
                "utilisation": result.utilisation, "cost": cost, "baselines_unscored": result.baselines_queued,
+               "baselines_finished": result.baselines_finished,
                "imports": result.imports}
     if json_:
         print(json.dumps(payload, indent=2))
