@@ -17,6 +17,7 @@ from runner_jobs import job_text, outcome, run_cli, run_job, write_job
 
 from steptune.cli import main
 from steptune.cli.console import fmt
+from steptune.cli.run import study_status
 from steptune.space import noise, presets
 from steptune.storage import connect
 
@@ -629,7 +630,7 @@ def test_a_run_taken_over_while_paused_writes_nothing_more(tmp_path, cache, refe
         assert outcome(db, "ref") == reference_study
 
 
-def test_a_budget_lowered_below_what_was_done_scores_the_queued_and_searches_nothing_new(tmp_path, cache):
+def test_a_budget_lowered_below_what_was_done_scores_the_queued_and_searches_nothing_new(tmp_path, cache, capsys):
     from steptune.backends import LocalBackend
     from steptune.jobs import load_job
     from steptune.runner import Runner
@@ -652,6 +653,11 @@ def test_a_budget_lowered_below_what_was_done_scores_the_queued_and_searches_not
     resumed = next(m for m in said if m.startswith("resuming study 'low'"))
     assert "that is the whole budget (4) already: the queued ones are scored, and nothing new is searched" in resumed
     assert not cheap_added and all(e is None or e >= 0 for e in etas)
+    with connect(url) as db:
+        info = study_status(db, "low")
+    assert info["search_done"] > info["search_budget"] == 4
+    code, out, _ = run_cli(["status", "--study", "low", "--db", url], capsys)
+    assert code == 0 and f"search {info['search_done']} (more than its budget of 4, lowered since)" in out, out
 
 
 def test_a_resumed_run_says_so_and_scores_pending_confirmations_as_confirmations(tmp_path, cache, reference_study):

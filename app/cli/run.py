@@ -350,8 +350,10 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
         return _print_unsearched(info)
     done, total = info["search_done"], info["search_budget"]
     pct = f" ({100 * done / total:.0f}%)" if total else ""
+    counted = (f"{done} (more than its budget of {total}, lowered since)" if total and done > total
+               else f"{done}/{total or '?'}{pct}")
     out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
-              f"{done}/{total or '?'}{pct}; running {info['running']}, queued {info['queued']}; "
+              f"{counted}; running {info['running']}, queued {info['queued']}; "
               f"rate {per_minute(info['per_minute'])}, {_run_state(info)}")
     if info["search_exhausted"]:
         out.print(f"the search tried every schedule its method can make at these NFEs after {done} evaluations: the "
