@@ -139,9 +139,10 @@ def save(rows: list[dict], out_dir: Path, stem: str, meta: dict) -> tuple[Path, 
     return jpath, mpath
 
 
-def study_problem_mismatch(store, study: str, problem) -> str | None:
-    """Why a sweep of ``problem`` cannot be added to ``study`` (another kind of study, or another problem), or
-    None when it can (also when the study does not exist yet)."""
+def study_problem_mismatch(store, study: str, problem, bank: str | None = None) -> str | None:
+    """Why a sweep of ``problem`` on ``bank`` cannot be added to ``study`` (another kind of study, another problem, or
+    sweeps of the other bank, whose scores its best would mix with these), or None when it can (also when the study
+    does not exist yet)."""
     from steptune.storage import StorageError
     from steptune.study_problem import mixing_refusal
 
@@ -153,6 +154,10 @@ def study_problem_mismatch(store, study: str, problem) -> str | None:
         return f"study {study!r} was made by {st.made_by}, not by a sweep; give a new study name"
     if st.problem is not None and st.problem["name"] != problem.name:
         return f"study {study!r} holds a sweep of problem {st.problem['name']!r}; give a new study name"
+    other = (st.config or {}).get("bank")
+    if bank is not None and other is not None and other != bank:
+        return (f"study {study!r} holds sweeps on the {other} bank, and its best would rank these {bank}-bank scores "
+                "with them; give the study of each bank its own name")
     return mixing_refusal(study, st.problem and st.problem["identity"], problem)
 
 

@@ -92,6 +92,22 @@ def test_a_sweep_keeps_to_its_problem_and_adds_nothing_when_run_again(tmp_path, 
         assert [(t.key, t.score) for t in db.trials("pre")] == first
 
 
+def test_a_sweep_of_the_other_bank_is_not_mixed_into_a_study(tmp_path, cache, capsys):
+    """Held-out and train-bank sweeps in one study: its best ranked the train scores with the held-out ones (and
+    reported the train bank); the second is refused before it runs, the study as it was."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    argv = ["sweep", "--problem", "gmm-2d", "--nfe", "4", "--presets", "ddim", "--cache", str(cache), "--out",
+            str(tmp_path / "sw"), "--study", "banks", "--db", url]
+    assert run_cli([*argv, "--bank", "train"], capsys)[0] == 0
+    with connect(url) as db:
+        first = [(t.key, t.fidelity, t.score) for t in db.trials("banks")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err == ("error: study 'banks' holds sweeps on the train bank, and its best would rank these "
+                                 "heldout-bank scores with them; give the study of each bank its own name\n"), err
+    with connect(url) as db:
+        assert [(t.key, t.fidelity, t.score) for t in db.trials("banks")] == first and first[0][1] == "train"
+
+
 def test_a_sweep_checks_its_database_before_it_runs(tmp_path, cache, capsys):
     path = tmp_path / "notes.db"
     path.write_text("not a database")

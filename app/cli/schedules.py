@@ -235,7 +235,7 @@ def sweep_cmd(
 
         try:
             with connect(db) as store:
-                why = sweep.study_problem_mismatch(store, study, prob)
+                why = sweep.study_problem_mismatch(store, study, prob, bank)
         except StorageError as e:
             raise CliError(f"--db: {e}") from None
         if why:
