@@ -238,13 +238,14 @@ def parse_spec(spec: str, **kwargs) -> tuple[Callable[..., Schedule], dict]:
     """The preset function and its options from a spec ``name`` or ``name:key=value,...`` (plus ``kwargs``),
     checked without building anything: a known name, known options, values of the options' types."""
     name, _, args = spec.partition(":")
-    opts = dict(kwargs)
+    opts, given = dict(kwargs), set()  # the spec's own options override ``kwargs``
     for item in filter(None, args.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ScheduleError(f"preset {spec!r}: option {item!r} must be key=value")
-        if key.strip() in opts:
+        if key.strip() in given:
             raise ScheduleError(f"preset {spec!r}: option {key.strip()!r} is given twice; give it once")
+        given.add(key.strip())
         opts[key.strip()] = _parse_value(value.strip())
     fn = get(name)
     params = inspect.signature(fn).parameters
@@ -260,6 +261,10 @@ def parse_spec(spec: str, **kwargs) -> tuple[Callable[..., Schedule], dict]:
 def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
     """A preset from a spec ``name`` or ``name:key=value,key=value`` (e.g. ``unipc-bh2:order=3``)."""
     fn, opts = parse_spec(spec, **kwargs)
+    start, end = opts.get("t_start"), opts.get("t_end")
+    if start is not None and end is not None and not end < start:
+        raise ScheduleError(f"preset {spec!r}: t_end {end:g} is not below t_start {start:g}; sampling runs from "
+                            "t_start down to t_end")
     try:
         return fn(nfe, noise, **opts)
     except TypeError as e:

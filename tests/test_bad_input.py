@@ -241,6 +241,22 @@ def test_a_preset_option_of_the_wrong_type_is_named(capsys, cache):
     assert not cache.exists()
 
 
+@pytest.mark.parametrize("spec, words", [
+    ("preset:unipc-bh2:order=3,order=1", ["option 'order' is given twice; give it once"]),
+    ("preset:unipc-bh2:t_start=0.5,t_end=0.9", ["t_end 0.9 is not below t_start 0.5"]),
+])
+def test_a_preset_spec_that_contradicts_itself_is_named(capsys, cache, spec, words):
+    """An option given twice was taken at its last value; times in the wrong order failed at a step's time."""
+    _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", spec, "--nfe", "5", "--cache", cache], *words)
+    assert not cache.exists()
+
+
+def test_a_spec_option_overrides_the_problems_own_time():
+    """t_start and t_end given by a caller (the problem's interval) yield to the spec's own, as before."""
+    s = presets.build("ddim:t_end=0.01", 4, noise.VPLinear(), t_start=1.0, t_end=1e-3)
+    assert s.steps[-1].t == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize("scale", ["-5", "0", "nan"])
 def test_eval_refuses_a_time_scale_that_is_not_positive(capsys, cache, scale):
     _refused(capsys, ["eval", "--model", "test_plugins:bare_network_factory", "--noise", "vp-linear",
