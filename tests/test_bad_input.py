@@ -437,3 +437,9 @@ def test_a_search_option_that_would_quietly_spoil_the_search_is_refused(tmp_path
     if db.exists():
         with connect(f"sqlite:///{db}") as store:
             assert store.studies() == []
+
+
+def test_best_at_an_nfe_of_a_relaxation_study_is_refused(capsys, relax_study):
+    """A relaxation study has no NFEs: --nfe was ignored and its summary printed."""
+    _refused(capsys, ["best", "--study", "rx", "--nfe", "5", "--db", f"sqlite:///{relax_study / 'rx.db'}"],
+             "study 'rx' is a relaxation study: it holds SOR rounds, not schedules at an NFE; leave out --nfe")

@@ -483,8 +483,13 @@ def test_dc_predict_on_a_guided_study_asks_for_the_guidance(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'g.db'}"
     assert main(["dc", "fit", "--problem", "test_plugins:guided_factory", "--nfe", "5", "--guidance", "1.5,3",
                  "--method", "greedy", "--greedy-iters", "1", "--fit-samples", "2", "--cache", str(tmp_path),
-                 "--study", "g", "--db", db, "--json"]) == 0
-    capsys.readouterr()
+                 "--study", "g", "--db", db]) == 0
+    with connect(db) as store:
+        fits = sum(1 for t in store.trials("g") if "dc_fit" in t.info)
+        others = store.count_trials("g") - fits
+    assert fits == 2 and others > 0  # a fit per guidance scale; the solver's baselines beside them
+    assert (f"stored 2 fitted schedules and {others} of the solver's baselines in study 'g'"
+            in capsys.readouterr().err)
     assert main(["dc", "predict", "--study", "g", "--nfe", "5", "--db", db]) == 2
     assert capsys.readouterr().err.strip() == ("error: study 'g' was fitted with guidance (CFG 1.5, 3); give the "
                                                "configuration's --guidance")

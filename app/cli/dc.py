@@ -303,7 +303,9 @@ def fit_cmd(
         err.print(f"note: a ratio ended on a bound of the box {box}; the fit wanted it outside: try --bounds none, "
                   "or a better base spacing (--solver NAME:spacing=time-uniform)", highlight=False)
     if study is not None:
-        err.print(f"stored {len(items)} fitted schedules in study {study!r} ({db})")
+        fits = sum(1 for item in items if "dc_fit" in item["info"])
+        err.print(f"stored {fits} fitted schedule{'s' * (fits != 1)} and {len(items) - fits} of the solver's baselines "
+                  f"in study {study!r} ({db})")
 
 @dc_app.command("cpr")
 def cpr_cmd(

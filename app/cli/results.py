@@ -92,6 +92,9 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
     with _open(db) as store:
         st = store.get_study(study)
         if st.kind == "relaxation":
+            if nfe is not None:
+                raise CliError(f"study {study!r} is a relaxation study: it holds SOR rounds, not schedules at an "
+                               "NFE; leave out --nfe")
             return print_sor_study(sor_study_summary(store, st), json_)
         fidelity = fidelity or st.config.get("fidelity")  # a searched study reports its held-out scores
         if nfe is not None:
