@@ -170,6 +170,24 @@ def test_output_dash_prints_a_file_export_and_refuses_a_folder_one(filled, capsy
     assert not (tmp_path / "-").exists() and not list(tmp_path.rglob("runs"))
 
 
+def test_an_export_option_its_form_or_nfe_does_not_use_is_said_to_be_unused(filled, capsys):
+    """--stock, --prediction, --time-input and --interpolation where they change nothing were dropped without a word;
+    each is now named in a note, and the export is the one made without them."""
+    url, _ = filled
+    base = ["export", "--study", "demo", "--nfe", "6", "--format", "sigmas", "--db", url]
+    code, plain, _ = run_cli(base, capsys)
+    code_u, out, err = run_cli([*base, "--stock", "euler", "--prediction", "v", "--time-input", "discrete",
+                                "--interpolation", "blend"], capsys)
+    assert code == code_u == 0 and out == plain
+    assert [ln for ln in err.splitlines() if "is not used" in ln] == [
+        "note: --stock euler is not used: it is for --format diffusers-stock",
+        "note: --prediction v is not used: it is for the diffusers formats",
+        "note: --time-input discrete is not used: it is for the diffusers formats",
+        "note: --interpolation blend is not used: it is for an NFE the study did not search"]
+    code, _, err = run_cli(["export", "--study", "demo", "--nfe", "7", "--interpolation", "blend", "--db", url], capsys)
+    assert code == 0 and "is not used" not in err and "interpolated" in err
+
+
 def _bad_files(good: dict) -> dict:
     cases = {"malformed_json": (json.dumps(good)[:-2], "not valid JSON")}
     cases["wrong_schema_version"] = (json.dumps({**good, "version": 7}), "schema version 7")

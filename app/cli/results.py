@@ -182,18 +182,20 @@ def export_cmd(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="File (json, sigmas, comfyui) or folder "
                                                 "(diffusers, diffusers-stock); default (or -): print, or a "
                                                 "folder under runs/export/.")] = None,
-    stock: Annotated[str, typer.Option("--stock", help="diffusers-stock: dpmsolver, euler, flowmatch or "
-                                       "auto.")] = "auto",
-    prediction: Annotated[str | None, typer.Option("--prediction", help="Model prediction type (eps, x0, v, "
-                                                   "flow) if the study has no problem stored.")] = None,
-    time_input: Annotated[str | None, typer.Option("--time-input", help="Model time input (discrete, "
-                                                   "continuous, sigma) if the study has no problem stored.")] = None,
+    stock: Annotated[str | None, typer.Option("--stock", help="diffusers-stock: dpmsolver, euler, flowmatch or "
+                                              "auto (the default).")] = None,
+    prediction: Annotated[str | None, typer.Option("--prediction", help="diffusers and diffusers-stock: the model's "
+                                                   "prediction type (eps, x0, v, flow), where the study has no problem "
+                                                   "stored or to override its.")] = None,
+    time_input: Annotated[str | None, typer.Option("--time-input", help="diffusers and diffusers-stock: the model's "
+                                                   "time input (discrete, continuous, sigma), as --prediction.")]
+    = None,
     fidelity: Annotated[str | None, typer.Option("--fidelity", help="Only trials of this fidelity.")] = None,
-    interpolation: Annotated[Interpolation, typer.Option(
+    interpolation: Annotated[Interpolation | None, typer.Option(
         "--interpolation", help="At an NFE the study did not search: auto (split up to the largest searched "
                                 "NFE, blend above it), split (the searched NFE below, its widest intervals split), "
                                 "blend (times blended between the neighbours) or pad (the searched NFE below with "
-                                "short steps added at its end).")] = "auto",
+                                "short steps added at its end); default auto.")] = None,
     db: DbOpt = DEFAULT_DB,
 ):
     """Export a study's best schedule at an NFE as JSON, a diffusers scheduler folder, or a sigma list."""
@@ -229,12 +231,21 @@ def export_cmd(
                 raise CliError(f"trial {trial} belongs to study {t.study!r}, not {study!r}")
         else:
             t = store.best(study, nfe, fidelity=fidelity)
-            interpolated = None if t is not None else _interpolated(store, st, nfe, fidelity, interpolation)
+            interpolated = None if t is not None else _interpolated(store, st, nfe, fidelity,
+                                                                    interpolation or "auto")
             if t is None and interpolated is None:
                 t = _best_or_fail(store, study, nfe, fidelity)
         cost = cost_at(store, t) if format_ == "json" and interpolated is None else None
         source = built_from(store, t) if format_ == "json" and interpolated is None else None
     sched = t.to_schedule() if interpolated is None else interpolated["schedule"]
+    folder_form = format_ in ("diffusers", "diffusers-stock")
+    unused = [(stock is not None and format_ != "diffusers-stock", f"--stock {stock}", "--format diffusers-stock"),
+              (prediction is not None and not folder_form, f"--prediction {prediction}", "the diffusers formats"),
+              (time_input is not None and not folder_form, f"--time-input {time_input}", "the diffusers formats"),
+              (interpolation is not None and interpolated is None, f"--interpolation {interpolation}",
+               "an NFE the study did not search")]
+    for _, option, what in (u for u in unused if u[0]):
+        err.print(f"note: {option} is not used: it is for {what}", highlight=False, markup=False)
     if interpolated is not None:
         between = interpolated["between"]
         err.print(f"note: study {study!r} has no trial at NFE {nfe}: the schedule is interpolated from "
@@ -276,7 +287,7 @@ def export_cmd(
                 err.print(f"wrote {folder}/ (SteptuneScheduler, {sched.nfe} NFE); load it with "
                           f"SteptuneScheduler.from_pretrained({str(folder)!r})")
             else:
-                exp = stock_diffusers_export(sched, conv, stock)
+                exp = stock_diffusers_export(sched, conv, stock or "auto")
                 exp.save(folder)
                 key = next(iter(exp.kwargs))
                 err.print(f"wrote {folder}/ ({exp.class_name}); call the pipeline with {key}= from "
