@@ -443,3 +443,14 @@ def test_best_at_an_nfe_of_a_relaxation_study_is_refused(capsys, relax_study):
     """A relaxation study has no NFEs: --nfe was ignored and its summary printed."""
     _refused(capsys, ["best", "--study", "rx", "--nfe", "5", "--db", f"sqlite:///{relax_study / 'rx.db'}"],
              "study 'rx' is a relaxation study: it holds SOR rounds, not schedules at an NFE; leave out --nfe")
+
+
+@pytest.mark.parametrize("option, value, words", [("--seed", "2", "(--seed (1 then, 2 now) differs)"),
+                                                  ("--method", "tpe", "(--method ('random' then, 'tpe' now) differs)")])
+def test_a_search_resumed_with_another_option_names_the_option(capsys, tmp_path, cache, option, value, words):
+    """The search's resume refusal names its option as every other refusal of search does ('seed' was a job key)."""
+    args = ["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "2", "--seed", "1",
+            *CHEAP, "--study", "r", "--cache", cache, "--out", tmp_path, "--db", f"sqlite:///{tmp_path / 'x.db'}"]
+    assert main([str(a) for a in args]) == 0
+    capsys.readouterr()
+    _refused(capsys, [*args, option, value], f"error: study 'r' was run with a different job {words}; resume it")

@@ -39,7 +39,7 @@ OPTION_OF_KEY = {"seed": "--seed", "search.nfe": "--nfe", "search.method": "--me
 def in_options(message: str) -> str:
     """A job's error as the search's options name its keys (``search.nfe 500: ...`` -> ``--nfe 500: ...``)."""
     for key, option in OPTION_OF_KEY.items():
-        message = message.replace(f"key '{key}'", option)
+        message = message.replace(f"key '{key}'", option).replace(f"'{key}'", option)
         if "." in key:
             message = message.replace(key, option)
     return message
