@@ -43,6 +43,10 @@ def test_relax_records_every_round_and_reports(tmp_path, capsys):
     assert [r.round for r in rows] == list(range(40))
     assert all(r.converged and r.iterations > 0 and "c" in r.context and r.context["seconds"] > 0 for r in rows)
     assert {r.omega for r in rows} <= {float(w) for w in np.linspace(1, 1.95, 20)}
+    # the learner's share of the solve time, as a number (it was the table's text)
+    solve = sum(r.context["seconds"] for r in rows)
+    learn = sum(r.context["learner_seconds"] + r.context.get("probe_seconds", 0.0) for r in rows)
+    assert summary["learner_overhead"] == pytest.approx(learn / solve, abs=1e-6)
     code, out, err = run(capsys, "relax", "--problem", "shifted-laplacian", "--m", "6", "--steps", "40",
                          "--learner", "chebcb", "--study", "s", "--db", db, "--json")
     assert code == 0 and json.loads(out)["new_rounds"] == 0 and "already has all 40 rounds" in err

@@ -150,7 +150,7 @@ def _summary(name, all_rows, new_rounds, start) -> dict:
             "mean_iterations": round(float(its.mean()), 2), "last_1000_mean": round(float(its[-1000:].mean()), 2),
             "not_converged": int(sum(1 for r in all_rows if r.converged is False)),
             "most_played_omega": float(vals[np.argmax(counts)]), "solve_seconds": round(solve, 3),
-            "learner_overhead": f"{100 * learn / solve:.2f}% of solve time" if solve > 0 else "—", **extra}
+            "learner_overhead": round(learn / solve, 6) if solve > 0 else None, **extra}  # a share of solve time
 
 
 def _baselines(setup: dict, count: int):
@@ -354,7 +354,10 @@ def relax_cmd(
                 "solve_seconds", "learner_overhead", "bandit_rounds"):
         if key not in summary or (key == "last_1000_mean" and summary["rounds"] <= 1000):  # the mean itself
             continue
-        t.add_row(key.replace("_", " ").replace("omega", "ω"), str(summary[key]))
+        value = summary[key]
+        if key == "learner_overhead":
+            value = "—" if value is None else f"{100 * value:.2f}% of solve time"
+        t.add_row(key.replace("_", " ").replace("omega", "ω"), str(value))
     out.print(t)
     out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
 
