@@ -80,3 +80,18 @@ def test_a_summary_the_file_system_refuses_after_the_search_loses_neither_the_ta
     assert json.loads((tmp_path / "out" / "t.json").read_text())["n_evals"] == 4
     with connect(url) as db:
         assert sum(t.fidelity == "train" for t in db.trials("t")) == 4
+
+
+def test_cheap_samples_beyond_the_train_bank_are_said_to_grow_it(tmp_path, capsys):
+    """The train bank grows to hold --cheap-samples (its reference computed for every state): said, not silent."""
+    from steptune.cli import main
+    from steptune.storage import connect
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert main(["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--budget", "1",
+                 "--cheap-samples", "300", "--heldout-samples", "64", "--study", "big", "--db", url,
+                 "--cache", str(tmp_path / "cache"), "--out", str(tmp_path)]) == 0
+    assert ("note: --cheap-samples 300 is more than the 256 states of gmm-2d's train bank: the bank grows to 300"
+            in capsys.readouterr().err)
+    with connect(url) as db:
+        assert db.get_study("big").config["job"]["evaluation"]["train_samples"] == 300

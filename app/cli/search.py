@@ -110,6 +110,10 @@ def search_cmd(
         raise CliError("--nfe is empty; give at least one NFE, e.g. --nfe 4,5,6")
     prob = build_problem(problem, model, noise, prediction, time_input, time_scale, guidance, shape, note=False)
     sizes = evaluator_options(prob)
+    if cheap_n > sizes.get("n_train", 256):
+        err.print(f"note: --cheap-samples {cheap_n} is more than the {sizes.get('n_train', 256)} states of "
+                  f"{prob.name}'s train bank: the bank grows to {cheap_n} (its reference solution is computed for each "
+                  "of them, once)", highlight=False)
     name = study or f"{prob.name if model else problem}-{method}-s{seed}".replace(":", "-")
     conventions = {"noise": noise, "prediction": prediction, "time_input": time_input, "time_scale": time_scale,
                    "guidance_scale": guidance, "shape": list(parse_shape(shape)) if shape else None}
