@@ -225,7 +225,7 @@ class CmaEsSearcher(_OptunaBase):
     def _new_study(self, key) -> optuna.Study:
         s = self.structure[key]
         x0 = {f"z{i}": float(np.clip(v, -Z_RANGE, Z_RANGE)) for i, v in enumerate(self.space.lams_to_logits(s))}
-        self.popsize[key] = int(self.fixed_popsize or max(4 + int(3 * math.log(len(x0))), self._share))
+        self.popsize[key] = int(self.fixed_popsize or max(4 + int(3 * math.log(max(len(x0), 1))), self._share))
         with warnings.catch_warnings():  # x0/sigma0 are deprecated in recent Optuna but still honoured
             warnings.simplefilter("ignore", FutureWarning)
             sampler = optuna.samplers.CmaEsSampler(x0=x0, sigma0=self.sigma0, seed=self.seed + 7 * key,
@@ -250,8 +250,8 @@ class CmaEsSearcher(_OptunaBase):
                     continue
                 self.structure[nfe] = replace(best[0][0].schedule, name="cmaes")
         nfes = [m for m in self.nfes if m in self.structure]
-        j = 0
-        while len(out) < n and nfes:
+        j, idle = 0, 0  # idle: NFEs in a row that gave nothing new; a round of them ends the ask
+        while len(out) < n and nfes and idle < len(nfes):
             nfe = nfes[(len(self.trials) + j) % len(nfes)]
             j += 1
             study = self._study(nfe)
@@ -264,7 +264,10 @@ class CmaEsSearcher(_OptunaBase):
                     continue
                 self._pending[c.key] = (nfe, trial)
                 out.append(c)
+                idle = 0
                 break
+            else:
+                idle += 1
         return out
 
     def _known(self, c: Candidate) -> float:

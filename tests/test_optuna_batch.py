@@ -107,3 +107,21 @@ def test_a_wide_tpe_batch_one_ahead_spends_the_whole_budget(tmp_path):
     sizes = [sum(t.info["batch"] == b for t in trials) for b in range(5)]
     # 8 random at each NFE, the other 2 of the random start asked ahead, then full batches from the model
     assert sizes == [16, 4, 16, 16, 8] and sum(sizes) == 60
+
+
+@pytest.mark.parametrize("method", ["cmaes", "tpe", "mo-tpe", "random"])
+def test_an_ask_where_nothing_new_is_left_returns_what_there_is_and_then_nothing(method):
+    """At NFE 1 these methods soon have no schedule they have not tried (S^3 has: its analytical first steps add a
+    time); an ask then ends with what it found (CMA-ES's asked forever: a search and its Ctrl-C hung). Every schedule
+    asked is new."""
+    p = get_problem("gmm-2d")
+    se = make_searcher(method, p.noise, p.t_start, p.t_end, [1], seed=0)
+    keys = []
+    for _ in range(60):
+        batch = se.ask(4)
+        if not batch:
+            break
+        for c in batch:
+            keys.append(c.key)
+            se.tell(c, float(len(keys)))
+    assert not batch and len(keys) == len(set(keys)) > 0
