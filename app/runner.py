@@ -76,6 +76,7 @@ class RunResult:
     utilisation: dict | None = None  # this run's search: evaluators, fraction busy, evaluations per second
     baselines_queued: int = 0  # preset baselines a stopped run left unscored
     baselines_finished: bool = True  # False: the run stopped before every preset baseline was chosen and scored
+    search_exhausted: bool = False  # the method had no new schedule to try before its budget was spent
     imports: list[dict] = field(default_factory=list)  # the imported schedules this run was to score: each one's
     # trial id, NFE, status and score, and the best held-out trial at its NFE (id, score)
 
@@ -203,6 +204,7 @@ class Runner:
         self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
         self.phase_detail: dict[str, str] = {}  # what a phase's count is of, where it says more (refine: its NFE)
         self.baselines_finished = not job.evaluation.baseline  # set as the baseline phase ends without a stop
+        self.search_exhausted = False
         self.best: dict[int, float] = {}
         self.problem = None
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
@@ -785,6 +787,7 @@ class Runner:
                      f"{', '.join(map(str, job.search.nfe))} after {self.done} evaluations: it has tried every one it "
                      f"can make there, so the budget's other {self.total - self.done} are not spent")
             self.storage.update_study_config(job.study, {"search_exhausted": self.done})
+            self.search_exhausted = True
 
     def _spacing_results(self, started: bool) -> list[tuple]:
         """What choosing the presets' spacings measured, told to the searcher before its first batch: each preset
@@ -908,7 +911,7 @@ class Runner:
                          time.monotonic() - self.started, summarize(trials, self.job.search.nfe),
                          self._utilisation(cheap),
                          sum(1 for t in trials if t.info.get("baseline") and t.status in ("queued", "running")),
-                         self.baselines_finished, _imports_scored(trials, self._imports))
+                         self.baselines_finished, self.search_exhausted, _imports_scored(trials, self._imports))
 
     def _utilisation(self, cheap) -> dict | None:
         """This run's search evaluations: how busy they kept the evaluators (stored with the study)."""

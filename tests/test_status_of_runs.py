@@ -1,6 +1,7 @@
 """`steptune status` says whether a run is on a study and what it is doing, from the database alone: searching
 with an ETA, still confirming or refining after its search, stopped, or killed without letting go."""
 
+import json
 import os
 import signal
 import socket
@@ -149,6 +150,8 @@ def test_a_search_with_nothing_new_to_try_ends_finished_not_stopped(tmp_path, ca
     assert (f"the tpe search has no new schedule to try at NFE 1 after {done} evaluations: it has tried every one it "
             f"can make there, so the budget's other {5 - done} are not spent") in err, err
     assert info["search_exhausted"] and info["finished"] and info["confirmed"] == min(done, 3)
+    summary = json.loads((tmp_path / "one.json").read_text())
+    assert summary["search_exhausted"] is True and summary["n_evals"] == done
     assert _state(url, "one") == "finished"
     code, out, _ = run_cli(["status", "--study", "one", "--db", url], capsys)
     assert code == 0 and "the search tried every schedule its method can make at these NFEs" in out, out

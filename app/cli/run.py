@@ -290,7 +290,7 @@ def run_cmd(
                "seconds": result.seconds,
                "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe],
                "utilisation": result.utilisation, "cost": cost, "baselines_unscored": result.baselines_queued,
-               "baselines_finished": result.baselines_finished,
+               "baselines_finished": result.baselines_finished, "search_exhausted": result.search_exhausted,
                "imports": result.imports}
     if json_:
         print(json.dumps(payload, indent=2))
