@@ -960,11 +960,7 @@ def summarize(trials, nfes) -> list[NfeSummary]:
         src = by_number.get(found.info["confirms"]) if found and mine == "confirms" else None
         fits = [t for t in trials if t.nfe == nfe and t.info.get("refines") in by_id
                 and t.status in ("complete", "pruned") and t.score is not None]  # pruned: its parent stays
-        # a preset whose refinement did not beat it is no refined score: it is the preset column's
-        refined = min((s for t in fits for s in (t.score if t.status == "complete" else None,
-                                                 None if by_id[t.info["refines"]].info.get("baseline")
-                                                 else by_id[t.info["refines"]].score) if s is not None),
-                      default=None)
+        refined = min(_refined_scores(fits, by_id), default=None)
         if refined is not None and found is not None:  # a refinement screened with it refines another schedule
             refined = min(refined, found.score)
         match = None
@@ -977,6 +973,17 @@ def summarize(trials, nfes) -> list[NfeSummary]:
                               found.schedule if found else None, between.get(nfe), refined,
                               src.score if src else None))
     return out
+
+
+def _refined_scores(fits, by_id: dict):
+    """What refinement left at an NFE: each refinement that beat its parent, and each searched parent whose
+    refinement did not (it stays); a preset whose refinement lost is the preset column's score, not a refined one."""
+    for t in fits:
+        if t.status == "complete":
+            yield t.score
+        parent = by_id[t.info["refines"]]
+        if not parent.info.get("baseline") and parent.score is not None:
+            yield parent.score
 
 
 def _baseline_name(origin: str) -> str:
