@@ -61,21 +61,21 @@ def _policy(learner: str, seq, seed: int, omega: float, arms: int, omega_max: fl
 
 
 GRID_LEARNERS = ("tsallis-inf", "tsallis-inf-cb", "chebcb")
-_USED_BY = {  # option -> the problems (None: a matrix folder) or learners it is for; the rest leave it unused
-    "--steps": ("problem", "generated sequences (not --matrices)"), "--nx": ("problem", "--problem heat2d"),
-    "--m": ("problem", "the problems other than heat2d"), "--variance": ("problem", "--problem shifted-laplacian"),
-    "--omega": ("learner", "--learner fixed"), "--arms": ("learner", "--learner tsallis-inf, tsallis-inf-cb or chebcb"),
-    "--omega-max": ("learner", "--learner tsallis-inf, tsallis-inf-cb, chebcb or young")}
 
 
-def _uses(option: str, problem: str | None, matrices, learner: str) -> bool:
+def _option_users() -> dict:
+    """Option -> (whether a sequence (its problem; None: a matrix folder) and learner use it, which ones do); the
+    learners' options are the last three."""
     from steptune.evaluators.linear import FAMILIES
 
-    problem = None if matrices is not None else problem or "shifted-laplacian"
-    return {"--steps": problem is not None, "--nx": problem == "heat2d",
-            "--m": problem in ("shifted-laplacian", "poisson", *FAMILIES),
-            "--variance": problem == "shifted-laplacian", "--omega": learner == "fixed",
-            "--arms": learner in GRID_LEARNERS, "--omega-max": learner in (*GRID_LEARNERS, "young")}[option]
+    return {"--steps": (lambda p, lr: p is not None, "generated sequences (not --matrices)"),
+            "--nx": (lambda p, lr: p == "heat2d", "--problem heat2d"),
+            "--m": (lambda p, lr: p in ("shifted-laplacian", "poisson", *FAMILIES), "the problems other than heat2d"),
+            "--variance": (lambda p, lr: p == "shifted-laplacian", "--problem shifted-laplacian"),
+            "--omega": (lambda p, lr: lr == "fixed", "--learner fixed"),
+            "--arms": (lambda p, lr: lr in GRID_LEARNERS, "--learner tsallis-inf, tsallis-inf-cb or chebcb"),
+            "--omega-max": (lambda p, lr: lr in (*GRID_LEARNERS, "young"),
+                            "--learner tsallis-inf, tsallis-inf-cb, chebcb or young")}
 
 
 def _refuse_unused(problem: str | None, matrices, learner: str, given: dict) -> None:
@@ -87,12 +87,14 @@ def _refuse_unused(problem: str | None, matrices, learner: str, given: dict) -> 
         raise CliError(f"--learner {learner!r} is unknown; use one of {', '.join(LEARNERS)}")
     if matrices is not None and problem is not None:
         raise CliError(f"--problem {problem} and --matrices: give one (--matrices runs your own sequence)")
+    sequence = None if matrices is not None else problem or "shifted-laplacian"
+    users = _option_users()
     for option, value in given.items():
-        if value is not None and not _uses(option, problem, matrices, learner):
-            what, users = _USED_BY[option]
-            here = (("--matrices" if matrices is not None else f"--problem {problem or 'shifted-laplacian'}")
-                    if what == "problem" else f"--learner {learner}")
-            raise CliError(f"{option} is for {users}; {here} does not use it, so leave it out")
+        uses, which = users[option]
+        if value is not None and not uses(sequence, learner):
+            here = (f"--learner {learner}" if option in ("--omega", "--arms", "--omega-max") else
+                    "--matrices" if sequence is None else f"--problem {sequence}")
+            raise CliError(f"{option} is for {which}; {here} does not use it, so leave it out")
 
 
 def _warm_start(store, policy, study: str) -> dict:
