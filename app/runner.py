@@ -394,8 +394,8 @@ class Runner:
         if old is not None and old != job.identity() and st.n_trials == 0:  # nothing ran: the job may change
             self.storage.update_study_config(job.study, {"identity": job.identity()}, problem=identity)
             old = job.identity()
-        if old is not None and old != job.identity():
-            key = _first_difference(old, job.identity())
+        if old is not None and _as_built(old, self.problem) != _as_built(job.identity(), self.problem):
+            key = _first_difference(_as_built(old, self.problem), _as_built(job.identity(), self.problem))
             raise JobError(f"study {job.study!r} was run with a different job ({key} differs); resume it with the "
                            "same job or give a new study name")
         if old is None and st.n_trials:
@@ -1003,6 +1003,22 @@ def _plain(params: dict) -> dict:
             v = v.item()
         out[str(k)] = v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v)
     return out
+
+
+def _as_built(identity: dict, problem) -> dict:
+    """A job's identity with the problem's conventions it leaves to their defaults (noise, prediction, time input,
+    time scale, guidance) as ``problem`` resolved them, so a job that names a default (``--noise vp-linear``) is the
+    job that left it out; a noise schedule is named as ``--noise`` names it."""
+    from steptune.space import noise as noise_mod
+
+    spec = dict(identity.get("problem") or {})
+    model = problem.model
+    built = {"noise": noise_mod.name_of(problem.noise), "prediction": model.prediction,
+             "time_input": model.time_input, "time_scale": model.time_scale, "guidance_scale": model.guidance_scale}
+    for key, value in built.items():
+        if spec.get(key) is None and value is not None:
+            spec[key] = value
+    return {**identity, "problem": spec}
 
 
 def _first_difference(a, b) -> str:

@@ -95,3 +95,26 @@ def test_cheap_samples_beyond_the_train_bank_are_said_to_grow_it(tmp_path, capsy
             in capsys.readouterr().err)
     with connect(url) as db:
         assert db.get_study("big").config["job"]["evaluation"]["train_samples"] == 300
+
+
+def test_a_resume_that_names_a_default_convention_is_the_same_job(tmp_path, capsys):
+    """--noise vp-linear (gmm-2d's default) or --prediction eps given on a resume of a study made without them
+    resumes it (it was refused as another job); another noise is still refused, named as the noise."""
+    from steptune.cli import main
+    from steptune.storage import connect
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    base = ["search", "--problem", "gmm-2d", "--nfe", "4", "--method", "random", "--budget", "2", "--cheap-samples",
+            "16", "--heldout-samples", "64", "--study", "nz", "--db", url, "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path)]
+    assert main(base) == 0
+    with connect(url) as db:
+        n = db.count_trials("nz")
+    for extra in (["--noise", "vp-linear"], ["--noise", "vp-linear", "--prediction", "eps", "--time-input",
+                                               "continuous"]):
+        capsys.readouterr()
+        assert main([*base, *extra]) == 0, capsys.readouterr().err
+    with connect(url) as db:
+        assert db.count_trials("nz") == n  # resumed, budget spent: nothing new
+    assert main([*base, "--noise", "vp-cosine"]) == 2
+    assert "(noise.kind: 'vp-linear' then, 'vp-cosine' now)" in capsys.readouterr().err
