@@ -197,6 +197,9 @@ def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, r
         rows = fitted_rows(study, trials, fit)
         return CPR.fit(rows, ridge=ridge), "regression", [[n, c] for n, c, _ in rows], fit
     configs = config["cpr"].get("configurations", [])
+    if config["cpr"].get("fit", fit) != fit:
+        warn(f"note: the stored CPR of {study!r} was fitted from its '{config['cpr']['fit']}' fits, so --fit {fit} "
+             f"is not used (--regression regresses on the '{fit}' fits instead)")
     fit = config["cpr"].get("fit", fit)
     newer = sorted({(t.nfe, t.info.get("cfg")) for t in trials if t.info.get("dc_fit") == fit}
                    - {(n, c) for n, c in configs}, key=lambda nc: (nc[0], nc[1] or 0.0))

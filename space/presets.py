@@ -238,6 +238,9 @@ def parse_spec(spec: str, **kwargs) -> tuple[Callable[..., Schedule], dict]:
     """The preset function and its options from a spec ``name`` or ``name:key=value,...`` (plus ``kwargs``),
     checked without building anything: a known name, known options, values of the options' types."""
     name, _, args = spec.partition(":")
+    if name == "preset":
+        raise ScheduleError(f"preset {spec!r}: name the preset without the 'preset:' prefix ({args}); the prefix "
+                            "is for --schedule, where a file may be named instead")
     opts, given = dict(kwargs), set()  # the spec's own options override ``kwargs``
     for item in filter(None, args.split(",")):
         key, eq, value = item.partition("=")

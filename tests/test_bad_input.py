@@ -330,6 +330,8 @@ def test_relax_report_saves_the_image_it_names(capsys, relax_study, tmp_path):
                                          "corrector is one order higher, at most 4))"),
     (["--presets", "unipc-bh2:order=3,order=1"], "preset 'unipc-bh2:order=3,order=1': option 'order' is given twice; "
                                                  "give it once"),
+    (["--presets", "preset:ddim"], "preset 'preset:ddim': name the preset without the 'preset:' prefix (ddim); the "
+                                   "prefix is for --schedule, where a file may be named instead"),
     (["--presets", "ddim:spacing=karras", "--spacing", "best"], "--presets ddim:spacing=karras: it sets its own "
                                                                 "spacing, and --spacing best chooses one; give one of "
                                                                 "them")])
@@ -454,3 +456,12 @@ def test_a_search_resumed_with_another_option_names_the_option(capsys, tmp_path,
     assert main([str(a) for a in args]) == 0
     capsys.readouterr()
     _refused(capsys, [*args, option, value], f"error: study 'r' was run with a different job {words}; resume it")
+
+
+
+def test_relax_refuses_a_heat_grid_of_zero_cells(capsys, tmp_path):
+    """--nx 0 ran with the default 100 cells (0 was taken for 'not given')."""
+    db = tmp_path / "rx.db"
+    _refused(capsys, ["relax", "--problem", "heat2d", "--nx", "0", "--steps", "3", "--learner", "fixed", "--db",
+                      f"sqlite:///{db}"], "nx 0: use a grid between 4 and 2000 cells across")
+    assert not db.exists()

@@ -332,3 +332,15 @@ def test_a_guidance_scale_given_twice_is_refused_before_any_fit(tmp_path, capsys
     assert rc == 2 and capsys.readouterr().err.strip() == (
         "error: --guidance '1.5,3,1.5': 1.5 is given twice; give each value once")
     assert not db.exists()
+
+
+def test_dc_predict_says_when_the_stored_cpr_is_of_other_fits_than_fit_names(capsys, db, fitted):
+    """The stored CPR starts from the fits it was made from, whatever --fit says: a --fit it does not use is noted."""
+    _cpr(capsys, db, fitted)  # from the 'joint' fits
+    code, out, err = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--cpr", "--fit", "greedy", "--db",
+                          db, "--json")
+    assert code == 0 and json.loads(out)["cpr"] == "end-to-end"
+    assert ("note: the stored CPR of 'g' was fitted from its 'joint' fits, so --fit greedy is not used (--regression "
+            "regresses on the 'greedy' fits instead)") in err, err
+    code, _, err = _cli(capsys, "dc", "predict", "--study", "g", "--nfe", "7", "--cpr", "--db", db, "--json")
+    assert code == 0 and "is not used" not in err

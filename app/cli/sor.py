@@ -268,7 +268,7 @@ def relax_cmd(
     _refuse_unused(problem, matrices, learner, {"--steps": steps, "--nx": nx, "--m": m, "--variance": variance,
                                                 "--omega": omega, "--arms": arms, "--omega-max": omega_max})
     problem = problem or "shifted-laplacian"
-    nx, variance = nx or 100, variance or "high"
+    nx, variance = 100 if nx is None else nx, variance or "high"
     omega = 1.0 if omega is None else omega
     arms, omega_max = 20 if arms is None else arms, 1.95 if omega_max is None else omega_max
     solver = solver or ("ssor-pcg" if problem == "heat2d" and matrices is None else "sor")
