@@ -327,9 +327,10 @@ def test_a_problem_on_a_named_noise_schedule_shows_its_name(tmp_path):
         assert {p["name"]: p["noise"] for p in problems(store)} == {"toy": "ddpm-linear", "toy2": "vp-linear"}
 
 
-def test_the_page_answers_a_head_request_as_a_health_check_sends_it(client):
-    """HEAD / (curl -I, a load balancer's check) is answered as GET / is, without the body (it was 405)."""
-    get, head = client.get("/"), client.head("/")
+@pytest.mark.parametrize("path", ["/", "/api/status", "/api/config", "/static/dashboard.js"])
+def test_a_head_request_is_answered_as_a_get_without_the_body(client, path):
+    """HEAD (curl -I, a load balancer's check) is answered as GET is, without the body (it was 405)."""
+    get, head = client.get(path), client.head(path)
     assert get.status_code == head.status_code == 200
     assert head.headers["content-type"] == get.headers["content-type"] and head.content == b""
     assert int(head.headers["content-length"]) == len(get.content) > 0

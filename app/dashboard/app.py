@@ -80,7 +80,7 @@ def create_app(store: Storage, *, allowed_hosts: list[str] | None = None, poll_s
     def _cannot_export(_request, exc: ExportError):
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: a health check's request
+    @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
@@ -159,4 +159,8 @@ def create_app(store: Storage, *, allowed_hosts: list[str] | None = None, poll_s
     def relaxation(study: StudyName):
         return queries.relaxation(store, study)
 
+    for route in app.routes:  # HEAD (curl -I, a health check) is answered as GET is, without the body
+        methods = getattr(route, "methods", None)
+        if methods is not None and "GET" in methods:
+            methods.add("HEAD")
     return app
