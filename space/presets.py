@@ -265,7 +265,10 @@ def build(spec: str, nfe: int, noise: NoiseSchedule, **kwargs) -> Schedule:
     """A preset from a spec ``name`` or ``name:key=value,key=value`` (e.g. ``unipc-bh2:order=3``)."""
     fn, opts = parse_spec(spec, **kwargs)
     start, end = opts.get("t_start"), opts.get("t_end")
-    if start is not None and end is not None and not end < start:
+    if start is not None or end is not None:  # the one not given is the noise schedule's end, as spacing takes it
+        start = float(noise.T) if start is None else start
+        end = float(noise.t_min) if end is None else end
+    if start is not None and not end < start:
         raise ScheduleError(f"preset {spec!r}: t_end {end:g} is not below t_start {start:g}; sampling runs from "
                             "t_start down to t_end")
     try:

@@ -244,11 +244,18 @@ def test_a_preset_option_of_the_wrong_type_is_named(capsys, cache):
 @pytest.mark.parametrize("spec, words", [
     ("preset:unipc-bh2:order=3,order=1", ["option 'order' is given twice; give it once"]),
     ("preset:unipc-bh2:t_start=0.5,t_end=0.9", ["t_end 0.9 is not below t_start 0.5"]),
+    ("preset:ddim:t_start=0.0005", ["t_end 0.001 is not below t_start 0.0005"]),  # t_end the problem's own
 ])
 def test_a_preset_spec_that_contradicts_itself_is_named(capsys, cache, spec, words):
     """An option given twice was taken at its last value; times in the wrong order failed at a step's time."""
     _refused(capsys, ["eval", "--problem", "gmm-2d", "--schedule", spec, "--nfe", "5", "--cache", cache], *words)
     assert not cache.exists()
+
+
+def test_a_spec_time_against_the_noise_schedules_own_end_is_checked(capsys, tmp_path):
+    """schedule (no problem) with t_end at the noise schedule's start failed at a step's time."""
+    _refused(capsys, ["schedule", "preset:ddim:t_end=1", "--nfe", "4"], "t_end 1 is not below t_start 1")
+    assert main(["schedule", "preset:ddim:t_end=0.01", "--nfe", "4", "-o", str(tmp_path / "s.json")]) == 0
 
 
 def test_a_spec_option_overrides_the_problems_own_time():
