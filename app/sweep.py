@@ -50,18 +50,13 @@ def run_sweep(evaluator, preset_specs: Sequence[str], nfes: Sequence[int], spaci
 def unbuildable(preset_specs: Sequence[str], nfes: Sequence[int], problem, spacing: str | None) -> str | None:
     """Why the first of ``preset_specs`` that builds at none of ``nfes`` cannot (an option out of range): a sweep of it
     would be a row of "n/a" only; None when each builds somewhere."""
+    from steptune.search.baselines import unbuildable as why_not
+
     for spec in preset_specs:
-        errors = []
-        for nfe in nfes:
-            try:
-                presets.build(spec, nfe, problem.noise, t_start=problem.t_start, t_end=problem.t_end,
-                              **({"spacing": spacing} if spacing and spacing != BEST else {})).validate(nfe=nfe)
-                break
-            except ScheduleError as e:
-                errors.append(f"at NFE {nfe}: {e}")
-        else:
-            if errors:
-                return f"preset {spec!r} cannot be built at any NFE of the sweep ({errors[0]})"
+        why = why_not(spec, nfes, problem.noise, problem.t_start, problem.t_end,
+                      **({"spacing": spacing} if spacing and spacing != BEST else {}))
+        if why:
+            return f"preset {spec!r} cannot be built at any NFE of the sweep ({why})"
     return None
 
 

@@ -19,6 +19,19 @@ DEFAULT_PRESETS = ("ddim", "dpm-solver-2", "dpm-solver-3", "dpm-solver++-2s", "d
                    "unipc-bh1", "unipc-bh2", "unipc-bh2:order=3", "deis", "deis-tab", "heun")
 
 
+def unbuildable(spec: str, nfes: Sequence[int], noise, t_start: float, t_end: float, **options) -> str | None:
+    """Why preset ``spec`` builds at none of ``nfes`` (its error at the first: a name or an option out of range), or
+    None where it builds at one of them."""
+    first = None
+    for nfe in nfes:
+        try:
+            presets.build(spec, nfe, noise, t_start=t_start, t_end=t_end, **options).validate(nfe=nfe)
+            return None
+        except ScheduleError as e:
+            first = first or f"at NFE {nfe}: {e}"
+    return first
+
+
 def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT_PRESETS,
                       afs: bool = False) -> list[Candidate]:
     """Every preset that can be built at every NFE, on the space's time interval (duplicates removed), each
@@ -28,8 +41,10 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
     option out of range), raises ScheduleError: a misspelled seed is not dropped without a word."""
     for spec in specs:
         presets.parse_spec(spec)
+        why = unbuildable(spec, nfes, space.noise, space.t_start, space.t_end)
+        if why:
+            raise ScheduleError(f"preset {spec!r} cannot be built at any NFE searched ({why})")
     out, keys = [], set()
-    refused: dict[str, str] = {}  # spec -> why it could not be built at the first NFE it was tried at
     variants = (False, True) if afs and "zero" in space.afs_kinds else (False,)
     for with_afs in variants:
         for spec in specs:
@@ -40,10 +55,7 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
                     else:
                         s = presets.build(spec, nfe, space.noise, t_start=space.t_start, t_end=space.t_end)
                         s.validate(nfe=nfe)
-                        refused[spec] = ""
-                except ScheduleError as e:
-                    if not with_afs:
-                        refused.setdefault(spec, f"at NFE {nfe}: {e}")
+                except ScheduleError:
                     continue
                 if s is None:
                     continue
@@ -51,9 +63,6 @@ def preset_candidates(space, nfes: Sequence[int], specs: Sequence[str] = DEFAULT
                 if c.key not in keys:
                     keys.add(c.key)
                     out.append(c)
-        never = next((spec for spec in specs if refused.get(spec)), None)
-        if never is not None and nfes:
-            raise ScheduleError(f"preset {never!r} cannot be built at any NFE searched ({refused[never]})")
     return out
 
 
