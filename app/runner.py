@@ -394,8 +394,10 @@ class Runner:
         if old is not None and old != job.identity() and st.n_trials == 0:  # nothing ran: the job may change
             self.storage.update_study_config(job.study, {"identity": job.identity()}, problem=identity)
             old = job.identity()
-        if old is not None and _as_built(old, self.problem) != _as_built(job.identity(), self.problem):
-            key = _first_difference(_as_built(old, self.problem), _as_built(job.identity(), self.problem))
+        then, now = (None, None) if old is None else (_as_built(old, self.problem),
+                                                      _as_built(job.identity(), self.problem))
+        if then != now:
+            key = _first_difference(then, now)
             raise JobError(f"study {job.study!r} was run with a different job ({key} differs); resume it with the "
                            "same job or give a new study name")
         if old is None and st.n_trials:
