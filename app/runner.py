@@ -205,7 +205,9 @@ class Runner:
         self.phase_detail: dict[str, str] = {}  # what a phase's count is of, where it says more (refine: its NFE)
         self.baselines_finished = not job.evaluation.baseline  # set as the baseline phase ends without a stop
         self.search_exhausted = False
-        self.best: dict[int, float] = {}
+        self.best: dict[int, float] = {}  # the best search score at each NFE so far, as each result comes back
+        self._nfe_of: dict[int, int] = {}  # the NFE of each trial submitted and not back yet
+        self._metric = "rmse"  # the study's, once it is open
         self.problem = None
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
         self.heldout_seconds: list[float] = []  # held-out evaluations: baseline presets and confirmations
@@ -386,6 +388,7 @@ class Runner:
                 st = self.storage.create_study(job.study, **create)
         except StorageError as e:
             raise JobError(f"study {job.study!r}: {e}") from None
+        self._metric = st.metric
         old = st.config.get("identity")
         if old is not None and old.get("bank_version") != job.identity()["bank_version"]:
             raise JobError(f"study {job.study!r} was scored on noise banks drawn by an earlier steptune (bank version "
@@ -491,6 +494,7 @@ class Runner:
         for t in rows:
             if t.status == "queued" and t.id not in self._submitted:
                 tasks.append(Task(t.id, t.schedule, t.bank, t.n_samples))
+                self._nfe_of[t.id] = t.nfe
                 if t.error and t.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
                     self._sink.notes.setdefault(t.id, t.error)
         self._submitted.update(t.trial_id for t in tasks)
@@ -515,12 +519,16 @@ class Runner:
         sink.flush()
 
     def _progress_event(self, task: Task, result: dict) -> None:
+        nfe = self._nfe_of.pop(task.trial_id, None)
         if result.get("seconds"):
             (self.eval_seconds if task.bank == CHEAP else self.heldout_seconds).append(float(result["seconds"]))
         if self.phase == "search":
             self.done += 1
             if self._rate_from is None:  # the rate is timed from this run's first search result: not its replay
                 self._rate_from = (time.monotonic(), self.done)
+            score = (result.get("metrics") or {}).get(self._metric) if result.get("status") == "complete" else None
+            if isinstance(score, (int, float)) and math.isfinite(score) and nfe is not None:  # as the stored score
+                self.best[nfe] = min(self.best.get(nfe, math.inf), float(score))
         elif self.phase in self.phase_counts:
             self.phase_counts[self.phase][0] += 1
         self.failed += result.get("status") != "complete"

@@ -742,3 +742,25 @@ def test_the_eta_is_timed_from_the_runs_first_search_result_not_from_what_came_b
     total = runner.total
     assert total > 44 and runner.done == 44
     assert etas[0] is None and etas[1:] == [pytest.approx((total - d) / 2) for d in (42, 43, 44)]
+
+
+def test_the_best_a_run_shows_counts_every_search_result_back_so_far(tmp_path, cache):
+    """The progress line's best per NFE is the best train score of the search results back so far, the last
+    batch's included: at each search result (in-process they come back in the order they were stored), the best
+    stored score of the trials that far, and at the last one the best of the whole search."""
+    from steptune.jobs import load_job
+
+    job = load_job(write_job(tmp_path / "job.toml", "bestline", cache, evaluations=14))
+    shown = []
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    run_job(job, url, progress=lambda st: shown.append((st["done"], st["best"])) if st["phase"] == "search" else None)
+    with connect(url) as db:
+        searched = sorted((t for t in db.trials("bestline") if t.fidelity == "train" and "batch" in t.info),
+                          key=lambda t: t.id)
+    assert len(searched) == 28 and all(t.status == "complete" for t in searched)
+    assert [done for done, _ in shown] == list(range(1, 29))
+    for done, best in shown:
+        so_far = {}
+        for t in searched[:done]:
+            so_far[t.nfe] = min(so_far.get(t.nfe, float("inf")), t.score)
+        assert best == so_far, done
