@@ -85,6 +85,36 @@ def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
     return out
 
 
+def encode_many(schedules: Sequence[Schedule], space, max_steps: int) -> np.ndarray:
+    """The rows :func:`encode` gives, one per schedule, worked out for schedules of the same step count together
+    (an ask encodes its new children at once): the same numbers, from the same operations on each row."""
+    out = np.zeros((len(schedules), max_steps * N_STEP_FEATURES + N_GLOBAL_FEATURES))
+    space.learn_lams([t for s in schedules for t in s.times])
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(schedules):
+        groups.setdefault(len(s.steps), []).append(i)
+    head = max_steps * N_STEP_FEATURES
+    for m, idx in groups.items():
+        group = [schedules[i] for i in idx]
+        pos = (np.array([space.lams(s) for s in group]) - space.lam0) / space.span
+        gaps = pos[:, 1:] - pos[:, :-1]
+        n = min(m, max_steps)
+        rows = np.zeros((len(group), max_steps, N_STEP_FEATURES))
+        rows[:, :n, 0] = pos[:, 1:n + 1]
+        rows[:, :n, 1] = gaps[:, :n]
+        rows[:, :n, 2:] = [[_step_code(st) for st in s.steps[:n]] for s in group]
+        deviation = gaps - (np.add.reduce(gaps, axis=1) / m)[:, None]
+        tail = np.array([(s.nfe, s.afs != "none", m, sum(st.order for st in s.steps) / m,
+                          sum(st.corrector is not None for st in s.steps) / m,
+                          sum(st.prediction == "data" for st in s.steps) / m) for s in group], dtype=float)
+        out[idx, :head] = rows.reshape(len(group), head)
+        out[idx, head:head + tail.shape[1]] = tail
+        out[idx, head + tail.shape[1]:] = np.stack([
+            np.minimum.reduce(gaps, axis=1), np.maximum.reduce(gaps, axis=1),
+            np.sqrt(np.add.reduce(deviation * deviation, axis=1) / m), pos[:, 1]], axis=1)
+    return out
+
+
 _STEP_CODES: dict[str, tuple] = {}
 
 
@@ -317,7 +347,7 @@ class S3Searcher(Searcher):
         for kind in self.auto_kinds:
             Predictor(kind)  # an unknown kind is refused here, not at the first fit
         self._struct: list[str] = []
-        self._logits: list[np.ndarray] = []
+        self._logits: list[np.ndarray | None] = []  # each trial's timestep logits, once the local stage asks
         self.preset_specs = tuple(presets)
         self.max_steps = max(self.nfes) + 2
         self.afs_presets = bool(afs_presets)
@@ -363,13 +393,27 @@ class S3Searcher(Searcher):
         i = len(self.trials) - 1
         self._by_nfe.setdefault(candidate.nfe, []).append(i)
         self._by_structure.setdefault((candidate.nfe, self._struct[i]), []).append(i)
-        self._logits.append(self.space.lams_to_logits(candidate.schedule))
+        self._logits.append(None)
+
+    def _trial_logits(self, i: int) -> np.ndarray:
+        """Trial ``i``'s timestep logits (worked out when the local stage first needs them)."""
+        z = self._logits[i]
+        if z is None:
+            z = self._logits[i] = self.space.lams_to_logits(self.trials[i][0].schedule)
+        return z
 
     def _encode(self, c: Candidate) -> np.ndarray:
         x = self._feat.get(c.key)
         if x is None:
             x = self._feat[c.key] = encode(c.schedule, self.space, self.max_steps)
         return x
+
+    def _encode_all(self, cands: Sequence[Candidate]) -> np.ndarray:
+        """:meth:`_encode` of each, those not encoded yet together."""
+        todo = {c.key: c for c in cands if c.key not in self._feat}
+        if todo:
+            self._feat.update(zip(todo, encode_many([c.schedule for c in todo.values()], self.space, self.max_steps)))
+        return np.array([self._feat[c.key] for c in cands])
 
     def parents(self, nfe: int, k: int) -> list[tuple[Candidate, float, int]]:
         """The ``k`` best trials at ``nfe`` (candidate, score, trial index); with ``niche``, the best of
@@ -476,7 +520,7 @@ class S3Searcher(Searcher):
         known = self._pred[g]
         new = [c for c in cands if c.key not in known]
         if new:
-            known.update(zip((c.key for c in new), model.predict(np.array([self._encode(c) for c in new]))))
+            known.update(zip((c.key for c in new), model.predict(self._encode_all(new))))
         return np.array([known[c.key] for c in cands])
 
     def _ask(self, n: int, rng: np.random.Generator) -> list[Candidate]:
@@ -527,8 +571,8 @@ class S3Searcher(Searcher):
         or of candidates pending at ``nfe`` are penalised by ``batch_penalty``; ``batch_explore`` x the extra-trees
         spread is taken off the predictions."""
         before = [c for c in [*chosen, *self._pending.values()] if c.nfe == nfe]
-        X = np.array([self._encode(c) for c in cands])
-        P = np.array([self._encode(c) for c in before]) if before else None
+        X = self._encode_all(cands)
+        P = self._encode_all(before) if before else None
         model = self._models[self._group(nfe)]
         spread = tree_spread(model, X) if self.batch_explore else None
         return pick(pred, k, X, P, spread, penalty=self.batch_penalty, explore=self.batch_explore)
@@ -553,7 +597,7 @@ class S3Searcher(Searcher):
         """Mean and covariance of the local search distribution for the structure of trial ``best``."""
         sk = self._struct[best]
         same = sorted(self._by_structure[nfe, sk], key=lambda i: (self.trials[i][1], i))
-        Z = np.array([self._logits[i] for i in same])
+        Z = np.array([self._trial_logits(i) for i in same])
         Z = np.maximum(Z, Z.max(axis=1, keepdims=True) - 8.0)  # a vanishing increment stays reachable
         Z -= Z.mean(axis=1, keepdims=True)
         n = Z.shape[1]

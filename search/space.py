@@ -118,14 +118,18 @@ class DecisionSpace:
             v = self._lam_cache[t] = float(self.noise.lam_array(np.array([t]))[0])
         return v
 
-    def lams(self, s: Schedule) -> np.ndarray:
-        """The lambda of each of the schedule's times, a final t = 0 at :attr:`lam_zero` (finite)."""
-        times = s.times
+    def learn_lams(self, times: Sequence[float]) -> None:
+        """Work out (and keep) the lambda of each of ``times`` not known yet, in one conversion."""
         missing = [t for t in dict.fromkeys(times) if t not in self._lam_cache]
         if missing:
             if len(self._lam_cache) > 200_000:
                 self._lam_cache.clear()
             self._lam_cache.update(zip(missing, self.noise.lam_array(np.array(missing)).tolist()))
+
+    def lams(self, s: Schedule) -> np.ndarray:
+        """The lambda of each of the schedule's times, a final t = 0 at :attr:`lam_zero` (finite)."""
+        times = s.times
+        self.learn_lams(times)
         out = np.array([self._lam_cache[t] for t in times])
         if times[-1] == 0.0:
             out[-1] = self.lam_zero
@@ -148,6 +152,7 @@ class DecisionSpace:
         """Interior lambdas -> times, between the start (the problem's unless given) and ``t_end`` (or t = 0 with
         ``zero``); None when the gap rule is broken."""
         t0, a, b = self._ends(t_start, zero)
+        lams = lams.tolist() if isinstance(lams, np.ndarray) else list(lams)  # floats: cheaper to compare one by one
         full = [a, *lams, b]
         if any(q - p < self.min_gap * 0.999 for p, q in zip(full[:-1], full[1:])):
             return None
@@ -335,7 +340,7 @@ class DecisionSpace:
         if hi <= lo:
             return None
         width = lam[i + 1] - lam[i - 1]
-        new = float(np.clip(lam[i] + rng.normal(0, 0.15 * width), lo, hi))
+        new = float(min(max(lam[i] + rng.normal(0, 0.15 * width), lo), hi))  # np.clip, without its overhead
         lam[i] = new
         times = self.times_from_lams(lam[1:-1], *self.frame(s))
         return None if times is None else self.make(times, s.steps, s.afs, s.name)
@@ -423,8 +428,8 @@ class DecisionSpace:
             return None
         j = int(draws.choice(rng, ok, draws.cdf(gaps[ok] / gaps[ok].sum())))
         frac = rng.uniform(0.25, 0.75)
-        new = float(np.clip(lam[j] + frac * gaps[j], lam[j] + self.min_gap, lam[j + 1] - self.min_gap))
-        lam = np.insert(lam, j + 1, new)
+        new = float(min(max(lam[j] + frac * gaps[j], lam[j] + self.min_gap), lam[j + 1] - self.min_gap))
+        lam = np.concatenate((lam[:j + 1], [new], lam[j + 1:]))
         times = self.times_from_lams(lam[1:-1], *self.frame(s))
         if times is None:
             return None

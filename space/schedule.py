@@ -8,7 +8,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +23,20 @@ CORRECTORS = ("pseudo", "implicit")
 AFS = ("none", "zero", "mean")
 BASES = ("lambda", "t")
 MAX_ORDER = 4
+
+
+class _kept:
+    """``functools.cached_property`` without its lock (a step is made and read in one thread; Python 3.11's
+    per-property lock costs more than most of what a step keeps)."""
+
+    def __init__(self, fn):
+        self.fn, self.name, self.__doc__ = fn, fn.__name__, fn.__doc__
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 @dataclass(frozen=True)
@@ -79,7 +93,7 @@ class Step:
         out.__dict__["t"] = t
         return out
 
-    @cached_property
+    @_kept
     def decisions_text(self) -> str:
         """The step's compact JSON text without its time, keys sorted, as :meth:`Schedule.structure_key` writes it
         (kept on the step: :meth:`at` keeps it, :func:`evolve` drops it)."""
@@ -87,13 +101,13 @@ class Step:
         del d["t"]
         return _ENCODER.encode(d)
 
-    @cached_property
+    @_kept
     def decisions_problem(self) -> str | None:
         """What is wrong with the step's decisions wherever it stands (time and history aside), or None (kept on
         the step like :attr:`decisions_text`)."""
         return _decisions_problem(self)
 
-    @cached_property
+    @_kept
     def oldest_point(self) -> int:
         """The oldest history point the step uses: its start or a derivative point (kept like
         :attr:`decisions_text`)."""
@@ -133,8 +147,12 @@ class Schedule:
     def nfe(self) -> int:
         """Model calls: one at the start (unless AFS), one after every step but the last,
         and one more per implicit corrector."""
-        calls = (self.afs == "none") + max(len(self.steps) - 1, 0)
-        return calls + sum(1 for s in self.steps if s.corrector is not None and s.corrector.kind == "implicit")
+        n = self.__dict__.get("_nfe")
+        if n is None:  # kept like the verdict on the steps: searchers ask it of every candidate many times
+            n = (self.afs == "none") + max(len(self.steps) - 1, 0)
+            n = self.__dict__["_nfe"] = n + sum(1 for s in self.steps
+                                                 if s.corrector is not None and s.corrector.kind == "implicit")
+        return n
 
     def validate(self, nfe: int | None = None) -> Schedule:
         if not self.__dict__.get("_valid_steps"):  # kept: the search space, the searcher and storage all check it
@@ -317,7 +335,7 @@ def evolve(obj, **changes):
 
 
 # what a step or schedule keeps about itself once worked out, and the changes that leave it as it was
-_CACHES = {Step: ("decisions_text", "decisions_problem", "oldest_point"), Schedule: ("_valid_steps",)}
+_CACHES = {Step: ("decisions_text", "decisions_problem", "oldest_point"), Schedule: ("_valid_steps", "_nfe")}
 _KEEPS_CACHES = {Step: frozenset({"t"}), Schedule: frozenset(Schedule.LABELS)}
 
 

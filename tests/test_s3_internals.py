@@ -142,6 +142,28 @@ def test_the_encoding_holds_each_schedules_positions_gaps_and_their_statistics()
     assert made > 150
 
 
+def test_schedules_encoded_together_get_the_rows_each_gets_alone():
+    """An ask encodes its new children together (grouped by step count, their lambdas converted at once): each row
+    is exactly the one :func:`encode` gives that schedule alone, each on a space that has converted nothing yet,
+    for mixed lengths, late starts, t = 0 ends, analytical first steps and more steps than ``max_steps``."""
+    from steptune.search.s3 import encode, encode_many
+
+    def fresh():
+        return DecisionSpace(noise.get("ddpm-linear"), 0.999, 0.001, min_start=0.5, zero_end=True)
+
+    rng = np.random.default_rng(3)
+    made = []
+    while len(made) < 300:
+        s = fresh().random(int(rng.integers(1, 13)), rng)
+        if s is not None:
+            made.append(s)
+    assert {len(s.steps) for s in made} >= set(range(2, 13)) and {s.afs for s in made} == {"none", "zero"}
+    assert any(s.steps[-1].t == 0 for s in made) and any(s.t_start < 0.999 for s in made)
+    together = encode_many(made, fresh(), 10)
+    alone = np.array([encode(s, fresh(), 10) for s in made])
+    assert together.shape == alone.shape and np.array_equal(together, alone)
+
+
 def test_the_best_trials_of_an_nfe_are_those_the_plain_searcher_ranks_first(space):
     """S^3 ranks an NFE's trials from its index of them: the same candidates, in the same order (ties by the order
     they were told), as the base searcher's scan of every trial."""
