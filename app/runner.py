@@ -915,7 +915,7 @@ class Runner:
             status = "incomplete"
         finished = ("complete", "failed", "pruned")  # what a stopped run left queued is not counted as done
         return RunResult(self.job.study, status, sum(1 for t in cheap if t.status in finished),
-                         sum(1 for t in trials if t.fidelity == CONFIRM and not t.info.get("baseline")
+                         sum(1 for t in trials if t.fidelity == CONFIRM and "confirms" in t.info
                              and t.status in finished),
                          sum(1 for t in trials if t.status == "failed"), self.retried,
                          time.monotonic() - self.started, summarize(trials, self.job.search.nfe),

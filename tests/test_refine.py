@@ -465,11 +465,13 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
     refinement names its parent, and the NFE's best is the best of the four on the held-out bank."""
     url = f"sqlite:///{tmp_path / 'r.db'}"
     job = _job(tmp_path, cache)
-    code, _, err = run_cli(["run", str(job), "--db", url], capsys)
+    code, out, err = run_cli(["run", str(job), "--db", url], capsys)
     assert code == 0, err
     with connect(url) as db:
         trials = db.trials("tiny")
         refined = [t for t in trials if "refines" in t.info]
+        # the table counts the confirmations alone, not the refinements also scored on the held-out bank
+        assert f" search evaluations, {sum('confirms' in t.info for t in trials)} held-out confirmations," in out + err
         by_id = {t.id: t for t in trials}
         kinds = sorted((t.nfe, "confirms" in by_id[t.info["refines"]].info) for t in refined)
         assert kinds == [(3, False), (3, True), (4, False), (4, True)]
