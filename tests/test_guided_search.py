@@ -245,9 +245,16 @@ def test_search_refine_refines_the_best_searched_schedule_and_reports_it(tmp_pat
     # confirmations)
     start = min([x["parent_rmse"] for x in t.info["refine"].get("screened", [])] or [parent.score])
     assert "confirms" in parent.info and start == pytest.approx(row["searched_rmse"], rel=1e-12)
-    assert ref["trial"] == t.id and ref["improved"] == (t.status == "complete" and t.score < start)
-    assert ref["rmse"] <= row["searched_rmse"]
+    assert ref["candidate_trial"] == t.id and ref["improved"] == (t.status == "complete" and t.score < start)
+    assert ref["candidate_rmse"] == t.score and ref["rmse"] <= row["searched_rmse"]
     assert ref["rmse"] == pytest.approx(t.score if ref["improved"] else start, rel=1e-12)
+    assert ref["rmse"] == next(p.score for p in trials if p.id == ref["trial"])  # the trial that scored it
+    # the same search run again without --refine searches nothing new and keeps the refinement in its summary
+    code, out, err = run_cli(["search", "--problem", "gmm-2d", "--nfe", "3", "--budget", "8", "--study", "r",
+                              "--out", str(tmp_path), "--cache", str(tmp_path / "cache"), "--cheap-samples", "16",
+                              "--confirm", "1", "--heldout-samples", "64", "--db", url], capsys)
+    assert code == 0 and "refined RMSE" in out, err
+    assert json.loads((tmp_path / "r.json").read_text())["results"][0]["refined"] == ref
 
 
 def test_search_refine_over_several_nfes_counts_the_schedules_built_from_neighbours(tmp_path, capsys):

@@ -140,7 +140,8 @@ def search_cmd(
     except CliError as e:  # the runner's checks name the job's keys
         raise CliError(in_options(str(e))) from None
     cost = cost_table.load_cost(job.storage.db, name)
-    refined = refinements(job.storage.db, name) if refine else {}
+    refined = refinements(job.storage.db, name)  # this run's, or an earlier run's: the study's all the same
+    refine = bool(refine or refined)
     rows = [{"nfe": r.nfe, "best_preset": r.preset, "preset_rmse": r.preset_score,
              "searched_rmse": r.searched_score, "improvement": r.improvement,
              "preset_matches_at_nfe": r.preset_matches_at, "found_at_eval": r.found_at, "trial": r.trial,
@@ -201,8 +202,9 @@ def _save_summary(path: Path, payload: dict, study: str) -> None:
 def refinements(url: str | None, study: str) -> dict[int, dict]:
     """Per refined NFE, what the refine stage made of the search (the presets it also refines left out): the best
     held-out RMSE of the searched schedules, the schedules built from a neighbouring NFE's best and the refinements
-    of either (``rmse``), whether a refinement or a built schedule beat the best searched one (``improved``), that
-    trial's id and seconds (else the best refinement's), and the best refinement's own RMSE (``candidate_rmse``)."""
+    of either (``rmse``) and its trial's id (``trial``), whether a refinement or a built schedule beat the best
+    searched one (``improved``), and the best refinement's own RMSE, trial id and seconds (``candidate_rmse``,
+    ``candidate_trial``, ``seconds``; where a built schedule won, its seconds)."""
     from steptune.refine import best_found, is_refinement, searched
     from steptune.storage import connect
 
@@ -218,9 +220,9 @@ def refinements(url: str | None, study: str) -> dict[int, dict]:
             continue
         start = min((t.score for t in trials if t.nfe == nfe and searched(t)), default=math.inf)
         improved = not searched(best) and best.score < start
-        shown = best if improved else min(mine, key=lambda t: (t.score, t.number))
-        out[nfe] = {"rmse": best.score, "improved": improved, "candidate_rmse": min(t.score for t in mine),
-                    "trial": shown.id, "seconds": shown.seconds}
+        candidate = min(mine, key=lambda t: (t.score, t.number))
+        out[nfe] = {"rmse": best.score, "trial": best.id, "improved": improved, "candidate_rmse": candidate.score,
+                    "candidate_trial": candidate.id, "seconds": (best if improved else candidate).seconds}
     return out
 
 
