@@ -764,3 +764,32 @@ def test_the_best_a_run_shows_counts_every_search_result_back_so_far(tmp_path, c
         for t in searched[:done]:
             so_far[t.nfe] = min(so_far.get(t.nfe, float("inf")), t.score)
         assert best == so_far, done
+
+
+def test_status_pairs_each_held_out_score_with_the_train_score_of_the_same_schedule(tmp_path, cache):
+    """`status`'s searched columns are one schedule's: the held-out best of the confirmations and the train score
+    of the trial it confirms (which need not be the best train score there); before anything is confirmed, the
+    best train score so far."""
+    from steptune.jobs import load_job
+
+    job = load_job(write_job(tmp_path / "job.toml", "pair", cache, evaluations=30))
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    run_job(job, url, stop_after=20)
+    with connect(url) as db:
+        rows = {r["nfe"]: r for r in study_status(db, "pair")["per_nfe"]}
+        trials = db.trials("pair")
+    for nfe in (3, 4):
+        train = [t.score for t in trials if t.nfe == nfe and t.fidelity == "train" and t.score is not None]
+        assert rows[nfe]["heldout"] is None and rows[nfe]["train"] == min(train)
+    run_job(job, url)
+    with connect(url) as db:
+        rows = {r["nfe"]: r for r in study_status(db, "pair")["per_nfe"]}
+        trials = db.trials("pair")
+    by_number = {t.number: t for t in trials}
+    differs = False
+    for nfe in (3, 4):
+        confirms = [t for t in trials if t.nfe == nfe and "confirms" in t.info and t.score is not None]
+        best = min(confirms, key=lambda t: (t.score, t.number))
+        assert rows[nfe]["heldout"] == best.score and rows[nfe]["train"] == by_number[best.info["confirms"]].score
+        differs |= rows[nfe]["train"] != min(by_number[t.info["confirms"]].score for t in confirms)
+    assert differs  # this job confirms best at some NFE a schedule that is not its best on the train bank

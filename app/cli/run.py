@@ -218,8 +218,10 @@ def study_status(storage, study: str) -> dict:
     rows = []
     if job:
         for s in summarize(trials, nfes):  # the searched NFEs and the ones interpolated from them
+            # the train score of the schedule whose held-out score the row shows; before any is confirmed, the best
             train = [t.score for t in cheap if t.nfe == s.nfe and t.status == "complete" and t.score is not None]
-            rows.append({"nfe": s.nfe, "heldout": s.searched_score, "train": min(train) if train else None,
+            train = s.searched_train if s.searched_score is not None else min(train, default=None)
+            rows.append({"nfe": s.nfe, "heldout": s.searched_score, "train": train,
                          "refined": s.refined, "preset": s.preset, "preset_score": s.preset_score,
                          "interpolated_from": s.interpolated_from})
     else:  # a sweep's, an import's or the Python API's study: its best at each NFE, as 'steptune best' says
