@@ -296,7 +296,7 @@ class Runner:
         heap = ExitStack()
         # schedules ``steptune import`` queued for this run to score (a job's own trials say what made them)
         self._imports = [t.id for t in self.storage.trials(job.study, status="queued")
-                         if t.fidelity != CHEAP and not t.info]
+                         if t.fidelity != CHEAP and set(t.info) <= {"imported"}]
         try:
             self.phase = "start"
             self._start_backend()

@@ -104,7 +104,7 @@ def test_the_json_provenance_says_what_the_schedule_was_tuned_for(db):
     t = db.add_trial("src", sched, status="complete", metrics={"rmse": 0.1})
     d = export_dict(t, db.get_study("src"))
     tuned = d["provenance"]["tuned_for"]
-    assert d["provenance"]["version"] == 2
+    assert d["provenance"]["version"] == 3
     assert tuned == {"sampler": "steptune", "state": "x = alpha(t) x0 + sigma(t) eps",
                      "model": {"prediction": "flow", "time_input": "continuous", "time_scale": 1000.0},
                      "noise": FLOW.to_dict(), "sigma": "t", "final_sigma": FLOW.t_min,
@@ -118,8 +118,8 @@ def test_the_json_provenance_says_what_the_schedule_was_tuned_for(db):
     _, prov1 = parse_export(json.dumps(old))
     assert tuned_model_conventions(sched, prov1) == problem["model"]
     newer = json.loads(json.dumps(d))
-    newer["provenance"]["version"] = 3
-    with pytest.raises(ScheduleError, match="provenance version 3 is not supported"):
+    newer["provenance"]["version"] = 4
+    with pytest.raises(ScheduleError, match="provenance version 4 is not supported"):
         parse_export(json.dumps(newer))
     bad = json.loads(json.dumps(d))
     bad["provenance"]["tuned_for"] = "flow"

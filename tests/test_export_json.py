@@ -44,7 +44,7 @@ def test_export_is_the_schedule_dict_plus_provenance(db, tmp_path):
     sched = presets.unipc_bh2(6, NS, spacing="diffusers-linspace")
     assert {k: v for k, v in d.items() if k != "provenance"} == sched.to_dict()
     p = d["provenance"]
-    assert (p["version"], p["study"], p["method"], p["trial_number"], p["metric"]) == (2, "src", "s3", 0, "rmse")
+    assert (p["version"], p["study"], p["method"], p["trial_number"], p["metric"]) == (3, "src", "s3", 0, "rmse")
     assert p["problem"]["identity"] == PROBLEM and p["problem"]["conventions"] == PROBLEM["model"]
     assert (p["score"], p["metrics"], p["fidelity"], p["bank"], p["n_samples"]) == (
         0.125, {"rmse": 0.125, "sw": 0.5}, "cheap", "heldout", 256)

@@ -185,7 +185,30 @@ def test_an_export_carries_the_cost_at_its_nfe_and_imports_back(tmp_path, capsys
     assert prov["cost"] == json.loads(json.dumps(want))
     assert prov["cost"]["model_calls"] == 3 * (CHEAP * 4 + HELDOUT * CONFIRM)
     with connect(f"sqlite:///{tmp_path / 'other.db'}") as other:
-        assert import_schedule(other, tmp_path / "s.json", "back").status == "complete"
+        back = import_schedule(other, tmp_path / "s.json", "back")
+        assert back.status == "complete"
+        # it keeps where it was found, and its export names that and what it cost there, not the new study's spend
+        assert back.info["imported"] == {"file": "s.json", "study": "exp", "trial": searched.id, "method": "s3",
+                                         "origin": searched.info["origin"], "exported": prov["exported"],
+                                         "cost": prov["cost"]}
+        assert cost_at(other, back) == {**prov["cost"], "of": "source"}
+    assert main(["export", "--study", "back", "--nfe", "3", "--db", f"sqlite:///{tmp_path / 'other.db'}", "-o",
+                 str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["provenance"]
+    assert again["study"] == "back" and again["imported"] == back.info["imported"]
+    assert again["cost"] == {**prov["cost"], "of": "source"}
+    # a hand-written schedule carries no cost: once a run scores it, its export's cost is that evaluation's
+    with connect(url) as store:
+        written = presets.ddim(3, noise_of(store, "exp")).to_dict()
+        written["steps"][0]["t"], written["steps"][1]["t"] = 0.5, 0.1  # times no preset has
+        hand = import_schedule(store, json.dumps(written), "exp")
+        assert hand.info == {"imported": {"file": "JSON text"}} and hand.status == "queued"
+    assert main(["run", str(job), "--db", url, "--json"]) == 0
+    with connect(url) as store:
+        scored = store.trial(hand.id)
+        assert scored.status == "complete" and cost_at(store, scored) == {**study_cost([scored]).at(3).as_dict(),
+                                                                            "of": "trial"}
+        assert cost_at(store, scored)["evaluations"] == 1
     # a preset baseline's export says what the baselines at its NFE cost
     with connect(url) as store:
         base = next(t for t in store.trials("exp", nfe=3) if t.info.get("baseline") and t.status == "complete")
@@ -221,3 +244,9 @@ def test_a_refinement_back_to_its_parent_is_an_evaluation_of_its_own(job_run):
     assert after.model_calls == before.model_calls + fit_calls
     assert after.device_seconds == pytest.approx(before.device_seconds + 0.5)
     assert after.interpolated_from is None
+
+
+def noise_of(store, study: str):
+    from steptune.space import noise
+
+    return noise.from_dict(store.get_study(study).problem["identity"]["noise"])

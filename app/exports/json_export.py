@@ -16,10 +16,10 @@ from steptune.storage import StudyRecord, TrialRecord
 from .conventions import ExportError, conventions_for, schedule_noise
 from .tuning import tuned_model_conventions, tuning_record
 
-PROVENANCE_VERSION = 2  # 2: tuned_for
+PROVENANCE_VERSION = 3  # 2: tuned_for; 3: imported
 PROVENANCE_FIELDS = ("version", "steptune", "exported", "study", "method", "trial", "trial_number", "status",
                      "problem", "metric", "score", "metrics", "fidelity", "bank", "n_samples", "cost", "tuned_for",
-                     "interpolated", "origin", "refined_from")
+                     "interpolated", "origin", "refined_from", "imported")
 
 
 def steptune_version() -> str:
@@ -56,6 +56,8 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
             "fidelity": trial.fidelity, "bank": trial.bank, "n_samples": trial.n_samples}
     if trial.info.get("origin"):
         prov["origin"] = trial.info["origin"]
+    if "imported" in trial.info:  # imported into this study (steptune import): where it was found
+        prov["imported"] = trial.info["imported"]
     if "refines" in trial.info:  # a refinement by gradient (steptune refine): the searched trial it started from
         rec = trial.info.get("refine", {})
         prov["refined_from"] = {"trial": trial.info["refines"], "trial_number": trial.info.get("refines_number"),
@@ -125,7 +127,7 @@ def parse_export(text: str, where: str = "schedule") -> tuple[Schedule, dict | N
         if not isinstance(pv, int) or pv > PROVENANCE_VERSION:
             raise ScheduleError(f"{where}: provenance version {pv!r} is not supported (this steptune reads "
                                 f"version {PROVENANCE_VERSION}); upgrade steptune")
-        for name in ("metrics", "cost", "tuned_for", "refined_from"):
+        for name in ("metrics", "cost", "tuned_for", "refined_from", "imported"):
             if prov.get(name) is not None and not isinstance(prov[name], dict):
                 raise ScheduleError(f"{where}: provenance field {name!r} must be an object")
     sched = Schedule.from_dict({k: v for k, v in d.items() if k != "provenance"}, where=where)

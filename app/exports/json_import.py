@@ -58,7 +58,7 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
                                   "--allow-duplicates)")
     same_problem = existing is None or existing.problem is None or (
         identity is not None and existing.problem["identity"] == identity)
-    fields: dict[str, Any] = {"schedule": sched}
+    fields: dict[str, Any] = {"schedule": sched, "info": {"imported": import_record(source, prov)}}
     if not queue and prov.get("metrics") and same_problem:
         fields.update(status="complete", metrics=prov["metrics"], score=prov.get("score"),
                       fidelity=prov.get("fidelity") or "", bank=prov.get("bank") or "",
@@ -71,3 +71,12 @@ def import_schedule(db: Storage, source: str | Path, study: str, *, queue: bool 
               "conventions": problem.get("conventions") if problem else None, "metric": prov.get("metric") or "rmse"}
     tid = db.add_trials(study, [fields], create=create)[0]
     return db.trial(tid)
+
+
+def import_record(source: str | Path, prov: dict) -> dict:
+    """What an imported trial keeps of where it came from (``info.imported``): the file, and from an export's
+    provenance the study, trial, method, origin and cost it was found with (an export of an import: the first)."""
+    first = prov.get("imported") if isinstance(prov.get("imported"), dict) else prov
+    kept = {k: first[k] for k in ("study", "trial", "method", "origin", "exported", "cost") if first.get(k) is not None}
+    text = isinstance(source, str) and source.lstrip().startswith("{")
+    return {"file": "JSON text" if text else Path(source).name, **kept}
