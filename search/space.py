@@ -68,6 +68,7 @@ class DecisionSpace:
         self.t_start, self.t_end = float(t_start), float(t_end)
         self._lam_cache: dict[float, float] = {}
         self._repairs: dict[tuple, Step | None] = {}  # what repair makes of a step's decisions at a place
+        self._schedule_repairs: dict[tuple, tuple | None] = {}  # ... of a sequence of steps' decisions
         self.lam0, self.lam1 = self.lam(self.t_start), self.lam(self.t_end)
         self.min_gap = float(min_gap)
         discrete = isinstance(noise, VPDiscrete)
@@ -238,14 +239,24 @@ class DecisionSpace:
     def repair(self, s: Schedule) -> Schedule:
         """Clip every per-step decision to what the step's history allows (order, points, start,
         relaxation, second-derivative scale, compensation, corrector; no corrector on the last step, and
-        order 1 on a step to t = 0)."""
-        n = len(s.steps)
-        steps = tuple([self._repaired(st, i, n) for i, st in enumerate(s.steps)])
-        return s if steps == s.steps else evolve(s, steps=steps)
+        order 1 on a step to t = 0). What a sequence of step decisions needs is worked out once (children repeat
+        their parents' steps at other times): for each step the repaired decisions, or None where they fit."""
+        steps = s.steps
+        where = (tuple([st.decisions_text for st in steps]), tuple([st.t == 0 for st in steps]))
+        fixes = self._schedule_repairs.get(where, _UNSEEN)
+        if fixes is _UNSEEN:
+            if len(self._schedule_repairs) > 200_000:
+                self._schedule_repairs.clear()
+            n = len(steps)
+            fixes = tuple([self._repaired(st, i, n) for i, st in enumerate(steps)])
+            fixes = self._schedule_repairs[where] = None if all(f is None for f in fixes) else fixes
+        if fixes is None:
+            return s
+        return evolve(s, steps=tuple([st if f is None else f.at(st.t) for st, f in zip(steps, fixes)]))
 
-    def _repaired(self, st: Step, i: int, n: int) -> Step:
-        """Step ``i`` of ``n`` repaired: worked out once for each text of its decisions at each place (whether it
-        is the last, whether it ends at t = 0), as children repeat their parents' steps at other times."""
+    def _repaired(self, st: Step, i: int, n: int) -> Step | None:
+        """Step ``i`` of ``n`` with its decisions repaired (at its own time), or None where they fit: worked out once
+        for each text of its decisions at each place (whether it is the last, whether it ends at t = 0)."""
         where = (st.decisions_text, i, i == n - 1, st.t == 0, self.max_order)
         fixed = self._repairs.get(where, _UNSEEN)
         if fixed is _UNSEEN:
@@ -254,7 +265,7 @@ class DecisionSpace:
             fixed = self._repairs[where] = _repair_step(st, i, n, self.max_order)
             if fixed is not None:  # made once here, so every copy ``at`` makes of it carries its texts
                 fixed.decisions_text  # noqa: B018
-        return st if fixed is None else fixed.at(st.t)
+        return fixed
 
     def finish(self, s: Schedule | None, nfe: int) -> Schedule | None:
         """Repair, validate and check the NFE; None when the candidate is not feasible."""

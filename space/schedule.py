@@ -304,7 +304,29 @@ def _json_names() -> tuple[str, ...]:
 
 
 def _value_text(v) -> str:
-    return repr(v) if type(v) is float and math.isfinite(v) else _ENCODER.encode(v)
+    """``v`` as the key's JSON writes it (``_ENCODER``), the texts a schedule's fields most often hold written
+    directly: a finite float, a plain ASCII word, an empty mapping, and its noise dict (kept by the dict's
+    identity and checked against a copy, as :func:`_noise_facts` keeps its answers)."""
+    kind = type(v)
+    if kind is float and math.isfinite(v):
+        return repr(v)
+    if kind is str and v.isascii() and v.isprintable() and '"' not in v and "\\" not in v:
+        return f'"{v}"'
+    if kind is dict:
+        if not v:
+            return "{}"
+        hit = _DICT_TEXTS.get(id(v))
+        if hit is not None and hit[0] is v and hit[1] == v:
+            return hit[2]
+        if len(_DICT_TEXTS) > 1000:
+            _DICT_TEXTS.clear()
+        text = _ENCODER.encode(v)
+        _DICT_TEXTS[id(v)] = (v, copy.deepcopy(v), text)
+        return text
+    return _ENCODER.encode(v)
+
+
+_DICT_TEXTS: dict[int, tuple[dict, dict, str]] = {}
 
 
 def _step_text(step: Step, timed: bool) -> str:

@@ -176,6 +176,28 @@ def test_the_json_text_storage_keeps_is_the_sorted_compact_json_form_for_every_k
         assert key == reference_key(s), s
 
 
+@pytest.mark.parametrize("value", ["none", "", "a b", 'say "hi"', "back\\slash", "tab\there", "é", "\x7f",
+                                   "\u2028", {}, {"kind": "vp-linear", "T": 1.0, "t_min": 0.001}, {"b": [1, 2.5]},
+                                   {"a": {"z": None, "é": "ü"}}, 0.5, -0.0, 1e-300, 1, True, None, [1, "x"]])
+def test_a_field_is_written_as_the_json_encoder_writes_it(value):
+    """The texts keys are written from take shortcuts for words, empty mappings, floats and a noise dict seen
+    before: each must be the JSON encoder's text, the first time and again."""
+    from steptune.space.schedule import _ENCODER, _value_text
+
+    assert _value_text(value) == _value_text(value) == _ENCODER.encode(value)
+
+
+def test_a_noise_dict_changed_in_place_gets_a_new_key():
+    """A noise dict's text is kept by the dict, checked against a copy of it: changed in place (which a frozen
+    schedule does not prevent), the schedule's key follows the change."""
+    s = rich_schedule()
+    before = s.key()
+    s.noise["beta_1"] = 19.0
+    assert s.key() != before and s.key() == reference_key(s)
+    s.noise["beta_1"] = noise.get("vp-linear").to_dict()["beta_1"]
+    assert s.key() == before
+
+
 def test_evolve_is_dataclasses_replace():
     base = rich_schedule()
     st = base.steps[1]
