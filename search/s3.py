@@ -352,7 +352,7 @@ class S3Searcher(Searcher):
         self.max_steps = max(self.nfes) + 2
         self.afs_presets = bool(afs_presets)
         self._seeds = preset_candidates(self.space, self.nfes, self.preset_specs, afs=self.afs_presets)
-        self._X: list[np.ndarray] = []
+        self._X: list[np.ndarray | None] = []  # each trial's encoding (None until the next fit needs it)
         self._models: dict[int | None, Predictor] = {}  # by NFE; key None: the one shared model
         self._fit_size: dict[int | None, int] = {}
         self._pred: dict[int | None, dict[str, float]] = {}  # each model's predictions, by schedule key
@@ -388,7 +388,7 @@ class S3Searcher(Searcher):
     def _observe(self, candidate: Candidate, score: float) -> None:
         self._pending.pop(candidate.key, None)
         x = self._feat.pop(candidate.key, None)
-        self._X.append(x if x is not None else self._encode(candidate))
+        self._X.append(x)  # None: encoded with the others not encoded yet when the trials are next fitted on
         self._struct.append(candidate.schedule.structure_key())
         i = len(self.trials) - 1
         self._by_nfe.setdefault(candidate.nfe, []).append(i)
@@ -446,6 +446,10 @@ class S3Searcher(Searcher):
         return out, True
 
     def _data(self):
+        todo = [i for i, x in enumerate(self._X) if x is None]
+        if todo:
+            for i, x in zip(todo, encode_many([self.trials[i][0].schedule for i in todo], self.space, self.max_steps)):
+                self._X[i] = x
         X = np.array(self._X)
         nfes = np.array([c.nfe for c, _ in self.trials])
         scores = np.array([max(s, 1e-12) for _, s in self.trials])
