@@ -2,15 +2,25 @@ import signal
 import sys
 
 
+def _as_ctrl_c(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run() -> None:
-    # Ctrl-C while the command's modules load is held (blocked) until they have loaded: an interrupt inside
-    # an import can leave a library half-initialised, failing with an unrelated error instead.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    # Ctrl-C (or SIGTERM) while the command's modules load is held (blocked) until they have loaded: an interrupt
+    # inside an import can leave a library half-initialised, failing with an unrelated error instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         try:
             from steptune.cli import main
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a held Ctrl-C is raised here
+            # SIGTERM (what `kill` and batch schedulers send) stops a command as Ctrl-C does: what it holds is let
+            # go and it says what was kept; a SIGINT the shell ignores for a background job of a script is heard
+            # too. A run puts its own handling (finish the evaluations in flight) in place while it runs.
+            signal.signal(signal.SIGTERM, _as_ctrl_c)
+            if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # a held one is raised here
         code = main()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -16,6 +19,7 @@ from central_differences import check_gradient
 from gaussian import eps_fn, eps_tensor_fn, exact_solution
 from runner_jobs import job_text, run_cli
 
+from steptune.cli.run import study_status
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
 from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
@@ -1084,3 +1088,30 @@ def test_structures_too_short_to_screen_are_said_to_be_left_unscreened():
     assert structure_groups(None, "s", None, todo, 3, 10, say=said.append) is todo
     assert said == ["3 structures are not screened: refinements of 10 iterations are too short to screen (it takes at "
                     "least 11); each NFE refines its best schedule alone"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_refine_stopped_by_a_signal_says_so_and_lets_go_of_the_study(tmp_path, cache, capsys, sig):
+    """`kill` (SIGTERM) or `kill -INT` stops `steptune refine` as Ctrl-C does, also where it was started as a
+    background job of a script (SIGINT ignored from the start): exit 130 with a line saying what was stored, and
+    the study let go, so a run or another refine takes it at once."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    assert run_cli(["run", str(_job(tmp_path, cache, "sig", refine=None)), "--db", url], capsys)[0] == 0
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "STEPTUNE_LOG_INTERVAL": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "steptune", "refine", "--study", "sig", "--db", url, "--iters",
+                             "100000", "--samples", "32", "--structures", "1", "--no-neighbours"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    said = []
+    for line in proc.stderr:  # a progress line: the refinement is under way
+        said.append(line)
+        if "held-out RMSE" in line and "refining" not in line:
+            break
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    err = "".join(said) + err
+    assert proc.returncode == 130, err
+    assert "interrupted: 0 of " in err and "refinements were stored" in err and "Traceback" not in err, err
+    with connect(url) as db:
+        assert study_status(db, "sig")["driver"] is None
+        assert not [t for t in db.trials("sig") if "refines" in t.info]
