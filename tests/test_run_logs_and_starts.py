@@ -192,7 +192,9 @@ def test_a_command_that_fails_at_once_writes_only_its_error_in_a_log(capsys):
 
 
 SLOW_START = """
+import os
 import time
+from pathlib import Path
 
 from steptune.evaluators import Plug
 
@@ -202,21 +204,26 @@ built = 0
 def load():
     global built
     built += 1
-    while built > 1:  # the evaluators' own build: it lasts until a signal ends it
+    driver = Path(__file__).with_name("driver.pid")
+    if not driver.exists():
+        driver.write_text(str(os.getpid()))
+    # the evaluators' own build (a second one in the driver, or one in a Ray actor): it lasts until a signal ends it
+    while built > 1 or driver.read_text() != str(os.getpid()):
         time.sleep(0.05)
     return Plug(network=lambda x, t: 0.1 * x, shape=(4,), noise="vp-linear", prediction="eps",
                 time_input="continuous")
 """
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_signal_while_the_evaluators_start_stops_at_once(tmp_path, signame):
+@pytest.mark.parametrize("signame,backend", [("SIGINT", "local"), ("SIGTERM", "local"), ("SIGINT", "ray")])
+def test_a_signal_while_the_evaluators_start_stops_at_once(tmp_path, signame, backend):
     """Nothing is in flight while the evaluators start (a first run computes its references for minutes on a large
-    model): Ctrl-C or SIGTERM then ends the run at once with one line, instead of waiting for the start to end."""
+    model): Ctrl-C or SIGTERM then ends the run at once with one line, instead of waiting for the start to end; on
+    Ray too, which turns what the signal raises in its wait into a KeyboardInterrupt of its own."""
     import signal
 
     (tmp_path / "slow_start.py").write_text(SLOW_START)
-    job = write_job(tmp_path / "job.toml", "s", tmp_path / "cache", evaluations=4, nfe="[3]")
+    job = write_job(tmp_path / "job.toml", "s", tmp_path / "cache", evaluations=4, nfe="[3]", backend=backend)
     job.write_text(job.read_text().replace('name = "gmm-2d"', 'model = "slow_start:load"'))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen([str(STEPTUNE), "run", str(job), "--db", f"sqlite:///{tmp_path / 'x.db'}"],
@@ -296,3 +303,29 @@ def test_a_refine_stage_in_a_log_writes_its_counts_as_the_other_phases_do(tmp_pa
     first = next(i for i, ln in enumerate(lines) if ln.startswith("refining NFE 4"))
     last = max(i for i, ln in enumerate(lines) if ln.startswith("refined NFE 4"))
     assert len(counts) >= 2 and all(first < lines.index(ln) < last for ln in counts), lines
+
+
+COMMANDS_WITHOUT_A_RUN = {  # a command with its own line on stopping, and one without: (argv, a line under way)
+    "sweep": (["sweep", "--problem", "gmm-2d", "--nfe", "3-40"], "evaluating presets 2/"),
+    "train-digits": (["train-digits", "--steps", "100000"], "classifier 2/"),
+}
+
+
+@pytest.mark.parametrize("command,signame", [("sweep", "SIGTERM"), ("train-digits", "SIGTERM"),
+                                             ("train-digits", "SIGINT")])
+def test_a_command_without_a_run_stopped_by_a_signal_says_it_was_interrupted(tmp_path, command, signame):
+    """`kill` (or Ctrl-C) of a command that is not a run ends it at once with status 130 and a line saying so: the
+    command's own (a sweep says what it kept), or a plain one; not silently, and not killed by SIGTERM's default."""
+    import signal
+
+    argv, under_way = COMMANDS_WITHOUT_A_RUN[command]
+    env = {**os.environ, "STEPTUNE_LOG_INTERVAL": "0"}
+    proc = subprocess.Popen([str(STEPTUNE), *argv, "--out", str(tmp_path / "out")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    for line in proc.stderr:
+        if under_way in line:
+            break
+    proc.send_signal(getattr(signal, signame))
+    _, rest = proc.communicate(timeout=60)
+    assert proc.returncode == 130, rest
+    assert rest.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in rest, rest

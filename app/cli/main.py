@@ -19,8 +19,19 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _Commands(typer.core.TyperGroup):
+    """The command group: a Ctrl-C (or SIGTERM) that no command caught ends as an Abort, which :func:`main` says in a
+    line (typer 0.29 returns its exit status 130 without a word)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise typer.Abort() from None
+
+
 app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is_help=True, add_completion=False,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=_Commands)
 
 
 @app.callback()

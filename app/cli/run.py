@@ -125,20 +125,26 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
             if runner.phase == "start":  # nothing is in flight while the evaluators start: stop at once
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
-                raise _StartInterrupted("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+                at_start.append("Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+                raise _StartInterrupted(at_start[0])
             runner.interrupt()
             again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
             err.print(f"[yellow]{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing "
                       f"the evaluations in flight ({again} again to abort)")
 
+        at_start: list[str] = []  # the signal that stopped the run while its evaluators started
         for sig in previous:
             signal.signal(sig, on_signal)
         try:
             result = runner.run()
-        except _StartInterrupted as e:
+        except (_StartInterrupted, KeyboardInterrupt):
+            if not at_start:  # a second signal: abort
+                raise
+            # Ray turns what a signal handler raises inside its waits into a KeyboardInterrupt: either says this
             shown.clear()
-            raise Interrupted(f"{e} while the evaluators were starting, before any evaluation of this run; nothing "
-                              f"was lost: run the same command again to go on with study {job.study!r}") from None
+            raise Interrupted(f"{at_start[0]} while the evaluators were starting, before any evaluation of this run; "
+                              f"nothing was lost: run the same command again to go on with study {job.study!r}"
+                              ) from None
         except (JobError, BackendError, ReferenceNotConverged, DriverLost) as e:
             shown.clear()
             raise CliError(str(e)) from None
