@@ -76,6 +76,7 @@ class RunResult:
     utilisation: dict | None = None  # this run's search: evaluators, fraction busy, evaluations per second
     baselines_queued: int = 0  # preset baselines a stopped run left unscored
     baselines_finished: bool = True  # False: the run stopped before every preset baseline was chosen and scored
+    baselines_left: int = 0  # presets and NFEs (and diffusers' schedulers) it stopped before storing a baseline of
     search_exhausted: bool = False  # the method had no new schedule to try before its budget was spent
     imports: list[dict] = field(default_factory=list)  # the imported schedules this run was to score: each one's
     # trial id, NFE, status and score, and the best held-out trial at its NFE (id, score)
@@ -204,6 +205,7 @@ class Runner:
         self.phase_counts: dict[str, list[int]] = {}  # baseline and confirm: [evaluated, queued] in this run
         self.phase_detail: dict[str, str] = {}  # what a phase's count is of, where it says more (refine: its NFE)
         self.baselines_finished = not job.evaluation.baseline  # set as the baseline phase ends without a stop
+        self.baselines_left = 0  # presets and NFEs (and diffusers' schedulers) a stop left without a stored baseline
         self.search_exhausted = False
         self.best: dict[int, float] = {}  # the best search score at each NFE so far, as each result comes back
         self._nfe_of: dict[int, int] = {}  # the NFE of each trial submitted and not back yet
@@ -580,9 +582,9 @@ class Runner:
             self.phase = "spacing"
             self.phase_counts["spacing"] = [0, len(choose)]
         cut = False  # stopped before every preset and NFE was chosen and stored
-        for spec, nfe in pairs:
+        for i, (spec, nfe) in enumerate(pairs):
             if self.should_stop():  # what was chosen is stored below; a resume chooses the rest, in the same order
-                cut = True
+                cut, self.baselines_left = True, len(pairs) - i
                 break
             items += self._preset_items(spec, nfe, default, have, variants.get((spec, nfe)))
             if (spec, nfe) in choose:
@@ -592,9 +594,12 @@ class Runner:
         self.phase = "baseline"
         todo = self._diffusers_todo(have, nfes)
         if self.should_stop():
-            cut, todo = cut or bool(todo), []
+            cut, todo, self.baselines_left = cut or bool(todo), [], self.baselines_left + len(todo)
         self.phase_counts.setdefault("baseline", [0, 0])[1] += len(todo)  # run after the presets, counted with them
-        if items:
+        if items and self.should_stop():
+            self.say(f"stored {len(items)} preset schedules for the held-out bank; the next run scores them")
+            self.storage.add_trials(self.job.study, items)
+        elif items:
             then = f", then {len(todo)} of diffusers' schedulers at their default config" if todo else ""
             self.say(f"evaluating {len(items)} preset schedules on the held-out bank{then}")
             self.storage.add_trials(self.job.study, items)
@@ -921,7 +926,8 @@ class Runner:
                          time.monotonic() - self.started, summarize(trials, self.job.search.nfe),
                          self._utilisation(cheap),
                          sum(1 for t in trials if t.info.get("baseline") and t.status in ("queued", "running")),
-                         self.baselines_finished, self.search_exhausted, _imports_scored(trials, self._imports))
+                         self.baselines_finished, self.baselines_left, self.search_exhausted,
+                         _imports_scored(trials, self._imports))
 
     def _utilisation(self, cheap) -> dict | None:
         """This run's search evaluations: how busy they kept the evaluators (stored with the study)."""

@@ -2,6 +2,7 @@
 writes nothing, and a study that nothing ran in, re-run with a corrected job."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,15 +119,22 @@ def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys
         trials = store.trials("tb")
     mine = [t for t in trials if t.info.get("baseline")]
     unscored = sum(1 for t in mine if t.status == "queued")
-    if {t.key for t in mine} != whole:
-        said = " before its preset baselines were all chosen and scored"
+    err = capsys.readouterr().err
+    if {t.key for t in mine} != whole:  # it says how many stored ones are not scored, and that some are not stored
+        stored = f"{unscored} stored and not scored yet, " if unscored else ""
+        line = re.search(r"stopped \(time-budget\) before its preset baselines were all chosen and scored \(" + stored
+                         + r"((\d+) presets? and NFEs? not stored yet|this run stored none); the best preset above is "
+                         r"the best of those scored\); run the same command again to resume study 'tb'", err)
+        assert line and (line[2] is None and not mine or int(line[2]) > 0), err
+        assert f"stored {len(mine)} preset schedules for the held-out bank; the next run scores them" in err or \
+            not mine, err
+        assert "evaluating" not in err, err  # none was
     else:
         said = "" if not unscored else f" with {unscored} preset baseline{'s' * (unscored != 1)} not scored yet"
-    err = capsys.readouterr().err
-    tail = " (the best preset above is the best of those scored)" if said else ""
-    assert f"stopped (time-budget){said}{tail}; run the same command again to resume study 'tb'" in err, err
+        tail = " (the best preset above is the best of those scored)" if said else ""
+        assert f"stopped (time-budget){said}{tail}; run the same command again to resume study 'tb'" in err, err
     if budget == "0.001":  # over before the presets' spacings were chosen: nothing was stored
-        assert trials == [] and said
+        assert trials == [] and {t.key for t in mine} != whole
 
 
 def test_ctrl_c_in_a_sweep_says_what_was_kept(tmp_path):

@@ -71,10 +71,14 @@ def print_stopped(result) -> None:
     """The line a run that stopped before its end leaves (nothing after a complete one)."""
     if result.status not in ("interrupted", "time-budget", "incomplete"):
         return
-    unscored = (" before its preset baselines were all chosen and scored (the best preset above is the best of those "
-                "scored)" if not result.baselines_finished else
-                f" with {result.baselines_queued} preset baseline{'s' * (result.baselines_queued != 1)} not scored "
-                "yet (the best preset above is the best of those scored)" if result.baselines_queued else "")
+    queued, left = result.baselines_queued, result.baselines_left
+    counts = ", ".join([*([f"{queued} stored and not scored yet"] if queued else []),
+                        *([f"{left} preset{'s' * (left != 1)} and NFE{'s' * (left != 1)} not stored yet"] if left
+                          else [])])
+    unscored = (f" before its preset baselines were all chosen and scored ({counts or 'this run stored none'}; "
+                "the best preset above is the best of those scored)" if not result.baselines_finished else
+                f" with {queued} preset baseline{'s' * (queued != 1)} not scored yet (the best preset above is the "
+                "best of those scored)" if queued else "")
     err.print(f"stopped ({result.status}){unscored}; run the same command again to resume study {result.study!r}",
               highlight=False)
 
@@ -298,7 +302,8 @@ def run_cmd(
                "seconds": result.seconds,
                "per_nfe": [{**vars(r), "improvement": r.improvement} for r in result.per_nfe],
                "utilisation": result.utilisation, "cost": cost, "baselines_unscored": result.baselines_queued,
-               "baselines_finished": result.baselines_finished, "search_exhausted": result.search_exhausted,
+               "baselines_finished": result.baselines_finished, "baselines_left": result.baselines_left,
+               "search_exhausted": result.search_exhausted,
                "imports": result.imports}
     if json_:
         print(json.dumps(payload, indent=2))

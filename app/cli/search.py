@@ -149,7 +149,8 @@ def search_cmd(
     payload = {"study": name, "problem": prob.name, "noise": prob.noise.to_dict(), "method": method,
                "seed": seed, "budget_per_nfe": budget, "status": result.status, "n_evals": result.evaluations,
                "n_confirm": result.confirmations, "baselines_unscored": result.baselines_queued,
-               "baselines_finished": result.baselines_finished, "search_exhausted": result.search_exhausted,
+               "baselines_finished": result.baselines_finished, "baselines_left": result.baselines_left,
+               "search_exhausted": result.search_exhausted,
                "imports": result.imports, "failed": result.failed, "seconds": result.seconds,
                "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
                "database": resolve_url(job.storage.db), "cost": cost}
