@@ -337,3 +337,24 @@ def test_a_command_without_a_run_stopped_by_a_signal_says_it_was_interrupted(tmp
     _, rest = proc.communicate(timeout=60)
     assert proc.returncode == 130, rest
     assert rest.strip().splitlines()[-1].startswith("interrupted") and "Traceback" not in rest, rest
+
+
+def test_a_count_held_back_in_a_log_goes_out_before_a_line_the_run_says(capsys):
+    """In a log, counts are written at most every interval; the last one held back is written before a line the
+    run says (a refinement's result), not after it as an older count at the next change of phase."""
+    from steptune.cli.progress import LineProgress
+
+    def st(phase, done, total):
+        return {"phase": phase, "done": 0, "total": 0, "best": {}, "phase_done": done, "phase_total": total,
+                "detail": "NFE 4", "failed": 0, "retried": 0, "evaluators": 1, "busy": 0}
+
+    with LineProgress(interval=3600) as shown:
+        shown.update(st("refine", 10, 60))
+        shown.update(st("refine", 50, 60))  # held back: within the interval
+        shown.flush()
+        print("refined NFE 4: 0.1 -> 0.05 (58 of at most 60 iterations, the time budget ran out)", file=sys.stderr)
+        shown.update(st("confirm", 1, 2))
+    lines = [ln.split("] ", 1)[-1] for ln in capsys.readouterr().err.splitlines()]
+    assert lines == ["refine 10/60 | NFE 4", "refine 50/60 | NFE 4",
+                     "refined NFE 4: 0.1 -> 0.05 (58 of at most 60 iterations, the time budget ran out)",
+                     "confirm 1/2 | NFE 4"], lines

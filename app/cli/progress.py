@@ -56,6 +56,9 @@ class BarProgress:
         """Take the bar away, so an error is the last line rather than a stale frame."""
         self.bar.remove_task(self.task)
 
+    def flush(self) -> None:  # a terminal's bar stays below what is said
+        pass
+
 
 class LineProgress:
     """Plain progress lines (logs): evaluations done of the budget, best per NFE, rate, ETA, failures."""
@@ -86,6 +89,12 @@ class LineProgress:
         ended = st["phase"] != "search" and 0 < (st["phase_total"] or 0) <= st["phase_done"]  # a part's last count
         if changed or ended or time.monotonic() - self.last_line >= self.interval:
             self._print(st)
+
+    def flush(self) -> None:
+        """Write the last count not written yet, before a line said by the run: a count written after it would be
+        older than what it says."""
+        if self.last is not None:
+            self._print(self.last)
 
     def _print(self, st: dict) -> None:
         elapsed = duration(time.monotonic() - self.started)
@@ -119,6 +128,9 @@ class NoProgress:
         return False
 
     def update(self, st: dict) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def clear(self) -> None:

@@ -105,7 +105,14 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
         db_from = "storage.db" if job.storage.db else "$STEPTUNE_DB" if os.environ.get("STEPTUNE_DB") else "storage.db"
     storage = _open_storage(job.storage.db, where=db_from)
     backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
-    runner = Runner(job, storage, backend_, say=lambda m: err.print(m))
+    shown_now = []  # the progress display, once there is one: its pending count goes out before a line said
+
+    def say(line: str) -> None:
+        for shown_ in shown_now:
+            shown_.flush()
+        err.print(line)
+
+    runner = Runner(job, storage, backend_, say=say)
     try:
         runner.prepare()
     except (JobError, BackendError) as e:
@@ -117,6 +124,7 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
         raise CliError(f"{source}: {e}" if source else str(e)) from None
     with job_progress(quiet) as shown:
         runner.progress = shown.update
+        shown_now.append(shown)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
         def on_signal(signum, frame):
