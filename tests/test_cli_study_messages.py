@@ -73,3 +73,26 @@ def test_a_rate_reads_as_a_count_a_minute_not_in_exponent_form():
 
     assert [per_minute(v) for v in (1840.4, 12345.0, 100.0, 99.94, 0.25, None, float("nan"))] == [
         "1,840/min", "12,345/min", "100/min", "99.9/min", "0.25/min", "—", "—"]
+
+
+def test_results_written_to_a_file_keep_each_line_of_text_whole_and_tables_within_200_columns():
+    """`steptune status > file`: a long line of text (a run's state, its advice) is written as one line, not
+    wrapped at the table width; a table still fits in 200 columns."""
+    import io
+
+    from rich.table import Table
+
+    from steptune.cli.console import _Results
+
+    buf = io.StringIO()
+    con = _Results(file=buf, width=200)
+    line = "no run is on it: the last one " + "x" * 250 + " ended without letting go; run the job again to resume"
+    con.print(line)
+    table = Table(title="best per NFE")
+    for name in ("NFE", "a" * 120, "b" * 120):
+        table.add_column(name)
+    table.add_row("4", "0.1", "0.2")
+    con.print(table)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == line
+    assert all(len(row) <= 200 for row in lines[1:]) and len(lines) > 4

@@ -9,7 +9,18 @@ from datetime import timedelta
 
 from rich.console import Console
 
-out = Console(width=None if sys.stdout.isatty() else 200)
+
+class _Results(Console):
+    """stdout: a table as wide as it needs up to 200 columns where stdout is not a terminal (a file, a pipe); a line
+    of text written whole there, never wrapped into two."""
+
+    def print(self, *objects, **kwargs):
+        if not self.is_terminal and objects and all(isinstance(o, str) for o in objects):
+            kwargs.setdefault("soft_wrap", True)
+        super().print(*objects, **kwargs)
+
+
+out = _Results(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
