@@ -67,8 +67,8 @@ def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     stopped = write_job(tmp_path / "stopped.toml", "stopped", tmp_path / "cache", evaluations=40, nfe="[3]")
     run_job(load_job(stopped), url, stop_after=4)  # Ctrl-C: the run lets go of the study
-    assert _state(url, "stopped") == ("stopped: the last run was interrupted while searching; run the job again to "
-                                      "resume")
+    assert _state(url, "stopped") == ("stopped: the last run was interrupted while searching; run its job or search "
+                                      "again to resume")
 
     killed = write_job(tmp_path / "killed.toml", "killed", tmp_path / "cache", evaluations=100000, nfe="[3]")
     env = {**os.environ, "STEPTUNE_LOG_INTERVAL": "0"}
@@ -88,15 +88,15 @@ def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
     state = _state(url, "killed")
     assert state.startswith(f"no run is on it: the last one (driver {socket.gethostname()}:{proc.pid}, last "
                             "heartbeat "), state
-    assert state.endswith("ago) ended without letting go; run the job again to resume"), state
+    assert state.endswith("ago) ended without letting go; run its job or search again to resume"), state
 
 
 def test_a_run_stopped_while_it_refines_is_not_called_finished(tmp_path):
     """Its search is done, but not its refinement: status says where the last run stopped until a run ends it."""
     url = f"sqlite:///{tmp_path / 'h.db'}"
     job = _run_refining(tmp_path, "halfway", url, lambda runner: runner.interrupt())  # Ctrl-C as it refines
-    assert _state(url, "halfway") == ("search finished; the last run was interrupted while refining: run the job "
-                                      "again to go on")
+    assert _state(url, "halfway") == ("search finished; the last run was interrupted while refining: run its job "
+                                      "or search again to go on")
     run_job(job, url)
     assert _state(url, "halfway") == "finished"
 

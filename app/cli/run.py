@@ -184,17 +184,17 @@ def _run_state(info: dict) -> str:
             f"search finished; the run goes on, {doing}"
     if d:  # a run ending as it should lets go of the study
         return (f"no run is on it: the last one (driver {d['id']}, last heartbeat {duration(d['heartbeat_age'])} "
-                "ago) ended without letting go; run the job again to resume")
+                "ago) ended without letting go; run its job or search again to resume")
     last = info["last_run"]
     how = ENDED.get(last["ended"]) if last else None
     where = f"the last run {how} while {PHASES.get(last['phase'], last['phase'])}" if how else ""
     if info["finished"]:
         if how:  # its confirmations or refinement are not done
-            return f"search finished; {where}: run the job again to go on"
+            return f"search finished; {where}: run its job or search again to go on"
         return f"finished; {info['queued']} queued for its next run" if info["queued"] else "finished"
     if info["search_budget"] is None:
         return f"ETA {duration(info['eta_seconds'])}"
-    return f"stopped: {where or 'no run is on it'}; run the job again to resume"
+    return f"stopped: {where or 'no run is on it'}; run its job or search again to resume"
 
 
 def study_status(storage, study: str) -> dict:
