@@ -1103,9 +1103,11 @@ def test_refine_stopped_by_a_signal_says_so_and_lets_go_of_the_study(tmp_path, c
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     said = []
-    for line in proc.stderr:  # a progress line: the refinement is under way
+    for line in proc.stderr:  # a progress line, as a run's refine stage writes it: the refinement is under way
         said.append(line)
         if "held-out RMSE" in line and "refining" not in line:
+            assert re.fullmatch(r"\[\d+:\d\d:\d\d\] refine \d+/100000 \| NFE [34] \| held-out RMSE [\d.e-]+\n",
+                                line), line
             break
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)

@@ -91,8 +91,7 @@ def refine_cmd(
                 task = bar.add_task("refine", total=iters, best="")
 
                 def tick(nfe_, i, n, best):
-                    bar.update(task, description=f"NFE {nfe_}", completed=i, total=n,
-                               best=f"held-out RMSE {fmt(best)}")
+                    bar.update(task, completed=i, total=n, best=f"NFE {nfe_} | held-out RMSE {fmt(best)}")
 
                 def say(msg):
                     bar.reset(task)
