@@ -17,6 +17,11 @@ from steptune.storage import connect
 STEPTUNE = Path(sys.executable).parent / "steptune"
 
 
+def unstamped(line: str) -> str:
+    """A log line without the elapsed time every line of a run's log begins with."""
+    return re.sub(r"^\[\d+:\d\d:\d\d\] ", "", line)
+
+
 def test_log_of_a_redirected_job_has_progress_lines_and_whole_tables(tmp_path):
     job = write_job(tmp_path / "job.toml", "logged", tmp_path / "cache", evaluations=8, nfe="[3]")
     log = tmp_path / "run.log"
@@ -32,6 +37,8 @@ def test_log_of_a_redirected_job_has_progress_lines_and_whole_tables(tmp_path):
     assert any("search 1/8" in ln or "search 2/8" in ln or "search 4/8" in ln for ln in search), text
     assert "evals/s" in search[-1] and "best 3:" in search[-1]
     assert any("] baseline " in ln for ln in lines) and any("] confirm " in ln for ln in lines), text
+    before_table = lines[:next(i for i, ln in enumerate(lines) if "held-out confirmations" in ln)]
+    assert all(re.match(r"\[\d+:\d\d:\d\d\] ", ln) for ln in before_table), text  # each with its time
     said = [ln.split("] ", 1)[1] for ln in lines if ln.startswith("[")]
     assert all(a != b for a, b in zip(said, said[1:])), f"a progress line is written twice running:\n{text}"
     assert "…" not in text, "tables in a log are printed whole, not cut at 80 columns"
@@ -52,7 +59,8 @@ def test_the_log_of_a_job_on_ray_evaluators_holds_only_what_steptune_says(tmp_pa
                              cwd=tmp_path, timeout=600)
     text = log.read_text()
     assert res.returncode == 0, text
-    assert text.startswith(("preparing the evaluators: ", "choosing the presets' spacings: ")), text  # Ray: slow or not
+    assert re.match(r"\[\d+:\d\d:\d\d\] (preparing the evaluators: |choosing the presets' spacings: )", text), text
+    # Ray: slow or not
     assert "Token authentication" not in text, text
 
 
@@ -95,7 +103,7 @@ def test_the_resume_line_counts_done_and_queued_apart_as_status_does(tmp_path, c
         info = study_status(db, "half")
     assert info["queued"] > 0 and info["running"] == 0
     assert main(["run", str(tmp_path / "job.toml"), "--db", url, "--json"]) == 0
-    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("resuming"))
+    line = next(unstamped(ln) for ln in capsys.readouterr().err.splitlines() if "] resuming" in ln)
     assert line == (f"resuming study 'half': {info['search_done']} search evaluations done, "
                     f"{info['queued']} queued"), line
 
@@ -237,7 +245,7 @@ def test_a_signal_while_the_evaluators_start_stops_at_once(tmp_path, signame, ba
     proc = subprocess.Popen([str(STEPTUNE), "run", str(job), "--db", f"sqlite:///{tmp_path / 'x.db'}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     first = proc.stderr.readline()  # said once the start has taken 3 s
-    assert first.startswith("preparing the evaluators: "), first + proc.stderr.read()
+    assert unstamped(first).startswith("preparing the evaluators: "), first + proc.stderr.read()
     proc.send_signal(getattr(signal, signame))
     _, rest = proc.communicate(timeout=60)
     shown = "Ctrl-C" if signame == "SIGINT" else "SIGTERM"
@@ -308,8 +316,8 @@ def test_a_refine_stage_in_a_log_writes_its_counts_as_the_other_phases_do(tmp_pa
     lines = capsys.readouterr().err.splitlines()
     counts = [ln for ln in lines if re.fullmatch(r"\[\d+:\d\d:\d\d\] refine \d+/\d+ \| NFE 4 \| held-out RMSE [\d.e-]+",
                                                  ln)]
-    first = next(i for i, ln in enumerate(lines) if ln.startswith("refining NFE 4"))
-    last = max(i for i, ln in enumerate(lines) if ln.startswith("refined NFE 4"))
+    first = next(i for i, ln in enumerate(lines) if unstamped(ln).startswith("refining NFE 4"))
+    last = max(i for i, ln in enumerate(lines) if unstamped(ln).startswith("refined NFE 4"))
     assert len(counts) >= 2 and all(first < lines.index(ln) < last for ln in counts), lines
 
 

@@ -60,15 +60,21 @@ class BarProgress:
         pass
 
 
-class LineProgress:
-    """Plain progress lines (logs): evaluations done of the budget, best per NFE, rate, ETA, failures."""
+def stamped(line: str, since: float) -> str:
+    """A line for a log, with the time since ``since`` (``time.monotonic()``) as the progress lines carry it."""
+    return f"[{duration(time.monotonic() - since)}] {line}"
 
-    def __init__(self, interval: float | None = None):
+
+class LineProgress:
+    """Plain progress lines (logs): evaluations done of the budget, best per NFE, rate, ETA, failures; their times
+    since ``started`` (default: now)."""
+
+    def __init__(self, interval: float | None = None, started: float | None = None):
         self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
         self.last_line = -float("inf")
         self.last: dict | None = None
         self.last_text: str | None = None  # the last line written, without its time: never written twice running
-        self.started = time.monotonic()
+        self.started = time.monotonic() if started is None else started
         self.search_start: tuple[float, int] | None = None  # (when, evaluations done) as the search phase began
 
     def __enter__(self):
@@ -97,7 +103,6 @@ class LineProgress:
             self._print(self.last)
 
     def _print(self, st: dict) -> None:
-        elapsed = duration(time.monotonic() - self.started)
         if st["phase"] == "search":
             total = st["total"] or 0
             pct = f" ({100 * st['done'] / total:.0f}%)" if total else ""
@@ -114,7 +119,7 @@ class LineProgress:
         if text == self.last_text:
             return
         self.last_line, self.last_text = time.monotonic(), text
-        err.print(f"[{elapsed}] {text}", highlight=False, markup=False)
+        err.print(stamped(text, self.started), highlight=False, markup=False)
 
     def clear(self) -> None:
         pass
@@ -224,8 +229,9 @@ def task_bar(*columns, disable: bool = False, transient: bool = True):
     return LogBar(disable=disable)
 
 
-def job_progress(quiet: bool = False):
-    """The progress display for where stderr goes: none when ``quiet``, a bar in a terminal, lines elsewhere."""
+def job_progress(quiet: bool = False, started: float | None = None):
+    """The progress display for where stderr goes: none when ``quiet``, a bar in a terminal, lines elsewhere (their
+    times since ``started``)."""
     if quiet:
         return NoProgress()
-    return BarProgress() if err.is_terminal else LineProgress()
+    return BarProgress() if err.is_terminal else LineProgress(started=started)

@@ -14,7 +14,7 @@ from steptune.cli.console import err, fmt, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, DeviceOpt, JsonOpt, StudyOpt, ThreadsOpt
 from steptune.cli.problems import pick_device, set_threads
-from steptune.cli.progress import task_bar
+from steptune.cli.progress import LogBar, stamped, task_bar
 
 STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
 
@@ -95,8 +95,8 @@ def refine_cmd(
 
                 def say(msg):
                     bar.reset(task)
-                    if not (quiet or json_):
-                        err.print(msg)
+                    if not (quiet or json_):  # in a log, with the time its count lines carry
+                        err.print(stamped(msg, bar.started) if isinstance(bar, LogBar) else msg)
 
                 todo = structure_groups(store, study, ev, todo, structures, iters, say=say)
                 done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick,

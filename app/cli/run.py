@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from steptune.cli import cost as cost_table
 from steptune.cli.console import duration, err, fmt, out, per_minute
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
-from steptune.cli.progress import job_progress
+from steptune.cli.progress import job_progress, stamped
 from steptune.cli.sor import print_sor_study, sor_study_summary
 from steptune.run_lease import PHASES
 
@@ -106,11 +107,12 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
     storage = _open_storage(job.storage.db, where=db_from)
     backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
     shown_now = []  # the progress display, once there is one: its pending count goes out before a line said
+    began = time.monotonic()  # a log's lines carry the time since
 
     def say(line: str) -> None:
         for shown_ in shown_now:
             shown_.flush()
-        err.print(line)
+        err.print(line if err.is_terminal else stamped(line, began))
 
     runner = Runner(job, storage, backend_, say=say)
     try:
@@ -122,7 +124,7 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{new_file}{suffix}").unlink(missing_ok=True)
         raise CliError(f"{source}: {e}" if source else str(e)) from None
-    with job_progress(quiet) as shown:
+    with job_progress(quiet, started=began) as shown:
         runner.progress = shown.update
         shown_now.append(shown)
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
