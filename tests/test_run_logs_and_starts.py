@@ -1,6 +1,7 @@
 """`steptune run` as an overnight job meets it: a log file that shows progress, a refused start that
 writes nothing, and a study that nothing ran in, re-run with a corrected job."""
 
+import json
 import os
 import re
 import subprocess
@@ -208,6 +209,7 @@ def test_a_command_that_fails_at_once_writes_only_its_error_in_a_log(capsys):
 
 
 SLOW_START = """
+import json
 import os
 import time
 from pathlib import Path
@@ -366,3 +368,14 @@ def test_a_count_held_back_in_a_log_goes_out_before_a_line_the_run_says(capsys):
     assert lines == ["refine 10/60 | NFE 4", "refine 50/60 | NFE 4",
                      "refined NFE 4: 0.1 -> 0.05 (58 of at most 60 iterations, the time budget ran out)",
                      "confirm 1/2 | NFE 4"], lines
+
+
+def test_a_stopped_search_printing_json_points_at_its_results_not_at_a_table(tmp_path, capsys):
+    """With --json no table is printed: the stop's line speaks of the results' best preset, not of one 'above'."""
+    assert main(["search", "--problem", "gmm-2d", "--nfe", "3", "--method", "random", "--cheap-samples", "16",
+                 "--heldout-samples", "64", "--study", "js", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"),
+                 "--db", f"sqlite:///{tmp_path / 'x.db'}", "--budget", "100000", "--time-budget", "0.001",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["status"] == "time-budget"
+    assert "its results' best preset is the best of those scored" in err and "above" not in err, err

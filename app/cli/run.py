@@ -68,18 +68,20 @@ def print_overfit(result, cheap_samples: int, advice: str) -> None:
                   f"the problem; give it more of them ({advice})", highlight=False)
 
 
-def print_stopped(result) -> None:
-    """The line a run that stopped before its end leaves (nothing after a complete one)."""
+def print_stopped(result, table: bool = True) -> None:
+    """The line a run that stopped before its end leaves (nothing after a complete one); ``table``: after the table
+    of its results (else its JSON)."""
     if result.status not in ("interrupted", "time-budget", "incomplete"):
         return
     queued, left = result.baselines_queued, result.baselines_left
     counts = ", ".join([*([f"{queued} stored and not scored yet"] if queued else []),
                         *([f"{left} preset{'s' * (left != 1)} and NFE{'s' * (left != 1)} not stored yet"] if left
                           else [])])
+    shown = "the best preset above" if table else "its results' best preset"
     unscored = (f" before its preset baselines were all chosen and scored ({counts or 'this run stored none'}; "
-                "the best preset above is the best of those scored)" if not result.baselines_finished else
-                f" with {queued} preset baseline{'s' * (queued != 1)} not scored yet (the best preset above is the "
-                "best of those scored)" if queued else "")
+                f"{shown} is the best of those scored)" if not result.baselines_finished else
+                f" with {queued} preset baseline{'s' * (queued != 1)} not scored yet ({shown} is the best of those "
+                "scored)" if queued else "")
     err.print(f"stopped ({result.status}){unscored}; run the same command again to resume study {result.study!r}",
               highlight=False)
 

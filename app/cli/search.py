@@ -181,7 +181,7 @@ def search_cmd(
         err.print(f"study {name!r} is in the database; saved {jpath}")
         print_overfit(result, cheap_n, f"--cheap-samples {4 * cheap_n}")
     print_imports(result)
-    print_stopped(result)
+    print_stopped(result, table=not json_)
     if result.status == "interrupted":
         raise typer.Exit(130)
 
