@@ -107,6 +107,24 @@ def weights_hint(problem, evaluators: bool) -> str:
     return "run with the steptune and scikit-learn the study was scored with"
 
 
+CONVENTIONS = ("prediction", "time_input", "time_scale")  # what a network takes and gives, a mixture simulates
+
+
+def conventions_note(problem_name: str | None, given: dict[str, object]) -> str | None:
+    """A line saying that model conventions given for an analytic problem (``given``: each as the user wrote it,
+    ``--prediction x0`` or ``problem.prediction``, to its value) change none of its scores: its model is exact in
+    every convention, which it only simulates for the exports; None for a network or where none is given."""
+    from steptune.evaluators.problems import PROBLEMS
+
+    named = [k for k, v in given.items() if v is not None]
+    if problem_name not in PROBLEMS or not named:
+        return None
+    one = len(named) == 1
+    return (f"note: {' and '.join(named)} change{'s' if one else ''} no score on {problem_name}, whose exact model "
+            f"answers alike in every convention; {'it is' if one else 'they are'} kept as the problem's (a study made "
+            "with them resumes only with them) and name the network its exports are written for")
+
+
 def weights_note(problem) -> str | None:
     """A line saying that a built-in network loads weights retrained by ``steptune train-digits``, not the shipped
     ones (None for any other problem)."""

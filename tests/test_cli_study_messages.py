@@ -96,3 +96,25 @@ def test_results_written_to_a_file_keep_each_line_of_text_whole_and_tables_withi
     lines = buf.getvalue().splitlines()
     assert lines[0] == line
     assert all(len(row) <= 200 for row in lines[1:]) and len(lines) > 4
+
+
+def test_conventions_given_for_an_exact_mixture_are_said_to_change_no_score(tmp_path, capsys):
+    """On gmm-2d, --prediction and --time-scale change no score (its model is exact in every convention, simulated
+    for the exports): a note says so, and the scores are those without them; a job file's are named by its keys."""
+    argv = ["eval", "--problem", "gmm-2d", "--schedule", "preset:ddim", "--nfe", "4", "--json", "--cache",
+            str(tmp_path / "cache")]
+    assert main(argv) == 0
+    plain = capsys.readouterr()
+    assert main([*argv, "--prediction", "x0", "--time-scale", "1000"]) == 0
+    given = capsys.readouterr()
+    assert "note:" not in plain.err
+    assert ("note: --prediction and --time-scale change no score on gmm-2d, whose exact model answers alike in every "
+            "convention") in given.err
+    scores = [[r["rmse"] for r in json.loads(o)["results"]] for o in (plain.out, given.out)]
+    assert scores[0] == pytest.approx(scores[1], rel=1e-6)
+    job = tmp_path / "job.toml"
+    job.write_text('study = "conv"\n[problem]\nname = "gmm-2d"\nprediction = "x0"\n[search]\nnfe = [3]\n'
+                   f'[evaluation]\ncheap_samples = 16\nheldout_samples = 64\nconfirm = 1\n'
+                   f'cache = "{tmp_path / "cache"}"\nbaseline = false\n[budget]\nevaluations = 2\n')
+    assert main(["run", str(job), "--db", f"sqlite:///{tmp_path / 'x.db'}", "--json"]) == 0
+    assert "note: problem.prediction changes no score on gmm-2d" in capsys.readouterr().err

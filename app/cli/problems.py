@@ -56,7 +56,7 @@ def build_problem(problem: str | None, model: str | None = None, noise: str | No
     ``note``, a line on stderr says when a built-in network runs retrained weights rather than the shipped ones."""
     from steptune.cli.console import err
     from steptune.evaluators.load import load_error_text, load_problem, parse_shape
-    from steptune.study_problem import weights_note
+    from steptune.study_problem import conventions_note, weights_note
 
     problem = chosen_problem(problem, model)
     try:
@@ -65,8 +65,10 @@ def build_problem(problem: str | None, model: str | None = None, noise: str | No
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise CliError(load_error_text(e)) from None
     line = weights_note(built) if note else None
-    if line:
-        err.print(line, markup=False, highlight=False)
+    given = {"--prediction": prediction, "--time-input": time_input, "--time-scale": time_scale}
+    for said in (line, conventions_note(None if model else problem, given)):
+        if said:
+            err.print(said, markup=False, highlight=False)
     return built
 
 

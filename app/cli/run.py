@@ -296,6 +296,7 @@ def run_cmd(
     """Run (or resume) a search job: every evaluation is stored as it finishes; Ctrl-C stops cleanly."""
     from steptune.cli.cost import load_cost
     from steptune.jobs import JobError, load_job
+    from steptune.study_problem import CONVENTIONS, conventions_note
 
     if ray_address is not None and backend is not None and backend != "ray":
         raise CliError(f"--backend {backend} and --ray-address {ray_address}: an address is for the Ray backend; give "
@@ -306,6 +307,9 @@ def run_cmd(
                                     "backend.kind": "ray" if ray_address else backend})
     except JobError as e:  # the file, or an override that does not validate
         raise CliError(str(e)) from None
+    note = conventions_note(job.problem.name, {f"problem.{k}": getattr(job.problem, k) for k in CONVENTIONS})
+    if note:
+        err.print(note, markup=False, highlight=False)
     result = execute_job(job, json_, source=None if ray_address else str(job_file),  # the address is not the file's
                          db_from="--db" if db else None)
     cost = load_cost(job.storage.db, result.study)
