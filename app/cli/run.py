@@ -107,7 +107,6 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
     if db_from is None:
         db_from = "storage.db" if job.storage.db else "$STEPTUNE_DB" if os.environ.get("STEPTUNE_DB") else "storage.db"
     storage = _open_storage(job.storage.db, where=db_from)
-    backend_ = make_backend(job, on_event=lambda msg: err.print(f"[yellow]{msg}; its candidates are re-queued"))
     shown_now = []  # the progress display, once there is one: its pending count goes out before a line said
     began = time.monotonic()  # a log's lines carry the time since
 
@@ -115,6 +114,8 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
         for shown_ in shown_now:
             shown_.flush()
         err.print(line if err.is_terminal else stamped(line, began))
+
+    backend_ = make_backend(job, on_event=lambda msg: say(f"[yellow]{msg}; its candidates are re-queued"))
 
     runner = Runner(job, storage, backend_, say=say)
     try:
@@ -145,8 +146,8 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
                 raise _StartInterrupted(at_start[0])
             runner.interrupt()
             again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            err.print(f"[yellow]{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing "
-                      f"the evaluations in flight ({again} again to abort)")
+            say(f"[yellow]{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing the "
+                f"evaluations in flight ({again} again to abort)")
 
         at_start: list[str] = []  # the signal that stopped the run while its evaluators started
         for sig in previous:
