@@ -120,9 +120,10 @@ def conventions_note(problem_name: str | None, given: dict[str, object]) -> str 
     if problem_name not in PROBLEMS or not named:
         return None
     one = len(named) == 1
+    it = "it" if one else "them"
     return (f"note: {' and '.join(named)} change{'s' if one else ''} no score on {problem_name}, whose exact model "
             f"answers alike in every convention; {'it is' if one else 'they are'} kept as the problem's (a study made "
-            "with them resumes only with them) and name the network its exports are written for")
+            f"with {it} resumes only with {it}) and name{'s' if one else ''} the network its exports are written for")
 
 
 def weights_note(problem) -> str | None:
