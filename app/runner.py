@@ -313,6 +313,8 @@ class Runner:
             if job.evaluation.baseline and not self.should_stop():
                 self.phase = "baseline"
                 self._baseline()
+            elif job.evaluation.baseline:  # stopped before it began: what is not stored yet is said
+                self.baselines_left = self._baselines_unstored()
             if not self.should_stop():
                 self.phase = "search"
                 # until the run ends: a full pass right after the search would scan everything at once, inside
@@ -564,17 +566,8 @@ class Runner:
         """Every preset at every NFE on the held-out bank, at its default spacing and at the best of its spacings
         (chosen on the cheap fidelity of the train bank, the scores kept in the trial's ``info``), and what
         diffusers' stock schedulers do with their default config on the same noises."""
-        from steptune.search import DEFAULT_PRESETS, baselines
-
-        stored = [t for t in self.storage.trials(self.job.study) if t.info.get("baseline")]
-        have = {t.info.get("origin") for t in stored}
-        chosen = {t.info["best_of"] for t in stored if "best_of" in t.info}
-        prob = self.problem
-        default = baselines.default_spacing(prob)
+        have, nfes, pairs, variants, default = self._baseline_plan()
         items = []
-        nfes = sorted(set(self.job.search.nfe) | set(self.job.evaluation.baseline_nfe or ()))
-        pairs = [(spec, nfe) for spec in DEFAULT_PRESETS for nfe in nfes]
-        variants = {p: self._spacing_variants(*p) for p in pairs if f"{p[0]}@{p[1]}" not in chosen}  # to choose
         choose = {p for p, v in variants.items() if len(v) > 1}
         if choose:  # evaluated in this process, before the baselines are dispatched: counted on its own
             self.say(f"choosing the presets' spacings: {len(choose)} presets and NFEs, each at every spacing of the "
@@ -584,7 +577,7 @@ class Runner:
         cut = False  # stopped before every preset and NFE was chosen and stored
         for i, (spec, nfe) in enumerate(pairs):
             if self.should_stop():  # what was chosen is stored below; a resume chooses the rest, in the same order
-                cut, self.baselines_left = True, len(pairs) - i
+                cut, self.baselines_left = True, self._unstored(pairs[i:], have, variants, default)
                 break
             items += self._preset_items(spec, nfe, default, have, variants.get((spec, nfe)))
             if (spec, nfe) in choose:
@@ -610,6 +603,31 @@ class Runner:
         cut = not self._diffusers_defaults(todo) or cut
         self.baselines_finished = not cut and not any(
             t.info.get("baseline") for t in self.storage.trials(self.job.study, status="queued"))
+
+    def _baseline_plan(self) -> tuple:
+        """What the baseline phase has before it: the origins of the stored baselines, the NFEs, the (preset, NFE)
+        pairs, the spacing variants of each pair whose best spacing is not chosen yet, and the default spacing."""
+        from steptune.search import DEFAULT_PRESETS, baselines
+
+        stored = [t for t in self.storage.trials(self.job.study) if t.info.get("baseline")]
+        have = {t.info.get("origin") for t in stored}
+        chosen = {t.info["best_of"] for t in stored if "best_of" in t.info}
+        nfes = sorted(set(self.job.search.nfe) | set(self.job.evaluation.baseline_nfe or ()))
+        pairs = [(spec, nfe) for spec in DEFAULT_PRESETS for nfe in nfes]
+        variants = {p: self._spacing_variants(*p) for p in pairs if f"{p[0]}@{p[1]}" not in chosen}  # to choose
+        return have, nfes, pairs, variants, baselines.default_spacing(self.problem)
+
+    def _unstored(self, pairs, have: set, variants: dict, default: str | None) -> int:
+        """How many of ``pairs`` lack a stored baseline: at the default spacing (where the preset has a schedule
+        there) or at the best of its spacings (where there is one to choose)."""
+        return sum(1 for spec, nfe in pairs if len(variants.get((spec, nfe)) or ()) > 1
+                   or self._preset_items(spec, nfe, default, have, None))
+
+    def _baselines_unstored(self) -> int:
+        """Presets and NFEs, and diffusers' schedulers, without a stored baseline (a run stopped before its baseline
+        phase began)."""
+        have, nfes, pairs, variants, default = self._baseline_plan()
+        return self._unstored(pairs, have, variants, default) + len(self._diffusers_todo(have, nfes))
 
     def _preset_items(self, spec: str, nfe: int, default: str | None, have: set, variants: list | None) -> list[dict]:
         """The baselines of preset ``spec`` at ``nfe`` not stored yet: at the default spacing (unless ``have`` holds

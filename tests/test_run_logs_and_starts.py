@@ -124,7 +124,8 @@ def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys
     capsys.readouterr()
     assert search("tb", "--budget", "100000", "--time-budget", budget) == 0
     with connect(db) as store:
-        whole = {t.key for t in store.trials("whole") if t.info.get("baseline")}
+        store_whole = [t for t in store.trials("whole") if t.info.get("baseline")]
+        whole = {t.key for t in store_whole}
         trials = store.trials("tb")
     mine = [t for t in trials if t.info.get("baseline")]
     unscored = sum(1 for t in mine if t.status == "queued")
@@ -132,8 +133,9 @@ def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys
     if {t.key for t in mine} != whole:  # it says how many stored ones are not scored, and that some are not stored
         stored = f"{unscored} stored and not scored yet, " if unscored else ""
         line = re.search(r"stopped \(time-budget\) before its preset baselines were all chosen and scored \(" + stored
-                         + r"((\d+) presets? and NFEs? not stored yet|this run stored none); the best preset above is "
-                         r"the best of those scored\); run the same command again to resume study 'tb'", err)
+                         + r"((\d+) presets? and NFEs? not stored yet|this run stored none); (the best preset above "
+                         r"is the best of those scored|none is scored yet)\); run the same command again to resume "
+                         r"study 'tb'", err)
         assert line and (line[2] is None and not mine or int(line[2]) > 0), err
         assert f"stored {len(mine)} preset schedules for the held-out bank; the next run scores them" in err or \
             not mine, err
@@ -142,8 +144,13 @@ def test_a_search_stopped_by_its_time_budget_says_how_to_resume(tmp_path, capsys
         said = "" if not unscored else f" with {unscored} preset baseline{'s' * (unscored != 1)} not scored yet"
         tail = " (the best preset above is the best of those scored)" if said else ""
         assert f"stopped (time-budget){said}{tail}; run the same command again to resume study 'tb'" in err, err
-    if budget == "0.001":  # over before the presets' spacings were chosen: nothing was stored
+    if budget == "0.001":  # over before the presets' spacings were chosen: nothing was stored, all of it is said
         assert trials == [] and {t.key for t in mine} != whole
+        from steptune.search import DEFAULT_PRESETS
+
+        chosen = {t.info["best_of"] for t in store_whole if "best_of" in t.info}  # presets and NFEs with a choice
+        assert line[2] is not None and len(chosen) <= int(line[2]) <= len(DEFAULT_PRESETS) * 4, err  # NFE 3-6
+        assert "none is scored yet" in err
 
 
 def test_ctrl_c_in_a_sweep_says_what_was_kept(tmp_path):
@@ -378,4 +385,26 @@ def test_a_stopped_search_printing_json_points_at_its_results_not_at_a_table(tmp
                  "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["status"] == "time-budget"
-    assert "its results' best preset is the best of those scored" in err and "above" not in err, err
+    assert "none is scored yet" in err and "above" not in err, err  # stopped before any preset was scored
+    from steptune.cli.run import print_stopped
+    from steptune.runner import NfeSummary, RunResult
+
+    row = NfeSummary(3, "ddim", 0.2, None, None, None)
+    scored = RunResult("js", "time-budget", 0, 0, 0, 0, 1.0, [row], baselines_queued=2)
+    for table, said in ((True, "the best preset above is"), (False, "its results' best preset is")):
+        print_stopped(scored, table=table)
+        assert f"with 2 preset baselines not scored yet ({said} the best of those scored)" in capsys.readouterr().err
+
+
+def test_the_same_count_is_not_written_twice_running_with_another_rate(capsys):
+    """A stop writes the phase's last count, which the log may have just written with another rate: once is enough."""
+    from steptune.cli.progress import LineProgress
+
+    st = {"phase": "search", "done": 2, "total": 60, "best": {8: 0.1}, "phase_done": 0, "phase_total": 0,
+          "detail": "", "failed": 0, "retried": 0, "evaluators": 1, "busy": 1, "eta": 30.0}
+    with LineProgress(interval=0) as shown:
+        shown.update(st)
+        shown.update({**st, "eta": 50.0, "busy": 0})  # later: another rate and ETA, the same count
+        shown.update({**st, "done": 3})
+    lines = [ln.split("] ", 1)[-1] for ln in capsys.readouterr().err.splitlines()]
+    assert [ln.split(" | ")[0] for ln in lines] == ["search 2/60 (3%)", "search 3/60 (5%)"], lines

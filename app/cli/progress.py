@@ -73,7 +73,7 @@ class LineProgress:
         self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
         self.last_line = -float("inf")
         self.last: dict | None = None
-        self.last_text: str | None = None  # the last line written, without its time: never written twice running
+        self.last_text: tuple | None = None  # what the last line written counted: never written twice running
         self.started = time.monotonic() if started is None else started
         self.search_start: tuple[float, int] | None = None  # (when, evaluations done) as the search phase began
 
@@ -116,9 +116,11 @@ class LineProgress:
             line = f"{st['phase']} {st['phase_done']}/{st['phase_total'] or '?'}" + (
                 f" | {st['detail']}" if st.get("detail") else "")
         text = f"{line}{_failures(st)}"
-        if text == self.last_text:
+        # what the line counts: the same count again (a new rate or ETA aside) is not written twice running
+        counted = (st["phase"], st["done"], st["phase_done"], best_text(st["best"]), st.get("detail"), _failures(st))
+        if counted == self.last_text:
             return
-        self.last_line, self.last_text = time.monotonic(), text
+        self.last_line, self.last_text = time.monotonic(), counted
         err.print(stamped(text, self.started), highlight=False, markup=False)
 
     def clear(self) -> None:
