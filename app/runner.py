@@ -584,7 +584,8 @@ class Runner:
                 self.phase_counts["spacing"][0] += 1
                 if self.progress is not None:
                     self.progress(self.status())
-        self.phase = "baseline"
+        if not cut:  # a stop among the choices is said to have come there
+            self.phase = "baseline"
         todo = self._diffusers_todo(have, nfes)
         if self.should_stop():
             cut, todo, self.baselines_left = cut or bool(todo), [], self.baselines_left + len(todo)

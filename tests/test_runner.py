@@ -587,6 +587,8 @@ def test_a_run_stopped_while_choosing_spacings_resumes_to_the_same_trials(tmp_pa
         stopped = db.trials("ref")
     assert res.status == "interrupted" and seen[-1][0] == "spacing" and seen[-1][1] == 3 < seen[-1][2]
     assert stopped and all(t.info.get("baseline") and t.status == "queued" for t in stopped)
+    with connect(url) as db:  # status names the phase it was stopped in
+        assert study_status(db, "ref")["last_run"]["phase"] == "spacing"
     run_job(job, url)
     with connect(url) as db:
         assert outcome(db, "ref") == reference_study
