@@ -208,7 +208,6 @@ class Runner:
         self.baselines_left = 0  # presets and NFEs (and diffusers' schedulers) a stop left without a stored baseline
         self.search_exhausted = False
         self.best: dict[int, float] = {}  # the best search score at each NFE so far, as each result comes back
-        self._nfe_of: dict[int, int] = {}  # the NFE of each trial submitted and not back yet
         self._metric = "rmse"  # the study's, once it is open
         self.problem = None
         self.eval_seconds: list[float] = []  # cheap (train-bank) evaluations
@@ -498,7 +497,6 @@ class Runner:
         for t in rows:
             if t.status == "queued" and t.id not in self._submitted:
                 tasks.append(Task(t.id, t.schedule, t.bank, t.n_samples))
-                self._nfe_of[t.id] = t.nfe
                 if t.error and t.error.startswith("re-queued"):  # a retry: keep the reason on the finished row
                     self._sink.notes.setdefault(t.id, t.error)
         self._submitted.update(t.trial_id for t in tasks)
@@ -523,7 +521,6 @@ class Runner:
         sink.flush()
 
     def _progress_event(self, task: Task, result: dict) -> None:
-        nfe = self._nfe_of.pop(task.trial_id, None)
         if result.get("seconds"):
             (self.eval_seconds if task.bank == CHEAP else self.heldout_seconds).append(float(result["seconds"]))
         if self.phase == "search":
@@ -531,6 +528,7 @@ class Runner:
             if self._rate_from is None:  # the rate is timed from this run's first search result: not its replay
                 self._rate_from = (time.monotonic(), self.done)
             score = (result.get("metrics") or {}).get(self._metric) if result.get("status") == "complete" else None
+            nfe = task.schedule.get("nfe")  # the schedule's dict, as stored
             if isinstance(score, (int, float)) and math.isfinite(score) and nfe is not None:  # as the stored score
                 self.best[nfe] = min(self.best.get(nfe, math.inf), float(score))
         elif self.phase in self.phase_counts:

@@ -66,28 +66,15 @@ N_GLOBAL_FEATURES = 10
 # ---- features -------------------------------------------------------------------------------------
 
 def encode(s: Schedule, space, max_steps: int) -> np.ndarray:
-    """Per-step encodings padded to ``max_steps`` plus global features (NFE, AFS, counts)."""
-    pos = (space.lams(s) - space.lam0) / space.span
-    steps = s.steps
-    n, m = min(len(steps), max_steps), len(steps)
-    gaps = pos[1:] - pos[:-1]
-    out = np.zeros(max_steps * N_STEP_FEATURES + N_GLOBAL_FEATURES)
-    rows = out[:max_steps * N_STEP_FEATURES].reshape(max_steps, N_STEP_FEATURES)
-    rows[:n, 0] = pos[1:n + 1]
-    rows[:n, 1] = gaps[:n]
-    rows[:n, 2:] = [_step_code(st) for st in steps[:n]]
-    deviation = gaps - np.add.reduce(gaps) / len(gaps)  # gaps.std() as numpy computes it, without its overhead
-    out[max_steps * N_STEP_FEATURES:] = (
-        s.nfe, s.afs != "none", m, sum(st.order for st in steps) / m,
-        sum(st.corrector is not None for st in steps) / m, sum(st.prediction == "data" for st in steps) / m,
-        np.minimum.reduce(gaps), np.maximum.reduce(gaps), math.sqrt(np.add.reduce(deviation * deviation) / len(gaps)),
-        pos[1])
-    return out
+    """A schedule's features: each step's relative lambda position, gap and decisions, padded to ``max_steps``, then
+    global ones (NFE, AFS, step count, mean order, corrector and data-prediction shares, the gaps' min, max and
+    standard deviation, the first position)."""
+    return encode_many([s], space, max_steps)[0]
 
 
 def encode_many(schedules: Sequence[Schedule], space, max_steps: int) -> np.ndarray:
-    """The rows :func:`encode` gives, one per schedule, worked out for schedules of the same step count together
-    (an ask encodes its new children at once): the same numbers, from the same operations on each row."""
+    """:func:`encode` of each schedule, one row each, those of the same step count worked out together (an ask
+    encodes its new children at once): each row the same numbers as the schedule's alone."""
     out = np.zeros((len(schedules), max_steps * N_STEP_FEATURES + N_GLOBAL_FEATURES))
     space.learn_lams([t for s in schedules for t in s.times])
     groups: dict[int, list[int]] = {}
@@ -402,14 +389,8 @@ class S3Searcher(Searcher):
             z = self._logits[i] = self.space.lams_to_logits(self.trials[i][0].schedule)
         return z
 
-    def _encode(self, c: Candidate) -> np.ndarray:
-        x = self._feat.get(c.key)
-        if x is None:
-            x = self._feat[c.key] = encode(c.schedule, self.space, self.max_steps)
-        return x
-
     def _encode_all(self, cands: Sequence[Candidate]) -> np.ndarray:
-        """:meth:`_encode` of each, those not encoded yet together."""
+        """Each candidate's :func:`encode` (kept by its key), those not encoded yet together."""
         todo = {c.key: c for c in cands if c.key not in self._feat}
         if todo:
             self._feat.update(zip(todo, encode_many([c.schedule for c in todo.values()], self.space, self.max_steps)))

@@ -305,8 +305,8 @@ def _json_names() -> tuple[str, ...]:
 
 def _value_text(v) -> str:
     """``v`` as the key's JSON writes it (``_ENCODER``), the texts a schedule's fields most often hold written
-    directly: a finite float, a plain ASCII word, an empty mapping, and its noise dict (kept by the dict's
-    identity and checked against a copy, as :func:`_noise_facts` keeps its answers)."""
+    directly: a finite float, a plain ASCII word, an empty mapping, and its noise dict (kept for the dict,
+    :func:`_kept_for`)."""
     kind = type(v)
     if kind is float and math.isfinite(v):
         return repr(v)
@@ -315,15 +315,22 @@ def _value_text(v) -> str:
     if kind is dict:
         if not v:
             return "{}"
-        hit = _DICT_TEXTS.get(id(v))
-        if hit is not None and hit[0] is v and hit[1] == v:
-            return hit[2]
-        if len(_DICT_TEXTS) > 1000:
-            _DICT_TEXTS.clear()
-        text = _ENCODER.encode(v)
-        _DICT_TEXTS[id(v)] = (v, copy.deepcopy(v), text)
-        return text
+        return _kept_for(_DICT_TEXTS, v, id(v), lambda: _ENCODER.encode(v))
     return _ENCODER.encode(v)
+
+
+def _kept_for(cache: dict, d: dict, key, work):
+    """``work()``, kept in ``cache`` under ``key`` for the dict ``d`` (schedules made from one another share their
+    dicts): a kept answer holds while ``d`` is the same dict and equal to a copy taken with it, so a dict changed in
+    place is worked out again."""
+    hit = cache.get(key)
+    if hit is not None and hit[0] is d and hit[1] == d:
+        return hit[2]
+    if len(cache) > 1000:
+        cache.clear()
+    value = work()
+    cache[key] = (d, copy.deepcopy(d), value)
+    return value
 
 
 _DICT_TEXTS: dict[int, tuple[dict, dict, str]] = {}
@@ -449,23 +456,17 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-_NOISE_FACTS: dict[tuple[int, float], tuple[dict, dict, bool, float, str]] = {}
+_NOISE_FACTS: dict[tuple[int, float], tuple[dict, dict, tuple[bool, float, str]]] = {}
 
 
 def _noise_facts(noise: dict, t: float) -> tuple[bool, float, str]:
-    """Whether alpha(t) = 0 on the noise schedule ``noise`` names, its last time T and its kind. Schedules made from
-    one another share their noise dict, so the answer is kept by that dict's identity (and checked against a copy of
-    it, so a dict changed in place is asked again)."""
-    key = (id(noise), t)
-    hit = _NOISE_FACTS.get(key)
-    if hit is not None and hit[0] is noise and hit[1] == noise:
-        return hit[2:]
-    if len(_NOISE_FACTS) > 1000:
-        _NOISE_FACTS.clear()
-    ns = noise_mod.from_dict(noise)
-    facts = (float(ns.alpha(t)) == 0.0, float(ns.T), ns.kind)
-    _NOISE_FACTS[key] = (noise, copy.deepcopy(noise), *facts)
-    return facts
+    """Whether alpha(t) = 0 on the noise schedule ``noise`` names, its last time T and its kind (kept for the
+    dict, :func:`_kept_for`)."""
+    def work():
+        ns = noise_mod.from_dict(noise)
+        return float(ns.alpha(t)) == 0.0, float(ns.T), ns.kind
+
+    return _kept_for(_NOISE_FACTS, noise, (id(noise), t), work)
 
 
 def _fail(msg: str):

@@ -204,7 +204,7 @@ class LogBar:
         t["printed"] = time.monotonic()
         if text != t["text"] and not self.disable:
             t["text"] = text
-            err.print(f"[{duration(t['printed'] - self.started)}] {text}", highlight=False, markup=False)
+            err.print(stamped(text, self.started), highlight=False, markup=False)
 
 
 def said_in_log(doing: str, done: str, quiet: bool = False, since: float | None = None, after: float = 3.0):
@@ -218,7 +218,7 @@ def said_in_log(doing: str, done: str, quiet: bool = False, since: float | None 
     started = time.monotonic() if since is None else since
 
     def say(text: str) -> None:
-        err.print(f"[{duration(time.monotonic() - started)}] {text}", markup=False, highlight=False)
+        err.print(stamped(text, started), markup=False, highlight=False)
 
     return said_if_slow(say, doing, done, after=after)
 
