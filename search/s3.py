@@ -35,7 +35,7 @@
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import math
 import os
 import time
@@ -359,6 +359,7 @@ class S3Searcher(Searcher):
         self.background_fit_cpu_seconds = 0.0  # of which in the background thread (put in place so far)
         self._parents: dict[tuple, tuple] = {}  # (nfe, trials told) -> the best, and whether they are all
         self._by_nfe: dict[int, list[int]] = {}  # trial indices at each NFE
+        self._ranked: dict[int, list[tuple[float, int]]] = {}  # (score, trial index) at each NFE, in order
         self._by_structure: dict[tuple[int, str], list[int]] = {}  # ... of each step structure at each NFE
 
     def __getstate__(self) -> dict:
@@ -379,6 +380,7 @@ class S3Searcher(Searcher):
         self._struct.append(candidate.schedule.structure_key())
         i = len(self.trials) - 1
         self._by_nfe.setdefault(candidate.nfe, []).append(i)
+        bisect.insort(self._ranked.setdefault(candidate.nfe, []), (score, i))
         self._by_structure.setdefault((candidate.nfe, self._struct[i]), []).append(i)
         self._logits.append(None)
 
@@ -410,13 +412,12 @@ class S3Searcher(Searcher):
     def best(self, nfe: int, k: int = 1) -> list[tuple[Candidate, float]]:
         """As :meth:`Searcher.best`, from the NFE's trial index instead of every trial."""
         trials = self.trials
-        return [trials[i] for i in heapq.nsmallest(k, self._by_nfe.get(nfe, ()), key=lambda i: (trials[i][1], i))]
+        return [trials[i] for _, i in self._ranked.get(nfe, ())[:k]]
 
     def _rank_parents(self, nfe: int, k: int) -> tuple[list[tuple[Candidate, float, int]], bool]:
         """The ``k`` best, and whether they are all there are."""
-        idx = sorted(self._by_nfe.get(nfe, ()), key=lambda i: (self.trials[i][1], i))
         out, keys = [], set()
-        for i in idx:
+        for _, i in self._ranked.get(nfe, ()):
             if self.niche:
                 if self._struct[i] in keys:
                     continue

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, inspect, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -188,7 +188,8 @@ class RelaxationRound:
 
 _TRIAL_COLUMNS = [c for c in Trial.__table__.columns if c.name != "study_id"]
 _TRIAL_NAMES = [c.name for c in _TRIAL_COLUMNS]
-_JSON_NAMES = frozenset(c.name for c in _TRIAL_COLUMNS if isinstance(c.type, JSON))
+_TRIAL_FIELDS = frozenset({"status", "metrics", "score", "fidelity", "bank", "n_samples", "worker", "error", "seconds",
+                           "max_attempts", "info"})  # what an added trial may set
 # what a trial's later writes (start, finish, re-queue, heartbeat) change; the rest is fixed when it is added
 _CHANGING_NAMES = ("id", "status", "metrics", "score", "error", "started", "finished", "seconds", "worker", "attempts",
                    "heartbeat")
@@ -267,6 +268,14 @@ def _score(score: float | None, metrics: dict, metric: str) -> float | None:
         return None
     score = float(score)
     return score if math.isfinite(score) else None
+
+
+def _unshared(value: dict) -> dict:
+    """Metrics :func:`_clean_metrics` made, as decoding their JSON text gives them: themselves where every value is a
+    scalar JSON holds as it is, else decoded from their text."""
+    if all(type(v) in _JSON_SCALARS for v in value.values()):
+        return value
+    return json.loads(json.dumps(value))
 
 
 def _json_info(info: Mapping | None, i: int) -> dict:
@@ -707,7 +716,7 @@ class Storage:
         ``records``, those trials as they are now). With ``fence`` (study, driver), nothing is added unless that driver
         holds that study (DriverLost).
         """
-        rows = []
+        rows, now = [], utcnow()
         memo: dict[str, tuple[dict, str]] = {}
         for i, item in enumerate(items):
             item = dict(item)
@@ -727,7 +736,7 @@ class Storage:
                 text, nfe, key = _validated(sched, where)
                 if mkey is not None:
                     memo[mkey] = (text, nfe, key)
-            rows.append(self._trial_fields(i, text, nfe, key, item))
+            rows.append(self._trial_fields(i, text, nfe, key, item, now))
         if not rows:
             return []
         with self._tx() as s:
@@ -759,15 +768,16 @@ class Storage:
             return list(ids)
         if done is not _FIRST:
             return self._records(list(ids))
-        # JSON columns read back as their JSON text decoded: the records hold the same, sharing nothing
-        return [_trial_record([tid if name == "id" else json.loads(_json_text(r[name])) if name in _JSON_NAMES
-                               else r[name] for name in _TRIAL_NAMES], study) for tid, r in zip(ids, rows)]
+        # JSON columns as reading them back gives them, sharing nothing with the caller: the schedule's text decoded,
+        # info as _json_info decoded it, the metrics _clean_metrics copied (decoded where a value is not a scalar)
+        return [_trial_record([tid if name == "id" else json.loads(r[name]) if name == "schedule"
+                               else _unshared(r[name]) if name == "metrics" else r[name] for name in _TRIAL_NAMES],
+                              study) for tid, r in zip(ids, rows)]
 
     @staticmethod
-    def _trial_fields(i: int, schedule: _Encoded, nfe: int, key: str, item: dict) -> dict:
-        known = {"status", "metrics", "score", "fidelity", "bank", "n_samples", "worker", "error", "seconds",
-                 "max_attempts", "info"}
-        unknown = set(item) - known
+    def _trial_fields(i: int, schedule: _Encoded, nfe: int, key: str, item: dict, now: datetime) -> dict:
+        known = _TRIAL_FIELDS
+        unknown = item.keys() - known
         if unknown:
             raise StorageError(f"trial {i}: unknown field {sorted(unknown)[0]!r}; use {', '.join(sorted(known))}")
         status = item.get("status", "queued")
@@ -777,7 +787,6 @@ class Storage:
         max_attempts = int(item.get("max_attempts", 3))
         if max_attempts < 1:
             raise StorageError(f"trial {i}: max_attempts must be at least 1")
-        now = utcnow()
         return {"schedule": schedule, "key": key, "nfe": nfe, "fidelity": str(item.get("fidelity") or ""),
                 "bank": str(item.get("bank") or ""), "n_samples": item.get("n_samples"),
                 "metrics": _clean_metrics(item.get("metrics"), f"trial {i}"), "_score": item.get("score"),

@@ -231,8 +231,8 @@ def test_trials_round_trip_their_schedule(db):
 def test_added_trials_records_are_what_reading_them_back_gives(db):
     items = [{"schedule": presets.unipc_bh2(6, NS), "fidelity": "cheap", "bank": "cheap", "n_samples": 64,
               "info": {"batch": 0, "params": {"w": [0.1, 1 / 3]}, "origin": "mutation"}},
-             {"schedule": presets.ddim(5, NS).to_dict(), "status": "complete", "metrics": {"rmse": 0.2, "nll": None},
-              "seconds": 0.5},
+             {"schedule": presets.ddim(5, NS).to_dict(), "status": "complete",
+              "metrics": {"rmse": 0.2, "nll": None, "curve": [0.5, 0.25]}, "seconds": 0.5},
              {"schedule": presets.dpmpp_2m(5, NS).to_json(), "max_attempts": 1}]
     made = db.add_trials("s", items, create={"method": "s3", "problem": PROBLEM}, request="r1", records=True)
     read = db.trials("s", ids=[t.id for t in made])
@@ -241,6 +241,11 @@ def test_added_trials_records_are_what_reading_them_back_gives(db):
     noise_before = dict(items[0]["schedule"].noise)
     made[0].schedule["noise"].clear()  # a record shares nothing with the schedule it was made from
     assert items[0]["schedule"].noise == noise_before
+    made[0].info["params"]["w"].append(1.0)  # ... nor with the info and metrics given
+    made[1].metrics["curve"].append(1.0)
+    made[1].metrics["rmse"] = 1.0
+    assert items[0]["info"]["params"]["w"] == [0.1, 1 / 3] and items[1]["metrics"] == {"rmse": 0.2, "nll": None,
+                                                                                      "curve": [0.5, 0.25]}
     # a request sent again adds nothing and gives the first send's trials as they are now
     assert db.add_trials("s", items, request="r1", records=True) == read
     assert db.add_trials("s", items, request="r1") == [t.id for t in read]
