@@ -196,6 +196,7 @@ def test_an_export_carries_the_cost_at_its_nfe_and_imports_back(tmp_path, capsys
                  str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text())["provenance"]
     assert again["study"] == "back" and again["imported"] == back.info["imported"]
+    assert again["method"] == "s3"  # what found it, not the importing study's method
     assert again["cost"] == {**prov["cost"], "of": "source"}
     # a hand-written schedule carries no cost: once a run scores it, its export's cost is that evaluation's
     with connect(url) as store:
@@ -209,6 +210,9 @@ def test_an_export_carries_the_cost_at_its_nfe_and_imports_back(tmp_path, capsys
         assert scored.status == "complete" and cost_at(store, scored) == {**study_cost([scored]).at(3).as_dict(),
                                                                             "of": "trial"}
         assert cost_at(store, scored)["evaluations"] == 1
+    assert main(["export", "--trial", str(hand.id), "--study", "exp", "--db", url, "-o", str(tmp_path / "h.json")]) == 0
+    hand_prov = json.loads((tmp_path / "h.json").read_text())["provenance"]
+    assert hand_prov["method"] == "import" and hand_prov["imported"] == {"file": "JSON text"}  # not the study's s3
     # a preset baseline's export says what the baselines at its NFE cost
     with connect(url) as store:
         base = next(t for t in store.trials("exp", nfe=3) if t.info.get("baseline") and t.status == "complete")

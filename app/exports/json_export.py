@@ -41,6 +41,14 @@ def built_from(store, trial: TrialRecord) -> TrialRecord | None:
     return trial if "interpolated" in trial.info else None
 
 
+def _method(trial: TrialRecord, study: StudyRecord | None) -> str | None:
+    """What found the trial's schedule: for one imported, the method its export named (``import`` for a schedule
+    written by hand), else its study's."""
+    if "imported" in trial.info:
+        return trial.info["imported"].get("method") or "import"
+    return study.method if study else None
+
+
 def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict | None = None,
                 interpolated: TrialRecord | None = None) -> dict:
     """The exported JSON form of a stored trial: its schedule dict plus ``provenance`` (with ``cost``, what the
@@ -50,7 +58,7 @@ def export_dict(trial: TrialRecord, study: StudyRecord | None = None, cost: dict
     d = sched.to_dict()
     prov = {"version": PROVENANCE_VERSION, "steptune": steptune_version(),
             "exported": datetime.now(UTC).isoformat(timespec="seconds"), "study": trial.study,
-            "method": study.method if study else None, "trial": trial.id, "trial_number": trial.number,
+            "method": _method(trial, study), "trial": trial.id, "trial_number": trial.number,
             "status": trial.status, "problem": study.problem if study else None,
             "metric": study.metric if study else None, "score": trial.score, "metrics": trial.metrics,
             "fidelity": trial.fidelity, "bank": trial.bank, "n_samples": trial.n_samples}
