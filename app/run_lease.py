@@ -12,7 +12,8 @@ from datetime import datetime
 
 LEASE_SECONDS = 120.0  # a running trial (or a driver) whose heartbeat is older than this belongs to a run that is gone
 
-PHASES = {"start": "starting its evaluators", "spacing": "choosing the presets' spacings",
+PHASES = {"start": "starting its evaluators", "import": "scoring imported schedules",
+          "spacing": "choosing the presets' spacings",
           "baseline": "scoring the baselines", "search": "searching", "confirm": "confirming on the held-out bank",
           "refine": "refining"}
 

@@ -309,6 +309,9 @@ class Runner:
                          "driver itself); use kind = \"ray\" to have a hung evaluation's evaluator replaced")
             self._say_unused_keys()
             self._say_resumed_before_search()
+            if self._imports and not self.should_stop():
+                self.phase = "import"
+                self._score_imports()
             if job.evaluation.baseline and not self.should_stop():
                 self.phase = "baseline"
                 self._baseline()
@@ -559,6 +562,13 @@ class Runner:
         return (self.done - done0) / elapsed if elapsed > 0 and self.done > done0 else None
 
     # ---- phases ------------------------------------------------------------------------------------
+
+    def _score_imports(self) -> None:
+        """The schedules ``steptune import`` queued for this run, on the held-out bank, counted on their own (a job
+        without baselines or confirmations scores them too)."""
+        n = len(self._imports)
+        self.say(f"scoring {n} imported schedule{'s' * (n != 1)} on the held-out bank")
+        self._evaluate(self.storage.trials(self.job.study, ids=self._imports))
 
     def _baseline(self) -> None:
         """Every preset at every NFE on the held-out bank, at its default spacing and at the best of its spacings

@@ -271,6 +271,30 @@ def test_a_schedule_imported_into_a_jobs_study_is_scored_by_its_nextrun_cli(tmp_
                           f"{fmt(alone.score)} (trial id {alone.id}, the best at that NFE)") in shown, shown
 
 
+def test_a_job_without_baselines_or_confirmations_scores_a_queued_import_in_a_phase_of_its_own(tmp_path, cache,
+                                                                                                  capsys):
+    """Imported schedules are scored first, counted as imports: not in the baselines' count, not in the
+    confirmations', and by a job that has neither."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    text = job_text("s", cache, evaluations=4, nfe="[4]").replace("confirm = 2", "confirm = 0\nbaseline = false")
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    assert run_cli(["run", str(job), "--db", url, "--json"], capsys)[0] == 0
+    path = tmp_path / "ddim.json"
+    assert run_cli(["schedule", "preset:ddim", "--nfe", "4", "-o", str(path)], capsys)[0] == 0
+    written = json.loads(path.read_text())
+    written["steps"][0]["t"] = 0.6  # a time the search's presets do not have
+    path.write_text(json.dumps(written))
+    assert run_cli(["import", str(path), "--study", "s", "--queue", "--db", url], capsys)[0] == 0
+    code, _, said = run_cli(["run", str(job), "--db", url], capsys)
+    with connect(url) as db:
+        imported = db.trials("s")[-1]
+    assert code == 0 and (imported.status, imported.fidelity) == ("complete", "heldout"), said
+    lines = [line.split("] ", 1)[-1] for line in said.splitlines()]
+    assert lines[:2] == ["scoring 1 imported schedule on the held-out bank", "import 1/1"], said
+    assert f"scored the imported schedule, trial id {imported.id} (NFE 4): {fmt(imported.score)} held-out" in said
+
+
 @pytest.mark.parametrize("held, train, preset, refined, said", [
     (0.068, 0.018, 0.050, None, True),  # lost to the preset, 3.8x its cheap score: named
     (0.060, 0.032, 0.050, None, False),  # lost, but within 2x of its cheap score (a bank of other states)
