@@ -269,6 +269,7 @@ class Runner:
         except (TypeError, ValueError) as e:  # an option the method does not take, or a value it refuses
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise JobError(f"search.options {job.search.options!r} for method {job.search.method!r}: {msg}") from None
+        self.searcher.budget = self.total
         from steptune.evaluators.evaluator import metric_names
 
         told = metric_names(self.problem, bank="train")  # what a cheap evaluation reports, the searcher is told

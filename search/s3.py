@@ -151,6 +151,9 @@ def kendall_by_nfe(nfes: np.ndarray, scores: np.ndarray, pred: np.ndarray) -> fl
 
 
 REFIT_GROWTH, REFIT_MIN = 0.3, 20
+# with the search's budget known, a model is fitted again only while it has at least this many picks per trial it is
+# fitted on left to rank: a search's last refit would otherwise cost a fifth of its fits for its last few picks
+REFIT_WORTH = 0.1
 # ``auto`` chooses the predictor kind when each model has min_train trials, again when they have grown
 # SELECT_GROWTH[0]-fold, then only after each SELECT_GROWTH[1]-fold growth: the later choices, on the most trials,
 # cost the most fits and decide the fewest picks
@@ -440,7 +443,7 @@ class S3Searcher(Searcher):
     def _group(self, nfe: int) -> int | None:
         return None if self.shared else nfe
 
-    def _refit(self) -> None:
+    def _refit(self, n: int) -> None:
         """Bring each NFE's model (or the shared one) up to date: first the fits started at the previous ask are
         put in place, then what :func:`refit_due` says is due on the trials told so far is fitted, and ``auto``
         chooses the kind when the trials per model reach ``min_train``, again when they have tripled, then after
@@ -455,7 +458,7 @@ class S3Searcher(Searcher):
             self.background_fit_cpu_seconds += fitted["cpu_seconds"]
             self._install(fitted)
             self._fitting = None
-        plan = self._fit_plan()
+        plan = self._fit_plan(n)
         if plan is None:
             return
         first = any(last is None and refit_due(len(rows), None, self.min_train)  # nothing ranks that NFE before it
@@ -467,22 +470,35 @@ class S3Searcher(Searcher):
             self._install(fit_models({**plan, "select": False, "kind": self._chosen or self.auto_kinds[0]}))
         self._fitting = _fit_thread().submit(fit_models, plan)
 
-    def _fit_plan(self) -> dict | None:
-        """What is due now: the data, whether ``auto`` chooses the kind, and each model's trials (None: nothing)."""
+    def _fit_plan(self, asking: int) -> dict | None:
+        """What is due now, at an ask of ``asking``: the data, whether ``auto`` chooses the kind, and each model's
+        trials (None: nothing). With the search's ``budget`` known, a model that has one is not fitted again, nor the
+        kind chosen again, once fewer than ``REFIT_WORTH`` picks per trial are left for it to rank."""
         n = len(self.trials)
         if n < self.min_train:
             return None
         per_model = n if self.shared else n / len(self.nfes)
-        select = self.predictor_kind == "auto" and per_model >= self._next_select
+        worth = self._picks_left(asking) >= REFIT_WORTH * per_model
+        select = self.predictor_kind == "auto" and per_model >= self._next_select and worth
         groups = {g: (np.arange(n) if g is None else np.array(self._by_nfe.get(g, ()), dtype=np.int64),
                       self._fit_size.get(g, 0) if g in self._models else None)
                   for g in ([None] if self.shared else self.nfes)}
+        if not worth:  # the models there are kept; an NFE without one still gets its first
+            groups = {g: (rows, last) for g, (rows, last) in groups.items() if last is None}
         if not select and not any(refit_due(len(rows), last, self.min_train) for rows, last in groups.values()):
             return None
         X, nfes, scores = self._data()
         return {"X": X, "nfes": nfes, "scores": scores, "select": select, "kind": self._chosen,
                 "kinds": self.auto_kinds, "shared": self.shared, "seed": self.seed, "min_train": self.min_train,
                 "groups": groups, "per_model": per_model}
+
+    def _picks_left(self, asking: int) -> float:
+        """The picks per model that a model fitted now would rank (inf without a ``budget``): from the next ask on
+        with ``fit_ahead``, from this one without."""
+        if self.budget is None:
+            return math.inf
+        left = self.budget - len(self.trials) - len(self._pending) - (asking if self.fit_ahead else 0)
+        return left if self.shared else left / len(self.nfes)
 
     def _install(self, fitted: dict) -> None:
         self.fit_cpu_seconds += fitted["cpu_seconds"]
@@ -516,7 +532,7 @@ class S3Searcher(Searcher):
                 out.append(c)
         if len(out) >= n:
             return out
-        self._refit()
+        self._refit(n)
         remaining = n - len(out)
         start = self.n_asked % len(self.nfes)
         per = {nfe: remaining // len(self.nfes) for nfe in self.nfes}

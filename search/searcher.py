@@ -62,6 +62,7 @@ class Searcher:
         self.trials: list[tuple[Candidate, float]] = []  # every told (candidate, score), in order
         self.seen: set[str] = set()
         self.n_asked = 0
+        self.budget: int | None = None  # the evaluations the whole search asks, where its driver knows it
 
     # ---- interface ------------------------------------------------------------------------------
 

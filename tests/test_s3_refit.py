@@ -202,3 +202,46 @@ def test_auto_with_one_kind_fits_only_that_kind(space):
                        presets=("ddim",), auto_kinds=["gbr"])
     tell_until(se, space, 40)
     assert se._models[5].kind == "gbr" and se.tau_report == [] and se.state()["predictor"] == "gbr"
+
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_with_its_budget_known_a_search_skips_the_refits_too_late_to_rank_a_tenth_of_their_trials(space, ahead,
+                                                                                                  monkeypatch):
+    """The budget changes nothing until a refit is due with fewer than REFIT_WORTH picks per trial of its model left
+    to rank (from the next ask on when fitted ahead); that refit and the later ones are not made."""
+    from steptune.search import s3
+
+    budget, batch, plans = 200, 4, []
+    fit_models = s3.fit_models
+
+    def logged(plan):
+        plans.append((len(plan["scores"]), sorted(g for g, (rows, last) in plan["groups"].items()
+                                                 if last is not None and refit_due(len(rows), last, 10))))
+        return fit_models(plan)
+
+    monkeypatch.setattr(s3, "fit_models", logged)
+
+    def run(known: bool):
+        plans.clear()
+        se = make_searcher("s3", space.noise, space.t_start, space.t_end, [4, 6], seed=0, predictor="extra-trees",
+                           min_train=10, pool=20, presets=("ddim",), fit_ahead=ahead)
+        se.budget = budget if known else None
+        asked = []
+        while len(se.trials) < budget:
+            out = se.ask(batch)
+            asked.append([c.key for c in out])
+            for c in out:
+                se.tell(c, smooth_score(space, c))
+        return asked, [p for p in plans if p[1]]  # the plans that refit a model
+
+    plain_asked, plain = run(False)
+    known_asked, known = run(True)
+    # picks per model left when the plan is made at ``told``: the two NFEs share what is left of the budget
+    worth = [(told, (budget - told - (batch if ahead else 0)) / 2 >= s3.REFIT_WORTH * told / 2) for told, _ in plain]
+    skipped = [told for told, ok in worth if not ok]
+    assert skipped and all(not ok for told, ok in worth if told >= skipped[0])  # the last ones, here
+    assert known == [p for p in plain if p[0] < skipped[0]]
+    # every ask before the first skipped refit's model would have ranked is the same
+    same = skipped[0] // batch + (1 if ahead else 0)
+    assert len(known_asked) == len(plain_asked) and known_asked[:same] == plain_asked[:same]
