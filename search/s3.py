@@ -363,7 +363,7 @@ class S3Searcher(Searcher):
         self._parents: dict[tuple, tuple] = {}  # (nfe, trials told) -> the best, and whether they are all
         self._by_nfe: dict[int, list[int]] = {}  # trial indices at each NFE
         self._ranked: dict[int, list[tuple[float, int]]] = {}  # (score, trial index) at each NFE, in order
-        self._by_structure: dict[tuple[int, str], list[int]] = {}  # ... of each step structure at each NFE
+        self._by_structure: dict[tuple[int, str], list[tuple[float, int]]] = {}  # ... of each step structure
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -384,7 +384,7 @@ class S3Searcher(Searcher):
         i = len(self.trials) - 1
         self._by_nfe.setdefault(candidate.nfe, []).append(i)
         bisect.insort(self._ranked.setdefault(candidate.nfe, []), (score, i))
-        self._by_structure.setdefault((candidate.nfe, self._struct[i]), []).append(i)
+        bisect.insort(self._by_structure.setdefault((candidate.nfe, self._struct[i]), []), (score, i))
         self._logits.append(None)
 
     def _trial_logits(self, i: int) -> np.ndarray:
@@ -597,19 +597,18 @@ class S3Searcher(Searcher):
 
     def _local_distribution(self, nfe: int, best: int) -> tuple[np.ndarray, np.ndarray]:
         """Mean and covariance of the local search distribution for the structure of trial ``best``."""
-        sk = self._struct[best]
-        same = sorted(self._by_structure[nfe, sk], key=lambda i: (self.trials[i][1], i))
-        Z = np.array([self._trial_logits(i) for i in same])
+        same = self._by_structure[nfe, self._struct[best]]  # (score, trial index), best first
+        mu = min(max(len(same) // 3, 1), 8)
+        Z = np.array([self._trial_logits(i) for _, i in same[:mu]])  # only the best mu are recombined
         Z = np.maximum(Z, Z.max(axis=1, keepdims=True) - 8.0)  # a vanishing increment stays reachable
         Z -= Z.mean(axis=1, keepdims=True)
         n = Z.shape[1]
-        mu = min(max(len(same) // 3, 1), 8)
         w = np.log(mu + 0.5) - np.log(np.arange(1, mu + 1))
         w /= w.sum()
-        mean = w @ Z[:mu]
+        mean = w @ Z
         if mu < 3:  # too few trials of this structure for a covariance: an isotropic start
             return mean, np.eye(n) * 0.25 ** 2
-        D = Z[:mu] - mean
+        D = Z - mean
         C = (D.T * w) @ D * 2.0 + np.eye(n) * 0.03 ** 2
         if len(same) < 12:  # keep the first generations from collapsing
             C += np.eye(n) * max(0.0, 0.1 ** 2 - np.trace(C) / n)
