@@ -129,11 +129,21 @@ class DecisionSpace:
 
     def lams(self, s: Schedule) -> np.ndarray:
         """The lambda of each of the schedule's times, a final t = 0 at :attr:`lam_zero` (finite)."""
+        return self._lams(s).copy()
+
+    def _lams(self, s: Schedule) -> np.ndarray:
+        """:meth:`lams`, read-only, kept on the schedule for this space (parents are varied many times over; a
+        schedule :func:`evolve` re-times drops it)."""
+        kept = s.__dict__.get("_lams")
+        if kept is not None and kept[0] is self:
+            return kept[1]
         times = s.times
         self.learn_lams(times)
         out = np.array([self._lam_cache[t] for t in times])
         if times[-1] == 0.0:
             out[-1] = self.lam_zero
+        out.flags.writeable = False
+        s.__dict__["_lams"] = (self, out)
         return out
 
     def t_of(self, lam: float) -> float:
@@ -183,7 +193,7 @@ class DecisionSpace:
     def lams_to_logits(self, s: Schedule) -> np.ndarray:
         """Inverse of :meth:`increments_to_lams` (in the schedule's own frame): logits (mean zero) whose softmax
         gives the schedule's times."""
-        lam = self.lams(s)
+        lam = self._lams(s)
         inc = np.diff(lam)
         free = lam[-1] - lam[0] - len(inc) * self.min_gap
         w = np.clip((inc - self.min_gap) / max(free, 1e-12), 1e-6, None)

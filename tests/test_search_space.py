@@ -170,3 +170,27 @@ def test_repair_gives_a_step_what_its_place_allows_whatever_the_space_repaired_b
         assert got == fresh and got.key() == fresh.key()
         changed += got != raw
     assert changed > 100  # most needed repair: the check compares repairs, not schedules left as they were
+
+
+def test_the_lambdas_a_space_keeps_on_a_schedule_are_its_own_and_follow_its_times():
+    """What ``lams`` gives is the lambda of each time, as the noise schedule computes it, however often it is asked
+    for, whatever a caller did to an earlier answer, on a schedule re-timed by ``evolve`` and for another space."""
+    from steptune.space import presets
+    from steptune.space.schedule import evolve
+
+    ns = noise.VPLinear()
+    space, other = DecisionSpace(ns, 1.0, 1e-3), DecisionSpace(noise.VPCosine(), 1.0, 1e-3)
+    s = presets.ddim(5, ns)
+    exact = ns.lam_array(np.array(s.times))
+    first = space.lams(s)
+    np.testing.assert_array_equal(first, exact)
+    first[:] = 0.0  # a caller's copy
+    np.testing.assert_array_equal(space.lams(s), exact)
+    np.testing.assert_array_equal(other.lams(s), other.noise.lam_array(np.array(s.times)))
+    np.testing.assert_array_equal(space.lams(s), exact)
+    moved = evolve(s, steps=tuple(st.at(t) for st, t in zip(s.steps, [0.7, 0.4, 0.2, 0.05, 1e-3])))
+    np.testing.assert_array_equal(space.lams(moved), ns.lam_array(np.array(moved.times)))
+    renamed = evolve(s, name="again")
+    np.testing.assert_array_equal(space.lams(renamed), exact)
+    z = space.lams_to_logits(s)
+    np.testing.assert_allclose(space.increments_to_lams(np.exp(z)), exact[1:-1], rtol=1e-12)
