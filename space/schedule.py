@@ -87,7 +87,9 @@ class Step:
 
     def at(self, t: float) -> Step:
         """The same decisions ending at ``t`` (``evolve(step, t=t)``: searchers re-time every step of thousands of
-        candidates)."""
+        candidates); the step itself where ``t`` is its time, to the sign of a zero and the type of the number."""
+        if t == self.t and type(t) is type(self.t) and (t != 0 or math.copysign(1.0, t) == math.copysign(1.0, self.t)):
+            return self
         out = object.__new__(Step)
         out.__dict__.update(self.__dict__)
         out.__dict__["t"] = t

@@ -127,6 +127,12 @@ def test_a_step_moved_to_another_time_is_what_replace_gives_it_field_for_field(t
         a = Schedule(t_start=1.0, steps=(moved,), noise=base.noise)
         b = Schedule(t_start=1.0, steps=(replaced,), noise=base.noise)
         assert a.key() == b.key() and a.to_json() == b.to_json()
+        for before in (0.3, 0.0, -0.0, 1, 1.0, 0.75):  # from a step already at a time, the same one or another
+            start = dataclasses.replace(st, t=before)
+            again = start.at(t)
+            assert again == replaced and repr(again) == repr(replaced)
+            c = Schedule(t_start=1.0, steps=(again,), noise=base.noise)
+            assert c.key() == b.key() and c.to_json() == b.to_json()
 
 
 def reference_key(s: Schedule, timed: bool = True) -> str:
