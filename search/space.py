@@ -41,6 +41,7 @@ _RELAX_CDF = draws.cdf([RELAX_P[k] for k in STEP_RELAXATIONS])
 
 LATE_P = 0.5  # how often a random schedule starts late, where the space allows it
 ZERO_P = 0.25  # how often a random schedule ends at t = 0, where the space allows it
+KEPT_LAMS = 200_000  # the lambdas of times a space keeps; it forgets them all beyond that
 
 
 def steps_for(nfe: int, afs: str = "none", implicit: int = 0) -> int:
@@ -114,17 +115,18 @@ class DecisionSpace:
     def lam(self, t: float) -> float:
         v = self._lam_cache.get(t)
         if v is None:
-            if len(self._lam_cache) > 200_000:
+            if len(self._lam_cache) > KEPT_LAMS:
                 self._lam_cache.clear()
             v = self._lam_cache[t] = float(self.noise.lam_array(np.array([t]))[0])
         return v
 
     def learn_lams(self, times: Sequence[float]) -> None:
-        """Work out (and keep) the lambda of each of ``times`` not known yet, in one conversion."""
+        """Work out (and keep) the lambda of each of ``times`` not known yet, in one conversion: all of them are
+        known afterwards (the cache is cleared, when full, before what is missing is worked out)."""
+        if len(self._lam_cache) > KEPT_LAMS:
+            self._lam_cache.clear()
         missing = [t for t in dict.fromkeys(times) if t not in self._lam_cache]
         if missing:
-            if len(self._lam_cache) > 200_000:
-                self._lam_cache.clear()
             self._lam_cache.update(zip(missing, self.noise.lam_array(np.array(missing)).tolist()))
 
     def lams(self, s: Schedule) -> np.ndarray:

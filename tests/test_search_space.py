@@ -194,3 +194,19 @@ def test_the_lambdas_a_space_keeps_on_a_schedule_are_its_own_and_follow_its_time
     np.testing.assert_array_equal(space.lams(renamed), exact)
     z = space.lams_to_logits(s)
     np.testing.assert_allclose(space.increments_to_lams(np.exp(z)), exact[1:-1], rtol=1e-12)
+
+
+def test_a_space_that_forgets_the_lambdas_it_kept_still_knows_every_time_it_is_asked_for(monkeypatch):
+    """A search of tens of thousands of evaluations fills the kept lambdas; forgetting them must not lose those of
+    the schedule being converted (its start, known before, was lost and a long search ended on a KeyError)."""
+    from steptune.search import space as space_module
+
+    monkeypatch.setattr(space_module, "KEPT_LAMS", 3)
+    space = DecisionSpace(NOISE, T0, T1)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = space.random(5, rng)
+        if s is None:
+            continue
+        np.testing.assert_array_equal(space.lams(s)[:-1], NOISE.lam_array(np.array(s.times))[:-1])
+        assert len(space._lam_cache) <= 3 + len(s.times)
