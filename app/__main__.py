@@ -1,3 +1,4 @@
+import os
 import signal
 import sys
 
@@ -6,7 +7,22 @@ def _as_ctrl_c(signum, frame):
     raise KeyboardInterrupt
 
 
+def _streams() -> None:
+    """A closed stdout or stderr (``>&-``) is read as an empty sink; a character the stream's encoding cannot write
+    (PYTHONIOENCODING=ascii, LANG=C) is written as its escape, not as a crash."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            setattr(sys, name, open(os.devnull, "w"))
+        elif hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # already detached or closed: left as it is
+                pass
+
+
 def run() -> None:
+    _streams()
     # Ctrl-C (or SIGTERM) while the command's modules load is held (blocked) until they have loaded: an interrupt
     # inside an import can leave a library half-initialised, failing with an unrelated error instead.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

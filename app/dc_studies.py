@@ -4,6 +4,7 @@ later fits, CPR and predictions consistent with the earlier ones. Bad input rais
 from __future__ import annotations
 
 from pathlib import Path
+from shlex import quote as shell_quote
 
 
 class DcStudyError(ValueError):
@@ -72,7 +73,7 @@ def fit_command(study: str, config: dict, nfe: int, cfg: float | None) -> str:
     if config.get("fit_samples", 10) != 10:
         opts.append(f"--fit-samples {config['fit_samples']}")
     where = f"--nfe {nfe}" + ("" if cfg is None else f" --guidance {cfg:g}")
-    return f"'steptune dc fit {' '.join(opts)} {where} --study {study}'"
+    return f"'steptune dc fit {' '.join(opts)} {where} --study {shell_quote(study)}'"
 
 
 def check_same_fit(db: str, study: str, config: dict, problem=None) -> None:
@@ -113,7 +114,7 @@ def fitted_rows(study: str, trials: list, fit: str) -> list[tuple[int, float | N
     rows = fit_rows(trials, fit)
     if not rows:
         other = [f for f in FITS if any(t.info.get("dc_fit") == f for t in trials)]
-        hint = f"use --fit {other[0]}" if other else f"run 'steptune dc fit --study {study}' first"
+        hint = f"use --fit {other[0]}" if other else f"run 'steptune dc fit --study {shell_quote(study)}' first"
         raise DcStudyError(f"study {study!r} has no '{fit}' fits; {hint}")
     return rows
 
@@ -206,7 +207,8 @@ def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, r
     if newer:
         nfe, cfg = newer[0]
         warn(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE {nfe}"
-             f"{'' if cfg is None else f', CFG {cfg:g}'}); rerun 'steptune dc cpr --study {study}' to include them")
+             f"{'' if cfg is None else f', CFG {cfg:g}'}); rerun 'steptune dc cpr --study {shell_quote(study)}' to "
+             "include them")
     return stored_cpr(study, config), "end-to-end", configs, fit
 
 

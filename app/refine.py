@@ -31,6 +31,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from shlex import quote as shell_quote
 
 from steptune.evaluators import EvalResult
 from steptune.evaluators.load import load_error_text
@@ -144,8 +145,8 @@ def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int 
     if trial is not None:
         t = next((t for t in trials if t.id == trial), None)
         if t is None:
-            raise RefineError(f"study {study!r} has no trial id {trial}; 'steptune best --study {study}' lists its "
-                              "best trials")
+            raise RefineError(f"study {study!r} has no trial id {trial}; 'steptune best --study {shell_quote(study)}' "
+                              "lists its best trials")
         if t.status != "complete" or t.score is None:
             raise RefineError(f"trial id {trial} of study {study!r} is {t.status}, not a complete scored trial; "
                               "refine a complete one")
@@ -286,8 +287,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                                screened_start(rec) if before is None else before))
             if say_skipped:
                 others = [str(t.id) for t in group if t.id not in done]
-                another = (f"; steptune refine --study {study} --trial {' or '.join(others)} refines another of its "
-                           "structures" if others else "")
+                another = (f"; steptune refine --study {shell_quote(study)} --trial {' or '.join(others)} refines "
+                           "another of its structures" if others else "")
                 say(f"NFE {parent.nfe}: trial id {parent.id} was refined before (trial id {prev.id}){another}")
             continue
         if stop():

@@ -43,15 +43,19 @@ def _problem_of(problems: list[dict], study: str) -> dict:
     raise queries.NotFound(f"no study named {study!r}")
 
 
-def _all_trials(store: Storage, problem: int) -> list[dict]:
+def _all_trials(store: Storage, problem: int) -> tuple[list[dict], int]:
+    """The problem's trials for the report's table, and how many it has: all of them, or where they are more than
+    ``MAX_TRIALS``, the best that many by score (every trial's row, scored or not, is in the dashboard)."""
+    total = queries.trials_page(store, problem=problem, limit=1)["total"]
+    sort = "number" if total <= MAX_TRIALS else "score"
     rows, offset = [], 0
-    while len(rows) < MAX_TRIALS:
-        page = queries.trials_page(store, problem=problem, offset=offset, limit=queries.MAX_PAGE)
+    while len(rows) < min(total, MAX_TRIALS):
+        page = queries.trials_page(store, problem=problem, sort=sort, offset=offset, limit=queries.MAX_PAGE)
         rows += page["items"]
         offset += queries.MAX_PAGE
         if offset >= page["total"]:
             break
-    return rows[:MAX_TRIALS]
+    return rows[:MAX_TRIALS], total
 
 
 def _exports(store: Storage, trial_id: int) -> dict:
@@ -100,8 +104,9 @@ def report_data(store: Storage, study: str, cache_dir: str | Path | None = "runs
     written = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     config = {"mode": "report", "statuses": list(STATUSES), "formats": list(REPORT_FORMATS),
               "sortable": list(queries.SORTABLE)}
+    trials, total = _all_trials(store, prob["id"])
     return {"study": study, "written": written, "config": config, "responses": responses,
-            "trials": _all_trials(store, prob["id"]), "exports": exports, "grids": grids}
+            "trials": trials, "trials_total": total, "exports": exports, "grids": grids}
 
 
 def _inline_script(code: str) -> str:
@@ -125,12 +130,17 @@ def _escape(s: str) -> str:
     return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def save_report(data: dict, output: str | Path) -> Path:
+    """Write the page of :func:`report_data`'s ``data`` to ``output``; returns the path."""
+    output = Path(output)
+    html = render_report(data, f"steptune report: {data['study']}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(html)
+    return output
+
+
 def write_report(store: Storage, study: str, output: str | Path, cache_dir: str | Path | None = "runs/cache",
                  device: str = "cpu") -> Path:
     """Write the report of ``study`` (its problem's front, its search efficiency, trials, schedules, sample grids
     of image problems) to ``output``; returns the path."""
-    output = Path(output)
-    html = render_report(report_data(store, study, cache_dir, device), f"steptune report: {study}")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(html)
-    return output
+    return save_report(report_data(store, study, cache_dir, device), output)

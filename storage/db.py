@@ -29,6 +29,7 @@ import math
 import os
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -66,6 +67,7 @@ from .schema import (
 )
 
 DEFAULT_URL = "sqlite:///runs/steptune.db"
+MAX_NAME = 200  # characters of a study's name (the column's width)
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
@@ -294,6 +296,16 @@ def reporting_fidelity(config: Mapping | None) -> str | None:
     return (config or {}).get("fidelity") or None
 
 
+def _check_name(name) -> None:
+    """A study's name: one line of at most ``MAX_NAME`` characters (it is printed in tables and typed again)."""
+    if not name or not isinstance(name, str):
+        raise StorageError("a study needs a non-empty name")
+    if len(name) > MAX_NAME:
+        raise StorageError(f"study name {name[:40]!r}... is {len(name)} characters long; use at most {MAX_NAME}")
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        raise StorageError(f"study name {name!r} holds a line break or another control character; give it on one line")
+
+
 def _check_kind(kind: str) -> None:
     if kind not in STUDY_KINDS:
         raise StorageError(f"study kind {kind!r} is unknown; use one of {', '.join(k for k in STUDY_KINDS if k)} "
@@ -355,12 +367,20 @@ def resolve_url(url: str | None, must_exist: bool = False) -> str:
     except ArgumentError:
         raise StorageError(f"database URL {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///runs/steptune.db "
                            "or postgresql+psycopg://user@host/db") from None
+    if u.get_backend_name() == "sqlite" and (u.database or ":memory:") == ":memory:" or "mode=memory" in url:
+        raise StorageError(f"database URL {url!r} is an in-memory SQLite database, which is gone when the command "
+                           "ends (and not shared between its connections); name a file, e.g. sqlite:///runs/steptune.db")
     path = _sqlite_path(u)
     if path is not None and not path.exists():
         if must_exist:
             raise StorageError(f"no database at {path}; run a search first, or name the database that holds your "
                                    "studies (--db URL on the command line, db= in Python, or $STEPTUNE_DB)")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot make the folder {path.parent} for the database {url!r} ({e.strerror or e}); "
+                               "run where you can write, or name a database in a writable place (--db URL on the "
+                               "command line, db= in Python, or $STEPTUNE_DB)") from None
     elif path is not None and must_exist and path.is_file() and path.stat().st_size == 0:  # left as it is: not opened
         raise StorageError(f"{path} is empty, not a steptune database; run a search first, or name the database that "
                            "holds your studies (--db URL on the command line, db= in Python, or $STEPTUNE_DB)")
@@ -580,8 +600,6 @@ class Storage:
         once per distinct identity; ``conventions`` default to its ``model`` entry; ``kind`` says what made
         it (one of ``STUDY_KINDS``). With ``exist_ok``, an existing study of that name is returned instead
         (resuming)."""
-        if not name or not isinstance(name, str):
-            raise StorageError("a study needs a non-empty name")
         with self._tx() as s:
             existing = s.scalar(select(Study).where(Study.name == name))
             if existing is not None:
@@ -593,6 +611,7 @@ class Storage:
 
     def _insert_study(self, s: Session, name, method="", seed=None, config=None, problem=None, conventions=None,
                       metric="rmse", kind="") -> Study:
+        _check_name(name)
         _check_kind(kind)
         pid = self._problem_id(s, problem, conventions) if problem is not None else None
         st = Study(name=name, kind=kind, method=method, seed=seed, config=json.loads(_canonical(dict(config or {}))),
@@ -661,6 +680,25 @@ class Storage:
             st = self._study_row(s, study, lock=True)
             if ((st.config or {}).get("driver") or {}).get("id") == driver:
                 st.config = {k: v for k, v in st.config.items() if k != "driver"}
+
+    def delete_study(self, study: str, lease_seconds: float, *, gone: Callable[[str], bool] = lambda driver: False,
+                     now: datetime | None = None) -> int:
+        """Delete ``study`` with its trials and relaxation rounds, in one transaction; how many trials it held.
+        Refused (DriverBusy) while a driver holds it: one whose heartbeat is at most ``lease_seconds`` old and that
+        ``gone`` does not know to be dead. Its problem stays for the studies that share it."""
+        now = now or utcnow()
+        with self._tx() as s:
+            st = self._study_row(s, study, lock=True)
+            held = (st.config or {}).get("driver") or {}
+            if held.get("id") is not None:
+                age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
+                if age <= lease_seconds and not gone(held["id"]):
+                    raise DriverBusy(study, held["id"], age)
+            n = s.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == st.id))
+            for table in (Trial, RelaxationRecord):  # as the foreign keys' cascade would, on every database
+                s.execute(delete(table).where(table.study_id == st.id))
+            s.delete(st)
+            return n
 
     def drop_unused_study(self, study: str, driver: str) -> bool:
         """Delete ``study`` if ``driver`` holds it and it holds nothing (no trial, no relaxation round): a run that

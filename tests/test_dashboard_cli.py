@@ -132,3 +132,27 @@ def test_a_report_answers_every_fidelity_its_menu_offers_and_opens_the_studys_ow
         complete = [t.id for t in store.trials(SEARCH_STUDY, status="complete") if t.score is not None]
     views = {int(k.split("/")[3]) for k in data["responses"] if k.startswith("/api/trials/")}
     assert len(complete) <= MAX_SCHEDULES and set(complete) <= views
+
+
+def test_a_report_of_more_trials_than_it_holds_keeps_the_best_and_says_so(dashboard_db, tmp_path, capsys,  # noqa: F811
+                                                                          monkeypatch):
+    from steptune import report
+    from steptune.dashboard import open_read_only
+
+    url, _ = dashboard_db
+    store = open_read_only(url)
+    try:
+        every = report.report_data(store, SEARCH_STUDY, cache_dir=None)["trials"]
+    finally:
+        store.close()
+    monkeypatch.setattr(report, "MAX_TRIALS", 10)
+    out = tmp_path / "r.html"
+    assert main(["report", "--study", SEARCH_STUDY, "--db", url, "-o", str(out)]) == 0
+    said = capsys.readouterr().err
+    assert (f"note: its trial table holds the best 10 of the problem's {len(every):,} trials by score (the dashboard, "
+            "steptune dashboard, shows every one)") in " ".join(said.split()), said
+    scored = sorted((t for t in every if t["score"] is not None), key=lambda t: (t["score"], t["id"]))
+    page = out.read_text()
+    for t in scored[:10]:  # the best ten are in the page's data, with the count of all
+        assert f'"id":{t["id"]},' in page
+    assert f'"trials_total":{len(every)}' in page

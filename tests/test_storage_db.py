@@ -657,3 +657,26 @@ def test_only_an_empty_study_its_driver_holds_is_dropped(db):
     assert db.drop_unused_study("empty", "a")
     assert [s.name for s in db.studies()] == ["other", "filled", "free"]
     assert len(db.trials("filled")) == 1 and db.get_study("other").config["driver"]["id"] == "b"
+
+
+def test_a_study_is_deleted_whole_and_alone_and_not_while_a_run_holds_it(db):
+    from steptune.storage.db import DriverBusy
+    from steptune.storage.schema import utcnow
+
+    for name in ("gone", "kept"):
+        db.add_trials(name, [{"schedule": presets.ddim(n, NS), "status": "complete", "metrics": {"rmse": 0.1 * n}}
+                             for n in (4, 5, 6)], create={"method": "s3", "problem": PROBLEM})
+        db.add_relaxation(name, 0, 1.5)
+    before = _rows(db)
+    db.claim_driver("gone", "host:1", lease_seconds=120)
+    with pytest.raises(DriverBusy):  # a live run holds it: nothing goes
+        db.delete_study("gone", 120)
+    assert _rows(db) == before
+    later = utcnow() + timedelta(seconds=121)
+    assert db.delete_study("gone", 120, now=later) == 3  # its driver's lease ran out
+    assert [s.name for s in db.studies()] == ["kept"] and len(db.trials("kept")) == 3
+    after = _rows(db)
+    assert (after["trials"], after["relaxation_records"], after["studies"]) == \
+        (before["trials"] - 3, before["relaxation_records"] - 1, before["studies"] - 1)
+    with pytest.raises(StorageError, match="no study named 'gone'"):
+        db.delete_study("gone", 120)

@@ -29,7 +29,7 @@ def cells(cost: dict, nfe: int) -> list[str]:
     c = next((c for c in cost["per_nfe"] if c["nfe"] == nfe), None)
     if c is None:
         return ["—"] * len(COLUMNS)
-    return [str(c["evaluations"]), f"{c['model_calls']:,}", seconds_text(c["wall_seconds"]),
+    return [f"{c['evaluations']:,}", f"{c['model_calls']:,}", seconds_text(c["wall_seconds"]),
             seconds_text(c["device_seconds"])]
 
 
@@ -53,7 +53,7 @@ def _part(c: dict) -> str:
     if not c["evaluations"]:
         return "no evaluations"
     extra = ", ".join(f"{n} {what}" for n, what in ((c["repeats"], "repeated"), (c["reused"], "reused")) if n)
-    return (f"{c['evaluations']} evaluations{f' ({extra})' if extra else ''}, {c['model_calls']:,} model calls, "
+    return (f"{c['evaluations']:,} evaluations{f' ({extra})' if extra else ''}, {c['model_calls']:,} model calls, "
             f"wall {seconds_text(c['wall_seconds'])}, {seconds_text(c['device_seconds'])} on {c['device'] or '—'}")
 
 

@@ -12,7 +12,7 @@ import typer
 from steptune.cli.console import err
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_CACHE, DEFAULT_DB, CacheOpt, DbOpt, DeviceOpt, StudyOpt
-from steptune.cli.paths import output_file
+from steptune.cli.paths import file_stem, output_file
 from steptune.cli.problems import pick_device
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -85,18 +85,22 @@ def report_cmd(
     """Write one self-contained HTML report of a study's problem (fronts, efficiency, trials, schedules)."""
     from steptune.dashboard import open_read_only
     from steptune.dashboard.queries import NotFound
-    from steptune.report import write_report
+    from steptune.report import report_data, save_report
 
-    output = output_file(output or Path("runs/reports") / f"{study}.html", "-o")
+    output = output_file(output or Path("runs/reports") / f"{file_stem(study)}.html", "-o")
     store = open_read_only(db)
     try:
         store.get_study(study)
-        path = write_report(store, study, output, cache, pick_device(device))
+        data = report_data(store, study, cache, pick_device(device))
+        path, kept, total = save_report(data, output), len(data["trials"]), data["trials_total"]
     except NotFound as e:
         raise CliError(str(e)) from None
     finally:
         store.close()
     err.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)")
+    if kept < total:
+        err.print(f"note: its trial table holds the best {kept:,} of the problem's {total:,} trials by score (the "
+                  f"dashboard, steptune dashboard, shows every one)")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,4 +1,4 @@
-"""`steptune db upgrade` and `steptune db current`: the database schema."""
+"""`steptune db upgrade` and `steptune db current`: the database schema; `steptune db delete`: a study."""
 
 from __future__ import annotations
 
@@ -56,6 +56,33 @@ def db_current_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
         out.print(f"database {shown} is at schema revision {revision or 'none'}; this steptune needs {head}: run "
                   f"'steptune db upgrade --db URL'", highlight=False)
 
+
+@db_app.command("delete")
+def db_delete_cmd(study: Annotated[str, typer.Option("--study", help="The study to delete.")],
+                  yes: Annotated[bool, typer.Option("--yes", help="Delete it (without, only say what would go).")]
+                  = False,
+                  db: DbOpt = DEFAULT_DB):
+    """Delete a study with all its trials (refused while a run holds it); --yes to do it."""
+    from steptune.cli.errors import CliError
+    from steptune.run_lease import LEASE_SECONDS, process_gone
+    from steptune.storage import StorageError, connect
+
+    try:
+        store = connect(db, must_exist=True)
+    except StorageError as e:
+        raise CliError(f"--db: {e}") from None
+    try:
+        st = store.get_study(study)
+        if not yes:
+            raise CliError(f"study {study!r} ({st.method or st.kind or 'no method'}) holds {st.n_trials:,} trials; "
+                           "add --yes to delete it and them (nothing is deleted without it)")
+        n = store.delete_study(study, LEASE_SECONDS, gone=process_gone)
+    except StorageError as e:
+        raise CliError(str(e)) from None
+    finally:
+        store.close()
+    err.print(f"deleted study {study!r} and its {n:,} trials from {db or 'the database'}; files written from it "
+              "(runs/search, runs/export, reports) are left as they are", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

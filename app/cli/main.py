@@ -11,6 +11,7 @@ import typer
 from steptune import __version__
 from steptune.cli import dashboard, db, dc, digits, refine, results, run, schedules, search, sor
 from steptune.cli.errors import CliError, library_errors
+from steptune.cli.progress import log_interval
 
 
 def _version(value: bool) -> None:
@@ -38,6 +39,7 @@ app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Search and tune diffusion solver schedules."""
+    log_interval()  # a bad value is refused before a command writes anything
 
 
 for module in (schedules, results, search, run, refine, dc, digits, dashboard, sor, db):

@@ -29,6 +29,13 @@ def _named_validly(path: Path, option: str) -> None:
 STDOUT = Path("-")  # -o - : the standard output, as the command prints without -o
 
 
+def file_stem(name: str) -> str:
+    """A study's name as the start of a file name in the folder it is written to: its path separators as ``_``, and a
+    leading dot too (``../x`` and ``a/b`` name no file elsewhere)."""
+    stem = name.replace("/", "_").replace("\\", "_")
+    return "_" + stem[1:] if stem.startswith(".") else stem
+
+
 def output_file(path: Path, option: str, *, stdout: bool = False) -> Path:
     """``path`` when a file can be written there (its folders are made when it is written); with ``stdout``, ``-`` as
     it is (the caller prints)."""

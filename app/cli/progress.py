@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from steptune.cli.console import duration, err
+from steptune.cli.console import duration, err, live
+from steptune.cli.errors import CliError
 
 
 def best_text(best: dict) -> str:
@@ -65,12 +67,25 @@ def stamped(line: str, since: float) -> str:
     return f"[{duration(time.monotonic() - since)}] {line}"
 
 
+def log_interval() -> float:
+    """Seconds between progress lines in a log: ``$STEPTUNE_LOG_INTERVAL`` (30 where it is unset or empty)."""
+    text = os.environ.get("STEPTUNE_LOG_INTERVAL", "").strip()
+    try:
+        seconds = float(text) if text else 30.0
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise CliError(f"STEPTUNE_LOG_INTERVAL={text!r}: give the seconds between progress lines as a number, 0 or "
+                       "more (0 writes a line for every result), or unset it for the default 30")
+    return seconds
+
+
 class LineProgress:
     """Plain progress lines (logs): evaluations done of the budget, best per NFE, rate, ETA, failures; their times
     since ``started`` (default: now)."""
 
     def __init__(self, interval: float | None = None, started: float | None = None):
-        self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
+        self.interval = log_interval() if interval is None else interval
         self.last_line = -float("inf")
         self.last: dict | None = None
         self.last_text: tuple | None = None  # what the last line written counted: never written twice running
@@ -151,7 +166,7 @@ class LogBar:
     command that fails at once writes nothing but its error."""
 
     def __init__(self, interval: float | None = None, disable: bool = False):
-        self.interval = float(os.environ.get("STEPTUNE_LOG_INTERVAL", 30)) if interval is None else interval
+        self.interval = log_interval() if interval is None else interval
         self.disable = disable
         self.started = time.monotonic()
         self.tasks: dict[int, dict] = {}
@@ -213,7 +228,7 @@ def said_in_log(doing: str, done: str, quiet: bool = False, since: float | None 
     it has taken ``after`` seconds; nothing in a terminal, whose spinner or bar shows it, or when ``quiet``."""
     from steptune.slow_steps import said_if_slow
 
-    if quiet or err.is_terminal:
+    if quiet or live():
         return contextlib.nullcontext()
     started = time.monotonic() if since is None else since
 
@@ -226,7 +241,7 @@ def said_in_log(doing: str, done: str, quiet: bool = False, since: float | None 
 def task_bar(*columns, disable: bool = False, transient: bool = True):
     """The progress of a command's counted work on stderr: rich's bar with ``columns`` (its default ones when none)
     in a terminal, plain lines in a log (:class:`LogBar`)."""
-    if err.is_terminal:
+    if live():
         return Progress(*columns, console=err, disable=disable, transient=transient)
     return LogBar(disable=disable)
 
@@ -236,4 +251,4 @@ def job_progress(quiet: bool = False, started: float | None = None):
     times since ``started``)."""
     if quiet:
         return NoProgress()
-    return BarProgress() if err.is_terminal else LineProgress(started=started)
+    return BarProgress() if live() else LineProgress(started=started)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from shlex import quote as shell_quote
 from typing import Annotated, Literal
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from steptune.cli.console import err, fmt, out
 from steptune.cli.cost import nfe_cell, print_interpolated_note
 from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
-from steptune.cli.paths import STDOUT, output_file, output_folder
+from steptune.cli.paths import STDOUT, file_stem, output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
@@ -71,8 +73,9 @@ def studies_cmd(db: DbOpt = DEFAULT_DB, json_: JsonOpt = False):
             continue
         c = r["trials"]
         problem = f"{r['problem']} ({r['noise']})" if r["problem"] and r["noise"] else r["problem"] or "—"
-        table.add_row(r["study"], r["method"], problem, str(sum(c.values())), str(c.get("complete", 0)),
-                      str(c.get("pruned", 0)), str(c.get("failed", 0)), f"{c.get('running', 0)}/{c.get('queued', 0)}",
+        table.add_row(r["study"], r["method"], problem, *(f"{n:,}" for n in (sum(c.values()), c.get("complete", 0),
+                                                                         c.get("pruned", 0), c.get("failed", 0))),
+                      f"{c.get('running', 0)}/{c.get('queued', 0)}",
                       ("  ".join(f"{b['nfe']}: {fmt(b['score'])}" for b in r["best"])
                        + (f"  ({r['fidelity']})" if r["fidelity"] and r["best"] else "")) or "—")
     out.print(table)
@@ -102,9 +105,9 @@ def best_cmd(study: StudyOpt, nfe: Annotated[int | None, typer.Option(
             if json_:
                 print(json.dumps(export_dict(t, st, cost_at(store, t), built_from(store, t)), indent=2))
                 return
-            out.print(f"[bold]{study}[/] NFE {t.nfe}: {st.metric} {fmt(t.score)}  (trial id {t.id}, number "
-                      f"{t.number} in the study, {t.schedule.get('name') or 'unnamed'}, fidelity {t.fidelity or '—'}, "
-                      f"bank {t.bank or '—'})")
+            out.print(f"[bold]{escape(study)}[/] NFE {t.nfe}: {st.metric} {fmt(t.score)}  (trial id {t.id}, number "
+                      f"{t.number} in the study, {escape(t.schedule.get('name') or 'unnamed')}, fidelity "
+                      f"{t.fidelity or '—'}, bank {t.bank or '—'})", markup=True)
             if t.metrics:
                 out.print("metrics: " + ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}"
                                                   for k, v in t.metrics.items()))
@@ -223,7 +226,7 @@ def export_cmd(
         st = store.get_study(study)
         if st.kind == "relaxation":
             raise CliError(f"study {study!r} is a relaxation study: it holds SOR rounds, not schedules; "
-                           f"'steptune relax-report --study {study}' reports it")
+                           f"'steptune relax-report --study {shell_quote(study)}' reports it")
         fidelity = fidelity or st.config.get("fidelity")
         if trial is not None:
             t = store.trial(trial)
@@ -259,7 +262,7 @@ def export_cmd(
                   "(its scores are in the export; the parent is the better schedule)")
     elif t.status != "complete":
         err.print(f"note: trial id {t.id} is {t.status}, not evaluated: the export carries no scores")
-    stem = f"{study}-nfe{sched.nfe}"
+    stem = f"{file_stem(study)}-nfe{sched.nfe}"
     if format_ == "json":
         doc = export_dict(t, st, cost, source) if interpolated is None else interpolated["doc"]
         text = json.dumps(doc, indent=2) + "\n"
@@ -372,7 +375,7 @@ def import_cmd(
                f"'steptune eval -s {file}', or import it into the study of a search or job, whose next run scores it")
     else:
         how = (f"queued{scored_elsewhere}: the study's next run scores it, 'steptune run' of its job file or the "
-               f"'steptune search' that made it again with --study {study}")
+               f"'steptune search' that made it again with --study {shell_quote(study)}")
     err.print(f"imported {file} into study {study!r} as trial id {t.id} (number {t.number} in the study, NFE {t.nfe}, "
               f"{how})")
 

@@ -7,13 +7,15 @@ import os
 import signal
 import time
 from pathlib import Path
+from shlex import quote as shell_quote
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from steptune.cli import cost as cost_table
-from steptune.cli.console import duration, err, fmt, out, per_minute
+from steptune.cli.console import duration, err, fmt, live, out, per_minute
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
 from steptune.cli.progress import job_progress, stamped
@@ -31,8 +33,11 @@ def _open_storage(url: str | None, must_exist: bool = False, where: str = "stora
     except StorageError as e:
         raise CliError(f"{where}: {e}") from None
     except Exception as e:  # a driver error while reaching the server (refused, unknown host, bad login)
+        from steptune.storage.db import DEFAULT_URL
+
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CliError(f"{where}: cannot open the database {url!r} ({first})") from None
+        shown = url or os.environ.get("STEPTUNE_DB") or DEFAULT_URL
+        raise CliError(f"{where}: cannot open the database {shown!r} ({first})") from None
 
 
 def print_imports(result) -> None:
@@ -40,7 +45,7 @@ def print_imports(result) -> None:
     for i in result.imports:
         what = f"the imported schedule, trial id {i['id']} (NFE {i['nfe']})"
         if i["status"] == "failed":
-            err.print(f"{what} failed; 'steptune status --study {result.study}' says why", highlight=False)
+            err.print(f"{what} failed; 'steptune status --study {shell_quote(result.study)}' says why", highlight=False)
             continue
         if i["status"] != "complete":
             err.print(f"{what} is not scored yet; the study's next run scores it", highlight=False)
@@ -103,6 +108,13 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
     from steptune.runner import Runner
     from steptune.storage.db import DatabaseUnavailable, DriverLost, sqlite_file
 
+    if job.evaluation.cache:  # the reference states are written there first thing: a folder that cannot be is named
+        from steptune.cli.paths import output_folder
+
+        try:
+            output_folder(Path(job.evaluation.cache), "evaluation.cache")
+        except CliError as e:
+            raise CliError(f"{source}: {e.message}" if source else e.message) from None
     new_file = sqlite_file(job.storage.db)
     new_file = new_file if new_file is not None and not new_file.exists() else None
     if db_from is None:
@@ -114,9 +126,12 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
     def say(line: str) -> None:
         for shown_ in shown_now:
             shown_.flush()
-        err.print(line if err.is_terminal else stamped(line, began))
+        if live():
+            err.print(line)
+        else:
+            err.print(stamped(line, began), highlight=False)
 
-    backend_ = make_backend(job, on_event=lambda msg: say(f"[yellow]{msg}; its candidates are re-queued"))
+    backend_ = make_backend(job, on_event=lambda msg: say(f"{msg}; its candidates are re-queued"))
 
     runner = Runner(job, storage, backend_, say=say)
     try:
@@ -147,7 +162,7 @@ def execute_job(job, quiet: bool = False, source: str | None = None, db_from: st
                 raise _StartInterrupted(at_start[0])
             runner.interrupt()
             again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-            say(f"[yellow]{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing the "
+            say(f"{'interrupted' if signum == signal.SIGINT else 'terminated (SIGTERM)'}: finishing the "
                 f"evaluations in flight ({again} again to abort)")
 
         at_start: list[str] = []  # the signal that stopped the run while its evaluators started
@@ -263,7 +278,8 @@ def study_status(storage, study: str) -> dict:
     # a trial moved off a lost evaluator before it began spent no attempt: it was not retried
     retried = [t for t in trials if t.attempts > 1 or ((t.error or "").startswith("re-queued")
                                                     and not t.error.startswith("re-queued: not started"))]
-    troubled = sorted((t for t in trials if t.status == "failed" or t in retried), key=lambda t: t.number)
+    again = {t.id for t in retried}
+    troubled = sorted((t for t in trials if t.status == "failed" or t.id in again), key=lambda t: t.number)
     queued = sum(t.status == "queued" for t in trials)
     return {"study": study, "method": st.method, "seed": st.seed, "made_by": st.made_by, "searched": bool(job),
             "trials": len(trials), "driver": driver, "last_run": st.config.get("last_run"),
@@ -383,9 +399,9 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
     pct = f" ({100 * done / total:.0f}%)" if total else ""
     counted = (f"{done} (more than its budget of {total}, lowered since)" if total and done > total
                else f"{done}/{total or '?'}{pct}")
-    out.print(f"[bold]{study}[/]: {info['method']} seed {info['seed']}, {info['trials']} trials; search "
+    out.print(f"[bold]{escape(study)}[/]: {info['method']} seed {info['seed']}, {info['trials']:,} trials; search "
               f"{counted}; running {info['running']}, queued {info['queued']}; "
-              f"rate {per_minute(info['per_minute'])}, {_run_state(info)}")
+              f"rate {per_minute(info['per_minute'])}, {escape(_run_state(info))}", markup=True)
     if info["search_exhausted"]:
         out.print(f"the search tried every schedule its method can make at these NFEs after {done} evaluations: the "
                   "rest of the budget is not spent, and a rerun searches nothing new")
@@ -421,8 +437,9 @@ def _print_unsearched(info: dict) -> None:
     n, q = info["trials"], info["queued"]
     queued = (f", {q} of them queued, which no run of this study scores ('steptune eval -s FILE' scores a schedule "
               "file; a search's study scores what is imported into it)") if q else ""
-    out.print(f"[bold]{info['study']}[/]: made by {info['made_by']}, {n} trial{'s' if n != 1 else ''}{queued}; no "
-              "search runs on it")
+    made_by = escape(f"made by {info['made_by']}")
+    out.print(f"[bold]{escape(info['study'])}[/]: {made_by}, {n} trial{'s' if n != 1 else ''}{escape(queued)}; no "
+              "search runs on it", markup=True)
     table = Table(title="best per NFE (as 'steptune best' chooses)")
     for col in ("NFE", "score", "trial id", "schedule", "fidelity"):
         table.add_column(col, justify="left" if col in ("schedule", "fidelity") else "right")

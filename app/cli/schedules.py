@@ -9,9 +9,10 @@ from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from steptune import grids
-from steptune.cli.console import err, fmt, out
+from steptune.cli.console import err, fmt, live, out
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import (
     DEFAULT_CACHE,
@@ -132,7 +133,7 @@ def eval_cmd(
         if note is not None and not json_:
             err.print(note, markup=False, highlight=False)
     rows = []
-    spinner = err.status("computing reference solution and evaluating...") if not json_ and err.is_terminal else \
+    spinner = err.status("computing reference solution and evaluating...") if not json_ and live() else \
         contextlib.nullcontext()
     logged = said_in_log(f"computing the reference solution of the {bank} bank (once; later runs read it from "
                          f"{cache}) and evaluating", "evaluated", quiet=json_)
@@ -277,7 +278,7 @@ def sweep_cmd(
     chosen = sweep.chosen_spacings(rows) if spacing == sweep.BEST else {}
     for s in specs_:
         texts = [fmt(cells.get((s, n))) + (f" {chosen[s, n]}" if (s, n) in chosen else "") for n in nfes_]
-        table.add_row(s, *[(f"[green]{t}[/]" if best.get(n, {}).get("preset") == s else t)
+        table.add_row(s, *[(Text(t, style="green") if best.get(n, {}).get("preset") == s else t)
                            for t, n in zip(texts, nfes_)])
     out.print(table)
     out.print(f"saved {jpath} and {mpath}")

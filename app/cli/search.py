@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from shlex import quote as shell_quote
 from typing import Annotated
 
 import typer
@@ -83,7 +84,7 @@ def search_cmd(
 ):
     """Search schedules per NFE on a problem (or your --model); report held-out scores against the best preset."""
     from steptune.cli import cost as cost_table
-    from steptune.cli.paths import output_folder
+    from steptune.cli.paths import file_stem, output_folder
     from steptune.cli.problems import build_problem, chosen_problem
     from steptune.cli.run import execute_job, print_imports, print_overfit, print_stopped
 
@@ -154,7 +155,7 @@ def search_cmd(
                "imports": result.imports, "failed": result.failed, "seconds": result.seconds,
                "cheap_samples": cheap_n, "heldout_samples": job.evaluation.heldout_samples, "results": rows,
                "database": resolve_url(job.storage.db), "cost": cost}
-    jpath = out_dir / f"{name}.json"
+    jpath = out_dir / f"{file_stem(name)}.json"
     if json_:
         print(json.dumps(payload, indent=2, default=float))
     else:
@@ -194,8 +195,8 @@ def _save_summary(path: Path, payload: dict, study: str) -> None:
         path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     except OSError as e:
         failure = CliError(f"--out {path.parent}: could not save the summary ({e.strerror or e}); study {study!r} is "
-                           f"in the database: 'steptune status --study {study}' shows it, and the same search with "
-                           "another --out writes the summary without evaluating again")
+                           f"in the database: 'steptune status --study {shell_quote(study)}' shows it, and the same "
+                           "search with another --out writes the summary without evaluating again")
         failure.exit_code = 1
         raise failure from None
 

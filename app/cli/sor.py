@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from shlex import quote as shell_quote
 from typing import Annotated
 
 import numpy as np
@@ -361,7 +362,7 @@ def relax_cmd(
             value = "—" if value is None else f"{100 * value:.2f}% of solve time"
         t.add_row(key.replace("_", " ").replace("omega", "ω"), str(value))
     out.print(t)
-    out.print(f"steptune relax-report --study {name}  (cumulative iterations vs baselines)")
+    out.print(f"steptune relax-report --study {shell_quote(name)}  (cumulative iterations vs baselines)")
 
 def relax_report_cmd(
     study: Annotated[str, typer.Option("--study", "-s", help="Study name.")],
@@ -376,6 +377,7 @@ def relax_report_cmd(
 ):
     """Cumulative iterations of a relaxation study against baselines, ω over time (table + PNG), and the totals of
     iterations and seconds against the baselines run online (kept with the study for the dashboard)."""
+    from steptune.cli.paths import file_stem
     from steptune.storage import StorageError, connect
 
     _check_image_path(output)
@@ -415,7 +417,7 @@ def relax_report_cmd(
             store.update_study_config(study, {VERDICT: report["verdict"]})
         except StorageError as e:
             raise CliError(str(e)) from None
-    png = output or Path("runs/relax") / f"{study}.png"
+    png = output or Path("runs/relax") / f"{file_stem(study)}.png"
     _plot(png, study, curves, rows)
     report["png"] = str(png)
     if json_:
@@ -468,7 +470,7 @@ def sor_study_summary(store, st) -> dict:
     return {"study": st.name, "kind": st.kind, "learner": (setup.get("policy") or {}).get("learner", st.method),
             "problem": (setup.get("problem") or {}).get("problem"), "rounds": len(rows),
             "mean_iterations": float(np.mean(its)) if its else None,
-            "report": f"steptune relax-report --study {st.name}"}
+            "report": f"steptune relax-report --study {shell_quote(st.name)}"}
 
 
 def print_sor_study(summary: dict, json_: bool) -> None:

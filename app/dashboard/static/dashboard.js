@@ -325,7 +325,9 @@ async function renderTrials() {
     }).join("") + "</tr>").join("");
   $("trials-table").innerHTML = `<thead><tr>${head}</tr></thead><tbody>${body}</tbody>`;
   const last = Math.min(page.offset + page.items.length, page.total);
-  $("trials-count").textContent = page.total ? `${page.offset + 1}–${last} of ${page.total}` : "no trials";
+  const held = REPORT && REPORT.trials_total > REPORT.trials.length
+    ? ` (this report holds the best ${REPORT.trials.length} of ${REPORT.trials_total} trials by score)` : "";
+  $("trials-count").textContent = (page.total ? `${page.offset + 1}–${last} of ${page.total}` : "no trials") + held;
   $("trials-count").dataset.total = String(page.total);
   $("prev").disabled = page.offset <= 0;
   $("next").disabled = last >= page.total;
