@@ -265,8 +265,8 @@ def fit_models(plan: dict) -> dict:
             if refit_due(len(rows), None if changed else last, plan["min_train"]):
                 models[g] = (Predictor(kind or "extra-trees", plan["seed"]).fit(X[rows], nfes[rows], scores[rows]),
                              len(rows))
-    return {"select": select, "models": models, "trials": len(scores), "per_model": plan["per_model"],
-            "cpu_seconds": time.thread_time() - c0}
+    return {"select": select, "changed": changed, "models": models, "trials": len(scores),
+            "per_model": plan["per_model"], "cpu_seconds": time.thread_time() - c0}
 
 
 _FIT_THREAD: ThreadPoolExecutor | None = None
@@ -467,7 +467,13 @@ class S3Searcher(Searcher):
             self._install(fit_models(plan))
             return
         if first:  # the first models rank at once; choosing the kind, a fit of each on a split, waits an ask
-            self._install(fit_models({**plan, "select": False, "kind": self._chosen or self.auto_kinds[0]}))
+            kind = self._chosen or self.auto_kinds[0]
+            fitted = fit_models({**plan, "select": False, "kind": kind})
+            self._install(fitted)
+            # ... and fits them again only if it chooses another kind (the same fit would give the same models)
+            made = {g: m for g, (_, m) in fitted["models"].items()}
+            plan = {**plan, "kind": kind, "groups": {g: (rows, made.get(g, last))
+                                                     for g, (rows, last) in plan["groups"].items()}}
         self._fitting = _fit_thread().submit(fit_models, plan)
 
     def _fit_plan(self, asking: int) -> dict | None:
@@ -504,7 +510,7 @@ class S3Searcher(Searcher):
         self.fit_cpu_seconds += fitted["cpu_seconds"]
         if fitted["select"] is not None:
             best, taus = fitted["select"]
-            if best != self._chosen:
+            if fitted["changed"]:  # another kind than the models were fitted as
                 self._models.clear()
             self._chosen = best
             self.tau_report.append({"trials": fitted["trials"], "chosen": best, **taus})

@@ -197,6 +197,32 @@ def test_the_first_models_rank_at_once_and_auto_chooses_the_kind_by_the_next_ask
     assert se._fit_size[5] == 12
 
 
+@pytest.mark.parametrize("kinds", [("gbr", "extra-trees"), ("extra-trees", "gbr")])
+def test_the_kind_chosen_first_refits_the_first_models_only_where_it_is_another_kind(space, kinds, monkeypatch):
+    """The first models are fitted at once as the first kind; when the choice that follows keeps that kind, they are
+    not fitted again (the same fit gives the same models), and either way the models are then of the chosen kind,
+    fitted on the trials the first ones were."""
+    from steptune.search import s3
+
+    fits = []
+    fit = s3.Predictor.fit
+
+    def counted(self, X, nfes, scores):
+        fits.append((self.kind, len(scores)))
+        return fit(self, X, nfes, scores)
+
+    monkeypatch.setattr(s3.Predictor, "fit", counted)
+    se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
+                       presets=("ddim",), auto_kinds=kinds)
+    tell_until(se, space, 12)
+    se.ask(4)
+    se.ask(4)
+    chosen = se._chosen
+    full = [f for f in fits if f[1] == 12]  # the fits on every trial; the choice's own are on a split
+    assert full == ([(kinds[0], 12)] if chosen == kinds[0] else [(kinds[0], 12), (chosen, 12)]), (chosen, fits)
+    assert se._models[5].kind == chosen and se._fit_size[5] == 12
+
+
 def test_auto_with_one_kind_fits_only_that_kind(space):
     se = make_searcher("s3", space.noise, space.t_start, space.t_end, [5], seed=0, min_train=12, pool=20,
                        presets=("ddim",), auto_kinds=["gbr"])
