@@ -194,13 +194,19 @@ class DecisionSpace:
 
     def lams_to_logits(self, s: Schedule) -> np.ndarray:
         """Inverse of :meth:`increments_to_lams` (in the schedule's own frame): logits (mean zero) whose softmax
-        gives the schedule's times."""
+        gives the schedule's times. Read-only, kept on the schedule for this space as its lambdas are."""
+        kept = s.__dict__.get("_logits")
+        if kept is not None and kept[0] is self:
+            return kept[1]
         lam = self._lams(s)
         inc = np.diff(lam)
         free = lam[-1] - lam[0] - len(inc) * self.min_gap
         w = np.clip((inc - self.min_gap) / max(free, 1e-12), 1e-6, None)
         z = np.log(w)
-        return z - z.mean()
+        z = z - z.mean()
+        z.flags.writeable = False
+        s.__dict__["_logits"] = (self, z)
+        return z
 
     def _times_of_logits(self, s: Schedule, z: np.ndarray, t_start: float | None = None) -> list[float] | None:
         """The times the logits ``z`` describe in ``s``'s frame (its start unless ``t_start`` is given)."""

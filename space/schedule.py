@@ -367,7 +367,7 @@ def evolve(obj, **changes):
 
 # what a step or schedule keeps about itself once worked out, and the changes that leave it as it was
 _CACHES = {Step: ("decisions_text", "decisions_problem", "oldest_point"),
-           Schedule: ("_valid_steps", "_nfe", "_lams")}  # _lams: a search space's (steptune.search.space)
+           Schedule: ("_valid_steps", "_nfe", "_lams", "_logits")}  # the last two: a search space's
 _KEEPS_CACHES = {Step: frozenset({"t"}), Schedule: frozenset(Schedule.LABELS)}
 
 

@@ -194,6 +194,9 @@ def test_the_lambdas_a_space_keeps_on_a_schedule_are_its_own_and_follow_its_time
     np.testing.assert_array_equal(space.lams(renamed), exact)
     z = space.lams_to_logits(s)
     np.testing.assert_allclose(space.increments_to_lams(np.exp(z)), exact[1:-1], rtol=1e-12)
+    assert space.lams_to_logits(s) is z and not z.flags.writeable  # kept, and no caller can change it
+    np.testing.assert_allclose(space.increments_to_lams(np.exp(space.lams_to_logits(moved))),
+                               ns.lam_array(np.array(moved.times))[1:-1], rtol=1e-12)
 
 
 def test_a_space_that_forgets_the_lambdas_it_kept_still_knows_every_time_it_is_asked_for(monkeypatch):
