@@ -298,12 +298,13 @@ def reporting_fidelity(config: Mapping | None) -> str | None:
 
 def _check_name(name) -> None:
     """A study's name: one line of at most ``MAX_NAME`` characters (it is printed in tables and typed again)."""
-    if not name or not isinstance(name, str):
-        raise StorageError("a study needs a non-empty name")
+    if not isinstance(name, str) or not name.strip():
+        raise StorageError("a study needs a name that is not empty or blank")
     if len(name) > MAX_NAME:
         raise StorageError(f"study name {name[:40]!r}... is {len(name)} characters long; use at most {MAX_NAME}")
-    if any(unicodedata.category(ch) == "Cc" for ch in name):
-        raise StorageError(f"study name {name!r} holds a line break or another control character; give it on one line")
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in name):
+        raise StorageError(f"study name {name!r} holds a line break, a control character or an invisible format "
+                           "character (such as a change of writing direction); give it on one line of visible text")
 
 
 def _check_kind(kind: str) -> None:
@@ -367,7 +368,7 @@ def resolve_url(url: str | None, must_exist: bool = False) -> str:
     except ArgumentError:
         raise StorageError(f"database URL {url!r} is not a SQLAlchemy URL; use e.g. sqlite:///runs/steptune.db "
                            "or postgresql+psycopg://user@host/db") from None
-    if u.get_backend_name() == "sqlite" and (u.database or ":memory:") == ":memory:" or "mode=memory" in url:
+    if u.get_backend_name() == "sqlite" and (":memory:" in (u.database or ":memory:") or "mode=memory" in url):
         raise StorageError(f"database URL {url!r} is an in-memory SQLite database, which is gone when the command "
                            "ends (and not shared between its connections); name a file, e.g. sqlite:///runs/steptune.db")
     path = _sqlite_path(u)
@@ -682,8 +683,8 @@ class Storage:
                 st.config = {k: v for k, v in st.config.items() if k != "driver"}
 
     def delete_study(self, study: str, lease_seconds: float, *, gone: Callable[[str], bool] = lambda driver: False,
-                     now: datetime | None = None) -> int:
-        """Delete ``study`` with its trials and relaxation rounds, in one transaction; how many trials it held.
+                     now: datetime | None = None) -> tuple[int, int]:
+        """Delete ``study`` with its trials and relaxation rounds, in one transaction; how many of each it held.
         Refused (DriverBusy) while a driver holds it: one whose heartbeat is at most ``lease_seconds`` old and that
         ``gone`` does not know to be dead. Its problem stays for the studies that share it."""
         now = now or utcnow()
@@ -694,11 +695,11 @@ class Storage:
                 age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
                 if age <= lease_seconds and not gone(held["id"]):
                     raise DriverBusy(study, held["id"], age)
-            n = s.scalar(select(func.count()).select_from(Trial).where(Trial.study_id == st.id))
+            held = []
             for table in (Trial, RelaxationRecord):  # as the foreign keys' cascade would, on every database
-                s.execute(delete(table).where(table.study_id == st.id))
+                held.append(s.execute(delete(table).where(table.study_id == st.id)).rowcount)
             s.delete(st)
-            return n
+            return held[0], held[1]
 
     def drop_unused_study(self, study: str, driver: str) -> bool:
         """Delete ``study`` if ``driver`` holds it and it holds nothing (no trial, no relaxation round): a run that

@@ -92,6 +92,7 @@ def test_a_log_interval_that_is_not_seconds_is_refused_before_anything_is_writte
                                          "lines as a number, 0 or more (0 writes a line for every result), or unset "
                                          "it for the default 30"), err
     assert not db.exists()
+    assert main(["search", "--help"]) == 0 and "Usage" in capsys.readouterr().out  # its help is still shown
 
 
 def test_names_with_square_brackets_are_printed_as_they_are(tmp_path, capsys):
@@ -112,7 +113,9 @@ def test_names_with_square_brackets_are_printed_as_they_are(tmp_path, capsys):
 
 def test_a_study_name_is_one_line_of_at_most_200_characters_and_names_no_file_elsewhere(tmp_path, capsys):
     with connect(f"sqlite:///{tmp_path / 'x.db'}") as db:
-        for bad, said in (("a\nb", "holds a line break"), ("x" * 201, "201 characters long; use at most 200")):
+        for bad, said in (("a\nb", "holds a line break"), ("x" * 201, "201 characters long; use at most 200"),
+                          ("   ", "not empty or blank"), ("a\u202eb", "invisible format character"),
+                          ("a\u2028b", "holds a line break")):
             with pytest.raises(StorageError, match=said):
                 db.create_study(bad)
         db.create_study("x" * 200)
@@ -124,10 +127,15 @@ def test_a_study_name_is_one_line_of_at_most_200_characters_and_names_no_file_el
     saved = list(out.iterdir())
     assert [p.name for p in saved] == ["_._.._team_exp.json"] and json.loads(saved[0].read_text())["study"] == \
         "../../team/exp"
+    long = "é" * 200  # 400 bytes: more than a file name holds
+    assert main(["search", "--problem", "gmm-2d", "--nfe", "3", "--budget", "2", "--confirm", "0", "--db", url,
+                 "--out", str(out), "--cache", str(tmp_path / "cache"), "--study", long]) == 0
+    made = [p for p in out.iterdir() if p.name != "_._.._team_exp.json"]
+    assert len(made) == 1 and json.loads(made[0].read_text())["study"] == long and len(made[0].name.encode()) <= 160
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"])
 def test_an_in_memory_database_is_refused(url, capsys):
     assert main(["studies", "--db", url]) == 2
     assert "is an in-memory SQLite database, which is gone when the command ends" in capsys.readouterr().err
@@ -143,7 +151,7 @@ def test_db_delete_says_what_it_would_delete_and_deletes_only_with_yes(tmp_path,
     capsys.readouterr()
     assert main(["db", "delete", "--study", "old test", "--db", url]) == 2
     assert capsys.readouterr().err.strip() == (f"error: study 'old test' (s3) holds {n} trials; add --yes to delete it "
-                                               "and them (nothing is deleted without it)")
+                                               "with them (nothing is deleted without it)")
     assert main(["db", "delete", "--study", "old test", "--db", url, "--yes"]) == 0
     assert f"deleted study 'old test' and its {n} trials" in capsys.readouterr().err
     with connect(url) as db:

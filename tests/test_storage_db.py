@@ -673,7 +673,7 @@ def test_a_study_is_deleted_whole_and_alone_and_not_while_a_run_holds_it(db):
         db.delete_study("gone", 120)
     assert _rows(db) == before
     later = utcnow() + timedelta(seconds=121)
-    assert db.delete_study("gone", 120, now=later) == 3  # its driver's lease ran out
+    assert db.delete_study("gone", 120, now=later) == (3, 1)  # its driver's lease ran out
     assert [s.name for s in db.studies()] == ["kept"] and len(db.trials("kept")) == 3
     after = _rows(db)
     assert (after["trials"], after["relaxation_records"], after["studies"]) == \

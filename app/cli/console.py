@@ -23,7 +23,7 @@ def is_tty(stream) -> bool:
         return False
 
 
-_NUMBER = re.compile(r"[-+]?[\d.,:]*\d[\d.,:eE+-]*( ?(%|×|x|s|ms|min|h|/min|/s))?\*?|—|")
+_NUMBER = re.compile(r"[-+]?[\d.,:/]*\d[\d.,:/eE+-]*( ?(%|×|x|s|ms|min|h|/min|/s))?\*?|—|")
 
 
 def _fit(table: Table, width: int, console: Console) -> int:
@@ -45,7 +45,7 @@ def _fit(table: Table, width: int, console: Console) -> int:
         least.append(max(len(c) for c in cells) if numbers else 4)
         natural.append(max([console.measure(c, options=wide).maximum for c in col._cells] + [len(header), least[-1]]))
         word.append(max([least[-1], *map(len, header.split())]) if numbers else least[-1])
-    pad = 1 if 3 * len(cols) + 1 + sum(least) <= width else 0
+    pad = 1 if 3 * len(cols) + 1 + sum(word) <= width else 0  # the padding goes before a header word is split
     table.padding = (0, pad)
     frame = len(cols) + 1 + 2 * pad * len(cols)  # the borders, and the padding either side of each cell
     widths = list(least)
@@ -82,6 +82,13 @@ class _Results(Console):
                 finally:
                     self.width = width
         super().print(*objects, **kwargs)
+
+
+def text_column(template: str = "{task.description}", bold: bool = False):
+    """A progress bar's column of text, shown as it is (a study's name may hold square brackets)."""
+    from rich.progress import TextColumn
+
+    return TextColumn(template, style="bold" if bold else "none", markup=False)
 
 
 def live() -> bool:

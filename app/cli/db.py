@@ -74,15 +74,22 @@ def db_delete_cmd(study: Annotated[str, typer.Option("--study", help="The study 
     try:
         st = store.get_study(study)
         if not yes:
-            raise CliError(f"study {study!r} ({st.method or st.kind or 'no method'}) holds {st.n_trials:,} trials; "
-                           "add --yes to delete it and them (nothing is deleted without it)")
-        n = store.delete_study(study, LEASE_SECONDS, gone=process_gone)
+            held = _held(st.n_trials, len(store.relaxation_rounds(study)))
+            raise CliError(f"study {study!r} ({st.method or st.kind or 'no method'}) holds {held}; add --yes to delete "
+                           "it with them (nothing is deleted without it)")
+        trials, rounds = store.delete_study(study, LEASE_SECONDS, gone=process_gone)
     except StorageError as e:
         raise CliError(str(e)) from None
     finally:
         store.close()
-    err.print(f"deleted study {study!r} and its {n:,} trials from {db or 'the database'}; files written from it "
-              "(runs/search, runs/export, reports) are left as they are", highlight=False)
+    err.print(f"deleted study {study!r} and its {_held(trials, rounds)} from {db or 'the database'}; files written "
+              "from it (runs/search, runs/export, reports) are left as they are", highlight=False)
+
+
+def _held(trials: int, rounds: int) -> str:
+    said = [f"{n:,} {what}{'s' if n != 1 else ''}" for n, what in ((trials, "trial"), (rounds, "relaxation round"))
+            if n or what == "trial"]
+    return " and ".join(said)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from steptune.cli.console import err, fmt, out
+from steptune.cli.console import err, fmt, out, text_column
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import (
     DEFAULT_CACHE,
@@ -125,7 +125,7 @@ def _fit_all(plans, configs: list, methods, fit_samples: int, greedy_iters: int,
     finished ones there), then continue each NFE's joint fits across the guidance scales."""
     from steptune.search import dc
 
-    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with task_bar(text_column(bold=True), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=quiet) as bar:
         for g, ev, scheds in plans:
             for s in scheds:
@@ -337,7 +337,7 @@ def cpr_cmd(
     rows = fitted_rows(study, trials, fit)
     start = CPR.fit(rows, ridge=ridge)
     plan = cpr_plan(study, config, rows, cache, device)
-    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+    with task_bar(text_column(bold=True), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn()) as bar:
         cases = cpr_cases(plan, int(config.get("fit_samples", 10)), bar)
         cpr, history, loss = refine(start, cases, iters, lr, bar)

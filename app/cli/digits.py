@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 
-from steptune.cli.console import err, out
+from steptune.cli.console import err, out, text_column
 from steptune.cli.errors import CliError
 from steptune.cli.progress import task_bar
 
@@ -28,8 +28,8 @@ def train_digits_cmd(
         raise CliError("--steps must be at least 1")
     if threads < 1:
         raise CliError("--threads must be at least 1")
-    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[loss]}"), transient=False) as bar:
+    with task_bar(text_column(bold=True), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), text_column("{task.fields[loss]}"), transient=False) as bar:
         clf = bar.add_task("classifier", total=60, loss="")
         unet = bar.add_task("UNet", total=steps, loss="")
 

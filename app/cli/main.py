@@ -25,6 +25,9 @@ class _Commands(typer.core.TyperGroup):
     line (typer 0.29 returns its exit status 130 without a word)."""
 
     def invoke(self, ctx):
+        given = {*getattr(ctx, "_protected_args", ()), *ctx.args}  # the command and its arguments, not parsed yet
+        if not {"--help", "-h"} & given:
+            log_interval()  # a bad value is refused before a command writes anything (its help is still shown)
         try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
@@ -39,7 +42,6 @@ app = typer.Typer(help="Search and tune diffusion solver schedules.", no_args_is
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                        help="Print the version and exit.")) -> None:
     """Search and tune diffusion solver schedules."""
-    log_interval()  # a bad value is refused before a command writes anything
 
 
 for module in (schedules, results, search, run, refine, dc, digits, dashboard, sor, db):

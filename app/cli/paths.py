@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -29,11 +30,19 @@ def _named_validly(path: Path, option: str) -> None:
 STDOUT = Path("-")  # -o - : the standard output, as the command prints without -o
 
 
+STEM_BYTES = 150  # a file name holds 255 bytes; the rest is for what follows the stem (-nfe10-scheduler.json)
+
+
 def file_stem(name: str) -> str:
     """A study's name as the start of a file name in the folder it is written to: its path separators as ``_``, and a
-    leading dot too (``../x`` and ``a/b`` name no file elsewhere)."""
+    leading dot too (``../x`` and ``a/b`` name no file elsewhere); a name longer than ``STEM_BYTES`` in UTF-8 cut
+    short, with a digest of it to keep two such names apart."""
     stem = name.replace("/", "_").replace("\\", "_")
-    return "_" + stem[1:] if stem.startswith(".") else stem
+    stem = "_" + stem[1:] if stem.startswith(".") else stem
+    if len(stem.encode()) > STEM_BYTES:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        stem = stem.encode()[:STEM_BYTES - 9].decode(errors="ignore") + "-" + digest
+    return stem
 
 
 def output_file(path: Path, option: str, *, stdout: bool = False) -> Path:

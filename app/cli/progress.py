@@ -10,9 +10,9 @@ import math
 import os
 import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from steptune.cli.console import duration, err, live
+from steptune.cli.console import duration, err, live, text_column
 from steptune.cli.errors import CliError
 
 
@@ -33,8 +33,8 @@ class BarProgress:
     """A rich progress bar (terminals)."""
 
     def __init__(self):
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err)
+        self.bar = Progress(text_column(bold=True), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), text_column("{task.fields[info]}"), console=err)
         self.task = None
 
     def __enter__(self):

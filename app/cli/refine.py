@@ -7,10 +7,10 @@ from contextlib import ExitStack
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TimeElapsedColumn
 from rich.table import Table
 
-from steptune.cli.console import err, fmt, out
+from steptune.cli.console import err, fmt, out, text_column
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, DeviceOpt, JsonOpt, StudyOpt, ThreadsOpt
 from steptune.cli.problems import pick_device, set_threads
@@ -86,7 +86,7 @@ def refine_cmd(
                 raise RefineError(f"--samples {samples} is larger than the study's train bank "
                                   f"({job.evaluation.train_samples}); use at most that many")
             ev = study_evaluator(job, device, store.get_study(study).problem)
-            with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[best]}"),
+            with task_bar(text_column(bold=True), BarColumn(), text_column("{task.fields[best]}"),
                           TimeElapsedColumn(), disable=quiet or json_) as bar:
                 task = bar.add_task("refine", total=iters, best="")
 

@@ -10,10 +10,10 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
 from rich.table import Table
 
-from steptune.cli.console import err, out
+from steptune.cli.console import err, out, text_column
 from steptune.cli.errors import CliError, Interrupted
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt
 from steptune.cli.progress import task_bar
@@ -172,7 +172,7 @@ def _baselines(setup: dict, count: int):
         raise CliError(f"cannot rebuild the study's sequence for baselines: {e}") from None
     omegas = setup["policy"].get("omegas")
     omegas = omegas if omegas and len(omegas) > 1 else DEFAULT_GRID
-    with task_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+    with task_bar(text_column(), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("cost table", total=count)
         try:
             table = build_cost_table(seq, omegas, solver=setup["solver"], tol=setup["tol"], maxiter=setup["maxiter"],
@@ -188,7 +188,7 @@ def _online_baselines(seq, setup: dict, table, kernel: str) -> list[dict]:
     from steptune.evaluators.linear import LinearInputError
     from steptune.relax_verdict import run_baselines
 
-    with task_bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+    with task_bar(text_column(), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         task = bar.add_task("baselines online", total=4 * len(table))
         try:
             return run_baselines(seq, setup, table, kernel=kernel, progress=lambda r: bar.advance(task))
@@ -333,7 +333,7 @@ def relax_cmd(
     rounds = []
     if start >= len(seq):
         err.print(f"study {name!r} already has all {len(seq)} rounds")
-    with task_bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    with task_bar(text_column(bold=True), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=json_) as bar:
         task = bar.add_task(f"{name}", total=len(seq), completed=start)
         try:
