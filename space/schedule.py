@@ -165,6 +165,10 @@ class Schedule:
             raise ScheduleError(f"schedule: costs {self.nfe} model calls but NFE {nfe} was asked for")
         return self
 
+    def __getstate__(self) -> dict:
+        """A copy or a pickle carries the schedule, not what a search space keeps on it (the space itself)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lams", "_logits")}
+
     def with_steps(self, steps: Sequence[Step]) -> Schedule:
         return evolve(self, steps=tuple(steps))
 

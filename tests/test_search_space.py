@@ -195,6 +195,11 @@ def test_the_lambdas_a_space_keeps_on_a_schedule_are_its_own_and_follow_its_time
     z = space.lams_to_logits(s)
     np.testing.assert_allclose(space.increments_to_lams(np.exp(z)), exact[1:-1], rtol=1e-12)
     assert space.lams_to_logits(s) is z and not z.flags.writeable  # kept, and no caller can change it
+    import copy
+    import pickle
+
+    for twin in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):  # the space stays behind
+        assert twin == s and twin.key() == s.key() and not {"_lams", "_logits"} & set(vars(twin))
     np.testing.assert_allclose(space.increments_to_lams(np.exp(space.lams_to_logits(moved))),
                                ns.lam_array(np.array(moved.times))[1:-1], rtol=1e-12)
 
