@@ -20,7 +20,7 @@ produce a valid candidate returns ``None`` and the caller tries another one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -133,19 +133,27 @@ class DecisionSpace:
         """The lambda of each of the schedule's times, a final t = 0 at :attr:`lam_zero` (finite)."""
         return self._lams(s).copy()
 
-    def _lams(self, s: Schedule) -> np.ndarray:
-        """:meth:`lams`, read-only, kept on the schedule for this space (parents are varied many times over; a
-        schedule :func:`evolve` re-times drops it)."""
-        kept = s.__dict__.get("_lams")
+    def _kept(self, s: Schedule, name: str, work_out: Callable[[Schedule], np.ndarray]) -> np.ndarray:
+        """``work_out(s)``, read-only, kept on the schedule as ``name`` for this space (parents are varied many times
+        over; :func:`evolve` drops it when it re-times a schedule, a copy or pickle leaves it behind)."""
+        kept = s.__dict__.get(name)
         if kept is not None and kept[0] is self:
             return kept[1]
+        out = work_out(s)
+        out.flags.writeable = False
+        s.__dict__[name] = (self, out)
+        return out
+
+    def _lams(self, s: Schedule) -> np.ndarray:
+        """:meth:`lams`, read-only and kept on the schedule."""
+        return self._kept(s, "_lams", self._work_out_lams)
+
+    def _work_out_lams(self, s: Schedule) -> np.ndarray:
         times = s.times
         self.learn_lams(times)
         out = np.array([self._lam_cache[t] for t in times])
         if times[-1] == 0.0:
             out[-1] = self.lam_zero
-        out.flags.writeable = False
-        s.__dict__["_lams"] = (self, out)
         return out
 
     def t_of(self, lam: float) -> float:
@@ -194,19 +202,16 @@ class DecisionSpace:
 
     def lams_to_logits(self, s: Schedule) -> np.ndarray:
         """Inverse of :meth:`increments_to_lams` (in the schedule's own frame): logits (mean zero) whose softmax
-        gives the schedule's times. Read-only, kept on the schedule for this space as its lambdas are."""
-        kept = s.__dict__.get("_logits")
-        if kept is not None and kept[0] is self:
-            return kept[1]
+        gives the schedule's times. Read-only, kept on the schedule as its lambdas are."""
+        return self._kept(s, "_logits", self._work_out_logits)
+
+    def _work_out_logits(self, s: Schedule) -> np.ndarray:
         lam = self._lams(s)
         inc = np.diff(lam)
         free = lam[-1] - lam[0] - len(inc) * self.min_gap
         w = np.clip((inc - self.min_gap) / max(free, 1e-12), 1e-6, None)
         z = np.log(w)
-        z = z - z.mean()
-        z.flags.writeable = False
-        s.__dict__["_logits"] = (self, z)
-        return z
+        return z - z.mean()
 
     def _times_of_logits(self, s: Schedule, z: np.ndarray, t_start: float | None = None) -> list[float] | None:
         """The times the logits ``z`` describe in ``s``'s frame (its start unless ``t_start`` is given)."""

@@ -23,6 +23,7 @@ CORRECTORS = ("pseudo", "implicit")
 AFS = ("none", "zero", "mean")
 BASES = ("lambda", "t")
 MAX_ORDER = 4
+SPACE_KEPT = ("_lams", "_logits")  # what a search space keeps on a schedule (steptune.search.space): not the schedule's
 
 
 class _kept:
@@ -167,7 +168,7 @@ class Schedule:
 
     def __getstate__(self) -> dict:
         """A copy or a pickle carries the schedule, not what a search space keeps on it (the space itself)."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_lams", "_logits")}
+        return {k: v for k, v in self.__dict__.items() if k not in SPACE_KEPT}
 
     def with_steps(self, steps: Sequence[Step]) -> Schedule:
         return evolve(self, steps=tuple(steps))
@@ -371,7 +372,7 @@ def evolve(obj, **changes):
 
 # what a step or schedule keeps about itself once worked out, and the changes that leave it as it was
 _CACHES = {Step: ("decisions_text", "decisions_problem", "oldest_point"),
-           Schedule: ("_valid_steps", "_nfe", "_lams", "_logits")}  # the last two: a search space's
+           Schedule: ("_valid_steps", "_nfe", *SPACE_KEPT)}
 _KEEPS_CACHES = {Step: frozenset({"t"}), Schedule: frozenset(Schedule.LABELS)}
 
 

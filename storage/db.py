@@ -296,6 +296,17 @@ def reporting_fidelity(config: Mapping | None) -> str | None:
     return (config or {}).get("fidelity") or None
 
 
+def _not_held(st: Study, lease_seconds: float, gone: Callable[[str], bool], now: datetime,
+              but: str | None = None) -> None:
+    """DriverBusy while a driver other than ``but`` holds the study: one whose heartbeat is at most ``lease_seconds``
+    old and that ``gone`` does not know to be dead."""
+    held = (st.config or {}).get("driver") or {}
+    if held.get("id") not in (None, but):
+        age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
+        if age <= lease_seconds and not gone(held["id"]):
+            raise DriverBusy(st.name, held["id"], age)
+
+
 def _check_name(name) -> None:
     """A study's name: one line of at most ``MAX_NAME`` characters (it is printed in tables and typed again)."""
     if not isinstance(name, str) or not name.strip():
@@ -653,11 +664,7 @@ class Storage:
         now = now or utcnow()
         with self._tx() as s:
             st = self._study_row(s, study, lock=True)
-            held = (st.config or {}).get("driver") or {}
-            if held.get("id") not in (None, driver):
-                age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
-                if age <= lease_seconds and not gone(held["id"]):
-                    raise DriverBusy(study, held["id"], age)
+            _not_held(st, lease_seconds, gone, now, but=driver)
             st.config = {**(st.config or {}), "driver": {"id": driver, "heartbeat": now.isoformat()}}
 
     def beat_driver(self, study: str, driver: str, *, now: datetime | None = None, phase: str | None = None,
@@ -687,19 +694,13 @@ class Storage:
         """Delete ``study`` with its trials and relaxation rounds, in one transaction; how many of each it held.
         Refused (DriverBusy) while a driver holds it: one whose heartbeat is at most ``lease_seconds`` old and that
         ``gone`` does not know to be dead. Its problem stays for the studies that share it."""
-        now = now or utcnow()
         with self._tx() as s:
             st = self._study_row(s, study, lock=True)
-            held = (st.config or {}).get("driver") or {}
-            if held.get("id") is not None:
-                age = (now - datetime.fromisoformat(held["heartbeat"])).total_seconds()
-                if age <= lease_seconds and not gone(held["id"]):
-                    raise DriverBusy(study, held["id"], age)
-            held = []
-            for table in (Trial, RelaxationRecord):  # as the foreign keys' cascade would, on every database
-                held.append(s.execute(delete(table).where(table.study_id == st.id)).rowcount)
+            _not_held(st, lease_seconds, gone, now or utcnow())
+            trials, rounds = (s.execute(delete(table).where(table.study_id == st.id)).rowcount
+                              for table in (Trial, RelaxationRecord))  # as the foreign keys' cascade would, anywhere
             s.delete(st)
-            return held[0], held[1]
+            return trials, rounds
 
     def drop_unused_study(self, study: str, driver: str) -> bool:
         """Delete ``study`` if ``driver`` holds it and it holds nothing (no trial, no relaxation round): a run that
