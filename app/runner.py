@@ -610,7 +610,8 @@ class Runner:
         # queued confirmations the confirmation phase's
         self._evaluate([t for t in self.storage.trials(self.job.study, status="queued")
                         if not (t.fidelity == CHEAP and "batch" in t.info) and "confirms" not in t.info])
-        cut = not self._diffusers_defaults(todo) or cut
+        skipped = self._diffusers_defaults(todo)
+        cut, self.baselines_left = cut or bool(skipped), self.baselines_left + skipped
         self.baselines_finished = not cut and not any(
             t.info.get("baseline") for t in self.storage.trials(self.job.study, status="queued"))
 
@@ -716,17 +717,17 @@ class Runner:
             return []
         return [(name, nfe) for name in dd.SCHEDULERS for nfe in nfes if dd.origin(name, nfe) not in have]
 
-    def _diffusers_defaults(self, todo: list[tuple[str, int]]) -> bool:
+    def _diffusers_defaults(self, todo: list[tuple[str, int]]) -> int:
         """diffusers' stock schedulers with their default config, each sampling the problem's model by its own
-        step loop on the held-out noises, stored as complete trials; False when a stop left some out."""
+        step loop on the held-out noises, stored as complete trials; how many of them a stop left out."""
         from steptune import diffusers_default as dd
 
         items = []
         counts = self.phase_counts.setdefault("baseline", [0, 0])
-        whole = True
-        for name, nfe in todo:
+        skipped = 0
+        for i, (name, nfe) in enumerate(todo):
             if self.should_stop():
-                whole = False
+                skipped = len(todo) - i
                 break
             origin = dd.origin(name, nfe)
             n = self.job.evaluation.heldout_samples
@@ -746,7 +747,7 @@ class Runner:
         if items:
             self.say(f"stored {len(items)} diffusers default-config baselines")
             self.storage.add_trials(self.job.study, items)
-        return whole
+        return skipped
 
     def _item(self, schedule, bank: str, info: dict) -> dict:
         n = self.job.evaluation.cheap_samples if bank == CHEAP else self.job.evaluation.heldout_samples

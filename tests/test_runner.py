@@ -618,6 +618,38 @@ def test_a_run_stopped_while_choosing_spacings_resumes_to_the_same_trials(tmp_pa
         assert outcome(db, "ref") == reference_study
 
 
+def test_a_stop_while_the_stored_baselines_are_scored_counts_them_as_unscored_not_unchosen(tmp_path, cache, capsys):
+    """Every preset was chosen and stored and two are scored when the stop comes: nothing is left unstored, the rest
+    are queued, and the stop line says how many are not scored yet (it said they were not all chosen)."""
+    from steptune.backends import LocalBackend
+    from steptune.cli.run import print_stopped
+    from steptune.jobs import load_job
+    from steptune.runner import Runner
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    job = load_job(write_job(tmp_path / "job.toml", "ref", cache, evaluations=30))
+
+    def stop_while_scoring(status):
+        if status["phase"] == "baseline" and status["phase_done"] == 2:
+            runner.interrupt()
+
+    with connect(url) as db:
+        backend = LocalBackend(job.problem, job.evaluation, job.backend)
+        runner = Runner(job, db, backend, progress=stop_while_scoring)
+        try:
+            res = runner.run()
+        finally:
+            backend.close()
+        baselines = [t for t in db.trials("ref") if t.info.get("baseline")]
+    queued = sum(t.status == "queued" for t in baselines)
+    assert res.status == "interrupted" and queued == len(baselines) - 2 > 0
+    assert (res.baselines_left, res.baselines_queued, res.baselines_finished) == (0, queued, False)
+    capsys.readouterr()
+    print_stopped(res)
+    assert capsys.readouterr().err.startswith(f"stopped (interrupted) with {queued} preset baselines not scored yet "
+                                              "(the best preset above is the best of those scored); ")
+
+
 def test_a_run_taken_over_while_paused_writes_nothing_more(tmp_path, cache, reference_study):
     """Another run claims the study as if this one had been paused past its lease (the claim made from this run's
     progress callback, a second later by the claimant's clock): this run's next write is refused, it stops with

@@ -85,8 +85,7 @@ def print_stopped(result, table: bool = True) -> None:
     shown = "the best preset above" if table else "its results' best preset"
     best = (f"{shown} is the best of those scored" if any(r.preset_score is not None for r in result.per_nfe)
             else "none is scored yet")
-    unscored = (f" before its preset baselines were all chosen and scored ({counts or 'this run stored none'}; "
-                f"{best})" if not result.baselines_finished else
+    unscored = (f" before its preset baselines were all chosen and scored ({counts}; {best})" if left else
                 f" with {queued} preset baseline{'s' * (queued != 1)} not scored yet ({best})" if queued else "")
     err.print(f"stopped ({result.status}){unscored}; run the same command again to resume study {result.study!r}",
               highlight=False)
