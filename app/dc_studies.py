@@ -4,7 +4,8 @@ later fits, CPR and predictions consistent with the earlier ones. Bad input rais
 from __future__ import annotations
 
 from pathlib import Path
-from shlex import quote as shell_quote
+
+from steptune.suggested import command
 
 
 class DcStudyError(ValueError):
@@ -68,12 +69,15 @@ def check_bank_version(study: str, config: dict) -> None:
 def fit_command(study: str, config: dict, nfe: int, cfg: float | None) -> str:
     """The `dc fit` command that adds (``nfe``, ``cfg``) to ``study`` as its earlier fits were made."""
     conv = config.get("conventions") or {}
-    opts = [f"--problem {config['problem']}", f"--solver {config['solver'].removeprefix('preset:')}"]
-    opts += [f"--{k.replace('_', '-')} {v}" for k, v in conv.items() if v is not None]
+    words = ["steptune", "dc", "fit", "--problem", config["problem"], "--solver",
+             config["solver"].removeprefix("preset:")]
+    for k, v in conv.items():
+        words += [f"--{k.replace('_', '-')}", str(v)] if v is not None else []
     if config.get("fit_samples", 10) != 10:
-        opts.append(f"--fit-samples {config['fit_samples']}")
-    where = f"--nfe {nfe}" + ("" if cfg is None else f" --guidance {cfg:g}")
-    return f"'steptune dc fit {' '.join(opts)} {where} --study {shell_quote(study)}'"
+        words += ["--fit-samples", str(config["fit_samples"])]
+    words += ["--nfe", str(nfe), *(() if cfg is None else ("--guidance", f"{cfg:g}")), "--study", study]
+    return command(*words)
+
 
 
 def check_same_fit(db: str, study: str, config: dict, problem=None) -> None:
@@ -114,7 +118,7 @@ def fitted_rows(study: str, trials: list, fit: str) -> list[tuple[int, float | N
     rows = fit_rows(trials, fit)
     if not rows:
         other = [f for f in FITS if any(t.info.get("dc_fit") == f for t in trials)]
-        hint = f"use --fit {other[0]}" if other else f"run 'steptune dc fit --study {shell_quote(study)}' first"
+        hint = f"use --fit {other[0]}" if other else f"run {command('steptune', 'dc', 'fit', '--study', study)} first"
         raise DcStudyError(f"study {study!r} has no '{fit}' fits; {hint}")
     return rows
 
@@ -207,8 +211,8 @@ def choose_cpr(study: str, config: dict, trials: list, fit: str, ridge: float, r
     if newer:
         nfe, cfg = newer[0]
         warn(f"warning: the stored CPR predates {len(newer)} '{fit}' fit(s) of {study!r} (e.g. NFE {nfe}"
-             f"{'' if cfg is None else f', CFG {cfg:g}'}); rerun 'steptune dc cpr --study {shell_quote(study)}' to "
-             "include them")
+             f"{'' if cfg is None else f', CFG {cfg:g}'}); rerun "
+             f"{command('steptune', 'dc', 'cpr', '--study', study)} to include them")
     return stored_cpr(study, config), "end-to-end", configs, fit
 
 

@@ -44,6 +44,7 @@ from steptune.search.refine import (
     screen_length,
     screen_rounds,
 )
+from steptune.suggested import command
 
 ORIGIN = "refine"
 SWEEPS = 6  # most sweeps of the neighbour pass (down, up, ...); most jobs settle in fewer
@@ -145,8 +146,8 @@ def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int 
     if trial is not None:
         t = next((t for t in trials if t.id == trial), None)
         if t is None:
-            raise RefineError(f"study {study!r} has no trial id {trial}; 'steptune best --study {shell_quote(study)}' "
-                              "lists its best trials")
+            raise RefineError(f"study {study!r} has no trial id {trial}; "
+                              f"{command('steptune', 'best', '--study', study)} lists its best trials")
         if t.status != "complete" or t.score is None:
             raise RefineError(f"trial id {trial} of study {study!r} is {t.status}, not a complete scored trial; "
                               "refine a complete one")

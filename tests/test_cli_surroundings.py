@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,26 @@ def test_a_study_name_is_one_line_of_at_most_200_characters_and_names_no_file_el
     made = [p for p in out.iterdir() if p.name != "_._.._team_exp.json"]
     assert len(made) == 1 and json.loads(made[0].read_text())["study"] == long and len(made[0].name.encode()) <= 160
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("name", ["plain", "a b", "it's", "$HOME"])
+def test_a_suggested_command_reads_back_as_the_words_it_was_made_of(name):
+    from steptune.suggested import command
+
+    text = command("steptune", "best", "--study", name)
+    assert text[0] == text[-1] and text[0] in "'\"" and shlex.split(text[1:-1]) == ["steptune", "best", "--study", name]
+
+
+def test_a_message_suggests_a_command_a_shell_reads_back_for_a_name_that_needs_quotes(tmp_path, capsys):
+    url, name = f"sqlite:///{tmp_path / 'x.db'}", "team's run 1"
+    assert main(["search", "--problem", "gmm-2d", "--nfe", "3", "--budget", "2", "--confirm", "0", "--db", url,
+                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), "--study", name]) == 0
+    capsys.readouterr()
+    assert main(["refine", "--study", name, "--trial", "99999", "--db", url]) == 2
+    err = capsys.readouterr().err.strip()
+    suggested = err.split("; ", 1)[1].rsplit(" lists its best trials", 1)[0]
+    assert suggested[0] == suggested[-1] == '"', err  # the name's own quotes inside, not nested in others
+    assert shlex.split(suggested[1:-1]) == ["steptune", "best", "--study", name], err
 
 
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file::memory:?uri=true"])

@@ -18,6 +18,7 @@ from steptune.cli.errors import CliError
 from steptune.cli.options import DEFAULT_DB, DbOpt, JsonOpt, StudyOpt
 from steptune.cli.paths import STDOUT, file_stem, output_file, output_folder
 from steptune.cli.sor import print_sor_study, sor_study_summary
+from steptune.suggested import command
 
 Format = Literal["json", "diffusers", "diffusers-stock", "sigmas", "comfyui"]
 Interpolation = Literal["auto", "split", "blend", "pad"]
@@ -226,7 +227,7 @@ def export_cmd(
         st = store.get_study(study)
         if st.kind == "relaxation":
             raise CliError(f"study {study!r} is a relaxation study: it holds SOR rounds, not schedules; "
-                           f"'steptune relax-report --study {shell_quote(study)}' reports it")
+                           f"{command('steptune', 'relax-report', '--study', study)} reports it")
         fidelity = fidelity or st.config.get("fidelity")
         if trial is not None:
             t = store.trial(trial)
@@ -372,7 +373,8 @@ def import_cmd(
         how = f"complete, {fmt(t.score)} from its provenance"
     elif record.kind == "import":  # no job or search made the study: no run of it will come to score the trial
         how = (f"queued{scored_elsewhere}; no run scores trials of a study made by import: score the file with "
-               f"'steptune eval -s {file}', or import it into the study of a search or job, whose next run scores it")
+               f"{command('steptune', 'eval', '-s', str(file))}, or import"
+               " it into the study of a search or job, whose next run scores it")
     else:
         how = (f"queued{scored_elsewhere}: the study's next run scores it, 'steptune run' of its job file or the "
                f"'steptune search' that made it again with --study {shell_quote(study)}")

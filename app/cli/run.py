@@ -7,7 +7,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from shlex import quote as shell_quote
 from typing import Annotated
 
 import typer
@@ -21,6 +20,7 @@ from steptune.cli.options import DbOpt, JsonOpt, StudyOpt
 from steptune.cli.progress import job_progress, stamped
 from steptune.cli.sor import print_sor_study, sor_study_summary
 from steptune.run_lease import PHASES
+from steptune.suggested import command
 
 
 def _open_storage(url: str | None, must_exist: bool = False, where: str = "storage.db"):
@@ -45,7 +45,8 @@ def print_imports(result) -> None:
     for i in result.imports:
         what = f"the imported schedule, trial id {i['id']} (NFE {i['nfe']})"
         if i["status"] == "failed":
-            err.print(f"{what} failed; 'steptune status --study {shell_quote(result.study)}' says why", highlight=False)
+            err.print(f"{what} failed; {command('steptune', 'status', '--study', result.study)} says why",
+                      highlight=False)
             continue
         if i["status"] != "complete":
             err.print(f"{what} is not scored yet; the study's next run scores it", highlight=False)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from shlex import quote as shell_quote
 from typing import Annotated
 
 import typer
@@ -25,6 +24,7 @@ from steptune.cli.options import (
     TimeInputOpt,
     TimeScaleOpt,
 )
+from steptune.suggested import command
 
 # the job keys a search's options fill in, for errors to name the options
 OPTION_OF_KEY = {"seed": "--seed", "search.nfe": "--nfe", "search.method": "--method", "budget.evaluations": "--budget",
@@ -195,7 +195,7 @@ def _save_summary(path: Path, payload: dict, study: str) -> None:
         path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     except OSError as e:
         failure = CliError(f"--out {path.parent}: could not save the summary ({e.strerror or e}); study {study!r} is "
-                           f"in the database: 'steptune status --study {shell_quote(study)}' shows it, and the same "
+                           f"in the database: {command('steptune', 'status', '--study', study)} shows it, and the same "
                            "search with another --out writes the summary without evaluating again")
         failure.exit_code = 1
         raise failure from None
