@@ -48,21 +48,15 @@ def _all_trials(store: Storage, problem: int) -> tuple[list[dict], int]:
     ``MAX_TRIALS``, the best that many by score (every trial's row, scored or not, is in the dashboard)."""
     total = queries.trials_page(store, problem=problem, limit=1)["total"]
     sort = "number" if total <= MAX_TRIALS else "score"
-    rows, offset = [], 0
-    while len(rows) < min(total, MAX_TRIALS):
-        page = queries.trials_page(store, problem=problem, sort=sort, offset=offset, limit=queries.MAX_PAGE)
-        rows += page["items"]
-        offset += queries.MAX_PAGE
-        if offset >= page["total"]:
-            break
-    return rows[:MAX_TRIALS], total
+    page = queries.trials_page(store, problem=problem, sort=sort, limit=MAX_TRIALS, most=MAX_TRIALS)
+    return page["items"], page["total"]
 
 
-def _exports(store: Storage, trial_id: int) -> dict:
+def _exports(store: Storage, trial_id: int, memo: dict) -> dict:
     out = {}
     for fmt in REPORT_FORMATS:
         try:
-            d = downloads.export(store, trial_id, fmt)
+            d = downloads.export(store, trial_id, fmt, memo)
         except ExportError:
             continue
         out[fmt] = {"filename": d.filename, "type": d.media_type, "content": d.content.decode()}
@@ -83,14 +77,14 @@ def report_data(store: Storage, study: str, cache_dir: str | Path | None = "runs
             responses[api_path("/api/history", {"study": st["name"]})] = queries.history(store, st["name"])
     front = responses[api_path("/api/front", {"problem": prob["id"]})]
     shown = sorted({p["trial"] for s in front["series"] for p in s["points"]})
-    own = sorted((t for t in store.trials(study, status="complete") if t.score is not None),
+    own = sorted((t for t in store.trials(study, status="complete", schedules=False) if t.score is not None),
                  key=lambda t: (t.score, t.id))[:MAX_SCHEDULES]
     for t in own:  # the reported study's own schedules open from its rows, whether on the front or not
         responses[f"/api/trials/{t.id}/schedule"] = schedule_view(store, t.id)
-    exports, grids, sample_grids = {}, {}, Grids(store, cache_dir, device)
+    exports, grids, sample_grids, costs = {}, {}, Grids(store, cache_dir, device), {}
     for tid in shown:
         view = responses[f"/api/trials/{tid}/schedule"] = schedule_view(store, tid)
-        exports[tid] = _exports(store, tid)
+        exports[tid] = _exports(store, tid, costs)
         if view["grid"]:
             try:
                 grids[tid] = "data:image/png;base64," + base64.b64encode(sample_grids.png(tid)).decode()

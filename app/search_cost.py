@@ -165,17 +165,21 @@ def seconds_text(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def cost_at(store, trial) -> dict:
+def cost_at(store, trial, memo: dict | None = None) -> dict:
     """What ``trial``'s study in ``store`` spent at its NFE (``Cost.as_dict()`` and ``of``: the study's own trials,
     or its preset baselines when the trial is one), as an export's provenance carries it. An imported trial was not
     found by the study: its cost is the one its export named (``of``: ``source``), else its own evaluation here
-    (``of``: ``trial``; nothing where it came with its scores)."""
+    (``of``: ``trial``; nothing where it came with its scores). ``memo``: a dict kept across calls on an unchanging
+    store (a report's exports), which then reads each study's NFE once."""
     imported = (trial.info or {}).get("imported")
     if imported is not None:
         if isinstance(imported.get("cost"), dict):
             return {**imported["cost"], "of": "source"}
         return {**_cost(trial.nfe, [cost_row(trial)]).as_dict(), "of": "trial"}
     baseline = bool((trial.info or {}).get("baseline"))
-    rows = [cost_row(t) for t in store.trials(trial.study, nfe=trial.nfe)]
+    memo = {} if memo is None else memo
+    if (trial.study, trial.nfe) not in memo:
+        memo[trial.study, trial.nfe] = [cost_row(t) for t in store.trials(trial.study, nfe=trial.nfe, schedules=False)]
+    rows = memo[trial.study, trial.nfe]
     c = _cost(trial.nfe, [t for t in rows if t.baseline == baseline and t.status in FINISHED])
     return {**c.as_dict(), "of": "baselines" if baseline else "study"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -132,6 +133,36 @@ def test_a_report_answers_every_fidelity_its_menu_offers_and_opens_the_studys_ow
         complete = [t.id for t in store.trials(SEARCH_STUDY, status="complete") if t.score is not None]
     views = {int(k.split("/")[3]) for k in data["responses"] if k.startswith("/api/trials/")}
     assert len(complete) <= MAX_SCHEDULES and set(complete) <= views
+
+
+def test_a_reports_exports_and_table_are_what_the_dashboard_serves_one_request_at_a_time(dashboard_db):  # noqa: F811
+    """The report reads each study's costs once for all its exports and its table in one query: what it carries is
+    what the dashboard answers to each download and each page of the table."""
+    from steptune.dashboard import downloads, queries
+    from steptune.report import report_data
+    from steptune.storage import connect
+
+    def same(text: str, fmt: str):  # an export's JSON but for the moment it was written
+        if fmt != "json":
+            return text
+        d = json.loads(text)
+        d["provenance"].pop("exported")
+        return d
+
+    url, _ = dashboard_db
+    with connect(url, create=False) as store:
+        data = report_data(store, SEARCH_STUDY, cache_dir=None)
+        assert data["exports"]
+        for tid, formats in data["exports"].items():
+            for fmt, d in formats.items():
+                alone = downloads.export(store, tid, fmt)
+                assert (d["filename"], same(d["content"], fmt)) == (alone.filename, same(alone.content.decode(), fmt))
+        pid = data["responses"]["/api/problems"][0]["id"]
+        rows, offset = [], 0
+        while offset < data["trials_total"]:
+            rows += queries.trials_page(store, problem=pid, offset=offset, limit=queries.MAX_PAGE)["items"]
+            offset += queries.MAX_PAGE
+    assert data["trials"] == rows and len(rows) == data["trials_total"]
 
 
 def test_a_report_of_more_trials_than_it_holds_keeps_the_best_and_says_so(dashboard_db, tmp_path, capsys,  # noqa: F811

@@ -228,6 +228,16 @@ def test_trials_round_trip_their_schedule(db):
     assert db.get_study("s").n_trials == 3
 
 
+def test_trials_read_without_schedules_are_the_same_records_with_no_schedule(db):
+    db.create_study("s", problem=PROBLEM)
+    db.add_trials("s", [{"schedule": presets.unipc_bh2(n, NS), "status": "complete", "metrics": {"rmse": n / 10},
+                         "info": {"origin": f"o{n}"}} for n in (4, 5, 6)] + [{"schedule": presets.ddim(5, NS)}])
+    whole = db.trials("s")
+    assert [dataclasses.replace(t, schedule=None) for t in whole] == db.trials("s", schedules=False)
+    assert [t.schedule for t in db.trials("s", nfe=5, status="complete", schedules=False)] == [None]
+    assert [t.key for t in db.trials("s", nfe=5, schedules=False)] == [t.key for t in whole if t.nfe == 5]
+
+
 def test_added_trials_records_are_what_reading_them_back_gives(db):
     items = [{"schedule": presets.unipc_bh2(6, NS), "fidelity": "cheap", "bank": "cheap", "n_samples": 64,
               "info": {"batch": 0, "params": {"w": [0.1, 1 / 3]}, "origin": "mutation"}},

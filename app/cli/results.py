@@ -143,7 +143,8 @@ def _interpolated_nfes(store, study: str) -> dict[int, list[int]]:
     """The study's NFEs interpolated from searched ones, with the NFEs each was built from (its cost's mark)."""
     from steptune.search_cost import study_cost
 
-    return {c.nfe: c.interpolated_from for c in study_cost(store.trials(study)).per_nfe if c.interpolated_from}
+    cost = study_cost(store.trials(study, schedules=False))
+    return {c.nfe: c.interpolated_from for c in cost.per_nfe if c.interpolated_from}
 
 
 def _check_fidelity(store, study: str, fidelity: str | None) -> None:

@@ -226,7 +226,7 @@ def study_status(storage, study: str) -> dict:
     from steptune.storage.schema import utcnow
 
     st = storage.get_study(study)
-    trials = storage.trials(study)
+    trials = storage.trials(study, schedules=False)
     job = st.config.get("job") or {}
     driver = lease(st.config, utcnow())
     nfes = sorted({t.nfe for t in trials}) if not job else job["search"]["nfe"]

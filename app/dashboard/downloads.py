@@ -41,10 +41,10 @@ def _zip_folder(folder: Path, root: str) -> bytes:
     return buf.getvalue()
 
 
-def export(store: Storage, trial_id: int, fmt: str) -> Download:
+def export(store: Storage, trial_id: int, fmt: str, memo: dict | None = None) -> Download:
     """The trial in ``fmt``: json (schedule plus provenance), diffusers (a zipped SteptuneScheduler folder),
     sigmas (k-diffusion list as JSON) or comfyui (comma-separated). Raises ExportError when the
-    schedule cannot be exported in that format."""
+    schedule cannot be exported in that format. ``memo``: ``cost_at``'s, for many exports of an unchanging store."""
     try:
         t = store.trial(trial_id)
     except StorageError:
@@ -53,7 +53,7 @@ def export(store: Storage, trial_id: int, fmt: str) -> Download:
     stem = _stem(t.study, t.nfe, t.id)
     sched = t.to_schedule()
     if fmt == "json":
-        text = json.dumps(export_dict(t, study, cost_at(store, t), built_from(store, t)), indent=2) + "\n"
+        text = json.dumps(export_dict(t, study, cost_at(store, t, memo), built_from(store, t)), indent=2) + "\n"
         return Download(f"{stem}.json", "application/json", text.encode())
     if fmt == "sigmas":
         return Download(f"{stem}-sigmas.json", "application/json", (json.dumps(k_diffusion_sigmas(sched)) + "\n")

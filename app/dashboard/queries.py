@@ -352,9 +352,10 @@ def _study_cost(s, sid: int) -> dict:
 
 def trials_page(store: Storage, *, study: str | None = None, problem: int | None = None, nfe: int | None = None,
                 status: str | None = None, fidelity: str | None = None, sort: str = "number", descending: bool = False,
-                offset: int = 0, limit: int = 50) -> dict:
-    """One page of trials, filtered, sorted and counted in SQL."""
-    limit = max(1, min(int(limit), MAX_PAGE))
+                offset: int = 0, limit: int = 50, most: int = MAX_PAGE) -> dict:
+    """One page of trials, filtered, sorted and counted in SQL; ``limit`` is cut to ``most`` (a report reads its
+    rows in one page)."""
+    limit = max(1, min(int(limit), most))
     with store._tx(write=False) as s:
         cond = []
         if study is not None:

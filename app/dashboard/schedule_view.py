@@ -4,6 +4,7 @@ the preset it most resembles."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -80,16 +81,21 @@ def resemblance(schedule: Schedule, other: Schedule, ns) -> float:
     return differ + gap
 
 
+@lru_cache(maxsize=1024)
+def _preset(spec: str, nfe: int, ns, t_start: float, t_end: float) -> Schedule | None:
+    """The preset's schedule (None where it has none there), built once for the many schedules a report shows."""
+    try:
+        return presets.build(spec, nfe, ns, t_start=t_start, t_end=t_end)
+    except (ScheduleError, ValueError, TypeError):
+        return None
+
+
 def nearest_presets(schedule: Schedule, ns, t_end: float, k: int = 3) -> list[dict]:
     """The ``k`` presets at the same NFE on the same noise schedule that ``schedule`` resembles most."""
-    t_start = schedule.t_start
     scored = []
     for spec in COMPARED_PRESETS:
-        try:
-            other = presets.build(spec, schedule.nfe, ns, t_start=t_start, t_end=t_end)
-        except (ScheduleError, ValueError, TypeError):
-            continue
-        if other.nfe != schedule.nfe:
+        other = _preset(spec, schedule.nfe, ns, schedule.t_start, t_end)
+        if other is None or other.nfe != schedule.nfe:
             continue
         scored.append((resemblance(schedule, other, ns), spec, other))
     scored.sort(key=lambda x: x[0])
