@@ -37,6 +37,7 @@ from steptune.evaluators import EvalResult
 from steptune.evaluators.load import load_error_text
 from steptune.search import CONFIRM
 from steptune.search.refine import (
+    TRIM,
     RefineError,
     RefineResult,
     refine_best,
@@ -261,7 +262,8 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                   progress: Callable[[int, int, int, float], None] | None = None,
                   stop: Callable[[], bool] = lambda: False, before: float | None = None,
                   say_skipped: bool = True, seconds: float | None = None, deadline: float | None = None,
-                  reserve: float = 0.0, no_room: Callable[[], None] = lambda: None) -> list[Refined]:
+                  reserve: float = 0.0, no_room: Callable[[], None] = lambda: None,
+                  trim: float = TRIM) -> list[Refined]:
     """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
     trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
     after a screening refinement of each is refined on (``refine_best``). ``before``: the NFE's best held-out RMSE
@@ -315,7 +317,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
         held = [heldout_result(t, evaluator) for t in group]
         sc = refine_best(evaluator, [t.to_schedule() for t in group], parents=held, screen=screen, iters=iters,
-                         samples=samples, progress=report, stop=stop, seconds=limit)
+                         samples=samples, trim=trim, progress=report, stop=stop, seconds=limit)
         result, parent = sc.result, group[sc.winner]
         if result.stopped:  # nothing stored: a later run refines it again
             say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")
@@ -522,7 +524,8 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
 
 
 def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int, samples: int | None,
-                   say: Callable[[str], None] = lambda msg: None, stop: Callable[[], bool] = lambda: False,
+                   trim: float = TRIM, say: Callable[[str], None] = lambda msg: None,
+                   stop: Callable[[], bool] = lambda: False,
                    progress: Callable[[int, int, int, float], None] | None = None,
                    sweeps: int = SWEEPS, seconds: float | None = None, deadline: float | None = None,
                    reserve: float = 0.0, no_room: Callable[[], None] = lambda: None) -> list[Refined]:
@@ -543,9 +546,9 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
         for nfe, source in down if k % 2 == 0 else up:
             if stop():
                 return list(out.values())
-            new |= refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, say=say,
-                                stop=stop, progress=progress, seconds=seconds, deadline=deadline, reserve=reserve,
-                                no_room=no_room)
+            new |= refine_built(store, study, evaluator, nfe, source, out, iters=iters, samples=samples, trim=trim,
+                                say=say, stop=stop, progress=progress, seconds=seconds, deadline=deadline,
+                                reserve=reserve, no_room=no_room)
         quiet = 0 if new else quiet + 1
         if quiet == 2:
             break
@@ -553,7 +556,7 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
 
 
 def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict, *, iters: int,
-                 samples: int | None, say: Callable[[str], None] = lambda msg: None,
+                 samples: int | None, trim: float = TRIM, say: Callable[[str], None] = lambda msg: None,
                  stop: Callable[[], bool] = lambda: False,
                  progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None,
                  deadline: float | None = None, reserve: float = 0.0,
@@ -568,7 +571,7 @@ def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict,
     best = best_found([t for t in store.trials(study) if t.id < first], interpolated=True).get(nfe)
     before, new = (best.score if best else None), False
     for t in group:
-        done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, say=say,
+        done = refine_trials(store, study, evaluator, [t], iters=iters, samples=samples, trim=trim, say=say,
                              progress=progress, stop=stop, before=before, say_skipped=False, seconds=seconds,
                              deadline=deadline, reserve=reserve, no_room=no_room)
         new |= any(r.skipped is None for r in done)
@@ -614,10 +617,10 @@ def refine_stage(runner) -> list[Refined]:
     todo = structure_groups(runner.storage, job.study, evaluator, todo, spec.structures, spec.iters, say=runner.say)
     todo += presets
     out = refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
-                        say=runner.say, stop=runner.should_stop, **limits)
+                        trim=spec.trim, say=runner.say, stop=runner.should_stop, **limits)
     if spec.neighbours and not ended():
         out += neighbour_pass(runner.storage, job.study, evaluator, nfes, iters=spec.iters,
-                              samples=spec.samples, say=runner.say, stop=runner.should_stop, **limits)
+                              samples=spec.samples, trim=spec.trim, say=runner.say, stop=runner.should_stop, **limits)
     if spec.interpolate and not ended():
         todo = interpolated_parents(runner.storage, job.study, evaluator, spec.interpolate, say=runner.say)
         built = [t.nfe for t in todo]
@@ -625,10 +628,10 @@ def refine_stage(runner) -> list[Refined]:
         todo += preset_parents(runner.storage, job.study, evaluator, built, job.evaluation.cheap_samples,
                                say=runner.say)
         out += refine_trials(runner.storage, job.study, evaluator, todo, iters=spec.iters, samples=spec.samples,
-                             say=runner.say, stop=runner.should_stop, **limits)
+                             trim=spec.trim, say=runner.say, stop=runner.should_stop, **limits)
         if spec.neighbours and built and not ended():
             out += neighbour_pass(runner.storage, job.study, evaluator, [*nfes, *built],
-                                  iters=spec.iters, samples=spec.samples, say=runner.say, stop=runner.should_stop,
-                                  **limits)
+                                  iters=spec.iters, samples=spec.samples, trim=spec.trim, say=runner.say,
+                                  stop=runner.should_stop, **limits)
     return out
 

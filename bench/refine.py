@@ -34,7 +34,7 @@ from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import parents, refine_trials, structure_groups  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import DEFAULT_PRESETS  # noqa: E402
-from steptune.search.refine import ITERS, STRUCTURES  # noqa: E402
+from steptune.search.refine import ITERS, STRUCTURES, TRIM  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
@@ -61,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--structures", type=int, default=STRUCTURES,
                     help="searched step structures screened per NFE (1: the best searched schedule alone)")
     ap.add_argument("--samples", type=int, default=None, help="train-bank states the refinement fits on (default 128)")
+    ap.add_argument("--trim", type=float, default=TRIM,
+                    help=f"share of the fit states, those of the largest error, left out of the loss (default {TRIM})")
     ap.add_argument("--cheap-samples", type=int, default=128)
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--heldout-samples", type=int, default=1024)
@@ -90,7 +92,8 @@ def main(argv=None):
         for parent in parents(db.trials(job.study), job.study, nfes):
             cpu0, wall0 = time.process_time(), time.perf_counter()
             todo = structure_groups(db, job.study, ev, [parent], args.structures, args.iters)
-            (r,) = refine_trials(db, job.study, ev, todo, iters=args.iters, samples=args.samples, seconds=args.time)
+            (r,) = refine_trials(db, job.study, ev, todo, iters=args.iters, samples=args.samples, seconds=args.time,
+                                 trim=args.trim)
             cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
             info = db.trial(r.trial).info["refine"]
             kept = min(parent.score, r.rmse if r.improved else r.parent_rmse)  # the search's best is the parent

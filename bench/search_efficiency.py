@@ -73,7 +73,7 @@ def curve(trials, ev, nfe: int, checkpoints: list[int], cache: dict) -> list[flo
 
 
 def search_job(args, method: str, seed: int, nfes: list[int], study: str | None = None, interpolate=()):
-    refine = {"refine": {"iters": args.refine_iters, "structures": args.refine_structures,
+    refine = {"refine": {"iters": args.refine_iters, "structures": args.refine_structures, "trim": args.refine_trim,
                           "interpolate": list(interpolate)}} if args.refine else {}
     return job_from_dict({"study": study or f"{method}-{seed}", "seed": seed, "problem": {"name": args.problem},
                           "search": {"method": method, "nfe": nfes, "batch": args.batch, "lookahead": args.lookahead,
@@ -149,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--refine", action="store_true",
                     help="refine each NFE's best searched schedule by gradient afterwards (the job's [refine] stage)")
     ap.add_argument("--refine-iters", type=int, default=ITERS, help="gradient iterations per NFE, at most")
+    ap.add_argument("--refine-trim", type=float, default=0.0,
+                    help="share of the fit states, those of the largest error, the refinements leave out of the loss")
     ap.add_argument("--refine-structures", type=int, default=STRUCTURES,
                     help="searched step structures screened per NFE by the refine stage (1: the best schedule alone)")
     ap.add_argument("--interpolate", default="",

@@ -15,7 +15,8 @@ continuous ones. ``refine`` keeps the discrete decisions and tunes
 * the second-derivative scales of the steps of order 3 or more in the lambda basis,
 
 with Adam on the MSE of the final state against the converged reference, on the first ``samples`` states
-of the evaluator's train bank, in float32 on the evaluator's device. Every ``check_every`` iterations the
+of the evaluator's train bank but for the ``trim`` share of them whose error is largest at that iteration, in
+float32 on the evaluator's device. Every ``check_every`` iterations the
 iterate is scored on the held-out bank (the evaluator's own ``evaluate``); a check without a better held-out
 RMSE sends the parameters back to the best iterate and halves the learning rates, and the run stops after
 ``patience`` such checks, returning the best iterate seen. It is kept only if it
@@ -46,6 +47,8 @@ Tensor = torch.Tensor
 FD_REL = 1e-3  # relative step in t of the forward difference in time
 SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the RMSE is dominated by a few hard
 #                states, and 64 of them overfit the times of a searched schedule
+TRIM = 0.0  # default share of the fit states left out of the loss, those of the largest error at each iteration: a
+#             few states that no schedule of the NFE brings near their reference would otherwise set the fit
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
 SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
@@ -247,7 +250,7 @@ class RefineResult:
     candidate_rmse: float
     candidate_result: object  # the candidate's held-out EvalResult
     improved: bool
-    loss_start: float  # train-bank MSE of the final state, parent
+    loss_start: float  # train-bank MSE of the final state, parent (but for the ``dropped`` states of largest error)
     loss: float  # the same, candidate
     iters: int  # iterations run
     best_iter: int
@@ -258,6 +261,7 @@ class RefineResult:
     history: list[dict] = field(default_factory=list)
     stopped: bool = False  # ``stop`` ended it before its own end
     out_of_time: bool = False  # its ``seconds`` ran out before its own end (the best iterate so far is the result)
+    dropped: int = 0  # fit states left out of each iteration's loss (``trim``)
 
     @property
     def rmse(self) -> float:
@@ -272,7 +276,7 @@ class RefineResult:
                 "candidate_rmse": finite(self.candidate_rmse), "loss_start": finite(self.loss_start),
                 "loss": finite(self.loss), "iters": self.iters, "best_iter": self.best_iter,
                 "seconds": self.seconds, "model_calls": self.model_calls, "fitted": self.fitted,
-                "samples": self.samples, **({"out_of_time": True} if self.out_of_time else {})}
+                "samples": self.samples, "dropped": self.dropped, **({"out_of_time": True} if self.out_of_time else {})}
 
 
 class Refinement:
@@ -282,7 +286,8 @@ class Refinement:
     far. See ``refine`` for the arguments."""
 
     def __init__(self, evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None,
-                 check_every: int = 10, patience: int = 4, lr: float | dict | None = None, times: bool = True,
+                 trim: float = TRIM, check_every: int = 10, patience: int = 4, lr: float | dict | None = None,
+                 times: bool = True,
                  dc: bool = True, relax: bool = True, second: bool = True,
                  progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
                  parent=None, deadline: float | None = None):
@@ -294,12 +299,15 @@ class Refinement:
         samples = min(SAMPLES, bank.size) if samples is None else samples
         if not 1 <= samples <= bank.size:
             raise RefineError(f"samples = {samples} is outside the train bank (1 .. {bank.size}); use fewer samples")
+        if not 0 <= trim < 1:
+            raise RefineError(f"trim = {trim} is not a share of the fit states (0 to below 1)")
         try:
             evaluator.check(schedule)
         except ScheduleError as e:
             raise RefineError(str(e)) from None
         start = time.perf_counter()
         self.evaluator, self.schedule, self.iters, self.samples = evaluator, schedule, iters, samples
+        self.dropped = round(trim * samples)  # states left out of each iteration's loss
         self.check_every, self.patience, self.progress, self.stop = check_every, patience, progress, stop
         problem = evaluator.problem
         self.model, self.noise = problem.model, problem.noise
@@ -346,6 +354,11 @@ class Refinement:
     def _adam(self):
         return torch.optim.Adam([{"params": [v], "lr": self.rates[k] * self.scale} for k, v in self.p.theta.items()])
 
+    def _loss(self, state: Tensor) -> Tensor:
+        """The mean squared error of the final states but for the ``dropped`` states of the largest error."""
+        err = (state - self.ref).pow(2).flatten(1).mean(1)
+        return err.sort().values[:err.numel() - self.dropped].mean()
+
     def _heldout(self, s: Schedule):
         r = self.evaluator.evaluate(s, "heldout")
         self.count[0] += r.model_calls or 0
@@ -367,8 +380,7 @@ class Refinement:
                     self.out_of_time = self.done = True
                     break
                 try:
-                    loss = (final_state(self.model, p, self.x_T, self.count, self.constant) - self.ref
-                            ).pow(2).mean()
+                    loss = self._loss(final_state(self.model, p, self.x_T, self.count, self.constant))
                 except NonFiniteError:
                     self.done = True
                     break
@@ -420,30 +432,32 @@ class Refinement:
         else:
             with self.model.uncounted(), torch.no_grad():
                 state = final_state(self.model, parameters(cand, self.noise), self.x_T, self.count, self.constant)
-                loss_best = float((state - self.ref).pow(2).mean())
+                loss_best = float(self._loss(state))
         self.seconds += time.perf_counter() - start
         improved = cand_rmse < self.parent_rmse
         return RefineResult(schedule, cand if improved else schedule, cand, self.parent_rmse, cand_rmse, cand_result,
                             improved, self.loss_start, loss_best, self.iters_run, best_iter, self.seconds,
                             self.count[0], self.p.counts(), self.samples, list(self.history), self.stopped,
-                            self.out_of_time)
+                            self.out_of_time, self.dropped)
 
 
-def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None, check_every: int = 10,
-           patience: int = 4, lr: float | dict | None = None, times: bool = True, dc: bool = True,
-           relax: bool = True, second: bool = True, progress: Callable[[int, int, float], None] | None = None,
-           stop: Callable[[], bool] | None = None, parent=None, seconds: float | None = None) -> RefineResult:
+def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None, trim: float = TRIM,
+           check_every: int = 10, patience: int = 4, lr: float | dict | None = None, times: bool = True,
+           dc: bool = True, relax: bool = True, second: bool = True,
+           progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
+           parent=None, seconds: float | None = None) -> RefineResult:
     """Refine ``schedule``'s continuous parameters on ``evaluator`` (see the module docstring). ``lr`` scales
     (a number) or replaces (a dict by kind: times, start, dc, relax, corrector, second) the default learning rates;
     ``progress(iteration, iters, held-out RMSE of the best iterate so far)`` is called after each check;
-    ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``stop()`` true ends it
-    before the next iteration (``stopped``); ``parent``: the schedule's ``EvalResult`` on the whole held-out bank,
-    where it was evaluated there before (it is then not evaluated again); ``seconds``: it ends after about this
-    long (``out_of_time``; an iteration and its check run to their end), the best iterate on the held-out bank so
-    far its result."""
+    ``samples`` defaults to ``SAMPLES`` or the whole train bank when it is smaller; ``trim``: the share of them,
+    those of the largest error at each iteration, left out of the loss (rounded to a number of states); ``stop()``
+    true ends it before the next iteration (``stopped``); ``parent``: the schedule's ``EvalResult`` on the whole
+    held-out bank, where it was evaluated there before (it is then not evaluated again); ``seconds``: it ends after
+    about this long (``out_of_time``; an iteration and its check run to their end), the best iterate on the held-out
+    bank so far its result."""
     deadline = _deadline(seconds, time.perf_counter())
-    return Refinement(evaluator, schedule, iters=iters, samples=samples, check_every=check_every, patience=patience,
-                      lr=lr, times=times, dc=dc, relax=relax, second=second, progress=progress,
+    return Refinement(evaluator, schedule, iters=iters, samples=samples, trim=trim, check_every=check_every,
+                      patience=patience, lr=lr, times=times, dc=dc, relax=relax, second=second, progress=progress,
                       stop=stop, parent=parent, deadline=deadline).advance().result()
 
 

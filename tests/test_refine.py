@@ -212,6 +212,26 @@ def test_refinement_lowers_the_train_loss_and_never_raises_the_heldout_rmse(gmm2
     assert r.model_calls == (r.iters * 3 + 1) * 32 + checks * 4 * 64 + 3 * 32
 
 
+def test_a_trimmed_loss_leaves_out_the_states_of_largest_error(gmm2d):
+    """``trim``: the loss is the mean squared error over the fit states but the round(trim x samples) whose error
+    is largest, here checked on the parent (the first iteration's loss) against its final states computed apart."""
+    p, ev = gmm2d
+    s = _preset(p, "unipc-bh2", 4)
+    with torch.no_grad():
+        x, ref = ev.x_T("train", 32).to(torch.float32), ev.reference("train")[:32].to(torch.float32)  # as it fits
+        err = (final_state(p.model, parameters(s, p.noise), x) - ref).pow(2).flatten(1).mean(1).sort().values
+    assert err[-1] > 2 * err[-4]  # the states left out weigh on the loss
+    for trim, dropped in ((0.0, 0), (0.03, 1), (0.1, 3)):
+        r = refine(ev, s, iters=1, samples=32, trim=trim)
+        assert r.dropped == r.info()["dropped"] == dropped
+        assert r.loss_start == pytest.approx(float(err[:32 - dropped].mean()), rel=1e-5)
+    trimmed = refine(ev, s, iters=30, samples=32, trim=0.1)
+    assert trimmed.improved and trimmed.rmse < trimmed.parent_rmse  # never worse on the held-out bank
+    for bad in (1.0, -0.1):
+        with pytest.raises(RefineError, match="not a share of the fit states"):
+            refine(ev, s, iters=1, samples=32, trim=bad)
+
+
 def test_a_parents_heldout_evaluation_given_is_not_made_again(gmm2d):
     """Given the parent's evaluation on the whole held-out bank (a stored confirmation), a refinement runs exactly as
     one that evaluates it, without that evaluation's model calls; an evaluation of another bank, size or NFE is
@@ -510,6 +530,22 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
     assert code == 0 and out.count("earlier") == 2, err
     with connect(url) as db:
         assert len([t for t in db.trials("tiny") if "refines" in t.info]) == 4
+
+
+def test_a_trim_in_the_job_and_on_the_command_line_reaches_every_refinement(tmp_path, cache, capsys):
+    """``[refine] trim`` and ``steptune refine --trim``: each refinement stored leaves round(trim x samples) states
+    out of its loss; a trim that is not a share of the states is refused in one line before anything is written."""
+    _, url, trials = _ran(tmp_path, cache, "trim", "iters = 10\nsamples = 32\ntrim = 0.1\nneighbours = false\n",
+                          capsys)
+    refined = [t for t in trials if "refines" in t.info]
+    assert refined and all(t.info["refine"]["dropped"] == 3 for t in refined)
+    code, _, err = run_cli(["refine", "--study", "trim", "--trim", "1.5", "--db", url], capsys)
+    assert (code, err.count("\n")) == (2, 1) and "--trim 1.5: give a share of the fit states" in err, err
+    with connect(url) as db:
+        assert [t.id for t in db.trials("trim")] == [t.id for t in trials]
+    bad = _job(tmp_path, cache, "bad", refine="trim = 1\n")
+    code, _, err = run_cli(["run", str(bad), "--db", url], capsys)
+    assert code == 2 and "trim" in err and err.count("\n") == 1, err
 
 
 def test_the_stage_screens_several_structures_and_refines_the_best_after_screening(tmp_path, cache, capsys):

@@ -35,6 +35,8 @@ def refine_cmd(
                                              "best.")] = True,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
+    trim: Annotated[float, typer.Option("--trim", help="Share of those states, the ones of the largest error at each "
+                                        "iteration, left out of the loss, e.g. 0.03 (default 0: none).")] = 0.0,
     time_: Annotated[str | None, typer.Option("--time", help="How long each refinement may take, its screening "
                                               "included: seconds or a text like 90s, 2m (default: no limit); it "
                                               "then keeps its best so far.")] = None,
@@ -67,6 +69,8 @@ def refine_cmd(
     for name, value in (("iters", iters), ("samples", samples), ("structures", structures)):
         if value is not None and value < 1:
             raise CliError(f"--{name} must be at least 1")
+    if not 0 <= trim < 1:
+        raise CliError(f"--trim {trim:g}: give a share of the fit states from 0 to below 1, e.g. 0.03")
     structures = 1 if trial is not None else STRUCTURES if structures is None else structures
     try:
         seconds = None if time_ is None else parse_duration(time_)
@@ -99,13 +103,13 @@ def refine_cmd(
                         err.print(stamped(msg, bar.started) if isinstance(bar, LogBar) else msg)
 
                 todo = structure_groups(store, study, ev, todo, structures, iters, say=say)
-                done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, say=say, progress=tick,
-                                     seconds=seconds)
+                done = refine_trials(store, study, ev, todo, iters=iters, samples=samples, trim=trim, say=say,
+                                     progress=tick, seconds=seconds)
                 if neighbours and trial is None:
                     # without --nfe, the NFEs a job's [refine] stage interpolated are swept with the searched ones
                     between = [] if nfe else [t.nfe for t in store.trials(study) if built(t, "interpolated")]
                     done += neighbour_pass(store, study, ev, [*nfes, *between], iters=iters,
-                                           samples=samples, say=say, progress=tick, seconds=seconds)
+                                           samples=samples, trim=trim, say=say, progress=tick, seconds=seconds)
             best = {r.nfe: store.best(study, r.nfe) for r in done}
         except RefineError as e:
             raise CliError(str(e)) from None
