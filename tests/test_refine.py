@@ -26,6 +26,7 @@ from steptune.jobs import job_from_dict, load_job
 from steptune.search.refine import (
     ITERS,
     STRUCTURES,
+    TRIM,
     RefineError,
     final_state,
     parameters,
@@ -1024,6 +1025,8 @@ def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_
     assert RefineSpec().iters == ITERS == inspect.signature(refine).parameters["iters"].default
     assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
     assert RefineSpec().structures == STRUCTURES == steptune.cli.refine.STRUCTURES
+    assert RefineSpec().trim == TRIM == steptune.cli.refine.TRIM == inspect.signature(refine).parameters["trim"].default
+    assert inspect.signature(refine_cmd).parameters["trim"].default == TRIM
     assert RefineSpec().neighbours is inspect.signature(refine_cmd).parameters["neighbours"].default is True
 
 
@@ -1072,9 +1075,9 @@ def test_refine_waits_for_no_run_on_the_study_and_holds_it_while_it_works(tmp_pa
             db.beat_driver("held", other, phase="search")
         code, _, err = run_cli(["refine", "--study", "held", "--db", url, "--iters", "10", "--no-neighbours"],
                                capsys)
-        assert code == 2 and err.strip() == (f"error: study 'held' is being run by another driver (host "
-                                             f"{socket.gethostname()}, process {run.pid}, heartbeat 0 s ago); wait "
-                                             "for it to finish or stop it first"), err
+        assert code == 2 and re.fullmatch(re.escape(f"error: study 'held' is being run by another driver (host "
+                                                    f"{socket.gethostname()}, process {run.pid}, heartbeat ")
+                                          + r"\d+ s ago\); wait for it to finish or stop it first", err.strip()), err
         with connect(url) as db:
             assert len(db.trials("held")) == len(before)
     finally:

@@ -3,6 +3,7 @@ with an ETA, still confirming or refining after its search, stopped, or killed w
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,8 +59,9 @@ def test_status_names_the_phase_of_the_run_on_the_study_and_that_it_goes_on_afte
     _run_refining(tmp_path, "phases", url, lambda runner: seen.setdefault("refine", _state(url, "phases")),
                   progress=lambda s: s["phase"] == "search" and s["done"] >= 2
                   and seen.setdefault("search", _state(url, "phases")))
-    assert seen["search"].startswith("ETA ") and seen["search"].endswith(f"; searching ({driver}, heartbeat 0 s ago)")
-    assert seen["refine"] == f"search finished; the run goes on, refining ({driver}, heartbeat 0 s ago)"
+    beat = r", heartbeat \d+ s ago\)"  # seconds that a loaded machine may make more than none
+    assert re.fullmatch(r"ETA .*; searching \(" + re.escape(driver) + beat, seen["search"]), seen
+    assert re.fullmatch(re.escape(f"search finished; the run goes on, refining ({driver}") + beat, seen["refine"]), seen
     assert _state(url, "phases") == "finished"  # the run let go of the study as it ended
 
 
@@ -84,7 +86,8 @@ def test_a_stopped_run_and_a_killed_run_leave_no_run_on_the_study(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert live.endswith(f"; searching (driver {socket.gethostname()}:{proc.pid}, heartbeat 0 s ago)"), live
+    assert re.search(re.escape(f"; searching (driver {socket.gethostname()}:{proc.pid}") + r", heartbeat \d+ s ago\)$",
+                     live), live
     state = _state(url, "killed")
     assert state.startswith(f"no run is on it: the last one (driver {socket.gethostname()}:{proc.pid}, last "
                             "heartbeat "), state
