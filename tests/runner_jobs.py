@@ -54,16 +54,18 @@ def outcome(storage, study: str) -> list[tuple]:
             for t in storage.trials(study)]
 
 
-def run_job(job, url: str, backend=None, progress=None, stop_after: int | None = None):
+def run_job(job, url: str, backend=None, progress=None, stop_after: int | None = None, stop_when=None):
     """Run ``job`` into the database at ``url`` on ``backend`` (in-process by default), then close the backend.
-    ``stop_after`` interrupts the run, as SIGINT does, once that many search evaluations are done. Returns the
-    run's result and the runner (its searcher holds what it was told)."""
+    ``stop_after`` interrupts the run, as SIGINT does, once that many search evaluations are done; ``stop_when``
+    once it is true of the run's progress (its ``status()``). Returns the run's result and the runner (its searcher
+    holds what it was told)."""
     backend = backend or LocalBackend(job.problem, job.evaluation, job.backend)
 
     def report(status: dict) -> None:
         if progress is not None:
             progress(status)
-        if stop_after is not None and status["phase"] == "search" and status["done"] >= stop_after:
+        if (stop_after is not None and status["phase"] == "search" and status["done"] >= stop_after
+                or stop_when is not None and stop_when(status)):
             runner.interrupt()
 
     with connect(url) as db:

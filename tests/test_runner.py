@@ -588,26 +588,14 @@ def test_a_run_stopped_while_choosing_spacings_resumes_to_the_same_trials(tmp_pa
     """The spacing choice runs in the driver before anything is dispatched: a stop there keeps the presets chosen so
     far (their baselines queued) and the resume chooses the rest, in the same order, ending with the trials of an
     uninterrupted run."""
-    from steptune.backends import LocalBackend
     from steptune.jobs import load_job
-    from steptune.runner import Runner
 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = load_job(write_job(tmp_path / "job.toml", "ref", cache, evaluations=30))
     seen = []
-
-    def stop_while_choosing(status):
-        seen.append((status["phase"], status["phase_done"], status["phase_total"]))
-        if status["phase"] == "spacing" and status["phase_done"] == 3:
-            runner.interrupt()
-
+    res, _ = run_job(job, url, progress=lambda st: seen.append((st["phase"], st["phase_done"], st["phase_total"])),
+                     stop_when=lambda st: st["phase"] == "spacing" and st["phase_done"] == 3)
     with connect(url) as db:
-        backend = LocalBackend(job.problem, job.evaluation, job.backend)
-        runner = Runner(job, db, backend, progress=stop_while_choosing)
-        try:
-            res = runner.run()
-        finally:
-            backend.close()
         stopped = db.trials("ref")
     assert res.status == "interrupted" and seen[-1][0] == "spacing" and seen[-1][1] == 3 < seen[-1][2]
     assert stopped and all(t.info.get("baseline") and t.status == "queued" for t in stopped)
@@ -621,25 +609,13 @@ def test_a_run_stopped_while_choosing_spacings_resumes_to_the_same_trials(tmp_pa
 def test_a_stop_while_the_stored_baselines_are_scored_counts_them_as_unscored_not_unchosen(tmp_path, cache, capsys):
     """Every preset was chosen and stored and two are scored when the stop comes: nothing is left unstored, the rest
     are queued, and the stop line says how many are not scored yet (it said they were not all chosen)."""
-    from steptune.backends import LocalBackend
     from steptune.cli.run import print_stopped
     from steptune.jobs import load_job
-    from steptune.runner import Runner
 
     url = f"sqlite:///{tmp_path / 'x.db'}"
     job = load_job(write_job(tmp_path / "job.toml", "ref", cache, evaluations=30))
-
-    def stop_while_scoring(status):
-        if status["phase"] == "baseline" and status["phase_done"] == 2:
-            runner.interrupt()
-
+    res, _ = run_job(job, url, stop_when=lambda st: st["phase"] == "baseline" and st["phase_done"] == 2)
     with connect(url) as db:
-        backend = LocalBackend(job.problem, job.evaluation, job.backend)
-        runner = Runner(job, db, backend, progress=stop_while_scoring)
-        try:
-            res = runner.run()
-        finally:
-            backend.close()
         baselines = [t for t in db.trials("ref") if t.info.get("baseline")]
     queued = sum(t.status == "queued" for t in baselines)
     assert res.status == "interrupted" and queued == len(baselines) - 2 > 0
