@@ -307,7 +307,7 @@ class Refinement:
             raise RefineError(str(e)) from None
         start = time.perf_counter()
         self.evaluator, self.schedule, self.iters, self.samples = evaluator, schedule, iters, samples
-        self.dropped = round(trim * samples)  # states left out of each iteration's loss
+        self.dropped = min(round(trim * samples), samples - 1)  # states left out of each iteration's loss
         self.check_every, self.patience, self.progress, self.stop = check_every, patience, progress, stop
         problem = evaluator.problem
         self.model, self.noise = problem.model, problem.noise

@@ -228,6 +228,7 @@ def test_a_trimmed_loss_leaves_out_the_states_of_largest_error(gmm2d):
         assert r.loss_start == pytest.approx(float(err[:32 - dropped].mean()), rel=1e-5)
     trimmed = refine(ev, s, iters=30, samples=32, trim=0.1)
     assert trimmed.improved and trimmed.rmse < trimmed.parent_rmse  # never worse on the held-out bank
+    assert refine(ev, s, iters=1, samples=1, trim=0.9).dropped == 0  # one state is always fitted
     for bad in (1.0, -0.1):
         with pytest.raises(RefineError, match="not a share of the fit states"):
             refine(ev, s, iters=1, samples=32, trim=bad)
