@@ -199,7 +199,7 @@ class RefineSpec(_Section):
     iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)
     samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
     # share of them, those of the largest error at each iteration, left out of the loss (steptune.search.refine.TRIM)
-    trim: float = Field(default=0.03, ge=0.0, lt=1.0)
+    trim: float = Field(default=0.0, ge=0.0, lt=1.0)
     # schedules of distinct structures screened per NFE, the most promising refined on (steptune.search.refine
     # .STRUCTURES; 1: the best searched schedule alone)
     structures: int = Field(default=8, ge=1)

@@ -47,7 +47,7 @@ Tensor = torch.Tensor
 FD_REL = 1e-3  # relative step in t of the forward difference in time
 SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the RMSE is dominated by a few hard
 #                states, and 64 of them overfit the times of a searched schedule
-TRIM = 0.03  # default share of the fit states left out of the loss, those of the largest error at each iteration: a
+TRIM = 0.0  # default share of the fit states left out of the loss, those of the largest error at each iteration: a
 #             few states that no schedule of the NFE brings near their reference would otherwise set the fit
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``

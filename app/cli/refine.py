@@ -17,7 +17,7 @@ from steptune.cli.problems import pick_device, set_threads
 from steptune.cli.progress import LogBar, stamped, task_bar
 
 STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
-TRIM = 0.03  # steptune.search.refine.TRIM
+TRIM = 0.0  # steptune.search.refine.TRIM
 
 
 def refine_cmd(
@@ -37,7 +37,7 @@ def refine_cmd(
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
     trim: Annotated[float, typer.Option("--trim", help="Share of those states, the ones of the largest error at each "
-                                        f"iteration, left out of the loss (default {TRIM:g}; 0: none).")] = TRIM,
+                                        f"iteration, left out of the loss, e.g. 0.03 (default {TRIM:g})")] = TRIM,
     time_: Annotated[str | None, typer.Option("--time", help="How long each refinement may take, its screening "
                                               "included: seconds or a text like 90s, 2m (default: no limit); it "
                                               "then keeps its best so far.")] = None,
