@@ -287,8 +287,7 @@ class Refinement:
 
     def __init__(self, evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | None = None,
                  trim: float = TRIM, check_every: int = 10, patience: int = 4, lr: float | dict | None = None,
-                 times: bool = True,
-                 dc: bool = True, relax: bool = True, second: bool = True,
+                 times: bool = True, dc: bool = True, relax: bool = True, second: bool = True,
                  progress: Callable[[int, int, float], None] | None = None, stop: Callable[[], bool] | None = None,
                  parent=None, deadline: float | None = None):
         if iters < 1:
@@ -356,8 +355,10 @@ class Refinement:
 
     def _loss(self, state: Tensor) -> Tensor:
         """The mean squared error of the final states but for the ``dropped`` states of the largest error."""
-        err = (state - self.ref).pow(2).flatten(1).mean(1)
-        return err.sort().values[:err.numel() - self.dropped].mean()
+        sq = (state - self.ref).pow(2)
+        if not self.dropped:  # the plain mean, with no sort at every iteration
+            return sq.mean()
+        return sq.flatten(1).mean(1).sort().values[:-self.dropped].mean()
 
     def _heldout(self, s: Schedule):
         r = self.evaluator.evaluate(s, "heldout")
