@@ -38,7 +38,7 @@ import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -198,8 +198,9 @@ class RefineSpec(_Section):
     nfe: list[int] | Literal["all"] = "all"  # which searched NFEs
     iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)
     samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
-    # share of them, those of the largest error at each iteration, left out of the loss (steptune.search.refine.TRIM)
-    trim: float = Field(default=0.0, ge=0.0, lt=1.0)
+    # shares of them, those of the largest error at each iteration, left out of the loss: each is screened with
+    # every structure, the best refinement on the held-out bank kept (steptune.search.refine.TRIMS); or one share
+    trim: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default=[0.0, 0.03], min_length=1)
     # schedules of distinct structures screened per NFE, the most promising refined on (steptune.search.refine
     # .STRUCTURES; 1: the best searched schedule alone)
     structures: int = Field(default=8, ge=1)
@@ -216,6 +217,11 @@ class RefineSpec(_Section):
     @classmethod
     def _duration(cls, v):
         return None if v is None else parse_duration(v)
+
+    @field_validator("trim", mode="before")
+    @classmethod
+    def _one_trim(cls, v):
+        return [v] if isinstance(v, int | float) and not isinstance(v, bool) else v
 
 
 class Job(_Section):

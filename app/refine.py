@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from shlex import quote as shell_quote
 
@@ -37,7 +37,7 @@ from steptune.evaluators import EvalResult
 from steptune.evaluators.load import load_error_text
 from steptune.search import CONFIRM
 from steptune.search.refine import (
-    TRIM,
+    TRIMS,
     RefineError,
     RefineResult,
     refine_best,
@@ -171,15 +171,16 @@ def parents(trials: list, study: str, nfes: list[int] | None = None, trial: int 
     return [best[n] for n in sorted(best)]
 
 
-def trial_item(parent, result: RefineResult, screened: list[dict] | None = None) -> dict:
+def trial_item(parent, result: RefineResult, screened: list[dict] | None = None, trim: float | None = None) -> dict:
     """The stored trial of one refinement: the best iterate on the held-out bank, ``pruned`` when it does not
     beat its parent there. Its metrics are the held-out evaluation's, with what the whole refinement cost
     (``model_calls``: the fit's and the checks', the screening's included) where an evaluation's cost goes.
-    ``screened``: the parents screened with it (``refine_best``), each with its held-out RMSE before and after."""
+    ``screened``: the parents screened with it (``refine_best``), each with its held-out RMSE before and after (and
+    its trim, where several were screened); ``trim``: the share of the fit states the refinement left out."""
     res = result.candidate_result
     metrics = {**res.metrics, **res.cost(), "model_calls": result.model_calls}
     origin = parent.info.get("origin") or f"trial {parent.number}"
-    info = result.info() | ({"screened": screened} if screened else {})
+    info = result.info() | ({"screened": screened} if screened else {}) | ({} if trim is None else {"trim": trim})
     return {"schedule": result.candidate.to_dict(), "fidelity": CONFIRM, "bank": CONFIRM, "n_samples": res.n,
             "metrics": metrics, "status": "complete" if result.improved else "pruned", "seconds": result.seconds,
             "info": {"refines": parent.id, "refines_number": parent.number, "origin": f"{ORIGIN}:{origin}",
@@ -263,7 +264,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
                   stop: Callable[[], bool] = lambda: False, before: float | None = None,
                   say_skipped: bool = True, seconds: float | None = None, deadline: float | None = None,
                   reserve: float = 0.0, no_room: Callable[[], None] = lambda: None,
-                  trim: float = TRIM) -> list[Refined]:
+                  trim: float | Sequence[float] = TRIMS) -> list[Refined]:
     """Refine each item of ``todo`` (skipping those refined before) and store the results as they come. An item is a
     trial, or a list of one NFE's trials of distinct structures (``structure_parents``), of which the most promising
     after a screening refinement of each is refined on (``refine_best``). ``before``: the NFE's best held-out RMSE
@@ -275,6 +276,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
     from there (cut off by ``stop`` instead, it would store nothing and each run would start that item again); with
     less than ``reserve`` seconds left it refines nothing more and calls ``no_room``."""
     done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
+    trims = [trim] if isinstance(trim, int | float) else list(trim)
     out = []
     for item in todo:
         group = item if isinstance(item, list) else [item]
@@ -286,7 +288,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             parent_rmse, improved = rec.get("parent_rmse", parent.score), prev.status == "complete"
             rmse = rec.get("candidate_rmse", prev.score) if improved or before is None else parent_rmse
             out.append(Refined(parent.nfe, parent.id, parent_rmse, rmse, rec.get("seconds", 0.0), improved, prev.id,
-                               "refined before", max(len(screened), 1),
+                               "refined before", max(len({x["trial"] for x in screened}), 1),
                                screened_start(rec) if before is None else before))
             if say_skipped:
                 others = [str(t.id) for t in group if t.id not in done]
@@ -305,14 +307,20 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             limit, by_budget = (left, True) if limit is None or left < limit else (limit, False)
         screen = screen_length(iters)
         group, nfe = group if screen else group[:1], group[0].nfe
+        field = len(group) * len(trims)
         if len(group) == 1:
             preset = f": preset {group[0].schedule.get('name')}" if group[0].info.get("baseline") else ""
-            say(f"refining NFE {nfe}{preset} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})")
+            head = f"refining NFE {nfe}{preset} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})"
         else:
-            rounds = screen_rounds(screen, field=len(group))
+            head = (f"refining NFE {nfe}: {len(group)} structures (held-out RMSE {min(t.score for t in group):.4g} "
+                    "at best)")
+        tried = "" if len(trims) == 1 else f", each with trims {', '.join(f'{t:g}' for t in trims)}"
+        if field == 1 or not screen:
+            say(head + tried + ("" if field == 1 else ", every one to its end, the best kept"))
+        else:
+            rounds = screen_rounds(screen, field=field)
             halves = "".join(f", the better half to {n}" for n in rounds[1:])
-            say(f"refining NFE {nfe}: {len(group)} structures (held-out RMSE {min(t.score for t in group):.4g} at "
-                f"best), {rounds[0]} iterations each{halves}, then the best on up to {iters}")
+            say(f"{head}{tried}: {rounds[0]} iterations each{halves}, then the best on up to {iters}")
         start = time.perf_counter()
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
         held = [heldout_result(t, evaluator) for t in group]
@@ -322,13 +330,15 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         if result.stopped:  # nothing stored: a later run refines it again
             say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")
             break
-        screened = [{"trial": t.id, "parent_rmse": a, "rmse": b, "iters": n}
-                    for t, (a, b, n) in zip(group, sc.screened)]
-        (tid,) = store.add_trials(study, [trial_item(parent, result, screened)])
+        screened = [{"trial": group[i].id, "parent_rmse": a, "rmse": b, "iters": n}
+                    | ({"trim": trims[k]} if len(trims) > 1 else {})
+                    for (i, k), (a, b, n) in zip(sc.entries, sc.screened)]
+        (tid,) = store.add_trials(study, [trial_item(parent, result, screened, trims[sc.chosen])])
         start_rmse = min([result.parent_rmse, *(a for a, _, _ in sc.screened)]) if before is None else before
         out.append(Refined(nfe, parent.id, result.parent_rmse,
                            result.candidate_rmse if before is None else result.rmse, time.perf_counter() - start,
-                           result.improved, tid, structures=max(len(sc.screened), 1), start_rmse=start_rmse))
+                           result.improved, tid, structures=max(len({i for i, _ in sc.entries}), 1),
+                           start_rmse=start_rmse))
         r, took = out[-1], f"{out[-1].seconds:.0f} s, {result.iters} of at most {iters} iterations"
         if result.out_of_time:
             took += ", the time budget ran out" if by_budget else f", the {seconds:g} s given ran out"
@@ -341,7 +351,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
         which = ""
         if len(group) > 1:
             which = f"; trial id {parent.id} ({r.parent_rmse:.4g}), " + (
-                f"the best of the {len(sc.screened)} of {len(group)} structures screened in the time given"
+                f"the best of the {r.structures} of {len(group)} structures screened in the time given"
                 if result.out_of_time else f"the best of {len(group)} structures after {screen} iterations")
         say(f"refined NFE {r.nfe}: held-out RMSE {r.start_rmse:.4g} -> {r.rmse:.4g} ({100 * r.change:+.1f}%{which}, "
             f"{took})" + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best"
@@ -524,7 +534,7 @@ def neighbour_parents(store, study: str, evaluator, nfe: int, source: int,
 
 
 def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int, samples: int | None,
-                   trim: float = TRIM, say: Callable[[str], None] = lambda msg: None,
+                   trim: float | Sequence[float] = TRIMS, say: Callable[[str], None] = lambda msg: None,
                    stop: Callable[[], bool] = lambda: False,
                    progress: Callable[[int, int, int, float], None] | None = None,
                    sweeps: int = SWEEPS, seconds: float | None = None, deadline: float | None = None,
@@ -556,7 +566,8 @@ def neighbour_pass(store, study: str, evaluator, nfes: list[int], *, iters: int,
 
 
 def refine_built(store, study: str, evaluator, nfe: int, source: int, out: dict, *, iters: int,
-                 samples: int | None, trim: float = TRIM, say: Callable[[str], None] = lambda msg: None,
+                 samples: int | None, trim: float | Sequence[float] = TRIMS,
+                 say: Callable[[str], None] = lambda msg: None,
                  stop: Callable[[], bool] = lambda: False,
                  progress: Callable[[int, int, int, float], None] | None = None, seconds: float | None = None,
                  deadline: float | None = None, reserve: float = 0.0,

@@ -34,7 +34,7 @@ from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import parents, refine_trials, structure_groups  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import DEFAULT_PRESETS  # noqa: E402
-from steptune.search.refine import ITERS, STRUCTURES, TRIM  # noqa: E402
+from steptune.search.refine import ITERS, STRUCTURES, TRIMS  # noqa: E402
 from steptune.storage import connect  # noqa: E402
 from steptune.sweep import best_by_nfe, run_sweep  # noqa: E402
 
@@ -61,8 +61,10 @@ def main(argv=None):
     ap.add_argument("--structures", type=int, default=STRUCTURES,
                     help="searched step structures screened per NFE (1: the best searched schedule alone)")
     ap.add_argument("--samples", type=int, default=None, help="train-bank states the refinement fits on (default 128)")
-    ap.add_argument("--trim", type=float, default=TRIM,
-                    help=f"share of the fit states, those of the largest error, left out of the loss (default {TRIM})")
+    ap.add_argument("--trim", type=lambda v: [float(x) for x in v.split(",")], default=list(TRIMS),
+                    help="share of the fit states, those of the largest error, left out of the loss, or several "
+                         "separated by commas: each screened with every structure, the best kept (default "
+                         f"{','.join(f'{t:g}' for t in TRIMS)})")
     ap.add_argument("--cheap-samples", type=int, default=128)
     ap.add_argument("--train-samples", type=int, default=256)
     ap.add_argument("--heldout-samples", type=int, default=1024)

@@ -41,7 +41,7 @@ from steptune.jobs import job_from_dict  # noqa: E402
 from steptune.refine import best_found, searched  # noqa: E402
 from steptune.runner import Runner  # noqa: E402
 from steptune.search import CHEAP, CONFIRM, DEFAULT_PRESETS, FAIL_SCORE  # noqa: E402
-from steptune.search.refine import ITERS, STRUCTURES, TRIM  # noqa: E402
+from steptune.search.refine import ITERS, STRUCTURES, TRIMS  # noqa: E402
 from steptune.search.s3 import encode, select_predictor  # noqa: E402
 from steptune.space import Schedule  # noqa: E402
 from steptune.storage import connect  # noqa: E402
@@ -149,8 +149,9 @@ def main(argv=None):
     ap.add_argument("--refine", action="store_true",
                     help="refine each NFE's best searched schedule by gradient afterwards (the job's [refine] stage)")
     ap.add_argument("--refine-iters", type=int, default=ITERS, help="gradient iterations per NFE, at most")
-    ap.add_argument("--refine-trim", type=float, default=TRIM,
-                    help="share of the fit states, those of the largest error, the refinements leave out of the loss")
+    ap.add_argument("--refine-trim", type=lambda v: [float(x) for x in v.split(",")], default=list(TRIMS),
+                    help="share of the fit states, those of the largest error, the refinements leave out of the loss, "
+                         "or several separated by commas (each screened, the best kept; the [refine] stage's trim)")
     ap.add_argument("--refine-structures", type=int, default=STRUCTURES,
                     help="searched step structures screened per NFE by the refine stage (1: the best schedule alone)")
     ap.add_argument("--interpolate", default="",

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -49,6 +49,7 @@ SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the 
 #                states, and 64 of them overfit the times of a searched schedule
 TRIM = 0.0  # default share of the fit states left out of the loss, those of the largest error at each iteration: a
 #             few states that no schedule of the NFE brings near their reference would otherwise set the fit
+TRIMS = (0.0, 0.03)  # ``refine_best``'s: each screened with every structure, as which is better depends on the fit
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
 SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
@@ -298,15 +299,13 @@ class Refinement:
         samples = min(SAMPLES, bank.size) if samples is None else samples
         if not 1 <= samples <= bank.size:
             raise RefineError(f"samples = {samples} is outside the train bank (1 .. {bank.size}); use fewer samples")
-        if not 0 <= trim < 1:
-            raise RefineError(f"trim = {trim} is not a share of the fit states (0 to below 1)")
         try:
             evaluator.check(schedule)
         except ScheduleError as e:
             raise RefineError(str(e)) from None
         start = time.perf_counter()
         self.evaluator, self.schedule, self.iters, self.samples = evaluator, schedule, iters, samples
-        self.dropped = min(round(trim * samples), samples - 1)  # states left out of each iteration's loss
+        self.dropped = dropped(trim, samples)  # states left out of each iteration's loss
         self.check_every, self.patience, self.progress, self.stop = check_every, patience, progress, stop
         problem = evaluator.problem
         self.model, self.noise = problem.model, problem.noise
@@ -341,7 +340,7 @@ class Refinement:
                                   f"at NFE {parent.nfe}, not of the whole held-out bank ({heldout}) at NFE "
                                   f"{schedule.nfe}; leave it out to evaluate the parent here")
             parent_rmse, parent_result = (parent.metrics["rmse"] if parent.ok else math.inf), parent
-        self.parent_rmse = parent_rmse
+        self.parent_rmse, self.parent_result = parent_rmse, parent_result
         self.best = (parent_rmse, schedule, 0, parent_result)  # held-out RMSE, schedule, iteration, EvalResult
         self.seconds = time.perf_counter() - start
 
@@ -462,6 +461,14 @@ def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | 
                       stop=stop, parent=parent, deadline=deadline).advance().result()
 
 
+def dropped(trim: float, samples: int) -> int:
+    """The fit states a ``trim`` leaves out of the loss of ``samples``: round(trim x samples), one state always
+    fitted."""
+    if not 0 <= trim < 1:
+        raise RefineError(f"trim = {trim} is not a share of the fit states (0 to below 1)")
+    return min(round(trim * samples), samples - 1)
+
+
 def _deadline(seconds: float | None, start: float) -> float | None:
     """The ``time.perf_counter()`` at which a refinement of ``seconds`` begun at ``start`` ends (None: no limit)."""
     if seconds is None:
@@ -500,13 +507,16 @@ def screen_length(iters: int, check_every: int = 10) -> int:
 
 @dataclass
 class Screened:
-    """``refine_best``'s outcome: ``result`` refines ``schedules[winner]`` (its ``parent``); ``screened`` holds each
-    schedule's held-out RMSE before and after its screening refinement, and that refinement's iterations (in the
-    order given)."""
+    """``refine_best``'s outcome: ``result`` refines ``schedules[winner]`` (its ``parent``) with the trim
+    ``trims[chosen]``; ``screened`` holds, for each schedule and trim screened (``entries``: their indices into the
+    schedules and the trims, every schedule with the first trim first), the held-out RMSE before and after its
+    screening refinement and that refinement's iterations."""
 
     winner: int
     result: RefineResult
     screened: list[tuple[float, float, int]]
+    entries: list[tuple[int, int]] = field(default_factory=list)
+    chosen: int = 0
 
 
 def screen_rounds(screen: int, check_every: int = 10, field: int = 2) -> list[int]:
@@ -526,33 +536,39 @@ def screen_rounds(screen: int, check_every: int = 10, field: int = 2) -> list[in
 def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
                 halving: bool = True, progress: Callable[[int, int, float], None] | None = None,
                 stop: Callable[[], bool] | None = None, parents: list | None = None, seconds: float | None = None,
-                **options) -> Screened:
-    """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures) by a
-    screening: every one is refined for the first of ``screen_rounds``' iterations, the better half of them on the
-    held-out bank (at their last check) to the next, and so on until one is left at ``screen`` (``halving``; else all
-    run ``screen``); that one then goes on to the end from where it was (its Adam state and step sizes kept: its
-    result is ``refine``'s of that schedule). How far a structure gets by refinement is not what it scores before:
-    the search's best is often not the best refined. One schedule is refined as ``refine`` does (no screening).
-    ``options`` are ``refine``'s; ``progress`` counts the iterations of all the refinements; ``parents``: each
-    schedule's held-out ``EvalResult`` where made before (or None), as ``refine``'s ``parent``; ``seconds``: all of it
-    ends after about this long, the screening included (no schedule starts its screening after it, those screened
-    so far compete, and the winner's best iterate so far is the result)."""
+                trim: float | Sequence[float] = TRIMS, **options) -> Screened:
+    """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures), each with
+    each ``trim`` (a share of the fit states left out of the loss, or several: one that helps a fit can hurt
+    another's), by a screening: every pair is refined for the first of ``screen_rounds``' iterations, the better half
+    of them on the held-out bank (at their last check) to the next, and so on until one is left at ``screen``
+    (``halving``; else all run ``screen``); that one then goes on to the end from where it was (its Adam state and
+    step sizes kept: its result is ``refine``'s of that schedule and trim). How far a structure gets by refinement
+    is not what it scores before: the search's best is often not the best refined. One pair is refined as ``refine``
+    does (no screening); with ``screen`` 0, every pair is, and the best at its end is the result. ``options`` are
+    ``refine``'s; ``progress`` counts the iterations of all the refinements; ``parents``: each schedule's held-out
+    ``EvalResult`` where made before (or None), as ``refine``'s ``parent``; ``seconds``: all of it ends after about
+    this long, the screening included (no pair starts its screening after it, those screened so far compete, and the
+    winner's best iterate so far is the result)."""
     if not schedules:
         raise RefineError("no schedule to refine")
+    trims = [trim] if isinstance(trim, int | float) else list(trim)
+    if not trims:
+        raise RefineError("no trim to refine with: give at least one share of the fit states, e.g. 0")
+    for t in trims:
+        dropped(t, 2)  # refused here, before any refinement runs
     parents = [None] * len(schedules) if parents is None else list(parents)
     if len(parents) != len(schedules):
         raise RefineError(f"{len(parents)} parent evaluations for {len(schedules)} schedules")
-    if len(schedules) == 1:
-        return Screened(0, refine(evaluator, schedules[0], iters=iters, progress=progress, stop=stop,
-                                  parent=parents[0], seconds=seconds, **options), [])
+    entries = [(i, k) for k in range(len(trims)) for i in range(len(schedules))]
     check = options.get("check_every", 10)
-    if not 1 <= screen < iters or screen % check:
+    if len(entries) > 1 and screen and (not 1 <= screen < iters or screen % check):
         raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
                           f"each screening ends on a held-out check, and fewer than iters ({iters})")
     start = time.perf_counter()
     deadline = _deadline(seconds, start)
-    rounds = screen_rounds(screen, check, len(schedules)) if halving else [screen]
-    field, left, total = len(schedules), len(schedules), iters - screen
+    rounds = [] if len(entries) == 1 or not screen else (
+        screen_rounds(screen, check, len(entries)) if halving else [screen])
+    left, total = len(entries), iters - rounds[-1] if rounds else iters * len(entries)
     for a, b in zip([0, *rounds], rounds):
         total, left = total + left * (b - a), -(-left // 2)
     ran = [0]
@@ -562,28 +578,28 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
         return lambda it, _n, best: None if progress is None else progress(base + it, total, best)
 
     runs: list[Refinement] = []
-    alive = list(range(field))
-    for k, until in enumerate(rounds):
-        for i in alive:
-            if i == len(runs):
+    screened: list[tuple[float, float, int]] = []
+    alive = list(range(len(entries)))
+    for k, until in enumerate([*rounds, None] if rounds else [None]):
+        for e in alive:
+            if e == len(runs):
                 if runs and _past(deadline):
                     break  # out of time: the rest are not screened
+                i, j = entries[e]
                 runs.append(Refinement(evaluator, schedules[i], iters=iters, stop=stop, parent=parents[i],
-                                       deadline=deadline, **options))
-            r = runs[i]
+                                       deadline=deadline, trim=trims[j], **options))
+                parents[i] = runs[-1].parent_result  # not evaluated again with the next trim
+            r = runs[e]
             r.progress, before = reporter(r.iters_run), r.iters_run
             r.advance(until)
             ran[0] += r.iters_run - before
             if r.stopped:
-                return Screened(i, replace(r.result(), seconds=time.perf_counter() - start), [])
-        alive = sorted((i for i in alive if i < len(runs)), key=lambda i: (runs[i].rmse, i))
-        alive = alive[: 1 if k == len(rounds) - 1 else -(-len(alive) // 2)]
-    (winner,) = alive
-    screened = [(r.parent_rmse, r.rmse, r.iters_run) for r in runs]
-    results = [r.result() for i, r in enumerate(runs) if i != winner]
-    w = runs[winner]
-    w.progress = reporter(w.iters_run)
-    result = w.advance().result()
-    result = replace(result, seconds=time.perf_counter() - start,
-                     model_calls=result.model_calls + sum(r.model_calls for r in results))
-    return Screened(winner, result, screened)
+                return Screened(entries[e][0], replace(r.result(), seconds=time.perf_counter() - start), [])
+        alive = sorted((e for e in alive if e < len(runs)), key=lambda e: (runs[e].rmse, e))
+        alive = alive[:1] if k >= len(rounds) - 1 else alive[: -(-len(alive) // 2)]
+        if k == len(rounds) - 1:
+            screened = [(r.parent_rmse, r.rmse, r.iters_run) for r in runs]
+    (w,) = alive
+    results = [r.result() for r in runs]
+    result = replace(results[w], seconds=time.perf_counter() - start, model_calls=sum(r.model_calls for r in results))
+    return Screened(entries[w][0], result, screened, entries[: len(screened)], entries[w][1])

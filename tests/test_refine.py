@@ -27,6 +27,7 @@ from steptune.search.refine import (
     ITERS,
     STRUCTURES,
     TRIM,
+    TRIMS,
     RefineError,
     final_state,
     parameters,
@@ -251,6 +252,7 @@ def test_a_parents_heldout_evaluation_given_is_not_made_again(gmm2d):
     sc = refine_best(ev, [s, _preset(p, "ddim", 4)], screen=4, iters=8, samples=32, check_every=2,
                      parents=[held, None])
     alone = refine_best(ev, [s, _preset(p, "ddim", 4)], screen=4, iters=8, samples=32, check_every=2)
+    assert len(sc.screened) == 2 * len(TRIMS)  # each schedule with each trim, its parent evaluated once for all
     assert (sc.winner, sc.screened, sc.result.rmse) == (alone.winner, alone.screened, alone.result.rmse)
     assert sc.result.model_calls == alone.result.model_calls - held.model_calls
 
@@ -300,7 +302,7 @@ def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
     p, ev = gmm2d
     scheds = [_preset(p, spec, 4) for spec in ("ddim", "dpm-solver++-2m", "unipc-bh2", "deis")]
     alone = [refine(ev, s, iters=6, samples=32, check_every=2) for s in scheds]
-    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, halving=False)
+    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, halving=False, trim=0.0)
     assert sc.screened == [(r.parent_rmse, r.rmse, 6) for r in alone]
     assert sc.winner == min(range(len(alone)), key=lambda i: alone[i].rmse)
     r = sc.result
@@ -311,9 +313,41 @@ def test_refine_best_refines_on_the_schedule_best_after_its_screening(gmm2d):
     assert (r.rmse, r.iters, r.best_iter) == (whole.rmse, whole.iters, whole.best_iter) and r.iters > 6
     assert r.history == whole.history and r.loss == whole.loss
     assert r.model_calls == sum(a.model_calls for i, a in enumerate(alone) if i != sc.winner) + whole.model_calls
-    one = refine_best(ev, scheds[2:3], screen=6, iters=30, samples=32, check_every=2).result
+    one = refine_best(ev, scheds[2:3], screen=6, iters=30, samples=32, check_every=2, trim=0.0).result
     plain = refine(ev, scheds[2], iters=30, samples=32, check_every=2)
     assert (one.rmse, one.iters, one.model_calls) == (plain.rmse, plain.iters, plain.model_calls)
+
+
+def test_each_trim_is_screened_with_every_schedule_and_the_best_refinement_kept(gmm2d):
+    """Several trims: every schedule is screened with every trim, each pair exactly ``refine`` of that schedule with
+    that trim, and the pair best on the held-out bank goes on to the end; one schedule with a screening of 0 is
+    refined to the end with each trim, the better on the held-out bank kept. Bad trims are refused before anything
+    runs."""
+    p, ev = gmm2d
+    scheds = [_preset(p, spec, 4) for spec in ("ddim", "unipc-bh2")]
+    trims = (0.0, 0.1)
+    pairs = [(i, k) for k in range(2) for i in range(2)]  # every schedule with the first trim first
+    alone = [refine(ev, scheds[i], iters=6, samples=32, check_every=2, trim=trims[k]) for i, k in pairs]
+    assert [r.dropped for r in alone] == [0, 0, 3, 3]
+    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, halving=False, trim=trims)
+    assert sc.entries == pairs and sc.screened == [(r.parent_rmse, r.rmse, 6) for r in alone]
+    w = min(range(4), key=lambda e: (alone[e].rmse, e))
+    assert (sc.winner, sc.chosen) == pairs[w] and sc.result.dropped == alone[w].dropped
+    whole = refine(ev, scheds[sc.winner], iters=30, samples=32, check_every=2, trim=trims[sc.chosen])
+    assert (sc.result.rmse, sc.result.history) == (whole.rmse, whole.history)
+    again = sum(ev.evaluate(scheds[i], "heldout").model_calls for i, k in pairs if k)  # a parent is evaluated once
+    losers = sum(a.model_calls for e, a in enumerate(alone) if e != w)
+    assert sc.result.model_calls == losers + whole.model_calls - again
+    each = [refine(ev, scheds[1], iters=30, samples=32, check_every=2, trim=t) for t in trims]
+    one = refine_best(ev, scheds[1:], screen=0, iters=30, samples=32, check_every=2, trim=trims)
+    best = min(range(2), key=lambda k: (each[k].candidate_rmse, k))
+    assert (one.winner, one.chosen, one.screened) == (0, best, [])
+    assert (one.result.candidate_rmse, one.result.history) == (each[best].candidate_rmse, each[best].history)
+    assert one.result.rmse == min(r.rmse for r in each)
+    for bad in ([], [0.0, 1.0]):
+        with pytest.raises(RefineError, match="trim"):
+            refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, trim=bad,
+                        progress=lambda *a: pytest.fail("a refinement ran"))
 
 
 def test_a_halving_screening_drops_the_worse_half_at_each_round(gmm2d):
@@ -332,7 +366,7 @@ def test_a_halving_screening_drops_the_worse_half_at_each_round(gmm2d):
     four = sorted(range(8), key=lambda i: (ran[2][i].rmse, i))[:4]
     two = sorted(four, key=lambda i: (ran[4][i].rmse, i))[:2]
     winner = min(two, key=lambda i: (ran[8][i].rmse, i))
-    sc = refine_best(ev, scheds, screen=8, iters=30, samples=32, check_every=2)
+    sc = refine_best(ev, scheds, screen=8, iters=30, samples=32, check_every=2, trim=0.0)
     assert sc.winner == winner
     last = {i: 8 if i in two else 4 if i in four else 2 for i in range(8)}
     assert sc.screened == [(ran[last[i]][i].parent_rmse, ran[last[i]][i].rmse, last[i]) for i in range(8)]
@@ -536,18 +570,32 @@ def test_the_job_stage_stores_refinements_that_name_their_parents_and_resumes(tm
 
 def test_a_trim_in_the_job_and_on_the_command_line_reaches_every_refinement(tmp_path, cache, capsys):
     """``[refine] trim`` and ``steptune refine --trim``: each refinement stored leaves round(trim x samples) states
-    out of its loss; a trim that is not a share of the states is refused in one line before anything is written."""
+    out of its loss; given several, each refinement is run with each and the one it keeps says which; a trim that is
+    not a share of the states is refused in one line before anything is written."""
     _, url, trials = _ran(tmp_path, cache, "trim", "iters = 10\nsamples = 32\ntrim = 0.1\nneighbours = false\n",
                           capsys)
     refined = [t for t in trials if "refines" in t.info]
-    assert refined and all(t.info["refine"]["dropped"] == 3 for t in refined)
-    code, _, err = run_cli(["refine", "--study", "trim", "--trim", "1.5", "--db", url], capsys)
-    assert (code, err.count("\n")) == (2, 1) and "--trim 1.5: give a share of the fit states" in err, err
+    assert refined and all(t.info["refine"]["dropped"] == 3 and t.info["refine"]["trim"] == 0.1 for t in refined)
+    for bad in ("1.5", "0,x", ",", "nan"):
+        code, _, err = run_cli(["refine", "--study", "trim", "--trim", bad, "--db", url], capsys)
+        assert (code, err.count("\n")) == (2, 1) and f"--trim {bad}: give a share of the fit states" in err, err
     with connect(url) as db:
         assert [t.id for t in db.trials("trim")] == [t.id for t in trials]
-    bad = _job(tmp_path, cache, "bad", refine="trim = 1\n")
-    code, _, err = run_cli(["run", str(bad), "--db", url], capsys)
-    assert code == 2 and "trim" in err and err.count("\n") == 1, err
+    for text in ("trim = 1\n", "trim = [0, 1]\n", "trim = []\n"):
+        bad = _job(tmp_path, cache, "bad", refine=text)
+        code, _, err = run_cli(["run", str(bad), "--db", url], capsys)
+        assert code == 2 and "trim" in err and err.count("\n") == 1, err
+    url2 = f"sqlite:///{tmp_path / 'trims.db'}"
+    job = _job(tmp_path, cache, "trims", refine=None)
+    assert run_cli(["run", str(job), "--db", url2], capsys)[0] == 0
+    code, _, err = run_cli(["refine", "--study", "trims", "--db", url2, "--iters", "10", "--samples", "32",
+                            "--no-neighbours", "--trim", "0.1,0"], capsys)
+    assert code == 0, err
+    assert "each with trims 0.1, 0, every one to its end, the best kept" in err, err
+    with connect(url2) as db:
+        refined = [t for t in db.trials("trims") if "refines" in t.info]
+    assert refined and all(t.info["refine"]["dropped"] == round(32 * t.info["refine"]["trim"]) for t in refined)
+    assert {t.info["refine"]["trim"] for t in refined} <= {0.0, 0.1}
 
 
 def test_the_stage_screens_several_structures_and_refines_the_best_after_screening(tmp_path, cache, capsys):
@@ -566,12 +614,16 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         ev = study_evaluator(study_job(db, "many"), "cpu")
     by_id = {t.id: t for t in trials}
     for nfe in (3, 4):
-        (t,) = [t for t in trials if t.nfe == nfe and "screened" in t.info.get("refine", {})]
+        (t,) = [t for t in trials if t.nfe == nfe and len({s["trial"] for s in t.info.get("refine", {})
+                                                            .get("screened", [])}) > 1]  # not the preset's
         screened = t.info["refine"]["screened"]
-        parents = [by_id[s["trial"]] for s in screened]
+        assert [s["trim"] for s in screened] == [k for k in TRIMS for _ in range(3)]  # each structure with each trim
+        parents = [by_id[s["trial"]] for s in screened[:3]]
+        assert [s["trial"] for s in screened] == [p.id for p in parents] * len(TRIMS)
         assert len(parents) == 3 and all(p.nfe == nfe and "confirms" in p.info and p.fidelity == "heldout"
                                          for p in parents)
-        assert [s["parent_rmse"] for s in screened] == pytest.approx([p.score for p in parents], rel=1e-12)
+        assert [s["parent_rmse"] for s in screened] == pytest.approx([p.score for p in parents] * len(TRIMS),
+                                                                     rel=1e-12)
         structure = [refined_structure(p.to_schedule(), noise) for p in parents]
         cheap = sorted((c for c in trials if c.nfe == nfe and c.fidelity == "train" and c.status == "complete"),
                        key=lambda c: (c.score, c.number))
@@ -581,9 +633,11 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         assert list(firsts).index(structure[0]) < 3  # the best searched schedule is of one of the best structures
         rest = [k for k in firsts if k != structure[0]][:2]
         assert structure[1:] == rest and [p.key for p in parents[1:]] == [firsts[k].key for k in rest]
-        winner = min(range(3), key=lambda i: (screened[i]["rmse"], i))
-        assert t.info["refines"] == parents[winner].id
-        assert t.score <= screened[winner]["rmse"] <= parents[winner].score
+        best = min(range(len(screened)), key=lambda i: (screened[i]["rmse"], i))
+        winner = best % 3
+        assert t.info["refines"] == parents[winner].id and t.info["refine"]["trim"] == screened[best]["trim"]
+        assert t.info["refine"]["dropped"] == round(screened[best]["trim"] * 32)
+        assert t.score <= screened[best]["rmse"] <= parents[winner].score
         assert f"({parents[winner].score:.4g}), the best of 3 structures after 10 iterations, " in err
         for q in parents:  # their stored confirmations stand for an evaluation the refinement does not make again
             fresh, kept = ev.evaluate(q.to_schedule(), "heldout"), heldout_result(q, ev)
@@ -625,7 +679,7 @@ def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_i
         assert len(checks) == 2  # one held-out check per screening of 10 iterations: the third never ran one
         (r,) = refine_trials(db, "stop", ev, [structure_parents(db, "stop", ev, best, 3)], iters=20, samples=32)
         t = db.trial(r.trial)
-        assert [x["trial"] for x in t.info["refine"]["screened"]] == [g.id for g in group]
+        assert [x["trial"] for x in t.info["refine"]["screened"]] == [g.id for g in group] * len(TRIMS)
         assert db.count_trials() == n + 1
 
 
@@ -1026,8 +1080,10 @@ def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_
     assert RefineSpec().iters == ITERS == inspect.signature(refine).parameters["iters"].default
     assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
     assert RefineSpec().structures == STRUCTURES == steptune.cli.refine.STRUCTURES
-    assert RefineSpec().trim == TRIM == steptune.cli.refine.TRIM == inspect.signature(refine).parameters["trim"].default
-    assert inspect.signature(refine_cmd).parameters["trim"].default == TRIM
+    assert tuple(RefineSpec().trim) == TRIMS == steptune.cli.refine.TRIMS
+    assert inspect.signature(refine_best).parameters["trim"].default == TRIMS
+    assert inspect.signature(refine_cmd).parameters["trim"].default == ",".join(f"{t:g}" for t in TRIMS)
+    assert inspect.signature(refine).parameters["trim"].default == TRIM == 0  # one refinement: no state left out
     assert RefineSpec().neighbours is inspect.signature(refine_cmd).parameters["neighbours"].default is True
 
 
@@ -1139,7 +1195,7 @@ def test_refine_stopped_by_a_signal_says_so_and_lets_go_of_the_study(tmp_path, c
     assert run_cli(["run", str(_job(tmp_path, cache, "sig", refine=None)), "--db", url], capsys)[0] == 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "STEPTUNE_LOG_INTERVAL": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "steptune", "refine", "--study", "sig", "--db", url, "--iters",
-                             "100000", "--samples", "32", "--structures", "1", "--no-neighbours"],
+                             "100000", "--samples", "32", "--structures", "1", "--trim", "0", "--no-neighbours"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     said = []

@@ -17,7 +17,7 @@ from steptune.cli.problems import pick_device, set_threads
 from steptune.cli.progress import LogBar, stamped, task_bar
 
 STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
-TRIM = 0.0  # steptune.search.refine.TRIM
+TRIMS = (0.0, 0.03)  # steptune.search.refine.TRIMS
 
 
 def refine_cmd(
@@ -36,8 +36,10 @@ def refine_cmd(
                                              "best.")] = True,
     samples: Annotated[int | None, typer.Option("--samples", help="Train-bank states the refinement fits on "
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
-    trim: Annotated[float, typer.Option("--trim", help="Share of those states, the ones of the largest error at each "
-                                        f"iteration, left out of the loss, e.g. 0.03 (default {TRIM:g})")] = TRIM,
+    trim: Annotated[str, typer.Option("--trim", help="Share of those states, the ones of the largest error at each "
+                                      "iteration, left out of the loss, or several separated by commas: each is "
+                                      "screened with every structure and the best kept (default "
+                                      f"{','.join(f'{t:g}' for t in TRIMS)}).")] = ",".join(f"{t:g}" for t in TRIMS),
     time_: Annotated[str | None, typer.Option("--time", help="How long each refinement may take, its screening "
                                               "included: seconds or a text like 90s, 2m (default: no limit); it "
                                               "then keeps its best so far.")] = None,
@@ -70,8 +72,7 @@ def refine_cmd(
     for name, value in (("iters", iters), ("samples", samples), ("structures", structures)):
         if value is not None and value < 1:
             raise CliError(f"--{name} must be at least 1")
-    if not 0 <= trim < 1:
-        raise CliError(f"--trim {trim:g}: give a share of the fit states from 0 to below 1, e.g. 0.03")
+    trim = _trims(trim)
     structures = 1 if trial is not None else STRUCTURES if structures is None else structures
     try:
         seconds = None if time_ is None else parse_duration(time_)
@@ -135,6 +136,18 @@ def refine_cmd(
                       fmt(r.start_rmse), str(r.parent), fmt(r.parent_rmse),
                       fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
     out.print(table)
+
+
+def _trims(text: str) -> list[float]:
+    """``--trim``'s shares, each from 0 to below 1 (a CliError if not)."""
+    try:
+        trims = [float(x) for x in text.split(",")]
+    except ValueError:
+        trims = []
+    if not trims or not all(0 <= t < 1 for t in trims):
+        raise CliError(f"--trim {text}: give a share of the fit states from 0 to below 1, or several separated by "
+                       "commas, e.g. 0,0.03")
+    return trims
 
 
 def _kept(r, best) -> str:
