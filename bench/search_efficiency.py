@@ -186,18 +186,20 @@ def main(argv=None):
     db = connect(f"sqlite:///{Path(tmp.name) / 'searches.db'}")
     for method in methods:
         for seed in seeds:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             job = search_job(args, method, seed, nfes, interpolate=interp)
             runner = Runner(job, db, backend)
             res = runner.run()
-            search_s = time.perf_counter() - t0
+            search_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
             trials = db.trials(job.study)
             for t in trials:
                 if t.fidelity == CONFIRM and t.status == "complete" and t.score is not None:
                     cache.setdefault(t.key, min(t.score, FAIL_SCORE))
             curves = {n: curve(trials, ev, n, checkpoints, cache) for n in nfes}
             found = [s for s in res.per_nfe if s.searched_score is not None]
-            run = {"method": method, "seed": seed, "seconds": search_s, "n_evals": res.evaluations,
+            refine_s = sum(t.seconds or 0.0 for t in trials if "refines" in t.info)  # each with its screening
+            run = {"method": method, "seed": seed, "seconds": search_s, "cpu_seconds": cpu_s,
+                   "refine_seconds": refine_s, "n_evals": res.evaluations,
                    "n_confirm": res.confirmations, "final": {s.nfe: s.searched_score for s in found},
                    "curves": curves, "schedules": {s.nfe: s.schedule for s in found},
                    "held_out": held_out(trials)}
@@ -211,7 +213,8 @@ def main(argv=None):
             if args.alone and len(nfes) > 1:
                 run["alone"] = {n: alone_final(args, db, backend, method, seed, n) for n in nfes + interp}
             runs.append(run)
-            print(f"{method} seed {seed}: {search_s:.0f}s; held-out " + " ".join(
+            print(f"{method} seed {seed}: {search_s:.0f}s ({cpu_s:.0f} s of CPU; refinements {refine_s:.0f} s); "
+                  "held-out " + " ".join(
                 f"{n}:{v}" for n, v in sorted(run["held_out"].items())) +
                 ("; alone " + " ".join(f"{n}:{v}" for n, v in run["alone"].items()) if "alone" in run else ""),
                 flush=True)

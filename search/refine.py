@@ -580,7 +580,7 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     runs: list[Refinement] = []
     screened: list[tuple[float, float, int]] = []
     alive = list(range(len(entries)))
-    for k, until in enumerate([*rounds, None] if rounds else [None]):
+    for k, until in enumerate([*rounds, None]):  # the last: the one left goes on to its end
         for e in alive:
             if e == len(runs):
                 if runs and _past(deadline):
