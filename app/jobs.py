@@ -199,7 +199,8 @@ class RefineSpec(_Section):
     iters: int = Field(default=300, ge=1)  # gradient iterations per NFE (at most; steptune.search.refine.ITERS)
     samples: int | None = Field(default=None, ge=1)  # train-bank states it fits on (default 128, or the whole bank)
     # shares of them, those of the largest error at each iteration, left out of the loss: each is screened with
-    # every structure, the best refinement on the held-out bank kept (steptune.search.refine.TRIMS); or one share
+    # every structure whose loss it changes enough (steptune.search.refine.GATE), the best refinement on the held-out
+    # bank kept (steptune.search.refine.TRIMS); or one share
     trim: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(default=[0.0, 0.03], min_length=1)
     # schedules of distinct structures screened per NFE, the most promising refined on (steptune.search.refine
     # .STRUCTURES; 1: the best searched schedule alone)

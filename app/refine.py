@@ -37,13 +37,13 @@ from steptune.evaluators import EvalResult
 from steptune.evaluators.load import load_error_text
 from steptune.search import CONFIRM
 from steptune.search.refine import (
+    GATE,
     TRIMS,
     RefineError,
     RefineResult,
     refine_best,
     refined_structure,
     screen_length,
-    screen_rounds,
 )
 from steptune.suggested import command
 
@@ -307,25 +307,20 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             limit, by_budget = (left, True) if limit is None or left < limit else (limit, False)
         screen = screen_length(iters)
         group, nfe = group if screen else group[:1], group[0].nfe
-        field = len(group) * len(trims)
         if len(group) == 1:
             preset = f": preset {group[0].schedule.get('name')}" if group[0].info.get("baseline") else ""
             head = f"refining NFE {nfe}{preset} (trial id {group[0].id}, held-out RMSE {group[0].score:.4g})"
         else:
             head = (f"refining NFE {nfe}: {len(group)} structures (held-out RMSE {min(t.score for t in group):.4g} "
                     "at best)")
-        tried = "" if len(trims) == 1 else f", each with trims {', '.join(f'{t:g}' for t in trims)}"
-        if field == 1 or not screen:
-            say(head + tried + ("" if field == 1 else ", every one to its end, the best kept"))
-        else:
-            rounds = screen_rounds(screen, field=field)
-            halves = "".join(f", the better half to {n}" for n in rounds[1:])
-            say(f"{head}{tried}: {rounds[0]} iterations each{halves}, then the best on up to {iters}")
+
+        def announce(entries: list, rounds: list, head=head, group=group) -> None:
+            say(head + screening_plan(entries, rounds, trims, len(group), iters))
         start = time.perf_counter()
         report = None if progress is None else (lambda i, n, best, nfe=nfe: progress(nfe, i, n, best))
         held = [heldout_result(t, evaluator) for t in group]
         sc = refine_best(evaluator, [t.to_schedule() for t in group], parents=held, screen=screen, iters=iters,
-                         samples=samples, trim=trim, progress=report, stop=stop, seconds=limit)
+                         samples=samples, trim=trims, progress=report, stop=stop, seconds=limit, plan=announce)
         result, parent = sc.result, group[sc.winner]
         if result.stopped:  # nothing stored: a later run refines it again
             say(f"refinement of NFE {nfe} stopped before its end; nothing was stored for it")
@@ -357,6 +352,25 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
             f"{took})" + ("" if r.improved and r.change < 0 else "; not better, the parent stays the best"
                           if len(group) == 1 else "; not better than the best searched schedule, which stays the best"))
     return out
+
+
+def screening_plan(entries: list[tuple[int, int]], rounds: list[int], trims: list[float], structures: int,
+                   iters: int) -> str:
+    """What a refinement's log line says of its screening (``refine_best``'s ``plan``): the trims each structure is
+    screened with, and the rounds."""
+    tried = ""
+    for k, t in enumerate(trims[1:], 1):
+        n = sum(1 for _, j in entries if j == k)
+        if not n:
+            tried += f", not with trim {t:g} (it would change the loss by under {GATE:.0%})"
+        else:
+            tried += f", also with trim {t:g}" + (f" ({n} of them)" if structures > 1 else "")
+    if len(entries) == 1:
+        return tried
+    if not rounds:
+        return f"{tried}: every one to its end, the best kept"
+    halves = "".join(f", the better half to {n}" for n in rounds[1:])
+    return f"{tried}: {rounds[0]} iterations each{halves}, then the best on up to {iters}"
 
 
 def best_preset(t) -> bool:

@@ -50,6 +50,9 @@ SAMPLES = 128  # default fit states (fewer when the train bank is smaller): the 
 TRIM = 0.0  # default share of the fit states left out of the loss, those of the largest error at each iteration: a
 #             few states that no schedule of the NFE brings near their reference would otherwise set the fit
 TRIMS = (0.0, 0.03)  # ``refine_best``'s: each screened with every structure, as which is better depends on the fit
+GATE = 0.25  # ``refine_best`` screens a schedule with a trim other than the first only where the two leave out shares
+#              of its loss at the start this far apart: fit states with a light tail of errors (digits-cond: 3% of them
+#              carry 7-19% of the loss) end alike either way; where a few dominate (gmm-digits: 30-63%) they do not
 ITERS = 300  # default iterations, at most: the held-out checks end most runs within 100
 STRUCTURES = 8  # default schedules of distinct step structures screened per NFE by ``refine_best``
 SCREEN = 40  # iterations of each screened refinement: their held-out ranking after 40 is mostly their final one
@@ -469,6 +472,25 @@ def dropped(trim: float, samples: int) -> int:
     return min(round(trim * samples), samples - 1)
 
 
+def loss_shares(evaluator, schedule: Schedule, trims: Sequence[float], samples: int,
+                count: list[int] | None = None) -> list[float]:
+    """For each of ``trims``, the share of ``schedule``'s loss on its first ``samples`` fit states (as ``refine``
+    fits it, before any iteration) carried by the states that trim leaves out; all 0 where it does not run."""
+    model, noise = evaluator.problem.model, evaluator.problem.noise
+    x_T = evaluator.x_T("train", samples).to(torch.float32)
+    ref = evaluator.reference("train", schedule.steps[-1].t)[:samples].to(torch.float32)
+    try:
+        with model.uncounted(), torch.no_grad():
+            state = final_state(model, parameters(schedule, noise), x_T, count)
+    except (NonFiniteError, ScheduleError):
+        return [0.0] * len(trims)
+    err = (state - ref).pow(2).flatten(1).mean(1).sort(descending=True).values
+    total = float(err.sum())
+    if not (math.isfinite(total) and total > 0):
+        return [0.0] * len(trims)
+    return [float(err[: dropped(t, samples)].sum()) / total for t in trims]
+
+
 def _deadline(seconds: float | None, start: float) -> float | None:
     """The ``time.perf_counter()`` at which a refinement of ``seconds`` begun at ``start`` ends (None: no limit)."""
     if seconds is None:
@@ -536,7 +558,8 @@ def screen_rounds(screen: int, check_every: int = 10, field: int = 2) -> list[in
 def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, iters: int = ITERS,
                 halving: bool = True, progress: Callable[[int, int, float], None] | None = None,
                 stop: Callable[[], bool] | None = None, parents: list | None = None, seconds: float | None = None,
-                trim: float | Sequence[float] = TRIMS, **options) -> Screened:
+                trim: float | Sequence[float] = TRIMS, gate: float = GATE,
+                plan: Callable[[list[tuple[int, int]], list[int]], None] | None = None, **options) -> Screened:
     """Refine the most promising of ``schedules`` (one NFE's schedules of different discrete structures), each with
     each ``trim`` (a share of the fit states left out of the loss, or several: one that helps a fit can hurt
     another's), by a screening: every pair is refined for the first of ``screen_rounds``' iterations, the better half
@@ -548,7 +571,10 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     ``refine``'s; ``progress`` counts the iterations of all the refinements; ``parents``: each schedule's held-out
     ``EvalResult`` where made before (or None), as ``refine``'s ``parent``; ``seconds``: all of it ends after about
     this long, the screening included (no pair starts its screening after it, those screened so far compete, and the
-    winner's best iterate so far is the result)."""
+    winner's best iterate so far is the result). A trim other than the first is screened with a schedule only where
+    the shares of its loss the two leave out (``loss_shares``) are at least ``gate`` apart (0: always); their model
+    calls count in the result's. ``plan(entries, rounds)`` is told the pairs screened and the rounds before they
+    run."""
     if not schedules:
         raise RefineError("no schedule to refine")
     trims = [trim] if isinstance(trim, int | float) else list(trim)
@@ -559,7 +585,14 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     parents = [None] * len(schedules) if parents is None else list(parents)
     if len(parents) != len(schedules):
         raise RefineError(f"{len(parents)} parent evaluations for {len(schedules)} schedules")
-    entries = [(i, k) for k in range(len(trims)) for i in range(len(schedules))]
+    bank, count = evaluator.bank("train").size, [0]
+    samples = options.get("samples") or min(SAMPLES, bank)
+    screens = [[True] * len(trims) for _ in schedules]
+    if len(trims) > 1 and gate > 0 and 1 <= samples <= bank:  # else Refinement refuses the samples
+        for i, s in enumerate(schedules):
+            shares = loss_shares(evaluator, s, trims, samples, count)
+            screens[i] = [k == 0 or abs(v - shares[0]) >= gate for k, v in enumerate(shares)]
+    entries = [(i, k) for k in range(len(trims)) for i in range(len(schedules)) if screens[i][k]]
     check = options.get("check_every", 10)
     if len(entries) > 1 and screen and (not 1 <= screen < iters or screen % check):
         raise RefineError(f"the screening's iterations ({screen}) must be a multiple of check_every ({check}), so that "
@@ -572,6 +605,8 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     for a, b in zip([0, *rounds], rounds):
         total, left = total + left * (b - a), -(-left // 2)
     ran = [0]
+    if plan is not None:
+        plan(entries, rounds)
 
     def reporter(run_start: int):
         base = ran[0] - run_start
@@ -601,5 +636,6 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
             screened = [(r.parent_rmse, r.rmse, r.iters_run) for r in runs]
     (w,) = alive
     results = [r.result() for r in runs]
-    result = replace(results[w], seconds=time.perf_counter() - start, model_calls=sum(r.model_calls for r in results))
+    result = replace(results[w], seconds=time.perf_counter() - start,
+                     model_calls=count[0] + sum(r.model_calls for r in results))
     return Screened(entries[w][0], result, screened, entries[: len(screened)], entries[w][1])

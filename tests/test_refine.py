@@ -24,12 +24,14 @@ from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, 
 from steptune.exports import parse_export
 from steptune.jobs import job_from_dict, load_job
 from steptune.search.refine import (
+    GATE,
     ITERS,
     STRUCTURES,
     TRIM,
     TRIMS,
     RefineError,
     final_state,
+    loss_shares,
     parameters,
     refine,
     refine_best,
@@ -252,7 +254,7 @@ def test_a_parents_heldout_evaluation_given_is_not_made_again(gmm2d):
     sc = refine_best(ev, [s, _preset(p, "ddim", 4)], screen=4, iters=8, samples=32, check_every=2,
                      parents=[held, None])
     alone = refine_best(ev, [s, _preset(p, "ddim", 4)], screen=4, iters=8, samples=32, check_every=2)
-    assert len(sc.screened) == 2 * len(TRIMS)  # each schedule with each trim, its parent evaluated once for all
+    assert sc.entries == alone.entries and (0, 1) in sc.entries  # two trims of s: its parent evaluated once for both
     assert (sc.winner, sc.screened, sc.result.rmse) == (alone.winner, alone.screened, alone.result.rmse)
     assert sc.result.model_calls == alone.result.model_calls - held.model_calls
 
@@ -329,7 +331,7 @@ def test_each_trim_is_screened_with_every_schedule_and_the_best_refinement_kept(
     pairs = [(i, k) for k in range(2) for i in range(2)]  # every schedule with the first trim first
     alone = [refine(ev, scheds[i], iters=6, samples=32, check_every=2, trim=trims[k]) for i, k in pairs]
     assert [r.dropped for r in alone] == [0, 0, 3, 3]
-    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, halving=False, trim=trims)
+    sc = refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, halving=False, trim=trims, gate=0)
     assert sc.entries == pairs and sc.screened == [(r.parent_rmse, r.rmse, 6) for r in alone]
     w = min(range(4), key=lambda e: (alone[e].rmse, e))
     assert (sc.winner, sc.chosen) == pairs[w] and sc.result.dropped == alone[w].dropped
@@ -339,7 +341,7 @@ def test_each_trim_is_screened_with_every_schedule_and_the_best_refinement_kept(
     losers = sum(a.model_calls for e, a in enumerate(alone) if e != w)
     assert sc.result.model_calls == losers + whole.model_calls - again
     each = [refine(ev, scheds[1], iters=30, samples=32, check_every=2, trim=t) for t in trims]
-    one = refine_best(ev, scheds[1:], screen=0, iters=30, samples=32, check_every=2, trim=trims)
+    one = refine_best(ev, scheds[1:], screen=0, iters=30, samples=32, check_every=2, trim=trims, gate=0)
     best = min(range(2), key=lambda k: (each[k].candidate_rmse, k))
     assert (one.winner, one.chosen, one.screened) == (0, best, [])
     assert (one.result.candidate_rmse, one.result.history) == (each[best].candidate_rmse, each[best].history)
@@ -348,6 +350,37 @@ def test_each_trim_is_screened_with_every_schedule_and_the_best_refinement_kept(
         with pytest.raises(RefineError, match="trim"):
             refine_best(ev, scheds, screen=6, iters=30, samples=32, check_every=2, trim=bad,
                         progress=lambda *a: pytest.fail("a refinement ran"))
+
+
+def test_a_trim_is_screened_only_where_it_changes_the_loss_enough(gmm2d):
+    """``gate``: a schedule is screened with a trim other than the first only where the shares of its loss at the
+    start that the two leave out are at least ``gate`` apart, those shares here computed from its final states apart;
+    ``plan`` is told the pairs and rounds before they run, and the shares' model calls count in the result's."""
+    p, ev = gmm2d
+    scheds = [_preset(p, spec, 4) for spec in ("ddim", "unipc-bh2")]
+    shares = []
+    with torch.no_grad():
+        x, ref = ev.x_T("train", 32).to(torch.float32), ev.reference("train")[:32].to(torch.float32)
+        for s in scheds:
+            err = (final_state(p.model, parameters(s, p.noise), x) - ref).pow(2).flatten(1).mean(1)
+            shares.append(float(err.sort(descending=True).values[:3].sum() / err.sum()))
+    assert loss_shares(ev, scheds[1], (0.0, 0.1), 32) == pytest.approx([0.0, shares[1]], rel=1e-5)
+    lo, hi = sorted(shares)
+    assert hi - lo > 0.02, shares  # a gate between them tells them apart
+    told = []
+    sc = refine_best(ev, scheds, screen=6, iters=8, samples=32, check_every=2, trim=(0.0, 0.1), gate=(lo + hi) / 2,
+                     plan=lambda *a: told.append(a))
+    assert sc.entries == [(0, 0), (1, 0), (shares.index(hi), 1)] and told == [(sc.entries, screen_rounds(6, 2, 3))]
+    ungated = refine_best(ev, scheds, screen=6, iters=8, samples=32, check_every=2, trim=(0.0, 0.1), gate=0,
+                          plan=lambda *a: told.append(a))
+    assert ungated.entries == [(0, 0), (1, 0), (0, 1), (1, 1)] and told[1] == (ungated.entries, screen_rounds(6, 2, 4))
+    alone = refine_best(ev, scheds, screen=6, iters=8, samples=32, check_every=2, trim=0.0)
+    for gate, calls in ((1.0, 2 * 4 * 32), (0, 0)):  # two schedules of NFE 4 on 32 states, run once each for shares
+        first = refine_best(ev, scheds, screen=6, iters=8, samples=32, check_every=2, trim=(0.0, 0.1), gate=gate)
+        assert first.entries == [(0, 0), (1, 0)] if gate else len(first.entries) == 4
+        if gate:
+            assert (first.result.rmse, first.result.history) == (alone.result.rmse, alone.result.history)
+            assert first.result.model_calls == alone.result.model_calls + calls
 
 
 def test_a_halving_screening_drops_the_worse_half_at_each_round(gmm2d):
@@ -591,7 +624,8 @@ def test_a_trim_in_the_job_and_on_the_command_line_reaches_every_refinement(tmp_
     code, _, err = run_cli(["refine", "--study", "trims", "--db", url2, "--iters", "10", "--samples", "32",
                             "--no-neighbours", "--trim", "0.1,0"], capsys)
     assert code == 0, err
-    assert "each with trims 0.1, 0, every one to its end, the best kept" in err, err
+    assert re.search(r"\), (also with trim 0: every one to its end, the best kept|not with trim 0 \(it would change "
+                     r"the loss by under 25%\))\n", err), err
     with connect(url2) as db:
         refined = [t for t in db.trials("trims") if "refines" in t.info]
     assert refined and all(t.info["refine"]["dropped"] == round(32 * t.info["refine"]["trim"]) for t in refined)
@@ -617,12 +651,13 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         (t,) = [t for t in trials if t.nfe == nfe and len({s["trial"] for s in t.info.get("refine", {})
                                                             .get("screened", [])}) > 1]  # not the preset's
         screened = t.info["refine"]["screened"]
-        assert [s["trim"] for s in screened] == [k for k in TRIMS for _ in range(3)]  # each structure with each trim
-        parents = [by_id[s["trial"]] for s in screened[:3]]
-        assert [s["trial"] for s in screened] == [p.id for p in parents] * len(TRIMS)
+        parents = [by_id[s["trial"]] for s in screened[:3]]  # each structure with the first trim, some with the next
+        assert [s["trim"] for s in screened] == [TRIMS[0]] * 3 + [TRIMS[1]] * (len(screened) - 3)
+        also = {s["trial"] for s in screened[3:]}
+        assert [s["trial"] for s in screened[3:]] == [p.id for p in parents if p.id in also]
         assert len(parents) == 3 and all(p.nfe == nfe and "confirms" in p.info and p.fidelity == "heldout"
                                          for p in parents)
-        assert [s["parent_rmse"] for s in screened] == pytest.approx([p.score for p in parents] * len(TRIMS),
+        assert [s["parent_rmse"] for s in screened] == pytest.approx([by_id[s["trial"]].score for s in screened],
                                                                      rel=1e-12)
         structure = [refined_structure(p.to_schedule(), noise) for p in parents]
         cheap = sorted((c for c in trials if c.nfe == nfe and c.fidelity == "train" and c.status == "complete"),
@@ -634,7 +669,7 @@ def test_the_stage_screens_several_structures_and_refines_the_best_after_screeni
         rest = [k for k in firsts if k != structure[0]][:2]
         assert structure[1:] == rest and [p.key for p in parents[1:]] == [firsts[k].key for k in rest]
         best = min(range(len(screened)), key=lambda i: (screened[i]["rmse"], i))
-        winner = best % 3
+        winner = parents.index(by_id[screened[best]["trial"]])
         assert t.info["refines"] == parents[winner].id and t.info["refine"]["trim"] == screened[best]["trim"]
         assert t.info["refine"]["dropped"] == round(screened[best]["trim"] * 32)
         assert t.score <= screened[best]["rmse"] <= parents[winner].score
@@ -679,7 +714,7 @@ def test_a_screening_stopped_midway_stores_no_refinement_and_the_next_run_does_i
         assert len(checks) == 2  # one held-out check per screening of 10 iterations: the third never ran one
         (r,) = refine_trials(db, "stop", ev, [structure_parents(db, "stop", ev, best, 3)], iters=20, samples=32)
         t = db.trial(r.trial)
-        assert [x["trial"] for x in t.info["refine"]["screened"]] == [g.id for g in group] * len(TRIMS)
+        assert [x["trial"] for x in t.info["refine"]["screened"]][:3] == [g.id for g in group]
         assert db.count_trials() == n + 1
 
 
@@ -1081,6 +1116,7 @@ def test_the_job_stage_and_the_command_default_to_the_same_iterations_as_refine_
     assert inspect.signature(refine_cmd).parameters["iters"].default == ITERS
     assert RefineSpec().structures == STRUCTURES == steptune.cli.refine.STRUCTURES
     assert tuple(RefineSpec().trim) == TRIMS == steptune.cli.refine.TRIMS
+    assert GATE == steptune.cli.refine.GATE == inspect.signature(refine_best).parameters["gate"].default
     assert inspect.signature(refine_best).parameters["trim"].default == TRIMS
     assert inspect.signature(refine_cmd).parameters["trim"].default == ",".join(f"{t:g}" for t in TRIMS)
     assert inspect.signature(refine).parameters["trim"].default == TRIM == 0  # one refinement: no state left out

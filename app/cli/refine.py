@@ -18,6 +18,7 @@ from steptune.cli.progress import LogBar, stamped, task_bar
 
 STRUCTURES = 8  # steptune.search.refine.STRUCTURES, which imports torch
 TRIMS = (0.0, 0.03)  # steptune.search.refine.TRIMS
+GATE = 0.25  # steptune.search.refine.GATE
 
 
 def refine_cmd(
@@ -38,7 +39,8 @@ def refine_cmd(
                                                 "(default 128, or the whole train bank when it is smaller).")] = None,
     trim: Annotated[str, typer.Option("--trim", help="Share of those states, the ones of the largest error at each "
                                       "iteration, left out of the loss, or several separated by commas: each is "
-                                      "screened with every structure and the best kept (default "
+                                      f"screened with every structure whose loss it changes by {GATE:.0%} or more, "
+                                      "and the best kept (default "
                                       f"{','.join(f'{t:g}' for t in TRIMS)}).")] = ",".join(f"{t:g}" for t in TRIMS),
     time_: Annotated[str | None, typer.Option("--time", help="How long each refinement may take, its screening "
                                               "included: seconds or a text like 90s, 2m (default: no limit); it "
