@@ -41,6 +41,7 @@ from steptune.search.refine import (
     TRIMS,
     RefineError,
     RefineResult,
+    as_trims,
     refine_best,
     refined_structure,
     screen_length,
@@ -276,7 +277,7 @@ def refine_trials(store, study: str, evaluator, todo: list, *, iters: int, sampl
     from there (cut off by ``stop`` instead, it would store nothing and each run would start that item again); with
     less than ``reserve`` seconds left it refines nothing more and calls ``no_room``."""
     done = {t.info["refines"]: t for t in store.trials(study) if is_refinement(t)}
-    trims = [trim] if isinstance(trim, int | float) else list(trim)
+    trims = as_trims(trim)
     out = []
     for item in todo:
         group = item if isinstance(item, list) else [item]

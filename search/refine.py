@@ -464,6 +464,11 @@ def refine(evaluator, schedule: Schedule, *, iters: int = ITERS, samples: int | 
                       stop=stop, parent=parent, deadline=deadline).advance().result()
 
 
+def as_trims(trim: float | Sequence[float]) -> list[float]:
+    """``trim`` as a list of shares (one share, or several)."""
+    return [trim] if isinstance(trim, int | float) else list(trim)
+
+
 def dropped(trim: float, samples: int) -> int:
     """The fit states a ``trim`` leaves out of the loss of ``samples``: round(trim x samples), one state always
     fitted."""
@@ -577,7 +582,7 @@ def refine_best(evaluator, schedules: list[Schedule], *, screen: int = SCREEN, i
     run."""
     if not schedules:
         raise RefineError("no schedule to refine")
-    trims = [trim] if isinstance(trim, int | float) else list(trim)
+    trims = as_trims(trim)
     if not trims:
         raise RefineError("no trim to refine with: give at least one share of the fit states, e.g. 0")
     for t in trims:
