@@ -5,11 +5,28 @@ uninstall (a ``steptune`` folder that then hides a later install of the package)
 installation. A ``NUMBA_CACHE_DIR`` the user set is kept."""
 
 import os
+import tempfile
 from pathlib import Path
 
+
+def cache_dir() -> Path:
+    """Where the compiled code is kept: ``$XDG_CACHE_HOME/steptune/numba``, else ``~/.cache/steptune/numba``; where
+    that cannot be (a service account's home that does not exist, a read-only home), a folder of this user's in the
+    temporary folder, so that no folder is made at the root of the file system and no compilation fails."""
+    xdg, home = os.environ.get("XDG_CACHE_HOME"), Path.home()
+    if xdg or home.is_dir():
+        path = Path(xdg or home / ".cache") / "steptune" / "numba"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if os.access(path, os.W_OK):
+                return path
+        except OSError:
+            pass
+    return Path(tempfile.gettempdir()) / f"steptune-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "numba"
+
+
 if not os.environ.get("NUMBA_CACHE_DIR"):
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    os.environ["NUMBA_CACHE_DIR"] = str(base / "steptune" / "numba")  # numba reads its settings again as it compiles
+    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())  # numba reads its settings again as it compiles
 
 import numba  # noqa: E402
 

@@ -177,3 +177,27 @@ def test_db_delete_says_what_it_would_delete_and_deletes_only_with_yes(tmp_path,
     assert f"deleted study 'old test' and its {n} trials" in capsys.readouterr().err
     with connect(url) as db:
         assert [s.name for s in db.studies()] == ["keep"]
+
+
+def test_compiled_code_is_cached_in_the_temporary_folder_where_the_home_does_not_exist(tmp_path):
+    """A service account's home often does not exist: numba's cache goes to a folder of the user's in the temporary
+    folder, no folder is made where the home would be, and a function compiled with its cache works and is kept."""
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "cached.py").write_text("from steptune.evaluators.compiled import njit\n\n\n"
+                                        "@njit(cache=True)\ndef twice(x):\n    return 2 * x\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME")}
+    env.update(HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"), PYTHONPATH=str(tmp_path))
+    code = "import os, cached; print(cached.twice(21), os.environ['NUMBA_CACHE_DIR'])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    answer, folder = r.stdout.split()
+    assert answer == "42" and Path(folder) == tmp_path / "tmp" / f"steptune-{os.getuid()}" / "numba", r.stdout
+    assert not (tmp_path / "home").exists()
+    assert any(p.suffix == ".nbi" for p in Path(folder).rglob("*")), list(Path(folder).rglob("*"))
+
+    env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")  # where the user says, the home or not
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and Path(r.stdout.split()[1]) == tmp_path / "xdg" / "steptune" / "numba", r.stderr
+    assert any(p.suffix == ".nbi" for p in (tmp_path / "xdg").rglob("*"))

@@ -132,6 +132,7 @@ def test_status_counts_the_evaluators_busy_in_a_live_in_process_run(tmp_path):
         after = study_status(db, "busy")
     assert seen == {"busy": 1, "running": 0, "page": 1}
     assert after["busy_evaluators"] == 0 and after["driver"] is None  # the run let go as it ended
+    assert after["per_minute"] is None and after["eta_seconds"] is None  # a rate is a running search's
 
 
 def test_a_search_with_nothing_new_to_try_ends_finished_not_stopped(tmp_path, capsys):
@@ -158,3 +159,4 @@ def test_a_search_with_nothing_new_to_try_ends_finished_not_stopped(tmp_path, ca
     assert _state(url, "one") == "finished"
     code, out, _ = run_cli(["status", "--study", "one", "--db", url], capsys)
     assert code == 0 and "the search tried every schedule its method can make at these NFEs" in out, out
+    assert "rate" not in out.splitlines()[0] and out.splitlines()[0].endswith("finished"), out  # no run is on it

@@ -236,7 +236,7 @@ def study_status(storage, study: str) -> dict:
     # the search's own evaluations of the last ten minutes (not baselines, confirmations or imports)
     recent = [t for t in final if t.finished is not None and (utcnow() - t.finished).total_seconds() <= 600]
     per_minute = None
-    if len(recent) >= 2:
+    if len(recent) >= 2 and driver and driver["alive"]:  # a rate is a running search's
         span = (max(t.finished for t in recent) - min(t.finished for t in recent)).total_seconds()
         per_minute = 60 * (len(recent) - 1) / span if span > 0 else None
     eta = None
@@ -252,7 +252,7 @@ def study_status(storage, study: str) -> dict:
         to_confirm = k * len(nfes) if searching else sum(min(k, len({t.key for t in scored if t.nfe == n}))
                                                          for n in nfes)
         left = searching + max(0, to_confirm - confirmed)
-    if left and per_minute and driver and driver["alive"]:  # an ETA is a running search's
+    if left and per_minute:
         eta = 60 * left / per_minute
     rows = []
     if job:
@@ -401,7 +401,8 @@ def status_cmd(study: StudyOpt, db: DbOpt = None, json_: JsonOpt = False):
                else f"{done}/{total or '?'}{pct}")
     out.print(f"[bold]{escape(study)}[/]: {info['method']} seed {info['seed']}, {info['trials']:,} trials; search "
               f"{counted}; running {info['running']}, queued {info['queued']}; "
-              f"rate {per_minute(info['per_minute'])}, {escape(_run_state(info))}", markup=True)
+              f"{'rate ' + per_minute(info['per_minute']) + ', ' if info['driver'] and info['driver']['alive'] else ''}"
+              f"{escape(_run_state(info))}", markup=True)
     if info["search_exhausted"]:
         out.print(f"the search tried every schedule its method can make at these NFEs after {done} evaluations: the "
                   "rest of the budget is not spent, and a rerun searches nothing new")
