@@ -19,6 +19,7 @@ from central_differences import check_gradient
 from gaussian import eps_fn, eps_tensor_fn, exact_solution
 from runner_jobs import job_text, run_cli
 
+from steptune.cli.console import fmt
 from steptune.cli.run import study_status
 from steptune.evaluators import Evaluator, GaussianMixture, Plug, load_problem, mixture_problem
 from steptune.exports import parse_export
@@ -836,6 +837,44 @@ def test_a_refinement_better_than_its_parent_but_not_the_nfes_best_is_not_called
     assert r.status == "complete" and r.info["refine"]["improved"]  # better than its parent
     assert best.id == ig != r.id  # yet the unrefined UniPC stays the NFE's best
     assert f"the NFE's best is trial {ig}" in out and "preferred" not in out, out
+
+
+def test_refine_ends_with_the_nfes_best_against_the_best_preset(tmp_path, cache, capsys):
+    """After its table, a line per NFE: the study's best there now (what ``best`` and ``export`` give) and how it
+    compares with the best preset baseline's held-out score; or that the preset is still the best."""
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    job = load_job(_job(tmp_path, cache, "verdict", refine=None))
+    p = load_problem("gmm-2d")
+    ev = Evaluator(p, n_train=64, n_heldout=128, cache_dir=cache)
+    good, mid, bad = _preset(p, "unipc-bh2", 5, order=3), _preset(p, "dpm-solver++-2m", 5), _preset(p, "ddim", 5)
+    scores = {k: ev.evaluate(s, "heldout").metrics for k, s in (("good", good), ("mid", mid), ("bad", bad))}
+    assert scores["good"]["rmse"] < scores["mid"]["rmse"] < scores["bad"]["rmse"]
+
+    def study(name, searched, preset, preset_spec):
+        with connect(url, create=True) as db:
+            db.create_study(name, kind="search", config={"job": job.model_dump(), "fidelity": "heldout"})
+            return db.add_trials(name, [
+                {"schedule": searched[1], "status": "complete", "fidelity": "heldout", "bank": "heldout",
+                 "metrics": scores[searched[0]], "info": {"confirms": 0, "origin": "test"}},
+                {"schedule": preset[1], "status": "complete", "fidelity": "heldout", "bank": "heldout",
+                 "metrics": scores[preset[0]], "info": {"baseline": True, "origin": f"preset:{preset_spec}@5"}}])
+
+    ids = study("wins", ("good", good), ("mid", mid), "dpm-solver++-2m")
+    code, out, err = run_cli(["refine", "--study", "wins", "--db", url, "--iters", "10"], capsys)
+    with connect(url) as db:
+        best = db.best("wins", 5)
+    assert code == 0 and best.id not in ids[1:] and best.score <= scores["good"]["rmse"], err
+    ratio = scores["mid"]["rmse"] / best.score
+    assert out.splitlines()[-1] == (f"NFE 5: the best is trial {best.id}, {fmt(best.score)} held-out, {ratio:.2f}x "
+                                    f"better than the best preset (dpm-solver++-2m, {fmt(scores['mid']['rmse'])}); "
+                                    "best and export give it"), out
+
+    ids = study("loses", ("bad", bad), ("good", good), "unipc-bh2:order=3")
+    code, out, err = run_cli(["refine", "--study", "loses", "--db", url, "--iters", "10"], capsys)
+    with connect(url) as db:
+        assert db.best("loses", 5).id == ids[1]  # ten iterations do not take DDIM past UniPC of order 3
+    assert code == 0 and out.splitlines()[-1] == (f"NFE 5: the best preset (unipc-bh2:order=3, "
+                                                  f"{fmt(scores['good']['rmse'])}) is still the best held-out"), out
 
 
 def test_the_refined_column_is_never_worse_than_the_best_searched_schedule(tmp_path):

@@ -314,6 +314,30 @@ def test_a_search_that_fitted_its_few_states_says_so(capsys, held, train, preset
     assert err.strip() == (line if said else ""), err
 
 
+@pytest.mark.parametrize("rows, status, refined, said", [
+    ([(5, 0.064, 0.053, 0.051, None), (6, 0.057, 0.030, 0.050, None)], "complete", False, "NFE 5 and 6"),
+    ([(4, 0.062, 0.050, 0.079, None), (5, 0.064, 0.053, 0.051, None)], "complete", False, "NFE 5"),
+    ([(5, 0.064, 0.053, 0.051, None)], "complete", True, None),  # the job refined: its table says how that went
+    ([(5, 0.064, 0.053, 0.051, 0.045)], "complete", False, None),  # an earlier refinement beat the preset
+    ([(5, 0.068, 0.018, 0.050, None)], "complete", False, None),  # fitted its few states: print_overfit names it
+    ([(5, 0.064, 0.053, 0.051, None)], "time-budget", False, None),  # a stopped run resumes before anything else
+])
+def test_a_run_whose_search_lost_to_a_preset_names_the_refinement_that_can_beat_it(capsys, rows, status, refined,
+                                                                                   said):
+    from steptune.cli.run import print_refine_hint
+    from steptune.runner import NfeSummary, RunResult
+
+    summaries = [NfeSummary(n, "ddim", preset, held, 7, 7, refined=ref, searched_train=train)
+                 for n, held, train, preset, ref in rows]
+    print_refine_hint(RunResult("my study", status, 10, 1, 0, 0, 1.0, summaries), refined)
+    err = capsys.readouterr().err.replace("\n", " ").strip()
+    nfes = [] if said is None else [n for n, *_ in rows if str(n) in said.split()]
+    assert err == ("" if said is None else
+                   f"{said}: the best preset stays the best held-out (best and export give it); refining the searched "
+                   "schedules by gradient can beat it: steptune refine --study 'my study' "
+                   + " ".join(f"--nfe {n}" for n in nfes)), err
+
+
 # ---- interruptions -----------------------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ def refine_cmd(
         study_job,
     )
     from steptune.run_lease import holding
+    from steptune.runner import summarize
     from steptune.search.refine import RefineError
     from steptune.storage import connect
 
@@ -115,6 +116,7 @@ def refine_cmd(
                     done += neighbour_pass(store, study, ev, [*nfes, *between], iters=iters,
                                            samples=samples, trim=trim, say=say, progress=tick, seconds=seconds)
             best = {r.nfe: store.best(study, r.nfe) for r in done}
+            presets = {s.nfe: s for s in summarize(store.trials(study), sorted(best))}
         except RefineError as e:
             raise CliError(str(e)) from None
         except KeyboardInterrupt:
@@ -138,6 +140,20 @@ def refine_cmd(
                       fmt(r.start_rmse), str(r.parent), fmt(r.parent_rmse),
                       fmt(r.rmse), change, f"{r.seconds:.1f}", stored)
     out.print(table)
+    for n in sorted(best):
+        if best[n] is not None:
+            out.print(_verdict(n, best[n], presets.get(n)), highlight=False)
+
+
+def _verdict(nfe: int, best, summary) -> str:
+    """One line: the study's best at ``nfe`` now, against the best preset there (``summary``'s)."""
+    p = None if summary is None else summary.preset_score
+    if p is None or best.score is None:
+        return f"NFE {nfe}: the best is trial {best.id}, {fmt(best.score)} held-out"
+    if best.score < p:
+        return (f"NFE {nfe}: the best is trial {best.id}, {fmt(best.score)} held-out, {p / best.score:.2f}x better "
+                f"than the best preset ({summary.preset}, {fmt(p)}); best and export give it")
+    return f"NFE {nfe}: the best preset ({summary.preset}, {fmt(p)}) is still the best held-out"
 
 
 def _trims(text: str) -> list[float]:

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from shlex import quote as shell_quote
 from typing import Annotated
 
 import typer
@@ -72,6 +73,25 @@ def print_overfit(result, cheap_samples: int, advice: str) -> None:
                   f"train states but {fmt(r.searched_score)} held-out ({r.searched_score / r.searched_train:.1f}x), "
                   f"worse than the best preset ({fmt(r.preset_score)}): the search fits those states rather than "
                   f"the problem; give it more of them ({advice})", highlight=False)
+
+
+def lost_to_presets(result) -> list:
+    """The NFEs whose searched schedule lost to the best preset on the held-out bank, with no refinement that beat it
+    and not named by ``print_overfit``."""
+    return [r for r in result.per_nfe if r.searched_score and r.preset_score and r.searched_score > r.preset_score
+            and (r.refined is None or r.refined > r.preset_score)
+            and not (r.searched_train and r.searched_score > OVERFIT * r.searched_train)]
+
+
+def print_refine_hint(result, refined: bool) -> None:
+    """After a complete run without refinement: where the best preset stayed the best, the command that refines the
+    searched schedules there."""
+    lost = [r.nfe for r in lost_to_presets(result)] if result.status == "complete" and not refined else []
+    if lost:
+        nfes = ", ".join(map(str, lost[:-1])) + (" and " if len(lost) > 1 else "") + str(lost[-1])
+        err.print(f"NFE {nfes}: the best preset stays the best held-out (best and export give it); refining the "
+                  f"searched schedules by gradient can beat it: steptune refine --study {shell_quote(result.study)} "
+                  + " ".join(f"--nfe {n}" for n in lost), highlight=False)
 
 
 def print_stopped(result, table: bool = True) -> None:
@@ -363,6 +383,7 @@ def run_cmd(
         ev = job.evaluation
         print_overfit(result, ev.cheap_samples, f"evaluation.cheap_samples = {4 * ev.cheap_samples} in the job file"
                       + (" and train_samples at least as many" if 4 * ev.cheap_samples > ev.train_samples else ""))
+        print_refine_hint(result, job.refine is not None)
         print_imports(result)
         print_stopped(result)
     if result.status == "interrupted":

@@ -86,7 +86,7 @@ def search_cmd(
     from steptune.cli import cost as cost_table
     from steptune.cli.paths import file_stem, output_folder
     from steptune.cli.problems import build_problem, chosen_problem
-    from steptune.cli.run import execute_job, print_imports, print_overfit, print_stopped
+    from steptune.cli.run import execute_job, print_imports, print_overfit, print_refine_hint, print_stopped
 
     output_folder(out_dir, "--out")
     from steptune.evaluators import evaluator_options
@@ -181,6 +181,7 @@ def search_cmd(
     if not json_:
         err.print(f"study {name!r} is in the database; saved {jpath}")
         print_overfit(result, cheap_n, f"--cheap-samples {4 * cheap_n}")
+        print_refine_hint(result, refine)
     print_imports(result)
     print_stopped(result, table=not json_)
     if result.status == "interrupted":
