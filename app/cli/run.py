@@ -61,13 +61,19 @@ def print_imports(result) -> None:
 OVERFIT = 2.0  # held-out over cheap score of a searched schedule that lost to the presets, above which it is named
 
 
+def lost_to_presets(result, overfitted: bool) -> list:
+    """The NFEs whose searched schedule lost to the best preset on the held-out bank, with no refinement that beat it:
+    those whose held-out score is more than ``OVERFIT`` times their cheap one (``overfitted``), or the others."""
+    return [r for r in result.per_nfe if r.searched_score and r.preset_score and r.searched_score > r.preset_score
+            and (r.refined is None or r.refined > r.preset_score)
+            and bool(r.searched_train and r.searched_score > OVERFIT * r.searched_train) == overfitted]
+
+
 def print_overfit(result, cheap_samples: int, advice: str) -> None:
     """A line for each NFE whose searched schedule lost to the best preset on the held-out bank while scoring far
     better on the search's own states: the search fitted those few states, not the problem, and more of them (what
     ``advice`` says to set) is what helps."""
-    worse = [r for r in result.per_nfe if r.searched_score and r.searched_train and r.preset_score
-             and r.searched_score > r.preset_score and r.searched_score > OVERFIT * r.searched_train
-             and (r.refined is None or r.refined > r.preset_score)]
+    worse = lost_to_presets(result, overfitted=True)
     for r in worse:
         err.print(f"NFE {r.nfe}: the searched schedule scores {fmt(r.searched_train)} on the search's {cheap_samples} "
                   f"train states but {fmt(r.searched_score)} held-out ({r.searched_score / r.searched_train:.1f}x), "
@@ -75,18 +81,11 @@ def print_overfit(result, cheap_samples: int, advice: str) -> None:
                   f"the problem; give it more of them ({advice})", highlight=False)
 
 
-def lost_to_presets(result) -> list:
-    """The NFEs whose searched schedule lost to the best preset on the held-out bank, with no refinement that beat it
-    and not named by ``print_overfit``."""
-    return [r for r in result.per_nfe if r.searched_score and r.preset_score and r.searched_score > r.preset_score
-            and (r.refined is None or r.refined > r.preset_score)
-            and not (r.searched_train and r.searched_score > OVERFIT * r.searched_train)]
-
-
 def print_refine_hint(result, refined: bool) -> None:
     """After a complete run without refinement: where the best preset stayed the best, the command that refines the
     searched schedules there."""
-    lost = [r.nfe for r in lost_to_presets(result)] if result.status == "complete" and not refined else []
+    done = result.status == "complete" and not refined
+    lost = [r.nfe for r in lost_to_presets(result, overfitted=False)] if done else []
     if lost:
         nfes = ", ".join(map(str, lost[:-1])) + (" and " if len(lost) > 1 else "") + str(lost[-1])
         err.print(f"NFE {nfes}: the best preset stays the best held-out (best and export give it); refining the "
